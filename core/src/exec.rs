@@ -1,0 +1,63 @@
+//! How the core runs independent pieces of work: serially by default, or on the host's thread pool.
+//!
+//! The core never spawns threads (it has no `std`); a host hands it an [`Exec`] that may run the
+//! tasks of one [`Exec::for_each`] call in parallel. Tasks always write disjoint parts of a buffer,
+//! shared between them through [`Shared`].
+use core::marker::PhantomData;
+
+/// SIMD level the host detected at run time; the core picks its matmul kernel from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    Portable,
+    /// x86-64 AVX2 + FMA.
+    Avx2,
+}
+
+pub trait Exec: Sync {
+    /// Runs `f(i)` for every `i` in `0..n`, in any order, possibly at once.
+    fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync));
+    /// How many tasks can run at once (a hint for splitting work).
+    fn threads(&self) -> usize {
+        1
+    }
+    fn simd(&self) -> Simd {
+        Simd::Portable
+    }
+}
+
+/// Runs everything on the calling thread.
+pub struct Serial;
+
+impl Exec for Serial {
+    fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        (0..n).for_each(f);
+    }
+}
+
+/// A mutable buffer that parallel tasks write in disjoint ranges.
+pub struct Shared<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _life: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: tasks only ever take disjoint ranges (see `range`), so sharing the pointer is sound.
+unsafe impl Send for Shared<'_> {}
+unsafe impl Sync for Shared<'_> {}
+
+impl<'a> Shared<'a> {
+    pub fn new(buf: &'a mut [f32]) -> Self {
+        Shared { ptr: buf.as_mut_ptr(), len: buf.len(), _life: PhantomData }
+    }
+
+    /// The elements `start..start+len`, clipped to the buffer.
+    ///
+    /// # Safety
+    /// No two live ranges handed out by one `Shared` may overlap.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
+        let start = start.min(self.len);
+        let len = len.min(self.len - start);
+        core::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}

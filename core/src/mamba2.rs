@@ -1,0 +1,520 @@
+//! Mamba-2: the whole forward math, as FORMATS.md §2.3 states it.
+//!
+//! Per layer: `h = RMSNorm(x)`, `[z | xBC | dt] = h·W_inᵀ`, a causal depthwise conv + SiLU over
+//! `xBC = [x | B | C]`, `dt = softplus(dt + dt_bias)` clamped to the time-step limit, then the SSM
+//! `S ← exp(dt·A)·S + dt·x·Bᵀ`, `y = S·C + D·x` per head, `y ← GroupRMSNorm(y ⊙ silu(z))`, and
+//! `x ← x + y·W_outᵀ`. The chunked form (SSD) computes the same `y` and final `S` block by block:
+//! within a block of `Q` tokens the output is a masked, decay-weighted attention `(C·Bᵀ ⊙ L)·x`,
+//! and the state enters and leaves each block once.
+//!
+//! Shapes: `d` = d_model, `di` = d_inner = H·P, `H` heads of `P` channels, `G` groups of `N` = d_state,
+//! `k` = conv width, `cd = di + 2GN`, `nin = 2di + 2GN + H`.
+//!
+//! State, per layer (f32): `conv (cd, k−1)` — the last k−1 conv inputs, oldest first — then
+//! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
+use crate::error::{need, Error};
+use crate::exec::{Exec, Shared};
+use crate::model::{check_tokens, Recurrent};
+use crate::ops::{axpy, dot, exp, rmsnorm, rmsnorm_inplace, silu, softplus};
+use crate::weight::{matmul, Weight};
+
+/// Tokens per SSD block inside a chunk (the attention-like part is `Q × Q`).
+pub const SSD_BLOCK: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    pub d_model: usize,
+    pub n_layer: usize,
+    /// N
+    pub d_state: usize,
+    /// P
+    pub head_dim: usize,
+    /// H
+    pub n_heads: usize,
+    /// G
+    pub n_groups: usize,
+    /// k
+    pub d_conv: usize,
+    /// Embedding / head rows (padded vocab).
+    pub vocab_rows: usize,
+    /// Epsilon of every RMSNorm.
+    pub eps: f32,
+    /// `time_step_limit`: dt is clamped to `[dt_min, dt_max]`.
+    pub dt_min: f32,
+    pub dt_max: f32,
+}
+
+impl Config {
+    pub fn d_inner(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    /// Channels through the conv: `x | B | C`.
+    pub fn conv_dim(&self) -> usize {
+        self.d_inner() + 2 * self.n_groups * self.d_state
+    }
+    /// Rows of `in_proj`: `z | xBC | dt`.
+    pub fn in_proj_rows(&self) -> usize {
+        2 * self.d_inner() + 2 * self.n_groups * self.d_state + self.n_heads
+    }
+    fn conv_len(&self) -> usize {
+        self.conv_dim() * (self.d_conv - 1)
+    }
+    fn ssm_len(&self) -> usize {
+        self.n_heads * self.head_dim * self.d_state
+    }
+    /// f32 elements of one layer's state.
+    pub fn layer_state_len(&self) -> usize {
+        self.conv_len() + self.ssm_len()
+    }
+    /// State size N_S as the paper counts it (elements, all layers).
+    pub fn paper_state_size(&self) -> usize {
+        self.n_layer * self.layer_state_len()
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let c = self;
+        if c.d_model == 0 || c.n_layer == 0 || c.d_state == 0 || c.head_dim == 0 || c.n_heads == 0 {
+            return Err(Error::Config("mamba2: a dimension is zero"));
+        }
+        if c.n_groups == 0 || c.n_heads % c.n_groups != 0 {
+            return Err(Error::Config("mamba2: n_heads must be a multiple of n_groups"));
+        }
+        if c.d_conv < 1 || c.d_conv > 16 {
+            return Err(Error::Config("mamba2: conv width must be 1..=16"));
+        }
+        if !(c.dt_min <= c.dt_max) {
+            return Err(Error::Config("mamba2: time_step_limit is not an interval"));
+        }
+        Ok(())
+    }
+}
+
+/// One layer's weights (shapes as stored).
+#[derive(Clone, Copy, Debug)]
+pub struct Layer<'a> {
+    /// (1, d)
+    pub norm: Weight<'a>,
+    /// (nin, d)
+    pub in_proj: Weight<'a>,
+    /// (1, nin), absent in released models
+    pub in_proj_bias: Option<Weight<'a>>,
+    /// (cd, k)
+    pub conv_w: Weight<'a>,
+    /// (1, cd)
+    pub conv_b: Option<Weight<'a>>,
+    /// (1, H)
+    pub dt_bias: Weight<'a>,
+    /// (1, H)
+    pub a_log: Weight<'a>,
+    /// (1, H), or (1, di) when `D_has_hdim`
+    pub d: Weight<'a>,
+    /// (1, di)
+    pub gate_norm: Weight<'a>,
+    /// (d, di)
+    pub out_proj: Weight<'a>,
+    /// (1, d)
+    pub out_proj_bias: Option<Weight<'a>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Weights<'a> {
+    /// (Vp, d)
+    pub embed: Weight<'a>,
+    pub layers: &'a [Layer<'a>],
+    /// (1, d)
+    pub norm_f: Weight<'a>,
+    /// (Vp, d): the embedding itself when tied
+    pub head: Weight<'a>,
+}
+
+pub struct Mamba2<'a> {
+    pub cfg: Config,
+    pub w: Weights<'a>,
+}
+
+fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(), Error> {
+    if w.rows != rows || w.cols != cols {
+        return Err(Error::Shape { what, expected: rows * cols, got: w.rows * w.cols });
+    }
+    Ok(())
+}
+
+/// How the SSM runs over a span of tokens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    Chunked,
+    Recurrent,
+}
+
+/// Scratch regions for `t` tokens (all f32, row-major).
+struct Scratch<'s> {
+    /// (t, max(d, di)): normed input, then the out_proj output
+    h: &'s mut [f32],
+    /// (t, nin): `z | xBC | dt_raw`
+    zx: &'s mut [f32],
+    /// (t, cd): conv + SiLU output `x | B | C`
+    u: &'s mut [f32],
+    /// (t, H): dt
+    dt: &'s mut [f32],
+    /// (t, di): SSM output
+    y: &'s mut [f32],
+    /// (H, t): per-head inclusive cumulative log decay within each block
+    cum: &'s mut [f32],
+    /// (G, ⌈t/Q⌉, Q, Q): C_i·B_j per group and block
+    cb: &'s mut [f32],
+}
+
+impl<'a> Mamba2<'a> {
+    /// Checks every tensor's shape against the config.
+    pub fn new(cfg: Config, w: Weights<'a>) -> Result<Self, Error> {
+        cfg.validate()?;
+        let (d, di, h, cd) = (cfg.d_model, cfg.d_inner(), cfg.n_heads, cfg.conv_dim());
+        if w.layers.len() != cfg.n_layer {
+            return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
+        }
+        shape("embedding", &w.embed, cfg.vocab_rows, d)?;
+        shape("lm_head", &w.head, cfg.vocab_rows, d)?;
+        shape("norm_f", &w.norm_f, 1, d)?;
+        for l in w.layers {
+            shape("norm", &l.norm, 1, d)?;
+            shape("in_proj", &l.in_proj, cfg.in_proj_rows(), d)?;
+            if let Some(b) = &l.in_proj_bias {
+                shape("in_proj.bias", b, 1, cfg.in_proj_rows())?;
+            }
+            shape("conv1d.weight", &l.conv_w, cd, cfg.d_conv)?;
+            if let Some(b) = &l.conv_b {
+                shape("conv1d.bias", b, 1, cd)?;
+            }
+            shape("dt_bias", &l.dt_bias, 1, h)?;
+            shape("A_log", &l.a_log, 1, h)?;
+            if l.d.len() != h && l.d.len() != di {
+                return Err(Error::Shape { what: "D", expected: h, got: l.d.len() });
+            }
+            shape("mixer.norm", &l.gate_norm, 1, di)?;
+            shape("out_proj", &l.out_proj, d, di)?;
+            if let Some(b) = &l.out_proj_bias {
+                shape("out_proj.bias", b, 1, d)?;
+            }
+        }
+        Ok(Mamba2 { cfg, w })
+    }
+
+    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
+        need("mamba2 scratch", buf.len(), self.scratch_len(t))?;
+        let c = &self.cfg;
+        let nb = t.div_ceil(SSD_BLOCK);
+        let (h, rest) = buf.split_at_mut(t * c.d_model.max(c.d_inner()));
+        let (zx, rest) = rest.split_at_mut(t * c.in_proj_rows());
+        let (u, rest) = rest.split_at_mut(t * c.conv_dim());
+        let (dt, rest) = rest.split_at_mut(t * c.n_heads);
+        let (y, rest) = rest.split_at_mut(t * c.d_inner());
+        let (cum, rest) = rest.split_at_mut(c.n_heads * t);
+        let (cb, _) = rest.split_at_mut(c.n_groups * nb * SSD_BLOCK * SSD_BLOCK);
+        Ok(Scratch { h, zx, u, dt, y, cum, cb })
+    }
+
+    fn run(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        scan: Scan,
+    ) -> Result<(), Error> {
+        let c = &self.cfg;
+        let (t, d) = (tokens.len(), c.d_model);
+        need("mamba2 state", state.len(), self.state_len())?;
+        need("hidden", hidden.len(), t * d)?;
+        check_tokens(tokens, c.vocab_rows)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let mut s = self.split_scratch(t, scratch)?;
+        let x = &mut hidden[..t * d];
+        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+            self.w.embed.row(tok as usize, row);
+        }
+        let ls = c.layer_state_len();
+        for (layer, st) in self.w.layers.iter().zip(state.chunks_exact_mut(ls)) {
+            self.layer(ex, layer, t, x, st, &mut s, scan)?;
+        }
+        for row in x.chunks_exact_mut(d) {
+            rmsnorm_inplace(row, &self.w.norm_f, 0, c.eps);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        ex: &dyn Exec,
+        lw: &Layer,
+        t: usize,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut Scratch,
+        scan: Scan,
+    ) -> Result<(), Error> {
+        let c = &self.cfg;
+        let (d, di, nin, cd) = (c.d_model, c.d_inner(), c.in_proj_rows(), c.conv_dim());
+        let (conv_state, ssm_state) = st.split_at_mut(c.conv_len());
+
+        // h = RMSNorm(x); [z | xBC | dt] = h·W_inᵀ
+        let h = &mut s.h[..t * d];
+        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            rmsnorm(xr, &lw.norm, 0, c.eps, hr);
+        }
+        let zx = &mut s.zx[..t * nin];
+        matmul(ex, h, t, &lw.in_proj, zx)?;
+        if let Some(b) = &lw.in_proj_bias {
+            for row in zx.chunks_exact_mut(nin) {
+                row.iter_mut().enumerate().for_each(|(i, v)| *v += b.get(i));
+            }
+        }
+
+        // Causal depthwise conv over xBC, continuing from the k−1 inputs kept in the state.
+        let u = &mut s.u[..t * cd];
+        self.conv(lw, t, zx, conv_state, u);
+
+        // dt = clamp(softplus(dt_raw + dt_bias))
+        let nh = c.n_heads;
+        let dt = &mut s.dt[..t * nh];
+        for (dr, zr) in dt.chunks_exact_mut(nh).zip(zx.chunks_exact(nin)) {
+            for (hh, v) in dr.iter_mut().enumerate() {
+                let raw = zr[nin - nh + hh] + lw.dt_bias.get(hh);
+                *v = softplus(raw).clamp(c.dt_min, c.dt_max);
+            }
+        }
+
+        // SSM, one head per task.
+        let y = &mut s.y[..t * di];
+        match scan {
+            Scan::Recurrent => self.ssm_recurrent(ex, lw, t, u, dt, ssm_state, y),
+            Scan::Chunked => self.ssm_chunked(ex, lw, t, u, dt, ssm_state, y, s.cum, s.cb),
+        }
+
+        // y ← GroupRMSNorm(y ⊙ silu(z)), norm over groups of di/G channels.
+        let gs = di / c.n_groups;
+        for (yr, zr) in y.chunks_exact_mut(di).zip(zx.chunks_exact(nin)) {
+            for (yv, zv) in yr.iter_mut().zip(&zr[..di]) {
+                *yv *= silu(*zv);
+            }
+            for (g, yg) in yr.chunks_exact_mut(gs).enumerate() {
+                rmsnorm_inplace(yg, &lw.gate_norm, g * gs, c.eps);
+            }
+        }
+
+        // x ← x + y·W_outᵀ
+        let o = &mut s.h[..t * d];
+        matmul(ex, y, t, &lw.out_proj, o)?;
+        for (xr, or) in x.chunks_exact_mut(d).zip(o.chunks_exact(d)) {
+            for (i, (xv, ov)) in xr.iter_mut().zip(or).enumerate() {
+                *xv += ov + lw.out_proj_bias.as_ref().map_or(0.0, |b| b.get(i));
+            }
+        }
+        Ok(())
+    }
+
+    /// `u[t, c] = silu(bias[c] + Σ_j w[c, j]·in[t − (k−1) + j])`, where `in` before the chunk comes
+    /// from the state; then the state keeps the last k−1 inputs.
+    fn conv(&self, lw: &Layer, t: usize, zx: &[f32], conv_state: &mut [f32], u: &mut [f32]) {
+        let c = &self.cfg;
+        let (di, nin, cd, k) = (c.d_inner(), c.in_proj_rows(), c.conv_dim(), c.d_conv);
+        let km = k - 1;
+        let mut w = [0f32; 16];
+        for ch in 0..cd {
+            let w = &mut w[..k.min(16)];
+            lw.conv_w.read(ch * k, w);
+            let bias = lw.conv_b.as_ref().map_or(0.0, |b| b.get(ch));
+            let hist = &mut conv_state[ch * km..(ch + 1) * km];
+            let input = |tau: isize| -> f32 {
+                if tau < 0 {
+                    hist[(km as isize + tau) as usize]
+                } else {
+                    zx[tau as usize * nin + di + ch]
+                }
+            };
+            for tt in 0..t {
+                let mut acc = bias;
+                for (j, wj) in w.iter().enumerate() {
+                    acc += wj * input(tt as isize - km as isize + j as isize);
+                }
+                u[tt * cd + ch] = silu(acc);
+            }
+            // New history: inputs t−(k−1) .. t−1; ascending j reads index t+j ≥ j before it is overwritten.
+            for j in 0..km {
+                let tau = t as isize - km as isize + j as isize;
+                hist[j] = if tau < 0 { hist[t + j] } else { zx[tau as usize * nin + di + ch] };
+            }
+        }
+    }
+
+    /// Views of x (P), B (N) and C (N) of head `hh` at token `tt` in the conv output.
+    #[inline]
+    fn xbc<'u>(&self, u: &'u [f32], tt: usize, hh: usize) -> (&'u [f32], &'u [f32], &'u [f32]) {
+        let c = &self.cfg;
+        let (p, n, di, cd) = (c.head_dim, c.d_state, c.d_inner(), c.conv_dim());
+        let g = hh / (c.n_heads / c.n_groups);
+        let row = &u[tt * cd..(tt + 1) * cd];
+        let gn = c.n_groups * n;
+        (&row[hh * p..(hh + 1) * p], &row[di + g * n..di + (g + 1) * n], &row[di + gn + g * n..di + gn + (g + 1) * n])
+    }
+
+    fn d_skip(&self, lw: &Layer, hh: usize, pp: usize) -> f32 {
+        if lw.d.len() == self.cfg.n_heads {
+            lw.d.get(hh)
+        } else {
+            lw.d.get(hh * self.cfg.head_dim + pp)
+        }
+    }
+
+    /// The literal recurrence, token after token: `S ← exp(dt·A)·S + dt·x·Bᵀ; y = S·C + D·x`.
+    #[allow(clippy::too_many_arguments)]
+    fn ssm_recurrent(&self, ex: &dyn Exec, lw: &Layer, t: usize, u: &[f32], dt: &[f32], ssm: &mut [f32], y: &mut [f32]) {
+        let c = &self.cfg;
+        let (p, n, nh, di) = (c.head_dim, c.d_state, c.n_heads, c.d_inner());
+        let (ys, ss) = (Shared::new(y), Shared::new(ssm));
+        ex.for_each(nh, &|hh| {
+            // SAFETY: head hh owns its state block and its P columns of y.
+            let s = unsafe { ss.range(hh * p * n, p * n) };
+            let a = -exp(lw.a_log.get(hh));
+            for tt in 0..t {
+                let (xv, b, cc) = self.xbc(u, tt, hh);
+                let dth = dt[tt * nh + hh];
+                let da = exp(dth * a);
+                let yr = unsafe { ys.range(tt * di + hh * p, p) };
+                for (pp, sp) in s.chunks_exact_mut(n).enumerate() {
+                    for (sv, bv) in sp.iter_mut().zip(b) {
+                        *sv = *sv * da + dth * xv[pp] * bv;
+                    }
+                    yr[pp] = dot(sp, cc) + self.d_skip(lw, hh, pp) * xv[pp];
+                }
+            }
+        });
+    }
+
+    /// SSD: per block of Q tokens, `y = exp(cum)·(S·C) + (C·Bᵀ ⊙ exp(cum_t − cum_s)·dt_s)·x + D·x`,
+    /// then `S ← exp(cum_last)·S + Σ_s exp(cum_last − cum_s)·dt_s·x_s·B_sᵀ`.
+    #[allow(clippy::too_many_arguments)]
+    fn ssm_chunked(
+        &self,
+        ex: &dyn Exec,
+        lw: &Layer,
+        t: usize,
+        u: &[f32],
+        dt: &[f32],
+        ssm: &mut [f32],
+        y: &mut [f32],
+        cum: &mut [f32],
+        cb: &mut [f32],
+    ) {
+        let c = &self.cfg;
+        let (p, n, nh, ng, di) = (c.head_dim, c.d_state, c.n_heads, c.n_groups, c.d_inner());
+        let q = SSD_BLOCK;
+        let nb = t.div_ceil(q);
+        let hpg = nh / ng;
+
+        // C_i·B_j for j ≤ i, per (group, block): shared by the heads of a group.
+        let cbs = Shared::new(&mut cb[..ng * nb * q * q]);
+        ex.for_each(ng * nb, &|task| {
+            let (g, blk) = (task / nb, task % nb);
+            let t0 = blk * q;
+            let len = q.min(t - t0);
+            // SAFETY: each (group, block) task owns its Q×Q tile.
+            let tile = unsafe { cbs.range(task * q * q, q * q) };
+            for i in 0..len {
+                let (_, _, ci) = self.xbc(u, t0 + i, g * hpg);
+                for j in 0..=i {
+                    let (_, bj, _) = self.xbc(u, t0 + j, g * hpg);
+                    tile[i * q + j] = dot(ci, bj);
+                }
+            }
+        });
+        let cb = &cb[..ng * nb * q * q];
+
+        let (ys, ss, cs) = (Shared::new(y), Shared::new(ssm), Shared::new(&mut cum[..nh * t]));
+        ex.for_each(nh, &|hh| {
+            // SAFETY: head hh owns its state, its cumsum row and its P columns of y.
+            let s = unsafe { ss.range(hh * p * n, p * n) };
+            let cum = unsafe { cs.range(hh * t, t) };
+            let a = -exp(lw.a_log.get(hh));
+            let g = hh / hpg;
+            for blk in 0..nb {
+                let (t0, t1) = (blk * q, (blk * q + q).min(t));
+                let tile = &cb[(g * nb + blk) * q * q..][..q * q];
+                let mut acc = 0.0;
+                for tt in t0..t1 {
+                    acc += dt[tt * nh + hh] * a;
+                    cum[tt] = acc;
+                }
+                for tt in t0..t1 {
+                    let yr = unsafe { ys.range(tt * di + hh * p, p) };
+                    let (xt, _, ct) = self.xbc(u, tt, hh);
+                    // The state entering the block, decayed to tt and read by C_tt.
+                    let e = exp(cum[tt]);
+                    for (pp, sp) in s.chunks_exact(n).enumerate() {
+                        yr[pp] = e * dot(sp, ct) + self.d_skip(lw, hh, pp) * xt[pp];
+                    }
+                    for ss_ in t0..=tt {
+                        let m = tile[(tt - t0) * q + (ss_ - t0)] * exp(cum[tt] - cum[ss_]) * dt[ss_ * nh + hh];
+                        let (xs, _, _) = self.xbc(u, ss_, hh);
+                        axpy(yr, m, xs);
+                    }
+                }
+                let last = cum[t1 - 1];
+                let el = exp(last);
+                s.iter_mut().for_each(|v| *v *= el);
+                for ss_ in t0..t1 {
+                    let wgt = exp(last - cum[ss_]) * dt[ss_ * nh + hh];
+                    let (xs, bs, _) = self.xbc(u, ss_, hh);
+                    for (sp, xv) in s.chunks_exact_mut(n).zip(xs) {
+                        axpy(sp, wgt * xv, bs);
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl Recurrent for Mamba2<'_> {
+    fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+    fn vocab_rows(&self) -> usize {
+        self.cfg.vocab_rows
+    }
+    fn state_len(&self) -> usize {
+        self.cfg.paper_state_size()
+    }
+    fn scratch_len(&self, chunk: usize) -> usize {
+        let c = &self.cfg;
+        let t = chunk;
+        t * (c.d_model.max(c.d_inner()) + c.in_proj_rows() + c.conv_dim() + c.n_heads + c.d_inner())
+            + c.n_heads * t
+            + c.n_groups * t.div_ceil(SSD_BLOCK) * SSD_BLOCK * SSD_BLOCK
+    }
+    fn forward(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, Scan::Chunked)
+    }
+    fn forward_recurrent(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, Scan::Recurrent)
+    }
+    fn head(&self) -> &Weight<'_> {
+        &self.w.head
+    }
+}

@@ -1,0 +1,484 @@
+//! Checkpoints on disk → named tensor views over memory maps.
+//!
+//! `Checkpoint::open(path)` accepts a file (`*.safetensors`, `*.bin`, `*.pth`) or a directory holding
+//! `model.safetensors`, `model.safetensors.index.json` (shards), `pytorch_model.bin` or
+//! `pytorch_model.bin.index.json`. Every tensor is a view into a memory map; a tensor whose bytes are
+//! not aligned to its element size is copied once at open into an aligned buffer the checkpoint owns.
+//! A pickle is never executed: `torch_zip` reads `data.pkl` with a restricted unpickler.
+
+mod safetensors;
+mod torch_zip;
+
+use anyhow::{anyhow, bail, Result};
+use memmap2::Mmap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Element types a checkpoint may hold (little-endian, row-major).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+    F64,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl DType {
+    /// Bytes per element (also the alignment every view is guaranteed to have).
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 | DType::I16 => 2,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    /// The safetensors spelling, used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::Bool => "BOOL",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The container a checkpoint came in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    TorchZip,
+}
+
+/// One tensor: `bytes` is aligned to `dtype.size()` and holds exactly `numel · size` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+    pub file: &'a Path,
+}
+
+impl<'a> TensorView<'a> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn typed<T: bytemuck::Pod>(&self, want: DType) -> Result<&'a [T]> {
+        if self.dtype != want {
+            bail!(
+                "{}: tensor {} is {}, expected {want}",
+                self.file.display(),
+                self.name,
+                self.dtype
+            );
+        }
+        bytemuck::try_cast_slice(self.bytes)
+            .map_err(|e| anyhow!("{}: tensor {}: {e}", self.file.display(), self.name))
+    }
+
+    pub fn as_f32(&self) -> Result<&'a [f32]> {
+        self.typed(DType::F32)
+    }
+
+    pub fn as_bf16(&self) -> Result<&'a [half::bf16]> {
+        self.typed(DType::BF16)
+    }
+
+    pub fn as_f16(&self) -> Result<&'a [half::f16]> {
+        self.typed(DType::F16)
+    }
+
+    /// Integer tensors (token ids) widened to i64.
+    pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
+        let b = self.bytes;
+        Ok(match self.dtype {
+            DType::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect(),
+            DType::I32 => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as i64)
+                .collect(),
+            DType::I16 => b
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes(c.try_into().unwrap_or_default()) as i64)
+                .collect(),
+            DType::I8 => b.iter().map(|&x| x as i8 as i64).collect(),
+            DType::U8 => b.iter().map(|&x| x as i64).collect(),
+            d => bail!(
+                "{}: tensor {} is {d}, expected an integer dtype",
+                self.file.display(),
+                self.name
+            ),
+        })
+    }
+}
+
+/// A tensor found by a format parser: `bytes[start..end]` of the file it was parsed from.
+/// Parsers check `end - start == numel · size` and that the range lies in the file.
+struct RawTensor {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// Where a tensor's bytes live: in a file's map, or in an owned aligned copy.
+enum Loc {
+    Map { start: usize, end: usize },
+    Owned { buf: usize, len: usize },
+}
+
+struct Entry {
+    dtype: DType,
+    shape: Vec<usize>,
+    file: usize,
+    loc: Loc,
+}
+
+/// Named tensors of one checkpoint (all shards), backed by memory maps.
+pub struct Checkpoint {
+    origin: PathBuf,
+    dir: PathBuf,
+    format: Format,
+    files: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    /// u64 storage so copies are aligned for every dtype.
+    owned: Vec<Vec<u64>>,
+    tensors: BTreeMap<String, Entry>,
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let meta =
+            std::fs::metadata(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+        let mut ck = Checkpoint {
+            origin: path.to_path_buf(),
+            dir: path.to_path_buf(),
+            format: Format::Safetensors,
+            files: Vec::new(),
+            maps: Vec::new(),
+            owned: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
+        if !meta.is_dir() {
+            ck.dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            ck.format = ck.add_file(path)?;
+            return Ok(ck);
+        }
+        for (single, index, format) in [
+            (
+                "model.safetensors",
+                "model.safetensors.index.json",
+                Format::Safetensors,
+            ),
+            (
+                "pytorch_model.bin",
+                "pytorch_model.bin.index.json",
+                Format::TorchZip,
+            ),
+        ] {
+            let (single, index) = (path.join(single), path.join(index));
+            if single.is_file() {
+                ck.format = ck.add_file(&single)?;
+                return Ok(ck);
+            }
+            if index.is_file() {
+                ck.format = format;
+                ck.add_shards(&index)?;
+                return Ok(ck);
+            }
+        }
+        bail!(
+            "{}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or \
+             pytorch_model.bin.index.json in this directory",
+            path.display()
+        )
+    }
+
+    /// The directory holding config.json (for a file: its parent).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        let (name, e) = self.tensors.get_key_value(name)?;
+        let bytes = match e.loc {
+            Loc::Map { start, end } => &self.maps[e.file][start..end],
+            Loc::Owned { buf, len } => &bytemuck::cast_slice(&self.owned[buf])[..len],
+        };
+        Some(TensorView {
+            name,
+            dtype: e.dtype,
+            shape: &e.shape,
+            bytes,
+            file: &self.files[e.file],
+        })
+    }
+
+    pub fn require(&self, name: &str) -> Result<TensorView<'_>> {
+        self.get(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor {name}", self.origin.display()))
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Bytes of all tensors (a tied tensor counts once per name).
+    pub fn total_bytes(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|e| match e.loc {
+                Loc::Map { start, end } => end - start,
+                Loc::Owned { len, .. } => len,
+            })
+            .sum()
+    }
+
+    /// Maps one file, parses it by its magic bytes and adds its tensors.
+    fn add_file(&mut self, path: &Path) -> Result<Format> {
+        let file = File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < 8 {
+            bail!(
+                "{}: truncated ({len} bytes), not a checkpoint",
+                path.display()
+            );
+        }
+        // SAFETY: the map is read-only; modifying the file while it is open is outside our contract.
+        let map = unsafe { Mmap::map(&file) }
+            .map_err(|e| anyhow!("{}: cannot map: {e}", path.display()))?;
+        let (format, raw) = if map.starts_with(b"PK\x03\x04") {
+            (Format::TorchZip, torch_zip::parse(&map))
+        } else if map.get(8) == Some(&b'{') {
+            (Format::Safetensors, safetensors::parse(&map))
+        } else {
+            bail!(
+                "{}: neither a safetensors file nor a torch zip (unknown magic bytes)",
+                path.display()
+            );
+        };
+        let raw = raw.map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+        let file_idx = self.files.len();
+        for t in raw {
+            if self.tensors.contains_key(&t.name) {
+                bail!(
+                    "{}: tensor {} also appears in {}",
+                    path.display(),
+                    t.name,
+                    self.files[self.tensors[&t.name].file].display()
+                );
+            }
+            let bytes = map.get(t.start..t.end).ok_or_else(|| {
+                anyhow!(
+                    "{}: tensor {} lies outside the file",
+                    path.display(),
+                    t.name
+                )
+            })?;
+            let loc = if (bytes.as_ptr() as usize).is_multiple_of(t.dtype.size()) {
+                Loc::Map {
+                    start: t.start,
+                    end: t.end,
+                }
+            } else {
+                let mut buf = vec![0u64; bytes.len().div_ceil(8)];
+                bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
+                self.owned.push(buf);
+                Loc::Owned {
+                    buf: self.owned.len() - 1,
+                    len: bytes.len(),
+                }
+            };
+            let entry = Entry {
+                dtype: t.dtype,
+                shape: t.shape,
+                file: file_idx,
+                loc,
+            };
+            self.tensors.insert(t.name, entry);
+        }
+        self.files.push(path.to_path_buf());
+        self.maps.push(map);
+        Ok(format)
+    }
+
+    /// Opens every shard an index names and checks each named tensor is in its shard.
+    fn add_shards(&mut self, index: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(index)
+            .map_err(|e| anyhow!("{}: cannot read: {e}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: invalid JSON: {e}", index.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{}: no \"weight_map\" object", index.display()))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards = BTreeSet::new();
+        let plain = |s: &&str| Path::new(s).file_name() == Some(OsStr::new(s));
+        for (name, shard) in map {
+            let Some(file) = shard.as_str().filter(plain) else {
+                bail!(
+                    "{}: tensor {name} maps to {shard}, not a file name",
+                    index.display()
+                );
+            };
+            shards.insert(file);
+        }
+        for shard in shards {
+            let format = self.add_file(&dir.join(shard))?;
+            if format != self.format {
+                bail!(
+                    "{}: shard {shard} is {format:?}, expected {:?}",
+                    index.display(),
+                    self.format
+                );
+            }
+        }
+        for (name, shard) in map {
+            let found = self
+                .tensors
+                .get(name)
+                .and_then(|e| self.files[e.file].file_name());
+            if found != shard.as_str().map(OsStr::new) {
+                bail!("{}: tensor {name} is not in shard {shard}", index.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-test scratch files in the system temp directory.
+#[cfg(test)]
+pub(crate) fn temp_path(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("stuffed-ck-{}-{n}-{tag}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn st(tensors: &[(&str, DType, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|(n, d, s, b)| {
+                let d = match d {
+                    DType::F32 => ::safetensors::Dtype::F32,
+                    DType::BF16 => ::safetensors::Dtype::BF16,
+                    DType::I64 => ::safetensors::Dtype::I64,
+                    _ => unreachable!(),
+                };
+                let v = ::safetensors::tensor::TensorView::new(d, s.clone(), b).unwrap();
+                (n.to_string(), v)
+            })
+            .collect();
+        ::safetensors::serialize(views, None::<HashMap<String, String>>).unwrap()
+    }
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        bytemuck::cast_slice(v).to_vec()
+    }
+
+    #[test]
+    fn directory_with_shards() {
+        let dir = temp_path("shards");
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = st(&[("a", DType::F32, vec![2], f32s(&[1.0, 2.0]))]);
+        let b = st(&[
+            ("b", DType::F32, vec![1], f32s(&[3.0])),
+            (
+                "c",
+                DType::I64,
+                vec![2],
+                bytemuck::cast_slice(&[7i64, -1]).to_vec(),
+            ),
+        ]);
+        std::fs::write(dir.join("s1.safetensors"), a).unwrap();
+        std::fs::write(dir.join("s2.safetensors"), &b).unwrap();
+        let index = r#"{"metadata":{"total_size":28},"weight_map":{"a":"s1.safetensors","b":"s2.safetensors","c":"s2.safetensors"}}"#;
+        std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+        let ck = Checkpoint::open(&dir).unwrap();
+        assert_eq!(ck.format(), Format::Safetensors);
+        assert_eq!(ck.dir(), dir.as_path());
+        assert_eq!(ck.names().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(ck.require("a").unwrap().as_f32().unwrap(), [1.0, 2.0]);
+        assert_eq!(ck.require("c").unwrap().to_i64_vec().unwrap(), [7, -1]);
+        assert!(ck.require("c").unwrap().as_f32().is_err());
+        assert_eq!(ck.total_bytes(), 28);
+        let err = ck.require("zz").unwrap_err().to_string();
+        assert!(err.contains("missing tensor zz"), "{err}");
+
+        // The same name in two shards.
+        std::fs::write(dir.join("s1.safetensors"), &b).unwrap();
+        let index = r#"{"weight_map":{"b":"s1.safetensors","c":"s2.safetensors"}}"#;
+        std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+        let err = format!("{:#}", Checkpoint::open(&dir).err().unwrap());
+        assert!(err.contains("also appears in"), "{err}");
+
+        // A missing shard names the file.
+        let index = r#"{"weight_map":{"b":"s9.safetensors"}}"#;
+        std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+        let err = format!("{:#}", Checkpoint::open(&dir).err().unwrap());
+        assert!(err.contains("s9.safetensors"), "{err}");
+
+        // model.safetensors wins over the index.
+        std::fs::write(dir.join("model.safetensors"), &b).unwrap();
+        let ck = Checkpoint::open(&dir).unwrap();
+        assert_eq!(ck.names().count(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let err = format!("{:#}", Checkpoint::open(&dir).err().unwrap());
+        assert!(err.contains("cannot open"), "{err}");
+    }
+
+    #[test]
+    fn unknown_magic_and_tiny_files() {
+        let p = temp_path("junk");
+        for bytes in [&b""[..], b"abc", b"0123456789abcdef"] {
+            std::fs::write(&p, bytes).unwrap();
+            let err = format!("{:#}", Checkpoint::open(&p).err().unwrap());
+            assert!(err.starts_with(&p.display().to_string()), "{err}");
+        }
+        std::fs::remove_file(&p).unwrap();
+    }
+}

@@ -1,0 +1,181 @@
+//! `info`, `tokenize`, `logits`, `generate`.
+use crate::checkpoint::Checkpoint;
+use crate::model::Model;
+use crate::session::{argmax, Session};
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::Write;
+use std::path::Path;
+
+pub fn info(path: &Path, json: bool) -> Result<()> {
+    let m = Model::load(path)?;
+    let i = &m.info;
+    if json {
+        println!("{}", serde_json::to_string_pretty(i)?);
+        return Ok(());
+    }
+    println!("model        {}", i.path.display());
+    println!("family       {} ({})", i.family, i.format);
+    println!(
+        "dimensions   d_model {}, layers {}, heads {} × head_dim {}, d_state {}, groups {}, conv {}",
+        i.d_model, i.n_layer, i.n_heads, i.head_dim, i.d_state, i.n_groups, i.d_conv
+    );
+    println!("parameters   {} ({:.1}M)", i.params, i.params as f64 / 1e6);
+    println!("weights      {} , {} bytes", i.weight_dtype, i.weight_bytes);
+    println!(
+        "state        {} bytes f32 per sequence; N_S = {} ({:.2}M, as the paper counts)",
+        i.state_bytes,
+        i.paper_state_size,
+        i.paper_state_size as f64 / 1e6
+    );
+    let tok = Tokenizer::for_model(Some(&dir_of(path)), None)?;
+    println!(
+        "vocab        {} rows (padded); {} real ids ({}){}",
+        i.vocab_rows,
+        real_vocab(&m, &tok),
+        tok.source,
+        i.config_vocab.map_or(String::new(), |v| format!("; config vocab_size {v}"))
+    );
+    println!("embeddings   {}", if i.tied_embeddings { "tied" } else { "untied" });
+    Ok(())
+}
+
+/// The directory a model path names (a file's parent).
+pub fn dir_of(path: &Path) -> std::path::PathBuf {
+    if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+}
+
+/// Ids that can win a decode or enter a score: rows past the tokenizer's size are padding.
+pub fn real_vocab(m: &Model, tok: &Tokenizer) -> usize {
+    let mut v = m.info.vocab_rows.min(tok.vocab_size());
+    if let Some(c) = m.info.config_vocab {
+        v = v.min(c);
+    }
+    v
+}
+
+pub fn tokenize(model: Option<&Path>, tokenizer: Option<&Path>, text: Option<String>, file: Option<&Path>) -> Result<()> {
+    let tok = Tokenizer::for_model(model.map(dir_of).as_deref(), tokenizer)?;
+    let text = match (text, file) {
+        (Some(t), _) => t,
+        (None, Some(f)) => read_text(f)?,
+        (None, None) => bail!("tokenize: give --text or --file"),
+    };
+    let ids = tok.encode(&text)?;
+    let line: Vec<String> = ids.iter().map(u32::to_string).collect();
+    println!("{}", line.join(" "));
+    Ok(())
+}
+
+/// A UTF-8 text file, or a one-line error naming it.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| anyhow!("{}: not UTF-8 text ({e})", path.display()))
+}
+
+/// Token ids from a text file of integers, or a safetensors file holding `input_ids`.
+pub fn read_ids(path: &Path) -> Result<Vec<u32>> {
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    let raw: Vec<i64> = if path.extension().is_some_and(|e| e == "safetensors") {
+        let ck = Checkpoint::open(path)?;
+        ck.require("input_ids")?.to_i64_vec()?
+    } else {
+        let text = String::from_utf8(bytes).map_err(|_| anyhow!("{}: ids file is not text", path.display()))?;
+        text.split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|s| !s.is_empty())
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<i64>().map_err(|_| anyhow!("{}: item {i} ('{s}') is not an integer token id", path.display()))
+            })
+            .collect::<Result<_>>()?
+    };
+    if raw.is_empty() {
+        bail!("{}: no token ids", path.display());
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, &v)| u32::try_from(v).map_err(|_| anyhow!("{}: token id {v} at position {i} is negative or too large", path.display())))
+        .collect()
+}
+
+/// Rejects ids past the embedding before any work, naming the source and position.
+pub fn check_ids(ids: &[u32], rows: usize, source: &str) -> Result<()> {
+    if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= rows) {
+        bail!("{source}: token id {id} at position {i} is out of range (the model's embedding has {rows} rows)");
+    }
+    Ok(())
+}
+
+pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize) -> Result<()> {
+    let m = Model::load(model)?;
+    let ids = read_ids(ids_path)?;
+    check_ids(&ids, m.info.vocab_rows, &ids_path.display().to_string())?;
+    let v = m.info.vocab_rows;
+    let mut s = Session::new(&m, chunk);
+    let mut all = vec![0f32; ids.len() * v];
+    let (ex, net, d) = (crate::exec::Pool::new(), m.net(), m.info.d_model);
+    let t0 = std::time::Instant::now();
+    s.feed(&ids, &mut |start, h| {
+        let t = h.len() / d;
+        Ok(net.logits(&ex, h, t, &mut all[start * v..(start + t) * v])?)
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    write_f32(out, "logits", &[ids.len(), v], &all)?;
+    eprintln!("{} tokens in {:.3} s ({:.0} tok/s), chunk {}", ids.len(), secs, ids.len() as f64 / secs, s.chunk);
+    Ok(())
+}
+
+/// Writes one f32 tensor to a safetensors file.
+pub fn write_f32(path: &Path, name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
+    let bytes: &[u8] = bytemuck::cast_slice(data);
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes)
+        .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+    safetensors::serialize_to_file([(name, view)], None, path).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+pub fn generate(model: &Path, prompt: &str, max_new: usize, tokenizer: Option<&Path>) -> Result<()> {
+    let m = Model::load(model)?;
+    let tok = Tokenizer::for_model(Some(&dir_of(model)), tokenizer)?;
+    let ids = tok.encode(prompt)?;
+    if ids.is_empty() {
+        bail!("generate: the prompt is empty after tokenization");
+    }
+    check_ids(&ids, m.info.vocab_rows, "prompt")?;
+    let real = real_vocab(&m, &tok);
+    let v = m.info.vocab_rows;
+    let mut s = Session::new(&m, 256);
+    let mut last = vec![0f32; m.info.d_model];
+    s.feed(&ids, &mut |_, h| {
+        let d = last.len();
+        last.copy_from_slice(&h[h.len() - d..]);
+        Ok(())
+    })?;
+    let mut logits = vec![0f32; v];
+    let mut out = Vec::new();
+    let mut printed = 0;
+    let stdout = std::io::stdout();
+    s.chunk = 1;
+    for _ in 0..max_new {
+        s.logits(&last, 1, &mut logits)?;
+        let next = argmax(&logits, real);
+        out.push(next);
+        // Print whole characters only: a token may end mid-way through a UTF-8 sequence.
+        let text = tok.decode(&out)?;
+        if !text.ends_with('\u{FFFD}') {
+            let mut lock = stdout.lock();
+            write!(lock, "{}", &text[printed.min(text.len())..])?;
+            lock.flush()?;
+            printed = text.len();
+        }
+        s.feed(&[next], &mut |_, h| {
+            last.copy_from_slice(h);
+            Ok(())
+        })?;
+    }
+    println!();
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Command-line flags and the flow of each command.
+mod basic;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "stuffed", version, about = "Stream millions of tokens through recurrent LMs and measure how their state fails")]
+pub struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Family, dimensions, parameters, dtype, state size and vocab of a checkpoint.
+    Info {
+        #[arg(long)]
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the token ids of a text, space-separated.
+    Tokenize {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        text: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Logits of every position from the zero state, written as safetensors `logits` [T, V] f32.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Integers (whitespace- or comma-separated) or a safetensors file with `input_ids`.
+        #[arg(long)]
+        ids: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokens per forward call; 1 runs token by token.
+        #[arg(long, default_value_t = 256)]
+        chunk: usize,
+    },
+    /// Greedy continuation of a prompt.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_new: usize,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Write an HF-format directory of seeded random (UNTRAINED) weights at a published shape.
+    Synth {
+        #[arg(long, default_value = "mamba2")]
+        family: String,
+        #[arg(long)]
+        preset: String,
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::exec::Pool::init_threads(cli.threads);
+    match cli.cmd {
+        Cmd::Info { model, json } => basic::info(&model, json),
+        Cmd::Tokenize { model, tokenizer, text, file } => {
+            basic::tokenize(model.as_deref(), tokenizer.as_deref(), text, file.as_deref())
+        }
+        Cmd::Logits { model, ids, out, chunk } => basic::logits(&model, &ids, &out, chunk),
+        Cmd::Generate { model, prompt, max_new, tokenizer } => {
+            basic::generate(&model, &prompt, max_new, tokenizer.as_deref())
+        }
+        Cmd::Synth { family, preset, dtype, seed, out } => match family.as_str() {
+            "mamba2" => crate::synth::mamba2(&preset, &dtype, seed, &out),
+            other => anyhow::bail!("synth: unknown family '{other}' (supported: mamba2)"),
+        },
+    }
+}

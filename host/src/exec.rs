@@ -1,0 +1,61 @@
+//! The host's executor for the core: rayon's pool and the SIMD level detected at run time.
+use rayon::prelude::*;
+use stuffed_core::exec::{Exec, Simd};
+
+pub struct Pool {
+    threads: usize,
+    simd: Simd,
+}
+
+impl Pool {
+    /// Uses rayon's global pool (sized by `--threads` or RAYON_NUM_THREADS, else all cores).
+    /// `STUFFED_SIMD=portable` forces the portable kernel (to test both).
+    pub fn new() -> Pool {
+        Pool { threads: rayon::current_num_threads(), simd: detect_simd() }
+    }
+
+    /// The portable kernel on one thread: the reference the fast path is tested against.
+    pub fn serial_portable() -> Pool {
+        Pool { threads: 1, simd: Simd::Portable }
+    }
+
+    /// Sizes the global pool once; later calls keep the first size.
+    pub fn init_threads(n: Option<usize>) {
+        if let Some(n) = n {
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+        }
+    }
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::new()
+    }
+}
+
+fn detect_simd() -> Simd {
+    if std::env::var("STUFFED_SIMD").is_ok_and(|v| v == "portable") {
+        return Simd::Portable;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        return Simd::Avx2;
+    }
+    Simd::Portable
+}
+
+impl Exec for Pool {
+    fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n <= 1 || self.threads <= 1 {
+            (0..n).for_each(f);
+        } else {
+            (0..n).into_par_iter().for_each(f);
+        }
+    }
+    fn threads(&self) -> usize {
+        self.threads
+    }
+    fn simd(&self) -> Simd {
+        self.simd
+    }
+}

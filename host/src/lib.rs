@@ -1,0 +1,12 @@
+//! `stuffed`: stream millions of tokens through recurrent language models in constant memory, and
+//! measure how their fixed-size state fails.
+//!
+//! Layers, one way: checkpoint (maps) → model (core views) → session (state + buffers) → commands.
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod exec;
+pub mod model;
+pub mod session;
+pub mod synth;
+pub mod tokenizer;

@@ -1,0 +1,210 @@
+//! A checkpoint on disk → a core model whose weights are views into the checkpoint's maps.
+use crate::checkpoint::{Checkpoint, DType, Format, TensorView};
+use crate::config::{self, Flavor};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use stuffed_core::mamba2::{self, Mamba2};
+use stuffed_core::{Data, Recurrent, Weight};
+
+/// Facts about a loaded model, for `stuffed info` and every report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    pub family: &'static str,
+    pub format: &'static str,
+    pub d_model: usize,
+    pub n_layer: usize,
+    pub n_heads: usize,
+    pub head_dim: usize,
+    pub d_state: usize,
+    pub n_groups: usize,
+    pub d_conv: usize,
+    pub params: usize,
+    pub weight_dtype: &'static str,
+    pub weight_bytes: usize,
+    /// Recurrent state, f32, all layers.
+    pub state_bytes: usize,
+    /// N_S as SPEC.md §1 counts it.
+    pub paper_state_size: usize,
+    pub vocab_rows: usize,
+    /// The unpadded vocab the config states, when it does (the tokenizer's size otherwise).
+    pub config_vocab: Option<usize>,
+    pub tied_embeddings: bool,
+}
+
+enum Net {
+    Mamba2(Mamba2<'static>),
+}
+
+/// A loaded model. The core model borrows `layers` and the checkpoint's maps; both live on the heap
+/// and are dropped after it (fields drop in declaration order).
+pub struct Model {
+    net: Net,
+    _layers: Box<[mamba2::Layer<'static>]>,
+    _ckpt: Box<Checkpoint>,
+    pub info: ModelInfo,
+}
+
+impl Model {
+    pub fn net(&self) -> &dyn Recurrent {
+        match &self.net {
+            Net::Mamba2(m) => m,
+        }
+    }
+
+    /// Opens a checkpoint directory (or file) and builds the model it holds.
+    pub fn load(path: &Path) -> Result<Model> {
+        let ckpt = Box::new(Checkpoint::open(path)?);
+        // SAFETY: the views borrow memory owned by `ckpt` (maps and aligned copies, all on the heap);
+        // `Model` keeps `ckpt` alive, unmoved in its Box, for as long as the views exist.
+        let ck: &'static Checkpoint = unsafe { &*(ckpt.as_ref() as *const Checkpoint) };
+        let cfg_path = ck.dir().join("config.json");
+        if !cfg_path.exists() {
+            bail!("{}: missing config.json beside the weights", cfg_path.display());
+        }
+        let json = config::read_json(&cfg_path)?;
+        match config::family(&json, &cfg_path)? {
+            "mamba2" => load_mamba2(ck, ckpt, &json, &cfg_path, path),
+            other => bail!("{}: unknown architecture '{other}'", cfg_path.display()),
+        }
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
+
+/// A tensor as a core weight of `(rows, cols)`, checking its exact stored shape.
+fn weight(t: TensorView<'static>, shape: &[usize]) -> Result<Weight<'static>> {
+    if t.shape != shape {
+        bail!("{}: tensor {} has shape {:?}, expected {:?}", t.file.display(), t.name, t.shape, shape);
+    }
+    let data = match t.dtype {
+        DType::F32 => Data::F32(t.as_f32()?),
+        DType::BF16 => Data::Bf16(t.as_bf16()?),
+        DType::F16 => Data::F16(t.as_f16()?),
+        other => bail!("{}: tensor {} has dtype {other}; weights must be F32, BF16 or F16", t.file.display(), t.name),
+    };
+    let (rows, cols) = match shape {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [r, rest @ ..] => (*r, rest.iter().product()),
+    };
+    Ok(Weight::new(data, rows, cols)?)
+}
+
+fn load_mamba2(
+    ck: &'static Checkpoint,
+    ckpt: Box<Checkpoint>,
+    json: &serde_json::Value,
+    cfg_path: &Path,
+    path: &Path,
+) -> Result<Model> {
+    let official = ck.get("backbone.embedding.weight").is_some();
+    let emb_name = if official { "backbone.embedding.weight" } else { "backbone.embeddings.weight" };
+    let emb = ck.require(emb_name)?;
+    if ck.names().any(|n| n.ends_with("mixer.x_proj.weight")) {
+        bail!("{}: this is a Mamba-1 checkpoint (x_proj); stuffed runs Mamba-2", emb.file.display());
+    }
+    let &[rows, _] = emb.shape else {
+        bail!("{}: tensor {emb_name} has shape {:?}, expected [vocab, d_model]", emb.file.display(), emb.shape);
+    };
+    let mc = config::mamba2(json, cfg_path, rows)?;
+    if (mc.flavor == Flavor::Official) != official {
+        bail!("{}: config.json and the tensor names disagree on the format (HF vs official)", cfg_path.display());
+    }
+    let c = mc.core;
+    c.validate().with_context(|| cfg_path.display().to_string())?;
+    let (d, di, h, cd, k) = (c.d_model, c.d_inner(), c.n_heads, c.conv_dim(), c.d_conv);
+    let nin = c.in_proj_rows();
+    let mut layers = Vec::with_capacity(c.n_layer);
+    for l in 0..c.n_layer {
+        let p = format!("backbone.layers.{l}.");
+        let t = |n: &str| ck.require(&format!("{p}{n}"));
+        let opt = |n: &str, shape: &[usize]| -> Result<Option<Weight<'static>>> {
+            ck.get(&format!("{p}{n}")).map(|v| weight(v, shape)).transpose()
+        };
+        let a_log = t("mixer.A_log")?;
+        if a_log.shape.len() != 1 {
+            bail!("{}: {p}mixer.A_log has shape {:?}: a Mamba-1 layer; stuffed runs Mamba-2", a_log.file.display(), a_log.shape);
+        }
+        let dv = t("mixer.D")?;
+        let d_shape = if dv.shape == [di] { [di] } else { [h] };
+        let inw = t("mixer.in_proj.weight")?;
+        if inw.shape.first().is_some_and(|&r| r != nin) {
+            bail!(
+                "{}: {p}mixer.in_proj.weight has {} rows, expected 2·d_inner + 2·ngroups·d_state + nheads = {nin} \
+                 (an MLP prefix or a config that does not match the weights)",
+                inw.file.display(),
+                inw.shape[0]
+            );
+        }
+        layers.push(mamba2::Layer {
+            norm: weight(t("norm.weight")?, &[d])?,
+            in_proj: weight(inw, &[nin, d])?,
+            in_proj_bias: opt("mixer.in_proj.bias", &[nin])?,
+            conv_w: weight(t("mixer.conv1d.weight")?, &[cd, 1, k])?,
+            conv_b: opt("mixer.conv1d.bias", &[cd])?,
+            dt_bias: weight(t("mixer.dt_bias")?, &[h])?,
+            a_log: weight(a_log, &[h])?,
+            d: weight(dv, &d_shape)?,
+            gate_norm: weight(t("mixer.norm.weight")?, &[di])?,
+            out_proj: weight(t("mixer.out_proj.weight")?, &[d, di])?,
+            out_proj_bias: opt("mixer.out_proj.bias", &[d])?,
+        });
+    }
+    if ck.get(&format!("backbone.layers.{}.mixer.A_log", c.n_layer)).is_some() {
+        bail!("{}: the weights have more than the {} layers config.json states", emb.file.display(), c.n_layer);
+    }
+    let embed = weight(emb, &[rows, d])?;
+    let head = match ck.get("lm_head.weight") {
+        Some(hd) if !mc.tied || official => weight(hd, &[rows, d])?,
+        _ if mc.tied => embed,
+        _ => bail!("{}: missing tensor lm_head.weight (tie_word_embeddings is false)", emb.file.display()),
+    };
+    let layers: Box<[mamba2::Layer<'static>]> = layers.into_boxed_slice();
+    // SAFETY: the boxed slice is owned by the returned `Model` and outlives `net` (drop order).
+    let layers_ref: &'static [mamba2::Layer<'static>] = unsafe { &*(layers.as_ref() as *const _) };
+    let weights = mamba2::Weights { embed, layers: layers_ref, norm_f: weight(ck.require("backbone.norm_f.weight")?, &[d])?, head };
+    let net = Mamba2::new(c, weights).with_context(|| format!("{}: bad Mamba-2 weights", path.display()))?;
+
+    // Count each stored tensor once; an official tied lm_head is a duplicate of the embedding.
+    let dup = |n: &str| official && mc.tied && n == "lm_head.weight";
+    let (params, bytes) = ck
+        .names()
+        .filter(|n| !dup(n))
+        .filter_map(|n| ck.get(n))
+        .fold((0, 0), |(p, b), v| (p + v.numel(), b + v.bytes.len()));
+    let info = ModelInfo {
+        path: path.to_path_buf(),
+        family: "mamba2",
+        format: match (ck.format(), mc.flavor) {
+            (Format::Safetensors, Flavor::Hf) => "hf-safetensors",
+            (Format::Safetensors, Flavor::Official) => "official-safetensors",
+            (Format::TorchZip, Flavor::Hf) => "hf-torch-zip",
+            (Format::TorchZip, Flavor::Official) => "official-torch-zip",
+        },
+        d_model: d,
+        n_layer: c.n_layer,
+        n_heads: h,
+        head_dim: c.head_dim,
+        d_state: c.d_state,
+        n_groups: c.n_groups,
+        d_conv: k,
+        params,
+        weight_dtype: dtype_name(emb.dtype),
+        weight_bytes: bytes,
+        state_bytes: 4 * c.paper_state_size(),
+        paper_state_size: c.paper_state_size(),
+        vocab_rows: rows,
+        config_vocab: mc.vocab_size,
+        tied_embeddings: mc.tied,
+    };
+    Ok(Model { net: Net::Mamba2(net), _layers: layers, _ckpt: ckpt, info })
+}

@@ -1,0 +1,131 @@
+//! `stuffed synth`: seeded random weights at the published shapes, written as an HF directory.
+//! The models are UNTRAINED: they exist to measure speed and memory, never quality.
+use anyhow::{bail, Context, Result};
+use half::{bf16, f16};
+use safetensors::{Dtype, View};
+use std::borrow::Cow;
+use std::path::Path;
+
+/// (d_model, n_layer, d_state, head_dim) of each published Mamba-2 size; `tiny` is for tests.
+pub const MAMBA2_PRESETS: &[(&str, usize, usize, usize, usize)] = &[
+    ("tiny", 64, 2, 16, 16),
+    ("130m", 768, 24, 128, 64),
+    ("370m", 1024, 48, 128, 64),
+    ("780m", 1536, 48, 128, 64),
+    ("1.3b", 2048, 48, 128, 64),
+    ("2.7b", 2560, 64, 128, 64),
+];
+/// GPT-NeoX vocab padded to a multiple of 16, as in the released configs.
+const VOCAB_ROWS: usize = 50288;
+
+/// SplitMix64: a seeded stream of uniform numbers, identical on every platform.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+}
+
+struct Tensor {
+    name: String,
+    shape: Vec<usize>,
+    dtype: Dtype,
+    bytes: Vec<u8>,
+}
+
+impl View for &Tensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn encode(values: impl Iterator<Item = f32>, dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::BF16 => values.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::F16 => values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
+        _ => values.flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
+    let Some(&(_, d, n_layer, n, p)) = MAMBA2_PRESETS.iter().find(|x| x.0 == preset) else {
+        let names: Vec<_> = MAMBA2_PRESETS.iter().map(|x| x.0).collect();
+        bail!("unknown Mamba-2 preset '{preset}' (known: {})", names.join(", "));
+    };
+    let dt = match dtype {
+        "bf16" => Dtype::BF16,
+        "f16" => Dtype::F16,
+        "f32" => Dtype::F32,
+        other => bail!("unknown dtype '{other}' (bf16, f16 or f32)"),
+    };
+    let (di, k) = (2 * d, 4);
+    let h = di / p;
+    let cd = di + 2 * n;
+    let nin = 2 * di + 2 * n + h;
+    let mut rng = Rng(seed);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng, usize) -> f32| {
+        let numel = shape.iter().product();
+        let bytes = encode((0..numel).map(|i| f(&mut rng, i)), dt);
+        tensors.push(Tensor { name, shape, dtype: dt, bytes });
+    };
+    // Scales follow the reference init: N(0, 0.02)-sized embeddings, 1/√fan_in projections,
+    // A ∈ [1, 16], dt ∈ [1e-3, 0.1] through the inverse softplus, D = 1, norms = 1.
+    add("backbone.embeddings.weight".into(), vec![VOCAB_ROWS, d], &mut |r, _| r.uniform(-0.035, 0.035));
+    for l in 0..n_layer {
+        let pre = format!("backbone.layers.{l}.");
+        let s_in = 1.0 / (d as f32).sqrt();
+        let s_out = 1.0 / (di as f32).sqrt() / (2.0 * n_layer as f32).sqrt();
+        add(format!("{pre}norm.weight"), vec![d], &mut |_, _| 1.0);
+        add(format!("{pre}mixer.in_proj.weight"), vec![nin, d], &mut |r, _| r.uniform(-s_in, s_in));
+        add(format!("{pre}mixer.conv1d.weight"), vec![cd, 1, k], &mut |r, _| r.uniform(-0.5, 0.5));
+        add(format!("{pre}mixer.conv1d.bias"), vec![cd], &mut |r, _| r.uniform(-0.5, 0.5));
+        add(format!("{pre}mixer.dt_bias"), vec![h], &mut |r, _| {
+            let dt = (r.uniform(0.001f32.ln(), 0.1f32.ln())).exp();
+            dt + (-(-dt).exp_m1()).ln()
+        });
+        add(format!("{pre}mixer.A_log"), vec![h], &mut |r, _| r.uniform(1.0, 16.0).ln());
+        add(format!("{pre}mixer.D"), vec![h], &mut |_, _| 1.0);
+        add(format!("{pre}mixer.norm.weight"), vec![di], &mut |_, _| 1.0);
+        add(format!("{pre}mixer.out_proj.weight"), vec![d, di], &mut |r, _| r.uniform(-s_out, s_out));
+    }
+    add("backbone.norm_f.weight".into(), vec![d], &mut |_, _| 1.0);
+
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create directory", out.display()))?;
+    let config = serde_json::json!({
+        "model_type": "mamba2",
+        "architectures": ["Mamba2ForCausalLM"],
+        "hidden_size": d, "num_hidden_layers": n_layer, "state_size": n, "head_dim": p,
+        "num_heads": h, "n_groups": 1, "expand": 2, "conv_kernel": k, "chunk_size": 256,
+        "use_bias": false, "use_conv_bias": true, "layer_norm_epsilon": 1e-5,
+        "residual_in_fp32": true, "tie_word_embeddings": true, "vocab_size": VOCAB_ROWS,
+        "time_step_limit": [0.0, {"__float__": "Infinity"}],
+        "torch_dtype": match dt { Dtype::BF16 => "bfloat16", Dtype::F16 => "float16", _ => "float32" },
+        "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
+    });
+    let cfg_path = out.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("{}: cannot write", cfg_path.display()))?;
+    let st_path = out.join("model.safetensors");
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.clone(), t)), Some(meta), &st_path)
+        .with_context(|| format!("{}: cannot write", st_path.display()))?;
+    Ok(())
+}

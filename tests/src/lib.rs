@@ -1,0 +1,1 @@
+//! Test crate: the tests live in tests/tests/*.rs

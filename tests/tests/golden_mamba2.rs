@@ -1,0 +1,162 @@
+//! Mamba-2 against the official implementations (HF transformers, mamba_ssm) on tiny random
+//! checkpoints: `tests/data/*/ref.safetensors`, written by `tools/golden_mamba2*.py`.
+//! Bounds: FORMATS.md §8 (logits and final state rel ≤ 1e-4).
+use std::path::PathBuf;
+use stuffed::checkpoint::Checkpoint;
+use stuffed::exec::Pool;
+use stuffed::model::Model;
+use stuffed::session::Session;
+
+const CASES: &[&str] = &["mamba2_hf_g1_untied", "mamba2_hf_g2_tied", "mamba2_hf_bf16", "mamba2_official"];
+const REL: f32 = 1e-4;
+
+fn data(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(case)
+}
+
+struct Ref {
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+    stepwise: Vec<f32>,
+    split: Vec<f32>,
+    /// (L, H, P, N)
+    ssm: Vec<f32>,
+    /// (L, cd, k): the last k conv inputs, HF/mamba_ssm layout
+    conv: Vec<f32>,
+    conv_k: usize,
+}
+
+fn load_ref(case: &str) -> Ref {
+    let ck = Checkpoint::open(&data(case).join("ref.safetensors")).unwrap();
+    let f = |n: &str| ck.require(n).unwrap().as_f32().unwrap().to_vec();
+    let conv = ck.require("conv_state").unwrap();
+    Ref {
+        ids: ck.require("input_ids").unwrap().to_i64_vec().unwrap().iter().map(|&v| v as u32).collect(),
+        logits: f("logits"),
+        stepwise: f("logits_stepwise"),
+        split: f("logits_split"),
+        ssm: f("ssm_state"),
+        conv_k: conv.shape[2],
+        conv: f("conv_state"),
+    }
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// max|a − b| / max|b|, asserting it is within `REL`.
+fn assert_close(what: &str, ours: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(ours.len(), reference.len(), "{what}: length");
+    let err = ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let rel = err / max_abs(reference);
+    println!("{what}: max abs err {err:.3e}, rel {rel:.3e}");
+    assert!(rel <= REL, "{what}: rel error {rel:.3e} > {REL:e} (abs {err:.3e})");
+    rel
+}
+
+/// Runs `ids` through a fresh session in pieces of `splits` tokens, `chunk` tokens per call;
+/// returns all logits and the final state.
+fn run(m: &Model, pool: Pool, ids: &[u32], chunk: usize, splits: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let v = m.info.vocab_rows;
+    let mut s = Session::new(m, chunk);
+    s.ex = pool;
+    let mut logits = vec![0f32; ids.len() * v];
+    let (ex, net, d) = (Pool::new(), m.net(), m.info.d_model);
+    let mut start = 0;
+    for &len in splits.iter().chain(std::iter::once(&usize::MAX)) {
+        let end = start + len.min(ids.len() - start);
+        s.feed(&ids[start..end], &mut |off, h| {
+            let t = h.len() / d;
+            let at = start + off;
+            Ok(net.logits(&ex, h, t, &mut logits[at * v..(at + t) * v])?)
+        })
+        .unwrap();
+        start = end;
+        if start == ids.len() {
+            break;
+        }
+    }
+    (logits, s.state)
+}
+
+/// Our state (per layer: conv (cd, k−1), ssm (H, P, N)) against the reference tensors.
+fn check_state(case: &str, m: &Model, state: &[f32], r: &Ref) {
+    let i = &m.info;
+    let (l, k) = (i.n_layer, r.conv_k);
+    let cd = i.n_heads * i.head_dim + 2 * i.n_groups * i.d_state;
+    let ssm_len = i.n_heads * i.head_dim * i.d_state;
+    let per = cd * (k - 1) + ssm_len;
+    let (mut conv, mut ssm) = (Vec::new(), Vec::new());
+    let mut ref_conv = Vec::new();
+    for layer in 0..l {
+        let st = &state[layer * per..(layer + 1) * per];
+        conv.extend_from_slice(&st[..cd * (k - 1)]);
+        ssm.extend_from_slice(&st[cd * (k - 1)..]);
+        for c in 0..cd {
+            let row = &r.conv[(layer * cd + c) * k..(layer * cd + c + 1) * k];
+            ref_conv.extend_from_slice(&row[1..]);
+        }
+    }
+    assert_close(&format!("{case} ssm state"), &ssm, &r.ssm);
+    assert_close(&format!("{case} conv state"), &conv, &ref_conv);
+}
+
+fn check_case(case: &str, pool: fn() -> Pool) {
+    let m = Model::load(&data(case)).unwrap();
+    let r = load_ref(case);
+    let t = r.ids.len();
+    assert!(t % 16 != 0, "T must not be a multiple of the chunk size");
+    // Chunked: one call; many chunks with a partial last one; token by token.
+    let (full, state) = run(&m, pool(), &r.ids, 256, &[]);
+    assert_close(&format!("{case} chunked vs reference"), &full, &r.logits);
+    check_state(case, &m, &state, &r);
+    let (small, _) = run(&m, pool(), &r.ids, 16, &[]);
+    assert_close(&format!("{case} chunk 16 vs reference"), &small, &r.logits);
+    let (step, state) = run(&m, pool(), &r.ids, 1, &[]);
+    assert_close(&format!("{case} token-by-token vs reference stepwise"), &step, &r.stepwise);
+    assert_close(&format!("{case} token-by-token vs ours chunked"), &step, &full);
+    check_state(case, &m, &state, &r);
+    // Split with carried state: 40 tokens, then the rest.
+    let (split, _) = run(&m, pool(), &r.ids, 256, &[40]);
+    assert_close(&format!("{case} split 40+21 vs reference"), &split, &r.split);
+    let (odd, _) = run(&m, pool(), &r.ids, 7, &[1, 13]);
+    assert_close(&format!("{case} splits 1+13+47, chunk 7"), &odd, &r.logits);
+}
+
+#[test]
+fn hf_g1_untied() {
+    check_case(CASES[0], Pool::new);
+}
+
+#[test]
+fn hf_g2_tied() {
+    check_case(CASES[1], Pool::new);
+}
+
+#[test]
+fn hf_bf16_weights() {
+    check_case(CASES[2], Pool::new);
+}
+
+#[test]
+fn official_torch_zip() {
+    check_case(CASES[3], Pool::new);
+}
+
+/// The same bodies on the portable kernel, one thread: every backend the CPU build has.
+#[test]
+fn all_cases_portable_kernel() {
+    for case in CASES {
+        check_case(case, Pool::serial_portable);
+    }
+}
+
+/// Padded rows never win: the official case states vocab 250 over 256 rows.
+#[test]
+fn official_config_vocab_is_read() {
+    let m = Model::load(&data("mamba2_official")).unwrap();
+    assert_eq!(m.info.vocab_rows, 256);
+    assert_eq!(m.info.config_vocab, Some(250));
+    assert!(m.info.tied_embeddings);
+}
