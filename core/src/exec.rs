@@ -47,7 +47,16 @@ unsafe impl Sync for Shared<'_> {}
 
 impl<'a> Shared<'a> {
     pub fn new(buf: &'a mut [f32]) -> Self {
-        Shared { ptr: buf.as_mut_ptr(), len: buf.len(), _life: PhantomData }
+        Shared {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _life: PhantomData,
+        }
+    }
+
+    /// The start of the buffer, for kernels that take strided pointers.
+    pub fn ptr(&self) -> *mut f32 {
+        self.ptr
     }
 
     /// The elements `start..start+len`, clipped to the buffer.

@@ -2,7 +2,7 @@
 //!
 //! Per layer: `h = RMSNorm(x)`, `[z | xBC | dt] = h·W_inᵀ`, a causal depthwise conv + SiLU over
 //! `xBC = [x | B | C]`, `dt = softplus(dt + dt_bias)` clamped to the time-step limit, then the SSM
-//! `S ← exp(dt·A)·S + dt·x·Bᵀ`, `y = S·C + D·x` per head, `y ← GroupRMSNorm(y ⊙ silu(z))`, and
+//! `S ← exp(dt·A)·S + dt·x·Bᵀ`, `y = S·C + D·x` per head, `y ← GroupRMSNorm(y ⊙ fast_silu(z))`, and
 //! `x ← x + y·W_outᵀ`. The chunked form (SSD) computes the same `y` and final `S` block by block:
 //! within a block of `Q` tokens the output is a masked, decay-weighted attention `(C·Bᵀ ⊙ L)·x`,
 //! and the state enters and leaves each block once.
@@ -10,13 +10,13 @@
 //! Shapes: `d` = d_model, `di` = d_inner = H·P, `H` heads of `P` channels, `G` groups of `N` = d_state,
 //! `k` = conv width, `cd = di + 2GN`, `nin = 2di + 2GN + H`.
 //!
-//! State, per layer (f32): `conv (cd, k−1)` — the last k−1 conv inputs, oldest first — then
+//! State, per layer (f32): `conv (k−1, cd)` — the last k−1 conv inputs, oldest first — then
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
 use crate::error::{need, Error};
-use crate::exec::{Exec, Shared};
+use crate::exec::{Exec, Shared, Simd};
 use crate::model::{check_tokens, Recurrent};
-use crate::ops::{axpy, dot, exp, rmsnorm, rmsnorm_inplace, silu, softplus};
-use crate::weight::{matmul, Weight};
+use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
+use crate::weight::{gemm_nt, gemm_raw, matmul, Weight};
 
 /// Tokens per SSD block inside a chunk (the attention-like part is `Q × Q`).
 pub const SSD_BLOCK: usize = 64;
@@ -76,13 +76,15 @@ impl Config {
         if c.d_model == 0 || c.n_layer == 0 || c.d_state == 0 || c.head_dim == 0 || c.n_heads == 0 {
             return Err(Error::Config("mamba2: a dimension is zero"));
         }
-        if c.n_groups == 0 || c.n_heads % c.n_groups != 0 {
-            return Err(Error::Config("mamba2: n_heads must be a multiple of n_groups"));
+        if c.n_groups == 0 || !c.n_heads.is_multiple_of(c.n_groups) {
+            return Err(Error::Config(
+                "mamba2: n_heads must be a multiple of n_groups",
+            ));
         }
         if c.d_conv < 1 || c.d_conv > 16 {
             return Err(Error::Config("mamba2: conv width must be 1..=16"));
         }
-        if !(c.dt_min <= c.dt_max) {
+        if c.dt_min.partial_cmp(&c.dt_max).is_none_or(|o| o.is_gt()) {
             return Err(Error::Config("mamba2: time_step_limit is not an interval"));
         }
         Ok(())
@@ -134,7 +136,11 @@ pub struct Mamba2<'a> {
 
 fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(), Error> {
     if w.rows != rows || w.cols != cols {
-        return Err(Error::Shape { what, expected: rows * cols, got: w.rows * w.cols });
+        return Err(Error::Shape {
+            what,
+            expected: rows * cols,
+            got: w.rows * w.cols,
+        });
     }
     Ok(())
 }
@@ -158,10 +164,12 @@ struct Scratch<'s> {
     dt: &'s mut [f32],
     /// (t, di): SSM output
     y: &'s mut [f32],
-    /// (H, t): per-head inclusive cumulative log decay within each block
-    cum: &'s mut [f32],
     /// (G, ⌈t/Q⌉, Q, Q): C_i·B_j per group and block
     cb: &'s mut [f32],
+    /// (k, cd): the conv weight transposed
+    wt: &'s mut [f32],
+    /// (H, head_scratch): per-head SSD scratch
+    hs: &'s mut [f32],
 }
 
 impl<'a> Mamba2<'a> {
@@ -170,7 +178,11 @@ impl<'a> Mamba2<'a> {
         cfg.validate()?;
         let (d, di, h, cd) = (cfg.d_model, cfg.d_inner(), cfg.n_heads, cfg.conv_dim());
         if w.layers.len() != cfg.n_layer {
-            return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
+            return Err(Error::Shape {
+                what: "layers",
+                expected: cfg.n_layer,
+                got: w.layers.len(),
+            });
         }
         shape("embedding", &w.embed, cfg.vocab_rows, d)?;
         shape("lm_head", &w.head, cfg.vocab_rows, d)?;
@@ -188,7 +200,11 @@ impl<'a> Mamba2<'a> {
             shape("dt_bias", &l.dt_bias, 1, h)?;
             shape("A_log", &l.a_log, 1, h)?;
             if l.d.len() != h && l.d.len() != di {
-                return Err(Error::Shape { what: "D", expected: h, got: l.d.len() });
+                return Err(Error::Shape {
+                    what: "D",
+                    expected: h,
+                    got: l.d.len(),
+                });
             }
             shape("mixer.norm", &l.gate_norm, 1, di)?;
             shape("out_proj", &l.out_proj, d, di)?;
@@ -208,9 +224,19 @@ impl<'a> Mamba2<'a> {
         let (u, rest) = rest.split_at_mut(t * c.conv_dim());
         let (dt, rest) = rest.split_at_mut(t * c.n_heads);
         let (y, rest) = rest.split_at_mut(t * c.d_inner());
-        let (cum, rest) = rest.split_at_mut(c.n_heads * t);
-        let (cb, _) = rest.split_at_mut(c.n_groups * nb * SSD_BLOCK * SSD_BLOCK);
-        Ok(Scratch { h, zx, u, dt, y, cum, cb })
+        let (cb, rest) = rest.split_at_mut(c.n_groups * nb * SSD_BLOCK * SSD_BLOCK);
+        let (wt, rest) = rest.split_at_mut(c.d_conv * c.conv_dim());
+        let (hs, _) = rest.split_at_mut(c.n_heads * head_scratch(c));
+        Ok(Scratch {
+            h,
+            zx,
+            u,
+            dt,
+            y,
+            cb,
+            wt,
+            hs,
+        })
     }
 
     fn run(
@@ -275,7 +301,7 @@ impl<'a> Mamba2<'a> {
 
         // Causal depthwise conv over xBC, continuing from the k−1 inputs kept in the state.
         let u = &mut s.u[..t * cd];
-        self.conv(lw, t, zx, conv_state, u);
+        self.conv(lw, t, zx, conv_state, s.wt, u);
 
         // dt = clamp(softplus(dt_raw + dt_bias))
         let nh = c.n_heads;
@@ -291,14 +317,14 @@ impl<'a> Mamba2<'a> {
         let y = &mut s.y[..t * di];
         match scan {
             Scan::Recurrent => self.ssm_recurrent(ex, lw, t, u, dt, ssm_state, y),
-            Scan::Chunked => self.ssm_chunked(ex, lw, t, u, dt, ssm_state, y, s.cum, s.cb),
+            Scan::Chunked => self.ssm_chunked(ex, lw, t, u, dt, ssm_state, y, s.cb, s.hs),
         }
 
-        // y ← GroupRMSNorm(y ⊙ silu(z)), norm over groups of di/G channels.
+        // y ← GroupRMSNorm(y ⊙ fast_silu(z)), norm over groups of di/G channels.
         let gs = di / c.n_groups;
         for (yr, zr) in y.chunks_exact_mut(di).zip(zx.chunks_exact(nin)) {
             for (yv, zv) in yr.iter_mut().zip(&zr[..di]) {
-                *yv *= silu(*zv);
+                *yv *= fast_silu(*zv);
             }
             for (g, yg) in yr.chunks_exact_mut(gs).enumerate() {
                 rmsnorm_inplace(yg, &lw.gate_norm, g * gs, c.eps);
@@ -309,43 +335,70 @@ impl<'a> Mamba2<'a> {
         let o = &mut s.h[..t * d];
         matmul(ex, y, t, &lw.out_proj, o)?;
         for (xr, or) in x.chunks_exact_mut(d).zip(o.chunks_exact(d)) {
-            for (i, (xv, ov)) in xr.iter_mut().zip(or).enumerate() {
-                *xv += ov + lw.out_proj_bias.as_ref().map_or(0.0, |b| b.get(i));
+            axpy(xr, 1.0, or);
+            if let Some(b) = &lw.out_proj_bias {
+                xr.iter_mut().enumerate().for_each(|(i, v)| *v += b.get(i));
             }
         }
         Ok(())
     }
 
     /// `u[t, c] = silu(bias[c] + Σ_j w[c, j]·in[t − (k−1) + j])`, where `in` before the chunk comes
-    /// from the state; then the state keeps the last k−1 inputs.
-    fn conv(&self, lw: &Layer, t: usize, zx: &[f32], conv_state: &mut [f32], u: &mut [f32]) {
+    /// from the state (rows of cd channels, oldest first); then the state keeps the last k−1 inputs.
+    /// Token-major so every step is a contiguous axpy over channels.
+    fn conv(
+        &self,
+        lw: &Layer,
+        t: usize,
+        zx: &[f32],
+        conv_state: &mut [f32],
+        wt: &mut [f32],
+        u: &mut [f32],
+    ) {
         let c = &self.cfg;
         let (di, nin, cd, k) = (c.d_inner(), c.in_proj_rows(), c.conv_dim(), c.d_conv);
         let km = k - 1;
-        let mut w = [0f32; 16];
+        // wt (k, cd) = conv weightᵀ
         for ch in 0..cd {
-            let w = &mut w[..k.min(16)];
-            lw.conv_w.read(ch * k, w);
-            let bias = lw.conv_b.as_ref().map_or(0.0, |b| b.get(ch));
-            let hist = &mut conv_state[ch * km..(ch + 1) * km];
-            let input = |tau: isize| -> f32 {
-                if tau < 0 {
-                    hist[(km as isize + tau) as usize]
-                } else {
-                    zx[tau as usize * nin + di + ch]
-                }
-            };
-            for tt in 0..t {
-                let mut acc = bias;
-                for (j, wj) in w.iter().enumerate() {
-                    acc += wj * input(tt as isize - km as isize + j as isize);
-                }
-                u[tt * cd + ch] = silu(acc);
+            for j in 0..k {
+                wt[j * cd + ch] = lw.conv_w.get(ch * k + j);
             }
-            // New history: inputs t−(k−1) .. t−1; ascending j reads index t+j ≥ j before it is overwritten.
-            for j in 0..km {
-                let tau = t as isize - km as isize + j as isize;
-                hist[j] = if tau < 0 { hist[t + j] } else { zx[tau as usize * nin + di + ch] };
+        }
+        let input = |tau: isize, st: &[f32]| -> *const f32 {
+            if tau < 0 {
+                st[(km as isize + tau) as usize * cd..].as_ptr()
+            } else {
+                zx[tau as usize * nin + di..].as_ptr()
+            }
+        };
+        for tt in 0..t {
+            let out = &mut u[tt * cd..(tt + 1) * cd];
+            match &lw.conv_b {
+                Some(b) => b.read(0, out),
+                None => out.fill(0.0),
+            }
+            for j in 0..k {
+                // SAFETY: both sources hold cd channels from the returned pointer (slices above).
+                let src = unsafe {
+                    core::slice::from_raw_parts(
+                        input(tt as isize - km as isize + j as isize, conv_state),
+                        cd,
+                    )
+                };
+                for ((o, w), x) in out.iter_mut().zip(&wt[j * cd..(j + 1) * cd]).zip(src) {
+                    *o += w * x;
+                }
+            }
+            out.iter_mut().for_each(|v| *v = fast_silu(*v));
+        }
+        // New history: inputs t−(k−1) .. t−1; ascending j reads row t+j > j before it is overwritten.
+        for j in 0..km {
+            let tau = t as isize - km as isize + j as isize;
+            if tau < 0 {
+                conv_state.copy_within((t + j) * cd..(t + j + 1) * cd, j * cd);
+            } else {
+                let src = &zx[tau as usize * nin + di..tau as usize * nin + di + cd];
+                conv_state[j * cd..(j + 1) * cd].copy_from_slice(src);
             }
         }
     }
@@ -358,7 +411,11 @@ impl<'a> Mamba2<'a> {
         let g = hh / (c.n_heads / c.n_groups);
         let row = &u[tt * cd..(tt + 1) * cd];
         let gn = c.n_groups * n;
-        (&row[hh * p..(hh + 1) * p], &row[di + g * n..di + (g + 1) * n], &row[di + gn + g * n..di + gn + (g + 1) * n])
+        (
+            &row[hh * p..(hh + 1) * p],
+            &row[di + g * n..di + (g + 1) * n],
+            &row[di + gn + g * n..di + gn + (g + 1) * n],
+        )
     }
 
     fn d_skip(&self, lw: &Layer, hh: usize, pp: usize) -> f32 {
@@ -371,7 +428,16 @@ impl<'a> Mamba2<'a> {
 
     /// The literal recurrence, token after token: `S ← exp(dt·A)·S + dt·x·Bᵀ; y = S·C + D·x`.
     #[allow(clippy::too_many_arguments)]
-    fn ssm_recurrent(&self, ex: &dyn Exec, lw: &Layer, t: usize, u: &[f32], dt: &[f32], ssm: &mut [f32], y: &mut [f32]) {
+    fn ssm_recurrent(
+        &self,
+        ex: &dyn Exec,
+        lw: &Layer,
+        t: usize,
+        u: &[f32],
+        dt: &[f32],
+        ssm: &mut [f32],
+        y: &mut [f32],
+    ) {
         let c = &self.cfg;
         let (p, n, nh, di) = (c.head_dim, c.d_state, c.n_heads, c.d_inner());
         let (ys, ss) = (Shared::new(y), Shared::new(ssm));
@@ -406,8 +472,8 @@ impl<'a> Mamba2<'a> {
         dt: &[f32],
         ssm: &mut [f32],
         y: &mut [f32],
-        cum: &mut [f32],
         cb: &mut [f32],
+        hs: &mut [f32],
     ) {
         let c = &self.cfg;
         let (p, n, nh, ng, di) = (c.head_dim, c.d_state, c.n_heads, c.n_groups, c.d_inner());
@@ -415,7 +481,9 @@ impl<'a> Mamba2<'a> {
         let nb = t.div_ceil(q);
         let hpg = nh / ng;
 
-        // C_i·B_j for j ≤ i, per (group, block): shared by the heads of a group.
+        let simd = ex.simd();
+        let (cd, gn) = (c.conv_dim(), ng * n);
+        // C_i·B_j per (group, block): shared by the heads of a group.
         let cbs = Shared::new(&mut cb[..ng * nb * q * q]);
         ex.for_each(ng * nb, &|task| {
             let (g, blk) = (task / nb, task % nb);
@@ -423,58 +491,163 @@ impl<'a> Mamba2<'a> {
             let len = q.min(t - t0);
             // SAFETY: each (group, block) task owns its Q×Q tile.
             let tile = unsafe { cbs.range(task * q * q, q * q) };
-            for i in 0..len {
-                let (_, _, ci) = self.xbc(u, t0 + i, g * hpg);
-                for j in 0..=i {
-                    let (_, bj, _) = self.xbc(u, t0 + j, g * hpg);
-                    tile[i * q + j] = dot(ci, bj);
-                }
-            }
+            let (cs, bs) = (&u[t0 * cd + di + gn + g * n..], &u[t0 * cd + di + g * n..]);
+            let _ = gemm_nt(simd, (len, len, n), cs, cd, bs, cd, tile, q, false);
         });
         let cb = &cb[..ng * nb * q * q];
 
-        let (ys, ss, cs) = (Shared::new(y), Shared::new(ssm), Shared::new(&mut cum[..nh * t]));
+        let (ys, ss, hss) = (
+            Shared::new(y),
+            Shared::new(ssm),
+            Shared::new(&mut hs[..nh * head_scratch(c)]),
+        );
         ex.for_each(nh, &|hh| {
-            // SAFETY: head hh owns its state, its cumsum row and its P columns of y.
+            // SAFETY: head hh owns its state, its scratch and its P columns of y.
             let s = unsafe { ss.range(hh * p * n, p * n) };
-            let cum = unsafe { cs.range(hh * t, t) };
-            let a = -exp(lw.a_log.get(hh));
-            let g = hh / hpg;
-            for blk in 0..nb {
-                let (t0, t1) = (blk * q, (blk * q + q).min(t));
-                let tile = &cb[(g * nb + blk) * q * q..][..q * q];
-                let mut acc = 0.0;
-                for tt in t0..t1 {
-                    acc += dt[tt * nh + hh] * a;
-                    cum[tt] = acc;
-                }
-                for tt in t0..t1 {
-                    let yr = unsafe { ys.range(tt * di + hh * p, p) };
-                    let (xt, _, ct) = self.xbc(u, tt, hh);
-                    // The state entering the block, decayed to tt and read by C_tt.
-                    let e = exp(cum[tt]);
-                    for (pp, sp) in s.chunks_exact(n).enumerate() {
-                        yr[pp] = e * dot(sp, ct) + self.d_skip(lw, hh, pp) * xt[pp];
-                    }
-                    for ss_ in t0..=tt {
-                        let m = tile[(tt - t0) * q + (ss_ - t0)] * exp(cum[tt] - cum[ss_]) * dt[ss_ * nh + hh];
-                        let (xs, _, _) = self.xbc(u, ss_, hh);
-                        axpy(yr, m, xs);
-                    }
-                }
-                let last = cum[t1 - 1];
-                let el = exp(last);
-                s.iter_mut().for_each(|v| *v *= el);
-                for ss_ in t0..t1 {
-                    let wgt = exp(last - cum[ss_]) * dt[ss_ * nh + hh];
-                    let (xs, bs, _) = self.xbc(u, ss_, hh);
-                    for (sp, xv) in s.chunks_exact_mut(n).zip(xs) {
-                        axpy(sp, wgt * xv, bs);
-                    }
-                }
+            let hs = unsafe { hss.range(hh * head_scratch(c), head_scratch(c)) };
+            let cb = &cb[(hh / hpg) * nb * q * q..];
+            #[cfg(target_arch = "x86_64")]
+            if simd == Simd::Avx2 {
+                // SAFETY: the host reported AVX2 and FMA at run time.
+                unsafe { self.ssd_head_avx2(simd, lw, hh, t, u, dt, s, cb, hs, &ys) };
+                return;
             }
+            self.ssd_head(simd, lw, hh, t, u, dt, s, cb, hs, &ys);
         });
     }
+
+    /// [`Self::ssd_head`] compiled for AVX2 + FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn ssd_head_avx2(
+        &self,
+        simd: Simd,
+        lw: &Layer,
+        hh: usize,
+        t: usize,
+        u: &[f32],
+        dt: &[f32],
+        s: &mut [f32],
+        cb: &[f32],
+        hs: &mut [f32],
+        ys: &Shared,
+    ) {
+        self.ssd_head(simd, lw, hh, t, u, dt, s, cb, hs, ys)
+    }
+
+    /// One head of the SSD over `t` tokens, block by block. `cb` holds this head's group's
+    /// `(⌈t/Q⌉, Q, Q)` tiles of C·Bᵀ; `hs` is the head's scratch (see [`head_scratch`]).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn ssd_head(
+        &self,
+        simd: Simd,
+        lw: &Layer,
+        hh: usize,
+        t: usize,
+        u: &[f32],
+        dt: &[f32],
+        s: &mut [f32],
+        cb: &[f32],
+        hs: &mut [f32],
+        ys: &Shared,
+    ) {
+        let c = &self.cfg;
+        let (p, n, nh, di, cd) = (c.head_dim, c.d_state, c.n_heads, c.d_inner(), c.conv_dim());
+        let q = SSD_BLOCK;
+        let g = hh / (nh / c.n_groups);
+        let (xo, bo, co) = (hh * p, di + g * n, di + (c.n_groups + g) * n);
+        let (mm, rest) = hs.split_at_mut(q * q);
+        let (xt, wbt) = rest.split_at_mut(p * q);
+        let a = -exp(lw.a_log.get(hh));
+        for (blk, t0) in (0..t).step_by(q).enumerate() {
+            let len = q.min(t - t0);
+            let tile = &cb[blk * q * q..(blk + 1) * q * q];
+            // dt and the inclusive cumulative log decay of this head over the block.
+            let (mut dth, mut cum) = ([0f32; SSD_BLOCK], [0f32; SSD_BLOCK]);
+            let mut acc = 0.0;
+            for i in 0..len {
+                dth[i] = dt[(t0 + i) * nh + hh];
+                acc += dth[i] * a;
+                cum[i] = acc;
+            }
+            let ub = &u[t0 * cd..];
+            // SAFETY: head hh alone writes columns hh·P..(hh+1)·P of rows t0.. of y.
+            let yp = unsafe { ys.ptr().add(t0 * di + hh * p) };
+            // The state entering the block, read by each C and decayed to its token: y = e·(C·Sᵀ) + D·x.
+            unsafe {
+                gemm_raw(
+                    simd,
+                    len,
+                    p,
+                    n,
+                    ub[co..].as_ptr(),
+                    cd,
+                    s.as_ptr(),
+                    n,
+                    yp,
+                    di,
+                    false,
+                )
+            };
+            for i in 0..len {
+                let yr = unsafe { ys.range((t0 + i) * di + hh * p, p) };
+                let e = fast_exp(cum[i]);
+                let xr = &ub[i * cd + xo..i * cd + xo + p];
+                for (pp, (yv, xv)) in yr.iter_mut().zip(xr).enumerate() {
+                    *yv = *yv * e + self.d_skip(lw, hh, pp) * xv;
+                }
+            }
+            // Within the block: y += M·x with M_ij = C_i·B_j · exp(cum_i − cum_j) · dt_j (j ≤ i).
+            for i in 0..len {
+                let row = &mut mm[i * q..i * q + len];
+                for (j, mv) in row.iter_mut().enumerate() {
+                    *mv = if j <= i {
+                        tile[i * q + j] * fast_exp(cum[i] - cum[j]) * dth[j]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            for j in 0..len {
+                for pp in 0..p {
+                    xt[pp * q + j] = ub[j * cd + xo + pp];
+                }
+            }
+            unsafe {
+                gemm_raw(
+                    simd,
+                    len,
+                    p,
+                    len,
+                    mm.as_ptr(),
+                    q,
+                    xt.as_ptr(),
+                    q,
+                    yp,
+                    di,
+                    true,
+                )
+            };
+            // S ← exp(cum_last)·S + Σ_j exp(cum_last − cum_j)·dt_j·x_j·B_jᵀ  (= Xᵀ·(w∘B)).
+            let last = cum[len - 1];
+            for j in 0..len {
+                let w = fast_exp(last - cum[j]) * dth[j];
+                for nn in 0..n {
+                    wbt[nn * q + j] = w * ub[j * cd + bo + nn];
+                }
+            }
+            let el = fast_exp(last);
+            s.iter_mut().for_each(|v| *v *= el);
+            let _ = gemm_nt(simd, (p, n, len), xt, q, &wbt[..], q, s, n, true);
+        }
+    }
+}
+
+/// Per-head SSD scratch: M `(Q, Q)`, Xᵀ `(P, Q)`, (w∘B)ᵀ `(N, Q)`.
+fn head_scratch(c: &Config) -> usize {
+    SSD_BLOCK * (SSD_BLOCK + c.head_dim + c.d_state)
 }
 
 impl Recurrent for Mamba2<'_> {
@@ -491,8 +664,9 @@ impl Recurrent for Mamba2<'_> {
         let c = &self.cfg;
         let t = chunk;
         t * (c.d_model.max(c.d_inner()) + c.in_proj_rows() + c.conv_dim() + c.n_heads + c.d_inner())
-            + c.n_heads * t
             + c.n_groups * t.div_ceil(SSD_BLOCK) * SSD_BLOCK * SSD_BLOCK
+            + c.d_conv * c.conv_dim()
+            + c.n_heads * head_scratch(c)
     }
     fn forward(
         &self,

@@ -65,7 +65,11 @@ impl<'a> Weight<'a> {
     pub fn new(data: Data<'a>, rows: usize, cols: usize) -> Result<Self, Error> {
         let w = Weight { data, rows, cols };
         if w.len() != rows * cols {
-            return Err(Error::Shape { what: "weight", expected: rows * cols, got: w.len() });
+            return Err(Error::Shape {
+                what: "weight",
+                expected: rows * cols,
+                got: w.len(),
+            });
         }
         Ok(w)
     }
@@ -101,6 +105,16 @@ impl<'a> Weight<'a> {
         })
     }
 
+    /// `x[i] *= s · w[offset + i]` (one dtype dispatch for the whole slice, so it vectorises).
+    #[inline]
+    pub fn scale_into(&self, offset: usize, s: f32, x: &mut [f32]) {
+        with_slice!(self.data, w => {
+            for (v, wv) in x.iter_mut().zip(w.iter().skip(offset)) {
+                *v *= s * wv.f32();
+            }
+        })
+    }
+
     /// Row `r` as f32 into `out` (cols).
     pub fn row(&self, r: usize, out: &mut [f32]) {
         let n = self.cols.min(out.len());
@@ -109,19 +123,33 @@ impl<'a> Weight<'a> {
 }
 
 /// `out (t, w.rows) = x (t, w.cols) · wᵀ`, split over the executor by blocks of output rows.
-pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -> Result<(), Error> {
+pub fn matmul(
+    ex: &dyn Exec,
+    x: &[f32],
+    t: usize,
+    w: &Weight,
+    out: &mut [f32],
+) -> Result<(), Error> {
     let (rows, k) = (w.rows, w.cols);
     crate::error::need("matmul input", x.len(), t * k)?;
     crate::error::need("matmul output", out.len(), t * rows)?;
+    crate::error::need("matmul weight", w.len(), rows * k)?;
     let work = t * rows * k;
-    let tasks = if work < 1 << 16 { 1 } else { (ex.threads() * 4).min(rows.div_ceil(16)).max(1) };
+    let tasks = if work < 1 << 16 {
+        1
+    } else {
+        (ex.threads() * 4).min(rows.div_ceil(16)).max(1)
+    };
     let per = rows.div_ceil(tasks).next_multiple_of(4);
     let simd = ex.simd();
     let shared = Shared::new(&mut out[..t * rows]);
     let task = |i: usize| {
         let (o0, o1) = (i * per, ((i + 1) * per).min(rows));
         if o0 < o1 {
-            with_slice!(w.data, s => block(simd, x, t, k, s, o0, o1, &shared, rows));
+            // SAFETY: sizes checked above; each task writes only columns o0..o1 of the output.
+            with_slice!(w.data, s => unsafe {
+                gemm_raw(simd, t, o1 - o0, k, x.as_ptr(), k, s.as_ptr().add(o0 * k), k, shared.ptr().add(o0), rows, false)
+            });
         }
     };
     if tasks == 1 {
@@ -132,31 +160,77 @@ pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -
     Ok(())
 }
 
-/// Output rows `o0..o1` of `out (nt, ld) = x (nt, k) · wᵀ`.
-fn block<E: Kernel>(
+/// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[j·ldb + l]` for `i < m, j < n, l < k`: the one product
+/// every family is built from (both operands contiguous along the reduction). `acc` adds to `c`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt<E: Kernel>(
     simd: Simd,
-    x: &[f32],
-    nt: usize,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    b: &[E],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) -> Result<(), Error> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    crate::error::need("gemm a", a.len(), (m - 1) * lda + k)?;
+    crate::error::need("gemm b", b.len(), (n - 1) * ldb + k)?;
+    crate::error::need("gemm c", c.len(), (m - 1) * ldc + n)?;
+    // SAFETY: every index the kernel touches is within the lengths checked above.
+    unsafe {
+        gemm_raw(
+            simd,
+            m,
+            n,
+            k,
+            a.as_ptr(),
+            lda,
+            b.as_ptr(),
+            ldb,
+            c.as_mut_ptr(),
+            ldc,
+            acc,
+        )
+    };
+    Ok(())
+}
+
+/// [`gemm_nt`] on raw pointers, for outputs that parallel tasks share by disjoint columns.
+///
+/// # Safety
+/// `a`, `b` and `c` must be valid for the strided extents `gemm_nt` checks, and no other thread
+/// may touch the elements of `c` this call writes.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_raw<E: Kernel>(
+    simd: Simd,
+    m: usize,
+    n: usize,
     k: usize,
-    w: &[E],
-    o0: usize,
-    o1: usize,
-    out: &Shared,
-    ld: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const E,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx2 {
         // SAFETY: the host reported AVX2 + FMA + F16C at run time.
-        unsafe { avx2::block(x, nt, k, w, o0, o1, out, ld) };
+        avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc);
         return;
     }
     let _ = simd;
-    for t in 0..nt {
-        let xr = &x[t * k..(t + 1) * k];
-        // SAFETY: each task owns output rows o0..o1 of every token; ranges never overlap.
-        let orow = unsafe { out.range(t * ld + o0, o1 - o0) };
-        for (o, dst) in (o0..o1).zip(orow.iter_mut()) {
-            *dst = dot(xr, &w[o * k..(o + 1) * k]);
+    for i in 0..m {
+        let ar = core::slice::from_raw_parts(a.add(i * lda), k);
+        for j in 0..n {
+            let v = dot(ar, core::slice::from_raw_parts(b.add(j * ldb), k));
+            let dst = &mut *c.add(i * ldc + j);
+            *dst = if acc { *dst + v } else { v };
         }
     }
 }
@@ -191,7 +265,7 @@ pub use avx2::Kernel;
 mod avx2 {
     //! A register-tiled AVX2/FMA kernel: 4 tokens × 2 weight rows per tile, 8 lanes, weights
     //! widened to f32 on load (bf16 by a shift, f16 by F16C).
-    use super::{Elem, Shared};
+    use super::Elem;
     use core::arch::x86_64::*;
     use half::{bf16, f16};
 
@@ -230,89 +304,93 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Rows of `a` per block: a block of `a` (64 × k f32) stays in L2 while every row of `b`
+    /// streams past it once, two rows at a time from L1.
+    const TB: usize = 64;
+
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn block<E: Kernel>(
-        x: &[f32],
-        nt: usize,
+    pub unsafe fn gemm<E: Kernel>(
+        m: usize,
+        n: usize,
         k: usize,
-        w: &[E],
-        o0: usize,
-        o1: usize,
-        out: &Shared,
-        ld: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const E,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
     ) {
-        let mut t = 0;
-        while t < nt {
-            match nt - t {
-                1 => rows::<1, E>(x, t, k, w, o0, o1, out, ld),
-                2 => rows::<2, E>(x, t, k, w, o0, o1, out, ld),
-                3 => rows::<3, E>(x, t, k, w, o0, o1, out, ld),
-                _ => rows::<4, E>(x, t, k, w, o0, o1, out, ld),
+        let mut i0 = 0;
+        while i0 < m {
+            let i1 = (i0 + TB).min(m);
+            let mut j = 0;
+            while j < n {
+                let two = j + 2 <= n;
+                let mut i = i0;
+                while i < i1 {
+                    let (ap, bp, cp) = (a.add(i * lda), b.add(j * ldb), c.add(i * ldc + j));
+                    let args = (ap, lda, bp, ldb, k, cp, ldc, acc);
+                    match ((i1 - i).min(4), two) {
+                        (4, true) => tile::<4, 2, E>(args),
+                        (3, true) => tile::<3, 2, E>(args),
+                        (2, true) => tile::<2, 2, E>(args),
+                        (1, true) => tile::<1, 2, E>(args),
+                        (4, false) => tile::<4, 1, E>(args),
+                        (3, false) => tile::<3, 1, E>(args),
+                        (2, false) => tile::<2, 1, E>(args),
+                        _ => tile::<1, 1, E>(args),
+                    }
+                    i += 4;
+                }
+                j += if two { 2 } else { 1 };
             }
-            t += 4;
+            i0 = i1;
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn rows<const MT: usize, E: Kernel>(
-        x: &[f32],
-        t: usize,
-        k: usize,
-        w: &[E],
-        o0: usize,
-        o1: usize,
-        out: &Shared,
-        ld: usize,
-    ) {
-        let mut o = o0;
-        while o + 2 <= o1 {
-            tile::<MT, 2, E>(x, t, k, w, o, out, ld);
-            o += 2;
-        }
-        if o < o1 {
-            tile::<MT, 1, E>(x, t, k, w, o, out, ld);
-        }
-    }
+    type TileArgs<E> = (
+        *const f32,
+        usize,
+        *const E,
+        usize,
+        usize,
+        *mut f32,
+        usize,
+        bool,
+    );
 
+    /// An `MT × NR` block of `c` from `MT` rows of `a` and `NR` rows of `b`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn tile<const MT: usize, const NR: usize, E: Kernel>(
-        x: &[f32],
-        t: usize,
-        k: usize,
-        w: &[E],
-        o: usize,
-        out: &Shared,
-        ld: usize,
+        (xp, lda, wp, ldb, k, cp, ldc, acc): TileArgs<E>,
     ) {
-        let xp = x.as_ptr().add(t * k);
-        let wp = w.as_ptr().add(o * k);
-        let mut acc = [[_mm256_setzero_ps(); NR]; MT];
+        let mut sums = [[_mm256_setzero_ps(); NR]; MT];
         let kv = k / 8 * 8;
-        let mut i = 0;
-        while i < kv {
+        let mut l = 0;
+        while l < kv {
             let mut wv = [_mm256_setzero_ps(); NR];
             for (r, v) in wv.iter_mut().enumerate() {
-                *v = E::load8(wp.add(r * k + i));
+                *v = E::load8(wp.add(r * ldb + l));
             }
-            for (a, row) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(xp.add(a * k + i));
-                for (r, c) in row.iter_mut().enumerate() {
-                    *c = _mm256_fmadd_ps(xv, wv[r], *c);
+            for (i, row) in sums.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(i * lda + l));
+                for (r, s) in row.iter_mut().enumerate() {
+                    *s = _mm256_fmadd_ps(xv, wv[r], *s);
                 }
             }
-            i += 8;
+            l += 8;
         }
-        for (a, row) in acc.iter().enumerate() {
-            for (r, c) in row.iter().enumerate() {
-                let mut s = hsum(*c);
+        for (i, row) in sums.iter().enumerate() {
+            for (r, v) in row.iter().enumerate() {
+                let mut s = hsum(*v);
                 for j in kv..k {
-                    s += *xp.add(a * k + j) * (*wp.add(r * k + j)).f32();
+                    s += *xp.add(i * lda + j) * (*wp.add(r * ldb + j)).f32();
                 }
-                // SAFETY: this task owns output rows o..o+NR for its tokens.
-                out.range((t + a) * ld + o + r, 1)[0] = s;
+                let dst = cp.add(i * ldc + r);
+                *dst = if acc { *dst + s } else { s };
             }
         }
     }

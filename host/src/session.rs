@@ -43,13 +43,23 @@ impl<'m> Session<'m> {
 
     /// Runs `tokens` chunk by chunk from the current state, handing each chunk's final-normed hidden
     /// rows `(t, d_model)` to `sink(offset in tokens, rows)`. A non-finite state is an error.
-    pub fn feed(&mut self, tokens: &[u32], sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
+    pub fn feed(
+        &mut self,
+        tokens: &[u32],
+        sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
         let net = self.model.net();
         let d = net.d_model();
         for (i, part) in tokens.chunks(self.chunk).enumerate() {
             let hidden = &mut self.hidden[..part.len() * d];
             if self.chunk == 1 {
-                net.step(&self.ex, part[0], &mut self.state, &mut self.scratch, hidden)?;
+                net.step(
+                    &self.ex,
+                    part[0],
+                    &mut self.state,
+                    &mut self.scratch,
+                    hidden,
+                )?;
             } else {
                 net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden)?;
             }

@@ -7,11 +7,18 @@ use stuffed::exec::Pool;
 use stuffed::model::Model;
 use stuffed::session::Session;
 
-const CASES: &[&str] = &["mamba2_hf_g1_untied", "mamba2_hf_g2_tied", "mamba2_hf_bf16", "mamba2_official"];
+const CASES: &[&str] = &[
+    "mamba2_hf_g1_untied",
+    "mamba2_hf_g2_tied",
+    "mamba2_hf_bf16",
+    "mamba2_official",
+];
 const REL: f32 = 1e-4;
 
 fn data(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(case)
 }
 
 struct Ref {
@@ -31,7 +38,14 @@ fn load_ref(case: &str) -> Ref {
     let f = |n: &str| ck.require(n).unwrap().as_f32().unwrap().to_vec();
     let conv = ck.require("conv_state").unwrap();
     Ref {
-        ids: ck.require("input_ids").unwrap().to_i64_vec().unwrap().iter().map(|&v| v as u32).collect(),
+        ids: ck
+            .require("input_ids")
+            .unwrap()
+            .to_i64_vec()
+            .unwrap()
+            .iter()
+            .map(|&v| v as u32)
+            .collect(),
         logits: f("logits"),
         stepwise: f("logits_stepwise"),
         split: f("logits_split"),
@@ -48,10 +62,16 @@ fn max_abs(v: &[f32]) -> f32 {
 /// max|a − b| / max|b|, asserting it is within `REL`.
 fn assert_close(what: &str, ours: &[f32], reference: &[f32]) -> f32 {
     assert_eq!(ours.len(), reference.len(), "{what}: length");
-    let err = ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = ours
+        .iter()
+        .zip(reference)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     let rel = err / max_abs(reference);
     println!("{what}: max abs err {err:.3e}, rel {rel:.3e}");
-    assert!(rel <= REL, "{what}: rel error {rel:.3e} > {REL:e} (abs {err:.3e})");
+    assert!(
+        rel <= REL,
+        "{what}: rel error {rel:.3e} > {REL:e} (abs {err:.3e})"
+    );
     rel
 }
 
@@ -80,7 +100,7 @@ fn run(m: &Model, pool: Pool, ids: &[u32], chunk: usize, splits: &[usize]) -> (V
     (logits, s.state)
 }
 
-/// Our state (per layer: conv (cd, k−1), ssm (H, P, N)) against the reference tensors.
+/// Our state (per layer: conv (k−1, cd), ssm (H, P, N)) against the reference tensors.
 fn check_state(case: &str, m: &Model, state: &[f32], r: &Ref) {
     let i = &m.info;
     let (l, k) = (i.n_layer, r.conv_k);
@@ -93,9 +113,8 @@ fn check_state(case: &str, m: &Model, state: &[f32], r: &Ref) {
         let st = &state[layer * per..(layer + 1) * per];
         conv.extend_from_slice(&st[..cd * (k - 1)]);
         ssm.extend_from_slice(&st[cd * (k - 1)..]);
-        for c in 0..cd {
-            let row = &r.conv[(layer * cd + c) * k..(layer * cd + c + 1) * k];
-            ref_conv.extend_from_slice(&row[1..]);
+        for j in 1..k {
+            ref_conv.extend((0..cd).map(|c| r.conv[(layer * cd + c) * k + j]));
         }
     }
     assert_close(&format!("{case} ssm state"), &ssm, &r.ssm);
@@ -106,7 +125,7 @@ fn check_case(case: &str, pool: fn() -> Pool) {
     let m = Model::load(&data(case)).unwrap();
     let r = load_ref(case);
     let t = r.ids.len();
-    assert!(t % 16 != 0, "T must not be a multiple of the chunk size");
+    assert!(!t.is_multiple_of(16), "T must not be a multiple of the chunk size");
     // Chunked: one call; many chunks with a partial last one; token by token.
     let (full, state) = run(&m, pool(), &r.ids, 256, &[]);
     assert_close(&format!("{case} chunked vs reference"), &full, &r.logits);
@@ -114,12 +133,24 @@ fn check_case(case: &str, pool: fn() -> Pool) {
     let (small, _) = run(&m, pool(), &r.ids, 16, &[]);
     assert_close(&format!("{case} chunk 16 vs reference"), &small, &r.logits);
     let (step, state) = run(&m, pool(), &r.ids, 1, &[]);
-    assert_close(&format!("{case} token-by-token vs reference stepwise"), &step, &r.stepwise);
-    assert_close(&format!("{case} token-by-token vs ours chunked"), &step, &full);
+    assert_close(
+        &format!("{case} token-by-token vs reference stepwise"),
+        &step,
+        &r.stepwise,
+    );
+    assert_close(
+        &format!("{case} token-by-token vs ours chunked"),
+        &step,
+        &full,
+    );
     check_state(case, &m, &state, &r);
     // Split with carried state: 40 tokens, then the rest.
     let (split, _) = run(&m, pool(), &r.ids, 256, &[40]);
-    assert_close(&format!("{case} split 40+21 vs reference"), &split, &r.split);
+    assert_close(
+        &format!("{case} split 40+21 vs reference"),
+        &split,
+        &r.split,
+    );
     let (odd, _) = run(&m, pool(), &r.ids, 7, &[1, 13]);
     assert_close(&format!("{case} splits 1+13+47, chunk 7"), &odd, &r.logits);
 }
@@ -159,4 +190,28 @@ fn official_config_vocab_is_read() {
     assert_eq!(m.info.vocab_rows, 256);
     assert_eq!(m.info.config_vocab, Some(250));
     assert!(m.info.tied_embeddings);
+}
+
+/// Many SSD blocks in one call (T = 300 > 64·4), several calls, and a partial last chunk all equal
+/// the token-by-token recurrence (which the references above pin down).
+#[test]
+fn long_sequence_chunked_equals_step() {
+    for case in ["mamba2_hf_g2_tied", "mamba2_hf_bf16"] {
+        let m = Model::load(&data(case)).unwrap();
+        let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 256).collect();
+        let (step, step_state) = run(&m, Pool::new(), &ids, 1, &[]);
+        for chunk in [300, 256, 100, 64, 33] {
+            let (chunked, state) = run(&m, Pool::new(), &ids, chunk, &[]);
+            assert_close(
+                &format!("{case} T=300 chunk {chunk} vs step"),
+                &chunked,
+                &step,
+            );
+            assert_close(
+                &format!("{case} T=300 chunk {chunk} state vs step"),
+                &state,
+                &step_state,
+            );
+        }
+    }
 }

@@ -34,9 +34,13 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
         i.vocab_rows,
         real_vocab(&m, &tok),
         tok.source,
-        i.config_vocab.map_or(String::new(), |v| format!("; config vocab_size {v}"))
+        i.config_vocab
+            .map_or(String::new(), |v| format!("; config vocab_size {v}"))
     );
-    println!("embeddings   {}", if i.tied_embeddings { "tied" } else { "untied" });
+    println!(
+        "embeddings   {}",
+        if i.tied_embeddings { "tied" } else { "untied" }
+    );
     Ok(())
 }
 
@@ -58,7 +62,12 @@ pub fn real_vocab(m: &Model, tok: &Tokenizer) -> usize {
     v
 }
 
-pub fn tokenize(model: Option<&Path>, tokenizer: Option<&Path>, text: Option<String>, file: Option<&Path>) -> Result<()> {
+pub fn tokenize(
+    model: Option<&Path>,
+    tokenizer: Option<&Path>,
+    text: Option<String>,
+    file: Option<&Path>,
+) -> Result<()> {
     let tok = Tokenizer::for_model(model.map(dir_of).as_deref(), tokenizer)?;
     let text = match (text, file) {
         (Some(t), _) => t,
@@ -84,12 +93,18 @@ pub fn read_ids(path: &Path) -> Result<Vec<u32>> {
         let ck = Checkpoint::open(path)?;
         ck.require("input_ids")?.to_i64_vec()?
     } else {
-        let text = String::from_utf8(bytes).map_err(|_| anyhow!("{}: ids file is not text", path.display()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| anyhow!("{}: ids file is not text", path.display()))?;
         text.split(|c: char| c.is_whitespace() || c == ',')
             .filter(|s| !s.is_empty())
             .enumerate()
             .map(|(i, s)| {
-                s.parse::<i64>().map_err(|_| anyhow!("{}: item {i} ('{s}') is not an integer token id", path.display()))
+                s.parse::<i64>().map_err(|_| {
+                    anyhow!(
+                        "{}: item {i} ('{s}') is not an integer token id",
+                        path.display()
+                    )
+                })
             })
             .collect::<Result<_>>()?
     };
@@ -98,7 +113,14 @@ pub fn read_ids(path: &Path) -> Result<Vec<u32>> {
     }
     raw.iter()
         .enumerate()
-        .map(|(i, &v)| u32::try_from(v).map_err(|_| anyhow!("{}: token id {v} at position {i} is negative or too large", path.display())))
+        .map(|(i, &v)| {
+            u32::try_from(v).map_err(|_| {
+                anyhow!(
+                    "{}: token id {v} at position {i} is negative or too large",
+                    path.display()
+                )
+            })
+        })
         .collect()
 }
 
@@ -125,7 +147,13 @@ pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize) -> Result
     })?;
     let secs = t0.elapsed().as_secs_f64();
     write_f32(out, "logits", &[ids.len(), v], &all)?;
-    eprintln!("{} tokens in {:.3} s ({:.0} tok/s), chunk {}", ids.len(), secs, ids.len() as f64 / secs, s.chunk);
+    eprintln!(
+        "{} tokens in {:.3} s ({:.0} tok/s), chunk {}",
+        ids.len(),
+        secs,
+        ids.len() as f64 / secs,
+        s.chunk
+    );
     Ok(())
 }
 
@@ -134,10 +162,16 @@ pub fn write_f32(path: &Path, name: &str, shape: &[usize], data: &[f32]) -> Resu
     let bytes: &[u8] = bytemuck::cast_slice(data);
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes)
         .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
-    safetensors::serialize_to_file([(name, view)], None, path).with_context(|| format!("{}: cannot write", path.display()))
+    safetensors::serialize_to_file([(name, view)], None, path)
+        .with_context(|| format!("{}: cannot write", path.display()))
 }
 
-pub fn generate(model: &Path, prompt: &str, max_new: usize, tokenizer: Option<&Path>) -> Result<()> {
+pub fn generate(
+    model: &Path,
+    prompt: &str,
+    max_new: usize,
+    tokenizer: Option<&Path>,
+) -> Result<()> {
     let m = Model::load(model)?;
     let tok = Tokenizer::for_model(Some(&dir_of(model)), tokenizer)?;
     let ids = tok.encode(prompt)?;

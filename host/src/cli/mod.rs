@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "stuffed", version, about = "Stream millions of tokens through recurrent LMs and measure how their state fails")]
+#[command(
+    name = "stuffed",
+    version,
+    about = "Stream millions of tokens through recurrent LMs and measure how their state fails"
+)]
 pub struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
@@ -78,14 +82,36 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::exec::Pool::init_threads(cli.threads);
     match cli.cmd {
         Cmd::Info { model, json } => basic::info(&model, json),
-        Cmd::Tokenize { model, tokenizer, text, file } => {
-            basic::tokenize(model.as_deref(), tokenizer.as_deref(), text, file.as_deref())
-        }
-        Cmd::Logits { model, ids, out, chunk } => basic::logits(&model, &ids, &out, chunk),
-        Cmd::Generate { model, prompt, max_new, tokenizer } => {
-            basic::generate(&model, &prompt, max_new, tokenizer.as_deref())
-        }
-        Cmd::Synth { family, preset, dtype, seed, out } => match family.as_str() {
+        Cmd::Tokenize {
+            model,
+            tokenizer,
+            text,
+            file,
+        } => basic::tokenize(
+            model.as_deref(),
+            tokenizer.as_deref(),
+            text,
+            file.as_deref(),
+        ),
+        Cmd::Logits {
+            model,
+            ids,
+            out,
+            chunk,
+        } => basic::logits(&model, &ids, &out, chunk),
+        Cmd::Generate {
+            model,
+            prompt,
+            max_new,
+            tokenizer,
+        } => basic::generate(&model, &prompt, max_new, tokenizer.as_deref()),
+        Cmd::Synth {
+            family,
+            preset,
+            dtype,
+            seed,
+            out,
+        } => match family.as_str() {
             "mamba2" => crate::synth::mamba2(&preset, &dtype, seed, &out),
             other => anyhow::bail!("synth: unknown family '{other}' (supported: mamba2)"),
         },

@@ -1,0 +1,165 @@
+//! The binary as a user runs it: exit codes, one-line errors, outputs on disk.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn data(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data")
+        .join(p)
+}
+
+fn stuffed(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_stuffed"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn bad_inputs_exit_nonzero_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(&ids, "1 2 999").unwrap();
+    let model = data("mamba2_hf_g1_untied");
+    let out = dir.path().join("o.safetensors");
+    let cases: Vec<Vec<String>> = vec![
+        vec!["info".into(), "--model".into(), "/nonexistent".into()],
+        vec![
+            "logits".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--ids".into(),
+            ids.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ],
+        vec![
+            "tokenize".into(),
+            "--file".into(),
+            "/nonexistent.txt".into(),
+        ],
+        vec![
+            "synth".into(),
+            "--preset".into(),
+            "9b".into(),
+            "--out".into(),
+            dir.path().display().to_string(),
+        ],
+    ];
+    for args in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = stuffed(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("stuffed: error: "), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn logits_tokenize_info_synth_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = stuffed(&["tokenize", "--text", "The pass key is 71432."]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "510 1509 2234 310 818 1047 1237 15");
+    let (code, out, err) = stuffed(&["info", "--model", data("mamba2_official").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("N_S = 5056"), "{out}");
+    let syn = dir.path().join("tiny");
+    let (code, _, err) = stuffed(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--dtype",
+        "bf16",
+        "--seed",
+        "3",
+        "--out",
+        syn.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(
+        &ids,
+        (0..70)
+            .map(|i| (i * 37 % 50277).to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .unwrap();
+    let out1 = dir.path().join("a.safetensors");
+    let out2 = dir.path().join("b.safetensors");
+    for (chunk, out) in [("256", &out1), ("1", &out2)] {
+        let (code, _, err) = stuffed(&[
+            "logits",
+            "--model",
+            syn.to_str().unwrap(),
+            "--ids",
+            ids.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--chunk",
+            chunk,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let read = |p: &PathBuf| {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("logits").unwrap();
+        assert_eq!(t.shape(), [70, 50288]);
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect::<Vec<f32>>()
+    };
+    let (a, b) = (read(&out1), read(&out2));
+    let max = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        max > 0.0 && err / max < 1e-4,
+        "chunked vs step rel {}",
+        err / max
+    );
+    let (code, out, err) = stuffed(&[
+        "generate",
+        "--model",
+        syn.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-new",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.is_empty());
+}
+
+/// The presets carry the published shapes: parameter counts by formula (FORMATS.md §6).
+#[test]
+fn synth_presets_have_published_sizes() {
+    let want = [
+        ("130m", 128_989_632usize),
+        ("370m", 368_346_624),
+        ("780m", 780_161_280),
+        ("1.3b", 1_343_757_312),
+        ("2.7b", 2_702_599_680),
+    ];
+    for (name, params) in want {
+        let &(_, d, l, n, p) = stuffed::synth::MAMBA2_PRESETS
+            .iter()
+            .find(|x| x.0 == name)
+            .unwrap();
+        let (di, k) = (2 * d, 4);
+        let (h, cd) = (di / p, di + 2 * n);
+        let layer = d + (2 * di + 2 * n + h) * d + cd * k + cd + 3 * h + di + d * di;
+        assert_eq!(50288 * d + l * layer + d, params, "{name}");
+    }
+}

@@ -1,0 +1,259 @@
+//! Bad input gets one clear error naming the file or tensor and the problem — never a panic.
+use std::path::{Path, PathBuf};
+use stuffed::checkpoint::Checkpoint;
+use stuffed::cli::{run, Cli};
+use stuffed::model::Model;
+
+fn tiny() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mamba2_hf_g1_untied")
+}
+
+/// A copy of the tiny model in a temp dir, for mutation.
+fn copy_tiny() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny().join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+fn load_err(path: &Path) -> String {
+    match Model::load(path) {
+        Ok(_) => panic!("{} loaded but should not", path.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn assert_mentions(err: &str, needles: &[&str]) {
+    assert!(!err.contains('\n'), "error spans lines: {err}");
+    for n in needles {
+        assert!(err.contains(n), "error {err:?} does not mention {n:?}");
+    }
+}
+
+/// Re-serialises the tiny model's f32 tensors through `edit` (return false to drop a tensor).
+fn rewrite(dir: &Path, edit: impl Fn(&str, &mut Vec<f32>, &mut Vec<usize>) -> bool) {
+    let ck = Checkpoint::open(&tiny().join("model.safetensors")).unwrap();
+    let mut kept = Vec::new();
+    for name in ck.names() {
+        let v = ck.require(name).unwrap();
+        let (mut data, mut shape) = (v.as_f32().unwrap().to_vec(), v.shape.to_vec());
+        if edit(name, &mut data, &mut shape) {
+            let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            kept.push((name.to_string(), shape, bytes));
+        }
+    }
+    let views: Vec<_> = kept
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn missing_file() {
+    let err = load_err(Path::new("/nonexistent/model-dir"));
+    assert_mentions(&err, &["/nonexistent/model-dir"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = copy_tiny();
+    let f = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    assert_mentions(&load_err(dir.path()), &["model.safetensors"]);
+    std::fs::write(&f, &bytes[..5]).unwrap();
+    assert_mentions(&load_err(dir.path()), &["model.safetensors"]);
+}
+
+#[test]
+fn corrupt_safetensors_header() {
+    let dir = copy_tiny();
+    let f = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[8..24].copy_from_slice(b"this is not json");
+    std::fs::write(&f, &bytes).unwrap();
+    assert_mentions(&load_err(dir.path()), &["model.safetensors"]);
+    // A header length pointing past the end.
+    bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&f, &bytes).unwrap();
+    assert_mentions(&load_err(dir.path()), &["model.safetensors"]);
+}
+
+#[test]
+fn truncated_and_corrupt_torch_zip() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mamba2_official");
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("pytorch_model.bin")).unwrap();
+    let f = dir.path().join("pytorch_model.bin");
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    assert_mentions(&load_err(dir.path()), &["pytorch_model.bin"]);
+    let mut bad = bytes.clone();
+    let n = bad.len();
+    bad[n - 22..n - 10].fill(0xff); // end-of-central-directory record
+    std::fs::write(&f, &bad).unwrap();
+    assert_mentions(&load_err(dir.path()), &["pytorch_model.bin"]);
+}
+
+#[test]
+fn unknown_architecture_and_mamba1() {
+    let dir = copy_tiny();
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("\"mamba2\"", "\"llama\"")).unwrap();
+    assert_mentions(
+        &load_err(dir.path()),
+        &["config.json", "unknown architecture", "llama"],
+    );
+    std::fs::write(&cfg, text.replace("\"mamba2\"", "\"mamba\"")).unwrap();
+    assert_mentions(&load_err(dir.path()), &["config.json", "Mamba-1"]);
+    std::fs::write(&cfg, "{ not json").unwrap();
+    assert_mentions(&load_err(dir.path()), &["config.json", "invalid JSON"]);
+    std::fs::remove_file(&cfg).unwrap();
+    assert_mentions(&load_err(dir.path()), &["config.json", "missing"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = copy_tiny();
+    rewrite(dir.path(), |name, _, _| {
+        name != "backbone.layers.1.mixer.dt_bias"
+    });
+    let dir_name = dir.path().display().to_string();
+    assert_mentions(
+        &load_err(dir.path()),
+        &[&dir_name, "missing tensor backbone.layers.1.mixer.dt_bias"],
+    );
+}
+
+#[test]
+fn shape_mismatch() {
+    let dir = copy_tiny();
+    rewrite(dir.path(), |name, data, shape| {
+        if name == "backbone.layers.0.mixer.out_proj.weight" {
+            data.truncate(64 * 100);
+            *shape = vec![64, 100];
+        }
+        true
+    });
+    assert_mentions(
+        &load_err(dir.path()),
+        &["model.safetensors", "out_proj.weight", "[64, 100]"],
+    );
+    // A config that disagrees with the weights.
+    let dir = copy_tiny();
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"state_size\": 16", "\"state_size\": 32"),
+    )
+    .unwrap();
+    assert_mentions(&load_err(dir.path()), &["in_proj.weight"]);
+}
+
+#[test]
+fn wrong_dtype_tensor() {
+    let dir = copy_tiny();
+    let ck = Checkpoint::open(&tiny().join("model.safetensors")).unwrap();
+    let mut kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for name in ck.names() {
+        let v = ck.require(name).unwrap();
+        let dt = if name == "backbone.norm_f.weight" {
+            safetensors::Dtype::I32
+        } else {
+            safetensors::Dtype::F32
+        };
+        kept.push((name.to_string(), dt, v.shape.to_vec(), v.bytes.to_vec()));
+    }
+    let views: Vec<_> = kept
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    assert_mentions(&load_err(dir.path()), &["backbone.norm_f.weight", "I32"]);
+}
+
+fn cli(args: &[&str]) -> anyhow::Result<()> {
+    use clap::Parser;
+    run(Cli::try_parse_from(
+        std::iter::once("stuffed").chain(args.iter().copied()),
+    )?)
+}
+
+#[test]
+fn token_id_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(&ids, "1, 2, 3\n256 4").unwrap();
+    let out = dir.path().join("o.safetensors");
+    let model = tiny();
+    let err = format!(
+        "{:#}",
+        cli(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            ids.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap()
+        ])
+        .unwrap_err()
+    );
+    assert_mentions(&err, &["ids.txt", "token id 256", "position 3", "256 rows"]);
+    assert!(!out.exists(), "no output may be written for bad input");
+    std::fs::write(&ids, "1 two 3").unwrap();
+    let err = format!(
+        "{:#}",
+        cli(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            ids.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap()
+        ])
+        .unwrap_err()
+    );
+    assert_mentions(&err, &["ids.txt", "'two'"]);
+}
+
+#[test]
+fn missing_text_file() {
+    let err = format!(
+        "{:#}",
+        cli(&["tokenize", "--file", "/nonexistent/text.txt"]).unwrap_err()
+    );
+    assert_mentions(&err, &["/nonexistent/text.txt", "cannot read"]);
+}
+
+/// A NaN in the weights reaches the state: the run stops with a clear error, not garbage.
+#[test]
+fn nan_in_state_is_an_error() {
+    let dir = copy_tiny();
+    rewrite(dir.path(), |name, data, _| {
+        if name == "backbone.layers.0.mixer.in_proj.weight" {
+            data[200 * 64] = f32::NAN; // a row of xBC
+        }
+        true
+    });
+    let m = Model::load(dir.path()).unwrap();
+    let mut s = stuffed::session::Session::new(&m, 16);
+    let err = format!("{:#}", s.feed(&[1, 2, 3], &mut |_, _| Ok(())).unwrap_err());
+    assert_mentions(&err, &["non-finite", "state", "token 3"]);
+}
