@@ -125,7 +125,10 @@ fn check_case(case: &str, pool: fn() -> Pool) {
     let m = Model::load(&data(case)).unwrap();
     let r = load_ref(case);
     let t = r.ids.len();
-    assert!(!t.is_multiple_of(16), "T must not be a multiple of the chunk size");
+    assert!(
+        !t.is_multiple_of(16),
+        "T must not be a multiple of the chunk size"
+    );
     // Chunked: one call; many chunks with a partial last one; token by token.
     let (full, state) = run(&m, pool(), &r.ids, 256, &[]);
     assert_close(&format!("{case} chunked vs reference"), &full, &r.logits);
