@@ -91,6 +91,48 @@ pub fn fast_silu(x: f32) -> f32 {
     x / (1.0 + fast_exp(-x))
 }
 
+/// `log Σ eˣ`, shifted by the max, with eight partial sums; compiled for AVX2 when `simd` says so.
+pub fn log_sum_exp(simd: crate::exec::Simd, x: &[f32]) -> f32 {
+    #[inline(always)]
+    fn body(x: &[f32]) -> f32 {
+        let mut mx = [f32::NEG_INFINITY; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                mx[l] = mx[l].max(c[l]);
+            }
+        }
+        let m = chunks
+            .remainder()
+            .iter()
+            .chain(&mx)
+            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        if !m.is_finite() {
+            return m;
+        }
+        let mut acc = [0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                acc[l] += fast_exp(c[l] - m);
+            }
+        }
+        let tail: f32 = chunks.remainder().iter().map(|&v| fast_exp(v - m)).sum();
+        m + libm::logf(acc.iter().sum::<f32>() + tail)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd == crate::exec::Simd::Avx2 {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32]) -> f32 {
+            body(x)
+        }
+        // SAFETY: the host reported AVX2 and FMA at run time.
+        return unsafe { avx2(x) };
+    }
+    let _ = simd;
+    body(x)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -5,8 +5,12 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod eval;
 pub mod exec;
 pub mod model;
+pub mod report;
+pub mod score;
 pub mod session;
 pub mod synth;
+pub mod text;
 pub mod tokenizer;

@@ -2,17 +2,17 @@
 use crate::checkpoint::{Checkpoint, DType, Format, TensorView};
 use crate::config::{self, Flavor};
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use stuffed_core::mamba2::{self, Mamba2};
 use stuffed_core::{Data, Recurrent, Weight};
 
 /// Facts about a loaded model, for `stuffed info` and every report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub path: PathBuf,
-    pub family: &'static str,
-    pub format: &'static str,
+    pub family: String,
+    pub format: String,
     pub d_model: usize,
     pub n_layer: usize,
     pub n_heads: usize,
@@ -21,7 +21,7 @@ pub struct ModelInfo {
     pub n_groups: usize,
     pub d_conv: usize,
     pub params: usize,
-    pub weight_dtype: &'static str,
+    pub weight_dtype: String,
     pub weight_bytes: usize,
     /// Recurrent state, f32, all layers.
     pub state_bytes: usize,
@@ -233,13 +233,14 @@ fn load_mamba2(
         .fold((0, 0), |(p, b), v| (p + v.numel(), b + v.bytes.len()));
     let info = ModelInfo {
         path: path.to_path_buf(),
-        family: "mamba2",
+        family: "mamba2".into(),
         format: match (ck.format(), mc.flavor) {
             (Format::Safetensors, Flavor::Hf) => "hf-safetensors",
             (Format::Safetensors, Flavor::Official) => "official-safetensors",
             (Format::TorchZip, Flavor::Hf) => "hf-torch-zip",
             (Format::TorchZip, Flavor::Official) => "official-torch-zip",
-        },
+        }
+        .into(),
         d_model: d,
         n_layer: c.n_layer,
         n_heads: h,
@@ -248,7 +249,7 @@ fn load_mamba2(
         n_groups: c.n_groups,
         d_conv: k,
         params,
-        weight_dtype: dtype_name(emb.dtype),
+        weight_dtype: dtype_name(emb.dtype).into(),
         weight_bytes: bytes,
         state_bytes: 4 * c.paper_state_size(),
         paper_state_size: c.paper_state_size(),

@@ -163,3 +163,48 @@ fn synth_presets_have_published_sizes() {
         assert_eq!(50288 * d + l * layer + d, params, "{name}");
     }
 }
+
+/// Peak memory does not grow with the stream's length: 20k and 200k tokens in child processes.
+#[test]
+fn ppl_peak_memory_is_constant() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("short.txt");
+    std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n".repeat(40)).unwrap();
+    let model = data("mamba2_neox_tiny");
+    let mut peaks = Vec::new();
+    for n in ["20000", "200000"] {
+        let out = dir.path().join(n);
+        let (code, _, err) = stuffed(&[
+            "ppl",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--repeat-to",
+            n,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let res: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            res["runs"][0]["tokens_fed"].as_u64().unwrap(),
+            n.parse::<u64>().unwrap()
+        );
+        peaks.push(res["peak_rss_bytes"].as_u64().unwrap());
+    }
+    println!(
+        "peak RSS: 20k tokens {} KiB, 200k tokens {} KiB",
+        peaks[0] / 1024,
+        peaks[1] / 1024
+    );
+    assert!(peaks[0] > 0);
+    assert!(
+        peaks[1] <= peaks[0] + (4 << 20),
+        "peak memory grew from {} to {} bytes",
+        peaks[0],
+        peaks[1]
+    );
+}

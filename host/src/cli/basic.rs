@@ -76,8 +76,26 @@ pub fn tokenize(
     };
     let ids = tok.encode(&text)?;
     let line: Vec<String> = ids.iter().map(u32::to_string).collect();
-    println!("{}", line.join(" "));
-    Ok(())
+    print_out(&line.join(" "), true)
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends the command quietly instead of panicking.
+pub fn print_out(text: &str, newline: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let r = out
+        .write_all(text.as_bytes())
+        .and_then(|_| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|_| out.flush());
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => Ok(r?),
+    }
 }
 
 /// A UTF-8 text file, or a one-line error naming it.
@@ -191,7 +209,6 @@ pub fn generate(
     let mut logits = vec![0f32; v];
     let mut out = Vec::new();
     let mut printed = 0;
-    let stdout = std::io::stdout();
     s.chunk = 1;
     for _ in 0..max_new {
         s.logits(&last, 1, &mut logits)?;
@@ -200,9 +217,7 @@ pub fn generate(
         // Print whole characters only: a token may end mid-way through a UTF-8 sequence.
         let text = tok.decode(&out)?;
         if !text.ends_with('\u{FFFD}') {
-            let mut lock = stdout.lock();
-            write!(lock, "{}", &text[printed.min(text.len())..])?;
-            lock.flush()?;
+            print_out(&text[printed.min(text.len())..], false)?;
             printed = text.len();
         }
         s.feed(&[next], &mut |_, h| {
@@ -210,6 +225,5 @@ pub fn generate(
             Ok(())
         })?;
     }
-    println!();
-    Ok(())
+    print_out("", true)
 }

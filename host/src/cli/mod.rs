@@ -1,5 +1,6 @@
 //! Command-line flags and the flow of each command.
-mod basic;
+pub mod basic;
+mod ppl;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -63,6 +64,8 @@ pub enum Cmd {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
+    /// Loss against position, streamed over millions of tokens in constant memory.
+    Ppl(ppl::PplArgs),
     /// Write an HF-format directory of seeded random (UNTRAINED) weights at a published shape.
     Synth {
         #[arg(long, default_value = "mamba2")]
@@ -105,6 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             max_new,
             tokenizer,
         } => basic::generate(&model, &prompt, max_new, tokenizer.as_deref()),
+        Cmd::Ppl(a) => ppl::run(a),
         Cmd::Synth {
             family,
             preset,

@@ -1,0 +1,124 @@
+//! `stuffed ppl` flags.
+use crate::eval::ppl::{self, Options};
+use crate::text::Input;
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct PplArgs {
+    /// Model directory; repeat to compare models on one plot.
+    #[arg(long)]
+    model: Vec<PathBuf>,
+    /// UTF-8 text file, one document each; repeat for several.
+    #[arg(long)]
+    text: Vec<PathBuf>,
+    /// SPEC.md's newlines prompt ("\n" × 300,000, tokenized).
+    #[arg(long)]
+    newlines: bool,
+    /// With --newlines: 300,000 copies of the single newline token instead.
+    #[arg(long, requires = "newlines")]
+    newline_token: bool,
+    /// Cut each document (or the concatenated stream) at N tokens.
+    #[arg(long)]
+    max_tokens: Option<u64>,
+    /// Stream all documents as one sequence (the paper's code) instead of each from the zero state.
+    #[arg(long)]
+    concat: bool,
+    /// Repeat each document (or the stream) up to N tokens.
+    #[arg(long)]
+    repeat_to: Option<u64>,
+    /// Width of the linear buckets, in tokens.
+    #[arg(long, default_value_t = 512)]
+    bucket: u64,
+    /// The model's training length: draws a line on the plot and gives the T_forget verdict.
+    #[arg(long)]
+    train_len: Option<u64>,
+    #[arg(long, default_value = "ppl-out")]
+    out: PathBuf,
+    /// Stream per-position NLL (raw little-endian f32, positions 1, 2, …) to this file or directory.
+    #[arg(long)]
+    nll_out: Option<PathBuf>,
+    /// Write a resumable checkpoint every N tokens.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Continue from the checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Stop (with a checkpoint) after N tokens, for batch jobs with time limits.
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Tokens per forward call (1 = token by token).
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Plot against log2(position), from the power-of-two buckets.
+    #[arg(long)]
+    log_x: bool,
+}
+
+pub fn run(a: PplArgs) -> Result<()> {
+    if a.model.is_empty() {
+        bail!("ppl: give --model DIR (repeat it to compare models)");
+    }
+    let mut inputs: Vec<Input> = a.text.iter().cloned().map(Input::File).collect();
+    if a.newlines {
+        inputs.push(Input::Newlines {
+            literal: a.newline_token,
+        });
+    }
+    if inputs.is_empty() {
+        bail!("ppl: give --text FILE (repeat for several) or --newlines");
+    }
+    for i in &inputs {
+        if let Input::File(p) = i {
+            if !p.is_file() {
+                bail!("{}: text file not found", p.display());
+            }
+        }
+    }
+    if a.bucket == 0 || a.chunk == 0 {
+        bail!("ppl: --bucket and --chunk must be positive");
+    }
+    let o = Options {
+        chunk: a.chunk,
+        bucket: a.bucket,
+        train_len: a.train_len,
+        max_tokens: a.max_tokens,
+        concat: a.concat,
+        repeat_to: a.repeat_to,
+        checkpoint_every: a.checkpoint_every,
+        stop_after: a.stop_after,
+        nll_out: a.nll_out,
+        tokenizer: a.tokenizer,
+        log_x: a.log_x,
+    };
+    let runs = ppl::run(&a.model, &inputs, &o, &a.out, a.resume)?;
+    for r in &runs {
+        println!(
+            "{}: {} tokens scored, mean NLL {:.4} (ppl {:.2}), {:.0} tok/s",
+            r.model.path.display(),
+            r.tokens_scored,
+            r.mean_nll,
+            r.ppl,
+            r.tokens_per_s
+        );
+        if let Some(v) = &r.t_forget {
+            let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.4}"));
+            println!(
+                "  T_forget (train len {}, buckets of {}): L_in {}, L_out {} → {} ({})",
+                v.train_len,
+                v.bucket_width,
+                f(v.l_in),
+                f(v.l_out),
+                v.verdict,
+                v.note
+            );
+        }
+    }
+    if runs.len() == a.model.len() {
+        println!("wrote {}/results.json, loss.csv, loss.svg", a.out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,2 @@
+//! The evaluators: each is the same streamed forward with a different reduction.
+pub mod ppl;

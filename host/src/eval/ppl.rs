@@ -1,0 +1,763 @@
+//! Loss against position (SPEC.md §2.1): teacher-forced NLL of every token, the state carried across
+//! the whole stream, reduced into buckets of positions as it goes — nothing per position is kept.
+//!
+//! Tokens go through the model in chunks aligned to multiples of `chunk` from each document's start,
+//! so a resumed run splits the stream exactly as an uninterrupted one and gives identical numbers.
+use crate::checkpoint::Checkpoint;
+use crate::cli::basic::{dir_of, real_vocab};
+use crate::model::{Model, ModelInfo};
+use crate::report::{peak_rss_bytes, write_atomic, Progress};
+use crate::score::NllHead;
+use crate::session::Session;
+use crate::text::{Input, TokenStream};
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::io::{BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Options {
+    pub chunk: usize,
+    pub bucket: u64,
+    pub train_len: Option<u64>,
+    pub max_tokens: Option<u64>,
+    pub concat: bool,
+    pub repeat_to: Option<u64>,
+    pub checkpoint_every: Option<u64>,
+    pub stop_after: Option<u64>,
+    pub nll_out: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub log_x: bool,
+}
+
+/// Running NLL sums over buckets of positions: linear (`width` > 0) or powers of two (`width` = 0).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Buckets {
+    pub width: u64,
+    sum: Vec<f64>,
+    sq: Vec<f64>,
+    count: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BucketRow {
+    pub start: u64,
+    pub end: u64,
+    pub count: u64,
+    pub mean_nll: f64,
+    pub ppl: f64,
+    pub stderr: f64,
+}
+
+impl Buckets {
+    pub fn new(width: u64) -> Buckets {
+        Buckets {
+            width,
+            sum: Vec::new(),
+            sq: Vec::new(),
+            count: Vec::new(),
+        }
+    }
+
+    fn index(&self, pos: u64) -> usize {
+        match pos.checked_div(self.width) {
+            Some(i) => i as usize,
+            None => 63 - pos.max(1).leading_zeros() as usize,
+        }
+    }
+
+    /// `[start, end)` of bucket `i`.
+    pub fn bounds(&self, i: usize) -> (u64, u64) {
+        if self.width > 0 {
+            (i as u64 * self.width, (i as u64 + 1) * self.width)
+        } else {
+            (1 << i, 1 << (i + 1))
+        }
+    }
+
+    pub fn add(&mut self, pos: u64, nll: f32) {
+        let i = self.index(pos);
+        if i >= self.count.len() {
+            self.sum.resize(i + 1, 0.0);
+            self.sq.resize(i + 1, 0.0);
+            self.count.resize(i + 1, 0);
+        }
+        let v = nll as f64;
+        self.sum[i] += v;
+        self.sq[i] += v * v;
+        self.count[i] += 1;
+    }
+
+    pub fn rows(&self) -> Vec<BucketRow> {
+        (0..self.count.len())
+            .filter(|&i| self.count[i] > 0)
+            .map(|i| {
+                let (start, end) = self.bounds(i);
+                let n = self.count[i] as f64;
+                let mean = self.sum[i] / n;
+                let var = if n > 1.0 {
+                    ((self.sq[i] - self.sum[i] * mean) / (n - 1.0)).max(0.0)
+                } else {
+                    0.0
+                };
+                BucketRow {
+                    start,
+                    end,
+                    count: self.count[i],
+                    mean_nll: mean,
+                    ppl: mean.exp(),
+                    stderr: (var / n).sqrt(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// SPEC.md §2.1's T_forget criterion on buckets of width `w = min(512, max(16, T_train/8))`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Verdict {
+    pub train_len: u64,
+    pub bucket_width: u64,
+    /// Largest bucket mean among buckets ending ≤ T_train (the first bucket dropped).
+    pub l_in: Option<f64>,
+    /// Largest bucket mean among buckets starting ≥ T_train.
+    pub l_out: Option<f64>,
+    /// "forgets", "does not forget", or "undetermined" (no bucket on one side).
+    pub verdict: String,
+    pub evaluated_len: u64,
+    pub note: String,
+}
+
+pub fn verdict_width(train_len: u64) -> u64 {
+    (train_len / 8).clamp(16, 512)
+}
+
+pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
+    let rows = b.rows();
+    let max = |it: &mut dyn Iterator<Item = &BucketRow>| {
+        it.map(|r| r.mean_nll)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+    };
+    let l_in = max(&mut rows.iter().filter(|r| r.start > 0 && r.end <= train_len));
+    let l_out = max(&mut rows.iter().filter(|r| r.start >= train_len));
+    let verdict = match (l_in, l_out) {
+        (Some(i), Some(o)) if o <= 2.0 * i => "forgets",
+        (Some(_), Some(_)) => "does not forget",
+        _ => "undetermined",
+    };
+    let note = if evaluated_len < 1 << 20 {
+        format!(
+            "evaluated up to {evaluated_len} tokens (the paper's criterion uses 1M-token prompts)"
+        )
+    } else {
+        format!("evaluated over {evaluated_len} tokens")
+    };
+    Verdict {
+        train_len,
+        bucket_width: b.width,
+        l_in,
+        l_out,
+        verdict: verdict.into(),
+        evaluated_len,
+        note,
+    }
+}
+
+/// Accumulators of one model's run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Acc {
+    linear: Buckets,
+    log2: Buckets,
+    verdict: Option<Buckets>,
+    sum: f64,
+    count: u64,
+    /// Longest document (or stream) seen, in tokens.
+    longest: u64,
+    seconds: f64,
+    tokens_fed: u64,
+    nll_files: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunResult {
+    pub model: ModelInfo,
+    pub precision: serde_json::Value,
+    pub tokenizer: String,
+    pub tokens_scored: u64,
+    pub tokens_fed: u64,
+    pub mean_nll: f64,
+    pub ppl: f64,
+    pub buckets_linear: Vec<BucketRow>,
+    pub buckets_log2: Vec<BucketRow>,
+    pub t_forget: Option<Verdict>,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub nll_out: Vec<String>,
+}
+
+/// What a checkpoint holds besides the state and the pending hidden row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Snapshot {
+    fingerprint: String,
+    model_index: usize,
+    doc_index: usize,
+    doc_pos: u64,
+    acc: Acc,
+    finished: Vec<RunResult>,
+    /// (file, bytes written) of the current run's NLL stream.
+    nll_len: Option<(String, u64)>,
+}
+
+/// Documents: one per input, or one stream of all of them (`--concat`).
+fn documents(inputs: &[Input], concat: bool) -> Vec<Vec<Input>> {
+    if concat {
+        vec![inputs.to_vec()]
+    } else {
+        inputs.iter().map(|i| vec![i.clone()]).collect()
+    }
+}
+
+/// The ids of one document: its inputs in order, repeated up to `repeat_to`, cut at `max_tokens`.
+struct DocStream<'t> {
+    tok: &'t Tokenizer,
+    parts: Vec<Input>,
+    next_part: usize,
+    cur: Option<TokenStream<'t>>,
+    limit: Option<u64>,
+    repeat: bool,
+    produced: u64,
+    /// Ids produced in the current pass over the parts (an empty pass means nothing to repeat).
+    pass_len: u64,
+}
+
+impl<'t> DocStream<'t> {
+    fn new(tok: &'t Tokenizer, parts: Vec<Input>, o: &Options) -> Self {
+        let limit = match (o.max_tokens, o.repeat_to) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        DocStream {
+            tok,
+            parts,
+            next_part: 0,
+            cur: None,
+            limit,
+            repeat: o.repeat_to.is_some(),
+            produced: 0,
+            pass_len: 0,
+        }
+    }
+
+    fn next_piece(&mut self) -> Result<Option<Vec<u32>>> {
+        loop {
+            if self.limit.is_some_and(|l| self.produced >= l) {
+                return Ok(None);
+            }
+            if self.cur.is_none() {
+                if self.next_part == self.parts.len() {
+                    if !self.repeat || self.pass_len == 0 {
+                        return Ok(None);
+                    }
+                    (self.next_part, self.pass_len) = (0, 0);
+                }
+                self.cur = Some(TokenStream::new(self.tok, &self.parts[self.next_part])?);
+                self.next_part += 1;
+            }
+            match self.cur.as_mut().and_then(|s| s.next_piece().transpose()) {
+                Some(piece) => {
+                    let mut piece = piece?;
+                    if let Some(l) = self.limit {
+                        piece.truncate((l - self.produced) as usize);
+                    }
+                    self.produced += piece.len() as u64;
+                    self.pass_len += piece.len() as u64;
+                    return Ok(Some(piece));
+                }
+                None => self.cur = None,
+            }
+        }
+    }
+}
+
+/// Everything that decides the numbers: models, inputs' content, options.
+fn fingerprint(
+    models: &[PathBuf],
+    inputs: &[Input],
+    hashes: &[String],
+    o: &Options,
+) -> Result<String> {
+    let key = serde_json::json!({
+        "models": models.iter().map(|m| std::fs::canonicalize(m).unwrap_or(m.clone())).collect::<Vec<_>>(),
+        "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
+        "hashes": hashes,
+        "chunk": o.chunk, "bucket": o.bucket, "train_len": o.train_len, "max_tokens": o.max_tokens,
+        "concat": o.concat, "repeat_to": o.repeat_to, "nll_out": o.nll_out, "tokenizer": o.tokenizer,
+    });
+    Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(&key)?)))
+}
+
+const CKPT: &str = "ppl.checkpoint.safetensors";
+
+fn save_checkpoint(
+    out: &Path,
+    snap: &Snapshot,
+    state: &[f32],
+    pending: Option<&[f32]>,
+) -> Result<()> {
+    let meta =
+        std::collections::HashMap::from([("snapshot".to_string(), serde_json::to_string(snap)?)]);
+    let mut tensors = vec![("state".to_string(), state)];
+    if let Some(p) = pending {
+        tensors.push(("pending".to_string(), p));
+    }
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, d)| {
+            let t = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![d.len()],
+                bytemuck::cast_slice(d),
+            );
+            t.map(|t| (n.clone(), t))
+                .map_err(|e| anyhow!("checkpoint tensor {n}: {e:?}"))
+        })
+        .collect::<Result<_>>()?;
+    let bytes =
+        safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("checkpoint: {e:?}"))?;
+    write_atomic(&out.join(CKPT), &bytes)
+}
+
+fn load_checkpoint(out: &Path) -> Result<(Snapshot, Vec<f32>, Option<Vec<f32>>)> {
+    let path = out.join(CKPT);
+    if !path.exists() {
+        bail!(
+            "{}: no checkpoint to resume from (run with --checkpoint-every N first)",
+            path.display()
+        );
+    }
+    let bytes =
+        std::fs::read(&path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow!("{}: corrupt checkpoint: {e:?}", path.display()))?;
+    let snap_json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("snapshot"))
+        .ok_or_else(|| anyhow!("{}: checkpoint has no snapshot", path.display()))?;
+    let snap: Snapshot = serde_json::from_str(snap_json)
+        .with_context(|| format!("{}: corrupt snapshot", path.display()))?;
+    let ck = Checkpoint::open(&path)?;
+    let state = ck.require("state")?.as_f32()?.to_vec();
+    let pending = ck
+        .get("pending")
+        .map(|t| t.as_f32().map(<[f32]>::to_vec))
+        .transpose()?;
+    Ok((snap, state, pending))
+}
+
+/// How the stream of one run ended.
+enum Flow {
+    Done,
+    Stopped,
+}
+
+/// `stuffed ppl`: every model over every document; writes results.json, loss.csv, loss.svg.
+pub fn run(
+    models: &[PathBuf],
+    inputs: &[Input],
+    o: &Options,
+    out: &Path,
+    resume: bool,
+) -> Result<Vec<RunResult>> {
+    std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
+    let hashes = inputs
+        .iter()
+        .map(Input::sha256)
+        .collect::<Result<Vec<_>>>()?;
+    let fp = fingerprint(models, inputs, &hashes, o)?;
+    let mut snap = if resume {
+        let (snap, state, pending) = load_checkpoint(out)?;
+        if snap.fingerprint != fp {
+            bail!(
+                "{}: the checkpoint was made with other models, inputs or options; refusing to resume (start without --resume, or use another --out)",
+                out.join(CKPT).display()
+            );
+        }
+        Some((snap, state, pending))
+    } else {
+        None
+    };
+    let mut finished: Vec<RunResult> = snap
+        .as_ref()
+        .map(|s| s.0.finished.clone())
+        .unwrap_or_default();
+    let first_model = finished.len();
+    let mut processed = 0u64;
+    for (mi, mpath) in models.iter().enumerate().skip(first_model) {
+        let model = Model::load(mpath)?;
+        let tok = Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
+        let resumed = snap.take().filter(|s| s.0.model_index == mi);
+        match run_model(
+            &model,
+            &tok,
+            mi,
+            models.len(),
+            inputs,
+            o,
+            out,
+            &fp,
+            &finished,
+            resumed,
+            &mut processed,
+        )? {
+            (Flow::Done, r) => finished.push(r),
+            (Flow::Stopped, _) => {
+                eprintln!(
+                    "stopped after {processed} tokens; checkpoint in {}; continue with --resume",
+                    out.display()
+                );
+                return Ok(finished);
+            }
+        }
+    }
+    write_outputs(out, inputs, &hashes, o, &finished)?;
+    let _ = std::fs::remove_file(out.join(CKPT));
+    Ok(finished)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_model(
+    model: &Model,
+    tok: &Tokenizer,
+    mi: usize,
+    n_models: usize,
+    inputs: &[Input],
+    o: &Options,
+    out: &Path,
+    fp: &str,
+    finished: &[RunResult],
+    resumed: Option<(Snapshot, Vec<f32>, Option<Vec<f32>>)>,
+    processed: &mut u64,
+) -> Result<(Flow, RunResult)> {
+    let net = model.net();
+    let d = net.d_model();
+    let docs = documents(inputs, o.concat);
+    let mut session = Session::new(model, o.chunk);
+    let mut head = NllHead::new(net, real_vocab(model, tok));
+    let fresh_acc = || Acc {
+        linear: Buckets::new(o.bucket),
+        log2: Buckets::new(0),
+        verdict: o.train_len.map(|t| Buckets::new(verdict_width(t))),
+        sum: 0.0,
+        count: 0,
+        longest: 0,
+        seconds: 0.0,
+        tokens_fed: 0,
+        nll_files: Vec::new(),
+    };
+    let (mut acc, first_doc, mut skip, mut pending, mut nll_len) = match resumed {
+        Some((s, state, pending)) => {
+            if state.len() != session.state.len() {
+                bail!(
+                    "{}: checkpoint state has {} values, the model needs {}",
+                    out.join(CKPT).display(),
+                    state.len(),
+                    session.state.len()
+                );
+            }
+            session.state.copy_from_slice(&state);
+            (s.acc, s.doc_index, s.doc_pos, pending, s.nll_len)
+        }
+        None => (fresh_acc(), 0, 0, None, None),
+    };
+    let label = format!(
+        "ppl [{}/{}] {}",
+        mi + 1,
+        n_models,
+        model.info.path.display()
+    );
+    let mut progress = Progress::new(
+        &label,
+        o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64),
+    );
+    let started = Instant::now();
+    let seconds_before = acc.seconds;
+    let mut since_ckpt = 0u64;
+    let mut nll = vec![0f32; o.chunk + 1];
+    let mut rows = vec![0f32; (o.chunk + 1) * d];
+    let mut targets = Vec::with_capacity(o.chunk + 1);
+    for (di, parts) in docs.iter().enumerate().skip(first_doc) {
+        let mut stream = DocStream::new(tok, parts.clone(), o);
+        let nll_path = nll_path(o, mi, n_models, di, docs.len(), &model.info, parts);
+        let mut nll_file = match &nll_path {
+            Some(p) => Some(open_nll(
+                p,
+                nll_len
+                    .take()
+                    .filter(|(f, _)| Path::new(f) == p)
+                    .map(|x| x.1),
+            )?),
+            None => None,
+        };
+        if let Some(p) = &nll_path {
+            let s = p.display().to_string();
+            if !acc.nll_files.contains(&s) {
+                acc.nll_files.push(s);
+            }
+        }
+        let mut pos = skip; // doc position of the next token to feed
+        if skip == 0 {
+            session.reset();
+            pending = None;
+        }
+        let mut queue: VecDeque<u32> = VecDeque::new();
+        let mut to_skip = skip;
+        skip = 0;
+        let mut exhausted = false;
+        loop {
+            while queue.len() < o.chunk && !exhausted {
+                match stream.next_piece()? {
+                    Some(p) => {
+                        let drop = (to_skip as usize).min(p.len());
+                        to_skip -= drop as u64;
+                        queue.extend(&p[drop..]);
+                    }
+                    None => exhausted = true,
+                }
+            }
+            if queue.is_empty() {
+                break;
+            }
+            let ids: Vec<u32> = queue.drain(..o.chunk.min(queue.len())).collect();
+            crate::cli::basic::check_ids(&ids, net.vocab_rows(), &parts[0].name())?;
+            // Rows to score: the pending last row of the previous chunk, then this chunk's rows.
+            let t = ids.len();
+            targets.clear();
+            let mut nrows = 0;
+            if let Some(p) = pending.take() {
+                rows[..d].copy_from_slice(&p);
+                targets.push(ids[0]);
+                nrows = 1;
+            }
+            session.feed(&ids, &mut |_, h| {
+                rows[nrows * d..(nrows + t) * d].copy_from_slice(h);
+                Ok(())
+            })?;
+            targets.extend_from_slice(&ids[1..]);
+            let scored = targets.len();
+            head.nll(&rows[..scored * d], &targets, &mut nll[..scored])?;
+            pending = Some(rows[(nrows + t - 1) * d..(nrows + t) * d].to_vec());
+            // Position of the first target: the pending row predicts `pos`, else the chunk's second token.
+            let first = if nrows == 1 { pos } else { pos + 1 };
+            for (i, &v) in nll[..scored].iter().enumerate() {
+                let q = first + i as u64;
+                acc.linear.add(q, v);
+                acc.log2.add(q, v);
+                if let Some(b) = acc.verdict.as_mut() {
+                    b.add(q, v);
+                }
+                acc.sum += v as f64;
+            }
+            acc.count += scored as u64;
+            if let Some(f) = nll_file.as_mut() {
+                f.write_all(bytemuck::cast_slice(&nll[..scored]))?;
+            }
+            pos += t as u64;
+            acc.longest = acc.longest.max(pos);
+            acc.tokens_fed += t as u64;
+            *processed += t as u64;
+            since_ckpt += t as u64;
+            progress.set(acc.tokens_fed);
+            let stop = o.stop_after.is_some_and(|n| *processed >= n);
+            let at_boundary = t == o.chunk && !(exhausted && queue.is_empty());
+            if at_boundary && (stop || o.checkpoint_every.is_some_and(|n| since_ckpt >= n)) {
+                since_ckpt = 0;
+                acc.seconds = seconds_before + started.elapsed().as_secs_f64();
+                let nll_len = match (&nll_path, nll_file.as_mut()) {
+                    (Some(p), Some(f)) => {
+                        f.flush()?;
+                        Some((p.display().to_string(), f.get_mut().stream_position()?))
+                    }
+                    _ => None,
+                };
+                let snap = Snapshot {
+                    fingerprint: fp.to_string(),
+                    model_index: mi,
+                    doc_index: di,
+                    doc_pos: pos,
+                    acc: acc.clone(),
+                    finished: finished.to_vec(),
+                    nll_len,
+                };
+                save_checkpoint(out, &snap, &session.state, pending.as_deref())?;
+                if stop {
+                    progress.finish();
+                    return Ok((Flow::Stopped, result(model, tok, &acc, o)));
+                }
+            }
+        }
+        if let Some(mut f) = nll_file {
+            f.flush()?;
+        }
+    }
+    progress.finish();
+    acc.seconds = seconds_before + started.elapsed().as_secs_f64();
+    Ok((Flow::Done, result(model, tok, &acc, o)))
+}
+
+fn open_nll(path: &Path, resume_len: Option<u64>) -> Result<BufWriter<std::fs::File>> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| anyhow!("{}: cannot create: {e}", parent.display()))?;
+    }
+    let f = match resume_len {
+        Some(len) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| anyhow!("{}: cannot reopen: {e}", path.display()))?;
+            f.set_len(len)?;
+            let mut f = f;
+            f.seek(std::io::SeekFrom::Start(len))?;
+            f
+        }
+        None => std::fs::File::create(path)
+            .map_err(|e| anyhow!("{}: cannot create: {e}", path.display()))?,
+    };
+    Ok(BufWriter::new(f))
+}
+
+/// `--nll-out PATH`: the file itself for one model and one stream, else `PATH/<model>__<doc>.f32`.
+fn nll_path(
+    o: &Options,
+    mi: usize,
+    n_models: usize,
+    di: usize,
+    n_docs: usize,
+    info: &ModelInfo,
+    parts: &[Input],
+) -> Option<PathBuf> {
+    let base = o.nll_out.as_ref()?;
+    if n_models == 1 && n_docs == 1 {
+        return Some(base.clone());
+    }
+    let mname = info
+        .path
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().to_string());
+    let doc = if parts.len() == 1 {
+        parts[0].name()
+    } else {
+        "concat".into()
+    };
+    Some(base.join(format!("{mi:02}_{mname}__{di:03}_{doc}.f32")))
+}
+
+fn result(model: &Model, tok: &Tokenizer, acc: &Acc, o: &Options) -> RunResult {
+    let mean = if acc.count > 0 {
+        acc.sum / acc.count as f64
+    } else {
+        f64::NAN
+    };
+    RunResult {
+        model: model.info.clone(),
+        precision: serde_json::json!({"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "accumulators": "f64"}),
+        tokenizer: tok.source.clone(),
+        tokens_scored: acc.count,
+        tokens_fed: acc.tokens_fed,
+        mean_nll: mean,
+        ppl: mean.exp(),
+        buckets_linear: acc.linear.rows(),
+        buckets_log2: acc.log2.rows(),
+        t_forget: o
+            .train_len
+            .zip(acc.verdict.as_ref())
+            .map(|(t, b)| t_forget(b, t, acc.longest)),
+        seconds: acc.seconds,
+        tokens_per_s: acc.tokens_fed as f64 / acc.seconds.max(1e-9),
+        nll_out: acc.nll_files.clone(),
+    }
+}
+
+fn write_outputs(
+    out: &Path,
+    inputs: &[Input],
+    hashes: &[String],
+    o: &Options,
+    runs: &[RunResult],
+) -> Result<()> {
+    let json = serde_json::json!({
+        "command": "ppl",
+        "stuffed_version": env!("CARGO_PKG_VERSION"),
+        "options": o,
+        "scoring": "NLL = −log softmax(logits at t−1)[token t] over the real vocab, positions t ≥ 1; \
+                    bucket means pool every (document, position) pair in the bucket",
+        "inputs": inputs.iter().zip(hashes).map(|(i, h)| serde_json::json!({"name": i.name(), "input": format!("{i:?}"), "sha256": h})).collect::<Vec<_>>(),
+        "runs": runs,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    write_atomic(
+        &out.join("results.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    let mut csv = String::from("model,scheme,start,end,count,mean_nll,ppl,stderr\n");
+    for r in runs {
+        let name = r.model.path.display().to_string().replace(',', ";");
+        for (scheme, rows) in [
+            (format!("linear{}", o.bucket), &r.buckets_linear),
+            ("log2".to_string(), &r.buckets_log2),
+        ] {
+            for b in rows {
+                csv += &format!(
+                    "{name},{scheme},{},{},{},{:.6},{:.4},{:.6}\n",
+                    b.start, b.end, b.count, b.mean_nll, b.ppl, b.stderr
+                );
+            }
+        }
+    }
+    write_atomic(&out.join("loss.csv"), csv.as_bytes())?;
+    write_atomic(&out.join("loss.svg"), plot(runs, o).as_bytes())
+}
+
+/// Loss against position, one curve per model; log-x uses the power-of-two buckets.
+pub fn plot(runs: &[RunResult], o: &Options) -> String {
+    use crate::report::svg::{LinePlot, Series};
+    let series: Vec<Series> = runs
+        .iter()
+        .map(|r| {
+            let rows = if o.log_x {
+                &r.buckets_log2
+            } else {
+                &r.buckets_linear
+            };
+            let name = r
+                .model
+                .path
+                .file_name()
+                .map_or("model".into(), |n| n.to_string_lossy().to_string());
+            Series {
+                name,
+                points: rows
+                    .iter()
+                    .map(|b| ((b.start + b.end) as f64 / 2.0, b.mean_nll))
+                    .collect(),
+            }
+        })
+        .collect();
+    LinePlot {
+        title: "Loss against position",
+        x_label: if o.log_x {
+            "position (tokens, log scale)"
+        } else {
+            "position (tokens)"
+        },
+        y_label: "mean NLL (nats)",
+        log_x: o.log_x,
+        vline: o.train_len.map(|t| (t as f64, format!("train len {t}"))),
+    }
+    .render(&series)
+}

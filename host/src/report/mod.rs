@@ -1,0 +1,84 @@
+//! Writing results: atomic files, process facts, progress, SVG charts.
+pub mod svg;
+
+use anyhow::{anyhow, Result};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let mut f = std::fs::File::create(&tmp)
+        .map_err(|e| anyhow!("{}: cannot create: {e}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| anyhow!("{}: cannot write: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| anyhow!("{}: cannot rename into place: {e}", path.display()))
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes; 0 where /proc is absent.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A progress bar on a terminal; plain lines every 10 s otherwise (logs, batch jobs).
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    label: String,
+    start: Instant,
+    last_line: Instant,
+}
+
+impl Progress {
+    pub fn new(label: &str, total: Option<u64>) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = match total {
+                Some(t) => indicatif::ProgressBar::new(t),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            let style = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {human_pos}/{human_len} tok {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style.progress_chars("=> "));
+            bar.set_message(label.to_string());
+            bar
+        });
+        Progress {
+            bar,
+            label: label.to_string(),
+            start: Instant::now(),
+            last_line: Instant::now(),
+        }
+    }
+
+    pub fn set(&mut self, done: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(done);
+        } else if self.last_line.elapsed() >= Duration::from_secs(10) {
+            self.last_line = Instant::now();
+            let secs = self.start.elapsed().as_secs_f64();
+            eprintln!(
+                "{}: {done} tokens, {:.0} tok/s",
+                self.label,
+                done as f64 / secs.max(1e-9)
+            );
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

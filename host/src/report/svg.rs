@@ -1,0 +1,213 @@
+//! Small, dependency-free SVG charts: line plots (loss against position) and heatmaps.
+use std::fmt::Write;
+
+/// One named curve.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+pub struct LinePlot<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub log_x: bool,
+    /// A dashed vertical marker, e.g. the training length.
+    pub vline: Option<(f64, String)>,
+}
+
+const PALETTE: &[&str] = &[
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
+const W: f64 = 820.0;
+const H: f64 = 480.0;
+/// Margins: left, right (legend), top, bottom.
+const L: f64 = 70.0;
+const R: f64 = 180.0;
+const T: f64 = 40.0;
+const B: f64 = 55.0;
+
+/// "Nice" tick values covering `lo..=hi`, and the decimals their labels need.
+fn ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, usize) {
+    let span = (hi - lo).max(1e-12);
+    let raw = span / n as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| span / s <= n as f64)
+        .unwrap_or(10.0 * mag);
+    let mut out = Vec::new();
+    let mut i = (lo / step).ceil();
+    while i * step <= hi + step * 1e-9 {
+        out.push(i * step);
+        i += 1.0;
+    }
+    (out, (-step.log10().floor()).max(0.0) as usize)
+}
+
+const MI: f64 = (1u64 << 20) as f64;
+
+/// Positions as 512, 8k, 1M; other values with `decimals`.
+fn fmt_num(v: f64, decimals: usize) -> String {
+    let a = v.abs();
+    if a >= MI && (v / MI).fract().abs() < 1e-9 {
+        format!("{}M", v / MI)
+    } else if a >= 1e6 && (v / 1e6).fract().abs() < 1e-9 {
+        format!("{}M", v / 1e6)
+    } else if a >= 1024.0
+        && (v / 1024.0).fract().abs() < 1e-9
+        && decimals == 0
+        && v.log2().fract() == 0.0
+    {
+        format!("{}k", v / 1024.0)
+    } else if a >= 1e3 && (v / 1e3).fract().abs() < 1e-9 {
+        format!("{}k", v / 1e3)
+    } else {
+        format!("{v:.decimals$}")
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+impl LinePlot<'_> {
+    pub fn render(&self, series: &[Series]) -> String {
+        let pts = series
+            .iter()
+            .flat_map(|s| s.points.iter())
+            .filter(|p| p.0.is_finite() && p.1.is_finite());
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in pts {
+            if self.log_x && x <= 0.0 {
+                continue;
+            }
+            (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+        }
+        if x0 > x1 {
+            (x0, x1, y0, y1) = (1.0, 2.0, 0.0, 1.0);
+        }
+        if let Some((v, _)) = self.vline {
+            (x0, x1) = (x0.min(v), x1.max(v));
+        }
+        let pad = (y1 - y0).max(1e-6) * 0.05;
+        let (y0, y1) = (y0 - pad, y1 + pad);
+        let fx = |x: f64| -> f64 {
+            let (a, b, v) = if self.log_x {
+                (x0.log2(), x1.log2().max(x0.log2() + 1e-9), x.log2())
+            } else {
+                (x0, x1.max(x0 + 1e-9), x)
+            };
+            L + (v - a) / (b - a) * (W - L - R)
+        };
+        let fy = |y: f64| T + (y1 - y) / (y1 - y0) * (H - T - B);
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>
+"#,
+            (L + W - R) / 2.0,
+            esc(self.title)
+        );
+        // Axes and ticks.
+        let _ = writeln!(
+            s,
+            r##"<rect x="{L}" y="{T}" width="{}" height="{}" fill="none" stroke="#333"/>"##,
+            W - L - R,
+            H - T - B
+        );
+        let (yt, yd) = ticks(y0, y1, 6);
+        for y in yt {
+            let py = fy(y);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{L}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+                W - R,
+                L - 6.0,
+                py + 4.0,
+                fmt_num(y, yd)
+            );
+        }
+        let (xt, xd): (Vec<f64>, usize) = if self.log_x {
+            let (a, b) = (x0.log2().floor() as i32, x1.log2().ceil() as i32);
+            let step = ((b - a) / 8).max(1);
+            (
+                (a..=b)
+                    .step_by(step as usize)
+                    .map(|e| 2f64.powi(e))
+                    .filter(|&v| v >= x0 && v <= x1)
+                    .collect(),
+                0,
+            )
+        } else {
+            ticks(x0, x1, 8)
+        };
+        for x in xt {
+            let px = fx(x);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{px:.1}" x2="{px:.1}" y1="{T}" y2="{}" stroke="#eee"/><text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"##,
+                H - B,
+                H - B + 16.0,
+                fmt_num(x, xd)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            (L + W - R) / 2.0,
+            H - 12.0,
+            esc(self.x_label)
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{}</text>"#,
+            (T + H - B) / 2.0,
+            (T + H - B) / 2.0,
+            esc(self.y_label)
+        );
+        if let Some((v, label)) = &self.vline {
+            let px = fx(*v);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{px:.1}" x2="{px:.1}" y1="{T}" y2="{}" stroke="#555" stroke-dasharray="6,4"/><text x="{:.1}" y="{}" font-size="11">{}</text>"##,
+                H - B,
+                px + 4.0,
+                T + 14.0,
+                esc(label)
+            );
+        }
+        // Curves and legend.
+        for (i, se) in series.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            let path: Vec<String> = se
+                .points
+                .iter()
+                .filter(|p| p.0.is_finite() && p.1.is_finite() && (!self.log_x || p.0 > 0.0))
+                .map(|&(x, y)| format!("{:.1},{:.1}", fx(x), fy(y)))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
+                path.join(" ")
+            );
+            let ly = T + 10.0 + 18.0 * i as f64;
+            let _ = writeln!(
+                s,
+                r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+                W - R + 10.0,
+                W - R + 30.0,
+                W - R + 35.0,
+                ly + 4.0,
+                esc(&se.name)
+            );
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}

@@ -1,0 +1,198 @@
+//! Inputs as token streams: text files tokenized piece by piece (memory does not grow with the
+//! file), the newlines prompt, and repetition — each giving exactly the ids of tokenizing the whole
+//! text at once.
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Result};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Bytes read from a file per step.
+const BLOCK: usize = 1 << 20;
+
+/// One document to score.
+#[derive(Clone, Debug)]
+pub enum Input {
+    File(PathBuf),
+    /// SPEC.md §2.3: `"\n" × 300,000` tokenized by the model's tokenizer (`literal`: 300,000 copies
+    /// of the single newline token instead).
+    Newlines {
+        literal: bool,
+    },
+}
+
+impl Input {
+    pub fn name(&self) -> String {
+        match self {
+            Input::File(p) => p
+                .file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into()),
+            Input::Newlines { literal: false } => "newlines".into(),
+            Input::Newlines { literal: true } => "newlines-token".into(),
+        }
+    }
+
+    /// sha256 of the content (the file's bytes, or the generated text), hex.
+    pub fn sha256(&self) -> Result<String> {
+        let mut h = Sha256::new();
+        match self {
+            Input::File(p) => {
+                let mut f = open(p)?;
+                let mut buf = vec![0u8; BLOCK];
+                loop {
+                    let n = f
+                        .read(&mut buf)
+                        .map_err(|e| anyhow!("{}: cannot read: {e}", p.display()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+            }
+            Input::Newlines { literal } => h.update(format!("newlines x300000 literal={literal}")),
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+}
+
+fn open(p: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(p).map_err(|e| anyhow!("{}: cannot open text: {e}", p.display()))
+}
+
+/// Where a text may be cut without changing its tokens: before a newline that follows a
+/// non-whitespace character. For byte-level BPE with the GPT-2 split (GPT-NeoX) no pre-token crosses
+/// such a point, no added token (runs of spaces) spans it and NFC cannot compose across it.
+fn last_cut(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut i = bytes.len();
+    while let Some(j) = bytes[..i].iter().rposition(|&b| b == b'\n') {
+        if j > 0
+            && text[..j]
+                .chars()
+                .next_back()
+                .is_some_and(|c| !c.is_whitespace())
+        {
+            return Some(j);
+        }
+        i = j;
+    }
+    None
+}
+
+/// Token ids of one input, produced in pieces.
+pub struct TokenStream<'t> {
+    tok: &'t Tokenizer,
+    input: Input,
+    file: Option<std::fs::File>,
+    /// Bytes read but not yet tokenized (they end after the last safe cut).
+    carry: Vec<u8>,
+    done: bool,
+    block: usize,
+}
+
+impl<'t> TokenStream<'t> {
+    pub fn new(tok: &'t Tokenizer, input: &Input) -> Result<Self> {
+        Self::with_block(tok, input, BLOCK)
+    }
+
+    /// Reads `block` bytes at a time (small blocks make many cuts: for tests).
+    pub fn with_block(tok: &'t Tokenizer, input: &Input, block: usize) -> Result<Self> {
+        let file = match input {
+            Input::File(p) => Some(open(p)?),
+            Input::Newlines { .. } => None,
+        };
+        Ok(TokenStream {
+            tok,
+            input: input.clone(),
+            file,
+            carry: Vec::new(),
+            done: false,
+            block: block.max(1),
+        })
+    }
+
+    /// The next piece of ids, or `None` at the end.
+    pub fn next_piece(&mut self) -> Result<Option<Vec<u32>>> {
+        if self.done {
+            return Ok(None);
+        }
+        if let Input::Newlines { literal } = self.input {
+            self.done = true;
+            return Ok(Some(if literal {
+                let nl = self.tok.encode("\n")?;
+                if nl.len() != 1 {
+                    bail!(
+                        "{}: a newline is {} tokens, not one",
+                        self.tok.source,
+                        nl.len()
+                    );
+                }
+                vec![nl[0]; 300_000]
+            } else {
+                self.tok.encode(&"\n".repeat(300_000))?
+            }));
+        }
+        let (Some(f), Input::File(path)) = (self.file.as_mut(), &self.input) else {
+            return Ok(None);
+        };
+        loop {
+            let old = self.carry.len();
+            self.carry.resize(old + self.block, 0);
+            let n = f
+                .read(&mut self.carry[old..])
+                .map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+            self.carry.truncate(old + n);
+            let eof = n == 0;
+            // Longest valid UTF-8 prefix; an invalid byte (not a cut multi-byte char) is an error.
+            let valid = match std::str::from_utf8(&self.carry) {
+                Ok(s) => s.len(),
+                Err(e) if e.error_len().is_none() && !eof => e.valid_up_to(),
+                Err(e) => bail!(
+                    "{}: not UTF-8 text (invalid byte near offset {})",
+                    path.display(),
+                    e.valid_up_to()
+                ),
+            };
+            let text = std::str::from_utf8(&self.carry[..valid])
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            let cut = if eof {
+                Some(text.len())
+            } else {
+                last_cut(text)
+            };
+            if let Some(cut) = cut.filter(|&c| c > 0) {
+                let ids = self.tok.encode(&text[..cut])?;
+                self.carry.drain(..cut);
+                self.done = eof;
+                return Ok(Some(ids));
+            }
+            if eof {
+                self.done = true;
+                return Ok(None);
+            }
+        }
+    }
+
+    /// All ids (for tests and small inputs).
+    pub fn collect_all(mut self) -> Result<Vec<u32>> {
+        let mut all = Vec::new();
+        while let Some(p) = self.next_piece()? {
+            all.extend(p);
+        }
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuts_only_after_non_whitespace() {
+        assert_eq!(last_cut("ab\n\ncd\n"), Some(6));
+        assert_eq!(last_cut("ab\n\n"), Some(2));
+        assert_eq!(last_cut("\n\n\n"), None);
+        assert_eq!(last_cut("a \n"), None);
+        assert_eq!(last_cut("x\u{3000}\n"), None);
+    }
+}
