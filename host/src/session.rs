@@ -82,6 +82,29 @@ impl<'m> Session<'m> {
     }
 }
 
+impl Session<'_> {
+    /// Greedy decoding of `max_new` tokens after a prompt whose last hidden row is `last`; the state
+    /// advances through the generated tokens (all but the last, which is never fed).
+    pub fn greedy(&mut self, last: &[f32], max_new: usize, real: usize) -> Result<Vec<u32>> {
+        let v = self.model.net().vocab_rows();
+        let mut logits = vec![0f32; v];
+        let mut row = last.to_vec();
+        let mut out = Vec::with_capacity(max_new);
+        for i in 0..max_new {
+            self.logits(&row, 1, &mut logits)?;
+            let next = argmax(&logits, real);
+            out.push(next);
+            if i + 1 < max_new {
+                self.feed(&[next], &mut |_, h| {
+                    row.copy_from_slice(h);
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Index of the largest of the first `n` values (ties: the first), for greedy decoding.
 pub fn argmax(v: &[f32], n: usize) -> u32 {
     let mut best = 0;

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Bytes read from a file per step.
-const BLOCK: usize = 1 << 20;
+const BLOCK: usize = 1 << 16;
 
 /// One document to score.
 #[derive(Clone, Debug)]

@@ -49,6 +49,23 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Ids of `text` and the byte offset each token starts at.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
+        Ok((
+            enc.get_ids().to_vec(),
+            enc.get_offsets().iter().map(|o| o.0).collect(),
+        ))
+    }
+
+    /// The id of a token string (e.g. `<|endoftext|>`), if the vocab has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)

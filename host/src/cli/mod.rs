@@ -1,5 +1,6 @@
 //! Command-line flags and the flow of each command.
 pub mod basic;
+mod passkey;
 mod ppl;
 
 use clap::{Parser, Subcommand};
@@ -66,6 +67,16 @@ pub enum Cmd {
     },
     /// Loss against position, streamed over millions of tokens in constant memory.
     Ppl(ppl::PplArgs),
+    /// Passkey retrieval over a grid of prompt lengths × needle depths.
+    Passkey(passkey::PasskeyArgs),
+    /// Combine `passkey --shard` outputs into one summary and heatmap.
+    Merge {
+        /// Shard output directories.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write an HF-format directory of seeded random (UNTRAINED) weights at a published shape.
     Synth {
         #[arg(long, default_value = "mamba2")]
@@ -109,6 +120,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             tokenizer,
         } => basic::generate(&model, &prompt, max_new, tokenizer.as_deref()),
         Cmd::Ppl(a) => ppl::run(a),
+        Cmd::Passkey(a) => passkey::run(a),
+        Cmd::Merge { dirs, out } => crate::eval::passkey::merge(&dirs, &out),
         Cmd::Synth {
             family,
             preset,

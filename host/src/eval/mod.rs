@@ -1,2 +1,3 @@
 //! The evaluators: each is the same streamed forward with a different reduction.
+pub mod passkey;
 pub mod ppl;

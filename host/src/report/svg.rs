@@ -211,3 +211,115 @@ impl LinePlot<'_> {
         s
     }
 }
+
+/// 1024 → "1k", 1048576 → "1M", else the number.
+pub fn fmt_tokens(v: u64) -> String {
+    if v >= 1 << 20 && v.is_multiple_of(1 << 20) {
+        format!("{}M", v >> 20)
+    } else if v >= 1024 && v.is_multiple_of(1024) {
+        format!("{}k", v >> 10)
+    } else {
+        v.to_string()
+    }
+}
+
+/// A grid of values in [0, 1] (None = no sample), red (0) → yellow → green (1), as the paper draws
+/// passkey accuracy: `cells[x][y]`, x left to right, y top to bottom.
+pub fn heatmap(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    xs: &[String],
+    ys: &[String],
+    cells: &[Vec<Option<f64>>],
+) -> String {
+    let (cw, ch) = (
+        ((640.0 / xs.len().max(1) as f64).clamp(28.0, 90.0)),
+        ((360.0 / ys.len().max(1) as f64).clamp(16.0, 40.0)),
+    );
+    let (l, t) = (110.0, 40.0);
+    let (w, h) = (
+        l + cw * xs.len() as f64 + 30.0,
+        t + ch * ys.len() as f64 + 60.0,
+    );
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0}" height="{h:.0}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{:.1}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
+        w / 2.0,
+        esc(title)
+    );
+    for (xi, col) in cells.iter().enumerate() {
+        for (yi, v) in col.iter().enumerate() {
+            let (x, y) = (l + cw * xi as f64, t + ch * yi as f64);
+            let fill = match v {
+                None => "#eeeeee".to_string(),
+                Some(a) => {
+                    let a = a.clamp(0.0, 1.0);
+                    // red (215,48,39) → yellow (254,224,139) → green (26,152,80)
+                    let (r, g, b) = if a < 0.5 {
+                        let k = a / 0.5;
+                        (215.0 + k * 39.0, 48.0 + k * 176.0, 39.0 + k * 100.0)
+                    } else {
+                        let k = (a - 0.5) / 0.5;
+                        (254.0 - k * 228.0, 224.0 - k * 72.0, 139.0 - k * 59.0)
+                    };
+                    format!("rgb({r:.0},{g:.0},{b:.0})")
+                }
+            };
+            let _ = writeln!(
+                s,
+                r##"<rect x="{x:.1}" y="{y:.1}" width="{cw:.1}" height="{ch:.1}" fill="{fill}" stroke="white"/>"##
+            );
+            if let Some(a) = v {
+                if ch >= 14.0 && cw >= 26.0 {
+                    let _ = writeln!(
+                        s,
+                        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{:.0}</text>"#,
+                        x + cw / 2.0,
+                        y + ch / 2.0 + 3.0,
+                        a * 100.0
+                    );
+                }
+            }
+        }
+    }
+    for (xi, lab) in xs.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            l + cw * (xi as f64 + 0.5),
+            t + ch * ys.len() as f64 + 14.0,
+            esc(lab)
+        );
+    }
+    for (yi, lab) in ys.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            l - 6.0,
+            t + ch * (yi as f64 + 0.5) + 4.0,
+            esc(lab)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="12">{}</text>"#,
+        l + cw * xs.len() as f64 / 2.0,
+        h - 14.0,
+        esc(x_label)
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="14" y="{:.1}" text-anchor="middle" font-size="12" transform="rotate(-90 14 {:.1})">{}</text>"#,
+        t + ch * ys.len() as f64 / 2.0,
+        t + ch * ys.len() as f64 / 2.0,
+        esc(y_label)
+    );
+    s.push_str("</svg>\n");
+    s
+}

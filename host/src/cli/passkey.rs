@@ -1,0 +1,77 @@
+//! `stuffed passkey` and `stuffed merge` flags.
+use crate::eval::passkey::{self, parse_lengths, parse_shard, Options, TemplateName};
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct PasskeyArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Target prompt lengths in tokens: `1k,2k,8k`, `1k..32k:1k`, `1k..1m:x2` (k = 1,024, m = 1,048,576).
+    #[arg(long)]
+    lengths: String,
+    /// Samples per length, at depths (i + 0.5)/n.
+    #[arg(long, default_value_t = 20, conflicts_with = "depths")]
+    samples: usize,
+    /// Explicit needle depths in [0, 1], comma-separated (instead of --samples).
+    #[arg(long, value_delimiter = ',')]
+    depths: Option<Vec<f64>>,
+    #[arg(long, value_enum, default_value_t = TemplateName::Code)]
+    template: TemplateName,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tokens decoded greedily after the prompt.
+    #[arg(long, default_value_t = 5)]
+    max_new: usize,
+    /// Start the prompt with <|endoftext|>.
+    #[arg(long)]
+    bos: bool,
+    #[arg(long, default_value = "passkey-out")]
+    out: PathBuf,
+    /// Skip samples already in --out/results.jsonl.
+    #[arg(long)]
+    resume: bool,
+    /// Run a deterministic share k/n of the (length, sample) pairs (merge shards with `stuffed merge`).
+    #[arg(long)]
+    shard: Option<String>,
+    /// Tokens per forward call.
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Run every sample from the zero state (no shared haystack): slower, for checking reuse.
+    #[arg(long)]
+    no_reuse: bool,
+}
+
+pub fn run(a: PasskeyArgs) -> Result<()> {
+    let lengths = parse_lengths(&a.lengths)?;
+    if let Some(d) = &a.depths {
+        if d.is_empty() || d.iter().any(|v| !(0.0..=1.0).contains(v)) {
+            bail!("--depths: each depth must be in [0, 1]");
+        }
+    }
+    if a.samples == 0 || a.chunk == 0 {
+        bail!("--samples and --chunk must be positive");
+    }
+    let shard = a.shard.as_deref().map(parse_shard).transpose()?;
+    let o = Options {
+        lengths,
+        samples: a.samples,
+        depths: a.depths,
+        template: a.template,
+        seed: a.seed,
+        max_new: a.max_new,
+        bos: a.bos,
+        chunk: a.chunk,
+        tokenizer: a.tokenizer,
+        reuse: !a.no_reuse,
+    };
+    passkey::run(&a.model, &o, &a.out, a.resume, shard)?;
+    println!(
+        "wrote {}/results.jsonl, summary.json, summary.csv, heatmap.svg",
+        a.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,632 @@
+//! Passkey retrieval (SPEC.md §2.2): a grid of prompt lengths × needle depths, exact and seeded.
+//!
+//! All samples of one length share the haystack up to their needle: the haystack streams once, in
+//! order of needle position; at each sample's branch point the state is copied, the sample finishes
+//! from the copy (needle, the rest, the question, greedy decoding), and the stream continues. The
+//! branch point is the longest common token prefix of the sample's whole prompt, tokenized at once,
+//! and the haystack's — parts tokenized alone would differ at the seams.
+use crate::cli::basic::{dir_of, real_vocab};
+use crate::model::{Model, ModelInfo};
+use crate::report::svg::heatmap;
+use crate::report::write_atomic;
+use crate::session::Session;
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateName {
+    /// The paper's released code (default; compares with its numbers).
+    Code,
+    /// The paper's appendix B.1: blocks separated by blank lines.
+    Paper,
+    /// llama.cpp's passkey example.
+    Llamacpp,
+}
+
+/// The strings of a prompt; `{key}` in the needle is replaced by the key.
+pub struct Template {
+    pub prefix: &'static str,
+    pub noise: &'static str,
+    pub needle: &'static str,
+    pub suffix: &'static str,
+}
+
+pub fn template(t: TemplateName) -> Template {
+    match t {
+        TemplateName::Code => Template {
+            prefix: "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n",
+            noise: "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n",
+            needle: "The passkey is {key}. Remember it. {key} is the passkey.\n",
+            suffix: "\nWhat is the pass key? The passkey is",
+        },
+        TemplateName::Paper => Template {
+            prefix: "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n",
+            noise: "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n\n",
+            needle: "The passkey is {key}. Remember it. {key} is the passkey.\n\n",
+            suffix: "What is the passkey? The passkey is",
+        },
+        TemplateName::Llamacpp => Template {
+            prefix: "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there.",
+            noise: " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+            needle: " The pass key is {key}. Remember it. {key} is the pass key.",
+            suffix: " What is the pass key? The pass key is",
+        },
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Options {
+    pub lengths: Vec<u64>,
+    pub samples: usize,
+    /// Explicit needle depths in [0, 1] (instead of `(i + 0.5) / samples`).
+    pub depths: Option<Vec<f64>>,
+    pub template: TemplateName,
+    pub seed: u64,
+    pub max_new: usize,
+    pub bos: bool,
+    pub chunk: usize,
+    pub tokenizer: Option<PathBuf>,
+    /// Share the haystack between samples (off: every sample from the zero state, for checks).
+    pub reuse: bool,
+}
+
+/// One sample's record (one line of results.jsonl).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub length: u64,
+    pub sample: usize,
+    pub depth: f64,
+    pub needle_block: usize,
+    pub num_blocks: usize,
+    pub needle_pos: usize,
+    pub prompt_tokens: usize,
+    pub key: String,
+    pub continuation: String,
+    pub correct: bool,
+    /// Tokens this sample shared with the haystack stream (0 when run alone).
+    pub shared_prefix: usize,
+}
+
+/// Parses `1k,2k,8k`, `1k..32k:1k` (step) and `1k..1m:x2` (factor); `k` = 1,024, `m` = 1,048,576.
+pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
+    fn num(t: &str) -> Result<u64> {
+        let t = t.trim();
+        let (digits, mult) = match t.chars().last() {
+            Some('k' | 'K') => (&t[..t.len() - 1], 1024),
+            Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+            _ => (t, 1),
+        };
+        digits
+            .parse::<u64>()
+            .map(|v| v * mult)
+            .map_err(|_| anyhow!("'{t}' is not a length (e.g. 1024, 8k, 1m)"))
+    }
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        match part.split_once("..") {
+            None => out.push(num(part)?),
+            Some((a, rest)) => {
+                let (b, step) = rest
+                    .split_once(':')
+                    .ok_or_else(|| anyhow!("range '{part}' needs a step: A..B:STEP or A..B:xF"))?;
+                let (a, b) = (num(a)?, num(b)?);
+                if a == 0 || b < a {
+                    bail!("range '{part}' is empty");
+                }
+                let mut v = a;
+                if let Some(f) = step.trim().strip_prefix('x') {
+                    let f: u64 = f
+                        .parse()
+                        .map_err(|_| anyhow!("'{step}' is not a factor such as x2"))?;
+                    if f < 2 {
+                        bail!("factor in '{part}' must be at least 2");
+                    }
+                    while v <= b {
+                        out.push(v);
+                        v *= f;
+                    }
+                } else {
+                    let st = num(step)?;
+                    if st == 0 {
+                        bail!("step in '{part}' must be positive");
+                    }
+                    while v <= b {
+                        out.push(v);
+                        v += st;
+                    }
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("no lengths in '{s}'");
+    }
+    Ok(out)
+}
+
+/// A seeded 5-digit key for (seed, length, sample), independent of sharding and order.
+pub fn key(seed: u64, length: u64, sample: usize) -> String {
+    let mut z = seed
+        ^ length.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (sample as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    for _ in 0..2 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    format!("{:05}", z % 100_000)
+}
+
+/// The depths of a length's samples.
+fn depths(o: &Options) -> Vec<f64> {
+    match &o.depths {
+        Some(d) => d.clone(),
+        None => (0..o.samples)
+            .map(|i| (i as f64 + 0.5) / o.samples as f64)
+            .collect(),
+    }
+}
+
+/// One sample's prompt before tokenization.
+struct Prompt {
+    sample: usize,
+    depth: f64,
+    needle_block: usize,
+    num_blocks: usize,
+    key: String,
+    text: String,
+    /// Byte offset of the needle in `text`.
+    needle_byte: usize,
+}
+
+/// `⌊(T − |prefix| − |suffix|) / |noise|⌋`, each part tokenized alone (the paper's code).
+pub fn num_blocks(tok: &Tokenizer, tpl: &Template, length: u64) -> Result<usize> {
+    let len = |s: &str| tok.encode(s).map(|v| v.len() as u64);
+    let (p, n, s) = (len(tpl.prefix)?, len(tpl.noise)?, len(tpl.suffix)?);
+    let nb = length.saturating_sub(p + s) / n.max(1);
+    if nb < 1 {
+        bail!("length {length} is too short for the template ({p} + {s} tokens around {n}-token blocks)");
+    }
+    Ok(nb as usize)
+}
+
+/// The prompt text with the needle replacing block `block` of `nb`, and the needle's byte offset.
+pub fn prompt_text(tpl: &Template, nb: usize, block: usize, key: &str) -> (String, usize) {
+    let needle = tpl.needle.replace("{key}", key);
+    let mut text =
+        String::with_capacity(tpl.prefix.len() + tpl.noise.len() * nb + tpl.suffix.len() + 64);
+    text.push_str(tpl.prefix);
+    for _ in 0..block {
+        text.push_str(tpl.noise);
+    }
+    let needle_byte = text.len();
+    text.push_str(&needle);
+    for _ in block + 1..nb {
+        text.push_str(tpl.noise);
+    }
+    text.push_str(tpl.suffix);
+    (text, needle_byte)
+}
+
+/// The needle block of depth `d`: `⌊d·(nb − 1)⌋`.
+pub fn needle_block(d: f64, nb: usize) -> usize {
+    ((d * (nb - 1) as f64).floor() as usize).min(nb - 1)
+}
+
+/// Correct iff the key is a substring of the decoded continuation (strings, never ids: digits split
+/// into tokens differently by tokenizer and context).
+pub fn is_correct(tok: &Tokenizer, new: &[u32], key: &str) -> Result<(String, bool)> {
+    let text = tok.decode(new)?;
+    let ok = text.contains(key);
+    Ok((text, ok))
+}
+
+fn prompts(tok: &Tokenizer, tpl: &Template, o: &Options, length: u64) -> Result<Vec<Prompt>> {
+    let nb = num_blocks(tok, tpl, length)?;
+    Ok(depths(o)
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let block = needle_block(d, nb);
+            let k = key(o.seed, length, i);
+            let (text, needle_byte) = prompt_text(tpl, nb, block, &k);
+            Prompt {
+                sample: i,
+                depth: d,
+                needle_block: block,
+                num_blocks: nb,
+                key: k,
+                text,
+                needle_byte,
+            }
+        })
+        .collect())
+}
+
+/// `k/n`: this shard takes the (length, sample) pairs whose running index ≡ k−1 (mod n).
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (k, n) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow!("--shard takes k/n, e.g. 2/8"))?;
+    let (k, n): (usize, usize) = (k.trim().parse()?, n.trim().parse()?);
+    if k == 0 || n == 0 || k > n {
+        bail!("--shard {s}: need 1 ≤ k ≤ n");
+    }
+    Ok((k, n))
+}
+
+fn read_records(path: &Path) -> Result<Vec<Record>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let f =
+        std::fs::File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        // A line cut by a crash mid-write is the sample in flight: drop it.
+        match serde_json::from_str(&line) {
+            Ok(r) => out.push(r),
+            Err(_) => eprintln!(
+                "{}: line {} is incomplete; that sample runs again",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Run facts that differ between shards and reruns (kept out of the comparable summary).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunFacts {
+    pub shard: Option<String>,
+    pub samples_run: usize,
+    pub tokens_processed: u64,
+    pub tokens_without_reuse: u64,
+    pub seconds: f64,
+}
+
+/// `stuffed passkey`.
+pub fn run(
+    model_path: &Path,
+    o: &Options,
+    out: &Path,
+    resume: bool,
+    shard: Option<(usize, usize)>,
+) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
+    let model = Model::load(model_path)?;
+    let tok = Tokenizer::for_model(Some(&dir_of(model_path)), o.tokenizer.as_deref())?;
+    let real = real_vocab(&model, &tok);
+    let tpl = template(o.template);
+    let jsonl = out.join("results.jsonl");
+    let mut done: Vec<Record> = if resume {
+        read_records(&jsonl)?
+    } else {
+        Vec::new()
+    };
+    let seen: BTreeSet<(u64, usize)> = done.iter().map(|r| (r.length, r.sample)).collect();
+    // Rewrite the kept lines (drops a torn last line), then append.
+    let mut file = std::fs::File::create(&jsonl)
+        .map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
+    for r in &done {
+        writeln!(file, "{}", serde_json::to_string(r)?)?;
+    }
+    let bos = if o.bos {
+        Some(
+            tok.token_id("<|endoftext|>")
+                .ok_or_else(|| anyhow!("{}: no <|endoftext|> token for --bos", tok.source))?,
+        )
+    } else {
+        None
+    };
+    let mut facts = RunFacts {
+        shard: shard.map(|(k, n)| format!("{k}/{n}")),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut s = Session::new(&model, o.chunk);
+    let n_per = depths(o).len();
+    for (li, &length) in o.lengths.iter().enumerate() {
+        let mut todo: Vec<Prompt> = prompts(&tok, &tpl, o, length)?
+            .into_iter()
+            .filter(|p| shard.is_none_or(|(k, n)| (li * n_per + p.sample) % n == k - 1))
+            .filter(|p| !seen.contains(&(length, p.sample)))
+            .collect();
+        if todo.is_empty() {
+            continue;
+        }
+        todo.sort_by_key(|p| (p.needle_block, p.sample));
+        // The haystack: the same blocks with no needle.
+        let last = todo.iter().map(|p| p.needle_block).max().unwrap_or(0);
+        let hay_text: String = [tpl.prefix]
+            .into_iter()
+            .chain(std::iter::repeat_n(tpl.noise, last + 1))
+            .collect();
+        let mut hay = tok.encode(&hay_text)?;
+        if let Some(b) = bos {
+            hay.insert(0, b);
+        }
+        s.reset();
+        let mut pos = 0; // haystack tokens fed so far
+        for p in todo {
+            let (mut ids, offsets) = tok.encode_with_offsets(&p.text)?;
+            let mut needle_pos = offsets
+                .iter()
+                .position(|&o| o >= p.needle_byte)
+                .unwrap_or(ids.len());
+            if let Some(b) = bos {
+                ids.insert(0, b);
+                needle_pos += 1;
+            }
+            crate::cli::basic::check_ids(&ids, model.info.vocab_rows, "passkey prompt")?;
+            let lcp = if o.reuse {
+                ids.iter()
+                    .zip(&hay)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    .min(ids.len() - 1)
+            } else {
+                0
+            };
+            let branch = if lcp >= pos {
+                s.feed(&hay[pos..lcp], &mut |_, _| Ok(()))?;
+                facts.tokens_processed += (lcp - pos) as u64;
+                pos = lcp;
+                lcp
+            } else {
+                0 // the haystack already passed this sample's branch point: run it alone
+            };
+            let saved = s.state.clone();
+            if branch == 0 {
+                s.reset();
+            }
+            let mut last_row = vec![0f32; model.info.d_model];
+            s.feed(&ids[branch..], &mut |_, h| {
+                let d = last_row.len();
+                last_row.copy_from_slice(&h[h.len() - d..]);
+                Ok(())
+            })?;
+            let new = s.greedy(&last_row, o.max_new, real)?;
+            s.state.copy_from_slice(&saved);
+            s.pos = pos as u64;
+            facts.tokens_processed += (ids.len() - branch + new.len()) as u64;
+            facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
+            facts.samples_run += 1;
+            let (continuation, correct) = is_correct(&tok, &new, &p.key)?;
+            let rec = Record {
+                length,
+                sample: p.sample,
+                depth: p.depth,
+                needle_block: p.needle_block,
+                num_blocks: p.num_blocks,
+                needle_pos,
+                prompt_tokens: ids.len(),
+                correct,
+                key: p.key,
+                continuation,
+                shared_prefix: branch,
+            };
+            writeln!(file, "{}", serde_json::to_string(&rec)?)?;
+            file.flush()?;
+            eprintln!(
+                "passkey {length}: sample {} depth {:.3} key {} → {:?} {}",
+                rec.sample,
+                rec.depth,
+                rec.key,
+                rec.continuation,
+                if rec.correct { "✓" } else { "✗" }
+            );
+            done.push(rec);
+        }
+    }
+    facts.seconds = started.elapsed().as_secs_f64();
+    write_summary(out, &model.info, o, &done, &[facts])
+}
+
+/// Depth bins: one per explicit depth, else min(samples, 10) equal bins over [0, 1].
+fn depth_bins(o: &Options) -> Vec<(f64, f64)> {
+    match &o.depths {
+        Some(d) => {
+            let mut d = d.clone();
+            d.sort_by(f64::total_cmp);
+            d.dedup();
+            d.iter().map(|&v| (v, v)).collect()
+        }
+        None => {
+            let nb = o.samples.clamp(1, 10);
+            (0..nb)
+                .map(|i| (i as f64 / nb as f64, (i + 1) as f64 / nb as f64))
+                .collect()
+        }
+    }
+}
+
+fn in_bin(depth: f64, bin: (f64, f64), last: bool) -> bool {
+    if bin.0 == bin.1 {
+        (depth - bin.0).abs() < 1e-12
+    } else {
+        depth >= bin.0 && (depth < bin.1 || (last && depth <= bin.1))
+    }
+}
+
+/// summary.json (comparable across shards: run facts apart), summary.csv, heatmap.svg.
+pub fn write_summary(
+    out: &Path,
+    info: &ModelInfo,
+    o: &Options,
+    records: &[Record],
+    runs: &[RunFacts],
+) -> Result<()> {
+    let mut recs = records.to_vec();
+    recs.sort_by_key(|r| (r.length, r.sample));
+    recs.dedup_by_key(|r| (r.length, r.sample));
+    let bins = depth_bins(o);
+    let acc = |rs: &mut dyn Iterator<Item = &Record>| {
+        let (n, c) = rs.fold((0usize, 0usize), |(n, c), r| {
+            (n + 1, c + r.correct as usize)
+        });
+        (
+            n,
+            if n > 0 {
+                Some(c as f64 / n as f64)
+            } else {
+                None
+            },
+        )
+    };
+    let mut per_length = Vec::new();
+    let mut grid = Vec::new();
+    let mut csv = String::from("length,depth_lo,depth_hi,n,accuracy\n");
+    let mut t_recall = None;
+    for &l in &o.lengths {
+        let (n, a) = acc(&mut recs.iter().filter(|r| r.length == l));
+        if a.is_some_and(|a| a > 0.95) {
+            t_recall = Some(t_recall.map_or(l, |t: u64| t.max(l)));
+        }
+        per_length.push(serde_json::json!({"length": l, "n": n, "accuracy": a}));
+        for (bi, &b) in bins.iter().enumerate() {
+            let last = bi + 1 == bins.len();
+            let (n, a) = acc(&mut recs
+                .iter()
+                .filter(|r| r.length == l && in_bin(r.depth, b, last)));
+            csv += &format!(
+                "{l},{},{},{n},{}\n",
+                b.0,
+                b.1,
+                a.map_or(String::new(), |a| format!("{a:.4}"))
+            );
+            grid.push(serde_json::json!({"length": l, "depth_lo": b.0, "depth_hi": b.1, "n": n, "accuracy": a}));
+        }
+    }
+    let last_r: Vec<_> = [1024usize, 2048, 4096, 8192]
+        .iter()
+        .map(|&r| {
+            let (n, a) = acc(&mut recs.iter().filter(|x| x.prompt_tokens - x.needle_pos <= r));
+            serde_json::json!({"r": r, "n": n, "accuracy": a})
+        })
+        .collect();
+    let summary = serde_json::json!({
+        "command": "passkey",
+        "model": info,
+        "precision": {"weights": info.weight_dtype, "compute": "f32", "state": "f32"},
+        "options": o,
+        "samples": recs.len(),
+        "accuracy_per_length": per_length,
+        "accuracy_per_length_depth": grid,
+        "t_recall": t_recall,
+        "t_recall_rule": "largest length with accuracy > 0.95 over its samples",
+        "needle_within_last_r": last_r,
+        "scoring": "greedy decoding of max_new tokens; correct iff the key string is a substring of the decoded continuation",
+        "runs": runs,
+    });
+    write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    write_atomic(&out.join("summary.csv"), csv.as_bytes())?;
+    let x: Vec<String> = o
+        .lengths
+        .iter()
+        .map(|&l| crate::report::svg::fmt_tokens(l))
+        .collect();
+    let y: Vec<String> = bins
+        .iter()
+        .map(|b| {
+            if b.0 == b.1 {
+                format!("{:.2}", b.0)
+            } else {
+                format!("{:.2}–{:.2}", b.0, b.1)
+            }
+        })
+        .collect();
+    let cells: Vec<Vec<Option<f64>>> = o
+        .lengths
+        .iter()
+        .map(|&l| {
+            bins.iter()
+                .enumerate()
+                .map(|(bi, &b)| {
+                    acc(&mut recs
+                        .iter()
+                        .filter(|r| r.length == l && in_bin(r.depth, b, bi + 1 == bins.len())))
+                    .1
+                })
+                .collect()
+        })
+        .collect();
+    let title = format!("Passkey retrieval — {}", info.path.display());
+    write_atomic(
+        &out.join("heatmap.svg"),
+        heatmap(
+            &title,
+            "prompt length (tokens)",
+            "needle depth",
+            &x,
+            &y,
+            &cells,
+        )
+        .as_bytes(),
+    )
+}
+
+/// `stuffed merge`: shard outputs → one summary and heatmap, as an unsharded run writes them.
+pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
+    if dirs.is_empty() {
+        bail!("merge: give the shard directories");
+    }
+    let mut records = Vec::new();
+    let mut runs = Vec::new();
+    let mut first: Option<(ModelInfo, Options)> = None;
+    for d in dirs {
+        let sp = d.join("summary.json");
+        let text = std::fs::read_to_string(&sp)
+            .map_err(|e| anyhow!("{}: cannot read: {e}", sp.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", sp.display()))?;
+        let info: ModelInfo = serde_json::from_value(v["model"].clone())
+            .with_context(|| format!("{}: no model facts", sp.display()))?;
+        let opts: Options = serde_json::from_value(v["options"].clone())
+            .with_context(|| format!("{}: no options", sp.display()))?;
+        let shard_runs: Vec<RunFacts> =
+            serde_json::from_value(v["runs"].clone()).unwrap_or_default();
+        match &first {
+            None => first = Some((info, opts)),
+            Some((i0, o0)) => {
+                if *o0 != opts || i0.path != info.path {
+                    bail!(
+                        "{}: made with another model or options than {}",
+                        sp.display(),
+                        dirs[0].display()
+                    );
+                }
+            }
+        }
+        runs.extend(shard_runs);
+        records.extend(read_records(&d.join("results.jsonl"))?);
+    }
+    let Some((info, opts)) = first else {
+        bail!("merge: nothing to merge")
+    };
+    std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
+    records.sort_by_key(|r| (r.length, r.sample));
+    records.dedup_by_key(|r| (r.length, r.sample));
+    let mut lines = String::new();
+    for r in &records {
+        lines += &serde_json::to_string(r)?;
+        lines.push('\n');
+    }
+    write_atomic(&out.join("results.jsonl"), lines.as_bytes())?;
+    write_summary(out, &info, &opts, &records, &runs)
+}

@@ -1,0 +1,194 @@
+//! `stuffed passkey`: prompt construction (SPEC.md §2.2 lengths), seeded keys, string scoring,
+//! shared-prefix reuse equal to from-scratch runs, shards merged equal to one run, resume.
+use std::path::{Path, PathBuf};
+use stuffed::cli::{run, Cli};
+use stuffed::eval::passkey::{
+    self, is_correct, key, needle_block, num_blocks, parse_lengths, prompt_text, template, Record,
+    TemplateName,
+};
+use stuffed::tokenizer::Tokenizer;
+
+fn model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mamba2_neox_tiny")
+}
+
+fn cli(args: &[&str]) {
+    use clap::Parser;
+    run(Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied())).unwrap())
+        .unwrap();
+}
+
+fn records(dir: &Path) -> Vec<Record> {
+    let mut v: Vec<Record> = std::fs::read_to_string(dir.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    v.sort_by_key(|r| (r.length, r.sample));
+    v
+}
+
+fn summary(dir: &Path) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("runs");
+    v
+}
+
+#[test]
+fn prompt_lengths_match_spec() {
+    let tok = Tokenizer::for_model(None, None).unwrap();
+    let tpl = template(TemplateName::Code);
+    let want = [
+        (1024, 1001),
+        (2048, 2026),
+        (8192, 8176),
+        (16384, 16376),
+        (32768, 32751),
+        (131072, 131051),
+    ];
+    for (t, n) in want {
+        let nb = num_blocks(&tok, &tpl, t).unwrap();
+        let b = needle_block(0.5, nb);
+        let (p, _) = prompt_text(&tpl, nb, b, "34847");
+        assert_eq!(tok.encode(&p).unwrap().len(), n, "T = {t}, key 34847");
+        let (p, _) = prompt_text(&tpl, nb, b, "71432");
+        assert_eq!(tok.encode(&p).unwrap().len(), n + 2, "T = {t}, key 71432");
+    }
+}
+
+#[test]
+fn lengths_keys_and_scoring() {
+    assert_eq!(parse_lengths("1k,2k,8k").unwrap(), [1024, 2048, 8192]);
+    assert_eq!(
+        parse_lengths("1k..4k:1k").unwrap(),
+        [1024, 2048, 3072, 4096]
+    );
+    assert_eq!(parse_lengths("1k..1m:x2").unwrap().len(), 11);
+    assert_eq!(
+        *parse_lengths("1k..1m:x2").unwrap().last().unwrap(),
+        1 << 20
+    );
+    assert!(parse_lengths("1k..2k").is_err() && parse_lengths("abc").is_err());
+    // Keys: 5 digits, zero-padded, deterministic per seed, varied.
+    let a: Vec<String> = (0..50).map(|i| key(7, 1024, i)).collect();
+    assert_eq!(a, (0..50).map(|i| key(7, 1024, i)).collect::<Vec<_>>());
+    assert!(a
+        .iter()
+        .all(|k| k.len() == 5 && k.bytes().all(|b| b.is_ascii_digit())));
+    assert_ne!(a, (0..50).map(|i| key(8, 1024, i)).collect::<Vec<_>>());
+    assert!(a.iter().collect::<std::collections::BTreeSet<_>>().len() > 45);
+    // A key split over three tokens is still found; a near miss is not.
+    let tok = Tokenizer::for_model(None, None).unwrap();
+    assert!(is_correct(&tok, &[818, 1047, 1237, 15], "71432").unwrap().1);
+    assert!(!is_correct(&tok, &[818, 1047, 15], "71432").unwrap().1);
+}
+
+#[test]
+fn reuse_equals_from_scratch_and_counts_tokens() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let m = model();
+    let args = [
+        "passkey",
+        "--model",
+        m.to_str().unwrap(),
+        "--lengths",
+        "1k,3k",
+        "--samples",
+        "6",
+        "--seed",
+        "3",
+    ];
+    cli(&[&args[..], &["--out", a.path().to_str().unwrap()]].concat());
+    cli(&[
+        &args[..],
+        &["--out", b.path().to_str().unwrap(), "--no-reuse"],
+    ]
+    .concat());
+    let (ra, rb) = (records(a.path()), records(b.path()));
+    assert_eq!(ra.len(), 12);
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!(
+            (x.length, x.sample, &x.key, &x.continuation, x.correct),
+            (y.length, y.sample, &y.key, &y.continuation, y.correct)
+        );
+        assert!(x.shared_prefix > 0 && y.shared_prefix == 0);
+        assert!(
+            x.needle_pos <= x.shared_prefix + 1 && x.shared_prefix <= x.needle_pos + 2,
+            "{x:?}"
+        );
+    }
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.path().join("summary.json")).unwrap())
+            .unwrap();
+    let (with, without) = (
+        s["runs"][0]["tokens_processed"].as_u64().unwrap(),
+        s["runs"][0]["tokens_without_reuse"].as_u64().unwrap(),
+    );
+    // About n·T/2 + T against n·T.
+    let naive: u64 = ra.iter().map(|r| r.prompt_tokens as u64 + 5).sum();
+    assert_eq!(without, naive);
+    assert!(
+        (with as f64) < 0.7 * without as f64,
+        "reuse {with} vs {without}"
+    );
+}
+
+#[test]
+fn shards_merge_to_the_unsharded_result_and_resume_loses_nothing() {
+    let m = model();
+    let base = [
+        "passkey",
+        "--model",
+        m.to_str().unwrap(),
+        "--lengths",
+        "1k,2k",
+        "--samples",
+        "5",
+    ];
+    let full = tempfile::tempdir().unwrap();
+    cli(&[&base[..], &["--out", full.path().to_str().unwrap()]].concat());
+    let shards: Vec<_> = (1..=3).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (k, d) in shards.iter().enumerate() {
+        let sh = format!("{}/3", k + 1);
+        cli(&[
+            &base[..],
+            &["--out", d.path().to_str().unwrap(), "--shard", &sh],
+        ]
+        .concat());
+        assert!(records(d.path()).len() < 10);
+    }
+    let merged = tempfile::tempdir().unwrap();
+    let mut args = vec!["merge"];
+    let paths: Vec<String> = shards
+        .iter()
+        .map(|d| d.path().display().to_string())
+        .collect();
+    args.extend(paths.iter().map(String::as_str));
+    args.extend(["--out", merged.path().to_str().unwrap()]);
+    cli(&args);
+    assert_eq!(records(merged.path()), records(full.path()));
+    assert_eq!(summary(merged.path()), summary(full.path()));
+    assert_eq!(
+        std::fs::read(merged.path().join("heatmap.svg")).unwrap(),
+        std::fs::read(full.path().join("heatmap.svg")).unwrap()
+    );
+    // A run killed mid-way: 4 lines kept and a torn fifth; --resume finishes the rest.
+    let part = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(full.path().join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let torn = format!("{}\n{}", lines[..4].join("\n"), &lines[4][..20]);
+    std::fs::write(part.path().join("results.jsonl"), torn).unwrap();
+    cli(&[
+        &base[..],
+        &["--out", part.path().to_str().unwrap(), "--resume"],
+    ]
+    .concat());
+    assert_eq!(records(part.path()), records(full.path()));
+    assert_eq!(summary(part.path()), summary(full.path()));
+    let _ = passkey::parse_shard("2/3").unwrap();
+    assert!(passkey::parse_shard("4/3").is_err());
+}

@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Train tiny Mamba-2 LMs (HF Mamba2ForCausalLM, pure-torch path) for `stuffed` (issue 5).
+
+Reproduces, at tiny scale, the central claim of Stuffed Mamba (SPEC.md §3): with the same
+architecture and state size, a model trained on SHORT windows never learns to forget and its loss
+explodes past its training length, while one trained on LONG enough windows stays flat.
+
+Corpus (host/assets/corpus/): the training text is the five Austen novels stored as
+austen_train.txt.gz (Emma, Mansfield Park, Northanger Abbey, Pride and Prejudice, Sense and
+Sensibility, concatenated with <|endoftext|> between novels); austen_persuasion.txt is the
+HELD-OUT text and is never trained on (nor used to train the tokenizer).
+
+Tokenizer: byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer with add_prefix_space=False and
+use_regex=True, ByteLevel decoder, no normalizer), vocab 8,192, <|endoftext|> = id 0, trained once
+on the training corpus with the `tokenizers` library (single-threaded, so deterministic) and kept
+at tools/tiny_tokenizer.json; every model directory gets a copy as tokenizer.json.
+`--retrain-tokenizer` rebuilds it.
+
+Training: random windows of --train-len tokens drawn inside one novel (never across a boundary),
+--batch-tokens tokens per step (so batch = batch_tokens / train_len windows) and a fixed budget of
+--tokens training tokens, so short- and long-window models take the same number of steps with the
+same learning-rate schedule (linear warmup, cosine decay to 10 %), AdamW, grad clip 1.0.
+
+Output directory: config.json, model.safetensors (f32, tied embeddings: no lm_head.weight),
+tokenizer.json and training.json (train_len, state_size N_S as SPEC.md §1 counts it, the exact
+command, seed, hyperparameters, tokens, wall time, loss log and `heldout`: the mean NLL in f32,
+from the zero state, over the real vocab, of positions 1..2047 of the first 2,048 tokens of
+austen_persuasion.txt tokenized whole; the Rust CI test reproduces it).
+
+Run from the repository root, one thread (the machine is shared), in a venv WITHOUT mamba_ssm:
+
+    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-short --train-len 64
+    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-long --train-len 2048
+
+See models/EXPERIMENTS.md for every configuration trained and its measured T_forget verdict.
+"""
+import argparse
+import gzip
+import importlib.util
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+for _m in ("mamba_ssm", "causal_conv1d"):
+    if importlib.util.find_spec(_m) is not None:
+        sys.exit(f"{_m} is importable in this venv: transformers would use its kernels; use a venv without it")
+
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Mamba2Config, Mamba2ForCausalLM
+
+transformers.logging.set_verbosity_error()
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "host", "assets", "corpus")
+TRAIN_FILE = os.path.join(CORPUS, "austen_train.txt.gz")
+HELDOUT_FILE = os.path.join(CORPUS, "austen_persuasion.txt")
+TOKENIZER_FILE = os.path.join(ROOT, "tools", "tiny_tokenizer.json")
+EOT = "<|endoftext|>"
+HELDOUT_TOKENS = 2048
+
+
+def read_train_docs():
+    """The training novels: austen_train.txt.gz split at <|endoftext|>."""
+    with gzip.open(TRAIN_FILE, "rt", encoding="utf-8") as f:
+        text = f.read()
+    docs = [d for d in text.split(EOT) if d.strip()]
+    assert len(docs) == 5, len(docs)
+    return docs
+
+
+def build_tokenizer(docs, vocab_size):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    assert tok.token_to_id(EOT) == 0, tok.token_to_id(EOT)
+    return tok
+
+
+def get_tokenizer(docs, vocab_size, retrain):
+    if retrain or not os.path.exists(TOKENIZER_FILE):
+        t0 = time.time()
+        tok = build_tokenizer(docs, vocab_size)
+        tok.save(TOKENIZER_FILE)
+        print(f"trained tokenizer ({tok.get_vocab_size()} ids) in {time.time() - t0:.1f}s -> {TOKENIZER_FILE}", flush=True)
+    tok = Tokenizer.from_file(TOKENIZER_FILE)
+    assert tok.token_to_id(EOT) == 0
+    return tok
+
+
+def state_size(cfg):
+    """N_S as SPEC.md §1 counts it: n_layer·[H·P·N + (d_inner + 2·G·N)·(d_conv − 1)]."""
+    di = cfg.expand * cfg.hidden_size
+    return cfg.num_hidden_layers * (cfg.num_heads * cfg.head_dim * cfg.state_size
+                                    + (di + 2 * cfg.n_groups * cfg.state_size) * (cfg.conv_kernel - 1))
+
+
+@torch.no_grad()
+def heldout_nll(model, ids, real_vocab):
+    """Mean NLL (f32, zero state, real vocab) of positions 1..len-1 of `ids`."""
+    x = torch.tensor(ids, dtype=torch.long)[None]
+    logits = model(x, use_cache=False).logits[0, :-1, :real_vocab].float()
+    nll = F.cross_entropy(logits, x[0, 1:], reduction="none")
+    return nll.mean().item(), nll
+
+
+def lr_at(step, total, warmup, peak, floor_frac=0.1):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (floor_frac + (1 - floor_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="model directory to write")
+    ap.add_argument("--train-len", type=int, required=True, help="training window, tokens")
+    ap.add_argument("--tokens", type=float, default=3e6, help="training-token budget (default 3e6)")
+    ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=32)
+    ap.add_argument("--d-state", type=int, default=64)
+    ap.add_argument("--expand", type=int, default=2)
+    ap.add_argument("--conv", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=64, help="HF chunk_size (SSD chunk; does not change the math)")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--warmup", type=int, default=30, help="warmup steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=8192, help="tokenizer vocab (only when (re)training it)")
+    ap.add_argument("--retrain-tokenizer", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--log-every", type=int, default=20)
+    args = ap.parse_args()
+    command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    print(f"torch {torch.__version__} transformers {transformers.__version__}; {command}", flush=True)
+
+    docs = read_train_docs()
+    tok = get_tokenizer(docs, args.vocab, args.retrain_tokenizer)
+    real_vocab = tok.get_vocab_size()
+    rows = (real_vocab + 15) // 16 * 16
+    doc_ids = [torch.tensor(tok.encode(d, add_special_tokens=False).ids, dtype=torch.long) for d in docs]
+    n_train = sum(len(d) for d in doc_ids)
+    with open(HELDOUT_FILE, encoding="utf-8") as f:
+        heldout_ids = tok.encode(f.read(), add_special_tokens=False).ids
+    print(f"vocab {real_vocab} (rows {rows}); train tokens {n_train:,} in {len(doc_ids)} novels; "
+          f"held-out {len(heldout_ids):,} tokens", flush=True)
+
+    T = args.train_len
+    assert args.batch_tokens % T == 0, "--batch-tokens must be a multiple of --train-len"
+    batch = args.batch_tokens // T
+    steps = int(round(args.tokens / args.batch_tokens))
+    assert args.hidden * args.expand % args.head_dim == 0
+    cfg = Mamba2Config(
+        vocab_size=rows, hidden_size=args.hidden, num_hidden_layers=args.layers, state_size=args.d_state,
+        head_dim=args.head_dim, num_heads=args.hidden * args.expand // args.head_dim, expand=args.expand,
+        conv_kernel=args.conv, chunk_size=args.chunk, n_groups=1, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = Mamba2ForCausalLM(cfg).float()
+    n_params = sum(p.numel() for p in model.parameters())
+    ns = state_size(cfg)
+    print(f"model: d {cfg.hidden_size} L {cfg.num_hidden_layers} H {cfg.num_heads} P {cfg.head_dim} "
+          f"N {cfg.state_size}; params {n_params:,}; N_S {ns:,}; train_len {T}, batch {batch}, steps {steps}",
+          flush=True)
+
+    # parameters: no weight decay on norms, biases, A_log, D, dt_bias (1-D tensors)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    gen = torch.Generator().manual_seed(args.seed)
+    lens = torch.tensor([len(d) - T - 1 for d in doc_ids], dtype=torch.float64)
+    assert (lens > 0).all()
+    log = []
+    model.train()
+    t0 = time.time()
+    ema = None
+    for step in range(steps):
+        which = torch.multinomial(lens, batch, replacement=True, generator=gen)
+        starts = (torch.rand(batch, generator=gen, dtype=torch.float64) * lens[which]).long()
+        x = torch.stack([doc_ids[w][s:s + T + 1] for w, s in zip(which.tolist(), starts.tolist())])
+        lr = lr_at(step, steps, args.warmup, args.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logits = model(x[:, :-1], use_cache=False).logits[..., :real_vocab]
+        loss = F.cross_entropy(logits.reshape(-1, real_vocab).float(), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % args.log_every == 0 or step == steps - 1:
+            el = time.time() - t0
+            tps = (step + 1) * args.batch_tokens / el
+            print(f"step {step:5d}/{steps} loss {loss.item():.4f} ema {ema:.4f} gnorm {gnorm:.2f} lr {lr:.2e} "
+                  f"{tps:,.0f} tok/s eta {(steps - step - 1) * args.batch_tokens / tps:.0f}s", flush=True)
+            log.append({"step": step, "loss": round(loss.item(), 5), "ema": round(ema, 5), "lr": lr})
+    train_wall = time.time() - t0
+
+    model.eval()
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    gen_cfg = os.path.join(args.out, "generation_config.json")
+    if os.path.exists(gen_cfg):  # not needed by stuffed
+        os.remove(gen_cfg)
+    tok.save(os.path.join(args.out, "tokenizer.json"))
+    sd = load_file(os.path.join(args.out, "model.safetensors"))
+    assert "lm_head.weight" not in sd, sorted(sd)
+    for k, v in sd.items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+    # held-out loss of the SAVED weights (reloaded), as the Rust test will compute it
+    reloaded = Mamba2ForCausalLM.from_pretrained(args.out).float().eval()
+    ids = heldout_ids[:HELDOUT_TOKENS]
+    mean_nll, nll = heldout_nll(reloaded, ids, real_vocab)
+    q = [nll[i:i + 256].mean().item() for i in range(0, len(nll), 256)]
+    print(f"held-out NLL (first {len(ids)} tokens of austen_persuasion.txt, positions 1..{len(ids) - 1}): "
+          f"{mean_nll:.6f}; by 256-token block: {' '.join(f'{v:.3f}' for v in q)}", flush=True)
+
+    info = {
+        "model": "Mamba2ForCausalLM (HF transformers, pure-torch path), trained by tools/train_tiny.py",
+        "command": command,
+        "seed": args.seed,
+        "train_len": T,
+        "state_size": ns,
+        "state_size_formula": "n_layer*[H*P*N + (d_inner + 2*G*N)*(d_conv - 1)] (SPEC.md §1)",
+        "params": n_params,
+        "arch": {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+                 "num_heads": cfg.num_heads, "head_dim": cfg.head_dim, "state_size": cfg.state_size,
+                 "expand": cfg.expand, "n_groups": cfg.n_groups, "conv_kernel": cfg.conv_kernel,
+                 "chunk_size": cfg.chunk_size, "vocab_rows": rows, "tokenizer_vocab": real_vocab,
+                 "tie_word_embeddings": True},
+        "hyperparameters": {"optimizer": "AdamW", "betas": [0.9, 0.95], "lr": args.lr,
+                            "schedule": f"linear warmup {args.warmup} steps, cosine to 10%",
+                            "weight_decay": args.weight_decay, "weight_decay_on": "2-D tensors only",
+                            "grad_clip": 1.0, "batch_tokens": args.batch_tokens, "batch_windows": batch,
+                            "steps": steps, "dtype": "f32", "threads": args.threads},
+        "training_tokens": steps * args.batch_tokens,
+        "train_corpus": {"file": "host/assets/corpus/austen_train.txt.gz", "tokens": n_train,
+                         "novels": len(doc_ids), "windows": "uniform over tokens, inside one novel"},
+        "final_train_loss_ema": round(ema, 5),
+        "train_wall_s": round(train_wall, 1),
+        "total_wall_s": round(time.time() - t_start, 1),
+        "heldout": {"text": "host/assets/corpus/austen_persuasion.txt", "tokenized": "whole file, no special tokens",
+                    "slice_tokens": len(ids), "positions": f"1..{len(ids) - 1}", "mean_nll": mean_nll,
+                    "compute": "f32, zero state, log-softmax over the tokenizer's vocab (rows >= vocab ignored), "
+                               "one full-sequence HF forward on the saved weights",
+                    "nll_by_256_block": [round(v, 5) for v in q]},
+        "heldout_total_tokens": len(heldout_ids),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "loss_log": log,
+    }
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump(info, f, indent=1)
+        f.write("\n")
+    print(f"wrote {args.out} ({sum(os.path.getsize(os.path.join(args.out, p)) for p in os.listdir(args.out)):,} bytes) "
+          f"in {time.time() - t_start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
