@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod exec;
+pub mod forget;
 pub mod mamba2;
 pub mod model;
 pub mod ops;
@@ -18,5 +19,6 @@ pub mod weight;
 
 pub use error::Error;
 pub use exec::{Exec, Serial};
+pub use forget::{Forget, Runs};
 pub use model::Recurrent;
 pub use weight::{DType, Data, Weight};

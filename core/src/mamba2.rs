@@ -14,6 +14,7 @@
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
 use crate::error::{need, Error};
 use crate::exec::{Exec, Shared, Simd};
+use crate::forget::{Forget, Runs};
 use crate::model::{check_tokens, Recurrent};
 use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
 use crate::weight::{gemm_nt, gemm_raw, matmul, Weight};
@@ -56,10 +57,10 @@ impl Config {
     pub fn in_proj_rows(&self) -> usize {
         2 * self.d_inner() + 2 * self.n_groups * self.d_state + self.n_heads
     }
-    fn conv_len(&self) -> usize {
+    pub fn conv_len(&self) -> usize {
         self.conv_dim() * (self.d_conv - 1)
     }
-    fn ssm_len(&self) -> usize {
+    pub fn ssm_len(&self) -> usize {
         self.n_heads * self.head_dim * self.d_state
     }
     /// f32 elements of one layer's state.
@@ -132,7 +133,11 @@ pub struct Weights<'a> {
 pub struct Mamba2<'a> {
     pub cfg: Config,
     pub w: Weights<'a>,
+    forget: Forget,
 }
+
+/// Probe series, per layer and head, summed over tokens.
+const PROBE: &[&str] = &["log_decay_sum", "dt_sum", "b_mean_sum", "x_mean_sum"];
 
 fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(), Error> {
     if w.rows != rows || w.cols != cols {
@@ -212,7 +217,11 @@ impl<'a> Mamba2<'a> {
                 shape("out_proj.bias", b, 1, d)?;
             }
         }
-        Ok(Mamba2 { cfg, w })
+        Ok(Mamba2 {
+            cfg,
+            w,
+            forget: Forget::None,
+        })
     }
 
     fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
@@ -239,6 +248,7 @@ impl<'a> Mamba2<'a> {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         ex: &dyn Exec,
@@ -246,29 +256,91 @@ impl<'a> Mamba2<'a> {
         state: &mut [f32],
         scratch: &mut [f32],
         hidden: &mut [f32],
+        mut probe: Option<&mut [f32]>,
         scan: Scan,
     ) -> Result<(), Error> {
         let c = &self.cfg;
         let (t, d) = (tokens.len(), c.d_model);
         need("mamba2 state", state.len(), self.state_len())?;
         need("hidden", hidden.len(), t * d)?;
+        if let Some(p) = probe.as_deref() {
+            need("probe", p.len(), self.probe_len())?;
+        }
         check_tokens(tokens, c.vocab_rows)?;
         if t == 0 {
             return Ok(());
         }
+        let win = match self.forget {
+            Forget::Window { r } if t > r => {
+                return Err(Error::Config(
+                    "window forgetting: a call may hold at most r tokens",
+                ))
+            }
+            Forget::Window { r } => Some(r),
+            _ => None,
+        };
         let mut s = self.split_scratch(t, scratch)?;
         let x = &mut hidden[..t * d];
         for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
             self.w.embed.row(tok as usize, row);
         }
+        let (base, extra) = state.split_at_mut(c.paper_state_size());
+        // Window caches: per layer, then (position mod r, filled) for the whole model.
+        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
+        let pos0 = meta.first().map_or(0, |&v| v as usize);
+        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
+        let wl = win.map_or(0, |r| self.window_layer_len(r));
         let ls = c.layer_state_len();
-        for (layer, st) in self.w.layers.iter().zip(state.chunks_exact_mut(ls)) {
-            self.layer(ex, layer, t, x, st, &mut s, scan)?;
+        let psz = PROBE.len() * c.n_heads;
+        for (l, (layer, st)) in self
+            .w
+            .layers
+            .iter()
+            .zip(base.chunks_exact_mut(ls))
+            .enumerate()
+        {
+            let pr = probe.as_deref_mut().map(|p| &mut p[l * psz..(l + 1) * psz]);
+            let ws = win.map(|r| (r, &mut win_layers[l * wl..(l + 1) * wl]));
+            self.layer(
+                ex,
+                layer,
+                t,
+                x,
+                st,
+                &mut s,
+                scan,
+                pr,
+                ws.map(|(r, w)| (r, pos0, filled, w)),
+            )?;
+        }
+        if let (Some(r), [pm, fl]) = (win, meta) {
+            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
+            *pm = ((pos0 + t) % r) as f32;
         }
         for row in x.chunks_exact_mut(d) {
             rmsnorm_inplace(row, &self.w.norm_f, 0, c.eps);
         }
         Ok(())
+    }
+
+    /// f32 elements of one layer's window cache: `L (H, P, N)`, a ring of r slots of
+    /// `[log α (H) | dt (H) | B (G·N) | x (di)]`, and the window's log-decay sum `(H, 2)` (hi, lo).
+    fn window_layer_len(&self, r: usize) -> usize {
+        let c = &self.cfg;
+        c.ssm_len() + r * self.slot_len() + 2 * c.n_heads
+    }
+
+    fn slot_len(&self) -> usize {
+        let c = &self.cfg;
+        2 * c.n_heads + c.n_groups * c.d_state + c.d_inner()
+    }
+
+    /// log α offset per token: ln a under RRI, else 0.
+    fn log_a(&self) -> f32 {
+        match self.forget {
+            Forget::Rri { a, .. } => libm::logf(a),
+            _ => 0.0,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -281,6 +353,8 @@ impl<'a> Mamba2<'a> {
         st: &mut [f32],
         s: &mut Scratch,
         scan: Scan,
+        probe: Option<&mut [f32]>,
+        window: Option<(usize, usize, bool, &mut [f32])>,
     ) -> Result<(), Error> {
         let c = &self.cfg;
         let (d, di, nin, cd) = (c.d_model, c.d_inner(), c.in_proj_rows(), c.conv_dim());
@@ -303,14 +377,28 @@ impl<'a> Mamba2<'a> {
         let u = &mut s.u[..t * cd];
         self.conv(lw, t, zx, conv_state, s.wt, u);
 
-        // dt = clamp(softplus(dt_raw + dt_bias))
+        // dt = clamp(softplus(dt_raw + dt_bias)), then the forgetting knobs: Δ′ = c·Δ, B′ = b·B.
         let nh = c.n_heads;
         let dt = &mut s.dt[..t * nh];
+        let dt_scale = if let Forget::Dt { c } = self.forget {
+            c
+        } else {
+            1.0
+        };
         for (dr, zr) in dt.chunks_exact_mut(nh).zip(zx.chunks_exact(nin)) {
             for (hh, v) in dr.iter_mut().enumerate() {
                 let raw = zr[nin - nh + hh] + lw.dt_bias.get(hh);
-                *v = softplus(raw).clamp(c.dt_min, c.dt_max);
+                *v = softplus(raw).clamp(c.dt_min, c.dt_max) * dt_scale;
             }
+        }
+        let gn = c.n_groups * c.d_state;
+        if let Forget::Rri { b, .. } = self.forget {
+            for row in u.chunks_exact_mut(cd) {
+                row[di..di + gn].iter_mut().for_each(|v| *v *= b);
+            }
+        }
+        if let Some(p) = probe {
+            self.probe_sums(lw, t, u, dt, p);
         }
 
         // SSM, one head per task.
@@ -318,6 +406,9 @@ impl<'a> Mamba2<'a> {
         match scan {
             Scan::Recurrent => self.ssm_recurrent(ex, lw, t, u, dt, ssm_state, y),
             Scan::Chunked => self.ssm_chunked(ex, lw, t, u, dt, ssm_state, y, s.cb, s.hs),
+        }
+        if let Some((r, pos0, filled, ws)) = window {
+            self.window(ex, lw, t, u, dt, y, r, pos0, filled, ws);
         }
 
         // y ← GroupRMSNorm(y ⊙ fast_silu(z)), norm over groups of di/G channels.
@@ -445,10 +536,11 @@ impl<'a> Mamba2<'a> {
             // SAFETY: head hh owns its state block and its P columns of y.
             let s = unsafe { ss.range(hh * p * n, p * n) };
             let a = -exp(lw.a_log.get(hh));
+            let la = self.log_a();
             for tt in 0..t {
                 let (xv, b, cc) = self.xbc(u, tt, hh);
                 let dth = dt[tt * nh + hh];
-                let da = exp(dth * a);
+                let da = exp(dth * a + la);
                 let yr = unsafe { ys.range(tt * di + hh * p, p) };
                 for (pp, sp) in s.chunks_exact_mut(n).enumerate() {
                     for (sv, bv) in sp.iter_mut().zip(b) {
@@ -558,6 +650,7 @@ impl<'a> Mamba2<'a> {
         let q = SSD_BLOCK;
         let g = hh / (nh / c.n_groups);
         let (xo, bo, co) = (hh * p, di + g * n, di + (c.n_groups + g) * n);
+        let la = self.log_a();
         let (mm, rest) = hs.split_at_mut(q * q);
         let (xt, wbt) = rest.split_at_mut(p * q);
         let a = -exp(lw.a_log.get(hh));
@@ -569,7 +662,7 @@ impl<'a> Mamba2<'a> {
             let mut acc = 0.0;
             for i in 0..len {
                 dth[i] = dt[(t0 + i) * nh + hh];
-                acc += dth[i] * a;
+                acc += dth[i] * a + la;
                 cum[i] = acc;
             }
             let ub = &u[t0 * cd..];
@@ -645,6 +738,109 @@ impl<'a> Mamba2<'a> {
     }
 }
 
+impl Mamba2<'_> {
+    /// Adds, per head, Σ_t log α_t, Σ_t Δ_t, Σ_t mean(B_t) and Σ_t mean(x_t) into `p (4, H)`.
+    fn probe_sums(&self, lw: &Layer, t: usize, u: &[f32], dt: &[f32], p: &mut [f32]) {
+        let c = &self.cfg;
+        let (nh, la) = (c.n_heads, self.log_a());
+        for hh in 0..nh {
+            let a = -exp(lw.a_log.get(hh));
+            let (mut ld, mut sd, mut sb, mut sx) = (0f32, 0f32, 0f32, 0f32);
+            for tt in 0..t {
+                let dth = dt[tt * nh + hh];
+                let (x, b, _) = self.xbc(u, tt, hh);
+                ld += dth * a + la;
+                sd += dth;
+                sb += b.iter().sum::<f32>() / b.len() as f32;
+                sx += x.iter().sum::<f32>() / x.len() as f32;
+            }
+            for (k, v) in [ld, sd, sb, sx].into_iter().enumerate() {
+                p[k * nh + hh] += v;
+            }
+        }
+    }
+
+    /// Sliding window by state difference, after the SSM wrote `y`: per token, advance the lagged
+    /// state `L = h_{t−r}` by the cached inputs of token t−r, keep W = Σ log α over the window, and
+    /// subtract `exp(W)·(C_t·L)` from y_t. Then cache this call's inputs (t ≤ r, so no token
+    /// of the call reads a slot the call writes).
+    #[allow(clippy::too_many_arguments)]
+    fn window(
+        &self,
+        ex: &dyn Exec,
+        lw: &Layer,
+        t: usize,
+        u: &[f32],
+        dt: &[f32],
+        y: &mut [f32],
+        r: usize,
+        pos0: usize,
+        filled: bool,
+        ws: &mut [f32],
+    ) {
+        let c = &self.cfg;
+        let (p, n, nh, di, gn) = (
+            c.head_dim,
+            c.d_state,
+            c.n_heads,
+            c.d_inner(),
+            c.n_groups * c.d_state,
+        );
+        let sl = self.slot_len();
+        let (lag, rest) = ws.split_at_mut(c.ssm_len());
+        let (ring, wsum) = rest.split_at_mut(r * sl);
+        let la = self.log_a();
+        let (ys, lags, wss) = (Shared::new(y), Shared::new(lag), Shared::new(wsum));
+        let ring_r: &[f32] = ring;
+        ex.for_each(nh, &|hh| {
+            // SAFETY: head hh owns its lagged state, its window sum and its P columns of y.
+            let lh = unsafe { lags.range(hh * p * n, p * n) };
+            let w2 = unsafe { wss.range(2 * hh, 2) };
+            let a = -exp(lw.a_log.get(hh));
+            let g = hh / (nh / c.n_groups);
+            let mut w = w2[0] as f64 + w2[1] as f64;
+            for tt in 0..t {
+                let abs = pos0 + tt;
+                let full = filled || abs >= r;
+                if full {
+                    let slot = &ring_r[(abs % r) * sl..(abs % r + 1) * sl];
+                    let (lo, dto) = (slot[hh], slot[nh + hh]);
+                    let bo = &slot[2 * nh + g * c.d_state..2 * nh + (g + 1) * c.d_state];
+                    let xo = &slot[2 * nh + gn + hh * p..2 * nh + gn + (hh + 1) * p];
+                    let e = exp(lo);
+                    for (lp, &xv) in lh.chunks_exact_mut(n).zip(xo) {
+                        for (lv, &bv) in lp.iter_mut().zip(bo) {
+                            *lv = *lv * e + dto * xv * bv;
+                        }
+                    }
+                    w -= lo as f64;
+                }
+                w += (dt[tt * nh + hh] * a + la) as f64;
+                if full {
+                    let (_, _, ct) = self.xbc(u, tt, hh);
+                    let f = exp(w as f32);
+                    let yr = unsafe { ys.range(tt * di + hh * p, p) };
+                    for (yv, lp) in yr.iter_mut().zip(lh.chunks_exact(n)) {
+                        *yv -= f * dot(lp, ct);
+                    }
+                }
+            }
+            w2[0] = w as f32;
+            w2[1] = (w - w2[0] as f64) as f32;
+        });
+        for tt in 0..t {
+            let slot = &mut ring[((pos0 + tt) % r) * sl..((pos0 + tt) % r + 1) * sl];
+            for hh in 0..nh {
+                slot[hh] = dt[tt * nh + hh] * -exp(lw.a_log.get(hh)) + la;
+                slot[nh + hh] = dt[tt * nh + hh];
+            }
+            let row = &u[tt * c.conv_dim()..];
+            slot[2 * nh..2 * nh + gn].copy_from_slice(&row[di..di + gn]);
+            slot[2 * nh + gn..].copy_from_slice(&row[..di]);
+        }
+    }
+}
+
 /// Per-head SSD scratch: M `(Q, Q)`, Xᵀ `(P, Q)`, (w∘B)ᵀ `(N, Q)`.
 fn head_scratch(c: &Config) -> usize {
     SSD_BLOCK * (SSD_BLOCK + c.head_dim + c.d_state)
@@ -658,7 +854,11 @@ impl Recurrent for Mamba2<'_> {
         self.cfg.vocab_rows
     }
     fn state_len(&self) -> usize {
-        self.cfg.paper_state_size()
+        let base = self.cfg.paper_state_size();
+        match self.forget {
+            Forget::Window { r } => base + self.cfg.n_layer * self.window_layer_len(r) + 2,
+            _ => base,
+        }
     }
     fn scratch_len(&self, chunk: usize) -> usize {
         let c = &self.cfg;
@@ -676,7 +876,26 @@ impl Recurrent for Mamba2<'_> {
         scratch: &mut [f32],
         hidden: &mut [f32],
     ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, Scan::Chunked)
+        self.run(ex, tokens, state, scratch, hidden, None, Scan::Chunked)
+    }
+    fn forward_probed(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: &mut [f32],
+    ) -> Result<(), Error> {
+        self.run(
+            ex,
+            tokens,
+            state,
+            scratch,
+            hidden,
+            Some(probe),
+            Scan::Chunked,
+        )
     }
     fn forward_recurrent(
         &self,
@@ -686,9 +905,50 @@ impl Recurrent for Mamba2<'_> {
         scratch: &mut [f32],
         hidden: &mut [f32],
     ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, Scan::Recurrent)
+        self.run(ex, tokens, state, scratch, hidden, None, Scan::Recurrent)
     }
     fn head(&self) -> &Weight<'_> {
         &self.w.head
+    }
+    fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
+        match f {
+            Forget::Window { r: 0 } => return Err(Error::Config("window forgetting needs r ≥ 1")),
+            Forget::Rri { a, b } if !(a > 0.0 && a <= 1.0 && b.is_finite()) => {
+                return Err(Error::Config("rri needs 0 < a ≤ 1 and a finite b"))
+            }
+            Forget::Dt { c } if !(c > 0.0 && c.is_finite()) => {
+                return Err(Error::Config("dt scaling needs c > 0"))
+            }
+            _ => {}
+        }
+        self.forget = f;
+        Ok(())
+    }
+    fn forget(&self) -> Forget {
+        self.forget
+    }
+    fn n_layer(&self) -> usize {
+        self.cfg.n_layer
+    }
+    fn n_heads(&self) -> usize {
+        self.cfg.n_heads
+    }
+    fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize> {
+        let c = &self.cfg;
+        let start = layer * c.layer_state_len() + c.conv_len() + head * c.head_dim * c.d_state;
+        start..start + c.head_dim * c.d_state
+    }
+    fn conv_state(&self, layer: usize, head: usize) -> Option<Runs> {
+        let c = &self.cfg;
+        let start = layer * c.layer_state_len() + head * c.head_dim;
+        Some(Runs {
+            start,
+            len: c.head_dim,
+            stride: c.conv_dim(),
+            rows: c.d_conv - 1,
+        })
+    }
+    fn probe_series(&self) -> (&'static [&'static str], usize) {
+        (PROBE, 1)
     }
 }

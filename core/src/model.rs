@@ -1,6 +1,7 @@
 //! What every family offers the host: a state it can snapshot, a chunked forward and a token step.
 use crate::error::Error;
 use crate::exec::Exec;
+use crate::forget::{Forget, Runs};
 use crate::weight::{matmul, Weight};
 
 /// A recurrent language model with a fixed-size f32 state.
@@ -36,6 +37,38 @@ pub trait Recurrent: Sync {
     ) -> Result<(), Error>;
     /// The LM head `(vocab_rows, d_model)`.
     fn head(&self) -> &Weight<'_>;
+
+    /// Sets the forgetting method; the state length may change (window caches), so set it before
+    /// sizing buffers. Unsupported methods are an error.
+    fn set_forget(&mut self, f: Forget) -> Result<(), Error>;
+    fn forget(&self) -> Forget;
+
+    fn n_layer(&self) -> usize;
+    /// Heads per layer (the unit of retention, state statistics and state normalization).
+    fn n_heads(&self) -> usize;
+    /// The state range of head `h` of layer `l`'s recurrent matrix.
+    fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize>;
+    /// The conv (Mamba) or token-shift (RWKV) values that belong to head `h` of layer `l`.
+    fn conv_state(&self, layer: usize, head: usize) -> Option<Runs>;
+    /// Names of the per-(layer, head) sums over tokens that [`Recurrent::forward_probed`] reports,
+    /// and how many values each head has per series (1, or the key channels of per-channel decays).
+    /// The first series is always the log decay (log retention) summed over tokens.
+    fn probe_series(&self) -> (&'static [&'static str], usize);
+    /// f32 elements of a probe buffer: `(n_layer, series, n_heads, width)`.
+    fn probe_len(&self) -> usize {
+        let (names, width) = self.probe_series();
+        self.n_layer() * names.len() * self.n_heads() * width
+    }
+    /// [`Recurrent::forward`] that also adds this call's sums of the probe series into `probe`.
+    fn forward_probed(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: &mut [f32],
+    ) -> Result<(), Error>;
 
     /// One token through the recurrence.
     fn step(

@@ -1,6 +1,7 @@
 //! A checkpoint on disk → a core model whose weights are views into the checkpoint's maps.
 use crate::checkpoint::{Checkpoint, DType, Format, TensorView};
 use crate::config::{self, Flavor};
+use crate::forget::ForgetSpec;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,8 @@ pub struct Model {
     _layers: Box<[mamba2::Layer<'static>]>,
     _ckpt: Box<Checkpoint>,
     pub info: ModelInfo,
+    /// The forgetting method sessions of this model use.
+    pub forget: ForgetSpec,
 }
 
 impl Model {
@@ -51,6 +54,22 @@ impl Model {
         match &self.net {
             Net::Mamba2(m) => m,
         }
+    }
+
+    fn net_mut(&mut self) -> &mut dyn Recurrent {
+        match &mut self.net {
+            Net::Mamba2(m) => m,
+        }
+    }
+
+    /// Sets the forgetting method (before creating sessions: the state size may change).
+    pub fn set_forget(&mut self, f: ForgetSpec) -> Result<()> {
+        let path = self.info.path.display().to_string();
+        self.net_mut()
+            .set_forget(f.core())
+            .with_context(|| format!("{path}: --forget {f}"))?;
+        self.forget = f;
+        Ok(())
     }
 
     /// Opens a checkpoint directory (or file) and builds the model it holds.
@@ -262,5 +281,6 @@ fn load_mamba2(
         _layers: layers,
         _ckpt: ckpt,
         info,
+        forget: ForgetSpec::None,
     })
 }

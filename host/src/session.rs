@@ -1,5 +1,6 @@
 //! A model plus its state and buffers, sized once: the loop every command drives.
 use crate::exec::Pool;
+use crate::forget::ForgetSpec;
 use crate::model::Model;
 use anyhow::{bail, Result};
 use stuffed_core::Recurrent;
@@ -15,12 +16,22 @@ pub struct Session<'m> {
     pub pos: u64,
     scratch: Vec<f32>,
     hidden: Vec<f32>,
+    /// The forgetting method (the model already holds its in-recurrence part).
+    pub forget: ForgetSpec,
+    /// State normalization's τ per (layer, head), once calibrated.
+    pub tau: Vec<f32>,
 }
 
 impl<'m> Session<'m> {
+    /// A session with the model's forgetting method (`Model::set_forget`); a window of r caps the
+    /// chunk at r.
     pub fn new(model: &'m Model, chunk: usize) -> Session<'m> {
         let net = model.net();
-        let chunk = chunk.max(1);
+        let forget = model.forget;
+        let chunk = match forget {
+            ForgetSpec::Window { r } => chunk.clamp(1, r),
+            _ => chunk.max(1),
+        };
         Session {
             model,
             ex: Pool::new(),
@@ -29,6 +40,8 @@ impl<'m> Session<'m> {
             pos: 0,
             scratch: vec![0.0; net.scratch_len(chunk)],
             hidden: vec![0.0; chunk * net.d_model()],
+            forget,
+            tau: Vec::new(),
         }
     }
 
@@ -39,31 +52,66 @@ impl<'m> Session<'m> {
     pub fn reset(&mut self) {
         self.state.fill(0.0);
         self.pos = 0;
+        self.tau.clear();
     }
 
-    /// Runs `tokens` chunk by chunk from the current state, handing each chunk's final-normed hidden
-    /// rows `(t, d_model)` to `sink(offset in tokens, rows)`. A non-finite state is an error.
+    /// Runs `tokens` chunk by chunk from the current state, handing each piece's final-normed hidden
+    /// rows `(t, d_model)` to `sink(offset in tokens, rows)`. Pieces also end where a state-level
+    /// forgetting method acts. A non-finite state is an error.
     pub fn feed(
         &mut self,
         tokens: &[u32],
         sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
     ) -> Result<()> {
+        self.feed_impl(tokens, None, sink)
+    }
+
+    /// [`Session::feed`] through the chunked path, adding the probe series (see
+    /// `Recurrent::forward_probed`) of these tokens into `probe`.
+    pub fn feed_probed(
+        &mut self,
+        tokens: &[u32],
+        probe: &mut [f32],
+        sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        self.feed_impl(tokens, Some(probe), sink)
+    }
+
+    fn feed_impl(
+        &mut self,
+        tokens: &[u32],
+        mut probe: Option<&mut [f32]>,
+        sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
         let net = self.model.net();
         let d = net.d_model();
-        for (i, part) in tokens.chunks(self.chunk).enumerate() {
-            let hidden = &mut self.hidden[..part.len() * d];
-            if self.chunk == 1 {
-                net.step(
+        let mut off = 0;
+        while off < tokens.len() {
+            let mut n = self.chunk.min(tokens.len() - off);
+            if let Some(b) = self.next_boundary() {
+                n = n.min((b - self.pos) as usize);
+            }
+            let part = &tokens[off..off + n];
+            let hidden = &mut self.hidden[..n * d];
+            match probe.as_deref_mut() {
+                Some(p) => net.forward_probed(
+                    &self.ex,
+                    part,
+                    &mut self.state,
+                    &mut self.scratch,
+                    hidden,
+                    p,
+                )?,
+                None if self.chunk == 1 => net.step(
                     &self.ex,
                     part[0],
                     &mut self.state,
                     &mut self.scratch,
                     hidden,
-                )?;
-            } else {
-                net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden)?;
+                )?,
+                None => net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden)?,
             }
-            self.pos += part.len() as u64;
+            self.pos += n as u64;
             if let Some(bad) = self.state.iter().position(|v| !v.is_finite()) {
                 bail!(
                     "non-finite value in the recurrent state after token {} (state element {bad}); \
@@ -71,9 +119,52 @@ impl<'m> Session<'m> {
                     self.pos
                 );
             }
-            sink(i * self.chunk, hidden)?;
+            sink(off, hidden)?;
+            off += n;
+            self.at_boundary();
         }
         Ok(())
+    }
+
+    /// The next position (> pos) where a state-level method acts.
+    fn next_boundary(&self) -> Option<u64> {
+        let next = |every: u64| (self.pos / every + 1) * every;
+        match self.forget {
+            ForgetSpec::Reset { every } => Some(next(every)),
+            ForgetSpec::StateNorm {
+                every,
+                calib: Some(c),
+            } if self.pos < c => Some(next(every).min(c)),
+            ForgetSpec::StateNorm { every, .. } => Some(next(every)),
+            _ => None,
+        }
+    }
+
+    /// Applies reset, calibration or normalization when `pos` sits on their boundary.
+    fn at_boundary(&mut self) {
+        let net = self.model.net();
+        match self.forget {
+            ForgetSpec::Reset { every } if self.pos.is_multiple_of(every) => self.state.fill(0.0),
+            ForgetSpec::StateNorm { every, calib } => {
+                let heads =
+                    (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| (l, h)));
+                if calib == Some(self.pos) {
+                    self.tau = heads
+                        .map(|(l, h)| fro(&self.state[net.head_state(l, h)]))
+                        .collect();
+                } else if !self.tau.is_empty() && self.pos.is_multiple_of(every) {
+                    for ((l, h), &tau) in heads.zip(&self.tau) {
+                        let r = net.head_state(l, h);
+                        let norm = fro(&self.state[r.clone()]);
+                        if norm > tau {
+                            let k = tau / norm;
+                            self.state[r].iter_mut().for_each(|v| *v *= k);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// `out (t, vocab_rows)` logits of `t` hidden rows.
@@ -103,6 +194,11 @@ impl Session<'_> {
         }
         Ok(out)
     }
+}
+
+/// Frobenius norm, accumulated in f64.
+pub fn fro(v: &[f32]) -> f32 {
+    v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32
 }
 
 /// Index of the largest of the first `n` values (ties: the first), for greedy decoding.

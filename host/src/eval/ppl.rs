@@ -543,8 +543,8 @@ fn run_model(
                 targets.push(ids[0]);
                 nrows = 1;
             }
-            session.feed(&ids, &mut |_, h| {
-                rows[nrows * d..(nrows + t) * d].copy_from_slice(h);
+            session.feed(&ids, &mut |off, h| {
+                rows[(nrows + off) * d..(nrows + off) * d + h.len()].copy_from_slice(h);
                 Ok(())
             })?;
             targets.extend_from_slice(&ids[1..]);

@@ -1,0 +1,140 @@
+//! `--forget METHOD`: parsing, and the methods that act on the state between calls (state
+//! normalization, periodic reset). The in-recurrence methods (RRI, Δ scaling, window) live in the core.
+use anyhow::{anyhow, bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use stuffed_core::Forget;
+
+#[derive(Clone, Copy, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "kebab-case")]
+pub enum ForgetSpec {
+    #[default]
+    None,
+    Rri {
+        a: f32,
+        b: f32,
+    },
+    Dt {
+        c: f32,
+    },
+    Window {
+        r: usize,
+    },
+    /// τ = ‖h‖_F per (layer, head) after `calib` tokens (default: --train-len); then every `every`
+    /// tokens h ← h·min(1, τ/‖h‖_F).
+    StateNorm {
+        every: u64,
+        calib: Option<u64>,
+    },
+    /// Zero the whole state every `every` tokens.
+    Reset {
+        every: u64,
+    },
+}
+
+impl ForgetSpec {
+    /// `none`, `rri:a=0.9999,b=0.75`, `dt:c=0.5`, `window:r=4096`, `state-norm:every=128,calib=8192`,
+    /// `reset:every=4096`.
+    pub fn parse(s: &str) -> Result<ForgetSpec> {
+        let (name, args) = s.split_once(':').unwrap_or((s, ""));
+        let mut kv = BTreeMap::new();
+        for part in args.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--forget {s}: '{part}' is not key=value"))?;
+            kv.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        let num = |k: &str| -> Result<Option<f64>> {
+            kv.get(k)
+                .map(|v| {
+                    v.parse::<f64>()
+                        .map_err(|_| anyhow!("--forget {s}: {k}={v} is not a number"))
+                })
+                .transpose()
+        };
+        let need = |k: &str| num(k)?.ok_or_else(|| anyhow!("--forget {s}: missing {k}="));
+        let known: &[&str] = match name {
+            "none" => &[],
+            "rri" => &["a", "b"],
+            "dt" => &["c"],
+            "window" => &["r"],
+            "state-norm" => &["every", "calib"],
+            "reset" => &["every"],
+            other => bail!(
+                "--forget: unknown method '{other}' (none, rri, dt, window, state-norm, reset)"
+            ),
+        };
+        if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
+            bail!("--forget {s}: unknown parameter '{k}'");
+        }
+        let positive = |k: &str, v: f64| {
+            if v >= 1.0 {
+                Ok(v as u64)
+            } else {
+                Err(anyhow!("--forget {s}: {k} must be ≥ 1"))
+            }
+        };
+        Ok(match name {
+            "none" => ForgetSpec::None,
+            "rri" => ForgetSpec::Rri {
+                a: num("a")?.unwrap_or(0.9999) as f32,
+                b: num("b")?.unwrap_or(0.75) as f32,
+            },
+            "dt" => ForgetSpec::Dt {
+                c: num("c")?.unwrap_or(0.5) as f32,
+            },
+            "window" => ForgetSpec::Window {
+                r: positive("r", need("r")?)? as usize,
+            },
+            "state-norm" => ForgetSpec::StateNorm {
+                every: positive("every", num("every")?.unwrap_or(128.0))?,
+                calib: num("calib")?.map(|v| positive("calib", v)).transpose()?,
+            },
+            _ => ForgetSpec::Reset {
+                every: positive("every", need("every")?)?,
+            },
+        })
+    }
+
+    /// The part the core applies inside the recurrence.
+    pub fn core(&self) -> Forget {
+        match *self {
+            ForgetSpec::Rri { a, b } => Forget::Rri { a, b },
+            ForgetSpec::Dt { c } => Forget::Dt { c },
+            ForgetSpec::Window { r } => Forget::Window { r },
+            _ => Forget::None,
+        }
+    }
+
+    /// With the calibration length resolved (state-norm's default is the training length).
+    pub fn resolved(self, train_len: Option<u64>) -> Result<ForgetSpec> {
+        match self {
+            ForgetSpec::StateNorm { every, calib: None } => match train_len {
+                Some(t) => Ok(ForgetSpec::StateNorm {
+                    every,
+                    calib: Some(t),
+                }),
+                None => bail!(
+                    "--forget state-norm: give calib=N or --train-len (the calibration prefix)"
+                ),
+            },
+            s => Ok(s),
+        }
+    }
+}
+
+impl std::fmt::Display for ForgetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForgetSpec::None => write!(f, "none"),
+            ForgetSpec::Rri { a, b } => write!(f, "rri:a={a},b={b}"),
+            ForgetSpec::Dt { c } => write!(f, "dt:c={c}"),
+            ForgetSpec::Window { r } => write!(f, "window:r={r}"),
+            ForgetSpec::StateNorm { every, calib } => {
+                write!(f, "state-norm:every={every}")?;
+                calib.map_or(Ok(()), |c| write!(f, ",calib={c}"))
+            }
+            ForgetSpec::Reset { every } => write!(f, "reset:every={every}"),
+        }
+    }
+}
