@@ -2,6 +2,7 @@
 pub mod basic;
 mod passkey;
 mod ppl;
+mod probe;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -67,6 +68,8 @@ pub enum Cmd {
     },
     /// Loss against position, streamed over millions of tokens in constant memory.
     Ppl(ppl::PplArgs),
+    /// Retention, state statistics and snapshots every K tokens, with plots.
+    Probe(probe::ProbeArgs),
     /// Passkey retrieval over a grid of prompt lengths × needle depths.
     Passkey(passkey::PasskeyArgs),
     /// Combine `passkey --shard` outputs into one summary and heatmap.
@@ -121,6 +124,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => basic::generate(&model, &prompt, max_new, tokenizer.as_deref()),
         Cmd::Ppl(a) => ppl::run(a),
         Cmd::Passkey(a) => passkey::run(a),
+        Cmd::Probe(a) => probe::run(a),
         Cmd::Merge { dirs, out } => crate::eval::passkey::merge(&dirs, &out),
         Cmd::Synth {
             family,

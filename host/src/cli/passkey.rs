@@ -43,6 +43,9 @@ pub struct PasskeyArgs {
     /// Run every sample from the zero state (no shared haystack): slower, for checking reuse.
     #[arg(long)]
     no_reuse: bool,
+    /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here.
+    #[arg(long, default_value = "none")]
+    forget: String,
 }
 
 pub fn run(a: PasskeyArgs) -> Result<()> {
@@ -67,6 +70,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         chunk: a.chunk,
         tokenizer: a.tokenizer,
         reuse: !a.no_reuse,
+        forget: crate::forget::ForgetSpec::parse(&a.forget)?.resolved(None)?,
     };
     passkey::run(&a.model, &o, &a.out, a.resume, shard)?;
     println!(

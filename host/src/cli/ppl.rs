@@ -56,6 +56,10 @@ pub struct PplArgs {
     /// Plot against log2(position), from the power-of-two buckets.
     #[arg(long)]
     log_x: bool,
+    /// Training-free forgetting: none, rri:a=0.9999,b=0.75, dt:c=0.5, window:r=N,
+    /// state-norm:every=128[,calib=T] (calib defaults to --train-len), reset:every=N.
+    #[arg(long, default_value = "none")]
+    forget: String,
 }
 
 pub fn run(a: PplArgs) -> Result<()> {
@@ -81,6 +85,7 @@ pub fn run(a: PplArgs) -> Result<()> {
     if a.bucket == 0 || a.chunk == 0 {
         bail!("ppl: --bucket and --chunk must be positive");
     }
+    let forget = crate::forget::ForgetSpec::parse(&a.forget)?.resolved(a.train_len)?;
     let o = Options {
         chunk: a.chunk,
         bucket: a.bucket,
@@ -93,6 +98,7 @@ pub fn run(a: PplArgs) -> Result<()> {
         nll_out: a.nll_out,
         tokenizer: a.tokenizer,
         log_x: a.log_x,
+        forget,
     };
     let runs = ppl::run(&a.model, &inputs, &o, &a.out, a.resume)?;
     for r in &runs {

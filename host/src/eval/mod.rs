@@ -1,3 +1,4 @@
 //! The evaluators: each is the same streamed forward with a different reduction.
 pub mod passkey;
 pub mod ppl;
+pub mod probe;

@@ -74,6 +74,7 @@ pub struct Options {
     pub tokenizer: Option<PathBuf>,
     /// Share the haystack between samples (off: every sample from the zero state, for checks).
     pub reuse: bool,
+    pub forget: crate::forget::ForgetSpec,
 }
 
 /// One sample's record (one line of results.jsonl).
@@ -306,7 +307,8 @@ pub fn run(
     shard: Option<(usize, usize)>,
 ) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
-    let model = Model::load(model_path)?;
+    let mut model = Model::load(model_path)?;
+    model.set_forget(o.forget)?;
     let tok = Tokenizer::for_model(Some(&dir_of(model_path)), o.tokenizer.as_deref())?;
     let real = real_vocab(&model, &tok);
     let tpl = template(o.template);
@@ -388,7 +390,7 @@ pub fn run(
             } else {
                 0 // the haystack already passed this sample's branch point: run it alone
             };
-            let saved = s.state.clone();
+            let (saved, saved_tau) = (s.state.clone(), s.tau.clone());
             if branch == 0 {
                 s.reset();
             }
@@ -400,6 +402,7 @@ pub fn run(
             })?;
             let new = s.greedy(&last_row, o.max_new, real)?;
             s.state.copy_from_slice(&saved);
+            s.tau = saved_tau;
             s.pos = pos as u64;
             facts.tokens_processed += (ids.len() - branch + new.len()) as u64;
             facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
@@ -522,6 +525,7 @@ pub fn write_summary(
         "model": info,
         "precision": {"weights": info.weight_dtype, "compute": "f32", "state": "f32"},
         "options": o,
+        "forget": o.forget.to_string(),
         "samples": recs.len(),
         "accuracy_per_length": per_length,
         "accuracy_per_length_depth": grid,

@@ -32,6 +32,7 @@ pub struct Options {
     pub nll_out: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
     pub log_x: bool,
+    pub forget: crate::forget::ForgetSpec,
 }
 
 /// Running NLL sums over buckets of positions: linear (`width` > 0) or powers of two (`width` = 0).
@@ -185,6 +186,8 @@ struct Acc {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunResult {
     pub model: ModelInfo,
+    /// The forgetting method (SPEC.md §2.4), `none` by default.
+    pub forget: String,
     pub precision: serde_json::Value,
     pub tokenizer: String,
     pub tokens_scored: u64,
@@ -210,6 +213,8 @@ struct Snapshot {
     finished: Vec<RunResult>,
     /// (file, bytes written) of the current run's NLL stream.
     nll_len: Option<(String, u64)>,
+    /// State normalization's calibrated τ, if any.
+    tau: Vec<f32>,
 }
 
 /// Documents: one per input, or one stream of all of them (`--concat`).
@@ -222,7 +227,7 @@ fn documents(inputs: &[Input], concat: bool) -> Vec<Vec<Input>> {
 }
 
 /// The ids of one document: its inputs in order, repeated up to `repeat_to`, cut at `max_tokens`.
-struct DocStream<'t> {
+pub struct DocStream<'t> {
     tok: &'t Tokenizer,
     parts: Vec<Input>,
     next_part: usize,
@@ -234,25 +239,17 @@ struct DocStream<'t> {
     pass_len: u64,
 }
 
-impl<'t> DocStream<'t> {
-    fn new(tok: &'t Tokenizer, parts: Vec<Input>, o: &Options) -> Self {
-        let limit = match (o.max_tokens, o.repeat_to) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        DocStream {
-            tok,
-            parts,
-            next_part: 0,
-            cur: None,
-            limit,
-            repeat: o.repeat_to.is_some(),
-            produced: 0,
-            pass_len: 0,
-        }
-    }
+/// The stream of `parts` in order, repeated up to `repeat_to` tokens, cut at `max_tokens`.
+pub fn doc_stream(tok: &Tokenizer, parts: Vec<Input>, max_tokens: Option<u64>, repeat_to: Option<u64>) -> DocStream<'_> {
+    let limit = match (max_tokens, repeat_to) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    DocStream { tok, parts, next_part: 0, cur: None, limit, repeat: repeat_to.is_some(), produced: 0, pass_len: 0 }
+}
 
-    fn next_piece(&mut self) -> Result<Option<Vec<u32>>> {
+impl DocStream<'_> {
+    pub fn next_piece(&mut self) -> Result<Option<Vec<u32>>> {
         loop {
             if self.limit.is_some_and(|l| self.produced >= l) {
                 return Ok(None);
@@ -296,6 +293,7 @@ fn fingerprint(
         "hashes": hashes,
         "chunk": o.chunk, "bucket": o.bucket, "train_len": o.train_len, "max_tokens": o.max_tokens,
         "concat": o.concat, "repeat_to": o.repeat_to, "nll_out": o.nll_out, "tokenizer": o.tokenizer,
+        "forget": o.forget.to_string(),
     });
     Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(&key)?)))
 }
@@ -398,7 +396,8 @@ pub fn run(
     let first_model = finished.len();
     let mut processed = 0u64;
     for (mi, mpath) in models.iter().enumerate().skip(first_model) {
-        let model = Model::load(mpath)?;
+        let mut model = Model::load(mpath)?;
+        model.set_forget(o.forget)?;
         let tok = Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
         let resumed = snap.take().filter(|s| s.0.model_index == mi);
         match run_model(
@@ -470,6 +469,7 @@ fn run_model(
                 );
             }
             session.state.copy_from_slice(&state);
+            session.tau = s.tau;
             (s.acc, s.doc_index, s.doc_pos, pending, s.nll_len)
         }
         None => (fresh_acc(), 0, 0, None, None),
@@ -491,7 +491,7 @@ fn run_model(
     let mut rows = vec![0f32; (o.chunk + 1) * d];
     let mut targets = Vec::with_capacity(o.chunk + 1);
     for (di, parts) in docs.iter().enumerate().skip(first_doc) {
-        let mut stream = DocStream::new(tok, parts.clone(), o);
+        let mut stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
         let nll_path = nll_path(o, mi, n_models, di, docs.len(), &model.info, parts);
         let mut nll_file = match &nll_path {
             Some(p) => Some(open_nll(
@@ -513,6 +513,8 @@ fn run_model(
         if skip == 0 {
             session.reset();
             pending = None;
+        } else {
+            session.pos = skip;
         }
         let mut queue: VecDeque<u32> = VecDeque::new();
         let mut to_skip = skip;
@@ -592,6 +594,7 @@ fn run_model(
                     acc: acc.clone(),
                     finished: finished.to_vec(),
                     nll_len,
+                    tau: session.tau.clone(),
                 };
                 save_checkpoint(out, &snap, &session.state, pending.as_deref())?;
                 if stop {
@@ -666,6 +669,7 @@ fn result(model: &Model, tok: &Tokenizer, acc: &Acc, o: &Options) -> RunResult {
     RunResult {
         model: model.info.clone(),
         precision: serde_json::json!({"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "accumulators": "f64"}),
+        forget: o.forget.to_string(),
         tokenizer: tok.source.clone(),
         tokens_scored: acc.count,
         tokens_fed: acc.tokens_fed,

@@ -61,7 +61,7 @@ fn fmt_num(v: f64, decimals: usize) -> String {
         && v.log2().fract() == 0.0
     {
         format!("{}k", v / 1024.0)
-    } else if a >= 1e3 && (v / 1e3).fract().abs() < 1e-9 {
+    } else if a >= 1e3 && decimals == 0 {
         format!("{}k", v / 1e3)
     } else {
         format!("{v:.decimals$}")

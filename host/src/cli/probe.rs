@@ -1,0 +1,78 @@
+//! `stuffed probe` flags.
+use crate::eval::probe::{self, Options};
+use crate::forget::ForgetSpec;
+use crate::text::Input;
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// UTF-8 text files, streamed one after another.
+    #[arg(long)]
+    text: Vec<PathBuf>,
+    /// SPEC.md's newlines prompt ("\n" × 300,000, tokenized).
+    #[arg(long)]
+    newlines: bool,
+    /// With --newlines: 300,000 copies of the single newline token instead.
+    #[arg(long, requires = "newlines")]
+    newline_token: bool,
+    #[arg(long)]
+    max_tokens: Option<u64>,
+    /// Write statistics every K tokens.
+    #[arg(long, default_value_t = 128)]
+    every: u64,
+    /// Layers to record (default: all), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// Heads to record (default: all), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    heads: Option<Vec<usize>>,
+    /// Positions (tokens consumed) at which to save the whole state, e.g. 8k,20k.
+    #[arg(long)]
+    snapshot_at: Option<String>,
+    /// Draw the training length on the plots (and the default calibration of state-norm).
+    #[arg(long)]
+    train_len: Option<u64>,
+    /// Training-free forgetting (see `stuffed ppl --help`).
+    #[arg(long, default_value = "none")]
+    forget: String,
+    #[arg(long, default_value = "probe-out")]
+    out: PathBuf,
+    /// Tokens per forward call (statistics are taken every K tokens regardless).
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+pub fn run(a: ProbeArgs) -> Result<()> {
+    let mut inputs: Vec<Input> = a.text.iter().cloned().map(Input::File).collect();
+    if a.newlines {
+        inputs.push(Input::Newlines { literal: a.newline_token });
+    }
+    if inputs.is_empty() {
+        bail!("probe: give --text FILE or --newlines");
+    }
+    if a.every == 0 {
+        bail!("probe: --every must be positive");
+    }
+    let snapshot_at = match &a.snapshot_at {
+        Some(s) => crate::eval::passkey::parse_lengths(s)?,
+        None => Vec::new(),
+    };
+    let o = Options {
+        every: a.every,
+        max_tokens: a.max_tokens,
+        layers: a.layers,
+        heads: a.heads,
+        snapshot_at,
+        train_len: a.train_len,
+        forget: ForgetSpec::parse(&a.forget)?.resolved(a.train_len)?,
+        chunk: a.chunk,
+        tokenizer: a.tokenizer,
+    };
+    probe::run(&a.model, &inputs, &o, &a.out)
+}

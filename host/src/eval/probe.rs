@@ -1,0 +1,242 @@
+//! State probes (SPEC.md §2.3): retention of the first token, state and conv statistics, per-head
+//! input means, and per-channel snapshots, every K tokens over a stream of any length — written to
+//! disk as they come, nothing per position kept.
+use crate::cli::basic::dir_of;
+use crate::forget::ForgetSpec;
+use crate::model::Model;
+use crate::report::svg::{fmt_tokens, LinePlot, Series};
+use crate::report::write_atomic;
+use crate::session::Session;
+use crate::text::Input;
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Result};
+use serde::Serialize;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use stuffed_core::Runs;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Options {
+    pub every: u64,
+    pub max_tokens: Option<u64>,
+    pub layers: Option<Vec<usize>>,
+    pub heads: Option<Vec<usize>>,
+    pub snapshot_at: Vec<u64>,
+    pub train_len: Option<u64>,
+    pub forget: ForgetSpec,
+    pub chunk: usize,
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// mean, unbiased variance, RMS, max |v|, Frobenius norm (f64 sums).
+pub fn stats(vals: impl Iterator<Item = f32>) -> [f64; 5] {
+    let (mut n, mut s, mut s2, mut mx) = (0f64, 0f64, 0f64, 0f64);
+    for v in vals {
+        let v = v as f64;
+        n += 1.0;
+        s += v;
+        s2 += v * v;
+        mx = mx.max(v.abs());
+    }
+    let mean = s / n.max(1.0);
+    let var = if n > 1.0 { ((s2 - s * mean) / (n - 1.0)).max(0.0) } else { 0.0 };
+    [mean, var, (s2 / n.max(1.0)).sqrt(), mx, s2.sqrt()]
+}
+
+fn runs_values(r: Runs, state: &[f32]) -> Vec<f32> {
+    let mut v = Vec::with_capacity(r.len * r.rows);
+    r.for_each(state, |x| v.push(x));
+    v
+}
+
+fn csv(path: &Path, header: &str) -> Result<BufWriter<std::fs::File>> {
+    let f = std::fs::File::create(path).map_err(|e| anyhow!("{}: cannot create: {e}", path.display()))?;
+    let mut w = BufWriter::new(f);
+    writeln!(w, "{header}")?;
+    Ok(w)
+}
+
+/// `stuffed probe`.
+pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
+    let mut model = Model::load(model_path)?;
+    model.set_forget(o.forget)?;
+    let tok = Tokenizer::for_model(Some(&dir_of(model_path)), o.tokenizer.as_deref())?;
+    let net = model.net();
+    let (nl, nh) = (net.n_layer(), net.n_heads());
+    let layers: Vec<usize> = o.layers.clone().unwrap_or_else(|| (0..nl).collect());
+    let heads: Vec<usize> = o.heads.clone().unwrap_or_else(|| (0..nh).collect());
+    if let Some(&l) = layers.iter().find(|&&l| l >= nl) {
+        bail!("--layers: layer {l} does not exist (the model has {nl})");
+    }
+    if let Some(&h) = heads.iter().find(|&&h| h >= nh) {
+        bail!("--heads: head {h} does not exist (the model has {nh} per layer)");
+    }
+    let (names, width) = net.probe_series();
+    let ns = names.len();
+    let mut probe = vec![0f32; net.probe_len()];
+    // Running Σ log decay per (layer, head, channel), f64.
+    let mut retention = vec![0f64; nl * nh * width];
+    let mut ret_csv = csv(&out.join("retention.csv"), "layer,head,t,log_retention_mean,log_retention_max")?;
+    let mut st_csv = csv(&out.join("state_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro")?;
+    let mut cv_csv = csv(&out.join("conv_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro")?;
+    let extra: Vec<&str> = names[1..].to_vec();
+    let header = format!("layer,head,t,{}", extra.iter().map(|n| n.replace("_sum", "_mean")).collect::<Vec<_>>().join(","));
+    let mut in_csv = csv(&out.join("inputs.csv"), &header)?;
+    // Series for the plots: (layer, head) → points, for the selected layers and heads.
+    let mut ret_pts = vec![Vec::new(); nl * nh];
+    let mut mean_pts = vec![Vec::new(); nl * nh];
+    let mut var_pts = vec![Vec::new(); nl * nh];
+    let mut snapshots: Vec<(u64, Vec<f32>)> = Vec::new();
+
+    let mut s = Session::new(&model, o.chunk);
+    let mut stream = crate::eval::ppl::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
+    let mut queue: std::collections::VecDeque<u32> = Default::default();
+    let mut done = false;
+    let mut since = 0u64; // tokens since the last report
+    let mut snaps = o.snapshot_at.clone();
+    snaps.sort_unstable();
+    snaps.dedup();
+    let mut progress = crate::report::Progress::new("probe", o.max_tokens);
+    loop {
+        // Next stop: the report boundary or a snapshot position.
+        let next_report = s.pos + (o.every - since);
+        let next = snaps.iter().copied().find(|&p| p > s.pos).map_or(next_report, |p| p.min(next_report));
+        let want = (next - s.pos) as usize;
+        while queue.len() < want && !done {
+            match stream.next_piece()? {
+                Some(p) => queue.extend(p),
+                None => done = true,
+            }
+        }
+        if queue.is_empty() {
+            break;
+        }
+        let ids: Vec<u32> = queue.drain(..want.min(queue.len())).collect();
+        crate::cli::basic::check_ids(&ids, net.vocab_rows(), "probe input")?;
+        s.feed_probed(&ids, &mut probe, &mut |_, _| Ok(()))?;
+        since += ids.len() as u64;
+        progress.set(s.pos);
+        if snaps.contains(&s.pos) {
+            snapshots.push((s.pos, s.state.clone()));
+        }
+        if since < o.every && !(done && queue.is_empty()) {
+            continue;
+        }
+        let t = s.pos;
+        let k = since as f64;
+        since = 0;
+        for l in 0..nl {
+            for h in 0..nh {
+                let base = (l * ns) * nh * width;
+                for c in 0..width {
+                    retention[(l * nh + h) * width + c] += probe[base + h * width + c] as f64;
+                }
+                if !layers.contains(&l) || !heads.contains(&h) {
+                    continue;
+                }
+                let r = &retention[(l * nh + h) * width..(l * nh + h + 1) * width];
+                let mean = r.iter().sum::<f64>() / width as f64;
+                let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                writeln!(ret_csv, "{l},{h},{t},{mean},{max}")?;
+                ret_pts[l * nh + h].push((t as f64, mean));
+                let st = stats(s.state[net.head_state(l, h)].iter().copied());
+                writeln!(st_csv, "{l},{h},{t},{},{},{},{},{}", st[0], st[1], st[2], st[3], st[4])?;
+                mean_pts[l * nh + h].push((t as f64, st[0]));
+                var_pts[l * nh + h].push((t as f64, st[1]));
+                if let Some(runs) = net.conv_state(l, h) {
+                    let cs = stats(runs_values(runs, &s.state).into_iter());
+                    writeln!(cv_csv, "{l},{h},{t},{},{},{},{},{}", cs[0], cs[1], cs[2], cs[3], cs[4])?;
+                }
+                let means: Vec<String> = (1..ns)
+                    .map(|si| {
+                        let v: f64 = (0..width).map(|c| probe[((l * ns + si) * nh + h) * width + c] as f64).sum();
+                        format!("{}", v / width as f64 / k)
+                    })
+                    .collect();
+                writeln!(in_csv, "{l},{h},{t},{}", means.join(","))?;
+            }
+        }
+        probe.fill(0.0);
+        if done && queue.is_empty() {
+            break;
+        }
+    }
+    progress.finish();
+    for w in [&mut ret_csv, &mut st_csv, &mut cv_csv, &mut in_csv] {
+        w.flush()?;
+    }
+    let tokens = s.pos;
+    write_snapshots(out, &snapshots)?;
+    // Plots for the first, middle and last selected layer.
+    let mut plot_layers = vec![layers[0], layers[layers.len() / 2], layers[layers.len() - 1]];
+    plot_layers.dedup();
+    let vline = o.train_len.map(|t| (t as f64, format!("train len {t}")));
+    for &l in &plot_layers {
+        let series = |pts: &Vec<Vec<(f64, f64)>>| -> Vec<Series> {
+            heads.iter().map(|&h| Series { name: format!("head {h}"), points: pts[l * nh + h].clone() }).collect()
+        };
+        let plots = [
+            ("retention", "log retention of the first token (Σ log α)", &ret_pts),
+            ("state_mean", "state mean", &mean_pts),
+            ("state_var", "state variance", &var_pts),
+        ];
+        for (file, y, pts) in plots {
+            let title = format!("Layer {l}: {y}");
+            let p = LinePlot { title: &title, x_label: "tokens consumed", y_label: y, log_x: false, vline: vline.clone() };
+            write_atomic(&out.join(format!("{file}_L{l}.svg")), p.render(&series(pts)).as_bytes())?;
+        }
+    }
+    // Fig. 6: a channel histogram of one head at the first two snapshots.
+    if snapshots.len() >= 2 {
+        let (l, h) = (plot_layers[plot_layers.len() - 1], heads[0]);
+        let r = net.head_state(l, h);
+        let hist = |v: &[f32]| -> Vec<(f64, f64)> {
+            let (lo, hi) = v.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+            let bins = 40;
+            let wdt = ((hi - lo) / bins as f32).max(1e-12);
+            let mut c = vec![0f64; bins];
+            v.iter().for_each(|&x| c[(((x - lo) / wdt) as usize).min(bins - 1)] += 1.0);
+            c.iter().enumerate().map(|(i, &n)| ((lo + wdt * (i as f32 + 0.5)) as f64, n)).collect()
+        };
+        let series: Vec<Series> = snapshots[..2]
+            .iter()
+            .map(|(t, st)| Series { name: format!("t = {}", fmt_tokens(*t)), points: hist(&st[r.clone()]) })
+            .collect();
+        let title = format!("Layer {l}, head {h}: state values");
+        let p = LinePlot { title: &title, x_label: "state value", y_label: "count", log_x: false, vline: None };
+        write_atomic(&out.join(format!("hist_L{l}_H{h}.svg")), p.render(&series).as_bytes())?;
+    }
+    let meta = serde_json::json!({
+        "command": "probe",
+        "model": model.info,
+        "precision": {"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "retention_sum": "f64"},
+        "tokenizer": tok.source,
+        "inputs": inputs.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
+        "options": o,
+        "forget": o.forget.to_string(),
+        "tokens": tokens,
+        "series": names,
+        "notes": "t = tokens consumed (from 1); the retention sum includes the first token's own decay; \
+                  per-channel decays report the mean and max over key channels; variance is unbiased",
+    });
+    write_atomic(&out.join("probe.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    println!("probe: {tokens} tokens; wrote {}/retention.csv, state_stats.csv, conv_stats.csv, inputs.csv, probe.json and plots", out.display());
+    Ok(())
+}
+
+fn write_snapshots(out: &Path, snaps: &[(u64, Vec<f32>)]) -> Result<()> {
+    if snaps.is_empty() {
+        return Ok(());
+    }
+    let views = snaps
+        .iter()
+        .map(|(t, st)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![st.len()], bytemuck::cast_slice(st))
+                .map(|v| (format!("state_t{t}"), v))
+                .map_err(|e| anyhow!("snapshot: {e:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| anyhow!("snapshot: {e:?}"))?;
+    write_atomic(&out.join("snapshots.safetensors"), &bytes)
+}
