@@ -4,7 +4,8 @@ mod passkey;
 mod ppl;
 mod probe;
 
-use clap::{Parser, Subcommand};
+use crate::text::Input;
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -19,6 +20,39 @@ pub struct Cli {
     pub threads: Option<usize>,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+/// The text a streaming command reads.
+#[derive(Args, Debug)]
+pub struct InputArgs {
+    /// UTF-8 text file; repeat for several.
+    #[arg(long)]
+    text: Vec<PathBuf>,
+    /// SPEC.md's newlines prompt ("\n" × 300,000, tokenized).
+    #[arg(long)]
+    newlines: bool,
+    /// With --newlines: 300,000 copies of the single newline token instead.
+    #[arg(long, requires = "newlines")]
+    newline_token: bool,
+}
+
+impl InputArgs {
+    /// The inputs in order; files must exist.
+    pub fn inputs(&self, cmd: &str) -> anyhow::Result<Vec<Input>> {
+        let mut inputs: Vec<Input> = self.text.iter().cloned().map(Input::File).collect();
+        if self.newlines {
+            inputs.push(Input::Newlines {
+                literal: self.newline_token,
+            });
+        }
+        if inputs.is_empty() {
+            anyhow::bail!("{cmd}: give --text FILE (repeat for several) or --newlines");
+        }
+        if let Some(p) = self.text.iter().find(|p| !p.is_file()) {
+            anyhow::bail!("{}: text file not found", p.display());
+        }
+        Ok(inputs)
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,6 +1,5 @@
 //! `stuffed ppl` flags.
 use crate::eval::ppl::{self, Options};
-use crate::text::Input;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -10,15 +9,8 @@ pub struct PplArgs {
     /// Model directory; repeat to compare models on one plot.
     #[arg(long)]
     model: Vec<PathBuf>,
-    /// UTF-8 text file, one document each; repeat for several.
-    #[arg(long)]
-    text: Vec<PathBuf>,
-    /// SPEC.md's newlines prompt ("\n" × 300,000, tokenized).
-    #[arg(long)]
-    newlines: bool,
-    /// With --newlines: 300,000 copies of the single newline token instead.
-    #[arg(long, requires = "newlines")]
-    newline_token: bool,
+    #[command(flatten)]
+    input: super::InputArgs,
     /// Cut each document (or the concatenated stream) at N tokens.
     #[arg(long)]
     max_tokens: Option<u64>,
@@ -66,22 +58,7 @@ pub fn run(a: PplArgs) -> Result<()> {
     if a.model.is_empty() {
         bail!("ppl: give --model DIR (repeat it to compare models)");
     }
-    let mut inputs: Vec<Input> = a.text.iter().cloned().map(Input::File).collect();
-    if a.newlines {
-        inputs.push(Input::Newlines {
-            literal: a.newline_token,
-        });
-    }
-    if inputs.is_empty() {
-        bail!("ppl: give --text FILE (repeat for several) or --newlines");
-    }
-    for i in &inputs {
-        if let Input::File(p) = i {
-            if !p.is_file() {
-                bail!("{}: text file not found", p.display());
-            }
-        }
-    }
+    let inputs = a.input.inputs("ppl")?;
     if a.bucket == 0 || a.chunk == 0 {
         bail!("ppl: --bucket and --chunk must be positive");
     }

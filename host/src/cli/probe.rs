@@ -1,7 +1,6 @@
 //! `stuffed probe` flags.
 use crate::eval::probe::{self, Options};
 use crate::forget::ForgetSpec;
-use crate::text::Input;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -10,15 +9,8 @@ use std::path::PathBuf;
 pub struct ProbeArgs {
     #[arg(long)]
     model: PathBuf,
-    /// UTF-8 text files, streamed one after another.
-    #[arg(long)]
-    text: Vec<PathBuf>,
-    /// SPEC.md's newlines prompt ("\n" × 300,000, tokenized).
-    #[arg(long)]
-    newlines: bool,
-    /// With --newlines: 300,000 copies of the single newline token instead.
-    #[arg(long, requires = "newlines")]
-    newline_token: bool,
+    #[command(flatten)]
+    input: super::InputArgs,
     #[arg(long)]
     max_tokens: Option<u64>,
     /// Write statistics every K tokens.
@@ -49,13 +41,7 @@ pub struct ProbeArgs {
 }
 
 pub fn run(a: ProbeArgs) -> Result<()> {
-    let mut inputs: Vec<Input> = a.text.iter().cloned().map(Input::File).collect();
-    if a.newlines {
-        inputs.push(Input::Newlines { literal: a.newline_token });
-    }
-    if inputs.is_empty() {
-        bail!("probe: give --text FILE or --newlines");
-    }
+    let inputs = a.input.inputs("probe")?;
     if a.every == 0 {
         bail!("probe: --every must be positive");
     }
