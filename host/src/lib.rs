@@ -15,4 +15,3 @@ pub mod session;
 pub mod synth;
 pub mod text;
 pub mod tokenizer;
-pub mod world;
