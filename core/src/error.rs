@@ -4,17 +4,9 @@ use core::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {
     /// A tensor or config dimension does not match what the model needs.
-    Shape {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    Shape { what: &'static str, expected: usize, got: usize },
     /// A caller-provided buffer is too small.
-    Buffer {
-        what: &'static str,
-        need: usize,
-        got: usize,
-    },
+    Buffer { what: &'static str, need: usize, got: usize },
     /// A token id is not a row of the embedding.
     Token { id: u32, rows: usize },
     /// A config value the math cannot use.
@@ -24,21 +16,14 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Error::Shape {
-                what,
-                expected,
-                got,
-            } => {
+            Error::Shape { what, expected, got } => {
                 write!(f, "{what}: expected {expected} elements, found {got}")
             }
             Error::Buffer { what, need, got } => {
                 write!(f, "{what} buffer too small: need {need} f32, got {got}")
             }
             Error::Token { id, rows } => {
-                write!(
-                    f,
-                    "token id {id} is out of range (the embedding has {rows} rows)"
-                )
+                write!(f, "token id {id} is out of range (the embedding has {rows} rows)")
             }
             Error::Config(msg) => f.write_str(msg),
         }
@@ -48,11 +33,7 @@ impl fmt::Display for Error {
 /// Checks that a caller buffer holds at least `need` elements.
 pub fn need(what: &'static str, buf: usize, need: usize) -> Result<(), Error> {
     if buf < need {
-        Err(Error::Buffer {
-            what,
-            need,
-            got: buf,
-        })
+        Err(Error::Buffer { what, need, got: buf })
     } else {
         Ok(())
     }

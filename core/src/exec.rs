@@ -47,11 +47,7 @@ unsafe impl Sync for Shared<'_> {}
 
 impl<'a> Shared<'a> {
     pub fn new(buf: &'a mut [f32]) -> Self {
-        Shared {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-            _life: PhantomData,
-        }
+        Shared { ptr: buf.as_mut_ptr(), len: buf.len(), _life: PhantomData }
     }
 
     /// The start of the buffer, for kernels that take strided pointers.

@@ -78,9 +78,7 @@ impl Config {
             return Err(Error::Config("mamba2: a dimension is zero"));
         }
         if c.n_groups == 0 || !c.n_heads.is_multiple_of(c.n_groups) {
-            return Err(Error::Config(
-                "mamba2: n_heads must be a multiple of n_groups",
-            ));
+            return Err(Error::Config("mamba2: n_heads must be a multiple of n_groups"));
         }
         if c.d_conv < 1 || c.d_conv > 16 {
             return Err(Error::Config("mamba2: conv width must be 1..=16"));
@@ -141,11 +139,7 @@ const PROBE: &[&str] = &["log_decay_sum", "dt_sum", "b_mean_sum", "x_mean_sum"];
 
 fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(), Error> {
     if w.rows != rows || w.cols != cols {
-        return Err(Error::Shape {
-            what,
-            expected: rows * cols,
-            got: w.rows * w.cols,
-        });
+        return Err(Error::Shape { what, expected: rows * cols, got: w.rows * w.cols });
     }
     Ok(())
 }
@@ -183,11 +177,7 @@ impl<'a> Mamba2<'a> {
         cfg.validate()?;
         let (d, di, h, cd) = (cfg.d_model, cfg.d_inner(), cfg.n_heads, cfg.conv_dim());
         if w.layers.len() != cfg.n_layer {
-            return Err(Error::Shape {
-                what: "layers",
-                expected: cfg.n_layer,
-                got: w.layers.len(),
-            });
+            return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
         }
         shape("embedding", &w.embed, cfg.vocab_rows, d)?;
         shape("lm_head", &w.head, cfg.vocab_rows, d)?;
@@ -205,11 +195,7 @@ impl<'a> Mamba2<'a> {
             shape("dt_bias", &l.dt_bias, 1, h)?;
             shape("A_log", &l.a_log, 1, h)?;
             if l.d.len() != h && l.d.len() != di {
-                return Err(Error::Shape {
-                    what: "D",
-                    expected: h,
-                    got: l.d.len(),
-                });
+                return Err(Error::Shape { what: "D", expected: h, got: l.d.len() });
             }
             shape("mixer.norm", &l.gate_norm, 1, di)?;
             shape("out_proj", &l.out_proj, d, di)?;
@@ -217,11 +203,7 @@ impl<'a> Mamba2<'a> {
                 shape("out_proj.bias", b, 1, d)?;
             }
         }
-        Ok(Mamba2 {
-            cfg,
-            w,
-            forget: Forget::None,
-        })
+        Ok(Mamba2 { cfg, w, forget: Forget::None })
     }
 
     fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
@@ -236,16 +218,7 @@ impl<'a> Mamba2<'a> {
         let (cb, rest) = rest.split_at_mut(c.n_groups * nb * SSD_BLOCK * SSD_BLOCK);
         let (wt, rest) = rest.split_at_mut(c.d_conv * c.conv_dim());
         let (hs, _) = rest.split_at_mut(c.n_heads * head_scratch(c));
-        Ok(Scratch {
-            h,
-            zx,
-            u,
-            dt,
-            y,
-            cb,
-            wt,
-            hs,
-        })
+        Ok(Scratch { h, zx, u, dt, y, cb, wt, hs })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -272,9 +245,7 @@ impl<'a> Mamba2<'a> {
         }
         let win = match self.forget {
             Forget::Window { r } if t > r => {
-                return Err(Error::Config(
-                    "window forgetting: a call may hold at most r tokens",
-                ))
+                return Err(Error::Config("window forgetting: a call may hold at most r tokens"))
             }
             Forget::Window { r } => Some(r),
             _ => None,
@@ -292,26 +263,10 @@ impl<'a> Mamba2<'a> {
         let wl = win.map_or(0, |r| self.window_layer_len(r));
         let ls = c.layer_state_len();
         let psz = PROBE.len() * c.n_heads;
-        for (l, (layer, st)) in self
-            .w
-            .layers
-            .iter()
-            .zip(base.chunks_exact_mut(ls))
-            .enumerate()
-        {
+        for (l, (layer, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * psz..(l + 1) * psz]);
             let ws = win.map(|r| (r, &mut win_layers[l * wl..(l + 1) * wl]));
-            self.layer(
-                ex,
-                layer,
-                t,
-                x,
-                st,
-                &mut s,
-                scan,
-                pr,
-                ws.map(|(r, w)| (r, pos0, filled, w)),
-            )?;
+            self.layer(ex, layer, t, x, st, &mut s, scan, pr, ws.map(|(r, w)| (r, pos0, filled, w)))?;
         }
         if let (Some(r), [pm, fl]) = (win, meta) {
             *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
@@ -380,11 +335,7 @@ impl<'a> Mamba2<'a> {
         // dt = clamp(softplus(dt_raw + dt_bias)), then the forgetting knobs: Δ′ = c·Δ, B′ = b·B.
         let nh = c.n_heads;
         let dt = &mut s.dt[..t * nh];
-        let dt_scale = if let Forget::Dt { c } = self.forget {
-            c
-        } else {
-            1.0
-        };
+        let dt_scale = if let Forget::Dt { c } = self.forget { c } else { 1.0 };
         for (dr, zr) in dt.chunks_exact_mut(nh).zip(zx.chunks_exact(nin)) {
             for (hh, v) in dr.iter_mut().enumerate() {
                 let raw = zr[nin - nh + hh] + lw.dt_bias.get(hh);
@@ -437,15 +388,7 @@ impl<'a> Mamba2<'a> {
     /// `u[t, c] = silu(bias[c] + Σ_j w[c, j]·in[t − (k−1) + j])`, where `in` before the chunk comes
     /// from the state (rows of cd channels, oldest first); then the state keeps the last k−1 inputs.
     /// Token-major so every step is a contiguous axpy over channels.
-    fn conv(
-        &self,
-        lw: &Layer,
-        t: usize,
-        zx: &[f32],
-        conv_state: &mut [f32],
-        wt: &mut [f32],
-        u: &mut [f32],
-    ) {
+    fn conv(&self, lw: &Layer, t: usize, zx: &[f32], conv_state: &mut [f32], wt: &mut [f32], u: &mut [f32]) {
         let c = &self.cfg;
         let (di, nin, cd, k) = (c.d_inner(), c.in_proj_rows(), c.conv_dim(), c.d_conv);
         let km = k - 1;
@@ -471,10 +414,7 @@ impl<'a> Mamba2<'a> {
             for j in 0..k {
                 // SAFETY: both sources hold cd channels from the returned pointer (slices above).
                 let src = unsafe {
-                    core::slice::from_raw_parts(
-                        input(tt as isize - km as isize + j as isize, conv_state),
-                        cd,
-                    )
+                    core::slice::from_raw_parts(input(tt as isize - km as isize + j as isize, conv_state), cd)
                 };
                 for ((o, w), x) in out.iter_mut().zip(&wt[j * cd..(j + 1) * cd]).zip(src) {
                     *o += w * x;
@@ -502,11 +442,7 @@ impl<'a> Mamba2<'a> {
         let g = hh / (c.n_heads / c.n_groups);
         let row = &u[tt * cd..(tt + 1) * cd];
         let gn = c.n_groups * n;
-        (
-            &row[hh * p..(hh + 1) * p],
-            &row[di + g * n..di + (g + 1) * n],
-            &row[di + gn + g * n..di + gn + (g + 1) * n],
-        )
+        (&row[hh * p..(hh + 1) * p], &row[di + g * n..di + (g + 1) * n], &row[di + gn + g * n..di + gn + (g + 1) * n])
     }
 
     fn d_skip(&self, lw: &Layer, hh: usize, pp: usize) -> f32 {
@@ -588,11 +524,7 @@ impl<'a> Mamba2<'a> {
         });
         let cb = &cb[..ng * nb * q * q];
 
-        let (ys, ss, hss) = (
-            Shared::new(y),
-            Shared::new(ssm),
-            Shared::new(&mut hs[..nh * head_scratch(c)]),
-        );
+        let (ys, ss, hss) = (Shared::new(y), Shared::new(ssm), Shared::new(&mut hs[..nh * head_scratch(c)]));
         ex.for_each(nh, &|hh| {
             // SAFETY: head hh owns its state, its scratch and its P columns of y.
             let s = unsafe { ss.range(hh * p * n, p * n) };
@@ -669,21 +601,7 @@ impl<'a> Mamba2<'a> {
             // SAFETY: head hh alone writes columns hh·P..(hh+1)·P of rows t0.. of y.
             let yp = unsafe { ys.ptr().add(t0 * di + hh * p) };
             // The state entering the block, read by each C and decayed to its token: y = e·(C·Sᵀ) + D·x.
-            unsafe {
-                gemm_raw(
-                    simd,
-                    len,
-                    p,
-                    n,
-                    ub[co..].as_ptr(),
-                    cd,
-                    s.as_ptr(),
-                    n,
-                    yp,
-                    di,
-                    false,
-                )
-            };
+            unsafe { gemm_raw(simd, len, p, n, ub[co..].as_ptr(), cd, s.as_ptr(), n, yp, di, false) };
             for i in 0..len {
                 let yr = unsafe { ys.range((t0 + i) * di + hh * p, p) };
                 let e = fast_exp(cum[i]);
@@ -696,11 +614,7 @@ impl<'a> Mamba2<'a> {
             for i in 0..len {
                 let row = &mut mm[i * q..i * q + len];
                 for (j, mv) in row.iter_mut().enumerate() {
-                    *mv = if j <= i {
-                        tile[i * q + j] * fast_exp(cum[i] - cum[j]) * dth[j]
-                    } else {
-                        0.0
-                    };
+                    *mv = if j <= i { tile[i * q + j] * fast_exp(cum[i] - cum[j]) * dth[j] } else { 0.0 };
                 }
             }
             for j in 0..len {
@@ -708,21 +622,7 @@ impl<'a> Mamba2<'a> {
                     xt[pp * q + j] = ub[j * cd + xo + pp];
                 }
             }
-            unsafe {
-                gemm_raw(
-                    simd,
-                    len,
-                    p,
-                    len,
-                    mm.as_ptr(),
-                    q,
-                    xt.as_ptr(),
-                    q,
-                    yp,
-                    di,
-                    true,
-                )
-            };
+            unsafe { gemm_raw(simd, len, p, len, mm.as_ptr(), q, xt.as_ptr(), q, yp, di, true) };
             // S ← exp(cum_last)·S + Σ_j exp(cum_last − cum_j)·dt_j·x_j·B_jᵀ  (= Xᵀ·(w∘B)).
             let last = cum[len - 1];
             for j in 0..len {
@@ -779,13 +679,7 @@ impl Mamba2<'_> {
         ws: &mut [f32],
     ) {
         let c = &self.cfg;
-        let (p, n, nh, di, gn) = (
-            c.head_dim,
-            c.d_state,
-            c.n_heads,
-            c.d_inner(),
-            c.n_groups * c.d_state,
-        );
+        let (p, n, nh, di, gn) = (c.head_dim, c.d_state, c.n_heads, c.d_inner(), c.n_groups * c.d_state);
         let sl = self.slot_len();
         let (lag, rest) = ws.split_at_mut(c.ssm_len());
         let (ring, wsum) = rest.split_at_mut(r * sl);
@@ -887,15 +781,7 @@ impl Recurrent for Mamba2<'_> {
         hidden: &mut [f32],
         probe: &mut [f32],
     ) -> Result<(), Error> {
-        self.run(
-            ex,
-            tokens,
-            state,
-            scratch,
-            hidden,
-            Some(probe),
-            Scan::Chunked,
-        )
+        self.run(ex, tokens, state, scratch, hidden, Some(probe), Scan::Chunked)
     }
     fn forward_recurrent(
         &self,
@@ -916,9 +802,7 @@ impl Recurrent for Mamba2<'_> {
             Forget::Rri { a, b } if !(a > 0.0 && a <= 1.0 && b.is_finite()) => {
                 return Err(Error::Config("rri needs 0 < a ≤ 1 and a finite b"))
             }
-            Forget::Dt { c } if !(c > 0.0 && c.is_finite()) => {
-                return Err(Error::Config("dt scaling needs c > 0"))
-            }
+            Forget::Dt { c } if !(c > 0.0 && c.is_finite()) => return Err(Error::Config("dt scaling needs c > 0")),
             _ => {}
         }
         self.forget = f;
@@ -941,12 +825,7 @@ impl Recurrent for Mamba2<'_> {
     fn conv_state(&self, layer: usize, head: usize) -> Option<Runs> {
         let c = &self.cfg;
         let start = layer * c.layer_state_len() + head * c.head_dim;
-        Some(Runs {
-            start,
-            len: c.head_dim,
-            stride: c.conv_dim(),
-            rows: c.d_conv - 1,
-        })
+        Some(Runs { start, len: c.head_dim, stride: c.conv_dim(), rows: c.d_conv - 1 })
     }
     fn probe_series(&self) -> (&'static [&'static str], usize) {
         (PROBE, 1)

@@ -83,13 +83,7 @@ pub trait Recurrent: Sync {
     }
 
     /// `logits (t, vocab_rows) = hidden (t, d_model) · headᵀ`.
-    fn logits(
-        &self,
-        ex: &dyn Exec,
-        hidden: &[f32],
-        t: usize,
-        out: &mut [f32],
-    ) -> Result<(), Error> {
+    fn logits(&self, ex: &dyn Exec, hidden: &[f32], t: usize, out: &mut [f32]) -> Result<(), Error> {
         matmul(ex, hidden, t, self.head(), out)
     }
 }

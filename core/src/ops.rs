@@ -102,11 +102,7 @@ pub fn log_sum_exp(simd: crate::exec::Simd, x: &[f32]) -> f32 {
                 mx[l] = mx[l].max(c[l]);
             }
         }
-        let m = chunks
-            .remainder()
-            .iter()
-            .chain(&mx)
-            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let m = chunks.remainder().iter().chain(&mx).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         if !m.is_finite() {
             return m;
         }

@@ -65,11 +65,7 @@ impl<'a> Weight<'a> {
     pub fn new(data: Data<'a>, rows: usize, cols: usize) -> Result<Self, Error> {
         let w = Weight { data, rows, cols };
         if w.len() != rows * cols {
-            return Err(Error::Shape {
-                what: "weight",
-                expected: rows * cols,
-                got: w.len(),
-            });
+            return Err(Error::Shape { what: "weight", expected: rows * cols, got: w.len() });
         }
         Ok(w)
     }
@@ -123,23 +119,13 @@ impl<'a> Weight<'a> {
 }
 
 /// `out (t, w.rows) = x (t, w.cols) · wᵀ`, split over the executor by blocks of output rows.
-pub fn matmul(
-    ex: &dyn Exec,
-    x: &[f32],
-    t: usize,
-    w: &Weight,
-    out: &mut [f32],
-) -> Result<(), Error> {
+pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -> Result<(), Error> {
     let (rows, k) = (w.rows, w.cols);
     crate::error::need("matmul input", x.len(), t * k)?;
     crate::error::need("matmul output", out.len(), t * rows)?;
     crate::error::need("matmul weight", w.len(), rows * k)?;
     let work = t * rows * k;
-    let tasks = if work < 1 << 16 {
-        1
-    } else {
-        (ex.threads() * 4).min(rows.div_ceil(16)).max(1)
-    };
+    let tasks = if work < 1 << 16 { 1 } else { (ex.threads() * 4).min(rows.div_ceil(16)).max(1) };
     let per = rows.div_ceil(tasks).next_multiple_of(4);
     let simd = ex.simd();
     let shared = Shared::new(&mut out[..t * rows]);
@@ -181,21 +167,7 @@ pub fn gemm_nt<E: Kernel>(
     crate::error::need("gemm b", b.len(), (n - 1) * ldb + k)?;
     crate::error::need("gemm c", c.len(), (m - 1) * ldc + n)?;
     // SAFETY: every index the kernel touches is within the lengths checked above.
-    unsafe {
-        gemm_raw(
-            simd,
-            m,
-            n,
-            k,
-            a.as_ptr(),
-            lda,
-            b.as_ptr(),
-            ldb,
-            c.as_mut_ptr(),
-            ldc,
-            acc,
-        )
-    };
+    unsafe { gemm_raw(simd, m, n, k, a.as_ptr(), lda, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, acc) };
     Ok(())
 }
 
@@ -350,23 +322,12 @@ mod avx2 {
         }
     }
 
-    type TileArgs<E> = (
-        *const f32,
-        usize,
-        *const E,
-        usize,
-        usize,
-        *mut f32,
-        usize,
-        bool,
-    );
+    type TileArgs<E> = (*const f32, usize, *const E, usize, usize, *mut f32, usize, bool);
 
     /// An `MT × NR` block of `c` from `MT` rows of `a` and `NR` rows of `b`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn tile<const MT: usize, const NR: usize, E: Kernel>(
-        (xp, lda, wp, ldb, k, cp, ldc, acc): TileArgs<E>,
-    ) {
+    unsafe fn tile<const MT: usize, const NR: usize, E: Kernel>((xp, lda, wp, ldb, k, cp, ldc, acc): TileArgs<E>) {
         let mut sums = [[_mm256_setzero_ps(); NR]; MT];
         let kv = k / 8 * 8;
         let mut l = 0;

@@ -25,10 +25,8 @@ pub struct Mamba2Config {
 
 /// Reads `config.json` tolerating the bare `Infinity`/`NaN` tokens older transformers wrote.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&quote_bare_floats(&text))
-        .map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&quote_bare_floats(&text)).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))
 }
 
 /// Puts quotes around `Infinity`, `-Infinity` and `NaN` where they stand as bare JSON values.
@@ -48,10 +46,7 @@ fn quote_bare_floats(text: &str) -> String {
             rest = &rest[ch.len_utf8()..];
             continue;
         }
-        if let Some(tok) = ["-Infinity", "Infinity", "NaN"]
-            .iter()
-            .find(|t| rest.starts_with(**t))
-        {
+        if let Some(tok) = ["-Infinity", "Infinity", "NaN"].iter().find(|t| rest.starts_with(**t)) {
             out.push('"');
             out.push_str(tok);
             out.push('"');
@@ -89,52 +84,39 @@ struct Fields<'a> {
 impl Fields<'_> {
     fn usize_or(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.obj.get(key) {
-            Some(Value::Null) | None => default
-                .ok_or_else(|| anyhow!("{}: missing config field '{key}'", self.path.display())),
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                anyhow!(
-                    "{}: config field '{key}' is not a non-negative integer",
-                    self.path.display()
-                )
-            }),
+            Some(Value::Null) | None => {
+                default.ok_or_else(|| anyhow!("{}: missing config field '{key}'", self.path.display()))
+            }
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| anyhow!("{}: config field '{key}' is not a non-negative integer", self.path.display())),
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.obj.get(key) {
             Some(Value::Null) | None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| {
-                anyhow!(
-                    "{}: config field '{key}' is not a boolean",
-                    self.path.display()
-                )
-            }),
+            Some(v) => {
+                v.as_bool().ok_or_else(|| anyhow!("{}: config field '{key}' is not a boolean", self.path.display()))
+            }
         }
     }
     fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         match self.obj.get(key) {
             Some(Value::Null) | None => Ok(default),
-            Some(v) => as_float(v).map(|x| x as f32).ok_or_else(|| {
-                anyhow!(
-                    "{}: config field '{key}' is not a number",
-                    self.path.display()
-                )
-            }),
+            Some(v) => as_float(v)
+                .map(|x| x as f32)
+                .ok_or_else(|| anyhow!("{}: config field '{key}' is not a number", self.path.display())),
         }
     }
     fn limit(&self, key: &str) -> Result<(f32, f32)> {
         match self.obj.get(key) {
             Some(Value::Array(a)) if a.len() == 2 => match (as_float(&a[0]), as_float(&a[1])) {
                 (Some(lo), Some(hi)) => Ok((lo as f32, hi as f32)),
-                _ => bail!(
-                    "{}: config field '{key}' is not a pair of numbers",
-                    self.path.display()
-                ),
+                _ => bail!("{}: config field '{key}' is not a pair of numbers", self.path.display()),
             },
             Some(Value::Null) | None => Ok((0.0, f32::INFINITY)),
-            Some(_) => bail!(
-                "{}: config field '{key}' is not a pair of numbers",
-                self.path.display()
-            ),
+            Some(_) => bail!("{}: config field '{key}' is not a pair of numbers", self.path.display()),
         }
     }
 }
@@ -144,19 +126,12 @@ pub fn family(cfg: &Value, path: &Path) -> Result<&'static str> {
     let model_type = cfg.get("model_type").and_then(Value::as_str);
     match model_type {
         Some("mamba2") => Ok("mamba2"),
-        Some("mamba") => bail!(
-            "{}: Mamba-1 ('model_type: mamba') is not supported; stuffed runs Mamba-2",
-            path.display()
-        ),
-        Some(other) => bail!(
-            "{}: unknown architecture '{other}' (supported: mamba2)",
-            path.display()
-        ),
+        Some("mamba") => {
+            bail!("{}: Mamba-1 ('model_type: mamba') is not supported; stuffed runs Mamba-2", path.display())
+        }
+        Some(other) => bail!("{}: unknown architecture '{other}' (supported: mamba2)", path.display()),
         None if cfg.get("ssm_cfg").is_some() || cfg.get("d_model").is_some() => Ok("mamba2"),
-        None => bail!(
-            "{}: unknown architecture: no 'model_type' and no official Mamba fields",
-            path.display()
-        ),
+        None => bail!("{}: unknown architecture: no 'model_type' and no official Mamba fields", path.display()),
     }
 }
 
@@ -170,11 +145,7 @@ pub fn mamba2(cfg: &Value, path: &Path, vocab_rows: usize) -> Result<Mamba2Confi
         let head_dim = f.usize_or("head_dim", Some(64))?;
         let n_heads = f.usize_or("num_heads", Some(expand * d / head_dim.max(1)))?;
         if n_heads * head_dim != expand * d {
-            bail!(
-                "{p}: num_heads·head_dim = {} but expand·hidden_size = {}",
-                n_heads * head_dim,
-                expand * d
-            );
+            bail!("{p}: num_heads·head_dim = {} but expand·hidden_size = {}", n_heads * head_dim, expand * d);
         }
         let (dt_min, dt_max) = f.limit("time_step_limit")?;
         let core = mamba2::Config {
@@ -190,11 +161,7 @@ pub fn mamba2(cfg: &Value, path: &Path, vocab_rows: usize) -> Result<Mamba2Confi
             dt_min,
             dt_max,
         };
-        let dtype = cfg
-            .get("dtype")
-            .or(cfg.get("torch_dtype"))
-            .and_then(Value::as_str)
-            .map(String::from);
+        let dtype = cfg.get("dtype").or(cfg.get("torch_dtype")).and_then(Value::as_str).map(String::from);
         return Ok(Mamba2Config {
             core,
             flavor: Flavor::Hf,
@@ -215,11 +182,7 @@ pub fn mamba2(cfg: &Value, path: &Path, vocab_rows: usize) -> Result<Mamba2Confi
             bail!("{p}: ssm_cfg.layer is missing, which means Mamba1; only Mamba2 is supported")
         }
     }
-    if cfg
-        .get("attn_layer_idx")
-        .and_then(Value::as_array)
-        .is_some_and(|a| !a.is_empty())
-    {
+    if cfg.get("attn_layer_idx").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
         bail!("{p}: hybrid models with attention layers (attn_layer_idx) are not supported");
     }
     if top.usize_or("d_intermediate", Some(0))? != 0 {
@@ -235,10 +198,7 @@ pub fn mamba2(cfg: &Value, path: &Path, vocab_rows: usize) -> Result<Mamba2Confi
     let expand = s.usize_or("expand", Some(2))?;
     let head_dim = s.usize_or("headdim", Some(64))?;
     if (expand * d) % head_dim.max(1) != 0 {
-        bail!(
-            "{p}: expand·d_model = {} is not a multiple of headdim {head_dim}",
-            expand * d
-        );
+        bail!("{p}: expand·d_model = {} is not a multiple of headdim {head_dim}", expand * d);
     }
     let (dt_min, dt_max) = s.limit("dt_limit")?;
     let core = mamba2::Config {

@@ -11,26 +11,18 @@ impl Pool {
     /// Uses rayon's global pool (sized by `--threads` or RAYON_NUM_THREADS, else all cores).
     /// `STUFFED_SIMD=portable` forces the portable kernel (to test both).
     pub fn new() -> Pool {
-        Pool {
-            threads: rayon::current_num_threads(),
-            simd: detect_simd(),
-        }
+        Pool { threads: rayon::current_num_threads(), simd: detect_simd() }
     }
 
     /// The portable kernel on one thread: the reference the fast path is tested against.
     pub fn serial_portable() -> Pool {
-        Pool {
-            threads: 1,
-            simd: Simd::Portable,
-        }
+        Pool { threads: 1, simd: Simd::Portable }
     }
 
     /// Sizes the global pool once; later calls keep the first size.
     pub fn init_threads(n: Option<usize>) {
         if let Some(n) = n {
-            let _ = rayon::ThreadPoolBuilder::new()
-                .num_threads(n.max(1))
-                .build_global();
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
         }
     }
 }
@@ -46,10 +38,7 @@ fn detect_simd() -> Simd {
         return Simd::Portable;
     }
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
-    {
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
         return Simd::Avx2;
     }
     Simd::Portable

@@ -39,17 +39,12 @@ impl ForgetSpec {
         let (name, args) = s.split_once(':').unwrap_or((s, ""));
         let mut kv = BTreeMap::new();
         for part in args.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| anyhow!("--forget {s}: '{part}' is not key=value"))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| anyhow!("--forget {s}: '{part}' is not key=value"))?;
             kv.insert(k.trim().to_string(), v.trim().to_string());
         }
         let num = |k: &str| -> Result<Option<f64>> {
             kv.get(k)
-                .map(|v| {
-                    v.parse::<f64>()
-                        .map_err(|_| anyhow!("--forget {s}: {k}={v} is not a number"))
-                })
+                .map(|v| v.parse::<f64>().map_err(|_| anyhow!("--forget {s}: {k}={v} is not a number")))
                 .transpose()
         };
         let need = |k: &str| num(k)?.ok_or_else(|| anyhow!("--forget {s}: missing {k}="));
@@ -60,9 +55,7 @@ impl ForgetSpec {
             "window" => &["r"],
             "state-norm" => &["every", "calib"],
             "reset" => &["every"],
-            other => bail!(
-                "--forget: unknown method '{other}' (none, rri, dt, window, state-norm, reset)"
-            ),
+            other => bail!("--forget: unknown method '{other}' (none, rri, dt, window, state-norm, reset)"),
         };
         if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
             bail!("--forget {s}: unknown parameter '{k}'");
@@ -76,23 +69,14 @@ impl ForgetSpec {
         };
         Ok(match name {
             "none" => ForgetSpec::None,
-            "rri" => ForgetSpec::Rri {
-                a: num("a")?.unwrap_or(0.9999) as f32,
-                b: num("b")?.unwrap_or(0.75) as f32,
-            },
-            "dt" => ForgetSpec::Dt {
-                c: num("c")?.unwrap_or(0.5) as f32,
-            },
-            "window" => ForgetSpec::Window {
-                r: positive("r", need("r")?)? as usize,
-            },
+            "rri" => ForgetSpec::Rri { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 },
+            "dt" => ForgetSpec::Dt { c: num("c")?.unwrap_or(0.5) as f32 },
+            "window" => ForgetSpec::Window { r: positive("r", need("r")?)? as usize },
             "state-norm" => ForgetSpec::StateNorm {
                 every: positive("every", num("every")?.unwrap_or(128.0))?,
                 calib: num("calib")?.map(|v| positive("calib", v)).transpose()?,
             },
-            _ => ForgetSpec::Reset {
-                every: positive("every", need("every")?)?,
-            },
+            _ => ForgetSpec::Reset { every: positive("every", need("every")?)? },
         })
     }
 
@@ -110,13 +94,8 @@ impl ForgetSpec {
     pub fn resolved(self, train_len: Option<u64>) -> Result<ForgetSpec> {
         match self {
             ForgetSpec::StateNorm { every, calib: None } => match train_len {
-                Some(t) => Ok(ForgetSpec::StateNorm {
-                    every,
-                    calib: Some(t),
-                }),
-                None => bail!(
-                    "--forget state-norm: give calib=N or --train-len (the calibration prefix)"
-                ),
+                Some(t) => Ok(ForgetSpec::StateNorm { every, calib: Some(t) }),
+                None => bail!("--forget state-norm: give calib=N or --train-len (the calibration prefix)"),
             },
             s => Ok(s),
         }

@@ -65,9 +65,7 @@ impl Model {
     /// Sets the forgetting method (before creating sessions: the state size may change).
     pub fn set_forget(&mut self, f: ForgetSpec) -> Result<()> {
         let path = self.info.path.display().to_string();
-        self.net_mut()
-            .set_forget(f.core())
-            .with_context(|| format!("{path}: --forget {f}"))?;
+        self.net_mut().set_forget(f.core()).with_context(|| format!("{path}: --forget {f}"))?;
         self.forget = f;
         Ok(())
     }
@@ -80,10 +78,7 @@ impl Model {
         let ck: &'static Checkpoint = unsafe { &*(ckpt.as_ref() as *const Checkpoint) };
         let cfg_path = ck.dir().join("config.json");
         if !cfg_path.exists() {
-            bail!(
-                "{}: missing config.json beside the weights",
-                cfg_path.display()
-            );
+            bail!("{}: missing config.json beside the weights", cfg_path.display());
         }
         let json = config::read_json(&cfg_path)?;
         match config::family(&json, &cfg_path)? {
@@ -105,23 +100,13 @@ fn dtype_name(d: DType) -> &'static str {
 /// A tensor as a core weight of `(rows, cols)`, checking its exact stored shape.
 fn weight(t: TensorView<'static>, shape: &[usize]) -> Result<Weight<'static>> {
     if t.shape != shape {
-        bail!(
-            "{}: tensor {} has shape {:?}, expected {:?}",
-            t.file.display(),
-            t.name,
-            t.shape,
-            shape
-        );
+        bail!("{}: tensor {} has shape {:?}, expected {:?}", t.file.display(), t.name, t.shape, shape);
     }
     let data = match t.dtype {
         DType::F32 => Data::F32(t.as_f32()?),
         DType::BF16 => Data::Bf16(t.as_bf16()?),
         DType::F16 => Data::F16(t.as_f16()?),
-        other => bail!(
-            "{}: tensor {} has dtype {other}; weights must be F32, BF16 or F16",
-            t.file.display(),
-            t.name
-        ),
+        other => bail!("{}: tensor {} has dtype {other}; weights must be F32, BF16 or F16", t.file.display(), t.name),
     };
     let (rows, cols) = match shape {
         [] => (1, 1),
@@ -139,35 +124,20 @@ fn load_mamba2(
     path: &Path,
 ) -> Result<Model> {
     let official = ck.get("backbone.embedding.weight").is_some();
-    let emb_name = if official {
-        "backbone.embedding.weight"
-    } else {
-        "backbone.embeddings.weight"
-    };
+    let emb_name = if official { "backbone.embedding.weight" } else { "backbone.embeddings.weight" };
     let emb = ck.require(emb_name)?;
     if ck.names().any(|n| n.ends_with("mixer.x_proj.weight")) {
-        bail!(
-            "{}: this is a Mamba-1 checkpoint (x_proj); stuffed runs Mamba-2",
-            emb.file.display()
-        );
+        bail!("{}: this is a Mamba-1 checkpoint (x_proj); stuffed runs Mamba-2", emb.file.display());
     }
     let &[rows, _] = emb.shape else {
-        bail!(
-            "{}: tensor {emb_name} has shape {:?}, expected [vocab, d_model]",
-            emb.file.display(),
-            emb.shape
-        );
+        bail!("{}: tensor {emb_name} has shape {:?}, expected [vocab, d_model]", emb.file.display(), emb.shape);
     };
     let mc = config::mamba2(json, cfg_path, rows)?;
     if (mc.flavor == Flavor::Official) != official {
-        bail!(
-            "{}: config.json and the tensor names disagree on the format (HF vs official)",
-            cfg_path.display()
-        );
+        bail!("{}: config.json and the tensor names disagree on the format (HF vs official)", cfg_path.display());
     }
     let c = mc.core;
-    c.validate()
-        .with_context(|| cfg_path.display().to_string())?;
+    c.validate().with_context(|| cfg_path.display().to_string())?;
     let (d, di, h, cd, k) = (c.d_model, c.d_inner(), c.n_heads, c.conv_dim(), c.d_conv);
     let nin = c.in_proj_rows();
     let mut layers = Vec::with_capacity(c.n_layer);
@@ -175,9 +145,7 @@ fn load_mamba2(
         let p = format!("backbone.layers.{l}.");
         let t = |n: &str| ck.require(&format!("{p}{n}"));
         let opt = |n: &str, shape: &[usize]| -> Result<Option<Weight<'static>>> {
-            ck.get(&format!("{p}{n}"))
-                .map(|v| weight(v, shape))
-                .transpose()
+            ck.get(&format!("{p}{n}")).map(|v| weight(v, shape)).transpose()
         };
         let a_log = t("mixer.A_log")?;
         if a_log.shape.len() != 1 {
@@ -212,24 +180,14 @@ fn load_mamba2(
             out_proj_bias: opt("mixer.out_proj.bias", &[d])?,
         });
     }
-    if ck
-        .get(&format!("backbone.layers.{}.mixer.A_log", c.n_layer))
-        .is_some()
-    {
-        bail!(
-            "{}: the weights have more than the {} layers config.json states",
-            emb.file.display(),
-            c.n_layer
-        );
+    if ck.get(&format!("backbone.layers.{}.mixer.A_log", c.n_layer)).is_some() {
+        bail!("{}: the weights have more than the {} layers config.json states", emb.file.display(), c.n_layer);
     }
     let embed = weight(emb, &[rows, d])?;
     let head = match ck.get("lm_head.weight") {
         Some(hd) if !mc.tied || official => weight(hd, &[rows, d])?,
         _ if mc.tied => embed,
-        _ => bail!(
-            "{}: missing tensor lm_head.weight (tie_word_embeddings is false)",
-            emb.file.display()
-        ),
+        _ => bail!("{}: missing tensor lm_head.weight (tie_word_embeddings is false)", emb.file.display()),
     };
     let layers: Box<[mamba2::Layer<'static>]> = layers.into_boxed_slice();
     // SAFETY: the boxed slice is owned by the returned `Model` and outlives `net` (drop order).
@@ -240,8 +198,7 @@ fn load_mamba2(
         norm_f: weight(ck.require("backbone.norm_f.weight")?, &[d])?,
         head,
     };
-    let net = Mamba2::new(c, weights)
-        .with_context(|| format!("{}: bad Mamba-2 weights", path.display()))?;
+    let net = Mamba2::new(c, weights).with_context(|| format!("{}: bad Mamba-2 weights", path.display()))?;
 
     // Count each stored tensor once; an official tied lm_head is a duplicate of the embedding.
     let dup = |n: &str| official && mc.tied && n == "lm_head.weight";
@@ -276,11 +233,5 @@ fn load_mamba2(
         config_vocab: mc.vocab_size,
         tied_embeddings: mc.tied,
     };
-    Ok(Model {
-        net: Net::Mamba2(net),
-        _layers: layers,
-        _ckpt: ckpt,
-        info,
-        forget: ForgetSpec::None,
-    })
+    Ok(Model { net: Net::Mamba2(net), _layers: layers, _ckpt: ckpt, info, forget: ForgetSpec::None })
 }

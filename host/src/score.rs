@@ -20,12 +20,7 @@ pub struct NllHead<'m> {
 
 impl<'m> NllHead<'m> {
     pub fn new(net: &'m dyn Recurrent, real: usize) -> Self {
-        NllHead {
-            net,
-            ex: Pool::new(),
-            real,
-            logits: vec![0.0; SUB * net.vocab_rows()],
-        }
+        NllHead { net, ex: Pool::new(), real, logits: vec![0.0; SUB * net.vocab_rows()] }
     }
 
     /// `out[i] = logsumexp(head·hidden_i over the real vocab) − logit(targets[i])`.
@@ -34,22 +29,14 @@ impl<'m> NllHead<'m> {
         if let Some(&bad) = targets.iter().find(|&&t| t as usize >= real) {
             bail!("target token {bad} is outside the real vocab ({real} ids)");
         }
-        for ((h, tg), o) in hidden
-            .chunks(SUB * d)
-            .zip(targets.chunks(SUB))
-            .zip(out.chunks_mut(SUB))
-        {
+        for ((h, tg), o) in hidden.chunks(SUB * d).zip(targets.chunks(SUB)).zip(out.chunks_mut(SUB)) {
             let rows = tg.len();
             let logits = &mut self.logits[..rows * v];
             self.net.logits(&self.ex, &h[..rows * d], rows, logits)?;
             let simd = self.ex.simd();
-            logits
-                .par_chunks(v)
-                .zip(tg.par_iter())
-                .zip(o.par_iter_mut())
-                .for_each(|((row, &t), o)| {
-                    *o = log_sum_exp(simd, &row[..real]) - row[t as usize];
-                });
+            logits.par_chunks(v).zip(tg.par_iter()).zip(o.par_iter_mut()).for_each(|((row, &t), o)| {
+                *o = log_sum_exp(simd, &row[..real]) - row[t as usize];
+            });
         }
         Ok(())
     }

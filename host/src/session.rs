@@ -58,11 +58,7 @@ impl<'m> Session<'m> {
     /// Runs `tokens` chunk by chunk from the current state, handing each piece's final-normed hidden
     /// rows `(t, d_model)` to `sink(offset in tokens, rows)`. Pieces also end where a state-level
     /// forgetting method acts. A non-finite state is an error.
-    pub fn feed(
-        &mut self,
-        tokens: &[u32],
-        sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
-    ) -> Result<()> {
+    pub fn feed(&mut self, tokens: &[u32], sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
         self.feed_impl(tokens, None, sink)
     }
 
@@ -94,21 +90,8 @@ impl<'m> Session<'m> {
             let part = &tokens[off..off + n];
             let hidden = &mut self.hidden[..n * d];
             match probe.as_deref_mut() {
-                Some(p) => net.forward_probed(
-                    &self.ex,
-                    part,
-                    &mut self.state,
-                    &mut self.scratch,
-                    hidden,
-                    p,
-                )?,
-                None if self.chunk == 1 => net.step(
-                    &self.ex,
-                    part[0],
-                    &mut self.state,
-                    &mut self.scratch,
-                    hidden,
-                )?,
+                Some(p) => net.forward_probed(&self.ex, part, &mut self.state, &mut self.scratch, hidden, p)?,
+                None if self.chunk == 1 => net.step(&self.ex, part[0], &mut self.state, &mut self.scratch, hidden)?,
                 None => net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden)?,
             }
             self.pos += n as u64;
@@ -131,10 +114,7 @@ impl<'m> Session<'m> {
         let next = |every: u64| (self.pos / every + 1) * every;
         match self.forget {
             ForgetSpec::Reset { every } => Some(next(every)),
-            ForgetSpec::StateNorm {
-                every,
-                calib: Some(c),
-            } if self.pos < c => Some(next(every).min(c)),
+            ForgetSpec::StateNorm { every, calib: Some(c) } if self.pos < c => Some(next(every).min(c)),
             ForgetSpec::StateNorm { every, .. } => Some(next(every)),
             _ => None,
         }
@@ -146,12 +126,9 @@ impl<'m> Session<'m> {
         match self.forget {
             ForgetSpec::Reset { every } if self.pos.is_multiple_of(every) => self.state.fill(0.0),
             ForgetSpec::StateNorm { every, calib } => {
-                let heads =
-                    (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| (l, h)));
+                let heads = (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| (l, h)));
                 if calib == Some(self.pos) {
-                    self.tau = heads
-                        .map(|(l, h)| fro(&self.state[net.head_state(l, h)]))
-                        .collect();
+                    self.tau = heads.map(|(l, h)| fro(&self.state[net.head_state(l, h)])).collect();
                 } else if !self.tau.is_empty() && self.pos.is_multiple_of(every) {
                     for ((l, h), &tau) in heads.zip(&self.tau) {
                         let r = net.head_state(l, h);

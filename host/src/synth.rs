@@ -58,12 +58,8 @@ impl View for &Tensor {
 
 fn encode(values: impl Iterator<Item = f32>, dtype: Dtype) -> Vec<u8> {
     match dtype {
-        Dtype::BF16 => values
-            .flat_map(|v| bf16::from_f32(v).to_le_bytes())
-            .collect(),
-        Dtype::F16 => values
-            .flat_map(|v| f16::from_f32(v).to_le_bytes())
-            .collect(),
+        Dtype::BF16 => values.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::F16 => values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
         _ => values.flat_map(|v| v.to_le_bytes()).collect(),
     }
 }
@@ -71,10 +67,7 @@ fn encode(values: impl Iterator<Item = f32>, dtype: Dtype) -> Vec<u8> {
 pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
     let Some(&(_, d, n_layer, n, p)) = MAMBA2_PRESETS.iter().find(|x| x.0 == preset) else {
         let names: Vec<_> = MAMBA2_PRESETS.iter().map(|x| x.0).collect();
-        bail!(
-            "unknown Mamba-2 preset '{preset}' (known: {})",
-            names.join(", ")
-        );
+        bail!("unknown Mamba-2 preset '{preset}' (known: {})", names.join(", "));
     };
     let dt = match dtype {
         "bf16" => Dtype::BF16,
@@ -91,57 +84,31 @@ pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng, usize) -> f32| {
         let numel = shape.iter().product();
         let bytes = encode((0..numel).map(|i| f(&mut rng, i)), dt);
-        tensors.push(Tensor {
-            name,
-            shape,
-            dtype: dt,
-            bytes,
-        });
+        tensors.push(Tensor { name, shape, dtype: dt, bytes });
     };
     // Scales follow the reference init: N(0, 0.02)-sized embeddings, 1/√fan_in projections,
     // A ∈ [1, 16], dt ∈ [1e-3, 0.1] through the inverse softplus, D = 1, norms = 1.
-    add(
-        "backbone.embeddings.weight".into(),
-        vec![VOCAB_ROWS, d],
-        &mut |r, _| r.uniform(-0.035, 0.035),
-    );
+    add("backbone.embeddings.weight".into(), vec![VOCAB_ROWS, d], &mut |r, _| r.uniform(-0.035, 0.035));
     for l in 0..n_layer {
         let pre = format!("backbone.layers.{l}.");
         let s_in = 1.0 / (d as f32).sqrt();
         let s_out = 1.0 / (di as f32).sqrt() / (2.0 * n_layer as f32).sqrt();
         add(format!("{pre}norm.weight"), vec![d], &mut |_, _| 1.0);
-        add(
-            format!("{pre}mixer.in_proj.weight"),
-            vec![nin, d],
-            &mut |r, _| r.uniform(-s_in, s_in),
-        );
-        add(
-            format!("{pre}mixer.conv1d.weight"),
-            vec![cd, 1, k],
-            &mut |r, _| r.uniform(-0.5, 0.5),
-        );
-        add(format!("{pre}mixer.conv1d.bias"), vec![cd], &mut |r, _| {
-            r.uniform(-0.5, 0.5)
-        });
+        add(format!("{pre}mixer.in_proj.weight"), vec![nin, d], &mut |r, _| r.uniform(-s_in, s_in));
+        add(format!("{pre}mixer.conv1d.weight"), vec![cd, 1, k], &mut |r, _| r.uniform(-0.5, 0.5));
+        add(format!("{pre}mixer.conv1d.bias"), vec![cd], &mut |r, _| r.uniform(-0.5, 0.5));
         add(format!("{pre}mixer.dt_bias"), vec![h], &mut |r, _| {
             let dt = (r.uniform(0.001f32.ln(), 0.1f32.ln())).exp();
             dt + (-(-dt).exp_m1()).ln()
         });
-        add(format!("{pre}mixer.A_log"), vec![h], &mut |r, _| {
-            r.uniform(1.0, 16.0).ln()
-        });
+        add(format!("{pre}mixer.A_log"), vec![h], &mut |r, _| r.uniform(1.0, 16.0).ln());
         add(format!("{pre}mixer.D"), vec![h], &mut |_, _| 1.0);
         add(format!("{pre}mixer.norm.weight"), vec![di], &mut |_, _| 1.0);
-        add(
-            format!("{pre}mixer.out_proj.weight"),
-            vec![d, di],
-            &mut |r, _| r.uniform(-s_out, s_out),
-        );
+        add(format!("{pre}mixer.out_proj.weight"), vec![d, di], &mut |r, _| r.uniform(-s_out, s_out));
     }
     add("backbone.norm_f.weight".into(), vec![d], &mut |_, _| 1.0);
 
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("{}: cannot create directory", out.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create directory", out.display()))?;
     let config = serde_json::json!({
         "model_type": "mamba2",
         "architectures": ["Mamba2ForCausalLM"],
@@ -158,11 +125,7 @@ pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot write", cfg_path.display()))?;
     let st_path = out.join("model.safetensors");
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(
-        tensors.iter().map(|t| (t.name.clone(), t)),
-        Some(meta),
-        &st_path,
-    )
-    .with_context(|| format!("{}: cannot write", st_path.display()))?;
+    safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.clone(), t)), Some(meta), &st_path)
+        .with_context(|| format!("{}: cannot write", st_path.display()))?;
     Ok(())
 }

@@ -24,9 +24,7 @@ pub enum Input {
 impl Input {
     pub fn name(&self) -> String {
         match self {
-            Input::File(p) => p
-                .file_name()
-                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into()),
+            Input::File(p) => p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into()),
             Input::Newlines { literal: false } => "newlines".into(),
             Input::Newlines { literal: true } => "newlines-token".into(),
         }
@@ -40,9 +38,7 @@ impl Input {
                 let mut f = open(p)?;
                 let mut buf = vec![0u8; BLOCK];
                 loop {
-                    let n = f
-                        .read(&mut buf)
-                        .map_err(|e| anyhow!("{}: cannot read: {e}", p.display()))?;
+                    let n = f.read(&mut buf).map_err(|e| anyhow!("{}: cannot read: {e}", p.display()))?;
                     if n == 0 {
                         break;
                     }
@@ -66,12 +62,7 @@ fn last_cut(text: &str) -> Option<usize> {
     let bytes = text.as_bytes();
     let mut i = bytes.len();
     while let Some(j) = bytes[..i].iter().rposition(|&b| b == b'\n') {
-        if j > 0
-            && text[..j]
-                .chars()
-                .next_back()
-                .is_some_and(|c| !c.is_whitespace())
-        {
+        if j > 0 && text[..j].chars().next_back().is_some_and(|c| !c.is_whitespace()) {
             return Some(j);
         }
         i = j;
@@ -101,14 +92,7 @@ impl<'t> TokenStream<'t> {
             Input::File(p) => Some(open(p)?),
             Input::Newlines { .. } => None,
         };
-        Ok(TokenStream {
-            tok,
-            input: input.clone(),
-            file,
-            carry: Vec::new(),
-            done: false,
-            block: block.max(1),
-        })
+        Ok(TokenStream { tok, input: input.clone(), file, carry: Vec::new(), done: false, block: block.max(1) })
     }
 
     /// The next piece of ids, or `None` at the end.
@@ -121,11 +105,7 @@ impl<'t> TokenStream<'t> {
             return Ok(Some(if literal {
                 let nl = self.tok.encode("\n")?;
                 if nl.len() != 1 {
-                    bail!(
-                        "{}: a newline is {} tokens, not one",
-                        self.tok.source,
-                        nl.len()
-                    );
+                    bail!("{}: a newline is {} tokens, not one", self.tok.source, nl.len());
                 }
                 vec![nl[0]; 300_000]
             } else {
@@ -138,28 +118,17 @@ impl<'t> TokenStream<'t> {
         loop {
             let old = self.carry.len();
             self.carry.resize(old + self.block, 0);
-            let n = f
-                .read(&mut self.carry[old..])
-                .map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+            let n = f.read(&mut self.carry[old..]).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
             self.carry.truncate(old + n);
             let eof = n == 0;
             // Longest valid UTF-8 prefix; an invalid byte (not a cut multi-byte char) is an error.
             let valid = match std::str::from_utf8(&self.carry) {
                 Ok(s) => s.len(),
                 Err(e) if e.error_len().is_none() && !eof => e.valid_up_to(),
-                Err(e) => bail!(
-                    "{}: not UTF-8 text (invalid byte near offset {})",
-                    path.display(),
-                    e.valid_up_to()
-                ),
+                Err(e) => bail!("{}: not UTF-8 text (invalid byte near offset {})", path.display(), e.valid_up_to()),
             };
-            let text = std::str::from_utf8(&self.carry[..valid])
-                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let cut = if eof {
-                Some(text.len())
-            } else {
-                last_cut(text)
-            };
+            let text = std::str::from_utf8(&self.carry[..valid]).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            let cut = if eof { Some(text.len()) } else { last_cut(text) };
             if let Some(cut) = cut.filter(|&c| c > 0) {
                 let ids = self.tok.encode(&text[..cut])?;
                 self.carry.drain(..cut);

@@ -14,11 +14,9 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// `explicit`, else `<model dir>/tokenizer.json`, else the shipped GPT-NeoX-20B.
     pub fn for_model(model_dir: Option<&Path>, explicit: Option<&Path>) -> Result<Tokenizer> {
-        let candidate: Option<PathBuf> = explicit.map(Path::to_path_buf).or_else(|| {
-            model_dir
-                .map(|d| d.join("tokenizer.json"))
-                .filter(|p| p.exists())
-        });
+        let candidate: Option<PathBuf> = explicit
+            .map(Path::to_path_buf)
+            .or_else(|| model_dir.map(|d| d.join("tokenizer.json")).filter(|p| p.exists()));
         match candidate {
             Some(p) => Self::from_file(&p),
             None => Self::from_bytes(NEOX, "builtin:gpt-neox-20b"),
@@ -26,39 +24,26 @@ impl Tokenizer {
     }
 
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| anyhow!("{}: cannot read tokenizer: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: cannot read tokenizer: {e}", path.display()))?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 
     fn from_bytes(bytes: &[u8], source: &str) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| anyhow!("{source}: not a tokenizer.json: {e}"))?;
-        Ok(Tokenizer {
-            inner,
-            source: source.to_string(),
-        })
+        let inner =
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{source}: not a tokenizer.json: {e}"))?;
+        Ok(Tokenizer { inner, source: source.to_string() })
     }
 
     /// Ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Ids of `text` and the byte offset each token starts at.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>)> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
-        Ok((
-            enc.get_ids().to_vec(),
-            enc.get_offsets().iter().map(|o| o.0).collect(),
-        ))
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().iter().map(|o| o.0).collect()))
     }
 
     /// The id of a token string (e.g. `<|endoftext|>`), if the vocab has it.
@@ -67,9 +52,7 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| anyhow!("{}: cannot decode: {e}", self.source))
+        self.inner.decode(ids, false).map_err(|e| anyhow!("{}: cannot decode: {e}", self.source))
     }
 
     /// Ids the tokenizer can produce (added tokens included): rows past it are padding.

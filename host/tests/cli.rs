@@ -3,16 +3,11 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn data(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/data")
-        .join(p)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data").join(p)
 }
 
 fn stuffed(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stuffed"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stuffed")).args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into(),
@@ -38,18 +33,8 @@ fn bad_inputs_exit_nonzero_with_one_line() {
             "--out".into(),
             out.display().to_string(),
         ],
-        vec![
-            "tokenize".into(),
-            "--file".into(),
-            "/nonexistent.txt".into(),
-        ],
-        vec![
-            "synth".into(),
-            "--preset".into(),
-            "9b".into(),
-            "--out".into(),
-            dir.path().display().to_string(),
-        ],
+        vec!["tokenize".into(), "--file".into(), "/nonexistent.txt".into()],
+        vec!["synth".into(), "--preset".into(), "9b".into(), "--out".into(), dir.path().display().to_string()],
     ];
     for args in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -71,27 +56,11 @@ fn logits_tokenize_info_synth_run() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("N_S = 5056"), "{out}");
     let syn = dir.path().join("tiny");
-    let (code, _, err) = stuffed(&[
-        "synth",
-        "--preset",
-        "tiny",
-        "--dtype",
-        "bf16",
-        "--seed",
-        "3",
-        "--out",
-        syn.to_str().unwrap(),
-    ]);
+    let (code, _, err) =
+        stuffed(&["synth", "--preset", "tiny", "--dtype", "bf16", "--seed", "3", "--out", syn.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let ids = dir.path().join("ids.txt");
-    std::fs::write(
-        &ids,
-        (0..70)
-            .map(|i| (i * 37 % 50277).to_string())
-            .collect::<Vec<_>>()
-            .join(","),
-    )
-    .unwrap();
+    std::fs::write(&ids, (0..70).map(|i| (i * 37 % 50277).to_string()).collect::<Vec<_>>().join(",")).unwrap();
     let out1 = dir.path().join("a.safetensors");
     let out2 = dir.path().join("b.safetensors");
     for (chunk, out) in [("256", &out1), ("1", &out2)] {
@@ -113,31 +82,14 @@ fn logits_tokenize_info_synth_run() {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let t = st.tensor("logits").unwrap();
         assert_eq!(t.shape(), [70, 50288]);
-        t.data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect::<Vec<f32>>()
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect::<Vec<f32>>()
     };
     let (a, b) = (read(&out1), read(&out2));
     let max = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let err = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(
-        max > 0.0 && err / max < 1e-4,
-        "chunked vs step rel {}",
-        err / max
-    );
-    let (code, out, err) = stuffed(&[
-        "generate",
-        "--model",
-        syn.to_str().unwrap(),
-        "--prompt",
-        "Hello",
-        "--max-new",
-        "4",
-    ]);
+    let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(max > 0.0 && err / max < 1e-4, "chunked vs step rel {}", err / max);
+    let (code, out, err) =
+        stuffed(&["generate", "--model", syn.to_str().unwrap(), "--prompt", "Hello", "--max-new", "4"]);
     assert_eq!(code, 0, "{err}");
     assert!(!out.is_empty());
 }
@@ -153,10 +105,7 @@ fn synth_presets_have_published_sizes() {
         ("2.7b", 2_702_599_680),
     ];
     for (name, params) in want {
-        let &(_, d, l, n, p) = stuffed::synth::MAMBA2_PRESETS
-            .iter()
-            .find(|x| x.0 == name)
-            .unwrap();
+        let &(_, d, l, n, p) = stuffed::synth::MAMBA2_PRESETS.iter().find(|x| x.0 == name).unwrap();
         let (di, k) = (2 * d, 4);
         let (h, cd) = (di / p, di + 2 * n);
         let layer = d + (2 * di + 2 * n + h) * d + cd * k + cd + 3 * h + di + d * di;
@@ -169,7 +118,11 @@ fn synth_presets_have_published_sizes() {
 fn ppl_peak_memory_is_constant() {
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("short.txt");
-    std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n".repeat(40)).unwrap();
+    std::fs::write(
+        &text,
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n".repeat(40),
+    )
+    .unwrap();
     let model = data("mamba2_neox_tiny");
     let mut peaks = Vec::new();
     for n in ["20000", "200000"] {
@@ -187,24 +140,11 @@ fn ppl_peak_memory_is_constant() {
         ]);
         assert_eq!(code, 0, "{err}");
         let res: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap())
-                .unwrap();
-        assert_eq!(
-            res["runs"][0]["tokens_fed"].as_u64().unwrap(),
-            n.parse::<u64>().unwrap()
-        );
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        assert_eq!(res["runs"][0]["tokens_fed"].as_u64().unwrap(), n.parse::<u64>().unwrap());
         peaks.push(res["peak_rss_bytes"].as_u64().unwrap());
     }
-    println!(
-        "peak RSS: 20k tokens {} KiB, 200k tokens {} KiB",
-        peaks[0] / 1024,
-        peaks[1] / 1024
-    );
+    println!("peak RSS: 20k tokens {} KiB, 200k tokens {} KiB", peaks[0] / 1024, peaks[1] / 1024);
     assert!(peaks[0] > 0);
-    assert!(
-        peaks[1] <= peaks[0] + (4 << 20),
-        "peak memory grew from {} to {} bytes",
-        peaks[0],
-        peaks[1]
-    );
+    assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
 }

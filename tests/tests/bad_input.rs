@@ -46,11 +46,7 @@ fn rewrite(dir: &Path, edit: impl Fn(&str, &mut Vec<f32>, &mut Vec<usize>) -> bo
     let views: Vec<_> = kept
         .iter()
         .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
         })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
@@ -109,10 +105,7 @@ fn unknown_architecture_and_mamba1() {
     let cfg = dir.path().join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("\"mamba2\"", "\"llama\"")).unwrap();
-    assert_mentions(
-        &load_err(dir.path()),
-        &["config.json", "unknown architecture", "llama"],
-    );
+    assert_mentions(&load_err(dir.path()), &["config.json", "unknown architecture", "llama"]);
     std::fs::write(&cfg, text.replace("\"mamba2\"", "\"mamba\"")).unwrap();
     assert_mentions(&load_err(dir.path()), &["config.json", "Mamba-1"]);
     std::fs::write(&cfg, "{ not json").unwrap();
@@ -124,14 +117,9 @@ fn unknown_architecture_and_mamba1() {
 #[test]
 fn missing_tensor() {
     let dir = copy_tiny();
-    rewrite(dir.path(), |name, _, _| {
-        name != "backbone.layers.1.mixer.dt_bias"
-    });
+    rewrite(dir.path(), |name, _, _| name != "backbone.layers.1.mixer.dt_bias");
     let dir_name = dir.path().display().to_string();
-    assert_mentions(
-        &load_err(dir.path()),
-        &[&dir_name, "missing tensor backbone.layers.1.mixer.dt_bias"],
-    );
+    assert_mentions(&load_err(dir.path()), &[&dir_name, "missing tensor backbone.layers.1.mixer.dt_bias"]);
 }
 
 #[test]
@@ -144,19 +132,12 @@ fn shape_mismatch() {
         }
         true
     });
-    assert_mentions(
-        &load_err(dir.path()),
-        &["model.safetensors", "out_proj.weight", "[64, 100]"],
-    );
+    assert_mentions(&load_err(dir.path()), &["model.safetensors", "out_proj.weight", "[64, 100]"]);
     // A config that disagrees with the weights.
     let dir = copy_tiny();
     let cfg = dir.path().join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("\"state_size\": 16", "\"state_size\": 32"),
-    )
-    .unwrap();
+    std::fs::write(&cfg, text.replace("\"state_size\": 16", "\"state_size\": 32")).unwrap();
     assert_mentions(&load_err(dir.path()), &["in_proj.weight"]);
 }
 
@@ -167,21 +148,12 @@ fn wrong_dtype_tensor() {
     let mut kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for name in ck.names() {
         let v = ck.require(name).unwrap();
-        let dt = if name == "backbone.norm_f.weight" {
-            safetensors::Dtype::I32
-        } else {
-            safetensors::Dtype::F32
-        };
+        let dt = if name == "backbone.norm_f.weight" { safetensors::Dtype::I32 } else { safetensors::Dtype::F32 };
         kept.push((name.to_string(), dt, v.shape.to_vec(), v.bytes.to_vec()));
     }
     let views: Vec<_> = kept
         .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
         .collect();
     safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
     assert_mentions(&load_err(dir.path()), &["backbone.norm_f.weight", "I32"]);
@@ -189,9 +161,7 @@ fn wrong_dtype_tensor() {
 
 fn cli(args: &[&str]) -> anyhow::Result<()> {
     use clap::Parser;
-    run(Cli::try_parse_from(
-        std::iter::once("stuffed").chain(args.iter().copied()),
-    )?)
+    run(Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied()))?)
 }
 
 #[test]
@@ -235,10 +205,7 @@ fn token_id_out_of_range() {
 
 #[test]
 fn missing_text_file() {
-    let err = format!(
-        "{:#}",
-        cli(&["tokenize", "--file", "/nonexistent/text.txt"]).unwrap_err()
-    );
+    let err = format!("{:#}", cli(&["tokenize", "--file", "/nonexistent/text.txt"]).unwrap_err());
     assert_mentions(&err, &["/nonexistent/text.txt", "cannot read"]);
 }
 

@@ -39,20 +39,8 @@ fn model(spec: &str) -> Model {
 #[test]
 fn methods_match_the_direct_sum_reference() {
     let r = Checkpoint::open(&case().join("forget_ref.safetensors")).unwrap();
-    let ids: Vec<u32> = r
-        .require("input_ids")
-        .unwrap()
-        .to_i64_vec()
-        .unwrap()
-        .iter()
-        .map(|&v| v as u32)
-        .collect();
-    let plain = r
-        .require("logits_plain")
-        .unwrap()
-        .as_f32()
-        .unwrap()
-        .to_vec();
+    let ids: Vec<u32> = r.require("input_ids").unwrap().to_i64_vec().unwrap().iter().map(|&v| v as u32).collect();
+    let plain = r.require("logits_plain").unwrap().as_f32().unwrap().to_vec();
     for (spec, key) in [
         ("none", "logits_plain"),
         ("rri:a=0.98,b=0.75", "logits_rri"),
@@ -67,11 +55,7 @@ fn methods_match_the_direct_sum_reference() {
         let chunked = logits(&m, &ids, 256);
         let stepped = logits(&m, &ids, 1);
         let split = logits(&m, &ids, 5);
-        for (what, got) in [
-            ("chunked", &chunked),
-            ("token by token", &stepped),
-            ("chunk 5", &split),
-        ] {
+        for (what, got) in [("chunked", &chunked), ("token by token", &stepped), ("chunk 5", &split)] {
             let e = rel(got, want);
             println!("{spec} {what}: rel {e:.3e}");
             assert!(e <= 1e-4, "{spec} {what} vs reference: rel {e:.3e}");
@@ -128,11 +112,7 @@ fn state_norm_keeps_every_head_within_tau() {
             for h in 0..net.n_heads() {
                 let norm = fro(&s.state[net.head_state(l, h)]);
                 let tau = s.tau[l * net.n_heads() + h];
-                assert!(
-                    norm <= tau * (1.0 + 1e-5),
-                    "layer {l} head {h} at {}: ‖h‖ {norm} > τ {tau}",
-                    s.pos
-                );
+                assert!(norm <= tau * (1.0 + 1e-5), "layer {l} head {h} at {}: ‖h‖ {norm} > τ {tau}", s.pos);
                 scaled += (norm >= tau * (1.0 - 1e-6)) as usize;
             }
         }
@@ -155,29 +135,16 @@ fn reset_equals_a_fresh_start() {
 
 #[test]
 fn bad_specs_are_refused() {
-    for bad in [
-        "rri:a=2",
-        "window:r=0",
-        "dt:c=-1",
-        "nope",
-        "rri:z=1",
-        "reset",
-        "window:r=x",
-    ] {
+    for bad in ["rri:a=2", "window:r=0", "dt:c=-1", "nope", "rri:z=1", "reset", "window:r=x"] {
         let parsed = ForgetSpec::parse(bad);
         let err = match parsed {
             Err(e) => e.to_string(),
-            Ok(spec) => format!(
-                "{:#}",
-                Model::load(&case()).unwrap().set_forget(spec).unwrap_err()
-            ),
+            Ok(spec) => format!("{:#}", Model::load(&case()).unwrap().set_forget(spec).unwrap_err()),
         };
         assert!(err.contains("forget"), "{bad}: {err}");
     }
     assert_eq!(
-        ForgetSpec::parse("state-norm:every=128,calib=8192")
-            .unwrap()
-            .to_string(),
+        ForgetSpec::parse("state-norm:every=128,calib=8192").unwrap().to_string(),
         "state-norm:every=128,calib=8192"
     );
 }

@@ -7,18 +7,11 @@ use stuffed::exec::Pool;
 use stuffed::model::Model;
 use stuffed::session::Session;
 
-const CASES: &[&str] = &[
-    "mamba2_hf_g1_untied",
-    "mamba2_hf_g2_tied",
-    "mamba2_hf_bf16",
-    "mamba2_official",
-];
+const CASES: &[&str] = &["mamba2_hf_g1_untied", "mamba2_hf_g2_tied", "mamba2_hf_bf16", "mamba2_official"];
 const REL: f32 = 1e-4;
 
 fn data(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(case)
 }
 
 struct Ref {
@@ -38,14 +31,7 @@ fn load_ref(case: &str) -> Ref {
     let f = |n: &str| ck.require(n).unwrap().as_f32().unwrap().to_vec();
     let conv = ck.require("conv_state").unwrap();
     Ref {
-        ids: ck
-            .require("input_ids")
-            .unwrap()
-            .to_i64_vec()
-            .unwrap()
-            .iter()
-            .map(|&v| v as u32)
-            .collect(),
+        ids: ck.require("input_ids").unwrap().to_i64_vec().unwrap().iter().map(|&v| v as u32).collect(),
         logits: f("logits"),
         stepwise: f("logits_stepwise"),
         split: f("logits_split"),
@@ -62,16 +48,10 @@ fn max_abs(v: &[f32]) -> f32 {
 /// max|a − b| / max|b|, asserting it is within `REL`.
 fn assert_close(what: &str, ours: &[f32], reference: &[f32]) -> f32 {
     assert_eq!(ours.len(), reference.len(), "{what}: length");
-    let err = ours
-        .iter()
-        .zip(reference)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     let rel = err / max_abs(reference);
     println!("{what}: max abs err {err:.3e}, rel {rel:.3e}");
-    assert!(
-        rel <= REL,
-        "{what}: rel error {rel:.3e} > {REL:e} (abs {err:.3e})"
-    );
+    assert!(rel <= REL, "{what}: rel error {rel:.3e} > {REL:e} (abs {err:.3e})");
     rel
 }
 
@@ -125,10 +105,7 @@ fn check_case(case: &str, pool: fn() -> Pool) {
     let m = Model::load(&data(case)).unwrap();
     let r = load_ref(case);
     let t = r.ids.len();
-    assert!(
-        !t.is_multiple_of(16),
-        "T must not be a multiple of the chunk size"
-    );
+    assert!(!t.is_multiple_of(16), "T must not be a multiple of the chunk size");
     // Chunked: one call; many chunks with a partial last one; token by token.
     let (full, state) = run(&m, pool(), &r.ids, 256, &[]);
     assert_close(&format!("{case} chunked vs reference"), &full, &r.logits);
@@ -136,24 +113,12 @@ fn check_case(case: &str, pool: fn() -> Pool) {
     let (small, _) = run(&m, pool(), &r.ids, 16, &[]);
     assert_close(&format!("{case} chunk 16 vs reference"), &small, &r.logits);
     let (step, state) = run(&m, pool(), &r.ids, 1, &[]);
-    assert_close(
-        &format!("{case} token-by-token vs reference stepwise"),
-        &step,
-        &r.stepwise,
-    );
-    assert_close(
-        &format!("{case} token-by-token vs ours chunked"),
-        &step,
-        &full,
-    );
+    assert_close(&format!("{case} token-by-token vs reference stepwise"), &step, &r.stepwise);
+    assert_close(&format!("{case} token-by-token vs ours chunked"), &step, &full);
     check_state(case, &m, &state, &r);
     // Split with carried state: 40 tokens, then the rest.
     let (split, _) = run(&m, pool(), &r.ids, 256, &[40]);
-    assert_close(
-        &format!("{case} split 40+21 vs reference"),
-        &split,
-        &r.split,
-    );
+    assert_close(&format!("{case} split 40+21 vs reference"), &split, &r.split);
     let (odd, _) = run(&m, pool(), &r.ids, 7, &[1, 13]);
     assert_close(&format!("{case} splits 1+13+47, chunk 7"), &odd, &r.logits);
 }
@@ -205,16 +170,8 @@ fn long_sequence_chunked_equals_step() {
         let (step, step_state) = run(&m, Pool::new(), &ids, 1, &[]);
         for chunk in [300, 256, 100, 64, 33] {
             let (chunked, state) = run(&m, Pool::new(), &ids, chunk, &[]);
-            assert_close(
-                &format!("{case} T=300 chunk {chunk} vs step"),
-                &chunked,
-                &step,
-            );
-            assert_close(
-                &format!("{case} T=300 chunk {chunk} state vs step"),
-                &state,
-                &step_state,
-            );
+            assert_close(&format!("{case} T=300 chunk {chunk} vs step"), &chunked, &step);
+            assert_close(&format!("{case} T=300 chunk {chunk} state vs step"), &state, &step_state);
         }
     }
 }

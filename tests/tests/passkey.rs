@@ -3,8 +3,7 @@
 use std::path::{Path, PathBuf};
 use stuffed::cli::{run, Cli};
 use stuffed::eval::passkey::{
-    self, is_correct, key, needle_block, num_blocks, parse_lengths, prompt_text, template, Record,
-    TemplateName,
+    self, is_correct, key, needle_block, num_blocks, parse_lengths, prompt_text, template, Record, TemplateName,
 };
 use stuffed::tokenizer::Tokenizer;
 
@@ -14,8 +13,7 @@ fn model() -> PathBuf {
 
 fn cli(args: &[&str]) {
     use clap::Parser;
-    run(Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied())).unwrap())
-        .unwrap();
+    run(Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied())).unwrap()).unwrap();
 }
 
 fn records(dir: &Path) -> Vec<Record> {
@@ -39,14 +37,7 @@ fn summary(dir: &Path) -> serde_json::Value {
 fn prompt_lengths_match_spec() {
     let tok = Tokenizer::for_model(None, None).unwrap();
     let tpl = template(TemplateName::Code);
-    let want = [
-        (1024, 1001),
-        (2048, 2026),
-        (8192, 8176),
-        (16384, 16376),
-        (32768, 32751),
-        (131072, 131051),
-    ];
+    let want = [(1024, 1001), (2048, 2026), (8192, 8176), (16384, 16376), (32768, 32751), (131072, 131051)];
     for (t, n) in want {
         let nb = num_blocks(&tok, &tpl, t).unwrap();
         let b = needle_block(0.5, nb);
@@ -60,22 +51,14 @@ fn prompt_lengths_match_spec() {
 #[test]
 fn lengths_keys_and_scoring() {
     assert_eq!(parse_lengths("1k,2k,8k").unwrap(), [1024, 2048, 8192]);
-    assert_eq!(
-        parse_lengths("1k..4k:1k").unwrap(),
-        [1024, 2048, 3072, 4096]
-    );
+    assert_eq!(parse_lengths("1k..4k:1k").unwrap(), [1024, 2048, 3072, 4096]);
     assert_eq!(parse_lengths("1k..1m:x2").unwrap().len(), 11);
-    assert_eq!(
-        *parse_lengths("1k..1m:x2").unwrap().last().unwrap(),
-        1 << 20
-    );
+    assert_eq!(*parse_lengths("1k..1m:x2").unwrap().last().unwrap(), 1 << 20);
     assert!(parse_lengths("1k..2k").is_err() && parse_lengths("abc").is_err());
     // Keys: 5 digits, zero-padded, deterministic per seed, varied.
     let a: Vec<String> = (0..50).map(|i| key(7, 1024, i)).collect();
     assert_eq!(a, (0..50).map(|i| key(7, 1024, i)).collect::<Vec<_>>());
-    assert!(a
-        .iter()
-        .all(|k| k.len() == 5 && k.bytes().all(|b| b.is_ascii_digit())));
+    assert!(a.iter().all(|k| k.len() == 5 && k.bytes().all(|b| b.is_ascii_digit())));
     assert_ne!(a, (0..50).map(|i| key(8, 1024, i)).collect::<Vec<_>>());
     assert!(a.iter().collect::<std::collections::BTreeSet<_>>().len() > 45);
     // A key split over three tokens is still found; a near miss is not.
@@ -88,23 +71,9 @@ fn lengths_keys_and_scoring() {
 fn reuse_equals_from_scratch_and_counts_tokens() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let m = model();
-    let args = [
-        "passkey",
-        "--model",
-        m.to_str().unwrap(),
-        "--lengths",
-        "1k,3k",
-        "--samples",
-        "6",
-        "--seed",
-        "3",
-    ];
+    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "1k,3k", "--samples", "6", "--seed", "3"];
     cli(&[&args[..], &["--out", a.path().to_str().unwrap()]].concat());
-    cli(&[
-        &args[..],
-        &["--out", b.path().to_str().unwrap(), "--no-reuse"],
-    ]
-    .concat());
+    cli(&[&args[..], &["--out", b.path().to_str().unwrap(), "--no-reuse"]].concat());
     let (ra, rb) = (records(a.path()), records(b.path()));
     assert_eq!(ra.len(), 12);
     for (x, y) in ra.iter().zip(&rb) {
@@ -113,57 +82,33 @@ fn reuse_equals_from_scratch_and_counts_tokens() {
             (y.length, y.sample, &y.key, &y.continuation, y.correct)
         );
         assert!(x.shared_prefix > 0 && y.shared_prefix == 0);
-        assert!(
-            x.needle_pos <= x.shared_prefix + 1 && x.shared_prefix <= x.needle_pos + 2,
-            "{x:?}"
-        );
+        assert!(x.needle_pos <= x.shared_prefix + 1 && x.shared_prefix <= x.needle_pos + 2, "{x:?}");
     }
     let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.path().join("summary.json")).unwrap())
-            .unwrap();
-    let (with, without) = (
-        s["runs"][0]["tokens_processed"].as_u64().unwrap(),
-        s["runs"][0]["tokens_without_reuse"].as_u64().unwrap(),
-    );
+        serde_json::from_str(&std::fs::read_to_string(a.path().join("summary.json")).unwrap()).unwrap();
+    let (with, without) =
+        (s["runs"][0]["tokens_processed"].as_u64().unwrap(), s["runs"][0]["tokens_without_reuse"].as_u64().unwrap());
     // About n·T/2 + T against n·T.
     let naive: u64 = ra.iter().map(|r| r.prompt_tokens as u64 + 5).sum();
     assert_eq!(without, naive);
-    assert!(
-        (with as f64) < 0.7 * without as f64,
-        "reuse {with} vs {without}"
-    );
+    assert!((with as f64) < 0.7 * without as f64, "reuse {with} vs {without}");
 }
 
 #[test]
 fn shards_merge_to_the_unsharded_result_and_resume_loses_nothing() {
     let m = model();
-    let base = [
-        "passkey",
-        "--model",
-        m.to_str().unwrap(),
-        "--lengths",
-        "1k,2k",
-        "--samples",
-        "5",
-    ];
+    let base = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "1k,2k", "--samples", "5"];
     let full = tempfile::tempdir().unwrap();
     cli(&[&base[..], &["--out", full.path().to_str().unwrap()]].concat());
     let shards: Vec<_> = (1..=3).map(|_| tempfile::tempdir().unwrap()).collect();
     for (k, d) in shards.iter().enumerate() {
         let sh = format!("{}/3", k + 1);
-        cli(&[
-            &base[..],
-            &["--out", d.path().to_str().unwrap(), "--shard", &sh],
-        ]
-        .concat());
+        cli(&[&base[..], &["--out", d.path().to_str().unwrap(), "--shard", &sh]].concat());
         assert!(records(d.path()).len() < 10);
     }
     let merged = tempfile::tempdir().unwrap();
     let mut args = vec!["merge"];
-    let paths: Vec<String> = shards
-        .iter()
-        .map(|d| d.path().display().to_string())
-        .collect();
+    let paths: Vec<String> = shards.iter().map(|d| d.path().display().to_string()).collect();
     args.extend(paths.iter().map(String::as_str));
     args.extend(["--out", merged.path().to_str().unwrap()]);
     cli(&args);
@@ -175,18 +120,11 @@ fn shards_merge_to_the_unsharded_result_and_resume_loses_nothing() {
     );
     // A run killed mid-way: 4 lines kept and a torn fifth; --resume finishes the rest.
     let part = tempfile::tempdir().unwrap();
-    let lines: Vec<String> = std::fs::read_to_string(full.path().join("results.jsonl"))
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    let lines: Vec<String> =
+        std::fs::read_to_string(full.path().join("results.jsonl")).unwrap().lines().map(String::from).collect();
     let torn = format!("{}\n{}", lines[..4].join("\n"), &lines[4][..20]);
     std::fs::write(part.path().join("results.jsonl"), torn).unwrap();
-    cli(&[
-        &base[..],
-        &["--out", part.path().to_str().unwrap(), "--resume"],
-    ]
-    .concat());
+    cli(&[&base[..], &["--out", part.path().to_str().unwrap(), "--resume"]].concat());
     assert_eq!(records(part.path()), records(full.path()));
     assert_eq!(summary(part.path()), summary(full.path()));
     let _ = passkey::parse_shard("2/3").unwrap();

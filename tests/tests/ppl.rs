@@ -20,17 +20,11 @@ fn neox_tiny() -> PathBuf {
 
 fn cli(args: &[&str]) -> anyhow::Result<()> {
     use clap::Parser;
-    run(Cli::try_parse_from(
-        std::iter::once("stuffed").chain(args.iter().copied()),
-    )?)
+    run(Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied()))?)
 }
 
 fn read_f32(p: &Path) -> Vec<f32> {
-    std::fs::read(p)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    std::fs::read(p).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
 }
 
 fn results(dir: &Path) -> serde_json::Value {
@@ -53,10 +47,7 @@ fn streamed_tokenization_equals_whole_text() {
         }
         assert_eq!(all, whole, "block {block}");
         if block == 4096 {
-            assert!(
-                pieces > 50,
-                "small blocks must cut the text many times ({pieces})"
-            );
+            assert!(pieces > 50, "small blocks must cut the text many times ({pieces})");
         }
     }
 }
@@ -64,65 +55,24 @@ fn streamed_tokenization_equals_whole_text() {
 #[test]
 fn nll_matches_hf_transformers() {
     let r = Checkpoint::open(&neox_tiny().join("nll_ref.safetensors")).unwrap();
-    let ids: Vec<u32> = r
-        .require("input_ids")
-        .unwrap()
-        .to_i64_vec()
-        .unwrap()
-        .iter()
-        .map(|&v| v as u32)
-        .collect();
+    let ids: Vec<u32> = r.require("input_ids").unwrap().to_i64_vec().unwrap().iter().map(|&v| v as u32).collect();
     let want = r.require("nll").unwrap().as_f32().unwrap().to_vec();
     let tok = Tokenizer::for_model(None, None).unwrap();
-    let ours = TokenStream::new(&tok, &Input::File(persuasion()))
-        .unwrap()
-        .collect_all()
-        .unwrap();
-    assert_eq!(
-        &ours[..ids.len()],
-        &ids[..],
-        "token ids differ from the reference's"
-    );
+    let ours = TokenStream::new(&tok, &Input::File(persuasion())).unwrap().collect_all().unwrap();
+    assert_eq!(&ours[..ids.len()], &ids[..], "token ids differ from the reference's");
     for chunk in ["512", "100", "1"] {
         let dir = tempfile::tempdir().unwrap();
         let nll = dir.path().join("nll.f32");
-        let (m, t, o, n) = (
-            neox_tiny(),
-            persuasion(),
-            dir.path().to_path_buf(),
-            nll.clone(),
-        );
-        let args = [
-            "ppl",
-            "--model",
-            m.to_str().unwrap(),
-            "--text",
-            t.to_str().unwrap(),
-            "--max-tokens",
-            "12000",
-        ];
+        let (m, t, o, n) = (neox_tiny(), persuasion(), dir.path().to_path_buf(), nll.clone());
+        let args = ["ppl", "--model", m.to_str().unwrap(), "--text", t.to_str().unwrap(), "--max-tokens", "12000"];
         let mut args = args.to_vec();
-        args.extend([
-            "--out",
-            o.to_str().unwrap(),
-            "--nll-out",
-            n.to_str().unwrap(),
-            "--chunk",
-            chunk,
-        ]);
+        args.extend(["--out", o.to_str().unwrap(), "--nll-out", n.to_str().unwrap(), "--chunk", chunk]);
         cli(&args).unwrap();
         let got = read_f32(&nll);
         assert_eq!(got.len(), want.len());
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
-        println!(
-            "chunk {chunk}: max |Δ NLL| {err:.3e}, mean {:.6} vs {:.6}",
-            mean(&got),
-            mean(&want)
-        );
+        println!("chunk {chunk}: max |Δ NLL| {err:.3e}, mean {:.6} vs {:.6}", mean(&got), mean(&want));
         assert!(err <= 1e-3, "chunk {chunk}: max |Δ NLL| {err}");
         // Padding rows entering the softmax would move the mean by ~2e-4.
         assert!((mean(&got) - mean(&want)).abs() < 1e-5, "mean NLL differs");
@@ -132,21 +82,12 @@ fn nll_matches_hf_transformers() {
         assert!((run["mean_nll"].as_f64().unwrap() - mean(&want)).abs() < 1e-5);
         let lin = run["buckets_linear"].as_array().unwrap();
         assert_eq!(lin[0]["count"], 511);
-        assert_eq!(
-            lin.iter()
-                .map(|b| b["count"].as_u64().unwrap())
-                .sum::<u64>(),
-            11999
-        );
+        assert_eq!(lin.iter().map(|b| b["count"].as_u64().unwrap()).sum::<u64>(), 11999);
         let first: f64 = want[..511].iter().map(|&x| x as f64).sum::<f64>() / 511.0;
         assert!((lin[0]["mean_nll"].as_f64().unwrap() - first).abs() < 1e-5);
         let log2 = run["buckets_log2"].as_array().unwrap();
         assert_eq!(
-            (
-                log2[0]["start"].as_u64(),
-                log2[0]["end"].as_u64(),
-                log2[0]["count"].as_u64()
-            ),
+            (log2[0]["start"].as_u64(), log2[0]["end"].as_u64(), log2[0]["count"].as_u64()),
             (Some(1), Some(2), Some(1))
         );
         assert!(dir.path().join("loss.svg").exists() && dir.path().join("loss.csv").exists());
@@ -156,15 +97,8 @@ fn nll_matches_hf_transformers() {
 /// `ppl` on the first 6,000 tokens of Persuasion with the tiny NeoX model, into `out`.
 fn ppl_args(out: &str, extra: &[&str]) -> Vec<String> {
     let (m, t) = (neox_tiny(), persuasion());
-    let mut v: Vec<String> = [
-        "ppl",
-        "--model",
-        m.to_str().unwrap(),
-        "--text",
-        t.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut v: Vec<String> =
+        ["ppl", "--model", m.to_str().unwrap(), "--text", t.to_str().unwrap()].map(String::from).to_vec();
     v.extend(["--max-tokens", "6000", "--chunk", "256", "--out", out].map(String::from));
     v.extend(extra.iter().map(|s| s.to_string()));
     v
@@ -184,57 +118,21 @@ fn resume_equals_uninterrupted() {
     let pnll = format!("{ps}/nll.f32");
     go(ppl_args(&fs, &["--nll-out", &fnll, "--train-len", "2048"])).unwrap();
     // Stopped part-way, then resumed (twice).
-    let ck = [
-        "--nll-out",
-        &pnll,
-        "--train-len",
-        "2048",
-        "--checkpoint-every",
-        "1000",
-    ];
-    go(ppl_args(
-        &ps,
-        &[&ck[..], &["--stop-after", "1500"]].concat(),
-    ))
-    .unwrap();
+    let ck = ["--nll-out", &pnll, "--train-len", "2048", "--checkpoint-every", "1000"];
+    go(ppl_args(&ps, &[&ck[..], &["--stop-after", "1500"]].concat())).unwrap();
     assert!(!part.path().join("results.json").exists());
     assert!(part.path().join("ppl.checkpoint.safetensors").exists());
-    go(ppl_args(
-        &ps,
-        &[&ck[..], &["--stop-after", "2000", "--resume"]].concat(),
-    ))
-    .unwrap();
+    go(ppl_args(&ps, &[&ck[..], &["--stop-after", "2000", "--resume"]].concat())).unwrap();
     go(ppl_args(&ps, &[&ck[..], &["--resume"]].concat())).unwrap();
     let (a, b) = (results(full.path()), results(part.path()));
-    for key in [
-        "buckets_linear",
-        "buckets_log2",
-        "t_forget",
-        "mean_nll",
-        "tokens_scored",
-        "tokens_fed",
-    ] {
+    for key in ["buckets_linear", "buckets_log2", "t_forget", "mean_nll", "tokens_scored", "tokens_fed"] {
         assert_eq!(a["runs"][0][key], b["runs"][0][key], "{key}");
     }
-    assert_eq!(
-        std::fs::read(&fnll).unwrap(),
-        std::fs::read(&pnll).unwrap(),
-        "NLL streams differ"
-    );
-    assert!(
-        !part.path().join("ppl.checkpoint.safetensors").exists(),
-        "checkpoint is removed when done"
-    );
+    assert_eq!(std::fs::read(&fnll).unwrap(), std::fs::read(&pnll).unwrap(), "NLL streams differ");
+    assert!(!part.path().join("ppl.checkpoint.safetensors").exists(), "checkpoint is removed when done");
     // A resume against other options is refused.
-    go(ppl_args(
-        &ps,
-        &["--checkpoint-every", "1000", "--stop-after", "1000"],
-    ))
-    .unwrap();
-    let err = format!(
-        "{:#}",
-        go(ppl_args(&ps, &["--bucket", "128", "--resume"])).unwrap_err()
-    );
+    go(ppl_args(&ps, &["--checkpoint-every", "1000", "--stop-after", "1000"])).unwrap();
+    let err = format!("{:#}", go(ppl_args(&ps, &["--bucket", "128", "--resume"])).unwrap_err());
     assert!(err.contains("refusing to resume"), "{err}");
 }
 
@@ -243,65 +141,23 @@ fn documents_concat_and_repeat() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.txt");
     let b = dir.path().join("b.txt");
-    std::fs::write(
-        &a,
-        "The grass is green. The sky is blue.\nThe sun is yellow.\n",
-    )
-    .unwrap();
+    std::fs::write(&a, "The grass is green. The sky is blue.\nThe sun is yellow.\n").unwrap();
     std::fs::write(&b, "Here we go. There and back again.\n").unwrap();
     let m = neox_tiny();
-    let (ms, as_, bs) = (
-        m.to_str().unwrap(),
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-    );
+    let (ms, as_, bs) = (m.to_str().unwrap(), a.to_str().unwrap(), b.to_str().unwrap());
     let out = dir.path().join("o");
     let os = out.to_str().unwrap();
     let nd = dir.path().join("nll");
     let nds = nd.to_str().unwrap();
-    cli(&[
-        "ppl",
-        "--model",
-        ms,
-        "--text",
-        as_,
-        "--text",
-        bs,
-        "--out",
-        os,
-        "--nll-out",
-        nds,
-    ])
-    .unwrap();
+    cli(&["ppl", "--model", ms, "--text", as_, "--text", bs, "--out", os, "--nll-out", nds]).unwrap();
     let files: Vec<_> = std::fs::read_dir(&nd).unwrap().collect();
     assert_eq!(files.len(), 2, "one NLL file per document");
     let tok = Tokenizer::for_model(None, None).unwrap();
     let (na, nb) = (
-        tok.encode(&std::fs::read_to_string(&a).unwrap())
-            .unwrap()
-            .len(),
-        tok.encode(&std::fs::read_to_string(&b).unwrap())
-            .unwrap()
-            .len(),
+        tok.encode(&std::fs::read_to_string(&a).unwrap()).unwrap().len(),
+        tok.encode(&std::fs::read_to_string(&b).unwrap()).unwrap().len(),
     );
-    assert_eq!(
-        results(&out)["runs"][0]["tokens_scored"],
-        (na - 1 + nb - 1) as u64
-    );
-    cli(&[
-        "ppl",
-        "--model",
-        ms,
-        "--text",
-        as_,
-        "--text",
-        bs,
-        "--concat",
-        "--repeat-to",
-        "1000",
-        "--out",
-        os,
-    ])
-    .unwrap();
+    assert_eq!(results(&out)["runs"][0]["tokens_scored"], (na - 1 + nb - 1) as u64);
+    cli(&["ppl", "--model", ms, "--text", as_, "--text", bs, "--concat", "--repeat-to", "1000", "--out", os]).unwrap();
     assert_eq!(results(&out)["runs"][0]["tokens_scored"], 999);
 }

@@ -21,11 +21,7 @@ fn table(path: &Path) -> BTreeMap<(usize, usize, u64), Vec<f64>> {
         .map(|l| {
             let f: Vec<&str> = l.split(',').collect();
             (
-                (
-                    f[0].parse().unwrap(),
-                    f[1].parse().unwrap(),
-                    f[2].parse().unwrap(),
-                ),
+                (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap()),
                 f[3..].iter().map(|v| v.parse().unwrap()).collect(),
             )
         })
@@ -54,11 +50,7 @@ fn probe_statistics_equal_a_direct_computation() {
         "8",
     ];
     use clap::Parser;
-    run(
-        Cli::try_parse_from([&args[..], &["--out", out.path().to_str().unwrap()]].concat())
-            .unwrap(),
-    )
-    .unwrap();
+    run(Cli::try_parse_from([&args[..], &["--out", out.path().to_str().unwrap()]].concat()).unwrap()).unwrap();
     let st = table(&out.path().join("state_stats.csv"));
     let cv = table(&out.path().join("conv_stats.csv"));
     let ret = table(&out.path().join("retention.csv"));
@@ -69,10 +61,7 @@ fn probe_statistics_equal_a_direct_computation() {
     let m = Model::load(&model_dir).unwrap();
     let net = m.net();
     let tok = Tokenizer::for_model(Some(&model_dir), None).unwrap();
-    let ids = TokenStream::new(&tok, &Input::File(text))
-        .unwrap()
-        .collect_all()
-        .unwrap();
+    let ids = TokenStream::new(&tok, &Input::File(text)).unwrap().collect_all().unwrap();
     let mut s = Session::new(&m, 64);
     for part in ids[..200].chunks(8) {
         s.feed(part, &mut |_, _| Ok(())).unwrap();
@@ -81,11 +70,7 @@ fn probe_statistics_equal_a_direct_computation() {
                 let want = stats(s.state[net.head_state(l, h)].iter().copied());
                 let got = &st[&(l, h, s.pos)];
                 for (g, w) in got.iter().zip(want) {
-                    assert!(
-                        close(*g, w, 1e-6),
-                        "state stats l{l} h{h} t{}: {got:?} vs {want:?}",
-                        s.pos
-                    );
+                    assert!(close(*g, w, 1e-6), "state stats l{l} h{h} t{}: {got:?} vs {want:?}", s.pos);
                 }
                 let r = net.conv_state(l, h).unwrap();
                 let mut v = Vec::new();
@@ -115,22 +100,10 @@ fn probe_statistics_equal_a_direct_computation() {
         let r = net.head_state(0, h);
         let d = (a.state[r.start] - b.state[r.start]) as f64;
         let logged = ret[&(0, h, 8)][0];
-        assert!(
-            close(d.ln(), logged, 1e-4),
-            "head {h}: measured {} vs probe {logged}",
-            d.ln()
-        );
-        assert_eq!(
-            ret[&(0, h, 8)][0],
-            ret[&(0, h, 8)][1],
-            "per-head decay: mean = max"
-        );
+        assert!(close(d.ln(), logged, 1e-4), "head {h}: measured {} vs probe {logged}", d.ln());
+        assert_eq!(ret[&(0, h, 8)][0], ret[&(0, h, 8)][1], "per-head decay: mean = max");
         // Σ log α = −exp(A_log)·Σ Δ, and the probe's Δ mean is Σ Δ / 8.
         let dt_mean = inp[&(0, h, 8)][0];
-        assert!(close(
-            -(a_log[h] as f64).exp() * dt_mean * 8.0,
-            logged,
-            1e-5
-        ));
+        assert!(close(-(a_log[h] as f64).exp() * dt_mean * 8.0, logged, 1e-5));
     }
 }

@@ -90,15 +90,9 @@ impl<'a> TensorView<'a> {
 
     fn typed<T: bytemuck::Pod>(&self, want: DType) -> Result<&'a [T]> {
         if self.dtype != want {
-            bail!(
-                "{}: tensor {} is {}, expected {want}",
-                self.file.display(),
-                self.name,
-                self.dtype
-            );
+            bail!("{}: tensor {} is {}, expected {want}", self.file.display(), self.name, self.dtype);
         }
-        bytemuck::try_cast_slice(self.bytes)
-            .map_err(|e| anyhow!("{}: tensor {}: {e}", self.file.display(), self.name))
+        bytemuck::try_cast_slice(self.bytes).map_err(|e| anyhow!("{}: tensor {}: {e}", self.file.display(), self.name))
     }
 
     pub fn as_f32(&self) -> Result<&'a [f32]> {
@@ -117,25 +111,16 @@ impl<'a> TensorView<'a> {
     pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
         let b = self.bytes;
         Ok(match self.dtype {
-            DType::I64 => b
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
-                .collect(),
-            DType::I32 => b
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as i64)
-                .collect(),
-            DType::I16 => b
-                .chunks_exact(2)
-                .map(|c| i16::from_le_bytes(c.try_into().unwrap_or_default()) as i64)
-                .collect(),
+            DType::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default())).collect(),
+            DType::I32 => {
+                b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as i64).collect()
+            }
+            DType::I16 => {
+                b.chunks_exact(2).map(|c| i16::from_le_bytes(c.try_into().unwrap_or_default()) as i64).collect()
+            }
             DType::I8 => b.iter().map(|&x| x as i8 as i64).collect(),
             DType::U8 => b.iter().map(|&x| x as i64).collect(),
-            d => bail!(
-                "{}: tensor {} is {d}, expected an integer dtype",
-                self.file.display(),
-                self.name
-            ),
+            d => bail!("{}: tensor {} is {d}, expected an integer dtype", self.file.display(), self.name),
         })
     }
 }
@@ -177,8 +162,7 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint> {
-        let meta =
-            std::fs::metadata(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+        let meta = std::fs::metadata(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
         let mut ck = Checkpoint {
             origin: path.to_path_buf(),
             dir: path.to_path_buf(),
@@ -197,16 +181,8 @@ impl Checkpoint {
             return Ok(ck);
         }
         for (single, index, format) in [
-            (
-                "model.safetensors",
-                "model.safetensors.index.json",
-                Format::Safetensors,
-            ),
-            (
-                "pytorch_model.bin",
-                "pytorch_model.bin.index.json",
-                Format::TorchZip,
-            ),
+            ("model.safetensors", "model.safetensors.index.json", Format::Safetensors),
+            ("pytorch_model.bin", "pytorch_model.bin.index.json", Format::TorchZip),
         ] {
             let (single, index) = (path.join(single), path.join(index));
             if single.is_file() {
@@ -241,18 +217,11 @@ impl Checkpoint {
             Loc::Map { start, end } => &self.maps[e.file][start..end],
             Loc::Owned { buf, len } => &bytemuck::cast_slice(&self.owned[buf])[..len],
         };
-        Some(TensorView {
-            name,
-            dtype: e.dtype,
-            shape: &e.shape,
-            bytes,
-            file: &self.files[e.file],
-        })
+        Some(TensorView { name, dtype: e.dtype, shape: &e.shape, bytes, file: &self.files[e.file] })
     }
 
     pub fn require(&self, name: &str) -> Result<TensorView<'_>> {
-        self.get(name)
-            .ok_or_else(|| anyhow!("{}: missing tensor {name}", self.origin.display()))
+        self.get(name).ok_or_else(|| anyhow!("{}: missing tensor {name}", self.origin.display()))
     }
 
     /// Tensor names, sorted.
@@ -276,23 +245,16 @@ impl Checkpoint {
         let file = File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         if len < 8 {
-            bail!(
-                "{}: truncated ({len} bytes), not a checkpoint",
-                path.display()
-            );
+            bail!("{}: truncated ({len} bytes), not a checkpoint", path.display());
         }
         // SAFETY: the map is read-only; modifying the file while it is open is outside our contract.
-        let map = unsafe { Mmap::map(&file) }
-            .map_err(|e| anyhow!("{}: cannot map: {e}", path.display()))?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| anyhow!("{}: cannot map: {e}", path.display()))?;
         let (format, raw) = if map.starts_with(b"PK\x03\x04") {
             (Format::TorchZip, torch_zip::parse(&map))
         } else if map.get(8) == Some(&b'{') {
             (Format::Safetensors, safetensors::parse(&map))
         } else {
-            bail!(
-                "{}: neither a safetensors file nor a torch zip (unknown magic bytes)",
-                path.display()
-            );
+            bail!("{}: neither a safetensors file nor a torch zip (unknown magic bytes)", path.display());
         };
         let raw = raw.map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         let file_idx = self.files.len();
@@ -305,33 +267,18 @@ impl Checkpoint {
                     self.files[self.tensors[&t.name].file].display()
                 );
             }
-            let bytes = map.get(t.start..t.end).ok_or_else(|| {
-                anyhow!(
-                    "{}: tensor {} lies outside the file",
-                    path.display(),
-                    t.name
-                )
-            })?;
+            let bytes = map
+                .get(t.start..t.end)
+                .ok_or_else(|| anyhow!("{}: tensor {} lies outside the file", path.display(), t.name))?;
             let loc = if (bytes.as_ptr() as usize).is_multiple_of(t.dtype.size()) {
-                Loc::Map {
-                    start: t.start,
-                    end: t.end,
-                }
+                Loc::Map { start: t.start, end: t.end }
             } else {
                 let mut buf = vec![0u64; bytes.len().div_ceil(8)];
                 bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
                 self.owned.push(buf);
-                Loc::Owned {
-                    buf: self.owned.len() - 1,
-                    len: bytes.len(),
-                }
+                Loc::Owned { buf: self.owned.len() - 1, len: bytes.len() }
             };
-            let entry = Entry {
-                dtype: t.dtype,
-                shape: t.shape,
-                file: file_idx,
-                loc,
-            };
+            let entry = Entry { dtype: t.dtype, shape: t.shape, file: file_idx, loc };
             self.tensors.insert(t.name, entry);
         }
         self.files.push(path.to_path_buf());
@@ -341,10 +288,9 @@ impl Checkpoint {
 
     /// Opens every shard an index names and checks each named tensor is in its shard.
     fn add_shards(&mut self, index: &Path) -> Result<()> {
-        let text = std::fs::read_to_string(index)
-            .map_err(|e| anyhow!("{}: cannot read: {e}", index.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("{}: invalid JSON: {e}", index.display()))?;
+        let text = std::fs::read_to_string(index).map_err(|e| anyhow!("{}: cannot read: {e}", index.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", index.display()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -354,28 +300,18 @@ impl Checkpoint {
         let plain = |s: &&str| Path::new(s).file_name() == Some(OsStr::new(s));
         for (name, shard) in map {
             let Some(file) = shard.as_str().filter(plain) else {
-                bail!(
-                    "{}: tensor {name} maps to {shard}, not a file name",
-                    index.display()
-                );
+                bail!("{}: tensor {name} maps to {shard}, not a file name", index.display());
             };
             shards.insert(file);
         }
         for shard in shards {
             let format = self.add_file(&dir.join(shard))?;
             if format != self.format {
-                bail!(
-                    "{}: shard {shard} is {format:?}, expected {:?}",
-                    index.display(),
-                    self.format
-                );
+                bail!("{}: shard {shard} is {format:?}, expected {:?}", index.display(), self.format);
             }
         }
         for (name, shard) in map {
-            let found = self
-                .tensors
-                .get(name)
-                .and_then(|e| self.files[e.file].file_name());
+            let found = self.tensors.get(name).and_then(|e| self.files[e.file].file_name());
             if found != shard.as_str().map(OsStr::new) {
                 bail!("{}: tensor {name} is not in shard {shard}", index.display());
             }
@@ -426,12 +362,7 @@ mod tests {
         let a = st(&[("a", DType::F32, vec![2], f32s(&[1.0, 2.0]))]);
         let b = st(&[
             ("b", DType::F32, vec![1], f32s(&[3.0])),
-            (
-                "c",
-                DType::I64,
-                vec![2],
-                bytemuck::cast_slice(&[7i64, -1]).to_vec(),
-            ),
+            ("c", DType::I64, vec![2], bytemuck::cast_slice(&[7i64, -1]).to_vec()),
         ]);
         std::fs::write(dir.join("s1.safetensors"), a).unwrap();
         std::fs::write(dir.join("s2.safetensors"), &b).unwrap();

@@ -43,14 +43,10 @@ pub(super) fn parse(buf: &[u8]) -> Result<Vec<RawTensor>> {
         bail!("corrupt safetensors header: claims {n} bytes (limit {MAX_HEADER})");
     }
     let base = 8 + n as usize;
-    let header = buf.get(8..base).ok_or_else(|| {
-        anyhow!(
-            "truncated: safetensors header claims {n} bytes, file has {}",
-            buf.len()
-        )
-    })?;
-    let header = std::str::from_utf8(header)
-        .map_err(|e| anyhow!("corrupt safetensors header: not UTF-8: {e}"))?;
+    let header = buf
+        .get(8..base)
+        .ok_or_else(|| anyhow!("truncated: safetensors header claims {n} bytes, file has {}", buf.len()))?;
+    let header = std::str::from_utf8(header).map_err(|e| anyhow!("corrupt safetensors header: not UTF-8: {e}"))?;
     let entries: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(header).map_err(|e| anyhow!("corrupt safetensors header: {e}"))?;
 
@@ -59,28 +55,15 @@ pub(super) fn parse(buf: &[u8]) -> Result<Vec<RawTensor>> {
         if name == "__metadata__" {
             continue;
         }
-        let info: Info = serde_json::from_value(value)
-            .map_err(|e| anyhow!("corrupt safetensors header: tensor {name}: {e}"))?;
-        let dtype = dtype(&info.dtype)
-            .ok_or_else(|| anyhow!("tensor {name}: unsupported dtype {}", info.dtype))?;
+        let info: Info =
+            serde_json::from_value(value).map_err(|e| anyhow!("corrupt safetensors header: tensor {name}: {e}"))?;
+        let dtype = dtype(&info.dtype).ok_or_else(|| anyhow!("tensor {name}: unsupported dtype {}", info.dtype))?;
         let (s, e) = info.data_offsets;
-        let need = info
-            .shape
-            .iter()
-            .try_fold(dtype.size(), |a, &d| a.checked_mul(d));
+        let need = info.shape.iter().try_fold(dtype.size(), |a, &d| a.checked_mul(d));
         if need.is_none() || e.checked_sub(s) != need {
-            bail!(
-                "tensor {name}: data_offsets [{s}, {e}] do not fit shape {:?} of {dtype}",
-                info.shape
-            );
+            bail!("tensor {name}: data_offsets [{s}, {e}] do not fit shape {:?} of {dtype}", info.shape);
         }
-        out.push(RawTensor {
-            name,
-            dtype,
-            shape: info.shape,
-            start: s,
-            end: e,
-        });
+        out.push(RawTensor { name, dtype, shape: info.shape, start: s, end: e });
     }
 
     // Tile the data section exactly: catches overlaps, gaps and truncation.
@@ -89,25 +72,13 @@ pub(super) fn parse(buf: &[u8]) -> Result<Vec<RawTensor>> {
     let mut at = 0;
     for t in &out {
         if t.start != at {
-            let what = if t.start < at {
-                "overlaps"
-            } else {
-                "leaves a gap before"
-            };
-            bail!(
-                "tensor {} {what} the previous tensor (data offset {})",
-                t.name,
-                t.start
-            );
+            let what = if t.start < at { "overlaps" } else { "leaves a gap before" };
+            bail!("tensor {} {what} the previous tensor (data offset {})", t.name, t.start);
         }
         at = t.end;
     }
     if at != data_len {
-        let what = if at > data_len {
-            "truncated"
-        } else {
-            "corrupt"
-        };
+        let what = if at > data_len { "truncated" } else { "corrupt" };
         bail!("{what}: tensors need {at} data bytes, the file holds {data_len}");
     }
     for t in &mut out {
@@ -127,10 +98,8 @@ mod tests {
     /// f32 `w`, bf16 `b`, u8 `m` serialized by the safetensors crate (header padded to 8).
     fn sample() -> Vec<u8> {
         let w: Vec<u8> = bytemuck::cast_slice(&[1.0f32, -2.0, 3.5, 0.25, 5.0, 6.0]).to_vec();
-        let b: Vec<u8> = [half::bf16::from_f32(1.5), half::bf16::from_f32(-3.0)]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let b: Vec<u8> =
+            [half::bf16::from_f32(1.5), half::bf16::from_f32(-3.0)].iter().flat_map(|x| x.to_le_bytes()).collect();
         let m = vec![1u8, 2, 3];
         let views = [
             ("w", TensorView::new(Dtype::F32, vec![2, 3], &w).unwrap()),
@@ -144,10 +113,7 @@ mod tests {
     /// Re-pads the JSON header so the data section starts at `8 + N ≡ r (mod 8)`.
     fn repad(bytes: &[u8], r: usize) -> Vec<u8> {
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let mut header = std::str::from_utf8(&bytes[8..8 + n])
-            .unwrap()
-            .trim_end()
-            .to_string();
+        let mut header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().trim_end().to_string();
         while (8 + header.len()) % 8 != r {
             header.push(' ');
         }

@@ -41,11 +41,7 @@ fn members(buf: &[u8]) -> Result<HashMap<String, Member>> {
         .rev()
         .find(|&i| buf[i..].starts_with(EOCD))
         .ok_or_else(|| anyhow!("truncated zip: no end of central directory"))?;
-    let (mut count, mut cd_len, mut cd_off) = (
-        le(buf, eocd + 10, 2)?,
-        le(buf, eocd + 12, 4)?,
-        le(buf, eocd + 16, 4)?,
-    );
+    let (mut count, mut cd_len, mut cd_off) = (le(buf, eocd + 10, 2)?, le(buf, eocd + 12, 4)?, le(buf, eocd + 16, 4)?);
     if count == 0xFFFF || cd_len == 0xFFFF_FFFF || cd_off == 0xFFFF_FFFF {
         let loc = eocd
             .checked_sub(20)
@@ -55,19 +51,13 @@ fn members(buf: &[u8]) -> Result<HashMap<String, Member>> {
         if le(buf, rec, 4)? != 0x0606_4b50 {
             bail!("corrupt zip: bad ZIP64 end-of-directory record at {rec}");
         }
-        (count, cd_len, cd_off) = (
-            le(buf, rec + 32, 8)?,
-            le(buf, rec + 40, 8)?,
-            le(buf, rec + 48, 8)?,
-        );
+        (count, cd_len, cd_off) = (le(buf, rec + 32, 8)?, le(buf, rec + 40, 8)?, le(buf, rec + 48, 8)?);
     }
     let (cd_off, cd_len) = (to_usize(cd_off)?, to_usize(cd_len)?);
     let cd_end = cd_off
         .checked_add(cd_len)
         .filter(|&e| e <= buf.len())
-        .ok_or_else(|| {
-            anyhow!("truncated zip: central directory [{cd_off}, +{cd_len}) past the end")
-        })?;
+        .ok_or_else(|| anyhow!("truncated zip: central directory [{cd_off}, +{cd_len}) past the end"))?;
 
     let mut out = HashMap::new();
     let mut at = cd_off;
@@ -77,28 +67,16 @@ fn members(buf: &[u8]) -> Result<HashMap<String, Member>> {
         }
         let method = le(buf, at + 10, 2)? as u16;
         let (mut comp, mut size) = (le(buf, at + 20, 4)?, le(buf, at + 24, 4)?);
-        let (n, e, c) = (
-            le(buf, at + 28, 2)? as usize,
-            le(buf, at + 30, 2)? as usize,
-            le(buf, at + 32, 2)? as usize,
-        );
+        let (n, e, c) = (le(buf, at + 28, 2)? as usize, le(buf, at + 30, 2)? as usize, le(buf, at + 32, 2)? as usize);
         let mut local = le(buf, at + 42, 4)?;
-        let name = buf
-            .get(at + 46..at + 46 + n)
-            .ok_or_else(|| anyhow!("truncated zip"))?;
+        let name = buf.get(at + 46..at + 46 + n).ok_or_else(|| anyhow!("truncated zip"))?;
         let name = String::from_utf8_lossy(name).into_owned();
-        let extra = buf
-            .get(at + 46 + n..at + 46 + n + e)
-            .ok_or_else(|| anyhow!("truncated zip"))?;
+        let extra = buf.get(at + 46 + n..at + 46 + n + e).ok_or_else(|| anyhow!("truncated zip"))?;
         // ZIP64 extra: the 8-byte values of exactly the fields that read 0xFFFFFFFF, in this order.
-        let mut z64 = zip64_fields(extra)
-            .with_context(|| format!("corrupt zip: member {name}"))?
-            .into_iter();
+        let mut z64 = zip64_fields(extra).with_context(|| format!("corrupt zip: member {name}"))?.into_iter();
         for field in [&mut size, &mut comp, &mut local] {
             if *field == 0xFFFF_FFFF {
-                *field = z64
-                    .next()
-                    .ok_or_else(|| anyhow!("corrupt zip: member {name} lacks its ZIP64 field"))?;
+                *field = z64.next().ok_or_else(|| anyhow!("corrupt zip: member {name} lacks its ZIP64 field"))?;
             }
         }
         let local = to_usize(local)?;
@@ -106,8 +84,7 @@ fn members(buf: &[u8]) -> Result<HashMap<String, Member>> {
             bail!("corrupt zip: member {name} has no local header at {local}");
         }
         // The local extra field differs from the central one: torch pads it to align the data.
-        let start =
-            local + 30 + le(buf, local + 26, 2)? as usize + le(buf, local + 28, 2)? as usize;
+        let start = local + 30 + le(buf, local + 26, 2)? as usize + le(buf, local + 28, 2)? as usize;
         let len = to_usize(comp)?;
         if method == 0 && comp != size {
             bail!("corrupt zip: stored member {name} has sizes {comp} and {size}");
@@ -124,14 +101,9 @@ fn members(buf: &[u8]) -> Result<HashMap<String, Member>> {
 fn zip64_fields(mut extra: &[u8]) -> Result<Vec<u64>> {
     while extra.len() >= 4 {
         let (id, len) = (le(extra, 0, 2)?, le(extra, 2, 2)? as usize);
-        let body = extra
-            .get(4..4 + len)
-            .ok_or_else(|| anyhow!("extra field overruns"))?;
+        let body = extra.get(4..4 + len).ok_or_else(|| anyhow!("extra field overruns"))?;
         if id == 1 {
-            return Ok(body
-                .chunks_exact(8)
-                .map(|c| le(c, 0, 8).unwrap_or(0))
-                .collect());
+            return Ok(body.chunks_exact(8).map(|c| le(c, 0, 8).unwrap_or(0)).collect());
         }
         extra = &extra[4 + len..];
     }
@@ -232,12 +204,7 @@ impl Val {
     }
 
     fn uints(&self) -> Option<Vec<usize>> {
-        self.obj(Kind::Tuple)?
-            .items
-            .borrow()
-            .iter()
-            .map(Val::uint)
-            .collect()
+        self.obj(Kind::Tuple)?.items.borrow().iter().map(Val::uint).collect()
     }
 }
 
@@ -304,20 +271,11 @@ fn reduce(func: &Val, args: &Val) -> Result<Val> {
         .borrow();
     match (g, &args[..]) {
         (Global::OrderedDict, []) => new_obj(Kind::Dict, Vec::new()),
-        (Global::RebuildTensor, [storage, offset, size, stride, _grad, _hooks, ..])
-            if args.len() <= 7 =>
-        {
+        (Global::RebuildTensor, [storage, offset, size, stride, _grad, _hooks, ..]) if args.len() <= 7 => {
             let Val::Storage(storage) = storage else {
-                bail!(
-                    "_rebuild_tensor_v2 got a {} for its storage",
-                    storage.what()
-                );
+                bail!("_rebuild_tensor_v2 got a {} for its storage", storage.what());
             };
-            let bad = || {
-                anyhow!(
-                    "_rebuild_tensor_v2: offset, size or stride is not a non-negative int/tuple"
-                )
-            };
+            let bad = || anyhow!("_rebuild_tensor_v2: offset, size or stride is not a non-negative int/tuple");
             Ok(Val::Tensor(Rc::new(Tensor {
                 storage: Storage::clone(storage),
                 offset: offset.uint().ok_or_else(bad)?,
@@ -374,12 +332,8 @@ impl<'a> Unpickler<'a> {
 
     fn line(&mut self) -> Result<&'a str> {
         let rest = self.data.get(self.pos..).unwrap_or_default();
-        let n = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| anyhow!("truncated pickle"))?;
-        let s = std::str::from_utf8(self.take(n + 1)?)
-            .map_err(|_| anyhow!("GLOBAL name is not UTF-8"))?;
+        let n = rest.iter().position(|&b| b == b'\n').ok_or_else(|| anyhow!("truncated pickle"))?;
+        let s = std::str::from_utf8(self.take(n + 1)?).map_err(|_| anyhow!("GLOBAL name is not UTF-8"))?;
         Ok(&s[..n])
     }
 
@@ -401,13 +355,8 @@ impl<'a> Unpickler<'a> {
     }
 
     fn top(&self, kind: Kind) -> Result<Rc<Obj>> {
-        let top = self
-            .stack
-            .last()
-            .ok_or_else(|| anyhow!("stack underflow"))?;
-        let o = top
-            .obj(kind)
-            .ok_or_else(|| anyhow!("adding items to a {}, expected a {kind:?}", top.what()))?;
+        let top = self.stack.last().ok_or_else(|| anyhow!("stack underflow"))?;
+        let o = top.obj(kind).ok_or_else(|| anyhow!("adding items to a {}, expected a {kind:?}", top.what()))?;
         if o.sealed.get() {
             bail!("changing a {kind:?} after it was placed in another container");
         }
@@ -415,11 +364,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn tuple(&mut self, n: usize) -> Result<()> {
-        let at = self
-            .stack
-            .len()
-            .checked_sub(n)
-            .ok_or_else(|| anyhow!("stack underflow"))?;
+        let at = self.stack.len().checked_sub(n).ok_or_else(|| anyhow!("stack underflow"))?;
         let items = self.stack.split_off(at);
         let t = new_obj(Kind::Tuple, items)?;
         self.stack.push(t);
@@ -431,11 +376,7 @@ impl<'a> Unpickler<'a> {
             let at = self.pos;
             let op = self.take(1)?[0];
             self.step(op).with_context(|| {
-                let c = if op.is_ascii_graphic() {
-                    format!(" '{}'", op as char)
-                } else {
-                    String::new()
-                };
+                let c = if op.is_ascii_graphic() { format!(" '{}'", op as char) } else { String::new() };
                 format!("pickle opcode 0x{op:02x}{c} at byte {at}")
             })?;
             if op == b'.' {
@@ -468,11 +409,7 @@ impl<'a> Unpickler<'a> {
                 }
                 let x = self.uint(n)?;
                 let shift = 64 - 8 * n as u32;
-                Val::Int(if n == 0 {
-                    0
-                } else {
-                    ((x << shift) as i64) >> shift
-                })
+                Val::Int(if n == 0 { 0 } else { ((x << shift) as i64) >> shift })
             }
             b'G' => {
                 self.take(8)?;
@@ -487,11 +424,7 @@ impl<'a> Unpickler<'a> {
                 self.text(n)?
             }
             b'B' | b'C' => {
-                let n = if op == b'B' {
-                    self.uint(4)?
-                } else {
-                    self.uint(1)?
-                };
+                let n = if op == b'B' { self.uint(4)? } else { self.uint(1)? };
                 self.take(to_usize(n)?)?;
                 Val::Bytes
             }
@@ -512,11 +445,7 @@ impl<'a> Unpickler<'a> {
                     }
                     _ => self.pop_mark()?,
                 };
-                let kind = if matches!(op, b'a' | b'e') {
-                    Kind::List
-                } else {
-                    Kind::Dict
-                };
+                let kind = if matches!(op, b'a' | b'e') { Kind::List } else { Kind::Dict };
                 if kind == Kind::Dict && items.len() % 2 != 0 {
                     bail!("odd number of items for a dict");
                 }
@@ -524,19 +453,13 @@ impl<'a> Unpickler<'a> {
             }
             b'q' | b'r' => {
                 let key = self.uint(if op == b'q' { 1 } else { 4 })? as u32;
-                let top = self
-                    .stack
-                    .last()
-                    .ok_or_else(|| anyhow!("stack underflow"))?;
+                let top = self.stack.last().ok_or_else(|| anyhow!("stack underflow"))?;
                 self.memo.insert(key, top.clone());
                 return Ok(());
             }
             b'h' | b'j' => {
                 let key = self.uint(if op == b'h' { 1 } else { 4 })? as u32;
-                self.memo
-                    .get(&key)
-                    .cloned()
-                    .ok_or_else(|| anyhow!("memo key {key} not set"))?
+                self.memo.get(&key).cloned().ok_or_else(|| anyhow!("memo key {key} not set"))?
             }
             b'c' => {
                 let (module, name) = (self.line()?, self.line()?);
@@ -569,48 +492,29 @@ impl<'a> Unpickler<'a> {
 /// Tensors of one torch zip file, as byte ranges of `buf` (the whole file).
 pub(super) fn parse(buf: &[u8]) -> Result<Vec<RawTensor>> {
     let members = members(buf)?;
-    let mut pkls = members
-        .keys()
-        .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"));
-    let pkl = pkls
-        .next()
-        .ok_or_else(|| anyhow!("zip without data.pkl: not a torch checkpoint"))?;
+    let mut pkls = members.keys().filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"));
+    let pkl = pkls.next().ok_or_else(|| anyhow!("zip without data.pkl: not a torch checkpoint"))?;
     if let Some(other) = pkls.next() {
         bail!("zip holds both {pkl} and {other}");
     }
     let stem = &pkl[..pkl.len() - "data.pkl".len()];
     let member = |name: &str| -> Result<&[u8]> {
-        let m = members
-            .get(name)
-            .ok_or_else(|| anyhow!("missing zip member {name}"))?;
+        let m = members.get(name).ok_or_else(|| anyhow!("missing zip member {name}"))?;
         if m.method != 0 {
-            bail!(
-                "zip member {name} is compressed (method {}); torch stores members",
-                m.method
-            );
+            bail!("zip member {name} is compressed (method {}); torch stores members", m.method);
         }
         Ok(&buf[m.start..m.start + m.len])
     };
     if let Ok(order) = member(&format!("{stem}byteorder")) {
         if order != b"little" {
-            bail!(
-                "byteorder is {:?}, only little-endian is supported",
-                String::from_utf8_lossy(order)
-            );
+            bail!("byteorder is {:?}, only little-endian is supported", String::from_utf8_lossy(order));
         }
     }
-    let top = Unpickler {
-        data: member(pkl)?,
-        pos: 0,
-        stack: Vec::new(),
-        marks: Vec::new(),
-        memo: HashMap::new(),
-    }
-    .run()
-    .with_context(|| pkl.clone())?;
-    let top = top
-        .obj(Kind::Dict)
-        .ok_or_else(|| anyhow!("{pkl}: holds a {}, expected a dict of tensors", top.what()))?;
+    let top = Unpickler { data: member(pkl)?, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }
+        .run()
+        .with_context(|| pkl.clone())?;
+    let top =
+        top.obj(Kind::Dict).ok_or_else(|| anyhow!("{pkl}: holds a {}, expected a dict of tensors", top.what()))?;
 
     // Later keys win, as in a Python dict; non-tensor values are skipped.
     let mut tensors = BTreeMap::new();
@@ -622,13 +526,7 @@ pub(super) fn parse(buf: &[u8]) -> Result<Vec<RawTensor>> {
     let mut out = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let (start, end) = locate(&t, stem, &members).with_context(|| format!("tensor {name}"))?;
-        out.push(RawTensor {
-            name,
-            dtype: t.storage.dtype,
-            shape: t.shape.clone(),
-            start,
-            end,
-        });
+        out.push(RawTensor { name, dtype: t.storage.dtype, shape: t.shape.clone(), start, end });
     }
     Ok(out)
 }
@@ -636,53 +534,28 @@ pub(super) fn parse(buf: &[u8]) -> Result<Vec<RawTensor>> {
 /// Checks a tensor is a row-major view inside its storage; returns its byte range in the file.
 fn locate(t: &Tensor, stem: &str, members: &HashMap<String, Member>) -> Result<(usize, usize)> {
     if t.stride.len() != t.shape.len() {
-        bail!(
-            "{} strides for {} dimensions",
-            t.stride.len(),
-            t.shape.len()
-        );
+        bail!("{} strides for {} dimensions", t.stride.len(), t.shape.len());
     }
     let mut numel = 1usize;
     for (&n, &s) in t.shape.iter().zip(&t.stride).rev() {
         if n != 1 && s != numel {
-            bail!(
-                "not row-major contiguous (shape {:?}, stride {:?}); save it with .contiguous()",
-                t.shape,
-                t.stride
-            );
+            bail!("not row-major contiguous (shape {:?}, stride {:?}); save it with .contiguous()", t.shape, t.stride);
         }
-        numel = numel
-            .checked_mul(n)
-            .ok_or_else(|| anyhow!("shape {:?} overflows", t.shape))?;
+        numel = numel.checked_mul(n).ok_or_else(|| anyhow!("shape {:?} overflows", t.shape))?;
     }
     let st = &t.storage;
     let name = format!("{stem}data/{}", st.key);
-    let m = members
-        .get(&name)
-        .ok_or_else(|| anyhow!("storage member {name} is missing"))?;
+    let m = members.get(&name).ok_or_else(|| anyhow!("storage member {name} is missing"))?;
     if m.method != 0 {
         bail!("storage member {name} is compressed (method {})", m.method);
     }
     let size = st.dtype.size();
     if st.numel.checked_mul(size).is_none_or(|b| b > m.len) {
-        bail!(
-            "storage {name} should hold {} × {} but has {} bytes",
-            st.numel,
-            st.dtype,
-            m.len
-        );
+        bail!("storage {name} should hold {} × {} but has {} bytes", st.numel, st.dtype, m.len);
     }
-    let end_el = t
-        .offset
-        .checked_add(numel)
-        .filter(|&e| e <= st.numel)
-        .ok_or_else(|| {
-            anyhow!(
-                "elements [{}, +{numel}) lie outside storage {name} of {} elements",
-                t.offset,
-                st.numel
-            )
-        })?;
+    let end_el = t.offset.checked_add(numel).filter(|&e| e <= st.numel).ok_or_else(|| {
+        anyhow!("elements [{}, +{numel}) lie outside storage {name} of {} elements", t.offset, st.numel)
+    })?;
     Ok((m.start + t.offset * size, m.start + end_el * size))
 }
 
@@ -692,18 +565,11 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/data/torch_zip"
-        ))
-        .join(name)
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/torch_zip")).join(name)
     }
 
     fn err(name: &str) -> String {
-        format!(
-            "{:#}",
-            Checkpoint::open(&fixture(name)).err().expect("must fail")
-        )
+        format!("{:#}", Checkpoint::open(&fixture(name)).err().expect("must fail"))
     }
 
     fn first(ck: &Checkpoint, name: &str) -> Vec<f64> {
@@ -725,10 +591,7 @@ mod tests {
             let ck = Checkpoint::open(&fixture(file)).unwrap();
             assert_eq!(ck.format(), Format::TorchZip);
             let tensors = tensors.as_object().unwrap();
-            assert_eq!(
-                ck.names().collect::<Vec<_>>(),
-                tensors.keys().collect::<Vec<_>>()
-            );
+            assert_eq!(ck.names().collect::<Vec<_>>(), tensors.keys().collect::<Vec<_>>());
             for (name, want) in tensors {
                 let t = ck.require(name).unwrap();
                 assert_eq!(t.dtype.name(), want["dtype"], "{file} {name}");
@@ -745,15 +608,8 @@ mod tests {
     fn shared_storage_and_directory() {
         let ck = Checkpoint::open(&fixture("shared.pth")).unwrap();
         let (emb, head) = (ck.require("emb").unwrap(), ck.require("head").unwrap());
-        assert_eq!(
-            emb.bytes.as_ptr(),
-            head.bytes.as_ptr(),
-            "tied weights share the map"
-        );
-        assert_eq!(
-            ck.require("mid").unwrap().as_f32().unwrap(),
-            [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
-        );
+        assert_eq!(emb.bytes.as_ptr(), head.bytes.as_ptr(), "tied weights share the map");
+        assert_eq!(ck.require("mid").unwrap().as_f32().unwrap(), [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
         assert!(ck.owned.is_empty());
         assert_eq!(ck.total_bytes(), 48 + 48 + 24 + 16);
 
@@ -766,15 +622,9 @@ mod tests {
     #[test]
     fn refuses_non_contiguous_and_forbidden() {
         let e = err("transposed.pth");
-        assert!(
-            e.contains("transposed.pth") && e.contains("tensor t") && e.contains("row-major"),
-            "{e}"
-        );
+        assert!(e.contains("transposed.pth") && e.contains("tensor t") && e.contains("row-major"), "{e}");
         let e = err("evil.pth");
-        assert!(
-            e.contains("evil.pth") && e.contains("forbidden global posix.system"),
-            "{e}"
-        );
+        assert!(e.contains("evil.pth") && e.contains("forbidden global posix.system"), "{e}");
     }
 
     #[test]
@@ -784,10 +634,7 @@ mod tests {
             let good = std::fs::read(fixture(name)).unwrap();
             for len in (0..good.len()).step_by(7) {
                 std::fs::write(&p, &good[..len]).unwrap();
-                let e = format!(
-                    "{:#}",
-                    Checkpoint::open(&p).err().expect("truncated must fail")
-                );
+                let e = format!("{:#}", Checkpoint::open(&p).err().expect("truncated must fail"));
                 assert!(e.contains("damaged.pth"), "{e}");
             }
             // Flip each byte of the pickle and the directory; opening may succeed, but never panics.
@@ -805,13 +652,7 @@ mod tests {
     fn unpickler_limits() {
         use super::Unpickler;
         let run = |data: &[u8]| {
-            let mut u = Unpickler {
-                data,
-                pos: 0,
-                stack: vec![],
-                marks: vec![],
-                memo: Default::default(),
-            };
+            let mut u = Unpickler { data, pos: 0, stack: vec![], marks: vec![], memo: Default::default() };
             u.run().map(|_| ()).map_err(|e| format!("{e:#}"))
         };
         let mut deep = vec![0x80, 2, b')'];
@@ -819,19 +660,11 @@ mod tests {
         deep.push(b'.');
         assert!(run(&deep).unwrap_err().contains("nested deeper"));
         // A list appended to itself.
-        assert!(run(b"\x80\x02]q\x00h\x00a.")
-            .unwrap_err()
-            .contains("holds itself"));
+        assert!(run(b"\x80\x02]q\x00h\x00a.").unwrap_err().contains("holds itself"));
         // Mutating a list after placing it in a tuple.
-        assert!(run(b"\x80\x02]q\x00\x85h\x00Na.")
-            .unwrap_err()
-            .contains("after it was placed"));
-        assert!(run(b"\x80\x02cbuiltins\neval\n.")
-            .unwrap_err()
-            .contains("forbidden global builtins.eval"));
-        assert!(run(b"\x80\x02ctorch\nComplexFloatStorage\n.")
-            .unwrap_err()
-            .contains("unsupported storage"));
+        assert!(run(b"\x80\x02]q\x00\x85h\x00Na.").unwrap_err().contains("after it was placed"));
+        assert!(run(b"\x80\x02cbuiltins\neval\n.").unwrap_err().contains("forbidden global builtins.eval"));
+        assert!(run(b"\x80\x02ctorch\nComplexFloatStorage\n.").unwrap_err().contains("unsupported storage"));
         assert!(run(b"\x80\x02S'x'\n.").unwrap_err().contains("0x53 'S'"));
         assert!(run(b"\x80\x02\x8a\x02\xff\x7f.").is_ok());
         assert!(run(b"\x80\x02}").unwrap_err().contains("truncated"));

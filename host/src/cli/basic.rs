@@ -34,13 +34,9 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
         i.vocab_rows,
         real_vocab(&m, &tok),
         tok.source,
-        i.config_vocab
-            .map_or(String::new(), |v| format!("; config vocab_size {v}"))
+        i.config_vocab.map_or(String::new(), |v| format!("; config vocab_size {v}"))
     );
-    println!(
-        "embeddings   {}",
-        if i.tied_embeddings { "tied" } else { "untied" }
-    );
+    println!("embeddings   {}", if i.tied_embeddings { "tied" } else { "untied" });
     Ok(())
 }
 
@@ -84,13 +80,7 @@ pub fn print_out(text: &str, newline: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let r = out
         .write_all(text.as_bytes())
-        .and_then(|_| {
-            if newline {
-                out.write_all(b"\n")
-            } else {
-                Ok(())
-            }
-        })
+        .and_then(|_| if newline { out.write_all(b"\n") } else { Ok(()) })
         .and_then(|_| out.flush());
     match r {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
@@ -111,18 +101,12 @@ pub fn read_ids(path: &Path) -> Result<Vec<u32>> {
         let ck = Checkpoint::open(path)?;
         ck.require("input_ids")?.to_i64_vec()?
     } else {
-        let text = String::from_utf8(bytes)
-            .map_err(|_| anyhow!("{}: ids file is not text", path.display()))?;
+        let text = String::from_utf8(bytes).map_err(|_| anyhow!("{}: ids file is not text", path.display()))?;
         text.split(|c: char| c.is_whitespace() || c == ',')
             .filter(|s| !s.is_empty())
             .enumerate()
             .map(|(i, s)| {
-                s.parse::<i64>().map_err(|_| {
-                    anyhow!(
-                        "{}: item {i} ('{s}') is not an integer token id",
-                        path.display()
-                    )
-                })
+                s.parse::<i64>().map_err(|_| anyhow!("{}: item {i} ('{s}') is not an integer token id", path.display()))
             })
             .collect::<Result<_>>()?
     };
@@ -132,12 +116,8 @@ pub fn read_ids(path: &Path) -> Result<Vec<u32>> {
     raw.iter()
         .enumerate()
         .map(|(i, &v)| {
-            u32::try_from(v).map_err(|_| {
-                anyhow!(
-                    "{}: token id {v} at position {i} is negative or too large",
-                    path.display()
-                )
-            })
+            u32::try_from(v)
+                .map_err(|_| anyhow!("{}: token id {v} at position {i} is negative or too large", path.display()))
         })
         .collect()
 }
@@ -165,13 +145,7 @@ pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize) -> Result
     })?;
     let secs = t0.elapsed().as_secs_f64();
     write_f32(out, "logits", &[ids.len(), v], &all)?;
-    eprintln!(
-        "{} tokens in {:.3} s ({:.0} tok/s), chunk {}",
-        ids.len(),
-        secs,
-        ids.len() as f64 / secs,
-        s.chunk
-    );
+    eprintln!("{} tokens in {:.3} s ({:.0} tok/s), chunk {}", ids.len(), secs, ids.len() as f64 / secs, s.chunk);
     Ok(())
 }
 
@@ -184,12 +158,7 @@ pub fn write_f32(path: &Path, name: &str, shape: &[usize], data: &[f32]) -> Resu
         .with_context(|| format!("{}: cannot write", path.display()))
 }
 
-pub fn generate(
-    model: &Path,
-    prompt: &str,
-    max_new: usize,
-    tokenizer: Option<&Path>,
-) -> Result<()> {
+pub fn generate(model: &Path, prompt: &str, max_new: usize, tokenizer: Option<&Path>) -> Result<()> {
     let m = Model::load(model)?;
     let tok = Tokenizer::for_model(Some(&dir_of(model)), tokenizer)?;
     let ids = tok.encode(prompt)?;

@@ -73,9 +73,6 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         forget: crate::forget::ForgetSpec::parse(&a.forget)?.resolved(None)?,
     };
     passkey::run(&a.model, &o, &a.out, a.resume, shard)?;
-    println!(
-        "wrote {}/results.jsonl, summary.json, summary.csv, heatmap.svg",
-        a.out.display()
-    );
+    println!("wrote {}/results.jsonl, summary.json, summary.csv, heatmap.svg", a.out.display());
     Ok(())
 }

@@ -103,28 +103,22 @@ pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
             Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
             _ => (t, 1),
         };
-        digits
-            .parse::<u64>()
-            .map(|v| v * mult)
-            .map_err(|_| anyhow!("'{t}' is not a length (e.g. 1024, 8k, 1m)"))
+        digits.parse::<u64>().map(|v| v * mult).map_err(|_| anyhow!("'{t}' is not a length (e.g. 1024, 8k, 1m)"))
     }
     let mut out = Vec::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {
         match part.split_once("..") {
             None => out.push(num(part)?),
             Some((a, rest)) => {
-                let (b, step) = rest
-                    .split_once(':')
-                    .ok_or_else(|| anyhow!("range '{part}' needs a step: A..B:STEP or A..B:xF"))?;
+                let (b, step) =
+                    rest.split_once(':').ok_or_else(|| anyhow!("range '{part}' needs a step: A..B:STEP or A..B:xF"))?;
                 let (a, b) = (num(a)?, num(b)?);
                 if a == 0 || b < a {
                     bail!("range '{part}' is empty");
                 }
                 let mut v = a;
                 if let Some(f) = step.trim().strip_prefix('x') {
-                    let f: u64 = f
-                        .parse()
-                        .map_err(|_| anyhow!("'{step}' is not a factor such as x2"))?;
+                    let f: u64 = f.parse().map_err(|_| anyhow!("'{step}' is not a factor such as x2"))?;
                     if f < 2 {
                         bail!("factor in '{part}' must be at least 2");
                     }
@@ -153,9 +147,7 @@ pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
 
 /// A seeded 5-digit key for (seed, length, sample), independent of sharding and order.
 pub fn key(seed: u64, length: u64, sample: usize) -> String {
-    let mut z = seed
-        ^ length.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (sample as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut z = seed ^ length.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (sample as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
     for _ in 0..2 {
         z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -169,9 +161,7 @@ pub fn key(seed: u64, length: u64, sample: usize) -> String {
 fn depths(o: &Options) -> Vec<f64> {
     match &o.depths {
         Some(d) => d.clone(),
-        None => (0..o.samples)
-            .map(|i| (i as f64 + 0.5) / o.samples as f64)
-            .collect(),
+        None => (0..o.samples).map(|i| (i as f64 + 0.5) / o.samples as f64).collect(),
     }
 }
 
@@ -201,8 +191,7 @@ pub fn num_blocks(tok: &Tokenizer, tpl: &Template, length: u64) -> Result<usize>
 /// The prompt text with the needle replacing block `block` of `nb`, and the needle's byte offset.
 pub fn prompt_text(tpl: &Template, nb: usize, block: usize, key: &str) -> (String, usize) {
     let needle = tpl.needle.replace("{key}", key);
-    let mut text =
-        String::with_capacity(tpl.prefix.len() + tpl.noise.len() * nb + tpl.suffix.len() + 64);
+    let mut text = String::with_capacity(tpl.prefix.len() + tpl.noise.len() * nb + tpl.suffix.len() + 64);
     text.push_str(tpl.prefix);
     for _ in 0..block {
         text.push_str(tpl.noise);
@@ -238,24 +227,14 @@ fn prompts(tok: &Tokenizer, tpl: &Template, o: &Options, length: u64) -> Result<
             let block = needle_block(d, nb);
             let k = key(o.seed, length, i);
             let (text, needle_byte) = prompt_text(tpl, nb, block, &k);
-            Prompt {
-                sample: i,
-                depth: d,
-                needle_block: block,
-                num_blocks: nb,
-                key: k,
-                text,
-                needle_byte,
-            }
+            Prompt { sample: i, depth: d, needle_block: block, num_blocks: nb, key: k, text, needle_byte }
         })
         .collect())
 }
 
 /// `k/n`: this shard takes the (length, sample) pairs whose running index ≡ k−1 (mod n).
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let (k, n) = s
-        .split_once('/')
-        .ok_or_else(|| anyhow!("--shard takes k/n, e.g. 2/8"))?;
+    let (k, n) = s.split_once('/').ok_or_else(|| anyhow!("--shard takes k/n, e.g. 2/8"))?;
     let (k, n): (usize, usize) = (k.trim().parse()?, n.trim().parse()?);
     if k == 0 || n == 0 || k > n {
         bail!("--shard {s}: need 1 ≤ k ≤ n");
@@ -267,8 +246,7 @@ fn read_records(path: &Path) -> Result<Vec<Record>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let f =
-        std::fs::File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+    let f = std::fs::File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
@@ -278,11 +256,7 @@ fn read_records(path: &Path) -> Result<Vec<Record>> {
         // A line cut by a crash mid-write is the sample in flight: drop it.
         match serde_json::from_str(&line) {
             Ok(r) => out.push(r),
-            Err(_) => eprintln!(
-                "{}: line {} is incomplete; that sample runs again",
-                path.display(),
-                i + 1
-            ),
+            Err(_) => eprintln!("{}: line {} is incomplete; that sample runs again", path.display(), i + 1),
         }
     }
     Ok(out)
@@ -299,13 +273,7 @@ pub struct RunFacts {
 }
 
 /// `stuffed passkey`.
-pub fn run(
-    model_path: &Path,
-    o: &Options,
-    out: &Path,
-    resume: bool,
-    shard: Option<(usize, usize)>,
-) -> Result<()> {
+pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Option<(usize, usize)>) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
@@ -313,30 +281,19 @@ pub fn run(
     let real = real_vocab(&model, &tok);
     let tpl = template(o.template);
     let jsonl = out.join("results.jsonl");
-    let mut done: Vec<Record> = if resume {
-        read_records(&jsonl)?
-    } else {
-        Vec::new()
-    };
+    let mut done: Vec<Record> = if resume { read_records(&jsonl)? } else { Vec::new() };
     let seen: BTreeSet<(u64, usize)> = done.iter().map(|r| (r.length, r.sample)).collect();
     // Rewrite the kept lines (drops a torn last line), then append.
-    let mut file = std::fs::File::create(&jsonl)
-        .map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
+    let mut file = std::fs::File::create(&jsonl).map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
     for r in &done {
         writeln!(file, "{}", serde_json::to_string(r)?)?;
     }
     let bos = if o.bos {
-        Some(
-            tok.token_id("<|endoftext|>")
-                .ok_or_else(|| anyhow!("{}: no <|endoftext|> token for --bos", tok.source))?,
-        )
+        Some(tok.token_id("<|endoftext|>").ok_or_else(|| anyhow!("{}: no <|endoftext|> token for --bos", tok.source))?)
     } else {
         None
     };
-    let mut facts = RunFacts {
-        shard: shard.map(|(k, n)| format!("{k}/{n}")),
-        ..Default::default()
-    };
+    let mut facts = RunFacts { shard: shard.map(|(k, n)| format!("{k}/{n}")), ..Default::default() };
     let started = Instant::now();
     let mut s = Session::new(&model, o.chunk);
     let n_per = depths(o).len();
@@ -352,10 +309,7 @@ pub fn run(
         todo.sort_by_key(|p| (p.needle_block, p.sample));
         // The haystack: the same blocks with no needle.
         let last = todo.iter().map(|p| p.needle_block).max().unwrap_or(0);
-        let hay_text: String = [tpl.prefix]
-            .into_iter()
-            .chain(std::iter::repeat_n(tpl.noise, last + 1))
-            .collect();
+        let hay_text: String = [tpl.prefix].into_iter().chain(std::iter::repeat_n(tpl.noise, last + 1)).collect();
         let mut hay = tok.encode(&hay_text)?;
         if let Some(b) = bos {
             hay.insert(0, b);
@@ -364,24 +318,14 @@ pub fn run(
         let mut pos = 0; // haystack tokens fed so far
         for p in todo {
             let (mut ids, offsets) = tok.encode_with_offsets(&p.text)?;
-            let mut needle_pos = offsets
-                .iter()
-                .position(|&o| o >= p.needle_byte)
-                .unwrap_or(ids.len());
+            let mut needle_pos = offsets.iter().position(|&o| o >= p.needle_byte).unwrap_or(ids.len());
             if let Some(b) = bos {
                 ids.insert(0, b);
                 needle_pos += 1;
             }
             crate::cli::basic::check_ids(&ids, model.info.vocab_rows, "passkey prompt")?;
-            let lcp = if o.reuse {
-                ids.iter()
-                    .zip(&hay)
-                    .take_while(|(a, b)| a == b)
-                    .count()
-                    .min(ids.len() - 1)
-            } else {
-                0
-            };
+            let lcp =
+                if o.reuse { ids.iter().zip(&hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1) } else { 0 };
             let branch = if lcp >= pos {
                 s.feed(&hay[pos..lcp], &mut |_, _| Ok(()))?;
                 facts.tokens_processed += (lcp - pos) as u64;
@@ -449,9 +393,7 @@ fn depth_bins(o: &Options) -> Vec<(f64, f64)> {
         }
         None => {
             let nb = o.samples.clamp(1, 10);
-            (0..nb)
-                .map(|i| (i as f64 / nb as f64, (i + 1) as f64 / nb as f64))
-                .collect()
+            (0..nb).map(|i| (i as f64 / nb as f64, (i + 1) as f64 / nb as f64)).collect()
         }
     }
 }
@@ -465,29 +407,14 @@ fn in_bin(depth: f64, bin: (f64, f64), last: bool) -> bool {
 }
 
 /// summary.json (comparable across shards: run facts apart), summary.csv, heatmap.svg.
-pub fn write_summary(
-    out: &Path,
-    info: &ModelInfo,
-    o: &Options,
-    records: &[Record],
-    runs: &[RunFacts],
-) -> Result<()> {
+pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Record], runs: &[RunFacts]) -> Result<()> {
     let mut recs = records.to_vec();
     recs.sort_by_key(|r| (r.length, r.sample));
     recs.dedup_by_key(|r| (r.length, r.sample));
     let bins = depth_bins(o);
     let acc = |rs: &mut dyn Iterator<Item = &Record>| {
-        let (n, c) = rs.fold((0usize, 0usize), |(n, c), r| {
-            (n + 1, c + r.correct as usize)
-        });
-        (
-            n,
-            if n > 0 {
-                Some(c as f64 / n as f64)
-            } else {
-                None
-            },
-        )
+        let (n, c) = rs.fold((0usize, 0usize), |(n, c), r| (n + 1, c + r.correct as usize));
+        (n, if n > 0 { Some(c as f64 / n as f64) } else { None })
     };
     let mut per_length = Vec::new();
     let mut grid = Vec::new();
@@ -501,15 +428,8 @@ pub fn write_summary(
         per_length.push(serde_json::json!({"length": l, "n": n, "accuracy": a}));
         for (bi, &b) in bins.iter().enumerate() {
             let last = bi + 1 == bins.len();
-            let (n, a) = acc(&mut recs
-                .iter()
-                .filter(|r| r.length == l && in_bin(r.depth, b, last)));
-            csv += &format!(
-                "{l},{},{},{n},{}\n",
-                b.0,
-                b.1,
-                a.map_or(String::new(), |a| format!("{a:.4}"))
-            );
+            let (n, a) = acc(&mut recs.iter().filter(|r| r.length == l && in_bin(r.depth, b, last)));
+            csv += &format!("{l},{},{},{n},{}\n", b.0, b.1, a.map_or(String::new(), |a| format!("{a:.4}")));
             grid.push(serde_json::json!({"length": l, "depth_lo": b.0, "depth_hi": b.1, "n": n, "accuracy": a}));
         }
     }
@@ -535,25 +455,12 @@ pub fn write_summary(
         "scoring": "greedy decoding of max_new tokens; correct iff the key string is a substring of the decoded continuation",
         "runs": runs,
     });
-    write_atomic(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     write_atomic(&out.join("summary.csv"), csv.as_bytes())?;
-    let x: Vec<String> = o
-        .lengths
-        .iter()
-        .map(|&l| crate::report::svg::fmt_tokens(l))
-        .collect();
+    let x: Vec<String> = o.lengths.iter().map(|&l| crate::report::svg::fmt_tokens(l)).collect();
     let y: Vec<String> = bins
         .iter()
-        .map(|b| {
-            if b.0 == b.1 {
-                format!("{:.2}", b.0)
-            } else {
-                format!("{:.2}–{:.2}", b.0, b.1)
-            }
-        })
+        .map(|b| if b.0 == b.1 { format!("{:.2}", b.0) } else { format!("{:.2}–{:.2}", b.0, b.1) })
         .collect();
     let cells: Vec<Vec<Option<f64>>> = o
         .lengths
@@ -562,10 +469,7 @@ pub fn write_summary(
             bins.iter()
                 .enumerate()
                 .map(|(bi, &b)| {
-                    acc(&mut recs
-                        .iter()
-                        .filter(|r| r.length == l && in_bin(r.depth, b, bi + 1 == bins.len())))
-                    .1
+                    acc(&mut recs.iter().filter(|r| r.length == l && in_bin(r.depth, b, bi + 1 == bins.len()))).1
                 })
                 .collect()
         })
@@ -573,15 +477,7 @@ pub fn write_summary(
     let title = format!("Passkey retrieval — {}", info.path.display());
     write_atomic(
         &out.join("heatmap.svg"),
-        heatmap(
-            &title,
-            "prompt length (tokens)",
-            "needle depth",
-            &x,
-            &y,
-            &cells,
-        )
-        .as_bytes(),
+        heatmap(&title, "prompt length (tokens)", "needle depth", &x, &y, &cells).as_bytes(),
     )
 }
 
@@ -595,34 +491,26 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     let mut first: Option<(ModelInfo, Options)> = None;
     for d in dirs {
         let sp = d.join("summary.json");
-        let text = std::fs::read_to_string(&sp)
-            .map_err(|e| anyhow!("{}: cannot read: {e}", sp.display()))?;
+        let text = std::fs::read_to_string(&sp).map_err(|e| anyhow!("{}: cannot read: {e}", sp.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: not JSON", sp.display()))?;
-        let info: ModelInfo = serde_json::from_value(v["model"].clone())
-            .with_context(|| format!("{}: no model facts", sp.display()))?;
-        let opts: Options = serde_json::from_value(v["options"].clone())
-            .with_context(|| format!("{}: no options", sp.display()))?;
-        let shard_runs: Vec<RunFacts> =
-            serde_json::from_value(v["runs"].clone()).unwrap_or_default();
+        let info: ModelInfo =
+            serde_json::from_value(v["model"].clone()).with_context(|| format!("{}: no model facts", sp.display()))?;
+        let opts: Options =
+            serde_json::from_value(v["options"].clone()).with_context(|| format!("{}: no options", sp.display()))?;
+        let shard_runs: Vec<RunFacts> = serde_json::from_value(v["runs"].clone()).unwrap_or_default();
         match &first {
             None => first = Some((info, opts)),
             Some((i0, o0)) => {
                 if *o0 != opts || i0.path != info.path {
-                    bail!(
-                        "{}: made with another model or options than {}",
-                        sp.display(),
-                        dirs[0].display()
-                    );
+                    bail!("{}: made with another model or options than {}", sp.display(), dirs[0].display());
                 }
             }
         }
         runs.extend(shard_runs);
         records.extend(read_records(&d.join("results.jsonl"))?);
     }
-    let Some((info, opts)) = first else {
-        bail!("merge: nothing to merge")
-    };
+    let Some((info, opts)) = first else { bail!("merge: nothing to merge") };
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     records.sort_by_key(|r| (r.length, r.sample));
     records.dedup_by_key(|r| (r.length, r.sample));

@@ -56,12 +56,7 @@ pub struct BucketRow {
 
 impl Buckets {
     pub fn new(width: u64) -> Buckets {
-        Buckets {
-            width,
-            sum: Vec::new(),
-            sq: Vec::new(),
-            count: Vec::new(),
-        }
+        Buckets { width, sum: Vec::new(), sq: Vec::new(), count: Vec::new() }
     }
 
     fn index(&self, pos: u64) -> usize {
@@ -100,11 +95,7 @@ impl Buckets {
                 let (start, end) = self.bounds(i);
                 let n = self.count[i] as f64;
                 let mean = self.sum[i] / n;
-                let var = if n > 1.0 {
-                    ((self.sq[i] - self.sum[i] * mean) / (n - 1.0)).max(0.0)
-                } else {
-                    0.0
-                };
+                let var = if n > 1.0 { ((self.sq[i] - self.sum[i] * mean) / (n - 1.0)).max(0.0) } else { 0.0 };
                 BucketRow {
                     start,
                     end,
@@ -140,8 +131,7 @@ pub fn verdict_width(train_len: u64) -> u64 {
 pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
     let rows = b.rows();
     let max = |it: &mut dyn Iterator<Item = &BucketRow>| {
-        it.map(|r| r.mean_nll)
-            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+        it.map(|r| r.mean_nll).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
     };
     let l_in = max(&mut rows.iter().filter(|r| r.start > 0 && r.end <= train_len));
     let l_out = max(&mut rows.iter().filter(|r| r.start >= train_len));
@@ -151,21 +141,11 @@ pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
         _ => "undetermined",
     };
     let note = if evaluated_len < 1 << 20 {
-        format!(
-            "evaluated up to {evaluated_len} tokens (the paper's criterion uses 1M-token prompts)"
-        )
+        format!("evaluated up to {evaluated_len} tokens (the paper's criterion uses 1M-token prompts)")
     } else {
         format!("evaluated over {evaluated_len} tokens")
     };
-    Verdict {
-        train_len,
-        bucket_width: b.width,
-        l_in,
-        l_out,
-        verdict: verdict.into(),
-        evaluated_len,
-        note,
-    }
+    Verdict { train_len, bucket_width: b.width, l_in, l_out, verdict: verdict.into(), evaluated_len, note }
 }
 
 /// Accumulators of one model's run.
@@ -196,6 +176,8 @@ pub struct RunResult {
     pub ppl: f64,
     pub buckets_linear: Vec<BucketRow>,
     pub buckets_log2: Vec<BucketRow>,
+    /// `--train-len`, else the model directory's training.json.
+    pub train_len: Option<u64>,
     pub t_forget: Option<Verdict>,
     pub seconds: f64,
     pub tokens_per_s: f64,
@@ -240,7 +222,12 @@ pub struct DocStream<'t> {
 }
 
 /// The stream of `parts` in order, repeated up to `repeat_to` tokens, cut at `max_tokens`.
-pub fn doc_stream(tok: &Tokenizer, parts: Vec<Input>, max_tokens: Option<u64>, repeat_to: Option<u64>) -> DocStream<'_> {
+pub fn doc_stream(
+    tok: &Tokenizer,
+    parts: Vec<Input>,
+    max_tokens: Option<u64>,
+    repeat_to: Option<u64>,
+) -> DocStream<'_> {
     let limit = match (max_tokens, repeat_to) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -281,12 +268,7 @@ impl DocStream<'_> {
 }
 
 /// Everything that decides the numbers: models, inputs' content, options.
-fn fingerprint(
-    models: &[PathBuf],
-    inputs: &[Input],
-    hashes: &[String],
-    o: &Options,
-) -> Result<String> {
+fn fingerprint(models: &[PathBuf], inputs: &[Input], hashes: &[String], o: &Options) -> Result<String> {
     let key = serde_json::json!({
         "models": models.iter().map(|m| std::fs::canonicalize(m).unwrap_or(m.clone())).collect::<Vec<_>>(),
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
@@ -300,14 +282,8 @@ fn fingerprint(
 
 const CKPT: &str = "ppl.checkpoint.safetensors";
 
-fn save_checkpoint(
-    out: &Path,
-    snap: &Snapshot,
-    state: &[f32],
-    pending: Option<&[f32]>,
-) -> Result<()> {
-    let meta =
-        std::collections::HashMap::from([("snapshot".to_string(), serde_json::to_string(snap)?)]);
+fn save_checkpoint(out: &Path, snap: &Snapshot, state: &[f32], pending: Option<&[f32]>) -> Result<()> {
+    let meta = std::collections::HashMap::from([("snapshot".to_string(), serde_json::to_string(snap)?)]);
     let mut tensors = vec![("state".to_string(), state)];
     if let Some(p) = pending {
         tensors.push(("pending".to_string(), p));
@@ -315,30 +291,21 @@ fn save_checkpoint(
     let views: Vec<_> = tensors
         .iter()
         .map(|(n, d)| {
-            let t = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                vec![d.len()],
-                bytemuck::cast_slice(d),
-            );
-            t.map(|t| (n.clone(), t))
-                .map_err(|e| anyhow!("checkpoint tensor {n}: {e:?}"))
+            let t =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![d.len()], bytemuck::cast_slice(d));
+            t.map(|t| (n.clone(), t)).map_err(|e| anyhow!("checkpoint tensor {n}: {e:?}"))
         })
         .collect::<Result<_>>()?;
-    let bytes =
-        safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("checkpoint: {e:?}"))?;
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("checkpoint: {e:?}"))?;
     write_atomic(&out.join(CKPT), &bytes)
 }
 
 fn load_checkpoint(out: &Path) -> Result<(Snapshot, Vec<f32>, Option<Vec<f32>>)> {
     let path = out.join(CKPT);
     if !path.exists() {
-        bail!(
-            "{}: no checkpoint to resume from (run with --checkpoint-every N first)",
-            path.display()
-        );
+        bail!("{}: no checkpoint to resume from (run with --checkpoint-every N first)", path.display());
     }
-    let bytes =
-        std::fs::read(&path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow!("{}: corrupt checkpoint: {e:?}", path.display()))?;
     let snap_json = meta
@@ -346,14 +313,11 @@ fn load_checkpoint(out: &Path) -> Result<(Snapshot, Vec<f32>, Option<Vec<f32>>)>
         .as_ref()
         .and_then(|m| m.get("snapshot"))
         .ok_or_else(|| anyhow!("{}: checkpoint has no snapshot", path.display()))?;
-    let snap: Snapshot = serde_json::from_str(snap_json)
-        .with_context(|| format!("{}: corrupt snapshot", path.display()))?;
+    let snap: Snapshot =
+        serde_json::from_str(snap_json).with_context(|| format!("{}: corrupt snapshot", path.display()))?;
     let ck = Checkpoint::open(&path)?;
     let state = ck.require("state")?.as_f32()?.to_vec();
-    let pending = ck
-        .get("pending")
-        .map(|t| t.as_f32().map(<[f32]>::to_vec))
-        .transpose()?;
+    let pending = ck.get("pending").map(|t| t.as_f32().map(<[f32]>::to_vec)).transpose()?;
     Ok((snap, state, pending))
 }
 
@@ -364,18 +328,9 @@ enum Flow {
 }
 
 /// `stuffed ppl`: every model over every document; writes results.json, loss.csv, loss.svg.
-pub fn run(
-    models: &[PathBuf],
-    inputs: &[Input],
-    o: &Options,
-    out: &Path,
-    resume: bool,
-) -> Result<Vec<RunResult>> {
+pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, resume: bool) -> Result<Vec<RunResult>> {
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
-    let hashes = inputs
-        .iter()
-        .map(Input::sha256)
-        .collect::<Result<Vec<_>>>()?;
+    let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
     let fp = fingerprint(models, inputs, &hashes, o)?;
     let mut snap = if resume {
         let (snap, state, pending) = load_checkpoint(out)?;
@@ -389,10 +344,7 @@ pub fn run(
     } else {
         None
     };
-    let mut finished: Vec<RunResult> = snap
-        .as_ref()
-        .map(|s| s.0.finished.clone())
-        .unwrap_or_default();
+    let mut finished: Vec<RunResult> = snap.as_ref().map(|s| s.0.finished.clone()).unwrap_or_default();
     let first_model = finished.len();
     let mut processed = 0u64;
     for (mi, mpath) in models.iter().enumerate().skip(first_model) {
@@ -400,25 +352,10 @@ pub fn run(
         model.set_forget(o.forget)?;
         let tok = Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
         let resumed = snap.take().filter(|s| s.0.model_index == mi);
-        match run_model(
-            &model,
-            &tok,
-            mi,
-            models.len(),
-            inputs,
-            o,
-            out,
-            &fp,
-            &finished,
-            resumed,
-            &mut processed,
-        )? {
+        match run_model(&model, &tok, mi, models.len(), inputs, o, out, &fp, &finished, resumed, &mut processed)? {
             (Flow::Done, r) => finished.push(r),
             (Flow::Stopped, _) => {
-                eprintln!(
-                    "stopped after {processed} tokens; checkpoint in {}; continue with --resume",
-                    out.display()
-                );
+                eprintln!("stopped after {processed} tokens; checkpoint in {}; continue with --resume", out.display());
                 return Ok(finished);
             }
         }
@@ -445,12 +382,13 @@ fn run_model(
     let net = model.net();
     let d = net.d_model();
     let docs = documents(inputs, o.concat);
+    let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
     let mut session = Session::new(model, o.chunk);
     let mut head = NllHead::new(net, real_vocab(model, tok));
     let fresh_acc = || Acc {
         linear: Buckets::new(o.bucket),
         log2: Buckets::new(0),
-        verdict: o.train_len.map(|t| Buckets::new(verdict_width(t))),
+        verdict: train_len.map(|t| Buckets::new(verdict_width(t))),
         sum: 0.0,
         count: 0,
         longest: 0,
@@ -474,16 +412,8 @@ fn run_model(
         }
         None => (fresh_acc(), 0, 0, None, None),
     };
-    let label = format!(
-        "ppl [{}/{}] {}",
-        mi + 1,
-        n_models,
-        model.info.path.display()
-    );
-    let mut progress = Progress::new(
-        &label,
-        o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64),
-    );
+    let label = format!("ppl [{}/{}] {}", mi + 1, n_models, model.info.path.display());
+    let mut progress = Progress::new(&label, o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64));
     let started = Instant::now();
     let seconds_before = acc.seconds;
     let mut since_ckpt = 0u64;
@@ -494,13 +424,7 @@ fn run_model(
         let mut stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
         let nll_path = nll_path(o, mi, n_models, di, docs.len(), &model.info, parts);
         let mut nll_file = match &nll_path {
-            Some(p) => Some(open_nll(
-                p,
-                nll_len
-                    .take()
-                    .filter(|(f, _)| Path::new(f) == p)
-                    .map(|x| x.1),
-            )?),
+            Some(p) => Some(open_nll(p, nll_len.take().filter(|(f, _)| Path::new(f) == p).map(|x| x.1))?),
             None => None,
         };
         if let Some(p) = &nll_path {
@@ -599,7 +523,7 @@ fn run_model(
                 save_checkpoint(out, &snap, &session.state, pending.as_deref())?;
                 if stop {
                     progress.finish();
-                    return Ok((Flow::Stopped, result(model, tok, &acc, o)));
+                    return Ok((Flow::Stopped, result(model, tok, &acc, o, train_len)));
                 }
             }
         }
@@ -609,13 +533,12 @@ fn run_model(
     }
     progress.finish();
     acc.seconds = seconds_before + started.elapsed().as_secs_f64();
-    Ok((Flow::Done, result(model, tok, &acc, o)))
+    Ok((Flow::Done, result(model, tok, &acc, o, train_len)))
 }
 
 fn open_nll(path: &Path, resume_len: Option<u64>) -> Result<BufWriter<std::fs::File>> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| anyhow!("{}: cannot create: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(|e| anyhow!("{}: cannot create: {e}", parent.display()))?;
     }
     let f = match resume_len {
         Some(len) => {
@@ -628,8 +551,7 @@ fn open_nll(path: &Path, resume_len: Option<u64>) -> Result<BufWriter<std::fs::F
             f.seek(std::io::SeekFrom::Start(len))?;
             f
         }
-        None => std::fs::File::create(path)
-            .map_err(|e| anyhow!("{}: cannot create: {e}", path.display()))?,
+        None => std::fs::File::create(path).map_err(|e| anyhow!("{}: cannot create: {e}", path.display()))?,
     };
     Ok(BufWriter::new(f))
 }
@@ -648,24 +570,19 @@ fn nll_path(
     if n_models == 1 && n_docs == 1 {
         return Some(base.clone());
     }
-    let mname = info
-        .path
-        .file_name()
-        .map_or("model".into(), |n| n.to_string_lossy().to_string());
-    let doc = if parts.len() == 1 {
-        parts[0].name()
-    } else {
-        "concat".into()
-    };
+    let mname = info.path.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string());
+    let doc = if parts.len() == 1 { parts[0].name() } else { "concat".into() };
     Some(base.join(format!("{mi:02}_{mname}__{di:03}_{doc}.f32")))
 }
 
-fn result(model: &Model, tok: &Tokenizer, acc: &Acc, o: &Options) -> RunResult {
-    let mean = if acc.count > 0 {
-        acc.sum / acc.count as f64
-    } else {
-        f64::NAN
-    };
+/// The training length a model directory records (`training.json`, as tools/train_tiny.py writes).
+pub fn recorded_train_len(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("training.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?.get("train_len")?.as_u64()
+}
+
+fn result(model: &Model, tok: &Tokenizer, acc: &Acc, o: &Options, train_len: Option<u64>) -> RunResult {
+    let mean = if acc.count > 0 { acc.sum / acc.count as f64 } else { f64::NAN };
     RunResult {
         model: model.info.clone(),
         precision: serde_json::json!({"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "accumulators": "f64"}),
@@ -677,23 +594,15 @@ fn result(model: &Model, tok: &Tokenizer, acc: &Acc, o: &Options) -> RunResult {
         ppl: mean.exp(),
         buckets_linear: acc.linear.rows(),
         buckets_log2: acc.log2.rows(),
-        t_forget: o
-            .train_len
-            .zip(acc.verdict.as_ref())
-            .map(|(t, b)| t_forget(b, t, acc.longest)),
+        train_len,
+        t_forget: train_len.zip(acc.verdict.as_ref()).map(|(t, b)| t_forget(b, t, acc.longest)),
         seconds: acc.seconds,
         tokens_per_s: acc.tokens_fed as f64 / acc.seconds.max(1e-9),
         nll_out: acc.nll_files.clone(),
     }
 }
 
-fn write_outputs(
-    out: &Path,
-    inputs: &[Input],
-    hashes: &[String],
-    o: &Options,
-    runs: &[RunResult],
-) -> Result<()> {
+fn write_outputs(out: &Path, inputs: &[Input], hashes: &[String], o: &Options, runs: &[RunResult]) -> Result<()> {
     let json = serde_json::json!({
         "command": "ppl",
         "stuffed_version": env!("CARGO_PKG_VERSION"),
@@ -704,17 +613,13 @@ fn write_outputs(
         "runs": runs,
         "peak_rss_bytes": peak_rss_bytes(),
     });
-    write_atomic(
-        &out.join("results.json"),
-        serde_json::to_string_pretty(&json)?.as_bytes(),
-    )?;
+    write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     let mut csv = String::from("model,scheme,start,end,count,mean_nll,ppl,stderr\n");
     for r in runs {
         let name = r.model.path.display().to_string().replace(',', ";");
-        for (scheme, rows) in [
-            (format!("linear{}", o.bucket), &r.buckets_linear),
-            ("log2".to_string(), &r.buckets_log2),
-        ] {
+        for (scheme, rows) in
+            [(format!("linear{}", o.bucket), &r.buckets_linear), ("log2".to_string(), &r.buckets_log2)]
+        {
             for b in rows {
                 csv += &format!(
                     "{name},{scheme},{},{},{},{:.6},{:.4},{:.6}\n",
@@ -733,35 +638,22 @@ pub fn plot(runs: &[RunResult], o: &Options) -> String {
     let series: Vec<Series> = runs
         .iter()
         .map(|r| {
-            let rows = if o.log_x {
-                &r.buckets_log2
-            } else {
-                &r.buckets_linear
-            };
-            let name = r
-                .model
-                .path
-                .file_name()
-                .map_or("model".into(), |n| n.to_string_lossy().to_string());
-            Series {
-                name,
-                points: rows
-                    .iter()
-                    .map(|b| ((b.start + b.end) as f64 / 2.0, b.mean_nll))
-                    .collect(),
-            }
+            let rows = if o.log_x { &r.buckets_log2 } else { &r.buckets_linear };
+            let name = r.model.path.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string());
+            Series { name, points: rows.iter().map(|b| ((b.start + b.end) as f64 / 2.0, b.mean_nll)).collect() }
         })
         .collect();
     LinePlot {
         title: "Loss against position",
-        x_label: if o.log_x {
-            "position (tokens, log scale)"
-        } else {
-            "position (tokens)"
-        },
+        x_label: if o.log_x { "position (tokens, log scale)" } else { "position (tokens)" },
         y_label: "mean NLL (nats)",
         log_x: o.log_x,
-        vline: o.train_len.map(|t| (t as f64, format!("train len {t}"))),
+        vlines: {
+            let mut t: Vec<u64> = runs.iter().filter_map(|r| r.train_len).collect();
+            t.sort_unstable();
+            t.dedup();
+            t.into_iter().map(|t| (t as f64, format!("train len {t}"))).collect()
+        },
     }
     .render(&series)
 }

@@ -81,7 +81,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
     let mut st_csv = csv(&out.join("state_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro")?;
     let mut cv_csv = csv(&out.join("conv_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro")?;
     let extra: Vec<&str> = names[1..].to_vec();
-    let header = format!("layer,head,t,{}", extra.iter().map(|n| n.replace("_sum", "_mean")).collect::<Vec<_>>().join(","));
+    let header =
+        format!("layer,head,t,{}", extra.iter().map(|n| n.replace("_sum", "_mean")).collect::<Vec<_>>().join(","));
     let mut in_csv = csv(&out.join("inputs.csv"), &header)?;
     // Series for the plots: (layer, head) → points, for the selected layers and heads.
     let mut ret_pts = vec![Vec::new(); nl * nh];
@@ -171,7 +172,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
     // Plots for the first, middle and last selected layer.
     let mut plot_layers = vec![layers[0], layers[layers.len() / 2], layers[layers.len() - 1]];
     plot_layers.dedup();
-    let vline = o.train_len.map(|t| (t as f64, format!("train len {t}")));
+    let vlines: Vec<(f64, String)> = o.train_len.map(|t| (t as f64, format!("train len {t}"))).into_iter().collect();
     for &l in &plot_layers {
         let series = |pts: &Vec<Vec<(f64, f64)>>| -> Vec<Series> {
             heads.iter().map(|&h| Series { name: format!("head {h}"), points: pts[l * nh + h].clone() }).collect()
@@ -183,7 +184,13 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
         ];
         for (file, y, pts) in plots {
             let title = format!("Layer {l}: {y}");
-            let p = LinePlot { title: &title, x_label: "tokens consumed", y_label: y, log_x: false, vline: vline.clone() };
+            let p = LinePlot {
+                title: &title,
+                x_label: "tokens consumed",
+                y_label: y,
+                log_x: false,
+                vlines: vlines.clone(),
+            };
             write_atomic(&out.join(format!("{file}_L{l}.svg")), p.render(&series(pts)).as_bytes())?;
         }
     }
@@ -204,7 +211,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
             .map(|(t, st)| Series { name: format!("t = {}", fmt_tokens(*t)), points: hist(&st[r.clone()]) })
             .collect();
         let title = format!("Layer {l}, head {h}: state values");
-        let p = LinePlot { title: &title, x_label: "state value", y_label: "count", log_x: false, vline: None };
+        let p = LinePlot { title: &title, x_label: "state value", y_label: "count", log_x: false, vlines: Vec::new() };
         write_atomic(&out.join(format!("hist_L{l}_H{h}.svg")), p.render(&series).as_bytes())?;
     }
     let meta = serde_json::json!({

@@ -8,17 +8,10 @@ use std::time::{Duration, Instant};
 
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    let mut f = std::fs::File::create(&tmp)
-        .map_err(|e| anyhow!("{}: cannot create: {e}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| anyhow!("{}: cannot write: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| anyhow!("{}: cannot rename into place: {e}", path.display()))
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| anyhow!("{}: cannot create: {e}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| anyhow!("{}: cannot write: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: cannot rename into place: {e}", path.display()))
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes; 0 where /proc is absent.
@@ -54,12 +47,7 @@ impl Progress {
             bar.set_message(label.to_string());
             bar
         });
-        Progress {
-            bar,
-            label: label.to_string(),
-            start: Instant::now(),
-            last_line: Instant::now(),
-        }
+        Progress { bar, label: label.to_string(), start: Instant::now(), last_line: Instant::now() }
     }
 
     pub fn set(&mut self, done: u64) {
@@ -68,11 +56,7 @@ impl Progress {
         } else if self.last_line.elapsed() >= Duration::from_secs(10) {
             self.last_line = Instant::now();
             let secs = self.start.elapsed().as_secs_f64();
-            eprintln!(
-                "{}: {done} tokens, {:.0} tok/s",
-                self.label,
-                done as f64 / secs.max(1e-9)
-            );
+            eprintln!("{}: {done} tokens, {:.0} tok/s", self.label, done as f64 / secs.max(1e-9));
         }
     }
 

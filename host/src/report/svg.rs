@@ -12,13 +12,11 @@ pub struct LinePlot<'a> {
     pub x_label: &'a str,
     pub y_label: &'a str,
     pub log_x: bool,
-    /// A dashed vertical marker, e.g. the training length.
-    pub vline: Option<(f64, String)>,
+    /// Dashed vertical markers, e.g. training lengths.
+    pub vlines: Vec<(f64, String)>,
 }
 
-const PALETTE: &[&str] = &[
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-];
+const PALETTE: &[&str] = &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 const W: f64 = 820.0;
 const H: f64 = 480.0;
 /// Margins: left, right (legend), top, bottom.
@@ -32,11 +30,7 @@ fn ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, usize) {
     let span = (hi - lo).max(1e-12);
     let raw = span / n as f64;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| span / s <= n as f64)
-        .unwrap_or(10.0 * mag);
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| span / s <= n as f64).unwrap_or(10.0 * mag);
     let mut out = Vec::new();
     let mut i = (lo / step).ceil();
     while i * step <= hi + step * 1e-9 {
@@ -55,11 +49,7 @@ fn fmt_num(v: f64, decimals: usize) -> String {
         format!("{}M", v / MI)
     } else if a >= 1e6 && (v / 1e6).fract().abs() < 1e-9 {
         format!("{}M", v / 1e6)
-    } else if a >= 1024.0
-        && (v / 1024.0).fract().abs() < 1e-9
-        && decimals == 0
-        && v.log2().fract() == 0.0
-    {
+    } else if a >= 1024.0 && (v / 1024.0).fract().abs() < 1e-9 && decimals == 0 && v.log2().fract() == 0.0 {
         format!("{}k", v / 1024.0)
     } else if a >= 1e3 && decimals == 0 {
         format!("{}k", v / 1e3)
@@ -69,17 +59,12 @@ fn fmt_num(v: f64, decimals: usize) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 impl LinePlot<'_> {
     pub fn render(&self, series: &[Series]) -> String {
-        let pts = series
-            .iter()
-            .flat_map(|s| s.points.iter())
-            .filter(|p| p.0.is_finite() && p.1.is_finite());
+        let pts = series.iter().flat_map(|s| s.points.iter()).filter(|p| p.0.is_finite() && p.1.is_finite());
         let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
         for &(x, y) in pts {
             if self.log_x && x <= 0.0 {
@@ -90,7 +75,7 @@ impl LinePlot<'_> {
         if x0 > x1 {
             (x0, x1, y0, y1) = (1.0, 2.0, 0.0, 1.0);
         }
-        if let Some((v, _)) = self.vline {
+        for &(v, _) in &self.vlines {
             (x0, x1) = (x0.min(v), x1.max(v));
         }
         let pad = (y1 - y0).max(1e-6) * 0.05;
@@ -136,14 +121,7 @@ impl LinePlot<'_> {
         let (xt, xd): (Vec<f64>, usize) = if self.log_x {
             let (a, b) = (x0.log2().floor() as i32, x1.log2().ceil() as i32);
             let step = ((b - a) / 8).max(1);
-            (
-                (a..=b)
-                    .step_by(step as usize)
-                    .map(|e| 2f64.powi(e))
-                    .filter(|&v| v >= x0 && v <= x1)
-                    .collect(),
-                0,
-            )
+            ((a..=b).step_by(step as usize).map(|e| 2f64.powi(e)).filter(|&v| v >= x0 && v <= x1).collect(), 0)
         } else {
             ticks(x0, x1, 8)
         };
@@ -171,14 +149,14 @@ impl LinePlot<'_> {
             (T + H - B) / 2.0,
             esc(self.y_label)
         );
-        if let Some((v, label)) = &self.vline {
+        for (i, (v, label)) in self.vlines.iter().enumerate() {
             let px = fx(*v);
             let _ = writeln!(
                 s,
                 r##"<line x1="{px:.1}" x2="{px:.1}" y1="{T}" y2="{}" stroke="#555" stroke-dasharray="6,4"/><text x="{:.1}" y="{}" font-size="11">{}</text>"##,
                 H - B,
                 px + 4.0,
-                T + 14.0,
+                T + 14.0 + 14.0 * i as f64,
                 esc(label)
             );
         }
@@ -233,15 +211,10 @@ pub fn heatmap(
     ys: &[String],
     cells: &[Vec<Option<f64>>],
 ) -> String {
-    let (cw, ch) = (
-        ((640.0 / xs.len().max(1) as f64).clamp(28.0, 90.0)),
-        ((360.0 / ys.len().max(1) as f64).clamp(16.0, 40.0)),
-    );
+    let (cw, ch) =
+        (((640.0 / xs.len().max(1) as f64).clamp(28.0, 90.0)), ((360.0 / ys.len().max(1) as f64).clamp(16.0, 40.0)));
     let (l, t) = (110.0, 40.0);
-    let (w, h) = (
-        l + cw * xs.len() as f64 + 30.0,
-        t + ch * ys.len() as f64 + 60.0,
-    );
+    let (w, h) = (l + cw * xs.len() as f64 + 30.0, t + ch * ys.len() as f64 + 60.0);
     let mut s = String::new();
     let _ = writeln!(
         s,
