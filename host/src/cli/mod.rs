@@ -41,9 +41,7 @@ impl InputArgs {
     pub fn inputs(&self, cmd: &str) -> anyhow::Result<Vec<Input>> {
         let mut inputs: Vec<Input> = self.text.iter().cloned().map(Input::File).collect();
         if self.newlines {
-            inputs.push(Input::Newlines {
-                literal: self.newline_token,
-            });
+            inputs.push(Input::Newlines { literal: self.newline_token });
         }
         if inputs.is_empty() {
             anyhow::bail!("{cmd}: give --text FILE (repeat for several) or --newlines");
@@ -133,40 +131,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::exec::Pool::init_threads(cli.threads);
     match cli.cmd {
         Cmd::Info { model, json } => basic::info(&model, json),
-        Cmd::Tokenize {
-            model,
-            tokenizer,
-            text,
-            file,
-        } => basic::tokenize(
-            model.as_deref(),
-            tokenizer.as_deref(),
-            text,
-            file.as_deref(),
-        ),
-        Cmd::Logits {
-            model,
-            ids,
-            out,
-            chunk,
-        } => basic::logits(&model, &ids, &out, chunk),
-        Cmd::Generate {
-            model,
-            prompt,
-            max_new,
-            tokenizer,
-        } => basic::generate(&model, &prompt, max_new, tokenizer.as_deref()),
+        Cmd::Tokenize { model, tokenizer, text, file } => {
+            basic::tokenize(model.as_deref(), tokenizer.as_deref(), text, file.as_deref())
+        }
+        Cmd::Logits { model, ids, out, chunk } => basic::logits(&model, &ids, &out, chunk),
+        Cmd::Generate { model, prompt, max_new, tokenizer } => {
+            basic::generate(&model, &prompt, max_new, tokenizer.as_deref())
+        }
         Cmd::Ppl(a) => ppl::run(a),
         Cmd::Passkey(a) => passkey::run(a),
         Cmd::Probe(a) => probe::run(a),
         Cmd::Merge { dirs, out } => crate::eval::passkey::merge(&dirs, &out),
-        Cmd::Synth {
-            family,
-            preset,
-            dtype,
-            seed,
-            out,
-        } => match family.as_str() {
+        Cmd::Synth { family, preset, dtype, seed, out } => match family.as_str() {
             "mamba2" => crate::synth::mamba2(&preset, &dtype, seed, &out),
             other => anyhow::bail!("synth: unknown family '{other}' (supported: mamba2)"),
         },
