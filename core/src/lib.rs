@@ -5,16 +5,20 @@
 //! `*_len` functions of each model. Bad sizes and bad token ids are [`Error`]s, never panics, so the
 //! same code can run inside another runtime or on bare metal.
 //!
-//! One file per family holds its whole math (token step and chunked forward): [`mamba2`].
+//! One file per family holds its whole math (token step and chunked forward): [`mamba2`], [`rwkv`]
+//! (RWKV-5.2 and RWKV-6) and [`hgrn2`], the last two on the shared per-channel recurrence [`gla`].
 #![no_std]
 #![forbid(clippy::unwrap_used)]
 
 pub mod error;
 pub mod exec;
 pub mod forget;
+pub mod gla;
+pub mod hgrn2;
 pub mod mamba2;
 pub mod model;
 pub mod ops;
+pub mod rwkv;
 pub mod weight;
 
 pub use error::Error;

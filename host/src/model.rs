@@ -34,14 +34,20 @@ pub struct ModelInfo {
     pub tied_embeddings: bool,
 }
 
+mod families;
+
 enum Net {
     Mamba2(Mamba2<'static>),
+    Rwkv(stuffed_core::rwkv::Rwkv<'static>),
+    Hgrn2(stuffed_core::hgrn2::Hgrn2<'static>),
 }
 
 /// A loaded model. The core model borrows `layers` and the checkpoint's maps; both live on the heap
 /// and are dropped after it (fields drop in declaration order).
 pub struct Model {
     net: Net,
+    /// Layer tables of the other families (the core model borrows them too).
+    _extra: Option<Box<dyn std::any::Any + Send + Sync>>,
     _layers: Box<[mamba2::Layer<'static>]>,
     _ckpt: Box<Checkpoint>,
     pub info: ModelInfo,
@@ -53,12 +59,16 @@ impl Model {
     pub fn net(&self) -> &dyn Recurrent {
         match &self.net {
             Net::Mamba2(m) => m,
+            Net::Rwkv(m) => m,
+            Net::Hgrn2(m) => m,
         }
     }
 
     fn net_mut(&mut self) -> &mut dyn Recurrent {
         match &mut self.net {
             Net::Mamba2(m) => m,
+            Net::Rwkv(m) => m,
+            Net::Hgrn2(m) => m,
         }
     }
 
@@ -72,6 +82,10 @@ impl Model {
 
     /// Opens a checkpoint directory (or file) and builds the model it holds.
     pub fn load(path: &Path) -> Result<Model> {
+        // RWKV (BlinkDL .pth, or HF-format RWKV-5/6) and HGRN-2 load in `families`.
+        if let Some(m) = families::try_load(path)? {
+            return Ok(m);
+        }
         let ckpt = Box::new(Checkpoint::open(path)?);
         // SAFETY: the views borrow memory owned by `ckpt` (maps and aligned copies, all on the heap);
         // `Model` keeps `ckpt` alive, unmoved in its Box, for as long as the views exist.
@@ -233,5 +247,5 @@ fn load_mamba2(
         config_vocab: mc.vocab_size,
         tied_embeddings: mc.tied,
     };
-    Ok(Model { net: Net::Mamba2(net), _layers: layers, _ckpt: ckpt, info, forget: ForgetSpec::None })
+    Ok(Model { net: Net::Mamba2(net), _extra: None, _layers: layers, _ckpt: ckpt, info, forget: ForgetSpec::None })
 }

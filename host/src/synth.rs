@@ -129,3 +129,177 @@ pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot write", st_path.display()))?;
     Ok(())
 }
+
+/// (name, C, L, head size, F, Dm, Dd, vocab rows) of the published RWKV-6 sizes (FORMATS §6).
+/// (name, C, L, head size, F, Dm, Dd, vocab rows).
+pub type Rwkv6Preset = (&'static str, usize, usize, usize, usize, usize, usize, usize);
+pub const RWKV6_PRESETS: &[Rwkv6Preset] = &[
+    ("tiny", 64, 2, 16, 224, 32, 64, 65536),
+    ("1.6b", 2048, 24, 64, 7168, 32, 64, 65536),
+    ("3b", 2560, 32, 64, 8960, 32, 64, 65536),
+    ("7b", 4096, 32, 64, 14336, 64, 128, 65536),
+];
+/// (name, C, L, head size, F, vocab rows) of the RWKV-5 sizes the paper uses (FORMATS §6).
+pub const RWKV5_PRESETS: &[(&str, usize, usize, usize, usize, usize)] = &[
+    ("tiny", 64, 2, 16, 224, 65536),
+    ("0.4b", 1024, 24, 64, 3584, 65536),
+    ("1.5b", 2048, 24, 64, 7168, 65536),
+    ("3b", 2560, 32, 64, 8960, 65536),
+    ("7b", 4096, 32, 64, 14336, 65536),
+];
+/// (name, C, L, expand_ratio, I, vocab rows) of HGRN-2 (FORMATS §6).
+pub const HGRN2_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
+    &[("tiny", 64, 2, 16, 256, 256), ("1.3b", 2048, 24, 128, 5632, 32000)];
+
+fn dtype_of(dtype: &str) -> Result<Dtype> {
+    Ok(match dtype {
+        "bf16" => Dtype::BF16,
+        "f16" => Dtype::F16,
+        "f32" => Dtype::F32,
+        other => bail!("unknown dtype '{other}' (bf16, f16 or f32)"),
+    })
+}
+
+fn torch_dtype(dt: Dtype) -> &'static str {
+    match dt {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+fn write_dir(out: &Path, config: serde_json::Value, tensors: &[Tensor]) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create directory", out.display()))?;
+    let cfg_path = out.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("{}: cannot write", cfg_path.display()))?;
+    let st_path = out.join("model.safetensors");
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.clone(), t)), Some(meta), &st_path)
+        .with_context(|| format!("{}: cannot write", st_path.display()))
+}
+
+/// RWKV-6 (`v6 = true`) or RWKV-5.2 random weights under BlinkDL's tensor names, written as
+/// `model.safetensors` + `config.json` (`model_type` rwkv6 / rwkv5): the loader reads it as it
+/// reads a `.pth`.
+pub fn rwkv(v6: bool, preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
+    let dims = if v6 {
+        RWKV6_PRESETS.iter().find(|x| x.0 == preset).map(|&(_, c, l, n, f, dm, dd, v)| (c, l, n, f, dm, dd, v))
+    } else {
+        RWKV5_PRESETS.iter().find(|x| x.0 == preset).map(|&(_, c, l, n, f, v)| (c, l, n, f, 0, 0, v))
+    };
+    let Some((c, n_layer, n, f, dm, dd, vocab)) = dims else {
+        let names: Vec<&str> =
+            if v6 { RWKV6_PRESETS.iter().map(|x| x.0).collect() } else { RWKV5_PRESETS.iter().map(|x| x.0).collect() };
+        bail!("unknown RWKV-{} preset '{preset}' (known: {})", if v6 { 6 } else { 5 }, names.join(", "));
+    };
+    let dt = dtype_of(dtype)?;
+    let h = c / n;
+    let mut rng = Rng(seed);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
+        let numel = shape.iter().product();
+        let bytes = encode((0..numel).map(|_| f(&mut rng)), dt);
+        tensors.push(Tensor { name, shape, dtype: dt, bytes });
+    };
+    let s_in = 1.0 / (c as f32).sqrt();
+    let s_out = s_in / (2.0 * n_layer as f32).sqrt();
+    add("emb.weight".into(), vec![vocab, c], &mut |r| r.uniform(-1e-1, 1e-1));
+    for l in 0..n_layer {
+        let b = format!("blocks.{l}.");
+        let lns: &[&str] = if l == 0 { &["ln0", "ln1", "ln2"] } else { &["ln1", "ln2"] };
+        for ln in lns {
+            add(format!("{b}{ln}.weight"), vec![c], &mut |_| 1.0);
+            add(format!("{b}{ln}.bias"), vec![c], &mut |_| 0.0);
+        }
+        let a = format!("{b}att.");
+        if v6 {
+            for j in ["x", "w", "k", "v", "r", "g"] {
+                add(format!("{a}time_maa_{j}"), vec![1, 1, c], &mut |r| r.uniform(0.0, 1.0));
+            }
+            add(format!("{a}time_maa_w1"), vec![c, 5 * dm], &mut |r| r.uniform(-1e-2, 1e-2));
+            add(format!("{a}time_maa_w2"), vec![5, dm, c], &mut |r| r.uniform(-1e-1, 1e-1));
+            add(format!("{a}time_decay"), vec![1, 1, c], &mut |r| r.uniform(-6.0, 0.0));
+            add(format!("{a}time_decay_w1"), vec![c, dd], &mut |r| r.uniform(-1e-2, 1e-2));
+            add(format!("{a}time_decay_w2"), vec![dd, c], &mut |r| r.uniform(-1e-1, 1e-1));
+        } else {
+            for j in ["k", "v", "r", "g"] {
+                add(format!("{a}time_mix_{j}"), vec![1, 1, c], &mut |r| r.uniform(0.0, 1.0));
+            }
+            add(format!("{a}time_decay"), vec![h, n], &mut |r| r.uniform(-6.0, 0.0));
+        }
+        add(format!("{a}time_faaaa"), vec![h, n], &mut |r| r.uniform(-0.5, 0.5));
+        for p in ["receptance", "key", "value", "gate"] {
+            add(format!("{a}{p}.weight"), vec![c, c], &mut |r| r.uniform(-s_in, s_in));
+        }
+        add(format!("{a}output.weight"), vec![c, c], &mut |r| r.uniform(-s_out, s_out));
+        add(format!("{a}ln_x.weight"), vec![c], &mut |_| 1.0);
+        add(format!("{a}ln_x.bias"), vec![c], &mut |_| 0.0);
+        let fm = if v6 { "time_maa" } else { "time_mix" };
+        for j in ["k", "r"] {
+            add(format!("{b}ffn.{fm}_{j}"), vec![1, 1, c], &mut |r| r.uniform(0.0, 1.0));
+        }
+        add(format!("{b}ffn.key.weight"), vec![f, c], &mut |r| r.uniform(-s_in, s_in));
+        add(format!("{b}ffn.receptance.weight"), vec![c, c], &mut |r| r.uniform(-s_in, s_in));
+        let sf = 1.0 / (f as f32).sqrt() / (2.0 * n_layer as f32).sqrt();
+        add(format!("{b}ffn.value.weight"), vec![c, f], &mut |r| r.uniform(-sf, sf));
+    }
+    add("ln_out.weight".into(), vec![c], &mut |_| 1.0);
+    add("ln_out.bias".into(), vec![c], &mut |_| 0.0);
+    add("head.weight".into(), vec![vocab, c], &mut |r| r.uniform(-s_in, s_in));
+    let config = serde_json::json!({
+        "model_type": if v6 { "rwkv6" } else { "rwkv5" },
+        "stuffed_note": "BlinkDL tensor names in safetensors (the .pth layout); LN0 not folded",
+        "hidden_size": c, "num_hidden_layers": n_layer, "head_size": n, "intermediate_size": f,
+        "layer_norm_epsilon": 1e-5, "vocab_size": vocab,
+        "torch_dtype": torch_dtype(dt),
+        "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
+    });
+    write_dir(out, config, &tensors)
+}
+
+/// HGRN-2 random weights as fla-hub writes them (`model.safetensors` + `config.json`).
+pub fn hgrn2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
+    let Some(&(_, c, n_layer, e, im, vocab)) = HGRN2_PRESETS.iter().find(|x| x.0 == preset) else {
+        let names: Vec<_> = HGRN2_PRESETS.iter().map(|x| x.0).collect();
+        bail!("unknown HGRN-2 preset '{preset}' (known: {})", names.join(", "));
+    };
+    let dt = dtype_of(dtype)?;
+    let mut rng = Rng(seed);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
+        let numel = shape.iter().product();
+        let bytes = encode((0..numel).map(|_| f(&mut rng)), dt);
+        tensors.push(Tensor { name, shape, dtype: dt, bytes });
+    };
+    let s_in = 1.0 / (c as f32).sqrt();
+    let s_out = s_in / (2.0 * n_layer as f32).sqrt();
+    add("model.embeddings.weight".into(), vec![vocab, c], &mut |r| r.uniform(-0.035, 0.035));
+    add("model.lower_bounds".into(), vec![n_layer, c], &mut |r| r.uniform(-0.5, 0.5));
+    for l in 0..n_layer {
+        let p = format!("model.layers.{l}.");
+        for nm in ["attn_norm", "mlp_norm", "attn.g_norm"] {
+            add(format!("{p}{nm}.weight"), vec![c], &mut |_| 1.0);
+        }
+        for pr in ["q_proj", "f_proj", "i_proj"] {
+            add(format!("{p}attn.{pr}.weight"), vec![c, c], &mut |r| r.uniform(-s_in, s_in));
+        }
+        add(format!("{p}attn.o_proj.weight"), vec![c, c], &mut |r| r.uniform(-s_out, s_out));
+        for pr in ["gate_proj", "up_proj"] {
+            add(format!("{p}mlp.{pr}.weight"), vec![im, c], &mut |r| r.uniform(-s_in, s_in));
+        }
+        let sd = 1.0 / (im as f32).sqrt() / (2.0 * n_layer as f32).sqrt();
+        add(format!("{p}mlp.down_proj.weight"), vec![c, im], &mut |r| r.uniform(-sd, sd));
+    }
+    add("model.norm.weight".into(), vec![c], &mut |_| 1.0);
+    add("lm_head.weight".into(), vec![vocab, c], &mut |r| r.uniform(-s_in, s_in));
+    let config = serde_json::json!({
+        "model_type": "hgrn2", "architectures": ["HGRN2ForCausalLM"],
+        "hidden_size": c, "num_hidden_layers": n_layer, "expand_ratio": e, "num_heads": c / e,
+        "intermediate_size": im, "hidden_ratio": 4, "use_lower_bound": true, "use_short_conv": false,
+        "norm_eps": 1e-6, "attn_mode": "chunk", "attn": null, "tie_word_embeddings": false,
+        "vocab_size": vocab, "torch_dtype": torch_dtype(dt),
+        "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
+    });
+    write_dir(out, config, &tensors)
+}

@@ -128,7 +128,13 @@ impl<'t> TokenStream<'t> {
                 Err(e) => bail!("{}: not UTF-8 text (invalid byte near offset {})", path.display(), e.valid_up_to()),
             };
             let text = std::str::from_utf8(&self.carry[..valid]).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let cut = if eof { Some(text.len()) } else { last_cut(text) };
+            let cut = if eof {
+                Some(text.len())
+            } else if let Some(c) = self.tok.world_cut(text) {
+                Some(c) // RWKV World: greedy longest match, cut where the match is settled
+            } else {
+                last_cut(text)
+            };
             if let Some(cut) = cut.filter(|&c| c > 0) {
                 let ids = self.tok.encode(&text[..cut])?;
                 self.carry.drain(..cut);

@@ -1,62 +1,156 @@
-//! Tokenizers: GPT-NeoX-20B BPE (Mamba-2) through the `tokenizers` crate.
-use anyhow::{anyhow, Result};
+//! Tokenizers: GPT-NeoX-20B BPE (Mamba-2) and any tokenizer.json through the `tokenizers` crate;
+//! the RWKV World vocab (RWKV-5/6) through [`crate::world`].
+use crate::world::World;
+use anyhow::{anyhow, bail, Result};
 use std::path::{Path, PathBuf};
 
 /// The GPT-NeoX-20B tokenizer, shipped inside the binary so a model dir without one still works.
 const NEOX: &[u8] = include_bytes!("../assets/20B_tokenizer.json");
 
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     /// Where it came from: a path, or "builtin:gpt-neox-20b".
     pub source: String,
 }
 
+enum Inner {
+    Hf(Box<tokenizers::Tokenizer>),
+    World(Box<World>),
+}
+
+/// The family a model directory holds, as far as the tokenizer cares.
+enum DirKind {
+    Rwkv,
+    Hgrn2,
+    Other,
+}
+
+fn dir_kind(dir: &Path) -> DirKind {
+    let cfg = dir.join("config.json");
+    if let Ok(text) = std::fs::read_to_string(&cfg) {
+        let mt = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(String::from));
+        return match mt.as_deref() {
+            Some("rwkv5" | "rwkv6" | "rwkv" | "rwkv5_2") => DirKind::Rwkv,
+            Some("hgrn2") => DirKind::Hgrn2,
+            _ => DirKind::Other,
+        };
+    }
+    // A BlinkDL .pth beside no config.json: RWKV.
+    let has_pth =
+        std::fs::read_dir(dir).is_ok_and(|rd| rd.flatten().any(|e| e.path().extension().is_some_and(|x| x == "pth")));
+    if has_pth {
+        DirKind::Rwkv
+    } else {
+        DirKind::Other
+    }
+}
+
 impl Tokenizer {
-    /// `explicit`, else `<model dir>/tokenizer.json`, else the shipped GPT-NeoX-20B.
+    /// `explicit` (a tokenizer.json, or an RWKV World vocab `*.txt`), else for an RWKV model the
+    /// shipped World vocab, else `<model dir>/tokenizer.json`, else (HGRN-2 needs its own: an
+    /// error) the shipped GPT-NeoX-20B.
     pub fn for_model(model_dir: Option<&Path>, explicit: Option<&Path>) -> Result<Tokenizer> {
-        let candidate: Option<PathBuf> = explicit
-            .map(Path::to_path_buf)
-            .or_else(|| model_dir.map(|d| d.join("tokenizer.json")).filter(|p| p.exists()));
-        match candidate {
-            Some(p) => Self::from_file(&p),
-            None => Self::from_bytes(NEOX, "builtin:gpt-neox-20b"),
+        if let Some(p) = explicit {
+            return Self::from_file(p);
+        }
+        let kind = model_dir.map_or(DirKind::Other, dir_kind);
+        if matches!(kind, DirKind::Rwkv) {
+            return Self::world();
+        }
+        let candidate: Option<PathBuf> = model_dir.map(|d| d.join("tokenizer.json")).filter(|p| p.exists());
+        match (candidate, kind) {
+            (Some(p), _) => Self::from_file(&p),
+            (None, DirKind::Hgrn2) => bail!(
+                "{}: no tokenizer.json in this HGRN-2 model directory (its 32k Llama-family vocab is \
+                 not shipped); put the checkpoint's tokenizer.json there or pass --tokenizer",
+                model_dir.map_or(String::new(), |d| d.display().to_string())
+            ),
+            (None, _) => Self::from_bytes(NEOX, "builtin:gpt-neox-20b"),
         }
     }
 
+    /// The shipped RWKV World tokenizer (rwkv_vocab_v20230424).
+    pub fn world() -> Result<Tokenizer> {
+        Ok(Tokenizer {
+            inner: Inner::World(Box::new(World::builtin()?)),
+            source: "builtin:rwkv_vocab_v20230424".into(),
+        })
+    }
+
+    /// A tokenizer.json, or an RWKV World vocab file (`*.txt`).
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: cannot read tokenizer: {e}", path.display()))?;
-        Self::from_bytes(&bytes, &path.display().to_string())
+        let source = path.display().to_string();
+        if path.extension().is_some_and(|e| e == "txt") {
+            return Ok(Tokenizer { inner: Inner::World(Box::new(World::parse(&bytes, &source)?)), source });
+        }
+        Self::from_bytes(&bytes, &source)
+    }
+
+    /// True for the RWKV World tokenizer.
+    pub fn is_world(&self) -> bool {
+        matches!(self.inner, Inner::World(_))
+    }
+
+    /// For piecewise tokenization ([`crate::text`]): the World tokenizer's safe cut, a byte
+    /// offset of `text` (which starts at a token boundary) such that tokenizing `text[..cut]` and
+    /// then the rest gives the ids of the whole; `None` for other tokenizers (they use their own rule).
+    pub fn world_cut(&self, text: &str) -> Option<usize> {
+        match &self.inner {
+            Inner::World(w) => Some(w.safe_cut(text)),
+            Inner::Hf(_) => None,
+        }
     }
 
     fn from_bytes(bytes: &[u8], source: &str) -> Result<Tokenizer> {
         let inner =
             tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{source}: not a tokenizer.json: {e}"))?;
-        Ok(Tokenizer { inner, source: source.to_string() })
+        Ok(Tokenizer { inner: Inner::Hf(Box::new(inner)), source: source.to_string() })
     }
 
     /// Ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
+        let inner = match &self.inner {
+            Inner::Hf(t) => t,
+            Inner::World(w) => return w.encode(text),
+        };
+        let enc = inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Ids of `text` and the byte offset each token starts at.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>)> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
+        let inner = match &self.inner {
+            Inner::Hf(t) => t,
+            Inner::World(w) => return w.encode_bytes(text.as_bytes()),
+        };
+        let enc = inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().iter().map(|o| o.0).collect()))
     }
 
     /// The id of a token string (e.g. `<|endoftext|>`), if the vocab has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Inner::Hf(t) => t.token_to_id(token),
+            Inner::World(w) => w.token_id(token),
+        }
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("{}: cannot decode: {e}", self.source))
+        let inner = match &self.inner {
+            Inner::Hf(t) => t,
+            Inner::World(w) => return w.decode(ids),
+        };
+        inner.decode(ids, false).map_err(|e| anyhow!("{}: cannot decode: {e}", self.source))
     }
 
     /// Ids the tokenizer can produce (added tokens included): rows past it are padding.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Inner::Hf(t) => t.get_vocab_size(true),
+            Inner::World(w) => w.vocab_size(),
+        }
     }
 }

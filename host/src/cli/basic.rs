@@ -28,7 +28,14 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
         i.paper_state_size,
         i.paper_state_size as f64 / 1e6
     );
-    let tok = Tokenizer::for_model(Some(&dir_of(path)), None)?;
+    let tok = match Tokenizer::for_model(Some(&dir_of(path)), None) {
+        Ok(t) => t,
+        Err(e) => {
+            // HGRN-2 without its tokenizer.json: the model itself is fine.
+            println!("vocab        {} rows; no tokenizer ({e})", i.vocab_rows);
+            return Ok(());
+        }
+    };
     println!(
         "vocab        {} rows (padded); {} real ids ({}){}",
         i.vocab_rows,

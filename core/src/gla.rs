@@ -1,0 +1,397 @@
+//! Gated linear attention with a per-key-channel decay: the recurrence RWKV-5.2/6 and HGRN-2 share,
+//! as a token-by-token loop and as a chunked (GLA-style) form that agree.
+//!
+//! One head, key dim `K`, value dim `V`, state `S (K, V)` row-major (`[key][value]`), per token
+//! `q, k (K)`, `v (V)` and the log decay `lw (K)` (≤ 0; the decay is `w = exp(lw)`):
+//!
+//! - [`Mode::Bonus`] (RWKV): `o = q·(diag(u)·kᵀv + S)`, then `S ← diag(w)·S + kᵀv` (reads the state
+//!   before the update, plus the bonus `u` on the current token).
+//! - [`Mode::Inclusive`] (HGRN-2, GLA): `S ← diag(w)·S + kᵀv`, then `o = q·S`.
+//!
+//! The chunked form runs blocks of [`BLOCK`] tokens with `b_t = Σ_{s≤t} lw_s` (inclusive cumulative
+//! log decay, f32, per key channel, restarted each block): the state entering a block is read by
+//! `q_t ⊙ exp(b′_t)` (`b′_t = b_t − lw_t` for Bonus, `b_t` for Inclusive), the tokens within it by the
+//! masked matrix `A_ts = Σ_i q_ti·k_si·exp(b′_ti − b_si)` (s < t; the diagonal is `Σ_i q_ti·u_i·k_ti`
+//! or `Σ_i q_ti·k_ti`), and the state leaves as `diag(exp(b_last))·S + Σ_s (k_s ⊙ exp(b_last − b_s))ᵀ v_s`.
+//! Every exponent is ≤ 0, so nothing overflows however strong the decay.
+use crate::exec::{Shared, Simd};
+use crate::ops::{exp, fast_exp};
+use crate::weight::{gemm_nt, gemm_raw};
+
+/// Tokens per block of the chunked form.
+pub const BLOCK: usize = 64;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// RWKV: output before the update, with a bonus `u (K)` on the current token.
+    Bonus,
+    /// HGRN-2 / GLA: output after the update.
+    Inclusive,
+}
+
+/// Where one head's operands sit: rows of `q`, `k`, `lw` are `ldk` apart with the head's `K`
+/// channels at `koff`; rows of `v` are `ldv` apart with its `V` channels at `voff`; the output
+/// rows are `ldo` apart at `ooff`.
+#[derive(Clone, Copy)]
+pub struct Head<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub lw: &'a [f32],
+    pub ldk: usize,
+    pub ldv: usize,
+    pub koff: usize,
+    pub voff: usize,
+    pub kd: usize,
+    pub vd: usize,
+    /// The bonus `u (K)` for [`Mode::Bonus`].
+    pub u: &'a [f32],
+    pub mode: Mode,
+}
+
+/// f32 elements of one head's scratch for [`chunked`].
+pub fn head_scratch(kd: usize, vd: usize) -> usize {
+    BLOCK * (4 * kd + vd + BLOCK) + vd * kd
+}
+
+/// The literal recurrence over `t` tokens; writes `o` row `tt` at `ooff..ooff+V` (stride `ldo`).
+///
+/// # Safety
+/// `o` must be valid for rows `0..t` of stride `ldo` at `ooff..ooff+V`, written by no one else.
+pub unsafe fn recurrent(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usize, ooff: usize) {
+    let (kd, vd) = (h.kd, h.vd);
+    for tt in 0..t {
+        let q = &h.q[tt * h.ldk + h.koff..][..kd];
+        let k = &h.k[tt * h.ldk + h.koff..][..kd];
+        let lw = &h.lw[tt * h.ldk + h.koff..][..kd];
+        let v = &h.v[tt * h.ldv + h.voff..][..vd];
+        let out = o.range(tt * ldo + ooff, vd);
+        match h.mode {
+            Mode::Bonus => {
+                out.fill(0.0);
+                let mut ruk = 0f32;
+                for i in 0..kd {
+                    let row = &mut s[i * vd..(i + 1) * vd];
+                    let (qi, ki, wi) = (q[i], k[i], exp(lw[i]));
+                    ruk += qi * h.u[i] * ki;
+                    for ((ov, sv), vv) in out.iter_mut().zip(row.iter_mut()).zip(v) {
+                        *ov += qi * *sv;
+                        *sv = *sv * wi + ki * vv;
+                    }
+                }
+                for (ov, vv) in out.iter_mut().zip(v) {
+                    *ov += ruk * vv;
+                }
+            }
+            Mode::Inclusive => {
+                out.fill(0.0);
+                for i in 0..kd {
+                    let row = &mut s[i * vd..(i + 1) * vd];
+                    let (qi, ki, wi) = (q[i], k[i], exp(lw[i]));
+                    for ((ov, sv), vv) in out.iter_mut().zip(row.iter_mut()).zip(v) {
+                        *sv = *sv * wi + ki * vv;
+                        *ov += qi * *sv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The chunked form over `t` tokens (see the module doc); `hs` is [`head_scratch`] long.
+///
+/// # Safety
+/// As [`recurrent`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn chunked(
+    simd: Simd,
+    h: &Head,
+    t: usize,
+    s: &mut [f32],
+    hs: &mut [f32],
+    o: &Shared,
+    ldo: usize,
+    ooff: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 {
+        chunked_avx2(simd, h, t, s, hs, o, ldo, ooff);
+        return;
+    }
+    chunked_body(simd, h, t, s, hs, o, ldo, ooff)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunked_avx2(
+    simd: Simd,
+    h: &Head,
+    t: usize,
+    s: &mut [f32],
+    hs: &mut [f32],
+    o: &Shared,
+    ldo: usize,
+    ooff: usize,
+) {
+    chunked_body(simd, h, t, s, hs, o, ldo, ooff)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunked_body(
+    simd: Simd,
+    h: &Head,
+    t: usize,
+    s: &mut [f32],
+    hs: &mut [f32],
+    o: &Shared,
+    ldo: usize,
+    ooff: usize,
+) {
+    let (kd, vd, q) = (h.kd, h.vd, BLOCK);
+    let (b, rest) = hs.split_at_mut(q * kd);
+    let (bq, rest) = rest.split_at_mut(q * kd);
+    let (qt, rest) = rest.split_at_mut(q * kd);
+    let (ktt, rest) = rest.split_at_mut(kd * q);
+    let (vt, rest) = rest.split_at_mut(vd * q);
+    let (a, rest) = rest.split_at_mut(q * q);
+    let st = &mut rest[..vd * kd];
+    let bonus = h.mode == Mode::Bonus;
+    let mut t0 = 0;
+    while t0 < t {
+        let len = q.min(t - t0);
+        // b (len, K): inclusive cumulative log decay; bq: the exponent the query reads.
+        for i in 0..len {
+            let lw = &h.lw[(t0 + i) * h.ldk + h.koff..][..kd];
+            for c in 0..kd {
+                let prev = if i == 0 { 0.0 } else { b[(i - 1) * kd + c] };
+                b[i * kd + c] = prev + lw[c];
+                bq[i * kd + c] = if bonus { prev } else { prev + lw[c] };
+            }
+        }
+        // q̃ = q ⊙ exp(bq); Vᵀ (V, len); Sᵀ (V, K).
+        for i in 0..len {
+            let qr = &h.q[(t0 + i) * h.ldk + h.koff..][..kd];
+            for c in 0..kd {
+                qt[i * kd + c] = qr[c] * fast_exp(bq[i * kd + c]);
+            }
+            let vr = &h.v[(t0 + i) * h.ldv + h.voff..][..vd];
+            for (j, &vv) in vr.iter().enumerate() {
+                vt[j * q + i] = vv;
+            }
+        }
+        for i in 0..kd {
+            for j in 0..vd {
+                st[j * kd + i] = s[i * vd + j];
+            }
+        }
+        // o = q̃·S (the state entering the block).
+        let op = o.ptr().add(t0 * ldo + ooff);
+        gemm_raw(simd, len, vd, kd, qt.as_ptr(), kd, st.as_ptr(), kd, op, ldo, false);
+        // A (len, len): masked decay-weighted q·k within the block.
+        for ti in 0..len {
+            let qr = &h.q[(t0 + ti) * h.ldk + h.koff..][..kd];
+            let bqr = &bq[ti * kd..(ti + 1) * kd];
+            let row = &mut a[ti * q..ti * q + len];
+            for (si, av) in row.iter_mut().enumerate() {
+                let kr = &h.k[(t0 + si) * h.ldk + h.koff..][..kd];
+                *av = if si < ti {
+                    let br = &b[si * kd..(si + 1) * kd];
+                    let mut acc = [0f32; 8];
+                    for c in 0..kd {
+                        acc[c % 8] += qr[c] * kr[c] * fast_exp(bqr[c] - br[c]);
+                    }
+                    acc.iter().sum()
+                } else if si == ti {
+                    let mut acc = 0f32;
+                    for c in 0..kd {
+                        let d = if bonus { h.u[c] } else { 1.0 };
+                        acc += qr[c] * d * kr[c];
+                    }
+                    acc
+                } else {
+                    0.0
+                };
+            }
+        }
+        gemm_raw(simd, len, vd, len, a.as_ptr(), q, vt.as_ptr(), q, op, ldo, true);
+        // S ← diag(exp(b_last))·S + K̃ᵀ·V with K̃_s = k_s ⊙ exp(b_last − b_s).
+        let last = &b[(len - 1) * kd..len * kd];
+        for si in 0..len {
+            let kr = &h.k[(t0 + si) * h.ldk + h.koff..][..kd];
+            for c in 0..kd {
+                ktt[c * q + si] = kr[c] * fast_exp(last[c] - b[si * kd + c]);
+            }
+        }
+        for c in 0..kd {
+            let e = fast_exp(last[c]);
+            s[c * vd..(c + 1) * vd].iter_mut().for_each(|v| *v *= e);
+        }
+        let _ = gemm_nt(simd, (kd, vd, len), ktt, q, &vt[..], q, s, vd, true);
+        t0 += len;
+    }
+}
+
+/// Where a call starts in a sliding window: `(r, position mod r, filled)`.
+pub type WindowAt = (usize, usize, bool);
+
+/// f32 elements of one layer's sliding-window cache for `h` heads: the lagged state `L (H, K, V)`,
+/// a ring of `r` slots `[k (H·K) | v (H·V) | lw (H·K)]`, and the window's log-decay sum per key
+/// channel as (hi, lo) pairs `(H, 2, K)`.
+pub fn window_len(h: usize, kd: usize, vd: usize, r: usize) -> usize {
+    h * kd * vd + r * h * (2 * kd + vd) + 2 * h * kd
+}
+
+/// Sliding window by state difference (SPEC.md §2.4, per key channel), after the main pass wrote
+/// head `hh`'s output: for each token `p = pos0 + i`, advance the lagged state `L = S_{p−r}` by the
+/// cached inputs of token `p − r`, keep `W = Σ_{τ=p−r+1..p} lw_τ` (f64 arithmetic, stored hi/lo),
+/// and subtract `(q ⊙ exp(W′))·L` from the output (`W′ = W − lw_p` in [`Mode::Bonus`], which reads
+/// the state before token p, else `W`); then cache token p. The output therefore reads only the
+/// last `r` tokens (Bonus: the r−1 before p plus p's bonus). Any number of tokens per call.
+///
+/// # Safety
+/// `ws` is the layer's window cache ([`window_len`]); head `hh` touches only its own parts of it
+/// and of `o`, which no one else may touch meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn window_head(
+    h: &Head,
+    hh: usize,
+    nh: usize,
+    t: usize,
+    (r, pos0, filled): WindowAt,
+    ws: &Shared,
+    o: &Shared,
+    ldo: usize,
+    ooff: usize,
+) {
+    let (kd, vd) = (h.kd, h.vd);
+    let lag = ws.range(hh * kd * vd, kd * vd);
+    let ring = nh * kd * vd;
+    let sl = nh * (2 * kd + vd);
+    let wsum = ws.range(ring + r * sl + 2 * hh * kd, 2 * kd);
+    let (hi, lo) = wsum.split_at_mut(kd);
+    for i in 0..t {
+        let p = pos0 + i;
+        let slot = ring + (p % r) * sl;
+        let ks = ws.range(slot + hh * kd, kd);
+        let vs = ws.range(slot + nh * kd + hh * vd, vd);
+        let lws = ws.range(slot + nh * (kd + vd) + hh * kd, kd);
+        let q = &h.q[i * h.ldk + h.koff..][..kd];
+        let k = &h.k[i * h.ldk + h.koff..][..kd];
+        let lw = &h.lw[i * h.ldk + h.koff..][..kd];
+        let v = &h.v[i * h.ldv + h.voff..][..vd];
+        let out = o.range(i * ldo + ooff, vd);
+        let has = filled || p >= r;
+        for c in 0..kd {
+            let mut w = hi[c] as f64 + lo[c] as f64;
+            let row = &mut lag[c * vd..(c + 1) * vd];
+            if has {
+                let e = exp(lws[c]);
+                for (lv, vv) in row.iter_mut().zip(vs.iter()) {
+                    *lv = *lv * e + ks[c] * vv;
+                }
+                w -= lws[c] as f64;
+            }
+            w += lw[c] as f64;
+            hi[c] = w as f32;
+            lo[c] = (w - hi[c] as f64) as f32;
+            let wr = if h.mode == Mode::Bonus { w - lw[c] as f64 } else { w };
+            let qe = q[c] * exp(wr as f32);
+            for (ov, lv) in out.iter_mut().zip(row.iter()) {
+                *ov -= qe * lv;
+            }
+        }
+        ks.copy_from_slice(k);
+        vs.copy_from_slice(v);
+        lws.copy_from_slice(lw);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: usize = 37;
+    const K: usize = 4;
+    const V: usize = 3;
+
+    fn inputs() -> ([f32; T * K], [f32; T * K], [f32; T * V], [f32; T * K]) {
+        let mut seed = 12345u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            ((seed >> 8) as f32 / (1u32 << 24) as f32) - 0.5
+        };
+        let (mut q, mut k, mut v, mut lw) = ([0f32; T * K], [0f32; T * K], [0f32; T * V], [0f32; T * K]);
+        for i in 0..T * K {
+            q[i] = rnd();
+            k[i] = rnd();
+            lw[i] = -0.6 * (rnd() + 0.5);
+        }
+        for x in v.iter_mut() {
+            *x = rnd();
+        }
+        (q, k, v, lw)
+    }
+
+    /// Recurrent, chunked and windowed outputs against direct sums over the inputs.
+    #[test]
+    fn forms_agree_with_direct_sums() {
+        let (q, k, v, lw) = inputs();
+        let u = [0.3f32, -0.2, 0.5, 0.1];
+        for mode in [Mode::Bonus, Mode::Inclusive] {
+            for r in [1usize, 3, 10, 50] {
+                // Direct: o_t = Σ_{s in window} (q_t ⊙ decay(s→t) ⊙ k_s)·v_s, + bonus.
+                let mut want = [0f32; T * V];
+                for t in 0..T {
+                    for s in 0..=t {
+                        if s + r <= t {
+                            continue;
+                        }
+                        let mut a = 0f32;
+                        for c in 0..K {
+                            // decay from s to the state the query reads
+                            let mut e = 0f32;
+                            let upto = if mode == Mode::Bonus { t } else { t + 1 };
+                            for tau in s + 1..upto {
+                                e += lw[tau * K + c];
+                            }
+                            let coef = if s == t && mode == Mode::Bonus { u[c] } else { exp(e) };
+                            a += q[t * K + c] * k[s * K + c] * coef;
+                        }
+                        for j in 0..V {
+                            want[t * V + j] += a * v[s * V + j];
+                        }
+                    }
+                }
+                let head =
+                    Head { q: &q, k: &k, v: &v, lw: &lw, ldk: K, ldv: V, koff: 0, voff: 0, kd: K, vd: V, u: &u, mode };
+                for chunked_form in [false, true] {
+                    let mut out = [0f32; T * V];
+                    let mut s = [0f32; K * V];
+                    let mut hs = [0f32; 64 * (4 * K + V + 64) + V * K];
+                    let mut ws = [0f32; 64 * (K * V + 50 * (2 * K + V) + 2 * K)];
+                    let wl = window_len(1, K, V, r);
+                    // Two calls: 20 tokens, then the rest.
+                    for (t0, t1) in [(0usize, 20usize), (20, T)] {
+                        let sub = Head { q: &q[t0 * K..], k: &k[t0 * K..], v: &v[t0 * V..], lw: &lw[t0 * K..], ..head };
+                        let os = Shared::new(&mut out[t0 * V..]);
+                        unsafe {
+                            if chunked_form {
+                                chunked(Simd::Portable, &sub, t1 - t0, &mut s, &mut hs, &os, V, 0);
+                            } else {
+                                recurrent(&sub, t1 - t0, &mut s, &os, V, 0);
+                            }
+                            if r < T {
+                                let wss = Shared::new(&mut ws[..wl]);
+                                window_head(&sub, 0, 1, t1 - t0, (r, t0, t0 >= r), &wss, &os, V, 0);
+                            }
+                        }
+                    }
+                    let err = out.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(err < 2e-5, "{mode:?} r {r} chunked {chunked_form}: err {err}");
+                }
+            }
+        }
+    }
+}

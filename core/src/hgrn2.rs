@@ -1,0 +1,428 @@
+//! HGRN-2 (fla `HGRN2ForCausalLM`): the whole forward math, as FORMATS.md §4 states it.
+//!
+//! Per layer: `h = RMSNorm(x)`, `q = silu(h·W_qᵀ)`, `f = h·W_fᵀ`, `i = h·W_iᵀ`, the forget gate
+//! `g = logsigmoid(f)` (with a lower bound `lb_l` past layer 0: `g = log(lb + (1−lb)·σ(f))`), key
+//! `1 − exp(g)`, the recurrence of [`crate::gla`] in [`gla::Mode::Inclusive`] with query
+//! `q·e^−0.5` (`S ← diag(exp g)·S + kᵀ·i`, `o = q·S`), `x += RMSNorm(o; g_norm, 1e-5)·W_oᵀ`, then
+//! the SwiGLU MLP `x += (silu(h2·W_gateᵀ) ⊙ h2·W_upᵀ)·W_downᵀ` on `h2 = RMSNorm(x)`.
+//!
+//! Shapes: `C` = d_model, `e` = expand_ratio = key dim, `H = C/e` heads, value dim `Vh = C/H`,
+//! `I` = MLP width.
+//!
+//! State, per layer (f32): `S (H, e, Vh)` (`[head][key][value]`); layers follow each other. There
+//! is no conv or shift state. Zero = start of a sequence. Under `Forget::Window { r }` the state
+//! continues with one [`gla::window_len`] cache per layer and then two values (position mod r,
+//! filled).
+use crate::error::{need, Error};
+use crate::exec::{Exec, Shared};
+use crate::forget::{Forget, Runs};
+use crate::gla::{self, Mode};
+use crate::model::{check_tokens, Recurrent};
+use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
+use crate::weight::{matmul, Weight};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    /// C
+    pub d_model: usize,
+    pub n_layer: usize,
+    /// e (key dim per head)
+    pub expand: usize,
+    /// I
+    pub d_mlp: usize,
+    pub vocab_rows: usize,
+    /// RMSNorm eps of attn_norm, mlp_norm and the final norm.
+    pub eps: f32,
+    /// RMSNorm eps of g_norm (1e-5: fla calls it without `norm_eps`).
+    pub g_eps: f32,
+}
+
+impl Config {
+    pub fn n_heads(&self) -> usize {
+        self.d_model / self.expand.max(1)
+    }
+    pub fn head_v(&self) -> usize {
+        self.d_model / self.n_heads().max(1)
+    }
+    pub fn layer_state_len(&self) -> usize {
+        self.n_heads() * self.expand * self.head_v()
+    }
+    pub fn state_size(&self) -> usize {
+        self.n_layer * self.layer_state_len()
+    }
+    pub fn validate(&self) -> Result<(), Error> {
+        let c = self;
+        if c.d_model == 0 || c.n_layer == 0 || c.expand == 0 || c.d_mlp == 0 {
+            return Err(Error::Config("hgrn2: a dimension is zero"));
+        }
+        if !c.d_model.is_multiple_of(c.expand) || !c.d_model.is_multiple_of(c.n_heads()) {
+            return Err(Error::Config("hgrn2: hidden_size must be a multiple of expand_ratio"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Layer<'a> {
+    /// (1, C)
+    pub attn_norm: Weight<'a>,
+    /// (C, C) each (q, f: `[H·e, C]`)
+    pub wq: Weight<'a>,
+    pub wf: Weight<'a>,
+    pub wi: Weight<'a>,
+    pub wo: Weight<'a>,
+    /// (1, C)
+    pub g_norm: Weight<'a>,
+    pub mlp_norm: Weight<'a>,
+    /// (I, C) each
+    pub gate: Weight<'a>,
+    pub up: Weight<'a>,
+    /// (C, I)
+    pub down: Weight<'a>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Weights<'a> {
+    /// (V, C)
+    pub embed: Weight<'a>,
+    /// (L, C): `model.lower_bounds`, when `use_lower_bound`
+    pub lower_bounds: Option<Weight<'a>>,
+    pub layers: &'a [Layer<'a>],
+    /// (1, C)
+    pub norm: Weight<'a>,
+    /// (V, C): the embedding itself when tied
+    pub head: Weight<'a>,
+}
+
+pub struct Hgrn2<'a> {
+    pub cfg: Config,
+    pub w: Weights<'a>,
+    forget: Forget,
+}
+
+const PROBE: &[&str] = &["log_decay_sum"];
+
+fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(), Error> {
+    if w.rows != rows || w.cols != cols {
+        return Err(Error::Shape { what, expected: rows * cols, got: w.rows * w.cols });
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    Chunked,
+    Recurrent,
+}
+
+impl<'a> Hgrn2<'a> {
+    pub fn new(cfg: Config, w: Weights<'a>) -> Result<Self, Error> {
+        cfg.validate()?;
+        let (c, i, v) = (cfg.d_model, cfg.d_mlp, cfg.vocab_rows);
+        if w.layers.len() != cfg.n_layer {
+            return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
+        }
+        shape("embeddings", &w.embed, v, c)?;
+        shape("lm_head", &w.head, v, c)?;
+        shape("norm", &w.norm, 1, c)?;
+        if let Some(lb) = &w.lower_bounds {
+            shape("lower_bounds", lb, cfg.n_layer, c)?;
+        }
+        for l in w.layers {
+            for x in [&l.attn_norm, &l.g_norm, &l.mlp_norm] {
+                shape("norm weight", x, 1, c)?;
+            }
+            for x in [&l.wq, &l.wf, &l.wi, &l.wo] {
+                shape("attn projection", x, c, c)?;
+            }
+            shape("mlp.gate_proj", &l.gate, i, c)?;
+            shape("mlp.up_proj", &l.up, i, c)?;
+            shape("mlp.down_proj", &l.down, c, i)?;
+        }
+        Ok(Hgrn2 { cfg, w, forget: Forget::None })
+    }
+
+    /// The lower bound of layer `l`, channel `ch`: `cumsum(softmax(lower_bounds, 0))[l] − that[0]`.
+    fn lower_bound(&self, l: usize, ch: usize) -> f32 {
+        let Some(lb) = &self.w.lower_bounds else {
+            return 0.0;
+        };
+        let nl = self.cfg.n_layer;
+        let c = self.cfg.d_model;
+        let mx = (0..nl).fold(f32::NEG_INFINITY, |m, j| m.max(lb.get(j * c + ch)));
+        let z: f32 = (0..nl).map(|j| exp(lb.get(j * c + ch) - mx)).sum();
+        let p = |j: usize| exp(lb.get(j * c + ch) - mx) / z;
+        let mut cum = 0.0;
+        for j in 0..=l {
+            cum += p(j);
+        }
+        cum - p(0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        mut probe: Option<&mut [f32]>,
+        scan: Scan,
+    ) -> Result<(), Error> {
+        let c = &self.cfg;
+        let (t, d) = (tokens.len(), c.d_model);
+        need("hgrn2 state", state.len(), self.state_len())?;
+        need("hidden", hidden.len(), t * d)?;
+        need("hgrn2 scratch", scratch.len(), self.scratch_len(t))?;
+        if let Some(p) = probe.as_deref() {
+            need("probe", p.len(), self.probe_len())?;
+        }
+        check_tokens(tokens, c.vocab_rows)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let x = &mut hidden[..t * d];
+        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+            self.w.embed.row(tok as usize, row);
+        }
+        let ls = c.layer_state_len();
+        let pw = d;
+        let win = match self.forget {
+            Forget::Window { r } => Some(r),
+            _ => None,
+        };
+        let (base, extra) = state.split_at_mut(c.state_size());
+        // Window caches: per layer, then (position mod r, filled) for the whole model.
+        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
+        let pos0 = meta.first().map_or(0, |&v| v as usize);
+        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
+        let wl = win.map_or(0, |r| gla::window_len(c.n_heads(), c.expand, c.head_v(), r));
+        for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
+            let pr = probe.as_deref_mut().map(|p| &mut p[l * pw..(l + 1) * pw]);
+            let ws = win.map(|r| ((r, pos0, filled), &mut win_layers[l * wl..(l + 1) * wl]));
+            self.layer(ex, l, lw, t, x, st, scratch, scan, pr, ws)?;
+        }
+        if let (Some(r), [pm, fl]) = (win, meta) {
+            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
+            *pm = ((pos0 + t) % r) as f32;
+        }
+        for row in x.chunks_exact_mut(d) {
+            rmsnorm_inplace(row, &self.w.norm, 0, c.eps);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        ex: &dyn Exec,
+        l: usize,
+        lw: &Layer,
+        t: usize,
+        x: &mut [f32],
+        st: &mut [f32],
+        scratch: &mut [f32],
+        scan: Scan,
+        probe: Option<&mut [f32]>,
+        window: Option<(gla::WindowAt, &mut [f32])>,
+    ) -> Result<(), Error> {
+        let c = &self.cfg;
+        let (d, e, nh, vh, im) = (c.d_model, c.expand, c.n_heads(), c.head_v(), c.d_mlp);
+        let tc = t * d;
+        let (h, rest) = scratch.split_at_mut(tc);
+        let (q, rest) = rest.split_at_mut(tc);
+        let (f, rest) = rest.split_at_mut(tc);
+        let (iv, rest) = rest.split_at_mut(tc);
+        let (o, rest) = rest.split_at_mut(tc);
+        let (wide, rest) = rest.split_at_mut(2 * t * im);
+        let hsl = gla::head_scratch(e, vh);
+        let hs = &mut rest[..nh * hsl];
+
+        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            rmsnorm(xr, &lw.attn_norm, 0, c.eps, hr);
+        }
+        matmul(ex, h, t, &lw.wq, q)?;
+        matmul(ex, h, t, &lw.wf, f)?;
+        matmul(ex, h, t, &lw.wi, iv)?;
+        let scale = 1.0 / libm::sqrtf(e as f32);
+        q.iter_mut().for_each(|v| *v = silu(*v) * scale);
+        // f → log forget gate g (in place); k = 1 − exp(g) into h (no longer needed).
+        let (rri, dtc) = match self.forget {
+            Forget::Rri { a, b } => ((libm::logf(a), b), 1.0),
+            Forget::Dt { c } => ((0.0, 1.0), c),
+            _ => ((0.0, 1.0), 1.0),
+        };
+        // The layer's lower bound per channel, in o's first row until the recurrence writes o.
+        let use_lb = l > 0 && self.w.lower_bounds.is_some();
+        if use_lb {
+            for (ch, v) in o[..d].iter_mut().enumerate() {
+                *v = self.lower_bound(l, ch);
+            }
+        }
+        for row in 0..t {
+            for ch in 0..d {
+                let fv = f[row * d + ch];
+                let mut g = if fv >= 0.0 { -libm::log1pf(exp(-fv)) } else { fv - libm::log1pf(exp(fv)) };
+                if use_lb {
+                    let lb = o[ch];
+                    g = libm::logf(lb + (1.0 - lb) * exp(g));
+                }
+                let k = -libm::expm1f(g);
+                h[row * d + ch] = k * rri.1;
+                f[row * d + ch] = g * dtc + rri.0;
+            }
+        }
+        if let Some(p) = probe {
+            for row in f.chunks_exact(d) {
+                for (pv, v) in p.iter_mut().zip(row) {
+                    *pv += v;
+                }
+            }
+        }
+        let simd = ex.simd();
+        {
+            let (os, ss, hss) = (Shared::new(o), Shared::new(st), Shared::new(hs));
+            let (qr, kr, vr, lwr) = (&*q, &*h, &*iv, &*f);
+            let wss = window.map(|(win, ws)| (win, Shared::new(ws)));
+            ex.for_each(nh, &|hh| {
+                let head = gla::Head {
+                    q: qr,
+                    k: kr,
+                    v: vr,
+                    lw: lwr,
+                    ldk: d,
+                    ldv: d,
+                    koff: hh * e,
+                    voff: hh * vh,
+                    kd: e,
+                    vd: vh,
+                    u: &[],
+                    mode: Mode::Inclusive,
+                };
+                // SAFETY: head hh owns its state block, its scratch and its Vh columns of o.
+                unsafe {
+                    let sh = ss.range(hh * e * vh, e * vh);
+                    match scan {
+                        Scan::Recurrent => gla::recurrent(&head, t, sh, &os, d, hh * vh),
+                        Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * vh),
+                    }
+                    if let Some((win, ws)) = &wss {
+                        gla::window_head(&head, hh, nh, t, *win, ws, &os, d, hh * vh);
+                    }
+                }
+            });
+        }
+        for row in o.chunks_exact_mut(d) {
+            rmsnorm_inplace(row, &lw.g_norm, 0, c.g_eps);
+        }
+        matmul(ex, o, t, &lw.wo, q)?;
+        for (xv, ov) in x.iter_mut().zip(&q[..tc]) {
+            *xv += ov;
+        }
+        // MLP.
+        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            rmsnorm(xr, &lw.mlp_norm, 0, c.eps, hr);
+        }
+        let (gt, up) = wide.split_at_mut(t * im);
+        matmul(ex, h, t, &lw.gate, gt)?;
+        matmul(ex, h, t, &lw.up, up)?;
+        for (gv, uv) in gt.iter_mut().zip(up.iter()) {
+            *gv = silu(*gv) * uv;
+        }
+        matmul(ex, gt, t, &lw.down, q)?;
+        for (xv, ov) in x.iter_mut().zip(&q[..tc]) {
+            *xv += ov;
+        }
+        Ok(())
+    }
+}
+
+impl Recurrent for Hgrn2<'_> {
+    fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+    fn vocab_rows(&self) -> usize {
+        self.cfg.vocab_rows
+    }
+    fn state_len(&self) -> usize {
+        let c = &self.cfg;
+        match self.forget {
+            Forget::Window { r } => {
+                c.state_size() + c.n_layer * gla::window_len(c.n_heads(), c.expand, c.head_v(), r) + 2
+            }
+            _ => c.state_size(),
+        }
+    }
+    fn scratch_len(&self, chunk: usize) -> usize {
+        let c = &self.cfg;
+        chunk * (5 * c.d_model + 2 * c.d_mlp) + c.n_heads() * gla::head_scratch(c.expand, c.head_v())
+    }
+    fn forward(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, None, Scan::Chunked)
+    }
+    fn forward_recurrent(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, None, Scan::Recurrent)
+    }
+    fn head(&self) -> &Weight<'_> {
+        &self.w.head
+    }
+    fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
+        match f {
+            Forget::Window { r: 0 } => Err(Error::Config("hgrn2: window forgetting needs r ≥ 1")),
+            Forget::Rri { a, .. } if a.partial_cmp(&0.0) != Some(core::cmp::Ordering::Greater) => {
+                Err(Error::Config("hgrn2: RRI needs a > 0"))
+            }
+            f => {
+                self.forget = f;
+                Ok(())
+            }
+        }
+    }
+    fn forget(&self) -> Forget {
+        self.forget
+    }
+    fn n_layer(&self) -> usize {
+        self.cfg.n_layer
+    }
+    fn n_heads(&self) -> usize {
+        self.cfg.n_heads()
+    }
+    fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize> {
+        let c = &self.cfg;
+        let hl = c.expand * c.head_v();
+        let start = layer * c.layer_state_len() + head * hl;
+        start..start + hl
+    }
+    fn conv_state(&self, _layer: usize, _head: usize) -> Option<Runs> {
+        None
+    }
+    fn probe_series(&self) -> (&'static [&'static str], usize) {
+        (PROBE, self.cfg.expand)
+    }
+    fn forward_probed(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: &mut [f32],
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, Some(probe), Scan::Chunked)
+    }
+}

@@ -1,0 +1,685 @@
+//! RWKV-6 (x060, "Finch") and RWKV-5.2 (x052, "Eagle"): the whole forward math, as FORMATS.md §3.3
+//! states it (the `rwkv` package's CPU path).
+//!
+//! Per layer: `xx = LN(x; ln1)`, token shift against the previous token's `xx`, the mixed inputs
+//! `x_r, x_k, x_v, x_g` (and `x_w` in v6, through the data-dependent LoRA `maa_w1/maa_w2`), the
+//! projections `r, k, v`, `g = silu(x_g·W_gᵀ)`, the per-key-channel decay `w = exp(−exp(decay))`
+//! (v6: `decay + tanh(x_w·dw1)·dw2`, per token; v5.2: static), the WKV recurrence of
+//! [`crate::gla`] in [`gla::Mode::Bonus`], a per-head GroupNorm (eps 64e-5), `x += (o ⊙ g)·W_oᵀ`,
+//! then the channel mix `x += σ(x_r·W_rᵀ) ⊙ (relu(x_k·W_kᵀ)²·W_vᵀ)`. The embedding row passes
+//! through `LN(·; ln0)` (rounded to the embedding's dtype, as the package folds it into a bf16
+//! or f16 `emb.weight`).
+//!
+//! Shapes: `C` = d_model, `H` heads of `N` channels (`C = H·N`), `F` = FFN width, `Dm`/`Dd` = the
+//! LoRA ranks (v6).
+//!
+//! State, per layer (f32): `att_shift (C)` — the last `ln1` output —, `S (H, N_key, N_value)`,
+//! `ffn_shift (C)` — the last `ln2` output; layers follow each other. Zero = start of a sequence.
+//! Under `Forget::Window { r }` the state continues with one [`gla::window_len`] cache per layer
+//! and then two values (position mod r, filled).
+use crate::error::{need, Error};
+use crate::exec::{Exec, Shared};
+use crate::forget::{Forget, Runs};
+use crate::gla::{self, Mode};
+use crate::model::{check_tokens, Recurrent};
+use crate::ops::{exp, silu};
+use crate::weight::{matmul, DType, Data, Weight};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// x052: lerp token shift, static decay `[H, N]`.
+    V5_2,
+    /// x060: data-dependent token shift and decay (LoRA).
+    V6,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    pub version: Version,
+    /// C
+    pub d_model: usize,
+    pub n_layer: usize,
+    /// H
+    pub n_heads: usize,
+    /// N
+    pub head_size: usize,
+    /// F
+    pub d_ffn: usize,
+    /// Dm (v6; 0 for v5.2)
+    pub lora_mix: usize,
+    /// Dd (v6; 0 for v5.2)
+    pub lora_decay: usize,
+    pub vocab_rows: usize,
+    /// LayerNorm eps (1e-5).
+    pub eps: f32,
+    /// GroupNorm eps of `ln_x` (64e-5 = 1e-5·head_size_divisor²).
+    pub gn_eps: f32,
+}
+
+impl Config {
+    /// f32 elements of one layer's state: `2C + H·N²`.
+    pub fn layer_state_len(&self) -> usize {
+        2 * self.d_model + self.n_heads * self.head_size * self.head_size
+    }
+    pub fn state_size(&self) -> usize {
+        self.n_layer * self.layer_state_len()
+    }
+    pub fn validate(&self) -> Result<(), Error> {
+        let c = self;
+        if c.d_model == 0 || c.n_layer == 0 || c.n_heads == 0 || c.head_size == 0 || c.d_ffn == 0 {
+            return Err(Error::Config("rwkv: a dimension is zero"));
+        }
+        if c.n_heads * c.head_size != c.d_model {
+            return Err(Error::Config("rwkv: n_heads·head_size must equal d_model"));
+        }
+        if c.head_size > 256 {
+            return Err(Error::Config("rwkv: head_size above 256 is not supported"));
+        }
+        if c.version == Version::V6 && (c.lora_mix == 0 || c.lora_decay == 0) {
+            return Err(Error::Config("rwkv6: a LoRA rank is zero"));
+        }
+        Ok(())
+    }
+}
+
+/// The token shift of the time mix.
+#[derive(Clone, Copy, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum TimeMix<'a> {
+    V5 {
+        /// (1, C) each: k, v, r, g
+        mix: [Weight<'a>; 4],
+    },
+    V6 {
+        /// (1, C)
+        maa_x: Weight<'a>,
+        /// (1, C) each: w, k, v, r, g
+        maa: [Weight<'a>; 5],
+        /// (C, 5·Dm), used as `x @ w1`
+        w1: Weight<'a>,
+        /// (5·Dm, C) (stored `[5, Dm, C]`)
+        w2: Weight<'a>,
+        /// (C, Dd)
+        dw1: Weight<'a>,
+        /// (Dd, C)
+        dw2: Weight<'a>,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Layer<'a> {
+    /// (1, C) each
+    pub ln1_w: Weight<'a>,
+    pub ln1_b: Weight<'a>,
+    pub ln2_w: Weight<'a>,
+    pub ln2_b: Weight<'a>,
+    pub mix: TimeMix<'a>,
+    /// (1, C): `time_decay` (v6 `[1,1,C]`, v5.2 `[H,N]`), before `−exp`.
+    pub decay: Weight<'a>,
+    /// (1, C): `time_faaaa` (u), as is.
+    pub u: Weight<'a>,
+    /// (C, C) each
+    pub wr: Weight<'a>,
+    pub wk: Weight<'a>,
+    pub wv: Weight<'a>,
+    pub wg: Weight<'a>,
+    pub wo: Weight<'a>,
+    /// (1, C)
+    pub lnx_w: Weight<'a>,
+    pub lnx_b: Weight<'a>,
+    /// (1, C) each: the channel mix's k and r shift (maa in v6, mix in v5.2).
+    pub fmix_k: Weight<'a>,
+    pub fmix_r: Weight<'a>,
+    /// (F, C)
+    pub fk: Weight<'a>,
+    /// (C, C)
+    pub fr: Weight<'a>,
+    /// (C, F)
+    pub fv: Weight<'a>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Weights<'a> {
+    /// (V, C), before LN0
+    pub embed: Weight<'a>,
+    /// (1, C)
+    pub ln0_w: Weight<'a>,
+    pub ln0_b: Weight<'a>,
+    pub layers: &'a [Layer<'a>],
+    /// (1, C)
+    pub ln_out_w: Weight<'a>,
+    pub ln_out_b: Weight<'a>,
+    /// (V, C)
+    pub head: Weight<'a>,
+}
+
+pub struct Rwkv<'a> {
+    pub cfg: Config,
+    pub w: Weights<'a>,
+    forget: Forget,
+}
+
+const PROBE: &[&str] = &["log_decay_sum"];
+
+fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(), Error> {
+    if w.rows != rows || w.cols != cols {
+        return Err(Error::Shape { what, expected: rows * cols, got: w.rows * w.cols });
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    Chunked,
+    Recurrent,
+}
+
+/// Scratch regions for `t` tokens.
+struct Scratch<'s> {
+    /// (t, C) each
+    xx: &'s mut [f32],
+    dx: &'s mut [f32],
+    tmp: &'s mut [f32],
+    tmp2: &'s mut [f32],
+    r: &'s mut [f32],
+    k: &'s mut [f32],
+    v: &'s mut [f32],
+    g: &'s mut [f32],
+    lw: &'s mut [f32],
+    o: &'s mut [f32],
+    /// (t, max(5·Dm, Dd, F))
+    wide: &'s mut [f32],
+    /// (H, gla::head_scratch)
+    hs: &'s mut [f32],
+}
+
+/// LayerNorm of `x` into `out` (biased variance, two passes).
+#[inline]
+pub fn layer_norm(x: &[f32], w: &Weight, b: &Weight, eps: f32, out: &mut [f32]) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let inv = 1.0 / libm::sqrtf(var + eps);
+    for (i, (o, v)) in out.iter_mut().zip(x).enumerate() {
+        *o = (v - mean) * inv * w.get(i) + b.get(i);
+    }
+}
+
+/// `out (t, w.cols) (+)= x (t, w.rows) @ w`: a product with an `[in, out]` matrix (the LoRAs),
+/// row by row as axpys (the ranks are small). `x` rows are `ldx` apart, `w` starts at element `off`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_in_out(
+    x: &[f32],
+    ldx: usize,
+    t: usize,
+    w: &Weight,
+    off: usize,
+    (rows, cols): (usize, usize),
+    out: &mut [f32],
+    ldo: usize,
+) {
+    fn body<E: crate::weight::Elem>(
+        x: &[f32],
+        ldx: usize,
+        t: usize,
+        w: &[E],
+        (rows, cols): (usize, usize),
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        for tt in 0..t {
+            let o = &mut out[tt * ldo..tt * ldo + cols];
+            o.fill(0.0);
+            let xr = &x[tt * ldx..tt * ldx + rows];
+            for (r, &xv) in xr.iter().enumerate() {
+                let wr = &w[r * cols..(r + 1) * cols];
+                for (ov, wv) in o.iter_mut().zip(wr) {
+                    *ov += xv * wv.f32();
+                }
+            }
+        }
+    }
+    let n = rows * cols;
+    match w.data {
+        Data::F32(s) => body(x, ldx, t, &s[off..off + n], (rows, cols), out, ldo),
+        Data::Bf16(s) => body(x, ldx, t, &s[off..off + n], (rows, cols), out, ldo),
+        Data::F16(s) => body(x, ldx, t, &s[off..off + n], (rows, cols), out, ldo),
+    }
+}
+
+/// Rounds to the storage dtype (the package folds LN0 into a bf16/f16 embedding).
+#[inline]
+fn round_to(d: DType, v: f32) -> f32 {
+    match d {
+        DType::F32 => v,
+        DType::Bf16 => half::bf16::from_f32(v).to_f32(),
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+    }
+}
+
+impl<'a> Rwkv<'a> {
+    pub fn new(cfg: Config, w: Weights<'a>) -> Result<Self, Error> {
+        cfg.validate()?;
+        let (c, f, v) = (cfg.d_model, cfg.d_ffn, cfg.vocab_rows);
+        if w.layers.len() != cfg.n_layer {
+            return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
+        }
+        shape("emb", &w.embed, v, c)?;
+        shape("head", &w.head, v, c)?;
+        for x in [&w.ln0_w, &w.ln0_b, &w.ln_out_w, &w.ln_out_b] {
+            shape("ln", x, 1, c)?;
+        }
+        for l in w.layers {
+            for x in [&l.ln1_w, &l.ln1_b, &l.ln2_w, &l.ln2_b, &l.decay, &l.u, &l.lnx_w, &l.lnx_b, &l.fmix_k, &l.fmix_r]
+            {
+                shape("per-channel vector", x, 1, c)?;
+            }
+            for x in [&l.wr, &l.wk, &l.wv, &l.wg, &l.wo, &l.fr] {
+                shape("att/ffn square projection", x, c, c)?;
+            }
+            shape("ffn.key", &l.fk, f, c)?;
+            shape("ffn.value", &l.fv, c, f)?;
+            match (&l.mix, cfg.version) {
+                (TimeMix::V5 { mix }, Version::V5_2) => {
+                    for x in mix {
+                        shape("time_mix", x, 1, c)?;
+                    }
+                }
+                (TimeMix::V6 { maa_x, maa, w1, w2, dw1, dw2 }, Version::V6) => {
+                    shape("time_maa_x", maa_x, 1, c)?;
+                    for x in maa {
+                        shape("time_maa", x, 1, c)?;
+                    }
+                    shape("time_maa_w1", w1, c, 5 * cfg.lora_mix)?;
+                    shape("time_maa_w2", w2, 5 * cfg.lora_mix, c)?;
+                    shape("time_decay_w1", dw1, c, cfg.lora_decay)?;
+                    shape("time_decay_w2", dw2, cfg.lora_decay, c)?;
+                }
+                _ => return Err(Error::Config("rwkv: layer weights of the wrong version")),
+            }
+        }
+        Ok(Rwkv { cfg, w, forget: Forget::None })
+    }
+
+    fn wide(&self) -> usize {
+        let c = &self.cfg;
+        (5 * c.lora_mix).max(c.lora_decay).max(c.d_ffn)
+    }
+
+    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
+        need("rwkv scratch", buf.len(), self.scratch_len(t))?;
+        let c = &self.cfg;
+        let tc = t * c.d_model;
+        let (xx, rest) = buf.split_at_mut(tc);
+        let (dx, rest) = rest.split_at_mut(tc);
+        let (tmp, rest) = rest.split_at_mut(tc);
+        let (tmp2, rest) = rest.split_at_mut(tc);
+        let (r, rest) = rest.split_at_mut(tc);
+        let (k, rest) = rest.split_at_mut(tc);
+        let (v, rest) = rest.split_at_mut(tc);
+        let (g, rest) = rest.split_at_mut(tc);
+        let (lw, rest) = rest.split_at_mut(tc);
+        let (o, rest) = rest.split_at_mut(tc);
+        let (wide, rest) = rest.split_at_mut(t * self.wide());
+        let (hs, _) = rest.split_at_mut(c.n_heads * gla::head_scratch(c.head_size, c.head_size));
+        Ok(Scratch { xx, dx, tmp, tmp2, r, k, v, g, lw, o, wide, hs })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        mut probe: Option<&mut [f32]>,
+        scan: Scan,
+    ) -> Result<(), Error> {
+        let c = &self.cfg;
+        let (t, d) = (tokens.len(), c.d_model);
+        need("rwkv state", state.len(), self.state_len())?;
+        need("hidden", hidden.len(), t * d)?;
+        if let Some(p) = probe.as_deref() {
+            need("probe", p.len(), self.probe_len())?;
+        }
+        check_tokens(tokens, c.vocab_rows)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let win = match self.forget {
+            Forget::Window { r } => Some(r),
+            _ => None,
+        };
+        let mut s = self.split_scratch(t, scratch)?;
+        let x = &mut hidden[..t * d];
+        let ed = self.w.embed.dtype();
+        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+            self.w.embed.row(tok as usize, s.tmp);
+            layer_norm(&s.tmp[..d], &self.w.ln0_w, &self.w.ln0_b, c.eps, row);
+            row.iter_mut().for_each(|v| *v = round_to(ed, *v));
+        }
+        let ls = c.layer_state_len();
+        let (base, extra) = state.split_at_mut(c.state_size());
+        // Window caches: per layer, then (position mod r, filled) for the whole model.
+        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
+        let pos0 = meta.first().map_or(0, |&v| v as usize);
+        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
+        let wl = win.map_or(0, |r| gla::window_len(c.n_heads, c.head_size, c.head_size, r));
+        for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
+            let pr = probe.as_deref_mut().map(|p| &mut p[l * d..(l + 1) * d]);
+            let ws = win.map(|r| ((r, pos0, filled), &mut win_layers[l * wl..(l + 1) * wl]));
+            self.layer(ex, lw, t, x, st, &mut s, scan, pr, ws)?;
+        }
+        if let (Some(r), [pm, fl]) = (win, meta) {
+            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
+            *pm = ((pos0 + t) % r) as f32;
+        }
+        for row in x.chunks_exact_mut(d) {
+            s.tmp[..d].copy_from_slice(row);
+            layer_norm(&s.tmp[..d], &self.w.ln_out_w, &self.w.ln_out_b, c.eps, row);
+        }
+        Ok(())
+    }
+
+    /// `xx = LN(x)` rows; `dx` = the previous row's `xx` (from `shift` for the first), and
+    /// `shift` ← the last `xx`.
+    #[allow(clippy::too_many_arguments)]
+    fn shift(&self, t: usize, x: &[f32], w: &Weight, b: &Weight, shift: &mut [f32], xx: &mut [f32], prev: &mut [f32]) {
+        let d = self.cfg.d_model;
+        for tt in 0..t {
+            layer_norm(&x[tt * d..(tt + 1) * d], w, b, self.cfg.eps, &mut xx[tt * d..(tt + 1) * d]);
+        }
+        prev[..d].copy_from_slice(shift);
+        prev[d..t * d].copy_from_slice(&xx[..(t - 1) * d]);
+        shift.copy_from_slice(&xx[(t - 1) * d..t * d]);
+    }
+
+    /// The mixed input of projection `j`: v5 `xx⊙mix + prev⊙(1−mix)`; v6 `xx + (prev−xx)⊙(maa + m)`
+    /// with `m` (t, C) at `m` (or none).
+    fn mixed(&self, t: usize, xx: &[f32], prev: &[f32], mix: &Weight, lora: Option<&[f32]>, out: &mut [f32]) {
+        let d = self.cfg.d_model;
+        for tt in 0..t {
+            let r = tt * d..(tt + 1) * d;
+            let (a, p, o) = (&xx[r.clone()], &prev[r.clone()], &mut out[r.clone()]);
+            match self.cfg.version {
+                Version::V5_2 => {
+                    for i in 0..d {
+                        let m = mix.get(i);
+                        o[i] = a[i] * m + p[i] * (1.0 - m);
+                    }
+                }
+                Version::V6 => {
+                    for i in 0..d {
+                        let m = mix.get(i) + lora.map_or(0.0, |l| l[tt * d + i]);
+                        o[i] = a[i] + (p[i] - a[i]) * m;
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        ex: &dyn Exec,
+        lw: &Layer,
+        t: usize,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut Scratch,
+        scan: Scan,
+        probe: Option<&mut [f32]>,
+        window: Option<(gla::WindowAt, &mut [f32])>,
+    ) -> Result<(), Error> {
+        let c = &self.cfg;
+        let (d, h, n) = (c.d_model, c.n_heads, c.head_size);
+        let tc = t * d;
+        let (att_shift, rest) = st.split_at_mut(d);
+        let (wkv, ffn_shift) = rest.split_at_mut(h * n * n);
+
+        // Time mix: token shift and the mixed inputs.
+        self.shift(t, x, &lw.ln1_w, &lw.ln1_b, att_shift, s.xx, s.dx);
+        let (xx, prev) = (&s.xx[..tc], &s.dx[..tc]);
+        match &lw.mix {
+            TimeMix::V5 { mix } => {
+                let outs: [(&Weight, &mut [f32]); 3] = [(&lw.wr, &mut *s.r), (&lw.wk, &mut *s.k), (&lw.wv, &mut *s.v)];
+                for (j, (w, out)) in outs.into_iter().enumerate() {
+                    let m = [&mix[2], &mix[0], &mix[1]][j];
+                    self.mixed(t, xx, prev, m, None, s.tmp);
+                    matmul(ex, &s.tmp[..tc], t, w, out)?;
+                }
+                self.mixed(t, xx, prev, &mix[3], None, s.tmp);
+                matmul(ex, &s.tmp[..tc], t, &lw.wg, s.g)?;
+                for row in s.lw[..tc].chunks_exact_mut(d) {
+                    for (i, v) in row.iter_mut().enumerate() {
+                        *v = -exp(lw.decay.get(i));
+                    }
+                }
+            }
+            TimeMix::V6 { maa_x, maa, w1, w2, dw1, dw2 } => {
+                let dm = c.lora_mix;
+                // m = tanh((xx + (prev − xx)⊙maa_x) @ w1)  (t, 5·Dm)
+                self.mixed(t, xx, prev, maa_x, None, s.tmp);
+                let wide = self.wide();
+                matmul_in_out(&s.tmp[..tc], d, t, w1, 0, (d, 5 * dm), s.wide, wide);
+                for row in s.wide.chunks_exact_mut(wide).take(t) {
+                    row[..5 * dm].iter_mut().for_each(|v| *v = libm::tanhf(*v));
+                }
+                // j = w, k, v, r, g: m_j = m[j] @ w2[j]; x_j = xx + (prev − xx)⊙(maa_j + m_j).
+                for (j, maa_j) in maa.iter().enumerate() {
+                    matmul_in_out(&s.wide[j * dm..], wide, t, w2, j * dm * d, (dm, d), s.tmp2, d);
+                    self.mixed(t, xx, prev, maa_j, Some(&s.tmp2[..tc]), s.tmp);
+                    let xin = &s.tmp[..tc];
+                    match j {
+                        0 => s.o[..tc].copy_from_slice(xin), // x_w, kept for the decay LoRA
+                        1 => matmul(ex, xin, t, &lw.wk, s.k)?,
+                        2 => matmul(ex, xin, t, &lw.wv, s.v)?,
+                        3 => matmul(ex, xin, t, &lw.wr, s.r)?,
+                        _ => matmul(ex, xin, t, &lw.wg, s.g)?,
+                    }
+                }
+                // log w = −exp(decay + tanh(x_w @ dw1) @ dw2)
+                let dd = c.lora_decay;
+                matmul_in_out(&s.o[..tc], d, t, dw1, 0, (d, dd), s.wide, wide);
+                for row in s.wide.chunks_exact_mut(wide).take(t) {
+                    row[..dd].iter_mut().for_each(|v| *v = libm::tanhf(*v));
+                }
+                matmul_in_out(s.wide, wide, t, dw2, 0, (dd, d), s.lw, d);
+                for row in s.lw[..tc].chunks_exact_mut(d) {
+                    for (i, v) in row.iter_mut().enumerate() {
+                        *v = -exp(lw.decay.get(i) + *v);
+                    }
+                }
+            }
+        }
+        s.g[..tc].iter_mut().for_each(|v| *v = silu(*v));
+        // Forgetting: w′ = a·w, k′ = b·k (RRI); log w′ = c·log w (Dt).
+        match self.forget {
+            Forget::Rri { a, b } => {
+                let la = libm::logf(a);
+                s.lw[..tc].iter_mut().for_each(|v| *v += la);
+                s.k[..tc].iter_mut().for_each(|v| *v *= b);
+            }
+            Forget::Dt { c } => s.lw[..tc].iter_mut().for_each(|v| *v *= c),
+            _ => {}
+        }
+        if let Some(p) = probe {
+            for row in s.lw[..tc].chunks_exact(d) {
+                for (pv, v) in p.iter_mut().zip(row) {
+                    *pv += v;
+                }
+            }
+        }
+
+        // WKV, one head per task; o (t, C).
+        let simd = ex.simd();
+        let (os, ss, hss) = (Shared::new(&mut s.o[..tc]), Shared::new(wkv), Shared::new(&mut *s.hs));
+        let hsl = gla::head_scratch(n, n);
+        let (r, k, v, lwv) = (&s.r[..tc], &s.k[..tc], &s.v[..tc], &s.lw[..tc]);
+        let wss = window.map(|(win, ws)| (win, Shared::new(ws)));
+        ex.for_each(h, &|hh| {
+            let mut ub = [0f32; 256];
+            let uv = &mut ub[..n.min(256)];
+            lw.u.read(hh * n, uv);
+            let uv: &[f32] = uv;
+            let head = gla::Head {
+                q: r,
+                k,
+                v,
+                lw: lwv,
+                ldk: d,
+                ldv: d,
+                koff: hh * n,
+                voff: hh * n,
+                kd: n,
+                vd: n,
+                u: uv,
+                mode: Mode::Bonus,
+            };
+            // SAFETY: head hh owns its state block, its scratch and its N columns of o.
+            unsafe {
+                let sh = ss.range(hh * n * n, n * n);
+                match scan {
+                    Scan::Recurrent => gla::recurrent(&head, t, sh, &os, d, hh * n),
+                    Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * n),
+                }
+                if let Some((win, ws)) = &wss {
+                    gla::window_head(&head, hh, h, t, *win, ws, &os, d, hh * n);
+                }
+            }
+        });
+
+        // GroupNorm per head, ⊙ g, then x += o·W_oᵀ.
+        let o = &mut s.o[..tc];
+        for (orow, grow) in o.chunks_exact_mut(d).zip(s.g.chunks_exact(d)) {
+            for (hh, oh) in orow.chunks_exact_mut(n).enumerate() {
+                let mean = oh.iter().sum::<f32>() / n as f32;
+                let var = oh.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+                let inv = 1.0 / libm::sqrtf(var + c.gn_eps);
+                for (i, v) in oh.iter_mut().enumerate() {
+                    let ch = hh * n + i;
+                    *v = ((*v - mean) * inv * lw.lnx_w.get(ch) + lw.lnx_b.get(ch)) * grow[ch];
+                }
+            }
+        }
+        matmul(ex, o, t, &lw.wo, s.tmp)?;
+        for (xv, ov) in x.iter_mut().zip(&s.tmp[..tc]) {
+            *xv += ov;
+        }
+
+        // Channel mix.
+        self.shift(t, x, &lw.ln2_w, &lw.ln2_b, ffn_shift, s.xx, s.dx);
+        let (xx, prev) = (&s.xx[..tc], &s.dx[..tc]);
+        self.mixed(t, xx, prev, &lw.fmix_r, None, s.tmp);
+        matmul(ex, &s.tmp[..tc], t, &lw.fr, s.r)?;
+        self.mixed(t, xx, prev, &lw.fmix_k, None, s.tmp);
+        let f = c.d_ffn;
+        let kk = &mut s.wide[..t * f];
+        matmul(ex, &s.tmp[..tc], t, &lw.fk, kk)?;
+        kk.iter_mut().for_each(|v| {
+            let r = v.max(0.0);
+            *v = r * r
+        });
+        matmul(ex, kk, t, &lw.fv, s.tmp)?;
+        for ((xv, ov), rv) in x.iter_mut().zip(&s.tmp[..tc]).zip(&s.r[..tc]) {
+            *xv += ov / (1.0 + exp(-rv));
+        }
+        Ok(())
+    }
+}
+
+impl Recurrent for Rwkv<'_> {
+    fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+    fn vocab_rows(&self) -> usize {
+        self.cfg.vocab_rows
+    }
+    fn state_len(&self) -> usize {
+        let c = &self.cfg;
+        match self.forget {
+            Forget::Window { r } => {
+                c.state_size() + c.n_layer * gla::window_len(c.n_heads, c.head_size, c.head_size, r) + 2
+            }
+            _ => c.state_size(),
+        }
+    }
+    fn scratch_len(&self, chunk: usize) -> usize {
+        let c = &self.cfg;
+        chunk * (10 * c.d_model + self.wide()) + c.n_heads * gla::head_scratch(c.head_size, c.head_size)
+    }
+    fn forward(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, None, Scan::Chunked)
+    }
+    fn forward_recurrent(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, None, Scan::Recurrent)
+    }
+    fn head(&self) -> &Weight<'_> {
+        &self.w.head
+    }
+    fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
+        match f {
+            Forget::Window { r: 0 } => Err(Error::Config("rwkv: window forgetting needs r ≥ 1")),
+            Forget::Rri { a, .. } if a.partial_cmp(&0.0) != Some(core::cmp::Ordering::Greater) => {
+                Err(Error::Config("rwkv: RRI needs a > 0 (log w′ = log w + ln a)"))
+            }
+            f => {
+                self.forget = f;
+                Ok(())
+            }
+        }
+    }
+    fn forget(&self) -> Forget {
+        self.forget
+    }
+    fn n_layer(&self) -> usize {
+        self.cfg.n_layer
+    }
+    fn n_heads(&self) -> usize {
+        self.cfg.n_heads
+    }
+    fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize> {
+        let c = &self.cfg;
+        let nn = c.head_size * c.head_size;
+        let start = layer * c.layer_state_len() + c.d_model + head * nn;
+        start..start + nn
+    }
+    fn conv_state(&self, layer: usize, head: usize) -> Option<Runs> {
+        let c = &self.cfg;
+        Some(Runs {
+            start: layer * c.layer_state_len() + head * c.head_size,
+            len: c.head_size,
+            stride: c.d_model + c.n_heads * c.head_size * c.head_size,
+            rows: 2,
+        })
+    }
+    fn probe_series(&self) -> (&'static [&'static str], usize) {
+        (PROBE, self.cfg.head_size)
+    }
+    fn forward_probed(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: &mut [f32],
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, Some(probe), Scan::Chunked)
+    }
+}

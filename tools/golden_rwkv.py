@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Golden reference tensors for RWKV-6 (x060) and RWKV-5.2 (x052) from the `rwkv` pip package (CPU, f32).
+
+Writes, under tests/data/ (FORMATS.md §3, §8):
+
+  rwkv6_tiny/       tiny x060 model, f32 .pth (BlinkDL key names, torch.save zip)
+  rwkv6_tiny_bf16/  the same weights stored bf16; reference = the package on that .pth
+                    (it folds LN0 into emb in bf16, then upcasts everything to f32)
+  rwkv5_tiny/       tiny x052 model, f32 .pth
+  rwkv6_tiny_hf/    rwkv6_tiny converted to the HF `RWKV/v6-Finch-*-HF` key names (FORMATS §3.5),
+                    model.safetensors + config.json (no ref: the tests use rwkv6_tiny's; LN0 not folded)
+  rwkv5_tiny_hf/    the same for rwkv5_tiny (`RWKV/v5-Eagle-*-HF`)
+
+each holding model.pth (or model.safetensors) and ref.safetensors:
+  input_ids        i64 [1, T]
+  logits           [T, V] model.forward(ids, None, full_output=True)  (package "seq" mode)
+  logits_stepwise  [T, V] model.forward([tok], state) token after token  ("one" mode)
+  logits_split     [T, V] forward(ids[:40], full_output) then forward(ids[40:], state, full_output)
+  att_shift        [L, C]        final token-shift of the time mix (the last ln1 output)
+  wkv_state        [L, H, N, N]  final S, [head][key][value]
+  ffn_shift        [L, C]        final token-shift of the channel mix (the last ln2 output)
+metadata "reference": JSON with the recipe and spreads.
+
+Run from the repository root with the rwkv wheel installed (--no-deps) into /root/pyref:
+
+    RWKV_CUDA_ON=0 RWKV_JIT_ON=0 /root/pyref/bin/python tools/golden_rwkv.py
+
+Tiny shapes (FORMATS §8): V 256, C 64, L 2, N 16 (H 4), F 224, Dm 32, Dd 64.  Recipe:
+torch.manual_seed(1234) init (Linear N(0, 1/in), LN weight 1 / bias 0, decay U(-6, 0.5),
+maa/mix U(0,1), u 0.5·N(0,1), LoRA N(0, 0.1)), then every tensor += 0.1·N(0,1) from one
+generator seeded 42 in key order; ids = randint(0, 256, (1, 61), generator=manual_seed(7)).
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("RWKV_CUDA_ON", "0")
+os.environ.setdefault("RWKV_JIT_ON", "0")
+
+import torch
+from safetensors.torch import save_file
+
+from rwkv.model import RWKV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data")
+V, C, L, N, F, DM, DD = 256, 64, 2, 16, 224, 32, 64
+H = C // N
+T, SPLIT = 61, 40
+torch.set_num_threads(1)
+
+
+def build(version):
+    torch.manual_seed(1234)
+    w = {}
+
+    def lin(o, i):
+        return torch.randn(o, i) / i**0.5
+
+    w["emb.weight"] = torch.randn(V, C) * 0.5
+    for l in range(L):
+        b = f"blocks.{l}."
+        if l == 0:
+            w[b + "ln0.weight"] = torch.ones(C)
+            w[b + "ln0.bias"] = torch.zeros(C)
+        for n in ("ln1", "ln2"):
+            w[b + n + ".weight"] = torch.ones(C)
+            w[b + n + ".bias"] = torch.zeros(C)
+        a = b + "att."
+        if version == 6:
+            for j in "xwkvrg":
+                w[a + f"time_maa_{j}"] = torch.rand(1, 1, C)
+            w[a + "time_maa_w1"] = torch.randn(C, 5 * DM) * 0.1
+            w[a + "time_maa_w2"] = torch.randn(5, DM, C) * 0.1
+            w[a + "time_decay"] = torch.rand(1, 1, C) * 6.5 - 6
+            w[a + "time_decay_w1"] = torch.randn(C, DD) * 0.1
+            w[a + "time_decay_w2"] = torch.randn(DD, C) * 0.1
+        else:
+            for j in "kvrg":
+                w[a + f"time_mix_{j}"] = torch.rand(1, 1, C)
+            w[a + "time_decay"] = torch.rand(H, N) * 6.5 - 6
+        w[a + "time_faaaa"] = torch.randn(H, N) * 0.5
+        for n in ("receptance", "key", "value", "gate", "output"):
+            w[a + n + ".weight"] = lin(C, C)
+        w[a + "ln_x.weight"] = torch.ones(C)
+        w[a + "ln_x.bias"] = torch.zeros(C)
+        f = b + "ffn."
+        pre = "time_maa_" if version == 6 else "time_mix_"
+        w[f + pre + "k"] = torch.rand(1, 1, C)
+        w[f + pre + "r"] = torch.rand(1, 1, C)
+        w[f + "key.weight"] = lin(F, C)
+        w[f + "receptance.weight"] = lin(C, C)
+        w[f + "value.weight"] = lin(C, F)
+    w["ln_out.weight"] = torch.ones(C)
+    w["ln_out.bias"] = torch.zeros(C)
+    w["head.weight"] = lin(V, C)
+    g = torch.Generator().manual_seed(42)
+    for k in w:
+        w[k] = (w[k] + 0.1 * torch.randn(w[k].shape, generator=g)).contiguous()
+    return w
+
+
+def run(path, ids):
+    m = RWKV(model=path, strategy="cpu fp32", verbose=False)
+    full, st = m.forward(ids, None, full_output=True)
+    steps, s = [], None
+    for t in ids:
+        o, s = m.forward([t], s)
+        steps.append(o)
+    a, s2 = m.forward(ids[:SPLIT], None, full_output=True)
+    b, s2 = m.forward(ids[SPLIT:], s2, full_output=True)
+    split = torch.cat([a, b])
+    return m, full.float(), torch.stack(steps).float(), split.float(), st
+
+
+def save_case(name, wfile_writer, ids_t, m, full, step, split, st, recipe):
+    d = os.path.join(DATA, name)
+    os.makedirs(d, exist_ok=True)
+    att = torch.stack([st[3 * l].float() for l in range(L)])
+    wkv = torch.stack([st[3 * l + 1].float() for l in range(L)])
+    ffn = torch.stack([st[3 * l + 2].float() for l in range(L)])
+    stats = {
+        "max_abs_logits": full.abs().max().item(),
+        "max_full_minus_stepwise": (full - step).abs().max().item(),
+        "max_full_minus_split": (full - split).abs().max().item(),
+        "version": m.version,
+        "fingerprint": full[0, :5].tolist(),
+    }
+    meta = {"reference": json.dumps({"recipe": recipe, "T": T, "split": SPLIT, "stats": stats})}
+    save_file(
+        {
+            "input_ids": ids_t,
+            "logits": full.contiguous(),
+            "logits_stepwise": step.contiguous(),
+            "logits_split": split.contiguous(),
+            "att_shift": att.contiguous(),
+            "wkv_state": wkv.contiguous(),
+            "ffn_shift": ffn.contiguous(),
+        },
+        os.path.join(d, "ref.safetensors"),
+        metadata=meta,
+    )
+    print(name, json.dumps(stats))
+
+
+def hf_name(k, version):
+    if k == "emb.weight":
+        return "rwkv.embeddings.weight"
+    if k.startswith("ln_out."):
+        return "rwkv." + k
+    if k == "head.weight":
+        return k
+    parts = k.split(".")
+    l, rest = parts[1], ".".join(parts[2:])
+    if rest.startswith("ln0."):
+        return f"rwkv.blocks.{l}.pre_ln." + rest[4:]
+    if rest.startswith("att."):
+        rest = "attention." + rest[4:]
+        if version == 5:
+            for a, b in (("k", "key"), ("v", "value"), ("r", "receptance"), ("g", "gate")):
+                rest = rest.replace(f"time_mix_{a}", f"time_mix_{b}") if rest.endswith(f"time_mix_{a}") else rest
+    elif rest.startswith("ffn."):
+        rest = "feed_forward." + rest[4:]
+        if version == 5:
+            for a, b in (("k", "key"), ("r", "receptance")):
+                rest = rest.replace(f"time_mix_{a}", f"time_mix_{b}") if rest.endswith(f"time_mix_{a}") else rest
+    return f"rwkv.blocks.{l}.{rest}"
+
+
+def main():
+    ids_t = torch.randint(0, 256, (1, T), generator=torch.manual_seed(7))
+    ids = ids_t[0].tolist()
+    assert ids[:16] == [175, 196, 25, 246, 67, 211, 151, 103, 92, 185, 142, 23, 72, 89, 110, 42], ids[:16]
+    recipe = "FORMATS §8 RWKV tiny: V 256, C 64, L 2, N 16, F 224, Dm 32, Dd 64; seed 1234 init, +0.1 N(0,1) seed 42"
+    for version, name in ((6, "rwkv6_tiny"), (5, "rwkv5_tiny")):
+        w = build(version)
+        for dtype, case in ((torch.float32, name), (torch.bfloat16, name + "_bf16")):
+            if dtype == torch.bfloat16 and version == 5:
+                continue
+            d = os.path.join(DATA, case)
+            os.makedirs(d, exist_ok=True)
+            path = os.path.join(d, "model.pth")
+            torch.save({k: v.to(dtype) for k, v in w.items()}, path)
+            m, full, step, split, st = run(path, ids)
+            assert m.version == (6.0 if version == 6 else 5.2), m.version
+            save_case(case, None, ids_t, m, full, step, split, st, recipe + f"; stored {dtype}")
+            if dtype == torch.float32:
+                # HF-format copy: renamed keys, LN0 kept as pre_ln (not folded), same reference.
+                hd = os.path.join(DATA, case + "_hf")
+                os.makedirs(hd, exist_ok=True)
+                save_file({hf_name(k, version): v.contiguous() for k, v in w.items()},
+                          os.path.join(hd, "model.safetensors"), metadata={"format": "pt"})
+                cfg = {
+                    "model_type": "rwkv6" if version == 6 else "rwkv5",
+                    "architectures": ["Rwkv6ForCausalLM" if version == 6 else "Rwkv5ForCausalLM"],
+                    "hidden_size": C, "attention_hidden_size": C, "head_size": N, "head_size_divisor": 8,
+                    "intermediate_size": F, "num_hidden_layers": L, "layer_norm_epsilon": 1e-5,
+                    "rescale_every": 6, "vocab_size": V, "tie_word_embeddings": False,
+                }
+                with open(os.path.join(hd, "config.json"), "w") as f:
+                    json.dump(cfg, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
