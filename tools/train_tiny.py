@@ -29,8 +29,13 @@ austen_persuasion.txt tokenized whole; the Rust CI test reproduces it).
 
 Run from the repository root, one thread (the machine is shared), in a venv WITHOUT mamba_ssm:
 
-    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-short --train-len 64
-    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-long --train-len 2048
+    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-t64-dt5 --train-len 64 \
+        --tokens 1.2e6 --batch-tokens 4096 --dt-min 1e-5 --dt-max 1e-4 --dt-floor 1e-6
+    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-t2048-dt5 --train-len 2048 \
+        --tokens 1.2e6 --batch-tokens 4096 --dt-min 1e-5 --dt-max 1e-4 --dt-floor 1e-6
+
+(the shipped pair: 7-10 minutes each on one shared CPU core, about 2-3k tokens/s).  --dt-min/--dt-max/
+--dt-floor set HF's dt init (time_step_min/max/floor; HF default [1e-3, 1e-1], floor 1e-4).
 
 See models/EXPERIMENTS.md for every configuration trained and its measured T_forget verdict.
 """
@@ -139,6 +144,9 @@ def main():
     ap.add_argument("--expand", type=int, default=2)
     ap.add_argument("--conv", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=64, help="HF chunk_size (SSD chunk; does not change the math)")
+    ap.add_argument("--dt-min", type=float, default=1e-3, help="HF time_step_min (dt init, log-uniform)")
+    ap.add_argument("--dt-max", type=float, default=1e-1, help="HF time_step_max")
+    ap.add_argument("--dt-floor", type=float, default=1e-4, help="HF time_step_floor")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=30, help="warmup steps")
@@ -176,6 +184,7 @@ def main():
         head_dim=args.head_dim, num_heads=args.hidden * args.expand // args.head_dim, expand=args.expand,
         conv_kernel=args.conv, chunk_size=args.chunk, n_groups=1, tie_word_embeddings=True,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        time_step_min=args.dt_min, time_step_max=args.dt_max, time_step_floor=args.dt_floor,
     )
     model = Mamba2ForCausalLM(cfg).float()
     n_params = sum(p.numel() for p in model.parameters())
@@ -251,7 +260,8 @@ def main():
                  "num_heads": cfg.num_heads, "head_dim": cfg.head_dim, "state_size": cfg.state_size,
                  "expand": cfg.expand, "n_groups": cfg.n_groups, "conv_kernel": cfg.conv_kernel,
                  "chunk_size": cfg.chunk_size, "vocab_rows": rows, "tokenizer_vocab": real_vocab,
-                 "tie_word_embeddings": True},
+                 "tie_word_embeddings": True,
+                 "init": {"A_log": "log(1..H) (HF)", "dt": f"log-uniform [{args.dt_min}, {args.dt_max}], floor {args.dt_floor}"}},
         "hyperparameters": {"optimizer": "AdamW", "betas": [0.9, 0.95], "lr": args.lr,
                             "schedule": f"linear warmup {args.warmup} steps, cosine to 10%",
                             "weight_decay": args.weight_decay, "weight_decay_on": "2-D tensors only",

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod defaults;
 pub mod eval;
 pub mod exec;
 pub mod forget;

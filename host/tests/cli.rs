@@ -148,3 +148,23 @@ fn ppl_peak_memory_is_constant() {
     assert!(peaks[0] > 0);
     assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
 }
+
+/// `stuffed ppl` with no --model and no --text runs the embedded pair, from any working directory.
+#[test]
+fn ppl_default_runs_the_shipped_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stuffed"))
+        .args(["ppl", "--max-tokens", "3000", "--out", "o"])
+        .current_dir(dir.path())
+        .env("STUFFED_CACHE", dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("o/results.json")).unwrap()).unwrap();
+    let runs = res["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!((runs[0]["train_len"].as_u64(), runs[1]["train_len"].as_u64()), (Some(64), Some(2048)));
+    assert!(runs.iter().all(|r| r["t_forget"]["verdict"].is_string()));
+    assert!(dir.path().join("o/loss.svg").exists());
+}

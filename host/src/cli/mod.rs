@@ -37,6 +37,10 @@ pub struct InputArgs {
 }
 
 impl InputArgs {
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty() && !self.newlines
+    }
+
     /// The inputs in order; files must exist.
     pub fn inputs(&self, cmd: &str) -> anyhow::Result<Vec<Input>> {
         let mut inputs: Vec<Input> = self.text.iter().cloned().map(Input::File).collect();

@@ -54,11 +54,22 @@ pub struct PplArgs {
     forget: String,
 }
 
-pub fn run(a: PplArgs) -> Result<()> {
-    if a.model.is_empty() {
+pub fn run(mut a: PplArgs) -> Result<()> {
+    let inputs = if a.model.is_empty() && a.input.is_empty() {
+        // The shipped default: the short- and long-trained tiny pair on the held-out novel.
+        let (models, text) = crate::defaults::materialize()?;
+        eprintln!(
+            "ppl: no --model and no --text: running the shipped pair (trained on 64- and 2,048-token windows) on {}",
+            text.display()
+        );
+        a.model = models;
+        a.log_x = true;
+        vec![crate::text::Input::File(text)]
+    } else if a.model.is_empty() {
         bail!("ppl: give --model DIR (repeat it to compare models)");
-    }
-    let inputs = a.input.inputs("ppl")?;
+    } else {
+        a.input.inputs("ppl")?
+    };
     if a.bucket == 0 || a.chunk == 0 {
         bail!("ppl: --bucket and --chunk must be positive");
     }

@@ -1,0 +1,33 @@
+//! The shipped tiny models (models/, trained by tools/train_tiny.py) load and reproduce the held-out
+//! loss their training script recorded: mean NLL of positions 1..2047 of the first 2,048 tokens of
+//! Persuasion, within 1e-4 nats (PyTorch f32 vs ours).
+use std::path::PathBuf;
+use stuffed::cli::{run, Cli};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn shipped_models_reproduce_their_recorded_heldout_loss() {
+    for dir in ["mamba2-tiny-t64-dt5", "mamba2-tiny-t2048-dt5"] {
+        let m = root().join("models").join(dir);
+        let training: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(m.join("training.json")).unwrap()).unwrap();
+        let want = training["heldout"]["mean_nll"].as_f64().unwrap();
+        let slice = training["heldout"]["slice_tokens"].as_u64().unwrap().to_string();
+        let out = tempfile::tempdir().unwrap();
+        let text = root().join("host/assets/corpus/austen_persuasion.txt");
+        let args = ["stuffed", "ppl", "--model", m.to_str().unwrap(), "--text", text.to_str().unwrap()];
+        let extra = ["--max-tokens", &slice, "--out", out.path().to_str().unwrap()];
+        use clap::Parser;
+        run(Cli::try_parse_from([&args[..], &extra[..]].concat()).unwrap()).unwrap();
+        let res: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap()).unwrap();
+        let got = res["runs"][0]["mean_nll"].as_f64().unwrap();
+        println!("{dir}: recorded {want:.6}, ours {got:.6}");
+        assert!((got - want).abs() < 1e-4, "{dir}: recorded {want}, ours {got}");
+        // The training length comes from training.json when --train-len is not given.
+        assert_eq!(res["runs"][0]["train_len"], training["train_len"]);
+    }
+}
