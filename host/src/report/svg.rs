@@ -34,7 +34,7 @@ fn ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, usize) {
     let mut out = Vec::new();
     let mut i = (lo / step).ceil();
     while i * step <= hi + step * 1e-9 {
-        out.push(i * step);
+        out.push(i * step + 0.0);
         i += 1.0;
     }
     (out, (-step.log10().floor()).max(0.0) as usize)
