@@ -161,3 +161,16 @@ fn documents_concat_and_repeat() {
     cli(&["ppl", "--model", ms, "--text", as_, "--text", bs, "--concat", "--repeat-to", "1000", "--out", os]).unwrap();
     assert_eq!(results(&out)["runs"][0]["tokens_scored"], 999);
 }
+
+/// `--forget` repeats: every model runs under each method, in order, each labelled.
+#[test]
+fn several_forgetting_methods_make_several_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().to_str().unwrap();
+    go(ppl_args(o, &["--forget", "none", "--forget", "window:r=32", "--forget", "reset:every=256"])).unwrap();
+    let runs = results(dir.path())["runs"].as_array().unwrap().clone();
+    let names: Vec<&str> = runs.iter().map(|r| r["forget"].as_str().unwrap()).collect();
+    assert_eq!(names, ["none", "window:r=32", "reset:every=256"]);
+    assert_ne!(runs[0]["mean_nll"], runs[1]["mean_nll"]);
+    assert!(std::fs::read_to_string(dir.path().join("loss.svg")).unwrap().contains("[window:r=32]"));
+}

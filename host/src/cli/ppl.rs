@@ -50,8 +50,9 @@ pub struct PplArgs {
     log_x: bool,
     /// Training-free forgetting: none, rri:a=0.9999,b=0.75, dt:c=0.5, window:r=N,
     /// state-norm:every=128[,calib=T] (calib defaults to --train-len), reset:every=N.
+    /// Repeat to compare methods: every model runs under each, one curve per run.
     #[arg(long, default_value = "none")]
-    forget: String,
+    forget: Vec<String>,
 }
 
 pub fn run(mut a: PplArgs) -> Result<()> {
@@ -73,7 +74,11 @@ pub fn run(mut a: PplArgs) -> Result<()> {
     if a.bucket == 0 || a.chunk == 0 {
         bail!("ppl: --bucket and --chunk must be positive");
     }
-    let forget = crate::forget::ForgetSpec::parse(&a.forget)?.resolved(a.train_len)?;
+    let forget = a
+        .forget
+        .iter()
+        .map(|f| crate::forget::ForgetSpec::parse(f)?.resolved(a.train_len))
+        .collect::<Result<Vec<_>>>()?;
     let o = Options {
         chunk: a.chunk,
         bucket: a.bucket,

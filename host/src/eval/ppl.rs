@@ -32,7 +32,8 @@ pub struct Options {
     pub nll_out: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
     pub log_x: bool,
-    pub forget: crate::forget::ForgetSpec,
+    /// Forgetting methods: every model runs once under each (`none` = as trained).
+    pub forget: Vec<crate::forget::ForgetSpec>,
 }
 
 /// Running NLL sums over buckets of positions: linear (`width` > 0) or powers of two (`width` = 0).
@@ -275,7 +276,7 @@ fn fingerprint(models: &[PathBuf], inputs: &[Input], hashes: &[String], o: &Opti
         "hashes": hashes,
         "chunk": o.chunk, "bucket": o.bucket, "train_len": o.train_len, "max_tokens": o.max_tokens,
         "concat": o.concat, "repeat_to": o.repeat_to, "nll_out": o.nll_out, "tokenizer": o.tokenizer,
-        "forget": o.forget.to_string(),
+        "forget": o.forget.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
     });
     Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(&key)?)))
 }
@@ -347,12 +348,15 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, resume
     let mut finished: Vec<RunResult> = snap.as_ref().map(|s| s.0.finished.clone()).unwrap_or_default();
     let first_model = finished.len();
     let mut processed = 0u64;
-    for (mi, mpath) in models.iter().enumerate().skip(first_model) {
+    // One run per (model, forgetting method), model-major.
+    let jobs: Vec<(&PathBuf, crate::forget::ForgetSpec)> =
+        models.iter().flat_map(|m| o.forget.iter().map(move |f| (m, *f))).collect();
+    for (mi, (mpath, forget)) in jobs.iter().enumerate().skip(first_model) {
         let mut model = Model::load(mpath)?;
-        model.set_forget(o.forget)?;
+        model.set_forget(*forget)?;
         let tok = Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
         let resumed = snap.take().filter(|s| s.0.model_index == mi);
-        match run_model(&model, &tok, mi, models.len(), inputs, o, out, &fp, &finished, resumed, &mut processed)? {
+        match run_model(&model, &tok, mi, jobs.len(), inputs, o, out, &fp, &finished, resumed, &mut processed)? {
             (Flow::Done, r) => finished.push(r),
             (Flow::Stopped, _) => {
                 eprintln!("stopped after {processed} tokens; checkpoint in {}; continue with --resume", out.display());
@@ -523,7 +527,7 @@ fn run_model(
                 save_checkpoint(out, &snap, &session.state, pending.as_deref())?;
                 if stop {
                     progress.finish();
-                    return Ok((Flow::Stopped, result(model, tok, &acc, o, train_len)));
+                    return Ok((Flow::Stopped, result(model, tok, &acc, train_len)));
                 }
             }
         }
@@ -533,7 +537,7 @@ fn run_model(
     }
     progress.finish();
     acc.seconds = seconds_before + started.elapsed().as_secs_f64();
-    Ok((Flow::Done, result(model, tok, &acc, o, train_len)))
+    Ok((Flow::Done, result(model, tok, &acc, train_len)))
 }
 
 fn open_nll(path: &Path, resume_len: Option<u64>) -> Result<BufWriter<std::fs::File>> {
@@ -581,12 +585,12 @@ pub fn recorded_train_len(dir: &Path) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(&text).ok()?.get("train_len")?.as_u64()
 }
 
-fn result(model: &Model, tok: &Tokenizer, acc: &Acc, o: &Options, train_len: Option<u64>) -> RunResult {
+fn result(model: &Model, tok: &Tokenizer, acc: &Acc, train_len: Option<u64>) -> RunResult {
     let mean = if acc.count > 0 { acc.sum / acc.count as f64 } else { f64::NAN };
     RunResult {
         model: model.info.clone(),
         precision: serde_json::json!({"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "accumulators": "f64"}),
-        forget: o.forget.to_string(),
+        forget: model.forget.to_string(),
         tokenizer: tok.source.clone(),
         tokens_scored: acc.count,
         tokens_fed: acc.tokens_fed,
@@ -639,7 +643,10 @@ pub fn plot(runs: &[RunResult], o: &Options) -> String {
         .iter()
         .map(|r| {
             let rows = if o.log_x { &r.buckets_log2 } else { &r.buckets_linear };
-            let name = r.model.path.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string());
+            let mut name = r.model.path.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string());
+            if o.forget.len() > 1 {
+                name = format!("{name} [{}]", r.forget);
+            }
             Series { name, points: rows.iter().map(|b| ((b.start + b.end) as f64 / 2.0, b.mean_nll)).collect() }
         })
         .collect();

@@ -16,12 +16,13 @@ pub struct LinePlot<'a> {
     pub vlines: Vec<(f64, String)>,
 }
 
-const PALETTE: &[&str] = &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
-const W: f64 = 820.0;
+const PALETTE: &[&str] =
+    &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"];
+/// Width of the plot area.
+const PW: f64 = 570.0;
 const H: f64 = 480.0;
 /// Margins: left, right (legend), top, bottom.
 const L: f64 = 70.0;
-const R: f64 = 180.0;
 const T: f64 = 40.0;
 const B: f64 = 55.0;
 
@@ -64,6 +65,12 @@ fn esc(s: &str) -> String {
 
 impl LinePlot<'_> {
     pub fn render(&self, series: &[Series]) -> String {
+        // The legend gets room for its longest name.
+        let longest = series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0);
+        #[allow(non_snake_case)]
+        let R = (50.0 + 7.0 * longest as f64).max(180.0);
+        #[allow(non_snake_case)]
+        let W = L + PW + R;
         let pts = series.iter().flat_map(|s| s.points.iter()).filter(|p| p.0.is_finite() && p.1.is_finite());
         let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
         for &(x, y) in pts {
