@@ -15,6 +15,20 @@ pub enum Forget {
     Window { r: usize },
 }
 
+impl Forget {
+    /// Rejects parameters the math cannot use.
+    pub fn check(&self) -> Result<(), crate::Error> {
+        match *self {
+            Forget::Window { r: 0 } => Err(crate::Error::Config("window forgetting needs r ≥ 1")),
+            Forget::Rri { a, b } if !(a > 0.0 && a <= 1.0 && b.is_finite()) => {
+                Err(crate::Error::Config("rri needs 0 < a ≤ 1 and a finite b"))
+            }
+            Forget::Dt { c } if !(c > 0.0 && c.is_finite()) => Err(crate::Error::Config("dt scaling needs c > 0")),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Where one head's values sit in the state: `rows` runs of `len` values, `stride` apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Runs {

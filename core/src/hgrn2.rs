@@ -17,7 +17,7 @@ use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, Runs};
 use crate::gla::{self, Mode};
-use crate::model::{check_tokens, Recurrent};
+use crate::model::{check_tokens, Recurrent, Scan};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
 use crate::weight::{matmul, Weight};
 
@@ -109,12 +109,6 @@ fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(),
     Ok(())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Scan {
-    Chunked,
-    Recurrent,
-}
-
 impl<'a> Hgrn2<'a> {
     pub fn new(cfg: Config, w: Weights<'a>) -> Result<Self, Error> {
         cfg.validate()?;
@@ -160,7 +154,7 @@ impl<'a> Hgrn2<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(
+    fn run_layers(
         &self,
         ex: &dyn Exec,
         tokens: &[u32],
@@ -339,6 +333,18 @@ impl<'a> Hgrn2<'a> {
 }
 
 impl Recurrent for Hgrn2<'_> {
+    fn run(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: Option<&mut [f32]>,
+        scan: Scan,
+    ) -> Result<(), Error> {
+        self.run_layers(ex, tokens, state, scratch, hidden, probe, scan)
+    }
     fn d_model(&self) -> usize {
         self.cfg.d_model
     }
@@ -358,40 +364,13 @@ impl Recurrent for Hgrn2<'_> {
         let c = &self.cfg;
         chunk * (5 * c.d_model + 2 * c.d_mlp) + c.n_heads() * gla::head_scratch(c.expand, c.head_v())
     }
-    fn forward(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-    ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, None, Scan::Chunked)
-    }
-    fn forward_recurrent(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-    ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, None, Scan::Recurrent)
-    }
     fn head(&self) -> &Weight<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        match f {
-            Forget::Window { r: 0 } => Err(Error::Config("hgrn2: window forgetting needs r ≥ 1")),
-            Forget::Rri { a, .. } if a.partial_cmp(&0.0) != Some(core::cmp::Ordering::Greater) => {
-                Err(Error::Config("hgrn2: RRI needs a > 0"))
-            }
-            f => {
-                self.forget = f;
-                Ok(())
-            }
-        }
+        f.check()?;
+        self.forget = f;
+        Ok(())
     }
     fn forget(&self) -> Forget {
         self.forget
@@ -413,16 +392,5 @@ impl Recurrent for Hgrn2<'_> {
     }
     fn probe_series(&self) -> (&'static [&'static str], usize) {
         (PROBE, self.cfg.expand)
-    }
-    fn forward_probed(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-        probe: &mut [f32],
-    ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, Some(probe), Scan::Chunked)
     }
 }

@@ -15,7 +15,7 @@
 use crate::error::{need, Error};
 use crate::exec::{Exec, Shared, Simd};
 use crate::forget::{Forget, Runs};
-use crate::model::{check_tokens, Recurrent};
+use crate::model::{check_tokens, Recurrent, Scan};
 use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
 use crate::weight::{gemm_nt, gemm_raw, matmul, Weight};
 
@@ -144,13 +144,6 @@ fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(),
     Ok(())
 }
 
-/// How the SSM runs over a span of tokens.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Scan {
-    Chunked,
-    Recurrent,
-}
-
 /// Scratch regions for `t` tokens (all f32, row-major).
 struct Scratch<'s> {
     /// (t, max(d, di)): normed input, then the out_proj output
@@ -222,7 +215,7 @@ impl<'a> Mamba2<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(
+    fn run_layers(
         &self,
         ex: &dyn Exec,
         tokens: &[u32],
@@ -741,6 +734,18 @@ fn head_scratch(c: &Config) -> usize {
 }
 
 impl Recurrent for Mamba2<'_> {
+    fn run(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: Option<&mut [f32]>,
+        scan: Scan,
+    ) -> Result<(), Error> {
+        self.run_layers(ex, tokens, state, scratch, hidden, probe, scan)
+    }
     fn d_model(&self) -> usize {
         self.cfg.d_model
     }
@@ -762,49 +767,11 @@ impl Recurrent for Mamba2<'_> {
             + c.d_conv * c.conv_dim()
             + c.n_heads * head_scratch(c)
     }
-    fn forward(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-    ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, None, Scan::Chunked)
-    }
-    fn forward_probed(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-        probe: &mut [f32],
-    ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, Some(probe), Scan::Chunked)
-    }
-    fn forward_recurrent(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-    ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, None, Scan::Recurrent)
-    }
     fn head(&self) -> &Weight<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        match f {
-            Forget::Window { r: 0 } => return Err(Error::Config("window forgetting needs r ≥ 1")),
-            Forget::Rri { a, b } if !(a > 0.0 && a <= 1.0 && b.is_finite()) => {
-                return Err(Error::Config("rri needs 0 < a ≤ 1 and a finite b"))
-            }
-            Forget::Dt { c } if !(c > 0.0 && c.is_finite()) => return Err(Error::Config("dt scaling needs c > 0")),
-            _ => {}
-        }
+        f.check()?;
         self.forget = f;
         Ok(())
     }

@@ -4,6 +4,15 @@ use crate::exec::Exec;
 use crate::forget::{Forget, Runs};
 use crate::weight::{matmul, Weight};
 
+/// How a family's recurrence runs over a span of tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scan {
+    /// Blocks of tokens at once (SSD / GLA chunks).
+    Chunked,
+    /// The literal recurrence, token after token.
+    Recurrent,
+}
+
 /// A recurrent language model with a fixed-size f32 state.
 ///
 /// Both forwards continue from whatever `state` holds (zeros = start of a sequence) and leave it at
@@ -17,6 +26,21 @@ pub trait Recurrent: Sync {
     fn state_len(&self) -> usize;
     /// f32 elements of scratch needed to run up to `chunk` tokens in one call.
     fn scratch_len(&self, chunk: usize) -> usize;
+    /// Runs `tokens` from `state` (updated in place) through the chunked or the token-by-token
+    /// form; with `probe`, also adds this call's sums of the probe series into it
+    /// `(n_layer, series, n_heads, width)`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: Option<&mut [f32]>,
+        scan: Scan,
+    ) -> Result<(), Error>;
+
     /// The chunked (parallel-in-time) form.
     fn forward(
         &self,
@@ -25,7 +49,10 @@ pub trait Recurrent: Sync {
         state: &mut [f32],
         scratch: &mut [f32],
         hidden: &mut [f32],
-    ) -> Result<(), Error>;
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, None, Scan::Chunked)
+    }
+
     /// The token-by-token recurrence, one token after another through each layer.
     fn forward_recurrent(
         &self,
@@ -34,7 +61,10 @@ pub trait Recurrent: Sync {
         state: &mut [f32],
         scratch: &mut [f32],
         hidden: &mut [f32],
-    ) -> Result<(), Error>;
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, None, Scan::Recurrent)
+    }
+
     /// The LM head `(vocab_rows, d_model)`.
     fn head(&self) -> &Weight<'_>;
 
@@ -68,7 +98,9 @@ pub trait Recurrent: Sync {
         scratch: &mut [f32],
         hidden: &mut [f32],
         probe: &mut [f32],
-    ) -> Result<(), Error>;
+    ) -> Result<(), Error> {
+        self.run(ex, tokens, state, scratch, hidden, Some(probe), Scan::Chunked)
+    }
 
     /// One token through the recurrence.
     fn step(

@@ -21,7 +21,7 @@ use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, Runs};
 use crate::gla::{self, Mode};
-use crate::model::{check_tokens, Recurrent};
+use crate::model::{check_tokens, Recurrent, Scan};
 use crate::ops::{exp, silu};
 use crate::weight::{matmul, DType, Data, Weight};
 
@@ -166,12 +166,6 @@ fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(),
         return Err(Error::Shape { what, expected: rows * cols, got: w.rows * w.cols });
     }
     Ok(())
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Scan {
-    Chunked,
-    Recurrent,
 }
 
 /// Scratch regions for `t` tokens.
@@ -326,7 +320,7 @@ impl<'a> Rwkv<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(
+    fn run_layers(
         &self,
         ex: &dyn Exec,
         tokens: &[u32],
@@ -590,6 +584,18 @@ impl<'a> Rwkv<'a> {
 }
 
 impl Recurrent for Rwkv<'_> {
+    fn run(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: Option<&mut [f32]>,
+        scan: Scan,
+    ) -> Result<(), Error> {
+        self.run_layers(ex, tokens, state, scratch, hidden, probe, scan)
+    }
     fn d_model(&self) -> usize {
         self.cfg.d_model
     }
@@ -609,40 +615,13 @@ impl Recurrent for Rwkv<'_> {
         let c = &self.cfg;
         chunk * (10 * c.d_model + self.wide()) + c.n_heads * gla::head_scratch(c.head_size, c.head_size)
     }
-    fn forward(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-    ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, None, Scan::Chunked)
-    }
-    fn forward_recurrent(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-    ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, None, Scan::Recurrent)
-    }
     fn head(&self) -> &Weight<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        match f {
-            Forget::Window { r: 0 } => Err(Error::Config("rwkv: window forgetting needs r ≥ 1")),
-            Forget::Rri { a, .. } if a.partial_cmp(&0.0) != Some(core::cmp::Ordering::Greater) => {
-                Err(Error::Config("rwkv: RRI needs a > 0 (log w′ = log w + ln a)"))
-            }
-            f => {
-                self.forget = f;
-                Ok(())
-            }
-        }
+        f.check()?;
+        self.forget = f;
+        Ok(())
     }
     fn forget(&self) -> Forget {
         self.forget
@@ -670,16 +649,5 @@ impl Recurrent for Rwkv<'_> {
     }
     fn probe_series(&self) -> (&'static [&'static str], usize) {
         (PROBE, self.cfg.head_size)
-    }
-    fn forward_probed(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-        probe: &mut [f32],
-    ) -> Result<(), Error> {
-        self.run(ex, tokens, state, scratch, hidden, Some(probe), Scan::Chunked)
     }
 }
