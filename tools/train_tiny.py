@@ -37,6 +37,9 @@ Run from the repository root, one thread (the machine is shared), in a venv WITH
 (the shipped pair: 7-10 minutes each on one shared CPU core, about 2-3k tokens/s).  --dt-min/--dt-max/
 --dt-floor set HF's dt init (time_step_min/max/floor; HF default [1e-3, 1e-1], floor 1e-4).
 
+Passkey data (issue 5): --passkey-frac F makes F of the windows packed SPEC.md §2.2 passkey samples
+(code template, answer ` {key}.` weighted by --answer-weight); 0 (default) leaves training unchanged.
+
 See models/EXPERIMENTS.md for every configuration trained and its measured T_forget verdict.
 """
 import argparse
@@ -45,6 +48,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import shlex
 import sys
 import time
@@ -73,6 +77,57 @@ HELDOUT_FILE = os.path.join(CORPUS, "austen_persuasion.txt")
 TOKENIZER_FILE = os.path.join(ROOT, "tools", "tiny_tokenizer.json")
 EOT = "<|endoftext|>"
 HELDOUT_TOKENS = 2048
+
+# SPEC.md §2.2, the 'code' template (exact strings; what `stuffed passkey` uses by default)
+PK_PREFIX = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+PK_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+PK_NEEDLE = "The passkey is {key}. Remember it. {key} is the passkey.\n"
+PK_SUFFIX = "\nWhat is the pass key? The passkey is"
+PK_ANSWER = " {key}."
+
+
+class PasskeyMaker:
+    """Passkey training samples built as `stuffed passkey` builds its prompts (SPEC.md §2.2, code
+    template): prefix, num_blocks = (L - |prefix| - |suffix|) // |noise| noise blocks (token counts of
+    the parts alone) with the needle replacing a uniformly random block, suffix, then the answer
+    ` {key}.`; key = 5 uniform digits, zero-padded. The whole text is tokenized at once. Returns the
+    token ids and the number of prompt tokens (the answer starts there)."""
+
+    def __init__(self, tok, seed):
+        self.tok = tok
+        self.rng = random.Random(seed)
+        n = lambda s: len(tok.encode(s, add_special_tokens=False).ids)
+        self.n_prefix, self.n_noise, self.n_suffix = n(PK_PREFIX), n(PK_NOISE), n(PK_SUFFIX)
+
+    def sample(self, length):
+        num_blocks = max(1, (length - self.n_prefix - self.n_suffix) // self.n_noise)
+        key = f"{self.rng.randrange(100000):05d}"
+        blocks = [PK_NOISE] * num_blocks
+        blocks[self.rng.randrange(num_blocks)] = PK_NEEDLE.format(key=key)
+        prompt = PK_PREFIX + "".join(blocks) + PK_SUFFIX
+        ids = self.tok.encode(prompt + PK_ANSWER.format(key=key), add_special_tokens=False).ids
+        n_prompt = len(self.tok.encode(prompt, add_special_tokens=False).ids)
+        assert ids[:n_prompt] == self.tok.encode(prompt, add_special_tokens=False).ids
+        return ids, n_prompt
+
+    def window(self, T, lo, hi):
+        """T+1 tokens: passkey samples of uniform target length in [lo, min(hi, room)] packed one after
+        another, each followed by <|endoftext|> (id 0); the tail that fits no sample is padding.
+        Returns ids, per-target weights kind (0 pad, 1 text, 2 answer) for positions 1..T."""
+        ids, kind = [], []
+        while True:
+            room = T + 1 - len(ids) - 8  # answer (<= 7 tokens) + <|endoftext|>
+            if room < lo:
+                break
+            s, n_prompt = self.sample(self.rng.randint(lo, min(hi, room)))
+            if len(ids) + len(s) + 1 > T + 1:
+                break
+            kind += [1] * n_prompt + [2] * (len(s) - n_prompt) + [1]
+            ids += s + [0]
+        pad = T + 1 - len(ids)
+        ids += [0] * pad
+        kind += [0] * pad
+        return ids, kind[1:]
 
 
 def read_train_docs():
@@ -153,6 +208,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=8192, help="tokenizer vocab (only when (re)training it)")
     ap.add_argument("--retrain-tokenizer", action="store_true")
+    ap.add_argument("--passkey-frac", type=float, default=0.0,
+                    help="fraction of each batch's windows that are packed passkey samples (SPEC.md §2.2 code template)")
+    ap.add_argument("--passkey-min", type=int, default=64, help="shortest passkey prompt, tokens (target length)")
+    ap.add_argument("--passkey-max", type=int, default=0, help="longest passkey prompt (0: train_len - 8)")
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="loss weight of the answer tokens (` {key}.`) relative to other tokens")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=20)
     args = ap.parse_args()
@@ -202,19 +263,42 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     lens = torch.tensor([len(d) - T - 1 for d in doc_ids], dtype=torch.float64)
     assert (lens > 0).all()
+    n_pk = int(round(args.passkey_frac * batch))
+    pk_max = args.passkey_max or T - 8
+    if n_pk:
+        pk = PasskeyMaker(tok, args.seed + 1)
+        print(f"passkey: {n_pk} of {batch} windows per step, prompt lengths [{args.passkey_min}, {pk_max}], "
+              f"answer weight {args.answer_weight}", flush=True)
     log = []
     model.train()
     t0 = time.time()
     ema = None
+    pk_hist = []
     for step in range(steps):
-        which = torch.multinomial(lens, batch, replacement=True, generator=gen)
-        starts = (torch.rand(batch, generator=gen, dtype=torch.float64) * lens[which]).long()
+        which = torch.multinomial(lens, batch - n_pk, replacement=True, generator=gen)
+        starts = (torch.rand(batch - n_pk, generator=gen, dtype=torch.float64) * lens[which]).long()
         x = torch.stack([doc_ids[w][s:s + T + 1] for w, s in zip(which.tolist(), starts.tolist())])
+        if n_pk:
+            pw = [pk.window(T, args.passkey_min, pk_max) for _ in range(n_pk)]
+            x = torch.cat([torch.tensor([w[0] for w in pw], dtype=torch.long), x])
+            kind = torch.cat([torch.tensor([w[1] for w in pw], dtype=torch.long),
+                              torch.ones(batch - n_pk, T, dtype=torch.long)])
         lr = lr_at(step, steps, args.warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
         logits = model(x[:, :-1], use_cache=False).logits[..., :real_vocab]
-        loss = F.cross_entropy(logits.reshape(-1, real_vocab).float(), x[:, 1:].reshape(-1))
+        if not n_pk:
+            loss = F.cross_entropy(logits.reshape(-1, real_vocab).float(), x[:, 1:].reshape(-1))
+        else:
+            nll = F.cross_entropy(logits.reshape(-1, real_vocab).float(), x[:, 1:].reshape(-1), reduction="none")
+            k = kind.reshape(-1)
+            w = (k == 1).float() + args.answer_weight * (k == 2).float()
+            loss = (nll * w).sum() / w.sum()
+            with torch.no_grad():
+                ans = k == 2
+                ans_nll = nll[ans].mean().item()
+                ans_acc = (logits.reshape(-1, real_vocab).argmax(-1)[ans] == x[:, 1:].reshape(-1)[ans]).float().mean().item()
+                pk_hist.append((ans_nll, ans_acc))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
@@ -224,8 +308,13 @@ def main():
             el = time.time() - t0
             tps = (step + 1) * args.batch_tokens / el
             print(f"step {step:5d}/{steps} loss {loss.item():.4f} ema {ema:.4f} gnorm {gnorm:.2f} lr {lr:.2e} "
-                  f"{tps:,.0f} tok/s eta {(steps - step - 1) * args.batch_tokens / tps:.0f}s", flush=True)
+                  f"{tps:,.0f} tok/s eta {(steps - step - 1) * args.batch_tokens / tps:.0f}s"
+                  + (f" answer nll {sum(h[0] for h in pk_hist[-20:]) / len(pk_hist[-20:]):.3f} acc "
+                     f"{sum(h[1] for h in pk_hist[-20:]) / len(pk_hist[-20:]):.3f}" if n_pk else ""), flush=True)
             log.append({"step": step, "loss": round(loss.item(), 5), "ema": round(ema, 5), "lr": lr})
+            if n_pk:
+                log[-1]["answer_nll_last20"] = round(sum(h[0] for h in pk_hist[-20:]) / len(pk_hist[-20:]), 5)
+                log[-1]["answer_token_acc_last20"] = round(sum(h[1] for h in pk_hist[-20:]) / len(pk_hist[-20:]), 5)
     train_wall = time.time() - t0
 
     model.eval()
@@ -271,6 +360,11 @@ def main():
         "train_corpus": {"file": "host/assets/corpus/austen_train.txt.gz", "tokens": n_train,
                          "novels": len(doc_ids), "windows": "uniform over tokens, inside one novel"},
         "final_train_loss_ema": round(ema, 5),
+        **({"passkey": {"frac": args.passkey_frac, "windows_per_step": n_pk, "template": "SPEC.md §2.2 code",
+                        "prompt_len_range": [args.passkey_min, pk_max], "answer": PK_ANSWER,
+                        "packing": "samples packed in a window, each + <|endoftext|>; tail padding not scored",
+                        "loss": f"all tokens, answer tokens weighted x{args.answer_weight}",
+                        "rng": f"python random.Random(seed + 1)"}} if n_pk else {}),
         "train_wall_s": round(train_wall, 1),
         "total_wall_s": round(time.time() - t_start, 1),
         "heldout": {"text": "host/assets/corpus/austen_persuasion.txt", "tokenized": "whole file, no special tokens",

@@ -6,28 +6,10 @@ use stuffed::checkpoint::Checkpoint;
 use stuffed::forget::ForgetSpec;
 use stuffed::model::Model;
 use stuffed::session::{fro, Session};
+use stuffed_tests::{logits, rel};
 
 fn case() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mamba2_hf_g1_untied")
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    err / b.iter().fold(0f32, |m, x| m.max(x.abs()))
-}
-
-/// Logits of every position from the zero state, `chunk` tokens per call.
-fn logits(m: &Model, ids: &[u32], chunk: usize) -> Vec<f32> {
-    let v = m.info.vocab_rows;
-    let mut s = Session::new(m, chunk);
-    let mut out = vec![0f32; ids.len() * v];
-    let (ex, net, d) = (stuffed::exec::Pool::new(), m.net(), m.info.d_model);
-    s.feed(ids, &mut |off, h| {
-        let t = h.len() / d;
-        Ok(net.logits(&ex, h, t, &mut out[off * v..(off + t) * v])?)
-    })
-    .unwrap();
-    out
 }
 
 fn model(spec: &str) -> Model {

@@ -3,34 +3,11 @@
 //! The window's kernel is checked against direct sums in `stuffed_core::gla`'s unit test; here:
 //! every method changes the logits, chunked = token by token = odd splits, a window wider than
 //! the stream changes nothing, and the probe's log-decay sum equals Σ log w.
-use std::path::PathBuf;
 use stuffed::forget::ForgetSpec;
 use stuffed::model::Model;
-use stuffed::session::Session;
+use stuffed_tests::{data, logits, rel};
 
 const CASES: &[&str] = &["rwkv6_tiny", "rwkv5_tiny", "hgrn2_tiny", "rwkv6_tiny_bf16"];
-
-fn data(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(case)
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    err / b.iter().fold(0f32, |m, x| m.max(x.abs()))
-}
-
-fn logits(m: &Model, ids: &[u32], chunk: usize) -> Vec<f32> {
-    let v = m.info.vocab_rows;
-    let mut s = Session::new(m, chunk);
-    let mut out = vec![0f32; ids.len() * v];
-    let (ex, net, d) = (stuffed::exec::Pool::new(), m.net(), m.info.d_model);
-    s.feed(ids, &mut |off, h| {
-        let t = h.len() / d;
-        Ok(net.logits(&ex, h, t, &mut out[off * v..(off + t) * v])?)
-    })
-    .unwrap();
-    out
-}
 
 fn model(case: &str, spec: &str) -> Model {
     let mut m = Model::load(&data(case)).unwrap();

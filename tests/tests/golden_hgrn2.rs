@@ -1,18 +1,12 @@
 //! HGRN-2 against fla 0.6.0's HGRN2ForCausalLM (CPU, its Triton kernels replaced by the naive
 //! recurrence) on a tiny random checkpoint: `tests/data/hgrn2_tiny/`, from `tools/golden_hgrn2.py`.
 //! Bounds: FORMATS.md §8 (logits and final state rel ≤ 1e-4).
-use std::path::PathBuf;
 use stuffed::checkpoint::Checkpoint;
 use stuffed::exec::Pool;
 use stuffed::model::Model;
-use stuffed::session::Session;
+use stuffed_tests::{assert_close, data, run};
 
-const REL: f32 = 1e-4;
 const CASE: &str = "hgrn2_tiny";
-
-fn data(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(case)
-}
 
 struct Ref {
     ids: Vec<u32>,
@@ -33,42 +27,6 @@ fn load_ref() -> Ref {
         split: f("logits_split"),
         state: f("state"),
     }
-}
-
-fn max_abs(v: &[f32]) -> f32 {
-    v.iter().fold(0.0, |m, x| m.max(x.abs()))
-}
-
-fn assert_close(what: &str, ours: &[f32], reference: &[f32]) -> f32 {
-    assert_eq!(ours.len(), reference.len(), "{what}: length");
-    let err = ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    let rel = err / max_abs(reference);
-    println!("{what}: max abs err {err:.3e}, rel {rel:.3e}");
-    assert!(rel <= REL, "{what}: rel error {rel:.3e} > {REL:e} (abs {err:.3e})");
-    rel
-}
-
-fn run(m: &Model, pool: Pool, ids: &[u32], chunk: usize, splits: &[usize]) -> (Vec<f32>, Vec<f32>) {
-    let v = m.info.vocab_rows;
-    let mut s = Session::new(m, chunk);
-    s.ex = pool;
-    let mut logits = vec![0f32; ids.len() * v];
-    let (ex, net, d) = (Pool::new(), m.net(), m.info.d_model);
-    let mut start = 0;
-    for &len in splits.iter().chain(std::iter::once(&usize::MAX)) {
-        let end = start + len.min(ids.len() - start);
-        s.feed(&ids[start..end], &mut |off, h| {
-            let t = h.len() / d;
-            let at = start + off;
-            Ok(net.logits(&ex, h, t, &mut logits[at * v..(at + t) * v])?)
-        })
-        .unwrap();
-        start = end;
-        if start == ids.len() {
-            break;
-        }
-    }
-    (logits, s.state)
 }
 
 fn check(pool: fn() -> Pool) {

@@ -1,18 +1,12 @@
 //! Mamba-2 against the official implementations (HF transformers, mamba_ssm) on tiny random
 //! checkpoints: `tests/data/*/ref.safetensors`, written by `tools/golden_mamba2*.py`.
 //! Bounds: FORMATS.md §8 (logits and final state rel ≤ 1e-4).
-use std::path::PathBuf;
 use stuffed::checkpoint::Checkpoint;
 use stuffed::exec::Pool;
 use stuffed::model::Model;
-use stuffed::session::Session;
+use stuffed_tests::{assert_close, data, run};
 
 const CASES: &[&str] = &["mamba2_hf_g1_untied", "mamba2_hf_g2_tied", "mamba2_hf_bf16", "mamba2_official"];
-const REL: f32 = 1e-4;
-
-fn data(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(case)
-}
 
 struct Ref {
     ids: Vec<u32>,
@@ -39,45 +33,6 @@ fn load_ref(case: &str) -> Ref {
         conv_k: conv.shape[2],
         conv: f("conv_state"),
     }
-}
-
-fn max_abs(v: &[f32]) -> f32 {
-    v.iter().fold(0.0, |m, x| m.max(x.abs()))
-}
-
-/// max|a − b| / max|b|, asserting it is within `REL`.
-fn assert_close(what: &str, ours: &[f32], reference: &[f32]) -> f32 {
-    assert_eq!(ours.len(), reference.len(), "{what}: length");
-    let err = ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    let rel = err / max_abs(reference);
-    println!("{what}: max abs err {err:.3e}, rel {rel:.3e}");
-    assert!(rel <= REL, "{what}: rel error {rel:.3e} > {REL:e} (abs {err:.3e})");
-    rel
-}
-
-/// Runs `ids` through a fresh session in pieces of `splits` tokens, `chunk` tokens per call;
-/// returns all logits and the final state.
-fn run(m: &Model, pool: Pool, ids: &[u32], chunk: usize, splits: &[usize]) -> (Vec<f32>, Vec<f32>) {
-    let v = m.info.vocab_rows;
-    let mut s = Session::new(m, chunk);
-    s.ex = pool;
-    let mut logits = vec![0f32; ids.len() * v];
-    let (ex, net, d) = (Pool::new(), m.net(), m.info.d_model);
-    let mut start = 0;
-    for &len in splits.iter().chain(std::iter::once(&usize::MAX)) {
-        let end = start + len.min(ids.len() - start);
-        s.feed(&ids[start..end], &mut |off, h| {
-            let t = h.len() / d;
-            let at = start + off;
-            Ok(net.logits(&ex, h, t, &mut logits[at * v..(at + t) * v])?)
-        })
-        .unwrap();
-        start = end;
-        if start == ids.len() {
-            break;
-        }
-    }
-    (logits, s.state)
 }
 
 /// Our state (per layer: conv (k−1, cd), ssm (H, P, N)) against the reference tensors.

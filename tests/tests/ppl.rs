@@ -2,9 +2,9 @@
 //! tokenization equal to whole-text tokenization, resume equal to an uninterrupted run.
 use std::path::{Path, PathBuf};
 use stuffed::checkpoint::Checkpoint;
-use stuffed::cli::{run, Cli};
 use stuffed::text::{Input, TokenStream};
 use stuffed::tokenizer::Tokenizer;
+use stuffed_tests::cli;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -16,11 +16,6 @@ fn persuasion() -> PathBuf {
 
 fn neox_tiny() -> PathBuf {
     root().join("tests/data/mamba2_neox_tiny")
-}
-
-fn cli(args: &[&str]) -> anyhow::Result<()> {
-    use clap::Parser;
-    run(Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied()))?)
 }
 
 fn read_f32(p: &Path) -> Vec<f32> {

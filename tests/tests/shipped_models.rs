@@ -31,3 +31,19 @@ fn shipped_models_reproduce_their_recorded_heldout_loss() {
         assert_eq!(res["runs"][0]["train_len"], training["train_len"]);
     }
 }
+
+/// The passkey-trained tiny model retrieves within its training length (256 tokens).
+#[test]
+fn passkey_model_retrieves_within_its_training_length() {
+    let m = root().join("models/mamba2-tiny-passkey");
+    let out = tempfile::tempdir().unwrap();
+    let args = ["stuffed", "passkey", "--model", m.to_str().unwrap(), "--lengths", "128,256", "--samples", "5"];
+    let extra = ["--max-new", "8", "--out", out.path().to_str().unwrap()];
+    use clap::Parser;
+    run(Cli::try_parse_from([&args[..], &extra[..]].concat()).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
+    for l in s["accuracy_per_length"].as_array().unwrap() {
+        assert!(l["accuracy"].as_f64().unwrap() >= 0.8, "{l}");
+    }
+}
