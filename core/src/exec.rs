@@ -9,8 +9,17 @@ use core::marker::PhantomData;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
     Portable,
-    /// x86-64 AVX2 + FMA.
+    /// x86-64 AVX2 + FMA (+ F16C).
     Avx2,
+    /// AVX2 + FMA + F16C with AVX-512F/VL: the GEMM kernel uses 32 registers and a wider tile.
+    Avx512,
+}
+
+impl Simd {
+    /// Whether AVX2 + FMA code may run (true for both x86 levels).
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Simd::Avx2 | Simd::Avx512)
+    }
 }
 
 pub trait Exec: Sync {

@@ -114,7 +114,7 @@ pub unsafe fn chunked(
     ooff: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx2 {
+    if simd.has_avx2() {
         chunked_avx2(simd, h, t, s, hs, o, ldo, ooff);
         return;
     }

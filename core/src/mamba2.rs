@@ -524,7 +524,7 @@ impl<'a> Mamba2<'a> {
             let hs = unsafe { hss.range(hh * head_scratch(c), head_scratch(c)) };
             let cb = &cb[(hh / hpg) * nb * q * q..];
             #[cfg(target_arch = "x86_64")]
-            if simd == Simd::Avx2 {
+            if simd.has_avx2() {
                 // SAFETY: the host reported AVX2 and FMA at run time.
                 unsafe { self.ssd_head_avx2(simd, lw, hh, t, u, dt, s, cb, hs, &ys) };
                 return;

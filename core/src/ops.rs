@@ -117,7 +117,7 @@ pub fn log_sum_exp(simd: crate::exec::Simd, x: &[f32]) -> f32 {
         m + libm::logf(acc.iter().sum::<f32>() + tail)
     }
     #[cfg(target_arch = "x86_64")]
-    if simd == crate::exec::Simd::Avx2 {
+    if simd.has_avx2() {
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2(x: &[f32]) -> f32 {
             body(x)

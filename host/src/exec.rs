@@ -14,6 +14,17 @@ impl Pool {
         Pool { threads: rayon::current_num_threads(), simd: detect_simd() }
     }
 
+    /// The global pool with a given kernel level (no higher than [`detect_simd`]'s).
+    pub fn with_simd(simd: Simd) -> Pool {
+        let best = detect_simd();
+        let simd = match (simd, best) {
+            (Simd::Avx512, Simd::Avx512) => Simd::Avx512,
+            (Simd::Avx512 | Simd::Avx2, b) if b.has_avx2() => Simd::Avx2,
+            _ => Simd::Portable,
+        };
+        Pool { threads: rayon::current_num_threads(), simd }
+    }
+
     /// The portable kernel on one thread: the reference the fast path is tested against.
     pub fn serial_portable() -> Pool {
         Pool { threads: 1, simd: Simd::Portable }
@@ -33,12 +44,17 @@ impl Default for Pool {
     }
 }
 
-fn detect_simd() -> Simd {
-    if std::env::var("STUFFED_SIMD").is_ok_and(|v| v == "portable") {
+/// The best kernel level this CPU runs; `STUFFED_SIMD=portable|avx2` caps it.
+pub fn detect_simd() -> Simd {
+    let cap = std::env::var("STUFFED_SIMD").unwrap_or_default();
+    if cap == "portable" {
         return Simd::Portable;
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        if cap != "avx2" && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+            return Simd::Avx512;
+        }
         return Simd::Avx2;
     }
     Simd::Portable

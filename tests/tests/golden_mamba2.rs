@@ -98,6 +98,14 @@ fn official_torch_zip() {
     check_case(CASES[3], Pool::new);
 }
 
+/// The AVX2 kernel too where the CPU would pick the AVX-512 one.
+#[test]
+fn all_cases_avx2_kernel() {
+    for case in CASES {
+        check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Avx2));
+    }
+}
+
 /// The same bodies on the portable kernel, one thread: every backend the CPU build has.
 #[test]
 fn all_cases_portable_kernel() {
