@@ -154,60 +154,6 @@ impl<'a> Hgrn2<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_layers(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-        mut probe: Option<&mut [f32]>,
-        scan: Scan,
-    ) -> Result<(), Error> {
-        let c = &self.cfg;
-        let (t, d) = (tokens.len(), c.d_model);
-        need("hgrn2 state", state.len(), self.state_len())?;
-        need("hidden", hidden.len(), t * d)?;
-        need("hgrn2 scratch", scratch.len(), self.scratch_len(t))?;
-        if let Some(p) = probe.as_deref() {
-            need("probe", p.len(), self.probe_len())?;
-        }
-        check_tokens(tokens, c.vocab_rows)?;
-        if t == 0 {
-            return Ok(());
-        }
-        let x = &mut hidden[..t * d];
-        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
-            self.w.embed.row(tok as usize, row);
-        }
-        let ls = c.layer_state_len();
-        let pw = d;
-        let win = match self.forget {
-            Forget::Window { r } => Some(r),
-            _ => None,
-        };
-        let (base, extra) = state.split_at_mut(c.state_size());
-        // Window caches: per layer, then (position mod r, filled) for the whole model.
-        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
-        let pos0 = meta.first().map_or(0, |&v| v as usize);
-        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
-        let wl = win.map_or(0, |r| gla::window_len(c.n_heads(), c.expand, c.head_v(), r));
-        for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
-            let pr = probe.as_deref_mut().map(|p| &mut p[l * pw..(l + 1) * pw]);
-            let ws = win.map(|r| ((r, pos0, filled), &mut win_layers[l * wl..(l + 1) * wl]));
-            self.layer(ex, l, lw, t, x, st, scratch, scan, pr, ws)?;
-        }
-        if let (Some(r), [pm, fl]) = (win, meta) {
-            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
-            *pm = ((pos0 + t) % r) as f32;
-        }
-        for row in x.chunks_exact_mut(d) {
-            rmsnorm_inplace(row, &self.w.norm, 0, c.eps);
-        }
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         ex: &dyn Exec,
@@ -333,6 +279,7 @@ impl<'a> Hgrn2<'a> {
 }
 
 impl Recurrent for Hgrn2<'_> {
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         ex: &dyn Exec,
@@ -340,10 +287,50 @@ impl Recurrent for Hgrn2<'_> {
         state: &mut [f32],
         scratch: &mut [f32],
         hidden: &mut [f32],
-        probe: Option<&mut [f32]>,
+        mut probe: Option<&mut [f32]>,
         scan: Scan,
     ) -> Result<(), Error> {
-        self.run_layers(ex, tokens, state, scratch, hidden, probe, scan)
+        let c = &self.cfg;
+        let (t, d) = (tokens.len(), c.d_model);
+        need("hgrn2 state", state.len(), self.state_len())?;
+        need("hidden", hidden.len(), t * d)?;
+        need("hgrn2 scratch", scratch.len(), self.scratch_len(t))?;
+        if let Some(p) = probe.as_deref() {
+            need("probe", p.len(), self.probe_len())?;
+        }
+        check_tokens(tokens, c.vocab_rows)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let x = &mut hidden[..t * d];
+        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+            self.w.embed.row(tok as usize, row);
+        }
+        let ls = c.layer_state_len();
+        let pw = d;
+        let win = match self.forget {
+            Forget::Window { r } => Some(r),
+            _ => None,
+        };
+        let (base, extra) = state.split_at_mut(c.state_size());
+        // Window caches: per layer, then (position mod r, filled) for the whole model.
+        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
+        let pos0 = meta.first().map_or(0, |&v| v as usize);
+        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
+        let wl = win.map_or(0, |r| gla::window_len(c.n_heads(), c.expand, c.head_v(), r));
+        for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
+            let pr = probe.as_deref_mut().map(|p| &mut p[l * pw..(l + 1) * pw]);
+            let ws = win.map(|r| ((r, pos0, filled), &mut win_layers[l * wl..(l + 1) * wl]));
+            self.layer(ex, l, lw, t, x, st, scratch, scan, pr, ws)?;
+        }
+        if let (Some(r), [pm, fl]) = (win, meta) {
+            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
+            *pm = ((pos0 + t) % r) as f32;
+        }
+        for row in x.chunks_exact_mut(d) {
+            rmsnorm_inplace(row, &self.w.norm, 0, c.eps);
+        }
+        Ok(())
     }
     fn d_model(&self) -> usize {
         self.cfg.d_model

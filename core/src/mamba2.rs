@@ -214,63 +214,6 @@ impl<'a> Mamba2<'a> {
         Ok(Scratch { h, zx, u, dt, y, cb, wt, hs })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_layers(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-        mut probe: Option<&mut [f32]>,
-        scan: Scan,
-    ) -> Result<(), Error> {
-        let c = &self.cfg;
-        let (t, d) = (tokens.len(), c.d_model);
-        need("mamba2 state", state.len(), self.state_len())?;
-        need("hidden", hidden.len(), t * d)?;
-        if let Some(p) = probe.as_deref() {
-            need("probe", p.len(), self.probe_len())?;
-        }
-        check_tokens(tokens, c.vocab_rows)?;
-        if t == 0 {
-            return Ok(());
-        }
-        let win = match self.forget {
-            Forget::Window { r } if t > r => {
-                return Err(Error::Config("window forgetting: a call may hold at most r tokens"))
-            }
-            Forget::Window { r } => Some(r),
-            _ => None,
-        };
-        let mut s = self.split_scratch(t, scratch)?;
-        let x = &mut hidden[..t * d];
-        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
-            self.w.embed.row(tok as usize, row);
-        }
-        let (base, extra) = state.split_at_mut(c.paper_state_size());
-        // Window caches: per layer, then (position mod r, filled) for the whole model.
-        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
-        let pos0 = meta.first().map_or(0, |&v| v as usize);
-        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
-        let wl = win.map_or(0, |r| self.window_layer_len(r));
-        let ls = c.layer_state_len();
-        let psz = PROBE.len() * c.n_heads;
-        for (l, (layer, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
-            let pr = probe.as_deref_mut().map(|p| &mut p[l * psz..(l + 1) * psz]);
-            let ws = win.map(|r| (r, &mut win_layers[l * wl..(l + 1) * wl]));
-            self.layer(ex, layer, t, x, st, &mut s, scan, pr, ws.map(|(r, w)| (r, pos0, filled, w)))?;
-        }
-        if let (Some(r), [pm, fl]) = (win, meta) {
-            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
-            *pm = ((pos0 + t) % r) as f32;
-        }
-        for row in x.chunks_exact_mut(d) {
-            rmsnorm_inplace(row, &self.w.norm_f, 0, c.eps);
-        }
-        Ok(())
-    }
-
     /// f32 elements of one layer's window cache: `L (H, P, N)`, a ring of r slots of
     /// `[log α (H) | dt (H) | B (G·N) | x (di)]`, and the window's log-decay sum `(H, 2)` (hi, lo).
     fn window_layer_len(&self, r: usize) -> usize {
@@ -734,6 +677,7 @@ fn head_scratch(c: &Config) -> usize {
 }
 
 impl Recurrent for Mamba2<'_> {
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         ex: &dyn Exec,
@@ -741,10 +685,53 @@ impl Recurrent for Mamba2<'_> {
         state: &mut [f32],
         scratch: &mut [f32],
         hidden: &mut [f32],
-        probe: Option<&mut [f32]>,
+        mut probe: Option<&mut [f32]>,
         scan: Scan,
     ) -> Result<(), Error> {
-        self.run_layers(ex, tokens, state, scratch, hidden, probe, scan)
+        let c = &self.cfg;
+        let (t, d) = (tokens.len(), c.d_model);
+        need("mamba2 state", state.len(), self.state_len())?;
+        need("hidden", hidden.len(), t * d)?;
+        if let Some(p) = probe.as_deref() {
+            need("probe", p.len(), self.probe_len())?;
+        }
+        check_tokens(tokens, c.vocab_rows)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let win = match self.forget {
+            Forget::Window { r } if t > r => {
+                return Err(Error::Config("window forgetting: a call may hold at most r tokens"))
+            }
+            Forget::Window { r } => Some(r),
+            _ => None,
+        };
+        let mut s = self.split_scratch(t, scratch)?;
+        let x = &mut hidden[..t * d];
+        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+            self.w.embed.row(tok as usize, row);
+        }
+        let (base, extra) = state.split_at_mut(c.paper_state_size());
+        // Window caches: per layer, then (position mod r, filled) for the whole model.
+        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
+        let pos0 = meta.first().map_or(0, |&v| v as usize);
+        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
+        let wl = win.map_or(0, |r| self.window_layer_len(r));
+        let ls = c.layer_state_len();
+        let psz = PROBE.len() * c.n_heads;
+        for (l, (layer, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
+            let pr = probe.as_deref_mut().map(|p| &mut p[l * psz..(l + 1) * psz]);
+            let ws = win.map(|r| (r, &mut win_layers[l * wl..(l + 1) * wl]));
+            self.layer(ex, layer, t, x, st, &mut s, scan, pr, ws.map(|(r, w)| (r, pos0, filled, w)))?;
+        }
+        if let (Some(r), [pm, fl]) = (win, meta) {
+            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
+            *pm = ((pos0 + t) % r) as f32;
+        }
+        for row in x.chunks_exact_mut(d) {
+            rmsnorm_inplace(row, &self.w.norm_f, 0, c.eps);
+        }
+        Ok(())
     }
     fn d_model(&self) -> usize {
         self.cfg.d_model

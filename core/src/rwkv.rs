@@ -319,63 +319,6 @@ impl<'a> Rwkv<'a> {
         Ok(Scratch { xx, dx, tmp, tmp2, r, k, v, g, lw, o, wide, hs })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_layers(
-        &self,
-        ex: &dyn Exec,
-        tokens: &[u32],
-        state: &mut [f32],
-        scratch: &mut [f32],
-        hidden: &mut [f32],
-        mut probe: Option<&mut [f32]>,
-        scan: Scan,
-    ) -> Result<(), Error> {
-        let c = &self.cfg;
-        let (t, d) = (tokens.len(), c.d_model);
-        need("rwkv state", state.len(), self.state_len())?;
-        need("hidden", hidden.len(), t * d)?;
-        if let Some(p) = probe.as_deref() {
-            need("probe", p.len(), self.probe_len())?;
-        }
-        check_tokens(tokens, c.vocab_rows)?;
-        if t == 0 {
-            return Ok(());
-        }
-        let win = match self.forget {
-            Forget::Window { r } => Some(r),
-            _ => None,
-        };
-        let mut s = self.split_scratch(t, scratch)?;
-        let x = &mut hidden[..t * d];
-        let ed = self.w.embed.dtype();
-        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
-            self.w.embed.row(tok as usize, s.tmp);
-            layer_norm(&s.tmp[..d], &self.w.ln0_w, &self.w.ln0_b, c.eps, row);
-            row.iter_mut().for_each(|v| *v = round_to(ed, *v));
-        }
-        let ls = c.layer_state_len();
-        let (base, extra) = state.split_at_mut(c.state_size());
-        // Window caches: per layer, then (position mod r, filled) for the whole model.
-        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
-        let pos0 = meta.first().map_or(0, |&v| v as usize);
-        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
-        let wl = win.map_or(0, |r| gla::window_len(c.n_heads, c.head_size, c.head_size, r));
-        for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
-            let pr = probe.as_deref_mut().map(|p| &mut p[l * d..(l + 1) * d]);
-            let ws = win.map(|r| ((r, pos0, filled), &mut win_layers[l * wl..(l + 1) * wl]));
-            self.layer(ex, lw, t, x, st, &mut s, scan, pr, ws)?;
-        }
-        if let (Some(r), [pm, fl]) = (win, meta) {
-            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
-            *pm = ((pos0 + t) % r) as f32;
-        }
-        for row in x.chunks_exact_mut(d) {
-            s.tmp[..d].copy_from_slice(row);
-            layer_norm(&s.tmp[..d], &self.w.ln_out_w, &self.w.ln_out_b, c.eps, row);
-        }
-        Ok(())
-    }
-
     /// `xx = LN(x)` rows; `dx` = the previous row's `xx` (from `shift` for the first), and
     /// `shift` ← the last `xx`.
     #[allow(clippy::too_many_arguments)]
@@ -584,6 +527,7 @@ impl<'a> Rwkv<'a> {
 }
 
 impl Recurrent for Rwkv<'_> {
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         ex: &dyn Exec,
@@ -591,10 +535,53 @@ impl Recurrent for Rwkv<'_> {
         state: &mut [f32],
         scratch: &mut [f32],
         hidden: &mut [f32],
-        probe: Option<&mut [f32]>,
+        mut probe: Option<&mut [f32]>,
         scan: Scan,
     ) -> Result<(), Error> {
-        self.run_layers(ex, tokens, state, scratch, hidden, probe, scan)
+        let c = &self.cfg;
+        let (t, d) = (tokens.len(), c.d_model);
+        need("rwkv state", state.len(), self.state_len())?;
+        need("hidden", hidden.len(), t * d)?;
+        if let Some(p) = probe.as_deref() {
+            need("probe", p.len(), self.probe_len())?;
+        }
+        check_tokens(tokens, c.vocab_rows)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let win = match self.forget {
+            Forget::Window { r } => Some(r),
+            _ => None,
+        };
+        let mut s = self.split_scratch(t, scratch)?;
+        let x = &mut hidden[..t * d];
+        let ed = self.w.embed.dtype();
+        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+            self.w.embed.row(tok as usize, s.tmp);
+            layer_norm(&s.tmp[..d], &self.w.ln0_w, &self.w.ln0_b, c.eps, row);
+            row.iter_mut().for_each(|v| *v = round_to(ed, *v));
+        }
+        let ls = c.layer_state_len();
+        let (base, extra) = state.split_at_mut(c.state_size());
+        // Window caches: per layer, then (position mod r, filled) for the whole model.
+        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
+        let pos0 = meta.first().map_or(0, |&v| v as usize);
+        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
+        let wl = win.map_or(0, |r| gla::window_len(c.n_heads, c.head_size, c.head_size, r));
+        for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
+            let pr = probe.as_deref_mut().map(|p| &mut p[l * d..(l + 1) * d]);
+            let ws = win.map(|r| ((r, pos0, filled), &mut win_layers[l * wl..(l + 1) * wl]));
+            self.layer(ex, lw, t, x, st, &mut s, scan, pr, ws)?;
+        }
+        if let (Some(r), [pm, fl]) = (win, meta) {
+            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
+            *pm = ((pos0 + t) % r) as f32;
+        }
+        for row in x.chunks_exact_mut(d) {
+            s.tmp[..d].copy_from_slice(row);
+            layer_norm(&s.tmp[..d], &self.w.ln_out_w, &self.w.ln_out_b, c.eps, row);
+        }
+        Ok(())
     }
     fn d_model(&self) -> usize {
         self.cfg.d_model
