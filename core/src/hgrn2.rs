@@ -17,7 +17,7 @@ use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, Runs};
 use crate::gla::{self, Mode};
-use crate::model::{check_tokens, Recurrent, Scan};
+use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
 use crate::weight::{matmul, Weight};
 
@@ -102,13 +102,6 @@ pub struct Hgrn2<'a> {
 
 const PROBE: &[&str] = &["log_decay_sum"];
 
-fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(), Error> {
-    if w.rows != rows || w.cols != cols {
-        return Err(Error::Shape { what, expected: rows * cols, got: w.rows * w.cols });
-    }
-    Ok(())
-}
-
 impl<'a> Hgrn2<'a> {
     pub fn new(cfg: Config, w: Weights<'a>) -> Result<Self, Error> {
         cfg.validate()?;
@@ -116,22 +109,22 @@ impl<'a> Hgrn2<'a> {
         if w.layers.len() != cfg.n_layer {
             return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
         }
-        shape("embeddings", &w.embed, v, c)?;
-        shape("lm_head", &w.head, v, c)?;
-        shape("norm", &w.norm, 1, c)?;
+        w.embed.expect_shape("embeddings", v, c)?;
+        w.head.expect_shape("lm_head", v, c)?;
+        w.norm.expect_shape("norm", 1, c)?;
         if let Some(lb) = &w.lower_bounds {
-            shape("lower_bounds", lb, cfg.n_layer, c)?;
+            lb.expect_shape("lower_bounds", cfg.n_layer, c)?;
         }
         for l in w.layers {
             for x in [&l.attn_norm, &l.g_norm, &l.mlp_norm] {
-                shape("norm weight", x, 1, c)?;
+                x.expect_shape("norm weight", 1, c)?;
             }
             for x in [&l.wq, &l.wf, &l.wi, &l.wo] {
-                shape("attn projection", x, c, c)?;
+                x.expect_shape("attn projection", c, c)?;
             }
-            shape("mlp.gate_proj", &l.gate, i, c)?;
-            shape("mlp.up_proj", &l.up, i, c)?;
-            shape("mlp.down_proj", &l.down, c, i)?;
+            l.gate.expect_shape("mlp.gate_proj", i, c)?;
+            l.up.expect_shape("mlp.up_proj", i, c)?;
+            l.down.expect_shape("mlp.down_proj", c, i)?;
         }
         Ok(Hgrn2 { cfg, w, forget: Forget::None })
     }
@@ -292,13 +285,8 @@ impl Recurrent for Hgrn2<'_> {
     ) -> Result<(), Error> {
         let c = &self.cfg;
         let (t, d) = (tokens.len(), c.d_model);
-        need("hgrn2 state", state.len(), self.state_len())?;
-        need("hidden", hidden.len(), t * d)?;
+        check_call(self, tokens, state, hidden, probe.as_deref())?;
         need("hgrn2 scratch", scratch.len(), self.scratch_len(t))?;
-        if let Some(p) = probe.as_deref() {
-            need("probe", p.len(), self.probe_len())?;
-        }
-        check_tokens(tokens, c.vocab_rows)?;
         if t == 0 {
             return Ok(());
         }

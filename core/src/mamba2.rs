@@ -15,7 +15,7 @@
 use crate::error::{need, Error};
 use crate::exec::{Exec, Shared, Simd};
 use crate::forget::{Forget, Runs};
-use crate::model::{check_tokens, Recurrent, Scan};
+use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
 use crate::weight::{gemm_nt, gemm_raw, matmul, Weight};
 
@@ -137,13 +137,6 @@ pub struct Mamba2<'a> {
 /// Probe series, per layer and head, summed over tokens.
 const PROBE: &[&str] = &["log_decay_sum", "dt_sum", "b_mean_sum", "x_mean_sum"];
 
-fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(), Error> {
-    if w.rows != rows || w.cols != cols {
-        return Err(Error::Shape { what, expected: rows * cols, got: w.rows * w.cols });
-    }
-    Ok(())
-}
-
 /// Scratch regions for `t` tokens (all f32, row-major).
 struct Scratch<'s> {
     /// (t, max(d, di)): normed input, then the out_proj output
@@ -172,28 +165,28 @@ impl<'a> Mamba2<'a> {
         if w.layers.len() != cfg.n_layer {
             return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
         }
-        shape("embedding", &w.embed, cfg.vocab_rows, d)?;
-        shape("lm_head", &w.head, cfg.vocab_rows, d)?;
-        shape("norm_f", &w.norm_f, 1, d)?;
+        w.embed.expect_shape("embedding", cfg.vocab_rows, d)?;
+        w.head.expect_shape("lm_head", cfg.vocab_rows, d)?;
+        w.norm_f.expect_shape("norm_f", 1, d)?;
         for l in w.layers {
-            shape("norm", &l.norm, 1, d)?;
-            shape("in_proj", &l.in_proj, cfg.in_proj_rows(), d)?;
+            l.norm.expect_shape("norm", 1, d)?;
+            l.in_proj.expect_shape("in_proj", cfg.in_proj_rows(), d)?;
             if let Some(b) = &l.in_proj_bias {
-                shape("in_proj.bias", b, 1, cfg.in_proj_rows())?;
+                b.expect_shape("in_proj.bias", 1, cfg.in_proj_rows())?;
             }
-            shape("conv1d.weight", &l.conv_w, cd, cfg.d_conv)?;
+            l.conv_w.expect_shape("conv1d.weight", cd, cfg.d_conv)?;
             if let Some(b) = &l.conv_b {
-                shape("conv1d.bias", b, 1, cd)?;
+                b.expect_shape("conv1d.bias", 1, cd)?;
             }
-            shape("dt_bias", &l.dt_bias, 1, h)?;
-            shape("A_log", &l.a_log, 1, h)?;
+            l.dt_bias.expect_shape("dt_bias", 1, h)?;
+            l.a_log.expect_shape("A_log", 1, h)?;
             if l.d.len() != h && l.d.len() != di {
                 return Err(Error::Shape { what: "D", expected: h, got: l.d.len() });
             }
-            shape("mixer.norm", &l.gate_norm, 1, di)?;
-            shape("out_proj", &l.out_proj, d, di)?;
+            l.gate_norm.expect_shape("mixer.norm", 1, di)?;
+            l.out_proj.expect_shape("out_proj", d, di)?;
             if let Some(b) = &l.out_proj_bias {
-                shape("out_proj.bias", b, 1, d)?;
+                b.expect_shape("out_proj.bias", 1, d)?;
             }
         }
         Ok(Mamba2 { cfg, w, forget: Forget::None })
@@ -690,12 +683,7 @@ impl Recurrent for Mamba2<'_> {
     ) -> Result<(), Error> {
         let c = &self.cfg;
         let (t, d) = (tokens.len(), c.d_model);
-        need("mamba2 state", state.len(), self.state_len())?;
-        need("hidden", hidden.len(), t * d)?;
-        if let Some(p) = probe.as_deref() {
-            need("probe", p.len(), self.probe_len())?;
-        }
-        check_tokens(tokens, c.vocab_rows)?;
+        check_call(self, tokens, state, hidden, probe.as_deref())?;
         if t == 0 {
             return Ok(());
         }

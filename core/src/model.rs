@@ -120,7 +120,24 @@ pub trait Recurrent: Sync {
     }
 }
 
-/// Checks every token id against the embedding before any state is touched.
+/// The checks every family's `run` starts with, before any state is touched: buffer sizes and every
+/// token id against the embedding.
+pub fn check_call<R: Recurrent + ?Sized>(
+    net: &R,
+    tokens: &[u32],
+    state: &[f32],
+    hidden: &[f32],
+    probe: Option<&[f32]>,
+) -> Result<(), Error> {
+    crate::error::need("state", state.len(), net.state_len())?;
+    crate::error::need("hidden", hidden.len(), tokens.len() * net.d_model())?;
+    if let Some(p) = probe {
+        crate::error::need("probe", p.len(), net.probe_len())?;
+    }
+    check_tokens(tokens, net.vocab_rows())
+}
+
+/// Checks every token id against the embedding.
 pub fn check_tokens(tokens: &[u32], rows: usize) -> Result<(), Error> {
     match tokens.iter().find(|&&t| t as usize >= rows) {
         Some(&id) => Err(Error::Token { id, rows }),

@@ -21,7 +21,7 @@ use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, Runs};
 use crate::gla::{self, Mode};
-use crate::model::{check_tokens, Recurrent, Scan};
+use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{exp, silu};
 use crate::weight::{matmul, DType, Data, Weight};
 
@@ -161,13 +161,6 @@ pub struct Rwkv<'a> {
 
 const PROBE: &[&str] = &["log_decay_sum"];
 
-fn shape(what: &'static str, w: &Weight, rows: usize, cols: usize) -> Result<(), Error> {
-    if w.rows != rows || w.cols != cols {
-        return Err(Error::Shape { what, expected: rows * cols, got: w.rows * w.cols });
-    }
-    Ok(())
-}
-
 /// Scratch regions for `t` tokens.
 struct Scratch<'s> {
     /// (t, C) each
@@ -258,36 +251,36 @@ impl<'a> Rwkv<'a> {
         if w.layers.len() != cfg.n_layer {
             return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
         }
-        shape("emb", &w.embed, v, c)?;
-        shape("head", &w.head, v, c)?;
+        w.embed.expect_shape("emb", v, c)?;
+        w.head.expect_shape("head", v, c)?;
         for x in [&w.ln0_w, &w.ln0_b, &w.ln_out_w, &w.ln_out_b] {
-            shape("ln", x, 1, c)?;
+            x.expect_shape("ln", 1, c)?;
         }
         for l in w.layers {
             for x in [&l.ln1_w, &l.ln1_b, &l.ln2_w, &l.ln2_b, &l.decay, &l.u, &l.lnx_w, &l.lnx_b, &l.fmix_k, &l.fmix_r]
             {
-                shape("per-channel vector", x, 1, c)?;
+                x.expect_shape("per-channel vector", 1, c)?;
             }
             for x in [&l.wr, &l.wk, &l.wv, &l.wg, &l.wo, &l.fr] {
-                shape("att/ffn square projection", x, c, c)?;
+                x.expect_shape("att/ffn square projection", c, c)?;
             }
-            shape("ffn.key", &l.fk, f, c)?;
-            shape("ffn.value", &l.fv, c, f)?;
+            l.fk.expect_shape("ffn.key", f, c)?;
+            l.fv.expect_shape("ffn.value", c, f)?;
             match (&l.mix, cfg.version) {
                 (TimeMix::V5 { mix }, Version::V5_2) => {
                     for x in mix {
-                        shape("time_mix", x, 1, c)?;
+                        x.expect_shape("time_mix", 1, c)?;
                     }
                 }
                 (TimeMix::V6 { maa_x, maa, w1, w2, dw1, dw2 }, Version::V6) => {
-                    shape("time_maa_x", maa_x, 1, c)?;
+                    maa_x.expect_shape("time_maa_x", 1, c)?;
                     for x in maa {
-                        shape("time_maa", x, 1, c)?;
+                        x.expect_shape("time_maa", 1, c)?;
                     }
-                    shape("time_maa_w1", w1, c, 5 * cfg.lora_mix)?;
-                    shape("time_maa_w2", w2, 5 * cfg.lora_mix, c)?;
-                    shape("time_decay_w1", dw1, c, cfg.lora_decay)?;
-                    shape("time_decay_w2", dw2, cfg.lora_decay, c)?;
+                    w1.expect_shape("time_maa_w1", c, 5 * cfg.lora_mix)?;
+                    w2.expect_shape("time_maa_w2", 5 * cfg.lora_mix, c)?;
+                    dw1.expect_shape("time_decay_w1", c, cfg.lora_decay)?;
+                    dw2.expect_shape("time_decay_w2", cfg.lora_decay, c)?;
                 }
                 _ => return Err(Error::Config("rwkv: layer weights of the wrong version")),
             }
@@ -540,12 +533,7 @@ impl Recurrent for Rwkv<'_> {
     ) -> Result<(), Error> {
         let c = &self.cfg;
         let (t, d) = (tokens.len(), c.d_model);
-        need("rwkv state", state.len(), self.state_len())?;
-        need("hidden", hidden.len(), t * d)?;
-        if let Some(p) = probe.as_deref() {
-            need("probe", p.len(), self.probe_len())?;
-        }
-        check_tokens(tokens, c.vocab_rows)?;
+        check_call(self, tokens, state, hidden, probe.as_deref())?;
         if t == 0 {
             return Ok(());
         }

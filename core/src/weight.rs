@@ -70,6 +70,14 @@ impl<'a> Weight<'a> {
         Ok(w)
     }
 
+    /// An error unless the view is `(rows, cols)`.
+    pub fn expect_shape(&self, what: &'static str, rows: usize, cols: usize) -> Result<(), Error> {
+        if self.rows != rows || self.cols != cols {
+            return Err(Error::Shape { what, expected: rows * cols, got: self.rows * self.cols });
+        }
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         with_slice!(self.data, s => s.len())
     }
