@@ -29,7 +29,7 @@ const HELDOUT: (&str, &[u8]) = ("austen_persuasion.txt", include_bytes!("../asse
 
 /// Where the embedded files go: `$STUFFED_CACHE`, else `$XDG_CACHE_HOME/stuffed`, else
 /// `~/.cache/stuffed`, else the system temp dir.
-fn cache_root() -> PathBuf {
+pub fn cache_root() -> PathBuf {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     env("STUFFED_CACHE")
         .or_else(|| env("XDG_CACHE_HOME").map(|p| p.join("stuffed")))

@@ -5,10 +5,13 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod defaults;
 pub mod eval;
 pub mod exec;
 pub mod forget;
+pub mod gpumem;
 pub mod model;
 pub mod report;
 pub mod score;

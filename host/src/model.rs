@@ -64,6 +64,14 @@ impl Model {
         }
     }
 
+    /// The Mamba-2 model, when this is one (the CUDA backend runs Mamba-2).
+    pub fn mamba2(&self) -> Option<&Mamba2<'static>> {
+        match &self.net {
+            Net::Mamba2(m) => Some(m),
+            _ => None,
+        }
+    }
+
     fn net_mut(&mut self) -> &mut dyn Recurrent {
         match &mut self.net {
             Net::Mamba2(m) => m,

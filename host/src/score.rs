@@ -1,8 +1,11 @@
 //! The LM head fused with log-softmax and NLL, a sub-chunk of rows at a time, so `[T, V]` logits
 //! never exist beyond one sub-chunk.
 use crate::exec::Pool;
+use crate::model::Model;
+use crate::session::Session;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use stuffed_core::exec::Exec;
 use stuffed_core::ops::log_sum_exp;
 use stuffed_core::Recurrent;
@@ -39,5 +42,241 @@ impl<'m> NllHead<'m> {
             });
         }
         Ok(())
+    }
+}
+
+/// Where a command's forward runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The CUDA backend (Mamba-2; a binary built with `--features cuda`).
+    Cuda,
+}
+
+/// GPU options shared by the commands that take `--device`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GpuOptions {
+    /// Bytes the engine's buffers may take (default: the free device memory).
+    pub max_mem: Option<usize>,
+    /// Run f32-stored matrices in bf16.
+    pub bf16: bool,
+}
+
+/// `40G`, `512M`, `1.5GiB`, or bytes.
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mul) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok((v * mul as f64) as usize),
+        _ => bail!("'{s}' is not a size (e.g. 40G, 512M, 1.5GiB)"),
+    }
+}
+
+/// What a checkpoint keeps of a scorer: the state, the pending row, state normalization's τ.
+pub type Resume = (Vec<f32>, Option<Vec<f32>>, Vec<f32>);
+
+/// The stream loop's engine: the CPU session with the host-side NLL head, or the CUDA backend.
+/// Both score every token that has a predicting row and keep the last row pending for the next call.
+pub enum Scorer<'m> {
+    Cpu {
+        session: Box<Session<'m>>,
+        head: NllHead<'m>,
+        rows: Vec<f32>,
+        pending: Option<Vec<f32>>,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::cuda::mamba2::GpuMamba2>),
+}
+
+impl<'m> Scorer<'m> {
+    pub fn new(model: &'m Model, chunk: usize, real: usize, device: Device, gpu: GpuOptions) -> Result<Scorer<'m>> {
+        match device {
+            Device::Cpu => {
+                let session = Box::new(Session::new(model, chunk));
+                let d = model.net().d_model();
+                Ok(Scorer::Cpu {
+                    head: NllHead::new(model.net(), real),
+                    rows: vec![0.0; (chunk.max(1) + 1) * d],
+                    session,
+                    pending: None,
+                })
+            }
+            Device::Cuda => cuda_scorer(model, chunk, real, gpu),
+        }
+    }
+
+    /// Tokens one call may hold.
+    pub fn chunk(&self) -> usize {
+        match self {
+            Scorer::Cpu { session, .. } => session.chunk,
+            #[cfg(feature = "cuda")]
+            Scorer::Cuda(g) => g.chunk,
+        }
+    }
+
+    /// Feeds `ids` and writes into `nll` the NLL of each token that has a predicting row: all of
+    /// them after a pending row (returns true), else all but the first.
+    pub fn score(&mut self, ids: &[u32], nll: &mut Vec<f32>) -> Result<bool> {
+        nll.clear();
+        match self {
+            Scorer::Cpu { session, head, rows, pending } => {
+                let d = session.net().d_model();
+                let t = ids.len();
+                let mut targets = Vec::with_capacity(t + 1);
+                if rows.len() < (t + 1) * d {
+                    rows.resize((t + 1) * d, 0.0);
+                }
+                let had = pending.is_some();
+                if let Some(p) = pending.take() {
+                    rows[..d].copy_from_slice(&p);
+                    targets.push(ids[0]);
+                }
+                let nrows = targets.len();
+                session.feed(ids, &mut |off, h| {
+                    rows[(nrows + off) * d..(nrows + off) * d + h.len()].copy_from_slice(h);
+                    Ok(())
+                })?;
+                targets.extend_from_slice(&ids[1..]);
+                nll.resize(targets.len(), 0.0);
+                head.nll(&rows[..targets.len() * d], &targets, nll)?;
+                *pending = Some(rows[(nrows + t - 1) * d..(nrows + t) * d].to_vec());
+                Ok(had)
+            }
+            #[cfg(feature = "cuda")]
+            Scorer::Cuda(g) => {
+                let had = g.has_pending;
+                *nll = g.feed_nll(ids)?;
+                Ok(had)
+            }
+        }
+    }
+
+    /// Back to the zero state at the start of a document.
+    pub fn reset(&mut self) -> Result<()> {
+        match self {
+            Scorer::Cpu { session, pending, .. } => {
+                session.reset();
+                *pending = None;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Scorer::Cuda(g) => g.reset(),
+        }
+    }
+
+    pub fn state_len(&self) -> usize {
+        match self {
+            Scorer::Cpu { session, .. } => session.state.len(),
+            #[cfg(feature = "cuda")]
+            Scorer::Cuda(g) => g.state_len(),
+        }
+    }
+
+    /// The state, the pending row and state normalization's τ, for a checkpoint.
+    pub fn snapshot(&self) -> Result<Resume> {
+        match self {
+            Scorer::Cpu { session, pending, .. } => Ok((session.state.clone(), pending.clone(), session.tau.clone())),
+            #[cfg(feature = "cuda")]
+            Scorer::Cuda(g) => {
+                let mut s = vec![0f32; g.state_len()];
+                g.download_state(&mut s)?;
+                Ok((s, g.pending_row()?, Vec::new()))
+            }
+        }
+    }
+
+    /// Continues from a checkpoint taken at document position `pos`.
+    pub fn restore(&mut self, state: &[f32], pending: Option<&[f32]>, tau: Vec<f32>, pos: u64) -> Result<()> {
+        match self {
+            Scorer::Cpu { session, pending: p, .. } => {
+                session.state.copy_from_slice(state);
+                session.tau = tau;
+                session.pos = pos;
+                *p = pending.map(<[f32]>::to_vec);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Scorer::Cuda(g) => {
+                g.upload_state(state)?;
+                g.set_pending_row(pending)
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_engine(model: &Model, chunk: usize, real: usize, gpu: GpuOptions) -> Result<crate::cuda::mamba2::GpuMamba2> {
+    use crate::forget::ForgetSpec;
+    if matches!(model.forget, ForgetSpec::StateNorm { .. } | ForgetSpec::Reset { .. }) {
+        bail!("--forget {} is not available with --device cuda yet (use the CPU)", model.forget);
+    }
+    let force = gpu.bf16.then_some(crate::cuda::DType::Bf16);
+    crate::cuda::mamba2::GpuMamba2::new(model, chunk, gpu.max_mem, force, real)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_scorer<'m>(model: &'m Model, chunk: usize, real: usize, gpu: GpuOptions) -> Result<Scorer<'m>> {
+    Ok(Scorer::Cuda(Box::new(cuda_engine(model, chunk, real, gpu)?)))
+}
+
+/// Logits `(T, vocab_rows)` of every position from the zero state, on the GPU.
+#[cfg(feature = "cuda")]
+pub fn cuda_logits(model: &Model, ids: &[u32], chunk: usize, gpu: GpuOptions) -> Result<Vec<f32>> {
+    let mut g = cuda_engine(model, chunk, model.info.vocab_rows, gpu)?;
+    let mut all = Vec::with_capacity(ids.len() * model.info.vocab_rows);
+    for piece in ids.chunks(g.chunk) {
+        g.forward(piece, None)?;
+        all.extend(g.logits(1, piece.len())?);
+    }
+    Ok(all)
+}
+
+/// Greedy continuation of `ids` on the GPU.
+#[cfg(feature = "cuda")]
+pub fn cuda_greedy(model: &Model, ids: &[u32], max_new: usize, real: usize, gpu: GpuOptions) -> Result<Vec<u32>> {
+    let mut g = cuda_engine(model, 4096, real, gpu)?;
+    g.feed(ids)?;
+    g.greedy(max_new)
+}
+
+#[cfg(not(feature = "cuda"))]
+const NO_CUDA: &str =
+    "--device cuda: this binary was built without CUDA (build with `cargo build --release --features cuda`)";
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_scorer<'m>(_: &'m Model, _: usize, _: usize, _: GpuOptions) -> Result<Scorer<'m>> {
+    bail!(NO_CUDA)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_logits(_: &Model, _: &[u32], _: usize, _: GpuOptions) -> Result<Vec<f32>> {
+    bail!(NO_CUDA)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_greedy(_: &Model, _: &[u32], _: usize, _: usize, _: GpuOptions) -> Result<Vec<u32>> {
+    bail!(NO_CUDA)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_bytes("40G").unwrap(), 40 << 30);
+        assert_eq!(parse_bytes("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("-1G").is_err() && parse_bytes("G").is_err());
     }
 }

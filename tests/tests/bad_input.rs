@@ -224,3 +224,21 @@ fn nan_in_state_is_an_error() {
     let err = format!("{:#}", s.feed(&[1, 2, 3], &mut |_, _| Ok(())).unwrap_err());
     assert_mentions(&err, &["non-finite", "state", "token 3"]);
 }
+
+/// Without the `cuda` feature, `--device cuda` is one line saying how to get it; bad GPU options are
+/// one line too.
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn device_cuda_without_the_feature() {
+    let ids = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ids.path(), "1 2 3").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (m, i, o) = (tiny(), ids.path().to_path_buf(), out.path().join("l.safetensors"));
+    let args = ["stuffed", "logits", "--model", m.to_str().unwrap(), "--ids", i.to_str().unwrap()];
+    let run_err = |extra: &[&str]| {
+        let a: Vec<&str> = args.iter().chain(["--out", o.to_str().unwrap()].iter()).chain(extra).copied().collect();
+        format!("{:#}", run(<Cli as clap::Parser>::try_parse_from(a).unwrap()).unwrap_err())
+    };
+    assert_mentions(&run_err(&["--device", "cuda"]), &["built without CUDA", "--features cuda"]);
+    assert_mentions(&run_err(&["--device", "cuda", "--max-gpu-mem", "lots"]), &["'lots' is not a size"]);
+}

@@ -137,11 +137,19 @@ pub fn check_ids(ids: &[u32], rows: usize, source: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize) -> Result<()> {
+pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize, dev: &super::DeviceArgs) -> Result<()> {
     let m = Model::load(model)?;
     let ids = read_ids(ids_path)?;
     check_ids(&ids, m.info.vocab_rows, &ids_path.display().to_string())?;
     let v = m.info.vocab_rows;
+    if dev.device == crate::score::Device::Cuda {
+        let t0 = std::time::Instant::now();
+        let all = crate::score::cuda_logits(&m, &ids, chunk, dev.gpu()?)?;
+        let secs = t0.elapsed().as_secs_f64();
+        write_f32(out, "logits", &[ids.len(), v], &all)?;
+        eprintln!("{} tokens in {:.3} s on the GPU (incl. upload and the logits download)", ids.len(), secs);
+        return Ok(());
+    }
     let mut s = Session::new(&m, chunk);
     let mut all = vec![0f32; ids.len() * v];
     let (ex, net, d) = (crate::exec::Pool::new(), m.net(), m.info.d_model);
@@ -165,7 +173,13 @@ pub fn write_f32(path: &Path, name: &str, shape: &[usize], data: &[f32]) -> Resu
         .with_context(|| format!("{}: cannot write", path.display()))
 }
 
-pub fn generate(model: &Path, prompt: &str, max_new: usize, tokenizer: Option<&Path>) -> Result<()> {
+pub fn generate(
+    model: &Path,
+    prompt: &str,
+    max_new: usize,
+    tokenizer: Option<&Path>,
+    dev: &super::DeviceArgs,
+) -> Result<()> {
     let m = Model::load(model)?;
     let tok = Tokenizer::for_model(Some(&dir_of(model)), tokenizer)?;
     let ids = tok.encode(prompt)?;
@@ -174,6 +188,10 @@ pub fn generate(model: &Path, prompt: &str, max_new: usize, tokenizer: Option<&P
     }
     check_ids(&ids, m.info.vocab_rows, "prompt")?;
     let real = real_vocab(&m, &tok);
+    if dev.device == crate::score::Device::Cuda {
+        let out = crate::score::cuda_greedy(&m, &ids, max_new, real, dev.gpu()?)?;
+        return print_out(&tok.decode(&out)?, true);
+    }
     let v = m.info.vocab_rows;
     let mut s = Session::new(&m, 256);
     let mut last = vec![0f32; m.info.d_model];

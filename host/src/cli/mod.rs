@@ -1,5 +1,6 @@
 //! Command-line flags and the flow of each command.
 pub mod basic;
+mod bench;
 mod passkey;
 mod ppl;
 mod probe;
@@ -57,6 +58,28 @@ impl InputArgs {
     }
 }
 
+/// `--device` and the GPU's options.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Where the forward runs: cpu, or cuda (Mamba-2; a binary built with `--features cuda`).
+    #[arg(long, value_enum, default_value_t = crate::score::Device::Cpu)]
+    pub device: crate::score::Device,
+    /// With --device cuda: the most GPU memory the engine's buffers may take (e.g. 40G); the chunk
+    /// shrinks to fit. Default: the free memory.
+    #[arg(long)]
+    pub max_gpu_mem: Option<String>,
+    /// With --device cuda: run f32-stored weights as bf16 (bf16-stored ones always are).
+    #[arg(long)]
+    pub gpu_bf16: bool,
+}
+
+impl DeviceArgs {
+    pub fn gpu(&self) -> anyhow::Result<crate::score::GpuOptions> {
+        let max_mem = self.max_gpu_mem.as_deref().map(crate::score::parse_bytes).transpose()?;
+        Ok(crate::score::GpuOptions { max_mem, bf16: self.gpu_bf16 })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Family, dimensions, parameters, dtype, state size and vocab of a checkpoint.
@@ -90,6 +113,8 @@ pub enum Cmd {
         /// Tokens per forward call; 1 runs token by token.
         #[arg(long, default_value_t = 256)]
         chunk: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Greedy continuation of a prompt.
     Generate {
@@ -101,6 +126,8 @@ pub enum Cmd {
         max_new: usize,
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Loss against position, streamed over millions of tokens in constant memory.
     Ppl(ppl::PplArgs),
@@ -116,6 +143,10 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Streamed-NLL speed and memory on a synth preset (or a model), and decode ms/token.
+    Bench(bench::BenchArgs),
+    /// Check a device (--device cuda) against the CPU core on the same weights and tokens.
+    Selftest(bench::SelftestArgs),
     /// Write an HF-format directory of seeded random (UNTRAINED) weights at a published shape.
     Synth {
         #[arg(long, default_value = "mamba2")]
@@ -138,13 +169,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Tokenize { model, tokenizer, text, file } => {
             basic::tokenize(model.as_deref(), tokenizer.as_deref(), text, file.as_deref())
         }
-        Cmd::Logits { model, ids, out, chunk } => basic::logits(&model, &ids, &out, chunk),
-        Cmd::Generate { model, prompt, max_new, tokenizer } => {
-            basic::generate(&model, &prompt, max_new, tokenizer.as_deref())
+        Cmd::Logits { model, ids, out, chunk, device } => basic::logits(&model, &ids, &out, chunk, &device),
+        Cmd::Generate { model, prompt, max_new, tokenizer, device } => {
+            basic::generate(&model, &prompt, max_new, tokenizer.as_deref(), &device)
         }
         Cmd::Ppl(a) => ppl::run(a),
         Cmd::Passkey(a) => passkey::run(a),
         Cmd::Probe(a) => probe::run(a),
+        Cmd::Bench(a) => bench::bench(a),
+        Cmd::Selftest(a) => bench::selftest(a),
         Cmd::Merge { dirs, out } => crate::eval::passkey::merge(&dirs, &out),
         Cmd::Synth { family, preset, dtype, seed, out } => match family.as_str() {
             "mamba2" => crate::synth::mamba2(&preset, &dtype, seed, &out),

@@ -53,6 +53,8 @@ pub struct PplArgs {
     /// Repeat to compare methods: every model runs under each, one curve per run.
     #[arg(long, default_value = "none")]
     forget: Vec<String>,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 pub fn run(mut a: PplArgs) -> Result<()> {
@@ -92,6 +94,8 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         tokenizer: a.tokenizer,
         log_x: a.log_x,
         forget,
+        device: a.device.device,
+        gpu: a.device.gpu()?,
     };
     let runs = ppl::run(&a.model, &inputs, &o, &a.out, a.resume)?;
     for r in &runs {

@@ -7,8 +7,7 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::basic::{dir_of, real_vocab};
 use crate::model::{Model, ModelInfo};
 use crate::report::{peak_rss_bytes, write_atomic, Progress};
-use crate::score::NllHead;
-use crate::session::Session;
+use crate::score::{Device, GpuOptions, Scorer};
 use crate::text::{Input, TokenStream};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
@@ -34,6 +33,10 @@ pub struct Options {
     pub log_x: bool,
     /// Forgetting methods: every model runs once under each (`none` = as trained).
     pub forget: Vec<crate::forget::ForgetSpec>,
+    #[serde(default)]
+    pub device: Device,
+    #[serde(default)]
+    pub gpu: GpuOptions,
 }
 
 /// Running NLL sums over buckets of positions: linear (`width` > 0) or powers of two (`width` = 0).
@@ -384,11 +387,9 @@ fn run_model(
     processed: &mut u64,
 ) -> Result<(Flow, RunResult)> {
     let net = model.net();
-    let d = net.d_model();
     let docs = documents(inputs, o.concat);
     let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
-    let mut session = Session::new(model, o.chunk);
-    let mut head = NllHead::new(net, real_vocab(model, tok));
+    let mut scorer = Scorer::new(model, o.chunk, real_vocab(model, tok), o.device, o.gpu)?;
     let fresh_acc = || Acc {
         linear: Buckets::new(o.bucket),
         log2: Buckets::new(0),
@@ -400,19 +401,17 @@ fn run_model(
         tokens_fed: 0,
         nll_files: Vec::new(),
     };
-    let (mut acc, first_doc, mut skip, mut pending, mut nll_len) = match resumed {
+    let (mut acc, first_doc, mut skip, mut restore, mut nll_len) = match resumed {
         Some((s, state, pending)) => {
-            if state.len() != session.state.len() {
+            if state.len() != scorer.state_len() {
                 bail!(
                     "{}: checkpoint state has {} values, the model needs {}",
                     out.join(CKPT).display(),
                     state.len(),
-                    session.state.len()
+                    scorer.state_len()
                 );
             }
-            session.state.copy_from_slice(&state);
-            session.tau = s.tau;
-            (s.acc, s.doc_index, s.doc_pos, pending, s.nll_len)
+            (s.acc, s.doc_index, s.doc_pos, Some((state, pending, s.tau)), s.nll_len)
         }
         None => (fresh_acc(), 0, 0, None, None),
     };
@@ -421,9 +420,7 @@ fn run_model(
     let started = Instant::now();
     let seconds_before = acc.seconds;
     let mut since_ckpt = 0u64;
-    let mut nll = vec![0f32; o.chunk + 1];
-    let mut rows = vec![0f32; (o.chunk + 1) * d];
-    let mut targets = Vec::with_capacity(o.chunk + 1);
+    let mut nll = Vec::with_capacity(o.chunk + 1);
     for (di, parts) in docs.iter().enumerate().skip(first_doc) {
         let mut stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
         let nll_path = nll_path(o, mi, n_models, di, docs.len(), &model.info, parts);
@@ -438,11 +435,9 @@ fn run_model(
             }
         }
         let mut pos = skip; // doc position of the next token to feed
-        if skip == 0 {
-            session.reset();
-            pending = None;
-        } else {
-            session.pos = skip;
+        match restore.take() {
+            Some((state, pending, tau)) if skip > 0 => scorer.restore(&state, pending.as_deref(), tau, skip)?,
+            _ => scorer.reset()?,
         }
         let mut queue: VecDeque<u32> = VecDeque::new();
         let mut to_skip = skip;
@@ -464,25 +459,12 @@ fn run_model(
             }
             let ids: Vec<u32> = queue.drain(..o.chunk.min(queue.len())).collect();
             crate::cli::basic::check_ids(&ids, net.vocab_rows(), &parts[0].name())?;
-            // Rows to score: the pending last row of the previous chunk, then this chunk's rows.
+            // Scored: every token after the pending last row of the previous chunk, else all but the first.
             let t = ids.len();
-            targets.clear();
-            let mut nrows = 0;
-            if let Some(p) = pending.take() {
-                rows[..d].copy_from_slice(&p);
-                targets.push(ids[0]);
-                nrows = 1;
-            }
-            session.feed(&ids, &mut |off, h| {
-                rows[(nrows + off) * d..(nrows + off) * d + h.len()].copy_from_slice(h);
-                Ok(())
-            })?;
-            targets.extend_from_slice(&ids[1..]);
-            let scored = targets.len();
-            head.nll(&rows[..scored * d], &targets, &mut nll[..scored])?;
-            pending = Some(rows[(nrows + t - 1) * d..(nrows + t) * d].to_vec());
+            let had_pending = scorer.score(&ids, &mut nll)?;
+            let scored = nll.len();
             // Position of the first target: the pending row predicts `pos`, else the chunk's second token.
-            let first = if nrows == 1 { pos } else { pos + 1 };
+            let first = if had_pending { pos } else { pos + 1 };
             for (i, &v) in nll[..scored].iter().enumerate() {
                 let q = first + i as u64;
                 acc.linear.add(q, v);
@@ -514,6 +496,7 @@ fn run_model(
                     }
                     _ => None,
                 };
+                let (state, pending, tau) = scorer.snapshot()?;
                 let snap = Snapshot {
                     fingerprint: fp.to_string(),
                     model_index: mi,
@@ -522,9 +505,9 @@ fn run_model(
                     acc: acc.clone(),
                     finished: finished.to_vec(),
                     nll_len,
-                    tau: session.tau.clone(),
+                    tau,
                 };
-                save_checkpoint(out, &snap, &session.state, pending.as_deref())?;
+                save_checkpoint(out, &snap, &state, pending.as_deref())?;
                 if stop {
                     progress.finish();
                     return Ok((Flow::Stopped, result(model, tok, &acc, train_len)));

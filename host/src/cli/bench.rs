@@ -1,0 +1,316 @@
+//! `stuffed bench` (streamed NLL speed and memory over a synth preset or a model) and `stuffed
+//! selftest` (one device against the CPU core on the same weights and tokens).
+use crate::model::Model;
+use crate::score::{Device, Scorer};
+use crate::session::Session;
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A synth preset (130m, 370m, 780m, 1.3b, 2.7b, tiny): seeded random weights, made once in the cache.
+    #[arg(long, conflicts_with = "model")]
+    preset: Option<String>,
+    /// Or a model directory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Storage type of a synth preset's weights.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Tokens to stream (e.g. 1m = 1,048,576, 64k).
+    #[arg(long, default_value = "64k")]
+    tokens: String,
+    /// Tokens per forward call.
+    #[arg(long, default_value_t = 65536)]
+    chunk: usize,
+    /// Greedy decode steps to time (ms/token).
+    #[arg(long, default_value_t = 64)]
+    decode: usize,
+    #[command(flatten)]
+    device: super::DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct SelftestArgs {
+    /// Model directories to check (the golden checkpoints under tests/data, a synth preset dir, …).
+    #[arg(long, required = true)]
+    model: Vec<PathBuf>,
+    /// Random tokens (seeded) to run.
+    #[arg(long, default_value_t = 1000)]
+    tokens: usize,
+    /// Tokens per call: an odd size exercises partial SSD blocks and the carried state.
+    #[arg(long, default_value_t = 300)]
+    chunk: usize,
+    #[command(flatten)]
+    device: super::DeviceArgs,
+}
+
+/// `64k` = 65,536, `1m` = 1,048,576 (as the paper's code counts), or a plain number.
+pub fn parse_tokens(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mul) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        _ => (t.as_str(), 1),
+    };
+    match num.parse::<f64>() {
+        Ok(v) if v >= 1.0 && v.is_finite() => Ok((v * mul as f64) as u64),
+        _ => bail!("'{s}' is not a token count (e.g. 1m, 64k, 5000)"),
+    }
+}
+
+/// Seeded token ids below `real` (SplitMix64).
+pub fn random_ids(n: usize, real: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) % real as u64) as u32
+        })
+        .collect()
+}
+
+/// Matmul and SSD FLOPs per token of a Mamba-2 model, LM head included.
+pub fn flops_per_token(c: &stuffed_core::mamba2::Config) -> f64 {
+    let (d, di, nh, q) = (c.d_model as f64, c.d_inner() as f64, c.n_heads as f64, 64.0);
+    let (p, n, g) = (c.head_dim as f64, c.d_state as f64, c.n_groups as f64);
+    let mats = 2.0 * (c.in_proj_rows() as f64 * d + d * di);
+    // C·Bᵀ per group, the causal M·X, the block state and the read of the entering state, per head.
+    let ssd = g * 2.0 * q * n + nh * (q * p + 4.0 * p * n);
+    c.n_layer as f64 * (mats + ssd) + 2.0 * c.vocab_rows as f64 * d
+}
+
+/// Dense bf16 tensor-core FLOP/s a device can reach (measured cuBLAS, GPU.md §4), for % of floor.
+fn floor_flops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    (n.contains("H100") || n.contains("H200")).then_some(800e12)
+}
+
+fn bench_model(a: &BenchArgs) -> Result<PathBuf> {
+    match (&a.preset, &a.model) {
+        (_, Some(m)) => Ok(m.clone()),
+        (Some(p), None) => {
+            let dir = crate::defaults::cache_root().join("synth").join(format!("mamba2-{p}-{}", a.dtype));
+            if !dir.join("model.safetensors").exists() {
+                eprintln!("bench: writing synth preset {p} ({}) to {}", a.dtype, dir.display());
+                crate::synth::mamba2(p, &a.dtype, 0, &dir)?;
+            }
+            Ok(dir)
+        }
+        (None, None) => bail!("bench: give --preset NAME or --model DIR"),
+    }
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let tokens = parse_tokens(&a.tokens)?;
+    let path = bench_model(&a)?;
+    let model = Model::load(&path)?;
+    let m = model.mamba2().ok_or_else(|| anyhow::anyhow!("{}: bench runs Mamba-2 models", path.display()))?;
+    let real = model.info.config_vocab.unwrap_or(model.info.vocab_rows).min(model.info.vocab_rows);
+    let mut sc = Scorer::new(&model, a.chunk, real, a.device.device, a.device.gpu()?)?;
+    let chunk = sc.chunk();
+    let ids = random_ids(chunk.max(1), real, 1);
+    let mut nll = Vec::new();
+    // Warm-up: one call (kernels JIT-compiled, cuBLAS heuristics), then the state from zero.
+    sc.score(&ids[..chunk.min(ids.len())], &mut nll)?;
+    sc.reset()?;
+    let (mut done, mut mem_64k, mut sum) = (0u64, None, 0f64);
+    let t0 = Instant::now();
+    while done < tokens {
+        let n = (tokens - done).min(chunk as u64) as usize;
+        sc.score(&ids[..n], &mut nll)?;
+        sum += nll.iter().map(|&v| v as f64).sum::<f64>();
+        done += n as u64;
+        if mem_64k.is_none() && done >= 65536 {
+            mem_64k = Some(device_mem_used(&sc)?);
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let mem_end = device_mem_used(&sc)?;
+    let fpt = flops_per_token(&m.cfg);
+    let tps = tokens as f64 / secs;
+    let weights = model.info.weight_bytes as f64;
+    println!(
+        "model        {} ({} layers, d {}, {})",
+        path.display(),
+        m.cfg.n_layer,
+        m.cfg.d_model,
+        model.info.weight_dtype
+    );
+    println!("device       {}", device_name(&sc));
+    println!(
+        "tokens       {tokens} in {secs:.3} s: {tps:.0} tok/s (chunk {chunk}); mean NLL {:.4}",
+        sum / tokens as f64
+    );
+    println!("compute      {:.1} TFLOP/s achieved ({:.2} GFLOP/token)", fpt * tps / 1e12, fpt / 1e9);
+    if let Some(f) = floor_flops(&device_name(&sc)) {
+        println!("floor        {:.1} % of {:.0} TFLOP/s (bf16 tensor cores)", 100.0 * fpt * tps / f, f / 1e12);
+    }
+    println!(
+        "weights      {:.2} GB streamed per call: {:.1} GB/s",
+        weights / 1e9,
+        weights * (tokens as f64 / chunk as f64) / secs / 1e9
+    );
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    match mem_64k {
+        Some(m64) => {
+            println!("memory       {:.3} GiB used at 64k tokens, {:.3} GiB at {tokens}", gib(m64), gib(mem_end))
+        }
+        None => println!("memory       {:.3} GiB used at {tokens} tokens", gib(mem_end)),
+    }
+    if a.decode > 0 {
+        let t1 = Instant::now();
+        let n = decode_steps(&mut sc, &ids[..1], a.decode)?;
+        println!(
+            "decode       {:.3} ms/token (greedy, batch 1, {n} tokens)",
+            t1.elapsed().as_secs_f64() * 1e3 / n as f64
+        );
+    }
+    Ok(())
+}
+
+/// Bytes in use on the device (CUDA: total − free, the whole process), or the peak RSS on the CPU.
+fn device_mem_used(sc: &Scorer) -> Result<usize> {
+    match sc {
+        Scorer::Cpu { .. } => Ok(crate::report::peak_rss_bytes() as usize),
+        #[cfg(feature = "cuda")]
+        Scorer::Cuda(_) => crate::cuda::Gpu::mem_info().map(|(free, total)| total - free),
+    }
+}
+
+fn device_name(sc: &Scorer) -> String {
+    match sc {
+        Scorer::Cpu { .. } => format!("CPU, {} threads", rayon::current_num_threads()),
+        #[cfg(feature = "cuda")]
+        Scorer::Cuda(g) => format!("{} (CUDA, {:?} matmuls)", g.gpu.name, g.dt),
+    }
+}
+
+/// Greedy decoding after `prompt`, one token per step; returns the steps taken.
+fn decode_steps(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<usize> {
+    sc.reset()?;
+    match sc {
+        Scorer::Cpu { session, .. } => {
+            let d = session.net().d_model();
+            let mut last = vec![0f32; d];
+            session.feed(prompt, &mut |_, h| {
+                last.copy_from_slice(&h[h.len() - d..]);
+                Ok(())
+            })?;
+            let real = session.net().vocab_rows();
+            session.chunk = 1;
+            Ok(session.greedy(&last, steps, real)?.len())
+        }
+        #[cfg(feature = "cuda")]
+        Scorer::Cuda(g) => {
+            g.feed(prompt)?;
+            Ok(g.greedy(steps)?.len())
+        }
+    }
+}
+
+/// Largest |a − b| / max |b|, and the NMSE Σ(a − b)² / Σ b².
+fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let (mut mx, mut mref, mut se, mut sr) = (0f64, 0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let dlt = (x as f64 - y as f64).abs();
+        mx = mx.max(dlt);
+        mref = mref.max((y as f64).abs());
+        se += dlt * dlt;
+        sr += y as f64 * y as f64;
+    }
+    (mx / mref.max(1e-30), se / sr.max(1e-30))
+}
+
+pub fn selftest(a: SelftestArgs) -> Result<()> {
+    if a.device.device == Device::Cpu {
+        bail!("selftest: give --device cuda (it checks a device against the CPU core)");
+    }
+    let mut failed = 0;
+    for path in &a.model {
+        let model = Model::load(path)?;
+        let real = model.info.vocab_rows;
+        let ids = random_ids(a.tokens, real, 7);
+        let mut cpu = Scorer::new(&model, a.chunk, real, Device::Cpu, Default::default())?;
+        let mut dev = Scorer::new(&model, a.chunk, real, a.device.device, a.device.gpu()?)?;
+        let bf16 = a.device.gpu_bf16 || model.info.weight_dtype == "bf16";
+        let (mut nc, mut nd, mut all_c, mut all_d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for piece in ids.chunks(a.chunk) {
+            cpu.score(piece, &mut nc)?;
+            dev.score(piece, &mut nd)?;
+            all_c.extend_from_slice(&nc);
+            all_d.extend_from_slice(&nd);
+        }
+        let dn: Vec<f64> = all_c.iter().zip(&all_d).map(|(x, y)| (*x as f64 - *y as f64).abs()).collect();
+        let (max_dn, mean_dn) = (dn.iter().cloned().fold(0.0, f64::max), dn.iter().sum::<f64>() / dn.len() as f64);
+        let (sc, _, _) = cpu.snapshot()?;
+        let (sd, pd, _) = dev.snapshot()?;
+        let (state_rel, _) = compare(&sd, &sc);
+        // Logits of the last row: the CPU session's head against the device's.
+        let (_, pc, _) = cpu.snapshot()?;
+        let (pc, pd) = (pc.unwrap_or_default(), pd.unwrap_or_default());
+        let mut lc = vec![0f32; model.info.vocab_rows];
+        let mut ld = vec![0f32; model.info.vocab_rows];
+        let s = Session::new(&model, 1);
+        s.logits(&pc, 1, &mut lc)?;
+        s.logits(&pd, 1, &mut ld)?;
+        let (logit_rel, logit_nmse) = compare(&ld, &lc);
+        let ok = if bf16 {
+            logit_nmse <= 1e-4 && mean_dn <= 1e-2
+        } else {
+            logit_rel <= 1e-4 && max_dn <= 1e-3 && state_rel <= 1e-4
+        };
+        failed += !ok as usize;
+        println!(
+            "{} {} ({}, {} tokens, chunk {}): NLL max|Δ| {max_dn:.2e} mean|Δ| {mean_dn:.2e}; last-row logits rel {logit_rel:.2e} NMSE {logit_nmse:.2e}; state rel {state_rel:.2e}; bound {}",
+            if ok { "PASS" } else { "FAIL" },
+            path.display(),
+            model.info.weight_dtype,
+            a.tokens,
+            a.chunk,
+            if bf16 { "NMSE ≤ 1e-4, mean|ΔNLL| ≤ 1e-2 (bf16)" } else { "rel ≤ 1e-4, max|ΔNLL| ≤ 1e-3 (f32)" }
+        );
+    }
+    if failed > 0 {
+        bail!("selftest: {failed} of {} models outside the bound", a.model.len());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_counts_parse_as_the_paper_counts() {
+        assert_eq!(parse_tokens("1m").unwrap(), 1 << 20);
+        assert_eq!(parse_tokens("64k").unwrap(), 65536);
+        assert_eq!(parse_tokens("5000").unwrap(), 5000);
+        assert!(parse_tokens("lots").is_err() && parse_tokens("0").is_err());
+    }
+
+    #[test]
+    fn flops_per_token_of_2_7b_is_twice_its_parameters_plus_the_scan() {
+        let c = stuffed_core::mamba2::Config {
+            d_model: 2560,
+            n_layer: 64,
+            d_state: 128,
+            head_dim: 64,
+            n_heads: 80,
+            n_groups: 1,
+            d_conv: 4,
+            vocab_rows: 50288,
+            eps: 1e-5,
+            dt_min: 0.0,
+            dt_max: f32::INFINITY,
+        };
+        let f = flops_per_token(&c);
+        // ≈ 2 · 2.7e9 for the matmuls, plus a few hundred MFLOP for the SSD.
+        assert!((5.4e9..6.2e9).contains(&f), "{f:e}");
+    }
+}

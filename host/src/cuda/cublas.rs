@@ -1,0 +1,133 @@
+//! The few cuBLAS calls the backend needs, declared by hand (GPU.md §2). cuBLAS is column-major: a
+//! row-major `(r, c)` matrix is a column-major `(c, r)` one, so `C = A·Bᵀ` over row-major operands is
+//! `Cᵀ = B·Aᵀ` in its terms.
+use anyhow::{bail, Result};
+use std::ffi::c_void;
+
+type Handle = *mut c_void;
+
+#[link(name = "cublas")]
+extern "C" {
+    fn cublasCreate_v2(handle: *mut Handle) -> i32;
+    fn cublasDestroy_v2(handle: Handle) -> i32;
+    fn cublasSetStream_v2(handle: Handle, stream: *mut c_void) -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn cublasGemmEx(
+        handle: Handle,
+        transa: i32,
+        transb: i32,
+        m: i32,
+        n: i32,
+        k: i32,
+        alpha: *const c_void,
+        a: *const c_void,
+        a_type: i32,
+        lda: i32,
+        b: *const c_void,
+        b_type: i32,
+        ldb: i32,
+        beta: *const c_void,
+        c: *mut c_void,
+        c_type: i32,
+        ldc: i32,
+        compute: i32,
+        algo: i32,
+    ) -> i32;
+}
+
+const OP_N: i32 = 0;
+const OP_T: i32 = 1;
+const CUDA_R_32F: i32 = 0;
+const CUDA_R_16BF: i32 = 14;
+const COMPUTE_32F: i32 = 68;
+const GEMM_DEFAULT: i32 = -1;
+
+/// The element type of a matrix operand on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    Bf16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+    fn cuda(self) -> i32 {
+        match self {
+            DType::F32 => CUDA_R_32F,
+            DType::Bf16 => CUDA_R_16BF,
+        }
+    }
+}
+
+pub struct Blas {
+    h: Handle,
+}
+
+impl Blas {
+    /// # Safety
+    /// `stream` must be a live CUDA stream of the current context.
+    pub unsafe fn new(stream: *mut c_void) -> Result<Blas> {
+        let mut h: Handle = std::ptr::null_mut();
+        // SAFETY: cublasCreate writes one handle; the stream belongs to the current context.
+        let r = unsafe { cublasCreate_v2(&mut h) };
+        if r != 0 {
+            bail!("cuBLAS: cublasCreate failed ({r}); is libcublas.so.13 on LD_LIBRARY_PATH?");
+        }
+        let r = unsafe { cublasSetStream_v2(h, stream) };
+        if r != 0 {
+            bail!("cuBLAS: cublasSetStream failed ({r})");
+        }
+        Ok(Blas { h })
+    }
+
+    /// `c (t, n) f32 = beta·c + x (t, k) · w (n, k)ᵀ`, all row-major; `x` and `w` of type `dt`,
+    /// accumulated in f32. `beta = 1` adds into `c` (the residual).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_nt(&self, dt: DType, t: usize, n: usize, k: usize, x: u64, w: u64, c: u64, beta: f32) -> Result<()> {
+        if t == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1f32, beta);
+        // Column-major: cᵀ (n, t) = w (as (k, n))ᵀ · xᵀ (as (k, t)).
+        // SAFETY: the pointers are device buffers of the stated shapes (the callers size them).
+        let r = unsafe {
+            cublasGemmEx(
+                self.h,
+                OP_T,
+                OP_N,
+                n as i32,
+                t as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                dt.cuda(),
+                k as i32,
+                x as *const c_void,
+                dt.cuda(),
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                CUDA_R_32F,
+                n as i32,
+                COMPUTE_32F,
+                GEMM_DEFAULT,
+            )
+        };
+        if r != 0 {
+            bail!("cuBLAS: GemmEx ({t}×{k} · {n}×{k}ᵀ, {dt:?}) failed ({r})");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasCreate, destroyed once.
+        unsafe { cublasDestroy_v2(self.h) };
+    }
+}

@@ -1,0 +1,578 @@
+//! Mamba-2 on the GPU: the launch sequence of `stuffed_core::mamba2::Mamba2::run` (chunked SSD),
+//! the LM head with a fused log-softmax/NLL, and greedy argmax. State layout and math are the
+//! core's; matmuls go through cuBLAS with the weights in their stored type (bf16, or f32; f16 is
+//! widened to f32), activations and state in f32.
+use super::{copy, i, Arg, DBuf, DType, Gpu};
+use crate::gpumem::{self, Sizes};
+use crate::model::Model;
+use anyhow::{anyhow, bail, Context, Result};
+use half::bf16;
+use stuffed_core::mamba2::{Config, SSD_BLOCK};
+use stuffed_core::{Data, Forget, Recurrent, Weight};
+
+/// One layer's weights on the device: matrices in the model's matmul type, vectors in f32.
+struct Layer {
+    norm: DBuf,
+    in_proj: DBuf,
+    in_bias: Option<DBuf>,
+    conv_w: DBuf,
+    conv_b: Option<DBuf>,
+    dt_bias: DBuf,
+    a_log: DBuf,
+    d: DBuf,
+    d_per_channel: bool,
+    gate_norm: DBuf,
+    out_proj: DBuf,
+    out_bias: Option<DBuf>,
+}
+
+pub struct GpuMamba2 {
+    pub gpu: Gpu,
+    pub cfg: Config,
+    /// The matmul operand type.
+    pub dt: DType,
+    /// Ids that may enter the softmax and the argmax.
+    pub real: usize,
+    /// The most tokens one call may hold.
+    pub chunk: usize,
+    /// Rows of logits alive at once.
+    pub sub: usize,
+    embed: DBuf,
+    head: Option<DBuf>,
+    norm_f: DBuf,
+    layers: Vec<Layer>,
+    /// The recurrent state, f32, in the core's layout (per layer: conv (k−1, cd), then ssm (H, P, N)).
+    pub state: DBuf,
+    /// Whether hidden row 0 holds the previous call's last row (it predicts this call's first token).
+    pub has_pending: bool,
+    forget: Forget,
+    tok: DBuf,    // (chunk) u32
+    x: DBuf,      // (chunk, d) f32: the residual stream
+    h: DBuf,      // (chunk, max(d, di)) dt: matmul inputs
+    zx: DBuf,     // (chunk, nin) f32: z | xBC | dt_raw
+    u: DBuf,      // (chunk, cd) f32: conv + SiLU output
+    dtb: DBuf,    // (chunk, H) f32: Δ
+    cum: DBuf,    // (chunk, H) f32: cumulative log decay per SSD block
+    y: DBuf,      // (chunk, di) f32: SSM output
+    st: DBuf,     // (⌈chunk/Q⌉, H, P, N) f32: block states
+    hidden: DBuf, // (chunk + 1, d) dt: final-normed rows; row 0 = pending row
+    logits: DBuf, // (sub, Vp) f32
+    tgt: DBuf,    // (chunk + 1) u32
+    nll: DBuf,    // (chunk + 1) f32
+    am: DBuf,     // (sub) u32
+}
+
+/// A vector weight as f32 on the device.
+fn vec_f32(w: &Weight) -> Result<DBuf> {
+    let mut v = vec![0f32; w.len()];
+    w.read(0, &mut v);
+    DBuf::from(&v)
+}
+
+/// A matrix weight on the device in type `dt`; bf16 stays as stored, anything else converts.
+fn mat(w: &Weight, dt: DType) -> Result<DBuf> {
+    match (dt, w.data) {
+        (DType::Bf16, Data::Bf16(s)) => DBuf::from(bytemuck::cast_slice::<bf16, u16>(s)),
+        (DType::F32, Data::F32(s)) => DBuf::from(s),
+        (DType::F32, _) => vec_f32(w),
+        (DType::Bf16, _) => {
+            let mut v = vec![0f32; w.len()];
+            w.read(0, &mut v);
+            let b: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+            DBuf::from(&b)
+        }
+    }
+}
+
+/// Where a weight's data starts (a tied head shares the embedding's).
+fn data_ptr(w: &Weight) -> *const u8 {
+    match w.data {
+        Data::F32(s) => s.as_ptr() as *const u8,
+        Data::Bf16(s) => s.as_ptr() as *const u8,
+        Data::F16(s) => s.as_ptr() as *const u8,
+    }
+}
+
+/// Rows `(n, d)` of type `dt` → f32 on the host.
+fn rows_to_f32(dt: DType, raw: &[u8]) -> Vec<f32> {
+    match dt {
+        DType::F32 => bytemuck::pod_collect_to_vec(raw),
+        DType::Bf16 => raw.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    }
+}
+
+fn rows_from_f32(dt: DType, v: &[f32]) -> Vec<u8> {
+    match dt {
+        DType::F32 => bytemuck::cast_slice(v).to_vec(),
+        DType::Bf16 => v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+    }
+}
+
+/// The matmul type of a model: bf16 when its in_proj is stored bf16 (or `force`), else f32.
+pub fn matmul_type(model: &Model, force: Option<DType>) -> Result<DType> {
+    let m = model
+        .mamba2()
+        .ok_or_else(|| anyhow!("{}: --device cuda runs Mamba-2 models only", model.info.path.display()))?;
+    Ok(force.unwrap_or(match m.w.layers[0].in_proj.data {
+        Data::Bf16(_) => DType::Bf16,
+        _ => DType::F32,
+    }))
+}
+
+/// The sizes `gpumem::plan` needs for this model.
+pub fn sizes(model: &Model, dt: DType) -> Result<Sizes> {
+    let m = model
+        .mamba2()
+        .ok_or_else(|| anyhow!("{}: --device cuda runs Mamba-2 models only", model.info.path.display()))?;
+    Ok(Sizes::mamba2(&m.cfg, dt.size(), data_ptr(&m.w.head) != data_ptr(&m.w.embed)))
+}
+
+impl GpuMamba2 {
+    /// Uploads `model` and sizes every buffer for calls of up to `chunk` tokens (rounded down to fit
+    /// `max_mem` bytes, or the free device memory).
+    pub fn new(model: &Model, chunk: usize, max_mem: Option<usize>, force: Option<DType>, real: usize) -> Result<Self> {
+        let path = model.info.path.display().to_string();
+        let m = model.mamba2().ok_or_else(|| anyhow!("{path}: --device cuda runs Mamba-2 models only"))?;
+        let forget = m.forget();
+        if let Forget::Window { .. } = forget {
+            bail!("{path}: --forget window is not available with --device cuda yet (use the CPU)");
+        }
+        let c = m.cfg;
+        if c.head_dim > 128 || c.n_heads % c.n_groups != 0 {
+            bail!("{path}: --device cuda supports head_dim ≤ 128 (this model: {})", c.head_dim);
+        }
+        let dt = matmul_type(model, force)?;
+        let gpu = Gpu::new()?;
+        let (free, _) = Gpu::mem_info()?;
+        // Leave room for cuBLAS's workspace and the allocator's rounding.
+        let budget = max_mem.unwrap_or(usize::MAX).min(free.saturating_sub(512 << 20));
+        let sz = sizes(model, dt)?;
+        let plan = gpumem::plan(&sz, chunk, budget).with_context(|| format!("{path} on {}", gpu.name))?;
+        let (chunk, sub) = (plan.chunk, plan.sub);
+        let (d, di, nh, cd, nin) = (c.d_model, c.d_inner(), c.n_heads, c.conv_dim(), c.in_proj_rows());
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for l in m.w.layers {
+            layers.push(Layer {
+                norm: vec_f32(&l.norm)?,
+                in_proj: mat(&l.in_proj, dt)?,
+                in_bias: l.in_proj_bias.as_ref().map(vec_f32).transpose()?,
+                conv_w: vec_f32(&l.conv_w)?,
+                conv_b: l.conv_b.as_ref().map(vec_f32).transpose()?,
+                dt_bias: vec_f32(&l.dt_bias)?,
+                a_log: vec_f32(&l.a_log)?,
+                d: vec_f32(&l.d)?,
+                d_per_channel: l.d.len() == di,
+                gate_norm: vec_f32(&l.gate_norm)?,
+                out_proj: mat(&l.out_proj, dt)?,
+                out_bias: l.out_proj_bias.as_ref().map(vec_f32).transpose()?,
+            });
+        }
+        let tied = data_ptr(&m.w.head) == data_ptr(&m.w.embed);
+        let f = 4usize;
+        let nb = chunk.div_ceil(SSD_BLOCK);
+        Ok(GpuMamba2 {
+            embed: mat(&m.w.embed, dt)?,
+            head: if tied { None } else { Some(mat(&m.w.head, dt)?) },
+            norm_f: vec_f32(&m.w.norm_f)?,
+            layers,
+            state: DBuf::zeroed(c.paper_state_size() * f)?,
+            has_pending: false,
+            forget,
+            tok: DBuf::new(chunk * 4)?,
+            x: DBuf::new(chunk * d * f)?,
+            h: DBuf::new(chunk * d.max(di) * dt.size())?,
+            zx: DBuf::new(chunk * nin * f)?,
+            u: DBuf::new(chunk * cd * f)?,
+            dtb: DBuf::new(chunk * nh * f)?,
+            cum: DBuf::new(chunk * nh * f)?,
+            y: DBuf::new(chunk * di * f)?,
+            st: DBuf::new(nb * c.ssm_len() * f)?,
+            hidden: DBuf::new((chunk + 1) * d * dt.size())?,
+            logits: DBuf::new(sub * c.vocab_rows * f)?,
+            tgt: DBuf::new((chunk + 1) * 4)?,
+            nll: DBuf::new((chunk + 1) * 4)?,
+            am: DBuf::new(sub * 4)?,
+            gpu,
+            cfg: c,
+            dt,
+            real,
+            chunk,
+            sub,
+        })
+    }
+
+    /// Device bytes this engine holds.
+    pub fn bytes(&self) -> usize {
+        let bufs = [
+            &self.embed,
+            &self.norm_f,
+            &self.state,
+            &self.tok,
+            &self.x,
+            &self.h,
+            &self.zx,
+            &self.u,
+            &self.dtb,
+            &self.cum,
+            &self.y,
+            &self.st,
+            &self.hidden,
+            &self.logits,
+            &self.tgt,
+            &self.nll,
+            &self.am,
+        ];
+        let layer = |l: &Layer| {
+            [&l.norm, &l.in_proj, &l.conv_w, &l.dt_bias, &l.a_log, &l.d, &l.gate_norm, &l.out_proj]
+                .iter()
+                .map(|b| b.bytes)
+                .sum::<usize>()
+                + [&l.in_bias, &l.conv_b, &l.out_bias].iter().filter_map(|b| b.as_ref()).map(|b| b.bytes).sum::<usize>()
+        };
+        bufs.iter().map(|b| b.bytes).sum::<usize>()
+            + self.head.as_ref().map_or(0, |b| b.bytes)
+            + self.layers.iter().map(layer).sum::<usize>()
+    }
+
+    pub fn reset(&mut self) -> Result<()> {
+        self.has_pending = false;
+        self.state.zero()
+    }
+
+    pub fn state_len(&self) -> usize {
+        self.cfg.paper_state_size()
+    }
+
+    pub fn download_state(&self, out: &mut [f32]) -> Result<()> {
+        self.gpu.sync()?;
+        self.state.download(0, out)
+    }
+
+    pub fn upload_state(&mut self, s: &[f32]) -> Result<()> {
+        if s.len() != self.state_len() {
+            bail!("state has {} values, the model needs {}", s.len(), self.state_len());
+        }
+        self.gpu.sync()?;
+        self.state.upload(0, s)
+    }
+
+    /// The pending row (the last fed token's final-normed hidden row), as f32.
+    pub fn pending_row(&self) -> Result<Option<Vec<f32>>> {
+        if !self.has_pending {
+            return Ok(None);
+        }
+        Ok(Some(self.hidden_rows(0, 1)?))
+    }
+
+    pub fn set_pending_row(&mut self, row: Option<&[f32]>) -> Result<()> {
+        self.has_pending = row.is_some();
+        if let Some(r) = row {
+            self.gpu.sync()?;
+            self.hidden.upload(0, &rows_from_f32(self.dt, r))?;
+        }
+        Ok(())
+    }
+
+    /// `count` hidden rows from row `first` (row 0 = pending, rows 1..=t = the last call's), as f32.
+    pub fn hidden_rows(&self, first: usize, count: usize) -> Result<Vec<f32>> {
+        let rb = self.cfg.d_model * self.dt.size();
+        let mut raw = vec![0u8; count * rb];
+        self.gpu.sync()?;
+        self.hidden.download(first * rb, &mut raw)?;
+        Ok(rows_to_f32(self.dt, &raw))
+    }
+
+    fn head_ptr(&self) -> u64 {
+        self.head.as_ref().unwrap_or(&self.embed).ptr()
+    }
+
+    fn nb(t: usize) -> usize {
+        t.div_ceil(SSD_BLOCK)
+    }
+
+    /// Runs `tokens` (at most `chunk`, ids checked by the caller) from the state, leaving their
+    /// final-normed rows in hidden rows 1..=t. With `probe`, adds the probe sums `(n_layer, 4, H)`
+    /// (device, f32) of these tokens.
+    pub fn forward(&mut self, tokens: &[u32], probe: Option<&DBuf>) -> Result<()> {
+        let t = tokens.len();
+        if t == 0 {
+            return Ok(());
+        }
+        if t > self.chunk {
+            bail!("CUDA: a call of {t} tokens exceeds the planned chunk of {}", self.chunk);
+        }
+        let c = self.cfg;
+        let (d, di, nh, p, n, g, k) = (c.d_model, c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups, c.d_conv);
+        let (cd, nin, gn) = (c.conv_dim(), c.in_proj_rows(), c.n_groups * c.d_state);
+        let (la, b_scale, dt_scale) = match self.forget {
+            Forget::Rri { a, b } => (a.ln(), b, 1.0),
+            Forget::Dt { c } => (0.0, 1.0, c),
+            _ => (0.0, 1.0, 1.0),
+        };
+        let gpu = &self.gpu;
+        let bf = self.dt == DType::Bf16;
+        gpu.sync()?;
+        self.tok.upload(0, tokens)?;
+        let embed = if bf { "embed_bf16" } else { "embed_f32" };
+        gpu.launch_n(
+            embed,
+            t * d,
+            &[Arg::Ptr(self.embed.ptr()), Arg::Ptr(self.tok.ptr()), Arg::Ptr(self.x.ptr()), i(t), i(d)],
+        )?;
+        let norm = if bf { "rmsnorm_bf16" } else { "rmsnorm_f32" };
+        let gated = if bf { "gated_norm_bf16" } else { "gated_norm_f32" };
+        let nb = Self::nb(t) as u32;
+        let ls = c.layer_state_len();
+        for (li, l) in self.layers.iter().enumerate() {
+            let cs = self.state.at(li * ls * 4);
+            let ssm = self.state.at((li * ls + c.conv_len()) * 4);
+            // h = RMSNorm(x); zx = h·W_inᵀ (+ bias)
+            gpu.launch(
+                norm,
+                (t as u32, 1),
+                256,
+                0,
+                &[Arg::Ptr(self.x.ptr()), Arg::Ptr(l.norm.ptr()), Arg::Ptr(self.h.ptr()), i(d), Arg::F32(c.eps)],
+            )?;
+            gpu.blas.gemm_nt(self.dt, t, nin, d, self.h.ptr(), l.in_proj.ptr(), self.zx.ptr(), 0.0)?;
+            if let Some(b) = &l.in_bias {
+                gpu.launch_n(
+                    "add_bias",
+                    t * nin,
+                    &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(nin)],
+                )?;
+            }
+            // conv + SiLU with the carried history, then the new history
+            let cb = l.conv_b.as_ref().map_or(0, |b| b.ptr());
+            gpu.launch_n(
+                "conv_silu",
+                t * cd,
+                &[
+                    Arg::Ptr(self.zx.ptr()),
+                    Arg::Ptr(cs),
+                    Arg::Ptr(l.conv_w.ptr()),
+                    Arg::Ptr(cb),
+                    Arg::Ptr(self.u.ptr()),
+                    i(t),
+                    i(nin),
+                    i(di),
+                    i(cd),
+                    i(k),
+                    i(gn),
+                    Arg::F32(b_scale),
+                ],
+            )?;
+            gpu.launch_n(
+                "conv_state_update",
+                cd,
+                &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(cs), i(t), i(nin), i(di), i(cd), i(k)],
+            )?;
+            // Δ, the cumulative log decay, then the SSD in three passes
+            gpu.launch_n(
+                "dt_softplus",
+                t * nh,
+                &[
+                    Arg::Ptr(self.zx.ptr()),
+                    Arg::Ptr(l.dt_bias.ptr()),
+                    Arg::Ptr(self.dtb.ptr()),
+                    i(t),
+                    i(nin),
+                    i(nh),
+                    Arg::F32(c.dt_min),
+                    Arg::F32(c.dt_max),
+                    Arg::F32(dt_scale),
+                ],
+            )?;
+            gpu.launch_n(
+                "ssd_cumsum",
+                nb as usize * nh,
+                &[
+                    Arg::Ptr(self.dtb.ptr()),
+                    Arg::Ptr(l.a_log.ptr()),
+                    Arg::Ptr(self.cum.ptr()),
+                    i(t),
+                    i(nh),
+                    Arg::F32(la),
+                ],
+            )?;
+            let shape = [i(t), i(nh), i(p), i(n), i(g), i(cd), i(di)];
+            let mut args = vec![
+                Arg::Ptr(self.u.ptr()),
+                Arg::Ptr(self.dtb.ptr()),
+                Arg::Ptr(self.cum.ptr()),
+                Arg::Ptr(self.st.ptr()),
+            ];
+            args.extend(shape);
+            gpu.launch("ssd_chunk_state", (nb, nh as u32), 256, ((SSD_BLOCK + SSD_BLOCK * p) * 4) as u32, &args)?;
+            gpu.launch_n(
+                "ssd_state_pass",
+                nh * p * n,
+                &[Arg::Ptr(self.st.ptr()), Arg::Ptr(self.cum.ptr()), Arg::Ptr(ssm), i(t), i(nh), i(p * n)],
+            )?;
+            let mut args = vec![
+                Arg::Ptr(self.u.ptr()),
+                Arg::Ptr(self.dtb.ptr()),
+                Arg::Ptr(self.cum.ptr()),
+                Arg::Ptr(self.st.ptr()),
+                Arg::Ptr(l.d.ptr()),
+                Arg::I32(l.d_per_channel as i32),
+                Arg::Ptr(self.y.ptr()),
+            ];
+            args.extend(shape);
+            let shared = (SSD_BLOCK * SSD_BLOCK + SSD_BLOCK * p.max(64)) * 4;
+            gpu.launch("ssd_chunk_scan", (nb, nh as u32), 256, shared as u32, &args)?;
+            if let Some(pb) = probe {
+                let off = li * 4 * nh * 4;
+                let mut args = vec![
+                    Arg::Ptr(self.u.ptr()),
+                    Arg::Ptr(self.dtb.ptr()),
+                    Arg::Ptr(l.a_log.ptr()),
+                    Arg::Ptr(pb.at(off)),
+                ];
+                args.extend([i(t), i(nh), i(p), i(n), i(g), i(cd), i(di), Arg::F32(la)]);
+                gpu.launch("probe_sums", (nh as u32, 1), 256, 0, &args)?;
+            }
+            // y ← GroupRMSNorm(y ⊙ silu(z)); x += y·W_outᵀ (+ bias)
+            gpu.launch(
+                gated,
+                (t as u32, g as u32),
+                256,
+                0,
+                &[
+                    Arg::Ptr(self.y.ptr()),
+                    Arg::Ptr(self.zx.ptr()),
+                    Arg::Ptr(l.gate_norm.ptr()),
+                    Arg::Ptr(self.h.ptr()),
+                    i(di),
+                    i(nin),
+                    i(di / g),
+                    Arg::F32(c.eps),
+                ],
+            )?;
+            gpu.blas.gemm_nt(self.dt, t, d, di, self.h.ptr(), l.out_proj.ptr(), self.x.ptr(), 1.0)?;
+            if let Some(b) = &l.out_bias {
+                gpu.launch_n(
+                    "add_bias",
+                    t * d,
+                    &[Arg::Ptr(self.x.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(d)],
+                )?;
+            }
+        }
+        let row1 = self.hidden.at(d * self.dt.size());
+        gpu.launch(
+            norm,
+            (t as u32, 1),
+            256,
+            0,
+            &[Arg::Ptr(self.x.ptr()), Arg::Ptr(self.norm_f.ptr()), Arg::Ptr(row1), i(d), Arg::F32(c.eps)],
+        )
+    }
+
+    /// Logits `(count, Vp)` of hidden rows `first..first + count` into the logits buffer
+    /// (`count ≤ sub`).
+    fn head_rows(&self, first: usize, count: usize) -> Result<()> {
+        let (d, v) = (self.cfg.d_model, self.cfg.vocab_rows);
+        let x = self.hidden.at(first * d * self.dt.size());
+        self.gpu.blas.gemm_nt(self.dt, count, v, d, x, self.head_ptr(), self.logits.ptr(), 0.0)
+    }
+
+    /// Feeds `tokens` (in pieces of at most `chunk`) and returns the NLL of every token that has a
+    /// predicting row: all of them when a previous call left its last row pending, else all but the
+    /// first. The last row stays pending for the next call.
+    pub fn feed_nll(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(tokens.len());
+        for piece in tokens.chunks(self.chunk) {
+            out.extend(self.feed_nll_piece(piece)?);
+        }
+        Ok(out)
+    }
+
+    fn feed_nll_piece(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let t = tokens.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        self.forward(tokens, None)?;
+        let (first, targets) = if self.has_pending { (0, tokens) } else { (1, &tokens[1..]) };
+        let count = targets.len();
+        self.gpu.sync()?;
+        self.tgt.upload(0, targets)?;
+        let v = self.cfg.vocab_rows;
+        for s in (0..count).step_by(self.sub) {
+            let r = self.sub.min(count - s);
+            self.head_rows(first + s, r)?;
+            self.gpu.launch(
+                "lse_nll",
+                (r as u32, 1),
+                256,
+                0,
+                &[
+                    Arg::Ptr(self.logits.ptr()),
+                    Arg::Ptr(self.tgt.at(s * 4)),
+                    Arg::Ptr(self.nll.at(s * 4)),
+                    i(v),
+                    i(self.real),
+                ],
+            )?;
+        }
+        let mut out = vec![0f32; count];
+        self.gpu.sync()?;
+        self.nll.download(0, &mut out)?;
+        let rb = self.cfg.d_model * self.dt.size();
+        copy(self.hidden.ptr(), self.hidden.at(t * rb), rb)?;
+        self.has_pending = true;
+        Ok(out)
+    }
+
+    /// Feeds `tokens` (in pieces of at most `chunk`), keeping the last row pending (no head work).
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        let rb = self.cfg.d_model * self.dt.size();
+        for piece in tokens.chunks(self.chunk) {
+            self.forward(piece, None)?;
+            copy(self.hidden.ptr(), self.hidden.at(piece.len() * rb), rb)?;
+            self.has_pending = true;
+        }
+        Ok(())
+    }
+
+    /// Logits `(count, Vp)` of hidden rows `first..first + count`, downloaded.
+    pub fn logits(&self, first: usize, count: usize) -> Result<Vec<f32>> {
+        let v = self.cfg.vocab_rows;
+        let mut out = vec![0f32; count * v];
+        for s in (0..count).step_by(self.sub) {
+            let r = self.sub.min(count - s);
+            self.head_rows(first + s, r)?;
+            self.gpu.sync()?;
+            self.logits.download(0, &mut out[s * v..(s + r) * v])?;
+        }
+        Ok(out)
+    }
+
+    /// Greedy decoding of `max_new` tokens from the pending row; the state advances through all but
+    /// the last generated token (as `Session::greedy`).
+    pub fn greedy(&mut self, max_new: usize) -> Result<Vec<u32>> {
+        if !self.has_pending {
+            bail!("greedy decoding needs a prompt first");
+        }
+        let v = self.cfg.vocab_rows;
+        let mut out = Vec::with_capacity(max_new);
+        for k in 0..max_new {
+            self.head_rows(0, 1)?;
+            self.gpu.launch(
+                "argmax_rows",
+                (1, 1),
+                256,
+                0,
+                &[Arg::Ptr(self.logits.ptr()), Arg::Ptr(self.am.ptr()), i(v), i(self.real)],
+            )?;
+            let mut next = [0u32];
+            self.gpu.sync()?;
+            self.am.download(0, &mut next)?;
+            out.push(next[0]);
+            if k + 1 < max_new {
+                self.feed(&next)?;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,85 @@
+//! The CUDA backend against the CPU core on the same weights and tokens. Needs a GPU and a build with
+//! the SDK (tools/provision_cuda_sdk.sh):
+//! `cargo test -p stuffed-tests --release --features cuda -- --ignored`.
+//! Bounds (FORMATS.md §8): f32 weights rel ≤ 1e-4 and max |ΔNLL| ≤ 1e-3; bf16 matmuls NMSE of logits
+//! ≤ 1e-4 and mean |ΔNLL| ≤ 1e-2. `stuffed selftest` prints the measured errors.
+#![cfg(feature = "cuda")]
+use stuffed_tests::{cli, data};
+
+fn selftest(models: &[&str], tokens: usize, chunk: usize, extra: &[&str]) {
+    let t = tokens.to_string();
+    let c = chunk.to_string();
+    let mut args = vec!["selftest", "--device", "cuda", "--tokens", &t, "--chunk", &c];
+    for m in models {
+        args.extend(["--model", m]);
+    }
+    args.extend(extra);
+    cli(&args).unwrap();
+}
+
+fn golden() -> Vec<String> {
+    ["mamba2_hf_g1_untied", "mamba2_hf_g2_tied", "mamba2_hf_bf16", "mamba2_official", "mamba2_neox_tiny"]
+        .iter()
+        .map(|c| data(c).display().to_string())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn golden_checkpoints_match_the_cpu_at_nasty_chunk_sizes() {
+    let g = golden();
+    let g: Vec<&str> = g.iter().map(String::as_str).collect();
+    // Partial SSD blocks across calls, exactly one block, one token per call, many blocks per call.
+    for (tokens, chunk) in [(1000, 300), (640, 64), (200, 65), (40, 1), (3000, 3000)] {
+        selftest(&g, tokens, chunk, &[]);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn f32_weights_run_as_bf16_within_the_bf16_bound() {
+    let g = golden();
+    selftest(&[&g[0], &g[1]], 1000, 300, &["--gpu-bf16"]);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn synth_130m_bf16_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m130");
+    cli(&["synth", "--preset", "130m", "--dtype", "bf16", "--out", out.to_str().unwrap()]).unwrap();
+    selftest(&[out.to_str().unwrap()], 2048, 1000, &[]);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn ppl_on_the_gpu_gives_the_cpu_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = data("../../host/assets/corpus/austen_persuasion.txt");
+    let model = data("mamba2_neox_tiny");
+    let mut means = Vec::new();
+    for dev in ["cpu", "cuda"] {
+        let out = dir.path().join(dev);
+        let args = [
+            "ppl",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--max-tokens",
+            "20000",
+            "--train-len",
+            "2048",
+            "--device",
+            dev,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        cli(&args).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        means.push(r["runs"][0]["mean_nll"].as_f64().unwrap());
+    }
+    println!("mean NLL cpu {:.6} cuda {:.6}", means[0], means[1]);
+    assert!((means[0] - means[1]).abs() <= 1e-3, "{means:?}");
+}
