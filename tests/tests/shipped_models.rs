@@ -10,7 +10,7 @@ fn root() -> PathBuf {
 
 #[test]
 fn shipped_models_reproduce_their_recorded_heldout_loss() {
-    for dir in ["mamba2-tiny-t64-dt5", "mamba2-tiny-t2048-dt5"] {
+    for dir in ["mamba2-tiny-l4-t64-a3", "mamba2-tiny-l4-t2048-a3"] {
         let m = root().join("models").join(dir);
         let training: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(m.join("training.json")).unwrap()).unwrap();
