@@ -11,6 +11,10 @@
 typedef unsigned short bf16_t;
 
 #define Q 64
+// Dynamic shared memory (ptx/emu/cuda_emu.h maps it to the emulator's block buffer).
+#ifndef DYN_SMEM
+#define DYN_SMEM(name) extern __shared__ float name[]
+#endif
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
@@ -143,7 +147,7 @@ extern "C" __global__ void ssd_cumsum(const float* dt, const float* a_log, float
 // Grid (nb, H), 256 threads; dynamic shared memory (Q + Q·P) floats.
 extern "C" __global__ void ssd_chunk_state(const float* u, const float* dt, const float* cum, float* st, int T, int H,
                                            int P, int N, int G, int cd, int di) {
-    extern __shared__ float sm[];
+    DYN_SMEM(sm);
     int c = blockIdx.x, h = blockIdx.y, t0 = c * Q, len = min(Q, T - t0), g = h / (H / G);
     float* w = sm;       // (Q)
     float* xs = sm + Q;  // (len, P): w_j · x_j
@@ -189,7 +193,7 @@ extern "C" __global__ void ssd_state_pass(float* st, const float* cum, float* ss
 extern "C" __global__ void ssd_chunk_scan(const float* u, const float* dt, const float* cum, const float* st,
                                           const float* D, int d_per_channel, float* y, int T, int H, int P, int N,
                                           int G, int cd, int di) {
-    extern __shared__ float sm[];
+    DYN_SMEM(sm);
     int c = blockIdx.x, h = blockIdx.y, t0 = c * Q, len = min(Q, T - t0), g = h / (H / G);
     float* M = sm;              // (Q, Q)
     float* cs = sm + Q * Q;     // (Q, 32) slice of C, then x (Q, P)

@@ -5,7 +5,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
-#[cfg(feature = "cuda")]
+#[cfg(gpu)]
 pub mod cuda;
 pub mod defaults;
 pub mod eval;

@@ -93,7 +93,7 @@ pub enum Scorer<'m> {
         rows: Vec<f32>,
         pending: Option<Vec<f32>>,
     },
-    #[cfg(feature = "cuda")]
+    #[cfg(gpu)]
     Cuda(Box<crate::cuda::mamba2::GpuMamba2>),
 }
 
@@ -118,7 +118,7 @@ impl<'m> Scorer<'m> {
     pub fn chunk(&self) -> usize {
         match self {
             Scorer::Cpu { session, .. } => session.chunk,
-            #[cfg(feature = "cuda")]
+            #[cfg(gpu)]
             Scorer::Cuda(g) => g.chunk,
         }
     }
@@ -151,7 +151,7 @@ impl<'m> Scorer<'m> {
                 *pending = Some(rows[(nrows + t - 1) * d..(nrows + t) * d].to_vec());
                 Ok(had)
             }
-            #[cfg(feature = "cuda")]
+            #[cfg(gpu)]
             Scorer::Cuda(g) => {
                 let had = g.has_pending;
                 *nll = g.feed_nll(ids)?;
@@ -168,7 +168,7 @@ impl<'m> Scorer<'m> {
                 *pending = None;
                 Ok(())
             }
-            #[cfg(feature = "cuda")]
+            #[cfg(gpu)]
             Scorer::Cuda(g) => g.reset(),
         }
     }
@@ -176,7 +176,7 @@ impl<'m> Scorer<'m> {
     pub fn state_len(&self) -> usize {
         match self {
             Scorer::Cpu { session, .. } => session.state.len(),
-            #[cfg(feature = "cuda")]
+            #[cfg(gpu)]
             Scorer::Cuda(g) => g.state_len(),
         }
     }
@@ -185,7 +185,7 @@ impl<'m> Scorer<'m> {
     pub fn snapshot(&self) -> Result<Resume> {
         match self {
             Scorer::Cpu { session, pending, .. } => Ok((session.state.clone(), pending.clone(), session.tau.clone())),
-            #[cfg(feature = "cuda")]
+            #[cfg(gpu)]
             Scorer::Cuda(g) => {
                 let mut s = vec![0f32; g.state_len()];
                 g.download_state(&mut s)?;
@@ -204,7 +204,7 @@ impl<'m> Scorer<'m> {
                 *p = pending.map(<[f32]>::to_vec);
                 Ok(())
             }
-            #[cfg(feature = "cuda")]
+            #[cfg(gpu)]
             Scorer::Cuda(g) => {
                 g.upload_state(state)?;
                 g.set_pending_row(pending)
@@ -213,7 +213,7 @@ impl<'m> Scorer<'m> {
     }
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(gpu)]
 fn cuda_engine(model: &Model, chunk: usize, real: usize, gpu: GpuOptions) -> Result<crate::cuda::mamba2::GpuMamba2> {
     use crate::forget::ForgetSpec;
     if matches!(model.forget, ForgetSpec::StateNorm { .. } | ForgetSpec::Reset { .. }) {
@@ -223,13 +223,13 @@ fn cuda_engine(model: &Model, chunk: usize, real: usize, gpu: GpuOptions) -> Res
     crate::cuda::mamba2::GpuMamba2::new(model, chunk, gpu.max_mem, force, real)
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(gpu)]
 fn cuda_scorer<'m>(model: &'m Model, chunk: usize, real: usize, gpu: GpuOptions) -> Result<Scorer<'m>> {
     Ok(Scorer::Cuda(Box::new(cuda_engine(model, chunk, real, gpu)?)))
 }
 
 /// Logits `(T, vocab_rows)` of every position from the zero state, on the GPU.
-#[cfg(feature = "cuda")]
+#[cfg(gpu)]
 pub fn cuda_logits(model: &Model, ids: &[u32], chunk: usize, gpu: GpuOptions) -> Result<Vec<f32>> {
     let mut g = cuda_engine(model, chunk, model.info.vocab_rows, gpu)?;
     let mut all = Vec::with_capacity(ids.len() * model.info.vocab_rows);
@@ -241,28 +241,28 @@ pub fn cuda_logits(model: &Model, ids: &[u32], chunk: usize, gpu: GpuOptions) ->
 }
 
 /// Greedy continuation of `ids` on the GPU.
-#[cfg(feature = "cuda")]
+#[cfg(gpu)]
 pub fn cuda_greedy(model: &Model, ids: &[u32], max_new: usize, real: usize, gpu: GpuOptions) -> Result<Vec<u32>> {
     let mut g = cuda_engine(model, 4096, real, gpu)?;
     g.feed(ids)?;
     g.greedy(max_new)
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(gpu))]
 const NO_CUDA: &str =
     "--device cuda: this binary was built without CUDA (build with `cargo build --release --features cuda`)";
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(gpu))]
 fn cuda_scorer<'m>(_: &'m Model, _: usize, _: usize, _: GpuOptions) -> Result<Scorer<'m>> {
     bail!(NO_CUDA)
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(gpu))]
 pub fn cuda_logits(_: &Model, _: &[u32], _: usize, _: GpuOptions) -> Result<Vec<f32>> {
     bail!(NO_CUDA)
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(gpu))]
 pub fn cuda_greedy(_: &Model, _: &[u32], _: usize, _: usize, _: GpuOptions) -> Result<Vec<u32>> {
     bail!(NO_CUDA)
 }

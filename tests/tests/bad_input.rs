@@ -228,7 +228,7 @@ fn nan_in_state_is_an_error() {
 /// Without the `cuda` feature, `--device cuda` is one line saying how to get it; bad GPU options are
 /// one line too.
 #[test]
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
 fn device_cuda_without_the_feature() {
     let ids = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ids.path(), "1 2 3").unwrap();

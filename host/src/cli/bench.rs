@@ -178,7 +178,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 fn device_mem_used(sc: &Scorer) -> Result<usize> {
     match sc {
         Scorer::Cpu { .. } => Ok(crate::report::peak_rss_bytes() as usize),
-        #[cfg(feature = "cuda")]
+        #[cfg(gpu)]
         Scorer::Cuda(_) => crate::cuda::Gpu::mem_info().map(|(free, total)| total - free),
     }
 }
@@ -186,7 +186,7 @@ fn device_mem_used(sc: &Scorer) -> Result<usize> {
 fn device_name(sc: &Scorer) -> String {
     match sc {
         Scorer::Cpu { .. } => format!("CPU, {} threads", rayon::current_num_threads()),
-        #[cfg(feature = "cuda")]
+        #[cfg(gpu)]
         Scorer::Cuda(g) => format!("{} (CUDA, {:?} matmuls)", g.gpu.name, g.dt),
     }
 }
@@ -206,7 +206,7 @@ fn decode_steps(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<usize> 
             session.chunk = 1;
             Ok(session.greedy(&last, steps, real)?.len())
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(gpu)]
         Scorer::Cuda(g) => {
             g.feed(prompt)?;
             Ok(g.greedy(steps)?.len())

@@ -6,6 +6,7 @@ use std::ffi::c_void;
 
 type Handle = *mut c_void;
 
+#[cfg(feature = "cuda")]
 #[link(name = "cublas")]
 extern "C" {
     fn cublasCreate_v2(handle: *mut Handle) -> i32;
@@ -33,6 +34,58 @@ extern "C" {
         compute: i32,
         algo: i32,
     ) -> i32;
+}
+
+/// `cublasGemmEx` as its documentation defines it, on host memory (feature `cuda-emu`): column-major,
+/// `C = alpha·op(A)·op(B) + beta·C`, so the emulator checks our parameter mapping, not only the math.
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::too_many_arguments, non_snake_case)]
+unsafe fn cublasGemmEx(
+    _: Handle,
+    transa: i32,
+    transb: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: *const c_void,
+    a: *const c_void,
+    a_type: i32,
+    lda: i32,
+    b: *const c_void,
+    b_type: i32,
+    ldb: i32,
+    beta: *const c_void,
+    c: *mut c_void,
+    c_type: i32,
+    ldc: i32,
+    _compute: i32,
+    _algo: i32,
+) -> i32 {
+    if c_type != CUDA_R_32F || a_type != b_type {
+        return 7; // CUBLAS_STATUS_INVALID_VALUE
+    }
+    let el = |p: *const c_void, ty: i32, i: usize| -> f32 {
+        if ty == CUDA_R_16BF {
+            f32::from_bits((*(p as *const u16).add(i) as u32) << 16)
+        } else {
+            *(p as *const f32).add(i)
+        }
+    };
+    let (alpha, beta) = (*(alpha as *const f32), *(beta as *const f32));
+    let (m, n, k) = (m as usize, n as usize, k as usize);
+    let (lda, ldb, ldc) = (lda as usize, ldb as usize, ldc as usize);
+    // op(A)[i, l] and op(B)[l, j], column-major with leading dimensions lda, ldb.
+    let at = |i: usize, l: usize| if transa == OP_N { el(a, a_type, i + l * lda) } else { el(a, a_type, l + i * lda) };
+    let bt = |l: usize, j: usize| if transb == OP_N { el(b, b_type, l + j * ldb) } else { el(b, b_type, j + l * ldb) };
+    let c = c as *mut f32;
+    for j in 0..n {
+        for i in 0..m {
+            let acc: f32 = (0..k).map(|l| at(i, l) * bt(l, j)).sum();
+            let cij = c.add(i + j * ldc);
+            *cij = alpha * acc + if beta == 0.0 { 0.0 } else { beta * *cij };
+        }
+    }
+    0
 }
 
 const OP_N: i32 = 0;
@@ -69,8 +122,15 @@ pub struct Blas {
 }
 
 impl Blas {
+    /// The emulator's stand-in (no handle).
+    #[cfg(not(feature = "cuda"))]
+    pub fn emulated() -> Blas {
+        Blas { h: std::ptr::null_mut() }
+    }
+
     /// # Safety
     /// `stream` must be a live CUDA stream of the current context.
+    #[cfg(feature = "cuda")]
     pub unsafe fn new(stream: *mut c_void) -> Result<Blas> {
         let mut h: Handle = std::ptr::null_mut();
         // SAFETY: cublasCreate writes one handle; the stream belongs to the current context.
@@ -125,6 +185,7 @@ impl Blas {
     }
 }
 
+#[cfg(feature = "cuda")]
 impl Drop for Blas {
     fn drop(&mut self) {
         // SAFETY: created by cublasCreate, destroyed once.

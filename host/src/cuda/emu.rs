@@ -1,0 +1,116 @@
+//! The emulated device (feature `cuda-emu` without `cuda`): buffers are host allocations whose
+//! addresses stand in for device pointers, kernels run from the same `ptx/*.cu` source compiled as
+//! C++ (`ptx/emu/`), and cuBLAS is its documented column-major GemmEx (`cublas.rs`). The launch
+//! sequence in `mamba2.rs` is the real one, argument slots included.
+use super::{Arg, Blas, KERNELS};
+use anyhow::{bail, Result};
+use std::ffi::{c_char, c_void, CString};
+
+extern "C" {
+    fn emu_launch(name: *const c_char, gx: u32, gy: u32, block: u32, shared: u32, args: *mut *mut c_void) -> i32;
+}
+
+/// A host allocation standing in for device memory (16-byte aligned), freed on drop.
+pub struct DBuf {
+    mem: Vec<u128>,
+    pub bytes: usize,
+}
+
+impl DBuf {
+    pub fn new(bytes: usize) -> Result<DBuf> {
+        Ok(DBuf { mem: vec![0u128; bytes.div_ceil(16).max(1)], bytes })
+    }
+
+    pub fn zeroed(bytes: usize) -> Result<DBuf> {
+        DBuf::new(bytes)
+    }
+
+    pub fn from<T: bytemuck::Pod>(src: &[T]) -> Result<DBuf> {
+        let mut b = DBuf::new(std::mem::size_of_val(src))?;
+        b.upload(0, src)?;
+        Ok(b)
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.mem.as_ptr() as u64
+    }
+
+    pub fn at(&self, byte_off: usize) -> u64 {
+        self.ptr() + byte_off as u64
+    }
+
+    pub fn zero(&self) -> Result<()> {
+        // SAFETY: the allocation holds `bytes` bytes; device memory is written through raw
+        // pointers on the real path too.
+        unsafe { std::ptr::write_bytes(self.ptr() as *mut u8, 0, self.bytes) };
+        Ok(())
+    }
+
+    pub fn upload<T: bytemuck::Pod>(&mut self, byte_off: usize, src: &[T]) -> Result<()> {
+        let n = std::mem::size_of_val(src);
+        if byte_off + n > self.bytes {
+            bail!("CUDA: upload of {n} bytes at {byte_off} overruns a {}-byte buffer", self.bytes);
+        }
+        bytemuck::cast_slice_mut::<u128, u8>(&mut self.mem)[byte_off..byte_off + n]
+            .copy_from_slice(bytemuck::cast_slice(src));
+        Ok(())
+    }
+
+    pub fn download<T: bytemuck::Pod>(&self, byte_off: usize, dst: &mut [T]) -> Result<()> {
+        let n = std::mem::size_of_val(dst);
+        if byte_off + n > self.bytes {
+            bail!("CUDA: download of {n} bytes at {byte_off} overruns a {}-byte buffer", self.bytes);
+        }
+        bytemuck::cast_slice_mut(dst)
+            .copy_from_slice(&bytemuck::cast_slice::<u128, u8>(&self.mem)[byte_off..byte_off + n]);
+        Ok(())
+    }
+}
+
+/// Device-to-device copy of `bytes`.
+pub fn copy(dst: u64, src: u64, bytes: usize) -> Result<()> {
+    // SAFETY: callers pass ranges inside live buffers (as on the real path).
+    unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+    Ok(())
+}
+
+pub struct Gpu {
+    pub blas: Blas,
+    pub name: String,
+    pub total_mem: usize,
+}
+
+impl Gpu {
+    pub fn new() -> Result<Gpu> {
+        Ok(Gpu { blas: Blas::emulated(), name: "cuda-emu (CPU)".into(), total_mem: 8 << 30 })
+    }
+
+    pub fn launch(&self, name: &'static str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<()> {
+        if !KERNELS.contains(&name) {
+            bail!("CUDA: unknown kernel {name}");
+        }
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        if shared > 48 * 1024 || block > 1024 || !block.is_multiple_of(32) {
+            bail!("CUDA: launch of {name} with {block} threads and {shared} bytes of shared memory would fail");
+        }
+        let mut slots: Vec<[u8; 8]> = args.iter().map(|a| a.slot()).collect();
+        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s.as_mut_ptr() as *mut c_void).collect();
+        let cname = CString::new(name)?;
+        // SAFETY: as on the real path, the slots match the kernel's parameters and outlive the call.
+        let r = unsafe { emu_launch(cname.as_ptr(), grid.0, grid.1, block, shared, ptrs.as_mut_ptr()) };
+        if r != 0 {
+            bail!("CUDA: launching {name} failed (emulator)");
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    pub fn mem_info() -> Result<(usize, usize)> {
+        Ok((8 << 30, 8 << 30))
+    }
+}

@@ -1,0 +1,168 @@
+// The emulator's runtime: runs one kernel launch as grid blocks, one after another, each block's
+// threads as fibers, and dispatches by kernel name (emu_launch, called from host/src/cuda/emu.rs).
+#include "cuda_emu.h"
+
+#include <cstdio>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <ucontext.h>
+#include <vector>
+
+// Threads of a block are fibers on one OS thread: each runs until its next __syncthreads (or the end
+// of its block), round-robin, so every thread reaches barrier k before any passes it. Fibers start
+// with makecontext/setcontext once per launch and then switch with _setjmp/_longjmp (no system calls);
+// each fiber walks all blocks of the launch, yielding at the end of each.
+#include <csetjmp>
+
+dim3 emu_threadIdx, emu_blockIdx, emu_blockDim, emu_gridDim;
+
+struct Jmp {
+    jmp_buf b;
+};
+static std::vector<float> g_smem;
+static std::vector<float> g_shfl;
+static std::vector<ucontext_t> g_ctx;
+static std::vector<std::vector<char>> g_stacks;
+static std::vector<Jmp> g_jb;
+static std::vector<unsigned> g_blk;  // blocks each fiber has finished
+static std::vector<char> g_started;
+static jmp_buf g_main;
+static unsigned g_cur, g_nblocks;
+static const std::function<void()>* g_body;
+static const size_t STACK = 128 << 10;
+
+float* emu_dyn_smem() { return g_smem.data(); }
+void __syncthreads() {
+    if (!_setjmp(g_jb[g_cur].b)) _longjmp(g_main, 1);
+}
+float emu_shfl_xor(float v, int o) {
+    unsigned t = threadIdx.x;
+    g_shfl[t] = v;
+    __syncthreads();
+    float r = g_shfl[t ^ (unsigned)o];
+    __syncthreads();
+    return r;
+}
+
+static void fiber_entry() {
+    unsigned me = g_cur;
+    for (unsigned b = 0; b < g_nblocks; b++) {
+        (*g_body)();
+        g_blk[me] = b + 1;
+        __syncthreads();
+    }
+    _longjmp(g_main, 1);  // done: never resumed again
+}
+
+static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const std::function<void()>& body) {
+    g_body = &body;
+    g_nblocks = gx * gy;
+    g_smem.assign(shared / 4 + 1, 0.0f);
+    g_shfl.assign(block, 0.0f);
+    g_ctx.resize(block);
+    g_jb.resize(block);
+    g_blk.assign(block, 0);
+    g_started.assign(block, 0);
+    while (g_stacks.size() < block) g_stacks.emplace_back(STACK);
+    emu_blockDim = dim3{block, 1, 1};
+    emu_gridDim = dim3{gx, gy, 1};
+    for (unsigned t = 0; t < block; t++) {
+        getcontext(&g_ctx[t]);
+        g_ctx[t].uc_stack.ss_sp = g_stacks[t].data();
+        g_ctx[t].uc_stack.ss_size = STACK;
+        g_ctx[t].uc_link = nullptr;
+        makecontext(&g_ctx[t], fiber_entry, 0);
+    }
+    for (unsigned b = 0; b < g_nblocks; b++) {
+        emu_blockIdx = dim3{b % gx, b / gx, 0};
+        for (bool left = true; left;) {
+            left = false;
+            for (unsigned t = 0; t < block; t++) {
+                if (g_blk[t] != b) continue;
+                g_cur = t;
+                emu_threadIdx = dim3{t, 0, 0};
+                if (!_setjmp(g_main)) {
+                    if (!g_started[t]) {
+                        g_started[t] = 1;
+                        setcontext(&g_ctx[t]);
+                    }
+                    _longjmp(g_jb[t].b, 1);
+                }
+                left |= g_blk[t] == b;
+            }
+        }
+    }
+}
+
+#include "../mamba2.cu"
+
+// Argument i of the launch, as the driver reads it: a pointer to the value.
+#define A(i, T) (*(T*)args[i])
+typedef unsigned short u16;
+
+extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned block, unsigned shared, void** args) {
+    std::string n(name);
+    std::function<void()> f;
+    if (n == "embed_f32") f = [&] { embed_f32(A(0, const float*), A(1, const unsigned*), A(2, float*), A(3, int), A(4, int)); };
+    else if (n == "embed_bf16") f = [&] { embed_bf16(A(0, const u16*), A(1, const unsigned*), A(2, float*), A(3, int), A(4, int)); };
+    else if (n == "rmsnorm_f32") f = [&] { rmsnorm_f32(A(0, const float*), A(1, const float*), A(2, float*), A(3, int), A(4, float)); };
+    else if (n == "rmsnorm_bf16") f = [&] { rmsnorm_bf16(A(0, const float*), A(1, const float*), A(2, u16*), A(3, int), A(4, float)); };
+    else if (n == "add_bias") f = [&] { add_bias(A(0, float*), A(1, const float*), A(2, long), A(3, int)); };
+    else if (n == "conv_silu")
+        f = [&] {
+            conv_silu(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, float*), A(5, int),
+                      A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, float));
+        };
+    else if (n == "conv_state_update")
+        f = [&] { conv_state_update(A(0, const float*), A(1, float*), A(2, int), A(3, int), A(4, int), A(5, int), A(6, int)); };
+    else if (n == "dt_softplus")
+        f = [&] {
+            dt_softplus(A(0, const float*), A(1, const float*), A(2, float*), A(3, int), A(4, int), A(5, int), A(6, float),
+                        A(7, float), A(8, float));
+        };
+    else if (n == "ssd_cumsum")
+        f = [&] { ssd_cumsum(A(0, const float*), A(1, const float*), A(2, float*), A(3, int), A(4, int), A(5, float)); };
+    else if (n == "ssd_chunk_state")
+        f = [&] {
+            ssd_chunk_state(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, int), A(5, int),
+                            A(6, int), A(7, int), A(8, int), A(9, int), A(10, int));
+        };
+    else if (n == "ssd_state_pass")
+        f = [&] { ssd_state_pass(A(0, float*), A(1, const float*), A(2, float*), A(3, int), A(4, int), A(5, int)); };
+    else if (n == "ssd_chunk_scan")
+        f = [&] {
+            ssd_chunk_scan(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, const float*),
+                           A(5, int), A(6, float*), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int),
+                           A(13, int));
+        };
+    else if (n == "gated_norm_f32")
+        f = [&] {
+            gated_norm_f32(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, int), A(5, int),
+                           A(6, int), A(7, float));
+        };
+    else if (n == "gated_norm_bf16")
+        f = [&] {
+            gated_norm_bf16(A(0, const float*), A(1, const float*), A(2, const float*), A(3, u16*), A(4, int), A(5, int),
+                            A(6, int), A(7, float));
+        };
+    else if (n == "lse_nll")
+        f = [&] { lse_nll(A(0, const float*), A(1, const unsigned*), A(2, float*), A(3, int), A(4, int)); };
+    else if (n == "argmax_rows") f = [&] { argmax_rows(A(0, const float*), A(1, unsigned*), A(2, int), A(3, int)); };
+    else if (n == "probe_sums")
+        f = [&] {
+            probe_sums(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, int), A(5, int), A(6, int),
+                       A(7, int), A(8, int), A(9, int), A(10, int), A(11, float));
+        };
+    else if (n == "f32_to_bf16") f = [&] { f32_to_bf16(A(0, const float*), A(1, u16*), A(2, long)); };
+    else if (n == "bf16_to_f32") f = [&] { bf16_to_f32(A(0, const u16*), A(1, float*), A(2, long)); };
+    else {
+        std::fprintf(stderr, "cuda-emu: unknown kernel %s\n", name);
+        return 1;
+    }
+    // One launch at a time: the fiber scheduler's state is global (tests run launches from several threads).
+    static std::mutex lock;
+    std::lock_guard<std::mutex> guard(lock);
+    run(gx, gy, block, shared, f);
+    return 0;
+}
