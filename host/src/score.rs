@@ -160,6 +160,58 @@ impl<'m> Scorer<'m> {
         }
     }
 
+    /// Feeds `ids` without scoring; the last row stays pending (for [`Scorer::greedy`]).
+    pub fn feed(&mut self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Scorer::Cpu { session, pending, .. } => {
+                let d = session.net().d_model();
+                let mut last = vec![0f32; d];
+                session.feed(ids, &mut |_, h| {
+                    last.copy_from_slice(&h[h.len() - d..]);
+                    Ok(())
+                })?;
+                *pending = Some(last);
+                Ok(())
+            }
+            #[cfg(gpu)]
+            Scorer::Cuda(g) => g.feed(ids),
+        }
+    }
+
+    /// [`Scorer::feed`] that also adds the probe sums of these tokens into `probe` (the layout of
+    /// `Recurrent::forward_probed`).
+    pub fn feed_probed(&mut self, ids: &[u32], probe: &mut [f32]) -> Result<()> {
+        match self {
+            Scorer::Cpu { session, pending, .. } => {
+                let d = session.net().d_model();
+                let mut last = vec![0f32; d];
+                session.feed_probed(ids, probe, &mut |_, h| {
+                    last.copy_from_slice(&h[h.len() - d..]);
+                    Ok(())
+                })?;
+                *pending = Some(last);
+                Ok(())
+            }
+            #[cfg(gpu)]
+            Scorer::Cuda(g) => g.feed_probed(ids, probe),
+        }
+    }
+
+    /// Greedy decoding of `max_new` tokens from the pending row (as `Session::greedy`).
+    pub fn greedy(&mut self, max_new: usize) -> Result<Vec<u32>> {
+        match self {
+            Scorer::Cpu { session, head, pending, .. } => {
+                let last = pending.take().ok_or_else(|| anyhow::anyhow!("greedy decoding needs a prompt first"))?;
+                session.greedy(&last, max_new, head.real)
+            }
+            #[cfg(gpu)]
+            Scorer::Cuda(g) => g.greedy(max_new),
+        }
+    }
+
     /// Back to the zero state at the start of a document.
     pub fn reset(&mut self) -> Result<()> {
         match self {

@@ -88,3 +88,55 @@ fn ppl_on_the_gpu_gives_the_cpu_curve() {
     println!("mean NLL cpu {:.6} cuda {:.6}", means[0], means[1]);
     assert!((means[0] - means[1]).abs() <= 1e-3, "{means:?}");
 }
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn passkey_on_the_gpu_decodes_what_the_cpu_decodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = data("../../models/mamba2-tiny-passkey");
+    let mut answers = Vec::new();
+    for dev in ["cpu", "cuda"] {
+        let out = dir.path().join(dev);
+        let args = ["passkey", "--model", model.to_str().unwrap(), "--lengths", "128,512", "--samples", "4"];
+        let extra = ["--max-new", "8", "--device", dev, "--out", out.to_str().unwrap()];
+        cli(&[&args[..], &extra[..]].concat()).unwrap();
+        let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+        let recs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        answers.push(recs.iter().map(|r| (r["continuation"].clone(), r["correct"].clone())).collect::<Vec<_>>());
+    }
+    println!("{:?}", answers[1]);
+    assert_eq!(answers[0].len(), 8);
+    assert_eq!(answers[0], answers[1]);
+}
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn probe_on_the_gpu_gives_the_cpu_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = data("../../models/mamba2-tiny-passkey");
+    let text = data("../../host/assets/corpus/austen_persuasion.txt");
+    let mut tables = Vec::new();
+    for dev in ["cpu", "cuda"] {
+        let out = dir.path().join(dev);
+        let args = ["probe", "--model", model.to_str().unwrap(), "--text", text.to_str().unwrap()];
+        let extra = ["--max-tokens", "700", "--every", "128", "--snapshot-at", "300", "--chunk", "200"];
+        cli(&[&args[..], &extra[..], &["--device", dev, "--out", out.to_str().unwrap()]].concat()).unwrap();
+        // (layer, head, t) columns, then the values.
+        let read = |f: &str| -> (Vec<String>, Vec<f64>) {
+            let s = std::fs::read_to_string(out.join(f)).unwrap();
+            let rows: Vec<Vec<&str>> = s.lines().skip(1).map(|l| l.split(',').collect()).collect();
+            let keys = rows.iter().map(|r| r[..3].join(",")).collect();
+            (keys, rows.iter().flat_map(|r| r[3..].iter().map(|v| v.parse::<f64>().unwrap())).collect())
+        };
+        tables.push([read("retention.csv"), read("state_stats.csv"), read("inputs.csv")]);
+    }
+    for (k, name) in ["retention", "state_stats", "inputs"].iter().enumerate() {
+        assert_eq!(tables[0][k].0, tables[1][k].0, "{name}: (layer, head, t) rows");
+        let (c, g) = (&tables[0][k].1, &tables[1][k].1);
+        assert!(!c.is_empty(), "{name}: empty");
+        let scale = c.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = c.iter().zip(g).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        println!("{name}: max |Δ| {err:.3e} (max |value| {scale:.3e})");
+        assert!(err <= 1e-4 * scale, "{name}: max |Δ| {err:e} > 1e-4 · {scale:e}");
+    }
+}

@@ -46,6 +46,8 @@ pub struct PasskeyArgs {
     /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here.
     #[arg(long, default_value = "none")]
     forget: String,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 pub fn run(a: PasskeyArgs) -> Result<()> {
@@ -71,6 +73,8 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         tokenizer: a.tokenizer,
         reuse: !a.no_reuse,
         forget: crate::forget::ForgetSpec::parse(&a.forget)?.resolved(None)?,
+        device: a.device.device,
+        gpu: a.device.gpu()?,
     };
     passkey::run(&a.model, &o, &a.out, a.resume, shard)?;
     println!("wrote {}/results.jsonl, summary.json, summary.csv, heatmap.svg", a.out.display());

@@ -38,6 +38,8 @@ pub struct ProbeArgs {
     chunk: usize,
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 pub fn run(a: ProbeArgs) -> Result<()> {
@@ -59,6 +61,8 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         forget: ForgetSpec::parse(&a.forget)?.resolved(a.train_len)?,
         chunk: a.chunk,
         tokenizer: a.tokenizer,
+        device: a.device.device,
+        gpu: a.device.gpu()?,
     };
     probe::run(&a.model, &inputs, &o, &a.out)
 }

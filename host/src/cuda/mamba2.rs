@@ -535,6 +535,27 @@ impl GpuMamba2 {
         Ok(())
     }
 
+    /// [`GpuMamba2::feed`] that also adds the probe sums of these tokens into `probe`
+    /// `(n_layer, 4, H)` (the core's `forward_probed` layout).
+    pub fn feed_probed(&mut self, tokens: &[u32], probe: &mut [f32]) -> Result<()> {
+        let len = self.cfg.n_layer * 4 * self.cfg.n_heads;
+        if probe.len() != len {
+            bail!("probe buffer has {} values, the model needs {len}", probe.len());
+        }
+        let buf = DBuf::zeroed(len * 4)?;
+        let rb = self.cfg.d_model * self.dt.size();
+        for piece in tokens.chunks(self.chunk) {
+            self.forward(piece, Some(&buf))?;
+            copy(self.hidden.ptr(), self.hidden.at(piece.len() * rb), rb)?;
+            self.has_pending = true;
+        }
+        let mut sums = vec![0f32; len];
+        self.gpu.sync()?;
+        buf.download(0, &mut sums)?;
+        probe.iter_mut().zip(&sums).for_each(|(p, s)| *p += s);
+        Ok(())
+    }
+
     /// Logits `(count, Vp)` of hidden rows `first..first + count`, downloaded.
     pub fn logits(&self, first: usize, count: usize) -> Result<Vec<f32>> {
         let v = self.cfg.vocab_rows;

@@ -9,7 +9,7 @@ use crate::cli::basic::{dir_of, real_vocab};
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::heatmap;
 use crate::report::write_atomic;
-use crate::session::Session;
+use crate::score::Scorer;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,10 @@ pub struct Options {
     /// Share the haystack between samples (off: every sample from the zero state, for checks).
     pub reuse: bool,
     pub forget: crate::forget::ForgetSpec,
+    #[serde(default)]
+    pub device: crate::score::Device,
+    #[serde(default)]
+    pub gpu: crate::score::GpuOptions,
 }
 
 /// One sample's record (one line of results.jsonl).
@@ -295,7 +299,7 @@ pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Opti
     };
     let mut facts = RunFacts { shard: shard.map(|(k, n)| format!("{k}/{n}")), ..Default::default() };
     let started = Instant::now();
-    let mut s = Session::new(&model, o.chunk);
+    let mut s = Scorer::new(&model, o.chunk, real, o.device, o.gpu)?;
     let n_per = depths(o).len();
     for (li, &length) in o.lengths.iter().enumerate() {
         let mut todo: Vec<Prompt> = prompts(&tok, &tpl, o, length)?
@@ -314,7 +318,7 @@ pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Opti
         if let Some(b) = bos {
             hay.insert(0, b);
         }
-        s.reset();
+        s.reset()?;
         let mut pos = 0; // haystack tokens fed so far
         for p in todo {
             let (mut ids, offsets) = tok.encode_with_offsets(&p.text)?;
@@ -327,27 +331,20 @@ pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Opti
             let lcp =
                 if o.reuse { ids.iter().zip(&hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1) } else { 0 };
             let branch = if lcp >= pos {
-                s.feed(&hay[pos..lcp], &mut |_, _| Ok(()))?;
+                s.feed(&hay[pos..lcp])?;
                 facts.tokens_processed += (lcp - pos) as u64;
                 pos = lcp;
                 lcp
             } else {
                 0 // the haystack already passed this sample's branch point: run it alone
             };
-            let (saved, saved_tau) = (s.state.clone(), s.tau.clone());
+            let (saved, saved_row, saved_tau) = s.snapshot()?;
             if branch == 0 {
-                s.reset();
+                s.reset()?;
             }
-            let mut last_row = vec![0f32; model.info.d_model];
-            s.feed(&ids[branch..], &mut |_, h| {
-                let d = last_row.len();
-                last_row.copy_from_slice(&h[h.len() - d..]);
-                Ok(())
-            })?;
-            let new = s.greedy(&last_row, o.max_new, real)?;
-            s.state.copy_from_slice(&saved);
-            s.tau = saved_tau;
-            s.pos = pos as u64;
+            s.feed(&ids[branch..])?;
+            let new = s.greedy(o.max_new)?;
+            s.restore(&saved, saved_row.as_deref(), saved_tau, pos as u64)?;
             facts.tokens_processed += (ids.len() - branch + new.len()) as u64;
             facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
             facts.samples_run += 1;

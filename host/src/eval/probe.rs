@@ -6,7 +6,7 @@ use crate::forget::ForgetSpec;
 use crate::model::Model;
 use crate::report::svg::{fmt_tokens, LinePlot, Series};
 use crate::report::write_atomic;
-use crate::session::Session;
+use crate::score::{Device, GpuOptions, Scorer};
 use crate::text::Input;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Result};
@@ -26,6 +26,8 @@ pub struct Options {
     pub forget: ForgetSpec,
     pub chunk: usize,
     pub tokenizer: Option<PathBuf>,
+    pub device: Device,
+    pub gpu: GpuOptions,
 }
 
 /// mean, unbiased variance, RMS, max |v|, Frobenius norm (f64 sums).
@@ -90,7 +92,9 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
     let mut var_pts = vec![Vec::new(); nl * nh];
     let mut snapshots: Vec<(u64, Vec<f32>)> = Vec::new();
 
-    let mut s = Session::new(&model, o.chunk);
+    let real = model.info.vocab_rows;
+    let mut s = Scorer::new(&model, o.chunk, real, o.device, o.gpu)?;
+    let mut pos = 0u64; // tokens fed
     let mut stream = crate::eval::ppl::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
     let mut queue: std::collections::VecDeque<u32> = Default::default();
     let mut done = false;
@@ -101,9 +105,9 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
     let mut progress = crate::report::Progress::new("probe", o.max_tokens);
     loop {
         // Next stop: the report boundary or a snapshot position.
-        let next_report = s.pos + (o.every - since);
-        let next = snaps.iter().copied().find(|&p| p > s.pos).map_or(next_report, |p| p.min(next_report));
-        let want = (next - s.pos) as usize;
+        let next_report = pos + (o.every - since);
+        let next = snaps.iter().copied().find(|&p| p > pos).map_or(next_report, |p| p.min(next_report));
+        let want = (next - pos) as usize;
         while queue.len() < want && !done {
             match stream.next_piece()? {
                 Some(p) => queue.extend(p),
@@ -115,16 +119,22 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
         }
         let ids: Vec<u32> = queue.drain(..want.min(queue.len())).collect();
         crate::cli::basic::check_ids(&ids, net.vocab_rows(), "probe input")?;
-        s.feed_probed(&ids, &mut probe, &mut |_, _| Ok(()))?;
+        s.feed_probed(&ids, &mut probe)?;
+        pos += ids.len() as u64;
         since += ids.len() as u64;
-        progress.set(s.pos);
-        if snaps.contains(&s.pos) {
-            snapshots.push((s.pos, s.state.clone()));
+        progress.set(pos);
+        let at_snapshot = snaps.contains(&pos);
+        if since < o.every && !(done && queue.is_empty()) && !at_snapshot {
+            continue;
+        }
+        let state = s.snapshot()?.0;
+        if at_snapshot {
+            snapshots.push((pos, state.clone()));
         }
         if since < o.every && !(done && queue.is_empty()) {
             continue;
         }
-        let t = s.pos;
+        let t = pos;
         let k = since as f64;
         since = 0;
         for l in 0..nl {
@@ -141,12 +151,12 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
                 let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 writeln!(ret_csv, "{l},{h},{t},{mean},{max}")?;
                 ret_pts[l * nh + h].push((t as f64, mean));
-                let st = stats(s.state[net.head_state(l, h)].iter().copied());
+                let st = stats(state[net.head_state(l, h)].iter().copied());
                 writeln!(st_csv, "{l},{h},{t},{},{},{},{},{}", st[0], st[1], st[2], st[3], st[4])?;
                 mean_pts[l * nh + h].push((t as f64, st[0]));
                 var_pts[l * nh + h].push((t as f64, st[1]));
                 if let Some(runs) = net.conv_state(l, h) {
-                    let cs = stats(runs_values(runs, &s.state).into_iter());
+                    let cs = stats(runs_values(runs, &state).into_iter());
                     writeln!(cv_csv, "{l},{h},{t},{},{},{},{},{}", cs[0], cs[1], cs[2], cs[3], cs[4])?;
                 }
                 let means: Vec<String> = (1..ns)
@@ -167,7 +177,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
     for w in [&mut ret_csv, &mut st_csv, &mut cv_csv, &mut in_csv] {
         w.flush()?;
     }
-    let tokens = s.pos;
+    let tokens = pos;
     write_snapshots(out, &snapshots)?;
     // Plots for the first, middle and last selected layer.
     let mut plot_layers = vec![layers[0], layers[layers.len() / 2], layers[layers.len() - 1]];
