@@ -114,19 +114,7 @@ mod tests {
 
     /// Mamba-2 2.7B's shape (FORMATS.md: d 2560, 64 layers, 80 heads × 64, N 128, vocab 50,288).
     fn big() -> Config {
-        Config {
-            d_model: 2560,
-            n_layer: 64,
-            d_state: 128,
-            head_dim: 64,
-            n_heads: 80,
-            n_groups: 1,
-            d_conv: 4,
-            vocab_rows: 50288,
-            eps: 1e-5,
-            dt_min: 0.0,
-            dt_max: f32::INFINITY,
-        }
+        crate::synth::mamba2_config("2.7b").unwrap()
     }
 
     #[test]

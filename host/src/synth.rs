@@ -64,6 +64,24 @@ fn encode(values: impl Iterator<Item = f32>, dtype: Dtype) -> Vec<u8> {
     }
 }
 
+/// The core config of a Mamba-2 preset (expand 2, one group, conv 4, GPT-NeoX vocab), for sizing.
+pub fn mamba2_config(preset: &str) -> Option<stuffed_core::mamba2::Config> {
+    let &(_, d, n_layer, n, p) = MAMBA2_PRESETS.iter().find(|x| x.0 == preset)?;
+    Some(stuffed_core::mamba2::Config {
+        d_model: d,
+        n_layer,
+        d_state: n,
+        head_dim: p,
+        n_heads: 2 * d / p,
+        n_groups: 1,
+        d_conv: 4,
+        vocab_rows: VOCAB_ROWS,
+        eps: 1e-5,
+        dt_min: 0.0,
+        dt_max: f32::INFINITY,
+    })
+}
+
 pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
     let Some(&(_, d, n_layer, n, p)) = MAMBA2_PRESETS.iter().find(|x| x.0 == preset) else {
         let names: Vec<_> = MAMBA2_PRESETS.iter().map(|x| x.0).collect();

@@ -194,24 +194,8 @@ fn device_name(sc: &Scorer) -> String {
 /// Greedy decoding after `prompt`, one token per step; returns the steps taken.
 fn decode_steps(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<usize> {
     sc.reset()?;
-    match sc {
-        Scorer::Cpu { session, .. } => {
-            let d = session.net().d_model();
-            let mut last = vec![0f32; d];
-            session.feed(prompt, &mut |_, h| {
-                last.copy_from_slice(&h[h.len() - d..]);
-                Ok(())
-            })?;
-            let real = session.net().vocab_rows();
-            session.chunk = 1;
-            Ok(session.greedy(&last, steps, real)?.len())
-        }
-        #[cfg(gpu)]
-        Scorer::Cuda(g) => {
-            g.feed(prompt)?;
-            Ok(g.greedy(steps)?.len())
-        }
-    }
+    sc.feed(prompt)?;
+    Ok(sc.greedy(steps)?.len())
 }
 
 /// Largest |a − b| / max |b|, and the NMSE Σ(a − b)² / Σ b².
@@ -296,19 +280,7 @@ mod tests {
 
     #[test]
     fn flops_per_token_of_2_7b_is_twice_its_parameters_plus_the_scan() {
-        let c = stuffed_core::mamba2::Config {
-            d_model: 2560,
-            n_layer: 64,
-            d_state: 128,
-            head_dim: 64,
-            n_heads: 80,
-            n_groups: 1,
-            d_conv: 4,
-            vocab_rows: 50288,
-            eps: 1e-5,
-            dt_min: 0.0,
-            dt_max: f32::INFINITY,
-        };
+        let c = crate::synth::mamba2_config("2.7b").unwrap();
         let f = flops_per_token(&c);
         // ≈ 2 · 2.7e9 for the matmuls, plus a few hundred MFLOP for the SSD.
         assert!((5.4e9..6.2e9).contains(&f), "{f:e}");
