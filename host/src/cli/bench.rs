@@ -22,9 +22,9 @@ pub struct BenchArgs {
     /// Tokens to stream (e.g. 1m = 1,048,576, 64k).
     #[arg(long, default_value = "64k")]
     tokens: String,
-    /// Tokens per forward call.
-    #[arg(long, default_value_t = 65536)]
-    chunk: usize,
+    /// Tokens per forward call (default: 65,536 on the GPU, 512 on the CPU).
+    #[arg(long)]
+    chunk: Option<usize>,
     /// Greedy decode steps to time (ms/token).
     #[arg(long, default_value_t = 64)]
     decode: usize,
@@ -112,7 +112,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let model = Model::load(&path)?;
     let m = model.mamba2().ok_or_else(|| anyhow::anyhow!("{}: bench runs Mamba-2 models", path.display()))?;
     let real = model.info.config_vocab.unwrap_or(model.info.vocab_rows).min(model.info.vocab_rows);
-    let mut sc = Scorer::new(&model, a.chunk, real, a.device.device, a.device.gpu()?)?;
+    let want = a.chunk.unwrap_or(if a.device.device == Device::Cuda { 65536 } else { 512 });
+    let mut sc = Scorer::new(&model, want, real, a.device.device, a.device.gpu()?)?;
     let chunk = sc.chunk();
     let ids = random_ids(chunk.max(1), real, 1);
     let mut nll = Vec::new();
