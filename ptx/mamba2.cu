@@ -336,13 +336,3 @@ extern "C" __global__ void probe_sums(const float* u, const float* dt, const flo
         p[3 * H + h] += sx;
     }
 }
-
-// ---- element conversion, for weights stored f16 and for rows moved between the host and a bf16 model ----
-extern "C" __global__ void f32_to_bf16(const float* x, bf16_t* y, long n) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i < n) from_f32(&y[i], x[i]);
-}
-extern "C" __global__ void bf16_to_f32(const bf16_t* x, float* y, long n) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i < n) y[i] = to_f32(x[i]);
-}

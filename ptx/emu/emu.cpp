@@ -154,8 +154,6 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
             probe_sums(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, int), A(5, int), A(6, int),
                        A(7, int), A(8, int), A(9, int), A(10, int), A(11, float));
         };
-    else if (n == "f32_to_bf16") f = [&] { f32_to_bf16(A(0, const float*), A(1, u16*), A(2, long)); };
-    else if (n == "bf16_to_f32") f = [&] { bf16_to_f32(A(0, const u16*), A(1, float*), A(2, long)); };
     else {
         std::fprintf(stderr, "cuda-emu: unknown kernel %s\n", name);
         return 1;

@@ -188,7 +188,13 @@ fn device_name(sc: &Scorer) -> String {
     match sc {
         Scorer::Cpu { .. } => format!("CPU, {} threads", rayon::current_num_threads()),
         #[cfg(gpu)]
-        Scorer::Cuda(g) => format!("{} (CUDA, {:?} matmuls)", g.gpu.name, g.dt),
+        Scorer::Cuda(g) => format!(
+            "{} (CUDA, {:?} matmuls; engine buffers {:.3} GiB, chunk {})",
+            g.gpu.name,
+            g.dt,
+            g.bytes() as f64 / (1u64 << 30) as f64,
+            g.chunk
+        ),
     }
 }
 

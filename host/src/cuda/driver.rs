@@ -102,7 +102,6 @@ pub struct Gpu {
     pub stream: Stream,
     _module: Module,
     pub name: String,
-    pub total_mem: usize,
     _ctx: Context,
 }
 
@@ -111,7 +110,6 @@ impl Gpu {
         let ctx = cust::quick_init().map_err(|e| anyhow!("CUDA: no usable GPU ({e})"))?;
         let dev = cust::device::Device::get_device(0).map_err(|e| anyhow!("CUDA: device 0: {e}"))?;
         let name = dev.name().unwrap_or_else(|_| "unknown GPU".into());
-        let total_mem = dev.total_memory().unwrap_or(0);
         let module = Module::from_ptx(MAMBA2_PTX, &[]).map_err(|e| anyhow!("CUDA: loading ptx/mamba2.ptx: {e}"))?;
         let mut funcs = HashMap::new();
         for &k in KERNELS {
@@ -127,7 +125,7 @@ impl Gpu {
             let attr = cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             check(unsafe { cu::cuFuncSetAttribute(funcs[k], attr, 48 * 1024) }, "setting shared memory")?;
         }
-        Ok(Gpu { funcs, blas, stream, _module: module, name, total_mem, _ctx: ctx })
+        Ok(Gpu { funcs, blas, stream, _module: module, name, _ctx: ctx })
     }
 
     /// Launches kernel `name` on the stream: `grid` blocks of `block` threads, `shared` bytes of

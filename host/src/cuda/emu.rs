@@ -77,12 +77,11 @@ pub fn copy(dst: u64, src: u64, bytes: usize) -> Result<()> {
 pub struct Gpu {
     pub blas: Blas,
     pub name: String,
-    pub total_mem: usize,
 }
 
 impl Gpu {
     pub fn new() -> Result<Gpu> {
-        Ok(Gpu { blas: Blas::emulated(), name: "cuda-emu (CPU)".into(), total_mem: 8 << 30 })
+        Ok(Gpu { blas: Blas::emulated(), name: "cuda-emu (CPU)".into() })
     }
 
     pub fn launch(&self, name: &'static str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<()> {

@@ -62,8 +62,6 @@ pub(crate) const KERNELS: &[&str] = &[
     "lse_nll",
     "argmax_rows",
     "probe_sums",
-    "f32_to_bf16",
-    "bf16_to_f32",
 ];
 
 impl Gpu {
