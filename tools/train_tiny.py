@@ -29,12 +29,13 @@ austen_persuasion.txt tokenized whole; the Rust CI test reproduces it).
 
 Run from the repository root, one thread (the machine is shared), in a venv WITHOUT mamba_ssm:
 
-    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-l4-t64-a3 --train-len 64 \
-        --tokens 1.2e6 --batch-tokens 4096 --layers 4 --a-min 1e-3 --a-max 1e-2
-    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-l4-t2048-a3 --train-len 2048 \
-        --tokens 1.2e6 --batch-tokens 4096 --layers 4 --a-min 1e-3 --a-max 1e-2
+    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-l4-t64-a3-4m --train-len 64 \
+        --tokens 4e6 --batch-tokens 4096 --layers 4 --a-min 1e-3 --a-max 1e-2 --log-every 50
+    OMP_NUM_THREADS=1 /root/pyref/bin/python tools/train_tiny.py --out models/mamba2-tiny-l4-t2048-a3-4m --train-len 2048 \
+        --tokens 4e6 --batch-tokens 4096 --layers 4 --a-min 1e-3 --a-max 1e-2 --log-every 50
 
-(the shipped pair: 10-14 minutes each on one shared CPU core, about 1.3-2.2k tokens/s).  --dt-min/--dt-max/
+(the shipped pair: 53-54 minutes each on one shared CPU core at about 1.2k tokens/s; about half that on
+an idle core; a GPU would take a few minutes).  --dt-min/--dt-max/
 --dt-floor set HF's dt init (time_step_min/max/floor; HF default [1e-3, 1e-1], floor 1e-4); --a-min/--a-max
 replace HF's A_log = log(1..H) by log(linspace(a_min, a_max, H)): with |A| ≈ 1e-3..1e-2 every head starts
 as a near-integrator (memory 1/(Δ·|A|) of 10^3..10^6 tokens), so forgetting has to be learned.

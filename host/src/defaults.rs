@@ -24,7 +24,7 @@ macro_rules! model {
 type Files = [(&'static str, &'static [u8]); 4];
 
 /// Short-trained first, long-trained second.
-const MODELS: [(&str, Files); 2] = [model!("mamba2-tiny-l4-t64-a3"), model!("mamba2-tiny-l4-t2048-a3")];
+const MODELS: [(&str, Files); 2] = [model!("mamba2-tiny-l4-t64-a3-4m"), model!("mamba2-tiny-l4-t2048-a3-4m")];
 const HELDOUT: (&str, &[u8]) = ("austen_persuasion.txt", include_bytes!("../assets/corpus/austen_persuasion.txt"));
 
 /// Where the embedded files go: `$STUFFED_CACHE`, else `$XDG_CACHE_HOME/stuffed`, else
