@@ -166,16 +166,7 @@ impl<'m> Scorer<'m> {
             return Ok(());
         }
         match self {
-            Scorer::Cpu { session, pending, .. } => {
-                let d = session.net().d_model();
-                let mut last = vec![0f32; d];
-                session.feed(ids, &mut |_, h| {
-                    last.copy_from_slice(&h[h.len() - d..]);
-                    Ok(())
-                })?;
-                *pending = Some(last);
-                Ok(())
-            }
+            Scorer::Cpu { session, pending, .. } => cpu_feed(session, pending, ids, None),
             #[cfg(gpu)]
             Scorer::Cuda(g) => g.feed(ids),
         }
@@ -185,16 +176,7 @@ impl<'m> Scorer<'m> {
     /// `Recurrent::forward_probed`).
     pub fn feed_probed(&mut self, ids: &[u32], probe: &mut [f32]) -> Result<()> {
         match self {
-            Scorer::Cpu { session, pending, .. } => {
-                let d = session.net().d_model();
-                let mut last = vec![0f32; d];
-                session.feed_probed(ids, probe, &mut |_, h| {
-                    last.copy_from_slice(&h[h.len() - d..]);
-                    Ok(())
-                })?;
-                *pending = Some(last);
-                Ok(())
-            }
+            Scorer::Cpu { session, pending, .. } => cpu_feed(session, pending, ids, Some(probe)),
             #[cfg(gpu)]
             Scorer::Cuda(g) => g.feed_probed(ids, probe),
         }
@@ -263,6 +245,27 @@ impl<'m> Scorer<'m> {
             }
         }
     }
+}
+
+/// Feeds `ids` through the CPU session (adding probe sums when asked), keeping the last row pending.
+fn cpu_feed(
+    session: &mut Session,
+    pending: &mut Option<Vec<f32>>,
+    ids: &[u32],
+    probe: Option<&mut [f32]>,
+) -> Result<()> {
+    let d = session.net().d_model();
+    let mut last = vec![0f32; d];
+    let mut sink = |_, h: &[f32]| {
+        last.copy_from_slice(&h[h.len() - d..]);
+        Ok(())
+    };
+    match probe {
+        Some(p) => session.feed_probed(ids, p, &mut sink)?,
+        None => session.feed(ids, &mut sink)?,
+    }
+    *pending = Some(last);
+    Ok(())
 }
 
 #[cfg(gpu)]

@@ -108,11 +108,14 @@ fn rows_from_f32(dt: DType, v: &[f32]) -> Vec<u8> {
     }
 }
 
+/// The model's Mamba-2 net, or one error line for the other families.
+fn mamba2_of(model: &Model) -> Result<&stuffed_core::mamba2::Mamba2<'static>> {
+    model.mamba2().ok_or_else(|| anyhow!("{}: --device cuda runs Mamba-2 models only", model.info.path.display()))
+}
+
 /// The matmul type of a model: bf16 when its in_proj is stored bf16 (or `force`), else f32.
 pub fn matmul_type(model: &Model, force: Option<DType>) -> Result<DType> {
-    let m = model
-        .mamba2()
-        .ok_or_else(|| anyhow!("{}: --device cuda runs Mamba-2 models only", model.info.path.display()))?;
+    let m = mamba2_of(model)?;
     Ok(force.unwrap_or(match m.w.layers[0].in_proj.data {
         Data::Bf16(_) => DType::Bf16,
         _ => DType::F32,
@@ -121,9 +124,7 @@ pub fn matmul_type(model: &Model, force: Option<DType>) -> Result<DType> {
 
 /// The sizes `gpumem::plan` needs for this model.
 pub fn sizes(model: &Model, dt: DType) -> Result<Sizes> {
-    let m = model
-        .mamba2()
-        .ok_or_else(|| anyhow!("{}: --device cuda runs Mamba-2 models only", model.info.path.display()))?;
+    let m = mamba2_of(model)?;
     Ok(Sizes::mamba2(&m.cfg, dt.size(), data_ptr(&m.w.head) != data_ptr(&m.w.embed)))
 }
 
@@ -132,7 +133,7 @@ impl GpuMamba2 {
     /// `max_mem` bytes, or the free device memory).
     pub fn new(model: &Model, chunk: usize, max_mem: Option<usize>, force: Option<DType>, real: usize) -> Result<Self> {
         let path = model.info.path.display().to_string();
-        let m = model.mamba2().ok_or_else(|| anyhow!("{path}: --device cuda runs Mamba-2 models only"))?;
+        let m = mamba2_of(model)?;
         let forget = m.forget();
         if let Forget::Window { .. } = forget {
             bail!("{path}: --forget window is not available with --device cuda yet (use the CPU)");
@@ -526,9 +527,14 @@ impl GpuMamba2 {
 
     /// Feeds `tokens` (in pieces of at most `chunk`), keeping the last row pending (no head work).
     pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        self.feed_pieces(tokens, None)
+    }
+
+    /// Runs `tokens` in pieces of at most `chunk`, each piece's last row kept pending.
+    fn feed_pieces(&mut self, tokens: &[u32], probe: Option<&DBuf>) -> Result<()> {
         let rb = self.cfg.d_model * self.dt.size();
         for piece in tokens.chunks(self.chunk) {
-            self.forward(piece, None)?;
+            self.forward(piece, probe)?;
             copy(self.hidden.ptr(), self.hidden.at(piece.len() * rb), rb)?;
             self.has_pending = true;
         }
@@ -543,12 +549,7 @@ impl GpuMamba2 {
             bail!("probe buffer has {} values, the model needs {len}", probe.len());
         }
         let buf = DBuf::zeroed(len * 4)?;
-        let rb = self.cfg.d_model * self.dt.size();
-        for piece in tokens.chunks(self.chunk) {
-            self.forward(piece, Some(&buf))?;
-            copy(self.hidden.ptr(), self.hidden.at(piece.len() * rb), rb)?;
-            self.has_pending = true;
-        }
+        self.feed_pieces(tokens, Some(&buf))?;
         let mut sums = vec![0f32; len];
         self.gpu.sync()?;
         buf.download(0, &mut sums)?;
