@@ -4,13 +4,17 @@
 // comment; `stuffed selftest --device cuda` checks the whole chain against it. Activations and the
 // recurrent state are f32; `A` is the matmul input type (the weights' storage type: f32 or bf16).
 // Shapes: T tokens in the call, d = d_model, di = H·P, cd = di + 2·G·N, nin = 2·di + 2·G·N + H,
-// Q = 64 tokens per SSD block, nb = ⌈T/Q⌉.
+// Q = 256 tokens per SSD block, nb = ⌈T/Q⌉.
 //
 // Regenerate the committed PTX with ptx/build.sh (nvcc 13.0, pinned); CI fails if it is stale.
 
 typedef unsigned short bf16_t;
 
-#define Q 64
+#define Q 256
+#ifndef CUDA_EMU
+#include <mma.h>
+#endif
+using namespace nvcuda;
 // Dynamic shared memory (ptx/emu/cuda_emu.h maps it to the emulator's block buffer).
 #ifndef DYN_SMEM
 #define DYN_SMEM(name) extern __shared__ float name[]
@@ -116,6 +120,34 @@ extern "C" __global__ void conv_state_update(const float* zx, float* cs, int T, 
     }
 }
 
+// One token (decode; Mamba2::step's conv and Δ): threads ch < cd do conv_silu and conv_state_update
+// for T = 1 in one pass (each channel reads its history before shifting it); threads cd + h do
+// dt_softplus for head h.
+extern "C" __global__ void conv_step(const float* zx, float* cs, const float* cw, const float* cb, float* u,
+                                     const float* dt_bias, float* dt, int nin, int di, int cd, int k, int gn, int H,
+                                     float b_scale, float lo, float hi, float scale) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= cd + H) return;
+    if (i >= cd) {
+        int h = i - cd;
+        float r = zx[nin - H + h] + dt_bias[h];
+        float sp = r > 20.0f ? r : log1pf(expf(r));
+        dt[h] = fminf(fmaxf(sp, lo), hi) * scale;
+        return;
+    }
+    float in = zx[di + i], acc = cb ? cb[i] : 0.0f;
+    for (int j = 0; j < k - 1; j++) {
+        float v = cs[(long)j * cd + i];
+        acc += cw[i * k + j] * v;
+        if (j > 0) cs[(long)(j - 1) * cd + i] = v;
+    }
+    acc += cw[i * k + k - 1] * in;
+    if (k > 1) cs[(long)(k - 2) * cd + i] = in;
+    float s = silu(acc);
+    if (i >= di && i < di + gn) s *= b_scale;
+    u[i] = s;
+}
+
 // ---- Δ (Mamba2::layer) -------------------------------------------------------------------------------
 // dt (T, H) = clamp(softplus(zx[:, nin − H + h] + dt_bias[h]), lo, hi) · scale (Δ scaling's c).
 extern "C" __global__ void dt_softplus(const float* zx, const float* dt_bias, float* dt, int T, int nin, int H,
@@ -129,6 +161,11 @@ extern "C" __global__ void dt_softplus(const float* zx, const float* dt_bias, fl
 }
 
 // ---- SSD, chunked (Mamba2::ssm_chunked / ssd_head) -----------------------------------------------
+// The GPU's SSD block is Q = 256 tokens (the core's is 64; the math is exact for any block): 4× fewer
+// block states to write, pass and read, which is the SSD's memory traffic. The three contractions
+// (block state, C·S_in, M·x) run on tensor cores in TF32 (bf16 models) or 3xTF32 (`exact`, f32
+// models: hi·hi + hi·lo + lo·hi, ≈ f32 accuracy); C·Bᵀ comes from cuBLAS; state passing is f32.
+
 // cum (T, H): inclusive cumulative log decay Σ (dt·A + la) within each block of Q tokens.
 extern "C" __global__ void ssd_cumsum(const float* dt, const float* a_log, float* cum, int T, int H, float la) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -143,30 +180,109 @@ extern "C" __global__ void ssd_cumsum(const float* dt, const float* a_log, float
     }
 }
 
-// st (nb, H, P, N): each block's own contribution Σ_j exp(cum_last − cum_j)·dt_j·x_j·B_jᵀ.
-// Grid (nb, H), 256 threads; dynamic shared memory (Q + Q·P) floats.
+#define KS 16  // contraction slice staged in shared memory per step
+#define TI 64  // rows of y per ssd_chunk_scan block
+typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> FragC;
+
+// v as TF32 hi + lo parts (lo = 0 unless `exact` needs it).
+__device__ __forceinline__ void split_tf32(float v, float* hi, float* lo) {
+    float h = wmma::__float_to_tf32(v);
+    *hi = h;
+    *lo = wmma::__float_to_tf32(v - h);
+}
+
+// acc[q] += A · B over one staged slice of KS for the warp's tiles (tile = warp + 8q of `tiles`, in
+// rows of `tcols` 16×16 tiles). A (rows, KS) in layout L with leading dimension lda; B (KS, cols)
+// row-major, ldb. Every call is warp-uniform.
+template <typename L, int MAXT>
+__device__ __forceinline__ void mma_slice(FragC* acc, const float* ah, const float* al, int lda, const float* bh,
+                                          const float* bl, int ldb, int tiles, int tcols, int exact) {
+    int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int q = 0; q < MAXT; q++) {
+        int tile = warp + 8 * q;
+        if (tile >= tiles) break;
+        int r0 = tile / tcols * 16, c0 = tile % tcols * 16;
+#pragma unroll
+        for (int k = 0; k < KS; k += 8) {
+            int ao = L::is_row ? r0 * lda + k : k * lda + r0;
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, typename L::frag> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
+            wmma::load_matrix_sync(a, ah + ao, lda);
+            wmma::load_matrix_sync(b, bh + k * ldb + c0, ldb);
+            if (exact) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, typename L::frag> a2;
+                wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b2;
+                wmma::load_matrix_sync(a2, al + ao, lda);
+                wmma::load_matrix_sync(b2, bl + k * ldb + c0, ldb);
+                wmma::mma_sync(acc[q], a2, b, acc[q]);
+                wmma::mma_sync(acc[q], a, b2, acc[q]);
+            }
+            wmma::mma_sync(acc[q], a, b, acc[q]);
+        }
+    }
+}
+struct RowA {
+    static const bool is_row = true;
+    typedef wmma::row_major frag;
+};
+struct ColA {
+    static const bool is_row = false;
+    typedef wmma::col_major frag;
+};
+
+// The warp's accumulators into out (rows of tcols tiles, leading dimension ldo); shared memory.
+template <int MAXT>
+__device__ __forceinline__ void store_tiles(FragC* acc, float* out, int ldo, int tiles, int tcols) {
+    int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int q = 0; q < MAXT; q++) {
+        int tile = warp + 8 * q;
+        if (tile >= tiles) break;
+        wmma::store_matrix_sync(out + tile / tcols * 16 * ldo + tile % tcols * 16, acc[q], ldo, wmma::mem_row_major);
+    }
+}
+
+// st (nb, H, P, N): each block's own contribution Σ_j exp(cum_last − cum_j)·dt_j·x_jᵀ·B_j, columns
+// n0 .. n0 + nw of it per CUDA block (nw a multiple of 16, Pp·nw ≤ 8192; Pp = P rounded up to 16).
+// Grid (nb, H·⌈N/nw⌉), 256 threads; dynamic shared memory (Q + max(2·KS·(Pp + nw), Pp·nw)) floats.
 extern "C" __global__ void ssd_chunk_state(const float* u, const float* dt, const float* cum, float* st, int T, int H,
-                                           int P, int N, int G, int cd, int di) {
+                                           int P, int N, int G, int cd, int di, int nw, int exact) {
     DYN_SMEM(sm);
-    int c = blockIdx.x, h = blockIdx.y, t0 = c * Q, len = min(Q, T - t0), g = h / (H / G);
-    float* w = sm;       // (Q)
-    float* xs = sm + Q;  // (len, P): w_j · x_j
+    int ns = (N + nw - 1) / nw;
+    int c = blockIdx.x, h = blockIdx.y / ns, n0 = blockIdx.y % ns * nw, t0 = c * Q, len = min(Q, T - t0), g = h / (H / G);
+    int Pp = (P + 15) & ~15, tiles = (Pp / 16) * (nw / 16), tcols = nw / 16;
+    float* w = sm;                                       // (Q)
+    float* ah = sm + Q, *al = ah + KS * Pp;              // (KS, Pp): (w·x)ᵀ slice, i.e. A (Pp, KS) column-major
+    float* bh = al + KS * Pp, *bl = bh + KS * nw;        // (KS, nw): B slice
+    float* out = sm + Q;                                 // (Pp, nw) after the loop
     float last = cum[(long)(t0 + len - 1) * H + h];
     for (int j = threadIdx.x; j < len; j += blockDim.x)
         w[j] = expf(last - cum[(long)(t0 + j) * H + h]) * dt[(long)(t0 + j) * H + h];
-    __syncthreads();
-    for (int e = threadIdx.x; e < len * P; e += blockDim.x) {
-        int j = e / P, p = e % P;
-        xs[e] = w[j] * u[(long)(t0 + j) * cd + h * P + p];
+    FragC acc[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) wmma::fill_fragment(acc[q], 0.0f);
+    const float* ub = u + (long)t0 * cd;
+    for (int j0 = 0; j0 < len; j0 += KS) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < KS * Pp; e += blockDim.x) {
+            int j = j0 + e / Pp, p = e % Pp;
+            split_tf32(j < len && p < P ? w[j] * ub[(long)j * cd + h * P + p] : 0.0f, ah + e, al + e);
+        }
+        for (int e = threadIdx.x; e < KS * nw; e += blockDim.x) {
+            int j = j0 + e / nw, n = n0 + e % nw;
+            split_tf32(j < len && n < N ? ub[(long)j * cd + di + g * N + n] : 0.0f, bh + e, bl + e);
+        }
+        __syncthreads();
+        mma_slice<ColA, 4>(acc, ah, al, Pp, bh, bl, nw, tiles, tcols, exact);
     }
     __syncthreads();
-    float* out = st + ((long)c * H + h) * P * N;
-    for (int e = threadIdx.x; e < P * N; e += blockDim.x) {
-        int p = e / N, n = e % N;
-        const float* b = u + (long)t0 * cd + di + g * N + n;
-        float acc = 0.0f;
-        for (int j = 0; j < len; j++) acc += xs[j * P + p] * b[(long)j * cd];
-        out[e] = acc;
+    store_tiles<4>(acc, out, nw, tiles, tcols);
+    __syncthreads();
+    float* o = st + ((long)c * H + h) * P * N;
+    for (int e = threadIdx.x; e < P * nw; e += blockDim.x) {
+        int p = e / nw, n = e % nw;
+        if (n0 + n < N) o[(long)p * N + n0 + n] = out[p * nw + n];
     }
 }
 
@@ -187,63 +303,96 @@ extern "C" __global__ void ssd_state_pass(float* st, const float* cum, float* ss
     ssm[e] = s;
 }
 
-// y (T, di), head h's P columns, block c: y_i = exp(cum_i)·(S_in·C_i) + Σ_{j≤i} (C_i·B_j)·exp(cum_i − cum_j)·dt_j·x_j
-// + D·x_i, with S_in = st[c] (after ssd_state_pass). Grid (nb, H), 256 threads; dynamic shared memory
-// (Q·Q + Q·max(P, 64)) floats. D is (H) or, when d_per_channel, (di).
+// y (T, di), head h's P columns, rows i0 .. i0 + TI of block c: y_i = exp(cum_i)·(C_i·S_inᵀ) +
+// Σ_{j≤i} M_ij·x_j + D·x_i with M_ij = (C_i·B_j)·exp(cum_i − cum_j)·dt_j, S_in = st[c] (after
+// ssd_state_pass) and C·Bᵀ from cb (nb, G, Q, Q). D is (H) or, when d_per_channel, (di).
+// Grid (nb·Q/TI, H), 256 threads; dynamic shared memory (2·Q + max(2·KS·(TI + Pp), TI·Pp)) floats.
 extern "C" __global__ void ssd_chunk_scan(const float* u, const float* dt, const float* cum, const float* st,
-                                          const float* D, int d_per_channel, float* y, int T, int H, int P, int N,
-                                          int G, int cd, int di) {
+                                          const float* cb, const float* D, int d_per_channel, float* y, int T, int H,
+                                          int P, int N, int G, int cd, int di, int exact) {
     DYN_SMEM(sm);
-    int c = blockIdx.x, h = blockIdx.y, t0 = c * Q, len = min(Q, T - t0), g = h / (H / G);
-    float* M = sm;              // (Q, Q)
-    float* cs = sm + Q * Q;     // (Q, 32) slice of C, then x (Q, P)
-    float* bs = cs + Q * 32;    // (Q, 32) slice of B
+    int c = blockIdx.x / (Q / TI), i0 = blockIdx.x % (Q / TI) * TI, h = blockIdx.y;
+    int t0 = c * Q, len = min(Q, T - t0);
+    if (i0 >= len) return;
+    int g = h / (H / G), Pp = (P + 15) & ~15, tiles = (TI / 16) * (Pp / 16), tcols = Pp / 16;
+    int rows = min(TI, len - i0);
+    float* cj = sm;                                   // (Q): cum_j
+    float* dj = sm + Q;                               // (Q): dt_j
+    float* ah = sm + 2 * Q, *al = ah + TI * KS;       // (TI, KS): A slice, row-major
+    float* bh = al + TI * KS, *bl = bh + KS * Pp;     // (KS, Pp): B slice
+    float* out = sm + 2 * Q;                          // (TI, Pp) after the loops
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        cj[j] = cum[(long)(t0 + j) * H + h];
+        dj[j] = dt[(long)(t0 + j) * H + h];
+    }
+    FragC acc[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) wmma::fill_fragment(acc[q], 0.0f);
     const float* ub = u + (long)t0 * cd;
-    int bo = di + g * N, co = di + G * N + g * N;
-    // C_i·B_j, 16 (i, j) pairs per thread, over slices of 32 state channels.
-    float acc[16];
-    for (int r = 0; r < 16; r++) acc[r] = 0.0f;
-    for (int n0 = 0; n0 < N; n0 += 32) {
-        int nw = min(32, N - n0);
-        __syncthreads();
-        for (int e = threadIdx.x; e < Q * 32; e += blockDim.x) {
-            int j = e / 32, n = e % 32;
-            bool ok = j < len && n < nw;
-            cs[e] = ok ? ub[(long)j * cd + co + n0 + n] : 0.0f;
-            bs[e] = ok ? ub[(long)j * cd + bo + n0 + n] : 0.0f;
-        }
-        __syncthreads();
-        for (int r = 0; r < 16; r++) {
-            int e = threadIdx.x + r * 256, i = e / Q, j = e % Q;
-            float a = 0.0f;
-            for (int n = 0; n < 32; n++) a += cs[i * 32 + n] * bs[j * 32 + n];
-            acc[r] += a;
-        }
-    }
-    const float* dth = dt + (long)t0 * H + h;
-    const float* cum0 = cum + (long)t0 * H + h;
-    for (int r = 0; r < 16; r++) {
-        int e = threadIdx.x + r * 256, i = e / Q, j = e % Q;
-        M[e] = (i < len && j <= i) ? acc[r] * expf(cum0[(long)i * H] - cum0[(long)j * H]) * dth[(long)j * H] : 0.0f;
-    }
-    __syncthreads();
-    float* xs = cs;  // (len, P)
-    for (int e = threadIdx.x; e < len * P; e += blockDim.x) {
-        int j = e / P, p = e % P;
-        xs[e] = ub[(long)j * cd + h * P + p];
-    }
-    __syncthreads();
     const float* s_in = st + ((long)c * H + h) * P * N;
-    for (int e = threadIdx.x; e < len * P; e += blockDim.x) {
-        int i = e / P, p = e % P;
-        float a = 0.0f;
-        for (int j = 0; j <= i; j++) a += M[i * Q + j] * xs[j * P + p];
-        const float* ci = ub + (long)i * cd + co;
-        const float* sp = s_in + (long)p * N;
-        float off = 0.0f;
-        for (int n = 0; n < N; n++) off += ci[n] * sp[n];
+    int co = di + G * N + g * N;
+    // exp(cum_i)·C_i · S_inᵀ, over N in slices
+    for (int n0 = 0; n0 < N; n0 += KS) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < TI * KS; e += blockDim.x) {
+            int r = e / KS, n = n0 + e % KS, i = i0 + r;
+            split_tf32(r < rows && n < N ? expf(cj[i]) * ub[(long)i * cd + co + n] : 0.0f, ah + e, al + e);
+        }
+        for (int e = threadIdx.x; e < KS * Pp; e += blockDim.x) {
+            int n = e % KS, p = e / KS, o = n * Pp + p;
+            split_tf32(p < P && n0 + n < N ? s_in[(long)p * N + n0 + n] : 0.0f, bh + o, bl + o);
+        }
+        __syncthreads();
+        mma_slice<RowA, 4>(acc, ah, al, KS, bh, bl, Pp, tiles, tcols, exact);
+    }
+    // Σ_{j≤i} M_ij·x_j, over j in slices up to the tile's last row
+    const float* cbb = cb + ((long)c * G + g) * Q * Q;
+    for (int j0 = 0; j0 < i0 + rows; j0 += KS) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < TI * KS; e += blockDim.x) {
+            int r = e / KS, j = j0 + e % KS, i = i0 + r;
+            split_tf32(r < rows && j <= i ? cbb[(long)i * Q + j] * expf(cj[i] - cj[j]) * dj[j] : 0.0f, ah + e, al + e);
+        }
+        for (int e = threadIdx.x; e < KS * Pp; e += blockDim.x) {
+            int j = j0 + e / Pp, p = e % Pp;
+            split_tf32(j < len && p < P ? ub[(long)j * cd + h * P + p] : 0.0f, bh + e, bl + e);
+        }
+        __syncthreads();
+        mma_slice<RowA, 4>(acc, ah, al, KS, bh, bl, Pp, tiles, tcols, exact);
+    }
+    __syncthreads();
+    store_tiles<4>(acc, out, Pp, tiles, tcols);
+    __syncthreads();
+    for (int e = threadIdx.x; e < rows * P; e += blockDim.x) {
+        int r = e / P, p = e % P, i = i0 + r;
         float dv = d_per_channel ? D[h * P + p] : D[h];
-        y[(long)(t0 + i) * di + h * P + p] = expf(cum0[(long)i * H]) * off + a + dv * xs[e];
+        y[(long)(t0 + i) * di + h * P + p] = out[r * Pp + p] + dv * ub[(long)i * cd + h * P + p];
+    }
+}
+
+// One token (decode; Mamba2::step's SSM): s ← exp(dt·A + la)·s + dt·x·Bᵀ, y = C·s + D·x. Grid (H),
+// 256 threads: warp w updates rows p ≡ w (mod 8), its lanes striding over n.
+extern "C" __global__ void ssd_step(const float* u, const float* dt, const float* a_log, float* ssm, const float* D,
+                                    int d_per_channel, float* y, int H, int P, int N, int G, int di, float la) {
+    int h = blockIdx.x, g = h / (H / G), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float d = dt[h], decay = expf(d * -expf(a_log[h]) + la);
+    const float* x = u + h * P;
+    const float* B = u + di + g * N;
+    const float* C = u + di + G * N + g * N;
+    float* s = ssm + (long)h * P * N;
+    for (int p0 = 0; p0 < P; p0 += 8) {
+        int p = p0 + warp;
+        float acc = 0.0f;
+        if (p < P) {
+            float xd = d * x[p];
+            for (int n = lane; n < N; n += 32) {
+                float v = decay * s[(long)p * N + n] + xd * B[n];
+                s[(long)p * N + n] = v;
+                acc += C[n] * v;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (p < P && lane == 0) y[h * P + p] = acc + (d_per_channel ? D[h * P + p] : D[h]) * x[p];
     }
 }
 

@@ -1,7 +1,11 @@
 //! `--max-gpu-mem`: how many tokens one GPU call may hold so that weights, state and buffers fit.
 //! Pure arithmetic (tested without a GPU); the CUDA backend allocates exactly what it counts.
 use anyhow::{bail, Result};
-use stuffed_core::mamba2::{Config, SSD_BLOCK};
+use stuffed_core::mamba2::Config;
+
+/// Tokens per SSD block on the GPU (`Q` in ptx/mamba2.cu): larger than the core's 64, so fewer block
+/// states cross memory; a call's buffers hold whole blocks.
+pub const GPU_Q: usize = 256;
 
 /// Device bytes a model needs: fixed, and per token of a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,14 +32,15 @@ impl Sizes {
         Sizes {
             weights: c.n_layer * (mats + vecs) + head + d * 4,
             state: c.paper_state_size() * 4,
-            // x, h, zx, u, Δ, cum, y, block states, hidden row, token/target/NLL
+            // x, h, zx, u, Δ, cum, y, block states, C·Bᵀ per block, hidden row, token/target/NLL
             per_token: d * 4
                 + d.max(di) * el
                 + nin * 4
                 + cd * 4
                 + 2 * nh * 4
                 + di * 4
-                + c.ssm_len() * 4 / SSD_BLOCK
+                + c.ssm_len() * 4 / GPU_Q
+                + c.n_groups * GPU_Q * 4
                 + d * el
                 + 12,
             per_logit_row: c.vocab_rows * 4 + 4,
@@ -57,7 +62,7 @@ pub const MAX_SUB: usize = 512;
 
 impl Plan {
     fn of(s: &Sizes, chunk: usize, sub: usize) -> Plan {
-        let blocks = chunk.div_ceil(SSD_BLOCK) * SSD_BLOCK;
+        let blocks = chunk.div_ceil(GPU_Q) * GPU_Q;
         let bytes = s.weights + s.state + blocks * s.per_token + s.row + sub * s.per_logit_row;
         Plan { chunk, sub, bytes }
     }
@@ -79,16 +84,16 @@ pub fn plan(s: &Sizes, want: usize, budget: usize) -> Result<Plan> {
             gib(budget)
         );
     }
-    let mut chunk = if want >= SSD_BLOCK { want / SSD_BLOCK * SSD_BLOCK } else { want };
-    while chunk > SSD_BLOCK && Plan::of(s, chunk, sub_for(chunk)).bytes > budget {
+    let mut chunk = if want >= GPU_Q { want / GPU_Q * GPU_Q } else { want };
+    while chunk > GPU_Q && Plan::of(s, chunk, sub_for(chunk)).bytes > budget {
         // Halve towards the largest fitting multiple of the block.
-        let lo = (chunk / 2).max(SSD_BLOCK) / SSD_BLOCK * SSD_BLOCK;
+        let lo = (chunk / 2).max(GPU_Q) / GPU_Q * GPU_Q;
         if Plan::of(s, lo, sub_for(lo)).bytes <= budget {
             let spare = budget - Plan::of(s, lo, sub_for(lo)).bytes;
-            let extra = spare / (s.per_token * SSD_BLOCK) * SSD_BLOCK;
-            chunk = (lo + extra).min(chunk - SSD_BLOCK);
+            let extra = spare / (s.per_token * GPU_Q) * GPU_Q;
+            chunk = (lo + extra).min(chunk - GPU_Q);
             while Plan::of(s, chunk, sub_for(chunk)).bytes > budget {
-                chunk -= SSD_BLOCK;
+                chunk -= GPU_Q;
             }
             break;
         }
@@ -131,14 +136,14 @@ mod tests {
         let roomy = plan(&s, 65536, 80 << 30).unwrap();
         assert_eq!((roomy.chunk, roomy.sub), (65536, MAX_SUB));
         assert!(roomy.bytes <= 80 << 30);
-        let tight_budget = s.weights + s.state + (8 << 30);
+        let tight_budget = s.weights + s.state + (4 << 30);
         let tight = plan(&s, 65536, tight_budget).unwrap();
-        assert!(tight.chunk < 65536 && tight.chunk >= SSD_BLOCK && tight.chunk.is_multiple_of(SSD_BLOCK), "{tight:?}");
+        assert!(tight.chunk < 65536 && tight.chunk >= GPU_Q && tight.chunk.is_multiple_of(GPU_Q), "{tight:?}");
         assert!(tight.bytes <= tight_budget);
         // The next block up would not fit: the plan takes all the room it can.
-        assert!(Plan::of(&s, tight.chunk + SSD_BLOCK, tight.sub).bytes > tight_budget);
+        assert!(Plan::of(&s, tight.chunk + GPU_Q, tight.sub).bytes > tight_budget);
         // Fewer tokens asked for than fit: exactly those.
-        assert_eq!(plan(&s, 1000, 80 << 30).unwrap().chunk, 960);
+        assert_eq!(plan(&s, 1000, 80 << 30).unwrap().chunk, 768);
         assert_eq!(plan(&s, 1, 80 << 30).unwrap().chunk, 1);
     }
 

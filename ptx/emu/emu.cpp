@@ -20,7 +20,8 @@ dim3 emu_threadIdx, emu_blockIdx, emu_blockDim, emu_gridDim;
 struct Jmp {
     jmp_buf b;
 };
-static std::vector<float> g_smem;
+static std::vector<float> g_smem;  // dynamic shared memory, its start 32-byte aligned
+static float* g_smem0;
 static std::vector<float> g_shfl;
 static std::vector<ucontext_t> g_ctx;
 static std::vector<std::vector<char>> g_stacks;
@@ -32,7 +33,7 @@ static unsigned g_cur, g_nblocks;
 static const std::function<void()>* g_body;
 static const size_t STACK = 128 << 10;
 
-float* emu_dyn_smem() { return g_smem.data(); }
+float* emu_dyn_smem() { return g_smem0; }
 void __syncthreads() {
     if (!_setjmp(g_jb[g_cur].b)) _longjmp(g_main, 1);
 }
@@ -58,7 +59,8 @@ static void fiber_entry() {
 static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const std::function<void()>& body) {
     g_body = &body;
     g_nblocks = gx * gy;
-    g_smem.assign(shared / 4 + 1, 0.0f);
+    g_smem.assign(shared / 4 + 9, 0.0f);
+    g_smem0 = (float*)(((uintptr_t)g_smem.data() + 31) & ~(uintptr_t)31);
     g_shfl.assign(block, 0.0f);
     g_ctx.resize(block);
     g_jb.resize(block);
@@ -116,6 +118,12 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
         };
     else if (n == "conv_state_update")
         f = [&] { conv_state_update(A(0, const float*), A(1, float*), A(2, int), A(3, int), A(4, int), A(5, int), A(6, int)); };
+    else if (n == "conv_step")
+        f = [&] {
+            conv_step(A(0, const float*), A(1, float*), A(2, const float*), A(3, const float*), A(4, float*), A(5, const float*),
+                      A(6, float*), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int), A(13, float),
+                      A(14, float), A(15, float), A(16, float));
+        };
     else if (n == "dt_softplus")
         f = [&] {
             dt_softplus(A(0, const float*), A(1, const float*), A(2, float*), A(3, int), A(4, int), A(5, int), A(6, float),
@@ -126,15 +134,20 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     else if (n == "ssd_chunk_state")
         f = [&] {
             ssd_chunk_state(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, int), A(5, int),
-                            A(6, int), A(7, int), A(8, int), A(9, int), A(10, int));
+                            A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int));
         };
     else if (n == "ssd_state_pass")
         f = [&] { ssd_state_pass(A(0, float*), A(1, const float*), A(2, float*), A(3, int), A(4, int), A(5, int)); };
     else if (n == "ssd_chunk_scan")
         f = [&] {
             ssd_chunk_scan(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, const float*),
-                           A(5, int), A(6, float*), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int),
-                           A(13, int));
+                           A(5, const float*), A(6, int), A(7, float*), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int),
+                           A(13, int), A(14, int), A(15, int));
+        };
+    else if (n == "ssd_step")
+        f = [&] {
+            ssd_step(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, const float*), A(5, int),
+                     A(6, float*), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, float));
         };
     else if (n == "gated_norm_f32")
         f = [&] {

@@ -12,6 +12,7 @@ extern "C" {
     fn cublasCreate_v2(handle: *mut Handle) -> i32;
     fn cublasDestroy_v2(handle: Handle) -> i32;
     fn cublasSetStream_v2(handle: Handle, stream: *mut c_void) -> i32;
+    fn cublasSetWorkspace_v2(handle: Handle, workspace: *mut c_void, bytes: usize) -> i32;
     #[allow(clippy::too_many_arguments)]
     fn cublasGemmEx(
         handle: Handle,
@@ -31,6 +32,32 @@ extern "C" {
         c: *mut c_void,
         c_type: i32,
         ldc: i32,
+        compute: i32,
+        algo: i32,
+    ) -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn cublasGemmStridedBatchedEx(
+        handle: Handle,
+        transa: i32,
+        transb: i32,
+        m: i32,
+        n: i32,
+        k: i32,
+        alpha: *const c_void,
+        a: *const c_void,
+        a_type: i32,
+        lda: i32,
+        stride_a: i64,
+        b: *const c_void,
+        b_type: i32,
+        ldb: i32,
+        stride_b: i64,
+        beta: *const c_void,
+        c: *mut c_void,
+        c_type: i32,
+        ldc: i32,
+        stride_c: i64,
+        batch: i32,
         compute: i32,
         algo: i32,
     ) -> i32;
@@ -58,7 +85,7 @@ unsafe fn cublasGemmEx(
     c: *mut c_void,
     c_type: i32,
     ldc: i32,
-    _compute: i32,
+    compute: i32,
     _algo: i32,
 ) -> i32 {
     if c_type != CUDA_R_32F || a_type != b_type {
@@ -67,6 +94,10 @@ unsafe fn cublasGemmEx(
     let el = |p: *const c_void, ty: i32, i: usize| -> f32 {
         if ty == CUDA_R_16BF {
             f32::from_bits((*(p as *const u16).add(i) as u32) << 16)
+        } else if compute == COMPUTE_32F_FAST_TF32 {
+            // TF32 operands: 10 mantissa bits, rounded to nearest (ties away).
+            let u = (*(p as *const f32).add(i)).to_bits();
+            f32::from_bits(if u & 0x7f80_0000 == 0x7f80_0000 { u } else { (u + 0x1000) & 0xffff_e000 })
         } else {
             *(p as *const f32).add(i)
         }
@@ -88,11 +119,73 @@ unsafe fn cublasGemmEx(
     0
 }
 
+/// `cublasGemmStridedBatchedEx` on host memory: `batch` emulated GemmEx calls at the given strides.
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::too_many_arguments, non_snake_case)]
+unsafe fn cublasGemmStridedBatchedEx(
+    h: Handle,
+    transa: i32,
+    transb: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: *const c_void,
+    a: *const c_void,
+    a_type: i32,
+    lda: i32,
+    stride_a: i64,
+    b: *const c_void,
+    b_type: i32,
+    ldb: i32,
+    stride_b: i64,
+    beta: *const c_void,
+    c: *mut c_void,
+    c_type: i32,
+    ldc: i32,
+    stride_c: i64,
+    batch: i32,
+    compute: i32,
+    algo: i32,
+) -> i32 {
+    if a_type != CUDA_R_32F {
+        return 7;
+    }
+    for i in 0..batch as usize {
+        let at = |p: *const c_void, s: i64| (p as *const f32).add(i * s as usize) as *const c_void;
+        let r = cublasGemmEx(
+            h,
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            alpha,
+            at(a, stride_a),
+            a_type,
+            lda,
+            at(b, stride_b),
+            b_type,
+            ldb,
+            beta,
+            (c as *mut f32).add(i * stride_c as usize) as *mut c_void,
+            c_type,
+            ldc,
+            compute,
+            algo,
+        );
+        if r != 0 {
+            return r;
+        }
+    }
+    0
+}
+
 const OP_N: i32 = 0;
 const OP_T: i32 = 1;
 const CUDA_R_32F: i32 = 0;
 const CUDA_R_16BF: i32 = 14;
 const COMPUTE_32F: i32 = 68;
+const COMPUTE_32F_FAST_TF32: i32 = 77;
 const GEMM_DEFAULT: i32 = -1;
 
 /// The element type of a matrix operand on the device.
@@ -145,6 +238,17 @@ impl Blas {
         Ok(Blas { h })
     }
 
+    /// Gives cuBLAS `bytes` of device memory at `ptr` as its workspace (it must outlive the handle).
+    #[cfg(feature = "cuda")]
+    pub fn set_workspace(&self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: a live handle and a device allocation of `bytes` that outlives it (the caller's).
+        let r = unsafe { cublasSetWorkspace_v2(self.h, ptr as *mut c_void, bytes) };
+        if r != 0 {
+            bail!("cuBLAS: cublasSetWorkspace failed ({r})");
+        }
+        Ok(())
+    }
+
     /// `c (t, n) f32 = beta·c + x (t, k) · w (n, k)ᵀ`, all row-major; `x` and `w` of type `dt`,
     /// accumulated in f32. `beta = 1` adds into `c` (the residual).
     #[allow(clippy::too_many_arguments)]
@@ -180,6 +284,57 @@ impl Blas {
         };
         if r != 0 {
             bail!("cuBLAS: GemmEx ({t}×{k} · {n}×{k}ᵀ, {dt:?}) failed ({r})");
+        }
+        Ok(())
+    }
+
+    /// For each `b < batch`: `c_b (t, n) = x_b (t, k) · w_b (n, k)ᵀ`, f32, row-major with leading
+    /// dimensions `ld = [x, w, c]` and element strides `stride = [x, w, c]` between batches; in TF32
+    /// on the tensor cores when `tf32`, else in full f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_nt_batched(
+        &self,
+        (t, n, k): (usize, usize, usize),
+        (x, w, c): (u64, u64, u64),
+        ld: [usize; 3],
+        stride: [usize; 3],
+        batch: usize,
+        tf32: bool,
+    ) -> Result<()> {
+        if batch == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: the pointers are device buffers holding `batch` matrices at the given strides.
+        let r = unsafe {
+            cublasGemmStridedBatchedEx(
+                self.h,
+                OP_T,
+                OP_N,
+                n as i32,
+                t as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                CUDA_R_32F,
+                ld[1] as i32,
+                stride[1] as i64,
+                x as *const c_void,
+                CUDA_R_32F,
+                ld[0] as i32,
+                stride[0] as i64,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                CUDA_R_32F,
+                ld[2] as i32,
+                stride[2] as i64,
+                batch as i32,
+                if tf32 { COMPUTE_32F_FAST_TF32 } else { COMPUTE_32F },
+                GEMM_DEFAULT,
+            )
+        };
+        if r != 0 {
+            bail!("cuBLAS: GemmStridedBatchedEx ({batch} × {t}×{k} · {n}×{k}ᵀ) failed ({r})");
         }
         Ok(())
     }

@@ -89,16 +89,27 @@ impl Drop for DBuf {
     }
 }
 
-/// Device-to-device copy of `bytes`.
-pub fn copy(dst: u64, src: u64, bytes: usize) -> Result<()> {
-    // SAFETY: callers pass ranges inside live allocations.
-    check(unsafe { cu::cuMemcpyDtoD_v2(dst, src, bytes) }, "device copy")
+/// A captured and instantiated CUDA graph, replayed with [`Gpu::launch_graph`].
+pub struct Graph {
+    graph: cu::CUgraph,
+    exec: cu::CUgraphExec,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: created by cuStreamEndCapture / cuGraphInstantiateWithFlags, destroyed once.
+        unsafe {
+            cu::cuGraphExecDestroy(self.exec);
+            cu::cuGraphDestroy(self.graph);
+        }
+    }
 }
 
 /// A context on device 0 with the kernels loaded. Fields drop in order: the context last.
 pub struct Gpu {
     funcs: HashMap<&'static str, cu::CUfunction>,
     pub blas: Blas,
+    _workspace: DBuf,
     pub stream: Stream,
     _module: Module,
     pub name: String,
@@ -119,13 +130,16 @@ impl Gpu {
         let stream = Stream::new(StreamFlags::DEFAULT, None).map_err(|e| anyhow!("CUDA: creating a stream: {e}"))?;
         // SAFETY: the stream was just created in this context and outlives the handle (field order).
         let blas = unsafe { Blas::new(stream.as_inner() as *mut c_void)? };
+        // cuBLAS's own workspace, so that it allocates nothing while a graph is captured.
+        let workspace = DBuf::new(32 << 20)?;
+        blas.set_workspace(workspace.ptr(), workspace.bytes)?;
         // The SSD scan wants up to 48 KiB of dynamic shared memory (head_dim 128).
         for k in ["ssd_chunk_scan", "ssd_chunk_state"] {
             // SAFETY: a live function handle; attribute 8 = MAX_DYNAMIC_SHARED_SIZE_BYTES.
             let attr = cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             check(unsafe { cu::cuFuncSetAttribute(funcs[k], attr, 48 * 1024) }, "setting shared memory")?;
         }
-        Ok(Gpu { funcs, blas, stream, _module: module, name, _ctx: ctx })
+        Ok(Gpu { funcs, blas, _workspace: workspace, stream, _module: module, name, _ctx: ctx })
     }
 
     /// Launches kernel `name` on the stream: `grid` blocks of `block` threads, `shared` bytes of
@@ -159,6 +173,40 @@ impl Gpu {
 
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| anyhow!("CUDA: a kernel failed: {e}"))
+    }
+
+    /// Device-to-device copy of `bytes`, in stream order (so it can be captured in a graph).
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: callers pass ranges inside live allocations.
+        check(unsafe { cu::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.stream.as_inner()) }, "device copy")
+    }
+
+    /// The work `ops` issues on the stream, captured once as a graph (nothing runs while capturing).
+    pub fn capture(&self, ops: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        let s = self.stream.as_inner();
+        let mode = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        // SAFETY: a live stream of this context; the capture is ended below on every path.
+        check(unsafe { cu::cuStreamBeginCapture_v2(s, mode) }, "beginning a graph capture")?;
+        let issued = ops();
+        let mut graph: cu::CUgraph = std::ptr::null_mut();
+        // SAFETY: ends the capture begun above and writes one graph handle.
+        let ended = check(unsafe { cu::cuStreamEndCapture(s, &mut graph) }, "ending a graph capture");
+        issued?;
+        ended?;
+        let mut exec: cu::CUgraphExec = std::ptr::null_mut();
+        // SAFETY: `graph` is the complete graph just captured.
+        let r = unsafe { cu::cuGraphInstantiateWithFlags(&mut exec, graph, 0) };
+        if let Err(e) = check(r, "instantiating a graph") {
+            // SAFETY: the graph was created above and is not used again.
+            unsafe { cu::cuGraphDestroy(graph) };
+            return Err(e);
+        }
+        Ok(Graph { graph, exec })
+    }
+
+    pub fn launch_graph(&self, g: &Graph) -> Result<()> {
+        // SAFETY: an instantiated graph of this context, launched on its stream.
+        check(unsafe { cu::cuGraphLaunch(g.exec, self.stream.as_inner()) }, "launching a graph")
     }
 
     /// Free and total device memory, bytes.

@@ -67,12 +67,8 @@ impl DBuf {
     }
 }
 
-/// Device-to-device copy of `bytes`.
-pub fn copy(dst: u64, src: u64, bytes: usize) -> Result<()> {
-    // SAFETY: callers pass ranges inside live buffers (as on the real path).
-    unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
-    Ok(())
-}
+/// The emulator records no graphs: a "graph" is its ops issued again (`GpuMamba2::decode_step`).
+pub struct Graph;
 
 pub struct Gpu {
     pub blas: Blas,
@@ -106,6 +102,13 @@ impl Gpu {
     }
 
     pub fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Device-to-device copy of `bytes`, in stream order.
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: callers pass ranges inside live buffers (as on the real path).
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
     }
 

@@ -2,12 +2,12 @@
 //! the LM head with a fused log-softmax/NLL, and greedy argmax. State layout and math are the
 //! core's; matmuls go through cuBLAS with the weights in their stored type (bf16, or f32; f16 is
 //! widened to f32), activations and state in f32.
-use super::{copy, i, Arg, DBuf, DType, Gpu};
-use crate::gpumem::{self, Sizes};
+use super::{i, Arg, DBuf, DType, Gpu};
+use crate::gpumem::{self, Sizes, GPU_Q};
 use crate::model::Model;
 use anyhow::{anyhow, bail, Context, Result};
 use half::bf16;
-use stuffed_core::mamba2::{Config, SSD_BLOCK};
+use stuffed_core::mamba2::Config;
 use stuffed_core::{Data, Forget, Recurrent, Weight};
 
 /// One layer's weights on the device: matrices in the model's matmul type, vectors in f32.
@@ -50,16 +50,20 @@ pub struct GpuMamba2 {
     x: DBuf,      // (chunk, d) f32: the residual stream
     h: DBuf,      // (chunk, max(d, di)) dt: matmul inputs
     zx: DBuf,     // (chunk, nin) f32: z | xBC | dt_raw
-    u: DBuf,      // (chunk, cd) f32: conv + SiLU output
+    u: DBuf,      // (nb·Q, cd) f32: conv + SiLU output (rows past the call's tokens are never used)
     dtb: DBuf,    // (chunk, H) f32: Δ
     cum: DBuf,    // (chunk, H) f32: cumulative log decay per SSD block
     y: DBuf,      // (chunk, di) f32: SSM output
-    st: DBuf,     // (⌈chunk/Q⌉, H, P, N) f32: block states
+    st: DBuf,     // (nb, H, P, N) f32: block states; nb = ⌈chunk/Q⌉
+    cb: DBuf,     // (nb, G, Q, Q) f32: C·Bᵀ within each block
     hidden: DBuf, // (chunk + 1, d) dt: final-normed rows; row 0 = pending row
     logits: DBuf, // (sub, Vp) f32
     tgt: DBuf,    // (chunk + 1) u32
     nll: DBuf,    // (chunk + 1) f32
     am: DBuf,     // (sub) u32
+    /// The captured greedy step (`decode_step`), made on first use.
+    #[cfg(feature = "cuda")]
+    decode_graph: Option<super::Graph>,
 }
 
 /// A vector weight as f32 on the device.
@@ -128,6 +132,17 @@ pub fn sizes(model: &Model, dt: DType) -> Result<Sizes> {
     Ok(Sizes::mamba2(&m.cfg, dt.size(), data_ptr(&m.w.head) != data_ptr(&m.w.embed)))
 }
 
+/// `KS` and `TI` of ptx/mamba2.cu: the staged contraction slice and the rows of y per scan block.
+const SSD_KS: usize = 16;
+const SSD_TI: usize = 64;
+
+/// The tensor-core tiling of the block states: (P rounded up to 16, the columns of N per CUDA block:
+/// a multiple of 16 with Pp·nw ≤ 8192, so the output tile fits in shared memory).
+fn ssd_tiles(p: usize, n: usize) -> (usize, usize) {
+    let pp = p.div_ceil(16) * 16;
+    (pp, (8192 / pp / 16 * 16).min(n.div_ceil(16) * 16))
+}
+
 impl GpuMamba2 {
     /// Uploads `model` and sizes every buffer for calls of up to `chunk` tokens (rounded down to fit
     /// `max_mem` bytes, or the free device memory).
@@ -170,7 +185,7 @@ impl GpuMamba2 {
         }
         let tied = data_ptr(&m.w.head) == data_ptr(&m.w.embed);
         let f = 4usize;
-        let nb = chunk.div_ceil(SSD_BLOCK);
+        let nb = chunk.div_ceil(GPU_Q);
         Ok(GpuMamba2 {
             embed: mat(&m.w.embed, dt)?,
             head: if tied { None } else { Some(mat(&m.w.head, dt)?) },
@@ -183,16 +198,19 @@ impl GpuMamba2 {
             x: DBuf::new(chunk * d * f)?,
             h: DBuf::new(chunk * d.max(di) * dt.size())?,
             zx: DBuf::new(chunk * nin * f)?,
-            u: DBuf::new(chunk * cd * f)?,
+            u: DBuf::new(nb * GPU_Q * cd * f)?,
             dtb: DBuf::new(chunk * nh * f)?,
             cum: DBuf::new(chunk * nh * f)?,
             y: DBuf::new(chunk * di * f)?,
             st: DBuf::new(nb * c.ssm_len() * f)?,
+            cb: DBuf::new(nb * c.n_groups * GPU_Q * GPU_Q * f)?,
             hidden: DBuf::new((chunk + 1) * d * dt.size())?,
             logits: DBuf::new(sub * c.vocab_rows * f)?,
             tgt: DBuf::new((chunk + 1) * 4)?,
             nll: DBuf::new((chunk + 1) * 4)?,
             am: DBuf::new(sub * 4)?,
+            #[cfg(feature = "cuda")]
+            decode_graph: None,
             gpu,
             cfg: c,
             dt,
@@ -217,6 +235,7 @@ impl GpuMamba2 {
             &self.cum,
             &self.y,
             &self.st,
+            &self.cb,
             &self.hidden,
             &self.logits,
             &self.tgt,
@@ -288,7 +307,7 @@ impl GpuMamba2 {
     }
 
     fn nb(t: usize) -> usize {
-        t.div_ceil(SSD_BLOCK)
+        t.div_ceil(GPU_Q)
     }
 
     /// Runs `tokens` (at most `chunk`, ids checked by the caller) from the state, leaving their
@@ -302,6 +321,14 @@ impl GpuMamba2 {
         if t > self.chunk {
             bail!("CUDA: a call of {t} tokens exceeds the planned chunk of {}", self.chunk);
         }
+        self.gpu.sync()?;
+        self.tok.upload(0, tokens)?;
+        self.run(self.tok.ptr(), t, probe)
+    }
+
+    /// [`GpuMamba2::forward`] of `t ≥ 1` token ids already on the device at `tok`; issues work on the
+    /// stream only (no host transfers), so a decode step can be captured as a graph.
+    fn run(&self, tok: u64, t: usize, probe: Option<&DBuf>) -> Result<()> {
         let c = self.cfg;
         let (d, di, nh, p, n, g, k) = (c.d_model, c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups, c.d_conv);
         let (cd, nin, gn) = (c.conv_dim(), c.in_proj_rows(), c.n_groups * c.d_state);
@@ -312,17 +339,10 @@ impl GpuMamba2 {
         };
         let gpu = &self.gpu;
         let bf = self.dt == DType::Bf16;
-        gpu.sync()?;
-        self.tok.upload(0, tokens)?;
         let embed = if bf { "embed_bf16" } else { "embed_f32" };
-        gpu.launch_n(
-            embed,
-            t * d,
-            &[Arg::Ptr(self.embed.ptr()), Arg::Ptr(self.tok.ptr()), Arg::Ptr(self.x.ptr()), i(t), i(d)],
-        )?;
+        gpu.launch_n(embed, t * d, &[Arg::Ptr(self.embed.ptr()), Arg::Ptr(tok), Arg::Ptr(self.x.ptr()), i(t), i(d)])?;
         let norm = if bf { "rmsnorm_bf16" } else { "rmsnorm_f32" };
         let gated = if bf { "gated_norm_bf16" } else { "gated_norm_f32" };
-        let nb = Self::nb(t) as u32;
         let ls = c.layer_state_len();
         for (li, l) in self.layers.iter().enumerate() {
             let cs = self.state.at(li * ls * 4);
@@ -343,85 +363,95 @@ impl GpuMamba2 {
                     &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(nin)],
                 )?;
             }
-            // conv + SiLU with the carried history, then the new history
             let cb = l.conv_b.as_ref().map_or(0, |b| b.ptr());
-            gpu.launch_n(
-                "conv_silu",
-                t * cd,
-                &[
-                    Arg::Ptr(self.zx.ptr()),
-                    Arg::Ptr(cs),
-                    Arg::Ptr(l.conv_w.ptr()),
-                    Arg::Ptr(cb),
-                    Arg::Ptr(self.u.ptr()),
-                    i(t),
-                    i(nin),
-                    i(di),
-                    i(cd),
-                    i(k),
-                    i(gn),
-                    Arg::F32(b_scale),
-                ],
-            )?;
-            gpu.launch_n(
-                "conv_state_update",
-                cd,
-                &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(cs), i(t), i(nin), i(di), i(cd), i(k)],
-            )?;
-            // Δ, the cumulative log decay, then the SSD in three passes
-            gpu.launch_n(
-                "dt_softplus",
-                t * nh,
-                &[
-                    Arg::Ptr(self.zx.ptr()),
-                    Arg::Ptr(l.dt_bias.ptr()),
-                    Arg::Ptr(self.dtb.ptr()),
-                    i(t),
-                    i(nin),
-                    i(nh),
-                    Arg::F32(c.dt_min),
-                    Arg::F32(c.dt_max),
-                    Arg::F32(dt_scale),
-                ],
-            )?;
-            gpu.launch_n(
-                "ssd_cumsum",
-                nb as usize * nh,
-                &[
-                    Arg::Ptr(self.dtb.ptr()),
-                    Arg::Ptr(l.a_log.ptr()),
-                    Arg::Ptr(self.cum.ptr()),
-                    i(t),
-                    i(nh),
-                    Arg::F32(la),
-                ],
-            )?;
-            let shape = [i(t), i(nh), i(p), i(n), i(g), i(cd), i(di)];
-            let mut args = vec![
-                Arg::Ptr(self.u.ptr()),
-                Arg::Ptr(self.dtb.ptr()),
-                Arg::Ptr(self.cum.ptr()),
-                Arg::Ptr(self.st.ptr()),
-            ];
-            args.extend(shape);
-            gpu.launch("ssd_chunk_state", (nb, nh as u32), 256, ((SSD_BLOCK + SSD_BLOCK * p) * 4) as u32, &args)?;
-            gpu.launch_n(
-                "ssd_state_pass",
-                nh * p * n,
-                &[Arg::Ptr(self.st.ptr()), Arg::Ptr(self.cum.ptr()), Arg::Ptr(ssm), i(t), i(nh), i(p * n)],
-            )?;
-            let mut args = vec![
-                Arg::Ptr(self.u.ptr()),
-                Arg::Ptr(self.dtb.ptr()),
-                Arg::Ptr(self.cum.ptr()),
-                Arg::Ptr(self.st.ptr()),
-                Arg::Ptr(l.d.ptr()),
-                Arg::I32(l.d_per_channel as i32),
-                Arg::Ptr(self.y.ptr()),
-            ];
-            args.extend(shape);
-            let shared = (SSD_BLOCK * SSD_BLOCK + SSD_BLOCK * p.max(64)) * 4;
-            gpu.launch("ssd_chunk_scan", (nb, nh as u32), 256, shared as u32, &args)?;
+            if t == 1 {
+                // Decode: conv, history shift and Δ in one kernel, then the recurrent SSD step.
+                gpu.launch_n(
+                    "conv_step",
+                    cd + nh,
+                    &[
+                        Arg::Ptr(self.zx.ptr()),
+                        Arg::Ptr(cs),
+                        Arg::Ptr(l.conv_w.ptr()),
+                        Arg::Ptr(cb),
+                        Arg::Ptr(self.u.ptr()),
+                        Arg::Ptr(l.dt_bias.ptr()),
+                        Arg::Ptr(self.dtb.ptr()),
+                        i(nin),
+                        i(di),
+                        i(cd),
+                        i(k),
+                        i(gn),
+                        i(nh),
+                        Arg::F32(b_scale),
+                        Arg::F32(c.dt_min),
+                        Arg::F32(c.dt_max),
+                        Arg::F32(dt_scale),
+                    ],
+                )?;
+                gpu.launch(
+                    "ssd_step",
+                    (nh as u32, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::Ptr(self.u.ptr()),
+                        Arg::Ptr(self.dtb.ptr()),
+                        Arg::Ptr(l.a_log.ptr()),
+                        Arg::Ptr(ssm),
+                        Arg::Ptr(l.d.ptr()),
+                        Arg::I32(l.d_per_channel as i32),
+                        Arg::Ptr(self.y.ptr()),
+                        i(nh),
+                        i(p),
+                        i(n),
+                        i(g),
+                        i(di),
+                        Arg::F32(la),
+                    ],
+                )?;
+            } else {
+                // conv + SiLU with the carried history, then the new history
+                gpu.launch_n(
+                    "conv_silu",
+                    t * cd,
+                    &[
+                        Arg::Ptr(self.zx.ptr()),
+                        Arg::Ptr(cs),
+                        Arg::Ptr(l.conv_w.ptr()),
+                        Arg::Ptr(cb),
+                        Arg::Ptr(self.u.ptr()),
+                        i(t),
+                        i(nin),
+                        i(di),
+                        i(cd),
+                        i(k),
+                        i(gn),
+                        Arg::F32(b_scale),
+                    ],
+                )?;
+                gpu.launch_n(
+                    "conv_state_update",
+                    cd,
+                    &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(cs), i(t), i(nin), i(di), i(cd), i(k)],
+                )?;
+                gpu.launch_n(
+                    "dt_softplus",
+                    t * nh,
+                    &[
+                        Arg::Ptr(self.zx.ptr()),
+                        Arg::Ptr(l.dt_bias.ptr()),
+                        Arg::Ptr(self.dtb.ptr()),
+                        i(t),
+                        i(nin),
+                        i(nh),
+                        Arg::F32(c.dt_min),
+                        Arg::F32(c.dt_max),
+                        Arg::F32(dt_scale),
+                    ],
+                )?;
+                self.ssd_chunked(t, l, ssm, la)?;
+            }
             if let Some(pb) = probe {
                 let off = li * 4 * nh * 4;
                 let mut args = vec![
@@ -467,6 +497,59 @@ impl GpuMamba2 {
             0,
             &[Arg::Ptr(self.x.ptr()), Arg::Ptr(self.norm_f.ptr()), Arg::Ptr(row1), i(d), Arg::F32(c.eps)],
         )
+    }
+
+    /// The chunked SSD of one layer over `t` tokens (Δ in `dtb`, conv output in `u`): cumulative
+    /// decay, C·Bᵀ per block (cuBLAS), block states, state passing from `ssm` (updated), outputs into `y`.
+    fn ssd_chunked(&self, t: usize, l: &Layer, ssm: u64, la: f32) -> Result<()> {
+        let c = self.cfg;
+        let (di, nh, p, n, g) = (c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups);
+        let (cd, nb, q, gpu) = (c.conv_dim(), Self::nb(t), GPU_Q, &self.gpu);
+        // 3xTF32 keeps f32 models at f32 accuracy; bf16 models take plain TF32.
+        let exact = self.dt == DType::F32;
+        gpu.launch_n(
+            "ssd_cumsum",
+            nb * nh,
+            &[Arg::Ptr(self.dtb.ptr()), Arg::Ptr(l.a_log.ptr()), Arg::Ptr(self.cum.ptr()), i(t), i(nh), Arg::F32(la)],
+        )?;
+        for gi in 0..g {
+            let (bo, co) = (di + gi * n, di + g * n + gi * n);
+            gpu.blas.gemm_nt_batched(
+                (q, q, n),
+                (self.u.at(co * 4), self.u.at(bo * 4), self.cb.at(gi * q * q * 4)),
+                [cd, cd, q],
+                [q * cd, q * cd, g * q * q],
+                nb,
+                !exact,
+            )?;
+        }
+        let shape = [i(t), i(nh), i(p), i(n), i(g), i(cd), i(di)];
+        let (pp, nw) = ssd_tiles(p, n);
+        let mut args =
+            vec![Arg::Ptr(self.u.ptr()), Arg::Ptr(self.dtb.ptr()), Arg::Ptr(self.cum.ptr()), Arg::Ptr(self.st.ptr())];
+        args.extend(shape);
+        args.extend([i(nw), Arg::I32(exact as i32)]);
+        let smem = (q + (2 * SSD_KS * (pp + nw)).max(pp * nw)) * 4;
+        gpu.launch("ssd_chunk_state", (nb as u32, (nh * n.div_ceil(nw)) as u32), 256, smem as u32, &args)?;
+        gpu.launch_n(
+            "ssd_state_pass",
+            nh * p * n,
+            &[Arg::Ptr(self.st.ptr()), Arg::Ptr(self.cum.ptr()), Arg::Ptr(ssm), i(t), i(nh), i(p * n)],
+        )?;
+        let mut args = vec![
+            Arg::Ptr(self.u.ptr()),
+            Arg::Ptr(self.dtb.ptr()),
+            Arg::Ptr(self.cum.ptr()),
+            Arg::Ptr(self.st.ptr()),
+            Arg::Ptr(self.cb.ptr()),
+            Arg::Ptr(l.d.ptr()),
+            Arg::I32(l.d_per_channel as i32),
+            Arg::Ptr(self.y.ptr()),
+        ];
+        args.extend(shape);
+        args.push(Arg::I32(exact as i32));
+        let smem = (2 * q + (2 * SSD_KS * (SSD_TI + pp)).max(SSD_TI * pp)) * 4;
+        gpu.launch("ssd_chunk_scan", ((nb * q / SSD_TI) as u32, nh as u32), 256, smem as u32, &args)
     }
 
     /// Logits `(count, Vp)` of hidden rows `first..first + count` into the logits buffer
@@ -520,7 +603,7 @@ impl GpuMamba2 {
         self.gpu.sync()?;
         self.nll.download(0, &mut out)?;
         let rb = self.cfg.d_model * self.dt.size();
-        copy(self.hidden.ptr(), self.hidden.at(t * rb), rb)?;
+        self.gpu.copy(self.hidden.ptr(), self.hidden.at(t * rb), rb)?;
         self.has_pending = true;
         Ok(out)
     }
@@ -535,7 +618,7 @@ impl GpuMamba2 {
         let rb = self.cfg.d_model * self.dt.size();
         for piece in tokens.chunks(self.chunk) {
             self.forward(piece, probe)?;
-            copy(self.hidden.ptr(), self.hidden.at(piece.len() * rb), rb)?;
+            self.gpu.copy(self.hidden.ptr(), self.hidden.at(piece.len() * rb), rb)?;
             self.has_pending = true;
         }
         Ok(())
@@ -571,30 +654,59 @@ impl GpuMamba2 {
     }
 
     /// Greedy decoding of `max_new` tokens from the pending row; the state advances through all but
-    /// the last generated token (as `Session::greedy`).
+    /// the last generated token (as `Session::greedy`). Each step reads its token from the device,
+    /// so the host only waits once, at the end.
     pub fn greedy(&mut self, max_new: usize) -> Result<Vec<u32>> {
         if !self.has_pending {
             bail!("greedy decoding needs a prompt first");
         }
-        let v = self.cfg.vocab_rows;
-        let mut out = Vec::with_capacity(max_new);
+        let out = DBuf::new(max_new * 4)?;
         for k in 0..max_new {
-            self.head_rows(0, 1)?;
-            self.gpu.launch(
-                "argmax_rows",
-                (1, 1),
-                256,
-                0,
-                &[Arg::Ptr(self.logits.ptr()), Arg::Ptr(self.am.ptr()), i(v), i(self.real)],
-            )?;
-            let mut next = [0u32];
-            self.gpu.sync()?;
-            self.am.download(0, &mut next)?;
-            out.push(next[0]);
             if k + 1 < max_new {
-                self.feed(&next)?;
+                self.decode_step()?;
+            } else {
+                self.argmax_pending()?;
             }
+            self.gpu.copy(out.at(k * 4), self.am.ptr(), 4)?;
         }
-        Ok(out)
+        let mut ids = vec![0u32; max_new];
+        self.gpu.sync()?;
+        out.download(0, &mut ids)?;
+        Ok(ids)
+    }
+
+    /// The argmax of the pending row's logits into `am[0]`.
+    fn argmax_pending(&self) -> Result<()> {
+        self.head_rows(0, 1)?;
+        let v = self.cfg.vocab_rows;
+        self.gpu.launch(
+            "argmax_rows",
+            (1, 1),
+            256,
+            0,
+            &[Arg::Ptr(self.logits.ptr()), Arg::Ptr(self.am.ptr()), i(v), i(self.real)],
+        )
+    }
+
+    /// One greedy step: argmax of the pending row, then that token fed from the device, its row
+    /// pending. On the GPU the step is captured once as a CUDA graph (≈ 6 launches per layer
+    /// replayed without host overhead); the emulator issues the same ops each time.
+    fn decode_step(&mut self) -> Result<()> {
+        let rb = self.cfg.d_model * self.dt.size();
+        let ops = |m: &Self| -> Result<()> {
+            m.argmax_pending()?;
+            m.run(m.am.ptr(), 1, None)?;
+            m.gpu.copy(m.hidden.ptr(), m.hidden.at(rb), rb)
+        };
+        #[cfg(feature = "cuda")]
+        {
+            if self.decode_graph.is_none() {
+                let g = self.gpu.capture(|| ops(self))?;
+                self.decode_graph = Some(g);
+            }
+            self.gpu.launch_graph(self.decode_graph.as_ref().expect("captured above"))
+        }
+        #[cfg(not(feature = "cuda"))]
+        ops(self)
     }
 }

@@ -11,9 +11,9 @@ mod emu;
 pub mod mamba2;
 pub use cublas::{Blas, DType};
 #[cfg(feature = "cuda")]
-pub use driver::{copy, DBuf, Gpu};
+pub use driver::{DBuf, Gpu, Graph};
 #[cfg(not(feature = "cuda"))]
-pub use emu::{copy, DBuf, Gpu};
+pub use emu::{DBuf, Gpu, Graph};
 
 /// One kernel argument: device pointers, ints and floats, each passed from an 8-byte slot.
 #[derive(Clone, Copy, Debug)]
@@ -52,11 +52,13 @@ pub(crate) const KERNELS: &[&str] = &[
     "add_bias",
     "conv_silu",
     "conv_state_update",
+    "conv_step",
     "dt_softplus",
     "ssd_cumsum",
     "ssd_chunk_state",
     "ssd_state_pass",
     "ssd_chunk_scan",
+    "ssd_step",
     "gated_norm_f32",
     "gated_norm_bf16",
     "lse_nll",
