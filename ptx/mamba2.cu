@@ -456,6 +456,35 @@ extern "C" __global__ void argmax_rows(const float* logits, unsigned* out, int V
     if (threadIdx.x == 0) out[blockIdx.x] = (unsigned)bi[0];
 }
 
+// ---- state-level forgetting and checks (session::Session::at_boundary / feed) ----------------------------
+// One block per (head, layer): the Frobenius norm of the head's SSM state (PN values at layer·ls +
+// conv_len + h·PN). clip = 0: tau (n_layer, H) ← norm (calibration); clip = 1: the head is scaled by
+// tau/norm when norm > tau (state normalization).
+extern "C" __global__ void head_norm(float* state, float* tau, int H, int PN, long ls, long conv_len, int clip) {
+    int h = blockIdx.x, l = blockIdx.y;
+    float* s = state + l * ls + conv_len + (long)h * PN;
+    float ss = 0.0f;
+    for (int e = threadIdx.x; e < PN; e += blockDim.x) ss += s[e] * s[e];
+    float norm = sqrtf(block_sum(ss));
+    float* t = tau + (long)l * H + h;
+    if (!clip) {
+        if (threadIdx.x == 0) *t = norm;
+        return;
+    }
+    float k = *t / norm;
+    if (norm > *t)
+        for (int e = threadIdx.x; e < PN; e += blockDim.x) s[e] *= k;
+}
+
+// out[block] = how many of the n values that block strides over are NaN or infinite.
+extern "C" __global__ void count_nonfinite(const float* v, long n, float* out) {
+    float c = 0.0f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        c += isfinite(v[i]) ? 0.0f : 1.0f;
+    c = block_sum(c);
+    if (threadIdx.x == 0) out[blockIdx.x] = c;
+}
+
 // ---- probe series (Mamba2::probe_sums) ------------------------------------------------------------------
 // p (4, H) += Σ_t (dt·A + la), Σ_t dt, Σ_t mean(B_t), Σ_t mean(x_t); one block per head.
 extern "C" __global__ void probe_sums(const float* u, const float* dt, const float* a_log, float* p, int T, int H,

@@ -223,7 +223,7 @@ impl<'m> Scorer<'m> {
             Scorer::Cuda(g) => {
                 let mut s = vec![0f32; g.state_len()];
                 g.download_state(&mut s)?;
-                Ok((s, g.pending_row()?, Vec::new()))
+                Ok((s, g.pending_row()?, g.tau()?))
             }
         }
     }
@@ -241,6 +241,7 @@ impl<'m> Scorer<'m> {
             #[cfg(gpu)]
             Scorer::Cuda(g) => {
                 g.upload_state(state)?;
+                g.set_position(pos, &tau)?;
                 g.set_pending_row(pending)
             }
         }
@@ -270,10 +271,6 @@ fn cpu_feed(
 
 #[cfg(gpu)]
 fn cuda_engine(model: &Model, chunk: usize, real: usize, gpu: GpuOptions) -> Result<crate::cuda::mamba2::GpuMamba2> {
-    use crate::forget::ForgetSpec;
-    if matches!(model.forget, ForgetSpec::StateNorm { .. } | ForgetSpec::Reset { .. }) {
-        bail!("--forget {} is not available with --device cuda yet (use the CPU)", model.forget);
-    }
     let force = gpu.bf16.then_some(crate::cuda::DType::Bf16);
     crate::cuda::mamba2::GpuMamba2::new(model, chunk, gpu.max_mem, force, real)
 }

@@ -36,6 +36,7 @@ inline float __shfl_xor_sync(unsigned, float v, int o) { return emu_shfl_xor(v, 
 
 inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+using std::isfinite;
 inline float __uint_as_float(unsigned u) {
     float f;
     std::memcpy(&f, &u, 4);

@@ -162,6 +162,9 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     else if (n == "lse_nll")
         f = [&] { lse_nll(A(0, const float*), A(1, const unsigned*), A(2, float*), A(3, int), A(4, int)); };
     else if (n == "argmax_rows") f = [&] { argmax_rows(A(0, const float*), A(1, unsigned*), A(2, int), A(3, int)); };
+    else if (n == "head_norm")
+        f = [&] { head_norm(A(0, float*), A(1, float*), A(2, int), A(3, int), A(4, long), A(5, long), A(6, int)); };
+    else if (n == "count_nonfinite") f = [&] { count_nonfinite(A(0, const float*), A(1, long), A(2, float*)); };
     else if (n == "probe_sums")
         f = [&] {
             probe_sums(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, int), A(5, int), A(6, int),

@@ -89,6 +89,32 @@ fn ppl_on_the_gpu_gives_the_cpu_curve() {
     assert!((means[0] - means[1]).abs() <= 1e-3, "{means:?}");
 }
 
+/// Reset and state normalization act between GPU calls at the CPU's positions: the same mean NLL,
+/// and one that differs from no forgetting (so the method did act).
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn state_level_forgetting_on_the_gpu_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = data("../../host/assets/corpus/austen_persuasion.txt");
+    let model = data("../../models/mamba2-tiny-l4-t64-a3-4m");
+    let mean = |dev: &str, forget: &str| {
+        let out = dir.path().join(format!("{dev}-{}", forget.replace([':', ',', '='], "_")));
+        let args = ["ppl", "--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--max-tokens"];
+        let extra = ["--forget", forget, "--device", dev, "--out", out.to_str().unwrap()];
+        cli(&[&args[..], &[if EMU { "1200" } else { "20000" }], &extra[..]].concat()).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        r["runs"][0]["mean_nll"].as_f64().unwrap()
+    };
+    let none = mean("cpu", "none");
+    for forget in ["state-norm:every=128,calib=64", "reset:every=300"] {
+        let (cpu, gpu) = (mean("cpu", forget), mean("cuda", forget));
+        println!("--forget {forget}: mean NLL cpu {cpu:.6} cuda {gpu:.6} (none {none:.6})");
+        assert!((cpu - gpu).abs() <= 1e-3, "{forget}: cpu {cpu} cuda {gpu}");
+        assert!((cpu - none).abs() > 1e-2, "{forget} changed nothing: {cpu} vs {none}");
+    }
+}
+
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
 fn passkey_on_the_gpu_decodes_what_the_cpu_decodes() {

@@ -3,6 +3,7 @@
 //! core's; matmuls go through cuBLAS with the weights in their stored type (bf16, or f32; f16 is
 //! widened to f32), activations and state in f32.
 use super::{i, Arg, DBuf, DType, Gpu};
+use crate::forget::ForgetSpec;
 use crate::gpumem::{self, Sizes, GPU_Q};
 use crate::model::Model;
 use anyhow::{anyhow, bail, Context, Result};
@@ -61,6 +62,13 @@ pub struct GpuMamba2 {
     tgt: DBuf,    // (chunk + 1) u32
     nll: DBuf,    // (chunk + 1) f32
     am: DBuf,     // (sub) u32
+    /// Reset and state normalization act between calls, at document positions (as `Session`).
+    spec: ForgetSpec,
+    /// Tokens fed since the last reset: the document position.
+    pos: u64,
+    tau: DBuf, // (n_layer, H) f32: state normalization's per-head norms, once calibrated
+    tau_set: bool,
+    bad: DBuf, // (CHECK_BLOCKS) f32: non-finite counts
     /// The captured greedy step (`decode_step`), made on first use.
     #[cfg(feature = "cuda")]
     decode_graph: Option<super::Graph>,
@@ -134,6 +142,8 @@ pub fn sizes(model: &Model, dt: DType) -> Result<Sizes> {
 
 /// `KS` and `TI` of ptx/mamba2.cu: the staged contraction slice and the rows of y per scan block.
 const SSD_KS: usize = 16;
+/// Blocks of `count_nonfinite`.
+const CHECK_BLOCKS: usize = 128;
 const SSD_TI: usize = 64;
 
 /// The tensor-core tiling of the block states: (P rounded up to 16, the columns of N per CUDA block:
@@ -209,6 +219,11 @@ impl GpuMamba2 {
             tgt: DBuf::new((chunk + 1) * 4)?,
             nll: DBuf::new((chunk + 1) * 4)?,
             am: DBuf::new(sub * 4)?,
+            spec: model.forget,
+            pos: 0,
+            tau: DBuf::new(c.n_layer * nh * f)?,
+            tau_set: false,
+            bad: DBuf::new(CHECK_BLOCKS * f)?,
             #[cfg(feature = "cuda")]
             decode_graph: None,
             gpu,
@@ -241,6 +256,8 @@ impl GpuMamba2 {
             &self.tgt,
             &self.nll,
             &self.am,
+            &self.tau,
+            &self.bad,
         ];
         let layer = |l: &Layer| {
             [&l.norm, &l.in_proj, &l.conv_w, &l.dt_bias, &l.a_log, &l.d, &l.gate_norm, &l.out_proj]
@@ -256,6 +273,8 @@ impl GpuMamba2 {
 
     pub fn reset(&mut self) -> Result<()> {
         self.has_pending = false;
+        self.pos = 0;
+        self.tau_set = false;
         self.state.zero()
     }
 
@@ -274,6 +293,31 @@ impl GpuMamba2 {
         }
         self.gpu.sync()?;
         self.state.upload(0, s)
+    }
+
+    /// State normalization's τ per (layer, head), empty until calibrated (a checkpoint's part).
+    pub fn tau(&self) -> Result<Vec<f32>> {
+        if !self.tau_set {
+            return Ok(Vec::new());
+        }
+        let mut t = vec![0f32; self.cfg.n_layer * self.cfg.n_heads];
+        self.gpu.sync()?;
+        self.tau.download(0, &mut t)?;
+        Ok(t)
+    }
+
+    /// Continues at document position `pos` with τ as checkpointed (empty: not calibrated).
+    pub fn set_position(&mut self, pos: u64, tau: &[f32]) -> Result<()> {
+        self.pos = pos;
+        self.tau_set = !tau.is_empty();
+        if self.tau_set {
+            if tau.len() != self.cfg.n_layer * self.cfg.n_heads {
+                bail!("τ has {} values, the model needs {}", tau.len(), self.cfg.n_layer * self.cfg.n_heads);
+            }
+            self.gpu.sync()?;
+            self.tau.upload(0, tau)?;
+        }
+        Ok(())
     }
 
     /// The pending row (the last fed token's final-normed hidden row), as f32.
@@ -565,8 +609,12 @@ impl GpuMamba2 {
     /// first. The last row stays pending for the next call.
     pub fn feed_nll(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(tokens.len());
-        for piece in tokens.chunks(self.chunk) {
-            out.extend(self.feed_nll_piece(piece)?);
+        let mut off = 0;
+        while off < tokens.len() {
+            let n = self.piece_len(tokens.len() - off);
+            out.extend(self.feed_nll_piece(&tokens[off..off + n])?);
+            self.after_piece(n, true)?;
+            off += n;
         }
         Ok(out)
     }
@@ -616,10 +664,91 @@ impl GpuMamba2 {
     /// Runs `tokens` in pieces of at most `chunk`, each piece's last row kept pending.
     fn feed_pieces(&mut self, tokens: &[u32], probe: Option<&DBuf>) -> Result<()> {
         let rb = self.cfg.d_model * self.dt.size();
-        for piece in tokens.chunks(self.chunk) {
-            self.forward(piece, probe)?;
-            self.gpu.copy(self.hidden.ptr(), self.hidden.at(piece.len() * rb), rb)?;
+        let mut off = 0;
+        while off < tokens.len() {
+            let n = self.piece_len(tokens.len() - off);
+            self.forward(&tokens[off..off + n], probe)?;
+            self.gpu.copy(self.hidden.ptr(), self.hidden.at(n * rb), rb)?;
             self.has_pending = true;
+            self.after_piece(n, true)?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Tokens the next piece may hold: at most `left` and `chunk`, ending where reset or state
+    /// normalization acts (`Session::next_boundary`).
+    fn piece_len(&self, left: usize) -> usize {
+        let next = |every: u64| (self.pos / every + 1) * every;
+        let boundary = match self.spec {
+            ForgetSpec::Reset { every } => Some(next(every)),
+            ForgetSpec::StateNorm { every, calib: Some(c) } if self.pos < c => Some(next(every).min(c)),
+            ForgetSpec::StateNorm { every, .. } => Some(next(every)),
+            _ => None,
+        };
+        let n = self.chunk.min(left);
+        boundary.map_or(n, |b| n.min((b - self.pos) as usize))
+    }
+
+    /// After `n` fed tokens: reset, calibration or normalization when the position sits on their
+    /// boundary (`Session::at_boundary`), then, with `check`, one error line if the state holds a
+    /// NaN or an infinity.
+    fn after_piece(&mut self, n: usize, check: bool) -> Result<()> {
+        self.pos += n as u64;
+        let c = self.cfg;
+        let norm = |clip: bool| {
+            self.gpu.launch(
+                "head_norm",
+                (c.n_heads as u32, c.n_layer as u32),
+                256,
+                0,
+                &[
+                    Arg::Ptr(self.state.ptr()),
+                    Arg::Ptr(self.tau.ptr()),
+                    i(c.n_heads),
+                    i(c.ssm_len() / c.n_heads),
+                    Arg::I64(c.layer_state_len() as i64),
+                    Arg::I64(c.conv_len() as i64),
+                    Arg::I32(clip as i32),
+                ],
+            )
+        };
+        match self.spec {
+            ForgetSpec::Reset { every } if self.pos.is_multiple_of(every) => {
+                self.gpu.sync()?;
+                self.state.zero()?;
+            }
+            ForgetSpec::StateNorm { calib, .. } if calib == Some(self.pos) => {
+                norm(false)?;
+                self.tau_set = true;
+            }
+            ForgetSpec::StateNorm { every, .. } if self.tau_set && self.pos.is_multiple_of(every) => norm(true)?,
+            _ => {}
+        }
+        if check {
+            self.check_state()?;
+        }
+        Ok(())
+    }
+
+    /// One error line when the recurrent state holds a NaN or an infinity.
+    fn check_state(&self) -> Result<()> {
+        self.gpu.launch(
+            "count_nonfinite",
+            (CHECK_BLOCKS as u32, 1),
+            256,
+            0,
+            &[Arg::Ptr(self.state.ptr()), Arg::I64(self.state_len() as i64), Arg::Ptr(self.bad.ptr())],
+        )?;
+        let mut counts = [0f32; CHECK_BLOCKS];
+        self.gpu.sync()?;
+        self.bad.download(0, &mut counts)?;
+        let bad: f32 = counts.iter().sum();
+        if bad > 0.0 {
+            bail!(
+                "non-finite value in the recurrent state after token {} ({bad} elements); the model or its input overflowed",
+                self.pos
+            );
         }
         Ok(())
     }
@@ -664,6 +793,7 @@ impl GpuMamba2 {
         for k in 0..max_new {
             if k + 1 < max_new {
                 self.decode_step()?;
+                self.after_piece(1, false)?;
             } else {
                 self.argmax_pending()?;
             }
@@ -672,6 +802,7 @@ impl GpuMamba2 {
         let mut ids = vec![0u32; max_new];
         self.gpu.sync()?;
         out.download(0, &mut ids)?;
+        self.check_state()?;
         Ok(ids)
     }
 

@@ -64,6 +64,8 @@ pub(crate) const KERNELS: &[&str] = &[
     "lse_nll",
     "argmax_rows",
     "probe_sums",
+    "head_norm",
+    "count_nonfinite",
 ];
 
 impl Gpu {
