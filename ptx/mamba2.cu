@@ -396,6 +396,84 @@ extern "C" __global__ void ssd_step(const float* u, const float* dt, const float
     }
 }
 
+// ---- sliding window by state difference (Mamba2::window) -----------------------------------------------
+// A layer's window cache ws: L (H, P, N) = h_{t−r}, a ring of r slots [log α (H) | dt (H) | B (G·N) |
+// x (di)], and the window's log-decay sum (H, 2) as f32 hi + lo. meta = (position mod r, filled) for
+// the whole model, read here and advanced by window_meta after the last layer. A call holds t ≤ r
+// tokens, so no token reads a slot this call writes (window_store runs after).
+
+// Per head (grid H, 256 threads), token by token: advance L by the cached inputs of token t − r, keep
+// W = Σ log α over the window (f64), and subtract exp(W)·(C_t·L) from y_t.
+extern "C" __global__ void ssd_window(const float* u, const float* dt, const float* a_log, float* y, float* ws,
+                                      const float* meta, int t, int H, int P, int N, int G, int cd, int di, int r,
+                                      float la) {
+    int h = blockIdx.x, g = h / (H / G), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int pos0 = (int)meta[0], gn = G * N, sl = 2 * H + gn + di;
+    bool filled = meta[1] > 0.0f;
+    float* lag = ws + (long)h * P * N;
+    const float* ring = ws + (long)H * P * N;
+    float* wsum = ws + (long)H * P * N + (long)r * sl + 2 * h;
+    float a = -expf(a_log[h]);
+    double w = (double)wsum[0] + (double)wsum[1];
+    for (int tt = 0; tt < t; tt++) {
+        int abs = pos0 + tt;
+        bool full = filled || abs >= r;
+        if (full) {
+            const float* slot = ring + (long)(abs % r) * sl;
+            float lo = slot[h], dto = slot[H + h], e = expf(lo);
+            const float* bo = slot + 2 * H + g * N;
+            const float* xo = slot + 2 * H + gn + h * P;
+            for (int i = threadIdx.x; i < P * N; i += blockDim.x) lag[i] = lag[i] * e + dto * xo[i / N] * bo[i % N];
+            w -= (double)lo;
+        }
+        w += (double)(dt[(long)tt * H + h] * a + la);
+        if (full) {
+            __syncthreads();
+            float f = expf((float)w);
+            const float* ct = u + (long)tt * cd + di + gn + g * N;
+            for (int p0 = 0; p0 < P; p0 += 8) {
+                int p = p0 + warp;
+                float acc = 0.0f;
+                if (p < P)
+                    for (int n = lane; n < N; n += 32) acc += lag[(long)p * N + n] * ct[n];
+                for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                if (p < P && lane == 0) y[(long)tt * di + h * P + p] -= f * acc;
+            }
+            __syncthreads();
+        }
+    }
+    if (threadIdx.x == 0) {
+        wsum[0] = (float)w;
+        wsum[1] = (float)(w - (double)wsum[0]);
+    }
+}
+
+// This call's inputs into the ring: one thread per (token, slot value).
+extern "C" __global__ void window_store(const float* u, const float* dt, const float* a_log, float* ws,
+                                        const float* meta, int t, int H, int P, int N, int G, int cd, int di, int r,
+                                        float la) {
+    int gn = G * N, sl = 2 * H + gn + di;
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= (long)t * sl) return;
+    int tt = (int)(i / sl), k = (int)(i % sl), pos0 = (int)meta[0];
+    float* slot = ws + (long)H * P * N + (long)((pos0 + tt) % r) * sl;
+    const float* row = u + (long)tt * cd;
+    float v;
+    if (k < H) v = dt[(long)tt * H + k] * -expf(a_log[k]) + la;
+    else if (k < 2 * H) v = dt[(long)tt * H + k - H];
+    else if (k < 2 * H + gn) v = row[di + k - 2 * H];
+    else v = row[k - 2 * H - gn];
+    slot[k] = v;
+}
+
+// meta ← ((pos0 + t) mod r, filled or pos0 + t ≥ r), after every layer has read it.
+extern "C" __global__ void window_meta(float* meta, int t, int r) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    int pos0 = (int)meta[0];
+    meta[1] = (meta[1] > 0.0f || pos0 + t >= r) ? 1.0f : 0.0f;
+    meta[0] = (float)((pos0 + t) % r);
+}
+
 // ---- gated group RMSNorm (Mamba2::layer) --------------------------------------------------------------
 // One block per (t, g): out = RMSNorm_group(y ⊙ silu(z)) · w, groups of gs = di/G channels; z = zx[:, :di].
 template <typename A>

@@ -162,6 +162,20 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     else if (n == "lse_nll")
         f = [&] { lse_nll(A(0, const float*), A(1, const unsigned*), A(2, float*), A(3, int), A(4, int)); };
     else if (n == "argmax_rows") f = [&] { argmax_rows(A(0, const float*), A(1, unsigned*), A(2, int), A(3, int)); };
+    else if (n == "ssd_window")
+        f = [&] {
+            ssd_window(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, float*),
+                       A(5, const float*), A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int),
+                       A(13, int), A(14, float));
+        };
+    else if (n == "window_store")
+        f = [&] {
+            window_store(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, const float*),
+                         A(5, int), A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int),
+                         A(13, float));
+        };
+    else if (n == "window_meta")
+        f = [&] { window_meta(A(0, float*), A(1, int), A(2, int)); };
     else if (n == "head_norm")
         f = [&] { head_norm(A(0, float*), A(1, float*), A(2, int), A(3, int), A(4, long), A(5, long), A(6, int)); };
     else if (n == "count_nonfinite") f = [&] { count_nonfinite(A(0, const float*), A(1, long), A(2, float*)); };

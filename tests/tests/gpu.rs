@@ -89,11 +89,12 @@ fn ppl_on_the_gpu_gives_the_cpu_curve() {
     assert!((means[0] - means[1]).abs() <= 1e-3, "{means:?}");
 }
 
-/// Reset and state normalization act between GPU calls at the CPU's positions: the same mean NLL,
-/// and one that differs from no forgetting (so the method did act).
+/// Every training-free forgetting method gives the CPU's mean NLL on the GPU, and one that differs
+/// from no forgetting (so the method did act): RRI and Δ scaling inside the kernels, the window's
+/// lagged state per layer, reset and state normalization between calls at the CPU's positions.
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
-fn state_level_forgetting_on_the_gpu_matches_the_cpu() {
+fn forgetting_on_the_gpu_matches_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let text = data("../../host/assets/corpus/austen_persuasion.txt");
     let model = data("../../models/mamba2-tiny-l4-t64-a3-4m");
@@ -107,7 +108,9 @@ fn state_level_forgetting_on_the_gpu_matches_the_cpu() {
         r["runs"][0]["mean_nll"].as_f64().unwrap()
     };
     let none = mean("cpu", "none");
-    for forget in ["state-norm:every=128,calib=64", "reset:every=300"] {
+    let methods =
+        ["rri:a=0.999,b=0.75", "dt:c=0.5", "window:r=100", "state-norm:every=128,calib=64", "reset:every=300"];
+    for forget in methods {
         let (cpu, gpu) = (mean("cpu", forget), mean("cuda", forget));
         println!("--forget {forget}: mean NLL cpu {cpu:.6} cuda {gpu:.6} (none {none:.6})");
         assert!((cpu - gpu).abs() <= 1e-3, "{forget}: cpu {cpu} cuda {gpu}");
@@ -120,19 +123,22 @@ fn state_level_forgetting_on_the_gpu_matches_the_cpu() {
 fn passkey_on_the_gpu_decodes_what_the_cpu_decodes() {
     let dir = tempfile::tempdir().unwrap();
     let model = data("../../models/mamba2-tiny-passkey");
-    let mut answers = Vec::new();
-    for dev in ["cpu", "cuda"] {
-        let out = dir.path().join(dev);
-        let args = ["passkey", "--model", model.to_str().unwrap(), "--lengths", "128,512", "--samples", "4"];
-        let extra = ["--max-new", "8", "--device", dev, "--out", out.to_str().unwrap()];
-        cli(&[&args[..], &extra[..]].concat()).unwrap();
-        let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-        let recs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        answers.push(recs.iter().map(|r| (r["continuation"].clone(), r["correct"].clone())).collect::<Vec<_>>());
+    // Plainly, and with window forgetting (its lagged state advances through every decoded token).
+    for (forget, lengths, records) in [("none", "128,512", 8), ("window:r=160", "192", 4)] {
+        let mut answers = Vec::new();
+        for dev in ["cpu", "cuda"] {
+            let out = dir.path().join(format!("{dev}-{}", forget.replace([':', '='], "_")));
+            let args = ["passkey", "--model", model.to_str().unwrap(), "--lengths", lengths, "--samples", "4"];
+            let extra = ["--max-new", "8", "--forget", forget, "--device", dev, "--out", out.to_str().unwrap()];
+            cli(&[&args[..], &extra[..]].concat()).unwrap();
+            let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+            let recs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            answers.push(recs.iter().map(|r| (r["continuation"].clone(), r["correct"].clone())).collect::<Vec<_>>());
+        }
+        println!("--forget {forget}: {:?}", answers[1]);
+        assert_eq!(answers[0].len(), records);
+        assert_eq!(answers[0], answers[1]);
     }
-    println!("{:?}", answers[1]);
-    assert_eq!(answers[0].len(), 8);
-    assert_eq!(answers[0], answers[1]);
 }
 
 #[test]

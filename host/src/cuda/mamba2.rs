@@ -42,8 +42,10 @@ pub struct GpuMamba2 {
     head: Option<DBuf>,
     norm_f: DBuf,
     layers: Vec<Layer>,
-    /// The recurrent state, f32, in the core's layout (per layer: conv (k−1, cd), then ssm (H, P, N)).
+    /// The recurrent state, f32, in the core's layout (per layer: conv (k−1, cd), then ssm (H, P, N);
+    /// with window forgetting then each layer's window cache and (position mod r, filled)).
     pub state: DBuf,
+    state_len: usize,
     /// Whether hidden row 0 holds the previous call's last row (it predicts this call's first token).
     pub has_pending: bool,
     forget: Forget,
@@ -160,10 +162,12 @@ impl GpuMamba2 {
         let path = model.info.path.display().to_string();
         let m = mamba2_of(model)?;
         let forget = m.forget();
-        if let Forget::Window { .. } = forget {
-            bail!("{path}: --forget window is not available with --device cuda yet (use the CPU)");
-        }
         let c = m.cfg;
+        // A window call holds at most r tokens (as on the CPU).
+        let chunk = match forget {
+            Forget::Window { r } => chunk.clamp(1, r),
+            _ => chunk,
+        };
         if c.head_dim > 128 || c.n_heads % c.n_groups != 0 {
             bail!("{path}: --device cuda supports head_dim ≤ 128 (this model: {})", c.head_dim);
         }
@@ -172,7 +176,10 @@ impl GpuMamba2 {
         let (free, _) = Gpu::mem_info()?;
         // Leave room for cuBLAS's workspace and the allocator's rounding.
         let budget = max_mem.unwrap_or(usize::MAX).min(free.saturating_sub(512 << 20));
-        let sz = sizes(model, dt)?;
+        let mut sz = sizes(model, dt)?;
+        // The state as the core lays it out: with window forgetting, each layer's window cache too.
+        let state_len = m.state_len();
+        sz.state = state_len * 4;
         let plan = gpumem::plan(&sz, chunk, budget).with_context(|| format!("{path} on {}", gpu.name))?;
         let (chunk, sub) = (plan.chunk, plan.sub);
         let (d, di, nh, cd, nin) = (c.d_model, c.d_inner(), c.n_heads, c.conv_dim(), c.in_proj_rows());
@@ -201,7 +208,8 @@ impl GpuMamba2 {
             head: if tied { None } else { Some(mat(&m.w.head, dt)?) },
             norm_f: vec_f32(&m.w.norm_f)?,
             layers,
-            state: DBuf::zeroed(c.paper_state_size() * f)?,
+            state: DBuf::zeroed(state_len * f)?,
+            state_len,
             has_pending: false,
             forget,
             tok: DBuf::new(chunk * 4)?,
@@ -279,7 +287,7 @@ impl GpuMamba2 {
     }
 
     pub fn state_len(&self) -> usize {
-        self.cfg.paper_state_size()
+        self.state_len
     }
 
     pub fn download_state(&self, out: &mut [f32]) -> Result<()> {
@@ -496,6 +504,9 @@ impl GpuMamba2 {
                 )?;
                 self.ssd_chunked(t, l, ssm, la)?;
             }
+            if let Forget::Window { r } = self.forget {
+                self.window(li, t, r, l, la)?;
+            }
             if let Some(pb) = probe {
                 let off = li * 4 * nh * 4;
                 let mut args = vec![
@@ -533,6 +544,10 @@ impl GpuMamba2 {
                 )?;
             }
         }
+        if let Forget::Window { r } = self.forget {
+            let meta = self.state.at((self.state_len - 2) * 4);
+            gpu.launch("window_meta", (1, 1), 32, 0, &[Arg::Ptr(meta), i(t), i(r)])?;
+        }
         let row1 = self.hidden.at(d * self.dt.size());
         gpu.launch(
             norm,
@@ -541,6 +556,30 @@ impl GpuMamba2 {
             0,
             &[Arg::Ptr(self.x.ptr()), Arg::Ptr(self.norm_f.ptr()), Arg::Ptr(row1), i(d), Arg::F32(c.eps)],
         )
+    }
+
+    /// Window forgetting of layer `li` after its SSD wrote `y` (`Mamba2::window`): the lagged state
+    /// read-out subtracted per head, then this call's inputs cached in the ring.
+    fn window(&self, li: usize, t: usize, r: usize, l: &Layer, la: f32) -> Result<()> {
+        let c = self.cfg;
+        let (di, nh, cd, gn) = (c.d_inner(), c.n_heads, c.conv_dim(), c.n_groups * c.d_state);
+        let slot = 2 * nh + gn + di;
+        let wl = c.ssm_len() + r * slot + 2 * nh;
+        let ws = self.state.at((c.paper_state_size() + li * wl) * 4);
+        let meta = self.state.at((self.state_len - 2) * 4);
+        let shape = [i(t), i(nh), i(c.head_dim), i(c.d_state), i(c.n_groups), i(cd), i(di), i(r), Arg::F32(la)];
+        let mut args = vec![
+            Arg::Ptr(self.u.ptr()),
+            Arg::Ptr(self.dtb.ptr()),
+            Arg::Ptr(l.a_log.ptr()),
+            Arg::Ptr(self.y.ptr()),
+            Arg::Ptr(ws),
+            Arg::Ptr(meta),
+        ];
+        args.extend(shape);
+        self.gpu.launch("ssd_window", (nh as u32, 1), 256, 0, &args)?;
+        args.remove(3);
+        self.gpu.launch_n("window_store", t * slot, &args)
     }
 
     /// The chunked SSD of one layer over `t` tokens (Δ in `dtb`, conv output in `u`): cumulative

@@ -65,6 +65,9 @@ pub(crate) const KERNELS: &[&str] = &[
     "argmax_rows",
     "probe_sums",
     "head_norm",
+    "ssd_window",
+    "window_store",
+    "window_meta",
     "count_nonfinite",
 ];
 
