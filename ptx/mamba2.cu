@@ -181,7 +181,6 @@ extern "C" __global__ void ssd_cumsum(const float* dt, const float* a_log, float
 }
 
 #define KS 16  // contraction slice staged in shared memory per step
-#define TI 64  // rows of y per ssd_chunk_scan block
 typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> FragC;
 
 // v as TF32 hi + lo parts (lo = 0 unless `exact` needs it).
@@ -245,12 +244,13 @@ __device__ __forceinline__ void store_tiles(FragC* acc, float* out, int ldo, int
 
 // st (nb, H, P, N): each block's own contribution Σ_j exp(cum_last − cum_j)·dt_j·x_jᵀ·B_j, columns
 // n0 .. n0 + nw of it per CUDA block (nw a multiple of 16, Pp·nw ≤ 8192; Pp = P rounded up to 16).
-// Grid (nb, H·⌈N/nw⌉), 256 threads; dynamic shared memory (Q + max(2·KS·(Pp + nw), Pp·nw)) floats.
+// Grid (H·⌈N/nw⌉, nb): the heads of one block run together and share its B in L2. 256 threads;
+// dynamic shared memory (Q + max(2·KS·(Pp + nw), Pp·nw)) floats.
 extern "C" __global__ void ssd_chunk_state(const float* u, const float* dt, const float* cum, float* st, int T, int H,
                                            int P, int N, int G, int cd, int di, int nw, int exact) {
     DYN_SMEM(sm);
     int ns = (N + nw - 1) / nw;
-    int c = blockIdx.x, h = blockIdx.y / ns, n0 = blockIdx.y % ns * nw, t0 = c * Q, len = min(Q, T - t0), g = h / (H / G);
+    int c = blockIdx.y, h = blockIdx.x / ns, n0 = blockIdx.x % ns * nw, t0 = c * Q, len = min(Q, T - t0), g = h / (H / G);
     int Pp = (P + 15) & ~15, tiles = (Pp / 16) * (nw / 16), tcols = nw / 16;
     float* w = sm;                                       // (Q)
     float* ah = sm + Q, *al = ah + KS * Pp;              // (KS, Pp): (w·x)ᵀ slice, i.e. A (Pp, KS) column-major
@@ -303,24 +303,26 @@ extern "C" __global__ void ssd_state_pass(float* st, const float* cum, float* ss
     ssm[e] = s;
 }
 
-// y (T, di), head h's P columns, rows i0 .. i0 + TI of block c: y_i = exp(cum_i)·(C_i·S_inᵀ) +
+// y (T, di), head h's P columns, rows i0 .. i0 + ti of block c (ti = 64, 128 or 256 with ti·Pp ≤ 8192,
+// so each block state is read by at most Q/ti blocks): y_i = exp(cum_i)·(C_i·S_inᵀ) +
 // Σ_{j≤i} M_ij·x_j + D·x_i with M_ij = (C_i·B_j)·exp(cum_i − cum_j)·dt_j, S_in = st[c] (after
 // ssd_state_pass) and C·Bᵀ from cb (nb, G, Q, Q). D is (H) or, when d_per_channel, (di).
-// Grid (nb·Q/TI, H), 256 threads; dynamic shared memory (2·Q + max(2·KS·(TI + Pp), TI·Pp)) floats.
+// Grid (H, nb·Q/ti): the heads of one block run together and share C, B and C·Bᵀ in L2. 256 threads;
+// dynamic shared memory (2·Q + max(2·KS·(ti + Pp), ti·Pp)) floats.
 extern "C" __global__ void ssd_chunk_scan(const float* u, const float* dt, const float* cum, const float* st,
                                           const float* cb, const float* D, int d_per_channel, float* y, int T, int H,
-                                          int P, int N, int G, int cd, int di, int exact) {
+                                          int P, int N, int G, int cd, int di, int ti, int exact) {
     DYN_SMEM(sm);
-    int c = blockIdx.x / (Q / TI), i0 = blockIdx.x % (Q / TI) * TI, h = blockIdx.y;
+    int c = blockIdx.y / (Q / ti), i0 = blockIdx.y % (Q / ti) * ti, h = blockIdx.x;
     int t0 = c * Q, len = min(Q, T - t0);
     if (i0 >= len) return;
-    int g = h / (H / G), Pp = (P + 15) & ~15, tiles = (TI / 16) * (Pp / 16), tcols = Pp / 16;
-    int rows = min(TI, len - i0);
+    int g = h / (H / G), Pp = (P + 15) & ~15, tiles = (ti / 16) * (Pp / 16), tcols = Pp / 16;
+    int rows = min(ti, len - i0);
     float* cj = sm;                                   // (Q): cum_j
     float* dj = sm + Q;                               // (Q): dt_j
-    float* ah = sm + 2 * Q, *al = ah + TI * KS;       // (TI, KS): A slice, row-major
-    float* bh = al + TI * KS, *bl = bh + KS * Pp;     // (KS, Pp): B slice
-    float* out = sm + 2 * Q;                          // (TI, Pp) after the loops
+    float* ah = sm + 2 * Q, *al = ah + ti * KS;       // (ti, KS): A slice, row-major
+    float* bh = al + ti * KS, *bl = bh + KS * Pp;     // (KS, Pp): B slice
+    float* out = sm + 2 * Q;                          // (ti, Pp) after the loops
     for (int j = threadIdx.x; j < len; j += blockDim.x) {
         cj[j] = cum[(long)(t0 + j) * H + h];
         dj[j] = dt[(long)(t0 + j) * H + h];
@@ -334,7 +336,7 @@ extern "C" __global__ void ssd_chunk_scan(const float* u, const float* dt, const
     // exp(cum_i)·C_i · S_inᵀ, over N in slices
     for (int n0 = 0; n0 < N; n0 += KS) {
         __syncthreads();
-        for (int e = threadIdx.x; e < TI * KS; e += blockDim.x) {
+        for (int e = threadIdx.x; e < ti * KS; e += blockDim.x) {
             int r = e / KS, n = n0 + e % KS, i = i0 + r;
             split_tf32(r < rows && n < N ? expf(cj[i]) * ub[(long)i * cd + co + n] : 0.0f, ah + e, al + e);
         }
@@ -349,7 +351,7 @@ extern "C" __global__ void ssd_chunk_scan(const float* u, const float* dt, const
     const float* cbb = cb + ((long)c * G + g) * Q * Q;
     for (int j0 = 0; j0 < i0 + rows; j0 += KS) {
         __syncthreads();
-        for (int e = threadIdx.x; e < TI * KS; e += blockDim.x) {
+        for (int e = threadIdx.x; e < ti * KS; e += blockDim.x) {
             int r = e / KS, j = j0 + e % KS, i = i0 + r;
             split_tf32(r < rows && j <= i ? cbb[(long)i * Q + j] * expf(cj[i] - cj[j]) * dj[j] : 0.0f, ah + e, al + e);
         }

@@ -1,13 +1,8 @@
 #!/usr/bin/env bash
 # Builds what a GPU machine needs (it has no cargo) into .gpu/ (git-ignored; add `/.gpu/` to
-# .git/info/exclude): the stuffed binary and the GPU test binary, both with `--features cuda`, stripped.
-# Then, on the GPU machine, from the repository root:
-#   export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:$LD_LIBRARY_PATH
-#   mkdir -p "$(dirname "$BUILT_AT")" && ln -sfn "$PWD" "$BUILT_AT"     # test data paths are compiled in
-#   .gpu/stuffed selftest --device cuda --model tests/data/mamba2_hf_g1_untied --model tests/data/mamba2_hf_bf16
-#   .gpu/gpu_tests --ignored --nocapture
-#   .gpu/stuffed bench --device cuda --preset 2.7b --tokens 1m
-# where BUILT_AT is the repository path printed below.
+# .git/info/exclude): the stuffed binary and the GPU test binary, both with `--features cuda`, stripped;
+# the build path (the test binary's data paths are compiled in); and the peers' wheels (mamba_ssm,
+# causal_conv1d) from ../shared/wheels when there. Then run tools/gpu_run.sh on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sdk="${XDG_CACHE_HOME:-$HOME/.cache}/stuffed-cuda-sdk-13.0"
@@ -25,5 +20,9 @@ mkdir -p .gpu
 cp target/cuda/release/stuffed .gpu/stuffed
 cp "$tests" .gpu/gpu_tests
 strip .gpu/stuffed .gpu/gpu_tests
-ls -la .gpu
-echo "BUILT_AT=$PWD"
+echo "$PWD" > .gpu/built_at
+if [ -d ../shared/wheels ]; then
+  mkdir -p .gpu/wheels
+  cp ../shared/wheels/mamba_ssm-*.whl ../shared/wheels/causal_conv1d-*.whl .gpu/wheels/
+fi
+du -sh .gpu; ls -la .gpu

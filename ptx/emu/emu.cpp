@@ -142,7 +142,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
         f = [&] {
             ssd_chunk_scan(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, const float*),
                            A(5, const float*), A(6, int), A(7, float*), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int),
-                           A(13, int), A(14, int), A(15, int));
+                           A(13, int), A(14, int), A(15, int), A(16, int));
         };
     else if (n == "ssd_step")
         f = [&] {

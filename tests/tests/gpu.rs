@@ -32,8 +32,9 @@ fn golden() -> Vec<String> {
 fn golden_checkpoints_match_the_cpu_at_nasty_chunk_sizes() {
     let g = golden();
     let g: Vec<&str> = g.iter().map(String::as_str).collect();
-    // Partial SSD blocks across calls, exactly one block, one token per call, many blocks per call.
-    for (tokens, chunk) in [(1000, 300), (640, 64), (200, 65), (40, 1), (3000, 3000)] {
+    // Partial SSD blocks across calls (the GPU's are 256 tokens, the core's 64), exactly one block of
+    // each, one token per call, many blocks per call.
+    for (tokens, chunk) in [(1000, 300), (640, 64), (512, 256), (200, 65), (40, 1), (3000, 3000)] {
         selftest(&g, tokens, chunk, &[]);
     }
 }
@@ -47,13 +48,16 @@ fn f32_weights_run_as_bf16_within_the_bf16_bound() {
 
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
-fn synth_130m_bf16_matches_the_cpu() {
+fn synth_presets_match_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("m130");
-    // The emulator takes the tiny preset (GPT-NeoX vocab, bf16) instead of 130m.
-    let preset = if EMU { "tiny" } else { "130m" };
-    cli(&["synth", "--preset", preset, "--dtype", "bf16", "--out", out.to_str().unwrap()]).unwrap();
-    selftest(&[out.to_str().unwrap()], if EMU { 150 } else { 2048 }, if EMU { 100 } else { 1000 }, &[]);
+    // The emulator takes the `small` preset (130m's head shape, N 128 and P 64, at toy width) instead,
+    // in bf16 (TF32 SSD) and f32 (3xTF32).
+    let runs: &[(&str, &str)] = if EMU { &[("small", "bf16"), ("small", "f32")] } else { &[("130m", "bf16")] };
+    for &(preset, dtype) in runs {
+        let out = dir.path().join(format!("{preset}-{dtype}"));
+        cli(&["synth", "--preset", preset, "--dtype", dtype, "--out", out.to_str().unwrap()]).unwrap();
+        selftest(&[out.to_str().unwrap()], if EMU { 600 } else { 2048 }, if EMU { 300 } else { 1000 }, &[]);
+    }
 }
 
 #[test]

@@ -142,11 +142,10 @@ pub fn sizes(model: &Model, dt: DType) -> Result<Sizes> {
     Ok(Sizes::mamba2(&m.cfg, dt.size(), data_ptr(&m.w.head) != data_ptr(&m.w.embed)))
 }
 
-/// `KS` and `TI` of ptx/mamba2.cu: the staged contraction slice and the rows of y per scan block.
+/// `KS` of ptx/mamba2.cu: the contraction slice staged in shared memory.
 const SSD_KS: usize = 16;
 /// Blocks of `count_nonfinite`.
 const CHECK_BLOCKS: usize = 128;
-const SSD_TI: usize = 64;
 
 /// The tensor-core tiling of the block states: (P rounded up to 16, the columns of N per CUDA block:
 /// a multiple of 16 with Pp·nw ≤ 8192, so the output tile fits in shared memory).
@@ -613,7 +612,7 @@ impl GpuMamba2 {
         args.extend(shape);
         args.extend([i(nw), Arg::I32(exact as i32)]);
         let smem = (q + (2 * SSD_KS * (pp + nw)).max(pp * nw)) * 4;
-        gpu.launch("ssd_chunk_state", (nb as u32, (nh * n.div_ceil(nw)) as u32), 256, smem as u32, &args)?;
+        gpu.launch("ssd_chunk_state", ((nh * n.div_ceil(nw)) as u32, nb as u32), 256, smem as u32, &args)?;
         gpu.launch_n(
             "ssd_state_pass",
             nh * p * n,
@@ -630,9 +629,11 @@ impl GpuMamba2 {
             Arg::Ptr(self.y.ptr()),
         ];
         args.extend(shape);
-        args.push(Arg::I32(exact as i32));
-        let smem = (2 * q + (2 * SSD_KS * (SSD_TI + pp)).max(SSD_TI * pp)) * 4;
-        gpu.launch("ssd_chunk_scan", ((nb * q / SSD_TI) as u32, nh as u32), 256, smem as u32, &args)
+        // Rows per scan block: as many as fit 32 output tiles, so each block state is read few times.
+        let ti = [256, 128, 64].into_iter().find(|&r| r * pp <= 8192).unwrap_or(64);
+        args.extend([i(ti), Arg::I32(exact as i32)]);
+        let smem = (2 * q + (2 * SSD_KS * (ti + pp)).max(ti * pp)) * 4;
+        gpu.launch("ssd_chunk_scan", (nh as u32, (nb * q / ti) as u32), 256, smem as u32, &args)
     }
 
     /// Logits `(count, Vp)` of hidden rows `first..first + count` into the logits buffer

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of issue 8 in one device call. Here first: tools/gpu_bundle.sh (it fills
+# .gpu/: the binaries, the build path, the peers' wheels); then, through the device tool, carrying .gpu:
+#   bash tools/gpu_run.sh check    # selftest + the ignored GPU tests + bench 130m/2.7b at 1M, 2.7b at 4M
+#   bash tools/gpu_run.sh peers    # tools/bench_peers.py (mamba_ssm, HF) with stuffed in the same call
+# Logs go to $OUT (the device tool's folder; ./gpu-out elsewhere), each step's also tarred in gpu-<what>.tar.gz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-check}
+out=${OUT:-$PWD/gpu-out}
+mkdir -p "$out/logs"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+# The GPU test binary reads tests/data through paths compiled in at the build path.
+built=$(cat .gpu/built_at)
+if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")" && ln -sfn "$PWD" "$built"; fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/logs/nvidia-smi.csv" 2>&1
+step() {
+  local name=$1
+  shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" > "$out/logs/$name.log" 2>&1
+  local rc=$?
+  echo "rc $rc, $((SECONDS - t0)) s" >> "$out/logs/$name.log"
+  tail -n 25 "$out/logs/$name.log"
+}
+bin=.gpu/stuffed
+case $what in
+  check)
+    step selftest $bin selftest --device cuda --model tests/data/mamba2_hf_g1_untied --model tests/data/mamba2_hf_g2_tied \
+      --model tests/data/mamba2_hf_bf16 --model tests/data/mamba2_official --model tests/data/mamba2_neox_tiny
+    step tests .gpu/gpu_tests --ignored --nocapture --test-threads 1
+    step bench-130m $bin bench --device cuda --preset 130m --tokens 1m --decode 256
+    step bench-2.7b $bin bench --device cuda --preset 2.7b --tokens 1m --decode 256
+    step bench-2.7b-4m $bin bench --device cuda --preset 2.7b --tokens 4m --decode 0
+    ;;
+  peers)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl
+    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+    step peers-2.7b python3 tools/bench_peers.py --preset 2.7b --tokens 1m --stuffed $bin --out "$out/logs/peers-2.7b.json"
+    step peers-130m python3 tools/bench_peers.py --preset 130m --tokens 1m --stuffed $bin --out "$out/logs/peers-130m.json"
+    ;;
+  *) echo "usage: tools/gpu_run.sh check|peers" >&2; exit 2 ;;
+esac
+tar czf "$out/gpu-$what.tar.gz" -C "$out" logs
