@@ -17,7 +17,7 @@ typedef unsigned short bf16_t;
 using namespace nvcuda;
 // Dynamic shared memory (ptx/emu/cuda_emu.h maps it to the emulator's block buffer).
 #ifndef DYN_SMEM
-#define DYN_SMEM(name) extern __shared__ float name[]
+#define DYN_SMEM(name) extern __shared__ __align__(128) float name[]  // WMMA wants 32-byte aligned tiles
 #endif
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
@@ -243,7 +243,8 @@ __device__ __forceinline__ void store_tiles(FragC* acc, float* out, int ldo, int
 }
 
 // st (nb, H, P, N): each block's own contribution Σ_j exp(cum_last − cum_j)·dt_j·x_jᵀ·B_j, columns
-// n0 .. n0 + nw of it per CUDA block (nw a multiple of 16, Pp·nw ≤ 8192; Pp = P rounded up to 16).
+// n0 .. n0 + nw of it per CUDA block (nw a multiple of 16, Pp·nw ≤ 8192 and Pp + nw ≤ 256, so shared
+// memory stays ≤ 33 KiB; Pp = P rounded up to 16).
 // Grid (H·⌈N/nw⌉, nb): the heads of one block run together and share its B in L2. 256 threads;
 // dynamic shared memory (Q + max(2·KS·(Pp + nw), Pp·nw)) floats.
 extern "C" __global__ void ssd_chunk_state(const float* u, const float* dt, const float* cum, float* st, int T, int H,

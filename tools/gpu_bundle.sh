@@ -9,17 +9,20 @@ sdk="${XDG_CACHE_HOME:-$HOME/.cache}/stuffed-cuda-sdk-13.0"
 bash tools/provision_cuda_sdk.sh "$sdk" >/dev/null
 export CUDA_LIBRARY_PATH="$sdk/cuda" PATH="$sdk/cuda/bin:$PATH"
 ptx/build.sh --check
-export CARGO_TARGET_DIR=target/cuda
+# Lean (no shipped models embedded) and xz-compressed: the device takes 64 MiB a call, tree included.
+export CARGO_TARGET_DIR=target/cuda-lean STUFFED_LEAN=1
 cargo build --release -p stuffed --features cuda
 tests=$(cargo test --release -p stuffed-tests --features cuda --test gpu --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu": print(m["executable"])')
+rm -rf .gpu
 mkdir -p .gpu
-cp target/cuda/release/stuffed .gpu/stuffed
+cp target/cuda-lean/release/stuffed .gpu/stuffed
 cp "$tests" .gpu/gpu_tests
 strip .gpu/stuffed .gpu/gpu_tests
+xz -T0 -6 .gpu/stuffed .gpu/gpu_tests
 echo "$PWD" > .gpu/built_at
 if [ -d ../shared/wheels ]; then
   mkdir -p .gpu/wheels

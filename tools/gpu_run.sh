@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of issue 8 in one device call. Here first: tools/gpu_bundle.sh (it fills
 # .gpu/: the binaries, the build path, the peers' wheels); then, through the device tool, carrying .gpu:
-#   bash tools/gpu_run.sh check    # selftest + the ignored GPU tests + bench 130m/2.7b at 1M, 2.7b at 4M
-#   bash tools/gpu_run.sh peers    # tools/bench_peers.py (mamba_ssm, HF) with stuffed in the same call
+#   bash tools/gpu_run.sh check    # carry .gpu: selftest + the ignored GPU tests + bench 130m/2.7b at 1M, 2.7b at 4M
+#   bash tools/gpu_run.sh peers    # carry .gpu: tools/bench_peers.py (mamba_ssm, HF) with stuffed in the same call
 # Logs go to $OUT (the device tool's folder; ./gpu-out elsewhere), each step's also tarred in gpu-<what>.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ what=${1:-check}
 out=${OUT:-$PWD/gpu-out}
 mkdir -p "$out/logs"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+for f in .gpu/*.xz; do [ -e "$f" ] && xz -d -f "$f"; done
 # The GPU test binary reads tests/data through paths compiled in at the build path.
 built=$(cat .gpu/built_at)
 if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")" && ln -sfn "$PWD" "$built"; fi

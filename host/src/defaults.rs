@@ -7,6 +7,7 @@ use anyhow::{anyhow, Result};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
+#[cfg(not(lean))]
 macro_rules! model {
     ($dir:literal) => {
         (
@@ -24,7 +25,11 @@ macro_rules! model {
 type Files = [(&'static str, &'static [u8]); 4];
 
 /// Short-trained first, long-trained second.
+#[cfg(not(lean))]
 const MODELS: [(&str, Files); 2] = [model!("mamba2-tiny-l4-t64-a3-4m"), model!("mamba2-tiny-l4-t2048-a3-4m")];
+/// A lean build (`STUFFED_LEAN=1`, host/build.rs) embeds none.
+#[cfg(lean)]
+const MODELS: [(&str, Files); 0] = [];
 const HELDOUT: (&str, &[u8]) = ("austen_persuasion.txt", include_bytes!("../assets/corpus/austen_persuasion.txt"));
 
 /// Where the embedded files go: `$STUFFED_CACHE`, else `$XDG_CACHE_HOME/stuffed`, else
@@ -39,6 +44,9 @@ pub fn cache_root() -> PathBuf {
 
 /// Writes the shipped models and text (once) and returns (model dirs, held-out text).
 pub fn materialize() -> Result<(Vec<PathBuf>, PathBuf)> {
+    if MODELS.is_empty() {
+        anyhow::bail!("this build (STUFFED_LEAN) embeds no shipped models: pass --model DIR and --text FILE");
+    }
     let mut h = Sha256::new();
     for (name, files) in &MODELS {
         h.update(name);

@@ -148,10 +148,10 @@ const SSD_KS: usize = 16;
 const CHECK_BLOCKS: usize = 128;
 
 /// The tensor-core tiling of the block states: (P rounded up to 16, the columns of N per CUDA block:
-/// a multiple of 16 with Pp·nw ≤ 8192, so the output tile fits in shared memory).
+/// a multiple of 16 with Pp·nw ≤ 8192 and Pp + nw ≤ 256, so output tile and staging fit in shared memory).
 fn ssd_tiles(p: usize, n: usize) -> (usize, usize) {
     let pp = p.div_ceil(16) * 16;
-    (pp, (8192 / pp / 16 * 16).min(n.div_ceil(16) * 16))
+    (pp, ((8192 / pp).min(256 - pp) / 16 * 16).min(n.div_ceil(16) * 16))
 }
 
 impl GpuMamba2 {
