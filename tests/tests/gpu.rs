@@ -60,35 +60,25 @@ fn synth_presets_match_the_cpu() {
     }
 }
 
+/// Mean NLL of `stuffed ppl` on the held-out novel (`max_tokens` of it) on `dev`, with extra arguments.
+fn ppl_mean(dir: &std::path::Path, model: &str, dev: &str, max_tokens: &str, extra: &[&str]) -> f64 {
+    let out = dir.join(format!("{dev}-{}", extra.join("_").replace([':', ',', '=', '-'], "_")));
+    let text = data("../../host/assets/corpus/austen_persuasion.txt");
+    let args = ["ppl", "--model", model, "--text", text.to_str().unwrap(), "--max-tokens", max_tokens];
+    cli(&[&args[..], extra, &["--device", dev, "--out", out.to_str().unwrap()]].concat()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    r["runs"][0]["mean_nll"].as_f64().unwrap()
+}
+
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
 fn ppl_on_the_gpu_gives_the_cpu_curve() {
     let dir = tempfile::tempdir().unwrap();
-    let text = data("../../host/assets/corpus/austen_persuasion.txt");
-    let model = data("mamba2_neox_tiny");
-    let mut means = Vec::new();
-    for dev in ["cpu", "cuda"] {
-        let out = dir.path().join(dev);
-        let args = [
-            "ppl",
-            "--model",
-            model.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--max-tokens",
-            if EMU { "1500" } else { "20000" },
-            "--train-len",
-            "2048",
-            "--device",
-            dev,
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        cli(&args).unwrap();
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-        means.push(r["runs"][0]["mean_nll"].as_f64().unwrap());
-    }
+    let model = data("mamba2_neox_tiny").display().to_string();
+    let n = if EMU { "1500" } else { "20000" };
+    let means: Vec<f64> =
+        ["cpu", "cuda"].iter().map(|dev| ppl_mean(dir.path(), &model, dev, n, &["--train-len", "2048"])).collect();
     println!("mean NLL cpu {:.6} cuda {:.6}", means[0], means[1]);
     assert!((means[0] - means[1]).abs() <= 1e-3, "{means:?}");
 }
@@ -100,17 +90,9 @@ fn ppl_on_the_gpu_gives_the_cpu_curve() {
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
 fn forgetting_on_the_gpu_matches_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let text = data("../../host/assets/corpus/austen_persuasion.txt");
-    let model = data("../../models/mamba2-tiny-l4-t64-a3-4m");
-    let mean = |dev: &str, forget: &str| {
-        let out = dir.path().join(format!("{dev}-{}", forget.replace([':', ',', '='], "_")));
-        let args = ["ppl", "--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--max-tokens"];
-        let extra = ["--forget", forget, "--device", dev, "--out", out.to_str().unwrap()];
-        cli(&[&args[..], &[if EMU { "1200" } else { "20000" }], &extra[..]].concat()).unwrap();
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-        r["runs"][0]["mean_nll"].as_f64().unwrap()
-    };
+    let model = data("../../models/mamba2-tiny-l4-t64-a3-4m").display().to_string();
+    let n = if EMU { "1200" } else { "20000" };
+    let mean = |dev: &str, forget: &str| ppl_mean(dir.path(), &model, dev, n, &["--forget", forget]);
     let none = mean("cpu", "none");
     let methods =
         ["rri:a=0.999,b=0.75", "dt:c=0.5", "window:r=100", "state-norm:every=128,calib=64", "reset:every=300"];
