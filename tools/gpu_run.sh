@@ -3,7 +3,7 @@
 # .gpu/: the binaries, the build path, the peers' wheels); then, through the device tool, carrying .gpu:
 #   bash tools/gpu_run.sh check    # carry .gpu: selftest + the ignored GPU tests + bench 130m/2.7b at 1M, 2.7b at 4M
 #   bash tools/gpu_run.sh peers    # carry .gpu: tools/bench_peers.py (mamba_ssm, HF) with stuffed in the same call
-# Logs go to $OUT (the device tool's folder; ./gpu-out elsewhere), each step's also tarred in gpu-<what>.tar.gz.
+# Step limits sum to 540 s, inside the device's 600 s a call. Logs go to $OUT (the device tool's folder; ./gpu-out elsewhere), each step's also tarred in gpu-<what>.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-check}
@@ -15,12 +15,13 @@ for f in .gpu/*.xz; do [ -e "$f" ] && xz -d -f "$f"; done
 built=$(cat .gpu/built_at)
 if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")" && ln -sfn "$PWD" "$built"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/logs/nvidia-smi.csv" 2>&1
+# step NAME SECONDS CMD…: one check, its log kept even when it hangs past its time.
 step() {
-  local name=$1
-  shift
+  local name=$1 limit=$2
+  shift 2
   echo "== $name: $*"
   local t0=$SECONDS
-  "$@" > "$out/logs/$name.log" 2>&1
+  timeout "$limit" "$@" > "$out/logs/$name.log" 2>&1
   local rc=$?
   echo "rc $rc, $((SECONDS - t0)) s" >> "$out/logs/$name.log"
   tail -n 25 "$out/logs/$name.log"
@@ -28,18 +29,18 @@ step() {
 bin=.gpu/stuffed
 case $what in
   check)
-    step selftest $bin selftest --device cuda --model tests/data/mamba2_hf_g1_untied --model tests/data/mamba2_hf_g2_tied \
+    step selftest 90 $bin selftest --device cuda --model tests/data/mamba2_hf_g1_untied --model tests/data/mamba2_hf_g2_tied \
       --model tests/data/mamba2_hf_bf16 --model tests/data/mamba2_official --model tests/data/mamba2_neox_tiny
-    step tests .gpu/gpu_tests --ignored --nocapture --test-threads 1
-    step bench-130m $bin bench --device cuda --preset 130m --tokens 1m --decode 256
-    step bench-2.7b $bin bench --device cuda --preset 2.7b --tokens 1m --decode 256
-    step bench-2.7b-4m $bin bench --device cuda --preset 2.7b --tokens 4m --decode 0
+    step tests 150 .gpu/gpu_tests --ignored --nocapture --test-threads 1
+    step bench-130m 60 $bin bench --device cuda --preset 130m --tokens 1m --decode 256
+    step bench-2.7b 120 $bin bench --device cuda --preset 2.7b --tokens 1m --decode 256
+    step bench-2.7b-4m 120 $bin bench --device cuda --preset 2.7b --tokens 4m --decode 0
     ;;
   peers)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-    step peers-2.7b python3 tools/bench_peers.py --preset 2.7b --tokens 1m --stuffed $bin --out "$out/logs/peers-2.7b.json"
-    step peers-130m python3 tools/bench_peers.py --preset 130m --tokens 1m --stuffed $bin --out "$out/logs/peers-130m.json"
+    step peers-2.7b 300 python3 tools/bench_peers.py --preset 2.7b --tokens 1m --stuffed $bin --out "$out/logs/peers-2.7b.json"
+    step peers-130m 150 python3 tools/bench_peers.py --preset 130m --tokens 1m --stuffed $bin --out "$out/logs/peers-130m.json"
     ;;
   *) echo "usage: tools/gpu_run.sh check|peers" >&2; exit 2 ;;
 esac

@@ -75,7 +75,8 @@ pub fn random_ids(n: usize, real: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Matmul and SSD FLOPs per token of a Mamba-2 model, LM head included.
+/// Matmul and SSD FLOPs per token of a Mamba-2 model, LM head included; the SSD counted at the core's
+/// 64-token blocks (the GPU's 256-token blocks spend more on the intra-block part: not counted).
 pub fn flops_per_token(c: &stuffed_core::mamba2::Config) -> f64 {
     let (d, di, nh, q) = (c.d_model as f64, c.d_inner() as f64, c.n_heads as f64, 64.0);
     let (p, n, g) = (c.head_dim as f64, c.d_state as f64, c.n_groups as f64);
