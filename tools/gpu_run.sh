@@ -10,7 +10,7 @@ what=${1:-check}
 out=${OUT:-$PWD/gpu-out}
 mkdir -p "$out/logs"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-for f in .gpu/*.xz; do [ -e "$f" ] && xz -d -f "$f"; done
+for f in .gpu/*.xz; do [ -e "$f" ] && xz -d -k -f "$f"; done
 # The GPU test binary reads tests/data through paths compiled in at the build path.
 built=$(cat .gpu/built_at)
 if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")" && ln -sfn "$PWD" "$built"; fi
