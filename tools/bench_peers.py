@@ -52,6 +52,9 @@ def make_hf(preset, dev):
 
 
 def make_mamba_ssm(preset, dev):
+    # The shipped wheel is pure Python: no `selective_scan_cuda` (Mamba-1 only), which its import wants.
+    import types
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     d, n_layer, n, p = PRESETS[preset]
@@ -127,11 +130,15 @@ def main():
         report["peers"][peer] = r
         print(peer, json.dumps(r), flush=True)
     if a.stuffed:
-        cmd = [a.stuffed, "bench", "--device", "cuda", "--preset", a.preset, "--tokens", str(tokens),
-               "--chunk", "65536", "--decode", str(a.decode)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        report["stuffed"] = {"command": " ".join(cmd), "rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-2000:]}
-        print(p.stdout, p.stderr[-2000:], file=sys.stderr)
+        # At the peers' chunk (same workload) and at stuffed's default 65,536.
+        report["stuffed"] = {}
+        for chunk in sorted({a.chunk, 65536}):
+            cmd = [a.stuffed, "bench", "--device", "cuda", "--preset", a.preset, "--tokens", str(tokens),
+                   "--chunk", str(chunk), "--decode", str(a.decode)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            report["stuffed"][str(chunk)] = {"command": " ".join(cmd), "rc": p.returncode, "stdout": p.stdout,
+                                             "stderr": p.stderr[-2000:]}
+            print(p.stdout, p.stderr[-2000:], file=sys.stderr)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
