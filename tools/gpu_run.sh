@@ -2,7 +2,8 @@
 # Every GPU check and benchmark of issue 8 in one device call. Here first: tools/gpu_bundle.sh (it fills
 # .gpu/: the binaries, the build path, the peers' wheels); then, through the device tool, carrying .gpu:
 #   bash tools/gpu_run.sh check    # carry .gpu: selftest + the ignored GPU tests + bench 130m/2.7b at 1M, 2.7b at 4M
-#   bash tools/gpu_run.sh peers    # carry .gpu: tools/bench_peers.py (mamba_ssm, HF) with stuffed in the same call
+#   bash tools/gpu_run.sh peers    # carry .gpu: tools/bench_peers.py (mamba_ssm, HF) with stuffed in the same call,
+#                                  # and a per-kernel time breakdown of 2.7b (STUFFED_PROFILE=1)
 # Step limits sum to 540 s, inside the device's 600 s a call. Logs go to $OUT (the device tool's folder; ./gpu-out elsewhere), each step's also tarred in gpu-<what>.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +41,8 @@ case $what in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     step peers-2.7b 300 python3 tools/bench_peers.py --preset 2.7b --tokens 1m --stuffed $bin --out "$out/logs/peers-2.7b.json"
-    step peers-130m 150 python3 tools/bench_peers.py --preset 130m --tokens 1m --stuffed $bin --out "$out/logs/peers-130m.json"
+    step profile-2.7b 90 env STUFFED_PROFILE=1 $bin bench --device cuda --preset 2.7b --tokens 256k --decode 32
+    step peers-130m 120 python3 tools/bench_peers.py --preset 130m --tokens 1m --stuffed $bin --out "$out/logs/peers-130m.json"
     ;;
   *) echo "usage: tools/gpu_run.sh check|peers" >&2; exit 2 ;;
 esac

@@ -165,17 +165,39 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         None => println!("memory       {:.3} GiB used at {tokens} tokens", gib(mem_end)),
     }
+    print_profile(&sc, "streamed NLL");
     if a.decode > 0 {
         // Warm-up: on the GPU the decode step's CUDA graph is captured here, not in the timing.
         decode_steps(&mut sc, &ids[..1], a.decode.min(8))?;
+        print_profile(&sc, "");
         let t1 = Instant::now();
         let n = decode_steps(&mut sc, &ids[..1], a.decode)?;
         println!(
             "decode       {:.3} ms/token (greedy, batch 1, {n} tokens)",
             t1.elapsed().as_secs_f64() * 1e3 / n as f64
         );
+        print_profile(&sc, "decode");
     }
     Ok(())
+}
+
+/// With `STUFFED_PROFILE=1` on the GPU: time per kernel and GEMM since the last call (each timed
+/// alone, so the sum exceeds the run's wall time a little); `what` empty discards it.
+fn print_profile(sc: &Scorer, what: &str) {
+    #[cfg(gpu)]
+    if let Scorer::Cuda(g) = sc {
+        let Some(rows) = g.gpu.prof.take() else { return };
+        let total: f64 = rows.iter().map(|r| r.2).sum();
+        if what.is_empty() || total == 0.0 {
+            return;
+        }
+        println!("profile      {what}: {total:.3} s in {} ops (STUFFED_PROFILE: each op timed alone)", rows.len());
+        for (name, calls, secs) in rows {
+            println!("  {name:<20} {calls:>8} calls {secs:>9.4} s {:>5.1} %", 100.0 * secs / total);
+        }
+    }
+    #[cfg(not(gpu))]
+    let _ = (sc, what);
 }
 
 /// Bytes in use on the device (CUDA: total − free, the whole process), or the peak RSS on the CPU.

@@ -1,6 +1,6 @@
 //! The real device: cust's context, module and stream; raw driver calls through `cust::sys`; a failed
 //! call is one error line naming the call.
-use super::{Arg, Blas, KERNELS};
+use super::{Arg, Blas, Profile, KERNELS};
 use anyhow::{anyhow, bail, Result};
 use cust::context::Context;
 use cust::module::Module;
@@ -108,6 +108,7 @@ impl Drop for Graph {
 /// A context on device 0 with the kernels loaded. Fields drop in order: the context last.
 pub struct Gpu {
     funcs: HashMap<&'static str, cu::CUfunction>,
+    pub prof: Profile,
     pub blas: Blas,
     _workspace: DBuf,
     pub stream: Stream,
@@ -139,7 +140,16 @@ impl Gpu {
             let attr = cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             check(unsafe { cu::cuFuncSetAttribute(funcs[k], attr, 48 * 1024) }, "setting shared memory")?;
         }
-        Ok(Gpu { funcs, blas, _workspace: workspace, stream, _module: module, name, _ctx: ctx })
+        Ok(Gpu {
+            funcs,
+            prof: Profile::from_env(),
+            blas,
+            _workspace: workspace,
+            stream,
+            _module: module,
+            name,
+            _ctx: ctx,
+        })
     }
 
     /// Launches kernel `name` on the stream: `grid` blocks of `block` threads, `shared` bytes of
@@ -151,24 +161,26 @@ impl Gpu {
         }
         let mut slots: Vec<[u8; 8]> = args.iter().map(|a| a.slot()).collect();
         let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s.as_mut_ptr() as *mut c_void).collect();
-        // SAFETY: the argument list matches the kernel's signature in ptx/mamba2.cu (each launch site
-        // mirrors it); every slot outlives the call.
-        let r = unsafe {
-            cu::cuLaunchKernel(
-                f,
-                grid.0,
-                grid.1,
-                1,
-                block,
-                1,
-                1,
-                shared,
-                self.stream.as_inner(),
-                ptrs.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        check(r, &format!("launching {name}"))
+        self.timed(name, || {
+            // SAFETY: the argument list matches the kernel's signature in ptx/mamba2.cu (each launch
+            // site mirrors it); every slot outlives the call.
+            let r = unsafe {
+                cu::cuLaunchKernel(
+                    f,
+                    grid.0,
+                    grid.1,
+                    1,
+                    block,
+                    1,
+                    1,
+                    shared,
+                    self.stream.as_inner(),
+                    ptrs.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            };
+            check(r, &format!("launching {name}"))
+        })
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -187,7 +199,10 @@ impl Gpu {
         let mode = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         // SAFETY: a live stream of this context; the capture is ended below on every path.
         check(unsafe { cu::cuStreamBeginCapture_v2(s, mode) }, "beginning a graph capture")?;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.prof.paused.store(true, Relaxed);
         let issued = ops();
+        self.prof.paused.store(false, Relaxed);
         let mut graph: cu::CUgraph = std::ptr::null_mut();
         // SAFETY: ends the capture begun above and writes one graph handle.
         let ended = check(unsafe { cu::cuStreamEndCapture(s, &mut graph) }, "ending a graph capture");
@@ -205,8 +220,10 @@ impl Gpu {
     }
 
     pub fn launch_graph(&self, g: &Graph) -> Result<()> {
-        // SAFETY: an instantiated graph of this context, launched on its stream.
-        check(unsafe { cu::cuGraphLaunch(g.exec, self.stream.as_inner()) }, "launching a graph")
+        self.timed("graph replay", || {
+            // SAFETY: an instantiated graph of this context, launched on its stream.
+            check(unsafe { cu::cuGraphLaunch(g.exec, self.stream.as_inner()) }, "launching a graph")
+        })
     }
 
     /// Free and total device memory, bytes.

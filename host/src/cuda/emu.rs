@@ -2,7 +2,7 @@
 //! addresses stand in for device pointers, kernels run from the same `ptx/*.cu` source compiled as
 //! C++ (`ptx/emu/`), and cuBLAS is its documented column-major GemmEx (`cublas.rs`). The launch
 //! sequence in `mamba2.rs` is the real one, argument slots included.
-use super::{Arg, Blas, KERNELS};
+use super::{Arg, Blas, Profile, KERNELS};
 use anyhow::{bail, Result};
 use std::ffi::{c_char, c_void, CString};
 
@@ -73,11 +73,12 @@ pub struct Graph;
 pub struct Gpu {
     pub blas: Blas,
     pub name: String,
+    pub prof: Profile,
 }
 
 impl Gpu {
     pub fn new() -> Result<Gpu> {
-        Ok(Gpu { blas: Blas::emulated(), name: "cuda-emu (CPU)".into() })
+        Ok(Gpu { blas: Blas::emulated(), name: "cuda-emu (CPU)".into(), prof: Profile::from_env() })
     }
 
     pub fn launch(&self, name: &'static str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<()> {
@@ -93,12 +94,14 @@ impl Gpu {
         let mut slots: Vec<[u8; 8]> = args.iter().map(|a| a.slot()).collect();
         let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s.as_mut_ptr() as *mut c_void).collect();
         let cname = CString::new(name)?;
-        // SAFETY: as on the real path, the slots match the kernel's parameters and outlive the call.
-        let r = unsafe { emu_launch(cname.as_ptr(), grid.0, grid.1, block, shared, ptrs.as_mut_ptr()) };
-        if r != 0 {
-            bail!("CUDA: launching {name} failed (emulator)");
-        }
-        Ok(())
+        self.timed(name, || {
+            // SAFETY: as on the real path, the slots match the kernel's parameters and outlive the call.
+            let r = unsafe { emu_launch(cname.as_ptr(), grid.0, grid.1, block, shared, ptrs.as_mut_ptr()) };
+            if r != 0 {
+                bail!("CUDA: launching {name} failed (emulator)");
+            }
+            Ok(())
+        })
     }
 
     pub fn sync(&self) -> Result<()> {

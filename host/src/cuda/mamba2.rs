@@ -406,7 +406,9 @@ impl GpuMamba2 {
                 0,
                 &[Arg::Ptr(self.x.ptr()), Arg::Ptr(l.norm.ptr()), Arg::Ptr(self.h.ptr()), i(d), Arg::F32(c.eps)],
             )?;
-            gpu.blas.gemm_nt(self.dt, t, nin, d, self.h.ptr(), l.in_proj.ptr(), self.zx.ptr(), 0.0)?;
+            gpu.timed("gemm in_proj", || {
+                gpu.blas.gemm_nt(self.dt, t, nin, d, self.h.ptr(), l.in_proj.ptr(), self.zx.ptr(), 0.0)
+            })?;
             if let Some(b) = &l.in_bias {
                 gpu.launch_n(
                     "add_bias",
@@ -534,7 +536,9 @@ impl GpuMamba2 {
                     Arg::F32(c.eps),
                 ],
             )?;
-            gpu.blas.gemm_nt(self.dt, t, d, di, self.h.ptr(), l.out_proj.ptr(), self.x.ptr(), 1.0)?;
+            gpu.timed("gemm out_proj", || {
+                gpu.blas.gemm_nt(self.dt, t, d, di, self.h.ptr(), l.out_proj.ptr(), self.x.ptr(), 1.0)
+            })?;
             if let Some(b) = &l.out_bias {
                 gpu.launch_n(
                     "add_bias",
@@ -596,14 +600,16 @@ impl GpuMamba2 {
         )?;
         for gi in 0..g {
             let (bo, co) = (di + gi * n, di + g * n + gi * n);
-            gpu.blas.gemm_nt_batched(
-                (q, q, n),
-                (self.u.at(co * 4), self.u.at(bo * 4), self.cb.at(gi * q * q * 4)),
-                [cd, cd, q],
-                [q * cd, q * cd, g * q * q],
-                nb,
-                !exact,
-            )?;
+            gpu.timed("gemm C·Bᵀ", || {
+                gpu.blas.gemm_nt_batched(
+                    (q, q, n),
+                    (self.u.at(co * 4), self.u.at(bo * 4), self.cb.at(gi * q * q * 4)),
+                    [cd, cd, q],
+                    [q * cd, q * cd, g * q * q],
+                    nb,
+                    !exact,
+                )
+            })?;
         }
         let shape = [i(t), i(nh), i(p), i(n), i(g), i(cd), i(di)];
         let (pp, nw) = ssd_tiles(p, n);
@@ -641,7 +647,8 @@ impl GpuMamba2 {
     fn head_rows(&self, first: usize, count: usize) -> Result<()> {
         let (d, v) = (self.cfg.d_model, self.cfg.vocab_rows);
         let x = self.hidden.at(first * d * self.dt.size());
-        self.gpu.blas.gemm_nt(self.dt, count, v, d, x, self.head_ptr(), self.logits.ptr(), 0.0)
+        let gpu = &self.gpu;
+        gpu.timed("gemm lm_head", || gpu.blas.gemm_nt(self.dt, count, v, d, x, self.head_ptr(), self.logits.ptr(), 0.0))
     }
 
     /// Feeds `tokens` (in pieces of at most `chunk`) and returns the NLL of every token that has a

@@ -71,7 +71,55 @@ pub(crate) const KERNELS: &[&str] = &[
     "count_nonfinite",
 ];
 
+/// One profiled op: (name, calls, seconds).
+pub type ProfileRow = (&'static str, u64, f64);
+
+/// `STUFFED_PROFILE=1`: every launch, GEMM and graph replay runs alone (a sync before and after) and
+/// its wall time is summed per name, for the per-kernel breakdown `stuffed bench` prints. Off, it
+/// costs nothing.
+pub struct Profile {
+    rows: Option<std::sync::Mutex<Vec<ProfileRow>>>,
+    /// Set while a graph is captured: nothing may sync the stream then.
+    pub paused: std::sync::atomic::AtomicBool,
+}
+
+impl Profile {
+    pub fn from_env() -> Profile {
+        let on = std::env::var_os("STUFFED_PROFILE").filter(|v| !v.is_empty() && v != "0");
+        Profile { rows: on.map(|_| Default::default()), paused: false.into() }
+    }
+
+    /// (name, calls, seconds) since the last take, slowest first; None when profiling is off.
+    pub fn take(&self) -> Option<Vec<ProfileRow>> {
+        let mut rows = std::mem::take(&mut *self.rows.as_ref()?.lock().ok()?);
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        Some(rows)
+    }
+}
+
 impl Gpu {
+    /// Runs `f` (work issued on the stream), timed under `name` when profiling.
+    pub fn timed(&self, name: &'static str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+        let Some(m) = &self.prof.rows else { return f() };
+        if self.prof.paused.load(std::sync::atomic::Ordering::Relaxed) {
+            return f();
+        }
+        self.sync()?;
+        let t0 = std::time::Instant::now();
+        f()?;
+        self.sync()?;
+        let dt = t0.elapsed().as_secs_f64();
+        let mut rows = m.lock().map_err(|_| anyhow::anyhow!("profile lock poisoned"))?;
+        match rows.iter_mut().find(|r| r.0 == name) {
+            Some(r) => {
+                r.1 += 1;
+                r.2 += dt;
+            }
+            None => rows.push((name, 1, dt)),
+        }
+        Ok(())
+    }
+
     /// A 1-D launch covering `n` elements with 256-thread blocks.
     pub fn launch_n(&self, name: &'static str, n: usize, args: &[Arg]) -> anyhow::Result<()> {
         self.launch(name, (n.div_ceil(256) as u32, 1), 256, 0, args)
