@@ -381,13 +381,9 @@ impl GpuMamba2 {
     /// stream only (no host transfers), so a decode step can be captured as a graph.
     fn run(&self, tok: u64, t: usize, probe: Option<&DBuf>) -> Result<()> {
         let c = self.cfg;
-        let (d, di, nh, p, n, g, k) = (c.d_model, c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups, c.d_conv);
-        let (cd, nin, gn) = (c.conv_dim(), c.in_proj_rows(), c.n_groups * c.d_state);
-        let (la, b_scale, dt_scale) = match self.forget {
-            Forget::Rri { a, b } => (a.ln(), b, 1.0),
-            Forget::Dt { c } => (0.0, 1.0, c),
-            _ => (0.0, 1.0, 1.0),
-        };
+        let (d, di, nh, p, n, g) = (c.d_model, c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups);
+        let (cd, nin) = (c.conv_dim(), c.in_proj_rows());
+        let (la, _, _) = self.forget_params();
         let gpu = &self.gpu;
         let bf = self.dt == DType::Bf16;
         let embed = if bf { "embed_bf16" } else { "embed_f32" };
@@ -416,95 +412,7 @@ impl GpuMamba2 {
                     &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(nin)],
                 )?;
             }
-            let cb = l.conv_b.as_ref().map_or(0, |b| b.ptr());
-            if t == 1 {
-                // Decode: conv, history shift and Δ in one kernel, then the recurrent SSD step.
-                gpu.launch_n(
-                    "conv_step",
-                    cd + nh,
-                    &[
-                        Arg::Ptr(self.zx.ptr()),
-                        Arg::Ptr(cs),
-                        Arg::Ptr(l.conv_w.ptr()),
-                        Arg::Ptr(cb),
-                        Arg::Ptr(self.u.ptr()),
-                        Arg::Ptr(l.dt_bias.ptr()),
-                        Arg::Ptr(self.dtb.ptr()),
-                        i(nin),
-                        i(di),
-                        i(cd),
-                        i(k),
-                        i(gn),
-                        i(nh),
-                        Arg::F32(b_scale),
-                        Arg::F32(c.dt_min),
-                        Arg::F32(c.dt_max),
-                        Arg::F32(dt_scale),
-                    ],
-                )?;
-                gpu.launch(
-                    "ssd_step",
-                    (nh as u32, 1),
-                    256,
-                    0,
-                    &[
-                        Arg::Ptr(self.u.ptr()),
-                        Arg::Ptr(self.dtb.ptr()),
-                        Arg::Ptr(l.a_log.ptr()),
-                        Arg::Ptr(ssm),
-                        Arg::Ptr(l.d.ptr()),
-                        Arg::I32(l.d_per_channel as i32),
-                        Arg::Ptr(self.y.ptr()),
-                        i(nh),
-                        i(p),
-                        i(n),
-                        i(g),
-                        i(di),
-                        Arg::F32(la),
-                    ],
-                )?;
-            } else {
-                // conv + SiLU with the carried history, then the new history
-                gpu.launch_n(
-                    "conv_silu",
-                    t * cd,
-                    &[
-                        Arg::Ptr(self.zx.ptr()),
-                        Arg::Ptr(cs),
-                        Arg::Ptr(l.conv_w.ptr()),
-                        Arg::Ptr(cb),
-                        Arg::Ptr(self.u.ptr()),
-                        i(t),
-                        i(nin),
-                        i(di),
-                        i(cd),
-                        i(k),
-                        i(gn),
-                        Arg::F32(b_scale),
-                    ],
-                )?;
-                gpu.launch_n(
-                    "conv_state_update",
-                    cd,
-                    &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(cs), i(t), i(nin), i(di), i(cd), i(k)],
-                )?;
-                gpu.launch_n(
-                    "dt_softplus",
-                    t * nh,
-                    &[
-                        Arg::Ptr(self.zx.ptr()),
-                        Arg::Ptr(l.dt_bias.ptr()),
-                        Arg::Ptr(self.dtb.ptr()),
-                        i(t),
-                        i(nin),
-                        i(nh),
-                        Arg::F32(c.dt_min),
-                        Arg::F32(c.dt_max),
-                        Arg::F32(dt_scale),
-                    ],
-                )?;
-                self.ssd_chunked(t, l, ssm, la)?;
-            }
+            self.mixer(t, l, cs, ssm)?;
             if let Forget::Window { r } = self.forget {
                 self.window(li, t, r, l, la)?;
             }
@@ -559,6 +467,115 @@ impl GpuMamba2 {
             0,
             &[Arg::Ptr(self.x.ptr()), Arg::Ptr(self.norm_f.ptr()), Arg::Ptr(row1), i(d), Arg::F32(c.eps)],
         )
+    }
+
+    /// One layer's conv, Δ and SSD over `t` tokens (zx → u, dtb → y), from and into its conv state
+    /// `cs` and SSM state `ssm`: the recurrent step for one token, the chunked SSD otherwise.
+    fn mixer(&self, t: usize, l: &Layer, cs: u64, ssm: u64) -> Result<()> {
+        let c = self.cfg;
+        let (di, nh, p, n, g, k) = (c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups, c.d_conv);
+        let (cd, nin, gn) = (c.conv_dim(), c.in_proj_rows(), c.n_groups * c.d_state);
+        let (la, b_scale, dt_scale) = self.forget_params();
+        let gpu = &self.gpu;
+        let cb = l.conv_b.as_ref().map_or(0, |b| b.ptr());
+        if t == 1 {
+            // Decode: conv, history shift and Δ in one kernel, then the recurrent SSD step.
+            gpu.launch_n(
+                "conv_step",
+                cd + nh,
+                &[
+                    Arg::Ptr(self.zx.ptr()),
+                    Arg::Ptr(cs),
+                    Arg::Ptr(l.conv_w.ptr()),
+                    Arg::Ptr(cb),
+                    Arg::Ptr(self.u.ptr()),
+                    Arg::Ptr(l.dt_bias.ptr()),
+                    Arg::Ptr(self.dtb.ptr()),
+                    i(nin),
+                    i(di),
+                    i(cd),
+                    i(k),
+                    i(gn),
+                    i(nh),
+                    Arg::F32(b_scale),
+                    Arg::F32(c.dt_min),
+                    Arg::F32(c.dt_max),
+                    Arg::F32(dt_scale),
+                ],
+            )?;
+            gpu.launch(
+                "ssd_step",
+                (nh as u32, 1),
+                256,
+                0,
+                &[
+                    Arg::Ptr(self.u.ptr()),
+                    Arg::Ptr(self.dtb.ptr()),
+                    Arg::Ptr(l.a_log.ptr()),
+                    Arg::Ptr(ssm),
+                    Arg::Ptr(l.d.ptr()),
+                    Arg::I32(l.d_per_channel as i32),
+                    Arg::Ptr(self.y.ptr()),
+                    i(nh),
+                    i(p),
+                    i(n),
+                    i(g),
+                    i(di),
+                    Arg::F32(la),
+                ],
+            )?;
+        } else {
+            // conv + SiLU with the carried history, then the new history
+            gpu.launch_n(
+                "conv_silu",
+                t * cd,
+                &[
+                    Arg::Ptr(self.zx.ptr()),
+                    Arg::Ptr(cs),
+                    Arg::Ptr(l.conv_w.ptr()),
+                    Arg::Ptr(cb),
+                    Arg::Ptr(self.u.ptr()),
+                    i(t),
+                    i(nin),
+                    i(di),
+                    i(cd),
+                    i(k),
+                    i(gn),
+                    Arg::F32(b_scale),
+                ],
+            )?;
+            gpu.launch_n(
+                "conv_state_update",
+                cd,
+                &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(cs), i(t), i(nin), i(di), i(cd), i(k)],
+            )?;
+            gpu.launch_n(
+                "dt_softplus",
+                t * nh,
+                &[
+                    Arg::Ptr(self.zx.ptr()),
+                    Arg::Ptr(l.dt_bias.ptr()),
+                    Arg::Ptr(self.dtb.ptr()),
+                    i(t),
+                    i(nin),
+                    i(nh),
+                    Arg::F32(c.dt_min),
+                    Arg::F32(c.dt_max),
+                    Arg::F32(dt_scale),
+                ],
+            )?;
+            self.ssd_chunked(t, l, ssm, la)?;
+        }
+        Ok(())
+    }
+
+    /// (log a per token, B scale, Δ scale) of RRI and Δ scaling; neutral otherwise.
+    fn forget_params(&self) -> (f32, f32, f32) {
+        match self.forget {
+            Forget::Rri { a, b } => (a.ln(), b, 1.0),
+            Forget::Dt { c } => (0.0, 1.0, c),
+            _ => (0.0, 1.0, 1.0),
+        }
     }
 
     /// Window forgetting of layer `li` after its SSD wrote `y` (`Mamba2::window`): the lagged state
