@@ -4,7 +4,7 @@
 // threads of the block); `__shared__` statics are shared because blocks run one at a time.
 // WMMA fragments hold their whole tile and lane 0 of each warp does the warp's load/mma/store (kernels
 // must not touch fragment elements); loads and stores check the hardware's alignment rules.
-// Not emulated: the PTX compiler, timing, and races the barriers do not expose.
+// Not emulated: the PTX compiler, timing, and races that neither thread order (forward, backward) exposes.
 #pragma once
 #define CUDA_EMU
 #include <algorithm>

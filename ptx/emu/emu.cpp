@@ -10,7 +10,7 @@
 #include <vector>
 
 // Threads of a block are fibers on one OS thread: each runs until its next __syncthreads (or the end
-// of its block), round-robin, so every thread reaches barrier k before any passes it. Fibers start
+// of its block), in rounds, so every thread reaches barrier k before any passes it. Fibers start
 // with makecontext/setcontext once per launch and then switch with _setjmp/_longjmp (no system calls);
 // each fiber walks all blocks of the launch, yielding at the end of each.
 #include <csetjmp>
@@ -78,9 +78,13 @@ static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const
     }
     for (unsigned b = 0; b < g_nblocks; b++) {
         emu_blockIdx = dim3{b % gx, b / gx, 0};
-        for (bool left = true; left;) {
-            left = false;
-            for (unsigned t = 0; t < block; t++) {
+        // Between barriers the threads run in turn, forward in one round and backward in the next
+        // (starting direction alternating by block), so a read of another thread's write that lacks
+        // a barrier sees stale data in one of the two orders and the tests catch it.
+        for (unsigned round = b; true; round++) {
+            bool left = false;
+            for (unsigned i = 0; i < block; i++) {
+                unsigned t = round % 2 ? block - 1 - i : i;
                 if (g_blk[t] != b) continue;
                 g_cur = t;
                 emu_threadIdx = dim3{t, 0, 0};
@@ -93,6 +97,7 @@ static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const
                 }
                 left |= g_blk[t] == b;
             }
+            if (!left) break;
         }
     }
 }
