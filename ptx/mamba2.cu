@@ -90,26 +90,34 @@ extern "C" __global__ void add_bias(float* y, const float* b, long rows, int n) 
 }
 
 // ---- causal depthwise conv + SiLU (Mamba2::conv) ----------------------------------------------------
-// u (T, cd) = silu(bias + Σ_j w[ch, j] · in[t − (k−1) + j]) over xBC = zx[:, di .. di + cd], reading
-// inputs before the call from cs (k−1, cd), oldest first. Channels di .. di + gn (B) are then scaled by
-// b_scale (RRI's b; 1 otherwise).
-extern "C" __global__ void conv_silu(const float* zx, const float* cs, const float* cw, const float* cb, float* u,
-                                     int T, int nin, int di, int cd, int k, int gn, float b_scale) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i >= (long)T * cd) return;
-    int t = (int)(i / cd), ch = (int)(i % cd);
+// silu(bias + Σ_j w[ch, j] · in[t − (k−1) + j]) over xBC = zx[:, di .. di + cd] at token t of the call,
+// reading inputs before the call from cs (k−1, cd), oldest first. The SSD kernels call it for the x
+// channels where they read them, so those never go through memory (cb = 0: no bias).
+__device__ __forceinline__ float conv_at(const float* zx, const float* cs, const float* cw, const float* cb, int t,
+                                         int ch, int nin, int di, int cd, int k) {
     float acc = cb ? cb[ch] : 0.0f;
     for (int j = 0; j < k; j++) {
         int tau = t - (k - 1) + j;
         float v = tau < 0 ? cs[(long)(k - 1 + tau) * cd + ch] : zx[(long)tau * nin + di + ch];
         acc += cw[ch * k + j] * v;
     }
-    float s = silu(acc);
-    if (ch >= di && ch < di + gn) s *= b_scale;
-    u[i] = s;
+    return silu(acc);
 }
 
-// The conv history after the call: the last k−1 inputs. One thread per channel walks j upwards, so a
+// u (T, cd), channels c0 .. cd = conv_at; channels di .. di + gn (B) then scaled by b_scale (RRI's b;
+// 1 otherwise). The chunked SSD needs only B and C here (c0 = di); window forgetting and probes read x
+// too (c0 = 0).
+extern "C" __global__ void conv_silu(const float* zx, const float* cs, const float* cw, const float* cb, float* u,
+                                     int T, int nin, int di, int cd, int k, int gn, float b_scale, int c0) {
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= (long)T * (cd - c0)) return;
+    int t = (int)(i / (cd - c0)), ch = c0 + (int)(i % (cd - c0));
+    float s = conv_at(zx, cs, cw, cb, t, ch, nin, di, cd, k);
+    if (ch >= di && ch < di + gn) s *= b_scale;
+    u[(long)t * cd + ch] = s;
+}
+
+// The conv history after the call (after the SSD kernels, which read the old one): the last k−1 inputs. One thread per channel walks j upwards, so a
 // row is read (j + T) before it is overwritten (j).
 extern "C" __global__ void conv_state_update(const float* zx, float* cs, int T, int nin, int di, int cd, int k) {
     int ch = blockIdx.x * blockDim.x + threadIdx.x;
@@ -120,9 +128,15 @@ extern "C" __global__ void conv_state_update(const float* zx, float* cs, int T, 
     }
 }
 
+// Δ = clamp(softplus(raw + dt_bias), lo, hi) · scale (Δ scaling's c; 1 otherwise).
+__device__ __forceinline__ float delta(float raw, float lo, float hi, float scale) {
+    float sp = raw > 20.0f ? raw : log1pf(expf(raw));
+    return fminf(fmaxf(sp, lo), hi) * scale;
+}
+
 // One token (decode; Mamba2::step's conv and Δ): threads ch < cd do conv_silu and conv_state_update
-// for T = 1 in one pass (each channel reads its history before shifting it); threads cd + h do
-// dt_softplus for head h.
+// for T = 1 in one pass (each channel reads its history before shifting it); threads cd + h do Δ of
+// head h.
 extern "C" __global__ void conv_step(const float* zx, float* cs, const float* cw, const float* cb, float* u,
                                      const float* dt_bias, float* dt, int nin, int di, int cd, int k, int gn, int H,
                                      float b_scale, float lo, float hi, float scale) {
@@ -130,9 +144,7 @@ extern "C" __global__ void conv_step(const float* zx, float* cs, const float* cw
     if (i >= cd + H) return;
     if (i >= cd) {
         int h = i - cd;
-        float r = zx[nin - H + h] + dt_bias[h];
-        float sp = r > 20.0f ? r : log1pf(expf(r));
-        dt[h] = fminf(fmaxf(sp, lo), hi) * scale;
+        dt[h] = delta(zx[nin - H + h] + dt_bias[h], lo, hi, scale);
         return;
     }
     float in = zx[di + i], acc = cb ? cb[i] : 0.0f;
@@ -148,26 +160,16 @@ extern "C" __global__ void conv_step(const float* zx, float* cs, const float* cw
     u[i] = s;
 }
 
-// ---- Δ (Mamba2::layer) -------------------------------------------------------------------------------
-// dt (T, H) = clamp(softplus(zx[:, nin − H + h] + dt_bias[h]), lo, hi) · scale (Δ scaling's c).
-extern "C" __global__ void dt_softplus(const float* zx, const float* dt_bias, float* dt, int T, int nin, int H,
-                                       float lo, float hi, float scale) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i >= (long)T * H) return;
-    int t = (int)(i / H), h = (int)(i % H);
-    float r = zx[(long)t * nin + nin - H + h] + dt_bias[h];
-    float sp = r > 20.0f ? r : log1pf(expf(r));
-    dt[i] = fminf(fmaxf(sp, lo), hi) * scale;
-}
-
 // ---- SSD, chunked (Mamba2::ssm_chunked / ssd_head) -----------------------------------------------
 // The GPU's SSD block is Q = 256 tokens (the core's is 64; the math is exact for any block): 4× fewer
 // block states to write, pass and read, which is the SSD's memory traffic. The three contractions
 // (block state, C·S_in, M·x) run on tensor cores in TF32 (bf16 models) or 3xTF32 (`exact`, f32
 // models: hi·hi + hi·lo + lo·hi, ≈ f32 accuracy); C·Bᵀ comes from cuBLAS; state passing is f32.
 
-// cum (T, H): inclusive cumulative log decay Σ (dt·A + la) within each block of Q tokens.
-extern "C" __global__ void ssd_cumsum(const float* dt, const float* a_log, float* cum, int T, int H, float la) {
+// Δ (Mamba2::layer): dt (T, H) = delta(zx[:, nin − H + h] + dt_bias[h]); and cum (T, H): the
+// inclusive cumulative log decay Σ (dt·A + la) within each block of Q tokens. One thread per (block, head).
+extern "C" __global__ void ssd_cumsum(const float* zx, const float* dt_bias, const float* a_log, float* dt, float* cum,
+                                      int T, int nin, int H, float lo, float hi, float scale, float la) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     int nb = (T + Q - 1) / Q;
     if (i >= nb * H) return;
@@ -175,7 +177,9 @@ extern "C" __global__ void ssd_cumsum(const float* dt, const float* a_log, float
     float a = -expf(a_log[h]), acc = 0.0f;
     int end = min(T, (c + 1) * Q);
     for (int t = c * Q; t < end; t++) {
-        acc += dt[(long)t * H + h] * a + la;
+        float d = delta(zx[(long)t * nin + nin - H + h] + dt_bias[h], lo, hi, scale);
+        dt[(long)t * H + h] = d;
+        acc += d * a + la;
         cum[(long)t * H + h] = acc;
     }
 }
@@ -242,13 +246,15 @@ __device__ __forceinline__ void store_tiles(FragC* acc, float* out, int ldo, int
     }
 }
 
-// st (nb, H, P, N): each block's own contribution Σ_j exp(cum_last − cum_j)·dt_j·x_jᵀ·B_j, columns
+// st (nb, H, P, N): each block's own contribution Σ_j exp(cum_last − cum_j)·dt_j·x_jᵀ·B_j (x from
+// conv_at over zx and the conv history cs, B from u), columns
 // n0 .. n0 + nw of it per CUDA block (nw a multiple of 16, Pp·nw ≤ 8192 and Pp + nw ≤ 256, so shared
 // memory stays ≤ 33 KiB; Pp = P rounded up to 16).
 // Grid (H·⌈N/nw⌉, nb): the heads of one block run together and share its B in L2. 256 threads;
 // dynamic shared memory (Q + max(2·KS·(Pp + nw), Pp·nw)) floats.
-extern "C" __global__ void ssd_chunk_state(const float* u, const float* dt, const float* cum, float* st, int T, int H,
-                                           int P, int N, int G, int cd, int di, int nw, int exact) {
+extern "C" __global__ void ssd_chunk_state(const float* u, const float* zx, const float* cs, const float* cw,
+                                           const float* cb, const float* dt, const float* cum, float* st, int T, int H,
+                                           int P, int N, int G, int cd, int di, int nin, int k, int nw, int exact) {
     DYN_SMEM(sm);
     int ns = (N + nw - 1) / nw;
     int c = blockIdx.y, h = blockIdx.x / ns, n0 = blockIdx.x % ns * nw, t0 = c * Q, len = min(Q, T - t0), g = h / (H / G);
@@ -268,7 +274,8 @@ extern "C" __global__ void ssd_chunk_state(const float* u, const float* dt, cons
         __syncthreads();
         for (int e = threadIdx.x; e < KS * Pp; e += blockDim.x) {
             int j = j0 + e / Pp, p = e % Pp;
-            split_tf32(j < len && p < P ? w[j] * ub[(long)j * cd + h * P + p] : 0.0f, ah + e, al + e);
+            float wx = j < len && p < P ? w[j] * conv_at(zx, cs, cw, cb, t0 + j, h * P + p, nin, di, cd, k) : 0.0f;
+            split_tf32(wx, ah + e, al + e);
         }
         for (int e = threadIdx.x; e < KS * nw; e += blockDim.x) {
             int j = j0 + e / nw, n = n0 + e % nw;
@@ -304,15 +311,16 @@ extern "C" __global__ void ssd_state_pass(float* st, const float* cum, float* ss
     ssm[e] = s;
 }
 
-// y (T, di), head h's P columns, rows i0 .. i0 + ti of block c (ti = 64, 128 or 256 with ti·Pp ≤ 8192,
+// y (T, di), head h's P columns (x from conv_at over zx and cs, C from u), rows i0 .. i0 + ti of block c (ti = 64, 128 or 256 with ti·Pp ≤ 8192,
 // so each block state is read by at most Q/ti blocks): y_i = exp(cum_i)·(C_i·S_inᵀ) +
 // Σ_{j≤i} M_ij·x_j + D·x_i with M_ij = (C_i·B_j)·exp(cum_i − cum_j)·dt_j, S_in = st[c] (after
 // ssd_state_pass) and C·Bᵀ from cb (nb, G, Q, Q). D is (H) or, when d_per_channel, (di).
 // Grid (H, nb·Q/ti): the heads of one block run together and share C, B and C·Bᵀ in L2. 256 threads;
 // dynamic shared memory (2·Q + max(2·KS·(ti + Pp), ti·Pp)) floats.
-extern "C" __global__ void ssd_chunk_scan(const float* u, const float* dt, const float* cum, const float* st,
+extern "C" __global__ void ssd_chunk_scan(const float* u, const float* zx, const float* cs, const float* cw,
+                                          const float* cbias, const float* dt, const float* cum, const float* st,
                                           const float* cb, const float* D, int d_per_channel, float* y, int T, int H,
-                                          int P, int N, int G, int cd, int di, int ti, int exact) {
+                                          int P, int N, int G, int cd, int di, int nin, int k, int ti, int exact) {
     DYN_SMEM(sm);
     int c = blockIdx.y / (Q / ti), i0 = blockIdx.y % (Q / ti) * ti, h = blockIdx.x;
     int t0 = c * Q, len = min(Q, T - t0);
@@ -358,7 +366,8 @@ extern "C" __global__ void ssd_chunk_scan(const float* u, const float* dt, const
         }
         for (int e = threadIdx.x; e < KS * Pp; e += blockDim.x) {
             int j = j0 + e / Pp, p = e % Pp;
-            split_tf32(j < len && p < P ? ub[(long)j * cd + h * P + p] : 0.0f, bh + e, bl + e);
+            split_tf32(j < len && p < P ? conv_at(zx, cs, cw, cbias, t0 + j, h * P + p, nin, di, cd, k) : 0.0f, bh + e,
+                       bl + e);
         }
         __syncthreads();
         mma_slice<RowA, 4>(acc, ah, al, KS, bh, bl, Pp, tiles, tcols, exact);
@@ -369,7 +378,8 @@ extern "C" __global__ void ssd_chunk_scan(const float* u, const float* dt, const
     for (int e = threadIdx.x; e < rows * P; e += blockDim.x) {
         int r = e / P, p = e % P, i = i0 + r;
         float dv = d_per_channel ? D[h * P + p] : D[h];
-        y[(long)(t0 + i) * di + h * P + p] = out[r * Pp + p] + dv * ub[(long)i * cd + h * P + p];
+        float x = conv_at(zx, cs, cw, cbias, t0 + i, h * P + p, nin, di, cd, k);
+        y[(long)(t0 + i) * di + h * P + p] = out[r * Pp + p] + dv * x;
     }
 }
 

@@ -119,7 +119,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     else if (n == "conv_silu")
         f = [&] {
             conv_silu(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, float*), A(5, int),
-                      A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, float));
+                      A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, float), A(12, int));
         };
     else if (n == "conv_state_update")
         f = [&] { conv_state_update(A(0, const float*), A(1, float*), A(2, int), A(3, int), A(4, int), A(5, int), A(6, int)); };
@@ -129,25 +129,25 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
                       A(6, float*), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int), A(13, float),
                       A(14, float), A(15, float), A(16, float));
         };
-    else if (n == "dt_softplus")
-        f = [&] {
-            dt_softplus(A(0, const float*), A(1, const float*), A(2, float*), A(3, int), A(4, int), A(5, int), A(6, float),
-                        A(7, float), A(8, float));
-        };
     else if (n == "ssd_cumsum")
-        f = [&] { ssd_cumsum(A(0, const float*), A(1, const float*), A(2, float*), A(3, int), A(4, int), A(5, float)); };
+        f = [&] {
+            ssd_cumsum(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, float*), A(5, int),
+                       A(6, int), A(7, int), A(8, float), A(9, float), A(10, float), A(11, float));
+        };
     else if (n == "ssd_chunk_state")
         f = [&] {
-            ssd_chunk_state(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, int), A(5, int),
-                            A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int));
+            ssd_chunk_state(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, const float*),
+                            A(5, const float*), A(6, const float*), A(7, float*), A(8, int), A(9, int), A(10, int), A(11, int),
+                            A(12, int), A(13, int), A(14, int), A(15, int), A(16, int), A(17, int), A(18, int));
         };
     else if (n == "ssd_state_pass")
         f = [&] { ssd_state_pass(A(0, float*), A(1, const float*), A(2, float*), A(3, int), A(4, int), A(5, int)); };
     else if (n == "ssd_chunk_scan")
         f = [&] {
             ssd_chunk_scan(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, const float*),
-                           A(5, const float*), A(6, int), A(7, float*), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int),
-                           A(13, int), A(14, int), A(15, int), A(16, int));
+                           A(5, const float*), A(6, const float*), A(7, const float*), A(8, const float*), A(9, const float*),
+                           A(10, int), A(11, float*), A(12, int), A(13, int), A(14, int), A(15, int), A(16, int), A(17, int),
+                           A(18, int), A(19, int), A(20, int), A(21, int), A(22, int));
         };
     else if (n == "ssd_step")
         f = [&] {

@@ -412,7 +412,9 @@ impl GpuMamba2 {
                     &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(nin)],
                 )?;
             }
-            self.mixer(t, l, cs, ssm)?;
+            // Window forgetting and probes read x from u; the chunked SSD computes it where it reads it.
+            let full_u = probe.is_some() || matches!(self.forget, Forget::Window { .. });
+            self.mixer(t, l, cs, ssm, full_u)?;
             if let Forget::Window { r } = self.forget {
                 self.window(li, t, r, l, la)?;
             }
@@ -470,8 +472,9 @@ impl GpuMamba2 {
     }
 
     /// One layer's conv, Δ and SSD over `t` tokens (zx → u, dtb → y), from and into its conv state
-    /// `cs` and SSM state `ssm`: the recurrent step for one token, the chunked SSD otherwise.
-    fn mixer(&self, t: usize, l: &Layer, cs: u64, ssm: u64) -> Result<()> {
+    /// `cs` and SSM state `ssm`: the recurrent step for one token, the chunked SSD otherwise (which
+    /// writes only u's B and C channels unless `full_u`).
+    fn mixer(&self, t: usize, l: &Layer, cs: u64, ssm: u64, full_u: bool) -> Result<()> {
         let c = self.cfg;
         let (di, nh, p, n, g, k) = (c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups, c.d_conv);
         let (cd, nin, gn) = (c.conv_dim(), c.in_proj_rows(), c.n_groups * c.d_state);
@@ -525,10 +528,11 @@ impl GpuMamba2 {
                 ],
             )?;
         } else {
-            // conv + SiLU with the carried history, then the new history
+            // conv + SiLU with the carried history; the SSD; then the new history
+            let c0 = if full_u { 0 } else { di };
             gpu.launch_n(
                 "conv_silu",
-                t * cd,
+                t * (cd - c0),
                 &[
                     Arg::Ptr(self.zx.ptr()),
                     Arg::Ptr(cs),
@@ -542,29 +546,15 @@ impl GpuMamba2 {
                     i(k),
                     i(gn),
                     Arg::F32(b_scale),
+                    i(c0),
                 ],
             )?;
+            self.ssd_chunked(t, l, cs, ssm)?;
             gpu.launch_n(
                 "conv_state_update",
                 cd,
                 &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(cs), i(t), i(nin), i(di), i(cd), i(k)],
             )?;
-            gpu.launch_n(
-                "dt_softplus",
-                t * nh,
-                &[
-                    Arg::Ptr(self.zx.ptr()),
-                    Arg::Ptr(l.dt_bias.ptr()),
-                    Arg::Ptr(self.dtb.ptr()),
-                    i(t),
-                    i(nin),
-                    i(nh),
-                    Arg::F32(c.dt_min),
-                    Arg::F32(c.dt_max),
-                    Arg::F32(dt_scale),
-                ],
-            )?;
-            self.ssd_chunked(t, l, ssm, la)?;
         }
         Ok(())
     }
@@ -602,18 +592,33 @@ impl GpuMamba2 {
         self.gpu.launch_n("window_store", t * slot, &args)
     }
 
-    /// The chunked SSD of one layer over `t` tokens (Δ in `dtb`, conv output in `u`): cumulative
-    /// decay, C·Bᵀ per block (cuBLAS), block states, state passing from `ssm` (updated), outputs into `y`.
-    fn ssd_chunked(&self, t: usize, l: &Layer, ssm: u64, la: f32) -> Result<()> {
+    /// The chunked SSD of one layer over `t` tokens (B, C in `u`; x from `zx` and the conv history
+    /// `cs`): Δ into `dtb` and its cumulative decay, C·Bᵀ per block (cuBLAS), block states, state
+    /// passing from `ssm` (updated), outputs into `y`.
+    fn ssd_chunked(&self, t: usize, l: &Layer, cs: u64, ssm: u64) -> Result<()> {
         let c = self.cfg;
         let (di, nh, p, n, g) = (c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups);
-        let (cd, nb, q, gpu) = (c.conv_dim(), Self::nb(t), GPU_Q, &self.gpu);
+        let (cd, nin, nb, q, gpu) = (c.conv_dim(), c.in_proj_rows(), Self::nb(t), GPU_Q, &self.gpu);
+        let (la, _, dt_scale) = self.forget_params();
         // 3xTF32 keeps f32 models at f32 accuracy; bf16 models take plain TF32.
         let exact = self.dt == DType::F32;
         gpu.launch_n(
             "ssd_cumsum",
             nb * nh,
-            &[Arg::Ptr(self.dtb.ptr()), Arg::Ptr(l.a_log.ptr()), Arg::Ptr(self.cum.ptr()), i(t), i(nh), Arg::F32(la)],
+            &[
+                Arg::Ptr(self.zx.ptr()),
+                Arg::Ptr(l.dt_bias.ptr()),
+                Arg::Ptr(l.a_log.ptr()),
+                Arg::Ptr(self.dtb.ptr()),
+                Arg::Ptr(self.cum.ptr()),
+                i(t),
+                i(nin),
+                i(nh),
+                Arg::F32(c.dt_min),
+                Arg::F32(c.dt_max),
+                Arg::F32(dt_scale),
+                Arg::F32(la),
+            ],
         )?;
         for gi in 0..g {
             let (bo, co) = (di + gi * n, di + g * n + gi * n);
@@ -628,10 +633,18 @@ impl GpuMamba2 {
                 )
             })?;
         }
-        let shape = [i(t), i(nh), i(p), i(n), i(g), i(cd), i(di)];
+        let shape = [i(t), i(nh), i(p), i(n), i(g), i(cd), i(di), i(nin), i(c.d_conv)];
+        // u's B and C, and what conv_at needs for x
+        let conv = [
+            Arg::Ptr(self.u.ptr()),
+            Arg::Ptr(self.zx.ptr()),
+            Arg::Ptr(cs),
+            Arg::Ptr(l.conv_w.ptr()),
+            Arg::Ptr(l.conv_b.as_ref().map_or(0, |b| b.ptr())),
+        ];
         let (pp, nw) = ssd_tiles(p, n);
-        let mut args =
-            vec![Arg::Ptr(self.u.ptr()), Arg::Ptr(self.dtb.ptr()), Arg::Ptr(self.cum.ptr()), Arg::Ptr(self.st.ptr())];
+        let mut args = conv.to_vec();
+        args.extend([Arg::Ptr(self.dtb.ptr()), Arg::Ptr(self.cum.ptr()), Arg::Ptr(self.st.ptr())]);
         args.extend(shape);
         args.extend([i(nw), Arg::I32(exact as i32)]);
         let smem = (q + (2 * SSD_KS * (pp + nw)).max(pp * nw)) * 4;
@@ -641,8 +654,8 @@ impl GpuMamba2 {
             nh * p * n,
             &[Arg::Ptr(self.st.ptr()), Arg::Ptr(self.cum.ptr()), Arg::Ptr(ssm), i(t), i(nh), i(p * n)],
         )?;
-        let mut args = vec![
-            Arg::Ptr(self.u.ptr()),
+        let mut args = conv.to_vec();
+        args.extend([
             Arg::Ptr(self.dtb.ptr()),
             Arg::Ptr(self.cum.ptr()),
             Arg::Ptr(self.st.ptr()),
@@ -650,7 +663,7 @@ impl GpuMamba2 {
             Arg::Ptr(l.d.ptr()),
             Arg::I32(l.d_per_channel as i32),
             Arg::Ptr(self.y.ptr()),
-        ];
+        ]);
         args.extend(shape);
         // Rows per scan block: as many as fit 32 output tiles, so each block state is read few times.
         let ti = [256, 128, 64].into_iter().find(|&r| r * pp <= 8192).unwrap_or(64);

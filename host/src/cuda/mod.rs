@@ -53,7 +53,6 @@ pub(crate) const KERNELS: &[&str] = &[
     "conv_silu",
     "conv_state_update",
     "conv_step",
-    "dt_softplus",
     "ssd_cumsum",
     "ssd_chunk_state",
     "ssd_state_pass",
