@@ -508,6 +508,99 @@ extern "C" __global__ void gated_norm_f32(const float* y, const float* zx, const
 extern "C" __global__ void gated_norm_bf16(const float* y, const float* zx, const float* w, bf16_t* o, int di, int nin,
                                            int gs, float eps) { gated_norm(y, zx, w, o, di, nin, gs, eps); }
 
+// ---- decode projections (t = 1; Mamba2::layer's norm + in_proj, gated norm + out_proj) ----------------
+// One token's matmuls read each weight once: memory-bound GEMVs. Each CUDA block recomputes the norm
+// of the whole input row into shared memory (a few KB from L2) instead of a separate launch, then its
+// warps take rows rpb·blockIdx.x .. + rpb (rpb a multiple of 8), one row at a time, 16-byte weight loads.
+
+// 16 bytes of weights (8 bf16 or 4 f32) at p, 16-byte aligned.
+__device__ __forceinline__ uint4 load16(const void* p) {
+#ifdef CUDA_EMU
+    return emu_load16(p);
+#else
+    return *(const uint4*)p;
+#endif
+}
+__device__ __forceinline__ float dot16(uint4 v, const float* h, const bf16_t*) {
+    unsigned a[4] = {v.x, v.y, v.z, v.w};
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) s += __uint_as_float(a[i] << 16) * h[2 * i] + __uint_as_float(a[i] & 0xffff0000u) * h[2 * i + 1];
+    return s;
+}
+__device__ __forceinline__ float dot16(uint4 v, const float* h, const float*) {
+    return __uint_as_float(v.x) * h[0] + __uint_as_float(v.y) * h[1] + __uint_as_float(v.z) * h[2] + __uint_as_float(v.w) * h[3];
+}
+
+// out[r] = (accumulate ? out[r] : 0) + W[r, :]·h + bias[r] for this block's rows; W (rows, K) row-major,
+// h (K) f32 in shared memory. Loops are uniform across the block (shuffles).
+template <typename W>
+__device__ void gemv_rows(const W* w, const float* h, const float* bias, float* out, int rows, int K, int accumulate, int rpb) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, per = 16 / (int)sizeof(W);
+    int r1 = min(rows, ((int)blockIdx.x + 1) * rpb);
+    bool vec = K % per == 0;
+    for (int r0 = (int)blockIdx.x * rpb; r0 < r1; r0 += 8) {
+        int r = r0 + warp;
+        float acc = 0.0f;
+        if (r < r1) {
+            const W* wr = w + (long)r * K;
+            if (vec) {
+#pragma unroll 4
+                for (int i = lane; i < K / per; i += 32) acc += dot16(load16(wr + (long)i * per), h + i * per, wr);
+            } else {
+                for (int i = lane; i < K; i += 32) acc += to_f32(wr[i]) * h[i];
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (r < r1 && lane == 0) out[r] = (accumulate ? out[r] : 0.0f) + acc + (bias ? bias[r] : 0.0f);
+    }
+}
+
+// zx (nin) = RMSNorm(x)·nw · W_inᵀ + bias. Dynamic shared memory d floats.
+template <typename W>
+__device__ void decode_in(const float* x, const float* nw, const W* w, const float* bias, float* zx, int d, int nin,
+                          float eps, int rpb) {
+    DYN_SMEM(h);
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) ss += x[c] * x[c];
+    float inv = rsqrtf(block_sum(ss) / d + eps);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) h[c] = x[c] * inv * nw[c];
+    __syncthreads();
+    gemv_rows(w, h, bias, zx, nin, d, 0, rpb);
+}
+extern "C" __global__ void decode_in_f32(const float* x, const float* nw, const float* w, const float* bias, float* zx,
+                                         int d, int nin, float eps, int rpb) { decode_in(x, nw, w, bias, zx, d, nin, eps, rpb); }
+extern "C" __global__ void decode_in_bf16(const float* x, const float* nw, const bf16_t* w, const float* bias, float* zx,
+                                          int d, int nin, float eps, int rpb) { decode_in(x, nw, w, bias, zx, d, nin, eps, rpb); }
+
+// x (d) += GroupRMSNorm(y ⊙ silu(z))·gw · W_outᵀ + bias; z = zx[:di], groups of gs channels. Dynamic
+// shared memory di floats.
+template <typename W>
+__device__ void decode_out(const float* y, const float* zx, const float* gw, const W* w, const float* bias, float* x,
+                           int di, int d, int gs, float eps, int rpb) {
+    DYN_SMEM(h);
+    for (int g0 = 0; g0 < di; g0 += gs) {
+        float ss = 0.0f;
+        for (int c = threadIdx.x; c < gs; c += blockDim.x) {
+            float v = y[g0 + c] * silu(zx[g0 + c]);
+            h[g0 + c] = v;
+            ss += v * v;
+        }
+        float inv = rsqrtf(block_sum(ss) / gs + eps);
+        for (int c = threadIdx.x; c < gs; c += blockDim.x) h[g0 + c] *= inv * gw[g0 + c];
+    }
+    __syncthreads();
+    gemv_rows(w, h, bias, x, d, di, 1, rpb);
+}
+extern "C" __global__ void decode_out_f32(const float* y, const float* zx, const float* gw, const float* w, const float* bias,
+                                          float* x, int di, int d, int gs, float eps, int rpb) {
+    decode_out(y, zx, gw, w, bias, x, di, d, gs, eps, rpb);
+}
+extern "C" __global__ void decode_out_bf16(const float* y, const float* zx, const float* gw, const bf16_t* w,
+                                           const float* bias, float* x, int di, int d, int gs, float eps, int rpb) {
+    decode_out(y, zx, gw, w, bias, x, di, d, gs, eps, rpb);
+}
+
 // ---- LM head epilogues (score::NllHead, session::argmax) ---------------------------------------------
 // One block per row of logits (rows, V): nll = logsumexp(l[:real]) − l[target].
 extern "C" __global__ void lse_nll(const float* logits, const unsigned* target, float* nll, int V, int real) {

@@ -62,6 +62,8 @@ pub struct GpuOptions {
     pub max_mem: Option<usize>,
     /// Run f32-stored matrices in bf16.
     pub bf16: bool,
+    /// One-token steps through cuBLAS rather than the fused decode kernels.
+    pub cublas_decode: bool,
 }
 
 /// `40G`, `512M`, `1.5GiB`, or bytes.
@@ -272,7 +274,9 @@ fn cpu_feed(
 #[cfg(gpu)]
 fn cuda_engine(model: &Model, chunk: usize, real: usize, gpu: GpuOptions) -> Result<crate::cuda::mamba2::GpuMamba2> {
     let force = gpu.bf16.then_some(crate::cuda::DType::Bf16);
-    crate::cuda::mamba2::GpuMamba2::new(model, chunk, gpu.max_mem, force, real)
+    let mut g = crate::cuda::mamba2::GpuMamba2::new(model, chunk, gpu.max_mem, force, real)?;
+    g.set_cublas_decode(gpu.cublas_decode);
+    Ok(g)
 }
 
 #[cfg(gpu)]

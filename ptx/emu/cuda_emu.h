@@ -47,6 +47,19 @@ inline unsigned __float_as_uint(float f) {
     std::memcpy(&u, &f, 4);
     return u;
 }
+struct uint4 {
+    unsigned x, y, z, w;
+};
+// A 16-byte vector load; the hardware wants the address 16-byte aligned.
+inline uint4 emu_load16(const void* p) {
+    if ((uintptr_t)p % 16 != 0) {
+        std::fprintf(stderr, "cuda-emu: 16-byte load from %p is misaligned\n", p);
+        std::abort();
+    }
+    uint4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
 using std::max;
 using std::min;
 

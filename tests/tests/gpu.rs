@@ -37,6 +37,8 @@ fn golden_checkpoints_match_the_cpu_at_nasty_chunk_sizes() {
     for (tokens, chunk) in [(1000, 300), (640, 64), (512, 256), (200, 65), (40, 1), (3000, 3000)] {
         selftest(&g, tokens, chunk, &[]);
     }
+    // One-token calls through cuBLAS (the fused decode kernels' alternative) hold the same bounds.
+    selftest(&g, 40, 1, &["--gpu-decode-cublas"]);
 }
 
 #[test]

@@ -167,17 +167,40 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     print_profile(&sc, "streamed NLL");
     if a.decode > 0 {
-        // Warm-up: on the GPU the decode step's CUDA graph is captured here, not in the timing.
-        decode_steps(&mut sc, &ids[..1], a.decode.min(8))?;
-        print_profile(&sc, "");
-        let t1 = Instant::now();
-        let n = decode_steps(&mut sc, &ids[..1], a.decode)?;
-        println!(
-            "decode       {:.3} ms/token (greedy, batch 1, {n} tokens)",
-            t1.elapsed().as_secs_f64() * 1e3 / n as f64
-        );
-        print_profile(&sc, "decode");
+        time_decode(&mut sc, &ids[..1], a.decode)?;
+        // The fused decode projections against cuBLAS's, side by side.
+        #[cfg(gpu)]
+        if let Scorer::Cuda(g) = &mut sc {
+            let was = g.cublas_decode();
+            g.set_cublas_decode(!was);
+            time_decode(&mut sc, &ids[..1], a.decode)?;
+            if let Scorer::Cuda(g) = &mut sc {
+                g.set_cublas_decode(was);
+            }
+        }
     }
+    Ok(())
+}
+
+/// Greedy decode of `steps` tokens after `prompt`, timed after a warm-up (on the GPU the decode
+/// step's CUDA graph is captured there, not in the timing).
+fn time_decode(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<()> {
+    let what = match sc {
+        #[cfg(gpu)]
+        Scorer::Cuda(g) if g.cublas_decode() => ", cuBLAS projections",
+        #[cfg(gpu)]
+        Scorer::Cuda(_) => ", fused projections",
+        _ => "",
+    };
+    decode_steps(sc, prompt, steps.min(8))?;
+    print_profile(sc, "");
+    let t1 = Instant::now();
+    let n = decode_steps(sc, prompt, steps)?;
+    println!(
+        "decode       {:.3} ms/token (greedy, batch 1, {n} tokens{what})",
+        t1.elapsed().as_secs_f64() * 1e3 / n as f64
+    );
+    print_profile(sc, "decode");
     Ok(())
 }
 

@@ -71,12 +71,16 @@ pub struct DeviceArgs {
     /// With --device cuda: run f32-stored weights as bf16 (bf16-stored ones always are).
     #[arg(long)]
     pub gpu_bf16: bool,
+    /// With --device cuda: one-token steps (decode) through cuBLAS instead of the fused norm + GEMV
+    /// kernels, to compare the two.
+    #[arg(long)]
+    pub gpu_decode_cublas: bool,
 }
 
 impl DeviceArgs {
     pub fn gpu(&self) -> anyhow::Result<crate::score::GpuOptions> {
         let max_mem = self.max_gpu_mem.as_deref().map(crate::score::parse_bytes).transpose()?;
-        Ok(crate::score::GpuOptions { max_mem, bf16: self.gpu_bf16 })
+        Ok(crate::score::GpuOptions { max_mem, bf16: self.gpu_bf16, cublas_decode: self.gpu_decode_cublas })
     }
 }
 

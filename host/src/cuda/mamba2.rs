@@ -71,6 +71,9 @@ pub struct GpuMamba2 {
     tau: DBuf, // (n_layer, H) f32: state normalization's per-head norms, once calibrated
     tau_set: bool,
     bad: DBuf, // (CHECK_BLOCKS) f32: non-finite counts
+    /// One-token calls through cuBLAS instead of the fused norm + GEMV kernels (`--gpu-decode-cublas`,
+    /// to compare them).
+    cublas_decode: bool,
     /// The captured greedy step (`decode_step`), made on first use.
     #[cfg(feature = "cuda")]
     decode_graph: Option<super::Graph>,
@@ -144,6 +147,8 @@ pub fn sizes(model: &Model, dt: DType) -> Result<Sizes> {
 
 /// `KS` of ptx/mamba2.cu: the contraction slice staged in shared memory.
 const SSD_KS: usize = 16;
+/// Rows of a projection per CUDA block in the fused decode kernels (8 warps, 2 rows each).
+const DECODE_ROWS: usize = 16;
 /// Blocks of `count_nonfinite`.
 const CHECK_BLOCKS: usize = 128;
 
@@ -231,6 +236,7 @@ impl GpuMamba2 {
             tau: DBuf::new(c.n_layer * nh * f)?,
             tau_set: false,
             bad: DBuf::new(CHECK_BLOCKS * f)?,
+            cublas_decode: false,
             #[cfg(feature = "cuda")]
             decode_graph: None,
             gpu,
@@ -240,6 +246,20 @@ impl GpuMamba2 {
             chunk,
             sub,
         })
+    }
+
+    pub fn cublas_decode(&self) -> bool {
+        self.cublas_decode
+    }
+
+    /// Switches one-token calls between cuBLAS and the fused kernels (a captured decode step is
+    /// dropped: it holds the other launches).
+    pub fn set_cublas_decode(&mut self, on: bool) {
+        self.cublas_decode = on;
+        #[cfg(feature = "cuda")]
+        {
+            self.decode_graph = None;
+        }
     }
 
     /// Device bytes this engine holds.
@@ -382,36 +402,18 @@ impl GpuMamba2 {
     fn run(&self, tok: u64, t: usize, probe: Option<&DBuf>) -> Result<()> {
         let c = self.cfg;
         let (d, di, nh, p, n, g) = (c.d_model, c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups);
-        let (cd, nin) = (c.conv_dim(), c.in_proj_rows());
+        let cd = c.conv_dim();
         let (la, _, _) = self.forget_params();
         let gpu = &self.gpu;
         let bf = self.dt == DType::Bf16;
         let embed = if bf { "embed_bf16" } else { "embed_f32" };
         gpu.launch_n(embed, t * d, &[Arg::Ptr(self.embed.ptr()), Arg::Ptr(tok), Arg::Ptr(self.x.ptr()), i(t), i(d)])?;
         let norm = if bf { "rmsnorm_bf16" } else { "rmsnorm_f32" };
-        let gated = if bf { "gated_norm_bf16" } else { "gated_norm_f32" };
         let ls = c.layer_state_len();
         for (li, l) in self.layers.iter().enumerate() {
             let cs = self.state.at(li * ls * 4);
             let ssm = self.state.at((li * ls + c.conv_len()) * 4);
-            // h = RMSNorm(x); zx = h·W_inᵀ (+ bias)
-            gpu.launch(
-                norm,
-                (t as u32, 1),
-                256,
-                0,
-                &[Arg::Ptr(self.x.ptr()), Arg::Ptr(l.norm.ptr()), Arg::Ptr(self.h.ptr()), i(d), Arg::F32(c.eps)],
-            )?;
-            gpu.timed("gemm in_proj", || {
-                gpu.blas.gemm_nt(self.dt, t, nin, d, self.h.ptr(), l.in_proj.ptr(), self.zx.ptr(), 0.0)
-            })?;
-            if let Some(b) = &l.in_bias {
-                gpu.launch_n(
-                    "add_bias",
-                    t * nin,
-                    &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(nin)],
-                )?;
-            }
+            self.in_proj(t, l)?;
             // Window forgetting and probes read x from u; the chunked SSD computes it where it reads it.
             let full_u = probe.is_some() || matches!(self.forget, Forget::Window { .. });
             self.mixer(t, l, cs, ssm, full_u)?;
@@ -429,33 +431,7 @@ impl GpuMamba2 {
                 args.extend([i(t), i(nh), i(p), i(n), i(g), i(cd), i(di), Arg::F32(la)]);
                 gpu.launch("probe_sums", (nh as u32, 1), 256, 0, &args)?;
             }
-            // y ← GroupRMSNorm(y ⊙ silu(z)); x += y·W_outᵀ (+ bias)
-            gpu.launch(
-                gated,
-                (t as u32, g as u32),
-                256,
-                0,
-                &[
-                    Arg::Ptr(self.y.ptr()),
-                    Arg::Ptr(self.zx.ptr()),
-                    Arg::Ptr(l.gate_norm.ptr()),
-                    Arg::Ptr(self.h.ptr()),
-                    i(di),
-                    i(nin),
-                    i(di / g),
-                    Arg::F32(c.eps),
-                ],
-            )?;
-            gpu.timed("gemm out_proj", || {
-                gpu.blas.gemm_nt(self.dt, t, d, di, self.h.ptr(), l.out_proj.ptr(), self.x.ptr(), 1.0)
-            })?;
-            if let Some(b) = &l.out_bias {
-                gpu.launch_n(
-                    "add_bias",
-                    t * d,
-                    &[Arg::Ptr(self.x.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(d)],
-                )?;
-            }
+            self.out_proj(t, l)?;
         }
         if let Forget::Window { r } = self.forget {
             let meta = self.state.at((self.state_len - 2) * 4);
@@ -469,6 +445,101 @@ impl GpuMamba2 {
             0,
             &[Arg::Ptr(self.x.ptr()), Arg::Ptr(self.norm_f.ptr()), Arg::Ptr(row1), i(d), Arg::F32(c.eps)],
         )
+    }
+
+    /// Whether a call of `t` tokens takes the fused decode projections (`decode_in`, `decode_out`):
+    /// one token, not switched off, and the normed row (f32) fits 32 KiB of shared memory.
+    fn fused_decode(&self, t: usize) -> bool {
+        t == 1 && !self.cublas_decode && self.cfg.d_model.max(self.cfg.d_inner()) <= 8192
+    }
+
+    /// zx = RMSNorm(x)·W_inᵀ (+ bias) of layer `l` over `t` tokens.
+    fn in_proj(&self, t: usize, l: &Layer) -> Result<()> {
+        let c = self.cfg;
+        let (d, nin, gpu) = (c.d_model, c.in_proj_rows(), &self.gpu);
+        let bf = self.dt == DType::Bf16;
+        if self.fused_decode(t) {
+            let k = if bf { "decode_in_bf16" } else { "decode_in_f32" };
+            let args = [
+                Arg::Ptr(self.x.ptr()),
+                Arg::Ptr(l.norm.ptr()),
+                Arg::Ptr(l.in_proj.ptr()),
+                Arg::Ptr(l.in_bias.as_ref().map_or(0, |b| b.ptr())),
+                Arg::Ptr(self.zx.ptr()),
+                i(d),
+                i(nin),
+                Arg::F32(c.eps),
+                i(DECODE_ROWS),
+            ];
+            return gpu.launch(k, (nin.div_ceil(DECODE_ROWS) as u32, 1), 256, (d * 4) as u32, &args);
+        }
+        gpu.launch(
+            if bf { "rmsnorm_bf16" } else { "rmsnorm_f32" },
+            (t as u32, 1),
+            256,
+            0,
+            &[Arg::Ptr(self.x.ptr()), Arg::Ptr(l.norm.ptr()), Arg::Ptr(self.h.ptr()), i(d), Arg::F32(c.eps)],
+        )?;
+        gpu.timed("gemm in_proj", || {
+            gpu.blas.gemm_nt(self.dt, t, nin, d, self.h.ptr(), l.in_proj.ptr(), self.zx.ptr(), 0.0)
+        })?;
+        match &l.in_bias {
+            Some(b) => gpu.launch_n(
+                "add_bias",
+                t * nin,
+                &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(nin)],
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// x += GroupRMSNorm(y ⊙ silu(z))·W_outᵀ (+ bias) of layer `l` over `t` tokens.
+    fn out_proj(&self, t: usize, l: &Layer) -> Result<()> {
+        let c = self.cfg;
+        let (d, di, g, gpu) = (c.d_model, c.d_inner(), c.n_groups, &self.gpu);
+        let bf = self.dt == DType::Bf16;
+        if self.fused_decode(t) {
+            let k = if bf { "decode_out_bf16" } else { "decode_out_f32" };
+            let args = [
+                Arg::Ptr(self.y.ptr()),
+                Arg::Ptr(self.zx.ptr()),
+                Arg::Ptr(l.gate_norm.ptr()),
+                Arg::Ptr(l.out_proj.ptr()),
+                Arg::Ptr(l.out_bias.as_ref().map_or(0, |b| b.ptr())),
+                Arg::Ptr(self.x.ptr()),
+                i(di),
+                i(d),
+                i(di / g),
+                Arg::F32(c.eps),
+                i(DECODE_ROWS),
+            ];
+            return gpu.launch(k, (d.div_ceil(DECODE_ROWS) as u32, 1), 256, (di * 4) as u32, &args);
+        }
+        gpu.launch(
+            if bf { "gated_norm_bf16" } else { "gated_norm_f32" },
+            (t as u32, g as u32),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.y.ptr()),
+                Arg::Ptr(self.zx.ptr()),
+                Arg::Ptr(l.gate_norm.ptr()),
+                Arg::Ptr(self.h.ptr()),
+                i(di),
+                i(c.in_proj_rows()),
+                i(di / g),
+                Arg::F32(c.eps),
+            ],
+        )?;
+        gpu.timed("gemm out_proj", || {
+            gpu.blas.gemm_nt(self.dt, t, d, di, self.h.ptr(), l.out_proj.ptr(), self.x.ptr(), 1.0)
+        })?;
+        match &l.out_bias {
+            Some(b) => {
+                gpu.launch_n("add_bias", t * d, &[Arg::Ptr(self.x.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(d)])
+            }
+            None => Ok(()),
+        }
     }
 
     /// One layer's conv, Δ and SSD over `t` tokens (zx → u, dtb → y), from and into its conv state
