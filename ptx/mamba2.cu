@@ -91,8 +91,7 @@ extern "C" __global__ void add_bias(float* y, const float* b, long rows, int n) 
 
 // ---- causal depthwise conv + SiLU (Mamba2::conv) ----------------------------------------------------
 // silu(bias + Σ_j w[ch, j] · in[t − (k−1) + j]) over xBC = zx[:, di .. di + cd] at token t of the call,
-// reading inputs before the call from cs (k−1, cd), oldest first. The SSD kernels call it for the x
-// channels where they read them, so those never go through memory (cb = 0: no bias).
+// reading inputs before the call from cs (k−1, cd), oldest first (cb = 0: no bias).
 __device__ __forceinline__ float conv_at(const float* zx, const float* cs, const float* cw, const float* cb, int t,
                                          int ch, int nin, int di, int cd, int k) {
     float acc = cb ? cb[ch] : 0.0f;
@@ -104,16 +103,16 @@ __device__ __forceinline__ float conv_at(const float* zx, const float* cs, const
     return silu(acc);
 }
 
-// u (T, cd), channels c0 .. cd = conv_at; channels di .. di + gn (B) then scaled by b_scale (RRI's b;
-// 1 otherwise). The chunked SSD needs only B and C here (c0 = di); window forgetting and probes read x
-// too (c0 = 0).
-extern "C" __global__ void conv_silu(const float* zx, const float* cs, const float* cw, const float* cb, float* u,
-                                     int T, int nin, int di, int cd, int k, int gn, float b_scale, int c0) {
+// u (T, cd), the B and C channels di .. cd = conv_at, B's (di .. di + gn) scaled by b_scale (RRI's b;
+// 1 otherwise). The x channels are convolved by ssd_chunk_state as it stages them (it writes them to
+// u for the scan), which saves their separate read.
+extern "C" __global__ void conv_bc(const float* zx, const float* cs, const float* cw, const float* cb, float* u, int T,
+                                   int nin, int di, int cd, int k, int gn, float b_scale) {
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i >= (long)T * (cd - c0)) return;
-    int t = (int)(i / (cd - c0)), ch = c0 + (int)(i % (cd - c0));
+    if (i >= (long)T * (cd - di)) return;
+    int t = (int)(i / (cd - di)), ch = di + (int)(i % (cd - di));
     float s = conv_at(zx, cs, cw, cb, t, ch, nin, di, cd, k);
-    if (ch >= di && ch < di + gn) s *= b_scale;
+    if (ch < di + gn) s *= b_scale;
     u[(long)t * cd + ch] = s;
 }
 
@@ -246,13 +245,14 @@ __device__ __forceinline__ void store_tiles(FragC* acc, float* out, int ldo, int
     }
 }
 
-// st (nb, H, P, N): each block's own contribution Σ_j exp(cum_last − cum_j)·dt_j·x_jᵀ·B_j (x from
-// conv_at over zx and the conv history cs, B from u), columns
+// st (nb, H, P, N): each block's own contribution Σ_j exp(cum_last − cum_j)·dt_j·x_jᵀ·B_j (B from u;
+// x = conv_at over zx and the conv history cs, also written to u's x channels by the first column
+// split), columns
 // n0 .. n0 + nw of it per CUDA block (nw a multiple of 16, Pp·nw ≤ 8192 and Pp + nw ≤ 256, so shared
 // memory stays ≤ 33 KiB; Pp = P rounded up to 16).
 // Grid (H·⌈N/nw⌉, nb): the heads of one block run together and share its B in L2. 256 threads;
 // dynamic shared memory (Q + max(2·KS·(Pp + nw), Pp·nw)) floats.
-extern "C" __global__ void ssd_chunk_state(const float* u, const float* zx, const float* cs, const float* cw,
+extern "C" __global__ void ssd_chunk_state(float* u, const float* zx, const float* cs, const float* cw,
                                            const float* cb, const float* dt, const float* cum, float* st, int T, int H,
                                            int P, int N, int G, int cd, int di, int nin, int k, int nw, int exact) {
     DYN_SMEM(sm);
@@ -269,13 +269,17 @@ extern "C" __global__ void ssd_chunk_state(const float* u, const float* zx, cons
     FragC acc[4];
 #pragma unroll
     for (int q = 0; q < 4; q++) wmma::fill_fragment(acc[q], 0.0f);
-    const float* ub = u + (long)t0 * cd;
+    const float* ub = u + (long)t0 * cd;  // B
     for (int j0 = 0; j0 < len; j0 += KS) {
         __syncthreads();
         for (int e = threadIdx.x; e < KS * Pp; e += blockDim.x) {
             int j = j0 + e / Pp, p = e % Pp;
-            float wx = j < len && p < P ? w[j] * conv_at(zx, cs, cw, cb, t0 + j, h * P + p, nin, di, cd, k) : 0.0f;
-            split_tf32(wx, ah + e, al + e);
+            float x = 0.0f;
+            if (j < len && p < P) {
+                x = conv_at(zx, cs, cw, cb, t0 + j, h * P + p, nin, di, cd, k);
+                if (n0 == 0) u[(long)(t0 + j) * cd + h * P + p] = x;
+            }
+            split_tf32(j < len ? w[j] * x : 0.0f, ah + e, al + e);
         }
         for (int e = threadIdx.x; e < KS * nw; e += blockDim.x) {
             int j = j0 + e / nw, n = n0 + e % nw;
@@ -311,16 +315,15 @@ extern "C" __global__ void ssd_state_pass(float* st, const float* cum, float* ss
     ssm[e] = s;
 }
 
-// y (T, di), head h's P columns (x from conv_at over zx and cs, C from u), rows i0 .. i0 + ti of block c (ti = 64, 128 or 256 with ti·Pp ≤ 8192,
+// y (T, di), head h's P columns, rows i0 .. i0 + ti of block c (ti = 64, 128 or 256 with ti·Pp ≤ 8192,
 // so each block state is read by at most Q/ti blocks): y_i = exp(cum_i)·(C_i·S_inᵀ) +
 // Σ_{j≤i} M_ij·x_j + D·x_i with M_ij = (C_i·B_j)·exp(cum_i − cum_j)·dt_j, S_in = st[c] (after
 // ssd_state_pass) and C·Bᵀ from cb (nb, G, Q, Q). D is (H) or, when d_per_channel, (di).
 // Grid (H, nb·Q/ti): the heads of one block run together and share C, B and C·Bᵀ in L2. 256 threads;
 // dynamic shared memory (2·Q + max(2·KS·(ti + Pp), ti·Pp)) floats.
-extern "C" __global__ void ssd_chunk_scan(const float* u, const float* zx, const float* cs, const float* cw,
-                                          const float* cbias, const float* dt, const float* cum, const float* st,
+extern "C" __global__ void ssd_chunk_scan(const float* u, const float* dt, const float* cum, const float* st,
                                           const float* cb, const float* D, int d_per_channel, float* y, int T, int H,
-                                          int P, int N, int G, int cd, int di, int nin, int k, int ti, int exact) {
+                                          int P, int N, int G, int cd, int di, int ti, int exact) {
     DYN_SMEM(sm);
     int c = blockIdx.y / (Q / ti), i0 = blockIdx.y % (Q / ti) * ti, h = blockIdx.x;
     int t0 = c * Q, len = min(Q, T - t0);
@@ -366,8 +369,7 @@ extern "C" __global__ void ssd_chunk_scan(const float* u, const float* zx, const
         }
         for (int e = threadIdx.x; e < KS * Pp; e += blockDim.x) {
             int j = j0 + e / Pp, p = e % Pp;
-            split_tf32(j < len && p < P ? conv_at(zx, cs, cw, cbias, t0 + j, h * P + p, nin, di, cd, k) : 0.0f, bh + e,
-                       bl + e);
+            split_tf32(j < len && p < P ? ub[(long)j * cd + h * P + p] : 0.0f, bh + e, bl + e);
         }
         __syncthreads();
         mma_slice<RowA, 4>(acc, ah, al, KS, bh, bl, Pp, tiles, tcols, exact);
@@ -378,8 +380,7 @@ extern "C" __global__ void ssd_chunk_scan(const float* u, const float* zx, const
     for (int e = threadIdx.x; e < rows * P; e += blockDim.x) {
         int r = e / P, p = e % P, i = i0 + r;
         float dv = d_per_channel ? D[h * P + p] : D[h];
-        float x = conv_at(zx, cs, cw, cbias, t0 + i, h * P + p, nin, di, cd, k);
-        y[(long)(t0 + i) * di + h * P + p] = out[r * Pp + p] + dv * x;
+        y[(long)(t0 + i) * di + h * P + p] = out[r * Pp + p] + dv * ub[(long)i * cd + h * P + p];
     }
 }
 

@@ -6,11 +6,13 @@ use safetensors::{Dtype, View};
 use std::borrow::Cow;
 use std::path::Path;
 
-/// (d_model, n_layer, d_state, head_dim) of each published Mamba-2 size; `tiny` and `small` are for tests.
+/// (d_model, n_layer, d_state, head_dim) of each published Mamba-2 size; `tiny`, `small` and `p128` are for tests.
 pub const MAMBA2_PRESETS: &[(&str, usize, usize, usize, usize)] = &[
     ("tiny", 64, 2, 16, 16),
     // The released models' head shape (N 128, P 64) at toy width: the GPU tiling at its real sizes.
     ("small", 128, 1, 128, 64),
+    // Head dim 128 (the GPU's other tiling: block states in two column splits, 64-row scan tiles).
+    ("p128", 128, 1, 128, 128),
     ("130m", 768, 24, 128, 64),
     ("370m", 1024, 48, 128, 64),
     ("780m", 1536, 48, 128, 64),

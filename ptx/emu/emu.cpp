@@ -116,10 +116,10 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     else if (n == "rmsnorm_f32") f = [&] { rmsnorm_f32(A(0, const float*), A(1, const float*), A(2, float*), A(3, int), A(4, float)); };
     else if (n == "rmsnorm_bf16") f = [&] { rmsnorm_bf16(A(0, const float*), A(1, const float*), A(2, u16*), A(3, int), A(4, float)); };
     else if (n == "add_bias") f = [&] { add_bias(A(0, float*), A(1, const float*), A(2, long), A(3, int)); };
-    else if (n == "conv_silu")
+    else if (n == "conv_bc")
         f = [&] {
-            conv_silu(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, float*), A(5, int),
-                      A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, float), A(12, int));
+            conv_bc(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, float*), A(5, int),
+                    A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, float));
         };
     else if (n == "conv_state_update")
         f = [&] { conv_state_update(A(0, const float*), A(1, float*), A(2, int), A(3, int), A(4, int), A(5, int), A(6, int)); };
@@ -136,7 +136,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
         };
     else if (n == "ssd_chunk_state")
         f = [&] {
-            ssd_chunk_state(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, const float*),
+            ssd_chunk_state(A(0, float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, const float*),
                             A(5, const float*), A(6, const float*), A(7, float*), A(8, int), A(9, int), A(10, int), A(11, int),
                             A(12, int), A(13, int), A(14, int), A(15, int), A(16, int), A(17, int), A(18, int));
         };
@@ -145,9 +145,8 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     else if (n == "ssd_chunk_scan")
         f = [&] {
             ssd_chunk_scan(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), A(4, const float*),
-                           A(5, const float*), A(6, const float*), A(7, const float*), A(8, const float*), A(9, const float*),
-                           A(10, int), A(11, float*), A(12, int), A(13, int), A(14, int), A(15, int), A(16, int), A(17, int),
-                           A(18, int), A(19, int), A(20, int), A(21, int), A(22, int));
+                           A(5, const float*), A(6, int), A(7, float*), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int),
+                           A(13, int), A(14, int), A(15, int), A(16, int));
         };
     else if (n == "ssd_step")
         f = [&] {

@@ -53,8 +53,12 @@ fn f32_weights_run_as_bf16_within_the_bf16_bound() {
 fn synth_presets_match_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     // The emulator takes the `small` preset (130m's head shape, N 128 and P 64, at toy width) instead,
-    // in bf16 (TF32 SSD) and f32 (3xTF32).
-    let runs: &[(&str, &str)] = if EMU { &[("small", "bf16"), ("small", "f32")] } else { &[("130m", "bf16")] };
+    // in bf16 (TF32 SSD) and f32 (3xTF32), and `p128` (head dim 128: the other tiling).
+    let runs: &[(&str, &str)] = if EMU {
+        &[("small", "bf16"), ("small", "f32"), ("p128", "f32")]
+    } else {
+        &[("130m", "bf16"), ("p128", "f32")]
+    };
     for &(preset, dtype) in runs {
         let out = dir.path().join(format!("{preset}-{dtype}"));
         cli(&["synth", "--preset", preset, "--dtype", dtype, "--out", out.to_str().unwrap()]).unwrap();

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// A synth preset (130m, 370m, 780m, 1.3b, 2.7b; tiny, small): seeded random weights, made once in the cache.
+    /// A synth preset (130m, 370m, 780m, 1.3b, 2.7b; tiny, small, p128): seeded random weights, made once in the cache.
     #[arg(long, conflicts_with = "model")]
     preset: Option<String>,
     /// Or a model directory.

@@ -414,9 +414,7 @@ impl GpuMamba2 {
             let cs = self.state.at(li * ls * 4);
             let ssm = self.state.at((li * ls + c.conv_len()) * 4);
             self.in_proj(t, l)?;
-            // Window forgetting and probes read x from u; the chunked SSD computes it where it reads it.
-            let full_u = probe.is_some() || matches!(self.forget, Forget::Window { .. });
-            self.mixer(t, l, cs, ssm, full_u)?;
+            self.mixer(t, l, cs, ssm)?;
             if let Forget::Window { r } = self.forget {
                 self.window(li, t, r, l, la)?;
             }
@@ -543,9 +541,8 @@ impl GpuMamba2 {
     }
 
     /// One layer's conv, Δ and SSD over `t` tokens (zx → u, dtb → y), from and into its conv state
-    /// `cs` and SSM state `ssm`: the recurrent step for one token, the chunked SSD otherwise (which
-    /// writes only u's B and C channels unless `full_u`).
-    fn mixer(&self, t: usize, l: &Layer, cs: u64, ssm: u64, full_u: bool) -> Result<()> {
+    /// `cs` and SSM state `ssm`: the recurrent step for one token, the chunked SSD otherwise.
+    fn mixer(&self, t: usize, l: &Layer, cs: u64, ssm: u64) -> Result<()> {
         let c = self.cfg;
         let (di, nh, p, n, g, k) = (c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups, c.d_conv);
         let (cd, nin, gn) = (c.conv_dim(), c.in_proj_rows(), c.n_groups * c.d_state);
@@ -599,11 +596,11 @@ impl GpuMamba2 {
                 ],
             )?;
         } else {
-            // conv + SiLU with the carried history; the SSD; then the new history
-            let c0 = if full_u { 0 } else { di };
+            // conv + SiLU of B and C with the carried history (x's is the block-state kernel's); the
+            // SSD; then the new history
             gpu.launch_n(
-                "conv_silu",
-                t * (cd - c0),
+                "conv_bc",
+                t * (cd - di),
                 &[
                     Arg::Ptr(self.zx.ptr()),
                     Arg::Ptr(cs),
@@ -617,7 +614,6 @@ impl GpuMamba2 {
                     i(k),
                     i(gn),
                     Arg::F32(b_scale),
-                    i(c0),
                 ],
             )?;
             self.ssd_chunked(t, l, cs, ssm)?;
@@ -663,9 +659,9 @@ impl GpuMamba2 {
         self.gpu.launch_n("window_store", t * slot, &args)
     }
 
-    /// The chunked SSD of one layer over `t` tokens (B, C in `u`; x from `zx` and the conv history
-    /// `cs`): Δ into `dtb` and its cumulative decay, C·Bᵀ per block (cuBLAS), block states, state
-    /// passing from `ssm` (updated), outputs into `y`.
+    /// The chunked SSD of one layer over `t` tokens (B, C in `u`; x convolved from `zx` and the conv
+    /// history `cs` by the block-state kernel, which writes it to `u`): Δ into `dtb` and its cumulative
+    /// decay, C·Bᵀ per block (cuBLAS), block states, state passing from `ssm` (updated), outputs into `y`.
     fn ssd_chunked(&self, t: usize, l: &Layer, cs: u64, ssm: u64) -> Result<()> {
         let c = self.cfg;
         let (di, nh, p, n, g) = (c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups);
@@ -704,20 +700,20 @@ impl GpuMamba2 {
                 )
             })?;
         }
-        let shape = [i(t), i(nh), i(p), i(n), i(g), i(cd), i(di), i(nin), i(c.d_conv)];
-        // u's B and C, and what conv_at needs for x
-        let conv = [
+        let shape = [i(t), i(nh), i(p), i(n), i(g), i(cd), i(di)];
+        let (pp, nw) = ssd_tiles(p, n);
+        let mut args = vec![
             Arg::Ptr(self.u.ptr()),
             Arg::Ptr(self.zx.ptr()),
             Arg::Ptr(cs),
             Arg::Ptr(l.conv_w.ptr()),
             Arg::Ptr(l.conv_b.as_ref().map_or(0, |b| b.ptr())),
+            Arg::Ptr(self.dtb.ptr()),
+            Arg::Ptr(self.cum.ptr()),
+            Arg::Ptr(self.st.ptr()),
         ];
-        let (pp, nw) = ssd_tiles(p, n);
-        let mut args = conv.to_vec();
-        args.extend([Arg::Ptr(self.dtb.ptr()), Arg::Ptr(self.cum.ptr()), Arg::Ptr(self.st.ptr())]);
         args.extend(shape);
-        args.extend([i(nw), Arg::I32(exact as i32)]);
+        args.extend([i(nin), i(c.d_conv), i(nw), Arg::I32(exact as i32)]);
         let smem = (q + (2 * SSD_KS * (pp + nw)).max(pp * nw)) * 4;
         gpu.launch("ssd_chunk_state", ((nh * n.div_ceil(nw)) as u32, nb as u32), 256, smem as u32, &args)?;
         gpu.launch_n(
@@ -725,8 +721,8 @@ impl GpuMamba2 {
             nh * p * n,
             &[Arg::Ptr(self.st.ptr()), Arg::Ptr(self.cum.ptr()), Arg::Ptr(ssm), i(t), i(nh), i(p * n)],
         )?;
-        let mut args = conv.to_vec();
-        args.extend([
+        let mut args = vec![
+            Arg::Ptr(self.u.ptr()),
             Arg::Ptr(self.dtb.ptr()),
             Arg::Ptr(self.cum.ptr()),
             Arg::Ptr(self.st.ptr()),
@@ -734,7 +730,7 @@ impl GpuMamba2 {
             Arg::Ptr(l.d.ptr()),
             Arg::I32(l.d_per_channel as i32),
             Arg::Ptr(self.y.ptr()),
-        ]);
+        ];
         args.extend(shape);
         // Rows per scan block: as many as fit 32 output tiles, so each block state is read few times.
         let ti = [256, 128, 64].into_iter().find(|&r| r * pp <= 8192).unwrap_or(64);

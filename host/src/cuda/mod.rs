@@ -50,7 +50,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "rmsnorm_f32",
     "rmsnorm_bf16",
     "add_bias",
-    "conv_silu",
+    "conv_bc",
     "conv_state_update",
     "conv_step",
     "ssd_cumsum",
