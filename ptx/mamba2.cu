@@ -252,7 +252,8 @@ __device__ __forceinline__ void store_tiles(FragC* acc, float* out, int ldo, int
 // memory stays ≤ 33 KiB; Pp = P rounded up to 16).
 // Grid (H·⌈N/nw⌉, nb): the heads of one block run together and share its B in L2. 256 threads;
 // dynamic shared memory (Q + max(2·KS·(Pp + nw), Pp·nw)) floats.
-extern "C" __global__ void ssd_chunk_state(float* u, const float* zx, const float* cs, const float* cw,
+// At most 85 registers (3 blocks of 256 per SM, as shared memory allows).
+extern "C" __global__ void __launch_bounds__(256, 3) ssd_chunk_state(float* u, const float* zx, const float* cs, const float* cw,
                                            const float* cb, const float* dt, const float* cum, float* st, int T, int H,
                                            int P, int N, int G, int cd, int di, int nin, int k, int nw, int exact) {
     DYN_SMEM(sm);

@@ -24,6 +24,7 @@ extern dim3 emu_threadIdx, emu_blockIdx, emu_blockDim, emu_gridDim;
 #define gridDim emu_gridDim
 
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
