@@ -11,7 +11,8 @@ pub const MAMBA2_PRESETS: &[(&str, usize, usize, usize, usize)] = &[
     ("tiny", 64, 2, 16, 16),
     // The released models' head shape (N 128, P 64) at toy width: the GPU tiling at its real sizes.
     ("small", 128, 1, 128, 64),
-    // Head dim 128 (the GPU's other tiling: block states in two column splits, 64-row scan tiles).
+    // Head dim 128 (the GPU's other tiling: block states in two column splits, 64-row scan tiles),
+    // with projection biases (no released model has them; the loaders and kernels do).
     ("p128", 128, 1, 128, 128),
     ("130m", 768, 24, 128, 64),
     ("370m", 1024, 48, 128, 64),
@@ -101,6 +102,7 @@ pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
     let h = di / p;
     let cd = di + 2 * n;
     let nin = 2 * di + 2 * n + h;
+    let bias = preset == "p128";
     let mut rng = Rng(seed);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng, usize) -> f32| {
@@ -117,6 +119,10 @@ pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
         let s_out = 1.0 / (di as f32).sqrt() / (2.0 * n_layer as f32).sqrt();
         add(format!("{pre}norm.weight"), vec![d], &mut |_, _| 1.0);
         add(format!("{pre}mixer.in_proj.weight"), vec![nin, d], &mut |r, _| r.uniform(-s_in, s_in));
+        if bias {
+            add(format!("{pre}mixer.in_proj.bias"), vec![nin], &mut |r, _| r.uniform(-0.1, 0.1));
+            add(format!("{pre}mixer.out_proj.bias"), vec![d], &mut |r, _| r.uniform(-0.1, 0.1));
+        }
         add(format!("{pre}mixer.conv1d.weight"), vec![cd, 1, k], &mut |r, _| r.uniform(-0.5, 0.5));
         add(format!("{pre}mixer.conv1d.bias"), vec![cd], &mut |r, _| r.uniform(-0.5, 0.5));
         add(format!("{pre}mixer.dt_bias"), vec![h], &mut |r, _| {
@@ -136,7 +142,7 @@ pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
         "architectures": ["Mamba2ForCausalLM"],
         "hidden_size": d, "num_hidden_layers": n_layer, "state_size": n, "head_dim": p,
         "num_heads": h, "n_groups": 1, "expand": 2, "conv_kernel": k, "chunk_size": 256,
-        "use_bias": false, "use_conv_bias": true, "layer_norm_epsilon": 1e-5,
+        "use_bias": bias, "use_conv_bias": true, "layer_norm_epsilon": 1e-5,
         "residual_in_fp32": true, "tie_word_embeddings": true, "vocab_size": VOCAB_ROWS,
         "time_step_limit": [0.0, {"__float__": "Infinity"}],
         "torch_dtype": match dt { Dtype::BF16 => "bfloat16", Dtype::F16 => "float16", _ => "float32" },

@@ -53,7 +53,7 @@ fn f32_weights_run_as_bf16_within_the_bf16_bound() {
 fn synth_presets_match_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     // The emulator takes the `small` preset (130m's head shape, N 128 and P 64, at toy width) instead,
-    // in bf16 (TF32 SSD) and f32 (3xTF32), and `p128` (head dim 128: the other tiling).
+    // in bf16 (TF32 SSD) and f32 (3xTF32), and `p128` (head dim 128: the other tiling; biases).
     let runs: &[(&str, &str)] = if EMU {
         &[("small", "bf16"), ("small", "f32"), ("p128", "f32")]
     } else {
@@ -63,6 +63,11 @@ fn synth_presets_match_the_cpu() {
         let out = dir.path().join(format!("{preset}-{dtype}"));
         cli(&["synth", "--preset", preset, "--dtype", dtype, "--out", out.to_str().unwrap()]).unwrap();
         selftest(&[out.to_str().unwrap()], if EMU { 600 } else { 2048 }, if EMU { 300 } else { 1000 }, &[]);
+        if preset == "p128" {
+            // Its biases through both one-token paths.
+            selftest(&[out.to_str().unwrap()], 40, 1, &[]);
+            selftest(&[out.to_str().unwrap()], 40, 1, &["--gpu-decode-cublas"]);
+        }
     }
 }
 

@@ -481,12 +481,15 @@ impl GpuMamba2 {
         gpu.timed("gemm in_proj", || {
             gpu.blas.gemm_nt(self.dt, t, nin, d, self.h.ptr(), l.in_proj.ptr(), self.zx.ptr(), 0.0)
         })?;
-        match &l.in_bias {
-            Some(b) => gpu.launch_n(
-                "add_bias",
-                t * nin,
-                &[Arg::Ptr(self.zx.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(nin)],
-            ),
+        self.add_bias(&self.zx, l.in_bias.as_ref(), t, nin)
+    }
+
+    /// y (t, n) += bias (n), when the layer has one.
+    fn add_bias(&self, y: &DBuf, bias: Option<&DBuf>, t: usize, n: usize) -> Result<()> {
+        match bias {
+            Some(b) => {
+                self.gpu.launch_n("add_bias", t * n, &[Arg::Ptr(y.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(n)])
+            }
             None => Ok(()),
         }
     }
@@ -532,12 +535,7 @@ impl GpuMamba2 {
         gpu.timed("gemm out_proj", || {
             gpu.blas.gemm_nt(self.dt, t, d, di, self.h.ptr(), l.out_proj.ptr(), self.x.ptr(), 1.0)
         })?;
-        match &l.out_bias {
-            Some(b) => {
-                gpu.launch_n("add_bias", t * d, &[Arg::Ptr(self.x.ptr()), Arg::Ptr(b.ptr()), Arg::I64(t as i64), i(d)])
-            }
-            None => Ok(()),
-        }
+        self.add_bias(&self.x, l.out_bias.as_ref(), t, d)
     }
 
     /// One layer's conv, Δ and SSD over `t` tokens (zx → u, dtb → y), from and into its conv state
