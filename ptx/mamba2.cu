@@ -604,16 +604,29 @@ extern "C" __global__ void decode_out_bf16(const float* y, const float* zx, cons
 }
 
 // ---- LM head epilogues (score::NllHead, session::argmax) ---------------------------------------------
-// One block per row of logits (rows, V): nll = logsumexp(l[:real]) − l[target].
-extern "C" __global__ void lse_nll(const float* logits, const unsigned* target, float* nll, int V, int real) {
-    const float* l = logits + (long)blockIdx.x * V;
-    float m = -INFINITY;
-    for (int i = threadIdx.x; i < real; i += blockDim.x) m = fmaxf(m, l[i]);
-    m = block_max(m);
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < real; i += blockDim.x) s += expf(l[i] - m);
-    s = block_sum(s);
-    if (threadIdx.x == 0) nll[blockIdx.x] = m + logf(s) - l[target[blockIdx.x]];
+// The NLL over vocab tiles, so a tile of logits (rows, n) stays in L2 between the head GEMM that writes
+// it and this read: per row (a warp each, 8 a block) the tile's columns v0 .. v0 + n merge into run
+// (rows, 3) = (running max, Σ exp(l − max), target logit); `first` starts the run, `last` writes
+// nll = max + log(Σ) − l[target].
+extern "C" __global__ void lse_tile(const float* logits, int rows, int n, int v0, const unsigned* target, float* run,
+                                    float* nll, int first, int last) {
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    bool ok = row < rows;  // every lane reaches the shuffles
+    const float* l = logits + (long)row * n;
+    float m = -INFINITY, s = 0.0f;
+    for (int i = lane; ok && i < n; i += 32) m = fmaxf(m, l[i]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    for (int i = lane; ok && i < n; i += 32) s += expf(l[i] - m);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (!ok || lane != 0) return;
+    float* r = run + row * 3;
+    float rm = first ? -INFINITY : r[0], rs = first ? 0.0f : r[1], tl = first ? 0.0f : r[2];
+    float mm = fmaxf(rm, m);
+    rs = (first ? 0.0f : rs * expf(rm - mm)) + s * expf(m - mm);
+    int tg = (int)target[row] - v0;
+    if (tg >= 0 && tg < n) tl = l[tg];
+    if (last) nll[row] = mm + logf(rs) - tl;
+    else r[0] = mm, r[1] = rs, r[2] = tl;
 }
 
 // One block of 256 threads per row: the first index of the largest of l[:real].

@@ -18,7 +18,7 @@ pub struct Sizes {
     pub per_token: usize,
     /// One row of logits (f32) and its argmax.
     pub per_logit_row: usize,
-    /// One hidden row (the pending row).
+    /// One hidden row (the pending row) and the NLL's per-row running sums.
     pub row: usize,
 }
 
@@ -44,7 +44,7 @@ impl Sizes {
                 + d * el
                 + 12,
             per_logit_row: c.vocab_rows * 4 + 4,
-            row: d * el,
+            row: d * el + NLL_ROWS * 12,
         }
     }
 }
@@ -59,6 +59,9 @@ pub struct Plan {
 
 /// Most rows of logits alive at once.
 pub const MAX_SUB: usize = 512;
+/// Rows per head GEMM in the NLL, which takes the logits in vocab tiles (at most; fewer when the
+/// logits buffer is smaller).
+pub const NLL_ROWS: usize = 2048;
 
 impl Plan {
     fn of(s: &Sizes, chunk: usize, sub: usize) -> Plan {

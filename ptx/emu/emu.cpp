@@ -183,8 +183,11 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
             decode_out_bf16(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const u16*), A(4, const float*),
                             A(5, float*), A(6, int), A(7, int), A(8, int), A(9, float), A(10, int));
         };
-    else if (n == "lse_nll")
-        f = [&] { lse_nll(A(0, const float*), A(1, const unsigned*), A(2, float*), A(3, int), A(4, int)); };
+    else if (n == "lse_tile")
+        f = [&] {
+            lse_tile(A(0, const float*), A(1, int), A(2, int), A(3, int), A(4, const unsigned*), A(5, float*), A(6, float*),
+                     A(7, int), A(8, int));
+        };
     else if (n == "argmax_rows") f = [&] { argmax_rows(A(0, const float*), A(1, unsigned*), A(2, int), A(3, int)); };
     else if (n == "ssd_window")
         f = [&] {

@@ -4,7 +4,7 @@
 //! widened to f32), activations and state in f32.
 use super::{i, Arg, DBuf, DType, Gpu};
 use crate::forget::ForgetSpec;
-use crate::gpumem::{self, Sizes, GPU_Q};
+use crate::gpumem::{self, Sizes, GPU_Q, NLL_ROWS};
 use crate::model::Model;
 use anyhow::{anyhow, bail, Context, Result};
 use half::bf16;
@@ -64,6 +64,7 @@ pub struct GpuMamba2 {
     tgt: DBuf,    // (chunk + 1) u32
     nll: DBuf,    // (chunk + 1) f32
     am: DBuf,     // (sub) u32
+    lse: DBuf,    // (NLL_ROWS, 3) f32: the NLL's running max, sum and target logit per row
     /// Reset and state normalization act between calls, at document positions (as `Session`).
     spec: ForgetSpec,
     /// Tokens fed since the last reset: the document position.
@@ -149,6 +150,8 @@ pub fn sizes(model: &Model, dt: DType) -> Result<Sizes> {
 const SSD_KS: usize = 16;
 /// Rows of a projection per CUDA block in the fused decode kernels (8 warps, 2 rows each).
 const DECODE_ROWS: usize = 16;
+/// Vocab columns per tile of the NLL head: (NLL_ROWS × VOCAB_TILE) f32 logits = 16 MiB, inside L2.
+const VOCAB_TILE: usize = 2048;
 /// Blocks of `count_nonfinite`.
 const CHECK_BLOCKS: usize = 128;
 
@@ -231,6 +234,7 @@ impl GpuMamba2 {
             tgt: DBuf::new((chunk + 1) * 4)?,
             nll: DBuf::new((chunk + 1) * 4)?,
             am: DBuf::new(sub * 4)?,
+            lse: DBuf::new(NLL_ROWS * 3 * 4)?,
             spec: model.forget,
             pos: 0,
             tau: DBuf::new(c.n_layer * nh * f)?,
@@ -283,6 +287,7 @@ impl GpuMamba2 {
             &self.tgt,
             &self.nll,
             &self.am,
+            &self.lse,
             &self.tau,
             &self.bad,
         ];
@@ -771,23 +776,31 @@ impl GpuMamba2 {
         let count = targets.len();
         self.gpu.sync()?;
         self.tgt.upload(0, targets)?;
-        let v = self.cfg.vocab_rows;
-        for s in (0..count).step_by(self.sub) {
-            let r = self.sub.min(count - s);
-            self.head_rows(first + s, r)?;
-            self.gpu.launch(
-                "lse_nll",
-                (r as u32, 1),
-                256,
-                0,
-                &[
+        // Rows × vocab tiles of logits, each tile small enough to stay in L2 from the GEMM to lse_tile;
+        // many rows a tile, so the head's weights are read once per NLL_ROWS tokens.
+        let (d, el, gpu) = (self.cfg.d_model, self.dt.size(), &self.gpu);
+        let vt = VOCAB_TILE.min(self.real);
+        let rows = (self.sub * self.cfg.vocab_rows / vt).clamp(1, NLL_ROWS);
+        for s in (0..count).step_by(rows) {
+            let r = rows.min(count - s);
+            let x = self.hidden.at((first + s) * d * el);
+            for v0 in (0..self.real).step_by(vt) {
+                let n = vt.min(self.real - v0);
+                let w = self.head_ptr() + (v0 * d * el) as u64;
+                gpu.timed("gemm lm_head", || gpu.blas.gemm_nt(self.dt, r, n, d, x, w, self.logits.ptr(), 0.0))?;
+                let args = [
                     Arg::Ptr(self.logits.ptr()),
+                    i(r),
+                    i(n),
+                    i(v0),
                     Arg::Ptr(self.tgt.at(s * 4)),
+                    Arg::Ptr(self.lse.ptr()),
                     Arg::Ptr(self.nll.at(s * 4)),
-                    i(v),
-                    i(self.real),
-                ],
-            )?;
+                    Arg::I32((v0 == 0) as i32),
+                    Arg::I32((v0 + n == self.real) as i32),
+                ];
+                gpu.launch("lse_tile", (r.div_ceil(8) as u32, 1), 256, 0, &args)?;
+            }
         }
         let mut out = vec![0f32; count];
         self.gpu.sync()?;

@@ -64,7 +64,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "decode_in_bf16",
     "decode_out_f32",
     "decode_out_bf16",
-    "lse_nll",
+    "lse_tile",
     "argmax_rows",
     "probe_sums",
     "head_norm",
