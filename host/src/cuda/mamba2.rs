@@ -252,6 +252,7 @@ impl GpuMamba2 {
         })
     }
 
+    /// Whether one-token calls go through cuBLAS (else the fused decode kernels).
     pub fn cublas_decode(&self) -> bool {
         self.cublas_decode
     }
