@@ -71,14 +71,17 @@ extern "C" __global__ void embed_bf16(const bf16_t* e, const unsigned* tok, floa
 
 // ---- RMSNorm (ops::rmsnorm) -------------------------------------------------------------------------
 // One block per row: out (rows, d) A = x (rows, d) · rsqrt(mean(x²) + eps) · w (d).
+// One row, the whole block: orow (d) = xr (d) · rsqrt(mean(xr²) + eps) · w (d).
 template <typename A>
-__device__ void rmsnorm(const float* x, const float* w, A* out, int d, float eps) {
-    const float* xr = x + (long)blockIdx.x * d;
-    A* orow = out + (long)blockIdx.x * d;
+__device__ void rmsnorm_row(const float* xr, const float* w, A* orow, int d, float eps) {
     float ss = 0.0f;
     for (int c = threadIdx.x; c < d; c += blockDim.x) ss += xr[c] * xr[c];
     float inv = rsqrtf(block_sum(ss) / d + eps);
     for (int c = threadIdx.x; c < d; c += blockDim.x) from_f32(&orow[c], xr[c] * inv * w[c]);
+}
+template <typename A>
+__device__ void rmsnorm(const float* x, const float* w, A* out, int d, float eps) {
+    rmsnorm_row(x + (long)blockIdx.x * d, w, out + (long)blockIdx.x * d, d, eps);
 }
 extern "C" __global__ void rmsnorm_f32(const float* x, const float* w, float* o, int d, float eps) { rmsnorm(x, w, o, d, eps); }
 extern "C" __global__ void rmsnorm_bf16(const float* x, const float* w, bf16_t* o, int d, float eps) { rmsnorm(x, w, o, d, eps); }
@@ -116,8 +119,8 @@ extern "C" __global__ void conv_bc(const float* zx, const float* cs, const float
     u[(long)t * cd + ch] = s;
 }
 
-// The conv history after the call (after the SSD kernels, which read the old one): the last k−1 inputs. One thread per channel walks j upwards, so a
-// row is read (j + T) before it is overwritten (j).
+// The conv history after the call (after the SSD kernels, which read the old one): the last k−1
+// inputs. One thread per channel walks j upwards, so a row is read (j + T) before it is overwritten (j).
 extern "C" __global__ void conv_state_update(const float* zx, float* cs, int T, int nin, int di, int cd, int k) {
     int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= cd) return;
@@ -247,15 +250,15 @@ __device__ __forceinline__ void store_tiles(FragC* acc, float* out, int ldo, int
 
 // st (nb, H, P, N): each block's own contribution Σ_j exp(cum_last − cum_j)·dt_j·x_jᵀ·B_j (B from u;
 // x = conv_at over zx and the conv history cs, also written to u's x channels by the first column
-// split), columns
-// n0 .. n0 + nw of it per CUDA block (nw a multiple of 16, Pp·nw ≤ 8192 and Pp + nw ≤ 256, so shared
-// memory stays ≤ 33 KiB; Pp = P rounded up to 16).
-// Grid (H·⌈N/nw⌉, nb): the heads of one block run together and share its B in L2. 256 threads;
-// dynamic shared memory (Q + max(2·KS·(Pp + nw), Pp·nw)) floats.
-// At most 85 registers (3 blocks of 256 per SM, as shared memory allows).
-extern "C" __global__ void __launch_bounds__(256, 3) ssd_chunk_state(float* u, const float* zx, const float* cs, const float* cw,
-                                           const float* cb, const float* dt, const float* cum, float* st, int T, int H,
-                                           int P, int N, int G, int cd, int di, int nin, int k, int nw, int exact) {
+// split), columns n0 .. n0 + nw of it per CUDA block (nw a multiple of 16, Pp·nw ≤ 8192 and
+// Pp + nw ≤ 256, so shared memory stays ≤ 33 KiB; Pp = P rounded up to 16).
+// Grid (H·⌈N/nw⌉, nb): the heads of one block run together and share its B in L2. 256 threads, at most
+// 85 registers (3 blocks per SM, as shared memory allows); dynamic shared memory
+// (Q + max(2·KS·(Pp + nw), Pp·nw)) floats.
+extern "C" __global__ void __launch_bounds__(256, 3)
+    ssd_chunk_state(float* u, const float* zx, const float* cs, const float* cw, const float* cb, const float* dt,
+                    const float* cum, float* st, int T, int H, int P, int N, int G, int cd, int di, int nin, int k, int nw,
+                    int exact) {
     DYN_SMEM(sm);
     int ns = (N + nw - 1) / nw;
     int c = blockIdx.y, h = blockIdx.x / ns, n0 = blockIdx.x % ns * nw, t0 = c * Q, len = min(Q, T - t0), g = h / (H / G);
@@ -491,19 +494,22 @@ extern "C" __global__ void window_meta(float* meta, int t, int r) {
 
 // ---- gated group RMSNorm (Mamba2::layer) --------------------------------------------------------------
 // One block per (t, g): out = RMSNorm_group(y ⊙ silu(z)) · w, groups of gs = di/G channels; z = zx[:, :di].
+// One group of gs channels, the whole block: out = RMSNorm(yr ⊙ silu(zr)) · w.
 template <typename A>
-__device__ void gated_norm(const float* y, const float* zx, const float* w, A* out, int di, int nin, int gs, float eps) {
-    long t = blockIdx.x;
-    int g0 = blockIdx.y * gs;
-    const float* yr = y + t * di + g0;
-    const float* zr = zx + t * nin + g0;
+__device__ void gated_group(const float* yr, const float* zr, const float* w, A* out, int gs, float eps) {
     float ss = 0.0f;
     for (int c = threadIdx.x; c < gs; c += blockDim.x) {
         float v = yr[c] * silu(zr[c]);
         ss += v * v;
     }
     float inv = rsqrtf(block_sum(ss) / gs + eps);
-    for (int c = threadIdx.x; c < gs; c += blockDim.x) from_f32(&out[t * di + g0 + c], yr[c] * silu(zr[c]) * inv * w[g0 + c]);
+    for (int c = threadIdx.x; c < gs; c += blockDim.x) from_f32(&out[c], yr[c] * silu(zr[c]) * inv * w[c]);
+}
+template <typename A>
+__device__ void gated_norm(const float* y, const float* zx, const float* w, A* out, int di, int nin, int gs, float eps) {
+    long t = blockIdx.x;
+    int g0 = blockIdx.y * gs;
+    gated_group(y + t * di + g0, zx + t * nin + g0, w + g0, out + t * di + g0, gs, eps);
 }
 extern "C" __global__ void gated_norm_f32(const float* y, const float* zx, const float* w, float* o, int di, int nin, int gs,
                                           float eps) { gated_norm(y, zx, w, o, di, nin, gs, eps); }
@@ -563,10 +569,7 @@ template <typename W>
 __device__ void decode_in(const float* x, const float* nw, const W* w, const float* bias, float* zx, int d, int nin,
                           float eps, int rpb) {
     DYN_SMEM(h);
-    float ss = 0.0f;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) ss += x[c] * x[c];
-    float inv = rsqrtf(block_sum(ss) / d + eps);
-    for (int c = threadIdx.x; c < d; c += blockDim.x) h[c] = x[c] * inv * nw[c];
+    rmsnorm_row(x, nw, h, d, eps);
     __syncthreads();
     gemv_rows(w, h, bias, zx, nin, d, 0, rpb);
 }
@@ -581,16 +584,7 @@ template <typename W>
 __device__ void decode_out(const float* y, const float* zx, const float* gw, const W* w, const float* bias, float* x,
                            int di, int d, int gs, float eps, int rpb) {
     DYN_SMEM(h);
-    for (int g0 = 0; g0 < di; g0 += gs) {
-        float ss = 0.0f;
-        for (int c = threadIdx.x; c < gs; c += blockDim.x) {
-            float v = y[g0 + c] * silu(zx[g0 + c]);
-            h[g0 + c] = v;
-            ss += v * v;
-        }
-        float inv = rsqrtf(block_sum(ss) / gs + eps);
-        for (int c = threadIdx.x; c < gs; c += blockDim.x) h[g0 + c] *= inv * gw[g0 + c];
-    }
+    for (int g0 = 0; g0 < di; g0 += gs) gated_group(y + g0, zx + g0, gw + g0, h + g0, gs, eps);
     __syncthreads();
     gemv_rows(w, h, bias, x, d, di, 1, rpb);
 }
