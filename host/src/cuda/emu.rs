@@ -3,14 +3,25 @@
 //! C++ (`ptx/emu/`), and cuBLAS is its documented column-major GemmEx (`cublas.rs`). The launch
 //! sequence in `mamba2.rs` is the real one, argument slots included.
 use super::{Arg, Blas, Profile, KERNELS};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use std::ffi::{c_char, c_void, CString};
 
 extern "C" {
     fn emu_launch(name: *const c_char, gx: u32, gy: u32, block: u32, shared: u32, args: *mut *mut c_void) -> i32;
 }
 
-/// A host allocation standing in for device memory (16-byte aligned), freed on drop.
+/// Bytes of poison on each side of every emulated buffer.
+const REDZONE: usize = 256;
+/// The poison: 0xFF bytes are NaN as f32 and as bf16, so a kernel that reads outside its buffers, or
+/// reads memory nothing wrote (a real `cuMemAlloc` leaves it as it was), carries NaN into the results.
+const POISON: u8 = 0xFF;
+
+/// Live emulated buffers (their first byte and length), for the after-each-op redzone check.
+static LIVE: std::sync::Mutex<Vec<(u64, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// A host allocation standing in for device memory: 16-byte aligned, `REDZONE` poisoned bytes on each
+/// side (checked after every kernel and GEMM, [`check_redzones`]), its own bytes poisoned until
+/// written unless made by [`DBuf::zeroed`]; freed on drop.
 pub struct DBuf {
     mem: Vec<u128>,
     pub bytes: usize,
@@ -18,11 +29,16 @@ pub struct DBuf {
 
 impl DBuf {
     pub fn new(bytes: usize) -> Result<DBuf> {
-        Ok(DBuf { mem: vec![0u128; bytes.div_ceil(16).max(1)], bytes })
+        let words = (2 * REDZONE + bytes.max(1).next_multiple_of(16)) / 16;
+        let b = DBuf { mem: vec![u128::from_ne_bytes([POISON; 16]); words], bytes };
+        LIVE.lock().map_err(|_| anyhow!("CUDA: emulator lock poisoned"))?.push((b.ptr(), bytes));
+        Ok(b)
     }
 
     pub fn zeroed(bytes: usize) -> Result<DBuf> {
-        DBuf::new(bytes)
+        let b = DBuf::new(bytes)?;
+        b.zero()?;
+        Ok(b)
     }
 
     pub fn from<T: bytemuck::Pod>(src: &[T]) -> Result<DBuf> {
@@ -32,7 +48,7 @@ impl DBuf {
     }
 
     pub fn ptr(&self) -> u64 {
-        self.mem.as_ptr() as u64
+        self.mem.as_ptr() as u64 + REDZONE as u64
     }
 
     pub fn at(&self, byte_off: usize) -> u64 {
@@ -40,10 +56,14 @@ impl DBuf {
     }
 
     pub fn zero(&self) -> Result<()> {
-        // SAFETY: the allocation holds `bytes` bytes; device memory is written through raw
+        // SAFETY: the allocation holds `bytes` bytes past `ptr`; device memory is written through raw
         // pointers on the real path too.
         unsafe { std::ptr::write_bytes(self.ptr() as *mut u8, 0, self.bytes) };
         Ok(())
+    }
+
+    fn own(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut::<u128, u8>(&mut self.mem)[REDZONE..REDZONE + self.bytes]
     }
 
     pub fn upload<T: bytemuck::Pod>(&mut self, byte_off: usize, src: &[T]) -> Result<()> {
@@ -51,8 +71,7 @@ impl DBuf {
         if byte_off + n > self.bytes {
             bail!("CUDA: upload of {n} bytes at {byte_off} overruns a {}-byte buffer", self.bytes);
         }
-        bytemuck::cast_slice_mut::<u128, u8>(&mut self.mem)[byte_off..byte_off + n]
-            .copy_from_slice(bytemuck::cast_slice(src));
+        self.own()[byte_off..byte_off + n].copy_from_slice(bytemuck::cast_slice(src));
         Ok(())
     }
 
@@ -61,10 +80,38 @@ impl DBuf {
         if byte_off + n > self.bytes {
             bail!("CUDA: download of {n} bytes at {byte_off} overruns a {}-byte buffer", self.bytes);
         }
-        bytemuck::cast_slice_mut(dst)
-            .copy_from_slice(&bytemuck::cast_slice::<u128, u8>(&self.mem)[byte_off..byte_off + n]);
+        let own = &bytemuck::cast_slice::<u128, u8>(&self.mem)[REDZONE..REDZONE + self.bytes];
+        bytemuck::cast_slice_mut(dst).copy_from_slice(&own[byte_off..byte_off + n]);
         Ok(())
     }
+}
+
+impl Drop for DBuf {
+    fn drop(&mut self) {
+        if let Ok(mut live) = LIVE.lock() {
+            let p = self.ptr();
+            live.retain(|&(q, _)| q != p);
+        }
+    }
+}
+
+/// After kernel or GEMM `what`: an error naming it if any live buffer's redzone was written, which on
+/// a GPU is a write into another allocation or an illegal address.
+pub fn check_redzones(what: &str) -> Result<()> {
+    let live = LIVE.lock().map_err(|_| anyhow!("CUDA: emulator lock poisoned"))?;
+    for &(p, bytes) in live.iter() {
+        let end = bytes.max(1).next_multiple_of(16);
+        // SAFETY: a live buffer (removed from LIVE before it is freed) spans p - REDZONE .. p + end + REDZONE.
+        let all = unsafe { std::slice::from_raw_parts((p - REDZONE as u64) as *const u8, end + 2 * REDZONE) };
+        let (before, after) = (&all[..REDZONE], &all[REDZONE + bytes..]);
+        if let Some(i) = before.iter().rposition(|&b| b != POISON) {
+            bail!("CUDA: {what} wrote {} bytes before the start of a {bytes}-byte buffer", REDZONE - i);
+        }
+        if let Some(i) = after.iter().position(|&b| b != POISON) {
+            bail!("CUDA: {what} wrote {} bytes past the end of a {bytes}-byte buffer", i + 1);
+        }
+    }
+    Ok(())
 }
 
 /// The emulator records no graphs: a "graph" is its ops issued again (`GpuMamba2::decode_step`).
@@ -110,7 +157,12 @@ impl Gpu {
 
     /// Device-to-device copy of `bytes`, in stream order.
     pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
-        // SAFETY: callers pass ranges inside live buffers (as on the real path).
+        let live = LIVE.lock().map_err(|_| anyhow!("CUDA: emulator lock poisoned"))?;
+        let inside = |a: u64| live.iter().any(|&(p, n)| a >= p && a + bytes as u64 <= p + n as u64);
+        if !inside(src) || !inside(dst) {
+            bail!("CUDA: a copy of {bytes} bytes reaches outside its buffers");
+        }
+        // SAFETY: both ranges lie inside live buffers (checked above).
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
     }

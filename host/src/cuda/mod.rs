@@ -103,6 +103,8 @@ impl Profile {
 impl Gpu {
     /// Runs `f` (work issued on the stream), timed under `name` when profiling.
     pub fn timed(&self, name: &'static str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+        #[cfg(not(feature = "cuda"))]
+        let f = || f().and_then(|_| emu::check_redzones(name));
         let Some(m) = &self.prof.rows else { return f() };
         if self.prof.paused.load(std::sync::atomic::Ordering::Relaxed) {
             return f();
