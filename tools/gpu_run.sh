@@ -4,6 +4,7 @@
 #   bash tools/gpu_run.sh check    # carry .gpu: selftest + the ignored GPU tests + bench 130m/2.7b at 1M, 2.7b at 4M
 #   bash tools/gpu_run.sh peers    # carry .gpu: tools/bench_peers.py (mamba_ssm, HF) with stuffed in the same call,
 #                                  # and a per-kernel time breakdown of 2.7b (STUFFED_PROFILE=1)
+#   bash tools/gpu_run.sh sanitize # carry .gpu: compute-sanitizer's four tools over the tiny checkpoints
 # Step limits sum to 540 s, inside the device's 600 s a call. Logs go to $OUT (the device tool's folder; ./gpu-out elsewhere), each step's also tarred in gpu-<what>.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,18 @@ case $what in
     step profile-2.7b 90 env STUFFED_PROFILE=1 $bin bench --device cuda --preset 2.7b --tokens 256k --decode 32
     step peers-130m 120 python3 tools/bench_peers.py --preset 130m --tokens 1m --stuffed $bin --out "$out/logs/peers-130m.json"
     ;;
-  *) echo "usage: tools/gpu_run.sh check|peers" >&2; exit 2 ;;
+  sanitize)
+    # compute-sanitizer (on the Firecracker machines; gVisor refuses it): out-of-bounds and misaligned
+    # accesses, shared-memory races, reads of never-written device memory, barrier misuse, on the tiny
+    # golden checkpoints (f32 and bf16), chunked with a partial block and token by token.
+    cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    st="selftest --device cuda --tokens 300"
+    step memcheck 150 "$cs" --tool memcheck --error-exitcode 9 $bin $st --chunk 100 --model tests/data/mamba2_official --model tests/data/mamba2_hf_bf16
+    step memcheck-decode 90 "$cs" --tool memcheck --error-exitcode 9 $bin $st --chunk 1 --model tests/data/mamba2_hf_g2_tied
+    step racecheck 120 "$cs" --tool racecheck --error-exitcode 9 $bin $st --chunk 100 --model tests/data/mamba2_official
+    step initcheck 90 "$cs" --tool initcheck --error-exitcode 9 $bin $st --chunk 100 --model tests/data/mamba2_hf_bf16
+    step synccheck 90 "$cs" --tool synccheck --error-exitcode 9 $bin $st --chunk 100 --model tests/data/mamba2_official
+    ;;
+  *) echo "usage: tools/gpu_run.sh check|peers|sanitize" >&2; exit 2 ;;
 esac
 tar czf "$out/gpu-$what.tar.gz" -C "$out" logs

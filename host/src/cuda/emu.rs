@@ -1,5 +1,6 @@
 //! The emulated device (feature `cuda-emu` without `cuda`): buffers are host allocations whose
-//! addresses stand in for device pointers, kernels run from the same `ptx/*.cu` source compiled as
+//! addresses stand in for device pointers (each between poisoned redzones, and poisoned itself until
+//! written, as `cuMemAlloc` leaves memory as it was; [`check_redzones`] runs after every op), kernels run from the same `ptx/*.cu` source compiled as
 //! C++ (`ptx/emu/`), and cuBLAS is its documented column-major GemmEx (`cublas.rs`). The launch
 //! sequence in `mamba2.rs` is the real one, argument slots included.
 use super::{Arg, Blas, Profile, KERNELS};
@@ -105,10 +106,10 @@ pub fn check_redzones(what: &str) -> Result<()> {
         let all = unsafe { std::slice::from_raw_parts((p - REDZONE as u64) as *const u8, end + 2 * REDZONE) };
         let (before, after) = (&all[..REDZONE], &all[REDZONE + bytes..]);
         if let Some(i) = before.iter().rposition(|&b| b != POISON) {
-            bail!("CUDA: {what} wrote {} bytes before the start of a {bytes}-byte buffer", REDZONE - i);
+            bail!("CUDA: {what} wrote outside a {bytes}-byte buffer, at byte -{} before its start", REDZONE - i);
         }
         if let Some(i) = after.iter().position(|&b| b != POISON) {
-            bail!("CUDA: {what} wrote {} bytes past the end of a {bytes}-byte buffer", i + 1);
+            bail!("CUDA: {what} wrote outside a {bytes}-byte buffer, at byte +{i} past its end");
         }
     }
     Ok(())
