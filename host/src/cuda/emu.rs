@@ -1,8 +1,9 @@
 //! The emulated device (feature `cuda-emu` without `cuda`): buffers are host allocations whose
 //! addresses stand in for device pointers (each between poisoned redzones, and poisoned itself until
-//! written, as `cuMemAlloc` leaves memory as it was; [`check_redzones`] runs after every op), kernels run from the same `ptx/*.cu` source compiled as
-//! C++ (`ptx/emu/`), and cuBLAS is its documented column-major GemmEx (`cublas.rs`). The launch
-//! sequence in `mamba2.rs` is the real one, argument slots included.
+//! written, as `cuMemAlloc` leaves memory as it was; [`check_redzones`] runs after every op), kernels
+//! run from the same `ptx/*.cu` source compiled as C++ (`ptx/emu/`), and cuBLAS is its documented
+//! column-major GemmEx (`cublas.rs`). The launch sequence in `mamba2.rs` is the real one, argument
+//! slots included.
 use super::{Arg, Blas, Profile, KERNELS};
 use anyhow::{anyhow, bail, Result};
 use std::ffi::{c_char, c_void, CString};
