@@ -34,19 +34,6 @@ impl DBuf {
         Ok(DBuf { ptr, bytes })
     }
 
-    pub fn zeroed(bytes: usize) -> Result<DBuf> {
-        let b = DBuf::new(bytes)?;
-        b.zero()?;
-        Ok(b)
-    }
-
-    /// A buffer holding `src`.
-    pub fn from<T: bytemuck::Pod>(src: &[T]) -> Result<DBuf> {
-        let mut b = DBuf::new(std::mem::size_of_val(src))?;
-        b.upload(0, src)?;
-        Ok(b)
-    }
-
     pub fn ptr(&self) -> u64 {
         self.ptr
     }

@@ -37,18 +37,6 @@ impl DBuf {
         Ok(b)
     }
 
-    pub fn zeroed(bytes: usize) -> Result<DBuf> {
-        let b = DBuf::new(bytes)?;
-        b.zero()?;
-        Ok(b)
-    }
-
-    pub fn from<T: bytemuck::Pod>(src: &[T]) -> Result<DBuf> {
-        let mut b = DBuf::new(std::mem::size_of_val(src))?;
-        b.upload(0, src)?;
-        Ok(b)
-    }
-
     pub fn ptr(&self) -> u64 {
         self.mem.as_ptr() as u64 + REDZONE as u64
     }

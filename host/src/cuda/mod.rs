@@ -15,6 +15,22 @@ pub use driver::{DBuf, Gpu, Graph};
 #[cfg(not(feature = "cuda"))]
 pub use emu::{DBuf, Gpu, Graph};
 
+impl DBuf {
+    /// A buffer of `bytes` zeros.
+    pub fn zeroed(bytes: usize) -> anyhow::Result<DBuf> {
+        let b = DBuf::new(bytes)?;
+        b.zero()?;
+        Ok(b)
+    }
+
+    /// A buffer holding `src`.
+    pub fn from<T: bytemuck::Pod>(src: &[T]) -> anyhow::Result<DBuf> {
+        let mut b = DBuf::new(std::mem::size_of_val(src))?;
+        b.upload(0, src)?;
+        Ok(b)
+    }
+}
+
 /// One kernel argument: device pointers, ints and floats, each passed from an 8-byte slot.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
