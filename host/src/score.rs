@@ -62,6 +62,8 @@ pub struct GpuOptions {
     pub max_mem: Option<usize>,
     /// Run f32-stored matrices in bf16.
     pub bf16: bool,
+    /// Run bf16-stored matrices in f32.
+    pub f32: bool,
     /// One-token steps through cuBLAS rather than the fused decode kernels.
     pub cublas_decode: bool,
 }
@@ -273,7 +275,8 @@ fn cpu_feed(
 
 #[cfg(gpu)]
 fn cuda_engine(model: &Model, chunk: usize, real: usize, gpu: GpuOptions) -> Result<crate::cuda::mamba2::GpuMamba2> {
-    let force = gpu.bf16.then_some(crate::cuda::DType::Bf16);
+    use crate::cuda::DType;
+    let force = if gpu.f32 { Some(DType::F32) } else { gpu.bf16.then_some(DType::Bf16) };
     let mut g = crate::cuda::mamba2::GpuMamba2::new(model, chunk, gpu.max_mem, force, real)?;
     g.set_cublas_decode(gpu.cublas_decode);
     Ok(g)

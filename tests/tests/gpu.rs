@@ -48,6 +48,16 @@ fn f32_weights_run_as_bf16_within_the_bf16_bound() {
     selftest(&[&g[0], &g[1]], 1000, 300, &["--gpu-bf16"]);
 }
 
+/// `--gpu-f32` upcasts bf16-stored weights: the bf16 checkpoints then hold the f32 bounds (their
+/// default bf16 GEMMs reach NLL max|Δ| ≈ 2e-2, outside them), chunked and token by token.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn bf16_weights_run_as_f32_within_the_f32_bound() {
+    let g = golden();
+    selftest(&[&g[2], &g[4]], 1000, 300, &["--gpu-f32"]);
+    selftest(&[&g[2], &g[4]], 40, 1, &["--gpu-f32"]);
+}
+
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
 fn synth_presets_match_the_cpu() {

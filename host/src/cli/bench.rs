@@ -277,7 +277,7 @@ pub fn selftest(a: SelftestArgs) -> Result<()> {
         let ids = random_ids(a.tokens, real, 7);
         let mut cpu = Scorer::new(&model, a.chunk, real, Device::Cpu, Default::default())?;
         let mut dev = Scorer::new(&model, a.chunk, real, a.device.device, a.device.gpu()?)?;
-        let bf16 = a.device.gpu_bf16 || model.info.weight_dtype == "bf16";
+        let bf16 = !a.device.gpu_f32 && (a.device.gpu_bf16 || model.info.weight_dtype == "bf16");
         let (mut nc, mut nd, mut all_c, mut all_d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for piece in ids.chunks(a.chunk) {
             cpu.score(piece, &mut nc)?;

@@ -68,9 +68,15 @@ pub struct DeviceArgs {
     /// shrinks to fit. Default: the free memory.
     #[arg(long)]
     pub max_gpu_mem: Option<String>,
-    /// With --device cuda: run f32-stored weights as bf16 (bf16-stored ones always are).
-    #[arg(long)]
+    /// With --device cuda: run f32-stored weights as bf16 (bf16-stored ones always are, unless
+    /// --gpu-f32).
+    #[arg(long, conflicts_with = "gpu_f32")]
     pub gpu_bf16: bool,
+    /// With --device cuda: run bf16-stored weights as f32 (upcast on the device: twice the weight
+    /// memory, full-f32 GEMMs, several times slower), for the CPU's NLL to f32 accuracy rather than
+    /// bf16's.
+    #[arg(long)]
+    pub gpu_f32: bool,
     /// With --device cuda: one-token steps (decode) through cuBLAS instead of the fused norm + GEMV
     /// kernels, to compare the two.
     #[arg(long)]
@@ -80,7 +86,12 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     pub fn gpu(&self) -> anyhow::Result<crate::score::GpuOptions> {
         let max_mem = self.max_gpu_mem.as_deref().map(crate::score::parse_bytes).transpose()?;
-        Ok(crate::score::GpuOptions { max_mem, bf16: self.gpu_bf16, cublas_decode: self.gpu_decode_cublas })
+        Ok(crate::score::GpuOptions {
+            max_mem,
+            bf16: self.gpu_bf16,
+            f32: self.gpu_f32,
+            cublas_decode: self.gpu_decode_cublas,
+        })
     }
 }
 
