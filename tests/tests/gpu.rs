@@ -125,6 +125,38 @@ fn forgetting_on_the_gpu_matches_the_cpu() {
     }
 }
 
+/// A GPU run stopped at a checkpoint and resumed gives the uninterrupted run's numbers bit for bit:
+/// the recurrent state and the window's lagged state and ring go through the checkpoint file.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn ppl_on_the_gpu_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = data("../../models/mamba2-tiny-l4-t64-a3-4m").display().to_string();
+    let text = data("../../host/assets/corpus/austen_persuasion.txt").display().to_string();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let (o, nll) = (out.to_str().unwrap().to_string(), out.join("nll.f32").to_str().unwrap().to_string());
+        let args = ["ppl", "--device", "cuda", "--model", &model, "--text", &text, "--max-tokens", "900"];
+        let more = ["--chunk", "256", "--forget", "window:r=100", "--out", &o, "--nll-out", &nll];
+        cli(&[&args[..], &more[..], extra].concat()).unwrap();
+        out
+    };
+    let full = run("full", &[]);
+    let ck = ["--checkpoint-every", "300"];
+    run("part", &[&ck[..], &["--stop-after", "400"]].concat());
+    assert!(dir.path().join("part/ppl.checkpoint.safetensors").exists());
+    let part = run("part", &[&ck[..], &["--resume"]].concat());
+    let json = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("results.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (json(&full), json(&part));
+    for key in ["buckets_linear", "mean_nll", "tokens_scored"] {
+        assert_eq!(a["runs"][0][key], b["runs"][0][key], "{key}");
+    }
+    let nll = |d: &std::path::Path| std::fs::read(d.join("nll.f32")).unwrap();
+    assert_eq!(nll(&full), nll(&part), "NLL streams differ");
+}
+
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
 fn passkey_on_the_gpu_decodes_what_the_cpu_decodes() {
