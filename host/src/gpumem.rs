@@ -79,12 +79,12 @@ pub fn plan(s: &Sizes, want: usize, budget: usize) -> Result<Plan> {
     let min = Plan::of(s, 1, 1);
     if min.bytes > budget {
         bail!(
-            "the weights ({:.2} GiB) and state ({:.2} GiB) need {:.2} GiB of GPU memory; {:.2} GiB is available \
-             (--max-gpu-mem or the free memory)",
-            gib(s.weights),
-            gib(s.state),
-            gib(min.bytes),
-            gib(budget)
+            "the weights ({}) and state ({}) need {} of GPU memory; {} is available (--max-gpu-mem or the \
+             free memory)",
+            size(s.weights),
+            size(s.state),
+            size(min.bytes),
+            size(budget)
         );
     }
     let mut chunk = if want >= GPU_Q { want / GPU_Q * GPU_Q } else { want };
@@ -112,8 +112,11 @@ pub fn plan(s: &Sizes, want: usize, budget: usize) -> Result<Plan> {
     Ok(Plan::of(s, chunk, sub))
 }
 
-fn gib(b: usize) -> f64 {
-    b as f64 / (1u64 << 30) as f64
+/// `b` bytes in GiB, MiB or KiB, whichever reads best.
+fn size(b: usize) -> String {
+    let units = [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    let (name, unit) = units.into_iter().find(|&(_, u)| b >= u).unwrap_or(("KiB", 1 << 10));
+    format!("{:.2} {name}", b as f64 / unit as f64)
 }
 
 #[cfg(test)]
@@ -155,5 +158,9 @@ mod tests {
         let s = Sizes::mamba2(&big(), 2, false);
         let e = plan(&s, 4096, 4 << 30).unwrap_err().to_string();
         assert!(e.contains("GiB of GPU memory") && e.contains("4.00 GiB is available"), "{e}");
+        // Tiny models read in smaller units, not as 0.00 GiB.
+        let tiny = Sizes { weights: 300 << 10, state: 20 << 10, per_token: 1000, per_logit_row: 1028, row: 1 << 10 };
+        let e = plan(&tiny, 64, 100 << 10).unwrap_err().to_string();
+        assert!(e.contains("(300.00 KiB)") && e.contains("100.00 KiB is available"), "{e}");
     }
 }
