@@ -1,10 +1,10 @@
 // A CPU stand-in for the CUDA C that ptx/*.cu use, so the same kernel source runs in `cargo test` on
 // machines without a GPU (feature `cuda-emu`). Each block runs its threads as fibers switched at every
-// __syncthreads; warp shuffles go through block-wide shared slots (every call site is reached by all
-// threads of the block); `__shared__` statics are shared because blocks run one at a time.
+// __syncthreads and warp-collective point (emu.cpp schedules them); warp shuffles go through per-thread
+// slots; `__shared__` statics are shared because blocks run one at a time.
 // WMMA fragments hold their whole tile and lane 0 of each warp does the warp's load/mma/store (kernels
 // must not touch fragment elements); loads and stores check the hardware's alignment rules.
-// Not emulated: the PTX compiler, timing, and races that neither thread order (forward, backward) exposes.
+// Not emulated: the PTX compiler, timing, and races that neither order (forward, backward) exposes.
 #pragma once
 #define CUDA_EMU
 #include <algorithm>
@@ -32,6 +32,8 @@ extern dim3 emu_threadIdx, emu_blockIdx, emu_blockDim, emu_gridDim;
 
 float* emu_dyn_smem();
 void __syncthreads();
+void emu_syncwarp();
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_syncwarp(); }
 float emu_shfl_xor(float v, int lane_mask);
 inline float __shfl_xor_sync(unsigned, float v, int o) { return emu_shfl_xor(v, o); }
 
@@ -111,10 +113,13 @@ template <> inline bool emu_is_row<col_major>() { return false; }
 template <typename Use, int M, int N, int K, typename T, typename L>
 void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const float* p, unsigned ldm) {
     emu_check(p, ldm);
-    if (!emu_lane0()) return;
+    // Warp-collective: it reads after every lane arrives, and no lane goes on before it has read.
+    emu_syncwarp();
     typedef fragment<Use, M, N, K, T, L> F;
-    for (int r = 0; r < F::R; r++)
-        for (int c = 0; c < F::C; c++) f.v[r * F::C + c] = emu_is_row<L>() ? p[r * ldm + c] : p[c * ldm + r];
+    if (emu_lane0())
+        for (int r = 0; r < F::R; r++)
+            for (int c = 0; c < F::C; c++) f.v[r * F::C + c] = emu_is_row<L>() ? p[r * ldm + c] : p[c * ldm + r];
+    emu_syncwarp();
 }
 template <int M, int N, int K>
 void fill_fragment(fragment<accumulator, M, N, K, float>& f, float x) {
@@ -137,9 +142,10 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t l) {
     emu_check(p, ldm);
-    if (!emu_lane0()) return;
-    for (int r = 0; r < M; r++)
-        for (int c = 0; c < N; c++) (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.v[r * N + c];
+    if (emu_lane0())
+        for (int r = 0; r < M; r++)
+            for (int c = 0; c < N; c++) (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.v[r * N + c];
+    emu_syncwarp();  // warp-collective: the tile is whole when any lane goes on
 }
 }  // namespace wmma
 }  // namespace nvcuda

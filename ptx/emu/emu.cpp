@@ -9,10 +9,15 @@
 #include <ucontext.h>
 #include <vector>
 
-// Threads of a block are fibers on one OS thread: each runs until its next __syncthreads (or the end
-// of its block), in rounds, so every thread reaches barrier k before any passes it. Fibers start
-// with makecontext/setcontext once per launch and then switch with _setjmp/_longjmp (no system calls);
-// each fiber walks all blocks of the launch, yielding at the end of each.
+// Threads of a block are fibers on one OS thread, switched at barriers: `__syncthreads` (the block)
+// and warp-collective points (shuffles, WMMA loads and stores). Between two block barriers the warps
+// run one after another, all the way through their shuffles, in one order in a segment and the
+// reverse in the next; inside a warp the lanes run in turn between warp barriers, also alternating.
+// So a read of another thread's write that lacks its barrier sees stale data in one of the orders:
+// between warps, a shuffle is no barrier (as on the hardware, where warps run independently), and
+// between lanes only a warp-collective point is. A shuffle not reached by every lane of its warp is
+// an error. Fibers start with makecontext/setcontext once per launch and then switch with
+// _setjmp/_longjmp (no system calls); each fiber walks all blocks of the launch.
 #include <csetjmp>
 
 dim3 emu_threadIdx, emu_blockIdx, emu_blockDim, emu_gridDim;
@@ -20,40 +25,74 @@ dim3 emu_threadIdx, emu_blockIdx, emu_blockDim, emu_gridDim;
 struct Jmp {
     jmp_buf b;
 };
+// Where a fiber stopped: runnable, at a warp barrier, at a block barrier, or done with the block.
+enum Wait : char { RUN, WARP, BLOCK, END };
 static std::vector<float> g_smem;  // dynamic shared memory, its start 32-byte aligned
 static float* g_smem0;
 static std::vector<float> g_shfl;
 static std::vector<ucontext_t> g_ctx;
 static std::vector<std::vector<char>> g_stacks;
 static std::vector<Jmp> g_jb;
-static std::vector<unsigned> g_blk;  // blocks each fiber has finished
+static std::vector<Wait> g_wait;
 static std::vector<char> g_started;
 static jmp_buf g_main;
 static unsigned g_cur, g_nblocks;
+static bool g_diverged;
 static const std::function<void()>* g_body;
 static const size_t STACK = 128 << 10;
 
 float* emu_dyn_smem() { return g_smem0; }
-void __syncthreads() {
+static void wait_at(Wait w) {
+    g_wait[g_cur] = w;
     if (!_setjmp(g_jb[g_cur].b)) _longjmp(g_main, 1);
 }
+void __syncthreads() { wait_at(BLOCK); }
+void emu_syncwarp() { wait_at(WARP); }
 float emu_shfl_xor(float v, int o) {
     unsigned t = threadIdx.x;
     g_shfl[t] = v;
-    __syncthreads();
+    emu_syncwarp();
     float r = g_shfl[t ^ (unsigned)o];
-    __syncthreads();
+    emu_syncwarp();
     return r;
 }
 
 static void fiber_entry() {
-    unsigned me = g_cur;
     for (unsigned b = 0; b < g_nblocks; b++) {
         (*g_body)();
-        g_blk[me] = b + 1;
-        __syncthreads();
+        wait_at(END);
     }
-    _longjmp(g_main, 1);  // done: never resumed again
+    _longjmp(g_main, 1);  // never resumed after the last block
+}
+
+static void resume(unsigned t) {
+    g_cur = t;
+    emu_threadIdx = dim3{t, 0, 0};
+    g_wait[t] = RUN;
+    if (!_setjmp(g_main)) {
+        if (!g_started[t]) {
+            g_started[t] = 1;
+            setcontext(&g_ctx[t]);
+        }
+        _longjmp(g_jb[t].b, 1);
+    }
+}
+
+// Runs warp `w` up to its next block barrier (or the end of the block): its lanes in turn, released
+// together at each warp barrier. False if some lanes wait at a warp barrier the others never reach.
+static bool run_warp(unsigned w, unsigned block, unsigned order) {
+    unsigned lo = w * 32, hi = std::min(lo + 32, block);
+    for (unsigned sub = order;; sub++) {
+        for (unsigned i = lo; i < hi; i++) {
+            unsigned t = sub % 2 ? hi - 1 - (i - lo) : i;
+            if (g_wait[t] == RUN) resume(t);
+        }
+        unsigned at_warp = 0;
+        for (unsigned t = lo; t < hi; t++) at_warp += g_wait[t] == WARP;
+        if (at_warp == 0) return true;
+        if (at_warp != hi - lo) return false;
+        for (unsigned t = lo; t < hi; t++) g_wait[t] = RUN;
+    }
 }
 
 static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const std::function<void()>& body) {
@@ -64,8 +103,8 @@ static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const
     g_shfl.assign(block, 0.0f);
     g_ctx.resize(block);
     g_jb.resize(block);
-    g_blk.assign(block, 0);
     g_started.assign(block, 0);
+    g_diverged = false;
     while (g_stacks.size() < block) g_stacks.emplace_back(STACK);
     emu_blockDim = dim3{block, 1, 1};
     emu_gridDim = dim3{gx, gy, 1};
@@ -76,28 +115,22 @@ static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const
         g_ctx[t].uc_link = nullptr;
         makecontext(&g_ctx[t], fiber_entry, 0);
     }
+    unsigned warps = (block + 31) / 32;
     for (unsigned b = 0; b < g_nblocks; b++) {
         emu_blockIdx = dim3{b % gx, b / gx, 0};
-        // Between barriers the threads run in turn, forward in one round and backward in the next
-        // (starting direction alternating by block), so a read of another thread's write that lacks
-        // a barrier sees stale data in one of the two orders and the tests catch it.
-        for (unsigned round = b; true; round++) {
-            bool left = false;
-            for (unsigned i = 0; i < block; i++) {
-                unsigned t = round % 2 ? block - 1 - i : i;
-                if (g_blk[t] != b) continue;
-                g_cur = t;
-                emu_threadIdx = dim3{t, 0, 0};
-                if (!_setjmp(g_main)) {
-                    if (!g_started[t]) {
-                        g_started[t] = 1;
-                        setcontext(&g_ctx[t]);
-                    }
-                    _longjmp(g_jb[t].b, 1);
+        g_wait.assign(block, RUN);
+        for (unsigned seg = b;; seg++) {
+            for (unsigned i = 0; i < warps; i++) {
+                if (!run_warp(seg % 2 ? warps - 1 - i : i, block, seg)) {
+                    std::fprintf(stderr, "cuda-emu: block %u: a warp's lanes diverge at a shuffle or WMMA op\n", b);
+                    g_diverged = true;
+                    return;
                 }
-                left |= g_blk[t] == b;
             }
-            if (!left) break;
+            bool more = false;
+            for (unsigned t = 0; t < block; t++)
+                if (g_wait[t] == BLOCK) g_wait[t] = RUN, more = true;
+            if (!more) break;
         }
     }
 }
@@ -219,5 +252,5 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     static std::mutex lock;
     std::lock_guard<std::mutex> guard(lock);
     run(gx, gy, block, shared, f);
-    return 0;
+    return g_diverged ? 1 : 0;
 }
