@@ -119,6 +119,8 @@ static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const
     for (unsigned b = 0; b < g_nblocks; b++) {
         emu_blockIdx = dim3{b % gx, b / gx, 0};
         g_wait.assign(block, RUN);
+        // A block's dynamic shared memory starts as garbage on the hardware: NaN here.
+        std::fill(g_smem.begin(), g_smem.end(), __uint_as_float(0x7fffffffu));
         for (unsigned seg = b;; seg++) {
             for (unsigned i = 0; i < warps; i++) {
                 if (!run_warp(seg % 2 ? warps - 1 - i : i, block, seg)) {
