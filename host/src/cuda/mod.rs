@@ -94,8 +94,8 @@ pub(crate) const KERNELS: &[&str] = &[
 pub type ProfileRow = (&'static str, u64, f64);
 
 /// `STUFFED_PROFILE=1`: every launch, GEMM and graph replay runs alone (a sync before and after) and
-/// its wall time is summed per name, for the per-kernel breakdown `stuffed bench` prints. Off, it
-/// costs nothing.
+/// its wall time is summed per name, for the per-kernel breakdown `stuffed bench` prints; a kernel
+/// that faults is named. Off, it costs nothing.
 pub struct Profile {
     rows: Option<std::sync::Mutex<Vec<ProfileRow>>>,
     /// Set while a graph is captured: nothing may sync the stream then.
@@ -128,7 +128,8 @@ impl Gpu {
         self.sync()?;
         let t0 = std::time::Instant::now();
         f()?;
-        self.sync()?;
+        // Synced after each op, a kernel's fault is named here (unprofiled, it surfaces at a later sync).
+        self.sync().map_err(|e| e.context(format!("CUDA: {name} failed")))?;
         let dt = t0.elapsed().as_secs_f64();
         let mut rows = m.lock().map_err(|_| anyhow::anyhow!("profile lock poisoned"))?;
         match rows.iter_mut().find(|r| r.0 == name) {
