@@ -37,7 +37,6 @@ static std::vector<Wait> g_wait;
 static std::vector<char> g_started;
 static jmp_buf g_main;
 static unsigned g_cur, g_nblocks;
-static bool g_diverged;
 static const std::function<void()>* g_body;
 static const size_t STACK = 128 << 10;
 
@@ -95,7 +94,8 @@ static bool run_warp(unsigned w, unsigned block, unsigned order) {
     }
 }
 
-static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const std::function<void()>& body) {
+// Runs a launch; false if a warp's lanes diverged at a collective point (said on stderr).
+static bool run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const std::function<void()>& body) {
     g_body = &body;
     g_nblocks = gx * gy;
     g_smem.assign(shared / 4 + 9, 0.0f);
@@ -104,7 +104,6 @@ static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const
     g_ctx.resize(block);
     g_jb.resize(block);
     g_started.assign(block, 0);
-    g_diverged = false;
     while (g_stacks.size() < block) g_stacks.emplace_back(STACK);
     emu_blockDim = dim3{block, 1, 1};
     emu_gridDim = dim3{gx, gy, 1};
@@ -125,8 +124,7 @@ static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const
             for (unsigned i = 0; i < warps; i++) {
                 if (!run_warp(seg % 2 ? warps - 1 - i : i, block, seg)) {
                     std::fprintf(stderr, "cuda-emu: block %u: a warp's lanes diverge at a shuffle or WMMA op\n", b);
-                    g_diverged = true;
-                    return;
+                    return false;
                 }
             }
             bool more = false;
@@ -135,6 +133,7 @@ static void run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const
             if (!more) break;
         }
     }
+    return true;
 }
 
 #include "../mamba2.cu"
@@ -253,6 +252,5 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
     // One launch at a time: the fiber scheduler's state is global (tests run launches from several threads).
     static std::mutex lock;
     std::lock_guard<std::mutex> guard(lock);
-    run(gx, gy, block, shared, f);
-    return g_diverged ? 1 : 0;
+    return run(gx, gy, block, shared, f) ? 0 : 1;
 }

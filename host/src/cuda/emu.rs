@@ -21,6 +21,10 @@ const POISON: u8 = 0xFF;
 /// Live emulated buffers (their first byte and length), for the after-each-op redzone check.
 static LIVE: std::sync::Mutex<Vec<(u64, usize)>> = std::sync::Mutex::new(Vec::new());
 
+fn live() -> Result<std::sync::MutexGuard<'static, Vec<(u64, usize)>>> {
+    LIVE.lock().map_err(|_| anyhow!("CUDA: emulator lock poisoned"))
+}
+
 /// A host allocation standing in for device memory: 16-byte aligned, `REDZONE` poisoned bytes on each
 /// side (checked after every kernel and GEMM, [`check_redzones`]), its own bytes poisoned until
 /// written unless made by [`DBuf::zeroed`]; freed on drop.
@@ -33,7 +37,7 @@ impl DBuf {
     pub fn new(bytes: usize) -> Result<DBuf> {
         let words = (2 * REDZONE + bytes.max(1).next_multiple_of(16)) / 16;
         let b = DBuf { mem: vec![u128::from_ne_bytes([POISON; 16]); words], bytes };
-        LIVE.lock().map_err(|_| anyhow!("CUDA: emulator lock poisoned"))?.push((b.ptr(), bytes));
+        live()?.push((b.ptr(), bytes));
         Ok(b)
     }
 
@@ -88,7 +92,7 @@ impl Drop for DBuf {
 /// After kernel or GEMM `what`: an error naming it if any live buffer's redzone was written, which on
 /// a GPU is a write into another allocation or an illegal address.
 pub fn check_redzones(what: &str) -> Result<()> {
-    let live = LIVE.lock().map_err(|_| anyhow!("CUDA: emulator lock poisoned"))?;
+    let live = live()?;
     for &(p, bytes) in live.iter() {
         let end = bytes.max(1).next_multiple_of(16);
         // SAFETY: a live buffer (removed from LIVE before it is freed) spans p - REDZONE .. p + end + REDZONE.
@@ -147,7 +151,7 @@ impl Gpu {
 
     /// Device-to-device copy of `bytes`, in stream order.
     pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
-        let live = LIVE.lock().map_err(|_| anyhow!("CUDA: emulator lock poisoned"))?;
+        let live = live()?;
         let inside = |a: u64| live.iter().any(|&(p, n)| a >= p && a + bytes as u64 <= p + n as u64);
         if !inside(src) || !inside(dst) {
             bail!("CUDA: a copy of {bytes} bytes reaches outside its buffers");
