@@ -138,6 +138,16 @@ fn weight(t: TensorView<'static>, shape: &[usize]) -> Result<Weight<'static>> {
     Ok(Weight::new(data, rows, cols)?)
 }
 
+/// Fails when config.json states more layers than the weights hold (`key` names a tensor of layer
+/// `{}`), before anything is sized by that count.
+pub(crate) fn fewer_layers(ck: &Checkpoint, n_layer: usize, key: &str, cfg: &dyn std::fmt::Display) -> Result<()> {
+    let last = key.replace("{}", &n_layer.saturating_sub(1).to_string());
+    if n_layer > 0 && ck.get(&last).is_none() {
+        bail!("{cfg}: config.json states {n_layer} layers but the weights have fewer (no tensor {last})");
+    }
+    Ok(())
+}
+
 fn load_mamba2(
     ck: &'static Checkpoint,
     ckpt: Box<Checkpoint>,
@@ -162,6 +172,7 @@ fn load_mamba2(
     c.validate().with_context(|| cfg_path.display().to_string())?;
     let (d, di, h, cd, k) = (c.d_model, c.d_inner(), c.n_heads, c.conv_dim(), c.d_conv);
     let nin = c.in_proj_rows();
+    fewer_layers(ck, c.n_layer, "backbone.layers.{}.mixer.A_log", &cfg_path.display())?;
     let mut layers = Vec::with_capacity(c.n_layer);
     for l in 0..c.n_layer {
         let p = format!("backbone.layers.{l}.");

@@ -51,8 +51,13 @@ impl Input {
     }
 }
 
+/// Opens a text; an empty regular file is an error (a wrong path or redirect, not a document).
 fn open(p: &Path) -> Result<std::fs::File> {
-    std::fs::File::open(p).map_err(|e| anyhow!("{}: cannot open text: {e}", p.display()))
+    let f = std::fs::File::open(p).map_err(|e| anyhow!("{}: cannot open text: {e}", p.display()))?;
+    if f.metadata().is_ok_and(|m| m.is_file() && m.len() == 0) {
+        bail!("{}: empty text (0 bytes)", p.display());
+    }
+    Ok(f)
 }
 
 /// Where a text may be cut without changing its tokens: before a newline that follows a

@@ -114,6 +114,34 @@ fn unknown_architecture_and_mamba1() {
     assert_mentions(&load_err(dir.path()), &["config.json", "missing"]);
 }
 
+/// A config.json layer count the weights do not have is one error naming both counts, checked before
+/// anything is sized by it (10¹² layers used to abort on a 440 GB allocation).
+#[test]
+fn layer_count_disagrees_with_the_weights() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data");
+    for (model, key, n, want) in [
+        (
+            "mamba2_hf_g1_untied",
+            "num_hidden_layers",
+            1_000_000_000_000u64,
+            "fewer (no tensor backbone.layers.999999999999.",
+        ),
+        ("mamba2_hf_g1_untied", "num_hidden_layers", 3, "fewer (no tensor backbone.layers.2.mixer.A_log)"),
+        ("hgrn2_tiny", "num_hidden_layers", 3, "fewer (no tensor model.layers.2.attn_norm.weight)"),
+        ("rwkv6_tiny_hf", "num_hidden_layers", 3, "the weights have 2"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(data.join(model).join(f), dir.path().join(f)).unwrap();
+        }
+        let cfg = dir.path().join("config.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        json[key] = n.into();
+        std::fs::write(&cfg, json.to_string()).unwrap();
+        assert_mentions(&load_err(dir.path()), &["config.json", &format!("states {n} layers"), want]);
+    }
+}
+
 #[test]
 fn missing_tensor() {
     let dir = copy_tiny();
@@ -207,6 +235,33 @@ fn token_id_out_of_range() {
 fn missing_text_file() {
     let err = format!("{:#}", cli(&["tokenize", "--file", "/nonexistent/text.txt"]).unwrap_err());
     assert_mentions(&err, &["/nonexistent/text.txt", "cannot read"]);
+}
+
+/// An empty text file (a wrong path or redirect) is an error before any model runs, not an empty result.
+#[test]
+fn empty_text_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("empty.txt");
+    std::fs::write(&text, "").unwrap();
+    let (m, t) = (tiny(), text.to_str().unwrap().to_string());
+    for cmd in ["ppl", "probe"] {
+        let out = dir.path().join(cmd);
+        let args = [cmd, "--model", m.to_str().unwrap(), "--text", &t, "--out", out.to_str().unwrap()];
+        let err = format!("{:#}", cli(&args).unwrap_err());
+        assert_mentions(&err, &["empty.txt", "empty text"]);
+        assert!(!out.join("results.json").exists(), "{cmd}: no result may be written for an empty text");
+    }
+}
+
+/// A zero count (a typo that would run for nothing or fail every sample) is one error line naming it.
+#[test]
+fn zero_counts_are_errors() {
+    let m = tiny();
+    let m = m.to_str().unwrap();
+    for (flag, want) in [("--samples", "--samples"), ("--max-new", "--max-new"), ("--chunk", "--chunk")] {
+        let err = format!("{:#}", cli(&["passkey", "--model", m, "--lengths", "1k", flag, "0"]).unwrap_err());
+        assert_mentions(&err, &[want, "positive"]);
+    }
 }
 
 /// A NaN in the weights reaches the state: the run stops with a clear error, not garbage.

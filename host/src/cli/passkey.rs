@@ -57,8 +57,8 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
             bail!("--depths: each depth must be in [0, 1]");
         }
     }
-    if a.samples == 0 || a.chunk == 0 {
-        bail!("--samples and --chunk must be positive");
+    if a.samples == 0 || a.chunk == 0 || a.max_new == 0 {
+        bail!("--samples, --chunk and --max-new must be positive");
     }
     let shard = a.shard.as_deref().map(parse_shard).transpose()?;
     let o = Options {

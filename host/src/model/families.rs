@@ -1,6 +1,6 @@
 //! RWKV-5.2 / RWKV-6 (BlinkDL `.pth`, or HF-format `RWKV/v5-Eagle-*-HF` / `v6-Finch-*-HF`) and
 //! HGRN-2 (fla-hub safetensors + config.json): FORMATS.md §3 and §4.
-use super::{dtype_name, Model, ModelInfo, Net};
+use super::{dtype_name, fewer_layers, Model, ModelInfo, Net};
 use crate::checkpoint::{Checkpoint, DType, Format, TensorView};
 use crate::config;
 use crate::forget::ForgetSpec;
@@ -194,6 +194,10 @@ fn load_rwkv(path: &Path, json: Option<&Value>, cfg_path: &Path) -> Result<Model
             fname.display()
         );
     }
+    let stated = json.and_then(|j| j.get("num_hidden_layers")).and_then(Value::as_u64);
+    if let Some(s) = stated.filter(|&s| s != n_layer as u64) {
+        bail!("{}: config.json states {s} layers but the weights have {n_layer}", cfg_path.display());
+    }
     let eps = json.and_then(|j| j.get("layer_norm_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5) as f32;
     let cfg = rwkv::Config {
         version: ver,
@@ -348,6 +352,7 @@ fn load_hgrn2(path: &Path, json: &Value, cfg_path: &Path) -> Result<Model> {
     let cfg = hgrn2::Config { d_model: c, n_layer, expand, d_mlp: im, vocab_rows: vrows, eps, g_eps: 1e-5 };
     cfg.validate().with_context(|| p.to_string())?;
     let use_lb = get_b("use_lower_bound").unwrap_or(true);
+    fewer_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
     let lower_bounds = if use_lb { Some(view(ck.require("model.lower_bounds")?, n_layer, c)?) } else { None };
     let mut layers = Vec::with_capacity(n_layer);
     for l in 0..n_layer {
