@@ -149,6 +149,63 @@ fn ppl_peak_memory_is_constant() {
     assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
 }
 
+/// A run killed (SIGKILL, no chance to clean up) after a timed checkpoint — which every run writes by
+/// default — resumes to the uninterrupted run's numbers and NLL stream, bit for bit.
+#[test]
+fn killed_ppl_resumes_from_its_timed_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow. Here we go again.\n".repeat(40))
+        .unwrap();
+    let model = data("mamba2_neox_tiny");
+    let args = |out: &str| {
+        let (m, t, o) = (model.to_str().unwrap(), text.to_str().unwrap(), dir.path().join(out));
+        let nll = o.join("nll.f32");
+        [
+            "ppl",
+            "--model",
+            m,
+            "--text",
+            t,
+            "--repeat-to",
+            "20000",
+            "--chunk",
+            "256",
+            "--checkpoint-secs",
+            "0.02",
+            "--out",
+            o.to_str().unwrap(),
+            "--nll-out",
+            nll.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let (code, _, err) = stuffed(&args("full").each_ref().map(String::as_str));
+    assert_eq!(code, 0, "{err}");
+    let part = dir.path().join("part");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stuffed")).args(args("part")).spawn().unwrap();
+    let ckpt = part.join("ppl.checkpoint.safetensors");
+    while !ckpt.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first timed checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!part.join("results.json").exists(), "killed before the end");
+    let resume = [&args("part")[..], &["--resume".to_string()]].concat();
+    let (code, _, err) = stuffed(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let res = |d: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(d).join("results.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (res("full"), res("part"));
+    for key in ["buckets_linear", "mean_nll", "tokens_scored", "tokens_fed"] {
+        assert_eq!(a["runs"][0][key], b["runs"][0][key], "{key}");
+    }
+    let nll = |d: &str| std::fs::read(dir.path().join(d).join("nll.f32")).unwrap();
+    assert_eq!(nll("full"), nll("part"), "NLL streams differ");
+}
+
 /// `stuffed ppl` with no --model and no --text runs the embedded pair, from any working directory.
 #[test]
 fn ppl_default_runs_the_shipped_pair() {

@@ -34,6 +34,10 @@ pub struct PplArgs {
     /// Write a resumable checkpoint every N tokens.
     #[arg(long)]
     checkpoint_every: Option<u64>,
+    /// Also write one when this many seconds passed since the last (0: only by tokens), so a killed
+    /// run loses at most that much work; --resume continues it.
+    #[arg(long, default_value_t = 600.0)]
+    checkpoint_secs: f64,
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -76,6 +80,9 @@ pub fn run(mut a: PplArgs) -> Result<()> {
     if a.bucket == 0 || a.chunk == 0 {
         bail!("ppl: --bucket and --chunk must be positive");
     }
+    if a.checkpoint_secs.is_nan() || a.checkpoint_secs < 0.0 {
+        bail!("ppl: --checkpoint-secs must be a number of seconds ≥ 0");
+    }
     let forget = a
         .forget
         .iter()
@@ -89,6 +96,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         concat: a.concat,
         repeat_to: a.repeat_to,
         checkpoint_every: a.checkpoint_every,
+        checkpoint_secs: Some(a.checkpoint_secs).filter(|&s| s > 0.0),
         stop_after: a.stop_after,
         nll_out: a.nll_out,
         tokenizer: a.tokenizer,

@@ -27,6 +27,10 @@ pub struct Options {
     pub concat: bool,
     pub repeat_to: Option<u64>,
     pub checkpoint_every: Option<u64>,
+    /// Also checkpoint when this many seconds passed since the last one (so a killed run loses at
+    /// most that much work even without `checkpoint_every`).
+    #[serde(default)]
+    pub checkpoint_secs: Option<f64>,
     pub stop_after: Option<u64>,
     pub nll_out: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
@@ -307,7 +311,7 @@ fn save_checkpoint(out: &Path, snap: &Snapshot, state: &[f32], pending: Option<&
 fn load_checkpoint(out: &Path) -> Result<(Snapshot, Vec<f32>, Option<Vec<f32>>)> {
     let path = out.join(CKPT);
     if !path.exists() {
-        bail!("{}: no checkpoint to resume from (run with --checkpoint-every N first)", path.display());
+        bail!("{}: no checkpoint to resume from (a run writes one every --checkpoint-secs, --checkpoint-every tokens and at --stop-after)", path.display());
     }
     let bytes = std::fs::read(&path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -420,6 +424,7 @@ fn run_model(
     let started = Instant::now();
     let seconds_before = acc.seconds;
     let mut since_ckpt = 0u64;
+    let mut last_ckpt = Instant::now();
     let mut nll = Vec::with_capacity(o.chunk + 1);
     for (di, parts) in docs.iter().enumerate().skip(first_doc) {
         let mut stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
@@ -486,8 +491,10 @@ fn run_model(
             progress.set(acc.tokens_fed);
             let stop = o.stop_after.is_some_and(|n| *processed >= n);
             let at_boundary = t == o.chunk && !(exhausted && queue.is_empty());
-            if at_boundary && (stop || o.checkpoint_every.is_some_and(|n| since_ckpt >= n)) {
-                since_ckpt = 0;
+            let due = o.checkpoint_every.is_some_and(|n| since_ckpt >= n)
+                || o.checkpoint_secs.is_some_and(|s| last_ckpt.elapsed().as_secs_f64() >= s);
+            if at_boundary && (stop || due) {
+                (since_ckpt, last_ckpt) = (0, Instant::now());
                 acc.seconds = seconds_before + started.elapsed().as_secs_f64();
                 let nll_len = match (&nll_path, nll_file.as_mut()) {
                     (Some(p), Some(f)) => {
