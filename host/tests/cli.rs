@@ -149,61 +149,76 @@ fn ppl_peak_memory_is_constant() {
     assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
 }
 
-/// A run killed (SIGKILL, no chance to clean up) after a timed checkpoint — which every run writes by
-/// default — resumes to the uninterrupted run's numbers and NLL stream, bit for bit.
-#[test]
-fn killed_ppl_resumes_from_its_timed_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("t.txt");
-    std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow. Here we go again.\n".repeat(40))
-        .unwrap();
-    let model = data("mamba2_neox_tiny");
-    let args = |out: &str| {
-        let (m, t, o) = (model.to_str().unwrap(), text.to_str().unwrap(), dir.path().join(out));
-        let nll = o.join("nll.f32");
-        [
-            "ppl",
-            "--model",
-            m,
-            "--text",
-            t,
-            "--repeat-to",
-            "20000",
-            "--chunk",
-            "256",
-            "--checkpoint-secs",
-            "0.02",
-            "--out",
-            o.to_str().unwrap(),
-            "--nll-out",
-            nll.to_str().unwrap(),
-        ]
-        .map(String::from)
+/// Runs `args(out)` to the end with `--out dir/full`; runs it again with `--out dir/part`, kills it
+/// (SIGKILL: no chance to clean up) once its timed checkpoint `ckpt` appears, and resumes it.
+fn kill_and_resume(dir: &std::path::Path, args: impl Fn(&std::path::Path) -> Vec<String>, ckpt: &str) {
+    let run = |out: &str| {
+        let o = dir.join(out);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stuffed"));
+        cmd.args(args(&o)).args(["--checkpoint-secs", "0.02", "--out"]).arg(&o);
+        cmd
     };
-    let (code, _, err) = stuffed(&args("full").each_ref().map(String::as_str));
-    assert_eq!(code, 0, "{err}");
-    let part = dir.path().join("part");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stuffed")).args(args("part")).spawn().unwrap();
-    let ckpt = part.join("ppl.checkpoint.safetensors");
+    let full = run("full").output().unwrap();
+    assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
+    let mut child = run("part").spawn().unwrap();
+    let ckpt = dir.join("part").join(ckpt);
     while !ckpt.exists() {
         assert!(child.try_wait().unwrap().is_none(), "the run ended before its first timed checkpoint");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!part.join("results.json").exists(), "killed before the end");
-    let resume = [&args("part")[..], &["--resume".to_string()]].concat();
-    let (code, _, err) = stuffed(&resume.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(code, 0, "{err}");
+    let resumed = run("part").arg("--resume").output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(!ckpt.exists(), "the checkpoint is removed when the run is done");
+}
+
+/// A ppl run killed after a timed checkpoint — which every run writes by default — resumes to the
+/// uninterrupted run's numbers and NLL stream, bit for bit.
+#[test]
+fn killed_ppl_resumes_from_its_timed_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow. Here we go again.\n".repeat(40))
+        .unwrap();
+    let (m, t) = (data("mamba2_neox_tiny"), text.display().to_string());
+    let args = |out: &std::path::Path| {
+        let nll = out.join("nll.f32").display().to_string();
+        let m = m.display().to_string();
+        ["ppl", "--model", &m, "--text", &t, "--repeat-to", "20000", "--chunk", "256", "--nll-out", &nll]
+            .map(String::from)
+            .to_vec()
+    };
+    kill_and_resume(dir.path(), args, "ppl.checkpoint.safetensors");
+    let at = |d: &str, f: &str| dir.path().join(d).join(f);
     let res = |d: &str| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join(d).join("results.json")).unwrap()).unwrap()
+        serde_json::from_str(&std::fs::read_to_string(at(d, "results.json")).unwrap()).unwrap()
     };
     let (a, b) = (res("full"), res("part"));
     for key in ["buckets_linear", "mean_nll", "tokens_scored", "tokens_fed"] {
         assert_eq!(a["runs"][0][key], b["runs"][0][key], "{key}");
     }
-    let nll = |d: &str| std::fs::read(dir.path().join(d).join("nll.f32")).unwrap();
-    assert_eq!(nll("full"), nll("part"), "NLL streams differ");
+    assert_eq!(std::fs::read(at("full", "nll.f32")).unwrap(), std::fs::read(at("part", "nll.f32")).unwrap());
+}
+
+/// A probe killed after a timed checkpoint resumes to the uninterrupted probe's files, byte for byte:
+/// every CSV, the whole-state snapshots (one before the kill, one after) and probe.json.
+#[test]
+fn killed_probe_resumes_from_its_timed_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/austen_persuasion.txt");
+    let (m, t) = (data("mamba2_neox_tiny").display().to_string(), text.display().to_string());
+    let args = |_: &std::path::Path| {
+        ["probe", "--model", &m, "--text", &t, "--max-tokens", "60000", "--every", "16", "--snapshot-at", "100,59000"]
+            .map(String::from)
+            .to_vec()
+    };
+    kill_and_resume(dir.path(), args, "probe.checkpoint.safetensors");
+    for f in ["retention.csv", "state_stats.csv", "conv_stats.csv", "inputs.csv", "snapshots.safetensors", "probe.json"]
+    {
+        let read = |d: &str| std::fs::read(dir.path().join(d).join(f)).unwrap();
+        assert!(read("full") == read("part"), "{f} differs after a resume");
+    }
 }
 
 /// `stuffed ppl` with no --model and no --text runs the embedded pair, from any working directory.

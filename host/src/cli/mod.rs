@@ -203,3 +203,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         },
     }
 }
+
+/// `--checkpoint-secs S` of `cmd`: seconds between timed checkpoints, `None` for 0 (off).
+fn checkpoint_secs(cmd: &str, s: f64) -> anyhow::Result<Option<f64>> {
+    if s.is_nan() || s < 0.0 {
+        anyhow::bail!("{cmd}: --checkpoint-secs must be a number of seconds ≥ 0");
+    }
+    Ok(Some(s).filter(|&s| s > 0.0))
+}

@@ -80,9 +80,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
     if a.bucket == 0 || a.chunk == 0 {
         bail!("ppl: --bucket and --chunk must be positive");
     }
-    if a.checkpoint_secs.is_nan() || a.checkpoint_secs < 0.0 {
-        bail!("ppl: --checkpoint-secs must be a number of seconds ≥ 0");
-    }
+    let checkpoint_secs = super::checkpoint_secs("ppl", a.checkpoint_secs)?;
     let forget = a
         .forget
         .iter()
@@ -96,7 +94,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         concat: a.concat,
         repeat_to: a.repeat_to,
         checkpoint_every: a.checkpoint_every,
-        checkpoint_secs: Some(a.checkpoint_secs).filter(|&s| s > 0.0),
+        checkpoint_secs,
         stop_after: a.stop_after,
         nll_out: a.nll_out,
         tokenizer: a.tokenizer,

@@ -38,6 +38,13 @@ pub struct ProbeArgs {
     chunk: usize,
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Write a resumable checkpoint at a report when this many seconds passed since the last one
+    /// (0: never), so a killed probe loses at most that much work.
+    #[arg(long, default_value_t = 600.0)]
+    checkpoint_secs: f64,
+    /// Continue from the checkpoint in --out (same model, inputs and options).
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -47,6 +54,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
     if a.every == 0 {
         bail!("probe: --every must be positive");
     }
+    let checkpoint_secs = super::checkpoint_secs("probe", a.checkpoint_secs)?;
     let snapshot_at = match &a.snapshot_at {
         Some(s) => crate::eval::passkey::parse_lengths(s)?,
         None => Vec::new(),
@@ -63,6 +71,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         tokenizer: a.tokenizer,
         device: a.device.device,
         gpu: a.device.gpu()?,
+        checkpoint_secs,
     };
-    probe::run(&a.model, &inputs, &o, &a.out)
+    probe::run(&a.model, &inputs, &o, &a.out, a.resume)
 }

@@ -3,10 +3,9 @@
 //!
 //! Tokens go through the model in chunks aligned to multiples of `chunk` from each document's start,
 //! so a resumed run splits the stream exactly as an uninterrupted one and gives identical numbers.
-use crate::checkpoint::Checkpoint;
 use crate::cli::basic::{dir_of, real_vocab};
 use crate::model::{Model, ModelInfo};
-use crate::report::{peak_rss_bytes, write_atomic, Progress};
+use crate::report::{self, peak_rss_bytes, write_atomic, Progress, Values};
 use crate::score::{Device, GpuOptions, Scorer};
 use crate::text::{Input, TokenStream};
 use crate::tokenizer::Tokenizer;
@@ -291,42 +290,20 @@ fn fingerprint(models: &[PathBuf], inputs: &[Input], hashes: &[String], o: &Opti
 const CKPT: &str = "ppl.checkpoint.safetensors";
 
 fn save_checkpoint(out: &Path, snap: &Snapshot, state: &[f32], pending: Option<&[f32]>) -> Result<()> {
-    let meta = std::collections::HashMap::from([("snapshot".to_string(), serde_json::to_string(snap)?)]);
-    let mut tensors = vec![("state".to_string(), state)];
-    if let Some(p) = pending {
-        tensors.push(("pending".to_string(), p));
-    }
-    let views: Vec<_> = tensors
-        .iter()
-        .map(|(n, d)| {
-            let t =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![d.len()], bytemuck::cast_slice(d));
-            t.map(|t| (n.clone(), t)).map_err(|e| anyhow!("checkpoint tensor {n}: {e:?}"))
-        })
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("checkpoint: {e:?}"))?;
-    write_atomic(&out.join(CKPT), &bytes)
+    let mut tensors = vec![("state", Values::F32(state))];
+    tensors.extend(pending.map(|p| ("pending", Values::F32(p))));
+    report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(snap)?, &tensors)
 }
 
 fn load_checkpoint(out: &Path) -> Result<(Snapshot, Vec<f32>, Option<Vec<f32>>)> {
     let path = out.join(CKPT);
-    if !path.exists() {
-        bail!("{}: no checkpoint to resume from (a run writes one every --checkpoint-secs, --checkpoint-every tokens and at --stop-after)", path.display());
-    }
-    let bytes = std::fs::read(&path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow!("{}: corrupt checkpoint: {e:?}", path.display()))?;
-    let snap_json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("snapshot"))
-        .ok_or_else(|| anyhow!("{}: checkpoint has no snapshot", path.display()))?;
+    let writes = "a run writes one every --checkpoint-secs, --checkpoint-every tokens and at --stop-after";
+    let (snap, mut tensors) = report::load_checkpoint(&path, writes)?;
     let snap: Snapshot =
-        serde_json::from_str(snap_json).with_context(|| format!("{}: corrupt snapshot", path.display()))?;
-    let ck = Checkpoint::open(&path)?;
-    let state = ck.require("state")?.as_f32()?.to_vec();
-    let pending = ck.get("pending").map(|t| t.as_f32().map(<[f32]>::to_vec)).transpose()?;
-    Ok((snap, state, pending))
+        serde_json::from_str(&snap).with_context(|| format!("{}: corrupt snapshot", path.display()))?;
+    let state = tensors.remove("state").ok_or_else(|| anyhow!("{}: checkpoint has no state", path.display()))?;
+    let pending = tensors.remove("pending").map(|p| bytemuck::pod_collect_to_vec(&p));
+    Ok((snap, bytemuck::pod_collect_to_vec(&state), pending))
 }
 
 /// How the stream of one run ended.

@@ -6,13 +6,17 @@ use crate::forget::ForgetSpec;
 use crate::model::Model;
 use crate::report::svg::{fmt_tokens, LinePlot, Series};
 use crate::report::write_atomic;
+use crate::report::{self, Values};
 use crate::score::{Device, GpuOptions, Scorer};
 use crate::text::Input;
 use crate::tokenizer::Tokenizer;
-use anyhow::{anyhow, bail, Result};
-use serde::Serialize;
-use std::io::{BufWriter, Write};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 use stuffed_core::Runs;
 
 #[derive(Clone, Debug, Serialize)]
@@ -28,6 +32,28 @@ pub struct Options {
     pub tokenizer: Option<PathBuf>,
     pub device: Device,
     pub gpu: GpuOptions,
+    /// Checkpoint at a report when this many seconds passed since the last one (it does not change
+    /// the numbers, so it is not recorded).
+    #[serde(skip)]
+    pub checkpoint_secs: Option<f64>,
+}
+
+const CKPT: &str = "probe.checkpoint.safetensors";
+
+/// Points per plotted series at most: a long stream is thinned evenly (the CSVs keep every report).
+const PLOT_POINTS: usize = 2048;
+
+/// Where a checkpointed probe stands (the state, retention sums and snapshots are its tensors).
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    fingerprint: String,
+    /// Tokens consumed; a report was written here.
+    pos: u64,
+    tau: Vec<f32>,
+    /// Byte lengths of retention, state_stats, conv_stats and inputs.csv at `pos`.
+    csv_lens: [u64; 4],
+    /// Positions of the whole-state snapshots taken so far.
+    snapshots: Vec<u64>,
 }
 
 /// mean, unbiased variance, RMS, max |v|, Frobenius norm (f64 sums).
@@ -51,15 +77,108 @@ fn runs_values(r: Runs, state: &[f32]) -> Vec<f32> {
     v
 }
 
-fn csv(path: &Path, header: &str) -> Result<BufWriter<std::fs::File>> {
-    let f = std::fs::File::create(path).map_err(|e| anyhow!("{}: cannot create: {e}", path.display()))?;
-    let mut w = BufWriter::new(f);
-    writeln!(w, "{header}")?;
-    Ok(w)
+/// A CSV writer: a new file with its header, or (resuming) the file cut back to `len` bytes.
+fn csv(path: &Path, header: &str, len: Option<u64>) -> Result<BufWriter<std::fs::File>> {
+    let Some(len) = len else {
+        let f = std::fs::File::create(path).map_err(|e| anyhow!("{}: cannot create: {e}", path.display()))?;
+        let mut w = BufWriter::new(f);
+        writeln!(w, "{header}")?;
+        return Ok(w);
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| anyhow!("{}: cannot reopen to resume: {e}", path.display()))?;
+    if f.metadata()?.len() < len {
+        bail!("{}: shorter than the checkpoint recorded ({len} bytes); cannot resume", path.display());
+    }
+    f.set_len(len)?;
+    f.seek(SeekFrom::Start(len))?;
+    Ok(BufWriter::new(f))
+}
+
+/// Everything that decides the numbers: the model, the inputs' content and the options.
+fn fingerprint(model: &Path, inputs: &[Input], o: &Options) -> Result<String> {
+    let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
+    let key = serde_json::json!({
+        "model": std::fs::canonicalize(model).unwrap_or(model.to_path_buf()),
+        "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
+        "hashes": hashes,
+        "options": o,
+    });
+    Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(&key)?)))
+}
+
+/// A checkpointed run: its snapshot, state, pending row, retention sums and snapshot states.
+type Restored = (Snapshot, Vec<f32>, Option<Vec<f32>>, Vec<f64>, Vec<(u64, Vec<f32>)>);
+
+fn load_checkpoint(out: &Path, fp: &str) -> Result<Restored> {
+    let path = out.join(CKPT);
+    let (snap, mut t) = report::load_checkpoint(&path, "a probe writes one every --checkpoint-secs")?;
+    let snap: Snapshot =
+        serde_json::from_str(&snap).with_context(|| format!("{}: corrupt snapshot", path.display()))?;
+    if snap.fingerprint != fp {
+        bail!("{}: the checkpoint was made with another model, inputs or options; refusing to resume", path.display());
+    }
+    let mut take = |n: &str| t.remove(n).ok_or_else(|| anyhow!("{}: checkpoint has no tensor {n}", path.display()));
+    let state = bytemuck::pod_collect_to_vec(&take("state")?);
+    let retention = bytemuck::pod_collect_to_vec(&take("retention")?);
+    let snaps = snap
+        .snapshots
+        .iter()
+        .map(|&p| Ok((p, bytemuck::pod_collect_to_vec(&take(&format!("state_t{p}"))?))))
+        .collect::<Result<Vec<_>>>()?;
+    let pending = t.remove("pending").map(|p| bytemuck::pod_collect_to_vec(&p));
+    Ok((snap, state, pending, retention, snaps))
+}
+
+/// Plot series from a probe CSV (`layer,head,t,…`): column `col` against t for the (layer, head)
+/// pairs wanted, each thinned evenly to at most [`PLOT_POINTS`] points plus its last one.
+fn csv_series(
+    path: &Path,
+    col: usize,
+    want: impl Fn(usize, usize) -> bool,
+) -> Result<BTreeMap<(usize, usize), Vec<(f64, f64)>>> {
+    let text = std::io::BufReader::new(
+        std::fs::File::open(path).map_err(|e| anyhow!("{}: cannot read back: {e}", path.display()))?,
+    );
+    // (points kept, stride, rows seen, last row)
+    let mut series: BTreeMap<(usize, usize), (Vec<(f64, f64)>, u64, u64, (f64, f64))> = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let line = line?;
+        let f: Vec<&str> = line.split(',').collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+        let (Some(l), Some(h), Some(t), Some(v)) = (num(0), num(1), num(2), num(col)) else {
+            bail!("{}: malformed row {line:?}", path.display());
+        };
+        let (l, h) = (l as usize, h as usize);
+        if !want(l, h) {
+            continue;
+        }
+        let (pts, stride, seen, last) = series.entry((l, h)).or_insert((Vec::new(), 1, 0, (0.0, 0.0)));
+        if *seen % *stride == 0 {
+            pts.push((t, v));
+            if pts.len() == 2 * PLOT_POINTS {
+                *pts = pts.iter().copied().step_by(2).collect();
+                *stride *= 2;
+            }
+        }
+        *seen += 1;
+        *last = (t, v);
+    }
+    Ok(series
+        .into_iter()
+        .map(|(k, (mut pts, _, _, last))| {
+            if pts.last() != Some(&last) {
+                pts.push(last);
+            }
+            (k, pts)
+        })
+        .collect())
 }
 
 /// `stuffed probe`.
-pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Result<()> {
+pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume: bool) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
@@ -76,33 +195,43 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
     }
     let (names, width) = net.probe_series();
     let ns = names.len();
+    let fp = fingerprint(model_path, inputs, o)?;
+    let restored = if resume { Some(load_checkpoint(out, &fp)?) } else { None };
+    let lens = restored.as_ref().map(|r| r.0.csv_lens);
+    let len = |i: usize| lens.map(|l| l[i]);
     let mut probe = vec![0f32; net.probe_len()];
-    // Running Σ log decay per (layer, head, channel), f64.
-    let mut retention = vec![0f64; nl * nh * width];
-    let mut ret_csv = csv(&out.join("retention.csv"), "layer,head,t,log_retention_mean,log_retention_max")?;
-    let mut st_csv = csv(&out.join("state_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro")?;
-    let mut cv_csv = csv(&out.join("conv_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro")?;
+    let mut ret_csv = csv(&out.join("retention.csv"), "layer,head,t,log_retention_mean,log_retention_max", len(0))?;
+    let mut st_csv = csv(&out.join("state_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro", len(1))?;
+    let mut cv_csv = csv(&out.join("conv_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro", len(2))?;
     let extra: Vec<&str> = names[1..].to_vec();
     let header =
         format!("layer,head,t,{}", extra.iter().map(|n| n.replace("_sum", "_mean")).collect::<Vec<_>>().join(","));
-    let mut in_csv = csv(&out.join("inputs.csv"), &header)?;
-    // Series for the plots: (layer, head) → points, for the selected layers and heads.
-    let mut ret_pts = vec![Vec::new(); nl * nh];
-    let mut mean_pts = vec![Vec::new(); nl * nh];
-    let mut var_pts = vec![Vec::new(); nl * nh];
-    let mut snapshots: Vec<(u64, Vec<f32>)> = Vec::new();
+    let mut in_csv = csv(&out.join("inputs.csv"), &header, len(3))?;
 
     let real = model.info.vocab_rows;
     let mut s = Scorer::new(&model, o.chunk, real, o.device, o.gpu)?;
     let mut pos = 0u64; // tokens fed
+                        // Running Σ log decay per (layer, head, channel), f64.
+    let mut retention = vec![0f64; nl * nh * width];
+    let mut snapshots: Vec<(u64, Vec<f32>)> = Vec::new();
+    if let Some((snap, state, pending, ret, snaps)) = restored {
+        if state.len() != s.state_len() || ret.len() != retention.len() {
+            bail!("{}: the checkpoint's state does not fit this model", out.join(CKPT).display());
+        }
+        s.restore(&state, pending.as_deref(), snap.tau, snap.pos)?;
+        (pos, retention, snapshots) = (snap.pos, ret, snaps);
+    }
+    let mut to_skip = pos;
     let mut stream = crate::eval::ppl::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
     let mut queue: std::collections::VecDeque<u32> = Default::default();
     let mut done = false;
     let mut since = 0u64; // tokens since the last report
+    let mut last_ckpt = Instant::now();
     let mut snaps = o.snapshot_at.clone();
     snaps.sort_unstable();
     snaps.dedup();
     let mut progress = crate::report::Progress::new("probe", o.max_tokens);
+    progress.set(pos);
     loop {
         // Next stop: the report boundary or a snapshot position.
         let next_report = pos + (o.every - since);
@@ -110,7 +239,11 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
         let want = (next - pos) as usize;
         while queue.len() < want && !done {
             match stream.next_piece()? {
-                Some(p) => queue.extend(p),
+                Some(p) => {
+                    let drop = (to_skip as usize).min(p.len());
+                    to_skip -= drop as u64;
+                    queue.extend(&p[drop..]);
+                }
                 None => done = true,
             }
         }
@@ -127,7 +260,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
         if since < o.every && !(done && queue.is_empty()) && !at_snapshot {
             continue;
         }
-        let state = s.snapshot()?.0;
+        let (state, pending, tau) = s.snapshot()?;
         if at_snapshot {
             snapshots.push((pos, state.clone()));
         }
@@ -150,11 +283,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
                 let mean = r.iter().sum::<f64>() / width as f64;
                 let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 writeln!(ret_csv, "{l},{h},{t},{mean},{max}")?;
-                ret_pts[l * nh + h].push((t as f64, mean));
                 let st = stats(state[net.head_state(l, h)].iter().copied());
                 writeln!(st_csv, "{l},{h},{t},{},{},{},{},{}", st[0], st[1], st[2], st[3], st[4])?;
-                mean_pts[l * nh + h].push((t as f64, st[0]));
-                var_pts[l * nh + h].push((t as f64, st[1]));
                 if let Some(runs) = net.conv_state(l, h) {
                     let cs = stats(runs_values(runs, &state).into_iter());
                     writeln!(cv_csv, "{l},{h},{t},{},{},{},{},{}", cs[0], cs[1], cs[2], cs[3], cs[4])?;
@@ -172,27 +302,50 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
         if done && queue.is_empty() {
             break;
         }
+        if o.checkpoint_secs.is_some_and(|c| last_ckpt.elapsed().as_secs_f64() >= c) {
+            let mut csv_lens = [0u64; 4];
+            for (w, n) in [&mut ret_csv, &mut st_csv, &mut cv_csv, &mut in_csv].into_iter().zip(&mut csv_lens) {
+                w.flush()?;
+                *n = w.get_mut().stream_position()?;
+            }
+            let snapshots_at = snapshots.iter().map(|(p, _)| *p).collect();
+            let snap = Snapshot { fingerprint: fp.clone(), pos, tau, csv_lens, snapshots: snapshots_at };
+            let names: Vec<String> = snapshots.iter().map(|(p, _)| format!("state_t{p}")).collect();
+            let mut tensors = vec![("state", Values::F32(&state)), ("retention", Values::F64(&retention))];
+            tensors.extend(pending.as_deref().map(|p| ("pending", Values::F32(p))));
+            tensors.extend(names.iter().zip(&snapshots).map(|(n, (_, st))| (n.as_str(), Values::F32(st))));
+            report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
+            last_ckpt = Instant::now();
+        }
     }
     progress.finish();
     for w in [&mut ret_csv, &mut st_csv, &mut cv_csv, &mut in_csv] {
         w.flush()?;
     }
+    drop((ret_csv, st_csv, cv_csv, in_csv));
     let tokens = pos;
     write_snapshots(out, &snapshots)?;
-    // Plots for the first, middle and last selected layer.
+    // Plots for the first, middle and last selected layer, read back from the CSVs (nothing per
+    // report is kept in memory, so a probe's memory does not grow with the stream).
     let mut plot_layers = vec![layers[0], layers[layers.len() / 2], layers[layers.len() - 1]];
     plot_layers.dedup();
     let vlines: Vec<(f64, String)> = o.train_len.map(|t| (t as f64, format!("train len {t}"))).into_iter().collect();
+    let plotted = |l: usize, h: usize| plot_layers.contains(&l) && heads.contains(&h);
+    let plots = [
+        (
+            "retention",
+            "log retention of the first token (Σ log α)",
+            csv_series(&out.join("retention.csv"), 3, plotted)?,
+        ),
+        ("state_mean", "state mean", csv_series(&out.join("state_stats.csv"), 3, plotted)?),
+        ("state_var", "state variance", csv_series(&out.join("state_stats.csv"), 4, plotted)?),
+    ];
     for &l in &plot_layers {
-        let series = |pts: &Vec<Vec<(f64, f64)>>| -> Vec<Series> {
-            heads.iter().map(|&h| Series { name: format!("head {h}"), points: pts[l * nh + h].clone() }).collect()
-        };
-        let plots = [
-            ("retention", "log retention of the first token (Σ log α)", &ret_pts),
-            ("state_mean", "state mean", &mean_pts),
-            ("state_var", "state variance", &var_pts),
-        ];
-        for (file, y, pts) in plots {
+        for (file, y, pts) in &plots {
+            let series: Vec<Series> = heads
+                .iter()
+                .map(|&h| Series { name: format!("head {h}"), points: pts.get(&(l, h)).cloned().unwrap_or_default() })
+                .collect();
             let title = format!("Layer {l}: {y}");
             let p = LinePlot {
                 title: &title,
@@ -201,7 +354,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
                 log_x: false,
                 vlines: vlines.clone(),
             };
-            write_atomic(&out.join(format!("{file}_L{l}.svg")), p.render(&series(pts)).as_bytes())?;
+            write_atomic(&out.join(format!("{file}_L{l}.svg")), p.render(&series).as_bytes())?;
         }
     }
     // Fig. 6: a channel histogram of one head at the first two snapshots.
@@ -238,6 +391,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path) -> Resu
                   per-channel decays report the mean and max over key channels; variance is unbiased",
     });
     write_atomic(&out.join("probe.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    let _ = std::fs::remove_file(out.join(CKPT));
     println!("probe: {tokens} tokens; wrote {}/retention.csv, state_stats.csv, conv_stats.csv, inputs.csv, probe.json and plots", out.display());
     Ok(())
 }

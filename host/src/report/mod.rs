@@ -1,7 +1,8 @@
 //! Writing results: atomic files, process facts, progress, SVG charts.
 pub mod svg;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,6 +13,52 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(&tmp).map_err(|e| anyhow!("{}: cannot create: {e}", tmp.display()))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| anyhow!("{}: cannot write: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: cannot rename into place: {e}", path.display()))
+}
+
+/// A resumable checkpoint at `path`: 1-D tensors (name, f32 or f64 values) and one JSON `snapshot`
+/// entry in the safetensors metadata, written atomically (a kill leaves the previous one intact).
+pub fn save_checkpoint(path: &Path, snapshot: &str, tensors: &[(&str, Values)]) -> Result<()> {
+    let meta = std::collections::HashMap::from([("snapshot".to_string(), snapshot.to_string())]);
+    let views = tensors
+        .iter()
+        .map(|(n, v)| {
+            let (dtype, len, bytes) = match v {
+                Values::F32(d) => (safetensors::Dtype::F32, d.len(), bytemuck::cast_slice::<f32, u8>(d)),
+                Values::F64(d) => (safetensors::Dtype::F64, d.len(), bytemuck::cast_slice::<f64, u8>(d)),
+            };
+            let t = safetensors::tensor::TensorView::new(dtype, vec![len], bytes);
+            t.map(|t| (n.to_string(), t)).map_err(|e| anyhow!("checkpoint tensor {n}: {e:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("checkpoint: {e:?}"))?;
+    write_atomic(path, &bytes)
+}
+
+/// One tensor of a checkpoint.
+pub enum Values<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+/// A checkpoint written by [`save_checkpoint`]: its `snapshot` JSON and its tensors' raw bytes by
+/// name. `what_writes` finishes the error when there is none ("a run writes one every …").
+pub fn load_checkpoint(path: &Path, what_writes: &str) -> Result<(String, HashMap<String, Vec<u8>>)> {
+    if !path.exists() {
+        bail!("{}: no checkpoint to resume from ({what_writes})", path.display());
+    }
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{}: corrupt checkpoint: {e:?}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow!("{}: corrupt checkpoint: {e:?}", path.display()))?;
+    let snapshot = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("snapshot"))
+        .ok_or_else(|| anyhow!("{}: checkpoint has no snapshot", path.display()))?
+        .clone();
+    let tensors = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    Ok((snapshot, tensors))
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes; 0 where /proc is absent.
