@@ -150,7 +150,8 @@ fn ppl_peak_memory_is_constant() {
 }
 
 /// Runs `args(out)` to the end with `--out dir/full`; runs it again with `--out dir/part`, kills it
-/// (SIGKILL: no chance to clean up) once its timed checkpoint `ckpt` appears, and resumes it.
+/// (SIGKILL: no chance to clean up) 50 ms after its first timed checkpoint `ckpt` appears, and
+/// resumes it.
 fn kill_and_resume(dir: &std::path::Path, args: impl Fn(&std::path::Path) -> Vec<String>, ckpt: &str) {
     let run = |out: &str| {
         let o = dir.join(out);
@@ -166,6 +167,9 @@ fn kill_and_resume(dir: &std::path::Path, args: impl Fn(&std::path::Path) -> Vec
         assert!(child.try_wait().unwrap().is_none(), "the run ended before its first timed checkpoint");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    // Later, mid-way between checkpoints: what was written after the last one must be cut off.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
     child.kill().unwrap();
     child.wait().unwrap();
     let resumed = run("part").arg("--resume").output().unwrap();
