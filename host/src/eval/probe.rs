@@ -132,18 +132,50 @@ fn load_checkpoint(out: &Path, fp: &str) -> Result<Restored> {
     Ok((snap, state, pending, retention, snaps))
 }
 
-/// Plot series from a probe CSV (`layer,head,t,…`): column `col` against t for the (layer, head)
-/// pairs wanted, each thinned evenly to at most [`PLOT_POINTS`] points plus its last one.
+/// A plot series thinned evenly as it grows: every `stride`-th point is kept, and when
+/// 2·[`PLOT_POINTS`] are kept every other one goes and the stride doubles (so a series of any length
+/// holds fewer than 2·PLOT_POINTS points, evenly spaced, plus its last).
+#[derive(Default)]
+struct Thinned {
+    pts: Vec<(f64, f64)>,
+    stride: u64,
+    seen: u64,
+    last: Option<(f64, f64)>,
+}
+
+impl Thinned {
+    fn push(&mut self, p: (f64, f64)) {
+        self.stride = self.stride.max(1);
+        if self.seen.is_multiple_of(self.stride) {
+            self.pts.push(p);
+            if self.pts.len() == 2 * PLOT_POINTS {
+                self.pts = self.pts.iter().copied().step_by(2).collect();
+                self.stride *= 2;
+            }
+        }
+        self.seen += 1;
+        self.last = Some(p);
+    }
+
+    fn finish(mut self) -> Vec<(f64, f64)> {
+        if self.last.is_some() && self.pts.last() != self.last.as_ref() {
+            self.pts.extend(self.last);
+        }
+        self.pts
+    }
+}
+
+/// Plot series (thinned) from a probe CSV (`layer,head,t,…`): column `col` against t, for the
+/// (layer, head) pairs wanted.
 fn csv_series(
     path: &Path,
     col: usize,
     want: impl Fn(usize, usize) -> bool,
-) -> Result<BTreeMap<(usize, usize), Vec<(f64, f64)>>> {
+) -> Result<BTreeMap<(usize, usize), Thinned>> {
     let text = std::io::BufReader::new(
         std::fs::File::open(path).map_err(|e| anyhow!("{}: cannot read back: {e}", path.display()))?,
     );
-    // (points kept, stride, rows seen, last row)
-    let mut series: BTreeMap<(usize, usize), (Vec<(f64, f64)>, u64, u64, (f64, f64))> = BTreeMap::new();
+    let mut series: BTreeMap<(usize, usize), Thinned> = BTreeMap::new();
     for line in text.lines().skip(1) {
         let line = line?;
         let f: Vec<&str> = line.split(',').collect();
@@ -151,30 +183,11 @@ fn csv_series(
         let (Some(l), Some(h), Some(t), Some(v)) = (num(0), num(1), num(2), num(col)) else {
             bail!("{}: malformed row {line:?}", path.display());
         };
-        let (l, h) = (l as usize, h as usize);
-        if !want(l, h) {
-            continue;
+        if want(l as usize, h as usize) {
+            series.entry((l as usize, h as usize)).or_default().push((t, v));
         }
-        let (pts, stride, seen, last) = series.entry((l, h)).or_insert((Vec::new(), 1, 0, (0.0, 0.0)));
-        if *seen % *stride == 0 {
-            pts.push((t, v));
-            if pts.len() == 2 * PLOT_POINTS {
-                *pts = pts.iter().copied().step_by(2).collect();
-                *stride *= 2;
-            }
-        }
-        *seen += 1;
-        *last = (t, v);
     }
-    Ok(series
-        .into_iter()
-        .map(|(k, (mut pts, _, _, last))| {
-            if pts.last() != Some(&last) {
-                pts.push(last);
-            }
-            (k, pts)
-        })
-        .collect())
+    Ok(series)
 }
 
 /// `stuffed probe`.
@@ -331,7 +344,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
     plot_layers.dedup();
     let vlines: Vec<(f64, String)> = o.train_len.map(|t| (t as f64, format!("train len {t}"))).into_iter().collect();
     let plotted = |l: usize, h: usize| plot_layers.contains(&l) && heads.contains(&h);
-    let plots = [
+    let mut plots = [
         (
             "retention",
             "log retention of the first token (Σ log α)",
@@ -341,10 +354,13 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
         ("state_var", "state variance", csv_series(&out.join("state_stats.csv"), 4, plotted)?),
     ];
     for &l in &plot_layers {
-        for (file, y, pts) in &plots {
+        for (file, y, pts) in &mut plots {
             let series: Vec<Series> = heads
                 .iter()
-                .map(|&h| Series { name: format!("head {h}"), points: pts.get(&(l, h)).cloned().unwrap_or_default() })
+                .map(|&h| Series {
+                    name: format!("head {h}"),
+                    points: pts.remove(&(l, h)).map_or(vec![], Thinned::finish),
+                })
                 .collect();
             let title = format!("Layer {l}: {y}");
             let p = LinePlot {
@@ -410,4 +426,25 @@ fn write_snapshots(out: &Path, snaps: &[(u64, Vec<f32>)]) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(views, None).map_err(|e| anyhow!("snapshot: {e:?}"))?;
     write_atomic(&out.join("snapshots.safetensors"), &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Thinning keeps a long series short, evenly spaced, and ends it at its last point.
+    #[test]
+    fn thinned_series_stay_short_and_even() {
+        for n in [1u64, 10, 4095, 4096, 4097, 100_000] {
+            let mut s = Thinned::default();
+            (0..n).for_each(|i| s.push((i as f64, 0.0)));
+            let stride = s.stride as f64;
+            let pts = s.finish();
+            assert!(pts.len() <= 2 * PLOT_POINTS, "{n}: {} points", pts.len());
+            assert_eq!(pts.last().unwrap().0, (n - 1) as f64, "{n}: ends at the last point");
+            let body = &pts[..pts.len() - 1];
+            assert!(body.windows(2).all(|w| w[1].0 - w[0].0 == stride), "{n}: even spacing {stride}");
+            assert!(n < 2 * PLOT_POINTS as u64 || body.len() >= PLOT_POINTS, "{n}: {} kept", body.len());
+        }
+    }
 }
