@@ -155,6 +155,23 @@ fn documents_concat_and_repeat() {
     assert_eq!(results(&out)["runs"][0]["tokens_scored"], (na - 1 + nb - 1) as u64);
     cli(&["ppl", "--model", ms, "--text", as_, "--text", bs, "--concat", "--repeat-to", "1000", "--out", os]).unwrap();
     assert_eq!(results(&out)["runs"][0]["tokens_scored"], 999);
+    // `--text a b` (a shell glob) and `--text DIR` (its .txt files in name order) are the same documents.
+    std::fs::write(dir.path().join("notes.md"), "not a text").unwrap();
+    let one = |args: &[&str]| {
+        cli(&[&["ppl", "--model", ms, "--out", os][..], args].concat()).unwrap();
+        let r = results(&out);
+        (
+            r["inputs"].as_array().unwrap().iter().map(|i| i["name"].clone()).collect::<Vec<_>>(),
+            r["runs"][0]["mean_nll"].clone(),
+        )
+    };
+    let repeated = one(&["--text", as_, "--text", bs]);
+    assert_eq!(repeated.0, ["a.txt", "b.txt"]);
+    assert_eq!(one(&["--text", as_, bs]), repeated);
+    assert_eq!(one(&["--text", dir.path().to_str().unwrap()]), repeated);
+    let empty = tempfile::tempdir().unwrap();
+    let err = format!("{:#}", cli(&["ppl", "--model", ms, "--text", empty.path().to_str().unwrap()]).unwrap_err());
+    assert!(err.contains("no .txt files"), "{err}");
 }
 
 /// `--forget` repeats: every model runs under each method, in order, each labelled.

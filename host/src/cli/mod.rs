@@ -26,8 +26,9 @@ pub struct Cli {
 /// The text a streaming command reads.
 #[derive(Args, Debug)]
 pub struct InputArgs {
-    /// UTF-8 text file; repeat for several.
-    #[arg(long)]
+    /// UTF-8 text files (`--text books/*.txt`, or repeat the flag); a directory stands for its
+    /// `*.txt` files in name order.
+    #[arg(long, num_args = 1..)]
     text: Vec<PathBuf>,
     /// SPEC.md's newlines prompt ("\n" × 300,000, tokenized).
     #[arg(long)]
@@ -42,17 +43,35 @@ impl InputArgs {
         self.text.is_empty() && !self.newlines
     }
 
-    /// The inputs in order; files must exist.
+    /// The inputs in order (a directory's `*.txt` files in name order); files must exist.
     pub fn inputs(&self, cmd: &str) -> anyhow::Result<Vec<Input>> {
-        let mut inputs: Vec<Input> = self.text.iter().cloned().map(Input::File).collect();
+        let mut inputs = Vec::new();
+        for p in &self.text {
+            if p.is_dir() {
+                let read = std::fs::read_dir(p).map_err(|e| anyhow::anyhow!("{}: cannot list: {e}", p.display()))?;
+                let mut files = Vec::new();
+                for e in read {
+                    let f = e.map_err(|e| anyhow::anyhow!("{}: cannot list: {e}", p.display()))?.path();
+                    if f.is_file() && f.extension().is_some_and(|x| x == "txt") {
+                        files.push(f);
+                    }
+                }
+                if files.is_empty() {
+                    anyhow::bail!("{}: a directory with no .txt files", p.display());
+                }
+                files.sort();
+                inputs.extend(files.into_iter().map(Input::File));
+            } else if p.is_file() {
+                inputs.push(Input::File(p.clone()));
+            } else {
+                anyhow::bail!("{}: text file not found", p.display());
+            }
+        }
         if self.newlines {
             inputs.push(Input::Newlines { literal: self.newline_token });
         }
         if inputs.is_empty() {
-            anyhow::bail!("{cmd}: give --text FILE (repeat for several) or --newlines");
-        }
-        if let Some(p) = self.text.iter().find(|p| !p.is_file()) {
-            anyhow::bail!("{}: text file not found", p.display());
+            anyhow::bail!("{cmd}: give --text FILE… (or a directory of .txt files) or --newlines");
         }
         Ok(inputs)
     }
