@@ -71,7 +71,12 @@ impl ForgetSpec {
             "none" => ForgetSpec::None,
             "rri" => ForgetSpec::Rri { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 },
             "dt" => ForgetSpec::Dt { c: num("c")?.unwrap_or(0.5) as f32 },
-            "window" => ForgetSpec::Window { r: positive("r", need("r")?)? as usize },
+            "window" => match positive("r", need("r")?)? {
+                r if r > crate::eval::passkey::MAX_LENGTH => {
+                    bail!("window:r={r} is longer than any stream (at most 2^32)")
+                }
+                r => ForgetSpec::Window { r: r as usize },
+            },
             "state-norm" => ForgetSpec::StateNorm {
                 every: positive("every", num("every")?.unwrap_or(128.0))?,
                 calib: num("calib")?.map(|v| positive("calib", v)).transpose()?,

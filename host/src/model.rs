@@ -84,6 +84,19 @@ impl Model {
     pub fn set_forget(&mut self, f: ForgetSpec) -> Result<()> {
         let path = self.info.path.display().to_string();
         self.net_mut().set_forget(f.core()).with_context(|| format!("{path}: --forget {f}"))?;
+        // A window caches r tokens of inputs per layer: refuse one larger than this machine's memory
+        // before anything allocates it.
+        let bytes = self.net().state_len() as u64 * 4;
+        if let Some(total) = crate::report::mem_total_bytes().filter(|&t| bytes > t) {
+            let old = self.forget.core();
+            self.net_mut().set_forget(old).with_context(|| format!("{path}: --forget"))?;
+            bail!(
+                "{path}: --forget {f}: the state would take {:.1} GiB (a window caches r tokens of inputs per layer), \
+                 more than this machine's memory ({:.1} GiB)",
+                bytes as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            );
+        }
         self.forget = f;
         Ok(())
     }

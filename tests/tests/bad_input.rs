@@ -264,6 +264,27 @@ fn zero_counts_are_errors() {
     }
 }
 
+/// Sizes that would not fit in memory are one error line before anything allocates them (a
+/// window of 10⁹ tokens and a passkey length of 10¹⁴ used to abort on a failed allocation).
+#[test]
+fn huge_sizes_are_errors_not_aborts() {
+    let mut m = Model::load(&tiny()).unwrap();
+    // The tiny model caches over 1 KB a token: 1/256 of the memory in tokens is several times too much.
+    let r = (stuffed::report::mem_total_bytes().unwrap() / 256).min(1 << 32);
+    let spec = stuffed::forget::ForgetSpec::parse(&format!("window:r={r}")).unwrap();
+    assert_mentions(&format!("{:#}", m.set_forget(spec).unwrap_err()), &["--forget window:r=", "GiB", "memory"]);
+    let state = m.net().state_len();
+    m.set_forget(stuffed::forget::ForgetSpec::parse("window:r=64").unwrap()).unwrap();
+    assert!(m.net().state_len() > state, "a refused window leaves the model usable");
+    let err = format!("{:#}", stuffed::forget::ForgetSpec::parse("window:r=1e11").unwrap_err());
+    assert_mentions(&err, &["longer than any stream"]);
+    let t = tiny();
+    for lengths in ["99999999999999", "99999999999999999m", "1k..99999999999999:x2"] {
+        let err = format!("{:#}", cli(&["passkey", "--model", t.to_str().unwrap(), "--lengths", lengths]).unwrap_err());
+        assert_mentions(&err, &["longer than the 4294967296 tokens"]);
+    }
+}
+
 /// A NaN in the weights reaches the state: the run stops with a clear error, not garbage.
 #[test]
 fn nan_in_state_is_an_error() {

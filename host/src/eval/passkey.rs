@@ -99,6 +99,9 @@ pub struct Record {
 }
 
 /// Parses `1k,2k,8k`, `1k..32k:1k` (step) and `1k..1m:x2` (factor); `k` = 1,024, `m` = 1,048,576.
+/// The longest length or position a list may name: 2³² tokens (a prompt's ids alone are 16 GiB).
+pub const MAX_LENGTH: u64 = 1 << 32;
+
 pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
     fn num(t: &str) -> Result<u64> {
         let t = t.trim();
@@ -107,7 +110,11 @@ pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
             Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
             _ => (t, 1),
         };
-        digits.parse::<u64>().map(|v| v * mult).map_err(|_| anyhow!("'{t}' is not a length (e.g. 1024, 8k, 1m)"))
+        let v = digits.parse::<u64>().map_err(|_| anyhow!("'{t}' is not a length (e.g. 1024, 8k, 1m)"))?;
+        match v.checked_mul(mult) {
+            Some(v) if v <= MAX_LENGTH => Ok(v),
+            _ => bail!("'{t}' is longer than the {MAX_LENGTH} tokens (4G) a length may be"),
+        }
     }
     let mut out = Vec::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {

@@ -61,6 +61,13 @@ pub fn load_checkpoint(path: &Path, what_writes: &str) -> Result<(String, HashMa
     Ok((snapshot, tensors))
 }
 
+/// This machine's memory (MemTotal), in bytes; `None` where /proc is absent.
+pub fn mem_total_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?;
+    kb.trim().parse::<u64>().ok().map(|k| k * 1024)
+}
+
 /// Peak resident memory of this process (VmHWM), in bytes; 0 where /proc is absent.
 pub fn peak_rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
