@@ -28,16 +28,13 @@ const B: f64 = 55.0;
 
 /// "Nice" tick values covering `lo..=hi`, and the decimals their labels need.
 fn ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, usize) {
-    let span = (hi - lo).max(1e-12);
+    // A span below the values' own precision (one point, a flat series) gets a step f64 can count in.
+    let span = (hi - lo).max(lo.abs().max(hi.abs()) * 1e-6).max(1e-12);
     let raw = span / n as f64;
     let mag = 10f64.powf(raw.log10().floor());
     let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| span / s <= n as f64).unwrap_or(10.0 * mag);
-    let mut out = Vec::new();
-    let mut i = (lo / step).ceil();
-    while i * step <= hi + step * 1e-9 {
-        out.push(i * step + 0.0);
-        i += 1.0;
-    }
+    let first = (lo / step).ceil();
+    let out = (0..=n + 1).map(|k| (first + k as f64) * step + 0.0).take_while(|&v| v <= hi + step * 1e-9).collect();
     (out, (-step.log10().floor()).max(0.0) as usize)
 }
 
@@ -302,4 +299,29 @@ pub fn heatmap(
     );
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ticks stay few and in range for ordinary, flat, one-point and far-from-zero ranges (a single
+    /// point at t = 10,000 used to loop forever: the tick counter stopped counting past 2⁵³).
+    #[test]
+    fn ticks_are_few_and_in_range() {
+        for (lo, hi) in [(0.0, 1.0), (3.2, 9.7), (1e4, 1e4), (5e16, 5e16 + 1.0), (-2.0, -2.0), (0.0, 0.0)] {
+            let (t, _) = ticks(lo, hi, 8);
+            assert!(t.len() <= 10, "{lo}..{hi}: {} ticks", t.len());
+            assert!(
+                t.iter().all(|&v| v >= lo - 1e-9 * lo.abs().max(1.0) && v <= hi + 1e-6 * hi.abs().max(1.0)),
+                "{lo}..{hi}: {t:?}"
+            );
+        }
+        let (t, d) = ticks(0.0, 1.0, 5);
+        assert_eq!((t.len(), d), (6, 1));
+        assert!(t.iter().enumerate().all(|(i, v)| (v - 0.2 * i as f64).abs() < 1e-12), "{t:?}");
+        let one = Series { name: "one".into(), points: vec![(10_000.0, 2.5)] };
+        let p = LinePlot { title: "t", x_label: "x", y_label: "y", log_x: false, vlines: Vec::new() };
+        assert!(p.render(&[one]).contains("</svg>"));
+    }
 }
