@@ -105,6 +105,7 @@ impl<'m> Scorer<'m> {
     pub fn new(model: &'m Model, chunk: usize, real: usize, device: Device, gpu: GpuOptions) -> Result<Scorer<'m>> {
         match device {
             Device::Cpu => {
+                crate::session::check_chunk(model, chunk)?;
                 let session = Box::new(Session::new(model, chunk));
                 let d = model.net().d_model();
                 Ok(Scorer::Cpu {

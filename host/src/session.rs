@@ -22,6 +22,24 @@ pub struct Session<'m> {
     pub tau: Vec<f32>,
 }
 
+/// Fails when the CPU buffers for calls of `chunk` tokens would not fit in this machine's memory
+/// (before anything allocates them).
+pub fn check_chunk(model: &Model, chunk: usize) -> Result<()> {
+    if chunk as u64 > crate::eval::passkey::MAX_LENGTH {
+        bail!("--chunk {chunk}: more tokens a call than any stream has (at most 2^32)");
+    }
+    let net = model.net();
+    let floats = net.scratch_len(chunk) as u64 + 2 * (chunk as u64 + 1) * net.d_model() as u64;
+    if let Some(total) = crate::report::mem_total_bytes().filter(|&t| floats * 4 > t) {
+        bail!(
+            "--chunk {chunk}: the buffers for {chunk} tokens a call take {:.1} GiB, more than this machine's memory ({:.1} GiB)",
+            (floats * 4) as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
+
 impl<'m> Session<'m> {
     /// A session with the model's forgetting method (`Model::set_forget`); a window of r caps the
     /// chunk at r.

@@ -264,8 +264,9 @@ fn zero_counts_are_errors() {
     }
 }
 
-/// Sizes that would not fit in memory are one error line before anything allocates them (a
-/// window of 10⁹ tokens and a passkey length of 10¹⁴ used to abort on a failed allocation).
+/// Sizes that would not fit in memory are one error line before anything allocates them (a window
+/// of 10⁹ tokens, a passkey length of 10¹⁴, a --chunk of 4·10⁹ and 10¹¹ samples used to abort on a
+/// failed allocation).
 #[test]
 fn huge_sizes_are_errors_not_aborts() {
     let mut m = Model::load(&tiny()).unwrap();
@@ -283,6 +284,17 @@ fn huge_sizes_are_errors_not_aborts() {
         let err = format!("{:#}", cli(&["passkey", "--model", t.to_str().unwrap(), "--lengths", lengths]).unwrap_err());
         assert_mentions(&err, &["longer than the 4294967296 tokens"]);
     }
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "Some text to score.").unwrap();
+    let (m, tx, o) = (t.to_str().unwrap(), text.to_str().unwrap(), dir.path().to_str().unwrap());
+    for (chunk, want) in [("99999999999", "at most 2^32"), ("4000000000", "more than this machine's memory")] {
+        let err = format!("{:#}", cli(&["ppl", "--model", m, "--text", tx, "--chunk", chunk, "--out", o]).unwrap_err());
+        assert_mentions(&err, &["--chunk", want]);
+    }
+    let err =
+        format!("{:#}", cli(&["passkey", "--model", m, "--lengths", "1k", "--samples", "99999999999"]).unwrap_err());
+    assert_mentions(&err, &["--samples", "at most"]);
 }
 
 /// A NaN in the weights reaches the state: the run stops with a clear error, not garbage.

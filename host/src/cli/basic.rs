@@ -150,7 +150,7 @@ pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize, dev: &sup
         eprintln!("{} tokens in {:.3} s on the GPU (incl. upload and the logits download)", ids.len(), secs);
         return Ok(());
     }
-    let mut s = Session::new(&m, chunk);
+    let mut s = Session::new(&m, chunk.min(ids.len()));
     let mut all = vec![0f32; ids.len() * v];
     let (ex, net, d) = (crate::exec::Pool::new(), m.net(), m.info.d_model);
     let t0 = std::time::Instant::now();

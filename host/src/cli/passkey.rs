@@ -60,6 +60,9 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
     if a.samples == 0 || a.chunk == 0 || a.max_new == 0 {
         bail!("--samples, --chunk and --max-new must be positive");
     }
+    if a.samples > 1 << 20 {
+        bail!("--samples {}: at most 1,048,576 a length", a.samples);
+    }
     let shard = a.shard.as_deref().map(parse_shard).transpose()?;
     let o = Options {
         lengths,
