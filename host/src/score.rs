@@ -115,7 +115,10 @@ impl<'m> Scorer<'m> {
                     pending: None,
                 })
             }
-            Device::Cuda => cuda_scorer(model, chunk, real, gpu),
+            Device::Cuda => {
+                crate::session::check_chunk_len(chunk)?;
+                cuda_scorer(model, chunk, real, gpu)
+            }
         }
     }
 

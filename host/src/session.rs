@@ -22,12 +22,19 @@ pub struct Session<'m> {
     pub tau: Vec<f32>,
 }
 
-/// Fails when the CPU buffers for calls of `chunk` tokens would not fit in this machine's memory
-/// (before anything allocates them).
-pub fn check_chunk(model: &Model, chunk: usize) -> Result<()> {
+/// Fails for a `--chunk` longer than any stream (on every device: the GPU plans its own chunk, but
+/// a call still queues that many ids).
+pub fn check_chunk_len(chunk: usize) -> Result<()> {
     if chunk as u64 > crate::eval::passkey::MAX_LENGTH {
         bail!("--chunk {chunk}: more tokens a call than any stream has (at most 2^32)");
     }
+    Ok(())
+}
+
+/// Fails when the CPU buffers for calls of `chunk` tokens would not fit in this machine's memory
+/// (before anything allocates them).
+pub fn check_chunk(model: &Model, chunk: usize) -> Result<()> {
+    check_chunk_len(chunk)?;
     let net = model.net();
     let floats = net.scratch_len(chunk) as u64 + 2 * (chunk as u64 + 1) * net.d_model() as u64;
     if let Some(total) = crate::report::mem_total_bytes().filter(|&t| floats * 4 > t) {

@@ -402,7 +402,7 @@ fn run_model(
     let seconds_before = acc.seconds;
     let mut since_ckpt = 0u64;
     let mut last_ckpt = Instant::now();
-    let mut nll = Vec::with_capacity(o.chunk + 1);
+    let mut nll = Vec::with_capacity(scorer.chunk() + 1);
     for (di, parts) in docs.iter().enumerate().skip(first_doc) {
         let mut stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
         let nll_path = nll_path(o, mi, n_models, di, docs.len(), &model.info, parts);
