@@ -31,10 +31,15 @@ impl Pool {
     }
 
     /// Sizes the global pool once; later calls keep the first size.
-    pub fn init_threads(n: Option<usize>) {
+    /// Sizes the global worker pool (once a process; later calls leave it as it is).
+    pub fn init_threads(n: Option<usize>) -> anyhow::Result<()> {
         if let Some(n) = n {
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+            if !(1..=1024).contains(&n) {
+                anyhow::bail!("--threads {n}: give 1 to 1024 worker threads");
+            }
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
         }
+        Ok(())
     }
 }
 

@@ -35,6 +35,8 @@ fn bad_inputs_exit_nonzero_with_one_line() {
         ],
         vec!["tokenize".into(), "--file".into(), "/nonexistent.txt".into()],
         vec!["synth".into(), "--preset".into(), "9b".into(), "--out".into(), dir.path().display().to_string()],
+        // 100,000 threads used to be spawned (minutes) before the command ran.
+        vec!["--threads".into(), "100000".into(), "info".into(), "--model".into(), model.display().to_string()],
     ];
     for args in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -197,7 +197,7 @@ pub enum Cmd {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    crate::exec::Pool::init_threads(cli.threads);
+    crate::exec::Pool::init_threads(cli.threads)?;
     match cli.cmd {
         Cmd::Info { model, json } => basic::info(&model, json),
         Cmd::Tokenize { model, tokenizer, text, file } => {
