@@ -186,3 +186,73 @@ fn several_forgetting_methods_make_several_runs() {
     assert_ne!(runs[0]["mean_nll"], runs[1]["mean_nll"]);
     assert!(std::fs::read_to_string(dir.path().join("loss.svg")).unwrap().contains("[window:r=32]"));
 }
+
+/// `ppl --shard k/n` over three documents, merged by `stuffed merge`, is the unsharded run: the same
+/// counts, verdict and NLL files, and means equal to f64 rounding (the sums add in another order).
+/// A missing or repeated shard, or one made with other options, is refused.
+#[test]
+fn shards_merge_to_the_unsharded_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let book = std::fs::read_to_string(persuasion()).unwrap();
+    let texts: Vec<String> = (0..3)
+        .map(|i| {
+            let p = dir.path().join(format!("doc{i}.txt"));
+            std::fs::write(&p, &book[i * 9000..i * 9000 + 6000 + 1500 * i]).unwrap();
+            p.display().to_string()
+        })
+        .collect();
+    let m = neox_tiny().display().to_string();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name).display().to_string();
+        let nll = dir.path().join(format!("{name}-nll")).display().to_string();
+        let mut a =
+            vec!["ppl", "--model", &m, "--bucket", "128", "--train-len", "512", "--out", &out, "--nll-out", &nll];
+        a.extend(["--text", &texts[0], &texts[1], &texts[2]]);
+        a.extend(extra);
+        cli(&a).unwrap();
+        out
+    };
+    let full = run("full", &[]);
+    let (s1, s2) = (run("s1", &["--shard", "1/2"]), run("s2", &["--shard", "2/2"]));
+    let merged = dir.path().join("merged");
+    cli(&["merge", "--out", merged.to_str().unwrap(), &s2, &s1]).unwrap();
+    let (a, b) = (results(Path::new(&full)), results(&merged));
+    let (ra, rb) = (&a["runs"][0], &b["runs"][0]);
+    for key in ["tokens_scored", "tokens_fed"] {
+        assert_eq!(ra[key], rb[key], "{key}");
+    }
+    let close = |x: &serde_json::Value, y: &serde_json::Value| {
+        let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+        (x - y).abs() <= 1e-12 * x.abs()
+    };
+    let (va, vb) = (&ra["t_forget"], &rb["t_forget"]);
+    assert_eq!((&va["verdict"], &va["evaluated_len"]), (&vb["verdict"], &vb["evaluated_len"]));
+    assert!(close(&va["l_in"], &vb["l_in"]) && close(&va["l_out"], &vb["l_out"]), "{va} vs {vb}");
+    assert!(close(&ra["mean_nll"], &rb["mean_nll"]), "{} vs {}", ra["mean_nll"], rb["mean_nll"]);
+    for scheme in ["buckets_linear", "buckets_log2"] {
+        let (x, y) = (ra[scheme].as_array().unwrap(), rb[scheme].as_array().unwrap());
+        assert_eq!(x.len(), y.len(), "{scheme}");
+        for (p, q) in x.iter().zip(y) {
+            assert_eq!((&p["start"], &p["count"]), (&q["start"], &q["count"]), "{scheme}");
+            assert!(close(&p["mean_nll"], &q["mean_nll"]) && close(&p["stderr"], &q["stderr"]), "{scheme}: {p} vs {q}");
+        }
+    }
+    assert_eq!(b["options"]["shard"], serde_json::Value::Null);
+    // Each document's NLL file comes from exactly one shard, under the unsharded run's name.
+    let files = |d: &str| {
+        let mut v: Vec<_> = std::fs::read_dir(dir.path().join(d)).unwrap().map(|e| e.unwrap().path()).collect();
+        v.sort();
+        v.into_iter().map(|p| (p.file_name().unwrap().to_owned(), std::fs::read(&p).unwrap())).collect::<Vec<_>>()
+    };
+    let mut shards = [files("s1-nll"), files("s2-nll")].concat();
+    shards.sort();
+    assert_eq!(files("full-nll"), shards);
+    // Refused: a missing shard, a repeated one, another option.
+    let o = merged.to_str().unwrap();
+    let err = |dirs: &[&str]| format!("{:#}", cli(&[&["merge", "--out", o][..], dirs].concat()).unwrap_err());
+    assert!(err(&[&s1]).contains("shard 2/2 is missing"));
+    assert!(err(&[&s1, &s1]).contains("given twice"));
+    let other = run("other", &["--shard", "2/2", "--forget", "dt:c=0.5"]);
+    assert!(err(&[&s1, &other]).contains("other inputs or options"));
+    assert!(err(&[&full]).contains("not a --shard run"));
+}

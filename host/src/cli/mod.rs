@@ -169,7 +169,8 @@ pub enum Cmd {
     Probe(probe::ProbeArgs),
     /// Passkey retrieval over a grid of prompt lengths × needle depths.
     Passkey(passkey::PasskeyArgs),
-    /// Combine `passkey --shard` outputs into one summary and heatmap.
+    /// Combine `passkey --shard` outputs (one summary and heatmap) or `ppl --shard` outputs (one
+    /// results.json, loss.csv and plot, as the unsharded run).
     Merge {
         /// Shard output directories.
         #[arg(required = true)]
@@ -212,7 +213,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Probe(a) => probe::run(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Selftest(a) => bench::selftest(a),
-        Cmd::Merge { dirs, out } => crate::eval::passkey::merge(&dirs, &out),
+        Cmd::Merge { dirs, out } => {
+            if dirs.first().is_some_and(|d| d.join("summary.json").exists()) {
+                crate::eval::passkey::merge(&dirs, &out)
+            } else {
+                crate::eval::ppl::merge(&dirs, &out)
+            }
+        }
         Cmd::Synth { family, preset, dtype, seed, out } => match family.as_str() {
             "mamba2" => crate::synth::mamba2(&preset, &dtype, seed, &out),
             "rwkv6" => crate::synth::rwkv(true, &preset, &dtype, seed, &out),

@@ -38,6 +38,10 @@ pub struct PplArgs {
     /// run loses at most that much work; --resume continues it.
     #[arg(long, default_value_t = 600.0)]
     checkpoint_secs: f64,
+    /// Score only the documents i with i mod n = k − 1 (k/n, 1 ≤ k ≤ n: one share of an array
+    /// job); `stuffed merge --out DIR SHARD_DIRS…` pools the shards into the unsharded result.
+    #[arg(long)]
+    shard: Option<String>,
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -81,6 +85,9 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         bail!("ppl: --bucket and --chunk must be positive");
     }
     let checkpoint_secs = super::checkpoint_secs("ppl", a.checkpoint_secs)?;
+    if a.shard.is_some() && a.concat {
+        bail!("ppl: --shard splits documents; with --concat there is one");
+    }
     let forget = a
         .forget
         .iter()
@@ -95,6 +102,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         repeat_to: a.repeat_to,
         checkpoint_every: a.checkpoint_every,
         checkpoint_secs,
+        shard: a.shard.as_deref().map(crate::eval::passkey::parse_shard).transpose()?,
         stop_after: a.stop_after,
         nll_out: a.nll_out,
         tokenizer: a.tokenizer,

@@ -40,6 +40,9 @@ pub struct Options {
     pub device: Device,
     #[serde(default)]
     pub gpu: GpuOptions,
+    /// `--shard k/n`: only documents i with i mod n = k − 1 (merge the shards with `stuffed merge`).
+    #[serde(default)]
+    pub shard: Option<(usize, usize)>,
 }
 
 /// Running NLL sums over buckets of positions: linear (`width` > 0) or powers of two (`width` = 0).
@@ -93,6 +96,23 @@ impl Buckets {
         self.sum[i] += v;
         self.sq[i] += v * v;
         self.count[i] += 1;
+    }
+
+    /// Adds `other`'s sums (the same scheme) bucket by bucket.
+    fn merge(&mut self, other: &Buckets) -> Result<()> {
+        if other.width != self.width {
+            bail!("bucket widths differ ({} vs {})", self.width, other.width);
+        }
+        let n = self.count.len().max(other.count.len());
+        self.sum.resize(n, 0.0);
+        self.sq.resize(n, 0.0);
+        self.count.resize(n, 0);
+        for i in 0..other.count.len() {
+            self.sum[i] += other.sum[i];
+            self.sq[i] += other.sq[i];
+            self.count[i] += other.count[i];
+        }
+        Ok(())
     }
 
     pub fn rows(&self) -> Vec<BucketRow> {
@@ -157,7 +177,7 @@ pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
 
 /// Accumulators of one model's run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct Acc {
+pub struct Acc {
     linear: Buckets,
     log2: Buckets,
     verdict: Option<Buckets>,
@@ -189,6 +209,8 @@ pub struct RunResult {
     pub seconds: f64,
     pub tokens_per_s: f64,
     pub nll_out: Vec<String>,
+    /// The raw sums behind every number above (what `stuffed merge` adds up across shards).
+    pub acc: Acc,
 }
 
 /// What a checkpoint holds besides the state and the pending hidden row.
@@ -206,13 +228,13 @@ struct Snapshot {
     tau: Vec<f32>,
 }
 
-/// Documents: one per input, or one stream of all of them (`--concat`).
-fn documents(inputs: &[Input], concat: bool) -> Vec<Vec<Input>> {
-    if concat {
-        vec![inputs.to_vec()]
-    } else {
-        inputs.iter().map(|i| vec![i.clone()]).collect()
-    }
+/// Documents with their index among all of them: one per input, or one stream of all of them
+/// (`--concat`); with a shard, only its share.
+fn documents(inputs: &[Input], o: &Options) -> Vec<(usize, Vec<Input>)> {
+    let all: Vec<Vec<Input>> =
+        if o.concat { vec![inputs.to_vec()] } else { inputs.iter().map(|i| vec![i.clone()]).collect() };
+    let mine = |i: usize| o.shard.is_none_or(|(k, n)| i % n == k - 1);
+    all.into_iter().enumerate().filter(|(i, _)| mine(*i)).collect()
 }
 
 /// The ids of one document: its inputs in order, repeated up to `repeat_to`, cut at `max_tokens`.
@@ -280,11 +302,18 @@ fn fingerprint(models: &[PathBuf], inputs: &[Input], hashes: &[String], o: &Opti
         "models": models.iter().map(|m| std::fs::canonicalize(m).unwrap_or(m.clone())).collect::<Vec<_>>(),
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
         "hashes": hashes,
-        "chunk": o.chunk, "bucket": o.bucket, "train_len": o.train_len, "max_tokens": o.max_tokens,
-        "concat": o.concat, "repeat_to": o.repeat_to, "nll_out": o.nll_out, "tokenizer": o.tokenizer,
-        "forget": o.forget.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+        "options": deciding(o), "nll_out": o.nll_out, "shard": o.shard,
     });
     Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(&key)?)))
+}
+
+/// The options that decide the numbers of a run (not where it writes, when it checkpoints, or its share).
+fn deciding(o: &Options) -> serde_json::Value {
+    serde_json::json!({
+        "chunk": o.chunk, "bucket": o.bucket, "train_len": o.train_len, "max_tokens": o.max_tokens,
+        "concat": o.concat, "repeat_to": o.repeat_to, "tokenizer": o.tokenizer,
+        "forget": o.forget.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+    })
 }
 
 const CKPT: &str = "ppl.checkpoint.safetensors";
@@ -348,7 +377,12 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, resume
             }
         }
     }
-    write_outputs(out, inputs, &hashes, o, &finished)?;
+    let inputs_json = inputs
+        .iter()
+        .zip(&hashes)
+        .map(|(i, h)| serde_json::json!({"name": i.name(), "input": format!("{i:?}"), "sha256": h}))
+        .collect();
+    write_outputs(out, serde_json::Value::Array(inputs_json), o, &finished)?;
     let _ = std::fs::remove_file(out.join(CKPT));
     Ok(finished)
 }
@@ -368,7 +402,8 @@ fn run_model(
     processed: &mut u64,
 ) -> Result<(Flow, RunResult)> {
     let net = model.net();
-    let docs = documents(inputs, o.concat);
+    let docs = documents(inputs, o);
+    let n_docs = if o.concat { 1 } else { inputs.len() };
     let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
     let mut scorer = Scorer::new(model, o.chunk, real_vocab(model, tok), o.device, o.gpu)?;
     let fresh_acc = || Acc {
@@ -403,9 +438,10 @@ fn run_model(
     let mut since_ckpt = 0u64;
     let mut last_ckpt = Instant::now();
     let mut nll = Vec::with_capacity(scorer.chunk() + 1);
-    for (di, parts) in docs.iter().enumerate().skip(first_doc) {
+    for (k, (di, parts)) in docs.iter().enumerate().skip(first_doc) {
+        let di = *di;
         let mut stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
-        let nll_path = nll_path(o, mi, n_models, di, docs.len(), &model.info, parts);
+        let nll_path = nll_path(o, mi, n_models, di, n_docs, &model.info, parts);
         let mut nll_file = match &nll_path {
             Some(p) => Some(open_nll(p, nll_len.take().filter(|(f, _)| Path::new(f) == p).map(|x| x.1))?),
             None => None,
@@ -484,7 +520,7 @@ fn run_model(
                 let snap = Snapshot {
                     fingerprint: fp.to_string(),
                     model_index: mi,
-                    doc_index: di,
+                    doc_index: k,
                     doc_pos: pos,
                     acc: acc.clone(),
                     finished: finished.to_vec(),
@@ -553,34 +589,51 @@ pub fn recorded_train_len(dir: &Path) -> Option<u64> {
 }
 
 fn result(model: &Model, tok: &Tokenizer, acc: &Acc, train_len: Option<u64>) -> RunResult {
-    let mean = if acc.count > 0 { acc.sum / acc.count as f64 } else { f64::NAN };
     RunResult {
         model: model.info.clone(),
         precision: serde_json::json!({"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "accumulators": "f64"}),
         forget: model.forget.to_string(),
         tokenizer: tok.source.clone(),
-        tokens_scored: acc.count,
-        tokens_fed: acc.tokens_fed,
-        mean_nll: mean,
-        ppl: mean.exp(),
-        buckets_linear: acc.linear.rows(),
-        buckets_log2: acc.log2.rows(),
+        tokens_scored: 0,
+        tokens_fed: 0,
+        mean_nll: f64::NAN,
+        ppl: f64::NAN,
+        buckets_linear: Vec::new(),
+        buckets_log2: Vec::new(),
         train_len,
-        t_forget: train_len.zip(acc.verdict.as_ref()).map(|(t, b)| t_forget(b, t, acc.longest)),
-        seconds: acc.seconds,
-        tokens_per_s: acc.tokens_fed as f64 / acc.seconds.max(1e-9),
-        nll_out: acc.nll_files.clone(),
+        t_forget: None,
+        seconds: 0.0,
+        tokens_per_s: 0.0,
+        nll_out: Vec::new(),
+        acc: acc.clone(),
+    }
+    .derived()
+}
+
+impl RunResult {
+    /// Every number that follows from the accumulators, (re)computed from them.
+    fn derived(mut self) -> RunResult {
+        let acc = &self.acc;
+        self.mean_nll = if acc.count > 0 { acc.sum / acc.count as f64 } else { f64::NAN };
+        self.ppl = self.mean_nll.exp();
+        (self.tokens_scored, self.tokens_fed) = (acc.count, acc.tokens_fed);
+        (self.buckets_linear, self.buckets_log2) = (acc.linear.rows(), acc.log2.rows());
+        self.t_forget = self.train_len.zip(acc.verdict.as_ref()).map(|(t, b)| t_forget(b, t, acc.longest));
+        self.seconds = acc.seconds;
+        self.tokens_per_s = acc.tokens_fed as f64 / acc.seconds.max(1e-9);
+        self.nll_out = acc.nll_files.clone();
+        self
     }
 }
 
-fn write_outputs(out: &Path, inputs: &[Input], hashes: &[String], o: &Options, runs: &[RunResult]) -> Result<()> {
+fn write_outputs(out: &Path, inputs: serde_json::Value, o: &Options, runs: &[RunResult]) -> Result<()> {
     let json = serde_json::json!({
         "command": "ppl",
         "stuffed_version": env!("CARGO_PKG_VERSION"),
         "options": o,
         "scoring": "NLL = −log softmax(logits at t−1)[token t] over the real vocab, positions t ≥ 1; \
                     bucket means pool every (document, position) pair in the bucket",
-        "inputs": inputs.iter().zip(hashes).map(|(i, h)| serde_json::json!({"name": i.name(), "input": format!("{i:?}"), "sha256": h})).collect::<Vec<_>>(),
+        "inputs": inputs,
         "runs": runs,
         "peak_rss_bytes": peak_rss_bytes(),
     });
@@ -630,4 +683,68 @@ pub fn plot(runs: &[RunResult], o: &Options) -> String {
         },
     }
     .render(&series)
+}
+
+impl Acc {
+    /// Pools another shard's sums into these.
+    fn merge(&mut self, o: &Acc) -> Result<()> {
+        self.linear.merge(&o.linear)?;
+        self.log2.merge(&o.log2)?;
+        match (self.verdict.as_mut(), o.verdict.as_ref()) {
+            (Some(a), Some(b)) => a.merge(b)?,
+            (None, None) => {}
+            _ => bail!("one shard has a --train-len verdict and another not"),
+        }
+        (self.sum, self.count, self.longest) = (self.sum + o.sum, self.count + o.count, self.longest.max(o.longest));
+        (self.seconds, self.tokens_fed) = (self.seconds + o.seconds, self.tokens_fed + o.tokens_fed);
+        self.nll_files.extend(o.nll_files.iter().cloned());
+        Ok(())
+    }
+}
+
+/// `stuffed merge` of `ppl --shard k/n` outputs: every shard present once, made with the same models,
+/// inputs and options; their sums pooled and every number recomputed, as one unsharded run.
+pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
+    let mut shards = Vec::new();
+    for d in dirs {
+        let p = d.join("results.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| anyhow!("{}: cannot read: {e}", p.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))?;
+        let o: Options =
+            serde_json::from_value(v["options"].clone()).with_context(|| format!("{}: no options", p.display()))?;
+        let runs: Vec<RunResult> = serde_json::from_value(v["runs"].clone())
+            .with_context(|| format!("{}: runs without accumulators (made by an older stuffed?)", p.display()))?;
+        let Some((k, n)) = o.shard else { bail!("{}: not a --shard run", p.display()) };
+        shards.push((p, k, n, o, v["inputs"].clone(), runs));
+    }
+    let Some((p0, _, n, o0, inputs, runs0)) = shards.first().cloned() else {
+        bail!("merge: give the shard directories")
+    };
+    let mut seen = vec![false; n];
+    let mut runs = runs0.clone();
+    for (i, (p, k, nk, o, inp, rs)) in shards.iter().enumerate() {
+        if *nk != n || deciding(o) != deciding(&o0) || *inp != inputs {
+            bail!("{}: made with other inputs or options than {}", p.display(), p0.display());
+        }
+        if std::mem::replace(&mut seen[k - 1], true) {
+            bail!("{}: shard {k}/{n} is given twice", p.display());
+        }
+        let same = |a: &RunResult, b: &RunResult| a.model.path == b.model.path && a.forget == b.forget;
+        if rs.len() != runs.len() || !rs.iter().zip(&runs).all(|(a, b)| same(a, b)) {
+            bail!("{}: other models or forgetting methods than {}", p.display(), p0.display());
+        }
+        if i > 0 {
+            for (r, s) in runs.iter_mut().zip(rs) {
+                r.acc.merge(&s.acc).with_context(|| format!("{}", p.display()))?;
+            }
+        }
+    }
+    if let Some(k) = seen.iter().position(|&s| !s) {
+        bail!("merge: shard {}/{n} is missing", k + 1);
+    }
+    let runs: Vec<RunResult> = runs.into_iter().map(RunResult::derived).collect();
+    std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
+    write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs)?;
+    println!("merged {n} shards into {}/results.json, loss.csv, loss.svg", out.display());
+    Ok(())
 }
