@@ -125,6 +125,13 @@ fn resume_equals_uninterrupted() {
     }
     assert_eq!(std::fs::read(&fnll).unwrap(), std::fs::read(&pnll).unwrap(), "NLL streams differ");
     assert!(!part.path().join("ppl.checkpoint.safetensors").exists(), "checkpoint is removed when done");
+    // A requeued job resuming a finished run keeps its results (and says so); a fresh --out has none.
+    let done = std::fs::read(part.path().join("results.json")).unwrap();
+    go(ppl_args(&ps, &[&ck[..], &["--resume"]].concat())).unwrap();
+    assert_eq!(std::fs::read(part.path().join("results.json")).unwrap(), done);
+    let fresh = tempfile::tempdir().unwrap();
+    let err = format!("{:#}", go(ppl_args(fresh.path().to_str().unwrap(), &["--resume"])).unwrap_err());
+    assert!(err.contains("no checkpoint to resume from"), "{err}");
     // A resume against other options is refused.
     go(ppl_args(&ps, &["--checkpoint-every", "1000", "--stop-after", "1000"])).unwrap();
     let err = format!("{:#}", go(ppl_args(&ps, &["--bucket", "128", "--resume"])).unwrap_err());

@@ -346,6 +346,13 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, resume
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
     let fp = fingerprint(models, inputs, &hashes, o)?;
+    if resume && !out.join(CKPT).exists() {
+        // A requeued job whose run already finished: its results stand.
+        if let Some(runs) = finished_runs(out, &fp) {
+            eprintln!("ppl: {} already holds this run's results; nothing to resume", out.display());
+            return Ok(runs);
+        }
+    }
     let mut snap = if resume {
         let (snap, state, pending) = load_checkpoint(out)?;
         if snap.fingerprint != fp {
@@ -382,7 +389,7 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, resume
         .zip(&hashes)
         .map(|(i, h)| serde_json::json!({"name": i.name(), "input": format!("{i:?}"), "sha256": h}))
         .collect();
-    write_outputs(out, serde_json::Value::Array(inputs_json), o, &finished)?;
+    write_outputs(out, serde_json::Value::Array(inputs_json), o, &finished, Some(&fp))?;
     let _ = std::fs::remove_file(out.join(CKPT));
     Ok(finished)
 }
@@ -626,9 +633,24 @@ impl RunResult {
     }
 }
 
-fn write_outputs(out: &Path, inputs: serde_json::Value, o: &Options, runs: &[RunResult]) -> Result<()> {
+/// The runs of a finished results.json in `out` made with fingerprint `fp`.
+fn finished_runs(out: &Path, fp: &str) -> Option<Vec<RunResult>> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).ok()?).ok()?;
+    (v["fingerprint"].as_str() == Some(fp)).then(|| serde_json::from_value(v["runs"].clone()).ok()).flatten()
+}
+
+/// results.json, loss.csv and loss.svg; `fp` (a run's fingerprint, not a merge's) lets a later
+/// `--resume` of the same run see that it finished.
+fn write_outputs(
+    out: &Path,
+    inputs: serde_json::Value,
+    o: &Options,
+    runs: &[RunResult],
+    fp: Option<&str>,
+) -> Result<()> {
     let json = serde_json::json!({
         "command": "ppl",
+        "fingerprint": fp,
         "stuffed_version": env!("CARGO_PKG_VERSION"),
         "options": o,
         "scoring": "NLL = −log softmax(logits at t−1)[token t] over the real vocab, positions t ≥ 1; \
@@ -744,7 +766,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     }
     let runs: Vec<RunResult> = runs.into_iter().map(RunResult::derived).collect();
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
-    write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs)?;
+    write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs, None)?;
     println!("merged {n} shards into {}/results.json, loss.csv, loss.svg", out.display());
     Ok(())
 }
