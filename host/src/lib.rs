@@ -12,6 +12,7 @@ pub mod eval;
 pub mod exec;
 pub mod forget;
 pub mod gpumem;
+pub mod interrupt;
 pub mod model;
 pub mod report;
 pub mod score;

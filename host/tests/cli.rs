@@ -151,36 +151,52 @@ fn ppl_peak_memory_is_constant() {
     assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
 }
 
-/// Runs `args(out)` to the end with `--out dir/full`; runs it again with `--out dir/part`, kills it
-/// (SIGKILL: no chance to clean up) 50 ms after its first timed checkpoint `ckpt` appears, and
-/// resumes it.
-fn kill_and_resume(dir: &std::path::Path, args: impl Fn(&std::path::Path) -> Vec<String>, ckpt: &str) {
+/// Runs `args(out)` to the end with `--out dir/full` (once); runs it again with `--out dir/part`, stops it
+/// and resumes it with `--resume`. `sigterm`: SIGTERM 100 ms in, timed checkpoints off (the run must
+/// write one at its next boundary and exit 1 saying so); else SIGKILL (no chance to clean up) 50 ms
+/// after its first timed checkpoint `ckpt` appears.
+fn kill_and_resume(dir: &std::path::Path, args: impl Fn(&std::path::Path) -> Vec<String>, ckpt: &str, sigterm: bool) {
+    let secs = if sigterm { "0" } else { "0.02" };
     let run = |out: &str| {
         let o = dir.join(out);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stuffed"));
-        cmd.args(args(&o)).args(["--checkpoint-secs", "0.02", "--out"]).arg(&o);
+        cmd.args(args(&o)).args(["--checkpoint-secs", secs, "--out"]).arg(&o);
         cmd
     };
-    let full = run("full").output().unwrap();
-    assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
-    let mut child = run("part").spawn().unwrap();
-    let ckpt = dir.join("part").join(ckpt);
-    while !ckpt.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first timed checkpoint");
-        std::thread::sleep(std::time::Duration::from_millis(1));
+    if !dir.join("full").exists() {
+        let full = run("full").output().unwrap();
+        assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
     }
-    // Later, mid-way between checkpoints: what was written after the last one must be cut off.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let ckpt = dir.join("part").join(ckpt);
+    let mut child = run("part").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    if sigterm {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before the signal");
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("SIGTERM after") && err.contains("--resume"), "{err}");
+    } else {
+        while !ckpt.exists() {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before its first timed checkpoint");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Later, mid-way between checkpoints: what was written after the last one must be cut off.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert!(ckpt.exists(), "a checkpoint to resume from");
     let resumed = run("part").arg("--resume").output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(!ckpt.exists(), "the checkpoint is removed when the run is done");
 }
 
-/// A ppl run killed after a timed checkpoint — which every run writes by default — resumes to the
-/// uninterrupted run's numbers and NLL stream, bit for bit.
+/// A ppl run killed after a timed checkpoint — which every run writes by default — or stopped by
+/// SIGTERM resumes to the uninterrupted run's numbers and NLL stream, bit for bit.
 #[test]
 fn killed_ppl_resumes_from_its_timed_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -195,19 +211,23 @@ fn killed_ppl_resumes_from_its_timed_checkpoint() {
             .map(String::from)
             .to_vec()
     };
-    kill_and_resume(dir.path(), args, "ppl.checkpoint.safetensors");
-    let at = |d: &str, f: &str| dir.path().join(d).join(f);
-    let res = |d: &str| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(at(d, "results.json")).unwrap()).unwrap()
-    };
-    let (a, b) = (res("full"), res("part"));
-    for key in ["buckets_linear", "mean_nll", "tokens_scored", "tokens_fed"] {
-        assert_eq!(a["runs"][0][key], b["runs"][0][key], "{key}");
+    for sigterm in [false, true] {
+        kill_and_resume(dir.path(), args, "ppl.checkpoint.safetensors", sigterm);
+        let at = |d: &str, f: &str| dir.path().join(d).join(f);
+        let res = |d: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(at(d, "results.json")).unwrap()).unwrap()
+        };
+        let (a, b) = (res("full"), res("part"));
+        for key in ["buckets_linear", "mean_nll", "tokens_scored", "tokens_fed"] {
+            assert_eq!(a["runs"][0][key], b["runs"][0][key], "{key}");
+        }
+        assert_eq!(std::fs::read(at("full", "nll.f32")).unwrap(), std::fs::read(at("part", "nll.f32")).unwrap());
+        std::fs::remove_dir_all(dir.path().join("part")).unwrap();
     }
-    assert_eq!(std::fs::read(at("full", "nll.f32")).unwrap(), std::fs::read(at("part", "nll.f32")).unwrap());
 }
 
-/// A probe killed after a timed checkpoint resumes to the uninterrupted probe's files, byte for byte:
+/// A probe killed after a timed checkpoint, or stopped by SIGTERM, resumes to the uninterrupted probe's
+/// files, byte for byte:
 /// every CSV, the whole-state snapshots (one before the kill, one after) and probe.json.
 #[test]
 fn killed_probe_resumes_from_its_timed_checkpoint() {
@@ -215,15 +235,19 @@ fn killed_probe_resumes_from_its_timed_checkpoint() {
     let text = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/corpus/austen_persuasion.txt");
     let (m, t) = (data("mamba2_neox_tiny").display().to_string(), text.display().to_string());
     let args = |_: &std::path::Path| {
-        ["probe", "--model", &m, "--text", &t, "--max-tokens", "60000", "--every", "16", "--snapshot-at", "100,59000"]
+        ["probe", "--model", &m, "--text", &t, "--every", "16", "--snapshot-at", "100,100000"]
             .map(String::from)
             .to_vec()
     };
-    kill_and_resume(dir.path(), args, "probe.checkpoint.safetensors");
-    for f in ["retention.csv", "state_stats.csv", "conv_stats.csv", "inputs.csv", "snapshots.safetensors", "probe.json"]
-    {
-        let read = |d: &str| std::fs::read(dir.path().join(d).join(f)).unwrap();
-        assert!(read("full") == read("part"), "{f} differs after a resume");
+    for sigterm in [false, true] {
+        kill_and_resume(dir.path(), args, "probe.checkpoint.safetensors", sigterm);
+        for f in
+            ["retention.csv", "state_stats.csv", "conv_stats.csv", "inputs.csv", "snapshots.safetensors", "probe.json"]
+        {
+            let read = |d: &str| std::fs::read(dir.path().join(d).join(f)).unwrap();
+            assert!(read("full") == read("part"), "{f} differs after a resume");
+        }
+        std::fs::remove_dir_all(dir.path().join("part")).unwrap();
     }
 }
 

@@ -343,6 +343,7 @@ enum Flow {
 
 /// `stuffed ppl`: every model over every document; writes results.json, loss.csv, loss.svg.
 pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, resume: bool) -> Result<Vec<RunResult>> {
+    let _armed = crate::interrupt::arm(); // from the start: a signal during loading is caught too
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
     let fp = fingerprint(models, inputs, &hashes, o)?;
@@ -513,7 +514,8 @@ fn run_model(
             let at_boundary = t == o.chunk && !(exhausted && queue.is_empty());
             let due = o.checkpoint_every.is_some_and(|n| since_ckpt >= n)
                 || o.checkpoint_secs.is_some_and(|s| last_ckpt.elapsed().as_secs_f64() >= s);
-            if at_boundary && (stop || due) {
+            let signal = crate::interrupt::raised();
+            if at_boundary && (stop || due || signal.is_some()) {
                 (since_ckpt, last_ckpt) = (0, Instant::now());
                 acc.seconds = seconds_before + started.elapsed().as_secs_f64();
                 let nll_len = match (&nll_path, nll_file.as_mut()) {
@@ -535,6 +537,10 @@ fn run_model(
                     tau,
                 };
                 save_checkpoint(out, &snap, &state, pending.as_deref())?;
+                if let Some(sig) = signal {
+                    progress.finish();
+                    bail!("{sig} after {processed} tokens: checkpoint in {}; continue with --resume", out.display());
+                }
                 if stop {
                     progress.finish();
                     return Ok((Flow::Stopped, result(model, tok, &acc, train_len)));

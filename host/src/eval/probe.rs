@@ -192,6 +192,7 @@ fn csv_series(
 
 /// `stuffed probe`.
 pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume: bool) -> Result<()> {
+    let _armed = crate::interrupt::arm(); // from the start: a signal during loading is caught too
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
@@ -315,7 +316,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
         if done && queue.is_empty() {
             break;
         }
-        if o.checkpoint_secs.is_some_and(|c| last_ckpt.elapsed().as_secs_f64() >= c) {
+        let signal = crate::interrupt::raised();
+        if signal.is_some() || o.checkpoint_secs.is_some_and(|c| last_ckpt.elapsed().as_secs_f64() >= c) {
             let mut csv_lens = [0u64; 4];
             for (w, n) in [&mut ret_csv, &mut st_csv, &mut cv_csv, &mut in_csv].into_iter().zip(&mut csv_lens) {
                 w.flush()?;
@@ -329,6 +331,10 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
             tensors.extend(names.iter().zip(&snapshots).map(|(n, (_, st))| (n.as_str(), Values::F32(st))));
             report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
             last_ckpt = Instant::now();
+            if let Some(sig) = signal {
+                progress.finish();
+                bail!("{sig} after {pos} tokens: checkpoint in {}; continue with --resume", out.display());
+            }
         }
     }
     progress.finish();

@@ -1,0 +1,47 @@
+//! SIGINT and SIGTERM during a long run (Ctrl-C; a batch scheduler's notice before it kills): while
+//! armed, the first one only raises a flag, the run writes a checkpoint at its next boundary and stops
+//! with one error line; a second one ends the process at once. Unarmed, they end it as by default.
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::Once;
+
+/// True when a signal must end the process now: not armed, or a signal already came.
+static EXIT_NOW: AtomicBool = AtomicBool::new(true);
+/// The signal that came while armed (0: none).
+static RAISED: AtomicUsize = AtomicUsize::new(0);
+static INSTALL: Once = Once::new();
+
+/// Catches SIGINT and SIGTERM until dropped ([`raised`] tells whether one came).
+pub struct Armed(());
+
+pub fn arm() -> Armed {
+    INSTALL.call_once(|| {
+        for sig in [SIGINT, SIGTERM] {
+            // Order matters: the exit test runs before this signal sets the flag for the next one.
+            let ok = signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, &EXIT_NOW).is_ok()
+                && signal_hook::flag::register_usize(sig, &RAISED, sig as usize).is_ok()
+                && signal_hook::flag::register(sig, &EXIT_NOW).is_ok();
+            if !ok {
+                eprintln!("stuffed: note: cannot catch signal {sig}; it ends the run without a checkpoint");
+            }
+        }
+    });
+    RAISED.store(0, SeqCst);
+    EXIT_NOW.store(false, SeqCst);
+    Armed(())
+}
+
+/// The signal that came while armed, by name, once one did.
+pub fn raised() -> Option<&'static str> {
+    match RAISED.load(SeqCst) as i32 {
+        0 => None,
+        SIGINT => Some("SIGINT"),
+        _ => Some("SIGTERM"),
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        EXIT_NOW.store(true, SeqCst);
+    }
+}
