@@ -5,8 +5,7 @@ use crate::cli::basic::dir_of;
 use crate::forget::ForgetSpec;
 use crate::model::Model;
 use crate::report::svg::{fmt_tokens, LinePlot, Series};
-use crate::report::write_atomic;
-use crate::report::{self, Values};
+use crate::report::{self, write_atomic, Values};
 use crate::score::{Device, GpuOptions, Scorer};
 use crate::text::Input;
 use crate::tokenizer::Tokenizer;
@@ -40,7 +39,8 @@ pub struct Options {
 
 const CKPT: &str = "probe.checkpoint.safetensors";
 
-/// Points per plotted series at most: a long stream is thinned evenly (the CSVs keep every report).
+/// A long plotted series is thinned evenly to between this many points and twice as many (the CSVs
+/// keep every report).
 const PLOT_POINTS: usize = 2048;
 
 /// Where a checkpointed probe stands (the state, retention sums and snapshots are its tensors).
