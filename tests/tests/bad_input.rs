@@ -297,6 +297,24 @@ fn huge_sizes_are_errors_not_aborts() {
     assert_mentions(&err, &["--samples", "at most"]);
 }
 
+/// A bad model after good ones fails before any of them runs, not after their work.
+#[test]
+fn a_bad_later_model_fails_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "Some text to score, long enough for a few tokens.").unwrap();
+    let (nll, out) = (dir.path().join("nll"), dir.path().join("o"));
+    let t = tiny();
+    let args =
+        ["ppl", "--model", t.to_str().unwrap(), "--model", "/nonexistent/model", "--text", text.to_str().unwrap()];
+    let err = format!(
+        "{:#}",
+        cli(&[&args[..], &["--nll-out", nll.to_str().unwrap(), "--out", out.to_str().unwrap()]].concat()).unwrap_err()
+    );
+    assert_mentions(&err, &["/nonexistent/model"]);
+    assert!(!nll.exists(), "the first model ran before the second was checked");
+}
+
 /// A NaN in the weights reaches the state: the run stops with a clear error, not garbage.
 #[test]
 fn nan_in_state_is_an_error() {

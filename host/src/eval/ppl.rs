@@ -372,6 +372,12 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, resume
     // One run per (model, forgetting method), model-major.
     let jobs: Vec<(&PathBuf, crate::forget::ForgetSpec)> =
         models.iter().flat_map(|m| o.forget.iter().map(move |f| (m, *f))).collect();
+    // Every model, tokenizer and method is checked before the first run, so that a bad last one does
+    // not end the command after the others' work (the checkpoint writes no results.json).
+    for (mpath, forget) in &jobs {
+        Model::load(mpath)?.set_forget(*forget)?;
+        Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
+    }
     for (mi, (mpath, forget)) in jobs.iter().enumerate().skip(first_model) {
         let mut model = Model::load(mpath)?;
         model.set_forget(*forget)?;
