@@ -304,7 +304,7 @@ fn a_bad_later_model_fails_first() {
     let text = dir.path().join("t.txt");
     std::fs::write(&text, "Some text to score, long enough for a few tokens.").unwrap();
     let (nll, out) = (dir.path().join("nll"), dir.path().join("o"));
-    let t = tiny();
+    let t = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mamba2_neox_tiny");
     let args =
         ["ppl", "--model", t.to_str().unwrap(), "--model", "/nonexistent/model", "--text", text.to_str().unwrap()];
     let err = format!(
