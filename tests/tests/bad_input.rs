@@ -24,6 +24,14 @@ fn load_err(path: &Path) -> String {
     }
 }
 
+/// A temp dir holding one text file `name`.
+fn text_file(name: &str, content: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join(name);
+    std::fs::write(&text, content).unwrap();
+    (dir, text)
+}
+
 fn assert_mentions(err: &str, needles: &[&str]) {
     assert!(!err.contains('\n'), "error spans lines: {err}");
     for n in needles {
@@ -240,9 +248,7 @@ fn missing_text_file() {
 /// An empty text file (a wrong path or redirect) is an error before any model runs, not an empty result.
 #[test]
 fn empty_text_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("empty.txt");
-    std::fs::write(&text, "").unwrap();
+    let (dir, text) = text_file("empty.txt", "");
     let (m, t) = (tiny(), text.to_str().unwrap().to_string());
     for cmd in ["ppl", "probe"] {
         let out = dir.path().join(cmd);
@@ -284,9 +290,7 @@ fn huge_sizes_are_errors_not_aborts() {
         let err = format!("{:#}", cli(&["passkey", "--model", t.to_str().unwrap(), "--lengths", lengths]).unwrap_err());
         assert_mentions(&err, &["longer than the 4294967296 tokens"]);
     }
-    let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("t.txt");
-    std::fs::write(&text, "Some text to score.").unwrap();
+    let (dir, text) = text_file("t.txt", "Some text to score.");
     let (m, tx, o) = (t.to_str().unwrap(), text.to_str().unwrap(), dir.path().to_str().unwrap());
     for (chunk, want) in [("99999999999", "at most 2^32"), ("4000000000", "more than this machine's memory")] {
         let err = format!("{:#}", cli(&["ppl", "--model", m, "--text", tx, "--chunk", chunk, "--out", o]).unwrap_err());
@@ -300,9 +304,7 @@ fn huge_sizes_are_errors_not_aborts() {
 /// A bad model after good ones fails before any of them runs, not after their work.
 #[test]
 fn a_bad_later_model_fails_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("t.txt");
-    std::fs::write(&text, "Some text to score, long enough for a few tokens.").unwrap();
+    let (dir, text) = text_file("t.txt", "Some text to score, long enough for a few tokens.");
     let (nll, out) = (dir.path().join("nll"), dir.path().join("o"));
     let t = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mamba2_neox_tiny");
     let args =
