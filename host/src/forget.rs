@@ -72,7 +72,7 @@ impl ForgetSpec {
             "rri" => ForgetSpec::Rri { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 },
             "dt" => ForgetSpec::Dt { c: num("c")?.unwrap_or(0.5) as f32 },
             "window" => match positive("r", need("r")?)? {
-                r if r > crate::eval::passkey::MAX_LENGTH => {
+                r if r > crate::text::MAX_TOKENS => {
                     bail!("window:r={r} is longer than any stream (at most 2^32)")
                 }
                 r => ForgetSpec::Window { r: r as usize },

@@ -25,7 +25,7 @@ pub struct Session<'m> {
 /// Fails for a `--chunk` longer than any stream (on every device: the GPU plans its own chunk, but
 /// a call still queues that many ids).
 pub fn check_chunk_len(chunk: usize) -> Result<()> {
-    if chunk as u64 > crate::eval::passkey::MAX_LENGTH {
+    if chunk as u64 > crate::text::MAX_TOKENS {
         bail!("--chunk {chunk}: more tokens a call than any stream has (at most 2^32)");
     }
     Ok(())

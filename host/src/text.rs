@@ -7,6 +7,10 @@ use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// The most tokens a stream, a length, a window or a call may count: 2³² (a prompt's ids alone are
+/// 16 GiB), so that sizes derived from them cannot overflow.
+pub const MAX_TOKENS: u64 = 1 << 32;
+
 /// Bytes read from a file per step.
 const BLOCK: usize = 1 << 16;
 

@@ -56,7 +56,7 @@ pub fn parse_tokens(s: &str) -> Result<u64> {
         _ => (t.as_str(), 1),
     };
     match num.parse::<f64>() {
-        Ok(v) if v >= 1.0 && v * mul as f64 <= crate::eval::passkey::MAX_LENGTH as f64 => Ok((v * mul as f64) as u64),
+        Ok(v) if v >= 1.0 && v * mul as f64 <= crate::text::MAX_TOKENS as f64 => Ok((v * mul as f64) as u64),
         _ => bail!("'{s}' is not a token count from 1 to 4G (e.g. 1m, 64k, 5000)"),
     }
 }

@@ -99,9 +99,6 @@ pub struct Record {
 }
 
 /// Parses `1k,2k,8k`, `1k..32k:1k` (step) and `1k..1m:x2` (factor); `k` = 1,024, `m` = 1,048,576.
-/// The longest length or position a list may name: 2³² tokens (a prompt's ids alone are 16 GiB).
-pub const MAX_LENGTH: u64 = 1 << 32;
-
 pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
     fn num(t: &str) -> Result<u64> {
         let t = t.trim();
@@ -112,8 +109,8 @@ pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
         };
         let v = digits.parse::<u64>().map_err(|_| anyhow!("'{t}' is not a length (e.g. 1024, 8k, 1m)"))?;
         match v.checked_mul(mult) {
-            Some(v) if v <= MAX_LENGTH => Ok(v),
-            _ => bail!("'{t}' is longer than the {MAX_LENGTH} tokens (4G) a length may be"),
+            Some(v) if v <= crate::text::MAX_TOKENS => Ok(v),
+            _ => bail!("'{t}' is longer than the {} tokens (4G) a length may be", crate::text::MAX_TOKENS),
         }
     }
     let mut out = Vec::new();
