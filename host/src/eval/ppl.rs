@@ -229,12 +229,12 @@ struct Snapshot {
 }
 
 /// Documents with their index among all of them: one per input, or one stream of all of them
-/// (`--concat`); with a shard, only its share.
-fn documents(inputs: &[Input], o: &Options) -> Vec<(usize, Vec<Input>)> {
+/// (`--concat`); with a shard, only its share. Also how many there are in all.
+fn documents(inputs: &[Input], o: &Options) -> (Vec<(usize, Vec<Input>)>, usize) {
     let all: Vec<Vec<Input>> =
         if o.concat { vec![inputs.to_vec()] } else { inputs.iter().map(|i| vec![i.clone()]).collect() };
-    let mine = |i: usize| o.shard.is_none_or(|(k, n)| i % n == k - 1);
-    all.into_iter().enumerate().filter(|(i, _)| mine(*i)).collect()
+    let (total, mine) = (all.len(), |i: usize| o.shard.is_none_or(|(k, n)| i % n == k - 1));
+    (all.into_iter().enumerate().filter(|(i, _)| mine(*i)).collect(), total)
 }
 
 /// The ids of one document: its inputs in order, repeated up to `repeat_to`, cut at `max_tokens`.
@@ -416,8 +416,7 @@ fn run_model(
     processed: &mut u64,
 ) -> Result<(Flow, RunResult)> {
     let net = model.net();
-    let docs = documents(inputs, o);
-    let n_docs = if o.concat { 1 } else { inputs.len() };
+    let (docs, n_docs) = documents(inputs, o);
     let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
     let mut scorer = Scorer::new(model, o.chunk, real_vocab(model, tok), o.device, o.gpu)?;
     let fresh_acc = || Acc {
@@ -751,11 +750,10 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
         let Some((k, n)) = o.shard else { bail!("{}: not a --shard run", p.display()) };
         shards.push((p, k, n, o, v["inputs"].clone(), runs));
     }
-    let Some((p0, _, n, o0, inputs, runs0)) = shards.first().cloned() else {
+    let Some((p0, _, n, o0, inputs, mut runs)) = shards.first().cloned() else {
         bail!("merge: give the shard directories")
     };
     let mut seen = vec![false; n];
-    let mut runs = runs0.clone();
     for (i, (p, k, nk, o, inp, rs)) in shards.iter().enumerate() {
         if *nk != n || deciding(o) != deciding(&o0) || *inp != inputs {
             bail!("{}: made with other inputs or options than {}", p.display(), p0.display());

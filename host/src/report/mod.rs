@@ -18,7 +18,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// A resumable checkpoint at `path`: 1-D tensors (name, f32 or f64 values) and one JSON `snapshot`
 /// entry in the safetensors metadata, written atomically (a kill leaves the previous one intact).
 pub fn save_checkpoint(path: &Path, snapshot: &str, tensors: &[(&str, Values)]) -> Result<()> {
-    let meta = std::collections::HashMap::from([("snapshot".to_string(), snapshot.to_string())]);
+    let meta = HashMap::from([("snapshot".to_string(), snapshot.to_string())]);
     let views = tensors
         .iter()
         .map(|(n, v)| {
