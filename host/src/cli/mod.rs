@@ -118,6 +118,7 @@ impl DeviceArgs {
 pub enum Cmd {
     /// Family, dimensions, parameters, dtype, state size and vocab of a checkpoint.
     Info {
+        /// Model directory (or checkpoint file).
         #[arg(long)]
         model: PathBuf,
         /// Print JSON instead of text.
@@ -126,22 +127,29 @@ pub enum Cmd {
     },
     /// Print the token ids of a text, space-separated.
     Tokenize {
+        /// Model directory whose tokenizer to use.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Tokenizer (a tokenizer.json or an RWKV World vocab .txt). Default: the model directory's
+        /// tokenizer.json, or the shipped one of its family.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// The text itself.
         #[arg(long, conflicts_with = "file", required_unless_present = "file")]
         text: Option<String>,
+        /// A UTF-8 text file to tokenize instead of --text.
         #[arg(long)]
         file: Option<PathBuf>,
     },
     /// Logits of every position from the zero state, written as safetensors `logits` [T, V] f32.
     Logits {
+        /// Model directory (or checkpoint file).
         #[arg(long)]
         model: PathBuf,
         /// Integers (whitespace- or comma-separated) or a safetensors file with `input_ids`.
         #[arg(long)]
         ids: PathBuf,
+        /// The safetensors file to write.
         #[arg(long)]
         out: PathBuf,
         /// Tokens per forward call; 1 runs token by token.
@@ -152,12 +160,17 @@ pub enum Cmd {
     },
     /// Greedy continuation of a prompt.
     Generate {
+        /// Model directory (or checkpoint file).
         #[arg(long)]
         model: PathBuf,
+        /// The prompt text.
         #[arg(long)]
         prompt: String,
+        /// Tokens to generate, greedily.
         #[arg(long, default_value_t = 32)]
         max_new: usize,
+        /// Tokenizer (a tokenizer.json or an RWKV World vocab .txt). Default: the model directory's
+        /// tokenizer.json, or the shipped one of its family.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         #[command(flatten)]
@@ -175,6 +188,7 @@ pub enum Cmd {
         /// Shard output directories.
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
+        /// Directory for the merged outputs.
         #[arg(long)]
         out: PathBuf,
     },
@@ -184,14 +198,20 @@ pub enum Cmd {
     Selftest(bench::SelftestArgs),
     /// Write an HF-format directory of seeded random (UNTRAINED) weights at a published shape.
     Synth {
+        /// mamba2, rwkv6, rwkv5 or hgrn2.
         #[arg(long, default_value = "mamba2")]
         family: String,
+        /// A published size (mamba2: 130m 370m 780m 1.3b 2.7b; rwkv6: 1.6b 3b 7b; rwkv5: 0.4b 1.5b 3b
+        /// 7b; hgrn2: 1.3b) or a test shape (tiny; for mamba2 also small and p128).
         #[arg(long)]
         preset: String,
+        /// Weight dtype: bf16, f16 or f32.
         #[arg(long, default_value = "bf16")]
         dtype: String,
+        /// Seed of the weights: the same seed gives the same bytes on every machine.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Directory to write (config.json, model.safetensors).
         #[arg(long)]
         out: PathBuf,
     },
@@ -236,4 +256,43 @@ fn checkpoint_secs(cmd: &str, s: f64) -> anyhow::Result<Option<f64>> {
         anyhow::bail!("{cmd}: --checkpoint-secs must be a number of seconds ≥ 0");
     }
     Ok(Some(s).filter(|&s| s > 0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every option and positional of every command says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id != "help" && id != "version" && a.get_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for s in cmd.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "stuffed", &mut missing);
+        assert!(missing.is_empty(), "arguments without help:\n{}", missing.join("\n"));
+    }
+
+    /// `synth --preset`'s help names every preset of every family.
+    #[test]
+    fn synth_help_lists_every_preset() {
+        use crate::synth::*;
+        let cmd = super::Cli::command();
+        let synth = cmd.find_subcommand("synth").unwrap();
+        let preset = synth.get_arguments().find(|a| a.get_id() == "preset").unwrap();
+        let help = preset.get_help().unwrap().to_string();
+        let names = MAMBA2_PRESETS.iter().map(|p| p.0).chain(RWKV6_PRESETS.iter().map(|p| p.0));
+        let names = names.chain(RWKV5_PRESETS.iter().map(|p| p.0)).chain(HGRN2_PRESETS.iter().map(|p| p.0));
+        for n in names {
+            assert!(help.split(|c: char| !(c.is_alphanumeric() || c == '.')).any(|w| w == n), "{n} not in: {help}");
+        }
+    }
 }

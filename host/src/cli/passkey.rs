@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct PasskeyArgs {
+    /// Model directory (or checkpoint file).
     #[arg(long)]
     model: PathBuf,
     /// Target prompt lengths in tokens: `1k,2k,8k`, `1k..32k:1k`, `1k..1m:x2` (k = 1,024, m = 1,048,576).
@@ -17,8 +18,10 @@ pub struct PasskeyArgs {
     /// Explicit needle depths in [0, 1], comma-separated (instead of --samples).
     #[arg(long, value_delimiter = ',')]
     depths: Option<Vec<f64>>,
+    /// The prompt's wording (SPEC.md §2.2).
     #[arg(long, value_enum, default_value_t = TemplateName::Code)]
     template: TemplateName,
+    /// Seed of the 5-digit keys: one key per (seed, length, sample), whatever the sharding.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Tokens decoded greedily after the prompt.
@@ -27,6 +30,7 @@ pub struct PasskeyArgs {
     /// Start the prompt with <|endoftext|>.
     #[arg(long)]
     bos: bool,
+    /// Directory for results.jsonl, summary.json, summary.csv and heatmap.svg.
     #[arg(long, default_value = "passkey-out")]
     out: PathBuf,
     /// Skip samples already in --out/results.jsonl.
@@ -38,6 +42,8 @@ pub struct PasskeyArgs {
     /// Tokens per forward call.
     #[arg(long, default_value_t = 512)]
     chunk: usize,
+    /// Tokenizer (a tokenizer.json or an RWKV World vocab .txt). Default: the model directory's
+    /// tokenizer.json, or the shipped one of its family.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Run every sample from the zero state (no shared haystack): slower, for checking reuse.

@@ -26,6 +26,7 @@ pub struct PplArgs {
     /// The model's training length: draws a line on the plot and gives the T_forget verdict.
     #[arg(long)]
     train_len: Option<u64>,
+    /// Directory for results.json, loss.csv, loss.svg and the checkpoint.
     #[arg(long, default_value = "ppl-out")]
     out: PathBuf,
     /// Stream per-position NLL (raw little-endian f32, positions 1, 2, …) to this file or directory.
@@ -51,6 +52,8 @@ pub struct PplArgs {
     /// Tokens per forward call (1 = token by token).
     #[arg(long, default_value_t = 512)]
     chunk: usize,
+    /// Tokenizer (a tokenizer.json or an RWKV World vocab .txt). Default: the model directory's
+    /// tokenizer.json, or the shipped one of its family.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Plot against log2(position), from the power-of-two buckets.

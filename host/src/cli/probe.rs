@@ -7,10 +7,12 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct ProbeArgs {
+    /// Model directory (or checkpoint file).
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
     input: super::InputArgs,
+    /// Stop after N tokens of the stream.
     #[arg(long)]
     max_tokens: Option<u64>,
     /// Write statistics every K tokens.
@@ -31,11 +33,14 @@ pub struct ProbeArgs {
     /// Training-free forgetting (see `stuffed ppl --help`).
     #[arg(long, default_value = "none")]
     forget: String,
+    /// Directory for the CSVs, plots, snapshots.safetensors and the checkpoint.
     #[arg(long, default_value = "probe-out")]
     out: PathBuf,
     /// Tokens per forward call (statistics are taken every K tokens regardless).
     #[arg(long, default_value_t = 512)]
     chunk: usize,
+    /// Tokenizer (a tokenizer.json or an RWKV World vocab .txt). Default: the model directory's
+    /// tokenizer.json, or the shipped one of its family.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Write a resumable checkpoint at a report when this many seconds passed since the last one
