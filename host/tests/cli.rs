@@ -57,6 +57,7 @@ fn logits_tokenize_info_synth_run() {
     let (code, out, err) = stuffed(&["info", "--model", data("mamba2_official").to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("N_S = 5056"), "{out}");
+    assert!(out.contains("laws         SPEC.md §3's Mamba-2 fits hold for N_S ≥ 0.86M, not 0.01M"), "{out}");
     let syn = dir.path().join("tiny");
     let (code, _, err) =
         stuffed(&["synth", "--preset", "tiny", "--dtype", "bf16", "--seed", "3", "--out", syn.to_str().unwrap()]);

@@ -10,8 +10,11 @@ use std::path::Path;
 pub fn info(path: &Path, json: bool) -> Result<()> {
     let m = Model::load(path)?;
     let i = &m.info;
+    let laws = (i.family == "mamba2").then(|| crate::eval::ppl::laws(i.paper_state_size));
     if json {
-        println!("{}", serde_json::to_string_pretty(i)?);
+        let mut v = serde_json::to_value(i)?;
+        v["laws"] = serde_json::to_value(&laws)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!("model        {}", i.path.display());
@@ -28,6 +31,9 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
         i.paper_state_size,
         i.paper_state_size as f64 / 1e6
     );
+    if let Some(l) = laws {
+        println!("laws         {l}");
+    }
     let tok = match Tokenizer::for_model(Some(&dir_of(path)), None) {
         Ok(t) => t,
         Err(e) => {

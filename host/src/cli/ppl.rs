@@ -135,6 +135,15 @@ pub fn run(mut a: PplArgs) -> Result<()> {
                 v.verdict,
                 v.note
             );
+            let l = ppl::laws(r.model.paper_state_size);
+            if r.model.family == "mamba2" && l.in_range {
+                println!(
+                    "  SPEC.md §3's fit predicts \"{}\" (T_forget = {:.1}K tokens at N_S {:.2}M)",
+                    l.verdict(v.train_len),
+                    l.t_forget_k,
+                    l.n_s_millions
+                );
+            }
         }
     }
     if runs.len() == a.model.len() {
