@@ -20,6 +20,17 @@ pub const MAMBA2_PRESETS: &[(&str, usize, usize, usize, usize)] = &[
     ("1.3b", 2048, 48, 128, 64),
     ("2.7b", 2560, 64, 128, 64),
 ];
+/// `stuffed synth`: a preset of `family` (mamba2, rwkv6, rwkv5, hgrn2) written to `out`.
+pub fn write(family: &str, preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
+    match family {
+        "mamba2" => mamba2(preset, dtype, seed, out),
+        "rwkv6" => rwkv(true, preset, dtype, seed, out),
+        "rwkv5" => rwkv(false, preset, dtype, seed, out),
+        "hgrn2" => hgrn2(preset, dtype, seed, out),
+        other => bail!("synth: unknown family '{other}' (supported: mamba2, rwkv6, rwkv5, hgrn2)"),
+    }
+}
+
 /// GPT-NeoX vocab padded to a multiple of 16, as in the released configs.
 const VOCAB_ROWS: usize = 50288;
 

@@ -272,19 +272,25 @@ fn ppl_default_runs_the_shipped_pair() {
     assert!(dir.path().join("o/loss.svg").exists());
 }
 
-/// `stuffed bench` on the CPU: the synth preset is made once in the cache, the report names its parts.
+/// `stuffed bench` on the CPU, every family: the synth preset is made once in the cache, the report
+/// names its parts.
 #[test]
 fn bench_runs_on_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_stuffed"))
-        .args(["bench", "--preset", "tiny", "--dtype", "f32", "--tokens", "2k", "--decode", "4"])
-        .env("STUFFED_CACHE", dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for k in ["device       CPU", "tokens       2048 in", "GFLOP/token", "memory", "ms/token"] {
-        assert!(text.contains(k), "{k:?} missing from:\n{text}");
+    for family in ["mamba2", "rwkv6", "rwkv5", "hgrn2"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_stuffed"))
+            .args([
+                "bench", "--family", family, "--preset", "tiny", "--dtype", "f32", "--tokens", "2k", "--decode", "4",
+            ])
+            .env("STUFFED_CACHE", dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{family}: {}", String::from_utf8_lossy(&out.stderr));
+        let model = format!("({family}, 2 layers, d 64, f32)");
+        for k in [&model, "device       CPU", "tokens       2048 in", "GFLOP/token", "memory", "ms/token"] {
+            assert!(text.contains(k), "{k:?} missing from:\n{text}");
+        }
+        assert!(dir.path().join(format!("synth/{family}-tiny-f32/model.safetensors")).exists());
     }
-    assert!(dir.path().join("synth/mamba2-tiny-f32/model.safetensors").exists());
 }

@@ -10,9 +10,13 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// A synth preset (130m, 370m, 780m, 1.3b, 2.7b; tiny, small, p128): seeded random weights, made once in the cache.
+    /// A synth preset of --family (mamba2: 130m, 370m, 780m, 1.3b, 2.7b; tiny, small, p128; the others:
+    /// see `stuffed synth --help`): seeded random weights, made once in the cache.
     #[arg(long, conflicts_with = "model")]
     preset: Option<String>,
+    /// The family of --preset: mamba2, rwkv6, rwkv5 or hgrn2 (the GPU runs Mamba-2 only).
+    #[arg(long, default_value = "mamba2", conflicts_with = "model")]
+    family: String,
     /// Or a model directory.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -86,6 +90,18 @@ pub fn flops_per_token(c: &stuffed_core::mamba2::Config) -> f64 {
     c.n_layer as f64 * (mats + ssd) + 2.0 * c.vocab_rows as f64 * d
 }
 
+/// FLOPs per token of any family: Mamba-2 by [`flops_per_token`]; the others as 2 per weight (the
+/// untied input embedding excepted: a lookup) plus 4 per recurrent-state element (decay-update and
+/// read of the token step; the chunked form's intra-chunk part is not counted).
+fn model_flops_per_token(model: &Model) -> f64 {
+    if let Some(m) = model.mamba2() {
+        return flops_per_token(&m.cfg);
+    }
+    let i = &model.info;
+    let lookup = if i.tied_embeddings { 0 } else { i.vocab_rows * i.d_model };
+    2.0 * (i.params - lookup) as f64 + 4.0 * i.paper_state_size as f64
+}
+
 /// Dense bf16 tensor-core FLOP/s a device can reach (measured cuBLAS, GPU.md §4), for % of floor.
 fn floor_flops(name: &str) -> Option<f64> {
     let n = name.to_ascii_uppercase();
@@ -96,10 +112,11 @@ fn bench_model(a: &BenchArgs) -> Result<PathBuf> {
     match (&a.preset, &a.model) {
         (_, Some(m)) => Ok(m.clone()),
         (Some(p), None) => {
-            let dir = crate::defaults::cache_root().join("synth").join(format!("mamba2-{p}-{}", a.dtype));
+            let (f, dt) = (a.family.as_str(), a.dtype.as_str());
+            let dir = crate::defaults::cache_root().join("synth").join(format!("{f}-{p}-{dt}"));
             if !dir.join("model.safetensors").exists() {
-                eprintln!("bench: writing synth preset {p} ({}) to {}", a.dtype, dir.display());
-                crate::synth::mamba2(p, &a.dtype, 0, &dir)?;
+                eprintln!("bench: writing synth preset {f} {p} ({dt}) to {}", dir.display());
+                crate::synth::write(f, p, dt, 0, &dir)?;
             }
             Ok(dir)
         }
@@ -111,7 +128,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
     let path = bench_model(&a)?;
     let model = Model::load(&path)?;
-    let m = model.mamba2().ok_or_else(|| anyhow::anyhow!("{}: bench runs Mamba-2 models", path.display()))?;
     let real = model.info.config_vocab.unwrap_or(model.info.vocab_rows).min(model.info.vocab_rows);
     let want = a.chunk.unwrap_or(if a.device.device == Device::Cuda { 65536 } else { 512 });
     let mut sc = Scorer::new(&model, want, real, a.device.device, a.device.gpu()?)?;
@@ -134,14 +150,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let secs = t0.elapsed().as_secs_f64();
     let mem_end = device_mem_used(&sc)?;
-    let fpt = flops_per_token(&m.cfg);
+    let fpt = model_flops_per_token(&model);
     let tps = tokens as f64 / secs;
     let weights = model.info.weight_bytes as f64;
     println!(
-        "model        {} ({} layers, d {}, {})",
+        "model        {} ({}, {} layers, d {}, {})",
         path.display(),
-        m.cfg.n_layer,
-        m.cfg.d_model,
+        model.info.family,
+        model.info.n_layer,
+        model.info.d_model,
         model.info.weight_dtype
     );
     println!("device       {}", device_name(&sc));
@@ -149,7 +166,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "tokens       {tokens} in {secs:.3} s: {tps:.0} tok/s (chunk {chunk}); mean NLL {:.4}",
         sum / tokens as f64
     );
-    println!("compute      {:.1} TFLOP/s achieved ({:.2} GFLOP/token)", fpt * tps / 1e12, fpt / 1e9);
+    let rate = match fpt * tps {
+        r if r >= 1e12 => format!("{:.1} TFLOP/s", r / 1e12),
+        r => format!("{:.1} GFLOP/s", r / 1e9),
+    };
+    println!("compute      {rate} achieved ({:.2} GFLOP/token)", fpt / 1e9);
     if let Some(f) = floor_flops(&device_name(&sc)) {
         println!("floor        {:.1} % of {:.0} TFLOP/s (bf16 tensor cores)", 100.0 * fpt * tps / f, f / 1e12);
     }

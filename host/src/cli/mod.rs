@@ -240,13 +240,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::eval::ppl::merge(&dirs, &out)
             }
         }
-        Cmd::Synth { family, preset, dtype, seed, out } => match family.as_str() {
-            "mamba2" => crate::synth::mamba2(&preset, &dtype, seed, &out),
-            "rwkv6" => crate::synth::rwkv(true, &preset, &dtype, seed, &out),
-            "rwkv5" => crate::synth::rwkv(false, &preset, &dtype, seed, &out),
-            "hgrn2" => crate::synth::hgrn2(&preset, &dtype, seed, &out),
-            other => anyhow::bail!("synth: unknown family '{other}' (supported: mamba2, rwkv6, rwkv5, hgrn2)"),
-        },
+        Cmd::Synth { family, preset, dtype, seed, out } => crate::synth::write(&family, &preset, &dtype, seed, &out),
     }
 }
 
