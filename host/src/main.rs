@@ -1,6 +1,14 @@
 use clap::Parser;
 
 fn main() {
+    // A closed pipe (`stuffed tokenize … | head`) ends the process quietly, as it ends any Unix
+    // tool, instead of a panic in println!. Results reach their files before anything is printed;
+    // a long run killed this way resumes from its last checkpoint.
+    // SAFETY: first thing in main, before any thread exists; SIG_DFL is a valid disposition.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = stuffed::cli::Cli::parse();
     if let Err(e) = stuffed::cli::run(cli) {
         // One line: the file or tensor and the problem.

@@ -294,3 +294,25 @@ fn bench_runs_on_the_cpu() {
         assert!(dir.path().join(format!("synth/{family}-tiny-f32/model.safetensors")).exists());
     }
 }
+
+/// A reader that stops early (`stuffed tokenize … | head -c 10`) ends the process as SIGPIPE ends any
+/// Unix tool: no panic message, no exit code 101.
+#[cfg(unix)]
+#[test]
+fn closed_stdout_is_no_panic() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/corpus/austen_persuasion.txt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stuffed"))
+        .args(["tokenize", "--file", corpus])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && out.status.code() != Some(101), "{:?}: {err}", out.status);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+}
