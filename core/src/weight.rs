@@ -201,6 +201,7 @@ pub unsafe fn gemm_raw<E: Kernel>(
     #[cfg(target_arch = "x86_64")]
     match simd {
         // SAFETY (both): the host reported these features at run time.
+        Simd::Avx512 | Simd::Avx2 if m == 1 => return avx2::gemv(n, k, a, b, ldb, c, acc),
         Simd::Avx512 => return avx2::gemm_wide(m, n, k, a, lda, b, ldb, c, ldc, acc),
         Simd::Avx2 => return avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc),
         Simd::Portable => {}
@@ -386,6 +387,36 @@ mod avx2 {
     }
 
     type TileArgs<E> = (*const f32, usize, *const E, usize, usize, *mut f32, usize, bool);
+
+    /// `c[j] (+)= a · b_j` for one row of `a` (a token step's GEMV): each row of `b` in one
+    /// sequential pass with four partial sums, so the weights stream from memory front to back.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemv<E: Kernel>(n: usize, k: usize, a: *const f32, b: *const E, ldb: usize, c: *mut f32, acc: bool) {
+        let k32 = k / 32 * 32;
+        let kv = k / 8 * 8;
+        for j in 0..n {
+            let bp = b.add(j * ldb);
+            let mut s = [_mm256_setzero_ps(); 4];
+            let mut l = 0;
+            while l < k32 {
+                for (u, su) in s.iter_mut().enumerate() {
+                    let o = l + 8 * u;
+                    *su = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(o)), E::load8(bp.add(o)), *su);
+                }
+                l += 32;
+            }
+            while l < kv {
+                s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(l)), E::load8(bp.add(l)), s[0]);
+                l += 8;
+            }
+            let mut t = hsum(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3])));
+            for l in kv..k {
+                t += *a.add(l) * (*bp.add(l)).f32();
+            }
+            let dst = c.add(j);
+            *dst = if acc { *dst + t } else { t };
+        }
+    }
 
     /// An `MT × NR` block of `c` from `MT` rows of `a` and `NR` rows of `b`.
     #[target_feature(enable = "avx2,fma,f16c")]

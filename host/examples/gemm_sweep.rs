@@ -1,0 +1,60 @@
+//! Timing sweep of the CPU matrix product `out (t, rows) = x (t, cols) · Wᵀ` at the projection
+//! shapes of the released models: t = 1 (a token step: memory-bound, GB/s of weights) and t = 512 (a
+//! chunk: compute-bound, GFLOP/s). Correctness lives in tests/tests/kernels.rs; this only times.
+//!
+//! `cargo run --release --example gemm_sweep [-- f32|bf16|f16]` (`--threads N` via RAYON_NUM_THREADS).
+use half::{bf16, f16};
+use std::time::Instant;
+use stuffed::exec::Pool;
+use stuffed_core::{Data, Exec, Weight};
+
+fn main() {
+    let dtype = std::env::args().nth(1).unwrap_or_else(|| "bf16".into());
+    let pool = Pool::new();
+    println!("{dtype} weights, {:?} kernel, {} threads", pool.simd(), pool.threads());
+    // (rows, cols, what): Mamba-2 130m in/out proj, 370m in_proj, RWKV-6 1.6B FFN key, the NeoX head.
+    let shapes = [
+        (3352, 768, "130m in_proj"),
+        (768, 1536, "130m out_proj"),
+        (4384, 1024, "370m in_proj"),
+        (7168, 2048, "rwkv6-1.6b ffn.key"),
+        (50288, 768, "130m lm_head"),
+    ];
+    for (rows, cols, what) in shapes {
+        let vals: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+        // Eight copies, cycled, so a step streams its weights from memory rather than from cache.
+        let copies: Vec<Vec<u8>> = (0..8)
+            .map(|_| match dtype.as_str() {
+                "f32" => bytemuck::cast_slice(&vals).to_vec(),
+                "f16" => bytemuck::cast_slice(&vals.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()).to_vec(),
+                _ => bytemuck::cast_slice(&vals.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).to_vec(),
+            })
+            .collect();
+        let weight = |i: usize| {
+            let b = &copies[i % 8];
+            let data = match dtype.as_str() {
+                "f32" => Data::F32(bytemuck::cast_slice(b)),
+                "f16" => Data::F16(bytemuck::cast_slice(b)),
+                _ => Data::Bf16(bytemuck::cast_slice(b)),
+            };
+            Weight::new(data, rows, cols).expect("shape")
+        };
+        let bytes = copies[0].len() as f64;
+        for t in [1usize, 512] {
+            let x = vec![0.25f32; t * cols];
+            let mut out = vec![0f32; t * rows];
+            let reps = ((if t == 1 { 2e9 / bytes } else { 2e10 / (2.0 * (t * rows * cols) as f64) }) as usize).max(2);
+            let start = Instant::now();
+            for r in 0..reps {
+                stuffed_core::weight::matmul(&pool, &x, t, &weight(r), &mut out).expect("matmul");
+            }
+            let s = start.elapsed().as_secs_f64() / reps as f64;
+            let rate = if t == 1 {
+                format!("{:6.1} GB/s", bytes / s / 1e9)
+            } else {
+                format!("{:6.1} GFLOP/s", 2.0 * (t * rows * cols) as f64 / s / 1e9)
+            };
+            println!("{what:<20} ({rows:>5} × {cols:>4}), t = {t:>3}: {:>9.1} µs  {rate}", s * 1e6);
+        }
+    }
+}
