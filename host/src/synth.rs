@@ -20,7 +20,10 @@ pub const MAMBA2_PRESETS: &[(&str, usize, usize, usize, usize)] = &[
     ("1.3b", 2048, 48, 128, 64),
     ("2.7b", 2560, 64, 128, 64),
 ];
-/// `stuffed synth`: a preset of `family` (mamba2, rwkv6, rwkv5, hgrn2) written to `out`.
+/// The families `synth` writes.
+pub const FAMILIES: [&str; 4] = ["mamba2", "rwkv6", "rwkv5", "hgrn2"];
+
+/// `stuffed synth`: a preset of `family` (one of [`FAMILIES`]) written to `out`.
 pub fn write(family: &str, preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
     match family {
         "mamba2" => mamba2(preset, dtype, seed, out),

@@ -14,8 +14,8 @@ pub struct BenchArgs {
     /// see `stuffed synth --help`): seeded random weights, made once in the cache.
     #[arg(long, conflicts_with = "model")]
     preset: Option<String>,
-    /// The family of --preset: mamba2, rwkv6, rwkv5 or hgrn2 (the GPU runs Mamba-2 only).
-    #[arg(long, default_value = "mamba2", conflicts_with = "model")]
+    /// The family of --preset (the GPU runs Mamba-2 only).
+    #[arg(long, default_value = "mamba2", conflicts_with = "model", value_parser = crate::synth::FAMILIES)]
     family: String,
     /// Or a model directory.
     #[arg(long)]

@@ -198,8 +198,8 @@ pub enum Cmd {
     Selftest(bench::SelftestArgs),
     /// Write an HF-format directory of seeded random (UNTRAINED) weights at a published shape.
     Synth {
-        /// mamba2, rwkv6, rwkv5 or hgrn2.
-        #[arg(long, default_value = "mamba2")]
+        /// The model family.
+        #[arg(long, default_value = "mamba2", value_parser = crate::synth::FAMILIES)]
         family: String,
         /// A published size (mamba2: 130m 370m 780m 1.3b 2.7b; rwkv6: 1.6b 3b 7b; rwkv5: 0.4b 1.5b 3b
         /// 7b; hgrn2: 1.3b) or a test shape (tiny; for mamba2 also small and p128).
