@@ -120,7 +120,7 @@ impl<'m> Session<'m> {
                 None => net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden)?,
             }
             self.pos += n as u64;
-            if let Some(bad) = self.state.iter().position(|v| !v.is_finite()) {
+            if let Some(bad) = first_non_finite(&self.state) {
                 bail!(
                     "non-finite value in the recurrent state after token {} (state element {bad}); \
                      the model or its input overflowed",
@@ -212,4 +212,29 @@ pub fn argmax(v: &[f32], n: usize) -> u32 {
         }
     }
     best as u32
+}
+
+/// The index of the first NaN or infinity, by a scan that vectorises (a token step checks its whole
+/// state: 19 MB for the 130m shape, where `position(!is_finite)` took 13 % of a greedy decode).
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    // A float is non-finite iff its exponent bits are all ones: |bits| ≥ 0x7f80_0000.
+    let max = v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+    (max >= 0x7f80_0000).then(|| v.iter().position(|x| !x.is_finite()).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn first_non_finite_finds_nan_and_infinities_only() {
+        let mut v = vec![0.0f32, -0.0, f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, 1.0];
+        assert_eq!(super::first_non_finite(&v), None);
+        assert_eq!(super::first_non_finite(&[]), None);
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            v[3] = bad;
+            v[5] = bad;
+            assert_eq!(super::first_non_finite(&v), Some(3), "{bad}");
+            v[3] = 1.0;
+            v[5] = 1.0;
+        }
+    }
 }
