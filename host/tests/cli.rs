@@ -58,6 +58,10 @@ fn logits_tokenize_info_synth_run() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("N_S = 5056"), "{out}");
     assert!(out.contains("laws         SPEC.md §3's Mamba-2 fits hold for N_S ≥ 0.86M, not 0.01M"), "{out}");
+    let (code, out, err) = stuffed(&["info", "--json", "--model", data("mamba2_official").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["paper_state_size"].as_u64(), v["laws"]["in_range"].as_bool()), (Some(5056), Some(false)), "{out}");
     let syn = dir.path().join("tiny");
     let (code, _, err) =
         stuffed(&["synth", "--preset", "tiny", "--dtype", "bf16", "--seed", "3", "--out", syn.to_str().unwrap()]);
