@@ -77,20 +77,22 @@ fn matmul_on_every_kernel_dtype_and_shape() {
                 }
             }
         }
-        // gemm_nt with strides and accumulation into what `c` held (the SSD's use).
-        let (m, n, k, lda, ldb, ldc) = (5, 9, 33, 40, 35, 11);
-        let (a, b) = (values(m * lda, 3), values(n * ldb, 4));
-        let mut c = values(m * ldc, 5);
-        let before = c.clone();
-        gemm_nt(pool.simd(), (m, n, k), &a, lda, &b, ldb, &mut c, ldc, true).unwrap();
-        let pack = |v: &[f32], rows: usize, ld: usize, cols: usize| -> Vec<f32> {
-            (0..rows).flat_map(|r| v[r * ld..r * ld + cols].to_vec()).collect()
-        };
-        let got = pack(&c, m, ldc, n);
-        let base = pack(&before, m, ldc, n);
-        check("gemm_nt acc", &pack(&a, m, lda, k), &pack(&b, n, ldb, k), (m, n, k), &got, Some(&base));
-        // Columns past n stay as they were.
-        assert!((0..m).all(|i| c[i * ldc + n..(i + 1) * ldc] == before[i * ldc + n..(i + 1) * ldc]));
+        // gemm_nt with strides and accumulation into what `c` held (the SSD's use), one row too.
+        for m in [1, 5] {
+            let (n, k, lda, ldb, ldc) = (9, 33, 40, 35, 11);
+            let (a, b) = (values(m * lda, 3), values(n * ldb, 4));
+            let mut c = values(m * ldc, 5);
+            let before = c.clone();
+            gemm_nt(pool.simd(), (m, n, k), &a, lda, &b, ldb, &mut c, ldc, true).unwrap();
+            let pack = |v: &[f32], rows: usize, ld: usize, cols: usize| -> Vec<f32> {
+                (0..rows).flat_map(|r| v[r * ld..r * ld + cols].to_vec()).collect()
+            };
+            let got = pack(&c, m, ldc, n);
+            let base = pack(&before, m, ldc, n);
+            check("gemm_nt acc", &pack(&a, m, lda, k), &pack(&b, n, ldb, k), (m, n, k), &got, Some(&base));
+            // Columns past n stay as they were.
+            assert!((0..m).all(|i| c[i * ldc + n..(i + 1) * ldc] == before[i * ldc + n..(i + 1) * ldc]));
+        }
     }
     assert!(checked >= 2 * 9 * 6 * 6 * 3, "{checked}");
 }
