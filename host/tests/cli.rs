@@ -160,7 +160,12 @@ fn ppl_peak_memory_is_constant() {
 /// and resumes it with `--resume`. `sigterm`: SIGTERM 100 ms in, timed checkpoints off (the run must
 /// write one at its next boundary and exit 1 saying so); else SIGKILL (no chance to clean up) 50 ms
 /// after its first timed checkpoint `ckpt` appears.
-fn kill_and_resume(dir: &std::path::Path, args: impl Fn(&std::path::Path) -> Vec<String>, ckpt: &str, sigterm: bool) {
+fn kill_and_resume(
+    dir: &std::path::Path,
+    args: impl Fn(&std::path::Path) -> Vec<String>,
+    ckpt: &str,
+    sigterm: bool,
+) -> String {
     let secs = if sigterm { "0" } else { "0.02" };
     let run = |out: &str| {
         let o = dir.join(out);
@@ -198,6 +203,7 @@ fn kill_and_resume(dir: &std::path::Path, args: impl Fn(&std::path::Path) -> Vec
     let resumed = run("part").arg("--resume").output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(!ckpt.exists(), "the checkpoint is removed when the run is done");
+    String::from_utf8_lossy(&resumed.stderr).into_owned()
 }
 
 /// A ppl run killed after a timed checkpoint — which every run writes by default — or stopped by
@@ -252,6 +258,39 @@ fn killed_probe_resumes_from_its_timed_checkpoint() {
             let read = |d: &str| std::fs::read(dir.path().join(d).join(f)).unwrap();
             assert!(read("full") == read("part"), "{f} differs after a resume");
         }
+        std::fs::remove_dir_all(dir.path().join("part")).unwrap();
+    }
+}
+
+/// A passkey grid killed mid-haystack, or stopped by SIGTERM, resumes from its stream checkpoint
+/// to the uninterrupted grid's answers, byte for byte, without streaming the haystack again.
+#[test]
+fn killed_passkey_resumes_from_its_haystack_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped model that never learned to forget: its state after the haystack still carries
+    // the stream's start, so a wrong restored state would change the key NLLs.
+    let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-l4-t64-a3-4m");
+    let m = m.display().to_string();
+    let args = |_: &std::path::Path| {
+        ["passkey", "--model", &m, "--lengths", "16k,32k", "--samples", "3"].map(String::from).to_vec()
+    };
+    // summary.json without its run facts, and the facts.
+    let summary = |d: &str| -> (serde_json::Value, serde_json::Value) {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(d).join("summary.json")).unwrap()).unwrap();
+        let runs = v.as_object_mut().unwrap().remove("runs").unwrap();
+        (v, runs)
+    };
+    for sigterm in [false, true] {
+        let err = kill_and_resume(dir.path(), args, "passkey.checkpoint.safetensors", sigterm);
+        assert!(err.contains("the haystack resumes at token"), "{err}");
+        let read = |d: &str| std::fs::read_to_string(dir.path().join(d).join("results.jsonl")).unwrap();
+        assert_eq!(read("full"), read("part"), "results.jsonl differs after a resume");
+        let ((full, full_runs), (part, part_runs)) = (summary("full"), summary("part"));
+        assert_eq!(full, part);
+        // The resumed run streamed less than the whole grid: it continued the checkpointed haystack.
+        let processed = |r: &serde_json::Value| r[0]["tokens_processed"].as_u64().unwrap();
+        assert!(processed(&part_runs) < processed(&full_runs), "{part_runs} vs {full_runs}");
         std::fs::remove_dir_all(dir.path().join("part")).unwrap();
     }
 }

@@ -164,7 +164,7 @@ fn passkey_on_the_gpu_decodes_what_the_cpu_decodes() {
     let model = data("../../models/mamba2-tiny-passkey");
     // Plainly, and with window forgetting (its lagged state advances through every decoded token).
     for (forget, lengths, records) in [("none", "128,512", 8), ("window:r=160", "192", 4)] {
-        let mut answers = Vec::new();
+        let (mut answers, mut key_nlls) = (Vec::new(), Vec::new());
         for dev in ["cpu", "cuda"] {
             let out = dir.path().join(format!("{dev}-{}", forget.replace([':', '='], "_")));
             let args = ["passkey", "--model", model.to_str().unwrap(), "--lengths", lengths, "--samples", "4"];
@@ -173,10 +173,15 @@ fn passkey_on_the_gpu_decodes_what_the_cpu_decodes() {
             let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
             let recs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
             answers.push(recs.iter().map(|r| (r["continuation"].clone(), r["correct"].clone())).collect::<Vec<_>>());
+            key_nlls.push(recs.iter().map(|r| r["key_nll"].as_f64().unwrap()).collect::<Vec<_>>());
         }
         println!("--forget {forget}: {:?}", answers[1]);
         assert_eq!(answers[0].len(), records);
         assert_eq!(answers[0], answers[1]);
+        // The key's teacher-forced NLL (a few tokens) within the f32 bound of each token's NLL.
+        for (c, g) in key_nlls[0].iter().zip(&key_nlls[1]) {
+            assert!((c - g).abs() <= 3e-3, "key NLL cpu {c} vs gpu {g}");
+        }
     }
 }
 

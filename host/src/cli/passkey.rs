@@ -33,9 +33,14 @@ pub struct PasskeyArgs {
     /// Directory for results.jsonl, summary.json, summary.csv and heatmap.svg.
     #[arg(long, default_value = "passkey-out")]
     out: PathBuf,
-    /// Skip samples already in --out/results.jsonl.
+    /// Skip samples already in --out/results.jsonl, and continue the haystack's stream from the
+    /// checkpoint when there is one.
     #[arg(long)]
     resume: bool,
+    /// Checkpoint the haystack's stream when this many seconds passed since the last checkpoint
+    /// (0: never), so a killed grid loses at most that much of it; finished samples are never lost.
+    #[arg(long, default_value_t = 600.0)]
+    checkpoint_secs: f64,
     /// Run a deterministic share k/n of the (length, sample) pairs (merge shards with `stuffed merge`).
     #[arg(long)]
     shard: Option<String>,
@@ -85,7 +90,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         device: a.device.device,
         gpu: a.device.gpu()?,
     };
-    passkey::run(&a.model, &o, &a.out, a.resume, shard)?;
+    passkey::run(&a.model, &o, &a.out, a.resume, shard, super::checkpoint_secs("passkey", a.checkpoint_secs)?)?;
     println!("wrote {}/results.jsonl, summary.json, summary.csv, heatmap.svg", a.out.display());
     Ok(())
 }

@@ -8,11 +8,12 @@
 use crate::cli::basic::{dir_of, real_vocab};
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::heatmap;
-use crate::report::write_atomic;
+use crate::report::{write_atomic, Values};
 use crate::score::Scorer;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -96,6 +97,10 @@ pub struct Record {
     pub correct: bool,
     /// Tokens this sample shared with the haystack stream (0 when run alone).
     pub shared_prefix: usize,
+    /// NLL (nats) of the key's tokens (` {key}`) teacher-forced after the prompt: a graded measure
+    /// of retrieval beside the exact match (absent in grids from before it existed).
+    #[serde(default)]
+    pub key_nll: Option<f64>,
 }
 
 /// Parses `1k,2k,8k`, `1k..32k:1k` (step) and `1k..1m:x2` (factor); `k` = 1,024, `m` = 1,048,576.
@@ -280,8 +285,71 @@ pub struct RunFacts {
     pub seconds: f64,
 }
 
-/// `stuffed passkey`.
-pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Option<(usize, usize)>) -> Result<()> {
+const CKPT: &str = "passkey.checkpoint.safetensors";
+
+/// Haystack tokens fed between two looks at the clock (and at a signal): the haystack of a length
+/// streams in pieces that end at multiples of this (or at a sample's branch point), so a resumed run
+/// splits it exactly as an uninterrupted one did and its answers are the same bit for bit.
+const PIECE: usize = 8192;
+
+/// Where an interrupted grid stands: the haystack of `length` streamed to `pos` (the state and the
+/// pending row are the checkpoint's tensors); finished samples are in results.jsonl.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    fingerprint: String,
+    length: u64,
+    pos: usize,
+    /// SHA-256 of the haystack's first `pos` tokens: a resumed stream continues the same tokens.
+    hay_sha: String,
+    tau: Vec<f32>,
+}
+
+/// Everything that decides a grid's numbers: the model, the options and the shard.
+fn fingerprint(model: &Path, o: &Options, shard: Option<(usize, usize)>) -> Result<String> {
+    let key = serde_json::json!({
+        "model": std::fs::canonicalize(model).unwrap_or(model.to_path_buf()),
+        "options": o,
+        "shard": shard,
+    });
+    Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(&key)?)))
+}
+
+fn tokens_sha(ids: &[u32]) -> String {
+    format!("{:x}", Sha256::digest(bytemuck::cast_slice::<u32, u8>(ids)))
+}
+
+/// A checkpointed haystack: where it stood, its state and its pending row.
+type Restored = (Snapshot, Vec<f32>, Option<Vec<f32>>);
+
+/// The haystack checkpoint in `out` made with fingerprint `fp`, if there is a usable one.
+fn load_checkpoint(out: &Path, fp: &str) -> Result<Option<Restored>> {
+    let path = out.join(CKPT);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let (snap, mut t) = crate::report::load_checkpoint(&path, "passkey writes one every --checkpoint-secs")?;
+    let snap: Snapshot =
+        serde_json::from_str(&snap).with_context(|| format!("{}: corrupt snapshot", path.display()))?;
+    if snap.fingerprint != fp {
+        eprintln!("{}: made with another model, options or shard; the haystack starts over", path.display());
+        return Ok(None);
+    }
+    let state = t.remove("state").ok_or_else(|| anyhow!("{}: checkpoint has no tensor state", path.display()))?;
+    let pending = t.remove("pending").map(|p| bytemuck::pod_collect_to_vec(&p));
+    Ok(Some((snap, bytemuck::pod_collect_to_vec(&state), pending)))
+}
+
+/// `stuffed passkey`. With `checkpoint_secs`, the haystack's stream is checkpointed that often (and
+/// at SIGINT/SIGTERM, which then end the run), so `resume` loses neither samples nor stream.
+pub fn run(
+    model_path: &Path,
+    o: &Options,
+    out: &Path,
+    resume: bool,
+    shard: Option<(usize, usize)>,
+    checkpoint_secs: Option<f64>,
+) -> Result<()> {
+    let _armed = crate::interrupt::arm();
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
@@ -301,6 +369,9 @@ pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Opti
     } else {
         None
     };
+    let fp = fingerprint(model_path, o, shard)?;
+    let mut restored = if resume { load_checkpoint(out, &fp)? } else { None };
+    let mut last_ckpt = Instant::now();
     let mut facts = RunFacts { shard: shard.map(|(k, n)| format!("{k}/{n}")), ..Default::default() };
     let started = Instant::now();
     let mut s = Scorer::new(&model, o.chunk, real, o.device, o.gpu)?;
@@ -324,6 +395,33 @@ pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Opti
         }
         s.reset()?;
         let mut pos = 0; // haystack tokens fed so far
+        if let Some((snap, state, pending)) = restored.take_if(|r| r.0.length == length) {
+            if snap.pos <= hay.len() && tokens_sha(&hay[..snap.pos]) == snap.hay_sha {
+                s.restore(&state, pending.as_deref(), snap.tau, snap.pos as u64)?;
+                pos = snap.pos;
+                eprintln!("passkey {length}: the haystack resumes at token {pos}");
+            }
+        }
+        // Saves the stream at `pos` (the scorer stands there); a signal then ends the run.
+        let checkpoint = |s: &Scorer, pos: usize, last: &mut Instant| -> Result<()> {
+            let signal = crate::interrupt::raised();
+            if signal.is_none() && checkpoint_secs.is_none_or(|c| last.elapsed().as_secs_f64() < c) {
+                return Ok(());
+            }
+            let (state, pending, tau) = s.snapshot()?;
+            let snap = Snapshot { fingerprint: fp.clone(), length, pos, hay_sha: tokens_sha(&hay[..pos]), tau };
+            let mut tensors = vec![("state", Values::F32(&state))];
+            tensors.extend(pending.as_deref().map(|p| ("pending", Values::F32(p))));
+            crate::report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
+            *last = Instant::now();
+            if let Some(sig) = signal {
+                bail!(
+                    "{sig} after haystack token {pos} of length {length}: checkpoint in {}; continue with --resume",
+                    out.display()
+                );
+            }
+            Ok(())
+        };
         for p in todo {
             let (mut ids, offsets) = tok.encode_with_offsets(&p.text)?;
             let mut needle_pos = offsets.iter().position(|&o| o >= p.needle_byte).unwrap_or(ids.len());
@@ -335,9 +433,13 @@ pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Opti
             let lcp =
                 if o.reuse { ids.iter().zip(&hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1) } else { 0 };
             let branch = if lcp >= pos {
-                s.feed(&hay[pos..lcp])?;
                 facts.tokens_processed += (lcp - pos) as u64;
-                pos = lcp;
+                while pos < lcp {
+                    let end = lcp.min((pos / PIECE + 1) * PIECE);
+                    s.feed(&hay[pos..end])?;
+                    pos = end;
+                    checkpoint(&s, pos, &mut last_ckpt)?;
+                }
                 lcp
             } else {
                 0 // the haystack already passed this sample's branch point: run it alone
@@ -347,9 +449,15 @@ pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Opti
                 s.reset()?;
             }
             s.feed(&ids[branch..])?;
+            let (prompted, prompted_row, prompted_tau) = s.snapshot()?;
             let new = s.greedy(o.max_new)?;
+            s.restore(&prompted, prompted_row.as_deref(), prompted_tau, ids.len() as u64)?;
+            let key_ids = tok.encode(&format!(" {}", p.key))?;
+            let mut nll = Vec::new();
+            s.score(&key_ids, &mut nll)?;
+            let key_nll = nll.iter().map(|&v| v as f64).sum::<f64>();
             s.restore(&saved, saved_row.as_deref(), saved_tau, pos as u64)?;
-            facts.tokens_processed += (ids.len() - branch + new.len()) as u64;
+            facts.tokens_processed += (ids.len() - branch + new.len() + key_ids.len()) as u64;
             facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
             facts.samples_run += 1;
             let (continuation, correct) = is_correct(&tok, &new, &p.key)?;
@@ -365,6 +473,7 @@ pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Opti
                 key: p.key,
                 continuation,
                 shared_prefix: branch,
+                key_nll: Some(key_nll),
             };
             writeln!(file, "{}", serde_json::to_string(&rec)?)?;
             file.flush()?;
@@ -377,8 +486,10 @@ pub fn run(model_path: &Path, o: &Options, out: &Path, resume: bool, shard: Opti
                 if rec.correct { "✓" } else { "✗" }
             );
             done.push(rec);
+            checkpoint(&s, pos, &mut last_ckpt)?;
         }
     }
+    let _ = std::fs::remove_file(out.join(CKPT));
     facts.seconds = started.elapsed().as_secs_f64();
     write_summary(out, &model.info, o, &done, &[facts])
 }
@@ -426,7 +537,9 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         if a.is_some_and(|a| a > 0.95) {
             t_recall = Some(t_recall.map_or(l, |t: u64| t.max(l)));
         }
-        per_length.push(serde_json::json!({"length": l, "n": n, "accuracy": a}));
+        let nlls: Vec<f64> = recs.iter().filter(|r| r.length == l).filter_map(|r| r.key_nll).collect();
+        let key_nll = (!nlls.is_empty()).then(|| nlls.iter().sum::<f64>() / nlls.len() as f64);
+        per_length.push(serde_json::json!({"length": l, "n": n, "accuracy": a, "mean_key_nll": key_nll}));
         for (bi, &b) in bins.iter().enumerate() {
             let last = bi + 1 == bins.len();
             let (n, a) = acc(&mut recs.iter().filter(|r| r.length == l && in_bin(r.depth, b, last)));
