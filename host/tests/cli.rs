@@ -293,6 +293,22 @@ fn killed_passkey_resumes_from_its_haystack_checkpoint() {
         assert!(processed(&part_runs) < processed(&full_runs), "{part_runs} vs {full_runs}");
         std::fs::remove_dir_all(dir.path().join("part")).unwrap();
     }
+    // A needle at the start: the sample's own tail is the whole prompt. SIGTERM in it drops the
+    // sample at once (no line written) and checkpoints the haystack; the resume runs it whole.
+    let run = |out: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stuffed"));
+        cmd.args(["passkey", "--model", &m, "--lengths", "32k", "--depths", "0", "--out"]).arg(dir.path().join(out));
+        cmd
+    };
+    assert!(run("tail-full").status().unwrap().success());
+    let mut child = run("tail").stderr(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+    let read = |d: &str| std::fs::read_to_string(dir.path().join(d).join("results.jsonl")).unwrap();
+    assert_eq!(read("tail"), "", "the interrupted sample was finished, not dropped");
+    assert!(run("tail").arg("--resume").status().unwrap().success());
+    assert_eq!(read("tail-full"), read("tail"), "results.jsonl differs after a resume");
 }
 
 /// `stuffed ppl` with no --model and no --text runs the embedded pair, from any working directory.

@@ -287,9 +287,10 @@ pub struct RunFacts {
 
 const CKPT: &str = "passkey.checkpoint.safetensors";
 
-/// Haystack tokens fed between two looks at the clock (and at a signal): the haystack of a length
-/// streams in pieces that end at multiples of this (or at a sample's branch point), so a resumed run
-/// splits it exactly as an uninterrupted one did and its answers are the same bit for bit.
+/// Tokens fed between two looks at the clock and for a signal (rounded up to a multiple of the
+/// scorer's chunk, so calls stay whole): the haystack of a length streams in pieces that end at
+/// multiples of this (or at a sample's branch point), so a resumed run splits it exactly as an
+/// uninterrupted one did and its answers are the same bit for bit.
 const PIECE: usize = 8192;
 
 /// Where an interrupted grid stands: the haystack of `length` streamed to `pos` (the state and the
@@ -394,6 +395,7 @@ pub fn run(
             hay.insert(0, b);
         }
         s.reset()?;
+        let piece = PIECE.next_multiple_of(s.chunk());
         let mut pos = 0; // haystack tokens fed so far
         if let Some((snap, state, pending)) = restored.take_if(|r| r.0.length == length) {
             if snap.pos <= hay.len() && tokens_sha(&hay[..snap.pos]) == snap.hay_sha {
@@ -435,7 +437,7 @@ pub fn run(
             let branch = if lcp >= pos {
                 facts.tokens_processed += (lcp - pos) as u64;
                 while pos < lcp {
-                    let end = lcp.min((pos / PIECE + 1) * PIECE);
+                    let end = lcp.min((pos / piece + 1) * piece);
                     s.feed(&hay[pos..end])?;
                     pos = end;
                     checkpoint(&s, pos, &mut last_ckpt)?;
@@ -448,7 +450,15 @@ pub fn run(
             if branch == 0 {
                 s.reset()?;
             }
-            s.feed(&ids[branch..])?;
+            // The sample's own tail (up to the whole prompt for an early needle): a signal drops
+            // the sample and checkpoints the haystack where it stands.
+            for part in ids[branch..].chunks(piece) {
+                s.feed(part)?;
+                if crate::interrupt::raised().is_some() {
+                    s.restore(&saved, saved_row.as_deref(), saved_tau.clone(), pos as u64)?;
+                    checkpoint(&s, pos, &mut last_ckpt)?;
+                }
+            }
             let (prompted, prompted_row, prompted_tau) = s.snapshot()?;
             let new = s.greedy(o.max_new)?;
             s.restore(&prompted, prompted_row.as_deref(), prompted_tau, ids.len() as u64)?;
