@@ -350,3 +350,27 @@ fn device_cuda_without_the_feature() {
     assert_mentions(&run_err(&["--device", "cuda"]), &["built without CUDA", "--features cuda"]);
     assert_mentions(&run_err(&["--device", "cuda", "--max-gpu-mem", "lots"]), &["'lots' is not a size"]);
 }
+
+/// A torn or foreign checkpoint file is one error line naming it, for every command that resumes.
+#[test]
+fn corrupt_checkpoints_are_named() {
+    let (dir, text) = text_file("t.txt", &"Some text to score, long enough for a few tokens. ".repeat(20));
+    let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mamba2_neox_tiny");
+    let (m, t) = (m.to_str().unwrap(), text.to_str().unwrap());
+    let cases: [(&str, Vec<&str>); 3] = [
+        ("ppl", vec!["ppl", "--model", m, "--text", t]),
+        ("probe", vec!["probe", "--model", m, "--text", t]),
+        ("passkey", vec!["passkey", "--model", m, "--lengths", "1k", "--samples", "2"]),
+    ];
+    for (cmd, args) in cases {
+        let out = dir.path().join(cmd);
+        std::fs::create_dir_all(&out).unwrap();
+        let ckpt = out.join(format!("{cmd}.checkpoint.safetensors"));
+        for bytes in [&b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"[..], b""] {
+            std::fs::write(&ckpt, bytes).unwrap();
+            let o = out.to_str().unwrap();
+            let err = format!("{:#}", cli(&[&args[..], &["--out", o, "--resume"]].concat()).unwrap_err());
+            assert_mentions(&err, &[ckpt.to_str().unwrap(), "corrupt checkpoint"]);
+        }
+    }
+}

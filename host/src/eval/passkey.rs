@@ -308,11 +308,11 @@ struct Snapshot {
 /// Everything that decides a grid's numbers: the model, the options and the shard.
 fn fingerprint(model: &Path, o: &Options, shard: Option<(usize, usize)>) -> Result<String> {
     let key = serde_json::json!({
-        "model": std::fs::canonicalize(model).unwrap_or(model.to_path_buf()),
+        "model": crate::report::canonical(model),
         "options": o,
         "shard": shard,
     });
-    Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(&key)?)))
+    crate::report::fingerprint(&key)
 }
 
 fn tokens_sha(ids: &[u32]) -> String {
@@ -328,16 +328,13 @@ fn load_checkpoint(out: &Path, fp: &str) -> Result<Option<Restored>> {
     if !path.exists() {
         return Ok(None);
     }
-    let (snap, mut t) = crate::report::load_checkpoint(&path, "passkey writes one every --checkpoint-secs")?;
-    let snap: Snapshot =
-        serde_json::from_str(&snap).with_context(|| format!("{}: corrupt snapshot", path.display()))?;
-    if snap.fingerprint != fp {
+    let mut c = crate::report::load_checkpoint::<Snapshot>(&path, "passkey writes one every --checkpoint-secs")?;
+    if c.snapshot.fingerprint != fp {
         eprintln!("{}: made with another model, options or shard; the haystack starts over", path.display());
         return Ok(None);
     }
-    let state = t.remove("state").ok_or_else(|| anyhow!("{}: checkpoint has no tensor state", path.display()))?;
-    let pending = t.remove("pending").map(|p| bytemuck::pod_collect_to_vec(&p));
-    Ok(Some((snap, bytemuck::pod_collect_to_vec(&state), pending)))
+    let (state, pending) = (c.take("state")?, c.take_opt("pending"));
+    Ok(Some((c.snapshot, state, pending)))
 }
 
 /// `stuffed passkey`. With `checkpoint_secs`, the haystack's stream is checkpointed that often (and

@@ -11,7 +11,6 @@ use crate::text::{Input, TokenStream};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -362,12 +361,12 @@ impl DocStream<'_> {
 /// Everything that decides the numbers: models, inputs' content, options.
 fn fingerprint(models: &[PathBuf], inputs: &[Input], hashes: &[String], o: &Options) -> Result<String> {
     let key = serde_json::json!({
-        "models": models.iter().map(|m| std::fs::canonicalize(m).unwrap_or(m.clone())).collect::<Vec<_>>(),
+        "models": models.iter().map(|m| report::canonical(m)).collect::<Vec<_>>(),
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
         "hashes": hashes,
         "options": deciding(o), "nll_out": o.nll_out, "shard": o.shard,
     });
-    Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(&key)?)))
+    report::fingerprint(&key)
 }
 
 /// The options that decide the numbers of a run (not where it writes, when it checkpoints, or its share).
@@ -390,12 +389,9 @@ fn save_checkpoint(out: &Path, snap: &Snapshot, state: &[f32], pending: Option<&
 fn load_checkpoint(out: &Path) -> Result<(Snapshot, Vec<f32>, Option<Vec<f32>>)> {
     let path = out.join(CKPT);
     let writes = "a run writes one every --checkpoint-secs, --checkpoint-every tokens and at --stop-after";
-    let (snap, mut tensors) = report::load_checkpoint(&path, writes)?;
-    let snap: Snapshot =
-        serde_json::from_str(&snap).with_context(|| format!("{}: corrupt snapshot", path.display()))?;
-    let state = tensors.remove("state").ok_or_else(|| anyhow!("{}: checkpoint has no state", path.display()))?;
-    let pending = tensors.remove("pending").map(|p| bytemuck::pod_collect_to_vec(&p));
-    Ok((snap, bytemuck::pod_collect_to_vec(&state), pending))
+    let mut c = report::load_checkpoint::<Snapshot>(&path, writes)?;
+    let (state, pending) = (c.take("state")?, c.take_opt("pending"));
+    Ok((c.snapshot, state, pending))
 }
 
 /// How the stream of one run ended.

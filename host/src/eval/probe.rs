@@ -9,9 +9,8 @@ use crate::report::{self, write_atomic, Values};
 use crate::score::{Device, GpuOptions, Scorer};
 use crate::text::Input;
 use crate::tokenizer::Tokenizer;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -101,12 +100,12 @@ fn csv(path: &Path, header: &str, len: Option<u64>) -> Result<BufWriter<std::fs:
 fn fingerprint(model: &Path, inputs: &[Input], o: &Options) -> Result<String> {
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
     let key = serde_json::json!({
-        "model": std::fs::canonicalize(model).unwrap_or(model.to_path_buf()),
+        "model": report::canonical(model),
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
         "hashes": hashes,
         "options": o,
     });
-    Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(&key)?)))
+    report::fingerprint(&key)
 }
 
 /// A checkpointed run: its snapshot, state, pending row, retention sums and snapshot states.
@@ -114,22 +113,15 @@ type Restored = (Snapshot, Vec<f32>, Option<Vec<f32>>, Vec<f64>, Vec<(u64, Vec<f
 
 fn load_checkpoint(out: &Path, fp: &str) -> Result<Restored> {
     let path = out.join(CKPT);
-    let (snap, mut t) = report::load_checkpoint(&path, "a probe writes one every --checkpoint-secs")?;
-    let snap: Snapshot =
-        serde_json::from_str(&snap).with_context(|| format!("{}: corrupt snapshot", path.display()))?;
-    if snap.fingerprint != fp {
+    let mut c = report::load_checkpoint::<Snapshot>(&path, "a probe writes one every --checkpoint-secs")?;
+    if c.snapshot.fingerprint != fp {
         bail!("{}: the checkpoint was made with another model, inputs or options; refusing to resume", path.display());
     }
-    let mut take = |n: &str| t.remove(n).ok_or_else(|| anyhow!("{}: checkpoint has no tensor {n}", path.display()));
-    let state = bytemuck::pod_collect_to_vec(&take("state")?);
-    let retention = bytemuck::pod_collect_to_vec(&take("retention")?);
-    let snaps = snap
-        .snapshots
-        .iter()
-        .map(|&p| Ok((p, bytemuck::pod_collect_to_vec(&take(&format!("state_t{p}"))?))))
-        .collect::<Result<Vec<_>>>()?;
-    let pending = t.remove("pending").map(|p| bytemuck::pod_collect_to_vec(&p));
-    Ok((snap, state, pending, retention, snaps))
+    let (state, retention) = (c.take("state")?, c.take("retention")?);
+    let at = c.snapshot.snapshots.clone();
+    let snaps = at.into_iter().map(|p| Ok((p, c.take(&format!("state_t{p}"))?))).collect::<Result<Vec<_>>>()?;
+    let pending = c.take_opt("pending");
+    Ok((c.snapshot, state, pending, retention, snaps))
 }
 
 /// A plot series thinned evenly as it grows: every `stride`-th point is kept, and when

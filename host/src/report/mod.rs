@@ -40,9 +40,28 @@ pub enum Values<'a> {
     F64(&'a [f64]),
 }
 
-/// A checkpoint written by [`save_checkpoint`]: its `snapshot` JSON and its tensors' raw bytes by
-/// name. `what_writes` finishes the error when there is none ("a run writes one every …").
-pub fn load_checkpoint(path: &Path, what_writes: &str) -> Result<(String, HashMap<String, Vec<u8>>)> {
+/// A checkpoint read back: its snapshot, and its tensors to take by name.
+pub struct Loaded<T> {
+    pub snapshot: T,
+    tensors: HashMap<String, Vec<u8>>,
+    path: std::path::PathBuf,
+}
+
+impl<T> Loaded<T> {
+    /// Tensor `name`, which the checkpoint must have.
+    pub fn take<V: bytemuck::Pod>(&mut self, name: &str) -> Result<Vec<V>> {
+        let v = self.take_opt(name);
+        v.ok_or_else(|| anyhow!("{}: checkpoint has no tensor {name}", self.path.display()))
+    }
+    /// Tensor `name`, if the checkpoint has it.
+    pub fn take_opt<V: bytemuck::Pod>(&mut self, name: &str) -> Option<Vec<V>> {
+        self.tensors.remove(name).map(|b| bytemuck::pod_collect_to_vec(&b))
+    }
+}
+
+/// A checkpoint written by [`save_checkpoint`], its `snapshot` JSON parsed as `T`. `what_writes`
+/// finishes the error when there is none ("a run writes one every …").
+pub fn load_checkpoint<T: serde::de::DeserializeOwned>(path: &Path, what_writes: &str) -> Result<Loaded<T>> {
     if !path.exists() {
         bail!("{}: no checkpoint to resume from ({what_writes})", path.display());
     }
@@ -55,10 +74,21 @@ pub fn load_checkpoint(path: &Path, what_writes: &str) -> Result<(String, HashMa
         .metadata()
         .as_ref()
         .and_then(|m| m.get("snapshot"))
-        .ok_or_else(|| anyhow!("{}: checkpoint has no snapshot", path.display()))?
-        .clone();
+        .ok_or_else(|| anyhow!("{}: checkpoint has no snapshot", path.display()))?;
+    let snapshot = serde_json::from_str(snapshot).map_err(|e| anyhow!("{}: corrupt snapshot: {e}", path.display()))?;
     let tensors = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
-    Ok((snapshot, tensors))
+    Ok(Loaded { snapshot, tensors, path: path.to_path_buf() })
+}
+
+/// A run's fingerprint: the SHA-256 of `key`, the JSON of everything that decides its numbers.
+pub fn fingerprint(key: &serde_json::Value) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(key)?)))
+}
+
+/// A model path as a fingerprint names it (canonical when it exists).
+pub fn canonical(p: &Path) -> std::path::PathBuf {
+    std::fs::canonicalize(p).unwrap_or(p.to_path_buf())
 }
 
 /// This machine's memory (MemTotal), in bytes; `None` where /proc is absent.
