@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use stuffed::cli::{run, Cli};
 use stuffed::eval::passkey::{
-    self, is_correct, key, needle_block, num_blocks, parse_lengths, prompt_text, template, Record, TemplateName,
+    self, is_correct, key, key_tokens, needle_block, num_blocks, parse_lengths, prompt_text, template, Record,
+    TemplateName,
 };
 use stuffed::tokenizer::Tokenizer;
 
@@ -129,4 +130,20 @@ fn shards_merge_to_the_unsharded_result_and_resume_loses_nothing() {
     assert_eq!(summary(part.path()), summary(full.path()));
     let _ = passkey::parse_shard("2/3").unwrap();
     assert!(passkey::parse_shard("4/3").is_err());
+}
+
+/// The key scored for `key_nll` is ` {key}` as it follows the question, for both shipped vocabularies
+/// and every template.
+#[test]
+fn key_tokens_follow_the_question() {
+    for tok in [Tokenizer::for_model(None, None).unwrap(), Tokenizer::world().unwrap()] {
+        for name in [TemplateName::Code, TemplateName::Paper, TemplateName::Llamacpp] {
+            for k in ["34847", "71432", "00475"] {
+                let ids = key_tokens(&tok, &template(name), k).unwrap();
+                assert_eq!(tok.decode(&ids).unwrap(), format!(" {k}"), "{}", tok.source);
+                let (q, all) = (template(name).suffix, format!("{} {k}", template(name).suffix));
+                assert_eq!([tok.encode(q).unwrap(), ids].concat(), tok.encode(&all).unwrap());
+            }
+        }
+    }
 }

@@ -97,7 +97,7 @@ pub struct Record {
     pub correct: bool,
     /// Tokens this sample shared with the haystack stream (0 when run alone).
     pub shared_prefix: usize,
-    /// NLL (nats) of the key's tokens (` {key}`) teacher-forced after the prompt: a graded measure
+    /// NLL (nats) of the key's tokens (` {key}` after the question) teacher-forced after the prompt: a graded measure
     /// of retrieval beside the exact match (absent in grids from before it existed).
     #[serde(default)]
     pub key_nll: Option<f64>,
@@ -337,6 +337,18 @@ fn load_checkpoint(out: &Path, fp: &str) -> Result<Option<Restored>> {
     Ok(Some((c.snapshot, state, pending)))
 }
 
+/// The tokens of ` {key}` as they follow the question: the question and key tokenized together,
+/// less the question's own tokens (SentencePiece vocabularies would add a word start to the key
+/// tokenized alone); the key alone only where the question's tokens change.
+pub fn key_tokens(tok: &Tokenizer, tpl: &Template, key: &str) -> Result<Vec<u32>> {
+    let q = tok.encode(tpl.suffix)?;
+    let both = tok.encode(&format!("{} {key}", tpl.suffix))?;
+    match both.strip_prefix(&q[..]) {
+        Some(k) if !k.is_empty() => Ok(k.to_vec()),
+        _ => tok.encode(&format!(" {key}")),
+    }
+}
+
 /// `stuffed passkey`. With `checkpoint_secs`, the haystack's stream is checkpointed that often (and
 /// at SIGINT/SIGTERM, which then end the run), so `resume` loses neither samples nor stream.
 pub fn run(
@@ -459,7 +471,7 @@ pub fn run(
             let (prompted, prompted_row, prompted_tau) = s.snapshot()?;
             let new = s.greedy(o.max_new)?;
             s.restore(&prompted, prompted_row.as_deref(), prompted_tau, ids.len() as u64)?;
-            let key_ids = tok.encode(&format!(" {}", p.key))?;
+            let key_ids = key_tokens(&tok, &tpl, &p.key)?;
             let mut nll = Vec::new();
             s.score(&key_ids, &mut nll)?;
             let key_nll = nll.iter().map(|&v| v as f64).sum::<f64>();
