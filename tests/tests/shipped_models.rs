@@ -43,8 +43,15 @@ fn passkey_model_retrieves_within_its_training_length() {
     run(Cli::try_parse_from([&args[..], &extra[..]].concat()).unwrap()).unwrap();
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
+    let lines = std::fs::read_to_string(out.path().join("results.jsonl")).unwrap();
+    let recs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     for l in s["accuracy_per_length"].as_array().unwrap() {
         assert!(l["accuracy"].as_f64().unwrap() >= 0.8, "{l}");
+        // Retrieval shows in the key's NLL too: well under a nat, and the mean of the samples'.
+        let nlls: Vec<f64> =
+            recs.iter().filter(|r| r["length"] == l["length"]).map(|r| r["key_nll"].as_f64().unwrap()).collect();
+        let mean = l["mean_key_nll"].as_f64().unwrap();
+        assert!(mean < 1.0 && (mean - nlls.iter().sum::<f64>() / nlls.len() as f64).abs() < 1e-12, "{l}");
     }
     // N_S 70,144 is below the fits' range: they are reported, and say so.
     assert_eq!(s["laws"]["in_range"], false, "{}", s["laws"]);

@@ -543,33 +543,41 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
     recs.sort_by_key(|r| (r.length, r.sample));
     recs.dedup_by_key(|r| (r.length, r.sample));
     let bins = depth_bins(o);
+    // (samples, accuracy, mean key NLL) of some records.
     let acc = |rs: &mut dyn Iterator<Item = &Record>| {
-        let (n, c) = rs.fold((0usize, 0usize), |(n, c), r| (n + 1, c + r.correct as usize));
-        (n, if n > 0 { Some(c as f64 / n as f64) } else { None })
+        let (mut n, mut c, mut k, mut ks) = (0usize, 0usize, 0usize, 0f64);
+        for r in rs {
+            (n, c) = (n + 1, c + r.correct as usize);
+            if let Some(v) = r.key_nll {
+                (k, ks) = (k + 1, ks + v);
+            }
+        }
+        (n, (n > 0).then(|| c as f64 / n as f64), (k > 0).then(|| ks / k as f64))
     };
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
     let mut per_length = Vec::new();
     let mut grid = Vec::new();
-    let mut csv = String::from("length,depth_lo,depth_hi,n,accuracy\n");
+    let mut csv = String::from("length,depth_lo,depth_hi,n,accuracy,mean_key_nll\n");
     let mut t_recall = None;
     for &l in &o.lengths {
-        let (n, a) = acc(&mut recs.iter().filter(|r| r.length == l));
+        let (n, a, k) = acc(&mut recs.iter().filter(|r| r.length == l));
         if a.is_some_and(|a| a > 0.95) {
             t_recall = Some(t_recall.map_or(l, |t: u64| t.max(l)));
         }
-        let nlls: Vec<f64> = recs.iter().filter(|r| r.length == l).filter_map(|r| r.key_nll).collect();
-        let key_nll = (!nlls.is_empty()).then(|| nlls.iter().sum::<f64>() / nlls.len() as f64);
-        per_length.push(serde_json::json!({"length": l, "n": n, "accuracy": a, "mean_key_nll": key_nll}));
+        per_length.push(serde_json::json!({"length": l, "n": n, "accuracy": a, "mean_key_nll": k}));
         for (bi, &b) in bins.iter().enumerate() {
             let last = bi + 1 == bins.len();
-            let (n, a) = acc(&mut recs.iter().filter(|r| r.length == l && in_bin(r.depth, b, last)));
-            csv += &format!("{l},{},{},{n},{}\n", b.0, b.1, a.map_or(String::new(), |a| format!("{a:.4}")));
-            grid.push(serde_json::json!({"length": l, "depth_lo": b.0, "depth_hi": b.1, "n": n, "accuracy": a}));
+            let (n, a, k) = acc(&mut recs.iter().filter(|r| r.length == l && in_bin(r.depth, b, last)));
+            csv += &format!("{l},{},{},{n},{},{}\n", b.0, b.1, opt(a), opt(k));
+            grid.push(
+                serde_json::json!({"length": l, "depth_lo": b.0, "depth_hi": b.1, "n": n, "accuracy": a, "mean_key_nll": k}),
+            );
         }
     }
     let last_r: Vec<_> = [1024usize, 2048, 4096, 8192]
         .iter()
         .map(|&r| {
-            let (n, a) = acc(&mut recs.iter().filter(|x| x.prompt_tokens - x.needle_pos <= r));
+            let (n, a, _) = acc(&mut recs.iter().filter(|x| x.prompt_tokens - x.needle_pos <= r));
             serde_json::json!({"r": r, "n": n, "accuracy": a})
         })
         .collect();
