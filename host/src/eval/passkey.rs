@@ -280,7 +280,9 @@ fn read_records(path: &Path) -> Result<Vec<Record>> {
 pub struct RunFacts {
     pub shard: Option<String>,
     pub samples_run: usize,
+    /// Prompt and decoded tokens run through the model (the key NLL's few tokens not counted).
     pub tokens_processed: u64,
+    /// What running every sample alone would have taken.
     pub tokens_without_reuse: u64,
     pub seconds: f64,
 }
@@ -476,7 +478,7 @@ pub fn run(
             s.score(&key_ids, &mut nll)?;
             let key_nll = nll.iter().map(|&v| v as f64).sum::<f64>();
             s.restore(&saved, saved_row.as_deref(), saved_tau, pos as u64)?;
-            facts.tokens_processed += (ids.len() - branch + new.len() + key_ids.len()) as u64;
+            facts.tokens_processed += (ids.len() - branch + new.len()) as u64;
             facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
             facts.samples_run += 1;
             let (continuation, correct) = is_correct(&tok, &new, &p.key)?;
