@@ -85,13 +85,37 @@ pub struct Layer<'a> {
 pub struct Weights<'a> {
     /// (V, C)
     pub embed: Weight<'a>,
-    /// (L, C): `model.lower_bounds`, when `use_lower_bound`
+    /// (L, C): each layer's lower bound per channel, [`lower_bounds`] of the checkpoint's
+    /// `model.lower_bounds`, when `use_lower_bound` (computed once: a token step would otherwise
+    /// spend L exps per channel and layer on it)
     pub lower_bounds: Option<Weight<'a>>,
     pub layers: &'a [Layer<'a>],
     /// (1, C)
     pub norm: Weight<'a>,
     /// (V, C): the embedding itself when tied
     pub head: Weight<'a>,
+}
+
+/// The lower bounds `out (L, C)` from the checkpoint's `raw (L, C)`: per channel,
+/// `cumsum(softmax(raw, 0))[l] − softmax(raw, 0)[0]` (0 for the first layer).
+pub fn lower_bounds(raw: &Weight, out: &mut [f32]) -> Result<(), Error> {
+    let (nl, c) = (raw.rows, raw.cols);
+    need("lower bounds", out.len(), nl * c)?;
+    for ch in 0..c {
+        let mx = (0..nl).fold(f32::NEG_INFINITY, |m, j| m.max(raw.get(j * c + ch)));
+        for j in 0..nl {
+            out[j * c + ch] = exp(raw.get(j * c + ch) - mx);
+        }
+        let z: f32 = (0..nl).map(|j| out[j * c + ch]).sum();
+        let mut cum = 0.0;
+        for j in 0..nl {
+            cum += out[j * c + ch] / z;
+            out[j * c + ch] = cum;
+        }
+        let first = out[ch];
+        (0..nl).for_each(|j| out[j * c + ch] -= first);
+    }
+    Ok(())
 }
 
 pub struct Hgrn2<'a> {
@@ -129,21 +153,9 @@ impl<'a> Hgrn2<'a> {
         Ok(Hgrn2 { cfg, w, forget: Forget::None })
     }
 
-    /// The lower bound of layer `l`, channel `ch`: `cumsum(softmax(lower_bounds, 0))[l] − that[0]`.
+    /// The lower bound of layer `l`, channel `ch`.
     fn lower_bound(&self, l: usize, ch: usize) -> f32 {
-        let Some(lb) = &self.w.lower_bounds else {
-            return 0.0;
-        };
-        let nl = self.cfg.n_layer;
-        let c = self.cfg.d_model;
-        let mx = (0..nl).fold(f32::NEG_INFINITY, |m, j| m.max(lb.get(j * c + ch)));
-        let z: f32 = (0..nl).map(|j| exp(lb.get(j * c + ch) - mx)).sum();
-        let p = |j: usize| exp(lb.get(j * c + ch) - mx) / z;
-        let mut cum = 0.0;
-        for j in 0..=l {
-            cum += p(j);
-        }
-        cum - p(0)
+        self.w.lower_bounds.as_ref().map_or(0.0, |lb| lb.get(l * self.cfg.d_model + ch))
     }
 
     #[allow(clippy::too_many_arguments)]

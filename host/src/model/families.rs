@@ -353,7 +353,18 @@ fn load_hgrn2(path: &Path, json: &Value, cfg_path: &Path) -> Result<Model> {
     cfg.validate().with_context(|| p.to_string())?;
     let use_lb = get_b("use_lower_bound").unwrap_or(true);
     fewer_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
-    let lower_bounds = if use_lb { Some(view(ck.require("model.lower_bounds")?, n_layer, c)?) } else { None };
+    // The bounds themselves, computed once (the Box moves into the Model below: `_extra`).
+    let bounds: Option<Box<[f32]>> = match use_lb {
+        true => {
+            let mut b = vec![0f32; n_layer * c].into_boxed_slice();
+            hgrn2::lower_bounds(&view(ck.require("model.lower_bounds")?, n_layer, c)?, &mut b)?;
+            Some(b)
+        }
+        false => None,
+    };
+    // SAFETY: as for the layers below; moving a Box does not move its heap contents.
+    let bounds_ref: Option<&'static [f32]> = bounds.as_deref().map(|b| unsafe { &*(b as *const [f32]) });
+    let lower_bounds = bounds_ref.map(|b| Weight::new(Data::F32(b), n_layer, c)).transpose()?;
     let mut layers = Vec::with_capacity(n_layer);
     for l in 0..n_layer {
         let t = |s: &str, r: usize, cc: usize| view(ck.require(&format!("model.layers.{l}.{s}"))?, r, cc);
@@ -419,7 +430,7 @@ fn load_hgrn2(path: &Path, json: &Value, cfg_path: &Path) -> Result<Model> {
     };
     Ok(Model {
         net: Net::Hgrn2(net),
-        _extra: Some(Box::new(layers)),
+        _extra: Some(Box::new((layers, bounds))),
         _layers: Box::new([]),
         _ckpt: ckpt,
         info,
