@@ -149,6 +149,11 @@ pub struct Laws {
     pub in_range: bool,
 }
 
+/// The fits for a model: Mamba-2 only (the paper fitted them on it), `None` for the other families.
+pub fn laws_of(m: &crate::model::ModelInfo) -> Option<Laws> {
+    (m.family == "mamba2").then(|| laws(m.paper_state_size))
+}
+
 pub fn laws(n_s: usize) -> Laws {
     let m = n_s as f64 / 1e6;
     let t_forget_k = 5.172 * m - 4.469;

@@ -354,13 +354,12 @@ fn load_hgrn2(path: &Path, json: &Value, cfg_path: &Path) -> Result<Model> {
     let use_lb = get_b("use_lower_bound").unwrap_or(true);
     fewer_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
     // The bounds themselves, computed once (the Box moves into the Model below: `_extra`).
-    let bounds: Option<Box<[f32]>> = match use_lb {
-        true => {
-            let mut b = vec![0f32; n_layer * c].into_boxed_slice();
-            hgrn2::lower_bounds(&view(ck.require("model.lower_bounds")?, n_layer, c)?, &mut b)?;
-            Some(b)
-        }
-        false => None,
+    let bounds: Option<Box<[f32]>> = if use_lb {
+        let mut b = vec![0f32; n_layer * c].into_boxed_slice();
+        hgrn2::lower_bounds(&view(ck.require("model.lower_bounds")?, n_layer, c)?, &mut b)?;
+        Some(b)
+    } else {
+        None
     };
     // SAFETY: as for the layers below; moving a Box does not move its heap contents.
     let bounds_ref: Option<&'static [f32]> = bounds.as_deref().map(|b| unsafe { &*(b as *const [f32]) });
