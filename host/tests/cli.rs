@@ -262,10 +262,11 @@ fn killed_probe_resumes_from_its_timed_checkpoint() {
     }
 }
 
-/// A passkey grid killed mid-haystack, or stopped by SIGTERM, resumes from its stream checkpoint
-/// to the uninterrupted grid's answers, byte for byte, without streaming the haystack again.
+/// A passkey grid killed mid-haystack, or stopped by SIGTERM (in the haystack or in a sample's own
+/// tail), resumes from its stream checkpoint
+/// to the uninterrupted grid's answers, byte for byte, without streaming either again.
 #[test]
-fn killed_passkey_resumes_from_its_haystack_checkpoint() {
+fn killed_passkey_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     // The shipped model that never learned to forget: its state after the haystack still carries
     // the stream's start, so a wrong restored state would change the key NLLs.
@@ -293,22 +294,39 @@ fn killed_passkey_resumes_from_its_haystack_checkpoint() {
         assert!(processed(&part_runs) < processed(&full_runs), "{part_runs} vs {full_runs}");
         std::fs::remove_dir_all(dir.path().join("part")).unwrap();
     }
-    // A needle at the start: the sample's own tail is the whole prompt. SIGTERM in it drops the
-    // sample at once (no line written) and checkpoints the haystack; the resume runs it whole.
+    // A needle at the start: the sample's own tail is the whole prompt (four pieces of 8,192
+    // tokens). SIGTERM in it checkpoints the haystack and the sample where they stand; the resume
+    // continues the sample from there, to the uninterrupted run's line.
     let run = |out: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stuffed"));
-        cmd.args(["passkey", "--model", &m, "--lengths", "32k", "--depths", "0", "--out"]).arg(dir.path().join(out));
+        cmd.args(["passkey", "--model", &m, "--lengths", "32k", "--depths", "0", "--checkpoint-secs", "0.001"]);
+        cmd.arg("--out").arg(dir.path().join(out));
         cmd
     };
     assert!(run("tail-full").status().unwrap().success());
-    let mut child = run("tail").stderr(std::process::Stdio::null()).spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut child = run("tail").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // The first checkpoint is the haystack's, at the branch point, just before the tail starts.
+    let ckpt = dir.path().join("tail/passkey.checkpoint.safetensors");
+    while !ckpt.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    assert_eq!(child.wait().unwrap().code(), Some(1));
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("SIGTERM after prompt token") && err.contains("of sample 0"), "{err}");
     let read = |d: &str| std::fs::read_to_string(dir.path().join(d).join("results.jsonl")).unwrap();
-    assert_eq!(read("tail"), "", "the interrupted sample was finished, not dropped");
-    assert!(run("tail").arg("--resume").status().unwrap().success());
+    assert_eq!(read("tail"), "", "the interrupted sample was finished, not checkpointed");
+    let resumed = run("tail").arg("--resume").output().unwrap();
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{err}");
+    assert!(err.contains("sample 0 resumes at prompt token"), "{err}");
     assert_eq!(read("tail-full"), read("tail"), "results.jsonl differs after a resume");
+    let (_, full_runs) = summary("tail-full");
+    let (_, part_runs) = summary("tail");
+    let processed = |r: &serde_json::Value| r[0]["tokens_processed"].as_u64().unwrap();
+    assert!(processed(&part_runs) + 8192 <= processed(&full_runs), "{part_runs} vs {full_runs}");
 }
 
 /// `stuffed ppl` with no --model and no --text runs the embedded pair, from any working directory.

@@ -9,7 +9,7 @@ use crate::cli::basic::{dir_of, real_vocab};
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::heatmap;
 use crate::report::{write_atomic, Values};
-use crate::score::Scorer;
+use crate::score::{Resume, Scorer};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -296,7 +296,8 @@ const CKPT: &str = "passkey.checkpoint.safetensors";
 const PIECE: usize = 8192;
 
 /// Where an interrupted grid stands: the haystack of `length` streamed to `pos` (the state and the
-/// pending row are the checkpoint's tensors); finished samples are in results.jsonl.
+/// pending row are the checkpoint's tensors), and a sample part-way through its own tail, if one
+/// was; finished samples are in results.jsonl.
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     fingerprint: String,
@@ -304,6 +305,21 @@ struct Snapshot {
     pos: usize,
     /// SHA-256 of the haystack's first `pos` tokens: a resumed stream continues the same tokens.
     hay_sha: String,
+    tau: Vec<f32>,
+    #[serde(default)]
+    tail: Option<TailSnapshot>,
+}
+
+/// A sample stopped in its own tail (needle to question; up to the whole prompt for an early
+/// needle): its prompt's first `pos` tokens fed from its branch point (tensors `tail_state`,
+/// `tail_pending`).
+#[derive(Serialize, Deserialize)]
+struct TailSnapshot {
+    sample: usize,
+    branch: usize,
+    pos: usize,
+    /// SHA-256 of the prompt's first `pos` tokens (the key among them).
+    ids_sha: String,
     tau: Vec<f32>,
 }
 
@@ -321,10 +337,22 @@ fn tokens_sha(ids: &[u32]) -> String {
     format!("{:x}", Sha256::digest(bytemuck::cast_slice::<u32, u8>(ids)))
 }
 
-/// A checkpointed haystack: where it stood, its state and its pending row.
-type Restored = (Snapshot, Vec<f32>, Option<Vec<f32>>);
+/// A checkpointed grid: where it stood, the haystack's state and pending row, and the tail's.
+struct Restored {
+    snap: Snapshot,
+    hay: (Vec<f32>, Option<Vec<f32>>),
+    tail: Option<(Vec<f32>, Option<Vec<f32>>)>,
+}
 
-/// The haystack checkpoint in `out` made with fingerprint `fp`, if there is a usable one.
+/// A sample in its own tail at a checkpoint: the haystack's state held aside, the prompt fed so far.
+struct InTail<'a> {
+    hay: &'a Resume,
+    sample: usize,
+    branch: usize,
+    fed: &'a [u32],
+}
+
+/// The checkpoint in `out` made with fingerprint `fp`, if there is a usable one.
 fn load_checkpoint(out: &Path, fp: &str) -> Result<Option<Restored>> {
     let path = out.join(CKPT);
     if !path.exists() {
@@ -335,8 +363,12 @@ fn load_checkpoint(out: &Path, fp: &str) -> Result<Option<Restored>> {
         eprintln!("{}: made with another model, options or shard; the haystack starts over", path.display());
         return Ok(None);
     }
-    let (state, pending) = (c.take("state")?, c.take_opt("pending"));
-    Ok(Some((c.snapshot, state, pending)))
+    let hay = (c.take("state")?, c.take_opt("pending"));
+    let tail = match c.snapshot.tail {
+        Some(_) => Some((c.take("tail_state")?, c.take_opt("tail_pending"))),
+        None => None,
+    };
+    Ok(Some(Restored { snap: c.snapshot, hay, tail }))
 }
 
 /// The tokens of ` {key}` as they follow the question: the question and key tokenized together,
@@ -408,30 +440,55 @@ pub fn run(
         s.reset()?;
         let piece = PIECE.next_multiple_of(s.chunk());
         let mut pos = 0; // haystack tokens fed so far
-        if let Some((snap, state, pending)) = restored.take_if(|r| r.0.length == length) {
-            if snap.pos <= hay.len() && tokens_sha(&hay[..snap.pos]) == snap.hay_sha {
-                s.restore(&state, pending.as_deref(), snap.tau, snap.pos as u64)?;
-                pos = snap.pos;
+        let mut tail_restored = None;
+        if let Some(r) = restored.take_if(|r| r.snap.length == length) {
+            if r.snap.pos <= hay.len() && tokens_sha(&hay[..r.snap.pos]) == r.snap.hay_sha {
+                s.restore(&r.hay.0, r.hay.1.as_deref(), r.snap.tau, r.snap.pos as u64)?;
+                pos = r.snap.pos;
                 eprintln!("passkey {length}: the haystack resumes at token {pos}");
+                tail_restored = r.snap.tail.zip(r.tail);
             }
         }
-        // Saves the stream at `pos` (the scorer stands there); a signal then ends the run.
-        let checkpoint = |s: &Scorer, pos: usize, last: &mut Instant| -> Result<()> {
+        // Saves the haystack at `pos` (the scorer stands there, or `tail.hay` holds it while the
+        // scorer runs a sample's tail); a signal then ends the run.
+        let checkpoint = |s: &Scorer, pos: usize, tail: Option<InTail>, last: &mut Instant| -> Result<()> {
             let signal = crate::interrupt::raised();
             if signal.is_none() && checkpoint_secs.is_none_or(|c| last.elapsed().as_secs_f64() < c) {
                 return Ok(());
             }
-            let (state, pending, tau) = s.snapshot()?;
-            let snap = Snapshot { fingerprint: fp.clone(), length, pos, hay_sha: tokens_sha(&hay[..pos]), tau };
-            let mut tensors = vec![("state", Values::F32(&state))];
+            let now = s.snapshot()?;
+            let ((state, pending, tau), tail_held) = match &tail {
+                Some(t) => (t.hay, Some(&now)),
+                None => (&now, None),
+            };
+            let snap = Snapshot {
+                fingerprint: fp.clone(),
+                length,
+                pos,
+                hay_sha: tokens_sha(&hay[..pos]),
+                tau: tau.clone(),
+                tail: tail.as_ref().map(|t| TailSnapshot {
+                    sample: t.sample,
+                    branch: t.branch,
+                    pos: t.fed.len(),
+                    ids_sha: tokens_sha(t.fed),
+                    tau: now.2.clone(),
+                }),
+            };
+            let mut tensors = vec![("state", Values::F32(state))];
             tensors.extend(pending.as_deref().map(|p| ("pending", Values::F32(p))));
+            if let Some((t_state, t_pending, _)) = tail_held {
+                tensors.push(("tail_state", Values::F32(t_state)));
+                tensors.extend(t_pending.as_deref().map(|p| ("tail_pending", Values::F32(p))));
+            }
             crate::report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
             *last = Instant::now();
             if let Some(sig) = signal {
-                bail!(
-                    "{sig} after haystack token {pos} of length {length}: checkpoint in {}; continue with --resume",
-                    out.display()
-                );
+                let at = match tail {
+                    Some(t) => format!("prompt token {} of sample {}", t.fed.len(), t.sample),
+                    None => format!("haystack token {pos}"),
+                };
+                bail!("{sig} after {at} of length {length}: checkpoint in {}; continue with --resume", out.display());
             }
             Ok(())
         };
@@ -451,25 +508,38 @@ pub fn run(
                     let end = lcp.min((pos / piece + 1) * piece);
                     s.feed(&hay[pos..end])?;
                     pos = end;
-                    checkpoint(&s, pos, &mut last_ckpt)?;
+                    checkpoint(&s, pos, None, &mut last_ckpt)?;
                 }
                 lcp
             } else {
                 0 // the haystack already passed this sample's branch point: run it alone
             };
-            let (saved, saved_row, saved_tau) = s.snapshot()?;
+            let saved = s.snapshot()?;
             if branch == 0 {
                 s.reset()?;
             }
-            // The sample's own tail (up to the whole prompt for an early needle): a signal drops
-            // the sample and checkpoints the haystack where it stands.
-            for part in ids[branch..].chunks(piece) {
-                s.feed(part)?;
-                if crate::interrupt::raised().is_some() {
-                    s.restore(&saved, saved_row.as_deref(), saved_tau.clone(), pos as u64)?;
-                    checkpoint(&s, pos, &mut last_ckpt)?;
+            // The sample's own tail (up to the whole prompt for an early needle), in pieces from
+            // its branch point, checkpointed like the haystack.
+            let mut fed = branch;
+            if let Some((t, (state, pending))) = tail_restored.take() {
+                let same = t.sample == p.sample && t.branch == branch && t.pos <= ids.len();
+                if same && tokens_sha(&ids[..t.pos]) == t.ids_sha {
+                    s.restore(&state, pending.as_deref(), t.tau, t.pos as u64)?;
+                    fed = t.pos;
+                    eprintln!("passkey {length}: sample {} resumes at prompt token {fed}", p.sample);
                 }
             }
+            let tail_start = fed;
+            while fed < ids.len() {
+                let end = ids.len().min(fed + piece);
+                s.feed(&ids[fed..end])?;
+                fed = end;
+                if fed < ids.len() {
+                    let tail = InTail { hay: &saved, sample: p.sample, branch, fed: &ids[..fed] };
+                    checkpoint(&s, pos, Some(tail), &mut last_ckpt)?;
+                }
+            }
+            let (saved, saved_row, saved_tau) = saved;
             let (prompted, prompted_row, prompted_tau) = s.snapshot()?;
             let new = s.greedy(o.max_new)?;
             s.restore(&prompted, prompted_row.as_deref(), prompted_tau, ids.len() as u64)?;
@@ -478,7 +548,7 @@ pub fn run(
             s.score(&key_ids, &mut nll)?;
             let key_nll = nll.iter().map(|&v| v as f64).sum::<f64>();
             s.restore(&saved, saved_row.as_deref(), saved_tau, pos as u64)?;
-            facts.tokens_processed += (ids.len() - branch + new.len()) as u64;
+            facts.tokens_processed += (ids.len() - tail_start + new.len()) as u64;
             facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
             facts.samples_run += 1;
             let (continuation, correct) = is_correct(&tok, &new, &p.key)?;
@@ -507,7 +577,7 @@ pub fn run(
                 if rec.correct { "✓" } else { "✗" }
             );
             done.push(rec);
-            checkpoint(&s, pos, &mut last_ckpt)?;
+            checkpoint(&s, pos, None, &mut last_ckpt)?;
         }
     }
     let _ = std::fs::remove_file(out.join(CKPT));
