@@ -263,8 +263,8 @@ fn killed_probe_resumes_from_its_timed_checkpoint() {
 }
 
 /// A passkey grid killed mid-haystack, or stopped by SIGTERM (in the haystack or in a sample's own
-/// tail), resumes from its stream checkpoint
-/// to the uninterrupted grid's answers, byte for byte, without streaming either again.
+/// tail), resumes from its stream checkpoint to the uninterrupted grid's answers, byte for byte,
+/// without streaming either again.
 #[test]
 fn killed_passkey_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

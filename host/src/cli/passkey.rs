@@ -37,8 +37,9 @@ pub struct PasskeyArgs {
     /// checkpoint when there is one.
     #[arg(long)]
     resume: bool,
-    /// Checkpoint the haystack's stream when this many seconds passed since the last checkpoint
-    /// (0: never), so a killed grid loses at most that much of it; finished samples are never lost.
+    /// Checkpoint the haystack's stream and the running sample when this many seconds passed since
+    /// the last checkpoint (0: never), so a killed grid loses at most that much of either; finished
+    /// samples are never lost.
     #[arg(long, default_value_t = 600.0)]
     checkpoint_secs: f64,
     /// Run a deterministic share k/n of the (length, sample) pairs (merge shards with `stuffed merge`).

@@ -383,8 +383,9 @@ pub fn key_tokens(tok: &Tokenizer, tpl: &Template, key: &str) -> Result<Vec<u32>
     }
 }
 
-/// `stuffed passkey`. With `checkpoint_secs`, the haystack's stream is checkpointed that often (and
-/// at SIGINT/SIGTERM, which then end the run), so `resume` loses neither samples nor stream.
+/// `stuffed passkey`. With `checkpoint_secs`, the haystack's stream and the sample in its tail are
+/// checkpointed that often (and at SIGINT/SIGTERM, which then end the run), so `resume` loses
+/// neither samples nor stream.
 pub fn run(
     model_path: &Path,
     o: &Options,
