@@ -11,6 +11,27 @@ use std::path::{Path, PathBuf};
 /// 16 GiB), so that sizes derived from them cannot overflow.
 pub const MAX_TOKENS: u64 = 1 << 32;
 
+/// A token count as the paper's code writes it: `5000`, `64k` = 65,536, `1m` = 1,048,576, `1.5k`;
+/// a whole number from 1 to [`MAX_TOKENS`]. Every flag that counts tokens parses through it.
+pub fn parse_count(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mul) = match t.strip_suffix('k') {
+        Some(n) => (n, 1u64 << 10),
+        None => t.strip_suffix('m').map_or((t.as_str(), 1), |n| (n, 1 << 20)),
+    };
+    let v = match num.parse::<f64>() {
+        Ok(v) if v.is_finite() => v * mul as f64,
+        _ => bail!("'{s}' is not a token count (e.g. 5000, 64k, 1m)"),
+    };
+    if v > MAX_TOKENS as f64 {
+        bail!("'{s}' is longer than the {MAX_TOKENS} tokens (4G) a length may be");
+    }
+    if v < 1.0 || v.fract() != 0.0 {
+        bail!("'{s}' is not a whole number of tokens from 1 up");
+    }
+    Ok(v as u64)
+}
+
 /// Bytes read from a file per step.
 const BLOCK: usize = 1 << 16;
 
@@ -170,6 +191,20 @@ impl<'t> TokenStream<'t> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_counts_parse_as_the_paper_counts() {
+        let ok = |s: &str| parse_count(s).unwrap();
+        assert_eq!(
+            (ok("1m"), ok("64k"), ok("5000"), ok("1.5K"), ok(" 2M "), ok("0.5k")),
+            (1 << 20, 65536, 5000, 1536, 2 << 20, 512)
+        );
+        assert_eq!(ok("4096m"), MAX_TOKENS);
+        for bad in ["lots", "0", "-3", "1.5", "0.0001k", "nan", "inf", "", "k"] {
+            assert!(parse_count(bad).is_err(), "{bad:?} parsed");
+        }
+        assert!(format!("{}", parse_count("4097m").unwrap_err()).contains("longer than"));
+    }
 
     #[test]
     fn cuts_only_after_non_whitespace() {

@@ -239,6 +239,26 @@ fn token_id_out_of_range() {
     assert_mentions(&err, &["ids.txt", "'two'"]);
 }
 
+/// `logits` keeps every position in memory and writes once at the end: a bad --out or --chunk is
+/// refused before the run, not after it (the computed logits would be lost).
+#[test]
+fn logits_checks_its_output_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(&ids, "1 2 3").unwrap();
+    // The model path is wrong too: the --out check comes first, so no model is loaded.
+    let out = dir.path().join("missing/o.safetensors");
+    let args = |out: &str, chunk: &str| {
+        ["logits", "--model", "/nonexistent/model", "--ids", ids.to_str().unwrap(), "--out", out, "--chunk", chunk]
+            .map(String::from)
+    };
+    let err = format!("{:#}", cli(&args(out.to_str().unwrap(), "256").each_ref().map(|s| s.as_str())).unwrap_err());
+    assert_mentions(&err, &["missing/o.safetensors", "is not a directory"]);
+    let out = dir.path().join("o.safetensors");
+    let err = format!("{:#}", cli(&args(out.to_str().unwrap(), "0").each_ref().map(|s| s.as_str())).unwrap_err());
+    assert_mentions(&err, &["--chunk", "positive"]);
+}
+
 #[test]
 fn missing_text_file() {
     let err = format!("{:#}", cli(&["tokenize", "--file", "/nonexistent/text.txt"]).unwrap_err());
@@ -268,6 +288,44 @@ fn zero_counts_are_errors() {
         let err = format!("{:#}", cli(&["passkey", "--model", m, "--lengths", "1k", flag, "0"]).unwrap_err());
         assert_mentions(&err, &[want, "positive"]);
     }
+}
+
+/// Every flag that counts tokens takes `64k`/`1m` (the README's `--repeat-to 1m` used to be refused)
+/// and refuses 0 or a fraction by name, at parse time (`--stop-after 0` used to run the whole stream,
+/// `--max-tokens 0` to write a result of 0 tokens).
+#[test]
+fn token_count_flags_take_suffixes_and_refuse_zero() {
+    use clap::Parser;
+    let t = tiny();
+    let m = t.to_str().unwrap();
+    let flags: [(&str, &[&str]); 3] = [
+        ("ppl", &["--max-tokens", "--repeat-to", "--bucket", "--train-len", "--checkpoint-every", "--stop-after"]),
+        ("probe", &["--max-tokens", "--every", "--train-len"]),
+        ("bench", &["--tokens"]),
+    ];
+    for (cmd, flags) in flags {
+        for flag in flags {
+            for (bad, want) in
+                [("0", "'0' is not a whole number"), ("1.5", "'1.5' is not a whole"), ("x", "not a token")]
+            {
+                let args = ["stuffed", cmd, "--model", m, "--newlines", flag, bad];
+                let args = if cmd == "bench" { vec!["stuffed", cmd, flag, bad] } else { args.to_vec() };
+                let err = Cli::try_parse_from(args).unwrap_err().to_string();
+                let first = err.lines().next().unwrap();
+                assert_mentions(first, &[flag, want]);
+            }
+            let args = ["stuffed", cmd, "--model", m, "--newlines", flag, "1k"];
+            let args = if cmd == "bench" { vec!["stuffed", cmd, flag, "1k"] } else { args.to_vec() };
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{cmd} {flag} 1k: {e}"));
+        }
+    }
+    let (dir, text) = text_file("t.txt", "A short text, repeated to a thousand tokens.");
+    let (out, neox) = (dir.path().join("o"), tiny().with_file_name("mamba2_neox_tiny"));
+    let (neox, text, o) = (neox.to_str().unwrap(), text.to_str().unwrap(), out.to_str().unwrap());
+    cli(&["ppl", "--model", neox, "--text", text, "--repeat-to", "1k", "--out", o]).unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let acc = &r["runs"][0]["acc"];
+    assert_eq!((acc["tokens_fed"].as_u64(), acc["count"].as_u64()), (Some(1024), Some(1023)), "{acc}");
 }
 
 /// Sizes that would not fit in memory are one error line before anything allocates them (a window

@@ -48,6 +48,8 @@ fn probe_statistics_equal_a_direct_computation() {
         "200",
         "--every",
         "8",
+        "--snapshot-at",
+        "100,1k",
     ];
     use clap::Parser;
     run(Cli::try_parse_from([&args[..], &["--out", out.path().to_str().unwrap()]].concat()).unwrap()).unwrap();
@@ -56,6 +58,10 @@ fn probe_statistics_equal_a_direct_computation() {
     let ret = table(&out.path().join("retention.csv"));
     let inp = table(&out.path().join("inputs.csv"));
     assert_eq!(st.len(), 2 * 8 * 25, "2 layers × 8 heads × 25 reports");
+    // A snapshot past the stream's end (1k of 200 tokens) is not taken, and probe.json says which were.
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("probe.json")).unwrap()).unwrap();
+    assert_eq!(meta["snapshots"], serde_json::json!([100]));
 
     // The same stream through a plain session, 8 tokens at a time.
     let m = Model::load(&model_dir).unwrap();

@@ -144,6 +144,14 @@ pub fn check_ids(ids: &[u32], rows: usize, source: &str) -> Result<()> {
 }
 
 pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize, dev: &super::DeviceArgs) -> Result<()> {
+    if chunk == 0 {
+        bail!("logits: --chunk must be positive (1 runs token by token)");
+    }
+    // Checked before the run, so a typo in --out does not cost the computed logits.
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("{}: cannot write: {} is not a directory", out.display(), dir.display());
+    }
     let m = Model::load(model)?;
     let ids = read_ids(ids_path)?;
     check_ids(&ids, m.info.vocab_rows, &ids_path.display().to_string())?;

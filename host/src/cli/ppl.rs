@@ -11,20 +11,21 @@ pub struct PplArgs {
     model: Vec<PathBuf>,
     #[command(flatten)]
     input: super::InputArgs,
-    /// Cut each document (or the concatenated stream) at N tokens.
-    #[arg(long)]
+    /// Cut each document (or the concatenated stream) at N tokens (5000, 64k, 1m: every count
+    /// takes k = 1,024 and m = 1,048,576).
+    #[arg(long, value_parser = crate::text::parse_count)]
     max_tokens: Option<u64>,
     /// Stream all documents as one sequence (the paper's code) instead of each from the zero state.
     #[arg(long)]
     concat: bool,
     /// Repeat each document (or the stream) up to N tokens.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::text::parse_count)]
     repeat_to: Option<u64>,
     /// Width of the linear buckets, in tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value = "512", value_parser = crate::text::parse_count)]
     bucket: u64,
     /// The model's training length: draws a line on the plot and gives the T_forget verdict.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::text::parse_count)]
     train_len: Option<u64>,
     /// Directory for results.json, loss.csv, loss.svg and the checkpoint.
     #[arg(long, default_value = "ppl-out")]
@@ -33,7 +34,7 @@ pub struct PplArgs {
     #[arg(long)]
     nll_out: Option<PathBuf>,
     /// Write a resumable checkpoint every N tokens.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::text::parse_count)]
     checkpoint_every: Option<u64>,
     /// Also write one when this many seconds passed since the last (0: only by tokens), so a killed
     /// run loses at most that much work; --resume continues it.
@@ -47,7 +48,7 @@ pub struct PplArgs {
     #[arg(long)]
     resume: bool,
     /// Stop (with a checkpoint) after N tokens, for batch jobs with time limits.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::text::parse_count)]
     stop_after: Option<u64>,
     /// Tokens per forward call (1 = token by token).
     #[arg(long, default_value_t = 512)]
@@ -84,8 +85,8 @@ pub fn run(mut a: PplArgs) -> Result<()> {
     } else {
         a.input.inputs("ppl")?
     };
-    if a.bucket == 0 || a.chunk == 0 {
-        bail!("ppl: --bucket and --chunk must be positive");
+    if a.chunk == 0 {
+        bail!("ppl: --chunk must be positive");
     }
     let checkpoint_secs = super::checkpoint_secs("ppl", a.checkpoint_secs)?;
     if a.shard.is_some() && a.concat {

@@ -1,7 +1,7 @@
 //! `stuffed probe` flags.
 use crate::eval::probe::{self, Options};
 use crate::forget::ForgetSpec;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -13,10 +13,10 @@ pub struct ProbeArgs {
     #[command(flatten)]
     input: super::InputArgs,
     /// Stop after N tokens of the stream.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::text::parse_count)]
     max_tokens: Option<u64>,
     /// Write statistics every K tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value = "128", value_parser = crate::text::parse_count)]
     every: u64,
     /// Layers to record (default: all), comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -28,7 +28,7 @@ pub struct ProbeArgs {
     #[arg(long)]
     snapshot_at: Option<String>,
     /// Draw the training length on the plots (and the default calibration of state-norm).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::text::parse_count)]
     train_len: Option<u64>,
     /// Training-free forgetting (see `stuffed ppl --help`).
     #[arg(long, default_value = "none")]
@@ -56,9 +56,6 @@ pub struct ProbeArgs {
 
 pub fn run(a: ProbeArgs) -> Result<()> {
     let inputs = a.input.inputs("probe")?;
-    if a.every == 0 {
-        bail!("probe: --every must be positive");
-    }
     let checkpoint_secs = super::checkpoint_secs("probe", a.checkpoint_secs)?;
     let snapshot_at = match &a.snapshot_at {
         Some(s) => crate::eval::passkey::parse_lengths(s)?,

@@ -105,19 +105,7 @@ pub struct Record {
 
 /// Parses `1k,2k,8k`, `1k..32k:1k` (step) and `1k..1m:x2` (factor); `k` = 1,024, `m` = 1,048,576.
 pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
-    fn num(t: &str) -> Result<u64> {
-        let t = t.trim();
-        let (digits, mult) = match t.chars().last() {
-            Some('k' | 'K') => (&t[..t.len() - 1], 1024),
-            Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
-            _ => (t, 1),
-        };
-        let v = digits.parse::<u64>().map_err(|_| anyhow!("'{t}' is not a length (e.g. 1024, 8k, 1m)"))?;
-        match v.checked_mul(mult) {
-            Some(v) if v <= crate::text::MAX_TOKENS => Ok(v),
-            _ => bail!("'{t}' is longer than the {} tokens (4G) a length may be", crate::text::MAX_TOKENS),
-        }
-    }
+    use crate::text::parse_count as num;
     let mut out = Vec::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {
         match part.split_once("..") {
@@ -126,7 +114,7 @@ pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
                 let (b, step) =
                     rest.split_once(':').ok_or_else(|| anyhow!("range '{part}' needs a step: A..B:STEP or A..B:xF"))?;
                 let (a, b) = (num(a)?, num(b)?);
-                if a == 0 || b < a {
+                if b < a {
                     bail!("range '{part}' is empty");
                 }
                 let mut v = a;
@@ -141,9 +129,6 @@ pub fn parse_lengths(s: &str) -> Result<Vec<u64>> {
                     }
                 } else {
                     let st = num(step)?;
-                    if st == 0 {
-                        bail!("step in '{part}' must be positive");
-                    }
                     while v <= b {
                         out.push(v);
                         v += st;

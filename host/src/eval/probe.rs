@@ -336,6 +336,10 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
     drop((ret_csv, st_csv, cv_csv, in_csv));
     let tokens = pos;
     write_snapshots(out, &snapshots)?;
+    let missed: Vec<u64> = snaps.iter().copied().filter(|&p| !snapshots.iter().any(|(t, _)| *t == p)).collect();
+    if !missed.is_empty() {
+        eprintln!("probe: no snapshot at {missed:?}: past the stream's end ({tokens} tokens)");
+    }
     // Plots for the first, middle and last selected layer, read back from the CSVs (nothing per
     // report is kept in memory, so a probe's memory does not grow with the stream).
     let mut plot_layers = vec![layers[0], layers[layers.len() / 2], layers[layers.len() - 1]];
@@ -400,6 +404,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
         "options": o,
         "forget": o.forget.to_string(),
         "tokens": tokens,
+        "snapshots": snapshots.iter().map(|(t, _)| t).collect::<Vec<_>>(),
         "series": names,
         "notes": "t = tokens consumed (from 1); the retention sum includes the first token's own decay; \
                   per-channel decays report the mean and max over key channels; variance is unbiased",
