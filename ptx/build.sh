@@ -13,6 +13,15 @@ for cu in *.cu; do
   tmp=$(mktemp)
   # compute_80: JIT-compiled by the driver for the GPU it runs on (A100, H100, H200).
   nvcc -ptx -arch=compute_80 -O3 -o "$tmp" "$cu"
+  # What the driver's JIT will do on the GPU machines, done here: the PTX must assemble for Ampere and
+  # Hopper (a PTX the JIT rejects fails only at module load on the GPU). Spills are reported.
+  for sm in sm_80 sm_90; do
+    if ! info=$(ptxas -arch=$sm -v -o /dev/null "$tmp" 2>&1); then
+      echo "ptx/$ptx: ptxas -arch=$sm failed:" >&2; echo "$info" >&2; status=1
+    elif grep -q '[1-9][0-9]* bytes spill' <<< "$info"; then
+      echo "ptx/$ptx: warning: register spills on $sm:" >&2; grep -B2 '[1-9][0-9]* bytes spill' <<< "$info" >&2
+    fi
+  done
   if [ "${1:-}" = "--check" ]; then
     if ! cmp -s "$tmp" "$ptx"; then echo "ptx/$ptx is stale: run ptx/build.sh" >&2; status=1; fi
     rm -f "$tmp"
