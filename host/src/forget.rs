@@ -33,8 +33,8 @@ pub enum ForgetSpec {
 }
 
 impl ForgetSpec {
-    /// `none`, `rri:a=0.9999,b=0.75`, `dt:c=0.5`, `window:r=4096`, `state-norm:every=128,calib=8192`,
-    /// `reset:every=4096`.
+    /// `none`, `rri:a=0.9999,b=0.75`, `dt:c=0.5`, `window:r=4096`, `state-norm:every=128,calib=8k`,
+    /// `reset:every=4k` (token counts take k and m as every count flag does).
     pub fn parse(s: &str) -> Result<ForgetSpec> {
         let (name, args) = s.split_once(':').unwrap_or((s, ""));
         let mut kv = BTreeMap::new();
@@ -47,7 +47,6 @@ impl ForgetSpec {
                 .map(|v| v.parse::<f64>().map_err(|_| anyhow!("--forget {s}: {k}={v} is not a number")))
                 .transpose()
         };
-        let need = |k: &str| num(k)?.ok_or_else(|| anyhow!("--forget {s}: missing {k}="));
         let known: &[&str] = match name {
             "none" => &[],
             "rri" => &["a", "b"],
@@ -60,28 +59,18 @@ impl ForgetSpec {
         if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
             bail!("--forget {s}: unknown parameter '{k}'");
         }
-        let positive = |k: &str, v: f64| {
-            if v >= 1.0 {
-                Ok(v as u64)
-            } else {
-                Err(anyhow!("--forget {s}: {k} must be ≥ 1"))
-            }
+        // Token counts (r, every, calib) as every count flag takes them: 4096, 4k, 1m.
+        let count = |k: &str| -> Result<Option<u64>> {
+            kv.get(k).map(|v| crate::text::parse_count(v).map_err(|e| anyhow!("--forget {s}: {k}: {e}"))).transpose()
         };
+        let need_count = |k: &str| count(k)?.ok_or_else(|| anyhow!("--forget {s}: missing {k}="));
         Ok(match name {
             "none" => ForgetSpec::None,
             "rri" => ForgetSpec::Rri { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 },
             "dt" => ForgetSpec::Dt { c: num("c")?.unwrap_or(0.5) as f32 },
-            "window" => match positive("r", need("r")?)? {
-                r if r > crate::text::MAX_TOKENS => {
-                    bail!("window:r={r} is longer than any stream (at most 2^32)")
-                }
-                r => ForgetSpec::Window { r: r as usize },
-            },
-            "state-norm" => ForgetSpec::StateNorm {
-                every: positive("every", num("every")?.unwrap_or(128.0))?,
-                calib: num("calib")?.map(|v| positive("calib", v)).transpose()?,
-            },
-            _ => ForgetSpec::Reset { every: positive("every", need("every")?)? },
+            "window" => ForgetSpec::Window { r: need_count("r")? as usize },
+            "state-norm" => ForgetSpec::StateNorm { every: count("every")?.unwrap_or(128), calib: count("calib")? },
+            _ => ForgetSpec::Reset { every: need_count("every")? },
         })
     }
 

@@ -342,7 +342,7 @@ fn huge_sizes_are_errors_not_aborts() {
     m.set_forget(stuffed::forget::ForgetSpec::parse("window:r=64").unwrap()).unwrap();
     assert!(m.net().state_len() > state, "a refused window leaves the model usable");
     let err = format!("{:#}", stuffed::forget::ForgetSpec::parse("window:r=1e11").unwrap_err());
-    assert_mentions(&err, &["longer than any stream"]);
+    assert_mentions(&err, &["--forget window:r=1e11", "longer than the 4294967296 tokens"]);
     let t = tiny();
     for lengths in ["99999999999999", "99999999999999999m", "1k..99999999999999:x2"] {
         let err = format!("{:#}", cli(&["passkey", "--model", t.to_str().unwrap(), "--lengths", lengths]).unwrap_err());

@@ -117,7 +117,17 @@ fn reset_equals_a_fresh_start() {
 
 #[test]
 fn bad_specs_are_refused() {
-    for bad in ["rri:a=2", "window:r=0", "dt:c=-1", "nope", "rri:z=1", "reset", "window:r=x"] {
+    for bad in [
+        "rri:a=2",
+        "window:r=0",
+        "window:r=1.5",
+        "reset:every=2048.5",
+        "dt:c=-1",
+        "nope",
+        "rri:z=1",
+        "reset",
+        "window:r=x",
+    ] {
         let parsed = ForgetSpec::parse(bad);
         let err = match parsed {
             Err(e) => e.to_string(),
@@ -129,4 +139,6 @@ fn bad_specs_are_refused() {
         ForgetSpec::parse("state-norm:every=128,calib=8192").unwrap().to_string(),
         "state-norm:every=128,calib=8192"
     );
+    assert_eq!(ForgetSpec::parse("window:r=4k").unwrap().to_string(), "window:r=4096");
+    assert_eq!(ForgetSpec::parse("reset:every=1m").unwrap().to_string(), "reset:every=1048576");
 }
