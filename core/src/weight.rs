@@ -485,9 +485,12 @@ mod avx2 {
         unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
             _mm512_fmadd_ps(a, b, c)
         }
+        /// In a fixed, written-out order (high half onto low, then [`hsum`]), so a dot product's
+        /// rounding never hangs on how a reduction intrinsic is lowered.
         #[inline(always)]
         unsafe fn sum(self) -> f32 {
-            _mm512_reduce_add_ps(self)
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self)));
+            hsum(_mm256_add_ps(_mm512_castps512_ps256(self), hi))
         }
     }
 
