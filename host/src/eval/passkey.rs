@@ -407,17 +407,20 @@ pub fn run(
     let mut s = Scorer::new(&model, o.chunk, real, o.device, o.gpu)?;
     let n_per = depths(o).len();
     for (li, &length) in o.lengths.iter().enumerate() {
-        let mut todo: Vec<Prompt> = prompts(&tok, &tpl, o, length)?
-            .into_iter()
-            .filter(|p| shard.is_none_or(|(k, n)| (li * n_per + p.sample) % n == k - 1))
-            .filter(|p| !seen.contains(&(length, p.sample)))
-            .collect();
-        if todo.is_empty() {
-            continue;
-        }
+        // Every sample of the length in needle order, up to the last this run holds: the others'
+        // branch points cut the haystack too, so a shard or a resume feeds it in the same pieces
+        // as one whole run and gets its states, answers and key NLLs bit for bit.
+        let mine = |p: &Prompt| {
+            shard.is_none_or(|(k, n)| (li * n_per + p.sample) % n == k - 1) && !seen.contains(&(length, p.sample))
+        };
+        let mut todo = prompts(&tok, &tpl, o, length)?;
         todo.sort_by_key(|p| (p.needle_block, p.sample));
+        let Some(last_mine) = todo.iter().rposition(mine) else {
+            continue;
+        };
+        todo.truncate(last_mine + 1);
         // The haystack: the same blocks with no needle.
-        let last = todo.iter().map(|p| p.needle_block).max().unwrap_or(0);
+        let last = todo[last_mine].needle_block;
         let hay_text: String = [tpl.prefix].into_iter().chain(std::iter::repeat_n(tpl.noise, last + 1)).collect();
         let mut hay = tok.encode(&hay_text)?;
         if let Some(b) = bos {
@@ -478,16 +481,33 @@ pub fn run(
             }
             Ok(())
         };
-        for p in todo {
-            let (mut ids, offsets) = tok.encode_with_offsets(&p.text)?;
-            let mut needle_pos = offsets.iter().position(|&o| o >= p.needle_byte).unwrap_or(ids.len());
-            if let Some(b) = bos {
-                ids.insert(0, b);
-                needle_pos += 1;
+        let lcp_of = |ids: &[u32]| {
+            if o.reuse {
+                ids.iter().zip(&hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1)
+            } else {
+                0
             }
-            crate::cli::basic::check_ids(&ids, model.info.vocab_rows, "passkey prompt")?;
-            let lcp =
-                if o.reuse { ids.iter().zip(&hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1) } else { 0 };
+        };
+        for p in todo {
+            // This run's sample, tokenized whole; another run's gives only its cut (from its record
+            // when a resume has one).
+            let prompt = if mine(&p) {
+                let (mut ids, offsets) = tok.encode_with_offsets(&p.text)?;
+                let mut needle_pos = offsets.iter().position(|&o| o >= p.needle_byte).unwrap_or(ids.len());
+                if let Some(b) = bos {
+                    ids.insert(0, b);
+                    needle_pos += 1;
+                }
+                crate::cli::basic::check_ids(&ids, model.info.vocab_rows, "passkey prompt")?;
+                Some((ids, needle_pos))
+            } else {
+                None
+            };
+            let lcp = match (&prompt, done.iter().find(|r| (r.length, r.sample) == (length, p.sample))) {
+                (Some((ids, _)), _) => lcp_of(ids),
+                (None, Some(r)) => r.shared_prefix,
+                (None, None) => lcp_of(&[bos.as_slice(), &tok.encode(&p.text)?].concat()),
+            };
             let branch = if lcp >= pos {
                 facts.tokens_processed += (lcp - pos) as u64;
                 while pos < lcp {
@@ -499,6 +519,9 @@ pub fn run(
                 lcp
             } else {
                 0 // the haystack already passed this sample's branch point: run it alone
+            };
+            let Some((ids, needle_pos)) = prompt else {
+                continue;
             };
             let saved = s.snapshot()?;
             if branch == 0 {
