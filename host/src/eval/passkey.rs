@@ -503,10 +503,12 @@ pub fn run(
             } else {
                 None
             };
-            let lcp = match (&prompt, done.iter().find(|r| (r.length, r.sample) == (length, p.sample))) {
-                (Some((ids, _)), _) => lcp_of(ids),
-                (None, Some(r)) => r.shared_prefix,
-                (None, None) => lcp_of(&[bos.as_slice(), &tok.encode(&p.text)?].concat()),
+            let lcp = match &prompt {
+                Some((ids, _)) => lcp_of(ids),
+                None => match done.iter().find(|r| (r.length, r.sample) == (length, p.sample)) {
+                    Some(r) => r.shared_prefix,
+                    None => lcp_of(&[bos.as_slice(), &tok.encode(&p.text)?].concat()),
+                },
             };
             let branch = if lcp >= pos {
                 facts.tokens_processed += (lcp - pos) as u64;
