@@ -502,7 +502,7 @@ mod avx2 {
     }
 
     /// [`tile`] in 16 lanes: half the instructions per FMA (Zen 4 issues a 512-bit FMA as one op),
-    /// 0.73× the wall time of the 8-lane tile on the 130m shape (`logits`, 1,024 tokens, 2 threads).
+    /// 0.88× the wall time of the 8-lane tile on 130m `logits`, 0.74× on `bench --preset 370m` (paired).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
     #[inline]
     unsafe fn tile_z<const MT: usize, const NR: usize, E: Kernel>(args: TileArgs<E>) {
