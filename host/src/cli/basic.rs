@@ -10,7 +10,7 @@ use std::path::Path;
 pub fn info(path: &Path, json: bool) -> Result<()> {
     let m = Model::load(path)?;
     let i = &m.info;
-    let laws = crate::eval::ppl::laws_of(i);
+    let laws = crate::eval::laws::laws_of(i);
     if json {
         let mut v = serde_json::to_value(i)?;
         v["laws"] = serde_json::to_value(&laws)?;

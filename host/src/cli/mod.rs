@@ -192,6 +192,17 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Fit SPEC.md §3's laws (T_forget and T_recall against state size) to the `ppl` verdicts and
+    /// `passkey` grids of models of several state sizes.
+    Laws {
+        /// `ppl` output directories (results.json, made with --train-len) and `passkey` ones
+        /// (summary.json), or those files.
+        #[arg(required = true)]
+        results: Vec<PathBuf>,
+        /// Directory for laws.json, laws.csv, t_forget.svg and t_recall.svg.
+        #[arg(long, default_value = "laws-out")]
+        out: PathBuf,
+    },
     /// Streamed-NLL speed and memory on a synth preset (or a model), and decode ms/token.
     Bench(bench::BenchArgs),
     /// Check a device (--device cuda) against the CPU core on the same weights and tokens.
@@ -240,6 +251,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::eval::ppl::merge(&dirs, &out)
             }
         }
+        Cmd::Laws { results, out } => crate::eval::laws::run(&results, &out),
         Cmd::Synth { family, preset, dtype, seed, out } => crate::synth::write(&family, &preset, &dtype, seed, &out),
     }
 }

@@ -136,7 +136,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
                 v.verdict,
                 v.note
             );
-            if let Some(l) = ppl::laws_of(&r.model).filter(|l| l.in_range) {
+            if let Some(l) = crate::eval::laws::laws_of(&r.model).filter(|l| l.in_range) {
                 println!(
                     "  SPEC.md §3's fit predicts \"{}\" (T_forget = {:.1}K tokens at N_S {:.2}M)",
                     l.verdict(v.train_len),

@@ -676,7 +676,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "t_recall": t_recall,
         "t_recall_rule": "largest length with accuracy > 0.95 over its samples",
         // SPEC.md §3's Mamba-2 fits, to set the measured T_recall beside (null for other families).
-        "laws": crate::eval::ppl::laws_of(info),
+        "laws": crate::eval::laws::laws_of(info),
         "needle_within_last_r": last_r,
         "scoring": "greedy decoding of max_new tokens; correct iff the key string is a substring of the decoded continuation",
         "runs": runs,

@@ -135,74 +135,6 @@ impl Buckets {
     }
 }
 
-/// SPEC.md §3's fits for Mamba-2 at state size N_S (elements): the training length past which a
-/// model learns to forget, and the longest prompt whose passkey it still recalls (K = 1,024 tokens,
-/// the paper's training lengths being powers of two).
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Laws {
-    pub n_s_millions: f64,
-    /// T_forget = 5.172·N_S − 4.469 (K tokens, N_S in millions): a model forgets iff trained longer.
-    pub t_forget_k: f64,
-    /// T_recall = 4.756·(1.365^N_S − 1) − 0.742 (K tokens).
-    pub t_recall_k: f64,
-    /// False below N_S ≈ 0.86M, where T_forget ≤ 0: the fits say nothing about such tiny models.
-    pub in_range: bool,
-}
-
-/// The fits for a model: Mamba-2 only (the paper fitted them on it), `None` for the other families.
-pub fn laws_of(m: &crate::model::ModelInfo) -> Option<Laws> {
-    (m.family == "mamba2").then(|| laws(m.paper_state_size))
-}
-
-pub fn laws(n_s: usize) -> Laws {
-    let m = n_s as f64 / 1e6;
-    let t_forget_k = 5.172 * m - 4.469;
-    Laws {
-        n_s_millions: m,
-        t_forget_k,
-        t_recall_k: 4.756 * (1.365f64.powf(m) - 1.0) - 0.742,
-        in_range: t_forget_k > 0.0,
-    }
-}
-
-impl Laws {
-    /// The T_forget verdict the fit predicts for a model trained on `train_len` tokens.
-    pub fn verdict(&self, train_len: u64) -> &'static str {
-        if train_len as f64 > self.t_forget_k * 1024.0 {
-            "forgets"
-        } else {
-            "does not forget"
-        }
-    }
-}
-
-impl std::fmt::Display for Laws {
-    /// One line for `info` and `ppl`.
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        if !self.in_range {
-            return write!(
-                f,
-                "SPEC.md §3's Mamba-2 fits hold for N_S ≥ 0.86M, not {:.2}M: find this model's training \
-                 lengths by experiment",
-                self.n_s_millions
-            );
-        }
-        let k = |x: f64| match x {
-            x if x < 1e3 => format!("{x:.1}K"),
-            x if x < 1e6 => format!("{:.1}M", x / 1e3),
-            x => format!("{:.3e}K", x),
-        };
-        write!(
-            f,
-            "SPEC.md §3's Mamba-2 fits at N_S {:.2}M: learns to forget iff trained on > T_forget = {} \
-             tokens; passkey recall up to T_recall = {} tokens",
-            self.n_s_millions,
-            k(self.t_forget_k),
-            k(self.t_recall_k)
-        )
-    }
-}
-
 /// SPEC.md §2.1's T_forget criterion on buckets of width `w = min(512, max(16, T_train/8))`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Verdict {
@@ -764,7 +696,11 @@ pub fn plot(runs: &[RunResult], o: &Options) -> String {
             if o.forget.len() > 1 {
                 name = format!("{name} [{}]", r.forget);
             }
-            Series { name, points: rows.iter().map(|b| ((b.start + b.end) as f64 / 2.0, b.mean_nll)).collect() }
+            Series {
+                name,
+                points: rows.iter().map(|b| ((b.start + b.end) as f64 / 2.0, b.mean_nll)).collect(),
+                markers: false,
+            }
         })
         .collect();
     LinePlot {
@@ -843,23 +779,4 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs, None)?;
     println!("merged {n} shards into {}/results.json, loss.csv, loss.svg", out.display());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    /// The fits reproduce SPEC.md §3's read-off points: 130M (N_S 4.8M) T_forget 20.4K by the fit,
-    /// 370M (12.9M) T_recall ≈ 256K.
-    #[test]
-    fn laws_match_the_spec() {
-        let l = super::laws(4_800_000);
-        assert!((l.t_forget_k - 20.3566).abs() < 1e-9 && l.in_range, "{l:?}");
-        assert!((l.t_recall_k - 15.68).abs() < 0.01, "{l:?}");
-        assert!((super::laws(12_900_000).t_recall_k - 257.8).abs() < 0.1);
-        assert!(!super::laws(864_000).in_range && super::laws(864_100).in_range);
-        assert!(super::laws(4_800_000)
-            .to_string()
-            .contains("T_forget = 20.4K tokens; passkey recall up to T_recall = 15.7K"));
-        assert!(super::laws(70_144).to_string().contains("not 0.07M"));
-        assert_eq!((l.verdict(20 * 1024), l.verdict(21 * 1024)), ("does not forget", "forgets"));
-    }
 }

@@ -362,6 +362,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
                 .map(|&h| Series {
                     name: format!("head {h}"),
                     points: pts.remove(&(l, h)).map_or(vec![], Thinned::finish),
+                    markers: false,
                 })
                 .collect();
             let title = format!("Layer {l}: {y}");
@@ -389,7 +390,11 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
         };
         let series: Vec<Series> = snapshots[..2]
             .iter()
-            .map(|(t, st)| Series { name: format!("t = {}", fmt_tokens(*t)), points: hist(&st[r.clone()]) })
+            .map(|(t, st)| Series {
+                name: format!("t = {}", fmt_tokens(*t)),
+                points: hist(&st[r.clone()]),
+                markers: false,
+            })
             .collect();
         let title = format!("Layer {l}, head {h}: state values");
         let p = LinePlot { title: &title, x_label: "state value", y_label: "count", log_x: false, vlines: Vec::new() };

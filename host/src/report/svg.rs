@@ -5,6 +5,8 @@ use std::fmt::Write;
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Points as dots, not joined (measurements beside fitted curves).
+    pub markers: bool,
 }
 
 pub struct LinePlot<'a> {
@@ -173,21 +175,27 @@ impl LinePlot<'_> {
                 .filter(|p| p.0.is_finite() && p.1.is_finite() && (!self.log_x || p.0 > 0.0))
                 .map(|&(x, y)| format!("{:.1},{:.1}", fx(x), fy(y)))
                 .collect();
-            let _ = writeln!(
-                s,
-                r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
-                path.join(" ")
-            );
+            if se.markers {
+                for p in &path {
+                    let (x, y) = p.split_once(',').unwrap_or_default();
+                    let _ = writeln!(s, r#"<circle cx="{x}" cy="{y}" r="4" fill="{color}"/>"#);
+                }
+            } else {
+                let _ = writeln!(
+                    s,
+                    r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
+                    path.join(" ")
+                );
+            }
             let ly = T + 10.0 + 18.0 * i as f64;
-            let _ = writeln!(
-                s,
-                r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-                W - R + 10.0,
-                W - R + 30.0,
-                W - R + 35.0,
-                ly + 4.0,
-                esc(&se.name)
-            );
+            let (x0, x1) = (W - R + 10.0, W - R + 30.0);
+            if se.markers {
+                let _ = write!(s, r#"<circle cx="{}" cy="{ly}" r="4" fill="{color}"/>"#, (x0 + x1) / 2.0);
+            } else {
+                let _ =
+                    write!(s, r#"<line x1="{x0}" x2="{x1}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"/>"#);
+            }
+            let _ = writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, W - R + 35.0, ly + 4.0, esc(&se.name));
         }
         s.push_str("</svg>\n");
         s
@@ -320,7 +328,7 @@ mod tests {
         let (t, d) = ticks(0.0, 1.0, 5);
         assert_eq!((t.len(), d), (6, 1));
         assert!(t.iter().enumerate().all(|(i, v)| (v - 0.2 * i as f64).abs() < 1e-12), "{t:?}");
-        let one = Series { name: "one".into(), points: vec![(10_000.0, 2.5)] };
+        let one = Series { name: "one".into(), points: vec![(10_000.0, 2.5)], markers: false };
         let p = LinePlot { title: "t", x_label: "x", y_label: "y", log_x: false, vlines: Vec::new() };
         assert!(p.render(&[one]).contains("</svg>"));
     }

@@ -1,0 +1,103 @@
+//! `stuffed laws` over real `ppl` and `passkey` outputs of the shipped models: the T_forget bracket of
+//! the shipped pair, the passkey model's T_recall as its summary says, a line fitted through state
+//! sizes, and one error line for each output it cannot use.
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use stuffed_tests::cli;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn read(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn write(dir: &Path, name: &str, v: &Value) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, serde_json::to_string(v).unwrap()).unwrap();
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn laws_bracket_fit_and_refuse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ppl, pk, out) = (tmp.path().join("ppl"), tmp.path().join("pk"), tmp.path().join("laws"));
+    let models = root().join("models");
+    let text = root().join("host/assets/corpus/austen_persuasion.txt");
+    let (t64, t2048) = (models.join("mamba2-tiny-l4-t64-a3-4m"), models.join("mamba2-tiny-l4-t2048-a3-4m"));
+    let args = ["ppl", "--model", s(&t64), "--model", s(&t2048), "--text", s(&text), "--max-tokens", "6k"];
+    cli(&[&args[..], &["--out", s(&ppl)]].concat()).unwrap();
+    let pk_model = models.join("mamba2-tiny-passkey");
+    let args = ["passkey", "--model", s(&pk_model), "--lengths", "128,256,2k", "--samples", "4", "--max-new", "8"];
+    cli(&[&args[..], &["--out", s(&pk)]].concat()).unwrap();
+
+    // The shipped pair brackets T_forget at N_S 70,144; the passkey model's T_recall is its summary's.
+    cli(&["laws", s(&ppl), s(&pk), "--out", s(&out)]).unwrap();
+    let laws = read(&out.join("laws.json"));
+    let fam = &laws["families"][0];
+    assert_eq!((fam["family"].as_str(), laws["families"].as_array().unwrap().len()), (Some("mamba2"), 1));
+    let pts = fam["points"].as_array().unwrap();
+    let at = |n: u64| pts.iter().find(|p| p["n_s"] == n).unwrap_or_else(|| panic!("no point at {n}: {fam}"));
+    let pair = at(70_144);
+    assert_eq!((pair["forget_lo"].as_u64(), pair["forget_hi"].as_u64()), (Some(64), Some(2048)), "{pair}");
+    assert_eq!(pair["t_forget_k"].as_f64(), Some(2.0));
+    let summary = read(&pk.join("summary.json"));
+    let want = summary["t_recall"].as_u64().filter(|&t| t < 2048).map(|t| t as f64 / 1024.0);
+    assert!(want.is_some(), "the passkey model recalls at 128 and fails at 2k: {}", summary["accuracy_per_length"]);
+    assert_eq!(at(35_072)["t_recall_k"].as_f64(), want, "{}", at(35_072));
+    assert!(fam["t_forget_fit"].is_null() && fam["t_recall_fit"].is_null(), "one point per law: no fit");
+    for f in ["laws.csv", "t_forget.svg", "t_recall.svg"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+
+    // Two more state sizes (the same run's facts, relabelled) on one line: T_forget = 2K, 4K, 6K at
+    // N_S = n, 2n, 3n fits T = (2/n)·N_S exactly.
+    let res = read(&ppl.join("results.json"));
+    let relabel = |k: u64, lens: [u64; 2]| {
+        let mut r = res.clone();
+        for (run, len) in r["runs"].as_array_mut().unwrap().iter_mut().zip(lens) {
+            run["model"]["paper_state_size"] = (70_144 * k).into();
+            run["t_forget"]["train_len"] = len.into();
+        }
+        write(&tmp.path().join(format!("x{k}")), "results.json", &r)
+    };
+    let (x2, x3) = (relabel(2, [2048, 4096]), relabel(3, [4096, 6144]));
+    cli(&["laws", s(&ppl), s(&x2), s(&x3), "--out", s(&out)]).unwrap();
+    let fit = read(&out.join("laws.json"))["families"][0]["t_forget_fit"].clone();
+    let (a, b) = (fit["coef"][0].as_f64().unwrap(), fit["coef"][1].as_f64().unwrap());
+    assert!((a - 2.0 / 0.070144).abs() < 1e-6 && b.abs() < 1e-9 && fit["points"] == 3, "{fit}");
+    assert!((fit["r2"].as_f64().unwrap() - 1.0).abs() < 1e-12, "{fit}");
+
+    // Each output it cannot use is one error naming the file.
+    let err = |paths: &[&Path]| {
+        let mut a = vec!["laws"];
+        a.extend(paths.iter().map(|p| s(p)));
+        a.extend(["--out", s(&out)]);
+        format!("{:#}", cli(&a).unwrap_err())
+    };
+    let mut shard = res.clone();
+    shard["options"]["shard"] = serde_json::json!([1, 2]);
+    let shard = write(&tmp.path().join("shard"), "results.json", &shard);
+    assert!(err(&[&shard]).contains("one shard of a sharded run; `stuffed merge`"), "{}", err(&[&shard]));
+    let mut partial = summary.clone();
+    partial["samples"] = 11.into();
+    let partial = write(&tmp.path().join("partial"), "summary.json", &partial);
+    let e = err(&[&partial]);
+    assert!(e.contains("partial/summary.json: holds 11 of the grid's 12 samples"), "{e}");
+    let other = write(tmp.path(), "other.json", &serde_json::json!({"command": "bench"}));
+    assert!(err(&[&other]).contains("other.json: neither a ppl results.json nor a passkey summary.json"));
+    assert!(err(&[&tmp.path().join("nowhere")]).contains("nowhere: no such file or directory"));
+    assert!(err(&[tmp.path()]).contains(": no results.json (ppl) or summary.json (passkey) in this directory"));
+    assert!(err(&[&text]).contains("austen_persuasion.txt: not JSON"), "{}", err(&[&text]));
+    // A forgetting method measures the method, not the model: left out, so nothing is left here.
+    let mut forget = summary.clone();
+    forget["forget"] = "rri:a=0.9,b=0.5".into();
+    let forget = write(&tmp.path().join("forget"), "summary.json", &forget);
+    assert!(err(&[&forget]).contains("no T_forget verdict and no passkey grid"), "{}", err(&[&forget]));
+}
