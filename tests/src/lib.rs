@@ -57,6 +57,63 @@ pub fn run(m: &Model, pool: Pool, ids: &[u32], chunk: usize, splits: &[usize]) -
     (logits, s.state)
 }
 
+/// A golden case's `ref.safetensors` (tools/golden_*.py): the ids, the logits of the whole sequence
+/// (`logits`), token by token (`logits_stepwise`) and split after 40 tokens (`logits_split`), and
+/// the family's own final-state tensors.
+pub struct Golden {
+    ck: stuffed::checkpoint::Checkpoint,
+    pub ids: Vec<u32>,
+}
+
+impl Golden {
+    pub fn load(case: &str) -> Golden {
+        let ck = stuffed::checkpoint::Checkpoint::open(&data(case).join("ref.safetensors")).unwrap();
+        let ids = ck.require("input_ids").unwrap().to_i64_vec().unwrap().iter().map(|&v| v as u32).collect();
+        Golden { ck, ids }
+    }
+
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        self.ck.require(name).unwrap().as_f32().unwrap().to_vec()
+    }
+
+    pub fn shape(&self, name: &str) -> Vec<usize> {
+        self.ck.require(name).unwrap().shape.to_vec()
+    }
+}
+
+/// The one golden test body of every family, on `pool`: the forward as one call, in chunks of 16,
+/// token by token, split after 40 tokens, and split 1 + 13 + rest in chunks of 7, each against the
+/// reference; `state` checks the final state of the one-call and the token-by-token runs.
+pub fn check_forms(case: &str, m: &Model, g: &Golden, pool: fn() -> Pool, state: impl Fn(&[f32])) {
+    let (ids, logits) = (&g.ids, g.f32("logits"));
+    let (full, st) = run(m, pool(), ids, 256, &[]);
+    assert_close(&format!("{case} chunked vs reference"), &full, &logits);
+    state(&st);
+    let (small, _) = run(m, pool(), ids, 16, &[]);
+    assert_close(&format!("{case} chunk 16 vs reference"), &small, &logits);
+    let (step, st) = run(m, pool(), ids, 1, &[]);
+    assert_close(&format!("{case} token-by-token vs reference stepwise"), &step, &g.f32("logits_stepwise"));
+    assert_close(&format!("{case} token-by-token vs ours chunked"), &step, &full);
+    state(&st);
+    let (split, _) = run(m, pool(), ids, 256, &[40]);
+    assert_close(&format!("{case} split 40+{} vs reference", ids.len() - 40), &split, &g.f32("logits_split"));
+    let (odd, _) = run(m, pool(), ids, 7, &[1, 13]);
+    assert_close(&format!("{case} splits 1+13+{}, chunk 7", ids.len() - 14), &odd, &logits);
+}
+
+/// Chunked equals token by token (logits and final state) over 300 tokens, longer than the golden
+/// sequences, for each of `chunks` (one call, several blocks, partial ones).
+pub fn chunked_equals_step(case: &str, chunks: &[usize]) {
+    let m = Model::load(&data(case)).unwrap();
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 256).collect();
+    let (step, step_state) = run(&m, Pool::new(), &ids, 1, &[]);
+    for &chunk in chunks {
+        let (chunked, state) = run(&m, Pool::new(), &ids, chunk, &[]);
+        assert_close(&format!("{case} T=300 chunk {chunk} vs step"), &chunked, &step);
+        assert_close(&format!("{case} T=300 chunk {chunk} state vs step"), &state, &step_state);
+    }
+}
+
 /// Logits of every position from the zero state, `chunk` tokens per call.
 pub fn logits(m: &Model, ids: &[u32], chunk: usize) -> Vec<f32> {
     run(m, Pool::new(), ids, chunk, &[]).0

@@ -1,38 +1,22 @@
 //! Mamba-2 against the official implementations (HF transformers, mamba_ssm) on tiny random
 //! checkpoints: `tests/data/*/ref.safetensors`, written by `tools/golden_mamba2*.py`.
 //! Bounds: FORMATS.md §8 (logits and final state rel ≤ 1e-4).
-use stuffed::checkpoint::Checkpoint;
 use stuffed::exec::Pool;
 use stuffed::model::Model;
-use stuffed_tests::{assert_close, data, run};
+use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
 
 const CASES: &[&str] = &["mamba2_hf_g1_untied", "mamba2_hf_g2_tied", "mamba2_hf_bf16", "mamba2_official"];
 
+/// The final-state references: ssm (L, H, P, N); conv (L, cd, k), the last k conv inputs in the
+/// HF/mamba_ssm layout.
 struct Ref {
-    ids: Vec<u32>,
-    logits: Vec<f32>,
-    stepwise: Vec<f32>,
-    split: Vec<f32>,
-    /// (L, H, P, N)
     ssm: Vec<f32>,
-    /// (L, cd, k): the last k conv inputs, HF/mamba_ssm layout
     conv: Vec<f32>,
     conv_k: usize,
 }
 
-fn load_ref(case: &str) -> Ref {
-    let ck = Checkpoint::open(&data(case).join("ref.safetensors")).unwrap();
-    let f = |n: &str| ck.require(n).unwrap().as_f32().unwrap().to_vec();
-    let conv = ck.require("conv_state").unwrap();
-    Ref {
-        ids: ck.require("input_ids").unwrap().to_i64_vec().unwrap().iter().map(|&v| v as u32).collect(),
-        logits: f("logits"),
-        stepwise: f("logits_stepwise"),
-        split: f("logits_split"),
-        ssm: f("ssm_state"),
-        conv_k: conv.shape[2],
-        conv: f("conv_state"),
-    }
+fn load_ref(g: &Golden) -> Ref {
+    Ref { ssm: g.f32("ssm_state"), conv: g.f32("conv_state"), conv_k: g.shape("conv_state")[2] }
 }
 
 /// Our state (per layer: conv (k−1, cd), ssm (H, P, N)) against the reference tensors.
@@ -58,24 +42,10 @@ fn check_state(case: &str, m: &Model, state: &[f32], r: &Ref) {
 
 fn check_case(case: &str, pool: fn() -> Pool) {
     let m = Model::load(&data(case)).unwrap();
-    let r = load_ref(case);
-    let t = r.ids.len();
-    assert!(!t.is_multiple_of(16), "T must not be a multiple of the chunk size");
-    // Chunked: one call; many chunks with a partial last one; token by token.
-    let (full, state) = run(&m, pool(), &r.ids, 256, &[]);
-    assert_close(&format!("{case} chunked vs reference"), &full, &r.logits);
-    check_state(case, &m, &state, &r);
-    let (small, _) = run(&m, pool(), &r.ids, 16, &[]);
-    assert_close(&format!("{case} chunk 16 vs reference"), &small, &r.logits);
-    let (step, state) = run(&m, pool(), &r.ids, 1, &[]);
-    assert_close(&format!("{case} token-by-token vs reference stepwise"), &step, &r.stepwise);
-    assert_close(&format!("{case} token-by-token vs ours chunked"), &step, &full);
-    check_state(case, &m, &state, &r);
-    // Split with carried state: 40 tokens, then the rest.
-    let (split, _) = run(&m, pool(), &r.ids, 256, &[40]);
-    assert_close(&format!("{case} split 40+21 vs reference"), &split, &r.split);
-    let (odd, _) = run(&m, pool(), &r.ids, 7, &[1, 13]);
-    assert_close(&format!("{case} splits 1+13+47, chunk 7"), &odd, &r.logits);
+    let g = Golden::load(case);
+    assert!(!g.ids.len().is_multiple_of(16), "T must not be a multiple of the chunk size");
+    let r = load_ref(&g);
+    check_forms(case, &m, &g, pool, |state| check_state(case, &m, state, &r));
 }
 
 #[test]
@@ -128,13 +98,6 @@ fn official_config_vocab_is_read() {
 #[test]
 fn long_sequence_chunked_equals_step() {
     for case in ["mamba2_hf_g2_tied", "mamba2_hf_bf16"] {
-        let m = Model::load(&data(case)).unwrap();
-        let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 256).collect();
-        let (step, step_state) = run(&m, Pool::new(), &ids, 1, &[]);
-        for chunk in [300, 256, 100, 64, 33] {
-            let (chunked, state) = run(&m, Pool::new(), &ids, chunk, &[]);
-            assert_close(&format!("{case} T=300 chunk {chunk} vs step"), &chunked, &step);
-            assert_close(&format!("{case} T=300 chunk {chunk} state vs step"), &state, &step_state);
-        }
+        chunked_equals_step(case, &[300, 256, 100, 64, 33]);
     }
 }

@@ -3,10 +3,9 @@
 //! Bounds: FORMATS.md §8 (logits and final state rel ≤ 1e-4). The bf16 case is compared with the
 //! package on the same bf16 file (it folds LN0 into the embedding in bf16, as we do); the `_hf`
 //! cases are the same weights under the HF-format key names, against the f32 references.
-use stuffed::checkpoint::Checkpoint;
 use stuffed::exec::Pool;
 use stuffed::model::Model;
-use stuffed_tests::{assert_close, data, run};
+use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
 
 /// (model dir, reference dir)
 const CASES: &[(&str, &str)] = &[
@@ -17,28 +16,15 @@ const CASES: &[(&str, &str)] = &[
     ("rwkv5_tiny_hf", "rwkv5_tiny"),
 ];
 
+/// The final-state references: att_shift (L, C), wkv_state (L, H, N, N), ffn_shift (L, C).
 struct Ref {
-    ids: Vec<u32>,
-    logits: Vec<f32>,
-    stepwise: Vec<f32>,
-    split: Vec<f32>,
     att: Vec<f32>,
     wkv: Vec<f32>,
     ffn: Vec<f32>,
 }
 
-fn load_ref(case: &str) -> Ref {
-    let ck = Checkpoint::open(&data(case).join("ref.safetensors")).unwrap();
-    let f = |n: &str| ck.require(n).unwrap().as_f32().unwrap().to_vec();
-    Ref {
-        ids: ck.require("input_ids").unwrap().to_i64_vec().unwrap().iter().map(|&v| v as u32).collect(),
-        logits: f("logits"),
-        stepwise: f("logits_stepwise"),
-        split: f("logits_split"),
-        att: f("att_shift"),
-        wkv: f("wkv_state"),
-        ffn: f("ffn_shift"),
-    }
+fn load_ref(g: &Golden) -> Ref {
+    Ref { att: g.f32("att_shift"), wkv: g.f32("wkv_state"), ffn: g.f32("ffn_shift") }
 }
 
 /// Our state (per layer: att_shift (C), S (H, N, N), ffn_shift (C)) against the reference.
@@ -60,20 +46,9 @@ fn check_state(case: &str, m: &Model, state: &[f32], r: &Ref) {
 
 fn check_case((case, refcase): (&str, &str), pool: fn() -> Pool) {
     let m = Model::load(&data(case)).unwrap();
-    let r = load_ref(refcase);
-    let (full, state) = run(&m, pool(), &r.ids, 256, &[]);
-    assert_close(&format!("{case} chunked vs reference"), &full, &r.logits);
-    check_state(case, &m, &state, &r);
-    let (small, _) = run(&m, pool(), &r.ids, 16, &[]);
-    assert_close(&format!("{case} chunk 16 vs reference"), &small, &r.logits);
-    let (step, state) = run(&m, pool(), &r.ids, 1, &[]);
-    assert_close(&format!("{case} token-by-token vs reference stepwise"), &step, &r.stepwise);
-    assert_close(&format!("{case} token-by-token vs ours chunked"), &step, &full);
-    check_state(case, &m, &state, &r);
-    let (split, _) = run(&m, pool(), &r.ids, 256, &[40]);
-    assert_close(&format!("{case} split 40+21 vs reference"), &split, &r.split);
-    let (odd, _) = run(&m, pool(), &r.ids, 7, &[1, 13]);
-    assert_close(&format!("{case} splits 1+13+47, chunk 7"), &odd, &r.logits);
+    let g = Golden::load(refcase);
+    let r = load_ref(&g);
+    check_forms(case, &m, &g, pool, |state| check_state(case, &m, state, &r));
 }
 
 #[test]
@@ -121,13 +96,6 @@ fn detection_and_info() {
 #[test]
 fn long_sequence_chunked_equals_step() {
     for case in ["rwkv6_tiny", "rwkv5_tiny"] {
-        let m = Model::load(&data(case)).unwrap();
-        let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 256).collect();
-        let (step, step_state) = run(&m, Pool::new(), &ids, 1, &[]);
-        for chunk in [300, 100, 64, 33] {
-            let (chunked, state) = run(&m, Pool::new(), &ids, chunk, &[]);
-            assert_close(&format!("{case} T=300 chunk {chunk} vs step"), &chunked, &step);
-            assert_close(&format!("{case} T=300 chunk {chunk} state vs step"), &state, &step_state);
-        }
+        chunked_equals_step(case, &[300, 100, 64, 33]);
     }
 }
