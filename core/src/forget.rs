@@ -29,6 +29,42 @@ impl Forget {
     }
 }
 
+/// The part of the state `window:r=N` adds after the model's own: every layer's cache
+/// (`layer_len` each), then the window's position (tokens seen mod r) and whether r tokens have been
+/// seen, both as f32.
+pub struct WindowTail<'a> {
+    layers: &'a mut [f32],
+    meta: &'a mut [f32],
+    layer_len: usize,
+    /// (r, tokens seen mod r, r tokens seen) at the start of this call.
+    pub at: (usize, usize, bool),
+}
+
+impl<'a> WindowTail<'a> {
+    /// The tail of a state whose model part was split off; `None` without a window.
+    pub fn split(r: Option<usize>, extra: &'a mut [f32], layer_len: usize) -> Option<Self> {
+        let r = r?;
+        let (layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
+        let pos0 = meta.first().map_or(0, |&v| v as usize);
+        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
+        Some(WindowTail { layers, meta, layer_len, at: (r, pos0, filled) })
+    }
+
+    /// Layer `l`'s cache.
+    pub fn layer(&mut self, l: usize) -> &mut [f32] {
+        &mut self.layers[l * self.layer_len..(l + 1) * self.layer_len]
+    }
+
+    /// Records that the call fed `t` more tokens.
+    pub fn advance(&mut self, t: usize) {
+        let (r, pos0, filled) = self.at;
+        if let [pm, fl] = self.meta {
+            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
+            *pm = ((pos0 + t) % r) as f32;
+        }
+    }
+}
+
 /// Where one head's values sit in the state: `rows` runs of `len` values, `stride` apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Runs {

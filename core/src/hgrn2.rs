@@ -15,7 +15,7 @@
 //! filled).
 use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
-use crate::forget::{Forget, Runs};
+use crate::forget::{Forget, Runs, WindowTail};
 use crate::gla::{self, Mode};
 use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
@@ -313,19 +313,15 @@ impl Recurrent for Hgrn2<'_> {
             _ => None,
         };
         let (base, extra) = state.split_at_mut(c.state_size());
-        // Window caches: per layer, then (position mod r, filled) for the whole model.
-        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
-        let pos0 = meta.first().map_or(0, |&v| v as usize);
-        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
         let wl = win.map_or(0, |r| gla::window_len(c.n_heads(), c.expand, c.head_v(), r));
+        let mut tail = WindowTail::split(win, extra, wl);
         for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * pw..(l + 1) * pw]);
-            let ws = win.map(|r| ((r, pos0, filled), &mut win_layers[l * wl..(l + 1) * wl]));
+            let ws = tail.as_mut().map(|w| (w.at, w.layer(l)));
             self.layer(ex, l, lw, t, x, st, scratch, scan, pr, ws)?;
         }
-        if let (Some(r), [pm, fl]) = (win, meta) {
-            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
-            *pm = ((pos0 + t) % r) as f32;
+        if let Some(w) = &mut tail {
+            w.advance(t);
         }
         for row in x.chunks_exact_mut(d) {
             rmsnorm_inplace(row, &self.w.norm, 0, c.eps);

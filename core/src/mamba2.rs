@@ -14,7 +14,7 @@
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
 use crate::error::{need, Error};
 use crate::exec::{Exec, Shared, Simd};
-use crate::forget::{Forget, Runs};
+use crate::forget::{Forget, Runs, WindowTail};
 use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
 use crate::weight::{gemm_nt, gemm_raw, matmul, Weight};
@@ -700,21 +700,16 @@ impl Recurrent for Mamba2<'_> {
             self.w.embed.row(tok as usize, row);
         }
         let (base, extra) = state.split_at_mut(c.paper_state_size());
-        // Window caches: per layer, then (position mod r, filled) for the whole model.
-        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
-        let pos0 = meta.first().map_or(0, |&v| v as usize);
-        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
-        let wl = win.map_or(0, |r| self.window_layer_len(r));
+        let mut tail = WindowTail::split(win, extra, win.map_or(0, |r| self.window_layer_len(r)));
         let ls = c.layer_state_len();
         let psz = PROBE.len() * c.n_heads;
         for (l, (layer, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * psz..(l + 1) * psz]);
-            let ws = win.map(|r| (r, &mut win_layers[l * wl..(l + 1) * wl]));
-            self.layer(ex, layer, t, x, st, &mut s, scan, pr, ws.map(|(r, w)| (r, pos0, filled, w)))?;
+            let ws = tail.as_mut().map(|w| (w.at, w.layer(l)));
+            self.layer(ex, layer, t, x, st, &mut s, scan, pr, ws.map(|((r, p, f), w)| (r, p, f, w)))?;
         }
-        if let (Some(r), [pm, fl]) = (win, meta) {
-            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
-            *pm = ((pos0 + t) % r) as f32;
+        if let Some(w) = &mut tail {
+            w.advance(t);
         }
         for row in x.chunks_exact_mut(d) {
             rmsnorm_inplace(row, &self.w.norm_f, 0, c.eps);

@@ -19,7 +19,7 @@
 //! and then two values (position mod r, filled).
 use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
-use crate::forget::{Forget, Runs};
+use crate::forget::{Forget, Runs, WindowTail};
 use crate::gla::{self, Mode};
 use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{exp, silu};
@@ -551,19 +551,15 @@ impl Recurrent for Rwkv<'_> {
         }
         let ls = c.layer_state_len();
         let (base, extra) = state.split_at_mut(c.state_size());
-        // Window caches: per layer, then (position mod r, filled) for the whole model.
-        let (win_layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
-        let pos0 = meta.first().map_or(0, |&v| v as usize);
-        let filled = meta.get(1).is_some_and(|&v| v > 0.0);
         let wl = win.map_or(0, |r| gla::window_len(c.n_heads, c.head_size, c.head_size, r));
+        let mut tail = WindowTail::split(win, extra, wl);
         for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * d..(l + 1) * d]);
-            let ws = win.map(|r| ((r, pos0, filled), &mut win_layers[l * wl..(l + 1) * wl]));
+            let ws = tail.as_mut().map(|w| (w.at, w.layer(l)));
             self.layer(ex, lw, t, x, st, &mut s, scan, pr, ws)?;
         }
-        if let (Some(r), [pm, fl]) = (win, meta) {
-            *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
-            *pm = ((pos0 + t) % r) as f32;
+        if let Some(w) = &mut tail {
+            w.advance(t);
         }
         for row in x.chunks_exact_mut(d) {
             s.tmp[..d].copy_from_slice(row);
