@@ -100,6 +100,50 @@ fn last_cut(text: &str) -> Option<usize> {
     None
 }
 
+/// Where `text`, which may go on, can be cut without changing its tokens: RWKV World's settled
+/// greedy match, else [`last_cut`].
+fn safe_cut(tok: &Tokenizer, text: &str) -> Option<usize> {
+    tok.world_cut(text).or_else(|| last_cut(text)).filter(|&c| c > 0)
+}
+
+/// Ids of a long in-memory `text` (a passkey prompt), tokenized in pieces of about 64 KiB cut where
+/// [`safe_cut`] allows, so they equal tokenizing it at once without the tokenizer's working memory
+/// for the whole text (hundreds of bytes per token); also the index of the first token that starts
+/// at or after byte `mark` (the text's token count when none does).
+pub fn encode_long(tok: &Tokenizer, text: &str, mark: usize) -> Result<(Vec<u32>, usize)> {
+    encode_long_in(tok, text, mark, BLOCK)
+}
+
+/// [`encode_long`] with pieces of about `block` bytes (small blocks make many cuts: for tests).
+pub fn encode_long_in(tok: &Tokenizer, text: &str, mark: usize, block: usize) -> Result<(Vec<u32>, usize)> {
+    let (mut ids, mut at) = (Vec::new(), None);
+    let mut start = 0;
+    while start < text.len() {
+        // Widen the window until it holds a cut (or reaches the end).
+        let mut end = start;
+        let len = loop {
+            end = text.floor_char_boundary((end + block.max(4)).min(text.len()));
+            if end == text.len() {
+                break end - start;
+            }
+            if let Some(c) = safe_cut(tok, &text[start..end]) {
+                break c;
+            }
+        };
+        let piece = &text[start..start + len];
+        if at.is_none() && mark < start + len {
+            let (p_ids, offsets) = tok.encode_with_offsets(piece)?;
+            at = offsets.iter().position(|&o| start + o >= mark).map(|i| ids.len() + i);
+            ids.extend(p_ids);
+        } else {
+            ids.extend(tok.encode(piece)?);
+        }
+        start += len;
+    }
+    let at = at.unwrap_or(ids.len());
+    Ok((ids, at))
+}
+
 /// Token ids of one input, produced in pieces.
 pub struct TokenStream<'t> {
     tok: &'t Tokenizer,
@@ -158,13 +202,7 @@ impl<'t> TokenStream<'t> {
                 Err(e) => bail!("{}: not UTF-8 text (invalid byte near offset {})", path.display(), e.valid_up_to()),
             };
             let text = std::str::from_utf8(&self.carry[..valid]).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let cut = if eof {
-                Some(text.len())
-            } else if let Some(c) = self.tok.world_cut(text) {
-                Some(c) // RWKV World: greedy longest match, cut where the match is settled
-            } else {
-                last_cut(text)
-            };
+            let cut = if eof { Some(text.len()) } else { safe_cut(self.tok, text) };
             if let Some(cut) = cut.filter(|&c| c > 0) {
                 let ids = self.tok.encode(&text[..cut])?;
                 self.carry.drain(..cut);

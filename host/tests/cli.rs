@@ -156,6 +156,29 @@ fn ppl_peak_memory_is_constant() {
     assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
 }
 
+/// A passkey grid's peak memory grows only by the prompt's ids and text (tens of bytes a token), not
+/// by the tokenizer's working memory for a whole prompt (hundreds): 16k and 256k in child processes.
+#[test]
+fn passkey_peak_memory_grows_only_by_the_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = data("mamba2_neox_tiny");
+    let mut peaks = Vec::new();
+    for n in ["16k", "256k"] {
+        let out = dir.path().join(n);
+        let m = model.to_str().unwrap();
+        let (code, _, err) =
+            stuffed(&["passkey", "--model", m, "--lengths", n, "--samples", "2", "--out", out.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        peaks.push(s["runs"][0]["peak_rss_bytes"].as_u64().unwrap());
+    }
+    let per_token = (peaks[1] as f64 - peaks[0] as f64) / (240 * 1024) as f64;
+    println!("peak RSS: 16k {} KiB, 256k {} KiB: {per_token:.1} B per token", peaks[0] / 1024, peaks[1] / 1024);
+    assert!(peaks[0] > 0);
+    assert!(per_token <= 32.0, "peak memory grew {per_token:.1} bytes per prompt token");
+}
+
 /// Runs `args(out)` to the end with `--out dir/full` (once); runs it again with `--out dir/part`, stops it
 /// and resumes it with `--resume`. `sigterm`: SIGTERM 100 ms in, timed checkpoints off (the run must
 /// write one at its next boundary and exit 1 saying so); else SIGKILL (no chance to clean up) 50 ms

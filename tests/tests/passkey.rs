@@ -49,6 +49,32 @@ fn prompt_lengths_match_spec() {
     }
 }
 
+/// A prompt tokenized in pieces (as passkey does, to keep the tokenizer's memory small) has the
+/// ids and needle position of the whole text tokenized at once: every template, both tokenizers,
+/// pieces from a few bytes (cuts everywhere) to whole.
+#[test]
+fn prompts_in_pieces_equal_whole() {
+    for tok in [Tokenizer::for_model(None, None).unwrap(), Tokenizer::world().unwrap()] {
+        for name in [TemplateName::Code, TemplateName::Paper, TemplateName::Llamacpp] {
+            let tpl = template(name);
+            let nb = num_blocks(&tok, &tpl, 4096).unwrap();
+            for (block, key) in [(0, "34847"), (nb / 2, "71432"), (nb - 1, "00012")] {
+                let (text, needle_byte) = prompt_text(&tpl, nb, block, key);
+                let (ids, offsets) = tok.encode_with_offsets(&text).unwrap();
+                let needle = offsets.iter().position(|&o| o >= needle_byte).unwrap();
+                for piece in [5, 64, 700, 1 << 16] {
+                    let got = stuffed::text::encode_long_in(&tok, &text, needle_byte, piece).unwrap();
+                    assert!(
+                        got == (ids.clone(), needle),
+                        "{name:?}, {}, needle block {block}, pieces of {piece}",
+                        tok.source
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn lengths_keys_and_scoring() {
     assert_eq!(parse_lengths("1k,2k,8k").unwrap(), [1024, 2048, 8192]);

@@ -170,9 +170,19 @@ struct Prompt {
     needle_block: usize,
     num_blocks: usize,
     key: String,
-    text: String,
-    /// Byte offset of the needle in `text`.
-    needle_byte: usize,
+}
+
+impl Prompt {
+    /// The prompt's ids (tokenized as one text, in pieces) and the needle's first token, with
+    /// `<|endoftext|>` first when `bos` is given. Built when needed, one prompt at a time.
+    fn ids(&self, tok: &Tokenizer, tpl: &Template, bos: Option<u32>) -> Result<(Vec<u32>, usize)> {
+        let (text, needle_byte) = prompt_text(tpl, self.num_blocks, self.needle_block, &self.key);
+        let (ids, needle_pos) = crate::text::encode_long(tok, &text, needle_byte)?;
+        Ok(match bos {
+            Some(b) => ([&[b][..], &ids].concat(), needle_pos + 1),
+            None => (ids, needle_pos),
+        })
+    }
 }
 
 /// `⌊(T − |prefix| − |suffix|) / |noise|⌋`, each part tokenized alone (the paper's code).
@@ -224,8 +234,7 @@ fn prompts(tok: &Tokenizer, tpl: &Template, o: &Options, length: u64) -> Result<
         .map(|(i, d)| {
             let block = needle_block(d, nb);
             let k = key(o.seed, length, i);
-            let (text, needle_byte) = prompt_text(tpl, nb, block, &k);
-            Prompt { sample: i, depth: d, needle_block: block, num_blocks: nb, key: k, text, needle_byte }
+            Prompt { sample: i, depth: d, needle_block: block, num_blocks: nb, key: k }
         })
         .collect())
 }
@@ -270,6 +279,9 @@ pub struct RunFacts {
     /// What running every sample alone would have taken.
     pub tokens_without_reuse: u64,
     pub seconds: f64,
+    /// The process's peak resident memory (VmHWM); 0 in summaries written before it was recorded.
+    #[serde(default)]
+    pub peak_rss_bytes: u64,
 }
 
 const CKPT: &str = "passkey.checkpoint.safetensors";
@@ -422,10 +434,8 @@ pub fn run(
         // The haystack: the same blocks with no needle.
         let last = todo[last_mine].needle_block;
         let hay_text: String = [tpl.prefix].into_iter().chain(std::iter::repeat_n(tpl.noise, last + 1)).collect();
-        let mut hay = tok.encode(&hay_text)?;
-        if let Some(b) = bos {
-            hay.insert(0, b);
-        }
+        let hay = [bos.as_slice(), &crate::text::encode_long(&tok, &hay_text, 0)?.0].concat();
+        drop(hay_text);
         s.reset()?;
         let piece = PIECE.next_multiple_of(s.chunk());
         let mut pos = 0; // haystack tokens fed so far
@@ -492,12 +502,7 @@ pub fn run(
             // This run's sample, tokenized whole; another run's gives only its cut (from its record
             // when a resume has one).
             let prompt = if mine(&p) {
-                let (mut ids, offsets) = tok.encode_with_offsets(&p.text)?;
-                let mut needle_pos = offsets.iter().position(|&o| o >= p.needle_byte).unwrap_or(ids.len());
-                if let Some(b) = bos {
-                    ids.insert(0, b);
-                    needle_pos += 1;
-                }
+                let (ids, needle_pos) = p.ids(&tok, &tpl, bos)?;
                 crate::cli::basic::check_ids(&ids, model.info.vocab_rows, "passkey prompt")?;
                 Some((ids, needle_pos))
             } else {
@@ -507,7 +512,7 @@ pub fn run(
                 Some((ids, _)) => lcp_of(ids),
                 None => match done.iter().find(|r| (r.length, r.sample) == (length, p.sample)) {
                     Some(r) => r.shared_prefix,
-                    None => lcp_of(&[bos.as_slice(), &tok.encode(&p.text)?].concat()),
+                    None => lcp_of(&p.ids(&tok, &tpl, bos)?.0),
                 },
             };
             let branch = if lcp >= pos {
@@ -593,6 +598,7 @@ pub fn run(
     }
     let _ = std::fs::remove_file(out.join(CKPT));
     facts.seconds = started.elapsed().as_secs_f64();
+    facts.peak_rss_bytes = crate::report::peak_rss_bytes();
     write_summary(out, &model.info, o, &done, &[facts])
 }
 
