@@ -179,6 +179,50 @@ fn passkey_peak_memory_grows_only_by_the_prompt() {
     assert!(per_token <= 32.0, "peak memory grew {per_token:.1} bytes per prompt token");
 }
 
+/// Runs `stuffed args` to the end: its exit code, stderr and peak resident memory (bytes, from the
+/// kernel's accounting of the reaped child, `wait4`).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std cannot see
+fn stuffed_peak(args: &[&str], stderr: &std::path::Path) -> (i32, String, u64) {
+    let err = std::fs::File::create(stderr).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_stuffed"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: waits for our own child, which std has not reaped; both out-pointers are valid.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4");
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    (code, std::fs::read_to_string(stderr).unwrap(), usage.ru_maxrss as u64 * 1024)
+}
+
+/// A probe's peak memory does not grow with the stream (CSV rows go to disk as they come, plots are
+/// drawn from thinned series): 20k and 200k tokens in child processes.
+#[test]
+fn probe_peak_memory_is_constant() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("long.txt");
+    let line = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n";
+    std::fs::write(&text, line.repeat(12_000)).unwrap();
+    let (m, t) = (data("mamba2_neox_tiny"), text.to_str().unwrap().to_string());
+    let mut peaks = Vec::new();
+    for n in ["20k", "200k"] {
+        let out = dir.path().join(n);
+        let args = ["probe", "--model", m.to_str().unwrap(), "--text", &t, "--max-tokens", n, "--out"];
+        let (code, err, peak) = stuffed_peak(&[&args[..], &[out.to_str().unwrap()]].concat(), &dir.path().join("err"));
+        assert_eq!(code, 0, "{err}");
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("probe.json")).unwrap()).unwrap();
+        assert_eq!(meta["tokens"].as_u64(), Some(n.trim_end_matches('k').parse::<u64>().unwrap() * 1024));
+        peaks.push(peak);
+    }
+    println!("peak RSS: 20k tokens {} KiB, 200k tokens {} KiB", peaks[0] / 1024, peaks[1] / 1024);
+    assert!(peaks[0] > 0);
+    assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
+}
+
 /// Runs `args(out)` to the end with `--out dir/full` (once); runs it again with `--out dir/part`, stops it
 /// and resumes it with `--resume`. `sigterm`: SIGTERM 100 ms in, timed checkpoints off (the run must
 /// write one at its next boundary and exit 1 saying so); else SIGKILL (no chance to clean up) 50 ms
