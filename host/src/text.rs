@@ -106,6 +106,31 @@ fn safe_cut(tok: &Tokenizer, text: &str) -> Option<usize> {
     tok.world_cut(text).or_else(|| last_cut(text)).filter(|&c| c > 0)
 }
 
+/// Bytes of the text before a piece that the piece is tokenized after.
+const CONTEXT: usize = 256;
+
+/// The last [`CONTEXT`] bytes (or fewer, at a char boundary) of `ctx` followed by `piece`.
+fn context_after(ctx: &str, piece: &str) -> String {
+    let both = [ctx, piece].concat();
+    both[both.ceil_char_boundary(both.len().saturating_sub(CONTEXT))..].to_string()
+}
+
+/// The ids of `piece` as they stand after `ctx` in one text, and each one's byte offset in `piece`:
+/// `ctx + piece` tokenized together and the tokens of `ctx` dropped, so a tokenizer that marks the
+/// start of its input (Llama's "▁" normalizer or Metaspace pre-tokenizer, HGRN-2's kind) marks the
+/// context, not the cut. RWKV World's greedy match is settled at the cut and takes the piece alone.
+fn encode_after(tok: &Tokenizer, ctx: &str, piece: &str) -> Result<(Vec<u32>, Vec<usize>)> {
+    if ctx.is_empty() || tok.is_world() {
+        return tok.encode_with_offsets(piece);
+    }
+    let (ids, offsets) = tok.encode_with_offsets(&[ctx, piece].concat())?;
+    let first = offsets.iter().position(|&o| o >= ctx.len()).unwrap_or(ids.len());
+    if first < ids.len() && offsets[first] != ctx.len() {
+        bail!("{}: a token spans a line break, so this tokenizer cannot tokenize a text in pieces", tok.source);
+    }
+    Ok((ids[first..].to_vec(), offsets[first..].iter().map(|o| o - ctx.len()).collect()))
+}
+
 /// Ids of a long in-memory `text` (a passkey prompt), tokenized in pieces of about 64 KiB cut where
 /// [`safe_cut`] allows, so they equal tokenizing it at once without the tokenizer's working memory
 /// for the whole text (hundreds of bytes per token); also the index of the first token that starts
@@ -130,14 +155,12 @@ pub fn encode_long_in(tok: &Tokenizer, text: &str, mark: usize, block: usize) ->
                 break c;
             }
         };
-        let piece = &text[start..start + len];
+        let ctx = &text[text.ceil_char_boundary(start.saturating_sub(CONTEXT))..start];
+        let (p_ids, offsets) = encode_after(tok, ctx, &text[start..start + len])?;
         if at.is_none() && mark < start + len {
-            let (p_ids, offsets) = tok.encode_with_offsets(piece)?;
             at = offsets.iter().position(|&o| start + o >= mark).map(|i| ids.len() + i);
-            ids.extend(p_ids);
-        } else {
-            ids.extend(tok.encode(piece)?);
         }
+        ids.extend(p_ids);
         start += len;
     }
     let at = at.unwrap_or(ids.len());
@@ -151,6 +174,8 @@ pub struct TokenStream<'t> {
     file: Option<std::fs::File>,
     /// Bytes read but not yet tokenized (they end after the last safe cut).
     carry: Vec<u8>,
+    /// The end of the text already tokenized, which the next piece is tokenized after.
+    ctx: String,
     done: bool,
     block: usize,
 }
@@ -166,7 +191,15 @@ impl<'t> TokenStream<'t> {
             Input::File(p) => Some(open(p)?),
             Input::Newlines { .. } => None,
         };
-        Ok(TokenStream { tok, input: input.clone(), file, carry: Vec::new(), done: false, block: block.max(1) })
+        Ok(TokenStream {
+            tok,
+            input: input.clone(),
+            file,
+            carry: Vec::new(),
+            ctx: String::new(),
+            done: false,
+            block: block.max(1),
+        })
     }
 
     /// The next piece of ids, or `None` at the end.
@@ -204,7 +237,8 @@ impl<'t> TokenStream<'t> {
             let text = std::str::from_utf8(&self.carry[..valid]).map_err(|e| anyhow!("{}: {e}", path.display()))?;
             let cut = if eof { Some(text.len()) } else { safe_cut(self.tok, text) };
             if let Some(cut) = cut.filter(|&c| c > 0) {
-                let ids = self.tok.encode(&text[..cut])?;
+                let (ids, _) = encode_after(self.tok, &self.ctx, &text[..cut])?;
+                self.ctx = context_after(&self.ctx, &text[..cut]);
                 self.carry.drain(..cut);
                 self.done = eof;
                 return Ok(Some(ids));

@@ -50,11 +50,15 @@ fn prompt_lengths_match_spec() {
 }
 
 /// A prompt tokenized in pieces (as passkey does, to keep the tokenizer's memory small) has the
-/// ids and needle position of the whole text tokenized at once: every template, both tokenizers,
-/// pieces from a few bytes (cuts everywhere) to whole.
+/// ids and needle position of the whole text tokenized at once: every template, the three kinds of
+/// tokenizer (GPT-NeoX byte-level BPE, RWKV World, Llama-style), pieces from a few bytes (cuts
+/// everywhere) to whole.
 #[test]
 fn prompts_in_pieces_equal_whole() {
-    for tok in [Tokenizer::for_model(None, None).unwrap(), Tokenizer::world().unwrap()] {
+    let llama = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/tokenizer_llama_style/tokenizer.json");
+    for tok in
+        [Tokenizer::for_model(None, None).unwrap(), Tokenizer::world().unwrap(), Tokenizer::from_file(&llama).unwrap()]
+    {
         for name in [TemplateName::Code, TemplateName::Paper, TemplateName::Llamacpp] {
             let tpl = template(name);
             let nb = num_blocks(&tok, &tpl, 4096).unwrap();

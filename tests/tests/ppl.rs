@@ -26,6 +26,30 @@ fn results(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap()
 }
 
+/// A Llama-style tokenizer (HGRN-2's kind: "▁" prepended to every input, no pre-tokenizer;
+/// tools/golden_llama_tokenizer.py) streamed in pieces gives the ids the Python package gives the
+/// whole text: each piece is tokenized after some of the text before it, so no "▁" lands at a cut.
+#[test]
+fn streamed_llama_style_tokenization_equals_whole_text() {
+    let dir = root().join("tests/data/tokenizer_llama_style");
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ref.json")).unwrap()).unwrap();
+    let want: Vec<u32> = refs["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let chars = refs["chars"].as_u64().unwrap() as usize;
+    let text: String = std::fs::read_to_string(persuasion()).unwrap().chars().take(chars).collect();
+    assert_eq!(tok.encode(&text).unwrap(), want, "the whole text");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("head.txt");
+    std::fs::write(&file, &text).unwrap();
+    for block in [4096, 65_536] {
+        let got = TokenStream::with_block(&tok, &Input::File(file.clone()), block).unwrap().collect_all().unwrap();
+        assert!(got == want, "streamed in blocks of {block}: {} ids, want {}", got.len(), want.len());
+        let (got, _) = stuffed::text::encode_long_in(&tok, &text, 0, block).unwrap();
+        assert!(got == want, "in-memory pieces of {block}: {} ids, want {}", got.len(), want.len());
+    }
+}
+
 #[test]
 fn streamed_tokenization_equals_whole_text() {
     let tok = Tokenizer::for_model(None, None).unwrap();
