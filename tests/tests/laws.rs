@@ -95,6 +95,9 @@ fn laws_bracket_fit_and_refuse() {
     assert!(err(&[&tmp.path().join("nowhere")]).contains("nowhere: no such file or directory"));
     assert!(err(&[tmp.path()]).contains(": no results.json (ppl) or summary.json (passkey) in this directory"));
     assert!(err(&[&text]).contains("austen_persuasion.txt: not JSON"), "{}", err(&[&text]));
+    let taken = ppl.join("results.json");
+    let e = format!("{:#}", cli(&["laws", s(&ppl), "--out", s(&taken)]).unwrap_err());
+    assert!(e.contains("results.json: cannot create"), "{e}");
     // A forgetting method measures the method, not the model: left out, so nothing is left here.
     let mut forget = summary.clone();
     forget["forget"] = "rri:a=0.9,b=0.5".into();

@@ -454,6 +454,7 @@ pub fn run(results: &[PathBuf], out: &Path) -> Result<()> {
     if fams.is_empty() {
         bail!("laws: no T_forget verdict and no passkey grid in the given outputs");
     }
+    std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut csv =
         String::from("family,n_s,forget_lo,forget_hi,t_forget_k,t_recall_k,paper_t_forget_k,paper_t_recall_k\n");
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
@@ -495,7 +496,6 @@ pub fn run(results: &[PathBuf], out: &Path) -> Result<()> {
             }
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let json = serde_json::json!({
         "command": "laws",
         "inputs": results,
