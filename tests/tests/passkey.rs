@@ -117,6 +117,20 @@ fn reuse_equals_from_scratch_and_counts_tokens() {
     }
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.path().join("summary.json")).unwrap()).unwrap();
+    // Needle within the last r tokens, per length: counted again from the records.
+    for lr in s["needle_within_last_r"].as_array().unwrap() {
+        let r = lr["r"].as_u64().unwrap() as usize;
+        for pl in lr["per_length"].as_array().unwrap() {
+            let l = pl["length"].as_u64().unwrap();
+            let hit: Vec<_> = ra.iter().filter(|x| x.length == l && x.prompt_tokens - x.needle_pos <= r).collect();
+            assert_eq!(pl["n"].as_u64(), Some(hit.len() as u64), "r {r}, length {l}");
+            let acc = (!hit.is_empty()).then(|| hit.iter().filter(|x| x.correct).count() as f64 / hit.len() as f64);
+            assert_eq!(pl["accuracy"].as_f64(), acc, "r {r}, length {l}");
+        }
+    }
+    let n_at_3k = |i: usize| s["needle_within_last_r"][i]["per_length"][1]["n"].as_u64().unwrap();
+    assert!(n_at_3k(0) < 6 && n_at_3k(3) == 6, "3k prompts: some needles are past the last 1k, none past 8k");
+    assert!(std::fs::read_to_string(a.path().join("last_r.svg")).unwrap().contains("needle in the last 8k"));
     let (with, without) =
         (s["runs"][0]["tokens_processed"].as_u64().unwrap(), s["runs"][0]["tokens_without_reuse"].as_u64().unwrap());
     // About n·T/2 + T against n·T.
@@ -145,10 +159,9 @@ fn shards_merge_to_the_unsharded_result_and_resume_loses_nothing() {
     cli(&args);
     assert_eq!(records(merged.path()), records(full.path()));
     assert_eq!(summary(merged.path()), summary(full.path()));
-    assert_eq!(
-        std::fs::read(merged.path().join("heatmap.svg")).unwrap(),
-        std::fs::read(full.path().join("heatmap.svg")).unwrap()
-    );
+    for svg in ["heatmap.svg", "last_r.svg"] {
+        assert_eq!(std::fs::read(merged.path().join(svg)).unwrap(), std::fs::read(full.path().join(svg)).unwrap());
+    }
     // A run killed mid-way: 4 lines kept and a torn fifth; --resume finishes the rest.
     let part = tempfile::tempdir().unwrap();
     let lines: Vec<String> =

@@ -30,7 +30,7 @@ pub struct PasskeyArgs {
     /// Start the prompt with <|endoftext|>.
     #[arg(long)]
     bos: bool,
-    /// Directory for results.jsonl, summary.json, summary.csv and heatmap.svg.
+    /// Directory for results.jsonl, summary.json, summary.csv, heatmap.svg and last_r.svg.
     #[arg(long, default_value = "passkey-out")]
     out: PathBuf,
     /// Skip samples already in --out/results.jsonl, and continue the haystack's stream from the
@@ -92,6 +92,6 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         gpu: a.device.gpu()?,
     };
     passkey::run(&a.model, &o, &a.out, a.resume, shard, super::checkpoint_secs("passkey", a.checkpoint_secs)?)?;
-    println!("wrote {}/results.jsonl, summary.json, summary.csv, heatmap.svg", a.out.display());
+    println!("wrote {}/results.jsonl, summary.json, summary.csv, heatmap.svg, last_r.svg", a.out.display());
     Ok(())
 }

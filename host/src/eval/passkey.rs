@@ -7,7 +7,7 @@
 //! and the haystack's — parts tokenized alone would differ at the seams.
 use crate::cli::basic::{dir_of, real_vocab};
 use crate::model::{Model, ModelInfo};
-use crate::report::svg::heatmap;
+use crate::report::svg::{heatmap, LinePlot, Series};
 use crate::report::{write_atomic, Values};
 use crate::score::{Resume, Scorer};
 use crate::tokenizer::Tokenizer;
@@ -626,7 +626,7 @@ fn in_bin(depth: f64, bin: (f64, f64), last: bool) -> bool {
     }
 }
 
-/// summary.json (comparable across shards: run facts apart), summary.csv, heatmap.svg.
+/// summary.json (comparable across shards: run facts apart), summary.csv, heatmap.svg, last_r.svg.
 pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Record], runs: &[RunFacts]) -> Result<()> {
     let mut recs = records.to_vec();
     recs.sort_by_key(|r| (r.length, r.sample));
@@ -663,11 +663,25 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
             );
         }
     }
+    // Accuracy with the needle within the last r tokens (SPEC.md §2.2): over the whole grid, and
+    // per length (one curve per r on last_r.svg).
+    let within = |x: &Record, r: usize| x.prompt_tokens - x.needle_pos <= r;
+    let mut curves = Vec::new();
     let last_r: Vec<_> = [1024usize, 2048, 4096, 8192]
         .iter()
         .map(|&r| {
-            let (n, a, _) = acc(&mut recs.iter().filter(|x| x.prompt_tokens - x.needle_pos <= r));
-            serde_json::json!({"r": r, "n": n, "accuracy": a})
+            let (n, a, _) = acc(&mut recs.iter().filter(|x| within(x, r)));
+            let per: Vec<_> = o
+                .lengths
+                .iter()
+                .map(|&l| (l, acc(&mut recs.iter().filter(|x| x.length == l && within(x, r)))))
+                .collect();
+            let points: Vec<(f64, f64)> = per.iter().filter_map(|&(l, (_, a, _))| a.map(|a| (l as f64, a))).collect();
+            let name = format!("needle in the last {}", crate::report::svg::fmt_tokens(r as u64));
+            curves.push(Series { name, markers: points.len() == 1, points });
+            let per: Vec<_> =
+                per.iter().map(|&(l, (n, a, _))| serde_json::json!({"length": l, "n": n, "accuracy": a})).collect();
+            serde_json::json!({"r": r, "n": n, "accuracy": a, "per_length": per})
         })
         .collect();
     let summary = serde_json::json!({
@@ -710,7 +724,11 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
     write_atomic(
         &out.join("heatmap.svg"),
         heatmap(&title, "prompt length (tokens)", "needle depth", &x, &y, &cells).as_bytes(),
-    )
+    )?;
+    let title = format!("Accuracy with the needle in the last r tokens — {}", info.path.display());
+    let plot =
+        LinePlot { title: &title, x_label: "prompt length (tokens)", y_label: "accuracy", log_x: true, vlines: vec![] };
+    write_atomic(&out.join("last_r.svg"), plot.render(&curves).as_bytes())
 }
 
 /// `stuffed merge`: shard outputs → one summary and heatmap, as an unsharded run writes them.
