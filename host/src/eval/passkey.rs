@@ -499,8 +499,8 @@ pub fn run(
             }
         };
         for p in todo {
-            // This run's sample, tokenized whole; another run's gives only its cut (from its record
-            // when a resume has one).
+            // This run's sample, tokenized as one text; another run's gives only its cut (from its
+            // record when a resume has one).
             let prompt = if mine(&p) {
                 let (ids, needle_pos) = p.ids(&tok, &tpl, bos)?;
                 crate::cli::basic::check_ids(&ids, model.info.vocab_rows, "passkey prompt")?;
