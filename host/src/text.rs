@@ -100,10 +100,22 @@ fn last_cut(text: &str) -> Option<usize> {
     None
 }
 
+/// Before the last single space between two non-whitespace characters of `text` (the one after
+/// it inside `text`), for tokenizers that allow it ([`Tokenizer::space_cuts`]).
+fn last_space_cut(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let nonspace = |c: Option<char>| c.is_some_and(|c| !c.is_whitespace());
+    (1..bytes.len().saturating_sub(1)).rev().find(|&j| {
+        bytes[j] == b' ' && nonspace(text[..j].chars().next_back()) && nonspace(text[j + 1..].chars().next())
+    })
+}
+
 /// Where `text`, which may go on, can be cut without changing its tokens: RWKV World's settled
-/// greedy match, else [`last_cut`].
+/// greedy match, else [`last_cut`] (before a line break), else, for GPT-NeoX-style tokenizers and a
+/// text without line breaks, [`last_space_cut`].
 fn safe_cut(tok: &Tokenizer, text: &str) -> Option<usize> {
-    tok.world_cut(text).or_else(|| last_cut(text)).filter(|&c| c > 0)
+    let space = || tok.space_cuts().then(|| last_space_cut(text)).flatten();
+    tok.world_cut(text).or_else(|| last_cut(text)).or_else(space).filter(|&c| c > 0)
 }
 
 /// Bytes of the text before a piece that the piece is tokenized after.
@@ -115,20 +127,22 @@ fn context_after(ctx: &str, piece: &str) -> String {
     both[both.ceil_char_boundary(both.len().saturating_sub(CONTEXT))..].to_string()
 }
 
-/// The ids of `piece` as they stand after `ctx` in one text, and each one's byte offset in `piece`:
-/// `ctx + piece` tokenized together and the tokens of `ctx` dropped, so a tokenizer that marks the
-/// start of its input (Llama's "▁" normalizer or Metaspace pre-tokenizer, HGRN-2's kind) marks the
-/// context, not the cut. RWKV World's greedy match is settled at the cut and takes the piece alone.
+/// The ids of `piece` as they stand after `ctx` in one text, and the byte offset in `piece` the
+/// tokenizer gives each: `ctx + piece` tokenized together, less the ids of `ctx` alone (which must
+/// lead them, else a token spans the cut), so a tokenizer that marks the start of its input (Llama's
+/// "▁" normalizer or Metaspace pre-tokenizer, HGRN-2's kind) marks the context, not the cut. RWKV
+/// World's greedy match is settled at the cut and takes the piece alone.
 fn encode_after(tok: &Tokenizer, ctx: &str, piece: &str) -> Result<(Vec<u32>, Vec<usize>)> {
     if ctx.is_empty() || tok.is_world() {
         return tok.encode_with_offsets(piece);
     }
+    let lead = tok.encode(ctx)?;
     let (ids, offsets) = tok.encode_with_offsets(&[ctx, piece].concat())?;
-    let first = offsets.iter().position(|&o| o >= ctx.len()).unwrap_or(ids.len());
-    if first < ids.len() && offsets[first] != ctx.len() {
-        bail!("{}: a token spans a line break, so this tokenizer cannot tokenize a text in pieces", tok.source);
+    if !ids.starts_with(&lead) {
+        bail!("{}: a token spans a cut, so this tokenizer cannot tokenize a text in pieces", tok.source);
     }
-    Ok((ids[first..].to_vec(), offsets[first..].iter().map(|o| o - ctx.len()).collect()))
+    let n = lead.len();
+    Ok((ids[n..].to_vec(), offsets[n..].iter().map(|o| o.saturating_sub(ctx.len())).collect()))
 }
 
 /// Ids of a long in-memory `text` (a passkey prompt), tokenized in pieces of about 64 KiB cut where

@@ -89,6 +89,18 @@ impl Tokenizer {
         Self::from_bytes(&bytes, &source)
     }
 
+    /// True when a text may also be cut before a single space between two non-space characters:
+    /// GPT-2-style byte-level BPE (the GPT-NeoX tokenizer), whose regex always starts a pre-token
+    /// there, and no added token holds a space among other characters (runs of spaces are fine: a
+    /// single space between non-spaces is not one). For texts without line breaks.
+    pub fn space_cuts(&self) -> bool {
+        use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+        let Inner::Hf(t) = &self.inner else { return false };
+        let regex = matches!(t.get_pre_tokenizer(), Some(PreTokenizerWrapper::ByteLevel(b)) if b.use_regex);
+        let added = t.get_added_tokens_decoder();
+        regex && added.values().all(|a| a.content.trim().is_empty() || !a.content.contains(char::is_whitespace))
+    }
+
     /// True for the RWKV World tokenizer.
     pub fn is_world(&self) -> bool {
         matches!(self.inner, Inner::World(_))

@@ -154,6 +154,19 @@ fn ppl_peak_memory_is_constant() {
     println!("peak RSS: 20k tokens {} KiB, 200k tokens {} KiB", peaks[0] / 1024, peaks[1] / 1024);
     assert!(peaks[0] > 0);
     assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
+    // A 2 MB text without a line break is cut before spaces, not tokenized whole (≈ 250 MB).
+    let flat = dir.path().join("flat.txt");
+    let line = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    std::fs::write(&flat, line.repeat(22_000)).unwrap();
+    let out = dir.path().join("flat");
+    let (m, f, o) = (model.to_str().unwrap(), flat.to_str().unwrap(), out.to_str().unwrap());
+    let (code, _, err) = stuffed(&["ppl", "--model", m, "--text", f, "--max-tokens", "2k", "--out", o]);
+    assert_eq!(code, 0, "{err}");
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let peak = res["peak_rss_bytes"].as_u64().unwrap();
+    println!("peak RSS: 2 MB without a line break {} KiB", peak / 1024);
+    assert!(peak <= peaks[0] + (16 << 20), "a text without line breaks took {peak} bytes");
 }
 
 /// A passkey grid's peak memory grows only by the prompt's ids and text (tens of bytes a token), not
