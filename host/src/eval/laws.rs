@@ -165,26 +165,27 @@ pub fn fit_exp(pts: &[(f64, f64)]) -> Option<Fit> {
         return None;
     }
     let y: Vec<f64> = pts.iter().map(|p| p.1).collect();
+    // Residual of the best (a, c) for k = ln b, searched as ln k.
     let sse = |ln_k: f64| {
         let u: Vec<f64> = pts.iter().map(|p| (ln_k.exp() * p.0).exp_m1()).collect();
         ols(&u, &y).map_or(f64::INFINITY, |f| f.2)
     };
-    // ln b from 1e-6/N_max (all but linear) to 40/N_max (b^N_max = e^40).
+    // k from 1e-6/N_max (all but a line) to 40/N_max (b^N_max = e^40), evenly in ln k.
     let (lo, hi) = ((1e-6 / n_max).ln(), (40.0 / n_max).ln());
     const GRID: usize = 600;
     let at = |i: usize| lo + (hi - lo) * i as f64 / GRID as f64;
     let best = (0..=GRID).min_by(|&i, &j| sse(at(i)).total_cmp(&sse(at(j))))?;
-    let (mut a, mut b) = (at(best.saturating_sub(1)), at((best + 1).min(GRID)));
+    let (mut left, mut right) = (at(best.saturating_sub(1)), at((best + 1).min(GRID)));
     let g = (5f64.sqrt() - 1.0) / 2.0;
     for _ in 0..100 {
-        let (c, d) = (b - g * (b - a), a + g * (b - a));
-        if sse(c) < sse(d) {
-            b = d;
+        let (x1, x2) = (right - g * (right - left), left + g * (right - left));
+        if sse(x1) < sse(x2) {
+            right = x2;
         } else {
-            a = c;
+            left = x1;
         }
     }
-    let k = ((a + b) / 2.0).exp();
+    let k = ((left + right) / 2.0).exp();
     let u: Vec<f64> = pts.iter().map(|p| (k * p.0).exp_m1()).collect();
     let (a, c, _) = ols(&u, &y)?;
     let base = k.exp();
