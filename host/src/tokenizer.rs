@@ -9,6 +9,8 @@ const NEOX: &[u8] = include_bytes!("../assets/20B_tokenizer.json");
 
 pub struct Tokenizer {
     inner: Inner,
+    /// See [`Tokenizer::space_cuts`]; decided once, from the tokenizer.json.
+    space_cuts: bool,
     /// Where it came from: a path, or "builtin:gpt-neox-20b".
     pub source: String,
 }
@@ -75,6 +77,7 @@ impl Tokenizer {
     pub fn world() -> Result<Tokenizer> {
         Ok(Tokenizer {
             inner: Inner::World(Box::new(World::builtin()?)),
+            space_cuts: false,
             source: "builtin:rwkv_vocab_v20230424".into(),
         })
     }
@@ -84,7 +87,8 @@ impl Tokenizer {
         let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: cannot read tokenizer: {e}", path.display()))?;
         let source = path.display().to_string();
         if path.extension().is_some_and(|e| e == "txt") {
-            return Ok(Tokenizer { inner: Inner::World(Box::new(World::parse(&bytes, &source)?)), source });
+            let inner = Inner::World(Box::new(World::parse(&bytes, &source)?));
+            return Ok(Tokenizer { inner, space_cuts: false, source });
         }
         Self::from_bytes(&bytes, &source)
     }
@@ -94,11 +98,7 @@ impl Tokenizer {
     /// there, and no added token holds a space among other characters (runs of spaces are fine: a
     /// single space between non-spaces is not one). For texts without line breaks.
     pub fn space_cuts(&self) -> bool {
-        use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-        let Inner::Hf(t) = &self.inner else { return false };
-        let regex = matches!(t.get_pre_tokenizer(), Some(PreTokenizerWrapper::ByteLevel(b)) if b.use_regex);
-        let added = t.get_added_tokens_decoder();
-        regex && added.values().all(|a| a.content.trim().is_empty() || !a.content.contains(char::is_whitespace))
+        self.space_cuts
     }
 
     /// True for the RWKV World tokenizer.
@@ -119,7 +119,12 @@ impl Tokenizer {
     fn from_bytes(bytes: &[u8], source: &str) -> Result<Tokenizer> {
         let inner =
             tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{source}: not a tokenizer.json: {e}"))?;
-        Ok(Tokenizer { inner: Inner::Hf(Box::new(inner)), source: source.to_string() })
+        use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+        let regex = matches!(inner.get_pre_tokenizer(), Some(PreTokenizerWrapper::ByteLevel(b)) if b.use_regex);
+        let added = inner.get_added_tokens_decoder();
+        let space_cuts =
+            regex && added.values().all(|a| a.content.trim().is_empty() || !a.content.contains(char::is_whitespace));
+        Ok(Tokenizer { inner: Inner::Hf(Box::new(inner)), space_cuts, source: source.to_string() })
     }
 
     /// Ids of `text`, without special tokens.
