@@ -146,9 +146,10 @@ fn encode_after(tok: &Tokenizer, ctx: &str, piece: &str) -> Result<(Vec<u32>, Ve
 }
 
 /// Ids of a long in-memory `text` (a passkey prompt), tokenized in pieces of about 64 KiB cut where
-/// [`safe_cut`] allows, so they equal tokenizing it at once without the tokenizer's working memory
-/// for the whole text (hundreds of bytes per token); also the index of the first token that starts
-/// at or after byte `mark` (the text's token count when none does).
+/// no token can span the cut (as [`TokenStream`] cuts a file), so they equal tokenizing it at once
+/// without the tokenizer's working memory for the whole text (hundreds of bytes per token); also the
+/// index of the first token that starts at or after byte `mark` (the text's token count when none
+/// does).
 pub fn encode_long(tok: &Tokenizer, text: &str, mark: usize) -> Result<(Vec<u32>, usize)> {
     encode_long_in(tok, text, mark, BLOCK)
 }
