@@ -11,6 +11,33 @@ pub enum Error {
     Token { id: u32, rows: usize },
     /// A config value the math cannot use.
     Config(&'static str),
+    /// A NaN or infinity appeared at `site`: `index` is the token within the call for hidden rows,
+    /// the element within the layer's state for a state.
+    NonFinite { site: Site, index: usize },
+}
+
+/// Where in the forward a non-finite value was first seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    /// The embedded rows (before layer 0).
+    Embedding,
+    /// Layer `l`'s output rows (the residual stream after it).
+    Layer(usize),
+    /// Layer `l`'s recurrent state after the call.
+    State(usize),
+    /// The final norm's output rows (what the LM head reads).
+    FinalNorm,
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Site::Embedding => f.write_str("the embedding"),
+            Site::Layer(l) => write!(f, "layer {l}'s output"),
+            Site::State(l) => write!(f, "layer {l}'s state"),
+            Site::FinalNorm => f.write_str("the final norm"),
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -26,7 +53,28 @@ impl fmt::Display for Error {
                 write!(f, "token id {id} is out of range (the embedding has {rows} rows)")
             }
             Error::Config(msg) => f.write_str(msg),
+            Error::NonFinite { site: site @ Site::State(_), index } => {
+                write!(f, "non-finite value in {site} (element {index})")
+            }
+            Error::NonFinite { site, index } => write!(f, "non-finite value in {site} at token {index} of the call"),
         }
+    }
+}
+
+/// The index of the first NaN or infinity in `v`, by a scan that vectorises (a token step checks
+/// its whole state: 19 MB for the Mamba-2 130m shape, where `position(!is_finite)` took 13 % of a
+/// greedy decode).
+pub fn first_non_finite(v: &[f32]) -> Option<usize> {
+    // A float is non-finite iff its exponent bits are all ones: |bits| ≥ 0x7f80_0000.
+    let max = v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+    (max >= 0x7f80_0000).then(|| v.iter().position(|x| !x.is_finite()).unwrap_or(0))
+}
+
+/// Fails at the first NaN or infinity of `v` (rows of `width`, or state elements with width 1).
+pub fn check_finite(v: &[f32], width: usize, site: Site) -> Result<(), Error> {
+    match first_non_finite(v) {
+        Some(i) => Err(Error::NonFinite { site, index: i / width.max(1) }),
+        None => Ok(()),
     }
 }
 

@@ -13,7 +13,7 @@
 //! is no conv or shift state. Zero = start of a sequence. Under `Forget::Window { r }` the state
 //! continues with one [`gla::window_len`] cache per layer and then two values (position mod r,
 //! filled).
-use crate::error::{need, Error};
+use crate::error::{check_finite, need, Error, Site};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, Runs, WindowTail};
 use crate::gla::{self, Mode};
@@ -306,6 +306,7 @@ impl Recurrent for Hgrn2<'_> {
         for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
             self.w.embed.row(tok as usize, row);
         }
+        check_finite(x, d, Site::Embedding)?;
         let ls = c.layer_state_len();
         let pw = d;
         let win = match self.forget {
@@ -319,6 +320,8 @@ impl Recurrent for Hgrn2<'_> {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * pw..(l + 1) * pw]);
             let ws = tail.as_mut().map(|w| (w.at, w.layer(l)));
             self.layer(ex, l, lw, t, x, st, scratch, scan, pr, ws)?;
+            check_finite(st, 1, Site::State(l))?;
+            check_finite(x, d, Site::Layer(l))?;
         }
         if let Some(w) = &mut tail {
             w.advance(t);
@@ -326,6 +329,7 @@ impl Recurrent for Hgrn2<'_> {
         for row in x.chunks_exact_mut(d) {
             rmsnorm_inplace(row, &self.w.norm, 0, c.eps);
         }
+        check_finite(x, d, Site::FinalNorm)?;
         Ok(())
     }
     fn d_model(&self) -> usize {

@@ -69,7 +69,7 @@ pub mod ops;
 pub mod rwkv;
 pub mod weight;
 
-pub use error::Error;
+pub use error::{Error, Site};
 pub use exec::{Exec, Serial};
 pub use forget::{Forget, Runs};
 pub use model::Recurrent;

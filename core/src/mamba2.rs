@@ -12,7 +12,7 @@
 //!
 //! State, per layer (f32): `conv (k−1, cd)` — the last k−1 conv inputs, oldest first — then
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
-use crate::error::{need, Error};
+use crate::error::{check_finite, need, Error, Site};
 use crate::exec::{Exec, Shared, Simd};
 use crate::forget::{Forget, Runs, WindowTail};
 use crate::model::{check_call, Recurrent, Scan};
@@ -701,12 +701,15 @@ impl Recurrent for Mamba2<'_> {
         }
         let (base, extra) = state.split_at_mut(c.paper_state_size());
         let mut tail = WindowTail::split(win, extra, win.map_or(0, |r| self.window_layer_len(r)));
+        check_finite(x, d, Site::Embedding)?;
         let ls = c.layer_state_len();
         let psz = PROBE.len() * c.n_heads;
         for (l, (layer, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * psz..(l + 1) * psz]);
             let ws = tail.as_mut().map(|w| (w.at, w.layer(l)));
             self.layer(ex, layer, t, x, st, &mut s, scan, pr, ws.map(|((r, p, f), w)| (r, p, f, w)))?;
+            check_finite(st, 1, Site::State(l))?;
+            check_finite(x, d, Site::Layer(l))?;
         }
         if let Some(w) = &mut tail {
             w.advance(t);
@@ -714,6 +717,7 @@ impl Recurrent for Mamba2<'_> {
         for row in x.chunks_exact_mut(d) {
             rmsnorm_inplace(row, &self.w.norm_f, 0, c.eps);
         }
+        check_finite(x, d, Site::FinalNorm)?;
         Ok(())
     }
     fn d_model(&self) -> usize {

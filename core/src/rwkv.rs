@@ -17,7 +17,7 @@
 //! `ffn_shift (C)` — the last `ln2` output; layers follow each other. Zero = start of a sequence.
 //! Under `Forget::Window { r }` the state continues with one [`gla::window_len`] cache per layer
 //! and then two values (position mod r, filled).
-use crate::error::{need, Error};
+use crate::error::{check_finite, need, Error, Site};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, Runs, WindowTail};
 use crate::gla::{self, Mode};
@@ -549,6 +549,7 @@ impl Recurrent for Rwkv<'_> {
             layer_norm(&s.tmp[..d], &self.w.ln0_w, &self.w.ln0_b, c.eps, row);
             row.iter_mut().for_each(|v| *v = round_to(ed, *v));
         }
+        check_finite(x, d, Site::Embedding)?;
         let ls = c.layer_state_len();
         let (base, extra) = state.split_at_mut(c.state_size());
         let wl = win.map_or(0, |r| gla::window_len(c.n_heads, c.head_size, c.head_size, r));
@@ -557,6 +558,8 @@ impl Recurrent for Rwkv<'_> {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * d..(l + 1) * d]);
             let ws = tail.as_mut().map(|w| (w.at, w.layer(l)));
             self.layer(ex, lw, t, x, st, &mut s, scan, pr, ws)?;
+            check_finite(st, 1, Site::State(l))?;
+            check_finite(x, d, Site::Layer(l))?;
         }
         if let Some(w) = &mut tail {
             w.advance(t);
@@ -565,6 +568,7 @@ impl Recurrent for Rwkv<'_> {
             s.tmp[..d].copy_from_slice(row);
             layer_norm(&s.tmp[..d], &self.w.ln_out_w, &self.w.ln_out_b, c.eps, row);
         }
+        check_finite(x, d, Site::FinalNorm)?;
         Ok(())
     }
     fn d_model(&self) -> usize {

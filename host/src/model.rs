@@ -101,6 +101,30 @@ impl Model {
         Ok(())
     }
 
+    /// SHA-256 of what decides this model's numbers: the checkpoint directory's config.json (if
+    /// any) and every tensor's name, dtype, shape and bytes, in name order (tensors hashed in
+    /// parallel). The same weights by another path, or in another container, give the same id.
+    pub fn content_id(&self) -> String {
+        use rayon::prelude::*;
+        use sha2::{Digest, Sha256};
+        let ck = &self._ckpt;
+        let names: Vec<&str> = ck.names().collect();
+        let sums: Vec<String> = names
+            .par_iter()
+            .filter_map(|n| ck.get(n))
+            .map(|t| format!("{}:{}:{:?}:{:x}", t.name, t.dtype.name(), t.shape, Sha256::digest(t.bytes)))
+            .collect();
+        let mut h = Sha256::new();
+        if let Ok(cfg) = std::fs::read(ck.dir().join("config.json")) {
+            h.update(Sha256::digest(cfg));
+        }
+        for s in &sums {
+            h.update(s.as_bytes());
+            h.update(b"\n");
+        }
+        format!("{:x}", h.finalize())
+    }
+
     /// Opens a checkpoint directory (or file) and builds the model it holds.
     pub fn load(path: &Path) -> Result<Model> {
         // RWKV (BlinkDL .pth, or HF-format RWKV-5/6) and HGRN-2 load in `families`.

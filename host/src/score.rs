@@ -6,6 +6,7 @@ use crate::session::Session;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use stuffed_core::error::first_non_finite;
 use stuffed_core::exec::Exec;
 use stuffed_core::ops::log_sum_exp;
 use stuffed_core::Recurrent;
@@ -15,6 +16,8 @@ pub const SUB: usize = 64;
 
 pub struct NllHead<'m> {
     net: &'m dyn Recurrent,
+    /// The model's path, for errors.
+    model: String,
     ex: Pool,
     /// Ids that may enter the softmax (the tokenizer's vocab); rows past it are padding.
     pub real: usize,
@@ -22,17 +25,21 @@ pub struct NllHead<'m> {
 }
 
 impl<'m> NllHead<'m> {
-    pub fn new(net: &'m dyn Recurrent, real: usize) -> Self {
-        NllHead { net, ex: Pool::new(), real, logits: vec![0.0; SUB * net.vocab_rows()] }
+    pub fn new(model: &'m Model, real: usize) -> Self {
+        let net = model.net();
+        let model = model.info.path.display().to_string();
+        NllHead { net, model, ex: Pool::new(), real, logits: vec![0.0; SUB * net.vocab_rows()] }
     }
 
-    /// `out[i] = logsumexp(head·hidden_i over the real vocab) − logit(targets[i])`.
-    pub fn nll(&mut self, hidden: &[f32], targets: &[u32], out: &mut [f32]) -> Result<()> {
+    /// `out[i] = logsumexp(head·hidden_i over the real vocab) − logit(targets[i])`; row i is the
+    /// hidden row of stream position `pos0 + i`. A non-finite logit or NLL is an error naming it.
+    pub fn nll(&mut self, hidden: &[f32], targets: &[u32], out: &mut [f32], pos0: u64) -> Result<()> {
         let (d, v, real) = (self.net.d_model(), self.net.vocab_rows(), self.real);
         if let Some(&bad) = targets.iter().find(|&&t| t as usize >= real) {
             bail!("target token {bad} is outside the real vocab ({real} ids)");
         }
-        for ((h, tg), o) in hidden.chunks(SUB * d).zip(targets.chunks(SUB)).zip(out.chunks_mut(SUB)) {
+        let sub_rows = hidden.chunks(SUB * d).zip(targets.chunks(SUB)).zip(out.chunks_mut(SUB));
+        for (k, ((h, tg), o)) in sub_rows.enumerate() {
             let rows = tg.len();
             let logits = &mut self.logits[..rows * v];
             self.net.logits(&self.ex, &h[..rows * d], rows, logits)?;
@@ -40,6 +47,23 @@ impl<'m> NllHead<'m> {
             logits.par_chunks(v).zip(tg.par_iter()).zip(o.par_iter_mut()).for_each(|((row, &t), o)| {
                 *o = log_sum_exp(simd, &row[..real]) - row[t as usize];
             });
+            // A NaN or infinity among a row's real logits makes its NLL non-finite: checking the
+            // NLLs costs `rows` compares, not `rows · vocab`.
+            if let Some(i) = first_non_finite(o) {
+                let pos = pos0 + (k * SUB + i) as u64;
+                let row = &logits[i * v..i * v + real];
+                match first_non_finite(row) {
+                    Some(id) => bail!(
+                        "{}: non-finite logit at position {pos} (id {id}); the LM head's weights or the final hidden row overflowed",
+                        self.model
+                    ),
+                    None => bail!(
+                        "{}: non-finite NLL at position {pos} (target id {}): the log-softmax overflowed",
+                        self.model,
+                        tg[i]
+                    ),
+                }
+            }
         }
         Ok(())
     }
@@ -109,7 +133,7 @@ impl<'m> Scorer<'m> {
                 let session = Box::new(Session::new(model, chunk));
                 let d = model.net().d_model();
                 Ok(Scorer::Cpu {
-                    head: NllHead::new(model.net(), real),
+                    head: NllHead::new(model, real),
                     rows: vec![0.0; (chunk.max(1) + 1) * d],
                     session,
                     pending: None,
@@ -144,6 +168,8 @@ impl<'m> Scorer<'m> {
                     rows.resize((t + 1) * d, 0.0);
                 }
                 let had = pending.is_some();
+                // Row 0 is the pending row (the position before this call's first token) if any.
+                let pos0 = session.pos - had as u64;
                 if let Some(p) = pending.take() {
                     rows[..d].copy_from_slice(&p);
                     targets.push(ids[0]);
@@ -155,14 +181,23 @@ impl<'m> Scorer<'m> {
                 })?;
                 targets.extend_from_slice(&ids[1..]);
                 nll.resize(targets.len(), 0.0);
-                head.nll(&rows[..targets.len() * d], &targets, nll)?;
+                head.nll(&rows[..targets.len() * d], &targets, nll, pos0)?;
                 *pending = Some(rows[(nrows + t - 1) * d..(nrows + t) * d].to_vec());
                 Ok(had)
             }
             #[cfg(gpu)]
             Scorer::Cuda(g) => {
                 let had = g.has_pending;
+                let pos0 = g.position() - had as u64;
                 *nll = g.feed_nll(ids)?;
+                // Checked per call (the state is checked on the device after every piece).
+                if let Some(i) = first_non_finite(nll) {
+                    bail!(
+                        "{}: non-finite logit or NLL at position {} on the GPU; rerun that span with --device cpu to name the layer",
+                        g.model_path,
+                        pos0 + i as u64
+                    );
+                }
                 Ok(had)
             }
         }

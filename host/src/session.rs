@@ -2,8 +2,9 @@
 use crate::exec::Pool;
 use crate::forget::ForgetSpec;
 use crate::model::Model;
-use anyhow::{bail, Result};
-use stuffed_core::Recurrent;
+use anyhow::{anyhow, bail, Result};
+use stuffed_core::error::first_non_finite;
+use stuffed_core::{Recurrent, Site};
 
 pub struct Session<'m> {
     pub model: &'m Model,
@@ -82,7 +83,8 @@ impl<'m> Session<'m> {
 
     /// Runs `tokens` chunk by chunk from the current state, handing each piece's final-normed hidden
     /// rows `(t, d_model)` to `sink(offset in tokens, rows)`. Pieces also end where a state-level
-    /// forgetting method acts. A non-finite state is an error.
+    /// forgetting method acts. A non-finite value in any layer's output or state is an error naming
+    /// the layer and the position (the core checks each layer).
     pub fn feed(&mut self, tokens: &[u32], sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
         self.feed_impl(tokens, None, sink)
     }
@@ -114,19 +116,13 @@ impl<'m> Session<'m> {
             }
             let part = &tokens[off..off + n];
             let hidden = &mut self.hidden[..n * d];
-            match probe.as_deref_mut() {
-                Some(p) => net.forward_probed(&self.ex, part, &mut self.state, &mut self.scratch, hidden, p)?,
-                None if self.chunk == 1 => net.step(&self.ex, part[0], &mut self.state, &mut self.scratch, hidden)?,
-                None => net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden)?,
-            }
+            let ran = match probe.as_deref_mut() {
+                Some(p) => net.forward_probed(&self.ex, part, &mut self.state, &mut self.scratch, hidden, p),
+                None if self.chunk == 1 => net.step(&self.ex, part[0], &mut self.state, &mut self.scratch, hidden),
+                None => net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden),
+            };
+            ran.map_err(|e| explain(self.model, e, self.pos, n))?;
             self.pos += n as u64;
-            if let Some(bad) = first_non_finite(&self.state) {
-                bail!(
-                    "non-finite value in the recurrent state after token {} (state element {bad}); \
-                     the model or its input overflowed",
-                    self.pos
-                );
-            }
             sink(off, hidden)?;
             off += n;
             self.at_boundary();
@@ -169,9 +165,11 @@ impl<'m> Session<'m> {
         }
     }
 
-    /// `out (t, vocab_rows)` logits of `t` hidden rows.
+    /// `out (t, vocab_rows)` logits of the last `t` positions fed (their hidden rows); a non-finite
+    /// logit is an error.
     pub fn logits(&self, hidden: &[f32], t: usize, out: &mut [f32]) -> Result<()> {
-        Ok(self.model.net().logits(&self.ex, hidden, t, out)?)
+        self.model.net().logits(&self.ex, hidden, t, out)?;
+        check_logits(self.model, out, self.pos.saturating_sub(t as u64))
     }
 }
 
@@ -214,25 +212,53 @@ pub fn argmax(v: &[f32], n: usize) -> u32 {
     best as u32
 }
 
-/// The index of the first NaN or infinity, by a scan that vectorises (a token step checks its whole
-/// state: 19 MB for the 130m shape, where `position(!is_finite)` took 13 % of a greedy decode).
-fn first_non_finite(v: &[f32]) -> Option<usize> {
-    // A float is non-finite iff its exponent bits are all ones: |bits| ≥ 0x7f80_0000.
-    let max = v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
-    (max >= 0x7f80_0000).then(|| v.iter().position(|x| !x.is_finite()).unwrap_or(0))
+/// The core's non-finite error as one line naming the model and the stream position (the call of
+/// `n` tokens started at `pos`); other errors pass through.
+fn explain(model: &Model, e: stuffed_core::Error, pos: u64, n: usize) -> anyhow::Error {
+    let m = model.info.path.display();
+    match e {
+        stuffed_core::Error::NonFinite { site: site @ Site::State(_), .. } => anyhow!(
+            "{m}: non-finite value in {site} after position {}; the model's weights or its input overflowed",
+            pos + n as u64 - 1
+        ),
+        stuffed_core::Error::NonFinite { site, index } => anyhow!(
+            "{m}: non-finite value in {site} at position {}; the model's weights or its input overflowed",
+            pos + index as u64
+        ),
+        e => e.into(),
+    }
+}
+
+/// Fails at the first NaN or infinity among `logits` `(t, vocab_rows)`, the rows of positions
+/// `pos0..`, naming the model and the position.
+pub fn check_logits(model: &Model, logits: &[f32], pos0: u64) -> Result<()> {
+    match first_non_finite(logits) {
+        Some(i) => {
+            let v = model.net().vocab_rows();
+            bail!(
+                "{}: non-finite logit at position {} (id {}); the LM head's weights or the final hidden row overflowed",
+                model.info.path.display(),
+                pos0 + (i / v) as u64,
+                i % v
+            )
+        }
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use stuffed_core::error::first_non_finite;
+
     #[test]
     fn first_non_finite_finds_nan_and_infinities_only() {
         let mut v = vec![0.0f32, -0.0, f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, 1.0];
-        assert_eq!(super::first_non_finite(&v), None);
-        assert_eq!(super::first_non_finite(&[]), None);
+        assert_eq!(first_non_finite(&v), None);
+        assert_eq!(first_non_finite(&[]), None);
         for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             v[3] = bad;
             v[5] = bad;
-            assert_eq!(super::first_non_finite(&v), Some(3), "{bad}");
+            assert_eq!(first_non_finite(&v), Some(3), "{bad}");
             v[3] = 1.0;
             v[5] = 1.0;
         }

@@ -375,7 +375,38 @@ fn a_bad_later_model_fails_first() {
     assert!(!nll.exists(), "the first model ran before the second was checked");
 }
 
-/// A NaN in the weights reaches the state: the run stops with a clear error, not garbage.
+/// A copy of `tests/data/<case>` with element `index` of tensor `name` set to `value` in the file's
+/// own dtype (bf16 or f32), written in place in the bytes.
+fn poisoned(case: &str, name: &str, index: usize, value: f32) -> tempfile::TempDir {
+    let (src, dir) = (tiny().parent().unwrap().join(case), tempfile::tempdir().unwrap());
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let file = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    let patch = match header[name]["dtype"].as_str().unwrap() {
+        "BF16" => half::bf16::from_f32(value).to_le_bytes().to_vec(),
+        "F32" => value.to_le_bytes().to_vec(),
+        other => panic!("{other}"),
+    };
+    let at = start + index * patch.len();
+    bytes[at..at + patch.len()].copy_from_slice(&patch);
+    std::fs::write(&file, bytes).unwrap();
+    dir
+}
+
+/// The error of feeding `ids` through a fresh session of `chunk` tokens a call.
+fn feed_err(dir: &Path, chunk: usize, ids: &[u32]) -> String {
+    let m = Model::load(dir).unwrap();
+    let mut s = stuffed::session::Session::new(&m, chunk);
+    format!("{:#}", s.feed(ids, &mut |_, _| Ok(())).unwrap_err())
+}
+
+/// A NaN in the weights reaches the state: the run stops with a clear error naming the layer, not garbage.
 #[test]
 fn nan_in_state_is_an_error() {
     let dir = copy_tiny();
@@ -385,10 +416,61 @@ fn nan_in_state_is_an_error() {
         }
         true
     });
-    let m = Model::load(dir.path()).unwrap();
-    let mut s = stuffed::session::Session::new(&m, 16);
-    let err = format!("{:#}", s.feed(&[1, 2, 3], &mut |_, _| Ok(())).unwrap_err());
-    assert_mentions(&err, &["non-finite", "state", "token 3"]);
+    for chunk in [16, 1] {
+        let err = feed_err(dir.path(), chunk, &[1, 2, 3]);
+        assert_mentions(&err, &["non-finite", "layer 0's state", "position", dir.path().to_str().unwrap()]);
+    }
+}
+
+/// A NaN or infinity anywhere in the forward stops it at the first place it appears, named with the
+/// layer (or the embedding / final norm) and the stream position, in the chunked and the step form.
+#[test]
+fn non_finite_hidden_rows_name_the_layer_and_position() {
+    let neox = "mamba2_neox_tiny";
+    for (case, tensor, index, value, want) in [
+        (neox, "backbone.layers.1.mixer.out_proj.weight", 5, f32::NAN, "layer 1's output at position 0"),
+        (neox, "backbone.norm_f.weight", 3, f32::INFINITY, "the final norm at position 0"),
+        // Row 9 of the (tied) embedding: the tokens before it are fine.
+        (neox, "backbone.embeddings.weight", 9 * 32, f32::NAN, "the embedding at position 2"),
+        ("rwkv6_tiny_hf", "rwkv.blocks.1.feed_forward.value.weight", 0, f32::NAN, "layer 1's output at position 0"),
+        ("hgrn2_tiny", "model.layers.1.mlp.down_proj.weight", 0, f32::NAN, "layer 1's output at position 0"),
+    ] {
+        let dir = poisoned(case, tensor, index, value);
+        for chunk in [256, 1] {
+            let err = feed_err(dir.path(), chunk, &[7, 8, 9]);
+            assert_mentions(&err, &["non-finite", want, dir.path().to_str().unwrap()]);
+        }
+    }
+}
+
+/// A NaN logit (a poisoned LM-head row) stops every command that reads logits with one line naming
+/// the model, the position and the id — never a NaN mean with a verdict, never NaN logits with exit 0.
+#[test]
+fn non_finite_logits_stop_every_command() {
+    // The NeoX tiny model ties its head to the embedding: row 50,000 is never an input here.
+    let dir = poisoned("mamba2_neox_tiny", "backbone.embeddings.weight", 50_000 * 32 + 4, f32::NAN);
+    let (m, out) = (dir.path().to_str().unwrap(), tempfile::tempdir().unwrap());
+    let o = out.path().to_str().unwrap();
+    let text = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../host/assets/corpus/austen_persuasion.txt");
+    let want = ["non-finite logit at position 0 (id 50000)", m];
+    let ppl = ["ppl", "--model", m, "--text", text.to_str().unwrap(), "--max-tokens", "300", "--train-len", "64"];
+    let err = format!("{:#}", cli(&[&ppl[..], &["--out", o]].concat()).unwrap_err());
+    assert_mentions(&err, &want);
+    assert!(!out.path().join("results.json").exists(), "a NaN run wrote results");
+    let ids = out.path().join("ids.txt");
+    std::fs::write(&ids, "1 2 3").unwrap();
+    let logits_out = out.path().join("logits.safetensors");
+    let logits = ["logits", "--model", m, "--ids", ids.to_str().unwrap(), "--out", logits_out.to_str().unwrap()];
+    for chunk in ["256", "1"] {
+        let err = format!("{:#}", cli(&[&logits[..], &["--chunk", chunk]].concat()).unwrap_err());
+        assert_mentions(&err, &want);
+        assert!(!logits_out.exists(), "NaN logits were written");
+    }
+    let err = format!("{:#}", cli(&["generate", "--model", m, "--prompt", "Hello", "--max-new", "2"]).unwrap_err());
+    assert_mentions(&err, &["non-finite logit at position", "(id 50000)", m]);
+    let pk = ["passkey", "--model", m, "--lengths", "256", "--samples", "1", "--out", o];
+    let err = format!("{:#}", cli(&pk).unwrap_err());
+    assert_mentions(&err, &["non-finite", "(id 50000)", m]);
 }
 
 /// Without the `cuda` feature, `--device cuda` is one line saying how to get it; bad GPU options are

@@ -13,7 +13,17 @@ fn read(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+/// Writes `v` as stuffed would: sealed again (format version and checksum) when it was sealed.
 fn write(dir: &Path, name: &str, v: &Value) -> PathBuf {
+    let v = match v["stuffed_format"]["kind"].as_str() {
+        Some(kind) => stuffed::report::seal(kind, v.clone()).unwrap(),
+        None => v.clone(),
+    };
+    write_raw(dir, name, &v)
+}
+
+/// Writes `v` as it is (an edit stuffed did not make, or a file from before seals).
+fn write_raw(dir: &Path, name: &str, v: &Value) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, serde_json::to_string(v).unwrap()).unwrap();
@@ -103,4 +113,32 @@ fn laws_bracket_fit_and_refuse() {
     forget["forget"] = "rri:a=0.9,b=0.5".into();
     let forget = write(&tmp.path().join("forget"), "summary.json", &forget);
     assert!(err(&[&forget]).contains("no T_forget verdict and no passkey grid"), "{}", err(&[&forget]));
+
+    // Files read back are checked: an edit stuffed did not make is refused by its checksum; a
+    // verdict standing on a null (non-finite) L_in or L_out, or a null verdict, is refused even
+    // when sealed again; a results.json from before seals is read with a warning, an old summary not.
+    let mut edited = res.clone();
+    edited["runs"][0]["t_forget"]["train_len"] = 4096.into();
+    let e = err(&[&write_raw(&tmp.path().join("edited"), "results.json", &edited)]);
+    assert!(e.contains("edited/results.json: checksum mismatch"), "{e}");
+    for (field, want) in
+        [("l_in", "stands on a null or non-finite L_in or L_out"), ("verdict", "has a training length but no verdict")]
+    {
+        let mut null = res.clone();
+        null["runs"][0]["t_forget"][field] = Value::Null;
+        let e = err(&[&write(&tmp.path().join(format!("null-{field}")), "results.json", &null)]);
+        assert!(e.contains(want), "{field}: {e}");
+    }
+    let mut wrong = res.clone();
+    wrong["runs"][0]["t_forget"]["verdict"] = "forgets".into(); // the short model does not forget
+    let e = err(&[&write(&tmp.path().join("wrong"), "results.json", &wrong)]);
+    assert!(e.contains("contradicts its L_in"), "{e}");
+    let unseal = |v: &Value| {
+        let mut v = v.clone();
+        v.as_object_mut().unwrap().retain(|k, _| k != "stuffed_format" && k != "checksum");
+        v
+    };
+    cli(&["laws", s(&write_raw(&tmp.path().join("old"), "results.json", &unseal(&res))), "--out", s(&out)]).unwrap();
+    let e = err(&[&write_raw(&tmp.path().join("old-pk"), "summary.json", &unseal(&summary))]);
+    assert!(e.contains("old-pk/summary.json: written by an older stuffed"), "{e}");
 }

@@ -13,8 +13,68 @@ fn model() -> PathBuf {
 }
 
 fn cli(args: &[&str]) {
+    cli_result(args).unwrap();
+}
+
+fn cli_result(args: &[&str]) -> anyhow::Result<()> {
     use clap::Parser;
-    run(Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied())).unwrap()).unwrap();
+    run(Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied()))?)
+}
+
+/// A grid is resumed only by the run that made it: another model (by content), seed, template or
+/// max-new is refused, saying what differs; an unfinished grid is never lost without a flag; a
+/// damaged record (not the torn last line of a crash) is an error naming its line.
+#[test]
+fn resume_refuses_another_grid_saying_what_differs() {
+    let (tmp, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let o = out.path().to_str().unwrap();
+    let m = model();
+    let base = ["passkey", "--lengths", "256", "--samples", "2", "--out", o];
+    let with = |m: &Path, extra: &[&str]| {
+        let mut a = vec!["passkey", "--model", m.to_str().unwrap()];
+        a.extend(&base[1..]);
+        a.extend(extra);
+        cli_result(&a).map_err(|e| format!("{e:#}"))
+    };
+    with(&m, &[]).unwrap();
+    // Killed before its summary: the records are an unfinished grid.
+    std::fs::remove_file(out.path().join("summary.json")).unwrap();
+    let e = with(&m, &[]).unwrap_err();
+    assert!(
+        e.contains("holds an unfinished passkey run") && e.contains("--resume") && e.contains("--overwrite"),
+        "{e}"
+    );
+    for (extra, want) in [
+        (&["--seed", "1"][..], "options.seed: 0 → 1"),
+        (&["--template", "paper"][..], "options.template: \"code\" → \"paper\""),
+        (&["--max-new", "7"][..], "options.max_new: 5 → 7"),
+        (&["--bos"][..], "options.bos: false → true"),
+    ] {
+        let e = with(&m, &[extra, &["--resume"]].concat()).unwrap_err();
+        assert!(e.contains("refusing to resume") && e.contains(want), "{extra:?}: {e}");
+    }
+    let copy = tmp.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(m.join(f), copy.join(f)).unwrap();
+    }
+    with(&copy, &["--resume"]).unwrap(); // the same model by another path: resumes
+    std::fs::remove_file(out.path().join("summary.json")).unwrap();
+    let f = copy.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    std::fs::write(&f, bytes).unwrap();
+    let e = with(&copy, &["--resume"]).unwrap_err();
+    assert!(e.contains("model.content"), "{e}");
+    // A record edited by hand, not the last line: refused by its checksum, naming the line.
+    let jsonl = out.path().join("results.jsonl");
+    let text = std::fs::read_to_string(&jsonl).unwrap();
+    std::fs::write(&jsonl, text.replacen("\"correct\":false", "\"correct\":true", 1)).unwrap();
+    let e = with(&m, &["--resume"]).unwrap_err();
+    assert!(e.contains("results.jsonl line 1: checksum mismatch"), "{e}");
+    with(&m, &["--overwrite"]).unwrap();
+    assert!(out.path().join("summary.json").exists());
 }
 
 fn records(dir: &Path) -> Vec<Record> {
@@ -31,6 +91,7 @@ fn summary(dir: &Path) -> serde_json::Value {
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("runs");
+    v.as_object_mut().unwrap().remove("checksum"); // it covers the run facts too
     v
 }
 
@@ -168,6 +229,7 @@ fn shards_merge_to_the_unsharded_result_and_resume_loses_nothing() {
         std::fs::read_to_string(full.path().join("results.jsonl")).unwrap().lines().map(String::from).collect();
     let torn = format!("{}\n{}", lines[..4].join("\n"), &lines[4][..20]);
     std::fs::write(part.path().join("results.jsonl"), torn).unwrap();
+    std::fs::copy(full.path().join("passkey.run.json"), part.path().join("passkey.run.json")).unwrap();
     cli(&[&base[..], &["--out", part.path().to_str().unwrap(), "--resume"]].concat());
     assert_eq!(records(part.path()), records(full.path()));
     assert_eq!(summary(part.path()), summary(full.path()));

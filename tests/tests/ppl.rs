@@ -166,13 +166,56 @@ fn resume_equals_uninterrupted() {
     let done = std::fs::read(part.path().join("results.json")).unwrap();
     go(ppl_args(&ps, &[&ck[..], &["--resume"]].concat())).unwrap();
     assert_eq!(std::fs::read(part.path().join("results.json")).unwrap(), done);
+    // A requeued job killed before its first checkpoint passes --resume too: it starts the run.
     let fresh = tempfile::tempdir().unwrap();
-    let err = format!("{:#}", go(ppl_args(fresh.path().to_str().unwrap(), &["--resume"])).unwrap_err());
-    assert!(err.contains("no checkpoint to resume from"), "{err}");
-    // A resume against other options is refused.
+    go(ppl_args(
+        fresh.path().to_str().unwrap(),
+        &["--nll-out", &format!("{}/nll.f32", fresh.path().display()), "--train-len", "2048", "--resume"],
+    ))
+    .unwrap();
+    assert_eq!(results(fresh.path())["runs"][0]["buckets_linear"], a["runs"][0]["buckets_linear"]);
+    // A checkpoint is never lost silently: a run without --resume is refused, naming both ways on;
+    // --overwrite discards it and starts again.
     go(ppl_args(&ps, &["--checkpoint-every", "1000", "--stop-after", "1000"])).unwrap();
+    let err = format!("{:#}", go(ppl_args(&ps, &["--checkpoint-every", "1000"])).unwrap_err());
+    assert!(
+        err.contains("holds an unfinished ppl run") && err.contains("--resume") && err.contains("--overwrite"),
+        "{err}"
+    );
+    // A resume against other options is refused, saying what differs.
     let err = format!("{:#}", go(ppl_args(&ps, &["--bucket", "128", "--resume"])).unwrap_err());
-    assert!(err.contains("refusing to resume"), "{err}");
+    assert!(err.contains("refusing to resume") && err.contains("options.bucket: 512 → 128"), "{err}");
+    go(ppl_args(&ps, &["--bucket", "128", "--overwrite"])).unwrap();
+    assert!(!part.path().join("ppl.checkpoint.safetensors").exists());
+    assert_eq!(results(part.path())["options"]["bucket"], 128);
+}
+
+/// A model is known by its content: the same files reached by another path resume; other weights
+/// under the same name are refused, saying the model's content differs.
+#[test]
+fn resume_knows_the_model_by_content() {
+    let (tmp, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let copy = tmp.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(neox_tiny().join(f), copy.join(f)).unwrap();
+    }
+    let o = out.path().to_str().unwrap();
+    let args = |m: &Path, extra: &[&str]| {
+        let mut v = ppl_args(o, extra);
+        v[2] = m.display().to_string();
+        v
+    };
+    go(args(&neox_tiny(), &["--checkpoint-every", "1000", "--stop-after", "1000"])).unwrap();
+    go(args(&copy, &["--resume", "--stop-after", "2000", "--checkpoint-every", "1000"])).unwrap();
+    // The same name, other weights (one byte of one tensor).
+    let f = copy.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    std::fs::write(&f, bytes).unwrap();
+    let err = format!("{:#}", go(args(&copy, &["--resume"])).unwrap_err());
+    assert!(err.contains("refusing to resume") && err.contains("models[0].content"), "{err}");
 }
 
 #[test]
@@ -299,4 +342,114 @@ fn shards_merge_to_the_unsharded_run() {
     let other = run("other", &["--shard", "2/2", "--forget", "dt:c=0.5"]);
     assert!(err(&[&s1, &other]).contains("other inputs or options"));
     assert!(err(&[&full]).contains("not a --shard run"));
+
+    // A shard's results.json is read back checked. Edited by hand, it fails its checksum; sums no
+    // run can produce are refused even when sealed again (as a forger would), and an array one
+    // element short is an error, not a panic.
+    let s2_json = results(Path::new(&s2));
+    let tampered = |name: &str, edit: &dyn Fn(&mut serde_json::Value), reseal: bool| {
+        let mut v = s2_json.clone();
+        edit(&mut v["runs"][0]["acc"]);
+        if reseal {
+            v = stuffed::report::seal("ppl-results", v).unwrap();
+        }
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("results.json"), serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        err(&[&s1, d.to_str().unwrap()])
+    };
+    let e = tampered("t-edit", &|a| a["sum"] = (a["sum"].as_f64().unwrap() + 1.0).into(), false);
+    assert!(e.contains("t-edit/results.json: checksum mismatch"), "{e}");
+    let cases: [(&str, &Edit, &str); 5] = [
+        ("t-neg", &|a| a["linear"]["sum"][2] = (-5.0).into(), "which no run can produce"),
+        ("t-huge", &|a| a["log2"]["count"][3] = (1u64 << 63).into(), "which no run can produce"),
+        (
+            "t-swap",
+            &|a| {
+                let s = a["linear"]["sum"].as_array_mut().unwrap();
+                s.swap(0, 5);
+            },
+            "which no run can produce",
+        ),
+        (
+            "t-short",
+            &|a| {
+                a["linear"]["sum"].as_array_mut().unwrap().pop();
+            },
+            "sums, ",
+        ),
+        (
+            "t-verdict",
+            &|a| a["verdict"] = serde_json::Value::Null,
+            "no verdict sums although the run has a training length",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let e = tampered(name, edit, true);
+        assert!(e.contains(&format!("{name}/results.json: run 0")) && e.contains(want), "{name}: {e}");
+    }
+    // A results.json from before format versions is refused with a line saying so.
+    let mut old = s2_json.clone();
+    old.as_object_mut().unwrap().retain(|k, _| k != "stuffed_format" && k != "checksum");
+    let d = dir.path().join("t-old");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("results.json"), old.to_string()).unwrap();
+    let e = err(&[&s1, d.to_str().unwrap()]);
+    assert!(e.contains("written by an older stuffed; rerun"), "{e}");
+}
+
+/// A checkpoint is read back checked: edited accumulators fail its checksum, a checkpoint from
+/// before format versions is refused with a line saying so, and accumulators no run can produce
+/// are refused even when the checksum is made to match.
+#[test]
+fn damaged_checkpoints_are_refused() {
+    let part = tempfile::tempdir().unwrap();
+    let ps = part.path().to_str().unwrap().to_string();
+    let ck = ["--train-len", "2048", "--checkpoint-every", "1000"];
+    go(ppl_args(&ps, &[&ck[..], &["--stop-after", "1500"]].concat())).unwrap();
+    let path = part.path().join("ppl.checkpoint.safetensors");
+    let good = std::fs::read(&path).unwrap();
+    let resume = || format!("{:#}", go(ppl_args(&ps, &[&ck[..], &["--resume"]].concat())).unwrap_err());
+    // Rewrite the checkpoint's snapshot through `edit`, keeping or dropping the seal.
+    let rewrite = |edit: &dyn Fn(&mut serde_json::Value),
+                   meta: &dyn Fn(&mut std::collections::HashMap<String, String>)| {
+        let st = safetensors::SafeTensors::deserialize(&good).unwrap();
+        let (_, m) = safetensors::SafeTensors::read_metadata(&good).unwrap();
+        let mut m = m.metadata().clone().unwrap();
+        let mut snap: serde_json::Value = serde_json::from_str(&m["snapshot"]).unwrap();
+        edit(&mut snap);
+        m.insert("snapshot".into(), snap.to_string());
+        meta(&mut m);
+        let views: Vec<_> = st.tensors();
+        std::fs::write(&path, safetensors::serialize(views, Some(m)).unwrap()).unwrap();
+    };
+    rewrite(&|s| s["acc"]["sum"] = (s["acc"]["sum"].as_f64().unwrap() * 0.5).into(), &|_| {});
+    let e = resume();
+    assert!(e.contains("ppl.checkpoint.safetensors: checksum mismatch"), "{e}");
+    rewrite(&|_| {}, &|m| {
+        m.remove("stuffed_format");
+    });
+    let e = resume();
+    assert!(e.contains("written by an older stuffed"), "{e}");
+    // Sealed again through the library (what a forger could do): the sums themselves are checked.
+    let st = safetensors::SafeTensors::deserialize(&good).unwrap();
+    let (_, m) = safetensors::SafeTensors::read_metadata(&good).unwrap();
+    let mut snap: serde_json::Value = serde_json::from_str(&m.metadata().as_ref().unwrap()["snapshot"]).unwrap();
+    snap["acc"]["count"] = (snap["acc"]["count"].as_u64().unwrap() + 7).into();
+    let tensors: Vec<(String, Vec<f32>)> = st.tensors().into_iter().map(|(n, t)| (n, bytemuck_f32(t.data()))).collect();
+    let values: Vec<(&str, stuffed::report::Values)> =
+        tensors.iter().map(|(n, v)| (n.as_str(), stuffed::report::Values::F32(v))).collect();
+    stuffed::report::save_checkpoint(&path, &snap.to_string(), &values).unwrap();
+    let e = resume();
+    assert!(e.contains("the linear buckets add up to"), "{e}");
+    // The untouched checkpoint still resumes.
+    std::fs::write(&path, &good).unwrap();
+    go(ppl_args(&ps, &[&ck[..], &["--resume"]].concat())).unwrap();
+}
+
+/// An edit of a results.json's accumulators.
+type Edit = dyn Fn(&mut serde_json::Value);
+
+fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }

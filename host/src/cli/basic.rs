@@ -159,6 +159,7 @@ pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize, dev: &sup
     if dev.device == crate::score::Device::Cuda {
         let t0 = std::time::Instant::now();
         let all = crate::score::cuda_logits(&m, &ids, chunk, dev.gpu()?)?;
+        crate::session::check_logits(&m, &all, 0)?;
         let secs = t0.elapsed().as_secs_f64();
         write_f32(out, "logits", &[ids.len(), v], &all)?;
         eprintln!("{} tokens in {:.3} s on the GPU (incl. upload and the logits download)", ids.len(), secs);
@@ -170,7 +171,9 @@ pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize, dev: &sup
     let t0 = std::time::Instant::now();
     s.feed(&ids, &mut |start, h| {
         let t = h.len() / d;
-        Ok(net.logits(&ex, h, t, &mut all[start * v..(start + t) * v])?)
+        let rows = &mut all[start * v..(start + t) * v];
+        net.logits(&ex, h, t, rows)?;
+        crate::session::check_logits(&m, rows, start as u64)
     })?;
     let secs = t0.elapsed().as_secs_f64();
     write_f32(out, "logits", &[ids.len(), v], &all)?;

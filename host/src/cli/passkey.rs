@@ -34,9 +34,14 @@ pub struct PasskeyArgs {
     #[arg(long, default_value = "passkey-out")]
     out: PathBuf,
     /// Skip samples already in --out/results.jsonl, and continue the haystack's stream from the
-    /// checkpoint when there is one.
+    /// checkpoint when there is one (with neither, start the grid and say so). A grid made with
+    /// another model, template, seed, lengths or options is refused, saying what differs.
     #[arg(long)]
     resume: bool,
+    /// Discard an unfinished grid left in --out (its checkpoint and records); without this or
+    /// --resume one there is refused rather than lost.
+    #[arg(long)]
+    overwrite: bool,
     /// Checkpoint the haystack's stream and the running sample when this many seconds passed since
     /// the last checkpoint (0: never), so a killed grid loses at most that much of either; finished
     /// samples are never lost.
@@ -91,7 +96,14 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         device: a.device.device,
         gpu: a.device.gpu()?,
     };
-    passkey::run(&a.model, &o, &a.out, a.resume, shard, super::checkpoint_secs("passkey", a.checkpoint_secs)?)?;
+    passkey::run(
+        &a.model,
+        &o,
+        &a.out,
+        crate::eval::Continue::from_flags(a.resume, a.overwrite)?,
+        shard,
+        super::checkpoint_secs("passkey", a.checkpoint_secs)?,
+    )?;
     println!("wrote {}/results.jsonl, summary.json, summary.csv, heatmap.svg, last_r.svg", a.out.display());
     Ok(())
 }

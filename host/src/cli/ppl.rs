@@ -44,9 +44,13 @@ pub struct PplArgs {
     /// job); `stuffed merge --out DIR SHARD_DIRS…` pools the shards into the unsharded result.
     #[arg(long)]
     shard: Option<String>,
-    /// Continue from the checkpoint in --out.
+    /// Continue from the checkpoint in --out (with none yet, start the run and say so).
     #[arg(long)]
     resume: bool,
+    /// Discard a checkpoint left in --out by an unfinished run (without this or --resume, one there
+    /// is refused rather than lost).
+    #[arg(long)]
+    overwrite: bool,
     /// Stop (with a checkpoint) after N tokens, for batch jobs with time limits.
     #[arg(long, value_parser = crate::text::parse_count)]
     stop_after: Option<u64>,
@@ -70,6 +74,7 @@ pub struct PplArgs {
 }
 
 pub fn run(mut a: PplArgs) -> Result<()> {
+    let mut cont = crate::eval::Continue::from_flags(a.resume, a.overwrite)?;
     let inputs = if a.model.is_empty() && a.input.is_empty() {
         // The shipped default: the short- and long-trained tiny pair on the held-out novel.
         let (models, text) = crate::defaults::materialize()?;
@@ -79,6 +84,10 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         );
         a.model = models;
         a.log_x = true;
+        // The no-argument run continues its own checkpoint, if an earlier one was killed.
+        if cont == crate::eval::Continue::Refuse {
+            cont = crate::eval::Continue::Auto;
+        }
         vec![crate::text::Input::File(text)]
     } else if a.model.is_empty() {
         bail!("ppl: give --model DIR (repeat it to compare models)");
@@ -115,7 +124,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         device: a.device.device,
         gpu: a.device.gpu()?,
     };
-    let runs = ppl::run(&a.model, &inputs, &o, &a.out, a.resume)?;
+    let runs = ppl::run(&a.model, &inputs, &o, &a.out, cont)?;
     for r in &runs {
         println!(
             "{}: {} tokens scored, mean NLL {:.4} (ppl {:.2}), {:.0} tok/s",

@@ -47,9 +47,14 @@ pub struct ProbeArgs {
     /// (0: never), so a killed probe loses at most that much work.
     #[arg(long, default_value_t = 600.0)]
     checkpoint_secs: f64,
-    /// Continue from the checkpoint in --out (same model, inputs and options).
+    /// Continue from the checkpoint in --out (same model, inputs and options); with none yet,
+    /// start the probe and say so.
     #[arg(long)]
     resume: bool,
+    /// Discard a checkpoint left in --out by an unfinished probe (without this or --resume, one
+    /// there is refused rather than lost).
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -75,5 +80,5 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         gpu: a.device.gpu()?,
         checkpoint_secs,
     };
-    probe::run(&a.model, &inputs, &o, &a.out, a.resume)
+    probe::run(&a.model, &inputs, &o, &a.out, crate::eval::Continue::from_flags(a.resume, a.overwrite)?)
 }

@@ -38,6 +38,8 @@ pub struct GpuMamba2 {
     pub chunk: usize,
     /// Rows of logits alive at once.
     pub sub: usize,
+    /// The model's path, for errors.
+    pub model_path: String,
     embed: DBuf,
     head: Option<DBuf>,
     norm_f: DBuf,
@@ -249,7 +251,13 @@ impl GpuMamba2 {
             real,
             chunk,
             sub,
+            model_path: path,
         })
+    }
+
+    /// Tokens consumed since the last reset (the stream position of the next token).
+    pub fn position(&self) -> u64 {
+        self.pos
     }
 
     /// Whether one-token calls go through cuBLAS (else the fused decode kernels).

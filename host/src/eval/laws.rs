@@ -4,6 +4,7 @@
 //! sweep, T_recall from passkey grids. Units are the paper's: T in K = 1,024 tokens, N_S in millions.
 use crate::report::svg::{LinePlot, Series};
 use crate::report::write_atomic;
+use crate::report::Older;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
@@ -346,7 +347,18 @@ fn read(path: &Path, obs: &mut BTreeMap<(String, u64), Obs>, skipped: &mut Vec<S
     let text = std::fs::read_to_string(&file).map_err(|e| anyhow!("{}: cannot read: {e}", file.display()))?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
     let source = file.display().to_string();
-    match field(&v, "command", &file)?.as_str() {
+    let command = field(&v, "command", &file)?.as_str().map(str::to_string);
+    let (kind, older) = match command.as_deref() {
+        Some("ppl") => (crate::eval::ppl::RESULTS_KIND, Older::Accept),
+        Some("passkey") => (crate::eval::passkey::SUMMARY_KIND, Older::Refuse),
+        _ => bail!("{}: neither a ppl results.json nor a passkey summary.json", file.display()),
+    };
+    let sealed = crate::report::unseal(&source, kind, v, older)?;
+    if sealed.older {
+        eprintln!("laws: {source} was written by an older stuffed (no format version or checksum); read as it stands");
+    }
+    let v = sealed.doc;
+    match command.as_deref() {
         Some("ppl") => {
             if v["options"]["shard"].is_array() {
                 bail!("{}: one shard of a sharded run; `stuffed merge` the shards first", file.display());
@@ -365,10 +377,25 @@ fn read(path: &Path, obs: &mut BTreeMap<(String, u64), Obs>, skipped: &mut Vec<S
                     skipped.push(format!("{source}: {model} has no T_forget verdict (no --train-len)"));
                     continue;
                 };
-                let verdict = field(t, "verdict", &file)?.as_str().unwrap_or_default().to_string();
-                if verdict != "forgets" && verdict != "does not forget" {
+                let Some(verdict) = t.get("verdict").and_then(Value::as_str).map(str::to_string) else {
+                    bail!(
+                        "{source}: {model} has a training length but no verdict; refusing a damaged result (rerun it)"
+                    );
+                };
+                if verdict == "undetermined" {
                     skipped.push(format!("{source}: {model}'s verdict is {verdict}"));
                     continue;
+                }
+                let nll = |k: &str| t.get(k).and_then(Value::as_f64).filter(|x| x.is_finite());
+                let (Some(l_in), Some(l_out)) = (nll("l_in"), nll("l_out")) else {
+                    bail!(
+                        "{source}: {model}'s verdict '{verdict}' stands on a null or non-finite L_in or L_out ({}, {}); refusing it (rerun that model)",
+                        t["l_in"],
+                        t["l_out"]
+                    );
+                };
+                if verdict != ["does not forget", "forgets"][(l_out <= 2.0 * l_in) as usize] {
+                    bail!("{source}: {model}'s verdict '{verdict}' contradicts its L_in {l_in} and L_out {l_out}");
                 }
                 let obs_v = VerdictObs {
                     model,
@@ -410,7 +437,7 @@ fn read(path: &Path, obs: &mut BTreeMap<(String, u64), Obs>, skipped: &mut Vec<S
             };
             obs.entry((family, n_s)).or_default().recalls.push(obs_r);
         }
-        _ => bail!("{}: neither a ppl results.json nor a passkey summary.json", file.display()),
+        _ => {}
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -249,22 +249,57 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((k, n))
 }
 
-fn read_records(path: &Path) -> Result<Vec<Record>> {
+/// The kind each results.jsonl line is sealed as, and the run file that ties them to their run.
+const RECORD_KIND: &str = "passkey-record";
+const RUN_FILE: &str = "passkey.run.json";
+const RUN_KIND: &str = "passkey-run";
+pub const SUMMARY_KIND: &str = "passkey-summary";
+
+/// One results.jsonl line: the record sealed with the fingerprint of the run that made it.
+fn record_line(r: &Record, fp: &str) -> Result<String> {
+    let mut v = serde_json::to_value(r)?;
+    v["run"] = fp.into();
+    Ok(serde_json::to_string(&crate::report::seal(RECORD_KIND, v)?)?)
+}
+
+/// The records of a results.jsonl, each line's seal checked and its run's fingerprint returned
+/// beside it. Only the last line may be torn (a crash mid-write: that sample runs again); any other
+/// damaged, older or foreign line is an error naming the file and line.
+fn read_records(path: &Path) -> Result<Vec<(Record, String)>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let f = std::fs::File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        // A line cut by a crash mid-write is the sample in flight: drop it.
-        match serde_json::from_str(&line) {
-            Ok(r) => out.push(r),
-            Err(_) => eprintln!("{}: line {} is incomplete; that sample runs again", path.display(), i + 1),
+        let what = format!("{} line {}", path.display(), i + 1);
+        let v = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {
+                eprintln!("{what} is incomplete (cut by a crash); that sample runs again");
+                continue;
+            }
+            Err(e) => bail!("{what}: not JSON: {e}"),
+        };
+        let v = crate::report::unseal(&what, RECORD_KIND, v, crate::report::Older::Refuse)?.doc;
+        let run = v["run"].as_str().ok_or_else(|| anyhow!("{what}: no run fingerprint"))?.to_string();
+        let r: Record = serde_json::from_value(v).map_err(|e| anyhow!("{what}: {e}"))?;
+        if !(r.depth.is_finite() && (0.0..=1.0).contains(&r.depth) && r.needle_block < r.num_blocks.max(1))
+            || r.key_nll.is_some_and(|k| !k.is_finite() || k < -1e-3)
+            || r.needle_pos > r.prompt_tokens
+        {
+            bail!(
+                "{what}: values no passkey run writes (depth {}, block {} of {})",
+                r.depth,
+                r.needle_block,
+                r.num_blocks
+            );
         }
+        out.push((r, run));
     }
     Ok(out)
 }
@@ -320,14 +355,9 @@ struct TailSnapshot {
     tau: Vec<f32>,
 }
 
-/// Everything that decides a grid's numbers: the model, the options and the shard.
-fn fingerprint(model: &Path, o: &Options, shard: Option<(usize, usize)>) -> Result<String> {
-    let key = serde_json::json!({
-        "model": crate::report::canonical(model),
-        "options": o,
-        "shard": shard,
-    });
-    crate::report::fingerprint(&key)
+/// Everything that decides a grid's numbers: the model (by content), the options and the shard.
+fn run_key(model: &Model, o: &Options, shard: Option<(usize, usize)>) -> serde_json::Value {
+    serde_json::json!({"model": super::model_key(model), "options": o, "shard": shard})
 }
 
 fn tokens_sha(ids: &[u32]) -> String {
@@ -387,7 +417,7 @@ pub fn run(
     model_path: &Path,
     o: &Options,
     out: &Path,
-    resume: bool,
+    cont: super::Continue,
     shard: Option<(usize, usize)>,
     checkpoint_secs: Option<f64>,
 ) -> Result<()> {
@@ -399,19 +429,53 @@ pub fn run(
     let real = real_vocab(&model, &tok);
     let tpl = template(o.template);
     let jsonl = out.join("results.jsonl");
-    let mut done: Vec<Record> = if resume { read_records(&jsonl)? } else { Vec::new() };
+    let key = run_key(&model, o, shard);
+    let fp = crate::report::fingerprint(&key)?;
+    // Records without a summary are an unfinished grid too (its checkpoint may not be written yet).
+    let mut unfinished = vec![out.join(CKPT), out.join(RUN_FILE)];
+    if !out.join("summary.json").exists() {
+        unfinished.push(jsonl.clone());
+    }
+    let resume = cont.resumes("passkey", out, &unfinished)?;
+    let run_file = out.join(RUN_FILE);
+    let mut done: Vec<Record> = Vec::new();
+    if resume && (run_file.exists() || jsonl.exists()) {
+        if !run_file.exists() {
+            bail!(
+                "{}: records without {RUN_FILE}: written by an older stuffed; rerun (or --overwrite)",
+                jsonl.display()
+            );
+        }
+        let run = crate::report::read_sealed(&run_file, RUN_KIND, crate::report::Older::Refuse)?.doc;
+        if run["fingerprint"].as_str() != Some(fp.as_str()) {
+            return Err(super::other_run(&run_file, &run["key"], &key));
+        }
+        for (r, run) in read_records(&jsonl)? {
+            if run != fp {
+                bail!(
+                    "{}: holds sample {} of length {} from another run than {}",
+                    jsonl.display(),
+                    r.sample,
+                    r.length,
+                    run_file.display()
+                );
+            }
+            done.push(r);
+        }
+    }
+    let run_doc = crate::report::seal(RUN_KIND, serde_json::json!({"fingerprint": fp, "key": key}))?;
+    write_atomic(&run_file, serde_json::to_string_pretty(&run_doc)?.as_bytes())?;
     let seen: BTreeSet<(u64, usize)> = done.iter().map(|r| (r.length, r.sample)).collect();
     // Rewrite the kept lines (drops a torn last line), then append.
     let mut file = std::fs::File::create(&jsonl).map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
     for r in &done {
-        writeln!(file, "{}", serde_json::to_string(r)?)?;
+        writeln!(file, "{}", record_line(r, &fp)?)?;
     }
     let bos = if o.bos {
         Some(tok.token_id("<|endoftext|>").ok_or_else(|| anyhow!("{}: no <|endoftext|> token for --bos", tok.source))?)
     } else {
         None
     };
-    let fp = fingerprint(model_path, o, shard)?;
     let mut restored = if resume { load_checkpoint(out, &fp)? } else { None };
     let mut last_ckpt = Instant::now();
     let mut facts = RunFacts { shard: shard.map(|(k, n)| format!("{k}/{n}")), ..Default::default() };
@@ -582,7 +646,7 @@ pub fn run(
                 shared_prefix: branch,
                 key_nll: Some(key_nll),
             };
-            writeln!(file, "{}", serde_json::to_string(&rec)?)?;
+            writeln!(file, "{}", record_line(&rec, &fp)?)?;
             file.flush()?;
             eprintln!(
                 "passkey {length}: sample {} depth {:.3} key {} → {:?} {}",
@@ -701,6 +765,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "scoring": "greedy decoding of max_new tokens; correct iff the key string is a substring of the decoded continuation",
         "runs": runs,
     });
+    let summary = crate::report::seal(SUMMARY_KIND, summary)?;
     write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     write_atomic(&out.join("summary.csv"), csv.as_bytes())?;
     let x: Vec<String> = o.lengths.iter().map(|&l| crate::report::svg::fmt_tokens(l)).collect();
@@ -741,9 +806,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     let mut first: Option<(ModelInfo, Options)> = None;
     for d in dirs {
         let sp = d.join("summary.json");
-        let text = std::fs::read_to_string(&sp).map_err(|e| anyhow!("{}: cannot read: {e}", sp.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", sp.display()))?;
+        let v = crate::report::read_sealed(&sp, SUMMARY_KIND, crate::report::Older::Refuse)?.doc;
         let info: ModelInfo =
             serde_json::from_value(v["model"].clone()).with_context(|| format!("{}: no model facts", sp.display()))?;
         let opts: Options =
@@ -758,17 +821,28 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
             }
         }
         runs.extend(shard_runs);
-        records.extend(read_records(&d.join("results.jsonl"))?);
+        let run = crate::report::read_sealed(&d.join(RUN_FILE), RUN_KIND, crate::report::Older::Refuse)?.doc;
+        for (r, fp) in read_records(&d.join("results.jsonl"))? {
+            if run["fingerprint"].as_str() != Some(fp.as_str()) {
+                bail!(
+                    "{}: a record from another run than {}",
+                    d.join("results.jsonl").display(),
+                    d.join(RUN_FILE).display()
+                );
+            }
+            records.push((r, fp));
+        }
     }
     let Some((info, opts)) = first else { bail!("merge: nothing to merge") };
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
-    records.sort_by_key(|r| (r.length, r.sample));
-    records.dedup_by_key(|r| (r.length, r.sample));
+    records.sort_by_key(|r| (r.0.length, r.0.sample));
+    records.dedup_by_key(|r| (r.0.length, r.0.sample));
     let mut lines = String::new();
-    for r in &records {
-        lines += &serde_json::to_string(r)?;
+    for (r, fp) in &records {
+        lines += &record_line(r, fp)?;
         lines.push('\n');
     }
     write_atomic(&out.join("results.jsonl"), lines.as_bytes())?;
+    let records: Vec<Record> = records.into_iter().map(|r| r.0).collect();
     write_summary(out, &info, &opts, &records, &runs)
 }

@@ -3,6 +3,7 @@
 //!
 //! Tokens go through the model in chunks aligned to multiples of `chunk` from each document's start,
 //! so a resumed run splits the stream exactly as an uninterrupted one and gives identical numbers.
+use super::Continue;
 use crate::cli::basic::{dir_of, real_vocab};
 use crate::model::{Model, ModelInfo};
 use crate::report::{self, peak_rss_bytes, write_atomic, Progress, Values};
@@ -97,11 +98,41 @@ impl Buckets {
         self.count[i] += 1;
     }
 
+    /// Checks sums read back from a file: one sum, square sum and count per bucket, finite
+    /// non-negative sums (an NLL is ≥ 0, less rounding), square sums that can belong to the sums
+    /// (n·Σx² ≥ (Σx)²), counts below 2^53. Returns the total count and sum.
+    fn validate(&self, what: &str) -> Result<(u64, f64)> {
+        let n = self.count.len();
+        if self.sum.len() != n || self.sq.len() != n {
+            bail!("{what}: {} sums, {} square sums and {n} counts", self.sum.len(), self.sq.len());
+        }
+        let (mut count, mut sum) = (0u64, 0f64);
+        for i in 0..n {
+            let (c, s, q) = (self.count[i], self.sum[i], self.sq[i]);
+            let cf = c as f64;
+            let ok = c < 1 << 53
+                && s.is_finite()
+                && q.is_finite()
+                && s >= -1e-3 * cf
+                && q >= 0.0
+                && (c > 0 || (s == 0.0 && q == 0.0))
+                && cf * q >= s * s * (1.0 - 1e-9) - 1e-9;
+            if !ok {
+                bail!("{what}: bucket {i} holds count {c}, sum {s}, square sum {q}, which no run can produce");
+            }
+            count = count.checked_add(c).ok_or_else(|| anyhow!("{what}: counts overflow"))?;
+            sum += s;
+        }
+        Ok((count, sum))
+    }
+
     /// Adds `other`'s sums (the same scheme) bucket by bucket.
     fn merge(&mut self, other: &Buckets) -> Result<()> {
         if other.width != self.width {
             bail!("bucket widths differ ({} vs {})", self.width, other.width);
         }
+        self.validate("bucket sums")?;
+        other.validate("bucket sums")?;
         let n = self.count.len().max(other.count.len());
         self.sum.resize(n, 0.0);
         self.sq.resize(n, 0.0);
@@ -162,6 +193,8 @@ pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
     let l_in = max(&mut rows.iter().filter(|r| r.start > 0 && r.end <= train_len));
     let l_out = max(&mut rows.iter().filter(|r| r.start >= train_len));
     let verdict = match (l_in, l_out) {
+        // Never a verdict from a NaN or an infinity (the run stops before one could reach a bucket).
+        (Some(i), Some(o)) if !(i.is_finite() && o.is_finite()) => "undetermined",
         (Some(i), Some(o)) if o <= 2.0 * i => "forgets",
         (Some(_), Some(_)) => "does not forget",
         _ => "undetermined",
@@ -216,6 +249,8 @@ pub struct RunResult {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Snapshot {
     fingerprint: String,
+    /// What the fingerprint hashes, so that a refused resume can say what differs.
+    key: serde_json::Value,
     model_index: usize,
     doc_index: usize,
     doc_pos: u64,
@@ -295,15 +330,14 @@ impl DocStream<'_> {
     }
 }
 
-/// Everything that decides the numbers: models, inputs' content, options.
-fn fingerprint(models: &[PathBuf], inputs: &[Input], hashes: &[String], o: &Options) -> Result<String> {
-    let key = serde_json::json!({
-        "models": models.iter().map(|m| report::canonical(m)).collect::<Vec<_>>(),
+/// Everything that decides the numbers: models (by content), inputs' content, options.
+fn run_key(models: &[serde_json::Value], inputs: &[Input], hashes: &[String], o: &Options) -> serde_json::Value {
+    serde_json::json!({
+        "models": models,
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
         "hashes": hashes,
         "options": deciding(o), "nll_out": o.nll_out, "shard": o.shard,
-    });
-    report::fingerprint(&key)
+    })
 }
 
 /// The options that decide the numbers of a run (not where it writes, when it checkpoints, or its share).
@@ -331,6 +365,13 @@ fn load_checkpoint(out: &Path) -> Result<(Snapshot, Vec<f32>, Option<Vec<f32>>)>
     Ok((c.snapshot, state, pending))
 }
 
+/// Which run a checkpoint belongs to: its fingerprint and the key it hashes.
+#[derive(Clone, Copy)]
+struct RunAt<'a> {
+    fp: &'a str,
+    key: &'a serde_json::Value,
+}
+
 /// How the stream of one run ended.
 enum Flow {
     Done,
@@ -338,25 +379,39 @@ enum Flow {
 }
 
 /// `stuffed ppl`: every model over every document; writes results.json, loss.csv, loss.svg.
-pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, resume: bool) -> Result<Vec<RunResult>> {
+/// `cont` says what to do with a checkpoint already in `out`.
+pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: Continue) -> Result<Vec<RunResult>> {
     let _armed = crate::interrupt::arm(); // from the start: a signal during loading is caught too
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
-    let fp = fingerprint(models, inputs, &hashes, o)?;
-    if resume && !out.join(CKPT).exists() {
+    // Every model, tokenizer and method is checked before the first run, so that a bad last one does
+    // not end the command after the others' work (the checkpoint writes no results.json).
+    let mut model_keys = Vec::new();
+    for mpath in models {
+        let model = Model::load(mpath)?;
+        for forget in &o.forget {
+            Model::load(mpath)?.set_forget(*forget)?;
+        }
+        Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
+        model_keys.push(super::model_key(&model));
+    }
+    let key = run_key(&model_keys, inputs, &hashes, o);
+    let fp = report::fingerprint(&key)?;
+    let ckpt = out.join(CKPT);
+    if cont == Continue::Resume && !ckpt.exists() {
         // A requeued job whose run already finished: its results stand.
-        if let Some(runs) = finished_runs(out, &fp) {
+        if let Some(runs) = finished_runs(out, &fp)? {
             eprintln!("ppl: {} already holds this run's results; nothing to resume", out.display());
             return Ok(runs);
         }
     }
-    let mut snap = if resume {
+    let mut snap = if cont.resumes("ppl", out, std::slice::from_ref(&ckpt))? {
         let (snap, state, pending) = load_checkpoint(out)?;
         if snap.fingerprint != fp {
-            bail!(
-                "{}: the checkpoint was made with other models, inputs or options; refusing to resume (start without --resume, or use another --out)",
-                out.join(CKPT).display()
-            );
+            return Err(super::other_run(&ckpt, &snap.key, &key));
+        }
+        for (i, r) in snap.finished.iter().enumerate() {
+            r.acc.validate(&format!("{}: finished run {i}", ckpt.display()), o.bucket, r.train_len)?;
         }
         Some((snap, state, pending))
     } else {
@@ -368,18 +423,13 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, resume
     // One run per (model, forgetting method), model-major.
     let jobs: Vec<(&PathBuf, crate::forget::ForgetSpec)> =
         models.iter().flat_map(|m| o.forget.iter().map(move |f| (m, *f))).collect();
-    // Every model, tokenizer and method is checked before the first run, so that a bad last one does
-    // not end the command after the others' work (the checkpoint writes no results.json).
-    for (mpath, forget) in &jobs {
-        Model::load(mpath)?.set_forget(*forget)?;
-        Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
-    }
     for (mi, (mpath, forget)) in jobs.iter().enumerate().skip(first_model) {
         let mut model = Model::load(mpath)?;
         model.set_forget(*forget)?;
         let tok = Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
         let resumed = snap.take().filter(|s| s.0.model_index == mi);
-        match run_model(&model, &tok, mi, jobs.len(), inputs, o, out, &fp, &finished, resumed, &mut processed)? {
+        let at = RunAt { fp: &fp, key: &key };
+        match run_model(&model, &tok, mi, jobs.len(), inputs, o, out, at, &finished, resumed, &mut processed)? {
             (Flow::Done, r) => finished.push(r),
             (Flow::Stopped, _) => {
                 eprintln!("stopped after {processed} tokens; checkpoint in {}; continue with --resume", out.display());
@@ -406,7 +456,7 @@ fn run_model(
     inputs: &[Input],
     o: &Options,
     out: &Path,
-    fp: &str,
+    at: RunAt,
     finished: &[RunResult],
     resumed: Option<(Snapshot, Vec<f32>, Option<Vec<f32>>)>,
     processed: &mut u64,
@@ -436,6 +486,8 @@ fn run_model(
                     scorer.state_len()
                 );
             }
+            let what = format!("{}: model {mi}", out.join(CKPT).display());
+            s.acc.validate(&what, o.bucket, train_len)?;
             (s.acc, s.doc_index, s.doc_pos, Some((state, pending, s.tau)), s.nll_len)
         }
         None => (fresh_acc(), 0, 0, None, None),
@@ -528,7 +580,8 @@ fn run_model(
                 };
                 let (state, pending, tau) = scorer.snapshot()?;
                 let snap = Snapshot {
-                    fingerprint: fp.to_string(),
+                    fingerprint: at.fp.to_string(),
+                    key: at.key.clone(),
                     model_index: mi,
                     doc_index: k,
                     doc_pos: pos,
@@ -640,10 +693,34 @@ impl RunResult {
     }
 }
 
-/// The runs of a finished results.json in `out` made with fingerprint `fp`.
-fn finished_runs(out: &Path, fp: &str) -> Option<Vec<RunResult>> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).ok()?).ok()?;
-    (v["fingerprint"].as_str() == Some(fp)).then(|| serde_json::from_value(v["runs"].clone()).ok()).flatten()
+/// The kind a ppl results.json is sealed as (`report::seal`).
+pub const RESULTS_KIND: &str = "ppl-results";
+
+/// The runs of a finished results.json in `out` made with fingerprint `fp`; a damaged one is an error.
+fn finished_runs(out: &Path, fp: &str) -> Result<Option<Vec<RunResult>>> {
+    let path = out.join("results.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let v = report::read_sealed(&path, RESULTS_KIND, report::Older::Refuse)?.doc;
+    if v["fingerprint"].as_str() != Some(fp) {
+        return Ok(None);
+    }
+    let runs = read_runs(&path, &v)?;
+    Ok(Some(runs))
+}
+
+/// The runs of a results.json document `v` read from `path`, each one's sums validated against the
+/// options it records and every derived number recomputed from them.
+fn read_runs(path: &Path, v: &serde_json::Value) -> Result<Vec<RunResult>> {
+    let o: Options =
+        serde_json::from_value(v["options"].clone()).map_err(|e| anyhow!("{}: options: {e}", path.display()))?;
+    let runs: Vec<RunResult> =
+        serde_json::from_value(v["runs"].clone()).map_err(|e| anyhow!("{}: runs: {e}", path.display()))?;
+    for (i, r) in runs.iter().enumerate() {
+        r.acc.validate(&format!("{}: run {i}", path.display()), o.bucket, r.train_len)?;
+    }
+    Ok(runs.into_iter().map(RunResult::derived).collect())
 }
 
 /// results.json, loss.csv and loss.svg; `fp` (a run's fingerprint, not a merge's) lets a later
@@ -666,6 +743,7 @@ fn write_outputs(
         "runs": runs,
         "peak_rss_bytes": peak_rss_bytes(),
     });
+    let json = report::seal(RESULTS_KIND, json)?;
     write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     let mut csv = String::from("model,scheme,start,end,count,mean_nll,ppl,stderr\n");
     for r in runs {
@@ -719,6 +797,51 @@ pub fn plot(runs: &[RunResult], o: &Options) -> String {
 }
 
 impl Acc {
+    /// Checks accumulators read back from a file (a checkpoint or a shard's results.json) against
+    /// the options they were made with: bucket widths, each scheme's sums (see `Buckets::validate`)
+    /// adding up to the totals, a verdict's sums present iff there is a training length.
+    fn validate(&self, what: &str, bucket: u64, train_len: Option<u64>) -> Result<()> {
+        if self.linear.width != bucket || self.log2.width != 0 {
+            bail!(
+                "{what}: bucket widths {} and {} where the run has {bucket} and 0",
+                self.linear.width,
+                self.log2.width
+            );
+        }
+        let schemes = [Some(&self.linear), Some(&self.log2), self.verdict.as_ref()];
+        for (name, b) in ["linear", "log2", "verdict"].iter().zip(schemes) {
+            let Some(b) = b else { continue };
+            let (count, sum) = b.validate(&format!("{what}: {name} buckets"))?;
+            let close = (sum - self.sum).abs() <= 1e-9 * self.sum.abs().max(1.0) * (1 + b.count.len()) as f64;
+            if count != self.count || !close {
+                bail!(
+                    "{what}: the {name} buckets add up to {count} tokens and {sum} nats, the totals say {} and {}",
+                    self.count,
+                    self.sum
+                );
+            }
+        }
+        match (train_len, &self.verdict) {
+            (Some(t), Some(v)) if v.width == verdict_width(t) => {}
+            (Some(t), Some(v)) => {
+                bail!("{what}: verdict buckets of {} tokens where --train-len {t} gives {}", v.width, verdict_width(t))
+            }
+            (Some(t), None) => bail!("{what}: no verdict sums although the run has a training length ({t})"),
+            (None, Some(_)) => bail!("{what}: verdict sums although the run has no training length"),
+            (None, None) => {}
+        }
+        if self.count > self.tokens_fed || self.longest > self.tokens_fed || self.seconds.is_nan() || self.seconds < 0.0 {
+            bail!(
+                "{what}: {} tokens scored, {} fed, longest document {}, {} s: not what a run writes",
+                self.count,
+                self.tokens_fed,
+                self.longest,
+                self.seconds
+            );
+        }
+        Ok(())
+    }
+
     /// Pools another shard's sums into these.
     fn merge(&mut self, o: &Acc) -> Result<()> {
         self.linear.merge(&o.linear)?;
@@ -741,12 +864,10 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     let mut shards = Vec::new();
     for d in dirs {
         let p = d.join("results.json");
-        let text = std::fs::read_to_string(&p).map_err(|e| anyhow!("{}: cannot read: {e}", p.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))?;
+        let v = report::read_sealed(&p, RESULTS_KIND, report::Older::Refuse)?.doc;
         let o: Options =
             serde_json::from_value(v["options"].clone()).with_context(|| format!("{}: no options", p.display()))?;
-        let runs: Vec<RunResult> = serde_json::from_value(v["runs"].clone())
-            .with_context(|| format!("{}: runs without accumulators (made by an older stuffed?)", p.display()))?;
+        let runs = read_runs(&p, &v)?;
         let Some((k, n)) = o.shard else { bail!("{}: not a --shard run", p.display()) };
         shards.push((p, k, n, o, v["inputs"].clone(), runs));
     }

@@ -46,6 +46,8 @@ const PLOT_POINTS: usize = 2048;
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     fingerprint: String,
+    /// What the fingerprint hashes, so that a refused resume can say what differs.
+    key: serde_json::Value,
     /// Tokens consumed; a report was written here.
     pos: u64,
     tau: Vec<f32>,
@@ -96,26 +98,25 @@ fn csv(path: &Path, header: &str, len: Option<u64>) -> Result<BufWriter<std::fs:
     Ok(BufWriter::new(f))
 }
 
-/// Everything that decides the numbers: the model, the inputs' content and the options.
-fn fingerprint(model: &Path, inputs: &[Input], o: &Options) -> Result<String> {
+/// Everything that decides the numbers: the model (by content), the inputs' content and the options.
+fn run_key(model: &Model, inputs: &[Input], o: &Options) -> Result<serde_json::Value> {
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
-    let key = serde_json::json!({
-        "model": report::canonical(model),
+    Ok(serde_json::json!({
+        "model": super::model_key(model),
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
         "hashes": hashes,
         "options": o,
-    });
-    report::fingerprint(&key)
+    }))
 }
 
 /// A checkpointed run: its snapshot, state, pending row, retention sums and snapshot states.
 type Restored = (Snapshot, Vec<f32>, Option<Vec<f32>>, Vec<f64>, Vec<(u64, Vec<f32>)>);
 
-fn load_checkpoint(out: &Path, fp: &str) -> Result<Restored> {
+fn load_checkpoint(out: &Path, fp: &str, key: &serde_json::Value) -> Result<Restored> {
     let path = out.join(CKPT);
     let mut c = report::load_checkpoint::<Snapshot>(&path, "a probe writes one every --checkpoint-secs")?;
     if c.snapshot.fingerprint != fp {
-        bail!("{}: the checkpoint was made with another model, inputs or options; refusing to resume", path.display());
+        return Err(super::other_run(&path, &c.snapshot.key, key));
     }
     let (state, retention) = (c.take("state")?, c.take("retention")?);
     let at = c.snapshot.snapshots.clone();
@@ -183,7 +184,7 @@ fn csv_series(
 }
 
 /// `stuffed probe`.
-pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume: bool) -> Result<()> {
+pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: super::Continue) -> Result<()> {
     let _armed = crate::interrupt::arm(); // from the start: a signal during loading is caught too
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
@@ -201,8 +202,10 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
     }
     let (names, width) = net.probe_series();
     let ns = names.len();
-    let fp = fingerprint(model_path, inputs, o)?;
-    let restored = if resume { Some(load_checkpoint(out, &fp)?) } else { None };
+    let key = run_key(&model, inputs, o)?;
+    let fp = report::fingerprint(&key)?;
+    let restored =
+        if cont.resumes("probe", out, &[out.join(CKPT)])? { Some(load_checkpoint(out, &fp, &key)?) } else { None };
     let lens = restored.as_ref().map(|r| r.0.csv_lens);
     let len = |i: usize| lens.map(|l| l[i]);
     let mut probe = vec![0f32; net.probe_len()];
@@ -316,7 +319,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, resume:
                 *n = w.get_mut().stream_position()?;
             }
             let snapshots_at = snapshots.iter().map(|(p, _)| *p).collect();
-            let snap = Snapshot { fingerprint: fp.clone(), pos, tau, csv_lens, snapshots: snapshots_at };
+            let snap =
+                Snapshot { fingerprint: fp.clone(), key: key.clone(), pos, tau, csv_lens, snapshots: snapshots_at };
             let names: Vec<String> = snapshots.iter().map(|(p, _)| format!("state_t{p}")).collect();
             let mut tensors = vec![("state", Values::F32(&state)), ("retention", Values::F64(&retention))];
             tensors.extend(pending.as_deref().map(|p| ("pending", Values::F32(p))));
