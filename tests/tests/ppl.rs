@@ -266,12 +266,34 @@ fn documents_concat_and_repeat() {
 fn several_forgetting_methods_make_several_runs() {
     let dir = tempfile::tempdir().unwrap();
     let o = dir.path().to_str().unwrap();
-    go(ppl_args(o, &["--forget", "none", "--forget", "window:r=32", "--forget", "reset:every=256"])).unwrap();
+    let nll = dir.path().join("nll");
+    let methods = ["--forget", "none", "--forget", "rri:a=0.9999,b=0.75", "--forget", "reset:every=256"];
+    go(ppl_args(o, &[&methods[..], &["--nll-out", nll.to_str().unwrap()]].concat())).unwrap();
     let runs = results(dir.path())["runs"].as_array().unwrap().clone();
     let names: Vec<&str> = runs.iter().map(|r| r["forget"].as_str().unwrap()).collect();
-    assert_eq!(names, ["none", "window:r=32", "reset:every=256"]);
+    assert_eq!(names, ["none", "rri:a=0.9999,b=0.75", "reset:every=256"]);
     assert_ne!(runs[0]["mean_nll"], runs[1]["mean_nll"]);
-    assert!(std::fs::read_to_string(dir.path().join("loss.svg")).unwrap().contains("[window:r=32]"));
+    // Every row and file says which model and which method it is.
+    let svg = std::fs::read_to_string(dir.path().join("loss.svg")).unwrap();
+    for m in ["[none]", "[rri:a=0.9999,b=0.75]", "[reset:every=256]"] {
+        assert!(svg.contains(&format!("mamba2_neox_tiny {m}")), "legend {m}");
+    }
+    let csv = std::fs::read_to_string(dir.path().join("loss.csv")).unwrap();
+    assert!(csv.starts_with("model,method,scheme,"), "{}", &csv[..80]);
+    let rows =
+        |m: &str| csv.lines().filter(|l| l.contains("mamba2_neox_tiny,") && l.split(',').nth(1) == Some(m)).count();
+    assert!(rows("none") > 0 && rows("rri:a=0.9999;b=0.75") == rows("none") && rows("reset:every=256") == rows("none"));
+    let mut files: Vec<String> =
+        std::fs::read_dir(&nll).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "00_mamba2_neox_tiny__none__000_austen_persuasion.txt.f32",
+            "01_mamba2_neox_tiny__rri-a0.9999_b0.75__000_austen_persuasion.txt.f32",
+            "02_mamba2_neox_tiny__reset-every256__000_austen_persuasion.txt.f32",
+        ]
+    );
 }
 
 /// `ppl --shard k/n` over three documents, merged by `stuffed merge`, is the unsharded run: the same

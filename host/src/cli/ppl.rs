@@ -128,7 +128,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
     for r in &runs {
         println!(
             "{}: {} tokens scored, mean NLL {:.4} (ppl {:.2}), {:.0} tok/s",
-            r.model.path.display(),
+            r.label(),
             r.tokens_scored,
             r.mean_nll,
             r.ppl,
@@ -137,7 +137,8 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         if let Some(v) = &r.t_forget {
             let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.4}"));
             println!(
-                "  T_forget (train len {}, buckets of {}): L_in {}, L_out {} → {} ({})",
+                "{}: T_forget (train len {}, buckets of {}): L_in {}, L_out {} → {} ({})",
+                r.label(),
                 v.train_len,
                 v.bucket_width,
                 f(v.l_in),
@@ -147,7 +148,8 @@ pub fn run(mut a: PplArgs) -> Result<()> {
             );
             if let Some(l) = crate::eval::laws::laws_of(&r.model).filter(|l| l.in_range) {
                 println!(
-                    "  SPEC.md §3's fit predicts \"{}\" (T_forget = {:.1}K tokens at N_S {:.2}M)",
+                    "{}: SPEC.md §3's fit predicts \"{}\" (T_forget = {:.1}K tokens at N_S {:.2}M)",
+                    r.label(),
                     l.verdict(v.train_len),
                     l.t_forget_k,
                     l.n_s_millions

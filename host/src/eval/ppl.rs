@@ -492,7 +492,7 @@ fn run_model(
         }
         None => (fresh_acc(), 0, 0, None, None),
     };
-    let label = format!("ppl [{}/{}] {}", mi + 1, n_models, model.info.path.display());
+    let label = format!("ppl [{}/{}] {} [{}]", mi + 1, n_models, model.info.path.display(), model.forget);
     let mut progress = Progress::new(&label, o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64));
     let started = Instant::now();
     let seconds_before = acc.seconds;
@@ -502,7 +502,7 @@ fn run_model(
     for (k, (di, parts)) in docs.iter().enumerate().skip(first_doc) {
         let di = *di;
         let mut stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
-        let nll_path = nll_path(o, mi, n_models, di, n_docs, &model.info, parts);
+        let nll_path = nll_path(o, mi, n_models, di, n_docs, &model.info, model.forget, parts);
         let mut nll_file = match &nll_path {
             Some(p) => Some(open_nll(p, nll_len.take().filter(|(f, _)| Path::new(f) == p).map(|x| x.1))?),
             None => None,
@@ -638,15 +638,22 @@ fn nll_path(
     di: usize,
     n_docs: usize,
     info: &ModelInfo,
+    forget: crate::forget::ForgetSpec,
     parts: &[Input],
 ) -> Option<PathBuf> {
     let base = o.nll_out.as_ref()?;
     if n_models == 1 && n_docs == 1 {
         return Some(base.clone());
     }
-    let mname = info.path.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string());
     let doc = if parts.len() == 1 { parts[0].name() } else { "concat".into() };
-    Some(base.join(format!("{mi:02}_{mname}__{di:03}_{doc}.f32")))
+    // The method in a file name: `rri:a=0.9999,b=0.75` → `rri-a0.9999_b0.75`.
+    let method: String = forget.to_string().replace(':', "-").replace(',', "_").replace('=', "");
+    Some(base.join(format!("{mi:02}_{}__{method}__{di:03}_{doc}.f32", model_name(info))))
+}
+
+/// A model's directory (or file) name, as rows and file names show it.
+pub fn model_name(info: &ModelInfo) -> String {
+    info.path.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string())
 }
 
 /// The training length a model directory records (`training.json`, as tools/train_tiny.py writes).
@@ -678,6 +685,12 @@ fn result(model: &Model, tok: &Tokenizer, acc: &Acc, train_len: Option<u64>) -> 
 }
 
 impl RunResult {
+    /// The model's directory name and the forgetting method, as every printed row, CSV row, plot
+    /// legend and NLL file names a run: `mamba2-tiny [rri:a=0.9999,b=0.75]`.
+    pub fn label(&self) -> String {
+        format!("{} [{}]", model_name(&self.model), self.forget)
+    }
+
     /// Every number that follows from the accumulators, (re)computed from them.
     fn derived(mut self) -> RunResult {
         let acc = &self.acc;
@@ -745,15 +758,16 @@ fn write_outputs(
     });
     let json = report::seal(RESULTS_KIND, json)?;
     write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
-    let mut csv = String::from("model,scheme,start,end,count,mean_nll,ppl,stderr\n");
+    let mut csv = String::from("model,method,scheme,start,end,count,mean_nll,ppl,stderr\n");
     for r in runs {
         let name = r.model.path.display().to_string().replace(',', ";");
+        let method = r.forget.replace(',', ";");
         for (scheme, rows) in
             [(format!("linear{}", o.bucket), &r.buckets_linear), ("log2".to_string(), &r.buckets_log2)]
         {
             for b in rows {
                 csv += &format!(
-                    "{name},{scheme},{},{},{},{:.6},{:.4},{:.6}\n",
+                    "{name},{method},{scheme},{},{},{},{:.6},{:.4},{:.6}\n",
                     b.start, b.end, b.count, b.mean_nll, b.ppl, b.stderr
                 );
             }
@@ -770,12 +784,8 @@ pub fn plot(runs: &[RunResult], o: &Options) -> String {
         .iter()
         .map(|r| {
             let rows = if o.log_x { &r.buckets_log2 } else { &r.buckets_linear };
-            let mut name = r.model.path.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string());
-            if o.forget.len() > 1 {
-                name = format!("{name} [{}]", r.forget);
-            }
             Series {
-                name,
+                name: r.label(),
                 points: rows.iter().map(|b| ((b.start + b.end) as f64 / 2.0, b.mean_nll)).collect(),
                 markers: false,
             }
@@ -830,7 +840,8 @@ impl Acc {
             (None, Some(_)) => bail!("{what}: verdict sums although the run has no training length"),
             (None, None) => {}
         }
-        if self.count > self.tokens_fed || self.longest > self.tokens_fed || self.seconds.is_nan() || self.seconds < 0.0 {
+        if self.count > self.tokens_fed || self.longest > self.tokens_fed || self.seconds.is_nan() || self.seconds < 0.0
+        {
             bail!(
                 "{what}: {} tokens scored, {} fed, longest document {}, {} s: not what a run writes",
                 self.count,
