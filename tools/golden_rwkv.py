@@ -10,6 +10,11 @@ Writes, under tests/data/ (FORMATS.md §3, §8):
   rwkv6_tiny_hf/    rwkv6_tiny converted to the HF `RWKV/v6-Finch-*-HF` key names (FORMATS §3.5),
                     model.safetensors + config.json (no ref: the tests use rwkv6_tiny's; LN0 not folded)
   rwkv5_tiny_hf/    the same for rwkv5_tiny (`RWKV/v5-Eagle-*-HF`)
+  rwkv6_bf16_m{Dm}_d{Dd}/  small x060 models stored bf16 with odd LoRA ranks (Dm, Dd) = (3, 5),
+                    (5, 7), (7, 3): V 32, C 32, L 2, N 16, F 64, tens of KB each. Each seed is the
+                    first (from a per-case start) whose LN0 fold, as the package computes it, rounds
+                    some element (|x| ≥ 0.5) of a row the ids use to the other bf16 neighbour than a
+                    plain f32 LayerNorm would (a boundary case: FORMATS.md §3.2); ids = randint(0, 32, ...).
 
 each holding model.pth (or model.safetensors) and ref.safetensors:
   input_ids        i64 [1, T]
@@ -19,11 +24,16 @@ each holding model.pth (or model.safetensors) and ref.safetensors:
   att_shift        [L, C]        final token-shift of the time mix (the last ln1 output)
   wkv_state        [L, H, N, N]  final S, [head][key][value]
   ffn_shift        [L, C]        final token-shift of the channel mix (the last ln2 output)
+  emb_ln0          [V, C]        (bf16 cases) the package's embedding with LN0 folded in, as f32
 metadata "reference": JSON with the recipe and spreads.
 
 Run from the repository root with the rwkv wheel installed (--no-deps) into /root/pyref:
 
-    RWKV_CUDA_ON=0 RWKV_JIT_ON=0 /root/pyref/bin/python tools/golden_rwkv.py
+    RWKV_CUDA_ON=0 RWKV_JIT_ON=0 /root/pyref/bin/python tools/golden_rwkv.py [CASE ...]
+
+(with case names, only those are written). The fold is torch's CPU LayerNorm kernel, whose f32
+operation order depends on the kernel torch dispatches (x86-64 torch 2.15 here: 8 float lanes, fused
+multiply-adds); stuffed follows that one (core/src/rwkv.rs `layer_norm_torch_reduced`).
 
 Tiny shapes (FORMATS §8): V 256, C 64, L 2, N 16 (H 4), F 224, Dm 32, Dd 64.  Recipe:
 torch.manual_seed(1234) init (Linear N(0, 1/in), LN weight 1 / bias 0, decay U(-6, 0.5),
@@ -37,21 +47,28 @@ import sys
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 
+import numpy as np
 import torch
+import torch.nn.functional as F_
 from safetensors.torch import save_file
 
 from rwkv.model import RWKV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
-V, C, L, N, F, DM, DD = 256, 64, 2, 16, 224, 32, 64
+V, C, L, N, F, DM, DD = TINY = (256, 64, 2, 16, 224, 32, 64)
 H = C // N
+# The bf16 files with odd LoRA ranks: small shapes (tens of KB each), (Dm, Dd, first seed tried).
+SMALL_V, SMALL_C, SMALL_F = 32, 32, 64
+ODD_RANKS = ((3, 5, 100), (5, 7, 200), (7, 3, 300))
 T, SPLIT = 61, 40
 torch.set_num_threads(1)
 
 
-def build(version):
-    torch.manual_seed(1234)
+def build(version, dims=TINY, seed=1234, noise_seed=42):
+    V, C, L, N, F, DM, DD = dims
+    H = C // N
+    torch.manual_seed(seed)
     w = {}
 
     def lin(o, i):
@@ -94,7 +111,7 @@ def build(version):
     w["ln_out.weight"] = torch.ones(C)
     w["ln_out.bias"] = torch.zeros(C)
     w["head.weight"] = lin(V, C)
-    g = torch.Generator().manual_seed(42)
+    g = torch.Generator().manual_seed(noise_seed)
     for k in w:
         w[k] = (w[k] + 0.1 * torch.randn(w[k].shape, generator=g)).contiguous()
     return w
@@ -113,12 +130,13 @@ def run(path, ids):
     return m, full.float(), torch.stack(steps).float(), split.float(), st
 
 
-def save_case(name, wfile_writer, ids_t, m, full, step, split, st, recipe):
+def save_case(name, wfile_writer, ids_t, m, full, step, split, st, recipe, extra=None):
     d = os.path.join(DATA, name)
     os.makedirs(d, exist_ok=True)
-    att = torch.stack([st[3 * l].float() for l in range(L)])
-    wkv = torch.stack([st[3 * l + 1].float() for l in range(L)])
-    ffn = torch.stack([st[3 * l + 2].float() for l in range(L)])
+    nl = m.args.n_layer
+    att = torch.stack([st[3 * l].float() for l in range(nl)])
+    wkv = torch.stack([st[3 * l + 1].float() for l in range(nl)])
+    ffn = torch.stack([st[3 * l + 2].float() for l in range(nl)])
     stats = {
         "max_abs_logits": full.abs().max().item(),
         "max_full_minus_stepwise": (full - step).abs().max().item(),
@@ -136,6 +154,7 @@ def save_case(name, wfile_writer, ids_t, m, full, step, split, st, recipe):
             "att_shift": att.contiguous(),
             "wkv_state": wkv.contiguous(),
             "ffn_shift": ffn.contiguous(),
+            **(extra or {}),
         },
         os.path.join(d, "ref.safetensors"),
         metadata=meta,
@@ -167,7 +186,74 @@ def hf_name(k, version):
     return f"rwkv.blocks.{l}.{rest}"
 
 
+def naive_fold(w):
+    """LN0 folded into emb as a plain f32 LayerNorm would (sequential sums, two passes,
+    `((x - mean)·rstd)·γ + β` rounded separately), then rounded to bf16: what stuffed did before it
+    followed torch's kernel. Used only to pick seeds whose package fold differs from it."""
+    f32 = np.float32
+    e = w["emb.weight"].float().numpy()
+    g = w["blocks.0.ln0.weight"].float().numpy()
+    b = w["blocks.0.ln0.bias"].float().numpy()
+    n = f32(e.shape[1])
+    mean = (np.cumsum(e, axis=1, dtype=f32)[:, -1] / n).astype(f32)[:, None]
+    d = (e - mean).astype(f32)
+    var = (np.cumsum((d * d).astype(f32), axis=1, dtype=f32)[:, -1] / n).astype(f32)
+    rstd = (f32(1) / np.sqrt((var + f32(1e-5)).astype(f32))).astype(f32)[:, None]
+    y = ((((d * rstd).astype(f32)) * g).astype(f32) + b).astype(f32)
+    return torch.from_numpy(y).bfloat16()
+
+
+def package_fold(w):
+    """The package's fold of a bf16 file (RWKV.__init__: F.layer_norm on the bf16 tensors)."""
+    C = w["emb.weight"].shape[1]
+    return F_.layer_norm(w["emb.weight"], (C,), weight=w["blocks.0.ln0.weight"], bias=w["blocks.0.ln0.bias"])
+
+
+def boundary_seed(dims, first, ids):
+    """The first seed from `first` on whose bf16 weights the package's LN0 fold and a naive f32
+    fold round some element (|x| ≥ 0.5) of a row that `ids` uses to different bf16 values."""
+    for seed in range(first, first + 2000):
+        w = {k: v.to(torch.bfloat16) for k, v in build(6, dims, seed=seed, noise_seed=seed + 1).items()}
+        pf = package_fold(w)
+        # Only elements large enough (|x| ≥ 0.5: a bf16 step ≥ 2^-9) to move the logits past the bound.
+        diff = ((pf != naive_fold(w)) & (pf.float().abs() >= 0.5)).any(dim=1)
+        rows = sorted(set(r for r in ids if diff[r]))
+        if rows:
+            return seed, rows
+    raise SystemExit(f"no boundary case in 2000 seeds from {first}")
+
+
+def bf16_odd_cases(want):
+    """Small bf16 RWKV-6 files with odd LoRA ranks, each with a seed whose LN0 fold has a
+    rounding boundary case (see boundary_seed) in a row the ids use; the reference also holds the
+    package's folded embedding (`emb_ln0`), which the tests compare bit for bit."""
+    for dm, dd, first in ODD_RANKS:
+        dims = (SMALL_V, SMALL_C, 2, 16, SMALL_F, dm, dd)
+        case = f"rwkv6_bf16_m{dm}_d{dd}"
+        if not want(case):
+            continue
+        ids_t = torch.randint(0, SMALL_V, (1, T), generator=torch.manual_seed(7))
+        ids = ids_t[0].tolist()
+        seed, rows = boundary_seed(dims, first, ids)
+        d = os.path.join(DATA, case)
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, "model.pth")
+        w = build(6, dims, seed=seed, noise_seed=seed + 1)
+        torch.save({k: v.to(torch.bfloat16) for k, v in w.items()}, path)
+        m, full, step, split, st = run(path, ids)
+        assert m.version == 6.0, m.version
+        recipe = (f"RWKV-6 V {dims[0]}, C {dims[1]}, L 2, N 16, F {dims[4]}, Dm {dm}, Dd {dd}; init seed {seed} "
+                  f"(first from {first} whose LN0 fold rounds an element ≥ 0.5 differently from a naive f32 "
+                  f"fold in rows {rows} of the ids), +0.1 N(0,1) seed {seed + 1}; stored bf16")
+        emb = m.w["emb.weight"].float().contiguous()
+        save_case(case, None, ids_t, m, full, step, split, st, recipe, {"emb_ln0": emb})
+
+
 def main():
+    # Case names on the command line: write only those (default: all).
+    names = set(sys.argv[1:])
+    want = lambda case: not names or case in names
+    bf16_odd_cases(want)
     ids_t = torch.randint(0, 256, (1, T), generator=torch.manual_seed(7))
     ids = ids_t[0].tolist()
     assert ids[:16] == [175, 196, 25, 246, 67, 211, 151, 103, 92, 185, 142, 23, 72, 89, 110, 42], ids[:16]
@@ -175,7 +261,7 @@ def main():
     for version, name in ((6, "rwkv6_tiny"), (5, "rwkv5_tiny")):
         w = build(version)
         for dtype, case in ((torch.float32, name), (torch.bfloat16, name + "_bf16")):
-            if dtype == torch.bfloat16 and version == 5:
+            if dtype == torch.bfloat16 and version == 5 or not want(case):
                 continue
             d = os.path.join(DATA, case)
             os.makedirs(d, exist_ok=True)
@@ -183,8 +269,9 @@ def main():
             torch.save({k: v.to(dtype) for k, v in w.items()}, path)
             m, full, step, split, st = run(path, ids)
             assert m.version == (6.0 if version == 6 else 5.2), m.version
-            save_case(case, None, ids_t, m, full, step, split, st, recipe + f"; stored {dtype}")
-            if dtype == torch.float32:
+            extra = {"emb_ln0": m.w["emb.weight"].float().contiguous()} if dtype == torch.bfloat16 else None
+            save_case(case, None, ids_t, m, full, step, split, st, recipe + f"; stored {dtype}", extra)
+            if dtype == torch.float32 and want(case + "_hf"):
                 # HF-format copy: renamed keys, LN0 kept as pre_ln (not folded), same reference.
                 hd = os.path.join(DATA, case + "_hf")
                 os.makedirs(hd, exist_ok=True)

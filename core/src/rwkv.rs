@@ -8,7 +8,7 @@
 //! [`crate::gla`] in [`gla::Mode::Bonus`], a per-head GroupNorm (eps 64e-5), `x += (o ⊙ g)·W_oᵀ`,
 //! then the channel mix `x += σ(x_r·W_rᵀ) ⊙ (relu(x_k·W_kᵀ)²·W_vᵀ)`. The embedding row passes
 //! through `LN(·; ln0)` (rounded to the embedding's dtype, as the package folds it into a bf16
-//! or f16 `emb.weight`).
+//! or f16 `emb.weight`, and computed in torch's operation order: [`ln0_row`]).
 //!
 //! Shapes: `C` = d_model, `H` heads of `N` channels (`C = H·N`), `F` = FFN width, `Dm`/`Dd` = the
 //! LoRA ranks (v6).
@@ -192,6 +192,109 @@ pub fn layer_norm(x: &[f32], w: &Weight, b: &Weight, eps: f32, out: &mut [f32]) 
     }
 }
 
+/// Float lanes of torch's CPU LayerNorm kernel as x86-64 torch 2.15 runs it for a bf16/f16 row
+/// (its AVX2 `Vectorized<float>`), and the reduced-precision vector: two float vectors.
+const TORCH_LANES: usize = 8;
+const TORCH_BLOCK: usize = 2 * TORCH_LANES;
+/// Blocks per Welford chunk (ATen `kChunkSize`).
+const TORCH_CHUNK: usize = 16;
+
+/// Welford moments of `TORCH_LANES` interleaved streams (ATen `AddMomentsVec` state).
+#[derive(Clone, Copy)]
+struct LaneMoments {
+    n: usize,
+    m1: [f32; TORCH_LANES],
+    m2: [f32; TORCH_LANES],
+}
+
+impl LaneMoments {
+    const ZERO: LaneMoments = LaneMoments { n: 0, m1: [0.0; TORCH_LANES], m2: [0.0; TORCH_LANES] };
+
+    /// ATen `AddMomentsVec` (`other` into `self`), with the compiler's fused multiply-add.
+    fn merge(&mut self, other: &LaneMoments) {
+        let n = self.n + other.n;
+        let c = if n == 0 { 0.0 } else { other.n as f32 / n as f32 };
+        for i in 0..TORCH_LANES {
+            let delta = other.m1[i] - self.m1[i];
+            let scaled = c * delta;
+            let counted = delta * self.n as f32;
+            self.m1[i] += scaled;
+            self.m2[i] = libm::fmaf(counted, scaled, self.m2[i] + other.m2[i]);
+        }
+        self.n = n;
+    }
+}
+
+/// `F.layer_norm` of one bf16/f16 row exactly as torch's CPU kernel computes it in f32 before it
+/// rounds to the row's dtype (the `rwkv` package folds LN0 into a bf16 `emb.weight` this way;
+/// FORMATS.md §3.2): ATen `RowwiseMoments` — Welford over 8 float lanes, each 16-element vector
+/// as two halves, chunks of 16 vectors merged in a cascade, a scalar tail, then the lanes —, the
+/// biased variance, `rstd = 1/√(var + eps)` and `y = ((x·rstd) + (−rstd·mean))·γ + β`, every
+/// `a·b + c` fused as GCC compiles it. A different operation order gives a result an f32 ulp away,
+/// which now and then rounds to the other bf16 neighbour: one embedding element a bf16 ulp off.
+pub fn layer_norm_torch_reduced(x: &[f32], w: &Weight, b: &Weight, eps: f32, out: &mut [f32]) {
+    let len = x.len();
+    let blocks = len / TORCH_BLOCK;
+    let chunks = blocks.div_ceil(TORCH_CHUNK);
+    // ATen's CeilLog2, which is 1 for one or two chunks.
+    let depth = if chunks <= 2 { 1 } else { (usize::BITS - (chunks - 1).leading_zeros()) as usize };
+    let mut stack = [LaneMoments::ZERO; usize::BITS as usize];
+    for i in 0..chunks {
+        let m0 = TORCH_CHUNK.min(blocks - i * TORCH_CHUNK);
+        let base = i * TORCH_CHUNK * TORCH_BLOCK;
+        for half in 0..2 {
+            let mut acc = LaneMoments { n: m0, ..LaneMoments::ZERO };
+            for j in 0..m0 {
+                let c = 1.0 / (j + 1) as f32;
+                let xs = &x[base + j * TORCH_BLOCK + half * TORCH_LANES..][..TORCH_LANES];
+                for (l, &xv) in xs.iter().enumerate() {
+                    let delta = xv - acc.m1[l];
+                    acc.m1[l] = libm::fmaf(delta, c, acc.m1[l]);
+                    acc.m2[l] = libm::fmaf(delta, xv - acc.m1[l], acc.m2[l]);
+                }
+            }
+            stack[0].merge(&acc);
+        }
+        let mut mask = i + 1;
+        for level in 1..depth {
+            if mask & 1 != 0 {
+                break;
+            }
+            let lower = stack[level - 1];
+            stack[level].merge(&lower);
+            stack[level - 1] = LaneMoments::ZERO;
+            mask >>= 1;
+        }
+    }
+    for level in 1..depth {
+        let upper = stack[level];
+        stack[0].merge(&upper);
+    }
+    let (mut n, mut mean, mut m2) = (0usize, 0f32, 0f32);
+    for &xv in &x[blocks * TORCH_BLOCK..] {
+        let delta = xv - mean;
+        n += 1;
+        mean += delta / n as f32;
+        m2 = libm::fmaf(delta, xv - mean, m2);
+    }
+    // ATen `AddMoments` of each lane (each holds two values per vector).
+    let per_lane = blocks * TORCH_BLOCK / TORCH_LANES;
+    for l in 0..TORCH_LANES {
+        let total = n + per_lane;
+        let c = if total == 0 { 0.0 } else { per_lane as f32 / total as f32 };
+        let delta = stack[0].m1[l] - mean;
+        mean = libm::fmaf(c, delta, mean);
+        m2 += libm::fmaf(delta * delta * c, n as f32, stack[0].m2[l]);
+        n = total;
+    }
+    let var = m2 / len as f32;
+    let rstd = 1.0 / libm::sqrtf(var + eps);
+    let shift = -rstd * mean;
+    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        *o = libm::fmaf(libm::fmaf(v, rstd, shift), w.get(i), b.get(i));
+    }
+}
+
 /// `out (t, w.cols) (+)= x (t, w.rows) @ w`: a product with an `[in, out]` matrix (the LoRAs),
 /// row by row as axpys (the ranks are small). `x` rows are `ldx` apart, `w` starts at element `off`.
 #[allow(clippy::too_many_arguments)]
@@ -231,6 +334,18 @@ fn matmul_in_out(
         Data::F32(s) => body(x, ldx, t, &s[off..off + n], (rows, cols), out, ldo),
         Data::Bf16(s) => body(x, ldx, t, &s[off..off + n], (rows, cols), out, ldo),
         Data::F16(s) => body(x, ldx, t, &s[off..off + n], (rows, cols), out, ldo),
+    }
+}
+
+/// A token's input row: its embedding row `x` (stored as `dtype`) through LN0. For a bf16/f16
+/// embedding the result is rounded to that dtype, as the package's fold into `emb.weight` does, and
+/// computed in torch's order ([`layer_norm_torch_reduced`]) so that it rounds the same way.
+pub fn ln0_row(x: &[f32], dtype: DType, w: &Weight, b: &Weight, eps: f32, out: &mut [f32]) {
+    if dtype == DType::F32 {
+        layer_norm(x, w, b, eps, out);
+    } else {
+        layer_norm_torch_reduced(x, w, b, eps, out);
+        out.iter_mut().for_each(|v| *v = round_to(dtype, *v));
     }
 }
 
@@ -546,8 +661,7 @@ impl Recurrent for Rwkv<'_> {
         let ed = self.w.embed.dtype();
         for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
             self.w.embed.row(tok as usize, s.tmp);
-            layer_norm(&s.tmp[..d], &self.w.ln0_w, &self.w.ln0_b, c.eps, row);
-            row.iter_mut().for_each(|v| *v = round_to(ed, *v));
+            ln0_row(&s.tmp[..d], ed, &self.w.ln0_w, &self.w.ln0_b, c.eps, row);
         }
         check_finite(x, d, Site::Embedding)?;
         let ls = c.layer_state_len();

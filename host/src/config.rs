@@ -21,6 +21,25 @@ pub struct Mamba2Config {
     /// The unpadded vocab the config states (official files), if any.
     pub vocab_size: Option<usize>,
     pub torch_dtype: Option<String>,
+    /// Whether each layer has `mixer.conv1d.bias` (HF `use_conv_bias`, official `ssm_cfg.conv_bias`;
+    /// default true), and `mixer.in_proj.bias` + `mixer.out_proj.bias` (`use_bias` / `ssm_cfg.bias`;
+    /// default false): the tensors must then be present, and absent otherwise.
+    pub conv_bias: bool,
+    pub bias: bool,
+    /// `mixer.D` is `[d_inner]` (official `ssm_cfg.D_has_hdim`; HF has no such field: `None`).
+    pub d_has_hdim: Option<bool>,
+}
+
+impl Mamba2Config {
+    /// The config field that says whether `conv1d.bias` (`conv = true`) or the projection biases exist.
+    pub fn bias_field(&self, conv: bool) -> &'static str {
+        match (self.flavor, conv) {
+            (Flavor::Hf, true) => "use_conv_bias",
+            (Flavor::Hf, false) => "use_bias",
+            (Flavor::Official, true) => "ssm_cfg.conv_bias",
+            (Flavor::Official, false) => "ssm_cfg.bias",
+        }
+    }
 }
 
 /// Reads `config.json` tolerating the bare `Infinity`/`NaN` tokens older transformers wrote.
@@ -168,6 +187,9 @@ pub fn mamba2(cfg: &Value, path: &Path, vocab_rows: usize) -> Result<Mamba2Confi
             tied: f.bool_or("tie_word_embeddings", false)?,
             vocab_size: None,
             torch_dtype: dtype,
+            conv_bias: f.bool_or("use_conv_bias", true)?,
+            bias: f.bool_or("use_bias", false)?,
+            d_has_hdim: None,
         });
     }
     // Official state-spaces config: d_model, n_layer, ssm_cfg{…}.
@@ -193,6 +215,9 @@ pub fn mamba2(cfg: &Value, path: &Path, vocab_rows: usize) -> Result<Mamba2Confi
     }
     if s.bool_or("norm_before_gate", false)? {
         bail!("{p}: ssm_cfg.norm_before_gate = true is not supported");
+    }
+    if !s.bool_or("rmsnorm", true)? {
+        bail!("{p}: ssm_cfg.rmsnorm = false (no gated norm, no mixer.norm.weight) is not supported");
     }
     let d = top.usize_or("d_model", None)?;
     let expand = s.usize_or("expand", Some(2))?;
@@ -220,6 +245,9 @@ pub fn mamba2(cfg: &Value, path: &Path, vocab_rows: usize) -> Result<Mamba2Confi
         tied: top.bool_or("tie_embeddings", true)?,
         vocab_size: Some(top.usize_or("vocab_size", None)?),
         torch_dtype: None,
+        conv_bias: s.bool_or("conv_bias", true)?,
+        bias: s.bool_or("bias", false)?,
+        d_has_hdim: Some(s.bool_or("D_has_hdim", false)?),
     })
 }
 

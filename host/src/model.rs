@@ -214,8 +214,24 @@ fn load_mamba2(
     for l in 0..c.n_layer {
         let p = format!("backbone.layers.{l}.");
         let t = |n: &str| ck.require(&format!("{p}{n}"));
-        let opt = |n: &str, shape: &[usize]| -> Result<Option<Weight<'static>>> {
-            ck.get(&format!("{p}{n}")).map(|v| weight(v, shape)).transpose()
+        // A bias the config promises must be there; one it rules out must not be (the reference
+        // would ignore it, so the file and its config disagree).
+        let bias = |n: &str, shape: &[usize], conv: bool| -> Result<Option<Weight<'static>>> {
+            let (name, field) = (format!("{p}{n}"), mc.bias_field(conv));
+            let promised = if conv { mc.conv_bias } else { mc.bias };
+            match (ck.get(&name), promised) {
+                (Some(v), true) => weight(v, shape).map(Some),
+                (None, false) => Ok(None),
+                (None, true) => {
+                    let e = ck.require(&name).err().map(|e| format!("{e:#}")).unwrap_or_default();
+                    bail!("{e}, which {} promises ({field} = true)", cfg_path.display())
+                }
+                (Some(v), false) => bail!(
+                    "{}: tensor {name} is present but {} has {field} = false (the config and the weights disagree)",
+                    v.file.display(),
+                    cfg_path.display()
+                ),
+            }
         };
         let a_log = t("mixer.A_log")?;
         if a_log.shape.len() != 1 {
@@ -226,7 +242,12 @@ fn load_mamba2(
             );
         }
         let dv = t("mixer.D")?;
-        let d_shape = if dv.shape == [di] { [di] } else { [h] };
+        let d_shape = match mc.d_has_hdim {
+            Some(true) => [di],
+            Some(false) => [h],
+            None if dv.shape == [di] => [di],
+            None => [h],
+        };
         let inw = t("mixer.in_proj.weight")?;
         if inw.shape.first().is_some_and(|&r| r != nin) {
             bail!(
@@ -239,15 +260,15 @@ fn load_mamba2(
         layers.push(mamba2::Layer {
             norm: weight(t("norm.weight")?, &[d])?,
             in_proj: weight(inw, &[nin, d])?,
-            in_proj_bias: opt("mixer.in_proj.bias", &[nin])?,
+            in_proj_bias: bias("mixer.in_proj.bias", &[nin], false)?,
             conv_w: weight(t("mixer.conv1d.weight")?, &[cd, 1, k])?,
-            conv_b: opt("mixer.conv1d.bias", &[cd])?,
+            conv_b: bias("mixer.conv1d.bias", &[cd], true)?,
             dt_bias: weight(t("mixer.dt_bias")?, &[h])?,
             a_log: weight(a_log, &[h])?,
             d: weight(dv, &d_shape)?,
             gate_norm: weight(t("mixer.norm.weight")?, &[di])?,
             out_proj: weight(t("mixer.out_proj.weight")?, &[d, di])?,
-            out_proj_bias: opt("mixer.out_proj.bias", &[d])?,
+            out_proj_bias: bias("mixer.out_proj.bias", &[d], false)?,
         });
     }
     if ck.get(&format!("backbone.layers.{}.mixer.A_log", c.n_layer)).is_some() {

@@ -514,3 +514,152 @@ fn corrupt_checkpoints_are_named() {
         }
     }
 }
+
+/// Writes the tensors of golden model `src` (as stored) to `dir/model.safetensors` beside its
+/// config.json with `cfg` applied, leaving out the tensors `keep` refuses and adding `extra`
+/// (f32, every element 0.1).
+fn rewrite_model(
+    src: &str,
+    dir: &Path,
+    cfg: impl Fn(&mut serde_json::Value),
+    keep: impl Fn(&str) -> bool,
+    extra: &[(String, Vec<usize>)],
+) {
+    let from = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(src);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("config.json")).unwrap()).unwrap();
+    cfg(&mut json);
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let ck = Checkpoint::open(&from).unwrap();
+    let mut kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for name in ck.names().filter(|n| keep(n)) {
+        let v = ck.require(name).unwrap();
+        let dt = match v.dtype {
+            stuffed::checkpoint::DType::F32 => safetensors::Dtype::F32,
+            stuffed::checkpoint::DType::BF16 => safetensors::Dtype::BF16,
+            other => panic!("{name}: {other}"),
+        };
+        kept.push((name.to_string(), dt, v.shape.to_vec(), v.bytes.to_vec()));
+    }
+    for (name, shape) in extra {
+        let bytes = vec![0.1f32; shape.iter().product()].iter().flat_map(|x| x.to_le_bytes()).collect();
+        kept.push((name.clone(), safetensors::Dtype::F32, shape.clone(), bytes));
+    }
+    let views: Vec<_> = kept
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// The error of loading `src` rewritten by [`rewrite_model`], with the temp dir's path.
+fn rewritten_err(
+    src: &str,
+    cfg: impl Fn(&mut serde_json::Value),
+    keep: impl Fn(&str) -> bool,
+    extra: &[(String, Vec<usize>)],
+) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    rewrite_model(src, dir.path(), cfg, keep, extra);
+    (load_err(dir.path()), dir.path().display().to_string())
+}
+
+/// `mixer.conv1d.bias`: promised by HF `use_conv_bias` and official `ssm_cfg.conv_bias` (both true
+/// by default, as in the golden configs: the official one does not state it). Missing, it was
+/// read as zero; one the config rules out would be used although the reference ignores it.
+#[test]
+fn a_conv_bias_the_config_promises_is_required() {
+    let no_conv_bias = |n: &str| n != "backbone.layers.1.mixer.conv1d.bias";
+    for (src, field) in
+        [("mamba2_hf_g1_untied", "use_conv_bias = true"), ("mamba2_official", "ssm_cfg.conv_bias = true")]
+    {
+        let (err, dir) = rewritten_err(src, |_| {}, no_conv_bias, &[]);
+        assert_mentions(&err, &[&dir, "missing tensor backbone.layers.1.mixer.conv1d.bias", field, "config.json"]);
+    }
+    let (err, _) = rewritten_err("mamba2_hf_g1_untied", |c| c["use_conv_bias"] = false.into(), |_| true, &[]);
+    assert_mentions(&err, &["model.safetensors", "backbone.layers.0.mixer.conv1d.bias", "use_conv_bias = false"]);
+    // Stated false and absent: loads.
+    let dir = tempfile::tempdir().unwrap();
+    rewrite_model(
+        "mamba2_hf_g1_untied",
+        dir.path(),
+        |c| c["use_conv_bias"] = false.into(),
+        |n| !n.ends_with("conv1d.bias"),
+        &[],
+    );
+    Model::load(dir.path()).unwrap();
+}
+
+/// `mixer.in_proj.bias` and `mixer.out_proj.bias`: promised by HF `use_bias` / official
+/// `ssm_cfg.bias` (false by default). Missing, they were read as zero.
+#[test]
+fn projection_biases_the_config_promises_are_required() {
+    // The tiny model: in_proj has 2·128 + 2·16 + 8 = 296 rows, d_model 64.
+    let in_bias = |l: usize| (format!("backbone.layers.{l}.mixer.in_proj.bias"), vec![296]);
+    let out_bias = |l: usize| (format!("backbone.layers.{l}.mixer.out_proj.bias"), vec![64]);
+    let set_hf = |c: &mut serde_json::Value| c["use_bias"] = true.into();
+    let (err, dir) = rewritten_err("mamba2_hf_g1_untied", set_hf, |_| true, &[]);
+    assert_mentions(&err, &[&dir, "missing tensor backbone.layers.0.mixer.in_proj.bias", "use_bias = true"]);
+    let (err, _) = rewritten_err("mamba2_hf_g1_untied", set_hf, |_| true, &[in_bias(0), in_bias(1)]);
+    assert_mentions(&err, &["missing tensor backbone.layers.0.mixer.out_proj.bias", "use_bias = true"]);
+    let set_official = |c: &mut serde_json::Value| c["ssm_cfg"]["bias"] = true.into();
+    let (err, _) = rewritten_err("mamba2_official", set_official, |_| true, &[]);
+    assert_mentions(&err, &["missing tensor backbone.layers.0.mixer.in_proj.bias", "ssm_cfg.bias = true"]);
+    // Present while the config says false.
+    let (err, _) = rewritten_err("mamba2_hf_g1_untied", |_| {}, |_| true, &[out_bias(1)]);
+    assert_mentions(&err, &["backbone.layers.1.mixer.out_proj.bias", "is present", "use_bias = false"]);
+    // Stated and present: loads.
+    let dir = tempfile::tempdir().unwrap();
+    let all = [in_bias(0), out_bias(0), in_bias(1), out_bias(1)];
+    rewrite_model("mamba2_hf_g1_untied", dir.path(), set_hf, |_| true, &all);
+    Model::load(dir.path()).unwrap();
+}
+
+/// Official `ssm_cfg` flags that decide which tensors (and shapes) a layer has: `D_has_hdim`
+/// promises `mixer.D` of `[d_inner]`; `rmsnorm = false` means no `mixer.norm.weight` (unsupported).
+#[test]
+fn official_config_flags_match_the_weights() {
+    let (err, _) = rewritten_err("mamba2_official", |c| c["ssm_cfg"]["D_has_hdim"] = true.into(), |_| true, &[]);
+    assert_mentions(&err, &["backbone.layers.0.mixer.D", "[8]", "expected [128]"]);
+    let (err, _) = rewritten_err("mamba2_official", |c| c["ssm_cfg"]["rmsnorm"] = false.into(), |_| true, &[]);
+    assert_mentions(&err, &["config.json", "ssm_cfg.rmsnorm = false", "not supported"]);
+}
+
+/// HGRN-2 `attnres_block_size` adds tensors (`attn_res_proj`, `res_norm`, …) and changes the
+/// residual stream; it was ignored.
+#[test]
+fn hgrn2_attention_residuals_are_refused() {
+    let (err, _) = rewritten_err("hgrn2_tiny", |c| c["attnres_block_size"] = 2.into(), |_| true, &[]);
+    assert_mentions(&err, &["config.json", "attnres_block_size", "not supported"]);
+}
+
+/// Tensors each family requires (they were already refused when missing): layer-0-only LN0
+/// (RWKV `.pth` and HF names), HGRN-2 `lower_bounds` under `use_lower_bound`, an untied lm_head
+/// (Mamba-2 HF, HGRN-2); and the genuinely optional ones: a tied lm_head.
+#[test]
+fn tensors_every_family_requires() {
+    let cases: &[(&str, &str)] = &[
+        ("rwkv6_tiny_hf", "rwkv.blocks.0.pre_ln.weight"),
+        ("rwkv6_tiny_hf", "rwkv.blocks.1.attention.time_maa_w2"),
+        ("hgrn2_tiny", "model.lower_bounds"),
+        ("hgrn2_tiny", "lm_head.weight"),
+        ("mamba2_hf_g1_untied", "lm_head.weight"),
+    ];
+    for &(src, tensor) in cases {
+        let (err, dir) = rewritten_err(src, |_| {}, |n| n != tensor, &[]);
+        assert_mentions(&err, &[&dir, &format!("missing tensor {tensor}")]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    rewrite_model(
+        "hgrn2_tiny",
+        dir.path(),
+        |c| c["use_lower_bound"] = false.into(),
+        |n| n != "model.lower_bounds",
+        &[],
+    );
+    Model::load(dir.path()).unwrap();
+    rewrite_model("hgrn2_tiny", dir.path(), |c| c["tie_word_embeddings"] = true.into(), |n| n != "lm_head.weight", &[]);
+    Model::load(dir.path()).unwrap();
+    rewrite_model("mamba2_hf_g2_tied", dir.path(), |_| {}, |n| n != "lm_head.weight", &[]);
+    Model::load(dir.path()).unwrap();
+}

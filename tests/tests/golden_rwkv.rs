@@ -2,9 +2,13 @@
 //! BlinkDL `.pth` checkpoints: `tests/data/rwkv*_tiny*/`, written by `tools/golden_rwkv.py`.
 //! Bounds: FORMATS.md §8 (logits and final state rel ≤ 1e-4). The bf16 case is compared with the
 //! package on the same bf16 file (it folds LN0 into the embedding in bf16, as we do); the `_hf`
-//! cases are the same weights under the HF-format key names, against the f32 references.
+//! cases are the same weights under the HF-format key names, against the f32 references. The
+//! `rwkv6_bf16_m*_d*` cases are small bf16 files with odd LoRA ranks whose seeds were picked so that
+//! the package's LN0 fold has a rounding boundary case in a row the ids use (tools/golden_rwkv.py).
+use stuffed::checkpoint::Checkpoint;
 use stuffed::exec::Pool;
 use stuffed::model::Model;
+use stuffed_core::{Data, Weight};
 use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
 
 /// (model dir, reference dir)
@@ -14,7 +18,13 @@ const CASES: &[(&str, &str)] = &[
     ("rwkv5_tiny", "rwkv5_tiny"),
     ("rwkv6_tiny_hf", "rwkv6_tiny"),
     ("rwkv5_tiny_hf", "rwkv5_tiny"),
+    ("rwkv6_bf16_m3_d5", "rwkv6_bf16_m3_d5"),
+    ("rwkv6_bf16_m5_d7", "rwkv6_bf16_m5_d7"),
+    ("rwkv6_bf16_m7_d3", "rwkv6_bf16_m7_d3"),
 ];
+
+/// The bf16 cases whose reference holds the package's folded embedding (`emb_ln0`).
+const BF16_CASES: &[&str] = &["rwkv6_tiny_bf16", "rwkv6_bf16_m3_d5", "rwkv6_bf16_m5_d7", "rwkv6_bf16_m7_d3"];
 
 /// The final-state references: att_shift (L, C), wkv_state (L, H, N, N), ffn_shift (L, C).
 struct Ref {
@@ -59,6 +69,43 @@ fn rwkv6_f32_pth() {
 #[test]
 fn rwkv6_bf16_pth() {
     check_case(CASES[1], Pool::new);
+}
+
+/// bf16 files with odd LoRA ranks, each with an LN0-fold boundary case in a row its ids use.
+#[test]
+fn rwkv6_bf16_odd_lora_ranks() {
+    for &case in &CASES[5..] {
+        check_case(case, Pool::new);
+    }
+}
+
+/// Our LN0 fold of every embedding row equals the package's (`F.layer_norm` on the bf16 tensors,
+/// rounded to bf16) bit for bit, not only within the logits bound.
+#[test]
+fn ln0_fold_equals_the_package_bit_for_bit() {
+    for &case in BF16_CASES {
+        let ck = Checkpoint::open(&data(case).join("model.pth")).unwrap();
+        let bf = |n: &str| ck.require(n).unwrap().as_bf16().unwrap();
+        let emb = bf("emb.weight");
+        let (w, b) = (bf("blocks.0.ln0.weight"), bf("blocks.0.ln0.bias"));
+        let c = w.len();
+        let (w, b) = (Weight::new(Data::Bf16(w), 1, c).unwrap(), Weight::new(Data::Bf16(b), 1, c).unwrap());
+        let want = Golden::load(case).f32("emb_ln0");
+        assert_eq!(want.len(), emb.len(), "{case}");
+        let mut row = vec![0f32; c];
+        let mut wrong = Vec::new();
+        for (r, (x, want)) in emb.chunks_exact(c).zip(want.chunks_exact(c)).enumerate() {
+            let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            stuffed_core::rwkv::ln0_row(&x, stuffed_core::weight::DType::Bf16, &w, &b, 1e-5, &mut row);
+            wrong.extend((0..c).filter(|&i| row[i].to_bits() != want[i].to_bits()).map(|i| (r, i, row[i], want[i])));
+        }
+        assert!(
+            wrong.is_empty(),
+            "{case}: {} folded elements differ from the package's (row, col, ours, package): {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+    }
 }
 
 #[test]

@@ -331,6 +331,10 @@ fn load_hgrn2(path: &Path, json: &Value, cfg_path: &Path) -> Result<Model> {
     if json.get("attn").is_some_and(|a| !a.is_null()) {
         bail!("{p}: hybrid HGRN-2 with attention layers ('attn') is not supported");
     }
+    // Attention residuals add res_proj/res_norm tensors and change the residual stream.
+    if json.get("attnres_block_size").is_some_and(|a| !a.is_null()) {
+        bail!("{p}: attnres_block_size (attention residuals: *res_proj/*res_norm tensors) is not supported");
+    }
     let emb = ck.require("model.embeddings.weight")?;
     let &[vrows, c] = emb.shape else {
         bail!("{}: model.embeddings.weight has shape {:?}, expected [vocab, hidden]", emb.file.display(), emb.shape);
