@@ -502,7 +502,7 @@ fn run_model(
     for (k, (di, parts)) in docs.iter().enumerate().skip(first_doc) {
         let di = *di;
         let mut stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
-        let nll_path = nll_path(o, mi, n_models, di, n_docs, &model.info, model.forget, parts);
+        let nll_path = nll_path(o, mi, n_models, di, n_docs, model, parts);
         let mut nll_file = match &nll_path {
             Some(p) => Some(open_nll(p, nll_len.take().filter(|(f, _)| Path::new(f) == p).map(|x| x.1))?),
             None => None,
@@ -637,8 +637,7 @@ fn nll_path(
     n_models: usize,
     di: usize,
     n_docs: usize,
-    info: &ModelInfo,
-    forget: crate::forget::ForgetSpec,
+    model: &Model,
     parts: &[Input],
 ) -> Option<PathBuf> {
     let base = o.nll_out.as_ref()?;
@@ -647,8 +646,8 @@ fn nll_path(
     }
     let doc = if parts.len() == 1 { parts[0].name() } else { "concat".into() };
     // The method in a file name: `rri:a=0.9999,b=0.75` → `rri-a0.9999_b0.75`.
-    let method: String = forget.to_string().replace(':', "-").replace(',', "_").replace('=', "");
-    Some(base.join(format!("{mi:02}_{}__{method}__{di:03}_{doc}.f32", model_name(info))))
+    let method: String = model.forget.to_string().replace(':', "-").replace(',', "_").replace('=', "");
+    Some(base.join(format!("{mi:02}_{}__{method}__{di:03}_{doc}.f32", model_name(&model.info))))
 }
 
 /// A model's directory (or file) name, as rows and file names show it.
