@@ -121,8 +121,10 @@ pub enum Scorer<'m> {
         rows: Vec<f32>,
         pending: Option<Vec<f32>>,
     },
+    /// The device engine, and the model (the CPU reruns a call whose NLL came back non-finite, to
+    /// name the layer).
     #[cfg(gpu)]
-    Cuda(Box<crate::cuda::mamba2::GpuMamba2>),
+    Cuda(Box<crate::cuda::mamba2::GpuMamba2>, &'m Model),
 }
 
 impl<'m> Scorer<'m> {
@@ -151,7 +153,7 @@ impl<'m> Scorer<'m> {
         match self {
             Scorer::Cpu { session, .. } => session.chunk,
             #[cfg(gpu)]
-            Scorer::Cuda(g) => g.chunk,
+            Scorer::Cuda(g, _) => g.chunk,
         }
     }
 
@@ -186,16 +188,17 @@ impl<'m> Scorer<'m> {
                 Ok(had)
             }
             #[cfg(gpu)]
-            Scorer::Cuda(g) => {
+            Scorer::Cuda(g, model) => {
                 let had = g.has_pending;
                 let pos0 = g.position() - had as u64;
                 *nll = g.feed_nll(ids)?;
                 // Checked per call (the state is checked on the device after every piece).
                 if let Some(i) = first_non_finite(nll) {
                     bail!(
-                        "{}: non-finite logit or NLL at position {} on the GPU; rerun that span with --device cpu to name the layer",
+                        "{}: non-finite logit or NLL at position {} on the GPU; {}",
                         g.model_path,
-                        pos0 + i as u64
+                        pos0 + i as u64,
+                        cpu_rerun(model, ids, g.real)
                     );
                 }
                 Ok(had)
@@ -211,7 +214,7 @@ impl<'m> Scorer<'m> {
         match self {
             Scorer::Cpu { session, pending, .. } => cpu_feed(session, pending, ids, None),
             #[cfg(gpu)]
-            Scorer::Cuda(g) => g.feed(ids),
+            Scorer::Cuda(g, _) => g.feed(ids),
         }
     }
 
@@ -221,7 +224,7 @@ impl<'m> Scorer<'m> {
         match self {
             Scorer::Cpu { session, pending, .. } => cpu_feed(session, pending, ids, Some(probe)),
             #[cfg(gpu)]
-            Scorer::Cuda(g) => g.feed_probed(ids, probe),
+            Scorer::Cuda(g, _) => g.feed_probed(ids, probe),
         }
     }
 
@@ -233,7 +236,7 @@ impl<'m> Scorer<'m> {
                 session.greedy(&last, max_new, head.real)
             }
             #[cfg(gpu)]
-            Scorer::Cuda(g) => g.greedy(max_new),
+            Scorer::Cuda(g, _) => g.greedy(max_new),
         }
     }
 
@@ -246,7 +249,7 @@ impl<'m> Scorer<'m> {
                 Ok(())
             }
             #[cfg(gpu)]
-            Scorer::Cuda(g) => g.reset(),
+            Scorer::Cuda(g, _) => g.reset(),
         }
     }
 
@@ -254,7 +257,7 @@ impl<'m> Scorer<'m> {
         match self {
             Scorer::Cpu { session, .. } => session.state.len(),
             #[cfg(gpu)]
-            Scorer::Cuda(g) => g.state_len(),
+            Scorer::Cuda(g, _) => g.state_len(),
         }
     }
 
@@ -263,7 +266,7 @@ impl<'m> Scorer<'m> {
         match self {
             Scorer::Cpu { session, pending, .. } => Ok((session.state.clone(), pending.clone(), session.tau.clone())),
             #[cfg(gpu)]
-            Scorer::Cuda(g) => {
+            Scorer::Cuda(g, _) => {
                 let mut s = vec![0f32; g.state_len()];
                 g.download_state(&mut s)?;
                 Ok((s, g.pending_row()?, g.tau()?))
@@ -282,12 +285,30 @@ impl<'m> Scorer<'m> {
                 Ok(())
             }
             #[cfg(gpu)]
-            Scorer::Cuda(g) => {
+            Scorer::Cuda(g, _) => {
                 g.upload_state(state)?;
                 g.set_position(pos, &tau)?;
                 g.set_pending_row(pending)
             }
         }
+    }
+}
+
+/// What the CPU core finds running `ids` from the zero state (each layer checked; then the NLL
+/// head): where a NaN that comes from the weights first appears. A non-finite value that needs the
+/// stream's state before the call is not reproduced, and the line says so.
+#[cfg_attr(not(gpu), allow(dead_code))]
+fn cpu_rerun(model: &Model, ids: &[u32], real: usize) -> String {
+    let run = || -> Result<()> {
+        let mut s = Scorer::new(model, ids.len().clamp(1, 512), real, Device::Cpu, GpuOptions::default())?;
+        s.score(ids, &mut Vec::new()).map(|_| ())
+    };
+    match run() {
+        Err(e) => format!("the CPU rerun of this call's {} tokens from the zero state: {e:#}", ids.len()),
+        Ok(()) => format!(
+            "the CPU rerun of this call's {} tokens from the zero state stays finite (it needs the stream's state)",
+            ids.len()
+        ),
     }
 }
 
@@ -323,7 +344,7 @@ fn cuda_engine(model: &Model, chunk: usize, real: usize, gpu: GpuOptions) -> Res
 
 #[cfg(gpu)]
 fn cuda_scorer<'m>(model: &'m Model, chunk: usize, real: usize, gpu: GpuOptions) -> Result<Scorer<'m>> {
-    Ok(Scorer::Cuda(Box::new(cuda_engine(model, chunk, real, gpu)?)))
+    Ok(Scorer::Cuda(Box::new(cuda_engine(model, chunk, real, gpu)?), model))
 }
 
 /// Logits `(T, vocab_rows)` of every position from the zero state, on the GPU.

@@ -119,6 +119,30 @@ pub fn logits(m: &Model, ids: &[u32], chunk: usize) -> Vec<f32> {
     run(m, Pool::new(), ids, chunk, &[]).0
 }
 
+/// A copy of `tests/data/<case>` with element `index` of tensor `name` set to `value` in the file's
+/// own dtype (bf16 or f32), written in place in the bytes.
+pub fn poisoned(case: &str, name: &str, index: usize, value: f32) -> tempfile::TempDir {
+    let (src, dir) = (data(case), tempfile::tempdir().unwrap());
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let file = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    let patch = match header[name]["dtype"].as_str().unwrap() {
+        "BF16" => half::bf16::from_f32(value).to_le_bytes().to_vec(),
+        "F32" => value.to_le_bytes().to_vec(),
+        other => panic!("{other}"),
+    };
+    let at = start + index * patch.len();
+    bytes[at..at + patch.len()].copy_from_slice(&patch);
+    std::fs::write(&file, bytes).unwrap();
+    dir
+}
+
 /// The CLI in-process: `stuffed ARGS…`.
 pub fn cli(args: &[&str]) -> anyhow::Result<()> {
     use clap::Parser;

@@ -4,7 +4,7 @@
 //! Bounds (FORMATS.md §8): f32 weights rel ≤ 1e-4 and max |ΔNLL| ≤ 1e-3; bf16 matmuls NMSE of logits
 //! ≤ 1e-4 and mean |ΔNLL| ≤ 1e-2. `stuffed selftest` prints the measured errors.
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
-use stuffed_tests::{cli, data};
+use stuffed_tests::{cli, data, poisoned};
 
 /// The emulated device runs GEMMs as plain loops: smaller workloads there.
 const EMU: bool = cfg!(not(feature = "cuda"));
@@ -215,4 +215,26 @@ fn probe_on_the_gpu_gives_the_cpu_series() {
         println!("{name}: max |Δ| {err:.3e} (max |value| {scale:.3e})");
         assert!(err <= 1e-4 * scale, "{name}: max |Δ| {err:e} > 1e-4 · {scale:e}");
     }
+}
+
+/// A NaN in the LM head stops a GPU run at the first call that meets it, naming the position, and
+/// the CPU rerun of that call names where it comes from (the logits, id 50,000).
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn non_finite_nll_on_the_gpu_is_an_error_naming_where() {
+    let dir = poisoned("mamba2_neox_tiny", "backbone.embeddings.weight", 50_000 * 32 + 4, f32::NAN);
+    let out = tempfile::tempdir().unwrap();
+    let text = data("../../host/assets/corpus/austen_persuasion.txt");
+    let m = dir.path().to_str().unwrap();
+    let args = ["ppl", "--device", "cuda", "--model", m, "--text", text.to_str().unwrap(), "--max-tokens", "300"];
+    let err = format!("{:#}", cli(&[&args[..], &["--out", out.path().to_str().unwrap()]].concat()).unwrap_err());
+    for want in [
+        m,
+        "non-finite logit or NLL at position 0 on the GPU",
+        "CPU rerun",
+        "non-finite logit at position 0 (id 50000)",
+    ] {
+        assert!(err.contains(want), "{err:?} lacks {want:?}");
+    }
+    assert!(!err.contains('\n') && !out.path().join("results.json").exists());
 }

@@ -177,11 +177,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         time_decode(&mut sc, &ids[..1], a.decode)?;
         // The fused decode projections against cuBLAS's, side by side.
         #[cfg(gpu)]
-        if let Scorer::Cuda(g) = &mut sc {
+        if let Scorer::Cuda(g, _) = &mut sc {
             let was = g.cublas_decode();
             g.set_cublas_decode(!was);
             time_decode(&mut sc, &ids[..1], a.decode)?;
-            if let Scorer::Cuda(g) = &mut sc {
+            if let Scorer::Cuda(g, _) = &mut sc {
                 g.set_cublas_decode(was);
             }
         }
@@ -194,9 +194,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 fn time_decode(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<()> {
     let what = match sc {
         #[cfg(gpu)]
-        Scorer::Cuda(g) if g.cublas_decode() => ", cuBLAS projections",
+        Scorer::Cuda(g, _) if g.cublas_decode() => ", cuBLAS projections",
         #[cfg(gpu)]
-        Scorer::Cuda(_) => ", fused projections",
+        Scorer::Cuda(..) => ", fused projections",
         _ => "",
     };
     decode_steps(sc, prompt, steps.min(8))?;
@@ -215,7 +215,7 @@ fn time_decode(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<()> {
 /// alone, so the sum exceeds the run's wall time a little); `what` empty discards it.
 fn print_profile(sc: &Scorer, what: &str) {
     #[cfg(gpu)]
-    if let Scorer::Cuda(g) = sc {
+    if let Scorer::Cuda(g, _) = sc {
         let Some(rows) = g.gpu.prof.take() else { return };
         let total: f64 = rows.iter().map(|r| r.2).sum();
         if what.is_empty() || total == 0.0 {
@@ -235,7 +235,7 @@ fn device_mem_used(sc: &Scorer) -> Result<usize> {
     match sc {
         Scorer::Cpu { .. } => Ok(crate::report::peak_rss_bytes() as usize),
         #[cfg(gpu)]
-        Scorer::Cuda(_) => crate::cuda::Gpu::mem_info().map(|(free, total)| total - free),
+        Scorer::Cuda(..) => crate::cuda::Gpu::mem_info().map(|(free, total)| total - free),
     }
 }
 
@@ -243,7 +243,7 @@ fn device_name(sc: &Scorer) -> String {
     match sc {
         Scorer::Cpu { .. } => format!("CPU, {} threads", rayon::current_num_threads()),
         #[cfg(gpu)]
-        Scorer::Cuda(g) => format!(
+        Scorer::Cuda(g, _) => format!(
             "{} (CUDA, {:?} matmuls; engine buffers {:.3} GiB, chunk {})",
             g.gpu.name,
             g.dt,
