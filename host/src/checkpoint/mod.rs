@@ -9,6 +9,8 @@
 mod safetensors;
 mod torch_zip;
 
+pub use torch_zip::crc32;
+
 use anyhow::{anyhow, bail, Result};
 use memmap2::Mmap;
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,6 +52,16 @@ pub fn parse_bytes(buf: &[u8], verify: bool) -> Result<usize> {
         }
     }
     Ok(raw.len())
+}
+
+/// Runs the torch zip unpickler over a `data.pkl`'s bytes (for the fuzz harness).
+pub fn unpickle_bytes(data: &[u8]) -> Result<()> {
+    torch_zip::unpickle(data)
+}
+
+/// The `data.pkl` of a torch zip file's bytes (fuzz seeds).
+pub fn torch_pickle(buf: &[u8]) -> Result<Vec<u8>> {
+    torch_zip::pickle_of(buf)
 }
 
 /// Element types a checkpoint may hold (little-endian, row-major).

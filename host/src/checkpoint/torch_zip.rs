@@ -36,7 +36,7 @@ struct Member {
 }
 
 /// CRC-32 (IEEE, reflected, as ZIP uses), table-driven.
-pub(super) fn crc32(data: &[u8]) -> u32 {
+pub fn crc32(data: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut t = [0u32; 256];
         let mut i = 0;
@@ -573,6 +573,22 @@ impl<'a> Unpickler<'a> {
         self.stack.push(v);
         Ok(())
     }
+}
+
+/// Runs the restricted unpickler over a `data.pkl`'s bytes (for the fuzz harness).
+pub(super) fn unpickle(data: &[u8]) -> Result<()> {
+    Unpickler { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }.run().map(drop)
+}
+
+/// The bytes of a torch zip's `data.pkl` member.
+pub(super) fn pickle_of(buf: &[u8]) -> Result<Vec<u8>> {
+    let members = members(buf)?;
+    let m = members
+        .iter()
+        .find(|(n, _)| *n == "data.pkl" || n.ends_with("/data.pkl"))
+        .map(|(_, m)| *m)
+        .ok_or_else(|| anyhow!("zip without data.pkl"))?;
+    Ok(buf[m.start..m.start + m.len].to_vec())
 }
 
 // ---------------------------------------------------------------- tensors
