@@ -242,6 +242,7 @@ pub mod readback {
     pub fn targets() -> Vec<Target> {
         vec![
             Target { name: "ppl-results", shape: Shape::Json, seeds: ppl_seed, parse: ppl_parse },
+            Target { name: "ppl-checkpoint", shape: Shape::Safetensors, seeds: ckpt_seed, parse: ckpt_parse },
             Target { name: "passkey-results", shape: Shape::Lines, seeds: passkey_seed, parse: passkey_parse },
             Target { name: "passkey-summary", shape: Shape::Json, seeds: summary_seed, parse: summary_parse },
         ]
@@ -289,6 +290,43 @@ pub mod readback {
         std::fs::create_dir_all(&case)?;
         std::fs::write(case.join("results.json"), b)?;
         crate::eval::ppl::merge(&[case, two], &scratch().join("ppl-merged"))
+    }
+
+    /// The checkpoint of a ppl run stopped after 64 tokens (made once), and the run's arguments.
+    fn ckpt() -> Result<(Vec<u8>, Vec<String>)> {
+        let text = scratch().join("ck.txt");
+        let args = |out: &Path| -> Vec<String> {
+            let m = model();
+            let (t, o) = (text.display().to_string(), out.display().to_string());
+            ["ppl", "--model", &m, "--text", &t, "--train-len", "16", "--chunk", "32", "--out", &o]
+                .map(String::from)
+                .to_vec()
+        };
+        let dir = scratch().join("ppl-ck");
+        let file = dir.join("ppl.checkpoint.safetensors");
+        if !file.exists() {
+            std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow.\n".repeat(8))?;
+            let mut a = args(&dir);
+            a.extend(["--stop-after".into(), "64".into()]);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let _ = stuffed(&a); // ends with "stopped after …", an error
+        }
+        let case = scratch().join("ppl-ck-case");
+        Ok((std::fs::read(&file).context("fuzz seed: ppl checkpoint")?, args(&case)))
+    }
+
+    fn ckpt_seed() -> Result<Vec<Vec<u8>>> {
+        Ok(vec![ckpt()?.0])
+    }
+
+    /// The run resumed from the case as its checkpoint.
+    fn ckpt_parse(b: &[u8]) -> Result<()> {
+        let (_, mut args) = ckpt()?;
+        let case = scratch().join("ppl-ck-case");
+        std::fs::create_dir_all(&case)?;
+        std::fs::write(case.join("ppl.checkpoint.safetensors"), b)?;
+        args.push("--resume".into());
+        stuffed(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// A passkey run's two shards in `scratch/pk-k` (made once).
@@ -567,6 +605,26 @@ fn safetensors_mutation(buf: &[u8], rng: &mut Rng) -> Option<Vec<u8>> {
         let v = (n as i128 + *rng.pick(&[-8i128, -1, 1, 8, 1 << 20, -(n as i128)])).max(0) as u64;
         b[..8].copy_from_slice(&v.to_le_bytes());
         return Some(b);
+    }
+    // Half the time a JSON document held in a metadata string (a checkpoint's snapshot).
+    if rng.below(2) == 0 {
+        if let Ok(mut v) = serde_json::from_slice::<Value>(header) {
+            let inner = v.get_mut("__metadata__").and_then(Value::as_object_mut).and_then(|m| {
+                let keys: Vec<String> = m
+                    .iter()
+                    .filter(|(_, x)| x.as_str().is_some_and(|t| t.starts_with(['{', '['])))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let k = keys.get(rng.below(keys.len().max(1)))?.clone();
+                let doc = json_mutation(m[&k].as_str()?.as_bytes(), rng)?;
+                m.insert(k, Value::String(String::from_utf8_lossy(&doc).into_owned()));
+                Some(())
+            });
+            if inner.is_some() {
+                let h = serde_json::to_vec(&v).ok()?;
+                return Some([&(h.len() as u64).to_le_bytes()[..], &h, &buf[8 + n..]].concat());
+            }
+        }
     }
     let h = json_mutation(header, rng)?;
     let len = if rng.below(8) == 0 { n } else { h.len() };

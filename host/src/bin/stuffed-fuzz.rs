@@ -319,7 +319,8 @@ fn chunk_run(
             return Ok((at, failures)); // stopped on time; case `at` did not finish and runs again next time
         }
         let why = if hung { format!("no result within {} s", timeout.as_secs_f64()) } else { format!("{status}") };
-        let last = err.lines().last().unwrap_or("").to_string();
+        let telling = |l: &&str| ["panicked", "memory allocation", "fatal", "error"].iter().any(|w| l.contains(w));
+        let last = err.lines().find(telling).or(err.lines().last()).unwrap_or("").trim().to_string();
         failures.push(format!("FAIL {name} {at} worker died: {why} {last}"));
         next = at + 1;
     }
