@@ -382,7 +382,7 @@ impl Rng {
         Rng(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -392,7 +392,7 @@ impl Rng {
 
     /// Uniform in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 
     fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
@@ -471,7 +471,7 @@ fn mutate(shape: Shape, buf: &[u8], rng: &mut Rng) -> Vec<u8> {
 fn byte_mutation(b: &mut Vec<u8>, rng: &mut Rng) {
     let n = b.len();
     if n == 0 {
-        b.push(rng.next() as u8);
+        b.push(rng.next_u64() as u8);
         return;
     }
     let at = rng.below(n);
@@ -500,13 +500,13 @@ fn byte_mutation(b: &mut Vec<u8>, rng: &mut Rng) {
             }
         }
         6 => {
-            let x = rng.next() as u8;
+            let x = rng.next_u64() as u8;
             b.insert(at, x);
         }
         _ => {
             for _ in 0..1 + rng.below(8) {
                 let i = rng.below(n);
-                b[i] = rng.next() as u8;
+                b[i] = rng.next_u64() as u8;
             }
         }
     }
