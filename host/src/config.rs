@@ -23,6 +23,10 @@ pub struct Mamba2Config {
     pub torch_dtype: Option<String>,
 }
 
+/// The largest integer a config field may hold (2^24): dims, layers, heads and vocab sizes of real
+/// models are far below it, and products of three such values cannot overflow.
+pub const MAX_FIELD: usize = 1 << 24;
+
 /// Reads `config.json` tolerating the bare `Infinity`/`NaN` tokens older transformers wrote.
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -87,10 +91,19 @@ impl Fields<'_> {
             Some(Value::Null) | None => {
                 default.ok_or_else(|| anyhow!("{}: missing config field '{key}'", self.path.display()))
             }
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| anyhow!("{}: config field '{key}' is not a non-negative integer", self.path.display())),
+            Some(v) => {
+                let x = v.as_u64().ok_or_else(|| {
+                    anyhow!("{}: config field '{key}' is not a non-negative integer", self.path.display())
+                })?;
+                // Sizes past any model's keep the products of a few of them from overflowing.
+                if x > MAX_FIELD as u64 {
+                    bail!(
+                        "{}: config field '{key}' is {x}, more than the {MAX_FIELD} a size may be",
+                        self.path.display()
+                    );
+                }
+                Ok(x as usize)
+            }
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {

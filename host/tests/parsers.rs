@@ -85,3 +85,15 @@ fn verify_weights_checks_crc32() {
     let (code, err) = run(&["--verify-weights"]);
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// Fuzz cases that crashed, each run again by its number (host/src/fuzz.rs: the input is a function
+/// of target and number): Mamba-2 configs with `num_heads` or `d_model` near 2^63 overflowed a
+/// product in config.rs (found by the long fuzz).
+#[test]
+fn fuzz_regressions() {
+    for (target, n) in [("config-mamba2", "999"), ("config-mamba2", "3677"), ("config-mamba2-official", "4972")] {
+        let (ok, out) = fuzz(&["case", target, n]);
+        assert!(ok && out.contains(&format!("{target} {n}: error: ")), "{out}");
+        assert!(out.contains("more than the 16777216 a size may be"), "{out}");
+    }
+}
