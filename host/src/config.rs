@@ -23,7 +23,7 @@ pub struct Mamba2Config {
     pub torch_dtype: Option<String>,
 }
 
-/// The largest integer a config field may hold (2^24): dims, layers, heads and vocab sizes of real
+/// The largest integer a size in a config may hold (2^24): dims, heads and vocab sizes of real
 /// models are far below it, and products of three such values cannot overflow.
 pub const MAX_FIELD: usize = 1 << 24;
 
@@ -95,8 +95,9 @@ impl Fields<'_> {
                 let x = v.as_u64().ok_or_else(|| {
                     anyhow!("{}: config field '{key}' is not a non-negative integer", self.path.display())
                 })?;
-                // Sizes past any model's keep the products of a few of them from overflowing.
-                if x > MAX_FIELD as u64 {
+                // Sizes past any model's keep the products of a few of them from overflowing. Layer
+                // counts enter no product here; the loader checks them against the weights.
+                if x > MAX_FIELD as u64 && !matches!(key, "num_hidden_layers" | "n_layer") {
                     bail!(
                         "{}: config field '{key}' is {x}, more than the {MAX_FIELD} a size may be",
                         self.path.display()
