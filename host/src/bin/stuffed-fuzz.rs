@@ -308,6 +308,8 @@ fn chunk_run(
             }
         }
         let status = child.wait()?;
+        // A worker killed or dead cannot remove its scratch directory (fuzz::scratch) itself.
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("stuffed-fuzz-{}", child.id())));
         let err = errs.join().unwrap_or_default();
         if done && status.success() {
             return Ok((end, failures));
