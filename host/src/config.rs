@@ -42,6 +42,10 @@ impl Mamba2Config {
     }
 }
 
+/// The largest integer a size in a config may hold (2^24): dims, heads and vocab sizes of real
+/// models are far below it, and products of three such values cannot overflow.
+pub const MAX_FIELD: usize = 1 << 24;
+
 /// Reads `config.json` tolerating the bare `Infinity`/`NaN` tokens older transformers wrote.
 pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -106,10 +110,20 @@ impl Fields<'_> {
             Some(Value::Null) | None => {
                 default.ok_or_else(|| anyhow!("{}: missing config field '{key}'", self.path.display()))
             }
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| anyhow!("{}: config field '{key}' is not a non-negative integer", self.path.display())),
+            Some(v) => {
+                let x = v.as_u64().ok_or_else(|| {
+                    anyhow!("{}: config field '{key}' is not a non-negative integer", self.path.display())
+                })?;
+                // Sizes past any model's keep the products of a few of them from overflowing. Layer
+                // counts enter no product here; the loader checks them against the weights.
+                if x > MAX_FIELD as u64 && !matches!(key, "num_hidden_layers" | "n_layer") {
+                    bail!(
+                        "{}: config field '{key}' is {x}, more than the {MAX_FIELD} a size may be",
+                        self.path.display()
+                    );
+                }
+                Ok(x as usize)
+            }
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {

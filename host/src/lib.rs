@@ -11,6 +11,7 @@ pub mod defaults;
 pub mod eval;
 pub mod exec;
 pub mod forget;
+pub mod fuzz;
 pub mod gpumem;
 pub mod interrupt;
 pub mod model;

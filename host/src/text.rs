@@ -118,6 +118,35 @@ fn safe_cut(tok: &Tokenizer, text: &str) -> Option<usize> {
     tok.world_cut(text).or_else(|| last_cut(text)).or_else(space).filter(|&c| c > 0)
 }
 
+/// The longest piece tokenized at once when the text offers no safe cut (no line break, and no
+/// space where the tokenizer allows cuts there): it is then cut by force at a char boundary, so the
+/// tokenizer's working memory (hundreds of bytes per byte of a piece: 8 GB for a 50 MB line) stays
+/// bounded for any text.
+pub const MAX_PIECE: usize = 1 << 18;
+
+/// Says once per process, on stderr, that a text was cut by force.
+fn note_hard_cut(what: &str) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "stuffed: note: {what}: no line break (or space the tokenizer may be cut at) in {} KiB of text, so it \
+             is cut there by force; ids near such cuts may differ from tokenizing the whole text at once",
+            MAX_PIECE >> 10
+        );
+    }
+}
+
+/// A forced cut of `text` (longer than [`MAX_PIECE`]): before the last whitespace in its second
+/// half, else at the char boundary at [`MAX_PIECE`].
+fn hard_cut(text: &str) -> usize {
+    let end = text.floor_char_boundary(MAX_PIECE.min(text.len()));
+    let head = &text[..end];
+    match head.rfind(char::is_whitespace) {
+        Some(i) if i >= end / 2 => i,
+        _ => end,
+    }
+}
+
 /// Bytes of the text before a piece that the piece is tokenized after.
 const CONTEXT: usize = 256;
 
@@ -132,13 +161,19 @@ fn context_after(ctx: &str, piece: &str) -> String {
 /// lead them, else a token spans the cut), so a tokenizer that marks the start of its input (Llama's
 /// "▁" normalizer or Metaspace pre-tokenizer, HGRN-2's kind) marks the context, not the cut. RWKV
 /// World's greedy match is settled at the cut and takes the piece alone.
-fn encode_after(tok: &Tokenizer, ctx: &str, piece: &str) -> Result<(Vec<u32>, Vec<usize>)> {
+///
+/// `forced`: `ctx` ends at a forced cut ([`hard_cut`]), where a token may span it; the piece is then
+/// tokenized alone when it does.
+fn encode_after(tok: &Tokenizer, ctx: &str, piece: &str, forced: bool) -> Result<(Vec<u32>, Vec<usize>)> {
     if ctx.is_empty() || tok.is_world() {
         return tok.encode_with_offsets(piece);
     }
     let lead = tok.encode(ctx)?;
     let (ids, offsets) = tok.encode_with_offsets(&[ctx, piece].concat())?;
     if !ids.starts_with(&lead) {
+        if forced {
+            return tok.encode_with_offsets(piece);
+        }
         bail!("{}: a token spans a cut, so this tokenizer cannot tokenize a text in pieces", tok.source);
     }
     let n = lead.len();
@@ -157,21 +192,26 @@ pub fn encode_long(tok: &Tokenizer, text: &str, mark: usize) -> Result<(Vec<u32>
 /// [`encode_long`] with pieces of about `block` bytes (small blocks make many cuts: for tests).
 pub fn encode_long_in(tok: &Tokenizer, text: &str, mark: usize, block: usize) -> Result<(Vec<u32>, usize)> {
     let (mut ids, mut at) = (Vec::new(), None);
-    let mut start = 0;
+    let (mut start, mut forced) = (0, false);
     while start < text.len() {
-        // Widen the window until it holds a cut (or reaches the end).
+        // Widen the window until it holds a cut (or reaches the end, or MAX_PIECE: a forced cut).
         let mut end = start;
-        let len = loop {
+        let (len, hard) = loop {
             end = text.floor_char_boundary((end + block.max(4)).min(text.len()));
             if end == text.len() {
-                break end - start;
+                break (end - start, false);
             }
             if let Some(c) = safe_cut(tok, &text[start..end]) {
-                break c;
+                break (c, false);
+            }
+            if end - start >= MAX_PIECE {
+                note_hard_cut("a prompt");
+                break (hard_cut(&text[start..end]), true);
             }
         };
         let ctx = &text[text.ceil_char_boundary(start.saturating_sub(CONTEXT))..start];
-        let (p_ids, offsets) = encode_after(tok, ctx, &text[start..start + len])?;
+        let (p_ids, offsets) = encode_after(tok, ctx, &text[start..start + len], forced)?;
+        forced = hard;
         if at.is_none() && mark < start + len {
             at = offsets.iter().position(|&o| start + o >= mark).map(|i| ids.len() + i);
         }
@@ -193,6 +233,8 @@ pub struct TokenStream<'t> {
     ctx: String,
     done: bool,
     block: usize,
+    /// `ctx` ends at a forced cut.
+    forced: bool,
 }
 
 impl<'t> TokenStream<'t> {
@@ -214,6 +256,7 @@ impl<'t> TokenStream<'t> {
             ctx: String::new(),
             done: false,
             block: block.max(1),
+            forced: false,
         })
     }
 
@@ -250,9 +293,15 @@ impl<'t> TokenStream<'t> {
                 Err(e) => bail!("{}: not UTF-8 text (invalid byte near offset {})", path.display(), e.valid_up_to()),
             };
             let text = std::str::from_utf8(&self.carry[..valid]).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let cut = if eof { Some(text.len()) } else { safe_cut(self.tok, text) };
+            let mut cut = if eof { Some(text.len()) } else { safe_cut(self.tok, text) };
+            let hard = cut.is_none_or(|c| c == 0) && text.len() >= MAX_PIECE;
+            if hard {
+                note_hard_cut(&path.display().to_string());
+                cut = Some(hard_cut(text));
+            }
             if let Some(cut) = cut.filter(|&c| c > 0) {
-                let (ids, _) = encode_after(self.tok, &self.ctx, &text[..cut])?;
+                let (ids, _) = encode_after(self.tok, &self.ctx, &text[..cut], self.forced)?;
+                self.forced = hard;
                 self.ctx = context_after(&self.ctx, &text[..cut]);
                 self.carry.drain(..cut);
                 self.done = eof;

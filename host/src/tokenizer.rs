@@ -20,6 +20,18 @@ enum Inner {
     World(Box<World>),
 }
 
+/// The longest added token a tokenizer.json may hold, in characters (real ones hold a few dozen).
+pub const MAX_ADDED_TOKEN_CHARS: usize = 1024;
+
+/// Runs `f`, turning a panic inside the `tokenizers` crate (or its regex engine) into one error line.
+fn catch<T>(source: &str, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+        let msg = msg.unwrap_or_default().replace('\n', " ");
+        Err(anyhow!("{source}: {what}: the tokenizers library panicked: {msg}"))
+    })
+}
+
 /// The family a model directory holds, as far as the tokenizer cares.
 enum DirKind {
     Rwkv,
@@ -116,9 +128,35 @@ impl Tokenizer {
         }
     }
 
-    fn from_bytes(bytes: &[u8], source: &str) -> Result<Tokenizer> {
-        let inner =
-            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{source}: not a tokenizer.json: {e}"))?;
+    /// A tokenizer.json's bytes; `source` names it in errors. Added tokens longer than
+    /// [`MAX_ADDED_TOKEN_CHARS`] are refused before the `tokenizers` crate sees them (it loads one
+    /// in time quadratic in its length: 100,000 characters took 42 s), and a panic inside the crate
+    /// becomes an error.
+    pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Tokenizer> {
+        #[derive(serde::Deserialize)]
+        struct Added {
+            id: serde_json::Value,
+            content: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(default)]
+            added_tokens: Option<Vec<Added>>,
+        }
+        let head: Head = serde_json::from_slice(bytes).map_err(|e| anyhow!("{source}: not a tokenizer.json: {e}"))?;
+        for a in head.added_tokens.iter().flatten() {
+            let n = a.content.chars().count();
+            if n > MAX_ADDED_TOKEN_CHARS {
+                bail!(
+                    "{source}: added token {} is {n} characters long; stuffed refuses added tokens over \
+                     {MAX_ADDED_TOKEN_CHARS} characters (loading one takes time quadratic in its length)",
+                    a.id
+                );
+            }
+        }
+        let inner = catch(source, "cannot load", || {
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("{source}: not a tokenizer.json: {e}"))
+        })?;
         use tokenizers::pre_tokenizers::PreTokenizerWrapper;
         let regex = matches!(inner.get_pre_tokenizer(), Some(PreTokenizerWrapper::ByteLevel(b)) if b.use_regex);
         let added = inner.get_added_tokens_decoder();
@@ -133,7 +171,9 @@ impl Tokenizer {
             Inner::Hf(t) => t,
             Inner::World(w) => return w.encode(text),
         };
-        let enc = inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
+        let enc = catch(&self.source, "cannot encode", || {
+            inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))
+        })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -143,7 +183,9 @@ impl Tokenizer {
             Inner::Hf(t) => t,
             Inner::World(w) => return w.encode_bytes(text.as_bytes()),
         };
-        let enc = inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))?;
+        let enc = catch(&self.source, "cannot encode", || {
+            inner.encode(text, false).map_err(|e| anyhow!("{}: cannot encode: {e}", self.source))
+        })?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().iter().map(|o| o.0).collect()))
     }
 
@@ -160,7 +202,9 @@ impl Tokenizer {
             Inner::Hf(t) => t,
             Inner::World(w) => return w.decode(ids),
         };
-        inner.decode(ids, false).map_err(|e| anyhow!("{}: cannot decode: {e}", self.source))
+        catch(&self.source, "cannot decode", || {
+            inner.decode(ids, false).map_err(|e| anyhow!("{}: cannot decode: {e}", self.source))
+        })
     }
 
     /// Ids the tokenizer can produce (added tokens included): rows past it are padding.
@@ -169,5 +213,31 @@ impl Tokenizer {
             Inner::Hf(t) => t.get_vocab_size(true),
             Inner::World(w) => w.vocab_size(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tools/tiny_tokenizer.json with one more added token of `n` characters.
+    fn with_added(n: usize) -> Vec<u8> {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/tiny_tokenizer.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        let added = serde_json::json!({"id": 9000, "content": "x".repeat(n), "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": true, "special": false});
+        v["added_tokens"].as_array_mut().unwrap().push(added);
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    /// A 100,000-character added token took 42 s to load (quadratic in the crate); it is refused
+    /// with one line before the crate sees it, and one of the limit's length still loads.
+    #[test]
+    fn long_added_tokens_are_refused() {
+        let e = format!("{:#}", Tokenizer::from_bytes(&with_added(100_000), "t.json").err().expect("must fail"));
+        assert!(e.starts_with("t.json: added token 9000 is 100000 characters long"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let t = Tokenizer::from_bytes(&with_added(MAX_ADDED_TOKEN_CHARS), "t.json").unwrap();
+        assert!(t.token_id(&"x".repeat(MAX_ADDED_TOKEN_CHARS)).is_some());
     }
 }

@@ -40,6 +40,9 @@ impl World {
     /// Parses a vocab file's bytes; `source` names it in errors.
     pub fn parse(bytes: &[u8], source: &str) -> Result<World> {
         let text = std::str::from_utf8(bytes).map_err(|e| anyhow!("{source}: vocab is not UTF-8: {e}"))?;
+        // A vocab lists ids 1, 2, … one a line: an id past the file's line count cannot be one (and
+        // would size the table by a number the file does not back: 2^64 − 1 ids, or 10^8 × 24 bytes).
+        let max_id = text.lines().count();
         let mut tokens: Vec<Vec<u8>> = vec![Vec::new()];
         for (n, line) in text.lines().enumerate() {
             let line = line.strip_suffix('\r').unwrap_or(line);
@@ -54,6 +57,9 @@ impl World {
                 bail!(bad("expected '<id> <literal> <length>'"));
             }
             let id: usize = line[..a].parse().map_err(|_| bad("bad id"))?;
+            if id == 0 || id > max_id {
+                bail!(bad(&format!("id {} is not in 1..={max_id} (ids count the file's {max_id} lines)", &line[..a])));
+            }
             let len: usize = line[b + 1..].parse().map_err(|_| bad("bad byte length"))?;
             let tok = parse_literal(&line[a + 1..b]).map_err(|e| bad(&e))?;
             if tok.len() != len {
@@ -306,5 +312,18 @@ mod tests {
         assert_eq!(w.encode("a ba").unwrap(), [2, 3]);
         assert_eq!(w.decode_bytes(&[4, 0, 1]).unwrap(), [0xff, b' ']);
         assert!(World::parse(b"1 'ab' 3\n", "t").is_err());
+    }
+
+    /// Ids past the file's line count are refused with one line: 2^64 − 1 panicked (index out of
+    /// bounds), 2^63 panicked (capacity overflow), 99999999999 aborted allocating 2.4 TB and 10^8
+    /// took 2.3 GB.
+    #[test]
+    fn ids_past_the_file_are_refused() {
+        for id in ["18446744073709551615", "9223372036854775808", "99999999999", "100000000", "3", "0"] {
+            let v = format!("1 'a' 1\n{id} 'b' 1\n");
+            let e = format!("{:#}", World::parse(v.as_bytes(), "v.txt").err().expect("must fail"));
+            assert!(e.starts_with("v.txt: line 2: id ") && e.contains("not in 1..=2"), "{e}");
+        }
+        assert!(World::parse(b"2 'b' 1\n1 'a' 1\n", "t").is_ok());
     }
 }

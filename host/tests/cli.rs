@@ -475,3 +475,29 @@ fn closed_stdout_is_no_panic() {
     assert!(!err.contains("panicked") && out.status.code() != Some(101), "{:?}: {err}", out.status);
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {err}", out.status);
 }
+
+/// Any text streams in bounded memory: a 50 MB line without a space or line break (`--max-tokens
+/// 4k`; peaked at 8 GB in the regex engine) and a 12 MB line of CJK (`--max-tokens 1k`; 1.8 GB)
+/// are cut by force every 256 KiB, saying so once, and reading stops once enough is tokenized.
+#[test]
+fn a_text_without_safe_cuts_streams_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = data("mamba2_neox_tiny");
+    let flat = dir.path().join("flat.txt");
+    std::fs::write(&flat, "abcdefghijklmnopqrstuvwxyz0123456789".repeat(50_000_000 / 36)).unwrap();
+    let cjk = dir.path().join("cjk.txt");
+    std::fs::write(&cjk, "我们的状态是有限的记忆会遗忘".repeat(12_000_000 / 42)).unwrap();
+    for (text, n) in [(&flat, "4k"), (&cjk, "1k")] {
+        let out = dir.path().join(n);
+        let args = ["ppl", "--model", m.to_str().unwrap(), "--text", text.to_str().unwrap(), "--max-tokens", n];
+        let (code, err, peak) =
+            stuffed_peak(&[&args[..], &["--out", out.to_str().unwrap()]].concat(), &dir.path().join("err"));
+        assert_eq!(code, 0, "{err}");
+        println!("peak RSS: {} with --max-tokens {n}: {} KiB", text.display(), peak / 1024);
+        assert_eq!(err.matches("cut there by force").count(), 1, "{err}");
+        let res: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        assert_eq!(res["runs"][0]["tokens_fed"].as_u64(), Some(n.trim_end_matches('k').parse::<u64>().unwrap() * 1024));
+        assert!(peak < 256 << 20, "{}: peak memory {} MiB", text.display(), peak >> 20);
+    }
+}

@@ -9,6 +9,8 @@
 mod safetensors;
 mod torch_zip;
 
+pub use torch_zip::crc32;
+
 use anyhow::{anyhow, bail, Result};
 use memmap2::Mmap;
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,6 +18,51 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// `--verify-weights`: check each torch zip member's data against its CRC-32 at open (reads every
+/// byte of the file; safetensors files carry no checksum). Off by default: maps of many GB are then
+/// only read as the model uses them.
+static VERIFY_WEIGHTS: AtomicBool = AtomicBool::new(false);
+
+/// Sets whether [`Checkpoint::open`] verifies torch zip members' CRC-32 (`--verify-weights`).
+pub fn set_verify_weights(on: bool) {
+    VERIFY_WEIGHTS.store(on, Ordering::Relaxed);
+}
+
+/// Parses one checkpoint file's bytes as [`Checkpoint::open`] does (by its magic bytes) and checks
+/// every tensor lies in the file, without mapping it; for the fuzz harness. `verify`: as
+/// `--verify-weights`. Returns the number of tensors.
+pub fn parse_bytes(buf: &[u8], verify: bool) -> Result<usize> {
+    if buf.len() < 8 {
+        bail!("truncated ({} bytes), not a checkpoint", buf.len());
+    }
+    let raw = if buf.starts_with(b"PK\x03\x04") {
+        torch_zip::parse(buf, verify)?
+    } else if buf.get(8) == Some(&b'{') {
+        safetensors::parse(buf)?
+    } else {
+        bail!("neither a safetensors file nor a torch zip (unknown magic bytes)");
+    };
+    for t in &raw {
+        let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let fits = buf.get(t.start..t.end).is_some();
+        if !fits || numel.and_then(|n| n.checked_mul(t.dtype.size())) != Some(t.end - t.start) {
+            bail!("tensor {} lies outside the file or does not hold its shape", t.name);
+        }
+    }
+    Ok(raw.len())
+}
+
+/// Runs the torch zip unpickler over a `data.pkl`'s bytes (for the fuzz harness).
+pub fn unpickle_bytes(data: &[u8]) -> Result<()> {
+    torch_zip::unpickle(data)
+}
+
+/// The `data.pkl` of a torch zip file's bytes (fuzz seeds).
+pub fn torch_pickle(buf: &[u8]) -> Result<Vec<u8>> {
+    torch_zip::pickle_of(buf)
+}
 
 /// Element types a checkpoint may hold (little-endian, row-major).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,7 +297,7 @@ impl Checkpoint {
         // SAFETY: the map is read-only; modifying the file while it is open is outside our contract.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| anyhow!("{}: cannot map: {e}", path.display()))?;
         let (format, raw) = if map.starts_with(b"PK\x03\x04") {
-            (Format::TorchZip, torch_zip::parse(&map))
+            (Format::TorchZip, torch_zip::parse(&map, VERIFY_WEIGHTS.load(Ordering::Relaxed)))
         } else if map.get(8) == Some(&b'{') {
             (Format::Safetensors, safetensors::parse(&map))
         } else {

@@ -25,12 +25,34 @@ fn to_usize(x: u64) -> Result<usize> {
     usize::try_from(x).map_err(|_| anyhow!("zip offset {x} does not fit in memory"))
 }
 
-/// A member's data: `buf[start..start + len]`, compression `method` (0 = stored).
+/// A member's data: `buf[start..start + len]`, compression `method` (0 = stored), and the CRC-32 the
+/// central directory gives it.
 #[derive(Clone, Copy)]
 struct Member {
     start: usize,
     len: usize,
     method: u16,
+    crc: u32,
+}
+
+/// CRC-32 (IEEE, reflected, as ZIP uses), table-driven.
+pub fn crc32(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    !data.iter().fold(!0u32, |c, &b| TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8))
 }
 
 /// Reads the central directory (ZIP64 aware) and each member's local header.
@@ -60,17 +82,21 @@ fn members(buf: &[u8]) -> Result<HashMap<String, Member>> {
         .ok_or_else(|| anyhow!("truncated zip: central directory [{cd_off}, +{cd_len}) past the end"))?;
 
     let mut out = HashMap::new();
+    // Every member's local header and data, `[local header, data end)`, with its name: they may
+    // not overlap each other or the central directory.
+    let mut spans: Vec<(usize, usize, String)> = Vec::new();
     let mut at = cd_off;
     for _ in 0..count {
         if at + 46 > cd_end || le(buf, at, 4)? != 0x0201_4b50 {
             bail!("corrupt zip: bad central directory entry at {at}");
         }
         let method = le(buf, at + 10, 2)? as u16;
+        let crc = le(buf, at + 16, 4)? as u32;
         let (mut comp, mut size) = (le(buf, at + 20, 4)?, le(buf, at + 24, 4)?);
         let (n, e, c) = (le(buf, at + 28, 2)? as usize, le(buf, at + 30, 2)? as usize, le(buf, at + 32, 2)? as usize);
         let mut local = le(buf, at + 42, 4)?;
-        let name = buf.get(at + 46..at + 46 + n).ok_or_else(|| anyhow!("truncated zip"))?;
-        let name = String::from_utf8_lossy(name).into_owned();
+        let name_bytes = buf.get(at + 46..at + 46 + n).ok_or_else(|| anyhow!("truncated zip"))?;
+        let name = String::from_utf8_lossy(name_bytes).into_owned();
         let extra = buf.get(at + 46 + n..at + 46 + n + e).ok_or_else(|| anyhow!("truncated zip"))?;
         // ZIP64 extra: the 8-byte values of exactly the fields that read 0xFFFFFFFF, in this order.
         let mut z64 = zip64_fields(extra).with_context(|| format!("corrupt zip: member {name}"))?.into_iter();
@@ -83,31 +109,93 @@ fn members(buf: &[u8]) -> Result<HashMap<String, Member>> {
         if le(buf, local, 4)? != 0x0403_4b50 {
             bail!("corrupt zip: member {name} has no local header at {local}");
         }
+        // The local header must describe the same member as the directory: a changed name or
+        // extra-field length would otherwise shift the data silently.
+        let (ln, le_) = (le(buf, local + 26, 2)? as usize, le(buf, local + 28, 2)? as usize);
+        if buf.get(local + 30..local + 30 + ln) != Some(name_bytes) {
+            bail!("corrupt zip: member {name}: the local header at {local} names another member");
+        }
+        let local_method = le(buf, local + 8, 2)? as u16;
+        if local_method != method {
+            bail!("corrupt zip: member {name}: method {local_method} in the local header, {method} in the directory");
+        }
         // The local extra field differs from the central one: torch pads it to align the data.
-        let start = local + 30 + le(buf, local + 26, 2)? as usize + le(buf, local + 28, 2)? as usize;
+        let local_extra = buf.get(local + 30 + ln..local + 30 + ln + le_).ok_or_else(|| anyhow!("truncated zip"))?;
+        let (mut lcomp, mut lsize) = (le(buf, local + 18, 4)?, le(buf, local + 22, 4)?);
+        let deferred = le(buf, local + 6, 2)? & 8 != 0; // sizes in a data descriptor after the data
+        let mut z64 = zip64_fields(local_extra)
+            .with_context(|| format!("corrupt zip: member {name}'s local header"))?
+            .into_iter();
+        if !(deferred && lcomp == 0 && lsize == 0) {
+            for field in [&mut lsize, &mut lcomp] {
+                if *field == 0xFFFF_FFFF {
+                    *field = z64.next().ok_or_else(|| anyhow!("corrupt zip: member {name} lacks its ZIP64 field"))?;
+                }
+            }
+            if (lcomp, lsize) != (comp, size) {
+                bail!(
+                    "corrupt zip: member {name}: sizes {lcomp}/{lsize} in the local header, {comp}/{size} in the directory"
+                );
+            }
+        }
+        let start = local + 30 + ln + le_;
         let len = to_usize(comp)?;
         if method == 0 && comp != size {
             bail!("corrupt zip: stored member {name} has sizes {comp} and {size}");
         }
-        if start.checked_add(len).is_none_or(|end| end > buf.len()) {
-            bail!("truncated zip: member {name} ends past the end of the file");
+        let end = start
+            .checked_add(len)
+            .filter(|&end| end <= buf.len())
+            .ok_or_else(|| anyhow!("truncated zip: member {name} ends past the end of the file"))?;
+        if end > cd_off && local < cd_end {
+            bail!("corrupt zip: member {name}'s data [{start}, {end}) overlaps the central directory at {cd_off}");
         }
-        out.insert(name, Member { start, len, method });
+        if deferred {
+            // The data descriptor (optional signature, CRC-32, then both sizes in 4 or 8 bytes)
+            // follows the data: finding the directory's values there shows the data is not shifted.
+            // Without its signature, the 4 bytes before it may not be one: that is data shifted by 4.
+            const SIG: Option<u64> = Some(0x0807_4b50);
+            let signed = le(buf, end, 4).ok() == SIG;
+            let d = end + if signed { 4 } else { 0 };
+            let matches = (signed || le(buf, end - 4, 4).ok() != SIG)
+                && le(buf, d, 4).ok() == Some(crc as u64)
+                && ((le(buf, d + 4, 4).ok(), le(buf, d + 8, 4).ok()) == (Some(comp), Some(size))
+                    || (le(buf, d + 4, 8).ok(), le(buf, d + 12, 8).ok()) == (Some(comp), Some(size)));
+            if !matches {
+                bail!("corrupt zip: member {name}: no data descriptor matching the directory after its data at {end}");
+            }
+        }
+        spans.push((local, end, name.clone()));
+        if out.insert(name.clone(), Member { start, len, method, crc }).is_some() {
+            bail!("corrupt zip: member {name} appears twice in the directory");
+        }
         at += 46 + n + e + c;
+    }
+    spans.push((cd_off, cd_end, "the central directory".into()));
+    spans.push((eocd, buf.len(), "the end of central directory record".into()));
+    spans.sort();
+    for w in spans.windows(2) {
+        let ((_, a_end, a), (b_start, _, b)) = (&w[0], &w[1]);
+        if b_start < a_end {
+            bail!("corrupt zip: {a} overlaps {b} (at byte {b_start})");
+        }
     }
     Ok(out)
 }
 
+/// The ZIP64 record's 8-byte values in an extra field, which must be whole `(id, length, body)`
+/// records (a changed extra-field length leaves a partial one).
 fn zip64_fields(mut extra: &[u8]) -> Result<Vec<u64>> {
-    while extra.len() >= 4 {
+    let mut out = Vec::new();
+    while !extra.is_empty() {
         let (id, len) = (le(extra, 0, 2)?, le(extra, 2, 2)? as usize);
         let body = extra.get(4..4 + len).ok_or_else(|| anyhow!("extra field overruns"))?;
-        if id == 1 {
-            return Ok(body.chunks_exact(8).map(|c| le(c, 0, 8).unwrap_or(0)).collect());
+        if id == 1 && out.is_empty() {
+            out = body.chunks_exact(8).map(|c| le(c, 0, 8).unwrap_or(0)).collect();
         }
         extra = &extra[4 + len..];
     }
-    Ok(Vec::new())
+    Ok(out)
 }
 
 // ---------------------------------------------------------------- pickle
@@ -487,11 +575,38 @@ impl<'a> Unpickler<'a> {
     }
 }
 
+/// Runs the restricted unpickler over a `data.pkl`'s bytes (for the fuzz harness).
+pub(super) fn unpickle(data: &[u8]) -> Result<()> {
+    Unpickler { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }.run().map(drop)
+}
+
+/// The bytes of a torch zip's `data.pkl` member.
+pub(super) fn pickle_of(buf: &[u8]) -> Result<Vec<u8>> {
+    let members = members(buf)?;
+    let m = members
+        .iter()
+        .find(|(n, _)| *n == "data.pkl" || n.ends_with("/data.pkl"))
+        .map(|(_, m)| *m)
+        .ok_or_else(|| anyhow!("zip without data.pkl"))?;
+    Ok(buf[m.start..m.start + m.len].to_vec())
+}
+
 // ---------------------------------------------------------------- tensors
 
-/// Tensors of one torch zip file, as byte ranges of `buf` (the whole file).
-pub(super) fn parse(buf: &[u8]) -> Result<Vec<RawTensor>> {
+/// Tensors of one torch zip file, as byte ranges of `buf` (the whole file). `verify`: check every
+/// member's data against the directory's CRC-32 (reads the whole file).
+pub(super) fn parse(buf: &[u8], verify: bool) -> Result<Vec<RawTensor>> {
     let members = members(buf)?;
+    if verify {
+        let mut names: Vec<_> = members.iter().collect();
+        names.sort_by_key(|(_, m)| m.start);
+        for (name, m) in names {
+            let got = crc32(&buf[m.start..m.start + m.len]);
+            if got != m.crc {
+                bail!("member {name}: CRC-32 {got:08x} of its data, {:08x} in the directory (damaged weights)", m.crc);
+            }
+        }
+    }
     let mut pkls = members.keys().filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"));
     let pkl = pkls.next().ok_or_else(|| anyhow!("zip without data.pkl: not a torch checkpoint"))?;
     if let Some(other) = pkls.next() {
@@ -646,6 +761,80 @@ mod tests {
             }
         }
         std::fs::remove_file(&p).unwrap();
+    }
+
+    /// Offset of the local header of member `name` and of its central directory entry.
+    fn headers(buf: &[u8], name: &str) -> (usize, usize) {
+        let find = |sig: &[u8], name_at: usize| {
+            (0..buf.len() - name_at)
+                .find(|&i| buf[i..].starts_with(sig) && buf[i + name_at..].starts_with(name.as_bytes()))
+                .unwrap()
+        };
+        (find(b"PK\x03\x04", 30), find(b"PK\x01\x02", 46))
+    }
+
+    fn open_bytes(bytes: &[u8]) -> anyhow::Result<Checkpoint> {
+        let p = super::super::temp_path("mutated.pth");
+        std::fs::write(&p, bytes).unwrap();
+        let r = Checkpoint::open(&p);
+        std::fs::remove_file(&p).unwrap();
+        r
+    }
+
+    /// A local header that disagrees with the central directory used to shift the data silently:
+    /// a changed local name or extra-field length loaded shifted weights, and a member whose data
+    /// ran into the central directory loaded.
+    #[test]
+    fn local_headers_must_match_the_directory() {
+        let good = std::fs::read(fixture("dtypes.pth")).unwrap();
+        let want = first(&open_bytes(&good).unwrap(), "w.f32");
+        let (local, _) = headers(&good, "dtypes/data/0");
+
+        let mut bad = good.clone();
+        bad[local + 30 + 12] = b'9'; // dtypes/data/0 → dtypes/data/9
+        let e = format!("{:#}", open_bytes(&bad).err().expect("a changed local name must fail"));
+        assert!(e.contains("member dtypes/data/0: the local header at") && e.contains("names another"), "{e}");
+
+        for delta in [2u8, 4, 8] {
+            let mut bad = good.clone();
+            bad[local + 28] = bad[local + 28].wrapping_add(delta);
+            let e = format!("{:#}", open_bytes(&bad).err().expect("a changed extra length must fail"));
+            assert!(e.contains("dtypes/data/0"), "{e}");
+        }
+        // The same shift with a well-formed extra field: only the data descriptor shows it.
+        for delta in [4u8, 8, 1] {
+            let mut bad = good.clone();
+            bad[local + 28] += delta;
+            bad[local + 30 + 13 + 2] += delta;
+            let e = format!("{:#}", open_bytes(&bad).err().expect("shifted data must fail"));
+            assert!(e.contains("member dtypes/data/0: no data descriptor matching"), "{e}");
+        }
+
+        // The last member's sizes grown (in the directory) until its data runs into the directory.
+        let last = "dtypes/.data/serialization_id";
+        let (_, central) = headers(&good, last);
+        let mut bad = good.clone();
+        let size = u32::from_le_bytes(bad[central + 20..central + 24].try_into().unwrap()) + 40;
+        bad[central + 20..central + 24].copy_from_slice(&size.to_le_bytes());
+        bad[central + 24..central + 28].copy_from_slice(&size.to_le_bytes());
+        let e = format!("{:#}", open_bytes(&bad).err().expect("overlapping the directory must fail"));
+        assert!(e.contains(&format!("member {last}'s data")) && e.contains("overlaps the central directory"), "{e}");
+
+        assert_eq!(first(&open_bytes(&good).unwrap(), "w.f32"), want);
+    }
+
+    #[test]
+    fn crc_only_when_verifying() {
+        let good = std::fs::read(fixture("dtypes.pth")).unwrap();
+        let (local, _) = headers(&good, "dtypes/data/0");
+        let start = local + 30 + 13 + u16::from_le_bytes([good[local + 28], good[local + 29]]) as usize;
+        let mut bad = good.clone();
+        bad[start] ^= 1;
+        assert_eq!(super::super::parse_bytes(&good, true).unwrap(), 5);
+        assert_eq!(super::super::parse_bytes(&bad, false).unwrap(), 5);
+        let e = format!("{:#}", super::super::parse_bytes(&bad, true).unwrap_err());
+        assert!(e.starts_with("member dtypes/data/0: CRC-32 ") && e.contains("damaged weights"), "{e}");
+        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
     }
 
     #[test]

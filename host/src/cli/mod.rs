@@ -19,6 +19,10 @@ pub struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// Check every torch zip (`.pth`, `pytorch_model.bin`) member's data against its CRC-32 when a
+    /// model is opened: reads the whole file first (off by default; safetensors has no checksum).
+    #[arg(long, global = true)]
+    pub verify_weights: bool,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -230,6 +234,7 @@ pub enum Cmd {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::exec::Pool::init_threads(cli.threads)?;
+    crate::checkpoint::set_verify_weights(cli.verify_weights);
     match cli.cmd {
         Cmd::Info { model, json } => basic::info(&model, json),
         Cmd::Tokenize { model, tokenizer, text, file } => {
