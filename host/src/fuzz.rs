@@ -283,12 +283,33 @@ pub mod readback {
         Ok(vec![std::fs::read(ppl_shards()?[0].join("results.json"))?])
     }
 
+    /// Half the cases (by length) sealed again after the mutation, as a forger would: a mutated
+    /// JSON document, or each mutated JSON line, that still parses gets a valid format and checksum,
+    /// so what lies behind the checksum (range checks, merge) meets the mutations too.
+    fn resealed(b: &[u8]) -> Vec<u8> {
+        let reseal = |text: &str| -> Option<String> {
+            let v: serde_json::Value = serde_json::from_str(text).ok()?;
+            let kind = v["stuffed_format"]["kind"].as_str()?.to_string();
+            serde_json::to_string(&crate::report::seal(&kind, v).ok()?).ok()
+        };
+        let Ok(text) = std::str::from_utf8(b) else { return b.to_vec() };
+        if b.len() % 2 == 0 {
+            return b.to_vec();
+        }
+        match reseal(text) {
+            Some(doc) => doc.into_bytes(),
+            None => {
+                text.lines().map(|l| reseal(l).unwrap_or_else(|| l.to_string()) + "\n").collect::<String>().into_bytes()
+            }
+        }
+    }
+
     /// Shard 1's results.json replaced by the case, merged with shard 2's.
     fn ppl_parse(b: &[u8]) -> Result<()> {
         let [_, two] = ppl_shards()?;
         let case = scratch().join("ppl-case");
         std::fs::create_dir_all(&case)?;
-        std::fs::write(case.join("results.json"), b)?;
+        std::fs::write(case.join("results.json"), resealed(b))?;
         crate::eval::ppl::merge(&[case, two], &scratch().join("ppl-merged"))
     }
 
@@ -356,10 +377,10 @@ pub mod readback {
         let [one, two] = passkey_shards()?;
         let case = scratch().join("pk-case");
         std::fs::create_dir_all(&case)?;
-        for f in ["results.jsonl", "summary.json"] {
+        for f in ["results.jsonl", "summary.json", "passkey.run.json"] {
             std::fs::copy(one.join(f), case.join(f))?;
         }
-        std::fs::write(case.join(file), b)?;
+        std::fs::write(case.join(file), resealed(b))?;
         crate::eval::passkey::merge(&[case, two], &scratch().join("pk-merged"))
     }
 

@@ -729,7 +729,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
     }
     // Accuracy with the needle within the last r tokens (SPEC.md §2.2): over the whole grid, and
     // per length (one curve per r on last_r.svg).
-    let within = |x: &Record, r: usize| x.prompt_tokens - x.needle_pos <= r;
+    let within = |x: &Record, r: usize| x.prompt_tokens.saturating_sub(x.needle_pos) <= r;
     let mut curves = Vec::new();
     let last_r: Vec<_> = [1024usize, 2048, 4096, 8192]
         .iter()
