@@ -70,7 +70,8 @@ pub struct PplArgs {
 }
 
 pub fn run(mut a: PplArgs) -> Result<()> {
-    let inputs = if a.model.is_empty() && a.input.is_empty() {
+    let default_run = a.model.is_empty() && a.input.is_empty();
+    let inputs = if default_run {
         // The shipped default: the short- and long-trained tiny pair on the held-out novel.
         let (models, text) = crate::defaults::materialize()?;
         eprintln!(
@@ -117,13 +118,14 @@ pub fn run(mut a: PplArgs) -> Result<()> {
     };
     let runs = ppl::run(&a.model, &inputs, &o, &a.out, a.resume)?;
     for r in &runs {
+        // The shipped pair lives in a cache directory: named by their directory, not its path.
+        let name = match r.model.path.file_name().filter(|_| default_run) {
+            Some(n) => n.to_string_lossy().to_string(),
+            None => r.model.path.display().to_string(),
+        };
         println!(
             "{}: {} tokens scored, mean NLL {:.4} (ppl {:.2}), {:.0} tok/s",
-            r.model.path.display(),
-            r.tokens_scored,
-            r.mean_nll,
-            r.ppl,
-            r.tokens_per_s
+            name, r.tokens_scored, r.mean_nll, r.ppl, r.tokens_per_s
         );
         if let Some(v) = &r.t_forget {
             let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.4}"));
@@ -147,7 +149,8 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         }
     }
     if runs.len() == a.model.len() {
-        println!("wrote {}/results.json, loss.csv, loss.svg", a.out.display());
+        let logx = if o.log_x { "" } else { ", loss_logx.svg" };
+        println!("wrote {}/results.json, loss.csv, loss.svg{logx}", a.out.display());
     }
     Ok(())
 }

@@ -70,6 +70,10 @@ pub struct Options {
     pub template: TemplateName,
     pub seed: u64,
     pub max_new: usize,
+    /// How `max_new` was chosen when it was not given (summary.json's `max_new_note`); not part of
+    /// the options a run is fingerprinted by.
+    #[serde(skip)]
+    pub max_new_note: Option<String>,
     pub bos: bool,
     pub chunk: usize,
     pub tokenizer: Option<PathBuf>,
@@ -378,6 +382,22 @@ pub fn key_tokens(tok: &Tokenizer, tpl: &Template, key: &str) -> Result<Vec<u32>
         Some(k) if !k.is_empty() => Ok(k.to_vec()),
         _ => tok.encode(&format!(" {key}")),
     }
+}
+
+/// The most ids a key of the grid takes after the question under `tok` (` 98349` is 6 in the shipped
+/// passkey model's tokenizer, 2 in GPT-NeoX's): `--max-new`'s default is one more.
+pub fn longest_key_ids(tok: &Tokenizer, o: &Options) -> Result<usize> {
+    let tpl = template(o.template);
+    let (mut seen, mut most) = (BTreeSet::new(), 0);
+    for &length in &o.lengths {
+        for i in 0..depths(o).len() {
+            let k = key(o.seed, length, i);
+            if seen.insert(k.clone()) {
+                most = most.max(key_tokens(tok, &tpl, &k)?.len());
+            }
+        }
+    }
+    Ok(most)
 }
 
 /// `stuffed passkey`. With `checkpoint_secs`, the haystack's stream and the sample in its tail are
@@ -699,6 +719,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "laws": crate::eval::laws::laws_of(info),
         "needle_within_last_r": last_r,
         "scoring": "greedy decoding of max_new tokens; correct iff the key string is a substring of the decoded continuation",
+        "max_new_note": o.max_new_note,
         "runs": runs,
     });
     write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;

@@ -15,6 +15,45 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: cannot rename into place: {e}", path.display()))
 }
 
+/// Writes `path` atomically as [`write_atomic`] does, its bytes streamed by `write` through a buffer
+/// (nothing of the file's size is held in memory).
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+) -> Result<()> {
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let f = std::fs::File::create(&tmp).map_err(|e| anyhow!("{}: cannot create: {e}", tmp.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    let written = write(&mut w).and_then(|_| Ok(w.into_inner().map_err(|e| e.into_error())?.sync_all()?));
+    written.map_err(|e| anyhow!("{}: cannot write: {e:#}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: cannot rename into place: {e}", path.display()))
+}
+
+/// `value` as pretty JSON in `path`, written atomically and streamed: no JSON tree or text of the
+/// whole file is built in memory (a run's accumulators grow with its length).
+pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    write_atomic_with(path, |w| Ok(serde_json::to_writer_pretty(w, value)?))
+}
+
+/// Gives `path` the mode a newly created file gets (0666 less the umask: 0644 under umask 022). For
+/// files written through a temp file that is made owner-only (safetensors' `serialize_to_file`).
+pub fn set_created_mode(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The umask from /proc (reading it with umask(2) would change it for a moment, for every thread).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            .unwrap_or(0o022);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask))
+            .map_err(|e| anyhow!("{}: cannot set its mode: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// A resumable checkpoint at `path`: 1-D tensors (name, f32 or f64 values) and one JSON `snapshot`
 /// entry in the safetensors metadata, written atomically (a kill leaves the previous one intact).
 pub fn save_checkpoint(path: &Path, snapshot: &str, tensors: &[(&str, Values)]) -> Result<()> {
