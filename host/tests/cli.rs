@@ -123,8 +123,8 @@ fn synth_presets_have_published_sizes() {
 /// Peak memory does not grow with the stream's length: 256k and 4M tokens in child processes (the
 /// newline token repeated through a 256-row model, so that 4M tokens take seconds), with a 64-token
 /// training length, whose verdict buckets of 16 positions (24 bytes each, pooled over documents) are
-/// all a run keeps per stretch of positions: 1.5 bytes a token (2.5 measured with the allocator's
-/// slack). results.json used to be built as a JSON tree and a pretty string in memory first: ≈ 15
+/// all a run keeps per stretch of positions: 1.5 bytes a token (2.5-3.2 measured with the
+/// allocator's slack). results.json used to be built as a JSON tree and a pretty string in memory first: ≈ 15
 /// bytes a token past 1M tokens.
 #[test]
 fn ppl_peak_memory_is_constant() {
@@ -149,21 +149,29 @@ fn ppl_peak_memory_is_constant() {
     let per_token = (peaks[1] as f64 - peaks[0] as f64) / (sizes[1] - sizes[0]) as f64;
     println!("peak RSS grew {per_token:.2} bytes a token");
     assert!(peaks[0] > 0);
-    assert!(per_token <= 4.0, "peak memory grew from {} to {} bytes: {per_token:.2} a token", peaks[0], peaks[1]);
+    assert!(per_token <= 5.0, "peak memory grew from {} to {} bytes: {per_token:.2} a token", peaks[0], peaks[1]);
     let model = data("mamba2_neox_tiny");
-    // A 2 MB text without a line break is cut before spaces, not tokenized whole (≈ 250 MB).
-    let flat = dir.path().join("flat.txt");
-    let line = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-    std::fs::write(&flat, line.repeat(22_000)).unwrap();
-    let out = dir.path().join("flat");
-    let (m, f, o) = (model.to_str().unwrap(), flat.to_str().unwrap(), out.to_str().unwrap());
-    let (code, _, err) = stuffed(&["ppl", "--model", m, "--text", f, "--max-tokens", "2k", "--out", o]);
-    assert_eq!(code, 0, "{err}");
-    let res: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    let peak = res["peak_rss_bytes"].as_u64().unwrap();
-    println!("peak RSS: 2 MB without a line break {} KiB", peak / 1024);
-    assert!(peak <= peaks[0] + (16 << 20), "a text without line breaks took {peak} bytes");
+    // A 2 MB text without a line break is cut before spaces, not tokenized whole (≈ 250 MB): its
+    // peak against a text with line breaks, both read by the process itself.
+    let line = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
+    let mut flat_peaks = Vec::new();
+    for (name, text) in [("lines", format!("{line}\n").repeat(2_000)), ("flat", format!("{line} ").repeat(22_000))] {
+        let path = dir.path().join(format!("{name}.txt"));
+        std::fs::write(&path, text).unwrap();
+        let out = dir.path().join(name);
+        let (m, f, o) = (model.to_str().unwrap(), path.to_str().unwrap(), out.to_str().unwrap());
+        let (code, _, err) = stuffed(&["ppl", "--model", m, "--text", f, "--max-tokens", "2k", "--out", o]);
+        assert_eq!(code, 0, "{err}");
+        let res: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        flat_peaks.push(res["peak_rss_bytes"].as_u64().unwrap());
+    }
+    println!(
+        "peak RSS: 2k tokens {} KiB, of a 2 MB text without a line break {} KiB",
+        flat_peaks[0] / 1024,
+        flat_peaks[1] / 1024
+    );
+    assert!(flat_peaks[1] <= flat_peaks[0] + (16 << 20), "a text without line breaks took {} bytes", flat_peaks[1]);
 }
 
 /// A passkey grid's peak memory grows only by the prompt's ids and text (the haystack's and the

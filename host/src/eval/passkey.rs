@@ -767,8 +767,9 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
             serde_json::from_str(&text).with_context(|| format!("{}: not JSON", sp.display()))?;
         let info: ModelInfo =
             serde_json::from_value(v["model"].clone()).with_context(|| format!("{}: no model facts", sp.display()))?;
-        let opts: Options =
+        let mut opts: Options =
             serde_json::from_value(v["options"].clone()).with_context(|| format!("{}: no options", sp.display()))?;
+        opts.max_new_note = v["max_new_note"].as_str().map(String::from);
         let shard_runs: Vec<RunFacts> = serde_json::from_value(v["runs"].clone()).unwrap_or_default();
         match &first {
             None => first = Some((info, opts)),
