@@ -169,6 +169,7 @@ pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.clone(), t)), Some(meta), &st_path)
         .with_context(|| format!("{}: cannot write", st_path.display()))?;
+    crate::report::set_created_mode(&st_path)?;
     Ok(())
 }
 
@@ -218,7 +219,8 @@ fn write_dir(out: &Path, config: serde_json::Value, tensors: &[Tensor]) -> Resul
     let st_path = out.join("model.safetensors");
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.clone(), t)), Some(meta), &st_path)
-        .with_context(|| format!("{}: cannot write", st_path.display()))
+        .with_context(|| format!("{}: cannot write", st_path.display()))?;
+    crate::report::set_created_mode(&st_path)
 }
 
 /// RWKV-6 (`v6 = true`) or RWKV-5.2 random weights under BlinkDL's tensor names, written as

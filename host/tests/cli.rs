@@ -120,99 +120,139 @@ fn synth_presets_have_published_sizes() {
     }
 }
 
-/// Peak memory does not grow with the stream's length: 20k and 200k tokens in child processes.
+/// Peak memory does not grow with the stream's length: 256k and 4M tokens in child processes (the
+/// newline token repeated through a 256-row model, so that 4M tokens take seconds), with a 64-token
+/// training length, whose verdict buckets of 16 positions (24 bytes each, pooled over documents) are
+/// all a run keeps per stretch of positions: 1.5 bytes a token (2.5-3.2 measured with the
+/// allocator's slack). results.json used to be built as a JSON tree and a pretty string in memory first: ≈ 15
+/// bytes a token past 1M tokens.
 #[test]
 fn ppl_peak_memory_is_constant() {
     let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("short.txt");
-    std::fs::write(
-        &text,
-        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n".repeat(40),
-    )
-    .unwrap();
-    let model = data("mamba2_neox_tiny");
+    let model = data("mamba2_hf_g1_untied");
     let mut peaks = Vec::new();
-    for n in ["20000", "200000"] {
-        let out = dir.path().join(n);
-        let (code, _, err) = stuffed(&[
-            "ppl",
-            "--model",
-            model.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--repeat-to",
-            n,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+    let sizes = [256u64 << 10, 4 << 20];
+    for n in sizes {
+        let out = dir.path().join(n.to_string());
+        let (m, o, n) = (model.to_str().unwrap(), out.to_str().unwrap(), n.to_string());
+        let args = ["ppl", "--model", m, "--newlines", "--newline-token", "--repeat-to", &n, "--train-len", "64"];
+        let started = std::time::Instant::now();
+        let (code, err, peak) = stuffed_peak(&[&args[..], &["--out", o]].concat(), &dir.path().join("err"));
         assert_eq!(code, 0, "{err}");
         let res: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
         assert_eq!(res["runs"][0]["tokens_fed"].as_u64().unwrap(), n.parse::<u64>().unwrap());
-        peaks.push(res["peak_rss_bytes"].as_u64().unwrap());
+        assert!(res["runs"][0]["t_forget"]["l_out"].as_f64().is_some(), "no verdict");
+        println!("{n} tokens: peak RSS {} KiB, {:.1} s", peak / 1024, started.elapsed().as_secs_f64());
+        peaks.push(peak);
     }
-    println!("peak RSS: 20k tokens {} KiB, 200k tokens {} KiB", peaks[0] / 1024, peaks[1] / 1024);
+    let per_token = (peaks[1] as f64 - peaks[0] as f64) / (sizes[1] - sizes[0]) as f64;
+    println!("peak RSS grew {per_token:.2} bytes a token");
     assert!(peaks[0] > 0);
-    assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
-    // A 2 MB text without a line break is cut before spaces, not tokenized whole (≈ 250 MB).
-    let flat = dir.path().join("flat.txt");
-    let line = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-    std::fs::write(&flat, line.repeat(22_000)).unwrap();
-    let out = dir.path().join("flat");
-    let (m, f, o) = (model.to_str().unwrap(), flat.to_str().unwrap(), out.to_str().unwrap());
-    let (code, _, err) = stuffed(&["ppl", "--model", m, "--text", f, "--max-tokens", "2k", "--out", o]);
-    assert_eq!(code, 0, "{err}");
-    let res: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    let peak = res["peak_rss_bytes"].as_u64().unwrap();
-    println!("peak RSS: 2 MB without a line break {} KiB", peak / 1024);
-    assert!(peak <= peaks[0] + (16 << 20), "a text without line breaks took {peak} bytes");
+    assert!(per_token <= 5.0, "peak memory grew from {} to {} bytes: {per_token:.2} a token", peaks[0], peaks[1]);
+    let model = data("mamba2_neox_tiny");
+    // A 2 MB text without a line break is cut before spaces, not tokenized whole (≈ 250 MB): its
+    // peak against a text with line breaks, both read by the process itself.
+    let line = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
+    let mut flat_peaks = Vec::new();
+    for (name, text) in [("lines", format!("{line}\n").repeat(2_000)), ("flat", format!("{line} ").repeat(22_000))] {
+        let path = dir.path().join(format!("{name}.txt"));
+        std::fs::write(&path, text).unwrap();
+        let out = dir.path().join(name);
+        let (m, f, o) = (model.to_str().unwrap(), path.to_str().unwrap(), out.to_str().unwrap());
+        let (code, _, err) = stuffed(&["ppl", "--model", m, "--text", f, "--max-tokens", "2k", "--out", o]);
+        assert_eq!(code, 0, "{err}");
+        let res: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        flat_peaks.push(res["peak_rss_bytes"].as_u64().unwrap());
+    }
+    println!(
+        "peak RSS: 2k tokens {} KiB, of a 2 MB text without a line break {} KiB",
+        flat_peaks[0] / 1024,
+        flat_peaks[1] / 1024
+    );
+    assert!(flat_peaks[1] <= flat_peaks[0] + (16 << 20), "a text without line breaks took {} bytes", flat_peaks[1]);
 }
 
-/// A passkey grid's peak memory grows only by the prompt's ids and text (tens of bytes a token), not
-/// by the tokenizer's working memory for a whole prompt (hundreds): 16k and 256k in child processes.
+/// A passkey grid's peak memory grows only by the prompt's ids and text (the haystack's and the
+/// prompt's ids, 4 bytes a token each, and the prompt's text, ≈ 4), not by the tokenizer's working
+/// memory for a whole prompt (hundreds): 64k and 4M-token prompts in child processes (peaks from the
+/// kernel, so that writing the outputs counts too).
 #[test]
 fn passkey_peak_memory_grows_only_by_the_prompt() {
     let dir = tempfile::tempdir().unwrap();
     let model = data("mamba2_neox_tiny");
     let mut peaks = Vec::new();
-    for n in ["16k", "256k"] {
+    for n in ["64k", "4m"] {
         let out = dir.path().join(n);
         let m = model.to_str().unwrap();
-        let (code, _, err) =
-            stuffed(&["passkey", "--model", m, "--lengths", n, "--samples", "2", "--out", out.to_str().unwrap()]);
+        let args = ["passkey", "--model", m, "--lengths", n, "--samples", "1", "--out", out.to_str().unwrap()];
+        let started = std::time::Instant::now();
+        let (code, err, peak) = stuffed_peak(&args, &dir.path().join("err"));
         assert_eq!(code, 0, "{err}");
         let s: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-        peaks.push(s["runs"][0]["peak_rss_bytes"].as_u64().unwrap());
+        assert_eq!(s["samples"].as_u64(), Some(1));
+        println!("{n}: peak RSS {} KiB, {:.1} s", peak / 1024, started.elapsed().as_secs_f64());
+        peaks.push(peak);
     }
-    let per_token = (peaks[1] as f64 - peaks[0] as f64) / (240 * 1024) as f64;
-    println!("peak RSS: 16k {} KiB, 256k {} KiB: {per_token:.1} B per token", peaks[0] / 1024, peaks[1] / 1024);
+    let per_token = (peaks[1] as f64 - peaks[0] as f64) / ((4 << 20) - (64 << 10)) as f64;
+    println!("peak RSS: 64k {} KiB, 4M {} KiB: {per_token:.1} B per token", peaks[0] / 1024, peaks[1] / 1024);
     assert!(peaks[0] > 0);
-    assert!(per_token <= 32.0, "peak memory grew {per_token:.1} bytes per prompt token");
+    assert!(per_token <= 24.0, "peak memory grew {per_token:.1} bytes per prompt token");
 }
 
-/// Runs `stuffed args` to the end: its exit code, stderr and peak resident memory (bytes, from the
-/// kernel's accounting of the reaped child, `wait4`).
-#[allow(clippy::zombie_processes)] // reaped by wait4, which std cannot see
+/// Runs `stuffed args` to the end: its exit code, stderr and peak resident memory (bytes): VmHWM of
+/// its own address space, read when it stops at its exit (traced, `PTRACE_O_TRACEEXIT`). The kernel's
+/// `ru_maxrss` of a child would not do: it starts from this test process's RSS, taken over at the
+/// fork and exec (≈ 100 MB, which hid a 4M-token run's growth).
+#[allow(clippy::zombie_processes)] // reaped by waitpid, which std cannot see
 fn stuffed_peak(args: &[&str], stderr: &std::path::Path) -> (i32, String, u64) {
+    use std::os::unix::process::CommandExt;
     let err = std::fs::File::create(stderr).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_stuffed"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(err)
-        .spawn()
-        .unwrap();
-    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
-    // SAFETY: waits for our own child, which std has not reaped; both out-pointers are valid.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32, "wait4");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stuffed"));
+    cmd.args(args).stdout(std::process::Stdio::null()).stderr(err);
+    let none = std::ptr::null_mut::<libc::c_void>();
+    // SAFETY: ptrace(TRACEME) only, between fork and exec; the child then stops at its exec.
+    unsafe {
+        cmd.pre_exec(|| match libc::ptrace(libc::PTRACE_TRACEME, 0, std::ptr::null_mut::<libc::c_void>(), 0) {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        });
+    }
+    let pid = cmd.spawn().unwrap().id() as libc::pid_t;
+    let (mut status, mut peak) = (0, 0u64);
+    // SAFETY: waits for and continues our own traced child; every pointer is valid or null.
+    unsafe {
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        assert!(libc::WIFSTOPPED(status), "the child did not stop at its exec");
+        let opts = libc::PTRACE_O_TRACEEXIT as usize as *mut libc::c_void;
+        assert_eq!(libc::ptrace(libc::PTRACE_SETOPTIONS, pid, none, opts), 0);
+        assert_eq!(libc::ptrace(libc::PTRACE_CONT, pid, none, none), 0);
+        loop {
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                break;
+            }
+            let sig = libc::WSTOPSIG(status);
+            let forward = if sig == libc::SIGTRAP && status >> 16 == libc::PTRACE_EVENT_EXIT {
+                let proc = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+                let hwm = proc.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap();
+                peak = hwm.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
+                0
+            } else {
+                sig // a signal for the child: delivered
+            };
+            libc::ptrace(libc::PTRACE_CONT, pid, none, forward as usize as *mut libc::c_void);
+        }
+    }
     let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
-    (code, std::fs::read_to_string(stderr).unwrap(), usage.ru_maxrss as u64 * 1024)
+    assert!(peak > 0, "no exit stop seen");
+    (code, std::fs::read_to_string(stderr).unwrap(), peak)
 }
 
 /// A probe's peak memory does not grow with the stream (CSV rows go to disk as they come, plots are
-/// drawn from thinned series): 20k and 200k tokens in child processes.
+/// drawn from thinned series): 256k and 4M tokens in child processes.
 #[test]
 fn probe_peak_memory_is_constant() {
     let dir = tempfile::tempdir().unwrap();
@@ -220,19 +260,21 @@ fn probe_peak_memory_is_constant() {
     let m = data("mamba2_neox_tiny");
     let mut peaks = Vec::new();
     // Each text just longer than its run (≈ 22 tokens a line), so reading a whole text would show.
-    for (n, lines) in [("20k", 1_200), ("200k", 12_000)] {
+    for (n, lines) in [("256k", 12_000), ("4096k", 191_000)] {
         let text = dir.path().join(format!("{n}.txt"));
         std::fs::write(&text, line.repeat(lines)).unwrap();
         let (out, t) = (dir.path().join(n), text.to_str().unwrap().to_string());
         let args = ["probe", "--model", m.to_str().unwrap(), "--text", &t, "--max-tokens", n, "--out"];
+        let started = std::time::Instant::now();
         let (code, err, peak) = stuffed_peak(&[&args[..], &[out.to_str().unwrap()]].concat(), &dir.path().join("err"));
         assert_eq!(code, 0, "{err}");
+        println!("{n}: peak RSS {} KiB, {:.1} s", peak / 1024, started.elapsed().as_secs_f64());
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("probe.json")).unwrap()).unwrap();
         assert_eq!(meta["tokens"].as_u64(), Some(n.trim_end_matches('k').parse::<u64>().unwrap() * 1024));
         peaks.push(peak);
     }
-    println!("peak RSS: 20k tokens {} KiB, 200k tokens {} KiB", peaks[0] / 1024, peaks[1] / 1024);
+    println!("peak RSS: 256k tokens {} KiB, 4M tokens {} KiB", peaks[0] / 1024, peaks[1] / 1024);
     assert!(peaks[0] > 0);
     assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
 }
@@ -429,6 +471,124 @@ fn ppl_default_runs_the_shipped_pair() {
     assert_eq!((runs[0]["train_len"].as_u64(), runs[1]["train_len"].as_u64()), (Some(64), Some(2048)));
     assert!(runs.iter().all(|r| r["t_forget"]["verdict"].is_string()));
     assert!(dir.path().join("o/loss.svg").exists());
+    // Models named by their directory, not by the cache path they were written to.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("\nmamba2-tiny-l4-t64-a3-4m: ") || stdout.starts_with("mamba2-tiny-l4-t64-a3-4m: "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("cache"), "{stdout}");
+}
+
+/// An explicit `ppl` run also draws the log-x plot; `--repeat-to` shorter than the document says it
+/// cuts; results.json names an input file by its path as a plain string; `ppl --help` describes the
+/// no-argument run.
+#[test]
+fn ppl_explicit_run_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("short.txt");
+    std::fs::write(&text, "The grass is green. The sky is blue. Here we go.\n".repeat(100)).unwrap();
+    let (m, t) = (data("mamba2_neox_tiny"), text.to_str().unwrap());
+    let out = dir.path().join("o");
+    let args = ["ppl", "--model", m.to_str().unwrap(), "--text", t, "--repeat-to", "300", "--train-len", "64"];
+    let (code, stdout, err) = stuffed(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("--repeat-to 300 is shorter than short.txt: it is cut at 300 tokens"), "{err}");
+    assert!(stdout.contains("loss_logx.svg"), "{stdout}");
+    let logx = std::fs::read_to_string(out.join("loss_logx.svg")).unwrap();
+    assert!(logx.contains("position (tokens, log scale)") && logx.contains("train len 64"), "{logx}");
+    let linear = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(linear.contains("position (tokens)<"), "{linear}");
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(res["inputs"][0]["input"].as_str(), Some(t), "{}", res["inputs"]);
+    // Repeating a text shorter than --repeat-to says nothing.
+    let out2 = dir.path().join("o2");
+    let args = ["ppl", "--model", m.to_str().unwrap(), "--text", t, "--repeat-to", "3000", "--out"];
+    let (code, _, err) = stuffed(&[&args[..], &[out2.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("is cut"), "{err}");
+    let (code, help, err) = stuffed(&["ppl", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(help.contains("With no arguments (no --model, no --text): the shipped pair"), "{help}");
+}
+
+/// `synth`'s model.safetensors and the `logits --out` file get the mode a created file gets (0644
+/// under umask 022; they were 0600, from a temp file); `info`'s weights line has no stray space.
+#[test]
+fn written_files_get_the_umask_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stuffed"));
+        cmd.args(args);
+        // SAFETY: umask(2) only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0o022);
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let syn = dir.path().join("syn");
+    run(&["synth", "--preset", "tiny", "--out", syn.to_str().unwrap()]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&syn.join("model.safetensors")), 0o644);
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(&ids, "1 2 3").unwrap();
+    let logits = dir.path().join("l.safetensors");
+    let m = data("mamba2_hf_g1_untied");
+    run(&["logits", "--model", m.to_str().unwrap(), "--ids", ids.to_str().unwrap(), "--out", logits.to_str().unwrap()]);
+    assert_eq!(mode(&logits), 0o644);
+    let info = run(&["info", "--model", m.to_str().unwrap()]);
+    let line = info.lines().find(|l| l.starts_with("weights")).unwrap();
+    assert!(line.contains(" bytes") && !line.contains(" ,"), "{line}");
+}
+
+/// Without --max-new, passkey decodes enough ids for the grid's longest key (+1) and says so: the
+/// shipped passkey model's keys are 6 ids (` 98349.` 7 with its period), and the old default of 5
+/// cut them (accuracy 0.6 at 128 tokens instead of 1.0).
+#[test]
+fn passkey_decodes_the_whole_key_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey");
+    let out = dir.path().join("o");
+    let (code, stdout, err) =
+        stuffed(&["passkey", "--model", model.to_str().unwrap(), "--lengths", "128", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["accuracy_per_length"][0]["accuracy"].as_f64(), Some(1.0), "{}", s["accuracy_per_length"]);
+    assert_eq!(s["options"]["max_new"].as_u64(), Some(7));
+    let note = s["max_new_note"].as_str().unwrap_or_default();
+    assert!(note.contains("--max-new 7 by default") && note.contains("6 ids"), "{note}");
+    assert!(stdout.contains(note), "{stdout}");
+    // The accuracy table (length × depth) at the end.
+    assert!(stdout.contains("accuracy (%) by needle depth (rows) and prompt length (columns)"), "{stdout}");
+    assert!(stdout.lines().any(|l| l.trim_start().starts_with("0.00–0.10") && l.ends_with(" 100")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.trim_start().starts_with("all") && l.ends_with(" 100")), "{stdout}");
+    // Given explicitly and too short: a warning.
+    let out = dir.path().join("o5");
+    let m = model.to_str().unwrap();
+    let (code, _, err) = stuffed(&[
+        "passkey",
+        "--model",
+        m,
+        "--lengths",
+        "128",
+        "--samples",
+        "2",
+        "--max-new",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("--max-new 5 is shorter than the grid's longest key (6 ids)"), "{err}");
 }
 
 /// `stuffed bench` on the CPU, every family: the synth preset is made once in the cache, the report
@@ -500,4 +660,59 @@ fn a_text_without_safe_cuts_streams_in_bounded_memory() {
         assert_eq!(res["runs"][0]["tokens_fed"].as_u64(), Some(n.trim_end_matches('k').parse::<u64>().unwrap() * 1024));
         assert!(peak < 256 << 20, "{}: peak memory {} MiB", text.display(), peak >> 20);
     }
+}
+
+/// `probe` says which layers it plots (stdout and probe.json) and plots the ones `--plot-layers`
+/// names; its histogram draws both snapshots over one set of bins.
+#[test]
+fn probe_plots_name_their_layers_and_share_bins() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "The grass is green. The sky is blue. Here we go. There and back again.\n".repeat(80))
+        .unwrap();
+    let (m, t) = (data("mamba2_neox_tiny"), text.to_str().unwrap().to_string());
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let args = ["probe", "--model", m.to_str().unwrap(), "--text", &t, "--snapshot-at", "64,1024", "--out"];
+        let (code, stdout, err) = stuffed(&[&args[..], &[out.to_str().unwrap()], extra].concat());
+        (out, code, stdout, err)
+    };
+    let (out, code, stdout, err) = run("all", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("probe: plots show layers 0, 1 (--plot-layers to choose)"), "{stdout}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("probe.json")).unwrap()).unwrap();
+    assert_eq!(meta["plot_layers"], serde_json::json!([0, 1]));
+    // The two histograms' bins: the x of every point of each curve.
+    let svg = std::fs::read_to_string(out.join("hist_L1_H0.svg")).unwrap();
+    let xs: Vec<Vec<String>> = svg
+        .lines()
+        .filter_map(|l| l.split("points=\"").nth(1).filter(|_| l.starts_with("<polyline")))
+        .map(|p| p.split('"').next().unwrap().split(' ').map(|xy| xy.split(',').next().unwrap().to_string()).collect())
+        .collect();
+    assert_eq!(xs.len(), 2, "{svg}");
+    assert_eq!(xs[0], xs[1], "the snapshots are binned differently");
+    let (out, code, stdout, err) = run("one", &["--plot-layers", "0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("probe: plots show layers 0 (--plot-layers to choose)"), "{stdout}");
+    assert!(out.join("state_mean_L0.svg").exists() && !out.join("state_mean_L1.svg").exists());
+    let (_, code, _, err) = run("bad", &["--layers", "0", "--plot-layers", "1"]);
+    assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    assert!(err.contains("--plot-layers: layer 1 is not recorded"), "{err}");
+}
+
+/// `generate` stops at the tokenizer's end of text: the shipped passkey model answers " 12345." and
+/// then `<|endoftext|>`, after which it used to go on with a new prompt.
+#[test]
+fn generate_stops_at_end_of_text() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey");
+    let noise = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n";
+    let prompt = format!(
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n{noise}\
+         The passkey is 12345. Remember it. 12345 is the passkey.\n{noise}\nWhat is the pass key? The passkey is"
+    );
+    let m = model.to_str().unwrap();
+    let (code, out, err) = stuffed(&["generate", "--model", m, "--prompt", &prompt, "--max-new", "30"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim_end_matches('\n'), " 12345.", "{out:?}");
 }

@@ -15,11 +15,11 @@ fn read(p: &Path) -> Value {
 
 /// Writes `v` as stuffed would: sealed again (format version and checksum) when it was sealed.
 fn write(dir: &Path, name: &str, v: &Value) -> PathBuf {
-    let v = match v["stuffed_format"]["kind"].as_str() {
-        Some(kind) => stuffed::report::seal(kind, v.clone()).unwrap(),
-        None => v.clone(),
-    };
-    write_raw(dir, name, &v)
+    let Some(kind) = v["stuffed_format"]["kind"].as_str() else { return write_raw(dir, name, v) };
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, stuffed::report::reseal(kind, v.clone(), true).unwrap()).unwrap();
+    p
 }
 
 /// Writes `v` as it is (an edit stuffed did not make, or a file from before seals).

@@ -372,12 +372,14 @@ fn shards_merge_to_the_unsharded_run() {
     let tampered = |name: &str, edit: &dyn Fn(&mut serde_json::Value), reseal: bool| {
         let mut v = s2_json.clone();
         edit(&mut v["runs"][0]["acc"]);
-        if reseal {
-            v = stuffed::report::seal("ppl-results", v).unwrap();
-        }
+        let text = if reseal {
+            stuffed::report::reseal("ppl-results", v, true).unwrap()
+        } else {
+            serde_json::to_string_pretty(&v).unwrap()
+        };
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("results.json"), serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        std::fs::write(d.join("results.json"), text).unwrap();
         err(&[&s1, d.to_str().unwrap()])
     };
     let e = tampered("t-edit", &|a| a["sum"] = (a["sum"].as_f64().unwrap() + 1.0).into(), false);

@@ -24,7 +24,7 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
         i.d_model, i.n_layer, i.n_heads, i.head_dim, i.d_state, i.n_groups, i.d_conv
     );
     println!("parameters   {} ({:.1}M)", i.params, i.params as f64 / 1e6);
-    println!("weights      {} , {} bytes", i.weight_dtype, i.weight_bytes);
+    println!("weights      {}, {} bytes", i.weight_dtype, i.weight_bytes);
     println!(
         "state        {} bytes f32 per sequence; N_S = {} ({:.2}M, as the paper counts)",
         i.state_bytes,
@@ -187,7 +187,8 @@ pub fn write_f32(path: &Path, name: &str, shape: &[usize], data: &[f32]) -> Resu
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes)
         .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
     safetensors::serialize_to_file([(name, view)], None, path)
-        .with_context(|| format!("{}: cannot write", path.display()))
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    crate::report::set_created_mode(path)
 }
 
 pub fn generate(
@@ -205,8 +206,11 @@ pub fn generate(
     }
     check_ids(&ids, m.info.vocab_rows, "prompt")?;
     let real = real_vocab(&m, &tok);
+    // Generation ends at the tokenizer's end of text (not printed).
+    let eot = tok.token_id("<|endoftext|>");
     if dev.device == crate::score::Device::Cuda {
-        let out = crate::score::cuda_greedy(&m, &ids, max_new, real, dev.gpu()?)?;
+        let mut out = crate::score::cuda_greedy(&m, &ids, max_new, real, dev.gpu()?)?;
+        out.truncate(out.iter().position(|&t| Some(t) == eot).unwrap_or(out.len()));
         return print_out(&tok.decode(&out)?, true);
     }
     let v = m.info.vocab_rows;
@@ -224,6 +228,9 @@ pub fn generate(
     for _ in 0..max_new {
         s.logits(&last, 1, &mut logits)?;
         let next = argmax(&logits, real);
+        if Some(next) == eot {
+            break;
+        }
         out.push(next);
         // Print whole characters only: a token may end mid-way through a UTF-8 sequence.
         let text = tok.decode(&out)?;

@@ -180,7 +180,9 @@ pub enum Cmd {
         #[command(flatten)]
         device: DeviceArgs,
     },
-    /// Loss against position, streamed over millions of tokens in constant memory.
+    /// Loss against position, streamed over millions of tokens in constant memory. With no
+    /// arguments (no --model, no --text): the shipped pair of tiny models, trained on 64- and
+    /// 2,048-token windows, on a held-out novel, into ppl-out/ (log-x plot, verdicts).
     Ppl(ppl::PplArgs),
     /// Retention, state statistics and snapshots every K tokens, with plots.
     Probe(probe::ProbeArgs),
@@ -251,7 +253,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Selftest(a) => bench::selftest(a),
         Cmd::Merge { dirs, out } => {
             if dirs.first().is_some_and(|d| d.join("summary.json").exists()) {
-                crate::eval::passkey::merge(&dirs, &out)
+                crate::eval::passkey::merge(&dirs, &out)?;
+                passkey::print_accuracy_table(&out)
             } else {
                 crate::eval::ppl::merge(&dirs, &out)
             }

@@ -24,9 +24,10 @@ pub struct PasskeyArgs {
     /// Seed of the 5-digit keys: one key per (seed, length, sample), whatever the sharding.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Tokens decoded greedily after the prompt.
-    #[arg(long, default_value_t = 5)]
-    max_new: usize,
+    /// Tokens decoded greedily after the prompt. Default: the most ids a key of the grid takes
+    /// under the model's tokenizer, plus one.
+    #[arg(long)]
+    max_new: Option<usize>,
     /// Start the prompt with <|endoftext|>.
     #[arg(long)]
     bos: bool,
@@ -74,7 +75,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
             bail!("--depths: each depth must be in [0, 1]");
         }
     }
-    if a.samples == 0 || a.chunk == 0 || a.max_new == 0 {
+    if a.samples == 0 || a.chunk == 0 || a.max_new == Some(0) {
         bail!("--samples, --chunk and --max-new must be positive");
     }
     if a.samples > 1 << 20 {
@@ -87,7 +88,8 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         depths: a.depths,
         template: a.template,
         seed: a.seed,
-        max_new: a.max_new,
+        max_new: 0,
+        max_new_note: None,
         bos: a.bos,
         chunk: a.chunk,
         tokenizer: a.tokenizer,
@@ -96,14 +98,74 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         device: a.device.device,
         gpu: a.device.gpu()?,
     };
-    passkey::run(
-        &a.model,
-        &o,
-        &a.out,
-        crate::eval::Continue::from_flags(a.resume, a.overwrite)?,
-        shard,
-        super::checkpoint_secs("passkey", a.checkpoint_secs)?,
-    )?;
+    let mut o = o;
+    let tok =
+        crate::tokenizer::Tokenizer::for_model(Some(&crate::cli::basic::dir_of(&a.model)), o.tokenizer.as_deref())?;
+    let longest = passkey::longest_key_ids(&tok, &o)?;
+    drop(tok);
+    o.max_new = a.max_new.unwrap_or(longest + 1);
+    if a.max_new.is_none() {
+        o.max_new_note = Some(format!(
+            "--max-new {} by default: the grid's longest key is {longest} ids under this tokenizer, + 1",
+            o.max_new
+        ));
+    } else if o.max_new < longest {
+        eprintln!(
+            "passkey: warning: --max-new {} is shorter than the grid's longest key ({longest} ids): such answers are cut and scored wrong",
+            o.max_new
+        );
+    }
+    let cont = crate::eval::Continue::from_flags(a.resume, a.overwrite)?;
+    passkey::run(&a.model, &o, &a.out, cont, shard, super::checkpoint_secs("passkey", a.checkpoint_secs)?)?;
+    if let Some(note) = &o.max_new_note {
+        println!("passkey: {note}");
+    }
+    print_accuracy_table(&a.out)?;
     println!("wrote {}/results.jsonl, summary.json, summary.csv, heatmap.svg, last_r.svg", a.out.display());
+    Ok(())
+}
+
+/// The grid's accuracy (%) from `dir`/summary.json: a row per depth bin, a column per length, and
+/// each length's accuracy over all depths ("-": no sample).
+pub fn print_accuracy_table(dir: &std::path::Path) -> Result<()> {
+    let path = dir.join("summary.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))?;
+    let empty = Vec::new();
+    let (per_length, cells) = (
+        v["accuracy_per_length"].as_array().unwrap_or(&empty),
+        v["accuracy_per_length_depth"].as_array().unwrap_or(&empty),
+    );
+    let lengths: Vec<u64> = per_length.iter().filter_map(|r| r["length"].as_u64()).collect();
+    let mut bins: Vec<(f64, f64)> = Vec::new();
+    for c in cells {
+        let b = (c["depth_lo"].as_f64().unwrap_or(f64::NAN), c["depth_hi"].as_f64().unwrap_or(f64::NAN));
+        if !bins.contains(&b) {
+            bins.push(b);
+        }
+    }
+    let pct = |a: &serde_json::Value| a.as_f64().map_or("-".to_string(), |a| format!("{:.0}", a * 100.0));
+    let fmt = crate::report::svg::fmt_tokens;
+    println!("accuracy (%) by needle depth (rows) and prompt length (columns):");
+    let head: String = lengths.iter().map(|&l| format!("{:>7}", fmt(l))).collect();
+    println!("{:>11}{head}", "depth");
+    for b in &bins {
+        let label = if b.0 == b.1 { format!("{:.2}", b.0) } else { format!("{:.2}–{:.2}", b.0, b.1) };
+        let row: String = lengths
+            .iter()
+            .map(|&l| {
+                let c = cells.iter().find(|c| {
+                    c["length"].as_u64() == Some(l)
+                        && c["depth_lo"].as_f64() == Some(b.0)
+                        && c["depth_hi"].as_f64() == Some(b.1)
+                });
+                format!("{:>7}", c.map_or("-".to_string(), |c| pct(&c["accuracy"])))
+            })
+            .collect();
+        println!("{label:>11}{row}");
+    }
+    let all: String = per_length.iter().map(|r| format!("{:>7}", pct(&r["accuracy"]))).collect();
+    println!("{:>11}{all}", "all");
     Ok(())
 }

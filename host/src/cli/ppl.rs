@@ -75,7 +75,8 @@ pub struct PplArgs {
 
 pub fn run(mut a: PplArgs) -> Result<()> {
     let mut cont = crate::eval::Continue::from_flags(a.resume, a.overwrite)?;
-    let inputs = if a.model.is_empty() && a.input.is_empty() {
+    let default_run = a.model.is_empty() && a.input.is_empty();
+    let inputs = if default_run {
         // The shipped default: the short- and long-trained tiny pair on the held-out novel.
         let (models, text) = crate::defaults::materialize()?;
         eprintln!(
@@ -126,6 +127,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
     };
     let runs = ppl::run(&a.model, &inputs, &o, &a.out, cont)?;
     for r in &runs {
+        // Rows name the model by its directory (the shipped pair lives in a cache) and the method.
         println!(
             "{}: {} tokens scored, mean NLL {:.4} (ppl {:.2}), {:.0} tok/s",
             r.label(),
@@ -158,7 +160,8 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         }
     }
     if runs.len() == a.model.len() {
-        println!("wrote {}/results.json, loss.csv, loss.svg", a.out.display());
+        let logx = if o.log_x { "" } else { ", loss_logx.svg" };
+        println!("wrote {}/results.json, loss.csv, loss.svg{logx}", a.out.display());
     }
     Ok(())
 }

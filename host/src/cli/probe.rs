@@ -21,6 +21,10 @@ pub struct ProbeArgs {
     /// Layers to record (default: all), comma-separated.
     #[arg(long, value_delimiter = ',')]
     layers: Option<Vec<usize>>,
+    /// Layers to plot, among those recorded, comma-separated (default: the first, middle and last
+    /// recorded layer).
+    #[arg(long, value_delimiter = ',')]
+    plot_layers: Option<Vec<usize>>,
     /// Heads to record (default: all), comma-separated.
     #[arg(long, value_delimiter = ',')]
     heads: Option<Vec<usize>>,
@@ -70,6 +74,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         every: a.every,
         max_tokens: a.max_tokens,
         layers: a.layers,
+        plot_layers: a.plot_layers,
         heads: a.heads,
         snapshot_at,
         train_len: a.train_len,

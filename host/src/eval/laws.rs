@@ -353,7 +353,7 @@ fn read(path: &Path, obs: &mut BTreeMap<(String, u64), Obs>, skipped: &mut Vec<S
         Some("passkey") => (crate::eval::passkey::SUMMARY_KIND, Older::Refuse),
         _ => bail!("{}: neither a ppl results.json nor a passkey summary.json", file.display()),
     };
-    let sealed = crate::report::unseal(&source, kind, v, older)?;
+    let sealed = crate::report::unseal(&source, kind, &text, older)?;
     if sealed.older {
         eprintln!("laws: {source} was written by an older stuffed (no format version or checksum); read as it stands");
     }
@@ -614,12 +614,29 @@ fn plot(law: Law, fams: &[FamilyLaws]) -> Option<String> {
         if points.is_empty() {
             continue;
         }
-        series.push(Series { name: format!("{} measured", f.family), points, markers: true });
+        match law {
+            // A measured T_forget is an interval, [longest that does not forget, shortest that
+            // does): drawn as that bracket at its N_S (the fit uses its upper end).
+            Law::Forget => {
+                let brackets = f.points.iter().filter(|p| p.t_forget_k.is_some());
+                let bracket_pts = brackets
+                    .filter_map(|p| Some((p.n_s_millions, p.forget_lo? as f64 / 1024.0, p.forget_hi? as f64 / 1024.0)))
+                    .flat_map(|(n, lo, hi)| [(n, lo), (n, hi), (f64::NAN, f64::NAN)])
+                    .collect();
+                let name = format!("{} measured bracket [lo, hi)", f.family);
+                series.push(Series { name, points: bracket_pts, markers: false });
+            }
+            Law::Recall => series.push(Series { name: format!("{} measured", f.family), points, markers: true }),
+        }
         if let Some(fit) = law.fitted(f) {
             series.push(curve(format!("{} fit", f.family), &|x| fit.eval(x)));
         }
     }
-    series.push(curve("paper (Mamba-2)".into(), &|x| law.paper(x)));
+    // The paper's fit where it gives a positive number of tokens (T_forget is negative below
+    // N_S ≈ 0.86M, where the fit says nothing).
+    let mut paper = curve("paper (Mamba-2)".into(), &|x| law.paper(x));
+    paper.points.retain(|p| p.1 >= 0.0);
+    series.push(paper);
     let title = format!("{} against state size", law.name());
     let plot = LinePlot {
         title: &title,
@@ -694,6 +711,45 @@ mod tests {
 
     fn recall(t: Option<u64>, shortest: u64, longest: u64) -> super::RecallObs {
         super::RecallObs { model: "m".into(), t_recall: t, shortest, longest, source: "s.json".into() }
+    }
+
+    /// t_forget.svg draws a measured T_forget as its bracket (two ends at one N_S, not a point) and
+    /// never the paper's line at negative tokens (below N_S ≈ 0.86M the fit is negative).
+    #[test]
+    fn t_forget_plot_draws_brackets_and_no_negative_tokens() {
+        let (yes, no) = ("forgets", "does not forget");
+        let obs = super::Obs { verdicts: vec![verdict(64, no), verdict(2048, yes)], recalls: vec![] };
+        let fam = super::FamilyLaws {
+            family: "mamba2".into(),
+            points: vec![super::point("mamba2", 70_144, obs)],
+            t_forget_fit: None,
+            t_recall_fit: None,
+        };
+        let svg = super::plot(super::Law::Forget, &[fam]).unwrap();
+        let plot = &svg[..svg.find("<g class=\"legend\">").unwrap()];
+        // y tick labels (right-aligned at the axis): none negative.
+        let labels: Vec<&str> = plot
+            .lines()
+            .filter_map(|l| l.split(r#"text-anchor="end">"#).nth(1))
+            .map(|l| l.split('<').next().unwrap())
+            .collect();
+        assert!(!labels.is_empty() && labels.iter().all(|l| !l.starts_with('-')), "{labels:?}");
+        // The measured bracket: one line from 64 to 2048 tokens at one x.
+        let lines: Vec<Vec<(f64, f64)>> = plot
+            .lines()
+            .filter_map(|l| l.split(r#"points=""#).nth(1).filter(|_| l.starts_with("<polyline")))
+            .map(|p| {
+                let pts = p.split('"').next().unwrap().split(' ').filter(|s| !s.is_empty());
+                pts.map(|xy| {
+                    let (x, y) = xy.split_once(',').unwrap();
+                    (x.parse().unwrap(), y.parse().unwrap())
+                })
+                .collect()
+            })
+            .collect();
+        let bracket = lines.iter().find(|l| l.len() == 2 && l[0].0 == l[1].0);
+        assert!(bracket.is_some_and(|b| b[0].1 != b[1].1), "no vertical bracket in {lines:?}");
+        assert!(svg.contains("mamba2 measured bracket [lo, hi)"), "{svg}");
     }
 
     /// T_forget is bracketed by the longest training length that does not forget and the shortest that

@@ -70,6 +70,10 @@ pub struct Options {
     pub template: TemplateName,
     pub seed: u64,
     pub max_new: usize,
+    /// How `max_new` was chosen when it was not given (summary.json's `max_new_note`); not part of
+    /// the options a run is fingerprinted by.
+    #[serde(skip)]
+    pub max_new_note: Option<String>,
     pub bos: bool,
     pub chunk: usize,
     pub tokenizer: Option<PathBuf>,
@@ -259,7 +263,7 @@ pub const SUMMARY_KIND: &str = "passkey-summary";
 fn record_line(r: &Record, fp: &str) -> Result<String> {
     let mut v = serde_json::to_value(r)?;
     v["run"] = fp.into();
-    Ok(serde_json::to_string(&crate::report::seal(RECORD_KIND, v)?)?)
+    crate::report::sealed_json(RECORD_KIND, &v, false)
 }
 
 /// The records of a results.jsonl, each line's seal checked and its run's fingerprint returned
@@ -277,8 +281,8 @@ fn read_records(path: &Path) -> Result<Vec<(Record, String)>> {
             continue;
         }
         let what = format!("{} line {}", path.display(), i + 1);
-        let v = match serde_json::from_str(line) {
-            Ok(v) => v,
+        let v = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(_) => line,
             Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {
                 eprintln!("{what} is incomplete (cut by a crash); that sample runs again");
                 continue;
@@ -410,6 +414,22 @@ pub fn key_tokens(tok: &Tokenizer, tpl: &Template, key: &str) -> Result<Vec<u32>
     }
 }
 
+/// The most ids a key of the grid takes after the question under `tok` (` 98349` is 6 in the shipped
+/// passkey model's tokenizer, 2 in GPT-NeoX's): `--max-new`'s default is one more.
+pub fn longest_key_ids(tok: &Tokenizer, o: &Options) -> Result<usize> {
+    let tpl = template(o.template);
+    let (mut seen, mut most) = (BTreeSet::new(), 0);
+    for &length in &o.lengths {
+        for i in 0..depths(o).len() {
+            let k = key(o.seed, length, i);
+            if seen.insert(k.clone()) {
+                most = most.max(key_tokens(tok, &tpl, &k)?.len());
+            }
+        }
+    }
+    Ok(most)
+}
+
 /// `stuffed passkey`. With `checkpoint_secs`, the haystack's stream and the sample in its tail are
 /// checkpointed that often (and at SIGINT/SIGTERM, which then end the run), so `resume` loses
 /// neither samples nor stream.
@@ -463,8 +483,7 @@ pub fn run(
             done.push(r);
         }
     }
-    let run_doc = crate::report::seal(RUN_KIND, serde_json::json!({"fingerprint": fp, "key": key}))?;
-    write_atomic(&run_file, serde_json::to_string_pretty(&run_doc)?.as_bytes())?;
+    crate::report::write_sealed(&run_file, RUN_KIND, &serde_json::json!({"fingerprint": fp, "key": key}))?;
     let seen: BTreeSet<(u64, usize)> = done.iter().map(|r| (r.length, r.sample)).collect();
     // Rewrite the kept lines (drops a torn last line), then append.
     let mut file = std::fs::File::create(&jsonl).map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
@@ -763,10 +782,10 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "laws": crate::eval::laws::laws_of(info),
         "needle_within_last_r": last_r,
         "scoring": "greedy decoding of max_new tokens; correct iff the key string is a substring of the decoded continuation",
+        "max_new_note": o.max_new_note,
         "runs": runs,
     });
-    let summary = crate::report::seal(SUMMARY_KIND, summary)?;
-    write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::report::write_sealed(&out.join("summary.json"), SUMMARY_KIND, &summary)?;
     write_atomic(&out.join("summary.csv"), csv.as_bytes())?;
     let x: Vec<String> = o.lengths.iter().map(|&l| crate::report::svg::fmt_tokens(l)).collect();
     let y: Vec<String> = bins
@@ -809,8 +828,9 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
         let v = crate::report::read_sealed(&sp, SUMMARY_KIND, crate::report::Older::Refuse)?.doc;
         let info: ModelInfo =
             serde_json::from_value(v["model"].clone()).with_context(|| format!("{}: no model facts", sp.display()))?;
-        let opts: Options =
+        let mut opts: Options =
             serde_json::from_value(v["options"].clone()).with_context(|| format!("{}: no options", sp.display()))?;
+        opts.max_new_note = v["max_new_note"].as_str().map(String::from);
         let shard_runs: Vec<RunFacts> = serde_json::from_value(v["runs"].clone()).unwrap_or_default();
         match &first {
             None => first = Some((info, opts)),

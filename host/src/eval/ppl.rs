@@ -88,9 +88,7 @@ impl Buckets {
     pub fn add(&mut self, pos: u64, nll: f32) {
         let i = self.index(pos);
         if i >= self.count.len() {
-            self.sum.resize(i + 1, 0.0);
-            self.sq.resize(i + 1, 0.0);
-            self.count.resize(i + 1, 0);
+            self.grow(i + 1);
         }
         let v = nll as f64;
         self.sum[i] += v;
@@ -126,6 +124,19 @@ impl Buckets {
         Ok((count, sum))
     }
 
+    /// Room for `n` buckets, grown in steps of [`BUCKET_STEP`] rather than doubled: a long run's
+    /// fine verdict buckets (16 tokens each for a 64-token training length) are the one thing that
+    /// grows with the stream, so their slack is kept small.
+    fn grow(&mut self, n: usize) {
+        let cap = n.div_ceil(BUCKET_STEP) * BUCKET_STEP;
+        for v in [&mut self.sum, &mut self.sq] {
+            v.reserve_exact(cap.saturating_sub(v.len()));
+            v.resize(n, 0.0);
+        }
+        self.count.reserve_exact(cap.saturating_sub(self.count.len()));
+        self.count.resize(n, 0);
+    }
+
     /// Adds `other`'s sums (the same scheme) bucket by bucket.
     fn merge(&mut self, other: &Buckets) -> Result<()> {
         if other.width != self.width {
@@ -146,25 +157,23 @@ impl Buckets {
     }
 
     pub fn rows(&self) -> Vec<BucketRow> {
-        (0..self.count.len())
-            .filter(|&i| self.count[i] > 0)
-            .map(|i| {
-                let (start, end) = self.bounds(i);
-                let n = self.count[i] as f64;
-                let mean = self.sum[i] / n;
-                let var = if n > 1.0 { ((self.sq[i] - self.sum[i] * mean) / (n - 1.0)).max(0.0) } else { 0.0 };
-                BucketRow {
-                    start,
-                    end,
-                    count: self.count[i],
-                    mean_nll: mean,
-                    ppl: mean.exp(),
-                    stderr: (var / n).sqrt(),
-                }
-            })
-            .collect()
+        self.rows_iter().collect()
+    }
+
+    /// [`Buckets::rows`] one at a time (the verdict's fine buckets are many).
+    pub fn rows_iter(&self) -> impl Iterator<Item = BucketRow> + '_ {
+        (0..self.count.len()).filter(|&i| self.count[i] > 0).map(|i| {
+            let (start, end) = self.bounds(i);
+            let n = self.count[i] as f64;
+            let mean = self.sum[i] / n;
+            let var = if n > 1.0 { ((self.sq[i] - self.sum[i] * mean) / (n - 1.0)).max(0.0) } else { 0.0 };
+            BucketRow { start, end, count: self.count[i], mean_nll: mean, ppl: mean.exp(), stderr: (var / n).sqrt() }
+        })
     }
 }
+
+/// Buckets are added this many at a time (see [`Buckets::grow`]).
+const BUCKET_STEP: usize = 4096;
 
 /// SPEC.md §2.1's T_forget criterion on buckets of width `w = min(512, max(16, T_train/8))`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -186,12 +195,11 @@ pub fn verdict_width(train_len: u64) -> u64 {
 }
 
 pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
-    let rows = b.rows();
-    let max = |it: &mut dyn Iterator<Item = &BucketRow>| {
+    let max = |it: &mut dyn Iterator<Item = BucketRow>| {
         it.map(|r| r.mean_nll).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
     };
-    let l_in = max(&mut rows.iter().filter(|r| r.start > 0 && r.end <= train_len));
-    let l_out = max(&mut rows.iter().filter(|r| r.start >= train_len));
+    let l_in = max(&mut b.rows_iter().filter(|r| r.start > 0 && r.end <= train_len));
+    let l_out = max(&mut b.rows_iter().filter(|r| r.start >= train_len));
     let verdict = match (l_in, l_out) {
         // Never a verdict from a NaN or an infinity (the run stops before one could reach a bucket).
         (Some(i), Some(o)) if !(i.is_finite() && o.is_finite()) => "undetermined",
@@ -282,6 +290,9 @@ pub struct DocStream<'t> {
     produced: u64,
     /// Ids produced in the current pass over the parts (an empty pass means nothing to repeat).
     pass_len: u64,
+    /// Whole passes over the parts so far, and whether the limit cut ids of the first.
+    passes: u64,
+    cut_first_pass: bool,
 }
 
 /// The stream of `parts` in order, repeated up to `repeat_to` tokens, cut at `max_tokens`.
@@ -295,10 +306,26 @@ pub fn doc_stream(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    DocStream { tok, parts, next_part: 0, cur: None, limit, repeat: repeat_to.is_some(), produced: 0, pass_len: 0 }
+    DocStream {
+        tok,
+        parts,
+        next_part: 0,
+        cur: None,
+        limit,
+        repeat: repeat_to.is_some(),
+        produced: 0,
+        pass_len: 0,
+        passes: 0,
+        cut_first_pass: false,
+    }
 }
 
 impl DocStream<'_> {
+    /// Whether the limit cut the document before its end (seen when the cut fell inside a piece).
+    pub fn cut_before_end(&self) -> bool {
+        self.cut_first_pass
+    }
+
     pub fn next_piece(&mut self) -> Result<Option<Vec<u32>>> {
         loop {
             if self.limit.is_some_and(|l| self.produced >= l) {
@@ -309,7 +336,7 @@ impl DocStream<'_> {
                     if !self.repeat || self.pass_len == 0 {
                         return Ok(None);
                     }
-                    (self.next_part, self.pass_len) = (0, 0);
+                    (self.next_part, self.pass_len, self.passes) = (0, 0, self.passes + 1);
                 }
                 self.cur = Some(TokenStream::new(self.tok, &self.parts[self.next_part])?);
                 self.next_part += 1;
@@ -318,7 +345,9 @@ impl DocStream<'_> {
                 Some(piece) => {
                     let mut piece = piece?;
                     if let Some(l) = self.limit {
-                        piece.truncate((l - self.produced) as usize);
+                        let keep = (l - self.produced) as usize;
+                        self.cut_first_pass |= self.passes == 0 && piece.len() > keep;
+                        piece.truncate(keep);
                     }
                     self.produced += piece.len() as u64;
                     self.pass_len += piece.len() as u64;
@@ -440,11 +469,27 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
     let inputs_json = inputs
         .iter()
         .zip(&hashes)
-        .map(|(i, h)| serde_json::json!({"name": i.name(), "input": format!("{i:?}"), "sha256": h}))
+        .map(|(i, h)| serde_json::json!({"name": i.name(), "input": input_source(i), "sha256": h}))
         .collect();
     write_outputs(out, serde_json::Value::Array(inputs_json), o, &finished, Some(&fp))?;
     let _ = std::fs::remove_file(out.join(CKPT));
     Ok(finished)
+}
+
+/// `--repeat-to` shorter than a document repeats nothing: it cuts, and says so (once per document).
+fn say_if_cut(stream: &DocStream, o: &Options, parts: &[Input]) {
+    if let Some(n) = o.repeat_to.filter(|&n| stream.cut_before_end() && o.max_tokens.is_none_or(|m| n <= m)) {
+        let doc = if parts.len() == 1 { parts[0].name() } else { "the concatenated stream".into() };
+        eprintln!("ppl: --repeat-to {n} is shorter than {doc}: it is cut at {n} tokens, not repeated");
+    }
+}
+
+/// An input as results.json names it: a file's path as a plain string, else the input's name.
+fn input_source(i: &Input) -> String {
+    match i {
+        Input::File(p) => p.display().to_string(),
+        other => other.name(),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -604,10 +649,11 @@ fn run_model(
         if let Some(mut f) = nll_file {
             f.flush()?;
         }
+        say_if_cut(&stream, o, parts);
     }
     progress.finish();
     acc.seconds = seconds_before + started.elapsed().as_secs_f64();
-    Ok((Flow::Done, result(model, tok, &acc, train_len)))
+    Ok((Flow::Done, result_of(model, tok, acc, train_len)))
 }
 
 fn open_nll(path: &Path, resume_len: Option<u64>) -> Result<BufWriter<std::fs::File>> {
@@ -662,6 +708,11 @@ pub fn recorded_train_len(dir: &Path) -> Option<u64> {
 }
 
 fn result(model: &Model, tok: &Tokenizer, acc: &Acc, train_len: Option<u64>) -> RunResult {
+    result_of(model, tok, acc.clone(), train_len)
+}
+
+/// [`result`] taking the accumulators (no second copy of a long run's buckets).
+fn result_of(model: &Model, tok: &Tokenizer, acc: Acc, train_len: Option<u64>) -> RunResult {
     RunResult {
         model: model.info.clone(),
         precision: serde_json::json!({"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "accumulators": "f64"}),
@@ -678,7 +729,7 @@ fn result(model: &Model, tok: &Tokenizer, acc: &Acc, train_len: Option<u64>) -> 
         seconds: 0.0,
         tokens_per_s: 0.0,
         nll_out: Vec::new(),
-        acc: acc.clone(),
+        acc,
     }
     .derived()
 }
@@ -744,36 +795,62 @@ fn write_outputs(
     runs: &[RunResult],
     fp: Option<&str>,
 ) -> Result<()> {
-    let json = serde_json::json!({
-        "command": "ppl",
-        "fingerprint": fp,
-        "stuffed_version": env!("CARGO_PKG_VERSION"),
-        "options": o,
-        "scoring": "NLL = −log softmax(logits at t−1)[token t] over the real vocab, positions t ≥ 1; \
+    // Streamed, not built as a JSON tree: the runs' accumulators grow with the stream's length (the
+    // tree and its text took ≈ 15 bytes a token past 1M tokens). Keys in the order a JSON map sorts them.
+    #[derive(Serialize)]
+    struct Results<'a> {
+        command: &'a str,
+        fingerprint: Option<&'a str>,
+        inputs: serde_json::Value,
+        options: &'a Options,
+        peak_rss_bytes: u64,
+        runs: &'a [RunResult],
+        scoring: &'a str,
+        stuffed_version: &'a str,
+    }
+    let json = Results {
+        command: "ppl",
+        fingerprint: fp,
+        stuffed_version: env!("CARGO_PKG_VERSION"),
+        options: o,
+        scoring: "NLL = −log softmax(logits at t−1)[token t] over the real vocab, positions t ≥ 1; \
                     bucket means pool every (document, position) pair in the bucket",
-        "inputs": inputs,
-        "runs": runs,
-        "peak_rss_bytes": peak_rss_bytes(),
-    });
-    let json = report::seal(RESULTS_KIND, json)?;
-    write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
-    let mut csv = String::from("model,method,scheme,start,end,count,mean_nll,ppl,stderr\n");
-    for r in runs {
-        let name = r.model.path.display().to_string().replace(',', ";");
-        let method = r.forget.replace(',', ";");
-        for (scheme, rows) in
-            [(format!("linear{}", o.bucket), &r.buckets_linear), ("log2".to_string(), &r.buckets_log2)]
-        {
-            for b in rows {
-                csv += &format!(
-                    "{name},{method},{scheme},{},{},{},{:.6},{:.4},{:.6}\n",
-                    b.start, b.end, b.count, b.mean_nll, b.ppl, b.stderr
-                );
+        inputs,
+        runs,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    report::write_sealed(&out.join("results.json"), RESULTS_KIND, &json)?;
+    report::write_atomic_with(&out.join("loss.csv"), |csv| {
+        writeln!(csv, "model,method,scheme,start,end,count,mean_nll,ppl,stderr")?;
+        for r in runs {
+            let name = r.model.path.display().to_string().replace(',', ";");
+            let method = r.forget.replace(',', ";");
+            for (scheme, rows) in
+                [(format!("linear{}", o.bucket), &r.buckets_linear), ("log2".to_string(), &r.buckets_log2)]
+            {
+                for b in rows {
+                    writeln!(
+                        csv,
+                        "{name},{method},{scheme},{},{},{},{:.6},{:.4},{:.6}",
+                        b.start, b.end, b.count, b.mean_nll, b.ppl, b.stderr
+                    )?;
+                }
             }
         }
+        Ok(())
+    })?;
+    write_atomic(&out.join("loss.svg"), plot(runs, o).as_bytes())?;
+    write_logx_plot(out, runs, o)
+}
+
+/// Beside a linear loss.svg, the same curves against log2(position) (loss_logx.svg), as the
+/// no-argument run draws: past a short training length a linear axis squeezes the transition
+/// into its first pixels.
+fn write_logx_plot(out: &Path, runs: &[RunResult], o: &Options) -> Result<()> {
+    if o.log_x {
+        return Ok(());
     }
-    write_atomic(&out.join("loss.csv"), csv.as_bytes())?;
-    write_atomic(&out.join("loss.svg"), plot(runs, o).as_bytes())
+    write_atomic(&out.join("loss_logx.svg"), plot(runs, &Options { log_x: true, ..o.clone() }).as_bytes())
 }
 
 /// Loss against position, one curve per model; log-x uses the power-of-two buckets.
@@ -908,6 +985,6 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     let runs: Vec<RunResult> = runs.into_iter().map(RunResult::derived).collect();
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs, None)?;
-    println!("merged {n} shards into {}/results.json, loss.csv, loss.svg", out.display());
+    println!("merged {n} shards into {}/results.json, loss.csv, loss.svg and loss_logx.svg", out.display());
     Ok(())
 }

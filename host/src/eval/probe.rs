@@ -22,6 +22,10 @@ pub struct Options {
     pub every: u64,
     pub max_tokens: Option<u64>,
     pub layers: Option<Vec<usize>>,
+    /// Layers plotted (default: the first, middle and last recorded); plots do not change the
+    /// numbers, so this is not recorded in the fingerprint.
+    #[serde(skip)]
+    pub plot_layers: Option<Vec<usize>>,
     pub heads: Option<Vec<usize>>,
     pub snapshot_at: Vec<u64>,
     pub train_len: Option<u64>,
@@ -200,6 +204,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     if let Some(&h) = heads.iter().find(|&&h| h >= nh) {
         bail!("--heads: head {h} does not exist (the model has {nh} per layer)");
     }
+    let plot_layers = plotted_layers(&layers, o.plot_layers.as_deref())?;
     let (names, width) = net.probe_series();
     let ns = names.len();
     let key = run_key(&model, inputs, o)?;
@@ -344,10 +349,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     if !missed.is_empty() {
         eprintln!("probe: no snapshot at {missed:?}: past the stream's end ({tokens} tokens)");
     }
-    // Plots for the first, middle and last selected layer, read back from the CSVs (nothing per
-    // report is kept in memory, so a probe's memory does not grow with the stream).
-    let mut plot_layers = vec![layers[0], layers[layers.len() / 2], layers[layers.len() - 1]];
-    plot_layers.dedup();
+    // Plots for the plotted layers, read back from the CSVs (nothing per report is kept in memory,
+    // so a probe's memory does not grow with the stream).
     let vlines: Vec<(f64, String)> = o.train_len.map(|t| (t as f64, format!("train len {t}"))).into_iter().collect();
     let plotted = |l: usize, h: usize| plot_layers.contains(&l) && heads.contains(&h);
     let mut plots = [
@@ -384,8 +387,12 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     if snapshots.len() >= 2 {
         let (l, h) = (plot_layers[plot_layers.len() - 1], heads[0]);
         let r = net.head_state(l, h);
+        // One set of bins over both snapshots' values, so the two histograms compare bin by bin.
+        let (lo, hi) = snapshots[..2]
+            .iter()
+            .flat_map(|(_, st)| st[r.clone()].iter())
+            .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
         let hist = |v: &[f32]| -> Vec<(f64, f64)> {
-            let (lo, hi) = v.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
             let bins = 40;
             let wdt = ((hi - lo) / bins as f32).max(1e-12);
             let mut c = vec![0f64; bins];
@@ -414,6 +421,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         "forget": o.forget.to_string(),
         "tokens": tokens,
         "snapshots": snapshots.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+        "plot_layers": plot_layers,
         "series": names,
         "notes": "t = tokens consumed (from 1); the retention sum includes the first token's own decay; \
                   per-channel decays report the mean and max over key channels; variance is unbiased",
@@ -421,7 +429,31 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     write_atomic(&out.join("probe.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
     let _ = std::fs::remove_file(out.join(CKPT));
     println!("probe: {tokens} tokens; wrote {}/retention.csv, state_stats.csv, conv_stats.csv, inputs.csv, probe.json and plots", out.display());
+    let list: Vec<String> = plot_layers.iter().map(|l| l.to_string()).collect();
+    println!("probe: plots show layers {} (--plot-layers to choose)", list.join(", "));
     Ok(())
+}
+
+/// The layers to plot: `wanted` (each must be recorded), else the first, middle and last recorded.
+fn plotted_layers(recorded: &[usize], wanted: Option<&[usize]>) -> Result<Vec<usize>> {
+    if recorded.is_empty() {
+        bail!("--layers: give at least one layer");
+    }
+    let Some(wanted) = wanted else {
+        let mut l = vec![recorded[0], recorded[recorded.len() / 2], recorded[recorded.len() - 1]];
+        l.dedup();
+        return Ok(l);
+    };
+    if wanted.is_empty() {
+        bail!("--plot-layers: give at least one layer");
+    }
+    if let Some(l) = wanted.iter().find(|l| !recorded.contains(l)) {
+        bail!("--plot-layers: layer {l} is not recorded (--layers records {recorded:?})");
+    }
+    let mut l = wanted.to_vec();
+    l.sort_unstable();
+    l.dedup();
+    Ok(l)
 }
 
 fn write_snapshots(out: &Path, snaps: &[(u64, Vec<f32>)]) -> Result<()> {

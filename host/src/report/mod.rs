@@ -34,16 +34,87 @@ fn sha256_of(parts: &[&[u8]]) -> String {
     format!("{:x}", h.finalize())
 }
 
-/// A JSON object `doc` sealed as a file of `kind`: `stuffed_format: {kind, version}` added and a
-/// `checksum` over the compact JSON of everything else (so whitespace does not matter, but any
-/// value or key does).
-pub fn seal(kind: &str, mut doc: serde_json::Value) -> Result<serde_json::Value> {
-    let obj = doc.as_object_mut().ok_or_else(|| anyhow!("{kind}: only a JSON object can be sealed"))?;
-    obj.remove(CHECKSUM_KEY);
-    obj.insert(FORMAT_KEY.into(), serde_json::json!({"kind": kind, "version": FORMAT_VERSION}));
-    let sum = sha256_of(&[&serde_json::to_vec(&doc)?]);
-    doc[CHECKSUM_KEY] = sum.into();
-    Ok(doc)
+/// Forwards bytes to `inner` and into a SHA-256, holding back the last two (a JSON object's closing
+/// brace, and the line break before it when pretty) so members can be added after the body.
+struct SealWriter<'w, W: Write> {
+    inner: &'w mut W,
+    hash: sha2::Sha256,
+    held: Vec<u8>,
+}
+
+impl<W: Write> SealWriter<'_, W> {
+    fn emit(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use sha2::Digest;
+        self.hash.update(bytes);
+        self.inner.write_all(bytes)
+    }
+}
+
+impl<W: Write> Write for SealWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.held.extend_from_slice(buf);
+        if self.held.len() > 2 {
+            let out: Vec<u8> = self.held.drain(..self.held.len() - 2).collect();
+            self.emit(&out)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `value` (a non-empty JSON object) to `w` sealed as a file of `kind`: its members as
+/// serde writes them (streamed: nothing of the document is held), then `stuffed_format: {kind,
+/// version}`, then last `checksum`: the SHA-256 of every byte before the comma that opens it.
+/// Pretty for files, compact for one results.jsonl line.
+fn seal_into<W: Write>(w: &mut W, kind: &str, value: &impl serde::Serialize, pretty: bool) -> Result<()> {
+    use sha2::Digest;
+    let mut sw = SealWriter { inner: w, hash: sha2::Sha256::new(), held: Vec::new() };
+    if pretty {
+        serde_json::to_writer_pretty(&mut sw, value)?;
+    } else {
+        serde_json::to_writer(&mut sw, value)?;
+    }
+    let held = std::mem::take(&mut sw.held);
+    let body_end: &[u8] = match (pretty, held.as_slice()) {
+        (true, b"\n}") => b"",
+        (false, [c, b'}']) if *c != b'{' => &held[..1],
+        _ => bail!("{kind}: only a non-empty JSON object can be sealed"),
+    };
+    sw.emit(body_end)?;
+    let (sep, colon) = if pretty { (",\n  ", ": ") } else { (",", ":") };
+    let format = format!(
+        "{sep}\"{FORMAT_KEY}\"{colon}{{\"kind\"{colon}{},\"version\"{colon}{FORMAT_VERSION}}}",
+        serde_json::to_string(kind)?
+    );
+    sw.emit(format.as_bytes())?;
+    let sum = format!("{:x}", sw.hash.finalize());
+    let end = if pretty { "\n}\n" } else { "}" };
+    w.write_all(format!("{sep}\"{CHECKSUM_KEY}\"{colon}\"{sum}\"{end}").as_bytes())?;
+    Ok(())
+}
+
+/// `value` sealed (see [`seal_into`]) as text: pretty, or compact for one results.jsonl line.
+pub fn sealed_json(kind: &str, value: &impl serde::Serialize, pretty: bool) -> Result<String> {
+    let mut out = Vec::new();
+    seal_into(&mut out, kind, value, pretty)?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// A parsed document sealed again as `kind`, its old seal members dropped first: what a tool that
+/// edits a file on purpose (a test, the fuzzer) must do to get past the checksum.
+pub fn reseal(kind: &str, mut doc: serde_json::Value, pretty: bool) -> Result<String> {
+    if let Some(obj) = doc.as_object_mut() {
+        obj.remove(FORMAT_KEY);
+        obj.remove(CHECKSUM_KEY);
+    }
+    sealed_json(kind, &doc, pretty)
+}
+
+/// Writes `value` sealed as `kind` to `path`, atomically and streamed.
+pub fn write_sealed(path: &Path, kind: &str, value: &impl serde::Serialize) -> Result<()> {
+    write_atomic_with(path, |w| seal_into(w, kind, value, true))
 }
 
 /// How [`unseal`] treats a file without a format version.
@@ -60,35 +131,41 @@ pub struct Unsealed {
     pub older: bool,
 }
 
-/// Checks a sealed document of `kind` from `what` (a file, or a file and line): its kind, version
-/// and checksum; returns it without the two seal keys. One error line for anything else.
-pub fn unseal(what: &str, kind: &str, mut doc: serde_json::Value, older: Older) -> Result<Unsealed> {
+/// Checks the sealed text of a document of `kind` from `what` (a file, or a file and line): its
+/// checksum over the bytes before the last member (which must be the checksum and nothing else
+/// may follow), its kind and version; returns it parsed, without the two seal members.
+pub fn unseal(what: &str, kind: &str, text: &str, older: Older) -> Result<Unsealed> {
+    use sha2::Digest;
+    let mut doc: serde_json::Value = serde_json::from_str(text).map_err(|e| anyhow!("{what}: not JSON: {e}"))?;
     let Some(obj) = doc.as_object_mut() else { bail!("{what}: not a JSON object") };
     let (Some(format), Some(sum)) = (obj.remove(FORMAT_KEY), obj.remove(CHECKSUM_KEY)) else {
-        if older == Older::Accept && !obj.contains_key(FORMAT_KEY) {
+        if older == Older::Accept && !obj.contains_key(FORMAT_KEY) && !obj.contains_key(CHECKSUM_KEY) {
             return Ok(Unsealed { doc, older: true });
         }
         bail!("{what}: written by an older stuffed; rerun (the file has no format version or checksum)")
     };
+    let damaged = || anyhow!("{what}: checksum mismatch: the file was changed or damaged after stuffed wrote it");
+    let key = format!("\"{CHECKSUM_KEY}\"");
+    let at = text.rfind(&key).ok_or_else(damaged)?;
+    let comma = text[..at].rfind(',').filter(|&c| text[c + 1..at].trim().is_empty()).ok_or_else(damaged)?;
+    let rest: String = text[at..].chars().filter(|c| !c.is_whitespace()).collect();
+    let sum = sum.as_str().ok_or_else(damaged)?;
+    if rest != format!("{key}:\"{sum}\"}}") || format!("{:x}", sha2::Sha256::digest(&text.as_bytes()[..comma])) != sum {
+        return Err(damaged());
+    }
     if format["kind"].as_str() != Some(kind) {
         bail!("{what}: not a {kind} file (its format says {})", format["kind"]);
     }
     if format["version"].as_u64() != Some(FORMAT_VERSION) {
         bail!("{what}: format version {} where this stuffed reads {FORMAT_VERSION}; rerun", format["version"]);
     }
-    let mut check = doc.clone();
-    check[FORMAT_KEY] = format;
-    if sum.as_str() != Some(sha256_of(&[&serde_json::to_vec(&check)?]).as_str()) {
-        bail!("{what}: checksum mismatch: the file was changed or damaged after stuffed wrote it");
-    }
     Ok(Unsealed { doc, older: false })
 }
 
-/// Reads and parses a sealed JSON file of `kind` (see [`unseal`]).
+/// Reads a sealed JSON file of `kind` (see [`unseal`]).
 pub fn read_sealed(path: &Path, kind: &str, older: Older) -> Result<Unsealed> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
-    let doc = serde_json::from_str(&text).map_err(|e| anyhow!("{}: not JSON: {e}", path.display()))?;
-    unseal(&path.display().to_string(), kind, doc, older)
+    unseal(&path.display().to_string(), kind, &text, older)
 }
 
 /// The checkpoint kind a path names: its file name (`ppl.checkpoint.safetensors`).
@@ -104,6 +181,45 @@ fn checkpoint_sum(kind: &str, snapshot: &str, tensors: &mut [(String, String, &[
         parts.extend([n.as_bytes(), d.as_bytes(), *b]);
     }
     sha256_of(&parts)
+}
+
+/// Writes `path` atomically as [`write_atomic`] does, its bytes streamed by `write` through a buffer
+/// (nothing of the file's size is held in memory).
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+) -> Result<()> {
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let f = std::fs::File::create(&tmp).map_err(|e| anyhow!("{}: cannot create: {e}", tmp.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    let written = write(&mut w).and_then(|_| Ok(w.into_inner().map_err(|e| e.into_error())?.sync_all()?));
+    written.map_err(|e| anyhow!("{}: cannot write: {e:#}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: cannot rename into place: {e}", path.display()))
+}
+
+/// `value` as pretty JSON in `path`, written atomically and streamed: no JSON tree or text of the
+/// whole file is built in memory (a run's accumulators grow with its length).
+pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    write_atomic_with(path, |w| Ok(serde_json::to_writer_pretty(w, value)?))
+}
+
+/// Gives `path` the mode a newly created file gets (0666 less the umask: 0644 under umask 022). For
+/// files written through a temp file that is made owner-only (safetensors' `serialize_to_file`).
+pub fn set_created_mode(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The umask from /proc (reading it with umask(2) would change it for a moment, for every thread).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            .unwrap_or(0o022);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask))
+            .map_err(|e| anyhow!("{}: cannot set its mode: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A resumable checkpoint at `path`: 1-D tensors (name, f32 or f64 values) and one JSON `snapshot`

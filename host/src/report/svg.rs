@@ -20,6 +20,61 @@ pub struct LinePlot<'a> {
 
 const PALETTE: &[&str] =
     &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"];
+/// Dash patterns by series (the first solid), so curves that coincide stay distinguishable.
+const DASHES: &[&str] = &["", "8,4", "2,3", "12,3,3,3", "5,2", "1,4"];
+/// Lines with at most this many points also get a marker at each, shaped by series.
+const MARKED_MAX: usize = 64;
+
+/// Marker `shape` (circle, square, triangle, diamond, inverted triangle) of radius `r` at (x, y):
+/// hollow on lines, filled for point series.
+fn marker(s: &mut String, shape: usize, x: f64, y: f64, r: f64, color: &str, filled: bool) {
+    let fill = if filled { color } else { "white" };
+    let style = format!(r#"fill="{fill}" stroke="{color}" stroke-width="1.5""#);
+    let _ = match shape % 5 {
+        0 => writeln!(s, r#"<circle cx="{x:.1}" cy="{y:.1}" r="{r:.1}" {style}/>"#),
+        1 => writeln!(
+            s,
+            r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" {style}/>"#,
+            x - r,
+            y - r,
+            2.0 * r,
+            2.0 * r
+        ),
+        2 => writeln!(
+            s,
+            r#"<polygon points="{:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" {style}/>"#,
+            x,
+            y - r * 1.2,
+            x - r * 1.1,
+            y + r * 0.8,
+            x + r * 1.1,
+            y + r * 0.8
+        ),
+        3 => writeln!(
+            s,
+            r#"<polygon points="{:.1},{:.1} {:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" {style}/>"#,
+            x,
+            y - r * 1.3,
+            x + r * 1.3,
+            y,
+            x,
+            y + r * 1.3,
+            x - r * 1.3,
+            y
+        ),
+        _ => writeln!(
+            s,
+            r#"<polygon points="{:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" {style}/>"#,
+            x,
+            y + r * 1.2,
+            x - r * 1.1,
+            y - r * 0.8,
+            x + r * 1.1,
+            y - r * 0.8
+        ),
+    };
+}
+
 /// Width of the plot area.
 const PW: f64 = 570.0;
 const H: f64 = 480.0;
@@ -37,7 +92,25 @@ fn ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, usize) {
     let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| span / s <= n as f64).unwrap_or(10.0 * mag);
     let first = (lo / step).ceil();
     let out = (0..=n + 1).map(|k| (first + k as f64) * step + 0.0).take_while(|&v| v <= hi + step * 1e-9).collect();
-    (out, (-step.log10().floor()).max(0.0) as usize)
+    // The decimals the step itself has (2.5 needs one, 0.025 three), so no label rounds its tick.
+    let decimals = (0..15).find(|&d| {
+        let scaled = step * 10f64.powi(d);
+        (scaled - scaled.round()).abs() <= scaled.abs() * 1e-9
+    });
+    (out, decimals.unwrap_or(15) as usize)
+}
+
+/// A linear axis's tick label: the value with `decimals`, thousands as k and millions as M
+/// (decimal: a linear axis's ticks are multiples of 1, 2, 2.5 or 5 × 10^e, never of 1,024).
+fn fmt_tick(v: f64, decimals: usize) -> String {
+    let a = v.abs();
+    if decimals == 0 && a >= 1e6 {
+        format!("{}M", v / 1e6)
+    } else if decimals == 0 && a >= 1e3 {
+        format!("{}k", v / 1e3)
+    } else {
+        format!("{v:.decimals$}")
+    }
 }
 
 const MI: f64 = (1u64 << 20) as f64;
@@ -121,7 +194,7 @@ impl LinePlot<'_> {
                 W - R,
                 L - 6.0,
                 py + 4.0,
-                fmt_num(y, yd)
+                fmt_tick(y, yd)
             );
         }
         let (xt, xd): (Vec<f64>, usize) = if self.log_x {
@@ -133,12 +206,13 @@ impl LinePlot<'_> {
         };
         for x in xt {
             let px = fx(x);
+            let label = if self.log_x { fmt_num(x, xd) } else { fmt_tick(x, xd) };
             let _ = writeln!(
                 s,
                 r##"<line x1="{px:.1}" x2="{px:.1}" y1="{T}" y2="{}" stroke="#eee"/><text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"##,
                 H - B,
                 H - B + 16.0,
-                fmt_num(x, xd)
+                label
             );
         }
         let _ = writeln!(
@@ -166,38 +240,65 @@ impl LinePlot<'_> {
                 esc(label)
             );
         }
-        // Curves and legend.
+        // Curves, then the legend. Each series has its color, dash pattern and marker shape (later
+        // ones drawn smaller), so curves that coincide stay distinguishable.
+        let style = |i: usize| {
+            let dash = match DASHES[i % DASHES.len()] {
+                "" => String::new(),
+                d => format!(r#" stroke-dasharray="{d}""#),
+            };
+            (PALETTE[i % PALETTE.len()], dash, (4.5 - 0.5 * (i % 4) as f64).max(2.5))
+        };
         for (i, se) in series.iter().enumerate() {
-            let color = PALETTE[i % PALETTE.len()];
-            let path: Vec<String> = se
+            let (color, dash, r) = style(i);
+            let pts: Vec<(f64, f64)> = se
                 .points
                 .iter()
                 .filter(|p| p.0.is_finite() && p.1.is_finite() && (!self.log_x || p.0 > 0.0))
-                .map(|&(x, y)| format!("{:.1},{:.1}", fx(x), fy(y)))
+                .map(|&(x, y)| (fx(x), fy(y)))
                 .collect();
-            if se.markers {
-                for p in &path {
-                    let (x, y) = p.split_once(',').unwrap_or_default();
-                    let _ = writeln!(s, r#"<circle cx="{x}" cy="{y}" r="4" fill="{color}"/>"#);
+            if !se.markers {
+                // A non-finite point breaks the line (one series can hold separate segments).
+                for piece in se.points.split(|p| !(p.0.is_finite() && p.1.is_finite())) {
+                    let path: Vec<String> = piece
+                        .iter()
+                        .filter(|p| !self.log_x || p.0 > 0.0)
+                        .map(|&(x, y)| format!("{:.1},{:.1}", fx(x), fy(y)))
+                        .collect();
+                    if path.is_empty() {
+                        continue;
+                    }
+                    let _ = writeln!(
+                        s,
+                        r#"<polyline fill="none" stroke="{color}" stroke-width="1.8"{dash} points="{}"/>"#,
+                        path.join(" ")
+                    );
                 }
-            } else {
-                let _ = writeln!(
-                    s,
-                    r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
-                    path.join(" ")
-                );
             }
+            if se.markers || pts.len() <= MARKED_MAX {
+                for &(x, y) in &pts {
+                    marker(&mut s, i, x, y, r, color, se.markers);
+                }
+            }
+        }
+        s.push_str("<g class=\"legend\">\n");
+        for (i, se) in series.iter().enumerate() {
+            let (color, dash, r) = style(i);
+            let n_pts = se.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).count();
             let ly = T + 10.0 + 18.0 * i as f64;
             let (x0, x1) = (W - R + 10.0, W - R + 30.0);
-            if se.markers {
-                let _ = write!(s, r#"<circle cx="{}" cy="{ly}" r="4" fill="{color}"/>"#, (x0 + x1) / 2.0);
-            } else {
-                let _ =
-                    write!(s, r#"<line x1="{x0}" x2="{x1}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"/>"#);
+            if !se.markers {
+                let _ = write!(
+                    s,
+                    r#"<line x1="{x0}" x2="{x1}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"{dash}/>"#
+                );
+            }
+            if se.markers || n_pts <= MARKED_MAX {
+                marker(&mut s, i, (x0 + x1) / 2.0, ly, r, color, se.markers);
             }
             let _ = writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, W - R + 35.0, ly + 4.0, esc(&se.name));
         }
-        s.push_str("</svg>\n");
+        s.push_str("</g>\n</svg>\n");
         s
     }
 }
@@ -331,5 +432,90 @@ mod tests {
         let one = Series { name: "one".into(), points: vec![(10_000.0, 2.5)], markers: false };
         let p = LinePlot { title: "t", x_label: "x", y_label: "y", log_x: false, vlines: Vec::new() };
         assert!(p.render(&[one]).contains("</svg>"));
+    }
+
+    /// A label read back as a number ("7.5k" = 7,500).
+    fn label_value(l: &str) -> f64 {
+        let (num, scale) = match (l.strip_suffix('k'), l.strip_suffix('M')) {
+            (Some(v), _) => (v, 1e3),
+            (_, Some(v)) => (v, 1e6),
+            _ => (l, 1.0),
+        };
+        num.parse::<f64>().unwrap_or_else(|e| panic!("label {l:?}: {e}")) * scale
+    }
+
+    /// Every linear tick's label reads back as the tick's value, over many ranges and tick counts
+    /// (a step of 2.5 labelled 7.5 and 12.5 as "8" and "12", 0.025 as "0.03"), and no two labels of
+    /// an axis are the same.
+    #[test]
+    fn tick_labels_show_their_values() {
+        let mut axes = 0;
+        for e in -7..=10 {
+            for m in [1.0, 1.3, 2.0, 2.2, 2.5, 3.7, 5.0, 6.1, 7.5, 9.9] {
+                for at in [0.0, -0.3, 0.1, 3.0, 7.0, -12.0, 1000.0] {
+                    for n in [4, 5, 6, 8] {
+                        let span = m * 10f64.powi(e);
+                        let (lo, hi) = (at * span, at * span + span);
+                        let (t, d) = ticks(lo, hi, n);
+                        let labels: Vec<String> = t.iter().map(|&v| fmt_tick(v, d)).collect();
+                        for (v, l) in t.iter().zip(&labels) {
+                            let back = label_value(l);
+                            assert!(
+                                (back - v).abs() <= 1e-9 * v.abs().max(span),
+                                "{lo}..{hi} ({n} ticks): tick {v} labelled {l:?}"
+                            );
+                        }
+                        let mut uniq = labels.clone();
+                        uniq.sort();
+                        uniq.dedup();
+                        assert_eq!(uniq.len(), labels.len(), "{lo}..{hi}: {labels:?}");
+                        axes += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(axes, 18 * 10 * 7 * 4);
+        // The issue's cases, in a rendered plot: y from 0 to 12.5 gets a step of 2.5.
+        let (t, d) = ticks(0.0, 0.1, 4);
+        assert_eq!(
+            t.iter().map(|&v| fmt_tick(v, d)).collect::<Vec<_>>(),
+            ["0.000", "0.025", "0.050", "0.075", "0.100"]
+        );
+        let s = Series { name: "s".into(), points: vec![(0.0, 0.0), (1.0, 12.5)], markers: false };
+        let p = LinePlot { title: "t", x_label: "x", y_label: "y", log_x: false, vlines: Vec::new() };
+        let svg = p.render(&[s]);
+        for want in [">2.5<", ">7.5<", ">12.5<"] {
+            assert!(svg.contains(want), "no {want} label in {svg}");
+        }
+        assert!(!svg.contains(">8<") && !svg.contains(">12<"), "{svg}");
+    }
+
+    /// Curves with the same points (last_r.svg's, when every r gives the same accuracy) differ in
+    /// dash pattern and marker shape, as lines and as point series.
+    #[test]
+    fn coinciding_curves_stay_distinguishable() {
+        for markers in [false, true] {
+            let series: Vec<Series> = (0..4)
+                .map(|i| Series { name: format!("s{i}"), points: vec![(1024.0, 0.5), (4096.0, 1.0)], markers })
+                .collect();
+            let p = LinePlot { title: "t", x_label: "x", y_label: "y", log_x: true, vlines: Vec::new() };
+            let svg = p.render(&series);
+            let svg = &svg[..svg.find("<g class=\"legend\">").unwrap()];
+            // What each series draws on the plot, its color taken out.
+            let style_of = |i: usize| -> String {
+                let color = PALETTE[i];
+                let lines: Vec<&str> = svg.lines().filter(|l| l.contains(color)).collect();
+                assert!(!lines.is_empty(), "series {i} not drawn: {svg}");
+                lines.iter().map(|l| l.replace(color, "C")).collect::<Vec<_>>().join("\n")
+            };
+            let styles: Vec<String> = (0..4).map(style_of).collect();
+            for a in 0..4 {
+                for b in a + 1..4 {
+                    assert_ne!(styles[a], styles[b], "series {a} and {b} are drawn alike (markers {markers})");
+                }
+            }
+            let shapes = ["<circle", "<rect x", "<polygon"];
+            assert!(shapes.iter().all(|sh| svg.contains(sh)), "{svg}");
+        }
     }
 }
