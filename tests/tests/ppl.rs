@@ -412,6 +412,19 @@ fn shards_merge_to_the_unsharded_run() {
         let e = tampered(name, edit, true);
         assert!(e.contains(&format!("{name}/results.json: run 0")) && e.contains(want), "{name}: {e}");
     }
+    // A share read back that no --shard gives (the fuzzer's: k = 0 underflowed, k > n indexed past
+    // the flags, n = 2^40 allocated 1 TB) is refused, sealed or not.
+    for (name, share) in [("t-k0", [0u64, 2]), ("t-kn", [99_999_999_999, 2]), ("t-n40", [1, 1 << 40])] {
+        let mut v = s2_json.clone();
+        v["options"]["shard"] = serde_json::json!(share);
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("results.json"), stuffed::report::reseal("ppl-results", v, true).unwrap()).unwrap();
+        let e = err(&[d.to_str().unwrap(), &s1]);
+        assert!(e.contains("is not a share") || e.contains("other inputs or options"), "{name}: {e}");
+        let e = err(&[d.to_str().unwrap()]);
+        assert!(e.contains(&format!("{name}/results.json: shard")) || e.contains("is missing"), "{name}: {e}");
+    }
     // A results.json from before format versions is refused with a line saying so.
     let mut old = s2_json.clone();
     old.as_object_mut().unwrap().retain(|k, _| k != "stuffed_format" && k != "checksum");

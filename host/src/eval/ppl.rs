@@ -956,17 +956,21 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
             serde_json::from_value(v["options"].clone()).with_context(|| format!("{}: no options", p.display()))?;
         let runs = read_runs(&p, &v)?;
         let Some((k, n)) = o.shard else { bail!("{}: not a --shard run", p.display()) };
+        if k == 0 || k > n {
+            bail!("{}: shard {k}/{n} is not a share (need 1 ≤ k ≤ n)", p.display());
+        }
         shards.push((p, k, n, o, v["inputs"].clone(), runs));
     }
     let Some((p0, _, n, o0, inputs, mut runs)) = shards.first().cloned() else {
         bail!("merge: give the shard directories")
     };
-    let mut seen = vec![false; n];
+    // A set, not n flags: n is read from a file.
+    let mut seen = std::collections::BTreeSet::new();
     for (i, (p, k, nk, o, inp, rs)) in shards.iter().enumerate() {
         if *nk != n || deciding(o) != deciding(&o0) || *inp != inputs {
             bail!("{}: made with other inputs or options than {}", p.display(), p0.display());
         }
-        if std::mem::replace(&mut seen[k - 1], true) {
+        if !seen.insert(*k) {
             bail!("{}: shard {k}/{n} is given twice", p.display());
         }
         let same = |a: &RunResult, b: &RunResult| a.model.path == b.model.path && a.forget == b.forget;
@@ -979,8 +983,9 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
             }
         }
     }
-    if let Some(k) = seen.iter().position(|&s| !s) {
-        bail!("merge: shard {}/{n} is missing", k + 1);
+    if seen.len() < n {
+        let k = (1..).find(|k| !seen.contains(k)).unwrap_or(n);
+        bail!("merge: shard {k}/{n} is missing");
     }
     let runs: Vec<RunResult> = runs.into_iter().map(RunResult::derived).collect();
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
