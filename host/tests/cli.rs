@@ -414,8 +414,11 @@ fn killed_passkey_resumes_from_its_checkpoint() {
         let ((full, full_runs), (part, part_runs)) = (summary("full"), summary("part"));
         assert_eq!(full, part);
         // The resumed run streamed less than the whole grid: it continued the checkpointed haystack.
-        let processed = |r: &serde_json::Value| r[0]["tokens_processed"].as_u64().unwrap();
+        // The killed process's facts (to its checkpoint) are kept before the resumed one's.
+        let processed =
+            |r: &serde_json::Value| r.as_array().unwrap().last().unwrap()["tokens_processed"].as_u64().unwrap();
         assert!(processed(&part_runs) < processed(&full_runs), "{part_runs} vs {full_runs}");
+        assert_eq!(part_runs.as_array().unwrap().len(), 2, "{part_runs}");
         std::fs::remove_dir_all(dir.path().join("part")).unwrap();
     }
     // A needle at the start: the sample's own tail is the whole prompt (four pieces of 8,192
@@ -449,8 +452,9 @@ fn killed_passkey_resumes_from_its_checkpoint() {
     assert_eq!(read("tail-full"), read("tail"), "results.jsonl differs after a resume");
     let (_, full_runs) = summary("tail-full");
     let (_, part_runs) = summary("tail");
-    let processed = |r: &serde_json::Value| r[0]["tokens_processed"].as_u64().unwrap();
+    let processed = |r: &serde_json::Value| r.as_array().unwrap().last().unwrap()["tokens_processed"].as_u64().unwrap();
     assert!(processed(&part_runs) + 8192 <= processed(&full_runs), "{part_runs} vs {full_runs}");
+    assert_eq!(part_runs.as_array().unwrap().len(), 2, "{part_runs}");
 }
 
 /// `stuffed ppl` with no --model and no --text runs the embedded pair, from any working directory.

@@ -347,6 +347,10 @@ fn shards_merge_to_the_unsharded_run() {
         }
     }
     assert_eq!(b["options"]["shard"], serde_json::Value::Null);
+    // The merge keeps each shard's process facts, not only its own.
+    let facts = b["shards"].as_array().unwrap();
+    assert_eq!(facts.iter().map(|f| f["shard"].as_str().unwrap()).collect::<Vec<_>>(), ["2/2", "1/2"]);
+    assert!(facts.iter().all(|f| f["peak_rss_bytes"].as_u64() > Some(0) && f["seconds"].as_f64() > Some(0.0)));
     // Each document's NLL file comes from exactly one shard, under the unsharded run's name.
     let files = |d: &str| {
         let mut v: Vec<_> = std::fs::read_dir(dir.path().join(d)).unwrap().map(|e| e.unwrap().path()).collect();

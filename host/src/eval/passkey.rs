@@ -459,6 +459,8 @@ pub fn run(
     let resume = cont.resumes("passkey", out, &unfinished)?;
     let run_file = out.join(RUN_FILE);
     let mut done: Vec<Record> = Vec::new();
+    // The facts of the earlier processes of this grid (a resumed run keeps them all).
+    let mut earlier: Vec<RunFacts> = Vec::new();
     if resume && (run_file.exists() || jsonl.exists()) {
         if !run_file.exists() {
             bail!(
@@ -469,6 +471,10 @@ pub fn run(
         let run = crate::report::read_sealed(&run_file, RUN_KIND, crate::report::Older::Refuse)?.doc;
         if run["fingerprint"].as_str() != Some(fp.as_str()) {
             return Err(super::other_run(&run_file, &run["key"], &key));
+        }
+        if !run["runs"].is_null() {
+            earlier = serde_json::from_value(run["runs"].clone())
+                .map_err(|e| anyhow!("{}: runs: {e}", run_file.display()))?;
         }
         for (r, run) in read_records(&jsonl)? {
             if run != fp {
@@ -483,7 +489,17 @@ pub fn run(
             done.push(r);
         }
     }
-    crate::report::write_sealed(&run_file, RUN_KIND, &serde_json::json!({"fingerprint": fp, "key": key}))?;
+    // The run file: which run this directory holds, and the facts of every process so far
+    // (rewritten at each checkpoint, so a killed process's facts up to then are kept).
+    let write_run = |facts: Option<&RunFacts>| {
+        let runs: Vec<&RunFacts> = earlier.iter().chain(facts).collect();
+        crate::report::write_sealed(
+            &run_file,
+            RUN_KIND,
+            &serde_json::json!({"fingerprint": fp, "key": key, "runs": runs}),
+        )
+    };
+    write_run(None)?;
     let seen: BTreeSet<(u64, usize)> = done.iter().map(|r| (r.length, r.sample)).collect();
     // Rewrite the kept lines (drops a torn last line), then append.
     let mut file = std::fs::File::create(&jsonl).map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
@@ -533,47 +549,58 @@ pub fn run(
         }
         // Saves the haystack at `pos` (the scorer stands there, or `tail.hay` holds it while the
         // scorer runs a sample's tail); a signal then ends the run.
-        let checkpoint = |s: &Scorer, pos: usize, tail: Option<InTail>, last: &mut Instant| -> Result<()> {
-            let signal = crate::interrupt::raised();
-            if signal.is_none() && checkpoint_secs.is_none_or(|c| last.elapsed().as_secs_f64() < c) {
-                return Ok(());
-            }
-            let now = s.snapshot()?;
-            let ((state, pending, tau), tail_held) = match &tail {
-                Some(t) => (t.hay, Some(&now)),
-                None => (&now, None),
-            };
-            let snap = Snapshot {
-                fingerprint: fp.clone(),
-                length,
-                pos,
-                hay_sha: tokens_sha(&hay[..pos]),
-                tau: tau.clone(),
-                tail: tail.as_ref().map(|t| TailSnapshot {
-                    sample: t.sample,
-                    branch: t.branch,
-                    pos: t.fed.len(),
-                    ids_sha: tokens_sha(t.fed),
-                    tau: now.2.clone(),
-                }),
-            };
-            let mut tensors = vec![("state", Values::F32(state))];
-            tensors.extend(pending.as_deref().map(|p| ("pending", Values::F32(p))));
-            if let Some((t_state, t_pending, _)) = tail_held {
-                tensors.push(("tail_state", Values::F32(t_state)));
-                tensors.extend(t_pending.as_deref().map(|p| ("tail_pending", Values::F32(p))));
-            }
-            crate::report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
-            *last = Instant::now();
-            if let Some(sig) = signal {
-                let at = match tail {
-                    Some(t) => format!("prompt token {} of sample {}", t.fed.len(), t.sample),
-                    None => format!("haystack token {pos}"),
+        let checkpoint =
+            |s: &Scorer, pos: usize, tail: Option<InTail>, last: &mut Instant, facts: &RunFacts| -> Result<()> {
+                let signal = crate::interrupt::raised();
+                if signal.is_none() && checkpoint_secs.is_none_or(|c| last.elapsed().as_secs_f64() < c) {
+                    return Ok(());
+                }
+                let now = s.snapshot()?;
+                let ((state, pending, tau), tail_held) = match &tail {
+                    Some(t) => (t.hay, Some(&now)),
+                    None => (&now, None),
                 };
-                bail!("{sig} after {at} of length {length}: checkpoint in {}; continue with --resume", out.display());
-            }
-            Ok(())
-        };
+                let snap = Snapshot {
+                    fingerprint: fp.clone(),
+                    length,
+                    pos,
+                    hay_sha: tokens_sha(&hay[..pos]),
+                    tau: tau.clone(),
+                    tail: tail.as_ref().map(|t| TailSnapshot {
+                        sample: t.sample,
+                        branch: t.branch,
+                        pos: t.fed.len(),
+                        ids_sha: tokens_sha(t.fed),
+                        tau: now.2.clone(),
+                    }),
+                };
+                let mut tensors = vec![("state", Values::F32(state))];
+                tensors.extend(pending.as_deref().map(|p| ("pending", Values::F32(p))));
+                if let Some((t_state, t_pending, _)) = tail_held {
+                    tensors.push(("tail_state", Values::F32(t_state)));
+                    tensors.extend(t_pending.as_deref().map(|p| ("tail_pending", Values::F32(p))));
+                }
+                // This process's facts first: whoever sees the checkpoint finds them too.
+                let now = RunFacts {
+                    seconds: started.elapsed().as_secs_f64(),
+                    peak_rss_bytes: crate::report::peak_rss_bytes(),
+                    ..facts.clone()
+                };
+                write_run(Some(&now))?;
+                crate::report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
+                *last = Instant::now();
+                if let Some(sig) = signal {
+                    let at = match tail {
+                        Some(t) => format!("prompt token {} of sample {}", t.fed.len(), t.sample),
+                        None => format!("haystack token {pos}"),
+                    };
+                    bail!(
+                        "{sig} after {at} of length {length}: checkpoint in {}; continue with --resume",
+                        out.display()
+                    );
+                }
+                Ok(())
+            };
         let lcp_of = |ids: &[u32]| {
             if o.reuse {
                 ids.iter().zip(&hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1)
@@ -604,7 +631,7 @@ pub fn run(
                     let end = lcp.min((pos / piece + 1) * piece);
                     s.feed(&hay[pos..end])?;
                     pos = end;
-                    checkpoint(&s, pos, None, &mut last_ckpt)?;
+                    checkpoint(&s, pos, None, &mut last_ckpt, &facts)?;
                 }
                 lcp
             } else {
@@ -635,7 +662,7 @@ pub fn run(
                 fed = end;
                 if fed < ids.len() {
                     let tail = InTail { hay: &saved, sample: p.sample, branch, fed: &ids[..fed] };
-                    checkpoint(&s, pos, Some(tail), &mut last_ckpt)?;
+                    checkpoint(&s, pos, Some(tail), &mut last_ckpt, &facts)?;
                 }
             }
             let (saved, saved_row, saved_tau) = saved;
@@ -676,13 +703,13 @@ pub fn run(
                 if rec.correct { "✓" } else { "✗" }
             );
             done.push(rec);
-            checkpoint(&s, pos, None, &mut last_ckpt)?;
+            checkpoint(&s, pos, None, &mut last_ckpt, &facts)?;
         }
     }
     let _ = std::fs::remove_file(out.join(CKPT));
     facts.seconds = started.elapsed().as_secs_f64();
     facts.peak_rss_bytes = crate::report::peak_rss_bytes();
-    write_summary(out, &model.info, o, &done, &[facts])
+    write_summary(out, &model.info, o, &done, &[earlier, vec![facts]].concat())
 }
 
 /// Depth bins: one per explicit depth, else min(samples, 10) equal bins over [0, 1].

@@ -471,7 +471,7 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         .zip(&hashes)
         .map(|(i, h)| serde_json::json!({"name": i.name(), "input": input_source(i), "sha256": h}))
         .collect();
-    write_outputs(out, serde_json::Value::Array(inputs_json), o, &finished, Some(&fp))?;
+    write_outputs(out, serde_json::Value::Array(inputs_json), o, &finished, Some(&fp), None)?;
     let _ = std::fs::remove_file(out.join(CKPT));
     Ok(finished)
 }
@@ -794,6 +794,7 @@ fn write_outputs(
     o: &Options,
     runs: &[RunResult],
     fp: Option<&str>,
+    shards: Option<&[serde_json::Value]>,
 ) -> Result<()> {
     // Streamed, not built as a JSON tree: the runs' accumulators grow with the stream's length (the
     // tree and its text took ≈ 15 bytes a token past 1M tokens). Keys in the order a JSON map sorts them.
@@ -806,6 +807,9 @@ fn write_outputs(
         peak_rss_bytes: u64,
         runs: &'a [RunResult],
         scoring: &'a str,
+        /// A merge's shards, each with its own process facts (path, peak memory, seconds, tokens).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        shards: Option<&'a [serde_json::Value]>,
         stuffed_version: &'a str,
     }
     let json = Results {
@@ -818,6 +822,7 @@ fn write_outputs(
         inputs,
         runs,
         peak_rss_bytes: peak_rss_bytes(),
+        shards,
     };
     report::write_sealed(&out.join("results.json"), RESULTS_KIND, &json)?;
     report::write_atomic_with(&out.join("loss.csv"), |csv| {
@@ -959,14 +964,15 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
         if k == 0 || k > n {
             bail!("{}: shard {k}/{n} is not a share (need 1 ≤ k ≤ n)", p.display());
         }
-        shards.push((p, k, n, o, v["inputs"].clone(), runs));
+        let facts = serde_json::json!({"peak_rss_bytes": v["peak_rss_bytes"]});
+        shards.push((p, k, n, o, v["inputs"].clone(), runs, facts));
     }
-    let Some((p0, _, n, o0, inputs, mut runs)) = shards.first().cloned() else {
+    let Some((p0, _, n, o0, inputs, mut runs, _)) = shards.first().cloned() else {
         bail!("merge: give the shard directories")
     };
     // A set, not n flags: n is read from a file.
     let mut seen = std::collections::BTreeSet::new();
-    for (i, (p, k, nk, o, inp, rs)) in shards.iter().enumerate() {
+    for (i, (p, k, nk, o, inp, rs, _)) in shards.iter().enumerate() {
         if *nk != n || deciding(o) != deciding(&o0) || *inp != inputs {
             bail!("{}: made with other inputs or options than {}", p.display(), p0.display());
         }
@@ -989,7 +995,17 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     }
     let runs: Vec<RunResult> = runs.into_iter().map(RunResult::derived).collect();
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
-    write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs, None)?;
+    let facts: Vec<serde_json::Value> = shards
+        .iter()
+        .map(|(p, k, n, _, _, rs, v)| {
+            serde_json::json!({
+                "shard": format!("{k}/{n}"), "results": p, "peak_rss_bytes": v["peak_rss_bytes"],
+                "seconds": rs.iter().map(|r| r.seconds).sum::<f64>(),
+                "tokens_fed": rs.iter().map(|r| r.tokens_fed).sum::<u64>(),
+            })
+        })
+        .collect();
+    write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs, None, Some(&facts))?;
     println!("merged {n} shards into {}/results.json, loss.csv, loss.svg and loss_logx.svg", out.display());
     Ok(())
 }
