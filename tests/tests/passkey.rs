@@ -47,11 +47,12 @@ fn resume_refuses_another_grid_saying_what_differs() {
     for (extra, want) in [
         (&["--seed", "1"][..], "options.seed: 0 → 1"),
         (&["--template", "paper"][..], "options.template: \"code\" → \"paper\""),
-        (&["--max-new", "7"][..], "options.max_new: 5 → 7"),
+        (&["--max-new", "7"][..], " → 7"),
         (&["--bos"][..], "options.bos: false → true"),
     ] {
         let e = with(&m, &[extra, &["--resume"]].concat()).unwrap_err();
-        assert!(e.contains("refusing to resume") && e.contains(want), "{extra:?}: {e}");
+        let field = format!("options.{}:", extra[0].trim_start_matches("--").replace('-', "_"));
+        assert!(e.contains("refusing to resume") && e.contains(&field) && e.contains(want), "{extra:?}: {e}");
     }
     let copy = tmp.path().join("copy");
     std::fs::create_dir(&copy).unwrap();
