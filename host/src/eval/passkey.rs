@@ -452,9 +452,10 @@ pub fn run(
     let key = run_key(&model, o, shard);
     let fp = crate::report::fingerprint(&key)?;
     // Records without a summary are an unfinished grid too (its checkpoint may not be written yet).
-    let mut unfinished = vec![out.join(CKPT), out.join(RUN_FILE)];
+    // A finished grid (its summary written) keeps its run file and records: rerunning it is no loss.
+    let mut unfinished = vec![out.join(CKPT)];
     if !out.join("summary.json").exists() {
-        unfinished.push(jsonl.clone());
+        unfinished.extend([out.join(RUN_FILE), jsonl.clone()]);
     }
     let resume = cont.resumes("passkey", out, &unfinished)?;
     let run_file = out.join(RUN_FILE);
