@@ -6,7 +6,8 @@
 //! A case is `(target, n)`: the mutated input is a pure function of both, so a failing case is
 //! reproduced by its number alone (`stuffed-fuzz case TARGET N`).
 //!
-//! Files `stuffed` writes and reads back (ppl and passkey shard results): their targets call today's
+//! Files `stuffed` writes and reads back (ppl and passkey shard results, ppl and probe
+//! checkpoints): their targets call today's
 //! public readers through a scratch directory; that glue is [`readback`], in one place.
 use crate::checkpoint::{self, Checkpoint};
 use crate::tokenizer::Tokenizer;
@@ -243,6 +244,12 @@ pub mod readback {
         vec![
             Target { name: "ppl-results", shape: Shape::Json, seeds: ppl_seed, parse: ppl_parse },
             Target { name: "ppl-checkpoint", shape: Shape::Safetensors, seeds: ckpt_seed, parse: ckpt_parse },
+            Target {
+                name: "probe-checkpoint",
+                shape: Shape::Safetensors,
+                seeds: probe_ckpt_seed,
+                parse: probe_ckpt_parse,
+            },
             Target { name: "passkey-results", shape: Shape::Lines, seeds: passkey_seed, parse: passkey_parse },
             Target { name: "passkey-summary", shape: Shape::Json, seeds: summary_seed, parse: summary_parse },
         ]
@@ -313,41 +320,62 @@ pub mod readback {
         crate::eval::ppl::merge(&[case, two], &scratch().join("ppl-merged"))
     }
 
-    /// The checkpoint of a ppl run stopped after 64 tokens (made once), and the run's arguments.
-    fn ckpt() -> Result<(Vec<u8>, Vec<String>)> {
+    /// The checkpoint of a `cmd` run (ppl or probe) stopped after 64 tokens (made once), and the
+    /// run's arguments.
+    fn ckpt(cmd: &str) -> Result<(Vec<u8>, Vec<String>)> {
         let text = scratch().join("ck.txt");
         let args = |out: &Path| -> Vec<String> {
             let m = model();
             let (t, o) = (text.display().to_string(), out.display().to_string());
-            ["ppl", "--model", &m, "--text", &t, "--train-len", "16", "--chunk", "32", "--out", &o]
-                .map(String::from)
-                .to_vec()
+            let own: &[&str] = match cmd {
+                "ppl" => &["--train-len", "16", "--chunk", "32"],
+                _ => &["--every", "16", "--chunk", "32", "--snapshot-at", "32,80", "--checkpoint-secs", "0"],
+            };
+            [&[cmd, "--model", &m, "--text", &t, "--out", &o][..], own].concat().into_iter().map(String::from).collect()
         };
-        let dir = scratch().join("ppl-ck");
-        let file = dir.join("ppl.checkpoint.safetensors");
+        let dir = scratch().join(format!("{cmd}-ck"));
+        let file = dir.join(format!("{cmd}.checkpoint.safetensors"));
         if !file.exists() {
             std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow.\n".repeat(8))?;
             let mut a = args(&dir);
             a.extend(["--stop-after".into(), "64".into()]);
-            let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            let _ = stuffed(&a); // ends with "stopped after …", an error
+            stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>()).context("fuzz seed: a stopped run")?;
         }
-        let case = scratch().join("ppl-ck-case");
-        Ok((std::fs::read(&file).context("fuzz seed: ppl checkpoint")?, args(&case)))
-    }
-
-    fn ckpt_seed() -> Result<Vec<Vec<u8>>> {
-        Ok(vec![ckpt()?.0])
+        let case = scratch().join(format!("{cmd}-ck-case"));
+        Ok((std::fs::read(&file).context("fuzz seed: checkpoint")?, args(&case)))
     }
 
     /// The run resumed from the case as its checkpoint.
-    fn ckpt_parse(b: &[u8]) -> Result<()> {
-        let (_, mut args) = ckpt()?;
-        let case = scratch().join("ppl-ck-case");
+    fn ckpt_case(cmd: &str, b: &[u8]) -> Result<()> {
+        let (_, mut args) = ckpt(cmd)?;
+        let case = scratch().join(format!("{cmd}-ck-case"));
+        let _ = std::fs::remove_dir_all(&case); // the files a resume cuts back to the checkpoint's lengths
         std::fs::create_dir_all(&case)?;
-        std::fs::write(case.join("ppl.checkpoint.safetensors"), b)?;
+        std::fs::write(case.join(format!("{cmd}.checkpoint.safetensors")), b)?;
+        if cmd == "probe" {
+            // The CSVs as the stopped run left them: a resume cuts them back to the recorded lengths.
+            for f in ["retention.csv", "state_stats.csv", "conv_stats.csv", "inputs.csv"] {
+                std::fs::copy(scratch().join("probe-ck").join(f), case.join(f))?;
+            }
+        }
         args.push("--resume".into());
         stuffed(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn ckpt_seed() -> Result<Vec<Vec<u8>>> {
+        Ok(vec![ckpt("ppl")?.0])
+    }
+
+    fn ckpt_parse(b: &[u8]) -> Result<()> {
+        ckpt_case("ppl", b)
+    }
+
+    fn probe_ckpt_seed() -> Result<Vec<Vec<u8>>> {
+        Ok(vec![ckpt("probe")?.0])
+    }
+
+    fn probe_ckpt_parse(b: &[u8]) -> Result<()> {
+        ckpt_case("probe", b)
     }
 
     /// A passkey run's two shards in `scratch/pk-k` (made once).

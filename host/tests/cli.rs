@@ -383,6 +383,28 @@ fn killed_probe_resumes_from_its_timed_checkpoint() {
         }
         std::fs::remove_dir_all(dir.path().join("part")).unwrap();
     }
+    // Stopped on purpose (--stop-after, with a checkpoint, exit 0) and resumed: the same files.
+    let stuffed = |extra: &[&str]| {
+        let out = dir.path().join("part").display().to_string();
+        let o = Command::new(env!("CARGO_BIN_EXE_stuffed"))
+            .args(args(dir.path()))
+            .args(["--out", &out, "--checkpoint-secs", "0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = stuffed(&["--stop-after", "3000"]);
+    assert!(err.contains("stopped after 3008 tokens") && err.contains("--resume"), "{err}");
+    assert!(dir.path().join("part/probe.checkpoint.safetensors").exists());
+    assert!(!dir.path().join("part/probe.json").exists(), "a stopped probe has not finished");
+    stuffed(&["--resume"]);
+    for f in ["retention.csv", "state_stats.csv", "conv_stats.csv", "inputs.csv", "snapshots.safetensors", "probe.json"]
+    {
+        let read = |d: &str| std::fs::read(dir.path().join(d).join(f)).unwrap();
+        assert!(read("full") == read("part"), "{f} differs after a stop and resume");
+    }
 }
 
 /// A passkey grid killed mid-haystack, or stopped by SIGTERM (in the haystack or in a sample's own

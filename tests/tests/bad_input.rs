@@ -301,7 +301,7 @@ fn token_count_flags_take_suffixes_and_refuse_zero() {
     let m = t.to_str().unwrap();
     let flags: [(&str, &[&str]); 3] = [
         ("ppl", &["--max-tokens", "--repeat-to", "--bucket", "--train-len", "--checkpoint-every", "--stop-after"]),
-        ("probe", &["--max-tokens", "--every", "--train-len"]),
+        ("probe", &["--max-tokens", "--every", "--train-len", "--stop-after"]),
         ("bench", &["--tokens"]),
     ];
     for (cmd, flags) in flags {
@@ -608,6 +608,39 @@ fn official_config_flags_match_the_weights() {
 fn hgrn2_attention_residuals_are_refused() {
     let (err, _) = rewritten_err("hgrn2_tiny", |c| c["attnres_block_size"] = 2.into(), |_| true, &[]);
     assert_mentions(&err, &["config.json", "attnres_block_size", "not supported"]);
+}
+
+/// Config fields that change the math or state sizes the weights contradict are refused naming
+/// the field: HGRN-2 norms without weights (was "missing tensor g_norm.weight"), another MLP
+/// activation or width; HF-RWKV sizes and a GroupNorm divisor other than 8 (were ignored).
+#[test]
+fn config_fields_the_weights_contradict_are_refused() {
+    use serde_json::Value;
+    type Edit = fn(&mut Value);
+    let cases: &[(&str, Edit, &[&str])] = &[
+        ("hgrn2_tiny", |c| c["elementwise_affine"] = false.into(), &["elementwise_affine = false", "not supported"]),
+        ("hgrn2_tiny", |c| c["hidden_act"] = "gelu".into(), &["hidden_act \"gelu\"", "not supported"]),
+        ("hgrn2_tiny", |c| c["intermediate_size"] = 128.into(), &["intermediate_size 128", "256"]),
+        ("rwkv6_tiny_hf", |c| c["hidden_size"] = 128.into(), &["hidden_size 128", "weights have 64"]),
+        ("rwkv6_tiny_hf", |c| c["head_size"] = 32.into(), &["head_size 32", "weights have 16"]),
+        ("rwkv6_tiny_hf", |c| c["attention_hidden_size"] = 32.into(), &["attention_hidden_size 32", "64"]),
+        ("rwkv6_tiny_hf", |c| c["intermediate_size"] = 256.into(), &["intermediate_size 256", "224"]),
+        ("rwkv5_tiny_hf", |c| c["head_size_divisor"] = 4.into(), &["head_size_divisor 4", "not supported"]),
+    ];
+    for &(src, edit, want) in cases {
+        let (err, _) = rewritten_err(src, edit, |_| true, &[]);
+        assert_mentions(&err, &[&["config.json"], want].concat());
+    }
+    // What the released configs say still loads (silu, a null intermediate_size, divisor 8).
+    for (src, edit) in [
+        ("hgrn2_tiny", (|c| c["hidden_act"] = "silu".into()) as Edit),
+        ("hgrn2_tiny", |c| c["intermediate_size"] = Value::Null),
+        ("rwkv6_tiny_hf", |c| c["intermediate_size"] = Value::Null),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        rewrite_model(src, dir.path(), edit, |_| true, &[]);
+        Model::load(dir.path()).unwrap_or_else(|e| panic!("{src}: {e:#}"));
+    }
 }
 
 /// Tensors each family requires (they were already refused when missing): layer-0-only LN0

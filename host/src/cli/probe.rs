@@ -59,6 +59,10 @@ pub struct ProbeArgs {
     /// there is refused rather than lost).
     #[arg(long)]
     overwrite: bool,
+    /// Stop (with a checkpoint) at the first report at or after N tokens, for batch jobs with time
+    /// limits; --resume continues.
+    #[arg(long, value_parser = crate::text::parse_count)]
+    stop_after: Option<u64>,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -84,6 +88,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         device: a.device.device,
         gpu: a.device.gpu()?,
         checkpoint_secs,
+        stop_after: a.stop_after,
     };
     probe::run(&a.model, &inputs, &o, &a.out, crate::eval::Continue::from_flags(a.resume, a.overwrite)?)
 }

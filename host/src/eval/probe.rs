@@ -38,6 +38,10 @@ pub struct Options {
     /// the numbers, so it is not recorded).
     #[serde(skip)]
     pub checkpoint_secs: Option<f64>,
+    /// Stop with a checkpoint at the first report at or after this many tokens (for batch jobs
+    /// with time limits; not recorded: a resumed probe gives the same files).
+    #[serde(skip)]
+    pub stop_after: Option<u64>,
 }
 
 const CKPT: &str = "probe.checkpoint.safetensors";
@@ -317,7 +321,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
             break;
         }
         let signal = crate::interrupt::raised();
-        if signal.is_some() || o.checkpoint_secs.is_some_and(|c| last_ckpt.elapsed().as_secs_f64() >= c) {
+        let stop = o.stop_after.is_some_and(|n| pos >= n);
+        if stop || signal.is_some() || o.checkpoint_secs.is_some_and(|c| last_ckpt.elapsed().as_secs_f64() >= c) {
             let mut csv_lens = [0u64; 4];
             for (w, n) in [&mut ret_csv, &mut st_csv, &mut cv_csv, &mut in_csv].into_iter().zip(&mut csv_lens) {
                 w.flush()?;
@@ -335,6 +340,11 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
             if let Some(sig) = signal {
                 progress.finish();
                 bail!("{sig} after {pos} tokens: checkpoint in {}; continue with --resume", out.display());
+            }
+            if stop {
+                progress.finish();
+                eprintln!("stopped after {pos} tokens; checkpoint in {}; continue with --resume", out.display());
+                return Ok(());
             }
         }
     }

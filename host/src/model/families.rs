@@ -198,6 +198,17 @@ fn load_rwkv(path: &Path, json: Option<&Value>, cfg_path: &Path) -> Result<Model
     if let Some(s) = stated.filter(|&s| s != n_layer as u64) {
         bail!("{}: config.json states {s} layers but the weights have {n_layer}", cfg_path.display());
     }
+    // The sizes an HF config states must be the weights' (a config beside other weights, or edited).
+    let sizes = [("hidden_size", c), ("head_size", n), ("attention_hidden_size", h * n), ("intermediate_size", f)];
+    for (key, shapes) in sizes {
+        if let Some(s) = json.and_then(|j| j.get(key)).and_then(Value::as_u64).filter(|&s| s != shapes as u64) {
+            bail!("{}: {key} {s} but the weights have {shapes}", cfg_path.display());
+        }
+    }
+    // The GroupNorm eps is 1e-5·head_size_divisor² (64e-5 for the divisor 8 every release uses).
+    if let Some(d) = json.and_then(|j| j.get("head_size_divisor")).filter(|d| !d.is_null() && d.as_u64() != Some(8)) {
+        bail!("{}: head_size_divisor {d} is not supported (only 8, the released models')", cfg_path.display());
+    }
     let eps = json.and_then(|j| j.get("layer_norm_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5) as f32;
     let cfg = rwkv::Config {
         version: ver,
@@ -335,6 +346,14 @@ fn load_hgrn2(path: &Path, json: &Value, cfg_path: &Path) -> Result<Model> {
     if json.get("attnres_block_size").is_some_and(|a| !a.is_null()) {
         bail!("{p}: attnres_block_size (attention residuals: *res_proj/*res_norm tensors) is not supported");
     }
+    if get_b("elementwise_affine") == Some(false) {
+        bail!("{p}: elementwise_affine = false (norms without weights) is not supported");
+    }
+    if let Some(act) = json.get("hidden_act").filter(|a| !a.is_null()) {
+        if !matches!(act.as_str(), Some("swish" | "silu")) {
+            bail!("{p}: hidden_act {act} is not supported (the MLP is SwiGLU: swish / silu)");
+        }
+    }
     let emb = ck.require("model.embeddings.weight")?;
     let &[vrows, c] = emb.shape else {
         bail!("{}: model.embeddings.weight has shape {:?}, expected [vocab, hidden]", emb.file.display(), emb.shape);
@@ -352,6 +371,9 @@ fn load_hgrn2(path: &Path, json: &Value, cfg_path: &Path) -> Result<Model> {
         },
     };
     let im = ck.require("model.layers.0.mlp.gate_proj.weight")?.shape.first().copied().unwrap_or(0);
+    if let Some(i) = get_u("intermediate_size").filter(|&i| i != im) {
+        bail!("{p}: intermediate_size {i} but the weights have {im} (mlp.gate_proj.weight rows)");
+    }
     let eps = json.get("norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32;
     let cfg = hgrn2::Config { d_model: c, n_layer, expand, d_mlp: im, vocab_rows: vrows, eps, g_eps: 1e-5 };
     cfg.validate().with_context(|| p.to_string())?;
