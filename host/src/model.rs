@@ -2,6 +2,7 @@
 use crate::checkpoint::{Checkpoint, DType, Format, TensorView};
 use crate::config::{self, Flavor};
 use crate::forget::ForgetSpec;
+use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -55,7 +56,43 @@ pub struct Model {
     pub forget: ForgetSpec,
 }
 
+/// The directory a model path names (a file's parent): where its config and tokenizer live.
+pub fn dir_of(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+}
+
+/// Rejects ids past an embedding of `rows` rows before any work, naming the source and position.
+pub fn check_ids(ids: &[u32], rows: usize, source: &str) -> Result<()> {
+    if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= rows) {
+        bail!("{source}: token id {id} at position {i} is out of range (the model's embedding has {rows} rows)");
+    }
+    Ok(())
+}
+
 impl Model {
+    /// The tokenizer `given`, else the model directory's tokenizer.json, else its family's shipped one.
+    pub fn tokenizer(&self, given: Option<&Path>) -> Result<Tokenizer> {
+        Tokenizer::for_model(Some(&dir_of(&self.info.path)), given)
+    }
+
+    /// Ids that can win a decode or enter a score: rows past the tokenizer's size are padding.
+    pub fn real_vocab(&self, tok: &Tokenizer) -> usize {
+        let mut v = self.info.vocab_rows.min(tok.vocab_size());
+        if let Some(c) = self.info.config_vocab {
+            v = v.min(c);
+        }
+        v
+    }
+
+    /// Rejects ids past this model's embedding, naming the source and position.
+    pub fn check_ids(&self, ids: &[u32], source: &str) -> Result<()> {
+        check_ids(ids, self.info.vocab_rows, source)
+    }
+
     pub fn net(&self) -> &dyn Recurrent {
         match &self.net {
             Net::Mamba2(m) => m,

@@ -34,7 +34,7 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
     if let Some(l) = laws {
         println!("laws         {l}");
     }
-    let tok = match Tokenizer::for_model(Some(&dir_of(path)), None) {
+    let tok = match m.tokenizer(None) {
         Ok(t) => t,
         Err(e) => {
             // HGRN-2 without its tokenizer.json: the model itself is fine.
@@ -45,30 +45,12 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
     println!(
         "vocab        {} rows (padded); {} real ids ({}){}",
         i.vocab_rows,
-        real_vocab(&m, &tok),
+        m.real_vocab(&tok),
         tok.source,
         i.config_vocab.map_or(String::new(), |v| format!("; config vocab_size {v}"))
     );
     println!("embeddings   {}", if i.tied_embeddings { "tied" } else { "untied" });
     Ok(())
-}
-
-/// The directory a model path names (a file's parent).
-pub fn dir_of(path: &Path) -> std::path::PathBuf {
-    if path.is_dir() {
-        path.to_path_buf()
-    } else {
-        path.parent().map(Path::to_path_buf).unwrap_or_default()
-    }
-}
-
-/// Ids that can win a decode or enter a score: rows past the tokenizer's size are padding.
-pub fn real_vocab(m: &Model, tok: &Tokenizer) -> usize {
-    let mut v = m.info.vocab_rows.min(tok.vocab_size());
-    if let Some(c) = m.info.config_vocab {
-        v = v.min(c);
-    }
-    v
 }
 
 pub fn tokenize(
@@ -77,7 +59,7 @@ pub fn tokenize(
     text: Option<String>,
     file: Option<&Path>,
 ) -> Result<()> {
-    let tok = Tokenizer::for_model(model.map(dir_of).as_deref(), tokenizer)?;
+    let tok = Tokenizer::for_model(model.map(crate::model::dir_of).as_deref(), tokenizer)?;
     let text = match (text, file) {
         (Some(t), _) => t,
         (None, Some(f)) => read_text(f)?,
@@ -135,14 +117,6 @@ pub fn read_ids(path: &Path) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Rejects ids past the embedding before any work, naming the source and position.
-pub fn check_ids(ids: &[u32], rows: usize, source: &str) -> Result<()> {
-    if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= rows) {
-        bail!("{source}: token id {id} at position {i} is out of range (the model's embedding has {rows} rows)");
-    }
-    Ok(())
-}
-
 pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize, dev: &super::DeviceArgs) -> Result<()> {
     if chunk == 0 {
         bail!("logits: --chunk must be positive (1 runs token by token)");
@@ -154,7 +128,7 @@ pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize, dev: &sup
     }
     let m = Model::load(model)?;
     let ids = read_ids(ids_path)?;
-    check_ids(&ids, m.info.vocab_rows, &ids_path.display().to_string())?;
+    m.check_ids(&ids, &ids_path.display().to_string())?;
     let v = m.info.vocab_rows;
     if dev.device == crate::score::Device::Cuda {
         let t0 = std::time::Instant::now();
@@ -199,13 +173,13 @@ pub fn generate(
     dev: &super::DeviceArgs,
 ) -> Result<()> {
     let m = Model::load(model)?;
-    let tok = Tokenizer::for_model(Some(&dir_of(model)), tokenizer)?;
+    let tok = m.tokenizer(tokenizer)?;
     let ids = tok.encode(prompt)?;
     if ids.is_empty() {
         bail!("generate: the prompt is empty after tokenization");
     }
-    check_ids(&ids, m.info.vocab_rows, "prompt")?;
-    let real = real_vocab(&m, &tok);
+    m.check_ids(&ids, "prompt")?;
+    let real = m.real_vocab(&tok);
     // Generation ends at the tokenizer's end of text (not printed).
     let eot = tok.token_id("<|endoftext|>");
     if dev.device == crate::score::Device::Cuda {

@@ -99,8 +99,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         gpu: a.device.gpu()?,
     };
     let mut o = o;
-    let tok =
-        crate::tokenizer::Tokenizer::for_model(Some(&crate::cli::basic::dir_of(&a.model)), o.tokenizer.as_deref())?;
+    let tok = crate::tokenizer::Tokenizer::for_model(Some(&crate::model::dir_of(&a.model)), o.tokenizer.as_deref())?;
     let longest = passkey::longest_key_ids(&tok, &o)?;
     drop(tok);
     o.max_new = a.max_new.unwrap_or(longest + 1);

@@ -5,7 +5,6 @@
 //! from the copy (needle, the rest, the question, greedy decoding), and the stream continues. The
 //! branch point is the longest common token prefix of the sample's whole prompt, tokenized at once,
 //! and the haystack's — parts tokenized alone would differ at the seams.
-use crate::cli::basic::{dir_of, real_vocab};
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::{heatmap, LinePlot, Series};
 use crate::report::{write_atomic, Values};
@@ -445,8 +444,8 @@ pub fn run(
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
-    let tok = Tokenizer::for_model(Some(&dir_of(model_path)), o.tokenizer.as_deref())?;
-    let real = real_vocab(&model, &tok);
+    let tok = model.tokenizer(o.tokenizer.as_deref())?;
+    let real = model.real_vocab(&tok);
     let tpl = template(o.template);
     let jsonl = out.join("results.jsonl");
     let key = run_key(&model, o, shard);
@@ -614,7 +613,7 @@ pub fn run(
             // record when a resume has one).
             let prompt = if mine(&p) {
                 let (ids, needle_pos) = p.ids(&tok, &tpl, bos)?;
-                crate::cli::basic::check_ids(&ids, model.info.vocab_rows, "passkey prompt")?;
+                crate::model::check_ids(&ids, model.info.vocab_rows, "passkey prompt")?;
                 Some((ids, needle_pos))
             } else {
                 None

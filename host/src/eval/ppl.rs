@@ -4,7 +4,7 @@
 //! Tokens go through the model in chunks aligned to multiples of `chunk` from each document's start,
 //! so a resumed run splits the stream exactly as an uninterrupted one and gives identical numbers.
 use super::Continue;
-use crate::cli::basic::{dir_of, real_vocab};
+use crate::model::dir_of;
 use crate::model::{Model, ModelInfo};
 use crate::report::{self, peak_rss_bytes, write_atomic, Progress, Values};
 use crate::score::{Device, GpuOptions, Scorer};
@@ -421,7 +421,7 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         for forget in &o.forget {
             Model::load(mpath)?.set_forget(*forget)?;
         }
-        Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
+        model.tokenizer(o.tokenizer.as_deref())?;
         model_keys.push(super::model_key(&model));
     }
     let key = run_key(&model_keys, inputs, &hashes, o);
@@ -455,7 +455,7 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
     for (mi, (mpath, forget)) in jobs.iter().enumerate().skip(first_model) {
         let mut model = Model::load(mpath)?;
         model.set_forget(*forget)?;
-        let tok = Tokenizer::for_model(Some(&dir_of(mpath)), o.tokenizer.as_deref())?;
+        let tok = model.tokenizer(o.tokenizer.as_deref())?;
         let resumed = snap.take().filter(|s| s.0.model_index == mi);
         let at = RunAt { fp: &fp, key: &key };
         match run_model(&model, &tok, mi, jobs.len(), inputs, o, out, at, &finished, resumed, &mut processed)? {
@@ -509,7 +509,7 @@ fn run_model(
     let net = model.net();
     let (docs, n_docs) = documents(inputs, o);
     let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
-    let mut scorer = Scorer::new(model, o.chunk, real_vocab(model, tok), o.device, o.gpu)?;
+    let mut scorer = Scorer::new(model, o.chunk, model.real_vocab(tok), o.device, o.gpu)?;
     let fresh_acc = || Acc {
         linear: Buckets::new(o.bucket),
         log2: Buckets::new(0),
@@ -582,7 +582,7 @@ fn run_model(
                 break;
             }
             let ids: Vec<u32> = queue.drain(..o.chunk.min(queue.len())).collect();
-            crate::cli::basic::check_ids(&ids, net.vocab_rows(), &parts[0].name())?;
+            crate::model::check_ids(&ids, net.vocab_rows(), &parts[0].name())?;
             // Scored: every token after the pending last row of the previous chunk, else all but the first.
             let t = ids.len();
             let had_pending = scorer.score(&ids, &mut nll)?;

@@ -1,14 +1,12 @@
 //! State probes (SPEC.md §2.3): retention of the first token, state and conv statistics, per-head
 //! input means, and per-channel snapshots, every K tokens over a stream of any length — written to
 //! disk as they come, nothing per position kept.
-use crate::cli::basic::dir_of;
 use crate::forget::ForgetSpec;
 use crate::model::Model;
 use crate::report::svg::{fmt_tokens, LinePlot, Series};
 use crate::report::{self, write_atomic, Values};
 use crate::score::{Device, GpuOptions, Scorer};
 use crate::text::Input;
-use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -197,7 +195,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
-    let tok = Tokenizer::for_model(Some(&dir_of(model_path)), o.tokenizer.as_deref())?;
+    let tok = model.tokenizer(o.tokenizer.as_deref())?;
     let net = model.net();
     let (nl, nh) = (net.n_layer(), net.n_heads());
     let layers: Vec<usize> = o.layers.clone().unwrap_or_else(|| (0..nl).collect());
@@ -269,7 +267,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
             break;
         }
         let ids: Vec<u32> = queue.drain(..want.min(queue.len())).collect();
-        crate::cli::basic::check_ids(&ids, net.vocab_rows(), "probe input")?;
+        crate::model::check_ids(&ids, net.vocab_rows(), "probe input")?;
         s.feed_probed(&ids, &mut probe)?;
         pos += ids.len() as u64;
         since += ids.len() as u64;
