@@ -4,7 +4,8 @@
 # Stops and resumes by case number: the next case of each target is kept in target/fuzz/state.json,
 # so interrupting it (Ctrl-C) and running it again goes on where it was. Every case's number is
 # logged before it runs (target/fuzz/cases.log); failures are printed at the end, each with the
-# command that reproduces it. Built with the test profile: optimized, with overflow checks.
+# command that reproduces it; each failing case's input is kept in target/fuzz/failures. Built with
+# the test profile: optimized, with overflow checks.
 #   tools/fuzz.sh [MINUTES] [extra stuffed-fuzz run flags, e.g. --targets torch-zip,pickle]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,4 @@ shift || true
 cargo build --profile test -p stuffed --bin stuffed-fuzz
 mkdir -p target/fuzz
 exec nice -n 10 target/debug/stuffed-fuzz run --minutes "$minutes" --jobs 2 \
-    --state target/fuzz/state.json --log target/fuzz/cases.log "$@"
+    --state target/fuzz/state.json --log target/fuzz/cases.log --keep target/fuzz/failures "$@"

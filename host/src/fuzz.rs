@@ -466,10 +466,25 @@ pub fn case_input(target: &Target, seeds: &[Vec<u8>], n: u64) -> Vec<u8> {
 /// Runs one case in this process: the parse's result, or the panic it raised as an error whose
 /// message starts with "PANIC".
 pub fn run_case(target: &Target, seeds: &[Vec<u8>], n: u64) -> Result<Result<()>> {
-    let input = case_input(target, seeds, n);
-    std::panic::catch_unwind(|| (target.parse)(&input)).map_err(|p| {
+    parse_caught(target, &case_input(target, seeds, n))
+}
+
+/// `target`'s parse of `input`, or the panic it raised as an error: "PANIC at FILE:LINE: message"
+/// (the place, so that a failure of a read-back target, whose seeds differ per process, is found).
+pub fn parse_caught(target: &Target, input: &[u8]) -> Result<Result<()>> {
+    static AT: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            if let (Ok(mut at), Some(l)) = (AT.lock(), info.location()) {
+                *at = format!("{}:{}", l.file(), l.line());
+            }
+        }))
+    });
+    std::panic::catch_unwind(|| (target.parse)(input)).map_err(|p| {
         let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-        anyhow!("PANIC: {}", msg.unwrap_or_default())
+        let at = AT.lock().map(|a| a.clone()).unwrap_or_default();
+        anyhow!("PANIC at {at}: {}", msg.unwrap_or_default())
     })
 }
 

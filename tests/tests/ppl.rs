@@ -429,6 +429,15 @@ fn shards_merge_to_the_unsharded_run() {
         let e = err(&[d.to_str().unwrap()]);
         assert!(e.contains(&format!("{name}/results.json: shard")) || e.contains("is missing"), "{name}: {e}");
     }
+    // A training length of 0 read back (the fuzzer's: its plot's log axis panicked on log2(0)) is
+    // refused, sealed or not.
+    let mut v = s2_json.clone();
+    v["runs"][0]["train_len"] = 0.into();
+    let d = dir.path().join("t-len0");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("results.json"), stuffed::report::reseal("ppl-results", v, true).unwrap()).unwrap();
+    let e = err(&[&s1, d.to_str().unwrap()]);
+    assert!(e.contains("t-len0/results.json: run 0: training length 0"), "{e}");
     // A results.json from before format versions is refused with a line saying so.
     let mut old = s2_json.clone();
     old.as_object_mut().unwrap().retain(|k, _| k != "stuffed_format" && k != "checksum");

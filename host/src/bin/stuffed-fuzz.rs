@@ -4,7 +4,9 @@
 //! ```text
 //! stuffed-fuzz run [--cases N [--cases-of T=N,…] | --minutes M] [--jobs 2] [--state FILE]
 //!                  [--targets a,b] [--log FILE] [--timeout-s 20] [--mem-mb 3072] [--chunk 250]
+//!                  [--keep DIR]
 //! stuffed-fuzz case TARGET N [--dump FILE]     one case in this process
+//! stuffed-fuzz case TARGET --input FILE       a kept failing input (see --keep) in this process
 //! stuffed-fuzz seeds TARGET                    the unmutated seeds must parse
 //! stuffed-fuzz list
 //! stuffed-fuzz worker TARGET FROM COUNT        (run's child: prints "case T N" before each case)
@@ -13,7 +15,9 @@
 //! number before running it; the parent kills it when a case takes longer than `--timeout-s` (20),
 //! reports the case that died (panic, abort, signal, hang) and starts a new worker after it. With
 //! `--state`, the next case of each target is read at start and written after every chunk: a run
-//! stopped at any moment resumes where it was.
+//! stopped at any moment resumes where it was. With `--keep DIR`, each failing case's input is kept
+//! as `DIR/TARGET-N.bin` (a read-back target's seeds hold times and paths of the process that made
+//! them, so its case numbers alone do not reproduce it in another process).
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -60,11 +64,6 @@ fn load(name: &str) -> Result<(fuzz::Target, Vec<Vec<u8>>)> {
     Ok((t, seeds))
 }
 
-/// Quiet panics: a worker reports them as failures itself.
-fn quiet() {
-    std::panic::set_hook(Box::new(|_| {}));
-}
-
 fn worker(args: &[String]) -> Result<()> {
     let [name, from, count, ..] = args else { bail!("worker TARGET FROM COUNT") };
     let (from, count): (u64, u64) = (from.parse()?, count.parse()?);
@@ -75,15 +74,25 @@ fn worker(args: &[String]) -> Result<()> {
         bail!("setrlimit failed");
     }
     let (t, seeds) = load(name)?;
-    quiet();
+    let keep = flag(args, "--keep").map(PathBuf::from);
     let mut out = std::io::stdout().lock();
     let mut ok = 0;
     for n in from..from + count {
         writeln!(out, "case {name} {n}")?;
         out.flush()?;
+        if let Some(k) = &keep {
+            // Where the parent finds the input of a case that kills this worker.
+            std::fs::write(current_input(k, name, std::process::id()), fuzz::case_input(&t, &seeds, n))?;
+        }
         match fuzz::run_case(&t, &seeds, n) {
             Ok(r) => ok += u64::from(r.is_ok()),
-            Err(e) => writeln!(out, "FAIL {name} {n} {}", format!("{e:#}").replace('\n', " "))?,
+            Err(e) => {
+                let kept = match &keep {
+                    Some(k) => kept_input(k, name, n, std::process::id()),
+                    None => String::new(),
+                };
+                writeln!(out, "FAIL {name} {n} {}{kept}", format!("{e:#}").replace('\n', " "))?
+            }
         }
     }
     writeln!(out, "ok {ok}")?;
@@ -91,8 +100,29 @@ fn worker(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The file a worker writes each case's input to before running it.
+fn current_input(keep: &std::path::Path, name: &str, pid: u32) -> PathBuf {
+    keep.join(format!("{name}.current.{pid}"))
+}
+
+/// Keeps worker `pid`'s current input as the input of failing case `n`; says where, for the report.
+fn kept_input(keep: &std::path::Path, name: &str, n: u64, pid: u32) -> String {
+    let to = keep.join(format!("{name}-{n}.bin"));
+    match std::fs::rename(current_input(keep, name, pid), &to) {
+        Ok(()) => format!(" (input kept: stuffed-fuzz case {name} --input {})", to.display()),
+        Err(_) => String::new(),
+    }
+}
+
 fn case(args: &[String]) -> Result<()> {
-    let [name, n, ..] = args else { bail!("case TARGET N [--dump FILE]") };
+    if let (Some(name), Some(file)) = (args.first(), flag(args, "--input")) {
+        let t = fuzz::select(name)?;
+        let input = std::fs::read(file).with_context(|| format!("{file}: cannot read"))?;
+        let r = fuzz::parse_caught(&t, &input)?;
+        println!("{name} {file}: {}", r.map_or_else(|e| format!("error: {e:#}"), |_| "ok".into()));
+        return Ok(());
+    }
+    let [name, n, ..] = args else { bail!("case TARGET N [--dump FILE] | case TARGET --input FILE") };
     let (t, seeds) = load(name)?;
     let n: u64 = n.parse()?;
     if let Some(p) = flag(args, "--dump") {
@@ -143,6 +173,10 @@ fn run(args: &[String]) -> Result<()> {
     let mem_mb: u64 = num(args, "--mem-mb", 3072)?;
     let state_path = flag(args, "--state").map(PathBuf::from);
     let log = flag(args, "--log").map(PathBuf::from);
+    let keep = flag(args, "--keep").map(PathBuf::from);
+    if let Some(k) = &keep {
+        std::fs::create_dir_all(k).with_context(|| format!("{}: cannot create", k.display()))?;
+    }
     let names: Vec<String> = match flag(args, "--targets") {
         Some(s) => s.split(',').map(String::from).collect(),
         None => fuzz::targets().iter().map(|t| t.name.to_string()).collect(),
@@ -163,7 +197,7 @@ fn run(args: &[String]) -> Result<()> {
     let started = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..jobs.max(1) {
-        let (queue, state, tallies, log, exe, state_path, cases_of) = (
+        let (queue, state, tallies, log, exe, state_path, cases_of, keep) = (
             queue.clone(),
             state.clone(),
             tallies.clone(),
@@ -171,6 +205,7 @@ fn run(args: &[String]) -> Result<()> {
             exe.clone(),
             state_path.clone(),
             cases_of.clone(),
+            keep.clone(),
         );
         handles.push(std::thread::spawn(move || -> Result<()> {
             loop {
@@ -191,17 +226,9 @@ fn run(args: &[String]) -> Result<()> {
                     let count = left.min(chunk);
                     let deadline = minutes.map(|m| t0 + Duration::from_secs_f64(m * 60.0));
                     let end = tally.next + count;
-                    let (reached, fail) = chunk_run(
-                        &exe,
-                        &name,
-                        tally.next,
-                        count,
-                        mem_mb,
-                        timeout,
-                        deadline,
-                        &log,
-                        &mut tally.accepted,
-                    )?;
+                    let limits = Limits { mem_mb, timeout, deadline, keep: keep.as_deref() };
+                    let (reached, fail) =
+                        chunk_run(&exe, &name, tally.next, count, &limits, &log, &mut tally.accepted)?;
                     tally.failures.extend(fail);
                     tally.next = reached.min(end);
                     let mut st = state.lock().map_err(|_| anyhow!("lock"))?;
@@ -236,33 +263,41 @@ fn run(args: &[String]) -> Result<()> {
         println!("{f}");
     }
     if !failures.is_empty() {
-        bail!("{} failing cases (reproduce: stuffed-fuzz case TARGET N)", failures.len());
+        bail!("{} failing cases (reproduce: stuffed-fuzz case TARGET N, or --input the kept file)", failures.len());
     }
     Ok(())
 }
 
+/// What bounds a chunk's workers: memory, time per case, the run's end, where failing inputs go.
+#[derive(Clone, Copy)]
+struct Limits<'a> {
+    mem_mb: u64,
+    timeout: Duration,
+    deadline: Option<Instant>,
+    keep: Option<&'a std::path::Path>,
+}
+
 /// Runs cases `from..from+count` of `name` in workers, starting a new one after a case that kills
 /// its worker or outlives `timeout`. Returns the case reached and the failures.
-#[allow(clippy::too_many_arguments)]
 fn chunk_run(
     exe: &std::path::Path,
     name: &str,
     from: u64,
     count: u64,
-    mem_mb: u64,
-    timeout: Duration,
-    deadline: Option<Instant>,
+    limits: &Limits,
     log: &Mutex<Option<std::fs::File>>,
     accepted: &mut u64,
 ) -> Result<(u64, Vec<String>)> {
+    let Limits { mem_mb, timeout, deadline, keep } = *limits;
     let end = from + count;
     let (mut next, mut failures) = (from, Vec::new());
     while next < end {
-        let mut child = Command::new(exe)
-            .args(["worker", name, &next.to_string(), &(end - next).to_string(), "--mem-mb", &mem_mb.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["worker", name, &next.to_string(), &(end - next).to_string(), "--mem-mb", &mem_mb.to_string()]);
+        if let Some(k) = keep {
+            cmd.arg("--keep").arg(k);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let errs = std::thread::spawn(move || {
@@ -308,6 +343,16 @@ fn chunk_run(
             }
         }
         let status = child.wait()?;
+        // Stopped on time (not a failure): the case it was on runs again next time.
+        let stopped = deadline.is_some_and(|d| Instant::now() > d) && !hung;
+        let current = current.filter(|_| !(done && status.success()));
+        let kept = match (keep, current) {
+            (Some(k), Some(at)) if !stopped => kept_input(k, name, at, child.id()),
+            _ => String::new(),
+        };
+        if let Some(k) = keep {
+            let _ = std::fs::remove_file(current_input(k, name, child.id()));
+        }
         // A worker killed or dead cannot remove its scratch directory (fuzz::scratch) itself.
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("stuffed-fuzz-{}", child.id())));
         let err = errs.join().unwrap_or_default();
@@ -317,13 +362,13 @@ fn chunk_run(
         let Some(at) = current else {
             bail!("{name}: worker failed before its first case ({status}): {}", err.trim());
         };
-        if deadline.is_some_and(|d| Instant::now() > d) && !hung {
-            return Ok((at, failures)); // stopped on time; case `at` did not finish and runs again next time
+        if stopped {
+            return Ok((at, failures));
         }
         let why = if hung { format!("no result within {} s", timeout.as_secs_f64()) } else { format!("{status}") };
         let telling = |l: &&str| ["panicked", "memory allocation", "fatal", "error"].iter().any(|w| l.contains(w));
         let last = err.lines().find(telling).or(err.lines().last()).unwrap_or("").trim().to_string();
-        failures.push(format!("FAIL {name} {at} worker died: {why} {last}"));
+        failures.push(format!("FAIL {name} {at} worker died: {why} {last}{kept}"));
         next = at + 1;
     }
     Ok((next, failures))

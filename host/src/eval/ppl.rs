@@ -913,6 +913,7 @@ impl Acc {
             }
         }
         match (train_len, &self.verdict) {
+            (Some(0), _) => bail!("{what}: training length 0 (--train-len takes a positive count)"),
             (Some(t), Some(v)) if v.width == verdict_width(t) => {}
             (Some(t), Some(v)) => {
                 bail!("{what}: verdict buckets of {} tokens where --train-len {t} gives {}", v.width, verdict_width(t))

@@ -2,6 +2,7 @@
 use std::fmt::Write;
 
 /// One named curve.
+#[derive(Clone)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
@@ -154,7 +155,10 @@ impl LinePlot<'_> {
         if x0 > x1 {
             (x0, x1, y0, y1) = (1.0, 2.0, 0.0, 1.0);
         }
-        for &(v, _) in &self.vlines {
+        // A log axis cannot show a line at 0 or below (nor a non-finite one): those are left out.
+        let vlines: Vec<&(f64, String)> =
+            self.vlines.iter().filter(|(v, _)| v.is_finite() && (!self.log_x || *v > 0.0)).collect();
+        for &&(v, _) in &vlines {
             (x0, x1) = (x0.min(v), x1.max(v));
         }
         let pad = (y1 - y0).max(1e-6) * 0.05;
@@ -199,7 +203,7 @@ impl LinePlot<'_> {
         }
         let (xt, xd): (Vec<f64>, usize) = if self.log_x {
             let (a, b) = (x0.log2().floor() as i32, x1.log2().ceil() as i32);
-            let step = ((b - a) / 8).max(1);
+            let step = ((i64::from(b) - i64::from(a)) / 8).max(1);
             ((a..=b).step_by(step as usize).map(|e| 2f64.powi(e)).filter(|&v| v >= x0 && v <= x1).collect(), 0)
         } else {
             ticks(x0, x1, 8)
@@ -229,7 +233,7 @@ impl LinePlot<'_> {
             (T + H - B) / 2.0,
             esc(self.y_label)
         );
-        for (i, (v, label)) in self.vlines.iter().enumerate() {
+        for (i, (v, label)) in vlines.into_iter().enumerate() {
             let px = fx(*v);
             let _ = writeln!(
                 s,
@@ -431,7 +435,15 @@ mod tests {
         assert!(t.iter().enumerate().all(|(i, v)| (v - 0.2 * i as f64).abs() < 1e-12), "{t:?}");
         let one = Series { name: "one".into(), points: vec![(10_000.0, 2.5)], markers: false };
         let p = LinePlot { title: "t", x_label: "x", y_label: "y", log_x: false, vlines: Vec::new() };
-        assert!(p.render(&[one]).contains("</svg>"));
+        assert!(p.render(&[one.clone()]).contains("</svg>"));
+        // Lines a log axis cannot show (0 from a damaged file panicked: log2(0) as i32 − …) are left
+        // out; on a linear axis 0 is drawn.
+        for log_x in [true, false] {
+            let vlines = vec![(0.0, "zero".into()), (-1.0, "neg".into()), (f64::NAN, "nan".into()), (64.0, "t".into())];
+            let p = LinePlot { title: "t", x_label: "x", y_label: "y", log_x, vlines };
+            let svg = p.render(&[one.clone()]);
+            assert_eq!((svg.contains(">zero<"), svg.contains(">nan<"), svg.contains(">t<")), (!log_x, false, true));
+        }
     }
 
     /// A label read back as a number ("7.5k" = 7,500).
