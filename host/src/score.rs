@@ -109,8 +109,16 @@ pub fn parse_bytes(s: &str) -> Result<usize> {
     }
 }
 
-/// What a checkpoint keeps of a scorer: the state, the pending row, state normalization's τ.
-pub type Resume = (Vec<f32>, Option<Vec<f32>>, Vec<f32>);
+/// What a checkpoint keeps of a scorer, and what [`Scorer::restore`] continues from.
+#[derive(Clone, Debug)]
+pub struct ScorerState {
+    /// Every layer's recurrent state (the model's state layout).
+    pub state: Vec<f32>,
+    /// The last hidden row, whose prediction the next call scores (none at a document's start).
+    pub pending: Option<Vec<f32>>,
+    /// State normalization's τ (empty without it).
+    pub tau: Vec<f32>,
+}
 
 /// The stream loop's engine: the CPU session with the host-side NLL head, or the CUDA backend.
 /// Both score every token that has a predicting row and keep the last row pending for the next call.
@@ -262,33 +270,35 @@ impl<'m> Scorer<'m> {
     }
 
     /// The state, the pending row and state normalization's τ, for a checkpoint.
-    pub fn snapshot(&self) -> Result<Resume> {
+    pub fn snapshot(&self) -> Result<ScorerState> {
         match self {
-            Scorer::Cpu { session, pending, .. } => Ok((session.state.clone(), pending.clone(), session.tau.clone())),
+            Scorer::Cpu { session, pending, .. } => {
+                Ok(ScorerState { state: session.state.clone(), pending: pending.clone(), tau: session.tau.clone() })
+            }
             #[cfg(gpu)]
             Scorer::Cuda(g, _) => {
                 let mut s = vec![0f32; g.state_len()];
                 g.download_state(&mut s)?;
-                Ok((s, g.pending_row()?, g.tau()?))
+                Ok(ScorerState { state: s, pending: g.pending_row()?, tau: g.tau()? })
             }
         }
     }
 
     /// Continues from a checkpoint taken at document position `pos`.
-    pub fn restore(&mut self, state: &[f32], pending: Option<&[f32]>, tau: Vec<f32>, pos: u64) -> Result<()> {
+    pub fn restore(&mut self, from: &ScorerState, pos: u64) -> Result<()> {
         match self {
-            Scorer::Cpu { session, pending: p, .. } => {
-                session.state.copy_from_slice(state);
-                session.tau = tau;
+            Scorer::Cpu { session, pending, .. } => {
+                session.state.copy_from_slice(&from.state);
+                session.tau = from.tau.clone();
                 session.pos = pos;
-                *p = pending.map(<[f32]>::to_vec);
+                *pending = from.pending.clone();
                 Ok(())
             }
             #[cfg(gpu)]
             Scorer::Cuda(g, _) => {
-                g.upload_state(state)?;
-                g.set_position(pos, &tau)?;
-                g.set_pending_row(pending)
+                g.upload_state(&from.state)?;
+                g.set_position(pos, &from.tau)?;
+                g.set_pending_row(from.pending.as_deref())
             }
         }
     }

@@ -294,11 +294,10 @@ pub fn selftest(a: SelftestArgs) -> Result<()> {
         }
         let dn: Vec<f64> = all_c.iter().zip(&all_d).map(|(x, y)| (*x as f64 - *y as f64).abs()).collect();
         let (max_dn, mean_dn) = (dn.iter().cloned().fold(0.0, f64::max), dn.iter().sum::<f64>() / dn.len() as f64);
-        let (sc, _, _) = cpu.snapshot()?;
-        let (sd, pd, _) = dev.snapshot()?;
-        let (state_rel, _) = compare(&sd, &sc);
+        let (c, d) = (cpu.snapshot()?, dev.snapshot()?);
+        let (state_rel, _) = compare(&d.state, &c.state);
         // Logits of the last row: the CPU session's head against the device's.
-        let (_, pc, _) = cpu.snapshot()?;
+        let (pc, pd) = (c.pending, d.pending);
         let (pc, pd) = (pc.unwrap_or_default(), pd.unwrap_or_default());
         let mut lc = vec![0f32; model.info.vocab_rows];
         let mut ld = vec![0f32; model.info.vocab_rows];

@@ -8,7 +8,7 @@
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::{heatmap, LinePlot, Series};
 use crate::report::{write_atomic, Values};
-use crate::score::{Resume, Scorer};
+use crate::score::{Scorer, ScorerState};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -367,16 +367,17 @@ fn tokens_sha(ids: &[u32]) -> String {
     format!("{:x}", Sha256::digest(bytemuck::cast_slice::<u32, u8>(ids)))
 }
 
-/// A checkpointed grid: where it stood, the haystack's state and pending row, and the tail's.
+/// A checkpointed grid: where it stood, the scorer at the haystack's position, and in a sample's
+/// tail.
 struct Restored {
     snap: Snapshot,
-    hay: (Vec<f32>, Option<Vec<f32>>),
-    tail: Option<(Vec<f32>, Option<Vec<f32>>)>,
+    hay: ScorerState,
+    tail: Option<ScorerState>,
 }
 
 /// A sample in its own tail at a checkpoint: the haystack's state held aside, the prompt fed so far.
 struct InTail<'a> {
-    hay: &'a Resume,
+    hay: &'a ScorerState,
     sample: usize,
     branch: usize,
     fed: &'a [u32],
@@ -393,9 +394,12 @@ fn load_checkpoint(out: &Path, fp: &str) -> Result<Option<Restored>> {
         eprintln!("{}: made with another model, options or shard; the haystack starts over", path.display());
         return Ok(None);
     }
-    let hay = (c.take("state")?, c.take_opt("pending"));
-    let tail = match c.snapshot.tail {
-        Some(_) => Some((c.take("tail_state")?, c.take_opt("tail_pending"))),
+    let hay = ScorerState { state: c.take("state")?, pending: c.take_opt("pending"), tau: c.snapshot.tau.clone() };
+    let tail = match &c.snapshot.tail {
+        Some(t) => {
+            let tau = t.tau.clone();
+            Some(ScorerState { state: c.take("tail_state")?, pending: c.take_opt("tail_pending"), tau })
+        }
         None => None,
     };
     Ok(Some(Restored { snap: c.snapshot, hay, tail }))
@@ -541,7 +545,7 @@ pub fn run(
         let mut tail_restored = None;
         if let Some(r) = restored.take_if(|r| r.snap.length == length) {
             if r.snap.pos <= hay.len() && tokens_sha(&hay[..r.snap.pos]) == r.snap.hay_sha {
-                s.restore(&r.hay.0, r.hay.1.as_deref(), r.snap.tau, r.snap.pos as u64)?;
+                s.restore(&r.hay, r.snap.pos as u64)?;
                 pos = r.snap.pos;
                 eprintln!("passkey {length}: the haystack resumes at token {pos}");
                 tail_restored = r.snap.tail.zip(r.tail);
@@ -556,7 +560,7 @@ pub fn run(
                     return Ok(());
                 }
                 let now = s.snapshot()?;
-                let ((state, pending, tau), tail_held) = match &tail {
+                let (held, tail_held) = match &tail {
                     Some(t) => (t.hay, Some(&now)),
                     None => (&now, None),
                 };
@@ -565,20 +569,20 @@ pub fn run(
                     length,
                     pos,
                     hay_sha: tokens_sha(&hay[..pos]),
-                    tau: tau.clone(),
+                    tau: held.tau.clone(),
                     tail: tail.as_ref().map(|t| TailSnapshot {
                         sample: t.sample,
                         branch: t.branch,
                         pos: t.fed.len(),
                         ids_sha: tokens_sha(t.fed),
-                        tau: now.2.clone(),
+                        tau: now.tau.clone(),
                     }),
                 };
-                let mut tensors = vec![("state", Values::F32(state))];
-                tensors.extend(pending.as_deref().map(|p| ("pending", Values::F32(p))));
-                if let Some((t_state, t_pending, _)) = tail_held {
-                    tensors.push(("tail_state", Values::F32(t_state)));
-                    tensors.extend(t_pending.as_deref().map(|p| ("tail_pending", Values::F32(p))));
+                let mut tensors = vec![("state", Values::F32(&held.state))];
+                tensors.extend(held.pending.as_deref().map(|p| ("pending", Values::F32(p))));
+                if let Some(t) = tail_held {
+                    tensors.push(("tail_state", Values::F32(&t.state)));
+                    tensors.extend(t.pending.as_deref().map(|p| ("tail_pending", Values::F32(p))));
                 }
                 // This process's facts first: whoever sees the checkpoint finds them too.
                 let now = RunFacts {
@@ -647,10 +651,10 @@ pub fn run(
             // The sample's own tail (up to the whole prompt for an early needle), in pieces from
             // its branch point, checkpointed like the haystack.
             let mut fed = branch;
-            if let Some((t, (state, pending))) = tail_restored.take() {
+            if let Some((t, held)) = tail_restored.take() {
                 let same = t.sample == p.sample && t.branch == branch && t.pos <= ids.len();
                 if same && tokens_sha(&ids[..t.pos]) == t.ids_sha {
-                    s.restore(&state, pending.as_deref(), t.tau, t.pos as u64)?;
+                    s.restore(&held, t.pos as u64)?;
                     fed = t.pos;
                     eprintln!("passkey {length}: sample {} resumes at prompt token {fed}", p.sample);
                 }
@@ -665,15 +669,14 @@ pub fn run(
                     checkpoint(&s, pos, Some(tail), &mut last_ckpt, &facts)?;
                 }
             }
-            let (saved, saved_row, saved_tau) = saved;
-            let (prompted, prompted_row, prompted_tau) = s.snapshot()?;
+            let prompted = s.snapshot()?;
             let new = s.greedy(o.max_new)?;
-            s.restore(&prompted, prompted_row.as_deref(), prompted_tau, ids.len() as u64)?;
+            s.restore(&prompted, ids.len() as u64)?;
             let key_ids = key_tokens(&tok, &tpl, &p.key)?;
             let mut nll = Vec::new();
             s.score(&key_ids, &mut nll)?;
             let key_nll = nll.iter().map(|&v| v as f64).sum::<f64>();
-            s.restore(&saved, saved_row.as_deref(), saved_tau, pos as u64)?;
+            s.restore(&saved, pos as u64)?;
             facts.tokens_processed += (ids.len() - tail_start + new.len()) as u64;
             facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
             facts.samples_run += 1;

@@ -7,7 +7,7 @@ use super::Continue;
 use crate::model::dir_of;
 use crate::model::{Model, ModelInfo};
 use crate::report::{self, peak_rss_bytes, write_atomic, Progress, Values};
-use crate::score::{Device, GpuOptions, Scorer};
+use crate::score::{Device, GpuOptions, Scorer, ScorerState};
 use crate::text::{Input, TokenStream};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
@@ -386,12 +386,19 @@ fn save_checkpoint(out: &Path, snap: &Snapshot, state: &[f32], pending: Option<&
     report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(snap)?, &tensors)
 }
 
-fn load_checkpoint(out: &Path) -> Result<(Snapshot, Vec<f32>, Option<Vec<f32>>)> {
+/// A checkpoint read back: where the run stood, and its scorer there.
+struct Resumed {
+    snap: Snapshot,
+    scorer: ScorerState,
+}
+
+fn load_checkpoint(out: &Path) -> Result<Resumed> {
     let path = out.join(CKPT);
     let writes = "a run writes one every --checkpoint-secs, --checkpoint-every tokens and at --stop-after";
     let mut c = report::load_checkpoint::<Snapshot>(&path, writes)?;
     let (state, pending) = (c.take("state")?, c.take_opt("pending"));
-    Ok((c.snapshot, state, pending))
+    let scorer = ScorerState { state, pending, tau: c.snapshot.tau.clone() };
+    Ok(Resumed { snap: c.snapshot, scorer })
 }
 
 /// Which run a checkpoint belongs to: its fingerprint and the key it hashes.
@@ -435,18 +442,18 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         }
     }
     let mut snap = if cont.resumes("ppl", out, std::slice::from_ref(&ckpt))? {
-        let (snap, state, pending) = load_checkpoint(out)?;
-        if snap.fingerprint != fp {
-            return Err(super::other_run(&ckpt, &snap.key, &key));
+        let r = load_checkpoint(out)?;
+        if r.snap.fingerprint != fp {
+            return Err(super::other_run(&ckpt, &r.snap.key, &key));
         }
-        for (i, r) in snap.finished.iter().enumerate() {
-            r.acc.validate(&format!("{}: finished run {i}", ckpt.display()), o.bucket, r.train_len)?;
+        for (i, f) in r.snap.finished.iter().enumerate() {
+            f.acc.validate(&format!("{}: finished run {i}", ckpt.display()), o.bucket, f.train_len)?;
         }
-        Some((snap, state, pending))
+        Some(r)
     } else {
         None
     };
-    let mut finished: Vec<RunResult> = snap.as_ref().map(|s| s.0.finished.clone()).unwrap_or_default();
+    let mut finished: Vec<RunResult> = snap.as_ref().map(|s| s.snap.finished.clone()).unwrap_or_default();
     let first_model = finished.len();
     let mut processed = 0u64;
     // One run per (model, forgetting method), model-major.
@@ -456,7 +463,7 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         let mut model = Model::load(mpath)?;
         model.set_forget(*forget)?;
         let tok = model.tokenizer(o.tokenizer.as_deref())?;
-        let resumed = snap.take().filter(|s| s.0.model_index == mi);
+        let resumed = snap.take().filter(|s| s.snap.model_index == mi);
         let at = RunAt { fp: &fp, key: &key };
         match run_model(&model, &tok, mi, jobs.len(), inputs, o, out, at, &finished, resumed, &mut processed)? {
             (Flow::Done, r) => finished.push(r),
@@ -503,7 +510,7 @@ fn run_model(
     out: &Path,
     at: RunAt,
     finished: &[RunResult],
-    resumed: Option<(Snapshot, Vec<f32>, Option<Vec<f32>>)>,
+    resumed: Option<Resumed>,
     processed: &mut u64,
 ) -> Result<(Flow, RunResult)> {
     let net = model.net();
@@ -522,18 +529,18 @@ fn run_model(
         nll_files: Vec::new(),
     };
     let (mut acc, first_doc, mut skip, mut restore, mut nll_len) = match resumed {
-        Some((s, state, pending)) => {
-            if state.len() != scorer.state_len() {
+        Some(Resumed { snap: s, scorer: st }) => {
+            if st.state.len() != scorer.state_len() {
                 bail!(
                     "{}: checkpoint state has {} values, the model needs {}",
                     out.join(CKPT).display(),
-                    state.len(),
+                    st.state.len(),
                     scorer.state_len()
                 );
             }
             let what = format!("{}: model {mi}", out.join(CKPT).display());
             s.acc.validate(&what, o.bucket, train_len)?;
-            (s.acc, s.doc_index, s.doc_pos, Some((state, pending, s.tau)), s.nll_len)
+            (s.acc, s.doc_index, s.doc_pos, Some(st), s.nll_len)
         }
         None => (fresh_acc(), 0, 0, None, None),
     };
@@ -560,7 +567,7 @@ fn run_model(
         }
         let mut pos = skip; // doc position of the next token to feed
         match restore.take() {
-            Some((state, pending, tau)) if skip > 0 => scorer.restore(&state, pending.as_deref(), tau, skip)?,
+            Some(st) if skip > 0 => scorer.restore(&st, skip)?,
             _ => scorer.reset()?,
         }
         let mut queue: VecDeque<u32> = VecDeque::new();
@@ -623,7 +630,7 @@ fn run_model(
                     }
                     _ => None,
                 };
-                let (state, pending, tau) = scorer.snapshot()?;
+                let ScorerState { state, pending, tau } = scorer.snapshot()?;
                 let snap = Snapshot {
                     fingerprint: at.fp.to_string(),
                     key: at.key.clone(),

@@ -5,7 +5,7 @@ use crate::forget::ForgetSpec;
 use crate::model::Model;
 use crate::report::svg::{fmt_tokens, LinePlot, Series};
 use crate::report::{self, write_atomic, Values};
-use crate::score::{Device, GpuOptions, Scorer};
+use crate::score::{Device, GpuOptions, Scorer, ScorerState};
 use crate::text::Input;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
@@ -115,8 +115,14 @@ fn run_key(model: &Model, inputs: &[Input], o: &Options) -> Result<serde_json::V
     }))
 }
 
-/// A checkpointed run: its snapshot, state, pending row, retention sums and snapshot states.
-type Restored = (Snapshot, Vec<f32>, Option<Vec<f32>>, Vec<f64>, Vec<(u64, Vec<f32>)>);
+/// A checkpointed run: where it stood, its scorer there, the retention sums and the whole-state
+/// snapshots taken so far (position, state).
+struct Restored {
+    snap: Snapshot,
+    scorer: ScorerState,
+    retention: Vec<f64>,
+    snapshots: Vec<(u64, Vec<f32>)>,
+}
 
 fn load_checkpoint(out: &Path, fp: &str, key: &serde_json::Value) -> Result<Restored> {
     let path = out.join(CKPT);
@@ -127,8 +133,8 @@ fn load_checkpoint(out: &Path, fp: &str, key: &serde_json::Value) -> Result<Rest
     let (state, retention) = (c.take("state")?, c.take("retention")?);
     let at = c.snapshot.snapshots.clone();
     let snaps = at.into_iter().map(|p| Ok((p, c.take(&format!("state_t{p}"))?))).collect::<Result<Vec<_>>>()?;
-    let pending = c.take_opt("pending");
-    Ok((c.snapshot, state, pending, retention, snaps))
+    let scorer = ScorerState { state, pending: c.take_opt("pending"), tau: c.snapshot.tau.clone() };
+    Ok(Restored { snap: c.snapshot, scorer, retention, snapshots: snaps })
 }
 
 /// A plot series thinned evenly as it grows: every `stride`-th point is kept, and when
@@ -213,7 +219,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let fp = report::fingerprint(&key)?;
     let restored =
         if cont.resumes("probe", out, &[out.join(CKPT)])? { Some(load_checkpoint(out, &fp, &key)?) } else { None };
-    let lens = restored.as_ref().map(|r| r.0.csv_lens);
+    let lens = restored.as_ref().map(|r| r.snap.csv_lens);
     let len = |i: usize| lens.map(|l| l[i]);
     let mut probe = vec![0f32; net.probe_len()];
     let mut ret_csv = csv(&out.join("retention.csv"), "layer,head,t,log_retention_mean,log_retention_max", len(0))?;
@@ -230,12 +236,12 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
                         // Running Σ log decay per (layer, head, channel), f64.
     let mut retention = vec![0f64; nl * nh * width];
     let mut snapshots: Vec<(u64, Vec<f32>)> = Vec::new();
-    if let Some((snap, state, pending, ret, snaps)) = restored {
-        if state.len() != s.state_len() || ret.len() != retention.len() {
+    if let Some(r) = restored {
+        if r.scorer.state.len() != s.state_len() || r.retention.len() != retention.len() {
             bail!("{}: the checkpoint's state does not fit this model", out.join(CKPT).display());
         }
-        s.restore(&state, pending.as_deref(), snap.tau, snap.pos)?;
-        (pos, retention, snapshots) = (snap.pos, ret, snaps);
+        s.restore(&r.scorer, r.snap.pos)?;
+        (pos, retention, snapshots) = (r.snap.pos, r.retention, r.snapshots);
     }
     let mut to_skip = pos;
     let mut stream = crate::eval::ppl::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
@@ -276,7 +282,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         if since < o.every && !(done && queue.is_empty()) && !at_snapshot {
             continue;
         }
-        let (state, pending, tau) = s.snapshot()?;
+        let ScorerState { state, pending, tau } = s.snapshot()?;
         if at_snapshot {
             snapshots.push((pos, state.clone()));
         }
