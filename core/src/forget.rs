@@ -36,8 +36,25 @@ pub struct WindowTail<'a> {
     layers: &'a mut [f32],
     meta: &'a mut [f32],
     layer_len: usize,
-    /// (r, tokens seen mod r, r tokens seen) at the start of this call.
-    pub at: (usize, usize, bool),
+    /// Where the window stands at the start of this call.
+    pub at: WindowAt,
+}
+
+/// Where a sliding window stands at the start of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowAt {
+    /// The window's length in tokens.
+    pub r: usize,
+    /// Tokens seen so far mod r: the ring slot the call's first token goes to.
+    pub pos0: usize,
+    /// Whether r tokens have been seen (every slot holds a token).
+    pub filled: bool,
+}
+
+/// One layer's part of a windowed call: where the window stands and the layer's cache.
+pub struct LayerWindow<'a> {
+    pub at: WindowAt,
+    pub cache: &'a mut [f32],
 }
 
 impl<'a> WindowTail<'a> {
@@ -47,17 +64,17 @@ impl<'a> WindowTail<'a> {
         let (layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
         let pos0 = meta.first().map_or(0, |&v| v as usize);
         let filled = meta.get(1).is_some_and(|&v| v > 0.0);
-        Some(WindowTail { layers, meta, layer_len, at: (r, pos0, filled) })
+        Some(WindowTail { layers, meta, layer_len, at: WindowAt { r, pos0, filled } })
     }
 
-    /// Layer `l`'s cache.
-    pub fn layer(&mut self, l: usize) -> &mut [f32] {
-        &mut self.layers[l * self.layer_len..(l + 1) * self.layer_len]
+    /// Layer `l`'s part of the call: where the window stands and the layer's cache.
+    pub fn layer(&mut self, l: usize) -> LayerWindow<'_> {
+        LayerWindow { at: self.at, cache: &mut self.layers[l * self.layer_len..(l + 1) * self.layer_len] }
     }
 
     /// Records that the call fed `t` more tokens.
     pub fn advance(&mut self, t: usize) {
-        let (r, pos0, filled) = self.at;
+        let WindowAt { r, pos0, filled } = self.at;
         if let [pm, fl] = self.meta {
             *fl = if filled || pos0 + t >= r { 1.0 } else { 0.0 };
             *pm = ((pos0 + t) % r) as f32;

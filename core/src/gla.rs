@@ -15,6 +15,7 @@
 //! or `Σ_i q_ti·k_ti`), and the state leaves as `diag(exp(b_last))·S + Σ_s (k_s ⊙ exp(b_last − b_s))ᵀ v_s`.
 //! Every exponent is ≤ 0, so nothing overflows however strong the decay.
 use crate::exec::{Shared, Simd};
+use crate::forget::WindowAt;
 use crate::ops::{exp, fast_exp};
 use crate::weight::{gemm_nt, gemm_raw};
 
@@ -233,9 +234,6 @@ unsafe fn chunked_body(
     }
 }
 
-/// Where a call starts in a sliding window: `(r, position mod r, filled)`.
-pub type WindowAt = (usize, usize, bool);
-
 /// f32 elements of one layer's sliding-window cache for `h` heads: the lagged state `L (H, K, V)`,
 /// a ring of `r` slots `[k (H·K) | v (H·V) | lw (H·K)]`, and the window's log-decay sum per key
 /// channel as (hi, lo) pairs `(H, 2, K)`.
@@ -259,7 +257,7 @@ pub unsafe fn window_head(
     hh: usize,
     nh: usize,
     t: usize,
-    (r, pos0, filled): WindowAt,
+    WindowAt { r, pos0, filled }: WindowAt,
     ws: &Shared,
     o: &Shared,
     ldo: usize,

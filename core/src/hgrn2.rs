@@ -15,7 +15,7 @@
 //! filled).
 use crate::error::{check_finite, need, Error, Site};
 use crate::exec::{Exec, Shared};
-use crate::forget::{Forget, Runs, WindowTail};
+use crate::forget::{Forget, LayerWindow, Runs, WindowTail};
 use crate::gla::{self, Mode};
 use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
@@ -170,7 +170,7 @@ impl<'a> Hgrn2<'a> {
         scratch: &mut [f32],
         scan: Scan,
         probe: Option<&mut [f32]>,
-        window: Option<(gla::WindowAt, &mut [f32])>,
+        window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
         let c = &self.cfg;
         let (d, e, nh, vh, im) = (c.d_model, c.expand, c.n_heads(), c.head_v(), c.d_mlp);
@@ -229,7 +229,7 @@ impl<'a> Hgrn2<'a> {
         {
             let (os, ss, hss) = (Shared::new(o), Shared::new(st), Shared::new(hs));
             let (qr, kr, vr, lwr) = (&*q, &*h, &*iv, &*f);
-            let wss = window.map(|(win, ws)| (win, Shared::new(ws)));
+            let wss = window.map(|w| (w.at, Shared::new(w.cache)));
             ex.for_each(nh, &|hh| {
                 let head = gla::Head {
                     q: qr,
@@ -318,7 +318,7 @@ impl Recurrent for Hgrn2<'_> {
         let mut tail = WindowTail::split(win, extra, wl);
         for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * pw..(l + 1) * pw]);
-            let ws = tail.as_mut().map(|w| (w.at, w.layer(l)));
+            let ws = tail.as_mut().map(|w| w.layer(l));
             self.layer(ex, l, lw, t, x, st, scratch, scan, pr, ws)?;
             check_finite(st, 1, Site::State(l))?;
             check_finite(x, d, Site::Layer(l))?;

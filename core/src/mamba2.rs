@@ -14,7 +14,7 @@
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
 use crate::error::{check_finite, need, Error, Site};
 use crate::exec::{Exec, Shared, Simd};
-use crate::forget::{Forget, Runs, WindowTail};
+use crate::forget::{Forget, LayerWindow, Runs, WindowAt, WindowTail};
 use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
 use crate::weight::{gemm_nt, gemm_raw, matmul, Weight};
@@ -238,7 +238,7 @@ impl<'a> Mamba2<'a> {
         s: &mut Scratch,
         scan: Scan,
         probe: Option<&mut [f32]>,
-        window: Option<(usize, usize, bool, &mut [f32])>,
+        window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
         let c = &self.cfg;
         let (d, di, nin, cd) = (c.d_model, c.d_inner(), c.in_proj_rows(), c.conv_dim());
@@ -287,8 +287,8 @@ impl<'a> Mamba2<'a> {
             Scan::Recurrent => self.ssm_recurrent(ex, lw, t, u, dt, ssm_state, y),
             Scan::Chunked => self.ssm_chunked(ex, lw, t, u, dt, ssm_state, y, s.cb, s.hs),
         }
-        if let Some((r, pos0, filled, ws)) = window {
-            self.window(ex, lw, t, u, dt, y, r, pos0, filled, ws);
+        if let Some(w) = window {
+            self.window(ex, lw, t, u, dt, y, w.at, w.cache);
         }
 
         // y ← GroupRMSNorm(y ⊙ fast_silu(z)), norm over groups of di/G channels.
@@ -602,9 +602,7 @@ impl Mamba2<'_> {
         u: &[f32],
         dt: &[f32],
         y: &mut [f32],
-        r: usize,
-        pos0: usize,
-        filled: bool,
+        WindowAt { r, pos0, filled }: WindowAt,
         ws: &mut [f32],
     ) {
         let c = &self.cfg;
@@ -706,8 +704,8 @@ impl Recurrent for Mamba2<'_> {
         let psz = PROBE.len() * c.n_heads;
         for (l, (layer, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * psz..(l + 1) * psz]);
-            let ws = tail.as_mut().map(|w| (w.at, w.layer(l)));
-            self.layer(ex, layer, t, x, st, &mut s, scan, pr, ws.map(|((r, p, f), w)| (r, p, f, w)))?;
+            let ws = tail.as_mut().map(|w| w.layer(l));
+            self.layer(ex, layer, t, x, st, &mut s, scan, pr, ws)?;
             check_finite(st, 1, Site::State(l))?;
             check_finite(x, d, Site::Layer(l))?;
         }

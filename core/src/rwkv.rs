@@ -19,7 +19,7 @@
 //! and then two values (position mod r, filled).
 use crate::error::{check_finite, need, Error, Site};
 use crate::exec::{Exec, Shared};
-use crate::forget::{Forget, Runs, WindowTail};
+use crate::forget::{Forget, LayerWindow, Runs, WindowTail};
 use crate::gla::{self, Mode};
 use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{exp, silu};
@@ -475,7 +475,7 @@ impl<'a> Rwkv<'a> {
         s: &mut Scratch,
         scan: Scan,
         probe: Option<&mut [f32]>,
-        window: Option<(gla::WindowAt, &mut [f32])>,
+        window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
         let c = &self.cfg;
         let (d, h, n) = (c.d_model, c.n_heads, c.head_size);
@@ -562,7 +562,7 @@ impl<'a> Rwkv<'a> {
         let (os, ss, hss) = (Shared::new(&mut s.o[..tc]), Shared::new(wkv), Shared::new(&mut *s.hs));
         let hsl = gla::head_scratch(n, n);
         let (r, k, v, lwv) = (&s.r[..tc], &s.k[..tc], &s.v[..tc], &s.lw[..tc]);
-        let wss = window.map(|(win, ws)| (win, Shared::new(ws)));
+        let wss = window.map(|w| (w.at, Shared::new(w.cache)));
         ex.for_each(h, &|hh| {
             let mut ub = [0f32; 256];
             let uv = &mut ub[..n.min(256)];
@@ -670,7 +670,7 @@ impl Recurrent for Rwkv<'_> {
         let mut tail = WindowTail::split(win, extra, wl);
         for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
             let pr = probe.as_deref_mut().map(|p| &mut p[l * d..(l + 1) * d]);
-            let ws = tail.as_mut().map(|w| (w.at, w.layer(l)));
+            let ws = tail.as_mut().map(|w| w.layer(l));
             self.layer(ex, lw, t, x, st, &mut s, scan, pr, ws)?;
             check_finite(st, 1, Site::State(l))?;
             check_finite(x, d, Site::Layer(l))?;
