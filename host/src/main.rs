@@ -9,7 +9,17 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = stuffed::cli::Cli::parse();
+    use clap::error::ErrorKind;
+    let cli = match stuffed::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        Err(e) => {
+            // One line, as every error (clap's usage hint and its blank lines dropped).
+            eprintln!("stuffed: error: {}", stuffed::cli::one_line(&e));
+            std::process::exit(2);
+        }
+    };
     if let Err(e) = stuffed::cli::run(cli) {
         // One line: the file or tensor and the problem.
         let msg = format!("{e:#}").replace('\n', " ");

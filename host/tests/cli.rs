@@ -46,6 +46,19 @@ fn bad_inputs_exit_nonzero_with_one_line() {
         assert!(err.starts_with("stuffed: error: "), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    // A bad flag value is refused by the parser (exit 2, clap's code for usage errors), on one line
+    // naming the flag and the value (clap's own message spans lines and ends with a usage hint).
+    let m = model.display().to_string();
+    for (args, flag) in [
+        (vec!["passkey", "--model", &m, "--lengths", "1k", "--shard", "3/2"], "'3/2' for '--shard"),
+        (vec!["ppl", "--model", &m, "--forget", "bogus"], "'bogus' for '--forget"),
+        (vec!["passkey", "--model", &m, "--lengths", "1k..x"], "'1k..x' for '--lengths"),
+        (vec!["ppl", "--model", &m, "--chunk", "x"], "'x' for '--chunk"),
+    ] {
+        let (code, _, err) = stuffed(&args);
+        assert_eq!((code, err.lines().count()), (2, 1), "{args:?}: {err}");
+        assert!(err.starts_with("stuffed: error: invalid value ") && err.contains(flag), "{err}");
+    }
 }
 
 #[test]

@@ -145,6 +145,5 @@ pub fn poisoned(case: &str, name: &str, index: usize, value: f32) -> tempfile::T
 
 /// The CLI in-process: `stuffed ARGS…`.
 pub fn cli(args: &[&str]) -> anyhow::Result<()> {
-    use clap::Parser;
-    stuffed::cli::run(stuffed::cli::Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied()))?)
+    stuffed::cli::run(stuffed::cli::parse_from(std::iter::once("stuffed").chain(args.iter().copied()))?)
 }

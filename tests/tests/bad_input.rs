@@ -197,8 +197,7 @@ fn wrong_dtype_tensor() {
 }
 
 fn cli(args: &[&str]) -> anyhow::Result<()> {
-    use clap::Parser;
-    run(Cli::try_parse_from(std::iter::once("stuffed").chain(args.iter().copied()))?)
+    run(stuffed::cli::parse_from(std::iter::once("stuffed").chain(args.iter().copied()))?)
 }
 
 #[test]
@@ -462,7 +461,7 @@ fn device_cuda_without_the_feature() {
     let args = ["stuffed", "logits", "--model", m.to_str().unwrap(), "--ids", i.to_str().unwrap()];
     let run_err = |extra: &[&str]| {
         let a: Vec<&str> = args.iter().chain(["--out", o.to_str().unwrap()].iter()).chain(extra).copied().collect();
-        format!("{:#}", run(<Cli as clap::Parser>::try_parse_from(a).unwrap()).unwrap_err())
+        format!("{:#}", stuffed::cli::parse_from(a).and_then(run).unwrap_err())
     };
     assert_mentions(&run_err(&["--device", "cuda"]), &["built without CUDA", "--features cuda"]);
     assert_mentions(&run_err(&["--device", "cuda", "--max-gpu-mem", "lots"]), &["'lots' is not a size"]);

@@ -4,6 +4,7 @@ mod bench;
 mod passkey;
 mod ppl;
 mod probe;
+pub mod values;
 
 use crate::text::Input;
 use clap::{Args, Parser, Subcommand};
@@ -89,8 +90,8 @@ pub struct DeviceArgs {
     pub device: crate::score::Device,
     /// With --device cuda: the most GPU memory the engine's buffers may take (e.g. 40G); the chunk
     /// shrinks to fit. Default: the free memory.
-    #[arg(long)]
-    pub max_gpu_mem: Option<String>,
+    #[arg(long, value_parser = values::bytes)]
+    pub max_gpu_mem: Option<usize>,
     /// With --device cuda: run f32-stored weights as bf16 (bf16-stored ones always are, unless
     /// --gpu-f32).
     #[arg(long, conflicts_with = "gpu_f32")]
@@ -108,7 +109,7 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     pub fn gpu(&self) -> anyhow::Result<crate::score::GpuOptions> {
-        let max_mem = self.max_gpu_mem.as_deref().map(crate::score::parse_bytes).transpose()?;
+        let max_mem = self.max_gpu_mem;
         Ok(crate::score::GpuOptions {
             max_mem,
             bf16: self.gpu_bf16,
@@ -232,6 +233,19 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// A command line parsed, or one error line: clap's first (which names the flag, the value and the
+/// problem), without its usage hint — as every other error of the tool is one line.
+pub fn parse_from<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(args: I) -> anyhow::Result<Cli> {
+    Cli::try_parse_from(args).map_err(|e| anyhow::anyhow!(one_line(&e)))
+}
+
+/// A clap error as one line (`invalid value 'x' for '--shard <SHARD>': --shard takes k/n, …`).
+pub fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    first.trim_start_matches("error: ").trim().to_string()
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

@@ -1,5 +1,5 @@
 //! `stuffed passkey` and `stuffed merge` flags.
-use crate::eval::passkey::{self, parse_lengths, parse_shard, Options, TemplateName};
+use crate::eval::passkey::{self, Options, TemplateName};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -10,8 +10,8 @@ pub struct PasskeyArgs {
     #[arg(long)]
     model: PathBuf,
     /// Target prompt lengths in tokens: `1k,2k,8k`, `1k..32k:1k`, `1k..1m:x2` (k = 1,024, m = 1,048,576).
-    #[arg(long)]
-    lengths: String,
+    #[arg(long, value_parser = super::values::lengths)]
+    lengths: super::values::Lengths,
     /// Samples per length, at depths (i + 0.5)/n.
     #[arg(long, default_value_t = 20, conflicts_with = "depths")]
     samples: usize,
@@ -49,8 +49,8 @@ pub struct PasskeyArgs {
     #[arg(long, default_value_t = 600.0)]
     checkpoint_secs: f64,
     /// Run a deterministic share k/n of the (length, sample) pairs (merge shards with `stuffed merge`).
-    #[arg(long)]
-    shard: Option<String>,
+    #[arg(long, value_parser = super::values::shard)]
+    shard: Option<super::values::Shard>,
     /// Tokens per forward call.
     #[arg(long, default_value_t = 512)]
     chunk: usize,
@@ -62,14 +62,14 @@ pub struct PasskeyArgs {
     #[arg(long)]
     no_reuse: bool,
     /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here.
-    #[arg(long, default_value = "none")]
-    forget: String,
+    #[arg(long, default_value = "none", value_parser = super::values::forget)]
+    forget: crate::forget::ForgetSpec,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
 
 pub fn run(a: PasskeyArgs) -> Result<()> {
-    let lengths = parse_lengths(&a.lengths)?;
+    let lengths = a.lengths.0;
     if let Some(d) = &a.depths {
         if d.is_empty() || d.iter().any(|v| !(0.0..=1.0).contains(v)) {
             bail!("--depths: each depth must be in [0, 1]");
@@ -81,7 +81,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
     if a.samples > 1 << 20 {
         bail!("--samples {}: at most 1,048,576 a length", a.samples);
     }
-    let shard = a.shard.as_deref().map(parse_shard).transpose()?;
+    let shard = a.shard.map(super::values::Shard::pair);
     let o = Options {
         lengths,
         samples: a.samples,
@@ -94,7 +94,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         chunk: a.chunk,
         tokenizer: a.tokenizer,
         reuse: !a.no_reuse,
-        forget: crate::forget::ForgetSpec::parse(&a.forget)?.resolved(None)?,
+        forget: a.forget.resolved(None)?,
         device: a.device.device,
         gpu: a.device.gpu()?,
     };

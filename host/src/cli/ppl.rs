@@ -42,8 +42,8 @@ pub struct PplArgs {
     checkpoint_secs: f64,
     /// Score only the documents i with i mod n = k − 1 (k/n, 1 ≤ k ≤ n: one share of an array
     /// job); `stuffed merge --out DIR SHARD_DIRS…` pools the shards into the unsharded result.
-    #[arg(long)]
-    shard: Option<String>,
+    #[arg(long, value_parser = super::values::shard)]
+    shard: Option<super::values::Shard>,
     /// Continue from the checkpoint in --out (with none yet, start the run and say so).
     #[arg(long)]
     resume: bool,
@@ -67,8 +67,8 @@ pub struct PplArgs {
     /// Training-free forgetting: none, rri:a=0.9999,b=0.75, dt:c=0.5, window:r=N,
     /// state-norm:every=128[,calib=T] (calib defaults to --train-len), reset:every=N.
     /// Repeat to compare methods: every model runs under each, one curve per run.
-    #[arg(long, default_value = "none")]
-    forget: Vec<String>,
+    #[arg(long, default_value = "none", value_parser = super::values::forget)]
+    forget: Vec<crate::forget::ForgetSpec>,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -102,11 +102,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
     if a.shard.is_some() && a.concat {
         bail!("ppl: --shard splits documents; with --concat there is one");
     }
-    let forget = a
-        .forget
-        .iter()
-        .map(|f| crate::forget::ForgetSpec::parse(f)?.resolved(a.train_len))
-        .collect::<Result<Vec<_>>>()?;
+    let forget = a.forget.iter().map(|f| f.resolved(a.train_len)).collect::<Result<Vec<_>>>()?;
     let o = Options {
         chunk: a.chunk,
         bucket: a.bucket,
@@ -116,7 +112,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         repeat_to: a.repeat_to,
         checkpoint_every: a.checkpoint_every,
         checkpoint_secs,
-        shard: a.shard.as_deref().map(crate::eval::passkey::parse_shard).transpose()?,
+        shard: a.shard.map(super::values::Shard::pair),
         stop_after: a.stop_after,
         nll_out: a.nll_out,
         tokenizer: a.tokenizer,

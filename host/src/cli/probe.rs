@@ -29,14 +29,14 @@ pub struct ProbeArgs {
     #[arg(long, value_delimiter = ',')]
     heads: Option<Vec<usize>>,
     /// Positions (tokens consumed) at which to save the whole state, e.g. 8k,20k.
-    #[arg(long)]
-    snapshot_at: Option<String>,
+    #[arg(long, value_parser = super::values::positions)]
+    snapshot_at: Option<super::values::Positions>,
     /// Draw the training length on the plots (and the default calibration of state-norm).
     #[arg(long, value_parser = crate::text::parse_count)]
     train_len: Option<u64>,
     /// Training-free forgetting (see `stuffed ppl --help`).
-    #[arg(long, default_value = "none")]
-    forget: String,
+    #[arg(long, default_value = "none", value_parser = super::values::forget)]
+    forget: ForgetSpec,
     /// Directory for the CSVs, plots, snapshots.safetensors and the checkpoint.
     #[arg(long, default_value = "probe-out")]
     out: PathBuf,
@@ -70,10 +70,7 @@ pub struct ProbeArgs {
 pub fn run(a: ProbeArgs) -> Result<()> {
     let inputs = a.input.inputs("probe")?;
     let checkpoint_secs = super::checkpoint_secs("probe", a.checkpoint_secs)?;
-    let snapshot_at = match &a.snapshot_at {
-        Some(s) => crate::eval::passkey::parse_lengths(s)?,
-        None => Vec::new(),
-    };
+    let snapshot_at = a.snapshot_at.map(|p| p.0).unwrap_or_default();
     let o = Options {
         every: a.every,
         max_tokens: a.max_tokens,
@@ -82,7 +79,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         heads: a.heads,
         snapshot_at,
         train_len: a.train_len,
-        forget: ForgetSpec::parse(&a.forget)?.resolved(a.train_len)?,
+        forget: a.forget.resolved(a.train_len)?,
         chunk: a.chunk,
         tokenizer: a.tokenizer,
         device: a.device.device,
