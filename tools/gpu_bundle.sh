@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Builds what a GPU machine needs (it has no cargo) into .gpu/ (git-ignored; add `/.gpu/` to
 # .git/info/exclude): the stuffed binary and the GPU test binary, both with `--features cuda`, stripped;
-# the build path (the test binary's data paths are compiled in); and the peers' wheels (mamba_ssm,
-# causal_conv1d) from ../shared/wheels when there. Then run tools/gpu_run.sh on the GPU machine.
+# the build path (the test binary's data paths are compiled in); with --peers, the peers' wheels
+# (mamba_ssm, causal_conv1d) from ../shared/wheels, for `gpu_run.sh peers` only. Then run
+# tools/gpu_run.sh on the GPU machine (`quick` first). Fails if the tree the device tool carries plus
+# the bundle pass 56 MiB (its limit is 64 MiB a call).
+#   tools/gpu_bundle.sh [--peers]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+peers=${1:-}
 sdk="${XDG_CACHE_HOME:-$HOME/.cache}/stuffed-cuda-sdk-13.0"
 bash tools/provision_cuda_sdk.sh "$sdk" >/dev/null
 export CUDA_LIBRARY_PATH="$sdk/cuda" PATH="$sdk/cuda/bin:$PATH"
@@ -24,8 +28,14 @@ cp "$tests" .gpu/gpu_tests
 strip .gpu/stuffed .gpu/gpu_tests
 xz -T0 -6 .gpu/stuffed .gpu/gpu_tests
 echo "$PWD" > .gpu/built_at
-if [ -d ../shared/wheels ]; then
+if [ "$peers" = --peers ]; then
   mkdir -p .gpu/wheels
   cp ../shared/wheels/mamba_ssm-*.whl ../shared/wheels/causal_conv1d-*.whl .gpu/wheels/
 fi
 du -sh .gpu; ls -la .gpu
+# What the device tool carries: tracked files, untracked ones git does not ignore, and .gpu.
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+bundle=$(du -sb .gpu | cut -f1)
+total=$(( (tree + bundle) / 1048576 ))
+echo "tree $(( tree / 1048576 )) MiB + bundle $(( bundle / 1048576 )) MiB = $total MiB (limit 56)"
+[ "$total" -lt 56 ] || { echo "gpu_bundle: tree + bundle over 56 MiB" >&2; exit 1; }

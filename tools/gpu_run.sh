@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of issue 8 in one device call. Here first: tools/gpu_bundle.sh (it fills
-# .gpu/: the binaries, the build path, the peers' wheels); then, through the device tool, carrying .gpu:
+# Every GPU check and benchmark in one device call. Here first: tools/gpu_bundle.sh (it fills .gpu/: the
+# binaries, the build path; with --peers also the peers' wheels); then, through the device tool, carrying .gpu:
+#   bash tools/gpu_run.sh quick    # carry .gpu: FIRST on a fresh loan — selftest on the golden models, the
+#                                  # ignored GPU tests, bench 130m at 256k: ≤ 290 s of steps (a 15-minute loan
+#                                  # leaves room to fix something and run it again)
 #   bash tools/gpu_run.sh check    # carry .gpu: selftest + the ignored GPU tests + bench 130m/2.7b at 1M, 2.7b at 4M
 #   bash tools/gpu_run.sh peers    # carry .gpu: tools/bench_peers.py (mamba_ssm, HF) with stuffed in the same call,
 #                                  # and a per-kernel time breakdown of 2.7b (STUFFED_PROFILE=1)
@@ -29,10 +32,17 @@ step() {
   tail -n 25 "$out/logs/$name.log"
 }
 bin=.gpu/stuffed
+golden="--model tests/data/mamba2_hf_g1_untied --model tests/data/mamba2_hf_g2_tied --model tests/data/mamba2_hf_bf16 --model tests/data/mamba2_official --model tests/data/mamba2_neox_tiny"
 case $what in
+  quick)
+    step selftest 60 $bin selftest --device cuda $golden
+    grep -q "^rc 0," "$out/logs/selftest.log" ||
+      step selftest-named 40 env STUFFED_PROFILE=1 $bin selftest --device cuda --model tests/data/mamba2_official --tokens 300 --chunk 100
+    step tests 150 .gpu/gpu_tests --ignored --nocapture --test-threads 1
+    step bench-130m 40 $bin bench --device cuda --preset 130m --tokens 256k --decode 64
+    ;;
   check)
-    step selftest 90 $bin selftest --device cuda --model tests/data/mamba2_hf_g1_untied --model tests/data/mamba2_hf_g2_tied \
-      --model tests/data/mamba2_hf_bf16 --model tests/data/mamba2_official --model tests/data/mamba2_neox_tiny
+    step selftest 90 $bin selftest --device cuda $golden
     # A kernel fault surfaces at a later sync; STUFFED_PROFILE syncs after every op and names it.
     grep -q "^rc 0," "$out/logs/selftest.log" ||
       step selftest-named 50 env STUFFED_PROFILE=1 $bin selftest --device cuda --model tests/data/mamba2_official --tokens 300 --chunk 100
@@ -42,6 +52,7 @@ case $what in
     step bench-2.7b-4m 100 $bin bench --device cuda --preset 2.7b --tokens 4m --decode 0
     ;;
   peers)
+    ls .gpu/wheels/*.whl > /dev/null || { echo "peers: bundle with tools/gpu_bundle.sh --peers" >&2; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     step peers-2.7b 300 python3 tools/bench_peers.py --preset 2.7b --tokens 1m --stuffed $bin --out "$out/logs/peers-2.7b.json"
@@ -60,6 +71,6 @@ case $what in
     step initcheck 90 "$cs" --tool initcheck --error-exitcode 9 $bin $st --chunk 100 --model tests/data/mamba2_hf_bf16
     step synccheck 90 "$cs" --tool synccheck --error-exitcode 9 $bin $st --chunk 100 --model tests/data/mamba2_official
     ;;
-  *) echo "usage: tools/gpu_run.sh check|peers|sanitize" >&2; exit 2 ;;
+  *) echo "usage: tools/gpu_run.sh quick|check|peers|sanitize" >&2; exit 2 ;;
 esac
 tar czf "$out/gpu-$what.tar.gz" -C "$out" logs
