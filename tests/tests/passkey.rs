@@ -1,10 +1,10 @@
 //! `stuffed passkey`: prompt construction (SPEC.md §2.2 lengths), seeded keys, string scoring,
 //! shared-prefix reuse equal to from-scratch runs, shards merged equal to one run, resume.
 use std::path::{Path, PathBuf};
+use stuffed::cli::values::parse_lengths;
 use stuffed::cli::{run, Cli};
 use stuffed::eval::passkey::{
-    self, is_correct, key, key_tokens, needle_block, num_blocks, parse_lengths, prompt_text, template, Record,
-    TemplateName,
+    is_correct, key, key_tokens, needle_block, num_blocks, prompt_text, template, Record, TemplateName,
 };
 use stuffed::tokenizer::Tokenizer;
 
@@ -236,8 +236,8 @@ fn shards_merge_to_the_unsharded_result_and_resume_loses_nothing() {
     cli(&[&base[..], &["--out", part.path().to_str().unwrap(), "--resume"]].concat());
     assert_eq!(records(part.path()), records(full.path()));
     assert_eq!(summary(part.path()), summary(full.path()));
-    let _ = passkey::parse_shard("2/3").unwrap();
-    assert!(passkey::parse_shard("4/3").is_err());
+    let _ = stuffed::cli::values::parse_shard("2/3").unwrap();
+    assert!(stuffed::cli::values::parse_shard("4/3").is_err());
 }
 
 /// The key scored for `key_nll` is ` {key}` as it follows the question, for both shipped vocabularies

@@ -1,0 +1,174 @@
+//! What a passkey prompt is: the templates (the paper's, its released code's, llama.cpp's), the
+//! seeded keys, the needle's block at each depth, the prompt text and its ids, and what counts as
+//! retrieved. The grid's scheduler and files are in `passkey.rs`.
+use super::Options;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateName {
+    /// The paper's released code (default; compares with its numbers).
+    Code,
+    /// The paper's appendix B.1: blocks separated by blank lines.
+    Paper,
+    /// llama.cpp's passkey example.
+    Llamacpp,
+}
+
+/// The strings of a prompt; `{key}` in the needle is replaced by the key.
+pub struct Template {
+    pub prefix: &'static str,
+    pub noise: &'static str,
+    pub needle: &'static str,
+    pub suffix: &'static str,
+}
+
+pub fn template(t: TemplateName) -> Template {
+    match t {
+        TemplateName::Code => Template {
+            prefix: "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n",
+            noise: "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n",
+            needle: "The passkey is {key}. Remember it. {key} is the passkey.\n",
+            suffix: "\nWhat is the pass key? The passkey is",
+        },
+        TemplateName::Paper => Template {
+            prefix: "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n",
+            noise: "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n\n",
+            needle: "The passkey is {key}. Remember it. {key} is the passkey.\n\n",
+            suffix: "What is the passkey? The passkey is",
+        },
+        TemplateName::Llamacpp => Template {
+            prefix: "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there.",
+            noise: " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+            needle: " The pass key is {key}. Remember it. {key} is the pass key.",
+            suffix: " What is the pass key? The pass key is",
+        },
+    }
+}
+
+/// A seeded 5-digit key for (seed, length, sample), independent of sharding and order.
+pub fn key(seed: u64, length: u64, sample: usize) -> String {
+    let mut z = seed ^ length.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (sample as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    for _ in 0..2 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    format!("{:05}", z % 100_000)
+}
+
+/// The depths of a length's samples.
+pub(super) fn depths(o: &Options) -> Vec<f64> {
+    match &o.depths {
+        Some(d) => d.clone(),
+        None => (0..o.samples).map(|i| (i as f64 + 0.5) / o.samples as f64).collect(),
+    }
+}
+
+/// One sample's prompt before tokenization.
+pub(super) struct Prompt {
+    pub(super) sample: usize,
+    pub(super) depth: f64,
+    pub(super) needle_block: usize,
+    pub(super) num_blocks: usize,
+    pub(super) key: String,
+}
+
+impl Prompt {
+    /// The prompt's ids (tokenized as one text, in pieces) and the needle's first token, with
+    /// `<|endoftext|>` first when `bos` is given. Built when needed, one prompt at a time.
+    pub(super) fn ids(&self, tok: &Tokenizer, tpl: &Template, bos: Option<u32>) -> Result<(Vec<u32>, usize)> {
+        let (text, needle_byte) = prompt_text(tpl, self.num_blocks, self.needle_block, &self.key);
+        let (ids, needle_pos) = crate::text::encode_long(tok, &text, needle_byte)?;
+        Ok(match bos {
+            Some(b) => ([&[b][..], &ids].concat(), needle_pos + 1),
+            None => (ids, needle_pos),
+        })
+    }
+}
+
+/// `⌊(T − |prefix| − |suffix|) / |noise|⌋`, each part tokenized alone (the paper's code).
+pub fn num_blocks(tok: &Tokenizer, tpl: &Template, length: u64) -> Result<usize> {
+    let len = |s: &str| tok.encode(s).map(|v| v.len() as u64);
+    let (p, n, s) = (len(tpl.prefix)?, len(tpl.noise)?, len(tpl.suffix)?);
+    let nb = length.saturating_sub(p + s) / n.max(1);
+    if nb < 1 {
+        bail!("length {length} is too short for the template ({p} + {s} tokens around {n}-token blocks)");
+    }
+    Ok(nb as usize)
+}
+
+/// The prompt text with the needle replacing block `block` of `nb`, and the needle's byte offset.
+pub fn prompt_text(tpl: &Template, nb: usize, block: usize, key: &str) -> (String, usize) {
+    let needle = tpl.needle.replace("{key}", key);
+    let mut text = String::with_capacity(tpl.prefix.len() + tpl.noise.len() * nb + tpl.suffix.len() + 64);
+    text.push_str(tpl.prefix);
+    for _ in 0..block {
+        text.push_str(tpl.noise);
+    }
+    let needle_byte = text.len();
+    text.push_str(&needle);
+    for _ in block + 1..nb {
+        text.push_str(tpl.noise);
+    }
+    text.push_str(tpl.suffix);
+    (text, needle_byte)
+}
+
+/// The needle block of depth `d`: `⌊d·(nb − 1)⌋`.
+pub fn needle_block(d: f64, nb: usize) -> usize {
+    ((d * (nb - 1) as f64).floor() as usize).min(nb - 1)
+}
+
+/// Correct iff the key is a substring of the decoded continuation (strings, never ids: digits split
+/// into tokens differently by tokenizer and context).
+pub fn is_correct(tok: &Tokenizer, new: &[u32], key: &str) -> Result<(String, bool)> {
+    let text = tok.decode(new)?;
+    let ok = text.contains(key);
+    Ok((text, ok))
+}
+
+pub(super) fn prompts(tok: &Tokenizer, tpl: &Template, o: &Options, length: u64) -> Result<Vec<Prompt>> {
+    let nb = num_blocks(tok, tpl, length)?;
+    Ok(depths(o)
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let block = needle_block(d, nb);
+            let k = key(o.seed, length, i);
+            Prompt { sample: i, depth: d, needle_block: block, num_blocks: nb, key: k }
+        })
+        .collect())
+}
+
+/// The tokens of ` {key}` as they follow the question: the question and key tokenized together,
+/// less the question's own tokens (SentencePiece vocabularies would add a word start to the key
+/// tokenized alone); the key alone only where the question's tokens change.
+pub fn key_tokens(tok: &Tokenizer, tpl: &Template, key: &str) -> Result<Vec<u32>> {
+    let q = tok.encode(tpl.suffix)?;
+    let both = tok.encode(&format!("{} {key}", tpl.suffix))?;
+    match both.strip_prefix(&q[..]) {
+        Some(k) if !k.is_empty() => Ok(k.to_vec()),
+        _ => tok.encode(&format!(" {key}")),
+    }
+}
+
+/// The most ids a key of the grid takes after the question under `tok` (` 98349` is 6 in the shipped
+/// passkey model's tokenizer, 2 in GPT-NeoX's): `--max-new`'s default is one more.
+pub fn longest_key_ids(tok: &Tokenizer, o: &Options) -> Result<usize> {
+    let tpl = template(o.template);
+    let (mut seen, mut most) = (BTreeSet::new(), 0);
+    for &length in &o.lengths {
+        for i in 0..depths(o).len() {
+            let k = key(o.seed, length, i);
+            if seen.insert(k.clone()) {
+                most = most.max(key_tokens(tok, &tpl, &k)?.len());
+            }
+        }
+    }
+    Ok(most)
+}
