@@ -382,7 +382,17 @@ mod tests {
                             }
                             if r < T {
                                 let wss = Shared::new(&mut ws[..wl]);
-                                window_head(&sub, 0, 1, t1 - t0, (r, t0, t0 >= r), &wss, &os, V, 0);
+                                window_head(
+                                    &sub,
+                                    0,
+                                    1,
+                                    t1 - t0,
+                                    WindowAt { r, pos0: t0, filled: t0 >= r },
+                                    &wss,
+                                    &os,
+                                    V,
+                                    0,
+                                );
                             }
                         }
                     }
