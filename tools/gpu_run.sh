@@ -33,20 +33,21 @@ step() {
 }
 bin=.gpu/stuffed
 golden="--model tests/data/mamba2_hf_g1_untied --model tests/data/mamba2_hf_g2_tied --model tests/data/mamba2_hf_bf16 --model tests/data/mamba2_official --model tests/data/mamba2_neox_tiny"
+# correctness SELFTEST_S NAMED_S TESTS_S: selftest on the golden models (a failure rerun with every
+# op synced, which names the kernel: a fault surfaces at a later sync), then the ignored GPU tests.
+correctness() {
+  step selftest "$1" $bin selftest --device cuda $golden
+  grep -q "^rc 0," "$out/logs/selftest.log" ||
+    step selftest-named "$2" env STUFFED_PROFILE=1 $bin selftest --device cuda --model tests/data/mamba2_official --tokens 300 --chunk 100
+  step tests "$3" .gpu/gpu_tests --ignored --nocapture --test-threads 1
+}
 case $what in
   quick)
-    step selftest 60 $bin selftest --device cuda $golden
-    grep -q "^rc 0," "$out/logs/selftest.log" ||
-      step selftest-named 40 env STUFFED_PROFILE=1 $bin selftest --device cuda --model tests/data/mamba2_official --tokens 300 --chunk 100
-    step tests 150 .gpu/gpu_tests --ignored --nocapture --test-threads 1
+    correctness 60 40 150
     step bench-130m 40 $bin bench --device cuda --preset 130m --tokens 256k --decode 64
     ;;
   check)
-    step selftest 90 $bin selftest --device cuda $golden
-    # A kernel fault surfaces at a later sync; STUFFED_PROFILE syncs after every op and names it.
-    grep -q "^rc 0," "$out/logs/selftest.log" ||
-      step selftest-named 50 env STUFFED_PROFILE=1 $bin selftest --device cuda --model tests/data/mamba2_official --tokens 300 --chunk 100
-    step tests 170 .gpu/gpu_tests --ignored --nocapture --test-threads 1
+    correctness 90 50 170
     step bench-130m 60 $bin bench --device cuda --preset 130m --tokens 1m --decode 256
     step bench-2.7b 120 $bin bench --device cuda --preset 2.7b --tokens 1m --decode 256
     step bench-2.7b-4m 100 $bin bench --device cuda --preset 2.7b --tokens 4m --decode 0
