@@ -13,11 +13,11 @@
 //! is no conv or shift state. Zero = start of a sequence. Under `Forget::Window { r }` the state
 //! continues with one [`gla::window_len`] cache per layer and then two values (position mod r,
 //! filled).
-use crate::error::{check_finite, need, Error, Site};
+use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
-use crate::forget::{Forget, LayerWindow, Runs, WindowTail};
+use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gla::{self, Mode};
-use crate::model::{check_call, Recurrent, Scan};
+use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
 use crate::weight::{matmul, Weight};
 
@@ -283,6 +283,50 @@ impl<'a> Hgrn2<'a> {
     }
 }
 
+impl Stack for Hgrn2<'_> {
+    type Scratch<'s> = &'s mut [f32];
+    fn stack_shape(&self, _: usize) -> Result<StackShape, Error> {
+        let c = &self.cfg;
+        let window = match self.forget {
+            Forget::Window { r } => {
+                Some(WindowShape { r, layer_len: gla::window_len(c.n_heads(), c.expand, c.head_v(), r) })
+            }
+            _ => None,
+        };
+        Ok(StackShape {
+            base_len: c.state_size(),
+            layer_state_len: c.layer_state_len(),
+            probe_per_layer: c.d_model,
+            window,
+        })
+    }
+    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<&'s mut [f32], Error> {
+        need("hgrn2 scratch", buf.len(), self.scratch_len(t))?;
+        Ok(buf)
+    }
+    fn embed(&self, tokens: &[u32], x: &mut [f32], _: &mut &mut [f32]) {
+        for (row, &tok) in x.chunks_exact_mut(self.cfg.d_model).zip(tokens) {
+            self.w.embed.row(tok as usize, row);
+        }
+    }
+    fn run_layer(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut &mut [f32],
+        probe: Option<&mut [f32]>,
+        window: Option<LayerWindow<'_>>,
+    ) -> Result<(), Error> {
+        self.layer(call.ex, call.l, &self.w.layers[call.l], call.t, x, st, s, call.scan, probe, window)
+    }
+    fn final_norm(&self, x: &mut [f32], _: &mut &mut [f32]) {
+        for row in x.chunks_exact_mut(self.cfg.d_model) {
+            rmsnorm_inplace(row, &self.w.norm, 0, self.cfg.eps);
+        }
+    }
+}
+
 impl Recurrent for Hgrn2<'_> {
     #[allow(clippy::too_many_arguments)]
     fn run(
@@ -292,45 +336,10 @@ impl Recurrent for Hgrn2<'_> {
         state: &mut [f32],
         scratch: &mut [f32],
         hidden: &mut [f32],
-        mut probe: Option<&mut [f32]>,
+        probe: Option<&mut [f32]>,
         scan: Scan,
     ) -> Result<(), Error> {
-        let c = &self.cfg;
-        let (t, d) = (tokens.len(), c.d_model);
-        check_call(self, tokens, state, hidden, probe.as_deref())?;
-        need("hgrn2 scratch", scratch.len(), self.scratch_len(t))?;
-        if t == 0 {
-            return Ok(());
-        }
-        let x = &mut hidden[..t * d];
-        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
-            self.w.embed.row(tok as usize, row);
-        }
-        check_finite(x, d, Site::Embedding)?;
-        let ls = c.layer_state_len();
-        let pw = d;
-        let win = match self.forget {
-            Forget::Window { r } => Some(r),
-            _ => None,
-        };
-        let (base, extra) = state.split_at_mut(c.state_size());
-        let wl = win.map_or(0, |r| gla::window_len(c.n_heads(), c.expand, c.head_v(), r));
-        let mut tail = WindowTail::split(win, extra, wl);
-        for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
-            let pr = probe.as_deref_mut().map(|p| &mut p[l * pw..(l + 1) * pw]);
-            let ws = tail.as_mut().map(|w| w.layer(l));
-            self.layer(ex, l, lw, t, x, st, scratch, scan, pr, ws)?;
-            check_finite(st, 1, Site::State(l))?;
-            check_finite(x, d, Site::Layer(l))?;
-        }
-        if let Some(w) = &mut tail {
-            w.advance(t);
-        }
-        for row in x.chunks_exact_mut(d) {
-            rmsnorm_inplace(row, &self.w.norm, 0, c.eps);
-        }
-        check_finite(x, d, Site::FinalNorm)?;
-        Ok(())
+        run_stack(self, ex, tokens, state, scratch, hidden, probe, scan)
     }
     fn d_model(&self) -> usize {
         self.cfg.d_model

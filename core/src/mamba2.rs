@@ -12,10 +12,10 @@
 //!
 //! State, per layer (f32): `conv (k−1, cd)` — the last k−1 conv inputs, oldest first — then
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
-use crate::error::{check_finite, need, Error, Site};
+use crate::error::{need, Error};
 use crate::exec::{Exec, Shared, Simd};
-use crate::forget::{Forget, LayerWindow, Runs, WindowAt, WindowTail};
-use crate::model::{check_call, Recurrent, Scan};
+use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
+use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
 use crate::weight::{gemm_nt, gemm_raw, matmul, Weight};
 
@@ -138,7 +138,7 @@ pub struct Mamba2<'a> {
 const PROBE: &[&str] = &["log_decay_sum", "dt_sum", "b_mean_sum", "x_mean_sum"];
 
 /// Scratch regions for `t` tokens (all f32, row-major).
-struct Scratch<'s> {
+pub(crate) struct Scratch<'s> {
     /// (t, max(d, di)): normed input, then the out_proj output
     h: &'s mut [f32],
     /// (t, nin): `z | xBC | dt_raw`
@@ -192,7 +192,7 @@ impl<'a> Mamba2<'a> {
         Ok(Mamba2 { cfg, w, forget: Forget::None })
     }
 
-    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
+    fn scratch_parts<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
         need("mamba2 scratch", buf.len(), self.scratch_len(t))?;
         let c = &self.cfg;
         let nb = t.div_ceil(SSD_BLOCK);
@@ -667,6 +667,46 @@ fn head_scratch(c: &Config) -> usize {
     SSD_BLOCK * (SSD_BLOCK + c.head_dim + c.d_state)
 }
 
+impl Stack for Mamba2<'_> {
+    type Scratch<'s> = Scratch<'s>;
+    fn stack_shape(&self, t: usize) -> Result<StackShape, Error> {
+        let c = &self.cfg;
+        let window = match self.forget {
+            Forget::Window { r } if t > r => {
+                return Err(Error::Config("window forgetting: a call may hold at most r tokens"))
+            }
+            Forget::Window { r } => Some(WindowShape { r, layer_len: self.window_layer_len(r) }),
+            _ => None,
+        };
+        let (base_len, layer_state_len) = (c.paper_state_size(), c.layer_state_len());
+        Ok(StackShape { base_len, layer_state_len, probe_per_layer: PROBE.len() * c.n_heads, window })
+    }
+    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
+        self.scratch_parts(t, buf)
+    }
+    fn embed(&self, tokens: &[u32], x: &mut [f32], _: &mut Scratch) {
+        for (row, &tok) in x.chunks_exact_mut(self.cfg.d_model).zip(tokens) {
+            self.w.embed.row(tok as usize, row);
+        }
+    }
+    fn run_layer(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut Scratch,
+        probe: Option<&mut [f32]>,
+        window: Option<LayerWindow<'_>>,
+    ) -> Result<(), Error> {
+        self.layer(call.ex, &self.w.layers[call.l], call.t, x, st, s, call.scan, probe, window)
+    }
+    fn final_norm(&self, x: &mut [f32], _: &mut Scratch) {
+        for row in x.chunks_exact_mut(self.cfg.d_model) {
+            rmsnorm_inplace(row, &self.w.norm_f, 0, self.cfg.eps);
+        }
+    }
+}
+
 impl Recurrent for Mamba2<'_> {
     #[allow(clippy::too_many_arguments)]
     fn run(
@@ -676,47 +716,10 @@ impl Recurrent for Mamba2<'_> {
         state: &mut [f32],
         scratch: &mut [f32],
         hidden: &mut [f32],
-        mut probe: Option<&mut [f32]>,
+        probe: Option<&mut [f32]>,
         scan: Scan,
     ) -> Result<(), Error> {
-        let c = &self.cfg;
-        let (t, d) = (tokens.len(), c.d_model);
-        check_call(self, tokens, state, hidden, probe.as_deref())?;
-        if t == 0 {
-            return Ok(());
-        }
-        let win = match self.forget {
-            Forget::Window { r } if t > r => {
-                return Err(Error::Config("window forgetting: a call may hold at most r tokens"))
-            }
-            Forget::Window { r } => Some(r),
-            _ => None,
-        };
-        let mut s = self.split_scratch(t, scratch)?;
-        let x = &mut hidden[..t * d];
-        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
-            self.w.embed.row(tok as usize, row);
-        }
-        let (base, extra) = state.split_at_mut(c.paper_state_size());
-        let mut tail = WindowTail::split(win, extra, win.map_or(0, |r| self.window_layer_len(r)));
-        check_finite(x, d, Site::Embedding)?;
-        let ls = c.layer_state_len();
-        let psz = PROBE.len() * c.n_heads;
-        for (l, (layer, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
-            let pr = probe.as_deref_mut().map(|p| &mut p[l * psz..(l + 1) * psz]);
-            let ws = tail.as_mut().map(|w| w.layer(l));
-            self.layer(ex, layer, t, x, st, &mut s, scan, pr, ws)?;
-            check_finite(st, 1, Site::State(l))?;
-            check_finite(x, d, Site::Layer(l))?;
-        }
-        if let Some(w) = &mut tail {
-            w.advance(t);
-        }
-        for row in x.chunks_exact_mut(d) {
-            rmsnorm_inplace(row, &self.w.norm_f, 0, c.eps);
-        }
-        check_finite(x, d, Site::FinalNorm)?;
-        Ok(())
+        run_stack(self, ex, tokens, state, scratch, hidden, probe, scan)
     }
     fn d_model(&self) -> usize {
         self.cfg.d_model

@@ -1,7 +1,7 @@
 //! What every family offers the host: a state it can snapshot, a chunked forward and a token step.
-use crate::error::Error;
+use crate::error::{check_finite, Error, Site};
 use crate::exec::Exec;
-use crate::forget::{Forget, Runs};
+use crate::forget::{Forget, LayerWindow, Runs, WindowTail};
 use crate::weight::{matmul, Weight};
 
 /// How a family's recurrence runs over a span of tokens.
@@ -143,4 +143,99 @@ pub fn check_tokens(tokens: &[u32], rows: usize) -> Result<(), Error> {
         Some(&id) => Err(Error::Token { id, rows }),
         None => Ok(()),
     }
+}
+
+/// What stays the same across the layers of one call, handed to each layer with its index.
+#[derive(Clone, Copy)]
+pub(crate) struct Call<'a> {
+    pub ex: &'a dyn Exec,
+    /// Tokens in this call.
+    pub t: usize,
+    pub scan: Scan,
+    /// The layer.
+    pub l: usize,
+}
+
+/// A sliding window's layout in the state: its length and one layer's cache (f32 elements).
+#[derive(Clone, Copy)]
+pub(crate) struct WindowShape {
+    pub r: usize,
+    pub layer_len: usize,
+}
+
+/// Where one call finds each layer's state and probe sums, and the window's caches after them.
+pub(crate) struct StackShape {
+    /// f32 elements of every layer's recurrent state together (a window's tail follows).
+    pub base_len: usize,
+    pub layer_state_len: usize,
+    /// Probe values per layer.
+    pub probe_per_layer: usize,
+    pub window: Option<WindowShape>,
+}
+
+/// One family's own parts of a forward call; [`run_stack`] is the rest, the same for every family.
+pub(crate) trait Stack: Recurrent {
+    /// The call's scratch, split into named buffers.
+    type Scratch<'s>;
+    /// The state, probe and window layout for a call of `t` tokens (an error where the family cannot
+    /// run `t` tokens in one call under its forgetting method).
+    fn stack_shape(&self, t: usize) -> Result<StackShape, Error>;
+    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Self::Scratch<'s>, Error>;
+    /// `x (t, d_model)`: the tokens' rows entering the first layer.
+    fn embed(&self, tokens: &[u32], x: &mut [f32], s: &mut Self::Scratch<'_>);
+    /// Layer `call.l` over the rows `x` (in place), from its state `st` (updated), adding its probe
+    /// sums and running its window part.
+    fn run_layer(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut Self::Scratch<'_>,
+        probe: Option<&mut [f32]>,
+        window: Option<LayerWindow<'_>>,
+    ) -> Result<(), Error>;
+    /// The final norm of every row of `x`.
+    fn final_norm(&self, x: &mut [f32], s: &mut Self::Scratch<'_>);
+}
+
+/// [`Recurrent::run`] of every family: the call checked, the tokens embedded, each layer run on its
+/// state, probe and window parts with its state and output checked finite, the window advanced, the
+/// final norm applied and checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_stack<S: Stack + ?Sized>(
+    net: &S,
+    ex: &dyn Exec,
+    tokens: &[u32],
+    state: &mut [f32],
+    scratch: &mut [f32],
+    hidden: &mut [f32],
+    mut probe: Option<&mut [f32]>,
+    scan: Scan,
+) -> Result<(), Error> {
+    let (t, d) = (tokens.len(), net.d_model());
+    check_call(net, tokens, state, hidden, probe.as_deref())?;
+    if t == 0 {
+        return Ok(());
+    }
+    let shape = net.stack_shape(t)?;
+    let mut s = net.split_scratch(t, scratch)?;
+    let x = &mut hidden[..t * d];
+    net.embed(tokens, x, &mut s);
+    check_finite(x, d, Site::Embedding)?;
+    let (base, extra) = state.split_at_mut(shape.base_len);
+    let (r, wl) = shape.window.map_or((None, 0), |w| (Some(w.r), w.layer_len));
+    let mut tail = WindowTail::split(r, extra, wl);
+    let pp = shape.probe_per_layer;
+    for (l, st) in base.chunks_exact_mut(shape.layer_state_len).enumerate() {
+        let pr = probe.as_deref_mut().map(|p| &mut p[l * pp..(l + 1) * pp]);
+        let ws = tail.as_mut().map(|w| w.layer(l));
+        net.run_layer(Call { ex, t, scan, l }, x, st, &mut s, pr, ws)?;
+        check_finite(st, 1, Site::State(l))?;
+        check_finite(x, d, Site::Layer(l))?;
+    }
+    if let Some(w) = &mut tail {
+        w.advance(t);
+    }
+    net.final_norm(x, &mut s);
+    check_finite(x, d, Site::FinalNorm)
 }

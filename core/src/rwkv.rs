@@ -17,11 +17,11 @@
 //! `ffn_shift (C)` — the last `ln2` output; layers follow each other. Zero = start of a sequence.
 //! Under `Forget::Window { r }` the state continues with one [`gla::window_len`] cache per layer
 //! and then two values (position mod r, filled).
-use crate::error::{check_finite, need, Error, Site};
+use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
-use crate::forget::{Forget, LayerWindow, Runs, WindowTail};
+use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gla::{self, Mode};
-use crate::model::{check_call, Recurrent, Scan};
+use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, silu};
 use crate::weight::{matmul, DType, Data, Weight};
 
@@ -162,7 +162,7 @@ pub struct Rwkv<'a> {
 const PROBE: &[&str] = &["log_decay_sum"];
 
 /// Scratch regions for `t` tokens.
-struct Scratch<'s> {
+pub(crate) struct Scratch<'s> {
     /// (t, C) each
     xx: &'s mut [f32],
     dx: &'s mut [f32],
@@ -408,7 +408,7 @@ impl<'a> Rwkv<'a> {
         (5 * c.lora_mix).max(c.lora_decay).max(c.d_ffn)
     }
 
-    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
+    fn scratch_parts<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
         need("rwkv scratch", buf.len(), self.scratch_len(t))?;
         let c = &self.cfg;
         let tc = t * c.d_model;
@@ -634,6 +634,54 @@ impl<'a> Rwkv<'a> {
     }
 }
 
+impl Stack for Rwkv<'_> {
+    type Scratch<'s> = Scratch<'s>;
+    fn stack_shape(&self, _: usize) -> Result<StackShape, Error> {
+        let c = &self.cfg;
+        let window = match self.forget {
+            Forget::Window { r } => {
+                Some(WindowShape { r, layer_len: gla::window_len(c.n_heads, c.head_size, c.head_size, r) })
+            }
+            _ => None,
+        };
+        Ok(StackShape {
+            base_len: c.state_size(),
+            layer_state_len: c.layer_state_len(),
+            probe_per_layer: c.d_model,
+            window,
+        })
+    }
+    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
+        self.scratch_parts(t, buf)
+    }
+    /// The embedding row through LN0 (folded in place as the `rwkv` package does).
+    fn embed(&self, tokens: &[u32], x: &mut [f32], s: &mut Scratch) {
+        let (d, ed) = (self.cfg.d_model, self.w.embed.dtype());
+        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+            self.w.embed.row(tok as usize, s.tmp);
+            ln0_row(&s.tmp[..d], ed, &self.w.ln0_w, &self.w.ln0_b, self.cfg.eps, row);
+        }
+    }
+    fn run_layer(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut Scratch,
+        probe: Option<&mut [f32]>,
+        window: Option<LayerWindow<'_>>,
+    ) -> Result<(), Error> {
+        self.layer(call.ex, &self.w.layers[call.l], call.t, x, st, s, call.scan, probe, window)
+    }
+    fn final_norm(&self, x: &mut [f32], s: &mut Scratch) {
+        let d = self.cfg.d_model;
+        for row in x.chunks_exact_mut(d) {
+            s.tmp[..d].copy_from_slice(row);
+            layer_norm(&s.tmp[..d], &self.w.ln_out_w, &self.w.ln_out_b, self.cfg.eps, row);
+        }
+    }
+}
+
 impl Recurrent for Rwkv<'_> {
     #[allow(clippy::too_many_arguments)]
     fn run(
@@ -643,47 +691,10 @@ impl Recurrent for Rwkv<'_> {
         state: &mut [f32],
         scratch: &mut [f32],
         hidden: &mut [f32],
-        mut probe: Option<&mut [f32]>,
+        probe: Option<&mut [f32]>,
         scan: Scan,
     ) -> Result<(), Error> {
-        let c = &self.cfg;
-        let (t, d) = (tokens.len(), c.d_model);
-        check_call(self, tokens, state, hidden, probe.as_deref())?;
-        if t == 0 {
-            return Ok(());
-        }
-        let win = match self.forget {
-            Forget::Window { r } => Some(r),
-            _ => None,
-        };
-        let mut s = self.split_scratch(t, scratch)?;
-        let x = &mut hidden[..t * d];
-        let ed = self.w.embed.dtype();
-        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
-            self.w.embed.row(tok as usize, s.tmp);
-            ln0_row(&s.tmp[..d], ed, &self.w.ln0_w, &self.w.ln0_b, c.eps, row);
-        }
-        check_finite(x, d, Site::Embedding)?;
-        let ls = c.layer_state_len();
-        let (base, extra) = state.split_at_mut(c.state_size());
-        let wl = win.map_or(0, |r| gla::window_len(c.n_heads, c.head_size, c.head_size, r));
-        let mut tail = WindowTail::split(win, extra, wl);
-        for (l, (lw, st)) in self.w.layers.iter().zip(base.chunks_exact_mut(ls)).enumerate() {
-            let pr = probe.as_deref_mut().map(|p| &mut p[l * d..(l + 1) * d]);
-            let ws = tail.as_mut().map(|w| w.layer(l));
-            self.layer(ex, lw, t, x, st, &mut s, scan, pr, ws)?;
-            check_finite(st, 1, Site::State(l))?;
-            check_finite(x, d, Site::Layer(l))?;
-        }
-        if let Some(w) = &mut tail {
-            w.advance(t);
-        }
-        for row in x.chunks_exact_mut(d) {
-            s.tmp[..d].copy_from_slice(row);
-            layer_norm(&s.tmp[..d], &self.w.ln_out_w, &self.w.ln_out_b, c.eps, row);
-        }
-        check_finite(x, d, Site::FinalNorm)?;
-        Ok(())
+        run_stack(self, ex, tokens, state, scratch, hidden, probe, scan)
     }
     fn d_model(&self) -> usize {
         self.cfg.d_model
