@@ -295,6 +295,45 @@ pub struct DocStream<'t> {
     cut_first_pass: bool,
 }
 
+/// A document's ids handed out in calls of any size: the stream's pieces queued as they are
+/// tokenized, the first `skip` ids (those a resumed run already fed) dropped.
+pub struct TokenFeed<'t> {
+    stream: DocStream<'t>,
+    queue: VecDeque<u32>,
+    to_skip: u64,
+    exhausted: bool,
+}
+
+impl<'t> TokenFeed<'t> {
+    pub fn new(stream: DocStream<'t>, skip: u64) -> Self {
+        TokenFeed { stream, queue: VecDeque::new(), to_skip: skip, exhausted: false }
+    }
+
+    /// The next `n` ids (fewer at the stream's end; none once it is over).
+    pub fn take(&mut self, n: usize) -> Result<Vec<u32>> {
+        while self.queue.len() < n && !self.exhausted {
+            match self.stream.next_piece()? {
+                Some(p) => {
+                    let drop = (self.to_skip as usize).min(p.len());
+                    self.to_skip -= drop as u64;
+                    self.queue.extend(&p[drop..]);
+                }
+                None => self.exhausted = true,
+            }
+        }
+        Ok(self.queue.drain(..n.min(self.queue.len())).collect())
+    }
+
+    /// Whether every id of the stream was taken.
+    pub fn done(&self) -> bool {
+        self.exhausted && self.queue.is_empty()
+    }
+
+    pub fn stream(&self) -> &DocStream<'t> {
+        &self.stream
+    }
+}
+
 /// The stream of `parts` in order, repeated up to `repeat_to` tokens, cut at `max_tokens`.
 pub fn doc_stream(
     tok: &Tokenizer,
@@ -553,7 +592,7 @@ fn run_model(
     let mut nll = Vec::with_capacity(scorer.chunk() + 1);
     for (k, (di, parts)) in docs.iter().enumerate().skip(first_doc) {
         let di = *di;
-        let mut stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
+        let stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
         let nll_path = nll_path(o, mi, n_models, di, n_docs, model, parts);
         let mut nll_file = match &nll_path {
             Some(p) => Some(open_nll(p, nll_len.take().filter(|(f, _)| Path::new(f) == p).map(|x| x.1))?),
@@ -570,25 +609,13 @@ fn run_model(
             Some(st) if skip > 0 => scorer.restore(&st, skip)?,
             _ => scorer.reset()?,
         }
-        let mut queue: VecDeque<u32> = VecDeque::new();
-        let mut to_skip = skip;
+        let mut feed = TokenFeed::new(stream, skip);
         skip = 0;
-        let mut exhausted = false;
         loop {
-            while queue.len() < o.chunk && !exhausted {
-                match stream.next_piece()? {
-                    Some(p) => {
-                        let drop = (to_skip as usize).min(p.len());
-                        to_skip -= drop as u64;
-                        queue.extend(&p[drop..]);
-                    }
-                    None => exhausted = true,
-                }
-            }
-            if queue.is_empty() {
+            let ids = feed.take(o.chunk)?;
+            if ids.is_empty() {
                 break;
             }
-            let ids: Vec<u32> = queue.drain(..o.chunk.min(queue.len())).collect();
             crate::model::check_ids(&ids, net.vocab_rows(), &parts[0].name())?;
             // Scored: every token after the pending last row of the previous chunk, else all but the first.
             let t = ids.len();
@@ -616,7 +643,7 @@ fn run_model(
             since_ckpt += t as u64;
             progress.set(acc.tokens_fed);
             let stop = o.stop_after.is_some_and(|n| *processed >= n);
-            let at_boundary = t == o.chunk && !(exhausted && queue.is_empty());
+            let at_boundary = t == o.chunk && !feed.done();
             let due = o.checkpoint_every.is_some_and(|n| since_ckpt >= n)
                 || o.checkpoint_secs.is_some_and(|s| last_ckpt.elapsed().as_secs_f64() >= s);
             let signal = crate::interrupt::raised();
@@ -656,7 +683,7 @@ fn run_model(
         if let Some(mut f) = nll_file {
             f.flush()?;
         }
-        say_if_cut(&stream, o, parts);
+        say_if_cut(feed.stream(), o, parts);
     }
     progress.finish();
     acc.seconds = seconds_before + started.elapsed().as_secs_f64();

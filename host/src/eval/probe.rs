@@ -243,10 +243,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         s.restore(&r.scorer, r.snap.pos)?;
         (pos, retention, snapshots) = (r.snap.pos, r.retention, r.snapshots);
     }
-    let mut to_skip = pos;
-    let mut stream = crate::eval::ppl::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
-    let mut queue: std::collections::VecDeque<u32> = Default::default();
-    let mut done = false;
+    let stream = crate::eval::ppl::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
+    let mut feed = crate::eval::ppl::TokenFeed::new(stream, pos);
     let mut since = 0u64; // tokens since the last report
     let mut last_ckpt = Instant::now();
     let mut snaps = o.snapshot_at.clone();
@@ -258,35 +256,24 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         // Next stop: the report boundary or a snapshot position.
         let next_report = pos + (o.every - since);
         let next = snaps.iter().copied().find(|&p| p > pos).map_or(next_report, |p| p.min(next_report));
-        let want = (next - pos) as usize;
-        while queue.len() < want && !done {
-            match stream.next_piece()? {
-                Some(p) => {
-                    let drop = (to_skip as usize).min(p.len());
-                    to_skip -= drop as u64;
-                    queue.extend(&p[drop..]);
-                }
-                None => done = true,
-            }
-        }
-        if queue.is_empty() {
+        let ids = feed.take((next - pos) as usize)?;
+        if ids.is_empty() {
             break;
         }
-        let ids: Vec<u32> = queue.drain(..want.min(queue.len())).collect();
         crate::model::check_ids(&ids, net.vocab_rows(), "probe input")?;
         s.feed_probed(&ids, &mut probe)?;
         pos += ids.len() as u64;
         since += ids.len() as u64;
         progress.set(pos);
         let at_snapshot = snaps.contains(&pos);
-        if since < o.every && !(done && queue.is_empty()) && !at_snapshot {
+        if since < o.every && !feed.done() && !at_snapshot {
             continue;
         }
         let ScorerState { state, pending, tau } = s.snapshot()?;
         if at_snapshot {
             snapshots.push((pos, state.clone()));
         }
-        if since < o.every && !(done && queue.is_empty()) {
+        if since < o.every && !feed.done() {
             continue;
         }
         let t = pos;
@@ -321,7 +308,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
             }
         }
         probe.fill(0.0);
-        if done && queue.is_empty() {
+        if feed.done() {
             break;
         }
         let signal = crate::interrupt::raised();
