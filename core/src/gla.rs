@@ -15,8 +15,8 @@
 //! or `Σ_i q_ti·k_ti`), and the state leaves as `diag(exp(b_last))·S + Σ_s (k_s ⊙ exp(b_last − b_s))ᵀ v_s`.
 //! Every exponent is ≤ 0, so nothing overflows however strong the decay.
 use crate::exec::{Shared, Simd};
+use crate::gemm::{gemm_nt, gemm_raw};
 use crate::ops::{exp, fast_exp};
-use crate::weight::{gemm_nt, gemm_raw};
 
 /// Tokens per block of the chunked form.
 pub const BLOCK: usize = 64;

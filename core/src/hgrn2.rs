@@ -16,10 +16,11 @@
 use crate::error::{check_finite, need, Error, Site};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, Runs, WindowTail};
+use crate::gemm::matmul;
 use crate::gla::{self, Mode};
 use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
-use crate::weight::{matmul, Weight};
+use crate::weight::Weight;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {

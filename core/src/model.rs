@@ -2,7 +2,8 @@
 use crate::error::Error;
 use crate::exec::Exec;
 use crate::forget::{Forget, Runs};
-use crate::weight::{matmul, Weight};
+use crate::gemm::matmul;
+use crate::weight::Weight;
 
 /// How a family's recurrence runs over a span of tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,10 +20,11 @@
 use crate::error::{check_finite, need, Error, Site};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, Runs, WindowTail};
+use crate::gemm::matmul;
 use crate::gla::{self, Mode};
 use crate::model::{check_call, Recurrent, Scan};
 use crate::ops::{exp, silu};
-use crate::weight::{matmul, DType, Data, Weight};
+use crate::weight::{DType, Data, Weight};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {

@@ -4,7 +4,7 @@
 use half::{bf16, f16};
 use stuffed::exec::{detect_simd, Pool};
 use stuffed_core::exec::Simd;
-use stuffed_core::weight::{gemm_nt, matmul};
+use stuffed_core::gemm::{gemm_nt, matmul};
 use stuffed_core::{Data, Exec, Weight};
 
 /// Seeded values in [−1, 1).
