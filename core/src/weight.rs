@@ -27,21 +27,26 @@ pub struct Weight<'a> {
 
 /// An element type weights may be stored in.
 pub trait Elem: Copy + Send + Sync {
+    /// The storage type's tag (lets a kernel pick a path for one type, e.g. bf16).
+    const DTYPE: DType;
     fn f32(self) -> f32;
 }
 impl Elem for f32 {
+    const DTYPE: DType = DType::F32;
     #[inline(always)]
     fn f32(self) -> f32 {
         self
     }
 }
 impl Elem for bf16 {
+    const DTYPE: DType = DType::Bf16;
     #[inline(always)]
     fn f32(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
     }
 }
 impl Elem for f16 {
+    const DTYPE: DType = DType::F16;
     #[inline(always)]
     fn f32(self) -> f32 {
         self.to_f32()
