@@ -5,8 +5,9 @@
 //!
 //! - [`MatmulMode::Exact`]: `x = hi + lo` with `hi = bf16(x)`, `lo = bf16(x − hi)` (both round to
 //!   nearest even), and `c += dp(hi, w) + dp(lo, w)` in f32. bf16 × bf16 products are exact in f32,
-//!   so the only loss beyond f32 accumulation is `x − hi − lo`, at most 2⁻⁹·|lo| ≤ 2⁻¹⁸·|x|.
-//! - [`MatmulMode::Fast`]: `hi` alone, `|x − hi| ≤ 2⁻⁹·|x|`.
+//!   so the only loss beyond f32 accumulation is `x − hi − lo`, at most 2⁻⁸·|x − hi| ≤ 2⁻¹⁶·|x|
+//!   (bf16's unit roundoff is 2⁻⁸, applied twice).
+//! - [`MatmulMode::Fast`]: `hi` alone, `|x − hi| ≤ 2⁻⁸·|x|`.
 //!
 //! Blocking: [`TB`] rows of `a` × [`KC`] columns at a time are split into the buffer (zero-padded to
 //! a multiple of 32), then every group of up to 4 weight rows meets every group of up to 4 of
@@ -107,7 +108,8 @@ pub unsafe fn gemm(
 /// (hi, lo, row stride of both, weights, ldb, columns, c, ldc, add to c)
 type Args = (*const u16, *const u16, usize, *const u16, usize, usize, *mut f32, usize, bool);
 
-#[inline(always)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
 unsafe fn tiles<const FAST: bool>(mt: usize, nr: usize, args: Args) {
     match (mt, nr) {
         (4, 4) => tile::<4, 4, FAST>(args),
@@ -130,7 +132,8 @@ unsafe fn tiles<const FAST: bool>(mt: usize, nr: usize, args: Args) {
 }
 
 /// Splits `kc` activations into bf16 hi (and, unless `fast`, lo), zero-padded to `kp`.
-#[inline(always)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
 unsafe fn split_row(x: *const f32, kc: usize, kp: usize, hi: *mut u16, lo: *mut u16, fast: bool) {
     let mut l = 0;
     while l < kp {
@@ -179,31 +182,18 @@ unsafe fn cast_bh(v: __m512i) -> __m512bh {
 }
 
 /// An `MT × NR` block of `c`: `MT` split activation rows against `NR` weight rows.
-#[inline(always)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
 unsafe fn tile<const MT: usize, const NR: usize, const FAST: bool>((hi, lo, kp, w, ldb, kc, c, ldc, add): Args) {
     let mut s = [[_mm512_setzero_ps(); NR]; MT];
     let full = kc / 32 * 32;
-    let step = |s: &mut [[__m512; NR]; MT], wv: &[__m512bh; NR], l: usize| {
-        for (i, row) in s.iter_mut().enumerate() {
-            let h = cast_bh(_mm512_loadu_si512(hi.add(i * kp + l) as *const _));
-            for (r, v) in row.iter_mut().enumerate() {
-                *v = _mm512_dpbf16_ps(*v, h, wv[r]);
-            }
-            if !FAST {
-                let lv = cast_bh(_mm512_loadu_si512(lo.add(i * kp + l) as *const _));
-                for (r, v) in row.iter_mut().enumerate() {
-                    *v = _mm512_dpbf16_ps(*v, lv, wv[r]);
-                }
-            }
-        }
-    };
     let mut wv = [cast_bh(_mm512_setzero_si512()); NR];
     let mut l = 0;
     while l < full {
         for (r, v) in wv.iter_mut().enumerate() {
             *v = cast_bh(_mm512_loadu_si512(w.add(r * ldb + l) as *const _));
         }
-        step(&mut s, &wv, l);
+        step::<MT, NR, FAST>(&mut s, &wv, hi.add(l), lo.add(l), kp);
         l += 32;
     }
     if l < kc {
@@ -212,7 +202,7 @@ unsafe fn tile<const MT: usize, const NR: usize, const FAST: bool>((hi, lo, kp, 
         for (r, v) in wv.iter_mut().enumerate() {
             *v = cast_bh(_mm512_maskz_loadu_epi16(mask, w.add(r * ldb + l) as *const i16));
         }
-        step(&mut s, &wv, l);
+        step::<MT, NR, FAST>(&mut s, &wv, hi.add(l), lo.add(l), kp);
     }
     for (i, row) in s.iter().enumerate() {
         for (r, v) in row.iter().enumerate() {
@@ -223,8 +213,33 @@ unsafe fn tile<const MT: usize, const NR: usize, const FAST: bool>((hi, lo, kp, 
     }
 }
 
+/// One 32-wide step of K: every activation row's hi (and lo) against the loaded weight rows.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn step<const MT: usize, const NR: usize, const FAST: bool>(
+    s: &mut [[__m512; NR]; MT],
+    wv: &[__m512bh; NR],
+    hi: *const u16,
+    lo: *const u16,
+    kp: usize,
+) {
+    for (i, row) in s.iter_mut().enumerate() {
+        let h = cast_bh(_mm512_loadu_si512(hi.add(i * kp) as *const _));
+        for (r, v) in row.iter_mut().enumerate() {
+            *v = _mm512_dpbf16_ps(*v, h, wv[r]);
+        }
+        if !FAST {
+            let lv = cast_bh(_mm512_loadu_si512(lo.add(i * kp) as *const _));
+            for (r, v) in row.iter_mut().enumerate() {
+                *v = _mm512_dpbf16_ps(*v, lv, wv[r]);
+            }
+        }
+    }
+}
+
 /// The 16 lanes in a fixed, written-out order (halves onto halves).
-#[inline(always)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
 unsafe fn hsum(v: __m512) -> f32 {
     let h =
         _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
