@@ -3,6 +3,7 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use stuffed_core::exec::{Exec, MatmulMode, Simd};
 
+#[derive(Clone, Copy, Debug)]
 pub struct Pool {
     threads: usize,
     simd: Simd,
@@ -14,9 +15,10 @@ static FAST_MATMUL: AtomicBool = AtomicBool::new(false);
 
 impl Pool {
     /// Uses rayon's global pool (sized by `--threads` or RAYON_NUM_THREADS, else all cores), the
-    /// best kernel level [`detect_simd`] allows and the process's [`matmul_mode`].
+    /// process's [`matmul_mode`] and the level [`default_simd`] picks for it.
     pub fn new() -> Pool {
-        Pool { threads: rayon::current_num_threads(), simd: detect_simd(), mode: matmul_mode() }
+        let mode = matmul_mode();
+        Pool { threads: rayon::current_num_threads(), simd: default_simd(mode), mode }
     }
 
     /// The global pool with a given kernel level, capped at the best this CPU runs ([`cpu_simd`];
@@ -71,9 +73,35 @@ pub fn matmul_mode() -> MatmulMode {
     }
 }
 
-/// What outputs record about the CPU matrix kernel: `{"simd": "avx512bf16", "mode": "exact"}`.
+/// What outputs record about the CPU matrix kernel [`Pool::new`] runs:
+/// `{"simd": "avx512bf16", "mode": "fast"}`.
 pub fn matmul_record() -> serde_json::Value {
-    serde_json::json!({"simd": detect_simd().name(), "mode": matmul_mode().name()})
+    let mode = matmul_mode();
+    serde_json::json!({"simd": default_simd(mode).name(), "mode": mode.name()})
+}
+
+/// The level [`Pool::new`] runs in `mode`: [`detect_simd`]'s, except that exact mode on an
+/// AVX512-BF16 CPU keeps the AVX-512 f32 FMA kernel unless `STUFFED_SIMD=avx512bf16` asks for the
+/// bf16 one. Measured on the Xeon of issue 22 (2 threads, bf16 weights, t = 512): hi + lo on
+/// `vdpbf16ps` runs at ≈ 0.45× the FMA kernel (one `vdpbf16ps` issues every ≈ 2 cycles there, an
+/// FMA twice a cycle), so the exact bf16 path is a choice, not the default; fast mode (hi only)
+/// takes it.
+pub fn default_simd(mode: MatmulMode) -> Simd {
+    let level = detect_simd();
+    let asked = std::env::var("STUFFED_SIMD").is_ok_and(|v| v == Simd::Avx512Bf16.name());
+    if level == Simd::Avx512Bf16 && mode == MatmulMode::Exact && !asked {
+        Simd::Avx512
+    } else {
+        level
+    }
+}
+
+/// Marks a run's fingerprint key as made under `--fast-matmul` (it changes the numbers); a
+/// default-mode key stays as it was, so existing checkpoints and fingerprints still match.
+pub fn mark_matmul_mode(key: &mut serde_json::Value) {
+    if matmul_mode() == MatmulMode::Fast {
+        key["fast_matmul"] = serde_json::Value::Bool(true);
+    }
 }
 
 /// `want`, or the highest level below it that `best` includes.

@@ -6,8 +6,8 @@
 //!
 //! Bounds, per output, with S = Σ_l |a_l · b_l| over the stored (rounded) weights:
 //! - f32 kernels (portable, AVX2, AVX-512, and AVX512-BF16 for f32/f16 weights): |Δ| ≤ 1e-6·S;
-//! - AVX512-BF16 exact (activation = bf16 hi + bf16 lo, |x − hi − lo| ≤ 2⁻¹⁸·|x|): |Δ| ≤ (1e-6 + 2⁻¹⁸)·S;
-//! - AVX512-BF16 fast (activation rounded to bf16 once, ≤ 2⁻⁹·|x|): |Δ| ≤ (1e-6 + 2⁻⁹)·S.
+//! - AVX512-BF16 exact (activation = bf16 hi + bf16 lo, |x − hi − lo| ≤ 2⁻¹⁶·|x|): |Δ| ≤ (1e-6 + 2⁻¹⁶)·S;
+//! - AVX512-BF16 fast (activation rounded to bf16 once, ≤ 2⁻⁸·|x|): |Δ| ≤ (1e-6 + 2⁻⁸)·S.
 use half::{bf16, f16};
 use stuffed::exec::{cpu_simd, Pool};
 use stuffed_core::exec::{MatmulMode, Simd};
@@ -43,8 +43,8 @@ fn pools() -> Vec<Pool> {
 /// The bound's factor on S for this pool and weight dtype (see the module's doc).
 fn bound(pool: &Pool, dtype: &str) -> f64 {
     match (pool.simd(), pool.matmul_mode(), dtype) {
-        (Simd::Avx512Bf16, MatmulMode::Exact, "bf16") => 1e-6 + 2f64.powi(-18),
-        (Simd::Avx512Bf16, MatmulMode::Fast, "bf16") => 1e-6 + 2f64.powi(-9),
+        (Simd::Avx512Bf16, MatmulMode::Exact, "bf16") => 1e-6 + 2f64.powi(-16),
+        (Simd::Avx512Bf16, MatmulMode::Fast, "bf16") => 1e-6 + 2f64.powi(-8),
         _ => 1e-6,
     }
 }
@@ -204,5 +204,80 @@ fn non_finite_activations_propagate_as_in_f32() {
         let what = format!("{:?}/{:?}", pool.simd(), pool.matmul_mode());
         assert!(out[0] == f32::INFINITY && out[1] == f32::INFINITY, "{what}: {out:?}");
         assert!(out[2].is_nan() && out[3].is_nan(), "{what}: {out:?}");
+    }
+}
+
+/// A copy of a model directory with every f32 tensor stored as bf16 (round to nearest even).
+fn bf16_copy(src: &std::path::Path) -> tempfile::TempDir {
+    use safetensors::{tensor::TensorView, Dtype};
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(src).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|x| x == "json") {
+            std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned = Vec::new();
+    for (name, t) in st.tensors() {
+        assert_eq!(t.dtype(), Dtype::F32, "{name}");
+        let b: Vec<u8> = t
+            .data()
+            .chunks_exact(4)
+            .flat_map(|c| bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+            .collect();
+        owned.push((name, t.shape().to_vec(), b));
+    }
+    let views: Vec<_> =
+        owned.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::BF16, s.clone(), b).unwrap())).collect();
+    std::fs::write(dir.path().join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    dir
+}
+
+/// Mean NLL of positions 1..T of `ids` (f64 log-softmax over the real vocab) on `pool`.
+fn mean_nll(m: &stuffed::model::Model, pool: Pool, ids: &[u32]) -> f64 {
+    let (logits, _) = stuffed_tests::run(m, pool, ids, 256, &[]);
+    let v = m.info.vocab_rows;
+    let real = m.info.config_vocab.unwrap_or(v).min(v);
+    let mut sum = 0f64;
+    for t in 1..ids.len() {
+        let row = &logits[(t - 1) * v..(t - 1) * v + real];
+        let mx = row.iter().fold(f64::MIN, |a, &x| a.max(x as f64));
+        let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
+        sum += lse - row[ids[t] as usize] as f64;
+    }
+    sum / (ids.len() - 1) as f64
+}
+
+/// Issue 22's bound: the mean NLL over the first 2,048 tokens of *Persuasion* on the shipped models
+/// (as shipped, f32, and a bf16 copy, which the AVX512-BF16 kernel multiplies) within 1e-5 of the
+/// portable path on every exact path. Fast mode's difference is printed (README quotes it), not
+/// bounded here.
+#[test]
+fn shipped_models_mean_nll_on_every_path_within_1e5_of_portable() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("host/assets/corpus/austen_persuasion.txt")).unwrap();
+    for name in ["mamba2-tiny-l4-t64-a3-4m", "mamba2-tiny-l4-t2048-a3-4m"] {
+        let dir = root.join("models").join(name);
+        let tok = stuffed::tokenizer::Tokenizer::for_model(Some(&dir), None).unwrap();
+        let cut = text.char_indices().nth(40_000).map_or(text.len(), |(i, _)| i);
+        let ids = tok.encode(&text[..cut]).unwrap();
+        assert!(ids.len() >= 2048, "{}", ids.len());
+        let ids = &ids[..2048];
+        let copy = bf16_copy(&dir);
+        for (dtype, path) in [("f32", dir.as_path()), ("bf16", copy.path())] {
+            let m = stuffed::model::Model::load(path).unwrap();
+            let reference = mean_nll(&m, Pool::serial_portable(), ids);
+            for pool in pools().into_iter().skip(1) {
+                let got = mean_nll(&m, pool, ids);
+                let d = got - reference;
+                let what = format!("{name} {dtype} {}/{}", pool.simd().name(), pool.matmul_mode().name());
+                println!("{what}: mean NLL {got:.7} (portable {reference:.7}, Δ {d:+.2e})");
+                if pool.matmul_mode() == MatmulMode::Exact {
+                    assert!(d.abs() <= 1e-5, "{what}: Δ {d:e} > 1e-5");
+                }
+            }
+        }
     }
 }
