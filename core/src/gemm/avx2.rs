@@ -61,6 +61,10 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// streams past it once, two rows at a time from L1.
 const TB: usize = 64;
 
+/// `c (+)= a · bᵀ` in 8-lane tiles of 4 rows of `a` × 2 rows of `b`.
+///
+/// # Safety
+/// As [`super::gemm_raw`]; the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm<E: Kernel>(
@@ -105,6 +109,9 @@ pub unsafe fn gemm<E: Kernel>(
 
 /// [`gemm`] with up to 4 rows of `b` per tile in 16-lane registers: AVX-512 gives 32 of them,
 /// enough for a 4 × 4 block of accumulators, so each load of `a` feeds four FMAs instead of two.
+///
+/// # Safety
+/// As [`super::gemm_raw`]; the CPU must have AVX2, FMA, F16C and AVX-512F/VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_wide<E: Kernel>(
@@ -160,6 +167,9 @@ type TileArgs<E> = (*const f32, usize, *const E, usize, usize, *mut f32, usize, 
 
 /// `c[j] (+)= a · b_j` for one row of `a` (a token step's GEMV): each row of `b` in one
 /// sequential pass with four partial sums, so the weights stream from memory front to back.
+///
+/// # Safety
+/// As [`super::gemm_raw`]; the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemv<E: Kernel>(n: usize, k: usize, a: *const f32, b: *const E, ldb: usize, c: *mut f32, acc: bool) {
     let k32 = k / 32 * 32;
