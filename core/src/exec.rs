@@ -13,12 +13,60 @@ pub enum Simd {
     Avx2,
     /// AVX2 + FMA + F16C with AVX-512F/VL: the GEMM kernel uses 32 registers and a wider tile.
     Avx512,
+    /// [`Simd::Avx512`] plus AVX512-BW and AVX512-BF16: products with bf16-stored weights run on
+    /// `vdpbf16ps` (see [`MatmulMode`] for what happens to the f32 activations); f32 and f16 weights,
+    /// and the scans' f32·f32 products, keep the AVX-512 f32 FMA kernel.
+    Avx512Bf16,
 }
 
 impl Simd {
-    /// Whether AVX2 + FMA code may run (true for both x86 levels).
+    /// Whether AVX2 + FMA code may run (true for every x86 level).
     pub fn has_avx2(self) -> bool {
-        matches!(self, Simd::Avx2 | Simd::Avx512)
+        matches!(self, Simd::Avx2 | Simd::Avx512 | Simd::Avx512Bf16)
+    }
+
+    /// Whether AVX-512F/VL code may run.
+    pub fn has_avx512(self) -> bool {
+        matches!(self, Simd::Avx512 | Simd::Avx512Bf16)
+    }
+
+    /// The name `STUFFED_SIMD` takes and outputs record: `portable`, `avx2`, `avx512`, `avx512bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Portable => "portable",
+            Simd::Avx2 => "avx2",
+            Simd::Avx512 => "avx512",
+            Simd::Avx512Bf16 => "avx512bf16",
+        }
+    }
+
+    /// The level a name stands for ([`Simd::name`]'s inverse).
+    pub fn from_name(name: &str) -> Option<Simd> {
+        [Simd::Portable, Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16].into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// What a bf16 matrix kernel (`vdpbf16ps`, which multiplies bf16 by bf16) does to the f32
+/// activations. Kernels that multiply in f32 ignore it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulMode {
+    /// Each activation split into bf16 hi + bf16 lo (lo = bf16(x − hi)), both products summed in
+    /// f32: the activation keeps ~16 significant bits (relative error ≤ 2⁻¹⁶, typically ~1e-6), so results stay
+    /// within the f32 kernels' tolerances.
+    #[default]
+    Exact,
+    /// Activations rounded to bf16 once (`--fast-matmul`): half the products, relative error ≤ 2⁻⁸
+    /// per activation, as bf16 models in PyTorch or llama.cpp compute.
+    Fast,
+}
+
+impl MatmulMode {
+    /// `exact` or `fast`, as outputs record it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulMode::Exact => "exact",
+            MatmulMode::Fast => "fast",
+        }
     }
 }
 
@@ -31,6 +79,10 @@ pub trait Exec: Sync {
     }
     fn simd(&self) -> Simd {
         Simd::Portable
+    }
+    /// How the bf16 kernels treat activations (the host's `--fast-matmul`).
+    fn matmul_mode(&self) -> MatmulMode {
+        MatmulMode::Exact
     }
 }
 

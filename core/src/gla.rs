@@ -16,8 +16,8 @@
 //! Every exponent is ≤ 0, so nothing overflows however strong the decay.
 use crate::exec::{Shared, Simd};
 use crate::forget::WindowAt;
+use crate::gemm::{gemm_nt, gemm_raw};
 use crate::ops::{exp, fast_exp};
-use crate::weight::{gemm_nt, gemm_raw};
 
 /// Tokens per block of the chunked form.
 pub const BLOCK: usize = 64;

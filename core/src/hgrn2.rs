@@ -16,10 +16,11 @@
 use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs};
+use crate::gemm::matmul;
 use crate::gla::{self, Mode};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
-use crate::weight::{matmul, Weight};
+use crate::weight::Weight;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {

@@ -61,6 +61,7 @@
 pub mod error;
 pub mod exec;
 pub mod forget;
+pub mod gemm;
 pub mod gla;
 pub mod hgrn2;
 pub mod mamba2;

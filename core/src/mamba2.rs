@@ -15,9 +15,10 @@
 use crate::error::{need, Error};
 use crate::exec::{Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
+use crate::gemm::{gemm_nt, gemm_raw, matmul};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
-use crate::weight::{gemm_nt, gemm_raw, matmul, Weight};
+use crate::weight::Weight;
 
 /// Tokens per SSD block inside a chunk (the attention-like part is `Q × Q`).
 pub const SSD_BLOCK: usize = 64;

@@ -2,7 +2,8 @@
 use crate::error::{check_finite, Error, Site};
 use crate::exec::Exec;
 use crate::forget::{Forget, LayerWindow, Runs, WindowTail};
-use crate::weight::{matmul, Weight};
+use crate::gemm::matmul;
+use crate::weight::Weight;
 
 /// How a family's recurrence runs over a span of tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

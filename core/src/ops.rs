@@ -61,7 +61,7 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// `x·y` over f32 slices.
 #[inline]
 pub fn dot(x: &[f32], y: &[f32]) -> f32 {
-    crate::weight::dot(x, y)
+    crate::gemm::dot(x, y)
 }
 
 /// `eˣ` in a branch-free form that vectorises (Cephes polynomial, ≈1 ulp on [−87, 88]).

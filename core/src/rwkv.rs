@@ -20,10 +20,11 @@
 use crate::error::{need, Error};
 use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs};
+use crate::gemm::matmul;
 use crate::gla::{self, Mode};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, silu};
-use crate::weight::{matmul, DType, Data, Weight};
+use crate::weight::{DType, Data, Weight};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {

@@ -46,7 +46,7 @@ fn main() {
             let reps = ((if t == 1 { 2e9 / bytes } else { 2e10 / (2.0 * (t * rows * cols) as f64) }) as usize).max(2);
             let start = Instant::now();
             for r in 0..reps {
-                stuffed_core::weight::matmul(&pool, &x, t, &weight(r), &mut out).expect("matmul");
+                stuffed_core::gemm::matmul(&pool, &x, t, &weight(r), &mut out).expect("matmul");
             }
             let s = start.elapsed().as_secs_f64() / reps as f64;
             let rate = if t == 1 {

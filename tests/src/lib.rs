@@ -39,7 +39,8 @@ pub fn run(m: &Model, pool: Pool, ids: &[u32], chunk: usize, splits: &[usize]) -
     let mut s = Session::new(m, chunk);
     s.ex = pool;
     let mut logits = vec![0f32; ids.len() * v];
-    let (ex, net, d) = (Pool::new(), m.net(), m.info.d_model);
+    // The LM head on the same kernel as the body.
+    let (ex, net, d) = (pool, m.net(), m.info.d_model);
     let mut start = 0;
     for &len in splits.iter().chain(std::iter::once(&usize::MAX)) {
         let end = start + len.min(ids.len() - start);

@@ -24,6 +24,15 @@ fn hgrn2_fla_reference() {
     check(Pool::new);
 }
 
+/// The AVX2, AVX-512 and AVX512-BF16 (exact mode) kernels where the CPU has them.
+#[test]
+fn hgrn2_every_x86_kernel() {
+    use stuffed_core::exec::Simd;
+    check(|| Pool::with_simd(Simd::Avx2));
+    check(|| Pool::with_simd(Simd::Avx512));
+    check(|| Pool::with_simd(Simd::Avx512Bf16));
+}
+
 #[test]
 fn hgrn2_portable_kernel() {
     check(Pool::serial_portable);

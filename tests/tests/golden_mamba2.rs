@@ -76,6 +76,16 @@ fn all_cases_avx2_kernel() {
     }
 }
 
+/// The AVX-512 f32 kernel and the AVX512-BF16 one (default, exact mode) where the CPU has them
+/// (`Pool::with_simd` falls back to the best level below otherwise).
+#[test]
+fn all_cases_avx512_and_avx512bf16_kernels() {
+    for case in CASES {
+        check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Avx512));
+        check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Avx512Bf16));
+    }
+}
+
 /// The same bodies on the portable kernel, one thread: every backend the CPU build has.
 #[test]
 fn all_cases_portable_kernel() {

@@ -119,6 +119,17 @@ fn rwkv_hf_format() {
     check_case(CASES[4], Pool::new);
 }
 
+/// Every case on the AVX2, AVX-512 and AVX512-BF16 (exact mode) kernels where the CPU has them.
+#[test]
+fn all_cases_every_x86_kernel() {
+    use stuffed_core::exec::Simd;
+    for &case in CASES {
+        check_case(case, || Pool::with_simd(Simd::Avx2));
+        check_case(case, || Pool::with_simd(Simd::Avx512));
+        check_case(case, || Pool::with_simd(Simd::Avx512Bf16));
+    }
+}
+
 #[test]
 fn all_cases_portable_kernel() {
     for &case in CASES {

@@ -241,7 +241,11 @@ fn device_mem_used(sc: &Scorer) -> Result<usize> {
 
 fn device_name(sc: &Scorer) -> String {
     match sc {
-        Scorer::Cpu { .. } => format!("CPU, {} threads", rayon::current_num_threads()),
+        Scorer::Cpu { .. } => {
+            let mode = crate::exec::matmul_mode();
+            let simd = crate::exec::default_simd(mode);
+            format!("CPU, {} threads, {} kernel, {} matmul", rayon::current_num_threads(), simd.name(), mode.name())
+        }
         #[cfg(gpu)]
         Scorer::Cuda(g, _) => format!(
             "{} (CUDA, {:?} matmuls; engine buffers {:.3} GiB, chunk {})",

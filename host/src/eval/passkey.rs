@@ -178,7 +178,9 @@ struct TailSnapshot {
 
 /// Everything that decides a grid's numbers: the model (by content), the options and the shard.
 fn run_key(model: &Model, o: &Options, shard: Option<(usize, usize)>) -> serde_json::Value {
-    serde_json::json!({"model": super::model_key(model), "options": o, "shard": shard})
+    let mut key = serde_json::json!({"model": super::model_key(model), "options": o, "shard": shard});
+    crate::exec::mark_matmul_mode(&mut key);
+    key
 }
 
 fn tokens_sha(ids: &[u32]) -> String {
@@ -592,6 +594,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "model": info,
         "precision": {"weights": info.weight_dtype, "compute": "f32", "state": "f32"},
         "options": o,
+        "matmul": (o.device == crate::score::Device::Cpu).then(crate::exec::matmul_record),
         "forget": o.forget.to_string(),
         "samples": recs.len(),
         "accuracy_per_length": per_length,

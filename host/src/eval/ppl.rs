@@ -400,12 +400,14 @@ impl DocStream<'_> {
 
 /// Everything that decides the numbers: models (by content), inputs' content, options.
 fn run_key(models: &[serde_json::Value], inputs: &[Input], hashes: &[String], o: &Options) -> serde_json::Value {
-    serde_json::json!({
+    let mut key = serde_json::json!({
         "models": models,
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
         "hashes": hashes,
         "options": deciding(o), "nll_out": o.nll_out, "shard": o.shard,
-    })
+    });
+    crate::exec::mark_matmul_mode(&mut key);
+    key
 }
 
 /// The options that decide the numbers of a run (not where it writes, when it checkpoints, or its share).
@@ -837,6 +839,9 @@ fn write_outputs(
         command: &'a str,
         fingerprint: Option<&'a str>,
         inputs: serde_json::Value,
+        /// The CPU matrix kernel and mode (`{"simd", "mode"}`); absent for CUDA runs.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        matmul: Option<serde_json::Value>,
         options: &'a Options,
         peak_rss_bytes: u64,
         runs: &'a [RunResult],
@@ -851,6 +856,7 @@ fn write_outputs(
         fingerprint: fp,
         stuffed_version: env!("CARGO_PKG_VERSION"),
         options: o,
+        matmul: (o.device == Device::Cpu).then(crate::exec::matmul_record),
         scoring: "NLL = −log softmax(logits at t−1)[token t] over the real vocab, positions t ≥ 1; \
                     bucket means pool every (document, position) pair in the bucket",
         inputs,

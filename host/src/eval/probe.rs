@@ -107,12 +107,14 @@ fn csv(path: &Path, header: &str, len: Option<u64>) -> Result<BufWriter<std::fs:
 /// Everything that decides the numbers: the model (by content), the inputs' content and the options.
 fn run_key(model: &Model, inputs: &[Input], o: &Options) -> Result<serde_json::Value> {
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
-    Ok(serde_json::json!({
+    let mut key = serde_json::json!({
         "model": super::model_key(model),
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
         "hashes": hashes,
         "options": o,
-    }))
+    });
+    crate::exec::mark_matmul_mode(&mut key);
+    Ok(key)
 }
 
 /// A checkpointed run: where it stood, its scorer there, the retention sums and the whole-state
@@ -419,6 +421,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         "tokenizer": tok.source,
         "inputs": inputs.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
         "options": o,
+        "matmul": (o.device == Device::Cpu).then(crate::exec::matmul_record),
         "forget": o.forget.to_string(),
         "tokens": tokens,
         "snapshots": snapshots.iter().map(|(t, _)| t).collect::<Vec<_>>(),

@@ -1,0 +1,249 @@
+//! AVX512-BF16 kernel for bf16-stored weights: `c (+)= a · bᵀ` with `vdpbf16ps`, which adds to each
+//! f32 lane the products of two consecutive bf16 pairs. A weight row `b_j` (K contiguous, as the
+//! checkpoint stores it) is already in that pair layout, so the weights are read in place, never
+//! copied; only the f32 activations are converted, per call, into a fixed-size stack buffer:
+//!
+//! - [`MatmulMode::Exact`]: `x = hi + lo` with `hi = bf16(x)`, `lo = bf16(x − hi)` (both round to
+//!   nearest even), and `c += dp(hi, w) + dp(lo, w)` in f32. bf16 × bf16 products are exact in f32,
+//!   so the only loss beyond f32 accumulation is `x − hi − lo`, at most 2⁻⁸·|x − hi| ≤ 2⁻¹⁶·|x|
+//!   (bf16's unit roundoff is 2⁻⁸, applied twice).
+//! - [`MatmulMode::Fast`]: `hi` alone, `|x − hi| ≤ 2⁻⁸·|x|`.
+//!
+//! Blocking: [`TB`] rows of `a` × [`KC`] columns at a time are split into the buffer (zero-padded to
+//! a multiple of 32), then every group of up to 4 weight rows meets every group of up to 4 of
+//! those rows (16 accumulators); a K tail loads the weights under a mask, so nothing past a row is
+//! read. Partial sums of a K block are added into `c`.
+//!
+//! [`MatmulMode::Exact`]: crate::exec::MatmulMode::Exact
+//! [`MatmulMode::Fast`]: crate::exec::MatmulMode::Fast
+use core::arch::x86_64::*;
+use core::mem::MaybeUninit;
+use half::bf16;
+
+/// Rows of `a` per block: each weight row streams past them once per block.
+const TB: usize = 64;
+/// Columns (reduction) per block: hi + lo of a `TB × KC` block is 96 KiB of stack, and the 4 weight
+/// rows of a tile (3 KiB) stay in L1 while the block's rows go by.
+const KC: usize = 384;
+
+/// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[j·ldb + l]`, as [`super::gemm_raw`].
+///
+/// # Safety
+/// As [`super::gemm_raw`]; the CPU must have AVX-512F/BW/VL and AVX512-BF16.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const bf16,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+    fast: bool,
+) {
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                for j in 0..n {
+                    *c.add(i * ldc + j) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let mut hi = MaybeUninit::<[u16; TB * KC]>::uninit();
+    let mut lo = MaybeUninit::<[u16; TB * KC]>::uninit();
+    let (hi, lo) = (hi.as_mut_ptr() as *mut u16, lo.as_mut_ptr() as *mut u16);
+    let mut i0 = 0;
+    while i0 < m {
+        let i1 = (i0 + TB).min(m);
+        let mut l0 = 0;
+        while l0 < k {
+            let kc = (k - l0).min(KC);
+            let kp = kc.next_multiple_of(32);
+            for i in i0..i1 {
+                let o = (i - i0) * kp;
+                split_row(a.add(i * lda + l0), kc, kp, hi.add(o), lo.add(o), fast);
+            }
+            // The first K block stores (or adds, under `acc`); later ones add.
+            let add = acc || l0 > 0;
+            let mut j = 0;
+            while j < n {
+                let nr = (n - j).min(4);
+                let bp = b.add(j * ldb + l0) as *const u16;
+                let mut i = i0;
+                while i < i1 {
+                    let o = (i - i0) * kp;
+                    let args = (
+                        hi.add(o) as *const u16,
+                        lo.add(o) as *const u16,
+                        kp,
+                        bp,
+                        ldb,
+                        kc,
+                        c.add(i * ldc + j),
+                        ldc,
+                        add,
+                    );
+                    let mt = (i1 - i).min(4);
+                    if fast {
+                        tiles::<true>(mt, nr, args);
+                    } else {
+                        tiles::<false>(mt, nr, args);
+                    }
+                    i += 4;
+                }
+                j += nr;
+            }
+            l0 += kc;
+        }
+        i0 = i1;
+    }
+}
+
+/// (hi, lo, row stride of both, weights, ldb, columns, c, ldc, add to c)
+type Args = (*const u16, *const u16, usize, *const u16, usize, usize, *mut f32, usize, bool);
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn tiles<const FAST: bool>(mt: usize, nr: usize, args: Args) {
+    match (mt, nr) {
+        (4, 4) => tile::<4, 4, FAST>(args),
+        (4, 3) => tile::<4, 3, FAST>(args),
+        (4, 2) => tile::<4, 2, FAST>(args),
+        (4, _) => tile::<4, 1, FAST>(args),
+        (3, 4) => tile::<3, 4, FAST>(args),
+        (3, 3) => tile::<3, 3, FAST>(args),
+        (3, 2) => tile::<3, 2, FAST>(args),
+        (3, _) => tile::<3, 1, FAST>(args),
+        (2, 4) => tile::<2, 4, FAST>(args),
+        (2, 3) => tile::<2, 3, FAST>(args),
+        (2, 2) => tile::<2, 2, FAST>(args),
+        (2, _) => tile::<2, 1, FAST>(args),
+        (_, 4) => tile::<1, 4, FAST>(args),
+        (_, 3) => tile::<1, 3, FAST>(args),
+        (_, 2) => tile::<1, 2, FAST>(args),
+        _ => tile::<1, 1, FAST>(args),
+    }
+}
+
+/// Splits `kc` activations into bf16 hi (and, unless `fast`, lo), zero-padded to `kp`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn split_row(x: *const f32, kc: usize, kp: usize, hi: *mut u16, lo: *mut u16, fast: bool) {
+    let mut l = 0;
+    while l < kp {
+        // Lanes past kc load as 0, so the padding is bf16 zero in hi and lo.
+        let left = kc.saturating_sub(l);
+        let (m0, m1) = (mask16(left), mask16(left.saturating_sub(16)));
+        let x0 = _mm512_maskz_loadu_ps(m0, x.add(l));
+        let x1 = _mm512_maskz_loadu_ps(m1, x.add(l + 16));
+        // Lanes 0..16 from the second operand.
+        let h = _mm512_cvtne2ps_pbh(x1, x0);
+        _mm512_storeu_si512(hi.add(l) as *mut _, cast_i(h));
+        if !fast {
+            let hi_i = cast_i(h);
+            let h0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi_i))));
+            let h1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm512_extracti64x4_epi64::<1>(hi_i),
+            )));
+            // x − hi is exact in f32; an infinite x leaves NaN there, which must not poison the
+            // sum (hi carries the infinity), so NaN → 0 (a NaN x is NaN in hi already).
+            let (d0, d1) = (_mm512_sub_ps(x0, h0), _mm512_sub_ps(x1, h1));
+            let d0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(d0, d0), d0);
+            let d1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(d1, d1), d1);
+            _mm512_storeu_si512(lo.add(l) as *mut _, cast_i(_mm512_cvtne2ps_pbh(d1, d0)));
+        }
+        l += 32;
+    }
+}
+
+#[inline(always)]
+fn mask16(left: usize) -> __mmask16 {
+    if left >= 16 {
+        0xffff
+    } else {
+        ((1u32 << left) - 1) as __mmask16
+    }
+}
+
+#[inline(always)]
+unsafe fn cast_i(v: __m512bh) -> __m512i {
+    core::mem::transmute(v)
+}
+
+#[inline(always)]
+unsafe fn cast_bh(v: __m512i) -> __m512bh {
+    core::mem::transmute(v)
+}
+
+/// An `MT × NR` block of `c`: `MT` split activation rows against `NR` weight rows.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn tile<const MT: usize, const NR: usize, const FAST: bool>((hi, lo, kp, w, ldb, kc, c, ldc, add): Args) {
+    let mut s = [[_mm512_setzero_ps(); NR]; MT];
+    let full = kc / 32 * 32;
+    let mut wv = [cast_bh(_mm512_setzero_si512()); NR];
+    let mut l = 0;
+    while l < full {
+        for (r, v) in wv.iter_mut().enumerate() {
+            *v = cast_bh(_mm512_loadu_si512(w.add(r * ldb + l) as *const _));
+        }
+        step::<MT, NR, FAST>(&mut s, &wv, hi.add(l), lo.add(l), kp);
+        l += 32;
+    }
+    if l < kc {
+        // The K tail: weights past the row load as 0 (and the activations there are 0).
+        let mask = ((1u64 << (kc - l)) - 1) as __mmask32;
+        for (r, v) in wv.iter_mut().enumerate() {
+            *v = cast_bh(_mm512_maskz_loadu_epi16(mask, w.add(r * ldb + l) as *const i16));
+        }
+        step::<MT, NR, FAST>(&mut s, &wv, hi.add(l), lo.add(l), kp);
+    }
+    for (i, row) in s.iter().enumerate() {
+        for (r, v) in row.iter().enumerate() {
+            let sum = hsum(*v);
+            let dst = c.add(i * ldc + r);
+            *dst = if add { *dst + sum } else { sum };
+        }
+    }
+}
+
+/// One 32-wide step of K: every activation row's hi (and lo) against the loaded weight rows.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn step<const MT: usize, const NR: usize, const FAST: bool>(
+    s: &mut [[__m512; NR]; MT],
+    wv: &[__m512bh; NR],
+    hi: *const u16,
+    lo: *const u16,
+    kp: usize,
+) {
+    for (i, row) in s.iter_mut().enumerate() {
+        let h = cast_bh(_mm512_loadu_si512(hi.add(i * kp) as *const _));
+        for (r, v) in row.iter_mut().enumerate() {
+            *v = _mm512_dpbf16_ps(*v, h, wv[r]);
+        }
+        if !FAST {
+            let lv = cast_bh(_mm512_loadu_si512(lo.add(i * kp) as *const _));
+            for (r, v) in row.iter_mut().enumerate() {
+                *v = _mm512_dpbf16_ps(*v, lv, wv[r]);
+            }
+        }
+    }
+}
+
+/// The 16 lanes in a fixed, written-out order (halves onto halves).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn hsum(v: __m512) -> f32 {
+    let h =
+        _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+    let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)))
+}

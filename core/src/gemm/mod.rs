@@ -1,0 +1,180 @@
+//! The one matrix product every family is built from, `out (t, rows) = x (t, cols) · Wᵀ`, and the
+//! strided product the scans use (`c (+)= a · bᵀ`, both operands contiguous along the reduction).
+//!
+//! Kernel levels, one file each, chosen by the [`Simd`] level the host detected:
+//! - portable: [`dot`] per output element (any target);
+//! - [`avx2`]: register-tiled AVX2/FMA and AVX-512 f32 FMA tiles, weights widened to f32 on load;
+//! - [`bf16`]: AVX512-BF16 `vdpbf16ps` tiles for bf16-stored weights ([`Simd::Avx512Bf16`]), the
+//!   activations split into bf16 hi + lo or, under [`MatmulMode::Fast`], rounded once. f32 and f16
+//!   weights, and the f32 · f32 products of the scans, use the AVX-512 f32 FMA tiles on that level.
+//!   (An AMX `tdpbf16ps` kernel would be one more file here, picked the same way.)
+//! - (x86-64 only, behind `#[cfg(target_arch = "x86_64")]`, so `no_std` targets such as thumbv7em
+//!   build the portable path alone.)
+use crate::error::Error;
+use crate::exec::{Exec, MatmulMode, Shared, Simd};
+use crate::weight::{with_slice, Data, Elem, Weight};
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod bf16;
+
+/// `out (t, w.rows) = x (t, w.cols) · wᵀ`, split over the executor by blocks of output rows.
+pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -> Result<(), Error> {
+    let (rows, k) = (w.rows, w.cols);
+    crate::error::need("matmul input", x.len(), t * k)?;
+    crate::error::need("matmul output", out.len(), t * rows)?;
+    crate::error::need("matmul weight", w.len(), rows * k)?;
+    let work = t * rows * k;
+    let tasks = if work < 1 << 16 { 1 } else { (ex.threads() * 4).min(rows.div_ceil(16)).max(1) };
+    let per = rows.div_ceil(tasks).next_multiple_of(4);
+    let (simd, mode) = (ex.simd(), ex.matmul_mode());
+    let shared = Shared::new(&mut out[..t * rows]);
+    let task = |i: usize| {
+        let (o0, o1) = (i * per, ((i + 1) * per).min(rows));
+        if o0 < o1 {
+            // SAFETY: sizes checked above; each task writes only columns o0..o1 of the output.
+            with_slice!(w.data, s => unsafe {
+                gemm_raw_mode(simd, mode, t, o1 - o0, k, x.as_ptr(), k, s.as_ptr().add(o0 * k), k, shared.ptr().add(o0), rows, false)
+            });
+        }
+    };
+    if tasks == 1 {
+        task(0);
+    } else {
+        ex.for_each(tasks, &task);
+    }
+    Ok(())
+}
+
+/// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[j·ldb + l]` for `i < m, j < n, l < k`: the one product
+/// every family is built from (both operands contiguous along the reduction). `acc` adds to `c`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt<E: Kernel>(
+    simd: Simd,
+    mnk: (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    b: &[E],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) -> Result<(), Error> {
+    gemm_nt_mode(simd, MatmulMode::Exact, mnk, a, lda, b, ldb, c, ldc, acc)
+}
+
+/// [`gemm_nt`] with a [`MatmulMode`] for the bf16 kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt_mode<E: Kernel>(
+    simd: Simd,
+    mode: MatmulMode,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    b: &[E],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) -> Result<(), Error> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    crate::error::need("gemm a", a.len(), (m - 1) * lda + k)?;
+    crate::error::need("gemm b", b.len(), (n - 1) * ldb + k)?;
+    crate::error::need("gemm c", c.len(), (m - 1) * ldc + n)?;
+    // SAFETY: every index the kernel touches is within the lengths checked above.
+    unsafe { gemm_raw_mode(simd, mode, m, n, k, a.as_ptr(), lda, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, acc) };
+    Ok(())
+}
+
+/// [`gemm_nt`] on raw pointers, for outputs that parallel tasks share by disjoint columns.
+///
+/// # Safety
+/// `a`, `b` and `c` must be valid for the strided extents `gemm_nt` checks, and no other thread
+/// may touch the elements of `c` this call writes.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_raw<E: Kernel>(
+    simd: Simd,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const E,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    gemm_raw_mode(simd, MatmulMode::Exact, m, n, k, a, lda, b, ldb, c, ldc, acc)
+}
+
+/// [`gemm_raw`] with a [`MatmulMode`] for the bf16 kernels.
+///
+/// # Safety
+/// As [`gemm_raw`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_raw_mode<E: Kernel>(
+    simd: Simd,
+    mode: MatmulMode,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const E,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match simd {
+        // SAFETY (all): the host reported these features at run time; a bf16 `E` is `half::bf16`.
+        Simd::Avx512Bf16 if E::DTYPE == crate::weight::DType::Bf16 => {
+            let fast = mode == MatmulMode::Fast;
+            return bf16::gemm(m, n, k, a, lda, b as *const half::bf16, ldb, c, ldc, acc, fast);
+        }
+        Simd::Avx512Bf16 | Simd::Avx512 | Simd::Avx2 if m == 1 => return avx2::gemv(n, k, a, b, ldb, c, acc),
+        Simd::Avx512Bf16 | Simd::Avx512 => return avx2::gemm_wide(m, n, k, a, lda, b, ldb, c, ldc, acc),
+        Simd::Avx2 => return avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc),
+        Simd::Portable => {}
+    }
+    let _ = (simd, mode);
+    for i in 0..m {
+        let ar = core::slice::from_raw_parts(a.add(i * lda), k);
+        for j in 0..n {
+            let v = dot(ar, core::slice::from_raw_parts(b.add(j * ldb), k));
+            let dst = &mut *c.add(i * ldc + j);
+            *dst = if acc { *dst + v } else { v };
+        }
+    }
+}
+
+/// A dot product with eight partial sums (so it vectorises and rounds like a blocked kernel).
+#[inline]
+pub fn dot<E: Elem>(x: &[f32], w: &[E]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n = x.len().min(w.len());
+    let (xc, xt) = x[..n].split_at(n / 8 * 8);
+    let (wc, wt) = w[..n].split_at(n / 8 * 8);
+    for (a, b) in xc.chunks_exact(8).zip(wc.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l].f32();
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (a, b) in xt.iter().zip(wt) {
+        s += a * b.f32();
+    }
+    s
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub trait Kernel: Elem {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<E: Elem> Kernel for E {}
+#[cfg(target_arch = "x86_64")]
+pub use avx2::Kernel;
