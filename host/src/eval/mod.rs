@@ -76,3 +76,42 @@ pub fn other_run(file: &Path, old: &serde_json::Value, new: &serde_json::Value) 
         if diffs.is_empty() { "its fingerprint differs".into() } else { diffs.join("; ") }
     )
 }
+
+/// When a long run writes its checkpoint: every `secs` seconds and every `tokens` tokens since the
+/// last one, when the run stops on purpose, and at SIGINT/SIGTERM (which then end the run). One
+/// cadence for ppl, probe and passkey.
+pub struct Cadence {
+    secs: Option<f64>,
+    tokens: Option<u64>,
+    last: std::time::Instant,
+    since: u64,
+}
+
+/// Why a checkpoint is due: a signal (the run then ends, saying which) or the cadence / a stop.
+pub struct Due {
+    pub signal: Option<&'static str>,
+}
+
+impl Cadence {
+    pub fn new(secs: Option<f64>, tokens: Option<u64>) -> Self {
+        Cadence { secs, tokens, last: std::time::Instant::now(), since: 0 }
+    }
+
+    /// `n` more tokens were fed.
+    pub fn fed(&mut self, n: u64) {
+        self.since += n;
+    }
+
+    /// Whether a checkpoint is due now (`stop`: the run stops here on purpose).
+    pub fn due(&self, stop: bool) -> Option<Due> {
+        let signal = crate::interrupt::raised();
+        let timed = self.secs.is_some_and(|s| self.last.elapsed().as_secs_f64() >= s)
+            || self.tokens.is_some_and(|n| self.since >= n);
+        (stop || timed || signal.is_some()).then_some(Due { signal })
+    }
+
+    /// A checkpoint was written: the next one counts from here.
+    pub fn saved(&mut self) {
+        (self.last, self.since) = (std::time::Instant::now(), 0);
+    }
+}

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod prompt;
+use super::Cadence;
 use prompt::{depths, prompts, Prompt};
 pub use prompt::{
     is_correct, key, key_tokens, longest_key_ids, needle_block, num_blocks, prompt_text, template, Template,
@@ -308,7 +309,7 @@ pub fn run(
         None
     };
     let mut restored = if resume { load_checkpoint(out, &fp)? } else { None };
-    let mut last_ckpt = Instant::now();
+    let mut cadence = super::Cadence::new(checkpoint_secs, None);
     let mut facts = RunFacts { shard: shard.map(|(k, n)| format!("{k}/{n}")), ..Default::default() };
     let started = Instant::now();
     let mut s = Scorer::new(&model, o.chunk, real, o.device, o.gpu)?;
@@ -346,11 +347,8 @@ pub fn run(
         // Saves the haystack at `pos` (the scorer stands there, or `tail.hay` holds it while the
         // scorer runs a sample's tail); a signal then ends the run.
         let checkpoint =
-            |s: &Scorer, pos: usize, tail: Option<InTail>, last: &mut Instant, facts: &RunFacts| -> Result<()> {
-                let signal = crate::interrupt::raised();
-                if signal.is_none() && checkpoint_secs.is_none_or(|c| last.elapsed().as_secs_f64() < c) {
-                    return Ok(());
-                }
+            |s: &Scorer, pos: usize, tail: Option<InTail>, cadence: &mut Cadence, facts: &RunFacts| -> Result<()> {
+                let Some(due) = cadence.due(false) else { return Ok(()) };
                 let now = s.snapshot()?;
                 let (held, tail_held) = match &tail {
                     Some(t) => (t.hay, Some(&now)),
@@ -384,8 +382,8 @@ pub fn run(
                 };
                 write_run(Some(&now))?;
                 crate::report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
-                *last = Instant::now();
-                if let Some(sig) = signal {
+                cadence.saved();
+                if let Some(sig) = due.signal {
                     let at = match tail {
                         Some(t) => format!("prompt token {} of sample {}", t.fed.len(), t.sample),
                         None => format!("haystack token {pos}"),
@@ -427,7 +425,7 @@ pub fn run(
                     let end = lcp.min((pos / piece + 1) * piece);
                     s.feed(&hay[pos..end])?;
                     pos = end;
-                    checkpoint(&s, pos, None, &mut last_ckpt, &facts)?;
+                    checkpoint(&s, pos, None, &mut cadence, &facts)?;
                 }
                 lcp
             } else {
@@ -458,7 +456,7 @@ pub fn run(
                 fed = end;
                 if fed < ids.len() {
                     let tail = InTail { hay: &saved, sample: p.sample, branch, fed: &ids[..fed] };
-                    checkpoint(&s, pos, Some(tail), &mut last_ckpt, &facts)?;
+                    checkpoint(&s, pos, Some(tail), &mut cadence, &facts)?;
                 }
             }
             let prompted = s.snapshot()?;
@@ -498,7 +496,7 @@ pub fn run(
                 if rec.correct { "✓" } else { "✗" }
             );
             done.push(rec);
-            checkpoint(&s, pos, None, &mut last_ckpt, &facts)?;
+            checkpoint(&s, pos, None, &mut cadence, &facts)?;
         }
     }
     let _ = std::fs::remove_file(out.join(CKPT));

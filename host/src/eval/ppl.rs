@@ -589,8 +589,7 @@ fn run_model(
     let mut progress = Progress::new(&label, o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64));
     let started = Instant::now();
     let seconds_before = acc.seconds;
-    let mut since_ckpt = 0u64;
-    let mut last_ckpt = Instant::now();
+    let mut cadence = super::Cadence::new(o.checkpoint_secs, o.checkpoint_every);
     let mut nll = Vec::with_capacity(scorer.chunk() + 1);
     for (k, (di, parts)) in docs.iter().enumerate().skip(first_doc) {
         let di = *di;
@@ -642,15 +641,12 @@ fn run_model(
             acc.longest = acc.longest.max(pos);
             acc.tokens_fed += t as u64;
             *processed += t as u64;
-            since_ckpt += t as u64;
+            cadence.fed(t as u64);
             progress.set(acc.tokens_fed);
             let stop = o.stop_after.is_some_and(|n| *processed >= n);
             let at_boundary = t == o.chunk && !feed.done();
-            let due = o.checkpoint_every.is_some_and(|n| since_ckpt >= n)
-                || o.checkpoint_secs.is_some_and(|s| last_ckpt.elapsed().as_secs_f64() >= s);
-            let signal = crate::interrupt::raised();
-            if at_boundary && (stop || due || signal.is_some()) {
-                (since_ckpt, last_ckpt) = (0, Instant::now());
+            if let Some(due) = cadence.due(stop).filter(|_| at_boundary) {
+                cadence.saved();
                 acc.seconds = seconds_before + started.elapsed().as_secs_f64();
                 let nll_len = match (&nll_path, nll_file.as_mut()) {
                     (Some(p), Some(f)) => {
@@ -672,7 +668,7 @@ fn run_model(
                     tau,
                 };
                 save_checkpoint(out, &snap, &state, pending.as_deref())?;
-                if let Some(sig) = signal {
+                if let Some(sig) = due.signal {
                     progress.finish();
                     bail!("{sig} after {processed} tokens: checkpoint in {}; continue with --resume", out.display());
                 }

@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use stuffed_core::Runs;
 
 #[derive(Clone, Debug, Serialize)]
@@ -248,7 +247,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let stream = crate::eval::ppl::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
     let mut feed = crate::eval::ppl::TokenFeed::new(stream, pos);
     let mut since = 0u64; // tokens since the last report
-    let mut last_ckpt = Instant::now();
+    let mut cadence = super::Cadence::new(o.checkpoint_secs, None);
     let mut snaps = o.snapshot_at.clone();
     snaps.sort_unstable();
     snaps.dedup();
@@ -313,9 +312,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         if feed.done() {
             break;
         }
-        let signal = crate::interrupt::raised();
         let stop = o.stop_after.is_some_and(|n| pos >= n);
-        if stop || signal.is_some() || o.checkpoint_secs.is_some_and(|c| last_ckpt.elapsed().as_secs_f64() >= c) {
+        if let Some(due) = cadence.due(stop) {
             let mut csv_lens = [0u64; 4];
             for (w, n) in [&mut ret_csv, &mut st_csv, &mut cv_csv, &mut in_csv].into_iter().zip(&mut csv_lens) {
                 w.flush()?;
@@ -329,8 +327,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
             tensors.extend(pending.as_deref().map(|p| ("pending", Values::F32(p))));
             tensors.extend(names.iter().zip(&snapshots).map(|(n, (_, st))| (n.as_str(), Values::F32(st))));
             report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
-            last_ckpt = Instant::now();
-            if let Some(sig) = signal {
+            cadence.saved();
+            if let Some(sig) = due.signal {
                 progress.finish();
                 bail!("{sig} after {pos} tokens: checkpoint in {}; continue with --resume", out.display());
             }
