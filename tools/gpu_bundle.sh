@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds what a GPU machine needs (it has no cargo) into .gpu/ (git-ignored; add `/.gpu/` to
-# .git/info/exclude): the stuffed binary and the GPU test binary, both with `--features cuda`, stripped;
+# Builds what a GPU machine needs (it has no cargo) into .gpu/ (git-ignored: the device tool carries
+# it only when named, `carry: [".gpu"]`): the stuffed binary and the GPU test binary, both with `--features cuda`, stripped;
 # the build path (the test binary's data paths are compiled in); with --peers, the peers' wheels
 # (mamba_ssm, causal_conv1d) from ../shared/wheels, for `gpu_run.sh peers` only. Then run
 # tools/gpu_run.sh on the GPU machine (`quick` first). Fails if the tree the device tool carries plus
@@ -34,7 +34,7 @@ if [ "$peers" = --peers ]; then
 fi
 du -sh .gpu; ls -la .gpu
 # What the device tool carries: tracked files, untracked ones git does not ignore, and .gpu.
-tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+tree=$(git ls-files -z --cached --others --exclude-standard -- . ':!.gpu' | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 bundle=$(du -sb .gpu | cut -f1)
 total=$(( (tree + bundle) / 1048576 ))
 echo "tree $(( tree / 1048576 )) MiB + bundle $(( bundle / 1048576 )) MiB = $total MiB (limit 56)"
