@@ -177,14 +177,33 @@ impl Session<'_> {
     /// Greedy decoding of `max_new` tokens after a prompt whose last hidden row is `last`; the state
     /// advances through the generated tokens (all but the last, which is never fed).
     pub fn greedy(&mut self, last: &[f32], max_new: usize, real: usize) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(max_new);
+        self.greedy_each(last, max_new, real, &mut |next| {
+            out.push(next);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// The one greedy loop: each token, as it is chosen, goes to `each`, which returns whether to go
+    /// on (a token it refuses is not fed). The state advances through every accepted token but the
+    /// last of `max_new`.
+    pub fn greedy_each(
+        &mut self,
+        last: &[f32],
+        max_new: usize,
+        real: usize,
+        each: &mut dyn FnMut(u32) -> Result<bool>,
+    ) -> Result<()> {
         let v = self.model.net().vocab_rows();
         let mut logits = vec![0f32; v];
         let mut row = last.to_vec();
-        let mut out = Vec::with_capacity(max_new);
         for i in 0..max_new {
             self.logits(&row, 1, &mut logits)?;
             let next = argmax(&logits, real);
-            out.push(next);
+            if !each(next)? {
+                break;
+            }
             if i + 1 < max_new {
                 self.feed(&[next], &mut |_, h| {
                     row.copy_from_slice(h);
@@ -192,7 +211,7 @@ impl Session<'_> {
                 })?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -1,7 +1,7 @@
 //! `info`, `tokenize`, `logits`, `generate`.
 use crate::checkpoint::Checkpoint;
 use crate::model::Model;
-use crate::session::{argmax, Session};
+use crate::session::Session;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::Write;
@@ -187,7 +187,6 @@ pub fn generate(
         out.truncate(out.iter().position(|&t| Some(t) == eot).unwrap_or(out.len()));
         return print_out(&tok.decode(&out)?, true);
     }
-    let v = m.info.vocab_rows;
     let mut s = Session::new(&m, 256);
     let mut last = vec![0f32; m.info.d_model];
     s.feed(&ids, &mut |_, h| {
@@ -195,15 +194,11 @@ pub fn generate(
         last.copy_from_slice(&h[h.len() - d..]);
         Ok(())
     })?;
-    let mut logits = vec![0f32; v];
-    let mut out = Vec::new();
-    let mut printed = 0;
+    let (mut out, mut printed) = (Vec::new(), 0);
     s.chunk = 1;
-    for _ in 0..max_new {
-        s.logits(&last, 1, &mut logits)?;
-        let next = argmax(&logits, real);
+    s.greedy_each(&last, max_new, real, &mut |next| {
         if Some(next) == eot {
-            break;
+            return Ok(false);
         }
         out.push(next);
         // Print whole characters only: a token may end mid-way through a UTF-8 sequence.
@@ -212,10 +207,7 @@ pub fn generate(
             print_out(&text[printed.min(text.len())..], false)?;
             printed = text.len();
         }
-        s.feed(&[next], &mut |_, h| {
-            last.copy_from_slice(h);
-            Ok(())
-        })?;
-    }
+        Ok(true)
+    })?;
     print_out("", true)
 }
