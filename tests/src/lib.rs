@@ -148,3 +148,30 @@ pub fn poisoned(case: &str, name: &str, index: usize, value: f32) -> tempfile::T
 pub fn cli(args: &[&str]) -> anyhow::Result<()> {
     stuffed::cli::run(stuffed::cli::parse_from(std::iter::once("stuffed").chain(args.iter().copied()))?)
 }
+
+/// Seeded values in [−1, 1) (the kernel tests' operands).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Every matrix kernel this CPU runs: portable (serial and pooled), then each level up to the best;
+/// with `fast`, also the AVX512-BF16 level in `--fast-matmul` mode where the CPU has it.
+pub fn kernel_pools(fast: bool) -> Vec<Pool> {
+    use stuffed_core::exec::{Exec, MatmulMode, Simd};
+    let mut p = vec![Pool::serial_portable(), Pool::with_simd(Simd::Portable)];
+    for s in [Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16] {
+        if Pool::with_simd(s).simd() == s {
+            p.push(Pool::with_simd(s));
+        }
+    }
+    if fast && stuffed::exec::cpu_simd() == Simd::Avx512Bf16 {
+        p.push(Pool::with_simd(Simd::Avx512Bf16).with_mode(MatmulMode::Fast));
+    }
+    p
+}

@@ -9,36 +9,11 @@
 //! - AVX512-BF16 exact (activation = bf16 hi + bf16 lo, |x − hi − lo| ≤ 2⁻¹⁶·|x|): |Δ| ≤ (1e-6 + 2⁻¹⁶)·S;
 //! - AVX512-BF16 fast (activation rounded to bf16 once, ≤ 2⁻⁸·|x|): |Δ| ≤ (1e-6 + 2⁻⁸)·S.
 use half::{bf16, f16};
-use stuffed::exec::{cpu_simd, Pool};
+use stuffed::exec::Pool;
 use stuffed_core::exec::{MatmulMode, Simd};
 use stuffed_core::gemm::{gemm_nt_mode, matmul};
 use stuffed_core::{Data, Exec, Weight};
-
-/// Seeded values in [−1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-/// Every level up to the best this CPU runs, the bf16 one in both modes.
-fn pools() -> Vec<Pool> {
-    let best = cpu_simd();
-    let mut p = vec![Pool::serial_portable(), Pool::with_simd(Simd::Portable)];
-    for s in [Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16] {
-        if Pool::with_simd(s).simd() == s {
-            p.push(Pool::with_simd(s));
-        }
-    }
-    if best == Simd::Avx512Bf16 {
-        p.push(Pool::with_simd(Simd::Avx512Bf16).with_mode(MatmulMode::Fast));
-    }
-    p
-}
+use stuffed_tests::{kernel_pools, values};
 
 /// The bound's factor on S for this pool and weight dtype (see the module's doc).
 fn bound(pool: &Pool, dtype: &str) -> f64 {
@@ -140,7 +115,7 @@ fn strided(pool: &Pool, dtype: &str, (m, n, k): (usize, usize, usize), acc: bool
 #[test]
 fn every_kernel_on_the_nasty_shapes() {
     let mut ran = Vec::new();
-    for pool in pools() {
+    for pool in kernel_pools(true) {
         let name = format!("{}/{} ×{}", pool.simd().name(), pool.matmul_mode().name(), pool.threads());
         let mut worst = [0f64; 3];
         for (d, dtype) in ["f32", "bf16", "f16"].into_iter().enumerate() {
@@ -195,7 +170,7 @@ fn non_finite_activations_propagate_as_in_f32() {
     let k = 40;
     let w: Vec<bf16> = (0..2 * k).map(|i| bf16::from_f32(0.5 + i as f32 * 1e-3)).collect();
     let wt = Weight::new(Data::Bf16(&w), 2, k).unwrap();
-    for pool in pools() {
+    for pool in kernel_pools(true) {
         let mut x = vec![0.25f32; 2 * k];
         x[3] = f32::INFINITY;
         x[k + 5] = f32::NAN;
@@ -269,7 +244,7 @@ fn shipped_models_mean_nll_on_every_path_within_1e5_of_portable() {
         for (dtype, path) in [("f32", dir.as_path()), ("bf16", copy.path())] {
             let m = stuffed::model::Model::load(path).unwrap();
             let reference = mean_nll(&m, Pool::serial_portable(), ids);
-            for pool in pools().into_iter().skip(1) {
+            for pool in kernel_pools(true).into_iter().skip(1) {
                 let got = mean_nll(&m, pool, ids);
                 let d = got - reference;
                 let what = format!("{name} {dtype} {}/{}", pool.simd().name(), pool.matmul_mode().name());

@@ -3,33 +3,9 @@
 //! reductions that are no multiple of the vector width, and products split over threads.
 use half::{bf16, f16};
 use stuffed::exec::Pool;
-use stuffed_core::exec::Simd;
 use stuffed_core::gemm::{gemm_nt, matmul};
 use stuffed_core::{Data, Exec, Weight};
-
-/// Seeded values in [−1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-/// The kernels to check: each level up to the best this CPU runs (both matmul modes of the bf16
-/// level: f32 and f16 weights take the FMA tiles there, bf16 ones are within this file's bound in
-/// exact mode; tests/gemm.rs has each mode's own bound).
-fn pools() -> Vec<Pool> {
-    let mut p = vec![Pool::serial_portable(), Pool::with_simd(Simd::Portable)];
-    for s in [Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16] {
-        if Pool::with_simd(s).simd() == s {
-            p.push(Pool::with_simd(s));
-        }
-    }
-    p
-}
+use stuffed_tests::{kernel_pools, values};
 
 /// Checks `out` against the f64 product of the stored (rounded) weights: |Δ| ≤ tol·Σ|x·w| + 1e-30.
 fn check(what: &str, x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), out: &[f32], base: Option<&[f32]>) {
@@ -56,7 +32,7 @@ fn matmul_on_every_kernel_dtype_and_shape() {
     let ns = [1, 3, 4, 5, 17, 300];
     let ks = [1, 7, 8, 9, 31, 32, 33, 100, 1030];
     let mut checked = 0;
-    for pool in pools() {
+    for pool in kernel_pools(false) {
         for &k in &ks {
             for &n in &ns {
                 let w = values(n * k, (n * 31 + k) as u64);
