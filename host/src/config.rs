@@ -154,20 +154,6 @@ impl Fields<'_> {
     }
 }
 
-/// The family named by a config, or a clear error naming the file.
-pub fn family(cfg: &Value, path: &Path) -> Result<&'static str> {
-    let model_type = cfg.get("model_type").and_then(Value::as_str);
-    match model_type {
-        Some("mamba2") => Ok("mamba2"),
-        Some("mamba") => {
-            bail!("{}: Mamba-1 ('model_type: mamba') is not supported; stuffed runs Mamba-2", path.display())
-        }
-        Some(other) => bail!("{}: unknown architecture '{other}' (supported: mamba2)", path.display()),
-        None if cfg.get("ssm_cfg").is_some() || cfg.get("d_model").is_some() => Ok("mamba2"),
-        None => bail!("{}: unknown architecture: no 'model_type' and no official Mamba fields", path.display()),
-    }
-}
-
 /// Parses a Mamba-2 config (HF or official); the vocab rows come from the embedding's shape.
 pub fn mamba2(cfg: &Value, path: &Path, vocab_rows: usize) -> Result<Mamba2Config> {
     let p = path.display();

@@ -84,6 +84,31 @@ impl ForgetSpec {
         }
     }
 
+    /// Tokens the next call from position `pos` may hold: at most `left` and `chunk`, ending where
+    /// a state-level method (reset, state normalization) acts. Both backends cut their calls here.
+    pub fn piece_len(&self, pos: u64, chunk: usize, left: usize) -> usize {
+        let n = chunk.min(left);
+        let next = |every: u64| (pos / every + 1) * every;
+        let boundary = match *self {
+            ForgetSpec::Reset { every } => next(every),
+            ForgetSpec::StateNorm { every, calib: Some(c) } if pos < c => next(every).min(c),
+            ForgetSpec::StateNorm { every, .. } => next(every),
+            _ => return n,
+        };
+        n.min((boundary - pos) as usize)
+    }
+
+    /// What a state-level method does once the stream reaches `pos` (a call ends there), given
+    /// whether state normalization's τ is set yet.
+    pub fn at(&self, pos: u64, tau_set: bool) -> Boundary {
+        match *self {
+            ForgetSpec::Reset { every } if pos.is_multiple_of(every) => Boundary::Reset,
+            ForgetSpec::StateNorm { calib, .. } if calib == Some(pos) => Boundary::Calibrate,
+            ForgetSpec::StateNorm { every, .. } if tau_set && pos.is_multiple_of(every) => Boundary::Normalize,
+            _ => Boundary::Nothing,
+        }
+    }
+
     /// With the calibration length resolved (state-norm's default is the training length).
     pub fn resolved(self, train_len: Option<u64>) -> Result<ForgetSpec> {
         match self {
@@ -94,6 +119,18 @@ impl ForgetSpec {
             s => Ok(s),
         }
     }
+}
+
+/// What acts on the state at the end of a call ([`ForgetSpec::at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boundary {
+    Nothing,
+    /// Zero the whole state.
+    Reset,
+    /// τ ← ‖h‖_F per (layer, head).
+    Calibrate,
+    /// h ← h·min(1, τ/‖h‖_F) per (layer, head).
+    Normalize,
 }
 
 impl std::fmt::Display for ForgetSpec {

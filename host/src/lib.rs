@@ -1,7 +1,9 @@
 //! `stuffed`: stream millions of tokens through recurrent language models in constant memory, and
 //! measure how their fixed-size state fails.
 //!
-//! Layers, one way: checkpoint (maps) → model (core views) → session (state + buffers) → commands.
+//! Layers, one way: checkpoint (maps) → model (core views) → backend (session: state + buffers;
+//! or the GPU) → evaluators → commands.
+pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -16,7 +18,6 @@ pub mod gpumem;
 pub mod interrupt;
 pub mod model;
 pub mod report;
-pub mod score;
 pub mod session;
 pub mod synth;
 pub mod text;

@@ -1,27 +1,34 @@
-//! A checkpoint on disk → a core model whose weights are views into the checkpoint's maps.
-use crate::checkpoint::{Checkpoint, DType, Format, TensorView};
-use crate::config::{self, Flavor};
+//! A checkpoint on disk → a core model whose weights are views into the checkpoint's maps. What a
+//! path holds is found once ([`family::detect`]); each family's host file (`model/<family>.rs`,
+//! mirroring its core file) reads its config quirks and tensor names into core views.
+use crate::checkpoint::{Checkpoint, DType, TensorView};
 use crate::forget::ForgetSpec;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::path::{Path, PathBuf};
-use stuffed_core::mamba2::{self, Mamba2};
+use stuffed_core::mamba2::Mamba2;
 use stuffed_core::{Data, Recurrent, Weight};
+
+mod family;
+mod hgrn2;
+mod mamba2;
+mod rwkv;
+
+pub use family::{detect, Config, Family, Found, Vocab};
 
 /// Facts about a loaded model, for `stuffed info` and every report.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub path: PathBuf,
-    pub family: String,
+    pub family: Family,
     pub format: String,
     pub d_model: usize,
     pub n_layer: usize,
-    pub n_heads: usize,
-    pub head_dim: usize,
-    pub d_state: usize,
-    pub n_groups: usize,
-    pub d_conv: usize,
+    /// What each layer has, in its family's own terms.
+    #[serde(flatten)]
+    pub layout: Layout,
     pub params: usize,
     pub weight_dtype: String,
     pub weight_bytes: usize,
@@ -35,22 +42,81 @@ pub struct ModelInfo {
     pub tied_embeddings: bool,
 }
 
-mod families;
-
-enum Net {
-    Mamba2(Mamba2<'static>),
-    Rwkv(stuffed_core::rwkv::Rwkv<'static>),
-    Hgrn2(stuffed_core::hgrn2::Hgrn2<'static>),
+/// A layer's sizes, per family (written flat into `info --json` and every results file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Layout {
+    /// Mamba-2: `n_heads` heads of `head_dim` channels, each with a `d_state` state read and written
+    /// through `n_groups` shared B/C groups, after a causal conv of width `d_conv`.
+    Mamba2 { n_heads: usize, head_dim: usize, d_state: usize, n_groups: usize, d_conv: usize },
+    /// RWKV-5.2 / 6: `n_heads` heads of a `head_size`² state; a channel mix of `d_ffn`; RWKV-6's
+    /// token-shift and decay LoRAs of rank `lora_mix` and `lora_decay` (0 on 5.2).
+    Rwkv { n_heads: usize, head_size: usize, d_ffn: usize, lora_mix: usize, lora_decay: usize },
+    /// HGRN-2: `n_heads` heads of an `expand` (key) × `head_v` (value) state; a SwiGLU MLP of `d_mlp`.
+    Hgrn2 { n_heads: usize, expand: usize, head_v: usize, d_mlp: usize },
 }
 
-/// A loaded model. The core model borrows `layers` and the checkpoint's maps; both live on the heap
-/// and are dropped after it (fields drop in declaration order).
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Layout::Mamba2 { n_heads, head_dim, d_state, n_groups, d_conv } => {
+                write!(f, "heads {n_heads} × head_dim {head_dim}, d_state {d_state}, groups {n_groups}, conv {d_conv}")
+            }
+            Layout::Rwkv { n_heads, head_size, d_ffn, lora_mix, lora_decay } => write!(
+                f,
+                "heads {n_heads} × head_size {head_size}, ffn {d_ffn}, LoRA mix {lora_mix} / decay {lora_decay}"
+            ),
+            Layout::Hgrn2 { n_heads, expand, head_v, d_mlp } => {
+                write!(f, "heads {n_heads} × (expand {expand} × head_v {head_v}), mlp {d_mlp}")
+            }
+        }
+    }
+}
+
+/// What a family's host file builds from a checkpoint: its core model's tables (views into the
+/// checkpoint and the layer list the core model borrows) and the model's description.
+pub(crate) struct Loaded<'a> {
+    pub views: Box<dyn Views + 'a>,
+    pub info: ModelInfo,
+}
+
+/// A family's tables, which lend the core model its weights.
+pub(crate) trait Views: Send + Sync {
+    fn net(&self) -> Result<Net<'_>>;
+}
+
+/// A family's host loader: reads the checkpoint `ck` that `found` names.
+pub(crate) type Loader = for<'a> fn(&'a Checkpoint, &Found) -> Result<Loaded<'a>>;
+
+/// A core model. Mamba-2 by its type: the CUDA backend and the FLOP count need its config.
+pub(crate) enum Net<'a> {
+    Mamba2(Box<Mamba2<'a>>),
+    Other(Box<dyn Recurrent + 'a>),
+}
+
+type BoxedViews<'a> = Box<dyn Views + 'a>;
+
+self_cell::self_cell!(
+    /// A checkpoint and the tables that view it.
+    struct Viewed {
+        owner: Checkpoint,
+        #[covariant]
+        dependent: BoxedViews,
+    }
+);
+
+self_cell::self_cell!(
+    /// Those and the core model that borrows the tables.
+    struct Built {
+        owner: Viewed,
+        #[covariant]
+        dependent: Net,
+    }
+);
+
+/// A loaded model: owns the checkpoint's maps, the tables viewing them and the core model.
 pub struct Model {
-    net: Net,
-    /// Layer tables of the other families (the core model borrows them too).
-    _extra: Option<Box<dyn std::any::Any + Send + Sync>>,
-    _layers: Box<[mamba2::Layer<'static>]>,
-    _ckpt: Box<Checkpoint>,
+    built: Built,
     pub info: ModelInfo,
     /// The forgetting method sessions of this model use.
     pub forget: ForgetSpec,
@@ -94,39 +160,41 @@ impl Model {
     }
 
     pub fn net(&self) -> &dyn Recurrent {
-        match &self.net {
-            Net::Mamba2(m) => m,
-            Net::Rwkv(m) => m,
-            Net::Hgrn2(m) => m,
+        match self.built.borrow_dependent() {
+            Net::Mamba2(m) => m.as_ref(),
+            Net::Other(m) => m.as_ref(),
         }
     }
 
     /// The Mamba-2 model, when this is one (the CUDA backend runs Mamba-2).
-    pub fn mamba2(&self) -> Option<&Mamba2<'static>> {
-        match &self.net {
+    pub fn mamba2(&self) -> Option<&Mamba2<'_>> {
+        match self.built.borrow_dependent() {
             Net::Mamba2(m) => Some(m),
-            _ => None,
+            Net::Other(_) => None,
         }
     }
 
-    fn net_mut(&mut self) -> &mut dyn Recurrent {
-        match &mut self.net {
-            Net::Mamba2(m) => m,
-            Net::Rwkv(m) => m,
-            Net::Hgrn2(m) => m,
-        }
+    fn with_net_mut<T>(&mut self, f: impl FnOnce(&mut dyn Recurrent) -> T) -> T {
+        self.built.with_dependent_mut(|_, net| match net {
+            Net::Mamba2(m) => f(m.as_mut()),
+            Net::Other(m) => f(m.as_mut()),
+        })
+    }
+
+    fn checkpoint(&self) -> &Checkpoint {
+        self.built.borrow_owner().borrow_owner()
     }
 
     /// Sets the forgetting method (before creating sessions: the state size may change).
     pub fn set_forget(&mut self, f: ForgetSpec) -> Result<()> {
         let path = self.info.path.display().to_string();
-        self.net_mut().set_forget(f.core()).with_context(|| format!("{path}: --forget {f}"))?;
+        self.with_net_mut(|n| n.set_forget(f.core())).with_context(|| format!("{path}: --forget {f}"))?;
         // A window caches r tokens of inputs per layer: refuse one larger than this machine's memory
         // before anything allocates it.
         let bytes = self.net().state_len() as u64 * 4;
         if let Some(total) = crate::report::mem_total_bytes().filter(|&t| bytes > t) {
             let old = self.forget.core();
-            self.net_mut().set_forget(old).with_context(|| format!("{path}: --forget"))?;
+            self.with_net_mut(|n| n.set_forget(old)).with_context(|| format!("{path}: --forget"))?;
             bail!(
                 "{path}: --forget {f}: the state would take {:.1} GiB (a window caches r tokens of inputs per layer), \
                  more than this machine's memory ({:.1} GiB)",
@@ -144,7 +212,7 @@ impl Model {
     pub fn content_id(&self) -> String {
         use rayon::prelude::*;
         use sha2::{Digest, Sha256};
-        let ck = &self._ckpt;
+        let ck = self.checkpoint();
         let names: Vec<&str> = ck.names().collect();
         let sums: Vec<String> = names
             .par_iter()
@@ -164,23 +232,17 @@ impl Model {
 
     /// Opens a checkpoint directory (or file) and builds the model it holds.
     pub fn load(path: &Path) -> Result<Model> {
-        // RWKV (BlinkDL .pth, or HF-format RWKV-5/6) and HGRN-2 load in `families`.
-        if let Some(m) = families::try_load(path)? {
-            return Ok(m);
-        }
-        let ckpt = Box::new(Checkpoint::open(path)?);
-        // SAFETY: the views borrow memory owned by `ckpt` (maps and aligned copies, all on the heap);
-        // `Model` keeps `ckpt` alive, unmoved in its Box, for as long as the views exist.
-        let ck: &'static Checkpoint = unsafe { &*(ckpt.as_ref() as *const Checkpoint) };
-        let cfg_path = ck.dir().join("config.json");
-        if !cfg_path.exists() {
-            bail!("{}: missing config.json beside the weights", cfg_path.display());
-        }
-        let json = config::read_json(&cfg_path)?;
-        match config::family(&json, &cfg_path)? {
-            "mamba2" => load_mamba2(ck, ckpt, &json, &cfg_path, path),
-            other => bail!("{}: unknown architecture '{other}'", cfg_path.display()),
-        }
+        let found = detect(path)?;
+        let ckpt = Checkpoint::open(&found.weights)?;
+        let mut info = None;
+        let viewed = Viewed::try_new(ckpt, |ck| {
+            let loaded = (found.family.loader())(ck, &found)?;
+            info = Some(loaded.info);
+            anyhow::Ok(loaded.views)
+        })?;
+        let info = info.context("a loader returned no description")?;
+        let built = Built::try_new(viewed, |v| v.borrow_dependent().net())?;
+        Ok(Model { built, info, forget: ForgetSpec::None })
     }
 }
 
@@ -193,23 +255,49 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// A tensor as a core weight of `(rows, cols)`, checking its exact stored shape.
-fn weight(t: TensorView<'static>, shape: &[usize]) -> Result<Weight<'static>> {
-    if t.shape != shape {
-        bail!("{}: tensor {} has shape {:?}, expected {:?}", t.file.display(), t.name, t.shape, shape);
-    }
-    let data = match t.dtype {
+/// A tensor's elements as core weight data (F32, BF16 or F16, used in place).
+fn data(t: TensorView<'_>) -> Result<Data<'_>> {
+    Ok(match t.dtype {
         DType::F32 => Data::F32(t.as_f32()?),
         DType::BF16 => Data::Bf16(t.as_bf16()?),
         DType::F16 => Data::F16(t.as_f16()?),
         other => bail!("{}: tensor {} has dtype {other}; weights must be F32, BF16 or F16", t.file.display(), t.name),
-    };
+    })
+}
+
+/// A tensor as a core weight of `(rows, cols)`, checking its exact stored shape.
+fn weight<'a>(t: TensorView<'a>, shape: &[usize]) -> Result<Weight<'a>> {
+    if t.shape != shape {
+        bail!("{}: tensor {} has shape {:?}, expected {:?}", t.file.display(), t.name, t.shape, shape);
+    }
     let (rows, cols) = match shape {
         [] => (1, 1),
         [n] => (1, *n),
         [r, rest @ ..] => (*r, rest.iter().product()),
     };
-    Ok(Weight::new(data, rows, cols)?)
+    Ok(Weight::new(data(t)?, rows, cols)?)
+}
+
+/// A tensor as a `(rows, cols)` weight, checking only its element count (squeezes `[1,1,C]`).
+fn view(t: TensorView<'_>, rows: usize, cols: usize) -> Result<Weight<'_>> {
+    if t.numel() != rows * cols {
+        bail!(
+            "{}: tensor {} has shape {:?}, expected {} elements ({rows} × {cols})",
+            t.file.display(),
+            t.name,
+            t.shape,
+            rows * cols
+        );
+    }
+    Ok(Weight::new(data(t)?, rows, cols)?)
+}
+
+/// Parameters and bytes of every stored tensor but those `skip` names (duplicates).
+fn totals(ck: &Checkpoint, skip: impl Fn(&str) -> bool) -> (usize, usize) {
+    ck.names()
+        .filter(|n| !skip(n))
+        .filter_map(|n| ck.get(n))
+        .fold((0, 0), |(p, b), v| (p + v.numel(), b + v.bytes.len()))
 }
 
 /// Fails when config.json states more layers than the weights hold (`key` names a tensor of layer
@@ -220,146 +308,4 @@ pub(crate) fn fewer_layers(ck: &Checkpoint, n_layer: usize, key: &str, cfg: &dyn
         bail!("{cfg}: config.json states {n_layer} layers but the weights have fewer (no tensor {last})");
     }
     Ok(())
-}
-
-fn load_mamba2(
-    ck: &'static Checkpoint,
-    ckpt: Box<Checkpoint>,
-    json: &serde_json::Value,
-    cfg_path: &Path,
-    path: &Path,
-) -> Result<Model> {
-    let official = ck.get("backbone.embedding.weight").is_some();
-    let emb_name = if official { "backbone.embedding.weight" } else { "backbone.embeddings.weight" };
-    let emb = ck.require(emb_name)?;
-    if ck.names().any(|n| n.ends_with("mixer.x_proj.weight")) {
-        bail!("{}: this is a Mamba-1 checkpoint (x_proj); stuffed runs Mamba-2", emb.file.display());
-    }
-    let &[rows, _] = emb.shape else {
-        bail!("{}: tensor {emb_name} has shape {:?}, expected [vocab, d_model]", emb.file.display(), emb.shape);
-    };
-    let mc = config::mamba2(json, cfg_path, rows)?;
-    if (mc.flavor == Flavor::Official) != official {
-        bail!("{}: config.json and the tensor names disagree on the format (HF vs official)", cfg_path.display());
-    }
-    let c = mc.core;
-    c.validate().with_context(|| cfg_path.display().to_string())?;
-    let (d, di, h, cd, k) = (c.d_model, c.d_inner(), c.n_heads, c.conv_dim(), c.d_conv);
-    let nin = c.in_proj_rows();
-    fewer_layers(ck, c.n_layer, "backbone.layers.{}.mixer.A_log", &cfg_path.display())?;
-    let mut layers = Vec::with_capacity(c.n_layer);
-    for l in 0..c.n_layer {
-        let p = format!("backbone.layers.{l}.");
-        let t = |n: &str| ck.require(&format!("{p}{n}"));
-        // A bias the config promises must be there; one it rules out must not be (the reference
-        // would ignore it, so the file and its config disagree).
-        let bias = |n: &str, shape: &[usize], conv: bool| -> Result<Option<Weight<'static>>> {
-            let (name, field) = (format!("{p}{n}"), mc.bias_field(conv));
-            let promised = if conv { mc.conv_bias } else { mc.bias };
-            match (ck.get(&name), promised) {
-                (Some(v), true) => weight(v, shape).map(Some),
-                (None, false) => Ok(None),
-                (None, true) => {
-                    let e = ck.require(&name).err().map(|e| format!("{e:#}")).unwrap_or_default();
-                    bail!("{e}, which {} promises ({field} = true)", cfg_path.display())
-                }
-                (Some(v), false) => bail!(
-                    "{}: tensor {name} is present but {} has {field} = false (the config and the weights disagree)",
-                    v.file.display(),
-                    cfg_path.display()
-                ),
-            }
-        };
-        let a_log = t("mixer.A_log")?;
-        if a_log.shape.len() != 1 {
-            bail!(
-                "{}: {p}mixer.A_log has shape {:?}: a Mamba-1 layer; stuffed runs Mamba-2",
-                a_log.file.display(),
-                a_log.shape
-            );
-        }
-        let dv = t("mixer.D")?;
-        let d_shape = match mc.d_has_hdim {
-            Some(true) => [di],
-            Some(false) => [h],
-            None if dv.shape == [di] => [di],
-            None => [h],
-        };
-        let inw = t("mixer.in_proj.weight")?;
-        if inw.shape.first().is_some_and(|&r| r != nin) {
-            bail!(
-                "{}: {p}mixer.in_proj.weight has {} rows, expected 2·d_inner + 2·ngroups·d_state + nheads = {nin} \
-                 (an MLP prefix or a config that does not match the weights)",
-                inw.file.display(),
-                inw.shape[0]
-            );
-        }
-        layers.push(mamba2::Layer {
-            norm: weight(t("norm.weight")?, &[d])?,
-            in_proj: weight(inw, &[nin, d])?,
-            in_proj_bias: bias("mixer.in_proj.bias", &[nin], false)?,
-            conv_w: weight(t("mixer.conv1d.weight")?, &[cd, 1, k])?,
-            conv_b: bias("mixer.conv1d.bias", &[cd], true)?,
-            dt_bias: weight(t("mixer.dt_bias")?, &[h])?,
-            a_log: weight(a_log, &[h])?,
-            d: weight(dv, &d_shape)?,
-            gate_norm: weight(t("mixer.norm.weight")?, &[di])?,
-            out_proj: weight(t("mixer.out_proj.weight")?, &[d, di])?,
-            out_proj_bias: bias("mixer.out_proj.bias", &[d], false)?,
-        });
-    }
-    if ck.get(&format!("backbone.layers.{}.mixer.A_log", c.n_layer)).is_some() {
-        bail!("{}: the weights have more than the {} layers config.json states", emb.file.display(), c.n_layer);
-    }
-    let embed = weight(emb, &[rows, d])?;
-    let head = match ck.get("lm_head.weight") {
-        Some(hd) if !mc.tied || official => weight(hd, &[rows, d])?,
-        _ if mc.tied => embed,
-        _ => bail!("{}: missing tensor lm_head.weight (tie_word_embeddings is false)", emb.file.display()),
-    };
-    let layers: Box<[mamba2::Layer<'static>]> = layers.into_boxed_slice();
-    // SAFETY: the boxed slice is owned by the returned `Model` and outlives `net` (drop order).
-    let layers_ref: &'static [mamba2::Layer<'static>] = unsafe { &*(layers.as_ref() as *const _) };
-    let weights = mamba2::Weights {
-        embed,
-        layers: layers_ref,
-        norm_f: weight(ck.require("backbone.norm_f.weight")?, &[d])?,
-        head,
-    };
-    let net = Mamba2::new(c, weights).with_context(|| format!("{}: bad Mamba-2 weights", path.display()))?;
-
-    // Count each stored tensor once; an official tied lm_head is a duplicate of the embedding.
-    let dup = |n: &str| official && mc.tied && n == "lm_head.weight";
-    let (params, bytes) = ck
-        .names()
-        .filter(|n| !dup(n))
-        .filter_map(|n| ck.get(n))
-        .fold((0, 0), |(p, b), v| (p + v.numel(), b + v.bytes.len()));
-    let info = ModelInfo {
-        path: path.to_path_buf(),
-        family: "mamba2".into(),
-        format: match (ck.format(), mc.flavor) {
-            (Format::Safetensors, Flavor::Hf) => "hf-safetensors",
-            (Format::Safetensors, Flavor::Official) => "official-safetensors",
-            (Format::TorchZip, Flavor::Hf) => "hf-torch-zip",
-            (Format::TorchZip, Flavor::Official) => "official-torch-zip",
-        }
-        .into(),
-        d_model: d,
-        n_layer: c.n_layer,
-        n_heads: h,
-        head_dim: c.head_dim,
-        d_state: c.d_state,
-        n_groups: c.n_groups,
-        d_conv: k,
-        params,
-        weight_dtype: dtype_name(emb.dtype).into(),
-        weight_bytes: bytes,
-        state_bytes: 4 * c.paper_state_size(),
-        paper_state_size: c.paper_state_size(),
-        vocab_rows: rows,
-        config_vocab: mc.vocab_size,
-        tied_embeddings: mc.tied,
-    };
-    Ok(Model { net: Net::Mamba2(net), _extra: None, _layers: layers, _ckpt: ckpt, info, forget: ForgetSpec::None })
 }

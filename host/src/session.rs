@@ -1,6 +1,6 @@
 //! A model plus its state and buffers, sized once: the loop every command drives.
 use crate::exec::Pool;
-use crate::forget::ForgetSpec;
+use crate::forget::{Boundary, ForgetSpec};
 use crate::model::Model;
 use anyhow::{anyhow, bail, Result};
 use stuffed_core::error::first_non_finite;
@@ -110,10 +110,7 @@ impl<'m> Session<'m> {
         let d = net.d_model();
         let mut off = 0;
         while off < tokens.len() {
-            let mut n = self.chunk.min(tokens.len() - off);
-            if let Some(b) = self.next_boundary() {
-                n = n.min((b - self.pos) as usize);
-            }
+            let n = self.forget.piece_len(self.pos, self.chunk, tokens.len() - off);
             let part = &tokens[off..off + n];
             let hidden = &mut self.hidden[..n * d];
             let ran = match probe.as_deref_mut() {
@@ -130,38 +127,24 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    /// The next position (> pos) where a state-level method acts.
-    fn next_boundary(&self) -> Option<u64> {
-        let next = |every: u64| (self.pos / every + 1) * every;
-        match self.forget {
-            ForgetSpec::Reset { every } => Some(next(every)),
-            ForgetSpec::StateNorm { every, calib: Some(c) } if self.pos < c => Some(next(every).min(c)),
-            ForgetSpec::StateNorm { every, .. } => Some(next(every)),
-            _ => None,
-        }
-    }
-
     /// Applies reset, calibration or normalization when `pos` sits on their boundary.
     fn at_boundary(&mut self) {
         let net = self.model.net();
-        match self.forget {
-            ForgetSpec::Reset { every } if self.pos.is_multiple_of(every) => self.state.fill(0.0),
-            ForgetSpec::StateNorm { every, calib } => {
-                let heads = (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| (l, h)));
-                if calib == Some(self.pos) {
-                    self.tau = heads.map(|(l, h)| fro(&self.state[net.head_state(l, h)])).collect();
-                } else if !self.tau.is_empty() && self.pos.is_multiple_of(every) {
-                    for ((l, h), &tau) in heads.zip(&self.tau) {
-                        let r = net.head_state(l, h);
-                        let norm = fro(&self.state[r.clone()]);
-                        if norm > tau {
-                            let k = tau / norm;
-                            self.state[r].iter_mut().for_each(|v| *v *= k);
-                        }
+        let heads = (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| (l, h)));
+        match self.forget.at(self.pos, !self.tau.is_empty()) {
+            Boundary::Reset => self.state.fill(0.0),
+            Boundary::Calibrate => self.tau = heads.map(|(l, h)| fro(&self.state[net.head_state(l, h)])).collect(),
+            Boundary::Normalize => {
+                for ((l, h), &tau) in heads.zip(&self.tau) {
+                    let r = net.head_state(l, h);
+                    let norm = fro(&self.state[r.clone()]);
+                    if norm > tau {
+                        let k = tau / norm;
+                        self.state[r].iter_mut().for_each(|v| *v *= k);
                     }
                 }
             }
-            _ => {}
+            Boundary::Nothing => {}
         }
     }
 
@@ -174,17 +157,6 @@ impl<'m> Session<'m> {
 }
 
 impl Session<'_> {
-    /// Greedy decoding of `max_new` tokens after a prompt whose last hidden row is `last`; the state
-    /// advances through the generated tokens (all but the last, which is never fed).
-    pub fn greedy(&mut self, last: &[f32], max_new: usize, real: usize) -> Result<Vec<u32>> {
-        let mut out = Vec::with_capacity(max_new);
-        self.greedy_each(last, max_new, real, &mut |next| {
-            out.push(next);
-            Ok(true)
-        })?;
-        Ok(out)
-    }
-
     /// The one greedy loop: each token, as it is chosen, goes to `each`, which returns whether to go
     /// on (a token it refuses is not fed). The state advances through every accepted token but the
     /// last of `max_new`.
@@ -198,20 +170,27 @@ impl Session<'_> {
         let v = self.model.net().vocab_rows();
         let mut logits = vec![0f32; v];
         let mut row = last.to_vec();
-        for i in 0..max_new {
-            self.logits(&row, 1, &mut logits)?;
-            let next = argmax(&logits, real);
-            if !each(next)? {
-                break;
+        // Each token through the recurrence (`Recurrent::step`), as a decode runs.
+        let chunk = std::mem::replace(&mut self.chunk, 1);
+        let mut decode = || -> Result<()> {
+            for i in 0..max_new {
+                self.logits(&row, 1, &mut logits)?;
+                let next = argmax(&logits, real);
+                if !each(next)? {
+                    break;
+                }
+                if i + 1 < max_new {
+                    self.feed(&[next], &mut |_, h| {
+                        row.copy_from_slice(h);
+                        Ok(())
+                    })?;
+                }
             }
-            if i + 1 < max_new {
-                self.feed(&[next], &mut |_, h| {
-                    row.copy_from_slice(h);
-                    Ok(())
-                })?;
-            }
-        }
-        Ok(())
+            Ok(())
+        };
+        let done = decode();
+        self.chunk = chunk;
+        done
     }
 }
 

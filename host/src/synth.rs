@@ -1,5 +1,6 @@
 //! `stuffed synth`: seeded random weights at the published shapes, written as an HF directory.
 //! The models are UNTRAINED: they exist to measure speed and memory, never quality.
+use crate::model::Family;
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 use safetensors::{Dtype, View};
@@ -20,17 +21,41 @@ pub const MAMBA2_PRESETS: &[(&str, usize, usize, usize, usize)] = &[
     ("1.3b", 2048, 48, 128, 64),
     ("2.7b", 2560, 64, 128, 64),
 ];
-/// The families `synth` writes.
-pub const FAMILIES: [&str; 4] = ["mamba2", "rwkv6", "rwkv5", "hgrn2"];
+/// The storage type of synth weights (`--dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreDtype {
+    Bf16,
+    F16,
+    F32,
+}
 
-/// `stuffed synth`: a preset of `family` (one of [`FAMILIES`]) written to `out`.
-pub fn write(family: &str, preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
+impl std::fmt::Display for StoreDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreDtype::Bf16 => "bf16",
+            StoreDtype::F16 => "f16",
+            StoreDtype::F32 => "f32",
+        })
+    }
+}
+
+impl StoreDtype {
+    fn safetensors(self) -> Dtype {
+        match self {
+            StoreDtype::Bf16 => Dtype::BF16,
+            StoreDtype::F16 => Dtype::F16,
+            StoreDtype::F32 => Dtype::F32,
+        }
+    }
+}
+
+/// `stuffed synth`: a preset of `family` written to `out`.
+pub fn write(family: Family, preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
     match family {
-        "mamba2" => mamba2(preset, dtype, seed, out),
-        "rwkv6" => rwkv(true, preset, dtype, seed, out),
-        "rwkv5" => rwkv(false, preset, dtype, seed, out),
-        "hgrn2" => hgrn2(preset, dtype, seed, out),
-        other => bail!("synth: unknown family '{other}' (supported: mamba2, rwkv6, rwkv5, hgrn2)"),
+        Family::Mamba2 => mamba2(preset, dtype, seed, out),
+        Family::Rwkv6 => rwkv(true, preset, dtype, seed, out),
+        Family::Rwkv5 => rwkv(false, preset, dtype, seed, out),
+        Family::Hgrn2 => hgrn2(preset, dtype, seed, out),
     }
 }
 
@@ -101,17 +126,12 @@ pub fn mamba2_config(preset: &str) -> Option<stuffed_core::mamba2::Config> {
     })
 }
 
-pub fn mamba2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
+fn mamba2(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
     let Some(&(_, d, n_layer, n, p)) = MAMBA2_PRESETS.iter().find(|x| x.0 == preset) else {
         let names: Vec<_> = MAMBA2_PRESETS.iter().map(|x| x.0).collect();
         bail!("unknown Mamba-2 preset '{preset}' (known: {})", names.join(", "));
     };
-    let dt = match dtype {
-        "bf16" => Dtype::BF16,
-        "f16" => Dtype::F16,
-        "f32" => Dtype::F32,
-        other => bail!("unknown dtype '{other}' (bf16, f16 or f32)"),
-    };
+    let dt = dtype.safetensors();
     let (di, k) = (2 * d, 4);
     let h = di / p;
     let cd = di + 2 * n;
@@ -194,15 +214,6 @@ pub const RWKV5_PRESETS: &[(&str, usize, usize, usize, usize, usize)] = &[
 pub const HGRN2_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
     &[("tiny", 64, 2, 16, 256, 256), ("1.3b", 2048, 24, 128, 5632, 32000)];
 
-fn dtype_of(dtype: &str) -> Result<Dtype> {
-    Ok(match dtype {
-        "bf16" => Dtype::BF16,
-        "f16" => Dtype::F16,
-        "f32" => Dtype::F32,
-        other => bail!("unknown dtype '{other}' (bf16, f16 or f32)"),
-    })
-}
-
 fn torch_dtype(dt: Dtype) -> &'static str {
     match dt {
         Dtype::BF16 => "bfloat16",
@@ -226,7 +237,7 @@ fn write_dir(out: &Path, config: serde_json::Value, tensors: &[Tensor]) -> Resul
 /// RWKV-6 (`v6 = true`) or RWKV-5.2 random weights under BlinkDL's tensor names, written as
 /// `model.safetensors` + `config.json` (`model_type` rwkv6 / rwkv5): the loader reads it as it
 /// reads a `.pth`.
-pub fn rwkv(v6: bool, preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
+fn rwkv(v6: bool, preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
     let dims = if v6 {
         RWKV6_PRESETS.iter().find(|x| x.0 == preset).map(|&(_, c, l, n, f, dm, dd, v)| (c, l, n, f, dm, dd, v))
     } else {
@@ -237,7 +248,7 @@ pub fn rwkv(v6: bool, preset: &str, dtype: &str, seed: u64, out: &Path) -> Resul
             if v6 { RWKV6_PRESETS.iter().map(|x| x.0).collect() } else { RWKV5_PRESETS.iter().map(|x| x.0).collect() };
         bail!("unknown RWKV-{} preset '{preset}' (known: {})", if v6 { 6 } else { 5 }, names.join(", "));
     };
-    let dt = dtype_of(dtype)?;
+    let dt = dtype.safetensors();
     let h = c / n;
     let mut rng = Rng(seed);
     let mut tensors = Vec::new();
@@ -303,12 +314,12 @@ pub fn rwkv(v6: bool, preset: &str, dtype: &str, seed: u64, out: &Path) -> Resul
 }
 
 /// HGRN-2 random weights as fla-hub writes them (`model.safetensors` + `config.json`).
-pub fn hgrn2(preset: &str, dtype: &str, seed: u64, out: &Path) -> Result<()> {
+fn hgrn2(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
     let Some(&(_, c, n_layer, e, im, vocab)) = HGRN2_PRESETS.iter().find(|x| x.0 == preset) else {
         let names: Vec<_> = HGRN2_PRESETS.iter().map(|x| x.0).collect();
         bail!("unknown HGRN-2 preset '{preset}' (known: {})", names.join(", "));
     };
-    let dt = dtype_of(dtype)?;
+    let dt = dtype.safetensors();
     let mut rng = Rng(seed);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {

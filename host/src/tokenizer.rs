@@ -1,5 +1,6 @@
 //! Tokenizers: GPT-NeoX-20B BPE (Mamba-2) and any tokenizer.json through the `tokenizers` crate;
 //! the RWKV World vocab (RWKV-5/6) through [`crate::world`].
+use crate::model::{Family, Vocab};
 use crate::world::World;
 use anyhow::{anyhow, bail, Result};
 use std::path::{Path, PathBuf};
@@ -32,35 +33,6 @@ fn catch<T>(source: &str, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T
     })
 }
 
-/// The family a model directory holds, as far as the tokenizer cares.
-enum DirKind {
-    Rwkv,
-    Hgrn2,
-    Other,
-}
-
-fn dir_kind(dir: &Path) -> DirKind {
-    let cfg = dir.join("config.json");
-    if let Ok(text) = std::fs::read_to_string(&cfg) {
-        let mt = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(String::from));
-        return match mt.as_deref() {
-            Some("rwkv5" | "rwkv6" | "rwkv" | "rwkv5_2") => DirKind::Rwkv,
-            Some("hgrn2") => DirKind::Hgrn2,
-            _ => DirKind::Other,
-        };
-    }
-    // A BlinkDL .pth beside no config.json: RWKV.
-    let has_pth =
-        std::fs::read_dir(dir).is_ok_and(|rd| rd.flatten().any(|e| e.path().extension().is_some_and(|x| x == "pth")));
-    if has_pth {
-        DirKind::Rwkv
-    } else {
-        DirKind::Other
-    }
-}
-
 impl Tokenizer {
     /// `explicit` (a tokenizer.json, or an RWKV World vocab `*.txt`), else for an RWKV model the
     /// shipped World vocab, else `<model dir>/tokenizer.json`, else (HGRN-2 needs its own: an
@@ -69,17 +41,19 @@ impl Tokenizer {
         if let Some(p) = explicit {
             return Self::from_file(p);
         }
-        let kind = model_dir.map_or(DirKind::Other, dir_kind);
-        if matches!(kind, DirKind::Rwkv) {
+        let family = model_dir.and_then(Family::of_dir);
+        let vocab = family.map_or(Vocab::NeoxUnlessGiven, Family::vocab);
+        if vocab == Vocab::World {
             return Self::world();
         }
         let candidate: Option<PathBuf> = model_dir.map(|d| d.join("tokenizer.json")).filter(|p| p.exists());
-        match (candidate, kind) {
+        match (candidate, vocab) {
             (Some(p), _) => Self::from_file(&p),
-            (None, DirKind::Hgrn2) => bail!(
-                "{}: no tokenizer.json in this HGRN-2 model directory (its 32k Llama-family vocab is \
-                 not shipped); put the checkpoint's tokenizer.json there or pass --tokenizer",
-                model_dir.map_or(String::new(), |d| d.display().to_string())
+            (None, Vocab::OwnOnly) => bail!(
+                "{}: no tokenizer.json in this {} model directory (its vocab is not shipped); put the \
+                 checkpoint's tokenizer.json there or pass --tokenizer",
+                model_dir.map_or(String::new(), |d| d.display().to_string()),
+                family.map_or("", Family::title)
             ),
             (None, _) => Self::from_bytes(NEOX, "builtin:gpt-neox-20b"),
         }

@@ -9,7 +9,7 @@ const CASE: &str = "hgrn2_tiny";
 
 fn check(pool: fn() -> Pool) {
     let m = Model::load(&data(CASE)).unwrap();
-    assert_eq!(m.info.family, "hgrn2");
+    assert_eq!(m.info.family.name(), "hgrn2");
     let g = Golden::load(CASE);
     assert!(g.ids.len() > 64, "T must exceed one GLA block");
     // The final state (L, H, K, V).

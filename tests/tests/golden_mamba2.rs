@@ -2,7 +2,7 @@
 //! checkpoints: `tests/data/*/ref.safetensors`, written by `tools/golden_mamba2*.py`.
 //! Bounds: FORMATS.md §8 (logits and final state rel ≤ 1e-4).
 use stuffed::exec::Pool;
-use stuffed::model::Model;
+use stuffed::model::{Layout, Model};
 use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
 
 const CASES: &[&str] = &["mamba2_hf_g1_untied", "mamba2_hf_g2_tied", "mamba2_hf_bf16", "mamba2_official"];
@@ -21,10 +21,10 @@ fn load_ref(g: &Golden) -> Ref {
 
 /// Our state (per layer: conv (k−1, cd), ssm (H, P, N)) against the reference tensors.
 fn check_state(case: &str, m: &Model, state: &[f32], r: &Ref) {
-    let i = &m.info;
-    let (l, k) = (i.n_layer, r.conv_k);
-    let cd = i.n_heads * i.head_dim + 2 * i.n_groups * i.d_state;
-    let ssm_len = i.n_heads * i.head_dim * i.d_state;
+    let (l, k) = (m.info.n_layer, r.conv_k);
+    let Layout::Mamba2 { n_heads, head_dim, d_state, n_groups, .. } = m.info.layout else { panic!("not Mamba-2") };
+    let cd = n_heads * head_dim + 2 * n_groups * d_state;
+    let ssm_len = n_heads * head_dim * d_state;
     let per = cd * (k - 1) + ssm_len;
     let (mut conv, mut ssm) = (Vec::new(), Vec::new());
     let mut ref_conv = Vec::new();

@@ -7,7 +7,7 @@
 //! the package's LN0 fold has a rounding boundary case in a row the ids use (tools/golden_rwkv.py).
 use stuffed::checkpoint::Checkpoint;
 use stuffed::exec::Pool;
-use stuffed::model::Model;
+use stuffed::model::{Layout, Model};
 use stuffed_core::{Data, Weight};
 use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
 
@@ -40,7 +40,8 @@ fn load_ref(g: &Golden) -> Ref {
 /// Our state (per layer: att_shift (C), S (H, N, N), ffn_shift (C)) against the reference.
 fn check_state(case: &str, m: &Model, state: &[f32], r: &Ref) {
     let i = &m.info;
-    let (c, hnn) = (i.d_model, i.n_heads * i.head_dim * i.head_dim);
+    let Layout::Rwkv { n_heads, head_size, .. } = i.layout else { panic!("not RWKV") };
+    let (c, hnn) = (i.d_model, n_heads * head_size * head_size);
     let per = 2 * c + hnn;
     assert_eq!(state.len(), i.n_layer * per);
     let (mut att, mut wkv, mut ffn) = (Vec::new(), Vec::new(), Vec::new());
@@ -140,13 +141,14 @@ fn all_cases_portable_kernel() {
 #[test]
 fn detection_and_info() {
     let m = Model::load(&data("rwkv6_tiny")).unwrap();
-    assert_eq!(m.info.family, "rwkv6");
+    assert_eq!(m.info.family.name(), "rwkv6");
     assert_eq!(m.info.format, "blinkdl-pth");
-    assert_eq!((m.info.d_model, m.info.n_layer, m.info.n_heads, m.info.head_dim), (64, 2, 4, 16));
+    assert_eq!((m.info.d_model, m.info.n_layer), (64, 2));
+    assert!(matches!(m.info.layout, Layout::Rwkv { n_heads: 4, head_size: 16, .. }), "{:?}", m.info.layout);
     let m = Model::load(&data("rwkv5_tiny").join("model.pth")).unwrap();
-    assert_eq!(m.info.family, "rwkv5");
+    assert_eq!(m.info.family.name(), "rwkv5");
     let m = Model::load(&data("rwkv6_tiny_hf")).unwrap();
-    assert_eq!((m.info.family.as_str(), m.info.format.as_str()), ("rwkv6", "hf-safetensors"));
+    assert_eq!((m.info.family.name(), m.info.format.as_str()), ("rwkv6", "hf-safetensors"));
     assert_eq!(m.info.paper_state_size, 2 * (2 * 64 + 4 * 16 * 16));
 }
 

@@ -1,7 +1,6 @@
 //! `info`, `tokenize`, `logits`, `generate`.
 use crate::checkpoint::Checkpoint;
 use crate::model::Model;
-use crate::session::Session;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::Write;
@@ -19,10 +18,7 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
     }
     println!("model        {}", i.path.display());
     println!("family       {} ({})", i.family, i.format);
-    println!(
-        "dimensions   d_model {}, layers {}, heads {} × head_dim {}, d_state {}, groups {}, conv {}",
-        i.d_model, i.n_layer, i.n_heads, i.head_dim, i.d_state, i.n_groups, i.d_conv
-    );
+    println!("dimensions   d_model {}, layers {}, {}", i.d_model, i.n_layer, i.layout);
     println!("parameters   {} ({:.1}M)", i.params, i.params as f64 / 1e6);
     println!("weights      {}, {} bytes", i.weight_dtype, i.weight_bytes);
     println!(
@@ -130,28 +126,23 @@ pub fn logits(model: &Path, ids_path: &Path, out: &Path, chunk: usize, dev: &sup
     let ids = read_ids(ids_path)?;
     m.check_ids(&ids, &ids_path.display().to_string())?;
     let v = m.info.vocab_rows;
-    if dev.device == crate::score::Device::Cuda {
-        let t0 = std::time::Instant::now();
-        let all = crate::score::cuda_logits(&m, &ids, chunk, dev.gpu()?)?;
-        crate::session::check_logits(&m, &all, 0)?;
-        let secs = t0.elapsed().as_secs_f64();
-        write_f32(out, "logits", &[ids.len(), v], &all)?;
-        eprintln!("{} tokens in {:.3} s on the GPU (incl. upload and the logits download)", ids.len(), secs);
-        return Ok(());
-    }
-    let mut s = Session::new(&m, chunk.min(ids.len()));
+    let mut b = crate::backend::open(&m, chunk.min(ids.len()), v, dev.device, dev.gpu()?)?;
     let mut all = vec![0f32; ids.len() * v];
-    let (ex, net, d) = (crate::exec::Pool::new(), m.net(), m.info.d_model);
     let t0 = std::time::Instant::now();
-    s.feed(&ids, &mut |start, h| {
-        let t = h.len() / d;
-        let rows = &mut all[start * v..(start + t) * v];
-        net.logits(&ex, h, t, rows)?;
-        crate::session::check_logits(&m, rows, start as u64)
+    b.logits(&ids, &mut |start, rows| {
+        all[start * v..start * v + rows.len()].copy_from_slice(rows);
+        Ok(())
     })?;
     let secs = t0.elapsed().as_secs_f64();
     write_f32(out, "logits", &[ids.len(), v], &all)?;
-    eprintln!("{} tokens in {:.3} s ({:.0} tok/s), chunk {}", ids.len(), secs, ids.len() as f64 / secs, s.chunk);
+    eprintln!(
+        "{} tokens in {:.3} s ({:.0} tok/s), chunk {}, on {}",
+        ids.len(),
+        secs,
+        ids.len() as f64 / secs,
+        b.chunk(),
+        b.device_name()
+    );
     Ok(())
 }
 
@@ -182,21 +173,10 @@ pub fn generate(
     let real = m.real_vocab(&tok);
     // Generation ends at the tokenizer's end of text (not printed).
     let eot = tok.token_id("<|endoftext|>");
-    if dev.device == crate::score::Device::Cuda {
-        let mut out = crate::score::cuda_greedy(&m, &ids, max_new, real, dev.gpu()?)?;
-        out.truncate(out.iter().position(|&t| Some(t) == eot).unwrap_or(out.len()));
-        return print_out(&tok.decode(&out)?, true);
-    }
-    let mut s = Session::new(&m, 256);
-    let mut last = vec![0f32; m.info.d_model];
-    s.feed(&ids, &mut |_, h| {
-        let d = last.len();
-        last.copy_from_slice(&h[h.len() - d..]);
-        Ok(())
-    })?;
+    let mut b = crate::backend::open(&m, 256, real, dev.device, dev.gpu()?)?;
+    b.feed(&ids)?;
     let (mut out, mut printed) = (Vec::new(), 0);
-    s.chunk = 1;
-    s.greedy_each(&last, max_new, real, &mut |next| {
+    b.greedy_each(max_new, &mut |next| {
         if Some(next) == eot {
             return Ok(false);
         }

@@ -1,7 +1,7 @@
 //! `stuffed bench` (streamed NLL speed and memory over a synth preset or a model) and `stuffed
 //! selftest` (one device against the CPU core on the same weights and tokens).
+use crate::backend::{Device, Scorer};
 use crate::model::Model;
-use crate::score::{Device, Scorer};
 use crate::session::Session;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -15,14 +15,14 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "model")]
     preset: Option<String>,
     /// The family of --preset (the GPU runs Mamba-2 only).
-    #[arg(long, default_value = "mamba2", conflicts_with = "model", value_parser = crate::synth::FAMILIES)]
-    family: String,
+    #[arg(long, value_enum, default_value = "mamba2", conflicts_with = "model")]
+    family: crate::model::Family,
     /// Or a model directory.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Storage type of a synth preset's weights.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
+    #[arg(long, value_enum, default_value_t = crate::synth::StoreDtype::Bf16)]
+    dtype: crate::synth::StoreDtype,
     /// Tokens to stream (e.g. 1m = 1,048,576, 64k).
     #[arg(long, default_value = "64k", value_parser = crate::text::parse_count)]
     tokens: u64,
@@ -98,7 +98,7 @@ fn bench_model(a: &BenchArgs) -> Result<PathBuf> {
     match (&a.preset, &a.model) {
         (_, Some(m)) => Ok(m.clone()),
         (Some(p), None) => {
-            let (f, dt) = (a.family.as_str(), a.dtype.as_str());
+            let (f, dt) = (a.family, a.dtype);
             let dir = crate::defaults::cache_root().join("synth").join(format!("{f}-{p}-{dt}"));
             if !dir.join("model.safetensors").exists() {
                 eprintln!("bench: writing synth preset {f} {p} ({dt}) to {}", dir.display());
@@ -116,7 +116,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let model = Model::load(&path)?;
     let real = model.info.config_vocab.unwrap_or(model.info.vocab_rows).min(model.info.vocab_rows);
     let want = a.chunk.unwrap_or(if a.device.device == Device::Cuda { 65536 } else { 512 });
-    let mut sc = Scorer::new(&model, want, real, a.device.device, a.device.gpu()?)?;
+    let mut sc = crate::backend::open(&model, want, real, a.device.device, a.device.gpu()?)?;
     let chunk = sc.chunk();
     let ids = random_ids(chunk.max(1), real, 1);
     let mut nll = Vec::new();
@@ -131,11 +131,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         sum += nll.iter().map(|&v| v as f64).sum::<f64>();
         done += n as u64;
         if mem_64k.is_none() && done >= 65536 {
-            mem_64k = Some(device_mem_used(&sc)?);
+            mem_64k = Some(sc.mem_used()?);
         }
     }
     let secs = t0.elapsed().as_secs_f64();
-    let mem_end = device_mem_used(&sc)?;
+    let mem_end = sc.mem_used()?;
     let fpt = model_flops_per_token(&model);
     let tps = tokens as f64 / secs;
     let weights = model.info.weight_bytes as f64;
@@ -147,7 +147,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         model.info.d_model,
         model.info.weight_dtype
     );
-    println!("device       {}", device_name(&sc));
+    println!("device       {}", sc.device_name());
     println!(
         "tokens       {tokens} in {secs:.3} s: {tps:.0} tok/s (chunk {chunk}); mean NLL {:.4}",
         sum / tokens as f64
@@ -157,7 +157,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         r => format!("{:.1} GFLOP/s", r / 1e9),
     };
     println!("compute      {rate} achieved ({:.2} GFLOP/token)", fpt / 1e9);
-    if let Some(f) = floor_flops(&device_name(&sc)) {
+    if let Some(f) = floor_flops(&sc.device_name()) {
         println!("floor        {:.1} % of {:.0} TFLOP/s (bf16 tensor cores)", 100.0 * fpt * tps / f, f / 1e12);
     }
     println!(
@@ -175,15 +175,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     print_profile(&sc, "streamed NLL");
     if a.decode > 0 {
         time_decode(&mut sc, &ids[..1], a.decode)?;
-        // The fused decode projections against cuBLAS's, side by side.
-        #[cfg(gpu)]
-        if let Scorer::Cuda(g, _) = &mut sc {
-            let was = g.cublas_decode();
-            g.set_cublas_decode(!was);
+        // The other decode path (on the GPU: fused projections against cuBLAS's), side by side.
+        if sc.switch_decode_path() {
             time_decode(&mut sc, &ids[..1], a.decode)?;
-            if let Scorer::Cuda(g, _) = &mut sc {
-                g.set_cublas_decode(was);
-            }
+            sc.switch_decode_path();
         }
     }
     Ok(())
@@ -192,12 +187,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 /// Greedy decode of `steps` tokens after `prompt`, timed after a warm-up (on the GPU the decode
 /// step's CUDA graph is captured there, not in the timing).
 fn time_decode(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<()> {
-    let what = match sc {
-        #[cfg(gpu)]
-        Scorer::Cuda(g, _) if g.cublas_decode() => ", cuBLAS projections",
-        #[cfg(gpu)]
-        Scorer::Cuda(..) => ", fused projections",
-        _ => "",
+    let what = match sc.decode_path() {
+        "" => String::new(),
+        path => format!(", {path}"),
     };
     decode_steps(sc, prompt, steps.min(8))?;
     print_profile(sc, "");
@@ -214,46 +206,14 @@ fn time_decode(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<()> {
 /// With `STUFFED_PROFILE=1` on the GPU: time per kernel and GEMM since the last call (each timed
 /// alone, so the sum exceeds the run's wall time a little); `what` empty discards it.
 fn print_profile(sc: &Scorer, what: &str) {
-    #[cfg(gpu)]
-    if let Scorer::Cuda(g, _) = sc {
-        let Some(rows) = g.gpu.prof.take() else { return };
-        let total: f64 = rows.iter().map(|r| r.2).sum();
-        if what.is_empty() || total == 0.0 {
-            return;
-        }
-        println!("profile      {what}: {total:.3} s in {} ops (STUFFED_PROFILE: each op timed alone)", rows.len());
-        for (name, calls, secs) in rows {
-            println!("  {name:<20} {calls:>8} calls {secs:>9.4} s {:>5.1} %", 100.0 * secs / total);
-        }
+    let rows = sc.take_profile();
+    let total: f64 = rows.iter().map(|r| r.2).sum();
+    if what.is_empty() || total == 0.0 {
+        return;
     }
-    #[cfg(not(gpu))]
-    let _ = (sc, what);
-}
-
-/// Bytes in use on the device (CUDA: total − free, the whole process), or the peak RSS on the CPU.
-fn device_mem_used(sc: &Scorer) -> Result<usize> {
-    match sc {
-        Scorer::Cpu { .. } => Ok(crate::report::peak_rss_bytes() as usize),
-        #[cfg(gpu)]
-        Scorer::Cuda(..) => crate::cuda::Gpu::mem_info().map(|(free, total)| total - free),
-    }
-}
-
-fn device_name(sc: &Scorer) -> String {
-    match sc {
-        Scorer::Cpu { .. } => {
-            let mode = crate::exec::matmul_mode();
-            let simd = crate::exec::default_simd(mode);
-            format!("CPU, {} threads, {} kernel, {} matmul", rayon::current_num_threads(), simd.name(), mode.name())
-        }
-        #[cfg(gpu)]
-        Scorer::Cuda(g, _) => format!(
-            "{} (CUDA, {:?} matmuls; engine buffers {:.3} GiB, chunk {})",
-            g.gpu.name,
-            g.dt,
-            g.bytes() as f64 / (1u64 << 30) as f64,
-            g.chunk
-        ),
+    println!("profile      {what}: {total:.3} s in {} ops (STUFFED_PROFILE: each op timed alone)", rows.len());
+    for (name, calls, secs) in rows {
+        println!("  {name:<20} {calls:>8} calls {secs:>9.4} s {:>5.1} %", 100.0 * secs / total);
     }
 }
 
@@ -286,8 +246,8 @@ pub fn selftest(a: SelftestArgs) -> Result<()> {
         let model = Model::load(path)?;
         let real = model.info.vocab_rows;
         let ids = random_ids(a.tokens, real, 7);
-        let mut cpu = Scorer::new(&model, a.chunk, real, Device::Cpu, Default::default())?;
-        let mut dev = Scorer::new(&model, a.chunk, real, a.device.device, a.device.gpu()?)?;
+        let mut cpu = crate::backend::open(&model, a.chunk, real, Device::Cpu, Default::default())?;
+        let mut dev = crate::backend::open(&model, a.chunk, real, a.device.device, a.device.gpu()?)?;
         let bf16 = !a.device.gpu_f32 && (a.device.gpu_bf16 || model.info.weight_dtype == "bf16");
         let (mut nc, mut nd, mut all_c, mut all_d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for piece in ids.chunks(a.chunk) {

@@ -91,8 +91,8 @@ impl InputArgs {
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
     /// Where the forward runs: cpu, or cuda (Mamba-2; a binary built with `--features cuda`).
-    #[arg(long, value_enum, default_value_t = crate::score::Device::Cpu)]
-    pub device: crate::score::Device,
+    #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
+    pub device: crate::backend::Device,
     /// With --device cuda: the most GPU memory the engine's buffers may take (e.g. 40G); the chunk
     /// shrinks to fit. Default: the free memory.
     #[arg(long, value_parser = values::bytes)]
@@ -113,9 +113,9 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    pub fn gpu(&self) -> anyhow::Result<crate::score::GpuOptions> {
+    pub fn gpu(&self) -> anyhow::Result<crate::backend::GpuOptions> {
         let max_mem = self.max_gpu_mem;
-        Ok(crate::score::GpuOptions {
+        Ok(crate::backend::GpuOptions {
             max_mem,
             bf16: self.gpu_bf16,
             f32: self.gpu_f32,
@@ -222,15 +222,15 @@ pub enum Cmd {
     /// Write an HF-format directory of seeded random (UNTRAINED) weights at a published shape.
     Synth {
         /// The model family.
-        #[arg(long, default_value = "mamba2", value_parser = crate::synth::FAMILIES)]
-        family: String,
+        #[arg(long, value_enum, default_value = "mamba2")]
+        family: crate::model::Family,
         /// A published size (mamba2: 130m 370m 780m 1.3b 2.7b; rwkv6: 1.6b 3b 7b; rwkv5: 0.4b 1.5b 3b
         /// 7b; hgrn2: 1.3b) or a test shape (tiny; for mamba2 also small and p128).
         #[arg(long)]
         preset: String,
-        /// Weight dtype: bf16, f16 or f32.
-        #[arg(long, default_value = "bf16")]
-        dtype: String,
+        /// Weight dtype.
+        #[arg(long, value_enum, default_value_t = crate::synth::StoreDtype::Bf16)]
+        dtype: crate::synth::StoreDtype,
         /// Seed of the weights: the same seed gives the same bytes on every machine.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -280,7 +280,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Laws { results, out } => crate::eval::laws::run(&results, &out),
-        Cmd::Synth { family, preset, dtype, seed, out } => crate::synth::write(&family, &preset, &dtype, seed, &out),
+        Cmd::Synth { family, preset, dtype, seed, out } => crate::synth::write(family, &preset, dtype, seed, &out),
     }
 }
 

@@ -39,7 +39,7 @@ pub fn positions(s: &str) -> Result<Positions> {
 
 /// `--max-gpu-mem`: bytes (`40G`, `512M`, `1.5GiB`).
 pub fn bytes(s: &str) -> Result<usize> {
-    crate::score::parse_bytes(s)
+    crate::backend::parse_bytes(s)
 }
 
 /// `--forget`: a training-free forgetting method (resolved against `--train-len` by the command).

@@ -3,7 +3,7 @@
 //! core's; matmuls go through cuBLAS with the weights in their stored type (bf16, or f32; f16 is
 //! widened to f32), activations and state in f32.
 use super::{i, Arg, DBuf, DType, Gpu};
-use crate::forget::ForgetSpec;
+use crate::forget::{Boundary, ForgetSpec};
 use crate::gpumem::{self, Sizes, GPU_Q, NLL_ROWS};
 use crate::model::Model;
 use anyhow::{anyhow, bail, Context, Result};
@@ -131,7 +131,7 @@ fn rows_from_f32(dt: DType, v: &[f32]) -> Vec<u8> {
 }
 
 /// The model's Mamba-2 net, or one error line for the other families.
-fn mamba2_of(model: &Model) -> Result<&stuffed_core::mamba2::Mamba2<'static>> {
+fn mamba2_of(model: &Model) -> Result<&stuffed_core::mamba2::Mamba2<'_>> {
     model.mamba2().ok_or_else(|| anyhow!("{}: --device cuda runs Mamba-2 models only", model.info.path.display()))
 }
 
@@ -772,15 +772,7 @@ impl GpuMamba2 {
     /// Tokens the next piece may hold: at most `left` and `chunk`, ending where reset or state
     /// normalization acts (`Session::next_boundary`).
     fn piece_len(&self, left: usize) -> usize {
-        let next = |every: u64| (self.pos / every + 1) * every;
-        let boundary = match self.spec {
-            ForgetSpec::Reset { every } => Some(next(every)),
-            ForgetSpec::StateNorm { every, calib: Some(c) } if self.pos < c => Some(next(every).min(c)),
-            ForgetSpec::StateNorm { every, .. } => Some(next(every)),
-            _ => None,
-        };
-        let n = self.chunk.min(left);
-        boundary.map_or(n, |b| n.min((b - self.pos) as usize))
+        self.spec.piece_len(self.pos, self.chunk, left)
     }
 
     /// After `n` fed tokens: reset, calibration or normalization when the position sits on their
@@ -806,17 +798,17 @@ impl GpuMamba2 {
                 ],
             )
         };
-        match self.spec {
-            ForgetSpec::Reset { every } if self.pos.is_multiple_of(every) => {
+        match self.spec.at(self.pos, self.tau_set) {
+            Boundary::Reset => {
                 self.gpu.sync()?;
                 self.state.zero()?;
             }
-            ForgetSpec::StateNorm { calib, .. } if calib == Some(self.pos) => {
+            Boundary::Calibrate => {
                 norm(false)?;
                 self.tau_set = true;
             }
-            ForgetSpec::StateNorm { every, .. } if self.tau_set && self.pos.is_multiple_of(every) => norm(true)?,
-            _ => {}
+            Boundary::Normalize => norm(true)?,
+            Boundary::Nothing => {}
         }
         if check {
             self.check_state()?;

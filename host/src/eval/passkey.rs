@@ -5,10 +5,10 @@
 //! from the copy (needle, the rest, the question, greedy decoding), and the stream continues. The
 //! branch point is the longest common token prefix of the sample's whole prompt, tokenized at once,
 //! and the haystack's — parts tokenized alone would differ at the seams.
+use crate::backend::{Scorer, ScorerState};
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::{heatmap, LinePlot, Series};
 use crate::report::{write_atomic, Values};
-use crate::score::{Scorer, ScorerState};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -45,9 +45,9 @@ pub struct Options {
     pub reuse: bool,
     pub forget: crate::forget::ForgetSpec,
     #[serde(default)]
-    pub device: crate::score::Device,
+    pub device: crate::backend::Device,
     #[serde(default)]
-    pub gpu: crate::score::GpuOptions,
+    pub gpu: crate::backend::GpuOptions,
 }
 
 /// One sample's record (one line of results.jsonl).
@@ -312,7 +312,7 @@ pub fn run(
     let mut cadence = super::Cadence::new(checkpoint_secs, None);
     let mut facts = RunFacts { shard: shard.map(|(k, n)| format!("{k}/{n}")), ..Default::default() };
     let started = Instant::now();
-    let mut s = Scorer::new(&model, o.chunk, real, o.device, o.gpu)?;
+    let mut s = crate::backend::open(&model, o.chunk, real, o.device, o.gpu)?;
     let n_per = depths(o).len();
     for (li, &length) in o.lengths.iter().enumerate() {
         // Every sample of the length in needle order, up to the last this run holds: the others'
@@ -592,7 +592,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "model": info,
         "precision": {"weights": info.weight_dtype, "compute": "f32", "state": "f32"},
         "options": o,
-        "matmul": (o.device == crate::score::Device::Cpu).then(crate::exec::matmul_record),
+        "matmul": (o.device == crate::backend::Device::Cpu).then(crate::exec::matmul_record),
         "forget": o.forget.to_string(),
         "samples": recs.len(),
         "accuracy_per_length": per_length,

@@ -4,10 +4,10 @@
 //! Tokens go through the model in chunks aligned to multiples of `chunk` from each document's start,
 //! so a resumed run splits the stream exactly as an uninterrupted one and gives identical numbers.
 use super::Continue;
+use crate::backend::{Device, GpuOptions, ScorerState};
 use crate::model::dir_of;
 use crate::model::{Model, ModelInfo};
 use crate::report::{self, peak_rss_bytes, write_atomic, Progress, Values};
-use crate::score::{Device, GpuOptions, Scorer, ScorerState};
 use crate::text::{Input, TokenStream};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
@@ -557,7 +557,7 @@ fn run_model(
     let net = model.net();
     let (docs, n_docs) = documents(inputs, o);
     let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
-    let mut scorer = Scorer::new(model, o.chunk, model.real_vocab(tok), o.device, o.gpu)?;
+    let mut scorer = crate::backend::open(model, o.chunk, model.real_vocab(tok), o.device, o.gpu)?;
     let fresh_acc = || Acc {
         linear: Buckets::new(o.bucket),
         log2: Buckets::new(0),

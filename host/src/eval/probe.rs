@@ -1,11 +1,11 @@
 //! State probes (SPEC.md §2.3): retention of the first token, state and conv statistics, per-head
 //! input means, and per-channel snapshots, every K tokens over a stream of any length — written to
 //! disk as they come, nothing per position kept.
+use crate::backend::{Device, GpuOptions, ScorerState};
 use crate::forget::ForgetSpec;
 use crate::model::Model;
 use crate::report::svg::{fmt_tokens, LinePlot, Series};
 use crate::report::{self, write_atomic, Values};
-use crate::score::{Device, GpuOptions, Scorer, ScorerState};
 use crate::text::Input;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
@@ -232,7 +232,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let mut in_csv = csv(&out.join("inputs.csv"), &header, len(3))?;
 
     let real = model.info.vocab_rows;
-    let mut s = Scorer::new(&model, o.chunk, real, o.device, o.gpu)?;
+    let mut s = crate::backend::open(&model, o.chunk, real, o.device, o.gpu)?;
     let mut pos = 0u64; // tokens fed
                         // Running Σ log decay per (layer, head, channel), f64.
     let mut retention = vec![0f64; nl * nh * width];

@@ -96,7 +96,7 @@ impl GpuMamba2 {
     }
 
     /// Greedy decoding of `max_new` tokens from the pending row; the state advances through all but
-    /// the last generated token (as `Session::greedy`). Each step reads its token from the device,
+    /// the last generated token (as `Session::greedy_each`). Each step reads its token from the device,
     /// so the host only waits once, at the end.
     pub fn greedy(&mut self, max_new: usize) -> Result<Vec<u32>> {
         if !self.has_pending {

@@ -17,7 +17,7 @@ pub struct Laws {
 
 /// The fits for a model: Mamba-2 only (the paper fitted them on it), `None` for the other families.
 pub fn laws_of(m: &crate::model::ModelInfo) -> Option<Laws> {
-    (m.family == "mamba2").then(|| laws(m.paper_state_size))
+    (m.family == crate::model::Family::Mamba2).then(|| laws(m.paper_state_size))
 }
 
 pub fn laws(n_s: usize) -> Laws {
