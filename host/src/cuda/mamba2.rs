@@ -166,6 +166,37 @@ fn ssd_tiles(p: usize, n: usize) -> (usize, usize) {
     (pp, ((8192 / pp).min(256 - pp) / 16 * 16).min(n.div_ceil(16) * 16))
 }
 
+/// The kernels that read weights or write matmul operands, in the engine's matmul dtype: named
+/// once here (candle's `kernel_name::<T>` habit) rather than chosen at each launch.
+struct Kernels {
+    embed: &'static str,
+    rmsnorm: &'static str,
+    gated_norm: &'static str,
+    decode_in: &'static str,
+    decode_out: &'static str,
+}
+
+impl Kernels {
+    fn of(dt: DType) -> Kernels {
+        match dt {
+            DType::Bf16 => Kernels {
+                embed: "embed_bf16",
+                rmsnorm: "rmsnorm_bf16",
+                gated_norm: "gated_norm_bf16",
+                decode_in: "decode_in_bf16",
+                decode_out: "decode_out_bf16",
+            },
+            DType::F32 => Kernels {
+                embed: "embed_f32",
+                rmsnorm: "rmsnorm_f32",
+                gated_norm: "gated_norm_f32",
+                decode_in: "decode_in_f32",
+                decode_out: "decode_out_f32",
+            },
+        }
+    }
+}
+
 impl GpuMamba2 {
     /// Uploads `model` and sizes every buffer for calls of up to `chunk` tokens (rounded down to fit
     /// `max_mem` bytes, or the free device memory).
@@ -417,10 +448,8 @@ impl GpuMamba2 {
         let cd = c.conv_dim();
         let (la, _, _) = self.forget_params();
         let gpu = &self.gpu;
-        let bf = self.dt == DType::Bf16;
-        let embed = if bf { "embed_bf16" } else { "embed_f32" };
-        gpu.launch_n(embed, t * d, &[Arg::Ptr(self.embed.ptr()), Arg::Ptr(tok), Arg::Ptr(self.x.ptr()), i(t), i(d)])?;
-        let norm = if bf { "rmsnorm_bf16" } else { "rmsnorm_f32" };
+        let k = Kernels::of(self.dt);
+        gpu.launch_n(k.embed, t * d, &[Arg::Ptr(self.embed.ptr()), Arg::Ptr(tok), Arg::Ptr(self.x.ptr()), i(t), i(d)])?;
         let ls = c.layer_state_len();
         for (li, l) in self.layers.iter().enumerate() {
             let cs = self.state.at(li * ls * 4);
@@ -449,7 +478,7 @@ impl GpuMamba2 {
         }
         let row1 = self.hidden.at(d * self.dt.size());
         gpu.launch(
-            norm,
+            k.rmsnorm,
             (t as u32, 1),
             256,
             0,
@@ -467,9 +496,8 @@ impl GpuMamba2 {
     fn in_proj(&self, t: usize, l: &Layer) -> Result<()> {
         let c = self.cfg;
         let (d, nin, gpu) = (c.d_model, c.in_proj_rows(), &self.gpu);
-        let bf = self.dt == DType::Bf16;
+        let k = Kernels::of(self.dt);
         if self.fused_decode(t) {
-            let k = if bf { "decode_in_bf16" } else { "decode_in_f32" };
             let args = [
                 Arg::Ptr(self.x.ptr()),
                 Arg::Ptr(l.norm.ptr()),
@@ -481,10 +509,10 @@ impl GpuMamba2 {
                 Arg::F32(c.eps),
                 i(DECODE_ROWS),
             ];
-            return gpu.launch(k, (nin.div_ceil(DECODE_ROWS) as u32, 1), 256, (d * 4) as u32, &args);
+            return gpu.launch(k.decode_in, (nin.div_ceil(DECODE_ROWS) as u32, 1), 256, (d * 4) as u32, &args);
         }
         gpu.launch(
-            if bf { "rmsnorm_bf16" } else { "rmsnorm_f32" },
+            k.rmsnorm,
             (t as u32, 1),
             256,
             0,
@@ -510,9 +538,8 @@ impl GpuMamba2 {
     fn out_proj(&self, t: usize, l: &Layer) -> Result<()> {
         let c = self.cfg;
         let (d, di, g, gpu) = (c.d_model, c.d_inner(), c.n_groups, &self.gpu);
-        let bf = self.dt == DType::Bf16;
+        let k = Kernels::of(self.dt);
         if self.fused_decode(t) {
-            let k = if bf { "decode_out_bf16" } else { "decode_out_f32" };
             let args = [
                 Arg::Ptr(self.y.ptr()),
                 Arg::Ptr(self.zx.ptr()),
@@ -526,10 +553,10 @@ impl GpuMamba2 {
                 Arg::F32(c.eps),
                 i(DECODE_ROWS),
             ];
-            return gpu.launch(k, (d.div_ceil(DECODE_ROWS) as u32, 1), 256, (di * 4) as u32, &args);
+            return gpu.launch(k.decode_out, (d.div_ceil(DECODE_ROWS) as u32, 1), 256, (di * 4) as u32, &args);
         }
         gpu.launch(
-            if bf { "gated_norm_bf16" } else { "gated_norm_f32" },
+            k.gated_norm,
             (t as u32, g as u32),
             256,
             0,

@@ -5,10 +5,11 @@
 //! from the copy (needle, the rest, the question, greedy decoding), and the stream continues. The
 //! branch point is the longest common token prefix of the sample's whole prompt, tokenized at once,
 //! and the haystack's — parts tokenized alone would differ at the seams.
-use crate::backend::{Scorer, ScorerState};
+use crate::backend::ScorerState;
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::{heatmap, LinePlot, Series};
 use crate::report::{write_atomic, Values};
+use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -254,49 +255,9 @@ pub fn run(
         unfinished.extend([out.join(RUN_FILE), jsonl.clone()]);
     }
     let resume = cont.resumes("passkey", out, &unfinished)?;
-    let run_file = out.join(RUN_FILE);
-    let mut done: Vec<Record> = Vec::new();
-    // The facts of the earlier processes of this grid (a resumed run keeps them all).
-    let mut earlier: Vec<RunFacts> = Vec::new();
-    if resume && (run_file.exists() || jsonl.exists()) {
-        if !run_file.exists() {
-            bail!(
-                "{}: records without {RUN_FILE}: written by an older stuffed; rerun (or --overwrite)",
-                jsonl.display()
-            );
-        }
-        let run = crate::report::read_sealed(&run_file, RUN_KIND, crate::report::Older::Refuse)?.doc;
-        if run["fingerprint"].as_str() != Some(fp.as_str()) {
-            return Err(super::other_run(&run_file, &run["key"], &key));
-        }
-        if !run["runs"].is_null() {
-            earlier = serde_json::from_value(run["runs"].clone())
-                .map_err(|e| anyhow!("{}: runs: {e}", run_file.display()))?;
-        }
-        for (r, run) in read_records(&jsonl)? {
-            if run != fp {
-                bail!(
-                    "{}: holds sample {} of length {} from another run than {}",
-                    jsonl.display(),
-                    r.sample,
-                    r.length,
-                    run_file.display()
-                );
-            }
-            done.push(r);
-        }
-    }
-    // The run file: which run this directory holds, and the facts of every process so far
-    // (rewritten at each checkpoint, so a killed process's facts up to then are kept).
-    let write_run = |facts: Option<&RunFacts>| {
-        let runs: Vec<&RunFacts> = earlier.iter().chain(facts).collect();
-        crate::report::write_sealed(
-            &run_file,
-            RUN_KIND,
-            &serde_json::json!({"fingerprint": fp, "key": key, "runs": runs}),
-        )
-    };
-    write_run(None)?;
+    let mut run_file = RunFile { path: out.join(RUN_FILE), fp: &fp, key: &key, earlier: Vec::new() };
+    let mut done = if resume { run_file.read_back(&jsonl)? } else { Vec::new() };
+    run_file.write(None)?;
     let seen: BTreeSet<(u64, usize)> = done.iter().map(|r| (r.length, r.sample)).collect();
     // Rewrite the kept lines (drops a torn last line), then append.
     let mut file = std::fs::File::create(&jsonl).map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
@@ -321,80 +282,15 @@ pub fn run(
         let mine = |p: &Prompt| {
             shard.is_none_or(|(k, n)| (li * n_per + p.sample) % n == k - 1) && !seen.contains(&(length, p.sample))
         };
-        let mut todo = prompts(&tok, &tpl, o, length)?;
-        todo.sort_by_key(|p| (p.needle_block, p.sample));
-        let Some(last_mine) = todo.iter().rposition(mine) else {
+        let Some(todo) = plan(&tok, &tpl, o, length, &mine)? else {
             continue;
         };
-        todo.truncate(last_mine + 1);
-        // The haystack: the same blocks with no needle.
-        let last = todo[last_mine].needle_block;
-        let hay_text: String = [tpl.prefix].into_iter().chain(std::iter::repeat_n(tpl.noise, last + 1)).collect();
-        let hay = [bos.as_slice(), &crate::text::encode_long(&tok, &hay_text, 0)?.0].concat();
-        drop(hay_text);
+        let hay = haystack(&tok, &tpl, bos, todo[todo.len() - 1].needle_block)?;
         s.reset()?;
         let piece = PIECE.next_multiple_of(s.chunk());
-        let mut pos = 0; // haystack tokens fed so far
-        let mut tail_restored = None;
-        if let Some(r) = restored.take_if(|r| r.snap.length == length) {
-            if r.snap.pos <= hay.len() && tokens_sha(&hay[..r.snap.pos]) == r.snap.hay_sha {
-                s.restore(&r.hay, r.snap.pos as u64)?;
-                pos = r.snap.pos;
-                eprintln!("passkey {length}: the haystack resumes at token {pos}");
-                tail_restored = r.snap.tail.zip(r.tail);
-            }
-        }
-        // Saves the haystack at `pos` (the scorer stands there, or `tail.hay` holds it while the
-        // scorer runs a sample's tail); a signal then ends the run.
-        let checkpoint =
-            |s: &Scorer, pos: usize, tail: Option<InTail>, cadence: &mut Cadence, facts: &RunFacts| -> Result<()> {
-                let Some(due) = cadence.due(false) else { return Ok(()) };
-                let now = s.snapshot()?;
-                let (held, tail_held) = match &tail {
-                    Some(t) => (t.hay, Some(&now)),
-                    None => (&now, None),
-                };
-                let snap = Snapshot {
-                    fingerprint: fp.clone(),
-                    length,
-                    pos,
-                    hay_sha: tokens_sha(&hay[..pos]),
-                    tau: held.tau.clone(),
-                    tail: tail.as_ref().map(|t| TailSnapshot {
-                        sample: t.sample,
-                        branch: t.branch,
-                        pos: t.fed.len(),
-                        ids_sha: tokens_sha(t.fed),
-                        tau: now.tau.clone(),
-                    }),
-                };
-                let mut tensors = vec![("state", Values::F32(&held.state))];
-                tensors.extend(held.pending.as_deref().map(|p| ("pending", Values::F32(p))));
-                if let Some(t) = tail_held {
-                    tensors.push(("tail_state", Values::F32(&t.state)));
-                    tensors.extend(t.pending.as_deref().map(|p| ("tail_pending", Values::F32(p))));
-                }
-                // This process's facts first: whoever sees the checkpoint finds them too.
-                let now = RunFacts {
-                    seconds: started.elapsed().as_secs_f64(),
-                    peak_rss_bytes: crate::report::peak_rss_bytes(),
-                    ..facts.clone()
-                };
-                write_run(Some(&now))?;
-                crate::report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
-                cadence.saved();
-                if let Some(sig) = due.signal {
-                    let at = match tail {
-                        Some(t) => format!("prompt token {} of sample {}", t.fed.len(), t.sample),
-                        None => format!("haystack token {pos}"),
-                    };
-                    bail!(
-                        "{sig} after {at} of length {length}: checkpoint in {}; continue with --resume",
-                        out.display()
-                    );
-                }
-                Ok(())
-            };
+        let mut g = Grid { s: s.as_mut(), pos: 0, piece, cadence: &mut cadence };
+        let saver = Saver { out, fp: &fp, length, hay: &hay, started, run_file: &run_file };
+        let mut tail_restored = g.resume(restored.take_if(|r| r.snap.length == length), &saver)?;
         let lcp_of = |ids: &[u32]| {
             if o.reuse {
                 ids.iter().zip(&hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1)
@@ -419,90 +315,307 @@ pub fn run(
                     None => lcp_of(&p.ids(&tok, &tpl, bos)?.0),
                 },
             };
-            let branch = if lcp >= pos {
-                facts.tokens_processed += (lcp - pos) as u64;
-                while pos < lcp {
-                    let end = lcp.min((pos / piece + 1) * piece);
-                    s.feed(&hay[pos..end])?;
-                    pos = end;
-                    checkpoint(&s, pos, None, &mut cadence, &facts)?;
-                }
-                lcp
-            } else {
-                0 // the haystack already passed this sample's branch point: run it alone
-            };
+            let branch = g.advance(&hay, lcp, &saver, &mut facts)?;
             let Some((ids, needle_pos)) = prompt else {
                 continue;
             };
-            let saved = s.snapshot()?;
-            if branch == 0 {
-                s.reset()?;
-            }
-            // The sample's own tail (up to the whole prompt for an early needle), in pieces from
-            // its branch point, checkpointed like the haystack.
-            let mut fed = branch;
-            if let Some((t, held)) = tail_restored.take() {
-                let same = t.sample == p.sample && t.branch == branch && t.pos <= ids.len();
-                if same && tokens_sha(&ids[..t.pos]) == t.ids_sha {
-                    s.restore(&held, t.pos as u64)?;
-                    fed = t.pos;
-                    eprintln!("passkey {length}: sample {} resumes at prompt token {fed}", p.sample);
-                }
-            }
-            let tail_start = fed;
-            while fed < ids.len() {
-                let end = ids.len().min(fed + piece);
-                s.feed(&ids[fed..end])?;
-                fed = end;
-                if fed < ids.len() {
-                    let tail = InTail { hay: &saved, sample: p.sample, branch, fed: &ids[..fed] };
-                    checkpoint(&s, pos, Some(tail), &mut cadence, &facts)?;
-                }
-            }
-            let prompted = s.snapshot()?;
-            let new = s.greedy(o.max_new)?;
-            s.restore(&prompted, ids.len() as u64)?;
-            let key_ids = key_tokens(&tok, &tpl, &p.key)?;
-            let mut nll = Vec::new();
-            s.score(&key_ids, &mut nll)?;
-            let key_nll = nll.iter().map(|&v| v as f64).sum::<f64>();
-            s.restore(&saved, pos as u64)?;
-            facts.tokens_processed += (ids.len() - tail_start + new.len()) as u64;
-            facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
-            facts.samples_run += 1;
-            let (continuation, correct) = is_correct(&tok, &new, &p.key)?;
-            let rec = Record {
-                length,
-                sample: p.sample,
-                depth: p.depth,
-                needle_block: p.needle_block,
-                num_blocks: p.num_blocks,
-                needle_pos,
-                prompt_tokens: ids.len(),
-                correct,
-                key: p.key,
-                continuation,
-                shared_prefix: branch,
-                key_nll: Some(key_nll),
-            };
+            let resumed = tail_restored.take().filter(|(t, _): &(TailSnapshot, ScorerState)| {
+                t.sample == p.sample
+                    && t.branch == branch
+                    && t.pos <= ids.len()
+                    && tokens_sha(&ids[..t.pos]) == t.ids_sha
+            });
+            let sample = Sample { p: &p, ids: &ids, needle_pos, branch };
+            let rec = g.run_sample(sample, resumed, &saver, &mut facts, o, |new| {
+                let key_ids = key_tokens(&tok, &tpl, &p.key)?;
+                let (continuation, correct) = is_correct(&tok, new, &p.key)?;
+                Ok((key_ids, continuation, correct))
+            })?;
             writeln!(file, "{}", record_line(&rec, &fp)?)?;
             file.flush()?;
-            eprintln!(
-                "passkey {length}: sample {} depth {:.3} key {} → {:?} {}",
-                rec.sample,
-                rec.depth,
-                rec.key,
-                rec.continuation,
-                if rec.correct { "✓" } else { "✗" }
-            );
+            rec.say();
             done.push(rec);
-            checkpoint(&s, pos, None, &mut cadence, &facts)?;
+            saver.at(g.s, g.pos, None, g.cadence, &facts)?;
         }
     }
     let _ = std::fs::remove_file(out.join(CKPT));
     facts.seconds = started.elapsed().as_secs_f64();
     facts.peak_rss_bytes = crate::report::peak_rss_bytes();
-    write_summary(out, &model.info, o, &done, &[earlier, vec![facts]].concat())
+    write_summary(out, &model.info, o, &done, &[run_file.earlier, vec![facts]].concat())
+}
+
+/// This run's prompts of `length` (`mine` says which), with every other sample before the last of
+/// them, in needle order; None when it holds none of this length.
+fn plan(
+    tok: &Tokenizer,
+    tpl: &Template,
+    o: &Options,
+    length: u64,
+    mine: &dyn Fn(&Prompt) -> bool,
+) -> Result<Option<Vec<Prompt>>> {
+    let mut todo = prompts(tok, tpl, o, length)?;
+    todo.sort_by_key(|p| (p.needle_block, p.sample));
+    let Some(last_mine) = todo.iter().rposition(mine) else {
+        return Ok(None);
+    };
+    todo.truncate(last_mine + 1);
+    Ok(Some(todo))
+}
+
+/// The haystack up to needle block `last`: the prompts' blocks with no needle.
+fn haystack(tok: &Tokenizer, tpl: &Template, bos: Option<u32>, last: usize) -> Result<Vec<u32>> {
+    let text: String = [tpl.prefix].into_iter().chain(std::iter::repeat_n(tpl.noise, last + 1)).collect();
+    Ok([bos.as_slice(), &crate::text::encode_long(tok, &text, 0)?.0].concat())
+}
+
+impl Record {
+    /// One line on stderr as a sample finishes.
+    fn say(&self) {
+        eprintln!(
+            "passkey {}: sample {} depth {:.3} key {} → {:?} {}",
+            self.length,
+            self.sample,
+            self.depth,
+            self.key,
+            self.continuation,
+            if self.correct { "✓" } else { "✗" }
+        );
+    }
+}
+
+/// The run file: which run a directory holds, and the facts of every process of it so far
+/// (rewritten at each checkpoint, so a killed process's facts up to then are kept).
+struct RunFile<'a> {
+    path: PathBuf,
+    fp: &'a str,
+    key: &'a serde_json::Value,
+    /// The facts of the earlier processes of this grid (a resumed run keeps them all).
+    earlier: Vec<RunFacts>,
+}
+
+impl RunFile<'_> {
+    /// A resumed grid's records (`jsonl`), checked to be this run's, and its earlier processes' facts.
+    fn read_back(&mut self, jsonl: &Path) -> Result<Vec<Record>> {
+        if !self.path.exists() && !jsonl.exists() {
+            return Ok(Vec::new());
+        }
+        if !self.path.exists() {
+            bail!(
+                "{}: records without {RUN_FILE}: written by an older stuffed; rerun (or --overwrite)",
+                jsonl.display()
+            );
+        }
+        let run = crate::report::read_sealed(&self.path, RUN_KIND, crate::report::Older::Refuse)?.doc;
+        if run["fingerprint"].as_str() != Some(self.fp) {
+            return Err(super::other_run(&self.path, &run["key"], self.key));
+        }
+        if !run["runs"].is_null() {
+            self.earlier = serde_json::from_value(run["runs"].clone())
+                .map_err(|e| anyhow!("{}: runs: {e}", self.path.display()))?;
+        }
+        let mut done = Vec::new();
+        for (r, run) in read_records(jsonl)? {
+            if run != self.fp {
+                bail!(
+                    "{}: holds sample {} of length {} from another run than {}",
+                    jsonl.display(),
+                    r.sample,
+                    r.length,
+                    self.path.display()
+                );
+            }
+            done.push(r);
+        }
+        Ok(done)
+    }
+
+    /// Writes the earlier processes' facts and this one's (`facts`, when given).
+    fn write(&self, facts: Option<&RunFacts>) -> Result<()> {
+        let runs: Vec<&RunFacts> = self.earlier.iter().chain(facts).collect();
+        let doc = serde_json::json!({"fingerprint": self.fp, "key": self.key, "runs": runs});
+        crate::report::write_sealed(&self.path, RUN_KIND, &doc)
+    }
+}
+
+/// Checkpoints of one length's haystack.
+struct Saver<'a> {
+    out: &'a Path,
+    fp: &'a str,
+    length: u64,
+    hay: &'a [u32],
+    started: Instant,
+    run_file: &'a RunFile<'a>,
+}
+
+impl Saver<'_> {
+    /// When the cadence says so, saves the haystack at `pos` (the scorer stands there, or `tail.hay`
+    /// holds it while the scorer runs a sample's tail); a signal then ends the run.
+    fn at(
+        &self,
+        s: &dyn crate::backend::Backend,
+        pos: usize,
+        tail: Option<InTail>,
+        cadence: &mut Cadence,
+        facts: &RunFacts,
+    ) -> Result<()> {
+        let Some(due) = cadence.due(false) else { return Ok(()) };
+        let now = s.snapshot()?;
+        let (held, tail_held) = match &tail {
+            Some(t) => (t.hay, Some(&now)),
+            None => (&now, None),
+        };
+        let snap = Snapshot {
+            fingerprint: self.fp.to_string(),
+            length: self.length,
+            pos,
+            hay_sha: tokens_sha(&self.hay[..pos]),
+            tau: held.tau.clone(),
+            tail: tail.as_ref().map(|t| TailSnapshot {
+                sample: t.sample,
+                branch: t.branch,
+                pos: t.fed.len(),
+                ids_sha: tokens_sha(t.fed),
+                tau: now.tau.clone(),
+            }),
+        };
+        let mut tensors = vec![("state", Values::F32(&held.state))];
+        tensors.extend(held.pending.as_deref().map(|p| ("pending", Values::F32(p))));
+        if let Some(t) = tail_held {
+            tensors.push(("tail_state", Values::F32(&t.state)));
+            tensors.extend(t.pending.as_deref().map(|p| ("tail_pending", Values::F32(p))));
+        }
+        // This process's facts first: whoever sees the checkpoint finds them too.
+        let now = RunFacts {
+            seconds: self.started.elapsed().as_secs_f64(),
+            peak_rss_bytes: crate::report::peak_rss_bytes(),
+            ..facts.clone()
+        };
+        self.run_file.write(Some(&now))?;
+        crate::report::save_checkpoint(&self.out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
+        cadence.saved();
+        if let Some(sig) = due.signal {
+            let at = match tail {
+                Some(t) => format!("prompt token {} of sample {}", t.fed.len(), t.sample),
+                None => format!("haystack token {pos}"),
+            };
+            bail!(
+                "{sig} after {at} of length {}: checkpoint in {}; continue with --resume",
+                self.length,
+                self.out.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One length's stream: the backend, the haystack tokens fed so far, the piece a feed takes at most
+/// between checkpoints.
+struct Grid<'s, 'c> {
+    s: &'s mut dyn crate::backend::Backend,
+    pos: usize,
+    piece: usize,
+    cadence: &'c mut Cadence,
+}
+
+/// A sample to run from its branch point.
+struct Sample<'a> {
+    p: &'a Prompt,
+    ids: &'a [u32],
+    needle_pos: usize,
+    branch: usize,
+}
+
+impl Grid<'_, '_> {
+    /// Continues the haystack from a checkpoint of this length, when it streamed the same tokens;
+    /// returns the sample part-way through its tail then, if one was.
+    fn resume(&mut self, r: Option<Restored>, saver: &Saver) -> Result<Option<(TailSnapshot, ScorerState)>> {
+        let Some(r) =
+            r.filter(|r| r.snap.pos <= saver.hay.len() && tokens_sha(&saver.hay[..r.snap.pos]) == r.snap.hay_sha)
+        else {
+            return Ok(None);
+        };
+        self.s.restore(&r.hay, r.snap.pos as u64)?;
+        self.pos = r.snap.pos;
+        eprintln!("passkey {}: the haystack resumes at token {}", saver.length, self.pos);
+        Ok(r.snap.tail.zip(r.tail))
+    }
+
+    /// Feeds the haystack up to a sample's branch point `lcp` (checkpointed) and returns the branch:
+    /// `lcp`, or 0 when the haystack already passed it (the sample then runs alone).
+    fn advance(&mut self, hay: &[u32], lcp: usize, saver: &Saver, facts: &mut RunFacts) -> Result<usize> {
+        if lcp < self.pos {
+            return Ok(0);
+        }
+        facts.tokens_processed += (lcp - self.pos) as u64;
+        while self.pos < lcp {
+            let end = lcp.min((self.pos / self.piece + 1) * self.piece);
+            self.s.feed(&hay[self.pos..end])?;
+            self.pos = end;
+            saver.at(self.s, self.pos, None, self.cadence, facts)?;
+        }
+        Ok(lcp)
+    }
+
+    /// Runs a sample's own tail (up to the whole prompt for an early needle) in pieces from its
+    /// branch point, checkpointed like the haystack (or from `resumed`, a checkpoint inside it),
+    /// decodes greedily, scores the key (`judge` gives the key's ids and the verdict of the decoded
+    /// tokens), and puts the haystack's state back.
+    fn run_sample(
+        &mut self,
+        x: Sample,
+        resumed: Option<(TailSnapshot, ScorerState)>,
+        saver: &Saver,
+        facts: &mut RunFacts,
+        o: &Options,
+        judge: impl FnOnce(&[u32]) -> Result<(Vec<u32>, String, bool)>,
+    ) -> Result<Record> {
+        let (p, ids, branch) = (x.p, x.ids, x.branch);
+        let saved = self.s.snapshot()?;
+        if branch == 0 {
+            self.s.reset()?;
+        }
+        let mut fed = branch;
+        if let Some((t, held)) = resumed {
+            self.s.restore(&held, t.pos as u64)?;
+            fed = t.pos;
+            eprintln!("passkey {}: sample {} resumes at prompt token {fed}", saver.length, p.sample);
+        }
+        let tail_start = fed;
+        while fed < ids.len() {
+            let end = ids.len().min(fed + self.piece);
+            self.s.feed(&ids[fed..end])?;
+            fed = end;
+            if fed < ids.len() {
+                let tail = InTail { hay: &saved, sample: p.sample, branch, fed: &ids[..fed] };
+                saver.at(self.s, self.pos, Some(tail), self.cadence, facts)?;
+            }
+        }
+        let prompted = self.s.snapshot()?;
+        let new = self.s.greedy(o.max_new)?;
+        self.s.restore(&prompted, ids.len() as u64)?;
+        let (key_ids, continuation, correct) = judge(&new)?;
+        let mut nll = Vec::new();
+        self.s.score(&key_ids, &mut nll)?;
+        let key_nll = nll.iter().map(|&v| v as f64).sum::<f64>();
+        self.s.restore(&saved, self.pos as u64)?;
+        facts.tokens_processed += (ids.len() - tail_start + new.len()) as u64;
+        facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
+        facts.samples_run += 1;
+        Ok(Record {
+            length: saver.length,
+            sample: p.sample,
+            depth: p.depth,
+            needle_block: p.needle_block,
+            num_blocks: p.num_blocks,
+            needle_pos: x.needle_pos,
+            prompt_tokens: ids.len(),
+            correct,
+            key: p.key.clone(),
+            continuation,
+            shared_prefix: branch,
+            key_nll: Some(key_nll),
+        })
+    }
 }
 
 /// Depth bins: one per explicit depth, else min(samples, 10) equal bins over [0, 1].

@@ -558,33 +558,8 @@ fn run_model(
     let (docs, n_docs) = documents(inputs, o);
     let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
     let mut scorer = crate::backend::open(model, o.chunk, model.real_vocab(tok), o.device, o.gpu)?;
-    let fresh_acc = || Acc {
-        linear: Buckets::new(o.bucket),
-        log2: Buckets::new(0),
-        verdict: train_len.map(|t| Buckets::new(verdict_width(t))),
-        sum: 0.0,
-        count: 0,
-        longest: 0,
-        seconds: 0.0,
-        tokens_fed: 0,
-        nll_files: Vec::new(),
-    };
-    let (mut acc, first_doc, mut skip, mut restore, mut nll_len) = match resumed {
-        Some(Resumed { snap: s, scorer: st }) => {
-            if st.state.len() != scorer.state_len() {
-                bail!(
-                    "{}: checkpoint state has {} values, the model needs {}",
-                    out.join(CKPT).display(),
-                    st.state.len(),
-                    scorer.state_len()
-                );
-            }
-            let what = format!("{}: model {mi}", out.join(CKPT).display());
-            s.acc.validate(&what, o.bucket, train_len)?;
-            (s.acc, s.doc_index, s.doc_pos, Some(st), s.nll_len)
-        }
-        None => (fresh_acc(), 0, 0, None, None),
-    };
+    let Start { mut acc, first_doc, mut skip, mut restore, mut nll_len } =
+        start(resumed, scorer.state_len(), o, train_len, &out.join(CKPT), mi)?;
     let label = format!("ppl [{}/{}] {} [{}]", mi + 1, n_models, model.info.path.display(), model.forget);
     let mut progress = Progress::new(&label, o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64));
     let started = Instant::now();
@@ -624,16 +599,7 @@ fn run_model(
             let scored = nll.len();
             // Position of the first target: the pending row predicts `pos`, else the chunk's second token.
             let first = if had_pending { pos } else { pos + 1 };
-            for (i, &v) in nll[..scored].iter().enumerate() {
-                let q = first + i as u64;
-                acc.linear.add(q, v);
-                acc.log2.add(q, v);
-                if let Some(b) = acc.verdict.as_mut() {
-                    b.add(q, v);
-                }
-                acc.sum += v as f64;
-            }
-            acc.count += scored as u64;
+            acc.add(first, &nll[..scored]);
             if let Some(f) = nll_file.as_mut() {
                 f.write_all(bytemuck::cast_slice(&nll[..scored]))?;
             }
@@ -648,26 +614,9 @@ fn run_model(
             if let Some(due) = cadence.due(stop).filter(|_| at_boundary) {
                 cadence.saved();
                 acc.seconds = seconds_before + started.elapsed().as_secs_f64();
-                let nll_len = match (&nll_path, nll_file.as_mut()) {
-                    (Some(p), Some(f)) => {
-                        f.flush()?;
-                        Some((p.display().to_string(), f.get_mut().stream_position()?))
-                    }
-                    _ => None,
-                };
-                let ScorerState { state, pending, tau } = scorer.snapshot()?;
-                let snap = Snapshot {
-                    fingerprint: at.fp.to_string(),
-                    key: at.key.clone(),
-                    model_index: mi,
-                    doc_index: k,
-                    doc_pos: pos,
-                    acc: acc.clone(),
-                    finished: finished.to_vec(),
-                    nll_len,
-                    tau,
-                };
-                save_checkpoint(out, &snap, &state, pending.as_deref())?;
+                let nll = nll_path.as_deref().zip(nll_file.as_mut());
+                let at_doc = DocAt { model_index: mi, doc_index: k, doc_pos: pos };
+                save_at(out, &at, at_doc, &acc, finished, nll, scorer.as_ref())?;
                 if let Some(sig) = due.signal {
                     progress.finish();
                     bail!("{sig} after {processed} tokens: checkpoint in {}; continue with --resume", out.display());
@@ -686,6 +635,87 @@ fn run_model(
     progress.finish();
     acc.seconds = seconds_before + started.elapsed().as_secs_f64();
     Ok((Flow::Done, result_of(model, tok, acc, train_len)))
+}
+
+/// Where a model's run starts: its accumulators, the document and position to continue from, the
+/// scorer state there and the NLL file's length (a resume), or the beginning.
+struct Start {
+    acc: Acc,
+    first_doc: usize,
+    skip: u64,
+    restore: Option<ScorerState>,
+    nll_len: Option<(String, u64)>,
+}
+
+/// [`Start`] from the checkpoint `ckpt` (checked against model `mi`'s state size and the options),
+/// or fresh.
+fn start(
+    resumed: Option<Resumed>,
+    state_len: usize,
+    o: &Options,
+    train_len: Option<u64>,
+    ckpt: &Path,
+    mi: usize,
+) -> Result<Start> {
+    let Some(Resumed { snap: s, scorer: st }) = resumed else {
+        let acc = Acc {
+            linear: Buckets::new(o.bucket),
+            log2: Buckets::new(0),
+            verdict: train_len.map(|t| Buckets::new(verdict_width(t))),
+            sum: 0.0,
+            count: 0,
+            longest: 0,
+            seconds: 0.0,
+            tokens_fed: 0,
+            nll_files: Vec::new(),
+        };
+        return Ok(Start { acc, first_doc: 0, skip: 0, restore: None, nll_len: None });
+    };
+    if st.state.len() != state_len {
+        bail!("{}: checkpoint state has {} values, the model needs {state_len}", ckpt.display(), st.state.len());
+    }
+    s.acc.validate(&format!("{}: model {mi}", ckpt.display()), o.bucket, train_len)?;
+    Ok(Start { acc: s.acc, first_doc: s.doc_index, skip: s.doc_pos, restore: Some(st), nll_len: s.nll_len })
+}
+
+/// Where in the run a checkpoint stands: model, document and position in it.
+struct DocAt {
+    model_index: usize,
+    doc_index: usize,
+    doc_pos: u64,
+}
+
+/// A checkpoint at a call boundary: the accumulators, the finished models' results, the NLL file's
+/// length (flushed) and the scorer's state.
+fn save_at(
+    out: &Path,
+    at: &RunAt,
+    doc: DocAt,
+    acc: &Acc,
+    finished: &[RunResult],
+    nll: Option<(&Path, &mut BufWriter<std::fs::File>)>,
+    scorer: &dyn crate::backend::Backend,
+) -> Result<()> {
+    let nll_len = match nll {
+        Some((p, f)) => {
+            f.flush()?;
+            Some((p.display().to_string(), f.get_mut().stream_position()?))
+        }
+        None => None,
+    };
+    let ScorerState { state, pending, tau } = scorer.snapshot()?;
+    let snap = Snapshot {
+        fingerprint: at.fp.to_string(),
+        key: at.key.clone(),
+        model_index: doc.model_index,
+        doc_index: doc.doc_index,
+        doc_pos: doc.doc_pos,
+        acc: acc.clone(),
+        finished: finished.to_vec(),
+        nll_len,
+        tau,
+    };
+    save_checkpoint(out, &snap, &state, pending.as_deref())
 }
 
 fn open_nll(path: &Path, resume_len: Option<u64>) -> Result<BufWriter<std::fs::File>> {
@@ -924,6 +954,20 @@ pub fn plot(runs: &[RunResult], o: &Options) -> String {
 }
 
 impl Acc {
+    /// The NLLs of consecutive targets from stream position `first` into every scheme's buckets.
+    fn add(&mut self, first: u64, nll: &[f32]) {
+        for (i, &v) in nll.iter().enumerate() {
+            let q = first + i as u64;
+            self.linear.add(q, v);
+            self.log2.add(q, v);
+            if let Some(b) = self.verdict.as_mut() {
+                b.add(q, v);
+            }
+            self.sum += v as f64;
+        }
+        self.count += nll.len() as u64;
+    }
+
     /// Checks accumulators read back from a file (a checkpoint or a shard's results.json) against
     /// the options they were made with: bucket widths, each scheme's sums (see `Buckets::validate`)
     /// adding up to the totals, a verdict's sums present iff there is a training length.

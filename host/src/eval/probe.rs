@@ -196,7 +196,88 @@ fn csv_series(
     Ok(series)
 }
 
-/// `stuffed probe`.
+/// The layers and heads a probe records, and the layers it plots.
+struct Selection {
+    layers: Vec<usize>,
+    heads: Vec<usize>,
+    plot_layers: Vec<usize>,
+}
+
+impl Selection {
+    fn new(net: &dyn stuffed_core::Recurrent, o: &Options) -> Result<Selection> {
+        let (nl, nh) = (net.n_layer(), net.n_heads());
+        let layers: Vec<usize> = o.layers.clone().unwrap_or_else(|| (0..nl).collect());
+        let heads: Vec<usize> = o.heads.clone().unwrap_or_else(|| (0..nh).collect());
+        if let Some(&l) = layers.iter().find(|&&l| l >= nl) {
+            bail!("--layers: layer {l} does not exist (the model has {nl})");
+        }
+        if let Some(&h) = heads.iter().find(|&&h| h >= nh) {
+            bail!("--heads: head {h} does not exist (the model has {nh} per layer)");
+        }
+        let plot_layers = plotted_layers(&layers, o.plot_layers.as_deref())?;
+        Ok(Selection { layers, heads, plot_layers })
+    }
+
+    fn records(&self, l: usize, h: usize) -> bool {
+        self.layers.contains(&l) && self.heads.contains(&h)
+    }
+}
+
+/// The four CSVs a probe appends to at each report.
+struct Csvs {
+    retention: BufWriter<std::fs::File>,
+    state: BufWriter<std::fs::File>,
+    conv: BufWriter<std::fs::File>,
+    inputs: BufWriter<std::fs::File>,
+}
+
+impl Csvs {
+    /// New files, or (resuming) the files cut back to the lengths a checkpoint recorded.
+    fn open(out: &Path, series: &[&str], lens: Option<[u64; 4]>) -> Result<Csvs> {
+        let len = |i: usize| lens.map(|l| l[i]);
+        let means: Vec<String> = series[1..].iter().map(|n| n.replace("_sum", "_mean")).collect();
+        Ok(Csvs {
+            retention: csv(&out.join("retention.csv"), "layer,head,t,log_retention_mean,log_retention_max", len(0))?,
+            state: csv(&out.join("state_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro", len(1))?,
+            conv: csv(&out.join("conv_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro", len(2))?,
+            inputs: csv(&out.join("inputs.csv"), &format!("layer,head,t,{}", means.join(",")), len(3))?,
+        })
+    }
+
+    fn all(&mut self) -> [&mut BufWriter<std::fs::File>; 4] {
+        [&mut self.retention, &mut self.state, &mut self.conv, &mut self.inputs]
+    }
+
+    /// Flushed, and their byte lengths (what a checkpoint records).
+    fn lens(&mut self) -> Result<[u64; 4]> {
+        let mut lens = [0u64; 4];
+        for (w, n) in self.all().into_iter().zip(&mut lens) {
+            w.flush()?;
+            *n = w.get_mut().stream_position()?;
+        }
+        Ok(lens)
+    }
+}
+
+/// What a probe carries along the stream: tokens fed, the retention sums, the whole-state snapshots.
+struct Stream {
+    pos: u64,
+    /// Running Σ log decay per (layer, head, channel), f64.
+    retention: Vec<f64>,
+    snapshots: Vec<(u64, Vec<f32>)>,
+}
+
+/// How the stream loop ended.
+enum Ended {
+    /// The inputs (or --max-tokens) ran out.
+    Done,
+    /// --stop-after: a checkpoint was written.
+    Stopped,
+    /// A signal: a checkpoint was written.
+    Signal(&'static str),
+}
+
+/// `stuffed probe`: sets up, streams, then writes plots and probe.json.
 pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: super::Continue) -> Result<()> {
     let _armed = crate::interrupt::arm(); // from the start: a signal during loading is caught too
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
@@ -204,156 +285,215 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     model.set_forget(o.forget)?;
     let tok = model.tokenizer(o.tokenizer.as_deref())?;
     let net = model.net();
-    let (nl, nh) = (net.n_layer(), net.n_heads());
-    let layers: Vec<usize> = o.layers.clone().unwrap_or_else(|| (0..nl).collect());
-    let heads: Vec<usize> = o.heads.clone().unwrap_or_else(|| (0..nh).collect());
-    if let Some(&l) = layers.iter().find(|&&l| l >= nl) {
-        bail!("--layers: layer {l} does not exist (the model has {nl})");
-    }
-    if let Some(&h) = heads.iter().find(|&&h| h >= nh) {
-        bail!("--heads: head {h} does not exist (the model has {nh} per layer)");
-    }
-    let plot_layers = plotted_layers(&layers, o.plot_layers.as_deref())?;
+    let sel = Selection::new(net, o)?;
     let (names, width) = net.probe_series();
-    let ns = names.len();
     let key = run_key(&model, inputs, o)?;
     let fp = report::fingerprint(&key)?;
     let restored =
         if cont.resumes("probe", out, &[out.join(CKPT)])? { Some(load_checkpoint(out, &fp, &key)?) } else { None };
-    let lens = restored.as_ref().map(|r| r.snap.csv_lens);
-    let len = |i: usize| lens.map(|l| l[i]);
-    let mut probe = vec![0f32; net.probe_len()];
-    let mut ret_csv = csv(&out.join("retention.csv"), "layer,head,t,log_retention_mean,log_retention_max", len(0))?;
-    let mut st_csv = csv(&out.join("state_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro", len(1))?;
-    let mut cv_csv = csv(&out.join("conv_stats.csv"), "layer,head,t,mean,var,rms,maxabs,fro", len(2))?;
-    let extra: Vec<&str> = names[1..].to_vec();
-    let header =
-        format!("layer,head,t,{}", extra.iter().map(|n| n.replace("_sum", "_mean")).collect::<Vec<_>>().join(","));
-    let mut in_csv = csv(&out.join("inputs.csv"), &header, len(3))?;
-
-    let real = model.info.vocab_rows;
-    let mut s = crate::backend::open(&model, o.chunk, real, o.device, o.gpu)?;
-    let mut pos = 0u64; // tokens fed
-                        // Running Σ log decay per (layer, head, channel), f64.
-    let mut retention = vec![0f64; nl * nh * width];
-    let mut snapshots: Vec<(u64, Vec<f32>)> = Vec::new();
+    let mut csvs = Csvs::open(out, names, restored.as_ref().map(|r| r.snap.csv_lens))?;
+    let mut s = crate::backend::open(&model, o.chunk, model.info.vocab_rows, o.device, o.gpu)?;
+    let retention = vec![0f64; net.n_layer() * net.n_heads() * width];
+    let mut st = Stream { pos: 0, retention, snapshots: Vec::new() };
     if let Some(r) = restored {
-        if r.scorer.state.len() != s.state_len() || r.retention.len() != retention.len() {
+        if r.scorer.state.len() != s.state_len() || r.retention.len() != st.retention.len() {
             bail!("{}: the checkpoint's state does not fit this model", out.join(CKPT).display());
         }
         s.restore(&r.scorer, r.snap.pos)?;
-        (pos, retention, snapshots) = (r.snap.pos, r.retention, r.snapshots);
+        st = Stream { pos: r.snap.pos, retention: r.retention, snapshots: r.snapshots };
     }
     let stream = crate::eval::ppl::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
-    let mut feed = crate::eval::ppl::TokenFeed::new(stream, pos);
+    let mut feed = crate::eval::ppl::TokenFeed::new(stream, st.pos);
+    let saver = |csvs: &mut Csvs, st: &Stream, now: &ScorerState| save(out, &fp, &key, csvs, st, now);
+    match stream_probe(net, s.as_mut(), &mut feed, &sel, o, &mut csvs, &mut st, saver)? {
+        Ended::Done => {}
+        Ended::Signal(sig) => {
+            bail!("{sig} after {} tokens: checkpoint in {}; continue with --resume", st.pos, out.display())
+        }
+        Ended::Stopped => {
+            eprintln!("stopped after {} tokens; checkpoint in {}; continue with --resume", st.pos, out.display());
+            return Ok(());
+        }
+    }
+    for w in csvs.all() {
+        w.flush()?;
+    }
+    drop(csvs);
+    write_snapshots(out, &st.snapshots)?;
+    let mut snaps = o.snapshot_at.clone();
+    snaps.sort_unstable();
+    snaps.dedup();
+    let missed: Vec<u64> = snaps.into_iter().filter(|&p| !st.snapshots.iter().any(|(t, _)| *t == p)).collect();
+    if !missed.is_empty() {
+        eprintln!("probe: no snapshot at {missed:?}: past the stream's end ({} tokens)", st.pos);
+    }
+    plot_series(out, o, &sel)?;
+    plot_histogram(out, net, &sel, &st.snapshots)?;
+    let meta = serde_json::json!({
+        "command": "probe",
+        "model": model.info,
+        "precision": {"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "retention_sum": "f64"},
+        "tokenizer": tok.source,
+        "inputs": inputs.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
+        "options": o,
+        "matmul": (o.device == Device::Cpu).then(crate::exec::matmul_record),
+        "forget": o.forget.to_string(),
+        "tokens": st.pos,
+        "snapshots": st.snapshots.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+        "plot_layers": sel.plot_layers,
+        "series": names,
+        "notes": "t = tokens consumed (from 1); the retention sum includes the first token's own decay; \
+                  per-channel decays report the mean and max over key channels; variance is unbiased",
+    });
+    write_atomic(&out.join("probe.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    let _ = std::fs::remove_file(out.join(CKPT));
+    println!(
+        "probe: {} tokens; wrote {}/retention.csv, state_stats.csv, conv_stats.csv, inputs.csv, probe.json and plots",
+        st.pos,
+        out.display()
+    );
+    let list: Vec<String> = sel.plot_layers.iter().map(|l| l.to_string()).collect();
+    println!("probe: plots show layers {} (--plot-layers to choose)", list.join(", "));
+    Ok(())
+}
+
+/// Feeds the stream, writing a report every `--every` tokens (and at its end), a whole-state
+/// snapshot at each `--snapshot-at`, and a checkpoint (`save`) when the cadence says so.
+#[allow(clippy::too_many_arguments)]
+fn stream_probe(
+    net: &dyn stuffed_core::Recurrent,
+    s: &mut dyn crate::backend::Backend,
+    feed: &mut crate::eval::ppl::TokenFeed,
+    sel: &Selection,
+    o: &Options,
+    csvs: &mut Csvs,
+    st: &mut Stream,
+    save: impl Fn(&mut Csvs, &Stream, &ScorerState) -> Result<()>,
+) -> Result<Ended> {
+    let mut probe = vec![0f32; net.probe_len()];
     let mut since = 0u64; // tokens since the last report
     let mut cadence = super::Cadence::new(o.checkpoint_secs, None);
     let mut snaps = o.snapshot_at.clone();
     snaps.sort_unstable();
     snaps.dedup();
     let mut progress = crate::report::Progress::new("probe", o.max_tokens);
-    progress.set(pos);
+    progress.set(st.pos);
     loop {
         // Next stop: the report boundary or a snapshot position.
-        let next_report = pos + (o.every - since);
-        let next = snaps.iter().copied().find(|&p| p > pos).map_or(next_report, |p| p.min(next_report));
-        let ids = feed.take((next - pos) as usize)?;
+        let next_report = st.pos + (o.every - since);
+        let next = snaps.iter().copied().find(|&p| p > st.pos).map_or(next_report, |p| p.min(next_report));
+        let ids = feed.take((next - st.pos) as usize)?;
         if ids.is_empty() {
             break;
         }
         crate::model::check_ids(&ids, net.vocab_rows(), "probe input")?;
         s.feed_probed(&ids, &mut probe)?;
-        pos += ids.len() as u64;
+        st.pos += ids.len() as u64;
         since += ids.len() as u64;
-        progress.set(pos);
-        let at_snapshot = snaps.contains(&pos);
+        progress.set(st.pos);
+        let at_snapshot = snaps.contains(&st.pos);
         if since < o.every && !feed.done() && !at_snapshot {
             continue;
         }
-        let ScorerState { state, pending, tau } = s.snapshot()?;
+        let now = s.snapshot()?;
         if at_snapshot {
-            snapshots.push((pos, state.clone()));
+            st.snapshots.push((st.pos, now.state.clone()));
         }
         if since < o.every && !feed.done() {
             continue;
         }
-        let t = pos;
-        let k = since as f64;
+        report(net, sel, csvs, st, &probe, &now.state, since as f64)?;
         since = 0;
-        for l in 0..nl {
-            for h in 0..nh {
-                let base = (l * ns) * nh * width;
-                for c in 0..width {
-                    retention[(l * nh + h) * width + c] += probe[base + h * width + c] as f64;
-                }
-                if !layers.contains(&l) || !heads.contains(&h) {
-                    continue;
-                }
-                let r = &retention[(l * nh + h) * width..(l * nh + h + 1) * width];
-                let mean = r.iter().sum::<f64>() / width as f64;
-                let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                writeln!(ret_csv, "{l},{h},{t},{mean},{max}")?;
-                let st = stats(state[net.head_state(l, h)].iter().copied());
-                writeln!(st_csv, "{l},{h},{t},{},{},{},{},{}", st[0], st[1], st[2], st[3], st[4])?;
-                if let Some(runs) = net.conv_state(l, h) {
-                    let cs = stats(runs_values(runs, &state).into_iter());
-                    writeln!(cv_csv, "{l},{h},{t},{},{},{},{},{}", cs[0], cs[1], cs[2], cs[3], cs[4])?;
-                }
-                let means: Vec<String> = (1..ns)
-                    .map(|si| {
-                        let v: f64 = (0..width).map(|c| probe[((l * ns + si) * nh + h) * width + c] as f64).sum();
-                        format!("{}", v / width as f64 / k)
-                    })
-                    .collect();
-                writeln!(in_csv, "{l},{h},{t},{}", means.join(","))?;
-            }
-        }
         probe.fill(0.0);
         if feed.done() {
             break;
         }
-        let stop = o.stop_after.is_some_and(|n| pos >= n);
+        let stop = o.stop_after.is_some_and(|n| st.pos >= n);
         if let Some(due) = cadence.due(stop) {
-            let mut csv_lens = [0u64; 4];
-            for (w, n) in [&mut ret_csv, &mut st_csv, &mut cv_csv, &mut in_csv].into_iter().zip(&mut csv_lens) {
-                w.flush()?;
-                *n = w.get_mut().stream_position()?;
-            }
-            let snapshots_at = snapshots.iter().map(|(p, _)| *p).collect();
-            let snap =
-                Snapshot { fingerprint: fp.clone(), key: key.clone(), pos, tau, csv_lens, snapshots: snapshots_at };
-            let names: Vec<String> = snapshots.iter().map(|(p, _)| format!("state_t{p}")).collect();
-            let mut tensors = vec![("state", Values::F32(&state)), ("retention", Values::F64(&retention))];
-            tensors.extend(pending.as_deref().map(|p| ("pending", Values::F32(p))));
-            tensors.extend(names.iter().zip(&snapshots).map(|(n, (_, st))| (n.as_str(), Values::F32(st))));
-            report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
+            save(csvs, st, &now)?;
             cadence.saved();
             if let Some(sig) = due.signal {
                 progress.finish();
-                bail!("{sig} after {pos} tokens: checkpoint in {}; continue with --resume", out.display());
+                return Ok(Ended::Signal(sig));
             }
             if stop {
                 progress.finish();
-                eprintln!("stopped after {pos} tokens; checkpoint in {}; continue with --resume", out.display());
-                return Ok(());
+                return Ok(Ended::Stopped);
             }
         }
     }
     progress.finish();
-    for w in [&mut ret_csv, &mut st_csv, &mut cv_csv, &mut in_csv] {
-        w.flush()?;
+    Ok(Ended::Done)
+}
+
+/// One report at `st.pos`: the probe sums of the last `k` tokens into the retention sums, then a row
+/// per recorded (layer, head) in each CSV.
+fn report(
+    net: &dyn stuffed_core::Recurrent,
+    sel: &Selection,
+    csvs: &mut Csvs,
+    st: &mut Stream,
+    probe: &[f32],
+    state: &[f32],
+    k: f64,
+) -> Result<()> {
+    let (nl, nh) = (net.n_layer(), net.n_heads());
+    let (names, width) = net.probe_series();
+    let (ns, t) = (names.len(), st.pos);
+    for l in 0..nl {
+        for h in 0..nh {
+            let base = (l * ns) * nh * width;
+            for c in 0..width {
+                st.retention[(l * nh + h) * width + c] += probe[base + h * width + c] as f64;
+            }
+            if !sel.records(l, h) {
+                continue;
+            }
+            let r = &st.retention[(l * nh + h) * width..(l * nh + h + 1) * width];
+            let mean = r.iter().sum::<f64>() / width as f64;
+            let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            writeln!(csvs.retention, "{l},{h},{t},{mean},{max}")?;
+            let s = stats(state[net.head_state(l, h)].iter().copied());
+            writeln!(csvs.state, "{l},{h},{t},{},{},{},{},{}", s[0], s[1], s[2], s[3], s[4])?;
+            if let Some(runs) = net.conv_state(l, h) {
+                let cs = stats(runs_values(runs, state).into_iter());
+                writeln!(csvs.conv, "{l},{h},{t},{},{},{},{},{}", cs[0], cs[1], cs[2], cs[3], cs[4])?;
+            }
+            let means: Vec<String> = (1..ns)
+                .map(|si| {
+                    let v: f64 = (0..width).map(|c| probe[((l * ns + si) * nh + h) * width + c] as f64).sum();
+                    format!("{}", v / width as f64 / k)
+                })
+                .collect();
+            writeln!(csvs.inputs, "{l},{h},{t},{}", means.join(","))?;
+        }
     }
-    drop((ret_csv, st_csv, cv_csv, in_csv));
-    let tokens = pos;
-    write_snapshots(out, &snapshots)?;
-    let missed: Vec<u64> = snaps.iter().copied().filter(|&p| !snapshots.iter().any(|(t, _)| *t == p)).collect();
-    if !missed.is_empty() {
-        eprintln!("probe: no snapshot at {missed:?}: past the stream's end ({tokens} tokens)");
-    }
-    // Plots for the plotted layers, read back from the CSVs (nothing per report is kept in memory,
-    // so a probe's memory does not grow with the stream).
+    Ok(())
+}
+
+/// A checkpoint at a report: the CSVs' lengths, the scorer `now`, the retention sums and snapshots.
+fn save(out: &Path, fp: &str, key: &serde_json::Value, csvs: &mut Csvs, st: &Stream, now: &ScorerState) -> Result<()> {
+    let snapshots = st.snapshots.iter().map(|(p, _)| *p).collect();
+    let snap = Snapshot {
+        fingerprint: fp.to_string(),
+        key: key.clone(),
+        pos: st.pos,
+        tau: now.tau.clone(),
+        csv_lens: csvs.lens()?,
+        snapshots,
+    };
+    let names: Vec<String> = st.snapshots.iter().map(|(p, _)| format!("state_t{p}")).collect();
+    let mut tensors = vec![("state", Values::F32(&now.state)), ("retention", Values::F64(&st.retention))];
+    tensors.extend(now.pending.as_deref().map(|p| ("pending", Values::F32(p))));
+    tensors.extend(names.iter().zip(&st.snapshots).map(|(n, (_, s))| (n.as_str(), Values::F32(s))));
+    report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)
+}
+
+/// Plots of the plotted layers, read back from the CSVs (nothing per report is kept in memory, so a
+/// probe's memory does not grow with the stream).
+fn plot_series(out: &Path, o: &Options, sel: &Selection) -> Result<()> {
     let vlines: Vec<(f64, String)> = o.train_len.map(|t| (t as f64, format!("train len {t}"))).into_iter().collect();
-    let plotted = |l: usize, h: usize| plot_layers.contains(&l) && heads.contains(&h);
+    let plotted = |l: usize, h: usize| sel.plot_layers.contains(&l) && sel.heads.contains(&h);
     let mut plots = [
         (
             "retention",
@@ -363,9 +503,10 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         ("state_mean", "state mean", csv_series(&out.join("state_stats.csv"), 3, plotted)?),
         ("state_var", "state variance", csv_series(&out.join("state_stats.csv"), 4, plotted)?),
     ];
-    for &l in &plot_layers {
+    for &l in &sel.plot_layers {
         for (file, y, pts) in &mut plots {
-            let series: Vec<Series> = heads
+            let series: Vec<Series> = sel
+                .heads
                 .iter()
                 .map(|&h| Series {
                     name: format!("head {h}"),
@@ -384,56 +525,40 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
             write_atomic(&out.join(format!("{file}_L{l}.svg")), p.render(&series).as_bytes())?;
         }
     }
-    // Fig. 6: a channel histogram of one head at the first two snapshots.
-    if snapshots.len() >= 2 {
-        let (l, h) = (plot_layers[plot_layers.len() - 1], heads[0]);
-        let r = net.head_state(l, h);
-        // One set of bins over both snapshots' values, so the two histograms compare bin by bin.
-        let (lo, hi) = snapshots[..2]
-            .iter()
-            .flat_map(|(_, st)| st[r.clone()].iter())
-            .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-        let hist = |v: &[f32]| -> Vec<(f64, f64)> {
-            let bins = 40;
-            let wdt = ((hi - lo) / bins as f32).max(1e-12);
-            let mut c = vec![0f64; bins];
-            v.iter().for_each(|&x| c[(((x - lo) / wdt) as usize).min(bins - 1)] += 1.0);
-            c.iter().enumerate().map(|(i, &n)| ((lo + wdt * (i as f32 + 0.5)) as f64, n)).collect()
-        };
-        let series: Vec<Series> = snapshots[..2]
-            .iter()
-            .map(|(t, st)| Series {
-                name: format!("t = {}", fmt_tokens(*t)),
-                points: hist(&st[r.clone()]),
-                markers: false,
-            })
-            .collect();
-        let title = format!("Layer {l}, head {h}: state values");
-        let p = LinePlot { title: &title, x_label: "state value", y_label: "count", log_x: false, vlines: Vec::new() };
-        write_atomic(&out.join(format!("hist_L{l}_H{h}.svg")), p.render(&series).as_bytes())?;
-    }
-    let meta = serde_json::json!({
-        "command": "probe",
-        "model": model.info,
-        "precision": {"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "retention_sum": "f64"},
-        "tokenizer": tok.source,
-        "inputs": inputs.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
-        "options": o,
-        "matmul": (o.device == Device::Cpu).then(crate::exec::matmul_record),
-        "forget": o.forget.to_string(),
-        "tokens": tokens,
-        "snapshots": snapshots.iter().map(|(t, _)| t).collect::<Vec<_>>(),
-        "plot_layers": plot_layers,
-        "series": names,
-        "notes": "t = tokens consumed (from 1); the retention sum includes the first token's own decay; \
-                  per-channel decays report the mean and max over key channels; variance is unbiased",
-    });
-    write_atomic(&out.join("probe.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
-    let _ = std::fs::remove_file(out.join(CKPT));
-    println!("probe: {tokens} tokens; wrote {}/retention.csv, state_stats.csv, conv_stats.csv, inputs.csv, probe.json and plots", out.display());
-    let list: Vec<String> = plot_layers.iter().map(|l| l.to_string()).collect();
-    println!("probe: plots show layers {} (--plot-layers to choose)", list.join(", "));
     Ok(())
+}
+
+/// Fig. 6: a channel histogram of one head at the first two snapshots.
+fn plot_histogram(
+    out: &Path,
+    net: &dyn stuffed_core::Recurrent,
+    sel: &Selection,
+    snapshots: &[(u64, Vec<f32>)],
+) -> Result<()> {
+    if snapshots.len() < 2 {
+        return Ok(());
+    }
+    let (l, h) = (sel.plot_layers[sel.plot_layers.len() - 1], sel.heads[0]);
+    let r = net.head_state(l, h);
+    // One set of bins over both snapshots' values, so the two histograms compare bin by bin.
+    let (lo, hi) = snapshots[..2]
+        .iter()
+        .flat_map(|(_, st)| st[r.clone()].iter())
+        .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let hist = |v: &[f32]| -> Vec<(f64, f64)> {
+        let bins = 40;
+        let wdt = ((hi - lo) / bins as f32).max(1e-12);
+        let mut c = vec![0f64; bins];
+        v.iter().for_each(|&x| c[(((x - lo) / wdt) as usize).min(bins - 1)] += 1.0);
+        c.iter().enumerate().map(|(i, &n)| ((lo + wdt * (i as f32 + 0.5)) as f64, n)).collect()
+    };
+    let series: Vec<Series> = snapshots[..2]
+        .iter()
+        .map(|(t, st)| Series { name: format!("t = {}", fmt_tokens(*t)), points: hist(&st[r.clone()]), markers: false })
+        .collect();
+    let title = format!("Layer {l}, head {h}: state values");
+    let p = LinePlot { title: &title, x_label: "state value", y_label: "count", log_x: false, vlines: Vec::new() };
+    write_atomic(&out.join(format!("hist_L{l}_H{h}.svg")), p.render(&series).as_bytes())
 }
 
 /// The layers to plot: `wanted` (each must be recorded), else the first, middle and last recorded.
