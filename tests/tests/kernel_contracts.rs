@@ -1,0 +1,263 @@
+//! CUDA kernels one at a time against the core (or host) function each one's comment in
+//! ptx/mamba2.cu names, on the nasty shapes: a regression names its kernel instead of showing up as
+//! "NLL off" in the whole chain (tests/gpu.rs). Through the emulator in CI (`--features cuda-emu`),
+//! on a GPU with `--features cuda -- --ignored`.
+//!
+//! Covered so far: embed_{f32,bf16}, rmsnorm_{f32,bf16}, add_bias, lse_tile, argmax_rows, head_norm,
+//! count_nonfinite. The conv, SSD, window, gated-norm, decode and probe kernels are not yet here.
+#![cfg(any(feature = "cuda", feature = "cuda-emu"))]
+use half::bf16;
+use stuffed::cuda::{i, Arg, DBuf, Gpu};
+use stuffed_core::{Data, Weight};
+
+/// Seeded values in [-scale, scale) (SplitMix64), the same on every machine.
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            scale * (2.0 * ((z >> 40) as f32 / (1u64 << 24) as f32) - 1.0)
+        })
+        .collect()
+}
+
+fn download<T: bytemuck::Pod + Default + Clone>(b: &DBuf, n: usize) -> Vec<T> {
+    let mut v = vec![T::default(); n];
+    b.download(0, &mut v).unwrap();
+    v
+}
+
+/// Largest |a − b| / max(|b|, 1), naming the kernel and shape when over `bound`.
+fn check(kernel: &str, shape: &str, got: &[f32], want: &[f32], bound: f32) {
+    assert_eq!(got.len(), want.len(), "{kernel} {shape}: lengths");
+    let (mut worst, mut at) = (0f32, 0);
+    for (k, (&g, &w)) in got.iter().zip(want).enumerate() {
+        // A NaN counts as infinitely wrong.
+        let e = ((g - w).abs() / w.abs().max(1.0)).max(if g.is_nan() != w.is_nan() { f32::INFINITY } else { 0.0 });
+        if e > worst || e.is_nan() {
+            (worst, at) = (e, k);
+        }
+    }
+    assert!(worst <= bound, "{kernel} {shape}: element {at}: {} vs {} (rel {worst:e} > {bound:e})", got[at], want[at]);
+}
+
+/// Row widths that straddle a warp and a 256-thread block.
+const WIDTHS: [usize; 7] = [1, 31, 32, 33, 255, 257, 1000];
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn embed_gathers_rows() {
+    let gpu = Gpu::new().unwrap();
+    for d in WIDTHS {
+        let rows = 37;
+        let emb = values(rows * d, d as u64, 1.0);
+        let tok: Vec<u32> = [0, 36, 5, 5, 17, 1].into();
+        let want: Vec<f32> = tok.iter().flat_map(|&t| emb[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
+        let (tb, x) = (DBuf::from(&tok).unwrap(), DBuf::zeroed(tok.len() * d * 4).unwrap());
+        let e32 = DBuf::from(&emb).unwrap();
+        let args = |e: &DBuf| [Arg::Ptr(e.ptr()), Arg::Ptr(tb.ptr()), Arg::Ptr(x.ptr()), i(tok.len()), i(d)];
+        gpu.launch_n("embed_f32", tok.len() * d, &args(&e32)).unwrap();
+        check("embed_f32", &format!("d {d}"), &download(&x, tok.len() * d), &want, 0.0);
+        let eb: Vec<bf16> = emb.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wantb: Vec<f32> = tok
+            .iter()
+            .flat_map(|&t| eb[t as usize * d..(t as usize + 1) * d].iter().map(|v| v.to_f32()).collect::<Vec<_>>())
+            .collect();
+        gpu.launch_n("embed_bf16", tok.len() * d, &args(&DBuf::from(&eb).unwrap())).unwrap();
+        check("embed_bf16", &format!("d {d}"), &download(&x, tok.len() * d), &wantb, 0.0);
+    }
+}
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn rmsnorm_matches_ops_rmsnorm() {
+    let gpu = Gpu::new().unwrap();
+    for d in WIDTHS {
+        for rows in [1usize, 3] {
+            let x = values(rows * d, 100 + d as u64, 4.0);
+            let w = values(d, 200 + d as u64, 1.5);
+            let wt = Weight::new(Data::F32(&w), 1, d).unwrap();
+            let mut want = vec![0f32; rows * d];
+            for (xr, o) in x.chunks(d).zip(want.chunks_mut(d)) {
+                stuffed_core::ops::rmsnorm(xr, &wt, 0, 1e-5, o);
+            }
+            let (xb, wb) = (DBuf::from(&x).unwrap(), DBuf::from(&w).unwrap());
+            let out = DBuf::zeroed(rows * d * 4).unwrap();
+            let args = [Arg::Ptr(xb.ptr()), Arg::Ptr(wb.ptr()), Arg::Ptr(out.ptr()), i(d), Arg::F32(1e-5)];
+            let shape = format!("rows {rows}, d {d}");
+            gpu.launch("rmsnorm_f32", (rows as u32, 1), 256, 0, &args).unwrap();
+            check("rmsnorm_f32", &shape, &download(&out, rows * d), &want, 1e-6);
+            gpu.launch("rmsnorm_bf16", (rows as u32, 1), 256, 0, &args).unwrap();
+            let got: Vec<f32> = download::<bf16>(&out, rows * d).iter().map(|v| v.to_f32()).collect();
+            // One bf16 rounding of the f32 result: half an ulp, at most 2⁻⁸ relative (8 significant bits).
+            check("rmsnorm_bf16", &shape, &got, &want, 1.0 / 256.0);
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn add_bias_adds_per_column() {
+    let gpu = Gpu::new().unwrap();
+    for n in WIDTHS {
+        let rows = 5;
+        let (y, b) = (values(rows * n, n as u64, 2.0), values(n, 7 + n as u64, 2.0));
+        let want: Vec<f32> = y.iter().enumerate().map(|(k, &v)| v + b[k % n]).collect();
+        let (yb, bb) = (DBuf::from(&y).unwrap(), DBuf::from(&b).unwrap());
+        let args = [Arg::Ptr(yb.ptr()), Arg::Ptr(bb.ptr()), Arg::I64(rows as i64), i(n)];
+        gpu.launch_n("add_bias", rows * n, &args).unwrap();
+        check("add_bias", &format!("n {n}"), &download(&yb, rows * n), &want, 0.0);
+    }
+}
+
+/// The NLL over vocab tiles (`first`, middle, `last` calls) against log-sum-exp over the whole row
+/// (`backend::NllHead` on the CPU), for rows not a multiple of the 8 a block takes.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn lse_tile_gives_the_nll_over_tiles() {
+    let gpu = Gpu::new().unwrap();
+    let simd = stuffed_core::exec::Simd::Portable;
+    for (rows, v, tile) in [(1usize, 1usize, 1usize), (3, 33, 32), (9, 1000, 256), (17, 777, 1000)] {
+        let logits = values(rows * v, (rows * v) as u64, 12.0);
+        let target: Vec<u32> = (0..rows).map(|r| ((r * 131 + 7) % v) as u32).collect();
+        let want: Vec<f32> = (0..rows)
+            .map(|r| {
+                let row = &logits[r * v..(r + 1) * v];
+                stuffed_core::ops::log_sum_exp(simd, row) - row[target[r] as usize]
+            })
+            .collect();
+        let (tb, run, nll) =
+            (DBuf::from(&target).unwrap(), DBuf::zeroed(rows * 3 * 4).unwrap(), DBuf::zeroed(rows * 4).unwrap());
+        let tiles: Vec<usize> = (0..v).step_by(tile).collect();
+        for (k, &v0) in tiles.iter().enumerate() {
+            let n = tile.min(v - v0);
+            // The tile as the head GEMM leaves it: (rows, n), leading dimension n.
+            let t: Vec<f32> = (0..rows).flat_map(|r| logits[r * v + v0..r * v + v0 + n].to_vec()).collect();
+            let tbuf = DBuf::from(&t).unwrap();
+            let args = [
+                Arg::Ptr(tbuf.ptr()),
+                i(rows),
+                i(n),
+                i(v0),
+                Arg::Ptr(tb.ptr()),
+                Arg::Ptr(run.ptr()),
+                Arg::Ptr(nll.ptr()),
+                Arg::I32((k == 0) as i32),
+                Arg::I32((k + 1 == tiles.len()) as i32),
+            ];
+            gpu.launch("lse_tile", (rows.div_ceil(8) as u32, 1), 256, 0, &args).unwrap();
+        }
+        check("lse_tile", &format!("rows {rows}, vocab {v}, tile {tile}"), &download(&nll, rows), &want, 2e-6);
+    }
+}
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn argmax_rows_takes_the_first_largest_real_id() {
+    let gpu = Gpu::new().unwrap();
+    for (v, real) in [(1usize, 1usize), (33, 30), (1000, 1000), (1000, 257)] {
+        let rows = 3;
+        let mut l = values(rows * v, v as u64, 3.0);
+        // Ties: the first index wins; a larger value past `real` is padding and never wins.
+        if real > 3 {
+            l[2] = 9.0;
+            l[real - 1] = 9.0;
+        }
+        if v > real {
+            l[v - 1] = 99.0;
+        }
+        let want: Vec<u32> = l.chunks(v).map(|r| stuffed::session::argmax(r, real)).collect();
+        let (lb, out) = (DBuf::from(&l).unwrap(), DBuf::zeroed(rows * 4).unwrap());
+        let args = [Arg::Ptr(lb.ptr()), Arg::Ptr(out.ptr()), i(v), i(real)];
+        gpu.launch("argmax_rows", (rows as u32, 1), 256, 0, &args).unwrap();
+        assert_eq!(download::<u32>(&out, rows), want, "argmax_rows vocab {v}, real {real}");
+    }
+}
+
+/// Calibration (τ ← ‖h‖_F per head) and clipping (h ← h·τ/‖h‖ where ‖h‖ > τ), as
+/// `Session::at_boundary` does, on a state of 2 layers with a conv part before each SSM part.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn head_norm_calibrates_and_clips_like_the_session() {
+    let gpu = Gpu::new().unwrap();
+    for (h, pn, conv) in [(1usize, 1usize, 0usize), (3, 33, 5), (8, 1024, 96)] {
+        let (nl, ls) = (2usize, conv + h * pn);
+        let state = values(nl * ls, (h * pn) as u64, 1.0);
+        let head = |s: &[f32], l: usize, k: usize| s[l * ls + conv + k * pn..l * ls + conv + (k + 1) * pn].to_vec();
+        let norms: Vec<f32> = (0..nl)
+            .flat_map(|l| (0..h).map(move |k| (l, k)))
+            .map(|(l, k)| stuffed::session::fro(&head(&state, l, k)))
+            .collect();
+        let (sb, tau) = (DBuf::from(&state).unwrap(), DBuf::zeroed(nl * h * 4).unwrap());
+        let args = |clip: i32| {
+            [
+                Arg::Ptr(sb.ptr()),
+                Arg::Ptr(tau.ptr()),
+                i(h),
+                i(pn),
+                Arg::I64(ls as i64),
+                Arg::I64(conv as i64),
+                Arg::I32(clip),
+            ]
+        };
+        gpu.launch("head_norm", (h as u32, nl as u32), 256, 0, &args(0)).unwrap();
+        let shape = format!("H {h}, PN {pn}, conv {conv}");
+        check("head_norm (calibrate)", &shape, &download(&tau, nl * h), &norms, 1e-5);
+        // Halve τ for the even heads: those are scaled to half their norm, the others untouched.
+        let t: Vec<f32> = norms.iter().enumerate().map(|(k, &n)| if k % 2 == 0 { n / 2.0 } else { n * 2.0 }).collect();
+        let mut tb = tau;
+        tb.upload(0, &t).unwrap();
+        let tau = tb;
+        let args = [
+            Arg::Ptr(sb.ptr()),
+            Arg::Ptr(tau.ptr()),
+            i(h),
+            i(pn),
+            Arg::I64(ls as i64),
+            Arg::I64(conv as i64),
+            Arg::I32(1),
+        ];
+        gpu.launch("head_norm", (h as u32, nl as u32), 256, 0, &args).unwrap();
+        let mut want = state.clone();
+        for l in 0..nl {
+            for k in 0..h {
+                let (n, tk) = (norms[l * h + k], t[l * h + k]);
+                if n > tk {
+                    let r = l * ls + conv + k * pn..l * ls + conv + (k + 1) * pn;
+                    want[r].iter_mut().for_each(|v| *v *= tk / n);
+                }
+            }
+        }
+        check("head_norm (clip)", &shape, &download(&sb, nl * ls), &want, 1e-5);
+    }
+}
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn count_nonfinite_counts_nan_and_infinities() {
+    let gpu = Gpu::new().unwrap();
+    for n in [1usize, 255, 257, 10_000] {
+        let mut v = values(n, n as u64, 1.0);
+        let bad = [0, n / 2, n - 1];
+        v[bad[0]] = f32::NAN;
+        v[bad[1]] = f32::INFINITY;
+        v[bad[2]] = f32::NEG_INFINITY;
+        let want = v.iter().filter(|x| !x.is_finite()).count() as f32;
+        let blocks = 4;
+        let (vb, out) = (DBuf::from(&v).unwrap(), DBuf::zeroed(blocks * 4).unwrap());
+        gpu.launch(
+            "count_nonfinite",
+            (blocks as u32, 1),
+            256,
+            0,
+            &[Arg::Ptr(vb.ptr()), Arg::I64(n as i64), Arg::Ptr(out.ptr())],
+        )
+        .unwrap();
+        let got: f32 = download::<f32>(&out, blocks).iter().sum();
+        assert_eq!(got, want, "count_nonfinite n {n}");
+    }
+}
