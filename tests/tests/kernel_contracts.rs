@@ -3,8 +3,9 @@
 //! "NLL off" in the whole chain (tests/gpu.rs). Through the emulator in CI (`--features cuda-emu`),
 //! on a GPU with `--features cuda -- --ignored`.
 //!
-//! Covered so far: embed_{f32,bf16}, rmsnorm_{f32,bf16}, add_bias, lse_tile, argmax_rows, head_norm,
-//! count_nonfinite. The conv, SSD, window, gated-norm, decode and probe kernels are not yet here.
+//! Covered so far: embed_{f32,bf16}, rmsnorm_{f32,bf16}, add_bias, gated_norm_{f32,bf16},
+//! decode_in_{f32,bf16}, decode_out_{f32,bf16}, lse_tile, argmax_rows, head_norm, count_nonfinite.
+//! The conv, SSD, window and probe kernels are not yet here.
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 use half::bf16;
 use stuffed::cuda::{i, Arg, DBuf, Gpu};
@@ -259,5 +260,146 @@ fn count_nonfinite_counts_nan_and_infinities() {
         .unwrap();
         let got: f32 = download::<f32>(&out, blocks).iter().sum();
         assert_eq!(got, want, "count_nonfinite n {n}");
+    }
+}
+
+/// `RMSNorm_group(y ⊙ silu(z)) · w` over groups of `gs` channels of one row (`Mamba2::layer`'s
+/// gated norm), from `ops::silu` and `ops::rmsnorm`.
+fn gated_rows(y: &[f32], z: &[f32], w: &[f32], gs: usize) -> Vec<f32> {
+    let wt = Weight::new(Data::F32(w), 1, w.len()).unwrap();
+    let v: Vec<f32> = y.iter().zip(z).map(|(&y, &z)| y * stuffed_core::ops::silu(z)).collect();
+    let mut out = vec![0f32; v.len()];
+    for (g, (vg, og)) in v.chunks(gs).zip(out.chunks_mut(gs)).enumerate() {
+        stuffed_core::ops::rmsnorm(vg, &wt, g * gs, 1e-5, og);
+    }
+    out
+}
+
+/// `W (rows, K) · h + bias`, in f64 (the reference for the decode GEMVs).
+fn gemv(w: &[f32], h: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    w.chunks(h.len())
+        .enumerate()
+        .map(|(r, row)| {
+            let s: f64 = row.iter().zip(h).map(|(&a, &b)| a as f64 * b as f64).sum();
+            (s + bias.map_or(0.0, |b| b[r] as f64)) as f32
+        })
+        .collect()
+}
+
+/// Weights as bf16 (what the bf16 kernels read) and back to f32 (what the reference uses).
+fn as_bf16(w: &[f32]) -> (Vec<bf16>, Vec<f32>) {
+    let b: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let f = b.iter().map(|v| v.to_f32()).collect();
+    (b, f)
+}
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn gated_norm_matches_the_layers_gated_rmsnorm() {
+    let gpu = Gpu::new().unwrap();
+    for (t, di, g) in [(1usize, 32usize, 1usize), (3, 96, 2), (2, 1000, 2), (1, 33, 1)] {
+        let (gs, nin) = (di / g, 2 * di + 7);
+        let y = values(t * di, di as u64, 2.0);
+        let zx = values(t * nin, 3 + di as u64, 3.0);
+        let w = values(di, 5 + di as u64, 1.5);
+        let want: Vec<f32> =
+            (0..t).flat_map(|r| gated_rows(&y[r * di..][..di], &zx[r * nin..][..di], &w, gs)).collect();
+        let (yb, zb, wb) = (DBuf::from(&y).unwrap(), DBuf::from(&zx).unwrap(), DBuf::from(&w).unwrap());
+        let out = DBuf::zeroed(t * di * 4).unwrap();
+        let args = [
+            Arg::Ptr(yb.ptr()),
+            Arg::Ptr(zb.ptr()),
+            Arg::Ptr(wb.ptr()),
+            Arg::Ptr(out.ptr()),
+            i(di),
+            i(nin),
+            i(gs),
+            Arg::F32(1e-5),
+        ];
+        let shape = format!("T {t}, di {di}, G {g}");
+        gpu.launch("gated_norm_f32", (t as u32, g as u32), 256, 0, &args).unwrap();
+        check("gated_norm_f32", &shape, &download(&out, t * di), &want, 1e-5);
+        gpu.launch("gated_norm_bf16", (t as u32, g as u32), 256, 0, &args).unwrap();
+        let got: Vec<f32> = download::<bf16>(&out, t * di).iter().map(|v| v.to_f32()).collect();
+        check("gated_norm_bf16", &shape, &got, &want, 1.0 / 256.0);
+    }
+}
+
+/// One token's `zx = RMSNorm(x)·nw · W_inᵀ + bias`, with and without a bias, K a multiple of the
+/// 16-byte loads and not.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn decode_in_matches_norm_then_gemv() {
+    let gpu = Gpu::new().unwrap();
+    for (d, nin, with_bias) in [(4usize, 1usize, false), (31, 17, true), (64, 300, false), (1000, 33, true)] {
+        let x = values(d, d as u64, 3.0);
+        let nw = values(d, 11 + d as u64, 1.5);
+        let w = values(nin * d, 13 + d as u64, 0.2);
+        let bias = with_bias.then(|| values(nin, 17, 1.0));
+        let mut h = vec![0f32; d];
+        stuffed_core::ops::rmsnorm(&x, &Weight::new(Data::F32(&nw), 1, d).unwrap(), 0, 1e-5, &mut h);
+        let (wb16, w16) = as_bf16(&w);
+        let (xb, nwb) = (DBuf::from(&x).unwrap(), DBuf::from(&nw).unwrap());
+        let bb = bias.as_ref().map(|b| DBuf::from(b).unwrap());
+        let zx = DBuf::zeroed(nin * 4).unwrap();
+        for (kernel, wbuf, wf) in
+            [("decode_in_f32", DBuf::from(&w).unwrap(), &w), ("decode_in_bf16", DBuf::from(&wb16).unwrap(), &w16)]
+        {
+            let args = [
+                Arg::Ptr(xb.ptr()),
+                Arg::Ptr(nwb.ptr()),
+                Arg::Ptr(wbuf.ptr()),
+                Arg::Ptr(bb.as_ref().map_or(0, |b| b.ptr())),
+                Arg::Ptr(zx.ptr()),
+                i(d),
+                i(nin),
+                Arg::F32(1e-5),
+                i(16),
+            ];
+            gpu.launch(kernel, (nin.div_ceil(16) as u32, 1), 256, (d * 4) as u32, &args).unwrap();
+            let want = gemv(wf, &h, bias.as_deref());
+            check(kernel, &format!("d {d}, nin {nin}, bias {with_bias}"), &download(&zx, nin), &want, 1e-5);
+        }
+    }
+}
+
+/// One token's `x += GroupRMSNorm(y ⊙ silu(z))·gw · W_outᵀ + bias`.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn decode_out_matches_gated_norm_then_gemv() {
+    let gpu = Gpu::new().unwrap();
+    for (di, d, g, with_bias) in [(32usize, 16usize, 1usize, false), (96, 33, 2, true), (1000, 64, 2, true)] {
+        let gs = di / g;
+        let y = values(di, di as u64, 2.0);
+        let zx = values(2 * di + 5, 19 + di as u64, 3.0);
+        let gw = values(di, 23 + di as u64, 1.5);
+        let w = values(d * di, 29 + di as u64, 0.2);
+        let x0 = values(d, 31, 1.0);
+        let bias = with_bias.then(|| values(d, 37, 1.0));
+        let h = gated_rows(&y, &zx[..di], &gw, gs);
+        let (wb16, w16) = as_bf16(&w);
+        let (yb, zb, gb) = (DBuf::from(&y).unwrap(), DBuf::from(&zx).unwrap(), DBuf::from(&gw).unwrap());
+        let bb = bias.as_ref().map(|b| DBuf::from(b).unwrap());
+        for (kernel, wbuf, wf) in
+            [("decode_out_f32", DBuf::from(&w).unwrap(), &w), ("decode_out_bf16", DBuf::from(&wb16).unwrap(), &w16)]
+        {
+            let x = DBuf::from(&x0).unwrap();
+            let args = [
+                Arg::Ptr(yb.ptr()),
+                Arg::Ptr(zb.ptr()),
+                Arg::Ptr(gb.ptr()),
+                Arg::Ptr(wbuf.ptr()),
+                Arg::Ptr(bb.as_ref().map_or(0, |b| b.ptr())),
+                Arg::Ptr(x.ptr()),
+                i(di),
+                i(d),
+                i(gs),
+                Arg::F32(1e-5),
+                i(16),
+            ];
+            gpu.launch(kernel, (d.div_ceil(16) as u32, 1), 256, (di * 4) as u32, &args).unwrap();
+            let want: Vec<f32> = gemv(wf, &h, bias.as_deref()).iter().zip(&x0).map(|(p, x)| x + p).collect();
+            check(kernel, &format!("di {di}, d {d}, G {g}, bias {with_bias}"), &download(&x, d), &want, 1e-5);
+        }
     }
 }
