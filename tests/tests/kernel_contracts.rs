@@ -3,9 +3,12 @@
 //! "NLL off" in the whole chain (tests/gpu.rs). Through the emulator in CI (`--features cuda-emu`),
 //! on a GPU with `--features cuda -- --ignored`.
 //!
-//! Covered so far: embed_{f32,bf16}, rmsnorm_{f32,bf16}, add_bias, gated_norm_{f32,bf16},
-//! decode_in_{f32,bf16}, decode_out_{f32,bf16}, lse_tile, argmax_rows, head_norm, count_nonfinite.
-//! The conv, SSD, window and probe kernels are not yet here.
+//! Covered so far (19 of 27): embed_{f32,bf16}, rmsnorm_{f32,bf16}, add_bias, gated_norm_{f32,bf16},
+//! decode_in_{f32,bf16}, decode_out_{f32,bf16}, conv_bc, conv_state_update, conv_step, ssd_step,
+//! lse_tile, argmax_rows, head_norm, count_nonfinite. Where the core's function is private to its
+//! layer (the conv, the SSM step), the reference is its formula written out here. Not yet here:
+//! the chunked SSD (ssd_cumsum, ssd_chunk_state, ssd_state_pass, ssd_chunk_scan), the window
+//! (ssd_window, window_store, window_meta) and probe_sums.
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 use half::bf16;
 use stuffed::cuda::{i, Arg, DBuf, Gpu};
@@ -401,5 +404,213 @@ fn decode_out_matches_gated_norm_then_gemv() {
             let want: Vec<f32> = gemv(wf, &h, bias.as_deref()).iter().zip(&x0).map(|(p, x)| x + p).collect();
             check(kernel, &format!("di {di}, d {d}, G {g}, bias {with_bias}"), &download(&x, d), &want, 1e-5);
         }
+    }
+}
+
+/// The causal depthwise conv + SiLU of `Mamba2::conv` at token `t` of a call, channel `ch` of xBC:
+/// inputs before the call come from the history `cs (k−1, cd)`, oldest first.
+#[allow(clippy::too_many_arguments)]
+fn conv_ref(
+    zx: &[f32],
+    cs: &[f32],
+    cw: &[f32],
+    cb: Option<&[f32]>,
+    t: usize,
+    ch: usize,
+    nin: usize,
+    di: usize,
+    cd: usize,
+    k: usize,
+) -> f32 {
+    let mut acc = cb.map_or(0.0, |b| b[ch]);
+    for j in 0..k {
+        let tau = t as isize - (k as isize - 1) + j as isize;
+        let v = if tau < 0 { cs[(k as isize - 1 + tau) as usize * cd + ch] } else { zx[tau as usize * nin + di + ch] };
+        acc += cw[ch * k + j] * v;
+    }
+    stuffed_core::ops::silu(acc)
+}
+
+/// Conv shapes: (T, di, G·N, k) — one token, fewer tokens than the history, more.
+const CONV_SHAPES: [(usize, usize, usize, usize); 4] = [(1, 8, 4, 4), (2, 16, 8, 4), (7, 32, 16, 4), (5, 8, 4, 2)];
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn conv_bc_and_conv_state_update_match_the_causal_conv() {
+    let gpu = Gpu::new().unwrap();
+    for (t, di, gn, k) in CONV_SHAPES {
+        let (cd, h) = (di + 2 * gn, 3);
+        let nin = di + cd + h;
+        let zx = values(t * nin, (t * di) as u64, 2.0);
+        let cs = values((k - 1) * cd, 41 + di as u64, 2.0);
+        let cw = values(cd * k, 43 + di as u64, 0.5);
+        let cb = values(cd, 47, 0.5);
+        let shape = format!("T {t}, di {di}, G·N {gn}, k {k}");
+        let (zb, csb, cwb, cbb) =
+            (DBuf::from(&zx).unwrap(), DBuf::from(&cs).unwrap(), DBuf::from(&cw).unwrap(), DBuf::from(&cb).unwrap());
+        let u = DBuf::zeroed(t * cd * 4).unwrap();
+        let b_scale = 0.75f32;
+        let args = [
+            Arg::Ptr(zb.ptr()),
+            Arg::Ptr(csb.ptr()),
+            Arg::Ptr(cwb.ptr()),
+            Arg::Ptr(cbb.ptr()),
+            Arg::Ptr(u.ptr()),
+            i(t),
+            i(nin),
+            i(di),
+            i(cd),
+            i(k),
+            i(gn),
+            Arg::F32(b_scale),
+        ];
+        gpu.launch_n("conv_bc", t * (cd - di), &args).unwrap();
+        let got = download::<f32>(&u, t * cd);
+        let (mut g, mut want) = (Vec::new(), Vec::new());
+        for tt in 0..t {
+            for ch in di..cd {
+                let s = conv_ref(&zx, &cs, &cw, Some(&cb), tt, ch, nin, di, cd, k);
+                want.push(if ch < di + gn { s * b_scale } else { s });
+                g.push(got[tt * cd + ch]);
+            }
+        }
+        check("conv_bc", &shape, &g, &want, 1e-6);
+        // The history after the call: the last k−1 inputs (from the call, or still from the history).
+        let want: Vec<f32> = (0..k - 1)
+            .flat_map(|j| {
+                let tau = t as isize - (k as isize - 1) + j as isize;
+                (0..cd)
+                    .map(|ch| if tau < 0 { cs[(t + j) * cd + ch] } else { zx[tau as usize * nin + di + ch] })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let args = [Arg::Ptr(zb.ptr()), Arg::Ptr(csb.ptr()), i(t), i(nin), i(di), i(cd), i(k)];
+        gpu.launch_n("conv_state_update", cd, &args).unwrap();
+        check("conv_state_update", &shape, &download(&csb, (k - 1) * cd), &want, 0.0);
+    }
+}
+
+/// One token: conv + SiLU of every channel, the history shifted by one, and Δ per head
+/// (`clamp(softplus(raw + dt_bias), lo, hi)·scale`).
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn conv_step_matches_one_token_of_the_conv_and_delta() {
+    let gpu = Gpu::new().unwrap();
+    for (_, di, gn, k) in CONV_SHAPES {
+        let (cd, h) = (di + 2 * gn, 3);
+        let nin = di + cd + h;
+        let mut zx = values(nin, 53 + di as u64, 2.0);
+        zx[nin - 1] = 30.0; // softplus's linear branch
+        let cs = values((k - 1) * cd, 59 + di as u64, 2.0);
+        let cw = values(cd * k, 61 + di as u64, 0.5);
+        let dt_bias = values(h, 67, 1.0);
+        let (lo, hi, scale, b_scale) = (1e-3f32, 10.0f32, 0.5f32, 0.75f32);
+        let (zb, csb, cwb) = (DBuf::from(&zx).unwrap(), DBuf::from(&cs).unwrap(), DBuf::from(&cw).unwrap());
+        let (u, dtb, dt) = (DBuf::zeroed(cd * 4).unwrap(), DBuf::from(&dt_bias).unwrap(), DBuf::zeroed(h * 4).unwrap());
+        let args = [
+            Arg::Ptr(zb.ptr()),
+            Arg::Ptr(csb.ptr()),
+            Arg::Ptr(cwb.ptr()),
+            Arg::Ptr(0),
+            Arg::Ptr(u.ptr()),
+            Arg::Ptr(dtb.ptr()),
+            Arg::Ptr(dt.ptr()),
+            i(nin),
+            i(di),
+            i(cd),
+            i(k),
+            i(gn),
+            i(h),
+            Arg::F32(b_scale),
+            Arg::F32(lo),
+            Arg::F32(hi),
+            Arg::F32(scale),
+        ];
+        gpu.launch_n("conv_step", cd + h, &args).unwrap();
+        let shape = format!("di {di}, G·N {gn}, k {k}");
+        let want: Vec<f32> = (0..cd)
+            .map(|ch| {
+                let s = conv_ref(&zx, &cs, &cw, None, 0, ch, nin, di, cd, k);
+                if (di..di + gn).contains(&ch) {
+                    s * b_scale
+                } else {
+                    s
+                }
+            })
+            .collect();
+        check("conv_step (u)", &shape, &download(&u, cd), &want, 1e-6);
+        let want: Vec<f32> = (0..k - 1)
+            .flat_map(|j| (0..cd).map(move |ch| (j, ch)))
+            .map(|(j, ch)| if j + 1 < k - 1 { cs[(j + 1) * cd + ch] } else { zx[di + ch] })
+            .collect();
+        check("conv_step (history)", &shape, &download(&csb, (k - 1) * cd), &want, 0.0);
+        let want: Vec<f32> = (0..h)
+            .map(|hh| (stuffed_core::ops::softplus(zx[nin - h + hh] + dt_bias[hh]).clamp(lo, hi)) * scale)
+            .collect();
+        check("conv_step (Δ)", &shape, &download(&dt, h), &want, 1e-6);
+    }
+}
+
+/// One token of the SSM (`Mamba2::step`): s ← exp(dt·A + la)·s + dt·x·Bᵀ, y = C·s + D·x, per head,
+/// with G groups of B/C and D per head or per channel.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn ssd_step_matches_one_token_of_the_recurrence() {
+    let gpu = Gpu::new().unwrap();
+    for (h, p, n, g, per_channel) in
+        [(2usize, 8usize, 16usize, 1usize, false), (4, 64, 16, 2, true), (2, 128, 33, 2, false)]
+    {
+        let di = h * p;
+        let cd = di + 2 * g * n;
+        let u = values(cd, (h * p * n) as u64, 1.0);
+        let dtv: Vec<f32> = values(h, 71, 1.0).iter().map(|v| v.abs() * 0.1 + 1e-3).collect();
+        let a_log = values(h, 73, 1.0);
+        let ssm = values(h * p * n, 79, 1.0);
+        let dv = values(if per_channel { di } else { h }, 83, 1.0);
+        let la = -0.01f32;
+        let mut s = ssm.clone();
+        let mut want = vec![0f32; di];
+        for hh in 0..h {
+            let gg = hh / (h / g);
+            let decay = (dtv[hh] * -a_log[hh].exp() + la).exp();
+            let (b, c) = (&u[di + gg * n..][..n], &u[di + g * n + gg * n..][..n]);
+            for pp in 0..p {
+                let x = u[hh * p + pp];
+                let row = &mut s[(hh * p + pp) * n..][..n];
+                let mut acc = 0f32;
+                for nn in 0..n {
+                    row[nn] = decay * row[nn] + dtv[hh] * x * b[nn];
+                    acc += c[nn] * row[nn];
+                }
+                want[hh * p + pp] = acc + if per_channel { dv[hh * p + pp] } else { dv[hh] } * x;
+            }
+        }
+        let (ub, dtb, ab, sb, db) = (
+            DBuf::from(&u).unwrap(),
+            DBuf::from(&dtv).unwrap(),
+            DBuf::from(&a_log).unwrap(),
+            DBuf::from(&ssm).unwrap(),
+            DBuf::from(&dv).unwrap(),
+        );
+        let y = DBuf::zeroed(di * 4).unwrap();
+        let args = [
+            Arg::Ptr(ub.ptr()),
+            Arg::Ptr(dtb.ptr()),
+            Arg::Ptr(ab.ptr()),
+            Arg::Ptr(sb.ptr()),
+            Arg::Ptr(db.ptr()),
+            Arg::I32(per_channel as i32),
+            Arg::Ptr(y.ptr()),
+            i(h),
+            i(p),
+            i(n),
+            i(g),
+            i(di),
+            Arg::F32(la),
+        ];
+        gpu.launch("ssd_step", (h as u32, 1), 256, 0, &args).unwrap();
+        let shape = format!("H {h}, P {p}, N {n}, G {g}, D per channel {per_channel}");
+        check("ssd_step (y)", &shape, &download(&y, di), &want, 1e-5);
+        check("ssd_step (state)", &shape, &download(&sb, h * p * n), &s, 1e-6);
     }
 }
