@@ -14,19 +14,9 @@ use half::bf16;
 use stuffed::cuda::{i, Arg, DBuf, Gpu};
 use stuffed_core::{Data, Weight};
 
-/// Seeded values in [-scale, scale) (SplitMix64), the same on every machine.
+/// Seeded values in [−scale, scale) (the kernel tests' operands, scaled).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            scale * (2.0 * ((z >> 40) as f32 / (1u64 << 24) as f32) - 1.0)
-        })
-        .collect()
+    stuffed_tests::values(n, seed).into_iter().map(|v| v * scale).collect()
 }
 
 fn download<T: bytemuck::Pod + Default + Clone>(b: &DBuf, n: usize) -> Vec<T> {
