@@ -56,6 +56,27 @@ pub enum Layout {
     Hgrn2 { n_heads: usize, expand: usize, head_v: usize, d_mlp: usize },
 }
 
+impl ModelInfo {
+    /// Refuses model facts read back from a file (`source`) whose layout is not its family's: the
+    /// layout is read by its field names alone, so an older file's RWKV or HGRN-2 facts (written
+    /// with Mamba-2's field names) would otherwise read as a Mamba-2 layout.
+    pub fn check_read_back(&self, source: &Path) -> Result<()> {
+        let fits = match self.layout {
+            Layout::Mamba2 { .. } => self.family == Family::Mamba2,
+            Layout::Rwkv { .. } => matches!(self.family, Family::Rwkv5 | Family::Rwkv6),
+            Layout::Hgrn2 { .. } => self.family == Family::Hgrn2,
+        };
+        if !fits {
+            bail!(
+                "{}: model facts of a {} model with another family's layout (written by an older stuffed?)",
+                source.display(),
+                self.family
+            );
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -308,4 +329,29 @@ pub(crate) fn fewer_layers(ck: &Checkpoint, n_layer: usize, key: &str, cfg: &dyn
         bail!("{cfg}: config.json states {n_layer} layers but the weights have fewer (no tensor {last})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An RWKV model's facts as an older stuffed wrote them (Mamba-2's field names) read back as a
+    /// Mamba-2 layout; the check refuses them, and takes a Mamba-2 model's own.
+    #[test]
+    fn a_layout_read_back_must_be_its_familys() {
+        let facts = |family: &str| {
+            serde_json::json!({
+                "path": "m", "family": family, "format": "f", "d_model": 64, "n_layer": 2,
+                "n_heads": 4, "head_dim": 16, "d_state": 16, "n_groups": 1, "d_conv": 0,
+                "params": 1, "weight_dtype": "f32", "weight_bytes": 4, "state_bytes": 4,
+                "paper_state_size": 1, "vocab_rows": 256, "config_vocab": null, "tied_embeddings": false
+            })
+        };
+        let old: ModelInfo = serde_json::from_value(facts("rwkv6")).unwrap();
+        assert!(matches!(old.layout, Layout::Mamba2 { .. }));
+        let e = old.check_read_back(Path::new("results.json")).unwrap_err().to_string();
+        assert!(e.contains("results.json: model facts of a rwkv6 model with another family's layout"), "{e}");
+        let m: ModelInfo = serde_json::from_value(facts("mamba2")).unwrap();
+        m.check_read_back(Path::new("results.json")).unwrap();
+    }
 }

@@ -762,6 +762,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
         let v = crate::report::read_sealed(&sp, SUMMARY_KIND, crate::report::Older::Refuse)?.doc;
         let info: ModelInfo =
             serde_json::from_value(v["model"].clone()).with_context(|| format!("{}: no model facts", sp.display()))?;
+        info.check_read_back(&sp)?;
         let mut opts: Options =
             serde_json::from_value(v["options"].clone()).with_context(|| format!("{}: no options", sp.display()))?;
         opts.max_new_note = v["max_new_note"].as_str().map(String::from);

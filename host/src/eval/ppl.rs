@@ -844,6 +844,7 @@ fn read_runs(path: &Path, v: &serde_json::Value) -> Result<Vec<RunResult>> {
         serde_json::from_value(v["runs"].clone()).map_err(|e| anyhow!("{}: runs: {e}", path.display()))?;
     for (i, r) in runs.iter().enumerate() {
         r.acc.validate(&format!("{}: run {i}", path.display()), o.bucket, r.train_len)?;
+        r.model.check_read_back(path)?;
     }
     Ok(runs.into_iter().map(RunResult::derived).collect())
 }

@@ -320,10 +320,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     }
     drop(csvs);
     write_snapshots(out, &st.snapshots)?;
-    let mut snaps = o.snapshot_at.clone();
-    snaps.sort_unstable();
-    snaps.dedup();
-    let missed: Vec<u64> = snaps.into_iter().filter(|&p| !st.snapshots.iter().any(|(t, _)| *t == p)).collect();
+    let missed: Vec<u64> =
+        snapshot_positions(o).into_iter().filter(|&p| !st.snapshots.iter().any(|(t, _)| *t == p)).collect();
     if !missed.is_empty() {
         eprintln!("probe: no snapshot at {missed:?}: past the stream's end ({} tokens)", st.pos);
     }
@@ -357,6 +355,14 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     Ok(())
 }
 
+/// `--snapshot-at`, in order, once each.
+fn snapshot_positions(o: &Options) -> Vec<u64> {
+    let mut at = o.snapshot_at.clone();
+    at.sort_unstable();
+    at.dedup();
+    at
+}
+
 /// Feeds the stream, writing a report every `--every` tokens (and at its end), a whole-state
 /// snapshot at each `--snapshot-at`, and a checkpoint (`save`) when the cadence says so.
 #[allow(clippy::too_many_arguments)]
@@ -373,9 +379,7 @@ fn stream_probe(
     let mut probe = vec![0f32; net.probe_len()];
     let mut since = 0u64; // tokens since the last report
     let mut cadence = super::Cadence::new(o.checkpoint_secs, None);
-    let mut snaps = o.snapshot_at.clone();
-    snaps.sort_unstable();
-    snaps.dedup();
+    let snaps = snapshot_positions(o);
     let mut progress = crate::report::Progress::new("probe", o.max_tokens);
     progress.set(st.pos);
     loop {
