@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one device call. Here first: tools/gpu_bundle.sh (it fills .gpu/: the
 # binaries, the build path; with --peers also the peers' wheels); then, through the device tool, carrying .gpu:
-#   bash tools/gpu_run.sh quick    # carry .gpu: FIRST on a fresh loan — selftest on the golden models, the
-#                                  # ignored GPU tests, bench 130m at 256k: ≤ 290 s of steps (a 15-minute loan
+#   bash tools/gpu_run.sh quick    # carry .gpu: FIRST on a fresh loan — the kernel contracts, selftest on the
+#                                  # golden models, the ignored GPU tests, bench 130m at 256k: ≤ 320 s of steps (a 15-minute loan
 #                                  # leaves room to fix something and run it again)
 #   bash tools/gpu_run.sh check    # carry .gpu: selftest + the ignored GPU tests + bench 130m/2.7b at 1M, 2.7b at 4M
 #   bash tools/gpu_run.sh peers    # carry .gpu: tools/bench_peers.py (mamba_ssm, HF) with stuffed in the same call,
@@ -33,9 +33,11 @@ step() {
 }
 bin=.gpu/stuffed
 golden="--model tests/data/mamba2_hf_g1_untied --model tests/data/mamba2_hf_g2_tied --model tests/data/mamba2_hf_bf16 --model tests/data/mamba2_official --model tests/data/mamba2_neox_tiny"
-# correctness SELFTEST_S NAMED_S TESTS_S: selftest on the golden models (a failure rerun with every
-# op synced, which names the kernel: a fault surfaces at a later sync), then the ignored GPU tests.
+# correctness SELFTEST_S NAMED_S TESTS_S: each kernel alone against its reference (a wrong kernel is
+# named here first), selftest on the golden models (a failure rerun with every op synced, which names
+# the kernel: a fault surfaces at a later sync), then the ignored GPU tests.
 correctness() {
+  step contracts 30 .gpu/kernel_contracts --ignored --test-threads 1
   step selftest "$1" $bin selftest --device cuda $golden
   grep -q "^rc 0," "$out/logs/selftest.log" ||
     step selftest-named "$2" env STUFFED_PROFILE=1 $bin selftest --device cuda --model tests/data/mamba2_official --tokens 300 --chunk 100
@@ -47,10 +49,10 @@ case $what in
     step bench-130m 40 $bin bench --device cuda --preset 130m --tokens 256k --decode 64
     ;;
   check)
-    correctness 90 50 170
+    correctness 80 50 160
     step bench-130m 60 $bin bench --device cuda --preset 130m --tokens 1m --decode 256
     step bench-2.7b 120 $bin bench --device cuda --preset 2.7b --tokens 1m --decode 256
-    step bench-2.7b-4m 100 $bin bench --device cuda --preset 2.7b --tokens 4m --decode 0
+    step bench-2.7b-4m 90 $bin bench --device cuda --preset 2.7b --tokens 4m --decode 0
     ;;
   peers)
     ls .gpu/wheels/*.whl > /dev/null || { echo "peers: bundle with tools/gpu_bundle.sh --peers" >&2; exit 2; }

@@ -3,16 +3,45 @@
 //! "NLL off" in the whole chain (tests/gpu.rs). Through the emulator in CI (`--features cuda-emu`),
 //! on a GPU with `--features cuda -- --ignored`.
 //!
-//! Covered so far (19 of 27): embed_{f32,bf16}, rmsnorm_{f32,bf16}, add_bias, gated_norm_{f32,bf16},
-//! decode_in_{f32,bf16}, decode_out_{f32,bf16}, conv_bc, conv_state_update, conv_step, ssd_step,
-//! lse_tile, argmax_rows, head_norm, count_nonfinite. Where the core's function is private to its
-//! layer (the conv, the SSM step), the reference is its formula written out here. Not yet here:
-//! the chunked SSD (ssd_cumsum, ssd_chunk_state, ssd_state_pass, ssd_chunk_scan), the window
-//! (ssd_window, window_store, window_meta) and probe_sums.
+//! All 27 kernels of `stuffed::cuda::KERNELS` (`every_kernel_has_a_contract` keeps it so). Where the
+//! core's function is private to its layer (the conv, the SSM, the window, the probe sums), the
+//! reference is the definition written out here: the chunked SSD's four kernels each against the
+//! plain recurrence in f64 (not the block decomposition they implement), the window kernels over a
+//! stream of calls against the full state history, with bounds that scale with Σ|terms|.
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 use half::bf16;
 use stuffed::cuda::{i, Arg, DBuf, Gpu};
 use stuffed_core::{Data, Weight};
+
+/// The `extern "C" __global__` kernels a CUDA source defines, in order.
+fn defined_kernels(cu: &str) -> Vec<&str> {
+    cu.split("__global__ void")
+        .skip(1)
+        .map(|rest| {
+            let rest = rest.trim_start();
+            // `__launch_bounds__(…)` may stand between `void` and the name.
+            let rest = match rest.strip_prefix("__launch_bounds__") {
+                Some(r) => r[r.find(')').unwrap() + 1..].trim_start(),
+                None => rest,
+            };
+            &rest[..rest.find('(').unwrap()]
+        })
+        .collect()
+}
+
+/// A kernel added to ptx/mamba2.cu without its name in `KERNELS` and a contract here fails this.
+#[test]
+fn every_kernel_has_a_contract() {
+    let mut defined = defined_kernels(include_str!("../../ptx/mamba2.cu"));
+    let mut listed: Vec<&str> = stuffed::cuda::KERNELS.to_vec();
+    defined.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(defined, listed, "ptx/mamba2.cu's kernels vs stuffed::cuda::KERNELS");
+    let src = include_str!("kernel_contracts.rs");
+    let missing: Vec<&str> =
+        stuffed::cuda::KERNELS.iter().copied().filter(|k| !src.contains(&format!("\"{k}\""))).collect();
+    assert!(missing.is_empty(), "kernels without a contract test: {missing:?}");
+}
 
 /// Seeded values in [−scale, scale) (the kernel tests' operands, scaled).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -602,5 +631,507 @@ fn ssd_step_matches_one_token_of_the_recurrence() {
         let shape = format!("H {h}, P {p}, N {n}, G {g}, D per channel {per_channel}");
         check("ssd_step (y)", &shape, &download(&y, di), &want, 1e-5);
         check("ssd_step (state)", &shape, &download(&sb, h * p * n), &s, 1e-6);
+    }
+}
+
+// ---- chunked SSD, sliding window, probe sums ----------------------------------------------------------
+// References from the definitions (the recurrence s ← α·s + Δ·x·Bᵀ, y = C·s + D·x, in f64), not from
+// the block decomposition the kernels use; the bound scales with Σ|terms| of each output, so the
+// cancellation a sum hides cannot hide an error.
+
+/// The GPU's SSD block length (`Q` of ptx/mamba2.cu).
+const Q: usize = stuffed::gpumem::GPU_Q;
+/// 3xTF32 (f32 models) and f32 accumulation: ≈ 2⁻²⁰·Σ|terms| in practice; one TF32 rounding of the
+/// operands (the error `exact` removes) is ≈ 2⁻¹¹ per term, so it fails this bound.
+const EXACT: f64 = 1.0 / (1u64 << 18) as f64;
+/// TF32 operands (bf16 models): each rounded to 10 mantissa bits, ≤ 2·2⁻¹¹ per product, and margin.
+const TF32: f64 = 1.0 / (1u64 << 9) as f64;
+
+/// |got − want| ≤ rel·mag per element, `mag` the sum of the magnitudes of the terms that make `want`.
+fn check_sum(kernel: &str, shape: &str, got: &[f32], want: &[f64], mag: &[f64], rel: f64) {
+    assert_eq!(got.len(), want.len(), "{kernel} {shape}: lengths");
+    for (k, ((&g, &w), &m)) in got.iter().zip(want).zip(mag).enumerate() {
+        let e = (g as f64 - w).abs();
+        // A NaN fails the comparison.
+        assert!(e <= rel * m, "{kernel} {shape}: element {k}: {g} vs {w} (|Δ| {e:e} > {rel:e} × Σ|terms| {m:e})");
+    }
+}
+
+/// A shape of the SSD: T tokens, H heads of P channels, state width N, G groups of B and C.
+#[derive(Clone, Copy, Debug)]
+struct Ssd {
+    t: usize,
+    h: usize,
+    p: usize,
+    n: usize,
+    g: usize,
+}
+
+/// T = 1, Q ± 1, 3Q + 17; P 8 (padded to 16), 64, 128; N 16 and 33 (not a tile multiple); G 1 and 2.
+const SSD_SHAPES: [Ssd; 4] = [
+    Ssd { t: 1, h: 2, p: 8, n: 16, g: 1 },
+    Ssd { t: Q - 1, h: 2, p: 64, n: 33, g: 2 },
+    Ssd { t: Q + 1, h: 2, p: 128, n: 16, g: 1 },
+    Ssd { t: 3 * Q + 17, h: 4, p: 64, n: 16, g: 2 },
+];
+
+impl Ssd {
+    fn di(self) -> usize {
+        self.h * self.p
+    }
+    /// Channels of u: x (di) | B (G·N) | C (G·N).
+    fn cd(self) -> usize {
+        self.di() + 2 * self.g * self.n
+    }
+    fn nb(self) -> usize {
+        self.t.div_ceil(Q)
+    }
+    fn group(self, h: usize) -> usize {
+        h / (self.h / self.g)
+    }
+    fn x(self, u: &[f32], t: usize, h: usize, p: usize) -> f32 {
+        u[t * self.cd() + h * self.p + p]
+    }
+    fn b(self, u: &[f32], t: usize, h: usize) -> &[f32] {
+        &u[t * self.cd() + self.di() + self.group(h) * self.n..][..self.n]
+    }
+    fn c(self, u: &[f32], t: usize, h: usize) -> &[f32] {
+        &u[t * self.cd() + self.di() + (self.g + self.group(h)) * self.n..][..self.n]
+    }
+    /// The tokens of block `c`.
+    fn block(self, c: usize) -> std::ops::Range<usize> {
+        c * Q..((c + 1) * Q).min(self.t)
+    }
+    fn label(self, exact: bool) -> String {
+        format!("T {}, H {}, P {}, N {}, G {}, exact {exact}", self.t, self.h, self.p, self.n, self.g)
+    }
+}
+
+/// u (T, cd), Δ (T, H) small enough that a block's decay stays in range, and cum (T, H): the in-block
+/// inclusive Σ (Δ·A + la) as ssd_cumsum leaves it (f32, in its order).
+struct SsdInputs {
+    u: Vec<f32>,
+    dt: Vec<f32>,
+    cum: Vec<f32>,
+}
+
+fn ssd_inputs(s: Ssd, seed: u64) -> SsdInputs {
+    let u = values(s.t * s.cd(), seed, 1.0);
+    let dt: Vec<f32> = values(s.t * s.h, seed + 1, 1.0).iter().map(|v| 0.011 + 0.01 * v).collect();
+    let a: Vec<f32> = values(s.h, seed + 2, 0.5).iter().map(|v| -v.exp()).collect();
+    let mut cum = vec![0f32; s.t * s.h];
+    for c in 0..s.nb() {
+        for h in 0..s.h {
+            let mut acc = 0f32;
+            for t in s.block(c) {
+                acc += dt[t * s.h + h] * a[h] - 0.003;
+                cum[t * s.h + h] = acc;
+            }
+        }
+    }
+    SsdInputs { u, dt, cum }
+}
+
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn ssd_cumsum_gives_delta_and_the_in_block_decay_sum() {
+    let gpu = Gpu::new().unwrap();
+    for (k, s) in SSD_SHAPES.iter().enumerate() {
+        let (t, h) = (s.t, s.h);
+        let nin = 2 * s.di() + 2 * s.g * s.n + h;
+        let mut zx = values(t * nin, 300 + k as u64, 4.0);
+        zx[nin - 1] = 30.0; // softplus's linear branch
+        let (dt_bias, a_log) = (values(h, 301, 1.0), values(h, 302, 1.0));
+        // Clamps off and scale 1; then both clamps active, Δ scaling and RRI's la.
+        for (lo, hi, scale, la) in [(0.0f32, f32::INFINITY, 1.0f32, 0.0f32), (0.05, 2.0, 0.5, -0.01)] {
+            let (zb, bb, ab) = (DBuf::from(&zx).unwrap(), DBuf::from(&dt_bias).unwrap(), DBuf::from(&a_log).unwrap());
+            let (dtb, cumb) = (DBuf::new(t * h * 4).unwrap(), DBuf::new(t * h * 4).unwrap());
+            let args = [
+                Arg::Ptr(zb.ptr()),
+                Arg::Ptr(bb.ptr()),
+                Arg::Ptr(ab.ptr()),
+                Arg::Ptr(dtb.ptr()),
+                Arg::Ptr(cumb.ptr()),
+                i(t),
+                i(nin),
+                i(h),
+                Arg::F32(lo),
+                Arg::F32(hi),
+                Arg::F32(scale),
+                Arg::F32(la),
+            ];
+            gpu.launch_n("ssd_cumsum", s.nb() * h, &args).unwrap();
+            let shape = format!("T {t}, H {h}, clamp [{lo}, {hi}], scale {scale}, la {la}");
+            let dt: Vec<f32> = (0..t * h)
+                .map(|e| {
+                    (stuffed_core::ops::softplus(zx[e / h * nin + nin - h + e % h] + dt_bias[e % h]).clamp(lo, hi))
+                        * scale
+                })
+                .collect();
+            check("ssd_cumsum (Δ)", &shape, &download(&dtb, t * h), &dt, 1e-6);
+            let (mut want, mut mag) = (vec![0f64; t * h], vec![0f64; t * h]);
+            for c in 0..s.nb() {
+                for hh in 0..h {
+                    let (mut acc, mut m) = (0f64, 0f64);
+                    for tt in s.block(c) {
+                        let term = (dt[tt * h + hh] * -a_log[hh].exp() + la) as f64;
+                        acc += term;
+                        m += term.abs();
+                        (want[tt * h + hh], mag[tt * h + hh]) = (acc, m);
+                    }
+                }
+            }
+            // Σ over ≤ Q same-sign terms in f32: ≈ 2⁻²⁰·Σ|terms|, bound 2⁻¹⁷.
+            check_sum("ssd_cumsum (cum)", &shape, &download(&cumb, t * h), &want, &mag, 1.0 / (1u64 << 17) as f64);
+        }
+    }
+}
+
+/// Each block's own state Σ_j exp(cum_last − cum_j)·Δ_j·x_jᵀ·B_j — the recurrence from zero over the
+/// block — with x convolved on the way (and written to u's x channels, which start as NaN).
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn ssd_chunk_state_gives_each_blocks_own_state() {
+    let gpu = Gpu::new().unwrap();
+    for (k, s) in SSD_SHAPES.iter().enumerate() {
+        let (t, h, p, n, di, cd, kc) = (s.t, s.h, s.p, s.n, s.di(), s.cd(), 4usize);
+        let nin = di + cd + h;
+        let inp = ssd_inputs(*s, 400 + k as u64);
+        let zx = values(t * nin, 410 + k as u64, 2.0);
+        let cs = values((kc - 1) * cd, 411, 2.0);
+        let cw = values(cd * kc, 412, 0.5);
+        let conv_b = (k % 2 == 0).then(|| values(cd, 413, 0.5));
+        let mut u0 = inp.u.clone();
+        for tt in 0..t {
+            u0[tt * cd..tt * cd + di].fill(f32::NAN);
+        }
+        let x: Vec<f32> =
+            (0..t * di).map(|e| conv_ref(&zx, &cs, &cw, conv_b.as_deref(), e / di, e % di, nin, di, cd, kc)).collect();
+        let (mut want, mut mag) = (vec![0f64; s.nb() * h * p * n], vec![0f64; s.nb() * h * p * n]);
+        for c in 0..s.nb() {
+            for hh in 0..h {
+                for pp in 0..p {
+                    let o = ((c * h + hh) * p + pp) * n;
+                    let (st, sm) = (&mut want[o..o + n], &mut mag[o..o + n]);
+                    for tt in s.block(c) {
+                        let decay = (inp.cum[tt * h + hh] as f64).exp();
+                        let (dtj, xj) = (inp.dt[tt * h + hh] as f64, x[tt * di + hh * p + pp] as f64);
+                        for (nn, &bv) in s.b(&inp.u, tt, hh).iter().enumerate() {
+                            // The recurrence from zero: every earlier term decays by this token's α.
+                            let alpha = if tt == s.block(c).start {
+                                1.0
+                            } else {
+                                decay / (inp.cum[(tt - 1) * h + hh] as f64).exp()
+                            };
+                            st[nn] = alpha * st[nn] + dtj * xj * bv as f64;
+                            sm[nn] = alpha * sm[nn] + (dtj * xj * bv as f64).abs();
+                        }
+                    }
+                }
+            }
+        }
+        for exact in [true, false] {
+            let launch = stuffed::cuda::mamba2::SsdLaunch::chunk_state(h, p, n, s.nb());
+            let (ub, zb, csb, cwb) = (
+                DBuf::from(&u0).unwrap(),
+                DBuf::from(&zx).unwrap(),
+                DBuf::from(&cs).unwrap(),
+                DBuf::from(&cw).unwrap(),
+            );
+            let cbb = conv_b.as_ref().map(|b| DBuf::from(b).unwrap());
+            let (dtb, cumb) = (DBuf::from(&inp.dt).unwrap(), DBuf::from(&inp.cum).unwrap());
+            let st = DBuf::new(s.nb() * h * p * n * 4).unwrap();
+            let args = [
+                Arg::Ptr(ub.ptr()),
+                Arg::Ptr(zb.ptr()),
+                Arg::Ptr(csb.ptr()),
+                Arg::Ptr(cwb.ptr()),
+                Arg::Ptr(cbb.as_ref().map_or(0, |b| b.ptr())),
+                Arg::Ptr(dtb.ptr()),
+                Arg::Ptr(cumb.ptr()),
+                Arg::Ptr(st.ptr()),
+                i(t),
+                i(h),
+                i(p),
+                i(n),
+                i(s.g),
+                i(cd),
+                i(di),
+                i(nin),
+                i(kc),
+                i(launch.width),
+                Arg::I32(exact as i32),
+            ];
+            gpu.launch("ssd_chunk_state", launch.grid, 256, launch.shared_bytes, &args).unwrap();
+            let shape = s.label(exact);
+            let rel = if exact { EXACT } else { TF32 };
+            check_sum("ssd_chunk_state (block states)", &shape, &download(&st, want.len()), &want, &mag, rel);
+            let got = download::<f32>(&ub, t * cd);
+            let gx: Vec<f32> = (0..t * di).map(|e| got[e / di * cd + e % di]).collect();
+            check("ssd_chunk_state (x into u)", &shape, &gx, &x, 1e-6);
+            let (gbc, wbc): (Vec<f32>, Vec<f32>) =
+                (0..t * cd).filter(|e| e % cd >= di).map(|e| (got[e], inp.u[e])).unzip();
+            check("ssd_chunk_state (B, C untouched)", &shape, &gbc, &wbc, 0.0);
+        }
+    }
+}
+
+/// The state entering each block: s ← ssm; per block (entering ← s, s ← exp(cum_last)·s + own); ssm ← s.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn ssd_state_pass_chains_the_block_states() {
+    let gpu = Gpu::new().unwrap();
+    for (k, s) in SSD_SHAPES.iter().enumerate() {
+        let (h, pn, nb) = (s.h, s.p * s.n, s.nb());
+        let inp = ssd_inputs(*s, 500 + k as u64);
+        let own = values(nb * h * pn, 501, 1.0);
+        let ssm = values(h * pn, 502, 1.0);
+        let (mut want, mut mag) = (vec![0f64; nb * h * pn], vec![0f64; nb * h * pn]);
+        let (mut fin, mut fin_mag) = (vec![0f64; h * pn], vec![0f64; h * pn]);
+        for e in 0..h * pn {
+            let (mut v, mut m) = (ssm[e] as f64, ssm[e].abs() as f64);
+            for c in 0..nb {
+                (want[c * h * pn + e], mag[c * h * pn + e]) = (v, m);
+                let decay = (inp.cum[(s.block(c).end - 1) * h + e / pn] as f64).exp();
+                let mine = own[c * h * pn + e] as f64;
+                (v, m) = (decay * v + mine, decay * m + mine.abs());
+            }
+            (fin[e], fin_mag[e]) = (v, m);
+        }
+        let (st, cumb, ssmb) = (DBuf::from(&own).unwrap(), DBuf::from(&inp.cum).unwrap(), DBuf::from(&ssm).unwrap());
+        let args = [Arg::Ptr(st.ptr()), Arg::Ptr(cumb.ptr()), Arg::Ptr(ssmb.ptr()), i(s.t), i(h), i(pn)];
+        gpu.launch_n("ssd_state_pass", h * pn, &args).unwrap();
+        let shape = s.label(true);
+        check_sum("ssd_state_pass (entering states)", &shape, &download(&st, nb * h * pn), &want, &mag, EXACT);
+        check_sum("ssd_state_pass (final state)", &shape, &download(&ssmb, h * pn), &fin, &fin_mag, EXACT);
+    }
+}
+
+/// y_i = C_i·s_i + D·x_i with s_i the recurrence from the block's entering state through token i, given
+/// C·Bᵀ per block (NaN outside the causal rows the kernel may read) and D per head or per channel.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn ssd_chunk_scan_gives_the_outputs_from_the_entering_states() {
+    let gpu = Gpu::new().unwrap();
+    for (k, s) in SSD_SHAPES.iter().enumerate() {
+        let (t, h, p, n, g, di, nb) = (s.t, s.h, s.p, s.n, s.g, s.di(), s.nb());
+        let inp = ssd_inputs(*s, 600 + k as u64);
+        let entering = values(nb * h * p * n, 601, 1.0);
+        let per_channel = k % 2 == 1;
+        let d = values(if per_channel { di } else { h }, 602, 1.0);
+        let mut cb = vec![f32::NAN; nb * g * Q * Q];
+        for c in 0..nb {
+            let blk = s.block(c);
+            for gg in 0..g {
+                let hh = gg * (h / g); // a head of group gg
+                for i in 0..blk.len() {
+                    for j in 0..=i {
+                        let (ci, bj) = (s.c(&inp.u, blk.start + i, hh), s.b(&inp.u, blk.start + j, hh));
+                        cb[((c * g + gg) * Q + i) * Q + j] = ci.iter().zip(bj).map(|(a, b)| a * b).sum();
+                    }
+                }
+            }
+        }
+        let (mut want, mut mag) = (vec![0f64; t * di], vec![0f64; t * di]);
+        for c in 0..nb {
+            let blk = s.block(c);
+            for hh in 0..h {
+                let gg = s.group(hh);
+                for pp in 0..p {
+                    let s_in = &entering[((c * h + hh) * p + pp) * n..][..n];
+                    for i in blk.clone() {
+                        let (ci, cum_i) = (s.c(&inp.u, i, hh), inp.cum[i * h + hh] as f64);
+                        let dv = if per_channel { d[hh * p + pp] } else { d[hh] } as f64;
+                        let mut terms: Vec<f64> =
+                            ci.iter().zip(s_in).map(|(&a, &b)| cum_i.exp() * (a * b) as f64).collect();
+                        for j in blk.start..=i {
+                            let m = cb[((c * g + gg) * Q + i - blk.start) * Q + j - blk.start] as f64;
+                            let decay = (cum_i - inp.cum[j * h + hh] as f64).exp();
+                            terms.push(m * decay * inp.dt[j * h + hh] as f64 * s.x(&inp.u, j, hh, pp) as f64);
+                        }
+                        terms.push(dv * s.x(&inp.u, i, hh, pp) as f64);
+                        want[i * di + hh * p + pp] = terms.iter().sum();
+                        mag[i * di + hh * p + pp] = terms.iter().map(|v| v.abs()).sum();
+                    }
+                }
+            }
+        }
+        for exact in [true, false] {
+            let launch = stuffed::cuda::mamba2::SsdLaunch::chunk_scan(h, p, nb);
+            let (ub, dtb, cumb) =
+                (DBuf::from(&inp.u).unwrap(), DBuf::from(&inp.dt).unwrap(), DBuf::from(&inp.cum).unwrap());
+            let (stb, cbb, db) = (DBuf::from(&entering).unwrap(), DBuf::from(&cb).unwrap(), DBuf::from(&d).unwrap());
+            let y = DBuf::new(t * di * 4).unwrap();
+            let args = [
+                Arg::Ptr(ub.ptr()),
+                Arg::Ptr(dtb.ptr()),
+                Arg::Ptr(cumb.ptr()),
+                Arg::Ptr(stb.ptr()),
+                Arg::Ptr(cbb.ptr()),
+                Arg::Ptr(db.ptr()),
+                Arg::I32(per_channel as i32),
+                Arg::Ptr(y.ptr()),
+                i(t),
+                i(h),
+                i(p),
+                i(n),
+                i(g),
+                i(s.cd()),
+                i(di),
+                i(launch.width),
+                Arg::I32(exact as i32),
+            ];
+            gpu.launch("ssd_chunk_scan", launch.grid, 256, launch.shared_bytes, &args).unwrap();
+            let shape = format!("{}, D per channel {per_channel}", s.label(exact));
+            check_sum("ssd_chunk_scan", &shape, &download(&y, t * di), &want, &mag, if exact { EXACT } else { TF32 });
+        }
+    }
+}
+
+/// The window by state difference over a stream of calls (each ≤ r tokens, the ring wrapping and
+/// filling across calls): ssd_window subtracts exp(Σ_{window} log α)·C_t·h_{t−r} from y_t once t ≥ r,
+/// with h the full recurrence from zero; window_store leaves each token's [log α | Δ | B | x] in slot
+/// t mod r and no other; window_meta advances (position mod r, filled).
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn window_kernels_subtract_the_lagged_state_and_keep_the_ring() {
+    let gpu = Gpu::new().unwrap();
+    for (k, (h, p, n, g, r, la)) in
+        [(2usize, 8usize, 16usize, 1usize, 1usize, 0f32), (2, 64, 33, 2, 4, -0.01), (4, 16, 16, 2, 7, 0.0)]
+            .into_iter()
+            .enumerate()
+    {
+        let s = Ssd { t: 0, h, p, n, g };
+        let (di, cd, gn, pn) = (s.di(), s.cd(), g * n, p * n);
+        let sl = 2 * h + gn + di;
+        let a_log = values(h, 700 + k as u64, 0.5);
+        let ab = DBuf::from(&a_log).unwrap();
+        let ws = DBuf::zeroed((h * pn + r * sl + 2 * h) * 4).unwrap();
+        let meta = DBuf::from(&[0f32, 0.0]).unwrap();
+        let mut ring = vec![0f32; r * sl];
+        // Per absolute token: log α (H), the full state h_t and its magnitude twin (H, P, N).
+        let mut log_alpha: Vec<Vec<f32>> = Vec::new();
+        let (mut states, mut mags): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (Vec::new(), Vec::new());
+        let mut pos = 0;
+        for (call, t) in [1, r, r.div_ceil(2), r, 1, r.min(3), r, r].into_iter().enumerate() {
+            let seed = 710 + 10 * call as u64 + k as u64;
+            let u = values(t * cd, seed, 1.0);
+            let dt: Vec<f32> = values(t * h, seed + 1, 1.0).iter().map(|v| 0.11 + 0.1 * v).collect();
+            let y0 = values(t * di, seed + 2, 1.0);
+            let (mut want, mut mag): (Vec<f64>, Vec<f64>) = y0.iter().map(|&v| (v as f64, v.abs() as f64)).unzip();
+            for tt in 0..t {
+                let abs = pos + tt;
+                let la_t: Vec<f32> = (0..h).map(|hh| dt[tt * h + hh] * -a_log[hh].exp() + la).collect();
+                let (prev, prev_m) = match abs {
+                    0 => (vec![0f64; h * pn], vec![0f64; h * pn]),
+                    _ => (states[abs - 1].clone(), mags[abs - 1].clone()),
+                };
+                let (mut st, mut sm) = (prev, prev_m);
+                for hh in 0..h {
+                    let alpha = (la_t[hh] as f64).exp();
+                    for pp in 0..p {
+                        let xd = (dt[tt * h + hh] * s.x(&u, tt, hh, pp)) as f64;
+                        for (nn, &bv) in s.b(&u, tt, hh).iter().enumerate() {
+                            let e = (hh * p + pp) * n + nn;
+                            st[e] = alpha * st[e] + xd * bv as f64;
+                            sm[e] = alpha * sm[e] + (xd * bv as f64).abs();
+                        }
+                    }
+                }
+                log_alpha.push(la_t);
+                states.push(st);
+                mags.push(sm);
+                if abs < r {
+                    continue;
+                }
+                // Σ log α over the window (abs − r, abs], per head.
+                let window = &log_alpha[abs - r + 1..=abs];
+                let w_sums: Vec<f64> = (0..h).map(|hh| window.iter().map(|la| la[hh] as f64).sum()).collect();
+                for (hh, &w) in w_sums.iter().enumerate() {
+                    for pp in 0..p {
+                        let e0 = (hh * p + pp) * n;
+                        let (lag, lag_m) = (&states[abs - r][e0..e0 + n], &mags[abs - r][e0..e0 + n]);
+                        let ct = s.c(&u, tt, hh);
+                        let o = tt * di + hh * p + pp;
+                        want[o] -= w.exp() * ct.iter().zip(lag).map(|(&c, &l)| c as f64 * l).sum::<f64>();
+                        mag[o] += w.exp() * ct.iter().zip(lag_m).map(|(&c, &l)| c.abs() as f64 * l).sum::<f64>();
+                    }
+                }
+            }
+            let (ub, dtb, yb) = (DBuf::from(&u).unwrap(), DBuf::from(&dt).unwrap(), DBuf::from(&y0).unwrap());
+            let shape = [i(t), i(h), i(p), i(n), i(g), i(cd), i(di), i(r), Arg::F32(la)];
+            let mut args = vec![Arg::Ptr(ub.ptr()), Arg::Ptr(dtb.ptr()), Arg::Ptr(ab.ptr()), Arg::Ptr(yb.ptr())];
+            args.extend([Arg::Ptr(ws.ptr()), Arg::Ptr(meta.ptr())]);
+            args.extend(shape);
+            gpu.launch("ssd_window", (h as u32, 1), 256, 0, &args).unwrap();
+            let label = format!("H {h}, P {p}, N {n}, G {g}, r {r}, la {la}, call {call} at {pos} of {t} tokens");
+            check_sum("ssd_window", &label, &download(&yb, t * di), &want, &mag, EXACT);
+            args.remove(3);
+            gpu.launch_n("window_store", t * sl, &args).unwrap();
+            for tt in 0..t {
+                let slot = &mut ring[(pos + tt) % r * sl..][..sl];
+                slot[..h].copy_from_slice(&log_alpha[pos + tt]);
+                slot[h..2 * h].copy_from_slice(&dt[tt * h..(tt + 1) * h]);
+                slot[2 * h..2 * h + gn].copy_from_slice(&u[tt * cd + di..tt * cd + di + gn]);
+                slot[2 * h + gn..].copy_from_slice(&u[tt * cd..tt * cd + di]);
+            }
+            let got = download::<f32>(&ws, h * pn + r * sl);
+            check("window_store (ring)", &label, &got[h * pn..], &ring, 1e-6);
+            gpu.launch("window_meta", (1, 1), 32, 0, &[Arg::Ptr(meta.ptr()), i(t), i(r)]).unwrap();
+            pos += t;
+            let want_meta = [(pos % r) as f32, if pos >= r { 1.0 } else { 0.0 }];
+            check("window_meta", &label, &download(&meta, 2), &want_meta, 0.0);
+        }
+    }
+}
+
+/// p (4, H) += Σ_t log α_t, Σ_t Δ_t, Σ_t mean(B_t), Σ_t mean(x_t) (`Mamba2::probe_sums`), T past a
+/// block of 256 threads.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn probe_sums_add_the_probe_series() {
+    let gpu = Gpu::new().unwrap();
+    for (k, s) in SSD_SHAPES.iter().enumerate() {
+        let (t, h, p, n) = (s.t, s.h, s.p, s.n);
+        let la = if k % 2 == 0 { 0.0f32 } else { -0.01 };
+        let inp = ssd_inputs(*s, 800 + k as u64);
+        let a_log = values(h, 801, 0.5);
+        let p0 = values(4 * h, 802, 1.0);
+        let (mut want, mut mag): (Vec<f64>, Vec<f64>) = p0.iter().map(|&v| (v as f64, v.abs() as f64)).unzip();
+        for hh in 0..h {
+            for tt in 0..t {
+                let dt = inp.dt[tt * h + hh];
+                let mean = |v: &[f32]| v.iter().map(|&e| e as f64).sum::<f64>() / v.len() as f64;
+                let xs: Vec<f32> = (0..p).map(|pp| s.x(&inp.u, tt, hh, pp)).collect();
+                let terms = [(dt * -a_log[hh].exp() + la) as f64, dt as f64, mean(s.b(&inp.u, tt, hh)), mean(&xs)];
+                for (q, v) in terms.into_iter().enumerate() {
+                    want[q * h + hh] += v;
+                    mag[q * h + hh] += v.abs();
+                }
+            }
+        }
+        let (ub, dtb, ab, pb) = (
+            DBuf::from(&inp.u).unwrap(),
+            DBuf::from(&inp.dt).unwrap(),
+            DBuf::from(&a_log).unwrap(),
+            DBuf::from(&p0).unwrap(),
+        );
+        let args = [
+            Arg::Ptr(ub.ptr()),
+            Arg::Ptr(dtb.ptr()),
+            Arg::Ptr(ab.ptr()),
+            Arg::Ptr(pb.ptr()),
+            i(t),
+            i(h),
+            i(p),
+            i(n),
+            i(s.g),
+            i(s.cd()),
+            i(s.di()),
+            Arg::F32(la),
+        ];
+        gpu.launch("probe_sums", (h as u32, 1), 256, 0, &args).unwrap();
+        // Σ|terms| bounds the f32 sums; a mean of N or P values adds its own rounding, within 2⁻¹⁸.
+        check_sum("probe_sums", &format!("{}, la {la}", s.label(true)), &download(&pb, 4 * h), &want, &mag, EXACT);
     }
 }

@@ -159,11 +159,39 @@ const VOCAB_TILE: usize = 2048;
 /// Blocks of `count_nonfinite`.
 const CHECK_BLOCKS: usize = 128;
 
-/// The tensor-core tiling of the block states: (P rounded up to 16, the columns of N per CUDA block:
-/// a multiple of 16 with Pp·nw ≤ 8192 and Pp + nw ≤ 256, so output tile and staging fit in shared memory).
-fn ssd_tiles(p: usize, n: usize) -> (usize, usize) {
-    let pp = p.div_ceil(16) * 16;
-    (pp, ((8192 / pp).min(256 - pp) / 16 * 16).min(n.div_ceil(16) * 16))
+/// How a chunked-SSD kernel is launched: its grid, dynamic shared memory, and the tile width it takes
+/// as an argument (`nw` of ssd_chunk_state, `ti` of ssd_chunk_scan). One place for the engine and the
+/// kernel contract tests.
+#[derive(Clone, Copy, Debug)]
+pub struct SsdLaunch {
+    pub grid: (u32, u32),
+    pub shared_bytes: u32,
+    pub width: usize,
+}
+
+/// P rounded up to the 16 of a tensor-core tile.
+fn padded_p(p: usize) -> usize {
+    p.div_ceil(16) * 16
+}
+
+impl SsdLaunch {
+    /// ssd_chunk_state over `nb` blocks: the columns of N per CUDA block are a multiple of 16 with
+    /// Pp·nw ≤ 8192 and Pp + nw ≤ 256, so output tile and staging fit in shared memory.
+    pub fn chunk_state(nh: usize, p: usize, n: usize, nb: usize) -> SsdLaunch {
+        let pp = padded_p(p);
+        let nw = ((8192 / pp).min(256 - pp) / 16 * 16).min(n.div_ceil(16) * 16);
+        let shared = (GPU_Q + (2 * SSD_KS * (pp + nw)).max(pp * nw)) * 4;
+        SsdLaunch { grid: ((nh * n.div_ceil(nw)) as u32, nb as u32), shared_bytes: shared as u32, width: nw }
+    }
+
+    /// ssd_chunk_scan over `nb` blocks: rows per CUDA block as many as fit 32 output tiles, so each
+    /// block state is read few times.
+    pub fn chunk_scan(nh: usize, p: usize, nb: usize) -> SsdLaunch {
+        let pp = padded_p(p);
+        let ti = [256, 128, 64].into_iter().find(|&r| r * pp <= 8192).unwrap_or(64);
+        let shared = (2 * GPU_Q + (2 * SSD_KS * (ti + pp)).max(ti * pp)) * 4;
+        SsdLaunch { grid: (nh as u32, (nb * GPU_Q / ti) as u32), shared_bytes: shared as u32, width: ti }
+    }
 }
 
 /// The kernels that read weights or write matmul operands, in the engine's matmul dtype: named
@@ -738,7 +766,7 @@ impl GpuMamba2 {
             })?;
         }
         let shape = [i(t), i(nh), i(p), i(n), i(g), i(cd), i(di)];
-        let (pp, nw) = ssd_tiles(p, n);
+        let state = SsdLaunch::chunk_state(nh, p, n, nb);
         let mut args = vec![
             Arg::Ptr(self.u.ptr()),
             Arg::Ptr(self.zx.ptr()),
@@ -750,9 +778,8 @@ impl GpuMamba2 {
             Arg::Ptr(self.st.ptr()),
         ];
         args.extend(shape);
-        args.extend([i(nin), i(c.d_conv), i(nw), Arg::I32(exact as i32)]);
-        let smem = (q + (2 * SSD_KS * (pp + nw)).max(pp * nw)) * 4;
-        gpu.launch("ssd_chunk_state", ((nh * n.div_ceil(nw)) as u32, nb as u32), 256, smem as u32, &args)?;
+        args.extend([i(nin), i(c.d_conv), i(state.width), Arg::I32(exact as i32)]);
+        gpu.launch("ssd_chunk_state", state.grid, 256, state.shared_bytes, &args)?;
         gpu.launch_n(
             "ssd_state_pass",
             nh * p * n,
@@ -769,11 +796,9 @@ impl GpuMamba2 {
             Arg::Ptr(self.y.ptr()),
         ];
         args.extend(shape);
-        // Rows per scan block: as many as fit 32 output tiles, so each block state is read few times.
-        let ti = [256, 128, 64].into_iter().find(|&r| r * pp <= 8192).unwrap_or(64);
-        args.extend([i(ti), Arg::I32(exact as i32)]);
-        let smem = (2 * q + (2 * SSD_KS * (ti + pp)).max(ti * pp)) * 4;
-        gpu.launch("ssd_chunk_scan", (nh as u32, (nb * q / ti) as u32), 256, smem as u32, &args)
+        let scan = SsdLaunch::chunk_scan(nh, p, nb);
+        args.extend([i(scan.width), Arg::I32(exact as i32)]);
+        gpu.launch("ssd_chunk_scan", scan.grid, 256, scan.shared_bytes, &args)
     }
 
     /// Feeds `tokens` (in pieces of at most `chunk`), keeping the last row pending (no head work).

@@ -60,7 +60,7 @@ pub fn i(v: usize) -> Arg {
 }
 
 /// The kernels `ptx/mamba2.cu` defines.
-pub(crate) const KERNELS: &[&str] = &[
+pub const KERNELS: &[&str] = &[
     "embed_f32",
     "embed_bf16",
     "rmsnorm_f32",
