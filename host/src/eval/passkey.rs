@@ -8,7 +8,7 @@
 use crate::backend::ScorerState;
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::{heatmap, LinePlot, Series};
-use crate::report::{write_atomic, Values};
+use crate::report::{write_atomic, StateSlot};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -216,11 +216,11 @@ fn load_checkpoint(out: &Path, fp: &str) -> Result<Option<Restored>> {
         eprintln!("{}: made with another model, options or shard; the haystack starts over", path.display());
         return Ok(None);
     }
-    let hay = ScorerState { state: c.take("state")?, pending: c.take_opt("pending"), tau: c.snapshot.tau.clone() };
+    let hay = c.take_state(StateSlot::Run, c.snapshot.tau.clone())?;
     let tail = match &c.snapshot.tail {
         Some(t) => {
             let tau = t.tau.clone();
-            Some(ScorerState { state: c.take("tail_state")?, pending: c.take_opt("tail_pending"), tau })
+            Some(c.take_state(StateSlot::Tail, tau)?)
         }
         None => None,
     };
@@ -243,37 +243,21 @@ pub fn run(
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
     let tok = model.tokenizer(o.tokenizer.as_deref())?;
-    let real = model.real_vocab(&tok);
-    let tpl = template(o.template);
-    let jsonl = out.join("results.jsonl");
     let key = run_key(&model, o, shard);
     let fp = crate::report::fingerprint(&key)?;
-    // Records without a summary are an unfinished grid too (its checkpoint may not be written yet).
-    // A finished grid (its summary written) keeps its run file and records: rerunning it is no loss.
-    let mut unfinished = vec![out.join(CKPT)];
-    if !out.join("summary.json").exists() {
-        unfinished.extend([out.join(RUN_FILE), jsonl.clone()]);
-    }
-    let resume = cont.resumes("passkey", out, &unfinished)?;
-    let mut run_file = RunFile { path: out.join(RUN_FILE), fp: &fp, key: &key, earlier: Vec::new() };
-    let mut done = if resume { run_file.read_back(&jsonl)? } else { Vec::new() };
-    run_file.write(None)?;
-    let seen: BTreeSet<(u64, usize)> = done.iter().map(|r| (r.length, r.sample)).collect();
-    // Rewrite the kept lines (drops a torn last line), then append.
-    let mut file = std::fs::File::create(&jsonl).map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
-    for r in &done {
-        writeln!(file, "{}", record_line(r, &fp)?)?;
-    }
     let bos = if o.bos {
         Some(tok.token_id("<|endoftext|>").ok_or_else(|| anyhow!("{}: no <|endoftext|> token for --bos", tok.source))?)
     } else {
         None
     };
+    let asks = Asks { tok: &tok, tpl: template(o.template), o, bos, vocab_rows: model.info.vocab_rows };
+    let mut run_file = RunFile { path: out.join(RUN_FILE), fp: &fp, key: &key, earlier: Vec::new() };
+    let (resume, mut log) = Log::open(out, cont, &mut run_file, shard)?;
+    let seen: BTreeSet<(u64, usize)> = log.done.iter().map(|r| (r.length, r.sample)).collect();
     let mut restored = if resume { load_checkpoint(out, &fp)? } else { None };
     let mut cadence = super::Cadence::new(checkpoint_secs, None);
-    let mut facts = RunFacts { shard: shard.map(|(k, n)| format!("{k}/{n}")), ..Default::default() };
     let started = Instant::now();
-    let mut s = crate::backend::open(&model, o.chunk, real, o.device, o.gpu)?;
+    let mut s = crate::backend::open(&model, o.chunk, model.real_vocab(&tok), o.device, o.gpu)?;
     let n_per = depths(o).len();
     for (li, &length) in o.lengths.iter().enumerate() {
         // Every sample of the length in needle order, up to the last this run holds: the others'
@@ -282,66 +266,134 @@ pub fn run(
         let mine = |p: &Prompt| {
             shard.is_none_or(|(k, n)| (li * n_per + p.sample) % n == k - 1) && !seen.contains(&(length, p.sample))
         };
-        let Some(todo) = plan(&tok, &tpl, o, length, &mine)? else {
+        let Some(todo) = plan(&tok, &asks.tpl, o, length, &mine)? else {
             continue;
         };
-        let hay = haystack(&tok, &tpl, bos, todo[todo.len() - 1].needle_block)?;
+        let hay = haystack(&tok, &asks.tpl, bos, todo[todo.len() - 1].needle_block)?;
         s.reset()?;
         let piece = PIECE.next_multiple_of(s.chunk());
         let mut g = Grid { s: s.as_mut(), pos: 0, piece, cadence: &mut cadence };
         let saver = Saver { out, fp: &fp, length, hay: &hay, started, run_file: &run_file };
-        let mut tail_restored = g.resume(restored.take_if(|r| r.snap.length == length), &saver)?;
-        let lcp_of = |ids: &[u32]| {
-            if o.reuse {
-                ids.iter().zip(&hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1)
-            } else {
-                0
-            }
-        };
+        let mut tail = g.resume(restored.take_if(|r| r.snap.length == length), &saver)?;
         for p in todo {
-            // This run's sample, tokenized as one text; another run's gives only its cut (from its
-            // record when a resume has one).
-            let prompt = if mine(&p) {
-                let (ids, needle_pos) = p.ids(&tok, &tpl, bos)?;
-                crate::model::check_ids(&ids, model.info.vocab_rows, "passkey prompt")?;
-                Some((ids, needle_pos))
-            } else {
-                None
-            };
-            let lcp = match &prompt {
-                Some((ids, _)) => lcp_of(ids),
-                None => match done.iter().find(|r| (r.length, r.sample) == (length, p.sample)) {
-                    Some(r) => r.shared_prefix,
-                    None => lcp_of(&p.ids(&tok, &tpl, bos)?.0),
-                },
-            };
-            let branch = g.advance(&hay, lcp, &saver, &mut facts)?;
-            let Some((ids, needle_pos)) = prompt else {
-                continue;
-            };
-            let resumed = tail_restored.take().filter(|(t, _): &(TailSnapshot, ScorerState)| {
-                t.sample == p.sample
-                    && t.branch == branch
-                    && t.pos <= ids.len()
-                    && tokens_sha(&ids[..t.pos]) == t.ids_sha
-            });
-            let sample = Sample { p: &p, ids: &ids, needle_pos, branch };
-            let rec = g.run_sample(sample, resumed, &saver, &mut facts, o, |new| {
-                let key_ids = key_tokens(&tok, &tpl, &p.key)?;
-                let (continuation, correct) = is_correct(&tok, new, &p.key)?;
-                Ok((key_ids, continuation, correct))
-            })?;
-            writeln!(file, "{}", record_line(&rec, &fp)?)?;
-            file.flush()?;
-            rec.say();
-            done.push(rec);
-            saver.at(g.s, g.pos, None, g.cadence, &facts)?;
+            asks.sample(&mut g, &saver, &p, mine(&p), &mut tail, &mut log)?;
         }
     }
     let _ = std::fs::remove_file(out.join(CKPT));
-    facts.seconds = started.elapsed().as_secs_f64();
-    facts.peak_rss_bytes = crate::report::peak_rss_bytes();
-    write_summary(out, &model.info, o, &done, &[run_file.earlier, vec![facts]].concat())
+    log.facts.seconds = started.elapsed().as_secs_f64();
+    log.facts.peak_rss_bytes = crate::report::peak_rss_bytes();
+    write_summary(out, &model.info, o, &log.done, &[run_file.earlier, vec![log.facts]].concat())
+}
+
+/// The grid's records: results.jsonl (a resumed grid's kept lines rewritten, then appended), every
+/// record of the grid so far, and this process's facts.
+struct Log {
+    file: std::fs::File,
+    done: Vec<Record>,
+    facts: RunFacts,
+}
+
+impl Log {
+    /// Whether the grid in `out` resumes (records without a summary are an unfinished grid too: its
+    /// checkpoint may not be written yet; a finished grid keeps its run file and records, as
+    /// rerunning it is no loss), its records read back and rewritten (dropping a torn last line).
+    fn open(
+        out: &Path,
+        cont: super::Continue,
+        run_file: &mut RunFile,
+        shard: Option<(usize, usize)>,
+    ) -> Result<(bool, Log)> {
+        let jsonl = out.join("results.jsonl");
+        let mut unfinished = vec![out.join(CKPT)];
+        if !out.join("summary.json").exists() {
+            unfinished.extend([out.join(RUN_FILE), jsonl.clone()]);
+        }
+        let resume = cont.resumes("passkey", out, &unfinished)?;
+        let done = if resume { run_file.read_back(&jsonl)? } else { Vec::new() };
+        run_file.write(None)?;
+        let mut file = std::fs::File::create(&jsonl).map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
+        for r in &done {
+            writeln!(file, "{}", record_line(r, run_file.fp)?)?;
+        }
+        let facts = RunFacts { shard: shard.map(|(k, n)| format!("{k}/{n}")), ..Default::default() };
+        Ok((resume, Log { file, done, facts }))
+    }
+
+    /// A finished sample: its line appended (flushed) and said.
+    fn add(&mut self, rec: Record, fp: &str) -> Result<()> {
+        writeln!(self.file, "{}", record_line(&rec, fp)?)?;
+        self.file.flush()?;
+        rec.say();
+        self.done.push(rec);
+        Ok(())
+    }
+}
+
+/// How a run asks: the tokenizer and template its prompts are made with, its options, the BOS id
+/// (`--bos`), and the model's vocabulary rows every prompt id must fall in.
+struct Asks<'a> {
+    tok: &'a Tokenizer,
+    tpl: Template,
+    o: &'a Options,
+    bos: Option<u32>,
+    vocab_rows: usize,
+}
+
+impl Asks<'_> {
+    /// Sample `p` of a length's grid: the haystack fed to its branch point, and when the sample is
+    /// this run's (`mine`), its tail run from there (or from `tail`, a checkpoint inside it),
+    /// recorded, and checkpointed on the cadence.
+    fn sample(
+        &self,
+        g: &mut Grid,
+        saver: &Saver,
+        p: &Prompt,
+        mine: bool,
+        tail: &mut Option<(TailSnapshot, ScorerState)>,
+        log: &mut Log,
+    ) -> Result<()> {
+        let (tok, tpl, bos) = (self.tok, &self.tpl, self.bos);
+        // This run's sample, tokenized as one text; another run's gives only its cut (from its
+        // record when a resume has one).
+        let prompt = if mine {
+            let (ids, needle_pos) = p.ids(tok, tpl, bos)?;
+            crate::model::check_ids(&ids, self.vocab_rows, "passkey prompt")?;
+            Some((ids, needle_pos))
+        } else {
+            None
+        };
+        let lcp = match &prompt {
+            Some((ids, _)) => self.shared_prefix(ids, saver.hay),
+            None => match log.done.iter().find(|r| (r.length, r.sample) == (saver.length, p.sample)) {
+                Some(r) => r.shared_prefix,
+                None => self.shared_prefix(&p.ids(tok, tpl, bos)?.0, saver.hay),
+            },
+        };
+        let branch = g.advance(saver.hay, lcp, saver, &mut log.facts)?;
+        let Some((ids, needle_pos)) = prompt else {
+            return Ok(());
+        };
+        let resumed = tail.take().filter(|(t, _)| {
+            t.sample == p.sample && t.branch == branch && t.pos <= ids.len() && tokens_sha(&ids[..t.pos]) == t.ids_sha
+        });
+        let sample = Sample { p, ids: &ids, needle_pos, branch };
+        let rec = g.run_sample(sample, resumed, saver, &mut log.facts, self.o, |new| {
+            let key_ids = key_tokens(tok, tpl, &p.key)?;
+            let (continuation, correct) = is_correct(tok, new, &p.key)?;
+            Ok((key_ids, continuation, correct))
+        })?;
+        log.add(rec, saver.fp)?;
+        saver.at(g.s, g.pos, None, g.cadence, &log.facts)
+    }
+
+    /// The prompt's tokens shared with the haystack, at most all but its last (`--reuse`; else 0).
+    fn shared_prefix(&self, ids: &[u32], hay: &[u32]) -> usize {
+        if self.o.reuse {
+            ids.iter().zip(hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1)
+        } else {
+            0
+        }
+    }
 }
 
 /// This run's prompts of `length` (`mine` says which), with every other sample before the last of
@@ -478,12 +530,8 @@ impl Saver<'_> {
                 tau: now.tau.clone(),
             }),
         };
-        let mut tensors = vec![("state", Values::F32(&held.state))];
-        tensors.extend(held.pending.as_deref().map(|p| ("pending", Values::F32(p))));
-        if let Some(t) = tail_held {
-            tensors.push(("tail_state", Values::F32(&t.state)));
-            tensors.extend(t.pending.as_deref().map(|p| ("tail_pending", Values::F32(p))));
-        }
+        let mut tensors = StateSlot::Run.tensors(held);
+        tensors.extend(tail_held.map(|t| StateSlot::Tail.tensors(t)).unwrap_or_default());
         // This process's facts first: whoever sees the checkpoint finds them too.
         let now = RunFacts {
             seconds: self.started.elapsed().as_secs_f64(),

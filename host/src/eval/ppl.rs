@@ -3,16 +3,16 @@
 //!
 //! Tokens go through the model in chunks aligned to multiples of `chunk` from each document's start,
 //! so a resumed run splits the stream exactly as an uninterrupted one and gives identical numbers.
+use super::feed::{doc_stream, DocStream, TokenFeed};
 use super::Continue;
 use crate::backend::{Device, GpuOptions, ScorerState};
 use crate::model::dir_of;
 use crate::model::{Model, ModelInfo};
-use crate::report::{self, peak_rss_bytes, write_atomic, Progress, Values};
-use crate::text::{Input, TokenStream};
+use crate::report::{self, peak_rss_bytes, write_atomic, Progress, StateSlot};
+use crate::text::Input;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -279,125 +279,6 @@ fn documents(inputs: &[Input], o: &Options) -> (Vec<(usize, Vec<Input>)>, usize)
     (all.into_iter().enumerate().filter(|(i, _)| mine(*i)).collect(), total)
 }
 
-/// The ids of one document: its inputs in order, repeated up to `repeat_to`, cut at `max_tokens`.
-pub struct DocStream<'t> {
-    tok: &'t Tokenizer,
-    parts: Vec<Input>,
-    next_part: usize,
-    cur: Option<TokenStream<'t>>,
-    limit: Option<u64>,
-    repeat: bool,
-    produced: u64,
-    /// Ids produced in the current pass over the parts (an empty pass means nothing to repeat).
-    pass_len: u64,
-    /// Whole passes over the parts so far, and whether the limit cut ids of the first.
-    passes: u64,
-    cut_first_pass: bool,
-}
-
-/// A document's ids handed out in calls of any size: the stream's pieces queued as they are
-/// tokenized, the first `skip` ids (those a resumed run already fed) dropped.
-pub struct TokenFeed<'t> {
-    stream: DocStream<'t>,
-    queue: VecDeque<u32>,
-    to_skip: u64,
-    exhausted: bool,
-}
-
-impl<'t> TokenFeed<'t> {
-    pub fn new(stream: DocStream<'t>, skip: u64) -> Self {
-        TokenFeed { stream, queue: VecDeque::new(), to_skip: skip, exhausted: false }
-    }
-
-    /// The next `n` ids (fewer at the stream's end; none once it is over).
-    pub fn take(&mut self, n: usize) -> Result<Vec<u32>> {
-        while self.queue.len() < n && !self.exhausted {
-            match self.stream.next_piece()? {
-                Some(p) => {
-                    let drop = (self.to_skip as usize).min(p.len());
-                    self.to_skip -= drop as u64;
-                    self.queue.extend(&p[drop..]);
-                }
-                None => self.exhausted = true,
-            }
-        }
-        Ok(self.queue.drain(..n.min(self.queue.len())).collect())
-    }
-
-    /// Whether every id of the stream was taken.
-    pub fn done(&self) -> bool {
-        self.exhausted && self.queue.is_empty()
-    }
-
-    pub fn stream(&self) -> &DocStream<'t> {
-        &self.stream
-    }
-}
-
-/// The stream of `parts` in order, repeated up to `repeat_to` tokens, cut at `max_tokens`.
-pub fn doc_stream(
-    tok: &Tokenizer,
-    parts: Vec<Input>,
-    max_tokens: Option<u64>,
-    repeat_to: Option<u64>,
-) -> DocStream<'_> {
-    let limit = match (max_tokens, repeat_to) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    DocStream {
-        tok,
-        parts,
-        next_part: 0,
-        cur: None,
-        limit,
-        repeat: repeat_to.is_some(),
-        produced: 0,
-        pass_len: 0,
-        passes: 0,
-        cut_first_pass: false,
-    }
-}
-
-impl DocStream<'_> {
-    /// Whether the limit cut the document before its end (seen when the cut fell inside a piece).
-    pub fn cut_before_end(&self) -> bool {
-        self.cut_first_pass
-    }
-
-    pub fn next_piece(&mut self) -> Result<Option<Vec<u32>>> {
-        loop {
-            if self.limit.is_some_and(|l| self.produced >= l) {
-                return Ok(None);
-            }
-            if self.cur.is_none() {
-                if self.next_part == self.parts.len() {
-                    if !self.repeat || self.pass_len == 0 {
-                        return Ok(None);
-                    }
-                    (self.next_part, self.pass_len, self.passes) = (0, 0, self.passes + 1);
-                }
-                self.cur = Some(TokenStream::new(self.tok, &self.parts[self.next_part])?);
-                self.next_part += 1;
-            }
-            match self.cur.as_mut().and_then(|s| s.next_piece().transpose()) {
-                Some(piece) => {
-                    let mut piece = piece?;
-                    if let Some(l) = self.limit {
-                        let keep = (l - self.produced) as usize;
-                        self.cut_first_pass |= self.passes == 0 && piece.len() > keep;
-                        piece.truncate(keep);
-                    }
-                    self.produced += piece.len() as u64;
-                    self.pass_len += piece.len() as u64;
-                    return Ok(Some(piece));
-                }
-                None => self.cur = None,
-            }
-        }
-    }
-}
-
 /// Everything that decides the numbers: models (by content), inputs' content, options.
 fn run_key(models: &[serde_json::Value], inputs: &[Input], hashes: &[String], o: &Options) -> serde_json::Value {
     let mut key = serde_json::json!({
@@ -421,10 +302,8 @@ fn deciding(o: &Options) -> serde_json::Value {
 
 const CKPT: &str = "ppl.checkpoint.safetensors";
 
-fn save_checkpoint(out: &Path, snap: &Snapshot, state: &[f32], pending: Option<&[f32]>) -> Result<()> {
-    let mut tensors = vec![("state", Values::F32(state))];
-    tensors.extend(pending.map(|p| ("pending", Values::F32(p))));
-    report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(snap)?, &tensors)
+fn save_checkpoint(out: &Path, snap: &Snapshot, scorer: &ScorerState) -> Result<()> {
+    report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(snap)?, &StateSlot::Run.tensors(scorer))
 }
 
 /// A checkpoint read back: where the run stood, and its scorer there.
@@ -437,8 +316,7 @@ fn load_checkpoint(out: &Path) -> Result<Resumed> {
     let path = out.join(CKPT);
     let writes = "a run writes one every --checkpoint-secs, --checkpoint-every tokens and at --stop-after";
     let mut c = report::load_checkpoint::<Snapshot>(&path, writes)?;
-    let (state, pending) = (c.take("state")?, c.take_opt("pending"));
-    let scorer = ScorerState { state, pending, tau: c.snapshot.tau.clone() };
+    let scorer = c.take_state(StateSlot::Run, c.snapshot.tau.clone())?;
     Ok(Resumed { snap: c.snapshot, scorer })
 }
 
@@ -506,7 +384,8 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         let tok = model.tokenizer(o.tokenizer.as_deref())?;
         let resumed = snap.take().filter(|s| s.snap.model_index == mi);
         let at = RunAt { fp: &fp, key: &key };
-        match run_model(&model, &tok, mi, jobs.len(), inputs, o, out, at, &finished, resumed, &mut processed)? {
+        let job = Job { model: &model, tok: &tok, mi, n_models: jobs.len(), inputs, o, out, at, finished: &finished };
+        match run_model(&job, resumed, &mut processed)? {
             (Flow::Done, r) => finished.push(r),
             (Flow::Stopped, _) => {
                 eprintln!("stopped after {processed} tokens; checkpoint in {}; continue with --resume", out.display());
@@ -540,101 +419,155 @@ fn input_source(i: &Input) -> String {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_model(
-    model: &Model,
-    tok: &Tokenizer,
+/// One (model, method) run of `ppl`: what it reads, where it writes, and the runs finished before it.
+struct Job<'a> {
+    model: &'a Model,
+    tok: &'a Tokenizer,
     mi: usize,
     n_models: usize,
-    inputs: &[Input],
-    o: &Options,
-    out: &Path,
-    at: RunAt,
-    finished: &[RunResult],
-    resumed: Option<Resumed>,
-    processed: &mut u64,
-) -> Result<(Flow, RunResult)> {
-    let net = model.net();
-    let (docs, n_docs) = documents(inputs, o);
+    inputs: &'a [Input],
+    o: &'a Options,
+    out: &'a Path,
+    at: RunAt<'a>,
+    finished: &'a [RunResult],
+}
+
+/// A job under way: its scorer, accumulators and checkpoint cadence, carried across documents.
+struct Streaming<'a> {
+    job: &'a Job<'a>,
+    scorer: crate::backend::Scorer<'a>,
+    acc: Acc,
+    cadence: super::Cadence,
+    progress: Progress,
+    started: Instant,
+    seconds_before: f64,
+    /// One call's NLL values.
+    nll: Vec<f32>,
+}
+
+/// Runs `job` over its documents from where `resumed` stood (or the start); `processed` counts the
+/// tokens this process fed, for `--stop-after`.
+fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result<(Flow, RunResult)> {
+    let (model, o) = (job.model, job.o);
+    let (docs, n_docs) = documents(job.inputs, o);
     let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
-    let mut scorer = crate::backend::open(model, o.chunk, model.real_vocab(tok), o.device, o.gpu)?;
-    let Start { mut acc, first_doc, mut skip, mut restore, mut nll_len } =
-        start(resumed, scorer.state_len(), o, train_len, &out.join(CKPT), mi)?;
-    let label = format!("ppl [{}/{}] {} [{}]", mi + 1, n_models, model.info.path.display(), model.forget);
-    let mut progress = Progress::new(&label, o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64));
-    let started = Instant::now();
-    let seconds_before = acc.seconds;
-    let mut cadence = super::Cadence::new(o.checkpoint_secs, o.checkpoint_every);
-    let mut nll = Vec::with_capacity(scorer.chunk() + 1);
+    let scorer = crate::backend::open(model, o.chunk, model.real_vocab(job.tok), o.device, o.gpu)?;
+    let Start { acc, first_doc, mut skip, mut restore, mut nll_len } =
+        start(resumed, scorer.state_len(), o, train_len, &job.out.join(CKPT), job.mi)?;
+    let label = format!("ppl [{}/{}] {} [{}]", job.mi + 1, job.n_models, model.info.path.display(), model.forget);
+    let mut run = Streaming {
+        job,
+        nll: Vec::with_capacity(scorer.chunk() + 1),
+        scorer,
+        progress: Progress::new(&label, o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64)),
+        seconds_before: acc.seconds,
+        acc,
+        cadence: super::Cadence::new(o.checkpoint_secs, o.checkpoint_every),
+        started: Instant::now(),
+    };
     for (k, (di, parts)) in docs.iter().enumerate().skip(first_doc) {
-        let di = *di;
-        let stream = doc_stream(tok, parts.clone(), o.max_tokens, o.repeat_to);
-        let nll_path = nll_path(o, mi, n_models, di, n_docs, model, parts);
-        let mut nll_file = match &nll_path {
-            Some(p) => Some(open_nll(p, nll_len.take().filter(|(f, _)| Path::new(f) == p).map(|x| x.1))?),
+        let nll_path = nll_path(o, job.mi, job.n_models, *di, n_docs, model, parts);
+        let nll_len = nll_len.take().filter(|(f, _)| nll_path.as_deref() == Some(Path::new(f))).map(|x| x.1);
+        match restore.take() {
+            Some(st) if skip > 0 => run.scorer.restore(&st, skip)?,
+            _ => run.scorer.reset()?,
+        }
+        let doc = Doc { index: k, parts, nll_path, nll_len, skip: std::mem::take(&mut skip) };
+        if let Some(flow) = run.document(doc, processed)? {
+            return Ok((flow, result(model, job.tok, &run.acc, train_len)));
+        }
+    }
+    run.progress.finish();
+    run.acc.seconds = run.seconds_before + run.started.elapsed().as_secs_f64();
+    Ok((Flow::Done, result_of(model, job.tok, run.acc, train_len)))
+}
+
+/// A document of a job: its index among the job's documents, its inputs, its NLL file (and that
+/// file's length at the checkpoint), and the ids a resumed run already fed.
+struct Doc<'p> {
+    index: usize,
+    parts: &'p [Input],
+    nll_path: Option<PathBuf>,
+    nll_len: Option<u64>,
+    skip: u64,
+}
+
+impl Streaming<'_> {
+    /// Scores `doc` in calls of `--chunk` from `doc.skip` (the scorer stands there), appends its NLL
+    /// file, and checkpoints at call boundaries on the cadence; `Some(Flow::Stopped)` when
+    /// `--stop-after` ends the run here.
+    fn document(&mut self, doc: Doc, processed: &mut u64) -> Result<Option<Flow>> {
+        let (job, o) = (self.job, self.job.o);
+        let mut nll_file = match &doc.nll_path {
+            Some(p) => Some(open_nll(p, doc.nll_len)?),
             None => None,
         };
-        if let Some(p) = &nll_path {
-            let s = p.display().to_string();
-            if !acc.nll_files.contains(&s) {
-                acc.nll_files.push(s);
+        if let Some(s) = doc.nll_path.as_ref().map(|p| p.display().to_string()) {
+            if !self.acc.nll_files.contains(&s) {
+                self.acc.nll_files.push(s);
             }
         }
-        let mut pos = skip; // doc position of the next token to feed
-        match restore.take() {
-            Some(st) if skip > 0 => scorer.restore(&st, skip)?,
-            _ => scorer.reset()?,
-        }
-        let mut feed = TokenFeed::new(stream, skip);
-        skip = 0;
+        let mut feed = TokenFeed::new(doc_stream(job.tok, doc.parts.to_vec(), o.max_tokens, o.repeat_to), doc.skip);
+        let mut pos = doc.skip; // doc position of the next token to feed
         loop {
             let ids = feed.take(o.chunk)?;
             if ids.is_empty() {
                 break;
             }
-            crate::model::check_ids(&ids, net.vocab_rows(), &parts[0].name())?;
-            // Scored: every token after the pending last row of the previous chunk, else all but the first.
-            let t = ids.len();
-            let had_pending = scorer.score(&ids, &mut nll)?;
-            let scored = nll.len();
-            // Position of the first target: the pending row predicts `pos`, else the chunk's second token.
-            let first = if had_pending { pos } else { pos + 1 };
-            acc.add(first, &nll[..scored]);
-            if let Some(f) = nll_file.as_mut() {
-                f.write_all(bytemuck::cast_slice(&nll[..scored]))?;
-            }
-            pos += t as u64;
-            acc.longest = acc.longest.max(pos);
-            acc.tokens_fed += t as u64;
-            *processed += t as u64;
-            cadence.fed(t as u64);
-            progress.set(acc.tokens_fed);
+            crate::model::check_ids(&ids, job.model.net().vocab_rows(), &doc.parts[0].name())?;
+            self.score(&ids, pos, nll_file.as_mut())?;
+            let t = ids.len() as u64;
+            pos += t;
+            self.acc.longest = self.acc.longest.max(pos);
+            self.acc.tokens_fed += t;
+            *processed += t;
+            self.cadence.fed(t);
+            self.progress.set(self.acc.tokens_fed);
             let stop = o.stop_after.is_some_and(|n| *processed >= n);
-            let at_boundary = t == o.chunk && !feed.done();
-            if let Some(due) = cadence.due(stop).filter(|_| at_boundary) {
-                cadence.saved();
-                acc.seconds = seconds_before + started.elapsed().as_secs_f64();
-                let nll = nll_path.as_deref().zip(nll_file.as_mut());
-                let at_doc = DocAt { model_index: mi, doc_index: k, doc_pos: pos };
-                save_at(out, &at, at_doc, &acc, finished, nll, scorer.as_ref())?;
+            let at_boundary = ids.len() == o.chunk && !feed.done();
+            if let Some(due) = self.cadence.due(stop).filter(|_| at_boundary) {
+                let at = DocAt { model_index: job.mi, doc_index: doc.index, doc_pos: pos };
+                self.checkpoint(at, doc.nll_path.as_deref().zip(nll_file.as_mut()))?;
                 if let Some(sig) = due.signal {
-                    progress.finish();
-                    bail!("{sig} after {processed} tokens: checkpoint in {}; continue with --resume", out.display());
+                    self.progress.finish();
+                    bail!(
+                        "{sig} after {processed} tokens: checkpoint in {}; continue with --resume",
+                        job.out.display()
+                    );
                 }
                 if stop {
-                    progress.finish();
-                    return Ok((Flow::Stopped, result(model, tok, &acc, train_len)));
+                    self.progress.finish();
+                    return Ok(Some(Flow::Stopped));
                 }
             }
         }
         if let Some(mut f) = nll_file {
             f.flush()?;
         }
-        say_if_cut(feed.stream(), o, parts);
+        say_if_cut(feed.stream(), o, doc.parts);
+        Ok(None)
     }
-    progress.finish();
-    acc.seconds = seconds_before + started.elapsed().as_secs_f64();
-    Ok((Flow::Done, result_of(model, tok, acc, train_len)))
+
+    /// One call of `ids` at document position `pos`: every token after the pending last row of the
+    /// previous call is scored (else all but the first), into the accumulators and the NLL file.
+    fn score(&mut self, ids: &[u32], pos: u64, nll_file: Option<&mut BufWriter<std::fs::File>>) -> Result<()> {
+        let had_pending = self.scorer.score(ids, &mut self.nll)?;
+        // Position of the first target: the pending row predicts `pos`, else the call's second token.
+        let first = if had_pending { pos } else { pos + 1 };
+        self.acc.add(first, &self.nll);
+        if let Some(f) = nll_file {
+            f.write_all(bytemuck::cast_slice(&self.nll))?;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint at a call boundary (`nll`: the document's NLL file, flushed and its length kept).
+    fn checkpoint(&mut self, doc: DocAt, nll: Option<(&Path, &mut BufWriter<std::fs::File>)>) -> Result<()> {
+        self.cadence.saved();
+        self.acc.seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
+        let job = self.job;
+        save_at(job.out, &job.at, doc, &self.acc, job.finished, nll, self.scorer.as_ref())
+    }
 }
 
 /// Where a model's run starts: its accumulators, the document and position to continue from, the
@@ -703,7 +636,7 @@ fn save_at(
         }
         None => None,
     };
-    let ScorerState { state, pending, tau } = scorer.snapshot()?;
+    let now = scorer.snapshot()?;
     let snap = Snapshot {
         fingerprint: at.fp.to_string(),
         key: at.key.clone(),
@@ -713,9 +646,9 @@ fn save_at(
         acc: acc.clone(),
         finished: finished.to_vec(),
         nll_len,
-        tau,
+        tau: now.tau.clone(),
     };
-    save_checkpoint(out, &snap, &state, pending.as_deref())
+    save_checkpoint(out, &snap, &now)
 }
 
 fn open_nll(path: &Path, resume_len: Option<u64>) -> Result<BufWriter<std::fs::File>> {

@@ -5,7 +5,7 @@ use crate::backend::{Device, GpuOptions, ScorerState};
 use crate::forget::ForgetSpec;
 use crate::model::Model;
 use crate::report::svg::{fmt_tokens, LinePlot, Series};
-use crate::report::{self, write_atomic, Values};
+use crate::report::{self, write_atomic, StateSlot, Values};
 use crate::text::Input;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
@@ -131,10 +131,10 @@ fn load_checkpoint(out: &Path, fp: &str, key: &serde_json::Value) -> Result<Rest
     if c.snapshot.fingerprint != fp {
         return Err(super::other_run(&path, &c.snapshot.key, key));
     }
-    let (state, retention) = (c.take("state")?, c.take("retention")?);
+    let retention = c.take("retention")?;
     let at = c.snapshot.snapshots.clone();
     let snaps = at.into_iter().map(|p| Ok((p, c.take(&format!("state_t{p}"))?))).collect::<Result<Vec<_>>>()?;
-    let scorer = ScorerState { state, pending: c.take_opt("pending"), tau: c.snapshot.tau.clone() };
+    let scorer = c.take_state(StateSlot::Run, c.snapshot.tau.clone())?;
     Ok(Restored { snap: c.snapshot, scorer, retention, snapshots: snaps })
 }
 
@@ -302,8 +302,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         s.restore(&r.scorer, r.snap.pos)?;
         st = Stream { pos: r.snap.pos, retention: r.retention, snapshots: r.snapshots };
     }
-    let stream = crate::eval::ppl::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
-    let mut feed = crate::eval::ppl::TokenFeed::new(stream, st.pos);
+    let stream = super::feed::doc_stream(&tok, inputs.to_vec(), o.max_tokens, None);
+    let mut feed = super::feed::TokenFeed::new(stream, st.pos);
     let saver = |csvs: &mut Csvs, st: &Stream, now: &ScorerState| save(out, &fp, &key, csvs, st, now);
     match stream_probe(net, s.as_mut(), &mut feed, &sel, o, &mut csvs, &mut st, saver)? {
         Ended::Done => {}
@@ -369,7 +369,7 @@ fn snapshot_positions(o: &Options) -> Vec<u64> {
 fn stream_probe(
     net: &dyn stuffed_core::Recurrent,
     s: &mut dyn crate::backend::Backend,
-    feed: &mut crate::eval::ppl::TokenFeed,
+    feed: &mut super::feed::TokenFeed,
     sel: &Selection,
     o: &Options,
     csvs: &mut Csvs,
@@ -487,8 +487,8 @@ fn save(out: &Path, fp: &str, key: &serde_json::Value, csvs: &mut Csvs, st: &Str
         snapshots,
     };
     let names: Vec<String> = st.snapshots.iter().map(|(p, _)| format!("state_t{p}")).collect();
-    let mut tensors = vec![("state", Values::F32(&now.state)), ("retention", Values::F64(&st.retention))];
-    tensors.extend(now.pending.as_deref().map(|p| ("pending", Values::F32(p))));
+    let mut tensors = StateSlot::Run.tensors(now);
+    tensors.push(("retention", Values::F64(&st.retention)));
     tensors.extend(names.iter().zip(&st.snapshots).map(|(n, (_, s))| (n.as_str(), Values::F32(s))));
     report::save_checkpoint(&out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)
 }

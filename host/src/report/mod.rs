@@ -248,6 +248,32 @@ pub fn save_checkpoint(path: &Path, snapshot: &str, tensors: &[(&str, Values)]) 
     write_atomic(path, &bytes)
 }
 
+/// Where a scorer's state sits in a checkpoint: the run's own, or (passkey) a sample's tail held
+/// beside the haystack's. One naming for every evaluator's save and resume.
+#[derive(Clone, Copy, Debug)]
+pub enum StateSlot {
+    Run,
+    Tail,
+}
+
+impl StateSlot {
+    /// The tensor names of the state and of the pending row.
+    fn names(self) -> [&'static str; 2] {
+        match self {
+            StateSlot::Run => ["state", "pending"],
+            StateSlot::Tail => ["tail_state", "tail_pending"],
+        }
+    }
+
+    /// `s` as checkpoint tensors (its τ travels in the snapshot).
+    pub fn tensors(self, s: &crate::backend::ScorerState) -> Vec<(&'static str, Values<'_>)> {
+        let [state, pending] = self.names();
+        let mut v = vec![(state, Values::F32(&s.state))];
+        v.extend(s.pending.as_deref().map(|p| (pending, Values::F32(p))));
+        v
+    }
+}
+
 /// One tensor of a checkpoint.
 pub enum Values<'a> {
     F32(&'a [f32]),
@@ -270,6 +296,11 @@ impl<T> Loaded<T> {
     /// Tensor `name`, if the checkpoint has it.
     pub fn take_opt<V: bytemuck::Pod>(&mut self, name: &str) -> Option<Vec<V>> {
         self.tensors.remove(name).map(|b| bytemuck::pod_collect_to_vec(&b))
+    }
+    /// The scorer state saved in `slot` ([`StateSlot::tensors`]), with τ from the snapshot.
+    pub fn take_state(&mut self, slot: StateSlot, tau: Vec<f32>) -> Result<crate::backend::ScorerState> {
+        let [state, pending] = slot.names();
+        Ok(crate::backend::ScorerState { state: self.take(state)?, pending: self.take_opt(pending), tau })
     }
 }
 
