@@ -159,20 +159,18 @@ impl<'a> Hgrn2<'a> {
         self.w.lower_bounds.as_ref().map_or(0.0, |lb| lb.get(l * self.cfg.d_model + ch))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Layer `call.l` over the rows `x` (in place) from its state `st`.
     fn layer(
         &self,
-        ex: &dyn Exec,
-        l: usize,
-        lw: &Layer,
-        t: usize,
+        call: Call,
         x: &mut [f32],
         st: &mut [f32],
         scratch: &mut [f32],
-        scan: Scan,
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
+        let Call { ex, t, scan, l } = call;
+        let lw = &self.w.layers[l];
         let c = &self.cfg;
         let (d, e, nh, vh, im) = (c.d_model, c.expand, c.n_heads(), c.head_v(), c.d_mlp);
         let tc = t * d;
@@ -319,7 +317,7 @@ impl Stack for Hgrn2<'_> {
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
-        self.layer(call.ex, call.l, &self.w.layers[call.l], call.t, x, st, s, call.scan, probe, window)
+        self.layer(call, x, st, s, probe, window)
     }
     fn final_norm(&self, x: &mut [f32], _: &mut &mut [f32]) {
         for row in x.chunks_exact_mut(self.cfg.d_model) {

@@ -228,19 +228,18 @@ impl<'a> Mamba2<'a> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Layer `call.l` over the rows `x` (in place) from its state `st`.
     fn layer(
         &self,
-        ex: &dyn Exec,
-        lw: &Layer,
-        t: usize,
+        call: Call,
         x: &mut [f32],
         st: &mut [f32],
         s: &mut Scratch,
-        scan: Scan,
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
+        let Call { ex, t, scan, l } = call;
+        let lw = &self.w.layers[l];
         let c = &self.cfg;
         let (d, di, nin, cd) = (c.d_model, c.d_inner(), c.in_proj_rows(), c.conv_dim());
         let (conv_state, ssm_state) = st.split_at_mut(c.conv_len());
@@ -699,7 +698,7 @@ impl Stack for Mamba2<'_> {
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
-        self.layer(call.ex, &self.w.layers[call.l], call.t, x, st, s, call.scan, probe, window)
+        self.layer(call, x, st, s, probe, window)
     }
     fn final_norm(&self, x: &mut [f32], _: &mut Scratch) {
         for row in x.chunks_exact_mut(self.cfg.d_model) {

@@ -465,19 +465,18 @@ impl<'a> Rwkv<'a> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Layer `call.l` over the rows `x` (in place) from its state `st`.
     fn layer(
         &self,
-        ex: &dyn Exec,
-        lw: &Layer,
-        t: usize,
+        call: Call,
         x: &mut [f32],
         st: &mut [f32],
         s: &mut Scratch,
-        scan: Scan,
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
+        let Call { ex, t, scan, l } = call;
+        let lw = &self.w.layers[l];
         let c = &self.cfg;
         let (d, h, n) = (c.d_model, c.n_heads, c.head_size);
         let tc = t * d;
@@ -672,7 +671,7 @@ impl Stack for Rwkv<'_> {
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
-        self.layer(call.ex, &self.w.layers[call.l], call.t, x, st, s, call.scan, probe, window)
+        self.layer(call, x, st, s, probe, window)
     }
     fn final_norm(&self, x: &mut [f32], s: &mut Scratch) {
         let d = self.cfg.d_model;

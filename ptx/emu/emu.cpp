@@ -30,7 +30,8 @@ struct Jmp {
 enum Wait : char { RUN, WARP, BLOCK, END };
 static std::vector<float> g_smem;  // dynamic shared memory, its start 32-byte aligned
 static float* g_smem0;
-static std::vector<float> g_shfl;
+static std::vector<float> g_shfl;     // two slot sets of a block's threads (emu_shfl_xor)
+static std::vector<char> g_shfl_set;  // the set each thread's last shuffle wrote
 static std::vector<ucontext_t> g_ctx;
 static std::vector<std::vector<char>> g_stacks;
 static std::vector<Jmp> g_jb;
@@ -50,13 +51,16 @@ static void wait_at(Wait w) {
 }
 void __syncthreads() { wait_at(BLOCK); }
 void emu_syncwarp() { wait_at(WARP); }
+// A shuffle is one warp barrier: each lane writes its value to one of two slot sets, alternating
+// per shuffle, and reads its partner's after the barrier. A lane that goes on to its next shuffle
+// writes the other set, so it cannot overwrite a value a slower lane has yet to read; the set after
+// that is written only past the next barrier, which every lane reaches after its read.
 float emu_shfl_xor(float v, int o) {
     unsigned t = threadIdx.x;
-    g_shfl[t] = v;
+    float* set = g_shfl.data() + (g_shfl_set[t] ^= 1) * emu_blockDim.x;
+    set[t] = v;
     emu_syncwarp();
-    float r = g_shfl[t ^ (unsigned)o];
-    emu_syncwarp();
-    return r;
+    return set[t ^ (unsigned)o];
 }
 
 static void fiber_entry() {
@@ -103,7 +107,8 @@ static bool run(unsigned gx, unsigned gy, unsigned block, unsigned shared, const
     g_nblocks = gx * gy;
     g_smem.assign(shared / 4 + 9, 0.0f);
     g_smem0 = (float*)(((uintptr_t)g_smem.data() + 31) & ~(uintptr_t)31);
-    g_shfl.assign(block, 0.0f);
+    g_shfl.assign(2 * block, 0.0f);
+    g_shfl_set.assign(block, 0);
     g_ctx.resize(block);
     g_jb.resize(block);
     g_started.assign(block, 0);
