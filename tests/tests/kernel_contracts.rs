@@ -813,16 +813,16 @@ fn ssd_chunk_state_gives_each_blocks_own_state() {
                 for pp in 0..p {
                     let o = ((c * h + hh) * p + pp) * n;
                     let (st, sm) = (&mut want[o..o + n], &mut mag[o..o + n]);
-                    for tt in s.block(c) {
-                        let decay = (inp.cum[tt * h + hh] as f64).exp();
+                    let blk = s.block(c);
+                    for tt in blk.clone() {
+                        // The recurrence from zero: every earlier term decays by this token's α.
+                        let alpha = if tt == blk.start {
+                            1.0
+                        } else {
+                            (inp.cum[tt * h + hh] as f64 - inp.cum[(tt - 1) * h + hh] as f64).exp()
+                        };
                         let (dtj, xj) = (inp.dt[tt * h + hh] as f64, x[tt * di + hh * p + pp] as f64);
                         for (nn, &bv) in s.b(&inp.u, tt, hh).iter().enumerate() {
-                            // The recurrence from zero: every earlier term decays by this token's α.
-                            let alpha = if tt == s.block(c).start {
-                                1.0
-                            } else {
-                                decay / (inp.cum[(tt - 1) * h + hh] as f64).exp()
-                            };
                             st[nn] = alpha * st[nn] + dtj * xj * bv as f64;
                             sm[nn] = alpha * sm[nn] + (dtj * xj * bv as f64).abs();
                         }
