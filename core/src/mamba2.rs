@@ -12,13 +12,14 @@
 //!
 //! State, per layer (f32): `conv (k−1, cd)` — the last k−1 conv inputs, oldest first — then
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
-use crate::error::{need, Error};
+use crate::error::{first_non_finite, need, Error, Site};
 use crate::exec::{Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::{gemm_nt, gemm_raw, matmul};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
 use crate::weight::Weight;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 /// Tokens per SSD block inside a chunk (the attention-like part is `Q × Q`).
 pub const SSD_BLOCK: usize = 64;
@@ -284,7 +285,14 @@ impl<'a> Mamba2<'a> {
         // SSM, one head per task.
         let y = &mut s.y[..t * di];
         match scan {
-            Scan::Recurrent => self.ssm_recurrent(ex, lw, t, u, dt, ssm_state, y),
+            Scan::Recurrent => {
+                // The step checks the state it writes (see `Stack::checks_own_state`).
+                let ssm_finite = self.ssm_recurrent(ex, lw, t, u, dt, ssm_state, y);
+                if !ssm_finite || first_non_finite(conv_state).is_some() {
+                    let index = first_non_finite(st).unwrap_or(0);
+                    return Err(Error::NonFinite { site: Site::State(call.l), index });
+                }
+            }
             Scan::Chunked => self.ssm_chunked(ex, lw, t, u, dt, ssm_state, y, s.cb, s.hs),
         }
         if let Some(w) = window {
@@ -393,10 +401,11 @@ impl<'a> Mamba2<'a> {
         dt: &[f32],
         ssm: &mut [f32],
         y: &mut [f32],
-    ) {
+    ) -> bool {
         let c = &self.cfg;
         let (p, n, nh, di) = (c.head_dim, c.d_state, c.n_heads, c.d_inner());
         let (ys, ss) = (Shared::new(y), Shared::new(ssm));
+        let non_finite = AtomicU32::new(0);
         ex.for_each(nh, &|hh| {
             // SAFETY: head hh owns its state block and its P columns of y.
             let s = unsafe { ss.range(hh * p * n, p * n) };
@@ -407,14 +416,22 @@ impl<'a> Mamba2<'a> {
                 let dth = dt[tt * nh + hh];
                 let da = exp(dth * a + la);
                 let yr = unsafe { ys.range(tt * di + hh * p, p) };
+                // Whether a state value's exponent bits are all ones (NaN or ±∞), found while the
+                // value is written: a token step would otherwise read its whole state once more.
+                let mut bad = 0u32;
                 for (pp, sp) in s.chunks_exact_mut(n).enumerate() {
                     for (sv, bv) in sp.iter_mut().zip(b) {
                         *sv = *sv * da + dth * xv[pp] * bv;
+                        bad |= (sv.to_bits() & 0x7f80_0000 == 0x7f80_0000) as u32;
                     }
                     yr[pp] = dot(sp, cc) + self.d_skip(lw, hh, pp) * xv[pp];
                 }
+                if bad != 0 {
+                    non_finite.fetch_or(1, Ordering::Relaxed);
+                }
             }
         });
+        non_finite.load(Ordering::Relaxed) == 0
     }
 
     /// SSD: per block of Q tokens, `y = exp(cum)·(S·C) + (C·Bᵀ ⊙ exp(cum_t − cum_s)·dt_s)·x + D·x`,
@@ -668,6 +685,9 @@ fn head_scratch(c: &Config) -> usize {
 }
 
 impl Stack for Mamba2<'_> {
+    fn checks_own_state(&self, scan: Scan) -> bool {
+        scan == Scan::Recurrent
+    }
     type Scratch<'s> = Scratch<'s>;
     fn stack_shape(&self, t: usize) -> Result<StackShape, Error> {
         let c = &self.cfg;

@@ -630,7 +630,7 @@ fn passkey_decodes_the_whole_key_by_default() {
 }
 
 /// `stuffed bench` on the CPU, every family: the synth preset is made once in the cache, the report
-/// names its parts.
+/// names its parts (decode beside the machine's read bandwidth).
 #[test]
 fn bench_runs_on_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
@@ -645,7 +645,13 @@ fn bench_runs_on_the_cpu() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{family}: {}", String::from_utf8_lossy(&out.stderr));
         let model = format!("({family}, 2 layers, d 64, f32)");
-        for k in [&model, "device       CPU", "tokens       2048 in", "GFLOP/token", "memory", "ms/token"] {
+        let parts = [&model, "device       CPU", "tokens       2048 in", "GFLOP/token", "memory", "ms/token"];
+        for k in parts.into_iter().chain([
+            "bandwidth    read ",
+            " GB/s on 1 thread",
+            " % of the read bandwidth",
+            "with the state read and written",
+        ]) {
             assert!(text.contains(k), "{k:?} missing from:\n{text}");
         }
         assert!(dir.path().join(format!("synth/{family}-tiny-f32/model.safetensors")).exists());

@@ -174,19 +174,103 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     print_profile(&sc, "streamed NLL");
     if a.decode > 0 {
-        time_decode(&mut sc, &ids[..1], a.decode)?;
+        // On the CPU a one-token step reads every weight it multiplies once: its bound is the
+        // machine's read bandwidth at the same thread count, measured here beside it.
+        let bound = (a.device.device == Device::Cpu).then(|| {
+            let threads = rayon::current_num_threads();
+            let bw = ReadBandwidth::measure(threads);
+            println!("{bw}");
+            DecodeBound { weights: decode_bytes(&model.info), state: model.info.state_bytes, bw }
+        });
+        time_decode(&mut sc, &ids[..1], a.decode, bound.as_ref())?;
         // The other decode path (on the GPU: fused projections against cuBLAS's), side by side.
         if sc.switch_decode_path() {
-            time_decode(&mut sc, &ids[..1], a.decode)?;
+            time_decode(&mut sc, &ids[..1], a.decode, None)?;
             sc.switch_decode_path();
         }
     }
     Ok(())
 }
 
+/// Weight bytes one decode step reads: every weight, but of an untied input embedding only its row.
+fn decode_bytes(i: &crate::model::ModelInfo) -> usize {
+    let elem = match i.weight_dtype.as_str() {
+        "f32" => 4,
+        "bf16" | "f16" => 2,
+        _ => 0,
+    };
+    let lookup = if i.tied_embeddings { 0 } else { i.vocab_rows * i.d_model * elem };
+    i.weight_bytes.saturating_sub(lookup)
+}
+
+/// The machine's read bandwidth, STREAM-style: one thread, and `threads` threads each summing its
+/// share of a buffer far past any cache (bytes/s, best of three passes).
+struct ReadBandwidth {
+    one: f64,
+    threads: usize,
+    all: f64,
+}
+
+/// The bytes a decode step must move (its weights once; its state read and written) and the
+/// bandwidth that bounds it.
+struct DecodeBound {
+    weights: usize,
+    state: usize,
+    bw: ReadBandwidth,
+}
+
+impl ReadBandwidth {
+    const BYTES: usize = 512 << 20;
+
+    fn measure(threads: usize) -> ReadBandwidth {
+        let buf: Vec<u64> = (0..(Self::BYTES / 8) as u64).collect();
+        let one = Self::pass(&buf, 1);
+        let all = if threads > 1 { Self::pass(&buf, threads) } else { one };
+        ReadBandwidth { one, threads, all }
+    }
+
+    fn pass(buf: &[u64], threads: usize) -> f64 {
+        let mut best = 0f64;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let sum = std::thread::scope(|s| {
+                let parts: Vec<_> =
+                    buf.chunks(buf.len().div_ceil(threads)).map(|part| s.spawn(move || sum_words(part))).collect();
+                parts.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, u64::wrapping_add)
+            });
+            std::hint::black_box(sum);
+            best = best.max((buf.len() * 8) as f64 / t0.elapsed().as_secs_f64());
+        }
+        best
+    }
+}
+
+/// A wrapping sum in eight independent lanes (so the loop vectorises and the loads dominate).
+fn sum_words(p: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let chunks = p.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(0u64, |a, &b| a.wrapping_add(b));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.wrapping_add(v);
+        }
+    }
+    acc.iter().fold(tail, |a, &b| a.wrapping_add(b))
+}
+
+impl std::fmt::Display for ReadBandwidth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bandwidth    read {:.1} GB/s on 1 thread", self.one / 1e9)?;
+        if self.threads > 1 {
+            write!(f, ", {:.1} GB/s on {}", self.all / 1e9, self.threads)?;
+        }
+        write!(f, " (a sum over {} MiB, best of 3)", Self::BYTES >> 20)
+    }
+}
+
 /// Greedy decode of `steps` tokens after `prompt`, timed after a warm-up (on the GPU the decode
 /// step's CUDA graph is captured there, not in the timing).
-fn time_decode(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<()> {
+fn time_decode(sc: &mut Scorer, prompt: &[u32], steps: usize, bound: Option<&DecodeBound>) -> Result<()> {
     let what = match sc.decode_path() {
         "" => String::new(),
         path => format!(", {path}"),
@@ -195,10 +279,20 @@ fn time_decode(sc: &mut Scorer, prompt: &[u32], steps: usize) -> Result<()> {
     print_profile(sc, "");
     let t1 = Instant::now();
     let n = decode_steps(sc, prompt, steps)?;
-    println!(
-        "decode       {:.3} ms/token (greedy, batch 1, {n} tokens{what})",
-        t1.elapsed().as_secs_f64() * 1e3 / n as f64
-    );
+    let per = t1.elapsed().as_secs_f64() / n as f64;
+    let rate = match bound {
+        Some(b) => {
+            let (w, all) = (b.weights as f64 / per, (b.weights + 2 * b.state) as f64 / per);
+            format!(
+                ": weights read at {:.1} GB/s; with the state read and written {:.1} GB/s, {:.0} % of the read bandwidth",
+                w / 1e9,
+                all / 1e9,
+                100.0 * all / b.bw.all
+            )
+        }
+        None => String::new(),
+    };
+    println!("decode       {:.3} ms/token (greedy, batch 1, {n} tokens{what}){rate}", per * 1e3);
     print_profile(sc, "decode");
     Ok(())
 }
