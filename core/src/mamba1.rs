@@ -675,3 +675,165 @@ impl Recurrent for Mamba1<'_> {
         (PROBE, self.cfg.group() * self.cfg.d_state)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::Serial;
+    use crate::weight::Data;
+
+    const D: usize = 4;
+    const DI: usize = 8;
+    const N: usize = 3;
+    const R: usize = 2;
+    const K: usize = 3;
+    const V: usize = 5;
+    const T: usize = 23;
+    const MEM: usize = 2048;
+
+    fn memory() -> [f32; MEM] {
+        let mut seed = 2024u32;
+        let mut m = [0f32; MEM];
+        for v in m.iter_mut() {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            *v = 2.0 * ((seed >> 8) as f32 / (1u32 << 24) as f32) - 1.0;
+        }
+        m
+    }
+
+    /// One layer's weights, each view at its own offset of `mem`.
+    fn weights(mem: &[f32]) -> (Layer<'_>, Weight<'_>, Weight<'_>) {
+        let mut at = 0;
+        let mut w = |rows: usize, cols: usize| {
+            let v = Weight::new(Data::F32(&mem[at..at + rows * cols]), rows, cols).unwrap();
+            at += rows * cols;
+            v
+        };
+        let layer = Layer {
+            norm: w(1, D),
+            in_proj: w(2 * DI, D),
+            in_proj_bias: None,
+            conv_w: w(DI, K),
+            conv_b: Some(w(1, DI)),
+            x_proj: w(R + 2 * N, DI),
+            dt_proj: w(DI, R),
+            dt_bias: w(1, DI),
+            a_log: w(DI, N),
+            d: w(1, DI),
+            out_proj: w(D, DI),
+            out_proj_bias: None,
+        };
+        (layer, w(V, D), w(1, D))
+    }
+
+    /// The windowed (or plain: r = ∞) layer as direct sums in f64:
+    /// `y_t = C_t·Σ_{i in window} exp(Σ_{j=i+1..t} (Δ_j·A + ln a))·Δ_i·b·B_i·u_i + D·u_t`.
+    fn direct(lw: &Layer, norm_f: &Weight, tokens: &[u32], emb: &Weight, f: Forget, out: &mut [f64]) {
+        let g = |w: &Weight, i: usize| w.get(i) as f64;
+        let (la, bs, cs, r) = match f {
+            Forget::Rri { a, b } => ((a as f64).ln(), b as f64, 1.0, usize::MAX),
+            Forget::Dt { c } => (0.0, 1.0, c as f64, usize::MAX),
+            Forget::Window { r } => (0.0, 1.0, 1.0, r),
+            Forget::None => (0.0, 1.0, 1.0, usize::MAX),
+        };
+        let rms = |v: &[f64; D], w: &Weight| {
+            let ms = v.iter().map(|x| x * x).sum::<f64>() / D as f64;
+            let s = 1.0 / (ms + 1e-5).sqrt();
+            core::array::from_fn::<f64, D, _>(|i| v[i] * s * g(w, i))
+        };
+        let silu = |v: f64| v / (1.0 + (-v).exp());
+        let (mut xs, mut zs, mut us, mut dts, mut bs_, mut cs_) =
+            ([[0f64; DI]; T], [[0f64; DI]; T], [[0f64; DI]; T], [[0f64; DI]; T], [[0f64; N]; T], [[0f64; N]; T]);
+        let mut resid = [[0f64; D]; T];
+        for (t, &tok) in tokens.iter().enumerate() {
+            resid[t] = core::array::from_fn(|i| g(emb, tok as usize * D + i));
+            let h = rms(&resid[t], &lw.norm);
+            for o in 0..2 * DI {
+                let v: f64 = (0..D).map(|i| g(&lw.in_proj, o * D + i) * h[i]).sum();
+                if o < DI {
+                    xs[t][o] = v
+                } else {
+                    zs[t][o - DI] = v
+                }
+            }
+            for c in 0..DI {
+                let mut v = g(lw.conv_b.as_ref().unwrap(), c);
+                for j in 0..K {
+                    if let Some(tau) = (t + j).checked_sub(K - 1) {
+                        v += g(&lw.conv_w, c * K + j) * xs[tau][c];
+                    }
+                }
+                us[t][c] = silu(v);
+            }
+            let xdb: [f64; R + 2 * N] =
+                core::array::from_fn(|o| (0..DI).map(|c| g(&lw.x_proj, o * DI + c) * us[t][c]).sum());
+            for c in 0..DI {
+                let v: f64 = (0..R).map(|i| g(&lw.dt_proj, c * R + i) * xdb[i]).sum::<f64>() + g(&lw.dt_bias, c);
+                dts[t][c] = if v > 20.0 { v } else { v.exp().ln_1p() } * cs;
+            }
+            bs_[t] = core::array::from_fn(|n| xdb[R + n] * bs);
+            cs_[t] = core::array::from_fn(|n| xdb[R + N + n]);
+        }
+        for t in 0..T {
+            let mut y = [0f64; DI];
+            for c in 0..DI {
+                for n in 0..N {
+                    let a = -g(&lw.a_log, c * N + n).exp();
+                    let mut hs = 0.0;
+                    for i in (0..=t).filter(|&i| t - i < r) {
+                        let decay: f64 = (i + 1..=t).map(|j| dts[j][c] * a + la).sum();
+                        hs += decay.exp() * dts[i][c] * bs_[i][n] * us[i][c];
+                    }
+                    y[c] += hs * cs_[t][n];
+                }
+                y[c] = (y[c] + g(&lw.d, c) * us[t][c]) * silu(zs[t][c]);
+            }
+            let x: [f64; D] = core::array::from_fn(|o| {
+                resid[t][o] + (0..DI).map(|c| g(&lw.out_proj, o * DI + c) * y[c]).sum::<f64>()
+            });
+            out[t * D..(t + 1) * D].copy_from_slice(&rms(&x, norm_f));
+        }
+    }
+
+    /// Both forms, under every forgetting method, in calls of several sizes, against direct sums.
+    #[test]
+    fn forms_and_forgetting_agree_with_direct_sums() {
+        let mem = memory();
+        let (lw, emb, norm_f) = weights(&mem);
+        let layers = [lw];
+        let cfg =
+            Config { d_model: D, n_layer: 1, d_inner: DI, d_state: N, dt_rank: R, d_conv: K, vocab_rows: V, eps: 1e-5 };
+        let tokens: [u32; T] = core::array::from_fn(|i| ((i * 7 + 3) % V) as u32);
+        let methods = [
+            Forget::None,
+            Forget::Rri { a: 0.95, b: 0.7 },
+            Forget::Dt { c: 0.4 },
+            Forget::Window { r: 1 },
+            Forget::Window { r: 5 },
+            Forget::Window { r: 9 },
+        ];
+        for f in methods {
+            let mut net = Mamba1::new(cfg, Weights { embed: emb, layers: &layers, norm_f, head: emb }).unwrap();
+            net.set_forget(f).unwrap();
+            let mut want = [0f64; T * D];
+            direct(&layers[0], &norm_f, &tokens, &emb, f, &mut want);
+            for (scan, call) in [(Scan::Chunked, 23), (Scan::Chunked, 4), (Scan::Recurrent, 1), (Scan::Recurrent, 7)] {
+                let call = match f {
+                    Forget::Window { r } => call.min(r),
+                    _ => call,
+                };
+                let mut state = [0f32; 2048];
+                let mut scratch = [0f32; 4096];
+                let mut hidden = [0f32; T * D];
+                let (sl, scl) = (net.state_len(), net.scratch_len(call));
+                assert!(sl <= state.len() && scl <= scratch.len());
+                for (i, ch) in tokens.chunks(call).enumerate() {
+                    let h = &mut hidden[i * call * D..(i * call + ch.len()) * D];
+                    net.run(&Serial, ch, &mut state[..sl], &mut scratch[..scl], h, None, scan).unwrap();
+                }
+                let worst = hidden.iter().zip(&want).fold(0f64, |m, (o, w)| m.max((*o as f64 - w).abs()));
+                assert!(worst <= 1e-5, "{f:?} {scan:?} call {call}: max abs error {worst:.3e}");
+            }
+        }
+    }
+}

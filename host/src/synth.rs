@@ -379,7 +379,7 @@ fn mamba1(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> 
         let names: Vec<_> = MAMBA1_PRESETS.iter().map(|x| x.0).collect();
         bail!("unknown Mamba-1 preset '{preset}' (known: {})", names.join(", "));
     };
-    let (di, n, k, r, vocab) = (2 * d, 16, 4, d.div_ceil(16), if preset == "tiny" { 256 } else { 50280 });
+    let (di, n, k, r, vocab) = (2 * d, 16, 4, d.div_ceil(16), 50280);
     let dt = dtype.safetensors();
     let mut rng = Rng(seed);
     let mut tensors = Vec::new();

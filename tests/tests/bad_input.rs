@@ -682,13 +682,25 @@ fn mamba1_bad_input() {
     type Edit = fn(&mut Value);
     let cases: &[(&str, Edit, &[&str])] = &[
         ("mamba1_official", |c| c["ssm_cfg"]["layer"] = "Mamba3".into(), &["config.json", "ssm_cfg.layer", "Mamba3"]),
-        ("mamba1_hf", |c| c["model_type"] = "falcon_mamba".into(), &["config.json", "unknown architecture 'falcon_mamba'"]),
+        (
+            "mamba1_hf",
+            |c| c["model_type"] = "falcon_mamba".into(),
+            &["config.json", "unknown architecture 'falcon_mamba'"],
+        ),
         ("mamba1_hf", |c| c["state_size"] = 8.into(), &["config.json", "state_size is 8 but the weights have 7"]),
-        ("mamba1_hf", |c| c["time_step_rank"] = 6.into(), &["config.json", "time_step_rank is 6 but the weights have 5"]),
+        (
+            "mamba1_hf",
+            |c| c["time_step_rank"] = 6.into(),
+            &["config.json", "time_step_rank is 6 but the weights have 5"],
+        ),
         ("mamba1_hf", |c| c["hidden_act"] = "gelu".into(), &["config.json", "hidden_act 'gelu'", "not supported"]),
         ("mamba1_official", |c| c["ssm_cfg"]["dt_rank"] = 4.into(), &["config.json", "ssm_cfg.dt_rank is 4", "have 3"]),
         ("mamba1_official", |c| c["d_intermediate"] = 8.into(), &["config.json", "d_intermediate", "not supported"]),
-        ("mamba1_official", |c| c["ssm_cfg"]["conv_bias"] = false.into(), &["conv1d.bias", "ssm_cfg.conv_bias = false"]),
+        (
+            "mamba1_official",
+            |c| c["ssm_cfg"]["conv_bias"] = false.into(),
+            &["conv1d.bias", "ssm_cfg.conv_bias = false"],
+        ),
     ];
     for &(src, edit, want) in cases {
         let (err, _) = rewritten_err(src, edit, |_| true, &[]);
