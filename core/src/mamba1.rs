@@ -7,8 +7,8 @@
 //! `y ← y ⊙ silu(z)` (no inner norm), and `x ← x + y·W_outᵀ`. There is no SSD matmul form (A is per
 //! element, not a per-head scalar): both forms run the projections as batched products over the
 //! call's tokens, and the recurrence as a sequential scan over `di·N` independent lanes. The chunked
-//! form computes a block of [`SCAN_BLOCK`] tokens' decays and inputs at once (vectorised exps), then
-//! scans; the recurrent form is the literal recurrence, token after token.
+//! form scans 16 channels at once per token and lane (vectorised across channels, branch-free exp);
+//! the recurrent form is the literal recurrence, token after token, lane after lane.
 //!
 //! Shapes: `d` = d_model, `di` = d_inner, `N` = d_state, `R` = dt_rank, `k` = conv width.
 //! Mamba-1 has no heads: a "head" (the unit of probes, state statistics and state normalization) is
@@ -23,12 +23,10 @@ use crate::exec::{Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{exp, fast_exp, rmsnorm, rmsnorm_inplace, silu, softplus};
+use crate::ops::{dot, exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
 use crate::weight::Weight;
 
-/// Tokens whose decays one chunked scan step computes at once.
-pub const SCAN_BLOCK: usize = 32;
-/// Channels per parallel task of the scan.
+/// Channels per parallel task of the scan (the chunked form's vector width across channels).
 const TASK_CHANNELS: usize = 16;
 /// The channels a "head" groups when `d_inner` allows (released models: always).
 pub const HEAD_CHANNELS: usize = 64;
@@ -164,12 +162,34 @@ pub(crate) struct Scratch<'s> {
     a: &'s mut [f32],
     /// (k, di): the conv weight transposed
     wt: &'s mut [f32],
-    /// (⌈di / TASK_CHANNELS⌉, 2·SCAN_BLOCK·N): per-task decays and inputs of a block
+    /// (⌈di / TASK_CHANNELS⌉, 2·N·TASK_CHANNELS): per-task lane-major state and A tiles
     ts: &'s mut [f32],
 }
 
 fn task_scratch(c: &Config) -> usize {
-    2 * SCAN_BLOCK * c.d_state
+    2 * TASK_CHANNELS * c.d_state
+}
+
+/// `eˣ` as [`crate::ops::fast_exp`] computes it (same polynomial and range), with the power of two
+/// built from the rounding constant's bits so that a loop of them vectorises whole.
+#[inline(always)]
+fn exp_lanes(x: f32) -> f32 {
+    const LOG2E: f32 = core::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it leaves round(x·log2 e) in the low bits
+    let x = x.clamp(-87.3, 88.7);
+    let k = x * LOG2E + ROUND;
+    let n = k - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(k.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
 }
 
 impl<'a> Mamba1<'a> {
@@ -317,7 +337,7 @@ impl<'a> Mamba1<'a> {
         // y ← y ⊙ silu(z);  x ← x + y·W_outᵀ
         for (yr, zr) in y.chunks_exact_mut(di).zip(xz.chunks_exact(2 * di)) {
             for (yv, zv) in yr.iter_mut().zip(&zr[di..]) {
-                *yv *= silu(*zv);
+                *yv *= fast_silu(*zv);
             }
         }
         let o = &mut s.h[..t * d];
@@ -359,7 +379,7 @@ impl<'a> Mamba1<'a> {
                     *o += w * xv;
                 }
             }
-            out.iter_mut().for_each(|v| *v = silu(*v));
+            out.iter_mut().for_each(|v| *v = fast_silu(*v));
         }
         // New history: inputs t−(k−1) .. t−1; ascending j reads row t+j > j before it is overwritten.
         for j in 0..km {
@@ -391,20 +411,18 @@ impl<'a> Mamba1<'a> {
                 for (i, sc) in s.chunks_exact_mut(n).enumerate() {
                     let ch = c0 + i;
                     let (dl, uv) = (io.dt[tt * di + ch], io.u[tt * di + ch]);
-                    let mut acc = 0.0;
-                    for ((sv, &av), (&bv, &cv)) in sc.iter_mut().zip(&io.a[ch * n..(ch + 1) * n]).zip(b.iter().zip(cc))
-                    {
+                    for ((sv, &av), &bv) in sc.iter_mut().zip(&io.a[ch * n..(ch + 1) * n]).zip(b) {
                         *sv = exp(dl * av + la) * *sv + dl * bv * uv;
-                        acc += *sv * cv;
                     }
-                    yr[i] = acc + io.lw.d.get(ch) * uv;
+                    yr[i] = dot(sc, cc) + io.lw.d.get(ch) * uv;
                 }
             }
         });
     }
 
-    /// The same scan with each block of [`SCAN_BLOCK`] tokens' decays `exp(Δ·A)` and inputs
-    /// `Δ·B·u` of a channel computed at once (vectorised), then scanned.
+    /// The same scan vectorised across channels: each task moves its [`TASK_CHANNELS`] channels'
+    /// states and A into lane-major tiles `(N, TASK_CHANNELS)`, then per token and lane updates
+    /// all its channels at once (`exp(Δ·A)` in a branch-free form) and accumulates their read-outs.
     fn scan_chunked(&self, ex: &dyn Exec, io: &ScanIo, ssm: &mut [f32], y: &mut [f32], ts: &mut [f32]) {
         let c = &self.cfg;
         let (di, n) = (c.d_inner, c.d_state);
@@ -435,44 +453,49 @@ impl<'a> Mamba1<'a> {
         self.scan_task(io, c0, s, buf, ys)
     }
 
-    /// Channels `c0..` (their state `s (cn, N)`) over the call's tokens, block by block; `buf` holds
-    /// a block's decays `(Q, N)` then inputs `(Q, N)`.
+    /// Channels `c0..c0+cn` (their state `s (cn, N)`) over the call's tokens; `buf` holds the
+    /// lane-major state and A tiles `(N, TASK_CHANNELS)` each (unused channels: zero state, zero Δ).
     #[inline(always)]
     fn scan_task(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
+        const TC: usize = TASK_CHANNELS;
         let c = &self.cfg;
         let (di, n, r, xr) = (c.d_inner, c.d_state, c.dt_rank, c.x_proj_rows());
+        let cn = s.len() / n;
         let la = self.log_a();
-        let (da, dbu) = buf.split_at_mut(SCAN_BLOCK * n);
-        for (i, sc) in s.chunks_exact_mut(n).enumerate() {
-            let ch = c0 + i;
-            let av = &io.a[ch * n..(ch + 1) * n];
-            let dv = io.lw.d.get(ch);
-            for t0 in (0..io.t).step_by(SCAN_BLOCK) {
-                let len = SCAN_BLOCK.min(io.t - t0);
-                for j in 0..len {
-                    let tt = t0 + j;
-                    let (dl, uv) = (io.dt[tt * di + ch], io.u[tt * di + ch]);
-                    let b = &io.xdb[tt * xr + r..tt * xr + r + n];
-                    let (e, w) = (&mut da[j * n..(j + 1) * n], &mut dbu[j * n..(j + 1) * n]);
-                    for ((ev, wv), (&a, &bv)) in e.iter_mut().zip(w.iter_mut()).zip(av.iter().zip(b)) {
-                        *ev = fast_exp(dl * a + la);
-                        *wv = dl * uv * bv;
-                    }
+        let (st, at) = buf.split_at_mut(n * TC);
+        let mut dv = [0f32; TC];
+        for i in 0..TC {
+            for nn in 0..n {
+                (st[nn * TC + i], at[nn * TC + i]) =
+                    if i < cn { (s[i * n + nn], io.a[(c0 + i) * n + nn]) } else { (0.0, 0.0) };
+            }
+            dv[i] = if i < cn { io.lw.d.get(c0 + i) } else { 0.0 };
+        }
+        for tt in 0..io.t {
+            let row = tt * di + c0;
+            let (mut dl, mut du, mut y) = ([0f32; TC], [0f32; TC], [0f32; TC]);
+            for i in 0..cn {
+                dl[i] = io.dt[row + i];
+                du[i] = dl[i] * io.u[row + i];
+            }
+            let xd = &io.xdb[tt * xr + r..tt * xr + r + 2 * n];
+            for nn in 0..n {
+                let (bn, cv) = (xd[nn], xd[n + nn]);
+                let (sr, ar) = (&mut st[nn * TC..(nn + 1) * TC], &at[nn * TC..(nn + 1) * TC]);
+                for ((sv, yv), ((&av, &dlv), &duv)) in sr.iter_mut().zip(&mut y).zip(ar.iter().zip(&dl).zip(&du)) {
+                    *sv = exp_lanes(dlv * av + la) * *sv + duv * bn;
+                    *yv += *sv * cv;
                 }
-                for j in 0..len {
-                    let tt = t0 + j;
-                    let cc = &io.xdb[tt * xr + r + n..tt * xr + r + 2 * n];
-                    let mut acc = 0.0;
-                    for ((sv, cv), (ev, wv)) in
-                        sc.iter_mut().zip(cc).zip(da[j * n..(j + 1) * n].iter().zip(&dbu[j * n..(j + 1) * n]))
-                    {
-                        *sv = ev * *sv + wv;
-                        acc += *sv * cv;
-                    }
-                    // SAFETY: this task alone writes channel ch of row tt.
-                    let yv = unsafe { ys.range(tt * di + ch, 1) };
-                    yv[0] = acc + dv * io.u[tt * di + ch];
-                }
+            }
+            // SAFETY: this task alone writes channels c0..c0+cn of row tt.
+            let yr = unsafe { ys.range(row, cn) };
+            for i in 0..cn {
+                yr[i] = y[i] + dv[i] * io.u[row + i];
+            }
+        }
+        for i in 0..cn {
+            for nn in 0..n {
+                s[i * n + nn] = st[nn * TC + i];
             }
         }
     }
