@@ -728,7 +728,7 @@ mod tests {
     fn weights(mem: &[f32]) -> (Layer<'_>, Weight<'_>, Weight<'_>) {
         let mut at = 0;
         let mut w = |rows: usize, cols: usize| {
-            let v = Weight::new(Data::F32(&mem[at..at + rows * cols]), rows, cols).unwrap();
+            let v = Weight::new(Data::F32(&mem[at..at + rows * cols]), rows, cols).expect("view");
             at += rows * cols;
             v
         };
@@ -749,6 +749,7 @@ mod tests {
         (layer, w(V, D), w(1, D))
     }
 
+    #[allow(clippy::needless_range_loop)]
     /// The windowed (or plain: r = ∞) layer as direct sums in f64:
     /// `y_t = C_t·Σ_{i in window} exp(Σ_{j=i+1..t} (Δ_j·A + ln a))·Δ_i·b·B_i·u_i + D·u_t`.
     fn direct(lw: &Layer, norm_f: &Weight, tokens: &[u32], emb: &Weight, f: Forget, out: &mut [f64]) {
@@ -780,7 +781,7 @@ mod tests {
                 }
             }
             for c in 0..DI {
-                let mut v = g(lw.conv_b.as_ref().unwrap(), c);
+                let mut v = g(lw.conv_b.as_ref().expect("conv bias"), c);
                 for j in 0..K {
                     if let Some(tau) = (t + j).checked_sub(K - 1) {
                         v += g(&lw.conv_w, c * K + j) * xs[tau][c];
@@ -836,8 +837,8 @@ mod tests {
             Forget::Window { r: 9 },
         ];
         for f in methods {
-            let mut net = Mamba1::new(cfg, Weights { embed: emb, layers: &layers, norm_f, head: emb }).unwrap();
-            net.set_forget(f).unwrap();
+            let mut net = Mamba1::new(cfg, Weights { embed: emb, layers: &layers, norm_f, head: emb }).expect("model");
+            net.set_forget(f).expect("method");
             let mut want = [0f64; T * D];
             direct(&layers[0], &norm_f, &tokens, &emb, f, &mut want);
             for (scan, call) in [(Scan::Chunked, 23), (Scan::Chunked, 4), (Scan::Recurrent, 1), (Scan::Recurrent, 7)] {
@@ -852,7 +853,7 @@ mod tests {
                 assert!(sl <= state.len() && scl <= scratch.len());
                 for (i, ch) in tokens.chunks(call).enumerate() {
                     let h = &mut hidden[i * call * D..(i * call + ch.len()) * D];
-                    net.run(&Serial, ch, &mut state[..sl], &mut scratch[..scl], h, None, scan).unwrap();
+                    net.run(&Serial, ch, &mut state[..sl], &mut scratch[..scl], h, None, scan).expect("run");
                 }
                 let worst = hidden.iter().zip(&want).fold(0f64, |m, (o, w)| m.max((*o as f64 - w).abs()));
                 assert!(worst <= 1e-5, "{f:?} {scan:?} call {call}: max abs error {worst:.3e}");
