@@ -5,6 +5,8 @@ Writes, each as config.json + model.safetensors (HF save_pretrained) + ref.safet
   tests/data/mamba1_hf/       V256 d40 L2 N7 R5 k4 (d_inner 80: not a multiple of 64), untied, f32
   tests/data/mamba1_hf_bf16/  V256 d48 L2 N16 R3 k3 (d_inner 96), tied, weights stored bf16;
                               references computed on the bf16 values upcast to f32
+  tests/data/falcon_mamba_hf/ FalconMambaForCausalLM V256 d32 L2 N5 R3 k4 (d_inner 64), tied, f32,
+                              mixer_rms_eps 1e-6 (weightless RMSNorms on dt_r, B, C)
 ref.safetensors: input_ids (1,61) i64; logits, logits_stepwise, logits_split (61, 256) f32;
 ssm_state (L, d_inner, N) and conv_state (L, d_inner, k) (the last k conv inputs, oldest first)
 after the token-by-token run.
@@ -34,7 +36,7 @@ import sys
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -112,6 +114,8 @@ def direct_recurrence(model, ids):
     sd = {k: v.double() for k, v in model.state_dict().items()}
     c = model.config
     L, N, R, K = c.num_hidden_layers, c.state_size, c.time_step_rank, c.conv_kernel
+    meps = getattr(c, "mixer_rms_eps", None) if c.model_type == "falcon_mamba" else None
+    wl = (lambda v: v / torch.sqrt((v * v).mean() + meps)) if meps is not None else (lambda v: v)
     eps = c.layer_norm_epsilon
     di = c.intermediate_size
     rms = lambda v, w: v / torch.sqrt((v * v).mean() + eps) * w
@@ -131,7 +135,7 @@ def direct_recurrence(model, ids):
             u = (w * hist[l].T).sum(1) + sd[p + "mixer.conv1d.bias"]
             u = u * torch.sigmoid(u)
             xdb = sd[p + "mixer.x_proj.weight"] @ u
-            dtr, B, C = xdb[:R], xdb[R:R + N], xdb[R + N:]
+            dtr, B, C = wl(xdb[:R]), wl(xdb[R:R + N]), wl(xdb[R + N:])
             dt = torch.nn.functional.softplus(sd[p + "mixer.dt_proj.weight"] @ dtr + sd[p + "mixer.dt_proj.bias"])
             A = -torch.exp(sd[p + "mixer.A_log"])
             S[l] = torch.exp(dt[:, None] * A) * S[l] + dt[:, None] * B[None, :] * u[:, None]
@@ -149,12 +153,13 @@ def write_ref(case_dir, tensors, stats, recipe):
     print(f"[{os.path.basename(case_dir)}]", json.dumps(stats, indent=1))
 
 
-def case_hf(name, d, n, r, k, tied, bf16):
-    cfg = MambaConfig(vocab_size=ROWS, hidden_size=d, state_size=n, num_hidden_layers=2, expand=2, conv_kernel=k,
-                      time_step_rank=r, use_bias=False, use_conv_bias=True, tie_word_embeddings=tied,
-                      layer_norm_epsilon=1e-5)
+def case_hf(name, d, n, r, k, tied, bf16, falcon=False):
+    (Config, Model) = (FalconMambaConfig, FalconMambaForCausalLM) if falcon else (MambaConfig, MambaForCausalLM)
+    cfg = Config(vocab_size=ROWS, hidden_size=d, state_size=n, num_hidden_layers=2, expand=2, conv_kernel=k,
+                 time_step_rank=r, use_bias=False, use_conv_bias=True, tie_word_embeddings=tied,
+                 layer_norm_epsilon=1e-5)
     torch.manual_seed(INIT_SEED)
-    model = MambaForCausalLM(cfg).float().eval()
+    model = Model(cfg).float().eval()
     perturb(model)
     if bf16:
         with torch.no_grad():
@@ -166,7 +171,7 @@ def case_hf(name, d, n, r, k, tied, bf16):
     os.makedirs(case_dir, exist_ok=True)
     (model.to(torch.bfloat16) if bf16 else model).save_pretrained(case_dir)
     os.remove(os.path.join(case_dir, "generation_config.json"))
-    recipe = (f"tiny Mamba-1 V{ROWS} d{d} L2 N{n} R{r} k{k} E2; tied {tied}; torch.manual_seed({INIT_SEED}) init, "
+    recipe = (("FalconMamba: " if falcon else "") + f"tiny Mamba-1 V{ROWS} d{d} L2 N{n} R{r} k{k} E2; tied {tied}; torch.manual_seed({INIT_SEED}) init, "
               f"+0.1*N(0,1) Generator({NOISE_SEED}) named_parameters order; ids randint(0,{ROWS},(1,{T}), "
               f"manual_seed({IDS_SEED})); split {SPLIT} then one token per call; torch {torch.__version__}, "
               f"transformers {transformers.__version__}" + ("; weights stored bf16, reference on bf16 values upcast to f32" if bf16 else ""))
@@ -207,6 +212,7 @@ def main():
     print(f"torch {torch.__version__} transformers {transformers.__version__}")
     case_hf("mamba1_hf", d=40, n=7, r=5, k=4, tied=False, bf16=False)
     case_hf("mamba1_hf_bf16", d=48, n=16, r=3, k=3, tied=True, bf16=True)
+    case_hf("falcon_mamba_hf", d=32, n=5, r=3, k=4, tied=True, bf16=False, falcon=True)
 
 
 if __name__ == "__main__":

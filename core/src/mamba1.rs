@@ -47,6 +47,9 @@ pub struct Config {
     pub vocab_rows: usize,
     /// Epsilon of every RMSNorm.
     pub eps: f32,
+    /// FalconMamba: the epsilon of the weightless RMSNorms applied to `dt_r` (over R), `B` and `C`
+    /// (over N) after `x_proj` (`mixer_rms_eps`); `None` for Mamba-1.
+    pub mixer_rms_eps: Option<f32>,
 }
 
 impl Config {
@@ -299,6 +302,17 @@ impl<'a> Mamba1<'a> {
         // [dt_r | B | C] = u·W_xᵀ;  Δ = softplus(dt_r·W_dtᵀ + b_dt), then Δ′ = c·Δ, B′ = b·B.
         let xdb = &mut s.xdb[..t * xr_rows];
         matmul(ex, u, t, &lw.x_proj, xdb)?;
+        if let Some(eps) = c.mixer_rms_eps {
+            for row in xdb.chunks_exact_mut(xr_rows) {
+                let (dtr, bc) = row.split_at_mut(r);
+                let (b, cc) = bc.split_at_mut(n);
+                for part in [dtr, b, cc] {
+                    let ms = part.iter().map(|v| v * v).sum::<f32>() / part.len() as f32;
+                    let k = 1.0 / libm::sqrtf(ms + eps);
+                    part.iter_mut().for_each(|v| *v *= k);
+                }
+            }
+        }
         let dtr = &mut s.dtr[..t * r];
         for (o, row) in dtr.chunks_exact_mut(r).zip(xdb.chunks_exact(xr_rows)) {
             o.copy_from_slice(&row[..r]);
@@ -825,8 +839,17 @@ mod tests {
         let mem = memory();
         let (lw, emb, norm_f) = weights(&mem);
         let layers = [lw];
-        let cfg =
-            Config { d_model: D, n_layer: 1, d_inner: DI, d_state: N, dt_rank: R, d_conv: K, vocab_rows: V, eps: 1e-5 };
+        let cfg = Config {
+            d_model: D,
+            n_layer: 1,
+            d_inner: DI,
+            d_state: N,
+            dt_rank: R,
+            d_conv: K,
+            vocab_rows: V,
+            eps: 1e-5,
+            mixer_rms_eps: None,
+        };
         let tokens: [u32; T] = core::array::from_fn(|i| ((i * 7 + 3) % V) as u32);
         let methods = [
             Forget::None,

@@ -682,11 +682,7 @@ fn mamba1_bad_input() {
     type Edit = fn(&mut Value);
     let cases: &[(&str, Edit, &[&str])] = &[
         ("mamba1_official", |c| c["ssm_cfg"]["layer"] = "Mamba3".into(), &["config.json", "ssm_cfg.layer", "Mamba3"]),
-        (
-            "mamba1_hf",
-            |c| c["model_type"] = "falcon_mamba".into(),
-            &["config.json", "unknown architecture 'falcon_mamba'"],
-        ),
+        ("mamba1_hf", |c| c["model_type"] = "falcon_h1".into(), &["config.json", "unknown architecture 'falcon_h1'"]),
         ("mamba1_hf", |c| c["state_size"] = 8.into(), &["config.json", "state_size is 8 but the weights have 7"]),
         (
             "mamba1_hf",

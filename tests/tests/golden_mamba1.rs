@@ -1,13 +1,14 @@
 //! Mamba-1 against the official implementations on tiny random checkpoints:
 //! `mamba1_hf` and `mamba1_hf_bf16` (HF transformers' pure-torch `MambaForCausalLM`,
 //! `tools/golden_mamba1.py`) and `mamba1_official` (mamba_ssm's `selective_scan_ref` and
-//! `Mamba.step()`, `tools/golden_mamba1_official.py`). Bounds: FORMATS.md §8 (logits and final state
+//! `Mamba.step()`, `tools/golden_mamba1_official.py`), and `falcon_mamba_hf` (transformers'
+//! `FalconMambaForCausalLM`: weightless RMSNorms on dt, B and C). Bounds: FORMATS.md §8 (logits and final state
 //! rel ≤ 1e-4).
 use stuffed::exec::Pool;
 use stuffed::model::{Layout, Model};
 use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
 
-const CASES: &[&str] = &["mamba1_hf", "mamba1_hf_bf16", "mamba1_official"];
+const CASES: &[&str] = &["mamba1_hf", "mamba1_hf_bf16", "mamba1_official", "falcon_mamba_hf"];
 
 /// Our state (per layer: conv (k−1, di), ssm (di, N)) against the reference tensors: ssm
 /// `(L, di, N)`, conv `(L, di, k)` (the last k conv inputs, oldest first).
@@ -51,6 +52,13 @@ fn mamba1_hf_bf16_weights() {
 #[test]
 fn mamba1_official_torch_zip() {
     check_case(CASES[2], Pool::new);
+}
+
+#[test]
+fn falcon_mamba_hf() {
+    check_case(CASES[3], Pool::new);
+    let m = Model::load(&data(CASES[3])).unwrap();
+    assert_eq!(m.info.format, "falcon-mamba-hf");
 }
 
 /// The AVX2, AVX-512 and AVX512-BF16 (exact mode) kernels where the CPU has them.

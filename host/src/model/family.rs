@@ -67,7 +67,8 @@ families! {
     Rwkv5 = "rwkv5", model_types ["rwkv5"], "RWKV-5.2", rwkv, World;
     Rwkv6 = "rwkv6", model_types ["rwkv6"], "RWKV-6", rwkv, World;
     Hgrn2 = "hgrn2", model_types ["hgrn2"], "HGRN-2", hgrn2, OwnOnly;
-    Mamba1 = "mamba1", model_types ["mamba"], "Mamba-1", mamba1, NeoxUnlessGiven;
+    /// Mamba-1, and FalconMamba (its weightless norms on dt, B and C).
+    Mamba1 = "mamba1", model_types ["mamba", "falcon_mamba"], "Mamba-1", mamba1, NeoxUnlessGiven;
 }
 
 impl Family {

@@ -38,6 +38,8 @@ struct Stated {
     bias: bool,
     conv_bias: bool,
     vocab_size: Option<usize>,
+    /// FalconMamba's `mixer_rms_eps`.
+    mixer_rms_eps: Option<f32>,
 }
 
 fn stated(json: &Value, p: &str) -> Result<Stated> {
@@ -62,7 +64,8 @@ fn stated(json: &Value, p: &str) -> Result<Stated> {
             _ => num(obj, k),
         }
     };
-    if json.get("model_type").and_then(Value::as_str) == Some("mamba") {
+    let model_type = json.get("model_type").and_then(Value::as_str);
+    if matches!(model_type, Some("mamba" | "falcon_mamba")) {
         if let Some(act) = json.get("hidden_act").and_then(Value::as_str).filter(|a| !matches!(*a, "silu" | "swish")) {
             bail!("{p}: hidden_act '{act}' is not supported (Mamba-1 uses silu)");
         }
@@ -80,6 +83,8 @@ fn stated(json: &Value, p: &str) -> Result<Stated> {
             }
         }
         let eps = json.get("layer_norm_epsilon").and_then(Value::as_f64).unwrap_or(1e-5) as f32;
+        let mixer_rms_eps = (model_type == Some("falcon_mamba"))
+            .then(|| json.get("mixer_rms_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32);
         return Ok(Stated {
             official: false,
             n_layer,
@@ -89,6 +94,7 @@ fn stated(json: &Value, p: &str) -> Result<Stated> {
             bias: flag(json, "use_bias", false)?,
             conv_bias: flag(json, "use_conv_bias", true)?,
             vocab_size: None,
+            mixer_rms_eps,
         });
     }
     // Official state-spaces config: d_model, n_layer, ssm_cfg{…} (layer absent = Mamba1).
@@ -127,6 +133,7 @@ fn stated(json: &Value, p: &str) -> Result<Stated> {
         bias: flag(ssm, "bias", false)?,
         conv_bias: flag(ssm, "conv_bias", true)?,
         vocab_size: num(json, "vocab_size")?,
+        mixer_rms_eps: None,
     })
 }
 
@@ -185,6 +192,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         d_conv: k,
         vocab_rows: rows,
         eps: st.eps,
+        mixer_rms_eps: st.mixer_rms_eps,
     };
     c.validate().with_context(|| p.clone())?;
     fewer_layers(ck, c.n_layer, "backbone.layers.{}.mixer.A_log", &p)?;
@@ -236,6 +244,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         path: path.to_path_buf(),
         family: Family::Mamba1,
         format: match (ck.format(), official) {
+            _ if st.mixer_rms_eps.is_some() => "falcon-mamba-hf",
             (Format::Safetensors, false) => "hf-safetensors",
             (Format::Safetensors, true) => "official-safetensors",
             (Format::TorchZip, false) => "hf-torch-zip",
