@@ -64,6 +64,7 @@ pub mod forget;
 pub mod gemm;
 pub mod gla;
 pub mod hgrn2;
+pub mod mamba1;
 pub mod mamba2;
 pub mod model;
 pub mod ops;

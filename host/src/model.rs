@@ -13,6 +13,7 @@ use stuffed_core::{Data, Recurrent, Weight};
 
 mod family;
 mod hgrn2;
+mod mamba1;
 mod mamba2;
 mod rwkv;
 
@@ -54,6 +55,9 @@ pub enum Layout {
     Rwkv { n_heads: usize, head_size: usize, d_ffn: usize, lora_mix: usize, lora_decay: usize },
     /// HGRN-2: `n_heads` heads of an `expand` (key) × `head_v` (value) state; a SwiGLU MLP of `d_mlp`.
     Hgrn2 { n_heads: usize, expand: usize, head_v: usize, d_mlp: usize },
+    /// Mamba-1: `d_inner` channels of a `d_state` diagonal state each, Δ through a rank-`dt_rank`
+    /// projection, a causal conv of width `d_conv`; a "head" is `head_channels` channels.
+    Mamba1 { d_inner: usize, d_state: usize, dt_rank: usize, d_conv: usize, head_channels: usize },
 }
 
 impl ModelInfo {
@@ -65,6 +69,7 @@ impl ModelInfo {
             Layout::Mamba2 { .. } => self.family == Family::Mamba2,
             Layout::Rwkv { .. } => matches!(self.family, Family::Rwkv5 | Family::Rwkv6),
             Layout::Hgrn2 { .. } => self.family == Family::Hgrn2,
+            Layout::Mamba1 { .. } => self.family == Family::Mamba1,
         };
         if !fits {
             bail!(
@@ -90,6 +95,10 @@ impl fmt::Display for Layout {
             Layout::Hgrn2 { n_heads, expand, head_v, d_mlp } => {
                 write!(f, "heads {n_heads} × (expand {expand} × head_v {head_v}), mlp {d_mlp}")
             }
+            Layout::Mamba1 { d_inner, d_state, dt_rank, d_conv, head_channels } => write!(
+                f,
+                "d_inner {d_inner} × d_state {d_state}, dt_rank {dt_rank}, conv {d_conv}, heads of {head_channels} channels"
+            ),
         }
     }
 }

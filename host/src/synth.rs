@@ -56,6 +56,7 @@ pub fn write(family: Family, preset: &str, dtype: StoreDtype, seed: u64, out: &P
         Family::Rwkv6 => rwkv(true, preset, dtype, seed, out),
         Family::Rwkv5 => rwkv(false, preset, dtype, seed, out),
         Family::Hgrn2 => hgrn2(preset, dtype, seed, out),
+        Family::Mamba1 => mamba1(preset, dtype, seed, out),
     }
 }
 
@@ -354,6 +355,66 @@ fn hgrn2(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
         "intermediate_size": im, "hidden_ratio": 4, "use_lower_bound": true, "use_short_conv": false,
         "norm_eps": 1e-6, "attn_mode": "chunk", "attn": null, "tie_word_embeddings": false,
         "vocab_size": vocab, "torch_dtype": torch_dtype(dt),
+        "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
+    });
+    write_dir(out, config, &tensors)
+}
+
+/// (name, d_model, n_layer) of the released Mamba-1 sizes (`state-spaces/mamba-*`, FAMILIES.md §3.1;
+/// d_state 16, expand 2, conv 4, dt_rank ⌈d/16⌉, 50,280 rows, tied).
+pub const MAMBA1_PRESETS: &[(&str, usize, usize)] = &[
+    ("tiny", 64, 2),
+    ("130m", 768, 24),
+    ("370m", 1024, 48),
+    ("790m", 1536, 48),
+    ("1.4b", 2048, 48),
+    ("2.8b", 2560, 64),
+];
+
+/// Mamba-1 random weights as HF `MambaForCausalLM` writes them (`model.safetensors` + `config.json`,
+/// tied: no `lm_head.weight`); A = −(1..N) per channel (S4D-real), Δ's bias the inverse softplus of
+/// a Δ in [0.001, 0.1], D = 1.
+fn mamba1(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
+    let Some(&(_, d, n_layer)) = MAMBA1_PRESETS.iter().find(|x| x.0 == preset) else {
+        let names: Vec<_> = MAMBA1_PRESETS.iter().map(|x| x.0).collect();
+        bail!("unknown Mamba-1 preset '{preset}' (known: {})", names.join(", "));
+    };
+    let (di, n, k, r, vocab) = (2 * d, 16, 4, d.div_ceil(16), 50280);
+    let dt = dtype.safetensors();
+    let mut rng = Rng(seed);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng, usize) -> f32| {
+        let numel = shape.iter().product();
+        let bytes = encode((0..numel).map(|i| f(&mut rng, i)), dt);
+        tensors.push(Tensor { name, shape, dtype: dt, bytes });
+    };
+    let (s_in, s_di, s_r) = (1.0 / (d as f32).sqrt(), 1.0 / (di as f32).sqrt(), 1.0 / (r as f32).sqrt());
+    let s_out = s_di / (2.0 * n_layer as f32).sqrt();
+    add("backbone.embeddings.weight".into(), vec![vocab, d], &mut |g, _| g.uniform(-0.035, 0.035));
+    for l in 0..n_layer {
+        let p = format!("backbone.layers.{l}.");
+        add(format!("{p}norm.weight"), vec![d], &mut |_, _| 1.0);
+        add(format!("{p}mixer.in_proj.weight"), vec![2 * di, d], &mut |g, _| g.uniform(-s_in, s_in));
+        let sc = 1.0 / (k as f32).sqrt();
+        add(format!("{p}mixer.conv1d.weight"), vec![di, 1, k], &mut |g, _| g.uniform(-sc, sc));
+        add(format!("{p}mixer.conv1d.bias"), vec![di], &mut |g, _| g.uniform(-sc, sc));
+        add(format!("{p}mixer.x_proj.weight"), vec![r + 2 * n, di], &mut |g, _| g.uniform(-s_di, s_di));
+        add(format!("{p}mixer.dt_proj.weight"), vec![di, r], &mut |g, _| g.uniform(-s_r, s_r));
+        add(format!("{p}mixer.dt_proj.bias"), vec![di], &mut |g, _| {
+            let dt = (g.uniform(0.001f32.ln(), 0.1f32.ln())).exp();
+            dt + (-(-dt).exp_m1()).ln()
+        });
+        add(format!("{p}mixer.A_log"), vec![di, n], &mut |_, i| ((i % n + 1) as f32).ln());
+        add(format!("{p}mixer.D"), vec![di], &mut |_, _| 1.0);
+        add(format!("{p}mixer.out_proj.weight"), vec![d, di], &mut |g, _| g.uniform(-s_out, s_out));
+    }
+    add("backbone.norm_f.weight".into(), vec![d], &mut |_, _| 1.0);
+    let config = serde_json::json!({
+        "model_type": "mamba", "architectures": ["MambaForCausalLM"],
+        "hidden_size": d, "num_hidden_layers": n_layer, "state_size": n, "expand": 2, "intermediate_size": di,
+        "conv_kernel": k, "time_step_rank": r, "use_bias": false, "use_conv_bias": true, "hidden_act": "silu",
+        "layer_norm_epsilon": 1e-5, "residual_in_fp32": true, "tie_word_embeddings": true, "vocab_size": vocab,
+        "torch_dtype": torch_dtype(dt),
         "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
     });
     write_dir(out, config, &tensors)

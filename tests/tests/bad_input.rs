@@ -115,8 +115,9 @@ fn unknown_architecture_and_mamba1() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("\"mamba2\"", "\"llama\"")).unwrap();
     assert_mentions(&load_err(dir.path()), &["config.json", "unknown architecture", "llama"]);
+    // Mamba-2 weights under a Mamba-1 config: the 1-D A_log is named.
     std::fs::write(&cfg, text.replace("\"mamba2\"", "\"mamba\"")).unwrap();
-    assert_mentions(&load_err(dir.path()), &["config.json", "Mamba-1"]);
+    assert_mentions(&load_err(dir.path()), &["model.safetensors", "mixer.A_log", "a 1-D A_log is Mamba-2"]);
     std::fs::write(&cfg, "{ not json").unwrap();
     assert_mentions(&load_err(dir.path()), &["config.json", "invalid JSON"]);
     std::fs::remove_file(&cfg).unwrap();
@@ -677,4 +678,68 @@ fn tensors_every_family_requires() {
     Model::load(dir.path()).unwrap();
     rewrite_model("mamba2_hf_g2_tied", dir.path(), |_| {}, |n| n != "lm_head.weight", &[]);
     Model::load(dir.path()).unwrap();
+}
+
+/// Mamba-1 (HF and official layouts): an unknown variant, a missing or misshapen tensor, and config
+/// sizes the weights contradict are one line naming the file and the problem.
+#[test]
+fn mamba1_bad_input() {
+    use serde_json::Value;
+    type Edit = fn(&mut Value);
+    let cases: &[(&str, Edit, &[&str])] = &[
+        ("mamba1_official", |c| c["ssm_cfg"]["layer"] = "Mamba3".into(), &["config.json", "ssm_cfg.layer", "Mamba3"]),
+        ("mamba1_hf", |c| c["model_type"] = "falcon_h1".into(), &["config.json", "unknown architecture 'falcon_h1'"]),
+        ("mamba1_hf", |c| c["state_size"] = 8.into(), &["config.json", "state_size is 8 but the weights have 7"]),
+        (
+            "mamba1_hf",
+            |c| c["time_step_rank"] = 6.into(),
+            &["config.json", "time_step_rank is 6 but the weights have 5"],
+        ),
+        ("mamba1_hf", |c| c["hidden_act"] = "gelu".into(), &["config.json", "hidden_act 'gelu'", "not supported"]),
+        ("mamba1_official", |c| c["ssm_cfg"]["dt_rank"] = 4.into(), &["config.json", "ssm_cfg.dt_rank is 4", "have 3"]),
+        ("mamba1_official", |c| c["d_intermediate"] = 8.into(), &["config.json", "d_intermediate", "not supported"]),
+        (
+            "mamba1_official",
+            |c| c["ssm_cfg"]["conv_bias"] = false.into(),
+            &["conv1d.bias", "ssm_cfg.conv_bias = false"],
+        ),
+    ];
+    for &(src, edit, want) in cases {
+        let (err, _) = rewritten_err(src, edit, |_| true, &[]);
+        assert_mentions(&err, want);
+    }
+    for (src, tensor) in [
+        ("mamba1_hf", "backbone.layers.1.mixer.x_proj.weight"),
+        ("mamba1_hf", "backbone.layers.0.mixer.dt_proj.bias"),
+        ("mamba1_hf", "lm_head.weight"),
+        ("mamba1_official", "backbone.norm_f.weight"),
+    ] {
+        let (err, dir) = rewritten_err(src, |_| {}, |n| n != tensor, &[]);
+        assert_mentions(&err, &[&dir, &format!("missing tensor {tensor}")]);
+    }
+    // Misshapen: x_proj of 3 rows (R + 2N = 19), a 1-D D of the wrong length.
+    let x = "backbone.layers.1.mixer.x_proj.weight";
+    let (err, _) = rewritten_err("mamba1_hf", |_| {}, |n| n != x, &[(x.into(), vec![3, 80])]);
+    assert_mentions(&err, &["model.safetensors", x, "[3, 80]", "expected [19, 80]"]);
+    let dd = "backbone.layers.0.mixer.D";
+    let (err, _) = rewritten_err("mamba1_hf", |_| {}, |n| n != dd, &[(dd.into(), vec![79])]);
+    assert_mentions(&err, &["model.safetensors", dd, "[79]", "expected [80]"]);
+    // The tiny model's 256 rows and the GPT-NeoX tokenizer it defaults to: ids past the rows are
+    // refused naming the rows, before any work.
+    let text = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../host/assets/corpus/austen_persuasion.txt");
+    let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mamba1_hf");
+    let out = tempfile::tempdir().unwrap();
+    let e = cli(&[
+        "ppl",
+        "--model",
+        m.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--max-tokens",
+        "100",
+        "--out",
+        out.path().to_str().unwrap(),
+    ])
+    .unwrap_err();
+    assert_mentions(&format!("{e:#}"), &["out of range", "256 rows"]);
 }

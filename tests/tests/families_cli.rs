@@ -89,3 +89,49 @@ fn hgrn2_synth_loads_and_needs_a_tokenizer_for_text() {
     let err = cli(&["generate", "--model", m.to_str().unwrap(), "--prompt", "hi"]).unwrap_err();
     assert!(format!("{err:#}").contains("tokenizer.json"), "{err:#}");
 }
+
+/// Mamba-1 through every command on a tiny synth model (GPT-NeoX tokenizer, 50,280 rows): `info`
+/// (N_S = L·d_inner·(d_state + d_conv − 1)), `ppl` under every forgetting method, `passkey`,
+/// `probe` with `--heads` indexing groups of 64 channels (mean ≤ max of log α over a group's
+/// channels and lanes), `bench`.
+#[test]
+fn mamba1_commands_on_a_tiny_synth_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = root().join("host/assets/corpus/austen_persuasion.txt");
+    let m = synth("mamba1", dir.path());
+    let model = Model::load(&m).unwrap();
+    assert_eq!(model.info.family.name(), "mamba1");
+    assert_eq!((model.info.vocab_rows, model.info.paper_state_size), (50280, 2 * 128 * (16 + 3)));
+    assert_eq!(model.net().n_heads(), 2, "d_inner 128 = two groups of 64 channels");
+    let ms = m.to_str().unwrap();
+    cli(&["info", "--model", ms]).unwrap();
+    for forget in
+        ["none", "rri:a=0.999,b=0.75", "dt:c=0.5", "window:r=64", "state-norm:every=64,calib=128", "reset:every=100"]
+    {
+        let out = dir.path().join(format!("ppl-{}", forget.len()));
+        let t = text.to_str().unwrap();
+        let args = ["ppl", "--model", ms, "--text", t, "--max-tokens", "300", "--chunk", "128", "--forget", forget];
+        cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        assert!(r.to_string().contains("mamba1"), "{r}");
+    }
+    let out = dir.path().join("pk");
+    cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
+    let out = dir.path().join("probe");
+    let t = text.to_str().unwrap();
+    cli(&["probe", "--model", ms, "--text", t, "--max-tokens", "200", "--every", "50", "--heads", "1"]
+        .iter()
+        .copied()
+        .chain(["--out", out.to_str().unwrap()])
+        .collect::<Vec<_>>())
+    .unwrap();
+    let csv = std::fs::read_to_string(out.join("retention.csv")).unwrap();
+    let rows: Vec<Vec<f64>> = csv.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    assert_eq!(rows.len(), 2 * 4, "2 layers × group 1 × 4 reports");
+    for r in &rows {
+        assert_eq!(r[1], 1.0, "--heads 1 records group 1 only");
+        assert!(r[3] < 0.0 && r[3] <= r[4] && r[4] < 0.0, "mean ≤ max < 0: {r:?}");
+    }
+    cli(&["bench", "--model", ms, "--tokens", "256", "--decode", "4"]).unwrap();
+}

@@ -8,6 +8,10 @@ use stuffed::model::Model;
 use stuffed_tests::{data, logits, rel};
 
 const CASES: &[&str] = &["rwkv6_tiny", "rwkv5_tiny", "hgrn2_tiny", "rwkv6_tiny_bf16"];
+/// Mamba-1 (FAMILIES.md §3.8: RRI α′ = a·α, B′ = b·B; Δ′ = c·Δ; the exact window, per channel and
+/// lane; the window and the other methods are also checked against direct sums in
+/// `stuffed_core::mamba1`'s unit test).
+const MAMBA1: &[&str] = &["mamba1_hf", "mamba1_official"];
 
 fn model(case: &str, spec: &str) -> Model {
     let mut m = Model::load(&data(case)).unwrap();
@@ -18,7 +22,7 @@ fn model(case: &str, spec: &str) -> Model {
 #[test]
 fn every_method_chunked_equals_step() {
     let ids: Vec<u32> = (0..200u32).map(|i| (i * 7919 + 13) % 256).collect();
-    for case in CASES {
+    for case in CASES.iter().chain(MAMBA1) {
         let plain = logits(&model(case, "none"), &ids, 256);
         for spec in ["rri:a=0.98,b=0.75", "dt:c=0.5", "window:r=8", "window:r=70"] {
             let m = model(case, spec);
@@ -68,5 +72,71 @@ fn probe_log_decay_sum_is_per_key_channel() {
             assert!((a - 0.5 * b).abs() <= 1e-4 * b.abs().max(1.0), "{case}: {a} vs {b}/2");
         }
         assert!(net.head_state(1, 0).end <= net.state_len());
+    }
+}
+
+/// Mamba-1's probe: a "head" is a group of channels (gcd(d_inner, 64)); its series holds
+/// Σ_t log α = A_{c,n}·Σ_t Δ_t,c per (channel, lane) of the group; Δ scaling halves layer 0's sums;
+/// state norm keeps every group's state within τ; reset equals a fresh start.
+#[test]
+fn mamba1_probe_groups_state_norm_and_reset() {
+    use stuffed::model::Layout;
+    use stuffed::session::Session;
+    let ids: Vec<u32> = (0..50u32).collect();
+    for case in MAMBA1 {
+        let m = model(case, "none");
+        let Layout::Mamba1 { d_inner, d_state, head_channels, .. } = m.info.layout else { panic!("{case}") };
+        let net = m.net();
+        let (names, width) = net.probe_series();
+        assert_eq!(names, ["log_decay_sum"]);
+        assert_eq!((width, net.n_heads() * head_channels), (head_channels * d_state, d_inner), "{case}");
+        let ex = stuffed::exec::Pool::new();
+        let run = |m: &Model| {
+            let net = m.net();
+            let mut probe = vec![0f32; net.probe_len()];
+            let mut state = vec![0f32; net.state_len()];
+            let mut scratch = vec![0f32; net.scratch_len(ids.len())];
+            let mut hidden = vec![0f32; ids.len() * m.info.d_model];
+            net.forward_probed(&ex, &ids, &mut state, &mut scratch, &mut hidden, &mut probe).unwrap();
+            probe
+        };
+        let p = run(&m);
+        assert!(p.iter().all(|v| *v < 0.0 && v.is_finite()), "{case}: log decays are negative");
+        let p2 = run(&model(case, "dt:c=0.5"));
+        let per_layer = p.len() / net.n_layer();
+        for (a, b) in p2[..per_layer].iter().zip(&p[..per_layer]) {
+            assert!((a - 0.5 * b).abs() <= 1e-4 * b.abs().max(1.0), "{case}: {a} vs {b}/2");
+        }
+        let last = net.head_state(net.n_layer() - 1, net.n_heads() - 1);
+        assert_eq!(last.end, net.state_len(), "{case}: the last group's state ends the state");
+        assert_eq!(last.len(), head_channels * d_state);
+
+        let m = model(case, "state-norm:every=16,calib=48");
+        let net = m.net();
+        let long: Vec<u32> = (0..400u32).map(|i| (i * 131 + 7) % 256).collect();
+        let mut s = Session::new(&m, 64);
+        let mut scaled = 0;
+        for part in long.chunks(16) {
+            s.feed(part, &mut |_, _| Ok(())).unwrap();
+            if s.pos < 48 {
+                continue;
+            }
+            for l in 0..net.n_layer() {
+                for h in 0..net.n_heads() {
+                    let st = &s.state[net.head_state(l, h)];
+                    let norm = st.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    let tau = s.tau[l * net.n_heads() + h];
+                    assert!(norm <= tau * (1.0 + 1e-5), "{case} layer {l} group {h}: ‖h‖ {norm} > τ {tau}");
+                    scaled += (norm >= tau * (1.0 - 1e-6)) as usize;
+                }
+            }
+        }
+        assert!(scaled > 0, "{case}: the test must exercise the clamp");
+
+        let m = model(case, "reset:every=40");
+        let v = m.info.vocab_rows;
+        let all = logits(&m, &long[..90], 256);
+        let fresh = logits(&model(case, "none"), &long[40..80], 256);
+        assert!(rel(&all[40 * v..80 * v], &fresh) <= 1e-5, "{case}: reset equals a fresh start");
     }
 }

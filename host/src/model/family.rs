@@ -1,6 +1,6 @@
 //! The families `stuffed` runs, named once: [`Family`] and its table (`families!` below), and what a
 //! path holds ([`detect`]). Adding a family is one line of that table and one host file beside this.
-use super::{hgrn2, mamba2, rwkv, Loader};
+use super::{hgrn2, mamba1, mamba2, rwkv, Loader};
 use crate::config;
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
@@ -67,6 +67,8 @@ families! {
     Rwkv5 = "rwkv5", model_types ["rwkv5"], "RWKV-5.2", rwkv, World;
     Rwkv6 = "rwkv6", model_types ["rwkv6"], "RWKV-6", rwkv, World;
     Hgrn2 = "hgrn2", model_types ["hgrn2"], "HGRN-2", hgrn2, OwnOnly;
+    /// Mamba-1, and FalconMamba (its weightless norms on dt, B and C).
+    Mamba1 = "mamba1", model_types ["mamba", "falcon_mamba"], "Mamba-1", mamba1, NeoxUnlessGiven;
 }
 
 impl Family {
@@ -86,12 +88,15 @@ impl Family {
         match cfg.get("model_type").and_then(Value::as_str) {
             Some(t) => match Family::of_model_type(t) {
                 Some(f) => Ok(f),
-                None if t == "mamba" => {
-                    bail!("{}: Mamba-1 ('model_type: mamba') is not supported; stuffed runs Mamba-2", path.display())
-                }
                 None => bail!("{}: unknown architecture '{t}' (supported: {})", path.display(), Family::names()),
             },
-            None if cfg.get("ssm_cfg").is_some() || cfg.get("d_model").is_some() => Ok(Family::Mamba2),
+            // `ssm_cfg.layer` defaults to Mamba1 in mamba_ssm (the Mamba-1 loader refuses other values).
+            None if cfg.get("ssm_cfg").is_some() || cfg.get("d_model").is_some() => {
+                match cfg.get("ssm_cfg").and_then(|s| s.get("layer")).and_then(Value::as_str) {
+                    Some("Mamba2") => Ok(Family::Mamba2),
+                    _ => Ok(Family::Mamba1),
+                }
+            }
             None => bail!("{}: unknown architecture: no 'model_type' and no official Mamba fields", path.display()),
         }
     }

@@ -1,0 +1,886 @@
+//! Mamba-1 (selective scan, S6; `state-spaces/mamba-*` and HF `MambaForCausalLM`): the whole
+//! forward math, as FAMILIES.md §3.3 states it.
+//!
+//! Per layer: `h = RMSNorm(x)`, `[x | z] = h·W_inᵀ`, a causal depthwise conv + SiLU over `x` (→ `u`),
+//! `[dt_r | B | C] = u·W_xᵀ`, `Δ = softplus(dt_r·W_dtᵀ + b_dt)`, `A = −exp(A_log)` per (channel,
+//! lane), the scan `S[c,n] ← exp(Δ_c·A_{c,n})·S[c,n] + Δ_c·B_n·u_c`, `y_c = Σ_n S[c,n]·C_n + D_c·u_c`,
+//! `y ← y ⊙ silu(z)` (no inner norm), and `x ← x + y·W_outᵀ`. There is no SSD matmul form (A is per
+//! element, not a per-head scalar): both forms run the projections as batched products over the
+//! call's tokens, and the recurrence as a sequential scan over `di·N` independent lanes. The chunked
+//! form scans 16 channels at once per token and lane (vectorised across channels, branch-free exp);
+//! the recurrent form is the literal recurrence, token after token, lane after lane.
+//!
+//! Shapes: `d` = d_model, `di` = d_inner, `N` = d_state, `R` = dt_rank, `k` = conv width.
+//! Mamba-1 has no heads: a "head" (the unit of probes, state statistics and state normalization) is
+//! a group of [`Config::group`] consecutive channels (64 in every released model).
+//!
+//! State, per layer (f32): `conv (k−1, di)` — the last k−1 conv inputs, oldest first — then
+//! `ssm (di, N)`; layers follow each other. Zero = start of a sequence. Under `Forget::Window { r }`
+//! the state continues with one window cache per layer (see [`Mamba1::window_layer_len`]) and then
+//! two values (position mod r, filled).
+use crate::error::{need, Error};
+use crate::exec::{Exec, Shared};
+use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
+use crate::gemm::matmul;
+use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
+use crate::ops::{dot, exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
+use crate::weight::Weight;
+
+/// Channels per parallel task of the scan (the chunked form's vector width across channels).
+const TASK_CHANNELS: usize = 16;
+/// The channels a "head" groups when `d_inner` allows (released models: always).
+pub const HEAD_CHANNELS: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    pub d_model: usize,
+    pub n_layer: usize,
+    /// di
+    pub d_inner: usize,
+    /// N
+    pub d_state: usize,
+    /// R
+    pub dt_rank: usize,
+    /// k
+    pub d_conv: usize,
+    /// Embedding / head rows (padded vocab).
+    pub vocab_rows: usize,
+    /// Epsilon of every RMSNorm.
+    pub eps: f32,
+    /// FalconMamba: the epsilon of the weightless RMSNorms applied to `dt_r` (over R), `B` and `C`
+    /// (over N) after `x_proj` (`mixer_rms_eps`); `None` for Mamba-1.
+    pub mixer_rms_eps: Option<f32>,
+}
+
+impl Config {
+    /// Rows of `x_proj`: `dt_r | B | C`.
+    pub fn x_proj_rows(&self) -> usize {
+        self.dt_rank + 2 * self.d_state
+    }
+    pub fn conv_len(&self) -> usize {
+        self.d_inner * (self.d_conv - 1)
+    }
+    pub fn ssm_len(&self) -> usize {
+        self.d_inner * self.d_state
+    }
+    /// f32 elements of one layer's state.
+    pub fn layer_state_len(&self) -> usize {
+        self.conv_len() + self.ssm_len()
+    }
+    /// State size N_S as SPEC.md counts it for Mamba-2 (elements, all layers):
+    /// `n_layer · d_inner · (d_state + d_conv − 1)`.
+    pub fn paper_state_size(&self) -> usize {
+        self.n_layer * self.layer_state_len()
+    }
+    /// Channels per "head": gcd(d_inner, 64) (64 for every released size).
+    pub fn group(&self) -> usize {
+        let (mut a, mut b) = (self.d_inner, HEAD_CHANNELS);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a.max(1)
+    }
+    pub fn n_heads(&self) -> usize {
+        self.d_inner / self.group()
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let c = self;
+        if c.d_model == 0 || c.n_layer == 0 || c.d_inner == 0 || c.d_state == 0 || c.dt_rank == 0 {
+            return Err(Error::Config("mamba1: a dimension is zero"));
+        }
+        if c.d_conv < 1 || c.d_conv > 16 {
+            return Err(Error::Config("mamba1: conv width must be 1..=16"));
+        }
+        Ok(())
+    }
+}
+
+/// One layer's weights (shapes as stored).
+#[derive(Clone, Copy, Debug)]
+pub struct Layer<'a> {
+    /// (1, d)
+    pub norm: Weight<'a>,
+    /// (2di, d): `x | z`
+    pub in_proj: Weight<'a>,
+    /// (1, 2di), absent in released models
+    pub in_proj_bias: Option<Weight<'a>>,
+    /// (di, k)
+    pub conv_w: Weight<'a>,
+    /// (1, di)
+    pub conv_b: Option<Weight<'a>>,
+    /// (R + 2N, di)
+    pub x_proj: Weight<'a>,
+    /// (di, R)
+    pub dt_proj: Weight<'a>,
+    /// (1, di)
+    pub dt_bias: Weight<'a>,
+    /// (di, N)
+    pub a_log: Weight<'a>,
+    /// (1, di)
+    pub d: Weight<'a>,
+    /// (d, di)
+    pub out_proj: Weight<'a>,
+    /// (1, d), absent in released models
+    pub out_proj_bias: Option<Weight<'a>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Weights<'a> {
+    /// (Vp, d)
+    pub embed: Weight<'a>,
+    pub layers: &'a [Layer<'a>],
+    /// (1, d)
+    pub norm_f: Weight<'a>,
+    /// (Vp, d): the embedding itself when tied
+    pub head: Weight<'a>,
+}
+
+pub struct Mamba1<'a> {
+    pub cfg: Config,
+    pub w: Weights<'a>,
+    forget: Forget,
+}
+
+/// Probe series, per layer, head and (channel, lane) of the head: Σ_t log α_t.
+const PROBE: &[&str] = &["log_decay_sum"];
+
+/// Scratch regions for `t` tokens (all f32, row-major).
+pub(crate) struct Scratch<'s> {
+    /// (t, max(d, di)): the normed input, then the out_proj output
+    h: &'s mut [f32],
+    /// (t, 2di): `x | z`
+    xz: &'s mut [f32],
+    /// (t, di): conv + SiLU output
+    u: &'s mut [f32],
+    /// (t, R + 2N): `dt_r | B | C`
+    xdb: &'s mut [f32],
+    /// (t, R): dt_r, contiguous
+    dtr: &'s mut [f32],
+    /// (t, di): Δ
+    dt: &'s mut [f32],
+    /// (t, di): scan output
+    y: &'s mut [f32],
+    /// (di, N): A = −exp(A_log)
+    a: &'s mut [f32],
+    /// (k, di): the conv weight transposed
+    wt: &'s mut [f32],
+    /// (⌈di / TASK_CHANNELS⌉, 2·N·TASK_CHANNELS): per-task lane-major state and A tiles
+    ts: &'s mut [f32],
+}
+
+fn task_scratch(c: &Config) -> usize {
+    2 * TASK_CHANNELS * c.d_state
+}
+
+/// `eˣ` as [`crate::ops::fast_exp`] computes it (same polynomial and range), with the power of two
+/// built from the rounding constant's bits so that a loop of them vectorises whole.
+#[inline(always)]
+fn exp_lanes(x: f32) -> f32 {
+    const LOG2E: f32 = core::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it leaves round(x·log2 e) in the low bits
+    let x = x.clamp(-87.3, 88.7);
+    let k = x * LOG2E + ROUND;
+    let n = k - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(k.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
+}
+
+impl<'a> Mamba1<'a> {
+    /// Checks every tensor's shape against the config.
+    pub fn new(cfg: Config, w: Weights<'a>) -> Result<Self, Error> {
+        cfg.validate()?;
+        let (d, di, n, r, k) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv);
+        if w.layers.len() != cfg.n_layer {
+            return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
+        }
+        w.embed.expect_shape("embedding", cfg.vocab_rows, d)?;
+        w.head.expect_shape("lm_head", cfg.vocab_rows, d)?;
+        w.norm_f.expect_shape("norm_f", 1, d)?;
+        for l in w.layers {
+            l.norm.expect_shape("norm", 1, d)?;
+            l.in_proj.expect_shape("in_proj", 2 * di, d)?;
+            if let Some(b) = &l.in_proj_bias {
+                b.expect_shape("in_proj.bias", 1, 2 * di)?;
+            }
+            l.conv_w.expect_shape("conv1d.weight", di, k)?;
+            if let Some(b) = &l.conv_b {
+                b.expect_shape("conv1d.bias", 1, di)?;
+            }
+            l.x_proj.expect_shape("x_proj", cfg.x_proj_rows(), di)?;
+            l.dt_proj.expect_shape("dt_proj", di, r)?;
+            l.dt_bias.expect_shape("dt_proj.bias", 1, di)?;
+            l.a_log.expect_shape("A_log", di, n)?;
+            l.d.expect_shape("D", 1, di)?;
+            l.out_proj.expect_shape("out_proj", d, di)?;
+            if let Some(b) = &l.out_proj_bias {
+                b.expect_shape("out_proj.bias", 1, d)?;
+            }
+        }
+        Ok(Mamba1 { cfg, w, forget: Forget::None })
+    }
+
+    fn scratch_parts<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
+        need("mamba1 scratch", buf.len(), self.scratch_len(t))?;
+        let c = &self.cfg;
+        let di = c.d_inner;
+        let (h, rest) = buf.split_at_mut(t * c.d_model.max(di));
+        let (xz, rest) = rest.split_at_mut(t * 2 * di);
+        let (u, rest) = rest.split_at_mut(t * di);
+        let (xdb, rest) = rest.split_at_mut(t * c.x_proj_rows());
+        let (dtr, rest) = rest.split_at_mut(t * c.dt_rank);
+        let (dt, rest) = rest.split_at_mut(t * di);
+        let (y, rest) = rest.split_at_mut(t * di);
+        let (a, rest) = rest.split_at_mut(di * c.d_state);
+        let (wt, rest) = rest.split_at_mut(c.d_conv * di);
+        let (ts, _) = rest.split_at_mut(di.div_ceil(TASK_CHANNELS) * task_scratch(c));
+        Ok(Scratch { h, xz, u, xdb, dtr, dt, y, a, wt, ts })
+    }
+
+    /// f32 elements of one layer's window cache: the lagged state `L (di, N)`, a ring of r slots
+    /// of `[Δ (di) | B (N) | u (di)]`, and each channel's window sum of Δ `(di, 2)` (hi, lo).
+    pub fn window_layer_len(&self, r: usize) -> usize {
+        let c = &self.cfg;
+        c.ssm_len() + r * self.slot_len() + 2 * c.d_inner
+    }
+
+    fn slot_len(&self) -> usize {
+        2 * self.cfg.d_inner + self.cfg.d_state
+    }
+
+    /// log α offset per token: ln a under RRI, else 0.
+    fn log_a(&self) -> f32 {
+        match self.forget {
+            Forget::Rri { a, .. } => libm::logf(a),
+            _ => 0.0,
+        }
+    }
+
+    /// Layer `call.l` over the rows `x` (in place) from its state `st`.
+    fn layer(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut Scratch,
+        probe: Option<&mut [f32]>,
+        window: Option<LayerWindow<'_>>,
+    ) -> Result<(), Error> {
+        let Call { ex, t, scan, l } = call;
+        let lw = &self.w.layers[l];
+        let c = &self.cfg;
+        let (d, di, n, r) = (c.d_model, c.d_inner, c.d_state, c.dt_rank);
+        let xr_rows = c.x_proj_rows();
+        let (conv_state, ssm_state) = st.split_at_mut(c.conv_len());
+
+        // h = RMSNorm(x); [x | z] = h·W_inᵀ
+        let h = &mut s.h[..t * d];
+        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            rmsnorm(xr, &lw.norm, 0, c.eps, hr);
+        }
+        let xz = &mut s.xz[..t * 2 * di];
+        matmul(ex, h, t, &lw.in_proj, xz)?;
+        if let Some(b) = &lw.in_proj_bias {
+            for row in xz.chunks_exact_mut(2 * di) {
+                row.iter_mut().enumerate().for_each(|(i, v)| *v += b.get(i));
+            }
+        }
+
+        // Causal depthwise conv over x, continuing from the k−1 inputs kept in the state.
+        let u = &mut s.u[..t * di];
+        self.conv(lw, t, xz, conv_state, s.wt, u);
+
+        // [dt_r | B | C] = u·W_xᵀ;  Δ = softplus(dt_r·W_dtᵀ + b_dt), then Δ′ = c·Δ, B′ = b·B.
+        let xdb = &mut s.xdb[..t * xr_rows];
+        matmul(ex, u, t, &lw.x_proj, xdb)?;
+        if let Some(eps) = c.mixer_rms_eps {
+            for row in xdb.chunks_exact_mut(xr_rows) {
+                let (dtr, bc) = row.split_at_mut(r);
+                let (b, cc) = bc.split_at_mut(n);
+                for part in [dtr, b, cc] {
+                    let ms = part.iter().map(|v| v * v).sum::<f32>() / part.len() as f32;
+                    let k = 1.0 / libm::sqrtf(ms + eps);
+                    part.iter_mut().for_each(|v| *v *= k);
+                }
+            }
+        }
+        let dtr = &mut s.dtr[..t * r];
+        for (o, row) in dtr.chunks_exact_mut(r).zip(xdb.chunks_exact(xr_rows)) {
+            o.copy_from_slice(&row[..r]);
+        }
+        let dt = &mut s.dt[..t * di];
+        matmul(ex, dtr, t, &lw.dt_proj, dt)?;
+        let dt_scale = if let Forget::Dt { c } = self.forget { c } else { 1.0 };
+        for row in dt.chunks_exact_mut(di) {
+            for (ch, v) in row.iter_mut().enumerate() {
+                *v = softplus(*v + lw.dt_bias.get(ch)) * dt_scale;
+            }
+        }
+        if let Forget::Rri { b, .. } = self.forget {
+            for row in xdb.chunks_exact_mut(xr_rows) {
+                row[r..r + n].iter_mut().for_each(|v| *v *= b);
+            }
+        }
+        let a = &mut s.a[..di * n];
+        lw.a_log.read(0, a);
+        a.iter_mut().for_each(|v| *v = -exp(*v));
+        if let Some(p) = probe {
+            self.probe_sums(t, dt, a, p);
+        }
+
+        // The scan, TASK_CHANNELS channels per task.
+        let y = &mut s.y[..t * di];
+        let io = ScanIo { t, u, xdb, dt, a, lw };
+        match scan {
+            Scan::Recurrent => self.scan_recurrent(ex, &io, ssm_state, y),
+            Scan::Chunked => self.scan_chunked(ex, &io, ssm_state, y, s.ts),
+        }
+        if let Some(w) = window {
+            self.window(ex, &io, y, w.at, w.cache);
+        }
+
+        // y ← y ⊙ silu(z);  x ← x + y·W_outᵀ
+        for (yr, zr) in y.chunks_exact_mut(di).zip(xz.chunks_exact(2 * di)) {
+            for (yv, zv) in yr.iter_mut().zip(&zr[di..]) {
+                *yv *= fast_silu(*zv);
+            }
+        }
+        let o = &mut s.h[..t * d];
+        matmul(ex, y, t, &lw.out_proj, o)?;
+        for (xr, or) in x.chunks_exact_mut(d).zip(o.chunks_exact(d)) {
+            for (i, (xv, ov)) in xr.iter_mut().zip(or).enumerate() {
+                *xv += ov + lw.out_proj_bias.as_ref().map_or(0.0, |b| b.get(i));
+            }
+        }
+        Ok(())
+    }
+
+    /// `u[t, c] = silu(bias[c] + Σ_j w[c, j]·in[t − (k−1) + j])`, where `in` before the call comes
+    /// from the state (rows of di channels, oldest first); then the state keeps the last k−1 inputs.
+    fn conv(&self, lw: &Layer, t: usize, xz: &[f32], conv_state: &mut [f32], wt: &mut [f32], u: &mut [f32]) {
+        let c = &self.cfg;
+        let (di, k) = (c.d_inner, c.d_conv);
+        let km = k - 1;
+        for ch in 0..di {
+            for j in 0..k {
+                wt[j * di + ch] = lw.conv_w.get(ch * k + j);
+            }
+        }
+        for tt in 0..t {
+            let out = &mut u[tt * di..(tt + 1) * di];
+            match &lw.conv_b {
+                Some(b) => b.read(0, out),
+                None => out.fill(0.0),
+            }
+            for j in 0..k {
+                let tau = tt as isize - km as isize + j as isize;
+                let src = if tau < 0 {
+                    let row = (km as isize + tau) as usize;
+                    &conv_state[row * di..(row + 1) * di]
+                } else {
+                    &xz[tau as usize * 2 * di..tau as usize * 2 * di + di]
+                };
+                for ((o, w), xv) in out.iter_mut().zip(&wt[j * di..(j + 1) * di]).zip(src) {
+                    *o += w * xv;
+                }
+            }
+            out.iter_mut().for_each(|v| *v = fast_silu(*v));
+        }
+        // New history: inputs t−(k−1) .. t−1; ascending j reads row t+j > j before it is overwritten.
+        for j in 0..km {
+            let tau = t as isize - km as isize + j as isize;
+            if tau < 0 {
+                conv_state.copy_within((t + j) * di..(t + j + 1) * di, j * di);
+            } else {
+                let src = &xz[tau as usize * 2 * di..tau as usize * 2 * di + di];
+                conv_state[j * di..(j + 1) * di].copy_from_slice(src);
+            }
+        }
+    }
+
+    /// The literal recurrence, token after token, per channel:
+    /// `S[c,n] ← exp(Δ_c·A_{c,n})·S[c,n] + Δ_c·B_n·u_c;  y_c = Σ_n S[c,n]·C_n + D_c·u_c`.
+    fn scan_recurrent(&self, ex: &dyn Exec, io: &ScanIo, ssm: &mut [f32], y: &mut [f32]) {
+        let c = &self.cfg;
+        let (di, n, r, xr) = (c.d_inner, c.d_state, c.dt_rank, c.x_proj_rows());
+        let (ys, ss, la) = (Shared::new(y), Shared::new(ssm), self.log_a());
+        ex.for_each(di.div_ceil(TASK_CHANNELS), &|task| {
+            let c0 = task * TASK_CHANNELS;
+            let cn = TASK_CHANNELS.min(di - c0);
+            // SAFETY: task owns channels c0..c0+cn of the state and of every row of y.
+            let s = unsafe { ss.range(c0 * n, cn * n) };
+            for tt in 0..io.t {
+                let row = &io.xdb[tt * xr..(tt + 1) * xr];
+                let (b, cc) = (&row[r..r + n], &row[r + n..r + 2 * n]);
+                let yr = unsafe { ys.range(tt * di + c0, cn) };
+                for (i, sc) in s.chunks_exact_mut(n).enumerate() {
+                    let ch = c0 + i;
+                    let (dl, uv) = (io.dt[tt * di + ch], io.u[tt * di + ch]);
+                    for ((sv, &av), &bv) in sc.iter_mut().zip(&io.a[ch * n..(ch + 1) * n]).zip(b) {
+                        *sv = exp(dl * av + la) * *sv + dl * bv * uv;
+                    }
+                    yr[i] = dot(sc, cc) + io.lw.d.get(ch) * uv;
+                }
+            }
+        });
+    }
+
+    /// The same scan vectorised across channels: each task moves its [`TASK_CHANNELS`] channels'
+    /// states and A into lane-major tiles `(N, TASK_CHANNELS)`, then per token and lane updates
+    /// all its channels at once (`exp(Δ·A)` in a branch-free form) and accumulates their read-outs.
+    fn scan_chunked(&self, ex: &dyn Exec, io: &ScanIo, ssm: &mut [f32], y: &mut [f32], ts: &mut [f32]) {
+        let c = &self.cfg;
+        let (di, n) = (c.d_inner, c.d_state);
+        let tsl = task_scratch(c);
+        let (ys, ss, tss) = (Shared::new(y), Shared::new(ssm), Shared::new(ts));
+        let simd = ex.simd();
+        ex.for_each(di.div_ceil(TASK_CHANNELS), &|task| {
+            let c0 = task * TASK_CHANNELS;
+            let cn = TASK_CHANNELS.min(di - c0);
+            // SAFETY: task owns channels c0..c0+cn of the state and of every row of y, and its scratch.
+            let s = unsafe { ss.range(c0 * n, cn * n) };
+            let buf = unsafe { tss.range(task * tsl, tsl) };
+            #[cfg(target_arch = "x86_64")]
+            if simd.has_avx2() {
+                // SAFETY: the host reported AVX2 and FMA at run time.
+                unsafe { self.scan_task_avx2(io, c0, s, buf, &ys) };
+                return;
+            }
+            let _ = simd;
+            self.scan_task(io, c0, s, buf, &ys);
+        });
+    }
+
+    /// [`Self::scan_task`] compiled for AVX2 + FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scan_task_avx2(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
+        self.scan_task(io, c0, s, buf, ys)
+    }
+
+    /// Channels `c0..c0+cn` (their state `s (cn, N)`) over the call's tokens; `buf` holds the
+    /// lane-major state and A tiles `(N, TASK_CHANNELS)` each (unused channels: zero state, zero Δ).
+    #[inline(always)]
+    fn scan_task(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
+        const TC: usize = TASK_CHANNELS;
+        let c = &self.cfg;
+        let (di, n, r, xr) = (c.d_inner, c.d_state, c.dt_rank, c.x_proj_rows());
+        let cn = s.len() / n;
+        let la = self.log_a();
+        let (st, at) = buf.split_at_mut(n * TC);
+        let mut dv = [0f32; TC];
+        for i in 0..TC {
+            for nn in 0..n {
+                (st[nn * TC + i], at[nn * TC + i]) =
+                    if i < cn { (s[i * n + nn], io.a[(c0 + i) * n + nn]) } else { (0.0, 0.0) };
+            }
+            dv[i] = if i < cn { io.lw.d.get(c0 + i) } else { 0.0 };
+        }
+        for tt in 0..io.t {
+            let row = tt * di + c0;
+            let (mut dl, mut du, mut y) = ([0f32; TC], [0f32; TC], [0f32; TC]);
+            for i in 0..cn {
+                dl[i] = io.dt[row + i];
+                du[i] = dl[i] * io.u[row + i];
+            }
+            let xd = &io.xdb[tt * xr + r..tt * xr + r + 2 * n];
+            for nn in 0..n {
+                let (bn, cv) = (xd[nn], xd[n + nn]);
+                let (sr, ar) = (&mut st[nn * TC..(nn + 1) * TC], &at[nn * TC..(nn + 1) * TC]);
+                for ((sv, yv), ((&av, &dlv), &duv)) in sr.iter_mut().zip(&mut y).zip(ar.iter().zip(&dl).zip(&du)) {
+                    *sv = exp_lanes(dlv * av + la) * *sv + duv * bn;
+                    *yv += *sv * cv;
+                }
+            }
+            // SAFETY: this task alone writes channels c0..c0+cn of row tt.
+            let yr = unsafe { ys.range(row, cn) };
+            for i in 0..cn {
+                yr[i] = y[i] + dv[i] * io.u[row + i];
+            }
+        }
+        for i in 0..cn {
+            for nn in 0..n {
+                s[i * n + nn] = st[nn * TC + i];
+            }
+        }
+    }
+
+    /// Adds, per (channel, lane), Σ_t log α_t = A_{c,n}·Σ_t Δ_{t,c} + t·ln a into `p (di, N)`
+    /// (head h's values are its channels' rows, in order).
+    fn probe_sums(&self, t: usize, dt: &[f32], a: &[f32], p: &mut [f32]) {
+        let c = &self.cfg;
+        let (di, n, la) = (c.d_inner, c.d_state, self.log_a());
+        for ch in 0..di {
+            let sd: f32 = (0..t).map(|tt| dt[tt * di + ch]).sum();
+            for (pv, av) in p[ch * n..(ch + 1) * n].iter_mut().zip(&a[ch * n..(ch + 1) * n]) {
+                *pv += av * sd + t as f32 * la;
+            }
+        }
+    }
+
+    /// Sliding window by state difference, after the scan wrote `y`: per token, advance the lagged
+    /// state `L = h_{t−r}` by the cached inputs of token t−r, keep each channel's Σ Δ over the
+    /// window, and subtract `Σ_n exp(A_{c,n}·ΣΔ + r·ln a)·L[c,n]·C_n` from y_t. Then cache this
+    /// call's inputs (t ≤ r, so no token of the call reads a slot the call writes).
+    fn window(
+        &self,
+        ex: &dyn Exec,
+        io: &ScanIo,
+        y: &mut [f32],
+        WindowAt { r, pos0, filled }: WindowAt,
+        ws: &mut [f32],
+    ) {
+        let c = &self.cfg;
+        let (di, n, rk, xr) = (c.d_inner, c.d_state, c.dt_rank, c.x_proj_rows());
+        let sl = self.slot_len();
+        let (lag, rest) = ws.split_at_mut(c.ssm_len());
+        let (ring, wsum) = rest.split_at_mut(r * sl);
+        let la = self.log_a();
+        let (ys, lags, wss) = (Shared::new(y), Shared::new(lag), Shared::new(wsum));
+        let ring_r: &[f32] = ring;
+        ex.for_each(di.div_ceil(TASK_CHANNELS), &|task| {
+            let c0 = task * TASK_CHANNELS;
+            let cn = TASK_CHANNELS.min(di - c0);
+            for ch in c0..c0 + cn {
+                // SAFETY: the task owns its channels' lagged state, window sums and columns of y.
+                let lh = unsafe { lags.range(ch * n, n) };
+                let w2 = unsafe { wss.range(2 * ch, 2) };
+                let av = &io.a[ch * n..(ch + 1) * n];
+                let mut w = w2[0] as f64 + w2[1] as f64;
+                for tt in 0..io.t {
+                    let abs = pos0 + tt;
+                    let full = filled || abs >= r;
+                    if full {
+                        let slot = &ring_r[(abs % r) * sl..(abs % r + 1) * sl];
+                        let (dto, uo, bo) = (slot[ch], slot[di + n + ch], &slot[di..di + n]);
+                        for ((lv, &a), &bv) in lh.iter_mut().zip(av).zip(bo) {
+                            *lv = *lv * exp(dto * a + la) + dto * uo * bv;
+                        }
+                        w -= dto as f64;
+                    }
+                    w += io.dt[tt * di + ch] as f64;
+                    if full {
+                        let cc = &io.xdb[tt * xr + rk + n..tt * xr + rk + 2 * n];
+                        let wf = w as f32;
+                        let sub: f32 =
+                            lh.iter().zip(av).zip(cc).map(|((lv, a), cv)| exp(a * wf + r as f32 * la) * lv * cv).sum();
+                        let yv = unsafe { ys.range(tt * di + ch, 1) };
+                        yv[0] -= sub;
+                    }
+                }
+                w2[0] = w as f32;
+                w2[1] = (w - w2[0] as f64) as f32;
+            }
+        });
+        for tt in 0..io.t {
+            let slot = &mut ring[((pos0 + tt) % r) * sl..((pos0 + tt) % r + 1) * sl];
+            slot[..di].copy_from_slice(&io.dt[tt * di..(tt + 1) * di]);
+            slot[di..di + n].copy_from_slice(&io.xdb[tt * xr + rk..tt * xr + rk + n]);
+            slot[di + n..].copy_from_slice(&io.u[tt * di..(tt + 1) * di]);
+        }
+    }
+}
+
+/// What the scan reads, per call and layer.
+struct ScanIo<'x, 'w> {
+    t: usize,
+    /// (t, di)
+    u: &'x [f32],
+    /// (t, R + 2N)
+    xdb: &'x [f32],
+    /// (t, di)
+    dt: &'x [f32],
+    /// (di, N)
+    a: &'x [f32],
+    lw: &'x Layer<'w>,
+}
+
+impl Stack for Mamba1<'_> {
+    type Scratch<'s> = Scratch<'s>;
+    fn stack_shape(&self, t: usize) -> Result<StackShape, Error> {
+        let c = &self.cfg;
+        let window = match self.forget {
+            Forget::Window { r } if t > r => {
+                return Err(Error::Config("window forgetting: a call may hold at most r tokens"))
+            }
+            Forget::Window { r } => Some(WindowShape { r, layer_len: self.window_layer_len(r) }),
+            _ => None,
+        };
+        let (base_len, layer_state_len) = (c.paper_state_size(), c.layer_state_len());
+        Ok(StackShape { base_len, layer_state_len, probe_per_layer: c.ssm_len(), window })
+    }
+    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<Scratch<'s>, Error> {
+        self.scratch_parts(t, buf)
+    }
+    fn embed(&self, tokens: &[u32], x: &mut [f32], _: &mut Scratch) {
+        for (row, &tok) in x.chunks_exact_mut(self.cfg.d_model).zip(tokens) {
+            self.w.embed.row(tok as usize, row);
+        }
+    }
+    fn run_layer(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut Scratch,
+        probe: Option<&mut [f32]>,
+        window: Option<LayerWindow<'_>>,
+    ) -> Result<(), Error> {
+        self.layer(call, x, st, s, probe, window)
+    }
+    fn final_norm(&self, x: &mut [f32], _: &mut Scratch) {
+        for row in x.chunks_exact_mut(self.cfg.d_model) {
+            rmsnorm_inplace(row, &self.w.norm_f, 0, self.cfg.eps);
+        }
+    }
+}
+
+impl Recurrent for Mamba1<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: Option<&mut [f32]>,
+        scan: Scan,
+    ) -> Result<(), Error> {
+        run_stack(self, ex, tokens, state, scratch, hidden, probe, scan)
+    }
+    fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+    fn vocab_rows(&self) -> usize {
+        self.cfg.vocab_rows
+    }
+    fn state_len(&self) -> usize {
+        let base = self.cfg.paper_state_size();
+        match self.forget {
+            Forget::Window { r } => base + self.cfg.n_layer * self.window_layer_len(r) + 2,
+            _ => base,
+        }
+    }
+    fn scratch_len(&self, chunk: usize) -> usize {
+        let c = &self.cfg;
+        let (t, di) = (chunk, c.d_inner);
+        t * (c.d_model.max(di) + 2 * di + di + c.x_proj_rows() + c.dt_rank + di + di)
+            + di * c.d_state
+            + c.d_conv * di
+            + di.div_ceil(TASK_CHANNELS) * task_scratch(c)
+    }
+    fn head(&self) -> &Weight<'_> {
+        &self.w.head
+    }
+    fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
+        f.check()?;
+        self.forget = f;
+        Ok(())
+    }
+    fn forget(&self) -> Forget {
+        self.forget
+    }
+    fn n_layer(&self) -> usize {
+        self.cfg.n_layer
+    }
+    fn n_heads(&self) -> usize {
+        self.cfg.n_heads()
+    }
+    fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize> {
+        let c = &self.cfg;
+        let g = c.group();
+        let start = layer * c.layer_state_len() + c.conv_len() + head * g * c.d_state;
+        start..start + g * c.d_state
+    }
+    fn conv_state(&self, layer: usize, head: usize) -> Option<Runs> {
+        let c = &self.cfg;
+        let g = c.group();
+        let start = layer * c.layer_state_len() + head * g;
+        Some(Runs { start, len: g, stride: c.d_inner, rows: c.d_conv - 1 })
+    }
+    fn probe_series(&self) -> (&'static [&'static str], usize) {
+        (PROBE, self.cfg.group() * self.cfg.d_state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::Serial;
+    use crate::weight::Data;
+
+    const D: usize = 4;
+    const DI: usize = 8;
+    const N: usize = 3;
+    const R: usize = 2;
+    const K: usize = 3;
+    const V: usize = 5;
+    const T: usize = 23;
+    const MEM: usize = 2048;
+
+    fn memory() -> [f32; MEM] {
+        let mut seed = 2024u32;
+        let mut m = [0f32; MEM];
+        for v in m.iter_mut() {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            *v = 2.0 * ((seed >> 8) as f32 / (1u32 << 24) as f32) - 1.0;
+        }
+        m
+    }
+
+    /// One layer's weights, each view at its own offset of `mem`.
+    fn weights(mem: &[f32]) -> (Layer<'_>, Weight<'_>, Weight<'_>) {
+        let mut at = 0;
+        let mut w = |rows: usize, cols: usize| {
+            let v = Weight::new(Data::F32(&mem[at..at + rows * cols]), rows, cols).expect("view");
+            at += rows * cols;
+            v
+        };
+        let layer = Layer {
+            norm: w(1, D),
+            in_proj: w(2 * DI, D),
+            in_proj_bias: None,
+            conv_w: w(DI, K),
+            conv_b: Some(w(1, DI)),
+            x_proj: w(R + 2 * N, DI),
+            dt_proj: w(DI, R),
+            dt_bias: w(1, DI),
+            a_log: w(DI, N),
+            d: w(1, DI),
+            out_proj: w(D, DI),
+            out_proj_bias: None,
+        };
+        (layer, w(V, D), w(1, D))
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    /// The windowed (or plain: r = ∞) layer as direct sums in f64:
+    /// `y_t = C_t·Σ_{i in window} exp(Σ_{j=i+1..t} (Δ_j·A + ln a))·Δ_i·b·B_i·u_i + D·u_t`.
+    fn direct(lw: &Layer, norm_f: &Weight, tokens: &[u32], emb: &Weight, f: Forget, out: &mut [f64]) {
+        let g = |w: &Weight, i: usize| w.get(i) as f64;
+        let (la, bs, cs, r) = match f {
+            Forget::Rri { a, b } => ((a as f64).ln(), b as f64, 1.0, usize::MAX),
+            Forget::Dt { c } => (0.0, 1.0, c as f64, usize::MAX),
+            Forget::Window { r } => (0.0, 1.0, 1.0, r),
+            Forget::None => (0.0, 1.0, 1.0, usize::MAX),
+        };
+        let rms = |v: &[f64; D], w: &Weight| {
+            let ms = v.iter().map(|x| x * x).sum::<f64>() / D as f64;
+            let s = 1.0 / (ms + 1e-5).sqrt();
+            core::array::from_fn::<f64, D, _>(|i| v[i] * s * g(w, i))
+        };
+        let silu = |v: f64| v / (1.0 + (-v).exp());
+        let (mut xs, mut zs, mut us, mut dts, mut bs_, mut cs_) =
+            ([[0f64; DI]; T], [[0f64; DI]; T], [[0f64; DI]; T], [[0f64; DI]; T], [[0f64; N]; T], [[0f64; N]; T]);
+        let mut resid = [[0f64; D]; T];
+        for (t, &tok) in tokens.iter().enumerate() {
+            resid[t] = core::array::from_fn(|i| g(emb, tok as usize * D + i));
+            let h = rms(&resid[t], &lw.norm);
+            for o in 0..2 * DI {
+                let v: f64 = (0..D).map(|i| g(&lw.in_proj, o * D + i) * h[i]).sum();
+                if o < DI {
+                    xs[t][o] = v
+                } else {
+                    zs[t][o - DI] = v
+                }
+            }
+            for c in 0..DI {
+                let mut v = g(lw.conv_b.as_ref().expect("conv bias"), c);
+                for j in 0..K {
+                    if let Some(tau) = (t + j).checked_sub(K - 1) {
+                        v += g(&lw.conv_w, c * K + j) * xs[tau][c];
+                    }
+                }
+                us[t][c] = silu(v);
+            }
+            let xdb: [f64; R + 2 * N] =
+                core::array::from_fn(|o| (0..DI).map(|c| g(&lw.x_proj, o * DI + c) * us[t][c]).sum());
+            for c in 0..DI {
+                let v: f64 = (0..R).map(|i| g(&lw.dt_proj, c * R + i) * xdb[i]).sum::<f64>() + g(&lw.dt_bias, c);
+                dts[t][c] = if v > 20.0 { v } else { v.exp().ln_1p() } * cs;
+            }
+            bs_[t] = core::array::from_fn(|n| xdb[R + n] * bs);
+            cs_[t] = core::array::from_fn(|n| xdb[R + N + n]);
+        }
+        for t in 0..T {
+            let mut y = [0f64; DI];
+            for c in 0..DI {
+                for n in 0..N {
+                    let a = -g(&lw.a_log, c * N + n).exp();
+                    let mut hs = 0.0;
+                    for i in (0..=t).filter(|&i| t - i < r) {
+                        let decay: f64 = (i + 1..=t).map(|j| dts[j][c] * a + la).sum();
+                        hs += decay.exp() * dts[i][c] * bs_[i][n] * us[i][c];
+                    }
+                    y[c] += hs * cs_[t][n];
+                }
+                y[c] = (y[c] + g(&lw.d, c) * us[t][c]) * silu(zs[t][c]);
+            }
+            let x: [f64; D] = core::array::from_fn(|o| {
+                resid[t][o] + (0..DI).map(|c| g(&lw.out_proj, o * DI + c) * y[c]).sum::<f64>()
+            });
+            out[t * D..(t + 1) * D].copy_from_slice(&rms(&x, norm_f));
+        }
+    }
+
+    /// Both forms, under every forgetting method, in calls of several sizes, against direct sums.
+    #[test]
+    fn forms_and_forgetting_agree_with_direct_sums() {
+        let mem = memory();
+        let (lw, emb, norm_f) = weights(&mem);
+        let layers = [lw];
+        let cfg = Config {
+            d_model: D,
+            n_layer: 1,
+            d_inner: DI,
+            d_state: N,
+            dt_rank: R,
+            d_conv: K,
+            vocab_rows: V,
+            eps: 1e-5,
+            mixer_rms_eps: None,
+        };
+        let tokens: [u32; T] = core::array::from_fn(|i| ((i * 7 + 3) % V) as u32);
+        let methods = [
+            Forget::None,
+            Forget::Rri { a: 0.95, b: 0.7 },
+            Forget::Dt { c: 0.4 },
+            Forget::Window { r: 1 },
+            Forget::Window { r: 5 },
+            Forget::Window { r: 9 },
+        ];
+        for f in methods {
+            let mut net = Mamba1::new(cfg, Weights { embed: emb, layers: &layers, norm_f, head: emb }).expect("model");
+            net.set_forget(f).expect("method");
+            let mut want = [0f64; T * D];
+            direct(&layers[0], &norm_f, &tokens, &emb, f, &mut want);
+            for (scan, call) in [(Scan::Chunked, 23), (Scan::Chunked, 4), (Scan::Recurrent, 1), (Scan::Recurrent, 7)] {
+                let call = match f {
+                    Forget::Window { r } => call.min(r),
+                    _ => call,
+                };
+                let mut state = [0f32; 2048];
+                let mut scratch = [0f32; 4096];
+                let mut hidden = [0f32; T * D];
+                let (sl, scl) = (net.state_len(), net.scratch_len(call));
+                assert!(sl <= state.len() && scl <= scratch.len());
+                for (i, ch) in tokens.chunks(call).enumerate() {
+                    let h = &mut hidden[i * call * D..(i * call + ch.len()) * D];
+                    net.run(&Serial, ch, &mut state[..sl], &mut scratch[..scl], h, None, scan).expect("run");
+                }
+                let worst = hidden.iter().zip(&want).fold(0f64, |m, (o, w)| m.max((*o as f64 - w).abs()));
+                assert!(worst <= 1e-5, "{f:?} {scan:?} call {call}: max abs error {worst:.3e}");
+            }
+        }
+    }
+}
