@@ -68,6 +68,7 @@ pub mod mamba2;
 pub mod model;
 pub mod ops;
 pub mod rwkv;
+pub mod rwkv7;
 pub mod weight;
 
 pub use error::{Error, Site};

@@ -15,6 +15,7 @@ mod family;
 mod hgrn2;
 mod mamba2;
 mod rwkv;
+mod rwkv7;
 
 pub use family::{detect, Config, Family, Found, Vocab};
 
@@ -54,6 +55,17 @@ pub enum Layout {
     Rwkv { n_heads: usize, head_size: usize, d_ffn: usize, lora_mix: usize, lora_decay: usize },
     /// HGRN-2: `n_heads` heads of an `expand` (key) × `head_v` (value) state; a SwiGLU MLP of `d_mlp`.
     Hgrn2 { n_heads: usize, expand: usize, head_v: usize, d_mlp: usize },
+    /// RWKV-7: `n_heads` heads of a `head_size`² state; a channel mix of `d_ffn`; the decay,
+    /// learning-rate, value-residual and gate LoRAs of ranks `lora_decay`, `lora_a`, `lora_v`, `lora_gate`.
+    Rwkv7 {
+        n_heads: usize,
+        head_size: usize,
+        d_ffn: usize,
+        lora_decay: usize,
+        lora_a: usize,
+        lora_v: usize,
+        lora_gate: usize,
+    },
 }
 
 impl ModelInfo {
@@ -65,6 +77,7 @@ impl ModelInfo {
             Layout::Mamba2 { .. } => self.family == Family::Mamba2,
             Layout::Rwkv { .. } => matches!(self.family, Family::Rwkv5 | Family::Rwkv6),
             Layout::Hgrn2 { .. } => self.family == Family::Hgrn2,
+            Layout::Rwkv7 { .. } => self.family == Family::Rwkv7,
         };
         if !fits {
             bail!(
@@ -90,6 +103,10 @@ impl fmt::Display for Layout {
             Layout::Hgrn2 { n_heads, expand, head_v, d_mlp } => {
                 write!(f, "heads {n_heads} × (expand {expand} × head_v {head_v}), mlp {d_mlp}")
             }
+            Layout::Rwkv7 { n_heads, head_size, d_ffn, lora_decay, lora_a, lora_v, lora_gate } => write!(
+                f,
+                "heads {n_heads} × head_size {head_size}, ffn {d_ffn}, LoRA decay {lora_decay} / a {lora_a} / v {lora_v} / gate {lora_gate}"
+            ),
         }
     }
 }
@@ -163,6 +180,9 @@ pub fn check_ids(ids: &[u32], rows: usize, source: &str) -> Result<()> {
 impl Model {
     /// The tokenizer `given`, else the model directory's tokenizer.json, else its family's shipped one.
     pub fn tokenizer(&self, given: Option<&Path>) -> Result<Tokenizer> {
+        if self.info.family == Family::Rwkv7 {
+            return rwkv7::tokenizer(&self.info, given);
+        }
         Tokenizer::for_model(Some(&dir_of(&self.info.path)), given)
     }
 

@@ -1,6 +1,6 @@
 //! The families `stuffed` runs, named once: [`Family`] and its table (`families!` below), and what a
 //! path holds ([`detect`]). Adding a family is one line of that table and one host file beside this.
-use super::{hgrn2, mamba2, rwkv, Loader};
+use super::{hgrn2, mamba2, rwkv, rwkv7, Loader};
 use crate::config;
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
@@ -67,6 +67,9 @@ families! {
     Rwkv5 = "rwkv5", model_types ["rwkv5"], "RWKV-5.2", rwkv, World;
     Rwkv6 = "rwkv6", model_types ["rwkv6"], "RWKV-6", rwkv, World;
     Hgrn2 = "hgrn2", model_types ["hgrn2"], "HGRN-2", hgrn2, OwnOnly;
+    /// RWKV-7 (x070): its `.pth` is found as RWKV's and handed on by tensor names; the tokenizer
+    /// follows the embedding's rows (host/src/model/rwkv7.rs).
+    Rwkv7 = "rwkv7", model_types ["rwkv7"], "RWKV-7", rwkv7, World;
 }
 
 impl Family {
