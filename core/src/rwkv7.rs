@@ -502,7 +502,8 @@ fn update(s: &mut [f32], w: &[f32], kk: &[f32], b: &[f32], k: &[f32], v: &[f32],
 /// The recurrence of one head over `t` tokens from its state `sa`; writes `y` rows into `o`
 /// (stride `ld`, at `off`). With a second state (two staggered states, FAMILIES.md §9.3), both take
 /// every token, the read-out uses `sa`, and after each token that completes a multiple of `r`
-/// tokens `sa ← sb`, `sb ← 0`: `sa` then always holds the last r to 2r tokens.
+/// tokens `sa ← sb`, `sb ← 0`: the read-out at stream position p (0-based) then holds the tokens
+/// from `max(0, r·⌊p/r⌋ − r)` to p — the last r+1 to 2r once p ≥ r.
 ///
 /// # Safety
 /// `o` rows `0..t` at `off..off+n` must be written by no one else.
@@ -641,5 +642,84 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Recurrent for Rwkv7<'a, L> {
     }
     fn probe_series(&self) -> (&'static [&'static str], usize) {
         (PROBE, self.cfg.head_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: usize = 37;
+    const N: usize = 4;
+
+    fn inputs() -> [[f32; T * N]; 6] {
+        let mut seed = 12345u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            ((seed >> 8) as f32 / (1u32 << 24) as f32) - 0.5
+        };
+        let mut x = [[0f32; T * N]; 6];
+        for v in x.iter_mut().flatten() {
+            *v = rnd();
+        }
+        for tt in 0..T {
+            let kk = &mut x[5][tt * N..(tt + 1) * N];
+            let norm = libm::sqrtf(kk.iter().map(|v| v * v).sum());
+            kk.iter_mut().for_each(|v| *v /= norm);
+        }
+        for v in x[3].iter_mut() {
+            *v = -0.6 * (*v + 0.5); // log w
+        }
+        for v in x[4].iter_mut() {
+            *v += 0.5; // a in (0, 1)
+        }
+        x
+    }
+
+    /// Two staggered states, over two calls (20 tokens, then the rest): the read-out at position p
+    /// equals the plain recurrence run from the zero state over tokens max(0, r·⌊p/r⌋ − r)..=p.
+    #[test]
+    fn staggered_states_read_out_the_last_r_to_2r_tokens() {
+        let [r_, k, v, lw, a, kk] = inputs();
+        let ins = Inputs { r: &r_, k: &k, v: &v, lw: &lw, a: &a, kk: &kk, ld: N, off: 0, n: N };
+        for r in [1usize, 3, 10, 50] {
+            let mut out = [0f32; T * N];
+            let (mut sa, mut sb) = ([0f32; N * N], [0f32; N * N]);
+            for (t0, t1) in [(0usize, 20usize), (20, T)] {
+                let sub = Inputs {
+                    r: &r_[t0 * N..],
+                    k: &k[t0 * N..],
+                    v: &v[t0 * N..],
+                    lw: &lw[t0 * N..],
+                    a: &a[t0 * N..],
+                    kk: &kk[t0 * N..],
+                    ..ins
+                };
+                let os = Shared::new(&mut out[t0 * N..]);
+                let at = WindowAt { r, pos0: t0 % r, filled: t0 >= r };
+                unsafe { scan(&sub, t1 - t0, &mut sa, Some((at, &mut sb)), &os) };
+            }
+            for p in 0..T {
+                let start = (r * (p / r)).saturating_sub(r);
+                let mut s = [0f32; N * N];
+                let mut want = [0f32; N];
+                let os = Shared::new(&mut want);
+                for tt in start..=p {
+                    let one = Inputs {
+                        r: &r_[tt * N..],
+                        k: &k[tt * N..],
+                        v: &v[tt * N..],
+                        lw: &lw[tt * N..],
+                        a: &a[tt * N..],
+                        kk: &kk[tt * N..],
+                        ..ins
+                    };
+                    unsafe { scan(&one, 1, &mut s, None, &os) };
+                }
+                let got = &out[p * N..(p + 1) * N];
+                let err = got.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(err < 1e-5, "r {r} p {p}: {got:?} vs {want:?}");
+            }
+        }
     }
 }

@@ -415,3 +415,44 @@ pub fn tokenizer(info: &ModelInfo, given: Option<&Path>) -> Result<Tokenizer> {
     }
     Ok(tok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bare `.pth`'s tokenizer follows its embedding rows: 65,536 → World, 50,304 → GPT-NeoX-20B
+    /// (the Pile series), anything else → an error asking for --tokenizer.
+    #[test]
+    fn tokenizer_by_embedding_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = |rows: usize| ModelInfo {
+            path: dir.path().join("model.pth"),
+            family: Family::Rwkv7,
+            format: "blinkdl-pth".into(),
+            d_model: 64,
+            n_layer: 1,
+            layout: Layout::Rwkv7 {
+                n_heads: 1,
+                head_size: 64,
+                d_ffn: 1,
+                lora_decay: 1,
+                lora_a: 1,
+                lora_v: 0,
+                lora_gate: 1,
+            },
+            params: 1,
+            weight_dtype: "bf16".into(),
+            weight_bytes: 1,
+            state_bytes: 1,
+            paper_state_size: 1,
+            vocab_rows: rows,
+            config_vocab: None,
+            tied_embeddings: false,
+        };
+        assert!(tokenizer(&info(WORLD_ROWS), None).unwrap().is_world());
+        let neox = tokenizer(&info(NEOX_ROWS), None).unwrap();
+        assert_eq!((neox.source.as_str(), neox.vocab_size() <= NEOX_ROWS), ("builtin:gpt-neox-20b", true));
+        let err = format!("{:#}", tokenizer(&info(1000), None).err().expect("1000 rows: an error"));
+        assert!(err.contains("1000 rows") && err.contains("--tokenizer"), "{err}");
+    }
+}
