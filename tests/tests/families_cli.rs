@@ -127,6 +127,8 @@ fn rwkv7_commands_on_a_tiny_synth_model() {
     let out = dir.path().join("probe");
     let args = ["probe", "--model", ms, "--text", text.to_str().unwrap(), "--max-tokens", "200", "--every", "50"];
     cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+    let meta = std::fs::read_to_string(out.join("probe.json")).unwrap();
+    assert!(meta.contains("upper bound") && meta.contains("learning_rate_sum"), "{meta}");
 }
 
 /// N_S of the RWKV-7 presets (SPEC.md counting: L·(H·N² + 2C)) equals FAMILIES.md §1.1's table.
