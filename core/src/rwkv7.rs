@@ -28,7 +28,7 @@
 //! §9.3) the state continues with a second `S (H, N, N)` per layer and then two values (tokens seen
 //! mod r, filled).
 use crate::error::{need, Error};
-use crate::exec::{Exec, Shared};
+use crate::exec::{Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
@@ -401,6 +401,7 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
             let ss = Shared::new(wkv);
             let (r, k, v, lwv, a, kk) = (&s.r[..tc], &s.k[..tc], &s.v[..tc], &s.lw[..tc], &s.a[..tc], &s.kk[..tc]);
             let stag = window.map(|w| (w.at, Shared::new(w.cache)));
+            let simd = ex.simd();
             ex.for_each(h, &|hh| {
                 let ins = Inputs { r, k, v, lw: lwv, a, kk, ld: d, off: hh * n, n };
                 // SAFETY: head hh owns its state blocks and its N columns of o.
@@ -408,8 +409,8 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
                     let sa = ss.range(hh * n * n, n * n);
                     let out = &os;
                     match &stag {
-                        None => scan(&ins, t, sa, None, out),
-                        Some((at, cache)) => scan(&ins, t, sa, Some((*at, cache.range(hh * n * n, n * n))), out),
+                        None => scan(simd, &ins, t, sa, None, out),
+                        Some((at, cache)) => scan(simd, &ins, t, sa, Some((*at, cache.range(hh * n * n, n * n))), out),
                     }
                 }
             });
@@ -470,31 +471,32 @@ struct Inputs<'a> {
     n: usize,
 }
 
+/// `Σ a_i·b_i` with eight partial sums (so it vectorises).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// One token into one state `s (N_value, N_key)`: `s ← s·diag(w) − (s·κ̂)·bᵀ + v·kᵀ` with
 /// `b = κ̂ ⊙ a`; with `r`, also `y = s·r` (after the update) into `y`.
-#[inline]
-fn update(s: &mut [f32], w: &[f32], kk: &[f32], b: &[f32], k: &[f32], v: &[f32], r: Option<(&[f32], &mut [f32])>) {
+#[inline(always)]
+fn update(s: &mut [f32], w: &[f32], kk: &[f32], b: &[f32], k: &[f32], v: &[f32], mut r: Option<(&[f32], &mut [f32])>) {
     let n = kk.len();
-    match r {
-        Some((r, y)) => {
-            for ((row, &vv), yv) in s.chunks_exact_mut(n).zip(v).zip(y.iter_mut()) {
-                let sa: f32 = row.iter().zip(kk).map(|(x, y)| x * y).sum();
-                let mut acc = 0f32;
-                for j in 0..n {
-                    let nv = row[j] * w[j] - sa * b[j] + vv * k[j];
-                    row[j] = nv;
-                    acc += nv * r[j];
-                }
-                *yv = acc;
-            }
+    for (i, (row, &vv)) in s.chunks_exact_mut(n).zip(v).enumerate() {
+        let sa = dot8(row, kk);
+        for j in 0..n {
+            row[j] = row[j] * w[j] - sa * b[j] + vv * k[j];
         }
-        None => {
-            for (row, &vv) in s.chunks_exact_mut(n).zip(v) {
-                let sa: f32 = row.iter().zip(kk).map(|(x, y)| x * y).sum();
-                for j in 0..n {
-                    row[j] = row[j] * w[j] - sa * b[j] + vv * k[j];
-                }
-            }
+        if let Some((r, y)) = &mut r {
+            y[i] = dot8(row, r);
         }
     }
 }
@@ -503,11 +505,28 @@ fn update(s: &mut [f32], w: &[f32], kk: &[f32], b: &[f32], k: &[f32], v: &[f32],
 /// (stride `ld`, at `off`). With a second state (two staggered states, FAMILIES.md §9.3), both take
 /// every token, the read-out uses `sa`, and after each token that completes a multiple of `r`
 /// tokens `sa ← sb`, `sb ← 0`: the read-out at stream position p (0-based) then holds the tokens
-/// from `max(0, r·⌊p/r⌋ − r)` to p — the last r+1 to 2r once p ≥ r.
+/// from `max(0, r·⌊p/r⌋ − r)` to p — the last r+1 to 2r once p ≥ r. Compiled for AVX2 + FMA
+/// where `simd` has them.
 ///
 /// # Safety
 /// `o` rows `0..t` at `off..off+n` must be written by no one else.
-unsafe fn scan(x: &Inputs, t: usize, sa: &mut [f32], mut sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
+unsafe fn scan(simd: Simd, x: &Inputs, t: usize, sa: &mut [f32], sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
+    #[cfg(target_arch = "x86_64")]
+    if simd.has_avx2() {
+        return scan_avx2(x, t, sa, sb, o);
+    }
+    let _ = simd;
+    scan_body(x, t, sa, sb, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scan_avx2(x: &Inputs, t: usize, sa: &mut [f32], sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
+    scan_body(x, t, sa, sb, o)
+}
+
+#[inline(always)]
+unsafe fn scan_body(x: &Inputs, t: usize, sa: &mut [f32], mut sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
     let n = x.n;
     let (mut w, mut b) = ([0f32; MAX_HEAD], [0f32; MAX_HEAD]);
     let (w, b) = (&mut w[..n], &mut b[..n]);
@@ -697,7 +716,7 @@ mod tests {
                 };
                 let os = Shared::new(&mut out[t0 * N..]);
                 let at = WindowAt { r, pos0: t0 % r, filled: t0 >= r };
-                unsafe { scan(&sub, t1 - t0, &mut sa, Some((at, &mut sb)), &os) };
+                unsafe { scan(Simd::Portable, &sub, t1 - t0, &mut sa, Some((at, &mut sb)), &os) };
             }
             for p in 0..T {
                 let start = (r * (p / r)).saturating_sub(r);
@@ -714,7 +733,7 @@ mod tests {
                         kk: &kk[tt * N..],
                         ..ins
                     };
-                    unsafe { scan(&one, 1, &mut s, None, &os) };
+                    unsafe { scan(Simd::Portable, &one, 1, &mut s, None, &os) };
                 }
                 let got = &out[p * N..(p + 1) * N];
                 let err = got.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
