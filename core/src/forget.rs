@@ -13,6 +13,10 @@ pub enum Forget {
     /// with h_{t−r} advanced r steps behind from each layer's own cached inputs. Calls may hold at
     /// most r tokens.
     Window { r: usize },
+    /// Two staggered states (FAMILIES.md §9.3), for non-diagonal transitions (RWKV-7) where the
+    /// window by state difference is not exact: a second state restarts every r tokens and replaces
+    /// the read-out state then, so the read-out holds the last r to 2r tokens.
+    Staggered { r: usize },
 }
 
 impl Forget {
@@ -24,7 +28,24 @@ impl Forget {
                 Err(crate::Error::Config("rri needs 0 < a ≤ 1 and a finite b"))
             }
             Forget::Dt { c } if !(c > 0.0 && c.is_finite()) => Err(crate::Error::Config("dt scaling needs c > 0")),
+            Forget::Staggered { .. } => Err(crate::Error::Config(
+                "staggered-state forgetting is for non-diagonal transitions (RWKV-7); this family's window:r=N is exact",
+            )),
             _ => Ok(()),
+        }
+    }
+
+    /// [`Forget::check`] for a family with a non-diagonal transition: two staggered states instead
+    /// of the window by state difference, which is not exact there.
+    pub fn check_non_diagonal(&self) -> Result<(), crate::Error> {
+        match *self {
+            Forget::Staggered { r: 0 } => Err(crate::Error::Config("staggered-state forgetting needs r ≥ 1")),
+            Forget::Staggered { .. } => Ok(()),
+            Forget::Window { .. } => Err(crate::Error::Config(
+                "the window by state difference is exact only for diagonal transitions; \
+                 use staggered:r=N (two staggered states, FAMILIES.md §9.3)",
+            )),
+            other => other.check(),
         }
     }
 }

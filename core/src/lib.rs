@@ -6,7 +6,8 @@
 //! same code can run inside another runtime or on bare metal.
 //!
 //! One file per family holds its whole math (token step and chunked forward): [`mamba2`], [`rwkv`]
-//! (RWKV-5.2 and RWKV-6) and [`hgrn2`], the last two on the shared per-channel recurrence [`gla`].
+//! (RWKV-5.2 and RWKV-6) and [`hgrn2`], the last two on the shared per-channel recurrence [`gla`],
+//! and [`rwkv7`] (RWKV-7, the delta-rule state of x070).
 //!
 //! Embedding a step in another runtime: point [`Weight`] views at the runtime's own weight memory
 //! (f32, bf16 or f16, row-major as the checkpoint stores them), size the buffers once from the
@@ -69,6 +70,7 @@ pub mod mamba2;
 pub mod model;
 pub mod ops;
 pub mod rwkv;
+pub mod rwkv7;
 pub mod weight;
 
 pub use error::{Error, Site};

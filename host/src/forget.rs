@@ -20,6 +20,11 @@ pub enum ForgetSpec {
     Window {
         r: usize,
     },
+    /// Two staggered states (FAMILIES.md §9.3): the window of non-diagonal transitions (RWKV-7),
+    /// where the window by state difference is not exact; the read-out holds the last r+1 to 2r tokens.
+    Staggered {
+        r: usize,
+    },
     /// τ = ‖h‖_F per (layer, head) after `calib` tokens (default: --train-len); then every `every`
     /// tokens h ← h·min(1, τ/‖h‖_F).
     StateNorm {
@@ -33,8 +38,8 @@ pub enum ForgetSpec {
 }
 
 impl ForgetSpec {
-    /// `none`, `rri:a=0.9999,b=0.75`, `dt:c=0.5`, `window:r=4096`, `state-norm:every=128,calib=8k`,
-    /// `reset:every=4k` (token counts take k and m as every count flag does).
+    /// `none`, `rri:a=0.9999,b=0.75`, `dt:c=0.5`, `window:r=4096`, `staggered:r=4096`,
+    /// `state-norm:every=128,calib=8k`, `reset:every=4k` (token counts take k and m as every count flag does).
     pub fn parse(s: &str) -> Result<ForgetSpec> {
         let (name, args) = s.split_once(':').unwrap_or((s, ""));
         let mut kv = BTreeMap::new();
@@ -51,10 +56,10 @@ impl ForgetSpec {
             "none" => &[],
             "rri" => &["a", "b"],
             "dt" => &["c"],
-            "window" => &["r"],
+            "window" | "staggered" => &["r"],
             "state-norm" => &["every", "calib"],
             "reset" => &["every"],
-            other => bail!("--forget: unknown method '{other}' (none, rri, dt, window, state-norm, reset)"),
+            other => bail!("--forget: unknown method '{other}' (none, rri, dt, window, staggered, state-norm, reset)"),
         };
         if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
             bail!("--forget {s}: unknown parameter '{k}'");
@@ -69,6 +74,7 @@ impl ForgetSpec {
             "rri" => ForgetSpec::Rri { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 },
             "dt" => ForgetSpec::Dt { c: num("c")?.unwrap_or(0.5) as f32 },
             "window" => ForgetSpec::Window { r: need_count("r")? as usize },
+            "staggered" => ForgetSpec::Staggered { r: need_count("r")? as usize },
             "state-norm" => ForgetSpec::StateNorm { every: count("every")?.unwrap_or(128), calib: count("calib")? },
             _ => ForgetSpec::Reset { every: need_count("every")? },
         })
@@ -80,6 +86,7 @@ impl ForgetSpec {
             ForgetSpec::Rri { a, b } => Forget::Rri { a, b },
             ForgetSpec::Dt { c } => Forget::Dt { c },
             ForgetSpec::Window { r } => Forget::Window { r },
+            ForgetSpec::Staggered { r } => Forget::Staggered { r },
             _ => Forget::None,
         }
     }
@@ -140,6 +147,7 @@ impl std::fmt::Display for ForgetSpec {
             ForgetSpec::Rri { a, b } => write!(f, "rri:a={a},b={b}"),
             ForgetSpec::Dt { c } => write!(f, "dt:c={c}"),
             ForgetSpec::Window { r } => write!(f, "window:r={r}"),
+            ForgetSpec::Staggered { r } => write!(f, "staggered:r={r}"),
             ForgetSpec::StateNorm { every, calib } => {
                 write!(f, "state-norm:every={every}")?;
                 calib.map_or(Ok(()), |c| write!(f, ",calib={c}"))

@@ -16,6 +16,7 @@ mod hgrn2;
 mod mamba1;
 mod mamba2;
 mod rwkv;
+mod rwkv7;
 
 pub use family::{detect, Config, Family, Found, Vocab};
 
@@ -58,6 +59,17 @@ pub enum Layout {
     /// Mamba-1: `d_inner` channels of a `d_state` diagonal state each, Δ through a rank-`dt_rank`
     /// projection, a causal conv of width `d_conv`; a "head" is `head_channels` channels.
     Mamba1 { d_inner: usize, d_state: usize, dt_rank: usize, d_conv: usize, head_channels: usize },
+    /// RWKV-7: `n_heads` heads of a `head_size`² state; a channel mix of `d_ffn`; the decay,
+    /// learning-rate, value-residual and gate LoRAs of ranks `lora_decay`, `lora_a`, `lora_v`, `lora_gate`.
+    Rwkv7 {
+        n_heads: usize,
+        head_size: usize,
+        d_ffn: usize,
+        lora_decay: usize,
+        lora_a: usize,
+        lora_v: usize,
+        lora_gate: usize,
+    },
 }
 
 impl ModelInfo {
@@ -70,6 +82,7 @@ impl ModelInfo {
             Layout::Rwkv { .. } => matches!(self.family, Family::Rwkv5 | Family::Rwkv6),
             Layout::Hgrn2 { .. } => self.family == Family::Hgrn2,
             Layout::Mamba1 { .. } => self.family == Family::Mamba1,
+            Layout::Rwkv7 { .. } => self.family == Family::Rwkv7,
         };
         if !fits {
             bail!(
@@ -98,6 +111,10 @@ impl fmt::Display for Layout {
             Layout::Mamba1 { d_inner, d_state, dt_rank, d_conv, head_channels } => write!(
                 f,
                 "d_inner {d_inner} × d_state {d_state}, dt_rank {dt_rank}, conv {d_conv}, heads of {head_channels} channels"
+            ),
+            Layout::Rwkv7 { n_heads, head_size, d_ffn, lora_decay, lora_a, lora_v, lora_gate } => write!(
+                f,
+                "heads {n_heads} × head_size {head_size}, ffn {d_ffn}, LoRA decay {lora_decay} / a {lora_a} / v {lora_v} / gate {lora_gate}"
             ),
         }
     }
@@ -172,6 +189,9 @@ pub fn check_ids(ids: &[u32], rows: usize, source: &str) -> Result<()> {
 impl Model {
     /// The tokenizer `given`, else the model directory's tokenizer.json, else its family's shipped one.
     pub fn tokenizer(&self, given: Option<&Path>) -> Result<Tokenizer> {
+        if self.info.family == Family::Rwkv7 {
+            return rwkv7::tokenizer(&self.info, given);
+        }
         Tokenizer::for_model(Some(&dir_of(&self.info.path)), given)
     }
 

@@ -57,6 +57,7 @@ pub fn write(family: Family, preset: &str, dtype: StoreDtype, seed: u64, out: &P
         Family::Rwkv5 => rwkv(false, preset, dtype, seed, out),
         Family::Hgrn2 => hgrn2(preset, dtype, seed, out),
         Family::Mamba1 => mamba1(preset, dtype, seed, out),
+        Family::Rwkv7 => rwkv7(preset, dtype, seed, out),
     }
 }
 
@@ -215,6 +216,22 @@ pub const RWKV5_PRESETS: &[(&str, usize, usize, usize, usize, usize)] = &[
 pub const HGRN2_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
     &[("tiny", 64, 2, 16, 256, 256), ("1.3b", 2048, 24, 128, 5632, 32000)];
 
+/// (name, C, L, F, LoRA ranks decay / a / v / gate, vocab rows) of the released RWKV-7 sizes
+/// (FAMILIES.md §1.1–1.2; head size 64). The 0.1B/0.4B/1.5B ranks are the released files'; the
+/// 2.9B and 7.2B ranks are the training code's formula (not read from a released file).
+pub type Rwkv7Preset = (&'static str, usize, usize, usize, [usize; 4], usize);
+pub const RWKV7_PRESETS: &[Rwkv7Preset] = &[
+    ("tiny", 64, 2, 224, [8, 8, 8, 16], 65536),
+    ("0.1b", 768, 12, 3072, [64, 64, 32, 128], 65536),
+    ("0.4b", 1024, 24, 4096, [64, 64, 32, 128], 65536),
+    ("1.5b", 2048, 24, 8192, [96, 96, 64, 256], 65536),
+    ("2.9b", 2560, 32, 10240, [128, 128, 96, 256], 65536),
+    ("7.2b", 4096, 32, 16384, [160, 160, 96, 320], 65536),
+    ("pile-168m", 768, 12, 3072, [64, 64, 32, 128], 50304),
+    ("pile-421m", 1024, 24, 4096, [64, 64, 32, 128], 50304),
+    ("pile-1.47b", 2048, 24, 8192, [96, 96, 64, 256], 50304),
+];
+
 fn torch_dtype(dt: Dtype) -> &'static str {
     match dt {
         Dtype::BF16 => "bfloat16",
@@ -308,6 +325,76 @@ fn rwkv(v6: bool, preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Res
         "stuffed_note": "BlinkDL tensor names in safetensors (the .pth layout); LN0 not folded",
         "hidden_size": c, "num_hidden_layers": n_layer, "head_size": n, "intermediate_size": f,
         "layer_norm_epsilon": 1e-5, "vocab_size": vocab,
+        "torch_dtype": torch_dtype(dt),
+        "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
+    });
+    write_dir(out, config, &tensors)
+}
+
+/// RWKV-7 random weights under BlinkDL's tensor names (the `.pth` layout, LoRAs `[in, out]`),
+/// written as `model.safetensors` + `config.json` (`model_type` rwkv7): the loader reads it as it
+/// reads a `.pth`. Head size 32 for `tiny`, 64 otherwise.
+fn rwkv7(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
+    let Some(&(_, c, n_layer, f, [dw, da, dv, dg], vocab)) = RWKV7_PRESETS.iter().find(|x| x.0 == preset) else {
+        let names: Vec<_> = RWKV7_PRESETS.iter().map(|x| x.0).collect();
+        bail!("unknown RWKV-7 preset '{preset}' (known: {})", names.join(", "));
+    };
+    let n = if c < 128 { 32 } else { 64 };
+    let (dt, h) = (dtype.safetensors(), c / n);
+    let mut rng = Rng(seed);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
+        let numel = shape.iter().product();
+        let bytes = encode((0..numel).map(|_| f(&mut rng)), dt);
+        tensors.push(Tensor { name, shape, dtype: dt, bytes });
+    };
+    let s_in = 1.0 / (c as f32).sqrt();
+    let s_out = s_in / (2.0 * n_layer as f32).sqrt();
+    add("emb.weight".into(), vec![vocab, c], &mut |r| r.uniform(-1e-1, 1e-1));
+    for l in 0..n_layer {
+        let b = format!("blocks.{l}.");
+        let lns: &[&str] = if l == 0 { &["ln0", "ln1", "ln2"] } else { &["ln1", "ln2"] };
+        for ln in lns {
+            add(format!("{b}{ln}.weight"), vec![c], &mut |_| 1.0);
+            add(format!("{b}{ln}.bias"), vec![c], &mut |_| 0.0);
+        }
+        let a = format!("{b}att.");
+        for j in ["r", "w", "k", "v", "a", "g"] {
+            add(format!("{a}x_{j}"), vec![1, 1, c], &mut |r| r.uniform(0.0, 1.0));
+        }
+        // Released files have no layer-0 value LoRA (FAMILIES.md §1.2).
+        let loras: &[(&str, usize)] =
+            if l == 0 { &[("w", dw), ("a", da), ("g", dg)] } else { &[("w", dw), ("a", da), ("v", dv), ("g", dg)] };
+        for &(p, d) in loras {
+            if p != "g" {
+                add(format!("{a}{p}0"), vec![1, 1, c], &mut |r| r.uniform(-1.0, 1.0));
+            }
+            add(format!("{a}{p}1"), vec![c, d], &mut |r| r.uniform(-1e-2, 1e-2));
+            add(format!("{a}{p}2"), vec![d, c], &mut |r| r.uniform(-1e-1, 1e-1));
+        }
+        add(format!("{a}k_k"), vec![1, 1, c], &mut |r| r.uniform(0.7, 1.0));
+        add(format!("{a}k_a"), vec![1, 1, c], &mut |r| r.uniform(0.9, 1.1));
+        add(format!("{a}r_k"), vec![h, n], &mut |r| r.uniform(-0.5, 0.5));
+        for p in ["receptance", "key", "value"] {
+            add(format!("{a}{p}.weight"), vec![c, c], &mut |r| r.uniform(-s_in, s_in));
+        }
+        add(format!("{a}output.weight"), vec![c, c], &mut |r| r.uniform(-s_out, s_out));
+        add(format!("{a}ln_x.weight"), vec![c], &mut |_| 1.0);
+        add(format!("{a}ln_x.bias"), vec![c], &mut |_| 0.0);
+        add(format!("{b}ffn.x_k"), vec![1, 1, c], &mut |r| r.uniform(0.0, 1.0));
+        add(format!("{b}ffn.key.weight"), vec![f, c], &mut |r| r.uniform(-s_in, s_in));
+        let sf = 1.0 / (f as f32).sqrt() / (2.0 * n_layer as f32).sqrt();
+        add(format!("{b}ffn.value.weight"), vec![c, f], &mut |r| r.uniform(-sf, sf));
+    }
+    add("ln_out.weight".into(), vec![c], &mut |_| 1.0);
+    add("ln_out.bias".into(), vec![c], &mut |_| 0.0);
+    add("head.weight".into(), vec![vocab, c], &mut |r| r.uniform(-s_in, s_in));
+    let config = serde_json::json!({
+        "model_type": "rwkv7",
+        "stuffed_note": "BlinkDL tensor names in safetensors (the .pth layout); LN0 not folded",
+        "hidden_size": c, "num_hidden_layers": n_layer, "head_dim": n, "num_heads": h, "intermediate_size": f,
+        "decay_low_rank_dim": dw, "a_low_rank_dim": da, "v_low_rank_dim": dv, "gate_low_rank_dim": dg,
+        "norm_eps": 1e-5, "vocab_size": vocab,
         "torch_dtype": torch_dtype(dt),
         "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
     });

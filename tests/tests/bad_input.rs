@@ -743,3 +743,90 @@ fn mamba1_bad_input() {
     .unwrap_err();
     assert_mentions(&format!("{e:#}"), &["out of range", "256 rows"]);
 }
+
+/// `tests/data/rwkv7_tiny`'s tensors (BlinkDL names) as `dir/model.safetensors` beside a
+/// config.json naming rwkv7 (the loader reads them as it reads the `.pth`), leaving out the
+/// tensors `keep` refuses and adding `extra` (f32, every element 0.1); returns the load error.
+fn rwkv7_err(keep: impl Fn(&str) -> bool, extra: &[(&str, Vec<usize>)]) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = Checkpoint::open(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/rwkv7_tiny/model.pth")).unwrap();
+    let mut kept: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for name in ck.names().filter(|n| keep(n)) {
+        let v = ck.require(name).unwrap();
+        kept.push((name.to_string(), v.shape.to_vec(), v.bytes.to_vec()));
+    }
+    for (name, shape) in extra {
+        let bytes = vec![0.1f32; shape.iter().product()].iter().flat_map(|x| x.to_le_bytes()).collect();
+        kept.push((name.to_string(), shape.clone(), bytes));
+    }
+    let views: Vec<_> = kept
+        .iter()
+        .map(|(n, s, b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "rwkv7"}"#).unwrap();
+    (load_err(dir.path()), dir.path().display().to_string())
+}
+
+/// RWKV-7: the final x070 layout loads (layer 0's v0/v1/v2 present or absent: the golden cases);
+/// pre-release x070 files and the v7a / v7b variants, missing and misshapen tensors (a LoRA of
+/// another rank, a `.pth` LoRA stored the fla way round) are refused in one line naming the file.
+#[test]
+fn rwkv7_variants_and_bad_tensors_are_refused() {
+    let all = |_: &str| true;
+    let cases: &[(&str, Vec<usize>, &[&str])] = &[
+        ("blocks.0.att.time_aaa_w1", vec![128, 32], &["pre-release RWKV-7", "time_aaa_w1"]),
+        ("blocks.1.ffn.s_emb.weight", vec![256, 32], &["RWKV-7a (DeepEmbed", "ffn.s_emb.weight", "not supported"]),
+        ("blocks.0.qkv.qq.weight", vec![128, 256], &["RWKV-7b (DEA", "qkv.qq.weight", "not supported"]),
+    ];
+    for (name, shape, want) in cases {
+        let (err, dir) = rwkv7_err(all, &[(name, shape.clone())]);
+        assert_mentions(&err, &[&[dir.as_str()], *want].concat());
+    }
+    for missing in ["blocks.1.att.v1", "blocks.0.att.k_k", "blocks.1.att.r_k", "ln_out.bias"] {
+        let (err, dir) = rwkv7_err(|n| n != missing, &[]);
+        assert_mentions(&err, &[&dir, &format!("missing tensor {missing}")]);
+    }
+    let reshaped: &[(&str, Vec<usize>, &[&str])] = &[
+        ("blocks.1.att.g2", vec![30, 128], &["blocks.1.att.g2", "[30, 128]", "expected [36, 128]"]),
+        ("blocks.1.att.w1", vec![24, 128], &["blocks.1.att.w1", "[24, 128]", "expected [128, 24]"]),
+        ("blocks.0.att.w1", vec![24, 128], &["blocks.0.att.w1", "rank-D LoRA", "input side"]),
+        ("blocks.1.att.r_k", vec![4, 32], &["blocks.1.att.r_k", "[4, 32]", "expected [2, 64]"]),
+        ("blocks.1.ffn.value.weight", vec![128, 100], &["blocks.1.ffn.value.weight", "expected [128, 200]"]),
+    ];
+    for (name, shape, want) in reshaped {
+        let (err, dir) = rwkv7_err(|n| n != *name, &[(name, shape.clone())]);
+        assert_mentions(&err, &[&[dir.as_str()], *want].concat());
+    }
+}
+
+/// RWKV-7 fla / HF config fields that change the math or contradict the weights are refused
+/// naming the field; a tokenizer with more ids than the embedding's rows is refused.
+#[test]
+fn rwkv7_fla_config_and_tokenizer_mismatches_are_refused() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: &[(Edit, &[&str])] = &[
+        (|c| c["decay_low_rank_dim"] = 64.into(), &["decay_low_rank_dim 64", "weights have 24"]),
+        (|c| c["v_low_rank_dim"] = 16.into(), &["v_low_rank_dim 16", "weights have 12"]),
+        (|c| c["num_heads"] = 4.into(), &["num_heads 4", "weights have 2"]),
+        (|c| c["intermediate_size"] = 512.into(), &["intermediate_size 512", "weights have 200"]),
+        (|c| c["num_hidden_layers"] = 3.into(), &["3 layers", "fewer"]),
+        (|c| c["hidden_act"] = "gelu".into(), &["hidden_act \"gelu\"", "not supported"]),
+        (|c| c["norm_bias"] = false.into(), &["norm_bias = false", "not supported"]),
+        (|c| c["norm_first"] = false.into(), &["norm_first = false", "not supported"]),
+        (|c| c["value_dim"] = serde_json::json!([128, 64]), &["value_dim", "not supported"]),
+    ];
+    for &(edit, want) in cases {
+        let (err, _) = rewritten_err("rwkv7_tiny_fla", edit, |_| true, &[]);
+        assert_mentions(&err, &[&["config.json"], want].concat());
+    }
+    let (err, dir) = rewritten_err("rwkv7_tiny_fla", |_| {}, |n| n != "model.layers.1.attn.v_lora.lora.2.bias", &[]);
+    assert_mentions(&err, &[&dir, "missing tensor model.layers.1.attn.v_lora.lora.2.bias"]);
+    // 256 rows: GPT-NeoX-20B's 50,277 ids do not fit.
+    let m = Model::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/rwkv7_tiny")).unwrap();
+    let neox = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../host/assets/20B_tokenizer.json");
+    let err = format!("{:#}", m.tokenizer(Some(&neox)).err().expect("too many ids: an error"));
+    assert_mentions(&err, &["rwkv7_tiny", "20B_tokenizer.json", "ids but the model's embedding has 256 rows"]);
+}

@@ -135,3 +135,74 @@ fn mamba1_commands_on_a_tiny_synth_model() {
     }
     cli(&["bench", "--model", ms, "--tokens", "256", "--decode", "4"]).unwrap();
 }
+
+/// RWKV-7 through the commands on a tiny synth model (BlinkDL names, 65,536 rows: the World
+/// tokenizer): `info`, `ppl` under every forgetting method that applies (the staggered states in
+/// place of the window, state normalization and periodic reset too), `passkey` and `probe`.
+#[test]
+fn rwkv7_commands_on_a_tiny_synth_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = root().join("host/assets/corpus/austen_persuasion.txt");
+    let m = synth("rwkv7", dir.path());
+    let model = Model::load(&m).unwrap();
+    assert_eq!((model.info.family.name(), model.info.vocab_rows), ("rwkv7", 65536));
+    assert!(model.tokenizer(None).unwrap().is_world(), "65,536 rows: the World tokenizer");
+    let ms = m.to_str().unwrap();
+    cli(&["info", "--model", ms]).unwrap();
+    let forgets = [
+        "none",
+        "rri:a=0.999,b=0.75",
+        "dt:c=0.5",
+        "staggered:r=64",
+        "state-norm:every=128,calib=256",
+        "reset:every=200",
+    ];
+    for (i, forget) in forgets.into_iter().enumerate() {
+        let out = dir.path().join(format!("ppl-{i}"));
+        let args = ["ppl", "--model", ms, "--text", text.to_str().unwrap(), "--max-tokens", "500", "--chunk", "128"];
+        cli(&[&args[..], &["--forget", forget, "--out", out.to_str().unwrap()]].concat()).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+        assert!(r.to_string().contains("rwkv_vocab"), "World tokenizer used");
+        assert!(r.to_string().contains(forget.split(':').next().unwrap()), "{forget} named in the results");
+    }
+    let err = cli(&["ppl", "--model", ms, "--text", text.to_str().unwrap(), "--forget", "window:r=64"]).unwrap_err();
+    assert!(format!("{err:#}").contains("staggered:r=N"), "{err:#}");
+    let out = dir.path().join("pk");
+    cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
+    let out = dir.path().join("probe");
+    let args = ["probe", "--model", ms, "--text", text.to_str().unwrap(), "--max-tokens", "200", "--every", "50"];
+    cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+    let meta = std::fs::read_to_string(out.join("probe.json")).unwrap();
+    assert!(meta.contains("upper bound") && meta.contains("learning_rate_sum"), "{meta}");
+}
+
+/// N_S of the RWKV-7 presets (SPEC.md counting: L·(H·N² + 2C)) equals FAMILIES.md §1.1's table.
+#[test]
+fn rwkv7_presets_state_size() {
+    let want = [("0.1b", 608_256), ("0.4b", 1_622_016), ("1.5b", 3_244_032), ("2.9b", 5_406_720), ("7.2b", 8_650_752)];
+    for (name, ns) in want {
+        let &(_, c, l, f, [dw, da, dv, dg], v) = stuffed::synth::RWKV7_PRESETS.iter().find(|p| p.0 == name).unwrap();
+        let cfg = stuffed_core::rwkv7::Config {
+            d_model: c,
+            n_layer: l,
+            n_heads: c / 64,
+            head_size: 64,
+            d_ffn: f,
+            lora_w: dw,
+            lora_a: da,
+            lora_v: dv,
+            lora_g: dg,
+            vocab_rows: v,
+            eps: 1e-5,
+            gn_eps: 64e-5,
+        };
+        cfg.validate().unwrap();
+        assert_eq!(cfg.state_size(), ns, "{name}");
+    }
+    for (pile, world) in [("pile-168m", "0.1b"), ("pile-421m", "0.4b"), ("pile-1.47b", "1.5b")] {
+        let p = stuffed::synth::RWKV7_PRESETS.iter().find(|p| p.0 == pile).unwrap();
+        let w = stuffed::synth::RWKV7_PRESETS.iter().find(|p| p.0 == world).unwrap();
+        assert_eq!((p.1, p.2, p.3, p.4, p.5), (w.1, w.2, w.3, w.4, 50304), "{pile}: {world}'s shape, NeoX rows");
+    }
+}

@@ -140,3 +140,75 @@ fn mamba1_probe_groups_state_norm_and_reset() {
         assert!(rel(&all[40 * v..80 * v], &fresh) <= 1e-5, "{case}: reset equals a fresh start");
     }
 }
+
+/// RWKV-7 (FAMILIES.md §1.9, §9.3): RRI (w′ = a·w, k′ = b·k; κ̂ and a untouched), Δ-scaling's
+/// analogue (log w′ = c·log w) and two staggered states in place of the window (its transition is
+/// not diagonal, so the window by state difference is refused; the staggered states are refused on
+/// the diagonal families, whose window is exact). Each changes the logits, and chunked = token by
+/// token = odd splits; staggered states wider than the stream change nothing.
+#[test]
+fn rwkv7_every_method_chunked_equals_step() {
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 7919 + 13) % 256).collect();
+    for case in ["rwkv7_tiny", "rwkv7_tiny_bf16"] {
+        let plain = logits(&model(case, "none"), &ids, 256);
+        for spec in ["rri:a=0.98,b=0.75", "dt:c=0.5", "staggered:r=8", "staggered:r=70"] {
+            let m = model(case, spec);
+            let step = logits(&m, &ids, 1);
+            let d = rel(&step, &plain);
+            // (The decays are strong: a window of 70 to 140 tokens changes the logits less.)
+            let min = if spec == "staggered:r=70" { 1e-4 } else { 1e-3 };
+            assert!(d > min, "{case} {spec} must change the logits ({d:.3e})");
+            for chunk in [256, 77, 5] {
+                let e = rel(&logits(&m, &ids, chunk), &step);
+                println!("{case} {spec} chunk {chunk} vs step: rel {e:.3e} (vs none {d:.3e})");
+                assert!(e <= 1e-4, "{case} {spec} chunk {chunk}: rel {e:.3e}");
+            }
+        }
+        let wide = logits(&model(case, "staggered:r=256"), &ids, 64);
+        let e = rel(&wide, &plain);
+        assert!(e <= 1e-5, "{case}: staggered states wider than the stream change nothing ({e:.3e})");
+    }
+    let mut m = Model::load(&data("rwkv7_tiny")).unwrap();
+    let err = format!("{:#}", m.set_forget(ForgetSpec::parse("window:r=8").unwrap()).unwrap_err());
+    assert!(err.contains("staggered:r=N") && err.contains("diagonal"), "{err}");
+    for case in CASES {
+        let mut m = Model::load(&data(case)).unwrap();
+        let err = format!("{:#}", m.set_forget(ForgetSpec::parse("staggered:r=8").unwrap()).unwrap_err());
+        assert!(err.contains("non-diagonal") && err.contains("window:r=N"), "{case}: {err}");
+    }
+}
+
+/// RWKV-7's probe series: Σ log w per key channel (negative; Δ-scaling halves layer 0's exactly)
+/// and Σ a, the in-context learning rate (the delta rule's erasure strength, in (0, T)).
+#[test]
+fn rwkv7_probe_series() {
+    let ids: Vec<u32> = (0..50u32).collect();
+    let m = model("rwkv7_tiny", "none");
+    let net = m.net();
+    let (names, width) = net.probe_series();
+    assert_eq!(names, ["log_decay_sum", "learning_rate_sum"]);
+    assert_eq!(width * net.n_heads(), m.info.d_model);
+    let ex = stuffed::exec::Pool::new();
+    let run = |net: &dyn stuffed_core::Recurrent| {
+        let mut probe = vec![0f32; net.probe_len()];
+        let mut state = vec![0f32; net.state_len()];
+        let mut scratch = vec![0f32; net.scratch_len(ids.len())];
+        let mut hidden = vec![0f32; ids.len() * m.info.d_model];
+        net.forward_probed(&ex, &ids, &mut state, &mut scratch, &mut hidden, &mut probe).unwrap();
+        probe
+    };
+    let p = run(net);
+    let c = m.info.d_model;
+    for layer in p.chunks_exact(2 * c) {
+        let (lw, a) = layer.split_at(c);
+        // |log w| ≤ e^{−0.5} per token.
+        assert!(lw.iter().all(|v| *v < 0.0 && *v >= -0.6066 * 50.0), "log decay sums");
+        assert!(a.iter().all(|v| *v > 0.0 && *v < 50.0), "learning-rate sums");
+    }
+    let m2 = model("rwkv7_tiny", "dt:c=0.5");
+    let p2 = run(m2.net());
+    for (x, y) in p2[..c].iter().zip(&p[..c]) {
+        assert!((x - 0.5 * y).abs() <= 1e-4 * y.abs().max(1.0), "{x} vs {y}/2");
+    }
+    assert_eq!(p2[c..2 * c], p[c..2 * c], "Δ-scaling leaves the learning rate alone");
+}

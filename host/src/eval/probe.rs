@@ -342,6 +342,10 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         "series": names,
         "notes": "t = tokens consumed (from 1); the retention sum includes the first token's own decay; \
                   per-channel decays report the mean and max over key channels; variance is unbiased",
+        "retention_bound": (model.info.family == crate::model::Family::Rwkv7).then_some(
+            "RWKV-7: the retention is Σ log w along the decay path only; the delta rule's erasure −(S·κ̂)(κ̂⊙a)ᵀ \
+             removes more, so it is an upper bound on the first token's retention (learning_rate_sum: Σ a per channel)"
+        ),
     });
     write_atomic(&out.join("probe.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
     let _ = std::fs::remove_file(out.join(CKPT));

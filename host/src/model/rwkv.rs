@@ -77,6 +77,9 @@ fn v5_mix(r: &str) -> String {
 pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> {
     let (path, cfg_path) = (found.weights.as_path(), found.config_path.as_path());
     let json = found.config.as_ref().map(|c| &c.json);
+    if super::rwkv7::claims(ck) {
+        return super::rwkv7::load(ck, found);
+    }
     let hf = ck.get("rwkv.embeddings.weight").is_some();
     let names: Vec<String> = ck.names().map(String::from).collect();
     // Version detection from tensor names (FORMATS §3.2), on BlinkDL names.
