@@ -63,6 +63,7 @@ pub mod exec;
 pub mod forget;
 pub mod gemm;
 pub mod gla;
+pub mod gla_lm;
 pub mod hgrn2;
 pub mod mamba2;
 pub mod model;

@@ -12,6 +12,7 @@ use stuffed_core::mamba2::Mamba2;
 use stuffed_core::{Data, Recurrent, Weight};
 
 mod family;
+mod gla;
 mod hgrn2;
 mod mamba2;
 mod rwkv;
@@ -54,6 +55,9 @@ pub enum Layout {
     Rwkv { n_heads: usize, head_size: usize, d_ffn: usize, lora_mix: usize, lora_decay: usize },
     /// HGRN-2: `n_heads` heads of an `expand` (key) × `head_v` (value) state; a SwiGLU MLP of `d_mlp`.
     Hgrn2 { n_heads: usize, expand: usize, head_v: usize, d_mlp: usize },
+    /// GLA: `n_heads` heads of a `head_k` × `head_v` state, keys shared by `n_kv_heads`; a SwiGLU MLP
+    /// of `gla_mlp`; short convs of width `gla_conv` (0: none).
+    Gla { n_heads: usize, n_kv_heads: usize, head_k: usize, head_v: usize, gla_mlp: usize, gla_conv: usize },
 }
 
 impl ModelInfo {
@@ -65,6 +69,7 @@ impl ModelInfo {
             Layout::Mamba2 { .. } => self.family == Family::Mamba2,
             Layout::Rwkv { .. } => matches!(self.family, Family::Rwkv5 | Family::Rwkv6),
             Layout::Hgrn2 { .. } => self.family == Family::Hgrn2,
+            Layout::Gla { .. } => self.family == Family::Gla,
         };
         if !fits {
             bail!(
@@ -90,6 +95,10 @@ impl fmt::Display for Layout {
             Layout::Hgrn2 { n_heads, expand, head_v, d_mlp } => {
                 write!(f, "heads {n_heads} × (expand {expand} × head_v {head_v}), mlp {d_mlp}")
             }
+            Layout::Gla { n_heads, n_kv_heads, head_k, head_v, gla_mlp, gla_conv } => write!(
+                f,
+                "heads {n_heads} (kv {n_kv_heads}) × (head_k {head_k} × head_v {head_v}), mlp {gla_mlp}, conv {gla_conv}"
+            ),
         }
     }
 }

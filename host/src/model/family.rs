@@ -1,6 +1,6 @@
 //! The families `stuffed` runs, named once: [`Family`] and its table (`families!` below), and what a
 //! path holds ([`detect`]). Adding a family is one line of that table and one host file beside this.
-use super::{hgrn2, mamba2, rwkv, Loader};
+use super::{gla, hgrn2, mamba2, rwkv, Loader};
 use crate::config;
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
@@ -67,6 +67,7 @@ families! {
     Rwkv5 = "rwkv5", model_types ["rwkv5"], "RWKV-5.2", rwkv, World;
     Rwkv6 = "rwkv6", model_types ["rwkv6"], "RWKV-6", rwkv, World;
     Hgrn2 = "hgrn2", model_types ["hgrn2"], "HGRN-2", hgrn2, OwnOnly;
+    Gla = "gla", model_types ["gla"], "GLA", gla, OwnOnly;
 }
 
 impl Family {
