@@ -216,9 +216,10 @@ pub const HGRN2_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
     &[("tiny", 64, 2, 16, 256, 256), ("1.3b", 2048, 24, 128, 5632, 32000)];
 
 /// (name, C, L, heads, I, vocab rows) of GLA (fla-hub `gla-{1.3B,2.7B}-100B`: expand_k 0.5, expand_v 1,
-/// no short conv, I = fla's 256-rounded ⅔·4·C; the 2.7B shape is from third-party material).
+/// no short conv, I = fla's 256-rounded ⅔·4·C; the 2.7B shape is from third-party material). The
+/// tiny one has rows for the 2,259 tokens of tests/data/tokenizer_llama_style.
 pub const GLA_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
-    &[("tiny", 64, 2, 4, 256, 256), ("1.3b", 2048, 24, 4, 5632, 32000), ("2.7b", 2560, 32, 4, 6912, 32000)];
+    &[("tiny", 64, 2, 4, 256, 2304), ("1.3b", 2048, 24, 4, 5632, 32000), ("2.7b", 2560, 32, 4, 6912, 32000)];
 
 fn torch_dtype(dt: Dtype) -> &'static str {
     match dt {

@@ -225,7 +225,7 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value = "mamba2")]
         family: crate::model::Family,
         /// A published size (mamba2: 130m 370m 780m 1.3b 2.7b; rwkv6: 1.6b 3b 7b; rwkv5: 0.4b 1.5b 3b
-        /// 7b; hgrn2: 1.3b) or a test shape (tiny; for mamba2 also small and p128).
+        /// 7b; hgrn2: 1.3b; gla: 1.3b 2.7b) or a test shape (tiny; for mamba2 also small and p128).
         #[arg(long)]
         preset: String,
         /// Weight dtype.
@@ -325,6 +325,7 @@ mod tests {
         let help = preset.get_help().unwrap().to_string();
         let names = MAMBA2_PRESETS.iter().map(|p| p.0).chain(RWKV6_PRESETS.iter().map(|p| p.0));
         let names = names.chain(RWKV5_PRESETS.iter().map(|p| p.0)).chain(HGRN2_PRESETS.iter().map(|p| p.0));
+        let names = names.chain(GLA_PRESETS.iter().map(|p| p.0));
         for n in names {
             assert!(help.split(|c: char| !(c.is_alphanumeric() || c == '.')).any(|w| w == n), "{n} not in: {help}");
         }
