@@ -190,12 +190,13 @@ pub fn targets() -> Vec<Target> {
 }
 
 /// config.json targets: (target, model directory under tests/data, its weight file).
-const CONFIGS: [(&str, &str, &str); 5] = [
+const CONFIGS: [(&str, &str, &str); 6] = [
     ("config-mamba2", "mamba2_hf_g2_tied", "model.safetensors"),
     ("config-mamba2-official", "mamba2_official", "pytorch_model.bin"),
     ("config-rwkv5", "rwkv5_tiny_hf", "model.safetensors"),
     ("config-rwkv6", "rwkv6_tiny_hf", "model.safetensors"),
     ("config-hgrn2", "hgrn2_tiny", "model.safetensors"),
+    ("config-gla", "gla_tiny", "model.safetensors"),
 ];
 
 /// The config target this process runs (a config target's fns cannot capture which it is).

@@ -91,7 +91,7 @@ fn hgrn2_synth_loads_and_needs_a_tokenizer_for_text() {
 }
 
 /// GLA: `synth` writes what the loader reads; `info`, `logits`, `ppl` under every `--forget`
-/// method, `passkey` and `probe` run with a tokenizer.json beside the weights (fla-hub's GLA ships
+/// method (rri, dt, window, state-norm, reset), `passkey` and `probe` run with a tokenizer.json beside the weights (fla-hub's GLA ships
 /// a Llama-style one); without one the text commands say so; a tokenizer whose ids pass the
 /// embedding's rows is refused naming the id and the rows.
 #[test]
@@ -114,7 +114,8 @@ fn gla_commands_on_a_tiny_synth_model() {
     std::fs::copy(&tok, m.join("tokenizer.json")).unwrap();
     let text = root().join("host/assets/corpus/austen_persuasion.txt");
     let text = text.to_str().unwrap();
-    for forget in ["none", "rri:a=0.999,b=0.75", "dt:c=0.5", "window:r=64"] {
+    let methods = ["rri:a=0.999,b=0.75", "dt:c=0.5", "window:r=64", "state-norm:every=64,calib=64", "reset:every=100"];
+    for forget in std::iter::once("none").chain(methods) {
         let out = dir.path().join(format!("ppl-{}", forget.len()));
         let o = out.to_str().unwrap();
         let args = ["ppl", "--model", ms, "--text", text, "--max-tokens", "300", "--chunk", "128", "--forget", forget];
