@@ -517,3 +517,47 @@ impl Recurrent for Gla<'_> {
         (PROBE, self.cfg.head_k)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kv head j serves query heads j·g .. j·g + g − 1 (fla's `repeat(x, '(h d) -> (h g) d')`),
+    /// in place over several rows.
+    #[test]
+    fn kv_heads_repeat_in_fla_order() {
+        let (t, nkv, g, dh) = (3, 2, 3, 2);
+        let mut buf = [0f32; 3 * 2 * 3 * 2];
+        for (i, v) in buf[..t * nkv * dh].iter_mut().enumerate() {
+            *v = i as f32;
+        }
+        repeat_heads(&mut buf, t, nkv, g, dh);
+        for tt in 0..t {
+            for h in 0..nkv * g {
+                for c in 0..dh {
+                    let want = (tt * nkv * dh + (h / g) * dh + c) as f32;
+                    assert_eq!(buf[(tt * nkv * g + h) * dh + c], want, "row {tt} head {h} ch {c}");
+                }
+            }
+        }
+    }
+
+    /// The short conv continues across calls: 5 tokens at once equal 2 + 3 with the history kept.
+    #[test]
+    fn short_conv_carries_its_history() {
+        let taps = [0.5f32, -1.0, 2.0, 0.25, 1.5, -0.5];
+        let wt = Weight::new(crate::weight::Data::F32(&taps), 2, 3).unwrap();
+        let x: [f32; 10] = [0.1, -0.2, 0.3, 0.4, -0.5, 0.6, 0.7, -0.8, 0.9, 1.0];
+        let (mut whole, mut parts) = (x, x);
+        let (mut h1, mut h2) = ([0f32; 4], [0f32; 4]);
+        short_conv(&wt, 3, 5, &mut whole, &mut h1);
+        short_conv(&wt, 3, 2, &mut parts[..4], &mut h2);
+        short_conv(&wt, 3, 3, &mut parts[4..], &mut h2);
+        assert_eq!(whole, parts);
+        assert_eq!(h1, h2);
+        // Token 3, channel 1: row 1 of the taps over inputs 1..=3 of channel 1, oldest first.
+        let y = taps[3] * x[3] + taps[4] * x[5] + taps[5] * x[7];
+        assert!((whole[7] - silu(y)).abs() < 1e-6);
+        assert_eq!(h1, [x[6], x[7], x[8], x[9]]);
+    }
+}
