@@ -101,9 +101,7 @@ impl Config {
     }
     pub fn validate(&self) -> Result<(), Error> {
         let c = self;
-        if [c.d_model, c.n_layer, c.n_heads, c.n_kv_heads, c.head_k, c.head_v, c.gate_rank, c.d_mlp]
-            .contains(&0)
-        {
+        if [c.d_model, c.n_layer, c.n_heads, c.n_kv_heads, c.head_k, c.head_v, c.gate_rank, c.d_mlp].contains(&0) {
             return Err(Error::Config("gla: a dimension is zero"));
         }
         if !c.n_heads.is_multiple_of(c.n_kv_heads) {

@@ -132,6 +132,9 @@ fn gla_commands_on_a_tiny_synth_model() {
     let golden = root().join("tests/data/gla_tiny");
     let out = dir.path().join("ppl-bad");
     let args = ["ppl", "--model", golden.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--text", text];
-    let err = format!("{:#}", cli(&[&args[..], &["--max-tokens", "300", "--out", out.to_str().unwrap()]].concat()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        cli(&[&args[..], &["--max-tokens", "300", "--out", out.to_str().unwrap()]].concat()).unwrap_err()
+    );
     assert!(err.contains("out of range") && err.contains("256 rows"), "{err}");
 }

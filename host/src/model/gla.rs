@@ -42,7 +42,9 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     let p = cfg_path.display();
     let present = |k: &str| json.get(k).filter(|v| !v.is_null());
     let get_u = |k: &str| -> Result<Option<usize>> {
-        present(k).map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("{p}: {k} {v} is not a count"))).transpose()
+        present(k)
+            .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("{p}: {k} {v} is not a count")))
+            .transpose()
     };
     let get_f = |k: &str| -> Result<Option<f64>> {
         present(k).map(|v| v.as_f64().ok_or_else(|| anyhow!("{p}: {k} {v} is not a number"))).transpose()
@@ -97,7 +99,9 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     let key_dim = scaled(&p, "expand_k", get_f("expand_k")?.unwrap_or(0.5), c)?;
     let value_dim = scaled(&p, "expand_v", get_f("expand_v")?.unwrap_or(1.0), c)?;
     if !key_dim.is_multiple_of(n_heads) || !value_dim.is_multiple_of(n_heads) {
-        bail!("{p}: key dim {key_dim} and value dim {value_dim} (expand_k/expand_v) must divide by num_heads {n_heads}");
+        bail!(
+            "{p}: key dim {key_dim} and value dim {value_dim} (expand_k/expand_v) must divide by num_heads {n_heads}"
+        );
     }
     let (head_k, head_v) = (key_dim / n_heads, value_dim / n_heads);
     let d_conv = if get_b("use_short_conv", false)? {
@@ -155,7 +159,9 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         let g_norm = ["attn.g_norm_swish_gate.weight", "attn.g_norm.weight"]
             .iter()
             .find(|n| ck.get(&format!("model.layers.{l}.{n}")).is_some())
-            .ok_or_else(|| anyhow!("{}: missing tensor model.layers.{l}.attn.g_norm_swish_gate.weight", path.display()))?;
+            .ok_or_else(|| {
+                anyhow!("{}: missing tensor model.layers.{l}.attn.g_norm_swish_gate.weight", path.display())
+            })?;
         let wg = match (output_gate, ck.get(&format!("model.layers.{l}.attn.g_proj.weight"))) {
             (true, _) => Some(t("attn.g_proj.weight", &[od, c])?),
             (false, None) => None,
