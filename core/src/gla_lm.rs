@@ -544,7 +544,7 @@ mod tests {
     #[test]
     fn short_conv_carries_its_history() {
         let taps = [0.5f32, -1.0, 2.0, 0.25, 1.5, -0.5];
-        let wt = Weight::new(crate::weight::Data::F32(&taps), 2, 3).unwrap();
+        let wt = Weight::new(crate::weight::Data::F32(&taps), 2, 3).expect("a 2 × 3 weight");
         let x: [f32; 10] = [0.1, -0.2, 0.3, 0.4, -0.5, 0.6, 0.7, -0.8, 0.9, 1.0];
         let (mut whole, mut parts) = (x, x);
         let (mut h1, mut h2) = ([0f32; 4], [0f32; 4]);

@@ -30,7 +30,7 @@ impl Views for Tables<'_> {
 /// `hidden · ratio` as a whole number of channels (fla asserts `isclose`), or an error naming `key`.
 fn scaled(p: &dyn std::fmt::Display, key: &str, ratio: f64, hidden: usize) -> Result<usize> {
     let x = hidden as f64 * ratio;
-    if !(ratio > 0.0) || (x - x.round()).abs() > 1e-6 * x.max(1.0) {
+    if ratio.is_nan() || ratio <= 0.0 || (x - x.round()).abs() > 1e-6 * x.max(1.0) {
         bail!("{p}: {key} {ratio} × hidden_size {hidden} is not a whole number of channels");
     }
     Ok(x.round() as usize)
