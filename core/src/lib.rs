@@ -64,6 +64,7 @@ pub mod exec;
 pub mod forget;
 pub mod gemm;
 pub mod gla;
+pub mod gla_lm;
 pub mod hgrn2;
 pub mod mamba1;
 pub mod mamba2;

@@ -12,6 +12,7 @@ use stuffed_core::mamba2::Mamba2;
 use stuffed_core::{Data, Recurrent, Weight};
 
 mod family;
+mod gla;
 mod hgrn2;
 mod mamba1;
 mod mamba2;
@@ -70,6 +71,9 @@ pub enum Layout {
         lora_v: usize,
         lora_gate: usize,
     },
+    /// GLA: `n_heads` heads of a `head_k` × `head_v` state, keys shared by `n_kv_heads`; a SwiGLU MLP
+    /// of `gla_mlp`; short convs of width `gla_conv` (0: none).
+    Gla { n_heads: usize, n_kv_heads: usize, head_k: usize, head_v: usize, gla_mlp: usize, gla_conv: usize },
 }
 
 impl ModelInfo {
@@ -83,6 +87,7 @@ impl ModelInfo {
             Layout::Hgrn2 { .. } => self.family == Family::Hgrn2,
             Layout::Mamba1 { .. } => self.family == Family::Mamba1,
             Layout::Rwkv7 { .. } => self.family == Family::Rwkv7,
+            Layout::Gla { .. } => self.family == Family::Gla,
         };
         if !fits {
             bail!(
@@ -115,6 +120,10 @@ impl fmt::Display for Layout {
             Layout::Rwkv7 { n_heads, head_size, d_ffn, lora_decay, lora_a, lora_v, lora_gate } => write!(
                 f,
                 "heads {n_heads} × head_size {head_size}, ffn {d_ffn}, LoRA decay {lora_decay} / a {lora_a} / v {lora_v} / gate {lora_gate}"
+            ),
+            Layout::Gla { n_heads, n_kv_heads, head_k, head_v, gla_mlp, gla_conv } => write!(
+                f,
+                "heads {n_heads} (kv {n_kv_heads}) × (head_k {head_k} × head_v {head_v}), mlp {gla_mlp}, conv {gla_conv}"
             ),
         }
     }

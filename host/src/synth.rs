@@ -58,6 +58,7 @@ pub fn write(family: Family, preset: &str, dtype: StoreDtype, seed: u64, out: &P
         Family::Hgrn2 => hgrn2(preset, dtype, seed, out),
         Family::Mamba1 => mamba1(preset, dtype, seed, out),
         Family::Rwkv7 => rwkv7(preset, dtype, seed, out),
+        Family::Gla => gla(preset, dtype, seed, out),
     }
 }
 
@@ -231,6 +232,12 @@ pub const RWKV7_PRESETS: &[Rwkv7Preset] = &[
     ("pile-421m", 1024, 24, 4096, [64, 64, 32, 128], 50304),
     ("pile-1.47b", 2048, 24, 8192, [96, 96, 64, 256], 50304),
 ];
+
+/// (name, C, L, heads, I, vocab rows) of GLA (fla-hub `gla-{1.3B,2.7B}-100B`: expand_k 0.5, expand_v 1,
+/// no short conv, I = fla's 256-rounded ⅔·4·C; the 2.7B shape is from third-party material). The
+/// tiny one has rows for the 2,259 tokens of tests/data/tokenizer_llama_style.
+pub const GLA_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
+    &[("tiny", 64, 2, 4, 256, 2304), ("1.3b", 2048, 24, 4, 5632, 32000), ("2.7b", 2560, 32, 4, 6912, 32000)];
 
 fn torch_dtype(dt: Dtype) -> &'static str {
     match dt {
@@ -502,6 +509,57 @@ fn mamba1(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> 
         "conv_kernel": k, "time_step_rank": r, "use_bias": false, "use_conv_bias": true, "hidden_act": "silu",
         "layer_norm_epsilon": 1e-5, "residual_in_fp32": true, "tie_word_embeddings": true, "vocab_size": vocab,
         "torch_dtype": torch_dtype(dt),
+        "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
+    });
+    write_dir(out, config, &tensors)
+}
+
+/// GLA random weights as fla 0.6.0 writes them (`model.safetensors` + `config.json`).
+fn gla(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
+    let Some(&(_, c, n_layer, nh, im, vocab)) = GLA_PRESETS.iter().find(|x| x.0 == preset) else {
+        let names: Vec<_> = GLA_PRESETS.iter().map(|x| x.0).collect();
+        bail!("unknown GLA preset '{preset}' (known: {})", names.join(", "));
+    };
+    let (kd, vd, rank) = (c / 2, c, 16);
+    let dt = dtype.safetensors();
+    let mut rng = Rng(seed);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
+        let numel = shape.iter().product();
+        let bytes = encode((0..numel).map(|_| f(&mut rng)), dt);
+        tensors.push(Tensor { name, shape, dtype: dt, bytes });
+    };
+    let s_in = 1.0 / (c as f32).sqrt();
+    let s_out = s_in / (2.0 * n_layer as f32).sqrt();
+    add("model.embeddings.weight".into(), vec![vocab, c], &mut |r| r.uniform(-0.035, 0.035));
+    for l in 0..n_layer {
+        let p = format!("model.layers.{l}.");
+        for nm in ["attn_norm", "mlp_norm"] {
+            add(format!("{p}{nm}.weight"), vec![c], &mut |_| 1.0);
+        }
+        add(format!("{p}attn.g_norm_swish_gate.weight"), vec![vd / nh], &mut |_| 1.0);
+        for (pr, rows) in [("q_proj", kd), ("k_proj", kd), ("v_proj", vd), ("g_proj", vd)] {
+            add(format!("{p}attn.{pr}.weight"), vec![rows, c], &mut |r| r.uniform(-s_in, s_in));
+        }
+        add(format!("{p}attn.gk_proj.0.weight"), vec![rank, c], &mut |r| r.uniform(-s_in, s_in));
+        add(format!("{p}attn.gk_proj.1.weight"), vec![kd, rank], &mut |r| r.uniform(-0.25, 0.25));
+        add(format!("{p}attn.gk_proj.1.bias"), vec![kd], &mut |r| r.uniform(2.0, 6.0));
+        add(format!("{p}attn.o_proj.weight"), vec![c, vd], &mut |r| r.uniform(-s_out, s_out));
+        for pr in ["gate_proj", "up_proj"] {
+            add(format!("{p}mlp.{pr}.weight"), vec![im, c], &mut |r| r.uniform(-s_in, s_in));
+        }
+        let sd = 1.0 / (im as f32).sqrt() / (2.0 * n_layer as f32).sqrt();
+        add(format!("{p}mlp.down_proj.weight"), vec![c, im], &mut |r| r.uniform(-sd, sd));
+    }
+    add("model.norm.weight".into(), vec![c], &mut |_| 1.0);
+    add("lm_head.weight".into(), vec![vocab, c], &mut |r| r.uniform(-s_in, s_in));
+    let config = serde_json::json!({
+        "model_type": "gla", "architectures": ["GLAForCausalLM"],
+        "hidden_size": c, "num_hidden_layers": n_layer, "num_heads": nh, "num_kv_heads": null,
+        "expand_k": 0.5, "expand_v": 1, "intermediate_size": im, "hidden_ratio": 4, "use_short_conv": false,
+        "use_output_gate": true, "feature_map": null, "clamp_min": null, "hidden_act": "swish",
+        "norm_eps": 1e-6, "attn_mode": "chunk", "attn": null, "tie_word_embeddings": false,
+        "vocab_size": vocab, "torch_dtype": torch_dtype(dt),
         "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
     });
     write_dir(out, config, &tensors)

@@ -830,3 +830,69 @@ fn rwkv7_fla_config_and_tokenizer_mismatches_are_refused() {
     let err = format!("{:#}", m.tokenizer(Some(&neox)).err().expect("too many ids: an error"));
     assert_mentions(&err, &["rwkv7_tiny", "20B_tokenizer.json", "ids but the model's embedding has 256 rows"]);
 }
+
+/// GLA (fla 0.6.0 `GLAForCausalLM`): config values fla would compute differently, or that change
+/// the math beyond what stuffed runs, are refused naming the field; missing and misshapen tensors
+/// name the tensor; what fla's own configs say (defaults, null fields, the fused norm's name) loads.
+#[test]
+fn gla_config_and_tensors_are_checked() {
+    use serde_json::Value;
+    type Edit = fn(&mut Value);
+    let src = "gla_tiny";
+    let cases: &[(Edit, &[&str])] = &[
+        (|c| c["feature_map"] = "relu".into(), &["feature_map \"relu\"", "not supported"]),
+        (|c| c["hidden_act"] = "gelu".into(), &["hidden_act \"gelu\"", "not supported"]),
+        (|c| c["use_gv"] = true.into(), &["use_gv = true", "not supported"]),
+        (|c| c["use_gk"] = false.into(), &["use_gk = false", "not supported"]),
+        (|c| c["gate_logit_normalizer"] = 8.into(), &["gate_logit_normalizer 8", "not supported"]),
+        (|c| c["num_kv_heads"] = 2.into(), &["num_heads 3", "num_kv_heads 2"]),
+        (|c| c["expand_k"] = 0.51.into(), &["expand_k 0.51", "not a whole number"]),
+        (|c| c["clamp_min"] = 0.5.into(), &["clamp_min 0.5", "not supported"]),
+        (|c| c["conv_size"] = 40.into(), &["conv_size 40", "not supported"]),
+        (|c| c["attn"] = serde_json::json!({"layers": [1]}), &["attn", "not supported"]),
+        (|c| c["attnres_block_size"] = 2.into(), &["attnres_block_size", "not supported"]),
+        (|c| c["attn_mode"] = "parallel".into(), &["attn_mode \"parallel\""]),
+        (|c| c["elementwise_affine"] = false.into(), &["elementwise_affine = false", "not supported"]),
+        (|c| c["intermediate_size"] = 128.into(), &["intermediate_size 128", "136"]),
+        (|c| c["use_short_conv"] = false.into(), &["use_short_conv is false", "q_conv1d"]),
+        (|c| c["use_output_gate"] = false.into(), &["use_output_gate = false", "g_proj"]),
+        (|c| c["num_heads"] = "three".into(), &["num_heads \"three\"", "not a count"]),
+        (|c| c["num_hidden_layers"] = 3.into(), &["states 3 layers", "model.layers.2.attn_norm.weight"]),
+    ];
+    for &(edit, want) in cases {
+        let (err, _) = rewritten_err(src, edit, |_| true, &[]);
+        assert_mentions(&err, &[&["config.json"], want].concat());
+    }
+    // Shapes the config implies: a conv width the weights do not have, heads that split K differently.
+    let (err, _) = rewritten_err(src, |c| c["conv_size"] = 4.into(), |_| true, &[]);
+    assert_mentions(&err, &["model.layers.0.attn.q_conv1d.weight", "[30, 1, 3]", "expected [30, 1, 4]"]);
+    let (err, _) = rewritten_err(src, |c| c["num_kv_heads"] = 3.into(), |_| true, &[]);
+    assert_mentions(&err, &["model.layers.0.attn.k_conv1d.weight", "[10, 1, 3]", "expected [30, 1, 3]"]);
+    for tensor in ["model.layers.1.attn.gk_proj.1.bias", "model.layers.0.attn.v_conv1d.weight", "lm_head.weight"] {
+        let (err, dir) = rewritten_err(src, |_| {}, |n| n != tensor, &[]);
+        assert_mentions(&err, &[&dir, &format!("missing tensor {tensor}")]);
+    }
+    let g_norm = "model.layers.1.attn.g_norm.weight";
+    let (err, _) = rewritten_err(src, |_| {}, |n| n != g_norm, &[(g_norm.to_string(), vec![31])]);
+    assert_mentions(&err, &[g_norm, "[31]", "expected [30]"]);
+    let (err, _) = rewritten_err(src, |_| {}, |n| n != g_norm, &[]);
+    assert_mentions(&err, &["missing tensor model.layers.1.attn.g_norm_swish_gate.weight"]);
+    // Loads: fla's defaults written out, null fields, the fused norm's name, a tied head.
+    let renamed = |n: &str| n.replace("g_norm.weight", "g_norm_swish_gate.weight");
+    let dir = tempfile::tempdir().unwrap();
+    let all: Vec<_> = (0..2).map(|l| (renamed(&format!("model.layers.{l}.attn.g_norm.weight")), vec![30])).collect();
+    rewrite_model(src, dir.path(), |_| {}, |n| !n.ends_with("g_norm.weight"), &all);
+    Model::load(dir.path()).unwrap();
+    for edit in [
+        (|c| c["intermediate_size"] = Value::Null) as Edit,
+        |c| c["num_kv_heads"] = 1.into(),
+        |c| c["clamp_min"] = Value::Null,
+        |c| c["gate_logit_normalizer"] = 16.into(),
+        |c| c["attn_mode"] = "fused_recurrent".into(),
+    ] {
+        rewrite_model(src, dir.path(), edit, |_| true, &[]);
+        Model::load(dir.path()).unwrap();
+    }
+    rewrite_model(src, dir.path(), |c| c["tie_word_embeddings"] = true.into(), |n| n != "lm_head.weight", &[]);
+    Model::load(dir.path()).unwrap();
+}

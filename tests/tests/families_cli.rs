@@ -206,3 +206,52 @@ fn rwkv7_presets_state_size() {
         assert_eq!((p.1, p.2, p.3, p.4, p.5), (w.1, w.2, w.3, w.4, 50304), "{pile}: {world}'s shape, NeoX rows");
     }
 }
+
+/// GLA: `synth` writes what the loader reads; `info`, `logits`, `ppl` under every `--forget`
+/// method (rri, dt, window, state-norm, reset), `passkey` and `probe` run with a tokenizer.json beside the weights (fla-hub's GLA ships
+/// a Llama-style one); without one the text commands say so; a tokenizer whose ids pass the
+/// embedding's rows is refused naming the id and the rows.
+#[test]
+fn gla_commands_on_a_tiny_synth_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth("gla", dir.path());
+    let model = Model::load(&m).unwrap();
+    assert_eq!(model.info.family.name(), "gla");
+    // N_S = L·H·K·V = 2 · 4 · 8 · 16 (no short conv).
+    assert_eq!(model.info.paper_state_size, 2 * 4 * 8 * 16);
+    let ms = m.to_str().unwrap();
+    cli(&["info", "--model", ms]).unwrap();
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(&ids, "1 2 3 4 5 6 7").unwrap();
+    let out = dir.path().join("o.safetensors");
+    cli(&["logits", "--model", ms, "--ids", ids.to_str().unwrap(), "--out", out.to_str().unwrap()]).unwrap();
+    let err = cli(&["generate", "--model", ms, "--prompt", "hi"]).unwrap_err();
+    assert!(format!("{err:#}").contains("tokenizer.json"), "{err:#}");
+    let tok = root().join("tests/data/tokenizer_llama_style/tokenizer.json");
+    std::fs::copy(&tok, m.join("tokenizer.json")).unwrap();
+    let text = root().join("host/assets/corpus/austen_persuasion.txt");
+    let text = text.to_str().unwrap();
+    let methods = ["rri:a=0.999,b=0.75", "dt:c=0.5", "window:r=64", "state-norm:every=64,calib=64", "reset:every=100"];
+    for forget in std::iter::once("none").chain(methods) {
+        let out = dir.path().join(format!("ppl-{}", forget.len()));
+        let o = out.to_str().unwrap();
+        let args = ["ppl", "--model", ms, "--text", text, "--max-tokens", "300", "--chunk", "128", "--forget", forget];
+        cli(&[&args[..], &["--out", o]].concat()).unwrap();
+        let r = std::fs::read_to_string(out.join("results.json")).unwrap();
+        assert!(r.contains("\"gla\""), "family in the results: {r}");
+    }
+    let out = dir.path().join("pk");
+    cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
+    let out = dir.path().join("probe");
+    let args = ["probe", "--model", ms, "--text", text, "--max-tokens", "200", "--every", "50"];
+    cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+    // The golden model has 256 rows: the Llama-style tokenizer's ids pass them.
+    let golden = root().join("tests/data/gla_tiny");
+    let out = dir.path().join("ppl-bad");
+    let args = ["ppl", "--model", golden.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--text", text];
+    let err = format!(
+        "{:#}",
+        cli(&[&args[..], &["--max-tokens", "300", "--out", out.to_str().unwrap()]].concat()).unwrap_err()
+    );
+    assert!(err.contains("out of range") && err.contains("256 rows"), "{err}");
+}

@@ -1,6 +1,6 @@
 //! The families `stuffed` runs, named once: [`Family`] and its table (`families!` below), and what a
 //! path holds ([`detect`]). Adding a family is one line of that table and one host file beside this.
-use super::{hgrn2, mamba1, mamba2, rwkv, rwkv7, Loader};
+use super::{gla, hgrn2, mamba1, mamba2, rwkv, rwkv7, Loader};
 use crate::config;
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
@@ -72,6 +72,7 @@ families! {
     /// RWKV-7 (x070): its `.pth` is found as RWKV's and handed on by tensor names; the tokenizer
     /// follows the embedding's rows (host/src/model/rwkv7.rs).
     Rwkv7 = "rwkv7", model_types ["rwkv7"], "RWKV-7", rwkv7, World;
+    Gla = "gla", model_types ["gla"], "GLA", gla, OwnOnly;
 }
 
 impl Family {

@@ -1,0 +1,561 @@
+//! GLA (fla `GLAForCausalLM`, Yang et al. 2023): the whole forward math of fla 0.6.0's
+//! `GatedLinearAttention` layer (FAMILIES.md §5) around the recurrence of [`crate::gla`].
+//!
+//! Per layer: `h = RMSNorm(x)`, `q = h·W_qᵀ`, `k = h·W_kᵀ`, `v = h·W_vᵀ` (with `use_short_conv`
+//! each through its own causal depthwise conv of width `w` + SiLU), the low-rank gate
+//! `gk = (h·W₁ᵀ)·W₂ᵀ + b`, log decay `lw = logsigmoid(gk)/16` (then `max(lw, clamp_min)` when set),
+//! kv heads repeated to the query heads (head `h` reads kv head `h / (H/H_kv)`), the recurrence in
+//! [`gla::Mode::Inclusive`] with query `q·K^−½` (`S ← diag(exp lw)·S + kᵀv`, `o = q·S`),
+//! `o ← RMSNorm_head(o; g_norm, eps) ⊙ silu(h·W_gᵀ)` (no gate without `use_output_gate`),
+//! `x += o·W_oᵀ`, then the SwiGLU MLP `x += (silu(h2·W_gateᵀ) ⊙ h2·W_upᵀ)·W_downᵀ` on
+//! `h2 = RMSNorm(x)`.
+//!
+//! Shapes: `C` = d_model, `H` heads, `H_kv` kv heads, `K` = key dim per head, `V` = value dim per
+//! head, `R` = gate rank, `I` = MLP width, `w` = conv width. Query rows are `H·K` wide, key and
+//! gate rows `H_kv·K`, value rows `H_kv·V`, output-gate rows `H·V`.
+//!
+//! State, per layer (f32): `S (H, K, V)` (`[head][key][value]`), then with the short conv the last
+//! `w − 1` inputs of each conv, oldest first: `q (w − 1, H·K)`, `k (w − 1, H_kv·K)`,
+//! `v (w − 1, H_kv·V)`.
+//! Zero = start of a sequence. Under `Forget::Window { r }` the state continues with one
+//! [`gla::window_len`] cache per layer and then two values (position mod r, filled).
+use crate::error::{need, Error};
+use crate::exec::{Exec, Shared};
+use crate::forget::{Forget, LayerWindow, Runs};
+use crate::gemm::matmul;
+use crate::gla::{self, Mode};
+use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
+use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
+use crate::weight::Weight;
+
+/// The widest short conv the token loop keeps on the stack.
+pub const MAX_CONV: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    /// C
+    pub d_model: usize,
+    pub n_layer: usize,
+    /// H
+    pub n_heads: usize,
+    /// H_kv (divides H)
+    pub n_kv_heads: usize,
+    /// K (key dim per head)
+    pub head_k: usize,
+    /// V (value dim per head)
+    pub head_v: usize,
+    /// R (rank of the gate projection)
+    pub gate_rank: usize,
+    /// I
+    pub d_mlp: usize,
+    pub vocab_rows: usize,
+    /// w: the short conv's width, 0 without it.
+    pub d_conv: usize,
+    /// The divisor of logsigmoid in the log decay (fla: 16).
+    pub gate_norm: f32,
+    /// The lower clamp of the log decay, if any.
+    pub clamp_min: Option<f32>,
+    /// Whether `o` is multiplied by `silu(h·W_gᵀ)` after its norm.
+    pub output_gate: bool,
+    /// RMSNorm eps of every norm (attn, g_norm, mlp, final).
+    pub eps: f32,
+}
+
+impl Config {
+    /// Query (and output) key channels `H·K`.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_k
+    }
+    /// Key (and gate) channels `H_kv·K`.
+    pub fn k_dim(&self) -> usize {
+        self.n_kv_heads * self.head_k
+    }
+    /// Value channels `H_kv·V`.
+    pub fn v_dim(&self) -> usize {
+        self.n_kv_heads * self.head_v
+    }
+    /// Output channels `H·V`.
+    pub fn o_dim(&self) -> usize {
+        self.n_heads * self.head_v
+    }
+    /// Channels through the short conv: `q | k | v`.
+    pub fn conv_dim(&self) -> usize {
+        self.q_dim() + self.k_dim() + self.v_dim()
+    }
+    pub fn conv_len(&self) -> usize {
+        if self.d_conv == 0 {
+            0
+        } else {
+            (self.d_conv - 1) * self.conv_dim()
+        }
+    }
+    /// `H·K·V`: the recurrent matrices of one layer (the paper's state size per layer).
+    pub fn matrix_len(&self) -> usize {
+        self.n_heads * self.head_k * self.head_v
+    }
+    pub fn layer_state_len(&self) -> usize {
+        self.matrix_len() + self.conv_len()
+    }
+    pub fn state_size(&self) -> usize {
+        self.n_layer * self.layer_state_len()
+    }
+    pub fn validate(&self) -> Result<(), Error> {
+        let c = self;
+        if [c.d_model, c.n_layer, c.n_heads, c.n_kv_heads, c.head_k, c.head_v, c.gate_rank, c.d_mlp].contains(&0) {
+            return Err(Error::Config("gla: a dimension is zero"));
+        }
+        if !c.n_heads.is_multiple_of(c.n_kv_heads) {
+            return Err(Error::Config("gla: num_heads must be a multiple of num_kv_heads"));
+        }
+        if c.d_conv == 1 || c.d_conv > MAX_CONV {
+            return Err(Error::Config("gla: conv_size must be 2..=16"));
+        }
+        if !(c.gate_norm > 0.0 && c.gate_norm.is_finite()) {
+            return Err(Error::Config("gla: gate_logit_normalizer must be > 0"));
+        }
+        if c.clamp_min.is_some_and(|m| !(m.is_finite() && m < 0.0)) {
+            return Err(Error::Config("gla: clamp_min must be finite and < 0"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Layer<'a> {
+    /// (1, C)
+    pub attn_norm: Weight<'a>,
+    /// (H·K, C)
+    pub wq: Weight<'a>,
+    /// (H_kv·K, C)
+    pub wk: Weight<'a>,
+    /// (H_kv·V, C)
+    pub wv: Weight<'a>,
+    /// (H·V, C), with `output_gate`
+    pub wg: Option<Weight<'a>>,
+    /// (R, C)
+    pub gk1: Weight<'a>,
+    /// (H_kv·K, R)
+    pub gk2: Weight<'a>,
+    /// (1, H_kv·K)
+    pub gk_bias: Weight<'a>,
+    /// Short conv weights (channels, w), with `d_conv > 0`: q (H·K), k (H_kv·K), v (H_kv·V).
+    pub conv: Option<[Weight<'a>; 3]>,
+    /// (1, V)
+    pub g_norm: Weight<'a>,
+    /// (C, H·V)
+    pub wo: Weight<'a>,
+    /// (1, C)
+    pub mlp_norm: Weight<'a>,
+    /// (I, C) each
+    pub gate: Weight<'a>,
+    pub up: Weight<'a>,
+    /// (C, I)
+    pub down: Weight<'a>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Weights<'a> {
+    /// (vocab, C)
+    pub embed: Weight<'a>,
+    pub layers: &'a [Layer<'a>],
+    /// (1, C)
+    pub norm: Weight<'a>,
+    /// (vocab, C): the embedding itself when tied
+    pub head: Weight<'a>,
+}
+
+pub struct Gla<'a> {
+    pub cfg: Config,
+    pub w: Weights<'a>,
+    forget: Forget,
+}
+
+const PROBE: &[&str] = &["log_decay_sum"];
+
+/// Causal depthwise conv of width `w` + SiLU over `x (t, D)` in place (row stride `D`), continuing
+/// from `hist (w − 1, D)` (the last inputs, oldest first), which it leaves holding this call's last
+/// `w − 1` inputs. `wt (D, w)`: output `y_t = Σ_j wt[j]·x_{t−(w−1)+j}`.
+fn short_conv(wt: &Weight, w: usize, t: usize, x: &mut [f32], hist: &mut [f32]) {
+    let d = wt.rows;
+    let mut win = [0f32; MAX_CONV];
+    let mut taps = [0f32; MAX_CONV];
+    for ch in 0..d {
+        for (j, tap) in taps[..w].iter_mut().enumerate() {
+            *tap = wt.get(ch * w + j);
+        }
+        for j in 0..w - 1 {
+            win[j] = hist[j * d + ch];
+        }
+        for tt in 0..t {
+            win[w - 1] = x[tt * d + ch];
+            let y: f32 = taps[..w].iter().zip(&win[..w]).map(|(a, b)| a * b).sum();
+            x[tt * d + ch] = silu(y);
+            win.copy_within(1..w, 0);
+        }
+        for j in 0..w - 1 {
+            hist[j * d + ch] = win[j];
+        }
+    }
+}
+
+/// Repeats each of the `nkv` heads of width `dh` of the rows `buf[..t·nkv·dh]` `g` times in place,
+/// giving rows of `nkv·g·dh` (head `h` = source head `h / g`). Back to front, so no source is
+/// overwritten before it is read.
+fn repeat_heads(buf: &mut [f32], t: usize, nkv: usize, g: usize, dh: usize) {
+    if g == 1 {
+        return;
+    }
+    let (nw, ww) = (nkv * dh, nkv * g * dh);
+    for tt in (0..t).rev() {
+        for h in (0..nkv * g).rev() {
+            let src = tt * nw + (h / g) * dh;
+            buf.copy_within(src..src + dh, tt * ww + h * dh);
+        }
+    }
+}
+
+impl<'a> Gla<'a> {
+    pub fn new(cfg: Config, w: Weights<'a>) -> Result<Self, Error> {
+        cfg.validate()?;
+        let (c, i, v) = (cfg.d_model, cfg.d_mlp, cfg.vocab_rows);
+        if w.layers.len() != cfg.n_layer {
+            return Err(Error::Shape { what: "layers", expected: cfg.n_layer, got: w.layers.len() });
+        }
+        w.embed.expect_shape("embeddings", v, c)?;
+        w.head.expect_shape("lm_head", v, c)?;
+        w.norm.expect_shape("norm", 1, c)?;
+        for l in w.layers {
+            l.attn_norm.expect_shape("attn_norm", 1, c)?;
+            l.mlp_norm.expect_shape("mlp_norm", 1, c)?;
+            l.wq.expect_shape("attn.q_proj", cfg.q_dim(), c)?;
+            l.wk.expect_shape("attn.k_proj", cfg.k_dim(), c)?;
+            l.wv.expect_shape("attn.v_proj", cfg.v_dim(), c)?;
+            match (&l.wg, cfg.output_gate) {
+                (Some(g), true) => g.expect_shape("attn.g_proj", cfg.o_dim(), c)?,
+                (None, false) => {}
+                _ => return Err(Error::Config("gla: attn.g_proj present exactly when use_output_gate")),
+            }
+            l.gk1.expect_shape("attn.gk_proj.0", cfg.gate_rank, c)?;
+            l.gk2.expect_shape("attn.gk_proj.1", cfg.k_dim(), cfg.gate_rank)?;
+            l.gk_bias.expect_shape("attn.gk_proj.1.bias", 1, cfg.k_dim())?;
+            match (&l.conv, cfg.d_conv) {
+                (None, 0) => {}
+                (Some([q, k, vv]), w) if w > 0 => {
+                    q.expect_shape("attn.q_conv1d", cfg.q_dim(), w)?;
+                    k.expect_shape("attn.k_conv1d", cfg.k_dim(), w)?;
+                    vv.expect_shape("attn.v_conv1d", cfg.v_dim(), w)?;
+                }
+                _ => return Err(Error::Config("gla: conv weights present exactly when use_short_conv")),
+            }
+            l.g_norm.expect_shape("attn.g_norm", 1, cfg.head_v)?;
+            l.wo.expect_shape("attn.o_proj", c, cfg.o_dim())?;
+            l.gate.expect_shape("mlp.gate_proj", i, c)?;
+            l.up.expect_shape("mlp.up_proj", i, c)?;
+            l.down.expect_shape("mlp.down_proj", c, i)?;
+        }
+        Ok(Gla { cfg, w, forget: Forget::None })
+    }
+
+    /// Layer `call.l` over the rows `x (t, C)` (in place) from its state `st` ([`Config::layer_state_len`]).
+    ///
+    /// Scratch (f32, in this order): `h (t, C)`, `y (t, C)`, `q (t, H·K)`, `k (t, H·K)`,
+    /// `lw (t, H·K)`, `v (t, H·V)`, `o (t, H·V)`, `g (t, H·V)`, `lr (t, R)`, `wide (2t, I)`, then
+    /// `H` × [`gla::head_scratch`] for the chunked form.
+    fn layer(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        scratch: &mut [f32],
+        probe: Option<&mut [f32]>,
+        window: Option<LayerWindow<'_>>,
+    ) -> Result<(), Error> {
+        let Call { ex, t, scan, l } = call;
+        let lw = &self.w.layers[l];
+        let c = &self.cfg;
+        let (d, nh, nkv, dk, dv, im) = (c.d_model, c.n_heads, c.n_kv_heads, c.head_k, c.head_v, c.d_mlp);
+        let (qd, od, grp) = (c.q_dim(), c.o_dim(), nh / nkv);
+        let (h, rest) = scratch.split_at_mut(t * d);
+        let (y, rest) = rest.split_at_mut(t * d);
+        let (q, rest) = rest.split_at_mut(t * qd);
+        let (k, rest) = rest.split_at_mut(t * qd);
+        let (lwb, rest) = rest.split_at_mut(t * qd);
+        let (v, rest) = rest.split_at_mut(t * od);
+        let (o, rest) = rest.split_at_mut(t * od);
+        let (g, rest) = rest.split_at_mut(t * od);
+        let (lr, rest) = rest.split_at_mut(t * c.gate_rank);
+        let (wide, rest) = rest.split_at_mut(2 * t * im);
+        let hsl = gla::head_scratch(dk, dv);
+        let hs = &mut rest[..nh * hsl];
+        let (sm, conv_st) = st.split_at_mut(c.matrix_len());
+
+        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            rmsnorm(xr, &lw.attn_norm, 0, c.eps, hr);
+        }
+        // Projections, narrow (H_kv heads) at the front of k, v and lw.
+        let (kn, vn) = (t * c.k_dim(), t * c.v_dim());
+        matmul(ex, h, t, &lw.wq, q)?;
+        matmul(ex, h, t, &lw.wk, &mut k[..kn])?;
+        matmul(ex, h, t, &lw.wv, &mut v[..vn])?;
+        if let Some([cq, ck, cv]) = &lw.conv {
+            let w = c.d_conv;
+            let (hq, rest) = conv_st.split_at_mut((w - 1) * qd);
+            let (hk, hv) = rest.split_at_mut((w - 1) * c.k_dim());
+            short_conv(cq, w, t, q, hq);
+            short_conv(ck, w, t, &mut k[..kn], hk);
+            short_conv(cv, w, t, &mut v[..vn], hv);
+        }
+        matmul(ex, h, t, &lw.gk1, lr)?;
+        matmul(ex, lr, t, &lw.gk2, &mut lwb[..kn])?;
+        let (rri, dtc) = match self.forget {
+            Forget::Rri { a, b } => ((libm::logf(a), b), 1.0),
+            Forget::Dt { c } => ((0.0, 1.0), c),
+            _ => ((0.0, 1.0), 1.0),
+        };
+        let kd = c.k_dim();
+        for row in 0..t {
+            for ch in 0..kd {
+                let gv = lwb[row * kd + ch] + lw.gk_bias.get(ch);
+                let ls = if gv >= 0.0 { -libm::log1pf(exp(-gv)) } else { gv - libm::log1pf(exp(gv)) };
+                let mut lg = ls / c.gate_norm;
+                if let Some(m) = c.clamp_min {
+                    lg = lg.max(m);
+                }
+                lwb[row * kd + ch] = lg * dtc + rri.0;
+                k[row * kd + ch] *= rri.1;
+            }
+        }
+        repeat_heads(k, t, nkv, grp, dk);
+        repeat_heads(lwb, t, nkv, grp, dk);
+        repeat_heads(v, t, nkv, grp, dv);
+        let scale = 1.0 / libm::sqrtf(dk as f32);
+        q.iter_mut().for_each(|x| *x *= scale);
+        if let Some(p) = probe {
+            for row in lwb.chunks_exact(qd) {
+                for (pv, x) in p.iter_mut().zip(row) {
+                    *pv += x;
+                }
+            }
+        }
+        let simd = ex.simd();
+        {
+            let (os, ss, hss) = (Shared::new(o), Shared::new(sm), Shared::new(hs));
+            let (qr, kr, vr, lwr) = (&*q, &*k, &*v, &*lwb);
+            let wss = window.map(|w| (w.at, Shared::new(w.cache)));
+            ex.for_each(nh, &|hh| {
+                let head = gla::Head {
+                    q: qr,
+                    k: kr,
+                    v: vr,
+                    lw: lwr,
+                    ldk: qd,
+                    ldv: od,
+                    koff: hh * dk,
+                    voff: hh * dv,
+                    kd: dk,
+                    vd: dv,
+                    u: &[],
+                    mode: Mode::Inclusive,
+                };
+                // SAFETY: head hh owns its state block, its scratch and its V columns of o.
+                unsafe {
+                    let sh = ss.range(hh * dk * dv, dk * dv);
+                    match scan {
+                        Scan::Recurrent => gla::recurrent(&head, t, sh, &os, od, hh * dv),
+                        Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, od, hh * dv),
+                    }
+                    if let Some((win, ws)) = &wss {
+                        gla::window_head(&head, hh, nh, t, *win, ws, &os, od, hh * dv);
+                    }
+                }
+            });
+        }
+        for head in o.chunks_exact_mut(dv) {
+            rmsnorm_inplace(head, &lw.g_norm, 0, c.eps);
+        }
+        if let Some(wg) = &lw.wg {
+            matmul(ex, h, t, wg, g)?;
+            for (ov, gv) in o.iter_mut().zip(g.iter()) {
+                *ov *= silu(*gv);
+            }
+        }
+        matmul(ex, o, t, &lw.wo, y)?;
+        for (xv, ov) in x.iter_mut().zip(y.iter()) {
+            *xv += ov;
+        }
+        // MLP.
+        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            rmsnorm(xr, &lw.mlp_norm, 0, c.eps, hr);
+        }
+        let (gt, up) = wide.split_at_mut(t * im);
+        matmul(ex, h, t, &lw.gate, gt)?;
+        matmul(ex, h, t, &lw.up, up)?;
+        for (gv, uv) in gt.iter_mut().zip(up.iter()) {
+            *gv = silu(*gv) * uv;
+        }
+        matmul(ex, gt, t, &lw.down, y)?;
+        for (xv, ov) in x.iter_mut().zip(y.iter()) {
+            *xv += ov;
+        }
+        Ok(())
+    }
+}
+
+impl Stack for Gla<'_> {
+    type Scratch<'s> = &'s mut [f32];
+    fn stack_shape(&self, _: usize) -> Result<StackShape, Error> {
+        let c = &self.cfg;
+        let window = match self.forget {
+            Forget::Window { r } => {
+                Some(WindowShape { r, layer_len: gla::window_len(c.n_heads, c.head_k, c.head_v, r) })
+            }
+            _ => None,
+        };
+        Ok(StackShape {
+            base_len: c.state_size(),
+            layer_state_len: c.layer_state_len(),
+            probe_per_layer: c.q_dim(),
+            window,
+        })
+    }
+    fn split_scratch<'s>(&self, t: usize, buf: &'s mut [f32]) -> Result<&'s mut [f32], Error> {
+        need("gla scratch", buf.len(), self.scratch_len(t))?;
+        Ok(buf)
+    }
+    fn embed(&self, tokens: &[u32], x: &mut [f32], _: &mut &mut [f32]) {
+        for (row, &tok) in x.chunks_exact_mut(self.cfg.d_model).zip(tokens) {
+            self.w.embed.row(tok as usize, row);
+        }
+    }
+    fn run_layer(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut &mut [f32],
+        probe: Option<&mut [f32]>,
+        window: Option<LayerWindow<'_>>,
+    ) -> Result<(), Error> {
+        self.layer(call, x, st, s, probe, window)
+    }
+    fn final_norm(&self, x: &mut [f32], _: &mut &mut [f32]) {
+        for row in x.chunks_exact_mut(self.cfg.d_model) {
+            rmsnorm_inplace(row, &self.w.norm, 0, self.cfg.eps);
+        }
+    }
+}
+
+impl Recurrent for Gla<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        probe: Option<&mut [f32]>,
+        scan: Scan,
+    ) -> Result<(), Error> {
+        run_stack(self, ex, tokens, state, scratch, hidden, probe, scan)
+    }
+    fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+    fn vocab_rows(&self) -> usize {
+        self.cfg.vocab_rows
+    }
+    fn state_len(&self) -> usize {
+        let c = &self.cfg;
+        match self.forget {
+            Forget::Window { r } => c.state_size() + c.n_layer * gla::window_len(c.n_heads, c.head_k, c.head_v, r) + 2,
+            _ => c.state_size(),
+        }
+    }
+    fn scratch_len(&self, chunk: usize) -> usize {
+        let c = &self.cfg;
+        chunk * (2 * c.d_model + 3 * c.q_dim() + 3 * c.o_dim() + c.gate_rank + 2 * c.d_mlp)
+            + c.n_heads * gla::head_scratch(c.head_k, c.head_v)
+    }
+    fn head(&self) -> &Weight<'_> {
+        &self.w.head
+    }
+    fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
+        f.check()?;
+        self.forget = f;
+        Ok(())
+    }
+    fn forget(&self) -> Forget {
+        self.forget
+    }
+    fn n_layer(&self) -> usize {
+        self.cfg.n_layer
+    }
+    fn n_heads(&self) -> usize {
+        self.cfg.n_heads
+    }
+    fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize> {
+        let c = &self.cfg;
+        let hl = c.head_k * c.head_v;
+        let start = layer * c.layer_state_len() + head * hl;
+        start..start + hl
+    }
+    /// The head's own query channels of the conv history (its key and value channels are shared
+    /// by the heads of one kv group).
+    fn conv_state(&self, layer: usize, head: usize) -> Option<Runs> {
+        let c = &self.cfg;
+        (c.d_conv > 0).then(|| Runs {
+            start: layer * c.layer_state_len() + c.matrix_len() + head * c.head_k,
+            len: c.head_k,
+            stride: c.q_dim(),
+            rows: c.d_conv - 1,
+        })
+    }
+    fn probe_series(&self) -> (&'static [&'static str], usize) {
+        (PROBE, self.cfg.head_k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kv head j serves query heads j·g .. j·g + g − 1 (fla's `repeat(x, '(h d) -> (h g) d')`),
+    /// in place over several rows.
+    #[test]
+    fn kv_heads_repeat_in_fla_order() {
+        let (t, nkv, g, dh) = (3, 2, 3, 2);
+        let mut buf = [0f32; 3 * 2 * 3 * 2];
+        for (i, v) in buf[..t * nkv * dh].iter_mut().enumerate() {
+            *v = i as f32;
+        }
+        repeat_heads(&mut buf, t, nkv, g, dh);
+        for tt in 0..t {
+            for h in 0..nkv * g {
+                for c in 0..dh {
+                    let want = (tt * nkv * dh + (h / g) * dh + c) as f32;
+                    assert_eq!(buf[(tt * nkv * g + h) * dh + c], want, "row {tt} head {h} ch {c}");
+                }
+            }
+        }
+    }
+
+    /// The short conv continues across calls: 5 tokens at once equal 2 + 3 with the history kept.
+    #[test]
+    fn short_conv_carries_its_history() {
+        let taps = [0.5f32, -1.0, 2.0, 0.25, 1.5, -0.5];
+        let wt = Weight::new(crate::weight::Data::F32(&taps), 2, 3).expect("a 2 × 3 weight");
+        let x: [f32; 10] = [0.1, -0.2, 0.3, 0.4, -0.5, 0.6, 0.7, -0.8, 0.9, 1.0];
+        let (mut whole, mut parts) = (x, x);
+        let (mut h1, mut h2) = ([0f32; 4], [0f32; 4]);
+        short_conv(&wt, 3, 5, &mut whole, &mut h1);
+        short_conv(&wt, 3, 2, &mut parts[..4], &mut h2);
+        short_conv(&wt, 3, 3, &mut parts[4..], &mut h2);
+        assert_eq!(whole, parts);
+        assert_eq!(h1, h2);
+        // Token 3, channel 1: row 1 of the taps over inputs 1..=3 of channel 1, oldest first.
+        let y = taps[3] * x[3] + taps[4] * x[5] + taps[5] * x[7];
+        assert!((whole[7] - silu(y)).abs() < 1e-6);
+        assert_eq!(h1, [x[6], x[7], x[8], x[9]]);
+    }
+}
