@@ -129,6 +129,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    if a.pairs < 1:
+        sys.exit("bench_cpu_peers: --pairs must be at least 1")
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for spec in a.model:

@@ -96,7 +96,6 @@ spec() {
     esac
 }
 [ -x "$STUFFED" ] || (cd "$ROOT" && cargo build --release -p stuffed >&2)
-PY=$(python_for_converter)
 ARGS=()
 for name in $MODELS; do
     read -r family preset dtype tokens <<<"$(spec "$name")"
@@ -105,6 +104,7 @@ for name in $MODELS; do
     if [ ! -f "$gguf" ]; then
         say "writing $name (stuffed synth) and converting it to GGUF"
         rm -rf "$dir" "$dir-hf"
+        PY=$(python_for_converter)  # only when a model must be converted (the venv is ~5 GB)
         "$STUFFED" synth --family "$family" --preset "$preset" --dtype "$dtype" --out "$dir" >&2
         if [ "$family" = rwkv6 ]; then
             # The converter reads HF Rwkv6ForCausalLM names and the RWKV World vocab file.
