@@ -43,6 +43,21 @@ as a near-integrator (memory 1/(Δ·|A|) of 10^3..10^6 tokens), so forgetting ha
 Passkey data (issue 5): --passkey-frac F makes F of the windows packed SPEC.md §2.2 passkey samples
 (code template, answer ` {key}.` weighted by --answer-weight); 0 (default) leaves training unchanged.
 
+Interruptions: every --checkpoint-every steps (default 100) the model, the AdamW state, the step, the
+data sampler's RNG, torch's RNG and the passkey RNG go atomically to OUT.ckpt/checkpoint.pt; SIGTERM or
+Ctrl-C finishes the step in flight, checkpoints and exits; rerunning the same command resumes and ends
+with the same weights, bit for bit, as an uninterrupted run (tools/test_train_resume.sh proves it for
+--stop-at-step, SIGTERM and SIGKILL). A checkpoint made with other arguments is refused. Run long
+trainings in the background with a log, e.g.
+    nohup OMP_NUM_THREADS=1 python tools/train_tiny.py --out models/X ... >> models/X.log 2>&1 &
+and rerun the same line after a reboot.
+
+--autocast bf16 runs the forward and backward under torch's CPU bf16 autocast (weights, AdamW and the
+loss in f32). On a 2-core Xeon with AVX512-BF16 but no AMX (2026-12-03, shipped short model's shape,
+one thread, 3 alternating pairs on a loaded machine) it was SLOWER: 946 tok/s against 1,177 tok/s in
+f32 (paired medians), so f32 stays the default; on an AMX CPU (`lscpu`: amx_bf16) measure again
+(ONEDNN_VERBOSE=1 shows whether oneDNN picked an `avx512_core_amx` kernel).
+
 See models/EXPERIMENTS.md for every configuration trained and its measured T_forget verdict.
 """
 import argparse
@@ -53,6 +68,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
 import time
 
@@ -182,6 +198,36 @@ def heldout_nll(model, ids, real_vocab):
     return nll.mean().item(), nll
 
 
+# Flags that do not change what a run computes: a checkpoint made under other values still resumes.
+RUN_CONTROL = ("checkpoint_every", "checkpoint_dir", "stop_at_step", "log_every", "out")
+
+
+def run_identity(args):
+    """The arguments that decide every number of a run (a resumed run must be given the same)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL}
+
+
+def save_checkpoint(path, payload):
+    """Writes atomically: a kill mid-write leaves the previous checkpoint whole."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, args):
+    if not os.path.exists(path):
+        return None
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck["identity"] != run_identity(args):
+        diff = {k: (ck["identity"].get(k), v) for k, v in run_identity(args).items() if ck["identity"].get(k) != v}
+        sys.exit(f"{path}: checkpoint of another run (differs in {diff}); remove it or rerun with its arguments")
+    return ck
+
+
 def lr_at(step, total, warmup, peak, floor_frac=0.1):
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -222,6 +268,14 @@ def main():
                     help="loss weight of the answer tokens (` {key}.`) relative to other tokens")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--checkpoint-every", type=int, default=100,
+                    help="steps between checkpoints (model, optimizer, data position, RNGs) in --checkpoint-dir; 0: none")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="where the checkpoint lives (default: OUT.ckpt); a run whose checkpoint exists resumes from it")
+    ap.add_argument("--stop-at-step", type=int, default=0,
+                    help="checkpoint and exit after this many steps (an interruption on purpose; rerun to resume)")
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                    help="bf16 autocast of the forward and backward (weights, optimizer and loss stay f32)")
     args = ap.parse_args()
     command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
 
@@ -283,10 +337,37 @@ def main():
               f"answer weight {args.answer_weight}", flush=True)
     log = []
     model.train()
-    t0 = time.time()
     ema = None
     pk_hist = []
-    for step in range(steps):
+    first_step, trained_s = 0, 0.0
+    ck_path = os.path.join(args.checkpoint_dir or args.out.rstrip("/") + ".ckpt", "checkpoint.pt")
+    ck = load_checkpoint(ck_path, args)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["data_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        if n_pk:
+            pk.rng.setstate(ck["passkey_rng"])
+        first_step, trained_s = ck["step"], ck["trained_s"]
+        log, ema, pk_hist = ck["log"], ck["ema"], ck["pk_hist"]
+        print(f"resumed from {ck_path} at step {first_step}/{steps}", flush=True)
+
+    def checkpoint(done):
+        save_checkpoint(ck_path, {
+            "identity": run_identity(args), "step": done, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "passkey_rng": pk.rng.getstate() if n_pk else None, "log": log, "ema": ema, "pk_hist": pk_hist,
+            "trained_s": trained_s + time.time() - t0})
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16")
+    # SIGTERM / SIGINT finish the step in flight, checkpoint and exit (a kill -9 loses at most
+    # --checkpoint-every steps).
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda n, f: stop.append(n))
+    t0 = time.time()
+    for step in range(first_step, steps):
         which = torch.multinomial(lens, batch - n_pk, replacement=True, generator=gen)
         starts = (torch.rand(batch - n_pk, generator=gen, dtype=torch.float64) * lens[which]).long()
         x = torch.stack([doc_ids[w][s:s + T + 1] for w, s in zip(which.tolist(), starts.tolist())])
@@ -298,7 +379,8 @@ def main():
         lr = lr_at(step, steps, args.warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        logits = model(x[:, :-1], use_cache=False).logits[..., :real_vocab]
+        with autocast:
+            logits = model(x[:, :-1], use_cache=False).logits[..., :real_vocab]
         if not n_pk:
             loss = F.cross_entropy(logits.reshape(-1, real_vocab).float(), x[:, 1:].reshape(-1))
         else:
@@ -318,7 +400,7 @@ def main():
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if step % args.log_every == 0 or step == steps - 1:
             el = time.time() - t0
-            tps = (step + 1) * args.batch_tokens / el
+            tps = (step + 1 - first_step) * args.batch_tokens / el
             print(f"step {step:5d}/{steps} loss {loss.item():.4f} ema {ema:.4f} gnorm {gnorm:.2f} lr {lr:.2e} "
                   f"{tps:,.0f} tok/s eta {(steps - step - 1) * args.batch_tokens / tps:.0f}s"
                   + (f" answer nll {sum(h[0] for h in pk_hist[-20:]) / len(pk_hist[-20:]):.3f} acc "
@@ -327,7 +409,16 @@ def main():
             if n_pk:
                 log[-1]["answer_nll_last20"] = round(sum(h[0] for h in pk_hist[-20:]) / len(pk_hist[-20:]), 5)
                 log[-1]["answer_token_acc_last20"] = round(sum(h[1] for h in pk_hist[-20:]) / len(pk_hist[-20:]), 5)
-    train_wall = time.time() - t0
+        done = step + 1
+        if done < steps and args.checkpoint_every and done % args.checkpoint_every == 0:
+            checkpoint(done)
+        if (done == args.stop_at_step or stop) and done < steps:
+            checkpoint(done)
+            why = f"signal {stop[0]}" if stop else "--stop-at-step"
+            print(f"stopped at step {done} ({why}); checkpoint {ck_path}; rerun the same command to resume",
+                  flush=True)
+            sys.exit(0 if not stop else 128 + stop[0])
+    train_wall = trained_s + time.time() - t0
 
     model.eval()
     os.makedirs(args.out, exist_ok=True)
@@ -367,7 +458,8 @@ def main():
                             "schedule": f"linear warmup {args.warmup} steps, cosine to 10%",
                             "weight_decay": args.weight_decay, "weight_decay_on": "2-D tensors only",
                             "grad_clip": 1.0, "batch_tokens": args.batch_tokens, "batch_windows": batch,
-                            "steps": steps, "dtype": "f32", "threads": args.threads},
+                            "steps": steps, "threads": args.threads,
+                            "dtype": "f32" if args.autocast == "none" else "f32 weights, bf16 autocast"},
         "training_tokens": steps * args.batch_tokens,
         "train_corpus": {"file": "host/assets/corpus/austen_train.txt.gz", "tokens": n_train,
                          "novels": len(doc_ids), "windows": "uniform over tokens, inside one novel"},
@@ -391,6 +483,8 @@ def main():
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
         f.write("\n")
+    if os.path.exists(ck_path):  # the finished model supersedes it
+        os.remove(ck_path)
     print(f"wrote {args.out} ({sum(os.path.getsize(os.path.join(args.out, p)) for p in os.listdir(args.out)):,} bytes) "
           f"in {time.time() - t_start:.0f}s", flush=True)
 
