@@ -13,8 +13,10 @@ fuse_swiglu=False, fuse_cross_entropy=False. It then recomputes the whole model 
 weights with a direct float64 recurrence written from the equations (below, `direct`) and checks
 the logits agree (printed as max_direct_f64_minus_fla).
 
-Writes tests/data/gla_tiny/ (f32 weights) and tests/data/gla_tiny_bf16/ (the same model with bf16
-weights; its references come from fla on those bf16 values upcast to f32): config.json +
+Writes tests/data/gla_tiny/ (f32 weights), tests/data/gla_tiny_bf16/ (the same model with bf16
+weights; its references come from fla on those bf16 values upcast to f32) and tests/data/gla_tiny_relu/
+(fla's other layer options: feature_map relu on q and k, no output gate, no short conv, 3 kv heads,
+no clamp): config.json +
 model.safetensors (save_pretrained) + ref.safetensors:
   input_ids i64 [1, T]; logits / logits_stepwise / logits_split f32 [T, V];
   state f32 [L, S_l]: per layer the recurrent state [H, K, V] ([head][key][value]) then the short
@@ -47,9 +49,13 @@ from fla.modules.activations import ACT2FN
 from fla.ops.gla.naive import naive_recurrent_gla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-V, C, L, H, HKV, EK, EV, W, I = 256, 60, 2, 3, 1, 0.5, 1.5, 3, 136
-CLAMP = -0.05
+V, C, L, I = 256, 60, 2, 136
 T, SPLIT = 97, 40
+# The two layer configurations (fla GLAConfig fields): gla_tiny (and its bf16 copy), and gla_tiny_relu.
+TINY = dict(num_heads=3, num_kv_heads=1, expand_k=0.5, expand_v=1.5, use_short_conv=True, conv_size=3,
+            clamp_min=-0.05, use_output_gate=True, feature_map=None)
+RELU = dict(num_heads=3, num_kv_heads=3, expand_k=0.5, expand_v=1.5, use_short_conv=False, conv_size=4,
+            clamp_min=None, use_output_gate=False, feature_map="relu")
 torch.set_num_threads(1)
 
 
@@ -99,21 +105,25 @@ def state_of(pkv, l):
     """Layer l's state in stuffed's layout, flat."""
     st = pkv[l]["recurrent_state"][0].transpose(-1, -2).float()  # [H, V, K] -> [H, K, V]
     parts = [st.reshape(-1)]
-    for c in pkv[l]["conv_state"]:  # [B, D, W] -> last W-1 inputs [W-1, D]
+    for c in pkv[l]["conv_state"] or ():  # [B, D, W] -> last W-1 inputs [W-1, D]
         parts.append(c[0, :, 1:].transpose(0, 1).float().reshape(-1))
     return torch.cat(parts)
 
 
-def direct(sd, ids):
+def direct(sd, ids, cf):
     """The whole model from its weights, float64, from the equations (FAMILIES.md §5)."""
     p = {k: v.double() for k, v in sd.items()}
-    K, VV = round(C * EK) // H, round(C * EV) // H
-    g = H // HKV
+    H, W = cf["num_heads"], cf["conv_size"]
+    K, VV = round(C * cf["expand_k"]) // H, round(C * cf["expand_v"]) // H
+    g = H // cf["num_kv_heads"]
+    fm = {None: lambda x: x, "relu": lambda x: x.clamp_min(0)}[cf["feature_map"]]
 
     def rms(x, w, eps=1e-6):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
     def conv(x, w):  # x [T, D], w [D, 1, W]
+        if not cf["use_short_conv"]:
+            return x
         xx = torch.cat([x.new_zeros(W - 1, x.shape[1]), x])
         y = sum(w[:, 0, j] * xx[j:j + x.shape[0]] for j in range(W))
         return y * torch.sigmoid(y)
@@ -122,11 +132,13 @@ def direct(sd, ids):
     for l in range(L):
         a = f"model.layers.{l}."
         h = rms(x, p[a + "attn_norm.weight"])
-        q = conv(h @ p[a + "attn.q_proj.weight"].T, p[a + "attn.q_conv1d.weight"])
-        k = conv(h @ p[a + "attn.k_proj.weight"].T, p[a + "attn.k_conv1d.weight"])
-        v = conv(h @ p[a + "attn.v_proj.weight"].T, p[a + "attn.v_conv1d.weight"])
+        q = fm(conv(h @ p[a + "attn.q_proj.weight"].T, p.get(a + "attn.q_conv1d.weight")))
+        k = fm(conv(h @ p[a + "attn.k_proj.weight"].T, p.get(a + "attn.k_conv1d.weight")))
+        v = conv(h @ p[a + "attn.v_proj.weight"].T, p.get(a + "attn.v_conv1d.weight"))
         gk = (h @ p[a + "attn.gk_proj.0.weight"].T) @ p[a + "attn.gk_proj.1.weight"].T + p[a + "attn.gk_proj.1.bias"]
-        lw = torch.clamp_min(F.logsigmoid(gk) / 16, CLAMP)
+        lw = F.logsigmoid(gk) / 16
+        if cf["clamp_min"] is not None:
+            lw = torch.clamp_min(lw, cf["clamp_min"])
         o = torch.zeros(len(ids[0]), H * VV, dtype=torch.float64)
         for hh in range(H):
             kv = hh // g
@@ -136,7 +148,8 @@ def direct(sd, ids):
                 S = ww[:, None] * S + kk[:, None] * v[t, kv * VV:(kv + 1) * VV][None, :]
                 o[t, hh * VV:(hh + 1) * VV] = (q[t, hh * K:(hh + 1) * K] * K ** -0.5) @ S
         o = rms(o.view(-1, H, VV), p[a + "attn.g_norm.weight"]).reshape(-1, H * VV)
-        o = o * F.silu(h @ p[a + "attn.g_proj.weight"].T)
+        if cf["use_output_gate"]:
+            o = o * F.silu(h @ p[a + "attn.g_proj.weight"].T)
         x = x + o @ p[a + "attn.o_proj.weight"].T
         h = rms(x, p[a + "mlp_norm.weight"])
         m = F.silu(h @ p[a + "mlp.gate_proj.weight"].T) * (h @ p[a + "mlp.up_proj.weight"].T)
@@ -144,7 +157,7 @@ def direct(sd, ids):
     return rms(x, p["model.norm.weight"]) @ p["lm_head.weight"].T
 
 
-def references(m, ids):
+def references(m, ids, cf):
     with torch.no_grad():
         o = m(ids, use_cache=True)
         full = o.logits[0].float()
@@ -160,7 +173,7 @@ def references(m, ids):
         a = m(ids[:, :SPLIT], use_cache=True)
         b = m(ids[:, SPLIT:], past_key_values=a.past_key_values, use_cache=True)
         split = torch.cat([a.logits[0], b.logits[0]]).float()
-        want = direct(m.state_dict(), ids)
+        want = direct(m.state_dict(), ids, cf)
     stats = {
         "max_abs_logits": full.abs().max().item(),
         "max_full_minus_stepwise": (full - step).abs().max().item(),
@@ -174,22 +187,22 @@ def references(m, ids):
             "logits_split": split.contiguous(), "state": state.contiguous()}, stats
 
 
-def write(m, name, recipe, ids):
+def write(m, name, recipe, ids, cf):
     from safetensors.torch import save_file
     out = os.path.join(ROOT, "tests", "data", name)
-    ref, stats = references(m.float(), ids)
+    ref, stats = references(m.float(), ids, cf)
     print(name, json.dumps(stats))
     os.makedirs(out, exist_ok=True)
     m.save_pretrained(out)
+    os.remove(os.path.join(out, "generation_config.json"))  # not read by stuffed
     save_file(ref, os.path.join(out, "ref.safetensors"),
               metadata={"reference": json.dumps({"recipe": recipe, "T": T, "split": SPLIT, "stats": stats})})
     print(sorted(os.listdir(out)))
 
 
-def main():
+def build(cf):
     torch.manual_seed(1234)
-    cfg = GLAConfig(hidden_size=C, num_hidden_layers=L, num_heads=H, num_kv_heads=HKV, expand_k=EK, expand_v=EV,
-                    use_short_conv=True, conv_size=W, clamp_min=CLAMP, use_output_gate=True,
+    cfg = GLAConfig(hidden_size=C, num_hidden_layers=L, **cf,
                     intermediate_size=I, vocab_size=V, norm_eps=1e-6, fuse_norm=False, fuse_swiglu=False,
                     fuse_cross_entropy=False, tie_word_embeddings=False)
     m = GLAForCausalLM(cfg).float().eval()
@@ -197,24 +210,37 @@ def main():
     with torch.no_grad():
         for _, p in m.named_parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return cfg, m
+
+
+def main():
+    cfg, m = build(TINY)
     ids = torch.randint(0, 256, (1, T), generator=torch.manual_seed(7))
     recipe = ("GLA tiny: V 256, C 60, L 2, H 3 / kv 1, expand_k 0.5, expand_v 1.5, conv 3, clamp_min -0.05, "
               "I 136, norm_eps 1e-6; seed 1234, +0.1 N(0,1) seed 42")
-    write(m, "gla_tiny", recipe, ids)
+    write(m, "gla_tiny", recipe, ids, TINY)
     # The same model stored in bf16; its references from those bf16 values upcast to f32.
     mb = GLAForCausalLM(cfg).eval()
     mb.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in m.state_dict().items()})
-    ref, stats = references(mb, ids)
+    ref, stats = references(mb, ids, TINY)
     mb.to(torch.bfloat16)
     out = os.path.join(ROOT, "tests", "data", "gla_tiny_bf16")
     os.makedirs(out, exist_ok=True)
     mb.save_pretrained(out)
+    os.remove(os.path.join(out, "generation_config.json"))  # not read by stuffed
     from safetensors.torch import save_file
     print("gla_tiny_bf16", json.dumps(stats))
     save_file(ref, os.path.join(out, "ref.safetensors"),
               metadata={"reference": json.dumps({"recipe": recipe + "; weights bf16", "T": T, "split": SPLIT,
                                                  "stats": stats})})
     print(sorted(os.listdir(out)))
+    # fla's other layer options, on the same recipe: the relu feature map on q and k, no output gate,
+    # no short conv, as many kv heads as heads, no clamp.
+    _, m = build(RELU)
+    recipe = ("GLA tiny relu: V 256, C 60, L 2, H 3 / kv 3, expand_k 0.5, expand_v 1.5, no short conv, "
+              "feature_map relu, use_output_gate false, no clamp_min, I 136, norm_eps 1e-6; seed 1234, "
+              "+0.1 N(0,1) seed 42")
+    write(m, "gla_tiny_relu", recipe, ids, RELU)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 //!
 //! Per layer: `h = RMSNorm(x)`, `q = h·W_qᵀ`, `k = h·W_kᵀ`, `v = h·W_vᵀ` (with `use_short_conv`
 //! each through its own causal depthwise conv of width `w` + SiLU), the low-rank gate
+//! then `feature_map` on q and k (fla's `ACT2FN[feature_map]`; none or relu here),
 //! `gk = (h·W₁ᵀ)·W₂ᵀ + b`, log decay `lw = logsigmoid(gk)/16` (then `max(lw, clamp_min)` when set),
 //! kv heads repeated to the query heads (head `h` reads kv head `h / (H/H_kv)`), the recurrence in
 //! [`gla::Mode::Inclusive`] with query `q·K^−½` (`S ← diag(exp lw)·S + kᵀv`, `o = q·S`),
@@ -31,6 +32,24 @@ use crate::weight::Weight;
 /// The widest short conv the token loop keeps on the stack.
 pub const MAX_CONV: usize = 16;
 
+/// fla's `feature_map`: applied to q and k after the short conv, before the recurrence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeatureMap {
+    /// `feature_map: null` (fla-hub's setting).
+    Identity,
+    /// `feature_map: "relu"`.
+    Relu,
+}
+
+impl FeatureMap {
+    fn apply(self, x: &mut [f32]) {
+        match self {
+            FeatureMap::Identity => {}
+            FeatureMap::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
     /// C
@@ -57,6 +76,7 @@ pub struct Config {
     pub clamp_min: Option<f32>,
     /// Whether `o` is multiplied by `silu(h·W_gᵀ)` after its norm.
     pub output_gate: bool,
+    pub feature_map: FeatureMap,
     /// RMSNorm eps of every norm (attn, g_norm, mlp, final).
     pub eps: f32,
 }
@@ -305,6 +325,8 @@ impl<'a> Gla<'a> {
             short_conv(ck, w, t, &mut k[..kn], hk);
             short_conv(cv, w, t, &mut v[..vn], hv);
         }
+        c.feature_map.apply(q);
+        c.feature_map.apply(&mut k[..kn]);
         matmul(ex, h, t, &lw.gk1, lr)?;
         matmul(ex, lr, t, &lw.gk2, &mut lwb[..kn])?;
         let (rri, dtc) = match self.forget {

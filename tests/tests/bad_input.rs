@@ -840,7 +840,7 @@ fn gla_config_and_tensors_are_checked() {
     type Edit = fn(&mut Value);
     let src = "gla_tiny";
     let cases: &[(Edit, &[&str])] = &[
-        (|c| c["feature_map"] = "relu".into(), &["feature_map \"relu\"", "not supported"]),
+        (|c| c["feature_map"] = "swish".into(), &["feature_map \"swish\"", "not supported"]),
         (|c| c["hidden_act"] = "gelu".into(), &["hidden_act \"gelu\"", "not supported"]),
         (|c| c["use_gv"] = true.into(), &["use_gv = true", "not supported"]),
         (|c| c["use_gk"] = false.into(), &["use_gk = false", "not supported"]),

@@ -1,13 +1,15 @@
 //! GLA against fla 0.6.0's GLAForCausalLM (CPU, its Triton kernels replaced by the naive
 //! recurrence and torch ops) on tiny random checkpoints: `tests/data/gla_tiny/` (f32) and
 //! `tests/data/gla_tiny_bf16/` (the same model stored in bf16), from `tools/golden_gla.py`
-//! (3 heads over 1 kv head, K 10 × V 30 per head, short conv 3, clamp_min). Bounds: FORMATS.md §8
+//! (3 heads over 1 kv head, K 10 × V 30 per head, short conv 3, clamp_min), and
+//! `tests/data/gla_tiny_relu/` (feature_map relu, no output gate, no short conv, 3 kv heads, no
+//! clamp). Bounds: FORMATS.md §8
 //! (logits and final state rel ≤ 1e-4).
 use stuffed::exec::Pool;
 use stuffed::model::Model;
 use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
 
-const CASES: &[&str] = &["gla_tiny", "gla_tiny_bf16"];
+const CASES: &[&str] = &["gla_tiny", "gla_tiny_bf16", "gla_tiny_relu"];
 
 fn check(pool: fn() -> Pool) {
     for case in CASES {

@@ -59,9 +59,11 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     if let Some(a) = present("attnres_block_size") {
         bail!("{p}: attnres_block_size {a} (attention residuals) is not supported");
     }
-    if let Some(f) = present("feature_map") {
-        bail!("{p}: feature_map {f} is not supported (only none, fla-hub's setting)");
-    }
+    let feature_map = match present("feature_map") {
+        None => gla_lm::FeatureMap::Identity,
+        Some(f) if f.as_str() == Some("relu") => gla_lm::FeatureMap::Relu,
+        Some(f) => bail!("{p}: feature_map {f} is not supported (null or \"relu\")"),
+    };
     if let Some(m) = present("attn_mode") {
         if !matches!(m.as_str(), Some("chunk" | "fused_chunk" | "fused_recurrent")) {
             bail!("{p}: attn_mode {m} is not one of fla's chunk, fused_chunk, fused_recurrent");
@@ -139,6 +141,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         gate_norm: 16.0,
         clamp_min,
         output_gate,
+        feature_map,
         eps,
     };
     cfg.validate().with_context(|| p.to_string())?;
