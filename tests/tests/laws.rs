@@ -142,3 +142,47 @@ fn laws_bracket_fit_and_refuse() {
     let e = err(&[&write_raw(&tmp.path().join("old-pk"), "summary.json", &unseal(&summary))]);
     assert!(e.contains("old-pk/summary.json: written by an older stuffed"), "{e}");
 }
+
+/// `laws` keeps each family apart: the same `ppl` run over tiny synth models of three families
+/// (and the shipped Mamba-2 pair) gives one family entry each, with the point at the state size
+/// `info` reports and the bracket its verdict implies; no line is fitted across families, and the
+/// paper's Mamba-2 law stands beside Mamba-2's point only.
+#[test]
+fn laws_fit_each_family_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = root().join("host/assets/corpus/austen_persuasion.txt");
+    let mut args: Vec<String> =
+        ["ppl", "--text", s(&text), "--max-tokens", "600", "--train-len", "64"].map(String::from).to_vec();
+    let mut want = Vec::new();
+    for family in ["mamba1", "rwkv7", "rwkv6"] {
+        let m = tmp.path().join(family);
+        cli(&["synth", "--family", family, "--preset", "tiny", "--dtype", "bf16", "--out", s(&m)]).unwrap();
+        let n_s = stuffed::model::Model::load(&m).unwrap().info.paper_state_size as u64;
+        want.push((family, n_s));
+        args.extend(["--model".into(), s(&m).into()]);
+    }
+    let t64 = root().join("models/mamba2-tiny-l4-t64-a3-4m");
+    args.extend(["--model".into(), s(&t64).into()]);
+    want.push(("mamba2", 70_144));
+    let (ppl, out) = (tmp.path().join("ppl"), tmp.path().join("laws"));
+    args.extend(["--out".into(), s(&ppl).into()]);
+    cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    cli(&["laws", s(&ppl), "--out", s(&out)]).unwrap();
+    let laws = read(&out.join("laws.json"));
+    let fams = laws["families"].as_array().unwrap();
+    assert_eq!(fams.len(), want.len(), "one entry per family: {laws}");
+    let runs = read(&ppl.join("results.json"))["runs"].as_array().unwrap().clone();
+    for (family, n_s) in want {
+        let f = fams.iter().find(|f| f["family"] == family).unwrap_or_else(|| panic!("no {family} in {laws}"));
+        let pts = f["points"].as_array().unwrap();
+        assert_eq!(pts.len(), 1, "{f}");
+        assert_eq!(pts[0]["n_s"].as_u64(), Some(n_s), "{family}: the point sits at info's N_S: {f}");
+        let run = runs.iter().find(|r| r["model"]["family"] == family).unwrap();
+        let forgets = run["t_forget"]["verdict"] == "forgets";
+        let bracket = (pts[0]["forget_lo"].as_u64(), pts[0]["forget_hi"].as_u64());
+        assert_eq!(bracket, if forgets { (None, Some(64)) } else { (Some(64), None) }, "{family}: {f} vs {run}");
+        assert!(f["t_forget_fit"].is_null(), "one point: no fit: {f}");
+        // The paper fitted Mamba-2 only: its numbers stand beside Mamba-2's points alone.
+        assert_eq!(pts[0]["paper"].is_null(), family != "mamba2", "{family}: {f}");
+    }
+}

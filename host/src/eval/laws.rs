@@ -59,8 +59,8 @@ pub struct Point {
     /// The largest T_recall measured (K tokens); `None` when censored or absent.
     pub t_recall_k: Option<f64>,
     pub t_recall: String,
-    /// The paper's Mamba-2 fits at this N_S.
-    pub paper: Laws,
+    /// The paper's fits at this N_S: Mamba-2's only (the paper fitted no other family).
+    pub paper: Option<Laws>,
     pub verdicts: Vec<VerdictObs>,
     pub recalls: Vec<RecallObs>,
 }
@@ -117,7 +117,7 @@ fn point(family: &str, n_s: u64, o: Obs) -> Point {
         t_forget,
         t_recall_k,
         t_recall,
-        paper: laws(n_s as usize),
+        paper: (family == "mamba2").then(|| laws(n_s as usize)),
         verdicts: o.verdicts,
         recalls: o.recalls,
     }
@@ -307,10 +307,14 @@ pub fn run(results: &[PathBuf], out: &Path) -> Result<()> {
                 optu(p.forget_hi),
                 opt(p.t_forget_k),
                 opt(p.t_recall_k),
-                p.paper.t_forget_k,
-                p.paper.t_recall_k
+                p.paper.as_ref().map_or(String::new(), |l| l.t_forget_k.to_string()),
+                p.paper.as_ref().map_or(String::new(), |l| l.t_recall_k.to_string())
             );
         }
+        let papers = |law: Law| match f.family.as_str() {
+            "mamba2" => law.paper_formula().to_string(),
+            _ => "none (the paper fitted Mamba-2 only)".into(),
+        };
         for law in [Law::Forget, Law::Recall] {
             match law.fitted(f) {
                 Some(fit) => println!(
@@ -321,14 +325,14 @@ pub fn run(results: &[PathBuf], out: &Path) -> Result<()> {
                     fit.r2.map_or("undefined".into(), |r| format!("{r:.4}")),
                     fit.points,
                     fit.note.as_ref().map_or(String::new(), |n| format!("; {n}")),
-                    law.paper_formula()
+                    papers(law)
                 ),
                 None => println!(
                     "{} {}: no fit (needs {}); the paper's: {}",
                     f.family,
                     law.name(),
                     law.needs(),
-                    law.paper_formula()
+                    papers(law)
                 ),
             }
         }
@@ -536,7 +540,7 @@ mod tests {
             "in [512, 2048) tokens (forgetting seen over 8192 tokens; the criterion wants 1M) from 2 verdicts"
         );
         assert_eq!((p.t_recall_k, p.t_recall.as_str()), (Some(4.0), "4096 tokens from 2 grids"));
-        assert!((p.paper.t_forget_k - 20.3566).abs() < 1e-9);
+        assert!((p.paper.as_ref().unwrap().t_forget_k - 20.3566).abs() < 1e-9);
         let p = super::point(
             "m",
             1,
