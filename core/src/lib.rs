@@ -59,6 +59,7 @@
 #![no_std]
 #![forbid(clippy::unwrap_used)]
 
+pub mod delta_net;
 pub mod error;
 pub mod exec;
 pub mod forget;
