@@ -125,6 +125,17 @@ impl Config {
         if c.head_k > MAX_HEAD_K {
             return Err(Error::Config("delta_net: a key head above 1024 channels is not supported"));
         }
+        // Every size below is a product of config values: none may overflow.
+        let sizes = (|| {
+            let kd = c.n_heads.checked_mul(c.head_k)?;
+            let vd = c.n_v_heads.checked_mul(c.head_v)?;
+            let conv = kd.checked_mul(2)?.checked_add(vd)?.checked_mul(c.d_conv.saturating_sub(1))?;
+            let layer = vd.checked_mul(c.head_k)?.checked_add(conv)?;
+            c.n_layer.checked_mul(layer)?.checked_mul(2)
+        })();
+        if sizes.is_none() {
+            return Err(Error::Config("delta_net: the state's size overflows"));
+        }
         if !(c.eps >= 0.0 && c.eps.is_finite()) {
             return Err(Error::Config("delta_net: norm_eps must be finite and ≥ 0"));
         }
