@@ -606,6 +606,7 @@ impl Recurrent for DeltaNet<'_> {
         self.cfg.n_layer
     }
     /// Value heads: each has its own `V × K` state.
+    #[allow(clippy::misnamed_getters)]
     fn n_heads(&self) -> usize {
         self.cfg.n_v_heads
     }
@@ -639,8 +640,10 @@ mod tests {
     const K: usize = 5;
     const V: usize = 3;
 
+    type HeadInputs = ([f32; T * K], [f32; T * K], [f32; T * V], [f32; T], [f32; T]);
+
     /// Random inputs of one head: q, k (unit rows), v, β in (0, 2), log α ≤ 0.
-    fn inputs() -> ([f32; T * K], [f32; T * K], [f32; T * V], [f32; T], [f32; T]) {
+    fn inputs() -> HeadInputs {
         let mut seed = 4242u32;
         let mut rnd = || {
             seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
@@ -659,7 +662,21 @@ mod tests {
     #[test]
     fn scan_is_the_gated_delta_rule() {
         let (q, k, v, b, g) = inputs();
-        let ins = Inputs { q: &q, k: &k, v: &v, beta: &b, lg: &g, ldk: K, ldv: V, nhv: 1, koff: 0, voff: 0, head: 0, dk: K, dv: V };
+        let ins = Inputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            beta: &b,
+            lg: &g,
+            ldk: K,
+            ldv: V,
+            nhv: 1,
+            koff: 0,
+            voff: 0,
+            head: 0,
+            dk: K,
+            dv: V,
+        };
         let mut out = [0f32; T * V];
         let mut s = [0f32; V * K];
         let os = Shared::new(&mut out);
@@ -689,8 +706,29 @@ mod tests {
     #[test]
     fn staggered_states_read_out_the_last_r_to_2r_tokens() {
         let (q, k, v, b, g) = inputs();
-        let base = Inputs { q: &q, k: &k, v: &v, beta: &b, lg: &g, ldk: K, ldv: V, nhv: 1, koff: 0, voff: 0, head: 0, dk: K, dv: V };
-        let at = |t0: usize| Inputs { q: &q[t0 * K..], k: &k[t0 * K..], v: &v[t0 * V..], beta: &b[t0..], lg: &g[t0..], ..base };
+        let base = Inputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            beta: &b,
+            lg: &g,
+            ldk: K,
+            ldv: V,
+            nhv: 1,
+            koff: 0,
+            voff: 0,
+            head: 0,
+            dk: K,
+            dv: V,
+        };
+        let at = |t0: usize| Inputs {
+            q: &q[t0 * K..],
+            k: &k[t0 * K..],
+            v: &v[t0 * V..],
+            beta: &b[t0..],
+            lg: &g[t0..],
+            ..base
+        };
         for r in [1usize, 4, 10, 40] {
             let mut out = [0f32; T * V];
             let (mut sa, mut sb) = ([0f32; V * K], [0f32; V * K]);

@@ -241,11 +241,14 @@ pub const RWKV7_PRESETS: &[Rwkv7Preset] = &[
 pub const GLA_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
     &[("tiny", 64, 2, 4, 256, 2304), ("1.3b", 2048, 24, 4, 5632, 32000), ("2.7b", 2560, 32, 4, 6912, 32000)];
 
-/// (name, C, L, q/k heads, value heads, K, V, I, vocab rows) of DeltaNet (fla-hub
+/// (name, C, L, q/k heads, value heads, K, V, I, vocab rows).
+pub type DeltaNetPreset = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
+
+/// [`DeltaNetPreset`]s of DeltaNet (fla-hub
 /// `delta_net-{1.3B,2.7B}-100B`: 16 / 20 heads of 128 × 128, use_beta, no output gate, conv 4; I = fla's
 /// 256-rounded ⅔·4·C; shapes from third-party material, FAMILIES.md §2.1). The tiny one has rows for
 /// the 2,259 tokens of tests/data/tokenizer_llama_style.
-pub const DELTA_NET_PRESETS: &[(&str, usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+pub const DELTA_NET_PRESETS: &[DeltaNetPreset] = &[
     ("tiny", 64, 2, 4, 4, 16, 16, 256, 2304),
     ("1.3b", 2048, 24, 16, 16, 128, 128, 5632, 32000),
     ("2.7b", 2560, 32, 20, 20, 128, 128, 6912, 32000),
@@ -253,7 +256,7 @@ pub const DELTA_NET_PRESETS: &[(&str, usize, usize, usize, usize, usize, usize, 
 /// The same for Gated DeltaNet (fla 0.6.0's `GatedDeltaNetConfig` defaults, the fla GDN 1.3B shape:
 /// C 2048, 21 layers, 6 heads of K 256 × V 512 (expand_v 2), swish output gate, conv 4; FAMILIES.md
 /// §2.4). The tiny one has 2 key heads over 4 value heads.
-pub const GDN_PRESETS: &[(&str, usize, usize, usize, usize, usize, usize, usize, usize)] =
+pub const GDN_PRESETS: &[DeltaNetPreset] =
     &[("tiny", 64, 2, 2, 4, 16, 32, 256, 2304), ("1.3b", 2048, 21, 6, 6, 256, 512, 5632, 32000)];
 
 fn torch_dtype(dt: Dtype) -> &'static str {

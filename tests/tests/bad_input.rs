@@ -938,7 +938,13 @@ fn delta_net_config_and_tensors_are_checked() {
         (|c| c["attn"] = serde_json::json!({"layers": [0]}), &["attn", "not supported"]),
         (|c| c["model_type"] = "gated_deltanet_v2".into(), &["unknown architecture 'gated_deltanet_v2'"]),
         // (A fuzz case: sizes past usize panicked with "attempt to multiply with overflow".)
-        (|c| { c["num_heads"] = (1u64 << 62).into(); c["num_v_heads"] = serde_json::Value::Null }, &["the state's size overflows"]),
+        (
+            |c| {
+                c["num_heads"] = (1u64 << 62).into();
+                c["num_v_heads"] = serde_json::Value::Null
+            },
+            &["the state's size overflows"],
+        ),
     ];
     for &(edit, want) in cases {
         let (err, _) = rewritten_err(gdn, edit, |_| true, &[]);

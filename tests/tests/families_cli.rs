@@ -294,7 +294,8 @@ fn delta_net_commands_on_tiny_synth_models() {
         for forget in methods {
             let out = dir.path().join(format!("ppl-{family}-{}", forget.len()));
             let o = out.to_str().unwrap();
-            let args = ["ppl", "--model", ms, "--text", text, "--max-tokens", "300", "--chunk", "128", "--forget", forget];
+            let args =
+                ["ppl", "--model", ms, "--text", text, "--max-tokens", "300", "--chunk", "128", "--forget", forget];
             cli(&[&args[..], &["--out", o]].concat()).unwrap();
             let r = std::fs::read_to_string(out.join("results.json")).unwrap();
             assert!(r.contains(&format!("\"{family}\"")), "family in the results: {r}");
@@ -315,8 +316,9 @@ fn delta_net_commands_on_tiny_synth_models() {
     let args = ["ppl", "--model", golden.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()];
     let err = format!(
         "{:#}",
-        cli(&[&args[..], &["--text", text.to_str().unwrap(), "--max-tokens", "300", "--out", out.to_str().unwrap()]].concat())
-            .unwrap_err()
+        cli(&[&args[..], &["--text", text.to_str().unwrap(), "--max-tokens", "300", "--out", out.to_str().unwrap()]]
+            .concat())
+        .unwrap_err()
     );
     assert!(err.contains("out of range") && err.contains("256 rows"), "{err}");
 }

@@ -25,8 +25,8 @@ struct Tables<'a> {
 impl Views for Tables<'_> {
     fn net(&self) -> Result<Net<'_>> {
         let w = delta_net::Weights { embed: self.embed, layers: &self.layers, norm: self.norm, head: self.head };
-        let net =
-            DeltaNet::new(self.cfg, w).with_context(|| format!("{}: bad {} weights", self.path.display(), self.title))?;
+        let net = DeltaNet::new(self.cfg, w)
+            .with_context(|| format!("{}: bad {} weights", self.path.display(), self.title))?;
         Ok(Net::Other(Box::new(net)))
     }
 }
