@@ -195,7 +195,7 @@ const PROBE: &[&str] = &["log_decay_sum"];
 /// Causal depthwise conv of width `w` + SiLU over `x (t, D)` in place (row stride `D`), continuing
 /// from `hist (w − 1, D)` (the last inputs, oldest first), which it leaves holding this call's last
 /// `w − 1` inputs. `wt (D, w)`: output `y_t = Σ_j wt[j]·x_{t−(w−1)+j}`.
-fn short_conv(wt: &Weight, w: usize, t: usize, x: &mut [f32], hist: &mut [f32]) {
+pub(crate) fn short_conv(wt: &Weight, w: usize, t: usize, x: &mut [f32], hist: &mut [f32]) {
     let d = wt.rows;
     let mut win = [0f32; MAX_CONV];
     let mut taps = [0f32; MAX_CONV];

@@ -7,7 +7,7 @@
 //!
 //! One file per family holds its whole math (token step and chunked forward): [`mamba2`], [`rwkv`]
 //! (RWKV-5.2 and RWKV-6) and [`hgrn2`], the last two on the shared per-channel recurrence [`gla`],
-//! and [`rwkv7`] (RWKV-7, the delta-rule state of x070).
+//! [`rwkv7`] (RWKV-7, the delta-rule state of x070) and [`delta_net`] (DeltaNet and Gated DeltaNet).
 //!
 //! Embedding a step in another runtime: point [`Weight`] views at the runtime's own weight memory
 //! (f32, bf16 or f16, row-major as the checkpoint stores them), size the buffers once from the
@@ -59,6 +59,7 @@
 #![no_std]
 #![forbid(clippy::unwrap_used)]
 
+pub mod delta_net;
 pub mod error;
 pub mod exec;
 pub mod forget;

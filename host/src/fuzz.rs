@@ -190,7 +190,7 @@ pub fn targets() -> Vec<Target> {
 }
 
 /// config.json targets: (target, model directory under tests/data, its weight file).
-const CONFIGS: [(&str, &str, &str); 9] = [
+const CONFIGS: [(&str, &str, &str); 11] = [
     ("config-mamba2", "mamba2_hf_g2_tied", "model.safetensors"),
     ("config-mamba2-official", "mamba2_official", "pytorch_model.bin"),
     ("config-rwkv5", "rwkv5_tiny_hf", "model.safetensors"),
@@ -200,6 +200,8 @@ const CONFIGS: [(&str, &str, &str); 9] = [
     ("config-mamba1-official", "mamba1_official", "pytorch_model.bin"),
     ("config-rwkv7", "rwkv7_tiny_fla", "model.safetensors"),
     ("config-gla", "gla_tiny", "model.safetensors"),
+    ("config-delta-net", "delta_net_tiny", "model.safetensors"),
+    ("config-gated-deltanet", "gdn_tiny", "model.safetensors"),
 ];
 
 /// The config target this process runs (a config target's fns cannot capture which it is).

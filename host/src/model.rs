@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use stuffed_core::mamba2::Mamba2;
 use stuffed_core::{Data, Recurrent, Weight};
 
+mod delta_net;
 mod family;
 mod gla;
 mod hgrn2;
@@ -74,6 +75,9 @@ pub enum Layout {
     /// GLA: `n_heads` heads of a `head_k` × `head_v` state, keys shared by `n_kv_heads`; a SwiGLU MLP
     /// of `gla_mlp`; short convs of width `gla_conv` (0: none).
     Gla { n_heads: usize, n_kv_heads: usize, head_k: usize, head_v: usize, gla_mlp: usize, gla_conv: usize },
+    /// DeltaNet / Gated DeltaNet: `n_v_heads` value heads of a `head_v` × `head_k` state, each reading
+    /// one of `n_heads` query/key heads; a SwiGLU MLP of `delta_mlp`; short convs of width `delta_conv` (0: none).
+    DeltaNet { n_heads: usize, n_v_heads: usize, head_k: usize, head_v: usize, delta_mlp: usize, delta_conv: usize },
 }
 
 impl ModelInfo {
@@ -88,6 +92,7 @@ impl ModelInfo {
             Layout::Mamba1 { .. } => self.family == Family::Mamba1,
             Layout::Rwkv7 { .. } => self.family == Family::Rwkv7,
             Layout::Gla { .. } => self.family == Family::Gla,
+            Layout::DeltaNet { .. } => matches!(self.family, Family::DeltaNet | Family::GatedDeltaNet),
         };
         if !fits {
             bail!(
@@ -124,6 +129,10 @@ impl fmt::Display for Layout {
             Layout::Gla { n_heads, n_kv_heads, head_k, head_v, gla_mlp, gla_conv } => write!(
                 f,
                 "heads {n_heads} (kv {n_kv_heads}) × (head_k {head_k} × head_v {head_v}), mlp {gla_mlp}, conv {gla_conv}"
+            ),
+            Layout::DeltaNet { n_heads, n_v_heads, head_k, head_v, delta_mlp, delta_conv } => write!(
+                f,
+                "value heads {n_v_heads} (q/k heads {n_heads}) × (head_v {head_v} × head_k {head_k}), mlp {delta_mlp}, conv {delta_conv}"
             ),
         }
     }

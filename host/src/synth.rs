@@ -59,6 +59,8 @@ pub fn write(family: Family, preset: &str, dtype: StoreDtype, seed: u64, out: &P
         Family::Mamba1 => mamba1(preset, dtype, seed, out),
         Family::Rwkv7 => rwkv7(preset, dtype, seed, out),
         Family::Gla => gla(preset, dtype, seed, out),
+        Family::DeltaNet => delta_net(false, preset, dtype, seed, out),
+        Family::GatedDeltaNet => delta_net(true, preset, dtype, seed, out),
     }
 }
 
@@ -238,6 +240,24 @@ pub const RWKV7_PRESETS: &[Rwkv7Preset] = &[
 /// tiny one has rows for the 2,259 tokens of tests/data/tokenizer_llama_style.
 pub const GLA_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
     &[("tiny", 64, 2, 4, 256, 2304), ("1.3b", 2048, 24, 4, 5632, 32000), ("2.7b", 2560, 32, 4, 6912, 32000)];
+
+/// (name, C, L, q/k heads, value heads, K, V, I, vocab rows).
+pub type DeltaNetPreset = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
+
+/// [`DeltaNetPreset`]s of DeltaNet (fla-hub
+/// `delta_net-{1.3B,2.7B}-100B`: 16 / 20 heads of 128 × 128, use_beta, no output gate, conv 4; I = fla's
+/// 256-rounded ⅔·4·C; shapes from third-party material, FAMILIES.md §2.1). The tiny one has rows for
+/// the 2,259 tokens of tests/data/tokenizer_llama_style.
+pub const DELTA_NET_PRESETS: &[DeltaNetPreset] = &[
+    ("tiny", 64, 2, 4, 4, 16, 16, 256, 2304),
+    ("1.3b", 2048, 24, 16, 16, 128, 128, 5632, 32000),
+    ("2.7b", 2560, 32, 20, 20, 128, 128, 6912, 32000),
+];
+/// The same for Gated DeltaNet (fla 0.6.0's `GatedDeltaNetConfig` defaults, the fla GDN 1.3B shape:
+/// C 2048, 21 layers, 6 heads of K 256 × V 512 (expand_v 2), swish output gate, conv 4; FAMILIES.md
+/// §2.4). The tiny one has 2 key heads over 4 value heads.
+pub const GDN_PRESETS: &[DeltaNetPreset] =
+    &[("tiny", 64, 2, 2, 4, 16, 32, 256, 2304), ("1.3b", 2048, 21, 6, 6, 256, 512, 5632, 32000)];
 
 fn torch_dtype(dt: Dtype) -> &'static str {
     match dt {
@@ -562,5 +582,83 @@ fn gla(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
         "vocab_size": vocab, "torch_dtype": torch_dtype(dt),
         "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
     });
+    write_dir(out, config, &tensors)
+}
+
+/// DeltaNet (`gated` false) or Gated DeltaNet random weights as fla 0.6.0 writes them
+/// (`model.safetensors` + `config.json`).
+fn delta_net(gated: bool, preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
+    let table = if gated { GDN_PRESETS } else { DELTA_NET_PRESETS };
+    let Some(&(_, c, n_layer, nh, nv, dk, dv, im, vocab)) = table.iter().find(|x| x.0 == preset) else {
+        let names: Vec<_> = table.iter().map(|x| x.0).collect();
+        let fam = if gated { "Gated DeltaNet" } else { "DeltaNet" };
+        bail!("unknown {fam} preset '{preset}' (known: {})", names.join(", "));
+    };
+    let (kd, vd, w) = (nh * dk, nv * dv, 4);
+    let dt = dtype.safetensors();
+    let mut rng = Rng(seed);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
+        let numel = shape.iter().product();
+        let bytes = encode((0..numel).map(|_| f(&mut rng)), dt);
+        tensors.push(Tensor { name, shape, dtype: dt, bytes });
+    };
+    let s_in = 1.0 / (c as f32).sqrt();
+    let s_out = s_in / (2.0 * n_layer as f32).sqrt();
+    add("model.embeddings.weight".into(), vec![vocab, c], &mut |r| r.uniform(-0.035, 0.035));
+    for l in 0..n_layer {
+        let p = format!("model.layers.{l}.");
+        for nm in ["attn_norm", "mlp_norm"] {
+            add(format!("{p}{nm}.weight"), vec![c], &mut |_| 1.0);
+        }
+        add(format!("{p}attn.o_norm.weight"), vec![dv], &mut |_| 1.0);
+        let mut proj = vec![("q_proj", kd), ("k_proj", kd), ("v_proj", vd), ("b_proj", nv)];
+        if gated {
+            proj.extend([("g_proj", vd), ("a_proj", nv)]);
+        }
+        for (pr, rows) in proj {
+            add(format!("{p}attn.{pr}.weight"), vec![rows, c], &mut |r| r.uniform(-s_in, s_in));
+        }
+        for (cv, rows) in [("q_conv1d", kd), ("k_conv1d", kd), ("v_conv1d", vd)] {
+            add(format!("{p}attn.{cv}.weight"), vec![rows, 1, w], &mut |r| r.uniform(-0.5, 0.5));
+        }
+        if gated {
+            // fla's init: A ~ U(0, 16), dt ~ logU(1e-3, 0.1) through the inverse softplus.
+            add(format!("{p}attn.A_log"), vec![nv], &mut |r| r.uniform(0.0, 16.0).max(1e-4).ln());
+            add(format!("{p}attn.dt_bias"), vec![nv], &mut |r| {
+                let dt = (r.uniform(0.001f32.ln(), 0.1f32.ln())).exp();
+                dt + (-(-dt).exp_m1()).ln()
+            });
+        }
+        add(format!("{p}attn.o_proj.weight"), vec![c, vd], &mut |r| r.uniform(-s_out, s_out));
+        for pr in ["gate_proj", "up_proj"] {
+            add(format!("{p}mlp.{pr}.weight"), vec![im, c], &mut |r| r.uniform(-s_in, s_in));
+        }
+        let sd = 1.0 / (im as f32).sqrt() / (2.0 * n_layer as f32).sqrt();
+        add(format!("{p}mlp.down_proj.weight"), vec![c, im], &mut |r| r.uniform(-sd, sd));
+    }
+    add("model.norm.weight".into(), vec![c], &mut |_| 1.0);
+    add("lm_head.weight".into(), vec![vocab, c], &mut |r| r.uniform(-s_in, s_in));
+    let note = serde_json::json!({"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"});
+    let config = if gated {
+        serde_json::json!({
+            "model_type": "gated_deltanet", "architectures": ["GatedDeltaNetForCausalLM"],
+            "hidden_size": c, "num_hidden_layers": n_layer, "num_heads": nh, "num_v_heads": nv, "head_dim": dk,
+            "expand_v": dv as f64 / dk as f64, "use_gate": true, "use_short_conv": true, "conv_size": w,
+            "allow_neg_eigval": false, "output_gate_activation": "swish", "intermediate_size": im, "hidden_ratio": 4,
+            "hidden_act": "swish", "norm_eps": 1e-6, "attn_mode": "chunk", "attn": null, "tie_word_embeddings": false,
+            "vocab_size": vocab, "torch_dtype": torch_dtype(dt), "stuffed_synth": note,
+        })
+    } else {
+        serde_json::json!({
+            "model_type": "delta_net", "architectures": ["DeltaNetForCausalLM"],
+            "hidden_size": c, "num_hidden_layers": n_layer, "num_heads": nh, "expand_k": (nh * dk) as f64 / c as f64,
+            "expand_v": vd as f64 / c as f64, "use_beta": true, "use_gate": false, "use_short_conv": true,
+            "conv_size": w, "allow_neg_eigval": false, "qk_activation": "silu", "qk_norm": "l2",
+            "use_output_norm": true, "intermediate_size": im, "hidden_ratio": 4, "hidden_act": "swish",
+            "norm_eps": 1e-6, "attn_mode": "chunk", "attn": null, "tie_word_embeddings": false,
+            "vocab_size": vocab, "torch_dtype": torch_dtype(dt), "stuffed_synth": note,
+        })
+    };
     write_dir(out, config, &tensors)
 }

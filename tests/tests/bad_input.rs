@@ -896,3 +896,99 @@ fn gla_config_and_tensors_are_checked() {
     rewrite_model(src, dir.path(), |c| c["tie_word_embeddings"] = true.into(), |n| n != "lm_head.weight", &[]);
     Model::load(dir.path()).unwrap();
 }
+
+/// DeltaNet and Gated DeltaNet (fla 0.6.0 layout): config values fla would compute differently, or
+/// that change the math beyond what the loader runs, are refused naming config.json and the field;
+/// shapes the config implies are checked tensor by tensor; fla's defaults and a tied head load.
+#[test]
+fn delta_net_config_and_tensors_are_checked() {
+    use serde_json::Value;
+    type Edit = fn(&mut Value);
+    let dn = "delta_net_tiny";
+    let cases: &[(Edit, &[&str])] = &[
+        (|c| c["qk_activation"] = "relu".into(), &["qk_activation relu", "not supported"]),
+        (|c| c["qk_norm"] = "sum".into(), &["qk_norm sum", "not supported"]),
+        (|c| c["use_output_norm"] = false.into(), &["use_output_norm = false", "not supported"]),
+        (|c| c["hidden_act"] = "gelu".into(), &["hidden_act gelu", "not supported"]),
+        (|c| c["expand_k"] = 0.51.into(), &["expand_k 0.51", "not a whole number"]),
+        (|c| c["num_heads"] = 4.into(), &["key dim 30", "num_heads 4"]),
+        (|c| c["conv_size"] = 40.into(), &["conv_size 40", "not supported"]),
+        (|c| c["attn"] = serde_json::json!({"layers": [1]}), &["attn", "not supported"]),
+        (|c| c["attnres_block_size"] = 2.into(), &["attnres_block_size", "not supported"]),
+        (|c| c["attn_mode"] = "fused_chunk".into(), &["attn_mode fused_chunk"]),
+        (|c| c["elementwise_affine"] = false.into(), &["elementwise_affine = false", "not supported"]),
+        (|c| c["intermediate_size"] = 76.into(), &["intermediate_size 76", "75"]),
+        (|c| c["use_short_conv"] = false.into(), &["use_short_conv is false", "q_conv1d"]),
+        (|c| c["use_beta"] = false.into(), &["use_beta is false", "b_proj"]),
+        (|c| c["use_beta"] = "yes".into(), &["use_beta \"yes\"", "not true/false"]),
+        (|c| c["num_heads"] = "two".into(), &["num_heads \"two\"", "not a count"]),
+        (|c| c["num_hidden_layers"] = 3.into(), &["states 3 layers", "model.layers.2.attn_norm.weight"]),
+        (|c| c["hidden_size"] = 41.into(), &["hidden_size 41", "40 columns"]),
+    ];
+    for &(edit, want) in cases {
+        let (err, _) = rewritten_err(dn, edit, |_| true, &[]);
+        assert_mentions(&err, &[&["config.json"], want].concat());
+    }
+    let gdn = "gdn_tiny";
+    let cases: &[(Edit, &[&str])] = &[
+        (|c| c["num_v_heads"] = 3.into(), &["num_v_heads 3", "multiple of num_heads 2"]),
+        (|c| c["expand_v"] = 1.6.into(), &["expand_v 1.6", "head_dim 6", "not a whole number"]),
+        (|c| c["output_gate_activation"] = "gelu".into(), &["output_gate_activation gelu"]),
+        (|c| c["use_gate"] = false.into(), &["use_gate is false", "g_proj"]),
+        (|c| c["attn"] = serde_json::json!({"layers": [0]}), &["attn", "not supported"]),
+        (|c| c["model_type"] = "gated_deltanet_v2".into(), &["unknown architecture 'gated_deltanet_v2'"]),
+        // (A fuzz case: sizes past usize panicked with "attempt to multiply with overflow".)
+        (
+            |c| {
+                c["num_heads"] = (1u64 << 62).into();
+                c["num_v_heads"] = serde_json::Value::Null
+            },
+            &["the state's size overflows"],
+        ),
+    ];
+    for &(edit, want) in cases {
+        let (err, _) = rewritten_err(gdn, edit, |_| true, &[]);
+        assert_mentions(&err, &[&["config.json"], want].concat());
+    }
+    // A decay tensor in a DeltaNet checkpoint: weights the config's math would not use.
+    let a_log = [("model.layers.0.attn.A_log".to_string(), vec![2])];
+    let (err, _) = rewritten_err(dn, |_| {}, |_| true, &a_log);
+    assert_mentions(&err, &["config.json", "has no decay", "model.layers.0.attn.A_log"]);
+    // Shapes the config implies.
+    let (err, _) = rewritten_err(dn, |c| c["conv_size"] = 4.into(), |_| true, &[]);
+    assert_mentions(&err, &["model.layers.0.attn.q_conv1d.weight", "[30, 1, 3]", "expected [30, 1, 4]"]);
+    let (err, _) = rewritten_err(gdn, |c| c["num_v_heads"] = 2.into(), |_| true, &[]);
+    assert_mentions(&err, &["model.layers.0.attn.v_conv1d.weight", "[36, 1, 4]", "expected [18, 1, 4]"]);
+    for (src, tensor) in [
+        (gdn, "model.layers.1.attn.A_log"),
+        (gdn, "model.layers.0.attn.dt_bias"),
+        (gdn, "model.layers.0.attn.a_proj.weight"),
+        (dn, "model.layers.1.attn.b_proj.weight"),
+        (dn, "model.layers.0.attn.v_conv1d.weight"),
+        (dn, "lm_head.weight"),
+    ] {
+        let (err, dir) = rewritten_err(src, |_| {}, |n| n != tensor, &[]);
+        assert_mentions(&err, &[&dir, &format!("missing tensor {tensor}")]);
+    }
+    let o_norm = "model.layers.1.attn.o_norm.weight";
+    let (err, _) = rewritten_err(gdn, |_| {}, |n| n != o_norm, &[(o_norm.to_string(), vec![10])]);
+    assert_mentions(&err, &[o_norm, "[10]", "expected [9]"]);
+    // Loads: fla's defaults written out, null fields, the recurrent mode.
+    let dir = tempfile::tempdir().unwrap();
+    for edit in [
+        (|c| c["intermediate_size"] = Value::Null) as Edit,
+        |c| c["qk_activation"] = "silu".into(),
+        |c| c["qk_norm"] = Value::Null,
+        |c| c["attn_mode"] = "fused_recurrent".into(),
+    ] {
+        rewrite_model(dn, dir.path(), edit, |_| true, &[]);
+        Model::load(dir.path()).unwrap();
+    }
+    for (src, edit) in [
+        ("gdn_tiny_neg", (|c| c["num_v_heads"] = Value::Null) as Edit),
+        (gdn, |c| c["output_gate_activation"] = "silu".into()),
+    ] {
+        rewrite_model(src, dir.path(), edit, |_| true, &[]);
+        Model::load(dir.path()).unwrap();
+    }
+}

@@ -255,3 +255,102 @@ fn gla_commands_on_a_tiny_synth_model() {
     );
     assert!(err.contains("out of range") && err.contains("256 rows"), "{err}");
 }
+
+/// DeltaNet and Gated DeltaNet: `synth` writes what the loader reads; `info`, `logits`, `ppl` under
+/// every `--forget` method that applies (rri, dt on GDN only, staggered, state-norm, reset),
+/// `passkey` and `probe` (with its retention note) run with a tokenizer.json beside the weights;
+/// without one the text commands say so; a tokenizer whose ids pass the embedding's rows is refused
+/// naming the id and the rows.
+#[test]
+fn delta_net_commands_on_tiny_synth_models() {
+    let dir = tempfile::tempdir().unwrap();
+    for (family, ns) in [
+        // N_S = L·(H_v·V·K + (2·H_k·K + H_v·V)·(w − 1)): DeltaNet 4 heads of 16 × 16, GDN 2 key heads
+        // of 16 over 4 value heads of 32, conv 4.
+        ("delta_net", 2 * (4 * 16 * 16 + (2 * 64 + 64) * 3)),
+        ("gated_deltanet", 2 * (4 * 32 * 16 + (2 * 32 + 128) * 3)),
+    ] {
+        let m = synth(family, dir.path());
+        let model = Model::load(&m).unwrap();
+        assert_eq!(model.info.family.name(), family);
+        assert_eq!(model.info.paper_state_size, ns, "{family}");
+        let ms = m.to_str().unwrap();
+        cli(&["info", "--model", ms]).unwrap();
+        let ids = dir.path().join("ids.txt");
+        std::fs::write(&ids, "1 2 3 4 5 6 7").unwrap();
+        let out = dir.path().join(format!("{family}.safetensors"));
+        cli(&["logits", "--model", ms, "--ids", ids.to_str().unwrap(), "--out", out.to_str().unwrap()]).unwrap();
+        let err = cli(&["generate", "--model", ms, "--prompt", "hi"]).unwrap_err();
+        assert!(format!("{err:#}").contains("tokenizer.json"), "{err:#}");
+        let tok = root().join("tests/data/tokenizer_llama_style/tokenizer.json");
+        std::fs::copy(&tok, m.join("tokenizer.json")).unwrap();
+        let text = root().join("host/assets/corpus/austen_persuasion.txt");
+        let text = text.to_str().unwrap();
+        let mut methods = vec!["none", "rri:a=0.999,b=0.75", "staggered:r=64", "state-norm:every=64,calib=64"];
+        methods.push("reset:every=100");
+        if family == "gated_deltanet" {
+            methods.push("dt:c=0.5");
+        }
+        for forget in methods {
+            let out = dir.path().join(format!("ppl-{family}-{}", forget.len()));
+            let o = out.to_str().unwrap();
+            let args =
+                ["ppl", "--model", ms, "--text", text, "--max-tokens", "300", "--chunk", "128", "--forget", forget];
+            cli(&[&args[..], &["--out", o]].concat()).unwrap();
+            let r = std::fs::read_to_string(out.join("results.json")).unwrap();
+            assert!(r.contains(&format!("\"{family}\"")), "family in the results: {r}");
+        }
+        let out = dir.path().join(format!("pk-{family}"));
+        cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
+        let out = dir.path().join(format!("probe-{family}"));
+        let args = ["probe", "--model", ms, "--text", text, "--max-tokens", "200", "--every", "50"];
+        cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+        let meta = std::fs::read_to_string(out.join("probe.json")).unwrap();
+        assert!(meta.contains("upper bound") && meta.contains("beta_sum"), "{meta}");
+    }
+    // The golden models have 256 rows: the Llama-style tokenizer's ids pass them.
+    let golden = root().join("tests/data/gdn_tiny");
+    let tok = root().join("tests/data/tokenizer_llama_style/tokenizer.json");
+    let text = root().join("host/assets/corpus/austen_persuasion.txt");
+    let out = dir.path().join("ppl-bad");
+    let args = ["ppl", "--model", golden.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()];
+    let err = format!(
+        "{:#}",
+        cli(&[&args[..], &["--text", text.to_str().unwrap(), "--max-tokens", "300", "--out", out.to_str().unwrap()]]
+            .concat())
+        .unwrap_err()
+    );
+    assert!(err.contains("out of range") && err.contains("256 rows"), "{err}");
+}
+
+/// N_S of the released shapes (SPEC.md counting, FAMILIES.md §2.4): DeltaNet 1.3B 24·(16·128² +
+/// 3·2048·3) = 6,291,456 + 442,368 conv; the fla GDN 1.3B shape 21·(6·512·256 + (2·1536 + 3072)·3).
+#[test]
+fn delta_net_presets_state_size() {
+    for (name, gated, ns) in [
+        ("1.3b", false, 24 * (16 * 128 * 128 + 3 * 2048 * 3)),
+        ("2.7b", false, 32 * (20 * 128 * 128 + 3 * 2560 * 3)),
+        ("1.3b", true, 21 * (6 * 512 * 256 + (2 * 1536 + 3072) * 3)),
+    ] {
+        let table = if gated { stuffed::synth::GDN_PRESETS } else { stuffed::synth::DELTA_NET_PRESETS };
+        let &(_, c, l, nh, nv, dk, dv, im, v) = table.iter().find(|p| p.0 == name).unwrap();
+        let cfg = stuffed_core::delta_net::Config {
+            d_model: c,
+            n_layer: l,
+            n_heads: nh,
+            n_v_heads: nv,
+            head_k: dk,
+            head_v: dv,
+            d_mlp: im,
+            vocab_rows: v,
+            d_conv: 4,
+            gated,
+            use_beta: true,
+            neg_eigval: false,
+            output_gate: stuffed_core::delta_net::OutputGate::None,
+            eps: 1e-6,
+        };
+        cfg.validate().unwrap();
+        assert_eq!(cfg.state_size(), ns, "{name} gated {gated}");
+    }
+}

@@ -214,3 +214,124 @@ fn rwkv7_probe_series() {
     }
     assert_eq!(p2[c..2 * c], p[c..2 * c], "Δ-scaling leaves the learning rate alone");
 }
+
+/// DeltaNet and Gated DeltaNet (FAMILIES.md §2.9, §9.3): RRI (α′ = a·α with the write β·v·k̂ᵀ scaled
+/// by b, the erasure kept; on DeltaNet, whose α ≡ 1, `a` adds a decay), Δ-scaling's analogue on GDN
+/// (log α′ = c·log α, i.e. softplus·c; refused on DeltaNet, which has no decay) and two staggered
+/// states in place of the window (the transition α(I − βk̂k̂ᵀ) is not diagonal). Each changes the
+/// logits, and chunked = token by token = odd splits; staggered states wider than the stream change
+/// nothing; state norm keeps every value head within τ; reset equals a fresh start.
+#[test]
+fn delta_net_every_method_chunked_equals_step() {
+    use stuffed::session::Session;
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 7919 + 13) % 256).collect();
+    for case in ["delta_net_tiny", "gdn_tiny", "gdn_tiny_neg", "gdn_tiny_bf16"] {
+        let gated = case.starts_with("gdn");
+        let plain = logits(&model(case, "none"), &ids, 256);
+        let specs: &[&str] = if gated {
+            &["rri:a=0.98,b=0.75", "rri:a=1,b=0.75", "dt:c=0.5", "staggered:r=8", "staggered:r=70"]
+        } else {
+            &["rri:a=0.98,b=0.75", "rri:a=1,b=0.75", "staggered:r=8", "staggered:r=70"]
+        };
+        for spec in specs {
+            let m = model(case, spec);
+            let step = logits(&m, &ids, 1);
+            let d = rel(&step, &plain);
+            let min = if *spec == "staggered:r=70" { 1e-4 } else { 1e-3 };
+            assert!(d > min, "{case} {spec} must change the logits ({d:.3e})");
+            for chunk in [256, 77, 5] {
+                let e = rel(&logits(&m, &ids, chunk), &step);
+                println!("{case} {spec} chunk {chunk} vs step: rel {e:.3e} (vs none {d:.3e})");
+                assert!(e <= 1e-4, "{case} {spec} chunk {chunk}: rel {e:.3e}");
+            }
+        }
+        let wide = logits(&model(case, "staggered:r=256"), &ids, 64);
+        let e = rel(&wide, &plain);
+        assert!(e <= 1e-5, "{case}: staggered states wider than the stream change nothing ({e:.3e})");
+        let mut m = Model::load(&data(case)).unwrap();
+        let err = format!("{:#}", m.set_forget(ForgetSpec::parse("window:r=8").unwrap()).unwrap_err());
+        assert!(err.contains("staggered:r=N") && err.contains("diagonal"), "{case}: {err}");
+        if !gated {
+            let err = format!("{:#}", m.set_forget(ForgetSpec::parse("dt:c=0.5").unwrap()).unwrap_err());
+            assert!(err.contains("DeltaNet has none"), "{case}: {err}");
+        }
+
+        let m = model(case, "state-norm:every=16,calib=48");
+        let net = m.net();
+        let long: Vec<u32> = (0..400u32).map(|i| (i * 131 + 7) % 256).collect();
+        let mut s = Session::new(&m, 64);
+        let mut scaled = 0;
+        for part in long.chunks(16) {
+            s.feed(part, &mut |_, _| Ok(())).unwrap();
+            if s.pos < 48 {
+                continue;
+            }
+            for l in 0..net.n_layer() {
+                for h in 0..net.n_heads() {
+                    let st = &s.state[net.head_state(l, h)];
+                    let norm = st.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    let tau = s.tau[l * net.n_heads() + h];
+                    assert!(norm <= tau * (1.0 + 1e-5), "{case} layer {l} head {h}: ‖S‖ {norm} > τ {tau}");
+                    scaled += (norm >= tau * (1.0 - 1e-6)) as usize;
+                }
+            }
+        }
+        assert!(scaled > 0, "{case}: the test must exercise the clamp");
+        let m = model(case, "reset:every=40");
+        let v = m.info.vocab_rows;
+        let all = logits(&m, &long[..90], 256);
+        let fresh = logits(&model(case, "none"), &long[40..80], 256);
+        assert!(rel(&all[40 * v..80 * v], &fresh) <= 1e-5, "{case}: reset equals a fresh start");
+    }
+}
+
+/// The delta rule's probe series per value head: Σ log α (GDN: negative, halved on layer 0 by
+/// Δ-scaling; DeltaNet: exactly 0, it has no decay, and RRI's a adds T·ln a) and Σ β (the write and
+/// erasure strength, in (0, T), or (0, 2T) with allow_neg_eigval).
+#[test]
+fn delta_net_probe_series() {
+    let ids: Vec<u32> = (0..50u32).collect();
+    let t = ids.len() as f32;
+    let ex = stuffed::exec::Pool::new();
+    let run = |m: &Model| {
+        let net = m.net();
+        let mut probe = vec![0f32; net.probe_len()];
+        let mut state = vec![0f32; net.state_len()];
+        let mut scratch = vec![0f32; net.scratch_len(ids.len())];
+        let mut hidden = vec![0f32; ids.len() * m.info.d_model];
+        net.forward_probed(&ex, &ids, &mut state, &mut scratch, &mut hidden, &mut probe).unwrap();
+        probe
+    };
+    for (case, bmax) in [("delta_net_tiny", t), ("gdn_tiny", t), ("gdn_tiny_neg", 2.0 * t)] {
+        let m = model(case, "none");
+        let net = m.net();
+        let (names, width) = net.probe_series();
+        assert_eq!((names, width), (&["log_decay_sum", "beta_sum"][..], 1));
+        let h = net.n_heads();
+        let p = run(&m);
+        for layer in p.chunks_exact(2 * h) {
+            let (lg, b) = layer.split_at(h);
+            if case.starts_with("gdn") {
+                assert!(lg.iter().all(|v| *v < 0.0 && v.is_finite()), "{case}: log decay sums {lg:?}");
+            } else {
+                assert!(lg.iter().all(|v| *v == 0.0), "{case}: DeltaNet has no decay {lg:?}");
+            }
+            assert!(b.iter().all(|v| *v > 0.0 && *v < bmax), "{case}: beta sums {b:?}");
+        }
+        let (spec, f): (&str, fn(f32, f32) -> f32) = if case.starts_with("gdn") {
+            ("dt:c=0.5", |_, y| 0.5 * y)
+        } else {
+            ("rri:a=0.5,b=1", |t, y| y + t * 0.5f32.ln())
+        };
+        let p2 = run(&model(case, spec));
+        for (x, y) in p2[..h].iter().zip(&p[..h]) {
+            let want = f(t, *y);
+            assert!((x - want).abs() <= 1e-4 * want.abs().max(1.0), "{case} {spec}: {x} vs {want}");
+        }
+        assert_eq!(p2[h..2 * h], p[h..2 * h], "{case} {spec} leaves β alone");
+        let stuffed::model::Layout::DeltaNet { head_k, head_v, .. } = m.info.layout else { panic!("{case}") };
+        let last = net.head_state(net.n_layer() - 1, h - 1);
+        assert_eq!(last.len(), head_k * head_v, "{case}: a value head's state is V × K");
+        assert!(last.end <= net.state_len());
+    }
+}

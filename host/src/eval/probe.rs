@@ -342,10 +342,19 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         "series": names,
         "notes": "t = tokens consumed (from 1); the retention sum includes the first token's own decay; \
                   per-channel decays report the mean and max over key channels; variance is unbiased",
-        "retention_bound": (model.info.family == crate::model::Family::Rwkv7).then_some(
-            "RWKV-7: the retention is Σ log w along the decay path only; the delta rule's erasure −(S·κ̂)(κ̂⊙a)ᵀ \
-             removes more, so it is an upper bound on the first token's retention (learning_rate_sum: Σ a per channel)"
-        ),
+        "retention_bound": match model.info.family {
+            crate::model::Family::Rwkv7 => Some(
+                "RWKV-7: the retention is Σ log w along the decay path only; the delta rule's erasure −(S·κ̂)(κ̂⊙a)ᵀ \
+                 removes more, so it is an upper bound on the first token's retention (learning_rate_sum: Σ a per channel)"),
+            crate::model::Family::GatedDeltaNet => Some(
+                "Gated DeltaNet: the retention is Σ log α per value head (α = exp(−exp(A_log)·softplus(·))) along the \
+                 decay path only; the delta rule's erasure I − βk̂k̂ᵀ (eigenvalues 1 and 1 − β, non-expansive for β ≤ 2) removes more, so it is an \
+                 upper bound on the first token's retention, exact along directions no later key touched (beta_sum: Σ β)"),
+            crate::model::Family::DeltaNet => Some(
+                "DeltaNet: α ≡ 1, no decay: the retention is 0 (log) everywhere (only RRI's a adds one), a trivial upper \
+                 bound; all its forgetting is the delta rule's content-addressed erasure I − βk̂k̂ᵀ (beta_sum: Σ β)"),
+            _ => None,
+        },
     });
     write_atomic(&out.join("probe.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
     let _ = std::fs::remove_file(out.join(CKPT));

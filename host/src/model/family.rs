@@ -1,6 +1,6 @@
 //! The families `stuffed` runs, named once: [`Family`] and its table (`families!` below), and what a
 //! path holds ([`detect`]). Adding a family is one line of that table and one host file beside this.
-use super::{gla, hgrn2, mamba1, mamba2, rwkv, rwkv7, Loader};
+use super::{delta_net, gla, hgrn2, mamba1, mamba2, rwkv, rwkv7, Loader};
 use crate::config;
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
@@ -73,6 +73,9 @@ families! {
     /// follows the embedding's rows (host/src/model/rwkv7.rs).
     Rwkv7 = "rwkv7", model_types ["rwkv7"], "RWKV-7", rwkv7, World;
     Gla = "gla", model_types ["gla"], "GLA", gla, OwnOnly;
+    /// DeltaNet and Gated DeltaNet share one host file and one core file (the delta rule).
+    DeltaNet = "delta_net", model_types ["delta_net"], "DeltaNet", delta_net, OwnOnly;
+    GatedDeltaNet = "gated_deltanet", model_types ["gated_deltanet"], "Gated DeltaNet", delta_net, OwnOnly;
 }
 
 impl Family {
