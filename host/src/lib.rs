@@ -15,6 +15,7 @@ pub mod exec;
 pub mod forget;
 pub mod fuzz;
 pub mod gpumem;
+pub mod hub;
 pub mod interrupt;
 pub mod model;
 pub mod report;

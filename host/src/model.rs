@@ -178,8 +178,11 @@ pub struct Model {
     pub forget: ForgetSpec,
 }
 
-/// The directory a model path names (a file's parent): where its config and tokenizer live.
+/// The directory a model path names (a file's parent; a model name, its cached snapshot): where its
+/// config and tokenizer live.
 pub fn dir_of(path: &Path) -> PathBuf {
+    let resolved = crate::hub::resolve(path);
+    let path = resolved.as_deref().unwrap_or(path);
     if path.is_dir() {
         path.to_path_buf()
     } else {
@@ -289,8 +292,10 @@ impl Model {
         format!("{:x}", h.finalize())
     }
 
-    /// Opens a checkpoint directory (or file) and builds the model it holds.
+    /// Opens a checkpoint directory (or file), or a model name in the local Hugging Face cache
+    /// ([`crate::hub::resolve`]), and builds the model it holds.
     pub fn load(path: &Path) -> Result<Model> {
+        let path = &crate::hub::resolve(path)?;
         let found = detect(path)?;
         let ckpt = Checkpoint::open(&found.weights)?;
         let mut info = None;
