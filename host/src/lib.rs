@@ -10,6 +10,7 @@ pub mod config;
 #[cfg(gpu)]
 pub mod cuda;
 pub mod defaults;
+pub mod embed;
 pub mod eval;
 pub mod exec;
 pub mod forget;

@@ -147,7 +147,7 @@ pub(crate) type Loader = for<'a> fn(&'a Checkpoint, &Found) -> Result<Loaded<'a>
 /// A core model. Mamba-2 by its type: the CUDA backend and the FLOP count need its config.
 pub(crate) enum Net<'a> {
     Mamba2(Box<Mamba2<'a>>),
-    Other(Box<dyn Recurrent + 'a>),
+    Other(Box<dyn Recurrent + Send + 'a>),
 }
 
 type BoxedViews<'a> = Box<dyn Views + 'a>;
