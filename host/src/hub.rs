@@ -67,6 +67,17 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     Ok(snap)
 }
 
+/// The model name of a cached snapshot path (`…/models--owner--name/snapshots/<commit>` → `name`),
+/// for the rows and file names that name a model by its directory.
+pub fn snapshot_name(path: &Path) -> Option<String> {
+    let snaps = path.parent()?;
+    let repo = snaps.parent()?.file_name()?.to_str()?;
+    if snaps.file_name()? != "snapshots" || !repo.starts_with("models--") {
+        return None;
+    }
+    repo.rsplit("--").next().map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_name;

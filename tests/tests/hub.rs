@@ -55,6 +55,8 @@ fn models_by_name_from_the_hf_cache() {
     let main = Model::load(Path::new("acme/tiny")).unwrap();
     assert_eq!(main.info.path, hub.join("models--acme--tiny/snapshots").join(c1));
     assert_eq!(facts(&main), facts(&Model::load(&untied).unwrap()));
+    // Rows and file names call it by its name, not by the snapshot's commit.
+    assert_eq!(stuffed::eval::ppl::model_name(&main.info), "tiny");
     let v2 = Model::load(Path::new("acme/tiny@v2")).unwrap();
     assert_eq!(facts(&v2), facts(&Model::load(&tied).unwrap()));
     assert_ne!(facts(&main), facts(&v2));
