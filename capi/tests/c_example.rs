@@ -29,14 +29,15 @@ fn cli_logits(model: &Path, ids: &[u32], chunk: usize, dir: &Path) -> Vec<u32> {
 
 #[test]
 fn c_example_prints_the_clis_logits() {
-    // `cargo test` links tests against no cdylib: build it (a no-op when it is current), with the
-    // profile this test was built with (its directory's name).
+    // `cargo test` links tests against no cdylib: build it (a no-op when it is current). The whole
+    // workspace's libs and tests, as `cargo test --workspace` (CI) resolves features: the same
+    // dependency builds are reused, only libstuffed.so/.a are new.
     let lib = lib_dir();
-    let profile = lib.file_name().unwrap().to_str().unwrap();
-    let profile = if profile == "debug" { "dev" } else { profile };
+    let release = lib.file_name().is_some_and(|p| p == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = Command::new(cargo)
-        .args(["build", "-p", "stuffed-capi", "--lib", "--profile", profile])
+        .args(["build", "--workspace", "--lib", "--tests"])
+        .args(release.then_some("--release"))
         .current_dir(root())
         .output()
         .unwrap();
