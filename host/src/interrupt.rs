@@ -10,11 +10,22 @@ static EXIT_NOW: AtomicBool = AtomicBool::new(true);
 /// The signal that came while armed (0: none).
 static RAISED: AtomicUsize = AtomicUsize::new(0);
 static INSTALL: Once = Once::new();
+/// Whether [`arm`] may install handlers: only the CLI's `main` says so ([`enable`]); a library
+/// caller (the C ABI, Python) keeps its own signal handling.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Lets [`arm`] install the SIGINT/SIGTERM handlers (the `stuffed` binary calls it first thing).
+pub fn enable() {
+    ENABLED.store(true, SeqCst);
+}
 
 /// Catches SIGINT and SIGTERM until dropped ([`raised`] tells whether one came).
 pub struct Armed(());
 
 pub fn arm() -> Armed {
+    if !ENABLED.load(SeqCst) {
+        return Armed(());
+    }
     INSTALL.call_once(|| {
         for sig in [SIGINT, SIGTERM] {
             // Order matters: the exit test runs before this signal sets the flag for the next one.
@@ -43,5 +54,29 @@ pub fn raised() -> Option<&'static str> {
 impl Drop for Armed {
     fn drop(&mut self) {
         EXIT_NOW.store(true, SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// SIGINT's handler as the process has it.
+    fn sigint_handler() -> libc::sighandler_t {
+        // SAFETY: a query (null new action) into a zeroed sigaction.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            assert_eq!(libc::sigaction(libc::SIGINT, std::ptr::null(), &mut old), 0);
+            old.sa_sigaction
+        }
+    }
+
+    /// A library caller's run (the C ABI, Python) installs no handler; the binary's does.
+    #[test]
+    fn only_the_binary_installs_handlers() {
+        drop(super::arm());
+        assert_eq!(sigint_handler(), libc::SIG_DFL, "arm() without enable() installed a SIGINT handler");
+        super::enable();
+        let armed = super::arm();
+        assert_ne!(sigint_handler(), libc::SIG_DFL);
+        drop(armed);
     }
 }

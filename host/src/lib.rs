@@ -10,11 +10,13 @@ pub mod config;
 #[cfg(gpu)]
 pub mod cuda;
 pub mod defaults;
+pub mod embed;
 pub mod eval;
 pub mod exec;
 pub mod forget;
 pub mod fuzz;
 pub mod gpumem;
+pub mod hub;
 pub mod interrupt;
 pub mod model;
 pub mod report;

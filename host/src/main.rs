@@ -20,6 +20,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // The binary catches SIGINT/SIGTERM during long runs (checkpoint, then stop); the library alone
+    // installs no handlers.
+    stuffed::interrupt::enable();
     if let Err(e) = stuffed::cli::run(cli) {
         // One line: the file or tensor and the problem.
         let msg = format!("{e:#}").replace('\n', " ");

@@ -156,7 +156,7 @@ pub(crate) type Loader = for<'a> fn(&'a Checkpoint, &Found) -> Result<Loaded<'a>
 /// A core model. Mamba-2 by its type: the CUDA backend and the FLOP count need its config.
 pub(crate) enum Net<'a> {
     Mamba2(Box<Mamba2<'a>>),
-    Other(Box<dyn Recurrent + 'a>),
+    Other(Box<dyn Recurrent + Send + 'a>),
 }
 
 type BoxedViews<'a> = Box<dyn Views + 'a>;
@@ -187,8 +187,11 @@ pub struct Model {
     pub forget: ForgetSpec,
 }
 
-/// The directory a model path names (a file's parent): where its config and tokenizer live.
+/// The directory a model path names (a file's parent; a model name, its cached snapshot): where its
+/// config and tokenizer live.
 pub fn dir_of(path: &Path) -> PathBuf {
+    let resolved = crate::hub::resolve(path);
+    let path = resolved.as_deref().unwrap_or(path);
     if path.is_dir() {
         path.to_path_buf()
     } else {
@@ -298,8 +301,10 @@ impl Model {
         format!("{:x}", h.finalize())
     }
 
-    /// Opens a checkpoint directory (or file) and builds the model it holds.
+    /// Opens a checkpoint directory (or file), or a model name in the local Hugging Face cache
+    /// ([`crate::hub::resolve`]), and builds the model it holds.
     pub fn load(path: &Path) -> Result<Model> {
+        let path = &crate::hub::resolve(path)?;
         let found = detect(path)?;
         let ckpt = Checkpoint::open(&found.weights)?;
         let mut info = None;

@@ -691,8 +691,11 @@ fn nll_path(
     Some(base.join(format!("{mi:02}_{}__{method}__{di:03}_{doc}.f32", model_name(&model.info))))
 }
 
-/// A model's directory (or file) name, as rows and file names show it.
+/// A model's directory (or file) name, as rows and file names show it (a cached snapshot: the model's name).
 pub fn model_name(info: &ModelInfo) -> String {
+    if let Some(name) = crate::hub::snapshot_name(&info.path) {
+        return name; // a model from the HF cache: its name, not its snapshot's commit
+    }
     info.path.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string())
 }
 

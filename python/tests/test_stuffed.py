@@ -1,0 +1,123 @@
+"""The Python package against the `stuffed` CLI's own outputs: logits (`stuffed logits`), per-position
+NLL (`stuffed ppl --nll-out`), `ppl`'s results, `generate`'s text, on golden checkpoints from
+tests/data and the shipped pair, bit for bit (the same library and kernel path)."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import stuffed
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("STUFFED_BIN", str(ROOT / "target" / "debug" / "stuffed"))
+GOLDEN = ["mamba2_hf_g1_untied", "rwkv7_tiny", "gla_tiny", "mamba1_hf", "rwkv6_tiny", "hgrn2_tiny"]
+PAIR = [ROOT / "models" / "mamba2-tiny-l4-t64-a3-4m", ROOT / "models" / "mamba2-tiny-l4-t2048-a3-4m"]
+NOVEL = ROOT / "host" / "assets" / "corpus" / "austen_persuasion.txt"
+IDS = [5, 9, 2, 40, 7, 13, 1, 8, 100, 3, 77, 0]
+
+
+def cli(*args):
+    r = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def read_safetensors(path, name):
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8 : 8 + n])[name]
+    assert meta["dtype"] == "F32"
+    a, b = meta["data_offsets"]
+    return np.frombuffer(raw[8 + n + a : 8 + n + b], dtype="<f4").reshape(meta["shape"])
+
+
+def cli_logits(model, ids, chunk, tmp_path):
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, ids)))
+    out = tmp_path / "logits.safetensors"
+    cli("logits", "--model", model, "--ids", tmp_path / "ids.txt", "--out", out, "--chunk", chunk)
+    return read_safetensors(out, "logits")
+
+
+def same_bits(a, b):
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", GOLDEN + ["pair"])
+def test_forward_equals_cli_logits(name, tmp_path):
+    path = PAIR[0] if name == "pair" else ROOT / "tests" / "data" / name
+    m = stuffed.Model(path)
+    assert same_bits(m.forward(IDS), cli_logits(path, IDS, 256, tmp_path))
+    # Streamed a token a call from a state the caller holds: `logits --chunk 1`.
+    m1 = stuffed.Model(path, chunk=1)
+    state = m1.state()
+    rows = np.stack([m1.forward([t], state)[0] for t in IDS])
+    assert same_bits(rows, cli_logits(path, IDS, 1, tmp_path))
+    # The last position alone, from a snapshot: the state is a plain array.
+    s = m1.state()
+    m1.forward(IDS[:6], s)
+    snap = s.copy()
+    a = m1.forward(IDS[6:], s, last=True)
+    b = m1.forward(IDS[6:], snap, last=True)
+    assert same_bits(a, b) and np.array_equal(s, snap)
+
+
+@pytest.mark.parametrize("path", PAIR, ids=["t64", "t2048"])
+def test_nll_equals_ppl_nll_out(path, tmp_path):
+    text = NOVEL.read_text()
+    out = tmp_path / "nll.bin"
+    cli("ppl", "--model", path, "--text", NOVEL, "--max-tokens", 3000, "--chunk", 512, "--nll-out", out,
+        "--out", tmp_path / "o")
+    want = np.fromfile(out, dtype="<f4")
+    m = stuffed.Model(path)
+    got = m.nll(m.encode(text)[:3000])
+    assert got.dtype == np.float32 and same_bits(got, want)
+
+
+def test_ppl_equals_cli(tmp_path):
+    opts = ["--max-tokens", "2k", "--bucket", "128", "--chunk", "256", "--forget", "none", "--forget", "dt:c=0.5"]
+    cli("ppl", "--model", PAIR[0], "--model", PAIR[1], "--text", NOVEL, *opts, "--out", tmp_path / "cli")
+    want = json.loads((tmp_path / "cli" / "results.json").read_text())
+    r = stuffed.ppl(PAIR, text=NOVEL, max_tokens="2k", bucket=128, chunk=256, forget=["none", "dt:c=0.5"],
+                    out=tmp_path / "py", nll_out=tmp_path / "nll")
+    got = r["results"]
+    assert len(got["runs"]) == len(want["runs"]) == 4
+    for g, w in zip(got["runs"], want["runs"]):
+        assert (g["forget"], g["tokens_scored"], g["mean_nll"]) == (w["forget"], w["tokens_scored"], w["mean_nll"])
+        assert g["buckets_linear"] == w["buckets_linear"]
+    cli_loss = (tmp_path / "cli" / "loss.csv").read_text().splitlines()
+    assert r["loss"]["mean_nll"].tolist() == [float(l.split(",")[6]) for l in cli_loss[1:]]
+    # Options are the CLI's, checked by it.
+    with pytest.raises(RuntimeError, match="--chunk must be positive"):
+        stuffed.ppl(PAIR[0], text=NOVEL, chunk=0)
+
+
+def test_generate_equals_cli():
+    text = cli("generate", "--model", PAIR[1], "--prompt", "It was", "--max-new", 12)
+    m = stuffed.Model(PAIR[1])
+    assert m.generate("It was", max_new=12) == text.rstrip("\n")
+
+
+def test_evaluators_return_dicts_and_arrays(tmp_path):
+    r = stuffed.passkey(ROOT / "models" / "mamba2-tiny-passkey", lengths="256", samples=2)
+    assert r["out"] is None and "summary" in r and isinstance(r["summary"], dict)
+    p = stuffed.probe(PAIR[0], text=NOVEL, max_tokens=1024, every=256, out=tmp_path / "probe")
+    assert any(isinstance(v, dict) and v for k, v in p.items() if k != "out")
+
+
+def test_errors_are_one_line_exceptions():
+    m = stuffed.Model(ROOT / "tests" / "data" / "mamba2_hf_g1_untied")
+    info = m.info
+    assert info["family"] == "mamba2" and info["state_floats"] == m.state().size
+    with pytest.raises(ValueError, match=f"state: 3 floats given, the model's state has {info['state_floats']}"):
+        m.forward(IDS, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="token id 256 at position 1 is out of range"):
+        m.forward([1, info["vocab_rows"]])
+    with pytest.raises(ValueError, match="float32"):
+        m.forward(IDS, np.zeros(m.state().size, np.float64))
+    with pytest.raises(RuntimeError, match="no such path, and no model acme/none in the Hugging Face cache"):
+        stuffed.Model("acme/none")
+    with pytest.raises(RuntimeError, match="unknown method 'bogus'"):
+        stuffed.Model(ROOT / "tests" / "data" / "mamba2_hf_g1_untied", forget="bogus")
