@@ -318,7 +318,19 @@ fn kill_and_resume(
     let ckpt = dir.join("part").join(ckpt);
     let mut child = run("part").stderr(std::process::Stdio::piped()).spawn().unwrap();
     if sigterm {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Signal once the run catches SIGTERM (its bit in /proc's SigCgt mask): a fixed 100 ms wait
+        // was sometimes too short on a loaded machine, and the signal killed the run before its
+        // handlers were in.
+        let proc_status = format!("/proc/{}/status", child.id());
+        let catches_sigterm = || {
+            let status = std::fs::read_to_string(&proc_status).unwrap_or_default();
+            let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
+            u64::from_str_radix(mask, 16).unwrap_or(0) & (1 << (15 - 1)) != 0
+        };
+        while !catches_sigterm() {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before it caught SIGTERM");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert!(child.try_wait().unwrap().is_none(), "the run ended before the signal");
         let pid = child.id().to_string();
         assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
