@@ -9,6 +9,7 @@ use crate::backend::{Device, GpuOptions, ScorerState};
 use crate::model::dir_of;
 use crate::model::{Model, ModelInfo};
 use crate::report::{self, peak_rss_bytes, write_atomic, Progress, StateSlot};
+use crate::state_dtype::{StateDtype, StatePrecision};
 use crate::text::Input;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
@@ -43,6 +44,12 @@ pub struct Options {
     /// `--shard k/n`: only documents i with i mod n = k − 1 (merge the shards with `stuffed merge`).
     #[serde(default)]
     pub shard: Option<(usize, usize)>,
+    /// `--state-dtype` (absent when f32).
+    #[serde(default, skip_serializing_if = "StatePrecision::is_f32")]
+    pub state: StatePrecision,
+    /// `--vs-state`: a second stream with the state in this type, over the same tokens (drift).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_state: Option<StateDtype>,
 }
 
 /// Running NLL sums over buckets of positions: linear (`width` > 0) or powers of two (`width` = 0).
@@ -86,11 +93,15 @@ impl Buckets {
     }
 
     pub fn add(&mut self, pos: u64, nll: f32) {
+        self.add_f64(pos, nll as f64)
+    }
+
+    /// [`Buckets::add`] of an f64 value (a difference, a KL).
+    pub fn add_f64(&mut self, pos: u64, v: f64) {
         let i = self.index(pos);
         if i >= self.count.len() {
             self.grow(i + 1);
         }
-        let v = nll as f64;
         self.sum[i] += v;
         self.sq[i] += v * v;
         self.count[i] += 1;
@@ -251,6 +262,115 @@ pub struct RunResult {
     pub nll_out: Vec<String>,
     /// The raw sums behind every number above (what `stuffed merge` adds up across shards).
     pub acc: Acc,
+    /// `--vs-state`: this stream against the reference stream over the same tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<Drift>,
+}
+
+/// `--vs-state`'s running sums: per position, ΔNLL = NLL(this stream) − NLL(reference) and
+/// KL(p_reference ‖ p_this), into linear and power-of-two buckets.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DriftAcc {
+    /// The reference stream's state storage (`f32`).
+    pub reference: String,
+    delta_linear: Buckets,
+    delta_log2: Buckets,
+    kl_linear: Buckets,
+    kl_log2: Buckets,
+}
+
+impl Default for Buckets {
+    fn default() -> Self {
+        Buckets::new(0)
+    }
+}
+
+impl DriftAcc {
+    fn new(reference: String, width: u64) -> DriftAcc {
+        DriftAcc {
+            reference,
+            delta_linear: Buckets::new(width),
+            delta_log2: Buckets::new(0),
+            kl_linear: Buckets::new(width),
+            kl_log2: Buckets::new(0),
+        }
+    }
+
+    fn add(&mut self, pos: u64, delta: f64, kl: f64) {
+        self.delta_linear.add_f64(pos, delta);
+        self.delta_log2.add_f64(pos, delta);
+        self.kl_linear.add_f64(pos, kl);
+        self.kl_log2.add_f64(pos, kl);
+    }
+}
+
+/// One bucket of a drift: both streams' mean NLL, their difference with its standard error, and
+/// the mean KL(p_reference ‖ p_this).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DriftRow {
+    pub start: u64,
+    pub end: u64,
+    pub count: u64,
+    pub mean_nll: f64,
+    pub mean_nll_ref: f64,
+    pub delta_nll: f64,
+    pub delta_stderr: f64,
+    pub kl: f64,
+}
+
+/// `--vs-state`'s report, derived from its sums.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Drift {
+    pub reference: String,
+    pub buckets_linear: Vec<DriftRow>,
+    pub buckets_log2: Vec<DriftRow>,
+    /// Start of the first linear bucket whose mean ΔNLL exceeds 0.01 nats (none: not within
+    /// `evaluated_len` tokens).
+    pub first_over_0_01: Option<u64>,
+    /// The same for 0.1 nats.
+    pub first_over_0_1: Option<u64>,
+    pub evaluated_len: u64,
+    pub acc: DriftAcc,
+}
+
+/// The drift rows of one scheme: this stream's buckets `nll` beside the ΔNLL and KL sums.
+fn drift_rows(nll: &Buckets, delta: &Buckets, kl: &Buckets) -> Vec<DriftRow> {
+    nll.rows_iter()
+        .zip(delta.rows_iter())
+        .zip(kl.rows_iter())
+        .map(|((n, d), k)| DriftRow {
+            start: n.start,
+            end: n.end,
+            count: n.count,
+            mean_nll: n.mean_nll,
+            mean_nll_ref: n.mean_nll - d.mean_nll,
+            delta_nll: d.mean_nll,
+            delta_stderr: d.stderr,
+            kl: k.mean_nll,
+        })
+        .collect()
+}
+
+impl Drift {
+    /// Every number from the sums `acc` and this stream's `nll` sums.
+    fn derive(acc: DriftAcc, nll: &Acc) -> Drift {
+        let linear = drift_rows(&nll.linear, &acc.delta_linear, &acc.kl_linear);
+        let first = |t: f64| linear.iter().find(|r| r.delta_nll > t).map(|r| r.start);
+        Drift {
+            reference: acc.reference.clone(),
+            first_over_0_01: first(0.01),
+            first_over_0_1: first(0.1),
+            buckets_log2: drift_rows(&nll.log2, &acc.delta_log2, &acc.kl_log2),
+            buckets_linear: linear,
+            evaluated_len: nll.longest,
+            acc,
+        }
+    }
+
+    /// `start 1024`, or `not within N tokens`.
+    pub fn first_over_text(at: Option<u64>, evaluated: u64) -> String {
+        at.map_or(format!("not within {evaluated} tokens"), |s| format!("from the bucket at {s}"))
+    }
 }
 
 /// What a checkpoint holds besides the state and the pending hidden row.
@@ -293,11 +413,19 @@ fn run_key(models: &[serde_json::Value], inputs: &[Input], hashes: &[String], o:
 
 /// The options that decide the numbers of a run (not where it writes, when it checkpoints, or its share).
 fn deciding(o: &Options) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "chunk": o.chunk, "bucket": o.bucket, "train_len": o.train_len, "max_tokens": o.max_tokens,
         "concat": o.concat, "repeat_to": o.repeat_to, "tokenizer": o.tokenizer,
         "forget": o.forget.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
-    })
+    });
+    // Only when asked for: an f32 run keeps the fingerprint it had before the flag existed.
+    if !o.state.is_f32() {
+        v["state"] = serde_json::json!(o.state);
+    }
+    if let Some(s) = o.vs_state {
+        v["vs_state"] = serde_json::json!(s);
+    }
+    v
 }
 
 const CKPT: &str = "ppl.checkpoint.safetensors";
@@ -381,13 +509,38 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
     for (mi, (mpath, forget)) in jobs.iter().enumerate().skip(first_model) {
         let mut model = Model::load(mpath)?;
         model.set_forget(*forget)?;
+        model.state_precision = o.state;
+        // `--vs-state`: the same model, its state stored in the other type.
+        let vs_model = match o.vs_state {
+            Some(dtype) => {
+                let mut m = Model::load(mpath)?;
+                m.set_forget(*forget)?;
+                m.state_precision = StatePrecision { dtype, ..o.state };
+                Some(m)
+            }
+            None => None,
+        };
         let tok = model.tokenizer(o.tokenizer.as_deref())?;
         let resumed = snap.take().filter(|s| s.snap.model_index == mi);
         let at = RunAt { fp: &fp, key: &key };
-        let job = Job { model: &model, tok: &tok, mi, n_models: jobs.len(), inputs, o, out, at, finished: &finished };
+        let job = Job {
+            model: &model,
+            vs_model: vs_model.as_ref(),
+            tok: &tok,
+            mi,
+            n_models: jobs.len(),
+            inputs,
+            o,
+            out,
+            at,
+            finished: &finished,
+        };
         match run_model(&job, resumed, &mut processed)? {
-            (Flow::Done, r) => finished.push(r),
-            (Flow::Stopped, _) => {
+            (Flow::Done, r, vs) => {
+                finished.push(r);
+                finished.extend(vs);
+            }
+            (Flow::Stopped, ..) => {
                 eprintln!("stopped after {processed} tokens; checkpoint in {}; continue with --resume", out.display());
                 return Ok(finished);
             }
@@ -422,6 +575,8 @@ fn input_source(i: &Input) -> String {
 /// One (model, method) run of `ppl`: what it reads, where it writes, and the runs finished before it.
 struct Job<'a> {
     model: &'a Model,
+    /// `--vs-state`'s reference stream's model.
+    vs_model: Option<&'a Model>,
     tok: &'a Tokenizer,
     mi: usize,
     n_models: usize,
@@ -443,17 +598,53 @@ struct Streaming<'a> {
     seconds_before: f64,
     /// One call's NLL values.
     nll: Vec<f32>,
+    /// `--vs-state`: the reference stream.
+    vs: Option<Vs<'a>>,
+}
+
+/// `--vs-state`: the reference stream (the same tokens, the state in the other type), its sums,
+/// and the two streams' differences.
+struct Vs<'a> {
+    scorer: crate::backend::Scorer<'a>,
+    acc: Acc,
+    nll: Vec<f32>,
+    kl_head: crate::backend::KlHead<'a>,
+    kl: Vec<f64>,
+    drift: DriftAcc,
 }
 
 /// Runs `job` over its documents from where `resumed` stood (or the start); `processed` counts the
 /// tokens this process fed, for `--stop-after`.
-fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result<(Flow, RunResult)> {
+#[allow(clippy::type_complexity)]
+fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result<(Flow, RunResult, Option<RunResult>)> {
     let (model, o) = (job.model, job.o);
     let (docs, n_docs) = documents(job.inputs, o);
     let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
     let scorer = crate::backend::open(model, o.chunk, model.real_vocab(job.tok), o.device, o.gpu)?;
     let Start { acc, first_doc, mut skip, mut restore, mut nll_len } =
         start(resumed, scorer.state_len(), o, train_len, &job.out.join(CKPT), job.mi)?;
+    let vs = match job.vs_model {
+        Some(m) => {
+            if restore.is_some() {
+                bail!("ppl --vs-state keeps no checkpoint; there is nothing to resume");
+            }
+            let real = m.real_vocab(job.tok);
+            Some(Vs {
+                scorer: crate::backend::open(m, o.chunk, real, o.device, o.gpu)?,
+                acc: acc.clone(),
+                nll: Vec::with_capacity(o.chunk + 1),
+                kl_head: crate::backend::KlHead::new(m, real),
+                kl: Vec::new(),
+                drift: DriftAcc::new(m.state_precision.to_string(), o.bucket),
+            })
+        }
+        None => None,
+    };
+    // The two streams are not checkpointed (a signal ends the run without one).
+    let cadence = match vs {
+        Some(_) => super::Cadence::new(None, None),
+        None => super::Cadence::new(o.checkpoint_secs, o.checkpoint_every),
+    };
     let label = format!("ppl [{}/{}] {} [{}]", job.mi + 1, job.n_models, model.info.path.display(), model.forget);
     let mut run = Streaming {
         job,
@@ -462,8 +653,9 @@ fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result
         progress: Progress::new(&label, o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64)),
         seconds_before: acc.seconds,
         acc,
-        cadence: super::Cadence::new(o.checkpoint_secs, o.checkpoint_every),
+        cadence,
         started: Instant::now(),
+        vs,
     };
     for (k, (di, parts)) in docs.iter().enumerate().skip(first_doc) {
         let nll_path = nll_path(o, job.mi, job.n_models, *di, n_docs, model, parts);
@@ -472,14 +664,24 @@ fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result
             Some(st) if skip > 0 => run.scorer.restore(&st, skip)?,
             _ => run.scorer.reset()?,
         }
+        if let Some(vs) = run.vs.as_mut() {
+            vs.scorer.reset()?;
+        }
         let doc = Doc { index: k, parts, nll_path, nll_len, skip: std::mem::take(&mut skip) };
         if let Some(flow) = run.document(doc, processed)? {
-            return Ok((flow, result(model, job.tok, &run.acc, train_len)));
+            return Ok((flow, result(model, job.tok, &run.acc, train_len), None));
         }
     }
     run.progress.finish();
     run.acc.seconds = run.seconds_before + run.started.elapsed().as_secs_f64();
-    Ok((Flow::Done, result_of(model, job.tok, run.acc, train_len)))
+    let Some(mut vs) = run.vs else {
+        return Ok((Flow::Done, result_of(model, job.tok, run.acc, train_len), None));
+    };
+    vs.acc.seconds = run.acc.seconds;
+    let reference = result_of(job.vs_model.unwrap_or(model), job.tok, vs.acc, train_len);
+    let mut r = result_of(model, job.tok, run.acc, train_len);
+    r.drift = Some(Drift { acc: vs.drift, ..Drift::default() });
+    Ok((Flow::Done, r.derived(), Some(reference)))
 }
 
 /// A document of a job: its index among the job's documents, its inputs, its NLL file (and that
@@ -520,11 +722,22 @@ impl Streaming<'_> {
             pos += t;
             self.acc.longest = self.acc.longest.max(pos);
             self.acc.tokens_fed += t;
+            if let Some(vs) = self.vs.as_mut() {
+                vs.acc.longest = vs.acc.longest.max(pos);
+                vs.acc.tokens_fed += t;
+            }
             *processed += t;
             self.cadence.fed(t);
             self.progress.set(self.acc.tokens_fed);
             let stop = o.stop_after.is_some_and(|n| *processed >= n);
             let at_boundary = ids.len() == o.chunk && !feed.done();
+            if let Some(due) = self.cadence.due(stop).filter(|_| self.vs.is_some()) {
+                if let Some(sig) = due.signal {
+                    self.progress.finish();
+                    bail!("{sig} after {processed} tokens: ppl --vs-state keeps no checkpoint; run it again");
+                }
+                continue;
+            }
             if let Some(due) = self.cadence.due(stop).filter(|_| at_boundary) {
                 let at = DocAt { model_index: job.mi, doc_index: doc.index, doc_pos: pos };
                 self.checkpoint(at, doc.nll_path.as_deref().zip(nll_file.as_mut()))?;
@@ -558,6 +771,17 @@ impl Streaming<'_> {
         if let Some(f) = nll_file {
             f.write_all(bytemuck::cast_slice(&self.nll))?;
         }
+        if let Some(vs) = self.vs.as_mut() {
+            // The reference stream over the same ids (its own session: its sums are a separate run's).
+            if vs.scorer.score(ids, &mut vs.nll)? != had_pending || vs.nll.len() != self.nll.len() {
+                bail!("ppl --vs-state: the two streams scored different positions");
+            }
+            vs.acc.add(first, &vs.nll);
+            vs.kl_head.kl(scored_rows(vs.scorer.as_ref())?, scored_rows(self.scorer.as_ref())?, &mut vs.kl)?;
+            for (i, (&a, &b)) in self.nll.iter().zip(&vs.nll).enumerate() {
+                vs.drift.add(first + i as u64, a as f64 - b as f64, vs.kl[i]);
+            }
+        }
         Ok(())
     }
 
@@ -568,6 +792,11 @@ impl Streaming<'_> {
         let job = self.job;
         save_at(job.out, &job.at, doc, &self.acc, job.finished, nll, self.scorer.as_ref())
     }
+}
+
+/// The rows a backend's last call scored (`--vs-state` runs on the CPU, which keeps them).
+fn scored_rows<'s>(s: &'s dyn crate::backend::Backend) -> Result<&'s [f32]> {
+    s.scored_rows().ok_or_else(|| anyhow!("ppl --vs-state: CPU only"))
 }
 
 /// Where a model's run starts: its accumulators, the document and position to continue from, the
@@ -710,7 +939,10 @@ fn result(model: &Model, tok: &Tokenizer, acc: &Acc, train_len: Option<u64>) -> 
 fn result_of(model: &Model, tok: &Tokenizer, acc: Acc, train_len: Option<u64>) -> RunResult {
     RunResult {
         model: model.info.clone(),
-        precision: serde_json::json!({"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "accumulators": "f64"}),
+        precision: serde_json::json!({
+            "weights": model.info.weight_dtype, "compute": "f32",
+            "state": model.state_precision.to_string(), "accumulators": "f64"
+        }),
         forget: model.forget.to_string(),
         tokenizer: tok.source.clone(),
         tokens_scored: 0,
@@ -725,6 +957,7 @@ fn result_of(model: &Model, tok: &Tokenizer, acc: Acc, train_len: Option<u64>) -
         tokens_per_s: 0.0,
         nll_out: Vec::new(),
         acc,
+        drift: None,
     }
     .derived()
 }
@@ -733,7 +966,10 @@ impl RunResult {
     /// The model's directory name and the forgetting method, as every printed row, CSV row, plot
     /// legend and NLL file names a run: `mamba2-tiny [rri:a=0.9999,b=0.75]`.
     pub fn label(&self) -> String {
-        format!("{} [{}]", model_name(&self.model), self.forget)
+        match self.precision["state"].as_str().filter(|&s| s != "f32") {
+            Some(state) => format!("{} [{}] state {state}", model_name(&self.model), self.forget),
+            None => format!("{} [{}]", model_name(&self.model), self.forget),
+        }
     }
 
     /// Every number that follows from the accumulators, (re)computed from them.
@@ -747,6 +983,7 @@ impl RunResult {
         self.seconds = acc.seconds;
         self.tokens_per_s = acc.tokens_fed as f64 / acc.seconds.max(1e-9);
         self.nll_out = acc.nll_files.clone();
+        self.drift = self.drift.take().map(|d| Drift::derive(d.acc, &self.acc));
         self
     }
 }
@@ -845,7 +1082,76 @@ fn write_outputs(
         Ok(())
     })?;
     write_atomic(&out.join("loss.svg"), plot(runs, o).as_bytes())?;
+    write_drift(out, runs, o)?;
     write_logx_plot(out, runs, o)
+}
+
+/// `--vs-state`: drift.csv (every bucket of both schemes) and drift.svg (ΔNLL and KL against
+/// log2(position)).
+fn write_drift(out: &Path, runs: &[RunResult], o: &Options) -> Result<()> {
+    let drifts: Vec<(&RunResult, &Drift)> = runs.iter().filter_map(|r| r.drift.as_ref().map(|d| (r, d))).collect();
+    if drifts.is_empty() {
+        return Ok(());
+    }
+    report::write_atomic_with(&out.join("drift.csv"), |csv| {
+        writeln!(
+            csv,
+            "model,method,state,reference,scheme,start,end,count,mean_nll,mean_nll_ref,delta_nll,delta_stderr,kl"
+        )?;
+        for (r, d) in &drifts {
+            let name = r.model.path.display().to_string().replace(',', ";");
+            let method = r.forget.replace(',', ";");
+            let state = r.precision["state"].as_str().unwrap_or("?");
+            for (scheme, rows) in
+                [(format!("linear{}", o.bucket), &d.buckets_linear), ("log2".to_string(), &d.buckets_log2)]
+            {
+                for b in rows {
+                    writeln!(
+                        csv,
+                        "{name},{method},{state},{},{scheme},{},{},{},{:.6},{:.6},{:.3e},{:.3e},{:.3e}",
+                        d.reference,
+                        b.start,
+                        b.end,
+                        b.count,
+                        b.mean_nll,
+                        b.mean_nll_ref,
+                        b.delta_nll,
+                        b.delta_stderr,
+                        b.kl
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    use crate::report::svg::{LinePlot, Series};
+    let mid = |b: &DriftRow| (b.start + b.end) as f64 / 2.0;
+    let series: Vec<Series> = drifts
+        .iter()
+        .flat_map(|(r, d)| {
+            [
+                Series {
+                    name: format!("{} ΔNLL vs {}", r.label(), d.reference),
+                    points: d.buckets_log2.iter().map(|b| (mid(b), b.delta_nll)).collect(),
+                    markers: false,
+                },
+                Series {
+                    name: format!("{} KL({} ‖ this)", r.label(), d.reference),
+                    points: d.buckets_log2.iter().map(|b| (mid(b), b.kl)).collect(),
+                    markers: false,
+                },
+            ]
+        })
+        .collect();
+    let svg = LinePlot {
+        title: "State-precision drift",
+        x_label: "position (tokens, log scale)",
+        y_label: "mean ΔNLL and mean KL (nats)",
+        log_x: true,
+        vlines: Vec::new(),
+    }
+    .render(&series);
+    write_atomic(&out.join("drift.svg"), svg.as_bytes())
 }
 
 /// Beside a linear loss.svg, the same curves against log2(position) (loss_logx.svg), as the
