@@ -249,6 +249,10 @@ pub enum Cmd {
         /// Directory for laws.json, laws.csv, t_forget.svg and t_recall.svg.
         #[arg(long, default_value = "laws-out")]
         out: PathBuf,
+        /// Which T_forget verdict of each ppl run to fit: paper (the paper's: the largest bucket
+        /// mean on each side) or q90 (their 90th percentiles; README "A verdict with its uncertainty").
+        #[arg(long, default_value = "paper")]
+        verdict: String,
     },
     /// Streamed-NLL speed and memory on a synth preset (or a model), and decode ms/token.
     Bench(bench::BenchArgs),
@@ -315,7 +319,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::eval::ppl::merge(&dirs, &out)
             }
         }
-        Cmd::Laws { results, out } => crate::eval::laws::run(&results, &out),
+        Cmd::Laws { results, out, verdict } => crate::eval::laws::run(&results, &out, &verdict),
         Cmd::Synth { family, preset, dtype, seed, out } => crate::synth::write(family, &preset, dtype, seed, &out),
     }
 }

@@ -185,6 +185,30 @@ pub fn run(mut a: PplArgs) -> Result<()> {
                 v.verdict,
                 v.note
             );
+            let m = |m: &Option<crate::eval::ppl::Margin>| {
+                m.as_ref().map_or("margin -".into(), |m| {
+                    format!("margin L_out/(2·L_in) {:.4} [{:.4}, {:.4}] → {}", m.ratio, m.lo, m.hi, m.verdict)
+                })
+            };
+            println!(
+                "{}: paper: L_in ± {}, L_out ± {} (bucket standard errors); {} (95% block bootstrap, seed {})",
+                r.label(),
+                f(v.l_in_stderr),
+                f(v.l_out_stderr),
+                m(&v.margin),
+                crate::eval::ppl::BOOTSTRAP.0
+            );
+            if let Some(q) = &v.robust {
+                println!(
+                    "{}: {} (90th percentile of the bucket means on each side): L_in {}, L_out {} → {}; {}",
+                    r.label(),
+                    q.name,
+                    f(q.l_in),
+                    f(q.l_out),
+                    q.verdict,
+                    m(&q.margin)
+                );
+            }
             if let Some(l) = crate::eval::laws::laws_of(&r.model).filter(|l| l.in_range) {
                 println!(
                     "{}: SPEC.md §3's fit predicts \"{}\" (T_forget = {:.1}K tokens at N_S {:.2}M)",

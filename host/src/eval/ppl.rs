@@ -199,6 +199,130 @@ pub struct Verdict {
     pub verdict: String,
     pub evaluated_len: u64,
     pub note: String,
+    /// Standard errors of the bucket means that are L_in and L_out (their buckets' NLL spread).
+    #[serde(default)]
+    pub l_in_stderr: Option<f64>,
+    #[serde(default)]
+    pub l_out_stderr: Option<f64>,
+    /// The paper's criterion as a margin, L_out / (2·L_in), with its bootstrap interval.
+    #[serde(default)]
+    pub margin: Option<Margin>,
+    /// The variant robust to the number of buckets (README "A verdict with its uncertainty").
+    #[serde(default)]
+    pub robust: Option<RobustVerdict>,
+}
+
+/// A criterion's margin L_out / (2·L_in) (≤ 1: forgets) and its 95% interval from a seeded
+/// moving-block bootstrap over the verdict buckets on each side of T_train (blocks of `block`
+/// consecutive buckets, `replicates` resamples): "forgets" when the whole interval is ≤ 1, "does
+/// not forget" when it is > 1, else "undecided".
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Margin {
+    pub ratio: f64,
+    pub lo: f64,
+    pub hi: f64,
+    pub verdict: String,
+    pub seed: u64,
+    pub replicates: usize,
+    pub block: usize,
+}
+
+/// The robust variant: L_in and L_out as the `q`-quantile of the bucket means on each side (not
+/// their largest), the same buckets and rule (forgets iff L_out ≤ 2·L_in).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RobustVerdict {
+    pub name: String,
+    pub l_in: Option<f64>,
+    pub l_out: Option<f64>,
+    pub verdict: String,
+    pub margin: Option<Margin>,
+}
+
+/// The robust variant's name and quantile.
+pub const ROBUST: (&str, f64) = ("q90", 0.9);
+/// The verdicts' bootstrap: seed and resamples.
+pub const BOOTSTRAP: (u64, usize) = (25, 1000);
+
+/// The `q`-quantile of `v` (linear interpolation between order statistics; reorders `v`).
+pub fn quantile(v: &mut [f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let h = q * (v.len() - 1) as f64;
+    let (i, f) = (h.floor() as usize, h - h.floor());
+    let (_, &mut a, above) = v.select_nth_unstable_by(i, f64::total_cmp);
+    Some(match above.iter().copied().reduce(f64::min) {
+        Some(b) if f > 0.0 => a + f * (b - a),
+        _ => a,
+    })
+}
+
+fn max_of(v: &mut [f64]) -> Option<f64> {
+    v.iter().copied().reduce(f64::max)
+}
+
+/// The rule on (L_in, L_out), as the paper's verdict states it.
+fn rule(l_in: Option<f64>, l_out: Option<f64>) -> &'static str {
+    match (l_in, l_out) {
+        (Some(i), Some(o)) if !(i.is_finite() && o.is_finite()) => "undetermined",
+        (Some(i), Some(o)) if o <= 2.0 * i => "forgets",
+        (Some(_), Some(_)) => "does not forget",
+        _ => "undetermined",
+    }
+}
+
+/// splitmix64: the bootstrap's generator (seeded, the same on every machine).
+struct Mix(u64);
+
+impl Mix {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
+/// A moving-block resample of `v` (same length; blocks of `block` consecutive values) into `out`.
+fn resample(v: &[f64], block: usize, rng: &mut Mix, out: &mut Vec<f64>) {
+    out.clear();
+    let starts = v.len() - block + 1;
+    while out.len() < v.len() {
+        let s = rng.below(starts);
+        let take = block.min(v.len() - out.len());
+        out.extend_from_slice(&v[s..s + take]);
+    }
+}
+
+/// The margin of `stat` (the largest, or a quantile) over the bucket means `ins` and `outs`, with
+/// its seeded moving-block bootstrap interval (blocks of ⌈n^(1/3)⌉ buckets on each side).
+pub fn margin(ins: &[f64], outs: &[f64], stat: fn(&mut [f64]) -> Option<f64>, seed: u64, reps: usize) -> Option<Margin> {
+    let (i, o) = (stat(&mut ins.to_vec())?, stat(&mut outs.to_vec())?);
+    if !(i.is_finite() && o.is_finite()) || i <= 0.0 {
+        return None;
+    }
+    let block_of = |n: usize| ((n as f64).cbrt().ceil() as usize).clamp(1, n);
+    let (bi, bo) = (block_of(ins.len()), block_of(outs.len()));
+    let mut rng = Mix(seed);
+    let (mut ri, mut ro) = (Vec::new(), Vec::new());
+    let mut ratios: Vec<f64> = (0..reps)
+        .filter_map(|_| {
+            resample(ins, bi, &mut rng, &mut ri);
+            resample(outs, bo, &mut rng, &mut ro);
+            Some(stat(&mut ro)? / (2.0 * stat(&mut ri)?))
+        })
+        .collect();
+    let lo = quantile(&mut ratios, 0.025)?;
+    let hi = quantile(&mut ratios, 0.975)?;
+    let verdict = if hi <= 1.0 {
+        "forgets"
+    } else if lo > 1.0 {
+        "does not forget"
+    } else {
+        "undecided"
+    };
+    Some(Margin { ratio: o / (2.0 * i), lo, hi, verdict: verdict.into(), seed, replicates: reps, block: bo })
 }
 
 pub fn verdict_width(train_len: u64) -> u64 {
@@ -211,19 +335,42 @@ pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
     };
     let l_in = max(&mut b.rows_iter().filter(|r| r.start > 0 && r.end <= train_len));
     let l_out = max(&mut b.rows_iter().filter(|r| r.start >= train_len));
-    let verdict = match (l_in, l_out) {
-        // Never a verdict from a NaN or an infinity (the run stops before one could reach a bucket).
-        (Some(i), Some(o)) if !(i.is_finite() && o.is_finite()) => "undetermined",
-        (Some(i), Some(o)) if o <= 2.0 * i => "forgets",
-        (Some(_), Some(_)) => "does not forget",
-        _ => "undetermined",
+    // Never a verdict from a NaN or an infinity (the run stops before one could reach a bucket).
+    let verdict = rule(l_in, l_out);
+    // The bucket means behind them, and the standard errors of the two that are L_in and L_out.
+    let ins: Vec<BucketRow> = b.rows_iter().filter(|r| r.start > 0 && r.end <= train_len).collect();
+    let outs: Vec<BucketRow> = b.rows_iter().filter(|r| r.start >= train_len).collect();
+    let se_of = |rows: &[BucketRow], l: Option<f64>| rows.iter().find(|r| Some(r.mean_nll) == l).map(|r| r.stderr);
+    let (mi, mo): (Vec<f64>, Vec<f64>) =
+        (ins.iter().map(|r| r.mean_nll).collect(), outs.iter().map(|r| r.mean_nll).collect());
+    let (seed, reps) = BOOTSTRAP;
+    let q = |v: &mut [f64]| quantile(v, ROBUST.1);
+    let (rq_in, rq_out) = (q(&mut mi.clone()), q(&mut mo.clone()));
+    let robust = RobustVerdict {
+        name: ROBUST.0.into(),
+        l_in: rq_in,
+        l_out: rq_out,
+        verdict: rule(rq_in, rq_out).into(),
+        margin: margin(&mi, &mo, |v| quantile(v, ROBUST.1), seed, reps),
     };
     let note = if evaluated_len < 1 << 20 {
         format!("evaluated up to {evaluated_len} tokens (the paper's criterion uses 1M-token prompts)")
     } else {
         format!("evaluated over {evaluated_len} tokens")
     };
-    Verdict { train_len, bucket_width: b.width, l_in, l_out, verdict: verdict.into(), evaluated_len, note }
+    Verdict {
+        train_len,
+        bucket_width: b.width,
+        l_in,
+        l_out,
+        verdict: verdict.into(),
+        evaluated_len,
+        note,
+        l_in_stderr: se_of(&ins, l_in),
+        l_out_stderr: se_of(&outs, l_out),
+        margin: margin(&mi, &mo, max_of, seed, reps),
+        robust: Some(robust),
+    }
 }
 
 /// Accumulators of one model's run.
@@ -1329,4 +1476,72 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs, None, Some(&facts))?;
     println!("merged {n} shards into {}/results.json, loss.csv, loss.svg and loss_logx.svg", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seeded pseudo-noise in [−0.5, 0.5).
+    fn noise(n: usize, seed: u64) -> Vec<f64> {
+        let mut r = Mix(seed);
+        (0..n).map(|_| r.below(1 << 20) as f64 / (1 << 20) as f64 - 0.5).collect()
+    }
+
+    /// The bootstrap is reproducible with its seed (the same interval twice), moves with another
+    /// seed, and brackets the margin itself; a constant series has no spread.
+    #[test]
+    fn bootstrap_is_seeded() {
+        let ins: Vec<f64> = noise(7, 1).iter().map(|x| 5.0 + x).collect();
+        let outs: Vec<f64> = noise(500, 2).iter().map(|x| 10.5 + x).collect();
+        let a = margin(&ins, &outs, max_of, 25, 300).unwrap();
+        assert_eq!(a, margin(&ins, &outs, max_of, 25, 300).unwrap());
+        let b = margin(&ins, &outs, max_of, 26, 300).unwrap();
+        assert!((a.lo, a.hi) != (b.lo, b.hi), "{a:?} {b:?}");
+        assert!(a.lo <= a.ratio && a.ratio <= a.hi + 1e-12, "{a:?}");
+        let flat = margin(&[5.0; 4], &[9.0; 40], max_of, 25, 50).unwrap();
+        assert_eq!((flat.lo, flat.hi, flat.ratio, flat.verdict.as_str()), (0.9, 0.9, 0.9, "forgets"));
+        let flat = margin(&[5.0; 4], &[11.0; 40], max_of, 25, 50).unwrap();
+        assert_eq!(flat.verdict, "does not forget");
+        // L_out near 2·L_in with spread on both sides: undecided.
+        let outs: Vec<f64> = noise(500, 3).iter().map(|x| 9.8 + x).collect();
+        assert_eq!(margin(&ins, &outs, max_of, 25, 300).unwrap().verdict, "undecided");
+    }
+
+    #[test]
+    fn quantile_interpolates() {
+        assert_eq!(quantile(&mut [3.0, 1.0, 2.0], 0.5), Some(2.0));
+        assert_eq!(quantile(&mut [4.0, 1.0, 2.0, 3.0], 0.9), Some(3.7));
+        assert_eq!(quantile(&mut [1.0], 0.9), Some(1.0));
+        assert_eq!(quantile(&mut [], 0.9), None);
+    }
+
+    /// Why the robust variant: over i.i.d. noisy buckets the largest mean grows with their number
+    /// (the paper's L_out), the 90th percentile does not.
+    #[test]
+    fn q90_does_not_grow_with_the_number_of_buckets() {
+        let (few, many) = (noise(400, 4), noise(40_000, 5));
+        let (m1, m2) = (max_of(&mut few.clone()).unwrap(), max_of(&mut many.clone()).unwrap());
+        let (q1, q2) = (quantile(&mut few.clone(), 0.9).unwrap(), quantile(&mut many.clone(), 0.9).unwrap());
+        assert!(m2 > m1, "{m1} {m2}");
+        assert!((q1 - q2).abs() < 0.03, "{q1} {q2}");
+    }
+
+    /// The paper's fields are what they were (the largest bucket means, the 2·L_in rule), beside
+    /// the standard errors of those two buckets and the robust variant.
+    #[test]
+    fn paper_verdict_and_its_neighbours() {
+        let mut b = Buckets::new(16);
+        for pos in 0..64 * 40 {
+            let x = if pos < 64 { 3.0 } else { 5.0 + (pos % 7) as f32 * 0.1 + if pos / 16 == 100 { 3.0 } else { 0.0 } };
+            b.add(pos, x + (pos % 3) as f32 * 0.01);
+        }
+        let v = t_forget(&b, 64, 64 * 40);
+        assert_eq!((v.verdict.as_str(), v.bucket_width), ("does not forget", 16));
+        assert!((v.l_out.unwrap() - 8.3).abs() < 0.05 && (v.l_in.unwrap() - 3.01).abs() < 0.01, "{v:?}");
+        assert!(v.l_in_stderr.unwrap() > 0.0 && v.l_out_stderr.unwrap() > 0.0);
+        let q = v.robust.unwrap();
+        assert_eq!((q.name.as_str(), q.verdict.as_str()), ("q90", "forgets"));
+        assert!(q.l_out.unwrap() < 5.9, "{q:?}");
+    }
 }
