@@ -200,3 +200,20 @@ fn refusals() {
     );
     assert!(e.contains("--state-dtype f16: CPU only"), "{e}");
 }
+
+/// probe (its probed path, token by token) and passkey run with a rounded state and record it.
+#[test]
+fn probe_and_passkey_record_the_state_dtype() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, t) = (shipped_t64(), persuasion());
+    let (po, ko) = (d.path().join("probe"), d.path().join("pk"));
+    cli(&["probe", "--model", &m, "--text", &t, "--max-tokens", "300", "--state-dtype", "bf16", "--out", po.to_str().unwrap()])
+        .unwrap();
+    let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(po.join("probe.json")).unwrap()).unwrap();
+    assert_eq!(p["precision"]["state"], "bf16/token");
+    let pk = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey");
+    let a = ["passkey", "--model", pk.to_str().unwrap(), "--lengths", "256", "--samples", "2", "--max-new", "8"];
+    cli(&[&a[..], &["--state-dtype", "f16", "--state-round", "chunk", "--out", ko.to_str().unwrap()]].concat()).unwrap();
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ko.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["precision"]["state"], "f16/chunk");
+}

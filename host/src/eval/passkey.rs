@@ -755,7 +755,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
     let summary = serde_json::json!({
         "command": "passkey",
         "model": info,
-        "precision": {"weights": info.weight_dtype, "compute": "f32", "state": "f32"},
+        "precision": {"weights": info.weight_dtype, "compute": "f32", "state": o.state.to_string()},
         "options": o,
         "matmul": (o.device == crate::backend::Device::Cpu).then(crate::exec::matmul_record),
         "forget": o.forget.to_string(),

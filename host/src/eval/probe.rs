@@ -334,7 +334,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let meta = serde_json::json!({
         "command": "probe",
         "model": model.info,
-        "precision": {"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "retention_sum": "f64"},
+        "precision": {"weights": model.info.weight_dtype, "compute": "f32", "state": o.state.to_string(), "retention_sum": "f64"},
         "tokenizer": tok.source,
         "inputs": inputs.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
         "options": o,
