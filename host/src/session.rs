@@ -2,10 +2,10 @@
 use crate::exec::Pool;
 use crate::forget::{Boundary, ForgetSpec};
 use crate::model::Model;
-use anyhow::{anyhow, bail, Result};
-use stuffed_core::error::first_non_finite;
 use crate::state_dtype::{StatePrecision, StateRound};
+use anyhow::{anyhow, bail, Result};
 use std::ops::Range;
+use stuffed_core::error::first_non_finite;
 use stuffed_core::model::Scan;
 use stuffed_core::{Recurrent, Site};
 

@@ -79,7 +79,10 @@ impl StatePrecision {
     /// Refuses a rounded state on a device that keeps its own (the CUDA backend).
     pub fn check_cpu(&self, device: crate::backend::Device) -> Result<()> {
         if !self.is_f32() && device != crate::backend::Device::Cpu {
-            bail!("--state-dtype {}: CPU only (the CUDA backend keeps its state in f32); drop --device cuda", self.dtype);
+            bail!(
+                "--state-dtype {}: CPU only (the CUDA backend keeps its state in f32); drop --device cuda",
+                self.dtype
+            );
         }
         Ok(())
     }
@@ -115,7 +118,7 @@ pub fn round_slice(dtype: StateDtype, v: &mut [f32]) -> Option<usize> {
 /// merged and sorted, or the whole state with `all`.
 pub fn ranges(net: &dyn Recurrent, all: bool) -> Vec<Range<usize>> {
     if all {
-        return vec![0..net.state_len()];
+        return std::iter::once(0..net.state_len()).collect();
     }
     let mut r: Vec<Range<usize>> =
         (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| net.head_state(l, h))).collect();
@@ -135,9 +138,9 @@ pub fn layer_of(net: &dyn Recurrent, i: usize) -> Option<usize> {
     (0..net.n_layer()).find(|&l| {
         (0..net.n_heads()).any(|h| {
             net.head_state(l, h).contains(&i)
-                || net
-                    .conv_state(l, h)
-                    .is_some_and(|r| (0..r.rows).any(|k| (r.start + k * r.stride..r.start + k * r.stride + r.len).contains(&i)))
+                || net.conv_state(l, h).is_some_and(|r| {
+                    (0..r.rows).any(|k| (r.start + k * r.stride..r.start + k * r.stride + r.len).contains(&i))
+                })
         })
     })
 }

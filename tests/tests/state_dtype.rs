@@ -166,7 +166,8 @@ fn vs_state_equals_two_separate_runs() {
     let drift = &rv["runs"][0]["drift"];
     assert_eq!(drift["reference"], "f32");
     let rows = drift["buckets_linear"].as_array().unwrap();
-    let (pa, pb) = (ra["runs"][0]["buckets_linear"].as_array().unwrap(), rb["runs"][0]["buckets_linear"].as_array().unwrap());
+    let (pa, pb) =
+        (ra["runs"][0]["buckets_linear"].as_array().unwrap(), rb["runs"][0]["buckets_linear"].as_array().unwrap());
     assert_eq!(rows.len(), pa.len());
     for ((r, x), y) in rows.iter().zip(pa).zip(pb) {
         let f = |v: &serde_json::Value| v.as_f64().unwrap();
@@ -207,13 +208,27 @@ fn probe_and_passkey_record_the_state_dtype() {
     let d = tempfile::tempdir().unwrap();
     let (m, t) = (shipped_t64(), persuasion());
     let (po, ko) = (d.path().join("probe"), d.path().join("pk"));
-    cli(&["probe", "--model", &m, "--text", &t, "--max-tokens", "300", "--state-dtype", "bf16", "--out", po.to_str().unwrap()])
-        .unwrap();
+    cli(&[
+        "probe",
+        "--model",
+        &m,
+        "--text",
+        &t,
+        "--max-tokens",
+        "300",
+        "--state-dtype",
+        "bf16",
+        "--out",
+        po.to_str().unwrap(),
+    ])
+    .unwrap();
     let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(po.join("probe.json")).unwrap()).unwrap();
     assert_eq!(p["precision"]["state"], "bf16/token");
     let pk = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey");
     let a = ["passkey", "--model", pk.to_str().unwrap(), "--lengths", "256", "--samples", "2", "--max-new", "8"];
-    cli(&[&a[..], &["--state-dtype", "f16", "--state-round", "chunk", "--out", ko.to_str().unwrap()]].concat()).unwrap();
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ko.join("summary.json")).unwrap()).unwrap();
+    cli(&[&a[..], &["--state-dtype", "f16", "--state-round", "chunk", "--out", ko.to_str().unwrap()]].concat())
+        .unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ko.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["precision"]["state"], "f16/chunk");
 }

@@ -193,7 +193,8 @@ fn read(path: &Path, obs: &mut BTreeMap<(String, u64), Obs>, skipped: &mut Vec<S
                     match paper.get("robust").filter(|q| q["name"].as_str() == Some(which)) {
                         Some(q) => q,
                         None => {
-                            skipped.push(format!("{source}: {model} has no {which} verdict (an older stuffed wrote it)"));
+                            skipped
+                                .push(format!("{source}: {model} has no {which} verdict (an older stuffed wrote it)"));
                             continue;
                         }
                     }

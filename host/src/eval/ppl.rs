@@ -297,7 +297,13 @@ fn resample(v: &[f64], block: usize, rng: &mut Mix, out: &mut Vec<f64>) {
 
 /// The margin of `stat` (the largest, or a quantile) over the bucket means `ins` and `outs`, with
 /// its seeded moving-block bootstrap interval (blocks of ⌈n^(1/3)⌉ buckets on each side).
-pub fn margin(ins: &[f64], outs: &[f64], stat: fn(&mut [f64]) -> Option<f64>, seed: u64, reps: usize) -> Option<Margin> {
+pub fn margin(
+    ins: &[f64],
+    outs: &[f64],
+    stat: fn(&mut [f64]) -> Option<f64>,
+    seed: u64,
+    reps: usize,
+) -> Option<Margin> {
     let (i, o) = (stat(&mut ins.to_vec())?, stat(&mut outs.to_vec())?);
     if !(i.is_finite() && o.is_finite()) || i <= 0.0 {
         return None;
@@ -942,7 +948,7 @@ impl Streaming<'_> {
 }
 
 /// The rows a backend's last call scored (`--vs-state` runs on the CPU, which keeps them).
-fn scored_rows<'s>(s: &'s dyn crate::backend::Backend) -> Result<&'s [f32]> {
+fn scored_rows(s: &dyn crate::backend::Backend) -> Result<&[f32]> {
     s.scored_rows().ok_or_else(|| anyhow!("ppl --vs-state: CPU only"))
 }
 
