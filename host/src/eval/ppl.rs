@@ -297,26 +297,34 @@ fn resample(v: &[f64], block: usize, rng: &mut Mix, out: &mut Vec<f64>) {
 
 /// The margin of `stat` (the largest, or a quantile) over the bucket means `ins` and `outs`, with
 /// its seeded moving-block bootstrap interval (blocks of ⌈n^(1/3)⌉ buckets on each side).
+///
+/// `buf` is scratch (the out side's length: a long run has many buckets, so one buffer serves).
 pub fn margin(
     ins: &[f64],
     outs: &[f64],
     stat: fn(&mut [f64]) -> Option<f64>,
     seed: u64,
     reps: usize,
+    buf: &mut Vec<f64>,
 ) -> Option<Margin> {
-    let (i, o) = (stat(&mut ins.to_vec())?, stat(&mut outs.to_vec())?);
+    let mut stat_of = |v: &[f64]| {
+        buf.clear();
+        buf.extend_from_slice(v);
+        stat(buf)
+    };
+    let (i, o) = (stat_of(ins)?, stat_of(outs)?);
     if !(i.is_finite() && o.is_finite()) || i <= 0.0 {
         return None;
     }
     let block_of = |n: usize| ((n as f64).cbrt().ceil() as usize).clamp(1, n);
     let (bi, bo) = (block_of(ins.len()), block_of(outs.len()));
     let mut rng = Mix(seed);
-    let (mut ri, mut ro) = (Vec::new(), Vec::new());
+    let mut ri = Vec::new();
     let mut ratios: Vec<f64> = (0..reps)
         .filter_map(|_| {
             resample(ins, bi, &mut rng, &mut ri);
-            resample(outs, bo, &mut rng, &mut ro);
-            Some(stat(&mut ro)? / (2.0 * stat(&mut ri)?))
+            resample(outs, bo, &mut rng, buf);
+            Some(stat(buf)? / (2.0 * stat(&mut ri)?))
         })
         .collect();
     let lo = quantile(&mut ratios, 0.025)?;
@@ -336,28 +344,33 @@ pub fn verdict_width(train_len: u64) -> u64 {
 }
 
 pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
-    let max = |it: &mut dyn Iterator<Item = BucketRow>| {
-        it.map(|r| r.mean_nll).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
-    };
-    let l_in = max(&mut b.rows_iter().filter(|r| r.start > 0 && r.end <= train_len));
-    let l_out = max(&mut b.rows_iter().filter(|r| r.start >= train_len));
+    let is_in = |r: &BucketRow| r.start > 0 && r.end <= train_len;
+    let is_out = |r: &BucketRow| r.start >= train_len;
+    // The bucket means on each side (8 bytes a bucket: a long run's verdict buckets are many).
+    let mi: Vec<f64> = b.rows_iter().filter(is_in).map(|r| r.mean_nll).collect();
+    let mo: Vec<f64> = b.rows_iter().filter(is_out).map(|r| r.mean_nll).collect();
+    let max = |v: &[f64]| v.iter().fold(None, |m: Option<f64>, &v| Some(m.map_or(v, |m| m.max(v))));
+    let (l_in, l_out) = (max(&mi), max(&mo));
     // Never a verdict from a NaN or an infinity (the run stops before one could reach a bucket).
     let verdict = rule(l_in, l_out);
-    // The bucket means behind them, and the standard errors of the two that are L_in and L_out.
-    let ins: Vec<BucketRow> = b.rows_iter().filter(|r| r.start > 0 && r.end <= train_len).collect();
-    let outs: Vec<BucketRow> = b.rows_iter().filter(|r| r.start >= train_len).collect();
-    let se_of = |rows: &[BucketRow], l: Option<f64>| rows.iter().find(|r| Some(r.mean_nll) == l).map(|r| r.stderr);
-    let (mi, mo): (Vec<f64>, Vec<f64>) =
-        (ins.iter().map(|r| r.mean_nll).collect(), outs.iter().map(|r| r.mean_nll).collect());
+    // The standard errors of the two buckets that are L_in and L_out.
+    let se_of = |side: &dyn Fn(&BucketRow) -> bool, l: Option<f64>| {
+        b.rows_iter().filter(|r| side(r)).find(|r| Some(r.mean_nll) == l).map(|r| r.stderr)
+    };
     let (seed, reps) = BOOTSTRAP;
-    let q = |v: &mut [f64]| quantile(v, ROBUST.1);
-    let (rq_in, rq_out) = (q(&mut mi.clone()), q(&mut mo.clone()));
+    let mut buf = Vec::with_capacity(mo.len());
+    let mut q = |v: &[f64]| {
+        buf.clear();
+        buf.extend_from_slice(v);
+        quantile(&mut buf, ROBUST.1)
+    };
+    let (rq_in, rq_out) = (q(&mi), q(&mo));
     let robust = RobustVerdict {
         name: ROBUST.0.into(),
         l_in: rq_in,
         l_out: rq_out,
         verdict: rule(rq_in, rq_out).into(),
-        margin: margin(&mi, &mo, |v| quantile(v, ROBUST.1), seed, reps),
+        margin: margin(&mi, &mo, |v| quantile(v, ROBUST.1), seed, reps, &mut buf),
     };
     let note = if evaluated_len < 1 << 20 {
         format!("evaluated up to {evaluated_len} tokens (the paper's criterion uses 1M-token prompts)")
@@ -372,9 +385,9 @@ pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
         verdict: verdict.into(),
         evaluated_len,
         note,
-        l_in_stderr: se_of(&ins, l_in),
-        l_out_stderr: se_of(&outs, l_out),
-        margin: margin(&mi, &mo, max_of, seed, reps),
+        l_in_stderr: se_of(&is_in, l_in),
+        l_out_stderr: se_of(&is_out, l_out),
+        margin: margin(&mi, &mo, max_of, seed, reps, &mut buf),
         robust: Some(robust),
     }
 }
@@ -1500,18 +1513,18 @@ mod tests {
     fn bootstrap_is_seeded() {
         let ins: Vec<f64> = noise(7, 1).iter().map(|x| 5.0 + x).collect();
         let outs: Vec<f64> = noise(500, 2).iter().map(|x| 10.5 + x).collect();
-        let a = margin(&ins, &outs, max_of, 25, 300).unwrap();
-        assert_eq!(a, margin(&ins, &outs, max_of, 25, 300).unwrap());
-        let b = margin(&ins, &outs, max_of, 26, 300).unwrap();
+        let a = margin(&ins, &outs, max_of, 25, 300, &mut Vec::new()).unwrap();
+        assert_eq!(a, margin(&ins, &outs, max_of, 25, 300, &mut Vec::new()).unwrap());
+        let b = margin(&ins, &outs, max_of, 26, 300, &mut Vec::new()).unwrap();
         assert!((a.lo, a.hi) != (b.lo, b.hi), "{a:?} {b:?}");
         assert!(a.lo <= a.ratio && a.ratio <= a.hi + 1e-12, "{a:?}");
-        let flat = margin(&[5.0; 4], &[9.0; 40], max_of, 25, 50).unwrap();
+        let flat = margin(&[5.0; 4], &[9.0; 40], max_of, 25, 50, &mut Vec::new()).unwrap();
         assert_eq!((flat.lo, flat.hi, flat.ratio, flat.verdict.as_str()), (0.9, 0.9, 0.9, "forgets"));
-        let flat = margin(&[5.0; 4], &[11.0; 40], max_of, 25, 50).unwrap();
+        let flat = margin(&[5.0; 4], &[11.0; 40], max_of, 25, 50, &mut Vec::new()).unwrap();
         assert_eq!(flat.verdict, "does not forget");
         // L_out near 2·L_in with spread on both sides: undecided.
         let outs: Vec<f64> = noise(500, 3).iter().map(|x| 9.8 + x).collect();
-        assert_eq!(margin(&ins, &outs, max_of, 25, 300).unwrap().verdict, "undecided");
+        assert_eq!(margin(&ins, &outs, max_of, 25, 300, &mut Vec::new()).unwrap().verdict, "undecided");
     }
 
     #[test]
