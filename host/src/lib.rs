@@ -21,6 +21,7 @@ pub mod interrupt;
 pub mod model;
 pub mod report;
 pub mod session;
+pub mod state_dtype;
 pub mod synth;
 pub mod text;
 pub mod tokenizer;

@@ -185,6 +185,8 @@ pub struct Model {
     pub info: ModelInfo,
     /// The forgetting method sessions of this model use.
     pub forget: ForgetSpec,
+    /// How sessions of this model store the state between calls (`--state-dtype`; f32 by default).
+    pub state_precision: crate::state_dtype::StatePrecision,
 }
 
 /// The directory a model path names (a file's parent; a model name, its cached snapshot): where its
@@ -315,7 +317,7 @@ impl Model {
         })?;
         let info = info.context("a loader returned no description")?;
         let built = Built::try_new(viewed, |v| v.borrow_dependent().net())?;
-        Ok(Model { built, info, forget: ForgetSpec::None })
+        Ok(Model { built, info, forget: ForgetSpec::None, state_precision: Default::default() })
     }
 }
 

@@ -2,8 +2,11 @@
 use crate::exec::Pool;
 use crate::forget::{Boundary, ForgetSpec};
 use crate::model::Model;
+use crate::state_dtype::{StatePrecision, StateRound};
 use anyhow::{anyhow, bail, Result};
+use std::ops::Range;
 use stuffed_core::error::first_non_finite;
+use stuffed_core::model::Scan;
 use stuffed_core::{Recurrent, Site};
 
 pub struct Session<'m> {
@@ -21,6 +24,10 @@ pub struct Session<'m> {
     pub forget: ForgetSpec,
     /// State normalization's τ per (layer, head), once calibrated.
     pub tau: Vec<f32>,
+    /// How the state is stored between calls (the model's `--state-dtype`).
+    pub precision: StatePrecision,
+    /// The state ranges `precision` rounds (none for f32).
+    round_ranges: Vec<Range<usize>>,
 }
 
 /// Fails for a `--chunk` longer than any stream (on every device: the GPU plans its own chunk, but
@@ -68,6 +75,11 @@ impl<'m> Session<'m> {
             hidden: vec![0.0; chunk * net.d_model()],
             forget,
             tau: Vec::new(),
+            precision: model.state_precision,
+            round_ranges: match model.state_precision.is_f32() {
+                true => Vec::new(),
+                false => crate::state_dtype::ranges(net, model.state_precision.all),
+            },
         }
     }
 
@@ -108,27 +120,52 @@ impl<'m> Session<'m> {
     ) -> Result<()> {
         let net = self.model.net();
         let d = net.d_model();
+        let rounded = !self.precision.is_f32();
+        // A state stored rounded after every token runs the token-by-token recurrence whatever the
+        // chunk (so `--chunk 64` equals `--chunk 1` bit for bit), rounding after each token.
+        let per_token = rounded && self.precision.round == StateRound::Token;
         let mut off = 0;
         while off < tokens.len() {
             let n = self.forget.piece_len(self.pos, self.chunk, tokens.len() - off);
             let part = &tokens[off..off + n];
             let hidden = &mut self.hidden[..n * d];
-            let ran = match probe.as_deref_mut() {
-                Some(p) => net.forward_probed(&self.ex, part, &mut self.state, &mut self.scratch, hidden, p),
-                None if self.chunk == 1 => net.step(&self.ex, part[0], &mut self.state, &mut self.scratch, hidden),
-                None => net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden),
-            };
-            ran.map_err(|e| explain(self.model, e, self.pos, n))?;
+            if per_token {
+                for (i, (&tok, row)) in part.iter().zip(hidden.chunks_exact_mut(d)).enumerate() {
+                    let (state, scratch, ex) = (&mut self.state, &mut self.scratch, &self.ex);
+                    let ran = match probe.as_deref_mut() {
+                        Some(p) => net.run(ex, &[tok], state, scratch, row, Some(p), Scan::Recurrent),
+                        None => net.step(ex, tok, state, scratch, row),
+                    };
+                    let at = self.pos + i as u64;
+                    ran.map_err(|e| explain(self.model, e, at, 1))?;
+                    round_state(self.model, &mut self.state, &self.round_ranges, self.precision, at)?;
+                }
+            } else {
+                let ran = match probe.as_deref_mut() {
+                    Some(p) => net.forward_probed(&self.ex, part, &mut self.state, &mut self.scratch, hidden, p),
+                    None if self.chunk == 1 => net.step(&self.ex, part[0], &mut self.state, &mut self.scratch, hidden),
+                    None => net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden),
+                };
+                ran.map_err(|e| explain(self.model, e, self.pos, n))?;
+                if rounded {
+                    let at = self.pos + n as u64 - 1;
+                    round_state(self.model, &mut self.state, &self.round_ranges, self.precision, at)?;
+                }
+            }
             self.pos += n as u64;
             sink(off, hidden)?;
             off += n;
-            self.at_boundary();
+            // A normalized state is stored (rounded) again.
+            if self.at_boundary() && rounded {
+                round_state(self.model, &mut self.state, &self.round_ranges, self.precision, self.pos - 1)?;
+            }
         }
         Ok(())
     }
 
-    /// Applies reset, calibration or normalization when `pos` sits on their boundary.
-    fn at_boundary(&mut self) {
+    /// Applies reset, calibration or normalization when `pos` sits on their boundary; whether the
+    /// state was rescaled (normalization).
+    fn at_boundary(&mut self) -> bool {
         let net = self.model.net();
         let heads = (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| (l, h)));
         match self.forget.at(self.pos, !self.tau.is_empty()) {
@@ -143,9 +180,11 @@ impl<'m> Session<'m> {
                         self.state[r].iter_mut().for_each(|v| *v *= k);
                     }
                 }
+                return true;
             }
             Boundary::Nothing => {}
         }
+        false
     }
 
     /// `out (t, vocab_rows)` logits of the last `t` positions fed (their hidden rows); a non-finite
@@ -192,6 +231,29 @@ impl Session<'_> {
         self.chunk = chunk;
         done
     }
+}
+
+/// Rounds the `ranges` of `state` to `p`'s dtype (the state after stream position `pos`); a value
+/// past the dtype's range is an error naming the position and the layer.
+fn round_state(model: &Model, state: &mut [f32], ranges: &[Range<usize>], p: StatePrecision, pos: u64) -> Result<()> {
+    for r in ranges {
+        if let Some(i) = crate::state_dtype::round_slice(p.dtype, &mut state[r.clone()]) {
+            let i = r.start + i;
+            let net = model.net();
+            let layer = crate::state_dtype::layer_of(net, i).map_or("a window cache".into(), |l| format!("layer {l}"));
+            bail!(
+                "{}: --state-dtype {}: the state overflows {} after position {pos} in {layer} (value {:e} at state index {i}); \
+                 {} holds magnitudes up to {}",
+                model.info.path.display(),
+                p.dtype,
+                p.dtype,
+                state[i],
+                p.dtype,
+                if p.dtype == crate::state_dtype::StateDtype::F16 { "65504" } else { "3.39e38" }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Frobenius norm, accumulated in f64.

@@ -57,6 +57,21 @@ fn laws_bracket_fit_and_refuse() {
     let pair = at(70_144);
     assert_eq!((pair["forget_lo"].as_u64(), pair["forget_hi"].as_u64()), (Some(64), Some(2048)), "{pair}");
     assert_eq!(pair["t_forget_k"].as_f64(), Some(2.0));
+    // `--verdict q90` fits the robust variant's verdicts (results.json's t_forget.robust); the
+    // paper's is the default; another name is refused.
+    let q90 = tmp.path().join("laws_q90");
+    cli(&["laws", s(&ppl), "--out", s(&q90), "--verdict", "q90"]).unwrap();
+    let (lq, res) = (read(&q90.join("laws.json")), read(&ppl.join("results.json")));
+    assert_eq!((laws["verdict"].as_str(), lq["verdict"].as_str()), (Some("paper"), Some("q90")));
+    let pq = &lq["families"][0]["points"][0];
+    for obs in pq["verdicts"].as_array().unwrap() {
+        let run = res["runs"].as_array().unwrap().iter().find(|r| r["model"]["path"] == obs["model"]).unwrap();
+        assert_eq!(obs["verdict"], run["t_forget"]["robust"]["verdict"], "{obs}");
+        assert_eq!(run["t_forget"]["robust"]["name"], "q90");
+    }
+    assert_eq!(pq["verdicts"].as_array().unwrap().len(), 2, "{pq}");
+    let e = format!("{:#}", cli(&["laws", s(&ppl), "--out", s(&q90), "--verdict", "q80"]).unwrap_err());
+    assert!(e.contains("--verdict q80: paper or q90"), "{e}");
     let summary = read(&pk.join("summary.json"));
     let want = summary["t_recall"].as_u64().filter(|&t| t < 2048).map(|t| t as f64 / 1024.0);
     assert!(want.is_some(), "the passkey model recalls at 128 and fails at 2k: {}", summary["accuracy_per_length"]);

@@ -70,12 +70,68 @@ impl<'m> NllHead<'m> {
     }
 }
 
+/// KL(p ‖ q) of the next-token distributions two streams give at the same positions (the LM head
+/// over the real vocab, a sub-chunk of rows at a time), accumulated in f64.
+pub struct KlHead<'m> {
+    net: &'m dyn Recurrent,
+    ex: Pool,
+    real: usize,
+    logits: Vec<f32>,
+}
+
+impl<'m> KlHead<'m> {
+    pub fn new(model: &'m Model, real: usize) -> Self {
+        let net = model.net();
+        KlHead { net, ex: Pool::new(), real, logits: vec![0.0; 2 * SUB * net.vocab_rows()] }
+    }
+
+    /// `out[i] = Σ_v p_i(v) (log p_i(v) − log q_i(v))`, p from the hidden rows `p_rows`, q from
+    /// `q_rows` (both `(n, d_model)`).
+    pub fn kl(&mut self, p_rows: &[f32], q_rows: &[f32], out: &mut Vec<f64>) -> Result<()> {
+        let (d, v, real) = (self.net.d_model(), self.net.vocab_rows(), self.real);
+        if p_rows.len() != q_rows.len() {
+            bail!("the two streams scored {} and {} rows", p_rows.len() / d, q_rows.len() / d);
+        }
+        out.clear();
+        out.resize(p_rows.len() / d, 0.0);
+        for ((p, q), o) in p_rows.chunks(SUB * d).zip(q_rows.chunks(SUB * d)).zip(out.chunks_mut(SUB)) {
+            let rows = p.len() / d;
+            let (lp, lq) = self.logits.split_at_mut(SUB * v);
+            self.net.logits(&self.ex, p, rows, &mut lp[..rows * v])?;
+            self.net.logits(&self.ex, q, rows, &mut lq[..rows * v])?;
+            lp[..rows * v].par_chunks(v).zip(lq[..rows * v].par_chunks(v)).zip(o.par_iter_mut()).for_each(
+                |((a, b), o)| {
+                    let (a, b) = (&a[..real], &b[..real]);
+                    let (za, zb) = (lse64(a), lse64(b));
+                    *o = a
+                        .iter()
+                        .zip(b)
+                        .map(|(&x, &y)| {
+                            let lx = x as f64 - za;
+                            lx.exp() * (lx - (y as f64 - zb))
+                        })
+                        .sum();
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// log Σ exp(x) in f64 (a KL of two close distributions is far below f32's resolution of it).
+fn lse64(x: &[f32]) -> f64 {
+    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+}
+
 /// The CPU backend: the session, the NLL head, the rows of the current call and the pending row.
 pub struct CpuBackend<'m> {
     session: Box<Session<'m>>,
     head: NllHead<'m>,
     rows: Vec<f32>,
     pending: Option<Vec<f32>>,
+    /// Rows the last `score` scored (the first of `rows`).
+    scored: usize,
 }
 
 impl<'m> CpuBackend<'m> {
@@ -88,6 +144,7 @@ impl<'m> CpuBackend<'m> {
             rows: vec![0.0; (chunk.max(1) + 1) * d],
             session,
             pending: None,
+            scored: 0,
         })
     }
 
@@ -115,7 +172,7 @@ impl Backend for CpuBackend<'_> {
 
     fn score(&mut self, ids: &[u32], nll: &mut Vec<f32>) -> Result<bool> {
         nll.clear();
-        let CpuBackend { session, head, rows, pending } = self;
+        let CpuBackend { session, head, rows, pending, scored } = self;
         let d = session.net().d_model();
         let t = ids.len();
         let mut targets = Vec::with_capacity(t + 1);
@@ -137,8 +194,13 @@ impl Backend for CpuBackend<'_> {
         targets.extend_from_slice(&ids[1..]);
         nll.resize(targets.len(), 0.0);
         head.nll(&rows[..targets.len() * d], &targets, nll, pos0)?;
+        *scored = targets.len();
         *pending = Some(rows[(nrows + t - 1) * d..(nrows + t) * d].to_vec());
         Ok(had)
+    }
+
+    fn scored_rows(&self) -> Option<&[f32]> {
+        Some(&self.rows[..self.scored * self.session.net().d_model()])
     }
 
     fn feed(&mut self, ids: &[u32]) -> Result<()> {

@@ -6,7 +6,7 @@ mod cpu;
 #[cfg(gpu)]
 mod cuda;
 
-pub use cpu::NllHead;
+pub use cpu::{KlHead, NllHead};
 
 use crate::model::Model;
 use anyhow::{bail, Result};
@@ -24,6 +24,12 @@ pub trait Backend {
     /// Feeds `ids` and writes into `nll` the NLL of each token that has a predicting row: all of
     /// them after a pending row (returns true), else all but the first.
     fn score(&mut self, ids: &[u32], nll: &mut Vec<f32>) -> Result<bool>;
+
+    /// The hidden rows the last [`Backend::score`] scored, in order (`(n, d_model)`, n = its NLLs),
+    /// where the backend keeps them on the host (the CPU); `--vs-state` reads them for the KL.
+    fn scored_rows(&self) -> Option<&[f32]> {
+        None
+    }
 
     /// Feeds `ids` without scoring; the last row stays pending (for [`Backend::greedy_each`]).
     fn feed(&mut self, ids: &[u32]) -> Result<()>;
@@ -92,6 +98,7 @@ pub fn open<'m>(model: &'m Model, chunk: usize, real: usize, device: Device, gpu
     match device {
         Device::Cpu => Ok(Box::new(cpu::CpuBackend::new(model, chunk, real)?)),
         Device::Cuda => {
+            model.state_precision.check_cpu(device)?;
             crate::session::check_chunk_len(chunk)?;
             open_cuda(model, chunk, real, gpu)
         }

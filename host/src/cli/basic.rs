@@ -162,8 +162,10 @@ pub fn generate(
     max_new: usize,
     tokenizer: Option<&Path>,
     dev: &super::DeviceArgs,
+    state: &super::StateArgs,
 ) -> Result<()> {
-    let m = Model::load(model)?;
+    let mut m = Model::load(model)?;
+    m.state_precision = state.precision(dev.device)?;
     let tok = m.tokenizer(tokenizer)?;
     let ids = tok.encode(prompt)?;
     if ids.is_empty() {

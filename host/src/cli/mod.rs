@@ -89,6 +89,39 @@ impl InputArgs {
 
 /// `--device` and the GPU's options.
 #[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Store the recurrent state in this type between calls, as serving stacks do: f32 (default),
+    /// bf16 or f16, rounded to nearest (ties to even); all arithmetic stays f32. CPU only.
+    #[arg(long, value_enum, default_value_t = crate::state_dtype::StateDtype::F32)]
+    pub state_dtype: crate::state_dtype::StateDtype,
+    /// Where a bf16 / f16 state is rounded: token (default; after every token, decode-like: runs
+    /// the token-by-token recurrence whatever --chunk) or chunk (after every --chunk call,
+    /// prefill-like).
+    #[arg(long, value_enum)]
+    pub state_round: Option<crate::state_dtype::StateRound>,
+    /// Round the conv and token-shift values too (default: only the recurrent matrices).
+    #[arg(long)]
+    pub state_dtype_all: bool,
+}
+
+impl StateArgs {
+    /// The state storage asked for, refused with a device other than the CPU and with rounding
+    /// flags that would round nothing.
+    pub fn precision(&self, device: crate::backend::Device) -> anyhow::Result<crate::state_dtype::StatePrecision> {
+        let p = crate::state_dtype::StatePrecision {
+            dtype: self.state_dtype,
+            round: self.state_round.unwrap_or_default(),
+            all: self.state_dtype_all,
+        };
+        if p.is_f32() && (self.state_round.is_some() || self.state_dtype_all) {
+            anyhow::bail!("--state-round and --state-dtype-all need --state-dtype bf16 or f16");
+        }
+        p.check_cpu(device)?;
+        Ok(p)
+    }
+}
+
+#[derive(Args, Debug)]
 pub struct DeviceArgs {
     /// Where the forward runs: cpu, or cuda (Mamba-2; a binary built with `--features cuda`).
     #[arg(long, value_enum, default_value_t = crate::backend::Device::Cpu)]
@@ -185,6 +218,8 @@ pub enum Cmd {
         tokenizer: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Loss against position, streamed over millions of tokens in constant memory. With no
     /// arguments (no --model, no --text): the shipped pair of tiny models, trained on 64- and
@@ -214,6 +249,10 @@ pub enum Cmd {
         /// Directory for laws.json, laws.csv, t_forget.svg and t_recall.svg.
         #[arg(long, default_value = "laws-out")]
         out: PathBuf,
+        /// Which T_forget verdict of each ppl run to fit: paper (the paper's: the largest bucket
+        /// mean on each side) or q90 (their 90th percentiles; README "A verdict with its uncertainty").
+        #[arg(long, default_value = "paper")]
+        verdict: String,
     },
     /// Streamed-NLL speed and memory on a synth preset (or a model), and decode ms/token.
     Bench(bench::BenchArgs),
@@ -265,8 +304,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             basic::tokenize(model.as_deref(), tokenizer.as_deref(), text, file.as_deref())
         }
         Cmd::Logits { model, ids, out, chunk, device } => basic::logits(&model, &ids, &out, chunk, &device),
-        Cmd::Generate { model, prompt, max_new, tokenizer, device } => {
-            basic::generate(&model, &prompt, max_new, tokenizer.as_deref(), &device)
+        Cmd::Generate { model, prompt, max_new, tokenizer, device, state } => {
+            basic::generate(&model, &prompt, max_new, tokenizer.as_deref(), &device, &state)
         }
         Cmd::Ppl(a) => ppl::run(a),
         Cmd::Passkey(a) => passkey::run(a),
@@ -281,7 +320,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::eval::ppl::merge(&dirs, &out)
             }
         }
-        Cmd::Laws { results, out } => crate::eval::laws::run(&results, &out),
+        Cmd::Laws { results, out, verdict } => crate::eval::laws::run(&results, &out, &verdict),
         Cmd::Synth { family, preset, dtype, seed, out } => crate::synth::write(family, &preset, dtype, seed, &out),
     }
 }

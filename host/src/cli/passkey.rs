@@ -66,6 +66,8 @@ pub struct PasskeyArgs {
     forget: crate::forget::ForgetSpec,
     #[command(flatten)]
     device: super::DeviceArgs,
+    #[command(flatten)]
+    state: super::StateArgs,
 }
 
 pub fn run(a: PasskeyArgs) -> Result<()> {
@@ -97,6 +99,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         forget: a.forget.resolved(None)?,
         device: a.device.device,
         gpu: a.device.gpu()?,
+        state: a.state.precision(a.device.device)?,
     };
     let mut o = o;
     let tok = crate::tokenizer::Tokenizer::for_model(Some(&crate::model::dir_of(&a.model)), o.tokenizer.as_deref())?;

@@ -71,6 +71,13 @@ pub struct PplArgs {
     forget: Vec<crate::forget::ForgetSpec>,
     #[command(flatten)]
     device: super::DeviceArgs,
+    #[command(flatten)]
+    state: super::StateArgs,
+    /// Stream a second copy of each run with the state in this type (f32 against a --state-dtype
+    /// bf16 run) over the same tokens: per bucket both mean NLLs, ΔNLL with its standard error and
+    /// the mean KL(p_this ‖ p_state-dtype), into drift.csv and drift.svg. Keeps no checkpoint.
+    #[arg(long, value_enum)]
+    vs_state: Option<crate::state_dtype::StateDtype>,
 }
 
 pub fn run(mut a: PplArgs) -> Result<()> {
@@ -103,6 +110,23 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         bail!("ppl: --shard splits documents; with --concat there is one");
     }
     let forget = a.forget.iter().map(|f| f.resolved(a.train_len)).collect::<Result<Vec<_>>>()?;
+    let state = a.state.precision(a.device.device)?;
+    if let Some(vs) = a.vs_state {
+        if vs == state.dtype {
+            bail!("ppl: --vs-state {vs} is the run's own --state-dtype; compare two different types");
+        }
+        crate::state_dtype::StatePrecision { dtype: vs, ..state }.check_cpu(a.device.device)?;
+        let no_ckpt = [
+            (a.resume, "--resume"),
+            (a.stop_after.is_some(), "--stop-after"),
+            (a.checkpoint_every.is_some(), "--checkpoint-every"),
+            (a.shard.is_some(), "--shard"),
+            (a.nll_out.is_some(), "--nll-out"),
+        ];
+        if let Some((_, flag)) = no_ckpt.iter().find(|(on, _)| *on) {
+            bail!("ppl: --vs-state runs two streams in one pass and keeps no checkpoint; it does not take {flag}");
+        }
+    }
     let o = Options {
         chunk: a.chunk,
         bucket: a.bucket,
@@ -120,6 +144,8 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         forget,
         device: a.device.device,
         gpu: a.device.gpu()?,
+        state,
+        vs_state: a.vs_state,
     };
     let runs = ppl::run(&a.model, &inputs, &o, &a.out, cont)?;
     for r in &runs {
@@ -132,6 +158,21 @@ pub fn run(mut a: PplArgs) -> Result<()> {
             r.ppl,
             r.tokens_per_s
         );
+        if let Some(d) = &r.drift {
+            let last = d.buckets_log2.last();
+            println!(
+                "{}: against state {} over {} tokens: last log2 bucket ΔNLL {:+.3e} ± {:.1e}, KL {:.3e}; \
+                 mean ΔNLL > 0.01 nats {}, > 0.1 nats {}",
+                r.label(),
+                d.reference,
+                d.evaluated_len,
+                last.map_or(f64::NAN, |b| b.delta_nll),
+                last.map_or(f64::NAN, |b| b.delta_stderr),
+                last.map_or(f64::NAN, |b| b.kl),
+                crate::eval::ppl::Drift::first_over_text(d.first_over_0_01, d.evaluated_len),
+                crate::eval::ppl::Drift::first_over_text(d.first_over_0_1, d.evaluated_len),
+            );
+        }
         if let Some(v) = &r.t_forget {
             let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.4}"));
             println!(
@@ -144,6 +185,30 @@ pub fn run(mut a: PplArgs) -> Result<()> {
                 v.verdict,
                 v.note
             );
+            let m = |m: &Option<crate::eval::ppl::Margin>| {
+                m.as_ref().map_or("margin -".into(), |m| {
+                    format!("margin L_out/(2·L_in) {:.4} [{:.4}, {:.4}] → {}", m.ratio, m.lo, m.hi, m.verdict)
+                })
+            };
+            println!(
+                "{}: paper: L_in ± {}, L_out ± {} (bucket standard errors); {} (95% block bootstrap, seed {})",
+                r.label(),
+                f(v.l_in_stderr),
+                f(v.l_out_stderr),
+                m(&v.margin),
+                crate::eval::ppl::BOOTSTRAP.0
+            );
+            if let Some(q) = &v.robust {
+                println!(
+                    "{}: {} (90th percentile of the bucket means on each side): L_in {}, L_out {} → {}; {}",
+                    r.label(),
+                    q.name,
+                    f(q.l_in),
+                    f(q.l_out),
+                    q.verdict,
+                    m(&q.margin)
+                );
+            }
             if let Some(l) = crate::eval::laws::laws_of(&r.model).filter(|l| l.in_range) {
                 println!(
                     "{}: SPEC.md §3's fit predicts \"{}\" (T_forget = {:.1}K tokens at N_S {:.2}M)",
@@ -155,9 +220,10 @@ pub fn run(mut a: PplArgs) -> Result<()> {
             }
         }
     }
-    if runs.len() == a.model.len() {
+    if runs.len() == a.model.len() * if o.vs_state.is_some() { 2 } else { 1 } {
         let logx = if o.log_x { "" } else { ", loss_logx.svg" };
-        println!("wrote {}/results.json, loss.csv, loss.svg{logx}", a.out.display());
+        let drift = if o.vs_state.is_some() { ", drift.csv, drift.svg" } else { "" };
+        println!("wrote {}/results.json, loss.csv, loss.svg{logx}{drift}", a.out.display());
     }
     Ok(())
 }

@@ -65,6 +65,8 @@ pub struct ProbeArgs {
     stop_after: Option<u64>,
     #[command(flatten)]
     device: super::DeviceArgs,
+    #[command(flatten)]
+    state: super::StateArgs,
 }
 
 pub fn run(a: ProbeArgs) -> Result<()> {
@@ -84,6 +86,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         tokenizer: a.tokenizer,
         device: a.device.device,
         gpu: a.device.gpu()?,
+        state: a.state.precision(a.device.device)?,
         checkpoint_secs,
         stop_after: a.stop_after,
     };

@@ -142,7 +142,7 @@ fn model_of(m: &Value, file: &Path) -> Result<(String, u64, String)> {
 /// Reads one `ppl` results.json or `passkey` summary.json (or the directory holding one) into `obs`,
 /// keyed by (family, N_S). Runs with a forgetting method are left out (they measure the method, not
 /// the model), as are ppl runs without `--train-len`; each such is one line in `skipped`.
-fn read(path: &Path, obs: &mut BTreeMap<(String, u64), Obs>, skipped: &mut Vec<String>) -> Result<()> {
+fn read(path: &Path, obs: &mut BTreeMap<(String, u64), Obs>, skipped: &mut Vec<String>, which: &str) -> Result<()> {
     if !path.exists() {
         bail!("{}: no such file or directory", path.display());
     }
@@ -182,9 +182,22 @@ fn read(path: &Path, obs: &mut BTreeMap<(String, u64), Obs>, skipped: &mut Vec<S
                     skipped.push(format!("{source}: {model} with --forget {forget}"));
                     continue;
                 }
-                let Some(t) = r.get("t_forget").filter(|t| !t.is_null()) else {
+                let Some(paper) = r.get("t_forget").filter(|t| !t.is_null()) else {
                     skipped.push(format!("{source}: {model} has no T_forget verdict (no --train-len)"));
                     continue;
+                };
+                // `--verdict paper` reads the paper's fields; the robust variant reads its own.
+                let t = if which == "paper" {
+                    paper
+                } else {
+                    match paper.get("robust").filter(|q| q["name"].as_str() == Some(which)) {
+                        Some(q) => q,
+                        None => {
+                            skipped
+                                .push(format!("{source}: {model} has no {which} verdict (an older stuffed wrote it)"));
+                            continue;
+                        }
+                    }
                 };
                 let Some(verdict) = t.get("verdict").and_then(Value::as_str).map(str::to_string) else {
                     bail!(
@@ -208,9 +221,9 @@ fn read(path: &Path, obs: &mut BTreeMap<(String, u64), Obs>, skipped: &mut Vec<S
                 }
                 let obs_v = VerdictObs {
                     model,
-                    train_len: u64_of(t, "train_len", &file)?,
+                    train_len: u64_of(paper, "train_len", &file)?,
                     verdict,
-                    evaluated_len: u64_of(t, "evaluated_len", &file)?,
+                    evaluated_len: u64_of(paper, "evaluated_len", &file)?,
                     source: source.clone(),
                 };
                 obs.entry((family, n_s)).or_default().verdicts.push(obs_v);
@@ -261,11 +274,11 @@ pub struct FamilyLaws {
 }
 
 /// Fits both laws per family over the given outputs.
-pub fn fit(results: &[PathBuf]) -> Result<(Vec<FamilyLaws>, Vec<String>)> {
+pub fn fit(results: &[PathBuf], verdict: &str) -> Result<(Vec<FamilyLaws>, Vec<String>)> {
     let mut obs = BTreeMap::new();
     let mut skipped = Vec::new();
     for p in results {
-        read(p, &mut obs, &mut skipped)?;
+        read(p, &mut obs, &mut skipped, verdict)?;
     }
     let mut fams: Vec<FamilyLaws> = Vec::new();
     for ((family, n_s), o) in obs {
@@ -283,8 +296,13 @@ pub fn fit(results: &[PathBuf]) -> Result<(Vec<FamilyLaws>, Vec<String>)> {
 }
 
 /// `stuffed laws`: fits, a line per state size and per fit, laws.json, laws.csv and two plots.
-pub fn run(results: &[PathBuf], out: &Path) -> Result<()> {
-    let (fams, skipped) = fit(results)?;
+/// `verdict`: the T_forget criterion read from each ppl run, `paper` or the robust variant's name.
+pub fn run(results: &[PathBuf], out: &Path, verdict: &str) -> Result<()> {
+    let robust = crate::eval::ppl::ROBUST.0;
+    if verdict != "paper" && verdict != robust {
+        bail!("laws: --verdict {verdict}: paper or {robust}");
+    }
+    let (fams, skipped) = fit(results, verdict)?;
     for s in &skipped {
         eprintln!("laws: left out {s}");
     }
@@ -342,6 +360,7 @@ pub fn run(results: &[PathBuf], out: &Path) -> Result<()> {
         "inputs": results,
         "units": "T in K = 1,024 tokens; N_S in millions of state elements (SPEC.md §1)",
         "paper": {"t_forget": Law::Forget.paper_formula(), "t_recall": Law::Recall.paper_formula(), "family": "mamba2"},
+        "verdict": verdict,
         "t_forget_rule": "a ppl --train-len verdict per model (forget none); T_forget lies between the longest training length that does not forget and the shortest that does; the shortest that forgets is the point fitted",
         "t_recall_rule": "the largest passkey length with accuracy > 0.95 (forget none, whole grids); censored when every length tried passes or none does",
         "families": fams,

@@ -49,6 +49,9 @@ pub struct Options {
     pub device: crate::backend::Device,
     #[serde(default)]
     pub gpu: crate::backend::GpuOptions,
+    /// `--state-dtype` (absent from files and fingerprints when f32).
+    #[serde(default, skip_serializing_if = "crate::state_dtype::StatePrecision::is_f32")]
+    pub state: crate::state_dtype::StatePrecision,
 }
 
 /// One sample's record (one line of results.jsonl).
@@ -242,6 +245,7 @@ pub fn run(
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
+    model.state_precision = o.state;
     let tok = model.tokenizer(o.tokenizer.as_deref())?;
     let key = run_key(&model, o, shard);
     let fp = crate::report::fingerprint(&key)?;
@@ -751,7 +755,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
     let summary = serde_json::json!({
         "command": "passkey",
         "model": info,
-        "precision": {"weights": info.weight_dtype, "compute": "f32", "state": "f32"},
+        "precision": {"weights": info.weight_dtype, "compute": "f32", "state": o.state.to_string()},
         "options": o,
         "matmul": (o.device == crate::backend::Device::Cpu).then(crate::exec::matmul_record),
         "forget": o.forget.to_string(),

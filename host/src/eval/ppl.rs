@@ -9,6 +9,7 @@ use crate::backend::{Device, GpuOptions, ScorerState};
 use crate::model::dir_of;
 use crate::model::{Model, ModelInfo};
 use crate::report::{self, peak_rss_bytes, write_atomic, Progress, StateSlot};
+use crate::state_dtype::{StateDtype, StatePrecision};
 use crate::text::Input;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
@@ -43,6 +44,12 @@ pub struct Options {
     /// `--shard k/n`: only documents i with i mod n = k − 1 (merge the shards with `stuffed merge`).
     #[serde(default)]
     pub shard: Option<(usize, usize)>,
+    /// `--state-dtype` (absent when f32).
+    #[serde(default, skip_serializing_if = "StatePrecision::is_f32")]
+    pub state: StatePrecision,
+    /// `--vs-state`: a second stream with the state in this type, over the same tokens (drift).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_state: Option<StateDtype>,
 }
 
 /// Running NLL sums over buckets of positions: linear (`width` > 0) or powers of two (`width` = 0).
@@ -86,11 +93,15 @@ impl Buckets {
     }
 
     pub fn add(&mut self, pos: u64, nll: f32) {
+        self.add_f64(pos, nll as f64)
+    }
+
+    /// [`Buckets::add`] of an f64 value (a difference, a KL).
+    pub fn add_f64(&mut self, pos: u64, v: f64) {
         let i = self.index(pos);
         if i >= self.count.len() {
             self.grow(i + 1);
         }
-        let v = nll as f64;
         self.sum[i] += v;
         self.sq[i] += v * v;
         self.count[i] += 1;
@@ -188,6 +199,144 @@ pub struct Verdict {
     pub verdict: String,
     pub evaluated_len: u64,
     pub note: String,
+    /// Standard errors of the bucket means that are L_in and L_out (their buckets' NLL spread).
+    #[serde(default)]
+    pub l_in_stderr: Option<f64>,
+    #[serde(default)]
+    pub l_out_stderr: Option<f64>,
+    /// The paper's criterion as a margin, L_out / (2·L_in), with its bootstrap interval.
+    #[serde(default)]
+    pub margin: Option<Margin>,
+    /// The variant robust to the number of buckets (README "A verdict with its uncertainty").
+    #[serde(default)]
+    pub robust: Option<RobustVerdict>,
+}
+
+/// A criterion's margin L_out / (2·L_in) (≤ 1: forgets) and its 95% interval from a seeded
+/// moving-block bootstrap over the verdict buckets on each side of T_train (blocks of `block`
+/// consecutive buckets, `replicates` resamples): "forgets" when the whole interval is ≤ 1, "does
+/// not forget" when it is > 1, else "undecided".
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Margin {
+    pub ratio: f64,
+    pub lo: f64,
+    pub hi: f64,
+    pub verdict: String,
+    pub seed: u64,
+    pub replicates: usize,
+    pub block: usize,
+}
+
+/// The robust variant: L_in and L_out as the `q`-quantile of the bucket means on each side (not
+/// their largest), the same buckets and rule (forgets iff L_out ≤ 2·L_in).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RobustVerdict {
+    pub name: String,
+    pub l_in: Option<f64>,
+    pub l_out: Option<f64>,
+    pub verdict: String,
+    pub margin: Option<Margin>,
+}
+
+/// The robust variant's name and quantile.
+pub const ROBUST: (&str, f64) = ("q90", 0.9);
+/// The verdicts' bootstrap: seed and resamples.
+pub const BOOTSTRAP: (u64, usize) = (25, 1000);
+
+/// The `q`-quantile of `v` (linear interpolation between order statistics; reorders `v`).
+pub fn quantile(v: &mut [f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let h = q * (v.len() - 1) as f64;
+    let (i, f) = (h.floor() as usize, h - h.floor());
+    let (_, &mut a, above) = v.select_nth_unstable_by(i, f64::total_cmp);
+    Some(match above.iter().copied().reduce(f64::min) {
+        Some(b) if f > 0.0 => a + f * (b - a),
+        _ => a,
+    })
+}
+
+fn max_of(v: &mut [f64]) -> Option<f64> {
+    v.iter().copied().reduce(f64::max)
+}
+
+/// The rule on (L_in, L_out), as the paper's verdict states it.
+fn rule(l_in: Option<f64>, l_out: Option<f64>) -> &'static str {
+    match (l_in, l_out) {
+        (Some(i), Some(o)) if !(i.is_finite() && o.is_finite()) => "undetermined",
+        (Some(i), Some(o)) if o <= 2.0 * i => "forgets",
+        (Some(_), Some(_)) => "does not forget",
+        _ => "undetermined",
+    }
+}
+
+/// splitmix64: the bootstrap's generator (seeded, the same on every machine).
+struct Mix(u64);
+
+impl Mix {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
+/// A moving-block resample of `v` (same length; blocks of `block` consecutive values) into `out`.
+fn resample(v: &[f64], block: usize, rng: &mut Mix, out: &mut Vec<f64>) {
+    out.clear();
+    let starts = v.len() - block + 1;
+    while out.len() < v.len() {
+        let s = rng.below(starts);
+        let take = block.min(v.len() - out.len());
+        out.extend_from_slice(&v[s..s + take]);
+    }
+}
+
+/// The margin of `stat` (the largest, or a quantile) over the bucket means `ins` and `outs`, with
+/// its seeded moving-block bootstrap interval (blocks of ⌈n^(1/3)⌉ buckets on each side).
+///
+/// `buf` is scratch (the out side's length: a long run has many buckets, so one buffer serves).
+pub fn margin(
+    ins: &[f64],
+    outs: &[f64],
+    stat: fn(&mut [f64]) -> Option<f64>,
+    seed: u64,
+    reps: usize,
+    buf: &mut Vec<f64>,
+) -> Option<Margin> {
+    let mut stat_of = |v: &[f64]| {
+        buf.clear();
+        buf.extend_from_slice(v);
+        stat(buf)
+    };
+    let (i, o) = (stat_of(ins)?, stat_of(outs)?);
+    if !(i.is_finite() && o.is_finite()) || i <= 0.0 {
+        return None;
+    }
+    let block_of = |n: usize| ((n as f64).cbrt().ceil() as usize).clamp(1, n);
+    let (bi, bo) = (block_of(ins.len()), block_of(outs.len()));
+    let mut rng = Mix(seed);
+    let mut ri = Vec::new();
+    let mut ratios: Vec<f64> = (0..reps)
+        .filter_map(|_| {
+            resample(ins, bi, &mut rng, &mut ri);
+            resample(outs, bo, &mut rng, buf);
+            Some(stat(buf)? / (2.0 * stat(&mut ri)?))
+        })
+        .collect();
+    let lo = quantile(&mut ratios, 0.025)?;
+    let hi = quantile(&mut ratios, 0.975)?;
+    let verdict = if hi <= 1.0 {
+        "forgets"
+    } else if lo > 1.0 {
+        "does not forget"
+    } else {
+        "undecided"
+    };
+    Some(Margin { ratio: o / (2.0 * i), lo, hi, verdict: verdict.into(), seed, replicates: reps, block: bo })
 }
 
 pub fn verdict_width(train_len: u64) -> u64 {
@@ -195,24 +344,52 @@ pub fn verdict_width(train_len: u64) -> u64 {
 }
 
 pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
-    let max = |it: &mut dyn Iterator<Item = BucketRow>| {
-        it.map(|r| r.mean_nll).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+    let is_in = |r: &BucketRow| r.start > 0 && r.end <= train_len;
+    let is_out = |r: &BucketRow| r.start >= train_len;
+    // The bucket means on each side (8 bytes a bucket: a long run's verdict buckets are many).
+    let mi: Vec<f64> = b.rows_iter().filter(is_in).map(|r| r.mean_nll).collect();
+    let mo: Vec<f64> = b.rows_iter().filter(is_out).map(|r| r.mean_nll).collect();
+    let max = |v: &[f64]| v.iter().fold(None, |m: Option<f64>, &v| Some(m.map_or(v, |m| m.max(v))));
+    let (l_in, l_out) = (max(&mi), max(&mo));
+    // Never a verdict from a NaN or an infinity (the run stops before one could reach a bucket).
+    let verdict = rule(l_in, l_out);
+    // The standard errors of the two buckets that are L_in and L_out.
+    let se_of = |side: &dyn Fn(&BucketRow) -> bool, l: Option<f64>| {
+        b.rows_iter().filter(|r| side(r)).find(|r| Some(r.mean_nll) == l).map(|r| r.stderr)
     };
-    let l_in = max(&mut b.rows_iter().filter(|r| r.start > 0 && r.end <= train_len));
-    let l_out = max(&mut b.rows_iter().filter(|r| r.start >= train_len));
-    let verdict = match (l_in, l_out) {
-        // Never a verdict from a NaN or an infinity (the run stops before one could reach a bucket).
-        (Some(i), Some(o)) if !(i.is_finite() && o.is_finite()) => "undetermined",
-        (Some(i), Some(o)) if o <= 2.0 * i => "forgets",
-        (Some(_), Some(_)) => "does not forget",
-        _ => "undetermined",
+    let (seed, reps) = BOOTSTRAP;
+    let mut buf = Vec::with_capacity(mo.len());
+    let mut q = |v: &[f64]| {
+        buf.clear();
+        buf.extend_from_slice(v);
+        quantile(&mut buf, ROBUST.1)
+    };
+    let (rq_in, rq_out) = (q(&mi), q(&mo));
+    let robust = RobustVerdict {
+        name: ROBUST.0.into(),
+        l_in: rq_in,
+        l_out: rq_out,
+        verdict: rule(rq_in, rq_out).into(),
+        margin: margin(&mi, &mo, |v| quantile(v, ROBUST.1), seed, reps, &mut buf),
     };
     let note = if evaluated_len < 1 << 20 {
         format!("evaluated up to {evaluated_len} tokens (the paper's criterion uses 1M-token prompts)")
     } else {
         format!("evaluated over {evaluated_len} tokens")
     };
-    Verdict { train_len, bucket_width: b.width, l_in, l_out, verdict: verdict.into(), evaluated_len, note }
+    Verdict {
+        train_len,
+        bucket_width: b.width,
+        l_in,
+        l_out,
+        verdict: verdict.into(),
+        evaluated_len,
+        note,
+        l_in_stderr: se_of(&is_in, l_in),
+        l_out_stderr: se_of(&is_out, l_out),
+        margin: margin(&mi, &mo, max_of, seed, reps, &mut buf),
+        robust: Some(robust),
+    }
 }
 
 /// Accumulators of one model's run.
@@ -251,6 +428,115 @@ pub struct RunResult {
     pub nll_out: Vec<String>,
     /// The raw sums behind every number above (what `stuffed merge` adds up across shards).
     pub acc: Acc,
+    /// `--vs-state`: this stream against the reference stream over the same tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<Drift>,
+}
+
+/// `--vs-state`'s running sums: per position, ΔNLL = NLL(this stream) − NLL(reference) and
+/// KL(p_reference ‖ p_this), into linear and power-of-two buckets.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DriftAcc {
+    /// The reference stream's state storage (`f32`).
+    pub reference: String,
+    delta_linear: Buckets,
+    delta_log2: Buckets,
+    kl_linear: Buckets,
+    kl_log2: Buckets,
+}
+
+impl Default for Buckets {
+    fn default() -> Self {
+        Buckets::new(0)
+    }
+}
+
+impl DriftAcc {
+    fn new(reference: String, width: u64) -> DriftAcc {
+        DriftAcc {
+            reference,
+            delta_linear: Buckets::new(width),
+            delta_log2: Buckets::new(0),
+            kl_linear: Buckets::new(width),
+            kl_log2: Buckets::new(0),
+        }
+    }
+
+    fn add(&mut self, pos: u64, delta: f64, kl: f64) {
+        self.delta_linear.add_f64(pos, delta);
+        self.delta_log2.add_f64(pos, delta);
+        self.kl_linear.add_f64(pos, kl);
+        self.kl_log2.add_f64(pos, kl);
+    }
+}
+
+/// One bucket of a drift: both streams' mean NLL, their difference with its standard error, and
+/// the mean KL(p_reference ‖ p_this).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DriftRow {
+    pub start: u64,
+    pub end: u64,
+    pub count: u64,
+    pub mean_nll: f64,
+    pub mean_nll_ref: f64,
+    pub delta_nll: f64,
+    pub delta_stderr: f64,
+    pub kl: f64,
+}
+
+/// `--vs-state`'s report, derived from its sums.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Drift {
+    pub reference: String,
+    pub buckets_linear: Vec<DriftRow>,
+    pub buckets_log2: Vec<DriftRow>,
+    /// Start of the first linear bucket whose mean ΔNLL exceeds 0.01 nats (none: not within
+    /// `evaluated_len` tokens).
+    pub first_over_0_01: Option<u64>,
+    /// The same for 0.1 nats.
+    pub first_over_0_1: Option<u64>,
+    pub evaluated_len: u64,
+    pub acc: DriftAcc,
+}
+
+/// The drift rows of one scheme: this stream's buckets `nll` beside the ΔNLL and KL sums.
+fn drift_rows(nll: &Buckets, delta: &Buckets, kl: &Buckets) -> Vec<DriftRow> {
+    nll.rows_iter()
+        .zip(delta.rows_iter())
+        .zip(kl.rows_iter())
+        .map(|((n, d), k)| DriftRow {
+            start: n.start,
+            end: n.end,
+            count: n.count,
+            mean_nll: n.mean_nll,
+            mean_nll_ref: n.mean_nll - d.mean_nll,
+            delta_nll: d.mean_nll,
+            delta_stderr: d.stderr,
+            kl: k.mean_nll,
+        })
+        .collect()
+}
+
+impl Drift {
+    /// Every number from the sums `acc` and this stream's `nll` sums.
+    fn derive(acc: DriftAcc, nll: &Acc) -> Drift {
+        let linear = drift_rows(&nll.linear, &acc.delta_linear, &acc.kl_linear);
+        let first = |t: f64| linear.iter().find(|r| r.delta_nll > t).map(|r| r.start);
+        Drift {
+            reference: acc.reference.clone(),
+            first_over_0_01: first(0.01),
+            first_over_0_1: first(0.1),
+            buckets_log2: drift_rows(&nll.log2, &acc.delta_log2, &acc.kl_log2),
+            buckets_linear: linear,
+            evaluated_len: nll.longest,
+            acc,
+        }
+    }
+
+    /// `start 1024`, or `not within N tokens`.
+    pub fn first_over_text(at: Option<u64>, evaluated: u64) -> String {
+        at.map_or(format!("not within {evaluated} tokens"), |s| format!("from the bucket at {s}"))
+    }
 }
 
 /// What a checkpoint holds besides the state and the pending hidden row.
@@ -293,11 +579,19 @@ fn run_key(models: &[serde_json::Value], inputs: &[Input], hashes: &[String], o:
 
 /// The options that decide the numbers of a run (not where it writes, when it checkpoints, or its share).
 fn deciding(o: &Options) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "chunk": o.chunk, "bucket": o.bucket, "train_len": o.train_len, "max_tokens": o.max_tokens,
         "concat": o.concat, "repeat_to": o.repeat_to, "tokenizer": o.tokenizer,
         "forget": o.forget.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
-    })
+    });
+    // Only when asked for: an f32 run keeps the fingerprint it had before the flag existed.
+    if !o.state.is_f32() {
+        v["state"] = serde_json::json!(o.state);
+    }
+    if let Some(s) = o.vs_state {
+        v["vs_state"] = serde_json::json!(s);
+    }
+    v
 }
 
 const CKPT: &str = "ppl.checkpoint.safetensors";
@@ -381,13 +675,38 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
     for (mi, (mpath, forget)) in jobs.iter().enumerate().skip(first_model) {
         let mut model = Model::load(mpath)?;
         model.set_forget(*forget)?;
+        model.state_precision = o.state;
+        // `--vs-state`: the same model, its state stored in the other type.
+        let vs_model = match o.vs_state {
+            Some(dtype) => {
+                let mut m = Model::load(mpath)?;
+                m.set_forget(*forget)?;
+                m.state_precision = StatePrecision { dtype, ..o.state };
+                Some(m)
+            }
+            None => None,
+        };
         let tok = model.tokenizer(o.tokenizer.as_deref())?;
         let resumed = snap.take().filter(|s| s.snap.model_index == mi);
         let at = RunAt { fp: &fp, key: &key };
-        let job = Job { model: &model, tok: &tok, mi, n_models: jobs.len(), inputs, o, out, at, finished: &finished };
+        let job = Job {
+            model: &model,
+            vs_model: vs_model.as_ref(),
+            tok: &tok,
+            mi,
+            n_models: jobs.len(),
+            inputs,
+            o,
+            out,
+            at,
+            finished: &finished,
+        };
         match run_model(&job, resumed, &mut processed)? {
-            (Flow::Done, r) => finished.push(r),
-            (Flow::Stopped, _) => {
+            (Flow::Done, r, vs) => {
+                finished.push(r);
+                finished.extend(vs);
+            }
+            (Flow::Stopped, ..) => {
                 eprintln!("stopped after {processed} tokens; checkpoint in {}; continue with --resume", out.display());
                 return Ok(finished);
             }
@@ -422,6 +741,8 @@ fn input_source(i: &Input) -> String {
 /// One (model, method) run of `ppl`: what it reads, where it writes, and the runs finished before it.
 struct Job<'a> {
     model: &'a Model,
+    /// `--vs-state`'s reference stream's model.
+    vs_model: Option<&'a Model>,
     tok: &'a Tokenizer,
     mi: usize,
     n_models: usize,
@@ -443,17 +764,53 @@ struct Streaming<'a> {
     seconds_before: f64,
     /// One call's NLL values.
     nll: Vec<f32>,
+    /// `--vs-state`: the reference stream.
+    vs: Option<Vs<'a>>,
+}
+
+/// `--vs-state`: the reference stream (the same tokens, the state in the other type), its sums,
+/// and the two streams' differences.
+struct Vs<'a> {
+    scorer: crate::backend::Scorer<'a>,
+    acc: Acc,
+    nll: Vec<f32>,
+    kl_head: crate::backend::KlHead<'a>,
+    kl: Vec<f64>,
+    drift: DriftAcc,
 }
 
 /// Runs `job` over its documents from where `resumed` stood (or the start); `processed` counts the
 /// tokens this process fed, for `--stop-after`.
-fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result<(Flow, RunResult)> {
+#[allow(clippy::type_complexity)]
+fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result<(Flow, RunResult, Option<RunResult>)> {
     let (model, o) = (job.model, job.o);
     let (docs, n_docs) = documents(job.inputs, o);
     let train_len = o.train_len.or_else(|| recorded_train_len(&dir_of(&model.info.path)));
     let scorer = crate::backend::open(model, o.chunk, model.real_vocab(job.tok), o.device, o.gpu)?;
     let Start { acc, first_doc, mut skip, mut restore, mut nll_len } =
         start(resumed, scorer.state_len(), o, train_len, &job.out.join(CKPT), job.mi)?;
+    let vs = match job.vs_model {
+        Some(m) => {
+            if restore.is_some() {
+                bail!("ppl --vs-state keeps no checkpoint; there is nothing to resume");
+            }
+            let real = m.real_vocab(job.tok);
+            Some(Vs {
+                scorer: crate::backend::open(m, o.chunk, real, o.device, o.gpu)?,
+                acc: acc.clone(),
+                nll: Vec::with_capacity(o.chunk + 1),
+                kl_head: crate::backend::KlHead::new(m, real),
+                kl: Vec::new(),
+                drift: DriftAcc::new(m.state_precision.to_string(), o.bucket),
+            })
+        }
+        None => None,
+    };
+    // The two streams are not checkpointed (a signal ends the run without one).
+    let cadence = match vs {
+        Some(_) => super::Cadence::new(None, None),
+        None => super::Cadence::new(o.checkpoint_secs, o.checkpoint_every),
+    };
     let label = format!("ppl [{}/{}] {} [{}]", job.mi + 1, job.n_models, model.info.path.display(), model.forget);
     let mut run = Streaming {
         job,
@@ -462,8 +819,9 @@ fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result
         progress: Progress::new(&label, o.repeat_to.or(o.max_tokens).map(|n| n * docs.len() as u64)),
         seconds_before: acc.seconds,
         acc,
-        cadence: super::Cadence::new(o.checkpoint_secs, o.checkpoint_every),
+        cadence,
         started: Instant::now(),
+        vs,
     };
     for (k, (di, parts)) in docs.iter().enumerate().skip(first_doc) {
         let nll_path = nll_path(o, job.mi, job.n_models, *di, n_docs, model, parts);
@@ -472,14 +830,24 @@ fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result
             Some(st) if skip > 0 => run.scorer.restore(&st, skip)?,
             _ => run.scorer.reset()?,
         }
+        if let Some(vs) = run.vs.as_mut() {
+            vs.scorer.reset()?;
+        }
         let doc = Doc { index: k, parts, nll_path, nll_len, skip: std::mem::take(&mut skip) };
         if let Some(flow) = run.document(doc, processed)? {
-            return Ok((flow, result(model, job.tok, &run.acc, train_len)));
+            return Ok((flow, result(model, job.tok, &run.acc, train_len), None));
         }
     }
     run.progress.finish();
     run.acc.seconds = run.seconds_before + run.started.elapsed().as_secs_f64();
-    Ok((Flow::Done, result_of(model, job.tok, run.acc, train_len)))
+    let Some(mut vs) = run.vs else {
+        return Ok((Flow::Done, result_of(model, job.tok, run.acc, train_len), None));
+    };
+    vs.acc.seconds = run.acc.seconds;
+    let reference = result_of(job.vs_model.unwrap_or(model), job.tok, vs.acc, train_len);
+    let mut r = result_of(model, job.tok, run.acc, train_len);
+    r.drift = Some(Drift { acc: vs.drift, ..Drift::default() });
+    Ok((Flow::Done, r.derived(), Some(reference)))
 }
 
 /// A document of a job: its index among the job's documents, its inputs, its NLL file (and that
@@ -520,11 +888,22 @@ impl Streaming<'_> {
             pos += t;
             self.acc.longest = self.acc.longest.max(pos);
             self.acc.tokens_fed += t;
+            if let Some(vs) = self.vs.as_mut() {
+                vs.acc.longest = vs.acc.longest.max(pos);
+                vs.acc.tokens_fed += t;
+            }
             *processed += t;
             self.cadence.fed(t);
             self.progress.set(self.acc.tokens_fed);
             let stop = o.stop_after.is_some_and(|n| *processed >= n);
             let at_boundary = ids.len() == o.chunk && !feed.done();
+            if let Some(due) = self.cadence.due(stop).filter(|_| self.vs.is_some()) {
+                if let Some(sig) = due.signal {
+                    self.progress.finish();
+                    bail!("{sig} after {processed} tokens: ppl --vs-state keeps no checkpoint; run it again");
+                }
+                continue;
+            }
             if let Some(due) = self.cadence.due(stop).filter(|_| at_boundary) {
                 let at = DocAt { model_index: job.mi, doc_index: doc.index, doc_pos: pos };
                 self.checkpoint(at, doc.nll_path.as_deref().zip(nll_file.as_mut()))?;
@@ -558,6 +937,17 @@ impl Streaming<'_> {
         if let Some(f) = nll_file {
             f.write_all(bytemuck::cast_slice(&self.nll))?;
         }
+        if let Some(vs) = self.vs.as_mut() {
+            // The reference stream over the same ids (its own session: its sums are a separate run's).
+            if vs.scorer.score(ids, &mut vs.nll)? != had_pending || vs.nll.len() != self.nll.len() {
+                bail!("ppl --vs-state: the two streams scored different positions");
+            }
+            vs.acc.add(first, &vs.nll);
+            vs.kl_head.kl(scored_rows(vs.scorer.as_ref())?, scored_rows(self.scorer.as_ref())?, &mut vs.kl)?;
+            for (i, (&a, &b)) in self.nll.iter().zip(&vs.nll).enumerate() {
+                vs.drift.add(first + i as u64, a as f64 - b as f64, vs.kl[i]);
+            }
+        }
         Ok(())
     }
 
@@ -568,6 +958,11 @@ impl Streaming<'_> {
         let job = self.job;
         save_at(job.out, &job.at, doc, &self.acc, job.finished, nll, self.scorer.as_ref())
     }
+}
+
+/// The rows a backend's last call scored (`--vs-state` runs on the CPU, which keeps them).
+fn scored_rows(s: &dyn crate::backend::Backend) -> Result<&[f32]> {
+    s.scored_rows().ok_or_else(|| anyhow!("ppl --vs-state: CPU only"))
 }
 
 /// Where a model's run starts: its accumulators, the document and position to continue from, the
@@ -713,7 +1108,10 @@ fn result(model: &Model, tok: &Tokenizer, acc: &Acc, train_len: Option<u64>) -> 
 fn result_of(model: &Model, tok: &Tokenizer, acc: Acc, train_len: Option<u64>) -> RunResult {
     RunResult {
         model: model.info.clone(),
-        precision: serde_json::json!({"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "accumulators": "f64"}),
+        precision: serde_json::json!({
+            "weights": model.info.weight_dtype, "compute": "f32",
+            "state": model.state_precision.to_string(), "accumulators": "f64"
+        }),
         forget: model.forget.to_string(),
         tokenizer: tok.source.clone(),
         tokens_scored: 0,
@@ -728,6 +1126,7 @@ fn result_of(model: &Model, tok: &Tokenizer, acc: Acc, train_len: Option<u64>) -
         tokens_per_s: 0.0,
         nll_out: Vec::new(),
         acc,
+        drift: None,
     }
     .derived()
 }
@@ -736,7 +1135,10 @@ impl RunResult {
     /// The model's directory name and the forgetting method, as every printed row, CSV row, plot
     /// legend and NLL file names a run: `mamba2-tiny [rri:a=0.9999,b=0.75]`.
     pub fn label(&self) -> String {
-        format!("{} [{}]", model_name(&self.model), self.forget)
+        match self.precision["state"].as_str().filter(|&s| s != "f32") {
+            Some(state) => format!("{} [{}] state {state}", model_name(&self.model), self.forget),
+            None => format!("{} [{}]", model_name(&self.model), self.forget),
+        }
     }
 
     /// Every number that follows from the accumulators, (re)computed from them.
@@ -750,6 +1152,7 @@ impl RunResult {
         self.seconds = acc.seconds;
         self.tokens_per_s = acc.tokens_fed as f64 / acc.seconds.max(1e-9);
         self.nll_out = acc.nll_files.clone();
+        self.drift = self.drift.take().map(|d| Drift::derive(d.acc, &self.acc));
         self
     }
 }
@@ -848,7 +1251,76 @@ fn write_outputs(
         Ok(())
     })?;
     write_atomic(&out.join("loss.svg"), plot(runs, o).as_bytes())?;
+    write_drift(out, runs, o)?;
     write_logx_plot(out, runs, o)
+}
+
+/// `--vs-state`: drift.csv (every bucket of both schemes) and drift.svg (ΔNLL and KL against
+/// log2(position)).
+fn write_drift(out: &Path, runs: &[RunResult], o: &Options) -> Result<()> {
+    let drifts: Vec<(&RunResult, &Drift)> = runs.iter().filter_map(|r| r.drift.as_ref().map(|d| (r, d))).collect();
+    if drifts.is_empty() {
+        return Ok(());
+    }
+    report::write_atomic_with(&out.join("drift.csv"), |csv| {
+        writeln!(
+            csv,
+            "model,method,state,reference,scheme,start,end,count,mean_nll,mean_nll_ref,delta_nll,delta_stderr,kl"
+        )?;
+        for (r, d) in &drifts {
+            let name = r.model.path.display().to_string().replace(',', ";");
+            let method = r.forget.replace(',', ";");
+            let state = r.precision["state"].as_str().unwrap_or("?");
+            for (scheme, rows) in
+                [(format!("linear{}", o.bucket), &d.buckets_linear), ("log2".to_string(), &d.buckets_log2)]
+            {
+                for b in rows {
+                    writeln!(
+                        csv,
+                        "{name},{method},{state},{},{scheme},{},{},{},{:.6},{:.6},{:.3e},{:.3e},{:.3e}",
+                        d.reference,
+                        b.start,
+                        b.end,
+                        b.count,
+                        b.mean_nll,
+                        b.mean_nll_ref,
+                        b.delta_nll,
+                        b.delta_stderr,
+                        b.kl
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    use crate::report::svg::{LinePlot, Series};
+    let mid = |b: &DriftRow| (b.start + b.end) as f64 / 2.0;
+    let series: Vec<Series> = drifts
+        .iter()
+        .flat_map(|(r, d)| {
+            [
+                Series {
+                    name: format!("{} ΔNLL vs {}", r.label(), d.reference),
+                    points: d.buckets_log2.iter().map(|b| (mid(b), b.delta_nll)).collect(),
+                    markers: false,
+                },
+                Series {
+                    name: format!("{} KL({} ‖ this)", r.label(), d.reference),
+                    points: d.buckets_log2.iter().map(|b| (mid(b), b.kl)).collect(),
+                    markers: false,
+                },
+            ]
+        })
+        .collect();
+    let svg = LinePlot {
+        title: "State-precision drift",
+        x_label: "position (tokens, log scale)",
+        y_label: "mean ΔNLL and mean KL (nats)",
+        log_x: true,
+        vlines: Vec::new(),
+    }
+    .render(&series);
+    write_atomic(&out.join("drift.svg"), svg.as_bytes())
 }
 
 /// Beside a linear loss.svg, the same curves against log2(position) (loss_logx.svg), as the
@@ -1026,4 +1498,72 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs, None, Some(&facts))?;
     println!("merged {n} shards into {}/results.json, loss.csv, loss.svg and loss_logx.svg", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seeded pseudo-noise in [−0.5, 0.5).
+    fn noise(n: usize, seed: u64) -> Vec<f64> {
+        let mut r = Mix(seed);
+        (0..n).map(|_| r.below(1 << 20) as f64 / (1 << 20) as f64 - 0.5).collect()
+    }
+
+    /// The bootstrap is reproducible with its seed (the same interval twice), moves with another
+    /// seed, and brackets the margin itself; a constant series has no spread.
+    #[test]
+    fn bootstrap_is_seeded() {
+        let ins: Vec<f64> = noise(7, 1).iter().map(|x| 5.0 + x).collect();
+        let outs: Vec<f64> = noise(500, 2).iter().map(|x| 10.5 + x).collect();
+        let a = margin(&ins, &outs, max_of, 25, 300, &mut Vec::new()).unwrap();
+        assert_eq!(a, margin(&ins, &outs, max_of, 25, 300, &mut Vec::new()).unwrap());
+        let b = margin(&ins, &outs, max_of, 26, 300, &mut Vec::new()).unwrap();
+        assert!((a.lo, a.hi) != (b.lo, b.hi), "{a:?} {b:?}");
+        assert!(a.lo <= a.ratio && a.ratio <= a.hi + 1e-12, "{a:?}");
+        let flat = margin(&[5.0; 4], &[9.0; 40], max_of, 25, 50, &mut Vec::new()).unwrap();
+        assert_eq!((flat.lo, flat.hi, flat.ratio, flat.verdict.as_str()), (0.9, 0.9, 0.9, "forgets"));
+        let flat = margin(&[5.0; 4], &[11.0; 40], max_of, 25, 50, &mut Vec::new()).unwrap();
+        assert_eq!(flat.verdict, "does not forget");
+        // L_out near 2·L_in with spread on both sides: undecided.
+        let outs: Vec<f64> = noise(500, 3).iter().map(|x| 9.8 + x).collect();
+        assert_eq!(margin(&ins, &outs, max_of, 25, 300, &mut Vec::new()).unwrap().verdict, "undecided");
+    }
+
+    #[test]
+    fn quantile_interpolates() {
+        assert_eq!(quantile(&mut [3.0, 1.0, 2.0], 0.5), Some(2.0));
+        assert_eq!(quantile(&mut [4.0, 1.0, 2.0, 3.0], 0.9), Some(3.7));
+        assert_eq!(quantile(&mut [1.0], 0.9), Some(1.0));
+        assert_eq!(quantile(&mut [], 0.9), None);
+    }
+
+    /// Why the robust variant: over i.i.d. noisy buckets the largest mean grows with their number
+    /// (the paper's L_out), the 90th percentile does not.
+    #[test]
+    fn q90_does_not_grow_with_the_number_of_buckets() {
+        let (few, many) = (noise(400, 4), noise(40_000, 5));
+        let (m1, m2) = (max_of(&mut few.clone()).unwrap(), max_of(&mut many.clone()).unwrap());
+        let (q1, q2) = (quantile(&mut few.clone(), 0.9).unwrap(), quantile(&mut many.clone(), 0.9).unwrap());
+        assert!(m2 > m1, "{m1} {m2}");
+        assert!((q1 - q2).abs() < 0.03, "{q1} {q2}");
+    }
+
+    /// The paper's fields are what they were (the largest bucket means, the 2·L_in rule), beside
+    /// the standard errors of those two buckets and the robust variant.
+    #[test]
+    fn paper_verdict_and_its_neighbours() {
+        let mut b = Buckets::new(16);
+        for pos in 0..64 * 40 {
+            let x = if pos < 64 { 3.0 } else { 5.0 + (pos % 7) as f32 * 0.1 + if pos / 16 == 100 { 3.0 } else { 0.0 } };
+            b.add(pos, x + (pos % 3) as f32 * 0.01);
+        }
+        let v = t_forget(&b, 64, 64 * 40);
+        assert_eq!((v.verdict.as_str(), v.bucket_width), ("does not forget", 16));
+        assert!((v.l_out.unwrap() - 8.3).abs() < 0.05 && (v.l_in.unwrap() - 3.01).abs() < 0.01, "{v:?}");
+        assert!(v.l_in_stderr.unwrap() > 0.0 && v.l_out_stderr.unwrap() > 0.0);
+        let q = v.robust.unwrap();
+        assert_eq!((q.name.as_str(), q.verdict.as_str()), ("q90", "forgets"));
+        assert!(q.l_out.unwrap() < 5.9, "{q:?}");
+    }
 }

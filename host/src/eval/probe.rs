@@ -31,6 +31,9 @@ pub struct Options {
     pub tokenizer: Option<PathBuf>,
     pub device: Device,
     pub gpu: GpuOptions,
+    /// `--state-dtype` (absent from files and fingerprints when f32).
+    #[serde(default, skip_serializing_if = "crate::state_dtype::StatePrecision::is_f32")]
+    pub state: crate::state_dtype::StatePrecision,
     /// Checkpoint at a report when this many seconds passed since the last one (it does not change
     /// the numbers, so it is not recorded).
     #[serde(skip)]
@@ -283,6 +286,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
+    model.state_precision = o.state;
     let tok = model.tokenizer(o.tokenizer.as_deref())?;
     let net = model.net();
     let sel = Selection::new(net, o)?;
@@ -330,7 +334,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let meta = serde_json::json!({
         "command": "probe",
         "model": model.info,
-        "precision": {"weights": model.info.weight_dtype, "compute": "f32", "state": "f32", "retention_sum": "f64"},
+        "precision": {"weights": model.info.weight_dtype, "compute": "f32", "state": o.state.to_string(), "retention_sum": "f64"},
         "tokenizer": tok.source,
         "inputs": inputs.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
         "options": o,
