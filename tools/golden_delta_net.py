@@ -26,6 +26,8 @@ Writes, each with config.json + model.safetensors (save_pretrained) + ref.safete
                                    o_norm), short conv 3, I 75, norm_eps 1e-6, untied
   tests/data/delta_net_tiny_bf16/  the same model stored in bf16 (references from fla on those bf16
                                    values upcast to f32)
+  tests/data/delta_net_tiny_gate/  DeltaNet, f32: C 40, L 2, H 2, K 20, V 10 (expand_v 0.5), use_beta
+                                   False (beta = 1), use_gate (FusedRMSNormGated, swish), conv 4, tied
   tests/data/gdn_tiny/             GDN, f32: C 40, L 2, 2 key heads, 4 value heads (GVA), head_dim 6,
                                    expand_v 1.5 (V 9), output gate swish, short conv 4, I 75, tied
   tests/data/gdn_tiny_neg/         GDN, f32: allow_neg_eigval, no short conv, 3 heads (no GVA),
@@ -38,7 +40,7 @@ ref.safetensors: input_ids i64 [1, T]; logits / logits_stepwise / logits_split f
 T = 97 > 64, so the full-sequence call takes the layers' chunk branch (here the same naive op);
 the split is 40 + 57.
 
-    /work/venv-gla/bin/python tools/golden_delta_net.py
+    /work/venv-gla/bin/python tools/golden_delta_net.py [NAME…]
 (/work/venv-gla: see tools/golden_gla.py: torch 2.15.0 CPU, transformers==5.23.0, einops, the
 fla_core-0.6.0 and flash_linear_attention-0.6.0 wheels with --no-deps.)
 
@@ -63,6 +65,8 @@ from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, SPLIT = 97, 40
+# `golden_delta_net.py NAME…` writes only those directories (the others stay byte for byte as committed).
+ONLY = set(sys.argv[1:])
 torch.set_num_threads(1)
 
 
@@ -276,6 +280,8 @@ def build(cls, cfg):
 
 
 def write(cls, cfg, gdn, name, recipe, ids, bf16=None):
+    if ONLY and name not in ONLY:
+        return
     m = build(cls, cfg)
     ref, stats = references(m, gdn, ids)
     save(m, name, ref, stats, recipe)
@@ -297,6 +303,11 @@ def main():
     write(DeltaNetForCausalLM, dn, False, "delta_net_tiny",
           "DeltaNet tiny: V 256, C 40, L 2, H 2, K 15, V 30, use_beta, no gate, conv 3, I 75, norm_eps 1e-6; "
           "seed 1234, +0.1 N(0,1) seed 42", ids, bf16="delta_net_tiny_bf16")
+    dg = DeltaNetConfig(hidden_size=40, num_heads=2, expand_k=1.0, expand_v=0.5, use_beta=False, use_gate=True,
+                        use_short_conv=True, conv_size=4, tie_word_embeddings=True, **common)
+    write(DeltaNetForCausalLM, dg, False, "delta_net_tiny_gate",
+          "DeltaNet tiny gate: V 256, C 40, L 2, H 2, K 20, V 10, no beta (1), swish output gate, conv 4, I 75, "
+          "tied; seed 1234, +0.1 N(0,1) seed 42", ids)
     g1 = GatedDeltaNetConfig(hidden_size=40, num_heads=2, num_v_heads=4, head_dim=6, expand_v=1.5, use_gate=True,
                              use_short_conv=True, conv_size=4, allow_neg_eigval=False, tie_word_embeddings=True,
                              **common)

@@ -1,7 +1,8 @@
 //! DeltaNet and Gated DeltaNet against fla 0.6.0's DeltaNetForCausalLM / GatedDeltaNetForCausalLM
 //! (CPU, their Triton kernels replaced by the naive delta-rule recurrences and torch ops) on tiny
 //! random checkpoints from `tools/golden_delta_net.py`: `delta_net_tiny` (use_beta, no output gate,
-//! K 15 × V 30, conv 3), `gdn_tiny` (2 key heads over 4 value heads, K 6 × V 9, swish gate, conv 4,
+//! K 15 × V 30, conv 3), `delta_net_tiny_gate` (no beta, swish output gate, K 20 × V 10,
+//! conv 4, tied), `gdn_tiny` (2 key heads over 4 value heads, K 6 × V 9, swish gate, conv 4,
 //! tied), `gdn_tiny_neg` (allow_neg_eigval, sigmoid gate, no conv), and bf16 copies of the first two.
 //! Bounds: FORMATS.md §8 (logits and final state rel ≤ 1e-4).
 use stuffed::exec::Pool;
@@ -11,6 +12,7 @@ use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden
 const CASES: &[(&str, &str)] = &[
     ("delta_net_tiny", "delta_net"),
     ("delta_net_tiny_bf16", "delta_net"),
+    ("delta_net_tiny_gate", "delta_net"),
     ("gdn_tiny", "gated_deltanet"),
     ("gdn_tiny_neg", "gated_deltanet"),
     ("gdn_tiny_bf16", "gated_deltanet"),
