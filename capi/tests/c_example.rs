@@ -1,6 +1,6 @@
-//! examples/c/stream_logits.c, built with the system C compiler against libstuffed.so and the
-//! committed header, prints the same logits as `stuffed logits` bit for bit (the same kernel path:
-//! calls of C tokens against `--chunk C`).
+//! examples/c/stream_logits.c, built with the system C compiler against the committed header and
+//! libstuffed.so, and again against libstuffed.a (static), prints the same logits as `stuffed logits`
+//! bit for bit (the same kernel path: calls of C tokens against `--chunk C`).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,35 +43,56 @@ fn c_example_prints_the_clis_logits() {
         .unwrap();
     assert!(built.status.success(), "cargo build: {}", String::from_utf8_lossy(&built.stderr));
     assert!(lib.join("libstuffed.so").exists(), "no libstuffed.so in {}", lib.display());
+    assert!(lib.join("libstuffed.a").exists(), "no libstuffed.a in {}", lib.display());
     let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("stream_logits");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let built = Command::new(&cc)
-        .args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(root().join("capi"))
-        .arg(root().join("examples/c/stream_logits.c"))
-        .arg("-L")
-        .arg(&lib)
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .args(["-lstuffed", "-o"])
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "{cc}: {}", String::from_utf8_lossy(&built.stderr));
+    // Against the shared library, and against the static one with the system libraries a Rust
+    // staticlib needs (`rustc --print native-static-libs` on linux-gnu).
+    let shared: Vec<String> =
+        vec!["-L".into(), lib.display().to_string(), format!("-Wl,-rpath,{}", lib.display()), "-lstuffed".into()];
+    let mut fixed = vec![lib.join("libstuffed.a").display().to_string()];
+    fixed.extend(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"].map(String::from));
+    let exes: Vec<PathBuf> = [("shared", shared), ("static", fixed)]
+        .into_iter()
+        .map(|(kind, link)| {
+            let exe = dir.path().join(format!("stream_logits_{kind}"));
+            let built = Command::new(&cc)
+                .args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-I"])
+                .arg(root().join("capi"))
+                .arg(root().join("examples/c/stream_logits.c"))
+                .args(&link)
+                .arg("-o")
+                .arg(&exe)
+                .output()
+                .unwrap();
+            assert!(built.status.success(), "{cc} ({kind}): {}", String::from_utf8_lossy(&built.stderr));
+            exe
+        })
+        .collect();
     let ids = [5u32, 9, 2, 40, 7, 13, 1, 8, 100, 3];
     for (model, chunk) in [("mamba2_hf_g1_untied", 1), ("mamba2_hf_g1_untied", 4), ("rwkv7_tiny", 3), ("gla_tiny", 10)]
     {
         let path = root().join("tests/data").join(model);
-        let run =
-            Command::new(&exe).arg(&path).arg(chunk.to_string()).args(ids.iter().map(u32::to_string)).output().unwrap();
-        assert!(run.status.success(), "{model}: {}", String::from_utf8_lossy(&run.stderr));
-        let printed: Vec<u32> = String::from_utf8(run.stdout)
-            .unwrap()
-            .split_whitespace()
-            .map(|h| u32::from_str_radix(h, 16).unwrap())
-            .collect();
         let want = cli_logits(&path, &ids, chunk, dir.path());
-        assert_eq!(printed.len(), want.len(), "{model}");
-        assert!(printed == want, "{model} chunk {chunk}: the C example's logits differ from `stuffed logits`");
+        for exe in &exes {
+            let run = Command::new(exe)
+                .arg(&path)
+                .arg(chunk.to_string())
+                .args(ids.iter().map(u32::to_string))
+                .output()
+                .unwrap();
+            assert!(run.status.success(), "{model} {}: {}", exe.display(), String::from_utf8_lossy(&run.stderr));
+            let printed: Vec<u32> = String::from_utf8(run.stdout)
+                .unwrap()
+                .split_whitespace()
+                .map(|h| u32::from_str_radix(h, 16).unwrap())
+                .collect();
+            assert_eq!(printed.len(), want.len(), "{model}");
+            assert!(
+                printed == want,
+                "{model} chunk {chunk} {}: the logits differ from `stuffed logits`",
+                exe.display()
+            );
+        }
     }
 }

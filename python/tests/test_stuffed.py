@@ -121,3 +121,45 @@ def test_errors_are_one_line_exceptions():
         stuffed.Model("acme/none")
     with pytest.raises(RuntimeError, match="unknown method 'bogus'"):
         stuffed.Model(ROOT / "tests" / "data" / "mamba2_hf_g1_untied", forget="bogus")
+
+
+def test_calls_release_the_gil_and_threads_share_a_handle():
+    import threading
+    import time
+
+    m = stuffed.Model(PAIR[1])
+    ids = m.encode(NOVEL.read_text())[:16000]
+    halves = [ids[:8000], ids[8000:]]
+    serial = [m.nll(h) for h in halves]
+    state = m.state()
+    serial_last = m.forward(ids[:3000], state, last=True)
+    # While nll runs in another thread, this one goes on running Python: with the GIL held for the
+    # whole call, one gap below would span the call.
+    box = {}
+    worker = threading.Thread(target=lambda: box.setdefault("nll", m.nll(ids)))
+    t0 = last = time.perf_counter()
+    gaps = []
+    worker.start()
+    while worker.is_alive():
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+        time.sleep(0.001)
+    took = time.perf_counter() - t0
+    assert same_bits(box["nll"][: len(serial[0])], serial[0])
+    assert len(gaps) > 20 and max(gaps) < took / 2, (len(gaps), max(gaps), took)
+    # One handle, several threads at once, each with its own state: the serial numbers, bit for bit.
+    out = {}
+
+    def run(i):
+        out[i] = m.nll(halves[i])
+        s = m.state()
+        out[i + 2] = m.forward(ids[:3000], s, last=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert same_bits(out[0], serial[0]) and same_bits(out[1], serial[1])
+    assert same_bits(out[2], serial_last) and same_bits(out[3], serial_last)
