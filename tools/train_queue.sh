@@ -9,6 +9,9 @@
 # --out; `#` comments). Each run writes
 # $SWEEP_DIR/NAME (default ~/.cache/stuffed/sweep) with its log NAME.log; train_tiny.py checkpoints every
 # 100 steps and a rerun resumes bit for bit, so after a reboot or a kill, start the queue again.
+# The checkpoints live on this machine only: where each working session gets a fresh machine
+# (this project's case), a run must finish within the session that starts it (one 4M-token sweep model
+# takes ~25-30 min on a free core) and its training.json be committed before the session ends.
 # A finished run's training.json is copied to the plan's folder as NAME/training.json (commit those;
 # the weights stay out of the repository: the command and seed in training.json rebuild them).
 # PYTHON: an interpreter with torch + transformers and without mamba_ssm. Runs at nice 19, one thread.
