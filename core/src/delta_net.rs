@@ -341,12 +341,18 @@ impl<'a> DeltaNet<'a> {
             }
             None => lg.fill(0.0),
         }
-        // Forgetting: α′ = a·α with the write scaled by b (the erasure kept) (RRI); log α′ = c·log α (Dt).
+        // Forgetting: α′ = a·α with the write scaled by b (the erasure kept) (RRI), or with β′ = b·β
+        // (write and erasure scaled: RriBoth); log α′ = c·log α (Dt).
         match self.forget {
             Forget::Rri { a, b } => {
                 let la = libm::logf(a);
                 lg.iter_mut().for_each(|x| *x += la);
                 v.iter_mut().for_each(|x| *x *= b);
+            }
+            Forget::RriBoth { a, b } => {
+                let la = libm::logf(a);
+                lg.iter_mut().for_each(|x| *x += la);
+                beta.iter_mut().for_each(|x| *x *= b);
             }
             Forget::Dt { c } => lg.iter_mut().for_each(|x| *x *= c),
             _ => {}
@@ -592,7 +598,10 @@ impl Recurrent for DeltaNet<'_> {
     /// Non-diagonal transitions: two staggered states instead of the window by state difference;
     /// Δ-scaling needs GDN's decay (DeltaNet has none to scale).
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check_non_diagonal()?;
+        match f {
+            Forget::RriBoth { a, b } => Forget::Rri { a, b }.check()?,
+            _ => f.check_non_diagonal()?,
+        }
         if matches!(f, Forget::Dt { .. }) && !self.cfg.gated {
             return Err(Error::Config("dt scaling needs a decay to scale; DeltaNet has none (α ≡ 1): use rri:a=…"));
         }

@@ -7,6 +7,9 @@ pub enum Forget {
     /// Reduced retention and insertion: α′ = a·α, B′ = b·B (B after conv + SiLU, before ·Δ).
     /// Per-channel families: w′ = a·w, k′ = b·k.
     Rri { a: f32, b: f32 },
+    /// The delta rule's other RRI analogue (FAMILIES.md §2.9): α′ = a·α and β′ = b·β, scaling the
+    /// erasure with the write (`Rri` scales the write alone). DeltaNet and Gated DeltaNet only.
+    RriBoth { a: f32, b: f32 },
     /// Δ′ = c·Δ (raises α, shrinks B̄). Per-channel families: log w′ = c·log w.
     Dt { c: f32 },
     /// Sliding window by state difference (Eq. 8): the read-out uses h_t − α_{t−r+1:t}·h_{t−r},
@@ -28,6 +31,9 @@ impl Forget {
                 Err(crate::Error::Config("rri needs 0 < a ≤ 1 and a finite b"))
             }
             Forget::Dt { c } if !(c > 0.0 && c.is_finite()) => Err(crate::Error::Config("dt scaling needs c > 0")),
+            Forget::RriBoth { .. } => Err(crate::Error::Config(
+                "rri-both scales the delta rule's erasure with its write: it is for DeltaNet and Gated DeltaNet (use rri)",
+            )),
             Forget::Staggered { .. } => Err(crate::Error::Config(
                 "staggered-state forgetting is for non-diagonal transitions (RWKV-7); this family's window:r=N is exact",
             )),

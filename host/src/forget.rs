@@ -14,6 +14,11 @@ pub enum ForgetSpec {
         a: f32,
         b: f32,
     },
+    /// The delta rule's RRI that scales the erasure with the write: α′ = a·α, β′ = b·β (DeltaNet, GDN).
+    RriBoth {
+        a: f32,
+        b: f32,
+    },
     Dt {
         c: f32,
     },
@@ -54,12 +59,14 @@ impl ForgetSpec {
         };
         let known: &[&str] = match name {
             "none" => &[],
-            "rri" => &["a", "b"],
+            "rri" | "rri-both" => &["a", "b"],
             "dt" => &["c"],
             "window" | "staggered" => &["r"],
             "state-norm" => &["every", "calib"],
             "reset" => &["every"],
-            other => bail!("--forget: unknown method '{other}' (none, rri, dt, window, staggered, state-norm, reset)"),
+            other => {
+                bail!("--forget: unknown method '{other}' (none, rri, rri-both, dt, window, staggered, state-norm, reset)")
+            }
         };
         if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
             bail!("--forget {s}: unknown parameter '{k}'");
@@ -72,6 +79,9 @@ impl ForgetSpec {
         Ok(match name {
             "none" => ForgetSpec::None,
             "rri" => ForgetSpec::Rri { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 },
+            "rri-both" => {
+                ForgetSpec::RriBoth { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 }
+            }
             "dt" => ForgetSpec::Dt { c: num("c")?.unwrap_or(0.5) as f32 },
             "window" => ForgetSpec::Window { r: need_count("r")? as usize },
             "staggered" => ForgetSpec::Staggered { r: need_count("r")? as usize },
@@ -84,6 +94,7 @@ impl ForgetSpec {
     pub fn core(&self) -> Forget {
         match *self {
             ForgetSpec::Rri { a, b } => Forget::Rri { a, b },
+            ForgetSpec::RriBoth { a, b } => Forget::RriBoth { a, b },
             ForgetSpec::Dt { c } => Forget::Dt { c },
             ForgetSpec::Window { r } => Forget::Window { r },
             ForgetSpec::Staggered { r } => Forget::Staggered { r },
@@ -145,6 +156,7 @@ impl std::fmt::Display for ForgetSpec {
         match self {
             ForgetSpec::None => write!(f, "none"),
             ForgetSpec::Rri { a, b } => write!(f, "rri:a={a},b={b}"),
+            ForgetSpec::RriBoth { a, b } => write!(f, "rri-both:a={a},b={b}"),
             ForgetSpec::Dt { c } => write!(f, "dt:c={c}"),
             ForgetSpec::Window { r } => write!(f, "window:r={r}"),
             ForgetSpec::Staggered { r } => write!(f, "staggered:r={r}"),

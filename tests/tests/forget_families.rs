@@ -40,6 +40,9 @@ fn every_method_chunked_equals_step() {
         let wide = logits(&model(case, "window:r=256"), &ids, 64);
         let e = rel(&wide, &plain);
         assert!(e <= 1e-5, "{case}: a window wider than the stream changes nothing ({e:.3e})");
+        let mut m = Model::load(&data(case)).unwrap();
+        let err = format!("{:#}", m.set_forget(ForgetSpec::parse("rri-both:a=1,b=0.5").unwrap()).unwrap_err());
+        assert!(err.contains("for DeltaNet and Gated DeltaNet"), "{case}: {err}");
     }
 }
 
@@ -173,6 +176,8 @@ fn rwkv7_every_method_chunked_equals_step() {
     let mut m = Model::load(&data("rwkv7_tiny")).unwrap();
     let err = format!("{:#}", m.set_forget(ForgetSpec::parse("window:r=8").unwrap()).unwrap_err());
     assert!(err.contains("staggered:r=N") && err.contains("diagonal"), "{err}");
+    let err = format!("{:#}", m.set_forget(ForgetSpec::parse("rri-both:a=1,b=0.5").unwrap()).unwrap_err());
+    assert!(err.contains("for DeltaNet and Gated DeltaNet"), "{err}");
     for case in CASES {
         let mut m = Model::load(&data(case)).unwrap();
         let err = format!("{:#}", m.set_forget(ForgetSpec::parse("staggered:r=8").unwrap()).unwrap_err());
@@ -229,9 +234,16 @@ fn delta_net_every_method_chunked_equals_step() {
         let gated = case.starts_with("gdn");
         let plain = logits(&model(case, "none"), &ids, 256);
         let specs: &[&str] = if gated {
-            &["rri:a=0.98,b=0.75", "rri:a=1,b=0.75", "dt:c=0.5", "staggered:r=8", "staggered:r=70"]
+            &[
+                "rri:a=0.98,b=0.75",
+                "rri:a=1,b=0.75",
+                "rri-both:a=1,b=0.75",
+                "dt:c=0.5",
+                "staggered:r=8",
+                "staggered:r=70",
+            ]
         } else {
-            &["rri:a=0.98,b=0.75", "rri:a=1,b=0.75", "staggered:r=8", "staggered:r=70"]
+            &["rri:a=0.98,b=0.75", "rri:a=1,b=0.75", "rri-both:a=1,b=0.75", "staggered:r=8", "staggered:r=70"]
         };
         for spec in specs {
             let m = model(case, spec);
@@ -251,6 +263,9 @@ fn delta_net_every_method_chunked_equals_step() {
         let mut m = Model::load(&data(case)).unwrap();
         let err = format!("{:#}", m.set_forget(ForgetSpec::parse("window:r=8").unwrap()).unwrap_err());
         assert!(err.contains("staggered:r=N") && err.contains("diagonal"), "{case}: {err}");
+        let both = |s: &str| logits(&model(case, s), &ids, 256);
+        let d = rel(&both("rri-both:a=1,b=0.75"), &both("rri:a=1,b=0.75"));
+        assert!(d > 1e-3, "{case}: scaling the erasure too must differ from scaling the write alone ({d:.3e})");
         if !gated {
             let err = format!("{:#}", m.set_forget(ForgetSpec::parse("dt:c=0.5").unwrap()).unwrap_err());
             assert!(err.contains("DeltaNet has none"), "{case}: {err}");
@@ -329,6 +344,15 @@ fn delta_net_probe_series() {
             assert!((x - want).abs() <= 1e-4 * want.abs().max(1.0), "{case} {spec}: {x} vs {want}");
         }
         assert_eq!(p2[h..2 * h], p[h..2 * h], "{case} {spec} leaves β alone");
+        // The variant that scales the erasure with the write: α′ = a·α and β′ = b·β.
+        let p3 = run(&model(case, "rri-both:a=0.5,b=0.5"));
+        for (x, y) in p3[..h].iter().zip(&p[..h]) {
+            let want = y + t * 0.5f32.ln();
+            assert!((x - want).abs() <= 1e-4 * want.abs().max(1.0), "{case} rri-both: {x} vs {want}");
+        }
+        for (x, y) in p3[h..2 * h].iter().zip(&p[h..2 * h]) {
+            assert!((x - 0.5 * y).abs() <= 1e-5 * y.abs(), "{case} rri-both: Σβ {x} vs half of {y}");
+        }
         let stuffed::model::Layout::DeltaNet { head_k, head_v, .. } = m.info.layout else { panic!("{case}") };
         let last = net.head_state(net.n_layer() - 1, h - 1);
         assert_eq!(last.len(), head_k * head_v, "{case}: a value head's state is V × K");
