@@ -773,7 +773,9 @@ mod tests {
             Forget::Dt { c } => (0.0, 1.0, c as f64, usize::MAX),
             Forget::Window { r } => (0.0, 1.0, 1.0, r),
             Forget::None => (0.0, 1.0, 1.0, usize::MAX),
-            Forget::Staggered { .. } => unreachable!("Mamba-1 refuses the staggered states (its window is exact)"),
+            Forget::Staggered { .. } | Forget::RriBoth { .. } => {
+                unreachable!("Mamba-1 refuses the staggered states (its window is exact) and rri-both")
+            }
         };
         let rms = |v: &[f64; D], w: &Weight| {
             let ms = v.iter().map(|x| x * x).sum::<f64>() / D as f64;
