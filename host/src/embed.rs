@@ -185,7 +185,7 @@ impl Handle {
                 Kind::Failed,
                 format!(
                     "--forget {}: acts between calls at stream positions the state does not hold; a caller's \
-                     state takes none, rri, dt, window, staggered (a whole stream's nll takes every method)",
+                     state takes none, rri, rri-both, dt, window, staggered (a whole stream's nll takes every method)",
                     m.forget
                 ),
             );
