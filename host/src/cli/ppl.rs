@@ -64,8 +64,8 @@ pub struct PplArgs {
     /// Plot against log2(position), from the power-of-two buckets.
     #[arg(long)]
     log_x: bool,
-    /// Training-free forgetting: none, rri:a=0.9999,b=0.75, rri-both:a=…,b=… (DeltaNet, GDN), dt:c=0.5, window:r=N,
-    /// staggered:r=N (RWKV-7, DeltaNet, GDN),
+    /// Training-free forgetting: none, rri:a=0.9999,b=0.75, rri-both:a=…,b=… (DeltaNet, GDN),
+    /// dt:c=0.5, window:r=N, staggered:r=N (RWKV-7, DeltaNet, GDN),
     /// state-norm:every=128[,calib=T] (calib defaults to --train-len), reset:every=N.
     /// Repeat to compare methods: every model runs under each, one curve per run.
     #[arg(long, default_value = "none", value_parser = super::values::forget)]

@@ -257,8 +257,14 @@ pub fn quantile(v: &mut [f64], q: f64) -> Option<f64> {
     })
 }
 
-fn max_of(v: &mut [f64]) -> Option<f64> {
+/// The largest of `v` (a NaN only where every value is one).
+fn largest(v: &[f64]) -> Option<f64> {
     v.iter().copied().reduce(f64::max)
+}
+
+/// [`largest`] in the shape [`margin`] takes a statistic.
+fn max_of(v: &mut [f64]) -> Option<f64> {
+    largest(v)
 }
 
 /// The rule on (L_in, L_out), as the paper's verdict states it.
@@ -349,8 +355,7 @@ pub fn t_forget(b: &Buckets, train_len: u64, evaluated_len: u64) -> Verdict {
     // The bucket means on each side (8 bytes a bucket: a long run's verdict buckets are many).
     let mi: Vec<f64> = b.rows_iter().filter(is_in).map(|r| r.mean_nll).collect();
     let mo: Vec<f64> = b.rows_iter().filter(is_out).map(|r| r.mean_nll).collect();
-    let max = |v: &[f64]| v.iter().fold(None, |m: Option<f64>, &v| Some(m.map_or(v, |m| m.max(v))));
-    let (l_in, l_out) = (max(&mi), max(&mo));
+    let (l_in, l_out) = (largest(&mi), largest(&mo));
     // Never a verdict from a NaN or an infinity (the run stops before one could reach a bucket).
     let verdict = rule(l_in, l_out);
     // The standard errors of the two buckets that are L_in and L_out.
