@@ -227,6 +227,12 @@ impl DType {
 
 pub struct Blas {
     h: Handle,
+    /// `STUFFED_SANITIZE_INIT=1`: clear each GEMM's output range before cuBLAS writes it, for
+    /// compute-sanitizer's initcheck, which does not see the stores of cuBLAS's Hopper kernels (on an
+    /// H200, `tools/initcheck_probe.py` shows a `cublasGemmEx` bf16 output reported unwritten) and so
+    /// reports every later read of it. The clear covers exactly the range cuBLAS writes.
+    #[cfg(feature = "cuda")]
+    mark_outputs: Option<*mut c_void>,
 }
 
 impl Blas {
@@ -250,7 +256,34 @@ impl Blas {
         if r != 0 {
             bail!("cuBLAS: cublasSetStream failed ({r})");
         }
-        Ok(Blas { h })
+        let sanitize = std::env::var_os("STUFFED_SANITIZE_INIT").is_some_and(|v| !v.is_empty() && v != "0");
+        Ok(Blas { h, mark_outputs: sanitize.then_some(stream) })
+    }
+
+    /// Under `STUFFED_SANITIZE_INIT`: zeros `batch` row-major `(rows, cols)` f32 matrices at `c`, rows
+    /// `ld` floats apart, matrices `stride` floats apart (on the stream, before the GEMM that writes them).
+    #[allow(unused_variables)]
+    fn mark_written(&self, c: u64, (rows, cols, ld): (usize, usize, usize), stride: usize, batch: usize) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(stream) = self.mark_outputs {
+            for b in 0..batch {
+                // SAFETY: the GEMM about to run writes this range of a device buffer.
+                let r = unsafe {
+                    cust::sys::cuMemsetD2D32Async(
+                        c + (b * stride * 4) as u64,
+                        ld * 4,
+                        0,
+                        cols,
+                        rows,
+                        stream as cust::sys::CUstream,
+                    )
+                };
+                if r != cust::sys::CUresult::CUDA_SUCCESS {
+                    bail!("CUDA: clearing a GEMM output for initcheck failed: {r:?}");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Gives cuBLAS `bytes` of device memory at `ptr` as its workspace (it must outlive the handle).
@@ -272,6 +305,9 @@ impl Blas {
             return Ok(());
         }
         let (alpha, beta) = (1f32, beta);
+        if beta == 0.0 {
+            self.mark_written(c, (t, n, n), 0, 1)?;
+        }
         // Column-major: cᵀ (n, t) = w (as (k, n))ᵀ · xᵀ (as (k, t)).
         // SAFETY: the pointers are device buffers of the stated shapes (the callers size them).
         let r = unsafe {
@@ -320,6 +356,7 @@ impl Blas {
             return Ok(());
         }
         let (alpha, beta) = (1f32, 0f32);
+        self.mark_written(c, (t, n, ld[2]), stride[2], batch)?;
         // SAFETY: the pointers are device buffers holding `batch` matrices at the given strides.
         let r = unsafe {
             cublasGemmStridedBatchedEx(
