@@ -832,8 +832,9 @@ fn ssd_chunk_state_gives_each_blocks_own_state() {
         for tt in 0..t {
             u0[tt * cd..tt * cd + di].fill(f32::NAN);
         }
-        let xr: Vec<ConvRef> =
-            (0..t * di).map(|e| conv_ref_f64(&zx, &cs, &cw, conv_b.as_deref(), e / di, e % di, nin, di, cd, kc)).collect();
+        let xr: Vec<ConvRef> = (0..t * di)
+            .map(|e| conv_ref_f64(&zx, &cs, &cw, conv_b.as_deref(), e / di, e % di, nin, di, cd, kc))
+            .collect();
         let x: Vec<f32> = xr.iter().map(|r| r.x as f32).collect();
         let (mut want, mut mag) = (vec![0f64; s.nb() * h * p * n], vec![0f64; s.nb() * h * p * n]);
         for c in 0..s.nb() {
@@ -1166,4 +1167,3 @@ fn probe_sums_add_the_probe_series() {
         check_sum("probe_sums", &format!("{}, la {la}", s.label(true)), &download(&pb, 4 * h), &want, &mag, EXACT);
     }
 }
-
