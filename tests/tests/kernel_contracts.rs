@@ -426,24 +426,6 @@ fn decode_out_matches_gated_norm_then_gemv() {
     }
 }
 
-/// The causal depthwise conv + SiLU of `Mamba2::conv` at token `t` of a call, channel `ch` of xBC:
-/// inputs before the call come from the history `cs (k−1, cd)`, oldest first.
-#[allow(clippy::too_many_arguments)]
-fn conv_ref(
-    zx: &[f32],
-    cs: &[f32],
-    cw: &[f32],
-    cb: Option<&[f32]>,
-    t: usize,
-    ch: usize,
-    nin: usize,
-    di: usize,
-    cd: usize,
-    k: usize,
-) -> f32 {
-    conv_ref_f64(zx, cs, cw, cb, t, ch, nin, di, cd, k).x as f32
-}
-
 /// The conv output in f64 (an f32 reference summed without FMA differs from the GPU's FMA sums by
 /// ulps of Σ|terms|, which a cancelling sum makes a large part of x) and Σ|terms|, which bounds what
 /// the kernel's own f32 rounding of x can be.
@@ -452,8 +434,10 @@ struct ConvRef {
     terms: f64,
 }
 
+/// The causal depthwise conv + SiLU of `Mamba2::conv` at token `t` of a call, channel `ch` of xBC:
+/// inputs before the call come from the history `cs (k−1, cd)`, oldest first.
 #[allow(clippy::too_many_arguments)]
-fn conv_ref_f64(
+fn conv_ref(
     zx: &[f32],
     cs: &[f32],
     cw: &[f32],
@@ -515,7 +499,7 @@ fn conv_bc_and_conv_state_update_match_the_causal_conv() {
         let (mut g, mut want) = (Vec::new(), Vec::new());
         for tt in 0..t {
             for ch in di..cd {
-                let s = conv_ref(&zx, &cs, &cw, Some(&cb), tt, ch, nin, di, cd, k);
+                let s = conv_ref(&zx, &cs, &cw, Some(&cb), tt, ch, nin, di, cd, k).x as f32;
                 want.push(if ch < di + gn { s * b_scale } else { s });
                 g.push(got[tt * cd + ch]);
             }
@@ -576,7 +560,7 @@ fn conv_step_matches_one_token_of_the_conv_and_delta() {
         let shape = format!("di {di}, G·N {gn}, k {k}");
         let want: Vec<f32> = (0..cd)
             .map(|ch| {
-                let s = conv_ref(&zx, &cs, &cw, None, 0, ch, nin, di, cd, k);
+                let s = conv_ref(&zx, &cs, &cw, None, 0, ch, nin, di, cd, k).x as f32;
                 if (di..di + gn).contains(&ch) {
                     s * b_scale
                 } else {
@@ -832,9 +816,8 @@ fn ssd_chunk_state_gives_each_blocks_own_state() {
         for tt in 0..t {
             u0[tt * cd..tt * cd + di].fill(f32::NAN);
         }
-        let xr: Vec<ConvRef> = (0..t * di)
-            .map(|e| conv_ref_f64(&zx, &cs, &cw, conv_b.as_deref(), e / di, e % di, nin, di, cd, kc))
-            .collect();
+        let xr: Vec<ConvRef> =
+            (0..t * di).map(|e| conv_ref(&zx, &cs, &cw, conv_b.as_deref(), e / di, e % di, nin, di, cd, kc)).collect();
         let x: Vec<f32> = xr.iter().map(|r| r.x as f32).collect();
         let (mut want, mut mag) = (vec![0f64; s.nb() * h * p * n], vec![0f64; s.nb() * h * p * n]);
         for c in 0..s.nb() {
