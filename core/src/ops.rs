@@ -73,7 +73,11 @@ pub fn fast_exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    // `t` is exactly ROUND + n, so its bits are ROUND's plus n: the integer without a float →
+    // int conversion, whose saturating NaN handling kept this function from vectorising.
+    let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
@@ -82,7 +86,7 @@ pub fn fast_exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    e * f32::from_bits(biased << 23)
 }
 
 /// `x·σ(x)` through [`fast_exp`].
@@ -142,6 +146,28 @@ mod tests {
         }
         assert!(worst < 4e-7, "worst relative error {worst}");
         assert!(super::fast_exp(f32::NAN).is_nan());
+        assert!(super::fast_exp(f32::NEG_INFINITY) < 1.3e-38);
+    }
+
+    /// The exponent taken from the rounded float's bits is the float → int cast it replaced, so
+    /// every `fast_exp` result (NLLs, gates) is bit for bit what it was.
+    #[test]
+    fn fast_exp_bits_match_the_cast_form() {
+        fn cast_form(x: f32) -> f32 {
+            let x = x.clamp(-87.3, 88.7);
+            let n = (x * core::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+            let mut p = 1.987_569_1e-4;
+            for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+                p = p * r + c;
+            }
+            (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        }
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(super::fast_exp(x).to_bits(), cast_form(x).to_bits(), "x = {x}");
+            x += 0.000_731;
+        }
         assert!(super::fast_exp(-1e30) < 1.3e-38);
     }
 }

@@ -6,11 +6,20 @@ mod cpu;
 #[cfg(gpu)]
 mod cuda;
 
-pub use cpu::{KlHead, NllHead};
+pub use cpu::{NllHead, PairHead};
 
 use crate::model::Model;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+
+/// The rows one call scored, in order: hidden rows `(n, d_model)`, the token each predicts, and
+/// the stream position of row 0.
+#[derive(Clone, Copy)]
+pub struct ScoredRows<'a> {
+    pub rows: &'a [f32],
+    pub targets: &'a [u32],
+    pub pos0: u64,
+}
 
 /// A backend, as the evaluators hold it.
 pub type Scorer<'m> = Box<dyn Backend + 'm>;
@@ -25,9 +34,15 @@ pub trait Backend {
     /// them after a pending row (returns true), else all but the first.
     fn score(&mut self, ids: &[u32], nll: &mut Vec<f32>) -> Result<bool>;
 
-    /// The hidden rows the last [`Backend::score`] scored, in order (`(n, d_model)`, n = its NLLs),
-    /// where the backend keeps them on the host (the CPU); `--vs-state` reads them for the KL.
-    fn scored_rows(&self) -> Option<&[f32]> {
+    /// [`Backend::score`] without the head: feeds `ids` and keeps the rows it would score, with
+    /// their targets, for [`Backend::scored_rows`] (`--vs-state` scores two streams in one head).
+    fn feed_rows(&mut self, _ids: &[u32]) -> Result<bool> {
+        bail!("this backend keeps no hidden rows on the host (CPU only)")
+    }
+
+    /// The rows the last [`Backend::score`] or [`Backend::feed_rows`] scored, where the backend
+    /// keeps them on the host (the CPU).
+    fn scored_rows(&self) -> Option<ScoredRows<'_>> {
         None
     }
 

@@ -779,7 +779,7 @@ struct Vs<'a> {
     scorer: crate::backend::Scorer<'a>,
     acc: Acc,
     nll: Vec<f32>,
-    kl_head: crate::backend::KlHead<'a>,
+    head: crate::backend::PairHead<'a>,
     kl: Vec<f64>,
     drift: DriftAcc,
 }
@@ -804,7 +804,7 @@ fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result
                 scorer: crate::backend::open(m, o.chunk, real, o.device, o.gpu)?,
                 acc: acc.clone(),
                 nll: Vec::with_capacity(o.chunk + 1),
-                kl_head: crate::backend::KlHead::new(m, real),
+                head: crate::backend::PairHead::new(m, real),
                 kl: Vec::new(),
                 drift: DriftAcc::new(m.state_precision.to_string(), o.bucket),
             })
@@ -935,7 +935,20 @@ impl Streaming<'_> {
     /// One call of `ids` at document position `pos`: every token after the pending last row of the
     /// previous call is scored (else all but the first), into the accumulators and the NLL file.
     fn score(&mut self, ids: &[u32], pos: u64, nll_file: Option<&mut BufWriter<std::fs::File>>) -> Result<()> {
-        let had_pending = self.scorer.score(ids, &mut self.nll)?;
+        let had_pending = match self.vs.as_mut() {
+            None => self.scorer.score(ids, &mut self.nll)?,
+            // The reference stream over the same ids in its own session (its sums are a separate
+            // run's); one head scores both streams' rows and their KL.
+            Some(vs) => {
+                let had = self.scorer.feed_rows(ids)?;
+                if vs.scorer.feed_rows(ids)? != had {
+                    bail!("ppl --vs-state: the two streams scored different positions");
+                }
+                let (reference, this) = (scored_rows(vs.scorer.as_ref())?, scored_rows(self.scorer.as_ref())?);
+                vs.head.score(reference, this, &mut vs.nll, &mut self.nll, &mut vs.kl)?;
+                had
+            }
+        };
         // Position of the first target: the pending row predicts `pos`, else the call's second token.
         let first = if had_pending { pos } else { pos + 1 };
         self.acc.add(first, &self.nll);
@@ -943,12 +956,7 @@ impl Streaming<'_> {
             f.write_all(bytemuck::cast_slice(&self.nll))?;
         }
         if let Some(vs) = self.vs.as_mut() {
-            // The reference stream over the same ids (its own session: its sums are a separate run's).
-            if vs.scorer.score(ids, &mut vs.nll)? != had_pending || vs.nll.len() != self.nll.len() {
-                bail!("ppl --vs-state: the two streams scored different positions");
-            }
             vs.acc.add(first, &vs.nll);
-            vs.kl_head.kl(scored_rows(vs.scorer.as_ref())?, scored_rows(self.scorer.as_ref())?, &mut vs.kl)?;
             for (i, (&a, &b)) in self.nll.iter().zip(&vs.nll).enumerate() {
                 vs.drift.add(first + i as u64, a as f64 - b as f64, vs.kl[i]);
             }
@@ -966,7 +974,7 @@ impl Streaming<'_> {
 }
 
 /// The rows a backend's last call scored (`--vs-state` runs on the CPU, which keeps them).
-fn scored_rows(s: &dyn crate::backend::Backend) -> Result<&[f32]> {
+fn scored_rows(s: &dyn crate::backend::Backend) -> Result<crate::backend::ScoredRows<'_>> {
     s.scored_rows().ok_or_else(|| anyhow!("ppl --vs-state: CPU only"))
 }
 
