@@ -294,6 +294,53 @@ fn probe_peak_memory_is_constant() {
     assert!(peaks[1] <= peaks[0] + (4 << 20), "peak memory grew from {} to {} bytes", peaks[0], peaks[1]);
 }
 
+/// Bit of SIGTERM (15) and SIGINT (2) in /proc's signal masks.
+const SIGTERM_BIT: u64 = 1 << (15 - 1);
+const SIGINT_BIT: u64 = 1 << (2 - 1);
+
+/// A signal mask of process `pid` from /proc (`SigCgt`: caught, `SigIgn`: ignored); 0 once it is gone.
+fn signal_mask(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let prefix = format!("{field}:");
+    let mask = status.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map(str::trim).unwrap_or("0");
+    u64::from_str_radix(mask, 16).unwrap_or(0)
+}
+
+/// A run started with SIGINT ignored (how a non-interactive shell starts background jobs, so that
+/// Ctrl-C stops the script and not them) keeps it ignored; SIGTERM is still caught. Without the
+/// inherited SIG_IGN, SIGINT is caught too.
+#[test]
+fn an_ignored_sigint_stays_ignored() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "The grass is green. The sky is blue.\n".repeat(40)).unwrap();
+    for ignore in [true, false] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stuffed"));
+        cmd.args(["ppl", "--model"]).arg(data("mamba2_neox_tiny")).arg("--text").arg(&text);
+        cmd.args(["--repeat-to", "100000000", "--chunk", "256", "--out"]).arg(dir.path().join("out"));
+        if ignore {
+            // SAFETY: only async-signal-safe signal(2) between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+        while signal_mask(child.id(), "SigCgt") & SIGTERM_BIT == 0 {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before it caught SIGTERM");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let (caught, ignored) = (signal_mask(child.id(), "SigCgt"), signal_mask(child.id(), "SigIgn"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(ignored & SIGINT_BIT != 0, ignore, "SigIgn {ignored:x}");
+        assert_eq!(caught & SIGINT_BIT != 0, !ignore, "SigCgt {caught:x}");
+    }
+}
+
 /// Runs `args(out)` to the end with `--out dir/full` (once); runs it again with `--out dir/part`, stops it
 /// and resumes it with `--resume`. `sigterm`: SIGTERM 100 ms in, timed checkpoints off (the run must
 /// write one at its next boundary and exit 1 saying so); else SIGKILL (no chance to clean up) 50 ms
@@ -321,13 +368,7 @@ fn kill_and_resume(
         // Signal once the run catches SIGTERM (its bit in /proc's SigCgt mask): a fixed 100 ms wait
         // was sometimes too short on a loaded machine, and the signal killed the run before its
         // handlers were in.
-        let proc_status = format!("/proc/{}/status", child.id());
-        let catches_sigterm = || {
-            let status = std::fs::read_to_string(&proc_status).unwrap_or_default();
-            let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
-            u64::from_str_radix(mask, 16).unwrap_or(0) & (1 << (15 - 1)) != 0
-        };
-        while !catches_sigterm() {
+        while signal_mask(child.id(), "SigCgt") & SIGTERM_BIT == 0 {
             assert!(child.try_wait().unwrap().is_none(), "the run ended before it caught SIGTERM");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
