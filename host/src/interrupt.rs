@@ -50,10 +50,15 @@ pub fn arm() -> Armed {
 
 /// Whether `sig`'s disposition is SIG_IGN.
 fn ignored(sig: i32) -> bool {
+    handler(sig) == Some(libc::SIG_IGN)
+}
+
+/// `sig`'s handler as the process has it (None if the query fails).
+fn handler(sig: i32) -> Option<libc::sighandler_t> {
     // SAFETY: a query (null new action) into a zeroed sigaction.
     unsafe {
         let mut old: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+        (libc::sigaction(sig, std::ptr::null(), &mut old) == 0).then_some(old.sa_sigaction)
     }
 }
 
@@ -74,14 +79,8 @@ impl Drop for Armed {
 
 #[cfg(test)]
 mod tests {
-    /// SIGINT's handler as the process has it.
     fn sigint_handler() -> libc::sighandler_t {
-        // SAFETY: a query (null new action) into a zeroed sigaction.
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            assert_eq!(libc::sigaction(libc::SIGINT, std::ptr::null(), &mut old), 0);
-            old.sa_sigaction
-        }
+        super::handler(libc::SIGINT).expect("sigaction query")
     }
 
     /// A library caller's run (the C ABI, Python) installs no handler; the binary's does, except over

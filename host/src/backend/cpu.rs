@@ -153,23 +153,22 @@ fn kl_row(simd: Simd, x: &[f32], y: &[f32]) -> f64 {
     fn body(x: &[f32], y: &[f32]) -> f64 {
         let (mx, my) = (max8(x), max8(y));
         let (mut sx, mut sy, mut t) = ([0f64; 8], [0f64; 8], [0f64; 8]);
-        let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
-        let tail = cx.remainder().iter().zip(cy.remainder());
-        for (a, b) in cx.zip(cy) {
-            for l in 0..8 {
-                let (a, b) = (a[l] as f64, b[l] as f64);
-                let e = exp64(a - mx);
-                sx[l] += e;
-                t[l] += e * (a - b);
-                sy[l] += exp64(b - my);
-            }
-        }
-        for (l, (&a, &b)) in tail.enumerate() {
+        let mut add = |l: usize, a: f32, b: f32| {
             let (a, b) = (a as f64, b as f64);
             let e = exp64(a - mx);
             sx[l] += e;
             t[l] += e * (a - b);
             sy[l] += exp64(b - my);
+        };
+        let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
+        let tail = cx.remainder().iter().zip(cy.remainder());
+        for (a, b) in cx.zip(cy) {
+            for l in 0..8 {
+                add(l, a[l], b[l]);
+            }
+        }
+        for (l, (&a, &b)) in tail.enumerate() {
+            add(l, a, b);
         }
         let (sx, sy, t): (f64, f64, f64) = (sx.iter().sum(), sy.iter().sum(), t.iter().sum());
         t / sx - ((mx - my) + (sx / sy).ln())
@@ -431,18 +430,10 @@ mod tests {
         assert!(exp64(f64::NEG_INFINITY) < 1e-307 && exp64(f64::NAN).is_nan());
     }
 
-    /// Logits with a fixed pseudo-random pattern (splitmix64), `n` of them around `scale`.
+    /// `n` seeded logits, uniform in [−scale/2, scale/2).
     fn logits(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                ((z ^ (z >> 31)) >> 11) as f32 / (1u64 << 53) as f32 * scale - scale / 2.0
-            })
-            .collect()
+        let mut rng = crate::fuzz::Rng::new(seed);
+        (0..n).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * scale - scale / 2.0).collect()
     }
 
     /// The definition, Σ p (log p − log q), with libm exponentials and compensated sums.
