@@ -52,6 +52,10 @@ trainings in the background with a log, e.g.
     nohup OMP_NUM_THREADS=1 python tools/train_tiny.py --out models/X ... >> models/X.log 2>&1 &
 and rerun the same line after a reboot.
 
+--device cuda trains on a GPU (tools/gpu_train.sh runs a whole plan there in one device call): the
+initial weights and every batch are drawn on the CPU as in a CPU run, so only float rounding differs;
+deterministic algorithms without TF32, so the same command, GPU and versions rebuild the weights.
+
 --autocast bf16 runs the forward and backward under torch's CPU bf16 autocast (weights, AdamW and the
 loss in f32). On a 2-core Xeon with AVX512-BF16 but no AMX (2026-12-03, shipped short model's shape,
 one thread, 3 alternating pairs on a loaded machine) it was SLOWER: 946 tok/s against 1,177 tok/s in
@@ -203,8 +207,14 @@ RUN_CONTROL = ("checkpoint_every", "checkpoint_dir", "stop_at_step", "log_every"
 
 
 def run_identity(args):
-    """The arguments that decide every number of a run (a resumed run must be given the same)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL}
+    """The arguments that decide every number of a run (a resumed run must be given the same). The
+    default --device cpu is left out, so checkpoints made before the flag existed still resume."""
+    return {k: v for k, v in sorted(vars(args).items())
+            if k not in RUN_CONTROL and not (k == "device" and v == "cpu")}
+
+
+def device_name(device):
+    return "cpu" if device == "cpu" else f"cuda: {torch.cuda.get_device_name()} (deterministic algorithms, no TF32)"
 
 
 def save_checkpoint(path, payload):
@@ -274,6 +284,9 @@ def main():
                     help="where the checkpoint lives (default: OUT.ckpt); a run whose checkpoint exists resumes from it")
     ap.add_argument("--stop-at-step", type=int, default=0,
                     help="checkpoint and exit after this many steps (an interruption on purpose; rerun to resume)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the forward, backward and optimizer run (init, data and the held-out NLL stay on "
+                         "the CPU, so a cuda run starts from the same weights and sees the same windows)")
     ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
                     help="bf16 autocast of the forward and backward (weights, optimizer and loss stay f32)")
     args = ap.parse_args()
@@ -281,6 +294,13 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
+    if args.device == "cuda":
+        # Deterministic kernels, so the same command on the same GPU and versions rebuilds the weights.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     t_start = time.time()
     print(f"torch {torch.__version__} transformers {transformers.__version__}; {command}", flush=True)
 
@@ -314,6 +334,7 @@ def main():
         for layer in model.backbone.layers:
             layer.mixer.A_log.data.copy_(torch.log(a))
         a_init = f"log(linspace({args.a_min}, {args.a_max}, H))"
+    model.to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     ns = state_size(cfg)
     print(f"model: d {cfg.hidden_size} L {cfg.num_hidden_layers} H {cfg.num_heads} P {cfg.head_dim} "
@@ -360,7 +381,7 @@ def main():
             "passkey_rng": pk.rng.getstate() if n_pk else None, "log": log, "ema": ema, "pk_hist": pk_hist,
             "trained_s": trained_s + time.time() - t0})
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16")
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.autocast == "bf16")
     # SIGTERM / SIGINT finish the step in flight, checkpoint and exit (a kill -9 loses at most
     # --checkpoint-every steps).
     stop = []
@@ -376,6 +397,9 @@ def main():
             x = torch.cat([torch.tensor([w[0] for w in pw], dtype=torch.long), x])
             kind = torch.cat([torch.tensor([w[1] for w in pw], dtype=torch.long),
                               torch.ones(batch - n_pk, T, dtype=torch.long)])
+        x = x.to(dev)
+        if n_pk:
+            kind = kind.to(dev)
         lr = lr_at(step, steps, args.warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -430,7 +454,7 @@ def main():
     sd = load_file(os.path.join(args.out, "model.safetensors"))
     assert "lm_head.weight" not in sd, sorted(sd)
     for k, v in sd.items():
-        assert torch.equal(v, model.state_dict()[k]), k
+        assert torch.equal(v, model.state_dict()[k].cpu()), k
 
     # held-out loss of the SAVED weights (reloaded), as the Rust test will compute it
     reloaded = Mamba2ForCausalLM.from_pretrained(args.out).float().eval()
@@ -458,7 +482,7 @@ def main():
                             "schedule": f"linear warmup {args.warmup} steps, cosine to 10%",
                             "weight_decay": args.weight_decay, "weight_decay_on": "2-D tensors only",
                             "grad_clip": 1.0, "batch_tokens": args.batch_tokens, "batch_windows": batch,
-                            "steps": steps, "threads": args.threads,
+                            "steps": steps, "threads": args.threads, "device": device_name(args.device),
                             "dtype": "f32" if args.autocast == "none" else "f32 weights, bf16 autocast"},
         "training_tokens": steps * args.batch_tokens,
         "train_corpus": {"file": "host/assets/corpus/austen_train.txt.gz", "tokens": n_train,
@@ -477,7 +501,8 @@ def main():
                                "one full-sequence HF forward on the saved weights",
                     "nll_by_256_block": [round(v, 5) for v in q]},
         "heldout_total_tokens": len(heldout_ids),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     **({"cuda": torch.version.cuda} if args.device == "cuda" else {})},
         "loss_log": log,
     }
     with open(os.path.join(args.out, "training.json"), "w") as f:
