@@ -10,6 +10,7 @@
 //! checkpoints): their targets call today's
 //! public readers through a scratch directory; that glue is [`readback`], in one place.
 use crate::checkpoint::{self, Checkpoint};
+use crate::rng::SplitMix64 as Rng;
 use crate::tokenizer::Tokenizer;
 use crate::world::World;
 use anyhow::{anyhow, bail, Context, Result};
@@ -428,32 +429,6 @@ pub mod readback {
 }
 
 // ---------------------------------------------------------------- cases
-
-/// SplitMix64: the cases' random numbers.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len())]
-    }
-}
 
 fn name_hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))

@@ -20,6 +20,7 @@ pub mod hub;
 pub mod interrupt;
 pub mod model;
 pub mod report;
+pub mod rng;
 pub mod session;
 pub mod state_dtype;
 pub mod synth;

@@ -1,6 +1,7 @@
 //! `stuffed synth`: seeded random weights at the published shapes, written as an HF directory.
 //! The models are UNTRAINED: they exist to measure speed and memory, never quality.
 use crate::model::Family;
+use crate::rng::SplitMix64 as Rng;
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 use safetensors::{Dtype, View};
@@ -67,22 +68,6 @@ pub fn write(family: Family, preset: &str, dtype: StoreDtype, seed: u64, out: &P
 /// GPT-NeoX vocab padded to a multiple of 16, as in the released configs.
 const VOCAB_ROWS: usize = 50288;
 
-/// SplitMix64: a seeded stream of uniform numbers, identical on every platform.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [lo, hi).
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-}
-
 struct Tensor {
     name: String,
     shape: Vec<usize>,
@@ -142,7 +127,7 @@ fn mamba2(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> 
     let cd = di + 2 * n;
     let nin = 2 * di + 2 * n + h;
     let bias = preset == "p128";
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng, usize) -> f32| {
         let numel = shape.iter().product();
@@ -295,7 +280,7 @@ fn rwkv(v6: bool, preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Res
     };
     let dt = dtype.safetensors();
     let h = c / n;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
         let numel = shape.iter().product();
@@ -368,7 +353,7 @@ fn rwkv7(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
     };
     let n = if c < 128 { 32 } else { 64 };
     let (dt, h) = (dtype.safetensors(), c / n);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
         let numel = shape.iter().product();
@@ -435,7 +420,7 @@ fn hgrn2(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
         bail!("unknown HGRN-2 preset '{preset}' (known: {})", names.join(", "));
     };
     let dt = dtype.safetensors();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
         let numel = shape.iter().product();
@@ -495,7 +480,7 @@ fn mamba1(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> 
     };
     let (di, n, k, r, vocab) = (2 * d, 16, 4, d.div_ceil(16), 50280);
     let dt = dtype.safetensors();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng, usize) -> f32| {
         let numel = shape.iter().product();
@@ -542,7 +527,7 @@ fn gla(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
     };
     let (kd, vd, rank) = (c / 2, c, 16);
     let dt = dtype.safetensors();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
         let numel = shape.iter().product();
@@ -596,7 +581,7 @@ fn delta_net(gated: bool, preset: &str, dtype: StoreDtype, seed: u64, out: &Path
     };
     let (kd, vd, w) = (nh * dk, nv * dv, 4);
     let dt = dtype.safetensors();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng) -> f32| {
         let numel = shape.iter().product();

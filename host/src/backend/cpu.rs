@@ -432,7 +432,7 @@ mod tests {
 
     /// `n` seeded logits, uniform in [−scale/2, scale/2).
     fn logits(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-        let mut rng = crate::fuzz::Rng::new(seed);
+        let mut rng = crate::rng::SplitMix64::new(seed);
         (0..n).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * scale - scale / 2.0).collect()
     }
 

@@ -53,16 +53,8 @@ pub struct SelftestArgs {
 
 /// Seeded token ids below `real` (SplitMix64).
 pub fn random_ids(n: usize, real: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) % real as u64) as u32
-        })
-        .collect()
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    (0..n).map(|_| rng.below(real) as u32).collect()
 }
 
 /// Matmul and SSD FLOPs per token of a Mamba-2 model, LM head included; the SSD counted at the core's

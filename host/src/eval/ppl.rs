@@ -9,6 +9,7 @@ use crate::backend::{Device, GpuOptions, ScorerState};
 use crate::model::dir_of;
 use crate::model::{Model, ModelInfo};
 use crate::report::{self, peak_rss_bytes, write_atomic, Progress, StateSlot};
+use crate::rng::SplitMix64 as Mix;
 use crate::state_dtype::{StateDtype, StatePrecision};
 use crate::text::Input;
 use crate::tokenizer::Tokenizer;
@@ -277,19 +278,6 @@ fn rule(l_in: Option<f64>, l_out: Option<f64>) -> &'static str {
     }
 }
 
-/// splitmix64: the bootstrap's generator (seeded, the same on every machine).
-struct Mix(u64);
-
-impl Mix {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) % n as u64) as usize
-    }
-}
-
 /// A moving-block resample of `v` (same length; blocks of `block` consecutive values) into `out`.
 fn resample(v: &[f64], block: usize, rng: &mut Mix, out: &mut Vec<f64>) {
     out.clear();
@@ -324,7 +312,7 @@ pub fn margin(
     }
     let block_of = |n: usize| ((n as f64).cbrt().ceil() as usize).clamp(1, n);
     let (bi, bo) = (block_of(ins.len()), block_of(outs.len()));
-    let mut rng = Mix(seed);
+    let mut rng = Mix::new(seed);
     let mut ri = Vec::new();
     let mut ratios: Vec<f64> = (0..reps)
         .filter_map(|_| {
@@ -1519,7 +1507,7 @@ mod tests {
 
     /// Seeded pseudo-noise in [−0.5, 0.5).
     fn noise(n: usize, seed: u64) -> Vec<f64> {
-        let mut r = Mix(seed);
+        let mut r = Mix::new(seed);
         (0..n).map(|_| r.below(1 << 20) as f64 / (1 << 20) as f64 - 0.5).collect()
     }
 

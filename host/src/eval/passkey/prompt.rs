@@ -2,6 +2,7 @@
 //! seeded keys, the needle's block at each depth, the prompt text and its ids, and what counts as
 //! retrieved. The grid's scheduler and files are in `passkey.rs`.
 use super::Options;
+use crate::rng::SplitMix64;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -51,13 +52,9 @@ pub fn template(t: TemplateName) -> Template {
 
 /// A seeded 5-digit key for (seed, length, sample), independent of sharding and order.
 pub fn key(seed: u64, length: u64, sample: usize) -> String {
-    let mut z = seed ^ length.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (sample as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    for _ in 0..2 {
-        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-    }
+    let z = seed ^ length.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (sample as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    // Two SplitMix64 rounds, each reseeded with the last output.
+    let z = SplitMix64::new(SplitMix64::new(z).next_u64()).next_u64();
     format!("{:05}", z % 100_000)
 }
 
