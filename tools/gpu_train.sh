@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
         *) plans+=("$1"); shift ;;
     esac
 done
-[ ${#plans[@]} -gt 0 ] || { echo "usage: tools/gpu_train.sh [--deadline S] [--weights REGEX] PLAN…" >&2; exit 2; }
+[ ${#plans[@]} -gt 0 ] || { echo "usage: tools/gpu_train.sh [--deadline S] [--max N] [--weights REGEX] PLAN… | --unpack TAR_GZ DIR PLAN…" >&2; exit 2; }
 # plan lines as `PLAN_DIR NAME ARGS…`
 entries() { for p in "${plans[@]}"; do grep -v '^\s*#' "$p" | grep -v '^\s*$' | sed "s|^|$(dirname "$p") |"; done; }
 if [ -n "$unpack" ]; then
@@ -90,7 +90,9 @@ one() {
     [ $rc -eq 0 ] && [ -e "$work/$name/training.json" ] || { echo "$name: training exited $rc at $((SECONDS - t0)) s: $(grep '^step' "$work/$name/train.log" | tail -1)"; return; }
     timeout -s KILL "$(left)" "$bin" ppl --threads 1 --model "$work/$name" --text host/assets/corpus/austen_persuasion.txt \
         --out "$work/$name.ppl" > "$work/$name/ppl.log" 2>&1 || { echo "$name: ppl exited $? at $((SECONDS - t0)) s"; return; }
-    "$py" tools/sweep_verdict.py "$work/$name.ppl/results.json" > "$work/$name/verdict.json"
+    # A verdict that cannot be made leaves no verdict.json (--unpack files only models that have one).
+    "$py" tools/sweep_verdict.py "$work/$name.ppl/results.json" > "$work/$name/verdict.tmp" &&
+        mv "$work/$name/verdict.tmp" "$work/$name/verdict.json" || { echo "$name: no verdict"; return; }
     echo "$name: trained in $(grep -o '"train_wall_s": [0-9.]*' "$work/$name/training.json" | cut -d' ' -f2) s, scored at $((SECONDS - t0)) s: $(grep 'T_forget' "$work/$name/ppl.log" | sed 's/.*T_forget//')"
 }
 

@@ -54,7 +54,8 @@ and rerun the same line after a reboot.
 
 --device cuda trains on a GPU (tools/gpu_train.sh runs a whole plan there in one device call): the
 initial weights and every batch are drawn on the CPU as in a CPU run, so only float rounding differs;
-deterministic algorithms without TF32, so the same command, GPU and versions rebuild the weights.
+deterministic algorithms without TF32, so the same command, GPU and versions should rebuild the weights
+(not yet checked by a second run on a GPU).
 
 --autocast bf16 runs the forward and backward under torch's CPU bf16 autocast (weights, AdamW and the
 loss in f32). On a 2-core Xeon with AVX512-BF16 but no AMX (2026-12-03, shipped short model's shape,
