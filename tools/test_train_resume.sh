@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tools/train_tiny.py survives interruption (issue 26 item 0): a run stopped and resumed writes the
 # same weights, bit for bit, as the same run uninterrupted; once with --stop-at-step, once with a
-# real SIGTERM mid-run and once with SIGKILL (which loses the steps since the last checkpoint).
+# real SIGTERM mid-run and once with SIGKILL (which loses the steps since the last checkpoint); and with
+# --extra-text, whose file counts by its content: an edited file refuses the checkpoint, the original resumes.
 #
 #   PYTHON=/path/to/venv/bin/python tools/test_train_resume.sh
 #
@@ -16,8 +17,9 @@ ARGS=(--train-len 64 --tokens 12288 --batch-tokens 1024 --hidden 32 --layers 1 -
       --warmup 3 --log-every 1 --passkey-frac 0.25 --passkey-min 40 --checkpoint-every 4)
 run() { OMP_NUM_THREADS=1 "$PY" "$ROOT/tools/train_tiny.py" "$@" "${ARGS[@]}"; }
 same() {
-    cmp "$TMP/straight/model.safetensors" "$1/model.safetensors"
-    python3 - "$TMP/straight/training.json" "$1/training.json" <<'PY'
+    local ref=${3:-$TMP/straight}
+    cmp "$ref/model.safetensors" "$1/model.safetensors"
+    python3 - "$ref/training.json" "$1/training.json" <<'PY'
 import json, sys
 a, b = (json.load(open(p)) for p in sys.argv[1:])
 assert a["loss_log"] == b["loss_log"], "loss logs differ"
@@ -60,3 +62,21 @@ fi
 run --out "$TMP/kill" > "$TMP/kill2.log"
 grep -q "resumed from .* at step \(4\|8\)/12" "$TMP/kill2.log"
 same "$TMP/kill" "SIGKILL, resumed"
+# 4. --extra-text: mixed-in text; the checkpoint is bound to the file's content, not its path
+head -c 30000 "$ROOT/host/assets/corpus/austen_persuasion.txt" > "$TMP/extra.txt"
+cp "$TMP/extra.txt" "$TMP/extra.orig"
+run --out "$TMP/mix-straight" --extra-text "$TMP/extra.txt" > "$TMP/mix-straight.log"
+grep -q -- "+ 1 --extra-text documents" "$TMP/mix-straight.log"
+if cmp -s "$TMP/straight/model.safetensors" "$TMP/mix-straight/model.safetensors"; then
+    echo "test_train_resume: --extra-text changed nothing" >&2; exit 1
+fi
+run --out "$TMP/mix" --extra-text "$TMP/extra.txt" --stop-at-step 6 > "$TMP/mix1.log"
+echo "one more line" >> "$TMP/extra.txt"
+if run --out "$TMP/mix" --extra-text "$TMP/extra.txt" > "$TMP/mix2.log" 2>&1; then
+    echo "test_train_resume: resumed with an edited --extra-text" >&2; exit 1
+fi
+grep -q "checkpoint of another run (differs in {'extra_text_sha256'" "$TMP/mix2.log"
+cp "$TMP/extra.orig" "$TMP/extra.txt"
+run --out "$TMP/mix" --extra-text "$TMP/extra.txt" > "$TMP/mix3.log"
+grep -q "resumed from .* at step 6/12" "$TMP/mix3.log"
+same "$TMP/mix" "--extra-text, stopped, refused with an edited file, resumed" "$TMP/mix-straight"

@@ -67,6 +67,7 @@ See models/EXPERIMENTS.md for every configuration trained and its measured T_for
 """
 import argparse
 import gzip
+import hashlib
 import importlib.util
 import json
 import math
@@ -209,9 +210,27 @@ RUN_CONTROL = ("checkpoint_every", "checkpoint_dir", "stop_at_step", "log_every"
 
 def run_identity(args):
     """The arguments that decide every number of a run (a resumed run must be given the same). The
-    default --device cpu is left out, so checkpoints made before the flag existed still resume."""
-    return {k: v for k, v in sorted(vars(args).items())
-            if k not in RUN_CONTROL and not (k == "device" and v == "cpu")}
+    default --device cpu and an empty --extra-text are left out, so checkpoints made before those flags
+    existed still resume; an extra text counts by its content (sha256), not by where it lies."""
+    ident = {k: v for k, v in sorted(vars(args).items())
+             if k not in RUN_CONTROL + ("extra_text",) and not (k == "device" and v == "cpu")}
+    if args.extra_text:
+        ident["extra_text_sha256"] = [file_sha256(p) for p in args.extra_text]
+    return ident
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_extra_docs(paths):
+    """--extra-text files: UTF-8, documents separated by <|endoftext|> (tools/web_bible.py writes one)."""
+    docs = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            docs += [d for d in f.read().split(EOT) if d.strip()]
+    return docs
 
 
 def device_name(device):
@@ -288,6 +307,9 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="where the forward, backward and optimizer run (init, data and the held-out NLL stay on "
                          "the CPU, so a cuda run starts from the same weights and sees the same windows)")
+    ap.add_argument("--extra-text", action="append", default=[], metavar="FILE",
+                    help="more training text (documents separated by <|endoftext|>), mixed in uniformly by tokens; "
+                         "the tokenizer stays the novels' (e.g. tools/web_bible.py's World English Bible)")
     ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
                     help="bf16 autocast of the forward and backward (weights, optimizer and loss stay f32)")
     args = ap.parse_args()
@@ -307,13 +329,17 @@ def main():
 
     docs = read_train_docs()
     tok = get_tokenizer(docs, args.vocab, args.retrain_tokenizer)
+    n_novels = len(docs)
+    docs += read_extra_docs(args.extra_text)
     real_vocab = tok.get_vocab_size()
     rows = (real_vocab + 15) // 16 * 16
     doc_ids = [torch.tensor(tok.encode(d, add_special_tokens=False).ids, dtype=torch.long) for d in docs]
     n_train = sum(len(d) for d in doc_ids)
     with open(HELDOUT_FILE, encoding="utf-8") as f:
         heldout_ids = tok.encode(f.read(), add_special_tokens=False).ids
-    print(f"vocab {real_vocab} (rows {rows}); train tokens {n_train:,} in {len(doc_ids)} novels; "
+    n_extra = sum(len(d) for d in doc_ids[n_novels:])
+    print(f"vocab {real_vocab} (rows {rows}); train tokens {n_train:,} in {n_novels} novels"
+          + (f" + {len(doc_ids) - n_novels} --extra-text documents ({n_extra:,} tokens)" if args.extra_text else "") + "; "
           f"held-out {len(heldout_ids):,} tokens", flush=True)
 
     T = args.train_len
@@ -486,8 +512,14 @@ def main():
                             "steps": steps, "threads": args.threads, "device": device_name(args.device),
                             "dtype": "f32" if args.autocast == "none" else "f32 weights, bf16 autocast"},
         "training_tokens": steps * args.batch_tokens,
-        "train_corpus": {"file": "host/assets/corpus/austen_train.txt.gz", "tokens": n_train,
-                         "novels": len(doc_ids), "windows": "uniform over tokens, inside one novel"},
+        "train_corpus": {"file": "host/assets/corpus/austen_train.txt.gz", "tokens": n_train - n_extra,
+                         "novels": n_novels, "windows": "uniform over tokens, inside one novel"}
+        if not args.extra_text else
+        {"files": ["host/assets/corpus/austen_train.txt.gz"] + args.extra_text,
+         "sha256": [file_sha256(TRAIN_FILE)] + [file_sha256(p) for p in args.extra_text],
+         "tokens": n_train, "novels": n_novels, "novel_tokens": n_train - n_extra,
+         "extra_documents": len(doc_ids) - n_novels, "extra_tokens": n_extra,
+         "windows": "uniform over the tokens of all documents, inside one document"},
         "final_train_loss_ema": round(ema, 5),
         **({"passkey": {"frac": args.passkey_frac, "windows_per_step": n_pk, "template": "SPEC.md §2.2 code",
                         "prompt_len_range": [args.passkey_min, pk_max], "answer": PK_ANSWER,
