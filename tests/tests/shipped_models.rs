@@ -61,7 +61,18 @@ fn passkey_model_retrieves_within_its_training_length() {
 /// trained on 64-token windows does not forget (L_out > 2·L_in), the one trained on 2,048 does.
 #[test]
 fn shipped_pair_reproduces_the_central_claim() {
-    let text = root().join("host/assets/corpus/austen_persuasion.txt");
+    pair_verdicts("host/assets/corpus/austen_persuasion.txt", 121071);
+}
+
+/// ... and on a second text neither model trained on, by another author: the start of *Moby-Dick*
+/// (issue 26: the verdicts must not hang on one novel).
+#[test]
+fn shipped_pair_verdicts_hold_on_moby_dick() {
+    pair_verdicts("host/assets/corpus/melville_mobydick_start.txt", 16796);
+}
+
+fn pair_verdicts(text: &str, tokens_scored: u64) {
+    let text = root().join(text);
     for (dir, verdict) in [("mamba2-tiny-l4-t64-a3-4m", "does not forget"), ("mamba2-tiny-l4-t2048-a3-4m", "forgets")] {
         let m = root().join("models").join(dir);
         let out = tempfile::tempdir().unwrap();
@@ -73,6 +84,6 @@ fn shipped_pair_reproduces_the_central_claim() {
         let v = &res["runs"][0]["t_forget"];
         println!("{dir}: L_in {} L_out {} → {}", v["l_in"], v["l_out"], v["verdict"]);
         assert_eq!(v["verdict"], verdict, "{dir}: {v}");
-        assert_eq!(res["runs"][0]["tokens_scored"], 121071);
+        assert_eq!(res["runs"][0]["tokens_scored"], tokens_scored);
     }
 }
