@@ -313,6 +313,8 @@ def main():
     ap.add_argument("--autocast", choices=["none", "bf16"], default="none",
                     help="bf16 autocast of the forward and backward (weights, optimizer and loss stay f32)")
     args = ap.parse_args()
+    # Plans (tools/train_queue.sh, gpu_train.sh) pass their lines unexpanded: `~/…` is the home here.
+    args.extra_text = [os.path.expanduser(p) for p in args.extra_text]
     command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
 
     torch.set_num_threads(args.threads)
