@@ -28,19 +28,21 @@ done
 mkdir -p "$OUT"
 for t in "${TEXTS[@]}"; do
     name=${t%%:*}
-    [ -s "$OUT/$name/results.json" ] && continue
+    rm -rf "$OUT/$name.tmp"  # never resume or reuse another run's output: every text is scored afresh
     "$STUFFED" ppl --threads "${THREADS:-1}" "${MODELS[@]}" --text "${t#*:}" --max-tokens 121072 \
         --out "$OUT/$name.tmp" > "$OUT/$name.log" 2>&1 || { cat "$OUT/$name.log" >&2; exit 1; }
     rm -rf "$OUT/$name" && mv "$OUT/$name.tmp" "$OUT/$name"
 done
 python3 - "$OUT" "${TEXTS[@]}" <<'PY'
-import json, os, sys
+import json, math, os, sys
 out, texts = sys.argv[1], [t.split(":", 1) for t in sys.argv[2:]]
 rows, table = [], ["| text | model | T | L_in | L_out | L_out/L_in | verdict | q90 verdict |", "|---|---|---:|---:|---:|---:|---|---|"]
 for name, path in texts:
     res = json.load(open(os.path.join(out, name, "results.json")))
     for run in res["runs"]:
         tf = run["t_forget"]
+        if not all(math.isfinite(tf[k]) and tf[k] > 0 for k in ("l_in", "l_out")):
+            sys.exit(f"heldout_verdicts: {name}: non-finite or zero L_in / L_out in {run['model']['path']}: {tf}")
         model = os.path.basename(os.path.normpath(run["model"]["path"]))
         row = {"text": name, "file": os.path.basename(path), "model": model, "train_len": run["train_len"],
                "tokens_scored": run["tokens_scored"], "l_in": tf["l_in"], "l_out": tf["l_out"],

@@ -212,25 +212,21 @@ def run_identity(args):
     """The arguments that decide every number of a run (a resumed run must be given the same). The
     default --device cpu and an empty --extra-text are left out, so checkpoints made before those flags
     existed still resume; an extra text counts by its content (sha256), not by where it lies."""
-    ident = {k: v for k, v in sorted(vars(args).items())
-             if k not in RUN_CONTROL + ("extra_text",) and not (k == "device" and v == "cpu")}
-    if args.extra_text:
-        ident["extra_text_sha256"] = [file_sha256(p) for p in args.extra_text]
-    return ident
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return {k: v for k, v in sorted(vars(args).items())
+            if k not in RUN_CONTROL + ("extra_text",) and not (k == "device" and v == "cpu")
+            and not (k == "extra_text_sha256" and not v)}
 
 
 def read_extra_docs(paths):
-    """--extra-text files: UTF-8, documents separated by <|endoftext|> (tools/web_bible.py writes one)."""
-    docs = []
+    """--extra-text files: UTF-8, documents separated by <|endoftext|> (tools/web_bible.py writes one).
+    Returns the documents and the sha256 of each file's bytes as read (the run's identity)."""
+    docs, shas = [], []
     for p in paths:
-        with open(p, encoding="utf-8") as f:
-            docs += [d for d in f.read().split(EOT) if d.strip()]
-    return docs
+        with open(p, "rb") as f:
+            raw = f.read()
+        shas.append(hashlib.sha256(raw).hexdigest())
+        docs += [d for d in raw.decode("utf-8").split(EOT) if d.strip()]
+    return docs, shas
 
 
 def device_name(device):
@@ -332,7 +328,8 @@ def main():
     docs = read_train_docs()
     tok = get_tokenizer(docs, args.vocab, args.retrain_tokenizer)
     n_novels = len(docs)
-    docs += read_extra_docs(args.extra_text)
+    extra_docs, args.extra_text_sha256 = read_extra_docs(args.extra_text)
+    docs += extra_docs
     real_vocab = tok.get_vocab_size()
     rows = (real_vocab + 15) // 16 * 16
     doc_ids = [torch.tensor(tok.encode(d, add_special_tokens=False).ids, dtype=torch.long) for d in docs]
@@ -518,7 +515,7 @@ def main():
                          "novels": n_novels, "windows": "uniform over tokens, inside one novel"}
         if not args.extra_text else
         {"files": ["host/assets/corpus/austen_train.txt.gz"] + args.extra_text,
-         "sha256": [file_sha256(TRAIN_FILE)] + [file_sha256(p) for p in args.extra_text],
+         "sha256": [hashlib.sha256(open(TRAIN_FILE, "rb").read()).hexdigest()] + args.extra_text_sha256,
          "tokens": n_train, "novels": n_novels, "novel_tokens": n_train - n_extra,
          "extra_documents": len(doc_ids) - n_novels, "extra_tokens": n_extra,
          "windows": "uniform over the tokens of all documents, inside one document"},

@@ -22,7 +22,8 @@ import sys
 
 EOT = "<|endoftext|>"
 NOTE = re.compile(r"<note\b[^>]*>.*?</note>", re.S)
-BREAK = re.compile(r'<(?:div\b[^>]*\bsID="[^"]*"[^>]*type="x-p"|div\b[^>]*type="x-p"[^>]*\bsID=|title\b|lb\b)[^>]*>')
+# A paragraph's opening div (sID and type="x-p" in either order), a title or a line break.
+BREAK = re.compile(r'<(?:div\b(?=[^>]*\bsID=)(?=[^>]*\btype="x-p")|title\b|lb\b)[^>]*>')
 TITLE_END = re.compile(r"</title>")
 TAG = re.compile(r"<[^>]+>")
 MIN_CHARS = 20_000
@@ -44,7 +45,7 @@ def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     out = subprocess.run(["mod2imp", "engWEB2015eb"], check=True, capture_output=True, text=True).stdout
-    books, book, key = {}, None, None
+    books, key = {}, None
     for line in out.split("\n"):
         m = KEY.match(line)
         if line.startswith("$$$"):
@@ -52,8 +53,7 @@ def main():
             continue
         if key is None or key[1] == 0 or key[2] == 0:
             continue  # module/testament headings, prefaces, chapter introductions
-        book = key[0]
-        books.setdefault(book, []).append(clean(line))
+        books.setdefault(key[0], []).append(clean(line))
     # One document per book, except that short books join the next ones (in canonical order) until a
     # document has MIN_CHARS: every document then holds a 2,049-token window, so the models trained on 64
     # and on 2,048 tokens draw from the same text.
