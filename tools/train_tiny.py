@@ -60,7 +60,10 @@ deterministic algorithms without TF32, so the same command, GPU and versions sho
 --autocast bf16 runs the forward and backward under torch's CPU bf16 autocast (weights, AdamW and the
 loss in f32). On a 2-core Xeon with AVX512-BF16 but no AMX (2026-12-03, shipped short model's shape,
 one thread, 3 alternating pairs on a loaded machine) it was SLOWER: 946 tok/s against 1,177 tok/s in
-f32 (paired medians), so f32 stays the default; on an AMX CPU (`lscpu`: amx_bf16) measure again
+f32 (paired medians); on an AMD EPYC with AVX512-BF16 (2026-12-04) it was 1.2x faster, and the
+shipped pair's recipe trained under it gave the same T_forget verdicts on all four held-out texts
+(models/autocast/, models/EXPERIMENTS.md). So use it where it measures faster; f32 stays the default so
+every recorded command rebuilds its weights bit for bit. On an AMX CPU (`lscpu`: amx_bf16) measure again
 (ONEDNN_VERBOSE=1 shows whether oneDNN picked an `avx512_core_amx` kernel).
 
 See models/EXPERIMENTS.md for every configuration trained and its measured T_forget verdict.
