@@ -33,12 +33,14 @@ for t in "${TEXTS[@]}"; do
         --out "$OUT/$name.tmp" > "$OUT/$name.log" 2>&1 || { cat "$OUT/$name.log" >&2; exit 1; }
     rm -rf "$OUT/$name" && mv "$OUT/$name.tmp" "$OUT/$name"
 done
-python3 - "$OUT" "${TEXTS[@]}" <<'PY'
+python3 - "$OUT" "$#" "${TEXTS[@]}" <<'PY'
 import json, math, os, sys
-out, texts = sys.argv[1], [t.split(":", 1) for t in sys.argv[2:]]
+out, n_models, texts = sys.argv[1], int(sys.argv[2]), [t.split(":", 1) for t in sys.argv[3:]]
 rows, table = [], ["| text | model | T | L_in | L_out | L_out/L_in | verdict | q90 verdict |", "|---|---|---:|---:|---:|---:|---|---|"]
 for name, path in texts:
     res = json.load(open(os.path.join(out, name, "results.json")))
+    if len(res["runs"]) != n_models:
+        sys.exit(f"heldout_verdicts: {name}: results.json holds {len(res['runs'])} runs for {n_models} models")
     for run in res["runs"]:
         tf = run["t_forget"]
         if not all(math.isfinite(tf[k]) and tf[k] > 0 for k in ("l_in", "l_out")):
