@@ -14,7 +14,8 @@
 //! call runs on one process-wide worker pool (all cores unless `stuffed_set_threads` or
 //! `RAYON_NUM_THREADS` says otherwise before the first call). The matrix kernels use the best SIMD
 //! level the CPU has (AVX2, AVX-512, AVX512-BF16); `STUFFED_SIMD=portable|avx2|avx512` caps it.
-//! The library installs no signal handlers.
+//! The AMX kernel runs only under `STUFFED_SIMD=amx`, and only then does the library ask Linux
+//! for the tile state (process-wide). The library installs no signal handlers.
 #![allow(clippy::missing_safety_doc)]
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};

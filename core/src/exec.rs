@@ -17,32 +17,46 @@ pub enum Simd {
     /// `vdpbf16ps` (see [`MatmulMode`] for what happens to the f32 activations); f32 and f16 weights,
     /// and the scans' f32·f32 products, keep the AVX-512 f32 FMA kernel.
     Avx512Bf16,
+    /// [`Simd::Avx512Bf16`] plus AMX-TILE and AMX-BF16, with the OS's permission to use the tiles:
+    /// products with bf16-stored weights and more than one activation row run on `tdpbf16ps`
+    /// (the same [`MatmulMode`] rule); everything else as on [`Simd::Avx512Bf16`].
+    Amx,
 }
 
 impl Simd {
     /// Whether AVX2 + FMA code may run (true for every x86 level).
     pub fn has_avx2(self) -> bool {
-        matches!(self, Simd::Avx2 | Simd::Avx512 | Simd::Avx512Bf16)
+        matches!(self, Simd::Avx2 | Simd::Avx512 | Simd::Avx512Bf16 | Simd::Amx)
     }
 
     /// Whether AVX-512F/VL code may run.
     pub fn has_avx512(self) -> bool {
-        matches!(self, Simd::Avx512 | Simd::Avx512Bf16)
+        matches!(self, Simd::Avx512 | Simd::Avx512Bf16 | Simd::Amx)
     }
 
-    /// The name `STUFFED_SIMD` takes and outputs record: `portable`, `avx2`, `avx512`, `avx512bf16`.
+    /// Whether AVX512-BW and AVX512-BF16 code may run.
+    pub fn has_avx512bf16(self) -> bool {
+        matches!(self, Simd::Avx512Bf16 | Simd::Amx)
+    }
+
+    /// Every level, lowest first.
+    pub const ALL: [Simd; 5] = [Simd::Portable, Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16, Simd::Amx];
+
+    /// The name `STUFFED_SIMD` takes and outputs record: `portable`, `avx2`, `avx512`, `avx512bf16`,
+    /// `amx`.
     pub fn name(self) -> &'static str {
         match self {
             Simd::Portable => "portable",
             Simd::Avx2 => "avx2",
             Simd::Avx512 => "avx512",
             Simd::Avx512Bf16 => "avx512bf16",
+            Simd::Amx => "amx",
         }
     }
 
     /// The level a name stands for ([`Simd::name`]'s inverse).
     pub fn from_name(name: &str) -> Option<Simd> {
-        [Simd::Portable, Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16].into_iter().find(|s| s.name() == name)
+        Simd::ALL.into_iter().find(|s| s.name() == name)
     }
 }
 

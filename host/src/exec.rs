@@ -21,10 +21,12 @@ impl Pool {
         Pool { threads: rayon::current_num_threads(), simd: default_simd(mode), mode }
     }
 
-    /// The global pool with a given kernel level, capped at the best this CPU runs ([`cpu_simd`];
-    /// `STUFFED_SIMD` does not apply: a test asks for each level), in [`MatmulMode::Exact`].
+    /// The global pool with a given kernel level, capped at the best this CPU runs ([`cpu_simd`],
+    /// which asks the OS for the tile state only when `simd` is [`Simd::Amx`]; `STUFFED_SIMD` does
+    /// not apply: a test asks for each level), in [`MatmulMode::Exact`].
     pub fn with_simd(simd: Simd) -> Pool {
-        Pool { threads: rayon::current_num_threads(), simd: cap(simd, cpu_simd()), mode: MatmulMode::Exact }
+        let best = if simd == Simd::Amx { cpu_simd() } else { base_simd() };
+        Pool { threads: rayon::current_num_threads(), simd: cap(simd, best), mode: MatmulMode::Exact }
     }
 
     /// The same pool with another [`MatmulMode`].
@@ -85,11 +87,21 @@ pub fn matmul_record() -> serde_json::Value {
 /// bf16 one. Measured on the Xeon of issue 22 (2 threads, bf16 weights, t = 512): hi + lo on
 /// `vdpbf16ps` runs at ≈ 0.45× the FMA kernel (one `vdpbf16ps` issues every ≈ 2 cycles there, an
 /// FMA twice a cycle), so the exact bf16 path is a choice, not the default; fast mode (hi only)
-/// takes it.
+/// takes it. The AMX kernel runs only under `STUFFED_SIMD=amx` ([`detect_simd`]); asking for it
+/// where it cannot run says why on stderr, once, and uses the best level there is.
 pub fn default_simd(mode: MatmulMode) -> Simd {
+    let asked = std::env::var("STUFFED_SIMD").ok();
+    let asked = asked.as_deref();
     let level = detect_simd();
-    let asked = std::env::var("STUFFED_SIMD").is_ok_and(|v| v == Simd::Avx512Bf16.name());
-    if level == Simd::Avx512Bf16 && mode == MatmulMode::Exact && !asked {
+    if asked == Some(Simd::Amx.name()) && level != Simd::Amx {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        let why = match amx_state() {
+            AmxState::Refused(why) => why.clone(),
+            _ => "this CPU has no AMX-TILE / AMX-BF16".to_string(),
+        };
+        SAID.call_once(|| eprintln!("stuffed: STUFFED_SIMD=amx: {why}; using the {} kernel", level.name()));
+    }
+    if level == Simd::Avx512Bf16 && mode == MatmulMode::Exact && asked != Some(Simd::Avx512Bf16.name()) {
         Simd::Avx512
     } else {
         level
@@ -106,7 +118,7 @@ pub fn mark_matmul_mode(key: &mut serde_json::Value) {
 
 /// `want`, or the highest level below it that `best` includes.
 fn cap(want: Simd, best: Simd) -> Simd {
-    let rank = |s: Simd| [Simd::Portable, Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16].iter().position(|&x| x == s);
+    let rank = |s: Simd| Simd::ALL.iter().position(|&x| x == s);
     if rank(want) <= rank(best) {
         want
     } else {
@@ -114,19 +126,30 @@ fn cap(want: Simd, best: Simd) -> Simd {
     }
 }
 
-/// The best kernel level this CPU runs; `STUFFED_SIMD=portable|avx2|avx512|avx512bf16` caps it
-/// (an unknown value is ignored).
+/// The kernel level to run; `STUFFED_SIMD=portable|avx2|avx512|avx512bf16|amx` caps it (an unknown
+/// value is ignored). The AMX kernel has not yet run on an AMX CPU (core/src/gemm/amx.rs), so
+/// only `STUFFED_SIMD=amx` picks it, and only then is the OS asked for the tile state.
 pub fn detect_simd() -> Simd {
-    let best = cpu_simd();
     match std::env::var("STUFFED_SIMD").ok().and_then(|v| Simd::from_name(&v)) {
-        Some(want) => cap(want, best),
-        None => best,
+        Some(Simd::Amx) => cap(Simd::Amx, cpu_simd()),
+        Some(want) => cap(want, base_simd()),
+        None => base_simd(),
     }
 }
 
-/// The best kernel level this CPU runs (`STUFFED_SIMD` aside): AVX2 + FMA + F16C; AVX-512F/VL on
-/// top; AVX512-BW and AVX512-BF16 on top of that.
+/// The best kernel level this CPU runs (`STUFFED_SIMD` aside): [`base_simd`], or [`Simd::Amx`] on
+/// top of it where the CPU has AMX-TILE and AMX-BF16 and the OS grants the tile state (asked here
+/// on the first call, see [`amx_state`]).
 pub fn cpu_simd() -> Simd {
+    match base_simd() {
+        Simd::Avx512Bf16 if *amx_state() == AmxState::Granted => Simd::Amx,
+        level => level,
+    }
+}
+
+/// The best level below AMX: AVX2 + FMA + F16C; AVX-512F/VL on top; AVX512-BW and AVX512-BF16 on
+/// top of that. Asks the OS nothing.
+pub fn base_simd() -> Simd {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
@@ -138,6 +161,69 @@ pub fn cpu_simd() -> Simd {
         return Simd::Avx2;
     }
     Simd::Portable
+}
+
+/// Whether this process may run AMX tile instructions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AmxState {
+    /// The CPU does not advertise AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22).
+    Absent,
+    /// The CPU has them and the OS has granted this process the tile state.
+    Granted,
+    /// The CPU advertises them but they may not be used here: why.
+    Refused(String),
+}
+
+/// [`AmxState`], found once a process. On an AMX CPU the first call asks Linux for the tile state
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`): the permission is process-wide and must
+/// come before any thread runs a tile instruction, which [`cpu_simd`] ensures (a [`Pool`] on the AMX
+/// level is made only after it granted).
+pub fn amx_state() -> &'static AmxState {
+    static STATE: std::sync::OnceLock<AmxState> = std::sync::OnceLock::new();
+    STATE.get_or_init(amx_probe)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn amx_probe() -> AmxState {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    let (l1, l7) = (__cpuid(1), __cpuid_count(7, 0));
+    if (l7.edx >> 24) & 1 == 0 || (l7.edx >> 22) & 1 == 0 {
+        return AmxState::Absent;
+    }
+    if (l1.ecx >> 27) & 1 == 0 {
+        return AmxState::Refused("the OS has not enabled XSAVE (CPUID.1:ECX.OSXSAVE)".into());
+    }
+    // SAFETY: OSXSAVE is set, so XGETBV may run.
+    if (unsafe { xcr0() } >> 17) & 3 != 3 {
+        return AmxState::Refused("the OS does not save the tile state (XCR0 bits 17-18 clear)".into());
+    }
+    const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these codes takes an integer, or a pointer to a u64 it writes.
+    if unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } != 0 {
+        let err = std::io::Error::last_os_error();
+        return AmxState::Refused(format!("Linux refused the tile state (arch_prctl ARCH_REQ_XCOMP_PERM: {err})"));
+    }
+    let mut granted: u64 = 0;
+    // SAFETY: as above; `granted` outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &mut granted as *mut u64) };
+    if r != 0 || (granted >> XFEATURE_XTILEDATA) & 1 == 0 {
+        return AmxState::Refused("Linux did not grant the tile state (arch_prctl ARCH_GET_XCOMP_PERM)".into());
+    }
+    AmxState::Granted
+}
+
+/// XCR0: which state components the OS saves.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[target_feature(enable = "xsave")]
+unsafe fn xcr0() -> u64 {
+    std::arch::x86_64::_xgetbv(0)
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn amx_probe() -> AmxState {
+    AmxState::Absent
 }
 
 impl Exec for Pool {

@@ -160,18 +160,25 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Whether this CPU runs the AMX kernel (AMX-TILE and AMX-BF16, the tile state granted).
+pub fn has_amx() -> bool {
+    stuffed::exec::cpu_simd() == stuffed_core::exec::Simd::Amx
+}
+
 /// Every matrix kernel this CPU runs: portable (serial and pooled), then each level up to the best;
-/// with `fast`, also the AVX512-BF16 level in `--fast-matmul` mode where the CPU has it.
+/// with `fast`, also the AVX512-BF16 and AMX levels in `--fast-matmul` mode where the CPU has them.
 pub fn kernel_pools(fast: bool) -> Vec<Pool> {
     use stuffed_core::exec::{Exec, MatmulMode, Simd};
     let mut p = vec![Pool::serial_portable(), Pool::with_simd(Simd::Portable)];
-    for s in [Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16] {
+    for s in [Simd::Avx2, Simd::Avx512, Simd::Avx512Bf16, Simd::Amx] {
         if Pool::with_simd(s).simd() == s {
             p.push(Pool::with_simd(s));
         }
     }
-    if fast && stuffed::exec::cpu_simd() == Simd::Avx512Bf16 {
-        p.push(Pool::with_simd(Simd::Avx512Bf16).with_mode(MatmulMode::Fast));
+    for s in [Simd::Avx512Bf16, Simd::Amx] {
+        if fast && Pool::with_simd(s).simd() == s {
+            p.push(Pool::with_simd(s).with_mode(MatmulMode::Fast));
+        }
     }
     p
 }

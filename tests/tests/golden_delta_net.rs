@@ -44,6 +44,9 @@ fn delta_net_every_x86_kernel() {
     check(|| Pool::with_simd(Simd::Avx2));
     check(|| Pool::with_simd(Simd::Avx512));
     check(|| Pool::with_simd(Simd::Avx512Bf16));
+    if stuffed_tests::has_amx() {
+        check(|| Pool::with_simd(Simd::Amx));
+    }
 }
 
 #[test]

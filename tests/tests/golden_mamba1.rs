@@ -69,6 +69,9 @@ fn mamba1_every_x86_kernel() {
         check_case(case, || Pool::with_simd(Simd::Avx2));
         check_case(case, || Pool::with_simd(Simd::Avx512));
         check_case(case, || Pool::with_simd(Simd::Avx512Bf16));
+        if stuffed_tests::has_amx() {
+            check_case(case, || Pool::with_simd(Simd::Amx));
+        }
     }
 }
 

@@ -83,6 +83,9 @@ fn all_cases_avx512_and_avx512bf16_kernels() {
     for case in CASES {
         check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Avx512));
         check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Avx512Bf16));
+        if stuffed_tests::has_amx() {
+            check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Amx));
+        }
     }
 }
 

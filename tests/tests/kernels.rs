@@ -9,8 +9,9 @@ use stuffed_tests::{kernel_pools, values};
 
 /// Checks `out` against the f64 product of the stored (rounded) weights: |Δ| ≤ tol·Σ|x·w| + 1e-30.
 fn check(what: &str, x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), out: &[f32], base: Option<&[f32]>) {
-    // The AVX512-BF16 kernel's hi + lo split of the activations adds ≤ 2⁻¹⁶·Σ|x·w| (tests/gemm.rs).
-    let tol = if what.contains("Avx512Bf16") && what.contains("bf16") { 1e-6 + 2f64.powi(-16) } else { 1e-6 };
+    // The AVX512-BF16 and AMX kernels' hi + lo split of the activations adds ≤ 2⁻¹⁶·Σ|x·w| (tests/gemm.rs).
+    let bf16_kernel = what.contains("Avx512Bf16") || what.contains("Amx");
+    let tol = if bf16_kernel && what.contains("bf16") { 1e-6 + 2f64.powi(-16) } else { 1e-6 };
     for i in 0..m {
         for j in 0..n {
             let (mut s, mut mag) = (0f64, 0f64);

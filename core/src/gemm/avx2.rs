@@ -179,6 +179,7 @@ pub unsafe fn gemv<E: Kernel>(n: usize, k: usize, a: *const f32, b: *const E, ld
         let mut s = [_mm256_setzero_ps(); 4];
         let mut l = 0;
         while l < k32 {
+            prefetch_ahead(bp.add(l));
             for (u, su) in s.iter_mut().enumerate() {
                 let o = l + 8 * u;
                 *su = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(o)), E::load8(bp.add(o)), *su);
@@ -195,6 +196,82 @@ pub unsafe fn gemv<E: Kernel>(n: usize, k: usize, a: *const f32, b: *const E, ld
         }
         let dst = c.add(j);
         *dst = if acc { *dst + t } else { t };
+    }
+}
+
+/// How far ahead of the weights being multiplied a GEMV asks for them. The hardware prefetcher
+/// alone left a token step at 60–70 % of the read bandwidth; 16 KiB ahead of each stream took the
+/// Mamba-2 130m bf16 step from 19.5 to 10–12 ms/token (2-core Xeon, 2026-12-05; 2 KiB: 15 ms).
+const PREFETCH_BYTES: usize = 16 << 10;
+
+/// Asks for the cache lines of the 32 weights `PREFETCH_BYTES` past `p` (a prefetch never faults,
+/// so running past the matrix is harmless).
+#[inline(always)]
+unsafe fn prefetch_ahead<E>(p: *const E) {
+    let at = (p as *const i8).wrapping_add(PREFETCH_BYTES);
+    let mut off = 0;
+    while off < 32 * core::mem::size_of::<E>() {
+        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
+        off += 64;
+    }
+}
+
+/// [`gemv`] four weight rows at a time (AVX-512 VL: 32 ymm registers hold the 16 partial sums):
+/// four streams from memory at once instead of one, each row summed exactly as [`gemv`] sums it
+/// (the same partial sums in the same order), so the results are bit for bit the same.
+///
+/// # Safety
+/// As [`super::gemm_raw`]; the CPU must have AVX2, FMA, F16C and AVX-512F/VL.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+pub unsafe fn gemv_rows4<E: Kernel>(
+    n: usize,
+    k: usize,
+    a: *const f32,
+    b: *const E,
+    ldb: usize,
+    c: *mut f32,
+    acc: bool,
+) {
+    let k32 = k / 32 * 32;
+    let kv = k / 8 * 8;
+    let n4 = n / 4 * 4;
+    let mut j = 0;
+    while j < n4 {
+        let bp = [b.add(j * ldb), b.add((j + 1) * ldb), b.add((j + 2) * ldb), b.add((j + 3) * ldb)];
+        let mut s = [[_mm256_setzero_ps(); 4]; 4];
+        let mut l = 0;
+        while l < k32 {
+            for p in bp {
+                prefetch_ahead(p.add(l));
+            }
+            for u in 0..4 {
+                let o = l + 8 * u;
+                let x = _mm256_loadu_ps(a.add(o));
+                for (r, sr) in s.iter_mut().enumerate() {
+                    sr[u] = _mm256_fmadd_ps(x, E::load8(bp[r].add(o)), sr[u]);
+                }
+            }
+            l += 32;
+        }
+        while l < kv {
+            let x = _mm256_loadu_ps(a.add(l));
+            for (r, sr) in s.iter_mut().enumerate() {
+                sr[0] = _mm256_fmadd_ps(x, E::load8(bp[r].add(l)), sr[0]);
+            }
+            l += 8;
+        }
+        for (r, sr) in s.iter().enumerate() {
+            let mut t = hsum(_mm256_add_ps(_mm256_add_ps(sr[0], sr[1]), _mm256_add_ps(sr[2], sr[3])));
+            for l in kv..k {
+                t += *a.add(l) * (*bp[r].add(l)).f32();
+            }
+            let dst = c.add(j + r);
+            *dst = if acc { *dst + t } else { t };
+        }
+        j += 4;
+    }
+    if j < n {
+        gemv(n - j, k, a, b.add(j * ldb), ldb, c.add(j), acc);
     }
 }
 

@@ -47,11 +47,7 @@ pub unsafe fn gemm(
 ) {
     if k == 0 {
         if !acc {
-            for i in 0..m {
-                for j in 0..n {
-                    *c.add(i * ldc + j) = 0.0;
-                }
-            }
+            super::clear(m, n, c, ldc);
         }
         return;
     }

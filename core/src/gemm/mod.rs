@@ -7,13 +7,17 @@
 //! - [`bf16`]: AVX512-BF16 `vdpbf16ps` tiles for bf16-stored weights ([`Simd::Avx512Bf16`]), the
 //!   activations split into bf16 hi + lo or, under [`MatmulMode::Fast`], rounded once. f32 and f16
 //!   weights, and the f32 · f32 products of the scans, use the AVX-512 f32 FMA tiles on that level.
-//!   (An AMX `tdpbf16ps` kernel would be one more file here, picked the same way.)
+//! - [`amx`]: AMX `tdpbf16ps` tiles for bf16-stored weights and more than one activation row
+//!   ([`Simd::Amx`]; the same [`MatmulMode`] rule; not yet run on an AMX CPU, see its doc); one-row
+//!   products and other dtypes as on [`Simd::Avx512Bf16`].
 //! - (x86-64 only, behind `#[cfg(target_arch = "x86_64")]`, so `no_std` targets such as thumbv7em
 //!   build the portable path alone.)
 use crate::error::Error;
 use crate::exec::{Exec, MatmulMode, Shared, Simd};
 use crate::weight::{with_slice, Data, Elem, Weight};
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -133,12 +137,17 @@ pub unsafe fn gemm_raw_mode<E: Kernel>(
     #[cfg(target_arch = "x86_64")]
     match simd {
         // SAFETY (all): the host reported these features at run time; a bf16 `E` is `half::bf16`.
-        Simd::Avx512Bf16 if E::DTYPE == crate::weight::DType::Bf16 => {
+        Simd::Amx if m > 1 && E::DTYPE == crate::weight::DType::Bf16 => {
+            let fast = mode == MatmulMode::Fast;
+            return amx::gemm(m, n, k, a, lda, b as *const half::bf16, ldb, c, ldc, acc, fast);
+        }
+        Simd::Avx512Bf16 | Simd::Amx if E::DTYPE == crate::weight::DType::Bf16 => {
             let fast = mode == MatmulMode::Fast;
             return bf16::gemm(m, n, k, a, lda, b as *const half::bf16, ldb, c, ldc, acc, fast);
         }
-        Simd::Avx512Bf16 | Simd::Avx512 | Simd::Avx2 if m == 1 => return avx2::gemv(n, k, a, b, ldb, c, acc),
-        Simd::Avx512Bf16 | Simd::Avx512 => return avx2::gemm_wide(m, n, k, a, lda, b, ldb, c, ldc, acc),
+        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m == 1 => return avx2::gemv_rows4(n, k, a, b, ldb, c, acc),
+        Simd::Avx2 if m == 1 => return avx2::gemv(n, k, a, b, ldb, c, acc),
+        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 => return avx2::gemm_wide(m, n, k, a, lda, b, ldb, c, ldc, acc),
         Simd::Avx2 => return avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc),
         Simd::Portable => {}
     }
@@ -149,6 +158,19 @@ pub unsafe fn gemm_raw_mode<E: Kernel>(
             let v = dot(ar, core::slice::from_raw_parts(b.add(j * ldb), k));
             let dst = &mut *c.add(i * ldc + j);
             *dst = if acc { *dst + v } else { v };
+        }
+    }
+}
+
+/// Zeroes `c[i·ldc + j]` for `i < m, j < n` (a product with nothing to sum, stored).
+///
+/// # Safety
+/// `c` must be valid for those elements.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clear(m: usize, n: usize, c: *mut f32, ldc: usize) {
+    for i in 0..m {
+        for j in 0..n {
+            *c.add(i * ldc + j) = 0.0;
         }
     }
 }
