@@ -92,7 +92,10 @@ pub fn matmul_record() -> serde_json::Value {
 pub fn default_simd(mode: MatmulMode) -> Simd {
     let asked = std::env::var("STUFFED_SIMD").ok();
     let asked = asked.as_deref();
-    let level = detect_simd();
+    let level = match detect_simd() {
+        Simd::Avx512Bf16 if mode == MatmulMode::Exact && asked != Some(Simd::Avx512Bf16.name()) => Simd::Avx512,
+        level => level,
+    };
     if asked == Some(Simd::Amx.name()) && level != Simd::Amx {
         static SAID: std::sync::Once = std::sync::Once::new();
         let why = match amx_state() {
@@ -101,11 +104,7 @@ pub fn default_simd(mode: MatmulMode) -> Simd {
         };
         SAID.call_once(|| eprintln!("stuffed: STUFFED_SIMD=amx: {why}; using the {} kernel", level.name()));
     }
-    if level == Simd::Avx512Bf16 && mode == MatmulMode::Exact && asked != Some(Simd::Avx512Bf16.name()) {
-        Simd::Avx512
-    } else {
-        level
-    }
+    level
 }
 
 /// Marks a run's fingerprint key as made under `--fast-matmul` (it changes the numbers); a

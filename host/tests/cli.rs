@@ -813,3 +813,32 @@ fn generate_stops_at_end_of_text() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim_end_matches('\n'), " 12345.", "{out:?}");
 }
+
+/// `STUFFED_SIMD=amx` where the AMX kernel cannot run (no AMX, or the tile state refused): one line
+/// on stderr saying why, however often the level is looked up, and the best level below runs and is
+/// recorded; where it can run, results.json records `amx` and nothing is said.
+#[test]
+fn amx_runs_only_on_request_and_a_refusal_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "The grass is green. The sky is blue.\n".repeat(20)).unwrap();
+    let out = dir.path().join("out");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stuffed"));
+    cmd.env("STUFFED_SIMD", "amx").args(["--threads", "1", "ppl", "--model"]).arg(data("mamba2_neox_tiny"));
+    let o = cmd.arg("--text").arg(&text).arg("--out").arg(&out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let said: Vec<&str> = err.lines().filter(|l| l.contains("STUFFED_SIMD=amx")).collect();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let simd = r["matmul"]["simd"].as_str().unwrap().to_string();
+    if stuffed::exec::cpu_simd() == stuffed_core::exec::Simd::Amx {
+        assert_eq!((simd.as_str(), said.len()), ("amx", 0), "{err}");
+    } else {
+        assert_eq!(said.len(), 1, "{err}");
+        // What runs without the request (this process has no STUFFED_SIMD).
+        let fallback = stuffed::exec::default_simd(stuffed_core::exec::MatmulMode::Exact);
+        assert_eq!(simd, fallback.name(), "{err}");
+        println!("{}", said[0]);
+    }
+}
