@@ -6,8 +6,9 @@ alternating rounds, at equal work. Standard library only.
         [--model …] --text FILE --pairs 5 --threads 2 --out DIR
 
 Per model, each round runs, in this order: stuffed `ppl` (default, exact matmul), stuffed `ppl
---fast-matmul` (bf16 weights only), `llama-perplexity`; then the decode round: `stuffed bench
---decode 128` and `llama-bench -p 0 -n 128`. tok/s is tokens / whole-process wall time for both
+--fast-matmul` (bf16 weights only), `llama-perplexity`; then the decode rounds: `stuffed bench
+--decode 128` (which prints its share of the read bandwidth) and one repetition of `llama-bench -p 0
+-n 128`. `--decode-only` skips the scoring rounds. tok/s is tokens / whole-process wall time for both
 (model load included for both: a memory map each). Paired ratios are per round, medians quoted.
 """
 import argparse
@@ -82,7 +83,7 @@ def bench_model(a, name, mdir, gguf, n_tokens):
     walls = {m: [] for m, _ in modes}
     walls["llama"] = []
     nlls = {}
-    for r in range(a.pairs):
+    for r in range(0 if a.decode_only else a.pairs):
         for m, cmd in modes:
             w, _ = run(cmd)
             walls[m].append(w)
@@ -92,17 +93,21 @@ def bench_model(a, name, mdir, gguf, n_tokens):
         nlls["llama"] = (llama_ppl(out), None)
         print(f"  {name} round {r + 1}: " + ", ".join(f"{k} {n_tokens / v[-1]:.1f} tok/s" for k, v in walls.items()),
               file=sys.stderr)
-    # Decode, alternating.
+    # Decode, alternating: one stuffed run, one llama-bench repetition, per round.
     dec = {"stuffed": [], "llama": []}
+    share_of_bw = []
     for r in range(a.pairs):
-        _, out = run([a.stuffed, "bench", "--model", mdir, "--tokens", "256", "--decode", "128",
+        _, out = run([a.stuffed, "bench", "--model", mdir, "--tokens", "16", "--decode", "128",
                       "--threads", str(a.threads)])
         dec["stuffed"].append(float(re.search(r"decode\s+([0-9.]+) ms/token", out).group(1)))
+        share_of_bw.append(float(re.search(r"([0-9]+) % of the read bandwidth", out).group(1)))
         bw = re.search(r"bandwidth\s+read ([0-9.]+) GB/s on 1 thread(?:, ([0-9.]+) GB/s)?", out)
         _, out = run([os.path.join(a.llama_bin, "llama-bench"), "-m", gguf, "-p", "0", "-n", "128",
-                      "-t", str(a.threads), "-o", "json"])
+                      "-r", "1", "-t", str(a.threads), "-o", "json"])
         ts = json.loads(out[out.index("["):])[0]["avg_ts"]
         dec["llama"].append(1e3 / ts)
+        print(f"  {name} decode round {r + 1}: stuffed {dec['stuffed'][-1]:.2f} ms ({share_of_bw[-1]:.0f} % of the "
+              f"read bandwidth), llama.cpp {dec['llama'][-1]:.2f} ms", file=sys.stderr)
     res = {"model": name, "dir": mdir, "gguf": gguf, "tokens": n_tokens, "threads": a.threads, "pairs": a.pairs,
            "weight_dtype": i["weight_dtype"], "llama_work_share": share,
            "scoring_tok_s": {k: median([n_tokens / w for w in v]) for k, v in walls.items()},
@@ -111,7 +116,11 @@ def bench_model(a, name, mdir, gguf, n_tokens):
                                          for m, _ in modes},
            "mean_nll_second_halves": {k: v[0] for k, v in nlls.items()},
            "decode_ms": {k: median(v) for k, v in dec.items()},
+           "decode_share_of_read_bandwidth_pct": median(share_of_bw),
            "read_bandwidth_gb_s": {"one": float(bw.group(1)), "all": float(bw.group(2) or bw.group(1))} if bw else None}
+    if a.decode_only:
+        for key in ("scoring_tok_s", "llama_equal_work_tok_s", "ratio_vs_llama_equal_work", "mean_nll_second_halves"):
+            del res[key]
     weight_read = i["weight_bytes"] - (0 if i["tied_embeddings"] else i["vocab_rows"] * i["d_model"] * (2 if bf16 else 4))
     res["decode_gb_s"] = {k: weight_read / (v * 1e-3) / 1e9 for k, v in res["decode_ms"].items()}
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
@@ -128,6 +137,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--decode-only", action="store_true", help="skip the scoring rounds")
     a = ap.parse_args()
     if a.pairs < 1:
         sys.exit("bench_cpu_peers: --pairs must be at least 1")
@@ -136,6 +146,15 @@ def main():
     for spec in a.model:
         name, mdir, gguf, n = spec.split(":")
         rows.append(bench_model(a, name, mdir, gguf, int(n)))
+    if a.decode_only:
+        print(f"| model | decode ms/token, {a.threads} threads: stuffed / llama.cpp | stuffed, % of the read bandwidth "
+              f"| decode GB/s of weights: stuffed / llama.cpp |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['decode_ms']['stuffed']:.1f} / {r['decode_ms']['llama']:.1f} "
+                  f"| {r['decode_share_of_read_bandwidth_pct']:.0f} % "
+                  f"| {r['decode_gb_s']['stuffed']:.1f} / {r['decode_gb_s']['llama']:.1f} |")
+        return
     print(f"| model | tokens | stuffed exact tok/s | stuffed --fast-matmul tok/s | llama.cpp tok/s (equal work) "
           f"| stuffed / llama.cpp, equal work (exact, fast) | mean NLL 2nd halves (stuffed exact / llama.cpp) "
           f"| decode ms/token stuffed / llama.cpp | decode GB/s stuffed / llama.cpp |")

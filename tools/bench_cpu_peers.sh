@@ -2,7 +2,7 @@
 # stuffed beside llama.cpp on the CPU, at equal work (issue 22 item 6; recipe: ../shared/CPU_PEERS.md).
 #
 #   tools/bench_cpu_peers.sh [--pairs 5] [--threads 2] [--models "130m-bf16 130m-f32 370m-bf16 rwkv6-1.6b-bf16"]
-#                            [--stage build|models|run|all]
+#                            [--stage build|models|run|all] [--decode-only]
 #
 # Everything it needs comes from the package registries and lands in $PEERS_DIR (default
 # ~/.cache/stuffed-peers); nothing in the project depends on llama.cpp, only this tool:
@@ -23,7 +23,9 @@
 #        window. "Equal work" scales llama.cpp's tok/s by its share of stuffed's FLOPs
 #        (layers + half the head) / (layers + head). Mean NLL of both over the same positions (the
 #        second half of each window, as llama-perplexity scores them).
-#      - decode: `stuffed bench --decode 128` ms/token against `llama-bench -p 0 -n 128`.
+#      - decode: `stuffed bench --decode 128` ms/token (and its share of the read bandwidth) against one
+#        repetition of `llama-bench -p 0 -n 128` per round. `--decode-only` skips the scoring rounds
+#        (results in $PEERS_DIR/results/decode-t<threads>/).
 #   Results: $PEERS_DIR/results/<model>.json and a Markdown table on stdout.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,12 +34,14 @@ PAIRS=5
 THREADS=2
 MODELS="130m-bf16 130m-f32 370m-bf16 rwkv6-1.6b-bf16"
 STAGE=all
+DECODE_ONLY=()
 while [ $# -gt 0 ]; do
     case $1 in
         --pairs) PAIRS=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
         --models) MODELS=$2; shift 2 ;;
         --stage) STAGE=$2; shift 2 ;;
+        --decode-only) DECODE_ONLY=(--decode-only); shift ;;
         *) echo "bench_cpu_peers.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -137,4 +141,5 @@ done
 # 4. Timing.
 say "timing ${MODELS} (${PAIRS} rounds, ${THREADS} threads); lscpu flags: $(grep -o -w 'avx512_bf16\|amx_tile\|amx_bf16\|avx512f\|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 python3 "$ROOT/tools/bench_cpu_peers.py" --stuffed "$STUFFED" --llama-bin "$BIN" "${ARGS[@]}" --text "$TEXT" \
-    --pairs "$PAIRS" --threads "$THREADS" --out "$PEERS_DIR/results"
+    --pairs "$PAIRS" --threads "$THREADS" "${DECODE_ONLY[@]}" \
+    --out "$PEERS_DIR/results${DECODE_ONLY:+/decode-t$THREADS}"

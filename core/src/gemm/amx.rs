@@ -190,18 +190,7 @@ impl Emulated {
             }
         }
     }
-}
 
-/// Subnormal → signed zero.
-fn daz(x: f32) -> f32 {
-    if x != 0.0 && x.abs() < f32::MIN_POSITIVE {
-        0.0f32.copysign(x)
-    } else {
-        x
-    }
-}
-
-impl Emulated {
     /// The checks the CPU makes before `tdpbf16ps tmm0, tmm1, tmm{b}` (a #UD fault on hardware; a
     /// panic in this test model): palette 1, every tile within 16 rows × 64 bytes, C and A with the
     /// same rows, C and B with the same bytes per row, and B with one row per A pair.
@@ -215,6 +204,15 @@ impl Emulated {
         assert_eq!(cfg.colsb(0), cfg.colsb(b), "C and B bytes per row");
         assert_eq!(cfg.colsb(1) / 4, cfg.rows(b), "B rows against A pairs");
         assert!(cfg.colsb(0).is_multiple_of(4) && cfg.colsb(1).is_multiple_of(4), "bytes per row of pairs");
+    }
+}
+
+/// Subnormal → signed zero.
+fn daz(x: f32) -> f32 {
+    if x != 0.0 && x.abs() < f32::MIN_POSITIVE {
+        0.0f32.copysign(x)
+    } else {
+        x
     }
 }
 

@@ -202,7 +202,7 @@ pub unsafe fn gemv<E: Kernel>(n: usize, k: usize, a: *const f32, b: *const E, ld
 /// How far ahead of the weights being multiplied a GEMV asks for them. The hardware prefetcher
 /// alone left a token step at 60–70 % of the read bandwidth; 16 KiB ahead of each stream took the
 /// Mamba-2 130m bf16 step from 19.5 to 10–12 ms/token (2-core Xeon, 2026-12-05; 2 KiB: 15 ms).
-const PREFETCH_BYTES: usize = 16 << 10;
+pub const PREFETCH_BYTES: usize = 16 << 10;
 
 /// Asks for the cache lines of the 32 weights `PREFETCH_BYTES` past `p` (a prefetch never faults,
 /// so running past the matrix is harmless).

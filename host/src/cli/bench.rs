@@ -238,7 +238,7 @@ impl ReadBandwidth {
 }
 
 /// A wrapping sum in eight independent lanes (so the loop vectorises and the loads dominate), each
-/// cache line asked for 16 KiB ahead as the GEMV asks for its weights (without it the sum read
+/// cache line asked for as far ahead as the GEMV asks for its weights (without it the sum read
 /// 11–12 GB/s a core where the prefetching GEMV streamed more: the bound was below the step).
 fn sum_words(p: &[u64]) -> u64 {
     let mut acc = [0u64; 8];
@@ -249,7 +249,8 @@ fn sum_words(p: &[u64]) -> u64 {
         // SAFETY: a prefetch never faults, wherever it points.
         unsafe {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>((c.as_ptr() as *const i8).wrapping_add(16 << 10));
+            let ahead = stuffed_core::gemm::avx2::PREFETCH_BYTES;
+            _mm_prefetch::<_MM_HINT_T0>((c.as_ptr() as *const i8).wrapping_add(ahead));
         }
         for (a, &v) in acc.iter_mut().zip(c) {
             *a = a.wrapping_add(v);
