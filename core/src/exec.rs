@@ -141,3 +141,53 @@ impl<'a> Shared<'a> {
         core::slice::from_raw_parts_mut(self.ptr.add(start), len)
     }
 }
+
+impl Shared<'_> {
+    /// Rows `rows` of a row-major buffer `width` elements wide (the last one clipped).
+    ///
+    /// # Safety
+    /// As [`Shared::range`]: no two live row blocks may overlap.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn rows(&self, rows: core::ops::Range<usize>, width: usize) -> &mut [f32] {
+        self.range(rows.start * width, (rows.end - rows.start) * width)
+    }
+}
+
+/// Rows per task below which [`for_row_blocks`] keeps the work on the calling thread: a token
+/// step's row-wise maps cost less than a hand-off to the pool.
+pub const MIN_ROWS_PER_TASK: usize = 8;
+
+/// Runs `f(r0..r1)` over blocks of the rows `0..t` that together cover them once, split across
+/// the executor: for the row-wise maps between the products (norms, token mixes, gates, the small
+/// LoRA products) that would otherwise run on one core while the others wait.
+pub fn for_row_blocks(ex: &dyn Exec, t: usize, f: &(dyn Fn(core::ops::Range<usize>) + Sync)) {
+    let tasks = ex.threads().min(t / MIN_ROWS_PER_TASK).max(1);
+    if tasks == 1 {
+        if t > 0 {
+            f(0..t);
+        }
+        return;
+    }
+    let per = t.div_ceil(tasks);
+    ex.for_each(tasks, &|i| {
+        let (r0, r1) = (i * per, ((i + 1) * per).min(t));
+        if r0 < r1 {
+            f(r0..r1);
+        }
+    });
+}
+
+/// `f(i, row i)` for the first `t` rows of `buf` (`width` wide), split across the executor by
+/// [`for_row_blocks`]. Each row is handed to one task only, so the result does not depend on
+/// the split.
+pub fn map_rows(ex: &dyn Exec, buf: &mut [f32], width: usize, t: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let len = (t * width).min(buf.len());
+    let shared = Shared::new(&mut buf[..len]);
+    for_row_blocks(ex, t, &|blk| {
+        // SAFETY: the blocks of one `for_row_blocks` call are disjoint.
+        let rows = unsafe { shared.rows(blk.clone(), width) };
+        for (row, i) in rows.chunks_mut(width.max(1)).zip(blk) {
+            f(i, row);
+        }
+    });
+}

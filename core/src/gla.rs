@@ -21,6 +21,8 @@ use crate::ops::{exp, fast_exp};
 
 /// Tokens per block of the chunked form.
 pub const BLOCK: usize = 64;
+/// Tokens per sub-block of a block's within-block weights (see [`chunked`]'s body).
+const SUB: usize = 16;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Mode {
@@ -190,12 +192,17 @@ unsafe fn chunked_body(
         // o = q̃·S (the state entering the block).
         let op = o.ptr().add(t0 * ldo + ooff);
         gemm_raw(simd, len, vd, kd, qt.as_ptr(), kd, st.as_ptr(), kd, op, ldo, false);
-        // A (len, len): masked decay-weighted q·k within the block.
+        // A (len, len): masked decay-weighted q·k within the block. Pairs within one sub-block of
+        // SUB tokens weigh each channel by exp(b′_t − b_s); a later query sub-block starting at
+        // i0 reads the earlier tokens through the token r = i0 − 1 before it, as a product of
+        // q̂_t = q_t ⊙ exp(b′_t − b_r) and k̂_s = k_s ⊙ exp(b_r − b_s) (s ≤ r < t: both exponents
+        // ≤ 0, their sum the pair's): kd exponentials a token instead of kd a pair.
         for ti in 0..len {
             let qr = &h.q[(t0 + ti) * h.ldk + h.koff..][..kd];
             let bqr = &bq[ti * kd..(ti + 1) * kd];
-            let row = &mut a[ti * q..ti * q + len];
-            for (si, av) in row.iter_mut().enumerate() {
+            let i0 = ti / SUB * SUB;
+            let row = &mut a[ti * q + i0..ti * q + len];
+            for (si, av) in (i0..len).zip(row.iter_mut()) {
                 let kr = &h.k[(t0 + si) * h.ldk + h.koff..][..kd];
                 *av = if si < ti {
                     let br = &b[si * kd..(si + 1) * kd];
@@ -215,6 +222,22 @@ unsafe fn chunked_body(
                     0.0
                 };
             }
+        }
+        for i0 in (SUB..len).step_by(SUB) {
+            let (br, ni) = (&b[(i0 - 1) * kd..i0 * kd], SUB.min(len - i0));
+            for ti in 0..ni {
+                let qr = &h.q[(t0 + i0 + ti) * h.ldk + h.koff..][..kd];
+                for c in 0..kd {
+                    qt[ti * kd + c] = qr[c] * fast_exp(bq[(i0 + ti) * kd + c] - br[c]);
+                }
+            }
+            for si in 0..i0 {
+                let kr = &h.k[(t0 + si) * h.ldk + h.koff..][..kd];
+                for c in 0..kd {
+                    ktt[si * kd + c] = kr[c] * fast_exp(br[c] - b[si * kd + c]);
+                }
+            }
+            gemm_raw(simd, ni, i0, kd, qt.as_ptr(), kd, ktt.as_ptr(), kd, a.as_mut_ptr().add(i0 * q), q, false);
         }
         gemm_raw(simd, len, vd, len, a.as_ptr(), q, vt.as_ptr(), q, op, ldo, true);
         // S ← diag(exp(b_last))·S + K̃ᵀ·V with K̃_s = k_s ⊙ exp(b_last − b_s).

@@ -13,7 +13,7 @@
 //! State, per layer (f32): `conv (k−1, cd)` — the last k−1 conv inputs, oldest first — then
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
 use crate::error::{first_non_finite, need, Error, Site};
-use crate::exec::{Exec, Shared, Simd};
+use crate::exec::{map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::{gemm_nt, gemm_raw, matmul};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
@@ -247,9 +247,8 @@ impl<'a> Mamba2<'a> {
 
         // h = RMSNorm(x); [z | xBC | dt] = h·W_inᵀ
         let h = &mut s.h[..t * d];
-        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            rmsnorm(xr, &lw.norm, 0, c.eps, hr);
-        }
+        let xs: &[f32] = x;
+        map_rows(ex, h, d, t, &|tt, hr| rmsnorm(&xs[tt * d..(tt + 1) * d], &lw.norm, 0, c.eps, hr));
         let zx = &mut s.zx[..t * nin];
         matmul(ex, h, t, &lw.in_proj, zx)?;
         if let Some(b) = &lw.in_proj_bias {
@@ -260,7 +259,7 @@ impl<'a> Mamba2<'a> {
 
         // Causal depthwise conv over xBC, continuing from the k−1 inputs kept in the state.
         let u = &mut s.u[..t * cd];
-        self.conv(lw, t, zx, conv_state, s.wt, u);
+        self.conv(ex, lw, t, zx, conv_state, s.wt, u);
 
         // dt = clamp(softplus(dt_raw + dt_bias)), then the forgetting knobs: Δ′ = c·Δ, B′ = b·B.
         let nh = c.n_heads;
@@ -301,31 +300,43 @@ impl<'a> Mamba2<'a> {
 
         // y ← GroupRMSNorm(y ⊙ fast_silu(z)), norm over groups of di/G channels.
         let gs = di / c.n_groups;
-        for (yr, zr) in y.chunks_exact_mut(di).zip(zx.chunks_exact(nin)) {
-            for (yv, zv) in yr.iter_mut().zip(&zr[..di]) {
+        let zs: &[f32] = zx;
+        map_rows(ex, y, di, t, &|tt, yr| {
+            for (yv, zv) in yr.iter_mut().zip(&zs[tt * nin..tt * nin + di]) {
                 *yv *= fast_silu(*zv);
             }
             for (g, yg) in yr.chunks_exact_mut(gs).enumerate() {
                 rmsnorm_inplace(yg, &lw.gate_norm, g * gs, c.eps);
             }
-        }
+        });
 
         // x ← x + y·W_outᵀ
         let o = &mut s.h[..t * d];
         matmul(ex, y, t, &lw.out_proj, o)?;
-        for (xr, or) in x.chunks_exact_mut(d).zip(o.chunks_exact(d)) {
-            axpy(xr, 1.0, or);
+        let o: &[f32] = o;
+        map_rows(ex, x, d, t, &|tt, xr| {
+            axpy(xr, 1.0, &o[tt * d..(tt + 1) * d]);
             if let Some(b) = &lw.out_proj_bias {
                 xr.iter_mut().enumerate().for_each(|(i, v)| *v += b.get(i));
             }
-        }
+        });
         Ok(())
     }
 
     /// `u[t, c] = silu(bias[c] + Σ_j w[c, j]·in[t − (k−1) + j])`, where `in` before the chunk comes
     /// from the state (rows of cd channels, oldest first); then the state keeps the last k−1 inputs.
     /// Token-major so every step is a contiguous axpy over channels.
-    fn conv(&self, lw: &Layer, t: usize, zx: &[f32], conv_state: &mut [f32], wt: &mut [f32], u: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &self,
+        ex: &dyn Exec,
+        lw: &Layer,
+        t: usize,
+        zx: &[f32],
+        conv_state: &mut [f32],
+        wt: &mut [f32],
+        u: &mut [f32],
+    ) {
         let c = &self.cfg;
         let (di, nin, cd, k) = (c.d_inner(), c.in_proj_rows(), c.conv_dim(), c.d_conv);
         let km = k - 1;
@@ -342,23 +353,21 @@ impl<'a> Mamba2<'a> {
                 zx[tau as usize * nin + di..].as_ptr()
             }
         };
-        for tt in 0..t {
-            let out = &mut u[tt * cd..(tt + 1) * cd];
+        let (st, wt): (&[f32], &[f32]) = (conv_state, wt);
+        map_rows(ex, u, cd, t, &|tt, out| {
             match &lw.conv_b {
                 Some(b) => b.read(0, out),
                 None => out.fill(0.0),
             }
             for j in 0..k {
                 // SAFETY: both sources hold cd channels from the returned pointer (slices above).
-                let src = unsafe {
-                    core::slice::from_raw_parts(input(tt as isize - km as isize + j as isize, conv_state), cd)
-                };
+                let src = unsafe { core::slice::from_raw_parts(input(tt as isize - km as isize + j as isize, st), cd) };
                 for ((o, w), x) in out.iter_mut().zip(&wt[j * cd..(j + 1) * cd]).zip(src) {
                     *o += w * x;
                 }
             }
             out.iter_mut().for_each(|v| *v = fast_silu(*v));
-        }
+        });
         // New history: inputs t−(k−1) .. t−1; ascending j reads row t+j > j before it is overwritten.
         for j in 0..km {
             let tau = t as isize - km as isize + j as isize;

@@ -18,7 +18,7 @@
 //! Under `Forget::Window { r }` the state continues with one [`gla::window_len`] cache per layer
 //! and then two values (position mod r, filled).
 use crate::error::{need, Error};
-use crate::exec::{Exec, Shared};
+use crate::exec::{map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
@@ -296,10 +296,12 @@ pub fn layer_norm_torch_reduced(x: &[f32], w: &Weight, b: &Weight, eps: f32, out
     }
 }
 
-/// `out (t, w.cols) (+)= x (t, w.rows) @ w`: a product with an `[in, out]` matrix (the LoRAs),
-/// row by row as axpys (the ranks are small). `x` rows are `ldx` apart, `w` starts at element `off`.
+/// `out (t, cols) = x (t, rows) @ w`: a product with an `[in, out]` matrix (the LoRAs), row by row
+/// as axpys (the ranks are small), tokens split across the executor. `x` rows are `ldx` apart,
+/// `out` rows `ldo` apart, `w` starts at element `off`.
 #[allow(clippy::too_many_arguments)]
 fn matmul_in_out(
+    ex: &dyn Exec,
     x: &[f32],
     ldx: usize,
     t: usize,
@@ -309,33 +311,24 @@ fn matmul_in_out(
     out: &mut [f32],
     ldo: usize,
 ) {
-    fn body<E: crate::weight::Elem>(
-        x: &[f32],
-        ldx: usize,
-        t: usize,
-        w: &[E],
-        (rows, cols): (usize, usize),
-        out: &mut [f32],
-        ldo: usize,
-    ) {
-        for tt in 0..t {
-            let o = &mut out[tt * ldo..tt * ldo + cols];
-            o.fill(0.0);
-            let xr = &x[tt * ldx..tt * ldx + rows];
-            for (r, &xv) in xr.iter().enumerate() {
-                let wr = &w[r * cols..(r + 1) * cols];
-                for (ov, wv) in o.iter_mut().zip(wr) {
-                    *ov += xv * wv.f32();
-                }
+    /// One token: `o (cols) = x (rows) · w (rows, cols)`.
+    fn body<E: crate::weight::Elem>(x: &[f32], w: &[E], o: &mut [f32]) {
+        o.fill(0.0);
+        for (wr, &xv) in w.chunks_exact(o.len()).zip(x) {
+            for (ov, wv) in o.iter_mut().zip(wr) {
+                *ov += xv * wv.f32();
             }
         }
     }
     let n = rows * cols;
-    match w.data {
-        Data::F32(s) => body(x, ldx, t, &s[off..off + n], (rows, cols), out, ldo),
-        Data::Bf16(s) => body(x, ldx, t, &s[off..off + n], (rows, cols), out, ldo),
-        Data::F16(s) => body(x, ldx, t, &s[off..off + n], (rows, cols), out, ldo),
-    }
+    map_rows(ex, out, ldo, t, &|tt, o| {
+        let (x, o) = (&x[tt * ldx..tt * ldx + rows], &mut o[..cols]);
+        match w.data {
+            Data::F32(s) => body(x, &s[off..off + n], o),
+            Data::Bf16(s) => body(x, &s[off..off + n], o),
+            Data::F16(s) => body(x, &s[off..off + n], o),
+        }
+    });
 }
 
 /// A token's input row: its embedding row `x` (stored as `dtype`) through LN0. For a bf16/f16
@@ -431,11 +424,19 @@ impl<'a> Rwkv<'a> {
     /// `xx = LN(x)` rows; `dx` = the previous row's `xx` (from `shift` for the first), and
     /// `shift` ← the last `xx`.
     #[allow(clippy::too_many_arguments)]
-    fn shift(&self, t: usize, x: &[f32], w: &Weight, b: &Weight, shift: &mut [f32], xx: &mut [f32], prev: &mut [f32]) {
-        let d = self.cfg.d_model;
-        for tt in 0..t {
-            layer_norm(&x[tt * d..(tt + 1) * d], w, b, self.cfg.eps, &mut xx[tt * d..(tt + 1) * d]);
-        }
+    fn shift(
+        &self,
+        ex: &dyn Exec,
+        t: usize,
+        x: &[f32],
+        w: &Weight,
+        b: &Weight,
+        shift: &mut [f32],
+        xx: &mut [f32],
+        prev: &mut [f32],
+    ) {
+        let (d, eps) = (self.cfg.d_model, self.cfg.eps);
+        map_rows(ex, xx, d, t, &|tt, row| layer_norm(&x[tt * d..(tt + 1) * d], w, b, eps, row));
         prev[..d].copy_from_slice(shift);
         prev[d..t * d].copy_from_slice(&xx[..(t - 1) * d]);
         shift.copy_from_slice(&xx[(t - 1) * d..t * d]);
@@ -443,11 +444,21 @@ impl<'a> Rwkv<'a> {
 
     /// The mixed input of projection `j`: v5 `xx⊙mix + prev⊙(1−mix)`; v6 `xx + (prev−xx)⊙(maa + m)`
     /// with `m` (t, C) at `m` (or none).
-    fn mixed(&self, t: usize, xx: &[f32], prev: &[f32], mix: &Weight, lora: Option<&[f32]>, out: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    fn mixed(
+        &self,
+        ex: &dyn Exec,
+        t: usize,
+        xx: &[f32],
+        prev: &[f32],
+        mix: &Weight,
+        lora: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         let d = self.cfg.d_model;
-        for tt in 0..t {
+        map_rows(ex, out, d, t, &|tt, o| {
             let r = tt * d..(tt + 1) * d;
-            let (a, p, o) = (&xx[r.clone()], &prev[r.clone()], &mut out[r.clone()]);
+            let (a, p) = (&xx[r.clone()], &prev[r]);
             match self.cfg.version {
                 Version::V5_2 => {
                     for i in 0..d {
@@ -462,7 +473,7 @@ impl<'a> Rwkv<'a> {
                     }
                 }
             }
-        }
+        });
     }
 
     /// Layer `call.l` over the rows `x` (in place) from its state `st`.
@@ -484,37 +495,35 @@ impl<'a> Rwkv<'a> {
         let (wkv, ffn_shift) = rest.split_at_mut(h * n * n);
 
         // Time mix: token shift and the mixed inputs.
-        self.shift(t, x, &lw.ln1_w, &lw.ln1_b, att_shift, s.xx, s.dx);
+        self.shift(ex, t, x, &lw.ln1_w, &lw.ln1_b, att_shift, s.xx, s.dx);
         let (xx, prev) = (&s.xx[..tc], &s.dx[..tc]);
         match &lw.mix {
             TimeMix::V5 { mix } => {
                 let outs: [(&Weight, &mut [f32]); 3] = [(&lw.wr, &mut *s.r), (&lw.wk, &mut *s.k), (&lw.wv, &mut *s.v)];
                 for (j, (w, out)) in outs.into_iter().enumerate() {
                     let m = [&mix[2], &mix[0], &mix[1]][j];
-                    self.mixed(t, xx, prev, m, None, s.tmp);
+                    self.mixed(ex, t, xx, prev, m, None, s.tmp);
                     matmul(ex, &s.tmp[..tc], t, w, out)?;
                 }
-                self.mixed(t, xx, prev, &mix[3], None, s.tmp);
+                self.mixed(ex, t, xx, prev, &mix[3], None, s.tmp);
                 matmul(ex, &s.tmp[..tc], t, &lw.wg, s.g)?;
-                for row in s.lw[..tc].chunks_exact_mut(d) {
+                map_rows(ex, s.lw, d, t, &|_, row| {
                     for (i, v) in row.iter_mut().enumerate() {
                         *v = -exp(lw.decay.get(i));
                     }
-                }
+                });
             }
             TimeMix::V6 { maa_x, maa, w1, w2, dw1, dw2 } => {
                 let dm = c.lora_mix;
                 // m = tanh((xx + (prev − xx)⊙maa_x) @ w1)  (t, 5·Dm)
-                self.mixed(t, xx, prev, maa_x, None, s.tmp);
+                self.mixed(ex, t, xx, prev, maa_x, None, s.tmp);
                 let wide = self.wide();
-                matmul_in_out(&s.tmp[..tc], d, t, w1, 0, (d, 5 * dm), s.wide, wide);
-                for row in s.wide.chunks_exact_mut(wide).take(t) {
-                    row[..5 * dm].iter_mut().for_each(|v| *v = libm::tanhf(*v));
-                }
+                matmul_in_out(ex, &s.tmp[..tc], d, t, w1, 0, (d, 5 * dm), s.wide, wide);
+                map_rows(ex, s.wide, wide, t, &|_, row| row[..5 * dm].iter_mut().for_each(|v| *v = libm::tanhf(*v)));
                 // j = w, k, v, r, g: m_j = m[j] @ w2[j]; x_j = xx + (prev − xx)⊙(maa_j + m_j).
                 for (j, maa_j) in maa.iter().enumerate() {
-                    matmul_in_out(&s.wide[j * dm..], wide, t, w2, j * dm * d, (dm, d), s.tmp2, d);
-                    self.mixed(t, xx, prev, maa_j, Some(&s.tmp2[..tc]), s.tmp);
+                    matmul_in_out(ex, &s.wide[j * dm..], wide, t, w2, j * dm * d, (dm, d), s.tmp2, d);
+                    self.mixed(ex, t, xx, prev, maa_j, Some(&s.tmp2[..tc]), s.tmp);
                     let xin = &s.tmp[..tc];
                     match j {
                         0 => s.o[..tc].copy_from_slice(xin), // x_w, kept for the decay LoRA
@@ -526,19 +535,17 @@ impl<'a> Rwkv<'a> {
                 }
                 // log w = −exp(decay + tanh(x_w @ dw1) @ dw2)
                 let dd = c.lora_decay;
-                matmul_in_out(&s.o[..tc], d, t, dw1, 0, (d, dd), s.wide, wide);
-                for row in s.wide.chunks_exact_mut(wide).take(t) {
-                    row[..dd].iter_mut().for_each(|v| *v = libm::tanhf(*v));
-                }
-                matmul_in_out(s.wide, wide, t, dw2, 0, (dd, d), s.lw, d);
-                for row in s.lw[..tc].chunks_exact_mut(d) {
+                matmul_in_out(ex, &s.o[..tc], d, t, dw1, 0, (d, dd), s.wide, wide);
+                map_rows(ex, s.wide, wide, t, &|_, row| row[..dd].iter_mut().for_each(|v| *v = libm::tanhf(*v)));
+                matmul_in_out(ex, s.wide, wide, t, dw2, 0, (dd, d), s.lw, d);
+                map_rows(ex, s.lw, d, t, &|_, row| {
                     for (i, v) in row.iter_mut().enumerate() {
                         *v = -exp(lw.decay.get(i) + *v);
                     }
-                }
+                });
             }
         }
-        s.g[..tc].iter_mut().for_each(|v| *v = silu(*v));
+        map_rows(ex, s.g, d, t, &|_, row| row.iter_mut().for_each(|v| *v = silu(*v)));
         // Forgetting: w′ = a·w, k′ = b·k (RRI); log w′ = c·log w (Dt).
         match self.forget {
             Forget::Rri { a, b } => {
@@ -596,8 +603,9 @@ impl<'a> Rwkv<'a> {
         });
 
         // GroupNorm per head, ⊙ g, then x += o·W_oᵀ.
-        let o = &mut s.o[..tc];
-        for (orow, grow) in o.chunks_exact_mut(d).zip(s.g.chunks_exact(d)) {
+        let g = &s.g[..tc];
+        map_rows(ex, s.o, d, t, &|tt, orow| {
+            let grow = &g[tt * d..(tt + 1) * d];
             for (hh, oh) in orow.chunks_exact_mut(n).enumerate() {
                 let mean = oh.iter().sum::<f32>() / n as f32;
                 let var = oh.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
@@ -607,29 +615,33 @@ impl<'a> Rwkv<'a> {
                     *v = ((*v - mean) * inv * lw.lnx_w.get(ch) + lw.lnx_b.get(ch)) * grow[ch];
                 }
             }
-        }
-        matmul(ex, o, t, &lw.wo, s.tmp)?;
-        for (xv, ov) in x.iter_mut().zip(&s.tmp[..tc]) {
-            *xv += ov;
-        }
+        });
+        matmul(ex, &s.o[..tc], t, &lw.wo, s.tmp)?;
+        let o = &s.tmp[..tc];
+        map_rows(ex, x, d, t, &|tt, row| row.iter_mut().zip(&o[tt * d..]).for_each(|(xv, ov)| *xv += ov));
 
         // Channel mix.
-        self.shift(t, x, &lw.ln2_w, &lw.ln2_b, ffn_shift, s.xx, s.dx);
+        self.shift(ex, t, x, &lw.ln2_w, &lw.ln2_b, ffn_shift, s.xx, s.dx);
         let (xx, prev) = (&s.xx[..tc], &s.dx[..tc]);
-        self.mixed(t, xx, prev, &lw.fmix_r, None, s.tmp);
+        self.mixed(ex, t, xx, prev, &lw.fmix_r, None, s.tmp);
         matmul(ex, &s.tmp[..tc], t, &lw.fr, s.r)?;
-        self.mixed(t, xx, prev, &lw.fmix_k, None, s.tmp);
+        self.mixed(ex, t, xx, prev, &lw.fmix_k, None, s.tmp);
         let f = c.d_ffn;
         let kk = &mut s.wide[..t * f];
         matmul(ex, &s.tmp[..tc], t, &lw.fk, kk)?;
-        kk.iter_mut().for_each(|v| {
-            let r = v.max(0.0);
-            *v = r * r
+        map_rows(ex, kk, f, t, &|_, row| {
+            row.iter_mut().for_each(|v| {
+                let r = v.max(0.0);
+                *v = r * r
+            })
         });
         matmul(ex, kk, t, &lw.fv, s.tmp)?;
-        for ((xv, ov), rv) in x.iter_mut().zip(&s.tmp[..tc]).zip(&s.r[..tc]) {
-            *xv += ov / (1.0 + exp(-rv));
-        }
+        let (o, r) = (&s.tmp[..tc], &s.r[..tc]);
+        map_rows(ex, x, d, t, &|tt, row| {
+            for ((xv, ov), rv) in row.iter_mut().zip(&o[tt * d..]).zip(&r[tt * d..]) {
+                *xv += ov / (1.0 + exp(-rv));
+            }
+        });
         Ok(())
     }
 }

@@ -12,12 +12,14 @@ fn main() {
     let dtype = std::env::args().nth(1).unwrap_or_else(|| "bf16".into());
     let pool = Pool::new();
     println!("{dtype} weights, {:?} kernel, {} threads", pool.simd(), pool.threads());
-    // (rows, cols, what): Mamba-2 130m in/out proj, 370m in_proj, RWKV-6 1.6B FFN key, the NeoX head.
+    // (rows, cols, what): Mamba-2 130m in/out proj, 370m in_proj, RWKV-6 1.6B att and FFN, the NeoX head.
     let shapes = [
         (3352, 768, "130m in_proj"),
         (768, 1536, "130m out_proj"),
         (4384, 1024, "370m in_proj"),
+        (2048, 2048, "rwkv6-1.6b att.key"),
         (7168, 2048, "rwkv6-1.6b ffn.key"),
+        (2048, 7168, "rwkv6-1.6b ffn.value"),
         (50288, 768, "130m lm_head"),
     ];
     for (rows, cols, what) in shapes {
