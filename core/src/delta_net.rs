@@ -26,10 +26,10 @@
 //! `Forget::Staggered { r }` (two staggered states, FAMILIES.md §9.3) the state continues with a
 //! second `S (H_v, V, K)` per layer and then two values (tokens seen mod r, filled).
 use crate::error::{need, Error};
-use crate::exec::{Exec, Shared, Simd};
+use crate::exec::{add_rows, map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
-use crate::gla_lm::{short_conv, MAX_CONV};
+use crate::gla_lm::{short_conv, Mlp, MlpScratch, MAX_CONV};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu, softplus};
 use crate::weight::Weight;
@@ -300,9 +300,8 @@ impl<'a> DeltaNet<'a> {
         let wide = &mut rest[..2 * t * im];
         let (sm, conv_st) = st.split_at_mut(c.matrix_len());
 
-        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            rmsnorm(xr, &lw.attn_norm, 0, c.eps, hr);
-        }
+        let xs: &[f32] = x;
+        map_rows(ex, h, d, t, &|tt, hr| rmsnorm(&xs[tt * d..(tt + 1) * d], &lw.attn_norm, 0, c.eps, hr));
         matmul(ex, h, t, &lw.wq, q)?;
         matmul(ex, h, t, &lw.wk, k)?;
         matmul(ex, h, t, &lw.wv, v)?;
@@ -310,16 +309,17 @@ impl<'a> DeltaNet<'a> {
             let w = c.d_conv;
             let (hq, rest) = conv_st.split_at_mut((w - 1) * kd);
             let (hk, hvv) = rest.split_at_mut((w - 1) * kd);
-            short_conv(cq, w, t, q, hq);
-            short_conv(ck, w, t, k, hk);
-            short_conv(cv, w, t, v, hvv);
+            short_conv(ex, cq, w, t, q, hq);
+            short_conv(ex, ck, w, t, k, hk);
+            short_conv(ex, cv, w, t, v, hvv);
         } else {
             for xv in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
                 *xv = silu(*xv);
             }
         }
-        l2_heads(q, dk, 1.0 / libm::sqrtf(dk as f32));
-        l2_heads(k, dk, 1.0);
+        let qscale = 1.0 / libm::sqrtf(dk as f32);
+        map_rows(ex, q, kd, t, &|_, row| l2_heads(row, dk, qscale));
+        map_rows(ex, k, kd, t, &|_, row| l2_heads(row, dk, 1.0));
         match &lw.wb {
             Some(wb) => {
                 matmul(ex, h, t, wb, beta)?;
@@ -397,35 +397,23 @@ impl<'a> DeltaNet<'a> {
                 }
             });
         }
-        for head in o.chunks_exact_mut(dv) {
-            rmsnorm_inplace(head, &lw.o_norm, 0, c.eps);
-        }
+        map_rows(ex, o, vd, t, &|_, row| {
+            row.chunks_exact_mut(dv).for_each(|head| rmsnorm_inplace(head, &lw.o_norm, 0, c.eps))
+        });
         if let Some(wg) = &lw.wg {
             matmul(ex, h, t, wg, g)?;
             let act: fn(f32) -> f32 = if c.output_gate == OutputGate::Sigmoid { sigmoid } else { silu };
-            for (ov, gv) in o.iter_mut().zip(g.iter()) {
-                *ov *= act(*gv);
-            }
+            let g: &[f32] = g;
+            map_rows(ex, o, vd, t, &|tt, row| {
+                for (ov, gv) in row.iter_mut().zip(&g[tt * vd..(tt + 1) * vd]) {
+                    *ov *= act(*gv);
+                }
+            });
         }
         matmul(ex, o, t, &lw.wo, y)?;
-        for (xv, ov) in x.iter_mut().zip(y.iter()) {
-            *xv += ov;
-        }
-        // MLP.
-        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            rmsnorm(xr, &lw.mlp_norm, 0, c.eps, hr);
-        }
-        let (gt, up) = wide.split_at_mut(t * im);
-        matmul(ex, h, t, &lw.gate, gt)?;
-        matmul(ex, h, t, &lw.up, up)?;
-        for (gv, uv) in gt.iter_mut().zip(up.iter()) {
-            *gv = silu(*gv) * uv;
-        }
-        matmul(ex, gt, t, &lw.down, y)?;
-        for (xv, ov) in x.iter_mut().zip(y.iter()) {
-            *xv += ov;
-        }
-        Ok(())
+        add_rows(ex, x, y, d, t);
+        let mlp = Mlp { norm: &lw.mlp_norm, gate: &lw.gate, up: &lw.up, down: &lw.down, eps: c.eps };
+        mlp.run(ex, t, x, MlpScratch { h, wide, y })
     }
 }
 

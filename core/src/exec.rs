@@ -191,3 +191,51 @@ pub fn map_rows(ex: &dyn Exec, buf: &mut [f32], width: usize, t: usize, f: &(dyn
         }
     });
 }
+
+/// `x[i] += y[i]` over the first `t` rows (`width` wide), split across the executor (the residual
+/// adds).
+pub fn add_rows(ex: &dyn Exec, x: &mut [f32], y: &[f32], width: usize, t: usize) {
+    map_rows(ex, x, width, t, &|i, row| {
+        for (xv, yv) in row.iter_mut().zip(&y[i * width..]) {
+            *xv += yv;
+        }
+    });
+}
+
+/// A test executor that claims `.0` workers and runs the tasks one after another in reverse
+/// order, so a split's bounds, and any dependence on the order of tasks, show on one thread.
+#[cfg(test)]
+pub(crate) struct Reversed(pub usize);
+
+#[cfg(test)]
+impl Exec for Reversed {
+    fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        (0..n).rev().for_each(f);
+    }
+    fn threads(&self) -> usize {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row of the `t` is handed out exactly once, with its own index, whatever the split;
+    /// nothing past them is touched.
+    #[test]
+    fn row_blocks_cover_every_row_once() {
+        for threads in [1, 2, 3, 8] {
+            for t in [0, 1, 7, 8, 15, 16, 17, 33, 100, 513] {
+                let mut buf = [0f32; 3 * 513 + 2];
+                map_rows(&Reversed(threads), &mut buf, 3, t, &|i, row| {
+                    row.iter_mut().for_each(|v| *v += 1.0 + i as f32)
+                });
+                for (j, v) in buf.iter().enumerate() {
+                    let want = if j < 3 * t { 1.0 + (j / 3) as f32 } else { 0.0 };
+                    assert_eq!(*v, want, "threads {threads}, t {t}, element {j}");
+                }
+            }
+        }
+    }
+}

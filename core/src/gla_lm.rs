@@ -21,7 +21,7 @@
 //! Zero = start of a sequence. Under `Forget::Window { r }` the state continues with one
 //! [`gla::window_len`] cache per layer and then two values (position mod r, filled).
 use crate::error::{need, Error};
-use crate::exec::{Exec, Shared};
+use crate::exec::{add_rows, for_row_blocks, map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
@@ -194,27 +194,83 @@ const PROBE: &[&str] = &["log_decay_sum"];
 
 /// Causal depthwise conv of width `w` + SiLU over `x (t, D)` in place (row stride `D`), continuing
 /// from `hist (w − 1, D)` (the last inputs, oldest first), which it leaves holding this call's last
-/// `w − 1` inputs. `wt (D, w)`: output `y_t = Σ_j wt[j]·x_{t−(w−1)+j}`.
-pub(crate) fn short_conv(wt: &Weight, w: usize, t: usize, x: &mut [f32], hist: &mut [f32]) {
+/// `w − 1` inputs. `wt (D, w)`: output `y_t = Σ_j wt[j]·x_{t−(w−1)+j}`. Channels are split across
+/// the executor (each runs its tokens in order). Nothing is written if `x` or `hist` is shorter
+/// than that.
+pub(crate) fn short_conv(ex: &dyn Exec, wt: &Weight, w: usize, t: usize, x: &mut [f32], hist: &mut [f32]) {
     let d = wt.rows;
-    let mut win = [0f32; MAX_CONV];
-    let mut taps = [0f32; MAX_CONV];
-    for ch in 0..d {
-        for (j, tap) in taps[..w].iter_mut().enumerate() {
-            *tap = wt.get(ch * w + j);
+    if w == 0 || w > MAX_CONV || x.len() < t * d || hist.len() < (w - 1) * d {
+        return;
+    }
+    let tasks = if t * d < 1 << 14 { 1 } else { (ex.threads() * 2).min(d).max(1) };
+    let per = d.div_ceil(tasks);
+    let (xs, hs) = (Shared::new(x), Shared::new(hist));
+    ex.for_each(tasks, &|task| {
+        let (xp, hp) = (xs.ptr(), hs.ptr());
+        let mut win = [0f32; MAX_CONV];
+        let mut taps = [0f32; MAX_CONV];
+        for ch in task * per..((task + 1) * per).min(d) {
+            for (j, tap) in taps[..w].iter_mut().enumerate() {
+                *tap = wt.get(ch * w + j);
+            }
+            // SAFETY: lengths checked above; each task reads and writes only its channels' columns.
+            unsafe {
+                for (j, wv) in win[..w - 1].iter_mut().enumerate() {
+                    *wv = *hp.add(j * d + ch);
+                }
+                for tt in 0..t {
+                    win[w - 1] = *xp.add(tt * d + ch);
+                    let y: f32 = taps[..w].iter().zip(&win[..w]).map(|(a, b)| a * b).sum();
+                    *xp.add(tt * d + ch) = silu(y);
+                    win.copy_within(1..w, 0);
+                }
+                for (j, &wv) in win[..w - 1].iter().enumerate() {
+                    *hp.add(j * d + ch) = wv;
+                }
+            }
         }
-        for j in 0..w - 1 {
-            win[j] = hist[j * d + ch];
-        }
-        for tt in 0..t {
-            win[w - 1] = x[tt * d + ch];
-            let y: f32 = taps[..w].iter().zip(&win[..w]).map(|(a, b)| a * b).sum();
-            x[tt * d + ch] = silu(y);
-            win.copy_within(1..w, 0);
-        }
-        for j in 0..w - 1 {
-            hist[j * d + ch] = win[j];
-        }
+    });
+}
+
+/// The SwiGLU MLP block of the GLA-style families (GLA, HGRN-2, DeltaNet):
+/// `x += down(silu(gate(h)) ⊙ up(h))` with `h = RMSNorm(x)`, rows split across the executor.
+pub(crate) struct Mlp<'a> {
+    /// (1, C)
+    pub norm: &'a Weight<'a>,
+    /// (I, C) each
+    pub gate: &'a Weight<'a>,
+    pub up: &'a Weight<'a>,
+    /// (C, I)
+    pub down: &'a Weight<'a>,
+    pub eps: f32,
+}
+
+/// [`Mlp::run`]'s buffers: `h (t, C)`, `wide (2·t·I)`, `y (t, C)`.
+pub(crate) struct MlpScratch<'s> {
+    pub h: &'s mut [f32],
+    pub wide: &'s mut [f32],
+    pub y: &'s mut [f32],
+}
+
+impl Mlp<'_> {
+    /// The block over the rows `x (t, C)`, in place.
+    pub fn run(&self, ex: &dyn Exec, t: usize, x: &mut [f32], s: MlpScratch) -> Result<(), Error> {
+        let (d, im) = (self.down.rows, self.gate.rows);
+        let xs: &[f32] = x;
+        map_rows(ex, s.h, d, t, &|tt, hr| rmsnorm(&xs[tt * d..(tt + 1) * d], self.norm, 0, self.eps, hr));
+        let (gt, up) = s.wide.split_at_mut(t * im);
+        let h = &s.h[..t * d];
+        matmul(ex, h, t, self.gate, gt)?;
+        matmul(ex, h, t, self.up, &mut up[..t * im])?;
+        let up: &[f32] = up;
+        map_rows(ex, gt, im, t, &|tt, row| {
+            for (gv, uv) in row.iter_mut().zip(&up[tt * im..(tt + 1) * im]) {
+                *gv = silu(*gv) * uv;
+            }
+        });
+        matmul(ex, gt, t, self.down, &mut s.y[..t * d])?;
+        add_rows(ex, x, s.y, d, t);
+        Ok(())
     }
 }
 
@@ -309,9 +365,8 @@ impl<'a> Gla<'a> {
         let hs = &mut rest[..nh * hsl];
         let (sm, conv_st) = st.split_at_mut(c.matrix_len());
 
-        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            rmsnorm(xr, &lw.attn_norm, 0, c.eps, hr);
-        }
+        let xs: &[f32] = x;
+        map_rows(ex, h, d, t, &|tt, hr| rmsnorm(&xs[tt * d..(tt + 1) * d], &lw.attn_norm, 0, c.eps, hr));
         // Projections, narrow (H_kv heads) at the front of k, v and lw.
         let (kn, vn) = (t * c.k_dim(), t * c.v_dim());
         matmul(ex, h, t, &lw.wq, q)?;
@@ -321,9 +376,9 @@ impl<'a> Gla<'a> {
             let w = c.d_conv;
             let (hq, rest) = conv_st.split_at_mut((w - 1) * qd);
             let (hk, hv) = rest.split_at_mut((w - 1) * c.k_dim());
-            short_conv(cq, w, t, q, hq);
-            short_conv(ck, w, t, &mut k[..kn], hk);
-            short_conv(cv, w, t, &mut v[..vn], hv);
+            short_conv(ex, cq, w, t, q, hq);
+            short_conv(ex, ck, w, t, &mut k[..kn], hk);
+            short_conv(ex, cv, w, t, &mut v[..vn], hv);
         }
         c.feature_map.apply(q);
         c.feature_map.apply(&mut k[..kn]);
@@ -335,23 +390,30 @@ impl<'a> Gla<'a> {
             _ => ((0.0, 1.0), 1.0),
         };
         let kd = c.k_dim();
-        for row in 0..t {
-            for ch in 0..kd {
-                let gv = lwb[row * kd + ch] + lw.gk_bias.get(ch);
-                let ls = if gv >= 0.0 { -libm::log1pf(exp(-gv)) } else { gv - libm::log1pf(exp(gv)) };
-                let mut lg = ls / c.gate_norm;
-                if let Some(m) = c.clamp_min {
-                    lg = lg.max(m);
+        {
+            let (gs, ks) = (Shared::new(&mut lwb[..kn]), Shared::new(&mut k[..kn]));
+            for_row_blocks(ex, t, &|rows| {
+                // SAFETY: the blocks of one call are disjoint rows of lwb and of k.
+                let (gb, kb) = unsafe { (gs.rows(rows.clone(), kd), ks.rows(rows, kd)) };
+                for (grow, krow) in gb.chunks_exact_mut(kd).zip(kb.chunks_exact_mut(kd)) {
+                    for ch in 0..kd {
+                        let gv = grow[ch] + lw.gk_bias.get(ch);
+                        let ls = if gv >= 0.0 { -libm::log1pf(exp(-gv)) } else { gv - libm::log1pf(exp(gv)) };
+                        let mut lg = ls / c.gate_norm;
+                        if let Some(m) = c.clamp_min {
+                            lg = lg.max(m);
+                        }
+                        grow[ch] = lg * dtc + rri.0;
+                        krow[ch] *= rri.1;
+                    }
                 }
-                lwb[row * kd + ch] = lg * dtc + rri.0;
-                k[row * kd + ch] *= rri.1;
-            }
+            });
         }
         repeat_heads(k, t, nkv, grp, dk);
         repeat_heads(lwb, t, nkv, grp, dk);
         repeat_heads(v, t, nkv, grp, dv);
         let scale = 1.0 / libm::sqrtf(dk as f32);
-        q.iter_mut().for_each(|x| *x *= scale);
+        map_rows(ex, q, qd, t, &|_, row| row.iter_mut().for_each(|x| *x *= scale));
         if let Some(p) = probe {
             for row in lwb.chunks_exact(qd) {
                 for (pv, x) in p.iter_mut().zip(row) {
@@ -392,34 +454,22 @@ impl<'a> Gla<'a> {
                 }
             });
         }
-        for head in o.chunks_exact_mut(dv) {
-            rmsnorm_inplace(head, &lw.g_norm, 0, c.eps);
-        }
+        map_rows(ex, o, od, t, &|_, row| {
+            row.chunks_exact_mut(dv).for_each(|head| rmsnorm_inplace(head, &lw.g_norm, 0, c.eps))
+        });
         if let Some(wg) = &lw.wg {
             matmul(ex, h, t, wg, g)?;
-            for (ov, gv) in o.iter_mut().zip(g.iter()) {
-                *ov *= silu(*gv);
-            }
+            let g: &[f32] = g;
+            map_rows(ex, o, od, t, &|tt, row| {
+                for (ov, gv) in row.iter_mut().zip(&g[tt * od..(tt + 1) * od]) {
+                    *ov *= silu(*gv);
+                }
+            });
         }
         matmul(ex, o, t, &lw.wo, y)?;
-        for (xv, ov) in x.iter_mut().zip(y.iter()) {
-            *xv += ov;
-        }
-        // MLP.
-        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            rmsnorm(xr, &lw.mlp_norm, 0, c.eps, hr);
-        }
-        let (gt, up) = wide.split_at_mut(t * im);
-        matmul(ex, h, t, &lw.gate, gt)?;
-        matmul(ex, h, t, &lw.up, up)?;
-        for (gv, uv) in gt.iter_mut().zip(up.iter()) {
-            *gv = silu(*gv) * uv;
-        }
-        matmul(ex, gt, t, &lw.down, y)?;
-        for (xv, ov) in x.iter_mut().zip(y.iter()) {
-            *xv += ov;
-        }
-        Ok(())
+        add_rows(ex, x, y, d, t);
+        let mlp = Mlp { norm: &lw.mlp_norm, gate: &lw.gate, up: &lw.up, down: &lw.down, eps: c.eps };
+        mlp.run(ex, t, x, MlpScratch { h, wide, y })
     }
 }
 
@@ -562,6 +612,34 @@ mod tests {
         }
     }
 
+    /// Split by channels across an executor (past the size where it splits), the conv gives the
+    /// serial result bit for bit, history included.
+    #[test]
+    fn short_conv_split_by_channels_is_the_serial_conv() {
+        const D: usize = 64;
+        const T: usize = 300;
+        const W: usize = 4;
+        let mut taps = [0f32; D * W];
+        for (i, v) in taps.iter_mut().enumerate() {
+            *v = ((i * 37 % 17) as f32 - 8.0) * 0.1;
+        }
+        let wt = Weight::new(crate::weight::Data::F32(&taps), D, W).expect("a D × W weight");
+        let mut x = [0f32; D * T];
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = ((i * 7919 % 101) as f32 - 50.0) * 0.02;
+        }
+        let mut hist = [0f32; (W - 1) * D];
+        for (i, v) in hist.iter_mut().enumerate() {
+            *v = ((i * 13 % 7) as f32 - 3.0) * 0.3;
+        }
+        let (mut xs, mut hs, mut xp, mut hp) = (x, hist, x, hist);
+        short_conv(&crate::exec::Serial, &wt, W, T, &mut xs, &mut hs);
+        short_conv(&crate::exec::Reversed(3), &wt, W, T, &mut xp, &mut hp);
+        assert!(xs != x && hs != hist, "the conv wrote nothing");
+        assert!(xs == xp, "outputs differ");
+        assert_eq!(hs, hp);
+    }
+
     /// The short conv continues across calls: 5 tokens at once equal 2 + 3 with the history kept.
     #[test]
     fn short_conv_carries_its_history() {
@@ -570,9 +648,9 @@ mod tests {
         let x: [f32; 10] = [0.1, -0.2, 0.3, 0.4, -0.5, 0.6, 0.7, -0.8, 0.9, 1.0];
         let (mut whole, mut parts) = (x, x);
         let (mut h1, mut h2) = ([0f32; 4], [0f32; 4]);
-        short_conv(&wt, 3, 5, &mut whole, &mut h1);
-        short_conv(&wt, 3, 2, &mut parts[..4], &mut h2);
-        short_conv(&wt, 3, 3, &mut parts[4..], &mut h2);
+        short_conv(&crate::exec::Serial, &wt, 3, 5, &mut whole, &mut h1);
+        short_conv(&crate::exec::Serial, &wt, 3, 2, &mut parts[..4], &mut h2);
+        short_conv(&crate::exec::Serial, &wt, 3, 3, &mut parts[4..], &mut h2);
         assert_eq!(whole, parts);
         assert_eq!(h1, h2);
         // Token 3, channel 1: row 1 of the taps over inputs 1..=3 of channel 1, oldest first.

@@ -14,10 +14,11 @@
 //! continues with one [`gla::window_len`] cache per layer and then two values (position mod r,
 //! filled).
 use crate::error::{need, Error};
-use crate::exec::{Exec, Shared};
+use crate::exec::{add_rows, for_row_blocks, map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
+use crate::gla_lm::{Mlp, MlpScratch};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
 use crate::weight::Weight;
@@ -183,14 +184,13 @@ impl<'a> Hgrn2<'a> {
         let hsl = gla::head_scratch(e, vh);
         let hs = &mut rest[..nh * hsl];
 
-        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            rmsnorm(xr, &lw.attn_norm, 0, c.eps, hr);
-        }
+        let xs: &[f32] = x;
+        map_rows(ex, h, d, t, &|tt, hr| rmsnorm(&xs[tt * d..(tt + 1) * d], &lw.attn_norm, 0, c.eps, hr));
         matmul(ex, h, t, &lw.wq, q)?;
         matmul(ex, h, t, &lw.wf, f)?;
         matmul(ex, h, t, &lw.wi, iv)?;
         let scale = 1.0 / libm::sqrtf(e as f32);
-        q.iter_mut().for_each(|v| *v = silu(*v) * scale);
+        map_rows(ex, q, d, t, &|_, row| row.iter_mut().for_each(|v| *v = silu(*v) * scale));
         // f → log forget gate g (in place); k = 1 − exp(g) into h (no longer needed).
         let (rri, dtc) = match self.forget {
             Forget::Rri { a, b } => ((libm::logf(a), b), 1.0),
@@ -204,18 +204,24 @@ impl<'a> Hgrn2<'a> {
                 *v = self.lower_bound(l, ch);
             }
         }
-        for row in 0..t {
-            for ch in 0..d {
-                let fv = f[row * d + ch];
-                let mut g = if fv >= 0.0 { -libm::log1pf(exp(-fv)) } else { fv - libm::log1pf(exp(fv)) };
-                if use_lb {
-                    let lb = o[ch];
-                    g = libm::logf(lb + (1.0 - lb) * exp(g));
+        {
+            let (ks, gs, lbs) = (Shared::new(h), Shared::new(f), &o[..d]);
+            for_row_blocks(ex, t, &|rows| {
+                // SAFETY: the blocks of one call are disjoint rows of h and of f.
+                let (kb, gb) = unsafe { (ks.rows(rows.clone(), d), gs.rows(rows, d)) };
+                for (krow, grow) in kb.chunks_exact_mut(d).zip(gb.chunks_exact_mut(d)) {
+                    for ch in 0..d {
+                        let fv = grow[ch];
+                        let mut g = if fv >= 0.0 { -libm::log1pf(exp(-fv)) } else { fv - libm::log1pf(exp(fv)) };
+                        if use_lb {
+                            let lb = lbs[ch];
+                            g = libm::logf(lb + (1.0 - lb) * exp(g));
+                        }
+                        krow[ch] = -libm::expm1f(g) * rri.1;
+                        grow[ch] = g * dtc + rri.0;
+                    }
                 }
-                let k = -libm::expm1f(g);
-                h[row * d + ch] = k * rri.1;
-                f[row * d + ch] = g * dtc + rri.0;
-            }
+            });
         }
         if let Some(p) = probe {
             for row in f.chunks_exact(d) {
@@ -257,28 +263,11 @@ impl<'a> Hgrn2<'a> {
                 }
             });
         }
-        for row in o.chunks_exact_mut(d) {
-            rmsnorm_inplace(row, &lw.g_norm, 0, c.g_eps);
-        }
+        map_rows(ex, o, d, t, &|_, row| rmsnorm_inplace(row, &lw.g_norm, 0, c.g_eps));
         matmul(ex, o, t, &lw.wo, q)?;
-        for (xv, ov) in x.iter_mut().zip(&q[..tc]) {
-            *xv += ov;
-        }
-        // MLP.
-        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            rmsnorm(xr, &lw.mlp_norm, 0, c.eps, hr);
-        }
-        let (gt, up) = wide.split_at_mut(t * im);
-        matmul(ex, h, t, &lw.gate, gt)?;
-        matmul(ex, h, t, &lw.up, up)?;
-        for (gv, uv) in gt.iter_mut().zip(up.iter()) {
-            *gv = silu(*gv) * uv;
-        }
-        matmul(ex, gt, t, &lw.down, q)?;
-        for (xv, ov) in x.iter_mut().zip(&q[..tc]) {
-            *xv += ov;
-        }
-        Ok(())
+        add_rows(ex, x, &q[..tc], d, t);
+        let mlp = Mlp { norm: &lw.mlp_norm, gate: &lw.gate, up: &lw.up, down: &lw.down, eps: c.eps };
+        mlp.run(ex, t, x, MlpScratch { h, wide, y: q })
     }
 }
 

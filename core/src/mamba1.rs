@@ -19,7 +19,7 @@
 //! the state continues with one window cache per layer (see [`Mamba1::window_layer_len`]) and then
 //! two values (position mod r, filled).
 use crate::error::{need, Error};
-use crate::exec::{Exec, Shared};
+use crate::exec::{map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
@@ -284,9 +284,8 @@ impl<'a> Mamba1<'a> {
 
         // h = RMSNorm(x); [x | z] = h·W_inᵀ
         let h = &mut s.h[..t * d];
-        for (hr, xr) in h.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            rmsnorm(xr, &lw.norm, 0, c.eps, hr);
-        }
+        let xs: &[f32] = x;
+        map_rows(ex, h, d, t, &|tt, hr| rmsnorm(&xs[tt * d..(tt + 1) * d], &lw.norm, 0, c.eps, hr));
         let xz = &mut s.xz[..t * 2 * di];
         matmul(ex, h, t, &lw.in_proj, xz)?;
         if let Some(b) = &lw.in_proj_bias {
@@ -297,7 +296,7 @@ impl<'a> Mamba1<'a> {
 
         // Causal depthwise conv over x, continuing from the k−1 inputs kept in the state.
         let u = &mut s.u[..t * di];
-        self.conv(lw, t, xz, conv_state, s.wt, u);
+        self.conv(ex, lw, t, xz, conv_state, s.wt, u);
 
         // [dt_r | B | C] = u·W_xᵀ;  Δ = softplus(dt_r·W_dtᵀ + b_dt), then Δ′ = c·Δ, B′ = b·B.
         let xdb = &mut s.xdb[..t * xr_rows];
@@ -320,11 +319,11 @@ impl<'a> Mamba1<'a> {
         let dt = &mut s.dt[..t * di];
         matmul(ex, dtr, t, &lw.dt_proj, dt)?;
         let dt_scale = if let Forget::Dt { c } = self.forget { c } else { 1.0 };
-        for row in dt.chunks_exact_mut(di) {
+        map_rows(ex, dt, di, t, &|_, row| {
             for (ch, v) in row.iter_mut().enumerate() {
                 *v = softplus(*v + lw.dt_bias.get(ch)) * dt_scale;
             }
-        }
+        });
         if let Forget::Rri { b, .. } = self.forget {
             for row in xdb.chunks_exact_mut(xr_rows) {
                 row[r..r + n].iter_mut().for_each(|v| *v *= b);
@@ -349,24 +348,36 @@ impl<'a> Mamba1<'a> {
         }
 
         // y ← y ⊙ silu(z);  x ← x + y·W_outᵀ
-        for (yr, zr) in y.chunks_exact_mut(di).zip(xz.chunks_exact(2 * di)) {
-            for (yv, zv) in yr.iter_mut().zip(&zr[di..]) {
+        let zs: &[f32] = xz;
+        map_rows(ex, y, di, t, &|tt, yr| {
+            for (yv, zv) in yr.iter_mut().zip(&zs[tt * 2 * di + di..(tt + 1) * 2 * di]) {
                 *yv *= fast_silu(*zv);
             }
-        }
+        });
         let o = &mut s.h[..t * d];
         matmul(ex, y, t, &lw.out_proj, o)?;
-        for (xr, or) in x.chunks_exact_mut(d).zip(o.chunks_exact(d)) {
-            for (i, (xv, ov)) in xr.iter_mut().zip(or).enumerate() {
+        let o: &[f32] = o;
+        map_rows(ex, x, d, t, &|tt, xr| {
+            for (i, (xv, ov)) in xr.iter_mut().zip(&o[tt * d..(tt + 1) * d]).enumerate() {
                 *xv += ov + lw.out_proj_bias.as_ref().map_or(0.0, |b| b.get(i));
             }
-        }
+        });
         Ok(())
     }
 
     /// `u[t, c] = silu(bias[c] + Σ_j w[c, j]·in[t − (k−1) + j])`, where `in` before the call comes
     /// from the state (rows of di channels, oldest first); then the state keeps the last k−1 inputs.
-    fn conv(&self, lw: &Layer, t: usize, xz: &[f32], conv_state: &mut [f32], wt: &mut [f32], u: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &self,
+        ex: &dyn Exec,
+        lw: &Layer,
+        t: usize,
+        xz: &[f32],
+        conv_state: &mut [f32],
+        wt: &mut [f32],
+        u: &mut [f32],
+    ) {
         let c = &self.cfg;
         let (di, k) = (c.d_inner, c.d_conv);
         let km = k - 1;
@@ -375,8 +386,8 @@ impl<'a> Mamba1<'a> {
                 wt[j * di + ch] = lw.conv_w.get(ch * k + j);
             }
         }
-        for tt in 0..t {
-            let out = &mut u[tt * di..(tt + 1) * di];
+        let (st, wt): (&[f32], &[f32]) = (conv_state, wt);
+        map_rows(ex, u, di, t, &|tt, out| {
             match &lw.conv_b {
                 Some(b) => b.read(0, out),
                 None => out.fill(0.0),
@@ -385,7 +396,7 @@ impl<'a> Mamba1<'a> {
                 let tau = tt as isize - km as isize + j as isize;
                 let src = if tau < 0 {
                     let row = (km as isize + tau) as usize;
-                    &conv_state[row * di..(row + 1) * di]
+                    &st[row * di..(row + 1) * di]
                 } else {
                     &xz[tau as usize * 2 * di..tau as usize * 2 * di + di]
                 };
@@ -394,7 +405,7 @@ impl<'a> Mamba1<'a> {
                 }
             }
             out.iter_mut().for_each(|v| *v = fast_silu(*v));
-        }
+        });
         // New history: inputs t−(k−1) .. t−1; ascending j reads row t+j > j before it is overwritten.
         for j in 0..km {
             let tau = t as isize - km as isize + j as isize;

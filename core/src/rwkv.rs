@@ -18,7 +18,7 @@
 //! Under `Forget::Window { r }` the state continues with one [`gla::window_len`] cache per layer
 //! and then two values (position mod r, filled).
 use crate::error::{need, Error};
-use crate::exec::{map_rows, Exec, Shared};
+use crate::exec::{add_rows, map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
@@ -617,8 +617,7 @@ impl<'a> Rwkv<'a> {
             }
         });
         matmul(ex, &s.o[..tc], t, &lw.wo, s.tmp)?;
-        let o = &s.tmp[..tc];
-        map_rows(ex, x, d, t, &|tt, row| row.iter_mut().zip(&o[tt * d..]).for_each(|(xv, ov)| *xv += ov));
+        add_rows(ex, x, &s.tmp[..tc], d, t);
 
         // Channel mix.
         self.shift(ex, t, x, &lw.ln2_w, &lw.ln2_b, ffn_shift, s.xx, s.dx);
