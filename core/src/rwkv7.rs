@@ -28,7 +28,7 @@
 //! §9.3) the state continues with a second `S (H, N, N)` per layer and then two values (tokens seen
 //! mod r, filled).
 use crate::error::{need, Error};
-use crate::exec::{Exec, Shared, Simd};
+use crate::exec::{add_rows, map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
@@ -259,24 +259,44 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
     /// `xx = LN(x)` rows; `prev` = the previous row's `xx` (from `shift` for the first), and
     /// `shift` ← the last `xx`.
     #[allow(clippy::too_many_arguments)]
-    fn shift(&self, t: usize, x: &[f32], w: &Weight, b: &Weight, shift: &mut [f32], xx: &mut [f32], prev: &mut [f32]) {
-        let d = self.cfg.d_model;
-        for (xr, or) in x.chunks_exact(d).zip(xx.chunks_exact_mut(d)).take(t) {
-            layer_norm(xr, w, b, self.cfg.eps, or);
-        }
+    fn shift(
+        &self,
+        ex: &dyn Exec,
+        t: usize,
+        x: &[f32],
+        w: &Weight,
+        b: &Weight,
+        shift: &mut [f32],
+        xx: &mut [f32],
+        prev: &mut [f32],
+    ) {
+        let (d, eps) = (self.cfg.d_model, self.cfg.eps);
+        map_rows(ex, xx, d, t, &|tt, or| layer_norm(&x[tt * d..(tt + 1) * d], w, b, eps, or));
         prev[..d].copy_from_slice(shift);
         prev[d..t * d].copy_from_slice(&xx[..(t - 1) * d]);
         shift.copy_from_slice(&xx[(t - 1) * d..t * d]);
     }
 
     /// `out = xx + (prev − xx) ⊙ mix` (t rows); `vec` (C) holds `mix` read as f32.
-    fn mixed(t: usize, d: usize, xx: &[f32], prev: &[f32], mix: &Weight, vec: &mut [f32], out: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    fn mixed(
+        ex: &dyn Exec,
+        t: usize,
+        d: usize,
+        xx: &[f32],
+        prev: &[f32],
+        mix: &Weight,
+        vec: &mut [f32],
+        out: &mut [f32],
+    ) {
         mix.read(0, &mut vec[..d]);
-        for ((o, a), p) in out.chunks_exact_mut(d).zip(xx.chunks_exact(d)).zip(prev.chunks_exact(d)).take(t) {
+        let vec: &[f32] = vec;
+        map_rows(ex, out, d, t, &|tt, o| {
+            let (a, p) = (&xx[tt * d..(tt + 1) * d], &prev[tt * d..(tt + 1) * d]);
             for i in 0..d {
                 o[i] = a[i] + (p[i] - a[i]) * vec[i];
             }
-        }
+        });
     }
 
     /// `out (t, C) = x·Aᵀ·Bᵀ` through `mid (t, rank)`, with `f` applied to the middle.
@@ -315,11 +335,11 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
         let (wkv, ffn_shift) = rest.split_at_mut(h * n * n);
 
         // Time mix: token shift, mixed inputs, projections.
-        self.shift(t, x, &lw.ln1_w, &lw.ln1_b, att_shift, s.xx, s.prev);
+        self.shift(ex, t, x, &lw.ln1_w, &lw.ln1_b, att_shift, s.xx, s.prev);
         let (xx, prev) = (&s.xx[..tc], &s.prev[..tc]);
         let id = |v: f32| v;
         for j in 0..6 {
-            Self::mixed(t, d, xx, prev, &lw.mix[j], s.vec, s.tmp);
+            Self::mixed(ex, t, d, xx, prev, &lw.mix[j], s.vec, s.tmp);
             let xin = &s.tmp[..tc];
             match j {
                 0 => matmul(ex, xin, t, &lw.wr, s.r)?,
@@ -334,13 +354,13 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
                         // v += (v_first − v) ⊙ σ(v0 + x_v·V1ᵀ·V2ᵀ), the gate in kk for now.
                         Self::lora(ex, xin, t, vl, s.wide, id, s.kk)?;
                         v0.read(0, &mut s.vec[..d]);
-                        for ((vr, gr), fr) in
-                            s.v.chunks_exact_mut(d).zip(s.kk.chunks_exact(d)).zip(s.v_first.chunks_exact(d)).take(t)
-                        {
+                        let (vec, kk, vf) = (&s.vec[..d], &s.kk[..tc], &s.v_first[..tc]);
+                        map_rows(ex, s.v, d, t, &|tt, vr| {
+                            let (gr, fr) = (&kk[tt * d..(tt + 1) * d], &vf[tt * d..(tt + 1) * d]);
                             for i in 0..d {
-                                vr[i] += (fr[i] - vr[i]) * sigmoid(s.vec[i] + gr[i]);
+                                vr[i] += (fr[i] - vr[i]) * sigmoid(vec[i] + gr[i]);
                             }
-                        }
+                        });
                     }
                 }
                 4 => Self::lora(ex, xin, t, &lw.a_lora, s.wide, id, s.a)?,
@@ -349,34 +369,34 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
         }
         // a = σ(a0 + ·); log w = −e^{−0.5}·σ(w0 + ·).
         lw.a0.read(0, &mut s.vec[..d]);
-        for row in s.a[..tc].chunks_exact_mut(d) {
-            for (v, b) in row.iter_mut().zip(s.vec.iter()) {
-                *v = sigmoid(b + *v);
-            }
-        }
+        let vec = &s.vec[..d];
+        map_rows(ex, s.a, d, t, &|_, row| row.iter_mut().zip(vec).for_each(|(v, b)| *v = sigmoid(b + *v)));
         lw.w0.read(0, &mut s.vec[..d]);
-        for row in s.lw[..tc].chunks_exact_mut(d) {
-            for (v, b) in row.iter_mut().zip(s.vec.iter()) {
-                *v = -DECAY_SCALE * sigmoid(b + *v);
-            }
-        }
+        let vec = &s.vec[..d];
+        map_rows(ex, s.lw, d, t, &|_, row| {
+            row.iter_mut().zip(vec).for_each(|(v, b)| *v = -DECAY_SCALE * sigmoid(b + *v))
+        });
         // κ̂ = normalize(k ⊙ k_k) per head; k ← k ⊙ (1 + (a − 1) ⊙ k_a).
         lw.k_k.read(0, &mut s.vec[..d]);
-        for (kr, kkr) in s.k[..tc].chunks_exact(d).zip(s.kk[..tc].chunks_exact_mut(d)) {
+        let (vec, k) = (&s.vec[..d], &s.k[..tc]);
+        map_rows(ex, s.kk, d, t, &|tt, kkr| {
+            let kr = &k[tt * d..(tt + 1) * d];
             for (i, v) in kkr.iter_mut().enumerate() {
-                *v = kr[i] * s.vec[i];
+                *v = kr[i] * vec[i];
             }
             for hv in kkr.chunks_exact_mut(n) {
                 let norm = libm::sqrtf(hv.iter().map(|v| v * v).sum::<f32>()).max(1e-12);
                 hv.iter_mut().for_each(|v| *v /= norm);
             }
-        }
+        });
         lw.k_a.read(0, &mut s.vec[..d]);
-        for (kr, ar) in s.k[..tc].chunks_exact_mut(d).zip(s.a[..tc].chunks_exact(d)) {
+        let (vec, a) = (&s.vec[..d], &s.a[..tc]);
+        map_rows(ex, s.k, d, t, &|tt, kr| {
+            let ar = &a[tt * d..(tt + 1) * d];
             for i in 0..d {
-                kr[i] *= 1.0 + (ar[i] - 1.0) * s.vec[i];
+                kr[i] *= 1.0 + (ar[i] - 1.0) * vec[i];
             }
-        }
+        });
         // Forgetting: w′ = a·w, k′ = b·k (RRI); log w′ = c·log w (Dt).
         match self.forget {
             Forget::Rri { a, b } => {
@@ -417,43 +437,41 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
         }
 
         // GroupNorm per head, + the bonus (Σ r·k·r_k)·v, ⊙ g, then x += o·W_oᵀ.
-        let o = &mut s.o[..tc];
         lw.r_k.read(0, &mut s.vec[..d]);
-        for (tt, orow) in o.chunks_exact_mut(d).enumerate() {
+        let (vec, r, k, v, g) = (&s.vec[..d], &s.r[..tc], &s.k[..tc], &s.v[..tc], &s.g[..tc]);
+        map_rows(ex, s.o, d, t, &|tt, orow| {
             let row = tt * d..(tt + 1) * d;
-            let (rr, kr, vr, gr) = (&s.r[row.clone()], &s.k[row.clone()], &s.v[row.clone()], &s.g[row]);
+            let (rr, kr, vr, gr) = (&r[row.clone()], &k[row.clone()], &v[row.clone()], &g[row]);
             for (hh, oh) in orow.chunks_exact_mut(n).enumerate() {
                 let mean = oh.iter().sum::<f32>() / n as f32;
                 let var = oh.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
                 let inv = 1.0 / libm::sqrtf(var + c.gn_eps);
                 let base = hh * n;
-                let bonus: f32 = (base..base + n).map(|ch| rr[ch] * kr[ch] * s.vec[ch]).sum();
+                let bonus: f32 = (base..base + n).map(|ch| rr[ch] * kr[ch] * vec[ch]).sum();
                 for (i, v) in oh.iter_mut().enumerate() {
                     let ch = base + i;
                     let y = (*v - mean) * inv * lw.lnx_w.get(ch) + lw.lnx_b.get(ch) + bonus * vr[ch];
                     *v = y * gr[ch];
                 }
             }
-        }
-        matmul(ex, o, t, &lw.wo, s.tmp)?;
-        for (xv, ov) in x.iter_mut().zip(&s.tmp[..tc]) {
-            *xv += ov;
-        }
+        });
+        matmul(ex, &s.o[..tc], t, &lw.wo, s.tmp)?;
+        add_rows(ex, x, &s.tmp[..tc], d, t);
 
         // Channel mix.
-        self.shift(t, x, &lw.ln2_w, &lw.ln2_b, ffn_shift, s.xx, s.prev);
+        self.shift(ex, t, x, &lw.ln2_w, &lw.ln2_b, ffn_shift, s.xx, s.prev);
         let (xx, prev) = (&s.xx[..tc], &s.prev[..tc]);
-        Self::mixed(t, d, xx, prev, &lw.ffn_x_k, s.vec, s.tmp);
+        Self::mixed(ex, t, d, xx, prev, &lw.ffn_x_k, s.vec, s.tmp);
         let kk = &mut s.wide[..t * c.d_ffn];
         matmul(ex, &s.tmp[..tc], t, &lw.fk, kk)?;
-        kk.iter_mut().for_each(|v| {
-            let r = v.max(0.0);
-            *v = r * r
+        map_rows(ex, kk, c.d_ffn, t, &|_, row| {
+            row.iter_mut().for_each(|v| {
+                let r = v.max(0.0);
+                *v = r * r
+            })
         });
         matmul(ex, kk, t, &lw.fv, s.tmp)?;
-        for (xv, ov) in x.iter_mut().zip(&s.tmp[..tc]) {
-            *xv += ov;
-        }
+        add_rows(ex, x, &s.tmp[..tc], d, t);
         Ok(())
     }
 }
