@@ -296,6 +296,27 @@ pub fn layer_norm_torch_reduced(x: &[f32], w: &Weight, b: &Weight, eps: f32, out
     }
 }
 
+/// The token shift of RWKV-5/6/7: `xx = LN(x)` rows (`shift.len()` wide, split across the
+/// executor); `prev` = the previous row's `xx` (from `shift` for the first), and `shift` ← the
+/// last `xx`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn token_shift(
+    ex: &dyn Exec,
+    t: usize,
+    x: &[f32],
+    (w, b): (&Weight, &Weight),
+    eps: f32,
+    shift: &mut [f32],
+    xx: &mut [f32],
+    prev: &mut [f32],
+) {
+    let d = shift.len();
+    map_rows(ex, xx, d, t, &|tt, row| layer_norm(&x[tt * d..(tt + 1) * d], w, b, eps, row));
+    prev[..d].copy_from_slice(shift);
+    prev[d..t * d].copy_from_slice(&xx[..(t - 1) * d]);
+    shift.copy_from_slice(&xx[(t - 1) * d..t * d]);
+}
+
 /// `out (t, cols) = x (t, rows) @ w`: a product with an `[in, out]` matrix (the LoRAs), row by row
 /// as axpys (the ranks are small), tokens split across the executor. `x` rows are `ldx` apart,
 /// `out` rows `ldo` apart, `w` starts at element `off`.
@@ -421,27 +442,6 @@ impl<'a> Rwkv<'a> {
         Ok(Scratch { xx, dx, tmp, tmp2, r, k, v, g, lw, o, wide, hs })
     }
 
-    /// `xx = LN(x)` rows; `dx` = the previous row's `xx` (from `shift` for the first), and
-    /// `shift` ← the last `xx`.
-    #[allow(clippy::too_many_arguments)]
-    fn shift(
-        &self,
-        ex: &dyn Exec,
-        t: usize,
-        x: &[f32],
-        w: &Weight,
-        b: &Weight,
-        shift: &mut [f32],
-        xx: &mut [f32],
-        prev: &mut [f32],
-    ) {
-        let (d, eps) = (self.cfg.d_model, self.cfg.eps);
-        map_rows(ex, xx, d, t, &|tt, row| layer_norm(&x[tt * d..(tt + 1) * d], w, b, eps, row));
-        prev[..d].copy_from_slice(shift);
-        prev[d..t * d].copy_from_slice(&xx[..(t - 1) * d]);
-        shift.copy_from_slice(&xx[(t - 1) * d..t * d]);
-    }
-
     /// The mixed input of projection `j`: v5 `xx⊙mix + prev⊙(1−mix)`; v6 `xx + (prev−xx)⊙(maa + m)`
     /// with `m` (t, C) at `m` (or none).
     #[allow(clippy::too_many_arguments)]
@@ -495,7 +495,7 @@ impl<'a> Rwkv<'a> {
         let (wkv, ffn_shift) = rest.split_at_mut(h * n * n);
 
         // Time mix: token shift and the mixed inputs.
-        self.shift(ex, t, x, &lw.ln1_w, &lw.ln1_b, att_shift, s.xx, s.dx);
+        token_shift(ex, t, x, (&lw.ln1_w, &lw.ln1_b), c.eps, att_shift, s.xx, s.dx);
         let (xx, prev) = (&s.xx[..tc], &s.dx[..tc]);
         match &lw.mix {
             TimeMix::V5 { mix } => {
@@ -620,7 +620,7 @@ impl<'a> Rwkv<'a> {
         add_rows(ex, x, &s.tmp[..tc], d, t);
 
         // Channel mix.
-        self.shift(ex, t, x, &lw.ln2_w, &lw.ln2_b, ffn_shift, s.xx, s.dx);
+        token_shift(ex, t, x, (&lw.ln2_w, &lw.ln2_b), c.eps, ffn_shift, s.xx, s.dx);
         let (xx, prev) = (&s.xx[..tc], &s.dx[..tc]);
         self.mixed(ex, t, xx, prev, &lw.fmix_r, None, s.tmp);
         matmul(ex, &s.tmp[..tc], t, &lw.fr, s.r)?;

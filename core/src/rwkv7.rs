@@ -33,7 +33,7 @@ use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::exp;
-use crate::rwkv::layer_norm;
+use crate::rwkv::{layer_norm, token_shift};
 use crate::weight::Weight;
 
 /// `e^{−0.5}` as the package writes it (`0.606531`).
@@ -256,27 +256,6 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
         Ok(Scratch { xx, prev, tmp, r, k, v, lw, a, g, kk, o, v_first, wide, vec })
     }
 
-    /// `xx = LN(x)` rows; `prev` = the previous row's `xx` (from `shift` for the first), and
-    /// `shift` ← the last `xx`.
-    #[allow(clippy::too_many_arguments)]
-    fn shift(
-        &self,
-        ex: &dyn Exec,
-        t: usize,
-        x: &[f32],
-        w: &Weight,
-        b: &Weight,
-        shift: &mut [f32],
-        xx: &mut [f32],
-        prev: &mut [f32],
-    ) {
-        let (d, eps) = (self.cfg.d_model, self.cfg.eps);
-        map_rows(ex, xx, d, t, &|tt, or| layer_norm(&x[tt * d..(tt + 1) * d], w, b, eps, or));
-        prev[..d].copy_from_slice(shift);
-        prev[d..t * d].copy_from_slice(&xx[..(t - 1) * d]);
-        shift.copy_from_slice(&xx[(t - 1) * d..t * d]);
-    }
-
     /// `out = xx + (prev − xx) ⊙ mix` (t rows); `vec` (C) holds `mix` read as f32.
     #[allow(clippy::too_many_arguments)]
     fn mixed(
@@ -335,7 +314,7 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
         let (wkv, ffn_shift) = rest.split_at_mut(h * n * n);
 
         // Time mix: token shift, mixed inputs, projections.
-        self.shift(ex, t, x, &lw.ln1_w, &lw.ln1_b, att_shift, s.xx, s.prev);
+        token_shift(ex, t, x, (&lw.ln1_w, &lw.ln1_b), c.eps, att_shift, s.xx, s.prev);
         let (xx, prev) = (&s.xx[..tc], &s.prev[..tc]);
         let id = |v: f32| v;
         for j in 0..6 {
@@ -459,7 +438,7 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
         add_rows(ex, x, &s.tmp[..tc], d, t);
 
         // Channel mix.
-        self.shift(ex, t, x, &lw.ln2_w, &lw.ln2_b, ffn_shift, s.xx, s.prev);
+        token_shift(ex, t, x, (&lw.ln2_w, &lw.ln2_b), c.eps, ffn_shift, s.xx, s.prev);
         let (xx, prev) = (&s.xx[..tc], &s.prev[..tc]);
         Self::mixed(ex, t, d, xx, prev, &lw.ffn_x_k, s.vec, s.tmp);
         let kk = &mut s.wide[..t * c.d_ffn];
