@@ -140,9 +140,7 @@ impl<'a> Shared<'a> {
         let len = len.min(self.len - start);
         core::slice::from_raw_parts_mut(self.ptr.add(start), len)
     }
-}
 
-impl Shared<'_> {
     /// Rows `rows` of a row-major buffer `width` elements wide (the last one clipped).
     ///
     /// # Safety
