@@ -17,7 +17,7 @@ use crate::exec::{map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::{gemm_nt, gemm_raw, matmul};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
+use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus, transpose};
 use crate::weight::Weight;
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -301,13 +301,9 @@ impl<'a> Mamba2<'a> {
         // y ← GroupRMSNorm(y ⊙ fast_silu(z)), norm over groups of di/G channels.
         let gs = di / c.n_groups;
         let zs: &[f32] = zx;
+        let simd = ex.simd();
         map_rows(ex, y, di, t, &|tt, yr| {
-            for (yv, zv) in yr.iter_mut().zip(&zs[tt * nin..tt * nin + di]) {
-                *yv *= fast_silu(*zv);
-            }
-            for (g, yg) in yr.chunks_exact_mut(gs).enumerate() {
-                rmsnorm_inplace(yg, &lw.gate_norm, g * gs, c.eps);
-            }
+            gated_norm_row(simd, yr, &zs[tt * nin..tt * nin + di], &lw.gate_norm, gs, c.eps)
         });
 
         // x ← x + y·W_outᵀ
@@ -354,19 +350,14 @@ impl<'a> Mamba2<'a> {
             }
         };
         let (st, wt): (&[f32], &[f32]) = (conv_state, wt);
+        let simd = ex.simd();
         map_rows(ex, u, cd, t, &|tt, out| {
-            match &lw.conv_b {
-                Some(b) => b.read(0, out),
-                None => out.fill(0.0),
-            }
-            for j in 0..k {
+            let mut src: [&[f32]; 16] = [&[]; 16];
+            for (j, sj) in src[..k].iter_mut().enumerate() {
                 // SAFETY: both sources hold cd channels from the returned pointer (slices above).
-                let src = unsafe { core::slice::from_raw_parts(input(tt as isize - km as isize + j as isize, st), cd) };
-                for ((o, w), x) in out.iter_mut().zip(&wt[j * cd..(j + 1) * cd]).zip(src) {
-                    *o += w * x;
-                }
+                *sj = unsafe { core::slice::from_raw_parts(input(tt as isize - km as isize + j as isize, st), cd) };
             }
-            out.iter_mut().for_each(|v| *v = fast_silu(*v));
+            conv_row(simd, out, lw.conv_b.as_ref(), wt, &src[..k]);
         });
         // New history: inputs t−(k−1) .. t−1; ascending j reads row t+j > j before it is overwritten.
         for j in 0..km {
@@ -539,7 +530,15 @@ impl<'a> Mamba2<'a> {
         let (xo, bo, co) = (hh * p, di + g * n, di + (c.n_groups + g) * n);
         let la = self.log_a();
         let (mm, rest) = hs.split_at_mut(q * q);
-        let (xt, wbt) = rest.split_at_mut(p * q);
+        let (xt, rest) = rest.split_at_mut(p * q);
+        let (wbt, dv) = rest.split_at_mut(n * q);
+        // D for this head's P channels, read once (a per-head D repeated).
+        let dv = &mut dv[..p];
+        if lw.d.len() == nh {
+            dv.fill(lw.d.get(hh));
+        } else {
+            lw.d.read(hh * p, dv);
+        }
         let a = -exp(lw.a_log.get(hh));
         for (blk, t0) in (0..t).step_by(q).enumerate() {
             let len = q.min(t - t0);
@@ -561,30 +560,32 @@ impl<'a> Mamba2<'a> {
                 let yr = unsafe { ys.range((t0 + i) * di + hh * p, p) };
                 let e = fast_exp(cum[i]);
                 let xr = &ub[i * cd + xo..i * cd + xo + p];
-                for (pp, (yv, xv)) in yr.iter_mut().zip(xr).enumerate() {
-                    *yv = *yv * e + self.d_skip(lw, hh, pp) * xv;
+                for ((yv, xv), d) in yr.iter_mut().zip(xr).zip(dv.iter()) {
+                    *yv = *yv * e + d * xv;
                 }
             }
             // Within the block: y += M·x with M_ij = C_i·B_j · exp(cum_i − cum_j) · dt_j (j ≤ i).
+            // Row by row in straight loops (no branch per entry) so the exponentials vectorise.
             for i in 0..len {
-                let row = &mut mm[i * q..i * q + len];
-                for (j, mv) in row.iter_mut().enumerate() {
-                    *mv = if j <= i { tile[i * q + j] * fast_exp(cum[i] - cum[j]) * dth[j] } else { 0.0 };
+                let (row, ci) = (&mut mm[i * q..i * q + len], cum[i]);
+                let (lower, upper) = row.split_at_mut(i + 1);
+                let pairs = tile[i * q..=i * q + i].iter().zip(&cum[..=i]).zip(&dth[..=i]);
+                for (mv, ((tv, cj), dj)) in lower.iter_mut().zip(pairs) {
+                    *mv = tv * fast_exp(ci - cj) * dj;
                 }
+                upper.fill(0.0);
             }
-            for j in 0..len {
-                for pp in 0..p {
-                    xt[pp * q + j] = ub[j * cd + xo + pp];
-                }
-            }
+            transpose(simd, &ub[xo..], cd, len, p, xt, q);
             unsafe { gemm_raw(simd, len, p, len, mm.as_ptr(), q, xt.as_ptr(), q, yp, di, true) };
             // S ← exp(cum_last)·S + Σ_j exp(cum_last − cum_j)·dt_j·x_j·B_jᵀ  (= Xᵀ·(w∘B)).
             let last = cum[len - 1];
-            for j in 0..len {
-                let w = fast_exp(last - cum[j]) * dth[j];
-                for nn in 0..n {
-                    wbt[nn * q + j] = w * ub[j * cd + bo + nn];
-                }
+            transpose(simd, &ub[bo..], cd, len, n, wbt, q);
+            let mut w = [0f32; SSD_BLOCK];
+            for ((wv, cj), dj) in w[..len].iter_mut().zip(&cum[..len]).zip(&dth[..len]) {
+                *wv = fast_exp(last - cj) * dj;
+            }
+            for col in wbt.chunks_exact_mut(q) {
+                col[..len].iter_mut().zip(&w[..len]).for_each(|(v, wv)| *v *= wv);
             }
             let el = fast_exp(last);
             s.iter_mut().for_each(|v| *v *= el);
@@ -688,9 +689,64 @@ impl Mamba2<'_> {
     }
 }
 
-/// Per-head SSD scratch: M `(Q, Q)`, Xᵀ `(P, Q)`, (w∘B)ᵀ `(N, Q)`.
+/// One token of the causal conv: `out = silu(bias + Σ_j wt[j]·src[j])`, `wt (k, cd)`, `src` the
+/// k input rows oldest first; compiled for AVX2 where `simd` allows (bit for bit the same sums).
+fn conv_row(simd: Simd, out: &mut [f32], bias: Option<&Weight>, wt: &[f32], src: &[&[f32]]) {
+    #[inline(always)]
+    fn body(out: &mut [f32], bias: Option<&Weight>, wt: &[f32], src: &[&[f32]]) {
+        match bias {
+            Some(b) => b.read(0, out),
+            None => out.fill(0.0),
+        }
+        let cd = out.len();
+        for (wj, xj) in wt.chunks_exact(cd).zip(src) {
+            for ((o, w), x) in out.iter_mut().zip(wj).zip(*xj) {
+                *o += w * x;
+            }
+        }
+        out.iter_mut().for_each(|v| *v = fast_silu(*v));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd.has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(out: &mut [f32], bias: Option<&Weight>, wt: &[f32], src: &[&[f32]]) {
+            body(out, bias, wt, src)
+        }
+        // SAFETY: the host reported AVX2 and FMA at run time.
+        return unsafe { avx2(out, bias, wt, src) };
+    }
+    let _ = simd;
+    body(out, bias, wt, src)
+}
+
+/// `y ← GroupRMSNorm(y ⊙ silu(z))` over groups of `gs` channels, one token; compiled for AVX2
+/// where `simd` allows.
+fn gated_norm_row(simd: Simd, y: &mut [f32], z: &[f32], w: &Weight, gs: usize, eps: f32) {
+    #[inline(always)]
+    fn body(y: &mut [f32], z: &[f32], w: &Weight, gs: usize, eps: f32) {
+        for (yv, zv) in y.iter_mut().zip(z) {
+            *yv *= fast_silu(*zv);
+        }
+        for (g, yg) in y.chunks_exact_mut(gs).enumerate() {
+            rmsnorm_inplace(yg, w, g * gs, eps);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd.has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(y: &mut [f32], z: &[f32], w: &Weight, gs: usize, eps: f32) {
+            body(y, z, w, gs, eps)
+        }
+        // SAFETY: the host reported AVX2 and FMA at run time.
+        return unsafe { avx2(y, z, w, gs, eps) };
+    }
+    let _ = simd;
+    body(y, z, w, gs, eps)
+}
+
+/// Per-head SSD scratch: M `(Q, Q)`, Xᵀ `(P, Q)`, (w∘B)ᵀ `(N, Q)`, D `(P)`.
 fn head_scratch(c: &Config) -> usize {
-    SSD_BLOCK * (SSD_BLOCK + c.head_dim + c.d_state)
+    SSD_BLOCK * (SSD_BLOCK + c.head_dim + c.d_state) + c.head_dim
 }
 
 impl Stack for Mamba2<'_> {

@@ -133,8 +133,114 @@ pub fn log_sum_exp(simd: crate::exec::Simd, x: &[f32]) -> f32 {
     body(x)
 }
 
+/// `dst[c·ldd + r] = src[r·lds + c]` for `r < rows`, `c < cols`: 8 × 8 tiles, in registers when
+/// `simd` has AVX (the scans' operands are stored token-major and the GEMM contracts along rows).
+pub fn transpose(
+    simd: crate::exec::Simd,
+    src: &[f32],
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    ldd: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(src.len() >= (rows - 1) * lds + cols && dst.len() >= (cols - 1) * ldd + rows);
+    #[cfg(target_arch = "x86_64")]
+    if simd.has_avx2() {
+        // SAFETY: the host reported AVX at run time; the bounds were checked above.
+        return unsafe { transpose_avx(src.as_ptr(), lds, rows, cols, dst.as_mut_ptr(), ldd) };
+    }
+    let _ = simd;
+    for r0 in (0..rows).step_by(8) {
+        for c0 in (0..cols).step_by(8) {
+            for r in r0..(r0 + 8).min(rows) {
+                for c in c0..(c0 + 8).min(cols) {
+                    dst[c * ldd + r] = src[r * lds + c];
+                }
+            }
+        }
+    }
+}
+
+/// [`transpose`] with whole 8 × 8 tiles in ymm registers and the edges element by element.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_avx(src: *const f32, lds: usize, rows: usize, cols: usize, dst: *mut f32, ldd: usize) {
+    use core::arch::x86_64::*;
+    let (rf, cf) = (rows / 8 * 8, cols / 8 * 8);
+    for r0 in (0..rf).step_by(8) {
+        for c0 in (0..cf).step_by(8) {
+            let s = src.add(r0 * lds + c0);
+            let r: [__m256; 8] = core::array::from_fn(|i| _mm256_loadu_ps(s.add(i * lds)));
+            // Rows a…h: pairs, then quads within each 128-bit lane, then the lanes.
+            let t: [__m256; 8] = core::array::from_fn(|i| {
+                let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_ps(x, y)
+                } else {
+                    _mm256_unpackhi_ps(x, y)
+                }
+            });
+            let q = [
+                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+            ];
+            let d = dst.add(c0 * ldd + r0);
+            for i in 0..4 {
+                _mm256_storeu_ps(d.add(i * ldd), _mm256_permute2f128_ps::<0x20>(q[i], q[i + 4]));
+                _mm256_storeu_ps(d.add((i + 4) * ldd), _mm256_permute2f128_ps::<0x31>(q[i], q[i + 4]));
+            }
+        }
+    }
+    for r in 0..rows {
+        let c_start = if r < rf { cf } else { 0 };
+        for c in c_start..cols {
+            *dst.add(c * ldd + r) = *src.add(r * lds + c);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use crate::exec::Simd;
+    use std::vec::Vec;
+
+    /// Every shape around the 8 × 8 tiles, strided both sides, on both paths: each element lands
+    /// once where it belongs and nothing outside the destination's rectangle is written.
+    #[test]
+    fn transpose_moves_each_element_once() {
+        #[cfg(target_arch = "x86_64")]
+        let avx = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx = false;
+        for simd in [Simd::Portable, Simd::Avx2].into_iter().filter(|s| avx || *s == Simd::Portable) {
+            for rows in [1, 7, 8, 9, 16, 17, 64] {
+                for cols in [1, 3, 8, 15, 16, 64, 130] {
+                    let (lds, ldd) = (cols + 3, rows + 5);
+                    let src: Vec<f32> = (0..rows * lds).map(|i| i as f32).collect();
+                    let mut dst = std::vec![-1f32; cols * ldd];
+                    super::transpose(simd, &src, lds, rows, cols, &mut dst, ldd);
+                    for c in 0..cols {
+                        for r in 0..ldd {
+                            let want = if r < rows { src[r * lds + c] } else { -1.0 };
+                            assert_eq!(dst[c * ldd + r], want, "{simd:?} rows {rows} cols {cols} at ({c}, {r})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn fast_exp_matches_libm() {
         let mut worst = 0f32;

@@ -106,6 +106,7 @@ impl<'a> Weight<'a> {
     }
 
     /// Copies elements `start..start+out.len()` into `out` as f32.
+    #[inline]
     pub fn read(&self, start: usize, out: &mut [f32]) {
         with_slice!(self.data, s => {
             for (o, v) in out.iter_mut().zip(s.iter().skip(start)) {

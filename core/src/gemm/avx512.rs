@@ -67,24 +67,36 @@ pub unsafe fn gemm<E: Kernel>(
             let kc = (k - k0).min(KC);
             pack(b.add(j0 * ldb + k0), ldb, nw, kc, &mut panel);
             let tile = Tile { lda, panel: panel.as_ptr(), kc, ldc, masks, load_c: acc || k0 > 0 };
-            let mut i = 0;
-            while i < m {
-                let (ap, cp) = (a.add(i * lda + k0), c.add(i * ldc + j0));
-                match (m - i).min(MR) {
-                    1 => micro::<1>(&tile, ap, cp),
-                    2 => micro::<2>(&tile, ap, cp),
-                    3 => micro::<3>(&tile, ap, cp),
-                    4 => micro::<4>(&tile, ap, cp),
-                    5 => micro::<5>(&tile, ap, cp),
-                    6 => micro::<6>(&tile, ap, cp),
-                    7 => micro::<7>(&tile, ap, cp),
-                    _ => micro::<MR>(&tile, ap, cp),
-                }
-                i += MR;
+            let (ap, cp) = (a.add(k0), c.add(j0));
+            // A narrower last panel sweeps only the vectors it fills.
+            match nw.div_ceil(16) {
+                1 => sweep::<1>(m, &tile, ap, cp),
+                2 => sweep::<2>(m, &tile, ap, cp),
+                _ => sweep::<NV>(m, &tile, ap, cp),
             }
             k0 += kc;
         }
         j0 += NP;
+    }
+}
+
+/// Every [`MR`]-row micro-tile of one panel, `V` of its vectors wide.
+#[inline(always)]
+unsafe fn sweep<const V: usize>(m: usize, tile: &Tile, a: *const f32, c: *mut f32) {
+    let mut i = 0;
+    while i < m {
+        let (ap, cp) = (a.add(i * tile.lda), c.add(i * tile.ldc));
+        match (m - i).min(MR) {
+            1 => micro::<1, V>(tile, ap, cp),
+            2 => micro::<2, V>(tile, ap, cp),
+            3 => micro::<3, V>(tile, ap, cp),
+            4 => micro::<4, V>(tile, ap, cp),
+            5 => micro::<5, V>(tile, ap, cp),
+            6 => micro::<6, V>(tile, ap, cp),
+            7 => micro::<7, V>(tile, ap, cp),
+            _ => micro::<MR, V>(tile, ap, cp),
+        }
+        i += MR;
     }
 }
 
@@ -101,13 +113,14 @@ struct Tile {
     load_c: bool,
 }
 
-/// Panel `[l·NP + jj] = b[jj·ldb + l]` widened to f32, for `jj < nw`, `l < kc`; zero for `jj ≥ nw`:
+/// Panel `[l·NP + jj] = b[jj·ldb + l]` widened to f32, for `jj < nw`, `l < kc`; zero for `nw ≤ jj`
+/// up to the next 16 (the vectors past that are not read):
 /// 16 rows × 16 columns at a time, widened on load and transposed in registers.
 #[inline(always)]
 unsafe fn pack<E: Kernel>(b: *const E, ldb: usize, nw: usize, kc: usize, panel: &mut [f32; KC * NP]) {
     let k16 = kc / 16 * 16;
     let out = panel.as_mut_ptr();
-    for r0 in (0..NP).step_by(16) {
+    for r0 in (0..nw.div_ceil(16) * 16).step_by(16) {
         let mut l = 0;
         while l < k16 {
             let mut r: [__m512; 16] = core::array::from_fn(|q| {
@@ -163,11 +176,11 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
     }
 }
 
-/// `R` rows of `c` (at `cp`, `NP` wide under the masks) from `R` rows of `a` (at `ap`) and the
-/// panel: `R · NV` accumulators, one broadcast per row and `NV` panel loads per step.
+/// `R` rows of `c` (at `cp`, `16·V` wide under the masks) from `R` rows of `a` (at `ap`) and the
+/// panel's first `V` vectors: `R · V` accumulators, one broadcast per row and `V` panel loads per step.
 #[inline(always)]
-unsafe fn micro<const R: usize>(t: &Tile, ap: *const f32, cp: *mut f32) {
-    let mut s = [[_mm512_setzero_ps(); NV]; R];
+unsafe fn micro<const R: usize, const V: usize>(t: &Tile, ap: *const f32, cp: *mut f32) {
+    let mut s = [[_mm512_setzero_ps(); V]; R];
     if t.load_c {
         for (i, row) in s.iter_mut().enumerate() {
             for (v, sv) in row.iter_mut().enumerate() {
@@ -176,7 +189,7 @@ unsafe fn micro<const R: usize>(t: &Tile, ap: *const f32, cp: *mut f32) {
         }
     }
     for l in 0..t.kc {
-        let bv: [__m512; NV] = core::array::from_fn(|v| _mm512_loadu_ps(t.panel.add(l * NP + 16 * v)));
+        let bv: [__m512; V] = core::array::from_fn(|v| _mm512_loadu_ps(t.panel.add(l * NP + 16 * v)));
         for (i, row) in s.iter_mut().enumerate() {
             let av = _mm512_set1_ps(*ap.add(i * t.lda + l));
             for (sv, &b) in row.iter_mut().zip(&bv) {

@@ -30,9 +30,12 @@ pub mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod bf16;
 
-/// Output rows per task are a multiple of this: whole panels for [`avx512::gemm`], whole groups
-/// of four for the GEMV and the dot-product tiles.
-const PANEL_ROWS: usize = 32;
+/// Output rows per task are a multiple of this: whole panels for [`avx512::gemm`] (with 32, a task
+/// of 448 rows ended in a panel of 16 that cost a third of a whole one's work for a third of its
+/// outputs), whole groups of four for the GEMV and the dot-product tiles.
+const PANEL_ROWS: usize = 48;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(PANEL_ROWS.is_multiple_of(avx512::NP) && PANEL_ROWS.is_multiple_of(4));
 
 /// `out (t, w.rows) = x (t, w.cols) · wᵀ`, split over the executor by blocks of output rows.
 pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -> Result<(), Error> {
