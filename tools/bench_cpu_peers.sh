@@ -49,7 +49,7 @@ LLAMA_VERSION=0.3.36
 SRC=$PEERS_DIR/llama-cpp-python-$LLAMA_VERSION
 LLAMA=$SRC/vendor/llama.cpp
 BIN=$LLAMA/build/bin
-STUFFED=$ROOT/target/release/stuffed
+STUFFED=${STUFFED:-$ROOT/target/release/stuffed}  # another binary: STUFFED=/path/to/stuffed
 TEXT=$ROOT/host/assets/corpus/austen_persuasion.txt
 mkdir -p "$PEERS_DIR"
 say() { echo "bench_cpu_peers: $*" >&2; }

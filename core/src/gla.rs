@@ -17,7 +17,7 @@
 use crate::exec::{Shared, Simd};
 use crate::forget::WindowAt;
 use crate::gemm::{gemm_nt, gemm_raw};
-use crate::ops::{exp, fast_exp};
+use crate::ops::{exp, fast_exp, transpose};
 
 /// Tokens per block of the chunked form.
 pub const BLOCK: usize = 64;
@@ -179,16 +179,9 @@ unsafe fn chunked_body(
             for c in 0..kd {
                 qt[i * kd + c] = qr[c] * fast_exp(bq[i * kd + c]);
             }
-            let vr = &h.v[(t0 + i) * h.ldv + h.voff..][..vd];
-            for (j, &vv) in vr.iter().enumerate() {
-                vt[j * q + i] = vv;
-            }
         }
-        for i in 0..kd {
-            for j in 0..vd {
-                st[j * kd + i] = s[i * vd + j];
-            }
-        }
+        transpose(simd, &h.v[t0 * h.ldv + h.voff..], h.ldv, len, vd, vt, q);
+        transpose(simd, s, vd, kd, vd, st, kd);
         // o = q̃·S (the state entering the block).
         let op = o.ptr().add(t0 * ldo + ooff);
         gemm_raw(simd, len, vd, kd, qt.as_ptr(), kd, st.as_ptr(), kd, op, ldo, false);

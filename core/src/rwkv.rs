@@ -18,13 +18,13 @@
 //! Under `Forget::Window { r }` the state continues with one [`gla::window_len`] cache per layer
 //! and then two values (position mod r, filled).
 use crate::error::{need, Error};
-use crate::exec::{add_rows, map_rows, Exec, Shared};
+use crate::exec::{add_rows, for_row_blocks, map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, silu};
-use crate::weight::{DType, Data, Weight};
+use crate::weight::{with_slice, DType, Data, Elem, Weight};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -188,9 +188,13 @@ pub fn layer_norm(x: &[f32], w: &Weight, b: &Weight, eps: f32, out: &mut [f32]) 
     let mean = x.iter().sum::<f32>() / n;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
     let inv = 1.0 / libm::sqrtf(var + eps);
-    for (i, (o, v)) in out.iter_mut().zip(x).enumerate() {
-        *o = (v - mean) * inv * w.get(i) + b.get(i);
-    }
+    w.for_chunks(0, x.len(), |i0, wc| {
+        b.for_chunks(i0, wc.len(), |_, bc| {
+            for (((o, v), wv), bv) in out[i0..].iter_mut().zip(&x[i0..]).zip(wc).zip(bc) {
+                *o = (v - mean) * inv * wv + bv;
+            }
+        })
+    });
 }
 
 /// Float lanes of torch's CPU LayerNorm kernel as x86-64 torch 2.15 runs it for a bf16/f16 row
@@ -291,9 +295,13 @@ pub fn layer_norm_torch_reduced(x: &[f32], w: &Weight, b: &Weight, eps: f32, out
     let var = m2 / len as f32;
     let rstd = 1.0 / libm::sqrtf(var + eps);
     let shift = -rstd * mean;
-    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-        *o = libm::fmaf(libm::fmaf(v, rstd, shift), w.get(i), b.get(i));
-    }
+    w.for_chunks(0, x.len(), |i0, wc| {
+        b.for_chunks(i0, wc.len(), |_, bc| {
+            for (((o, &v), wv), bv) in out[i0..].iter_mut().zip(&x[i0..]).zip(wc).zip(bc) {
+                *o = libm::fmaf(libm::fmaf(v, rstd, shift), *wv, *bv);
+            }
+        })
+    });
 }
 
 /// The token shift of RWKV-5/6/7: `xx = LN(x)` rows (`shift.len()` wide, split across the
@@ -332,22 +340,89 @@ fn matmul_in_out(
     out: &mut [f32],
     ldo: usize,
 ) {
-    /// One token: `o (cols) = x (rows) · w (rows, cols)`.
-    fn body<E: crate::weight::Elem>(x: &[f32], w: &[E], o: &mut [f32]) {
-        o.fill(0.0);
-        for (wr, &xv) in w.chunks_exact(o.len()).zip(x) {
-            for (ov, wv) in o.iter_mut().zip(wr) {
-                *ov += xv * wv.f32();
+    /// `NT` ≤ 4 tokens (`x` rows `ldx` apart, `o` rows `ldo` apart): `o = x · w (rows, cols)`, by
+    /// blocks of 16 outputs held in registers for the `NT` tokens while the weight rows stream
+    /// past, and the last `cols mod 16` by axpys. Every output sums over the rows in order (a
+    /// product, then a sum), as one token's axpys did.
+    #[inline(always)]
+    fn block<E: Elem, const NT: usize>(x: &[f32], ldx: usize, w: &[E], o: &mut [f32], ldo: usize, cols: usize) {
+        const CB: usize = 16;
+        let full = cols / CB * CB;
+        for c0 in (0..full).step_by(CB) {
+            let mut acc = [[0f32; CB]; NT];
+            for (i, wr) in w.chunks_exact(cols).enumerate() {
+                let mut wv = [0f32; CB];
+                for (d, v) in wv.iter_mut().zip(&wr[c0..c0 + CB]) {
+                    *d = v.f32();
+                }
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let xv = x[r * ldx + i];
+                    for (a, wj) in ar.iter_mut().zip(&wv) {
+                        *a += xv * wj;
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                o[r * ldo + c0..r * ldo + c0 + CB].copy_from_slice(ar);
+            }
+        }
+        if full < cols {
+            for r in 0..NT {
+                o[r * ldo + full..r * ldo + cols].fill(0.0);
+            }
+            for (i, wr) in w.chunks_exact(cols).enumerate() {
+                for r in 0..NT {
+                    let xv = x[r * ldx + i];
+                    for (ov, wv) in o[r * ldo + full..r * ldo + cols].iter_mut().zip(&wr[full..]) {
+                        *ov += xv * wv.f32();
+                    }
+                }
             }
         }
     }
-    let n = rows * cols;
-    map_rows(ex, out, ldo, t, &|tt, o| {
-        let (x, o) = (&x[tt * ldx..tt * ldx + rows], &mut o[..cols]);
-        match w.data {
-            Data::F32(s) => body(x, &s[off..off + n], o),
-            Data::Bf16(s) => body(x, &s[off..off + n], o),
-            Data::F16(s) => body(x, &s[off..off + n], o),
+    #[inline(always)]
+    fn body<E: Elem>(x: &[f32], ldx: usize, nt: usize, w: &[E], o: &mut [f32], ldo: usize, cols: usize) {
+        match nt {
+            1 => block::<E, 1>(x, ldx, w, o, ldo, cols),
+            2 => block::<E, 2>(x, ldx, w, o, ldo, cols),
+            3 => block::<E, 3>(x, ldx, w, o, ldo, cols),
+            _ => block::<E, 4>(x, ldx, w, o, ldo, cols),
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch<E: Elem>(
+        simd: Simd,
+        x: &[f32],
+        ldx: usize,
+        nt: usize,
+        w: &[E],
+        o: &mut [f32],
+        ldo: usize,
+        cols: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if simd.has_avx2() {
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2<E: Elem>(x: &[f32], ldx: usize, nt: usize, w: &[E], o: &mut [f32], ldo: usize, cols: usize) {
+                body(x, ldx, nt, w, o, ldo, cols)
+            }
+            // SAFETY: the host reported AVX2 and FMA at run time.
+            return unsafe { avx2(x, ldx, nt, w, o, ldo, cols) };
+        }
+        let _ = simd;
+        body(x, ldx, nt, w, o, ldo, cols)
+    }
+    let (n, simd) = (rows * cols, ex.simd());
+    let len = out.len().min(t * ldo);
+    let shared = Shared::new(&mut out[..len]);
+    for_row_blocks(ex, t, &|blk| {
+        for r0 in blk.clone().step_by(4) {
+            let nt = 4.min(blk.end - r0);
+            // SAFETY: the blocks of one `for_row_blocks` call are disjoint; rows r0..r0+nt are this block's.
+            let o = unsafe { shared.range(r0 * ldo, (nt - 1) * ldo + cols) };
+            let x = &x[r0 * ldx..];
+            with_slice!(w.data, s => dispatch(simd, x, ldx, nt, &s[off..off + n], o, ldo, cols));
         }
     });
 }
@@ -460,18 +535,20 @@ impl<'a> Rwkv<'a> {
             let r = tt * d..(tt + 1) * d;
             let (a, p) = (&xx[r.clone()], &prev[r]);
             match self.cfg.version {
-                Version::V5_2 => {
-                    for i in 0..d {
-                        let m = mix.get(i);
-                        o[i] = a[i] * m + p[i] * (1.0 - m);
+                Version::V5_2 => mix.for_chunks(0, d, |i0, mc| {
+                    for (((o, a), p), &m) in o[i0..].iter_mut().zip(&a[i0..]).zip(&p[i0..]).zip(mc) {
+                        *o = a * m + p * (1.0 - m);
                     }
-                }
-                Version::V6 => {
-                    for i in 0..d {
-                        let m = mix.get(i) + lora.map_or(0.0, |l| l[tt * d + i]);
-                        o[i] = a[i] + (p[i] - a[i]) * m;
+                }),
+                Version::V6 => mix.for_chunks(0, d, |i0, mc| {
+                    let os = o[i0..].iter_mut().zip(&a[i0..]).zip(&p[i0..]).zip(mc);
+                    match lora {
+                        Some(l) => {
+                            os.zip(&l[tt * d + i0..]).for_each(|((((o, a), p), mv), lv)| *o = a + (p - a) * (mv + lv))
+                        }
+                        None => os.for_each(|(((o, a), p), mv)| *o = a + (p - a) * (mv + 0.0)),
                     }
-                }
+                }),
             }
         });
     }
@@ -508,9 +585,7 @@ impl<'a> Rwkv<'a> {
                 self.mixed(ex, t, xx, prev, &mix[3], None, s.tmp);
                 matmul(ex, &s.tmp[..tc], t, &lw.wg, s.g)?;
                 map_rows(ex, s.lw, d, t, &|_, row| {
-                    for (i, v) in row.iter_mut().enumerate() {
-                        *v = -exp(lw.decay.get(i));
-                    }
+                    lw.decay.for_chunks(0, d, |i0, dc| row[i0..].iter_mut().zip(dc).for_each(|(v, dv)| *v = -exp(*dv)));
                 });
             }
             TimeMix::V6 { maa_x, maa, w1, w2, dw1, dw2 } => {
@@ -539,9 +614,8 @@ impl<'a> Rwkv<'a> {
                 map_rows(ex, s.wide, wide, t, &|_, row| row[..dd].iter_mut().for_each(|v| *v = libm::tanhf(*v)));
                 matmul_in_out(ex, s.wide, wide, t, dw2, 0, (dd, d), s.lw, d);
                 map_rows(ex, s.lw, d, t, &|_, row| {
-                    for (i, v) in row.iter_mut().enumerate() {
-                        *v = -exp(lw.decay.get(i) + *v);
-                    }
+                    lw.decay
+                        .for_chunks(0, d, |i0, dc| row[i0..].iter_mut().zip(dc).for_each(|(v, dv)| *v = -exp(dv + *v)));
                 });
             }
         }
@@ -610,10 +684,13 @@ impl<'a> Rwkv<'a> {
                 let mean = oh.iter().sum::<f32>() / n as f32;
                 let var = oh.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
                 let inv = 1.0 / libm::sqrtf(var + c.gn_eps);
-                for (i, v) in oh.iter_mut().enumerate() {
-                    let ch = hh * n + i;
-                    *v = ((*v - mean) * inv * lw.lnx_w.get(ch) + lw.lnx_b.get(ch)) * grow[ch];
-                }
+                let h0 = hh * n;
+                lw.lnx_w.for_chunks(h0, n, |i0, wc| {
+                    lw.lnx_b.for_chunks(h0 + i0, wc.len(), |_, bc| {
+                        let vs = oh[i0..].iter_mut().zip(wc).zip(bc).zip(&grow[h0 + i0..]);
+                        vs.for_each(|(((v, wv), bv), gv)| *v = ((*v - mean) * inv * wv + bv) * gv);
+                    })
+                });
             }
         });
         matmul(ex, &s.o[..tc], t, &lw.wo, s.tmp)?;

@@ -115,6 +115,22 @@ impl<'a> Weight<'a> {
         })
     }
 
+    /// `f(i0, w[start + i0 ..][..n])` as f32 for the `len` elements from `start`, 256 at a time
+    /// through a stack buffer: one dtype dispatch a chunk instead of one an element ([`Self::get`]),
+    /// so the loop in `f` vectorises.
+    #[inline]
+    pub fn for_chunks(&self, start: usize, len: usize, mut f: impl FnMut(usize, &[f32])) {
+        const CHUNK: usize = 256;
+        let mut buf = [0f32; CHUNK];
+        let mut i0 = 0;
+        while i0 < len {
+            let n = CHUNK.min(len - i0);
+            self.read(start + i0, &mut buf[..n]);
+            f(i0, &buf[..n]);
+            i0 += n;
+        }
+    }
+
     /// `x[i] *= s · w[offset + i]` (one dtype dispatch for the whole slice, so it vectorises).
     #[inline]
     pub fn scale_into(&self, offset: usize, s: f32, x: &mut [f32]) {
@@ -129,5 +145,33 @@ impl<'a> Weight<'a> {
     pub fn row(&self, r: usize, out: &mut [f32]) {
         let n = self.cols.min(out.len());
         self.read(r * self.cols, &mut out[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunks past the 256-element buffer, from an offset, on every dtype: each element is handed
+    /// over once, at its index, with [`Weight::get`]'s value.
+    #[test]
+    fn for_chunks_visits_each_element_once_with_get_s_value() {
+        const N: usize = 1100;
+        let f: [f32; N] = core::array::from_fn(|i| i as f32 * 0.25 - 3.0);
+        let b: [bf16; N] = core::array::from_fn(|i| bf16::from_f32(f[i]));
+        let h: [f16; N] = core::array::from_fn(|i| f16::from_f32(f[i]));
+        for data in [Data::F32(&f), Data::Bf16(&b), Data::F16(&h)] {
+            let Ok(w) = Weight::new(data, 1, N) else { panic!("a 1 × {N} view") };
+            for (start, len) in [(0, N), (3, 700), (256, 256), (5, 0), (1000, 100)] {
+                let mut seen = [0u8; N];
+                w.for_chunks(start, len, |i0, c| {
+                    for (j, &v) in c.iter().enumerate() {
+                        assert_eq!(v, w.get(start + i0 + j), "start {start} len {len} at {}", i0 + j);
+                        seen[i0 + j] += 1;
+                    }
+                });
+                assert!(seen[..len].iter().all(|&s| s == 1) && seen[len..].iter().all(|&s| s == 0));
+            }
+        }
     }
 }
