@@ -132,20 +132,23 @@ impl<'m> Session<'m> {
             if per_token {
                 for (i, (&tok, row)) in part.iter().zip(hidden.chunks_exact_mut(d)).enumerate() {
                     let (state, scratch, ex) = (&mut self.state, &mut self.scratch, &self.ex);
-                    let ran = match probe.as_deref_mut() {
+                    let probe = probe.as_deref_mut();
+                    let ran = ex.run(|| match probe {
                         Some(p) => net.run(ex, &[tok], state, scratch, row, Some(p), Scan::Recurrent),
                         None => net.step(ex, tok, state, scratch, row),
-                    };
+                    });
                     let at = self.pos + i as u64;
                     ran.map_err(|e| explain(self.model, e, at, 1))?;
                     round_state(self.model, &mut self.state, &self.round_ranges, self.precision, at)?;
                 }
             } else {
-                let ran = match probe.as_deref_mut() {
-                    Some(p) => net.forward_probed(&self.ex, part, &mut self.state, &mut self.scratch, hidden, p),
-                    None if self.chunk == 1 => net.step(&self.ex, part[0], &mut self.state, &mut self.scratch, hidden),
-                    None => net.forward(&self.ex, part, &mut self.state, &mut self.scratch, hidden),
-                };
+                let (state, scratch, ex, chunk) = (&mut self.state, &mut self.scratch, &self.ex, self.chunk);
+                let probe = probe.as_deref_mut();
+                let ran = ex.run(|| match probe {
+                    Some(p) => net.forward_probed(ex, part, state, scratch, hidden, p),
+                    None if chunk == 1 => net.step(ex, part[0], state, scratch, hidden),
+                    None => net.forward(ex, part, state, scratch, hidden),
+                });
                 ran.map_err(|e| explain(self.model, e, self.pos, n))?;
                 if rounded {
                     let at = self.pos + n as u64 - 1;
@@ -190,7 +193,8 @@ impl<'m> Session<'m> {
     /// `out (t, vocab_rows)` logits of the last `t` positions fed (their hidden rows); a non-finite
     /// logit is an error.
     pub fn logits(&self, hidden: &[f32], t: usize, out: &mut [f32]) -> Result<()> {
-        self.model.net().logits(&self.ex, hidden, t, out)?;
+        let (net, ex) = (self.model.net(), &self.ex);
+        ex.run(|| net.logits(ex, hidden, t, out))?;
         check_logits(self.model, out, self.pos.saturating_sub(t as u64))
     }
 }
