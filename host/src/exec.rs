@@ -254,3 +254,21 @@ impl Exec for Pool {
         self.mode
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The session's work runs on a worker of the pool (so the products inside split by work
+    /// stealing), and a call from a worker runs in place rather than queueing behind itself.
+    #[test]
+    fn run_moves_the_work_onto_a_pool_worker() {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(2).build_global();
+        let pool = Pool::new();
+        assert!(pool.threads() >= 2, "the global pool has {} threads", pool.threads());
+        assert_eq!(rayon::current_thread_index(), None);
+        let outer = pool.run(|| (rayon::current_thread_index(), pool.run(rayon::current_thread_index)));
+        assert!(outer.0.is_some(), "ran on the calling thread");
+        assert_eq!(outer.0, outer.1, "a nested call moved to another worker");
+    }
+}
