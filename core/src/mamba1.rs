@@ -23,7 +23,7 @@ use crate::exec::{map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{dot, exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
+use crate::ops::{causal_conv_silu, dot, exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
 use crate::weight::Weight;
 
 /// Channels per parallel task of the scan (the chunked form's vector width across channels).
@@ -296,7 +296,7 @@ impl<'a> Mamba1<'a> {
 
         // Causal depthwise conv over x, continuing from the k−1 inputs kept in the state.
         let u = &mut s.u[..t * di];
-        self.conv(ex, lw, t, xz, conv_state, s.wt, u);
+        causal_conv_silu(ex, &lw.conv_w, lw.conv_b.as_ref(), t, xz, 2 * c.d_inner, conv_state, s.wt, u);
 
         // [dt_r | B | C] = u·W_xᵀ;  Δ = softplus(dt_r·W_dtᵀ + b_dt), then Δ′ = c·Δ, B′ = b·B.
         let xdb = &mut s.xdb[..t * xr_rows];
@@ -363,59 +363,6 @@ impl<'a> Mamba1<'a> {
             }
         });
         Ok(())
-    }
-
-    /// `u[t, c] = silu(bias[c] + Σ_j w[c, j]·in[t − (k−1) + j])`, where `in` before the call comes
-    /// from the state (rows of di channels, oldest first); then the state keeps the last k−1 inputs.
-    #[allow(clippy::too_many_arguments)]
-    fn conv(
-        &self,
-        ex: &dyn Exec,
-        lw: &Layer,
-        t: usize,
-        xz: &[f32],
-        conv_state: &mut [f32],
-        wt: &mut [f32],
-        u: &mut [f32],
-    ) {
-        let c = &self.cfg;
-        let (di, k) = (c.d_inner, c.d_conv);
-        let km = k - 1;
-        for ch in 0..di {
-            for j in 0..k {
-                wt[j * di + ch] = lw.conv_w.get(ch * k + j);
-            }
-        }
-        let (st, wt): (&[f32], &[f32]) = (conv_state, wt);
-        map_rows(ex, u, di, t, &|tt, out| {
-            match &lw.conv_b {
-                Some(b) => b.read(0, out),
-                None => out.fill(0.0),
-            }
-            for j in 0..k {
-                let tau = tt as isize - km as isize + j as isize;
-                let src = if tau < 0 {
-                    let row = (km as isize + tau) as usize;
-                    &st[row * di..(row + 1) * di]
-                } else {
-                    &xz[tau as usize * 2 * di..tau as usize * 2 * di + di]
-                };
-                for ((o, w), xv) in out.iter_mut().zip(&wt[j * di..(j + 1) * di]).zip(src) {
-                    *o += w * xv;
-                }
-            }
-            out.iter_mut().for_each(|v| *v = fast_silu(*v));
-        });
-        // New history: inputs t−(k−1) .. t−1; ascending j reads row t+j > j before it is overwritten.
-        for j in 0..km {
-            let tau = t as isize - km as isize + j as isize;
-            if tau < 0 {
-                conv_state.copy_within((t + j) * di..(t + j + 1) * di, j * di);
-            } else {
-                let src = &xz[tau as usize * 2 * di..tau as usize * 2 * di + di];
-                conv_state[j * di..(j + 1) * di].copy_from_slice(src);
-            }
-        }
     }
 
     /// The literal recurrence, token after token, per channel:

@@ -17,7 +17,9 @@ use crate::exec::{map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::{gemm_nt, gemm_raw, matmul};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{axpy, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus, transpose};
+use crate::ops::{
+    axpy, causal_conv_silu, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus, transpose,
+};
 use crate::weight::Weight;
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -259,7 +261,7 @@ impl<'a> Mamba2<'a> {
 
         // Causal depthwise conv over xBC, continuing from the k−1 inputs kept in the state.
         let u = &mut s.u[..t * cd];
-        self.conv(ex, lw, t, zx, conv_state, s.wt, u);
+        causal_conv_silu(ex, &lw.conv_w, lw.conv_b.as_ref(), t, &zx[c.d_inner()..], nin, conv_state, s.wt, u);
 
         // dt = clamp(softplus(dt_raw + dt_bias)), then the forgetting knobs: Δ′ = c·Δ, B′ = b·B.
         let nh = c.n_heads;
@@ -317,58 +319,6 @@ impl<'a> Mamba2<'a> {
             }
         });
         Ok(())
-    }
-
-    /// `u[t, c] = silu(bias[c] + Σ_j w[c, j]·in[t − (k−1) + j])`, where `in` before the chunk comes
-    /// from the state (rows of cd channels, oldest first); then the state keeps the last k−1 inputs.
-    /// Token-major so every step is a contiguous axpy over channels.
-    #[allow(clippy::too_many_arguments)]
-    fn conv(
-        &self,
-        ex: &dyn Exec,
-        lw: &Layer,
-        t: usize,
-        zx: &[f32],
-        conv_state: &mut [f32],
-        wt: &mut [f32],
-        u: &mut [f32],
-    ) {
-        let c = &self.cfg;
-        let (di, nin, cd, k) = (c.d_inner(), c.in_proj_rows(), c.conv_dim(), c.d_conv);
-        let km = k - 1;
-        // wt (k, cd) = conv weightᵀ
-        for ch in 0..cd {
-            for j in 0..k {
-                wt[j * cd + ch] = lw.conv_w.get(ch * k + j);
-            }
-        }
-        let input = |tau: isize, st: &[f32]| -> *const f32 {
-            if tau < 0 {
-                st[(km as isize + tau) as usize * cd..].as_ptr()
-            } else {
-                zx[tau as usize * nin + di..].as_ptr()
-            }
-        };
-        let (st, wt): (&[f32], &[f32]) = (conv_state, wt);
-        let simd = ex.simd();
-        map_rows(ex, u, cd, t, &|tt, out| {
-            let mut src: [&[f32]; 16] = [&[]; 16];
-            for (j, sj) in src[..k].iter_mut().enumerate() {
-                // SAFETY: both sources hold cd channels from the returned pointer (slices above).
-                *sj = unsafe { core::slice::from_raw_parts(input(tt as isize - km as isize + j as isize, st), cd) };
-            }
-            conv_row(simd, out, lw.conv_b.as_ref(), wt, &src[..k]);
-        });
-        // New history: inputs t−(k−1) .. t−1; ascending j reads row t+j > j before it is overwritten.
-        for j in 0..km {
-            let tau = t as isize - km as isize + j as isize;
-            if tau < 0 {
-                conv_state.copy_within((t + j) * cd..(t + j + 1) * cd, j * cd);
-            } else {
-                let src = &zx[tau as usize * nin + di..tau as usize * nin + di + cd];
-                conv_state[j * cd..(j + 1) * cd].copy_from_slice(src);
-            }
-        }
     }
 
     /// Views of x (P), B (N) and C (N) of head `hh` at token `tt` in the conv output.
@@ -687,36 +637,6 @@ impl Mamba2<'_> {
             slot[2 * nh + gn..].copy_from_slice(&row[..di]);
         }
     }
-}
-
-/// One token of the causal conv: `out = silu(bias + Σ_j wt[j]·src[j])`, `wt (k, cd)`, `src` the
-/// k input rows oldest first; compiled for AVX2 where `simd` allows (bit for bit the same sums).
-fn conv_row(simd: Simd, out: &mut [f32], bias: Option<&Weight>, wt: &[f32], src: &[&[f32]]) {
-    #[inline(always)]
-    fn body(out: &mut [f32], bias: Option<&Weight>, wt: &[f32], src: &[&[f32]]) {
-        match bias {
-            Some(b) => b.read(0, out),
-            None => out.fill(0.0),
-        }
-        let cd = out.len();
-        for (wj, xj) in wt.chunks_exact(cd).zip(src) {
-            for ((o, w), x) in out.iter_mut().zip(wj).zip(*xj) {
-                *o += w * x;
-            }
-        }
-        out.iter_mut().for_each(|v| *v = fast_silu(*v));
-    }
-    #[cfg(target_arch = "x86_64")]
-    if simd.has_avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(out: &mut [f32], bias: Option<&Weight>, wt: &[f32], src: &[&[f32]]) {
-            body(out, bias, wt, src)
-        }
-        // SAFETY: the host reported AVX2 and FMA at run time.
-        return unsafe { avx2(out, bias, wt, src) };
-    }
-    let _ = simd;
-    body(out, bias, wt, src)
 }
 
 /// `y ← GroupRMSNorm(y ⊙ silu(z))` over groups of `gs` channels, one token; compiled for AVX2

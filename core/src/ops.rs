@@ -133,6 +133,86 @@ pub fn log_sum_exp(simd: crate::exec::Simd, x: &[f32]) -> f32 {
     body(x)
 }
 
+/// The causal depthwise conv of Mamba-1 and Mamba-2, then SiLU: `u[t, c] = silu(bias[c] +
+/// Σ_j w[c, j]·in[t − (k−1) + j])` over `u (t, C)`, where token τ's input is `x[τ·ldx..][..C]` and
+/// the inputs before the call come from `state` (k−1 rows of C, oldest first); then `state` keeps
+/// the last k−1 inputs. Token-major, so every step is a contiguous axpy over channels; `wt (k, C)`
+/// is scratch for the weight transposed. Each row is compiled for AVX2 where the executor allows
+/// (the sums in the same order, so bit for bit the same).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_conv_silu(
+    ex: &dyn crate::exec::Exec,
+    w: &Weight,
+    bias: Option<&Weight>,
+    t: usize,
+    x: &[f32],
+    ldx: usize,
+    state: &mut [f32],
+    wt: &mut [f32],
+    u: &mut [f32],
+) {
+    let (ch, k) = (w.rows, w.cols);
+    let km = k - 1;
+    for c in 0..ch {
+        for j in 0..k {
+            wt[j * ch + c] = w.get(c * k + j);
+        }
+    }
+    let (st, wt, simd): (&[f32], &[f32], _) = (state, wt, ex.simd());
+    crate::exec::map_rows(ex, u, ch, t, &|tt, out| {
+        let mut src: [&[f32]; 16] = [&[]; 16];
+        for (j, sj) in src[..k].iter_mut().enumerate() {
+            let tau = tt as isize - km as isize + j as isize;
+            *sj = if tau < 0 {
+                let row = (km as isize + tau) as usize;
+                &st[row * ch..(row + 1) * ch]
+            } else {
+                &x[tau as usize * ldx..tau as usize * ldx + ch]
+            };
+        }
+        conv_row(simd, out, bias, wt, &src[..k]);
+    });
+    // New history: inputs t−(k−1) .. t−1; ascending j reads row t+j > j before it is overwritten.
+    for j in 0..km {
+        let tau = t as isize - km as isize + j as isize;
+        if tau < 0 {
+            state.copy_within((t + j) * ch..(t + j + 1) * ch, j * ch);
+        } else {
+            state[j * ch..(j + 1) * ch].copy_from_slice(&x[tau as usize * ldx..tau as usize * ldx + ch]);
+        }
+    }
+}
+
+/// One token of the causal conv: `out = silu(bias + Σ_j wt[j]·src[j])`, `wt (k, cd)`, `src` the
+/// k input rows oldest first; compiled for AVX2 where `simd` allows (bit for bit the same sums).
+fn conv_row(simd: crate::exec::Simd, out: &mut [f32], bias: Option<&Weight>, wt: &[f32], src: &[&[f32]]) {
+    #[inline(always)]
+    fn body(out: &mut [f32], bias: Option<&Weight>, wt: &[f32], src: &[&[f32]]) {
+        match bias {
+            Some(b) => b.read(0, out),
+            None => out.fill(0.0),
+        }
+        let cd = out.len();
+        for (wj, xj) in wt.chunks_exact(cd).zip(src) {
+            for ((o, w), x) in out.iter_mut().zip(wj).zip(*xj) {
+                *o += w * x;
+            }
+        }
+        out.iter_mut().for_each(|v| *v = fast_silu(*v));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd.has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(out: &mut [f32], bias: Option<&Weight>, wt: &[f32], src: &[&[f32]]) {
+            body(out, bias, wt, src)
+        }
+        // SAFETY: the host reported AVX2 and FMA at run time.
+        return unsafe { avx2(out, bias, wt, src) };
+    }
+    let _ = simd;
+    body(out, bias, wt, src)
+}
+
 /// `dst[c·ldd + r] = src[r·lds + c]` for `r < rows`, `c < cols`: 8 × 8 tiles, in registers when
 /// `simd` has AVX (the scans' operands are stored token-major and the GEMM contracts along rows).
 pub fn transpose(
@@ -147,10 +227,11 @@ pub fn transpose(
     if rows == 0 || cols == 0 {
         return;
     }
-    assert!(src.len() >= (rows - 1) * lds + cols && dst.len() >= (cols - 1) * ldd + rows);
+    // Exactly the elements touched, so that the pointer path below stays inside them.
+    let (src, dst) = (&src[..(rows - 1) * lds + cols], &mut dst[..(cols - 1) * ldd + rows]);
     #[cfg(target_arch = "x86_64")]
     if simd.has_avx2() {
-        // SAFETY: the host reported AVX at run time; the bounds were checked above.
+        // SAFETY: the host reported AVX at run time; every access is inside the slices above.
         return unsafe { transpose_avx(src.as_ptr(), lds, rows, cols, dst.as_mut_ptr(), ldd) };
     }
     let _ = simd;

@@ -188,12 +188,10 @@ pub fn layer_norm(x: &[f32], w: &Weight, b: &Weight, eps: f32, out: &mut [f32]) 
     let mean = x.iter().sum::<f32>() / n;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
     let inv = 1.0 / libm::sqrtf(var + eps);
-    w.for_chunks(0, x.len(), |i0, wc| {
-        b.for_chunks(i0, wc.len(), |_, bc| {
-            for (((o, v), wv), bv) in out[i0..].iter_mut().zip(&x[i0..]).zip(wc).zip(bc) {
-                *o = (v - mean) * inv * wv + bv;
-            }
-        })
+    w.for_chunks_with(b, 0, x.len(), |i0, wc, bc| {
+        for (((o, v), wv), bv) in out[i0..].iter_mut().zip(&x[i0..]).zip(wc).zip(bc) {
+            *o = (v - mean) * inv * wv + bv;
+        }
     });
 }
 
@@ -295,12 +293,10 @@ pub fn layer_norm_torch_reduced(x: &[f32], w: &Weight, b: &Weight, eps: f32, out
     let var = m2 / len as f32;
     let rstd = 1.0 / libm::sqrtf(var + eps);
     let shift = -rstd * mean;
-    w.for_chunks(0, x.len(), |i0, wc| {
-        b.for_chunks(i0, wc.len(), |_, bc| {
-            for (((o, &v), wv), bv) in out[i0..].iter_mut().zip(&x[i0..]).zip(wc).zip(bc) {
-                *o = libm::fmaf(libm::fmaf(v, rstd, shift), *wv, *bv);
-            }
-        })
+    w.for_chunks_with(b, 0, x.len(), |i0, wc, bc| {
+        for (((o, &v), wv), bv) in out[i0..].iter_mut().zip(&x[i0..]).zip(wc).zip(bc) {
+            *o = libm::fmaf(libm::fmaf(v, rstd, shift), *wv, *bv);
+        }
     });
 }
 
@@ -546,6 +542,7 @@ impl<'a> Rwkv<'a> {
                         Some(l) => {
                             os.zip(&l[tt * d + i0..]).for_each(|((((o, a), p), mv), lv)| *o = a + (p - a) * (mv + lv))
                         }
+                        // `+ 0.0` as the absent LoRA added before: −0.0 mixes become +0.0 alike.
                         None => os.for_each(|(((o, a), p), mv)| *o = a + (p - a) * (mv + 0.0)),
                     }
                 }),
@@ -685,11 +682,9 @@ impl<'a> Rwkv<'a> {
                 let var = oh.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
                 let inv = 1.0 / libm::sqrtf(var + c.gn_eps);
                 let h0 = hh * n;
-                lw.lnx_w.for_chunks(h0, n, |i0, wc| {
-                    lw.lnx_b.for_chunks(h0 + i0, wc.len(), |_, bc| {
-                        let vs = oh[i0..].iter_mut().zip(wc).zip(bc).zip(&grow[h0 + i0..]);
-                        vs.for_each(|(((v, wv), bv), gv)| *v = ((*v - mean) * inv * wv + bv) * gv);
-                    })
+                lw.lnx_w.for_chunks_with(&lw.lnx_b, h0, n, |i0, wc, bc| {
+                    let vs = oh[i0..].iter_mut().zip(wc).zip(bc).zip(&grow[h0 + i0..]);
+                    vs.for_each(|(((v, wv), bv), gv)| *v = ((*v - mean) * inv * wv + bv) * gv);
                 });
             }
         });

@@ -131,6 +131,13 @@ impl<'a> Weight<'a> {
         }
     }
 
+    /// [`Self::for_chunks`] over this weight and `other` side by side (a norm's scale and bias):
+    /// `f(i0, self chunk, other chunk)`.
+    #[inline]
+    pub fn for_chunks_with(&self, other: &Weight, start: usize, len: usize, mut f: impl FnMut(usize, &[f32], &[f32])) {
+        self.for_chunks(start, len, |i0, a| other.for_chunks(start + i0, a.len(), |_, b| f(i0, a, b)));
+    }
+
     /// `x[i] *= s · w[offset + i]` (one dtype dispatch for the whole slice, so it vectorises).
     #[inline]
     pub fn scale_into(&self, offset: usize, s: f32, x: &mut [f32]) {
@@ -155,9 +162,10 @@ mod tests {
     /// Chunks past the 256-element buffer, from an offset, on every dtype: each element is handed
     /// over once, at its index, with [`Weight::get`]'s value.
     #[test]
-    fn for_chunks_visits_each_element_once_with_get_s_value() {
+    fn for_chunks_visit_each_element_once_with_get_s_value() {
         const N: usize = 1100;
         let f: [f32; N] = core::array::from_fn(|i| i as f32 * 0.25 - 3.0);
+        let g: [f32; N] = core::array::from_fn(|i| 7.0 - i as f32 * 0.5);
         let b: [bf16; N] = core::array::from_fn(|i| bf16::from_f32(f[i]));
         let h: [f16; N] = core::array::from_fn(|i| f16::from_f32(f[i]));
         for data in [Data::F32(&f), Data::Bf16(&b), Data::F16(&h)] {
@@ -167,6 +175,17 @@ mod tests {
                 w.for_chunks(start, len, |i0, c| {
                     for (j, &v) in c.iter().enumerate() {
                         assert_eq!(v, w.get(start + i0 + j), "start {start} len {len} at {}", i0 + j);
+                        seen[i0 + j] += 1;
+                    }
+                });
+                assert!(seen[..len].iter().all(|&s| s == 1) && seen[len..].iter().all(|&s| s == 0));
+                // Beside a second weight (f32, other values): both chunks at the same index.
+                let Ok(other) = Weight::new(Data::F32(&g), 1, N) else { panic!("a 1 × {N} view") };
+                let mut seen = [0u8; N];
+                w.for_chunks_with(&other, start, len, |i0, a, b| {
+                    assert_eq!(a.len(), b.len());
+                    for (j, (&x, &y)) in a.iter().zip(b).enumerate() {
+                        assert_eq!((x, y), (w.get(start + i0 + j), other.get(start + i0 + j)));
                         seen[i0 + j] += 1;
                     }
                 });
