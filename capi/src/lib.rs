@@ -13,9 +13,12 @@
 //! own state; a state is one stream and must not be used by two calls at once. The work of each
 //! call runs on one process-wide worker pool (all cores unless `stuffed_set_threads` or
 //! `RAYON_NUM_THREADS` says otherwise before the first call). The matrix kernels use the best SIMD
-//! level the CPU has (AVX2, AVX-512, AVX512-BF16); `STUFFED_SIMD=portable|avx2|avx512` caps it.
-//! The AMX kernel runs only under `STUFFED_SIMD=amx`, and only then does the library ask Linux
-//! for the tile state (process-wide). The library installs no signal handlers.
+//! level the CPU has (AVX2, AVX-512; AVX512-BF16 under `STUFFED_FAST_MATMUL=1` or
+//! `STUFFED_SIMD=avx512bf16`); `STUFFED_SIMD=portable|avx2|avx512` caps it. The AMX kernel runs
+//! only under `STUFFED_SIMD=amx`, and only then does the library ask Linux for the tile state
+//! (process-wide). Any thread may call, whatever its stack: a call with less than 256 KiB of it
+//! left runs on a stack mapped for it (the kernels keep packed panels on the stack). The library
+//! installs no signal handlers.
 #![allow(clippy::missing_safety_doc)]
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};

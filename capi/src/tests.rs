@@ -273,3 +273,66 @@ fn no_signal_handlers() {
     };
     assert_eq!(handler, libc::SIG_DFL);
 }
+
+/// An embedder's thread with a small stack (32 KiB; musl's default is 128 KiB) runs every call at
+/// every kernel level this CPU has, on one thread and on two: the library grows the stack for its
+/// kernels' packed panels instead of overflowing it. An overflow aborts the process, so each level
+/// runs in a child process (this test again, told which by the environment).
+#[test]
+fn calls_run_on_a_small_thread_stack() {
+    const CHILD: &str = "STUFFED_TEST_SMALL_STACK";
+    if let Ok(threads) = std::env::var(CHILD) {
+        small_stack_child(threads.parse().unwrap());
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    for level in stuffed_host::exec::levels_here() {
+        for threads in ["1", "2"] {
+            let out = std::process::Command::new(&exe)
+                .args(["tests::calls_run_on_a_small_thread_stack", "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, threads)
+                .env("STUFFED_SIMD", level.name())
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{} on {threads} thread(s): {:?}\n{said}", level.name(), out.status);
+            assert!(said.contains(&format!("ran {}", level.name())), "{said}");
+            eprintln!("small stack: {} on {threads} thread(s) ran", level.name());
+        }
+    }
+}
+
+/// In the child: forward (every position's logits), NLL, the whole stream's NLL and greedy decoding
+/// of 64 tokens (enough rows for the packed-panel kernels) on bf16 and f32 models, from a thread
+/// with a 32 KiB stack.
+fn small_stack_child(threads: usize) {
+    assert_eq!(stuffed_set_threads(threads), StuffedStatus::Ok);
+    let level = stuffed_host::exec::default_simd(stuffed_host::exec::matmul_mode());
+    for name in ["mamba2_hf_bf16", "rwkv6_tiny_bf16", "gla_tiny"] {
+        let m = open(name);
+        let i = info(&m);
+        let ptr = m.0 as usize;
+        let ran = std::thread::Builder::new().stack_size(32 << 10).spawn(move || {
+            let m = ptr as *const StuffedModel;
+            let (n, v) = (i.state_floats, i.vocab_rows);
+            let ids: Vec<u32> = (0..64).map(|k| (k * 7 + 3) % 60).collect();
+            let mut state = vec![0f32; n];
+            let mut logits = vec![0f32; ids.len() * v];
+            let mut nll = vec![0f32; ids.len()];
+            let mut stream = vec![0f32; ids.len() - 1];
+            let (mut out, mut got) = ([0u32; 4], 0usize);
+            unsafe {
+                let len = ids.len();
+                let all = stuffed_forward(m, state.as_mut_ptr(), n, ids.as_ptr(), len, logits.as_mut_ptr(), len * v, 1);
+                let one = stuffed_nll(m, state.as_mut_ptr(), n, ids.as_ptr(), ids.as_ptr(), len, nll.as_mut_ptr());
+                let whole = stuffed_nll_stream(m, ids.as_ptr(), len, 512, stream.as_mut_ptr(), len - 1);
+                let gen =
+                    stuffed_generate(m, state.as_mut_ptr(), n, ids.as_ptr(), len, 4, -1, out.as_mut_ptr(), &mut got);
+                [all, one, whole, gen]
+            }
+        });
+        let ran = ran.unwrap().join().unwrap();
+        assert_eq!(ran, [StuffedStatus::Ok; 4], "{name}: {}", last_error());
+    }
+    println!("ran {}", level.name());
+}

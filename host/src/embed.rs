@@ -223,7 +223,7 @@ impl Handle {
             s.feed(tokens, &mut |off, h| {
                 let t = h.len() / d;
                 if all {
-                    m.net().logits(&ex, h, t, &mut rows[..t * v])?;
+                    ex.run(|| m.net().logits(&ex, h, t, &mut rows[..t * v]))?;
                     crate::session::check_logits(m, &rows[..t * v], off as u64)?;
                     logits[off * v..(off + t) * v].copy_from_slice(&rows[..t * v]);
                 }

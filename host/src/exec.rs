@@ -10,6 +10,22 @@ pub struct Pool {
     mode: MatmulMode,
 }
 
+/// Stack the core's kernels may need below a [`Pool::run`]: the x86 matrix kernels keep their packed
+/// panels on the stack (48 KiB for the AVX-512 one, 96 KiB for AVX512-BF16's hi + lo), and a whole
+/// forward on the AVX512-BF16 path overflowed a 100 KiB thread (a 128 KiB one, musl's default,
+/// passed). Twice the deepest measured: a thread with less left (an embedder's, say) runs the call
+/// on a fresh [`GROWN_STACK`]-byte stack instead of overflowing.
+pub const KERNEL_STACK: usize = 256 << 10;
+/// Size of the stack [`on_kernel_stack`] maps when the caller's is short (its pages are touched
+/// only as used).
+const GROWN_STACK: usize = 2 << 20;
+
+/// Runs `f` on the calling thread when at least [`KERNEL_STACK`] bytes of its stack are left, else
+/// on a fresh stack (`stacker`: one check of the stack pointer against the thread's limit).
+fn on_kernel_stack<R>(f: impl FnOnce() -> R) -> R {
+    stacker::maybe_grow(KERNEL_STACK, GROWN_STACK, f)
+}
+
 /// `--fast-matmul` (process-wide, like the thread count; see [`Pool::init_matmul`]).
 static FAST_MATMUL: AtomicBool = AtomicBool::new(false);
 
@@ -43,11 +59,14 @@ impl Pool {
     /// and maps inside hand their tasks to the other workers as work-stealing joins. Called from
     /// outside the pool, every one of them woke the workers and then the caller again (about 150
     /// hand-offs a Mamba-2 370m decode step, each two wake-ups across cores).
+    ///
+    /// Every call into the core's kernels goes through here: run in place (one thread, or already
+    /// on a worker) it first makes sure of [`KERNEL_STACK`] bytes of stack (see there).
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         if self.threads <= 1 || rayon::current_thread_index().is_some() {
-            return f();
+            return on_kernel_stack(f);
         }
-        rayon::scope(|_| f())
+        rayon::scope(|_| on_kernel_stack(f))
     }
 
     /// `--fast-matmul` for every pool made after this call; `STUFFED_FAST_MATMUL=1` also sets it.
@@ -57,7 +76,6 @@ impl Pool {
         }
     }
 
-    /// Sizes the global pool once; later calls keep the first size.
     /// Sizes the global worker pool (once a process; later calls leave it as it is).
     pub fn init_threads(n: Option<usize>) -> anyhow::Result<()> {
         if let Some(n) = n {
@@ -155,6 +173,13 @@ pub fn cpu_simd() -> Simd {
         Simd::Avx512Bf16 if *amx_state() == AmxState::Granted => Simd::Amx,
         level => level,
     }
+}
+
+/// Every level this CPU runs, lowest first (AMX only where [`cpu_simd`] grants it): what a test
+/// forces one by one through `STUFFED_SIMD`.
+pub fn levels_here() -> Vec<Simd> {
+    let best = cpu_simd();
+    Simd::ALL.into_iter().filter(|&s| cap(s, best) == s).collect()
 }
 
 /// The best level below AMX: AVX2 + FMA + F16C; AVX-512F/VL on top; AVX512-BW and AVX512-BF16 on

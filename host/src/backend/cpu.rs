@@ -37,13 +37,16 @@ impl<'m> NllHead<'m> {
     pub fn nll(&mut self, hidden: &[f32], targets: &[u32], out: &mut [f32], pos0: u64) -> Result<()> {
         let (d, v) = (self.net.d_model(), self.net.vocab_rows());
         self.check_targets(targets)?;
-        let sub_rows = hidden.chunks(SUB * d).zip(targets.chunks(SUB)).zip(out.chunks_mut(SUB));
-        for (k, ((h, tg), o)) in sub_rows.enumerate() {
-            let rows = tg.len();
-            self.net.logits(&self.ex, &h[..rows * d], rows, &mut self.logits[..rows * v])?;
-            self.nll_of(&self.logits[..rows * v], tg, o, pos0 + (k * SUB) as u64)?;
-        }
-        Ok(())
+        let ex = self.ex;
+        ex.run(|| {
+            let sub_rows = hidden.chunks(SUB * d).zip(targets.chunks(SUB)).zip(out.chunks_mut(SUB));
+            for (k, ((h, tg), o)) in sub_rows.enumerate() {
+                let rows = tg.len();
+                self.net.logits(&ex, &h[..rows * d], rows, &mut self.logits[..rows * v])?;
+                self.nll_of(&self.logits[..rows * v], tg, o, pos0 + (k * SUB) as u64)?;
+            }
+            Ok(())
+        })
     }
 
     fn check_targets(&self, targets: &[u32]) -> Result<()> {
@@ -120,8 +123,11 @@ impl<'m> PairHead<'m> {
             let b = (a + SUB).min(n);
             let rows = b - a;
             let (lp, lq) = (&mut h.logits[..rows * v], &mut self.q_logits[..rows * v]);
-            h.net.logits(&h.ex, &p.rows[a * d..b * d], rows, lp)?;
-            h.net.logits(&h.ex, &q.rows[a * d..b * d], rows, lq)?;
+            let (net, ex) = (h.net, h.ex);
+            ex.run(|| {
+                net.logits(&ex, &p.rows[a * d..b * d], rows, lp)?;
+                net.logits(&ex, &q.rows[a * d..b * d], rows, lq)
+            })?;
             let (lp, lq) = (&h.logits[..rows * v], &self.q_logits[..rows * v]);
             h.nll_of(lp, &p.targets[a..b], &mut nll_p[a..b], p.pos0 + a as u64)?;
             h.nll_of(lq, &q.targets[a..b], &mut nll_q[a..b], q.pos0 + a as u64)?;
@@ -345,7 +351,7 @@ impl Backend for CpuBackend<'_> {
         let model = session.model;
         session.feed(ids, &mut |start, h| {
             let t = h.len() / d;
-            net.logits(ex, h, t, &mut out[..t * v])?;
+            ex.run(|| net.logits(ex, h, t, &mut out[..t * v]))?;
             crate::session::check_logits(model, &out[..t * v], start as u64)?;
             last.copy_from_slice(&h[h.len() - d..]);
             sink(start, &out[..t * v])
