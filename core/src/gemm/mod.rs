@@ -198,6 +198,25 @@ unsafe fn clear(m: usize, n: usize, c: *mut f32, ldc: usize) {
     }
 }
 
+/// Asks for the cache lines of `bytes` bytes from `p` plus [`avx2::PREFETCH_BYTES`], as the GEMVs
+/// do, for weights streamed once a token step outside them (a prefetch never faults, so running
+/// past a matrix is harmless). Nothing off x86-64.
+#[inline(always)]
+pub(crate) fn prefetch_ahead(p: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let at = p.wrapping_add(avx2::PREFETCH_BYTES) as *const i8;
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: a prefetch reads nothing architecturally and never faults; SSE is baseline.
+            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(at.wrapping_add(off)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, bytes);
+}
+
 /// A dot product with eight partial sums (so it vectorises and rounds like a blocked kernel).
 #[inline]
 pub fn dot<E: Elem>(x: &[f32], w: &[E]) -> f32 {
