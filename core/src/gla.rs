@@ -58,11 +58,34 @@ pub fn head_scratch(kd: usize, vd: usize) -> usize {
 }
 
 /// The literal recurrence over `t` tokens; writes `o` row `tt` at `ooff..ooff+V` (stride `ldo`).
+/// Returns whether every state value it wrote is finite: a NaN or infinity never turns finite
+/// again in `S·w + k·v`, so this is the check of the final state that `run_stack` would make by
+/// reading the state once more (a decode step's whole pass over it; see `Stack::checks_own_state`).
 ///
 /// # Safety
 /// `o` must be valid for rows `0..t` of stride `ldo` at `ooff..ooff+V`, written by no one else.
-pub unsafe fn recurrent(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usize, ooff: usize) {
+pub unsafe fn recurrent(simd: Simd, h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usize, ooff: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if simd.has_avx2() {
+        return recurrent_avx2(h, t, s, o, ldo, ooff);
+    }
+    let _ = simd;
+    recurrent_body(h, t, s, o, ldo, ooff)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn recurrent_avx2(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usize, ooff: usize) -> bool {
+    recurrent_body(h, t, s, o, ldo, ooff)
+}
+
+/// A float is non-finite iff its magnitude bits reach the exponent's all-ones.
+const NON_FINITE: u32 = 0x7f80_0000;
+
+#[inline(always)]
+unsafe fn recurrent_body(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usize, ooff: usize) -> bool {
     let (kd, vd) = (h.kd, h.vd);
+    let mut top = 0u32;
     for tt in 0..t {
         let q = &h.q[tt * h.ldk + h.koff..][..kd];
         let k = &h.k[tt * h.ldk + h.koff..][..kd];
@@ -80,6 +103,7 @@ pub unsafe fn recurrent(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usiz
                     for ((ov, sv), vv) in out.iter_mut().zip(row.iter_mut()).zip(v) {
                         *ov += qi * *sv;
                         *sv = *sv * wi + ki * vv;
+                        top = top.max(sv.to_bits() & 0x7fff_ffff);
                     }
                 }
                 for (ov, vv) in out.iter_mut().zip(v) {
@@ -94,11 +118,13 @@ pub unsafe fn recurrent(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usiz
                     for ((ov, sv), vv) in out.iter_mut().zip(row.iter_mut()).zip(v) {
                         *sv = *sv * wi + ki * vv;
                         *ov += qi * *sv;
+                        top = top.max(sv.to_bits() & 0x7fff_ffff);
                     }
                 }
             }
         }
     }
+    top < NON_FINITE
 }
 
 /// The chunked form over `t` tokens (see the module doc); `hs` is [`head_scratch`] long.

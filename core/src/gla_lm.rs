@@ -445,7 +445,10 @@ impl<'a> Gla<'a> {
                 unsafe {
                     let sh = ss.range(hh * dk * dv, dk * dv);
                     match scan {
-                        Scan::Recurrent => gla::recurrent(&head, t, sh, &os, od, hh * dv),
+                        Scan::Recurrent => {
+                            // run_stack checks this family's state.
+                            let _ = gla::recurrent(simd, &head, t, sh, &os, od, hh * dv);
+                        }
                         Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, od, hh * dv),
                     }
                     if let Some((win, ws)) = &wss {

@@ -254,7 +254,10 @@ impl<'a> Hgrn2<'a> {
                 unsafe {
                     let sh = ss.range(hh * e * vh, e * vh);
                     match scan {
-                        Scan::Recurrent => gla::recurrent(&head, t, sh, &os, d, hh * vh),
+                        Scan::Recurrent => {
+                            // run_stack checks this family's state.
+                            let _ = gla::recurrent(simd, &head, t, sh, &os, d, hh * vh);
+                        }
                         Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * vh),
                     }
                     if let Some((win, ws)) = &wss {

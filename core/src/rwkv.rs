@@ -17,7 +17,7 @@
 //! `ffn_shift (C)` — the last `ln2` output; layers follow each other. Zero = start of a sequence.
 //! Under `Forget::Window { r }` the state continues with one [`gla::window_len`] cache per layer
 //! and then two values (position mod r, filled).
-use crate::error::{need, Error};
+use crate::error::{first_non_finite, need, Error, Site};
 use crate::exec::{add_rows, for_row_blocks, map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
@@ -25,6 +25,7 @@ use crate::gla::{self, Mode};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, silu};
 use crate::weight::{with_slice, DType, Data, Elem, Weight};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -595,7 +596,8 @@ impl<'a> Rwkv<'a> {
         });
     }
 
-    /// Layer `call.l` over the rows `x` (in place) from its state `st`.
+    /// Layer `call.l` over the rows `x` (in place) from its state `st`; under [`Scan::Recurrent`],
+    /// whether the WKV state it wrote is finite (true, unchecked, under [`Scan::Chunked`]).
     fn layer(
         &self,
         call: Call,
@@ -604,7 +606,7 @@ impl<'a> Rwkv<'a> {
         s: &mut Scratch,
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let Call { ex, t, scan, l } = call;
         let lw = &self.w.layers[l];
         let c = &self.cfg;
@@ -686,6 +688,7 @@ impl<'a> Rwkv<'a> {
         let hsl = gla::head_scratch(n, n);
         let (r, k, v, lwv) = (&s.r[..tc], &s.k[..tc], &s.v[..tc], &s.lw[..tc]);
         let wss = window.map(|w| (w.at, Shared::new(w.cache)));
+        let wkv_finite = AtomicBool::new(true);
         ex.for_each(h, &|hh| {
             let mut ub = [0f32; 256];
             let uv = &mut ub[..n.min(256)];
@@ -709,7 +712,11 @@ impl<'a> Rwkv<'a> {
             unsafe {
                 let sh = ss.range(hh * n * n, n * n);
                 match scan {
-                    Scan::Recurrent => gla::recurrent(&head, t, sh, &os, d, hh * n),
+                    Scan::Recurrent => {
+                        if !gla::recurrent(simd, &head, t, sh, &os, d, hh * n) {
+                            wkv_finite.store(false, Ordering::Relaxed);
+                        }
+                    }
                     Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * n),
                 }
                 if let Some((win, ws)) = &wss {
@@ -758,7 +765,7 @@ impl<'a> Rwkv<'a> {
                 *xv += ov / (1.0 + exp(-rv));
             }
         });
-        Ok(())
+        Ok(wkv_finite.into_inner())
     }
 }
 
@@ -799,7 +806,20 @@ impl Stack for Rwkv<'_> {
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
-        self.layer(call, x, st, s, probe, window)
+        let wkv_finite = self.layer(call, x, st, s, probe, window)?;
+        if call.scan == Scan::Recurrent {
+            // The WKV state was checked as it was written; the two token-shift rows are checked here.
+            let (d, wkv) = (self.cfg.d_model, self.cfg.n_heads * self.cfg.head_size * self.cfg.head_size);
+            let shifts = [&st[..d], &st[d + wkv..]];
+            if !wkv_finite || shifts.iter().any(|r| first_non_finite(r).is_some()) {
+                let index = first_non_finite(st).unwrap_or(0);
+                return Err(Error::NonFinite { site: Site::State(call.l), index });
+            }
+        }
+        Ok(())
+    }
+    fn checks_own_state(&self, scan: Scan) -> bool {
+        scan == Scan::Recurrent
     }
     fn final_norm(&self, x: &mut [f32], s: &mut Scratch) {
         let d = self.cfg.d_model;

@@ -405,6 +405,21 @@ fn nan_in_state_is_an_error() {
     }
 }
 
+/// RWKV-6's token step checks the WKV state as it writes it and the two token-shift rows after the
+/// layer (instead of reading the whole state once more): a NaN reaching the WKV state through the
+/// key or the decay, or only the channel mix's shift row through LN2, names layer 0's state in the
+/// step as in the chunked form.
+#[test]
+fn rwkv_nan_in_state_is_an_error() {
+    for tensor in ["attention.key.weight", "attention.time_decay", "ln2.weight"] {
+        let dir = poisoned("rwkv6_tiny_hf", &format!("rwkv.blocks.0.{tensor}"), 0, f32::NAN);
+        for chunk in [256, 1] {
+            let err = feed_err(dir.path(), chunk, &[7, 8, 9]);
+            assert_mentions(&err, &["non-finite", "layer 0's state", dir.path().to_str().unwrap()]);
+        }
+    }
+}
+
 /// A NaN or infinity anywhere in the forward stops it at the first place it appears, named with the
 /// layer (or the embedding / final norm) and the stream position, in the chunked and the step form.
 #[test]
