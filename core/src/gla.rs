@@ -420,7 +420,7 @@ mod tests {
                             if chunked_form {
                                 chunked(Simd::Portable, &sub, t1 - t0, &mut s, &mut hs, &os, V, 0);
                             } else {
-                                recurrent(&sub, t1 - t0, &mut s, &os, V, 0);
+                                assert!(recurrent(Simd::Portable, &sub, t1 - t0, &mut s, &os, V, 0), "finite");
                             }
                             if r < T {
                                 let wss = Shared::new(&mut ws[..wl]);
