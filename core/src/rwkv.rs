@@ -340,20 +340,23 @@ fn matmul_in_out(
     out: &mut [f32],
     ldo: usize,
 ) {
-    /// `NT` ≤ 4 tokens (`x` rows `ldx` apart, `o` rows `ldo` apart): `o = x · w (rows, cols)`, `w`
-    /// rows `ldw` apart, by blocks of 16 outputs held in registers for the `NT` tokens while the
-    /// weight rows stream past, and the last `cols mod 16` by axpys. Every output sums over the
-    /// rows in order (a product, then a sum), as one token's axpys did.
-    #[inline(always)]
-    fn block<E: Elem, const NT: usize>(
-        x: &[f32],
+    /// One piece's layout: `nt` ≤ 4 tokens, `x` rows `ldx` apart, `o` rows `ldo` apart, `cols`
+    /// outputs a token from weight rows `ldw` apart.
+    #[derive(Clone, Copy)]
+    struct Piece {
+        nt: usize,
         ldx: usize,
-        w: &[E],
-        o: &mut [f32],
         ldo: usize,
-        (ldw, cols): (usize, usize),
-    ) {
+        ldw: usize,
+        cols: usize,
+    }
+    /// `NT` tokens: `o = x · w (rows, cols)` by blocks of 16 outputs held in registers for the
+    /// `NT` tokens while the weight rows stream past, and the last `cols mod 16` by axpys. Every
+    /// output sums over the rows in order (a product, then a sum), as one token's axpys do.
+    #[inline(always)]
+    fn block<E: Elem, const NT: usize>(x: &[f32], w: &[E], o: &mut [f32], p: Piece) {
         const CB: usize = 16;
+        let Piece { ldx, ldo, ldw, cols, .. } = p;
         let full = cols / CB * CB;
         for c0 in (0..full).step_by(CB) {
             let mut acc = [[0f32; CB]; NT];
@@ -387,12 +390,12 @@ fn matmul_in_out(
             }
         }
     }
-    /// One token: `o = x · w (rows, cols)` as axpys, `w` rows `ldw` apart, streamed in order (each
+    /// One token: `o = x · w (rows, cols)` as axpys, the weight rows streamed in order (each
     /// output sums over the rows in order, as `block` does). `block::<1>` read 16 columns of every
     /// row per pass, a strided walk that waited on memory at each row (a decode step's weights are
     /// not in cache; 3.3 % of a RWKV-6 1.6B decode profile, on one core while the other waited).
     #[inline(always)]
-    fn axpys<E: Elem>(x: &[f32], w: &[E], o: &mut [f32], (ldw, cols): (usize, usize)) {
+    fn axpys<E: Elem>(x: &[f32], w: &[E], o: &mut [f32], Piece { ldw, cols, .. }: Piece) {
         let o = &mut o[..cols];
         o.fill(0.0);
         for (&xv, wr) in x.iter().zip(w.chunks(ldw)) {
@@ -403,45 +406,26 @@ fn matmul_in_out(
         }
     }
     #[inline(always)]
-    fn body<E: Elem>(x: &[f32], ldx: usize, nt: usize, w: &[E], o: &mut [f32], ldo: usize, cols: (usize, usize)) {
-        match nt {
-            1 => axpys(x, w, o, cols),
-            2 => block::<E, 2>(x, ldx, w, o, ldo, cols),
-            3 => block::<E, 3>(x, ldx, w, o, ldo, cols),
-            _ => block::<E, 4>(x, ldx, w, o, ldo, cols),
+    fn body<E: Elem>(x: &[f32], w: &[E], o: &mut [f32], p: Piece) {
+        match p.nt {
+            1 => axpys(x, w, o, p),
+            2 => block::<E, 2>(x, w, o, p),
+            3 => block::<E, 3>(x, w, o, p),
+            _ => block::<E, 4>(x, w, o, p),
         }
     }
-    #[allow(clippy::too_many_arguments)]
-    fn dispatch<E: Elem>(
-        simd: Simd,
-        x: &[f32],
-        ldx: usize,
-        nt: usize,
-        w: &[E],
-        o: &mut [f32],
-        ldo: usize,
-        cols: (usize, usize),
-    ) {
+    fn dispatch<E: Elem>(simd: Simd, x: &[f32], w: &[E], o: &mut [f32], p: Piece) {
         #[cfg(target_arch = "x86_64")]
         if simd.has_avx2() {
             #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2<E: Elem>(
-                x: &[f32],
-                ldx: usize,
-                nt: usize,
-                w: &[E],
-                o: &mut [f32],
-                ldo: usize,
-                cols: (usize, usize),
-            ) {
-                body(x, ldx, nt, w, o, ldo, cols)
+            unsafe fn avx2<E: Elem>(x: &[f32], w: &[E], o: &mut [f32], p: Piece) {
+                body(x, w, o, p)
             }
             // SAFETY: the host reported AVX2 and FMA at run time.
-            return unsafe { avx2(x, ldx, nt, w, o, ldo, cols) };
+            return unsafe { avx2(x, w, o, p) };
         }
         let _ = simd;
-        body(x, ldx, nt, w, o, ldo, cols)
+        body(x, w, o, p)
     }
     let (n, simd) = (rows * cols, ex.simd());
     let len = out.len().min(t * ldo);
@@ -454,7 +438,8 @@ fn matmul_in_out(
             let (c0, c1) = (i * per, ((i + 1) * per).min(cols));
             // SAFETY: the tasks' column ranges are disjoint.
             let o = unsafe { shared.range(c0, c1 - c0) };
-            with_slice!(w.data, s => dispatch(simd, x, ldx, 1, &s[off + c0..off + n], o, ldo, (cols, c1 - c0)));
+            let piece = Piece { nt: 1, ldx, ldo, ldw: cols, cols: c1 - c0 };
+            with_slice!(w.data, s => dispatch(simd, x, &s[off + c0..off + n], o, piece));
         });
         return;
     }
@@ -464,7 +449,8 @@ fn matmul_in_out(
             // SAFETY: the blocks of one `for_row_blocks` call are disjoint; rows r0..r0+nt are this block's.
             let o = unsafe { shared.range(r0 * ldo, (nt - 1) * ldo + cols) };
             let x = &x[r0 * ldx..];
-            with_slice!(w.data, s => dispatch(simd, x, ldx, nt, &s[off..off + n], o, ldo, (cols, cols)));
+            let piece = Piece { nt, ldx, ldo, ldw: cols, cols };
+            with_slice!(w.data, s => dispatch(simd, x, &s[off..off + n], o, piece));
         }
     });
 }
