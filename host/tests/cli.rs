@@ -319,14 +319,15 @@ fn an_ignored_sigint_stays_ignored() {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stuffed"));
         cmd.args(["ppl", "--model"]).arg(data("mamba2_neox_tiny")).arg("--text").arg(&text);
         cmd.args(["--repeat-to", "100000000", "--chunk", "256", "--out"]).arg(dir.path().join("out"));
-        if ignore {
-            // SAFETY: only async-signal-safe signal(2) between fork and exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::signal(libc::SIGINT, libc::SIG_IGN);
-                    Ok(())
-                });
-            }
+        // Set either way: the harness itself may run with SIGINT ignored (a background job of a
+        // non-interactive shell), which the child would inherit.
+        let disposition = if ignore { libc::SIG_IGN } else { libc::SIG_DFL };
+        // SAFETY: only async-signal-safe signal(2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGINT, disposition);
+                Ok(())
+            });
         }
         let mut child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
         while signal_mask(child.id(), "SigCgt") & SIGTERM_BIT == 0 {
