@@ -18,6 +18,7 @@ use crate::exec::{Shared, Simd};
 use crate::forget::WindowAt;
 use crate::gemm::{gemm_nt, gemm_raw};
 use crate::ops::{exp, fast_exp, transpose};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Tokens per block of the chunked form.
 pub const BLOCK: usize = 64;
@@ -77,6 +78,30 @@ pub unsafe fn recurrent(simd: Simd, h: &Head, t: usize, s: &mut [f32], o: &Share
 #[target_feature(enable = "avx2,fma")]
 unsafe fn recurrent_avx2(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usize, ooff: usize) -> bool {
     recurrent_body(h, t, s, o, ldo, ooff)
+}
+
+/// Whether every head's [`recurrent`] wrote a finite state (the heads run as parallel tasks).
+pub struct FiniteHeads(AtomicBool);
+
+impl FiniteHeads {
+    pub fn new() -> Self {
+        FiniteHeads(AtomicBool::new(true))
+    }
+    /// Records one head's [`recurrent`] result.
+    pub fn note(&self, finite: bool) {
+        if !finite {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
+    pub fn all(self) -> bool {
+        self.0.into_inner()
+    }
+}
+
+impl Default for FiniteHeads {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A float is non-finite iff its magnitude bits reach the exponent's all-ones.

@@ -20,13 +20,13 @@
 //! `v (w − 1, H_kv·V)`.
 //! Zero = start of a sequence. Under `Forget::Window { r }` the state continues with one
 //! [`gla::window_len`] cache per layer and then two values (position mod r, filled).
-use crate::error::{need, Error};
+use crate::error::{first_non_finite, need, Error};
 use crate::exec::{add_rows, for_row_blocks, map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
-use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
+use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
+use crate::ops::{clamp_min, exp, relu, rmsnorm, rmsnorm_inplace, silu};
 use crate::weight::Weight;
 
 /// The widest short conv the token loop keeps on the stack.
@@ -45,7 +45,7 @@ impl FeatureMap {
     fn apply(self, x: &mut [f32]) {
         match self {
             FeatureMap::Identity => {}
-            FeatureMap::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
+            FeatureMap::Relu => x.iter_mut().for_each(|v| *v = relu(*v)),
         }
     }
 }
@@ -336,7 +336,8 @@ impl<'a> Gla<'a> {
     ///
     /// Scratch (f32, in this order): `h (t, C)`, `y (t, C)`, `q (t, H·K)`, `k (t, H·K)`,
     /// `lw (t, H·K)`, `v (t, H·V)`, `o (t, H·V)`, `g (t, H·V)`, `lr (t, R)`, `wide (2t, I)`, then
-    /// `H` × [`gla::head_scratch`] for the chunked form.
+    /// `H` × [`gla::head_scratch`] for the chunked form. Under [`Scan::Recurrent`], whether the
+    /// heads' matrices it wrote are finite (true, unchecked, under [`Scan::Chunked`]).
     fn layer(
         &self,
         call: Call,
@@ -345,7 +346,7 @@ impl<'a> Gla<'a> {
         scratch: &mut [f32],
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let Call { ex, t, scan, l } = call;
         let lw = &self.w.layers[l];
         let c = &self.cfg;
@@ -401,7 +402,7 @@ impl<'a> Gla<'a> {
                         let ls = if gv >= 0.0 { -libm::log1pf(exp(-gv)) } else { gv - libm::log1pf(exp(gv)) };
                         let mut lg = ls / c.gate_norm;
                         if let Some(m) = c.clamp_min {
-                            lg = lg.max(m);
+                            lg = clamp_min(lg, m);
                         }
                         grow[ch] = lg * dtc + rri.0;
                         krow[ch] *= rri.1;
@@ -422,6 +423,7 @@ impl<'a> Gla<'a> {
             }
         }
         let simd = ex.simd();
+        let finite = gla::FiniteHeads::new();
         {
             let (os, ss, hss) = (Shared::new(o), Shared::new(sm), Shared::new(hs));
             let (qr, kr, vr, lwr) = (&*q, &*k, &*v, &*lwb);
@@ -445,10 +447,7 @@ impl<'a> Gla<'a> {
                 unsafe {
                     let sh = ss.range(hh * dk * dv, dk * dv);
                     match scan {
-                        Scan::Recurrent => {
-                            // run_stack checks this family's state.
-                            let _ = gla::recurrent(simd, &head, t, sh, &os, od, hh * dv);
-                        }
+                        Scan::Recurrent => finite.note(gla::recurrent(simd, &head, t, sh, &os, od, hh * dv)),
                         Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, od, hh * dv),
                     }
                     if let Some((win, ws)) = &wss {
@@ -472,7 +471,8 @@ impl<'a> Gla<'a> {
         matmul(ex, o, t, &lw.wo, y)?;
         add_rows(ex, x, y, d, t);
         let mlp = Mlp { norm: &lw.mlp_norm, gate: &lw.gate, up: &lw.up, down: &lw.down, eps: c.eps };
-        mlp.run(ex, t, x, MlpScratch { h, wide, y })
+        mlp.run(ex, t, x, MlpScratch { h, wide, y })?;
+        Ok(finite.all())
     }
 }
 
@@ -511,7 +511,15 @@ impl Stack for Gla<'_> {
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
-        self.layer(call, x, st, s, probe, window)
+        // The heads' matrices are checked as the token step writes them; the conv history here.
+        let finite = self.layer(call, x, st, s, probe, window)?;
+        if call.scan == Scan::Recurrent && (!finite || first_non_finite(&st[self.cfg.matrix_len()..]).is_some()) {
+            return Err(non_finite_state(call.l, st));
+        }
+        Ok(())
+    }
+    fn checks_own_state(&self, scan: Scan) -> bool {
+        scan == Scan::Recurrent
     }
     fn final_norm(&self, x: &mut [f32], _: &mut &mut [f32]) {
         for row in x.chunks_exact_mut(self.cfg.d_model) {

@@ -19,7 +19,7 @@ use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
 use crate::gla_lm::{Mlp, MlpScratch};
-use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
+use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
 use crate::weight::Weight;
 
@@ -160,7 +160,8 @@ impl<'a> Hgrn2<'a> {
         self.w.lower_bounds.as_ref().map_or(0.0, |lb| lb.get(l * self.cfg.d_model + ch))
     }
 
-    /// Layer `call.l` over the rows `x` (in place) from its state `st`.
+    /// Layer `call.l` over the rows `x` (in place) from its state `st`; under [`Scan::Recurrent`],
+    /// whether the state it wrote is finite (true, unchecked, under [`Scan::Chunked`]).
     fn layer(
         &self,
         call: Call,
@@ -169,7 +170,7 @@ impl<'a> Hgrn2<'a> {
         scratch: &mut [f32],
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let Call { ex, t, scan, l } = call;
         let lw = &self.w.layers[l];
         let c = &self.cfg;
@@ -231,6 +232,7 @@ impl<'a> Hgrn2<'a> {
             }
         }
         let simd = ex.simd();
+        let finite = gla::FiniteHeads::new();
         {
             let (os, ss, hss) = (Shared::new(o), Shared::new(st), Shared::new(hs));
             let (qr, kr, vr, lwr) = (&*q, &*h, &*iv, &*f);
@@ -254,10 +256,7 @@ impl<'a> Hgrn2<'a> {
                 unsafe {
                     let sh = ss.range(hh * e * vh, e * vh);
                     match scan {
-                        Scan::Recurrent => {
-                            // run_stack checks this family's state.
-                            let _ = gla::recurrent(simd, &head, t, sh, &os, d, hh * vh);
-                        }
+                        Scan::Recurrent => finite.note(gla::recurrent(simd, &head, t, sh, &os, d, hh * vh)),
                         Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * vh),
                     }
                     if let Some((win, ws)) = &wss {
@@ -270,7 +269,8 @@ impl<'a> Hgrn2<'a> {
         matmul(ex, o, t, &lw.wo, q)?;
         add_rows(ex, x, &q[..tc], d, t);
         let mlp = Mlp { norm: &lw.mlp_norm, gate: &lw.gate, up: &lw.up, down: &lw.down, eps: c.eps };
-        mlp.run(ex, t, x, MlpScratch { h, wide, y: q })
+        mlp.run(ex, t, x, MlpScratch { h, wide, y: q })?;
+        Ok(finite.all())
     }
 }
 
@@ -309,7 +309,15 @@ impl Stack for Hgrn2<'_> {
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
-        self.layer(call, x, st, s, probe, window)
+        // The whole layer state is the heads' matrices, checked as the token step writes them.
+        let finite = self.layer(call, x, st, s, probe, window)?;
+        if call.scan == Scan::Recurrent && !finite {
+            return Err(non_finite_state(call.l, st));
+        }
+        Ok(())
+    }
+    fn checks_own_state(&self, scan: Scan) -> bool {
+        scan == Scan::Recurrent
     }
     fn final_norm(&self, x: &mut [f32], _: &mut &mut [f32]) {
         for row in x.chunks_exact_mut(self.cfg.d_model) {

@@ -12,11 +12,11 @@
 //!
 //! State, per layer (f32): `conv (k−1, cd)` — the last k−1 conv inputs, oldest first — then
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
-use crate::error::{first_non_finite, need, Error, Site};
+use crate::error::{first_non_finite, need, Error};
 use crate::exec::{map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::{gemm_nt, gemm_raw, matmul};
-use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
+use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{
     axpy, causal_conv_silu, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus, transpose,
 };
@@ -290,8 +290,7 @@ impl<'a> Mamba2<'a> {
                 // The step checks the state it writes (see `Stack::checks_own_state`).
                 let ssm_finite = self.ssm_recurrent(ex, lw, t, u, dt, ssm_state, y);
                 if !ssm_finite || first_non_finite(conv_state).is_some() {
-                    let index = first_non_finite(st).unwrap_or(0);
-                    return Err(Error::NonFinite { site: Site::State(call.l), index });
+                    return Err(non_finite_state(call.l, st));
                 }
             }
             Scan::Chunked => self.ssm_chunked(ex, lw, t, u, dt, ssm_state, y, s.cb, s.hs),

@@ -1,5 +1,5 @@
 //! What every family offers the host: a state it can snapshot, a chunked forward and a token step.
-use crate::error::{check_finite, Error, Site};
+use crate::error::{check_finite, first_non_finite, Error, Site};
 use crate::exec::Exec;
 use crate::forget::{Forget, LayerWindow, Runs, WindowTail};
 use crate::gemm::matmul;
@@ -203,6 +203,12 @@ pub(crate) trait Stack: Recurrent {
     fn checks_own_state(&self, _scan: Scan) -> bool {
         false
     }
+}
+
+/// The error of layer `l` whose state `st` holds a NaN or infinity: what [`run_stack`]'s check
+/// reports, for a [`Stack::run_layer`] that checks its own state.
+pub(crate) fn non_finite_state(l: usize, st: &[f32]) -> Error {
+    Error::NonFinite { site: Site::State(l), index: first_non_finite(st).unwrap_or(0) }
 }
 
 /// [`Recurrent::run`] of every family: the call checked, the tokens embedded, each layer run on its

@@ -11,6 +11,23 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + libm::expf(-x))
 }
 
+/// `max(x, lo)` with NaN kept, as torch's `clamp_min` / `relu` keep it: `f32::max` returns the
+/// other operand for a NaN, which turned a NaN weight into a finite output with exit 0.
+#[inline(always)]
+pub fn clamp_min(x: f32, lo: f32) -> f32 {
+    if x < lo {
+        lo
+    } else {
+        x
+    }
+}
+
+/// `max(x, 0)` with NaN kept (see [`clamp_min`]).
+#[inline(always)]
+pub fn relu(x: f32) -> f32 {
+    clamp_min(x, 0.0)
+}
+
 /// `log(1 + eˣ)`, returning `x` itself above 20 as torch does.
 #[inline]
 pub fn softplus(x: f32) -> f32 {

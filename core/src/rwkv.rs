@@ -17,15 +17,14 @@
 //! `ffn_shift (C)` — the last `ln2` output; layers follow each other. Zero = start of a sequence.
 //! Under `Forget::Window { r }` the state continues with one [`gla::window_len`] cache per layer
 //! and then two values (position mod r, filled).
-use crate::error::{first_non_finite, need, Error, Site};
+use crate::error::{first_non_finite, need, Error};
 use crate::exec::{add_rows, for_row_blocks, map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
-use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{exp, silu};
+use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
+use crate::ops::{exp, relu, silu};
 use crate::weight::{with_slice, DType, Data, Elem, Weight};
-use core::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -674,7 +673,7 @@ impl<'a> Rwkv<'a> {
         let hsl = gla::head_scratch(n, n);
         let (r, k, v, lwv) = (&s.r[..tc], &s.k[..tc], &s.v[..tc], &s.lw[..tc]);
         let wss = window.map(|w| (w.at, Shared::new(w.cache)));
-        let wkv_finite = AtomicBool::new(true);
+        let wkv_finite = gla::FiniteHeads::new();
         ex.for_each(h, &|hh| {
             let mut ub = [0f32; 256];
             let uv = &mut ub[..n.min(256)];
@@ -698,11 +697,7 @@ impl<'a> Rwkv<'a> {
             unsafe {
                 let sh = ss.range(hh * n * n, n * n);
                 match scan {
-                    Scan::Recurrent => {
-                        if !gla::recurrent(simd, &head, t, sh, &os, d, hh * n) {
-                            wkv_finite.store(false, Ordering::Relaxed);
-                        }
-                    }
+                    Scan::Recurrent => wkv_finite.note(gla::recurrent(simd, &head, t, sh, &os, d, hh * n)),
                     Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * n),
                 }
                 if let Some((win, ws)) = &wss {
@@ -740,7 +735,7 @@ impl<'a> Rwkv<'a> {
         matmul(ex, &s.tmp[..tc], t, &lw.fk, kk)?;
         map_rows(ex, kk, f, t, &|_, row| {
             row.iter_mut().for_each(|v| {
-                let r = v.max(0.0);
+                let r = relu(*v);
                 *v = r * r
             })
         });
@@ -751,7 +746,7 @@ impl<'a> Rwkv<'a> {
                 *xv += ov / (1.0 + exp(-rv));
             }
         });
-        Ok(wkv_finite.into_inner())
+        Ok(wkv_finite.all())
     }
 }
 
@@ -798,8 +793,7 @@ impl Stack for Rwkv<'_> {
             let (d, wkv) = (self.cfg.d_model, self.cfg.n_heads * self.cfg.head_size * self.cfg.head_size);
             let shifts = [&st[..d], &st[d + wkv..]];
             if !wkv_finite || shifts.iter().any(|r| first_non_finite(r).is_some()) {
-                let index = first_non_finite(st).unwrap_or(0);
-                return Err(Error::NonFinite { site: Site::State(call.l), index });
+                return Err(non_finite_state(call.l, st));
             }
         }
         Ok(())

@@ -32,7 +32,7 @@ use crate::exec::{add_rows, map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::exp;
+use crate::ops::{exp, relu};
 use crate::rwkv::{layer_norm, token_shift};
 use crate::weight::Weight;
 
@@ -445,7 +445,7 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
         matmul(ex, &s.tmp[..tc], t, &lw.fk, kk)?;
         map_rows(ex, kk, c.d_ffn, t, &|_, row| {
             row.iter_mut().for_each(|v| {
-                let r = v.max(0.0);
+                let r = relu(*v);
                 *v = r * r
             })
         });

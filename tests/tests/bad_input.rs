@@ -405,14 +405,24 @@ fn nan_in_state_is_an_error() {
     }
 }
 
-/// RWKV-6's token step checks the WKV state as it writes it and the two token-shift rows after the
-/// layer (instead of reading the whole state once more): a NaN reaching the WKV state through the
-/// key or the decay, or only the channel mix's shift row through LN2, names layer 0's state in the
-/// step as in the chunked form.
+/// The GLA-family token steps (RWKV-6, GLA, HGRN-2) check the heads' matrices as they write them and
+/// the rest of the layer state after the layer (instead of reading the whole state once more): a
+/// NaN reaching the matrices (through a key, a decay or an input), or only the rest (RWKV's channel
+/// mix shift row through LN2, GLA's query conv history through q_proj), names layer 0's state in
+/// the step as in the chunked form. GLA's decay through `clamp_min` keeps a NaN, as torch's does.
 #[test]
-fn rwkv_nan_in_state_is_an_error() {
-    for tensor in ["attention.key.weight", "attention.time_decay", "ln2.weight"] {
-        let dir = poisoned("rwkv6_tiny_hf", &format!("rwkv.blocks.0.{tensor}"), 0, f32::NAN);
+fn gla_family_nan_in_state_is_an_error() {
+    for (case, tensor) in [
+        ("rwkv6_tiny_hf", "rwkv.blocks.0.attention.key.weight"),
+        ("rwkv6_tiny_hf", "rwkv.blocks.0.attention.time_decay"),
+        ("rwkv6_tiny_hf", "rwkv.blocks.0.ln2.weight"),
+        ("gla_tiny", "model.layers.0.attn.k_proj.weight"),
+        ("gla_tiny", "model.layers.0.attn.gk_proj.1.bias"),
+        ("gla_tiny", "model.layers.0.attn.q_proj.weight"),
+        ("hgrn2_tiny", "model.layers.0.attn.f_proj.weight"),
+        ("hgrn2_tiny", "model.layers.0.attn.i_proj.weight"),
+    ] {
+        let dir = poisoned(case, tensor, 0, f32::NAN);
         for chunk in [256, 1] {
             let err = feed_err(dir.path(), chunk, &[7, 8, 9]);
             assert_mentions(&err, &["non-finite", "layer 0's state", dir.path().to_str().unwrap()]);
@@ -432,6 +442,10 @@ fn non_finite_hidden_rows_name_the_layer_and_position() {
         (neox, "backbone.embeddings.weight", 9 * 32, f32::NAN, "the embedding at position 2"),
         ("rwkv6_tiny_hf", "rwkv.blocks.1.feed_forward.value.weight", 0, f32::NAN, "layer 1's output at position 0"),
         ("hgrn2_tiny", "model.layers.1.mlp.down_proj.weight", 0, f32::NAN, "layer 1's output at position 0"),
+        // Through a ReLU (torch keeps the NaN; `f32::max` dropped it, and the output was finite).
+        ("rwkv6_tiny_hf", "rwkv.blocks.0.feed_forward.key.weight", 0, f32::NAN, "layer 0's output at position 0"),
+        ("rwkv7_tiny_fla", "model.layers.0.ffn.key.weight", 0, f32::NAN, "layer 0's output at position 0"),
+        ("gla_tiny_relu", "model.layers.0.attn.q_proj.weight", 0, f32::NAN, "layer 0's output at position 0"),
     ] {
         let dir = poisoned(case, tensor, index, value);
         for chunk in [256, 1] {
