@@ -14,6 +14,7 @@
 //! masked matrix `A_ts = Σ_i q_ti·k_si·exp(b′_ti − b_si)` (s < t; the diagonal is `Σ_i q_ti·u_i·k_ti`
 //! or `Σ_i q_ti·k_ti`), and the state leaves as `diag(exp(b_last))·S + Σ_s (k_s ⊙ exp(b_last − b_s))ᵀ v_s`.
 //! Every exponent is ≤ 0, so nothing overflows however strong the decay.
+use crate::error::{magnitude_bits, NON_FINITE_BITS};
 use crate::exec::{Shared, Simd};
 use crate::forget::WindowAt;
 use crate::gemm::{gemm_nt, gemm_raw};
@@ -104,9 +105,6 @@ impl Default for FiniteHeads {
     }
 }
 
-/// A float is non-finite iff its magnitude bits reach the exponent's all-ones.
-const NON_FINITE: u32 = 0x7f80_0000;
-
 #[inline(always)]
 unsafe fn recurrent_body(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usize, ooff: usize) -> bool {
     let (kd, vd) = (h.kd, h.vd);
@@ -128,7 +126,7 @@ unsafe fn recurrent_body(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usi
                     for ((ov, sv), vv) in out.iter_mut().zip(row.iter_mut()).zip(v) {
                         *ov += qi * *sv;
                         *sv = *sv * wi + ki * vv;
-                        top = top.max(sv.to_bits() & 0x7fff_ffff);
+                        top = top.max(magnitude_bits(*sv));
                     }
                 }
                 for (ov, vv) in out.iter_mut().zip(v) {
@@ -143,13 +141,13 @@ unsafe fn recurrent_body(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usi
                     for ((ov, sv), vv) in out.iter_mut().zip(row.iter_mut()).zip(v) {
                         *sv = *sv * wi + ki * vv;
                         *ov += qi * *sv;
-                        top = top.max(sv.to_bits() & 0x7fff_ffff);
+                        top = top.max(magnitude_bits(*sv));
                     }
                 }
             }
         }
     }
-    top < NON_FINITE
+    top < NON_FINITE_BITS
 }
 
 /// The chunked form over `t` tokens (see the module doc); `hs` is [`head_scratch`] long.

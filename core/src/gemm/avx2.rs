@@ -204,16 +204,10 @@ pub unsafe fn gemv<E: Kernel>(n: usize, k: usize, a: *const f32, b: *const E, ld
 /// Mamba-2 130m bf16 step from 19.5 to 10–12 ms/token (2-core Xeon, 2026-12-05; 2 KiB: 15 ms).
 pub const PREFETCH_BYTES: usize = 16 << 10;
 
-/// Asks for the cache lines of the 32 weights `PREFETCH_BYTES` past `p` (a prefetch never faults,
-/// so running past the matrix is harmless).
+/// Asks for the cache lines of the 32 weights `PREFETCH_BYTES` past `p` ([`super::prefetch_ahead`]).
 #[inline(always)]
-unsafe fn prefetch_ahead<E>(p: *const E) {
-    let at = (p as *const i8).wrapping_add(PREFETCH_BYTES);
-    let mut off = 0;
-    while off < 32 * core::mem::size_of::<E>() {
-        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
-        off += 64;
-    }
+fn prefetch_ahead<E>(p: *const E) {
+    super::prefetch_ahead(p as *const u8, 32 * core::mem::size_of::<E>());
 }
 
 /// [`gemv`] four weight rows at a time (AVX-512 VL: 32 ymm registers hold the 16 partial sums):
