@@ -55,10 +55,12 @@ impl Pool {
         Pool { threads: 1, simd: Simd::Portable, mode: MatmulMode::Exact }
     }
 
-    /// Runs `f` on one of the pool's workers while the calling thread waits, so that the products
-    /// and maps inside hand their tasks to the other workers as work-stealing joins. Called from
-    /// outside the pool, every one of them woke the workers and then the caller again (about 150
-    /// hand-offs a Mamba-2 370m decode step, each two wake-ups across cores).
+    /// Runs `f` on one of the pool's workers while the calling thread waits, with the other
+    /// `threads − 1` workers spinning beside it as a [`crate::team`] for the call: the products and
+    /// maps inside hand their tasks to them through one atomic word. Called from outside the pool,
+    /// every one of them woke the workers and then the caller again (about 150 hand-offs a Mamba-2
+    /// 370m decode step, each two wake-ups across cores); through rayon's work stealing on a
+    /// worker, the other worker still slept between most of them.
     ///
     /// Every call into the core's kernels goes through here: run in place (one thread, or already
     /// on a worker) it first makes sure of [`KERNEL_STACK`] bytes of stack (see there).
@@ -66,7 +68,7 @@ impl Pool {
         if self.threads <= 1 || rayon::current_thread_index().is_some() {
             return on_kernel_stack(f);
         }
-        rayon::scope(|_| on_kernel_stack(f))
+        crate::team::lead(self.threads, || on_kernel_stack(f))
     }
 
     /// `--fast-matmul` for every pool made after this call; `STUFFED_FAST_MATMUL=1` also sets it.
@@ -265,6 +267,8 @@ impl Exec for Pool {
     fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         if n <= 1 || self.threads <= 1 {
             (0..n).for_each(f);
+        } else if crate::team::for_each(n, f) {
+            // Inside a `run`: its team's job, or in place inside one of its tasks.
         } else {
             (0..n).into_par_iter().for_each(f);
         }

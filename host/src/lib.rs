@@ -24,6 +24,7 @@ pub mod rng;
 pub mod session;
 pub mod state_dtype;
 pub mod synth;
+mod team;
 pub mod text;
 pub mod tokenizer;
 pub mod world;

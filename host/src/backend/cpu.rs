@@ -8,7 +8,7 @@ use crate::session::Session;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use stuffed_core::error::first_non_finite;
-use stuffed_core::exec::{Exec, Simd};
+use stuffed_core::exec::{map_rows, Exec, Simd};
 use stuffed_core::ops::log_sum_exp;
 use stuffed_core::Recurrent;
 
@@ -59,8 +59,10 @@ impl<'m> NllHead<'m> {
     /// The NLLs of one sub-chunk from its logits `(rows, vocab_rows)`; row 0 is at `pos0`.
     fn nll_of(&self, logits: &[f32], tg: &[u32], o: &mut [f32], pos0: u64) -> Result<()> {
         let (v, real, simd) = (self.net.vocab_rows(), self.real, self.ex.simd());
-        logits.par_chunks(v).zip(tg.par_iter()).zip(o.par_iter_mut()).for_each(|((row, &t), o)| {
-            *o = log_sum_exp(simd, &row[..real]) - row[t as usize];
+        // Through the executor, not rayon: inside `Pool::run` its team holds the workers.
+        map_rows(&self.ex, o, 1, tg.len(), &|i, o| {
+            let row = &logits[i * v..(i + 1) * v];
+            o[0] = log_sum_exp(simd, &row[..real]) - row[tg[i] as usize];
         });
         // A NaN or infinity among a row's real logits makes its NLL non-finite: checking the
         // NLLs costs `rows` compares, not `rows · vocab`.
@@ -132,6 +134,7 @@ impl<'m> PairHead<'m> {
             h.nll_of(lp, &p.targets[a..b], &mut nll_p[a..b], p.pos0 + a as u64)?;
             h.nll_of(lq, &q.targets[a..b], &mut nll_q[a..b], q.pos0 + a as u64)?;
             let simd = h.ex.simd();
+            // Outside `Pool::run`, so rayon's workers are free.
             lp.par_chunks(v).zip(lq.par_chunks(v)).zip(kl[a..b].par_iter_mut()).for_each(|((x, y), o)| {
                 *o = kl_row(simd, &x[..real], &y[..real]);
             });
