@@ -288,8 +288,9 @@ impl Exec for Pool {
 mod tests {
     use super::*;
 
-    /// The session's work runs on a worker of the pool (so the products inside split by work
-    /// stealing), and a call from a worker runs in place rather than queueing behind itself.
+    /// The session's work runs on a worker of the pool as the leader of a team (so the products
+    /// inside hand their tasks to the spinning helpers), and a call from a worker runs in place
+    /// rather than queueing behind itself.
     #[test]
     fn run_moves_the_work_onto_a_pool_worker() {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(2).build_global();
@@ -299,5 +300,7 @@ mod tests {
         let outer = pool.run(|| (rayon::current_thread_index(), pool.run(rayon::current_thread_index)));
         assert!(outer.0.is_some(), "ran on the calling thread");
         assert_eq!(outer.0, outer.1, "a nested call moved to another worker");
+        assert!(pool.run(crate::team::leading), "the run has no team");
+        assert!(!crate::team::leading());
     }
 }

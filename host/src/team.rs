@@ -250,6 +250,12 @@ pub(crate) fn lead<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
+/// Whether this thread leads a team now (between its jobs): for tests.
+#[cfg(test)]
+pub(crate) fn leading() -> bool {
+    matches!(ROLE.with(|r| r.get()), Role::Leader(_))
+}
+
 /// `for_each` through this thread's team: true when it ran here (as the team's job, or in place
 /// inside a team's task), false when this thread has no team.
 pub(crate) fn for_each(n: usize, f: &Task<'_>) -> bool {
