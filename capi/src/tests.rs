@@ -336,3 +336,38 @@ fn small_stack_child(threads: usize) {
     }
     println!("ran {}", level.name());
 }
+
+/// One handle, four threads calling at once, each on its own stream and state (what the header
+/// promises): every call gives bit for bit the logits and state of the same call made alone,
+/// whether it found the pool's workers free, shared them or waited for them.
+#[test]
+fn one_handle_serves_several_threads_at_once() {
+    for name in ["mamba2_hf_bf16", "rwkv6_tiny_bf16"] {
+        let m = open(name);
+        let i = info(&m);
+        let (n, v) = (i.state_floats, i.vocab_rows);
+        let stream = |s: u32| -> Vec<u32> { (0..48).map(|k| (k * 7 + 3 * s + 1) % 60).collect() };
+        let forward = |m: *const StuffedModel, ids: &[u32]| {
+            let mut state = vec![0f32; n];
+            let mut logits = vec![0f32; ids.len() * v];
+            let st = unsafe {
+                stuffed_forward(m, state.as_mut_ptr(), n, ids.as_ptr(), ids.len(), logits.as_mut_ptr(), logits.len(), 1)
+            };
+            assert_eq!(st, StuffedStatus::Ok, "{name}: {}", last_error());
+            (logits, state)
+        };
+        let alone: Vec<_> = (0..4).map(|s| forward(m.0, &stream(s))).collect();
+        let ptr = m.0 as usize;
+        std::thread::scope(|sc| {
+            for (s, want) in alone.iter().enumerate() {
+                let ids = stream(s as u32);
+                sc.spawn(move || {
+                    for round in 0..12 {
+                        let got = forward(ptr as *const StuffedModel, &ids);
+                        assert!(got == *want, "{name}: thread {s}, round {round}: not the lone call's numbers");
+                    }
+                });
+            }
+        });
+    }
+}
