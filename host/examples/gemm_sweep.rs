@@ -2,7 +2,8 @@
 //! shapes of the released models: t = 1 (a token step: memory-bound, GB/s of weights) and t = 512 (a
 //! chunk: compute-bound, GFLOP/s). Correctness lives in tests/tests/kernels.rs; this only times.
 //!
-//! `cargo run --release --example gemm_sweep [-- f32|bf16|f16]` (`--threads N` via RAYON_NUM_THREADS).
+//! `cargo run --release --example gemm_sweep [-- f32|bf16|f16]` (`--threads N` via RAYON_NUM_THREADS;
+//! the kernel level via `STUFFED_SIMD`, fast mode via `STUFFED_FAST_MATMUL=1`).
 use half::{bf16, f16};
 use std::time::Instant;
 use stuffed::exec::Pool;
@@ -46,11 +47,14 @@ fn main() {
             let x = vec![0.25f32; t * cols];
             let mut out = vec![0f32; t * rows];
             let reps = ((if t == 1 { 2e9 / bytes } else { 2e10 / (2.0 * (t * rows * cols) as f64) }) as usize).max(2);
-            let start = Instant::now();
-            for r in 0..reps {
-                stuffed_core::gemm::matmul(&pool, &x, t, &weight(r), &mut out).expect("matmul");
-            }
-            let s = start.elapsed().as_secs_f64() / reps as f64;
+            // Inside one `Pool::run`, as a session calls the kernels (its team takes the tasks).
+            let s = pool.run(|| {
+                let start = Instant::now();
+                for r in 0..reps {
+                    stuffed_core::gemm::matmul(&pool, &x, t, &weight(r), &mut out).expect("matmul");
+                }
+                start.elapsed().as_secs_f64() / reps as f64
+            });
             let rate = if t == 1 {
                 format!("{:6.1} GB/s", bytes / s / 1e9)
             } else {

@@ -148,6 +148,8 @@ fn every_kernel_on_the_nasty_shapes() {
             for n in [50_277, 50_288] {
                 shapes.extend([(1, n, 33), (17, n, 33)]);
             }
+            // A token step whose K spans two of the bf16 kernel's one-row blocks (24,576 columns).
+            shapes.push((1, 5, 24_609));
             for (s, &(m, n, k)) in shapes.iter().enumerate() {
                 let a = values(m * k, (s * 7 + d) as u64 + 11);
                 let w = Stored::new(&values(n * k, (s * 13 + d) as u64 + 5));

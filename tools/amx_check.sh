@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# What issue 22 leaves for a CPU with AMX (`lscpu`: amx_tile, amx_bf16): the AMX kernel
+# (core/src/gemm/amx.rs) has so far run only over emulated tiles. On such a machine, from a fresh
+# clone, in this order (each step prints what ran; the first failure stops the script):
+#   1. the CPU's flags, and whether Linux grants the tile state (the kernel-contract test panics
+#      with the reason when the CPU advertises AMX and the OS refuses it);
+#   2. the kernel contract (tests/tests/gemm.rs: the nasty shapes on every level, AMX exact and fast,
+#      and the shipped models' mean NLL on every exact path within 1e-5 of the portable one; it
+#      fails if the CPU advertises AMX and the AMX path did not run or the OS refused it);
+#   3. every golden test (they run on every level the CPU has, AMX included) and the fast-matmul test;
+#   4. `gemm_sweep` at the released shapes on the avx512, avx512bf16 and amx levels, exact and fast;
+#   5. (`full` only) `tools/bench_cpu_peers.sh` with `STUFFED_SIMD=amx` against llama.cpp (≈ 20–30
+#      minutes, downloads llama.cpp's sdist and a converter venv on the first run).
+# Then: tune the AMX blocking from step 4, make AMX the default where it wins (host/src/exec.rs:
+# `detect_simd`), rewrite README's CPU tables from step 5, and close issue 22 with the numbers.
+#
+# Usage: tools/amx_check.sh [quick|full]   (default quick: steps 1–4, ≈ 10–15 minutes on 2 cores)
+#        STUFFED_AMX_CHECK_ANYWAY=1 tools/amx_check.sh quick   runs the steps on a CPU without AMX
+#        (every AMX request falls back; to check the script itself).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-quick}
+case "$mode" in quick | full) ;; *) echo "usage: tools/amx_check.sh [quick|full]" >&2; exit 2 ;; esac
+
+flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx512f|avx512_bf16|amx_tile|amx_bf16|amx_int8)$' | sort | tr '\n' ' ')
+model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+echo "amx_check: $model; flags: $flags; $(nproc) cores"
+if [[ $flags != *amx_tile* || $flags != *amx_bf16* ]]; then
+    if [[ ${STUFFED_AMX_CHECK_ANYWAY:-} != 1 ]]; then
+        echo "amx_check: this CPU has no AMX (amx_tile / amx_bf16 absent): nothing to check here" >&2
+        exit 3
+    fi
+    echo "amx_check: no AMX here; running the steps anyway (STUFFED_AMX_CHECK_ANYWAY=1)"
+fi
+
+step() { echo; echo "== amx_check step $1: $2"; }
+
+step 1-2 "kernel contract on every level (nasty shapes, AMX exact and fast, shipped models' mean NLL)"
+cargo test --release -p stuffed-tests --test gemm -- --nocapture --test-threads=1 2>&1 | grep -vE '^\s*$|^ +(Compiling|Finished|Running)'
+
+step 3 "golden tests on every level, and --fast-matmul"
+cargo test --release -p stuffed-tests --test golden_mamba2 --test golden_mamba1 --test golden_rwkv \
+    --test golden_rwkv7 --test golden_gla --test golden_hgrn2 --test golden_delta_net --test kernels \
+    --test fast_matmul 2>&1 | grep -E '^test result|FAILED|panicked'
+
+step 4 "gemm_sweep, 2 threads: avx512 / avx512bf16 / amx, exact and fast"
+cargo build --release --example gemm_sweep --quiet
+sweep=target/release/examples/gemm_sweep
+for level in avx512 avx512bf16 amx; do
+    for fast in 0 1; do
+        [[ $level == avx512 && $fast == 1 ]] && continue
+        echo "-- STUFFED_SIMD=$level STUFFED_FAST_MATMUL=$fast"
+        STUFFED_SIMD=$level STUFFED_FAST_MATMUL=$fast RAYON_NUM_THREADS=2 "$sweep" bf16
+    done
+done
+
+if [[ $mode == full ]]; then
+    step 5 "side by side with llama.cpp, STUFFED_SIMD=amx (default and --fast-matmul columns)"
+    STUFFED_SIMD=amx bash tools/bench_cpu_peers.sh --pairs 3
+fi
+echo
+echo "amx_check: done ($mode)"
