@@ -14,7 +14,7 @@
 # Then: tune the AMX blocking from step 4, make AMX the default where it wins (host/src/exec.rs:
 # `detect_simd`), rewrite README's CPU tables from step 5, and close issue 22 with the numbers.
 #
-# Usage: tools/amx_check.sh [quick|full]   (default quick: steps 1–4, ≈ 10–15 minutes on 2 cores)
+# Usage: tools/amx_check.sh [quick|full]   (default quick: steps 1–4, ≈ 6 minutes on the 2-core VM)
 #        STUFFED_AMX_CHECK_ANYWAY=1 tools/amx_check.sh quick   runs the steps on a CPU without AMX
 #        (every AMX request falls back; to check the script itself).
 set -euo pipefail

@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 
 type Task<'a> = dyn Fn(usize) + Sync + 'a;
 
-/// Low half of the job word when no index may be claimed.
-const CLOSED: u64 = u32::MAX as u64;
+/// The low half of the job word: the next index to claim.
 const INDEX: u64 = u32::MAX as u64;
+/// The low half when no index may be claimed (above any job's task count).
+const CLOSED: u64 = INDEX;
 /// How long an idle helper (or the waiting leader) spins before it starts yielding its core.
 const SPIN: Duration = Duration::from_micros(50);
 /// How long an idle helper yields before it parks until the next job.
@@ -195,6 +196,7 @@ impl Team {
 
     /// The leader's `for_each`: opens the job, runs its share, waits for the rest.
     fn for_each(&self, n: usize, f: &Task<'_>) {
+        assert!((n as u64) < CLOSED, "{n} tasks do not fit the job word");
         let e = self.epoch.get().wrapping_add(1).max(1);
         self.epoch.set(e);
         // SAFETY: the word is closed and no helper is inside a job (the last `for_each` waited for
@@ -380,7 +382,8 @@ mod tests {
     }
 
     /// Runs led from several threads at once (an embedder's threads sharing the pool): each gets
-    /// its own jobs done, whether it found helpers or ran alone, and none waits forever.
+    /// its own jobs done, whether it found helpers or ran alone (every task returned before its
+    /// `for_each` did), and none waits forever.
     #[test]
     fn runs_from_several_threads_at_once_each_finish() {
         pool2();
@@ -393,6 +396,11 @@ mod tests {
                             let n = 1 + (caller * 7 + round) % 40;
                             let sum = AtomicUsize::new(0);
                             for_each(n, &|i| {
+                                // Every tenth run's later tasks are slow, so a helper is still
+                                // inside one when the leader runs out of indices.
+                                if round % 10 == 0 {
+                                    std::thread::sleep(Duration::from_micros(10 * i as u64));
+                                }
                                 sum.fetch_add(caller * 1000 + i, Relaxed);
                             });
                             assert_eq!(sum.load(Relaxed), (0..n).map(|i| caller * 1000 + i).sum::<usize>());
