@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What issue 22 leaves for a CPU with AMX (`lscpu`: amx_tile, amx_bf16): the AMX kernel
-# (core/src/gemm/amx.rs) has so far run only over emulated tiles. On such a machine, from a fresh
+# (core/src/gemm/amx.rs) has so far run only over a scalar model of the tiles and, its compiled
+# instructions, through the SIGILL trap emulator of host/src/amx_emu.rs. On such a machine, from a fresh
 # clone, in this order (each step prints what ran; the first failure stops the script):
 #   1. the CPU's flags, and whether Linux grants the tile state (the kernel-contract test panics
 #      with the reason when the CPU advertises AMX and the OS refuses it);
@@ -16,7 +17,8 @@
 #
 # Usage: tools/amx_check.sh [quick|full]   (default quick: steps 1–4, ≈ 6 minutes on the 2-core VM)
 #        STUFFED_AMX_CHECK_ANYWAY=1 tools/amx_check.sh quick   runs the steps on a CPU without AMX
-#        (every AMX request falls back; to check the script itself).
+#        (to check the script itself): steps 1-3 with `--features amx-emu`, so the AMX level runs
+#        through the trap emulator; step 4's `amx` rows fall back to avx512bf16 (no emulated timing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-quick}
@@ -25,21 +27,25 @@ case "$mode" in quick | full) ;; *) echo "usage: tools/amx_check.sh [quick|full]
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx512f|avx512_bf16|amx_tile|amx_bf16|amx_int8)$' | sort | tr '\n' ' ')
 model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 echo "amx_check: $model; flags: $flags; $(nproc) cores"
+emu=""
 if [[ $flags != *amx_tile* || $flags != *amx_bf16* ]]; then
     if [[ ${STUFFED_AMX_CHECK_ANYWAY:-} != 1 ]]; then
         echo "amx_check: this CPU has no AMX (amx_tile / amx_bf16 absent): nothing to check here" >&2
         exit 3
     fi
-    echo "amx_check: no AMX here; running the steps anyway (STUFFED_AMX_CHECK_ANYWAY=1)"
+    echo "amx_check: no AMX here; running the steps anyway (STUFFED_AMX_CHECK_ANYWAY=1), AMX through the trap emulator"
+    emu="--features amx-emu"
 fi
 
 step() { echo; echo "== amx_check step $1: $2"; }
 
 step 1-2 "kernel contract on every level (nasty shapes, AMX exact and fast, shipped models' mean NLL)"
-cargo test --release -p stuffed-tests --test gemm -- --nocapture --test-threads=1 2>&1 | grep -vE '^\s*$|^ +(Compiling|Finished|Running)'
+# shellcheck disable=SC2086 # $emu: no words, or the feature flag's two
+cargo test --release -p stuffed-tests $emu --test gemm -- --nocapture --test-threads=1 2>&1 | grep -vE '^\s*$|^ +(Compiling|Finished|Running)'
 
 step 3 "golden tests on every level, and --fast-matmul"
-cargo test --release -p stuffed-tests --test golden_mamba2 --test golden_mamba1 --test golden_rwkv \
+# shellcheck disable=SC2086
+cargo test --release -p stuffed-tests $emu --test golden_mamba2 --test golden_mamba1 --test golden_rwkv \
     --test golden_rwkv7 --test golden_gla --test golden_hgrn2 --test golden_delta_net --test kernels \
     --test fast_matmul 2>&1 | grep -E '^test result|FAILED|panicked'
 

@@ -110,7 +110,12 @@ pub fn matmul_mode() -> MatmulMode {
 /// `{"simd": "avx512bf16", "mode": "fast"}`.
 pub fn matmul_record() -> serde_json::Value {
     let mode = matmul_mode();
-    serde_json::json!({"simd": default_simd(mode).name(), "mode": mode.name()})
+    let simd = default_simd(mode);
+    let mut record = serde_json::json!({"simd": simd.name(), "mode": mode.name()});
+    if simd == Simd::Amx && *amx_state() == AmxState::Emulated {
+        record["tiles"] = "emulated".into();
+    }
+    record
 }
 
 /// The level [`Pool::new`] runs in `mode`: [`detect_simd`]'s, except that exact mode on an
@@ -157,7 +162,8 @@ fn cap(want: Simd, best: Simd) -> Simd {
 }
 
 /// The kernel level to run; `STUFFED_SIMD=portable|avx2|avx512|avx512bf16|amx` caps it (an unknown
-/// value is ignored). The AMX kernel has not yet run on an AMX CPU (core/src/gemm/amx.rs), so
+/// value is ignored). The AMX kernel has not yet run on an AMX CPU (core/src/gemm/amx.rs; only its
+/// compiled instructions through [`crate::amx_emu`]'s trap), so
 /// only `STUFFED_SIMD=amx` picks it, and only then is the OS asked for the tile state.
 pub fn detect_simd() -> Simd {
     match std::env::var("STUFFED_SIMD").ok().and_then(|v| Simd::from_name(&v)) {
@@ -172,7 +178,7 @@ pub fn detect_simd() -> Simd {
 /// on the first call, see [`amx_state`]).
 pub fn cpu_simd() -> Simd {
     match base_simd() {
-        Simd::Avx512Bf16 if *amx_state() == AmxState::Granted => Simd::Amx,
+        Simd::Avx512Bf16 if amx_state().usable() => Simd::Amx,
         level => level,
     }
 }
@@ -209,6 +215,16 @@ pub enum AmxState {
     Granted,
     /// The CPU advertises them but they may not be used here: why.
     Refused(String),
+    /// The CPU lacks them, and (feature `amx-emu`) the tile instructions run through the trap
+    /// emulator of [`crate::amx_emu`]: the AMX level's code runs, at no useful speed.
+    Emulated,
+}
+
+impl AmxState {
+    /// Whether the AMX level may run (on the CPU's tiles or, in a test build, emulated ones).
+    pub fn usable(&self) -> bool {
+        matches!(self, AmxState::Granted | AmxState::Emulated)
+    }
 }
 
 /// [`AmxState`], found once a process. On an AMX CPU the first call asks Linux for the tile state
@@ -222,9 +238,14 @@ pub fn amx_state() -> &'static AmxState {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn amx_probe() -> AmxState {
-    use std::arch::x86_64::{__cpuid, __cpuid_count};
-    let (l1, l7) = (__cpuid(1), __cpuid_count(7, 0));
-    if (l7.edx >> 24) & 1 == 0 || (l7.edx >> 22) & 1 == 0 {
+    let l1 = std::arch::x86_64::__cpuid(1);
+    if !crate::amx_emu::cpu_has_amx() {
+        #[cfg(feature = "amx-emu")]
+        return match crate::amx_emu::install() {
+            Ok(()) => AmxState::Emulated,
+            Err(why) => AmxState::Refused(format!("the AMX trap emulator: {why}")),
+        };
+        #[cfg(not(feature = "amx-emu"))]
         return AmxState::Absent;
     }
     if (l1.ecx >> 27) & 1 == 0 {

@@ -3,6 +3,8 @@
 //!
 //! Layers, one way: checkpoint (maps) → model (core views) → backend (session: state + buffers;
 //! or the GPU) → evaluators → commands.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod amx_emu;
 pub mod backend;
 pub mod checkpoint;
 pub mod cli;

@@ -165,6 +165,37 @@ pub fn has_amx() -> bool {
     stuffed::exec::cpu_simd() == stuffed_core::exec::Simd::Amx
 }
 
+/// Runs `check` (a golden case on the AMX level) where this CPU runs that level, and returns how
+/// many `tdpbf16ps` it sent through the trap where the tiles are emulated (`--features amx-emu` on a
+/// CPU without AMX; 0 elsewhere): [`amx_tiles_reached`] then tells whether the cases reached the
+/// tiles at all (only products of bf16 weights with more than one activation row do).
+pub fn on_amx(check: impl FnOnce()) -> u64 {
+    if !has_amx() {
+        return 0;
+    }
+    let before = tile_products();
+    check();
+    tile_products() - before
+}
+
+/// `tdpbf16ps` run through the trap emulator so far in this process (0 where nothing is emulated).
+fn tile_products() -> u64 {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if *stuffed::exec::amx_state() == stuffed::exec::AmxState::Emulated {
+        return stuffed::amx_emu::counts().tdpbf16ps;
+    }
+    0
+}
+
+/// Fails where the tiles are emulated and a test's AMX-level cases ([`on_amx`]'s sum) sent no
+/// product to them: the level ran, but not its kernel.
+pub fn amx_tiles_reached(what: &str, products: u64) {
+    if has_amx() && *stuffed::exec::amx_state() == stuffed::exec::AmxState::Emulated {
+        assert!(products > 0, "{what}: the AMX level ran but no tile product reached the AMX kernel");
+        println!("{what}: {products} tdpbf16ps on the emulated AMX tiles");
+    }
+}
+
 /// Every matrix kernel this CPU runs: portable (serial and pooled), then each level up to the best;
 /// with `fast`, also the AVX512-BF16 and AMX levels in `--fast-matmul` mode where the CPU has them.
 pub fn kernel_pools(fast: bool) -> Vec<Pool> {

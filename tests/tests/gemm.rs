@@ -189,6 +189,19 @@ fn every_kernel_on_the_nasty_shapes() {
                 assert!(ran.contains(&(Simd::Amx, mode)), "the CPU has AMX but {mode:?} did not run");
             }
         }
+        AmxState::Emulated => {
+            for mode in [MatmulMode::Exact, MatmulMode::Fast] {
+                assert!(ran.contains(&(Simd::Amx, mode)), "AMX is emulated but {mode:?} did not run");
+            }
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                let n = stuffed::amx_emu::counts().tdpbf16ps;
+                assert!(n > 0, "the AMX level ran but no tdpbf16ps reached the trap");
+                println!(
+                    "no AMX on this CPU: the AMX level ran its tile instructions through the trap ({n} tdpbf16ps)"
+                );
+            }
+        }
     }
 }
 
@@ -249,6 +262,88 @@ fn amx_blocking_over_emulated_tiles() {
         assert!(out[0] == f32::INFINITY && out[1] == f32::INFINITY, "{out:?}");
         assert!(out[2].is_nan() && out[3].is_nan(), "{out:?}");
     }
+}
+
+/// The AMX kernel's compiled tile instructions — the `asm!` blocks of `amx::gemm`, never yet run on
+/// an AMX CPU — executed on a CPU without AMX through `stuffed::amx_emu`'s SIGILL trap: each tile
+/// instruction is decoded from the code the compiler emitted and carried out on a model of the tile
+/// unit. Equal bit for bit to [`amx::gemm_emulated`] (the same blocking over the scalar model, whose
+/// arithmetic the trap shares), with exactly the tile instructions the blocking implies, on the
+/// nasty shapes, both modes, storing and accumulating: an encoding, a tile named wrongly, a stride
+/// or pointer step in the assembly, or a loop count off by one fails here.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[test]
+fn amx_tile_instructions_over_a_trap() {
+    use stuffed::amx_emu;
+    use stuffed_core::gemm::amx;
+    if amx_emu::cpu_has_amx() {
+        println!("this CPU has AMX: its tiles run in every_kernel_on_the_nasty_shapes instead");
+        return;
+    }
+    amx_emu::install().unwrap();
+    let mut shapes = Vec::new();
+    for m in [1, 2, 15, 16, 17, 33] {
+        for n in [1, 15, 16, 17] {
+            for k in [1, 31, 32, 33, 100, 511, 512, 513, 1056] {
+                shapes.push((m, n, k));
+            }
+        }
+    }
+    shapes.extend([(17, 50_277, 33), (3, 0, 8), (0, 3, 8), (4, 5, 0)]);
+    for fast in [false, true] {
+        for (s, &(m, n, k)) in shapes.iter().enumerate() {
+            for acc in [false, true] {
+                let (lda, ldb, ldc) = (k + 3, k + 5, n + 2);
+                let mut a = values(m * lda, s as u64 * 5 + 1);
+                if m >= 2 && k > 7 {
+                    // ±∞ and NaN activations, and a denormal bf16 weight read as zero.
+                    a[7] = f32::INFINITY;
+                    a[lda + 3] = f32::NAN;
+                }
+                let mut w: Vec<bf16> = values(n * ldb, s as u64 * 5 + 2).iter().map(|&v| bf16::from_f32(v)).collect();
+                if n * k > 1 {
+                    w[1] = bf16::from_bits(0x0003);
+                }
+                let c0 = values(m * ldc, s as u64 * 5 + 3);
+                let (mut trap, mut model) = (c0.clone(), c0.clone());
+                let before = amx_emu::thread_counts();
+                // SAFETY: every operand holds the strided extents of (m, n, k); the trap handler
+                // carries out the tile instructions.
+                unsafe {
+                    amx::gemm(m, n, k, a.as_ptr(), lda, w.as_ptr(), ldb, trap.as_mut_ptr(), ldc, acc, fast);
+                    amx::gemm_emulated(m, n, k, a.as_ptr(), lda, w.as_ptr(), ldb, model.as_mut_ptr(), ldc, acc, fast);
+                }
+                let what = format!("(m, n, k) = ({m}, {n}, {k}), fast={fast}, acc={acc}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&trap), bits(&model), "{what}: trap vs scalar model");
+                let ran = amx_emu::thread_counts();
+                // The tile jobs: 16 activation rows × 512 columns × 16 weight rows each, every one
+                // a ldtilecfg … tilerelease block; each job's 32-column steps (a K tail is one more)
+                // load A and B hi (+ lo) and multiply once (exact: twice).
+                let (mut jobs, mut steps) = (0, 0);
+                if m > 0 && n > 0 {
+                    for l0 in (0..k).step_by(512) {
+                        let kc = (k - l0).min(512);
+                        jobs += m.div_ceil(16) * n.div_ceil(16);
+                        steps += m.div_ceil(16) * n.div_ceil(16) * kc.div_ceil(32);
+                    }
+                }
+                let per_step = if fast { 1 } else { 2 };
+                let want = amx_emu::Counts {
+                    ldtilecfg: before.ldtilecfg + jobs as u64,
+                    sttilecfg: before.sttilecfg,
+                    tilerelease: before.tilerelease + jobs as u64,
+                    tilezero: before.tilezero + jobs as u64,
+                    tileloadd: before.tileloadd + (steps * (1 + per_step)) as u64,
+                    tilestored: before.tilestored + jobs as u64,
+                    tdpbf16ps: before.tdpbf16ps + (steps * per_step) as u64,
+                };
+                assert_eq!(ran, want, "{what}: tile instructions");
+            }
+        }
+    }
+    let all = amx_emu::thread_counts();
+    println!("AMX tile instructions run through the trap: {all:?}");
 }
 
 /// Inf and NaN activations: the split must not turn x = ±∞ into NaN (∞ − bf16(∞) is NaN).

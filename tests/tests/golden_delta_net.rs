@@ -44,9 +44,8 @@ fn delta_net_every_x86_kernel() {
     check(|| Pool::with_simd(Simd::Avx2));
     check(|| Pool::with_simd(Simd::Avx512));
     check(|| Pool::with_simd(Simd::Avx512Bf16));
-    if stuffed_tests::has_amx() {
-        check(|| Pool::with_simd(Simd::Amx));
-    }
+    let tiles = stuffed_tests::on_amx(|| check(|| Pool::with_simd(Simd::Amx)));
+    stuffed_tests::amx_tiles_reached("delta_net_every_x86_kernel", tiles);
 }
 
 #[test]

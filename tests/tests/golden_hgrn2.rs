@@ -31,6 +31,8 @@ fn hgrn2_every_x86_kernel() {
     check(|| Pool::with_simd(Simd::Avx2));
     check(|| Pool::with_simd(Simd::Avx512));
     check(|| Pool::with_simd(Simd::Avx512Bf16));
+    // hgrn2_tiny is f32, so on the AMX level its products run the AVX-512 FMA kernel (the other
+    // families' goldens have bf16 cases, checked to reach the tiles).
     if stuffed_tests::has_amx() {
         check(|| Pool::with_simd(Simd::Amx));
     }

@@ -80,13 +80,13 @@ fn all_cases_avx2_kernel() {
 /// (`Pool::with_simd` falls back to the best level below otherwise).
 #[test]
 fn all_cases_avx512_and_avx512bf16_kernels() {
+    let mut tiles = 0;
     for case in CASES {
         check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Avx512));
         check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Avx512Bf16));
-        if stuffed_tests::has_amx() {
-            check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Amx));
-        }
+        tiles += stuffed_tests::on_amx(|| check_case(case, || Pool::with_simd(stuffed_core::exec::Simd::Amx)));
     }
+    stuffed_tests::amx_tiles_reached("all_cases_avx512_and_avx512bf16_kernels", tiles);
 }
 
 /// The same bodies on the portable kernel, one thread: every backend the CPU build has.

@@ -124,14 +124,14 @@ fn rwkv_hf_format() {
 #[test]
 fn all_cases_every_x86_kernel() {
     use stuffed_core::exec::Simd;
+    let mut tiles = 0;
     for &case in CASES {
         check_case(case, || Pool::with_simd(Simd::Avx2));
         check_case(case, || Pool::with_simd(Simd::Avx512));
         check_case(case, || Pool::with_simd(Simd::Avx512Bf16));
-        if stuffed_tests::has_amx() {
-            check_case(case, || Pool::with_simd(Simd::Amx));
-        }
+        tiles += stuffed_tests::on_amx(|| check_case(case, || Pool::with_simd(Simd::Amx)));
     }
+    stuffed_tests::amx_tiles_reached("all_cases_every_x86_kernel", tiles);
 }
 
 #[test]

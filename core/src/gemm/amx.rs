@@ -1,10 +1,13 @@
 //! AMX kernel for bf16-stored weights: `c (+)= a · bᵀ` on `tdpbf16ps` tiles.
 //!
-//! **Status (2026-12-05): written on CPUs without AMX.** Its blocking, activation packing, row and K
-//! tails are tested through [`gemm_emulated`], the same code over [`Emulated`], a scalar model of
-//! the five tile instructions it uses; the instructions themselves ([`Hardware`]'s `asm!` blocks)
-//! have been assembled but never executed. The host runs this kernel only when `STUFFED_SIMD=amx`
-//! asks for it, until the golden tests have passed on an AMX CPU (issue 22).
+//! **Status (2026-12-05): written on CPUs without AMX, never yet run on AMX silicon.** Its blocking,
+//! activation packing, row and K tails are tested through [`gemm_emulated`], the same code over
+//! [`Emulated`], a scalar model of the tile instructions it uses; the instructions themselves
+//! ([`Hardware`]'s `asm!` blocks, as compiled) run on CPUs without AMX through the host's SIGILL
+//! trap emulator (`stuffed::amx_emu`, which shares [`tdpbf16ps_model`]): bit for bit
+//! [`gemm_emulated`] in the kernel contract, and every golden test with bf16 weights under the
+//! host's `amx-emu` feature. The host runs this kernel only when `STUFFED_SIMD=amx` asks for it,
+//! until the golden tests have passed on an AMX CPU (issue 22).
 //!
 //! Layout: `c (t, n)` is computed transposed, `cᵀ = b · aᵀ`. A weight tile (up to 16 rows × 32
 //! bf16, K contiguous as the checkpoint stores it) is the A operand, read in place with the weights'
@@ -174,21 +177,10 @@ impl TileUnit for Hardware {
 pub struct Emulated;
 
 impl Emulated {
-    /// `c[r][s] += Σ_k2 a[r][2k2 + e] · b[k2][2s + e]`, e = 0 then 1.
+    /// `c[r][s] += Σ_k2 a[r][2k2 + e] · b[k2][2s + e]`, e = 0 then 1, on the config's tiles 0–2.
     unsafe fn dp(cfg: &TileConfig, c: &mut [[f32; 16]; 16], a: *const u16, a_stride: usize, b: *const u16) {
-        let (wr, ar, krows) = (cfg.rows(0), cfg.colsb(0) / 4, cfg.colsb(1) / 4);
-        let f = |bits: u16| daz(bf16::from_bits(bits).to_f32());
-        for (r, c_row) in c.iter_mut().enumerate().take(wr) {
-            let a_row = (a as *const u8).add(r * a_stride) as *const u16;
-            for k2 in 0..krows {
-                let b_row = b.add(k2 * KS);
-                for (s, cv) in c_row.iter_mut().enumerate().take(ar) {
-                    for e in 0..2 {
-                        *cv = daz(*cv + f(*a_row.add(2 * k2 + e)) * f(*b_row.add(2 * s + e)));
-                    }
-                }
-            }
-        }
+        let shape = DpShape { rows: cfg.rows(0), cols: cfg.colsb(0) / 4, pairs: cfg.colsb(1) / 4 };
+        tdpbf16ps_model(shape, c, a, a_stride, b, 2 * KS);
     }
 
     /// The checks the CPU makes before `tdpbf16ps tmm0, tmm1, tmm{b}` (a #UD fault on hardware; a
@@ -204,6 +196,47 @@ impl Emulated {
         assert_eq!(cfg.colsb(0), cfg.colsb(b), "C and B bytes per row");
         assert_eq!(cfg.colsb(1) / 4, cfg.rows(b), "B rows against A pairs");
         assert!(cfg.colsb(0).is_multiple_of(4) && cfg.colsb(1).is_multiple_of(4), "bytes per row of pairs");
+    }
+}
+
+/// The extents of one `tdpbf16ps`: C rows (= A rows), C columns (f32; = B pairs per row) and A
+/// pairs per row (= B rows).
+#[derive(Clone, Copy, Debug)]
+pub struct DpShape {
+    pub rows: usize,
+    pub cols: usize,
+    pub pairs: usize,
+}
+
+/// The scalar model of `tdpbf16ps` shared by [`Emulated`] and the host's trap emulator (which runs
+/// the compiled [`Hardware`] blocks on a CPU without AMX): `c[r][s] += a[r][2k2 + e] · b[k2][2s + e]`
+/// for k2 in order, e = 0 then 1, each sum rounded to f32 (a bf16 product is exact in f32), denormal
+/// inputs read as zero and denormal sums flushed to zero. Rows of `a` are `a_stride` bytes apart, of
+/// `b` `b_stride` bytes.
+///
+/// # Safety
+/// `a` and `b` must hold `shape.rows` rows of `2·shape.pairs` and `shape.pairs` rows of
+/// `2·shape.cols` u16 at those strides; `shape.rows, shape.cols ≤ 16`.
+#[doc(hidden)]
+pub unsafe fn tdpbf16ps_model(
+    shape: DpShape,
+    c: &mut [[f32; 16]; 16],
+    a: *const u16,
+    a_stride: usize,
+    b: *const u16,
+    b_stride: usize,
+) {
+    let f = |bits: u16| daz(bf16::from_bits(bits).to_f32());
+    for (r, c_row) in c.iter_mut().enumerate().take(shape.rows) {
+        let a_row = (a as *const u8).add(r * a_stride) as *const u16;
+        for k2 in 0..shape.pairs {
+            let b_row = (b as *const u8).add(k2 * b_stride) as *const u16;
+            for (s, cv) in c_row.iter_mut().enumerate().take(shape.cols) {
+                for e in 0..2 {
+                    *cv = daz(*cv + f(*a_row.add(2 * k2 + e)) * f(*b_row.add(2 * s + e)));
+                }
+            }
+        }
     }
 }
 

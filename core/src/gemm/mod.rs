@@ -13,7 +13,7 @@
 //!   activations split into bf16 hi + lo or, under [`MatmulMode::Fast`], rounded once. f32 and f16
 //!   weights, and the f32 · f32 products of the scans, use the AVX-512 f32 FMA tiles on that level.
 //! - [`amx`]: AMX `tdpbf16ps` tiles for bf16-stored weights and more than one activation row
-//!   ([`Simd::Amx`]; the same [`MatmulMode`] rule; not yet run on an AMX CPU, see its doc); one-row
+//!   ([`Simd::Amx`]; the same [`MatmulMode`] rule; not yet run on an AMX CPU, only through a trap emulator, see its doc); one-row
 //!   products and other dtypes as on [`Simd::Avx512Bf16`].
 //! - (x86-64 only, behind `#[cfg(target_arch = "x86_64")]`, so `no_std` targets such as thumbv7em
 //!   build the portable path alone.)
