@@ -9,7 +9,10 @@
 #      and the shipped models' mean NLL on every exact path within 1e-5 of the portable one; it
 #      fails if the CPU advertises AMX and the AMX path did not run or the OS refused it);
 #   3. every golden test (they run on every level the CPU has, AMX included) and the fast-matmul test;
-#   4. `gemm_sweep` at the released shapes on the avx512, avx512bf16 and amx levels, exact and fast;
+#   4. `gemm_sweep` at the released shapes on the avx512, avx512bf16 and amx levels, exact and fast,
+#      and `gemm_sweep amx`: the AMX kernel's plans side by side (one C tile or four per tile-config
+#      block; scalar or AVX-512 packing and adding), GFLOP/s on one thread — the kernel runs
+#      `Plan::BEST` (core/src/gemm/amx.rs), chosen on a CPU without AMX: keep it only if it wins here;
 #   5. (`full` only) `tools/bench_cpu_peers.sh` with `STUFFED_SIMD=amx` against llama.cpp (≈ 20–30
 #      minutes, downloads llama.cpp's sdist and a converter venv on the first run).
 # Then: tune the AMX blocking from step 4, make AMX the default where it wins (host/src/exec.rs:
@@ -59,6 +62,8 @@ for level in avx512 avx512bf16 amx; do
         STUFFED_SIMD=$level STUFFED_FAST_MATMUL=$fast RAYON_NUM_THREADS=2 "$sweep" bf16
     done
 done
+echo "-- the AMX kernel's plans (on a CPU without AMX: their non-tile work only)"
+RAYON_NUM_THREADS=1 "$sweep" amx
 
 if [[ $mode == full ]]; then
     step 5 "side by side with llama.cpp, STUFFED_SIMD=amx (default and --fast-matmul columns)"

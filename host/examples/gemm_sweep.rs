@@ -4,6 +4,11 @@
 //!
 //! `cargo run --release --example gemm_sweep [-- f32|bf16|f16]` (`--threads N` via RAYON_NUM_THREADS;
 //! the kernel level via `STUFFED_SIMD`, fast mode via `STUFFED_FAST_MATMUL=1`).
+//!
+//! `gemm_sweep amx`: the AMX kernel's plans (`amx::Plan`: one tile or four per block, scalar or
+//! AVX-512 packing) one by one on one thread at t = 512, exact and fast — on an AMX CPU their
+//! GFLOP/s; on any CPU with AVX512-BF16 the time of everything but the tile instructions, in ns per
+//! 16 × 16 × 32 tile product (`tdpbf16ps` issues one every 16 cycles: ≈ 8 ns at 2 GHz).
 use half::{bf16, f16};
 use std::time::Instant;
 use stuffed::exec::Pool;
@@ -11,6 +16,9 @@ use stuffed_core::{Data, Exec, Weight};
 
 fn main() {
     let dtype = std::env::args().nth(1).unwrap_or_else(|| "bf16".into());
+    if dtype == "amx" {
+        return amx_plans();
+    }
     let pool = Pool::new();
     println!("{dtype} weights, {:?} kernel, {} threads", pool.simd(), pool.threads());
     // (rows, cols, what): Mamba-2 130m in/out proj, 370m in_proj, RWKV-6 1.6B att and FFN, the NeoX head.
@@ -61,6 +69,77 @@ fn main() {
                 format!("{:6.1} GFLOP/s", 2.0 * (t * rows * cols) as f64 / s / 1e9)
             };
             println!("{what:<20} ({rows:>5} × {cols:>4}), t = {t:>3}: {:>9.1} µs  {rate}", s * 1e6);
+        }
+    }
+}
+
+/// See the module doc: `gemm_sweep amx`.
+fn amx_plans() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use stuffed_core::exec::Simd;
+        use stuffed_core::gemm::amx::{self, Plan};
+        let tiles = stuffed::exec::cpu_simd() == Simd::Amx;
+        // The AVX-512 plans need AVX512-BF16, which every AMX CPU has.
+        if !(is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")) {
+            println!("gemm_sweep amx: this CPU has no AVX512-BF16");
+            return;
+        }
+        println!(
+            "AMX plans, one thread, t = 512: {}",
+            if tiles { "GFLOP/s on the tiles" } else { "no AMX here: ns of non-tile work per tile product" }
+        );
+        let plans =
+            [Plan::SINGLE_SCALAR, Plan { pairs: true, avx512: false }, Plan { pairs: false, avx512: true }, Plan::BEST];
+        let shapes = [
+            (3352, 768, "130m in_proj"),
+            (768, 1536, "130m out_proj"),
+            (7168, 2048, "rwkv6-1.6b ffn.key"),
+            (50288, 768, "130m lm_head"),
+        ];
+        let t = 512;
+        for (rows, cols, what) in shapes {
+            let w: Vec<bf16> =
+                (0..rows * cols).map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 * 1e-3 - 0.5)).collect();
+            let x: Vec<f32> = (0..t * cols).map(|i| ((i * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect();
+            let c = vec![0f32; t * rows];
+            let products = (t.div_ceil(16) * rows.div_ceil(16) * cols.div_ceil(32)) as f64;
+            for fast in [false, true] {
+                let mut line = format!("{what:>20} {:5}", if fast { "fast" } else { "exact" });
+                for plan in plans {
+                    let run = || {
+                        // SAFETY: x is t × cols, w rows × cols, c t × rows; AVX512-BF16 checked
+                        // above, the tiles only where the OS granted them.
+                        unsafe {
+                            let (xp, wp, cp) = (x.as_ptr(), w.as_ptr(), c.as_ptr() as *mut f32);
+                            if tiles {
+                                amx::gemm_with(plan, t, rows, cols, xp, cols, wp, cols, cp, rows, false, fast)
+                            } else {
+                                amx::gemm_without_tiles(plan, t, rows, cols, xp, cols, wp, cols, cp, rows, false, fast)
+                            }
+                        }
+                    };
+                    run();
+                    let mut best = f64::MAX;
+                    for _ in 0..5 {
+                        let start = Instant::now();
+                        run();
+                        best = best.min(start.elapsed().as_secs_f64());
+                    }
+                    let flops = 2.0 * (t * rows * cols) as f64;
+                    let cell = if tiles {
+                        format!("{:7.1} GFLOP/s", flops / best / 1e9)
+                    } else {
+                        format!("{:6.2} ns", best / products * 1e9)
+                    };
+                    line += &format!(
+                        "  {}{}: {cell}",
+                        if plan.pairs { "pairs" } else { "single" },
+                        if plan.avx512 { "+avx512" } else { "" }
+                    );
+                }
+                println!("{line}");
+            }
         }
     }
 }

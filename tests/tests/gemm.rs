@@ -223,6 +223,8 @@ fn amx_blocking_over_emulated_tiles() {
         }
     }
     shapes.extend([(17, 50_277, 33), (17, 50_288, 33), (3, 0, 8), (0, 3, 8), (4, 5, 0)]);
+    shapes.extend([(32, 32, 64), (33, 33, 100), (48, 40, 513), (64, 47, 33)]);
+    let plans = amx_plans_here();
     for mode in [MatmulMode::Exact, MatmulMode::Fast] {
         let fast = mode == MatmulMode::Fast;
         let mut worst = 0f64;
@@ -235,7 +237,21 @@ fn amx_blocking_over_emulated_tiles() {
                 let before = c.clone();
                 // SAFETY: every operand holds the strided extents of (m, n, k).
                 unsafe {
-                    amx::gemm_emulated(m, n, k, a.as_ptr(), lda, w.bf16.as_ptr(), ldb, c.as_mut_ptr(), ldc, acc, fast)
+                    let (a, w) = (a.as_ptr(), w.bf16.as_ptr());
+                    amx::gemm_emulated(
+                        amx::Plan::SINGLE_SCALAR,
+                        m,
+                        n,
+                        k,
+                        a,
+                        lda,
+                        w,
+                        ldb,
+                        c.as_mut_ptr(),
+                        ldc,
+                        acc,
+                        fast,
+                    )
                 };
                 for i in 0..m {
                     assert_eq!(c[i * ldc + n..i * ldc + ldc], before[i * ldc + n..i * ldc + ldc], "columns past n");
@@ -244,6 +260,16 @@ fn amx_blocking_over_emulated_tiles() {
                 let base = acc.then_some(&before[..]);
                 let e = check(&what, (m, n, k), (&a, lda), (&w.exact("bf16"), ldb), (&c, ldc), base, bf16_bound(mode));
                 worst = worst.max(e);
+                // The other plans (pairs of tiles, AVX-512 packing and adding) bit for bit the same.
+                for &plan in &plans {
+                    let mut other = before.clone();
+                    // SAFETY: as above; the AVX-512 plans only where the CPU has AVX512-BF16.
+                    unsafe {
+                        let (a, w) = (a.as_ptr(), w.bf16.as_ptr());
+                        amx::gemm_emulated(plan, m, n, k, a, lda, w, ldb, other.as_mut_ptr(), ldc, acc, fast)
+                    };
+                    assert_eq!(bits(&other), bits(&c), "{what}: {plan:?} vs the single-tile scalar plan");
+                }
             }
         }
         println!("amx over emulated tiles, {}: worst |Δ|/Σ|a·b| {worst:.2e}", mode.name());
@@ -256,18 +282,41 @@ fn amx_blocking_over_emulated_tiles() {
         let mut x = vec![0.25f32; 2 * k];
         x[3] = f32::INFINITY;
         x[k + 5] = f32::NAN;
-        let mut out = vec![0f32; 4];
-        // SAFETY: x is 2 × k, w is 2 × k, out is 2 × 2.
-        unsafe { amx::gemm_emulated(2, 2, k, x.as_ptr(), k, w.as_ptr(), k, out.as_mut_ptr(), 2, false, fast) };
-        assert!(out[0] == f32::INFINITY && out[1] == f32::INFINITY, "{out:?}");
-        assert!(out[2].is_nan() && out[3].is_nan(), "{out:?}");
+        for plan in [amx::Plan::SINGLE_SCALAR].into_iter().chain(plans.iter().copied()) {
+            let mut out = vec![0f32; 4];
+            // SAFETY: x is 2 × k, w is 2 × k, out is 2 × 2.
+            unsafe {
+                amx::gemm_emulated(plan, 2, 2, k, x.as_ptr(), k, w.as_ptr(), k, out.as_mut_ptr(), 2, false, fast)
+            };
+            assert!(out[0] == f32::INFINITY && out[1] == f32::INFINITY, "{plan:?}: {out:?}");
+            assert!(out[2].is_nan() && out[3].is_nan(), "{plan:?}: {out:?}");
+        }
     }
+}
+
+/// The AMX plans other than the first one (`Plan::SINGLE_SCALAR`) this CPU can run: pairs of
+/// tiles everywhere, the AVX-512 packing and adding where the CPU has AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+fn amx_plans_here() -> Vec<stuffed_core::gemm::amx::Plan> {
+    use stuffed_core::gemm::amx::Plan;
+    let avx = std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw");
+    let mut plans = vec![Plan { pairs: true, avx512: false }];
+    if avx {
+        plans.extend([Plan { pairs: false, avx512: true }, Plan::BEST]);
+    }
+    plans
+}
+
+/// Bit patterns, so NaNs compare.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// The AMX kernel's compiled tile instructions — the `asm!` blocks of `amx::gemm`, never yet run on
 /// an AMX CPU — executed on a CPU without AMX through `stuffed::amx_emu`'s SIGILL trap: each tile
 /// instruction is decoded from the code the compiler emitted and carried out on a model of the tile
-/// unit. Equal bit for bit to [`amx::gemm_emulated`] (the same blocking over the scalar model, whose
+/// unit. Both blockings (single tiles and pairs; AVX-512 packing where the CPU has it) equal bit for bit to
+/// [`amx::gemm_emulated`]'s first plan (the single-tile blocking over the scalar model, whose
 /// arithmetic the trap shares), with exactly the tile instructions the blocking implies, on the
 /// nasty shapes, both modes, storing and accumulating: an encoding, a tile named wrongly, a stride
 /// or pointer step in the assembly, or a loop count off by one fails here.
@@ -275,21 +324,24 @@ fn amx_blocking_over_emulated_tiles() {
 #[test]
 fn amx_tile_instructions_over_a_trap() {
     use stuffed::amx_emu;
-    use stuffed_core::gemm::amx;
+    use stuffed_core::gemm::amx::{self, Plan};
     if amx_emu::cpu_has_amx() {
         println!("this CPU has AMX: its tiles run in every_kernel_on_the_nasty_shapes instead");
         return;
     }
     amx_emu::install().unwrap();
     let mut shapes = Vec::new();
-    for m in [1, 2, 15, 16, 17, 33] {
-        for n in [1, 15, 16, 17] {
+    for m in [1, 2, 15, 16, 17, 33, 48] {
+        for n in [1, 15, 16, 17, 33] {
             for k in [1, 31, 32, 33, 100, 511, 512, 513, 1056] {
                 shapes.push((m, n, k));
             }
         }
     }
-    shapes.extend([(17, 50_277, 33), (3, 0, 8), (0, 3, 8), (4, 5, 0)]);
+    shapes.extend([(40, 50_277, 33), (3, 0, 8), (0, 3, 8), (4, 5, 0)]);
+    // Both blockings (their assembly differs); the packing variants are the blocking test's.
+    let avx512 = amx_plans_here().contains(&Plan::BEST);
+    let plans = [Plan { pairs: false, avx512 }, Plan { pairs: true, avx512 }];
     for fast in [false, true] {
         for (s, &(m, n, k)) in shapes.iter().enumerate() {
             for acc in [false, true] {
@@ -305,45 +357,92 @@ fn amx_tile_instructions_over_a_trap() {
                     w[1] = bf16::from_bits(0x0003);
                 }
                 let c0 = values(m * ldc, s as u64 * 5 + 3);
-                let (mut trap, mut model) = (c0.clone(), c0.clone());
-                let before = amx_emu::thread_counts();
-                // SAFETY: every operand holds the strided extents of (m, n, k); the trap handler
-                // carries out the tile instructions.
+                let mut model = c0.clone();
+                // SAFETY: every operand holds the strided extents of (m, n, k).
                 unsafe {
-                    amx::gemm(m, n, k, a.as_ptr(), lda, w.as_ptr(), ldb, trap.as_mut_ptr(), ldc, acc, fast);
-                    amx::gemm_emulated(m, n, k, a.as_ptr(), lda, w.as_ptr(), ldb, model.as_mut_ptr(), ldc, acc, fast);
+                    let (a, w) = (a.as_ptr(), w.as_ptr());
+                    amx::gemm_emulated(
+                        Plan::SINGLE_SCALAR,
+                        m,
+                        n,
+                        k,
+                        a,
+                        lda,
+                        w,
+                        ldb,
+                        model.as_mut_ptr(),
+                        ldc,
+                        acc,
+                        fast,
+                    );
                 }
-                let what = format!("(m, n, k) = ({m}, {n}, {k}), fast={fast}, acc={acc}");
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&trap), bits(&model), "{what}: trap vs scalar model");
-                let ran = amx_emu::thread_counts();
-                // The tile jobs: 16 activation rows × 512 columns × 16 weight rows each, every one
-                // a ldtilecfg … tilerelease block; each job's 32-column steps (a K tail is one more)
-                // load A and B hi (+ lo) and multiply once (exact: twice).
-                let (mut jobs, mut steps) = (0, 0);
-                if m > 0 && n > 0 {
-                    for l0 in (0..k).step_by(512) {
-                        let kc = (k - l0).min(512);
-                        jobs += m.div_ceil(16) * n.div_ceil(16);
-                        steps += m.div_ceil(16) * n.div_ceil(16) * kc.div_ceil(32);
+                for &plan in &plans {
+                    if n > 10_000 && !plan.pairs {
+                        continue; // the LM-head width once, on the blocking `gemm` runs
                     }
+                    let mut trap = c0.clone();
+                    let before = amx_emu::thread_counts();
+                    // SAFETY: as above; the trap handler carries out the tile instructions.
+                    unsafe {
+                        let (a, w) = (a.as_ptr(), w.as_ptr());
+                        amx::gemm_with(plan, m, n, k, a, lda, w, ldb, trap.as_mut_ptr(), ldc, acc, fast);
+                    }
+                    let what = format!("(m, n, k) = ({m}, {n}, {k}), fast={fast}, acc={acc}, {plan:?}");
+                    assert_eq!(bits(&trap), bits(&model), "{what}: trap vs scalar model");
+                    let ran = amx_emu::thread_counts();
+                    let want = tile_instructions(m, n, k, fast, plan.pairs);
+                    let got = amx_emu::Counts {
+                        ldtilecfg: ran.ldtilecfg - before.ldtilecfg,
+                        sttilecfg: ran.sttilecfg - before.sttilecfg,
+                        tilerelease: ran.tilerelease - before.tilerelease,
+                        tilezero: ran.tilezero - before.tilezero,
+                        tileloadd: ran.tileloadd - before.tileloadd,
+                        tilestored: ran.tilestored - before.tilestored,
+                        tdpbf16ps: ran.tdpbf16ps - before.tdpbf16ps,
+                    };
+                    assert_eq!(got, want, "{what}: tile instructions");
                 }
-                let per_step = if fast { 1 } else { 2 };
-                let want = amx_emu::Counts {
-                    ldtilecfg: before.ldtilecfg + jobs as u64,
-                    sttilecfg: before.sttilecfg,
-                    tilerelease: before.tilerelease + jobs as u64,
-                    tilezero: before.tilezero + jobs as u64,
-                    tileloadd: before.tileloadd + (steps * (1 + per_step)) as u64,
-                    tilestored: before.tilestored + jobs as u64,
-                    tdpbf16ps: before.tdpbf16ps + (steps * per_step) as u64,
-                };
-                assert_eq!(ran, want, "{what}: tile instructions");
             }
         }
     }
-    let all = amx_emu::thread_counts();
-    println!("AMX tile instructions run through the trap: {all:?}");
+    println!("AMX tile instructions run through the trap: {:?}", amx_emu::thread_counts());
+}
+
+/// The tile instructions the AMX kernel's blocking implies for one product: per block of 32
+/// activation rows (two B tiles; one where fewer than 17 rows are left) and 512 columns, a weight
+/// block of two tiles (`pairs`, two B tiles and more than 16 weight rows left: four C tiles) or one
+/// tile per B tile; each of them one `ldtilecfg … tilerelease` over its 32-column steps (a K tail
+/// is one more), loading A and B hi (+ lo) and multiplying once per C tile (exact: twice).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn tile_instructions(m: usize, n: usize, k: usize, fast: bool, pairs: bool) -> stuffed::amx_emu::Counts {
+    let mut c = stuffed::amx_emu::Counts::default();
+    let per = if fast { 1 } else { 2 };
+    if m == 0 || n == 0 || k == 0 {
+        return c;
+    }
+    for i0 in (0..m).step_by(32) {
+        let b_tiles = if m - i0 > 16 { 2 } else { 1 };
+        for l0 in (0..k).step_by(512) {
+            let steps = (k - l0).min(512).div_ceil(32) as u64;
+            let mut j0 = 0;
+            while j0 < n {
+                let (blocks, c_tiles, a_tiles, b_each) = if pairs && b_tiles == 2 && n - j0 > 16 {
+                    j0 += 16 + (n - j0 - 16).min(16);
+                    (1, 4, 2, 2)
+                } else {
+                    j0 += 16;
+                    (b_tiles, 1, 1, 1)
+                };
+                c.ldtilecfg += blocks;
+                c.tilerelease += blocks;
+                c.tilezero += blocks * c_tiles;
+                c.tilestored += blocks * c_tiles;
+                c.tileloadd += blocks * steps * (a_tiles + b_each * per);
+                c.tdpbf16ps += blocks * steps * c_tiles * per;
+            }
+        }
+    }
+    c
 }
 
 /// Inf and NaN activations: the split must not turn x = ±∞ into NaN (∞ − bf16(∞) is NaN).

@@ -13,29 +13,62 @@
 //! bf16, K contiguous as the checkpoint stores it) is the A operand, read in place with the weights'
 //! row stride — nothing of the weights is copied but a K tail. The f32 activations are split into
 //! bf16 hi (+ lo, as in [`super::bf16`]: `lo = bf16(x − hi)`, |x − hi − lo| ≤ 2⁻¹⁶·|x|) and packed
-//! once per block of 16 rows × [`KC`] columns into the B operand's VNNI layout: row `k2` of a B tile
-//! holds, for each activation row `s`, the pair of columns `2·k2, 2·k2 + 1`. The f32 result tile
-//! (weight rows × activation rows) is stored into a stack buffer and added, transposed, into `c`.
+//! once per block of 32 rows × [`KC`] columns into the B operand's VNNI layout: row `k2` of a B tile
+//! holds, for each activation row `s`, the pair of columns `2·k2, 2·k2 + 1` (a 16 × 16 transpose of
+//! 32-bit pairs, [`transpose16`]). Each f32 result tile (weight rows × activation rows) is stored
+//! into a stack buffer and added, transposed back, into `c`.
 //!
-//! Tiles (palette 1): tmm0 = C (`wr` rows × `4·ar` bytes), tmm1 = A (`wr` rows × 64 bytes),
-//! tmm2 / tmm3 = B hi / lo (16 rows × `4·ar` bytes), where `wr, ar ≤ 16` are the weight and
-//! activation rows of the tile. A K tail (`k` not a multiple of 32) copies the weights' last
-//! columns into a zero-padded 16 × 32 stack buffer, so no tile load reads past a weight row, and
-//! the packed activations are zero there. Each `ldtilecfg … tilerelease` sequence is one `asm!`
+//! Blocking ([`Plan::pairs`]): where 32 activation rows and more than 16 weight rows are left, one
+//! `ldtilecfg … tilerelease` block ([`PairJob`]) keeps four C tiles — two weight tiles by two
+//! activation tiles — so each 32-column step loads 2 A + 2 B tiles (+ 2 B lo) for 4 (8) products,
+//! where a single tile loads 2 (3) for 1 (2); the config, zeroing, store and release are paid once
+//! for four tiles' work. Tiles: tmm0–3 = C(i, j) at `2i + j` (`wr[i]` rows × `4·ar[j]` bytes),
+//! tmm4–5 = A of weight tile i (`wr[i]` rows × 64 bytes), tmm6–7 = B of activation tile j (16 rows
+//! × `4·ar[j]` bytes; hi, then reloaded with lo). The rest goes one tile at a time ([`TileJob`]):
+//! tmm0 = C, tmm1 = A, tmm2 / tmm3 = B hi / lo. A K tail (`k` not a multiple of 32) copies the
+//! weights' last columns into a zero-padded stack buffer, so no tile load reads past a weight row,
+//! and the packed activations are zero there. Each `ldtilecfg … tilerelease` sequence is one `asm!`
 //! block (Rust's asm model knows no tile registers).
+//!
+//! The packing and the transposed add run on AVX-512 ([`Plan::avx512`]; an AMX CPU has AVX512-BF16)
+//! or as scalar loops (the reference they are tested against, bit for bit).
+use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 use half::bf16;
 
-/// Activation rows per packed block (the B tile's pairs per row).
+/// Activation rows per B tile (its pairs per row).
 const AR: usize = 16;
 /// Weight rows per tile (the A and C tiles' rows).
 const WR: usize = 16;
 /// Reduction columns per tile step: 32 bf16 = one 64-byte A row.
 const KS: usize = 32;
-/// Reduction columns per packed block: hi + lo of 16 rows × 512 columns = 2 × 16 KiB of stack.
+/// Reduction columns per packed block: hi + lo of 32 rows × 512 columns = 64 KiB of stack.
 const KC: usize = 512;
 /// u16 elements of one packed B tile: 16 rows × 32 bf16.
 const TILE_U16: usize = 16 * KS;
+/// u16 elements of one activation tile's packed panel: its 16 rows × [`KC`] columns as B tiles.
+const PANEL_U16: usize = KC / KS * TILE_U16;
+/// Byte offsets, from a packed block's start, of activation tile 1's hi and of tiles 0 and 1's lo
+/// (tile 0's hi is at 0): the panels lie hi 0, hi 1, lo 0, lo 1.
+const HI1: usize = 2 * PANEL_U16;
+const LO0: usize = 4 * PANEL_U16;
+const LO1: usize = 6 * PANEL_U16;
+
+/// How [`gemm_with`] blocks and packs: the kernel [`gemm`] runs is `Plan::BEST`; the others are
+/// what the tests and `gemm_sweep` compare it with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Four C tiles per `ldtilecfg … tilerelease` block where the shape allows (else one).
+    pub pairs: bool,
+    /// Pack the activations and add the result tiles on AVX-512 (else scalar loops).
+    pub avx512: bool,
+}
+
+impl Plan {
+    pub const BEST: Plan = Plan { pairs: true, avx512: true };
+    /// The first kernel: one tile per block, scalar packing and adding.
+    pub const SINGLE_SCALAR: Plan = Plan { pairs: false, avx512: false };
+}
 
 /// The 64-byte operand of `ldtilecfg`: palette 1 at byte 0, `colsb[16]` (u16) from byte 16,
 /// `rows[16]` (u8) from byte 48.
@@ -50,6 +83,25 @@ impl TileConfig {
         for (t, rows, colsb) in [(0, wr, 4 * ar), (1, wr, 64), (2, 16, 4 * ar), (3, 16, 4 * ar)] {
             c[16 + 2 * t..18 + 2 * t].copy_from_slice(&(colsb as u16).to_le_bytes());
             c[48 + t] = rows as u8;
+        }
+        TileConfig(c)
+    }
+
+    /// The tiles of a [`PairJob`]: weight tiles of `wr[i]` rows by activation tiles of `ar[j]` rows
+    /// (module doc; every one of them ≥ 1).
+    fn pair(wr: [usize; 2], ar: [usize; 2]) -> TileConfig {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut set = |t: usize, rows: usize, colsb: usize| {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&(colsb as u16).to_le_bytes());
+            c[48 + t] = rows as u8;
+        };
+        for (i, (&wr, &ar_i)) in wr.iter().zip(&ar).enumerate() {
+            for (j, &ar) in ar.iter().enumerate() {
+                set(2 * i + j, wr, 4 * ar);
+            }
+            set(4 + i, wr, 64);
+            set(6 + i, 16, 4 * ar_i);
         }
         TileConfig(c)
     }
@@ -78,13 +130,31 @@ pub struct TileJob {
     out: *mut f32,
 }
 
-/// What runs a [`TileJob`]: the tile instructions, or a scalar model of them.
+/// Four tile products in one block: weight tiles i = 0, 1 (from `w[i]`, byte stride `w_stride`) by
+/// activation tiles j = 0, 1, over `steps` full 32-column steps, then one step from `tail` when it
+/// is not null (32 × 32 bf16, rows 64 bytes apart; weight tile i from row 16·i). `packed` is the
+/// packed block at the job's first step (hi 0 at 0, hi 1 at [`HI1`], lo 0 / lo 1 at [`LO0`] /
+/// [`LO1`] bytes, each `steps` (+ 1) tiles of 1 KiB); `out` takes C(i, j) at `(2i + j)·256`.
+pub struct PairJob {
+    cfg: *const TileConfig,
+    w: [*const u16; 2],
+    w_stride: usize,
+    steps: usize,
+    tail: *const u16,
+    packed: *const u16,
+    out: *mut f32,
+}
+
+/// What runs a [`TileJob`] or a [`PairJob`]: the tile instructions, or a scalar model of them.
 pub trait TileUnit {
     /// # Safety
     /// The job's pointers must be valid for the extents its config and `steps` describe; for
     /// [`Hardware`], the CPU must have AMX-TILE and AMX-BF16 and the OS must have granted the
     /// process the tile state.
     unsafe fn run<const FAST: bool>(job: &TileJob);
+    /// # Safety
+    /// As [`TileUnit::run`].
+    unsafe fn run_pair<const FAST: bool>(job: &PairJob);
 }
 
 /// `ldtilecfg`, `tilezero`, `tileloadd`, `tdpbf16ps`, `tilestored`, `tilerelease`.
@@ -164,6 +234,139 @@ impl TileUnit for Hardware {
                 tail = in(reg) j.tail,
                 row = in(reg) row,
                 out = in(reg) j.out,
+                options(nostack),
+            );
+        }
+    }
+
+    unsafe fn run_pair<const FAST: bool>(j: &PairJob) {
+        // Rows are 64 bytes apart in the packed tiles, the tail buffer and `out`; `out` holds the C
+        // tiles 1 KiB apart, the tail buffer weight tile 1 from its byte 1024.
+        let row = 64usize;
+        if FAST {
+            core::arch::asm!(
+                "ldtilecfg [{cfg}]",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "test {steps}, {steps}",
+                "jz 3f",
+                "2:",
+                "tileloadd tmm4, [{w0} + {ws} * 1]",
+                "tileloadd tmm5, [{w1} + {ws} * 1]",
+                "tileloadd tmm6, [{p} + {row} * 1]",
+                "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {w0}, 64",
+                "add {w1}, 64",
+                "add {p}, 1024",
+                "dec {steps}",
+                "jnz 2b",
+                "3:",
+                "test {tail}, {tail}",
+                "jz 4f",
+                "tileloadd tmm4, [{tail} + {row} * 1]",
+                "tileloadd tmm5, [{tail} + {row} * 1 + {tail1}]",
+                "tileloadd tmm6, [{p} + {row} * 1]",
+                "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "4:",
+                "tilestored [{out} + {row} * 1], tmm0",
+                "tilestored [{out} + {row} * 1 + {c1}], tmm1",
+                "tilestored [{out} + {row} * 1 + {c2}], tmm2",
+                "tilestored [{out} + {row} * 1 + {c3}], tmm3",
+                "tilerelease",
+                cfg = in(reg) j.cfg,
+                w0 = inout(reg) j.w[0] => _,
+                w1 = inout(reg) j.w[1] => _,
+                ws = in(reg) j.w_stride,
+                p = inout(reg) j.packed => _,
+                steps = inout(reg) j.steps => _,
+                tail = in(reg) j.tail,
+                row = in(reg) row,
+                out = in(reg) j.out,
+                hi1 = const HI1,
+                tail1 = const 1024,
+                c1 = const 1024,
+                c2 = const 2048,
+                c3 = const 3072,
+                options(nostack),
+            );
+        } else {
+            core::arch::asm!(
+                "ldtilecfg [{cfg}]",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "test {steps}, {steps}",
+                "jz 3f",
+                "2:",
+                "tileloadd tmm4, [{w0} + {ws} * 1]",
+                "tileloadd tmm5, [{w1} + {ws} * 1]",
+                "tileloadd tmm6, [{p} + {row} * 1]",
+                "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm6, [{p} + {row} * 1 + {lo0}]",
+                "tileloadd tmm7, [{p} + {row} * 1 + {lo1}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {w0}, 64",
+                "add {w1}, 64",
+                "add {p}, 1024",
+                "dec {steps}",
+                "jnz 2b",
+                "3:",
+                "test {tail}, {tail}",
+                "jz 4f",
+                "tileloadd tmm4, [{tail} + {row} * 1]",
+                "tileloadd tmm5, [{tail} + {row} * 1 + {tail1}]",
+                "tileloadd tmm6, [{p} + {row} * 1]",
+                "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm6, [{p} + {row} * 1 + {lo0}]",
+                "tileloadd tmm7, [{p} + {row} * 1 + {lo1}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "4:",
+                "tilestored [{out} + {row} * 1], tmm0",
+                "tilestored [{out} + {row} * 1 + {c1}], tmm1",
+                "tilestored [{out} + {row} * 1 + {c2}], tmm2",
+                "tilestored [{out} + {row} * 1 + {c3}], tmm3",
+                "tilerelease",
+                cfg = in(reg) j.cfg,
+                w0 = inout(reg) j.w[0] => _,
+                w1 = inout(reg) j.w[1] => _,
+                ws = in(reg) j.w_stride,
+                p = inout(reg) j.packed => _,
+                steps = inout(reg) j.steps => _,
+                tail = in(reg) j.tail,
+                row = in(reg) row,
+                out = in(reg) j.out,
+                hi1 = const HI1,
+                lo0 = const LO0,
+                lo1 = const LO1,
+                tail1 = const 1024,
+                c1 = const 1024,
+                c2 = const 2048,
+                c3 = const 3072,
                 options(nostack),
             );
         }
@@ -282,13 +485,36 @@ impl TileUnit for Emulated {
             }
         }
     }
+
+    /// The four C tiles one at a time, each as the single-tile job over the same operands: in the
+    /// instructions each C tile takes the same products in the same order either way.
+    unsafe fn run_pair<const FAST: bool>(j: &PairJob) {
+        let cfg = &*j.cfg;
+        for i in 0..2 {
+            for t in 0..2 {
+                let single = TileConfig::new(cfg.rows(4 + i), cfg.colsb(6 + t) / 4);
+                let panel = j.packed.add(t * PANEL_U16);
+                let job = TileJob {
+                    cfg: &single,
+                    w: j.w[i],
+                    w_stride: j.w_stride,
+                    steps: j.steps,
+                    tail: if j.tail.is_null() { j.tail } else { j.tail.add(i * WR * KS) },
+                    hi: panel,
+                    lo: panel.add(2 * PANEL_U16),
+                    out: j.out.add((2 * i + t) * 256),
+                };
+                Self::run::<FAST>(&job);
+            }
+        }
+    }
 }
 
 /// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[j·ldb + l]`, as [`super::gemm_raw`], on the tiles.
 ///
 /// # Safety
-/// As [`super::gemm_raw`]; the CPU must have AMX-TILE and AMX-BF16 and the OS must have granted
-/// the process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)` on Linux).
+/// As [`super::gemm_raw`]; the CPU must have AMX-TILE, AMX-BF16 and AVX512-BF16, and the OS must
+/// have granted the process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)` on Linux).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
     m: usize,
@@ -303,17 +529,17 @@ pub unsafe fn gemm(
     acc: bool,
     fast: bool,
 ) {
-    gemm_on::<Hardware>(m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
+    gemm_on::<Hardware>(Plan::BEST, m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
 }
 
-/// [`gemm`] over [`Emulated`] tiles, on any x86-64 CPU: the test of everything but the tile
-/// instructions.
+/// [`gemm`] with another [`Plan`] (what `gemm_sweep` times on an AMX CPU).
 ///
 /// # Safety
-/// As [`super::gemm_raw`].
+/// As [`gemm`] (AVX512-BF16 only where `plan.avx512`).
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_emulated(
+pub unsafe fn gemm_with(
+    plan: Plan,
     m: usize,
     n: usize,
     k: usize,
@@ -326,11 +552,78 @@ pub unsafe fn gemm_emulated(
     acc: bool,
     fast: bool,
 ) {
-    gemm_on::<Emulated>(m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
+    gemm_on::<Hardware>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
+}
+
+/// [`gemm_with`] over [`Emulated`] tiles, on any x86-64 CPU (AVX512-BF16 where `plan.avx512`):
+/// the test of everything but the tile instructions.
+///
+/// # Safety
+/// As [`super::gemm_raw`].
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_emulated(
+    plan: Plan,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const bf16,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+    fast: bool,
+) {
+    gemm_on::<Emulated>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
+}
+
+/// [`gemm_with`] minus the tile instructions (the result tiles read as whatever the buffer held):
+/// the packing, tail copies and transposed adds alone, which `gemm_sweep amx` times on any CPU with
+/// AVX512-BF16 against the tiles' issue time.
+///
+/// # Safety
+/// As [`gemm_emulated`].
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_without_tiles(
+    plan: Plan,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const bf16,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+    fast: bool,
+) {
+    gemm_on::<NoTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
+}
+
+/// Runs no tile instruction (see [`gemm_without_tiles`]).
+struct NoTiles;
+
+impl TileUnit for NoTiles {
+    unsafe fn run<const FAST: bool>(_: &TileJob) {}
+    unsafe fn run_pair<const FAST: bool>(_: &PairJob) {}
+}
+
+/// Where one activation block's results go: `c` at its first row, and whether to add.
+#[derive(Clone, Copy)]
+struct Dst {
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+    avx512: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_on<T: TileUnit>(
+    plan: Plan,
     m: usize,
     n: usize,
     k: usize,
@@ -349,69 +642,173 @@ unsafe fn gemm_on<T: TileUnit>(
         }
         return;
     }
-    const PACKED: usize = KC / KS * TILE_U16;
-    let mut hi = MaybeUninit::<[u16; PACKED]>::uninit();
-    let mut lo = MaybeUninit::<[u16; PACKED]>::uninit();
-    let (hi, lo) = (hi.as_mut_ptr() as *mut u16, lo.as_mut_ptr() as *mut u16);
-    let mut tail = [0u16; WR * KS];
-    let mut out = [0f32; WR * 16];
+    // hi 0, hi 1, lo 0, lo 1 (module doc).
+    let mut packed = MaybeUninit::<[u16; 4 * PANEL_U16]>::uninit();
+    let packed = packed.as_mut_ptr() as *mut u16;
+    // Two weight tiles' K tails, 16 rows × 32 bf16 each.
+    let mut tail = [0u16; 2 * WR * KS];
+    let mut out = [0f32; 4 * WR * 16];
     let b = b as *const u16;
     let mut i0 = 0;
     while i0 < m {
-        let ar = (m - i0).min(AR);
+        let ar = [(m - i0).min(AR), (m - i0).saturating_sub(AR).min(AR)];
+        let tiles = if ar[1] > 0 { 2 } else { 1 };
         let mut l0 = 0;
         while l0 < k {
             let kc = (k - l0).min(KC);
             let (steps, has_tail) = (kc / KS, !kc.is_multiple_of(KS));
-            pack(a.add(i0 * lda + l0), lda, ar, kc, hi, lo, fast);
+            for (t, &rows) in ar.iter().enumerate().take(tiles) {
+                let panel = packed.add(t * PANEL_U16);
+                let src = a.add((i0 + t * AR) * lda + l0);
+                pack(src, lda, rows, kc, panel, panel.add(2 * PANEL_U16), fast, plan.avx512);
+            }
             // The first K block stores (or adds, under `acc`); later ones add.
-            let add = acc || l0 > 0;
+            let dst = Dst { c: c.add(i0 * ldc), ldc, add: acc || l0 > 0, avx512: plan.avx512 };
             let mut j0 = 0;
             while j0 < n {
-                let wr = (n - j0).min(WR);
-                let cfg = TileConfig::new(wr, ar);
                 let w = b.add(j0 * ldb + l0);
-                if has_tail {
-                    tail.fill(0);
-                    for r in 0..wr {
-                        let src = w.add(r * ldb + steps * KS);
-                        core::ptr::copy_nonoverlapping(src, tail.as_mut_ptr().add(r * KS), kc - steps * KS);
+                let tail_ptr = if has_tail { tail.as_ptr() } else { core::ptr::null() };
+                if plan.pairs && tiles == 2 && n - j0 > WR {
+                    let wr = [WR, (n - j0 - WR).min(WR)];
+                    if has_tail {
+                        copy_tail(w, ldb, wr[0] + wr[1], steps * KS, kc, &mut tail);
                     }
-                }
-                let job = TileJob {
-                    cfg: &cfg,
-                    w,
-                    w_stride: ldb * 2,
-                    steps,
-                    tail: if has_tail { tail.as_ptr() } else { core::ptr::null() },
-                    hi,
-                    lo,
-                    out: out.as_mut_ptr(),
-                };
-                if fast {
-                    T::run::<true>(&job);
+                    let cfg = TileConfig::pair(wr, ar);
+                    let job = PairJob {
+                        cfg: &cfg,
+                        w: [w, w.add(WR * ldb)],
+                        w_stride: ldb * 2,
+                        steps,
+                        tail: tail_ptr,
+                        packed,
+                        out: out.as_mut_ptr(),
+                    };
+                    if fast {
+                        T::run_pair::<true>(&job);
+                    } else {
+                        T::run_pair::<false>(&job);
+                    }
+                    for i in 0..2 {
+                        for t in 0..2 {
+                            add_tile(&out[(2 * i + t) * 256..], wr[i], ar[t], dst, t * AR, j0 + i * WR);
+                        }
+                    }
+                    j0 += wr[0] + wr[1];
                 } else {
-                    T::run::<false>(&job);
-                }
-                for r in 0..wr {
-                    for s in 0..ar {
-                        let v = out[r * 16 + s];
-                        let dst = c.add((i0 + s) * ldc + j0 + r);
-                        *dst = if add { *dst + v } else { v };
+                    let wr = (n - j0).min(WR);
+                    if has_tail {
+                        copy_tail(w, ldb, wr, steps * KS, kc, &mut tail);
                     }
+                    for (t, &rows) in ar.iter().enumerate().take(tiles) {
+                        let cfg = TileConfig::new(wr, rows);
+                        let panel = packed.add(t * PANEL_U16);
+                        let job = TileJob {
+                            cfg: &cfg,
+                            w,
+                            w_stride: ldb * 2,
+                            steps,
+                            tail: tail_ptr,
+                            hi: panel,
+                            lo: panel.add(2 * PANEL_U16),
+                            out: out.as_mut_ptr(),
+                        };
+                        if fast {
+                            T::run::<true>(&job);
+                        } else {
+                            T::run::<false>(&job);
+                        }
+                        add_tile(&out, wr, rows, dst, t * AR, j0);
+                    }
+                    j0 += wr;
                 }
-                j0 += wr;
             }
             l0 += kc;
         }
-        i0 += ar;
+        i0 += tiles * AR;
+    }
+}
+
+/// Copies columns `from..kc` of `rows` weight rows into `tail` (rows of 32 bf16, zero past them).
+unsafe fn copy_tail(w: *const u16, ldb: usize, rows: usize, from: usize, kc: usize, tail: &mut [u16; 2 * WR * KS]) {
+    tail.fill(0);
+    for r in 0..rows {
+        core::ptr::copy_nonoverlapping(w.add(r * ldb + from), tail.as_mut_ptr().add(r * KS), kc - from);
+    }
+}
+
+/// Adds (or stores) result tile `tile` (`wr` weight rows × `ar` activation rows, rows 16 f32
+/// apart) transposed into `dst`: `c[(s0 + s)·ldc + j0 + r] (+)= tile[r·16 + s]`.
+unsafe fn add_tile(tile: &[f32], wr: usize, ar: usize, dst: Dst, s0: usize, j0: usize) {
+    let c = dst.c.add(s0 * dst.ldc + j0);
+    if dst.avx512 {
+        return add_tile_avx512(tile.as_ptr(), wr, ar, c, dst.ldc, dst.add);
+    }
+    for r in 0..wr {
+        for s in 0..ar {
+            let v = tile[r * 16 + s];
+            let o = c.add(s * dst.ldc + r);
+            *o = if dst.add { *o + v } else { v };
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+unsafe fn add_tile_avx512(tile: *const f32, wr: usize, ar: usize, c: *mut f32, ldc: usize, add: bool) {
+    let mut v = [_mm512_setzero_si512(); 16];
+    for (r, v) in v.iter_mut().enumerate().take(wr) {
+        *v = _mm512_loadu_si512(tile.add(r * 16) as *const _);
+    }
+    transpose16(&mut v);
+    let mask = super::bf16::mask16(wr);
+    for (s, v) in v.iter().enumerate().take(ar) {
+        let o = c.add(s * ldc);
+        let mut x = _mm512_castsi512_ps(*v);
+        if add {
+            x = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, o), x);
+        }
+        _mm512_mask_storeu_ps(o, mask, x);
+    }
+}
+
+/// Transposes a 16 × 16 matrix of 32-bit elements held as 16 rows.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn transpose16(r: &mut [__m512i; 16]) {
+    // 2 × 2 blocks of elements, then of pairs (64-bit), then of 128-bit and 256-bit lanes.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b) = (4 * i, 4 * i + 2);
+        r[4 * i] = _mm512_unpacklo_epi64(t[a], t[b]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[a], t[b]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[a + 1], t[b + 1]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[a + 1], t[b + 1]);
+    }
+    // Now row 4q + e holds, in each 128-bit lane L, column 4L + e's elements of rows 4q..4q+4.
+    for q in 0..2 {
+        for e in 0..4 {
+            let (a, b) = (8 * q + e, 8 * q + 4 + e);
+            t[8 * q + e] = _mm512_shuffle_i32x4::<0x88>(r[a], r[b]);
+            t[8 * q + 4 + e] = _mm512_shuffle_i32x4::<0xdd>(r[a], r[b]);
+        }
+    }
+    for e in 0..8 {
+        r[e] = _mm512_shuffle_i32x4::<0x88>(t[e], t[8 + e]);
+        r[8 + e] = _mm512_shuffle_i32x4::<0xdd>(t[e], t[8 + e]);
     }
 }
 
 /// Packs `ar` activation rows × `kc` columns into B tiles (module doc): tile `t`, row `k2`, pair
 /// `s` holds row `s`'s columns `32·t + 2·k2` and `+ 1`, as bf16 hi (and lo unless `fast`); columns
 /// past `kc` and pairs past `ar` are zero.
-unsafe fn pack(a: *const f32, lda: usize, ar: usize, kc: usize, hi: *mut u16, lo: *mut u16, fast: bool) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack(a: *const f32, lda: usize, ar: usize, kc: usize, hi: *mut u16, lo: *mut u16, fast: bool, avx512: bool) {
+    if avx512 {
+        return pack_avx512(a, lda, ar, kc, hi, lo, fast);
+    }
     let tiles = kc.div_ceil(KS);
     for s in 0..AR {
         for l in 0..tiles * KS {
@@ -425,6 +822,36 @@ unsafe fn pack(a: *const f32, lda: usize, ar: usize, kc: usize, hi: *mut u16, lo
     }
 }
 
+/// [`pack`]: each row's 32 columns split by [`super::bf16::split32`] into 16 pairs, then the 16 rows
+/// × 16 pairs transposed into a B tile's 16 rows.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_avx512(a: *const f32, lda: usize, ar: usize, kc: usize, hi: *mut u16, lo: *mut u16, fast: bool) {
+    let mut h = [_mm512_setzero_si512(); 16];
+    let mut w = [_mm512_setzero_si512(); 16];
+    for t in 0..kc.div_ceil(KS) {
+        let left = kc - t * KS;
+        let (m0, m1) = (super::bf16::mask16(left), super::bf16::mask16(left.saturating_sub(16)));
+        for s in 0..AR {
+            (h[s], w[s]) = if s < ar {
+                let x = a.add(s * lda + t * KS);
+                super::bf16::split32(_mm512_maskz_loadu_ps(m0, x), _mm512_maskz_loadu_ps(m1, x.add(16)), fast)
+            } else {
+                (_mm512_setzero_si512(), _mm512_setzero_si512())
+            };
+        }
+        transpose16(&mut h);
+        for (k2, v) in h.iter().enumerate() {
+            _mm512_storeu_si512(hi.add(t * TILE_U16 + k2 * KS) as *mut _, *v);
+        }
+        if !fast {
+            transpose16(&mut w);
+            for (k2, v) in w.iter().enumerate() {
+                _mm512_storeu_si512(lo.add(t * TILE_U16 + k2 * KS) as *mut _, *v);
+            }
+        }
+    }
+}
+
 /// `x` as bf16 hi and lo (round to nearest even): `lo = bf16(x − hi)`; an infinite `x` (whose
 /// `x − hi` is NaN) has lo 0, as in [`super::bf16`].
 fn split(x: f32) -> (u16, u16) {
@@ -432,4 +859,30 @@ fn split(x: f32) -> (u16, u16) {
     let d = x - h.to_f32();
     let d = if d.is_nan() { 0.0 } else { d };
     (h.to_bits(), bf16::from_f32(d).to_bits())
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    /// The AVX-512 transpose against the definition, on every 16 × 16 position.
+    #[test]
+    fn transpose16_transposes() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let m: [[u32; 16]; 16] = core::array::from_fn(|i| core::array::from_fn(|j| (i * 100 + j) as u32));
+        // SAFETY: AVX-512F checked above.
+        let got = unsafe {
+            let mut v: [__m512i; 16] = core::array::from_fn(|i| _mm512_loadu_si512(m[i].as_ptr() as *const _));
+            transpose16(&mut v);
+            v.map(|r| core::mem::transmute::<__m512i, [u32; 16]>(r))
+        };
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(got[i][j], m[j][i], "({i}, {j})");
+            }
+        }
+    }
 }

@@ -147,28 +147,37 @@ unsafe fn split_row(x: *const f32, kc: usize, kp: usize, hi: *mut u16, lo: *mut 
         let (m0, m1) = (mask16(left), mask16(left.saturating_sub(16)));
         let x0 = _mm512_maskz_loadu_ps(m0, x.add(l));
         let x1 = _mm512_maskz_loadu_ps(m1, x.add(l + 16));
-        // Lanes 0..16 from the second operand.
-        let h = _mm512_cvtne2ps_pbh(x1, x0);
-        _mm512_storeu_si512(hi.add(l) as *mut _, cast_i(h));
+        let (h, w) = split32(x0, x1, fast);
+        _mm512_storeu_si512(hi.add(l) as *mut _, h);
         if !fast {
-            let hi_i = cast_i(h);
-            let h0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi_i))));
-            let h1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                _mm512_extracti64x4_epi64::<1>(hi_i),
-            )));
-            // x − hi is exact in f32; an infinite x leaves NaN there, which must not poison the
-            // sum (hi carries the infinity), so NaN → 0 (a NaN x is NaN in hi already).
-            let (d0, d1) = (_mm512_sub_ps(x0, h0), _mm512_sub_ps(x1, h1));
-            let d0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(d0, d0), d0);
-            let d1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(d1, d1), d1);
-            _mm512_storeu_si512(lo.add(l) as *mut _, cast_i(_mm512_cvtne2ps_pbh(d1, d0)));
+            _mm512_storeu_si512(lo.add(l) as *mut _, w);
         }
         l += 32;
     }
 }
 
+/// 32 activations (`x0` then `x1`) as 32 bf16 hi and, unless `fast` (then zero), 32 bf16 lo =
+/// bf16(x − hi), rounded to nearest even by `vcvtne2ps2bf16`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+pub(super) unsafe fn split32(x0: __m512, x1: __m512, fast: bool) -> (__m512i, __m512i) {
+    // Lanes 0..16 from the second operand.
+    let hi_i = cast_i(_mm512_cvtne2ps_pbh(x1, x0));
+    if fast {
+        return (hi_i, _mm512_setzero_si512());
+    }
+    let h0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi_i))));
+    let h1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(hi_i))));
+    // x − hi is exact in f32; an infinite x leaves NaN there, which must not poison the
+    // sum (hi carries the infinity), so NaN → 0 (a NaN x is NaN in hi already).
+    let (d0, d1) = (_mm512_sub_ps(x0, h0), _mm512_sub_ps(x1, h1));
+    let d0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(d0, d0), d0);
+    let d1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(d1, d1), d1);
+    (hi_i, cast_i(_mm512_cvtne2ps_pbh(d1, d0)))
+}
+
 #[inline(always)]
-fn mask16(left: usize) -> __mmask16 {
+pub(super) fn mask16(left: usize) -> __mmask16 {
     if left >= 16 {
         0xffff
     } else {

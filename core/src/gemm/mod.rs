@@ -20,9 +20,10 @@
 //!
 //! Stack: the x86 kernels pack their panels into stack arrays (the caller-provided-buffer rule
 //! covers what outlives a call; these live for one): 48 KiB for [`avx512`], 96 KiB for [`bf16`]'s
-//! hi + lo, 34 KiB for [`amx`]. A whole forward on the AVX512-BF16 level needed between 100 and
-//! 128 KiB of a thread's stack; call the core from a thread with at least 256 KiB left (the host's
-//! `Pool::run` makes sure of it, growing a short stack). The portable path keeps none.
+//! hi + lo, 70 KiB for [`amx`] (hi + lo of 32 rows × 512 columns, tails, result tiles). A whole
+//! forward on the AVX512-BF16 level needed between 100 and 128 KiB of a thread's stack; call the
+//! core from a thread with at least 256 KiB left (the host's `Pool::run` makes sure of it, growing
+//! a short stack). The portable path keeps none.
 use crate::error::Error;
 use crate::exec::{Exec, MatmulMode, Shared, Simd};
 use crate::weight::{with_slice, Data, Elem, Weight};
