@@ -112,11 +112,8 @@ fn amx_plans() {
                         // above, the tiles only where the OS granted them.
                         unsafe {
                             let (xp, wp, cp) = (x.as_ptr(), w.as_ptr(), c.as_ptr() as *mut f32);
-                            if tiles {
-                                amx::gemm_with(plan, t, rows, cols, xp, cols, wp, cols, cp, rows, false, fast)
-                            } else {
-                                amx::gemm_without_tiles(plan, t, rows, cols, xp, cols, wp, cols, cp, rows, false, fast)
-                            }
+                            let unit = if tiles { amx::Tiles::Hardware } else { amx::Tiles::Skipped };
+                            amx::gemm_with(unit, plan, t, rows, cols, xp, cols, wp, cols, cp, rows, false, fast)
                         }
                     };
                     run();

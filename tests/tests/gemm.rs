@@ -205,7 +205,7 @@ fn every_kernel_on_the_nasty_shapes() {
     }
 }
 
-/// The AMX kernel's blocking, activation packing and tails over [`amx::gemm_emulated`]'s scalar
+/// The AMX kernel's blocking, activation packing and tails over `amx::gemm_with` over `amx::Tiles::Emulated`'s scalar
 /// model of the tile instructions, on every x86-64 CPU (the real tiles run in
 /// `every_kernel_on_the_nasty_shapes` where the CPU has them): the nasty shapes, K across the
 /// 512-column packing block (511, 512, 513, 1056), strided operands storing and accumulating,
@@ -238,7 +238,8 @@ fn amx_blocking_over_emulated_tiles() {
                 // SAFETY: every operand holds the strided extents of (m, n, k).
                 unsafe {
                     let (a, w) = (a.as_ptr(), w.bf16.as_ptr());
-                    amx::gemm_emulated(
+                    amx::gemm_with(
+                        amx::Tiles::Emulated,
                         amx::Plan::SINGLE_SCALAR,
                         m,
                         n,
@@ -266,7 +267,21 @@ fn amx_blocking_over_emulated_tiles() {
                     // SAFETY: as above; the AVX-512 plans only where the CPU has AVX512-BF16.
                     unsafe {
                         let (a, w) = (a.as_ptr(), w.bf16.as_ptr());
-                        amx::gemm_emulated(plan, m, n, k, a, lda, w, ldb, other.as_mut_ptr(), ldc, acc, fast)
+                        amx::gemm_with(
+                            amx::Tiles::Emulated,
+                            plan,
+                            m,
+                            n,
+                            k,
+                            a,
+                            lda,
+                            w,
+                            ldb,
+                            other.as_mut_ptr(),
+                            ldc,
+                            acc,
+                            fast,
+                        )
                     };
                     assert_eq!(bits(&other), bits(&c), "{what}: {plan:?} vs the single-tile scalar plan");
                 }
@@ -286,7 +301,21 @@ fn amx_blocking_over_emulated_tiles() {
             let mut out = vec![0f32; 4];
             // SAFETY: x is 2 × k, w is 2 × k, out is 2 × 2.
             unsafe {
-                amx::gemm_emulated(plan, 2, 2, k, x.as_ptr(), k, w.as_ptr(), k, out.as_mut_ptr(), 2, false, fast)
+                amx::gemm_with(
+                    amx::Tiles::Emulated,
+                    plan,
+                    2,
+                    2,
+                    k,
+                    x.as_ptr(),
+                    k,
+                    w.as_ptr(),
+                    k,
+                    out.as_mut_ptr(),
+                    2,
+                    false,
+                    fast,
+                )
             };
             assert!(out[0] == f32::INFINITY && out[1] == f32::INFINITY, "{plan:?}: {out:?}");
             assert!(out[2].is_nan() && out[3].is_nan(), "{plan:?}: {out:?}");
@@ -316,7 +345,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// an AMX CPU — executed on a CPU without AMX through `stuffed::amx_emu`'s SIGILL trap: each tile
 /// instruction is decoded from the code the compiler emitted and carried out on a model of the tile
 /// unit. Both blockings (single tiles and pairs; AVX-512 packing where the CPU has it) equal bit for bit to
-/// [`amx::gemm_emulated`]'s first plan (the single-tile blocking over the scalar model, whose
+/// `amx::gemm_with` over `amx::Tiles::Emulated`'s first plan (the single-tile blocking over the scalar model, whose
 /// arithmetic the trap shares), with exactly the tile instructions the blocking implies, on the
 /// nasty shapes, both modes, storing and accumulating: an encoding, a tile named wrongly, a stride
 /// or pointer step in the assembly, or a loop count off by one fails here.
@@ -324,7 +353,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn amx_tile_instructions_over_a_trap() {
     use stuffed::amx_emu;
-    use stuffed_core::gemm::amx::{self, Plan};
+    use stuffed_core::gemm::amx::{self, Plan, Tiles};
     if amx_emu::cpu_has_amx() {
         println!("this CPU has AMX: its tiles run in every_kernel_on_the_nasty_shapes instead");
         return;
@@ -361,7 +390,8 @@ fn amx_tile_instructions_over_a_trap() {
                 // SAFETY: every operand holds the strided extents of (m, n, k).
                 unsafe {
                     let (a, w) = (a.as_ptr(), w.as_ptr());
-                    amx::gemm_emulated(
+                    amx::gemm_with(
+                        amx::Tiles::Emulated,
                         Plan::SINGLE_SCALAR,
                         m,
                         n,
@@ -385,7 +415,21 @@ fn amx_tile_instructions_over_a_trap() {
                     // SAFETY: as above; the trap handler carries out the tile instructions.
                     unsafe {
                         let (a, w) = (a.as_ptr(), w.as_ptr());
-                        amx::gemm_with(plan, m, n, k, a, lda, w, ldb, trap.as_mut_ptr(), ldc, acc, fast);
+                        amx::gemm_with(
+                            Tiles::Hardware,
+                            plan,
+                            m,
+                            n,
+                            k,
+                            a,
+                            lda,
+                            w,
+                            ldb,
+                            trap.as_mut_ptr(),
+                            ldc,
+                            acc,
+                            fast,
+                        );
                     }
                     let what = format!("(m, n, k) = ({m}, {n}, {k}), fast={fast}, acc={acc}, {plan:?}");
                     assert_eq!(bits(&trap), bits(&model), "{what}: trap vs scalar model");

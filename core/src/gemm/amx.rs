@@ -1,12 +1,11 @@
 //! AMX kernel for bf16-stored weights: `c (+)= a · bᵀ` on `tdpbf16ps` tiles.
 //!
 //! **Status (2026-12-05): written on CPUs without AMX, never yet run on AMX silicon.** Its blocking,
-//! activation packing, row and K tails are tested through [`gemm_emulated`], the same code over
-//! [`Emulated`], a scalar model of the tile instructions it uses; the instructions themselves
-//! ([`Hardware`]'s `asm!` blocks, as compiled) run on CPUs without AMX through the host's SIGILL
-//! trap emulator (`stuffed::amx_emu`, which shares [`tdpbf16ps_model`]): bit for bit
-//! [`gemm_emulated`] in the kernel contract, and every golden test with bf16 weights under the
-//! host's `amx-emu` feature. The host runs this kernel only when `STUFFED_SIMD=amx` asks for it,
+//! activation packing, row and K tails are tested through [`gemm_with`] over [`Emulated`], a scalar
+//! model of the tile instructions it uses; the instructions themselves ([`Hardware`]'s `asm!`
+//! blocks, as compiled) run on CPUs without AMX through the host's SIGILL trap emulator
+//! (`stuffed::amx_emu`, which shares [`tdpbf16ps_model`]): bit for bit the model in the kernel
+//! contract, and every golden test with bf16 weights under the host's `amx-emu` feature. The host runs this kernel only when `STUFFED_SIMD=amx` asks for it,
 //! until the golden tests have passed on an AMX CPU (issue 22).
 //!
 //! Layout: `c (t, n)` is computed transposed, `cᵀ = b · aᵀ`. A weight tile (up to 16 rows × 32
@@ -15,7 +14,7 @@
 //! bf16 hi (+ lo, as in [`super::bf16`]: `lo = bf16(x − hi)`, |x − hi − lo| ≤ 2⁻¹⁶·|x|) and packed
 //! once per block of 32 rows × [`KC`] columns into the B operand's VNNI layout: row `k2` of a B tile
 //! holds, for each activation row `s`, the pair of columns `2·k2, 2·k2 + 1` (a 16 × 16 transpose of
-//! 32-bit pairs, [`transpose16`]). Each f32 result tile (weight rows × activation rows) is stored
+//! 32-bit pairs, `transpose16`). Each f32 result tile (weight rows × activation rows) is stored
 //! into a stack buffer and added, transposed back, into `c`.
 //!
 //! Blocking ([`Plan::pairs`]): where 32 activation rows and more than 16 weight rows are left, one
@@ -118,7 +117,8 @@ impl TileConfig {
 /// One tile product: `out[r·16 + s] = Σ_l w[r][l] · (hi[s][l] (+ lo[s][l]))` for `r < wr, s < ar`
 /// over `steps` full 32-column steps read from `w` (byte stride `w_stride`), then, when `tail` is not
 /// null, one step from `tail` (16 × 32 bf16, rows 64 bytes apart). `hi` and `lo` hold `steps` (+ 1)
-/// packed B tiles of 1 KiB each, one after another.
+/// packed B tiles of 1 KiB each, one after another; `lo` lies [`LO0`] bytes after `hi` (one packed
+/// block's panels), which the instructions use.
 pub struct TileJob {
     cfg: *const TileConfig,
     w: *const u16,
@@ -160,214 +160,138 @@ pub trait TileUnit {
 /// `ldtilecfg`, `tilezero`, `tileloadd`, `tdpbf16ps`, `tilestored`, `tilerelease`.
 pub struct Hardware;
 
+/// One tile's `ldtilecfg … tilerelease` block ([`TileJob`]); `$lo` are the exact mode's extra
+/// lines after each hi product (none in fast mode), `$ops` its extra operands.
+macro_rules! single_tile_block {
+    ($j:expr, [$($lo:literal),*], $($ops:tt)*) => {
+        core::arch::asm!(
+            "ldtilecfg [{cfg}]",
+            "tilezero tmm0",
+            "test {steps}, {steps}",
+            "jz 3f",
+            "2:",
+            "tileloadd tmm1, [{w} + {ws} * 1]",
+            "tileloadd tmm2, [{hi} + {row} * 1]",
+            "tdpbf16ps tmm0, tmm1, tmm2",
+            $($lo,)*
+            "add {w}, 64",
+            "add {hi}, 1024",
+            "dec {steps}",
+            "jnz 2b",
+            "3:",
+            "test {tail}, {tail}",
+            "jz 4f",
+            "tileloadd tmm1, [{tail} + {row} * 1]",
+            "tileloadd tmm2, [{hi} + {row} * 1]",
+            "tdpbf16ps tmm0, tmm1, tmm2",
+            $($lo,)*
+            "4:",
+            "tilestored [{out} + {row} * 1], tmm0",
+            "tilerelease",
+            cfg = in(reg) $j.cfg,
+            w = inout(reg) $j.w => _,
+            ws = in(reg) $j.w_stride,
+            hi = inout(reg) $j.hi => _,
+            steps = inout(reg) $j.steps => _,
+            tail = in(reg) $j.tail,
+            // Rows of packed B tiles, of the tail buffer and of the output buffer are 64 bytes apart.
+            row = in(reg) 64usize,
+            out = in(reg) $j.out,
+            $($ops)*
+            options(nostack),
+        )
+    };
+}
+
+/// A [`PairJob`]'s block, as [`single_tile_block`]: four C tiles (tmm0–3), two A (tmm4–5), two B
+/// (tmm6–7; hi, then lo in exact mode). `out` takes the C tiles 1 KiB apart; the tail buffer holds
+/// weight tile 1 from its byte 1024.
+macro_rules! pair_block {
+    ($j:expr, [$($lo:literal),*], $($ops:tt)*) => {
+        core::arch::asm!(
+            "ldtilecfg [{cfg}]",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "test {steps}, {steps}",
+            "jz 3f",
+            "2:",
+            "tileloadd tmm4, [{w0} + {ws} * 1]",
+            "tileloadd tmm5, [{w1} + {ws} * 1]",
+            "tileloadd tmm6, [{p} + {row} * 1]",
+            "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            $($lo,)*
+            "add {w0}, 64",
+            "add {w1}, 64",
+            "add {p}, 1024",
+            "dec {steps}",
+            "jnz 2b",
+            "3:",
+            "test {tail}, {tail}",
+            "jz 4f",
+            "tileloadd tmm4, [{tail} + {row} * 1]",
+            "tileloadd tmm5, [{tail} + {row} * 1 + 1024]",
+            "tileloadd tmm6, [{p} + {row} * 1]",
+            "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            $($lo,)*
+            "4:",
+            "tilestored [{out} + {row} * 1], tmm0",
+            "tilestored [{out} + {row} * 1 + 1024], tmm1",
+            "tilestored [{out} + {row} * 1 + 2048], tmm2",
+            "tilestored [{out} + {row} * 1 + 3072], tmm3",
+            "tilerelease",
+            cfg = in(reg) $j.cfg,
+            w0 = inout(reg) $j.w[0] => _,
+            w1 = inout(reg) $j.w[1] => _,
+            ws = in(reg) $j.w_stride,
+            p = inout(reg) $j.packed => _,
+            steps = inout(reg) $j.steps => _,
+            tail = in(reg) $j.tail,
+            row = in(reg) 64usize,
+            out = in(reg) $j.out,
+            hi1 = const HI1,
+            $($ops)*
+            options(nostack),
+        )
+    };
+}
+
 impl TileUnit for Hardware {
     unsafe fn run<const FAST: bool>(j: &TileJob) {
-        // Rows of packed B tiles, of the tail buffer and of the output buffer are all 64 bytes apart.
-        let row = 64usize;
         if FAST {
-            core::arch::asm!(
-                "ldtilecfg [{cfg}]",
-                "tilezero tmm0",
-                "test {steps}, {steps}",
-                "jz 3f",
-                "2:",
-                "tileloadd tmm1, [{w} + {ws} * 1]",
-                "tileloadd tmm2, [{hi} + {row} * 1]",
-                "tdpbf16ps tmm0, tmm1, tmm2",
-                "add {w}, 64",
-                "add {hi}, 1024",
-                "dec {steps}",
-                "jnz 2b",
-                "3:",
-                "test {tail}, {tail}",
-                "jz 4f",
-                "tileloadd tmm1, [{tail} + {row} * 1]",
-                "tileloadd tmm2, [{hi} + {row} * 1]",
-                "tdpbf16ps tmm0, tmm1, tmm2",
-                "4:",
-                "tilestored [{out} + {row} * 1], tmm0",
-                "tilerelease",
-                cfg = in(reg) j.cfg,
-                w = inout(reg) j.w => _,
-                ws = in(reg) j.w_stride,
-                hi = inout(reg) j.hi => _,
-                steps = inout(reg) j.steps => _,
-                tail = in(reg) j.tail,
-                row = in(reg) row,
-                out = in(reg) j.out,
-                options(nostack),
-            );
+            single_tile_block!(j, [],);
         } else {
-            core::arch::asm!(
-                "ldtilecfg [{cfg}]",
-                "tilezero tmm0",
-                "test {steps}, {steps}",
-                "jz 3f",
-                "2:",
-                "tileloadd tmm1, [{w} + {ws} * 1]",
-                "tileloadd tmm2, [{hi} + {row} * 1]",
-                "tdpbf16ps tmm0, tmm1, tmm2",
-                "tileloadd tmm3, [{lo} + {row} * 1]",
-                "tdpbf16ps tmm0, tmm1, tmm3",
-                "add {w}, 64",
-                "add {hi}, 1024",
-                "add {lo}, 1024",
-                "dec {steps}",
-                "jnz 2b",
-                "3:",
-                "test {tail}, {tail}",
-                "jz 4f",
-                "tileloadd tmm1, [{tail} + {row} * 1]",
-                "tileloadd tmm2, [{hi} + {row} * 1]",
-                "tdpbf16ps tmm0, tmm1, tmm2",
-                "tileloadd tmm3, [{lo} + {row} * 1]",
-                "tdpbf16ps tmm0, tmm1, tmm3",
-                "4:",
-                "tilestored [{out} + {row} * 1], tmm0",
-                "tilerelease",
-                cfg = in(reg) j.cfg,
-                w = inout(reg) j.w => _,
-                ws = in(reg) j.w_stride,
-                hi = inout(reg) j.hi => _,
-                lo = inout(reg) j.lo => _,
-                steps = inout(reg) j.steps => _,
-                tail = in(reg) j.tail,
-                row = in(reg) row,
-                out = in(reg) j.out,
-                options(nostack),
-            );
+            // lo lies LO0 bytes after hi (the packed block's layout, which `TileJob` states).
+            debug_assert_eq!(j.lo, j.hi.add(LO0 / 2));
+            single_tile_block!(j, ["tileloadd tmm3, [{hi} + {row} * 1 + {lo0}]", "tdpbf16ps tmm0, tmm1, tmm3"], lo0 = const LO0,);
         }
     }
 
     unsafe fn run_pair<const FAST: bool>(j: &PairJob) {
-        // Rows are 64 bytes apart in the packed tiles, the tail buffer and `out`; `out` holds the C
-        // tiles 1 KiB apart, the tail buffer weight tile 1 from its byte 1024.
-        let row = 64usize;
         if FAST {
-            core::arch::asm!(
-                "ldtilecfg [{cfg}]",
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "test {steps}, {steps}",
-                "jz 3f",
-                "2:",
-                "tileloadd tmm4, [{w0} + {ws} * 1]",
-                "tileloadd tmm5, [{w1} + {ws} * 1]",
-                "tileloadd tmm6, [{p} + {row} * 1]",
-                "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {w0}, 64",
-                "add {w1}, 64",
-                "add {p}, 1024",
-                "dec {steps}",
-                "jnz 2b",
-                "3:",
-                "test {tail}, {tail}",
-                "jz 4f",
-                "tileloadd tmm4, [{tail} + {row} * 1]",
-                "tileloadd tmm5, [{tail} + {row} * 1 + {tail1}]",
-                "tileloadd tmm6, [{p} + {row} * 1]",
-                "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "4:",
-                "tilestored [{out} + {row} * 1], tmm0",
-                "tilestored [{out} + {row} * 1 + {c1}], tmm1",
-                "tilestored [{out} + {row} * 1 + {c2}], tmm2",
-                "tilestored [{out} + {row} * 1 + {c3}], tmm3",
-                "tilerelease",
-                cfg = in(reg) j.cfg,
-                w0 = inout(reg) j.w[0] => _,
-                w1 = inout(reg) j.w[1] => _,
-                ws = in(reg) j.w_stride,
-                p = inout(reg) j.packed => _,
-                steps = inout(reg) j.steps => _,
-                tail = in(reg) j.tail,
-                row = in(reg) row,
-                out = in(reg) j.out,
-                hi1 = const HI1,
-                tail1 = const 1024,
-                c1 = const 1024,
-                c2 = const 2048,
-                c3 = const 3072,
-                options(nostack),
-            );
+            pair_block!(j, [],);
         } else {
-            core::arch::asm!(
-                "ldtilecfg [{cfg}]",
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "test {steps}, {steps}",
-                "jz 3f",
-                "2:",
-                "tileloadd tmm4, [{w0} + {ws} * 1]",
-                "tileloadd tmm5, [{w1} + {ws} * 1]",
-                "tileloadd tmm6, [{p} + {row} * 1]",
-                "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "tileloadd tmm6, [{p} + {row} * 1 + {lo0}]",
-                "tileloadd tmm7, [{p} + {row} * 1 + {lo1}]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {w0}, 64",
-                "add {w1}, 64",
-                "add {p}, 1024",
-                "dec {steps}",
-                "jnz 2b",
-                "3:",
-                "test {tail}, {tail}",
-                "jz 4f",
-                "tileloadd tmm4, [{tail} + {row} * 1]",
-                "tileloadd tmm5, [{tail} + {row} * 1 + {tail1}]",
-                "tileloadd tmm6, [{p} + {row} * 1]",
-                "tileloadd tmm7, [{p} + {row} * 1 + {hi1}]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "tileloadd tmm6, [{p} + {row} * 1 + {lo0}]",
-                "tileloadd tmm7, [{p} + {row} * 1 + {lo1}]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "4:",
-                "tilestored [{out} + {row} * 1], tmm0",
-                "tilestored [{out} + {row} * 1 + {c1}], tmm1",
-                "tilestored [{out} + {row} * 1 + {c2}], tmm2",
-                "tilestored [{out} + {row} * 1 + {c3}], tmm3",
-                "tilerelease",
-                cfg = in(reg) j.cfg,
-                w0 = inout(reg) j.w[0] => _,
-                w1 = inout(reg) j.w[1] => _,
-                ws = in(reg) j.w_stride,
-                p = inout(reg) j.packed => _,
-                steps = inout(reg) j.steps => _,
-                tail = in(reg) j.tail,
-                row = in(reg) row,
-                out = in(reg) j.out,
-                hi1 = const HI1,
+            pair_block!(
+                j,
+                [
+                    "tileloadd tmm6, [{p} + {row} * 1 + {lo0}]",
+                    "tileloadd tmm7, [{p} + {row} * 1 + {lo1}]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7"
+                ],
                 lo0 = const LO0,
                 lo1 = const LO1,
-                tail1 = const 1024,
-                c1 = const 1024,
-                c2 = const 2048,
-                c3 = const 3072,
-                options(nostack),
             );
         }
     }
@@ -532,13 +456,27 @@ pub unsafe fn gemm(
     gemm_on::<Hardware>(Plan::BEST, m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
 }
 
-/// [`gemm`] with another [`Plan`] (what `gemm_sweep` times on an AMX CPU).
+/// What runs the tile instructions of [`gemm_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tiles {
+    /// The CPU ([`Hardware`]; or the host's trap emulator on a CPU without AMX).
+    Hardware,
+    /// The scalar model ([`Emulated`]), on any x86-64 CPU: the test of everything but the tile
+    /// instructions.
+    Emulated,
+    /// None: the result tiles read as whatever the buffer held. The packing, tail copies and
+    /// transposed adds alone, which `gemm_sweep amx` times on any CPU with AVX512-BF16.
+    Skipped,
+}
+
+/// [`gemm`] with another [`Plan`], on `tiles` (what the tests and `gemm_sweep` compare).
 ///
 /// # Safety
-/// As [`gemm`] (AVX512-BF16 only where `plan.avx512`).
+/// As [`super::gemm_raw`]; AVX512-BF16 where `plan.avx512`; for [`Tiles::Hardware`], as [`gemm`].
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_with(
+    tiles: Tiles,
     plan: Plan,
     m: usize,
     n: usize,
@@ -552,59 +490,14 @@ pub unsafe fn gemm_with(
     acc: bool,
     fast: bool,
 ) {
-    gemm_on::<Hardware>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
+    match tiles {
+        Tiles::Hardware => gemm_on::<Hardware>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
+        Tiles::Emulated => gemm_on::<Emulated>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
+        Tiles::Skipped => gemm_on::<NoTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
+    }
 }
 
-/// [`gemm_with`] over [`Emulated`] tiles, on any x86-64 CPU (AVX512-BF16 where `plan.avx512`):
-/// the test of everything but the tile instructions.
-///
-/// # Safety
-/// As [`super::gemm_raw`].
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_emulated(
-    plan: Plan,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const bf16,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    fast: bool,
-) {
-    gemm_on::<Emulated>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
-}
-
-/// [`gemm_with`] minus the tile instructions (the result tiles read as whatever the buffer held):
-/// the packing, tail copies and transposed adds alone, which `gemm_sweep amx` times on any CPU with
-/// AVX512-BF16 against the tiles' issue time.
-///
-/// # Safety
-/// As [`gemm_emulated`].
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_without_tiles(
-    plan: Plan,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const bf16,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    fast: bool,
-) {
-    gemm_on::<NoTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
-}
-
-/// Runs no tile instruction (see [`gemm_without_tiles`]).
+/// Runs no tile instruction ([`Tiles::Skipped`]).
 struct NoTiles;
 
 impl TileUnit for NoTiles {
