@@ -6,9 +6,11 @@
 //! the kernel level via `STUFFED_SIMD`, fast mode via `STUFFED_FAST_MATMUL=1`).
 //!
 //! `gemm_sweep amx`: the AMX kernel's plans (`amx::Plan`: one tile or four per block, scalar or
-//! AVX-512 packing) one by one on one thread at t = 512, exact and fast — on an AMX CPU their
-//! GFLOP/s; on any CPU with AVX512-BF16 the time of everything but the tile instructions, in ns per
-//! 16 × 16 × 32 tile product (`tdpbf16ps` issues one every 16 cycles: ≈ 8 ns at 2 GHz).
+//! AVX-512 packing, weight rows in L2-sized chunks or not) at t = 512, exact and fast, on 1 and 2
+//! threads — on an AMX CPU their GFLOP/s; on any CPU with AVX512-BF16 the time of everything but
+//! the tile instructions, then of that plus the bytes the tile loads would read, in wall-clock ns per
+//! 16 × 16 × 32 tile product (a core issues one `tdpbf16ps` every 16 cycles: ≈ 8 ns at 2 GHz, so
+//! ≈ 4 ns a product on two cores).
 use half::{bf16, f16};
 use std::time::Instant;
 use stuffed::exec::Pool;
@@ -78,19 +80,25 @@ fn amx_plans() {
     #[cfg(target_arch = "x86_64")]
     {
         use stuffed_core::exec::Simd;
-        use stuffed_core::gemm::amx::{self, Plan};
-        let tiles = stuffed::exec::cpu_simd() == Simd::Amx;
+        use stuffed_core::gemm::amx::{self, Plan, Tiles};
         // The AVX-512 plans need AVX512-BF16, which every AMX CPU has.
         if !(is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")) {
             println!("gemm_sweep amx: this CPU has no AVX512-BF16");
             return;
         }
-        println!(
-            "AMX plans, one thread, t = 512: {}",
-            if tiles { "GFLOP/s on the tiles" } else { "no AMX here: ns of non-tile work per tile product" }
-        );
-        let plans =
-            [Plan::SINGLE_SCALAR, Plan { pairs: true, avx512: false }, Plan { pairs: false, avx512: true }, Plan::BEST];
+        let units: &[(Tiles, &str)] = if stuffed::exec::cpu_simd() == Simd::Amx {
+            &[(Tiles::Hardware, "on the tiles, GFLOP/s")]
+        } else {
+            &[
+                (Tiles::Skipped, "no AMX: ns per tile product without the tiles"),
+                (Tiles::Loads, "no AMX: ns per tile product with the tile loads' reads, no tiles"),
+            ]
+        };
+        let plans = [
+            ("first", Plan::SINGLE_SCALAR),
+            ("pairs+avx512", Plan { chunks: false, ..Plan::BEST }),
+            ("+chunks (best)", Plan::BEST),
+        ];
         let shapes = [
             (3352, 768, "130m in_proj"),
             (768, 1536, "130m out_proj"),
@@ -98,44 +106,60 @@ fn amx_plans() {
             (50288, 768, "130m lm_head"),
         ];
         let t = 512;
-        for (rows, cols, what) in shapes {
-            let w: Vec<bf16> =
-                (0..rows * cols).map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 * 1e-3 - 0.5)).collect();
-            let x: Vec<f32> = (0..t * cols).map(|i| ((i * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect();
-            let c = vec![0f32; t * rows];
-            let products = (t.div_ceil(16) * rows.div_ceil(16) * cols.div_ceil(32)) as f64;
-            for fast in [false, true] {
-                let mut line = format!("{what:>20} {:5}", if fast { "fast" } else { "exact" });
-                for plan in plans {
-                    let run = || {
-                        // SAFETY: x is t × cols, w rows × cols, c t × rows; AVX512-BF16 checked
-                        // above, the tiles only where the OS granted them.
-                        unsafe {
-                            let (xp, wp, cp) = (x.as_ptr(), w.as_ptr(), c.as_ptr() as *mut f32);
-                            let unit = if tiles { amx::Tiles::Hardware } else { amx::Tiles::Skipped };
-                            amx::gemm_with(unit, plan, t, rows, cols, xp, cols, wp, cols, cp, rows, false, fast)
+        for &(unit, about) in units {
+            for threads in [1usize, 2] {
+                println!("AMX plans, t = {t}, {threads} thread(s), the weight rows split between them: {about}");
+                for (rows, cols, what) in shapes {
+                    let w: Vec<bf16> =
+                        (0..rows * cols).map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 * 1e-3 - 0.5)).collect();
+                    let x: Vec<f32> = (0..t * cols).map(|i| ((i * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect();
+                    let c = vec![0f32; t * rows];
+                    let products = (t.div_ceil(16) * rows.div_ceil(16) * cols.div_ceil(32)) as f64;
+                    for fast in [false, true] {
+                        let mut line = format!("{what:>20} {:5}", if fast { "fast" } else { "exact" });
+                        for (name, plan) in plans {
+                            let part = rows.div_ceil(threads).next_multiple_of(32);
+                            let run = || {
+                                std::thread::scope(|scope| {
+                                    for r0 in (0..rows).step_by(part) {
+                                        let n = part.min(rows - r0);
+                                        let (xp, wp, cp) =
+                                            (x.as_ptr() as usize, w.as_ptr() as usize, c.as_ptr() as usize);
+                                        scope.spawn(move || {
+                                            // SAFETY: x is t × cols, w rows × cols, c t × rows; each
+                                            // thread writes its own columns; AVX512-BF16 checked above,
+                                            // the tiles only where the OS granted them.
+                                            unsafe {
+                                                let (xp, wp, cp) = (
+                                                    xp as *const f32,
+                                                    (wp as *const bf16).add(r0 * cols),
+                                                    (cp as *mut f32).add(r0),
+                                                );
+                                                amx::gemm_with(
+                                                    unit, plan, t, n, cols, xp, cols, wp, cols, cp, rows, false, fast,
+                                                )
+                                            }
+                                        });
+                                    }
+                                })
+                            };
+                            run();
+                            let mut best = f64::MAX;
+                            for _ in 0..5 {
+                                let start = Instant::now();
+                                run();
+                                best = best.min(start.elapsed().as_secs_f64());
+                            }
+                            let flops = 2.0 * (t * rows * cols) as f64;
+                            let cell = match unit {
+                                Tiles::Hardware => format!("{:7.1} GFLOP/s", flops / best / 1e9),
+                                _ => format!("{:6.2} ns", best / products * 1e9),
+                            };
+                            line += &format!("  {name}: {cell}");
                         }
-                    };
-                    run();
-                    let mut best = f64::MAX;
-                    for _ in 0..5 {
-                        let start = Instant::now();
-                        run();
-                        best = best.min(start.elapsed().as_secs_f64());
+                        println!("{line}");
                     }
-                    let flops = 2.0 * (t * rows * cols) as f64;
-                    let cell = if tiles {
-                        format!("{:7.1} GFLOP/s", flops / best / 1e9)
-                    } else {
-                        format!("{:6.2} ns", best / products * 1e9)
-                    };
-                    line += &format!(
-                        "  {}{}: {cell}",
-                        if plan.pairs { "pairs" } else { "single" },
-                        if plan.avx512 { "+avx512" } else { "" }
-                    );
                 }
-                println!("{line}");
             }
         }
     }

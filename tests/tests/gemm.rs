@@ -324,14 +324,16 @@ fn amx_blocking_over_emulated_tiles() {
 }
 
 /// The AMX plans other than the first one (`Plan::SINGLE_SCALAR`) this CPU can run: pairs of
-/// tiles everywhere, the AVX-512 packing and adding where the CPU has AVX512-BF16.
+/// tiles and chunks of weight rows everywhere, the AVX-512 packing and adding where the CPU has
+/// AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 fn amx_plans_here() -> Vec<stuffed_core::gemm::amx::Plan> {
     use stuffed_core::gemm::amx::Plan;
     let avx = std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw");
-    let mut plans = vec![Plan { pairs: true, avx512: false }];
+    let mut plans =
+        vec![Plan { pairs: true, avx512: false, chunks: false }, Plan { pairs: false, avx512: false, chunks: true }];
     if avx {
-        plans.extend([Plan { pairs: false, avx512: true }, Plan::BEST]);
+        plans.extend([Plan { pairs: false, avx512: true, chunks: false }, Plan::BEST]);
     }
     plans
 }
@@ -370,7 +372,7 @@ fn amx_tile_instructions_over_a_trap() {
     shapes.extend([(40, 50_277, 33), (3, 0, 8), (0, 3, 8), (4, 5, 0)]);
     // Both blockings (their assembly differs); the packing variants are the blocking test's.
     let avx512 = amx_plans_here().contains(&Plan::BEST);
-    let plans = [Plan { pairs: false, avx512 }, Plan { pairs: true, avx512 }];
+    let plans = [Plan { pairs: false, avx512, chunks: false }, Plan { pairs: true, avx512, chunks: true }];
     for fast in [false, true] {
         for (s, &(m, n, k)) in shapes.iter().enumerate() {
             for acc in [false, true] {
@@ -434,7 +436,7 @@ fn amx_tile_instructions_over_a_trap() {
                     let what = format!("(m, n, k) = ({m}, {n}, {k}), fast={fast}, acc={acc}, {plan:?}");
                     assert_eq!(bits(&trap), bits(&model), "{what}: trap vs scalar model");
                     let ran = amx_emu::thread_counts();
-                    let want = tile_instructions(m, n, k, fast, plan.pairs);
+                    let want = tile_instructions(m, n, k, fast, plan);
                     let got = amx_emu::Counts {
                         ldtilecfg: ran.ldtilecfg - before.ldtilecfg,
                         sttilecfg: ran.sttilecfg - before.sttilecfg,
@@ -452,37 +454,49 @@ fn amx_tile_instructions_over_a_trap() {
     println!("AMX tile instructions run through the trap: {:?}", amx_emu::thread_counts());
 }
 
-/// The tile instructions the AMX kernel's blocking implies for one product: per block of 32
-/// activation rows (two B tiles; one where fewer than 17 rows are left) and 512 columns, a weight
-/// block of two tiles (`pairs`, two B tiles and more than 16 weight rows left: four C tiles) or one
-/// tile per B tile; each of them one `ldtilecfg … tilerelease` over its 32-column steps (a K tail
-/// is one more), loading A and B hi (+ lo) and multiplying once per C tile (exact: twice).
+/// The tile instructions the AMX kernel's blocking implies for one product: with `plan.chunks`,
+/// per chunk of `amx::L2_WEIGHTS / 2k` weight rows (a multiple of 32) as a product of its own; per
+/// block of 32 activation rows (two B tiles; one where fewer than 17 rows are left) and 512 columns,
+/// a weight block of two tiles (`plan.pairs`, two B tiles and more than 16 weight rows left: four
+/// C tiles) or one tile per B tile; each of them one `ldtilecfg … tilerelease` over its 32-column
+/// steps (a K tail is one more), loading A and B hi (+ lo) and multiplying once per C tile (exact:
+/// twice).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn tile_instructions(m: usize, n: usize, k: usize, fast: bool, pairs: bool) -> stuffed::amx_emu::Counts {
+fn tile_instructions(
+    m: usize,
+    n: usize,
+    k: usize,
+    fast: bool,
+    plan: stuffed_core::gemm::amx::Plan,
+) -> stuffed::amx_emu::Counts {
     let mut c = stuffed::amx_emu::Counts::default();
     let per = if fast { 1 } else { 2 };
     if m == 0 || n == 0 || k == 0 {
         return c;
     }
-    for i0 in (0..m).step_by(32) {
-        let b_tiles = if m - i0 > 16 { 2 } else { 1 };
-        for l0 in (0..k).step_by(512) {
-            let steps = (k - l0).min(512).div_ceil(32) as u64;
-            let mut j0 = 0;
-            while j0 < n {
-                let (blocks, c_tiles, a_tiles, b_each) = if pairs && b_tiles == 2 && n - j0 > 16 {
-                    j0 += 16 + (n - j0 - 16).min(16);
-                    (1, 4, 2, 2)
-                } else {
-                    j0 += 16;
-                    (b_tiles, 1, 1, 1)
-                };
-                c.ldtilecfg += blocks;
-                c.tilerelease += blocks;
-                c.tilezero += blocks * c_tiles;
-                c.tilestored += blocks * c_tiles;
-                c.tileloadd += blocks * steps * (a_tiles + b_each * per);
-                c.tdpbf16ps += blocks * steps * c_tiles * per;
+    let nc = if plan.chunks { (stuffed_core::gemm::amx::L2_WEIGHTS / (2 * k) / 32 * 32).max(32) } else { n };
+    for n0 in (0..n).step_by(nc) {
+        let n = nc.min(n - n0);
+        for i0 in (0..m).step_by(32) {
+            let b_tiles = if m - i0 > 16 { 2 } else { 1 };
+            for l0 in (0..k).step_by(512) {
+                let steps = (k - l0).min(512).div_ceil(32) as u64;
+                let mut j0 = 0;
+                while j0 < n {
+                    let (blocks, c_tiles, a_tiles, b_each) = if plan.pairs && b_tiles == 2 && n - j0 > 16 {
+                        j0 += 16 + (n - j0 - 16).min(16);
+                        (1, 4, 2, 2)
+                    } else {
+                        j0 += 16;
+                        (b_tiles, 1, 1, 1)
+                    };
+                    c.ldtilecfg += blocks;
+                    c.tilerelease += blocks;
+                    c.tilezero += blocks * c_tiles;
+                    c.tilestored += blocks * c_tiles;
+                    c.tileloadd += blocks * steps * (a_tiles + b_each * per);
+                    c.tdpbf16ps += blocks * steps * c_tiles * per;
+                }
             }
         }
     }

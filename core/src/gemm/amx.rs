@@ -61,13 +61,21 @@ pub struct Plan {
     pub pairs: bool,
     /// Pack the activations and add the result tiles on AVX-512 (else scalar loops).
     pub avx512: bool,
+    /// Take the weight rows in chunks of about [`L2_WEIGHTS`] bytes, each through every activation
+    /// block, so the weights are read from memory once rather than once per 32 activation rows
+    /// (the activations are packed once per chunk instead).
+    pub chunks: bool,
 }
 
 impl Plan {
-    pub const BEST: Plan = Plan { pairs: true, avx512: true };
-    /// The first kernel: one tile per block, scalar packing and adding.
-    pub const SINGLE_SCALAR: Plan = Plan { pairs: false, avx512: false };
+    pub const BEST: Plan = Plan { pairs: true, avx512: true, chunks: true };
+    /// The first kernel: one tile per block, scalar packing and adding, no chunks.
+    pub const SINGLE_SCALAR: Plan = Plan { pairs: false, avx512: false, chunks: false };
 }
+
+/// Bytes of bf16 weights a chunk of [`Plan::chunks`] holds: half an L2 of 2 MiB (Sapphire Rapids),
+/// beside the packed activations (64 KiB) and the output rows being added.
+pub const L2_WEIGHTS: usize = 1 << 20;
 
 /// The 64-byte operand of `ldtilecfg`: palette 1 at byte 0, `colsb[16]` (u16) from byte 16,
 /// `rows[16]` (u8) from byte 48.
@@ -467,6 +475,9 @@ pub enum Tiles {
     /// None: the result tiles read as whatever the buffer held. The packing, tail copies and
     /// transposed adds alone, which `gemm_sweep amx` times on any CPU with AVX512-BF16.
     Skipped,
+    /// As `Skipped`, plus every byte the tile loads would read (weights and packed activations),
+    /// read by AVX-512 loads: what the blocking costs in memory traffic, without the tiles.
+    Loads,
 }
 
 /// [`gemm`] with another [`Plan`], on `tiles` (what the tests and `gemm_sweep` compare).
@@ -494,6 +505,57 @@ pub unsafe fn gemm_with(
         Tiles::Hardware => gemm_on::<Hardware>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
         Tiles::Emulated => gemm_on::<Emulated>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
         Tiles::Skipped => gemm_on::<NoTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
+        Tiles::Loads => gemm_on::<TouchTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
+    }
+}
+
+/// Reads what the tile loads would ([`Tiles::Loads`]) and multiplies nothing.
+struct TouchTiles;
+
+impl TouchTiles {
+    /// XOR of `rows` 64-byte rows `stride` bytes apart.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+    unsafe fn rows(p: *const u16, rows: usize, stride: usize) -> __m512i {
+        let mut x = _mm512_setzero_si512();
+        for r in 0..rows {
+            x = _mm512_xor_si512(x, _mm512_loadu_si512((p as *const u8).add(r * stride) as *const _));
+        }
+        x
+    }
+
+    /// Every load of a single-tile job over `steps` (+ the tail): A, B hi (and lo).
+    unsafe fn job<const FAST: bool>(
+        w: *const u16,
+        stride: usize,
+        steps: usize,
+        wr: usize,
+        hi: *const u16,
+        out: *mut f32,
+    ) {
+        let mut x = _mm512_setzero_si512();
+        for s in 0..steps {
+            x = _mm512_xor_si512(x, Self::rows(w.add(s * KS), wr, stride));
+            x = _mm512_xor_si512(x, Self::rows(hi.add(s * TILE_U16), 16, 64));
+            if !FAST {
+                x = _mm512_xor_si512(x, Self::rows(hi.add(s * TILE_U16 + LO0 / 2), 16, 64));
+            }
+        }
+        *out = core::mem::transmute::<__m512i, [f32; 16]>(x)[0];
+    }
+}
+
+impl TileUnit for TouchTiles {
+    unsafe fn run<const FAST: bool>(j: &TileJob) {
+        Self::job::<FAST>(j.w, j.w_stride, j.steps, (*j.cfg).rows(0), j.hi, j.out);
+    }
+    unsafe fn run_pair<const FAST: bool>(j: &PairJob) {
+        let cfg = &*j.cfg;
+        // Each A tile once and each B tile once a step, as the pair's loads.
+        Self::job::<FAST>(j.w[0], j.w_stride, j.steps, cfg.rows(4), j.packed, j.out);
+        Self::job::<true>(j.w[1], j.w_stride, j.steps, cfg.rows(5), j.packed.add(HI1 / 2), j.out.add(256));
+        if !FAST {
+            Self::job::<true>(j.w[1], 0, j.steps, 0, j.packed.add(LO1 / 2), j.out.add(512));
+        }
     }
 }
 
@@ -532,6 +594,16 @@ unsafe fn gemm_on<T: TileUnit>(
     if k == 0 {
         if !acc {
             super::clear(m, n, c, ldc);
+        }
+        return;
+    }
+    if plan.chunks {
+        // Weight rows per chunk: a multiple of 32 (whole pairs of tiles).
+        let nc = (L2_WEIGHTS / (2 * k) / 32 * 32).max(32);
+        let whole = Plan { chunks: false, ..plan };
+        for n0 in (0..n).step_by(nc) {
+            let (b, c) = (b.add(n0 * ldb), c.add(n0));
+            gemm_on::<T>(whole, m, nc.min(n - n0), k, a, lda, b, ldb, c, ldc, acc, fast);
         }
         return;
     }
