@@ -8,7 +8,9 @@ fla's model kernels are Triton, so before building the model this script patches
   fla.layers.hgrn2.swish -> F.silu;  fla.modules.mlp.swiglu -> silu(gate)*up
 and builds with fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False.
 
-Writes tests/data/hgrn2_tiny/: config.json + model.safetensors (save_pretrained) + ref.safetensors:
+Writes tests/data/hgrn2_tiny/ (and tests/data/hgrn2_tiny_bf16/: the same model stored in bf16, its
+references from fla on those bf16 values upcast to f32; `--bf16-only` writes only that one):
+config.json + model.safetensors (save_pretrained) + ref.safetensors:
   input_ids i64 [1, T]; logits / logits_stepwise / logits_split f32 [T, V];
   state f32 [L, H, K, V] (the final recurrent state, [head][key][value]).
 T = 97 > 64, so the full-sequence call takes the model's chunk branch (here the same naive op),
@@ -74,17 +76,8 @@ def state_of(pkv, l):
     return st[0].transpose(-1, -2).float()  # [H, K, V]
 
 
-def main():
-    torch.manual_seed(1234)
-    cfg = HGRN2Config(hidden_size=C, num_hidden_layers=L, expand_ratio=E, intermediate_size=I, vocab_size=V,
-                      use_lower_bound=True, norm_eps=1e-6, fuse_norm=False, fuse_swiglu=False,
-                      fuse_cross_entropy=False, tie_word_embeddings=False)
-    m = HGRN2ForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(42)
-    with torch.no_grad():
-        for _, p in m.named_parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    ids = torch.randint(0, 256, (1, T), generator=torch.manual_seed(7))
+def references(m, ids):
+    """The reference tensors of model `m` on `ids` (f32 on CPU), and their stats."""
     with torch.no_grad():
         o = m(ids, use_cache=True)
         full = o.logits[0].float()
@@ -107,16 +100,57 @@ def main():
         "max_state_full_minus_stepwise": (state - step_state).abs().max().item(),
         "fingerprint": full[0, :5].tolist(),
     }
-    print(json.dumps(stats))
-    os.makedirs(OUT, exist_ok=True)
-    m.save_pretrained(OUT)
+    ref = {"input_ids": ids, "logits": full.contiguous(), "logits_stepwise": step.contiguous(),
+           "logits_split": split.contiguous(), "state": state.contiguous()}
+    return ref, stats
+
+
+def write(m, out, recipe, ids):
+    ref, stats = references(m, ids)
+    print(os.path.basename(out), json.dumps(stats))
+    os.makedirs(out, exist_ok=True)
+    m.save_pretrained(out)
+    gen = os.path.join(out, "generation_config.json")  # not read by stuffed
+    if os.path.exists(gen):
+        os.remove(gen)
     from safetensors.torch import save_file
-    recipe = "FORMATS §8 HGRN-2 tiny: V 256, C 64, L 2, e 16, I 256, lower bound, norm_eps 1e-6; seed 1234, +0.1 N(0,1) seed 42"
-    save_file({"input_ids": ids, "logits": full.contiguous(), "logits_stepwise": step.contiguous(),
-               "logits_split": split.contiguous(), "state": state.contiguous()},
-              os.path.join(OUT, "ref.safetensors"),
+    save_file(ref, os.path.join(out, "ref.safetensors"),
               metadata={"reference": json.dumps({"recipe": recipe, "T": T, "split": SPLIT, "stats": stats})})
-    print(sorted(os.listdir(OUT)))
+    print(sorted(os.listdir(out)))
+
+
+def main():
+    torch.manual_seed(1234)
+    cfg = HGRN2Config(hidden_size=C, num_hidden_layers=L, expand_ratio=E, intermediate_size=I, vocab_size=V,
+                      use_lower_bound=True, norm_eps=1e-6, fuse_norm=False, fuse_swiglu=False,
+                      fuse_cross_entropy=False, tie_word_embeddings=False)
+    m = HGRN2ForCausalLM(cfg).float().eval()
+    g = torch.Generator().manual_seed(42)
+    with torch.no_grad():
+        for _, p in m.named_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(0, 256, (1, T), generator=torch.manual_seed(7))
+    recipe = "FORMATS §8 HGRN-2 tiny: V 256, C 64, L 2, e 16, I 256, lower bound, norm_eps 1e-6; seed 1234, +0.1 N(0,1) seed 42"
+    if "--bf16-only" not in sys.argv:
+        write(m, OUT, recipe, ids)
+    # The same model stored in bf16 (what the bf16 matrix kernels, AMX among them, multiply); its
+    # references from those bf16 values upcast to f32.
+    mb = HGRN2ForCausalLM(cfg).eval()
+    mb.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in m.state_dict().items()})
+    ref, stats = references(mb, ids)
+    mb.to(torch.bfloat16)
+    out = OUT + "_bf16"
+    os.makedirs(out, exist_ok=True)
+    mb.save_pretrained(out)
+    gen = os.path.join(out, "generation_config.json")
+    if os.path.exists(gen):
+        os.remove(gen)
+    from safetensors.torch import save_file
+    print("hgrn2_tiny_bf16", json.dumps(stats))
+    save_file(ref, os.path.join(out, "ref.safetensors"),
+              metadata={"reference": json.dumps({"recipe": recipe + "; weights bf16", "T": T, "split": SPLIT,
+                                                 "stats": stats})})
+    print(sorted(os.listdir(out)))
 
 
 if __name__ == "__main__":

@@ -1,22 +1,27 @@
 //! HGRN-2 against fla 0.6.0's HGRN2ForCausalLM (CPU, its Triton kernels replaced by the naive
-//! recurrence) on a tiny random checkpoint: `tests/data/hgrn2_tiny/`, from `tools/golden_hgrn2.py`.
-//! Bounds: FORMATS.md §8 (logits and final state rel ≤ 1e-4).
+//! recurrence) on tiny random checkpoints: `tests/data/hgrn2_tiny/` (f32) and
+//! `tests/data/hgrn2_tiny_bf16/` (the same model stored in bf16, references from its bf16 values
+//! upcast to f32), from `tools/golden_hgrn2.py`. Bounds: FORMATS.md §8 (logits and final state
+//! rel ≤ 1e-4).
 use stuffed::exec::Pool;
 use stuffed::model::Model;
 use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
 
 const CASE: &str = "hgrn2_tiny";
+const CASES: &[&str] = &[CASE, "hgrn2_tiny_bf16"];
 
 fn check(pool: fn() -> Pool) {
-    let m = Model::load(&data(CASE)).unwrap();
-    assert_eq!(m.info.family.name(), "hgrn2");
-    let g = Golden::load(CASE);
-    assert!(g.ids.len() > 64, "T must exceed one GLA block");
-    // The final state (L, H, K, V).
-    let want = g.f32("state");
-    check_forms(CASE, &m, &g, pool, |state| {
-        assert_close(&format!("{CASE} final state"), state, &want);
-    });
+    for case in CASES {
+        let m = Model::load(&data(case)).unwrap();
+        assert_eq!(m.info.family.name(), "hgrn2");
+        let g = Golden::load(case);
+        assert!(g.ids.len() > 64, "T must exceed one GLA block");
+        // The final state (L, H, K, V).
+        let want = g.f32("state");
+        check_forms(case, &m, &g, pool, |state| {
+            assert_close(&format!("{case} final state"), state, &want);
+        });
+    }
 }
 
 #[test]
@@ -31,11 +36,8 @@ fn hgrn2_every_x86_kernel() {
     check(|| Pool::with_simd(Simd::Avx2));
     check(|| Pool::with_simd(Simd::Avx512));
     check(|| Pool::with_simd(Simd::Avx512Bf16));
-    // hgrn2_tiny is f32, so on the AMX level its products run the AVX-512 FMA kernel (the other
-    // families' goldens have bf16 cases, checked to reach the tiles).
-    if stuffed_tests::has_amx() {
-        check(|| Pool::with_simd(Simd::Amx));
-    }
+    let tiles = stuffed_tests::on_amx(|| check(|| Pool::with_simd(Simd::Amx)));
+    stuffed_tests::amx_tiles_reached("hgrn2_every_x86_kernel", tiles);
 }
 
 #[test]
