@@ -105,8 +105,9 @@ def references(m, ids):
     return ref, stats
 
 
-def write(m, out, recipe, ids):
-    ref, stats = references(m, ids)
+def write(m, out, recipe, ids, ref_model=None):
+    """Saves `m` to `out` with the references of `ref_model` (default `m`) on `ids`."""
+    ref, stats = references(ref_model if ref_model is not None else m, ids)
     print(os.path.basename(out), json.dumps(stats))
     os.makedirs(out, exist_ok=True)
     m.save_pretrained(out)
@@ -135,22 +136,11 @@ def main():
         write(m, OUT, recipe, ids)
     # The same model stored in bf16 (what the bf16 matrix kernels, AMX among them, multiply); its
     # references from those bf16 values upcast to f32.
+    up = HGRN2ForCausalLM(cfg).eval()
+    up.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in m.state_dict().items()})
     mb = HGRN2ForCausalLM(cfg).eval()
-    mb.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in m.state_dict().items()})
-    ref, stats = references(mb, ids)
-    mb.to(torch.bfloat16)
-    out = OUT + "_bf16"
-    os.makedirs(out, exist_ok=True)
-    mb.save_pretrained(out)
-    gen = os.path.join(out, "generation_config.json")
-    if os.path.exists(gen):
-        os.remove(gen)
-    from safetensors.torch import save_file
-    print("hgrn2_tiny_bf16", json.dumps(stats))
-    save_file(ref, os.path.join(out, "ref.safetensors"),
-              metadata={"reference": json.dumps({"recipe": recipe + "; weights bf16", "T": T, "split": SPLIT,
-                                                 "stats": stats})})
-    print(sorted(os.listdir(out)))
+    mb.load_state_dict(up.state_dict())
+    write(mb.to(torch.bfloat16), OUT + "_bf16", recipe + "; weights bf16", ids, ref_model=up)
 
 
 if __name__ == "__main__":

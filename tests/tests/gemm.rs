@@ -630,7 +630,6 @@ fn four_row_gemv_is_the_one_row_gemv_bit_for_bit() {
                             }
                         }
                     }
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&one), bits(&four), "{dtype} n {n} k {k} acc {acc}");
                 }
             }

@@ -29,6 +29,9 @@
 //! and the packed activations are zero there. Each `ldtilecfg … tilerelease` sequence is one `asm!`
 //! block (Rust's asm model knows no tile registers).
 //!
+//! Chunks ([`Plan::chunks`]): the weight rows go in chunks of about [`L2_WEIGHTS`] bytes, each
+//! through every activation block, so a chunk stays in L2 while the activations pass over it.
+//!
 //! The packing and the transposed add run on AVX-512 ([`Plan::avx512`]; an AMX CPU has AVX512-BF16)
 //! or as scalar loops (the reference they are tested against, bit for bit).
 use core::arch::x86_64::*;
@@ -103,12 +106,14 @@ impl TileConfig {
             c[16 + 2 * t..18 + 2 * t].copy_from_slice(&(colsb as u16).to_le_bytes());
             c[48 + t] = rows as u8;
         };
-        for (i, (&wr, &ar_i)) in wr.iter().zip(&ar).enumerate() {
-            for (j, &ar) in ar.iter().enumerate() {
-                set(2 * i + j, wr, 4 * ar);
+        for (i, &w) in wr.iter().enumerate() {
+            for (j, &a) in ar.iter().enumerate() {
+                set(2 * i + j, w, 4 * a); // C(i, j)
             }
-            set(4 + i, wr, 64);
-            set(6 + i, 16, 4 * ar_i);
+            set(4 + i, w, 64); // A of weight tile i
+        }
+        for (j, &a) in ar.iter().enumerate() {
+            set(6 + j, 16, 4 * a); // B of activation tile j
         }
         TileConfig(c)
     }
