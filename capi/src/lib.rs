@@ -16,9 +16,10 @@
 //! level the CPU has (AVX2, AVX-512; AVX512-BF16 under `STUFFED_FAST_MATMUL=1` or
 //! `STUFFED_SIMD=avx512bf16`); `STUFFED_SIMD=portable|avx2|avx512` caps it. The AMX kernel runs
 //! only under `STUFFED_SIMD=amx`, and only then does the library ask Linux for the tile state
-//! (process-wide). Any thread may call, whatever its stack: a call with less than 256 KiB of it
-//! left runs on a stack mapped for it (the kernels keep packed panels on the stack). The library
-//! installs no signal handlers.
+//! (process-wide). Any thread may call, whatever its stack: the kernels pack their panels into a
+//! heap buffer per thread (96 KiB, allocated on the thread's first call and kept), a call needs
+//! under 32 KiB of stack, and one with less than 64 KiB left runs on a stack mapped for it. The
+//! library installs no signal handlers.
 #![allow(clippy::missing_safety_doc)]
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};

@@ -3,6 +3,7 @@
 //! The core never spawns threads (it has no `std`); a host hands it an [`Exec`] that may run the
 //! tasks of one [`Exec::for_each`] call in parallel. Tasks always write disjoint parts of a buffer,
 //! shared between them through [`Shared`].
+use crate::gemm::Panels;
 use core::marker::PhantomData;
 
 /// SIMD level the host detected at run time; the core picks its matmul kernel from it.
@@ -97,6 +98,14 @@ pub trait Exec: Sync {
     /// How the bf16 kernels treat activations (the host's `--fast-matmul`).
     fn matmul_mode(&self) -> MatmulMode {
         MatmulMode::Exact
+    }
+    /// Runs `f` with a [`Panels`] that no other running call holds: where the matrix kernels pack
+    /// their panels (`gemm` module doc). This default puts one on the calling thread's stack
+    /// ([`crate::gemm::PANEL_BYTES`]: 96 KiB on x86-64, none elsewhere); an executor whose
+    /// threads have short stacks hands out its own instead, as the host's pool does (one a worker,
+    /// allocated once).
+    fn with_panels(&self, f: &mut dyn FnMut(&mut Panels)) {
+        f(&mut Panels::new())
     }
 }
 

@@ -15,9 +15,9 @@
 //! or `Σ_i q_ti·k_ti`), and the state leaves as `diag(exp(b_last))·S + Σ_s (k_s ⊙ exp(b_last − b_s))ᵀ v_s`.
 //! Every exponent is ≤ 0, so nothing overflows however strong the decay.
 use crate::error::{magnitude_bits, NON_FINITE_BITS};
-use crate::exec::{Shared, Simd};
+use crate::exec::{Exec, Shared, Simd};
 use crate::forget::WindowAt;
-use crate::gemm::{gemm_nt, gemm_raw};
+use crate::gemm::{gemm_nt, gemm_raw, Panels};
 use crate::ops::{exp, fast_exp, transpose};
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -156,7 +156,7 @@ unsafe fn recurrent_body(h: &Head, t: usize, s: &mut [f32], o: &Shared, ldo: usi
 /// As [`recurrent`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn chunked(
-    simd: Simd,
+    ex: &dyn Exec,
     h: &Head,
     t: usize,
     s: &mut [f32],
@@ -165,12 +165,15 @@ pub unsafe fn chunked(
     ldo: usize,
     ooff: usize,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if simd.has_avx2() {
-        chunked_avx2(simd, h, t, s, hs, o, ldo, ooff);
-        return;
-    }
-    chunked_body(simd, h, t, s, hs, o, ldo, ooff)
+    let simd = ex.simd();
+    ex.with_panels(&mut |sc| {
+        #[cfg(target_arch = "x86_64")]
+        if simd.has_avx2() {
+            chunked_avx2(simd, h, t, s, hs, o, ldo, ooff, sc);
+            return;
+        }
+        chunked_body(simd, h, t, s, hs, o, ldo, ooff, sc)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -185,8 +188,9 @@ unsafe fn chunked_avx2(
     o: &Shared,
     ldo: usize,
     ooff: usize,
+    panels: &mut Panels,
 ) {
-    chunked_body(simd, h, t, s, hs, o, ldo, ooff)
+    chunked_body(simd, h, t, s, hs, o, ldo, ooff, panels)
 }
 
 #[inline(always)]
@@ -200,6 +204,7 @@ unsafe fn chunked_body(
     o: &Shared,
     ldo: usize,
     ooff: usize,
+    panels: &mut Panels,
 ) {
     let (kd, vd, q) = (h.kd, h.vd, BLOCK);
     let (b, rest) = hs.split_at_mut(q * kd);
@@ -233,7 +238,7 @@ unsafe fn chunked_body(
         transpose(simd, s, vd, kd, vd, st, kd);
         // o = q̃·S (the state entering the block).
         let op = o.ptr().add(t0 * ldo + ooff);
-        gemm_raw(simd, len, vd, kd, qt.as_ptr(), kd, st.as_ptr(), kd, op, ldo, false);
+        gemm_raw(simd, len, vd, kd, qt.as_ptr(), kd, st.as_ptr(), kd, op, ldo, false, panels);
         // A (len, len): masked decay-weighted q·k within the block. Pairs within one sub-block of
         // SUB tokens weigh each channel by exp(b′_t − b_s); a later query sub-block starting at
         // i0 reads the earlier tokens through the token r = i0 − 1 before it, as a product of
@@ -279,9 +284,9 @@ unsafe fn chunked_body(
                     ktt[si * kd + c] = kr[c] * fast_exp(br[c] - b[si * kd + c]);
                 }
             }
-            gemm_raw(simd, ni, i0, kd, qt.as_ptr(), kd, ktt.as_ptr(), kd, a.as_mut_ptr().add(i0 * q), q, false);
+            gemm_raw(simd, ni, i0, kd, qt.as_ptr(), kd, ktt.as_ptr(), kd, a.as_mut_ptr().add(i0 * q), q, false, panels);
         }
-        gemm_raw(simd, len, vd, len, a.as_ptr(), q, vt.as_ptr(), q, op, ldo, true);
+        gemm_raw(simd, len, vd, len, a.as_ptr(), q, vt.as_ptr(), q, op, ldo, true, panels);
         // S ← diag(exp(b_last))·S + K̃ᵀ·V with K̃_s = k_s ⊙ exp(b_last − b_s).
         let last = &b[(len - 1) * kd..len * kd];
         for si in 0..len {
@@ -294,7 +299,7 @@ unsafe fn chunked_body(
             let e = fast_exp(last[c]);
             s[c * vd..(c + 1) * vd].iter_mut().for_each(|v| *v *= e);
         }
-        let _ = gemm_nt(simd, (kd, vd, len), ktt, q, &vt[..], q, s, vd, true);
+        let _ = gemm_nt(simd, (kd, vd, len), ktt, q, &vt[..], q, s, vd, true, panels);
         t0 += len;
     }
 }
@@ -441,7 +446,7 @@ mod tests {
                         let os = Shared::new(&mut out[t0 * V..]);
                         unsafe {
                             if chunked_form {
-                                chunked(Simd::Portable, &sub, t1 - t0, &mut s, &mut hs, &os, V, 0);
+                                chunked(&crate::exec::Serial, &sub, t1 - t0, &mut s, &mut hs, &os, V, 0);
                             } else {
                                 assert!(recurrent(Simd::Portable, &sub, t1 - t0, &mut s, &os, V, 0), "finite");
                             }

@@ -448,7 +448,7 @@ impl<'a> Gla<'a> {
                     let sh = ss.range(hh * dk * dv, dk * dv);
                     match scan {
                         Scan::Recurrent => finite.note(gla::recurrent(simd, &head, t, sh, &os, od, hh * dv)),
-                        Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, od, hh * dv),
+                        Scan::Chunked => gla::chunked(ex, &head, t, sh, hss.range(hh * hsl, hsl), &os, od, hh * dv),
                     }
                     if let Some((win, ws)) = &wss {
                         gla::window_head(&head, hh, nh, t, *win, ws, &os, od, hh * dv);

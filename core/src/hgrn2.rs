@@ -257,7 +257,7 @@ impl<'a> Hgrn2<'a> {
                     let sh = ss.range(hh * e * vh, e * vh);
                     match scan {
                         Scan::Recurrent => finite.note(gla::recurrent(simd, &head, t, sh, &os, d, hh * vh)),
-                        Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * vh),
+                        Scan::Chunked => gla::chunked(ex, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * vh),
                     }
                     if let Some((win, ws)) = &wss {
                         gla::window_head(&head, hh, nh, t, *win, ws, &os, d, hh * vh);

@@ -15,7 +15,7 @@
 use crate::error::{first_non_finite, need, Error};
 use crate::exec::{map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
-use crate::gemm::{gemm_nt, gemm_raw, matmul};
+use crate::gemm::{gemm_nt, gemm_raw, matmul, Panels};
 use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{
     axpy, causal_conv_silu, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus, transpose,
@@ -415,7 +415,9 @@ impl<'a> Mamba2<'a> {
             // SAFETY: each (group, block) task owns its Q×Q tile.
             let tile = unsafe { cbs.range(task * q * q, q * q) };
             let (cs, bs) = (&u[t0 * cd + di + gn + g * n..], &u[t0 * cd + di + g * n..]);
-            let _ = gemm_nt(simd, (len, len, n), cs, cd, bs, cd, tile, q, false);
+            ex.with_panels(&mut |sc| {
+                let _ = gemm_nt(simd, (len, len, n), cs, cd, bs, cd, &mut tile[..], q, false, sc);
+            });
         });
         let cb = &cb[..ng * nb * q * q];
 
@@ -425,13 +427,15 @@ impl<'a> Mamba2<'a> {
             let s = unsafe { ss.range(hh * p * n, p * n) };
             let hs = unsafe { hss.range(hh * head_scratch(c), head_scratch(c)) };
             let cb = &cb[(hh / hpg) * nb * q * q..];
-            #[cfg(target_arch = "x86_64")]
-            if simd.has_avx2() {
-                // SAFETY: the host reported AVX2 and FMA at run time.
-                unsafe { self.ssd_head_avx2(simd, lw, hh, t, u, dt, s, cb, hs, &ys) };
-                return;
-            }
-            self.ssd_head(simd, lw, hh, t, u, dt, s, cb, hs, &ys);
+            ex.with_panels(&mut |sc| {
+                #[cfg(target_arch = "x86_64")]
+                if simd.has_avx2() {
+                    // SAFETY: the host reported AVX2 and FMA at run time.
+                    unsafe { self.ssd_head_avx2(simd, lw, hh, t, u, dt, s, cb, hs, &ys, sc) };
+                    return;
+                }
+                self.ssd_head(simd, lw, hh, t, u, dt, s, cb, hs, &ys, sc);
+            });
         });
     }
 
@@ -451,12 +455,14 @@ impl<'a> Mamba2<'a> {
         cb: &[f32],
         hs: &mut [f32],
         ys: &Shared,
+        panels: &mut Panels,
     ) {
-        self.ssd_head(simd, lw, hh, t, u, dt, s, cb, hs, ys)
+        self.ssd_head(simd, lw, hh, t, u, dt, s, cb, hs, ys, panels)
     }
 
     /// One head of the SSD over `t` tokens, block by block. `cb` holds this head's group's
-    /// `(⌈t/Q⌉, Q, Q)` tiles of C·Bᵀ; `hs` is the head's scratch (see [`head_scratch`]).
+    /// `(⌈t/Q⌉, Q, Q)` tiles of C·Bᵀ; `hs` is the head's scratch (see [`head_scratch`]);
+    /// `panels` the products' panels.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn ssd_head(
@@ -471,6 +477,7 @@ impl<'a> Mamba2<'a> {
         cb: &[f32],
         hs: &mut [f32],
         ys: &Shared,
+        panels: &mut Panels,
     ) {
         let c = &self.cfg;
         let (p, n, nh, di, cd) = (c.head_dim, c.d_state, c.n_heads, c.d_inner(), c.conv_dim());
@@ -504,7 +511,7 @@ impl<'a> Mamba2<'a> {
             // SAFETY: head hh alone writes columns hh·P..(hh+1)·P of rows t0.. of y.
             let yp = unsafe { ys.ptr().add(t0 * di + hh * p) };
             // The state entering the block, read by each C and decayed to its token: y = e·(C·Sᵀ) + D·x.
-            unsafe { gemm_raw(simd, len, p, n, ub[co..].as_ptr(), cd, s.as_ptr(), n, yp, di, false) };
+            unsafe { gemm_raw(simd, len, p, n, ub[co..].as_ptr(), cd, s.as_ptr(), n, yp, di, false, panels) };
             for i in 0..len {
                 let yr = unsafe { ys.range((t0 + i) * di + hh * p, p) };
                 let e = fast_exp(cum[i]);
@@ -525,7 +532,7 @@ impl<'a> Mamba2<'a> {
                 upper.fill(0.0);
             }
             transpose(simd, &ub[xo..], cd, len, p, xt, q);
-            unsafe { gemm_raw(simd, len, p, len, mm.as_ptr(), q, xt.as_ptr(), q, yp, di, true) };
+            unsafe { gemm_raw(simd, len, p, len, mm.as_ptr(), q, xt.as_ptr(), q, yp, di, true, panels) };
             // S ← exp(cum_last)·S + Σ_j exp(cum_last − cum_j)·dt_j·x_j·B_jᵀ  (= Xᵀ·(w∘B)).
             let last = cum[len - 1];
             transpose(simd, &ub[bo..], cd, len, n, wbt, q);
@@ -538,7 +545,7 @@ impl<'a> Mamba2<'a> {
             }
             let el = fast_exp(last);
             s.iter_mut().for_each(|v| *v *= el);
-            let _ = gemm_nt(simd, (p, n, len), xt, q, &wbt[..], q, s, n, true);
+            let _ = gemm_nt(simd, (p, n, len), xt, q, &wbt[..], q, s, n, true, panels);
         }
     }
 }

@@ -698,7 +698,7 @@ impl<'a> Rwkv<'a> {
                 let sh = ss.range(hh * n * n, n * n);
                 match scan {
                     Scan::Recurrent => wkv_finite.note(gla::recurrent(simd, &head, t, sh, &os, d, hh * n)),
-                    Scan::Chunked => gla::chunked(simd, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * n),
+                    Scan::Chunked => gla::chunked(ex, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * n),
                 }
                 if let Some((win, ws)) = &wss {
                     gla::window_head(&head, hh, h, t, *win, ws, &os, d, hh * n);

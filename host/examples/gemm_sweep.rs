@@ -135,9 +135,12 @@ fn amx_plans() {
                                                     (wp as *const bf16).add(r0 * cols),
                                                     (cp as *mut f32).add(r0),
                                                 );
-                                                amx::gemm_with(
-                                                    unit, plan, t, n, cols, xp, cols, wp, cols, cp, rows, false, fast,
-                                                )
+                                                stuffed::exec::with_thread_panels(&mut |p| {
+                                                    amx::gemm_with(
+                                                        unit, plan, t, n, cols, xp, cols, wp, cols, cp, rows, false,
+                                                        fast, p,
+                                                    )
+                                                })
                                             }
                                         });
                                     }

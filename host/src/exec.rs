@@ -1,7 +1,9 @@
 //! The host's executor for the core: rayon's pool and the SIMD level detected at run time.
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use stuffed_core::exec::{Exec, MatmulMode, Simd};
+use stuffed_core::gemm::Panels;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Pool {
@@ -10,12 +12,13 @@ pub struct Pool {
     mode: MatmulMode,
 }
 
-/// Stack the core's kernels may need below a [`Pool::run`]: the x86 matrix kernels keep their packed
-/// panels on the stack (48 KiB for the AVX-512 one, 96 KiB for AVX512-BF16's hi + lo), and a whole
-/// forward on the AVX512-BF16 path overflowed a 100 KiB thread (a 128 KiB one, musl's default,
-/// passed). Twice the deepest measured: a thread with less left (an embedder's, say) runs the call
-/// on a fresh [`GROWN_STACK`]-byte stack instead of overflowing.
-pub const KERNEL_STACK: usize = 256 << 10;
+/// Stack a call into the core may need below a [`Pool::run`]. The matrix kernels pack their panels
+/// into each thread's heap [`Panels`] ([`with_thread_panels`]), not the stack, so every C ABI call
+/// ran on a 32 KiB thread with this check off (`calls_run_on_a_small_thread_stack`), and the core's
+/// forward alone on 16 KiB; before, the panels (48–96 KiB) made a forward need 100–128 KiB. Twice
+/// the 32 KiB: a thread with less left still runs the call on a fresh [`GROWN_STACK`]-byte stack
+/// rather than risk an overflow.
+pub const KERNEL_STACK: usize = 64 << 10;
 /// Size of the stack [`on_kernel_stack`] maps when the caller's is short (its pages are touched
 /// only as used).
 const GROWN_STACK: usize = 2 << 20;
@@ -303,6 +306,26 @@ impl Exec for Pool {
     fn matmul_mode(&self) -> MatmulMode {
         self.mode
     }
+    fn with_panels(&self, f: &mut dyn FnMut(&mut Panels)) {
+        with_thread_panels(f)
+    }
+}
+
+thread_local! {
+    /// This thread's [`Panels`], allocated on its first product and kept: taken while a kernel
+    /// runs, so a product nested inside another (none is today) gets a fresh one instead.
+    static PANELS: Cell<Option<Box<Panels>>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the calling thread's [`Panels`] (on the heap, not the stack: see
+/// [`KERNEL_STACK`]).
+pub fn with_thread_panels(f: &mut dyn FnMut(&mut Panels)) {
+    let mut panels = PANELS.take().unwrap_or_else(|| {
+        // SAFETY: `Panels` is a `MaybeUninit` byte array, valid uninitialised.
+        unsafe { Box::<Panels>::new_uninit().assume_init() }
+    });
+    f(&mut panels);
+    PANELS.set(Some(panels));
 }
 
 #[cfg(test)]

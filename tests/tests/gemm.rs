@@ -113,12 +113,15 @@ fn strided(pool: &Pool, dtype: &str, (m, n, k): (usize, usize, usize), acc: bool
     let mut c = values(m * ldc, seed + 2);
     let before = c.clone();
     let mode = pool.matmul_mode();
-    match dtype {
-        "f32" => gemm_nt_mode(pool.simd(), mode, (m, n, k), &a, lda, &w.f32, ldb, &mut c, ldc, acc),
-        "bf16" => gemm_nt_mode(pool.simd(), mode, (m, n, k), &a, lda, &w.bf16, ldb, &mut c, ldc, acc),
-        _ => gemm_nt_mode(pool.simd(), mode, (m, n, k), &a, lda, &w.f16, ldb, &mut c, ldc, acc),
-    }
-    .unwrap();
+    let mut result = Ok(());
+    pool.with_panels(&mut |p| {
+        result = match dtype {
+            "f32" => gemm_nt_mode(pool.simd(), mode, (m, n, k), &a, lda, &w.f32, ldb, &mut c, ldc, acc, p),
+            "bf16" => gemm_nt_mode(pool.simd(), mode, (m, n, k), &a, lda, &w.bf16, ldb, &mut c, ldc, acc, p),
+            _ => gemm_nt_mode(pool.simd(), mode, (m, n, k), &a, lda, &w.f16, ldb, &mut c, ldc, acc, p),
+        }
+    });
+    result.unwrap();
     for i in 0..m {
         assert_eq!(c[i * ldc + n..i * ldc + ldc], before[i * ldc + n..i * ldc + ldc], "columns past n written");
     }
@@ -214,6 +217,7 @@ fn every_kernel_on_the_nasty_shapes() {
 #[test]
 fn amx_blocking_over_emulated_tiles() {
     use stuffed_core::gemm::amx;
+    let mut panels = Box::new(stuffed_core::gemm::Panels::new());
     let mut shapes = Vec::new();
     for m in [1, 2, 15, 16, 17, 513] {
         for n in [1, 15, 16, 17] {
@@ -252,6 +256,7 @@ fn amx_blocking_over_emulated_tiles() {
                         ldc,
                         acc,
                         fast,
+                        &mut panels,
                     )
                 };
                 for i in 0..m {
@@ -281,6 +286,7 @@ fn amx_blocking_over_emulated_tiles() {
                             ldc,
                             acc,
                             fast,
+                            &mut panels,
                         )
                     };
                     assert_eq!(bits(&other), bits(&c), "{what}: {plan:?} vs the single-tile scalar plan");
@@ -315,6 +321,7 @@ fn amx_blocking_over_emulated_tiles() {
                     2,
                     false,
                     fast,
+                    &mut panels,
                 )
             };
             assert!(out[0] == f32::INFINITY && out[1] == f32::INFINITY, "{plan:?}: {out:?}");
@@ -361,6 +368,7 @@ fn amx_tile_instructions_over_a_trap() {
         return;
     }
     amx_emu::install().unwrap();
+    let mut panels = Box::new(stuffed_core::gemm::Panels::new());
     let mut shapes = Vec::new();
     for m in [1, 2, 15, 16, 17, 33, 48] {
         for n in [1, 15, 16, 17, 33] {
@@ -406,6 +414,7 @@ fn amx_tile_instructions_over_a_trap() {
                         ldc,
                         acc,
                         fast,
+                        &mut panels,
                     );
                 }
                 for &plan in &plans {
@@ -431,6 +440,7 @@ fn amx_tile_instructions_over_a_trap() {
                             ldc,
                             acc,
                             fast,
+                            &mut panels,
                         );
                     }
                     let what = format!("(m, n, k) = ({m}, {n}, {k}), fast={fast}, acc={acc}, {plan:?}");

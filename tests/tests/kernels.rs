@@ -63,7 +63,7 @@ fn matmul_on_every_kernel_dtype_and_shape() {
             let (a, b) = (values(m * lda, 3), values(n * ldb, 4));
             let mut c = values(m * ldc, 5);
             let before = c.clone();
-            gemm_nt(pool.simd(), (m, n, k), &a, lda, &b, ldb, &mut c, ldc, true).unwrap();
+            pool.with_panels(&mut |p| gemm_nt(pool.simd(), (m, n, k), &a, lda, &b, ldb, &mut c, ldc, true, p).unwrap());
             let pack = |v: &[f32], rows: usize, ld: usize, cols: usize| -> Vec<f32> {
                 (0..rows).flat_map(|r| v[r * ld..r * ld + cols].to_vec()).collect()
             };
@@ -88,4 +88,110 @@ fn matmul_rejects_bad_sizes() {
     assert!(matmul(&pool, &values(7, 2), 2, &wt, &mut out).is_err());
     assert!(matmul(&pool, &values(8, 2), 2, &wt, &mut out[..5]).is_err());
     assert!(Weight::new(Data::F32(&w[..11]), 3, 4).is_err());
+}
+
+/// An executor as a `no_std` embedder would write one: serial, on one level, its kernels' packed
+/// panels in one heap buffer it owns (not the default's stack array, not the host pool's).
+struct OwnPanels {
+    simd: stuffed_core::exec::Simd,
+    mode: stuffed_core::exec::MatmulMode,
+    panels: std::sync::Mutex<Box<stuffed_core::gemm::Panels>>,
+    lent: std::sync::atomic::AtomicUsize,
+}
+
+impl Exec for OwnPanels {
+    fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        (0..n).for_each(f)
+    }
+    fn simd(&self) -> stuffed_core::exec::Simd {
+        self.simd
+    }
+    fn matmul_mode(&self) -> stuffed_core::exec::MatmulMode {
+        self.mode
+    }
+    fn with_panels(&self, f: &mut dyn FnMut(&mut stuffed_core::gemm::Panels)) {
+        self.lent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f(&mut self.panels.lock().unwrap())
+    }
+}
+
+/// The core's forward (chunked and token by token) and LM head at every kernel level this CPU has,
+/// both matmul modes, on a thread with a 32 KiB stack and no host in between (no `Pool::run`
+/// growing the stack), nine models of seven families (bf16, and f32 Mamba-2): the x86 kernels pack
+/// into the executor's `Panels` (48–96 KiB, more than the whole stack; before, on the stack, a
+/// forward needed 100–128 KiB), and the logits equal bit for bit the same executor's on a full-size
+/// stack. An overflow aborts the process, so each level runs in a child process (this test again).
+#[test]
+fn core_forward_on_a_short_stack_packs_into_the_executors_panels() {
+    use stuffed_core::exec::MatmulMode;
+    const CHILD: &str = "STUFFED_TEST_CORE_SHORT_STACK";
+    let models = [
+        "mamba2_hf_bf16",
+        "mamba2_official",
+        "mamba1_hf_bf16",
+        "rwkv6_tiny_bf16",
+        "rwkv7_tiny_bf16",
+        "gla_tiny_bf16",
+        "hgrn2_tiny_bf16",
+        "delta_net_tiny_bf16",
+        "gdn_tiny_bf16",
+    ];
+    if let Ok(level) = std::env::var(CHILD) {
+        let simd = stuffed_core::exec::Simd::from_name(&level).unwrap();
+        // Asks the OS for the tile state (or installs the trap emulator under `amx-emu`), as the
+        // host does before its first AMX product.
+        assert!(stuffed::exec::levels_here().contains(&simd));
+        for mode in [MatmulMode::Exact, MatmulMode::Fast] {
+            for name in models {
+                let m = stuffed::model::Model::load(&stuffed_tests::data(name)).unwrap();
+                let run = || {
+                    let net = m.net();
+                    let ex = OwnPanels {
+                        simd,
+                        mode,
+                        // Straight onto the heap (`Box::new(Panels::new())` may build it on the stack first).
+                        // SAFETY: `Panels` is valid uninitialised.
+                        panels: std::sync::Mutex::new(unsafe { Box::new_uninit().assume_init() }),
+                        lent: 0.into(),
+                    };
+                    let ids: Vec<u32> = (0..64).map(|k| (k * 7 + 3) % 60).collect();
+                    let (t, d, v) = (ids.len(), net.d_model(), net.vocab_rows());
+                    let mut logits = vec![0f32; 2 * t * v];
+                    let mut hidden = vec![0f32; t * d];
+                    let mut scratch = vec![0f32; net.scratch_len(t)];
+                    for (form, out) in logits.chunks_exact_mut(t * v).enumerate() {
+                        let mut state = vec![0f32; net.state_len()];
+                        let (st, sc, h) = (&mut state[..], &mut scratch[..], &mut hidden[..]);
+                        if form == 0 {
+                            net.forward(&ex, &ids, st, sc, h).unwrap();
+                        } else {
+                            net.forward_recurrent(&ex, &ids, st, sc, h).unwrap();
+                        }
+                        net.logits(&ex, &hidden, t, out).unwrap();
+                    }
+                    (logits, ex.lent.into_inner())
+                };
+                let short_stack = std::thread::Builder::new().stack_size(32 << 10);
+                let (short, lent) = std::thread::scope(|s| short_stack.spawn_scoped(s, run).unwrap().join().unwrap());
+                let (full, _) = run();
+                assert!(short.iter().all(|x| x.is_finite()), "{name}");
+                assert!(short.iter().zip(&full).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: {level}");
+                assert!(lent > 0, "{name}: no product asked the executor for panels");
+            }
+        }
+        println!("ran {level}");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    for level in stuffed::exec::levels_here() {
+        let out = std::process::Command::new(&exe)
+            .args(["core_forward_on_a_short_stack_packs_into_the_executors_panels", "--exact", "--nocapture"])
+            .env(CHILD, level.name())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{} on a 32 KiB stack: {:?}\n{said}", level.name(), out.status);
+        assert!(said.contains(&format!("ran {}", level.name())), "{said}");
+        println!("{}: the core's forward ran on a 32 KiB stack", level.name());
+    }
 }

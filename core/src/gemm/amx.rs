@@ -15,7 +15,7 @@
 //! once per block of 32 rows × [`KC`] columns into the B operand's VNNI layout: row `k2` of a B tile
 //! holds, for each activation row `s`, the pair of columns `2·k2, 2·k2 + 1` (a 16 × 16 transpose of
 //! 32-bit pairs, `transpose16`). Each f32 result tile (weight rows × activation rows) is stored
-//! into a stack buffer and added, transposed back, into `c`.
+//! into the [`Panels`] and added, transposed back, into `c`.
 //!
 //! Blocking ([`Plan::pairs`]): where 32 activation rows and more than 16 weight rows are left, one
 //! `ldtilecfg … tilerelease` block ([`PairJob`]) keeps four C tiles — two weight tiles by two
@@ -25,7 +25,7 @@
 //! tmm4–5 = A of weight tile i (`wr[i]` rows × 64 bytes), tmm6–7 = B of activation tile j (16 rows
 //! × `4·ar[j]` bytes; hi, then reloaded with lo). The rest goes one tile at a time ([`TileJob`]):
 //! tmm0 = C, tmm1 = A, tmm2 / tmm3 = B hi / lo. A K tail (`k` not a multiple of 32) copies the
-//! weights' last columns into a zero-padded stack buffer, so no tile load reads past a weight row,
+//! weights' last columns into a zero-padded buffer, so no tile load reads past a weight row,
 //! and the packed activations are zero there. Each `ldtilecfg … tilerelease` sequence is one `asm!`
 //! block (Rust's asm model knows no tile registers).
 //!
@@ -34,8 +34,8 @@
 //!
 //! The packing and the transposed add run on AVX-512 ([`Plan::avx512`]; an AMX CPU has AVX512-BF16)
 //! or as scalar loops (the reference they are tested against, bit for bit).
+use super::{Panels, PANEL_BYTES};
 use core::arch::x86_64::*;
-use core::mem::MaybeUninit;
 use half::bf16;
 
 /// Activation rows per B tile (its pairs per row).
@@ -44,7 +44,7 @@ const AR: usize = 16;
 const WR: usize = 16;
 /// Reduction columns per tile step: 32 bf16 = one 64-byte A row.
 const KS: usize = 32;
-/// Reduction columns per packed block: hi + lo of 32 rows × 512 columns = 64 KiB of stack.
+/// Reduction columns per packed block: hi + lo of 32 rows × 512 columns = 64 KiB of [`Panels`].
 const KC: usize = 512;
 /// u16 elements of one packed B tile: 16 rows × 32 bf16.
 const TILE_U16: usize = 16 * KS;
@@ -55,6 +55,12 @@ const PANEL_U16: usize = KC / KS * TILE_U16;
 const HI1: usize = 2 * PANEL_U16;
 const LO0: usize = 4 * PANEL_U16;
 const LO1: usize = 6 * PANEL_U16;
+/// u16 elements of two weight tiles' K tails (rows of 32 bf16).
+const TAIL_U16: usize = 2 * WR * KS;
+/// f32 elements of the result tiles (four of 16 × 16).
+const OUT_F32: usize = 4 * WR * 16;
+// Packed panels, tails and result tiles, in the caller's [`Panels`].
+const _: () = assert!(4 * PANEL_U16 * 2 + TAIL_U16 * 2 + OUT_F32 * 4 <= PANEL_BYTES);
 
 /// How [`gemm_with`] blocks and packs: the kernel [`gemm`] runs is `Plan::BEST`; the others are
 /// what the tests and `gemm_sweep` compare it with.
@@ -465,8 +471,9 @@ pub unsafe fn gemm(
     ldc: usize,
     acc: bool,
     fast: bool,
+    panels: &mut Panels,
 ) {
-    gemm_on::<Hardware>(Plan::BEST, m, n, k, a, lda, b, ldb, c, ldc, acc, fast)
+    gemm_on::<Hardware>(Plan::BEST, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, panels)
 }
 
 /// What runs the tile instructions of [`gemm_with`].
@@ -505,12 +512,14 @@ pub unsafe fn gemm_with(
     ldc: usize,
     acc: bool,
     fast: bool,
+    panels: &mut Panels,
 ) {
+    let p = panels;
     match tiles {
-        Tiles::Hardware => gemm_on::<Hardware>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
-        Tiles::Emulated => gemm_on::<Emulated>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
-        Tiles::Skipped => gemm_on::<NoTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
-        Tiles::Loads => gemm_on::<TouchTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast),
+        Tiles::Hardware => gemm_on::<Hardware>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, p),
+        Tiles::Emulated => gemm_on::<Emulated>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, p),
+        Tiles::Skipped => gemm_on::<NoTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, p),
+        Tiles::Loads => gemm_on::<TouchTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, p),
     }
 }
 
@@ -595,6 +604,7 @@ unsafe fn gemm_on<T: TileUnit>(
     ldc: usize,
     acc: bool,
     fast: bool,
+    panels: &mut Panels,
 ) {
     if k == 0 {
         if !acc {
@@ -608,16 +618,19 @@ unsafe fn gemm_on<T: TileUnit>(
         let whole = Plan { chunks: false, ..plan };
         for n0 in (0..n).step_by(nc) {
             let (b, c) = (b.add(n0 * ldb), c.add(n0));
-            gemm_on::<T>(whole, m, nc.min(n - n0), k, a, lda, b, ldb, c, ldc, acc, fast);
+            gemm_on::<T>(whole, m, nc.min(n - n0), k, a, lda, b, ldb, c, ldc, acc, fast, panels);
         }
         return;
     }
-    // hi 0, hi 1, lo 0, lo 1 (module doc).
-    let mut packed = MaybeUninit::<[u16; 4 * PANEL_U16]>::uninit();
-    let packed = packed.as_mut_ptr() as *mut u16;
-    // Two weight tiles' K tails, 16 rows × 32 bf16 each.
-    let mut tail = [0u16; 2 * WR * KS];
-    let mut out = [0f32; 4 * WR * 16];
+    // In the caller's panels: the packed panels (hi 0, hi 1, lo 0, lo 1; module doc), then two
+    // weight tiles' K tails (16 rows × 32 bf16 each) and the result tiles, those two zeroed.
+    let packed = panels.as_mut_ptr() as *mut u16;
+    let tail = packed.add(4 * PANEL_U16);
+    core::ptr::write_bytes(tail, 0, TAIL_U16);
+    let tail = &mut *(tail as *mut [u16; TAIL_U16]);
+    let out = packed.add(4 * PANEL_U16 + TAIL_U16) as *mut f32;
+    core::ptr::write_bytes(out, 0, OUT_F32);
+    let out = &mut *(out as *mut [f32; OUT_F32]);
     let b = b as *const u16;
     let mut i0 = 0;
     while i0 < m {
@@ -641,7 +654,7 @@ unsafe fn gemm_on<T: TileUnit>(
                 if plan.pairs && tiles == 2 && n - j0 > WR {
                     let wr = [WR, (n - j0 - WR).min(WR)];
                     if has_tail {
-                        copy_tail(w, ldb, wr[0] + wr[1], steps * KS, kc, &mut tail);
+                        copy_tail(w, ldb, wr[0] + wr[1], steps * KS, kc, tail);
                     }
                     let cfg = TileConfig::pair(wr, ar);
                     let job = PairJob {
@@ -667,7 +680,7 @@ unsafe fn gemm_on<T: TileUnit>(
                 } else {
                     let wr = (n - j0).min(WR);
                     if has_tail {
-                        copy_tail(w, ldb, wr, steps * KS, kc, &mut tail);
+                        copy_tail(w, ldb, wr, steps * KS, kc, tail);
                     }
                     for (t, &rows) in ar.iter().enumerate().take(tiles) {
                         let cfg = TileConfig::new(wr, rows);
@@ -687,7 +700,7 @@ unsafe fn gemm_on<T: TileUnit>(
                         } else {
                             T::run::<false>(&job);
                         }
-                        add_tile(&out, wr, rows, dst, t * AR, j0);
+                        add_tile(&out[..], wr, rows, dst, t * AR, j0);
                     }
                     j0 += wr;
                 }
@@ -699,7 +712,7 @@ unsafe fn gemm_on<T: TileUnit>(
 }
 
 /// Copies columns `from..kc` of `rows` weight rows into `tail` (rows of 32 bf16, zero past them).
-unsafe fn copy_tail(w: *const u16, ldb: usize, rows: usize, from: usize, kc: usize, tail: &mut [u16; 2 * WR * KS]) {
+unsafe fn copy_tail(w: *const u16, ldb: usize, rows: usize, from: usize, kc: usize, tail: &mut [u16; TAIL_U16]) {
     tail.fill(0);
     for r in 0..rows {
         core::ptr::copy_nonoverlapping(w.add(r * ldb + from), tail.as_mut_ptr().add(r * KS), kc - from);

@@ -3,8 +3,8 @@
 //! tiles of [`super::avx2::gemm_wide`].
 //!
 //! Per [`KC`] slice of the reduction, [`NP`] weight rows are widened to f32 and transposed once into
-//! a stack panel (`KC × NP` f32, 48 KiB), then every [`MR`] activation rows sweep it: each step
-//! loads [`NV`] panel vectors and broadcasts `MR` activations into `MR · NV` FMAs. The dot-product
+//! a panel in the caller's [`Panels`] (`KC × NP` f32, 48 KiB), then every [`MR`] activation rows
+//! sweep it: each step loads [`NV`] panel vectors and broadcasts `MR` activations into `MR · NV` FMAs. The dot-product
 //! tiles spend a zero-extend and a shift per weight vector on the FMA ports and 16 horizontal sums
 //! per tile; here neither happens in the loop (the widening is paid once per panel and `MR` rows).
 //!
@@ -15,6 +15,7 @@
 //! Each output is summed in order along the reduction, carried in `c` from one slice to the next
 //! (f32 stores and loads, exact), so its error is the sequential sum's.
 use super::avx2::Kernel;
+use super::{Panels, PANEL_BYTES};
 use core::arch::x86_64::*;
 
 /// Reduction columns per panel.
@@ -27,6 +28,8 @@ const _: () = assert!(MR == 8);
 pub const NV: usize = 3;
 /// Weight rows (outputs) per panel.
 pub const NP: usize = 16 * NV;
+// The panel, in the caller's [`Panels`] (64-byte aligned).
+const _: () = assert!(KC * NP * 4 <= PANEL_BYTES);
 /// Fewest activation rows worth a packed panel; fewer run the dot-product tiles.
 pub const MIN_M: usize = 16;
 
@@ -47,6 +50,7 @@ pub unsafe fn gemm<E: Kernel>(
     c: *mut f32,
     ldc: usize,
     acc: bool,
+    panels: &mut Panels,
 ) {
     if k == 0 {
         if !acc {
@@ -54,7 +58,7 @@ pub unsafe fn gemm<E: Kernel>(
         }
         return;
     }
-    let mut panel = [0f32; KC * NP];
+    let panel = panels.as_mut_ptr() as *mut f32;
     let mut j0 = 0;
     while j0 < n {
         let nw = (n - j0).min(NP);
@@ -65,8 +69,8 @@ pub unsafe fn gemm<E: Kernel>(
         let mut k0 = 0;
         while k0 < k {
             let kc = (k - k0).min(KC);
-            pack(b.add(j0 * ldb + k0), ldb, nw, kc, &mut panel);
-            let tile = Tile { lda, panel: panel.as_ptr(), kc, ldc, masks, load_c: acc || k0 > 0 };
+            pack(b.add(j0 * ldb + k0), ldb, nw, kc, panel);
+            let tile = Tile { lda, panel, kc, ldc, masks, load_c: acc || k0 > 0 };
             let (ap, cp) = (a.add(k0), c.add(j0));
             // A narrower last panel sweeps only the vectors it fills.
             match nw.div_ceil(16) {
@@ -117,9 +121,8 @@ struct Tile {
 /// up to the next 16 (the vectors past that are not read):
 /// 16 rows × 16 columns at a time, widened on load and transposed in registers.
 #[inline(always)]
-unsafe fn pack<E: Kernel>(b: *const E, ldb: usize, nw: usize, kc: usize, panel: &mut [f32; KC * NP]) {
+unsafe fn pack<E: Kernel>(b: *const E, ldb: usize, nw: usize, kc: usize, out: *mut f32) {
     let k16 = kc / 16 * 16;
-    let out = panel.as_mut_ptr();
     for r0 in (0..nw.div_ceil(16) * 16).step_by(16) {
         let mut l = 0;
         while l < k16 {

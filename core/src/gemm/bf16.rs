@@ -1,7 +1,7 @@
 //! AVX512-BF16 kernel for bf16-stored weights: `c (+)= a · bᵀ` with `vdpbf16ps`, which adds to each
 //! f32 lane the products of two consecutive bf16 pairs. A weight row `b_j` (K contiguous, as the
 //! checkpoint stores it) is already in that pair layout, so the weights are read in place, never
-//! copied; only the f32 activations are converted, per call, into a fixed-size stack buffer:
+//! copied; only the f32 activations are converted, per call, into the caller's [`Panels`]:
 //!
 //! - [`MatmulMode::Exact`]: `x = hi + lo` with `hi = bf16(x)`, `lo = bf16(x − hi)` (both round to
 //!   nearest even), and `c += dp(hi, w) + dp(lo, w)` in f32. bf16 × bf16 products are exact in f32,
@@ -18,15 +18,17 @@
 //!
 //! [`MatmulMode::Exact`]: crate::exec::MatmulMode::Exact
 //! [`MatmulMode::Fast`]: crate::exec::MatmulMode::Fast
+use super::{Panels, PANEL_BYTES};
 use core::arch::x86_64::*;
-use core::mem::MaybeUninit;
 use half::bf16;
 
 /// Rows of `a` per block: each weight row streams past them once per block.
 const TB: usize = 64;
-/// Columns (reduction) per block: hi + lo of a `TB × KC` block is 96 KiB of stack, and the 4 weight
+/// Columns (reduction) per block: hi + lo of a `TB × KC` block is 96 KiB of [`Panels`], and the 4 weight
 /// rows of a tile (3 KiB) stay in L1 while the block's rows go by.
 const KC: usize = 384;
+// hi then lo, in the caller's [`Panels`].
+const _: () = assert!(2 * TB * KC * 2 <= PANEL_BYTES);
 
 /// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[j·ldb + l]`, as [`super::gemm_raw`].
 ///
@@ -46,6 +48,7 @@ pub unsafe fn gemm(
     ldc: usize,
     acc: bool,
     fast: bool,
+    panels: &mut Panels,
 ) {
     if k == 0 {
         if !acc {
@@ -53,9 +56,8 @@ pub unsafe fn gemm(
         }
         return;
     }
-    let mut hi = MaybeUninit::<[u16; TB * KC]>::uninit();
-    let mut lo = MaybeUninit::<[u16; TB * KC]>::uninit();
-    let (hi, lo) = (hi.as_mut_ptr() as *mut u16, lo.as_mut_ptr() as *mut u16);
+    let hi = panels.as_mut_ptr() as *mut u16;
+    let lo = hi.add(TB * KC);
     // One activation row (a token step) streams each weight row whole, once, with the GEMVs'
     // software prefetch: by `KC`-column blocks it swept every row once per block, four 768-byte
     // pieces at a time, which the hardware prefetcher followed badly (Mamba-2 130m decode under

@@ -18,15 +18,16 @@
 //! - (x86-64 only, behind `#[cfg(target_arch = "x86_64")]`, so `no_std` targets such as thumbv7em
 //!   build the portable path alone.)
 //!
-//! Stack: the x86 kernels pack their panels into stack arrays (the caller-provided-buffer rule
-//! covers what outlives a call; these live for one): 48 KiB for [`avx512`], 96 KiB for [`bf16`]'s
-//! hi + lo, 70 KiB for [`amx`] (hi + lo of 32 rows × 512 columns, tails, result tiles). A whole
-//! forward on the AVX512-BF16 level needed between 100 and 128 KiB of a thread's stack; call the
-//! core from a thread with at least 256 KiB left (the host's `Pool::run` makes sure of it, growing
-//! a short stack). The portable path keeps none.
+//! Panels: the x86 kernels pack their panels (widened weight panels, activations split into bf16
+//! in the tiles' VNNI layout) into a caller-provided [`Panels`] of [`PANEL_BYTES`], one per
+//! running task, which [`Exec::with_panels`] hands out: the host's pool gives each worker thread
+//! its own, allocated once, so a forward needs no deep stack (it ran on 16 KiB); the trait's
+//! default, which `Serial` keeps, puts it on the calling thread's stack, and an embedder with
+//! short stacks overrides that. The portable path packs nothing.
 use crate::error::Error;
 use crate::exec::{Exec, MatmulMode, Shared, Simd};
 use crate::weight::{with_slice, Data, Elem, Weight};
+use core::mem::MaybeUninit;
 
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
@@ -36,6 +37,43 @@ pub mod avx2;
 pub mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod bf16;
+
+/// Bytes of a [`Panels`]: the most any kernel packs for one call — [`bf16`]'s hi + lo panels
+/// (96 KiB; [`avx512`] 48 KiB, [`amx`] 70 KiB). None off x86-64, where only the portable path runs.
+#[cfg(target_arch = "x86_64")]
+pub const PANEL_BYTES: usize = 96 << 10;
+/// Bytes of a [`Panels`]: the portable path packs nothing.
+#[cfg(not(target_arch = "x86_64"))]
+pub const PANEL_BYTES: usize = 0;
+
+/// Where a matrix kernel packs its panels for the length of one call (module doc): caller-provided,
+/// 64-byte aligned, [`PANEL_BYTES`] long. Nothing in it is kept from one call to the next, so it
+/// starts uninitialised; each kernel writes what it reads. To put one on the heap without building
+/// it on the stack first: `Box::<Panels>::new_uninit()` then `assume_init()` (it is valid
+/// uninitialised).
+#[repr(C, align(64))]
+pub struct Panels {
+    bytes: MaybeUninit<[u8; PANEL_BYTES]>,
+}
+
+impl Panels {
+    pub const fn new() -> Panels {
+        Panels { bytes: MaybeUninit::uninit() }
+    }
+
+    /// The first byte, for a kernel to lay its panels from (each asserts at compile time that
+    /// they fit).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.bytes.as_mut_ptr() as *mut u8
+    }
+}
+
+impl Default for Panels {
+    fn default() -> Self {
+        Panels::new()
+    }
+}
 
 /// Output rows per task are a multiple of this: whole panels for [`avx512::gemm`] (with 32, a task
 /// of 448 rows ended in a panel of 16 that cost a third of a whole one's work for a third of its
@@ -58,9 +96,12 @@ pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -
     let task = |i: usize| {
         let (o0, o1) = (i * per, ((i + 1) * per).min(rows));
         if o0 < o1 {
-            // SAFETY: sizes checked above; each task writes only columns o0..o1 of the output.
-            with_slice!(w.data, s => unsafe {
-                gemm_raw_mode(simd, mode, t, o1 - o0, k, x.as_ptr(), k, s.as_ptr().add(o0 * k), k, shared.ptr().add(o0), rows, false)
+            ex.with_panels(&mut |panels| {
+                // SAFETY: sizes checked above; each task writes only columns o0..o1 of the output.
+                with_slice!(w.data, s => unsafe {
+                    let (b, c) = (s.as_ptr().add(o0 * k), shared.ptr().add(o0));
+                    gemm_raw_mode(simd, mode, t, o1 - o0, k, x.as_ptr(), k, b, k, c, rows, false, panels)
+                })
             });
         }
     };
@@ -85,8 +126,9 @@ pub fn gemm_nt<E: Kernel>(
     c: &mut [f32],
     ldc: usize,
     acc: bool,
+    panels: &mut Panels,
 ) -> Result<(), Error> {
-    gemm_nt_mode(simd, MatmulMode::Exact, mnk, a, lda, b, ldb, c, ldc, acc)
+    gemm_nt_mode(simd, MatmulMode::Exact, mnk, a, lda, b, ldb, c, ldc, acc, panels)
 }
 
 /// [`gemm_nt`] with a [`MatmulMode`] for the bf16 kernels.
@@ -102,6 +144,7 @@ pub fn gemm_nt_mode<E: Kernel>(
     c: &mut [f32],
     ldc: usize,
     acc: bool,
+    panels: &mut Panels,
 ) -> Result<(), Error> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -110,7 +153,7 @@ pub fn gemm_nt_mode<E: Kernel>(
     crate::error::need("gemm b", b.len(), (n - 1) * ldb + k)?;
     crate::error::need("gemm c", c.len(), (m - 1) * ldc + n)?;
     // SAFETY: every index the kernel touches is within the lengths checked above.
-    unsafe { gemm_raw_mode(simd, mode, m, n, k, a.as_ptr(), lda, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, acc) };
+    unsafe { gemm_raw_mode(simd, mode, m, n, k, a.as_ptr(), lda, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, acc, panels) };
     Ok(())
 }
 
@@ -132,8 +175,9 @@ pub unsafe fn gemm_raw<E: Kernel>(
     c: *mut f32,
     ldc: usize,
     acc: bool,
+    panels: &mut Panels,
 ) {
-    gemm_raw_mode(simd, MatmulMode::Exact, m, n, k, a, lda, b, ldb, c, ldc, acc)
+    gemm_raw_mode(simd, MatmulMode::Exact, m, n, k, a, lda, b, ldb, c, ldc, acc, panels)
 }
 
 /// [`gemm_raw`] with a [`MatmulMode`] for the bf16 kernels.
@@ -154,28 +198,29 @@ pub unsafe fn gemm_raw_mode<E: Kernel>(
     c: *mut f32,
     ldc: usize,
     acc: bool,
+    panels: &mut Panels,
 ) {
     #[cfg(target_arch = "x86_64")]
     match simd {
         // SAFETY (all): the host reported these features at run time; a bf16 `E` is `half::bf16`.
         Simd::Amx if m > 1 && E::DTYPE == crate::weight::DType::Bf16 => {
             let fast = mode == MatmulMode::Fast;
-            return amx::gemm(m, n, k, a, lda, b as *const half::bf16, ldb, c, ldc, acc, fast);
+            return amx::gemm(m, n, k, a, lda, b as *const half::bf16, ldb, c, ldc, acc, fast, panels);
         }
         Simd::Avx512Bf16 | Simd::Amx if E::DTYPE == crate::weight::DType::Bf16 => {
             let fast = mode == MatmulMode::Fast;
-            return bf16::gemm(m, n, k, a, lda, b as *const half::bf16, ldb, c, ldc, acc, fast);
+            return bf16::gemm(m, n, k, a, lda, b as *const half::bf16, ldb, c, ldc, acc, fast, panels);
         }
         Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m == 1 => return avx2::gemv_rows4(n, k, a, b, ldb, c, acc),
         Simd::Avx2 if m == 1 => return avx2::gemv(n, k, a, b, ldb, c, acc),
         Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m >= avx512::MIN_M => {
-            return avx512::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc)
+            return avx512::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc, panels)
         }
         Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 => return avx2::gemm_wide(m, n, k, a, lda, b, ldb, c, ldc, acc),
         Simd::Avx2 => return avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc),
         Simd::Portable => {}
     }
-    let _ = (simd, mode);
+    let _ = (simd, mode, panels);
     for i in 0..m {
         let ar = core::slice::from_raw_parts(a.add(i * lda), k);
         for j in 0..n {

@@ -120,7 +120,12 @@ unsafe fn cublasGemmEx(
     let mut prod = vec![0f32; m * n];
     if k > 0 && m > 0 && n > 0 {
         let simd = crate::exec::detect_simd();
-        if stuffed_core::gemm::gemm_nt(simd, (n, m, k), &cols, k, &rows[..], k, &mut prod, m, false).is_err() {
+        let mut ok = true;
+        crate::exec::with_thread_panels(&mut |panels| {
+            ok = stuffed_core::gemm::gemm_nt(simd, (n, m, k), &cols, k, &rows[..], k, &mut prod, m, false, panels)
+                .is_ok();
+        });
+        if !ok {
             return 7;
         }
     }
