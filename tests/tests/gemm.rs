@@ -646,3 +646,92 @@ fn four_row_gemv_is_the_one_row_gemv_bit_for_bit() {
         }
     }
 }
+
+/// Two [`stuffed_core::gemm::Panels`] on the heap, every byte of the first 0xFF (NaN as f32 and as
+/// bf16) and of the second 0, set again before each call.
+struct DirtyAndClean([Box<stuffed_core::gemm::Panels>; 2]);
+
+impl DirtyAndClean {
+    fn new() -> Self {
+        // SAFETY: `Panels` is valid uninitialised.
+        DirtyAndClean(std::array::from_fn(|_| unsafe { Box::new_uninit().assume_init() }))
+    }
+
+    /// Runs `f` on the dirty panels, then on the clean ones.
+    fn each(&mut self, mut f: impl FnMut(usize, &mut stuffed_core::gemm::Panels)) {
+        for (i, (p, byte)) in self.0.iter_mut().zip([0xFF, 0]).enumerate() {
+            let size = std::mem::size_of::<stuffed_core::gemm::Panels>();
+            // SAFETY: any bytes are valid in `Panels`.
+            unsafe { std::ptr::write_bytes(&mut **p as *mut _ as *mut u8, byte, size) };
+            f(i, p);
+        }
+    }
+}
+
+/// The kernels' panels start uninitialised (`gemm::Panels`): every kernel must read only what it
+/// wrote there (zero padding of row and K tails included). At every level and both modes, each
+/// dtype and the AMX plans over the emulated tiles, on shapes with row, column and K tails: the
+/// product through panels full of 0xFF bytes (NaN as f32 and as bf16) equals bit for bit the one
+/// through zeroed panels, and is finite (both set before each call, or an earlier call's data would
+/// hide the read).
+#[test]
+fn kernels_read_only_panel_bytes_they_wrote() {
+    let mut shapes = Vec::new();
+    for m in [1, 2, 15, 17, 33] {
+        for n in [1, 15, 17, 49] {
+            for k in [1, 31, 33, 257, 513] {
+                shapes.push((m, n, k));
+            }
+        }
+    }
+    let mut panels = DirtyAndClean::new();
+    let mut ran = Vec::new();
+    for pool in kernel_pools(true) {
+        let (simd, mode) = (pool.simd(), pool.matmul_mode());
+        for dtype in ["f32", "bf16", "f16"] {
+            for (s, &(m, n, k)) in shapes.iter().enumerate() {
+                let a = values(m * k, s as u64 * 3 + 1);
+                let w = Stored::new(&values(n * k, s as u64 * 3 + 2));
+                let mut outs = [vec![0f32; m * n], vec![0f32; m * n]];
+                panels.each(|i, p| {
+                    let out = &mut outs[i];
+                    match dtype {
+                        "f32" => gemm_nt_mode(simd, mode, (m, n, k), &a, k, &w.f32, k, out, n, false, p),
+                        "bf16" => gemm_nt_mode(simd, mode, (m, n, k), &a, k, &w.bf16, k, out, n, false, p),
+                        _ => gemm_nt_mode(simd, mode, (m, n, k), &a, k, &w.f16, k, out, n, false, p),
+                    }
+                    .unwrap()
+                });
+                let what = format!("{}/{} {dtype} ({m}, {n}, {k})", simd.name(), mode.name());
+                assert!(outs[0].iter().all(|v| v.is_finite()), "{what}: NaN from an unwritten panel byte");
+                assert_eq!(bits(&outs[0]), bits(&outs[1]), "{what}: the result depends on unwritten panel bytes");
+            }
+        }
+        ran.push(format!("{}/{}", simd.name(), mode.name()));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use stuffed_core::gemm::amx::{self, Plan, Tiles};
+        for plan in [Plan::SINGLE_SCALAR].into_iter().chain(amx_plans_here()) {
+            for fast in [false, true] {
+                for (s, &(m, n, k)) in shapes.iter().enumerate() {
+                    let a = values(m * k, s as u64 * 3 + 1);
+                    let w: Vec<bf16> = values(n * k, s as u64 * 3 + 2).iter().map(|&v| bf16::from_f32(v)).collect();
+                    let mut outs = [vec![0f32; m * n], vec![0f32; m * n]];
+                    panels.each(|i, p| {
+                        // SAFETY: a is m × k, w n × k, out m × n; AVX-512 plans only where the CPU has it.
+                        unsafe {
+                            let (ap, wp, op) = (a.as_ptr(), w.as_ptr(), outs[i].as_mut_ptr());
+                            amx::gemm_with(Tiles::Emulated, plan, m, n, k, ap, k, wp, k, op, n, false, fast, p)
+                        }
+                    });
+                    let what = format!("amx emulated {plan:?} fast={fast} ({m}, {n}, {k})");
+                    assert!(outs[0].iter().all(|v| v.is_finite()), "{what}: NaN from an unwritten panel byte");
+                    assert_eq!(bits(&outs[0]), bits(&outs[1]), "{what}: the result depends on unwritten panel bytes");
+                }
+            }
+            ran.push(format!("amx {plan:?} (emulated tiles)"));
+        }
+    }
+    println!("read only what they wrote: {ran:?}");
+}
