@@ -6,13 +6,18 @@
 #   1. the CPU's flags, and whether Linux grants the tile state (the kernel-contract test panics
 #      with the reason when the CPU advertises AMX and the OS refuses it);
 #   2. the kernel contract (tests/tests/gemm.rs: the nasty shapes on every level, AMX exact and fast,
-#      and the shipped models' mean NLL on every exact path within 1e-5 of the portable one; it
-#      fails if the CPU advertises AMX and the AMX path did not run or the OS refused it);
-#   3. every golden test (they run on every level the CPU has, AMX included) and the fast-matmul test;
+#      the shipped models' mean NLL on every exact path within 1e-5 of the portable one, and every
+#      kernel reading only the panel bytes it wrote; it fails if the CPU advertises AMX and the AMX
+#      path did not run or the OS refused it);
+#   3. every golden test (they run on every level the CPU has, AMX included), the fast-matmul test,
+#      and tests/kernels.rs (the core's forward on a 32 KiB stack, AMX level included);
 #   4. `gemm_sweep` at the released shapes on the avx512, avx512bf16 and amx levels, exact and fast,
 #      and `gemm_sweep amx`: the AMX kernel's plans side by side (one C tile or four per tile-config
 #      block; scalar or AVX-512 packing and adding), GFLOP/s on one thread — the kernel runs
 #      `Plan::BEST` (core/src/gemm/amx.rs), chosen on a CPU without AMX: keep it only if it wins here;
+#      and `gemm_sweep amx-f32`: f32-stored weights on the AVX-512 f32 kernel (what runs them today)
+#      against their bf16 hi + lo split on the tiles, split once (a copy at load) or in each call —
+#      the measurement issue 22 asks for before f32 weights take the tiles (not wired yet);
 #   5. (`full` only) `tools/bench_cpu_peers.sh` with `STUFFED_SIMD=amx` against llama.cpp (≈ 20–30
 #      minutes, downloads llama.cpp's sdist and a converter venv on the first run).
 # Then: tune the AMX blocking from step 4, make AMX the default where it wins (host/src/exec.rs:
@@ -64,6 +69,8 @@ for level in avx512 avx512bf16 amx; do
 done
 echo "-- the AMX kernel's plans (on a CPU without AMX: their non-tile work only)"
 RAYON_NUM_THREADS=1 "$sweep" amx
+echo "-- f32 weights: the AVX-512 f32 kernel against their bf16 hi + lo split on the tiles, made once or in the call"
+"$sweep" amx-f32
 
 if [[ $mode == full ]]; then
     step 5 "side by side with llama.cpp, STUFFED_SIMD=amx (default and --fast-matmul columns)"

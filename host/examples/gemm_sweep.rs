@@ -11,6 +11,15 @@
 //! the tile instructions, then of that plus the bytes the tile loads would read, in wall-clock ns per
 //! 16 × 16 × 32 tile product (a core issues one `tdpbf16ps` every 16 cycles: ≈ 8 ns at 2 GHz, so
 //! ≈ 4 ns a product on two cores).
+//!
+//! `gemm_sweep amx-f32`: what f32-stored weights would gain on the AMX tiles (issue 22: "split them
+//! too, once at load or per chunk: measure both"). Each f32 weight as bf16 hi + lo (|w − hi − lo| ≤
+//! 2⁻¹⁶·|w|), the product `hi·x` on the AMX kernel (its activation split as usual) plus `lo·x` with
+//! the activations rounded (the dropped `lo·x_lo` is ≤ 2⁻¹⁶ of the product): three `tdpbf16ps` a tile
+//! product. At t = 512, 1 and 2 threads, GFLOP/s of the AVX-512 f32 kernel (what f32 weights run on
+//! today) beside the split made once (the hi and lo copies ready: 4 B a weight beside the f32) and
+//! the split made in the call (each thread converts its weight rows first). First a correctness
+//! check against f64 on the tiles (emulated where the CPU has no AMX, which then times nothing).
 use half::{bf16, f16};
 use std::time::Instant;
 use stuffed::exec::Pool;
@@ -20,6 +29,9 @@ fn main() {
     let dtype = std::env::args().nth(1).unwrap_or_else(|| "bf16".into());
     if dtype == "amx" {
         return amx_plans();
+    }
+    if dtype == "amx-f32" {
+        return f32_on_amx();
     }
     let pool = Pool::new();
     println!("{dtype} weights, {:?} kernel, {} threads", pool.simd(), pool.threads());
@@ -163,6 +175,165 @@ fn amx_plans() {
                         println!("{line}");
                     }
                 }
+            }
+        }
+    }
+}
+
+/// See the module doc: `gemm_sweep amx-f32`.
+fn f32_on_amx() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use stuffed_core::exec::{MatmulMode, Simd};
+        use stuffed_core::gemm::amx::{self, Plan, Tiles};
+        use stuffed_core::gemm::bf16::split_values;
+        if !(is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")) {
+            println!("gemm_sweep amx-f32: this CPU has no AVX512-BF16");
+            return;
+        }
+        let amx = stuffed::exec::cpu_simd() == Simd::Amx;
+        // c (t, n) = x (t, k) · (hi + lo)ᵀ: hi in exact mode, lo with rounded activations.
+        // SAFETY (callers): x is t × k, hi and lo n × k (row stride ldw), c t × n (row stride ldc).
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn product(
+            unit: Tiles,
+            (t, n, k): (usize, usize, usize),
+            x: *const f32,
+            hi: *const bf16,
+            lo: *const bf16,
+            ldw: usize,
+            c: *mut f32,
+            ldc: usize,
+        ) {
+            stuffed::exec::with_thread_panels(&mut |p| {
+                amx::gemm_with(unit, Plan::BEST, t, n, k, x, k, hi, ldw, c, ldc, false, false, p);
+                amx::gemm_with(unit, Plan::BEST, t, n, k, x, k, lo, ldw, c, ldc, true, true, p);
+            })
+        }
+        let split = |w: &[f32], hi: &mut [bf16], lo: &mut [bf16]| {
+            // SAFETY: AVX512-BF16 and AVX512-BW checked above.
+            unsafe { split_values(w, hi, lo) }
+        };
+        let value = |i: usize, m: usize| ((i * m) % 1000) as f32 * 1e-3 - 0.5;
+        // Correctness: a shape with row and K tails, against the f64 product of the f32 weights.
+        let unit = if amx { Tiles::Hardware } else { Tiles::Emulated };
+        let (t, n, k) = (40, 50, 100);
+        let w: Vec<f32> = (0..n * k).map(|i| value(i, 7919) * (1.0 + 1e-3 * (i % 7) as f32)).collect();
+        let x: Vec<f32> = (0..t * k).map(|i| value(i, 104_729)).collect();
+        let (mut hi, mut lo) = (vec![bf16::ZERO; n * k], vec![bf16::ZERO; n * k]);
+        split(&w, &mut hi, &mut lo);
+        let mut c = vec![0f32; t * n];
+        // SAFETY: the shapes above.
+        unsafe { product(unit, (t, n, k), x.as_ptr(), hi.as_ptr(), lo.as_ptr(), k, c.as_mut_ptr(), n) };
+        let mut worst = 0f64;
+        for i in 0..t {
+            for j in 0..n {
+                let (mut s, mut mag) = (0f64, 0f64);
+                for l in 0..k {
+                    let p = x[i * k + l] as f64 * w[j * k + l] as f64;
+                    s += p;
+                    mag += p.abs();
+                }
+                worst = worst.max((c[i * n + j] as f64 - s).abs() / mag);
+            }
+        }
+        println!("f32 weights split on the AMX kernel ({unit:?} tiles): worst |Δ|/Σ|x·w| {worst:.2e} (bound 3·2⁻¹⁶ = 4.6e-5)");
+        assert!(worst <= 3.0 * 2f64.powi(-16), "the split product is off");
+        // Timing: on the tiles, or without them (then the times are the rest: packing, adding, and
+        // the split in the call, which is what that variant adds).
+        let unit = if amx { Tiles::Hardware } else { Tiles::Skipped };
+        let shapes = [
+            (3352, 768, "130m in_proj"),
+            (768, 1536, "130m out_proj"),
+            (7168, 2048, "rwkv6-1.6b ffn.key"),
+            (50288, 768, "130m lm_head"),
+        ];
+        let t = 512;
+        for threads in [1usize, 2] {
+            println!(
+                "f32 weights, t = {t}, {threads} thread(s), ms a product{}: avx512 f32 | amx split once | amx split in the call",
+                if amx { "" } else { " (no AMX: the amx columns without the tiles)" }
+            );
+            for (rows, cols, what) in shapes {
+                let w: Vec<f32> = (0..rows * cols).map(|i| value(i, 7919)).collect();
+                let x: Vec<f32> = (0..t * cols).map(|i| value(i, 104_729)).collect();
+                let (mut hi, mut lo) = (vec![bf16::ZERO; rows * cols], vec![bf16::ZERO; rows * cols]);
+                split(&w, &mut hi, &mut lo);
+                let c = vec![0f32; t * rows];
+                let part = rows.div_ceil(threads).next_multiple_of(32);
+                // Each thread's buffers for the split in the call, made once.
+                let bufs: Vec<std::sync::Mutex<(Vec<bf16>, Vec<bf16>)>> = (0..rows.div_ceil(part))
+                    .map(|_| std::sync::Mutex::new((vec![bf16::ZERO; part * cols], vec![bf16::ZERO; part * cols])))
+                    .collect();
+                let mut line = format!("{what:>20}");
+                for variant in 0..3 {
+                    let run = || {
+                        std::thread::scope(|scope| {
+                            for (i, r0) in (0..rows).step_by(part).enumerate() {
+                                let n = part.min(rows - r0);
+                                let w = &w[r0 * cols..(r0 + n) * cols];
+                                let (hi, lo, x, buf) = (&hi[r0 * cols..], &lo[r0 * cols..], &x, &bufs[i]);
+                                let cp = c.as_ptr() as usize;
+                                scope.spawn(move || {
+                                    // SAFETY: each thread writes its own columns r0..r0 + n of c;
+                                    // the operands hold the shapes given.
+                                    unsafe {
+                                        let cp = (cp as *mut f32).add(r0);
+                                        let shape = (t, n, cols);
+                                        match variant {
+                                            0 => stuffed::exec::with_thread_panels(&mut |p| {
+                                                let c = std::slice::from_raw_parts_mut(cp, (t - 1) * rows + n);
+                                                let (simd, mode) = (Simd::Avx512, MatmulMode::Exact);
+                                                stuffed_core::gemm::gemm_nt_mode(
+                                                    simd, mode, shape, x, cols, w, cols, c, rows, false, p,
+                                                )
+                                                .expect("sizes");
+                                            }),
+                                            1 => product(
+                                                unit,
+                                                shape,
+                                                x.as_ptr(),
+                                                hi.as_ptr(),
+                                                lo.as_ptr(),
+                                                cols,
+                                                cp,
+                                                rows,
+                                            ),
+                                            _ => {
+                                                let (hi, lo) = &mut *buf.lock().unwrap();
+                                                split(w, hi, lo);
+                                                product(
+                                                    unit,
+                                                    shape,
+                                                    x.as_ptr(),
+                                                    hi.as_ptr(),
+                                                    lo.as_ptr(),
+                                                    cols,
+                                                    cp,
+                                                    rows,
+                                                )
+                                            }
+                                        }
+                                    }
+                                });
+                            }
+                        })
+                    };
+                    run();
+                    let mut best = f64::MAX;
+                    for _ in 0..5 {
+                        let start = Instant::now();
+                        run();
+                        best = best.min(start.elapsed().as_secs_f64());
+                    }
+                    let gflops = 2.0 * (t * rows * cols) as f64 / best / 1e9;
+                    line += &if amx || variant == 0 {
+                        format!("  {:8.2} ({gflops:6.1} GFLOP/s)", best * 1e3)
+                    } else {
+                        format!("  {:8.2}", best * 1e3)
+                    };
+                }
+                println!("{line}");
             }
         }
     }

@@ -178,6 +178,31 @@ pub(super) unsafe fn split32(x0: __m512, x1: __m512, fast: bool) -> (__m512i, __
     (hi_i, cast_i(_mm512_cvtne2ps_pbh(d1, d0)))
 }
 
+/// `hi[i] = bf16(x[i])`, `lo[i] = bf16(x[i] − hi[i])` for `i < x.len()` (shorter `hi` / `lo`: up
+/// to the shortest): f32 values split as [`gemm`] splits its activations, `|x − hi − lo| ≤
+/// 2⁻¹⁶·|x|` (a denormal `x` reads as zero) — the form f32 weights would take on the bf16 tiles
+/// (`gemm_sweep amx-f32`).
+///
+/// # Safety
+/// The CPU must have AVX-512F/BW/VL and AVX512-BF16.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn split_values(x: &[f32], hi: &mut [bf16], lo: &mut [bf16]) {
+    let n = x.len().min(hi.len()).min(lo.len());
+    let (x, hp, lp) = (x.as_ptr(), hi.as_mut_ptr() as *mut u16, lo.as_mut_ptr() as *mut u16);
+    let mut l = 0;
+    while l < n {
+        let left = n - l;
+        let (m0, m1) = (mask16(left), mask16(left.saturating_sub(16)));
+        let x0 = _mm512_maskz_loadu_ps(m0, x.add(l));
+        let x1 = _mm512_maskz_loadu_ps(m1, x.add(l + 16));
+        let (h, w) = split32(x0, x1, false);
+        let keep = if left >= 32 { u32::MAX } else { (1u32 << left) - 1 };
+        _mm512_mask_storeu_epi16(hp.add(l) as *mut _, keep, h);
+        _mm512_mask_storeu_epi16(lp.add(l) as *mut _, keep, w);
+        l += 32;
+    }
+}
+
 #[inline(always)]
 pub(super) fn mask16(left: usize) -> __mmask16 {
     if left >= 16 {
@@ -269,4 +294,41 @@ unsafe fn hsum(v: __m512) -> f32 {
     let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
     let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
     _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)))
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    /// [`split_values`] against the scalar definition (round to nearest even, lo of the exact
+    /// difference; an infinity's lo 0; a denormal read as zero) at every length around the
+    /// 32-value steps, writing nothing past the values.
+    #[test]
+    fn split_values_is_the_scalar_split() {
+        if !(std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")) {
+            return;
+        }
+        for n in 0..100 {
+            let mut x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 * 1.37e-3 - 0.61).collect();
+            if n > 5 {
+                x[1] = f32::INFINITY;
+                x[4] = -3.0e38;
+                x[5] = 1.0e-40;
+            }
+            let mut hi = std::vec![bf16::from_bits(0x7777); n + 3];
+            let mut lo = hi.clone();
+            unsafe { split_values(&x, &mut hi, &mut lo) };
+            for (i, &v) in x.iter().enumerate() {
+                // `vcvtne2ps2bf16` reads a denormal as zero.
+                let v = if v.is_subnormal() { 0.0 } else { v };
+                let h = bf16::from_f32(v);
+                let d = v - h.to_f32();
+                let l = bf16::from_f32(if d.is_nan() { 0.0 } else { d });
+                assert_eq!((hi[i].to_bits(), lo[i].to_bits()), (h.to_bits(), l.to_bits()), "n {n}, x[{i}] = {v}");
+            }
+            assert!(hi[n..].iter().chain(&lo[n..]).all(|b| b.to_bits() == 0x7777), "n {n}: wrote past the values");
+        }
+    }
 }
