@@ -87,6 +87,16 @@ fn main() {
     }
 }
 
+/// (rows, cols, what) the AMX sweeps time: Mamba-2 130m in and out proj, RWKV-6 1.6B ffn.key, the
+/// NeoX head.
+#[cfg(target_arch = "x86_64")]
+const AMX_SHAPES: [(usize, usize, &str); 4] = [
+    (3352, 768, "130m in_proj"),
+    (768, 1536, "130m out_proj"),
+    (7168, 2048, "rwkv6-1.6b ffn.key"),
+    (50288, 768, "130m lm_head"),
+];
+
 /// See the module doc: `gemm_sweep amx`.
 fn amx_plans() {
     #[cfg(target_arch = "x86_64")]
@@ -111,12 +121,7 @@ fn amx_plans() {
             ("pairs+avx512", Plan { chunks: false, ..Plan::BEST }),
             ("+chunks (best)", Plan::BEST),
         ];
-        let shapes = [
-            (3352, 768, "130m in_proj"),
-            (768, 1536, "130m out_proj"),
-            (7168, 2048, "rwkv6-1.6b ffn.key"),
-            (50288, 768, "130m lm_head"),
-        ];
+        let shapes = AMX_SHAPES;
         let t = 512;
         for &(unit, about) in units {
             for threads in [1usize, 2] {
@@ -158,13 +163,7 @@ fn amx_plans() {
                                     }
                                 })
                             };
-                            run();
-                            let mut best = f64::MAX;
-                            for _ in 0..5 {
-                                let start = Instant::now();
-                                run();
-                                best = best.min(start.elapsed().as_secs_f64());
-                            }
+                            let best = best_of_5(run);
                             let flops = 2.0 * (t * rows * cols) as f64;
                             let cell = match unit {
                                 Tiles::Hardware => format!("{:7.1} GFLOP/s", flops / best / 1e9),
@@ -242,12 +241,7 @@ fn f32_on_amx() {
         // Timing: on the tiles, or without them (then the times are the rest: packing, adding, and
         // the split in the call, which is what that variant adds).
         let unit = if amx { Tiles::Hardware } else { Tiles::Skipped };
-        let shapes = [
-            (3352, 768, "130m in_proj"),
-            (768, 1536, "130m out_proj"),
-            (7168, 2048, "rwkv6-1.6b ffn.key"),
-            (50288, 768, "130m lm_head"),
-        ];
+        let shapes = AMX_SHAPES;
         let t = 512;
         for threads in [1usize, 2] {
             println!(
@@ -289,29 +283,18 @@ fn f32_on_amx() {
                                                 )
                                                 .expect("sizes");
                                             }),
-                                            1 => product(
-                                                unit,
-                                                shape,
-                                                x.as_ptr(),
-                                                hi.as_ptr(),
-                                                lo.as_ptr(),
-                                                cols,
-                                                cp,
-                                                rows,
-                                            ),
                                             _ => {
-                                                let (hi, lo) = &mut *buf.lock().unwrap();
-                                                split(w, hi, lo);
-                                                product(
-                                                    unit,
-                                                    shape,
-                                                    x.as_ptr(),
-                                                    hi.as_ptr(),
-                                                    lo.as_ptr(),
-                                                    cols,
-                                                    cp,
-                                                    rows,
-                                                )
+                                                // Split once (ready), or now into this thread's buffers.
+                                                let mut own = buf.lock().unwrap();
+                                                let (hi, lo) = if variant == 1 {
+                                                    (hi, lo)
+                                                } else {
+                                                    let (h, l) = &mut *own;
+                                                    split(w, h, l);
+                                                    (&h[..], &l[..])
+                                                };
+                                                let (h, l) = (hi.as_ptr(), lo.as_ptr());
+                                                product(unit, shape, x.as_ptr(), h, l, cols, cp, rows)
                                             }
                                         }
                                     }
@@ -319,13 +302,7 @@ fn f32_on_amx() {
                             }
                         })
                     };
-                    run();
-                    let mut best = f64::MAX;
-                    for _ in 0..5 {
-                        let start = Instant::now();
-                        run();
-                        best = best.min(start.elapsed().as_secs_f64());
-                    }
+                    let best = best_of_5(run);
                     let gflops = 2.0 * (t * rows * cols) as f64 / best / 1e9;
                     line += &if amx || variant == 0 {
                         format!("  {:8.2} ({gflops:6.1} GFLOP/s)", best * 1e3)
@@ -337,4 +314,17 @@ fn f32_on_amx() {
             }
         }
     }
+}
+
+/// Seconds of the fastest of five runs of `run`, after one more to warm up.
+#[cfg(target_arch = "x86_64")]
+fn best_of_5(run: impl Fn()) -> f64 {
+    run();
+    (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            run();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
 }
