@@ -166,13 +166,13 @@ pub unsafe fn chunked(
     ooff: usize,
 ) {
     let simd = ex.simd();
-    ex.with_panels(&mut |sc| {
+    ex.with_panels(&mut |panels| {
         #[cfg(target_arch = "x86_64")]
         if simd.has_avx2() {
-            chunked_avx2(simd, h, t, s, hs, o, ldo, ooff, sc);
+            chunked_avx2(simd, h, t, s, hs, o, ldo, ooff, panels);
             return;
         }
-        chunked_body(simd, h, t, s, hs, o, ldo, ooff, sc)
+        chunked_body(simd, h, t, s, hs, o, ldo, ooff, panels)
     })
 }
 

@@ -415,8 +415,8 @@ impl<'a> Mamba2<'a> {
             // SAFETY: each (group, block) task owns its Q×Q tile.
             let tile = unsafe { cbs.range(task * q * q, q * q) };
             let (cs, bs) = (&u[t0 * cd + di + gn + g * n..], &u[t0 * cd + di + g * n..]);
-            ex.with_panels(&mut |sc| {
-                let _ = gemm_nt(simd, (len, len, n), cs, cd, bs, cd, &mut tile[..], q, false, sc);
+            ex.with_panels(&mut |panels| {
+                let _ = gemm_nt(simd, (len, len, n), cs, cd, bs, cd, &mut tile[..], q, false, panels);
             });
         });
         let cb = &cb[..ng * nb * q * q];
@@ -427,14 +427,14 @@ impl<'a> Mamba2<'a> {
             let s = unsafe { ss.range(hh * p * n, p * n) };
             let hs = unsafe { hss.range(hh * head_scratch(c), head_scratch(c)) };
             let cb = &cb[(hh / hpg) * nb * q * q..];
-            ex.with_panels(&mut |sc| {
+            ex.with_panels(&mut |panels| {
                 #[cfg(target_arch = "x86_64")]
                 if simd.has_avx2() {
                     // SAFETY: the host reported AVX2 and FMA at run time.
-                    unsafe { self.ssd_head_avx2(simd, lw, hh, t, u, dt, s, cb, hs, &ys, sc) };
+                    unsafe { self.ssd_head_avx2(simd, lw, hh, t, u, dt, s, cb, hs, &ys, panels) };
                     return;
                 }
-                self.ssd_head(simd, lw, hh, t, u, dt, s, cb, hs, &ys, sc);
+                self.ssd_head(simd, lw, hh, t, u, dt, s, cb, hs, &ys, panels);
             });
         });
     }

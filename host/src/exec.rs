@@ -13,11 +13,11 @@ pub struct Pool {
 }
 
 /// Stack a call into the core may need below a [`Pool::run`]. The matrix kernels pack their panels
-/// into each thread's heap [`Panels`] ([`with_thread_panels`]), not the stack, so every C ABI call
-/// ran on a 32 KiB thread with this check off (`calls_run_on_a_small_thread_stack`), and the core's
-/// forward alone on 16 KiB; before, the panels (48–96 KiB) made a forward need 100–128 KiB. Twice
-/// the 32 KiB: a thread with less left still runs the call on a fresh [`GROWN_STACK`]-byte stack
-/// rather than risk an overflow.
+/// into each thread's heap [`Panels`] ([`with_thread_panels`]), not the stack, so the core's
+/// forward runs on a 32 KiB thread (`core_forward_on_a_short_stack_packs_into_the_executors_panels`)
+/// and so does every C ABI call (`calls_run_on_a_small_thread_stack`); before, the panels (48–96
+/// KiB) made a forward need 100–128 KiB. Twice those 32 KiB: a thread with less left still runs the
+/// call on a fresh [`GROWN_STACK`]-byte stack rather than risk an overflow.
 pub const KERNEL_STACK: usize = 64 << 10;
 /// Size of the stack [`on_kernel_stack`] maps when the caller's is short (its pages are touched
 /// only as used).

@@ -623,7 +623,8 @@ unsafe fn gemm_on<T: TileUnit>(
         return;
     }
     // In the caller's panels: the packed panels (hi 0, hi 1, lo 0, lo 1; module doc), then two
-    // weight tiles' K tails (16 rows × 32 bf16 each) and the result tiles, those two zeroed.
+    // weight tiles' K tails (16 rows × 32 bf16 each) and the result tiles, those two zeroed so the
+    // arrays below view initialised memory (`Tiles::Skipped` reads the result tiles unstored).
     let packed = panels.as_mut_ptr() as *mut u16;
     let tail = packed.add(4 * PANEL_U16);
     core::ptr::write_bytes(tail, 0, TAIL_U16);

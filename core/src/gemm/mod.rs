@@ -21,7 +21,8 @@
 //! Panels: the x86 kernels pack their panels (widened weight panels, activations split into bf16
 //! in the tiles' VNNI layout) into a caller-provided [`Panels`] of [`PANEL_BYTES`], one per
 //! running task, which [`Exec::with_panels`] hands out: the host's pool gives each worker thread
-//! its own, allocated once, so a forward needs no deep stack (it ran on 16 KiB); the trait's
+//! its own, allocated once, so a forward needs no deep stack (it runs on a 32 KiB thread:
+//! tests/kernels.rs); the trait's
 //! default, which `Serial` keeps, puts it on the calling thread's stack, and an embedder with
 //! short stacks overrides that. The portable path packs nothing.
 use crate::error::Error;
