@@ -15,9 +15,11 @@
 #      and `gemm_sweep amx`: the AMX kernel's plans side by side (one C tile or four per tile-config
 #      block; scalar or AVX-512 packing and adding), GFLOP/s on one thread — the kernel runs
 #      `Plan::BEST` (core/src/gemm/amx.rs), chosen on a CPU without AMX: keep it only if it wins here;
-#      and `gemm_sweep amx-f32`: f32-stored weights on the AVX-512 f32 kernel (what runs them today)
-#      against their bf16 hi + lo split on the tiles, split once (a copy at load) or in each call —
-#      the measurement issue 22 asks for before f32 weights take the tiles (not wired yet);
+#      and `gemm_sweep amx-f32`: f32-stored weights on the AVX-512 f32 kernel (what runs them below
+#      AMX) against their bf16 hi + lo halves on the tiles (what `matmul` runs on the amx level),
+#      made once (as `matmul` keeps them) or in each call; then the same end to end: `stuffed bench`
+#      on the 130m f32 synth under STUFFED_SIMD=amx against avx512bf16, alternating, 3 pairs — if
+#      the tiles lose, turn f32 off them in `split_halves` (core/src/gemm/mod.rs);
 #   5. (`full` only) `tools/bench_cpu_peers.sh` with `STUFFED_SIMD=amx` against llama.cpp (≈ 20–30
 #      minutes, downloads llama.cpp's sdist and a converter venv on the first run).
 # Then: tune the AMX blocking from step 4, make AMX the default where it wins (host/src/exec.rs:
@@ -71,6 +73,15 @@ echo "-- the AMX kernel's plans (on a CPU without AMX: their non-tile work only)
 RAYON_NUM_THREADS=1 "$sweep" amx
 echo "-- f32 weights: the AVX-512 f32 kernel against their bf16 hi + lo split on the tiles, made once or in the call"
 "$sweep" amx-f32
+echo "-- f32 weights end to end (130m f32 synth, 4,096 tokens, 2 threads): amx (halves on the tiles) vs avx512bf16 (AVX-512 f32)"
+cargo build --release -p stuffed --quiet
+for pair in 1 2 3; do
+    for level in amx avx512bf16; do
+        echo "pair $pair, STUFFED_SIMD=$level:"
+        STUFFED_SIMD=$level target/release/stuffed bench --preset 130m --tokens 4k --decode 0 --dtype f32 --threads 2 |
+            grep -E '^(device|tokens|memory)'
+    done
+done
 
 if [[ $mode == full ]]; then
     step 5 "side by side with llama.cpp, STUFFED_SIMD=amx (default and --fast-matmul columns)"

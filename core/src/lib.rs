@@ -79,4 +79,4 @@ pub use error::{Error, Site};
 pub use exec::{Exec, Serial};
 pub use forget::{Forget, Runs};
 pub use model::Recurrent;
-pub use weight::{DType, Data, Weight};
+pub use weight::{DType, Data, SplitHalves, SplitSource, Weight};

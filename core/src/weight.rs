@@ -23,6 +23,28 @@ pub struct Weight<'a> {
     pub data: Data<'a>,
     pub rows: usize,
     pub cols: usize,
+    /// Where f32 data may get its bf16 halves for the AMX tiles ([`SplitSource`]); `None` for
+    /// a plain view. Set by the host on whole stored matrices ([`Weight::with_split`]).
+    pub split: Option<&'a dyn SplitSource>,
+}
+
+/// An f32 matrix as two bf16 matrices of its shape, `w ≈ hi + lo` with |w − hi − lo| ≤ 2⁻¹⁶·|w|
+/// (hi = w rounded to nearest even, lo = the remainder rounded): the AMX tiles multiply bf16
+/// only, and f32 weights there (issue 22: "split them too, once at load or per chunk") run as
+/// `x·hi` (activations split as for bf16 weights) plus `x_hi·lo`.
+#[derive(Clone, Copy, Debug)]
+pub struct SplitHalves<'a> {
+    pub hi: &'a [bf16],
+    pub lo: &'a [bf16],
+}
+
+/// Makes and keeps an f32 weight's [`SplitHalves`] on its first product on the AMX level, so a
+/// model that never runs there pays no memory (the core allocates nothing: the host owns them,
+/// 4 bytes a weight beside the f32 values).
+pub trait SplitSource: Sync + core::fmt::Debug {
+    /// The halves of `w`, the f32 data of the weight this source was attached to (always the
+    /// same data); `None` where they cannot be made, and the product then runs on f32.
+    fn halves(&self, w: &[f32]) -> Option<SplitHalves<'_>>;
 }
 
 /// An element type weights may be stored in.
@@ -68,11 +90,17 @@ pub(crate) use with_slice;
 impl<'a> Weight<'a> {
     /// A `(rows, cols)` view; the data must hold exactly `rows·cols` elements.
     pub fn new(data: Data<'a>, rows: usize, cols: usize) -> Result<Self, Error> {
-        let w = Weight { data, rows, cols };
+        let w = Weight { data, rows, cols, split: None };
         if w.len() != rows * cols {
             return Err(Error::Shape { what: "weight", expected: rows * cols, got: w.len() });
         }
         Ok(w)
+    }
+
+    /// This view with `source` lending its f32 data's bf16 halves to the AMX level (the source
+    /// must belong to this very data: a sub-view of it is a plain [`Weight::new`]).
+    pub fn with_split(self, source: &'a dyn SplitSource) -> Self {
+        Weight { split: Some(source), ..self }
     }
 
     /// An error unless the view is `(rows, cols)`.

@@ -12,14 +12,15 @@
 //! 16 × 16 × 32 tile product (a core issues one `tdpbf16ps` every 16 cycles: ≈ 8 ns at 2 GHz, so
 //! ≈ 4 ns a product on two cores).
 //!
-//! `gemm_sweep amx-f32`: what f32-stored weights would gain on the AMX tiles (issue 22: "split them
-//! too, once at load or per chunk: measure both"). Each f32 weight as bf16 hi + lo (|w − hi − lo| ≤
-//! 2⁻¹⁶·|w|), the product `hi·x` on the AMX kernel (its activation split as usual) plus `lo·x` with
-//! the activations rounded (the dropped `lo·x_lo` is ≤ 2⁻¹⁶ of the product): three `tdpbf16ps` a tile
-//! product. At t = 512, 1 and 2 threads, GFLOP/s of the AVX-512 f32 kernel (what f32 weights run on
-//! today) beside the split made once (the hi and lo copies ready: 4 B a weight beside the f32) and
-//! the split made in the call (each thread converts its weight rows first). First a correctness
-//! check against f64 on the tiles (emulated where the CPU has no AMX, which then times nothing).
+//! `gemm_sweep amx-f32`: what f32-stored weights gain on the AMX tiles (issue 22: "split them too,
+//! once at load or per chunk: measure both"). Each f32 weight as bf16 hi + lo (|w − hi − lo| ≤
+//! 2⁻¹⁶·|w|), `x·hi + x·lo` on the AMX kernel in exact mode (`amx::gemm_split_with`, what `matmul`
+//! runs for f32 weights on the AMX level: four `tdpbf16ps` a tile product). At t = 512, 1 and 2
+//! threads, ms of the AVX-512 f32 kernel (what f32 weights run on below AMX) beside the split made
+//! once (the halves ready, as `matmul` has them after the first product: 4 B a weight beside the
+//! f32) and the split made in the call (each thread converts its weight rows first). First a
+//! correctness check against f64 on the tiles (emulated where the CPU has no AMX, which then times
+//! nothing).
 use half::{bf16, f16};
 use std::time::Instant;
 use stuffed::exec::Pool;
@@ -184,14 +185,14 @@ fn f32_on_amx() {
     #[cfg(target_arch = "x86_64")]
     {
         use stuffed_core::exec::{MatmulMode, Simd};
-        use stuffed_core::gemm::amx::{self, Plan, Tiles};
+        use stuffed_core::gemm::amx::{self, Tiles};
         use stuffed_core::gemm::bf16::split_values;
         if !(is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")) {
             println!("gemm_sweep amx-f32: this CPU has no AVX512-BF16");
             return;
         }
         let amx = stuffed::exec::cpu_simd() == Simd::Amx;
-        // c (t, n) = x (t, k) · (hi + lo)ᵀ: hi in exact mode, lo with rounded activations.
+        // c (t, n) = x (t, k) · (hi + lo)ᵀ in exact mode, as `matmul` runs f32 weights on AMX.
         // SAFETY (callers): x is t × k, hi and lo n × k (row stride ldw), c t × n (row stride ldc).
         #[allow(clippy::too_many_arguments)]
         unsafe fn product(
@@ -205,8 +206,7 @@ fn f32_on_amx() {
             ldc: usize,
         ) {
             stuffed::exec::with_thread_panels(&mut |p| {
-                amx::gemm_with(unit, Plan::BEST, t, n, k, x, k, hi, ldw, c, ldc, false, false, p);
-                amx::gemm_with(unit, Plan::BEST, t, n, k, x, k, lo, ldw, c, ldc, true, true, p);
+                amx::gemm_split_with(unit, t, n, k, x, k, (hi, lo), ldw, c, ldc, false, false, p)
             })
         }
         let split = |w: &[f32], hi: &mut [bf16], lo: &mut [bf16]| {

@@ -118,6 +118,9 @@ pub fn matmul_record() -> serde_json::Value {
     if simd == Simd::Amx && *amx_state() == AmxState::Emulated {
         record["tiles"] = "emulated".into();
     }
+    if simd == Simd::Amx {
+        record["f32_weights"] = "bf16 hi + lo halves".into();
+    }
     record
 }
 

@@ -254,6 +254,17 @@ impl Model {
         })
     }
 
+    /// Bytes of the bf16 halves its f32 matrices have made so far for products on the AMX level
+    /// ([`crate::checkpoint::SplitCell`]; 0 elsewhere).
+    pub fn split_bytes(&self) -> usize {
+        self.checkpoint().split_bytes()
+    }
+
+    /// The most those halves may take (`info` states it).
+    pub fn split_bytes_at_most(&self) -> usize {
+        self.checkpoint().split_bytes_at_most()
+    }
+
     fn checkpoint(&self) -> &Checkpoint {
         self.built.borrow_owner().borrow_owner()
     }
@@ -350,7 +361,14 @@ fn weight<'a>(t: TensorView<'a>, shape: &[usize]) -> Result<Weight<'a>> {
         [n] => (1, *n),
         [r, rest @ ..] => (*r, rest.iter().product()),
     };
-    Ok(Weight::new(data(t)?, rows, cols)?)
+    matrix(t, rows, cols)
+}
+
+/// `t` as a `(rows, cols)` weight; an f32 matrix (more than one row and column) carries its
+/// [`crate::checkpoint::SplitCell`], which makes its bf16 halves only if a product on the AMX level asks.
+fn matrix(t: TensorView<'_>, rows: usize, cols: usize) -> Result<Weight<'_>> {
+    let w = Weight::new(data(t)?, rows, cols)?;
+    Ok(if t.dtype == DType::F32 && rows > 1 && cols > 1 { w.with_split(t.split.lend()) } else { w })
 }
 
 /// A tensor as a `(rows, cols)` weight, checking only its element count (squeezes `[1,1,C]`).
@@ -364,7 +382,7 @@ fn view(t: TensorView<'_>, rows: usize, cols: usize) -> Result<Weight<'_>> {
             rows * cols
         );
     }
-    Ok(Weight::new(data(t)?, rows, cols)?)
+    matrix(t, rows, cols)
 }
 
 /// Parameters and bytes of every stored tensor but those `skip` names (duplicates).

@@ -55,6 +55,14 @@ pub fn run(m: &Model, pool: Pool, ids: &[u32], chunk: usize, splits: &[usize]) -
             break;
         }
     }
+    // On the AMX level, f32 weights multiply as their bf16 halves: a chunk must have made them.
+    if stuffed_core::Exec::simd(&pool) == stuffed_core::exec::Simd::Amx
+        && m.info.weight_dtype == "f32"
+        && chunk > 1
+        && ids.len() > 1
+    {
+        assert!(m.split_bytes() > 0, "f32 weights on the AMX level ran without their bf16 halves");
+    }
     (logits, s.state)
 }
 

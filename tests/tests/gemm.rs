@@ -21,6 +21,8 @@ use stuffed_tests::{kernel_pools, values};
 fn bound(pool: &Pool, dtype: &str) -> f64 {
     match (pool.simd(), pool.matmul_mode(), dtype) {
         (Simd::Avx512Bf16 | Simd::Amx, mode, "bf16") => bf16_bound(mode),
+        // f32 weights as bf16 hi + lo on the tiles: plus the weight's split, |w − hi − lo| ≤ 2⁻¹⁶·|w|.
+        (Simd::Amx, mode, "f32") => bf16_bound(mode) + 2f64.powi(-16),
         _ => 1e-6,
     }
 }
@@ -156,9 +158,14 @@ fn every_kernel_on_the_nasty_shapes() {
             for (s, &(m, n, k)) in shapes.iter().enumerate() {
                 let a = values(m * k, (s * 7 + d) as u64 + 11);
                 let w = Stored::new(&values(n * k, (s * 13 + d) as u64 + 5));
-                let wt = Weight::new(w.data(dtype), n, k).unwrap();
+                // As the host attaches it to a stored matrix: f32 weights on the AMX level
+                // multiply as their bf16 halves, made here by the first product of rows > 1.
+                let cell = stuffed::checkpoint::SplitCell::default();
+                let wt = Weight::new(w.data(dtype), n, k).unwrap().with_split(&cell);
                 let mut out = vec![f32::NAN; m * n];
                 matmul(&pool, &a, m, &wt, &mut out).unwrap();
+                let split = pool.simd() == Simd::Amx && dtype == "f32" && m > 1;
+                assert_eq!(cell.bytes(), if split { n * k * 4 } else { 0 }, "{name} {dtype} ({m}, {n}, {k}): halves");
                 let what = format!("matmul {name} {dtype}");
                 let e = check(&what, (m, n, k), (&a, k), (&w.exact(dtype), k), (&out, n), None, f);
                 worst[d] = worst[d].max(e);
@@ -173,6 +180,10 @@ fn every_kernel_on_the_nasty_shapes() {
         // The bf16 kernel, not the f32 one, ran in fast mode: its activations were rounded.
         if pool.simd().has_avx512bf16() && pool.matmul_mode() == MatmulMode::Fast {
             assert!(worst[1] > 1e-4, "fast mode shows no bf16 rounding ({:.2e}): did a bf16 kernel run?", worst[1]);
+        }
+        // f32 weights went to the tiles on the AMX level: the activations' split shows.
+        if pool.simd() == Simd::Amx {
+            assert!(worst[0] > 1e-6, "f32 weights on the AMX level show no bf16 split ({:.2e})", worst[0]);
         }
         ran.push((pool.simd(), pool.matmul_mode()));
     }
@@ -575,8 +586,8 @@ fn mean_nll(m: &stuffed::model::Model, pool: Pool, ids: &[u32]) -> f64 {
 }
 
 /// Issue 22's bound: the mean NLL over the first 2,048 tokens of *Persuasion* on the shipped models
-/// (as shipped, f32, and a bf16 copy, which the AVX512-BF16 kernel multiplies) within 1e-5 of the
-/// portable path on every exact path. Fast mode's difference is printed (README quotes it), not
+/// (as shipped, f32, which the AMX level multiplies as bf16 halves, and a bf16 copy, which the
+/// AVX512-BF16 and AMX kernels multiply) within 1e-5 of the portable path on every exact path. Fast mode's difference is printed (README quotes it), not
 /// bounded here.
 #[test]
 fn shipped_models_mean_nll_on_every_path_within_1e5_of_portable() {
@@ -592,9 +603,18 @@ fn shipped_models_mean_nll_on_every_path_within_1e5_of_portable() {
         let copy = bf16_copy(&dir);
         for (dtype, path) in [("f32", dir.as_path()), ("bf16", copy.path())] {
             let m = stuffed::model::Model::load(path).unwrap();
+            // f32 matrices lend their cells (`info` states the most the halves may take), which
+            // make nothing until a product on the AMX level asks.
+            let at_most = m.split_bytes_at_most();
+            assert_eq!(at_most > 0, dtype == "f32", "{name} {dtype}: halves at most {at_most} bytes");
+            assert!(at_most <= m.info.weight_bytes, "{name}: {at_most} > the f32 weights' bytes");
             let reference = mean_nll(&m, Pool::serial_portable(), ids);
             for pool in kernel_pools(true).into_iter().skip(1) {
                 let got = mean_nll(&m, pool, ids);
+                if pool.simd() != Simd::Amx {
+                    assert_eq!(m.split_bytes(), 0, "{name} {dtype}: halves made below the AMX level");
+                }
+                assert!(m.split_bytes() <= at_most, "{name}: {} bytes of halves > {at_most}", m.split_bytes());
                 let d = got - reference;
                 let what = format!("{name} {dtype} {}/{}", pool.simd().name(), pool.matmul_mode().name());
                 println!("{what}: mean NLL {got:.7} (portable {reference:.7}, Δ {d:+.2e})");

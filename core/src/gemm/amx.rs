@@ -523,6 +523,35 @@ pub unsafe fn gemm_with(
     }
 }
 
+/// `c (+)= a · (hi + lo)ᵀ` for an f32 weight held as its bf16 halves
+/// ([`crate::weight::SplitHalves`], both with row stride `ldb`): `a·hi`, then `a·lo` added, both
+/// in the call's mode. Four `tdpbf16ps` a tile product exact, two fast; two passes over the
+/// activations (one pass feeding both halves is for the AMX machine to try). Exact mode keeps
+/// `a_lo·lo` (≤ 2⁻¹⁸ of the product): dropped, the tiny gated-DeltaNet goldens' logits moved by
+/// 1.05e-4 (past FORMATS.md §8's 1e-4; with it 5.9e-5, bf16-stored weights 2.9e-5).
+///
+/// # Safety
+/// As [`gemm_with`], for `hi` and `lo` alike.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_split_with(
+    tiles: Tiles,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    (hi, lo): (*const bf16, *const bf16),
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+    fast: bool,
+    panels: &mut Panels,
+) {
+    gemm_with(tiles, Plan::BEST, m, n, k, a, lda, hi, ldb, c, ldc, acc, fast, panels);
+    gemm_with(tiles, Plan::BEST, m, n, k, a, lda, lo, ldb, c, ldc, true, fast, panels);
+}
+
 /// Reads what the tile loads would ([`Tiles::Loads`]) and multiplies nothing.
 struct TouchTiles;
 

@@ -14,7 +14,9 @@
 //!   weights, and the f32 · f32 products of the scans, use the AVX-512 f32 FMA tiles on that level.
 //! - [`amx`]: AMX `tdpbf16ps` tiles for bf16-stored weights and more than one activation row
 //!   ([`Simd::Amx`]; the same [`MatmulMode`] rule; not yet run on an AMX CPU, only through a trap emulator, see its doc); one-row
-//!   products and other dtypes as on [`Simd::Avx512Bf16`].
+//!   products and other dtypes as on [`Simd::Avx512Bf16`], except f32 weights that carry a
+//!   [`crate::weight::SplitSource`] (the host's stored matrices): [`matmul`] multiplies those as their
+//!   bf16 halves ([`amx::gemm_split_with`]).
 //! - (x86-64 only, behind `#[cfg(target_arch = "x86_64")]`, so `no_std` targets such as thumbv7em
 //!   build the portable path alone.)
 //!
@@ -27,7 +29,7 @@
 //! short stacks overrides that. The portable path packs nothing.
 use crate::error::Error;
 use crate::exec::{Exec, MatmulMode, Shared, Simd};
-use crate::weight::{with_slice, Data, Elem, Weight};
+use crate::weight::{with_slice, Data, Elem, SplitHalves, Weight};
 use core::mem::MaybeUninit;
 
 #[cfg(target_arch = "x86_64")]
@@ -93,14 +95,44 @@ pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -
     let tasks = if work < 1 << 16 { 1 } else { (ex.threads() * 4).min(rows.div_ceil(16)).max(1) };
     let per = rows.div_ceil(tasks).next_multiple_of(PANEL_ROWS);
     let (simd, mode) = (ex.simd(), ex.matmul_mode());
+    let halves = split_halves(simd, t, w)?;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = halves;
     let shared = Shared::new(&mut out[..t * rows]);
     let task = |i: usize| {
         let (o0, o1) = (i * per, ((i + 1) * per).min(rows));
         if o0 < o1 {
             ex.with_panels(&mut |panels| {
+                let c = shared.ptr().wrapping_add(o0);
+                #[cfg(target_arch = "x86_64")]
+                if let Some(h) = halves {
+                    let fast = mode == MatmulMode::Fast;
+                    let (hi, lo) = (h.hi[o0 * k..].as_ptr(), h.lo[o0 * k..].as_ptr());
+                    let n = o1 - o0;
+                    // SAFETY: `split_halves` returns halves only on the AMX level (the host granted
+                    // the tiles) and of the weight's length; each task writes only columns o0..o1.
+                    unsafe {
+                        amx::gemm_split_with(
+                            amx::Tiles::Hardware,
+                            t,
+                            n,
+                            k,
+                            x.as_ptr(),
+                            k,
+                            (hi, lo),
+                            k,
+                            c,
+                            rows,
+                            false,
+                            fast,
+                            panels,
+                        )
+                    };
+                    return;
+                }
                 // SAFETY: sizes checked above; each task writes only columns o0..o1 of the output.
                 with_slice!(w.data, s => unsafe {
-                    let (b, c) = (s.as_ptr().add(o0 * k), shared.ptr().add(o0));
+                    let b = s.as_ptr().add(o0 * k);
                     gemm_raw_mode(simd, mode, t, o1 - o0, k, x.as_ptr(), k, b, k, c, rows, false, panels)
                 })
             });
@@ -112,6 +144,22 @@ pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -
         ex.for_each(tasks, &task);
     }
     Ok(())
+}
+
+/// The bf16 halves an f32 `w` lends a product of `t` rows on the AMX level ([`SplitHalves`]:
+/// made by its host on the first such product), or `None`: other levels, one-row products (a token
+/// step streams the f32 weights, as many bytes as the halves), other dtypes, plain views.
+fn split_halves<'a>(simd: Simd, t: usize, w: &Weight<'a>) -> Result<Option<SplitHalves<'a>>, Error> {
+    if let (Simd::Amx, true, Data::F32(v), Some(source)) =
+        (simd, t > 1 && cfg!(target_arch = "x86_64"), w.data, w.split)
+    {
+        if let Some(h) = source.halves(v) {
+            crate::error::need("matmul weight's hi half", h.hi.len(), v.len())?;
+            crate::error::need("matmul weight's lo half", h.lo.len(), v.len())?;
+            return Ok(Some(h));
+        }
+    }
+    Ok(None)
 }
 
 /// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[j·ldb + l]` for `i < m, j < n, l < k`: the one product

@@ -128,6 +128,8 @@ pub struct TensorView<'a> {
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
     pub file: &'a Path,
+    /// Where an f32 tensor keeps its bf16 halves for the AMX level, once a product there asks.
+    pub split: &'a SplitCell,
 }
 
 impl<'a> TensorView<'a> {
@@ -193,6 +195,89 @@ struct Entry {
     shape: Vec<usize>,
     file: usize,
     loc: Loc,
+    split: SplitCell,
+}
+
+/// An f32 tensor's bf16 halves `hi + lo` ([`stuffed_core::SplitHalves`]), made on the first
+/// product of more than one row on the AMX level and kept with the checkpoint: 4 bytes a weight
+/// beside its f32 values, paid only by tensors that run there (issue 22 asks f32 weights on the
+/// tiles to be split "once at load or per chunk"; this is once, at first use — `gemm_sweep amx-f32`
+/// times both). `None` inside when the memory could not be had: the product then runs on f32.
+#[derive(Default)]
+pub struct SplitCell {
+    halves: std::sync::OnceLock<Option<Halves>>,
+    /// Lent to a core weight ([`SplitCell::lend`]): what `info` counts as the most it may take.
+    lent: AtomicBool,
+}
+
+struct Halves {
+    /// The address of the f32 values they were made from: a call with other values gets none.
+    from: usize,
+    hi: Vec<half::bf16>,
+    lo: Vec<half::bf16>,
+}
+
+impl fmt::Debug for SplitCell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SplitCell({} bytes)", self.bytes())
+    }
+}
+
+impl SplitCell {
+    /// This cell as a core weight's [`stuffed_core::SplitSource`], marked as lent.
+    pub fn lend(&self) -> &dyn stuffed_core::SplitSource {
+        self.lent.store(true, Ordering::Relaxed);
+        self
+    }
+
+    /// Bytes of the halves made so far (0 before the first product on the AMX level).
+    pub fn bytes(&self) -> usize {
+        match self.halves.get() {
+            Some(Some(h)) => (h.hi.len() + h.lo.len()) * 2,
+            _ => 0,
+        }
+    }
+}
+
+impl stuffed_core::SplitSource for SplitCell {
+    fn halves(&self, w: &[f32]) -> Option<stuffed_core::SplitHalves<'_>> {
+        let h = self.halves.get_or_init(|| split_halves(w)).as_ref()?;
+        (h.from == w.as_ptr() as usize && h.hi.len() == w.len())
+            .then_some(stuffed_core::SplitHalves { hi: &h.hi, lo: &h.lo })
+    }
+}
+
+/// `w` as bf16 `hi + lo` (round to nearest even, then the remainder rounded), or `None` with a line
+/// on stderr when the allocator refuses the 4 bytes a weight.
+fn split_halves(w: &[f32]) -> Option<Halves> {
+    let mut hi: Vec<half::bf16> = Vec::new();
+    let mut lo: Vec<half::bf16> = Vec::new();
+    if hi.try_reserve_exact(w.len()).is_err() || lo.try_reserve_exact(w.len()).is_err() {
+        eprintln!(
+            "stuffed: no memory for the bf16 halves of an f32 weight ({} MiB): it runs on the f32 kernel",
+            (w.len() * 4) >> 20
+        );
+        return None;
+    }
+    hi.resize(w.len(), half::bf16::ZERO);
+    lo.resize(w.len(), half::bf16::ZERO);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the features were checked; the three slices have one length.
+        unsafe { stuffed_core::gemm::bf16::split_values(w, &mut hi, &mut lo) };
+        return Some(Halves { from: w.as_ptr() as usize, hi, lo });
+    }
+    split_scalar(w, &mut hi, &mut lo);
+    Some(Halves { from: w.as_ptr() as usize, hi, lo })
+}
+
+/// [`stuffed_core::gemm::bf16::split_values`] in scalar code, for a CPU without AVX512-BF16 (where
+/// only a test's executor asks for the AMX level); it keeps denormals, which that reads as zero.
+fn split_scalar(w: &[f32], hi: &mut [half::bf16], lo: &mut [half::bf16]) {
+    for ((&v, h), l) in w.iter().zip(hi).zip(lo) {
+        *h = half::bf16::from_f32(v);
+        *l = if v.is_finite() { half::bf16::from_f32(v - h.to_f32()) } else { half::bf16::ZERO };
+    }
 }
 
 /// Named tensors of one checkpoint (all shards), backed by memory maps.
@@ -264,7 +349,7 @@ impl Checkpoint {
             Loc::Map { start, end } => &self.maps[e.file][start..end],
             Loc::Owned { buf, len } => &bytemuck::cast_slice(&self.owned[buf])[..len],
         };
-        Some(TensorView { name, dtype: e.dtype, shape: &e.shape, bytes, file: &self.files[e.file] })
+        Some(TensorView { name, dtype: e.dtype, shape: &e.shape, bytes, file: &self.files[e.file], split: &e.split })
     }
 
     pub fn require(&self, name: &str) -> Result<TensorView<'_>> {
@@ -274,6 +359,19 @@ impl Checkpoint {
     /// Tensor names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
+    }
+
+    /// Bytes of the bf16 halves made for f32 tensors on the AMX level so far ([`SplitCell`]).
+    pub fn split_bytes(&self) -> usize {
+        self.tensors.values().map(|e| e.split.bytes()).sum()
+    }
+
+    /// The most those halves may take: 4 bytes a weight of every tensor whose cell was lent to a
+    /// model (a lent tensor that no product of rows > 1 reads on the AMX level, such as an untied
+    /// embedding, never makes them).
+    pub fn split_bytes_at_most(&self) -> usize {
+        let numel = |e: &Entry| e.shape.iter().product::<usize>();
+        self.tensors.values().filter(|e| e.split.lent.load(Ordering::Relaxed)).map(|e| numel(e) * 4).sum()
     }
 
     /// Bytes of all tensors (a tied tensor counts once per name).
@@ -325,7 +423,7 @@ impl Checkpoint {
                 self.owned.push(buf);
                 Loc::Owned { buf: self.owned.len() - 1, len: bytes.len() }
             };
-            let entry = Entry { dtype: t.dtype, shape: t.shape, file: file_idx, loc };
+            let entry = Entry { dtype: t.dtype, shape: t.shape, file: file_idx, loc, split: SplitCell::default() };
             self.tensors.insert(t.name, entry);
         }
         self.files.push(path.to_path_buf());
@@ -378,6 +476,40 @@ pub(crate) fn temp_path(tag: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    /// A cell makes the halves of the values it is first asked for, once, within 2⁻¹⁶ of each value;
+    /// hands them out again for the same values only; counts their bytes; the scalar split is the
+    /// AVX-512 one where the CPU has it.
+    #[test]
+    fn split_cell_makes_one_weights_halves_once() {
+        use stuffed_core::SplitSource;
+        let mut w: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 * 1.37e-3 - 0.61).collect();
+        w[3] = f32::INFINITY;
+        w[4] = -1e30;
+        let cell = super::SplitCell::default();
+        assert_eq!(cell.bytes(), 0);
+        let Some(h) = cell.halves(&w) else { panic!("no halves") };
+        for (i, &v) in w.iter().enumerate() {
+            let (hi, lo) = (h.hi[i].to_f32(), h.lo[i].to_f32());
+            if v.is_finite() {
+                assert!((v as f64 - hi as f64 - lo as f64).abs() <= 2f64.powi(-16) * (v as f64).abs(), "{v} at {i}");
+            } else {
+                assert_eq!((hi, lo), (v, 0.0));
+            }
+        }
+        assert_eq!(cell.bytes(), w.len() * 4);
+        let Some(again) = cell.halves(&w) else { panic!("no halves the second time") };
+        assert_eq!((again.hi.as_ptr(), again.lo.as_ptr()), (h.hi.as_ptr(), h.lo.as_ptr()), "made twice");
+        let other = w.clone();
+        assert!(cell.halves(&other).is_none(), "another weight's values got this one's halves");
+        assert!(cell.halves(&w[..999]).is_none(), "a shorter view got the whole weight's halves");
+        let (mut hi, mut lo) = (vec![half::bf16::ZERO; w.len()], vec![half::bf16::ZERO; w.len()]);
+        super::split_scalar(&w, &mut hi, &mut lo);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw") {
+            assert_eq!((&hi[..], &lo[..]), (h.hi, h.lo), "the scalar split is not the AVX-512 one");
+        }
+    }
+
     use super::*;
     use std::collections::HashMap;
 

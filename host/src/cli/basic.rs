@@ -10,9 +10,14 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
     let m = Model::load(path)?;
     let i = &m.info;
     let laws = crate::eval::laws::laws_of(i);
+    // f32 matrices on the AMX level multiply as bf16 halves, made at first use (issue 22).
+    let halves = m.split_bytes_at_most();
     if json {
         let mut v = serde_json::to_value(i)?;
         v["laws"] = serde_json::to_value(&laws)?;
+        if halves > 0 {
+            v["amx_f32_halves_bytes_at_most"] = halves.into();
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
@@ -21,6 +26,13 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
     println!("dimensions   d_model {}, layers {}, {}", i.d_model, i.n_layer, i.layout);
     println!("parameters   {} ({:.1}M)", i.params, i.params as f64 / 1e6);
     println!("weights      {}, {} bytes", i.weight_dtype, i.weight_bytes);
+    if halves > 0 {
+        println!(
+            "             on the AMX kernel (STUFFED_SIMD=amx) its f32 matrices multiply as bf16 hi + lo \
+             halves, made at first use: up to {halves} bytes ({:.1} MiB) more",
+            halves as f64 / (1u64 << 20) as f64
+        );
+    }
     println!(
         "state        {} bytes f32 per sequence; N_S = {} ({:.2}M, as the paper counts)",
         i.state_bytes,
