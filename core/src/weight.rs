@@ -31,7 +31,7 @@ pub struct Weight<'a> {
 /// An f32 matrix as two bf16 matrices of its shape, `w ≈ hi + lo` with |w − hi − lo| ≤ 2⁻¹⁶·|w|
 /// (hi = w rounded to nearest even, lo = the remainder rounded): the AMX tiles multiply bf16
 /// only, and f32 weights there (issue 22: "split them too, once at load or per chunk") run as
-/// `x·hi` (activations split as for bf16 weights) plus `x_hi·lo`.
+/// `x·hi + x·lo`, the activations split (or rounded) as for bf16 weights.
 #[derive(Clone, Copy, Debug)]
 pub struct SplitHalves<'a> {
     pub hi: &'a [bf16],
