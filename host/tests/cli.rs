@@ -712,6 +712,33 @@ fn bench_runs_on_the_cpu() {
     }
 }
 
+/// `stuffed bench`'s stream is one seeded stream whatever the chunk: its mean NLL token by token
+/// (`--chunk 1`) equals the chunked one's (64 tokens a call, and 512), family by family.
+#[test]
+fn bench_streams_the_same_tokens_at_every_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in ["mamba2", "rwkv6", "hgrn2"] {
+        let mean_nll = |chunk: &str| -> f64 {
+            let out = Command::new(env!("CARGO_BIN_EXE_stuffed"))
+                .args(["bench", "--family", family, "--preset", "tiny", "--dtype", "f32", "--tokens", "600"])
+                .args(["--decode", "0", "--threads", "2", "--chunk", chunk])
+                .env("STUFFED_CACHE", dir.path())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{family}: {}", String::from_utf8_lossy(&out.stderr));
+            let at = text.find("mean NLL ").unwrap_or_else(|| panic!("no mean NLL in:\n{text}"));
+            text[at + 9..].split_whitespace().next().unwrap().parse().unwrap()
+        };
+        let one = mean_nll("1");
+        for chunk in ["64", "512"] {
+            let nll = mean_nll(chunk);
+            // Printed to 4 decimals: each side rounds by up to 5e-5.
+            assert!((nll - one).abs() <= 1.5e-4, "{family}: --chunk {chunk} mean NLL {nll}, --chunk 1 {one}");
+        }
+    }
+}
+
 /// A reader that stops early (`stuffed tokenize … | head -c 10`) ends the process as SIGPIPE ends any
 /// Unix tool: no panic message, no exit code 101.
 #[cfg(unix)]

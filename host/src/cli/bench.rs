@@ -23,7 +23,8 @@ pub struct BenchArgs {
     /// Storage type of a synth preset's weights.
     #[arg(long, value_enum, default_value_t = crate::synth::StoreDtype::Bf16)]
     dtype: crate::synth::StoreDtype,
-    /// Tokens to stream (e.g. 1m = 1,048,576, 64k).
+    /// Tokens to stream (e.g. 1m = 1,048,576, 64k): one seeded random stream, the same whatever
+    /// --chunk and --device, so the mean NLL printed compares across them.
     #[arg(long, default_value = "64k", value_parser = crate::text::parse_count)]
     tokens: u64,
     /// Tokens per forward call (default: 65,536 on the GPU, 512 on the CPU).
@@ -53,8 +54,16 @@ pub struct SelftestArgs {
 
 /// Seeded token ids below `real` (SplitMix64).
 pub fn random_ids(n: usize, real: usize, seed: u64) -> Vec<u32> {
-    let mut rng = crate::rng::SplitMix64::new(seed);
-    (0..n).map(|_| rng.below(real) as u32).collect()
+    let mut ids = vec![0; n];
+    fill_ids(&mut crate::rng::SplitMix64::new(seed), real, &mut ids);
+    ids
+}
+
+/// The next `ids.len()` ids of a seeded stream below `real`.
+fn fill_ids(rng: &mut crate::rng::SplitMix64, real: usize, ids: &mut [u32]) {
+    for id in ids {
+        *id = rng.below(real) as u32;
+    }
 }
 
 /// Matmul and SSD FLOPs per token of a Mamba-2 model, LM head included; the SSD counted at the core's
@@ -110,15 +119,20 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let want = a.chunk.unwrap_or(if a.device.device == Device::Cuda { 65536 } else { 512 });
     let mut sc = crate::backend::open(&model, want, real, a.device.device, a.device.gpu()?)?;
     let chunk = sc.chunk();
-    let ids = random_ids(chunk.max(1), real, 1);
+    let mut ids = random_ids(chunk.max(1), real, 1);
     let mut nll = Vec::new();
     // Warm-up: one call (kernels JIT-compiled, cuBLAS heuristics), then the state from zero.
     sc.score(&ids[..chunk.min(ids.len())], &mut nll)?;
     sc.reset()?;
+    // The stream continues from call to call (not one chunk of ids again and again), so its mean
+    // NLL is the same for every chunk size and device: a check of the chunked form against the
+    // token-by-token one (`--chunk 1`) on the user's own model.
+    let mut stream = crate::rng::SplitMix64::new(1);
     let (mut done, mut mem_64k, mut sum) = (0u64, None, 0f64);
     let t0 = Instant::now();
     while done < tokens {
         let n = (tokens - done).min(chunk as u64) as usize;
+        fill_ids(&mut stream, real, &mut ids[..n]);
         sc.score(&ids[..n], &mut nll)?;
         sum += nll.iter().map(|&v| v as f64).sum::<f64>();
         done += n as u64;
