@@ -7,8 +7,10 @@
 //! `y ← y ⊙ silu(z)` (no inner norm), and `x ← x + y·W_outᵀ`. There is no SSD matmul form (A is per
 //! element, not a per-head scalar): both forms run the projections as batched products over the
 //! call's tokens, and the recurrence as a sequential scan over `di·N` independent lanes. The chunked
-//! form scans 16 channels at once per token and lane (vectorised across channels, branch-free exp);
-//! the recurrent form is the literal recurrence, token after token, lane after lane.
+//! form scans 16 channels at once per token and lane (vectorised across channels); the recurrent
+//! form is the literal recurrence, token after token, lane after lane. Both take `exp`, Δ's
+//! softplus and A in the branch-free forms of [`crate::ops`] ([`fast_exp`], ≈ 1 ulp), which
+//! vectorise: `libm` one value at a time held a 130m model's token step at half the read bandwidth.
 //!
 //! Shapes: `d` = d_model, `di` = d_inner, `N` = d_state, `R` = dt_rank, `k` = conv width.
 //! Mamba-1 has no heads: a "head" (the unit of probes, state statistics and state normalization) is
@@ -23,7 +25,9 @@ use crate::exec::{map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{causal_conv_silu, dot, exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus};
+use crate::ops::{
+    causal_conv_silu, dot, exp, fast_exp, fast_silu, fast_softplus, map_in_place, rmsnorm, rmsnorm_inplace,
+};
 use crate::weight::Weight;
 
 /// Channels per parallel task of the scan (the chunked form's vector width across channels).
@@ -173,28 +177,6 @@ fn task_scratch(c: &Config) -> usize {
     2 * TASK_CHANNELS * c.d_state
 }
 
-/// `eˣ` as [`crate::ops::fast_exp`] computes it (same polynomial and range), with the power of two
-/// built from the rounding constant's bits so that a loop of them vectorises whole.
-#[inline(always)]
-fn exp_lanes(x: f32) -> f32 {
-    const LOG2E: f32 = core::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it leaves round(x·log2 e) in the low bits
-    let x = x.clamp(-87.3, 88.7);
-    let k = x * LOG2E + ROUND;
-    let n = k - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(k.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
-}
-
 impl<'a> Mamba1<'a> {
     /// Checks every tensor's shape against the config.
     pub fn new(cfg: Config, w: Weights<'a>) -> Result<Self, Error> {
@@ -319,10 +301,10 @@ impl<'a> Mamba1<'a> {
         let dt = &mut s.dt[..t * di];
         matmul(ex, dtr, t, &lw.dt_proj, dt)?;
         let dt_scale = if let Forget::Dt { c } = self.forget { c } else { 1.0 };
+        let simd = ex.simd();
         map_rows(ex, dt, di, t, &|_, row| {
-            for (ch, v) in row.iter_mut().enumerate() {
-                *v = softplus(*v + lw.dt_bias.get(ch)) * dt_scale;
-            }
+            lw.dt_bias.for_chunks(0, di, |i0, b| row[i0..i0 + b.len()].iter_mut().zip(b).for_each(|(v, bv)| *v += bv));
+            map_in_place(simd, row, |v| fast_softplus(v) * dt_scale);
         });
         if let Forget::Rri { b, .. } = self.forget {
             for row in xdb.chunks_exact_mut(xr_rows) {
@@ -331,7 +313,7 @@ impl<'a> Mamba1<'a> {
         }
         let a = &mut s.a[..di * n];
         lw.a_log.read(0, a);
-        a.iter_mut().for_each(|v| *v = -exp(*v));
+        map_in_place(simd, a, |v| -fast_exp(v));
         if let Some(p) = probe {
             self.probe_sums(t, dt, a, p);
         }
@@ -369,27 +351,53 @@ impl<'a> Mamba1<'a> {
     /// `S[c,n] ← exp(Δ_c·A_{c,n})·S[c,n] + Δ_c·B_n·u_c;  y_c = Σ_n S[c,n]·C_n + D_c·u_c`.
     fn scan_recurrent(&self, ex: &dyn Exec, io: &ScanIo, ssm: &mut [f32], y: &mut [f32]) {
         let c = &self.cfg;
-        let (di, n, r, xr) = (c.d_inner, c.d_state, c.dt_rank, c.x_proj_rows());
-        let (ys, ss, la) = (Shared::new(y), Shared::new(ssm), self.log_a());
+        let (di, n) = (c.d_inner, c.d_state);
+        let (ys, ss) = (Shared::new(y), Shared::new(ssm));
+        let simd = ex.simd();
         ex.for_each(di.div_ceil(TASK_CHANNELS), &|task| {
             let c0 = task * TASK_CHANNELS;
             let cn = TASK_CHANNELS.min(di - c0);
             // SAFETY: task owns channels c0..c0+cn of the state and of every row of y.
             let s = unsafe { ss.range(c0 * n, cn * n) };
-            for tt in 0..io.t {
-                let row = &io.xdb[tt * xr..(tt + 1) * xr];
-                let (b, cc) = (&row[r..r + n], &row[r + n..r + 2 * n]);
-                let yr = unsafe { ys.range(tt * di + c0, cn) };
-                for (i, sc) in s.chunks_exact_mut(n).enumerate() {
-                    let ch = c0 + i;
-                    let (dl, uv) = (io.dt[tt * di + ch], io.u[tt * di + ch]);
-                    for ((sv, &av), &bv) in sc.iter_mut().zip(&io.a[ch * n..(ch + 1) * n]).zip(b) {
-                        *sv = exp(dl * av + la) * *sv + dl * bv * uv;
-                    }
-                    yr[i] = dot(sc, cc) + io.lw.d.get(ch) * uv;
-                }
+            #[cfg(target_arch = "x86_64")]
+            if simd.has_avx2() {
+                // SAFETY: the host reported AVX2 and FMA at run time.
+                unsafe { self.recurrent_task_avx2(io, c0, s, &ys) };
+                return;
             }
+            let _ = simd;
+            self.recurrent_task(io, c0, s, &ys);
         });
+    }
+
+    /// [`Self::recurrent_task`] compiled for AVX2 + FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn recurrent_task_avx2(&self, io: &ScanIo, c0: usize, s: &mut [f32], ys: &Shared) {
+        self.recurrent_task(io, c0, s, ys)
+    }
+
+    /// Channels `c0..` (their state `s (cn, N)`) over the call's tokens, one channel's N lanes at a
+    /// time, in the literal order.
+    #[inline(always)]
+    fn recurrent_task(&self, io: &ScanIo, c0: usize, s: &mut [f32], ys: &Shared) {
+        let c = &self.cfg;
+        let (di, n, r, xr) = (c.d_inner, c.d_state, c.dt_rank, c.x_proj_rows());
+        let (cn, la) = (s.len() / n, self.log_a());
+        for tt in 0..io.t {
+            let row = &io.xdb[tt * xr..(tt + 1) * xr];
+            let (b, cc) = (&row[r..r + n], &row[r + n..r + 2 * n]);
+            // SAFETY: this task alone writes channels c0..c0+cn of row tt.
+            let yr = unsafe { ys.range(tt * di + c0, cn) };
+            for (i, sc) in s.chunks_exact_mut(n).enumerate() {
+                let ch = c0 + i;
+                let (dl, uv) = (io.dt[tt * di + ch], io.u[tt * di + ch]);
+                for ((sv, &av), &bv) in sc.iter_mut().zip(&io.a[ch * n..(ch + 1) * n]).zip(b) {
+                    *sv = fast_exp(dl * av + la) * *sv + dl * bv * uv;
+                }
+                yr[i] = dot(sc, cc) + io.lw.d.get(ch) * uv;
+            }
+        }
     }
 
     /// The same scan vectorised across channels: each task moves its [`TASK_CHANNELS`] channels'
@@ -408,6 +416,12 @@ impl<'a> Mamba1<'a> {
             let s = unsafe { ss.range(c0 * n, cn * n) };
             let buf = unsafe { tss.range(task * tsl, tsl) };
             #[cfg(target_arch = "x86_64")]
+            if simd.has_avx512() {
+                // SAFETY: the host reported AVX-512 at run time.
+                unsafe { self.scan_task_avx512(io, c0, s, buf, &ys) };
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
             if simd.has_avx2() {
                 // SAFETY: the host reported AVX2 and FMA at run time.
                 unsafe { self.scan_task_avx2(io, c0, s, buf, &ys) };
@@ -416,6 +430,13 @@ impl<'a> Mamba1<'a> {
             let _ = simd;
             self.scan_task(io, c0, s, buf, &ys);
         });
+    }
+
+    /// [`Self::scan_task`] compiled for AVX-512: one 16-lane vector holds a task's channels.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn scan_task_avx512(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
+        self.scan_task(io, c0, s, buf, ys)
     }
 
     /// [`Self::scan_task`] compiled for AVX2 + FMA.
@@ -455,7 +476,7 @@ impl<'a> Mamba1<'a> {
                 let (bn, cv) = (xd[nn], xd[n + nn]);
                 let (sr, ar) = (&mut st[nn * TC..(nn + 1) * TC], &at[nn * TC..(nn + 1) * TC]);
                 for ((sv, yv), ((&av, &dlv), &duv)) in sr.iter_mut().zip(&mut y).zip(ar.iter().zip(&dl).zip(&du)) {
-                    *sv = exp_lanes(dlv * av + la) * *sv + duv * bn;
+                    *sv = fast_exp(dlv * av + la) * *sv + duv * bn;
                     *yv += *sv * cv;
                 }
             }
