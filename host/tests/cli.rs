@@ -59,6 +59,17 @@ fn bad_inputs_exit_nonzero_with_one_line() {
         assert_eq!((code, err.lines().count()), (2, 1), "{args:?}: {err}");
         assert!(err.starts_with("stuffed: error: invalid value ") && err.contains(flag), "{err}");
     }
+    // A missing argument: the one line names it (clap lists them on the lines below its first).
+    for (args, missing) in [
+        (vec!["passkey"], "not provided: --model <MODEL>"),
+        (vec!["logits", "--model", &m], "not provided: --ids <IDS>, --out <OUT>"),
+        (vec!["info"], "not provided: --model <MODEL>"),
+    ] {
+        let (code, _, err) = stuffed(&args);
+        assert_eq!((code, err.lines().count()), (2, 1), "{args:?}: {err}");
+        assert!(err.starts_with("stuffed: error: the following required arguments were not provided"), "{err}");
+        assert!(err.contains(missing), "{args:?}: {err}");
+    }
 }
 
 #[test]

@@ -290,11 +290,19 @@ pub fn parse_from<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone
     Cli::try_parse_from(args).map_err(|e| anyhow::anyhow!(one_line(&e)))
 }
 
-/// A clap error as one line (`invalid value 'x' for '--shard <SHARD>': --shard takes k/n, …`).
+/// A clap error as one line (`invalid value 'x' for '--shard <SHARD>': --shard takes k/n, …`): its
+/// first line, with the indented lines right under it that it introduces (`the following required
+/// arguments were not provided: --model <MODEL>, --out <OUT>`), without the tips and usage after.
 pub fn one_line(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
-    first.trim_start_matches("error: ").trim().to_string()
+    let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+    let first = lines.next().unwrap_or_default().trim_start_matches("error: ").trim();
+    let listed: Vec<&str> =
+        lines.take_while(|l| l.starts_with(char::is_whitespace) && !l.trim().is_empty()).map(str::trim).collect();
+    match listed.is_empty() {
+        true => first.to_string(),
+        false => format!("{first} {}", listed.join(", ")),
+    }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
