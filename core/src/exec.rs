@@ -224,6 +224,17 @@ impl Exec for Reversed {
     }
 }
 
+/// The levels a core unit test compares: portable, and AVX2 + FMA where this CPU has them.
+#[cfg(test)]
+pub(crate) fn portable_and_avx2() -> impl Iterator<Item = Simd> {
+    extern crate std;
+    #[cfg(target_arch = "x86_64")]
+    let avx = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx = false;
+    [Simd::Portable, Simd::Avx2].into_iter().filter(move |s| avx || *s == Simd::Portable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

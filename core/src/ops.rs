@@ -345,7 +345,6 @@ unsafe fn transpose_avx(src: *const f32, lds: usize, rows: usize, cols: usize, d
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use crate::exec::Simd;
     use std::vec::Vec;
 
     /// Distance in representable f32 values (both finite, same sign or zero).
@@ -360,12 +359,8 @@ mod tests {
     /// result (libm's `log1pf(expf(x))` is itself ~1 ulp off), and NaN stays NaN.
     #[test]
     fn fast_softplus_and_exp_stay_within_a_few_ulp() {
-        #[cfg(target_arch = "x86_64")]
-        let avx = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx = false;
         let xs: Vec<f32> = (-400_000..=400_000).map(|i| i as f32 * 1e-4).chain([-80.0, 60.0, f32::NAN]).collect();
-        for simd in [Simd::Portable, Simd::Avx2].into_iter().filter(|s| avx || *s == Simd::Portable) {
+        for simd in crate::exec::portable_and_avx2() {
             let mut sp = xs.clone();
             super::map_in_place(simd, &mut sp, super::fast_softplus);
             let mut ex = xs.clone();
@@ -389,11 +384,7 @@ mod tests {
     /// once where it belongs and nothing outside the destination's rectangle is written.
     #[test]
     fn transpose_moves_each_element_once() {
-        #[cfg(target_arch = "x86_64")]
-        let avx = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx = false;
-        for simd in [Simd::Portable, Simd::Avx2].into_iter().filter(|s| avx || *s == Simd::Portable) {
+        for simd in crate::exec::portable_and_avx2() {
             for rows in [1, 7, 8, 9, 16, 17, 64] {
                 for cols in [1, 3, 8, 15, 16, 64, 130] {
                     let (lds, ldd) = (cols + 3, rows + 5);

@@ -908,10 +908,6 @@ mod tests {
     /// column count no task split divides, the matrix at an offset in its tensor.
     #[test]
     fn one_token_lora_product_is_the_blocked_products_row() {
-        #[cfg(target_arch = "x86_64")]
-        let avx = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx = false;
         let (rows, cols, off) = (40, 1003, 77);
         assert!(rows * cols >= super::ONE_TOKEN_SPLIT);
         let vals: Vec<f32> = (0..off + rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
@@ -922,7 +918,7 @@ mod tests {
             let Ok(w) = Weight::new(data, 1, off + rows * cols) else { panic!("weight view") };
             let want: Vec<f32> =
                 (0..cols).map(|j| (0..rows).fold(0f32, |s, i| s + x[i] * w.get(off + i * cols + j))).collect();
-            for simd in [Simd::Portable, Simd::Avx2].into_iter().filter(|s| avx || *s == Simd::Portable) {
+            for simd in crate::exec::portable_and_avx2() {
                 for threads in [1, 2, 3, 7] {
                     let ex = Split(threads, simd);
                     let ldo = cols + 5;
