@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""CPU throughput baseline: HF transformers Mamba2ForCausalLM full-sequence forward (pure-torch path).
+"""CPU throughput baseline: HF transformers full-sequence forward (pure-torch path): Mamba2ForCausalLM
+for the built-in cases, any causal LM (AutoModelForCausalLM: Mamba-1's MambaForCausalLM, …) by --model.
 
 Times `model(ids, use_cache=False).logits` (all T positions, f32, torch.no_grad, batch 1) and prints
 one JSON line per case with tokens/s (best of --repeats after --warmup untimed runs), plus the
@@ -10,7 +11,8 @@ Cases:
          chunk 16), random init, T = --tiny-tokens (4096)
   130m   Mamba-2 130m shapes (d 768, L 24, head_dim 64 (H 24), d_state 128, n_groups 1, expand 2,
          conv 4, chunk 256, vocab 50288 tied), random init, T = --tokens (1024)
-  --model DIR  instead: load an existing HF Mamba-2 directory (f32), T = --tokens
+  --model DIR  instead: load an existing HF directory of any causal LM (f32), T = --tokens
+               (`stuffed synth --family mamba1 --preset 130m --dtype f32` writes HF names and config)
 
 Run in a venv without mamba_ssm/causal_conv1d (otherwise transformers picks their GPU kernels):
 
@@ -80,14 +82,14 @@ def main():
     ap.add_argument("--tokens", type=int, default=1024, help="sequence length for 130m / --model")
     ap.add_argument("--tiny-tokens", type=int, default=4096, help="sequence length for the tiny case")
     ap.add_argument("--cases", default="tiny,130m", help="comma list of tiny,130m (ignored with --model)")
-    ap.add_argument("--model", help="load this HF Mamba-2 directory instead of the built-in cases")
+    ap.add_argument("--model", help="load this HF causal-LM directory instead of the built-in cases")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.model:
-        model = Mamba2ForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         bench(os.path.basename(os.path.normpath(args.model)), model, args.tokens, args.warmup, args.repeats,
               args.threads)
         return
