@@ -31,7 +31,7 @@ use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::gla_lm::{short_conv, Mlp, MlpScratch, MAX_CONV};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu, softplus};
+use crate::ops::{exp, fast_silu, rmsnorm, rmsnorm_inplace, silu, softplus, zip_in_place};
 use crate::weight::Weight;
 
 /// The largest key head the scan's stack buffers hold.
@@ -402,11 +402,12 @@ impl<'a> DeltaNet<'a> {
         });
         if let Some(wg) = &lw.wg {
             matmul(ex, h, t, wg, g)?;
-            let act: fn(f32) -> f32 = if c.output_gate == OutputGate::Sigmoid { sigmoid } else { silu };
-            let g: &[f32] = g;
+            let (g, simd, sigmoid_gate): (&[f32], _, _) = (g, ex.simd(), c.output_gate == OutputGate::Sigmoid);
             map_rows(ex, o, vd, t, &|tt, row| {
-                for (ov, gv) in row.iter_mut().zip(&g[tt * vd..(tt + 1) * vd]) {
-                    *ov *= act(*gv);
+                let g = &g[tt * vd..(tt + 1) * vd];
+                match sigmoid_gate {
+                    true => zip_in_place(simd, row, g, |o, g| o * sigmoid(g)),
+                    false => zip_in_place(simd, row, g, |o, g| o * fast_silu(g)),
                 }
             });
         }

@@ -20,7 +20,7 @@ use crate::gemm::matmul;
 use crate::gla::{self, Mode};
 use crate::gla_lm::{Mlp, MlpScratch};
 use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{exp, rmsnorm, rmsnorm_inplace, silu};
+use crate::ops::{exp, fast_silu, map_in_place, rmsnorm, rmsnorm_inplace};
 use crate::weight::Weight;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -191,7 +191,8 @@ impl<'a> Hgrn2<'a> {
         matmul(ex, h, t, &lw.wf, f)?;
         matmul(ex, h, t, &lw.wi, iv)?;
         let scale = 1.0 / libm::sqrtf(e as f32);
-        map_rows(ex, q, d, t, &|_, row| row.iter_mut().for_each(|v| *v = silu(*v) * scale));
+        let simd = ex.simd();
+        map_rows(ex, q, d, t, &|_, row| map_in_place(simd, row, |v| fast_silu(v) * scale));
         // f → log forget gate g (in place); k = 1 − exp(g) into h (no longer needed).
         let (rri, dtc) = match self.forget {
             Forget::Rri { a, b } => ((libm::logf(a), b), 1.0),
