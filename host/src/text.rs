@@ -32,6 +32,12 @@ pub fn parse_count(s: &str) -> Result<u64> {
     Ok(v as u64)
 }
 
+/// A `--chunk` (tokens per forward call): a [`parse_count`] (512, 1k; 1 runs token by token), so 0
+/// is refused where it is typed rather than taken as 1 by one command and refused by another.
+pub fn parse_chunk(s: &str) -> Result<usize> {
+    Ok(usize::try_from(parse_count(s)?)?)
+}
+
 /// Bytes read from a file per step.
 const BLOCK: usize = 1 << 16;
 

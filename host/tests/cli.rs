@@ -54,6 +54,11 @@ fn bad_inputs_exit_nonzero_with_one_line() {
         (vec!["ppl", "--model", &m, "--forget", "bogus"], "'bogus' for '--forget"),
         (vec!["passkey", "--model", &m, "--lengths", "1k..x"], "'1k..x' for '--lengths"),
         (vec!["ppl", "--model", &m, "--chunk", "x"], "'x' for '--chunk"),
+        // 0 tokens a call: `bench` took it as 1 and `probe` ran on, where the others refused it.
+        (vec!["bench", "--model", &m, "--chunk", "0"], "'0' for '--chunk"),
+        (vec!["probe", "--model", &m, "--newlines", "--chunk", "0"], "'0' for '--chunk"),
+        (vec!["logits", "--model", &m, "--ids", "i", "--out", "o", "--chunk", "0"], "'0' for '--chunk"),
+        (vec!["selftest", "--model", &m, "--chunk", "0"], "'0' for '--chunk"),
     ] {
         let (code, _, err) = stuffed(&args);
         assert_eq!((code, err.lines().count()), (2, 1), "{args:?}: {err}");

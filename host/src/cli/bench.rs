@@ -28,7 +28,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "64k", value_parser = crate::text::parse_count)]
     tokens: u64,
     /// Tokens per forward call (default: 65,536 on the GPU, 512 on the CPU).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::text::parse_chunk)]
     chunk: Option<usize>,
     /// Greedy decode steps to time (ms/token).
     #[arg(long, default_value_t = 64)]
@@ -46,7 +46,7 @@ pub struct SelftestArgs {
     #[arg(long, default_value_t = 1000)]
     tokens: usize,
     /// Tokens per call: an odd size exercises partial SSD blocks and the carried state.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = crate::text::parse_chunk)]
     chunk: usize,
     #[command(flatten)]
     device: super::DeviceArgs,

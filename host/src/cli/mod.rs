@@ -199,7 +199,7 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
         /// Tokens per forward call; 1 runs token by token.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = crate::text::parse_chunk)]
         chunk: usize,
         #[command(flatten)]
         device: DeviceArgs,

@@ -52,7 +52,7 @@ pub struct PasskeyArgs {
     #[arg(long, value_parser = super::values::shard)]
     shard: Option<super::values::Shard>,
     /// Tokens per forward call.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::text::parse_chunk)]
     chunk: usize,
     /// Tokenizer (a tokenizer.json or an RWKV World vocab .txt). Default: the model directory's
     /// tokenizer.json, or the shipped one of its family.

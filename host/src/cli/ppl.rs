@@ -55,7 +55,7 @@ pub struct PplArgs {
     #[arg(long, value_parser = crate::text::parse_count)]
     stop_after: Option<u64>,
     /// Tokens per forward call (1 = token by token).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::text::parse_chunk)]
     chunk: usize,
     /// Tokenizer (a tokenizer.json or an RWKV World vocab .txt). Default: the model directory's
     /// tokenizer.json, or the shipped one of its family.

@@ -41,7 +41,7 @@ pub struct ProbeArgs {
     #[arg(long, default_value = "probe-out")]
     out: PathBuf,
     /// Tokens per forward call (statistics are taken every K tokens regardless).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::text::parse_chunk)]
     chunk: usize,
     /// Tokenizer (a tokenizer.json or an RWKV World vocab .txt). Default: the model directory's
     /// tokenizer.json, or the shipped one of its family.
