@@ -90,7 +90,7 @@ def test_ppl_equals_cli(tmp_path):
     cli_loss = (tmp_path / "cli" / "loss.csv").read_text().splitlines()
     assert r["loss"]["mean_nll"].tolist() == [float(l.split(",")[6]) for l in cli_loss[1:]]
     # Options are the CLI's, checked by it.
-    with pytest.raises(RuntimeError, match="--chunk must be positive"):
+    with pytest.raises(RuntimeError, match="'0' for '--chunk .*from 1 up"):
         stuffed.ppl(PAIR[0], text=NOVEL, chunk=0)
 
 
