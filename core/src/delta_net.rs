@@ -30,9 +30,13 @@ use crate::exec::{add_rows, map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
 use crate::gla_lm::{short_conv, Mlp, MlpScratch, MAX_CONV};
+#[cfg(target_arch = "x86_64")]
+use crate::lanes::{self, each_chunk, Lanes};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, fast_silu, rmsnorm, rmsnorm_inplace, silu, softplus, zip_in_place};
 use crate::weight::Weight;
+#[cfg(target_arch = "x86_64")]
+use core::ops::Range;
 
 /// The largest key head the scan's stack buffers hold.
 pub const MAX_HEAD_K: usize = 1024;
@@ -364,10 +368,12 @@ impl<'a> DeltaNet<'a> {
                 pb.iter_mut().zip(br).for_each(|(p, x)| *p += x);
             }
         }
+        // The decays α = exp(log α), in place (log α is not read again).
+        lg.iter_mut().for_each(|x| *x = exp(*x));
         {
             let os = Shared::new(o);
             let ss = Shared::new(sm);
-            let (qr, kr, vr, br, gr) = (&*q, &*k, &*v, &*beta, &*lg);
+            let (qr, kr, vr, br, ar) = (&*q, &*k, &*v, &*beta, &*lg);
             let stag = window.map(|w| (w.at, Shared::new(w.cache)));
             let simd = ex.simd();
             let hl = dv * dk;
@@ -377,7 +383,7 @@ impl<'a> DeltaNet<'a> {
                     k: kr,
                     v: vr,
                     beta: br,
-                    lg: gr,
+                    alpha: ar,
                     ldk: kd,
                     ldv: vd,
                     nhv,
@@ -419,13 +425,13 @@ impl<'a> DeltaNet<'a> {
 }
 
 /// One value head's per-token inputs: q̂ and k̂ rows `ldk` apart (the head's key head at `koff`),
-/// v rows `ldv` apart at `voff`, β and log α rows `nhv` apart at `head`.
+/// v rows `ldv` apart at `voff`, β and α rows `nhv` apart at `head`.
 struct Inputs<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
     beta: &'a [f32],
-    lg: &'a [f32],
+    alpha: &'a [f32],
     ldk: usize,
     ldv: usize,
     nhv: usize,
@@ -470,14 +476,20 @@ fn update(s: &mut [f32], alpha: f32, beta: f32, k: &[f32], v: &[f32], mut q: Opt
 /// (stride `ldv`, at `voff`). With a second state (two staggered states, FAMILIES.md §9.3), both
 /// take every token, the read-out uses `sa`, and after each token that completes a multiple of `r`
 /// tokens `sa ← sb`, `sb ← 0`: the read-out at stream position p (0-based) then holds the tokens
-/// from `max(0, r·⌊p/r⌋ − r)` to p. Compiled for AVX2 + FMA where `simd` has them.
+/// from `max(0, r·⌊p/r⌋ − r)` to p. One state on an AVX2 or AVX-512 CPU takes [`crate::lanes`]' kernel;
+/// two take the loop below, compiled for AVX2 + FMA where `simd` has them, as does the portable level.
 ///
 /// # Safety
 /// `o` rows `0..t` at `voff..voff+V` must be written by no one else.
 unsafe fn scan(simd: Simd, x: &Inputs, t: usize, sa: &mut [f32], sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
     #[cfg(target_arch = "x86_64")]
-    if simd.has_avx2() {
-        return scan_avx2(x, t, sa, sb, o);
+    {
+        match sb {
+            None if simd.has_avx512() => return lanes::scan_avx512(x, t, sa, o),
+            None if simd.has_avx2() => return lanes::scan_avx2(x, t, sa, o),
+            _ if simd.has_avx2() => return scan_avx2(x, t, sa, sb, o),
+            _ => {}
+        }
     }
     let _ = simd;
     scan_body(x, t, sa, sb, o)
@@ -495,7 +507,7 @@ unsafe fn scan_body(x: &Inputs, t: usize, sa: &mut [f32], mut sb: Option<(Window
     for tt in 0..t {
         let (ka, va, ga) = (tt * x.ldk + x.koff, tt * x.ldv + x.voff, tt * x.nhv + x.head);
         let (q, k, v) = (&x.q[ka..ka + dk], &x.k[ka..ka + dk], &x.v[va..va + dv]);
-        let (alpha, beta) = (exp(x.lg[ga]), x.beta[ga]);
+        let (alpha, beta) = (x.alpha[ga], x.beta[ga]);
         let y = o.range(va, dv);
         update(sa, alpha, beta, k, v, Some((q, y)));
         if let Some((win, s2)) = &mut sb {
@@ -503,6 +515,61 @@ unsafe fn scan_body(x: &Inputs, t: usize, sa: &mut [f32], mut sb: Option<(Window
             if (win.pos0 + tt + 1).is_multiple_of(win.r) {
                 sa.copy_from_slice(s2);
                 s2.fill(0.0);
+            }
+        }
+    }
+}
+
+/// The scan of one state on AVX-512 or AVX2 ([`crate::lanes`]: blocks of four rows through 16
+/// tokens; 16 or 8 lanes, FMA). Each row's update is the loop's (`u = β·(v_i − α·(s_i·k̂))`,
+/// `s_i ← α·s_i + u·k̂`, `y_i = s_i·q̂`) with other rounding: the sums in another order and
+/// `α·s_i + (u·k̂)` fused.
+#[cfg(target_arch = "x86_64")]
+impl crate::lanes::RowBlock for Inputs<'_> {
+    fn n_rows(&self) -> usize {
+        self.dv
+    }
+
+    #[inline(always)]
+    unsafe fn rows<L: Lanes, const R: usize>(&self, tokens: Range<usize>, s: &mut [f32], i0: usize, o: &Shared) {
+        let (x, dk) = (self, self.dk);
+        let sp = s[i0 * dk..(i0 + R) * dk].as_mut_ptr();
+        for tt in tokens {
+            let ka = tt * x.ldk + x.koff;
+            let (kp, qp) = (x.k[ka..ka + dk].as_ptr(), x.q[ka..ka + dk].as_ptr());
+            let ga = tt * x.nhv + x.head;
+            let (alpha, beta) = (x.alpha[ga], x.beta[ga]);
+            let va = tt * x.ldv + x.voff + i0;
+            let v = &x.v[va..va + R];
+
+            // s_r·k̂, in two chains a row (even and odd chunks).
+            let (mut a0, mut a1) = ([L::zero(); R], [L::zero(); R]);
+            each_chunk!(L, dk, |c, m, second| {
+                let kv = L::load(m, kp.add(c));
+                let a = if second { &mut a1 } else { &mut a0 };
+                for (r, a) in a.iter_mut().enumerate() {
+                    *a = L::load(m, sp.add(r * dk + c)).mul_add(kv, *a);
+                }
+            });
+            let u: [L; R] = core::array::from_fn(|r| L::splat(beta * (v[r] - alpha * a0[r].add(a1[r]).sum())));
+
+            // s_r ← α·s_r + u_r·k̂, and s_r·q̂.
+            let av = L::splat(alpha);
+            let (mut a0, mut a1) = ([L::zero(); R], [L::zero(); R]);
+            each_chunk!(L, dk, |c, m, second| {
+                let kv = L::load(m, kp.add(c));
+                let qv = L::load(m, qp.add(c));
+                let a = if second { &mut a1 } else { &mut a0 };
+                for r in 0..R {
+                    let p = sp.add(r * dk + c);
+                    let new = av.mul_add(L::load(m, p), u[r].mul(kv));
+                    new.store(m, p);
+                    a[r] = new.mul_add(qv, a[r]);
+                }
+            });
+            let y = o.range(va, R);
+            for r in 0..R {
+                y[r] = a0[r].add(a1[r]).sum();
             }
         }
     }
@@ -656,45 +723,63 @@ mod tests {
     }
 
     /// The scan against the delta rule written out with the whole matrix:
-    /// `S ← α(I − β k̂k̂ᵀ)`-style update `S = α S + β (v − α S k̂) k̂ᵀ`, `o = S q̂`, in f64.
+    /// `S ← α(I − β k̂k̂ᵀ)`-style update `S = α S + β (v − α S k̂) k̂ᵀ`, `o = S q̂`, in f64; on every
+    /// level the CPU has (AVX-512 takes its own kernel), with key heads of one partial chunk, of
+    /// whole chunks and of both (K = 5, 64, 37), value heads of a whole row block, a tail, and both,
+    /// and more tokens than one token block.
     #[test]
-    fn scan_is_the_gated_delta_rule() {
-        let (q, k, v, b, g) = inputs();
-        let ins = Inputs {
-            q: &q,
-            k: &k,
-            v: &v,
-            beta: &b,
-            lg: &g,
-            ldk: K,
-            ldv: V,
-            nhv: 1,
-            koff: 0,
-            voff: 0,
-            head: 0,
-            dk: K,
-            dv: V,
-        };
-        let mut out = [0f32; T * V];
-        let mut s = [0f32; V * K];
-        let os = Shared::new(&mut out);
-        unsafe { scan(Simd::Portable, &ins, T, &mut s, None, &os) };
-        let mut m = [[0f64; K]; V];
-        for tt in 0..T {
-            let a = (g[tt] as f64).exp();
-            for i in 0..V {
-                let sk: f64 = (0..K).map(|j| m[i][j] * k[tt * K + j] as f64).sum();
-                let u = b[tt] as f64 * (v[tt * V + i] as f64 - a * sk);
-                for j in 0..K {
-                    m[i][j] = a * m[i][j] + u * k[tt * K + j] as f64;
+    fn scan_is_the_gated_delta_rule_on_every_level() {
+        extern crate std;
+        use std::vec;
+        for simd in crate::exec::up_to_avx512() {
+            for (t, dk, dv) in [(T, K, V), (40, 37, 9), (20, 64, 8)] {
+                let mut seed = 4242u32;
+                let mut rnd = || {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    ((seed >> 8) as f32 / (1u32 << 24) as f32) - 0.5
+                };
+                let (mut q, mut k, mut v) = (vec![0f32; t * dk], vec![0f32; t * dk], vec![0f32; t * dv]);
+                q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()).for_each(|x| *x = rnd());
+                l2_heads(&mut k, dk, 1.0);
+                let b: std::vec::Vec<f32> = (0..t).map(|_| 1.0 + 1.9 * rnd()).collect();
+                let g: std::vec::Vec<f32> = (0..t).map(|_| -0.3 * (rnd() + 0.5)).collect();
+                let alpha: std::vec::Vec<f32> = g.iter().map(|&g| exp(g)).collect();
+                let ins = Inputs {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    beta: &b,
+                    alpha: &alpha,
+                    ldk: dk,
+                    ldv: dv,
+                    nhv: 1,
+                    koff: 0,
+                    voff: 0,
+                    head: 0,
+                    dk,
+                    dv,
+                };
+                let mut out = vec![0f32; t * dv];
+                let mut s = vec![0f32; dv * dk];
+                let os = Shared::new(&mut out);
+                unsafe { scan(simd, &ins, t, &mut s, None, &os) };
+                let mut m = vec![0f64; dv * dk];
+                for tt in 0..t {
+                    let a = (g[tt] as f64).exp();
+                    let kt = &k[tt * dk..(tt + 1) * dk];
+                    for i in 0..dv {
+                        let row = &mut m[i * dk..(i + 1) * dk];
+                        let sk: f64 = row.iter().zip(kt).map(|(m, k)| m * *k as f64).sum();
+                        let u = b[tt] as f64 * (v[tt * dv + i] as f64 - a * sk);
+                        row.iter_mut().zip(kt).for_each(|(m, k)| *m = a * *m + u * *k as f64);
+                        let y: f64 = row.iter().zip(&q[tt * dk..(tt + 1) * dk]).map(|(m, q)| m * *q as f64).sum();
+                        let got = out[tt * dv + i] as f64;
+                        assert!((got - y).abs() < 1e-5, "{simd:?} K {dk} V {dv} token {tt} row {i}: {got} vs {y}");
+                    }
                 }
-                let y: f64 = (0..K).map(|j| m[i][j] * q[tt * K + j] as f64).sum();
-                assert!((out[tt * V + i] as f64 - y).abs() < 1e-5, "token {tt} row {i}");
-            }
-        }
-        for i in 0..V {
-            for j in 0..K {
-                assert!((s[i * K + j] as f64 - m[i][j]).abs() < 1e-5);
+                for (i, (x, y)) in s.iter().zip(&m).enumerate() {
+                    assert!((*x as f64 - y).abs() < 1e-5, "{simd:?} K {dk} V {dv} state {i}: {x} vs {y}");
+                }
             }
         }
     }
@@ -704,12 +789,13 @@ mod tests {
     #[test]
     fn staggered_states_read_out_the_last_r_to_2r_tokens() {
         let (q, k, v, b, g) = inputs();
+        let alpha = g.map(exp);
         let base = Inputs {
             q: &q,
             k: &k,
             v: &v,
             beta: &b,
-            lg: &g,
+            alpha: &alpha,
             ldk: K,
             ldv: V,
             nhv: 1,
@@ -724,7 +810,7 @@ mod tests {
             k: &k[t0 * K..],
             v: &v[t0 * V..],
             beta: &b[t0..],
-            lg: &g[t0..],
+            alpha: &alpha[t0..],
             ..base
         };
         for r in [1usize, 4, 10, 40] {

@@ -235,6 +235,18 @@ pub(crate) fn portable_and_avx2() -> impl Iterator<Item = Simd> {
     [Simd::Portable, Simd::Avx2].into_iter().filter(move |s| avx || *s == Simd::Portable)
 }
 
+/// [`portable_and_avx2`], then AVX-512 where this CPU has it (the kernels that have their own
+/// AVX-512 build).
+#[cfg(test)]
+pub(crate) fn up_to_avx512() -> impl Iterator<Item = Simd> {
+    extern crate std;
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    portable_and_avx2().chain(avx512.then_some(Simd::Avx512))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,6 +67,7 @@ pub mod gemm;
 pub mod gla;
 pub mod gla_lm;
 pub mod hgrn2;
+mod lanes;
 pub mod mamba1;
 pub mod mamba2;
 pub mod model;

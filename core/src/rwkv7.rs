@@ -31,10 +31,14 @@ use crate::error::{need, Error};
 use crate::exec::{add_rows, map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
+#[cfg(target_arch = "x86_64")]
+use crate::lanes::{self, each_chunk, Lanes};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, relu};
 use crate::rwkv::{layer_norm, token_shift};
 use crate::weight::Weight;
+#[cfg(target_arch = "x86_64")]
+use core::ops::Range;
 
 /// `e^{−0.5}` as the package writes it (`0.606531`).
 pub const DECAY_SCALE: f32 = 0.606531;
@@ -394,15 +398,23 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
             }
         }
 
+        // The scan's decays w = exp(log w) and b = κ̂ ⊙ a, in place (neither is read again), once
+        // for every state row.
+        let kk = &s.kk[..tc];
+        map_rows(ex, &mut s.lw[..tc], d, t, &|_, row| row.iter_mut().for_each(|v| *v = exp(*v)));
+        map_rows(ex, &mut s.a[..tc], d, t, &|tt, row| {
+            row.iter_mut().zip(&kk[tt * d..(tt + 1) * d]).for_each(|(v, k)| *v *= k)
+        });
+
         // The delta-rule scan, one head per task; y into o (t, C).
         {
             let os = Shared::new(&mut s.o[..tc]);
             let ss = Shared::new(wkv);
-            let (r, k, v, lwv, a, kk) = (&s.r[..tc], &s.k[..tc], &s.v[..tc], &s.lw[..tc], &s.a[..tc], &s.kk[..tc]);
+            let (r, k, v, w, b, kk) = (&s.r[..tc], &s.k[..tc], &s.v[..tc], &s.lw[..tc], &s.a[..tc], &s.kk[..tc]);
             let stag = window.map(|w| (w.at, Shared::new(w.cache)));
             let simd = ex.simd();
             ex.for_each(h, &|hh| {
-                let ins = Inputs { r, k, v, lw: lwv, a, kk, ld: d, off: hh * n, n };
+                let ins = Inputs { r, k, v, w, b, kk, ld: d, off: hh * n, n };
                 // SAFETY: head hh owns its state blocks and its N columns of o.
                 unsafe {
                     let sa = ss.range(hh * n * n, n * n);
@@ -455,13 +467,14 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
     }
 }
 
-/// One head's per-token inputs: rows `ld` apart, the head's `n` channels at `off`.
+/// One head's per-token inputs: rows `ld` apart, the head's `n` channels at `off`; `w` the decay
+/// `exp(log w)` and `b = κ̂ ⊙ a`.
 struct Inputs<'a> {
     r: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-    lw: &'a [f32],
-    a: &'a [f32],
+    w: &'a [f32],
+    b: &'a [f32],
     kk: &'a [f32],
     ld: usize,
     off: usize,
@@ -502,15 +515,21 @@ fn update(s: &mut [f32], w: &[f32], kk: &[f32], b: &[f32], k: &[f32], v: &[f32],
 /// (stride `ld`, at `off`). With a second state (two staggered states, FAMILIES.md §9.3), both take
 /// every token, the read-out uses `sa`, and after each token that completes a multiple of `r`
 /// tokens `sa ← sb`, `sb ← 0`: the read-out at stream position p (0-based) then holds the tokens
-/// from `max(0, r·⌊p/r⌋ − r)` to p — the last r+1 to 2r once p ≥ r. Compiled for AVX2 + FMA
-/// where `simd` has them.
+/// from `max(0, r·⌊p/r⌋ − r)` to p — the last r+1 to 2r once p ≥ r. One state on an AVX2 or
+/// AVX-512 CPU takes [`crate::lanes`]' kernel; two take the loop below, compiled for AVX2 + FMA where
+/// `simd` has them, as does the portable level.
 ///
 /// # Safety
 /// `o` rows `0..t` at `off..off+n` must be written by no one else.
 unsafe fn scan(simd: Simd, x: &Inputs, t: usize, sa: &mut [f32], sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
     #[cfg(target_arch = "x86_64")]
-    if simd.has_avx2() {
-        return scan_avx2(x, t, sa, sb, o);
+    {
+        match sb {
+            None if simd.has_avx512() => return lanes::scan_avx512(x, t, sa, o),
+            None if simd.has_avx2() => return lanes::scan_avx2(x, t, sa, o),
+            _ if simd.has_avx2() => return scan_avx2(x, t, sa, sb, o),
+            _ => {}
+        }
     }
     let _ = simd;
     scan_body(x, t, sa, sb, o)
@@ -525,16 +544,10 @@ unsafe fn scan_avx2(x: &Inputs, t: usize, sa: &mut [f32], sb: Option<(WindowAt, 
 #[inline(always)]
 unsafe fn scan_body(x: &Inputs, t: usize, sa: &mut [f32], mut sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
     let n = x.n;
-    let (mut w, mut b) = ([0f32; MAX_HEAD], [0f32; MAX_HEAD]);
-    let (w, b) = (&mut w[..n], &mut b[..n]);
     for tt in 0..t {
         let at = tt * x.ld + x.off;
         let (r, k, v) = (&x.r[at..at + n], &x.k[at..at + n], &x.v[at..at + n]);
-        let (lw, a, kk) = (&x.lw[at..at + n], &x.a[at..at + n], &x.kk[at..at + n]);
-        for j in 0..n {
-            w[j] = exp(lw[j]);
-            b[j] = kk[j] * a[j];
-        }
+        let (w, b, kk) = (&x.w[at..at + n], &x.b[at..at + n], &x.kk[at..at + n]);
         let y = o.range(at, n);
         update(sa, w, kk, b, k, v, Some((r, y)));
         if let Some((win, s2)) = &mut sb {
@@ -542,6 +555,61 @@ unsafe fn scan_body(x: &Inputs, t: usize, sa: &mut [f32], mut sb: Option<(Window
             if (win.pos0 + tt + 1).is_multiple_of(win.r) {
                 sa.copy_from_slice(s2);
                 s2.fill(0.0);
+            }
+        }
+    }
+}
+
+/// The scan of one state on AVX-512 or AVX2 ([`crate::lanes`]: blocks of four rows through 16
+/// tokens; 16 or 8 lanes, FMA). Each row's update is the loop's (`s_i ← s_i ⊙ w − (s_i·κ̂)·b +
+/// v_i·k`, `y_i = s_i·r`) with other rounding: the sums in another order and
+/// `s_i ⊙ w + (v_i·k − (s_i·κ̂)·b)` fused.
+#[cfg(target_arch = "x86_64")]
+impl crate::lanes::RowBlock for Inputs<'_> {
+    fn n_rows(&self) -> usize {
+        self.n
+    }
+
+    #[inline(always)]
+    unsafe fn rows<L: Lanes, const R: usize>(&self, tokens: Range<usize>, s: &mut [f32], i0: usize, o: &Shared) {
+        let (x, n) = (self, self.n);
+        let sp = s[i0 * n..(i0 + R) * n].as_mut_ptr();
+        for tt in tokens {
+            let at = tt * x.ld + x.off;
+            let row = |v: &[f32]| v[at..at + n].as_ptr();
+            let (kkp, kp, rp, wp, bp) = (row(x.kk), row(x.k), row(x.r), row(x.w), row(x.b));
+            let v = &x.v[at + i0..at + i0 + R];
+
+            // s_r·κ̂, in two chains a row (even and odd chunks).
+            let (mut a0, mut a1) = ([L::zero(); R], [L::zero(); R]);
+            each_chunk!(L, n, |c, m, second| {
+                let kv = L::load(m, kkp.add(c));
+                let a = if second { &mut a1 } else { &mut a0 };
+                for (r, a) in a.iter_mut().enumerate() {
+                    *a = L::load(m, sp.add(r * n + c)).mul_add(kv, *a);
+                }
+            });
+            let sa: [L; R] = core::array::from_fn(|r| L::splat(a0[r].add(a1[r]).sum()));
+            let vv: [L; R] = core::array::from_fn(|r| L::splat(v[r]));
+
+            // s_r ← s_r ⊙ w + (v_r·k − sa_r·b), and s_r·r.
+            let (mut a0, mut a1) = ([L::zero(); R], [L::zero(); R]);
+            each_chunk!(L, n, |c, m, second| {
+                let wv = L::load(m, wp.add(c));
+                let bv = L::load(m, bp.add(c));
+                let kv = L::load(m, kp.add(c));
+                let rv = L::load(m, rp.add(c));
+                let a = if second { &mut a1 } else { &mut a0 };
+                for r in 0..R {
+                    let p = sp.add(r * n + c);
+                    let new = L::load(m, p).mul_add(wv, sa[r].neg_mul_add(bv, vv[r].mul(kv)));
+                    new.store(m, p);
+                    a[r] = new.mul_add(rv, a[r]);
+                }
+            });
+            let y = o.range(at + i0, R);
+            for r in 0..R {
+                y[r] = a0[r].add(a1[r]).sum();
             }
         }
     }
@@ -692,12 +760,71 @@ mod tests {
         x
     }
 
+    /// The scan against the update written out in f64 (`S ← S·diag(w) − (S·κ̂)·(κ̂ ⊙ a)ᵀ + v·kᵀ`,
+    /// `y = S·r`), on every level the CPU has (AVX-512 takes its own kernel), for the second of two
+    /// heads side by side, with heads of one partial chunk, of whole chunks and of both (N = 4, 64,
+    /// 37: row blocks and a tail), over more tokens than one token block.
+    #[test]
+    fn scan_is_the_rwkv7_rule_on_every_level() {
+        extern crate std;
+        use std::vec::Vec;
+        for simd in crate::exec::up_to_avx512() {
+            for n in [N, 64, 37] {
+                let mut seed = 777u32;
+                let mut rnd = || {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    ((seed >> 8) as f32 / (1u32 << 24) as f32) - 0.5
+                };
+                let ld = 2 * n;
+                let mut x: [Vec<f32>; 6] = core::array::from_fn(|_| (0..T * ld).map(|_| rnd()).collect());
+                for tt in 0..T {
+                    let kk = &mut x[5][tt * ld + n..(tt + 1) * ld];
+                    let norm = libm::sqrtf(kk.iter().map(|v| v * v).sum());
+                    kk.iter_mut().for_each(|v| *v /= norm);
+                }
+                x[3].iter_mut().for_each(|v| *v = -0.6 * (*v + 0.5));
+                x[4].iter_mut().for_each(|v| *v += 0.5);
+                let [r_, k, v, lw, a, kk] = &x;
+                let w: Vec<f32> = lw.iter().map(|&l| exp(l)).collect();
+                let b: Vec<f32> = a.iter().zip(kk).map(|(a, k)| a * k).collect();
+                let ins = Inputs { r: r_, k, v, w: &w, b: &b, kk, ld, off: n, n };
+                let mut out = std::vec![0f32; T * ld];
+                let mut s = std::vec![0f32; n * n];
+                let os = Shared::new(&mut out);
+                unsafe { scan(simd, &ins, T, &mut s, None, &os) };
+                let mut m = std::vec![0f64; n * n];
+                for tt in 0..T {
+                    let at = tt * ld + n;
+                    let f = |v: &Vec<f32>, j: usize| v[at + j] as f64;
+                    for i in 0..n {
+                        let row = &mut m[i * n..(i + 1) * n];
+                        let sa: f64 = (0..n).map(|j| row[j] * f(kk, j)).sum();
+                        for (j, x) in row.iter_mut().enumerate() {
+                            *x = *x * f(lw, j).exp() - sa * f(kk, j) * f(a, j) + f(v, i) * f(k, j);
+                        }
+                        let y: f64 = (0..n).map(|j| row[j] * f(r_, j)).sum();
+                        let got = out[at + i] as f64;
+                        assert!((got - y).abs() < 1e-5, "{simd:?} N {n} token {tt} row {i}: {got} vs {y}");
+                    }
+                }
+                assert!(
+                    out.chunks_exact(n).step_by(2).flatten().all(|&y| y == 0.0),
+                    "{simd:?} N {n}: wrote the other head"
+                );
+                for (i, (x, y)) in s.iter().zip(&m).enumerate() {
+                    assert!((*x as f64 - y).abs() < 1e-5, "{simd:?} N {n} state {i}: {x} vs {y}");
+                }
+            }
+        }
+    }
+
     /// Two staggered states, over two calls (20 tokens, then the rest): the read-out at position p
     /// equals the plain recurrence run from the zero state over tokens max(0, r·⌊p/r⌋ − r)..=p.
     #[test]
     fn staggered_states_read_out_the_last_r_to_2r_tokens() {
         let [r_, k, v, lw, a, kk] = inputs();
-        let ins = Inputs { r: &r_, k: &k, v: &v, lw: &lw, a: &a, kk: &kk, ld: N, off: 0, n: N };
+        let (w, b) = (lw.map(exp), core::array::from_fn::<f32, { T * N }, _>(|i| kk[i] * a[i]));
+        let ins = Inputs { r: &r_, k: &k, v: &v, w: &w, b: &b, kk: &kk, ld: N, off: 0, n: N };
         for r in [1usize, 3, 10, 50] {
             let mut out = [0f32; T * N];
             let (mut sa, mut sb) = ([0f32; N * N], [0f32; N * N]);
@@ -706,8 +833,8 @@ mod tests {
                     r: &r_[t0 * N..],
                     k: &k[t0 * N..],
                     v: &v[t0 * N..],
-                    lw: &lw[t0 * N..],
-                    a: &a[t0 * N..],
+                    w: &w[t0 * N..],
+                    b: &b[t0 * N..],
                     kk: &kk[t0 * N..],
                     ..ins
                 };
@@ -725,8 +852,8 @@ mod tests {
                         r: &r_[tt * N..],
                         k: &k[tt * N..],
                         v: &v[tt * N..],
-                        lw: &lw[tt * N..],
-                        a: &a[tt * N..],
+                        w: &w[tt * N..],
+                        b: &b[tt * N..],
                         kk: &kk[tt * N..],
                         ..ins
                     };
