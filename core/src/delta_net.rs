@@ -476,28 +476,22 @@ fn update(s: &mut [f32], alpha: f32, beta: f32, k: &[f32], v: &[f32], mut q: Opt
 /// (stride `ldv`, at `voff`). With a second state (two staggered states, FAMILIES.md §9.3), both
 /// take every token, the read-out uses `sa`, and after each token that completes a multiple of `r`
 /// tokens `sa ← sb`, `sb ← 0`: the read-out at stream position p (0-based) then holds the tokens
-/// from `max(0, r·⌊p/r⌋ − r)` to p. One state on an AVX2 or AVX-512 CPU takes [`crate::lanes`]' kernel;
-/// two take the loop below, compiled for AVX2 + FMA where `simd` has them, as does the portable level.
+/// from `max(0, r·⌊p/r⌋ − r)` to p. On an AVX2 or AVX-512 CPU [`crate::lanes`]'
+/// blocked kernel; otherwise the loop below.
 ///
 /// # Safety
 /// `o` rows `0..t` at `voff..voff+V` must be written by no one else.
 unsafe fn scan(simd: Simd, x: &Inputs, t: usize, sa: &mut [f32], sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
     #[cfg(target_arch = "x86_64")]
     {
-        match sb {
-            None if simd.has_avx512() => return lanes::scan_avx512(x, t, sa, o),
-            None if simd.has_avx2() => return lanes::scan_avx2(x, t, sa, o),
-            _ if simd.has_avx2() => return scan_avx2(x, t, sa, sb, o),
-            _ => {}
+        if simd.has_avx512() {
+            return lanes::scan_avx512(x, t, sa, sb, o);
+        }
+        if simd.has_avx2() {
+            return lanes::scan_avx2(x, t, sa, sb, o);
         }
     }
     let _ = simd;
-    scan_body(x, t, sa, sb, o)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scan_avx2(x: &Inputs, t: usize, sa: &mut [f32], sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
     scan_body(x, t, sa, sb, o)
 }
 
@@ -531,7 +525,13 @@ impl crate::lanes::RowBlock for Inputs<'_> {
     }
 
     #[inline(always)]
-    unsafe fn rows<L: Lanes, const R: usize>(&self, tokens: Range<usize>, s: &mut [f32], i0: usize, o: &Shared) {
+    unsafe fn rows<L: Lanes, const R: usize>(
+        &self,
+        tokens: Range<usize>,
+        s: &mut [f32],
+        i0: usize,
+        o: Option<&Shared>,
+    ) {
         let (x, dk) = (self, self.dk);
         let sp = s[i0 * dk..(i0 + R) * dk].as_mut_ptr();
         for tt in tokens {
@@ -567,9 +567,11 @@ impl crate::lanes::RowBlock for Inputs<'_> {
                     a[r] = new.mul_add(qv, a[r]);
                 }
             });
-            let y = o.range(va, R);
-            for r in 0..R {
-                y[r] = a0[r].add(a1[r]).sum();
+            if let Some(o) = o {
+                let y = o.range(va, R);
+                for r in 0..R {
+                    y[r] = a0[r].add(a1[r]).sum();
+                }
             }
         }
     }
@@ -785,7 +787,7 @@ mod tests {
     }
 
     /// Two staggered states over two calls: the read-out at p equals the plain recurrence from zero
-    /// over tokens max(0, r·⌊p/r⌋ − r)..=p.
+    /// over tokens max(0, r·⌊p/r⌋ − r)..=p, on every level the CPU has.
     #[test]
     fn staggered_states_read_out_the_last_r_to_2r_tokens() {
         let (q, k, v, b, g) = inputs();
@@ -813,23 +815,25 @@ mod tests {
             alpha: &alpha[t0..],
             ..base
         };
-        for r in [1usize, 4, 10, 40] {
-            let mut out = [0f32; T * V];
-            let (mut sa, mut sb) = ([0f32; V * K], [0f32; V * K]);
-            for (t0, t1) in [(0usize, 13usize), (13, T)] {
-                let os = Shared::new(&mut out[t0 * V..]);
-                let w = WindowAt { r, pos0: t0 % r, filled: t0 >= r };
-                unsafe { scan(Simd::Portable, &at(t0), t1 - t0, &mut sa, Some((w, &mut sb)), &os) };
-            }
-            for p in 0..T {
-                let start = (r * (p / r)).saturating_sub(r);
-                let mut s = [0f32; V * K];
-                let mut want = [0f32; T * V];
-                let os = Shared::new(&mut want[start * V..]);
-                unsafe { scan(Simd::Portable, &at(start), p + 1 - start, &mut s, None, &os) };
-                for i in 0..V {
-                    let (x, y) = (out[p * V + i], want[p * V + i]);
-                    assert!((x - y).abs() < 1e-5, "r {r} p {p}: {x} vs {y}");
+        for simd in crate::exec::up_to_avx512() {
+            for r in [1usize, 4, 10, 40] {
+                let mut out = [0f32; T * V];
+                let (mut sa, mut sb) = ([0f32; V * K], [0f32; V * K]);
+                for (t0, t1) in [(0usize, 13usize), (13, T)] {
+                    let os = Shared::new(&mut out[t0 * V..]);
+                    let w = WindowAt { r, pos0: t0 % r, filled: t0 >= r };
+                    unsafe { scan(simd, &at(t0), t1 - t0, &mut sa, Some((w, &mut sb)), &os) };
+                }
+                for p in 0..T {
+                    let start = (r * (p / r)).saturating_sub(r);
+                    let mut s = [0f32; V * K];
+                    let mut want = [0f32; T * V];
+                    let os = Shared::new(&mut want[start * V..]);
+                    unsafe { scan(simd, &at(start), p + 1 - start, &mut s, None, &os) };
+                    for i in 0..V {
+                        let (x, y) = (out[p * V + i], want[p * V + i]);
+                        assert!((x - y).abs() < 1e-5, "{simd:?} r {r} p {p}: {x} vs {y}");
+                    }
                 }
             }
         }

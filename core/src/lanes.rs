@@ -8,6 +8,7 @@
 #![cfg(target_arch = "x86_64")]
 
 use crate::exec::Shared;
+use crate::forget::WindowAt;
 use core::arch::x86_64::*;
 use core::ops::Range;
 
@@ -21,21 +22,22 @@ pub(crate) const TOKENS: usize = 16;
 pub(crate) trait RowBlock: Sync {
     /// The state's rows.
     fn n_rows(&self) -> usize;
-    /// Rows `i0..i0 + R` of the state `s` through `tokens`, writing their read-outs to `o`.
+    /// Rows `i0..i0 + R` of the state `s` through `tokens`, writing their read-outs to `o` (none:
+    /// a second state that only takes the tokens).
     ///
     /// # Safety
     /// The CPU has `L`'s target features, and the caller's function is compiled with them; `o`'s
     /// places for these rows and tokens are written by no one else.
-    unsafe fn rows<L: Lanes, const R: usize>(&self, tokens: Range<usize>, s: &mut [f32], i0: usize, o: &Shared);
+    unsafe fn rows<L: Lanes, const R: usize>(&self, tokens: Range<usize>, s: &mut [f32], i0: usize, o: Option<&Shared>);
 }
 
-/// The scan of `t` tokens through one state `s`, rows in blocks of [`ROWS`] (then one at a time),
-/// tokens in blocks of [`TOKENS`].
+/// `tokens` through one state `s`, rows in blocks of [`ROWS`] (then one at a time), tokens in
+/// blocks of [`TOKENS`].
 #[inline(always)]
-unsafe fn scan<L: Lanes, K: RowBlock>(k: &K, t: usize, s: &mut [f32], o: &Shared) {
-    let mut t0 = 0;
-    while t0 < t {
-        let block = t0..t.min(t0 + TOKENS);
+unsafe fn scan_one<L: Lanes, K: RowBlock>(k: &K, tokens: Range<usize>, s: &mut [f32], o: Option<&Shared>) {
+    let mut t0 = tokens.start;
+    while t0 < tokens.end {
+        let block = t0..tokens.end.min(t0 + TOKENS);
         let mut i = 0;
         while i + ROWS <= k.n_rows() {
             k.rows::<L, ROWS>(block.clone(), s, i, o);
@@ -49,13 +51,41 @@ unsafe fn scan<L: Lanes, K: RowBlock>(k: &K, t: usize, s: &mut [f32], o: &Shared
     }
 }
 
+/// The scan of `t` tokens from the state `sa`, read out into `o`. With a second state (two
+/// staggered states, FAMILIES.md §9.3) both take every token, and after each token that completes
+/// a multiple of `r` tokens `sa ← sb`, `sb ← 0`: the tokens between those points go through `sa`,
+/// then through `sb`.
+#[inline(always)]
+unsafe fn scan<L: Lanes, K: RowBlock>(k: &K, t: usize, sa: &mut [f32], sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
+    let Some((at, sb)) = sb else {
+        return scan_one::<L, K>(k, 0..t, sa, Some(o));
+    };
+    let mut t0 = 0;
+    while t0 < t {
+        let t1 = t.min(t0 + at.r - (at.pos0 + t0) % at.r);
+        scan_one::<L, K>(k, t0..t1, sa, Some(o));
+        scan_one::<L, K>(k, t0..t1, sb, None);
+        if (at.pos0 + t1).is_multiple_of(at.r) {
+            sa.copy_from_slice(sb);
+            sb.fill(0.0);
+        }
+        t0 = t1;
+    }
+}
+
 /// [`scan`] with 16 lanes.
 ///
 /// # Safety
 /// As [`RowBlock::rows`]; the CPU has AVX-512F and FMA.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn scan_avx512<K: RowBlock>(k: &K, t: usize, s: &mut [f32], o: &Shared) {
-    scan::<Avx512, K>(k, t, s, o)
+pub(crate) unsafe fn scan_avx512<K: RowBlock>(
+    k: &K,
+    t: usize,
+    sa: &mut [f32],
+    sb: Option<(WindowAt, &mut [f32])>,
+    o: &Shared,
+) {
+    scan::<Avx512, K>(k, t, sa, sb, o)
 }
 
 /// [`scan`] with 8 lanes.
@@ -63,8 +93,14 @@ pub(crate) unsafe fn scan_avx512<K: RowBlock>(k: &K, t: usize, s: &mut [f32], o:
 /// # Safety
 /// As [`RowBlock::rows`]; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn scan_avx2<K: RowBlock>(k: &K, t: usize, s: &mut [f32], o: &Shared) {
-    scan::<Avx2, K>(k, t, s, o)
+pub(crate) unsafe fn scan_avx2<K: RowBlock>(
+    k: &K,
+    t: usize,
+    sa: &mut [f32],
+    sb: Option<(WindowAt, &mut [f32])>,
+    o: &Shared,
+) {
+    scan::<Avx2, K>(k, t, sa, sb, o)
 }
 
 /// A vector of `W` f32 lanes and the mask of a partial one.

@@ -515,29 +515,22 @@ fn update(s: &mut [f32], w: &[f32], kk: &[f32], b: &[f32], k: &[f32], v: &[f32],
 /// (stride `ld`, at `off`). With a second state (two staggered states, FAMILIES.md §9.3), both take
 /// every token, the read-out uses `sa`, and after each token that completes a multiple of `r`
 /// tokens `sa ← sb`, `sb ← 0`: the read-out at stream position p (0-based) then holds the tokens
-/// from `max(0, r·⌊p/r⌋ − r)` to p — the last r+1 to 2r once p ≥ r. One state on an AVX2 or
-/// AVX-512 CPU takes [`crate::lanes`]' kernel; two take the loop below, compiled for AVX2 + FMA where
-/// `simd` has them, as does the portable level.
+/// from `max(0, r·⌊p/r⌋ − r)` to p — the last r+1 to 2r once p ≥ r. On an AVX2 or AVX-512
+/// CPU [`crate::lanes`]' blocked kernel; otherwise the loop below.
 ///
 /// # Safety
 /// `o` rows `0..t` at `off..off+n` must be written by no one else.
 unsafe fn scan(simd: Simd, x: &Inputs, t: usize, sa: &mut [f32], sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
     #[cfg(target_arch = "x86_64")]
     {
-        match sb {
-            None if simd.has_avx512() => return lanes::scan_avx512(x, t, sa, o),
-            None if simd.has_avx2() => return lanes::scan_avx2(x, t, sa, o),
-            _ if simd.has_avx2() => return scan_avx2(x, t, sa, sb, o),
-            _ => {}
+        if simd.has_avx512() {
+            return lanes::scan_avx512(x, t, sa, sb, o);
+        }
+        if simd.has_avx2() {
+            return lanes::scan_avx2(x, t, sa, sb, o);
         }
     }
     let _ = simd;
-    scan_body(x, t, sa, sb, o)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scan_avx2(x: &Inputs, t: usize, sa: &mut [f32], sb: Option<(WindowAt, &mut [f32])>, o: &Shared) {
     scan_body(x, t, sa, sb, o)
 }
 
@@ -571,7 +564,13 @@ impl crate::lanes::RowBlock for Inputs<'_> {
     }
 
     #[inline(always)]
-    unsafe fn rows<L: Lanes, const R: usize>(&self, tokens: Range<usize>, s: &mut [f32], i0: usize, o: &Shared) {
+    unsafe fn rows<L: Lanes, const R: usize>(
+        &self,
+        tokens: Range<usize>,
+        s: &mut [f32],
+        i0: usize,
+        o: Option<&Shared>,
+    ) {
         let (x, n) = (self, self.n);
         let sp = s[i0 * n..(i0 + R) * n].as_mut_ptr();
         for tt in tokens {
@@ -607,9 +606,11 @@ impl crate::lanes::RowBlock for Inputs<'_> {
                     a[r] = new.mul_add(rv, a[r]);
                 }
             });
-            let y = o.range(at + i0, R);
-            for r in 0..R {
-                y[r] = a0[r].add(a1[r]).sum();
+            if let Some(o) = o {
+                let y = o.range(at + i0, R);
+                for r in 0..R {
+                    y[r] = a0[r].add(a1[r]).sum();
+                }
             }
         }
     }
@@ -819,49 +820,52 @@ mod tests {
     }
 
     /// Two staggered states, over two calls (20 tokens, then the rest): the read-out at position p
-    /// equals the plain recurrence run from the zero state over tokens max(0, r·⌊p/r⌋ − r)..=p.
+    /// equals the plain recurrence run from the zero state over tokens max(0, r·⌊p/r⌋ − r)..=p, on
+    /// every level the CPU has.
     #[test]
     fn staggered_states_read_out_the_last_r_to_2r_tokens() {
         let [r_, k, v, lw, a, kk] = inputs();
         let (w, b) = (lw.map(exp), core::array::from_fn::<f32, { T * N }, _>(|i| kk[i] * a[i]));
         let ins = Inputs { r: &r_, k: &k, v: &v, w: &w, b: &b, kk: &kk, ld: N, off: 0, n: N };
-        for r in [1usize, 3, 10, 50] {
-            let mut out = [0f32; T * N];
-            let (mut sa, mut sb) = ([0f32; N * N], [0f32; N * N]);
-            for (t0, t1) in [(0usize, 20usize), (20, T)] {
-                let sub = Inputs {
-                    r: &r_[t0 * N..],
-                    k: &k[t0 * N..],
-                    v: &v[t0 * N..],
-                    w: &w[t0 * N..],
-                    b: &b[t0 * N..],
-                    kk: &kk[t0 * N..],
-                    ..ins
-                };
-                let os = Shared::new(&mut out[t0 * N..]);
-                let at = WindowAt { r, pos0: t0 % r, filled: t0 >= r };
-                unsafe { scan(Simd::Portable, &sub, t1 - t0, &mut sa, Some((at, &mut sb)), &os) };
-            }
-            for p in 0..T {
-                let start = (r * (p / r)).saturating_sub(r);
-                let mut s = [0f32; N * N];
-                let mut want = [0f32; N];
-                let os = Shared::new(&mut want);
-                for tt in start..=p {
-                    let one = Inputs {
-                        r: &r_[tt * N..],
-                        k: &k[tt * N..],
-                        v: &v[tt * N..],
-                        w: &w[tt * N..],
-                        b: &b[tt * N..],
-                        kk: &kk[tt * N..],
+        for simd in crate::exec::up_to_avx512() {
+            for r in [1usize, 3, 10, 50] {
+                let mut out = [0f32; T * N];
+                let (mut sa, mut sb) = ([0f32; N * N], [0f32; N * N]);
+                for (t0, t1) in [(0usize, 20usize), (20, T)] {
+                    let sub = Inputs {
+                        r: &r_[t0 * N..],
+                        k: &k[t0 * N..],
+                        v: &v[t0 * N..],
+                        w: &w[t0 * N..],
+                        b: &b[t0 * N..],
+                        kk: &kk[t0 * N..],
                         ..ins
                     };
-                    unsafe { scan(Simd::Portable, &one, 1, &mut s, None, &os) };
+                    let os = Shared::new(&mut out[t0 * N..]);
+                    let at = WindowAt { r, pos0: t0 % r, filled: t0 >= r };
+                    unsafe { scan(simd, &sub, t1 - t0, &mut sa, Some((at, &mut sb)), &os) };
                 }
-                let got = &out[p * N..(p + 1) * N];
-                let err = got.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(err < 1e-5, "r {r} p {p}: {got:?} vs {want:?}");
+                for p in 0..T {
+                    let start = (r * (p / r)).saturating_sub(r);
+                    let mut s = [0f32; N * N];
+                    let mut want = [0f32; N];
+                    let os = Shared::new(&mut want);
+                    for tt in start..=p {
+                        let one = Inputs {
+                            r: &r_[tt * N..],
+                            k: &k[tt * N..],
+                            v: &v[tt * N..],
+                            w: &w[tt * N..],
+                            b: &b[tt * N..],
+                            kk: &kk[tt * N..],
+                            ..ins
+                        };
+                        unsafe { scan(simd, &one, 1, &mut s, None, &os) };
+                    }
+                    let got = &out[p * N..(p + 1) * N];
+                    let err = got.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(err < 1e-5, "{simd:?} r {r} p {p}: {got:?} vs {want:?}");
+                }
             }
         }
     }
