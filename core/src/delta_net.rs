@@ -38,7 +38,8 @@ use crate::weight::Weight;
 #[cfg(target_arch = "x86_64")]
 use core::ops::Range;
 
-/// The largest key head the scan's stack buffers hold.
+/// The largest key head accepted (the scan holds nothing of a head's size on the stack; the bound
+/// stays until a larger head is tested).
 pub const MAX_HEAD_K: usize = 1024;
 
 /// The eps of fla's in-kernel L2 norm of q and k.

@@ -43,7 +43,9 @@ use core::ops::Range;
 /// `e^{−0.5}` as the package writes it (`0.606531`).
 pub const DECAY_SCALE: f32 = 0.606531;
 
-/// The largest head size the scan's stack buffers hold.
+/// The largest head size accepted. The scan holds nothing of a head's size on the stack (since
+/// 2026-12-06 its decays are made in the layer's scratch); the bound stays until a larger head is
+/// tested.
 pub const MAX_HEAD: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
