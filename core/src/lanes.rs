@@ -125,6 +125,29 @@ pub(crate) trait Lanes: Copy {
     unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self;
     /// The sum of the lanes.
     unsafe fn sum(self) -> f32;
+    unsafe fn sub(self, b: Self) -> Self;
+    /// Each lane limited to `[lo, hi]`; NaN stays NaN.
+    unsafe fn clamp(self, lo: f32, hi: f32) -> Self;
+    /// `2ⁿ` from `t = n + 1.5·2²³` (n an integer in the normal exponents' range), through the bits.
+    unsafe fn pow2_of_rounded(t: Self) -> Self;
+
+    /// `eˣ` per lane: [`crate::ops::fast_exp`]'s range, reduction and polynomial, each step's
+    /// multiply-add rounded once (FMA), so within a few ulp of `fast_exp`, not bit for bit.
+    #[inline(always)]
+    unsafe fn exp(self) -> Self {
+        use crate::ops::{EXP_MAX, EXP_MIN, EXP_POLY, EXP_ROUND, LN2_HI, LN2_LO};
+        let x = self.clamp(EXP_MIN, EXP_MAX);
+        let t = x.mul_add(Self::splat(core::f32::consts::LOG2_E), Self::splat(EXP_ROUND));
+        let n = t.sub(Self::splat(EXP_ROUND));
+        let r = n.neg_mul_add(Self::splat(LN2_HI), x);
+        let r = n.neg_mul_add(Self::splat(LN2_LO), r);
+        let mut p = Self::splat(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            p = p.mul_add(r, Self::splat(c));
+        }
+        let e = p.mul(r).mul_add(r, r).add(Self::splat(1.0));
+        e.mul(Self::pow2_of_rounded(t))
+    }
 }
 
 /// AVX-512F: 16 lanes.
@@ -177,6 +200,20 @@ impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn sum(self) -> f32 {
         _mm512_reduce_add_ps(self.0)
+    }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        Avx512(_mm512_sub_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn clamp(self, lo: f32, hi: f32) -> Self {
+        // max/min return their second operand when either is NaN: `self` goes second.
+        Avx512(_mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), self.0)))
+    }
+    #[inline(always)]
+    unsafe fn pow2_of_rounded(t: Self) -> Self {
+        let n = _mm512_sub_epi32(_mm512_castps_si512(t.0), _mm512_set1_epi32(crate::ops::EXP_ROUND.to_bits() as i32));
+        Avx512(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(n, _mm512_set1_epi32(127)))))
     }
 }
 
@@ -239,6 +276,20 @@ impl Lanes for Avx2 {
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        Avx2(_mm256_sub_ps(self.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn clamp(self, lo: f32, hi: f32) -> Self {
+        // max/min return their second operand when either is NaN: `self` goes second.
+        Avx2(_mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), self.0)))
+    }
+    #[inline(always)]
+    unsafe fn pow2_of_rounded(t: Self) -> Self {
+        let n = _mm256_sub_epi32(_mm256_castps_si256(t.0), _mm256_set1_epi32(crate::ops::EXP_ROUND.to_bits() as i32));
+        Avx2(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127)))))
+    }
 }
 
 /// `$body` for each `L::W`-lane chunk of a `$k`-long row, with `$c` its offset, `$m` its lanes and
@@ -270,3 +321,63 @@ macro_rules! each_chunk {
     }};
 }
 pub(crate) use each_chunk;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`Lanes::exp`] over `x`, in place, a vector at a time.
+    #[inline(always)]
+    unsafe fn exp_all<L: Lanes>(x: &mut [f32]) {
+        for c in x.chunks_mut(L::W) {
+            let m = if c.len() == L::W { L::all() } else { L::first(c.len()) };
+            L::load(m, c.as_ptr()).exp().store(m, c.as_mut_ptr());
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn exp_avx512(x: &mut [f32]) {
+        exp_all::<Avx512>(x)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_avx2(x: &mut [f32]) {
+        exp_all::<Avx2>(x)
+    }
+
+    /// The vector `exp` is `fast_exp` with FMA: within 2 ulp of it over the whole range (and of
+    /// libm within 4e-7), clamped alike outside it, NaN stays NaN — at both widths.
+    #[test]
+    fn vector_exp_is_fast_exp_with_fma() {
+        extern crate std;
+        use std::vec::Vec;
+        let mut xs: Vec<f32> = (0..200_000).map(|i| -100.0 + i as f32 * 0.001_003).collect();
+        xs.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, -87.3, 88.7, 1e-30]);
+        type ExpAll = unsafe fn(&mut [f32]);
+        let mut runs: Vec<(&str, ExpAll)> = Vec::new();
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            runs.push(("avx2", exp_avx2));
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            runs.push(("avx512", exp_avx512));
+        }
+        for (name, f) in runs {
+            let mut got = xs.clone();
+            // SAFETY: the CPU has the function's features (checked above).
+            unsafe { f(&mut got) };
+            for (&x, &g) in xs.iter().zip(&got) {
+                let want = crate::ops::fast_exp(x);
+                if want.is_nan() {
+                    assert!(g.is_nan(), "{name}: exp({x}) = {g}");
+                    continue;
+                }
+                let ulps = (g.to_bits() as i64 - want.to_bits() as i64).abs();
+                assert!(ulps <= 2, "{name}: exp({x}) = {g}, fast_exp {want} ({ulps} ulp)");
+                if (-87.0..88.0).contains(&x) {
+                    let exact = libm::expf(x);
+                    assert!(((g - exact) / exact).abs() < 4e-7, "{name}: exp({x}) = {g}, libm {exact}");
+                }
+            }
+        }
+    }
+}

@@ -7,10 +7,12 @@
 //! `y ← y ⊙ silu(z)` (no inner norm), and `x ← x + y·W_outᵀ`. There is no SSD matmul form (A is per
 //! element, not a per-head scalar): both forms run the projections as batched products over the
 //! call's tokens, and the recurrence as a sequential scan over `di·N` independent lanes. The chunked
-//! form scans 16 channels at once per token and lane (vectorised across channels); the recurrent
-//! form is the literal recurrence, token after token, lane after lane. Both take `exp`, Δ's
-//! softplus and A in the branch-free forms of [`crate::ops`] ([`fast_exp`], ≈ 1 ulp), which
-//! vectorise: `libm` one value at a time held a 130m model's token step at half the read bandwidth.
+//! form scans 16 channels at once per token and lane (vectorised across channels; on AVX2 and
+//! AVX-512 through [`crate::lanes`], every multiply-add an FMA, so those levels differ from the
+//! portable one by rounding); the recurrent form is the literal recurrence, token after token, lane
+//! after lane. Both take `exp`, Δ's softplus and A in the branch-free forms of [`crate::ops`]
+//! ([`fast_exp`], ≈ 1 ulp), which vectorise: `libm` one value at a time held a 130m model's token
+//! step at half the read bandwidth.
 //!
 //! Shapes: `d` = d_model, `di` = d_inner, `N` = d_state, `R` = dt_rank, `k` = conv width.
 //! Mamba-1 has no heads: a "head" (the unit of probes, state statistics and state normalization) is
@@ -24,6 +26,8 @@ use crate::error::{need, Error};
 use crate::exec::{map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::matmul;
+#[cfg(target_arch = "x86_64")]
+use crate::lanes::Lanes;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{
     causal_conv_silu, dot, exp, fast_exp, fast_silu, fast_softplus, map_in_place, rmsnorm, rmsnorm_inplace,
@@ -32,6 +36,10 @@ use crate::weight::Weight;
 
 /// Channels per parallel task of the scan (the chunked form's vector width across channels).
 const TASK_CHANNELS: usize = 16;
+/// How many tokens ahead the vector scan asks for its task's Δ, u and read-out rows: a token's
+/// rows lie `d_inner` floats apart, a stride no hardware prefetcher follows across pages, and
+/// without the hint each token began with misses (3 pairs of `bench`: 0.93× wall time with it).
+const PREFETCH_TOKENS: usize = 4;
 /// The channels a "head" groups when `d_inner` allows (released models: always).
 pub const HEAD_CHANNELS: usize = 64;
 
@@ -432,22 +440,56 @@ impl<'a> Mamba1<'a> {
         });
     }
 
-    /// [`Self::scan_task`] compiled for AVX-512: one 16-lane vector holds a task's channels.
+    /// [`Self::scan_task_lanes`] on AVX-512: one 16-lane vector holds a task's channels.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn scan_task_avx512(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
-        self.scan_task(io, c0, s, buf, ys)
+        self.scan_task_lanes::<crate::lanes::Avx512>(io, c0, s, buf, ys)
     }
 
-    /// [`Self::scan_task`] compiled for AVX2 + FMA.
+    /// [`Self::scan_task_lanes`] on AVX2 + FMA: two 8-lane vectors.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn scan_task_avx2(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
-        self.scan_task(io, c0, s, buf, ys)
+        self.scan_task_lanes::<crate::lanes::Avx2>(io, c0, s, buf, ys)
+    }
+
+    /// Channels `c0..c0+cn`' state `s (cn, N)` and A into the lane-major tiles `st` and `at`
+    /// `(N, TASK_CHANNELS)` (unused channels: zero state, zero A), and their `D` into `dv`.
+    #[inline(always)]
+    fn tiles_in(
+        &self,
+        io: &ScanIo,
+        c0: usize,
+        s: &[f32],
+        st: &mut [f32],
+        at: &mut [f32],
+        dv: &mut [f32; TASK_CHANNELS],
+    ) {
+        let n = self.cfg.d_state;
+        let cn = s.len() / n;
+        for i in 0..TASK_CHANNELS {
+            for nn in 0..n {
+                (st[nn * TASK_CHANNELS + i], at[nn * TASK_CHANNELS + i]) =
+                    if i < cn { (s[i * n + nn], io.a[(c0 + i) * n + nn]) } else { (0.0, 0.0) };
+            }
+            dv[i] = if i < cn { io.lw.d.get(c0 + i) } else { 0.0 };
+        }
+    }
+
+    /// The state tile `st` back into `s (cn, N)`.
+    #[inline(always)]
+    fn tiles_out(&self, st: &[f32], s: &mut [f32]) {
+        let n = self.cfg.d_state;
+        for (i, sc) in s.chunks_exact_mut(n).enumerate() {
+            for (nn, sv) in sc.iter_mut().enumerate() {
+                *sv = st[nn * TASK_CHANNELS + i];
+            }
+        }
     }
 
     /// Channels `c0..c0+cn` (their state `s (cn, N)`) over the call's tokens; `buf` holds the
-    /// lane-major state and A tiles `(N, TASK_CHANNELS)` each (unused channels: zero state, zero Δ).
+    /// lane-major state and A tiles `(N, TASK_CHANNELS)` each ([`Self::tiles_in`]).
     #[inline(always)]
     fn scan_task(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
         const TC: usize = TASK_CHANNELS;
@@ -457,13 +499,7 @@ impl<'a> Mamba1<'a> {
         let la = self.log_a();
         let (st, at) = buf.split_at_mut(n * TC);
         let mut dv = [0f32; TC];
-        for i in 0..TC {
-            for nn in 0..n {
-                (st[nn * TC + i], at[nn * TC + i]) =
-                    if i < cn { (s[i * n + nn], io.a[(c0 + i) * n + nn]) } else { (0.0, 0.0) };
-            }
-            dv[i] = if i < cn { io.lw.d.get(c0 + i) } else { 0.0 };
-        }
+        self.tiles_in(io, c0, s, st, at, &mut dv);
         for tt in 0..io.t {
             let row = tt * di + c0;
             let (mut dl, mut du, mut y) = ([0f32; TC], [0f32; TC], [0f32; TC]);
@@ -486,11 +522,76 @@ impl<'a> Mamba1<'a> {
                 yr[i] = y[i] + dv[i] * io.u[row + i];
             }
         }
-        for i in 0..cn {
+        self.tiles_out(st, s);
+    }
+
+    /// [`Self::scan_task`] in `L`'s vectors (`TASK_CHANNELS / L::W` of them per lane row), every
+    /// multiply-add one FMA and `exp` [`Lanes::exp`]: a 16-channel row of the update is ~21 vector
+    /// operations where the portable form's was ~33, and a CPU with one 512-bit FMA port issues
+    /// about one a cycle. Δ, u and the read-outs move as (masked) vectors.
+    ///
+    /// # Safety
+    /// The CPU has `L`'s target features and the caller's function is compiled with them; this
+    /// task alone writes channels `c0..c0+cn` of `ys`' rows.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn scan_task_lanes<L: Lanes>(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
+        const TC: usize = TASK_CHANNELS;
+        const MAX_VECTORS: usize = TC / 8;
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let c = &self.cfg;
+        let (di, n, r, xr) = (c.d_inner, c.d_state, c.dt_rank, c.x_proj_rows());
+        let cn = s.len() / n;
+        let la = L::splat(self.log_a());
+        let (st, at) = buf.split_at_mut(n * TC);
+        let mut dv = [0f32; TC];
+        self.tiles_in(io, c0, s, st, at, &mut dv);
+        // Vectors holding at least one of the task's channels, and their masks.
+        let nv = cn.div_ceil(L::W);
+        let mut mask = [L::all(); MAX_VECTORS];
+        let mut dvv = [L::zero(); MAX_VECTORS];
+        for v in 0..nv {
+            if cn - v * L::W < L::W {
+                mask[v] = L::first(cn - v * L::W);
+            }
+            dvv[v] = L::load(L::all(), dv.as_ptr().add(v * L::W));
+        }
+        let (sp, ap) = (st.as_mut_ptr(), at.as_ptr());
+        for tt in 0..io.t {
+            let row = tt * di + c0;
+            if tt + PREFETCH_TOKENS < io.t {
+                let ahead = row + PREFETCH_TOKENS * di;
+                _mm_prefetch::<_MM_HINT_T0>(io.dt.as_ptr().add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(io.u.as_ptr().add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(ys.ptr().add(ahead) as *const i8);
+            }
+            let (mut dl, mut uv, mut du, mut y) = (
+                [L::zero(); MAX_VECTORS],
+                [L::zero(); MAX_VECTORS],
+                [L::zero(); MAX_VECTORS],
+                [L::zero(); MAX_VECTORS],
+            );
+            for v in 0..nv {
+                dl[v] = L::load(mask[v], io.dt.as_ptr().add(row + v * L::W));
+                uv[v] = L::load(mask[v], io.u.as_ptr().add(row + v * L::W));
+                du[v] = dl[v].mul(uv[v]);
+            }
+            let xd = &io.xdb[tt * xr + r..tt * xr + r + 2 * n];
             for nn in 0..n {
-                s[i * n + nn] = st[nn * TC + i];
+                let (bn, cv) = (L::splat(xd[nn]), L::splat(xd[n + nn]));
+                for v in 0..nv {
+                    let at = nn * TC + v * L::W;
+                    let e = dl[v].mul_add(L::load(L::all(), ap.add(at)), la).exp();
+                    let sv = e.mul_add(L::load(L::all(), sp.add(at)), du[v].mul(bn));
+                    sv.store(L::all(), sp.add(at));
+                    y[v] = sv.mul_add(cv, y[v]);
+                }
+            }
+            for v in 0..nv {
+                dvv[v].mul_add(uv[v], y[v]).store(mask[v], ys.ptr().add(row + v * L::W));
             }
         }
+        self.tiles_out(st, s);
     }
 
     /// Adds, per (channel, lane), Σ_t log α_t = A_{c,n}·Σ_t Δ_{t,c} + t·ln a into `p (di, N)`
@@ -812,6 +913,132 @@ mod tests {
                 resid[t][o] + (0..DI).map(|c| g(&lw.out_proj, o * DI + c) * y[c]).sum::<f64>()
             });
             out[t * D..(t + 1) * D].copy_from_slice(&rms(&x, norm_f));
+        }
+    }
+
+    /// The scan alone, both forms, on every level the CPU has (AVX2 and AVX-512 take the vector
+    /// kernel), against `S ← exp(Δ·A + ln a)·S + Δ·B·u`, `y = S·C + D·u` in f64: channel counts of
+    /// a partial task, of one whole task and of both (one and two vectors of AVX2, a masked last
+    /// one), lane counts 1 to 16, RRI's `ln a`, and the state carried from one call into the next.
+    #[test]
+    fn scan_is_the_s6_rule_on_every_level() {
+        extern crate std;
+        use std::vec;
+        use std::vec::Vec;
+        struct Level(crate::exec::Simd);
+        impl Exec for Level {
+            fn for_each(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+                (0..n).rev().for_each(f);
+            }
+            fn simd(&self) -> crate::exec::Simd {
+                self.0
+            }
+        }
+        for simd in crate::exec::up_to_avx512() {
+            for (t, di, n, f) in [
+                (20, 5, 3, Forget::None),
+                (9, 16, 16, Forget::Rri { a: 0.9, b: 1.0 }),
+                (23, 37, 4, Forget::None),
+                (6, 12, 1, Forget::Rri { a: 0.5, b: 1.0 }),
+            ] {
+                let mut seed = 77u32 + di as u32;
+                let mut rnd = || {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32
+                };
+                let (d, r, k, v) = (4, 2, 3, 5);
+                let xr = r + 2 * n;
+                let mem: Vec<f32> = (0..2 * d * di + di * k + xr * di + 4 * di + di * n + d * di + v * d + 2 * d)
+                    .map(|_| 2.0 * rnd() - 1.0)
+                    .collect();
+                let mut at = 0;
+                let mut w = |rows: usize, cols: usize| {
+                    let view = Weight::new(Data::F32(&mem[at..at + rows * cols]), rows, cols).expect("view");
+                    at += rows * cols;
+                    view
+                };
+                let layers = [Layer {
+                    norm: w(1, d),
+                    in_proj: w(2 * di, d),
+                    in_proj_bias: None,
+                    conv_w: w(di, k),
+                    conv_b: None,
+                    x_proj: w(xr, di),
+                    dt_proj: w(di, r),
+                    dt_bias: w(1, di),
+                    a_log: w(di, n),
+                    d: w(1, di),
+                    out_proj: w(d, di),
+                    out_proj_bias: None,
+                }];
+                let (embed, norm_f) = (w(v, d), w(1, d));
+                let cfg = Config {
+                    d_model: d,
+                    n_layer: 1,
+                    d_inner: di,
+                    d_state: n,
+                    dt_rank: r,
+                    d_conv: k,
+                    vocab_rows: v,
+                    eps: 1e-5,
+                    mixer_rms_eps: None,
+                };
+                let mut net = Mamba1::new(cfg, Weights { embed, layers: &layers, norm_f, head: embed }).expect("model");
+                net.set_forget(f).expect("method");
+                let la = match f {
+                    Forget::Rri { a, .. } => (a as f64).ln(),
+                    _ => 0.0,
+                };
+                let u: Vec<f32> = (0..t * di).map(|_| 2.0 * rnd() - 1.0).collect();
+                let xdb: Vec<f32> = (0..t * xr).map(|_| 2.0 * rnd() - 1.0).collect();
+                let dt: Vec<f32> = (0..t * di).map(|_| 0.01 + 1.5 * rnd()).collect();
+                let a: Vec<f32> = (0..di * n).map(|_| -(0.2 + 8.0 * rnd())).collect();
+                let mut want = vec![0f64; di * n];
+                for scan in [Scan::Chunked, Scan::Recurrent] {
+                    let mut ssm = vec![0f32; di * n];
+                    let mut ts = vec![0f32; di.div_ceil(TASK_CHANNELS) * task_scratch(&cfg)];
+                    want.fill(0.0);
+                    for half in [0..t / 2, t / 2..t] {
+                        let th = half.len();
+                        let io = ScanIo {
+                            t: th,
+                            u: &u[half.start * di..half.end * di],
+                            xdb: &xdb[half.start * xr..half.end * xr],
+                            dt: &dt[half.start * di..half.end * di],
+                            a: &a,
+                            lw: &layers[0],
+                        };
+                        let mut y = vec![f32::NAN; th * di];
+                        match scan {
+                            Scan::Chunked => net.scan_chunked(&Level(simd), &io, &mut ssm, &mut y, &mut ts),
+                            Scan::Recurrent => net.scan_recurrent(&Level(simd), &io, &mut ssm, &mut y),
+                        }
+                        for tt in half.clone() {
+                            let (b, cc) = (&xdb[tt * xr + r..tt * xr + r + n], &xdb[tt * xr + r + n..(tt + 1) * xr]);
+                            for ch in 0..di {
+                                let (dl, uv) = (dt[tt * di + ch] as f64, u[tt * di + ch] as f64);
+                                let mut yv = layers[0].d.get(ch) as f64 * uv;
+                                for nn in 0..n {
+                                    let sv = &mut want[ch * n + nn];
+                                    *sv = (dl * a[ch * n + nn] as f64 + la).exp() * *sv + dl * b[nn] as f64 * uv;
+                                    yv += *sv * cc[nn] as f64;
+                                }
+                                let got = y[(tt - half.start) * di + ch] as f64;
+                                assert!(
+                                    (got - yv).abs() <= 1e-5 * yv.abs().max(1.0),
+                                    "{simd:?} {scan:?} di {di} N {n}: token {tt} channel {ch}: {got} vs {yv}"
+                                );
+                            }
+                        }
+                    }
+                    for (i, (x, y)) in ssm.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*x as f64 - y).abs() <= 1e-5 * y.abs().max(1.0),
+                            "{simd:?} {scan:?} di {di} N {n}: state {i}: {x} vs {y}"
+                        );
+                    }
+                }
+            }
         }
     }
 

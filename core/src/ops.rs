@@ -81,27 +81,34 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     crate::gemm::dot(x, y)
 }
 
+/// [`fast_exp`]'s input range: below it the result would leave the normal floats.
+pub(crate) const EXP_MIN: f32 = -87.3;
+/// [`fast_exp`]'s input range: above it the result would overflow.
+pub(crate) const EXP_MAX: f32 = 88.7;
+/// 1.5·2²³: adding it to a float below 2²² rounds it to an integer, kept in the low mantissa bits.
+pub(crate) const EXP_ROUND: f32 = 12_582_912.0;
+/// ln 2 in two parts, `n·ln 2` subtracted in two steps (Cephes).
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// The polynomial of `(eʳ − 1 − r) / r²` on |r| ≤ ln2/2, highest power first (Cephes `expf`).
+pub(crate) const EXP_POLY: [f32; 6] =
+    [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
 /// `eˣ` in a branch-free form that vectorises (Cephes polynomial, ≈1 ulp on [−87, 88]).
 /// Inputs below −87.3 give ~1e-38 instead of a smaller number; NaN stays NaN.
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = core::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
-    let x = x.clamp(-87.3, 88.7);
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
+    let x = x.clamp(EXP_MIN, EXP_MAX);
+    let t = x * core::f32::consts::LOG2_E + EXP_ROUND;
+    let n = t - EXP_ROUND;
     // `t` is exactly ROUND + n, so its bits are ROUND's plus n: the integer without a float →
     // int conversion, whose saturating NaN handling kept this function from vectorising.
-    let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    let biased = t.to_bits().wrapping_sub(EXP_ROUND.to_bits()).wrapping_add(127);
     let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(biased << 23)
 }
