@@ -34,7 +34,7 @@ use crate::gemm::matmul;
 #[cfg(target_arch = "x86_64")]
 use crate::lanes::{self, each_chunk, Lanes};
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{exp, relu};
+use crate::ops::{exp, fast_exp, fast_sigmoid, map_in_place, relu, zip_in_place};
 use crate::rwkv::{layer_norm, token_shift};
 use crate::weight::Weight;
 #[cfg(target_arch = "x86_64")]
@@ -339,11 +339,15 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
                         // v += (v_first − v) ⊙ σ(v0 + x_v·V1ᵀ·V2ᵀ), the gate in kk for now.
                         Self::lora(ex, xin, t, vl, s.wide, id, s.kk)?;
                         v0.read(0, &mut s.vec[..d]);
-                        let (vec, kk, vf) = (&s.vec[..d], &s.kk[..tc], &s.v_first[..tc]);
+                        let (vec, simd) = (&s.vec[..d], ex.simd());
+                        map_rows(ex, &mut s.kk[..tc], d, t, &|_, gr| {
+                            zip_in_place(simd, gr, vec, |g, b| fast_sigmoid(b + g))
+                        });
+                        let (kk, vf) = (&s.kk[..tc], &s.v_first[..tc]);
                         map_rows(ex, s.v, d, t, &|tt, vr| {
                             let (gr, fr) = (&kk[tt * d..(tt + 1) * d], &vf[tt * d..(tt + 1) * d]);
                             for i in 0..d {
-                                vr[i] += (fr[i] - vr[i]) * sigmoid(vec[i] + gr[i]);
+                                vr[i] += (fr[i] - vr[i]) * gr[i];
                             }
                         });
                     }
@@ -354,13 +358,11 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
         }
         // a = σ(a0 + ·); log w = −e^{−0.5}·σ(w0 + ·).
         lw.a0.read(0, &mut s.vec[..d]);
-        let vec = &s.vec[..d];
-        map_rows(ex, s.a, d, t, &|_, row| row.iter_mut().zip(vec).for_each(|(v, b)| *v = sigmoid(b + *v)));
+        let (vec, simd) = (&s.vec[..d], ex.simd());
+        map_rows(ex, s.a, d, t, &|_, row| zip_in_place(simd, row, vec, |v, b| fast_sigmoid(b + v)));
         lw.w0.read(0, &mut s.vec[..d]);
         let vec = &s.vec[..d];
-        map_rows(ex, s.lw, d, t, &|_, row| {
-            row.iter_mut().zip(vec).for_each(|(v, b)| *v = -DECAY_SCALE * sigmoid(b + *v))
-        });
+        map_rows(ex, s.lw, d, t, &|_, row| zip_in_place(simd, row, vec, |v, b| -DECAY_SCALE * fast_sigmoid(b + v)));
         // κ̂ = normalize(k ⊙ k_k) per head; k ← k ⊙ (1 + (a − 1) ⊙ k_a).
         lw.k_k.read(0, &mut s.vec[..d]);
         let (vec, k) = (&s.vec[..d], &s.k[..tc]);
@@ -403,7 +405,8 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
         // The scan's decays w = exp(log w) and b = κ̂ ⊙ a, in place (neither is read again), once
         // for every state row.
         let kk = &s.kk[..tc];
-        map_rows(ex, &mut s.lw[..tc], d, t, &|_, row| row.iter_mut().for_each(|v| *v = exp(*v)));
+        let simd = ex.simd();
+        map_rows(ex, &mut s.lw[..tc], d, t, &|_, row| map_in_place(simd, row, fast_exp));
         map_rows(ex, &mut s.a[..tc], d, t, &|tt, row| {
             row.iter_mut().zip(&kk[tt * d..(tt + 1) * d]).for_each(|(v, k)| *v *= k)
         });
