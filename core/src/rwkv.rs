@@ -23,7 +23,7 @@ use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
 use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
-use crate::ops::{exp, relu, silu};
+use crate::ops::{exp, fast_exp, fast_silu, map_in_place, relu};
 use crate::weight::{with_slice, DType, Data, Elem, Weight};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -642,13 +642,17 @@ impl<'a> Rwkv<'a> {
                 matmul_in_out(ex, &s.o[..tc], d, t, dw1, 0, (d, dd), s.wide, wide);
                 map_rows(ex, s.wide, wide, t, &|_, row| row[..dd].iter_mut().for_each(|v| *v = libm::tanhf(*v)));
                 matmul_in_out(ex, s.wide, wide, t, dw2, 0, (dd, d), s.lw, d);
+                let simd = ex.simd();
                 map_rows(ex, s.lw, d, t, &|_, row| {
-                    lw.decay
-                        .for_chunks(0, d, |i0, dc| row[i0..].iter_mut().zip(dc).for_each(|(v, dv)| *v = -exp(dv + *v)));
+                    lw.decay.for_chunks(0, d, |i0, dc| row[i0..].iter_mut().zip(dc).for_each(|(v, dv)| *v += dv));
+                    map_in_place(simd, row, |v| -fast_exp(v));
                 });
             }
         }
-        map_rows(ex, s.g, d, t, &|_, row| row.iter_mut().for_each(|v| *v = silu(*v)));
+        // g = silu(g) and (RWKV-6) the decays through `fast_exp`, 8 lanes at a time: libm's `expf`
+        // one value at a time was 2.8 % of a streamed RWKV-6 run.
+        let simd = ex.simd();
+        map_rows(ex, s.g, d, t, &|_, row| map_in_place(simd, row, fast_silu));
         // Forgetting: w′ = a·w, k′ = b·k (RRI); log w′ = c·log w (Dt).
         match self.forget {
             Forget::Rri { a, b } => {
