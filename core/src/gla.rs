@@ -253,8 +253,21 @@ unsafe fn chunked_body(
                 let kr = &h.k[(t0 + si) * h.ldk + h.koff..][..kd];
                 *av = if si < ti {
                     let br = &b[si * kd..(si + 1) * kd];
+                    // Eight partial sums, channel c into acc[c % 8]; written in whole chunks of
+                    // eight so the loop vectorises (indexed by `c % 8` it ran one lane at a time).
                     let mut acc = [0f32; 8];
-                    for c in 0..kd {
+                    let whole = kd / 8 * 8;
+                    for (((q8, k8), bq8), b8) in qr[..whole]
+                        .chunks_exact(8)
+                        .zip(kr[..whole].chunks_exact(8))
+                        .zip(bqr[..whole].chunks_exact(8))
+                        .zip(br[..whole].chunks_exact(8))
+                    {
+                        for l in 0..8 {
+                            acc[l] += q8[l] * k8[l] * fast_exp(bq8[l] - b8[l]);
+                        }
+                    }
+                    for c in whole..kd {
                         acc[c % 8] += qr[c] * kr[c] * fast_exp(bqr[c] - br[c]);
                     }
                     acc.iter().sum()
@@ -288,13 +301,16 @@ unsafe fn chunked_body(
         }
         gemm_raw(simd, len, vd, len, a.as_ptr(), q, vt.as_ptr(), q, op, ldo, true, panels);
         // S ← diag(exp(b_last))·S + K̃ᵀ·V with K̃_s = k_s ⊙ exp(b_last − b_s).
+        // Row by row into qt (free now), then transposed: written straight into ktt's columns the
+        // loop ran one lane at a time.
         let last = &b[(len - 1) * kd..len * kd];
         for si in 0..len {
             let kr = &h.k[(t0 + si) * h.ldk + h.koff..][..kd];
             for c in 0..kd {
-                ktt[c * q + si] = kr[c] * fast_exp(last[c] - b[si * kd + c]);
+                qt[si * kd + c] = kr[c] * fast_exp(last[c] - b[si * kd + c]);
             }
         }
+        transpose(simd, qt, kd, len, kd, ktt, q);
         for c in 0..kd {
             let e = fast_exp(last[c]);
             s[c * vd..(c + 1) * vd].iter_mut().for_each(|v| *v *= e);
