@@ -527,8 +527,8 @@ impl<'a> Mamba1<'a> {
 
     /// [`Self::scan_task`] in `L`'s vectors (`TASK_CHANNELS / L::W` of them per lane row), every
     /// multiply-add one FMA and `exp` [`Lanes::exp`]: a 16-channel row of the update is ~21 vector
-    /// operations where the portable form's was ~33, and a CPU with one 512-bit FMA port issues
-    /// about one a cycle. Δ, u and the read-outs move as (masked) vectors.
+    /// operations where the portable form's was ~33, and the scan was bound by issuing them (its
+    /// time fell to 0.63×, README "CPU speed"). Δ, u and the read-outs move as (masked) vectors.
     ///
     /// # Safety
     /// The CPU has `L`'s target features and the caller's function is compiled with them; this

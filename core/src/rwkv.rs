@@ -602,7 +602,7 @@ impl<'a> Rwkv<'a> {
 
         // Time mix: token shift and the mixed inputs.
         token_shift(ex, t, x, (&lw.ln1_w, &lw.ln1_b), c.eps, att_shift, s.xx, s.dx);
-        let (xx, prev) = (&s.xx[..tc], &s.dx[..tc]);
+        let (xx, prev, simd) = (&s.xx[..tc], &s.dx[..tc], ex.simd());
         match &lw.mix {
             TimeMix::V5 { mix } => {
                 let outs: [(&Weight, &mut [f32]); 3] = [(&lw.wr, &mut *s.r), (&lw.wk, &mut *s.k), (&lw.wv, &mut *s.v)];
@@ -642,7 +642,6 @@ impl<'a> Rwkv<'a> {
                 matmul_in_out(ex, &s.o[..tc], d, t, dw1, 0, (d, dd), s.wide, wide);
                 map_rows(ex, s.wide, wide, t, &|_, row| row[..dd].iter_mut().for_each(|v| *v = libm::tanhf(*v)));
                 matmul_in_out(ex, s.wide, wide, t, dw2, 0, (dd, d), s.lw, d);
-                let simd = ex.simd();
                 map_rows(ex, s.lw, d, t, &|_, row| {
                     lw.decay.for_chunks(0, d, |i0, dc| row[i0..].iter_mut().zip(dc).for_each(|(v, dv)| *v += dv));
                     map_in_place(simd, row, |v| -fast_exp(v));
@@ -651,7 +650,6 @@ impl<'a> Rwkv<'a> {
         }
         // g = silu(g) and (RWKV-6) the decays through `fast_exp`, 8 lanes at a time: libm's `expf`
         // one value at a time was 2.8 % of a streamed RWKV-6 run.
-        let simd = ex.simd();
         map_rows(ex, s.g, d, t, &|_, row| map_in_place(simd, row, fast_silu));
         // Forgetting: w′ = a·w, k′ = b·k (RRI); log w′ = c·log w (Dt).
         match self.forget {
