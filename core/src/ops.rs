@@ -368,30 +368,11 @@ unsafe fn transpose_avx(src: *const f32, lds: usize, rows: usize, cols: usize, d
     for r0 in (0..rf).step_by(8) {
         for c0 in (0..cf).step_by(8) {
             let s = src.add(r0 * lds + c0);
-            let r: [__m256; 8] = core::array::from_fn(|i| _mm256_loadu_ps(s.add(i * lds)));
-            // Rows a…h: pairs, then quads within each 128-bit lane, then the lanes.
-            let t: [__m256; 8] = core::array::from_fn(|i| {
-                let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-                if i % 2 == 0 {
-                    _mm256_unpacklo_ps(x, y)
-                } else {
-                    _mm256_unpackhi_ps(x, y)
-                }
-            });
-            let q = [
-                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
-                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
-                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
-                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
-                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
-                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
-                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
-                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
-            ];
+            let mut r: [__m256; 8] = core::array::from_fn(|i| _mm256_loadu_ps(s.add(i * lds)));
+            transpose8(&mut r);
             let d = dst.add(c0 * ldd + r0);
-            for i in 0..4 {
-                _mm256_storeu_ps(d.add(i * ldd), _mm256_permute2f128_ps::<0x20>(q[i], q[i + 4]));
-                _mm256_storeu_ps(d.add((i + 4) * ldd), _mm256_permute2f128_ps::<0x31>(q[i], q[i + 4]));
+            for (i, &col) in r.iter().enumerate() {
+                _mm256_storeu_ps(d.add(i * ldd), col);
             }
         }
     }
@@ -400,6 +381,36 @@ unsafe fn transpose_avx(src: *const f32, lds: usize, rows: usize, cols: usize, d
         for c in c_start..cols {
             *dst.add(c * ldd + r) = *src.add(r * lds + c);
         }
+    }
+}
+
+/// `r[i][j] ← r[j][i]` for an 8 × 8 block in registers: pairs of rows interleaved, then quads
+/// within each 128-bit lane, then the lanes. Only sound in a function compiled with AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn transpose8(r: &mut [core::arch::x86_64::__m256; 8]) {
+    use core::arch::x86_64::*;
+    let t: [__m256; 8] = core::array::from_fn(|i| {
+        let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(x, y)
+        } else {
+            _mm256_unpackhi_ps(x, y)
+        }
+    });
+    let q = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    for i in 0..4 {
+        r[i] = _mm256_permute2f128_ps::<0x20>(q[i], q[i + 4]);
+        r[i + 4] = _mm256_permute2f128_ps::<0x31>(q[i], q[i + 4]);
     }
 }
 

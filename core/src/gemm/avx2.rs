@@ -1,5 +1,7 @@
 //! Register-tiled x86 kernels: AVX2/FMA with 4 tokens × 2 weight rows per tile in 8 lanes, and
 //! AVX-512 with 4 × 4 in 16 lanes; weights widened to f32 on load (bf16 by a shift, f16 by F16C).
+//! Products of [`super::outer::MIN_M`] rows or more take [`super::outer`]'s panels instead; the
+//! one-row GEMVs of a token step live here too.
 use crate::weight::Elem;
 use core::arch::x86_64::*;
 use half::{bf16, f16};

@@ -4,11 +4,10 @@
 //! Kernel levels, one file each, chosen by the [`Simd`] level the host detected:
 //! - portable: [`dot`] per output element (any target);
 //! - [`avx2`]: register-tiled AVX2/FMA and AVX-512 f32 FMA dot-product tiles, weights widened to
-//!   f32 on load (on the AVX-512 levels: products of fewer than [`avx512::MIN_M`] rows, and the
-//!   token step's four-row GEMV);
-//! - [`avx512`]: the AVX-512 f32 FMA product of [`avx512::MIN_M`] or more rows: broadcast
-//!   activations times weight panels widened and transposed once into L1 (1.4–1.5× the dot-product
-//!   tiles' GFLOP/s on a Xeon, `examples/gemm_sweep.rs`);
+//!   f32 on load (products of fewer than [`outer::MIN_M`] rows, and the token step's GEMVs);
+//! - [`outer`]: the AVX-512 and AVX2 f32 FMA product of [`outer::MIN_M`] or more rows: broadcast
+//!   activations times weight panels widened and transposed once into L1 (AVX-512: 1.4–1.5× the
+//!   dot-product tiles' GFLOP/s on a Xeon, `examples/gemm_sweep.rs`);
 //! - [`bf16`]: AVX512-BF16 `vdpbf16ps` tiles for bf16-stored weights ([`Simd::Avx512Bf16`]), the
 //!   activations split into bf16 hi + lo or, under [`MatmulMode::Fast`], rounded once. f32 and f16
 //!   weights, and the f32 · f32 products of the scans, use the AVX-512 f32 FMA tiles on that level.
@@ -37,12 +36,12 @@ pub mod amx;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
-pub mod avx512;
-#[cfg(target_arch = "x86_64")]
 pub mod bf16;
+#[cfg(target_arch = "x86_64")]
+pub mod outer;
 
 /// Bytes of a [`Panels`]: the most any kernel packs for one call — [`bf16`]'s hi + lo panels
-/// (96 KiB; [`avx512`] 48 KiB, [`amx`] 70 KiB). None off x86-64, where only the portable path runs.
+/// (96 KiB; [`outer`] 48 KiB, [`amx`] 70 KiB). None off x86-64, where only the portable path runs.
 #[cfg(target_arch = "x86_64")]
 pub const PANEL_BYTES: usize = 96 << 10;
 /// Bytes of a [`Panels`]: the portable path packs nothing.
@@ -78,12 +77,16 @@ impl Default for Panels {
     }
 }
 
-/// Output rows per task are a multiple of this: whole panels for [`avx512::gemm`] (with 32, a task
+/// Output rows per task are a multiple of this: whole panels for [`outer`]'s kernels (with 32, a task
 /// of 448 rows ended in a panel of 16 that cost a third of a whole one's work for a third of its
 /// outputs), whole groups of four for the GEMV and the dot-product tiles.
 const PANEL_ROWS: usize = 48;
 #[cfg(target_arch = "x86_64")]
-const _: () = assert!(PANEL_ROWS.is_multiple_of(avx512::NP) && PANEL_ROWS.is_multiple_of(4));
+const _: () = assert!(
+    PANEL_ROWS.is_multiple_of(outer::NP_AVX512)
+        && PANEL_ROWS.is_multiple_of(outer::NP_AVX2)
+        && PANEL_ROWS.is_multiple_of(4)
+);
 
 /// `out (t, w.rows) = x (t, w.cols) · wᵀ`, split over the executor by blocks of output rows.
 pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -> Result<(), Error> {
@@ -262,10 +265,11 @@ pub unsafe fn gemm_raw_mode<E: Kernel>(
         }
         Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m == 1 => return avx2::gemv_rows4(n, k, a, b, ldb, c, acc),
         Simd::Avx2 if m == 1 => return avx2::gemv(n, k, a, b, ldb, c, acc),
-        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m >= avx512::MIN_M => {
-            return avx512::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc, panels)
+        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m >= outer::MIN_M => {
+            return outer::gemm_avx512(m, n, k, a, lda, b, ldb, c, ldc, acc, panels)
         }
         Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 => return avx2::gemm_wide(m, n, k, a, lda, b, ldb, c, ldc, acc),
+        Simd::Avx2 if m >= outer::MIN_M => return outer::gemm_avx2(m, n, k, a, lda, b, ldb, c, ldc, acc, panels),
         Simd::Avx2 => return avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc),
         Simd::Portable => {}
     }
