@@ -12,6 +12,9 @@
 //! 16 × 16 × 32 tile product (a core issues one `tdpbf16ps` every 16 cycles: ≈ 8 ns at 2 GHz, so
 //! ≈ 4 ns a product on two cores).
 //!
+//! `gemm_sweep peak`: what one core's FMA units issue alone (twelve independent chains of FMAs in
+//! 16 lanes and in 8, GFLOP/s, best of 5), the ceiling the kernels' GFLOP/s are read against.
+//!
 //! `gemm_sweep amx-f32`: what f32-stored weights gain on the AMX tiles (issue 22: "split them too,
 //! once at load or per chunk: measure both"). Each f32 weight as bf16 hi + lo (|w − hi − lo| ≤
 //! 2⁻¹⁶·|w|), `x·hi + x·lo` on the AMX kernel in exact mode (`amx::gemm_split_with`, what `matmul`
@@ -33,6 +36,9 @@ fn main() {
     }
     if dtype == "amx-f32" {
         return f32_on_amx();
+    }
+    if dtype == "peak" {
+        return fma_peak();
     }
     let pool = Pool::new();
     println!("{dtype} weights, {:?} kernel, {} threads", pool.simd(), pool.threads());
@@ -290,6 +296,46 @@ fn f32_on_amx() {
             }
         }
     }
+}
+
+/// See the module doc: `gemm_sweep peak`.
+fn fma_peak() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        /// `$name`: GFLOP/s of `STEPS` × 12 FMAs on `$lanes`-lane vectors, each chain depending on
+        /// itself only (12 chains cover the FMA latency of both ports).
+        macro_rules! peak {
+            ($name:ident, $feature:literal, $lanes:literal, $set1:ident, $fma:ident) => {
+                #[target_feature(enable = $feature)]
+                unsafe fn $name() -> f64 {
+                    const STEPS: usize = 20_000_000;
+                    let secs = best_of_5(|| {
+                        let (b, c) = ($set1(0.999_999), $set1(1e-7));
+                        let mut acc = [$set1(1.0); 12];
+                        for _ in 0..STEPS {
+                            for a in acc.iter_mut() {
+                                *a = $fma(*a, b, c);
+                            }
+                        }
+                        std::hint::black_box(acc);
+                    });
+                    (STEPS * 12 * 2 * $lanes) as f64 / secs / 1e9
+                }
+            };
+        }
+        peak!(peak_avx512, "avx512f", 16, _mm512_set1_ps, _mm512_fmadd_ps);
+        peak!(peak_avx2, "avx2,fma", 8, _mm256_set1_ps, _mm256_fmadd_ps);
+        // SAFETY: each runs only where the CPU reports its features.
+        if is_x86_feature_detected!("avx512f") {
+            println!("FMA peak, one core, 16 lanes: {:6.1} GFLOP/s", unsafe { peak_avx512() });
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            println!("FMA peak, one core,  8 lanes: {:6.1} GFLOP/s", unsafe { peak_avx2() });
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    println!("gemm_sweep peak: x86-64 only");
 }
 
 /// Seconds of the fastest of five runs of `run`, after one more to warm up.
