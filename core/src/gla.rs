@@ -17,7 +17,7 @@
 use crate::error::{magnitude_bits, NON_FINITE_BITS};
 use crate::exec::{Exec, Shared, Simd};
 use crate::forget::WindowAt;
-use crate::gemm::{gemm_nt, gemm_raw, Panels};
+use crate::gemm::{gemm_nt, gemm_raw, Panels, Product};
 use crate::ops::{exp, fast_exp, transpose};
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -238,7 +238,22 @@ unsafe fn chunked_body(
         transpose(simd, s, vd, kd, vd, st, kd);
         // o = q̃·S (the state entering the block).
         let op = o.ptr().add(t0 * ldo + ooff);
-        gemm_raw(simd, len, vd, kd, qt.as_ptr(), kd, st.as_ptr(), kd, op, ldo, false, panels);
+        gemm_raw(
+            simd,
+            Product {
+                m: len,
+                n: vd,
+                k: kd,
+                a: qt.as_ptr(),
+                lda: kd,
+                b: st.as_ptr(),
+                ldb: kd,
+                c: op,
+                ldc: ldo,
+                acc: false,
+            },
+            panels,
+        );
         // A (len, len): masked decay-weighted q·k within the block. Pairs within one sub-block of
         // SUB tokens weigh each channel by exp(b′_t − b_s); a later query sub-block starting at
         // i0 reads the earlier tokens through the token r = i0 − 1 before it, as a product of
@@ -297,9 +312,40 @@ unsafe fn chunked_body(
                     ktt[si * kd + c] = kr[c] * fast_exp(br[c] - b[si * kd + c]);
                 }
             }
-            gemm_raw(simd, ni, i0, kd, qt.as_ptr(), kd, ktt.as_ptr(), kd, a.as_mut_ptr().add(i0 * q), q, false, panels);
+            let c = a.as_mut_ptr().add(i0 * q);
+            gemm_raw(
+                simd,
+                Product {
+                    m: ni,
+                    n: i0,
+                    k: kd,
+                    a: qt.as_ptr(),
+                    lda: kd,
+                    b: ktt.as_ptr(),
+                    ldb: kd,
+                    c,
+                    ldc: q,
+                    acc: false,
+                },
+                panels,
+            );
         }
-        gemm_raw(simd, len, vd, len, a.as_ptr(), q, vt.as_ptr(), q, op, ldo, true, panels);
+        gemm_raw(
+            simd,
+            Product {
+                m: len,
+                n: vd,
+                k: len,
+                a: a.as_ptr(),
+                lda: q,
+                b: vt.as_ptr(),
+                ldb: q,
+                c: op,
+                ldc: ldo,
+                acc: true,
+            },
+            panels,
+        );
         // S ← diag(exp(b_last))·S + K̃ᵀ·V with K̃_s = k_s ⊙ exp(b_last − b_s).
         // Row by row into qt (free now), then transposed: written straight into ktt's columns the
         // loop ran one lane at a time.

@@ -15,7 +15,7 @@
 use crate::error::{first_non_finite, need, Error};
 use crate::exec::{map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
-use crate::gemm::{gemm_nt, gemm_raw, matmul, Panels};
+use crate::gemm::{gemm_nt, gemm_raw, matmul, Panels, Product};
 use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{
     axpy, causal_conv_silu, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus, transpose,
@@ -511,7 +511,19 @@ impl<'a> Mamba2<'a> {
             // SAFETY: head hh alone writes columns hh·P..(hh+1)·P of rows t0.. of y.
             let yp = unsafe { ys.ptr().add(t0 * di + hh * p) };
             // The state entering the block, read by each C and decayed to its token: y = e·(C·Sᵀ) + D·x.
-            unsafe { gemm_raw(simd, len, p, n, ub[co..].as_ptr(), cd, s.as_ptr(), n, yp, di, false, panels) };
+            let prod = Product {
+                m: len,
+                n: p,
+                k: n,
+                a: ub[co..].as_ptr(),
+                lda: cd,
+                b: s.as_ptr(),
+                ldb: n,
+                c: yp,
+                ldc: di,
+                acc: false,
+            };
+            unsafe { gemm_raw(simd, prod, panels) };
             for i in 0..len {
                 let yr = unsafe { ys.range((t0 + i) * di + hh * p, p) };
                 let e = fast_exp(cum[i]);
@@ -532,7 +544,19 @@ impl<'a> Mamba2<'a> {
                 upper.fill(0.0);
             }
             transpose(simd, &ub[xo..], cd, len, p, xt, q);
-            unsafe { gemm_raw(simd, len, p, len, mm.as_ptr(), q, xt.as_ptr(), q, yp, di, true, panels) };
+            let prod = Product {
+                m: len,
+                n: p,
+                k: len,
+                a: mm.as_ptr(),
+                lda: q,
+                b: xt.as_ptr(),
+                ldb: q,
+                c: yp,
+                ldc: di,
+                acc: true,
+            };
+            unsafe { gemm_raw(simd, prod, panels) };
             // S ← exp(cum_last)·S + Σ_j exp(cum_last − cum_j)·dt_j·x_j·B_jᵀ  (= Xᵀ·(w∘B)).
             let last = cum[len - 1];
             transpose(simd, &ub[bo..], cd, len, n, wbt, q);

@@ -27,6 +27,8 @@
 use half::{bf16, f16};
 use std::time::Instant;
 use stuffed::exec::Pool;
+use stuffed_core::exec::MatmulMode;
+use stuffed_core::gemm::Product;
 use stuffed_core::{Data, Exec, Weight};
 
 fn main() {
@@ -139,7 +141,8 @@ fn amx_plans() {
                     let x: Vec<f32> = (0..t * cols).map(|i| ((i * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect();
                     let c = vec![0f32; t * rows];
                     let products = (t.div_ceil(16) * rows.div_ceil(16) * cols.div_ceil(32)) as f64;
-                    for fast in [false, true] {
+                    for mode in [MatmulMode::Exact, MatmulMode::Fast] {
+                        let fast = mode == MatmulMode::Fast;
                         let mut line = format!("{what:>20} {:5}", if fast { "fast" } else { "exact" });
                         for (name, plan) in plans {
                             let part = rows.div_ceil(threads).next_multiple_of(32);
@@ -161,8 +164,22 @@ fn amx_plans() {
                                                 );
                                                 stuffed::exec::with_thread_panels(&mut |p| {
                                                     amx::gemm_with(
-                                                        unit, plan, t, n, cols, xp, cols, wp, cols, cp, rows, false,
-                                                        fast, p,
+                                                        unit,
+                                                        plan,
+                                                        Product {
+                                                            m: t,
+                                                            n,
+                                                            k: cols,
+                                                            a: xp,
+                                                            lda: cols,
+                                                            b: wp,
+                                                            ldb: cols,
+                                                            c: cp,
+                                                            ldc: rows,
+                                                            acc: false,
+                                                        },
+                                                        mode,
+                                                        p,
                                                     )
                                                 })
                                             }
@@ -212,7 +229,13 @@ fn f32_on_amx() {
             ldc: usize,
         ) {
             stuffed::exec::with_thread_panels(&mut |p| {
-                amx::gemm_split_with(unit, t, n, k, x, k, (hi, lo), ldw, c, ldc, false, false, p)
+                amx::gemm_split_with(
+                    unit,
+                    Product { m: t, n, k, a: x, lda: k, b: hi, ldb: ldw, c, ldc, acc: false },
+                    lo,
+                    MatmulMode::Exact,
+                    p,
+                )
             })
         }
         let split = |w: &[f32], hi: &mut [bf16], lo: &mut [bf16]| {

@@ -13,7 +13,7 @@
 use half::{bf16, f16};
 use stuffed::exec::{AmxState, Pool};
 use stuffed_core::exec::{MatmulMode, Simd};
-use stuffed_core::gemm::{gemm_nt_mode, matmul};
+use stuffed_core::gemm::{gemm_nt_mode, matmul, Product};
 use stuffed_core::{Data, Exec, Weight};
 use stuffed_tests::{kernel_pools, values};
 
@@ -256,17 +256,8 @@ fn amx_blocking_over_emulated_tiles() {
                     amx::gemm_with(
                         amx::Tiles::Emulated,
                         amx::Plan::SINGLE_SCALAR,
-                        m,
-                        n,
-                        k,
-                        a,
-                        lda,
-                        w,
-                        ldb,
-                        c.as_mut_ptr(),
-                        ldc,
-                        acc,
-                        fast,
+                        Product { m, n, k, a, lda, b: w, ldb, c: c.as_mut_ptr(), ldc, acc },
+                        mode,
                         &mut panels,
                     )
                 };
@@ -286,17 +277,8 @@ fn amx_blocking_over_emulated_tiles() {
                         amx::gemm_with(
                             amx::Tiles::Emulated,
                             plan,
-                            m,
-                            n,
-                            k,
-                            a,
-                            lda,
-                            w,
-                            ldb,
-                            other.as_mut_ptr(),
-                            ldc,
-                            acc,
-                            fast,
+                            Product { m, n, k, a, lda, b: w, ldb, c: other.as_mut_ptr(), ldc, acc },
+                            mode,
                             &mut panels,
                         )
                     };
@@ -321,17 +303,19 @@ fn amx_blocking_over_emulated_tiles() {
                 amx::gemm_with(
                     amx::Tiles::Emulated,
                     plan,
-                    2,
-                    2,
-                    k,
-                    x.as_ptr(),
-                    k,
-                    w.as_ptr(),
-                    k,
-                    out.as_mut_ptr(),
-                    2,
-                    false,
-                    fast,
+                    Product {
+                        m: 2,
+                        n: 2,
+                        k,
+                        a: x.as_ptr(),
+                        lda: k,
+                        b: w.as_ptr(),
+                        ldb: k,
+                        c: out.as_mut_ptr(),
+                        ldc: 2,
+                        acc: false,
+                    },
+                    mode,
                     &mut panels,
                 )
             };
@@ -392,7 +376,8 @@ fn amx_tile_instructions_over_a_trap() {
     // Both blockings (their assembly differs); the packing variants are the blocking test's.
     let avx512 = amx_plans_here().contains(&Plan::BEST);
     let plans = [Plan { pairs: false, avx512, chunks: false }, Plan { pairs: true, avx512, chunks: true }];
-    for fast in [false, true] {
+    for mode in [MatmulMode::Exact, MatmulMode::Fast] {
+        let fast = mode == MatmulMode::Fast;
         for (s, &(m, n, k)) in shapes.iter().enumerate() {
             for acc in [false, true] {
                 let (lda, ldb, ldc) = (k + 3, k + 5, n + 2);
@@ -414,17 +399,8 @@ fn amx_tile_instructions_over_a_trap() {
                     amx::gemm_with(
                         amx::Tiles::Emulated,
                         Plan::SINGLE_SCALAR,
-                        m,
-                        n,
-                        k,
-                        a,
-                        lda,
-                        w,
-                        ldb,
-                        model.as_mut_ptr(),
-                        ldc,
-                        acc,
-                        fast,
+                        Product { m, n, k, a, lda, b: w, ldb, c: model.as_mut_ptr(), ldc, acc },
+                        mode,
                         &mut panels,
                     );
                 }
@@ -440,17 +416,8 @@ fn amx_tile_instructions_over_a_trap() {
                         amx::gemm_with(
                             Tiles::Hardware,
                             plan,
-                            m,
-                            n,
-                            k,
-                            a,
-                            lda,
-                            w,
-                            ldb,
-                            trap.as_mut_ptr(),
-                            ldc,
-                            acc,
-                            fast,
+                            Product { m, n, k, a, lda, b: w, ldb, c: trap.as_mut_ptr(), ldc, acc },
+                            mode,
                             &mut panels,
                         );
                     }
@@ -649,16 +616,82 @@ fn four_row_gemv_is_the_one_row_gemv_bit_for_bit() {
                     unsafe {
                         match dtype {
                             "f32" => {
-                                gemv(n, k, x.as_ptr(), w.f32.as_ptr(), k + 3, one.as_mut_ptr(), acc);
-                                gemv_rows4(n, k, x.as_ptr(), w.f32.as_ptr(), k + 3, four.as_mut_ptr(), acc);
+                                gemv(Product {
+                                    m: 1,
+                                    n,
+                                    k,
+                                    a: x.as_ptr(),
+                                    lda: k,
+                                    b: w.f32.as_ptr(),
+                                    ldb: k + 3,
+                                    c: one.as_mut_ptr(),
+                                    ldc: n,
+                                    acc,
+                                });
+                                gemv_rows4(Product {
+                                    m: 1,
+                                    n,
+                                    k,
+                                    a: x.as_ptr(),
+                                    lda: k,
+                                    b: w.f32.as_ptr(),
+                                    ldb: k + 3,
+                                    c: four.as_mut_ptr(),
+                                    ldc: n,
+                                    acc,
+                                });
                             }
                             "bf16" => {
-                                gemv(n, k, x.as_ptr(), w.bf16.as_ptr(), k + 3, one.as_mut_ptr(), acc);
-                                gemv_rows4(n, k, x.as_ptr(), w.bf16.as_ptr(), k + 3, four.as_mut_ptr(), acc);
+                                gemv(Product {
+                                    m: 1,
+                                    n,
+                                    k,
+                                    a: x.as_ptr(),
+                                    lda: k,
+                                    b: w.bf16.as_ptr(),
+                                    ldb: k + 3,
+                                    c: one.as_mut_ptr(),
+                                    ldc: n,
+                                    acc,
+                                });
+                                gemv_rows4(Product {
+                                    m: 1,
+                                    n,
+                                    k,
+                                    a: x.as_ptr(),
+                                    lda: k,
+                                    b: w.bf16.as_ptr(),
+                                    ldb: k + 3,
+                                    c: four.as_mut_ptr(),
+                                    ldc: n,
+                                    acc,
+                                });
                             }
                             _ => {
-                                gemv(n, k, x.as_ptr(), w.f16.as_ptr(), k + 3, one.as_mut_ptr(), acc);
-                                gemv_rows4(n, k, x.as_ptr(), w.f16.as_ptr(), k + 3, four.as_mut_ptr(), acc);
+                                gemv(Product {
+                                    m: 1,
+                                    n,
+                                    k,
+                                    a: x.as_ptr(),
+                                    lda: k,
+                                    b: w.f16.as_ptr(),
+                                    ldb: k + 3,
+                                    c: one.as_mut_ptr(),
+                                    ldc: n,
+                                    acc,
+                                });
+                                gemv_rows4(Product {
+                                    m: 1,
+                                    n,
+                                    k,
+                                    a: x.as_ptr(),
+                                    lda: k,
+                                    b: w.f16.as_ptr(),
+                                    ldb: k + 3,
+                                    c: four.as_mut_ptr(),
+                                    ldc: n,
+                                    acc,
+                                });
                             }
                         }
                     }
@@ -735,7 +768,8 @@ fn kernels_read_only_panel_bytes_they_wrote() {
     {
         use stuffed_core::gemm::amx::{self, Plan, Tiles};
         for plan in [Plan::SINGLE_SCALAR].into_iter().chain(amx_plans_here()) {
-            for fast in [false, true] {
+            for mode in [MatmulMode::Exact, MatmulMode::Fast] {
+                let fast = mode == MatmulMode::Fast;
                 for (s, &(m, n, k)) in shapes.iter().enumerate() {
                     let a = values(m * k, s as u64 * 3 + 1);
                     let w: Vec<bf16> = values(n * k, s as u64 * 3 + 2).iter().map(|&v| bf16::from_f32(v)).collect();
@@ -744,7 +778,13 @@ fn kernels_read_only_panel_bytes_they_wrote() {
                         // SAFETY: a is m × k, w n × k, out m × n; AVX-512 plans only where the CPU has it.
                         unsafe {
                             let (ap, wp, op) = (a.as_ptr(), w.as_ptr(), outs[i].as_mut_ptr());
-                            amx::gemm_with(Tiles::Emulated, plan, m, n, k, ap, k, wp, k, op, n, false, fast, p)
+                            amx::gemm_with(
+                                Tiles::Emulated,
+                                plan,
+                                Product { m, n, k, a: ap, lda: k, b: wp, ldb: k, c: op, ldc: n, acc: false },
+                                mode,
+                                p,
+                            )
                         }
                     });
                     let what = format!("amx emulated {plan:?} fast={fast} ({m}, {n}, {k})");

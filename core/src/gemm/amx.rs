@@ -34,7 +34,8 @@
 //!
 //! The packing and the transposed add run on AVX-512 ([`Plan::avx512`]; an AMX CPU has AVX512-BF16)
 //! or as scalar loops (the reference they are tested against, bit for bit).
-use super::{Panels, PANEL_BYTES};
+use super::{Panels, Product, PANEL_BYTES};
+use crate::exec::MatmulMode;
 use core::arch::x86_64::*;
 use half::bf16;
 
@@ -458,22 +459,8 @@ impl TileUnit for Emulated {
 /// # Safety
 /// As [`super::gemm_raw`]; the CPU must have AMX-TILE, AMX-BF16 and AVX512-BF16, and the OS must
 /// have granted the process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)` on Linux).
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const bf16,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    fast: bool,
-    panels: &mut Panels,
-) {
-    gemm_on::<Hardware>(Plan::BEST, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, panels)
+pub unsafe fn gemm(p: Product<bf16>, mode: MatmulMode, panels: &mut Panels) {
+    gemm_on::<Hardware>(Plan::BEST, p, mode == MatmulMode::Fast, panels)
 }
 
 /// What runs the tile instructions of [`gemm_with`].
@@ -497,34 +484,19 @@ pub enum Tiles {
 /// # Safety
 /// As [`super::gemm_raw`]; AVX512-BF16 where `plan.avx512`; for [`Tiles::Hardware`], as [`gemm`].
 #[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_with(
-    tiles: Tiles,
-    plan: Plan,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const bf16,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    fast: bool,
-    panels: &mut Panels,
-) {
-    let p = panels;
+pub unsafe fn gemm_with(tiles: Tiles, plan: Plan, p: Product<bf16>, mode: MatmulMode, panels: &mut Panels) {
+    let fast = mode == MatmulMode::Fast;
     match tiles {
-        Tiles::Hardware => gemm_on::<Hardware>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, p),
-        Tiles::Emulated => gemm_on::<Emulated>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, p),
-        Tiles::Skipped => gemm_on::<NoTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, p),
-        Tiles::Loads => gemm_on::<TouchTiles>(plan, m, n, k, a, lda, b, ldb, c, ldc, acc, fast, p),
+        Tiles::Hardware => gemm_on::<Hardware>(plan, p, fast, panels),
+        Tiles::Emulated => gemm_on::<Emulated>(plan, p, fast, panels),
+        Tiles::Skipped => gemm_on::<NoTiles>(plan, p, fast, panels),
+        Tiles::Loads => gemm_on::<TouchTiles>(plan, p, fast, panels),
     }
 }
 
 /// `c (+)= a · (hi + lo)ᵀ` for an f32 weight held as its bf16 halves
-/// ([`crate::weight::SplitHalves`], both with row stride `ldb`): `a·hi`, then `a·lo` added, both
+/// ([`crate::weight::SplitHalves`]): `hi` is the product over the hi half, `lo` the lo half's first
+/// row, laid out as `hi.b` (row stride `hi.ldb`). `a·hi`, then `a·lo` added, both
 /// in the call's mode. Four `tdpbf16ps` a tile product exact, two fast; two passes over the
 /// activations (one pass feeding both halves is for the AMX machine to try). Exact mode keeps
 /// `a_lo·lo` (≤ 2⁻¹⁸ of the product): dropped, the tiny gated-DeltaNet goldens' logits moved by
@@ -532,24 +504,9 @@ pub unsafe fn gemm_with(
 ///
 /// # Safety
 /// As [`gemm_with`], for `hi` and `lo` alike.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_split_with(
-    tiles: Tiles,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    (hi, lo): (*const bf16, *const bf16),
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    fast: bool,
-    panels: &mut Panels,
-) {
-    gemm_with(tiles, Plan::BEST, m, n, k, a, lda, hi, ldb, c, ldc, acc, fast, panels);
-    gemm_with(tiles, Plan::BEST, m, n, k, a, lda, lo, ldb, c, ldc, true, fast, panels);
+pub unsafe fn gemm_split_with(tiles: Tiles, hi: Product<bf16>, lo: *const bf16, mode: MatmulMode, panels: &mut Panels) {
+    gemm_with(tiles, Plan::BEST, hi, mode, panels);
+    gemm_with(tiles, Plan::BEST, Product { acc: true, ..hi.with_b(lo) }, mode, panels);
 }
 
 /// Reads what the tile loads would ([`Tiles::Loads`]) and multiplies nothing.
@@ -619,22 +576,8 @@ struct Dst {
     avx512: bool,
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_on<T: TileUnit>(
-    plan: Plan,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const bf16,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    fast: bool,
-    panels: &mut Panels,
-) {
+unsafe fn gemm_on<T: TileUnit>(plan: Plan, p: Product<bf16>, fast: bool, panels: &mut Panels) {
+    let Product { m, n, k, a, lda, b, ldb, c, ldc, acc } = p;
     if k == 0 {
         if !acc {
             super::clear(m, n, c, ldc);
@@ -646,8 +589,7 @@ unsafe fn gemm_on<T: TileUnit>(
         let nc = (L2_WEIGHTS / (2 * k) / 32 * 32).max(32);
         let whole = Plan { chunks: false, ..plan };
         for n0 in (0..n).step_by(nc) {
-            let (b, c) = (b.add(n0 * ldb), c.add(n0));
-            gemm_on::<T>(whole, m, nc.min(n - n0), k, a, lda, b, ldb, c, ldc, acc, fast, panels);
+            gemm_on::<T>(whole, p.part(0, n0, m, nc.min(n - n0)), fast, panels);
         }
         return;
     }

@@ -2,6 +2,7 @@
 //! AVX-512 with 4 × 4 in 16 lanes; weights widened to f32 on load (bf16 by a shift, f16 by F16C).
 //! Products of [`super::outer::MIN_M`] rows or more take [`super::outer`]'s panels instead; the
 //! one-row GEMVs of a token step live here too.
+use super::Product;
 use crate::weight::Elem;
 use core::arch::x86_64::*;
 use half::{bf16, f16};
@@ -68,19 +69,8 @@ const TB: usize = 64;
 /// # Safety
 /// As [`super::gemm_raw`]; the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm<E: Kernel>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const E,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-) {
+pub unsafe fn gemm<E: Kernel>(p: Product<E>) {
+    let (m, n) = (p.m, p.n);
     let mut i0 = 0;
     while i0 < m {
         let i1 = (i0 + TB).min(m);
@@ -89,9 +79,9 @@ pub unsafe fn gemm<E: Kernel>(
             let two = j + 2 <= n;
             let mut i = i0;
             while i < i1 {
-                let (ap, bp, cp) = (a.add(i * lda), b.add(j * ldb), c.add(i * ldc + j));
-                let args = (ap, lda, bp, ldb, k, cp, ldc, acc);
-                match ((i1 - i).min(4), two) {
+                let mt = (i1 - i).min(4);
+                let args = p.part(i, j, mt, if two { 2 } else { 1 });
+                match (mt, two) {
                     (4, true) => tile::<4, 2, E>(args),
                     (3, true) => tile::<3, 2, E>(args),
                     (2, true) => tile::<2, 2, E>(args),
@@ -115,19 +105,8 @@ pub unsafe fn gemm<E: Kernel>(
 /// # Safety
 /// As [`super::gemm_raw`]; the CPU must have AVX2, FMA, F16C and AVX-512F/VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_wide<E: Kernel>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const E,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-) {
+pub unsafe fn gemm_wide<E: Kernel>(p: Product<E>) {
+    let (m, n) = (p.m, p.n);
     let mut i0 = 0;
     while i0 < m {
         let i1 = (i0 + TB).min(m);
@@ -136,9 +115,9 @@ pub unsafe fn gemm_wide<E: Kernel>(
             let nr = (n - j).min(4);
             let mut i = i0;
             while i < i1 {
-                let (ap, bp, cp) = (a.add(i * lda), b.add(j * ldb), c.add(i * ldc + j));
-                let args = (ap, lda, bp, ldb, k, cp, ldc, acc);
-                match ((i1 - i).min(4), nr) {
+                let mt = (i1 - i).min(4);
+                let args = p.part(i, j, mt, nr);
+                match (mt, nr) {
                     (4, 4) => tile_z::<4, 4, E>(args),
                     (3, 4) => tile_z::<3, 4, E>(args),
                     (2, 4) => tile_z::<2, 4, E>(args),
@@ -148,7 +127,7 @@ pub unsafe fn gemm_wide<E: Kernel>(
                     (4, _) => tile_z::<4, 1, E>(args),
                     (mt, nr) => {
                         for r in 0..nr {
-                            let args = (ap, lda, bp.add(r * ldb), ldb, k, cp.add(r), ldc, acc);
+                            let args = p.part(i, j + r, mt, 1);
                             match mt {
                                 3 => tile_z::<3, 1, E>(args),
                                 2 => tile_z::<2, 1, E>(args),
@@ -165,15 +144,14 @@ pub unsafe fn gemm_wide<E: Kernel>(
     }
 }
 
-type TileArgs<E> = (*const f32, usize, *const E, usize, usize, *mut f32, usize, bool);
-
 /// `c[j] (+)= a · b_j` for one row of `a` (a token step's GEMV): each row of `b` in one
 /// sequential pass with four partial sums, so the weights stream from memory front to back.
 ///
 /// # Safety
 /// As [`super::gemm_raw`]; the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemv<E: Kernel>(n: usize, k: usize, a: *const f32, b: *const E, ldb: usize, c: *mut f32, acc: bool) {
+pub unsafe fn gemv<E: Kernel>(p: Product<E>) {
+    let Product { n, k, a, b, ldb, c, acc, .. } = p;
     let k32 = k / 32 * 32;
     let kv = k / 8 * 8;
     for j in 0..n {
@@ -219,15 +197,8 @@ fn prefetch_ahead<E>(p: *const E) {
 /// # Safety
 /// As [`super::gemm_raw`]; the CPU must have AVX2, FMA, F16C and AVX-512F/VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-pub unsafe fn gemv_rows4<E: Kernel>(
-    n: usize,
-    k: usize,
-    a: *const f32,
-    b: *const E,
-    ldb: usize,
-    c: *mut f32,
-    acc: bool,
-) {
+pub unsafe fn gemv_rows4<E: Kernel>(p: Product<E>) {
+    let Product { n, k, a, b, ldb, c, acc, .. } = p;
     let k32 = k / 32 * 32;
     let kv = k / 8 * 8;
     let n4 = n / 4 * 4;
@@ -237,8 +208,8 @@ pub unsafe fn gemv_rows4<E: Kernel>(
         let mut s = [[_mm256_setzero_ps(); 4]; 4];
         let mut l = 0;
         while l < k32 {
-            for p in bp {
-                prefetch_ahead(p.add(l));
+            for row in bp {
+                prefetch_ahead(row.add(l));
             }
             for u in 0..4 {
                 let o = l + 8 * u;
@@ -267,7 +238,7 @@ pub unsafe fn gemv_rows4<E: Kernel>(
         j += 4;
     }
     if j < n {
-        gemv(n - j, k, a, b.add(j * ldb), ldb, c.add(j), acc);
+        gemv(p.part(0, j, 1, n - j));
     }
 }
 
@@ -333,7 +304,7 @@ impl Lanes for __m512 {
 /// An `MT × NR` block of `c` from `MT` rows of `a` and `NR` rows of `b`, 8 lanes (AVX2).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn tile<const MT: usize, const NR: usize, E: Kernel>(args: TileArgs<E>) {
+unsafe fn tile<const MT: usize, const NR: usize, E: Kernel>(args: Product<E>) {
     tile_in::<__m256, MT, NR, E>(args)
 }
 
@@ -341,16 +312,15 @@ unsafe fn tile<const MT: usize, const NR: usize, E: Kernel>(args: TileArgs<E>) {
 /// 0.88× the wall time of the 8-lane tile on 130m `logits`, 0.74× on `bench --preset 370m` (paired).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
 #[inline]
-unsafe fn tile_z<const MT: usize, const NR: usize, E: Kernel>(args: TileArgs<E>) {
+unsafe fn tile_z<const MT: usize, const NR: usize, E: Kernel>(args: Product<E>) {
     tile_in::<__m512, MT, NR, E>(args)
 }
 
 /// The tile's body: dot products of `V::N` lanes, then a scalar tail over `k mod V::N`. Inlined
 /// into [`tile`] or [`tile_z`], whose target features decide the instructions.
 #[inline(always)]
-unsafe fn tile_in<V: Lanes, const MT: usize, const NR: usize, E: Kernel>(
-    (xp, lda, wp, ldb, k, cp, ldc, acc): TileArgs<E>,
-) {
+unsafe fn tile_in<V: Lanes, const MT: usize, const NR: usize, E: Kernel>(p: Product<E>) {
+    let Product { k, a: xp, lda, b: wp, ldb, c: cp, ldc, acc, .. } = p;
     let mut sums = [[V::zero(); NR]; MT];
     let kv = k / V::N * V::N;
     let mut l = 0;

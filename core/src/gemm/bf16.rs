@@ -18,7 +18,8 @@
 //!
 //! [`MatmulMode::Exact`]: crate::exec::MatmulMode::Exact
 //! [`MatmulMode::Fast`]: crate::exec::MatmulMode::Fast
-use super::{Panels, PANEL_BYTES};
+use super::{Panels, Product, PANEL_BYTES};
+use crate::exec::MatmulMode;
 use core::arch::x86_64::*;
 use half::bf16;
 
@@ -35,21 +36,9 @@ const _: () = assert!(2 * TB * KC * 2 <= PANEL_BYTES);
 /// # Safety
 /// As [`super::gemm_raw`]; the CPU must have AVX-512F/BW/VL and AVX512-BF16.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const bf16,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    fast: bool,
-    panels: &mut Panels,
-) {
+pub unsafe fn gemm(p: Product<bf16>, mode: MatmulMode, panels: &mut Panels) {
+    let Product { m, n, k, a, lda, b, ldb, c, ldc, acc } = p;
+    let fast = mode == MatmulMode::Fast;
     if k == 0 {
         if !acc {
             super::clear(m, n, c, ldc);
@@ -84,18 +73,18 @@ pub unsafe fn gemm(
                 let mut i = i0;
                 while i < i1 {
                     let o = (i - i0) * kp;
-                    let args = (
-                        hi.add(o) as *const u16,
-                        lo.add(o) as *const u16,
+                    let args = Block {
+                        hi: hi.add(o) as *const u16,
+                        lo: lo.add(o) as *const u16,
                         kp,
-                        bp,
+                        w: bp,
                         ldb,
                         kc,
-                        c.add(i * ldc + j),
+                        c: c.add(i * ldc + j),
                         ldc,
                         add,
                         stream,
-                    );
+                    };
                     let mt = (i1 - i).min(4);
                     if fast {
                         tiles::<true>(mt, nr, args);
@@ -112,12 +101,29 @@ pub unsafe fn gemm(
     }
 }
 
-/// (hi, lo, row stride of both, weights, ldb, columns, c, ldc, add to c, prefetch the weights ahead)
-type Args = (*const u16, *const u16, usize, *const u16, usize, usize, *mut f32, usize, bool, bool);
+/// One tile's operands: split activation rows against weight rows, over one K block.
+#[derive(Clone, Copy)]
+struct Block {
+    /// The rows' bf16 hi and lo halves, `kp` apart (zero-padded to `kp`, a multiple of 32).
+    hi: *const u16,
+    lo: *const u16,
+    kp: usize,
+    /// The weight rows (bf16 bits), `ldb` apart, at this block's first column.
+    w: *const u16,
+    ldb: usize,
+    /// Columns in the block.
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    /// Add to what `c` holds.
+    add: bool,
+    /// Prefetch the weights ahead (one activation row: the weights stream).
+    stream: bool,
+}
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
-unsafe fn tiles<const FAST: bool>(mt: usize, nr: usize, args: Args) {
+unsafe fn tiles<const FAST: bool>(mt: usize, nr: usize, args: Block) {
     match (mt, nr) {
         (4, 4) => tile::<4, 4, FAST>(args),
         (4, 3) => tile::<4, 3, FAST>(args),
@@ -225,9 +231,8 @@ unsafe fn cast_bh(v: __m512i) -> __m512bh {
 /// An `MT × NR` block of `c`: `MT` split activation rows against `NR` weight rows.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
-unsafe fn tile<const MT: usize, const NR: usize, const FAST: bool>(
-    (hi, lo, kp, w, ldb, kc, c, ldc, add, stream): Args,
-) {
+unsafe fn tile<const MT: usize, const NR: usize, const FAST: bool>(b: Block) {
+    let Block { hi, lo, kp, w, ldb, kc, c, ldc, add, stream } = b;
     let mut s = [[_mm512_setzero_ps(); NR]; MT];
     let full = kc / 32 * 32;
     let mut wv = [cast_bh(_mm512_setzero_si512()); NR];

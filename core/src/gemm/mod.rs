@@ -107,36 +107,21 @@ pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -
         if o0 < o1 {
             ex.with_panels(&mut |panels| {
                 let c = shared.ptr().wrapping_add(o0);
+                let n = o1 - o0;
                 #[cfg(target_arch = "x86_64")]
                 if let Some(h) = halves {
-                    let fast = mode == MatmulMode::Fast;
                     let (hi, lo) = (h.hi[o0 * k..].as_ptr(), h.lo[o0 * k..].as_ptr());
-                    let n = o1 - o0;
+                    let p = Product { m: t, n, k, a: x.as_ptr(), lda: k, b: hi, ldb: k, c, ldc: rows, acc: false };
                     // SAFETY: `split_halves` returns halves only on the AMX level (the host granted
                     // the tiles) and of the weight's length; each task writes only columns o0..o1.
-                    unsafe {
-                        amx::gemm_split_with(
-                            amx::Tiles::Hardware,
-                            t,
-                            n,
-                            k,
-                            x.as_ptr(),
-                            k,
-                            (hi, lo),
-                            k,
-                            c,
-                            rows,
-                            false,
-                            fast,
-                            panels,
-                        )
-                    };
+                    unsafe { amx::gemm_split_with(amx::Tiles::Hardware, p, lo, mode, panels) };
                     return;
                 }
                 // SAFETY: sizes checked above; each task writes only columns o0..o1 of the output.
                 with_slice!(w.data, s => unsafe {
                     let b = s.as_ptr().add(o0 * k);
-                    gemm_raw_mode(simd, mode, t, o1 - o0, k, x.as_ptr(), k, b, k, c, rows, false, panels)
+                    let p = Product { m: t, n, k, a: x.as_ptr(), lda: k, b, ldb: k, c, ldc: rows, acc: false };
+                    gemm_raw_mode(simd, mode, p, panels)
                 })
             });
         }
@@ -205,75 +190,87 @@ pub fn gemm_nt_mode<E: Kernel>(
     crate::error::need("gemm b", b.len(), (n - 1) * ldb + k)?;
     crate::error::need("gemm c", c.len(), (m - 1) * ldc + n)?;
     // SAFETY: every index the kernel touches is within the lengths checked above.
-    unsafe { gemm_raw_mode(simd, mode, m, n, k, a.as_ptr(), lda, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, acc, panels) };
+    let p = Product { m, n, k, a: a.as_ptr(), lda, b: b.as_ptr(), ldb, c: c.as_mut_ptr(), ldc, acc };
+    unsafe { gemm_raw_mode(simd, mode, p, panels) };
     Ok(())
+}
+
+/// One product on raw pointers, what [`gemm_raw`] and every kernel take:
+/// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[j·ldb + l]` for `i < m, j < n, l < k`; `acc` adds to what
+/// `c` holds.
+#[derive(Clone, Copy, Debug)]
+pub struct Product<E> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: *const f32,
+    pub lda: usize,
+    pub b: *const E,
+    pub ldb: usize,
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub acc: bool,
+}
+
+impl<E> Product<E> {
+    /// The `m × n` part of this product from row `i` of `a` and row `j` of `b` (all of `k`).
+    ///
+    /// # Safety
+    /// The part must lie within the product's extents.
+    #[inline(always)]
+    pub unsafe fn part(self, i: usize, j: usize, m: usize, n: usize) -> Product<E> {
+        Product {
+            m,
+            n,
+            a: self.a.add(i * self.lda),
+            b: self.b.add(j * self.ldb),
+            c: self.c.add(i * self.ldc + j),
+            ..self
+        }
+    }
+
+    /// The same product over another weight pointer of the same layout (the other bf16 half).
+    #[inline(always)]
+    pub fn with_b<F>(self, b: *const F) -> Product<F> {
+        let Product { m, n, k, a, lda, ldb, c, ldc, acc, .. } = self;
+        Product { m, n, k, a, lda, b, ldb, c, ldc, acc }
+    }
 }
 
 /// [`gemm_nt`] on raw pointers, for outputs that parallel tasks share by disjoint columns.
 ///
 /// # Safety
-/// `a`, `b` and `c` must be valid for the strided extents `gemm_nt` checks, and no other thread
-/// may touch the elements of `c` this call writes.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_raw<E: Kernel>(
-    simd: Simd,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const E,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    panels: &mut Panels,
-) {
-    gemm_raw_mode(simd, MatmulMode::Exact, m, n, k, a, lda, b, ldb, c, ldc, acc, panels)
+/// `p.a`, `p.b` and `p.c` must be valid for the strided extents `gemm_nt` checks, and no other
+/// thread may touch the elements of `p.c` this call writes.
+pub unsafe fn gemm_raw<E: Kernel>(simd: Simd, p: Product<E>, panels: &mut Panels) {
+    gemm_raw_mode(simd, MatmulMode::Exact, p, panels)
 }
 
 /// [`gemm_raw`] with a [`MatmulMode`] for the bf16 kernels.
 ///
 /// # Safety
 /// As [`gemm_raw`].
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_raw_mode<E: Kernel>(
-    simd: Simd,
-    mode: MatmulMode,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const E,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    panels: &mut Panels,
-) {
+pub unsafe fn gemm_raw_mode<E: Kernel>(simd: Simd, mode: MatmulMode, p: Product<E>, panels: &mut Panels) {
+    let m = p.m;
     #[cfg(target_arch = "x86_64")]
     match simd {
         // SAFETY (all): the host reported these features at run time; a bf16 `E` is `half::bf16`.
         Simd::Amx if m > 1 && E::DTYPE == crate::weight::DType::Bf16 => {
-            let fast = mode == MatmulMode::Fast;
-            return amx::gemm(m, n, k, a, lda, b as *const half::bf16, ldb, c, ldc, acc, fast, panels);
+            return amx::gemm(p.with_b(p.b as *const half::bf16), mode, panels)
         }
         Simd::Avx512Bf16 | Simd::Amx if E::DTYPE == crate::weight::DType::Bf16 => {
-            let fast = mode == MatmulMode::Fast;
-            return bf16::gemm(m, n, k, a, lda, b as *const half::bf16, ldb, c, ldc, acc, fast, panels);
+            return bf16::gemm(p.with_b(p.b as *const half::bf16), mode, panels)
         }
-        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m == 1 => return avx2::gemv_rows4(n, k, a, b, ldb, c, acc),
-        Simd::Avx2 if m == 1 => return avx2::gemv(n, k, a, b, ldb, c, acc),
-        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m >= outer::MIN_M => {
-            return outer::gemm_avx512(m, n, k, a, lda, b, ldb, c, ldc, acc, panels)
-        }
-        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 => return avx2::gemm_wide(m, n, k, a, lda, b, ldb, c, ldc, acc),
-        Simd::Avx2 if m >= outer::MIN_M => return outer::gemm_avx2(m, n, k, a, lda, b, ldb, c, ldc, acc, panels),
-        Simd::Avx2 => return avx2::gemm(m, n, k, a, lda, b, ldb, c, ldc, acc),
+        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m == 1 => return avx2::gemv_rows4(p),
+        Simd::Avx2 if m == 1 => return avx2::gemv(p),
+        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m >= outer::MIN_M => return outer::gemm_avx512(p, panels),
+        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 => return avx2::gemm_wide(p),
+        Simd::Avx2 if m >= outer::MIN_M => return outer::gemm_avx2(p, panels),
+        Simd::Avx2 => return avx2::gemm(p),
         Simd::Portable => {}
     }
     let _ = (simd, mode, panels);
+    let Product { n, k, a, lda, b, ldb, c, ldc, acc, .. } = p;
     for i in 0..m {
         let ar = core::slice::from_raw_parts(a.add(i * lda), k);
         for j in 0..n {

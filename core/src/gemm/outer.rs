@@ -20,7 +20,7 @@
 //! Each output is summed in order along the reduction, carried in `c` from one slice to the next
 //! (f32 stores and loads, exact), so its error is the sequential sum's.
 use super::avx2::Kernel;
-use super::{Panels, PANEL_BYTES};
+use super::{Panels, Product, PANEL_BYTES};
 use crate::lanes::{Avx2, Avx512, Lanes};
 use core::arch::x86_64::*;
 
@@ -51,21 +51,8 @@ const _: () = assert!(MR_AVX512 <= 8 && MR_AVX2 <= 8 && NV_AVX512 <= MAX_NV && N
 /// # Safety
 /// As [`super::gemm_raw`]; the CPU must have AVX2, FMA, F16C and AVX-512F/VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_avx512<E: Kernel>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const E,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    panels: &mut Panels,
-) {
-    gemm::<Avx512, E, MR_AVX512, NV_AVX512>(m, n, k, a, lda, b, ldb, c, ldc, acc, panels)
+pub unsafe fn gemm_avx512<E: Kernel>(p: Product<E>, panels: &mut Panels) {
+    gemm::<Avx512, E, MR_AVX512, NV_AVX512>(p, panels)
 }
 
 /// [`gemm_avx512`] in 8 lanes.
@@ -73,21 +60,8 @@ pub unsafe fn gemm_avx512<E: Kernel>(
 /// # Safety
 /// As [`super::gemm_raw`]; the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_avx2<E: Kernel>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const E,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    panels: &mut Panels,
-) {
-    gemm::<Avx2, E, MR_AVX2, NV_AVX2>(m, n, k, a, lda, b, ldb, c, ldc, acc, panels)
+pub unsafe fn gemm_avx2<E: Kernel>(p: Product<E>, panels: &mut Panels) {
+    gemm::<Avx2, E, MR_AVX2, NV_AVX2>(p, panels)
 }
 
 /// A vector width that can pack a panel: `W` weight rows × `W` columns at a time, widened on load
@@ -121,20 +95,8 @@ unsafe fn pack<L: Panel, E: Kernel>(b: *const E, ldb: usize, nw: usize, kc: usiz
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm<L: Panel, E: Kernel, const MR: usize, const NV: usize>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const E,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-    panels: &mut Panels,
-) {
+unsafe fn gemm<L: Panel, E: Kernel, const MR: usize, const NV: usize>(p: Product<E>, panels: &mut Panels) {
+    let Product { m, n, k, a, lda, b, ldb, c, ldc, acc } = p;
     if k == 0 {
         if !acc {
             super::clear(m, n, c, ldc);
