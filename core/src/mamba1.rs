@@ -34,8 +34,14 @@ use crate::ops::{
 };
 use crate::weight::Weight;
 
-/// Channels per parallel task of the scan (the chunked form's vector width across channels).
-const TASK_CHANNELS: usize = 16;
+/// Channels per parallel task of the scan (the chunked form's vector width across channels): four
+/// AVX-512 vectors, whose read-outs the vector scan sums side by side (0.66× its time of one
+/// vector's 16 channels, outputs bit for bit the same; README "CPU speed").
+const TASK_CHANNELS: usize = 64;
+/// Vectors of channels the vector scan carries through the tokens at once: four independent
+/// read-out chains, and, in 16 or 8 lanes, still room in the registers for Δ, Δ·u and the sums.
+#[cfg(target_arch = "x86_64")]
+const GROUP: usize = 4;
 /// How many tokens ahead the vector scan asks for its task's Δ, u and read-out rows: a token's
 /// rows lie `d_inner` floats apart, a stride no hardware prefetcher follows across pages, and
 /// without the hint each token began with misses (3 pairs of `bench`: 0.93× wall time with it).
@@ -440,14 +446,14 @@ impl<'a> Mamba1<'a> {
         });
     }
 
-    /// [`Self::scan_task_lanes`] on AVX-512: one 16-lane vector holds a task's channels.
+    /// [`Self::scan_task_lanes`] on AVX-512: four 16-lane vectors hold a task's channels.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn scan_task_avx512(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
         self.scan_task_lanes::<crate::lanes::Avx512>(io, c0, s, buf, ys)
     }
 
-    /// [`Self::scan_task_lanes`] on AVX2 + FMA: two 8-lane vectors.
+    /// [`Self::scan_task_lanes`] on AVX2 + FMA: eight 8-lane vectors, four at a time.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn scan_task_avx2(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
@@ -525,10 +531,11 @@ impl<'a> Mamba1<'a> {
         self.tiles_out(st, s);
     }
 
-    /// [`Self::scan_task`] in `L`'s vectors (`TASK_CHANNELS / L::W` of them per lane row), every
-    /// multiply-add one FMA and `exp` [`Lanes::exp`]: a 16-channel row of the update is ~21 vector
-    /// operations where the portable form's was ~33, and the scan was bound by issuing them (its
-    /// time fell to 0.63×, README "CPU speed"). Δ, u and the read-outs move as (masked) vectors.
+    /// [`Self::scan_task`] in `L`'s vectors (`TASK_CHANNELS / L::W` of them per lane row, [`GROUP`]
+    /// at a time), every multiply-add one FMA and `exp` [`Lanes::exp`]: a 16-channel row of the
+    /// update is ~21 vector operations where the portable form's was ~33, and the scan was bound by
+    /// issuing them (its time fell to 0.63×, README "CPU speed"). Δ, u and the read-outs move as
+    /// (masked) vectors.
     ///
     /// # Safety
     /// The CPU has `L`'s target features and the caller's function is compiled with them; this
@@ -537,7 +544,6 @@ impl<'a> Mamba1<'a> {
     #[inline(always)]
     unsafe fn scan_task_lanes<L: Lanes>(&self, io: &ScanIo, c0: usize, s: &mut [f32], buf: &mut [f32], ys: &Shared) {
         const TC: usize = TASK_CHANNELS;
-        const MAX_VECTORS: usize = TC / 8;
         use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let c = &self.cfg;
         let (di, n, r, xr) = (c.d_inner, c.d_state, c.dt_rank, c.x_proj_rows());
@@ -546,49 +552,50 @@ impl<'a> Mamba1<'a> {
         let (st, at) = buf.split_at_mut(n * TC);
         let mut dv = [0f32; TC];
         self.tiles_in(io, c0, s, st, at, &mut dv);
-        // Vectors holding at least one of the task's channels, and their masks.
-        let nv = cn.div_ceil(L::W);
-        let mut mask = [L::all(); MAX_VECTORS];
-        let mut dvv = [L::zero(); MAX_VECTORS];
-        for v in 0..nv {
-            if cn - v * L::W < L::W {
-                mask[v] = L::first(cn - v * L::W);
-            }
-            dvv[v] = L::load(L::all(), dv.as_ptr().add(v * L::W));
-        }
         let (sp, ap) = (st.as_mut_ptr(), at.as_ptr());
-        for tt in 0..io.t {
-            let row = tt * di + c0;
-            if tt + PREFETCH_TOKENS < io.t {
-                let ahead = row + PREFETCH_TOKENS * di;
-                _mm_prefetch::<_MM_HINT_T0>(io.dt.as_ptr().add(ahead) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(io.u.as_ptr().add(ahead) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(ys.ptr().add(ahead) as *const i8);
-            }
-            let (mut dl, mut uv, mut du, mut y) = (
-                [L::zero(); MAX_VECTORS],
-                [L::zero(); MAX_VECTORS],
-                [L::zero(); MAX_VECTORS],
-                [L::zero(); MAX_VECTORS],
-            );
+        // Up to GROUP vectors of channels go through all the tokens together: their read-outs are
+        // independent chains of N multiply-adds, which one vector alone left waiting on latency.
+        for g0 in (0..cn).step_by(GROUP * L::W) {
+            let gn = (cn - g0).min(GROUP * L::W);
+            // Vectors holding at least one of the group's channels, and their masks.
+            let nv = gn.div_ceil(L::W);
+            let mut mask = [L::all(); GROUP];
+            let mut dvv = [L::zero(); GROUP];
             for v in 0..nv {
-                dl[v] = L::load(mask[v], io.dt.as_ptr().add(row + v * L::W));
-                uv[v] = L::load(mask[v], io.u.as_ptr().add(row + v * L::W));
-                du[v] = dl[v].mul(uv[v]);
-            }
-            let xd = &io.xdb[tt * xr + r..tt * xr + r + 2 * n];
-            for nn in 0..n {
-                let (bn, cv) = (L::splat(xd[nn]), L::splat(xd[n + nn]));
-                for v in 0..nv {
-                    let at = nn * TC + v * L::W;
-                    let e = dl[v].mul_add(L::load(L::all(), ap.add(at)), la).exp();
-                    let sv = e.mul_add(L::load(L::all(), sp.add(at)), du[v].mul(bn));
-                    sv.store(L::all(), sp.add(at));
-                    y[v] = sv.mul_add(cv, y[v]);
+                if gn - v * L::W < L::W {
+                    mask[v] = L::first(gn - v * L::W);
                 }
+                dvv[v] = L::load(L::all(), dv.as_ptr().add(g0 + v * L::W));
             }
-            for v in 0..nv {
-                dvv[v].mul_add(uv[v], y[v]).store(mask[v], ys.ptr().add(row + v * L::W));
+            for tt in 0..io.t {
+                let row = tt * di + c0 + g0;
+                if tt + PREFETCH_TOKENS < io.t {
+                    let ahead = row + PREFETCH_TOKENS * di;
+                    _mm_prefetch::<_MM_HINT_T0>(io.dt.as_ptr().add(ahead) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(io.u.as_ptr().add(ahead) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(ys.ptr().add(ahead) as *const i8);
+                }
+                let (mut dl, mut uv, mut du, mut y) =
+                    ([L::zero(); GROUP], [L::zero(); GROUP], [L::zero(); GROUP], [L::zero(); GROUP]);
+                for v in 0..nv {
+                    dl[v] = L::load(mask[v], io.dt.as_ptr().add(row + v * L::W));
+                    uv[v] = L::load(mask[v], io.u.as_ptr().add(row + v * L::W));
+                    du[v] = dl[v].mul(uv[v]);
+                }
+                let xd = &io.xdb[tt * xr + r..tt * xr + r + 2 * n];
+                for nn in 0..n {
+                    let (bn, cv) = (L::splat(xd[nn]), L::splat(xd[n + nn]));
+                    for v in 0..nv {
+                        let at = nn * TC + g0 + v * L::W;
+                        let e = dl[v].mul_add(L::load(L::all(), ap.add(at)), la).exp();
+                        let sv = e.mul_add(L::load(L::all(), sp.add(at)), du[v].mul(bn));
+                        sv.store(L::all(), sp.add(at));
+                        y[v] = sv.mul_add(cv, y[v]);
+                    }
+                }
+                for v in 0..nv {
+                    dvv[v].mul_add(uv[v], y[v]).store(mask[v], ys.ptr().add(row + v * L::W));
+                }
             }
         }
         self.tiles_out(st, s);
