@@ -8,7 +8,7 @@
 //! element, not a per-head scalar): both forms run the projections as batched products over the
 //! call's tokens, and the recurrence as a sequential scan over `di·N` independent lanes. The chunked
 //! form scans 16 channels at once per token and lane (vectorised across channels; on AVX2 and
-//! AVX-512 through [`crate::lanes`], every multiply-add an FMA, so those levels differ from the
+//! AVX-512 through `crate::lanes`, every multiply-add an FMA, so those levels differ from the
 //! portable one by rounding); the recurrent form is the literal recurrence, token after token, lane
 //! after lane. Both take `exp`, Δ's softplus and A in the branch-free forms of [`crate::ops`]
 //! ([`fast_exp`], ≈ 1 ulp), which vectorise: `libm` one value at a time held a 130m model's token

@@ -137,7 +137,7 @@ fn two_atanh(s: f32) -> f32 {
 }
 
 /// `ln x` in a branch-free form that vectorises: `x = 2ᵉ·m` through the bits (subnormals scaled
-/// by 2²⁵ first) with m in [√½, √2), `ln m = 2·atanh((m − 1)/(m + 1))` by [`two_atanh`] (|s| ≤
+/// by 2²⁵ first) with m in [√½, √2), `ln m = 2·atanh((m − 1)/(m + 1))` by `two_atanh` (|s| ≤
 /// 0.172: the next term is below 2⁻⁴⁴ relative), plus `e·ln 2` in two parts. 0 gives −∞, +∞ gives
 /// +∞, negatives and NaN give NaN.
 #[inline(always)]

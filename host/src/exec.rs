@@ -17,7 +17,7 @@ pub struct Pool {
 /// forward runs on a 32 KiB thread (`core_forward_on_a_short_stack_packs_into_the_executors_panels`)
 /// and so does every C ABI call (`calls_run_on_a_small_thread_stack`); before, the panels (48–96
 /// KiB) made a forward need 100–128 KiB. Twice those 32 KiB: a thread with less left still runs the
-/// call on a fresh [`GROWN_STACK`]-byte stack rather than risk an overflow.
+/// call on a fresh `GROWN_STACK`-byte stack rather than risk an overflow.
 pub const KERNEL_STACK: usize = 64 << 10;
 /// Size of the stack [`on_kernel_stack`] maps when the caller's is short (its pages are touched
 /// only as used).
@@ -59,7 +59,7 @@ impl Pool {
     }
 
     /// Runs `f` on one of the pool's workers while the calling thread waits, with the other
-    /// `threads − 1` workers spinning beside it as a [`crate::team`] for the call: the products and
+    /// `threads − 1` workers spinning beside it as a `crate::team` for the call: the products and
     /// maps inside hand their tasks to them through one atomic word. Called from outside the pool,
     /// every one of them woke the workers and then the caller again (about 150 hand-offs a Mamba-2
     /// 370m decode step, each two wake-ups across cores); through rayon's work stealing on a

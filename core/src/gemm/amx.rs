@@ -12,7 +12,7 @@
 //! bf16, K contiguous as the checkpoint stores it) is the A operand, read in place with the weights'
 //! row stride — nothing of the weights is copied but a K tail. The f32 activations are split into
 //! bf16 hi (+ lo, as in [`super::bf16`]: `lo = bf16(x − hi)`, |x − hi − lo| ≤ 2⁻¹⁶·|x|) and packed
-//! once per block of 32 rows × [`KC`] columns into the B operand's VNNI layout: row `k2` of a B tile
+//! once per block of 32 rows × `KC` columns into the B operand's VNNI layout: row `k2` of a B tile
 //! holds, for each activation row `s`, the pair of columns `2·k2, 2·k2 + 1` (a 16 × 16 transpose of
 //! 32-bit pairs, `transpose16`). Each f32 result tile (weight rows × activation rows) is stored
 //! into the [`Panels`] and added, transposed back, into `c`.
@@ -137,7 +137,7 @@ impl TileConfig {
 /// One tile product: `out[r·16 + s] = Σ_l w[r][l] · (hi[s][l] (+ lo[s][l]))` for `r < wr, s < ar`
 /// over `steps` full 32-column steps read from `w` (byte stride `w_stride`), then, when `tail` is not
 /// null, one step from `tail` (16 × 32 bf16, rows 64 bytes apart). `hi` and `lo` hold `steps` (+ 1)
-/// packed B tiles of 1 KiB each, one after another; `lo` lies [`LO0`] bytes after `hi` (one packed
+/// packed B tiles of 1 KiB each, one after another; `lo` lies `LO0` bytes after `hi` (one packed
 /// block's panels), which the instructions use.
 pub struct TileJob {
     cfg: *const TileConfig,
@@ -153,8 +153,8 @@ pub struct TileJob {
 /// Four tile products in one block: weight tiles i = 0, 1 (from `w[i]`, byte stride `w_stride`) by
 /// activation tiles j = 0, 1, over `steps` full 32-column steps, then one step from `tail` when it
 /// is not null (32 × 32 bf16, rows 64 bytes apart; weight tile i from row 16·i). `packed` is the
-/// packed block at the job's first step (hi 0 at 0, hi 1 at [`HI1`], lo 0 / lo 1 at [`LO0`] /
-/// [`LO1`] bytes, each `steps` (+ 1) tiles of 1 KiB); `out` takes C(i, j) at `(2i + j)·256`.
+/// packed block at the job's first step (hi 0 at 0, hi 1 at `HI1`, lo 0 / lo 1 at `LO0` /
+/// `LO1` bytes, each `steps` (+ 1) tiles of 1 KiB); `out` takes C(i, j) at `(2i + j)·256`.
 pub struct PairJob {
     cfg: *const TileConfig,
     w: [*const u16; 2],

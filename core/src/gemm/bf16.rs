@@ -9,7 +9,7 @@
 //!   (bf16's unit roundoff is 2⁻⁸, applied twice).
 //! - [`MatmulMode::Fast`]: `hi` alone, `|x − hi| ≤ 2⁻⁸·|x|`.
 //!
-//! Blocking: [`TB`] rows of `a` × [`KC`] columns at a time are split into the buffer (zero-padded to
+//! Blocking: `TB` rows of `a` × `KC` columns at a time are split into the buffer (zero-padded to
 //! a multiple of 32), then every group of up to 4 weight rows meets every group of up to 4 of
 //! those rows (16 accumulators); a K tail loads the weights under a mask, so nothing past a row is
 //! read. Partial sums of a K block are added into `c`. One activation row (a token step) takes K

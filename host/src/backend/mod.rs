@@ -170,7 +170,7 @@ pub fn parse_bytes(s: &str) -> Result<usize> {
     }
 }
 
-/// What a checkpoint keeps of a scorer, and what [`Scorer::restore`] continues from.
+/// What a checkpoint keeps of a scorer, and what [`Backend::restore`] continues from.
 #[derive(Clone, Debug)]
 pub struct ScorerState {
     /// Every layer's recurrent state (the model's state layout).

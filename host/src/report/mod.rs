@@ -95,7 +95,7 @@ fn seal_into<W: Write>(w: &mut W, kind: &str, value: &impl serde::Serialize, pre
     Ok(())
 }
 
-/// `value` sealed (see [`seal_into`]) as text: pretty, or compact for one results.jsonl line.
+/// `value` sealed (see `seal_into`) as text: pretty, or compact for one results.jsonl line.
 pub fn sealed_json(kind: &str, value: &impl serde::Serialize, pretty: bool) -> Result<String> {
     let mut out = Vec::new();
     seal_into(&mut out, kind, value, pretty)?;
