@@ -256,27 +256,24 @@ pub fn log_sum_exp(simd: crate::exec::Simd, x: &[f32]) -> f32 {
         let tail: f32 = x[i..].iter().map(|&v| fast_exp(v - m)).sum();
         acc[0].add(acc[1]).sum() + tail
     }
+    /// `m + ln Σ e^(x − m)`, `m` the max, the sum by `sum_exp` (a max of ±∞ or NaN is the result).
     #[inline(always)]
-    fn finish(m: f32, sum: f32) -> f32 {
-        m + libm::logf(sum)
+    fn shifted(x: &[f32], sum_exp: impl Fn(&[f32], f32) -> f32) -> f32 {
+        let m = max(x);
+        if !m.is_finite() {
+            return m;
+        }
+        m + libm::logf(sum_exp(x, m))
     }
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx2,fma")]
         unsafe fn avx512(x: &[f32]) -> f32 {
-            let m = max(x);
-            if !m.is_finite() {
-                return m;
-            }
-            finish(m, sum_exp_lanes::<crate::lanes::Avx512>(x, m))
+            shifted(x, |x, m| unsafe { sum_exp_lanes::<crate::lanes::Avx512>(x, m) })
         }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2(x: &[f32]) -> f32 {
-            let m = max(x);
-            if !m.is_finite() {
-                return m;
-            }
-            finish(m, sum_exp_lanes::<crate::lanes::Avx2>(x, m))
+            shifted(x, |x, m| unsafe { sum_exp_lanes::<crate::lanes::Avx2>(x, m) })
         }
         // SAFETY (both): the host reported these features at run time.
         if simd.has_avx512() {
@@ -287,11 +284,7 @@ pub fn log_sum_exp(simd: crate::exec::Simd, x: &[f32]) -> f32 {
         }
     }
     let _ = simd;
-    let m = max(x);
-    if !m.is_finite() {
-        return m;
-    }
-    finish(m, sum_exp(x, m))
+    shifted(x, sum_exp)
 }
 
 /// The causal depthwise conv of Mamba-1 and Mamba-2, then SiLU: `u[t, c] = silu(bias[c] +

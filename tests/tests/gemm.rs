@@ -600,7 +600,14 @@ fn shipped_models_mean_nll_on_every_path_within_1e5_of_portable() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn four_row_gemv_is_the_one_row_gemv_bit_for_bit() {
-    use stuffed_core::gemm::avx2::{gemv, gemv_rows4};
+    use stuffed_core::gemm::avx2::{gemv, gemv_rows4, Kernel};
+    /// `gemv` into `one` and `gemv_rows4` into `four`, over the same operands.
+    unsafe fn both<E: Kernel>(x: &[f32], w: &[E], n: usize, k: usize, acc: bool, one: &mut [f32], four: &mut [f32]) {
+        let p =
+            Product { m: 1, n, k, a: x.as_ptr(), lda: k, b: w.as_ptr(), ldb: k + 3, c: one.as_mut_ptr(), ldc: n, acc };
+        gemv(p);
+        gemv_rows4(Product { c: four.as_mut_ptr(), ..p });
+    }
     if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl")) {
         println!("no AVX-512 here: the four-row GEMV does not run");
         return;
@@ -615,84 +622,9 @@ fn four_row_gemv_is_the_one_row_gemv_bit_for_bit() {
                     // SAFETY: x is k long, w is n rows of stride k + 3, the outputs n long; AVX-512 checked above.
                     unsafe {
                         match dtype {
-                            "f32" => {
-                                gemv(Product {
-                                    m: 1,
-                                    n,
-                                    k,
-                                    a: x.as_ptr(),
-                                    lda: k,
-                                    b: w.f32.as_ptr(),
-                                    ldb: k + 3,
-                                    c: one.as_mut_ptr(),
-                                    ldc: n,
-                                    acc,
-                                });
-                                gemv_rows4(Product {
-                                    m: 1,
-                                    n,
-                                    k,
-                                    a: x.as_ptr(),
-                                    lda: k,
-                                    b: w.f32.as_ptr(),
-                                    ldb: k + 3,
-                                    c: four.as_mut_ptr(),
-                                    ldc: n,
-                                    acc,
-                                });
-                            }
-                            "bf16" => {
-                                gemv(Product {
-                                    m: 1,
-                                    n,
-                                    k,
-                                    a: x.as_ptr(),
-                                    lda: k,
-                                    b: w.bf16.as_ptr(),
-                                    ldb: k + 3,
-                                    c: one.as_mut_ptr(),
-                                    ldc: n,
-                                    acc,
-                                });
-                                gemv_rows4(Product {
-                                    m: 1,
-                                    n,
-                                    k,
-                                    a: x.as_ptr(),
-                                    lda: k,
-                                    b: w.bf16.as_ptr(),
-                                    ldb: k + 3,
-                                    c: four.as_mut_ptr(),
-                                    ldc: n,
-                                    acc,
-                                });
-                            }
-                            _ => {
-                                gemv(Product {
-                                    m: 1,
-                                    n,
-                                    k,
-                                    a: x.as_ptr(),
-                                    lda: k,
-                                    b: w.f16.as_ptr(),
-                                    ldb: k + 3,
-                                    c: one.as_mut_ptr(),
-                                    ldc: n,
-                                    acc,
-                                });
-                                gemv_rows4(Product {
-                                    m: 1,
-                                    n,
-                                    k,
-                                    a: x.as_ptr(),
-                                    lda: k,
-                                    b: w.f16.as_ptr(),
-                                    ldb: k + 3,
-                                    c: four.as_mut_ptr(),
-                                    ldc: n,
-                                    acc,
-                                });
-                            }
+                            "f32" => both(&x, &w.f32, n, k, acc, &mut one, &mut four),
+                            "bf16" => both(&x, &w.bf16, n, k, acc, &mut one, &mut four),
+                            _ => both(&x, &w.f16, n, k, acc, &mut one, &mut four),
                         }
                     }
                     assert_eq!(bits(&one), bits(&four), "{dtype} n {n} k {k} acc {acc}");
