@@ -208,7 +208,7 @@ pub fn fast_silu(x: f32) -> f32 {
     x / (1.0 + fast_exp(-x))
 }
 
-/// `log Σ eˣ`, shifted by the max. On AVX-512 and AVX2 the exponentials are [`crate::lanes`]'
+/// `log Σ eˣ`, shifted by the max. On AVX-512 and AVX2 the exponentials are `crate::lanes`'
 /// (`Lanes::exp`, FMA) summed in two vectors of partial sums; the portable level keeps eight
 /// scalar partial sums of [`fast_exp`]. (The LM head's log-softmax of every position: 2–2.5 % of a
 /// scoring profile in 8-lane `fast_exp`.)
