@@ -13,7 +13,7 @@
 use half::{bf16, f16};
 use stuffed::exec::{AmxState, Pool};
 use stuffed_core::exec::{MatmulMode, Simd};
-use stuffed_core::gemm::{gemm_nt_mode, matmul, Product};
+use stuffed_core::gemm::{gemm_nn_outer, gemm_nt_mode, matmul, Product};
 use stuffed_core::{Data, Exec, Weight};
 use stuffed_tests::{kernel_pools, values};
 
@@ -131,6 +131,149 @@ fn strided(pool: &Pool, dtype: &str, (m, n, k): (usize, usize, usize), acc: bool
     let exact = w.exact(dtype);
     let base = acc.then_some(&before[..]);
     check(&what, (m, n, k), (&a, lda), (&exact, ldb), (&c, ldc), base, bound(pool, dtype))
+}
+
+/// `gemm_nn_outer`: weights stored `[k, n]` (the RWKV LoRAs' layout) on the outer-product panels, at
+/// the AVX2 and AVX-512 levels this CPU has, on shapes around the panels' widths (16 / 48 and 8 /
+/// 16 columns), the 256-column slices and odd strides, storing and accumulating, within the f32
+/// bound; columns past n stay as they were. Below 16 rows, and on the portable level, it declines.
+#[test]
+fn weights_stored_k_by_n_on_the_outer_panels() {
+    let mut levels = vec![];
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        levels.push(Simd::Avx2);
+    }
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        levels.push(Simd::Avx512);
+    }
+    let mut panels = Box::new(stuffed_core::gemm::Panels::new());
+    let mut worst = 0f64;
+    for &simd in &levels {
+        for m in [16, 17, 33, 100] {
+            for n in [1, 7, 16, 17, 47, 48, 49, 160, 301] {
+                for k in [1, 31, 32, 255, 256, 257, 300] {
+                    let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
+                    let seed = (m * 7 + n * 131 + k) as u64;
+                    let a = values(m * lda, seed);
+                    let w = Stored::new(&values(k * ldb, seed + 1));
+                    for dtype in ["f32", "bf16", "f16"] {
+                        for acc in [false, true] {
+                            let mut c = values(m * ldc, seed + 2);
+                            let before = c.clone();
+                            let cp = c.as_mut_ptr();
+                            // SAFETY: a is m rows of lda ≥ k, w k rows of ldb ≥ n, c m rows of ldc ≥ n.
+                            let ran = unsafe {
+                                match dtype {
+                                    "f32" => gemm_nn_outer(
+                                        simd,
+                                        Product {
+                                            m,
+                                            n,
+                                            k,
+                                            a: a.as_ptr(),
+                                            lda,
+                                            b: w.f32.as_ptr(),
+                                            ldb,
+                                            c: cp,
+                                            ldc,
+                                            acc,
+                                        },
+                                        &mut panels,
+                                    ),
+                                    "bf16" => gemm_nn_outer(
+                                        simd,
+                                        Product {
+                                            m,
+                                            n,
+                                            k,
+                                            a: a.as_ptr(),
+                                            lda,
+                                            b: w.bf16.as_ptr(),
+                                            ldb,
+                                            c: cp,
+                                            ldc,
+                                            acc,
+                                        },
+                                        &mut panels,
+                                    ),
+                                    _ => gemm_nn_outer(
+                                        simd,
+                                        Product {
+                                            m,
+                                            n,
+                                            k,
+                                            a: a.as_ptr(),
+                                            lda,
+                                            b: w.f16.as_ptr(),
+                                            ldb,
+                                            c: cp,
+                                            ldc,
+                                            acc,
+                                        },
+                                        &mut panels,
+                                    ),
+                                }
+                            };
+                            assert!(ran, "{simd:?} declined ({m}, {n}, {k})");
+                            for i in 0..m {
+                                assert_eq!(
+                                    c[i * ldc + n..(i + 1) * ldc],
+                                    before[i * ldc + n..(i + 1) * ldc],
+                                    "columns past n written"
+                                );
+                            }
+                            // The reference reads the weight as n rows of k.
+                            let exact = w.exact(dtype);
+                            let wt: Vec<f32> = (0..n * k).map(|q| exact[(q % k) * ldb + q / k]).collect();
+                            let what = format!("gemm_nn_outer {simd:?} {dtype} acc={acc}");
+                            let base = acc.then_some(&before[..]);
+                            worst = worst.max(check(&what, (m, n, k), (&a, lda), (&wt, k), (&c, ldc), base, 1e-6));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("gemm_nn_outer on {levels:?}: worst |Δ|/S {worst:.2e}");
+    let w = values(16 * 16, 3);
+    let (a, mut c) = (values(15 * 16, 4), vec![0f32; 15 * 16]);
+    for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
+        let p = Product {
+            m: 15,
+            n: 16,
+            k: 16,
+            a: a.as_ptr(),
+            lda: 16,
+            b: w.as_ptr(),
+            ldb: 16,
+            c: c.as_mut_ptr(),
+            ldc: 16,
+            acc: false,
+        };
+        // SAFETY: every operand holds 15 or 16 rows of 16.
+        assert!(!unsafe { gemm_nn_outer(simd, p, &mut panels) }, "{simd:?} ran 15 rows");
+    }
+    assert!(
+        !unsafe {
+            gemm_nn_outer(
+                Simd::Portable,
+                Product {
+                    m: 16,
+                    n: 16,
+                    k: 16,
+                    a: w.as_ptr(),
+                    lda: 16,
+                    b: w.as_ptr(),
+                    ldb: 16,
+                    c: c.as_mut_ptr(),
+                    ldc: 1,
+                    acc: false,
+                },
+                &mut panels,
+            )
+        },
+        "the portable level ran"
+    );
 }
 
 #[test]

@@ -281,6 +281,30 @@ pub unsafe fn gemm_raw_mode<E: Kernel>(simd: Simd, mode: MatmulMode, p: Product<
     }
 }
 
+/// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[l·ldb + j]`: `p` with its weight stored `[k, n]` (the
+/// RWKV LoRAs' `[in, out]` matrices), on [`outer`]'s panels where the level has them and `p.m` is
+/// at least [`outer::MIN_M`]. Returns `false`, having done nothing, anywhere else (the caller's own
+/// loops run it).
+///
+/// # Safety
+/// `p.a` and `p.c` as [`gemm_raw`]; `p.b` readable at `l·ldb + j` for `l < k`, `j < n`.
+pub unsafe fn gemm_nn_outer<E: Kernel>(simd: Simd, p: Product<E>, panels: &mut Panels) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if p.m >= outer::MIN_M {
+        // SAFETY (both): the host reported these features at run time.
+        if simd.has_avx512() {
+            outer::gemm_nn_avx512(p, panels);
+            return true;
+        }
+        if simd.has_avx2() {
+            outer::gemm_nn_avx2(p, panels);
+            return true;
+        }
+    }
+    let _ = (simd, p, panels);
+    false
+}
+
 /// Zeroes `c[i·ldc + j]` for `i < m, j < n` (a product with nothing to sum, stored).
 ///
 /// # Safety

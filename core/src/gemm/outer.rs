@@ -52,7 +52,7 @@ const _: () = assert!(MR_AVX512 <= 8 && MR_AVX2 <= 8 && NV_AVX512 <= MAX_NV && N
 /// As [`super::gemm_raw`]; the CPU must have AVX2, FMA, F16C and AVX-512F/VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
 pub unsafe fn gemm_avx512<E: Kernel>(p: Product<E>, panels: &mut Panels) {
-    gemm::<Avx512, E, MR_AVX512, NV_AVX512>(p, panels)
+    gemm::<Avx512, E, MR_AVX512, NV_AVX512, false>(p, panels)
 }
 
 /// [`gemm_avx512`] in 8 lanes.
@@ -61,7 +61,27 @@ pub unsafe fn gemm_avx512<E: Kernel>(p: Product<E>, panels: &mut Panels) {
 /// As [`super::gemm_raw`]; the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_avx2<E: Kernel>(p: Product<E>, panels: &mut Panels) {
-    gemm::<Avx2, E, MR_AVX2, NV_AVX2>(p, panels)
+    gemm::<Avx2, E, MR_AVX2, NV_AVX2, false>(p, panels)
+}
+
+/// [`gemm_avx512`] with the weight stored `[k, n]`: `c[i·ldc + j] (+)= Σ_l a[i·lda + l] ·
+/// b[l·ldb + j]` (the RWKV LoRAs' `[in, out]` matrices). Its panels are the weight's rows as they
+/// lie, widened, so only the packing differs.
+///
+/// # Safety
+/// As [`gemm_avx512`], with `b` readable at `l·ldb + j` for `l < k`, `j < n`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+pub unsafe fn gemm_nn_avx512<E: Kernel>(p: Product<E>, panels: &mut Panels) {
+    gemm::<Avx512, E, MR_AVX512, NV_AVX512, true>(p, panels)
+}
+
+/// [`gemm_nn_avx512`] in 8 lanes.
+///
+/// # Safety
+/// As [`gemm_avx2`], with `b` as [`gemm_nn_avx512`] reads it.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_nn_avx2<E: Kernel>(p: Product<E>, panels: &mut Panels) {
+    gemm::<Avx2, E, MR_AVX2, NV_AVX2, true>(p, panels)
 }
 
 /// A vector width that can pack a panel: `W` weight rows × `W` columns at a time, widened on load
@@ -73,6 +93,11 @@ trait Panel: Lanes {
     /// # Safety
     /// `b` readable for `rows` rows of `W`, `out` writable for `W` rows of `np`; the lanes' features.
     unsafe fn pack_block<E: Kernel>(b: *const E, ldb: usize, rows: usize, out: *mut f32, np: usize);
+    /// `out[q] = b[q]` widened to f32 for `q < W`.
+    ///
+    /// # Safety
+    /// `b` readable for `W` elements, `out` writable for `W`; the lanes' features.
+    unsafe fn copy_widened<E: Kernel>(b: *const E, out: *mut f32);
 }
 
 /// Panel `[l·np + jj] = b[jj·ldb + l]` widened to f32, for `jj < nw`, `l < kc`; zero for `nw ≤ jj`
@@ -94,8 +119,28 @@ unsafe fn pack<L: Panel, E: Kernel>(b: *const E, ldb: usize, nw: usize, kc: usiz
     }
 }
 
+/// Panel `[l·np + jj] = b[l·ldb + jj]` widened to f32 (a `[k, n]` weight's rows are the panel's),
+/// for `jj < nw`, `l < kc`; zero for `nw ≤ jj` up to the next `W`.
 #[inline(always)]
-unsafe fn gemm<L: Panel, E: Kernel, const MR: usize, const NV: usize>(p: Product<E>, panels: &mut Panels) {
+unsafe fn pack_rows<L: Panel, E: Kernel>(b: *const E, ldb: usize, nw: usize, kc: usize, out: *mut f32, np: usize) {
+    let full = nw / L::W * L::W;
+    for l in 0..kc {
+        let (src, dst) = (b.add(l * ldb), out.add(l * np));
+        for jj in (0..full).step_by(L::W) {
+            L::copy_widened(src.add(jj), dst.add(jj));
+        }
+        for jj in full..nw.next_multiple_of(L::W) {
+            *dst.add(jj) = if jj < nw { (*src.add(jj)).f32() } else { 0.0 };
+        }
+    }
+}
+
+/// The kernel; `NN`: the weight stored `[k, n]` ([`gemm_nn_avx512`]), else `[n, k]`.
+#[inline(always)]
+unsafe fn gemm<L: Panel, E: Kernel, const MR: usize, const NV: usize, const NN: bool>(
+    p: Product<E>,
+    panels: &mut Panels,
+) {
     let Product { m, n, k, a, lda, b, ldb, c, ldc, acc } = p;
     if k == 0 {
         if !acc {
@@ -118,7 +163,11 @@ unsafe fn gemm<L: Panel, E: Kernel, const MR: usize, const NV: usize>(p: Product
         let mut k0 = 0;
         while k0 < k {
             let kc = (k - k0).min(KC);
-            pack::<L, E>(b.add(j0 * ldb + k0), ldb, nw, kc, panel, np);
+            if NN {
+                pack_rows::<L, E>(b.add(k0 * ldb + j0), ldb, nw, kc, panel, np);
+            } else {
+                pack::<L, E>(b.add(j0 * ldb + k0), ldb, nw, kc, panel, np);
+            }
             let tile = Tile { lda, panel, np, kc, ldc, masks, load_c: acc || k0 > 0 };
             let (ap, cp) = (a.add(k0), c.add(j0));
             // A narrower last panel sweeps only the vectors it fills.
@@ -222,6 +271,10 @@ impl Panel for Avx512 {
             _mm512_storeu_ps(out.add(l * np), col);
         }
     }
+    #[inline(always)]
+    unsafe fn copy_widened<E: Kernel>(b: *const E, out: *mut f32) {
+        _mm512_storeu_ps(out, E::load16(b));
+    }
 }
 
 impl Panel for Avx2 {
@@ -233,6 +286,10 @@ impl Panel for Avx2 {
         for (l, &col) in r.iter().enumerate() {
             _mm256_storeu_ps(out.add(l * np), col);
         }
+    }
+    #[inline(always)]
+    unsafe fn copy_widened<E: Kernel>(b: *const E, out: *mut f32) {
+        _mm256_storeu_ps(out, E::load8(b));
     }
 }
 
