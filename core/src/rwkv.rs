@@ -20,7 +20,7 @@
 use crate::error::{first_non_finite, need, Error};
 use crate::exec::{add_rows, for_row_blocks, map_rows, Exec, Shared, Simd};
 use crate::forget::{Forget, LayerWindow, Runs};
-use crate::gemm::{gemm_nn_outer, matmul, Product};
+use crate::gemm::{gemm_nn_outer, matmul, Product, OUTER_MIN_ROWS};
 use crate::gla::{self, Mode};
 use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{exp, fast_exp, fast_silu, map_in_place, relu};
@@ -442,9 +442,11 @@ fn matmul_in_out(
         });
         return;
     }
-    // Whole blocks of 16 tokens or more go to the GEMM's outer-product panels (FMA, 16 lanes: the
-    // blocks of 4 tokens below ran at a fraction of its rate); the rest, and other levels, below.
-    let fits = t > 0 && x.len() >= (t - 1) * ldx + rows && len >= (t - 1) * ldo + cols && w.len() >= off + n;
+    // Products of 16 tokens or more go to the GEMM's outer-product panels (FMA, 16 lanes: the blocks
+    // of 4 tokens below ran at a fraction of its rate) whatever the blocks' sizes, so that a token's
+    // row does not depend on the thread count; fewer tokens, and other levels, below.
+    let fits =
+        t >= OUTER_MIN_ROWS && x.len() >= (t - 1) * ldx + rows && len >= (t - 1) * ldo + cols && w.len() >= off + n;
     for_row_blocks(ex, t, &|blk| {
         let mut done = false;
         if fits {

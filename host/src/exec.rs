@@ -53,6 +53,12 @@ impl Pool {
         Pool { mode, ..self }
     }
 
+    /// The same pool splitting its work for `threads` tasks at once (capped at the global pool's
+    /// size): what a run under `--threads` does, for a test in one process.
+    pub fn with_threads(self, threads: usize) -> Pool {
+        Pool { threads: threads.clamp(1, rayon::current_num_threads()), ..self }
+    }
+
     /// The portable kernel on one thread: the reference the fast path is tested against.
     pub fn serial_portable() -> Pool {
         Pool { threads: 1, simd: Simd::Portable, mode: MatmulMode::Exact }

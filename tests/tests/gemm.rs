@@ -133,10 +133,33 @@ fn strided(pool: &Pool, dtype: &str, (m, n, k): (usize, usize, usize), acc: bool
     check(&what, (m, n, k), (&a, lda), (&exact, ldb), (&c, ldc), base, bound(pool, dtype))
 }
 
+/// `gemm_nn_outer` over rows `rows` of `a` and `c` (all of `w`, `[k, n]` with row stride `ldb`).
+#[allow(clippy::too_many_arguments)]
+fn nn<E: stuffed_core::gemm::Kernel>(
+    simd: Simd,
+    (a, lda): (&[f32], usize),
+    (w, ldb): (&[E], usize),
+    (c, ldc): (&mut [f32], usize),
+    (n, k): (usize, usize),
+    acc: bool,
+    rows: std::ops::Range<usize>,
+    panels: &mut stuffed_core::gemm::Panels,
+) -> bool {
+    let m = rows.len();
+    if m == 0 {
+        return true;
+    }
+    assert!(a.len() >= (rows.end - 1) * lda + k && c.len() >= (rows.end - 1) * ldc + n && w.len() >= (k - 1) * ldb + n);
+    let (a, c) = (a[rows.start * lda..].as_ptr(), c[rows.start * ldc..].as_mut_ptr());
+    // SAFETY: the operands' extents are asserted above; the caller passes a level this CPU has.
+    unsafe { gemm_nn_outer(simd, Product { m, n, k, a, lda, b: w.as_ptr(), ldb, c, ldc, acc }, panels) }
+}
+
 /// `gemm_nn_outer`: weights stored `[k, n]` (the RWKV LoRAs' layout) on the outer-product panels, at
 /// the AVX2 and AVX-512 levels this CPU has, on shapes around the panels' widths (16 / 48 and 8 /
 /// 16 columns), the 256-column slices and odd strides, storing and accumulating, within the f32
-/// bound; columns past n stay as they were. Below 16 rows, and on the portable level, it declines.
+/// bound; columns past n stay as they were; each row the same bit for bit whatever rows share the
+/// call (a caller splits its rows by thread count). On the portable level it declines.
 #[test]
 fn weights_stored_k_by_n_on_the_outer_panels() {
     let mut levels = vec![];
@@ -149,7 +172,7 @@ fn weights_stored_k_by_n_on_the_outer_panels() {
     let mut panels = Box::new(stuffed_core::gemm::Panels::new());
     let mut worst = 0f64;
     for &simd in &levels {
-        for m in [16, 17, 33, 100] {
+        for m in [1, 7, 16, 17, 33, 100] {
             for n in [1, 7, 16, 17, 47, 48, 49, 160, 301] {
                 for k in [1, 31, 32, 255, 256, 257, 300] {
                     let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
@@ -160,72 +183,26 @@ fn weights_stored_k_by_n_on_the_outer_panels() {
                         for acc in [false, true] {
                             let mut c = values(m * ldc, seed + 2);
                             let before = c.clone();
-                            let cp = c.as_mut_ptr();
-                            // SAFETY: a is m rows of lda ≥ k, w k rows of ldb ≥ n, c m rows of ldc ≥ n.
-                            let ran = unsafe {
-                                match dtype {
-                                    "f32" => gemm_nn_outer(
-                                        simd,
-                                        Product {
-                                            m,
-                                            n,
-                                            k,
-                                            a: a.as_ptr(),
-                                            lda,
-                                            b: w.f32.as_ptr(),
-                                            ldb,
-                                            c: cp,
-                                            ldc,
-                                            acc,
-                                        },
-                                        &mut panels,
-                                    ),
-                                    "bf16" => gemm_nn_outer(
-                                        simd,
-                                        Product {
-                                            m,
-                                            n,
-                                            k,
-                                            a: a.as_ptr(),
-                                            lda,
-                                            b: w.bf16.as_ptr(),
-                                            ldb,
-                                            c: cp,
-                                            ldc,
-                                            acc,
-                                        },
-                                        &mut panels,
-                                    ),
-                                    _ => gemm_nn_outer(
-                                        simd,
-                                        Product {
-                                            m,
-                                            n,
-                                            k,
-                                            a: a.as_ptr(),
-                                            lda,
-                                            b: w.f16.as_ptr(),
-                                            ldb,
-                                            c: cp,
-                                            ldc,
-                                            acc,
-                                        },
-                                        &mut panels,
-                                    ),
-                                }
+                            // The whole call, then its rows split in two calls (a thread split).
+                            let mut split = before.clone();
+                            let h = m / 2;
+                            let mut calls = |rows: std::ops::Range<usize>, c: &mut [f32]| match dtype {
+                                "f32" => nn(simd, (&a, lda), (&w.f32, ldb), (c, ldc), (n, k), acc, rows, &mut panels),
+                                "bf16" => nn(simd, (&a, lda), (&w.bf16, ldb), (c, ldc), (n, k), acc, rows, &mut panels),
+                                _ => nn(simd, (&a, lda), (&w.f16, ldb), (c, ldc), (n, k), acc, rows, &mut panels),
                             };
-                            assert!(ran, "{simd:?} declined ({m}, {n}, {k})");
+                            assert!(calls(0..m, &mut c), "{simd:?} declined ({m}, {n}, {k})");
+                            calls(0..h, &mut split);
+                            calls(h..m, &mut split);
+                            let what = format!("gemm_nn_outer {simd:?} {dtype} acc={acc} ({m}, {n}, {k})");
+                            assert_eq!(bits(&c), bits(&split), "{what}: rows 0..{h} and {h}..{m} apart differ");
                             for i in 0..m {
-                                assert_eq!(
-                                    c[i * ldc + n..(i + 1) * ldc],
-                                    before[i * ldc + n..(i + 1) * ldc],
-                                    "columns past n written"
-                                );
+                                let past = i * ldc + n..(i + 1) * ldc;
+                                assert_eq!(c[past.clone()], before[past], "{what}: columns past n written");
                             }
                             // The reference reads the weight as n rows of k.
                             let exact = w.exact(dtype);
                             let wt: Vec<f32> = (0..n * k).map(|q| exact[(q % k) * ldb + q / k]).collect();
-                            let what = format!("gemm_nn_outer {simd:?} {dtype} acc={acc}");
                             let base = acc.then_some(&before[..]);
                             worst = worst.max(check(&what, (m, n, k), (&a, lda), (&wt, k), (&c, ldc), base, 1e-6));
                         }
@@ -235,45 +212,22 @@ fn weights_stored_k_by_n_on_the_outer_panels() {
         }
     }
     println!("gemm_nn_outer on {levels:?}: worst |Δ|/S {worst:.2e}");
-    let w = values(16 * 16, 3);
-    let (a, mut c) = (values(15 * 16, 4), vec![0f32; 15 * 16]);
-    for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
-        let p = Product {
-            m: 15,
-            n: 16,
-            k: 16,
-            a: a.as_ptr(),
-            lda: 16,
-            b: w.as_ptr(),
-            ldb: 16,
-            c: c.as_mut_ptr(),
-            ldc: 16,
-            acc: false,
-        };
-        // SAFETY: every operand holds 15 or 16 rows of 16.
-        assert!(!unsafe { gemm_nn_outer(simd, p, &mut panels) }, "{simd:?} ran 15 rows");
-    }
-    assert!(
-        !unsafe {
-            gemm_nn_outer(
-                Simd::Portable,
-                Product {
-                    m: 16,
-                    n: 16,
-                    k: 16,
-                    a: w.as_ptr(),
-                    lda: 16,
-                    b: w.as_ptr(),
-                    ldb: 16,
-                    c: c.as_mut_ptr(),
-                    ldc: 1,
-                    acc: false,
-                },
-                &mut panels,
-            )
-        },
-        "the portable level ran"
-    );
+    // The portable level declines (its caller's loops run the product).
+    let (w, mut c) = (values(16 * 16, 3), vec![0f32; 16 * 16]);
+    let p = Product {
+        m: 16,
+        n: 16,
+        k: 16,
+        a: w.as_ptr(),
+        lda: 16,
+        b: w.as_ptr(),
+        ldb: 16,
+        c: c.as_mut_ptr(),
+        ldc: 16,
+        acc: false,
+    };
+    // SAFETY: every operand holds 16 rows of 16.
+    assert!(!unsafe { gemm_nn_outer(Simd::Portable, p, &mut panels) }, "the portable level ran");
 }
 
 #[test]

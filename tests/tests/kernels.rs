@@ -195,3 +195,35 @@ fn core_forward_on_a_short_stack_packs_into_the_executors_panels() {
         println!("{}: the core's forward ran on a 32 KiB stack", level.name());
     }
 }
+
+/// A model's outputs do not depend on the thread count: logits of every position, 24 tokens a call
+/// (blocks of 8 or 12 tokens a task), on one thread and on two, bit for bit, one golden model of
+/// every family. (RWKV-6's LoRA products once picked their kernel by a task's block of tokens, so
+/// a token's logits moved by ~1e-7 with `--threads`.)
+#[test]
+fn outputs_do_not_depend_on_the_thread_count() {
+    let cases = [
+        "mamba2_hf_g1_untied",
+        "mamba1_hf",
+        "rwkv5_tiny",
+        "rwkv6_tiny",
+        "rwkv6_bf16_m5_d7",
+        "rwkv7_tiny",
+        "hgrn2_tiny",
+        "gla_tiny",
+        "delta_net_tiny",
+        "gdn_tiny",
+    ];
+    if Pool::new().threads() < 2 {
+        println!("one thread here: nothing to compare");
+        return;
+    }
+    for case in cases {
+        let m = stuffed::model::Model::load(&stuffed_tests::data(case)).unwrap();
+        let ids: Vec<u32> = (0..100u32).map(|i| (i * 7919 + 13) % m.info.vocab_rows as u32).collect();
+        let [one, two] =
+            [1, 2].map(|threads| stuffed_tests::run(&m, Pool::new().with_threads(threads), &ids, 24, &[]).0);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&one) == bits(&two), "{case}: logits differ between one thread and two");
+    }
+}

@@ -77,6 +77,9 @@ impl Default for Panels {
     }
 }
 
+/// Activation rows from which [`outer`]'s panels beat the dot-product tiles (its `MIN_M`).
+pub const OUTER_MIN_ROWS: usize = 16;
+
 /// Output rows per task are a multiple of this: whole panels for [`outer`]'s kernels (with 32, a task
 /// of 448 rows ended in a panel of 16 that cost a third of a whole one's work for a third of its
 /// outputs), whole groups of four for the GEMV and the dot-product tiles.
@@ -282,15 +285,16 @@ pub unsafe fn gemm_raw_mode<E: Kernel>(simd: Simd, mode: MatmulMode, p: Product<
 }
 
 /// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[l·ldb + j]`: `p` with its weight stored `[k, n]` (the
-/// RWKV LoRAs' `[in, out]` matrices), on [`outer`]'s panels where the level has them and `p.m` is
-/// at least [`outer::MIN_M`]. Returns `false`, having done nothing, anywhere else (the caller's own
-/// loops run it).
+/// RWKV LoRAs' `[in, out]` matrices), on [`outer`]'s panels where the level has them (AVX2,
+/// AVX-512), for any `p.m`: each output row is summed the same way whatever rows share the call, so
+/// a caller may split its rows freely. Returns `false`, having done nothing, on other levels (the
+/// caller's own loops run it). Worth it from about [`OUTER_MIN_ROWS`] rows.
 ///
 /// # Safety
 /// `p.a` and `p.c` as [`gemm_raw`]; `p.b` readable at `l·ldb + j` for `l < k`, `j < n`.
 pub unsafe fn gemm_nn_outer<E: Kernel>(simd: Simd, p: Product<E>, panels: &mut Panels) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if p.m >= outer::MIN_M {
+    {
         // SAFETY (both): the host reported these features at run time.
         if simd.has_avx512() {
             outer::gemm_nn_avx512(p, panels);

@@ -27,7 +27,7 @@ use core::arch::x86_64::*;
 /// Reduction columns per panel.
 pub const KC: usize = 256;
 /// Fewest activation rows worth a packed panel; fewer run the dot-product tiles.
-pub const MIN_M: usize = 16;
+pub const MIN_M: usize = super::OUTER_MIN_ROWS;
 /// Activation rows per AVX-512 micro-tile: `8 · 3` = 24 accumulators of the 32 registers.
 pub const MR_AVX512: usize = 8;
 /// 16-lane vectors of weight rows per AVX-512 panel.
