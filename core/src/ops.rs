@@ -468,7 +468,8 @@ mod tests {
 
     /// [`super::log_sum_exp`] against `log Σ eˣ` in f64 on every level this CPU has, at lengths
     /// around the vector widths and the vocabularies' (50,277 and 50,288), with values spread over
-    /// ±30 and rows holding −∞: within 2e-6 relative; an all −∞ or empty row is −∞, a +∞ one +∞.
+    /// ±30 and rows holding −∞: within 2e-6 relative; an all −∞ or empty row is −∞, a +∞ one +∞,
+    /// one with a NaN NaN.
     #[test]
     fn log_sum_exp_is_the_f64_sum_on_every_level() {
         let lens = (0..70).chain([127, 128, 129, 1000, 50_277, 50_288]);
@@ -490,6 +491,12 @@ mod tests {
             }
             assert_eq!(super::log_sum_exp(simd, &[f32::NEG_INFINITY; 40]), f32::NEG_INFINITY, "{simd:?}");
             assert_eq!(super::log_sum_exp(simd, &[1.0, f32::INFINITY, 2.0]), f32::INFINITY, "{simd:?}");
+            // A NaN among finite values (in the vectors and in the scalar tail) gives NaN.
+            for at in [3, 38] {
+                let mut x = [0.5f32; 40];
+                x[at] = f32::NAN;
+                assert!(super::log_sum_exp(simd, &x).is_nan(), "{simd:?}: NaN at {at} lost");
+            }
         }
     }
 
