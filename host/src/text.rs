@@ -192,12 +192,26 @@ fn encode_after(tok: &Tokenizer, ctx: &str, piece: &str, forced: bool) -> Result
 /// index of the first token that starts at or after byte `mark` (the text's token count when none
 /// does).
 pub fn encode_long(tok: &Tokenizer, text: &str, mark: usize) -> Result<(Vec<u32>, usize)> {
-    encode_long_in(tok, text, mark, BLOCK)
+    let (ids, at) = encode_long_marks(tok, text, &[mark])?;
+    Ok((ids, at[0]))
 }
 
 /// [`encode_long`] with pieces of about `block` bytes (small blocks make many cuts: for tests).
 pub fn encode_long_in(tok: &Tokenizer, text: &str, mark: usize, block: usize) -> Result<(Vec<u32>, usize)> {
-    let (mut ids, mut at) = (Vec::new(), None);
+    let (ids, at) = encode_long_marks_in(tok, text, &[mark], block)?;
+    Ok((ids, at[0]))
+}
+
+/// [`encode_long`] with several marks: for each, the index of the first token that starts at or
+/// after it (the token count when none does).
+pub fn encode_long_marks(tok: &Tokenizer, text: &str, marks: &[usize]) -> Result<(Vec<u32>, Vec<usize>)> {
+    encode_long_marks_in(tok, text, marks, BLOCK)
+}
+
+/// [`encode_long_marks`] with pieces of about `block` bytes.
+fn encode_long_marks_in(tok: &Tokenizer, text: &str, marks: &[usize], block: usize) -> Result<(Vec<u32>, Vec<usize>)> {
+    let mut ids = Vec::new();
+    let mut at: Vec<Option<usize>> = vec![None; marks.len()];
     let (mut start, mut forced) = (0, false);
     while start < text.len() {
         // Widen the window until it holds a cut (or reaches the end, or MAX_PIECE: a forced cut).
@@ -218,13 +232,15 @@ pub fn encode_long_in(tok: &Tokenizer, text: &str, mark: usize, block: usize) ->
         let ctx = &text[text.ceil_char_boundary(start.saturating_sub(CONTEXT))..start];
         let (p_ids, offsets) = encode_after(tok, ctx, &text[start..start + len], forced)?;
         forced = hard;
-        if at.is_none() && mark < start + len {
-            at = offsets.iter().position(|&o| start + o >= mark).map(|i| ids.len() + i);
+        for (a, &mark) in at.iter_mut().zip(marks) {
+            if a.is_none() && mark < start + len {
+                *a = offsets.iter().position(|&o| start + o >= mark).map(|i| ids.len() + i);
+            }
         }
         ids.extend(p_ids);
         start += len;
     }
-    let at = at.unwrap_or(ids.len());
+    let at = at.into_iter().map(|a| a.unwrap_or(ids.len())).collect();
     Ok((ids, at))
 }
 

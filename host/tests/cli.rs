@@ -564,6 +564,43 @@ fn killed_passkey_resumes_from_its_checkpoint() {
     assert_eq!(part_runs.as_array().unwrap().len(), 2, "{part_runs}");
 }
 
+/// A passkey grid under `--oprm`, killed after a timed checkpoint inside a sample's chunks or stopped
+/// by SIGTERM there, resumes at the chunk it stood at, with the best chunk's state, to the
+/// uninterrupted grid's lines byte for byte.
+#[test]
+fn killed_oprm_passkey_resumes_inside_a_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    // The passkey-trained model, the needle in the prompt's first chunk: that chunk answers (the
+    // key is read there with the least entropy), long before the run is stopped, so the resumed
+    // run answers from the state the checkpoint kept.
+    let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey");
+    let m = m.display().to_string();
+    let args = |_: &std::path::Path| {
+        ["passkey", "--model", &m, "--lengths", "128k", "--depths", "0", "--oprm", "128", "--max-new", "8"]
+            .map(String::from)
+            .to_vec()
+    };
+    for sigterm in [false, true] {
+        let err = kill_and_resume(dir.path(), args, "passkey.oprm.checkpoint.safetensors", sigterm);
+        assert!(err.contains("sample 0 resumes at OPRM chunk"), "{err}");
+        let read = |d: &str| std::fs::read_to_string(dir.path().join(d).join("results.jsonl")).unwrap();
+        assert_eq!(read("full"), read("part"), "results.jsonl differs after a resume");
+        let rec: serde_json::Value = serde_json::from_str(read("full").lines().next().unwrap()).unwrap();
+        assert!(rec["correct"] == true && rec["oprm"]["chosen"] == 0, "{rec}");
+        let runs = |d: &str| -> serde_json::Value {
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.path().join(d).join("summary.json")).unwrap())
+                    .unwrap();
+            v["runs"].clone()
+        };
+        let processed =
+            |r: &serde_json::Value| r.as_array().unwrap().last().unwrap()["tokens_processed"].as_u64().unwrap();
+        let (full, part) = (runs("full"), runs("part"));
+        assert!(processed(&part) < processed(&full), "the resume ran every chunk again: {part} vs {full}");
+        std::fs::remove_dir_all(dir.path().join("part")).unwrap();
+    }
+}
+
 /// `stuffed ppl` with no --model and no --text runs the embedded pair, from any working directory.
 #[test]
 fn ppl_default_runs_the_shipped_pair() {

@@ -255,3 +255,89 @@ fn key_tokens_follow_the_question() {
         }
     }
 }
+
+/// The shipped passkey model (trained on 256-token windows).
+fn passkey_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey")
+}
+
+/// `--oprm L` answers from the chunk whose first answer token is the most certain: each chunk's
+/// `[prefix, chunk, question]` run again here from the zero state in one call (the context
+/// tokenized whole, every position's logits) gives the record's entropies, the chunk that answered
+/// has the least of them, and its greedy answer and the needle's position are the record's.
+#[test]
+fn oprm_answers_from_the_chunk_of_least_entropy() {
+    use stuffed::backend::{Device, GpuOptions};
+    let (m, out) = (passkey_model(), tempfile::tempdir().unwrap());
+    let len = 160;
+    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "1k,2k", "--samples", "4", "--seed", "5"];
+    cli(&[&args[..], &["--oprm", &len.to_string(), "--out", out.path().to_str().unwrap()]].concat());
+    let recs = records(out.path());
+    assert_eq!(recs.len(), 8);
+    let model = stuffed::model::Model::load(&m).unwrap();
+    let tok = model.tokenizer(None).unwrap();
+    let (real, rows) = (model.real_vocab(&tok), model.info.vocab_rows);
+    let mut s = stuffed::backend::open(&model, 512, real, Device::Cpu, GpuOptions::default()).unwrap();
+    let tpl = template(TemplateName::Code);
+    let max_new = summary(out.path())["options"]["max_new"].as_u64().unwrap() as usize;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1.0);
+    let mut chose_needle = 0;
+    for r in &recs {
+        let x = r.oprm.as_ref().expect("an OPRM record");
+        let (text, needle_byte) = prompt_text(&tpl, r.num_blocks, r.needle_block, &r.key);
+        let ctx = &text[tpl.prefix.len()..text.len() - tpl.suffix.len()];
+        let (p, c, q) = (tok.encode(tpl.prefix).unwrap(), tok.encode(ctx).unwrap(), tok.encode(tpl.suffix).unwrap());
+        let needle_tok = tok.encode(&ctx[..needle_byte - tpl.prefix.len()]).unwrap().len();
+        assert_eq!((r.needle_pos, r.prompt_tokens), (p.len() + needle_tok, p.len() + c.len() + q.len()), "{r:?}");
+        assert_eq!((x.chunks, x.needle_chunks[0]), (c.len().div_ceil(len), needle_tok / len), "{r:?}");
+        let entropies: Vec<f64> = c
+            .chunks(len)
+            .map(|chunk| {
+                s.reset().unwrap();
+                let mut last = Vec::new();
+                s.logits(&[&p[..], chunk, &q[..]].concat(), &mut |_, l| {
+                    last = l[l.len() - rows..][..real].to_vec();
+                    Ok(())
+                })
+                .unwrap();
+                stuffed::eval::passkey::entropy(&last)
+            })
+            .collect();
+        let least = entropies.iter().copied().fold(f64::INFINITY, f64::min);
+        assert!(close(entropies[x.chosen], x.entropy) && close(x.entropy, least), "{x:?} vs {entropies:?}");
+        assert!(close(entropies[x.needle_chunks[0]], x.needle_entropy), "{x:?} vs {entropies:?}");
+        s.reset().unwrap();
+        s.feed(&[&p[..], c.chunks(len).nth(x.chosen).unwrap(), &q[..]].concat()).unwrap();
+        let answer = tok.decode(&s.greedy(max_new).unwrap()).unwrap();
+        assert_eq!(answer, r.continuation, "{r:?}");
+        chose_needle += x.chose_needle() as usize;
+    }
+    // The summary counts how often the answering chunk held the needle.
+    let s = summary(out.path());
+    let per: f64 = s["accuracy_per_length"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["oprm_chose_needle"].as_f64().unwrap() * 4.0)
+        .sum();
+    assert_eq!(per.round() as usize, chose_needle);
+}
+
+/// The shipped passkey model loses keys past its 256-token training windows; OPRM with chunks
+/// inside them finds them again (the paper's claim, on the smallest model that shows it).
+#[test]
+fn oprm_retrieves_past_the_training_length() {
+    let m = passkey_model();
+    let (plain, oprm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "4k,8k", "--samples", "10", "--max-new", "8"];
+    cli(&[&args[..], &["--out", plain.path().to_str().unwrap()]].concat());
+    cli(&[&args[..], &["--oprm", "160", "--out", oprm.path().to_str().unwrap()]].concat());
+    let acc = |d: &Path| -> Vec<f64> {
+        summary(d)["accuracy_per_length"].as_array().unwrap().iter().map(|l| l["accuracy"].as_f64().unwrap()).collect()
+    };
+    let (a, b) = (acc(plain.path()), acc(oprm.path()));
+    eprintln!("accuracy at 4k, 8k: plain {a:?}, OPRM {b:?}");
+    for (a, b) in a.iter().zip(&b) {
+        assert!(*a <= 0.5 && *b >= 0.9, "plain {a}, OPRM {b}");
+    }
+}

@@ -61,6 +61,13 @@ pub struct PasskeyArgs {
     /// Run every sample from the zero state (no shared haystack): slower, for checking reuse.
     #[arg(long)]
     no_reuse: bool,
+    /// OPRM (Ben-Kish et al. 2025, arXiv 2505.07793): cut each prompt's context into chunks of
+    /// this many tokens, run each from the zero state between the prompt's prefix and its
+    /// question, and answer from the chunk whose first answer token has the least entropy. The
+    /// prefix, context and question are tokenized alone, as the paper's code does; no haystack is
+    /// shared between samples. Records say which chunk answered and which held the needle.
+    #[arg(long, value_parser = crate::text::parse_chunk)]
+    oprm: Option<usize>,
     /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here.
     #[arg(long, default_value = "none", value_parser = super::values::forget)]
     forget: crate::forget::ForgetSpec,
@@ -77,8 +84,8 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
             bail!("--depths: each depth must be in [0, 1]");
         }
     }
-    if a.samples == 0 || a.chunk == 0 || a.max_new == Some(0) {
-        bail!("--samples, --chunk and --max-new must be positive");
+    if a.samples == 0 || a.chunk == 0 || a.max_new == Some(0) || a.oprm == Some(0) {
+        bail!("--samples, --chunk, --max-new and --oprm must be positive");
     }
     if a.samples > 1 << 20 {
         bail!("--samples {}: at most 1,048,576 a length", a.samples);
@@ -95,11 +102,12 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         bos: a.bos,
         chunk: a.chunk,
         tokenizer: a.tokenizer,
-        reuse: !a.no_reuse,
+        reuse: !a.no_reuse && a.oprm.is_none(),
         forget: a.forget.resolved(None)?,
         device: a.device.device,
         gpu: a.device.gpu()?,
         state: a.state.precision(a.device.device)?,
+        oprm: a.oprm.map(|chunk| passkey::Oprm { chunk }),
     };
     let mut o = o;
     let tok = crate::tokenizer::Tokenizer::for_model(Some(&crate::model::dir_of(&a.model)), o.tokenizer.as_deref())?;
@@ -169,5 +177,9 @@ pub fn print_accuracy_table(dir: &std::path::Path) -> Result<()> {
     }
     let all: String = per_length.iter().map(|r| format!("{:>7}", pct(&r["accuracy"]))).collect();
     println!("{:>11}{all}", "all");
+    if per_length.iter().any(|r| r.get("oprm_chose_needle").is_some()) {
+        let chose: String = per_length.iter().map(|r| format!("{:>7}", pct(&r["oprm_chose_needle"]))).collect();
+        println!("{:>11}{chose}   (% of samples whose answering OPRM chunk held the needle or part of it)", "needle");
+    }
     Ok(())
 }

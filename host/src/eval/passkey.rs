@@ -18,8 +18,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod oprm;
 mod prompt;
 use super::Cadence;
+pub use oprm::{entropy, Oprm, OprmRecord};
 use prompt::{depths, prompts, Prompt};
 pub use prompt::{
     is_correct, key, key_tokens, longest_key_ids, needle_block, num_blocks, prompt_text, template, Template,
@@ -52,6 +54,10 @@ pub struct Options {
     /// `--state-dtype` (absent from files and fingerprints when f32).
     #[serde(default, skip_serializing_if = "crate::state_dtype::StatePrecision::is_f32")]
     pub state: crate::state_dtype::StatePrecision,
+    /// `--oprm L`: each sample answered from the chunk of L context tokens it is most certain after
+    /// (absent from files and fingerprints when off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oprm: Option<Oprm>,
 }
 
 /// One sample's record (one line of results.jsonl).
@@ -73,6 +79,9 @@ pub struct Record {
     /// of retrieval beside the exact match (absent in grids from before it existed).
     #[serde(default)]
     pub key_nll: Option<f64>,
+    /// `--oprm`: the chunk that answered, and the needle's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oprm: Option<OprmRecord>,
 }
 
 /// The kind each results.jsonl line is sealed as, and the run file that ties them to their run.
@@ -117,6 +126,13 @@ fn read_records(path: &Path) -> Result<Vec<(Record, String)>> {
         if !(r.depth.is_finite() && (0.0..=1.0).contains(&r.depth) && r.needle_block < r.num_blocks.max(1))
             || r.key_nll.is_some_and(|k| !k.is_finite() || k < -1e-3)
             || r.needle_pos > r.prompt_tokens
+            || r.oprm.as_ref().is_some_and(|x| {
+                !(x.chosen < x.chunks
+                    && x.needle_chunks[0] <= x.needle_chunks[1]
+                    && x.needle_chunks[1] < x.chunks
+                    && x.entropy.is_finite()
+                    && x.needle_entropy.is_finite())
+            })
         {
             bail!(
                 "{what}: values no passkey run writes (depth {}, block {} of {})",
@@ -146,6 +162,8 @@ pub struct RunFacts {
 }
 
 const CKPT: &str = "passkey.checkpoint.safetensors";
+/// The checkpoint of a sample part-way through its OPRM chunks (`--oprm`).
+const OPRM_CKPT: &str = "passkey.oprm.checkpoint.safetensors";
 
 /// Tokens fed between two looks at the clock and for a signal (rounded up to a multiple of the
 /// scorer's chunk, so calls stay whole): the haystack of a length streams in pieces that end at
@@ -230,6 +248,42 @@ fn load_checkpoint(out: &Path, fp: &str) -> Result<Option<Restored>> {
     Ok(Some(Restored { snap: c.snapshot, hay, tail }))
 }
 
+/// A sample part-way through its OPRM chunks: the grid's fingerprint, the length, and the chunks'
+/// progress (the best chunk's state, with its τ here, is the checkpoint's tensors).
+#[derive(Serialize, Deserialize)]
+struct OprmSnapshot {
+    fingerprint: String,
+    length: u64,
+    progress: oprm::Progress,
+    tau: Vec<f32>,
+}
+
+/// An OPRM checkpoint read back.
+struct OprmRestored {
+    length: u64,
+    progress: oprm::Progress,
+    best: Option<ScorerState>,
+}
+
+/// The OPRM checkpoint in `out` made with fingerprint `fp`, if there is a usable one.
+fn load_oprm_checkpoint(out: &Path, fp: &str) -> Result<Option<OprmRestored>> {
+    let path = out.join(OPRM_CKPT);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let mut c =
+        crate::report::load_checkpoint::<OprmSnapshot>(&path, "passkey --oprm writes one every --checkpoint-secs")?;
+    if c.snapshot.fingerprint != fp {
+        eprintln!("{}: made with another model, options or shard; the sample starts over", path.display());
+        return Ok(None);
+    }
+    let best = match c.snapshot.progress.best {
+        Some(_) => Some(c.take_state(StateSlot::Run, c.snapshot.tau.clone())?),
+        None => None,
+    };
+    Ok(Some(OprmRestored { length: c.snapshot.length, progress: c.snapshot.progress, best }))
+}
+
 /// `stuffed passkey`. With `checkpoint_secs`, the haystack's stream and the sample in its tail are
 /// checkpointed that often (and at SIGINT/SIGTERM, which then end the run), so `resume` loses
 /// neither samples nor stream.
@@ -254,14 +308,16 @@ pub fn run(
     } else {
         None
     };
-    let asks = Asks { tok: &tok, tpl: template(o.template), o, bos, vocab_rows: model.info.vocab_rows };
+    let real = model.real_vocab(&tok);
+    let asks = Asks { tok: &tok, tpl: template(o.template), o, bos, vocab_rows: model.info.vocab_rows, real };
     let mut run_file = RunFile { path: out.join(RUN_FILE), fp: &fp, key: &key, earlier: Vec::new() };
     let (resume, mut log) = Log::open(out, cont, &mut run_file, shard)?;
     let seen: BTreeSet<(u64, usize)> = log.done.iter().map(|r| (r.length, r.sample)).collect();
     let mut restored = if resume { load_checkpoint(out, &fp)? } else { None };
+    let mut oprm_restored = if resume { load_oprm_checkpoint(out, &fp)? } else { None };
     let mut cadence = super::Cadence::new(checkpoint_secs, None);
     let started = Instant::now();
-    let mut s = crate::backend::open(&model, o.chunk, model.real_vocab(&tok), o.device, o.gpu)?;
+    let mut s = crate::backend::open(&model, o.chunk, real, o.device, o.gpu)?;
     let n_per = depths(o).len();
     for (li, &length) in o.lengths.iter().enumerate() {
         // Every sample of the length in needle order, up to the last this run holds: the others'
@@ -273,6 +329,15 @@ pub fn run(
         let Some(todo) = plan(&tok, &asks.tpl, o, length, &mine)? else {
             continue;
         };
+        if o.oprm.is_some() {
+            let saver = Saver { out, fp: &fp, length, hay: &[], started, run_file: &run_file };
+            let mut g = Grid { s: s.as_mut(), pos: 0, piece: PIECE, cadence: &mut cadence };
+            for p in todo.iter().filter(|p| mine(p)) {
+                let from = oprm_restored.take_if(|c| c.length == length && c.progress.sample == p.sample);
+                asks.oprm_sample(&mut g, p, from, &saver, &mut log)?;
+            }
+            continue;
+        }
         let hay = haystack(&tok, &asks.tpl, bos, todo[todo.len() - 1].needle_block)?;
         s.reset()?;
         let piece = PIECE.next_multiple_of(s.chunk());
@@ -284,6 +349,7 @@ pub fn run(
         }
     }
     let _ = std::fs::remove_file(out.join(CKPT));
+    let _ = std::fs::remove_file(out.join(OPRM_CKPT));
     log.facts.seconds = started.elapsed().as_secs_f64();
     log.facts.peak_rss_bytes = crate::report::peak_rss_bytes();
     write_summary(out, &model.info, o, &log.done, &[run_file.earlier, vec![log.facts]].concat())
@@ -308,7 +374,7 @@ impl Log {
         shard: Option<(usize, usize)>,
     ) -> Result<(bool, Log)> {
         let jsonl = out.join("results.jsonl");
-        let mut unfinished = vec![out.join(CKPT)];
+        let mut unfinished = vec![out.join(CKPT), out.join(OPRM_CKPT)];
         if !out.join("summary.json").exists() {
             unfinished.extend([out.join(RUN_FILE), jsonl.clone()]);
         }
@@ -341,6 +407,8 @@ struct Asks<'a> {
     o: &'a Options,
     bos: Option<u32>,
     vocab_rows: usize,
+    /// The ids a softmax runs over (OPRM's entropies).
+    real: usize,
 }
 
 impl Asks<'_> {
@@ -381,13 +449,82 @@ impl Asks<'_> {
             t.sample == p.sample && t.branch == branch && t.pos <= ids.len() && tokens_sha(&ids[..t.pos]) == t.ids_sha
         });
         let sample = Sample { p, ids: &ids, needle_pos, branch };
-        let rec = g.run_sample(sample, resumed, saver, &mut log.facts, self.o, |new| {
-            let key_ids = key_tokens(tok, tpl, &p.key)?;
-            let (continuation, correct) = is_correct(tok, new, &p.key)?;
-            Ok((key_ids, continuation, correct))
-        })?;
+        let rec = g.run_sample(sample, resumed, saver, &mut log.facts, self.o, |new| self.judge(p, new))?;
         log.add(rec, saver.fp)?;
         saver.at(g.s, g.pos, None, g.cadence, &log.facts)
+    }
+
+    /// Sample `p` answered by OPRM (`--oprm`): its chunks run (from `from`, a checkpoint inside
+    /// them, when it is this prompt's), checkpointed on the cadence, then the chosen chunk decodes
+    /// and scores the key as a whole prompt would.
+    fn oprm_sample(
+        &self,
+        g: &mut Grid,
+        p: &Prompt,
+        from: Option<OprmRestored>,
+        saver: &Saver,
+        log: &mut Log,
+    ) -> Result<()> {
+        let oprm = self.o.oprm.ok_or_else(|| anyhow!("passkey: an OPRM sample without --oprm"))?;
+        let (tok, tpl) = (self.tok, &self.tpl);
+        let parts = p.parts(tok, tpl, self.bos)?;
+        for part in [&parts.prefix, &parts.context, &parts.question] {
+            crate::model::check_ids(part, self.vocab_rows, "passkey prompt")?;
+        }
+        let ids_sha = parts.sha();
+        let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm, real: self.real };
+        let (progress, best) = match from.filter(|r| r.progress.ids_sha == ids_sha) {
+            Some(r) => {
+                eprintln!(
+                    "passkey {}: sample {} resumes at OPRM chunk {} of {}",
+                    saver.length,
+                    p.sample,
+                    r.progress.next,
+                    c.chunks()
+                );
+                (r.progress, r.best)
+            }
+            None => {
+                let progress = oprm::Progress { sample: p.sample, ids_sha, next: 0, best: None, needle_entropy: None };
+                (progress, None)
+            }
+        };
+        let chunks = c.chunks();
+        let facts = &mut log.facts;
+        let cadence = &mut *g.cadence;
+        let chosen = c.run(progress, best, &mut |ran| {
+            facts.tokens_processed += ran.fed;
+            facts.tokens_without_reuse += ran.fed;
+            saver.oprm_at(ran.progress, ran.best, chunks, cadence, facts)
+        })?;
+        let a = answer(c.s, self.o.max_new, parts.answered_at(chosen.chosen, oprm.chunk), |new| self.judge(p, new))?;
+        log.facts.tokens_processed += a.decoded as u64;
+        log.facts.tokens_without_reuse += a.decoded as u64;
+        log.facts.samples_run += 1;
+        let prompt_tokens = parts.prefix.len() + parts.context.len() + parts.question.len();
+        let rec = Record {
+            length: saver.length,
+            sample: p.sample,
+            depth: p.depth,
+            needle_block: p.needle_block,
+            num_blocks: p.num_blocks,
+            needle_pos: parts.prefix.len() + parts.needle.start,
+            prompt_tokens,
+            correct: a.correct,
+            key: p.key.clone(),
+            continuation: a.continuation,
+            shared_prefix: 0,
+            key_nll: Some(a.key_nll),
+            oprm: Some(chosen),
+        };
+        log.add(rec, saver.fp)
+    }
+
+    /// The key's ids as they follow the question, and the verdict of the decoded tokens `new`.
+    fn judge(&self, p: &Prompt, new: &[u32]) -> Result<(Vec<u32>, String, bool)> {
+        let key_ids = key_tokens(self.tok, &self.tpl, &p.key)?;
+        let (continuation, correct) = is_correct(self.tok, new, &p.key)?;
+        Ok((key_ids, continuation, correct))
     }
 
     /// The prompt's tokens shared with the haystack, at most all but its last (`--reuse`; else 0).
@@ -560,6 +697,46 @@ impl Saver<'_> {
     }
 }
 
+impl Saver<'_> {
+    /// When the cadence says so, saves a sample's OPRM progress and its best chunk's state so far
+    /// (of `chunks`); a signal then ends the run.
+    fn oprm_at(
+        &self,
+        progress: &oprm::Progress,
+        best: Option<&ScorerState>,
+        chunks: usize,
+        cadence: &mut Cadence,
+        facts: &RunFacts,
+    ) -> Result<()> {
+        let Some(due) = cadence.due(false) else { return Ok(()) };
+        let snap = OprmSnapshot {
+            fingerprint: self.fp.to_string(),
+            length: self.length,
+            progress: progress.clone(),
+            tau: best.map(|b| b.tau.clone()).unwrap_or_default(),
+        };
+        let tensors = best.map(|b| StateSlot::Run.tensors(b)).unwrap_or_default();
+        let now = RunFacts {
+            seconds: self.started.elapsed().as_secs_f64(),
+            peak_rss_bytes: crate::report::peak_rss_bytes(),
+            ..facts.clone()
+        };
+        self.run_file.write(Some(&now))?;
+        crate::report::save_checkpoint(&self.out.join(OPRM_CKPT), &serde_json::to_string(&snap)?, &tensors)?;
+        cadence.saved();
+        if let Some(sig) = due.signal {
+            bail!(
+                "{sig} after OPRM chunk {} of {chunks} of sample {} of length {}: checkpoint in {}; continue with --resume",
+                progress.next,
+                progress.sample,
+                self.length,
+                self.out.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// One length's stream: the backend, the haystack tokens fed so far, the piece a feed takes at most
 /// between checkpoints.
 struct Grid<'s, 'c> {
@@ -642,16 +819,10 @@ impl Grid<'_, '_> {
                 saver.at(self.s, self.pos, Some(tail), self.cadence, facts)?;
             }
         }
-        let prompted = self.s.snapshot()?;
-        let new = self.s.greedy(o.max_new)?;
-        self.s.restore(&prompted, ids.len() as u64)?;
-        let (key_ids, continuation, correct) = judge(&new)?;
-        let mut nll = Vec::new();
-        self.s.score(&key_ids, &mut nll)?;
-        let key_nll = nll.iter().map(|&v| v as f64).sum::<f64>();
+        let a = answer(self.s, o.max_new, ids.len() as u64, judge)?;
         self.s.restore(&saved, self.pos as u64)?;
-        facts.tokens_processed += (ids.len() - tail_start + new.len()) as u64;
-        facts.tokens_without_reuse += (ids.len() + new.len()) as u64;
+        facts.tokens_processed += (ids.len() - tail_start + a.decoded) as u64;
+        facts.tokens_without_reuse += (ids.len() + a.decoded) as u64;
         facts.samples_run += 1;
         Ok(Record {
             length: saver.length,
@@ -661,13 +832,40 @@ impl Grid<'_, '_> {
             num_blocks: p.num_blocks,
             needle_pos: x.needle_pos,
             prompt_tokens: ids.len(),
-            correct,
+            correct: a.correct,
             key: p.key.clone(),
-            continuation,
+            continuation: a.continuation,
             shared_prefix: branch,
-            key_nll: Some(key_nll),
+            key_nll: Some(a.key_nll),
+            oprm: None,
         })
     }
+}
+
+/// A sample's answer: the decoded text, its verdict, the key's NLL and the tokens decoded.
+struct Answer {
+    continuation: String,
+    correct: bool,
+    key_nll: f64,
+    decoded: usize,
+}
+
+/// Decodes greedily from the prompted state `s` stands in (at stream position `pos`), judges the
+/// tokens (`judge` gives the key's ids and the verdict), and scores the key teacher-forced from the
+/// same state.
+fn answer(
+    s: &mut dyn crate::backend::Backend,
+    max_new: usize,
+    pos: u64,
+    judge: impl FnOnce(&[u32]) -> Result<(Vec<u32>, String, bool)>,
+) -> Result<Answer> {
+    let prompted = s.snapshot()?;
+    let new = s.greedy(max_new)?;
+    s.restore(&prompted, pos)?;
+    let (key_ids, continuation, correct) = judge(&new)?;
+    let mut nll = Vec::new();
+    s.score(&key_ids, &mut nll)?;
+    Ok(Answer { continuation, correct, key_nll: nll.iter().map(|&v| v as f64).sum(), decoded: new.len() })
 }
 
 /// Depth bins: one per explicit depth, else min(samples, 10) equal bins over [0, 1].
@@ -721,7 +919,18 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         if a.is_some_and(|a| a > 0.95) {
             t_recall = Some(t_recall.map_or(l, |t: u64| t.max(l)));
         }
-        per_length.push(serde_json::json!({"length": l, "n": n, "accuracy": a, "mean_key_nll": k}));
+        let mut row = serde_json::json!({"length": l, "n": n, "accuracy": a, "mean_key_nll": k});
+        if o.oprm.is_some() {
+            // How often the chunk that answered held the needle.
+            let chose: Vec<bool> = recs
+                .iter()
+                .filter(|r| r.length == l)
+                .filter_map(|r| r.oprm.as_ref().map(|x| x.chose_needle()))
+                .collect();
+            let share = (!chose.is_empty()).then(|| chose.iter().filter(|&&c| c).count() as f64 / chose.len() as f64);
+            row["oprm_chose_needle"] = share.into();
+        }
+        per_length.push(row);
         for (bi, &b) in bins.iter().enumerate() {
             let last = bi + 1 == bins.len();
             let (n, a, k) = acc(&mut recs.iter().filter(|r| r.length == l && in_bin(r.depth, b, last)));
@@ -768,6 +977,10 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "laws": crate::eval::laws::laws_of(info),
         "needle_within_last_r": last_r,
         "scoring": "greedy decoding of max_new tokens; correct iff the key string is a substring of the decoded continuation",
+        "oprm": o.oprm.map(|x| format!(
+            "OPRM (arXiv 2505.07793): prefix, context and question tokenized alone; the context cut into chunks of {} tokens, \
+             each run from the zero state as [prefix, chunk, question]; the chunk with the least entropy of its first answer \
+             token decodes; needle_pos and prompt_tokens count the parts", x.chunk)),
         "max_new_note": o.max_new_note,
         "runs": runs,
     });

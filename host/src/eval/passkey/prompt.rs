@@ -88,6 +88,32 @@ impl Prompt {
     }
 }
 
+/// A prompt as OPRM runs it: its prefix, its context (the blocks, the needle among them) and its
+/// question, each tokenized alone (as the OPRM paper's code encodes the parts of its prompts), and
+/// the needle's tokens in the context.
+pub(super) struct Parts {
+    /// `<|endoftext|>` with `--bos`, then the template's prefix.
+    pub(super) prefix: Vec<u32>,
+    pub(super) context: Vec<u32>,
+    /// The tokens of the context that hold the needle (from the first token that starts at or
+    /// after its first byte to the first that starts at or after its end).
+    pub(super) needle: std::ops::Range<usize>,
+    pub(super) question: Vec<u32>,
+}
+
+impl Prompt {
+    /// The prompt in its three parts (OPRM).
+    pub(super) fn parts(&self, tok: &Tokenizer, tpl: &Template, bos: Option<u32>) -> Result<Parts> {
+        let (text, needle_byte) = prompt_text(tpl, self.num_blocks, self.needle_block, &self.key);
+        let (start, end) = (tpl.prefix.len(), text.len() - tpl.suffix.len());
+        let needle_end = needle_byte + tpl.needle.replace("{key}", &self.key).len();
+        let marks = [needle_byte - start, needle_end - start];
+        let (context, at) = crate::text::encode_long_marks(tok, &text[start..end], &marks)?;
+        let prefix = [bos.as_slice(), &tok.encode(tpl.prefix)?].concat();
+        Ok(Parts { prefix, context, needle: at[0]..at[1], question: tok.encode(tpl.suffix)? })
+    }
+}
+
 /// `⌊(T − |prefix| − |suffix|) / |noise|⌋`, each part tokenized alone (the paper's code).
 pub fn num_blocks(tok: &Tokenizer, tpl: &Template, length: u64) -> Result<usize> {
     let len = |s: &str| tok.encode(s).map(|v| v.len() as u64);
