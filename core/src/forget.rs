@@ -12,6 +12,10 @@ pub enum Forget {
     RriBoth { a: f32, b: f32 },
     /// Δ′ = c·Δ (raises α, shrinks B̄). Per-channel families: log w′ = c·log w.
     Dt { c: f32 },
+    /// Mamba-Modulation (arXiv 2509.19633): A′ = s·A, so α′ = α^s and the write Δ·B is unchanged
+    /// (Δ scaling moves both). Mamba-1 and Mamba-2 only: elsewhere `Dt` already scales the log
+    /// decay alone.
+    Decay { s: f32 },
     /// Sliding window by state difference (Eq. 8): the read-out uses h_t − α_{t−r+1:t}·h_{t−r},
     /// with h_{t−r} advanced r steps behind from each layer's own cached inputs. Calls may hold at
     /// most r tokens.
@@ -37,7 +41,29 @@ impl Forget {
             Forget::Staggered { .. } => Err(crate::Error::Config(
                 "staggered-state forgetting is for non-diagonal transitions (RWKV-7); this family's window:r=N is exact",
             )),
+            Forget::Decay { .. } => Err(crate::Error::Config(
+                "decay:s scales Mamba's A alone (Mamba-1, Mamba-2); this family has no Δ on its write: dt:c scales its log decay alone",
+            )),
             _ => Ok(()),
+        }
+    }
+
+    /// [`Forget::check`] for Mamba-1 and Mamba-2, which also take `Decay`.
+    pub fn check_mamba(&self) -> Result<(), crate::Error> {
+        match *self {
+            Forget::Decay { s } if !(s > 0.0 && s.is_finite()) => {
+                Err(crate::Error::Config("decay scaling needs s > 0"))
+            }
+            Forget::Decay { .. } => Ok(()),
+            other => other.check(),
+        }
+    }
+
+    /// The factor on A: s under `Decay`, else 1.
+    pub fn a_scale(&self) -> f32 {
+        match *self {
+            Forget::Decay { s } => s,
+            _ => 1.0,
         }
     }
 

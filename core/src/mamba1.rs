@@ -327,7 +327,8 @@ impl<'a> Mamba1<'a> {
         }
         let a = &mut s.a[..di * n];
         lw.a_log.read(0, a);
-        map_in_place(simd, a, |v| -fast_exp(v));
+        let a_scale = self.forget.a_scale();
+        map_in_place(simd, a, |v| -fast_exp(v) * a_scale);
         if let Some(p) = probe {
             self.probe_sums(t, dt, a, p);
         }
@@ -770,7 +771,7 @@ impl Recurrent for Mamba1<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check()?;
+        f.check_mamba()?;
         self.forget = f;
         Ok(())
     }
@@ -852,14 +853,14 @@ mod tests {
 
     #[allow(clippy::needless_range_loop)]
     /// The windowed (or plain: r = ∞) layer as direct sums in f64:
-    /// `y_t = C_t·Σ_{i in window} exp(Σ_{j=i+1..t} (Δ_j·A + ln a))·Δ_i·b·B_i·u_i + D·u_t`.
+    /// `y_t = C_t·Σ_{i in window} exp(Σ_{j=i+1..t} (Δ_j·s·A + ln a))·Δ_i·b·B_i·u_i + D·u_t`.
     fn direct(lw: &Layer, norm_f: &Weight, tokens: &[u32], emb: &Weight, f: Forget, out: &mut [f64]) {
         let g = |w: &Weight, i: usize| w.get(i) as f64;
         let (la, bs, cs, r) = match f {
             Forget::Rri { a, b } => ((a as f64).ln(), b as f64, 1.0, usize::MAX),
             Forget::Dt { c } => (0.0, 1.0, c as f64, usize::MAX),
             Forget::Window { r } => (0.0, 1.0, 1.0, r),
-            Forget::None => (0.0, 1.0, 1.0, usize::MAX),
+            Forget::None | Forget::Decay { .. } => (0.0, 1.0, 1.0, usize::MAX),
             Forget::Staggered { .. } | Forget::RriBoth { .. } => {
                 unreachable!("Mamba-1 refuses the staggered states (its window is exact) and rri-both")
             }
@@ -906,7 +907,7 @@ mod tests {
             let mut y = [0f64; DI];
             for c in 0..DI {
                 for n in 0..N {
-                    let a = -g(&lw.a_log, c * N + n).exp();
+                    let a = -g(&lw.a_log, c * N + n).exp() * f.a_scale() as f64;
                     let mut hs = 0.0;
                     for i in (0..=t).filter(|&i| t - i < r) {
                         let decay: f64 = (i + 1..=t).map(|j| dts[j][c] * a + la).sum();
@@ -1071,6 +1072,7 @@ mod tests {
             Forget::None,
             Forget::Rri { a: 0.95, b: 0.7 },
             Forget::Dt { c: 0.4 },
+            Forget::Decay { s: 0.3 },
             Forget::Window { r: 1 },
             Forget::Window { r: 5 },
             Forget::Window { r: 9 },

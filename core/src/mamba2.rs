@@ -223,6 +223,11 @@ impl<'a> Mamba2<'a> {
         2 * c.n_heads + c.n_groups * c.d_state + c.d_inner()
     }
 
+    /// Head `hh`'s A = −exp(A_log), times s under `decay:s`.
+    fn a(&self, lw: &Layer, hh: usize) -> f32 {
+        -exp(lw.a_log.get(hh)) * self.forget.a_scale()
+    }
+
     /// log α offset per token: ln a under RRI, else 0.
     fn log_a(&self) -> f32 {
         match self.forget {
@@ -358,7 +363,7 @@ impl<'a> Mamba2<'a> {
         ex.for_each(nh, &|hh| {
             // SAFETY: head hh owns its state block and its P columns of y.
             let s = unsafe { ss.range(hh * p * n, p * n) };
-            let a = -exp(lw.a_log.get(hh));
+            let a = self.a(lw, hh);
             let la = self.log_a();
             for tt in 0..t {
                 let (xv, b, cc) = self.xbc(u, tt, hh);
@@ -495,7 +500,7 @@ impl<'a> Mamba2<'a> {
         } else {
             lw.d.read(hh * p, dv);
         }
-        let a = -exp(lw.a_log.get(hh));
+        let a = self.a(lw, hh);
         for (blk, t0) in (0..t).step_by(q).enumerate() {
             let len = q.min(t - t0);
             let tile = &cb[blk * q * q..(blk + 1) * q * q];
@@ -580,7 +585,7 @@ impl Mamba2<'_> {
         let c = &self.cfg;
         let (nh, la) = (c.n_heads, self.log_a());
         for hh in 0..nh {
-            let a = -exp(lw.a_log.get(hh));
+            let a = self.a(lw, hh);
             let (mut ld, mut sd, mut sb, mut sx) = (0f32, 0f32, 0f32, 0f32);
             for tt in 0..t {
                 let dth = dt[tt * nh + hh];
@@ -624,7 +629,7 @@ impl Mamba2<'_> {
             // SAFETY: head hh owns its lagged state, its window sum and its P columns of y.
             let lh = unsafe { lags.range(hh * p * n, p * n) };
             let w2 = unsafe { wss.range(2 * hh, 2) };
-            let a = -exp(lw.a_log.get(hh));
+            let a = self.a(lw, hh);
             let g = hh / (nh / c.n_groups);
             let mut w = w2[0] as f64 + w2[1] as f64;
             for tt in 0..t {
@@ -659,7 +664,7 @@ impl Mamba2<'_> {
         for tt in 0..t {
             let slot = &mut ring[((pos0 + tt) % r) * sl..((pos0 + tt) % r + 1) * sl];
             for hh in 0..nh {
-                slot[hh] = dt[tt * nh + hh] * -exp(lw.a_log.get(hh)) + la;
+                slot[hh] = dt[tt * nh + hh] * self.a(lw, hh) + la;
                 slot[nh + hh] = dt[tt * nh + hh];
             }
             let row = &u[tt * c.conv_dim()..];
@@ -781,7 +786,7 @@ impl Recurrent for Mamba2<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check()?;
+        f.check_mamba()?;
         self.forget = f;
         Ok(())
     }

@@ -22,6 +22,10 @@ pub enum ForgetSpec {
     Dt {
         c: f32,
     },
+    /// Mamba-Modulation: A′ = s·A (α′ = α^s, the write Δ·B unchanged); Mamba-1 and Mamba-2.
+    Decay {
+        s: f32,
+    },
     Window {
         r: usize,
     },
@@ -43,7 +47,7 @@ pub enum ForgetSpec {
 }
 
 impl ForgetSpec {
-    /// `none`, `rri:a=0.9999,b=0.75`, `dt:c=0.5`, `window:r=4096`, `staggered:r=4096`,
+    /// `none`, `rri:a=0.9999,b=0.75`, `dt:c=0.5`, `decay:s=0.5`, `window:r=4096`, `staggered:r=4096`,
     /// `state-norm:every=128,calib=8k`, `reset:every=4k` (token counts take k and m as every count flag does).
     pub fn parse(s: &str) -> Result<ForgetSpec> {
         let (name, args) = s.split_once(':').unwrap_or((s, ""));
@@ -61,11 +65,12 @@ impl ForgetSpec {
             "none" => &[],
             "rri" | "rri-both" => &["a", "b"],
             "dt" => &["c"],
+            "decay" => &["s"],
             "window" | "staggered" => &["r"],
             "state-norm" => &["every", "calib"],
             "reset" => &["every"],
             other => {
-                bail!("--forget: unknown method '{other}' (none, rri, rri-both, dt, window, staggered, state-norm, reset)")
+                bail!("--forget: unknown method '{other}' (none, rri, rri-both, dt, decay, window, staggered, state-norm, reset)")
             }
         };
         if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
@@ -83,6 +88,7 @@ impl ForgetSpec {
                 ForgetSpec::RriBoth { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 }
             }
             "dt" => ForgetSpec::Dt { c: num("c")?.unwrap_or(0.5) as f32 },
+            "decay" => ForgetSpec::Decay { s: num("s")?.unwrap_or(0.5) as f32 },
             "window" => ForgetSpec::Window { r: need_count("r")? as usize },
             "staggered" => ForgetSpec::Staggered { r: need_count("r")? as usize },
             "state-norm" => ForgetSpec::StateNorm { every: count("every")?.unwrap_or(128), calib: count("calib")? },
@@ -96,6 +102,7 @@ impl ForgetSpec {
             ForgetSpec::Rri { a, b } => Forget::Rri { a, b },
             ForgetSpec::RriBoth { a, b } => Forget::RriBoth { a, b },
             ForgetSpec::Dt { c } => Forget::Dt { c },
+            ForgetSpec::Decay { s } => Forget::Decay { s },
             ForgetSpec::Window { r } => Forget::Window { r },
             ForgetSpec::Staggered { r } => Forget::Staggered { r },
             _ => Forget::None,
@@ -158,6 +165,7 @@ impl std::fmt::Display for ForgetSpec {
             ForgetSpec::Rri { a, b } => write!(f, "rri:a={a},b={b}"),
             ForgetSpec::RriBoth { a, b } => write!(f, "rri-both:a={a},b={b}"),
             ForgetSpec::Dt { c } => write!(f, "dt:c={c}"),
+            ForgetSpec::Decay { s } => write!(f, "decay:s={s}"),
             ForgetSpec::Window { r } => write!(f, "window:r={r}"),
             ForgetSpec::Staggered { r } => write!(f, "staggered:r={r}"),
             ForgetSpec::StateNorm { every, calib } => {

@@ -359,3 +359,59 @@ fn delta_net_probe_series() {
         assert!(last.end <= net.state_len());
     }
 }
+
+/// A copy of `tests/data/<case>` with `shift` added to every element of each f32 tensor whose name
+/// ends in `A_log` (so A = −exp(A_log) is multiplied by exp(shift)).
+fn a_log_shifted(case: &str, shift: f32) -> tempfile::TempDir {
+    let (src, dir) = (data(case), tempfile::tempdir().unwrap());
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let file = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut shifted = 0;
+    for (name, t) in header.as_object().unwrap() {
+        if !name.ends_with("A_log") {
+            continue;
+        }
+        assert_eq!(t["dtype"], "F32", "{case} {name}");
+        let (a, b) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
+        for v in bytes[8 + n + a..8 + n + b].chunks_exact_mut(4) {
+            let x = f32::from_le_bytes(v.try_into().unwrap()) + shift;
+            v.copy_from_slice(&x.to_le_bytes());
+        }
+        shifted += 1;
+    }
+    assert!(shifted > 0, "{case}: no A_log tensor");
+    std::fs::write(&file, bytes).unwrap();
+    dir
+}
+
+/// `decay:s` (Mamba-Modulation, A′ = s·A) is the model with A_log + ln s in its weights, chunked and
+/// token by token, on both Mamba families; it differs from Δ scaling by the write Δ·B, which it
+/// leaves alone; the other families refuse it, naming dt:c.
+#[test]
+fn decay_scaling_is_a_times_s() {
+    let ids: Vec<u32> = (0..120u32).map(|i| (i * 7919 + 13) % 256).collect();
+    for case in ["mamba2_hf_g1_untied", "mamba2_hf_g2_tied", "mamba1_hf", "falcon_mamba_hf"] {
+        let s = 0.4f32;
+        let decayed = model(case, &format!("decay:s={s}"));
+        let shifted = Model::load(a_log_shifted(case, s.ln()).path()).unwrap();
+        let want = logits(&shifted, &ids, 1);
+        assert!(rel(&want, &logits(&model(case, "none"), &ids, 1)) > 1e-3, "{case}: decay must change the logits");
+        assert!(rel(&want, &logits(&model(case, "dt:c=0.4"), &ids, 1)) > 1e-3, "{case}: decay is not dt");
+        for chunk in [256, 17, 1] {
+            let e = rel(&logits(&decayed, &ids, chunk), &want);
+            println!("{case} decay:s={s} chunk {chunk} vs A_log + ln s: rel {e:.3e}");
+            assert!(e <= 1e-5, "{case} chunk {chunk}: rel {e:.3e}");
+        }
+    }
+    for case in ["rwkv6_tiny", "hgrn2_tiny", "gla_tiny", "rwkv7_tiny", "gdn_tiny"] {
+        let mut m = Model::load(&data(case)).unwrap();
+        let err = format!("{:#}", m.set_forget(ForgetSpec::parse("decay:s=0.5").unwrap()).unwrap_err());
+        assert!(err.contains("dt:c scales its log decay alone"), "{case}: {err}");
+    }
+}

@@ -232,6 +232,10 @@ impl GpuMamba2 {
         let path = model.info.path.display().to_string();
         let m = mamba2_of(model)?;
         let forget = m.forget();
+        if let Forget::Decay { .. } = forget {
+            // The kernels scale Δ (dt) and B (rri), not A alone: refuse rather than ignore it.
+            bail!("{path}: --forget {} runs on the CPU only (--device cuda takes rri, dt and window)", model.forget);
+        }
         let c = m.cfg;
         // A window call holds at most r tokens (as on the CPU).
         let chunk = match forget {
