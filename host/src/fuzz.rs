@@ -259,6 +259,12 @@ pub mod readback {
             },
             Target { name: "passkey-results", shape: Shape::Lines, seeds: passkey_seed, parse: passkey_parse },
             Target { name: "passkey-summary", shape: Shape::Json, seeds: summary_seed, parse: summary_parse },
+            Target {
+                name: "passkey-oprm-results",
+                shape: Shape::Lines,
+                seeds: oprm_passkey_seed,
+                parse: oprm_passkey_parse,
+            },
         ]
     }
 
@@ -385,14 +391,16 @@ pub mod readback {
         ckpt_case("probe", b)
     }
 
-    /// A passkey run's two shards in `scratch/pk-k` (made once).
-    fn passkey_shards() -> Result<[PathBuf; 2]> {
-        let dirs = [scratch().join("pk-1"), scratch().join("pk-2")];
+    /// A passkey run's two shards in `scratch/pk-k` (`scratch/pk-oprm-k` with `--oprm 48`; made once).
+    fn passkey_shards(oprm: bool) -> Result<[PathBuf; 2]> {
+        let name = if oprm { "pk-oprm" } else { "pk" };
+        let dirs = [scratch().join(format!("{name}-1")), scratch().join(format!("{name}-2"))];
         if !dirs[1].join("summary.json").exists() {
             for (k, d) in dirs.iter().enumerate() {
                 let (shard, d) = (format!("{}/2", k + 1), d.display().to_string());
                 let args = ["passkey", "--model", &model(), "--lengths", "128,256", "--samples", "2"];
-                stuffed(&[&args[..], &["--shard", &shard, "--out", &d]].concat())
+                let own: &[&str] = if oprm { &["--oprm", "48"] } else { &[] };
+                stuffed(&[&args[..], own, &["--shard", &shard, "--out", &d]].concat())
                     .context("fuzz seed: passkey shard run")?;
             }
         }
@@ -400,17 +408,26 @@ pub mod readback {
     }
 
     fn passkey_seed() -> Result<Vec<Vec<u8>>> {
-        Ok(vec![std::fs::read(passkey_shards()?[0].join("results.jsonl"))?])
+        Ok(vec![std::fs::read(passkey_shards(false)?[0].join("results.jsonl"))?])
     }
 
     fn summary_seed() -> Result<Vec<Vec<u8>>> {
-        Ok(vec![std::fs::read(passkey_shards()?[0].join("summary.json"))?])
+        Ok(vec![std::fs::read(passkey_shards(false)?[0].join("summary.json"))?])
+    }
+
+    fn oprm_passkey_seed() -> Result<Vec<Vec<u8>>> {
+        Ok(vec![std::fs::read(passkey_shards(true)?[0].join("results.jsonl"))?])
     }
 
     /// A shard directory with shard 1's files, `file` replaced by the case, merged with shard 2.
     fn passkey_case(file: &str, b: &[u8]) -> Result<()> {
-        let [one, two] = passkey_shards()?;
-        let case = scratch().join("pk-case");
+        passkey_case_of(false, file, b)
+    }
+
+    /// [`passkey_case`] of the plain (`oprm` false) or the `--oprm` shards.
+    fn passkey_case_of(oprm: bool, file: &str, b: &[u8]) -> Result<()> {
+        let [one, two] = passkey_shards(oprm)?;
+        let case = scratch().join(if oprm { "pk-oprm-case" } else { "pk-case" });
         std::fs::create_dir_all(&case)?;
         for f in ["results.jsonl", "summary.json", "passkey.run.json"] {
             std::fs::copy(one.join(f), case.join(f))?;
@@ -425,6 +442,10 @@ pub mod readback {
 
     fn summary_parse(b: &[u8]) -> Result<()> {
         passkey_case("summary.json", b)
+    }
+
+    fn oprm_passkey_parse(b: &[u8]) -> Result<()> {
+        passkey_case_of(true, "results.jsonl", b)
     }
 }
 
