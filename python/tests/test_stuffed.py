@@ -107,6 +107,14 @@ def test_evaluators_return_dicts_and_arrays(tmp_path):
     assert any(isinstance(v, dict) and v for k, v in p.items() if k != "out")
 
 
+def test_passkey_takes_oprm():
+    r = stuffed.passkey(ROOT / "models" / "mamba2-tiny-passkey", lengths="2k", samples=4, oprm=160, max_new=8)
+    s = r["summary"]
+    assert s["options"]["oprm"] == {"chunk": 160}
+    (row,) = s["accuracy_per_length"]
+    assert row["n"] == 4 and 0.0 <= row["oprm_chose_needle"] <= 1.0
+
+
 def test_errors_are_one_line_exceptions():
     m = stuffed.Model(ROOT / "tests" / "data" / "mamba2_hf_g1_untied")
     info = m.info
