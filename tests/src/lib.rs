@@ -128,19 +128,30 @@ pub fn logits(m: &Model, ids: &[u32], chunk: usize) -> Vec<f32> {
     run(m, Pool::new(), ids, chunk, &[]).0
 }
 
-/// A copy of `tests/data/<case>` with element `index` of tensor `name` set to `value` in the file's
-/// own dtype (bf16 or f32), written in place in the bytes.
-pub fn poisoned(case: &str, name: &str, index: usize, value: f32) -> tempfile::TempDir {
+/// A copy of the files of `tests/data/<case>` in a temporary directory.
+pub fn copy_of(case: &str) -> tempfile::TempDir {
     let (src, dir) = (data(case), tempfile::tempdir().unwrap());
     for f in std::fs::read_dir(&src).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
     }
+    dir
+}
+
+/// A safetensors file's header, and where its data start in `bytes`.
+pub fn safetensors_header(bytes: &[u8]) -> (serde_json::Value, usize) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (serde_json::from_slice(&bytes[8..8 + n]).unwrap(), 8 + n)
+}
+
+/// A copy of `tests/data/<case>` with element `index` of tensor `name` set to `value` in the file's
+/// own dtype (bf16 or f32), written in place in the bytes.
+pub fn poisoned(case: &str, name: &str, index: usize, value: f32) -> tempfile::TempDir {
+    let dir = copy_of(case);
     let file = dir.path().join("model.safetensors");
     let mut bytes = std::fs::read(&file).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let start = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    let (header, data) = safetensors_header(&bytes);
+    let start = data + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
     let patch = match header[name]["dtype"].as_str().unwrap() {
         "BF16" => half::bf16::from_f32(value).to_le_bytes().to_vec(),
         "F32" => value.to_le_bytes().to_vec(),

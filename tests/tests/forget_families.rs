@@ -363,15 +363,10 @@ fn delta_net_probe_series() {
 /// A copy of `tests/data/<case>` with `shift` added to every element of each f32 tensor whose name
 /// ends in `A_log` (so A = −exp(A_log) is multiplied by exp(shift)).
 fn a_log_shifted(case: &str, shift: f32) -> tempfile::TempDir {
-    let (src, dir) = (data(case), tempfile::tempdir().unwrap());
-    for f in std::fs::read_dir(&src).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
-    }
+    let dir = stuffed_tests::copy_of(case);
     let file = dir.path().join("model.safetensors");
     let mut bytes = std::fs::read(&file).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (header, data) = stuffed_tests::safetensors_header(&bytes);
     let mut shifted = 0;
     for (name, t) in header.as_object().unwrap() {
         if !name.ends_with("A_log") {
@@ -379,7 +374,7 @@ fn a_log_shifted(case: &str, shift: f32) -> tempfile::TempDir {
         }
         assert_eq!(t["dtype"], "F32", "{case} {name}");
         let (a, b) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
-        for v in bytes[8 + n + a..8 + n + b].chunks_exact_mut(4) {
+        for v in bytes[data + a..data + b].chunks_exact_mut(4) {
             let x = f32::from_le_bytes(v.try_into().unwrap()) + shift;
             v.copy_from_slice(&x.to_le_bytes());
         }

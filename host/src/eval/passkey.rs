@@ -673,15 +673,7 @@ impl Saver<'_> {
         };
         let mut tensors = StateSlot::Run.tensors(held);
         tensors.extend(tail_held.map(|t| StateSlot::Tail.tensors(t)).unwrap_or_default());
-        // This process's facts first: whoever sees the checkpoint finds them too.
-        let now = RunFacts {
-            seconds: self.started.elapsed().as_secs_f64(),
-            peak_rss_bytes: crate::report::peak_rss_bytes(),
-            ..facts.clone()
-        };
-        self.run_file.write(Some(&now))?;
-        crate::report::save_checkpoint(&self.out.join(CKPT), &serde_json::to_string(&snap)?, &tensors)?;
-        cadence.saved();
+        self.save(CKPT, &serde_json::to_string(&snap)?, &tensors, cadence, facts)?;
         if let Some(sig) = due.signal {
             let at = match tail {
                 Some(t) => format!("prompt token {} of sample {}", t.fed.len(), t.sample),
@@ -698,6 +690,27 @@ impl Saver<'_> {
 }
 
 impl Saver<'_> {
+    /// Writes checkpoint `file` (its snapshot and tensors), this process's facts first — whoever
+    /// sees the checkpoint finds them too — and restarts the cadence.
+    fn save(
+        &self,
+        file: &str,
+        snapshot: &str,
+        tensors: &[(&str, crate::report::Values)],
+        cadence: &mut Cadence,
+        facts: &RunFacts,
+    ) -> Result<()> {
+        let now = RunFacts {
+            seconds: self.started.elapsed().as_secs_f64(),
+            peak_rss_bytes: crate::report::peak_rss_bytes(),
+            ..facts.clone()
+        };
+        self.run_file.write(Some(&now))?;
+        crate::report::save_checkpoint(&self.out.join(file), snapshot, tensors)?;
+        cadence.saved();
+        Ok(())
+    }
+
     /// When the cadence says so, saves a sample's OPRM progress and its best chunk's state so far
     /// (of `chunks`); a signal then ends the run.
     fn oprm_at(
@@ -716,14 +729,7 @@ impl Saver<'_> {
             tau: best.map(|b| b.tau.clone()).unwrap_or_default(),
         };
         let tensors = best.map(|b| StateSlot::Run.tensors(b)).unwrap_or_default();
-        let now = RunFacts {
-            seconds: self.started.elapsed().as_secs_f64(),
-            peak_rss_bytes: crate::report::peak_rss_bytes(),
-            ..facts.clone()
-        };
-        self.run_file.write(Some(&now))?;
-        crate::report::save_checkpoint(&self.out.join(OPRM_CKPT), &serde_json::to_string(&snap)?, &tensors)?;
-        cadence.saved();
+        self.save(OPRM_CKPT, &serde_json::to_string(&snap)?, &tensors, cadence, facts)?;
         if let Some(sig) = due.signal {
             bail!(
                 "{sig} after OPRM chunk {} of {chunks} of sample {} of length {}: checkpoint in {}; continue with --resume",
