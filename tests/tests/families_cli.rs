@@ -56,6 +56,19 @@ fn rwkv_commands_on_tiny_synth_models() {
         }
         let out = dir.path().join(format!("pk-{family}"));
         cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
+        // OPRM with the World tokenizer (its parts tokenized alone): every record says its chunks.
+        let out = dir.path().join(format!("pk-oprm-{family}"));
+        let args = ["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--oprm", "200"];
+        cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+        for line in std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines() {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (chunks, needle) =
+                (r["oprm"]["chunks"].as_u64().unwrap(), r["oprm"]["needle_chunks"][0].as_u64().unwrap());
+            assert!(
+                (4..=6).contains(&chunks) && needle < chunks && r["oprm"]["chosen"].as_u64().unwrap() < chunks,
+                "{r}"
+            );
+        }
         let out = dir.path().join(format!("probe-{family}"));
         cli(&[
             "probe",
@@ -302,6 +315,19 @@ fn delta_net_commands_on_tiny_synth_models() {
         }
         let out = dir.path().join(format!("pk-{family}"));
         cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
+        // OPRM with the World tokenizer (its parts tokenized alone): every record says its chunks.
+        let out = dir.path().join(format!("pk-oprm-{family}"));
+        let args = ["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--oprm", "200"];
+        cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+        for line in std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines() {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (chunks, needle) =
+                (r["oprm"]["chunks"].as_u64().unwrap(), r["oprm"]["needle_chunks"][0].as_u64().unwrap());
+            assert!(
+                (4..=6).contains(&chunks) && needle < chunks && r["oprm"]["chosen"].as_u64().unwrap() < chunks,
+                "{r}"
+            );
+        }
         let out = dir.path().join(format!("probe-{family}"));
         let args = ["probe", "--model", ms, "--text", text, "--max-tokens", "200", "--every", "50"];
         cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
