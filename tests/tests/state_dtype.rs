@@ -181,6 +181,57 @@ fn vs_state_equals_two_separate_runs() {
     assert!(v.path().join("drift.svg").exists());
 }
 
+/// `ppl --vs-model REF`: each stream's bucket sums are those of a separate run of its model, bit for
+/// bit; drift.csv's ΔNLL is the difference of the two runs' means; a model against itself drifts by
+/// exactly nothing; a reference with another vocabulary is refused in one line.
+#[test]
+fn vs_model_equals_two_separate_runs() {
+    let long = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-l4-t2048-a3-4m");
+    let long = long.display().to_string();
+    let (v, a, b, s) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let rv = ppl(v.path(), &["--vs-model", &long]);
+    let ra = ppl(a.path(), &[]);
+    let rb = ppl(b.path(), &["--model", &long]);
+    // (`ppl` names the short model first; the second --model runs after it in rb: its run is [1].)
+    for (i, sep) in [(0, &ra["runs"][0]), (1, &rb["runs"][1])] {
+        for key in ["linear", "log2", "sum", "count"] {
+            assert_eq!(rv["runs"][i]["acc"][key], sep["acc"][key], "stream {i}: {key}");
+        }
+    }
+    let drift = &rv["runs"][0]["drift"];
+    assert_eq!(drift["reference"].as_str(), Some(long.as_str()));
+    let rows = drift["buckets_linear"].as_array().unwrap();
+    let (pa, pb) =
+        (ra["runs"][0]["buckets_linear"].as_array().unwrap(), rb["runs"][1]["buckets_linear"].as_array().unwrap());
+    assert_eq!(rows.len(), pa.len());
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    for ((r, x), y) in rows.iter().zip(pa).zip(pb) {
+        let want = f(&x["mean_nll"]) - f(&y["mean_nll"]);
+        assert!((f(&r["delta_nll"]) - want).abs() < 1e-9, "{r} vs {want}");
+        assert!(f(&r["kl"]) > 1e-3, "two different models: {r}");
+    }
+    assert!(std::fs::read_to_string(v.path().join("drift.csv")).unwrap().contains(&long));
+    // The model against itself: the same numbers, nothing between them.
+    let rs = ppl(s.path(), &["--vs-model", &shipped_t64()]);
+    for r in rs["runs"][0]["drift"]["buckets_log2"].as_array().unwrap() {
+        assert!(f(&r["delta_nll"]) == 0.0 && f(&r["kl"]) == 0.0, "{r}");
+    }
+    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mamba2_hf_g1_untied");
+    let d = tempfile::tempdir().unwrap();
+    let (m, t) = (shipped_t64(), persuasion());
+    let args = ["ppl", "--model", &m, "--text", &t, "--max-tokens", "300", "--vs-model", golden.to_str().unwrap()];
+    let e = format!("{:#}", cli(&[&args[..], &["--out", d.path().to_str().unwrap()]].concat()).unwrap_err());
+    assert!(e.contains("must share a vocabulary") && !e.contains('\n'), "{e}");
+    let e =
+        format!("{:#}", cli(&[&args[..], &["--resume", "--out", d.path().to_str().unwrap()]].concat()).unwrap_err());
+    assert!(e.contains("--vs-model runs two streams") && e.contains("--resume"), "{e}");
+}
+
 /// The flags refuse what they cannot do, in one line: a rounded state on CUDA, rounding flags
 /// without a dtype, --vs-state with its own type or with a checkpoint.
 #[test]

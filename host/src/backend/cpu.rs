@@ -85,18 +85,18 @@ impl<'m> NllHead<'m> {
     }
 }
 
-/// Two streams over the same tokens (`--vs-state`) through one head: each stream's NLLs, exactly
-/// what [`NllHead::nll`] gives it alone, and KL(p ‖ q) of their next-token distributions, from one
-/// LM head pass per stream (a sub-chunk of rows at a time).
+/// Two streams over the same tokens (`--vs-state`, `--vs-model`), each through its own model's
+/// head: each stream's NLLs, exactly what [`NllHead::nll`] gives it alone, and KL(p ‖ q) of their
+/// next-token distributions, from one LM head pass per stream (a sub-chunk of rows at a time).
 pub struct PairHead<'m> {
-    head: NllHead<'m>,
-    q_logits: Vec<f32>,
+    p: NllHead<'m>,
+    q: NllHead<'m>,
 }
 
 impl<'m> PairHead<'m> {
-    pub fn new(model: &'m Model, real: usize) -> Self {
-        let head = NllHead::new(model, real);
-        PairHead { q_logits: vec![0.0; head.logits.len()], head }
+    /// Stream p's rows through `p`'s head, q's through `q`'s, over the same `real` ids.
+    pub fn new(p: &'m Model, q: &'m Model, real: usize) -> Self {
+        PairHead { p: NllHead::new(p, real), q: NllHead::new(q, real) }
     }
 
     /// NLLs of the rows `p` and `q` scored into `nll_p` and `nll_q`, and `kl[i]` = KL(p_i ‖ q_i)
@@ -109,12 +109,13 @@ impl<'m> PairHead<'m> {
         nll_q: &mut Vec<f32>,
         kl: &mut Vec<f64>,
     ) -> Result<()> {
-        if p.targets != q.targets || p.rows.len() != q.rows.len() {
+        let (hp, hq) = (&mut self.p, &mut self.q);
+        let (dp, dq, n) = (hp.net.d_model(), hq.net.d_model(), p.targets.len());
+        if p.targets != q.targets || p.rows.len() != n * dp || q.rows.len() != n * dq {
             bail!("the two streams scored different positions");
         }
-        let h = &mut self.head;
-        let (d, v, real, n) = (h.net.d_model(), h.net.vocab_rows(), h.real, p.targets.len());
-        h.check_targets(p.targets)?;
+        let (vp, vq, real) = (hp.net.vocab_rows(), hq.net.vocab_rows(), hp.real);
+        hp.check_targets(p.targets)?;
         for out in [&mut *nll_p, &mut *nll_q] {
             out.clear();
             out.resize(n, 0.0);
@@ -124,18 +125,18 @@ impl<'m> PairHead<'m> {
         for a in (0..n).step_by(SUB) {
             let b = (a + SUB).min(n);
             let rows = b - a;
-            let (lp, lq) = (&mut h.logits[..rows * v], &mut self.q_logits[..rows * v]);
-            let (net, ex) = (h.net, h.ex);
+            let (lp, lq) = (&mut hp.logits[..rows * vp], &mut hq.logits[..rows * vq]);
+            let (np, nq, ex) = (hp.net, hq.net, hp.ex);
             ex.run(|| {
-                net.logits(&ex, &p.rows[a * d..b * d], rows, lp)?;
-                net.logits(&ex, &q.rows[a * d..b * d], rows, lq)
+                np.logits(&ex, &p.rows[a * dp..b * dp], rows, lp)?;
+                nq.logits(&ex, &q.rows[a * dq..b * dq], rows, lq)
             })?;
-            let (lp, lq) = (&h.logits[..rows * v], &self.q_logits[..rows * v]);
-            h.nll_of(lp, &p.targets[a..b], &mut nll_p[a..b], p.pos0 + a as u64)?;
-            h.nll_of(lq, &q.targets[a..b], &mut nll_q[a..b], q.pos0 + a as u64)?;
-            let simd = h.ex.simd();
+            let (lp, lq) = (&hp.logits[..rows * vp], &hq.logits[..rows * vq]);
+            hp.nll_of(lp, &p.targets[a..b], &mut nll_p[a..b], p.pos0 + a as u64)?;
+            hq.nll_of(lq, &q.targets[a..b], &mut nll_q[a..b], q.pos0 + a as u64)?;
+            let simd = hp.ex.simd();
             // Outside `Pool::run`, so rayon's workers are free.
-            lp.par_chunks(v).zip(lq.par_chunks(v)).zip(kl[a..b].par_iter_mut()).for_each(|((x, y), o)| {
+            lp.par_chunks(vp).zip(lq.par_chunks(vq)).zip(kl[a..b].par_iter_mut()).for_each(|((x, y), o)| {
                 *o = kl_row(simd, &x[..real], &y[..real]);
             });
         }

@@ -79,6 +79,12 @@ pub struct PplArgs {
     /// the mean KL(p_this ‖ p_state-dtype), into drift.csv and drift.svg. Keeps no checkpoint.
     #[arg(long, value_enum)]
     vs_state: Option<crate::state_dtype::StateDtype>,
+    /// Stream a reference model over the same tokens beside each run (the same model in another
+    /// format, dtype or implementation; any model with the same vocabulary): per bucket both mean
+    /// NLLs, ΔNLL = NLL(this) − NLL(reference) with its standard error and the mean
+    /// KL(p_reference ‖ p_this), into drift.csv and drift.svg. CPU only; keeps no checkpoint.
+    #[arg(long, conflicts_with = "vs_state")]
+    vs_model: Option<PathBuf>,
 }
 
 pub fn run(mut a: PplArgs) -> Result<()> {
@@ -117,6 +123,14 @@ pub fn run(mut a: PplArgs) -> Result<()> {
             bail!("ppl: --vs-state {vs} is the run's own --state-dtype; compare two different types");
         }
         crate::state_dtype::StatePrecision { dtype: vs, ..state }.check_cpu(a.device.device)?;
+    }
+    if let Some(flag) = [(a.vs_state.is_some(), "--vs-state"), (a.vs_model.is_some(), "--vs-model")]
+        .iter()
+        .find_map(|&(on, flag)| on.then_some(flag))
+    {
+        if a.device.device != crate::backend::Device::Cpu {
+            bail!("ppl: {flag} runs on the CPU only");
+        }
         let no_ckpt = [
             (a.resume, "--resume"),
             (a.stop_after.is_some(), "--stop-after"),
@@ -124,8 +138,8 @@ pub fn run(mut a: PplArgs) -> Result<()> {
             (a.shard.is_some(), "--shard"),
             (a.nll_out.is_some(), "--nll-out"),
         ];
-        if let Some((_, flag)) = no_ckpt.iter().find(|(on, _)| *on) {
-            bail!("ppl: --vs-state runs two streams in one pass and keeps no checkpoint; it does not take {flag}");
+        if let Some((_, no)) = no_ckpt.iter().find(|(on, _)| *on) {
+            bail!("ppl: {flag} runs two streams in one pass and keeps no checkpoint; it does not take {no}");
         }
     }
     let o = Options {
@@ -147,6 +161,7 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         gpu: a.device.gpu()?,
         state,
         vs_state: a.vs_state,
+        vs_model: a.vs_model,
     };
     let runs = ppl::run(&a.model, &inputs, &o, &a.out, cont)?;
     for r in &runs {
@@ -162,10 +177,10 @@ pub fn run(mut a: PplArgs) -> Result<()> {
         if let Some(d) = &r.drift {
             let last = d.buckets_log2.last();
             println!(
-                "{}: against state {} over {} tokens: last log2 bucket ΔNLL {:+.3e} ± {:.1e}, KL {:.3e}; \
+                "{}: against {} over {} tokens: last log2 bucket ΔNLL {:+.3e} ± {:.1e}, KL {:.3e}; \
                  mean ΔNLL > 0.01 nats {}, > 0.1 nats {}",
                 r.label(),
-                d.reference,
+                if o.vs_model.is_some() { format!("model {}", d.reference) } else { format!("state {}", d.reference) },
                 d.evaluated_len,
                 last.map_or(f64::NAN, |b| b.delta_nll),
                 last.map_or(f64::NAN, |b| b.delta_stderr),
@@ -221,9 +236,10 @@ pub fn run(mut a: PplArgs) -> Result<()> {
             }
         }
     }
-    if runs.len() == a.model.len() * if o.vs_state.is_some() { 2 } else { 1 } {
+    let two = o.vs_state.is_some() || o.vs_model.is_some();
+    if runs.len() == a.model.len() * if two { 2 } else { 1 } {
         let logx = if o.log_x { "" } else { ", loss_logx.svg" };
-        let drift = if o.vs_state.is_some() { ", drift.csv, drift.svg" } else { "" };
+        let drift = if two { ", drift.csv, drift.svg" } else { "" };
         println!("wrote {}/results.json, loss.csv, loss.svg{logx}{drift}", a.out.display());
     }
     Ok(())

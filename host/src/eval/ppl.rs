@@ -51,6 +51,10 @@ pub struct Options {
     /// `--vs-state`: a second stream with the state in this type, over the same tokens (drift).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_state: Option<StateDtype>,
+    /// `--vs-model`: a second stream through this model (the reference) over the same tokens: the
+    /// drift between two checkpoints (another format, dtype or implementation of the same model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_model: Option<PathBuf>,
 }
 
 /// Running NLL sums over buckets of positions: linear (`width` > 0) or powers of two (`width` = 0).
@@ -584,6 +588,9 @@ fn deciding(o: &Options) -> serde_json::Value {
     if let Some(s) = o.vs_state {
         v["vs_state"] = serde_json::json!(s);
     }
+    if let Some(m) = &o.vs_model {
+        v["vs_model"] = serde_json::json!(m);
+    }
     v
 }
 
@@ -669,15 +676,22 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         let mut model = Model::load(mpath)?;
         model.set_forget(*forget)?;
         model.state_precision = o.state;
-        // `--vs-state`: the same model, its state stored in the other type.
-        let vs_model = match o.vs_state {
-            Some(dtype) => {
+        // `--vs-state`: the same model, its state stored in the other type; `--vs-model`: the
+        // reference model, under the same method and state type.
+        let vs_model = match (o.vs_state, &o.vs_model) {
+            (Some(dtype), _) => {
                 let mut m = Model::load(mpath)?;
                 m.set_forget(*forget)?;
                 m.state_precision = StatePrecision { dtype, ..o.state };
                 Some(m)
             }
-            None => None,
+            (None, Some(path)) => {
+                let mut m = Model::load(path)?;
+                m.set_forget(*forget)?;
+                m.state_precision = o.state;
+                Some(m)
+            }
+            (None, None) => None,
         };
         let tok = model.tokenizer(o.tokenizer.as_deref())?;
         let resumed = snap.take().filter(|s| s.snap.model_index == mi);
@@ -785,16 +799,29 @@ fn run_model(job: &Job, resumed: Option<Resumed>, processed: &mut u64) -> Result
     let vs = match job.vs_model {
         Some(m) => {
             if restore.is_some() {
-                bail!("ppl --vs-state keeps no checkpoint; there is nothing to resume");
+                bail!("ppl --vs-state and --vs-model keep no checkpoint; there is nothing to resume");
             }
             let real = m.real_vocab(job.tok);
+            if real != model.real_vocab(job.tok) || m.net().vocab_rows() < real {
+                bail!(
+                    "{}: --vs-model: {} ids enter its softmax under this tokenizer, {} for {}: the two models must share a vocabulary",
+                    m.info.path.display(),
+                    real,
+                    model.real_vocab(job.tok),
+                    model.info.path.display()
+                );
+            }
+            let reference = match &o.vs_model {
+                Some(p) => p.display().to_string(),
+                None => m.state_precision.to_string(),
+            };
             Some(Vs {
                 scorer: crate::backend::open(m, o.chunk, real, o.device, o.gpu)?,
                 acc: acc.clone(),
                 nll: Vec::with_capacity(o.chunk + 1),
-                head: crate::backend::PairHead::new(m, real),
+                head: crate::backend::PairHead::new(m, model, real),
                 kl: Vec::new(),
-                drift: DriftAcc::new(m.state_precision.to_string(), o.bucket),
+                drift: DriftAcc::new(reference, o.bucket),
             })
         }
         None => None,
@@ -893,7 +920,7 @@ impl Streaming<'_> {
             if let Some(due) = self.cadence.due(stop).filter(|_| self.vs.is_some()) {
                 if let Some(sig) = due.signal {
                     self.progress.finish();
-                    bail!("{sig} after {processed} tokens: ppl --vs-state keeps no checkpoint; run it again");
+                    bail!("{sig} after {processed} tokens: ppl --vs-state and --vs-model keep no checkpoint; run it again");
                 }
                 continue;
             }
@@ -930,7 +957,7 @@ impl Streaming<'_> {
             Some(vs) => {
                 let had = self.scorer.feed_rows(ids)?;
                 if vs.scorer.feed_rows(ids)? != had {
-                    bail!("ppl --vs-state: the two streams scored different positions");
+                    bail!("ppl --vs-state, --vs-model: the two streams scored different positions");
                 }
                 let (reference, this) = (scored_rows(vs.scorer.as_ref())?, scored_rows(self.scorer.as_ref())?);
                 vs.head.score(reference, this, &mut vs.nll, &mut self.nll, &mut vs.kl)?;
@@ -963,7 +990,7 @@ impl Streaming<'_> {
 
 /// The rows a backend's last call scored (`--vs-state` runs on the CPU, which keeps them).
 fn scored_rows(s: &dyn crate::backend::Backend) -> Result<crate::backend::ScoredRows<'_>> {
-    s.scored_rows().ok_or_else(|| anyhow!("ppl --vs-state: CPU only"))
+    s.scored_rows().ok_or_else(|| anyhow!("ppl --vs-state and --vs-model run on the CPU only"))
 }
 
 /// Where a model's run starts: its accumulators, the document and position to continue from, the
@@ -1314,7 +1341,7 @@ fn write_drift(out: &Path, runs: &[RunResult], o: &Options) -> Result<()> {
         })
         .collect();
     let svg = LinePlot {
-        title: "State-precision drift",
+        title: if o.vs_model.is_some() { "Drift against a reference model" } else { "State-precision drift" },
         x_label: "position (tokens, log scale)",
         y_label: "mean ΔNLL and mean KL (nats)",
         log_x: true,
