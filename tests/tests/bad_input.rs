@@ -1023,3 +1023,22 @@ fn delta_net_config_and_tensors_are_checked() {
         Model::load(dir.path()).unwrap();
     }
 }
+
+/// A saved state of another size (a forged or foreign checkpoint) is refused by the CPU backend's
+/// restore in one line, not copied.
+#[test]
+fn restoring_a_state_of_another_size_is_an_error() {
+    use stuffed::backend::{Device, GpuOptions, ScorerState};
+    let m = Model::load(&tiny()).unwrap();
+    let mut s = stuffed::backend::open(&m, 64, m.info.vocab_rows, Device::Cpu, GpuOptions::default()).unwrap();
+    let n = s.state_len();
+    let ok = ScorerState { state: vec![0.0; n], pending: Some(vec![0.0; m.info.d_model]), tau: Vec::new() };
+    s.restore(&ok, 3).unwrap();
+    for bad in [
+        ScorerState { state: vec![0.0; n + 1], ..ok.clone() },
+        ScorerState { pending: Some(vec![0.0; m.info.d_model - 1]), ..ok.clone() },
+    ] {
+        let e = format!("{:#}", s.restore(&bad, 3).unwrap_err());
+        assert!(e.contains("a saved state of") && !e.contains('\n'), "{e}");
+    }
+}

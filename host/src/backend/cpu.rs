@@ -385,6 +385,15 @@ impl Backend for CpuBackend<'_> {
     }
 
     fn restore(&mut self, from: &ScorerState, pos: u64) -> Result<()> {
+        let d = self.head.net.d_model();
+        if from.state.len() != self.session.state.len() || from.pending.as_ref().is_some_and(|p| p.len() != d) {
+            bail!(
+                "a saved state of {} values (pending row {:?}), where the model's state has {} (rows of {d})",
+                from.state.len(),
+                from.pending.as_ref().map(Vec::len),
+                self.session.state.len()
+            );
+        }
         self.session.state.copy_from_slice(&from.state);
         self.session.tau = from.tau.clone();
         self.session.pos = pos;

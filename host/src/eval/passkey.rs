@@ -265,6 +265,22 @@ struct OprmRestored {
     best: Option<ScorerState>,
 }
 
+impl OprmRestored {
+    /// Whether the progress fits a prompt of `chunks` chunks and a state of `state_len` values.
+    fn check(&self, chunks: usize, state_len: usize) -> Result<()> {
+        let p = &self.progress;
+        let best_ok = match (p.best, &self.best) {
+            (Some(b), Some(st)) => b.chunk < p.next && b.entropy.is_finite() && st.state.len() == state_len,
+            (None, None) => p.next == 0,
+            _ => false,
+        };
+        if p.next > chunks || !best_ok || p.needle_entropy.is_some_and(|h| !h.is_finite()) {
+            bail!("an OPRM checkpoint no run of this prompt writes (chunk {} of {chunks})", p.next);
+        }
+        Ok(())
+    }
+}
+
 /// The OPRM checkpoint in `out` made with fingerprint `fp`, if there is a usable one.
 fn load_oprm_checkpoint(out: &Path, fp: &str) -> Result<Option<OprmRestored>> {
     let path = out.join(OPRM_CKPT);
@@ -475,6 +491,8 @@ impl Asks<'_> {
         let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm, real: self.real };
         let (progress, best) = match from.filter(|r| r.progress.ids_sha == ids_sha) {
             Some(r) => {
+                r.check(c.chunks(), c.s.state_len())
+                    .map_err(|e| anyhow!("{}: {e}", saver.out.join(OPRM_CKPT).display()))?;
                 eprintln!(
                     "passkey {}: sample {} resumes at OPRM chunk {} of {}",
                     saver.length,
@@ -1071,4 +1089,34 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     write_atomic(&out.join("results.jsonl"), lines.as_bytes())?;
     let records: Vec<Record> = records.into_iter().map(|r| r.0).collect();
     write_summary(out, &info, &opts, &records, &runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restored(next: usize, best: Option<(usize, usize)>) -> OprmRestored {
+        let progress = oprm::Progress {
+            sample: 0,
+            ids_sha: String::new(),
+            next,
+            best: best.map(|(chunk, _)| oprm::Best { chunk, entropy: 0.5 }),
+            needle_entropy: None,
+        };
+        let best = best.map(|(_, len)| ScorerState { state: vec![0.0; len], pending: None, tau: Vec::new() });
+        OprmRestored { length: 1024, progress, best }
+    }
+
+    /// A resumed OPRM sample takes only progress its own run could have written: chunks it has,
+    /// a best chunk among those run, a state of the model's size.
+    #[test]
+    fn oprm_checkpoints_are_checked_before_use() {
+        assert!(restored(0, None).check(5, 10).is_ok());
+        assert!(restored(3, Some((2, 10))).check(5, 10).is_ok());
+        assert!(restored(5, Some((4, 10))).check(5, 10).is_ok());
+        assert!(restored(6, Some((4, 10))).check(5, 10).is_err(), "past the last chunk");
+        assert!(restored(3, Some((3, 10))).check(5, 10).is_err(), "a best chunk not yet run");
+        assert!(restored(3, Some((2, 9))).check(5, 10).is_err(), "another state size");
+        assert!(restored(3, None).check(5, 10).is_err(), "chunks run without a best");
+    }
 }

@@ -132,6 +132,9 @@ impl Chooser<'_> {
         let Some((last, question)) = parts.question.split_last() else {
             bail!("OPRM needs a question after the context");
         };
+        if n == 0 {
+            bail!("OPRM needs a context to cut into chunks");
+        }
         let needle_chunks =
             [parts.needle.start / len, parts.needle.end.saturating_sub(1).max(parts.needle.start) / len]
                 .map(|c| c.min(n - 1));
