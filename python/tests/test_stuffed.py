@@ -115,6 +115,13 @@ def test_passkey_takes_oprm():
     assert row["n"] == 4 and 0.0 <= row["oprm_chose_needle"] <= 1.0
 
 
+def test_ppl_vs_model_against_itself_drifts_by_nothing():
+    r = stuffed.ppl(PAIR[0], text=NOVEL, max_tokens=1024, vs_model=PAIR[0])
+    drift = r["results"]["runs"][0]["drift"]
+    assert drift["buckets_log2"] and all(b["delta_nll"] == 0.0 and b["kl"] == 0.0 for b in drift["buckets_log2"])
+    assert (r["drift"]["delta_nll"] == 0.0).all()
+
+
 def test_errors_are_one_line_exceptions():
     m = stuffed.Model(ROOT / "tests" / "data" / "mamba2_hf_g1_untied")
     info = m.info
