@@ -576,9 +576,23 @@ fn killed_oprm_passkey_resumes_inside_a_sample() {
     let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey");
     let m = m.display().to_string();
     let args = |_: &std::path::Path| {
-        ["passkey", "--model", &m, "--lengths", "128k", "--depths", "0", "--oprm", "128", "--max-new", "8"]
-            .map(String::from)
-            .to_vec()
+        // (--no-reuse: every chunk runs, so the run lasts long enough to be stopped inside.)
+        [
+            "passkey",
+            "--model",
+            &m,
+            "--lengths",
+            "128k",
+            "--depths",
+            "0",
+            "--oprm",
+            "128",
+            "--max-new",
+            "8",
+            "--no-reuse",
+        ]
+        .map(String::from)
+        .to_vec()
     };
     for sigterm in [false, true] {
         let err = kill_and_resume(dir.path(), args, "passkey.oprm.checkpoint.safetensors", sigterm);

@@ -341,3 +341,29 @@ fn oprm_retrieves_past_the_training_length() {
         assert!(*a <= 0.5 && *b >= 0.9, "plain {a}, OPRM {b}");
     }
 }
+
+/// `--oprm` runs a chunk whose ids it ran before (the noise at a phase already seen, in this sample
+/// or an earlier one) only when it would become the best: the records equal running every chunk
+/// (`--no-reuse`) bit for bit, for a fraction of the tokens.
+#[test]
+fn oprm_reuse_equals_every_chunk_run() {
+    // The passkey model answers from the needle's chunk (never seen before); the random model's
+    // least-entropy chunk is often noise seen in an earlier sample, which must run again to
+    // give its state.
+    for m in [passkey_model(), model()] {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "2k,8k", "--samples", "5", "--oprm", "160"];
+        cli(&[&args[..], &["--out", a.path().to_str().unwrap()]].concat());
+        cli(&[&args[..], &["--no-reuse", "--out", b.path().to_str().unwrap()]].concat());
+        assert_eq!(records(a.path()), records(b.path()), "{}", m.display());
+        let facts = |d: &Path| {
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap();
+            let r = &v["runs"][0];
+            (r["tokens_processed"].as_u64().unwrap(), r["tokens_without_reuse"].as_u64().unwrap())
+        };
+        let ((ra, wa), (rb, wb)) = (facts(a.path()), facts(b.path()));
+        assert_eq!((wa, rb), (wb, wb), "without reuse every chunk runs");
+        assert!(ra * 3 < wa, "{}: reuse ran {ra} of {wa} tokens", m.display());
+    }
+}

@@ -58,14 +58,16 @@ pub struct PasskeyArgs {
     /// tokenizer.json, or the shipped one of its family.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Run every sample from the zero state (no shared haystack): slower, for checking reuse.
+    /// Run every sample from the zero state (no shared haystack; with --oprm, every chunk of every
+    /// sample): slower, for checking reuse.
     #[arg(long)]
     no_reuse: bool,
     /// OPRM (Ben-Kish et al. 2025, arXiv 2505.07793): cut each prompt's context into chunks of
     /// this many tokens, run each from the zero state between the prompt's prefix and its
     /// question, and answer from the chunk whose first answer token has the least entropy. The
-    /// prefix, context and question are tokenized alone, as the paper's code does; no haystack is
-    /// shared between samples. Records say which chunk answered and which held the needle.
+    /// prefix, context and question are tokenized alone, as the paper's code does; a chunk whose
+    /// ids were run before in the grid runs again only to become the best (--no-reuse: every
+    /// chunk runs). Records say which chunk answered and which held the needle.
     #[arg(long, value_parser = crate::text::parse_chunk)]
     oprm: Option<usize>,
     /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here.
@@ -102,7 +104,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         bos: a.bos,
         chunk: a.chunk,
         tokenizer: a.tokenizer,
-        reuse: !a.no_reuse && a.oprm.is_none(),
+        reuse: !a.no_reuse,
         forget: a.forget.resolved(None)?,
         device: a.device.device,
         gpu: a.device.gpu()?,

@@ -331,6 +331,7 @@ pub fn run(
     let seen: BTreeSet<(u64, usize)> = log.done.iter().map(|r| (r.length, r.sample)).collect();
     let mut restored = if resume { load_checkpoint(out, &fp)? } else { None };
     let mut oprm_restored = if resume { load_oprm_checkpoint(out, &fp)? } else { None };
+    let mut chunks_seen = oprm::Seen::new();
     let mut cadence = super::Cadence::new(checkpoint_secs, None);
     let started = Instant::now();
     let mut s = crate::backend::open(&model, o.chunk, real, o.device, o.gpu)?;
@@ -350,7 +351,7 @@ pub fn run(
             let mut g = Grid { s: s.as_mut(), pos: 0, piece: PIECE, cadence: &mut cadence };
             for p in todo.iter().filter(|p| mine(p)) {
                 let from = oprm_restored.take_if(|c| c.length == length && c.progress.sample == p.sample);
-                asks.oprm_sample(&mut g, p, from, &saver, &mut log)?;
+                asks.oprm_sample(&mut g, p, from, &saver, &mut log, o.reuse.then_some(&mut chunks_seen))?;
             }
             continue;
         }
@@ -471,8 +472,8 @@ impl Asks<'_> {
     }
 
     /// Sample `p` answered by OPRM (`--oprm`): its chunks run (from `from`, a checkpoint inside
-    /// them, when it is this prompt's), checkpointed on the cadence, then the chosen chunk decodes
-    /// and scores the key as a whole prompt would.
+    /// them, when it is this prompt's; those in `seen` only to become the best), checkpointed on
+    /// the cadence, then the chosen chunk decodes and scores the key as a whole prompt would.
     fn oprm_sample(
         &self,
         g: &mut Grid,
@@ -480,6 +481,7 @@ impl Asks<'_> {
         from: Option<OprmRestored>,
         saver: &Saver,
         log: &mut Log,
+        seen: Option<&mut oprm::Seen>,
     ) -> Result<()> {
         let oprm = self.o.oprm.ok_or_else(|| anyhow!("passkey: an OPRM sample without --oprm"))?;
         let (tok, tpl) = (self.tok, &self.tpl);
@@ -488,7 +490,7 @@ impl Asks<'_> {
             crate::model::check_ids(part, self.vocab_rows, "passkey prompt")?;
         }
         let ids_sha = parts.sha();
-        let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm, real: self.real };
+        let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm, real: self.real, seen };
         let (progress, best) = match from.filter(|r| r.progress.ids_sha == ids_sha) {
             Some(r) => {
                 r.check(c.chunks(), c.s.state_len())
@@ -512,7 +514,7 @@ impl Asks<'_> {
         let cadence = &mut *g.cadence;
         let chosen = c.run(progress, best, &mut |ran| {
             facts.tokens_processed += ran.fed;
-            facts.tokens_without_reuse += ran.fed;
+            facts.tokens_without_reuse += ran.unshared;
             saver.oprm_at(ran.progress, ran.best, chunks, cadence, facts)
         })?;
         let a = answer(c.s, self.o.max_new, parts.answered_at(chosen.chosen, oprm.chunk), |new| self.judge(p, new))?;

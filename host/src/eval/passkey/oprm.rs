@@ -95,20 +95,28 @@ pub fn entropy(logits: &[f32]) -> f64 {
     z.ln() - t / z
 }
 
-/// What a chunk's run hands on: the progress after it, the best chunk's state, the tokens it fed.
+/// What a chunk's run hands on: the progress after it, the best chunk's state, the tokens it fed,
+/// and those it would have fed without the chunks seen before.
 pub(super) struct Ran<'a> {
     pub(super) progress: &'a Progress,
     pub(super) best: Option<&'a ScorerState>,
     pub(super) fed: u64,
+    pub(super) unshared: u64,
 }
 
+/// The entropies of chunks already run, by the SHA-256 of their ids: every sample of a grid shares
+/// the prefix and the question, and its noise chunks repeat across samples (the same blocks at a
+/// few phases), so a chunk seen before need not run again unless it becomes the best.
+pub(super) type Seen = std::collections::HashMap<[u8; 32], f64>;
+
 /// One sample's chunk selection: the backend, the prompt, `--oprm`, the real vocabulary (the rows
-/// a softmax runs over).
+/// a softmax runs over), and the entropies of chunks seen before (`--no-reuse`: none).
 pub(super) struct Chooser<'a> {
     pub(super) s: &'a mut dyn Backend,
     pub(super) parts: &'a Parts,
     pub(super) oprm: Oprm,
     pub(super) real: usize,
+    pub(super) seen: Option<&'a mut Seen>,
 }
 
 impl Chooser<'_> {
@@ -141,21 +149,35 @@ impl Chooser<'_> {
         self.s.reset()?;
         self.s.feed(&parts.prefix)?;
         let after_prefix = self.s.snapshot()?;
-        let mut fed = parts.prefix.len() as u64;
+        let (mut fed, mut unshared) = (parts.prefix.len() as u64, parts.prefix.len() as u64);
         let mut ids = Vec::with_capacity(len + question.len());
         while progress.next < n {
             let i = progress.next;
-            self.s.restore(&after_prefix, parts.prefix.len() as u64)?;
-            ids.clear();
-            ids.extend_from_slice(parts.chunk(i, len));
-            ids.extend_from_slice(question);
-            self.s.feed(&ids)?;
-            let mut h = f64::NAN;
-            let real = self.real;
-            self.s.logits(&[*last], &mut |_, row| {
-                h = entropy(&row[..real]);
-                Ok(())
-            })?;
+            let key: [u8; 32] = Sha256::digest(bytemuck::cast_slice::<u32, u8>(parts.chunk(i, len))).into();
+            unshared += (parts.chunk(i, len).len() + parts.question.len()) as u64;
+            let known = self.seen.as_ref().and_then(|seen| seen.get(&key).copied());
+            // A chunk seen before runs again only to become the best (its state is needed then).
+            let h = match known {
+                Some(h) if progress.best.is_some_and(|b| h >= b.entropy) => h,
+                _ => {
+                    self.s.restore(&after_prefix, parts.prefix.len() as u64)?;
+                    ids.clear();
+                    ids.extend_from_slice(parts.chunk(i, len));
+                    ids.extend_from_slice(question);
+                    self.s.feed(&ids)?;
+                    let mut h = f64::NAN;
+                    let real = self.real;
+                    self.s.logits(&[*last], &mut |_, row| {
+                        h = entropy(&row[..real]);
+                        Ok(())
+                    })?;
+                    fed += (ids.len() + 1) as u64;
+                    if let Some(seen) = self.seen.as_mut() {
+                        seen.insert(key, h);
+                    }
+                    h
+                }
+            };
             if progress.best.is_none_or(|b| h < b.entropy) {
                 progress.best = Some(Best { chunk: i, entropy: h });
                 best_state = Some(self.s.snapshot()?);
@@ -164,8 +186,12 @@ impl Chooser<'_> {
                 progress.needle_entropy = Some(h);
             }
             progress.next += 1;
-            fed += (ids.len() + 1) as u64;
-            after(Ran { progress: &progress, best: best_state.as_ref(), fed: std::mem::take(&mut fed) })?;
+            after(Ran {
+                progress: &progress,
+                best: best_state.as_ref(),
+                fed: std::mem::take(&mut fed),
+                unshared: std::mem::take(&mut unshared),
+            })?;
         }
         let (Some(best), Some(state), Some(needle_entropy)) = (progress.best, best_state, progress.needle_entropy)
         else {
