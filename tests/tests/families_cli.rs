@@ -21,6 +21,19 @@ fn synth(family: &str, dir: &Path) -> PathBuf {
     out
 }
 
+/// `passkey --oprm 200` on 1k-token prompts (the parts tokenized alone, by the model's own
+/// tokenizer): every record says its chunks, the needle's and the one that answered.
+fn oprm_passkey(out: &Path, model: &str) {
+    let args = ["passkey", "--model", model, "--lengths", "1k", "--samples", "2", "--oprm", "200"];
+    cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+    for line in std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let x = &r["oprm"];
+        let (chunks, needle) = (x["chunks"].as_u64().unwrap(), x["needle_chunks"][0].as_u64().unwrap());
+        assert!((4..=6).contains(&chunks) && needle < chunks && x["chosen"].as_u64().unwrap() < chunks, "{r}");
+    }
+}
+
 #[test]
 fn rwkv_commands_on_tiny_synth_models() {
     let dir = tempfile::tempdir().unwrap();
@@ -56,19 +69,7 @@ fn rwkv_commands_on_tiny_synth_models() {
         }
         let out = dir.path().join(format!("pk-{family}"));
         cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
-        // OPRM with the World tokenizer (its parts tokenized alone): every record says its chunks.
-        let out = dir.path().join(format!("pk-oprm-{family}"));
-        let args = ["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--oprm", "200"];
-        cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
-        for line in std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines() {
-            let r: serde_json::Value = serde_json::from_str(line).unwrap();
-            let (chunks, needle) =
-                (r["oprm"]["chunks"].as_u64().unwrap(), r["oprm"]["needle_chunks"][0].as_u64().unwrap());
-            assert!(
-                (4..=6).contains(&chunks) && needle < chunks && r["oprm"]["chosen"].as_u64().unwrap() < chunks,
-                "{r}"
-            );
-        }
+        oprm_passkey(&dir.path().join(format!("pk-oprm-{family}")), ms);
         let out = dir.path().join(format!("probe-{family}"));
         cli(&[
             "probe",
@@ -315,19 +316,7 @@ fn delta_net_commands_on_tiny_synth_models() {
         }
         let out = dir.path().join(format!("pk-{family}"));
         cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
-        // OPRM with the World tokenizer (its parts tokenized alone): every record says its chunks.
-        let out = dir.path().join(format!("pk-oprm-{family}"));
-        let args = ["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--oprm", "200"];
-        cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
-        for line in std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines() {
-            let r: serde_json::Value = serde_json::from_str(line).unwrap();
-            let (chunks, needle) =
-                (r["oprm"]["chunks"].as_u64().unwrap(), r["oprm"]["needle_chunks"][0].as_u64().unwrap());
-            assert!(
-                (4..=6).contains(&chunks) && needle < chunks && r["oprm"]["chosen"].as_u64().unwrap() < chunks,
-                "{r}"
-            );
-        }
+        oprm_passkey(&dir.path().join(format!("pk-oprm-{family}")), ms);
         let out = dir.path().join(format!("probe-{family}"));
         let args = ["probe", "--model", ms, "--text", text, "--max-tokens", "200", "--every", "50"];
         cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
