@@ -947,14 +947,15 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         }
         let mut row = serde_json::json!({"length": l, "n": n, "accuracy": a, "mean_key_nll": k});
         if o.oprm.is_some() {
-            // How often the chunk that answered held the needle.
-            let chose: Vec<bool> = recs
-                .iter()
-                .filter(|r| r.length == l)
-                .filter_map(|r| r.oprm.as_ref().map(|x| x.chose_needle()))
-                .collect();
-            let share = (!chose.is_empty()).then(|| chose.iter().filter(|&&c| c).count() as f64 / chose.len() as f64);
-            row["oprm_chose_needle"] = share.into();
+            // How often the chunk that answered held the needle, and how often a chunk boundary
+            // cut the needle (no chunk then holds all of it).
+            let ours: Vec<&OprmRecord> =
+                recs.iter().filter(|r| r.length == l).filter_map(|r| r.oprm.as_ref()).collect();
+            let share = |f: &dyn Fn(&OprmRecord) -> bool| {
+                (!ours.is_empty()).then(|| ours.iter().filter(|x| f(x)).count() as f64 / ours.len() as f64)
+            };
+            row["oprm_chose_needle"] = share(&|x| x.chose_needle()).into();
+            row["oprm_needle_split"] = share(&|x| x.needle_chunks[0] != x.needle_chunks[1]).into();
         }
         per_length.push(row);
         for (bi, &b) in bins.iter().enumerate() {
