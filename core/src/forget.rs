@@ -16,6 +16,11 @@ pub enum Forget {
     /// (Δ scaling moves both). Mamba-1 and Mamba-2 only: elsewhere `Dt` already scales the log
     /// decay alone.
     Decay { s: f32 },
+    /// MambaExtend (Azizi et al., ICLR 2025): Δ′ = s_ℓ·Δ with one factor per layer (calibrated by
+    /// `stuffed calibrate`). Mamba-1 and Mamba-2 only.
+    DtLayers(LayerScales),
+    /// Mamba-Modulation per layer: A′ = s_ℓ·A in layer ℓ. Mamba-1 and Mamba-2 only.
+    DecayLayers(LayerScales),
     /// Sliding window by state difference (Eq. 8): the read-out uses h_t − α_{t−r+1:t}·h_{t−r},
     /// with h_{t−r} advanced r steps behind from each layer's own cached inputs. Calls may hold at
     /// most r tokens.
@@ -44,25 +49,43 @@ impl Forget {
             Forget::Decay { .. } => Err(crate::Error::Config(
                 "decay:s scales Mamba's A alone (Mamba-1, Mamba-2); this family has no Δ on its write: dt:c scales its log decay alone",
             )),
+            Forget::DtLayers(_) | Forget::DecayLayers(_) => Err(crate::Error::Config(
+                "per-layer dt and decay factors (MambaExtend, Mamba-Modulation) are for Mamba-1 and Mamba-2",
+            )),
             _ => Ok(()),
         }
     }
 
-    /// [`Forget::check`] for Mamba-1 and Mamba-2, which also take `Decay`.
-    pub fn check_mamba(&self) -> Result<(), crate::Error> {
+    /// [`Forget::check`] for Mamba-1 and Mamba-2 of `n_layer` layers, which also take `Decay` and
+    /// the per-layer factors (one per layer).
+    pub fn check_mamba(&self, n_layer: usize) -> Result<(), crate::Error> {
         match *self {
             Forget::Decay { s } if !(s > 0.0 && s.is_finite()) => {
                 Err(crate::Error::Config("decay scaling needs s > 0"))
             }
             Forget::Decay { .. } => Ok(()),
+            Forget::DtLayers(t) | Forget::DecayLayers(t) if t.len() != n_layer => {
+                Err(crate::Error::Shape { what: "per-layer factors (one per layer)", expected: n_layer, got: t.len() })
+            }
+            Forget::DtLayers(_) | Forget::DecayLayers(_) => Ok(()),
             other => other.check(),
         }
     }
 
-    /// The factor on A: s under `Decay`, else 1.
-    pub fn a_scale(&self) -> f32 {
+    /// The factor on Δ in layer `l`: c under `Dt`, s_ℓ under `DtLayers`, else 1.
+    pub fn dt_scale(&self, l: usize) -> f32 {
+        match *self {
+            Forget::Dt { c } => c,
+            Forget::DtLayers(t) => t.get(l),
+            _ => 1.0,
+        }
+    }
+
+    /// The factor on A in layer `l`: s under `Decay`, s_ℓ under `DecayLayers`, else 1.
+    pub fn a_scale(&self, l: usize) -> f32 {
         match *self {
             Forget::Decay { s } => s,
+            Forget::DecayLayers(t) => t.get(l),
             _ => 1.0,
         }
     }
@@ -79,6 +102,53 @@ impl Forget {
             )),
             other => other.check(),
         }
+    }
+}
+
+/// The most layers a [`LayerScales`] table holds (released Mamba-1/2 checkpoints have at most 64).
+pub const MAX_LAYERS: usize = 128;
+
+/// One positive factor per layer, in a fixed-size table so that [`Forget`] stays `Copy` and
+/// allocation-free.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerScales {
+    len: usize,
+    s: [f32; MAX_LAYERS],
+}
+
+impl LayerScales {
+    /// The table of `s` (one factor per layer, each finite and > 0; at most [`MAX_LAYERS`]).
+    pub fn new(s: &[f32]) -> Result<Self, crate::Error> {
+        if s.is_empty() || s.len() > MAX_LAYERS {
+            return Err(crate::Error::Config("per-layer factors: give 1 to 128 (one per layer)"));
+        }
+        if s.iter().any(|v| !(*v > 0.0 && v.is_finite())) {
+            return Err(crate::Error::Config("per-layer factors must be finite and > 0"));
+        }
+        let mut t = LayerScales { len: s.len(), s: [1.0; MAX_LAYERS] };
+        t.s[..s.len()].copy_from_slice(s);
+        Ok(t)
+    }
+
+    /// Layer `l`'s factor (1 past the table).
+    pub fn get(&self, l: usize) -> f32 {
+        if l < self.len {
+            self.s[l]
+        } else {
+            1.0
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        &self.s[..self.len]
     }
 }
 
@@ -151,5 +221,224 @@ impl Runs {
             let s = self.start + r * self.stride;
             state[s..s + self.len].iter().for_each(|&v| f(v));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use crate::exec::Serial;
+    use crate::model::{Call, Recurrent, Scan, Stack};
+    use crate::weight::{Data, Weight};
+    use crate::{mamba1, mamba2};
+    use std::{vec, vec::Vec};
+
+    const L: usize = 3;
+    const D: usize = 8;
+    const V: usize = 7;
+    const T: usize = 37;
+
+    fn memory(n: usize) -> Vec<f32> {
+        let mut seed = 77u32;
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                2.0 * ((seed >> 8) as f32 / (1u32 << 24) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    /// Views cut from `mem` in order.
+    struct Cut<'m> {
+        mem: &'m [f32],
+        at: usize,
+    }
+
+    impl<'m> Cut<'m> {
+        fn w(&mut self, rows: usize, cols: usize) -> Weight<'m> {
+            let v = Weight::new(Data::F32(&self.mem[self.at..self.at + rows * cols]), rows, cols).expect("view");
+            self.at += rows * cols;
+            v
+        }
+    }
+
+    /// The stack run layer by layer, layer `l` under `per_layer(l)`: what a per-layer table must
+    /// equal. Two calls, the state carried.
+    fn composed<S: Stack>(net: &mut S, tokens: &[u32], scan: Scan, per_layer: &dyn Fn(usize) -> Forget) -> Vec<f32> {
+        let shape = net.stack_shape(tokens.len()).expect("shape");
+        let mut state = vec![0f32; net.state_len()];
+        let mut scratch = vec![0f32; net.scratch_len(tokens.len())];
+        let mut out = Vec::new();
+        for part in [&tokens[..T / 2], &tokens[T / 2..]] {
+            let t = part.len();
+            let mut x = vec![0f32; t * D];
+            for l in 0..net.n_layer() {
+                net.set_forget(per_layer(l)).expect("method");
+                let mut s = net.split_scratch(t, &mut scratch).expect("scratch");
+                if l == 0 {
+                    net.embed(part, &mut x, &mut s);
+                }
+                let st = &mut state[l * shape.layer_state_len..(l + 1) * shape.layer_state_len];
+                net.run_layer(Call { ex: &Serial, t, scan, l }, &mut x, st, &mut s, None, None).expect("layer");
+                if l + 1 == net.n_layer() {
+                    net.final_norm(&mut x, &mut s);
+                }
+            }
+            out.extend(x);
+        }
+        out
+    }
+
+    /// The whole stack under `f`, in the same two calls.
+    fn whole<R: Recurrent>(net: &mut R, tokens: &[u32], scan: Scan, f: Forget) -> Vec<f32> {
+        net.set_forget(f).expect("method");
+        let mut state = vec![0f32; net.state_len()];
+        let mut scratch = vec![0f32; net.scratch_len(tokens.len())];
+        let mut out = Vec::new();
+        for part in [&tokens[..T / 2], &tokens[T / 2..]] {
+            let mut h = vec![0f32; part.len() * D];
+            net.run(&Serial, part, &mut state, &mut scratch, &mut h, None, scan).expect("run");
+            out.extend(h);
+        }
+        out
+    }
+
+    /// Per-layer Δ and A factors: layer ℓ runs exactly as the whole-model factor s_ℓ would run it
+    /// (bit for bit, both scans, state carried between calls); a table of one value equals that
+    /// value for every layer; a table of another length is refused.
+    fn per_layer_factors_act_layer_by_layer<S: Stack>(net: &mut S) {
+        let tokens: Vec<u32> = (0..T).map(|i| ((i * 5 + 2) % V) as u32).collect();
+        let s = [0.3f32, 1.7, 0.05];
+        let table = LayerScales::new(&s).expect("table");
+        let same = LayerScales::new(&[0.6; L]).expect("table");
+        for scan in [Scan::Chunked, Scan::Recurrent] {
+            for (per, one, uniform, name) in [
+                (
+                    Forget::DtLayers(table),
+                    &(|l: usize| Forget::Dt { c: s[l] }) as &dyn Fn(usize) -> Forget,
+                    Forget::Dt { c: 0.6 },
+                    "dt",
+                ),
+                (Forget::DecayLayers(table), &|l: usize| Forget::Decay { s: s[l] }, Forget::Decay { s: 0.6 }, "decay"),
+            ] {
+                let want = composed(net, &tokens, scan, one);
+                let got = whole(net, &tokens, scan, per);
+                assert!(got == want, "{name} {scan:?}: the table differs from layer-by-layer factors");
+                let plain = whole(net, &tokens, scan, Forget::None);
+                assert!(got != plain, "{name} {scan:?}: the factors changed nothing");
+                let same_f = match per {
+                    Forget::DtLayers(_) => Forget::DtLayers(same),
+                    _ => Forget::DecayLayers(same),
+                };
+                assert!(
+                    whole(net, &tokens, scan, same_f) == whole(net, &tokens, scan, uniform),
+                    "{name} {scan:?}: uniform table"
+                );
+            }
+        }
+        let short = LayerScales::new(&s[..2]).expect("table");
+        assert!(matches!(
+            net.set_forget(Forget::DtLayers(short)),
+            Err(crate::Error::Shape { expected: L, got: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn mamba1_per_layer_factors() {
+        const DI: usize = 12;
+        const N: usize = 4;
+        const R: usize = 2;
+        const K: usize = 3;
+        let mem = memory(8000);
+        let mut c = Cut { mem: &mem, at: 0 };
+        let layers: Vec<mamba1::Layer> = (0..L)
+            .map(|_| mamba1::Layer {
+                norm: c.w(1, D),
+                in_proj: c.w(2 * DI, D),
+                in_proj_bias: None,
+                conv_w: c.w(DI, K),
+                conv_b: Some(c.w(1, DI)),
+                x_proj: c.w(R + 2 * N, DI),
+                dt_proj: c.w(DI, R),
+                dt_bias: c.w(1, DI),
+                a_log: c.w(DI, N),
+                d: c.w(1, DI),
+                out_proj: c.w(D, DI),
+                out_proj_bias: None,
+            })
+            .collect();
+        let (embed, norm_f) = (c.w(V, D), c.w(1, D));
+        let cfg = mamba1::Config {
+            d_model: D,
+            n_layer: L,
+            d_inner: DI,
+            d_state: N,
+            dt_rank: R,
+            d_conv: K,
+            vocab_rows: V,
+            eps: 1e-5,
+            mixer_rms_eps: None,
+        };
+        let mut net =
+            mamba1::Mamba1::new(cfg, mamba1::Weights { embed, layers: &layers, norm_f, head: embed }).expect("model");
+        per_layer_factors_act_layer_by_layer(&mut net);
+    }
+
+    #[test]
+    fn mamba2_per_layer_factors() {
+        const H: usize = 4;
+        const P: usize = 4;
+        const N: usize = 4;
+        const K: usize = 3;
+        let (di, gn) = (H * P, N);
+        let (nin, cd) = (2 * di + 2 * gn + H, di + 2 * gn);
+        let mem = memory(8000);
+        let mut c = Cut { mem: &mem, at: 0 };
+        let layers: Vec<mamba2::Layer> = (0..L)
+            .map(|_| mamba2::Layer {
+                norm: c.w(1, D),
+                in_proj: c.w(nin, D),
+                in_proj_bias: None,
+                conv_w: c.w(cd, K),
+                conv_b: Some(c.w(1, cd)),
+                dt_bias: c.w(1, H),
+                a_log: c.w(1, H),
+                d: c.w(1, H),
+                gate_norm: c.w(1, di),
+                out_proj: c.w(D, di),
+                out_proj_bias: None,
+            })
+            .collect();
+        let (embed, norm_f) = (c.w(V, D), c.w(1, D));
+        let cfg = mamba2::Config {
+            d_model: D,
+            n_layer: L,
+            d_state: N,
+            head_dim: P,
+            n_heads: H,
+            n_groups: 1,
+            d_conv: K,
+            vocab_rows: V,
+            eps: 1e-5,
+            dt_min: 0.0,
+            dt_max: f32::INFINITY,
+        };
+        let mut net =
+            mamba2::Mamba2::new(cfg, mamba2::Weights { embed, layers: &layers, norm_f, head: embed }).expect("model");
+        per_layer_factors_act_layer_by_layer(&mut net);
+    }
+
+    #[test]
+    fn layer_scales_refuse_what_the_math_cannot_use() {
+        assert!(LayerScales::new(&[]).is_err());
+        assert!(LayerScales::new(&[1.0; MAX_LAYERS + 1]).is_err());
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            assert!(LayerScales::new(&[1.0, bad]).is_err(), "{bad}");
+        }
+        let t = LayerScales::new(&[0.5, 2.0]).expect("table");
+        assert_eq!((t.len(), t.get(1), t.as_slice()), (2, 2.0, &[0.5f32, 2.0][..]));
+        // Other families refuse the tables.
+        assert!(Forget::DtLayers(t).check().is_err() && Forget::DecayLayers(t).check().is_err());
     }
 }

@@ -314,7 +314,7 @@ impl<'a> Mamba1<'a> {
         }
         let dt = &mut s.dt[..t * di];
         matmul(ex, dtr, t, &lw.dt_proj, dt)?;
-        let dt_scale = if let Forget::Dt { c } = self.forget { c } else { 1.0 };
+        let dt_scale = self.forget.dt_scale(l);
         let simd = ex.simd();
         map_rows(ex, dt, di, t, &|_, row| {
             lw.dt_bias.for_chunks(0, di, |i0, b| row[i0..i0 + b.len()].iter_mut().zip(b).for_each(|(v, bv)| *v += bv));
@@ -327,7 +327,7 @@ impl<'a> Mamba1<'a> {
         }
         let a = &mut s.a[..di * n];
         lw.a_log.read(0, a);
-        let a_scale = self.forget.a_scale();
+        let a_scale = self.forget.a_scale(l);
         map_in_place(simd, a, |v| -fast_exp(v) * a_scale);
         if let Some(p) = probe {
             self.probe_sums(t, dt, a, p);
@@ -771,7 +771,7 @@ impl Recurrent for Mamba1<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check_mamba()?;
+        f.check_mamba(self.cfg.n_layer)?;
         self.forget = f;
         Ok(())
     }
@@ -860,7 +860,8 @@ mod tests {
             Forget::Rri { a, b } => ((a as f64).ln(), b as f64, 1.0, usize::MAX),
             Forget::Dt { c } => (0.0, 1.0, c as f64, usize::MAX),
             Forget::Window { r } => (0.0, 1.0, 1.0, r),
-            Forget::None | Forget::Decay { .. } => (0.0, 1.0, 1.0, usize::MAX),
+            Forget::None | Forget::Decay { .. } | Forget::DecayLayers(_) => (0.0, 1.0, 1.0, usize::MAX),
+            Forget::DtLayers(t) => (0.0, 1.0, t.get(0) as f64, usize::MAX),
             Forget::Staggered { .. } | Forget::RriBoth { .. } => {
                 unreachable!("Mamba-1 refuses the staggered states (its window is exact) and rri-both")
             }
@@ -907,7 +908,7 @@ mod tests {
             let mut y = [0f64; DI];
             for c in 0..DI {
                 for n in 0..N {
-                    let a = -g(&lw.a_log, c * N + n).exp() * f.a_scale() as f64;
+                    let a = -g(&lw.a_log, c * N + n).exp() * f.a_scale(0) as f64;
                     let mut hs = 0.0;
                     for i in (0..=t).filter(|&i| t - i < r) {
                         let decay: f64 = (i + 1..=t).map(|j| dts[j][c] * a + la).sum();

@@ -132,6 +132,19 @@ pub struct Weights<'a> {
     pub head: Weight<'a>,
 }
 
+/// A layer's weights with what the forgetting method sets for it: the factor on A.
+struct LayerCall<'l, 'a> {
+    w: &'l Layer<'a>,
+    a_scale: f32,
+}
+
+impl<'a> core::ops::Deref for LayerCall<'_, 'a> {
+    type Target = Layer<'a>;
+    fn deref(&self) -> &Layer<'a> {
+        self.w
+    }
+}
+
 pub struct Mamba2<'a> {
     pub cfg: Config,
     pub w: Weights<'a>,
@@ -223,9 +236,9 @@ impl<'a> Mamba2<'a> {
         2 * c.n_heads + c.n_groups * c.d_state + c.d_inner()
     }
 
-    /// Head `hh`'s A = −exp(A_log), times s under `decay:s`.
-    fn a(&self, lw: &Layer, hh: usize) -> f32 {
-        -exp(lw.a_log.get(hh)) * self.forget.a_scale()
+    /// Head `hh`'s A = −exp(A_log), times the layer's factor under `decay`.
+    fn a(&self, lw: &LayerCall, hh: usize) -> f32 {
+        -exp(lw.a_log.get(hh)) * lw.a_scale
     }
 
     /// log α offset per token: ln a under RRI, else 0.
@@ -247,7 +260,7 @@ impl<'a> Mamba2<'a> {
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
         let Call { ex, t, scan, l } = call;
-        let lw = &self.w.layers[l];
+        let lw = &LayerCall { w: &self.w.layers[l], a_scale: self.forget.a_scale(l) };
         let c = &self.cfg;
         let (d, di, nin, cd) = (c.d_model, c.d_inner(), c.in_proj_rows(), c.conv_dim());
         let (conv_state, ssm_state) = st.split_at_mut(c.conv_len());
@@ -271,7 +284,7 @@ impl<'a> Mamba2<'a> {
         // dt = clamp(softplus(dt_raw + dt_bias)), then the forgetting knobs: Δ′ = c·Δ, B′ = b·B.
         let nh = c.n_heads;
         let dt = &mut s.dt[..t * nh];
-        let dt_scale = if let Forget::Dt { c } = self.forget { c } else { 1.0 };
+        let dt_scale = self.forget.dt_scale(l);
         for (dr, zr) in dt.chunks_exact_mut(nh).zip(zx.chunks_exact(nin)) {
             for (hh, v) in dr.iter_mut().enumerate() {
                 let raw = zr[nin - nh + hh] + lw.dt_bias.get(hh);
@@ -349,7 +362,7 @@ impl<'a> Mamba2<'a> {
     fn ssm_recurrent(
         &self,
         ex: &dyn Exec,
-        lw: &Layer,
+        lw: &LayerCall,
         t: usize,
         u: &[f32],
         dt: &[f32],
@@ -394,7 +407,7 @@ impl<'a> Mamba2<'a> {
     fn ssm_chunked(
         &self,
         ex: &dyn Exec,
-        lw: &Layer,
+        lw: &LayerCall,
         t: usize,
         u: &[f32],
         dt: &[f32],
@@ -451,7 +464,7 @@ impl<'a> Mamba2<'a> {
     unsafe fn ssd_head_avx2(
         &self,
         simd: Simd,
-        lw: &Layer,
+        lw: &LayerCall,
         hh: usize,
         t: usize,
         u: &[f32],
@@ -473,7 +486,7 @@ impl<'a> Mamba2<'a> {
     fn ssd_head(
         &self,
         simd: Simd,
-        lw: &Layer,
+        lw: &LayerCall,
         hh: usize,
         t: usize,
         u: &[f32],
@@ -581,7 +594,7 @@ impl<'a> Mamba2<'a> {
 
 impl Mamba2<'_> {
     /// Adds, per head, Σ_t log α_t, Σ_t Δ_t, Σ_t mean(B_t) and Σ_t mean(x_t) into `p (4, H)`.
-    fn probe_sums(&self, lw: &Layer, t: usize, u: &[f32], dt: &[f32], p: &mut [f32]) {
+    fn probe_sums(&self, lw: &LayerCall, t: usize, u: &[f32], dt: &[f32], p: &mut [f32]) {
         let c = &self.cfg;
         let (nh, la) = (c.n_heads, self.log_a());
         for hh in 0..nh {
@@ -609,7 +622,7 @@ impl Mamba2<'_> {
     fn window(
         &self,
         ex: &dyn Exec,
-        lw: &Layer,
+        lw: &LayerCall,
         t: usize,
         u: &[f32],
         dt: &[f32],
@@ -786,7 +799,7 @@ impl Recurrent for Mamba2<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check_mamba()?;
+        f.check_mamba(self.cfg.n_layer)?;
         self.forget = f;
         Ok(())
     }

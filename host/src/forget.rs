@@ -3,7 +3,45 @@
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use stuffed_core::forget::LayerScales;
 use stuffed_core::Forget;
+
+/// One factor per layer (`dt:c=0.9/1.2/…`, `decay:s=…`): serialized as a list.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scales(pub LayerScales);
+
+impl Scales {
+    pub fn new(s: &[f32]) -> Result<Scales> {
+        LayerScales::new(s).map(Scales).map_err(|e| anyhow!("{e}"))
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        self.0.as_slice()
+    }
+}
+
+impl Serialize for Scales {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> std::result::Result<S::Ok, S::Error> {
+        self.as_slice().serialize(ser)
+    }
+}
+
+impl<'de> Deserialize<'de> for Scales {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Scales, D::Error> {
+        let v = Vec::<f32>::deserialize(de)?;
+        Scales::new(&v).map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for Scales {
+    /// `0.9/1.2/…`: each factor in the shortest form that parses back to the same f32.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, v) in self.as_slice().iter().enumerate() {
+            write!(f, "{}{v}", if i > 0 { "/" } else { "" })?;
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "kebab-case")]
@@ -25,6 +63,14 @@ pub enum ForgetSpec {
     /// Mamba-Modulation: A′ = s·A (α′ = α^s, the write Δ·B unchanged); Mamba-1 and Mamba-2.
     Decay {
         s: f32,
+    },
+    /// MambaExtend: Δ′ = c_ℓ·Δ, one factor per layer (`dt:c=0.9/1.2/…`); Mamba-1 and Mamba-2.
+    DtLayers {
+        c: Scales,
+    },
+    /// Mamba-Modulation per layer: A′ = s_ℓ·A (`decay:s=0.9/1.2/…`); Mamba-1 and Mamba-2.
+    DecayLayers {
+        s: Scales,
     },
     Window {
         r: usize,
@@ -49,6 +95,8 @@ pub enum ForgetSpec {
 impl ForgetSpec {
     /// `none`, `rri:a=0.9999,b=0.75`, `dt:c=0.5`, `decay:s=0.5`, `window:r=4096`, `staggered:r=4096`,
     /// `state-norm:every=128,calib=8k`, `reset:every=4k` (token counts take k and m as every count flag does).
+    /// `dt:c=0.9/1.2/…` and `decay:s=…` give one factor per layer; `dt:file=F` and `decay:file=F`
+    /// read them from the `calibrate.json` that `stuffed calibrate` wrote.
     pub fn parse(s: &str) -> Result<ForgetSpec> {
         let (name, args) = s.split_once(':').unwrap_or((s, ""));
         let mut kv = BTreeMap::new();
@@ -64,8 +112,8 @@ impl ForgetSpec {
         let known: &[&str] = match name {
             "none" => &[],
             "rri" | "rri-both" => &["a", "b"],
-            "dt" => &["c"],
-            "decay" => &["s"],
+            "dt" => &["c", "file"],
+            "decay" => &["s", "file"],
             "window" | "staggered" => &["r"],
             "state-norm" => &["every", "calib"],
             "reset" => &["every"],
@@ -81,14 +129,41 @@ impl ForgetSpec {
             kv.get(k).map(|v| crate::text::parse_count(v).map_err(|e| anyhow!("--forget {s}: {k}: {e}"))).transpose()
         };
         let need_count = |k: &str| count(k)?.ok_or_else(|| anyhow!("--forget {s}: missing {k}="));
+        // A factor per layer: `c=0.9/1.2/…`, or `file=calibrate.json`.
+        let factors = |k: &str| -> Result<Option<Scales>> {
+            if let Some(f) = kv.get("file") {
+                if kv.contains_key(k) {
+                    bail!("--forget {s}: give {k}= or file=, not both");
+                }
+                return calibrated(name, std::path::Path::new(f)).map(Some);
+            }
+            match kv.get(k) {
+                Some(v) if v.contains('/') => {
+                    let vals = v
+                        .split('/')
+                        .map(|x| {
+                            x.trim().parse::<f32>().map_err(|_| anyhow!("--forget {s}: {k}: '{x}' is not a number"))
+                        })
+                        .collect::<Result<Vec<f32>>>()?;
+                    Scales::new(&vals).map(Some).map_err(|e| anyhow!("--forget {s}: {e}"))
+                }
+                _ => Ok(None),
+            }
+        };
         Ok(match name {
             "none" => ForgetSpec::None,
             "rri" => ForgetSpec::Rri { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 },
             "rri-both" => {
                 ForgetSpec::RriBoth { a: num("a")?.unwrap_or(0.9999) as f32, b: num("b")?.unwrap_or(0.75) as f32 }
             }
-            "dt" => ForgetSpec::Dt { c: num("c")?.unwrap_or(0.5) as f32 },
-            "decay" => ForgetSpec::Decay { s: num("s")?.unwrap_or(0.5) as f32 },
+            "dt" => match factors("c")? {
+                Some(c) => ForgetSpec::DtLayers { c },
+                None => ForgetSpec::Dt { c: num("c")?.unwrap_or(0.5) as f32 },
+            },
+            "decay" => match factors("s")? {
+                Some(s) => ForgetSpec::DecayLayers { s },
+                None => ForgetSpec::Decay { s: num("s")?.unwrap_or(0.5) as f32 },
+            },
             "window" => ForgetSpec::Window { r: need_count("r")? as usize },
             "staggered" => ForgetSpec::Staggered { r: need_count("r")? as usize },
             "state-norm" => ForgetSpec::StateNorm { every: count("every")?.unwrap_or(128), calib: count("calib")? },
@@ -103,6 +178,8 @@ impl ForgetSpec {
             ForgetSpec::RriBoth { a, b } => Forget::RriBoth { a, b },
             ForgetSpec::Dt { c } => Forget::Dt { c },
             ForgetSpec::Decay { s } => Forget::Decay { s },
+            ForgetSpec::DtLayers { c } => Forget::DtLayers(c.0),
+            ForgetSpec::DecayLayers { s } => Forget::DecayLayers(s.0),
             ForgetSpec::Window { r } => Forget::Window { r },
             ForgetSpec::Staggered { r } => Forget::Staggered { r },
             _ => Forget::None,
@@ -146,6 +223,20 @@ impl ForgetSpec {
     }
 }
 
+/// The per-layer factors of method `name` (`dt` or `decay`) that `stuffed calibrate` wrote to
+/// `file` (its `forget` field).
+fn calibrated(name: &str, file: &std::path::Path) -> Result<Scales> {
+    let spec = crate::eval::calibrate::read_result(file)?;
+    if spec.contains("file=") {
+        bail!("{}: its \"forget\" names another file; give the factors themselves", file.display());
+    }
+    match (name, ForgetSpec::parse(&spec).map_err(|e| anyhow!("{}: {e}", file.display()))?) {
+        ("dt", ForgetSpec::DtLayers { c }) => Ok(c),
+        ("decay", ForgetSpec::DecayLayers { s }) => Ok(s),
+        (_, other) => bail!("{}: calibrated {other}, not per-layer {name} factors", file.display()),
+    }
+}
+
 /// What acts on the state at the end of a call ([`ForgetSpec::at`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Boundary {
@@ -166,6 +257,8 @@ impl std::fmt::Display for ForgetSpec {
             ForgetSpec::RriBoth { a, b } => write!(f, "rri-both:a={a},b={b}"),
             ForgetSpec::Dt { c } => write!(f, "dt:c={c}"),
             ForgetSpec::Decay { s } => write!(f, "decay:s={s}"),
+            ForgetSpec::DtLayers { c } => write!(f, "dt:c={c}"),
+            ForgetSpec::DecayLayers { s } => write!(f, "decay:s={s}"),
             ForgetSpec::Window { r } => write!(f, "window:r={r}"),
             ForgetSpec::Staggered { r } => write!(f, "staggered:r={r}"),
             ForgetSpec::StateNorm { every, calib } => {

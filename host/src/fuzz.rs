@@ -265,7 +265,95 @@ pub mod readback {
                 seeds: oprm_passkey_seed,
                 parse: oprm_passkey_parse,
             },
+            Target { name: "calibrate-result", shape: Shape::Json, seeds: calibrate_seed, parse: calibrate_parse },
+            Target {
+                name: "calibrate-checkpoint",
+                shape: Shape::Json,
+                seeds: calibrate_ckpt_seed,
+                parse: calibrate_ckpt_parse,
+            },
+            Target { name: "forget-spec", shape: Shape::Lines, seeds: forget_seed, parse: forget_parse },
         ]
+    }
+
+    /// `calibrate` on the fuzz model: its arguments into `out` (3 steps; 1 with `stop` given).
+    fn calibrate_args(out: &Path, stop: bool) -> Vec<String> {
+        let text = scratch().join("cal.txt");
+        let _ = std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow.\n".repeat(4));
+        let mut a: Vec<String> = ["calibrate", "--model", &model(), "--text", &text.display().to_string()]
+            .into_iter()
+            .chain(["--length", "24", "--windows", "2", "--steps", "3", "--init", "0.5", "--out"])
+            .map(String::from)
+            .collect();
+        a.push(out.display().to_string());
+        if stop {
+            a.extend(["--stop-after".into(), "1".into()]);
+        }
+        a
+    }
+
+    /// A finished calibration (made once): its directory.
+    fn calibrated() -> Result<PathBuf> {
+        let d = scratch().join("cal-done");
+        if !d.join("calibrate.json").exists() {
+            let a = calibrate_args(&d, false);
+            stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>()).context("fuzz seed: calibrate run")?;
+        }
+        Ok(d)
+    }
+
+    fn calibrate_seed() -> Result<Vec<Vec<u8>>> {
+        Ok(vec![std::fs::read(calibrated()?.join("calibrate.json"))?])
+    }
+
+    /// The case as a calibrate.json read through `--forget dt:file=`, the table set on the model.
+    fn calibrate_parse(b: &[u8]) -> Result<()> {
+        let f = scratch().join("cal-case.json");
+        std::fs::write(&f, resealed(b))?;
+        let spec = crate::forget::ForgetSpec::parse(&format!("dt:file={}", f.display()))?;
+        let mut m = crate::model::Model::load(Path::new(&model()))?;
+        m.set_forget(spec)
+    }
+
+    fn calibrate_ckpt_seed() -> Result<Vec<Vec<u8>>> {
+        let d = scratch().join("cal-stopped");
+        let a = calibrate_args(&d, true);
+        if !d.join("calibrate.checkpoint.json").exists() {
+            stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>()).context("fuzz seed: stopped calibrate run")?;
+        }
+        Ok(vec![std::fs::read(d.join("calibrate.checkpoint.json"))?])
+    }
+
+    /// The case as the checkpoint of a stopped calibration, resumed to its end.
+    fn calibrate_ckpt_parse(b: &[u8]) -> Result<()> {
+        let d = scratch().join("cal-resumed");
+        std::fs::create_dir_all(&d)?;
+        let _ = std::fs::remove_file(d.join("calibrate.json"));
+        std::fs::write(d.join("calibrate.checkpoint.json"), resealed(b))?;
+        let mut a = calibrate_args(&d, false);
+        a.push("--resume".into());
+        stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn forget_seed() -> Result<Vec<Vec<u8>>> {
+        Ok(["dt:c=0.25/1.5/0.0625", "decay:s=0.5", "rri:a=0.99,b=0.7", "state-norm:every=128,calib=8k", "window:r=4k"]
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect())
+    }
+
+    /// The case as a `--forget` method: refused, or printed in a form that parses back to itself.
+    fn forget_parse(b: &[u8]) -> Result<()> {
+        let s = std::str::from_utf8(b)?;
+        if s.contains("file=") {
+            bail!("file= reads a file (the calibrate-result target covers it)");
+        }
+        let spec = crate::forget::ForgetSpec::parse(s)?;
+        let text = spec.to_string();
+        let again =
+            crate::forget::ForgetSpec::parse(&text).map_err(|e| anyhow!("{text}: printed form refused: {e}"))?;
+        assert_eq!(again.to_string(), text, "--forget {s}: printed form does not parse back to itself");
+        Ok(())
     }
 
     fn model() -> String {

@@ -178,3 +178,14 @@ def test_calls_release_the_gil_and_threads_share_a_handle():
         t.join()
     assert same_bits(out[0], serial[0]) and same_bits(out[1], serial[1])
     assert same_bits(out[2], serial_last) and same_bits(out[3], serial_last)
+
+
+def test_per_layer_factors_through_the_forget_string():
+    """`dt:c=c0/c1/…` (one factor per layer, what `stuffed calibrate` writes) through the C ABI: a
+    table of one value is that value's uniform method bit for bit; another table differs; a table of
+    another length is one error line."""
+    same = stuffed.Model(PAIR[0], forget="dt:c=0.3/0.3/0.3/0.3").forward(IDS)
+    assert same_bits(same, stuffed.Model(PAIR[0], forget="dt:c=0.3").forward(IDS))
+    assert not same_bits(same, stuffed.Model(PAIR[0], forget="dt:c=0.3/1/1/1").forward(IDS))
+    with pytest.raises(RuntimeError, match="expected 4 elements, found 3"):
+        stuffed.Model(PAIR[0], forget="dt:c=0.3/1/1")

@@ -232,3 +232,34 @@ pub fn kernel_pools(fast: bool) -> Vec<Pool> {
     }
     p
 }
+
+/// A copy of `case` with `shift(l)` added to every value of layer l's `A_log` (f32), so that
+/// A = −exp(A_log) is scaled by exp(shift(l)): what `decay:s` must equal.
+pub fn a_log_shifted(case: &str, shift: &dyn Fn(usize) -> f32) -> tempfile::TempDir {
+    let dir = copy_of(case);
+    let file = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let (header, data) = safetensors_header(&bytes);
+    let mut shifted = 0;
+    for (name, t) in header.as_object().unwrap() {
+        if !name.ends_with("A_log") {
+            continue;
+        }
+        assert_eq!(t["dtype"], "F32", "{case} {name}");
+        let layer: usize = name
+            .split('.')
+            .skip_while(|p| *p != "layers")
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{case}: {name}: no layer index"));
+        let (a, b) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
+        for v in bytes[data + a..data + b].chunks_exact_mut(4) {
+            let x = f32::from_le_bytes(v.try_into().unwrap()) + shift(layer);
+            v.copy_from_slice(&x.to_le_bytes());
+        }
+        shifted += 1;
+    }
+    assert!(shifted > 0, "{case}: no A_log tensor");
+    std::fs::write(&file, bytes).unwrap();
+    dir
+}

@@ -362,29 +362,6 @@ fn delta_net_probe_series() {
 
 /// A copy of `tests/data/<case>` with `shift` added to every element of each f32 tensor whose name
 /// ends in `A_log` (so A = −exp(A_log) is multiplied by exp(shift)).
-fn a_log_shifted(case: &str, shift: f32) -> tempfile::TempDir {
-    let dir = stuffed_tests::copy_of(case);
-    let file = dir.path().join("model.safetensors");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let (header, data) = stuffed_tests::safetensors_header(&bytes);
-    let mut shifted = 0;
-    for (name, t) in header.as_object().unwrap() {
-        if !name.ends_with("A_log") {
-            continue;
-        }
-        assert_eq!(t["dtype"], "F32", "{case} {name}");
-        let (a, b) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
-        for v in bytes[data + a..data + b].chunks_exact_mut(4) {
-            let x = f32::from_le_bytes(v.try_into().unwrap()) + shift;
-            v.copy_from_slice(&x.to_le_bytes());
-        }
-        shifted += 1;
-    }
-    assert!(shifted > 0, "{case}: no A_log tensor");
-    std::fs::write(&file, bytes).unwrap();
-    dir
-}
-
 /// `decay:s` (Mamba-Modulation, A′ = s·A) is the model with A_log + ln s in its weights, chunked and
 /// token by token, on both Mamba families; it differs from Δ scaling by the write Δ·B, which it
 /// leaves alone; the other families refuse it, naming dt:c.
@@ -394,7 +371,7 @@ fn decay_scaling_is_a_times_s() {
     for case in ["mamba2_hf_g1_untied", "mamba2_hf_g2_tied", "mamba1_hf", "falcon_mamba_hf"] {
         let s = 0.4f32;
         let decayed = model(case, &format!("decay:s={s}"));
-        let shifted = Model::load(a_log_shifted(case, s.ln()).path()).unwrap();
+        let shifted = Model::load(stuffed_tests::a_log_shifted(case, &|_| s.ln()).path()).unwrap();
         let want = logits(&shifted, &ids, 1);
         assert!(rel(&want, &logits(&model(case, "none"), &ids, 1)) > 1e-3, "{case}: decay must change the logits");
         assert!(rel(&want, &logits(&model(case, "dt:c=0.4"), &ids, 1)) > 1e-3, "{case}: decay is not dt");

@@ -1,6 +1,7 @@
 //! Command-line flags and the flow of each command.
 pub mod basic;
 mod bench;
+mod calibrate;
 mod passkey;
 mod ppl;
 mod probe;
@@ -230,6 +231,9 @@ pub enum Cmd {
     Ppl(ppl::PplArgs),
     /// Retention, state statistics and snapshots every K tokens, with plots.
     Probe(probe::ProbeArgs),
+    /// Per-layer Δ or A factors for Mamba-1/2 (MambaExtend, Mamba-Modulation) at a target length,
+    /// by zeroth-order search on calibration text; `--forget dt:file=calibrate.json` applies them.
+    Calibrate(calibrate::CalibrateArgs),
     /// Passkey retrieval over a grid of prompt lengths × needle depths.
     Passkey(passkey::PasskeyArgs),
     /// Combine `passkey --shard` outputs (one summary and heatmap) or `ppl --shard` outputs (one
@@ -321,6 +325,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Ppl(a) => ppl::run(a),
         Cmd::Passkey(a) => passkey::run(a),
         Cmd::Probe(a) => probe::run(a),
+        Cmd::Calibrate(a) => calibrate::run(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Selftest(a) => bench::selftest(a),
         Cmd::Merge { dirs, out } => {

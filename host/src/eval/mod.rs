@@ -1,4 +1,5 @@
 //! The evaluators: each is the same streamed forward with a different reduction.
+pub mod calibrate;
 pub mod feed;
 pub mod laws;
 pub mod passkey;

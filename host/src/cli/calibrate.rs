@@ -1,0 +1,85 @@
+//! `stuffed calibrate` flags.
+use crate::eval::calibrate::{self, Method, Options};
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    /// Model directory (or checkpoint file): Mamba-1 or Mamba-2.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    input: super::InputArgs,
+    /// Which factor each layer gets: dt (Δ′ = s_ℓ·Δ, MambaExtend) or decay (A′ = s_ℓ·A,
+    /// Mamba-Modulation).
+    #[arg(long, value_enum, default_value = "dt")]
+    method: Method,
+    /// Tokens per calibration window: the length to extend to.
+    #[arg(long, value_parser = crate::text::parse_count)]
+    length: u64,
+    /// Calibration windows, consecutive from the start of the text.
+    #[arg(long, default_value_t = 4)]
+    windows: usize,
+    /// SPSA steps (three loss evaluations each, after the start's grid).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Step size on the gradient estimate over ln s (nats per token per unit of ln s), decayed
+    /// as cos(kπ / 2·steps).
+    #[arg(long, default_value_t = 0.5)]
+    lr: f64,
+    /// Perturbation of each ln s at step 0 (0.1: ×1.105), shrinking as (1 + k)^−0.1.
+    #[arg(long, default_value_t = 0.1)]
+    perturb: f64,
+    /// The smallest factor (MambaExtend: 0.01).
+    #[arg(long, default_value_t = 0.01)]
+    min_factor: f64,
+    /// The factor every layer starts from (default: the best of 2⁻⁶ … 2², every layer alike).
+    #[arg(long)]
+    init: Option<f64>,
+    /// Seeds the perturbation signs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tokens per forward call.
+    #[arg(long, default_value_t = 512, value_parser = crate::text::parse_chunk)]
+    chunk: usize,
+    /// Tokenizer (default: the model's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Directory for calibrate.json (and the checkpoint, written after every step).
+    #[arg(long, default_value = "calibrate-out")]
+    out: PathBuf,
+    /// Continue the search checkpointed in --out (same model, text and options).
+    #[arg(long)]
+    resume: bool,
+    /// Discard a checkpoint left in --out by an unfinished search.
+    #[arg(long)]
+    overwrite: bool,
+    /// Stop (with the checkpoint) after this many steps, for batch jobs with time limits;
+    /// --resume continues.
+    #[arg(long)]
+    stop_after: Option<usize>,
+}
+
+pub fn run(a: CalibrateArgs) -> Result<()> {
+    if a.input.is_empty() {
+        anyhow::bail!("calibrate: give the calibration text (--text FILE)");
+    }
+    let inputs = a.input.inputs("calibrate")?;
+    let length = usize::try_from(a.length).map_err(|_| anyhow::anyhow!("--length {}: too long", a.length))?;
+    let o = Options {
+        method: a.method,
+        length,
+        windows: a.windows,
+        steps: a.steps,
+        lr: a.lr,
+        perturb: a.perturb,
+        min_factor: a.min_factor,
+        init: a.init,
+        seed: a.seed,
+        chunk: a.chunk,
+        tokenizer: a.tokenizer,
+        stop_after: a.stop_after,
+    };
+    calibrate::run(&a.model, &inputs, &o, &a.out, crate::eval::Continue::from_flags(a.resume, a.overwrite)?)
+}

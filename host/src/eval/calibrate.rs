@@ -1,0 +1,497 @@
+//! `stuffed calibrate`: one Δ factor (MambaExtend, Azizi et al., ICLR 2025) or one A factor
+//! (Mamba-Modulation, arXiv 2509.19633) per layer of a Mamba-1/2 model, found on calibration
+//! windows of the target length in two stages: one factor for every layer from a grid of powers of
+//! two (unless `--init` gives it), then per layer by the zeroth-order search of MambaExtend's code
+//! (SPSA: two perturbed evaluations a step estimate the gradient over all layers at once), here
+//! on the factors' logarithms (the factors span 0.01 to 10, and a step is then a ratio).
+//! The loss is the mean NLL (nats per predicted token) over the windows, each run from the zero
+//! state. The result is the best factors seen (the all-ones start included), so calibration never
+//! reports factors worse than none on its own windows; `--forget dt:file=calibrate.json` uses them.
+use crate::backend::Device;
+use crate::forget::{ForgetSpec, Scales};
+use crate::model::{Family, Model};
+use crate::report::{self, Older};
+use crate::text::Input;
+use anyhow::{anyhow, bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const RESULT: &str = "calibrate.json";
+const CKPT: &str = "calibrate.checkpoint.json";
+const KIND: &str = "calibrate";
+const CKPT_KIND: &str = "calibrate-checkpoint";
+
+/// The uniform factors tried before the per-layer search: 2⁻⁶ … 2².
+pub const GRID: [f64; 9] = [1.0 / 64.0, 1.0 / 32.0, 1.0 / 16.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0];
+
+/// One uniform factor and its loss.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GridPoint {
+    pub factor: f64,
+    pub loss: f64,
+}
+/// Which factor a layer gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Δ′ = s_ℓ·Δ (MambaExtend): `--forget dt:c=…`.
+    Dt,
+    /// A′ = s_ℓ·A (Mamba-Modulation): `--forget decay:s=…`.
+    Decay,
+}
+
+impl Method {
+    /// The forgetting method that applies `s` (one factor per layer).
+    pub fn spec(self, s: &[f32]) -> Result<ForgetSpec> {
+        let t = Scales::new(s)?;
+        Ok(match self {
+            Method::Dt => ForgetSpec::DtLayers { c: t },
+            Method::Decay => ForgetSpec::DecayLayers { s: t },
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Options {
+    pub method: Method,
+    /// Tokens per calibration window (the target length).
+    pub length: usize,
+    /// Calibration windows, consecutive in the text.
+    pub windows: usize,
+    /// SPSA steps (three loss evaluations each).
+    pub steps: usize,
+    /// Step size a_k = lr·cos(kπ / 2·steps) on the gradient estimate over ln s.
+    pub lr: f64,
+    /// Perturbation of ln s: c_k = perturb / (1 + k)^0.1 (MambaExtend's schedule).
+    pub perturb: f64,
+    /// The smallest factor (MambaExtend clamps at 0.01).
+    pub min_factor: f64,
+    /// The factor every layer starts from; `None`: the best of [`GRID`].
+    pub init: Option<f64>,
+    /// Seeds the perturbation signs (step k draws from seed and k alone).
+    pub seed: u64,
+    pub chunk: usize,
+    #[serde(skip)]
+    pub tokenizer: Option<PathBuf>,
+    /// Stop (with the checkpoint) once this many steps are done; `--resume` continues.
+    #[serde(skip)]
+    pub stop_after: Option<usize>,
+}
+
+/// One SPSA step, as recorded: the factors it ended at and the three losses it saw.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Step {
+    pub step: usize,
+    pub loss_plus: f64,
+    pub loss_minus: f64,
+    /// The loss after the gradient step.
+    pub loss_stepped: f64,
+    /// The loss of the factors the next step starts from (the least of the three).
+    pub loss: f64,
+    pub factors: Vec<f64>,
+}
+
+/// Where a search stands after `steps.len()` steps.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Search {
+    /// The factors the next step starts from.
+    pub at: Vec<f64>,
+    /// The least loss seen and its factors (the start included).
+    pub best_loss: f64,
+    pub best: Vec<f64>,
+    /// The loss with every factor 1 (no forgetting), and at the start (every factor `--init`, or
+    /// the best of the grid).
+    pub loss_none: f64,
+    pub loss_start: f64,
+    /// The uniform factors tried (empty with `--init`).
+    pub grid: Vec<GridPoint>,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    fingerprint: String,
+    key: serde_json::Value,
+    search: Search,
+}
+
+/// Step k's perturbation signs, one per layer: from the seed and k alone, so a resumed search
+/// draws what an uninterrupted one would.
+pub fn signs(seed: u64, k: usize, n: usize) -> Vec<f64> {
+    let mut r = crate::rng::SplitMix64::new(seed ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    (0..n).map(|_| if r.next_u64() >> 63 == 0 { 1.0 } else { -1.0 }).collect()
+}
+
+/// The SPSA search over factors with `loss` the function to lower; continues `search` (which
+/// holds the start's loss) for the steps it lacks, handing each finished step to `saved`.
+/// Returns whether every step is done (false: stopped at `--stop-after`).
+pub fn spsa(
+    o: &Options,
+    search: &mut Search,
+    loss: &mut dyn FnMut(&[f64]) -> Result<f64>,
+    saved: &mut dyn FnMut(&Search) -> Result<()>,
+) -> Result<bool> {
+    let n = search.at.len();
+    // Steps act on ln s: a perturbation or a step multiplies a factor.
+    let floor = |t: f64, by: f64| (t * by.exp()).max(o.min_factor);
+    for k in search.steps.len()..o.steps {
+        if o.stop_after.is_some_and(|s| k >= s) {
+            return Ok(false);
+        }
+        let ck = o.perturb / (1.0 + k as f64).powf(0.1);
+        let ak = o.lr * (k as f64 * std::f64::consts::PI / (2.0 * o.steps as f64)).cos();
+        let d = signs(o.seed, k, n);
+        let plus: Vec<f64> = search.at.iter().zip(&d).map(|(t, s)| floor(*t, ck * s)).collect();
+        let minus: Vec<f64> = search.at.iter().zip(&d).map(|(t, s)| floor(*t, -ck * s)).collect();
+        let (lp, lm) = (loss(&plus)?, loss(&minus)?);
+        let g = (lp - lm) / (2.0 * ck);
+        let stepped: Vec<f64> = search.at.iter().zip(&d).map(|(t, s)| floor(*t, -ak * g * s)).collect();
+        let ls = loss(&stepped)?;
+        // As MambaExtend's code: the next step starts from the least of the three.
+        let (loss_next, next) = [(ls, stepped), (lp, plus), (lm, minus)]
+            .into_iter()
+            .fold(None::<(f64, Vec<f64>)>, |m, c| match m {
+                Some(m) if m.0 <= c.0 => Some(m),
+                _ => Some(c),
+            })
+            .expect("three candidates");
+        if loss_next < search.best_loss {
+            (search.best_loss, search.best) = (loss_next, next.clone());
+        }
+        search.steps.push(Step {
+            step: k,
+            loss_plus: lp,
+            loss_minus: lm,
+            loss_stepped: ls,
+            loss: loss_next,
+            factors: next.clone(),
+        });
+        search.at = next;
+        saved(search)?;
+    }
+    Ok(true)
+}
+
+/// The calibration windows: the first `windows × length` ids of the inputs, cut in order.
+fn windows(model: &Model, inputs: &[Input], o: &Options) -> Result<Vec<Vec<u32>>> {
+    let tok = model.tokenizer(o.tokenizer.as_deref())?;
+    let need = o.windows * o.length;
+    let stream = super::feed::doc_stream(&tok, inputs.to_vec(), Some(need as u64), None);
+    let ids = super::feed::TokenFeed::new(stream, 0).take(need)?;
+    if ids.len() < need {
+        bail!(
+            "calibrate: the text has {} tokens; {} windows of {} need {need} (give more text, or fewer/shorter windows)",
+            ids.len(),
+            o.windows,
+            o.length
+        );
+    }
+    model.check_ids(&ids, "the calibration text")?;
+    Ok(ids.chunks(o.length).map(<[u32]>::to_vec).collect())
+}
+
+/// Mean NLL of every window (each from the zero state) with the model's forgetting method.
+fn mean_nll(model: &Model, wins: &[Vec<u32>], chunk: usize) -> Result<f64> {
+    let mut b = crate::backend::open(model, chunk, model.info.vocab_rows, Device::Cpu, Default::default())?;
+    let (mut sum, mut n) = (0f64, 0usize);
+    let mut nll = Vec::new();
+    for w in wins {
+        b.reset()?;
+        for piece in w.chunks(chunk) {
+            b.score(piece, &mut nll)?;
+            sum += nll.iter().map(|&v| v as f64).sum::<f64>();
+            n += nll.len();
+            if let Some(sig) = crate::interrupt::raised() {
+                bail!("{sig}");
+            }
+        }
+    }
+    Ok(sum / n as f64)
+}
+
+pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: super::Continue) -> Result<()> {
+    let _armed = crate::interrupt::arm();
+    if o.length < 2 || o.windows == 0 || o.steps == 0 {
+        bail!("calibrate: --length must be ≥ 2, --windows and --steps ≥ 1");
+    }
+    if !(o.lr >= 0.0 && o.lr.is_finite() && o.perturb > 0.0 && o.perturb.is_finite()) {
+        bail!("calibrate: --lr must be ≥ 0 and --perturb > 0 (finite)");
+    }
+    if !(o.min_factor > 0.0 && o.min_factor.is_finite() && o.init.is_none_or(|i| i >= o.min_factor && i.is_finite())) {
+        bail!("calibrate: --min-factor must be > 0 and --init ≥ it");
+    }
+    std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
+    let mut model = Model::load(model_path)?;
+    let path = model.info.path.display().to_string();
+    if !matches!(model.info.family, Family::Mamba1 | Family::Mamba2) {
+        bail!(
+            "{path}: calibrate finds per-layer Δ or A factors for Mamba-1 and Mamba-2; this is {}",
+            model.info.family.title()
+        );
+    }
+    let n_layer = model.net().n_layer();
+    let wins = windows(&model, inputs, o)?;
+    let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
+    let mut key = serde_json::json!({
+        "model": super::model_key(&model),
+        "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
+        "hashes": hashes,
+        "options": o,
+    });
+    crate::exec::mark_matmul_mode(&mut key);
+    let fp = report::fingerprint(&key)?;
+    let ckpt = out.join(CKPT);
+    let mut search = if cont.resumes("calibrate", out, std::slice::from_ref(&ckpt))? {
+        let c: Checkpoint = serde_json::from_value(report::read_sealed(&ckpt, CKPT_KIND, Older::Refuse)?.doc)
+            .map_err(|e| anyhow!("{}: not a calibrate checkpoint: {e}", ckpt.display()))?;
+        if c.fingerprint != fp {
+            return Err(super::other_run(&ckpt, &c.key, &key));
+        }
+        let s = &c.search;
+        let fits = |v: &[f64]| v.len() == n_layer && v.iter().all(|f| f.is_finite() && *f >= o.min_factor);
+        if !(fits(&s.at) && fits(&s.best) && s.steps.len() <= o.steps && s.steps.iter().all(|st| fits(&st.factors))) {
+            bail!("{}: not a checkpoint of this search (factors or steps out of range)", ckpt.display());
+        }
+        eprintln!("calibrate: resuming after step {} of {}", c.search.steps.len(), o.steps);
+        c.search
+    } else {
+        Search {
+            at: Vec::new(),
+            best_loss: f64::INFINITY,
+            best: Vec::new(),
+            loss_none: f64::NAN,
+            loss_start: f64::NAN,
+            grid: Vec::new(),
+            steps: Vec::new(),
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut evals = 0usize;
+    let mut loss = |f: &[f64]| -> Result<f64> {
+        let s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
+        model.set_forget(o.method.spec(&s)?)?;
+        evals += 1;
+        mean_nll(&model, &wins, o.chunk).map_err(|e| match crate::interrupt::raised() {
+            Some(sig) => {
+                anyhow!("{sig}: the last finished step is checkpointed in {}; continue with --resume", out.display())
+            }
+            None => e,
+        })
+    };
+    let save = |s: &Search| -> Result<()> {
+        let c = Checkpoint { fingerprint: fp.clone(), key: key.clone(), search: s.clone() };
+        report::write_sealed(&ckpt, CKPT_KIND, &c)
+    };
+    if search.at.is_empty() {
+        let none = loss(&vec![1.0; n_layer])?;
+        let mut grid = Vec::new();
+        let start = match o.init {
+            Some(i) => i,
+            None => {
+                for &f in GRID.iter().filter(|&&f| f >= o.min_factor) {
+                    let l = if f == 1.0 { none } else { loss(&vec![f; n_layer])? };
+                    eprintln!("calibrate: every layer {f}: loss {l:.6}");
+                    grid.push(GridPoint { factor: f, loss: l });
+                }
+                // The least loss; the factor nearer 1 on a tie.
+                grid.iter()
+                    .fold(GridPoint { factor: 1.0, loss: none }, |b, p| if p.loss < b.loss { *p } else { b })
+                    .factor
+            }
+        };
+        let l0 = match grid.iter().find(|p| p.factor == start) {
+            Some(p) => p.loss,
+            None if start == 1.0 => none,
+            None => loss(&vec![start; n_layer])?,
+        };
+        let (best_loss, best) = if none <= l0 { (none, vec![1.0; n_layer]) } else { (l0, vec![start; n_layer]) };
+        search = Search {
+            at: vec![start; n_layer],
+            best_loss,
+            best,
+            loss_none: none,
+            loss_start: l0,
+            grid,
+            steps: Vec::new(),
+        };
+        save(&search)?;
+    }
+    eprintln!(
+        "calibrate: {} windows of {} tokens; loss without factors {:.6}, at the start (every layer {}) {:.6}",
+        o.windows,
+        o.length,
+        search.loss_none,
+        search.at.first().copied().unwrap_or(1.0),
+        search.loss_start
+    );
+    let mut report_step = |s: &Search| -> Result<()> {
+        let st = s.steps.last().expect("a step");
+        eprintln!(
+            "calibrate: step {}/{}: loss {:.6} (+ {:.6}, − {:.6}, stepped {:.6}); best {:.6}",
+            st.step + 1,
+            o.steps,
+            st.loss,
+            st.loss_plus,
+            st.loss_minus,
+            st.loss_stepped,
+            s.best_loss
+        );
+        save(s)
+    };
+    if !spsa(o, &mut search, &mut loss, &mut report_step)? {
+        eprintln!(
+            "calibrate: stopped after step {} of {}; checkpoint in {}; continue with --resume",
+            search.steps.len(),
+            o.steps,
+            out.display()
+        );
+        return Ok(());
+    }
+    let best32: Vec<f32> = search.best.iter().map(|&v| v as f32).collect();
+    let spec = o.method.spec(&best32)?;
+    let doc = serde_json::json!({
+        "command": "calibrate",
+        "model": model.info,
+        "inputs": inputs.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
+        "options": o,
+        "matmul": crate::exec::matmul_record(),
+        "forget": spec.to_string(),
+        "factors": best32,
+        "loss_none": search.loss_none,
+        "loss_start": search.loss_start,
+        "grid": search.grid,
+        "loss_best": search.best_loss,
+        "steps": search.steps,
+        "evaluations_this_run": evals,
+        "seconds_this_run": started.elapsed().as_secs_f64(),
+        "notes": "loss: mean NLL in nats per predicted token over the windows, each from the zero state; \
+                  the factors are the best seen (the all-ones start included); \
+                  the start: --init, or the best uniform factor of the grid; then SPSA as MambaExtend's code on ln s: c_k = perturb/(1+k)^0.1, a_k = lr·cos(kπ/2·steps), the next step from the least of three",
+    });
+    report::write_sealed(&out.join(RESULT), KIND, &doc)?;
+    std::fs::remove_file(&ckpt).map_err(|e| anyhow!("{}: cannot remove: {e}", ckpt.display()))?;
+    let name = match o.method {
+        Method::Dt => "dt",
+        Method::Decay => "decay",
+    };
+    println!(
+        "calibrate: loss {:.6} → {:.6} on {} windows of {} tokens; use --forget {name}:file={}",
+        search.loss_none,
+        search.best_loss,
+        o.windows,
+        o.length,
+        out.join(RESULT).display()
+    );
+    Ok(())
+}
+
+/// The factors a `calibrate.json` holds, as its `forget` method (checked against its seal).
+pub fn read_result(file: &Path) -> Result<String> {
+    let doc = report::read_sealed(file, KIND, Older::Refuse)?.doc;
+    doc.get("forget")
+        .and_then(|f| f.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{}: a calibrate.json without its \"forget\" method", file.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(steps: usize) -> Options {
+        Options {
+            method: Method::Dt,
+            length: 2,
+            windows: 1,
+            steps,
+            lr: 0.5,
+            perturb: 0.1,
+            min_factor: 0.01,
+            init: Some(1.0),
+            seed: 7,
+            chunk: 1,
+            tokenizer: None,
+            stop_after: None,
+        }
+    }
+
+    /// A loss whose minimum sits at other factors per layer: (ln s_ℓ − ln m_ℓ)².
+    fn bowl(f: &[f64]) -> f64 {
+        let m = [0.2, 3.0, 1.0, 0.05];
+        f.iter().zip(m).map(|(s, m)| (s.ln() - f64::ln(m)).powi(2)).sum()
+    }
+
+    fn start(n: usize) -> Search {
+        let l = bowl(&vec![1.0; n]);
+        Search {
+            at: vec![1.0; n],
+            best_loss: l,
+            best: vec![1.0; n],
+            loss_none: l,
+            loss_start: l,
+            grid: Vec::new(),
+            steps: Vec::new(),
+        }
+    }
+
+    /// The search lowers the loss, keeps the best seen, steps a factor by a ratio, and never goes
+    /// below the floor.
+    #[test]
+    fn spsa_descends_and_keeps_the_best() {
+        let o = options(60);
+        let mut s = start(4);
+        spsa(&o, &mut s, &mut |f| Ok(bowl(f)), &mut |_| Ok(())).unwrap();
+        assert_eq!(s.steps.len(), 60);
+        let seen = s.steps.iter().map(|st| st.loss).fold(s.loss_none, f64::min);
+        assert_eq!(s.best_loss, seen, "the best is the least loss seen");
+        assert_eq!(bowl(&s.best), s.best_loss);
+        assert!(s.best_loss < 0.25 * s.loss_none, "{} → {}", s.loss_none, s.best_loss);
+        assert!(s.steps.iter().all(|st| st.factors.iter().all(|&f| f >= o.min_factor)));
+        // Step 0 perturbs each factor by the ratio e^{±perturb}.
+        let d = signs(o.seed, 0, 4);
+        let plus: Vec<f64> = d.iter().map(|s| (s * o.perturb).exp()).collect();
+        assert_eq!(s.steps[0].loss_plus, bowl(&plus));
+    }
+
+    /// A search stopped by an error (a signal) after any step and continued from what it saved
+    /// ends where an uninterrupted one does, bit for bit.
+    #[test]
+    fn a_stopped_search_resumes_to_the_same_result() {
+        let o = options(12);
+        let mut whole = start(4);
+        spsa(&o, &mut whole, &mut |f| Ok(bowl(f)), &mut |_| Ok(())).unwrap();
+        for stop_at in [1, 5, 17, 35] {
+            let mut saved = start(4);
+            let mut evals = 0;
+            let mut s = start(4);
+            let r = spsa(
+                &o,
+                &mut s,
+                &mut |f| {
+                    evals += 1;
+                    if evals == stop_at {
+                        bail!("SIGINT")
+                    }
+                    Ok(bowl(f))
+                },
+                &mut |now| {
+                    saved = now.clone();
+                    Ok(())
+                },
+            );
+            assert!(r.is_err(), "stopped at evaluation {stop_at}");
+            spsa(&o, &mut saved, &mut |f| Ok(bowl(f)), &mut |_| Ok(())).unwrap();
+            assert_eq!(saved, whole, "stopped at evaluation {stop_at}");
+        }
+    }
+
+    #[test]
+    fn signs_depend_on_seed_and_step_alone() {
+        assert_eq!(signs(3, 5, 64), signs(3, 5, 64));
+        assert_ne!(signs(3, 5, 64), signs(3, 6, 64));
+        assert_ne!(signs(3, 5, 64), signs(4, 5, 64));
+        let s = signs(0, 0, 1000);
+        let pos = s.iter().filter(|&&v| v == 1.0).count();
+        assert!(s.iter().all(|v| v.abs() == 1.0) && (400..600).contains(&pos), "{pos}");
+    }
+}

@@ -1,0 +1,202 @@
+//! `stuffed calibrate` (per-layer Δ / A factors, MambaExtend / Mamba-Modulation) on the shipped
+//! model trained on 64-token windows, and the `--forget` tables it writes.
+use std::path::{Path, PathBuf};
+use stuffed::forget::ForgetSpec;
+use stuffed::model::Model;
+use stuffed_tests::{cli, data, logits, rel};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn t64() -> PathBuf {
+    root().join("models/mamba2-tiny-l4-t64-a3-4m")
+}
+
+fn persuasion() -> PathBuf {
+    root().join("host/assets/corpus/austen_persuasion.txt")
+}
+
+fn read(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Mean NLL of the first `windows` windows of `length` tokens of Persuasion, each from the zero
+/// state, under `spec`: computed here with the scorer the commands use, not by calibrate.
+fn mean_nll(spec: &str, length: usize, windows: usize) -> f64 {
+    let mut m = Model::load(&t64()).unwrap();
+    m.set_forget(ForgetSpec::parse(spec).unwrap()).unwrap();
+    let tok = m.tokenizer(None).unwrap();
+    let ids = tok.encode(&std::fs::read_to_string(persuasion()).unwrap()).unwrap();
+    let mut b =
+        stuffed::backend::open(&m, 512, m.info.vocab_rows, stuffed::backend::Device::Cpu, Default::default()).unwrap();
+    let (mut sum, mut n, mut nll) = (0f64, 0usize, Vec::new());
+    for w in ids[..windows * length].chunks(length) {
+        b.reset().unwrap();
+        for piece in w.chunks(512) {
+            b.score(piece, &mut nll).unwrap();
+            sum += nll.iter().map(|&v| v as f64).sum::<f64>();
+            n += nll.len();
+        }
+    }
+    sum / n as f64
+}
+
+/// Both methods: the result holds one factor per layer, its loss is the least it saw (the grid of
+/// uniform factors and the no-factor loss included) and is what the factors give when read back
+/// through `--forget …:file=` and scored apart; `ppl` runs with the file and records the table.
+#[test]
+fn calibrate_finds_factors_that_lower_the_loss_they_report() {
+    for (method, name) in [("dt", "dt:c="), ("decay", "decay:s=")] {
+        let out = tempfile::tempdir().unwrap();
+        let o = out.path().to_str().unwrap();
+        let text = persuasion();
+        cli(&[
+            "calibrate",
+            "--model",
+            t64().to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--method",
+            method,
+            "--length",
+            "256",
+            "--windows",
+            "2",
+            "--steps",
+            "4",
+            "--out",
+            o,
+        ])
+        .unwrap();
+        let r = read(&out.path().join("calibrate.json"));
+        assert!(!out.path().join("calibrate.checkpoint.json").exists(), "{method}: the checkpoint stays after the end");
+        let forget = r["forget"].as_str().unwrap();
+        assert!(forget.starts_with(name) && forget.split('/').count() == 4, "{method}: {forget}");
+        let (none, best) = (r["loss_none"].as_f64().unwrap(), r["loss_best"].as_f64().unwrap());
+        let grid: Vec<f64> = r["grid"].as_array().unwrap().iter().map(|p| p["loss"].as_f64().unwrap()).collect();
+        let steps: Vec<f64> = r["steps"].as_array().unwrap().iter().map(|s| s["loss"].as_f64().unwrap()).collect();
+        assert_eq!((grid.len(), steps.len()), (9, 4), "{method}");
+        let least = grid.iter().chain(&steps).fold(none, |a, &b| a.min(b));
+        println!(
+            "{method}: none {none:.6}, grid best {:.6}, best {best:.6}: {forget}",
+            grid.iter().fold(f64::MAX, |a, &b| a.min(b))
+        );
+        assert_eq!(best, least, "{method}: the best is the least loss seen");
+        assert!(best < none - 0.01, "{method}: {none} → {best}");
+        let file = format!("{method}:file={}", out.path().join("calibrate.json").display());
+        assert_eq!(ForgetSpec::parse(&file).unwrap().to_string(), forget, "{method}: the file's table");
+        let again = mean_nll(&file, 256, 2);
+        assert!((again - best).abs() <= 1e-12, "{method}: scored apart {again}, reported {best}");
+        assert!((mean_nll("none", 256, 2) - none).abs() <= 1e-12, "{method}: loss without factors");
+        let ppl = out.path().join("ppl");
+        cli(&[
+            "ppl",
+            "--model",
+            t64().to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--max-tokens",
+            "600",
+            "--forget",
+            &file,
+            "--out",
+            ppl.to_str().unwrap(),
+        ])
+        .unwrap();
+        let res = read(&ppl.join("results.json"));
+        assert_eq!(res["runs"][0]["forget"].as_str(), Some(forget), "{method}: ppl's record");
+    }
+}
+
+/// A result file edited after calibrate wrote it is refused (its seal), as is a file of the
+/// other method; calibrate refuses other families and text too short for its windows.
+#[test]
+fn calibrate_refuses_what_it_cannot_use() {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().to_str().unwrap();
+    let text = persuasion();
+    let m = t64();
+    cli(&[
+        "calibrate",
+        "--model",
+        m.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--length",
+        "64",
+        "--windows",
+        "1",
+        "--steps",
+        "1",
+        "--init",
+        "0.5",
+        "--out",
+        o,
+    ])
+    .unwrap();
+    let f = out.path().join("calibrate.json");
+    let err = format!("{:#}", ForgetSpec::parse(&format!("decay:file={}", f.display())).unwrap_err());
+    assert!(err.contains("not per-layer decay"), "{err}");
+    let text_now = std::fs::read_to_string(&f).unwrap();
+    let forged = text_now.replacen("dt:c=", "dt:c=1", 1);
+    assert_ne!(forged, text_now);
+    std::fs::write(&f, forged).unwrap();
+    let err = format!("{:#}", ForgetSpec::parse(&format!("dt:file={}", f.display())).unwrap_err());
+    assert!(err.contains("checksum mismatch"), "{err}");
+    // The error of a calibration of `model` on Persuasion with `extra` flags.
+    let refused = |model: &Path, extra: &[&str]| {
+        let (m, t) = (model.to_str().unwrap(), text.to_str().unwrap());
+        let args = [&["calibrate", "--model", m, "--text", t, "--out", o, "--overwrite"][..], extra].concat();
+        format!("{:#}", cli(&args).unwrap_err())
+    };
+    let err = refused(&data("rwkv6_tiny"), &["--length", "64"]);
+    assert!(err.contains("for Mamba-1 and Mamba-2"), "{err}");
+    let err = refused(&m, &["--length", "100k", "--windows", "2"]);
+    assert!(err.contains("text has 121072 tokens") && err.contains("need 204800"), "{err}");
+}
+
+/// Per-layer tables through `--forget`: `decay:s=s₀/s₁/…` is the model with A_log + ln s_ℓ in
+/// layer ℓ's weights (both Mamba families, chunked and token by token); a table of one value is
+/// that value's uniform method bit for bit; the text form parses back to the same f32s; a table
+/// of another length and the other families are refused.
+#[test]
+fn per_layer_tables_apply_each_layer_its_factor() {
+    let ids: Vec<u32> = (0..120u32).map(|i| (i * 7919 + 13) % 256).collect();
+    for case in ["mamba2_hf_g1_untied", "mamba1_hf", "falcon_mamba_hf"] {
+        let n = Model::load(&data(case)).unwrap().net().n_layer();
+        assert!(n >= 2, "{case}: a table needs layers that differ");
+        let s: Vec<f32> = (0..n).map(|l| [0.3f32, 2.5, 0.8, 1.6][l % 4]).collect();
+        let table = s.iter().map(f32::to_string).collect::<Vec<_>>().join("/");
+        let mut decayed = Model::load(&data(case)).unwrap();
+        let spec = ForgetSpec::parse(&format!("decay:s={table}")).unwrap();
+        assert_eq!(ForgetSpec::parse(&spec.to_string()).unwrap(), spec);
+        decayed.set_forget(spec).unwrap();
+        let shifted = Model::load(stuffed_tests::a_log_shifted(case, &|l| s[l].ln()).path()).unwrap();
+        let want = logits(&shifted, &ids, 1);
+        let uniform = Model::load(stuffed_tests::a_log_shifted(case, &|_| s[0].ln()).path()).unwrap();
+        assert!(rel(&want, &logits(&uniform, &ids, 1)) > 1e-3, "{case}: the layers' factors must matter");
+        for chunk in [256, 17, 1] {
+            let e = rel(&logits(&decayed, &ids, chunk), &want);
+            println!("{case} decay:s={table} chunk {chunk} vs A_log + ln s_l: rel {e:.3e}");
+            assert!(e <= 1e-5, "{case} chunk {chunk}: rel {e:.3e}");
+        }
+        for (one, all) in [("dt:c=0.6", "dt:c="), ("decay:s=0.6", "decay:s=")] {
+            let mut a = Model::load(&data(case)).unwrap();
+            a.set_forget(ForgetSpec::parse(one).unwrap()).unwrap();
+            let mut b = Model::load(&data(case)).unwrap();
+            b.set_forget(ForgetSpec::parse(&format!("{all}{}", vec!["0.6"; n].join("/"))).unwrap()).unwrap();
+            assert!(logits(&a, &ids, 17) == logits(&b, &ids, 17), "{case}: {one} as a table");
+        }
+        let mut m = Model::load(&data(case)).unwrap();
+        let short = vec!["0.5"; n + 1].join("/");
+        let err = format!("{:#}", m.set_forget(ForgetSpec::parse(&format!("dt:c={short}")).unwrap()).unwrap_err());
+        assert!(err.contains(&format!("expected {n} elements, found {}", n + 1)), "{case}: {err}");
+    }
+    let mut m = Model::load(&data("rwkv6_tiny")).unwrap();
+    let err = format!("{:#}", m.set_forget(ForgetSpec::parse("dt:c=0.5/0.5").unwrap()).unwrap_err());
+    assert!(err.contains("are for Mamba-1 and Mamba-2"), "{err}");
+    for bad in ["dt:c=0.5/x", "dt:c=0.5/0", "decay:s=1/-2", "dt:c=0.5/0.5,file=x.json"] {
+        assert!(ForgetSpec::parse(bad).is_err(), "{bad}");
+    }
+}
