@@ -225,8 +225,8 @@ pub unsafe extern "C" fn stuffed_state_zero(
 
 /// Sets the forgetting method by the CLI's `--forget` string (`none`, `rri:a=0.9999,b=0.75`,
 /// `rri-both:a=0.9999,b=0.75` (DeltaNet, GDN), `dt:c=0.5`, `decay:s=0.5` (Mamba-1/2), `window:r=4096`,
-/// `staggered:r=4096`, `state-norm:every=128,calib=8k`, `reset:every=4k`; on Mamba-1/2 also one factor
-/// per layer, `dt:c=0.9/1.2/…`, `decay:s=…`, or `dt:file=calibrate.json` from `stuffed calibrate`). The state size may change:
+/// `staggered:r=4096`, `state-norm:every=128,calib=8k`, `reset:every=4k`; also one factor per layer,
+/// `dt:c=0.9/1.2/…`, `decay:s=…` (Mamba-1/2), or `dt:file=calibrate.json` from `stuffed calibrate`). The state size may change:
 /// size states after this call. A caller-owned state takes the methods that live in the state (none,
 /// rri, rri-both, dt, decay, window, staggered); reset and state-norm act at stream positions and apply to
 /// `stuffed_nll_stream` only. No call may be running on the handle.

@@ -359,7 +359,10 @@ impl<'a> DeltaNet<'a> {
                 lg.iter_mut().for_each(|x| *x += la);
                 beta.iter_mut().for_each(|x| *x *= b);
             }
-            Forget::Dt { c } => lg.iter_mut().for_each(|x| *x *= c),
+            Forget::Dt { .. } | Forget::DtLayers(_) => {
+                let c = self.forget.dt_scale(l);
+                lg.iter_mut().for_each(|x| *x *= c)
+            }
             _ => {}
         }
         if let Some(p) = probe {
@@ -658,10 +661,10 @@ impl Recurrent for DeltaNet<'_> {
     /// Δ-scaling needs GDN's decay (DeltaNet has none to scale).
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
         match f {
-            Forget::RriBoth { a, b } => Forget::Rri { a, b }.check()?,
-            _ => f.check_non_diagonal()?,
+            Forget::RriBoth { a, b } => Forget::Rri { a, b }.check(self.cfg.n_layer)?,
+            _ => f.check_non_diagonal(self.cfg.n_layer)?,
         }
-        if matches!(f, Forget::Dt { .. }) && !self.cfg.gated {
+        if matches!(f, Forget::Dt { .. } | Forget::DtLayers(_)) && !self.cfg.gated {
             return Err(Error::Config("dt scaling needs a decay to scale; DeltaNet has none (α ≡ 1): use rri:a=…"));
         }
         self.forget = f;

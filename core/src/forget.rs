@@ -17,7 +17,7 @@ pub enum Forget {
     /// decay alone.
     Decay { s: f32 },
     /// MambaExtend (Azizi et al., ICLR 2025): Δ′ = s_ℓ·Δ with one factor per layer (calibrated by
-    /// `stuffed calibrate`). Mamba-1 and Mamba-2 only.
+    /// `stuffed calibrate`); per-channel families: log w′ = s_ℓ·log w, as `Dt`.
     DtLayers(LayerScales),
     /// Mamba-Modulation per layer: A′ = s_ℓ·A in layer ℓ. Mamba-1 and Mamba-2 only.
     DecayLayers(LayerScales),
@@ -32,8 +32,8 @@ pub enum Forget {
 }
 
 impl Forget {
-    /// Rejects parameters the math cannot use.
-    pub fn check(&self) -> Result<(), crate::Error> {
+    /// Rejects parameters the math cannot use, for a model of `n_layer` layers.
+    pub fn check(&self, n_layer: usize) -> Result<(), crate::Error> {
         match *self {
             Forget::Window { r: 0 } => Err(crate::Error::Config("window forgetting needs r ≥ 1")),
             Forget::Rri { a, b } if !(a > 0.0 && a <= 1.0 && b.is_finite()) => {
@@ -49,9 +49,12 @@ impl Forget {
             Forget::Decay { .. } => Err(crate::Error::Config(
                 "decay:s scales Mamba's A alone (Mamba-1, Mamba-2); this family has no Δ on its write: dt:c scales its log decay alone",
             )),
-            Forget::DtLayers(_) | Forget::DecayLayers(_) => Err(crate::Error::Config(
-                "per-layer dt and decay factors (MambaExtend, Mamba-Modulation) are for Mamba-1 and Mamba-2",
+            Forget::DecayLayers(_) => Err(crate::Error::Config(
+                "per-layer decay factors scale Mamba's A alone (Mamba-1, Mamba-2); per-layer dt:c=… scales this family's log decay",
             )),
+            Forget::DtLayers(t) if t.len() != n_layer => {
+                Err(crate::Error::Shape { what: "per-layer factors (one per layer)", expected: n_layer, got: t.len() })
+            }
             _ => Ok(()),
         }
     }
@@ -64,11 +67,11 @@ impl Forget {
                 Err(crate::Error::Config("decay scaling needs s > 0"))
             }
             Forget::Decay { .. } => Ok(()),
-            Forget::DtLayers(t) | Forget::DecayLayers(t) if t.len() != n_layer => {
+            Forget::DecayLayers(t) if t.len() != n_layer => {
                 Err(crate::Error::Shape { what: "per-layer factors (one per layer)", expected: n_layer, got: t.len() })
             }
-            Forget::DtLayers(_) | Forget::DecayLayers(_) => Ok(()),
-            other => other.check(),
+            Forget::DecayLayers(_) => Ok(()),
+            other => other.check(n_layer),
         }
     }
 
@@ -92,7 +95,7 @@ impl Forget {
 
     /// [`Forget::check`] for a family with a non-diagonal transition: two staggered states instead
     /// of the window by state difference, which is not exact there.
-    pub fn check_non_diagonal(&self) -> Result<(), crate::Error> {
+    pub fn check_non_diagonal(&self, n_layer: usize) -> Result<(), crate::Error> {
         match *self {
             Forget::Staggered { r: 0 } => Err(crate::Error::Config("staggered-state forgetting needs r ≥ 1")),
             Forget::Staggered { .. } => Ok(()),
@@ -100,7 +103,7 @@ impl Forget {
                 "the window by state difference is exact only for diagonal transitions; \
                  use staggered:r=N (two staggered states, FAMILIES.md §9.3)",
             )),
-            other => other.check(),
+            other => other.check(n_layer),
         }
     }
 }
@@ -438,7 +441,8 @@ mod tests {
         }
         let t = LayerScales::new(&[0.5, 2.0]).expect("table");
         assert_eq!((t.len(), t.get(1), t.as_slice()), (2, 2.0, &[0.5f32, 2.0][..]));
-        // Other families refuse the tables.
-        assert!(Forget::DtLayers(t).check().is_err() && Forget::DecayLayers(t).check().is_err());
+        // Other families take Δ tables of their length, and refuse A tables.
+        assert!(Forget::DtLayers(t).check(2).is_ok() && Forget::DtLayers(t).check(3).is_err());
+        assert!(Forget::DecayLayers(t).check(2).is_err());
     }
 }

@@ -432,7 +432,7 @@ impl<'a> Gla<'a> {
         matmul(ex, lr, t, &lw.gk2, &mut lwb[..kn])?;
         let (rri, dtc) = match self.forget {
             Forget::Rri { a, b } => ((libm::logf(a), b), 1.0),
-            Forget::Dt { c } => ((0.0, 1.0), c),
+            Forget::Dt { .. } | Forget::DtLayers(_) => ((0.0, 1.0), self.forget.dt_scale(l)),
             _ => ((0.0, 1.0), 1.0),
         };
         let kd = c.k_dim();
@@ -608,7 +608,7 @@ impl Recurrent for Gla<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check()?;
+        f.check(self.cfg.n_layer)?;
         self.forget = f;
         Ok(())
     }

@@ -250,7 +250,7 @@ impl<'a> Hgrn2<'a> {
         // f → log forget gate g (in place); k = 1 − exp(g) into h (no longer needed).
         let (rri, dtc) = match self.forget {
             Forget::Rri { a, b } => ((libm::logf(a), b), 1.0),
-            Forget::Dt { c } => ((0.0, 1.0), c),
+            Forget::Dt { .. } | Forget::DtLayers(_) => ((0.0, 1.0), self.forget.dt_scale(l)),
             _ => ((0.0, 1.0), 1.0),
         };
         // The layer's lower bound per channel, in o's first row until the recurrence writes o.
@@ -411,7 +411,7 @@ impl Recurrent for Hgrn2<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check()?;
+        f.check(self.cfg.n_layer)?;
         self.forget = f;
         Ok(())
     }

@@ -678,7 +678,10 @@ impl<'a> Rwkv<'a> {
                 s.lw[..tc].iter_mut().for_each(|v| *v += la);
                 s.k[..tc].iter_mut().for_each(|v| *v *= b);
             }
-            Forget::Dt { c } => s.lw[..tc].iter_mut().for_each(|v| *v *= c),
+            Forget::Dt { .. } | Forget::DtLayers(_) => {
+                let c = self.forget.dt_scale(l);
+                s.lw[..tc].iter_mut().for_each(|v| *v *= c)
+            }
             _ => {}
         }
         if let Some(p) = probe {
@@ -869,7 +872,7 @@ impl Recurrent for Rwkv<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check()?;
+        f.check(self.cfg.n_layer)?;
         self.forget = f;
         Ok(())
     }

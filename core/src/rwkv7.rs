@@ -391,7 +391,10 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
                 s.lw[..tc].iter_mut().for_each(|v| *v += la);
                 s.k[..tc].iter_mut().for_each(|v| *v *= b);
             }
-            Forget::Dt { c } => s.lw[..tc].iter_mut().for_each(|v| *v *= c),
+            Forget::Dt { .. } | Forget::DtLayers(_) => {
+                let c = self.forget.dt_scale(l);
+                s.lw[..tc].iter_mut().for_each(|v| *v *= c)
+            }
             _ => {}
         }
         if let Some(p) = probe {
@@ -702,7 +705,7 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Recurrent for Rwkv7<'a, L> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check_non_diagonal()?;
+        f.check_non_diagonal(self.cfg.n_layer)?;
         self.forget = f;
         Ok(())
     }

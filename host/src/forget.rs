@@ -64,7 +64,8 @@ pub enum ForgetSpec {
     Decay {
         s: f32,
     },
-    /// MambaExtend: Δ′ = c_ℓ·Δ, one factor per layer (`dt:c=0.9/1.2/…`); Mamba-1 and Mamba-2.
+    /// MambaExtend: Δ′ = c_ℓ·Δ, one factor per layer (`dt:c=0.9/1.2/…`); the per-channel
+    /// families scale their log decay by c_ℓ, as `Dt`.
     DtLayers {
         c: Scales,
     },

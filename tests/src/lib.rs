@@ -236,19 +236,25 @@ pub fn kernel_pools(fast: bool) -> Vec<Pool> {
 /// A copy of `case` with `shift(l)` added to every value of layer l's `A_log` (f32), so that
 /// A = −exp(A_log) is scaled by exp(shift(l)): what `decay:s` must equal.
 pub fn a_log_shifted(case: &str, shift: &dyn Fn(usize) -> f32) -> tempfile::TempDir {
+    shifted(case, "A_log", shift)
+}
+
+/// A copy of `case` with `shift(l)` added to every value of each f32 tensor of layer l (the index
+/// after `layers.` or `blocks.` in its name) whose name ends with `suffix`.
+pub fn shifted(case: &str, suffix: &str, shift: &dyn Fn(usize) -> f32) -> tempfile::TempDir {
     let dir = copy_of(case);
     let file = dir.path().join("model.safetensors");
     let mut bytes = std::fs::read(&file).unwrap();
     let (header, data) = safetensors_header(&bytes);
-    let mut shifted = 0;
+    let mut done = 0;
     for (name, t) in header.as_object().unwrap() {
-        if !name.ends_with("A_log") {
+        if !name.ends_with(suffix) {
             continue;
         }
         assert_eq!(t["dtype"], "F32", "{case} {name}");
         let layer: usize = name
             .split('.')
-            .skip_while(|p| *p != "layers")
+            .skip_while(|p| *p != "layers" && *p != "blocks")
             .nth(1)
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("{case}: {name}: no layer index"));
@@ -257,9 +263,9 @@ pub fn a_log_shifted(case: &str, shift: &dyn Fn(usize) -> f32) -> tempfile::Temp
             let x = f32::from_le_bytes(v.try_into().unwrap()) + shift(layer);
             v.copy_from_slice(&x.to_le_bytes());
         }
-        shifted += 1;
+        done += 1;
     }
-    assert!(shifted > 0, "{case}: no A_log tensor");
+    assert!(done > 0, "{case}: no tensor named *{suffix}");
     std::fs::write(&file, bytes).unwrap();
     dir
 }

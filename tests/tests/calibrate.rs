@@ -150,8 +150,10 @@ fn calibrate_refuses_what_it_cannot_use() {
         let args = [&["calibrate", "--model", m, "--text", t, "--out", o, "--overwrite"][..], extra].concat();
         format!("{:#}", cli(&args).unwrap_err())
     };
-    let err = refused(&data("rwkv6_tiny"), &["--length", "64"]);
-    assert!(err.contains("for Mamba-1 and Mamba-2"), "{err}");
+    let err = refused(&data("rwkv6_tiny"), &["--length", "64", "--method", "decay"]);
+    assert!(err.contains("--method decay scales Mamba's A"), "{err}");
+    let err = refused(&data("delta_net_tiny"), &["--length", "64"]);
+    assert!(err.contains("DeltaNet has none"), "{err}");
     let err = refused(&m, &["--length", "100k", "--windows", "2"]);
     assert!(err.contains("text has 121072 tokens") && err.contains("need 204800"), "{err}");
 }
@@ -194,9 +196,56 @@ fn per_layer_tables_apply_each_layer_its_factor() {
         assert!(err.contains(&format!("expected {n} elements, found {}", n + 1)), "{case}: {err}");
     }
     let mut m = Model::load(&data("rwkv6_tiny")).unwrap();
-    let err = format!("{:#}", m.set_forget(ForgetSpec::parse("dt:c=0.5/0.5").unwrap()).unwrap_err());
-    assert!(err.contains("are for Mamba-1 and Mamba-2"), "{err}");
+    let err = format!("{:#}", m.set_forget(ForgetSpec::parse("decay:s=0.5/0.5").unwrap()).unwrap_err());
+    assert!(err.contains("scale Mamba's A alone"), "{err}");
     for bad in ["dt:c=0.5/x", "dt:c=0.5/0", "decay:s=1/-2", "dt:c=0.5/0.5,file=x.json"] {
         assert!(ForgetSpec::parse(bad).is_err(), "{bad}");
+    }
+}
+
+/// The per-channel families take per-layer `dt` tables too (log w′ = c_ℓ·log w): on RWKV-5,
+/// RWKV-6 and Gated DeltaNet a table equals the model with ln c_ℓ added to layer ℓ's decay
+/// parameter (`time_decay`: log w = −exp(time_decay + …); `A_log`: log α = −exp(A_log)·softplus(…)),
+/// chunked and token by token; on every such family a table of one value is `dt:c` bit for bit,
+/// and the last layer's entry acts on the last layer.
+#[test]
+fn per_layer_dt_tables_scale_each_layers_log_decay() {
+    let ids: Vec<u32> = (0..90u32).map(|i| (i * 7919 + 13) % 64).collect();
+    for (case, decay) in [("rwkv6_tiny_hf", "time_decay"), ("rwkv5_tiny_hf", "time_decay"), ("gdn_tiny", "A_log")] {
+        let n = Model::load(&data(case)).unwrap().net().n_layer();
+        assert!(n >= 2, "{case}: a table needs layers that differ");
+        let c: Vec<f32> = (0..n).map(|l| [0.3f32, 2.5, 0.8, 1.6][l % 4]).collect();
+        let table = c.iter().map(f32::to_string).collect::<Vec<_>>().join("/");
+        let mut scaled = Model::load(&data(case)).unwrap();
+        scaled.set_forget(ForgetSpec::parse(&format!("dt:c={table}")).unwrap()).unwrap();
+        let want = logits(&Model::load(stuffed_tests::shifted(case, decay, &|l| c[l].ln()).path()).unwrap(), &ids, 1);
+        let uniform = Model::load(stuffed_tests::shifted(case, decay, &|_| c[0].ln()).path()).unwrap();
+        assert!(rel(&want, &logits(&uniform, &ids, 1)) > 1e-3, "{case}: the layers' factors must matter");
+        for chunk in [64, 17, 1] {
+            let e = rel(&logits(&scaled, &ids, chunk), &want);
+            println!("{case} dt:c={table} chunk {chunk} vs {decay} + ln c_l: rel {e:.3e}");
+            assert!(e <= 1e-5, "{case} chunk {chunk}: rel {e:.3e}");
+        }
+    }
+    for case in ["rwkv6_tiny", "rwkv7_tiny", "hgrn2_tiny", "gla_tiny", "gdn_tiny", "rwkv5_tiny"] {
+        let n = Model::load(&data(case)).unwrap().net().n_layer();
+        let mut a = Model::load(&data(case)).unwrap();
+        a.set_forget(ForgetSpec::parse("dt:c=0.6").unwrap()).unwrap();
+        let mut b = Model::load(&data(case)).unwrap();
+        b.set_forget(ForgetSpec::parse(&format!("dt:c={}", vec!["0.6"; n].join("/"))).unwrap()).unwrap();
+        assert!(logits(&a, &ids, 17) == logits(&b, &ids, 17), "{case}: dt:c=0.6 as a table");
+        // The last layer reads its own entry: 1 there moves the output off dt:c=0.6 everywhere.
+        let mut last = vec!["0.6"; n];
+        last[n - 1] = "1";
+        let mut t = Model::load(&data(case)).unwrap();
+        t.set_forget(ForgetSpec::parse(&format!("dt:c={}", last.join("/"))).unwrap()).unwrap();
+        let e = rel(&logits(&t, &ids, 17), &logits(&a, &ids, 17));
+        assert!(e > 1e-5, "{case}: the last layer's factor changed nothing (rel {e:.3e})");
+        let mut m = Model::load(&data(case)).unwrap();
+        let err = format!(
+            "{:#}",
+            m.set_forget(ForgetSpec::parse(&format!("dt:c={}", vec!["0.5"; n + 1].join("/"))).unwrap()).unwrap_err()
+        );
+        assert!(err.contains(&format!("expected {n} elements, found {}", n + 1)), "{case}: {err}");
     }
 }

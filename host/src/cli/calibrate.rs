@@ -6,13 +6,13 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
-    /// Model directory (or checkpoint file): Mamba-1 or Mamba-2.
+    /// Model directory (or checkpoint file): any family with a decay for `dt`, Mamba-1/2 for `decay`.
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
     input: super::InputArgs,
-    /// Which factor each layer gets: dt (Δ′ = s_ℓ·Δ, MambaExtend) or decay (A′ = s_ℓ·A,
-    /// Mamba-Modulation).
+    /// Which factor each layer gets: dt (Δ′ = s_ℓ·Δ, MambaExtend; the other families' log
+    /// decay, log w′ = s_ℓ·log w) or decay (A′ = s_ℓ·A, Mamba-Modulation; Mamba-1/2).
     #[arg(long, value_enum, default_value = "dt")]
     method: Method,
     /// Tokens per calibration window: the length to extend to.

@@ -231,8 +231,9 @@ pub enum Cmd {
     Ppl(ppl::PplArgs),
     /// Retention, state statistics and snapshots every K tokens, with plots.
     Probe(probe::ProbeArgs),
-    /// Per-layer Δ or A factors for Mamba-1/2 (MambaExtend, Mamba-Modulation) at a target length,
-    /// by zeroth-order search on calibration text; `--forget dt:file=calibrate.json` applies them.
+    /// Per-layer Δ or A factors for Mamba-1/2 (MambaExtend, Mamba-Modulation), or log-decay
+    /// factors for the other families, at a target length, by zeroth-order search on calibration
+    /// text; `--forget dt:file=calibrate.json` applies them.
     Calibrate(calibrate::CalibrateArgs),
     /// Passkey retrieval over a grid of prompt lengths × needle depths.
     Passkey(passkey::PasskeyArgs),

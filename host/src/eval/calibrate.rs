@@ -1,5 +1,6 @@
 //! `stuffed calibrate`: one Δ factor (MambaExtend, Azizi et al., ICLR 2025) or one A factor
-//! (Mamba-Modulation, arXiv 2509.19633) per layer of a Mamba-1/2 model, found on calibration
+//! (Mamba-Modulation, arXiv 2509.19633) per layer of a Mamba-1/2 model — or one log-decay factor
+//! per layer of the other families (`dt`: log w′ = c_ℓ·log w) — found on calibration
 //! windows of the target length in two stages: one factor for every layer from a grid of powers of
 //! two (unless `--init` gives it), then per layer by the zeroth-order search of MambaExtend's code
 //! (SPSA: two perturbed evaluations a step estimate the gradient over all layers at once), here
@@ -223,13 +224,15 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     let path = model.info.path.display().to_string();
-    if !matches!(model.info.family, Family::Mamba1 | Family::Mamba2) {
+    if o.method == Method::Decay && !matches!(model.info.family, Family::Mamba1 | Family::Mamba2) {
         bail!(
-            "{path}: calibrate finds per-layer Δ or A factors for Mamba-1 and Mamba-2; this is {}",
+            "{path}: --method decay scales Mamba's A (Mamba-1, Mamba-2); this is {}, whose log decay --method dt scales",
             model.info.family.title()
         );
     }
     let n_layer = model.net().n_layer();
+    // The family takes the method (DeltaNet has no decay to scale) before any text is read.
+    model.set_forget(o.method.spec(&vec![1.0; n_layer])?)?;
     let wins = windows(&model, inputs, o)?;
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
     let mut key = serde_json::json!({
