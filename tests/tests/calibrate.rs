@@ -249,3 +249,31 @@ fn per_layer_dt_tables_scale_each_layers_log_decay() {
         assert!(err.contains(&format!("expected {n} elements, found {}", n + 1)), "{case}: {err}");
     }
 }
+
+/// `--stop-after 2` leaves a checkpoint and no result; `--resume` ends with the result an
+/// uninterrupted search writes (the same factors, losses and steps); the checkpoint of another
+/// search is refused, naming what differs.
+#[test]
+fn a_stopped_calibration_resumes_to_the_same_result() {
+    let text = persuasion();
+    let (m, t) = (t64(), text.to_str().unwrap().to_string());
+    let run = |out: &Path, extra: &[&str]| {
+        let base = ["calibrate", "--model", m.to_str().unwrap(), "--text", &t, "--length", "128", "--windows", "2"];
+        let o = out.to_str().unwrap();
+        cli(&[&base[..], &["--steps", "5", "--out", o], extra].concat())
+    };
+    let (whole, parts) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run(whole.path(), &[]).unwrap();
+    run(parts.path(), &["--stop-after", "2"]).unwrap();
+    assert!(parts.path().join("calibrate.checkpoint.json").exists() && !parts.path().join("calibrate.json").exists());
+    let err = format!("{:#}", run(parts.path(), &["--seed", "9", "--resume"]).unwrap_err());
+    assert!(err.contains("made by another run") && err.contains("seed"), "{err}");
+    let err = format!("{:#}", run(parts.path(), &[]).unwrap_err());
+    assert!(err.contains("holds an unfinished calibrate run"), "{err}");
+    run(parts.path(), &["--resume"]).unwrap();
+    let (a, b) = (read(&whole.path().join("calibrate.json")), read(&parts.path().join("calibrate.json")));
+    for k in ["forget", "factors", "loss_none", "loss_start", "loss_best", "grid", "steps"] {
+        assert_eq!(a[k], b[k], "{k}");
+    }
+    assert_eq!(b["steps"].as_array().unwrap().len(), 5);
+}
