@@ -277,3 +277,48 @@ fn a_stopped_calibration_resumes_to_the_same_result() {
     }
     assert_eq!(b["steps"].as_array().unwrap().len(), 5);
 }
+
+/// `--objective passkey`: the loss without factors is the passkey's own key NLL on the same prompts
+/// (`stuffed passkey` with the seed calibrate draws its keys from, at the same depths), averaged over
+/// the key tokens; the factors lower it; `--text` is refused with it.
+#[test]
+fn the_passkey_objective_is_the_passkeys_key_nll() {
+    let m = root().join("models/mamba2-tiny-passkey");
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().to_str().unwrap();
+    let base = ["calibrate", "--model", m.to_str().unwrap(), "--objective", "passkey", "--length", "1k"];
+    cli(&[&base[..], &["--windows", "4", "--steps", "2", "--out", o]].concat()).unwrap();
+    let r = read(&out.path().join("calibrate.json"));
+    let (none, best) = (r["loss_none"].as_f64().unwrap(), r["loss_best"].as_f64().unwrap());
+    let pk = out.path().join("pk");
+    let seed = (0 ^ stuffed::eval::calibrate::PASSKEY_SEED).to_string();
+    cli(&[
+        "passkey",
+        "--model",
+        m.to_str().unwrap(),
+        "--lengths",
+        "1k",
+        "--samples",
+        "4",
+        "--seed",
+        &seed,
+        "--out",
+        pk.to_str().unwrap(),
+    ])
+    .unwrap();
+    let tok = Model::load(&m).unwrap().tokenizer(None).unwrap();
+    let tpl = stuffed::eval::passkey::template(stuffed::eval::passkey::TemplateName::Code);
+    let (mut sum, mut n) = (0f64, 0usize);
+    for line in std::fs::read_to_string(pk.join("results.jsonl")).unwrap().lines() {
+        let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+        let k = stuffed::eval::passkey::key_tokens(&tok, &tpl, rec["key"].as_str().unwrap()).unwrap().len();
+        sum += rec["key_nll"].as_f64().unwrap(); // summed over the key's tokens
+        n += k;
+    }
+    println!("calibrate's loss without factors {none:.6}, passkey's key NLL {:.6}, best {best:.6}", sum / n as f64);
+    assert!((none - sum / n as f64).abs() <= 1e-5 * none, "{none} vs {}", sum / n as f64);
+    assert!(best < none, "{none} → {best}");
+    let text = persuasion();
+    let err = format!("{:#}", cli(&[&base[..], &["--text", text.to_str().unwrap(), "--out", o]].concat()).unwrap_err());
+    assert!(err.contains("no --text"), "{err}");
+}

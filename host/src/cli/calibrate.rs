@@ -1,5 +1,5 @@
 //! `stuffed calibrate` flags.
-use crate::eval::calibrate::{self, Method, Options};
+use crate::eval::calibrate::{self, Method, Objective, Options};
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -15,10 +15,17 @@ pub struct CalibrateArgs {
     /// decay, log w′ = s_ℓ·log w) or decay (A′ = s_ℓ·A, Mamba-Modulation; Mamba-1/2).
     #[arg(long, value_enum, default_value = "dt")]
     method: Method,
-    /// Tokens per calibration window: the length to extend to.
+    /// What the factors lower: the text's loss (MambaExtend's perplexity), or the passkey's loss
+    /// after passkey prompts of --length tokens (no --text needed).
+    #[arg(long, value_enum, default_value = "text")]
+    objective: Objective,
+    /// The passkey prompts' template (see `stuffed passkey --template`).
+    #[arg(long, value_enum, default_value = "code")]
+    template: crate::eval::passkey::TemplateName,
+    /// Tokens per calibration window (or passkey prompt): the length to extend to.
     #[arg(long, value_parser = crate::text::parse_count)]
     length: u64,
-    /// Calibration windows, consecutive from the start of the text.
+    /// Calibration windows, consecutive from the start of the text (or passkey prompts).
     #[arg(long, default_value_t = 4)]
     windows: usize,
     /// SPSA steps (three loss evaluations each, after the start's grid).
@@ -62,13 +69,17 @@ pub struct CalibrateArgs {
 }
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
-    if a.input.is_empty() {
-        anyhow::bail!("calibrate: give the calibration text (--text FILE)");
-    }
-    let inputs = a.input.inputs("calibrate")?;
+    let inputs = match (a.objective, a.input.is_empty()) {
+        (Objective::Text, true) => anyhow::bail!("calibrate: give the calibration text (--text FILE)"),
+        (Objective::Passkey, false) => anyhow::bail!("calibrate --objective passkey builds its own prompts: no --text"),
+        (Objective::Passkey, true) => Vec::new(),
+        (Objective::Text, false) => a.input.inputs("calibrate")?,
+    };
     let length = usize::try_from(a.length).map_err(|_| anyhow::anyhow!("--length {}: too long", a.length))?;
     let o = Options {
         method: a.method,
+        objective: a.objective,
+        template: a.template,
         length,
         windows: a.windows,
         steps: a.steps,

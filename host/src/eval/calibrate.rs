@@ -13,6 +13,7 @@ use crate::forget::{ForgetSpec, Scales};
 use crate::model::{Family, Model};
 use crate::report::{self, Older};
 use crate::text::Input;
+use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -52,9 +53,23 @@ impl Method {
     }
 }
 
+/// What the factors lower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// The mean NLL of every token of `--windows` windows of the text (MambaExtend's perplexity).
+    Text,
+    /// The mean NLL of the passkey's tokens after `--windows` passkey prompts of `--length`
+    /// tokens, needles at depths (i + ½)/windows, keys drawn from `--seed` (not `passkey`'s).
+    Passkey,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Options {
     pub method: Method,
+    pub objective: Objective,
+    /// The passkey prompts' template (`--objective passkey`).
+    pub template: crate::eval::passkey::TemplateName,
     /// Tokens per calibration window (the target length).
     pub length: usize,
     /// Calibration windows, consecutive in the text.
@@ -173,38 +188,83 @@ pub fn spsa(
     Ok(true)
 }
 
-/// The calibration windows: the first `windows × length` ids of the inputs, cut in order.
-fn windows(model: &Model, inputs: &[Input], o: &Options) -> Result<Vec<Vec<u32>>> {
-    let tok = model.tokenizer(o.tokenizer.as_deref())?;
-    let need = o.windows * o.length;
-    let stream = super::feed::doc_stream(&tok, inputs.to_vec(), Some(need as u64), None);
-    let ids = super::feed::TokenFeed::new(stream, 0).take(need)?;
-    if ids.len() < need {
-        bail!(
-            "calibrate: the text has {} tokens; {} windows of {} need {need} (give more text, or fewer/shorter windows)",
-            ids.len(),
-            o.windows,
-            o.length
-        );
-    }
-    model.check_ids(&ids, "the calibration text")?;
-    Ok(ids.chunks(o.length).map(<[u32]>::to_vec).collect())
+/// One calibration sample: the ids fed from the zero state, and the answer scored after them (for
+/// the text objective none: the ids' own tokens are scored).
+struct Sample {
+    ids: Vec<u32>,
+    answer: Vec<u32>,
 }
 
-/// Mean NLL of every window (each from the zero state) with the model's forgetting method.
-fn mean_nll(model: &Model, wins: &[Vec<u32>], chunk: usize) -> Result<f64> {
-    let mut b = crate::backend::open(model, chunk, model.info.vocab_rows, Device::Cpu, Default::default())?;
+/// The calibration samples of the objective: the first `windows × length` ids of the inputs, cut
+/// in order; or `windows` passkey prompts of `length` tokens with their keys.
+fn samples(model: &Model, tok: &Tokenizer, inputs: &[Input], o: &Options) -> Result<Vec<Sample>> {
+    let samples = match o.objective {
+        Objective::Text => {
+            let need = o.windows * o.length;
+            let stream = super::feed::doc_stream(tok, inputs.to_vec(), Some(need as u64), None);
+            let ids = super::feed::TokenFeed::new(stream, 0).take(need)?;
+            if ids.len() < need {
+                bail!(
+                    "calibrate: the text has {} tokens; {} windows of {} need {need} (give more text, or fewer/shorter windows)",
+                    ids.len(),
+                    o.windows,
+                    o.length
+                );
+            }
+            ids.chunks(o.length).map(|w| Sample { ids: w.to_vec(), answer: Vec::new() }).collect()
+        }
+        Objective::Passkey => {
+            use crate::eval::passkey as pk;
+            let tpl = pk::template(o.template);
+            let nb = pk::num_blocks(tok, &tpl, o.length as u64)?;
+            let mut v = Vec::with_capacity(o.windows);
+            for i in 0..o.windows {
+                let block = pk::needle_block((i as f64 + 0.5) / o.windows as f64, nb);
+                let key = pk::key(o.seed ^ PASSKEY_SEED, o.length as u64, i);
+                let (text, at) = pk::prompt_text(&tpl, nb, block, &key);
+                let (ids, _) = crate::text::encode_long(tok, &text, at)?;
+                v.push(Sample { ids, answer: pk::key_tokens(tok, &tpl, &key)? });
+            }
+            v
+        }
+    };
+    for s in &samples {
+        model.check_ids(&s.ids, "the calibration text")?;
+        model.check_ids(&s.answer, "a passkey")?;
+    }
+    Ok(samples)
+}
+
+/// Mixed into `--seed` for the passkey objective's keys, so that they differ from those of a
+/// `passkey` run with the same seed.
+pub const PASSKEY_SEED: u64 = 0xca11_b4a7_e5ee_d000;
+
+/// Mean NLL of the samples' scored tokens (each sample from the zero state) with the model's
+/// forgetting method, the softmax over the `real` ids (as `ppl`).
+fn mean_nll(model: &Model, samples: &[Sample], chunk: usize, real: usize) -> Result<f64> {
+    let mut b = crate::backend::open(model, chunk, real, Device::Cpu, Default::default())?;
     let (mut sum, mut n) = (0f64, 0usize);
     let mut nll = Vec::new();
-    for w in wins {
+    let mut add = |nll: &[f32]| {
+        sum += nll.iter().map(|&v| v as f64).sum::<f64>();
+        n += nll.len();
+    };
+    for w in samples {
         b.reset()?;
-        for piece in w.chunks(chunk) {
-            b.score(piece, &mut nll)?;
-            sum += nll.iter().map(|&v| v as f64).sum::<f64>();
-            n += nll.len();
+        for piece in w.ids.chunks(chunk) {
+            if w.answer.is_empty() {
+                b.score(piece, &mut nll)?;
+                add(&nll);
+            } else {
+                b.feed(piece)?;
+            }
             if let Some(sig) = crate::interrupt::raised() {
                 bail!("{sig}");
             }
+        }
+        if !w.answer.is_empty() {
+            b.score(&w.answer, &mut nll)?;
+            add(&nll);
         }
     }
     Ok(sum / n as f64)
@@ -233,7 +293,9 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let n_layer = model.net().n_layer();
     // The family takes the method (DeltaNet has no decay to scale) before any text is read.
     model.set_forget(o.method.spec(&vec![1.0; n_layer])?)?;
-    let wins = windows(&model, inputs, o)?;
+    let tok = model.tokenizer(o.tokenizer.as_deref())?;
+    let real = model.real_vocab(&tok);
+    let wins = samples(&model, &tok, inputs, o)?;
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
     let mut key = serde_json::json!({
         "model": super::model_key(&model),
@@ -274,7 +336,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         let s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
         model.set_forget(o.method.spec(&s)?)?;
         evals += 1;
-        mean_nll(&model, &wins, o.chunk).map_err(|e| match crate::interrupt::raised() {
+        mean_nll(&model, &wins, o.chunk, real).map_err(|e| match crate::interrupt::raised() {
             Some(sig) => {
                 anyhow!("{sig}: the last finished step is checkpointed in {}; continue with --resume", out.display())
             }
@@ -320,8 +382,9 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         save(&search)?;
     }
     eprintln!(
-        "calibrate: {} windows of {} tokens; loss without factors {:.6}, at the start (every layer {}) {:.6}",
+        "calibrate: {} {} of {} tokens; loss without factors {:.6}, at the start (every layer {}) {:.6}",
         o.windows,
+        if o.objective == Objective::Passkey { "passkey prompts" } else { "windows" },
         o.length,
         search.loss_none,
         search.at.first().copied().unwrap_or(1.0),
@@ -367,7 +430,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         "steps": search.steps,
         "evaluations_this_run": evals,
         "seconds_this_run": started.elapsed().as_secs_f64(),
-        "notes": "loss: mean NLL in nats per predicted token over the windows, each from the zero state; \
+        "notes": "loss: mean NLL in nats per predicted token over the windows (objective text) or of the keys after \
+                  the passkey prompts (objective passkey), each from the zero state; \
                   the factors are the best seen (the all-ones start included); \
                   the start: --init, or the best uniform factor of the grid; then SPSA as MambaExtend's code on ln s: c_k = perturb/(1+k)^0.1, a_k = lr·cos(kπ/2·steps), the next step from the least of three",
     });
@@ -404,6 +468,8 @@ mod tests {
     fn options(steps: usize) -> Options {
         Options {
             method: Method::Dt,
+            objective: Objective::Text,
+            template: crate::eval::passkey::TemplateName::Code,
             length: 2,
             windows: 1,
             steps,
