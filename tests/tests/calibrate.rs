@@ -28,8 +28,8 @@ fn mean_nll(spec: &str, length: usize, windows: usize) -> f64 {
     m.set_forget(ForgetSpec::parse(spec).unwrap()).unwrap();
     let tok = m.tokenizer(None).unwrap();
     let ids = tok.encode(&std::fs::read_to_string(persuasion()).unwrap()).unwrap();
-    let mut b =
-        stuffed::backend::open(&m, 512, m.info.vocab_rows, stuffed::backend::Device::Cpu, Default::default()).unwrap();
+    let real = m.real_vocab(&tok);
+    let mut b = stuffed::backend::open(&m, 512, real, stuffed::backend::Device::Cpu, Default::default()).unwrap();
     let (mut sum, mut n, mut nll) = (0f64, 0usize, Vec::new());
     for w in ids[..windows * length].chunks(length) {
         b.reset().unwrap();
