@@ -182,3 +182,13 @@ def probe(model, text=None, out=None, **options):
     if text is not None:
         options["text"] = list(text) if isinstance(text, (list, tuple)) else [text]
     return _command("probe", model, out, options)
+
+
+def calibrate(model, text=None, out=None, **options):
+    """`stuffed calibrate`: one Δ (or A, `method="decay"`) factor per layer at a target length
+    (`length="16k"`, `windows=`, `steps=`, `objective="passkey"`, …). Returns {"calibrate":
+    calibrate.json, …}; its `forget` string (`calibrate["forget"]`) is what `Model(forget=…)`,
+    `ppl(forget=…)` and `passkey(forget=…)` take."""
+    if text is not None:
+        options["text"] = list(text) if isinstance(text, (list, tuple)) else [text]
+    return _command("calibrate", model, out, options)

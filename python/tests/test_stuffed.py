@@ -189,3 +189,14 @@ def test_per_layer_factors_through_the_forget_string():
     assert not same_bits(same, stuffed.Model(PAIR[0], forget="dt:c=0.3/1/1/1").forward(IDS))
     with pytest.raises(RuntimeError, match="expected 4 elements, found 3"):
         stuffed.Model(PAIR[0], forget="dt:c=0.3/1/1")
+
+
+def test_calibrate_returns_factors_the_model_takes():
+    r = stuffed.calibrate(PAIR[0], text=NOVEL, length=256, windows=2, steps=2)
+    c = r["calibrate"]
+    assert c["forget"].startswith("dt:c=") and len(c["factors"]) == 4 and c["loss_best"] < c["loss_none"]
+    # The factors as a forget string give the loss calibrate reported (mean NLL of the 2 windows).
+    m = stuffed.Model(PAIR[0], forget=c["forget"])
+    ids = m.encode(NOVEL.read_text())[:512]
+    nll = np.concatenate([m.nll(ids[:256]), m.nll(ids[256:])]).astype(np.float64)
+    assert abs(nll.mean() - c["loss_best"]) < 1e-6
