@@ -24,10 +24,15 @@ fn read(p: &Path) -> serde_json::Value {
 /// Mean NLL of the first `windows` windows of `length` tokens of Persuasion, each from the zero
 /// state, under `spec`: computed here with the scorer the commands use, not by calibrate.
 fn mean_nll(spec: &str, length: usize, windows: usize) -> f64 {
+    mean_nll_of(&persuasion(), spec, length, windows)
+}
+
+/// [`mean_nll`] of the first windows of `text`.
+fn mean_nll_of(text: &Path, spec: &str, length: usize, windows: usize) -> f64 {
     let mut m = Model::load(&t64()).unwrap();
     m.set_forget(ForgetSpec::parse(spec).unwrap()).unwrap();
     let tok = m.tokenizer(None).unwrap();
-    let ids = tok.encode(&std::fs::read_to_string(persuasion()).unwrap()).unwrap();
+    let ids = tok.encode(&std::fs::read_to_string(text).unwrap()).unwrap();
     let real = m.real_vocab(&tok);
     let mut b = stuffed::backend::open(&m, 512, real, stuffed::backend::Device::Cpu, Default::default()).unwrap();
     let (mut sum, mut n, mut nll) = (0f64, 0usize, Vec::new());
@@ -322,4 +327,41 @@ fn the_passkey_objective_is_the_passkeys_key_nll() {
     let text = persuasion();
     let err = format!("{:#}", cli(&[&base[..], &["--text", text.to_str().unwrap(), "--out", o]].concat()).unwrap_err());
     assert!(err.contains("no --text"), "{err}");
+}
+
+/// `--validate`: on the calibration text itself it repeats the search's own losses exactly (no
+/// factors, the grid's best uniform factor, the result); on held-out text its losses are those of
+/// the factors scored apart.
+#[test]
+fn validation_scores_none_uniform_and_calibrated_on_held_out_text() {
+    let text = persuasion();
+    let moby = root().join("host/assets/corpus/melville_mobydick_start.txt");
+    let (m, t) = (t64(), text.to_str().unwrap().to_string());
+    let run = |validate: &Path| {
+        let out = tempfile::tempdir().unwrap();
+        let args = ["calibrate", "--model", m.to_str().unwrap(), "--text", &t, "--length", "256", "--windows", "2"];
+        let o = out.path().to_str().unwrap().to_string();
+        cli(&[&args[..], &["--steps", "3", "--out", &o, "--validate", validate.to_str().unwrap()]].concat()).unwrap();
+        read(&out.path().join("calibrate.json"))
+    };
+    let r = run(&text);
+    let v = &r["validation"];
+    let grid = r["grid"].as_array().unwrap();
+    let best_uniform =
+        grid.iter().min_by(|a, b| a["loss"].as_f64().unwrap().total_cmp(&b["loss"].as_f64().unwrap())).unwrap();
+    assert_eq!(v["loss_none"], r["loss_none"]);
+    assert_eq!(v["uniform"], *best_uniform);
+    assert_eq!(v["loss_calibrated"], r["loss_best"]);
+    let r = run(&moby);
+    let v = &r["validation"];
+    let f = |spec: &str| mean_nll_of(&moby, spec, 256, 2);
+    let factor = v["uniform"]["factor"].as_f64().unwrap();
+    println!(
+        "moby: none {}, uniform {factor} {}, calibrated {}",
+        v["loss_none"], v["uniform"]["loss"], v["loss_calibrated"]
+    );
+    assert!((v["loss_none"].as_f64().unwrap() - f("none")).abs() <= 1e-12);
+    assert!((v["uniform"]["loss"].as_f64().unwrap() - f(&format!("dt:c={factor}"))).abs() <= 1e-12);
+    assert!((v["loss_calibrated"].as_f64().unwrap() - f(r["forget"].as_str().unwrap())).abs() <= 1e-12);
+    assert_ne!(v["loss_none"], r["loss_none"], "held-out text is another text");
 }

@@ -66,6 +66,11 @@ pub struct CalibrateArgs {
     /// --resume continues.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Held-out text files: at the end, the loss of no factors, of the grid's best uniform factor
+    /// and of the calibrated factors on its first --windows windows (in calibrate.json's
+    /// `validation`), with a warning when the uniform factor does better.
+    #[arg(long, num_args = 1..)]
+    validate: Vec<PathBuf>,
 }
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
@@ -91,6 +96,14 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         chunk: a.chunk,
         tokenizer: a.tokenizer,
         stop_after: a.stop_after,
+        validate: a
+            .validate
+            .iter()
+            .map(|p| match p.is_file() {
+                true => Ok(crate::text::Input::File(p.clone())),
+                false => Err(anyhow::anyhow!("{}: --validate: text file not found", p.display())),
+            })
+            .collect::<Result<_>>()?,
     };
     calibrate::run(&a.model, &inputs, &o, &a.out, crate::eval::Continue::from_flags(a.resume, a.overwrite)?)
 }

@@ -92,6 +92,10 @@ pub struct Options {
     /// Stop (with the checkpoint) once this many steps are done; `--resume` continues.
     #[serde(skip)]
     pub stop_after: Option<usize>,
+    /// Held-out text: at the end, the loss of no factors, of the grid's best uniform factor and of
+    /// the calibrated factors on its first windows (text objective).
+    #[serde(skip)]
+    pub validate: Vec<Input>,
 }
 
 /// One SPSA step, as recorded: the factors it ended at and the three losses it saw.
@@ -275,6 +279,9 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     if o.length < 2 || o.windows == 0 || o.steps == 0 {
         bail!("calibrate: --length must be ≥ 2, --windows and --steps ≥ 1");
     }
+    if !o.validate.is_empty() && o.objective != Objective::Text {
+        bail!("calibrate: --validate takes held-out text for the text objective");
+    }
     if !(o.lr >= 0.0 && o.lr.is_finite() && o.perturb > 0.0 && o.perturb.is_finite()) {
         bail!("calibrate: --lr must be ≥ 0 and --perturb > 0 (finite)");
     }
@@ -415,6 +422,43 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     }
     let best32: Vec<f32> = search.best.iter().map(|&v| v as f32).collect();
     let spec = o.method.spec(&best32)?;
+    let validation = if o.validate.is_empty() {
+        None
+    } else {
+        let held = samples(&model, &tok, &o.validate, o)?;
+        let mut val = |f: &[f64]| -> Result<f64> {
+            let s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
+            model.set_forget(o.method.spec(&s)?)?;
+            mean_nll(&model, &held, o.chunk, real)
+        };
+        let none = val(&vec![1.0; n_layer])?;
+        let uniform = search
+            .grid
+            .iter()
+            .fold(None::<GridPoint>, |b, p| match b {
+                Some(b) if b.loss <= p.loss => Some(b),
+                _ => Some(*p),
+            })
+            .map(|p| Ok::<_, anyhow::Error>(GridPoint { factor: p.factor, loss: val(&vec![p.factor; n_layer])? }))
+            .transpose()?;
+        let calibrated = val(&search.best)?;
+        eprintln!(
+            "calibrate: on the validation text: none {none:.6}{}, the calibrated factors {calibrated:.6}",
+            uniform.map_or(String::new(), |u| format!(", every layer {} {:.6}", u.factor, u.loss))
+        );
+        if let Some(u) = uniform.filter(|u| u.loss < calibrated) {
+            eprintln!(
+                "calibrate: the grid's uniform factor {} does better on the validation text than the per-layer factors ({:.6} < {calibrated:.6})",
+                u.factor, u.loss
+            );
+        }
+        Some(serde_json::json!({
+            "inputs": o.validate.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
+            "loss_none": none,
+            "uniform": uniform,
+            "loss_calibrated": calibrated,
+        }))
+    };
     let doc = serde_json::json!({
         "command": "calibrate",
         "model": model.info,
@@ -428,6 +472,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         "grid": search.grid,
         "loss_best": search.best_loss,
         "steps": search.steps,
+        "validation": validation,
         "evaluations_this_run": evals,
         "seconds_this_run": started.elapsed().as_secs_f64(),
         "notes": "loss: mean NLL in nats per predicted token over the windows (objective text) or of the keys after \
@@ -481,6 +526,7 @@ mod tests {
             chunk: 1,
             tokenizer: None,
             stop_after: None,
+            validate: Vec::new(),
         }
     }
 
