@@ -52,9 +52,7 @@ impl Forget {
             Forget::DecayLayers(_) => Err(crate::Error::Config(
                 "per-layer decay factors scale Mamba's A alone (Mamba-1, Mamba-2); per-layer dt:c=… scales this family's log decay",
             )),
-            Forget::DtLayers(t) if t.len() != n_layer => {
-                Err(crate::Error::Shape { what: "per-layer factors (one per layer)", expected: n_layer, got: t.len() })
-            }
+            Forget::DtLayers(t) => t.fits(n_layer),
             _ => Ok(()),
         }
     }
@@ -67,10 +65,7 @@ impl Forget {
                 Err(crate::Error::Config("decay scaling needs s > 0"))
             }
             Forget::Decay { .. } => Ok(()),
-            Forget::DecayLayers(t) if t.len() != n_layer => {
-                Err(crate::Error::Shape { what: "per-layer factors (one per layer)", expected: n_layer, got: t.len() })
-            }
-            Forget::DecayLayers(_) => Ok(()),
+            Forget::DecayLayers(t) => t.fits(n_layer),
             other => other.check(n_layer),
         }
     }
@@ -131,6 +126,16 @@ impl LayerScales {
         let mut t = LayerScales { len: s.len(), s: [1.0; MAX_LAYERS] };
         t.s[..s.len()].copy_from_slice(s);
         Ok(t)
+    }
+
+    /// Refuses a table whose length is not the model's `n_layer`.
+    pub fn fits(&self, n_layer: usize) -> Result<(), crate::Error> {
+        match self.len == n_layer {
+            true => Ok(()),
+            false => {
+                Err(crate::Error::Shape { what: "per-layer factors (one per layer)", expected: n_layer, got: self.len })
+            }
+        }
     }
 
     /// Layer `l`'s factor (1 past the table).

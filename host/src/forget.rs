@@ -231,9 +231,10 @@ fn calibrated(name: &str, file: &std::path::Path) -> Result<Scales> {
     if spec.contains("file=") {
         bail!("{}: its \"forget\" names another file; give the factors themselves", file.display());
     }
+    // A one-layer model's table prints as one value, which parses as the uniform method.
     match (name, ForgetSpec::parse(&spec).map_err(|e| anyhow!("{}: {e}", file.display()))?) {
-        ("dt", ForgetSpec::DtLayers { c }) => Ok(c),
-        ("decay", ForgetSpec::DecayLayers { s }) => Ok(s),
+        ("dt", ForgetSpec::DtLayers { c }) | ("decay", ForgetSpec::DecayLayers { s: c }) => Ok(c),
+        ("dt", ForgetSpec::Dt { c }) | ("decay", ForgetSpec::Decay { s: c }) => Scales::new(&[c]),
         (_, other) => bail!("{}: calibrated {other}, not per-layer {name} factors", file.display()),
     }
 }

@@ -32,6 +32,12 @@ pub struct GridPoint {
     pub factor: f64,
     pub loss: f64,
 }
+
+/// The grid point of least loss; on a tie the factor nearer 1 (the smaller change).
+fn least(grid: &[GridPoint]) -> Option<GridPoint> {
+    let nearer_one = |p: &GridPoint| p.factor.ln().abs();
+    grid.iter().copied().min_by(|a, b| a.loss.total_cmp(&b.loss).then(nearer_one(a).total_cmp(&nearer_one(b))))
+}
 /// Which factor a layer gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -43,6 +49,14 @@ pub enum Method {
 }
 
 impl Method {
+    /// The `--forget` method's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Dt => "dt",
+            Method::Decay => "decay",
+        }
+    }
+
     /// The forgetting method that applies `s` (one factor per layer).
     pub fn spec(self, s: &[f32]) -> Result<ForgetSpec> {
         let t = Scales::new(s)?;
@@ -62,6 +76,16 @@ pub enum Objective {
     /// The mean NLL of the passkey's tokens after `--windows` passkey prompts of `--length`
     /// tokens, needles at depths (i + ½)/windows, keys drawn from `--seed` (not `passkey`'s).
     Passkey,
+}
+
+impl Objective {
+    /// What its samples are called in messages.
+    fn samples(self) -> &'static str {
+        match self {
+            Objective::Text => "windows",
+            Objective::Passkey => "passkey prompts",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -233,7 +257,7 @@ fn samples(model: &Model, tok: &Tokenizer, inputs: &[Input], o: &Options) -> Res
         }
     };
     for s in &samples {
-        model.check_ids(&s.ids, "the calibration text")?;
+        model.check_ids(&s.ids, "the calibration samples")?;
         model.check_ids(&s.answer, "a passkey")?;
     }
     Ok(samples)
@@ -271,7 +295,23 @@ fn mean_nll(model: &Model, samples: &[Sample], chunk: usize, real: usize) -> Res
             add(&nll);
         }
     }
-    Ok(sum / n as f64)
+    let mean = sum / n as f64;
+    if !mean.is_finite() {
+        bail!("calibrate: the loss is {mean} ({n} tokens scored)");
+    }
+    Ok(mean)
+}
+
+/// The loss of `factors` (one per layer) on `samples`: the model's forgetting method set to them.
+fn loss_of(model: &mut Model, o: &Options, factors: &[f64], samples: &[Sample], real: usize) -> Result<f64> {
+    let s: Vec<f32> = factors.iter().map(|&v| v as f32).collect();
+    model.set_forget(o.method.spec(&s)?)?;
+    mean_nll(model, samples, o.chunk, real)
+}
+
+/// Inputs as the result records them: name and SHA-256 (`hashes`, in order).
+fn inputs_record(inputs: &[Input], hashes: &[String]) -> serde_json::Value {
+    inputs.iter().zip(hashes).map(|(i, h)| serde_json::json!({"name": i.name(), "sha256": h})).collect()
 }
 
 pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: super::Continue) -> Result<()> {
@@ -307,7 +347,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let mut key = serde_json::json!({
         "model": super::model_key(&model),
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
-        "hashes": hashes,
+        "hashes": &hashes,
         "options": o,
     });
     crate::exec::mark_matmul_mode(&mut key);
@@ -340,10 +380,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let started = std::time::Instant::now();
     let mut evals = 0usize;
     let mut loss = |f: &[f64]| -> Result<f64> {
-        let s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
-        model.set_forget(o.method.spec(&s)?)?;
         evals += 1;
-        mean_nll(&model, &wins, o.chunk, real).map_err(|e| match crate::interrupt::raised() {
+        loss_of(&mut model, o, f, &wins, real).map_err(|e| match crate::interrupt::raised() {
             Some(sig) => {
                 anyhow!("{sig}: the last finished step is checkpointed in {}; continue with --resume", out.display())
             }
@@ -365,10 +403,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
                     eprintln!("calibrate: every layer {f}: loss {l:.6}");
                     grid.push(GridPoint { factor: f, loss: l });
                 }
-                // The least loss; the factor nearer 1 on a tie.
-                grid.iter()
-                    .fold(GridPoint { factor: 1.0, loss: none }, |b, p| if p.loss < b.loss { *p } else { b })
-                    .factor
+                least(&grid).map_or(1.0, |p| p.factor)
             }
         };
         let l0 = match grid.iter().find(|p| p.factor == start) {
@@ -391,7 +426,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     eprintln!(
         "calibrate: {} {} of {} tokens; loss without factors {:.6}, at the start (every layer {}) {:.6}",
         o.windows,
-        if o.objective == Objective::Passkey { "passkey prompts" } else { "windows" },
+        o.objective.samples(),
         o.length,
         search.loss_none,
         search.at.first().copied().unwrap_or(1.0),
@@ -426,19 +461,9 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         None
     } else {
         let held = samples(&model, &tok, &o.validate, o)?;
-        let mut val = |f: &[f64]| -> Result<f64> {
-            let s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
-            model.set_forget(o.method.spec(&s)?)?;
-            mean_nll(&model, &held, o.chunk, real)
-        };
+        let mut val = |f: &[f64]| loss_of(&mut model, o, f, &held, real);
         let none = val(&vec![1.0; n_layer])?;
-        let uniform = search
-            .grid
-            .iter()
-            .fold(None::<GridPoint>, |b, p| match b {
-                Some(b) if b.loss <= p.loss => Some(b),
-                _ => Some(*p),
-            })
+        let uniform = least(&search.grid)
             .map(|p| Ok::<_, anyhow::Error>(GridPoint { factor: p.factor, loss: val(&vec![p.factor; n_layer])? }))
             .transpose()?;
         let calibrated = val(&search.best)?;
@@ -452,8 +477,9 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
                 u.factor, u.loss
             );
         }
+        let held_hashes = o.validate.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
         Some(serde_json::json!({
-            "inputs": o.validate.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
+            "inputs": inputs_record(&o.validate, &held_hashes),
             "loss_none": none,
             "uniform": uniform,
             "loss_calibrated": calibrated,
@@ -462,7 +488,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let doc = serde_json::json!({
         "command": "calibrate",
         "model": model.info,
-        "inputs": inputs.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
+        "inputs": inputs_record(inputs, &hashes),
         "options": o,
         "matmul": crate::exec::matmul_record(),
         "forget": spec.to_string(),
@@ -482,16 +508,14 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     });
     report::write_sealed(&out.join(RESULT), KIND, &doc)?;
     std::fs::remove_file(&ckpt).map_err(|e| anyhow!("{}: cannot remove: {e}", ckpt.display()))?;
-    let name = match o.method {
-        Method::Dt => "dt",
-        Method::Decay => "decay",
-    };
     println!(
-        "calibrate: loss {:.6} → {:.6} on {} windows of {} tokens; use --forget {name}:file={}",
+        "calibrate: loss {:.6} → {:.6} on {} {} of {} tokens; use --forget {}:file={}",
         search.loss_none,
         search.best_loss,
         o.windows,
+        o.objective.samples(),
         o.length,
+        o.method.name(),
         out.join(RESULT).display()
     );
     Ok(())
@@ -597,6 +621,19 @@ mod tests {
             assert!(r.is_err(), "stopped at evaluation {stop_at}");
             spsa(&o, &mut saved, &mut |f| Ok(bowl(f)), &mut |_| Ok(())).unwrap();
             assert_eq!(saved, whole, "stopped at evaluation {stop_at}");
+        }
+    }
+
+    /// A one-layer model's result prints its table as one value (`dt:c=0.5`), which parses as the
+    /// uniform method: `dt:file=` still reads it as a table of one.
+    #[test]
+    fn a_one_layer_result_reads_back_as_a_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("calibrate.json");
+        for (method, forget) in [(Method::Dt, "dt:c=0.5"), (Method::Decay, "decay:s=0.5")] {
+            report::write_sealed(&f, KIND, &serde_json::json!({"forget": forget})).unwrap();
+            let spec = ForgetSpec::parse(&format!("{}:file={}", method.name(), f.display())).unwrap();
+            assert_eq!(spec, method.spec(&[0.5]).unwrap(), "{forget}");
         }
     }
 
