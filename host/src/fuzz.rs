@@ -272,6 +272,7 @@ pub mod readback {
                 seeds: calibrate_ckpt_seed,
                 parse: calibrate_ckpt_parse,
             },
+            Target { name: "effrem-checkpoint", shape: Shape::Json, seeds: effrem_ckpt_seed, parse: effrem_ckpt_parse },
             Target { name: "forget-spec", shape: Shape::Lines, seeds: forget_seed, parse: forget_parse },
         ]
     }
@@ -331,6 +332,42 @@ pub mod readback {
         let _ = std::fs::remove_file(d.join("calibrate.json"));
         std::fs::write(d.join("calibrate.checkpoint.json"), resealed(b))?;
         let mut a = calibrate_args(&d, false);
+        a.push("--resume".into());
+        stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// `effrem` on the fuzz model: its arguments into `out` (6 runs; 2 with `stop` given).
+    fn effrem_args(out: &Path, stop: bool) -> Vec<String> {
+        let text = scratch().join("effrem.txt");
+        let _ = std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow.\n".repeat(4));
+        let mut a: Vec<String> = ["effrem", "--model", &model(), "--text", &text.display().to_string()]
+            .into_iter()
+            .chain(["--at", "12,24", "--starts", "4,16,20", "--sequences", "2", "--out"])
+            .map(String::from)
+            .collect();
+        a.push(out.display().to_string());
+        if stop {
+            a.extend(["--stop-after".into(), "2".into()]);
+        }
+        a
+    }
+
+    fn effrem_ckpt_seed() -> Result<Vec<Vec<u8>>> {
+        let d = scratch().join("effrem-stopped");
+        let a = effrem_args(&d, true);
+        if !d.join("effrem.checkpoint.json").exists() {
+            stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>()).context("fuzz seed: stopped effrem run")?;
+        }
+        Ok(vec![std::fs::read(d.join("effrem.checkpoint.json"))?])
+    }
+
+    /// The case as the checkpoint of a stopped effrem run, resumed to its end.
+    fn effrem_ckpt_parse(b: &[u8]) -> Result<()> {
+        let d = scratch().join("effrem-resumed");
+        std::fs::create_dir_all(&d)?;
+        let _ = std::fs::remove_file(d.join("effrem.json"));
+        std::fs::write(d.join("effrem.checkpoint.json"), resealed(b))?;
+        let mut a = effrem_args(&d, false);
         a.push("--resume".into());
         stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>())
     }

@@ -23,7 +23,7 @@ import numpy as np
 
 from ._stuffed import Handle, run_cli
 
-__all__ = ["Model", "ppl", "passkey", "probe", "run_cli"]
+__all__ = ["Model", "ppl", "passkey", "probe", "calibrate", "effrem", "run_cli"]
 
 
 def _ids(tokens):
@@ -192,3 +192,14 @@ def calibrate(model, text=None, out=None, **options):
     if text is not None:
         options["text"] = list(text) if isinstance(text, (list, tuple)) else [text]
     return _command("calibrate", model, out, options)
+
+
+def effrem(model, text=None, out=None, **options):
+    """`stuffed effrem`: effective remembrance (Buitrago & Gu 2025), the total variation between
+    the prediction after T tokens and after only their last T − t (`at="2k,8k"`, `starts=` or
+    `points=`, `sequences=`, `forget=`, …). Returns {"effrem": effrem.json, with its `summary` (mean
+    and standard error per target and start) and `units` (every sequence's distances)}; the same
+    summary is in effrem.csv, written to `out` when given."""
+    if text is not None:
+        options["text"] = list(text) if isinstance(text, (list, tuple)) else [text]
+    return _command("effrem", model, out, options)

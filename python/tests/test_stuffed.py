@@ -200,3 +200,24 @@ def test_calibrate_returns_factors_the_model_takes():
     ids = m.encode(NOVEL.read_text())[:512]
     nll = np.concatenate([m.nll(ids[:256]), m.nll(ids[256:])]).astype(np.float64)
     assert abs(nll.mean() - c["loss_best"]) < 1e-6
+
+
+def test_effrem_is_the_tv_of_two_forwards():
+    """`stuffed.effrem`'s TV at (T, t) is that of the last-position distributions of two forwards:
+    the first T tokens, and their tokens t … T−1, each from the zero state."""
+    r = stuffed.effrem(PAIR[0], text=NOVEL, at="64,128", starts="1,32,100", sequences=1)["effrem"]
+    m = stuffed.Model(PAIR[0])
+    real = m.info["real_vocab"]
+    ids = m.encode(NOVEL.read_text())[:128]
+
+    def probs(toks):
+        z = m.forward(toks, last=True).reshape(-1)[:real].astype(np.float64)
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    rows = {(s["at"], s["start"]): s for s in r["summary"]}
+    assert set(rows) == {(64, 1), (64, 32), (128, 1), (128, 32), (128, 100)}
+    for (at, start), s in rows.items():
+        tv = 0.5 * np.abs(probs(ids[:at]) - probs(ids[start:at])).sum()
+        assert abs(s["tv_mean"] - tv) < 1e-5 and s["kept"] == at - start
+    assert rows[(128, 100)]["tv_mean"] > 1e-3

@@ -2,6 +2,7 @@
 pub mod basic;
 mod bench;
 mod calibrate;
+mod effrem;
 mod passkey;
 mod ppl;
 mod probe;
@@ -235,6 +236,9 @@ pub enum Cmd {
     /// factors for the other families, at a target length, by zeroth-order search on calibration
     /// text; `--forget dt:file=calibrate.json` applies them.
     Calibrate(calibrate::CalibrateArgs),
+    /// Effective remembrance (Buitrago & Gu 2025): the total variation between the prediction
+    /// after T tokens and after only the last T − t of them, against t, averaged over sequences.
+    Effrem(effrem::EffremArgs),
     /// Passkey retrieval over a grid of prompt lengths × needle depths.
     Passkey(passkey::PasskeyArgs),
     /// Combine `passkey --shard` outputs (one summary and heatmap) or `ppl --shard` outputs (one
@@ -327,6 +331,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Passkey(a) => passkey::run(a),
         Cmd::Probe(a) => probe::run(a),
         Cmd::Calibrate(a) => calibrate::run(a),
+        Cmd::Effrem(a) => effrem::run(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Selftest(a) => bench::selftest(a),
         Cmd::Merge { dirs, out } => {

@@ -1,5 +1,6 @@
 //! The evaluators: each is the same streamed forward with a different reduction.
 pub mod calibrate;
+pub mod effrem;
 pub mod feed;
 pub mod laws;
 pub mod passkey;
