@@ -56,12 +56,8 @@ pub struct CalibrateArgs {
     /// Directory for calibrate.json (and the checkpoint, written after every step).
     #[arg(long, default_value = "calibrate-out")]
     out: PathBuf,
-    /// Continue the search checkpointed in --out (same model, text and options).
-    #[arg(long)]
-    resume: bool,
-    /// Discard a checkpoint left in --out by an unfinished search.
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    restart: super::Restart,
     /// Stop (with the checkpoint) after this many steps, for batch jobs with time limits;
     /// --resume continues.
     #[arg(long)]
@@ -105,5 +101,5 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?,
     };
-    calibrate::run(&a.model, &inputs, &o, &a.out, crate::eval::Continue::from_flags(a.resume, a.overwrite)?)
+    calibrate::run(&a.model, &inputs, &o, &a.out, a.restart.cont()?)
 }

@@ -43,12 +43,8 @@ pub struct EffremArgs {
     /// every sequence × start).
     #[arg(long, default_value = "effrem-out")]
     out: PathBuf,
-    /// Continue the run checkpointed in --out (same model, text and options).
-    #[arg(long)]
-    resume: bool,
-    /// Discard a checkpoint left in --out by an unfinished run.
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    restart: super::Restart,
     /// Stop (with the checkpoint) after this many sequence × start runs; --resume continues.
     #[arg(long)]
     stop_after: Option<usize>,
@@ -75,5 +71,5 @@ pub fn run(a: EffremArgs) -> Result<()> {
         tokenizer: a.tokenizer,
         stop_after: a.stop_after,
     };
-    effrem::run(&a.model, &inputs, &o, &a.out, crate::eval::Continue::from_flags(a.resume, a.overwrite)?)
+    effrem::run(&a.model, &inputs, &o, &a.out, a.restart.cont()?)
 }

@@ -92,6 +92,23 @@ impl InputArgs {
     }
 }
 
+/// `--resume` / `--overwrite` of a command whose run checkpoints into its --out.
+#[derive(Args, Debug)]
+pub struct Restart {
+    /// Continue the run checkpointed in --out (same model, text and options).
+    #[arg(long)]
+    resume: bool,
+    /// Discard a checkpoint left in --out by an unfinished run.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+impl Restart {
+    pub fn cont(&self) -> anyhow::Result<crate::eval::Continue> {
+        crate::eval::Continue::from_flags(self.resume, self.overwrite)
+    }
+}
+
 /// `--device` and the GPU's options.
 #[derive(Args, Debug, Clone)]
 pub struct StateArgs {

@@ -344,21 +344,11 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     let real = model.real_vocab(&tok);
     let wins = samples(&model, &tok, inputs, o)?;
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
-    let mut key = serde_json::json!({
-        "model": super::model_key(&model),
-        "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
-        "hashes": &hashes,
-        "options": o,
-    });
-    crate::exec::mark_matmul_mode(&mut key);
-    let fp = report::fingerprint(&key)?;
+    let (key, fp) = super::run_key(&model, inputs, &hashes, o)?;
     let ckpt = out.join(CKPT);
-    let mut search = if cont.resumes("calibrate", out, std::slice::from_ref(&ckpt))? {
-        let c: Checkpoint = serde_json::from_value(report::read_sealed(&ckpt, CKPT_KIND, Older::Refuse)?.doc)
-            .map_err(|e| anyhow!("{}: not a calibrate checkpoint: {e}", ckpt.display()))?;
-        if c.fingerprint != fp {
-            return Err(super::other_run(&ckpt, &c.key, &key));
-        }
+    let mut search = if let Some(c) =
+        super::resume_sealed::<Checkpoint>("calibrate", cont, out, &ckpt, CKPT_KIND, (&key, &fp))?
+    {
         let s = &c.search;
         let fits = |v: &[f64]| v.len() == n_layer && v.iter().all(|f| f.is_finite() && *f >= o.min_factor);
         if !(fits(&s.at) && fits(&s.best) && s.steps.len() <= o.steps && s.steps.iter().all(|st| fits(&st.factors))) {

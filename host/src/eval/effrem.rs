@@ -16,7 +16,7 @@
 use crate::backend::{Device, Scorer};
 use crate::forget::ForgetSpec;
 use crate::model::Model;
-use crate::report::{self, Older};
+use crate::report;
 use crate::text::Input;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
@@ -266,29 +266,18 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
     }
     model.check_ids(&ids, "the text")?;
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
-    let mut key = serde_json::json!({
-        "model": super::model_key(&model),
-        "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
-        "hashes": &hashes,
-        "options": o,
-    });
-    crate::exec::mark_matmul_mode(&mut key);
-    let fp = report::fingerprint(&key)?;
+    let (key, fp) = super::run_key(&model, inputs, &hashes, o)?;
     let ckpt = out.join(CKPT);
-    let mut units: Vec<Unit> = if cont.resumes("effrem", out, std::slice::from_ref(&ckpt))? {
-        let c: Checkpoint = serde_json::from_value(report::read_sealed(&ckpt, CKPT_KIND, Older::Refuse)?.doc)
-            .map_err(|e| anyhow!("{}: not an effrem checkpoint: {e}", ckpt.display()))?;
-        if c.fingerprint != fp {
-            return Err(super::other_run(&ckpt, &c.key, &key));
-        }
-        if c.units.len() > o.units().count() || !c.units.iter().zip(o.units()).all(|(u, (s, t))| fits(u, s, t, o)) {
-            bail!("{}: not a checkpoint of this run (its runs or distances are not this run's)", ckpt.display());
-        }
-        eprintln!("effrem: resuming after {} of {} runs", c.units.len(), o.sequences * o.starts.len());
-        c.units
-    } else {
-        Vec::new()
-    };
+    let mut units: Vec<Unit> =
+        if let Some(c) = super::resume_sealed::<Checkpoint>("effrem", cont, out, &ckpt, CKPT_KIND, (&key, &fp))? {
+            if c.units.len() > o.units().count() || !c.units.iter().zip(o.units()).all(|(u, (s, t))| fits(u, s, t, o)) {
+                bail!("{}: not a checkpoint of this run (its runs or distances are not this run's)", ckpt.display());
+            }
+            eprintln!("effrem: resuming after {} of {} runs", c.units.len(), o.sequences * o.starts.len());
+            c.units
+        } else {
+            Vec::new()
+        };
     let started = std::time::Instant::now();
     let mut b = crate::backend::open(&model, o.chunk, real, Device::Cpu, Default::default())?;
     let interrupted = |e: anyhow::Error| match crate::interrupt::raised() {

@@ -63,6 +63,45 @@ impl Continue {
     }
 }
 
+/// A run's key (its model by content, its inputs by name and SHA-256 `hashes`, its options, the
+/// matmul mode) and the key's fingerprint, which a checkpoint must carry to be resumed.
+pub fn run_key(
+    model: &Model,
+    inputs: &[crate::text::Input],
+    hashes: &[String],
+    options: &impl serde::Serialize,
+) -> Result<(serde_json::Value, String)> {
+    let mut key = serde_json::json!({
+        "model": model_key(model),
+        "inputs": inputs.iter().map(crate::text::Input::name).collect::<Vec<_>>(),
+        "hashes": hashes,
+        "options": options,
+    });
+    crate::exec::mark_matmul_mode(&mut key);
+    let fp = crate::report::fingerprint(&key)?;
+    Ok((key, fp))
+}
+
+/// The sealed JSON checkpoint `ckpt` (of `kind`, holding `fingerprint` and `key`) of `cmd`'s run in
+/// `out`, when `cont` resumes one: refused when another run (another fingerprint) made it.
+pub fn resume_sealed<T: serde::de::DeserializeOwned>(
+    cmd: &str,
+    cont: Continue,
+    out: &Path,
+    ckpt: &Path,
+    kind: &str,
+    (key, fp): (&serde_json::Value, &str),
+) -> Result<Option<T>> {
+    if !cont.resumes(cmd, out, &[ckpt.to_path_buf()])? {
+        return Ok(None);
+    }
+    let doc = crate::report::read_sealed(ckpt, kind, crate::report::Older::Refuse)?.doc;
+    if doc.get("fingerprint").and_then(|f| f.as_str()) != Some(fp) {
+        return Err(other_run(ckpt, doc.get("key").unwrap_or(&serde_json::Value::Null), key));
+    }
+    serde_json::from_value(doc).map(Some).map_err(|e| anyhow!("{}: not a {cmd} checkpoint: {e}", ckpt.display()))
+}
+
 /// A model as a run's fingerprint knows it: by content (config and every tensor: name, dtype,
 /// shape, bytes), not by path, so the same model reached by another path resumes.
 pub fn model_key(model: &Model) -> serde_json::Value {
