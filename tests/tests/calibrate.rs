@@ -78,6 +78,9 @@ fn calibrate_finds_factors_that_lower_the_loss_they_report() {
         assert!(!out.path().join("calibrate.checkpoint.json").exists(), "{method}: the checkpoint stays after the end");
         let forget = r["forget"].as_str().unwrap();
         assert!(forget.starts_with(name) && forget.split('/').count() == 4, "{method}: {forget}");
+        // `factors` holds the f32 factors as the forget string prints them (0.01, not 0.009999999776482582).
+        let printed: Vec<String> = r["factors"].as_array().unwrap().iter().map(|f| f.to_string()).collect();
+        assert_eq!(printed.join("/"), forget[name.len()..], "{method}: factors as written");
         let (none, best) = (r["loss_none"].as_f64().unwrap(), r["loss_best"].as_f64().unwrap());
         let grid: Vec<f64> = r["grid"].as_array().unwrap().iter().map(|p| p["loss"].as_f64().unwrap()).collect();
         let steps: Vec<f64> = r["steps"].as_array().unwrap().iter().map(|s| s["loss"].as_f64().unwrap()).collect();

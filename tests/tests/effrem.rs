@@ -161,4 +161,24 @@ fn effrem_refuses_what_it_cannot_measure() {
     assert!(err.contains("start 100 leaves no context"), "{err}");
     let err = format!("{:#}", effrem(out.path(), &["--at", "100,50"]).unwrap_err());
     assert!(err.contains("ascending"), "{err}");
+    let err = format!("{:#}", effrem(out.path(), &["--at", "100", "--kept", "100,200"]).unwrap_err());
+    assert!(err.contains("no start to measure"), "{err}");
+    let err = format!("{:#}", effrem(out.path(), &["--at", "100", "--kept", "10", "--starts", "5"]).unwrap_err());
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+/// `--kept` measures each target at the kept contexts asked for (and, where a start serves a
+/// larger target too, there as well).
+#[test]
+fn kept_contexts_set_the_starts() {
+    let out = tempfile::tempdir().unwrap();
+    effrem(out.path(), &["--at", "100,300", "--kept", "50,250,400", "--sequences", "1"]).unwrap();
+    let r = read(&out.path().join("effrem.json"));
+    let pairs: Vec<(u64, u64)> = r["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["at"].as_u64().unwrap(), x["kept"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(pairs, [(100, 50), (300, 250), (300, 50)]);
 }

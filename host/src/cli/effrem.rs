@@ -22,6 +22,10 @@ pub struct EffremArgs {
     /// Without --starts: each target T's starts T·j/N, j = 1 … N−1 (all targets' merged).
     #[arg(long, default_value_t = 16)]
     points: usize,
+    /// Instead of starts: the kept contexts T − t of every target (`64,256,1k,4k`, or
+    /// `32..32k:x2`; those ≥ T are skipped): the plot's x axis, at the lengths you choose.
+    #[arg(long, value_parser = super::values::positions, conflicts_with_all = ["starts", "points"])]
+    kept: Option<super::values::Positions>,
     /// Sequences: consecutive windows of the largest target's length from the start of the text,
     /// each from the zero state; the distances are averaged over them.
     #[arg(long, default_value_t = 4)]
@@ -56,10 +60,11 @@ pub fn run(a: EffremArgs) -> Result<()> {
         v.iter().map(|&x| usize::try_from(x).map_err(|_| anyhow!("{flag} {x}: too long"))).collect()
     };
     let at = usize_of(&a.at.0, "--at")?;
-    let starts = match &a.starts {
-        Some(s) => usize_of(&s.0, "--starts")?,
-        None if a.points >= 2 => Options::points(&at, a.points),
-        None => anyhow::bail!("effrem: --points must be ≥ 2"),
+    let starts = match (&a.starts, &a.kept) {
+        (Some(s), _) => usize_of(&s.0, "--starts")?,
+        (None, Some(k)) => Options::kept(&at, &usize_of(&k.0, "--kept")?),
+        (None, None) if a.points >= 2 => Options::points(&at, a.points),
+        (None, None) => anyhow::bail!("effrem: --points must be ≥ 2"),
     };
     let o = Options {
         at,

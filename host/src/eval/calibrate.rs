@@ -482,7 +482,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         "options": o,
         "matmul": crate::exec::matmul_record(),
         "forget": spec.to_string(),
-        "factors": best32,
+        "factors": shortest(&best32),
         "loss_none": search.loss_none,
         "loss_start": search.loss_start,
         "grid": search.grid,
@@ -509,6 +509,14 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         out.join(RESULT).display()
     );
     Ok(())
+}
+
+/// f32 values as JSON numbers that print as the f32 does (0.01, not its widened 0.009999999776482582),
+/// the digits of the `forget` string.
+fn shortest(v: &[f32]) -> Vec<serde_json::Value> {
+    v.iter()
+        .map(|x| x.to_string().parse::<serde_json::Number>().map_or(serde_json::Value::Null, serde_json::Value::Number))
+        .collect()
 }
 
 /// The factors a `calibrate.json` holds, as its `forget` method (checked against its seal).

@@ -57,6 +57,15 @@ impl Options {
         s
     }
 
+    /// The starts of `--kept`: T − k for every target T and kept context k < T, merged.
+    pub fn kept(at: &[usize], kept: &[usize]) -> Vec<usize> {
+        let mut s: Vec<usize> =
+            at.iter().flat_map(|&t| kept.iter().filter(move |&&k| k < t).map(move |&k| t - k)).collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+
     /// The (sequence, start) runs in the order they run.
     fn units(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         (0..self.sequences).flat_map(|s| self.starts.iter().map(move |&t| (s, t)))
@@ -233,7 +242,10 @@ fn check(o: &Options) -> Result<()> {
     if o.at.is_empty() || o.at.windows(2).any(|w| w[0] >= w[1]) || o.at[0] < 2 {
         bail!("effrem: --at takes ascending, distinct token counts ≥ 2");
     }
-    if o.starts.is_empty() || o.starts.windows(2).any(|w| w[0] >= w[1]) || o.starts[0] == 0 {
+    if o.starts.is_empty() {
+        bail!("effrem: no start to measure (give --starts, --points, or --kept values below a target)");
+    }
+    if o.starts.windows(2).any(|w| w[0] >= w[1]) || o.starts[0] == 0 {
         bail!("effrem: the starts must be ascending, distinct and ≥ 1 (0 is the full context)");
     }
     if let Some(&s) = o.starts.iter().find(|&&s| s >= o.max_at()) {
@@ -420,5 +432,6 @@ mod tests {
     fn points_split_each_target() {
         assert_eq!(Options::points(&[8, 16], 4), vec![2, 4, 6, 8, 12]);
         assert_eq!(Options::points(&[3], 4), vec![1, 2]);
+        assert_eq!(Options::kept(&[8, 16], &[4, 8, 16]), vec![4, 8, 12]);
     }
 }
