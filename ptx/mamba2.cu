@@ -421,10 +421,11 @@ extern "C" __global__ void ssd_step(const float* u, const float* dt, const float
 // tokens, so no token reads a slot this call writes (window_store runs after).
 
 // Per head (grid H, 256 threads), token by token: advance L by the cached inputs of token t − r, keep
-// W = Σ log α over the window (f64), and subtract exp(W)·(C_t·L) from y_t.
+// W = Σ log α over the window (f64), and subtract exp(W)·(C_t·L) from y_t. At the end, rebase the
+// layer's state `ssm` (H, P, N) onto the window: h ← h − exp(W)·L, L ← 0 (as the CPU's).
 extern "C" __global__ void ssd_window(const float* u, const float* dt, const float* a_log, float* y, float* ws,
                                       const float* meta, int t, int H, int P, int N, int G, int cd, int di, int r,
-                                      float la) {
+                                      float la, float* ssm) {
     int h = blockIdx.x, g = h / (H / G), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int pos0 = (int)meta[0], gn = G * N, sl = 2 * H + gn + di;
     bool filled = meta[1] > 0.0f;
@@ -459,6 +460,13 @@ extern "C" __global__ void ssd_window(const float* u, const float* dt, const flo
             }
             __syncthreads();
         }
+    }
+    __syncthreads();
+    float f = expf((float)w);
+    float* hs = ssm + (long)h * P * N;
+    for (int i = threadIdx.x; i < P * N; i += blockDim.x) {
+        hs[i] -= f * lag[i];
+        lag[i] = 0.0f;
     }
     if (threadIdx.x == 0) {
         wsum[0] = (float)w;

@@ -314,7 +314,7 @@ impl<'a> Mamba2<'a> {
             Scan::Chunked => self.ssm_chunked(ex, lw, t, u, dt, ssm_state, y, s.cb, s.hs),
         }
         if let Some(w) = window {
-            self.window(ex, lw, t, u, dt, y, w.at, w.cache);
+            self.window(ex, lw, t, u, dt, y, ssm_state, w.at, w.cache);
         }
 
         // y ← GroupRMSNorm(y ⊙ fast_silu(z)), norm over groups of di/G channels.
@@ -616,8 +616,12 @@ impl Mamba2<'_> {
 
     /// Sliding window by state difference, after the SSM wrote `y`: per token, advance the lagged
     /// state `L = h_{t−r}` by the cached inputs of token t−r, keep W = Σ log α over the window, and
-    /// subtract `exp(W)·(C_t·L)` from y_t. Then cache this call's inputs (t ≤ r, so no token
-    /// of the call reads a slot the call writes).
+    /// subtract `exp(W)·(C_t·L)` from y_t. At the call's end the state is rebased onto the window,
+    /// h ← h − exp(W)·L and L ← 0: the read-outs to come are the same in exact arithmetic (the lag
+    /// then runs from zero by the same recurrence), and neither state grows with the stream, so the
+    /// difference does not cancel away the window's digits (in f32 it did: TV 0.23 at 1M tokens
+    /// against a run restarted inside the window, README `effrem`). Then cache this call's inputs
+    /// (t ≤ r, so no token of the call reads a slot the call writes).
     #[allow(clippy::too_many_arguments)]
     fn window(
         &self,
@@ -627,6 +631,7 @@ impl Mamba2<'_> {
         u: &[f32],
         dt: &[f32],
         y: &mut [f32],
+        ssm_state: &mut [f32],
         WindowAt { r, pos0, filled }: WindowAt,
         ws: &mut [f32],
     ) {
@@ -636,10 +641,10 @@ impl Mamba2<'_> {
         let (lag, rest) = ws.split_at_mut(c.ssm_len());
         let (ring, wsum) = rest.split_at_mut(r * sl);
         let la = self.log_a();
-        let (ys, lags, wss) = (Shared::new(y), Shared::new(lag), Shared::new(wsum));
+        let (ys, lags, wss, hs) = (Shared::new(y), Shared::new(lag), Shared::new(wsum), Shared::new(ssm_state));
         let ring_r: &[f32] = ring;
         ex.for_each(nh, &|hh| {
-            // SAFETY: head hh owns its lagged state, its window sum and its P columns of y.
+            // SAFETY: head hh owns its lagged state, its window sum, its state and its P columns of y.
             let lh = unsafe { lags.range(hh * p * n, p * n) };
             let w2 = unsafe { wss.range(2 * hh, 2) };
             let a = self.a(lw, hh);
@@ -673,6 +678,12 @@ impl Mamba2<'_> {
             }
             w2[0] = w as f32;
             w2[1] = (w - w2[0] as f64) as f32;
+            let f = exp(w as f32);
+            let hh_state = unsafe { hs.range(hh * p * n, p * n) };
+            for (hv, lv) in hh_state.iter_mut().zip(lh.iter_mut()) {
+                *hv -= f * *lv;
+                *lv = 0.0;
+            }
         });
         for tt in 0..t {
             let slot = &mut ring[((pos0 + tt) % r) * sl..((pos0 + tt) % r + 1) * sl];

@@ -490,7 +490,7 @@ impl GpuMamba2 {
             self.in_proj(t, l)?;
             self.mixer(t, l, cs, ssm)?;
             if let Forget::Window { r } = self.forget {
-                self.window(li, t, r, l, la)?;
+                self.window(li, t, r, l, la, ssm)?;
             }
             if let Some(pb) = probe {
                 let off = li * 4 * nh * 4;
@@ -706,8 +706,9 @@ impl GpuMamba2 {
     }
 
     /// Window forgetting of layer `li` after its SSD wrote `y` (`Mamba2::window`): the lagged state
-    /// read-out subtracted per head, then this call's inputs cached in the ring.
-    fn window(&self, li: usize, t: usize, r: usize, l: &Layer, la: f32) -> Result<()> {
+    /// read-out subtracted per head and the state `ssm` rebased onto the window, then this call's
+    /// inputs cached in the ring.
+    fn window(&self, li: usize, t: usize, r: usize, l: &Layer, la: f32, ssm: u64) -> Result<()> {
         let c = self.cfg;
         let (di, nh, cd, gn) = (c.d_inner(), c.n_heads, c.conv_dim(), c.n_groups * c.d_state);
         let slot = 2 * nh + gn + di;
@@ -724,7 +725,8 @@ impl GpuMamba2 {
             Arg::Ptr(meta),
         ];
         args.extend(shape);
-        self.gpu.launch("ssd_window", (nh as u32, 1), 256, 0, &args)?;
+        let with_state: Vec<Arg> = args.iter().copied().chain([Arg::Ptr(ssm)]).collect();
+        self.gpu.launch("ssd_window", (nh as u32, 1), 256, 0, &with_state)?;
         args.remove(3);
         self.gpu.launch_n("window_store", t * slot, &args)
     }
