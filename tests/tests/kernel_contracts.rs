@@ -1003,10 +1003,34 @@ fn ssd_chunk_scan_gives_the_outputs_from_the_entering_states() {
     }
 }
 
+/// The lagged state of the window at token `abs` (≥ r), head `hh`, element `e`, and its magnitude
+/// twin, when the state was last rebased after token `last_end`: the lag restarts from zero there,
+/// so it is h_{abs−r} − α_{t0−r+1:abs−r}·h_{t0−r} (t0 = last_end), h the full recurrence.
+#[allow(clippy::too_many_arguments)]
+fn lag_at(
+    states: &[Vec<f64>],
+    mags: &[Vec<f64>],
+    log_alpha: &[Vec<f32>],
+    r: usize,
+    last_end: Option<usize>,
+    abs: usize,
+    hh: usize,
+    e: usize,
+) -> (f64, f64) {
+    let (mut l, mut m) = (states[abs - r][e], mags[abs - r][e]);
+    if let Some(t0) = last_end.filter(|&t0| t0 >= r) {
+        let d: f64 = (t0 - r + 1..=abs - r).map(|j| log_alpha[j][hh] as f64).sum();
+        l -= d.exp() * states[t0 - r][e];
+        m += d.exp() * mags[t0 - r][e];
+    }
+    (l, m)
+}
+
 /// The window by state difference over a stream of calls (each ≤ r tokens, the ring wrapping and
-/// filling across calls): ssd_window subtracts exp(Σ_{window} log α)·C_t·h_{t−r} from y_t once t ≥ r,
-/// with h the full recurrence from zero; window_store leaves each token's [log α | Δ | B | x] in slot
-/// t mod r and no other; window_meta advances (position mod r, filled).
+/// filling across calls): ssd_window subtracts exp(Σ_{window} log α)·C_t·L_t from y_t once t ≥ r,
+/// L the lagged state (h_{t−r} less what the last rebase took), and at the call's end rebases the
+/// layer's state, S ← S − exp(W)·L, L ← 0; window_store leaves each token's [log α | Δ | B | x] in
+/// slot t mod r and no other; window_meta advances (position mod r, filled).
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
 fn window_kernels_subtract_the_lagged_state_and_keep_the_ring() {
@@ -1028,6 +1052,7 @@ fn window_kernels_subtract_the_lagged_state_and_keep_the_ring() {
         let mut log_alpha: Vec<Vec<f32>> = Vec::new();
         let (mut states, mut mags): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (Vec::new(), Vec::new());
         let mut pos = 0;
+        let mut last_end: Option<usize> = None;
         for (call, t) in [1, r, r.div_ceil(2), r, 1, r.min(3), r, r].into_iter().enumerate() {
             let seed = 710 + 10 * call as u64 + k as u64;
             let u = values(t * cd, seed, 1.0);
@@ -1065,22 +1090,41 @@ fn window_kernels_subtract_the_lagged_state_and_keep_the_ring() {
                 for (hh, &w) in w_sums.iter().enumerate() {
                     for pp in 0..p {
                         let e0 = (hh * p + pp) * n;
-                        let (lag, lag_m) = (&states[abs - r][e0..e0 + n], &mags[abs - r][e0..e0 + n]);
+                        let (lag, lag_m): (Vec<f64>, Vec<f64>) =
+                            (e0..e0 + n).map(|e| lag_at(&states, &mags, &log_alpha, r, last_end, abs, hh, e)).unzip();
                         let ct = s.c(&u, tt, hh);
                         let o = tt * di + hh * p + pp;
-                        want[o] -= w.exp() * ct.iter().zip(lag).map(|(&c, &l)| c as f64 * l).sum::<f64>();
-                        mag[o] += w.exp() * ct.iter().zip(lag_m).map(|(&c, &l)| c.abs() as f64 * l).sum::<f64>();
+                        want[o] -= w.exp() * ct.iter().zip(&lag).map(|(&c, &l)| c as f64 * l).sum::<f64>();
+                        mag[o] += w.exp() * ct.iter().zip(&lag_m).map(|(&c, &l)| c.abs() as f64 * l).sum::<f64>();
                     }
                 }
             }
+            // The layer's state after the call: rebased by exp(W)·L at the call's last token.
+            let s0 = values(h * pn, seed + 3, 1.0);
+            let end = pos + t - 1;
+            let want_state: Vec<f32> = (0..h * pn)
+                .map(|e| {
+                    let hh = e / pn;
+                    if end < r {
+                        return s0[e];
+                    }
+                    let w: f64 = log_alpha[end - r + 1..=end].iter().map(|la| la[hh] as f64).sum();
+                    (s0[e] as f64 - w.exp() * lag_at(&states, &mags, &log_alpha, r, last_end, end, hh, e).0) as f32
+                })
+                .collect();
+            let ssm = DBuf::from(&s0).unwrap();
             let (ub, dtb, yb) = (DBuf::from(&u).unwrap(), DBuf::from(&dt).unwrap(), DBuf::from(&y0).unwrap());
             let shape = [i(t), i(h), i(p), i(n), i(g), i(cd), i(di), i(r), Arg::F32(la)];
             let mut args = vec![Arg::Ptr(ub.ptr()), Arg::Ptr(dtb.ptr()), Arg::Ptr(ab.ptr()), Arg::Ptr(yb.ptr())];
             args.extend([Arg::Ptr(ws.ptr()), Arg::Ptr(meta.ptr())]);
             args.extend(shape);
-            gpu.launch("ssd_window", (h as u32, 1), 256, 0, &args).unwrap();
+            let with_state: Vec<Arg> = args.iter().copied().chain([Arg::Ptr(ssm.ptr())]).collect();
+            gpu.launch("ssd_window", (h as u32, 1), 256, 0, &with_state).unwrap();
             let label = format!("H {h}, P {p}, N {n}, G {g}, r {r}, la {la}, call {call} at {pos} of {t} tokens");
             check_sum("ssd_window", &label, &download(&yb, t * di), &want, &mag, EXACT);
+            check("ssd_window (rebased state)", &label, &download(&ssm, h * pn), &want_state, 1e-5);
+            check("ssd_window (lag after the rebase)", &label, &download::<f32>(&ws, h * pn), &vec![0.0; h * pn], 0.0);
+            last_end = Some(end);
             args.remove(3);
             gpu.launch_n("window_store", t * sl, &args).unwrap();
             for tt in 0..t {
