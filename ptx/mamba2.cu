@@ -421,11 +421,10 @@ extern "C" __global__ void ssd_step(const float* u, const float* dt, const float
 // tokens, so no token reads a slot this call writes (window_store runs after).
 
 // Per head (grid H, 256 threads), token by token: advance L by the cached inputs of token t − r, keep
-// W = Σ log α over the window (f64), and subtract exp(W)·(C_t·L) from y_t. At the end, rebase the
-// layer's state `ssm` (H, P, N) onto the window: h ← h − exp(W)·L, L ← 0 (as the CPU's).
+// W = Σ log α over the window (f64), and subtract exp(W)·(C_t·L) from y_t.
 extern "C" __global__ void ssd_window(const float* u, const float* dt, const float* a_log, float* y, float* ws,
                                       const float* meta, int t, int H, int P, int N, int G, int cd, int di, int r,
-                                      float la, float* ssm) {
+                                      float la) {
     int h = blockIdx.x, g = h / (H / G), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int pos0 = (int)meta[0], gn = G * N, sl = 2 * H + gn + di;
     bool filled = meta[1] > 0.0f;
@@ -461,13 +460,6 @@ extern "C" __global__ void ssd_window(const float* u, const float* dt, const flo
             __syncthreads();
         }
     }
-    __syncthreads();
-    float f = expf((float)w);
-    float* hs = ssm + (long)h * P * N;
-    for (int i = threadIdx.x; i < P * N; i += blockDim.x) {
-        hs[i] -= f * lag[i];
-        lag[i] = 0.0f;
-    }
     if (threadIdx.x == 0) {
         wsum[0] = (float)w;
         wsum[1] = (float)(w - (double)wsum[0]);
@@ -490,6 +482,35 @@ extern "C" __global__ void window_store(const float* u, const float* dt, const f
     else if (k < 2 * H + gn) v = row[di + k - 2 * H];
     else v = row[k - 2 * H - gn];
     slot[k] = v;
+}
+
+// When the call turned the ring over (pos0 + t ≥ r), per head (grid H, 256 threads), after window_store:
+// the layer's state `ssm` (H, P, N) rebuilt from the window's r cached tokens, oldest first, by the
+// recurrence from zero; W summed afresh (f64); L ← 0 (Mamba2::window's rebuild: nothing grows with the
+// stream for the window's difference to cancel in f32).
+extern "C" __global__ void window_rebuild(const float* meta, float* ws, float* ssm, int t, int H, int P, int N, int G,
+                                          int di, int r) {
+    int h = blockIdx.x, g = h / (H / G), gn = G * N, sl = 2 * H + gn + di, end = (int)meta[0] + t;
+    if (end < r) return;
+    float* lag = ws + (long)h * P * N;
+    const float* ring = ws + (long)H * P * N;
+    float* wsum = ws + (long)H * P * N + (long)r * sl + 2 * h;
+    float* hs = ssm + (long)h * P * N;
+    for (int i = threadIdx.x; i < P * N; i += blockDim.x) {
+        float v = 0.0f;
+        for (int j = 0; j < r; j++) {
+            const float* slot = ring + (long)((end + j) % r) * sl;
+            v = v * expf(slot[h]) + slot[H + h] * slot[2 * H + gn + h * P + i / N] * slot[2 * H + g * N + i % N];
+        }
+        hs[i] = v;
+        lag[i] = 0.0f;
+    }
+    if (threadIdx.x == 0) {
+        double w = 0.0;
+        for (int j = 0; j < r; j++) w += (double)ring[(long)((end + j) % r) * sl + h];
+        wsum[0] = (float)w;
+        wsum[1] = (float)(w - (double)wsum[0]);
+    }
 }
 
 // meta ← ((pos0 + t) mod r, filled or pos0 + t ≥ r), after every layer has read it.

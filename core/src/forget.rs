@@ -23,7 +23,8 @@ pub enum Forget {
     DecayLayers(LayerScales),
     /// Sliding window by state difference (Eq. 8): the read-out uses h_t − α_{t−r+1:t}·h_{t−r},
     /// with h_{t−r} advanced r steps behind from each layer's own cached inputs. Calls may hold at
-    /// most r tokens.
+    /// most r tokens. Each time the ring of cached inputs turns over, the state is rebuilt from it
+    /// (so no f32 difference of two states that summed the whole stream).
     Window { r: usize },
     /// Two staggered states (FAMILIES.md §9.3), for non-diagonal transitions (RWKV-7) where the
     /// window by state difference is not exact: a second state restarts every r tokens and replaces

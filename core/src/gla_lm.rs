@@ -496,7 +496,7 @@ impl<'a> Gla<'a> {
                         Scan::Chunked => gla::chunked(ex, &head, t, sh, hss.range(hh * hsl, hsl), &os, od, hh * dv),
                     }
                     if let Some((win, ws)) = &wss {
-                        gla::window_head(&head, hh, nh, t, *win, ws, &os, od, hh * dv);
+                        gla::window_head(&head, hh, nh, t, *win, ws, sh, &os, od, hh * dv);
                     }
                 }
             });

@@ -308,7 +308,7 @@ impl<'a> Hgrn2<'a> {
                         Scan::Chunked => gla::chunked(ex, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * vh),
                     }
                     if let Some((win, ws)) = &wss {
-                        gla::window_head(&head, hh, nh, t, *win, ws, &os, d, hh * vh);
+                        gla::window_head(&head, hh, nh, t, *win, ws, sh, &os, d, hh * vh);
                     }
                 }
             });

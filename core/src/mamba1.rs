@@ -45,6 +45,7 @@ const GROUP: usize = 4;
 /// How many tokens ahead the vector scan asks for its task's Δ, u and read-out rows: a token's
 /// rows lie `d_inner` floats apart, a stride no hardware prefetcher follows across pages, and
 /// without the hint each token began with misses (3 pairs of `bench`: 0.93× wall time with it).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_TOKENS: usize = 4;
 /// The channels a "head" groups when `d_inner` allows (released models: always).
 pub const HEAD_CHANNELS: usize = 64;
@@ -341,7 +342,7 @@ impl<'a> Mamba1<'a> {
             Scan::Chunked => self.scan_chunked(ex, &io, ssm_state, y, s.ts),
         }
         if let Some(w) = window {
-            self.window(ex, &io, y, w.at, w.cache);
+            self.window(ex, &io, y, ssm_state, w.at, w.cache);
         }
 
         // y ← y ⊙ silu(z);  x ← x + y·W_outᵀ
@@ -618,12 +619,17 @@ impl<'a> Mamba1<'a> {
     /// Sliding window by state difference, after the scan wrote `y`: per token, advance the lagged
     /// state `L = h_{t−r}` by the cached inputs of token t−r, keep each channel's Σ Δ over the
     /// window, and subtract `Σ_n exp(A_{c,n}·ΣΔ + r·ln a)·L[c,n]·C_n` from y_t. Then cache this
-    /// call's inputs (t ≤ r, so no token of the call reads a slot the call writes).
+    /// call's inputs (t ≤ r, so no token of the call reads a slot the call writes). When the call
+    /// turns the ring over (every r tokens), the state `ssm (di, N)` is rebuilt from the window's r
+    /// cached tokens by the recurrence from zero, ΣΔ is summed afresh and `L ← 0`, as in
+    /// [`crate::gla::window_head`]: the same read-outs in exact arithmetic, and no state or sum that
+    /// grows with the stream for the difference to cancel in f32.
     fn window(
         &self,
         ex: &dyn Exec,
         io: &ScanIo,
         y: &mut [f32],
+        ssm: &mut [f32],
         WindowAt { r, pos0, filled }: WindowAt,
         ws: &mut [f32],
     ) {
@@ -675,6 +681,33 @@ impl<'a> Mamba1<'a> {
             slot[di..di + n].copy_from_slice(&io.xdb[tt * xr + rk..tt * xr + rk + n]);
             slot[di + n..].copy_from_slice(&io.u[tt * di..(tt + 1) * di]);
         }
+        if pos0 % r + io.t < r {
+            return;
+        }
+        // The ring turned over: rebuild each channel's state from the window's r tokens, oldest first.
+        let end = pos0 + io.t;
+        let (ring_r, lags, wss, hs): (&[f32], _, _, _) = (ring, Shared::new(lag), Shared::new(wsum), Shared::new(ssm));
+        ex.for_each(di.div_ceil(TASK_CHANNELS), &|task| {
+            let c0 = task * TASK_CHANNELS;
+            for ch in c0..c0 + TASK_CHANNELS.min(di - c0) {
+                // SAFETY: the task owns its channels' lagged state, window sums and state.
+                let (lh, w2, hc) = unsafe { (lags.range(ch * n, n), wss.range(2 * ch, 2), hs.range(ch * n, n)) };
+                let av = &io.a[ch * n..(ch + 1) * n];
+                lh.fill(0.0);
+                hc.fill(0.0);
+                let mut w = 0f64;
+                for j in 0..r {
+                    let slot = &ring_r[((end + j) % r) * sl..((end + j) % r + 1) * sl];
+                    let (dto, uo, bo) = (slot[ch], slot[di + n + ch], &slot[di..di + n]);
+                    for ((hv, &a), &bv) in hc.iter_mut().zip(av).zip(bo) {
+                        *hv = *hv * exp(dto * a + la) + dto * uo * bv;
+                    }
+                    w += dto as f64;
+                }
+                w2[0] = w as f32;
+                w2[1] = (w - w2[0] as f64) as f32;
+            }
+        });
     }
 }
 
@@ -1100,6 +1133,83 @@ mod tests {
                 let worst = hidden.iter().zip(&want).fold(0f64, |m, (o, w)| m.max((*o as f64 - w).abs()));
                 assert!(worst <= 1e-5, "{f:?} {scan:?} call {call}: max abs error {worst:.3e}");
             }
+        }
+    }
+
+    /// A window on a long stream is still the window: after 120k tokens whose decay is nearly 1
+    /// (a state that grows with the stream), the windowed read-out of the last token equals the
+    /// direct sum over the window's tokens to f32 rounding of the window alone (5e-7 measured).
+    /// Before the state was rebuilt from the ring at every turn, the read-out was the f32
+    /// difference of two states that had summed the whole stream: 3.8e-3 of its scale here.
+    #[test]
+    fn window_stays_a_window_on_a_long_stream() {
+        extern crate std;
+        use std::vec;
+        const W: usize = 16;
+        let mem = memory();
+        let (lw, emb, norm_f) = weights(&mem);
+        let layers = [lw];
+        let cfg = Config {
+            d_model: D,
+            n_layer: 1,
+            d_inner: DI,
+            d_state: N,
+            dt_rank: R,
+            d_conv: K,
+            vocab_rows: V,
+            eps: 1e-5,
+            mixer_rms_eps: None,
+        };
+        let mut net = Mamba1::new(cfg, Weights { embed: emb, layers: &layers, norm_f, head: emb }).expect("model");
+        net.set_forget(Forget::Window { r: W }).expect("method");
+        let xr = cfg.x_proj_rows();
+        let mut seed = 99u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (seed >> 8) as f32 / (1u32 << 24) as f32
+        };
+        let a: [f32; DI * N] = core::array::from_fn(|_| -1e-6 * rnd());
+        for scan in [Scan::Chunked, Scan::Recurrent] {
+            let mut ssm = [0f32; DI * N];
+            let mut ts = vec![0f32; DI.div_ceil(TASK_CHANNELS) * task_scratch(&cfg)];
+            let mut ws = vec![0f32; net.window_layer_len(W)];
+            let (mut u, mut xdb, mut dt, mut y) =
+                ([0f32; W * DI], [0f32; W * (R + 2 * N)], [0f32; W * DI], [0f32; W * DI]);
+            let calls = 120_000 / W;
+            for call in 0..calls {
+                u.iter_mut().for_each(|v| *v = 0.5 + 0.5 * rnd());
+                dt.iter_mut().for_each(|v| *v = 0.05 + 0.05 * rnd());
+                for row in xdb.chunks_exact_mut(xr) {
+                    row[R..R + N].iter_mut().for_each(|v| *v = 0.5 + 0.5 * rnd());
+                    row[R + N..].iter_mut().for_each(|v| *v = rnd() - 0.5);
+                }
+                let io = ScanIo { t: W, u: &u, xdb: &xdb, dt: &dt, a: &a, lw: &layers[0] };
+                match scan {
+                    Scan::Chunked => net.scan_chunked(&Serial, &io, &mut ssm, &mut y, &mut ts),
+                    Scan::Recurrent => net.scan_recurrent(&Serial, &io, &mut ssm, &mut y),
+                }
+                net.window(&Serial, &io, &mut y, &mut ssm, WindowAt { r: W, pos0: 0, filled: call > 0 }, &mut ws);
+            }
+            // The last call's tokens are the window of its last token: its read-out in f64.
+            let tl = W - 1;
+            let (mut worst, mut scale) = (0f64, 0f64);
+            for ch in 0..DI {
+                let mut want = layers[0].d.get(ch) as f64 * u[tl * DI + ch] as f64;
+                for nn in 0..N {
+                    let mut h = 0f64;
+                    for src in 0..W {
+                        let decay: f64 = (src + 1..W).map(|j| dt[j * DI + ch] as f64 * a[ch * N + nn] as f64).sum();
+                        h += decay.exp()
+                            * dt[src * DI + ch] as f64
+                            * xdb[src * xr + R + nn] as f64
+                            * u[src * DI + ch] as f64;
+                    }
+                    want += h * xdb[tl * xr + R + N + nn] as f64;
+                }
+                worst = worst.max((y[tl * DI + ch] as f64 - want).abs());
+                scale = scale.max(want.abs());
+            }
+            assert!(worst <= 1e-5 * scale, "{scan:?}: error {:.2e} of the read-out after 120k tokens", worst / scale);
         }
     }
 }

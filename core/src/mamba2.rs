@@ -616,12 +616,14 @@ impl Mamba2<'_> {
 
     /// Sliding window by state difference, after the SSM wrote `y`: per token, advance the lagged
     /// state `L = h_{t−r}` by the cached inputs of token t−r, keep W = Σ log α over the window, and
-    /// subtract `exp(W)·(C_t·L)` from y_t. At the call's end the state is rebased onto the window,
-    /// h ← h − exp(W)·L and L ← 0: the read-outs to come are the same in exact arithmetic (the lag
-    /// then runs from zero by the same recurrence), and neither state grows with the stream, so the
-    /// difference does not cancel away the window's digits (in f32 it did: TV 0.23 at 1M tokens
-    /// against a run restarted inside the window, README `effrem`). Then cache this call's inputs
-    /// (t ≤ r, so no token of the call reads a slot the call writes).
+    /// subtract `exp(W)·(C_t·L)` from y_t. Then cache this call's inputs (t ≤ r, so no token of
+    /// the call reads a slot the call writes). When the call turns the ring over (every r tokens),
+    /// the state is rebuilt from the window's r cached tokens by the recurrence from zero, W is
+    /// summed afresh and L ← 0: the read-outs to come are the same in exact arithmetic (the lag then
+    /// runs from zero by the same recurrence), and no state or sum grows with the stream, so the
+    /// difference never cancels away the window's digits (in f32 it did: TV 0.23 at 1M tokens
+    /// against a run restarted inside the window, README `effrem`; subtracting exp(W)·L from the
+    /// state at every call in place of the rebuild still drifted, linearly, 2.8e-5 at 1M).
     #[allow(clippy::too_many_arguments)]
     fn window(
         &self,
@@ -641,10 +643,10 @@ impl Mamba2<'_> {
         let (lag, rest) = ws.split_at_mut(c.ssm_len());
         let (ring, wsum) = rest.split_at_mut(r * sl);
         let la = self.log_a();
-        let (ys, lags, wss, hs) = (Shared::new(y), Shared::new(lag), Shared::new(wsum), Shared::new(ssm_state));
+        let (ys, lags, wss) = (Shared::new(y), Shared::new(lag), Shared::new(wsum));
         let ring_r: &[f32] = ring;
         ex.for_each(nh, &|hh| {
-            // SAFETY: head hh owns its lagged state, its window sum, its state and its P columns of y.
+            // SAFETY: head hh owns its lagged state, its window sum and its P columns of y.
             let lh = unsafe { lags.range(hh * p * n, p * n) };
             let w2 = unsafe { wss.range(2 * hh, 2) };
             let a = self.a(lw, hh);
@@ -678,12 +680,6 @@ impl Mamba2<'_> {
             }
             w2[0] = w as f32;
             w2[1] = (w - w2[0] as f64) as f32;
-            let f = exp(w as f32);
-            let hh_state = unsafe { hs.range(hh * p * n, p * n) };
-            for (hv, lv) in hh_state.iter_mut().zip(lh.iter_mut()) {
-                *hv -= f * *lv;
-                *lv = 0.0;
-            }
         });
         for tt in 0..t {
             let slot = &mut ring[((pos0 + tt) % r) * sl..((pos0 + tt) % r + 1) * sl];
@@ -695,6 +691,37 @@ impl Mamba2<'_> {
             slot[2 * nh..2 * nh + gn].copy_from_slice(&row[di..di + gn]);
             slot[2 * nh + gn..].copy_from_slice(&row[..di]);
         }
+        if pos0 % r + t < r {
+            return;
+        }
+        // The ring turned over: rebuild each head's state from the window's r tokens, oldest first.
+        let end = pos0 + t;
+        let (ring_r, lags, wss, hs): (&[f32], _, _, _) =
+            (ring, Shared::new(lag), Shared::new(wsum), Shared::new(ssm_state));
+        ex.for_each(nh, &|hh| {
+            // SAFETY: head hh owns its lagged state, its window sum and its state.
+            let (lh, w2, hst) =
+                unsafe { (lags.range(hh * p * n, p * n), wss.range(2 * hh, 2), hs.range(hh * p * n, p * n)) };
+            let g = hh / (nh / c.n_groups);
+            lh.fill(0.0);
+            hst.fill(0.0);
+            let mut w = 0f64;
+            for j in 0..r {
+                let slot = &ring_r[((end + j) % r) * sl..((end + j) % r + 1) * sl];
+                let (lo, dto) = (slot[hh], slot[nh + hh]);
+                let bo = &slot[2 * nh + g * c.d_state..2 * nh + (g + 1) * c.d_state];
+                let xo = &slot[2 * nh + gn + hh * p..2 * nh + gn + (hh + 1) * p];
+                let e = exp(lo);
+                for (hp, &xv) in hst.chunks_exact_mut(n).zip(xo) {
+                    for (hv, &bv) in hp.iter_mut().zip(bo) {
+                        *hv = *hv * e + dto * xv * bv;
+                    }
+                }
+                w += lo as f64;
+            }
+            w2[0] = w as f32;
+            w2[1] = (w - w2[0] as f64) as f32;
+        });
     }
 }
 

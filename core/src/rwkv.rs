@@ -726,7 +726,7 @@ impl<'a> Rwkv<'a> {
                     Scan::Chunked => gla::chunked(ex, &head, t, sh, hss.range(hh * hsl, hsl), &os, d, hh * n),
                 }
                 if let Some((win, ws)) = &wss {
-                    gla::window_head(&head, hh, h, t, *win, ws, &os, d, hh * n);
+                    gla::window_head(&head, hh, h, t, *win, ws, sh, &os, d, hh * n);
                 }
             }
         });

@@ -235,7 +235,12 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
         f = [&] {
             ssd_window(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, float*),
                        A(5, const float*), A(6, int), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int),
-                       A(13, int), A(14, float), A(15, float*));
+                       A(13, int), A(14, float));
+        };
+    else if (n == "window_rebuild")
+        f = [&] {
+            window_rebuild(A(0, const float*), A(1, float*), A(2, float*), A(3, int), A(4, int), A(5, int), A(6, int),
+                           A(7, int), A(8, int), A(9, int));
         };
     else if (n == "window_store")
         f = [&] {

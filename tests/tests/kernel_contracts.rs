@@ -1004,7 +1004,7 @@ fn ssd_chunk_scan_gives_the_outputs_from_the_entering_states() {
 }
 
 /// The lagged state of the window at token `abs` (≥ r), head `hh`, element `e`, and its magnitude
-/// twin, when the state was last rebased after token `last_end`: the lag restarts from zero there,
+/// twin, when the state was last rebuilt after token `last_end`: the lag restarts from zero there,
 /// so it is h_{abs−r} − α_{t0−r+1:abs−r}·h_{t0−r} (t0 = last_end), h the full recurrence.
 #[allow(clippy::too_many_arguments)]
 fn lag_at(
@@ -1028,9 +1028,11 @@ fn lag_at(
 
 /// The window by state difference over a stream of calls (each ≤ r tokens, the ring wrapping and
 /// filling across calls): ssd_window subtracts exp(Σ_{window} log α)·C_t·L_t from y_t once t ≥ r,
-/// L the lagged state (h_{t−r} less what the last rebase took), and at the call's end rebases the
-/// layer's state, S ← S − exp(W)·L, L ← 0; window_store leaves each token's [log α | Δ | B | x] in
-/// slot t mod r and no other; window_meta advances (position mod r, filled).
+/// L the lagged state (h_{t−r} less the tokens before the last rebuild's window); window_store
+/// leaves each token's [log α | Δ | B | x] in slot t mod r and no other; window_rebuild, when the
+/// call turned the ring over, sets the layer's state to the window's tokens alone, W to their
+/// Σ log α and L to zero, and leaves all three as they were otherwise; window_meta advances
+/// (position mod r, filled).
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
 fn window_kernels_subtract_the_lagged_state_and_keep_the_ring() {
@@ -1099,32 +1101,18 @@ fn window_kernels_subtract_the_lagged_state_and_keep_the_ring() {
                     }
                 }
             }
-            // The layer's state after the call: rebased by exp(W)·L at the call's last token.
             let s0 = values(h * pn, seed + 3, 1.0);
             let end = pos + t - 1;
-            let want_state: Vec<f32> = (0..h * pn)
-                .map(|e| {
-                    let hh = e / pn;
-                    if end < r {
-                        return s0[e];
-                    }
-                    let w: f64 = log_alpha[end - r + 1..=end].iter().map(|la| la[hh] as f64).sum();
-                    (s0[e] as f64 - w.exp() * lag_at(&states, &mags, &log_alpha, r, last_end, end, hh, e).0) as f32
-                })
-                .collect();
+            let turned = pos % r + t >= r;
             let ssm = DBuf::from(&s0).unwrap();
             let (ub, dtb, yb) = (DBuf::from(&u).unwrap(), DBuf::from(&dt).unwrap(), DBuf::from(&y0).unwrap());
             let shape = [i(t), i(h), i(p), i(n), i(g), i(cd), i(di), i(r), Arg::F32(la)];
             let mut args = vec![Arg::Ptr(ub.ptr()), Arg::Ptr(dtb.ptr()), Arg::Ptr(ab.ptr()), Arg::Ptr(yb.ptr())];
             args.extend([Arg::Ptr(ws.ptr()), Arg::Ptr(meta.ptr())]);
             args.extend(shape);
-            let with_state: Vec<Arg> = args.iter().copied().chain([Arg::Ptr(ssm.ptr())]).collect();
-            gpu.launch("ssd_window", (h as u32, 1), 256, 0, &with_state).unwrap();
+            gpu.launch("ssd_window", (h as u32, 1), 256, 0, &args).unwrap();
             let label = format!("H {h}, P {p}, N {n}, G {g}, r {r}, la {la}, call {call} at {pos} of {t} tokens");
             check_sum("ssd_window", &label, &download(&yb, t * di), &want, &mag, EXACT);
-            check("ssd_window (rebased state)", &label, &download(&ssm, h * pn), &want_state, 1e-5);
-            check("ssd_window (lag after the rebase)", &label, &download::<f32>(&ws, h * pn), &vec![0.0; h * pn], 0.0);
-            last_end = Some(end);
             args.remove(3);
             gpu.launch_n("window_store", t * sl, &args).unwrap();
             for tt in 0..t {
@@ -1134,8 +1122,36 @@ fn window_kernels_subtract_the_lagged_state_and_keep_the_ring() {
                 slot[2 * h..2 * h + gn].copy_from_slice(&u[tt * cd + di..tt * cd + di + gn]);
                 slot[2 * h + gn..].copy_from_slice(&u[tt * cd..tt * cd + di]);
             }
-            let got = download::<f32>(&ws, h * pn + r * sl);
-            check("window_store (ring)", &label, &got[h * pn..], &ring, 1e-6);
+            let got = download::<f32>(&ws, h * pn + r * sl + 2 * h);
+            check("window_store (ring)", &label, &got[h * pn..h * pn + r * sl], &ring, 1e-6);
+            let dims = [i(t), i(h), i(p), i(n), i(g), i(di), i(r)];
+            let rebuild: Vec<Arg> =
+                [Arg::Ptr(meta.ptr()), Arg::Ptr(ws.ptr()), Arg::Ptr(ssm.ptr())].into_iter().chain(dims).collect();
+            gpu.launch("window_rebuild", (h as u32, 1), 256, 0, &rebuild).unwrap();
+            let (got_state, after) = (download::<f32>(&ssm, h * pn), download::<f32>(&ws, got.len()));
+            let wsums = &after[h * pn + r * sl..];
+            if turned {
+                // The window (end − r, end]: h_end less the decayed h_{end−r} (nothing before when end < r).
+                let (mut want_state, mut mag_state) = (states[end].clone(), mags[end].clone());
+                for hh in 0..h {
+                    let w: f64 = log_alpha[end.saturating_sub(r - 1)..=end].iter().map(|la| la[hh] as f64).sum();
+                    let m: f64 = log_alpha[end.saturating_sub(r - 1)..=end].iter().map(|la| la[hh].abs() as f64).sum();
+                    let got_w = wsums[2 * hh] as f64 + wsums[2 * hh + 1] as f64;
+                    assert!((got_w - w).abs() <= 1e-6 * m, "window_rebuild (W) {label}: head {hh}: {got_w} vs {w}");
+                    for e in hh * pn..(hh + 1) * pn {
+                        if end >= r {
+                            want_state[e] -= w.exp() * states[end - r][e];
+                            mag_state[e] += w.exp() * mags[end - r][e];
+                        }
+                    }
+                }
+                check_sum("window_rebuild (state)", &label, &got_state, &want_state, &mag_state, EXACT);
+                check("window_rebuild (lag)", &label, &after[..h * pn], &vec![0.0; h * pn], 0.0);
+                last_end = Some(end);
+            } else {
+                check("window_rebuild (untouched state)", &label, &got_state, &s0, 0.0);
+                check("window_rebuild (untouched cache)", &label, &after, &got, 0.0);
+            }
             gpu.launch("window_meta", (1, 1), 32, 0, &[Arg::Ptr(meta.ptr()), i(t), i(r)]).unwrap();
             pos += t;
             let want_meta = [(pos % r) as f32, if pos >= r { 1.0 } else { 0.0 }];

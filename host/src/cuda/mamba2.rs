@@ -706,8 +706,8 @@ impl GpuMamba2 {
     }
 
     /// Window forgetting of layer `li` after its SSD wrote `y` (`Mamba2::window`): the lagged state
-    /// read-out subtracted per head and the state `ssm` rebased onto the window, then this call's
-    /// inputs cached in the ring.
+    /// read-out subtracted per head, this call's inputs cached in the ring, and, when the ring
+    /// turned over, the state `ssm` rebuilt from it.
     fn window(&self, li: usize, t: usize, r: usize, l: &Layer, la: f32, ssm: u64) -> Result<()> {
         let c = self.cfg;
         let (di, nh, cd, gn) = (c.d_inner(), c.n_heads, c.conv_dim(), c.n_groups * c.d_state);
@@ -725,10 +725,12 @@ impl GpuMamba2 {
             Arg::Ptr(meta),
         ];
         args.extend(shape);
-        let with_state: Vec<Arg> = args.iter().copied().chain([Arg::Ptr(ssm)]).collect();
-        self.gpu.launch("ssd_window", (nh as u32, 1), 256, 0, &with_state)?;
+        self.gpu.launch("ssd_window", (nh as u32, 1), 256, 0, &args)?;
         args.remove(3);
-        self.gpu.launch_n("window_store", t * slot, &args)
+        self.gpu.launch_n("window_store", t * slot, &args)?;
+        let dims = [i(t), i(nh), i(c.head_dim), i(c.d_state), i(c.n_groups), i(di), i(r)];
+        let rebuild: Vec<Arg> = [Arg::Ptr(meta), Arg::Ptr(ws), Arg::Ptr(ssm)].into_iter().chain(dims).collect();
+        self.gpu.launch("window_rebuild", (nh as u32, 1), 256, 0, &rebuild)
     }
 
     /// The chunked SSD of one layer over `t` tokens (B, C in `u`; x convolved from `zx` and the conv

@@ -86,6 +86,7 @@ pub const KERNELS: &[&str] = &[
     "head_norm",
     "ssd_window",
     "window_store",
+    "window_rebuild",
     "window_meta",
     "count_nonfinite",
 ];
