@@ -30,6 +30,10 @@ pub enum Forget {
     /// window by state difference is not exact: a second state restarts every r tokens and replaces
     /// the read-out state then, so the read-out holds the last r to 2r tokens.
     Staggered { r: usize },
+    /// LongMamba (Ye et al., ICLR 2025; `get_channelwise_dt_threshold`, `slow_factor 0`): per
+    /// (layer, head) a threshold θ; a token whose Δ is not above it neither decays nor writes that
+    /// head (Δ ← 0). θ = 0 leaves a head alone (LongMamba's local channels). Mamba-2 only.
+    DtThreshold(DtThresholds),
 }
 
 impl Forget {
@@ -54,6 +58,9 @@ impl Forget {
                 "per-layer decay factors scale Mamba's A alone (Mamba-1, Mamba-2); per-layer dt:c=… scales this family's log decay",
             )),
             Forget::DtLayers(t) => t.fits(n_layer),
+            Forget::DtThreshold(_) => Err(crate::Error::Config(
+                "longmamba's Δ thresholds are per Mamba-2 head (LongMamba's code filters Mamba-2 heads)",
+            )),
             _ => Ok(()),
         }
     }
@@ -101,6 +108,60 @@ impl Forget {
             )),
             other => other.check(n_layer),
         }
+    }
+}
+
+/// LongMamba's thresholds: `θ (n_layer, heads)` row-major, each finite and ≥ 0. The table is
+/// borrowed for the program's life so that [`Forget`] stays `Copy` and the core allocation-free
+/// (the host keeps one copy of each table it reads).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DtThresholds {
+    theta: &'static [f32],
+    heads: usize,
+}
+
+impl DtThresholds {
+    /// The table `theta (n_layer, heads)`.
+    pub fn new(theta: &'static [f32], heads: usize) -> Result<Self, crate::Error> {
+        if heads == 0 || theta.is_empty() || !theta.len().is_multiple_of(heads) {
+            return Err(crate::Error::Config("Δ thresholds: give n_layer rows of one value per head"));
+        }
+        if theta.iter().any(|v| !(*v >= 0.0 && v.is_finite())) {
+            return Err(crate::Error::Config("Δ thresholds must be finite and ≥ 0"));
+        }
+        Ok(DtThresholds { theta, heads })
+    }
+
+    /// Refuses a table that is not `(n_layer, heads)`.
+    pub fn fits(&self, n_layer: usize, heads: usize) -> Result<(), crate::Error> {
+        if self.heads != heads {
+            return Err(crate::Error::Shape {
+                what: "Δ thresholds per layer (one per head)",
+                expected: heads,
+                got: self.heads,
+            });
+        }
+        match self.theta.len() / self.heads == n_layer {
+            true => Ok(()),
+            false => Err(crate::Error::Shape {
+                what: "Δ threshold rows (one per layer)",
+                expected: n_layer,
+                got: self.theta.len() / self.heads,
+            }),
+        }
+    }
+
+    /// Layer `l`'s thresholds, one per head (empty past the table).
+    pub fn layer(&self, l: usize) -> &'static [f32] {
+        self.theta.get(l * self.heads..(l + 1) * self.heads).unwrap_or(&[])
+    }
+
+    pub fn as_slice(&self) -> &'static [f32] {
+        self.theta
+    }
+
+    pub fn heads(&self) -> usize {
+        self.heads
     }
 }
 
@@ -436,6 +497,20 @@ mod tests {
         let mut net =
             mamba2::Mamba2::new(cfg, mamba2::Weights { embed, layers: &layers, norm_f, head: embed }).expect("model");
         per_layer_factors_act_layer_by_layer(&mut net);
+    }
+
+    #[test]
+    fn dt_thresholds_are_whole_rows_of_finite_values() {
+        static T: [f32; 6] = [0.0, 0.5, 1.0, 0.0, 2.0, 0.25];
+        static BAD: [f32; 2] = [f32::NAN, 1.0];
+        static NEG: [f32; 2] = [-0.1, 1.0];
+        let t = DtThresholds::new(&T, 3).expect("table");
+        assert_eq!((t.layer(0), t.layer(1), t.layer(2)), (&T[..3], &T[3..], &[][..]));
+        assert!(t.fits(2, 3).is_ok() && t.fits(3, 3).is_err() && t.fits(3, 2).is_err());
+        assert!(DtThresholds::new(&T, 4).is_err() && DtThresholds::new(&T, 0).is_err());
+        assert!(DtThresholds::new(&BAD, 2).is_err() && DtThresholds::new(&NEG, 2).is_err());
+        // Only Mamba-2 takes it: every other family's check refuses it.
+        assert!(Forget::DtThreshold(t).check(2).is_err() && Forget::DtThreshold(t).check_mamba(2).is_err());
     }
 
     #[test]

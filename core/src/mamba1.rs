@@ -884,6 +884,21 @@ mod tests {
         (layer, w(V, D), w(1, D))
     }
 
+    /// The one-layer config of [`weights`].
+    fn test_config() -> Config {
+        Config {
+            d_model: D,
+            n_layer: 1,
+            d_inner: DI,
+            d_state: N,
+            dt_rank: R,
+            d_conv: K,
+            vocab_rows: V,
+            eps: 1e-5,
+            mixer_rms_eps: None,
+        }
+    }
+
     #[allow(clippy::needless_range_loop)]
     /// The windowed (or plain: r = ∞) layer as direct sums in f64:
     /// `y_t = C_t·Σ_{i in window} exp(Σ_{j=i+1..t} (Δ_j·s·A + ln a))·Δ_i·b·B_i·u_i + D·u_t`.
@@ -895,8 +910,8 @@ mod tests {
             Forget::Window { r } => (0.0, 1.0, 1.0, r),
             Forget::None | Forget::Decay { .. } | Forget::DecayLayers(_) => (0.0, 1.0, 1.0, usize::MAX),
             Forget::DtLayers(t) => (0.0, 1.0, t.get(0) as f64, usize::MAX),
-            Forget::Staggered { .. } | Forget::RriBoth { .. } => {
-                unreachable!("Mamba-1 refuses the staggered states (its window is exact) and rri-both")
+            Forget::Staggered { .. } | Forget::RriBoth { .. } | Forget::DtThreshold(_) => {
+                unreachable!("Mamba-1 refuses the staggered states (its window is exact), rri-both and longmamba")
             }
         };
         let rms = |v: &[f64; D], w: &Weight| {
@@ -1090,17 +1105,7 @@ mod tests {
         let mem = memory();
         let (lw, emb, norm_f) = weights(&mem);
         let layers = [lw];
-        let cfg = Config {
-            d_model: D,
-            n_layer: 1,
-            d_inner: DI,
-            d_state: N,
-            dt_rank: R,
-            d_conv: K,
-            vocab_rows: V,
-            eps: 1e-5,
-            mixer_rms_eps: None,
-        };
+        let cfg = test_config();
         let tokens: [u32; T] = core::array::from_fn(|i| ((i * 7 + 3) % V) as u32);
         let methods = [
             Forget::None,
@@ -1149,17 +1154,7 @@ mod tests {
         let mem = memory();
         let (lw, emb, norm_f) = weights(&mem);
         let layers = [lw];
-        let cfg = Config {
-            d_model: D,
-            n_layer: 1,
-            d_inner: DI,
-            d_state: N,
-            dt_rank: R,
-            d_conv: K,
-            vocab_rows: V,
-            eps: 1e-5,
-            mixer_rms_eps: None,
-        };
+        let cfg = test_config();
         let mut net = Mamba1::new(cfg, Weights { embed: emb, layers: &layers, norm_f, head: emb }).expect("model");
         net.set_forget(Forget::Window { r: W }).expect("method");
         let xr = cfg.x_proj_rows();

@@ -291,6 +291,13 @@ impl<'a> Mamba2<'a> {
                 *v = softplus(raw).clamp(c.dt_min, c.dt_max) * dt_scale;
             }
         }
+        // LongMamba: Δ ← 0 where Δ ≤ θ (a filtered token neither decays nor writes the head).
+        if let Forget::DtThreshold(th) = self.forget {
+            let theta = th.layer(l);
+            for dr in dt.chunks_exact_mut(nh) {
+                dr.iter_mut().zip(theta).filter(|(v, th)| **v <= **th).for_each(|(v, _)| *v = 0.0);
+            }
+        }
         let gn = c.n_groups * c.d_state;
         if let Forget::Rri { b, .. } = self.forget {
             for row in u.chunks_exact_mut(cd) {
@@ -837,7 +844,10 @@ impl Recurrent for Mamba2<'_> {
         &self.w.head
     }
     fn set_forget(&mut self, f: Forget) -> Result<(), Error> {
-        f.check_mamba(self.cfg.n_layer)?;
+        match f {
+            Forget::DtThreshold(th) => th.fits(self.cfg.n_layer, self.cfg.n_heads)?,
+            other => other.check_mamba(self.cfg.n_layer)?,
+        }
         self.forget = f;
         Ok(())
     }

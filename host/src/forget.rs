@@ -3,8 +3,90 @@
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use stuffed_core::forget::LayerScales;
+use stuffed_core::forget::{DtThresholds, LayerScales};
 use stuffed_core::Forget;
+
+/// A LongMamba table as `--forget longmamba:file=F,b=B,c=C` made it from `stuffed longmamba`'s
+/// file: b·θ on the global heads (retention > c), 0 on the others. Kept once for the program's life
+/// (the core borrows it as `&'static`, so that its `Forget` stays `Copy`); equal tables are one.
+#[derive(Debug, PartialEq, Serialize)]
+pub struct LongMamba {
+    pub file: String,
+    pub b: f32,
+    pub c: f32,
+    /// The calibrated model's content id ([`crate::model::Model::content_id`]).
+    pub content: String,
+    pub heads: usize,
+    /// `(layers, heads)`, row-major.
+    pub theta: &'static [f32],
+}
+
+/// The handle a [`ForgetSpec`] holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LongMambaRef(&'static LongMamba, DtThresholds);
+
+impl LongMambaRef {
+    /// The one copy of the table `theta (layers, heads)` (checked: finite, ≥ 0, whole rows).
+    pub fn new(file: String, b: f32, c: f32, content: String, heads: usize, theta: Vec<f32>) -> Result<Self> {
+        static TABLES: std::sync::Mutex<Vec<&'static LongMamba>> = std::sync::Mutex::new(Vec::new());
+        let mut tables = TABLES.lock().map_err(|_| anyhow!("longmamba: the table store is poisoned"))?;
+        let found = tables
+            .iter()
+            .find(|t| {
+                t.file == file
+                    && t.b == b
+                    && t.c == c
+                    && t.content == content
+                    && t.heads == heads
+                    && *t.theta == theta[..]
+            })
+            .copied();
+        let t = match found {
+            Some(t) => t,
+            None => {
+                if heads == 0
+                    || theta.is_empty()
+                    || !theta.len().is_multiple_of(heads)
+                    || theta.iter().any(|v| !(*v >= 0.0 && v.is_finite()))
+                {
+                    bail!("{file}: Δ thresholds: whole rows of {heads} finite values ≥ 0");
+                }
+                let theta: &'static [f32] = Box::leak(theta.into_boxed_slice());
+                let t: &'static LongMamba = Box::leak(Box::new(LongMamba { file, b, c, content, heads, theta }));
+                tables.push(t);
+                t
+            }
+        };
+        let th = DtThresholds::new(t.theta, t.heads).map_err(|e| anyhow!("{}: {e}", t.file))?;
+        Ok(LongMambaRef(t, th))
+    }
+
+    pub fn table(&self) -> &'static LongMamba {
+        self.0
+    }
+}
+
+impl Serialize for LongMambaRef {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.serialize(ser)
+    }
+}
+
+impl<'de> Deserialize<'de> for LongMambaRef {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<LongMambaRef, D::Error> {
+        #[derive(Deserialize)]
+        struct Plain {
+            file: String,
+            b: f32,
+            c: f32,
+            content: String,
+            heads: usize,
+            theta: Vec<f32>,
+        }
+        let p = Plain::deserialize(de)?;
+        LongMambaRef::new(p.file, p.b, p.c, p.content, p.heads, p.theta).map_err(serde::de::Error::custom)
+    }
+}
 
 /// One factor per layer (`dt:c=0.9/1.2/…`, `decay:s=…`): serialized as a list.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -91,6 +173,12 @@ pub enum ForgetSpec {
     Reset {
         every: u64,
     },
+    /// LongMamba (Ye et al., ICLR 2025): Δ ← 0 where Δ ≤ b·θ on the global heads, from the table
+    /// `stuffed longmamba` calibrated (`longmamba:file=longmamba.json,b=1,c=0.05`). Mamba-2 only.
+    #[serde(rename = "longmamba")]
+    LongMamba {
+        table: LongMambaRef,
+    },
 }
 
 impl ForgetSpec {
@@ -118,8 +206,9 @@ impl ForgetSpec {
             "window" | "staggered" => &["r"],
             "state-norm" => &["every", "calib"],
             "reset" => &["every"],
+            "longmamba" => &["file", "b", "c"],
             other => {
-                bail!("--forget: unknown method '{other}' (none, rri, rri-both, dt, decay, window, staggered, state-norm, reset)")
+                bail!("--forget: unknown method '{other}' (none, rri, rri-both, dt, decay, window, staggered, state-norm, reset, longmamba)")
             }
         };
         if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
@@ -168,6 +257,26 @@ impl ForgetSpec {
             "window" => ForgetSpec::Window { r: need_count("r")? as usize },
             "staggered" => ForgetSpec::Staggered { r: need_count("r")? as usize },
             "state-norm" => ForgetSpec::StateNorm { every: count("every")?.unwrap_or(128), calib: count("calib")? },
+            "longmamba" => {
+                use crate::eval::longmamba::{read_table, DEFAULT_B, DEFAULT_C};
+                let file = kv.get("file").ok_or_else(|| {
+                    anyhow!("--forget {s}: missing file= (the longmamba.json `stuffed longmamba` wrote)")
+                })?;
+                let (b, c) = (num("b")?.unwrap_or(DEFAULT_B), num("c")?.unwrap_or(DEFAULT_C));
+                if !(b > 0.0 && b.is_finite() && c >= 0.0 && c.is_finite()) {
+                    bail!("--forget {s}: b must be > 0 and c ≥ 0 (finite)");
+                }
+                let t = read_table(std::path::Path::new(file))?;
+                let theta = t
+                    .threshold
+                    .iter()
+                    .zip(&t.retention)
+                    .map(|(th, r)| if *r > c { (b * th) as f32 } else { 0.0 })
+                    .collect();
+                ForgetSpec::LongMamba {
+                    table: LongMambaRef::new(file.clone(), b as f32, c as f32, t.content, t.heads, theta)?,
+                }
+            }
             _ => ForgetSpec::Reset { every: need_count("every")? },
         })
     }
@@ -183,6 +292,7 @@ impl ForgetSpec {
             ForgetSpec::DecayLayers { s } => Forget::DecayLayers(s.0),
             ForgetSpec::Window { r } => Forget::Window { r },
             ForgetSpec::Staggered { r } => Forget::Staggered { r },
+            ForgetSpec::LongMamba { table } => Forget::DtThreshold(table.1),
             _ => Forget::None,
         }
     }
@@ -268,6 +378,10 @@ impl std::fmt::Display for ForgetSpec {
                 calib.map_or(Ok(()), |c| write!(f, ",calib={c}"))
             }
             ForgetSpec::Reset { every } => write!(f, "reset:every={every}"),
+            ForgetSpec::LongMamba { table } => {
+                let t = table.table();
+                write!(f, "longmamba:file={},b={},c={}", t.file, t.b, t.c)
+            }
         }
     }
 }

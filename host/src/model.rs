@@ -272,6 +272,15 @@ impl Model {
     /// Sets the forgetting method (before creating sessions: the state size may change).
     pub fn set_forget(&mut self, f: ForgetSpec) -> Result<()> {
         let path = self.info.path.display().to_string();
+        if let ForgetSpec::LongMamba { table } = f {
+            // (Another family refuses the method itself, below.)
+            if self.mamba2().is_some() && table.table().content != self.content_id() {
+                bail!(
+                    "{path}: --forget {f}: {} was calibrated on another model (run stuffed longmamba on this one)",
+                    table.table().file
+                );
+            }
+        }
         self.with_net_mut(|n| n.set_forget(f.core())).with_context(|| format!("{path}: --forget {f}"))?;
         // A window caches r tokens of inputs per layer: refuse one larger than this machine's memory
         // before anything allocates it.

@@ -194,6 +194,16 @@ def calibrate(model, text=None, out=None, **options):
     return _command("calibrate", model, out, options)
 
 
+def longmamba(model, text=None, out=None, **options):
+    """`stuffed longmamba`: LongMamba's calibration for Mamba-2 (`train_len=`, `target=`, `windows=`,
+    `top=`, `aggregate=`). Returns {"longmamba": longmamba.json, with `retention` and `threshold` per
+    layer and head}; give `out` to keep the file that `forget="longmamba:file=OUT/longmamba.json"`
+    reads."""
+    if text is not None:
+        options["text"] = list(text) if isinstance(text, (list, tuple)) else [text]
+    return _command("longmamba", model, out, options)
+
+
 def effrem(model, text=None, out=None, **options):
     """`stuffed effrem`: effective remembrance (Buitrago & Gu 2025), the total variation between
     the prediction after T tokens and after only their last T − t (`at="2k,8k"`, `starts=` or

@@ -202,6 +202,15 @@ def test_calibrate_returns_factors_the_model_takes():
     assert abs(nll.mean() - c["loss_best"]) < 1e-6
 
 
+def test_longmamba_writes_thresholds_the_model_takes(tmp_path):
+    r = stuffed.longmamba(PAIR[0], text=NOVEL, out=tmp_path, train_len=64, target="2k", windows=4)["longmamba"]
+    assert len(r["retention"]) == 4 and all(len(row) == 8 for row in r["threshold"])
+    m = stuffed.Model(PAIR[0])
+    lm = stuffed.Model(PAIR[0], forget=f"longmamba:file={tmp_path / 'longmamba.json'}")
+    ids = m.encode(NOVEL.read_text())[:300]
+    assert not np.array_equal(m.nll(ids), lm.nll(ids))
+
+
 def test_effrem_is_the_tv_of_two_forwards():
     """`stuffed.effrem`'s TV at (T, t) is that of the last-position distributions of two forwards:
     the first T tokens, and their tokens t … T−1, each from the zero state."""

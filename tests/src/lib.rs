@@ -13,6 +13,26 @@ pub fn data(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(case)
 }
 
+/// The repository's root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `models/<name>`: a shipped model.
+pub fn shipped(name: &str) -> PathBuf {
+    root().join("models").join(name)
+}
+
+/// The public-domain novel the shipped models are measured on.
+pub fn persuasion() -> String {
+    root().join("host/assets/corpus/austen_persuasion.txt").to_str().expect("utf-8 path").to_string()
+}
+
+/// A JSON file the CLI wrote.
+pub fn read_json(p: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).expect("readable")).expect("JSON")
+}
+
 pub fn max_abs(v: &[f32]) -> f32 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
 }

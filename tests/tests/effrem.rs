@@ -3,22 +3,10 @@
 //! and a stopped run resumes to the same result.
 use std::path::{Path, PathBuf};
 use stuffed::model::Model;
-use stuffed_tests::cli;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use stuffed_tests::{cli, persuasion, read_json as read, shipped};
 
 fn t64() -> PathBuf {
-    root().join("models/mamba2-tiny-l4-t64-a3-4m")
-}
-
-fn persuasion() -> String {
-    root().join("host/assets/corpus/austen_persuasion.txt").to_str().unwrap().to_string()
-}
-
-fn read(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    shipped("mamba2-tiny-l4-t64-a3-4m")
 }
 
 fn effrem(out: &Path, extra: &[&str]) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@ pub mod basic;
 mod bench;
 mod calibrate;
 mod effrem;
+mod longmamba;
 mod passkey;
 mod ppl;
 mod probe;
@@ -256,6 +257,11 @@ pub enum Cmd {
     /// Effective remembrance (Buitrago & Gu 2025): the total variation between the prediction
     /// after T tokens and after only the last T − t of them, against t, averaged over sequences.
     Effrem(effrem::EffremArgs),
+    /// LongMamba's calibration (Ye et al., ICLR 2025) for Mamba-2: per (layer, head) the retention
+    /// of a training window and the Δ threshold for a target length, from Δ recorded on windows of
+    /// calibration text; `--forget longmamba:file=longmamba.json` applies them.
+    #[command(name = "longmamba")]
+    LongMamba(longmamba::LongMambaArgs),
     /// Passkey retrieval over a grid of prompt lengths × needle depths.
     Passkey(passkey::PasskeyArgs),
     /// Combine `passkey --shard` outputs (one summary and heatmap) or `ppl --shard` outputs (one
@@ -349,6 +355,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Probe(a) => probe::run(a),
         Cmd::Calibrate(a) => calibrate::run(a),
         Cmd::Effrem(a) => effrem::run(a),
+        Cmd::LongMamba(a) => longmamba::run(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Selftest(a) => bench::selftest(a),
         Cmd::Merge { dirs, out } => {

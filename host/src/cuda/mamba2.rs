@@ -232,9 +232,9 @@ impl GpuMamba2 {
         let path = model.info.path.display().to_string();
         let m = mamba2_of(model)?;
         let forget = m.forget();
-        if let Forget::Decay { .. } | Forget::DtLayers(_) | Forget::DecayLayers(_) = forget {
-            // The kernels scale Δ (dt) and B (rri) by one factor for every layer, not A alone nor a
-            // factor per layer: refuse rather than ignore it.
+        if let Forget::Decay { .. } | Forget::DtLayers(_) | Forget::DecayLayers(_) | Forget::DtThreshold(_) = forget {
+            // The kernels scale Δ (dt) and B (rri) by one factor for every layer, not A alone, a
+            // factor per layer nor a threshold per head: refuse rather than ignore it.
             bail!("{path}: --forget {} runs on the CPU only (--device cuda takes rri, dt and window)", model.forget);
         }
         let c = m.cfg;

@@ -3,6 +3,7 @@ pub mod calibrate;
 pub mod effrem;
 pub mod feed;
 pub mod laws;
+pub mod longmamba;
 pub mod passkey;
 pub mod ppl;
 pub mod probe;

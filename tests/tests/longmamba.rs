@@ -1,0 +1,163 @@
+//! LongMamba (`stuffed longmamba`, `--forget longmamba:file=…`) on the shipped Mamba-2 models: the
+//! calibration's file, what the thresholds do to Δ (exactly: a token at or below b·θ neither decays
+//! nor writes its head), chunked = step, stop/resume, and refusals.
+use std::path::{Path, PathBuf};
+use stuffed::forget::ForgetSpec;
+use stuffed::model::Model;
+use stuffed_tests::{cli, data, logits, persuasion, read_json as read, rel, shipped};
+
+fn t64() -> PathBuf {
+    shipped("mamba2-tiny-l4-t64-a3-4m")
+}
+
+/// `stuffed longmamba` on the 64-token model into `out`.
+fn calibrate(out: &Path, model: &Path, extra: &[&str]) -> anyhow::Result<()> {
+    let (m, t, o) = (model.to_str().unwrap(), persuasion(), out.to_str().unwrap().to_string());
+    let base = ["longmamba", "--model", m, "--text", &t, "--train-len", "64", "--target", "2k", "--out", &o];
+    cli(&[&base[..], extra].concat())
+}
+
+/// Layer 0's Δ per token and head, token by token from the zero state (the probe's `dt_sum` of
+/// one-token calls).
+fn layer0_dt(m: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
+    let net = m.net();
+    let nh = net.n_heads();
+    let ex = stuffed::exec::Pool::new();
+    let (mut state, mut scratch) = (vec![0f32; net.state_len()], vec![0f32; net.scratch_len(1)]);
+    let (mut hidden, mut probe) = (vec![0f32; m.info.d_model], vec![0f32; net.probe_len()]);
+    ids.iter()
+        .map(|id| {
+            probe.fill(0.0);
+            net.forward_probed(&ex, std::slice::from_ref(id), &mut state, &mut scratch, &mut hidden, &mut probe)
+                .unwrap();
+            probe[nh..2 * nh].to_vec()
+        })
+        .collect()
+}
+
+/// The file holds one retention and one threshold per (layer, head); under the method, layer 0's
+/// Δ sum over a stream is exactly the sum of the Δ above b·θ on global heads (layer 0's Δ does not
+/// depend on the method), with some tokens filtered and some kept; a head whose retention is not
+/// above c is left alone; b scales θ.
+#[test]
+fn thresholds_zero_the_steps_at_or_below_them() {
+    let out = tempfile::tempdir().unwrap();
+    calibrate(out.path(), &t64(), &["--windows", "20"]).unwrap();
+    let file = out.path().join("longmamba.json");
+    let doc = read(&file);
+    let (ret, thr) = (&doc["retention"], &doc["threshold"]);
+    assert_eq!((ret.as_array().unwrap().len(), thr[0].as_array().unwrap().len()), (4, 8), "(layers, heads)");
+    let row0 =
+        |v: &serde_json::Value| -> Vec<f64> { v[0].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    let (ret0, thr0) = (row0(ret), row0(thr));
+    assert!(thr0.iter().all(|&t| t > 0.0), "a target past the training length filters: {thr0:?}");
+
+    let base = Model::load(&t64()).unwrap();
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 250).collect();
+    let dt = layer0_dt(&base, &ids);
+    let nh = dt[0].len();
+    for (b, c) in [(1.0f64, 0.05f64), (0.5, 0.05), (1.0, 0.995)] {
+        let mut m = Model::load(&t64()).unwrap();
+        m.set_forget(ForgetSpec::parse(&format!("longmamba:file={},b={b},c={c}", file.display())).unwrap()).unwrap();
+        let got = layer0_dt(&m, &ids);
+        let (mut filtered, mut kept, mut untouched) = (0, 0, 0);
+        for h in 0..nh {
+            let theta = if ret0[h] > c { (b * thr0[h]) as f32 } else { 0.0 };
+            for (row, got_row) in dt.iter().zip(&got) {
+                let want = if row[h] <= theta { 0.0 } else { row[h] };
+                assert_eq!(got_row[h], want, "b {b} c {c} head {h}: Δ {} θ {theta}", row[h]);
+                match (theta > 0.0, row[h] <= theta) {
+                    (false, _) => untouched += 1,
+                    (true, true) => filtered += 1,
+                    (true, false) => kept += 1,
+                }
+            }
+        }
+        println!("b {b} c {c}: {filtered} filtered, {kept} kept, {untouched} on local heads");
+        assert!(filtered > 0 && kept > 0, "b {b} c {c}: the thresholds must filter some steps and keep others");
+        if c > 0.9 {
+            assert!(untouched > 0, "c {c}: some head is local");
+        }
+    }
+}
+
+/// Chunked = token by token under the method; it changes the logits; the spec prints and reads
+/// back to the same method.
+#[test]
+fn chunked_equals_step_and_the_spec_round_trips() {
+    let out = tempfile::tempdir().unwrap();
+    calibrate(out.path(), &t64(), &["--windows", "10"]).unwrap();
+    let spec = format!("longmamba:file={}", out.path().join("longmamba.json").display());
+    let f = ForgetSpec::parse(&spec).unwrap();
+    assert_eq!(ForgetSpec::parse(&f.to_string()).unwrap(), f, "{f}");
+    let json = serde_json::to_string(&f).unwrap();
+    assert_eq!(serde_json::from_str::<ForgetSpec>(&json).unwrap(), f, "{json}");
+    let mut m = Model::load(&t64()).unwrap();
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 31 + 5) % 250).collect();
+    let plain = logits(&m, &ids, 64);
+    m.set_forget(f).unwrap();
+    let step = logits(&m, &ids, 1);
+    assert!(rel(&step, &plain) > 1e-3, "the method must change the logits");
+    for chunk in [200, 64, 7] {
+        let e = rel(&logits(&m, &ids, chunk), &step);
+        assert!(e <= 1e-5, "chunk {chunk} vs step: rel {e:.3e}");
+    }
+}
+
+/// A calibration stopped after some windows resumes to the same file as one run straight through.
+#[test]
+fn a_stopped_calibration_resumes_to_the_same_tables() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    calibrate(a.path(), &t64(), &["--windows", "6"]).unwrap();
+    calibrate(b.path(), &t64(), &["--windows", "6", "--stop-after", "2"]).unwrap();
+    assert!(!b.path().join("longmamba.json").exists() && b.path().join("longmamba.checkpoint.json").exists());
+    let err = format!("{:#}", calibrate(b.path(), &t64(), &["--windows", "6"]).unwrap_err());
+    assert!(err.contains("--resume"), "{err}");
+    calibrate(b.path(), &t64(), &["--windows", "6", "--resume"]).unwrap();
+    let (x, y) = (read(&a.path().join("longmamba.json")), read(&b.path().join("longmamba.json")));
+    for k in ["retention", "threshold", "windows"] {
+        assert_eq!(x[k], y[k], "{k}");
+    }
+    // Another option is another run: refused rather than mixed.
+    calibrate(b.path(), &t64(), &["--windows", "6", "--stop-after", "1", "--overwrite"]).unwrap();
+    let err =
+        format!("{:#}", calibrate(b.path(), &t64(), &["--windows", "6", "--top", "0.2", "--resume"]).unwrap_err());
+    assert!(err.contains("another run"), "{err}");
+}
+
+#[test]
+fn longmamba_refuses_what_it_cannot_use() {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path();
+    let e = |r: anyhow::Result<()>| format!("{:#}", r.unwrap_err());
+    let (m, t) = (t64(), persuasion());
+    let args = ["longmamba", "--model", m.to_str().unwrap(), "--text", &t, "--train-len", "64", "--target", "64"];
+    let err = e(cli(&args));
+    assert!(err.contains("must exceed --train-len"), "{err}");
+    let err = e(calibrate(o, &t64(), &["--windows", "5000"]));
+    assert!(err.contains("the text has"), "{err}");
+    let err = e(calibrate(o, &data("rwkv6_tiny"), &["--windows", "2"]));
+    assert!(err.contains("Mamba-2"), "{err}");
+
+    calibrate(o, &t64(), &["--windows", "4"]).unwrap();
+    let file = o.join("longmamba.json");
+    let spec = |extra: &str| ForgetSpec::parse(&format!("longmamba:file={}{extra}", file.display()));
+    let err = format!("{:#}", spec(",b=0").unwrap_err());
+    assert!(err.contains("b must be > 0"), "{err}");
+    let err = format!("{:#}", ForgetSpec::parse("longmamba:file=/nonexistent/longmamba.json").unwrap_err());
+    assert!(err.contains("/nonexistent/longmamba.json"), "{err}");
+    let err = format!("{:#}", ForgetSpec::parse("longmamba").unwrap_err());
+    assert!(err.contains("missing file="), "{err}");
+    // Another model of the same shape (the 2,048-token one): refused by content.
+    let mut other = Model::load(&shipped("mamba2-tiny-l4-t2048-a3-4m")).unwrap();
+    let err = format!("{:#}", other.set_forget(spec("").unwrap()).unwrap_err());
+    assert!(err.contains("calibrated on another model"), "{err}");
+    // Another family: refused by the core.
+    let mut rwkv = Model::load(&data("rwkv6_tiny")).unwrap();
+    let err = format!("{:#}", rwkv.set_forget(spec("").unwrap()).unwrap_err());
+    assert!(err.contains("per Mamba-2 head"), "{err}");
+    // A tampered file fails its seal.
+    let text = std::fs::read_to_string(&file).unwrap().replacen("\"heads\": 8", "\"heads\": 4", 1);
+    std::fs::write(&file, text).unwrap();
+    assert!(spec("").is_err());
+}
