@@ -130,10 +130,12 @@ extern "C" __global__ void conv_state_update(const float* zx, float* cs, int T, 
     }
 }
 
-// Δ = clamp(softplus(raw + dt_bias), lo, hi) · scale (Δ scaling's c; 1 otherwise).
-__device__ __forceinline__ float delta(float raw, float lo, float hi, float scale) {
+// Δ = clamp(softplus(raw + dt_bias), lo, hi) · scale (Δ scaling's c; 1 otherwise); then LongMamba's
+// filter where the layer has thresholds `th` (H; null otherwise): Δ ← 0 where Δ ≤ th[h].
+__device__ __forceinline__ float delta(float raw, float lo, float hi, float scale, const float* th, int h) {
     float sp = raw > 20.0f ? raw : log1pf(expf(raw));
-    return fminf(fmaxf(sp, lo), hi) * scale;
+    float d = fminf(fmaxf(sp, lo), hi) * scale;
+    return th && d <= th[h] ? 0.0f : d;
 }
 
 // One token (decode; Mamba2::step's conv and Δ): threads ch < cd do conv_silu and conv_state_update
@@ -141,12 +143,12 @@ __device__ __forceinline__ float delta(float raw, float lo, float hi, float scal
 // head h.
 extern "C" __global__ void conv_step(const float* zx, float* cs, const float* cw, const float* cb, float* u,
                                      const float* dt_bias, float* dt, int nin, int di, int cd, int k, int gn, int H,
-                                     float b_scale, float lo, float hi, float scale) {
+                                     float b_scale, float lo, float hi, float scale, const float* th) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= cd + H) return;
     if (i >= cd) {
         int h = i - cd;
-        dt[h] = delta(zx[nin - H + h] + dt_bias[h], lo, hi, scale);
+        dt[h] = delta(zx[nin - H + h] + dt_bias[h], lo, hi, scale, th, h);
         return;
     }
     float in = zx[di + i], acc = cb ? cb[i] : 0.0f;
@@ -171,7 +173,8 @@ extern "C" __global__ void conv_step(const float* zx, float* cs, const float* cw
 // Δ (Mamba2::layer): dt (T, H) = delta(zx[:, nin − H + h] + dt_bias[h]); and cum (T, H): the
 // inclusive cumulative log decay Σ (dt·A + la) within each block of Q tokens. One thread per (block, head).
 extern "C" __global__ void ssd_cumsum(const float* zx, const float* dt_bias, const float* a_log, float* dt, float* cum,
-                                      int T, int nin, int H, float lo, float hi, float scale, float la) {
+                                      int T, int nin, int H, float lo, float hi, float scale, float la,
+                                      const float* th) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     int nb = (T + Q - 1) / Q;
     if (i >= nb * H) return;
@@ -179,7 +182,7 @@ extern "C" __global__ void ssd_cumsum(const float* zx, const float* dt_bias, con
     float a = -expf(a_log[h]), acc = 0.0f;
     int end = min(T, (c + 1) * Q);
     for (int t = c * Q; t < end; t++) {
-        float d = delta(zx[(long)t * nin + nin - H + h] + dt_bias[h], lo, hi, scale);
+        float d = delta(zx[(long)t * nin + nin - H + h] + dt_bias[h], lo, hi, scale, th, h);
         dt[(long)t * H + h] = d;
         acc += d * a + la;
         cum[(long)t * H + h] = acc;

@@ -169,12 +169,12 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned b
         f = [&] {
             conv_step(A(0, const float*), A(1, float*), A(2, const float*), A(3, const float*), A(4, float*), A(5, const float*),
                       A(6, float*), A(7, int), A(8, int), A(9, int), A(10, int), A(11, int), A(12, int), A(13, float),
-                      A(14, float), A(15, float), A(16, float));
+                      A(14, float), A(15, float), A(16, float), A(17, const float*));
         };
     else if (n == "ssd_cumsum")
         f = [&] {
             ssd_cumsum(A(0, const float*), A(1, const float*), A(2, const float*), A(3, float*), A(4, float*), A(5, int),
-                       A(6, int), A(7, int), A(8, float), A(9, float), A(10, float), A(11, float));
+                       A(6, int), A(7, int), A(8, float), A(9, float), A(10, float), A(11, float), A(12, const float*));
         };
     else if (n == "ssd_chunk_state")
         f = [&] {

@@ -105,8 +105,10 @@ fn ppl_on_the_gpu_gives_the_cpu_curve() {
 }
 
 /// Every training-free forgetting method gives the CPU's mean NLL on the GPU, and one that differs
-/// from no forgetting (so the method did act): RRI and Δ scaling inside the kernels, the window's
-/// lagged state per layer, reset and state normalization between calls at the CPU's positions.
+/// from no forgetting (so the method did act): RRI, Δ scaling (one factor, and one per layer),
+/// A scaling (`decay`, one and per layer: the device's A_log + ln s) and LongMamba's thresholds
+/// inside the kernels, the window's lagged state per layer, reset and state normalization between
+/// calls at the CPU's positions.
 #[test]
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
 fn forgetting_on_the_gpu_matches_the_cpu() {
@@ -115,8 +117,23 @@ fn forgetting_on_the_gpu_matches_the_cpu() {
     let n = if EMU { "1200" } else { "20000" };
     let mean = |dev: &str, forget: &str| ppl_mean(dir.path(), &model, dev, n, &["--forget", forget]);
     let none = mean("cpu", "none");
-    let methods =
-        ["rri:a=0.999,b=0.75", "dt:c=0.5", "window:r=100", "state-norm:every=128,calib=64", "reset:every=300"];
+    let lm = dir.path().join("lm");
+    let text = data("../../host/assets/corpus/austen_persuasion.txt").display().to_string();
+    let calib =
+        ["longmamba", "--model", &model, "--text", &text, "--train-len", "64", "--target", "2k", "--windows", "8"];
+    stuffed_tests::cli(&[&calib[..], &["--out", lm.to_str().unwrap()]].concat()).unwrap();
+    let longmamba = format!("longmamba:file={}", lm.join("longmamba.json").display());
+    let methods = [
+        "rri:a=0.999,b=0.75",
+        "dt:c=0.5",
+        "dt:c=0.5/1/2/0.7",
+        "decay:s=0.5",
+        "decay:s=0.5/1/2/0.7",
+        &longmamba,
+        "window:r=100",
+        "state-norm:every=128,calib=64",
+        "reset:every=300",
+    ];
     for forget in methods {
         let (cpu, gpu) = (mean("cpu", forget), mean("cuda", forget));
         println!("--forget {forget}: mean NLL cpu {cpu:.6} cuda {gpu:.6} (none {none:.6})");

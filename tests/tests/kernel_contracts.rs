@@ -555,6 +555,7 @@ fn conv_step_matches_one_token_of_the_conv_and_delta() {
             Arg::F32(lo),
             Arg::F32(hi),
             Arg::F32(scale),
+            Arg::Ptr(0),
         ];
         gpu.launch_n("conv_step", cd + h, &args).unwrap();
         let shape = format!("di {di}, G·N {gn}, k {k}");
@@ -578,6 +579,16 @@ fn conv_step_matches_one_token_of_the_conv_and_delta() {
             .map(|hh| (stuffed_core::ops::softplus(zx[nin - h + hh] + dt_bias[hh]).clamp(lo, hi)) * scale)
             .collect();
         check("conv_step (Δ)", &shape, &download(&dt, h), &want, 1e-6);
+        // LongMamba's thresholds: Δ ← 0 where Δ ≤ θ_h (θ at, above and below each head's Δ).
+        let plain = download::<f32>(&dt, h);
+        let theta: Vec<f32> = plain.iter().enumerate().map(|(hh, &d)| [d, d * 1.5, d * 0.5][hh % 3]).collect();
+        let thb = DBuf::from(&theta).unwrap();
+        let cs2 = DBuf::from(&cs).unwrap();
+        let mut targs = args;
+        (targs[1], targs[17]) = (Arg::Ptr(cs2.ptr()), Arg::Ptr(thb.ptr()));
+        gpu.launch_n("conv_step", cd + h, &targs).unwrap();
+        let want: Vec<f32> = plain.iter().zip(&theta).map(|(&d, &t)| if d <= t { 0.0 } else { d }).collect();
+        check("conv_step (Δ, thresholds)", &format!("di {di}"), &download(&dt, h), &want, 0.0);
     }
 }
 
@@ -747,6 +758,8 @@ fn ssd_inputs(s: Ssd, seed: u64) -> SsdInputs {
 #[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
 fn ssd_cumsum_gives_delta_and_the_in_block_decay_sum() {
     let gpu = Gpu::new().unwrap();
+    // Steps the thresholds zeroed, of all.
+    let mut filtered = (0, 0);
     for (k, s) in SSD_SHAPES.iter().enumerate() {
         let (t, h) = (s.t, s.h);
         let nin = 2 * s.di() + 2 * s.g * s.n + h;
@@ -754,7 +767,14 @@ fn ssd_cumsum_gives_delta_and_the_in_block_decay_sum() {
         zx[nin - 1] = 30.0; // softplus's linear branch
         let (dt_bias, a_log) = (values(h, 301, 1.0), values(h, 302, 1.0));
         // Clamps off and scale 1; then both clamps active, Δ scaling and RRI's la.
-        for (lo, hi, scale, la) in [(0.0f32, f32::INFINITY, 1.0f32, 0.0f32), (0.05, 2.0, 0.5, -0.01)] {
+        // And LongMamba's thresholds (one per head, about each head's median Δ): Δ ← 0 at or below.
+        let theta: Vec<f32> = (0..h).map(|hh| 0.3 + 0.4 * hh as f32).collect();
+        let thb = DBuf::from(&theta).unwrap();
+        for (lo, hi, scale, la, th) in [
+            (0.0f32, f32::INFINITY, 1.0f32, 0.0f32, false),
+            (0.05, 2.0, 0.5, -0.01, false),
+            (0.0, f32::INFINITY, 1.0, 0.0, true),
+        ] {
             let (zb, bb, ab) = (DBuf::from(&zx).unwrap(), DBuf::from(&dt_bias).unwrap(), DBuf::from(&a_log).unwrap());
             let (dtb, cumb) = (DBuf::new(t * h * 4).unwrap(), DBuf::new(t * h * 4).unwrap());
             let args = [
@@ -770,15 +790,26 @@ fn ssd_cumsum_gives_delta_and_the_in_block_decay_sum() {
                 Arg::F32(hi),
                 Arg::F32(scale),
                 Arg::F32(la),
+                Arg::Ptr(if th { thb.ptr() } else { 0 }),
             ];
             gpu.launch_n("ssd_cumsum", s.nb() * h, &args).unwrap();
-            let shape = format!("T {t}, H {h}, clamp [{lo}, {hi}], scale {scale}, la {la}");
+            let shape = format!("T {t}, H {h}, clamp [{lo}, {hi}], scale {scale}, la {la}, thresholds {th}");
             let dt: Vec<f32> = (0..t * h)
                 .map(|e| {
-                    (stuffed_core::ops::softplus(zx[e / h * nin + nin - h + e % h] + dt_bias[e % h]).clamp(lo, hi))
-                        * scale
+                    let d = (stuffed_core::ops::softplus(zx[e / h * nin + nin - h + e % h] + dt_bias[e % h])
+                        .clamp(lo, hi))
+                        * scale;
+                    if th && d <= theta[e % h] {
+                        0.0
+                    } else {
+                        d
+                    }
                 })
                 .collect();
+            if th {
+                filtered.0 += dt.iter().filter(|&&d| d == 0.0).count();
+                filtered.1 += dt.len();
+            }
             check("ssd_cumsum (Δ)", &shape, &download(&dtb, t * h), &dt, 1e-6);
             let (mut want, mut mag) = (vec![0f64; t * h], vec![0f64; t * h]);
             for c in 0..s.nb() {
@@ -796,6 +827,8 @@ fn ssd_cumsum_gives_delta_and_the_in_block_decay_sum() {
             check_sum("ssd_cumsum (cum)", &shape, &download(&cumb, t * h), &want, &mag, 1.0 / (1u64 << 17) as f64);
         }
     }
+    println!("thresholds zeroed {} of {} steps", filtered.0, filtered.1);
+    assert!(filtered.0 > 0 && filtered.0 < filtered.1, "the thresholds filter some steps, not all: {filtered:?}");
 }
 
 /// Each block's own state Σ_j exp(cum_last − cum_j)·Δ_j·x_jᵀ·B_j — the recurrence from zero over the

@@ -21,7 +21,12 @@ struct Layer {
     conv_w: DBuf,
     conv_b: Option<DBuf>,
     dt_bias: DBuf,
+    /// A_log, plus ln s under `decay:s` (A′ = s·A: the device copy is derived anyway).
     a_log: DBuf,
+    /// The factor on Δ: `dt:c`, or this layer's of `dt:c=…/…`; else 1.
+    dt_scale: f32,
+    /// LongMamba's thresholds per head (`longmamba:file=…`).
+    dt_threshold: Option<DBuf>,
     d: DBuf,
     d_per_channel: bool,
     gate_norm: DBuf,
@@ -232,11 +237,6 @@ impl GpuMamba2 {
         let path = model.info.path.display().to_string();
         let m = mamba2_of(model)?;
         let forget = m.forget();
-        if let Forget::Decay { .. } | Forget::DtLayers(_) | Forget::DecayLayers(_) | Forget::DtThreshold(_) = forget {
-            // The kernels scale Δ (dt) and B (rri) by one factor for every layer, not A alone, a
-            // factor per layer nor a threshold per head: refuse rather than ignore it.
-            bail!("{path}: --forget {} runs on the CPU only (--device cuda takes rri, dt and window)", model.forget);
-        }
         let c = m.cfg;
         // A window call holds at most r tokens (as on the CPU).
         let chunk = match forget {
@@ -259,7 +259,9 @@ impl GpuMamba2 {
         let (chunk, sub) = (plan.chunk, plan.sub);
         let (d, di, nh, cd, nin) = (c.d_model, c.d_inner(), c.n_heads, c.conv_dim(), c.in_proj_rows());
         let mut layers = Vec::with_capacity(c.n_layer);
-        for l in m.w.layers {
+        for (li, l) in m.w.layers.iter().enumerate() {
+            let ln_s = forget.a_scale(li).ln();
+            let a_log: Vec<f32> = (0..l.a_log.len()).map(|h| l.a_log.get(h) + ln_s).collect();
             layers.push(Layer {
                 norm: vec_f32(&l.norm)?,
                 in_proj: mat(&l.in_proj, dt)?,
@@ -267,7 +269,12 @@ impl GpuMamba2 {
                 conv_w: vec_f32(&l.conv_w)?,
                 conv_b: l.conv_b.as_ref().map(vec_f32).transpose()?,
                 dt_bias: vec_f32(&l.dt_bias)?,
-                a_log: vec_f32(&l.a_log)?,
+                a_log: DBuf::from(&a_log)?,
+                dt_scale: forget.dt_scale(li),
+                dt_threshold: match forget {
+                    Forget::DtThreshold(th) => Some(DBuf::from(th.layer(li))?),
+                    _ => None,
+                },
                 d: vec_f32(&l.d)?,
                 d_per_channel: l.d.len() == di,
                 gate_norm: vec_f32(&l.gate_norm)?,
@@ -479,7 +486,7 @@ impl GpuMamba2 {
         let c = self.cfg;
         let (d, di, nh, p, n, g) = (c.d_model, c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups);
         let cd = c.conv_dim();
-        let (la, _, _) = self.forget_params();
+        let (la, _) = self.forget_params();
         let gpu = &self.gpu;
         let k = Kernels::of(self.dt);
         gpu.launch_n(k.embed, t * d, &[Arg::Ptr(self.embed.ptr()), Arg::Ptr(tok), Arg::Ptr(self.x.ptr()), i(t), i(d)])?;
@@ -616,7 +623,8 @@ impl GpuMamba2 {
         let c = self.cfg;
         let (di, nh, p, n, g, k) = (c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups, c.d_conv);
         let (cd, nin, gn) = (c.conv_dim(), c.in_proj_rows(), c.n_groups * c.d_state);
-        let (la, b_scale, dt_scale) = self.forget_params();
+        let (la, b_scale) = self.forget_params();
+        let th = l.dt_threshold.as_ref().map_or(0, |b| b.ptr());
         let gpu = &self.gpu;
         let cb = l.conv_b.as_ref().map_or(0, |b| b.ptr());
         if t == 1 {
@@ -641,7 +649,8 @@ impl GpuMamba2 {
                     Arg::F32(b_scale),
                     Arg::F32(c.dt_min),
                     Arg::F32(c.dt_max),
-                    Arg::F32(dt_scale),
+                    Arg::F32(l.dt_scale),
+                    Arg::Ptr(th),
                 ],
             )?;
             gpu.launch(
@@ -696,12 +705,12 @@ impl GpuMamba2 {
         Ok(())
     }
 
-    /// (log a per token, B scale, Δ scale) of RRI and Δ scaling; neutral otherwise.
-    fn forget_params(&self) -> (f32, f32, f32) {
+    /// (log a per token, B scale) of RRI; neutral otherwise. (Δ's factor and thresholds are the
+    /// layer's: [`Layer::dt_scale`], [`Layer::dt_threshold`].)
+    fn forget_params(&self) -> (f32, f32) {
         match self.forget {
-            Forget::Rri { a, b } => (a.ln(), b, 1.0),
-            Forget::Dt { c } => (0.0, 1.0, c),
-            _ => (0.0, 1.0, 1.0),
+            Forget::Rri { a, b } => (a.ln(), b),
+            _ => (0.0, 1.0),
         }
     }
 
@@ -740,7 +749,7 @@ impl GpuMamba2 {
         let c = self.cfg;
         let (di, nh, p, n, g) = (c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups);
         let (cd, nin, nb, q, gpu) = (c.conv_dim(), c.in_proj_rows(), Self::nb(t), GPU_Q, &self.gpu);
-        let (la, _, dt_scale) = self.forget_params();
+        let (la, _) = self.forget_params();
         // 3xTF32 keeps f32 models at f32 accuracy; bf16 models take plain TF32.
         let exact = self.dt == DType::F32;
         gpu.launch_n(
@@ -757,8 +766,9 @@ impl GpuMamba2 {
                 i(nh),
                 Arg::F32(c.dt_min),
                 Arg::F32(c.dt_max),
-                Arg::F32(dt_scale),
+                Arg::F32(l.dt_scale),
                 Arg::F32(la),
+                Arg::Ptr(l.dt_threshold.as_ref().map_or(0, |b| b.ptr())),
             ],
         )?;
         for gi in 0..g {
