@@ -273,6 +273,13 @@ pub mod readback {
                 parse: calibrate_ckpt_parse,
             },
             Target { name: "effrem-checkpoint", shape: Shape::Json, seeds: effrem_ckpt_seed, parse: effrem_ckpt_parse },
+            Target { name: "longmamba-result", shape: Shape::Json, seeds: longmamba_seed, parse: longmamba_parse },
+            Target {
+                name: "longmamba-checkpoint",
+                shape: Shape::Json,
+                seeds: longmamba_ckpt_seed,
+                parse: longmamba_ckpt_parse,
+            },
             Target { name: "forget-spec", shape: Shape::Lines, seeds: forget_seed, parse: forget_parse },
         ]
     }
@@ -368,6 +375,60 @@ pub mod readback {
         let _ = std::fs::remove_file(d.join("effrem.json"));
         std::fs::write(d.join("effrem.checkpoint.json"), resealed(b))?;
         let mut a = effrem_args(&d, false);
+        a.push("--resume".into());
+        stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// `longmamba` on the fuzz model: its arguments into `out` (3 windows; 1 with `stop` given).
+    fn longmamba_args(out: &Path, stop: bool) -> Vec<String> {
+        let text = scratch().join("longmamba.txt");
+        let _ = std::fs::write(&text, "The grass is green. The sky is blue. The sun is yellow.\n".repeat(8));
+        let mut a: Vec<String> = ["longmamba", "--model", &model(), "--text", &text.display().to_string()]
+            .into_iter()
+            .chain(["--train-len", "8", "--target", "64", "--windows", "3", "--out"])
+            .map(String::from)
+            .collect();
+        a.push(out.display().to_string());
+        if stop {
+            a.extend(["--stop-after".into(), "1".into()]);
+        }
+        a
+    }
+
+    fn longmamba_seed() -> Result<Vec<Vec<u8>>> {
+        let d = scratch().join("longmamba-done");
+        if !d.join("longmamba.json").exists() {
+            let a = longmamba_args(&d, false);
+            stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>()).context("fuzz seed: longmamba run")?;
+        }
+        Ok(vec![std::fs::read(d.join("longmamba.json"))?])
+    }
+
+    /// The case as a longmamba.json read through `--forget longmamba:file=`, set on the model.
+    fn longmamba_parse(b: &[u8]) -> Result<()> {
+        let f = scratch().join("longmamba-case.json");
+        std::fs::write(&f, resealed(b))?;
+        let spec = crate::forget::ForgetSpec::parse(&format!("longmamba:file={}", f.display()))?;
+        let mut m = crate::model::Model::load(Path::new(&model()))?;
+        m.set_forget(spec)
+    }
+
+    fn longmamba_ckpt_seed() -> Result<Vec<Vec<u8>>> {
+        let d = scratch().join("longmamba-stopped");
+        let a = longmamba_args(&d, true);
+        if !d.join("longmamba.checkpoint.json").exists() {
+            stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>()).context("fuzz seed: stopped longmamba run")?;
+        }
+        Ok(vec![std::fs::read(d.join("longmamba.checkpoint.json"))?])
+    }
+
+    /// The case as the checkpoint of a stopped calibration, resumed to its end.
+    fn longmamba_ckpt_parse(b: &[u8]) -> Result<()> {
+        let d = scratch().join("longmamba-resumed");
+        std::fs::create_dir_all(&d)?;
+        let _ = std::fs::remove_file(d.join("longmamba.json"));
+        std::fs::write(d.join("longmamba.checkpoint.json"), resealed(b))?;
+        let mut a = longmamba_args(&d, false);
         a.push("--resume".into());
         stuffed(&a.iter().map(String::as_str).collect::<Vec<_>>())
     }
