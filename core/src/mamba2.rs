@@ -805,6 +805,26 @@ impl Stack for Mamba2<'_> {
     }
 }
 
+impl Mamba2<'_> {
+    /// [`Recurrent::forward`] (chunked) that also writes each layer's Δ after the forgetting
+    /// knobs into `dt (n_layer, t, H)`: what LongMamba's calibration reads, in one call rather than
+    /// one call per token.
+    pub fn forward_dt(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        dt: &mut [f32],
+    ) -> Result<(), Error> {
+        let (t, nh) = (tokens.len(), self.cfg.n_heads);
+        need("mamba2 Δ tap", dt.len(), self.cfg.n_layer * t * nh)?;
+        let tap = |l: usize, s: &Scratch<'_>| dt[l * t * nh..(l + 1) * t * nh].copy_from_slice(&s.dt[..t * nh]);
+        crate::model::run_stack_tapped(self, ex, tokens, state, scratch, hidden, None, Scan::Chunked, tap)
+    }
+}
+
 impl Recurrent for Mamba2<'_> {
     #[allow(clippy::too_many_arguments)]
     fn run(

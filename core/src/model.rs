@@ -222,8 +222,25 @@ pub(crate) fn run_stack<S: Stack + ?Sized>(
     state: &mut [f32],
     scratch: &mut [f32],
     hidden: &mut [f32],
+    probe: Option<&mut [f32]>,
+    scan: Scan,
+) -> Result<(), Error> {
+    run_stack_tapped(net, ex, tokens, state, scratch, hidden, probe, scan, |_: usize, _: &S::Scratch<'_>| {})
+}
+
+/// [`run_stack`], calling `tap` after each layer with what it left in the scratch (a family's
+/// intermediate values, e.g. Mamba-2's Δ).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_stack_tapped<S: Stack + ?Sized, F: for<'x> FnMut(usize, &S::Scratch<'x>)>(
+    net: &S,
+    ex: &dyn Exec,
+    tokens: &[u32],
+    state: &mut [f32],
+    scratch: &mut [f32],
+    hidden: &mut [f32],
     mut probe: Option<&mut [f32]>,
     scan: Scan,
+    mut tap: F,
 ) -> Result<(), Error> {
     let (t, d) = (tokens.len(), net.d_model());
     check_call(net, tokens, state, hidden, probe.as_deref())?;
@@ -243,6 +260,7 @@ pub(crate) fn run_stack<S: Stack + ?Sized>(
         let pr = probe.as_deref_mut().map(|p| &mut p[l * pp..(l + 1) * pp]);
         let ws = tail.as_mut().map(|w| w.layer(l));
         net.run_layer(Call { ex, t, scan, l }, x, st, &mut s, pr, ws)?;
+        tap(l, &s);
         if !net.checks_own_state(scan) {
             check_finite(st, 1, Site::State(l))?;
         }

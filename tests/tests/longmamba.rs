@@ -35,6 +35,65 @@ fn layer0_dt(m: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Mamba-2's Δ tap (what the calibration reads, one chunked call) gives every layer's Δ per token
+/// as one-token calls' probe sums do, to rounding, under any forgetting method (here LongMamba's own:
+/// the tap reads Δ after the filter, zeros included).
+#[test]
+fn the_delta_tap_is_each_tokens_delta() {
+    let out = tempfile::tempdir().unwrap();
+    calibrate(out.path(), &t64(), &["--windows", "4"]).unwrap();
+    let ids: Vec<u32> = (0..150u32).map(|i| (i * 7919 + 13) % 250).collect();
+    let doc = read(&out.path().join("longmamba.json"));
+    let flat = |k: &str| -> Vec<f32> {
+        doc[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+            .collect()
+    };
+    // θ in force per (layer, head) at the defaults b = 1, c = 0.05.
+    let theta: Vec<f32> =
+        flat("threshold").iter().zip(flat("retention")).map(|(&t, r)| if r > 0.05 { t } else { 0.0 }).collect();
+    for spec in ["none".to_string(), format!("longmamba:file={}", out.path().join("longmamba.json").display())] {
+        let mut m = Model::load(&t64()).unwrap();
+        m.set_forget(ForgetSpec::parse(&spec).unwrap()).unwrap();
+        let net = m.net();
+        let (nl, nh, t) = (net.n_layer(), net.n_heads(), ids.len());
+        let ex = stuffed::exec::Pool::new();
+        let (mut state, mut scratch) = (vec![0f32; net.state_len()], vec![0f32; net.scratch_len(t)]);
+        let (mut hidden, mut dt) = (vec![0f32; t * m.info.d_model], vec![0f32; nl * t * nh]);
+        m.mamba2().unwrap().forward_dt(&ex, &ids, &mut state, &mut scratch, &mut hidden, &mut dt).unwrap();
+        // One-token calls: the probe's Δ sum (series 1 of 4 per layer) is that token's Δ.
+        let (mut st1, mut sc1) = (vec![0f32; net.state_len()], vec![0f32; net.scratch_len(1)]);
+        let (mut h1, mut probe) = (vec![0f32; m.info.d_model], vec![0f32; net.probe_len()]);
+        let (mut worst, mut zeros) = (0f32, 0);
+        for (tt, id) in ids.iter().enumerate() {
+            probe.fill(0.0);
+            net.forward_probed(&ex, std::slice::from_ref(id), &mut st1, &mut sc1, &mut h1, &mut probe).unwrap();
+            for l in 0..nl {
+                for h in 0..nh {
+                    let (a, b) = (dt[l * t * nh + tt * nh + h], probe[l * 4 * nh + nh + h]);
+                    zeros += (a == 0.0) as usize;
+                    if (a == 0.0) != (b == 0.0) {
+                        // Rounding put one side of the threshold's edge: the other is at θ.
+                        let (v, th) = (a.max(b), theta[l * nh + h]);
+                        assert!(
+                            (v - th).abs() <= 1e-4 * th,
+                            "{spec}: layer {l} head {h} token {tt}: {a} vs {b}, θ {th}"
+                        );
+                        continue;
+                    }
+                    worst = worst.max((a - b).abs() / b.abs().max(1e-3));
+                }
+            }
+        }
+        println!("{spec}: worst relative difference {worst:.2e}, {zeros} zeros");
+        assert!(worst <= 1e-4, "{spec}: {worst:e}");
+        assert_eq!(zeros > 0, spec != "none", "{spec}: the filter's zeros show in the tap");
+    }
+}
+
 /// The file holds one retention and one threshold per (layer, head); under the method, layer 0's
 /// Δ sum over a stream is exactly the sum of the Δ above b·θ on global heads (layer 0's Δ does not
 /// depend on the method), with some tokens filtered and some kept; a head whose retention is not

@@ -2,7 +2,7 @@
 //! GATECH-EIC/LongMamba 5da3e17, `load_align_target.py` L26–101 and `mamba_ssm/modules/mamba2.py`
 //! L234–300). On `windows` windows of the training length T, evenly spaced through the text (window
 //! i starts at ⌊N·i/windows⌋ + 10, as theirs), each from the zero state, it records Δ per token,
-//! layer and head, then per (layer, head):
+//! layer and head (Mamba-2's Δ tap, chunked calls), then per (layer, head):
 //!
 //! - clamps Δ from above at its k-th largest value, k = max(1, ⌊T·top⌋) (their `clampTop`);
 //! - the window's retention exp(A·Σ_t Δ̃_t): a head is *global* when it exceeds `c` (at use);
@@ -114,24 +114,34 @@ pub fn threshold(clamped: &[f64], target: usize) -> f64 {
     stretched[(first + 1).min(target - 1)]
 }
 
-/// Δ per token of one window from the zero state: `(T, layers·heads)`, read from the probe's
-/// per-call Δ sum (`dt_sum`) over one-token calls.
-fn window_dt(model: &Model, ids: &[u32]) -> Result<Vec<Vec<f64>>> {
+/// Tokens per forward call of the calibration.
+const CHUNK: usize = 512;
+
+/// Δ per token of one window from the zero state: `(T, layers·heads)`, from Mamba-2's Δ tap
+/// ([`stuffed_core::mamba2::Mamba2::forward_dt`]) over calls of [`CHUNK`] tokens.
+fn window_dt(model: &Model, m2: &stuffed_core::mamba2::Mamba2<'_>, ids: &[u32]) -> Result<Vec<Vec<f64>>> {
     let net = model.net();
     let (nl, nh) = (net.n_layer(), net.n_heads());
-    let (names, _) = net.probe_series();
-    let k = names.iter().position(|n| *n == "dt_sum").ok_or_else(|| anyhow!("the model's probe has no dt_sum"))?;
-    let per_layer = names.len() * nh;
     let ex = crate::exec::Pool::new();
+    let chunk = CHUNK.min(ids.len());
     let mut state = vec![0f32; net.state_len()];
-    let mut scratch = vec![0f32; net.scratch_len(1)];
-    let mut hidden = vec![0f32; model.info.d_model];
-    let mut probe = vec![0f32; net.probe_len()];
+    let mut scratch = vec![0f32; net.scratch_len(chunk)];
+    let mut hidden = vec![0f32; chunk * model.info.d_model];
+    let mut dt = vec![0f32; nl * chunk * nh];
     let mut rows = Vec::with_capacity(ids.len());
-    for id in ids {
-        probe.fill(0.0);
-        net.forward_probed(&ex, std::slice::from_ref(id), &mut state, &mut scratch, &mut hidden, &mut probe)?;
-        rows.push((0..nl * nh).map(|i| probe[(i / nh) * per_layer + k * nh + i % nh] as f64).collect());
+    for piece in ids.chunks(chunk) {
+        let t = piece.len();
+        m2.forward_dt(
+            &ex,
+            piece,
+            &mut state,
+            &mut scratch,
+            &mut hidden[..t * model.info.d_model],
+            &mut dt[..nl * t * nh],
+        )?;
+        for tt in 0..t {
+            rows.push((0..nl * nh).map(|i| dt[(i / nh) * t * nh + tt * nh + i % nh] as f64).collect());
+        }
         if let Some(sig) = crate::interrupt::raised() {
             bail!("{sig}");
         }
@@ -234,15 +244,15 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: C
         }
         let i = done.len();
         let dt =
-            window_dt(&model, &ids[start(i)..start(i) + o.train_len]).map_err(|e| {
-                match crate::interrupt::raised() {
+            window_dt(&model, m2, &ids[start(i)..start(i) + o.train_len]).map_err(
+                |e| match crate::interrupt::raised() {
                     Some(sig) => anyhow!(
                         "{sig}: the finished windows are checkpointed in {}; continue with --resume",
                         out.display()
                     ),
                     None => e,
-                }
-            })?;
+                },
+            )?;
         done.push(measure(&dt, &a, o));
         this_run += 1;
         let c = Checkpoint { fingerprint: fp.clone(), key: key.clone(), windows: done.clone() };
