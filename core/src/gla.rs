@@ -18,7 +18,7 @@ use crate::error::{magnitude_bits, NON_FINITE_BITS};
 use crate::exec::{Exec, Shared, Simd};
 use crate::forget::WindowAt;
 use crate::gemm::{gemm_nt, gemm_raw, Panels, Product};
-use crate::ops::{exp, fast_exp, transpose};
+use crate::ops::{exp, fast_exp, hi_lo, transpose};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// Tokens per block of the chunked form.
@@ -426,15 +426,11 @@ pub unsafe fn window_head(
             let mut w = hi[c] as f64 + lo[c] as f64;
             let row = &mut lag[c * vd..(c + 1) * vd];
             if has {
-                let e = exp(lws[c]);
-                for (lv, vv) in row.iter_mut().zip(vs.iter()) {
-                    *lv = *lv * e + ks[c] * vv;
-                }
+                advance_row(row, ks[c], vs, lws[c]);
                 w -= lws[c] as f64;
             }
             w += lw[c] as f64;
-            hi[c] = w as f32;
-            lo[c] = (w - hi[c] as f64) as f32;
+            (hi[c], lo[c]) = hi_lo(w);
             let wr = if h.mode == Mode::Bonus { w - lw[c] as f64 } else { w };
             let qe = q[c] * exp(wr as f32);
             for (ov, lv) in out.iter_mut().zip(row.iter()) {
@@ -456,19 +452,21 @@ pub unsafe fn window_head(
         row.fill(0.0);
         for j in 0..r {
             let slot = ring + ((end + j) % r) * sl;
-            let (kc, vs, lwc) = (
-                ws.range(slot + hh * kd + c, 1)[0],
-                ws.range(slot + nh * kd + hh * vd, vd),
-                ws.range(slot + nh * (kd + vd) + hh * kd + c, 1)[0],
-            );
-            let e = exp(lwc);
-            for (sv, vv) in row.iter_mut().zip(vs.iter()) {
-                *sv = *sv * e + kc * vv;
-            }
+            let lwc = ws.range(slot + nh * (kd + vd) + hh * kd + c, 1)[0];
+            advance_row(row, ws.range(slot + hh * kd + c, 1)[0], ws.range(slot + nh * kd + hh * vd, vd), lwc);
             w += lwc as f64;
         }
-        hi[c] = w as f32;
-        lo[c] = (w - hi[c] as f64) as f32;
+        (hi[c], lo[c]) = hi_lo(w);
+    }
+}
+
+/// One key channel's row of a state `(V)` advanced by a cached token: row ← exp(lw)·row + k·v (the
+/// lag's step and the rebuild's).
+#[inline]
+fn advance_row(row: &mut [f32], k: f32, v: &[f32], lw: f32) {
+    let e = exp(lw);
+    for (sv, vv) in row.iter_mut().zip(v) {
+        *sv = *sv * e + k * vv;
     }
 }
 

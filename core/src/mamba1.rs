@@ -30,7 +30,7 @@ use crate::gemm::matmul;
 use crate::lanes::Lanes;
 use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{
-    causal_conv_silu, dot, exp, fast_exp, fast_silu, fast_softplus, map_in_place, rmsnorm, rmsnorm_inplace,
+    causal_conv_silu, dot, exp, fast_exp, fast_silu, fast_softplus, hi_lo, map_in_place, rmsnorm, rmsnorm_inplace,
 };
 use crate::weight::Weight;
 
@@ -654,12 +654,7 @@ impl<'a> Mamba1<'a> {
                     let abs = pos0 + tt;
                     let full = filled || abs >= r;
                     if full {
-                        let slot = &ring_r[(abs % r) * sl..(abs % r + 1) * sl];
-                        let (dto, uo, bo) = (slot[ch], slot[di + n + ch], &slot[di..di + n]);
-                        for ((lv, &a), &bv) in lh.iter_mut().zip(av).zip(bo) {
-                            *lv = *lv * exp(dto * a + la) + dto * uo * bv;
-                        }
-                        w -= dto as f64;
+                        w -= self.advance_cached(&ring_r[(abs % r) * sl..(abs % r + 1) * sl], ch, av, lh) as f64;
                     }
                     w += io.dt[tt * di + ch] as f64;
                     if full {
@@ -671,8 +666,7 @@ impl<'a> Mamba1<'a> {
                         yv[0] -= sub;
                     }
                 }
-                w2[0] = w as f32;
-                w2[1] = (w - w2[0] as f64) as f32;
+                (w2[0], w2[1]) = hi_lo(w);
             }
         });
         for tt in 0..io.t {
@@ -697,17 +691,25 @@ impl<'a> Mamba1<'a> {
                 hc.fill(0.0);
                 let mut w = 0f64;
                 for j in 0..r {
-                    let slot = &ring_r[((end + j) % r) * sl..((end + j) % r + 1) * sl];
-                    let (dto, uo, bo) = (slot[ch], slot[di + n + ch], &slot[di..di + n]);
-                    for ((hv, &a), &bv) in hc.iter_mut().zip(av).zip(bo) {
-                        *hv = *hv * exp(dto * a + la) + dto * uo * bv;
-                    }
-                    w += dto as f64;
+                    w +=
+                        self.advance_cached(&ring_r[((end + j) % r) * sl..((end + j) % r + 1) * sl], ch, av, hc) as f64;
                 }
-                w2[0] = w as f32;
-                w2[1] = (w - w2[0] as f64) as f32;
+                (w2[0], w2[1]) = hi_lo(w);
             }
         });
+    }
+
+    /// Channel `ch`'s state `h (N)` advanced by the cached token in ring `slot` (`[Δ | B | u]`):
+    /// h ← exp(Δ·A + ln a)·h + Δ·u·B, A the channel's row `a (N)` (the lag's step and the rebuild's).
+    /// Returns the token's Δ.
+    #[inline]
+    fn advance_cached(&self, slot: &[f32], ch: usize, a: &[f32], h: &mut [f32]) -> f32 {
+        let (di, n, la) = (self.cfg.d_inner, self.cfg.d_state, self.log_a());
+        let (dto, uo, bo) = (slot[ch], slot[di + n + ch], &slot[di..di + n]);
+        for ((hv, &av), &bv) in h.iter_mut().zip(a).zip(bo) {
+            *hv = *hv * exp(dto * av + la) + dto * uo * bv;
+        }
+        dto
     }
 }
 

@@ -18,7 +18,7 @@ use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
 use crate::gemm::{gemm_nt, gemm_raw, matmul, Panels, Product};
 use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{
-    axpy, causal_conv_silu, dot, exp, fast_exp, fast_silu, rmsnorm, rmsnorm_inplace, softplus, transpose,
+    axpy, causal_conv_silu, dot, exp, fast_exp, fast_silu, hi_lo, rmsnorm, rmsnorm_inplace, softplus, transpose,
 };
 use crate::weight::Weight;
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -657,23 +657,12 @@ impl Mamba2<'_> {
             let lh = unsafe { lags.range(hh * p * n, p * n) };
             let w2 = unsafe { wss.range(2 * hh, 2) };
             let a = self.a(lw, hh);
-            let g = hh / (nh / c.n_groups);
             let mut w = w2[0] as f64 + w2[1] as f64;
             for tt in 0..t {
                 let abs = pos0 + tt;
                 let full = filled || abs >= r;
                 if full {
-                    let slot = &ring_r[(abs % r) * sl..(abs % r + 1) * sl];
-                    let (lo, dto) = (slot[hh], slot[nh + hh]);
-                    let bo = &slot[2 * nh + g * c.d_state..2 * nh + (g + 1) * c.d_state];
-                    let xo = &slot[2 * nh + gn + hh * p..2 * nh + gn + (hh + 1) * p];
-                    let e = exp(lo);
-                    for (lp, &xv) in lh.chunks_exact_mut(n).zip(xo) {
-                        for (lv, &bv) in lp.iter_mut().zip(bo) {
-                            *lv = *lv * e + dto * xv * bv;
-                        }
-                    }
-                    w -= lo as f64;
+                    w -= self.advance_cached(&ring_r[(abs % r) * sl..(abs % r + 1) * sl], hh, lh) as f64;
                 }
                 w += (dt[tt * nh + hh] * a + la) as f64;
                 if full {
@@ -685,8 +674,7 @@ impl Mamba2<'_> {
                     }
                 }
             }
-            w2[0] = w as f32;
-            w2[1] = (w - w2[0] as f64) as f32;
+            (w2[0], w2[1]) = hi_lo(w);
         });
         for tt in 0..t {
             let slot = &mut ring[((pos0 + tt) % r) * sl..((pos0 + tt) % r + 1) * sl];
@@ -709,26 +697,34 @@ impl Mamba2<'_> {
             // SAFETY: head hh owns its lagged state, its window sum and its state.
             let (lh, w2, hst) =
                 unsafe { (lags.range(hh * p * n, p * n), wss.range(2 * hh, 2), hs.range(hh * p * n, p * n)) };
-            let g = hh / (nh / c.n_groups);
             lh.fill(0.0);
             hst.fill(0.0);
             let mut w = 0f64;
             for j in 0..r {
-                let slot = &ring_r[((end + j) % r) * sl..((end + j) % r + 1) * sl];
-                let (lo, dto) = (slot[hh], slot[nh + hh]);
-                let bo = &slot[2 * nh + g * c.d_state..2 * nh + (g + 1) * c.d_state];
-                let xo = &slot[2 * nh + gn + hh * p..2 * nh + gn + (hh + 1) * p];
-                let e = exp(lo);
-                for (hp, &xv) in hst.chunks_exact_mut(n).zip(xo) {
-                    for (hv, &bv) in hp.iter_mut().zip(bo) {
-                        *hv = *hv * e + dto * xv * bv;
-                    }
-                }
-                w += lo as f64;
+                w += self.advance_cached(&ring_r[((end + j) % r) * sl..((end + j) % r + 1) * sl], hh, hst) as f64;
             }
-            w2[0] = w as f32;
-            w2[1] = (w - w2[0] as f64) as f32;
+            (w2[0], w2[1]) = hi_lo(w);
         });
+    }
+
+    /// Head `hh`'s state `h (P, N)` advanced by the cached token in ring `slot`
+    /// (`[log α (H) | Δ (H) | B (G·N) | x (di)]`): h ← α·h + Δ·x·Bᵀ (the lag's step and the
+    /// rebuild's). Returns the token's log α.
+    #[inline]
+    fn advance_cached(&self, slot: &[f32], hh: usize, h: &mut [f32]) -> f32 {
+        let c = &self.cfg;
+        let (nh, n, p, gn) = (c.n_heads, c.d_state, c.head_dim, c.n_groups * c.d_state);
+        let g = hh / (nh / c.n_groups);
+        let (lo, dto) = (slot[hh], slot[nh + hh]);
+        let bo = &slot[2 * nh + g * n..2 * nh + (g + 1) * n];
+        let xo = &slot[2 * nh + gn + hh * p..2 * nh + gn + (hh + 1) * p];
+        let e = exp(lo);
+        for (hp, &xv) in h.chunks_exact_mut(n).zip(xo) {
+            for (hv, &bv) in hp.iter_mut().zip(bo) {
+                *hv = *hv * e + dto * xv * bv;
+            }
+        }
+        lo
     }
 }
 

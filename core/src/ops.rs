@@ -6,6 +6,14 @@ pub fn exp(x: f32) -> f32 {
     libm::expf(x)
 }
 
+/// `w` as the f32 pair (hi, lo) with hi + lo = w to ~48 bits: how a window keeps its log-decay sum
+/// in an f32 state without the sum's rounding growing with the stream.
+#[inline]
+pub fn hi_lo(w: f64) -> (f32, f32) {
+    let hi = w as f32;
+    (hi, (w - hi as f64) as f32)
+}
+
 #[inline]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + libm::expf(-x))

@@ -187,6 +187,8 @@ pub struct Model {
     pub forget: ForgetSpec,
     /// How sessions of this model store the state between calls (`--state-dtype`; f32 by default).
     pub state_precision: crate::state_dtype::StatePrecision,
+    /// [`Model::content_id`], hashed once (the weights never change under a loaded model).
+    content: std::sync::OnceLock<String>,
 }
 
 /// The directory a model path names (a file's parent; a model name, its cached snapshot): where its
@@ -301,8 +303,13 @@ impl Model {
 
     /// SHA-256 of what decides this model's numbers: the checkpoint directory's config.json (if
     /// any) and every tensor's name, dtype, shape and bytes, in name order (tensors hashed in
-    /// parallel). The same weights by another path, or in another container, give the same id.
+    /// parallel, once per loaded model). The same weights by another path, or in another container,
+    /// give the same id.
     pub fn content_id(&self) -> String {
+        self.content.get_or_init(|| self.hash_content()).clone()
+    }
+
+    fn hash_content(&self) -> String {
         use rayon::prelude::*;
         use sha2::{Digest, Sha256};
         let ck = self.checkpoint();
@@ -337,7 +344,13 @@ impl Model {
         })?;
         let info = info.context("a loader returned no description")?;
         let built = Built::try_new(viewed, |v| v.borrow_dependent().net())?;
-        Ok(Model { built, info, forget: ForgetSpec::None, state_precision: Default::default() })
+        Ok(Model {
+            built,
+            info,
+            forget: ForgetSpec::None,
+            state_precision: Default::default(),
+            content: Default::default(),
+        })
     }
 }
 

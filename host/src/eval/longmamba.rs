@@ -23,6 +23,7 @@ use crate::text::Input;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use stuffed_core::Recurrent;
 
 pub const RESULT: &str = "longmamba.json";
 const KIND: &str = "stuffed-longmamba";
@@ -117,44 +118,37 @@ pub fn threshold(clamped: &[f64], target: usize) -> f64 {
 /// Tokens per forward call of the calibration.
 const CHUNK: usize = 512;
 
-/// Δ per token of one window from the zero state: `(T, layers·heads)`, from Mamba-2's Δ tap
-/// ([`stuffed_core::mamba2::Mamba2::forward_dt`]) over calls of [`CHUNK`] tokens.
-fn window_dt(model: &Model, m2: &stuffed_core::mamba2::Mamba2<'_>, ids: &[u32]) -> Result<Vec<Vec<f64>>> {
-    let net = model.net();
-    let (nl, nh) = (net.n_layer(), net.n_heads());
-    let ex = crate::exec::Pool::new();
+/// Δ of one window from the zero state, per (layer, head) row-major, each over the window's tokens
+/// in order: Mamba-2's Δ tap ([`stuffed_core::mamba2::Mamba2::forward_dt`]) over calls of
+/// [`CHUNK`] tokens.
+fn window_dt(ex: &dyn stuffed_core::Exec, m2: &stuffed_core::mamba2::Mamba2<'_>, ids: &[u32]) -> Result<Vec<Vec<f64>>> {
+    let (nl, nh, d) = (m2.cfg.n_layer, m2.cfg.n_heads, m2.cfg.d_model);
     let chunk = CHUNK.min(ids.len());
-    let mut state = vec![0f32; net.state_len()];
-    let mut scratch = vec![0f32; net.scratch_len(chunk)];
-    let mut hidden = vec![0f32; chunk * model.info.d_model];
+    let mut state = vec![0f32; m2.state_len()];
+    let mut scratch = vec![0f32; m2.scratch_len(chunk)];
+    let mut hidden = vec![0f32; chunk * d];
     let mut dt = vec![0f32; nl * chunk * nh];
-    let mut rows = Vec::with_capacity(ids.len());
+    let mut cols = vec![Vec::with_capacity(ids.len()); nl * nh];
     for piece in ids.chunks(chunk) {
         let t = piece.len();
-        m2.forward_dt(
-            &ex,
-            piece,
-            &mut state,
-            &mut scratch,
-            &mut hidden[..t * model.info.d_model],
-            &mut dt[..nl * t * nh],
-        )?;
-        for tt in 0..t {
-            rows.push((0..nl * nh).map(|i| dt[(i / nh) * t * nh + tt * nh + i % nh] as f64).collect());
+        m2.forward_dt(ex, piece, &mut state, &mut scratch, &mut hidden[..t * d], &mut dt[..nl * t * nh])?;
+        for (i, col) in cols.iter_mut().enumerate() {
+            let (l, h) = (i / nh, i % nh);
+            col.extend((0..t).map(|tt| dt[l * t * nh + tt * nh + h] as f64));
         }
         if let Some(sig) = crate::interrupt::raised() {
             bail!("{sig}");
         }
     }
-    Ok(rows)
+    Ok(cols)
 }
 
-/// One window's retention and threshold per (layer, head); `a` holds A per (layer, head).
-fn measure(dt: &[Vec<f64>], a: &[f64], o: &Options) -> Window {
+/// One window's retention and threshold per (layer, head) from its Δ columns; `a` holds A per
+/// (layer, head).
+fn measure(cols: &[Vec<f64>], a: &[f64], o: &Options) -> Window {
     let (mut retention, mut threshold_) = (Vec::new(), Vec::new());
-    for (i, &ai) in a.iter().enumerate() {
-        let col: Vec<f64> = dt.iter().map(|row| row[i]).collect();
-        let clamped = clamp_top(&col, o.top);
+    for (col, &ai) in cols.iter().zip(a) {
+        let clamped = clamp_top(col, o.top);
         retention.push((ai * clamped.iter().sum::<f64>()).exp());
         threshold_.push(threshold(&clamped, o.target_len));
     }
@@ -231,6 +225,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: C
             None => Vec::new(),
         };
     let started = std::time::Instant::now();
+    let ex = crate::exec::Pool::new();
     let mut this_run = 0;
     while done.len() < o.windows {
         if o.stop_after.is_some_and(|s| this_run >= s) {
@@ -244,15 +239,15 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: C
         }
         let i = done.len();
         let dt =
-            window_dt(&model, m2, &ids[start(i)..start(i) + o.train_len]).map_err(
-                |e| match crate::interrupt::raised() {
+            window_dt(&ex, m2, &ids[start(i)..start(i) + o.train_len]).map_err(|e| {
+                match crate::interrupt::raised() {
                     Some(sig) => anyhow!(
                         "{sig}: the finished windows are checkpointed in {}; continue with --resume",
                         out.display()
                     ),
                     None => e,
-                },
-            )?;
+                }
+            })?;
         done.push(measure(&dt, &a, o));
         this_run += 1;
         let c = Checkpoint { fingerprint: fp.clone(), key: key.clone(), windows: done.clone() };
