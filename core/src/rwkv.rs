@@ -397,8 +397,9 @@ fn matmul_in_out(
     fn axpys<E: Elem>(x: &[f32], w: &[E], o: &mut [f32], Piece { ldw, cols, .. }: Piece) {
         let o = &mut o[..cols];
         o.fill(0.0);
+        let hint = crate::gemm::prefetch();
         for (&xv, wr) in x.iter().zip(w.chunks(ldw)) {
-            crate::gemm::prefetch_ahead(wr.as_ptr() as *const u8, cols * core::mem::size_of::<E>());
+            crate::gemm::prefetch_ahead(wr.as_ptr() as *const u8, cols * core::mem::size_of::<E>(), hint);
             for (ov, wv) in o.iter_mut().zip(&wr[..cols]) {
                 *ov += xv * wv.f32();
             }

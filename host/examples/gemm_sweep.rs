@@ -13,7 +13,12 @@
 //! ≈ 4 ns a product on two cores).
 //!
 //! `gemm_sweep peak`: what one core's FMA units issue alone (twelve independent chains of FMAs in
-//! 16 lanes and in 8, GFLOP/s, best of 5), the ceiling the kernels' GFLOP/s are read against.
+//! 16 lanes and in 8, GFLOP/s, best of 5), the ceiling the kernels' GFLOP/s are read against, and
+//! where the CPU has AVX512-BF16 the same for `vdpbf16ps` (a Zen 4 issues one a cycle: twice the
+//! FMA's products; a Xeon without AMX one every ≈ 2 cycles).
+//!
+//! The t = 1 rows stream their weights under the process's prefetch hint (`STUFFED_PREFETCH=l1|l2|off`;
+//! default l2 on AMD, l1 elsewhere): `STUFFED_PREFETCH=l2` against `l1` times the hint on a CPU.
 //!
 //! `gemm_sweep amx-f32`: what f32-stored weights gain on the AMX tiles (issue 22: "split them too,
 //! once at load or per chunk: measure both"). Each f32 weight as bf16 hi + lo (|w − hi − lo| ≤
@@ -349,12 +354,34 @@ fn fma_peak() {
         }
         peak!(peak_avx512, "avx512f", 16, _mm512_set1_ps, _mm512_fmadd_ps);
         peak!(peak_avx2, "avx2,fma", 8, _mm256_set1_ps, _mm256_fmadd_ps);
+        /// GFLOP/s of `vdpbf16ps` in 16 lanes (two bf16 products a lane), 12 chains: what the
+        /// `avx512bf16` level's kernel is read against (a Xeon without AMX issued it about every
+        /// 2 cycles, where the FMA issues twice a cycle).
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        unsafe fn peak_dpbf16() -> f64 {
+            const STEPS: usize = 20_000_000;
+            let secs = best_of_5(|| {
+                let one: __m512bh = std::mem::transmute(_mm512_set1_epi16(0x3f80));
+                let tiny: __m512bh = std::mem::transmute(_mm512_set1_epi16(0x3380));
+                let mut acc = [_mm512_set1_ps(1.0); 12];
+                for _ in 0..STEPS {
+                    for a in acc.iter_mut() {
+                        *a = _mm512_dpbf16_ps(*a, one, tiny);
+                    }
+                }
+                std::hint::black_box(acc);
+            });
+            (STEPS * 12 * 2 * 2 * 16) as f64 / secs / 1e9
+        }
         // SAFETY: each runs only where the CPU reports its features.
         if is_x86_feature_detected!("avx512f") {
             println!("FMA peak, one core, 16 lanes: {:6.1} GFLOP/s", unsafe { peak_avx512() });
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             println!("FMA peak, one core,  8 lanes: {:6.1} GFLOP/s", unsafe { peak_avx2() });
+        }
+        if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw") {
+            println!("vdpbf16ps peak, one core, 16 lanes: {:6.1} GFLOP/s", unsafe { peak_dpbf16() });
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -3,7 +3,7 @@ use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use stuffed_core::exec::{Exec, MatmulMode, Simd};
-use stuffed_core::gemm::Panels;
+use stuffed_core::gemm::{Panels, Prefetch};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Pool {
@@ -36,6 +36,7 @@ impl Pool {
     /// Uses rayon's global pool (sized by `--threads` or RAYON_NUM_THREADS, else all cores), the
     /// process's [`matmul_mode`] and the level [`default_simd`] picks for it.
     pub fn new() -> Pool {
+        init_prefetch();
         let mode = matmul_mode();
         Pool { threads: rayon::current_num_threads(), simd: default_simd(mode), mode }
     }
@@ -44,6 +45,7 @@ impl Pool {
     /// which asks the OS for the tile state only when `simd` is [`Simd::Amx`]; `STUFFED_SIMD` does
     /// not apply: a test asks for each level), in [`MatmulMode::Exact`].
     pub fn with_simd(simd: Simd) -> Pool {
+        init_prefetch();
         let best = if simd == Simd::Amx { cpu_simd() } else { base_simd() };
         Pool { threads: rayon::current_num_threads(), simd: cap(simd, best), mode: MatmulMode::Exact }
     }
@@ -103,6 +105,50 @@ impl Default for Pool {
     fn default() -> Self {
         Pool::new()
     }
+}
+
+/// Sets the core's [`Prefetch`] to [`detect_prefetch`]'s, once a process (every [`Pool`] does it
+/// when made).
+pub fn init_prefetch() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| stuffed_core::gemm::set_prefetch(detect_prefetch()));
+}
+
+/// How a token step's GEMVs ask for their weights ahead ([`Prefetch`]):
+/// `STUFFED_PREFETCH=l1|l2|off`, else [`Prefetch::L2`] on AMD CPUs (Zen 4: a one-thread GEMV read
+/// 9–10 GB/s through L1 prefetches, 18–19 through L2 ones) and [`Prefetch::L1`] elsewhere (what
+/// the Xeons measured; L2 has not been timed on one: `STUFFED_PREFETCH=l2 stuffed bench …` does).
+/// An unknown value says so on stderr, once, and is ignored.
+pub fn detect_prefetch() -> Prefetch {
+    if let Ok(v) = std::env::var("STUFFED_PREFETCH") {
+        match Prefetch::from_name(&v) {
+            Some(p) => return p,
+            None => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| eprintln!("stuffed: STUFFED_PREFETCH={v}: give l1, l2 or off; ignored"));
+            }
+        }
+    }
+    if cpu_vendor_is_amd() {
+        Prefetch::L2
+    } else {
+        Prefetch::L1
+    }
+}
+
+/// Whether CPUID's vendor string is AMD's (or Hygon's, the same cores).
+fn cpu_vendor_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut vendor = [0u8; 12];
+        for (i, w) in [r.ebx, r.edx, r.ecx].into_iter().enumerate() {
+            vendor[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        matches!(&vendor, b"AuthenticAMD" | b"HygonGenuine")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The process's [`MatmulMode`]: fast under `--fast-matmul` or `STUFFED_FAST_MATMUL=1`.

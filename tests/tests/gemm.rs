@@ -826,3 +826,62 @@ fn kernels_read_only_panel_bytes_they_wrote() {
     }
     println!("read only what they wrote: {ran:?}");
 }
+
+/// `STUFFED_PREFETCH` sets how a token step's GEMVs ask for their weights ahead (`l1`, `l2`,
+/// `off`; an unknown value is said on stderr and the CPU's default kept), and no hint changes a
+/// bit: a token step's product (the GEMVs and the AVX512-BF16 streamed tiles, both modes, every
+/// dtype, on every level here) through the model-sized weights (streamed, so the prefetches run)
+/// prints the same digest under each. Each value in a child process (this test again): the hint is
+/// process-wide, set once when the first pool is made.
+#[test]
+fn prefetch_hint_follows_the_environment_and_changes_no_bit() {
+    const CHILD: &str = "STUFFED_TEST_PREFETCH_CHILD";
+    if std::env::var(CHILD).is_ok() {
+        let _ = Pool::new();
+        let hint = stuffed_core::gemm::prefetch();
+        let (n, k) = (4100, 1030);
+        let x = values(k, 5);
+        let w = Stored::new(&values(n * k, 6));
+        let mut digest = 0u64;
+        for level in stuffed::exec::levels_here() {
+            for mode in [MatmulMode::Exact, MatmulMode::Fast] {
+                let pool = Pool::with_simd(level).with_mode(mode);
+                for dtype in ["f32", "bf16", "f16"] {
+                    let weight = Weight::new(w.data(dtype), n, k).unwrap();
+                    let mut out = vec![0f32; n];
+                    pool.run(|| matmul(&pool, &x, 1, &weight, &mut out)).unwrap();
+                    for v in &out {
+                        digest = digest.rotate_left(5) ^ v.to_bits() as u64;
+                    }
+                }
+            }
+        }
+        println!("hint {} digest {digest:016x}", hint.name());
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let run = |value: &str| {
+        let out = std::process::Command::new(&exe)
+            .args(["prefetch_hint_follows_the_environment_and_changes_no_bit", "--exact", "--nocapture"])
+            .env(CHILD, "1")
+            .env("STUFFED_PREFETCH", value)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "STUFFED_PREFETCH={value}: {:?}\n{stdout}", out.status);
+        let line = stdout.lines().find(|l| l.starts_with("hint ")).unwrap_or_else(|| panic!("{stdout}")).to_string();
+        (line, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let mut digests = Vec::new();
+    for value in ["l1", "l2", "off"] {
+        let (line, _) = run(value);
+        assert!(line.starts_with(&format!("hint {value} ")), "STUFFED_PREFETCH={value}: {line}");
+        digests.push(line.split(' ').next_back().unwrap().to_string());
+        println!("{line}");
+    }
+    assert!(digests.iter().all(|d| *d == digests[0]), "a prefetch hint changed the product: {digests:?}");
+    let (line, stderr) = run("t0");
+    let default = stuffed::exec::detect_prefetch();
+    assert!(line.starts_with(&format!("hint {} ", default.name())), "unknown value: {line}, not the default");
+    assert!(stderr.contains("STUFFED_PREFETCH=t0: give l1, l2 or off; ignored"), "{stderr}");
+}

@@ -154,12 +154,13 @@ pub unsafe fn gemv<E: Kernel>(p: Product<E>) {
     let Product { n, k, a, b, ldb, c, acc, .. } = p;
     let k32 = k / 32 * 32;
     let kv = k / 8 * 8;
+    let hint = super::prefetch();
     for j in 0..n {
         let bp = b.add(j * ldb);
         let mut s = [_mm256_setzero_ps(); 4];
         let mut l = 0;
         while l < k32 {
-            prefetch_ahead(bp.add(l));
+            prefetch_ahead(bp.add(l), hint);
             for (u, su) in s.iter_mut().enumerate() {
                 let o = l + 8 * u;
                 *su = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(o)), E::load8(bp.add(o)), *su);
@@ -186,8 +187,8 @@ pub const PREFETCH_BYTES: usize = 16 << 10;
 
 /// Asks for the cache lines of the 32 weights `PREFETCH_BYTES` past `p` ([`super::prefetch_ahead`]).
 #[inline(always)]
-fn prefetch_ahead<E>(p: *const E) {
-    super::prefetch_ahead(p as *const u8, 32 * core::mem::size_of::<E>());
+fn prefetch_ahead<E>(p: *const E, hint: super::Prefetch) {
+    super::prefetch_ahead(p as *const u8, 32 * core::mem::size_of::<E>(), hint);
 }
 
 /// [`gemv`] four weight rows at a time (AVX-512 VL: 32 ymm registers hold the 16 partial sums):
@@ -202,6 +203,7 @@ pub unsafe fn gemv_rows4<E: Kernel>(p: Product<E>) {
     let k32 = k / 32 * 32;
     let kv = k / 8 * 8;
     let n4 = n / 4 * 4;
+    let hint = super::prefetch();
     let mut j = 0;
     while j < n4 {
         let bp = [b.add(j * ldb), b.add((j + 1) * ldb), b.add((j + 2) * ldb), b.add((j + 3) * ldb)];
@@ -209,7 +211,7 @@ pub unsafe fn gemv_rows4<E: Kernel>(p: Product<E>) {
         let mut l = 0;
         while l < k32 {
             for row in bp {
-                prefetch_ahead(row.add(l));
+                prefetch_ahead(row.add(l), hint);
             }
             for u in 0..4 {
                 let o = l + 8 * u;

@@ -12,7 +12,8 @@
 //! Blocking: `TB` rows of `a` × `KC` columns at a time are split into the buffer (zero-padded to
 //! a multiple of 32), then every group of up to 4 weight rows meets every group of up to 4 of
 //! those rows (16 accumulators); a K tail loads the weights under a mask, so nothing past a row is
-//! read. Partial sums of a K block are added into `c`. One activation row (a token step) takes K
+//! read. Partial sums of a K block are added into `c` (fast mode, with no lo half to hold, takes
+//! blocks of `2·KC` columns). One activation row (a token step) takes K
 //! in blocks of `TB · KC` columns instead, so each weight row streams whole, with the GEMVs'
 //! software prefetch.
 //!
@@ -28,7 +29,7 @@ const TB: usize = 64;
 /// Columns (reduction) per block: hi + lo of a `TB × KC` block is 96 KiB of [`Panels`], and the 4 weight
 /// rows of a tile (3 KiB) stay in L1 while the block's rows go by.
 const KC: usize = 384;
-// hi then lo, in the caller's [`Panels`].
+// hi then lo, in the caller's [`Panels`] (fast mode: hi alone, `TB × 2·KC`).
 const _: () = assert!(2 * TB * KC * 2 <= PANEL_BYTES);
 
 /// `c[i·ldc + j] (+)= Σ_l a[i·lda + l] · b[j·ldb + l]`, as [`super::gemm_raw`].
@@ -46,13 +47,16 @@ pub unsafe fn gemm(p: Product<bf16>, mode: MatmulMode, panels: &mut Panels) {
         return;
     }
     let hi = panels.as_mut_ptr() as *mut u16;
-    let lo = hi.add(TB * KC);
+    // Fast mode has no lo half: its hi panel takes the whole buffer, twice `KC` columns a block
+    // (half the blocks, so half the tiles' final reductions); `lo` is then never read.
+    let (lo, kc_block) = if fast { (hi, 2 * KC) } else { (hi.add(TB * KC), KC) };
     // One activation row (a token step) streams each weight row whole, once, with the GEMVs'
     // software prefetch: by `KC`-column blocks it swept every row once per block, four 768-byte
     // pieces at a time, which the hardware prefetcher followed badly (Mamba-2 130m decode under
     // `--fast-matmul`: 14.1 ms/token against 10.4–12.0 for the default f32 GEMV).
     let stream = m == 1;
-    let kmax = if stream { TB * KC } else { KC };
+    let kmax = if stream { TB * KC } else { kc_block };
+    let prefetch = if stream { super::prefetch() } else { super::Prefetch::Off };
     let mut i0 = 0;
     while i0 < m {
         let i1 = (i0 + TB).min(m);
@@ -83,7 +87,7 @@ pub unsafe fn gemm(p: Product<bf16>, mode: MatmulMode, panels: &mut Panels) {
                         c: c.add(i * ldc + j),
                         ldc,
                         add,
-                        stream,
+                        prefetch,
                     };
                     let mt = (i1 - i).min(4);
                     if fast {
@@ -117,8 +121,8 @@ struct Block {
     ldc: usize,
     /// Add to what `c` holds.
     add: bool,
-    /// Prefetch the weights ahead (one activation row: the weights stream).
-    stream: bool,
+    /// How to ask for the weights ahead (one activation row: the weights stream; else `Off`).
+    prefetch: super::Prefetch,
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -232,15 +236,15 @@ unsafe fn cast_bh(v: __m512i) -> __m512bh {
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
 unsafe fn tile<const MT: usize, const NR: usize, const FAST: bool>(b: Block) {
-    let Block { hi, lo, kp, w, ldb, kc, c, ldc, add, stream } = b;
+    let Block { hi, lo, kp, w, ldb, kc, c, ldc, add, prefetch } = b;
     let mut s = [[_mm512_setzero_ps(); NR]; MT];
     let full = kc / 32 * 32;
     let mut wv = [cast_bh(_mm512_setzero_si512()); NR];
     let mut l = 0;
     while l < full {
-        if stream {
+        if prefetch != super::Prefetch::Off {
             for r in 0..NR {
-                super::prefetch_ahead(w.add(r * ldb + l) as *const u8, 64);
+                super::prefetch_ahead(w.add(r * ldb + l) as *const u8, 64, prefetch);
             }
         }
         for (r, v) in wv.iter_mut().enumerate() {
@@ -257,13 +261,33 @@ unsafe fn tile<const MT: usize, const NR: usize, const FAST: bool>(b: Block) {
         }
         step::<MT, NR, FAST>(&mut s, &wv, hi.add(l), lo.add(l), kp);
     }
+    // The `NR` sums of a row are `NR` consecutive outputs: reduced together, stored under a mask.
+    let keep = ((1u32 << NR) - 1) as __mmask8;
     for (i, row) in s.iter().enumerate() {
-        for (r, v) in row.iter().enumerate() {
-            let sum = hsum(*v);
-            let dst = c.add(i * ldc + r);
-            *dst = if add { *dst + sum } else { sum };
-        }
+        let mut four = [_mm512_setzero_ps(); 4];
+        four[..NR].copy_from_slice(row);
+        let sums = hsum4(&four);
+        let dst = c.add(i * ldc);
+        let sums = if add { _mm_add_ps(_mm_maskz_loadu_ps(keep, dst), sums) } else { sums };
+        _mm_mask_storeu_ps(dst, keep, sums);
     }
+}
+
+/// `[hsum(v[0]), hsum(v[1]), hsum(v[2]), hsum(v[3])]`, bit for bit (the same additions in the
+/// same pairs), with the four vectors' halves and quarters shuffled side by side: a tile's sixteen
+/// one-vector reductions were about a third of its instructions over a 384-column block.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn hsum4(v: &[__m512; 4]) -> __m128 {
+    // Each vector's quarters Q0 + Q2 and Q1 + Q3 (its 256-bit halves added), two vectors a register.
+    let h01 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(v[0], v[1]), _mm512_shuffle_f32x4::<0xEE>(v[0], v[1]));
+    let h23 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(v[2], v[3]), _mm512_shuffle_f32x4::<0xEE>(v[2], v[3]));
+    // Quarter r: vector r's (Q0 + Q2) + (Q1 + Q3).
+    let q = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(h01, h23), _mm512_shuffle_f32x4::<0xDD>(h01, h23));
+    // In each quarter, lane 0: (q0 + q2) + (q1 + q3), as `hsum`'s movehl and movehdup steps.
+    let q = _mm512_add_ps(q, _mm512_permute_ps::<0xEE>(q));
+    let q = _mm512_add_ps(q, _mm512_movehdup_ps(q));
+    _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), q))
 }
 
 /// One 32-wide step of K: every activation row's hi (and lo) against the loaded weight rows.
@@ -290,7 +314,9 @@ unsafe fn step<const MT: usize, const NR: usize, const FAST: bool>(
     }
 }
 
-/// The 16 lanes in a fixed, written-out order (halves onto halves).
+/// The 16 lanes in a fixed, written-out order (halves onto halves): what [`hsum4`] does for four
+/// vectors at once, one at a time (its reference).
+#[cfg(test)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
 unsafe fn hsum(v: __m512) -> f32 {
@@ -306,6 +332,45 @@ mod tests {
     extern crate std;
     use super::*;
     use std::vec::Vec;
+
+    /// [`hsum4`] is four [`hsum`]s bit for bit: lanes of mixed signs and magnitudes 2⁻⁴⁰…2⁴⁰,
+    /// where any other order of the additions rounds differently.
+    #[test]
+    fn four_reductions_at_once_are_four_one_at_a_time() {
+        if !(std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")) {
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let lanes: Vec<f32> = (0..64)
+                .map(|_| {
+                    let r = next();
+                    let m = (r >> 11) as f32 / (1u64 << 53) as f32 + 0.5;
+                    let e = ((r >> 3) % 81) as i32 - 40;
+                    if r & 1 == 0 {
+                        m * 2f32.powi(e)
+                    } else {
+                        -m * 2f32.powi(e)
+                    }
+                })
+                .collect();
+            // SAFETY: AVX512-BF16 checked above; 64 lanes read as four vectors.
+            unsafe {
+                let v: [__m512; 4] = core::array::from_fn(|i| _mm512_loadu_ps(lanes[16 * i..].as_ptr()));
+                let mut got = [0f32; 4];
+                _mm_storeu_ps(got.as_mut_ptr(), hsum4(&v));
+                for (i, g) in got.iter().enumerate() {
+                    assert_eq!(g.to_bits(), hsum(v[i]).to_bits(), "vector {i} of {lanes:?}");
+                }
+            }
+        }
+    }
 
     /// [`split_values`] against the scalar definition (round to nearest even, lo of the exact
     /// difference; an infinity's lo 0; a denormal read as zero) at every length around the

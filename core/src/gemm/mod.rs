@@ -30,6 +30,7 @@ use crate::error::Error;
 use crate::exec::{Exec, MatmulMode, Shared, Simd};
 use crate::weight::{with_slice, Data, Elem, SplitHalves, Weight};
 use core::mem::MaybeUninit;
+use core::sync::atomic::{AtomicU8, Ordering};
 
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
@@ -322,23 +323,89 @@ unsafe fn clear(m: usize, n: usize, c: *mut f32, ldc: usize) {
     }
 }
 
-/// Asks for the cache lines of `bytes` bytes from `p` plus [`avx2::PREFETCH_BYTES`], as the GEMVs
-/// do, for weights streamed once a token step outside them (a prefetch never faults, so running
-/// past a matrix is harmless). Nothing off x86-64.
+/// Where a token step's GEMVs ask for the weights they will read [`avx2::PREFETCH_BYTES`] ahead
+/// (weights streamed once a step from memory). A hint for speed only: no result depends on it.
+/// Process-wide, like the thread count: the host sets it once ([`set_prefetch`]) from the CPU and
+/// `STUFFED_PREFETCH`; until then [`Prefetch::L1`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// `prefetcht0`, into L1: on the Xeon of issue 22 it took the Mamba-2 130m bf16 token step
+    /// from 19.5 to 10–12 ms (the hardware prefetchers alone left it at 60–70 % of the read
+    /// bandwidth).
+    L1,
+    /// `prefetcht1`, into L2, the L1's own prefetcher taking the lines on from there. On a Zen 4
+    /// EPYC (2026-12-07) the one-thread GEMV read 9–10 GB/s with `L1` (its L1 miss buffers held
+    /// the prefetches) and 18–19 GB/s with this, the speed of a plain read.
+    L2,
+    /// None: the hardware prefetchers alone.
+    Off,
+}
+
+impl Prefetch {
+    pub const ALL: [Prefetch; 3] = [Prefetch::L1, Prefetch::L2, Prefetch::Off];
+
+    /// The name `STUFFED_PREFETCH` takes and `bench` prints: `l1`, `l2`, `off`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prefetch::L1 => "l1",
+            Prefetch::L2 => "l2",
+            Prefetch::Off => "off",
+        }
+    }
+
+    /// The hint a name stands for, or `None`.
+    pub fn from_name(name: &str) -> Option<Prefetch> {
+        Prefetch::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// The process's [`Prefetch`] as its index in [`Prefetch::ALL`].
+static PREFETCH: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the process's [`Prefetch`] (the host: once, before its first product).
+pub fn set_prefetch(hint: Prefetch) {
+    PREFETCH.store(hint as u8, Ordering::Relaxed);
+}
+
+/// The process's [`Prefetch`]: a kernel reads it once a call.
+pub fn prefetch() -> Prefetch {
+    match PREFETCH.load(Ordering::Relaxed) {
+        1 => Prefetch::L2,
+        2 => Prefetch::Off,
+        _ => Prefetch::L1,
+    }
+}
+
+/// Asks, as `hint` says, for the cache lines of `bytes` bytes from `p` plus
+/// [`avx2::PREFETCH_BYTES`], as the GEMVs do, for weights streamed once a token step outside them
+/// (a prefetch never faults, so running past a matrix is harmless). Nothing off x86-64.
 #[inline(always)]
-pub(crate) fn prefetch_ahead(p: *const u8, bytes: usize) {
+pub(crate) fn prefetch_ahead(p: *const u8, bytes: usize, hint: Prefetch) {
     #[cfg(target_arch = "x86_64")]
     {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
         let at = p.wrapping_add(avx2::PREFETCH_BYTES) as *const i8;
         let mut off = 0;
         while off < bytes {
             // SAFETY: a prefetch reads nothing architecturally and never faults; SSE is baseline.
-            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(at.wrapping_add(off)) };
+            match hint {
+                Prefetch::L1 => unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off)) },
+                Prefetch::L2 => unsafe { _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(off)) },
+                Prefetch::Off => {}
+            }
             off += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes);
+    let _ = (p, bytes, hint);
+}
+
+/// Asks, as `hint` says, for the one cache line [`avx2::PREFETCH_BYTES`] past `p`, as the GEMVs
+/// ask for their weights: for a host's loop that reads memory as they do (`bench`'s read-bandwidth
+/// sum). Nothing off x86-64.
+#[inline(always)]
+pub fn prefetch_line_ahead(p: *const u8, hint: Prefetch) {
+    prefetch_ahead(p, 1, hint)
 }
 
 /// A dot product with eight partial sums (so it vectorises and rounds like a blocked kernel).

@@ -404,7 +404,13 @@ impl Backend for CpuBackend<'_> {
     fn device_name(&self) -> String {
         let mode = crate::exec::matmul_mode();
         let simd = crate::exec::default_simd(mode);
-        format!("CPU, {} threads, {} kernel, {} matmul", rayon::current_num_threads(), simd.name(), mode.name())
+        format!(
+            "CPU, {} threads, {} kernel, {} matmul, {} prefetch",
+            rayon::current_num_threads(),
+            simd.name(),
+            mode.name(),
+            stuffed_core::gemm::prefetch().name()
+        )
     }
 
     fn mem_used(&self) -> Result<usize> {

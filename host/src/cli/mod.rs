@@ -30,7 +30,8 @@ pub struct Cli {
     /// Round activations to bf16 once in the bf16 matrix kernel (AVX512-BF16 or AMX CPUs, bf16
     /// weights; on AMX also f32 weights, as bf16 hi + lo halves); mean NLL moves by 1e-4 to 6e-4 (README). Faster only where bf16 dot products run
     /// at full rate: on a Xeon without AMX it scored at 0.6× the default's tok/s, its token step
-    /// at 0.93× the default's time (README, CPU speed).
+    /// at 0.93× the default's time; on a Zen 4 EPYC a scoring run took 0.76× the default's time
+    /// (README, CPU speed).
     /// Default: hi + lo split, within the f32 tolerances. `STUFFED_FAST_MATMUL=1` does the same.
     /// Outputs record it (`matmul.mode`).
     #[arg(long, global = true)]
