@@ -334,8 +334,8 @@ pub enum Prefetch {
     /// bandwidth).
     L1,
     /// `prefetcht1`, into L2, the L1's own prefetcher taking the lines on from there. On a Zen 4
-    /// EPYC (2026-12-07) the one-thread GEMV read 9–10 GB/s with `L1` (its L1 miss buffers held
-    /// the prefetches) and 18–19 GB/s with this, the speed of a plain read.
+    /// EPYC (2026-12-07) the one-thread GEMV read 11–16 GB/s from memory with `L1` (its L1 miss
+    /// buffers held the prefetches) and 20–24 GB/s with this (`gemm_sweep bf16`, t = 1).
     L2,
     /// None: the hardware prefetchers alone.
     Off,
@@ -364,16 +364,13 @@ static PREFETCH: AtomicU8 = AtomicU8::new(0);
 
 /// Sets the process's [`Prefetch`] (the host: once, before its first product).
 pub fn set_prefetch(hint: Prefetch) {
-    PREFETCH.store(hint as u8, Ordering::Relaxed);
+    let index = Prefetch::ALL.iter().position(|&p| p == hint).unwrap_or(0);
+    PREFETCH.store(index as u8, Ordering::Relaxed);
 }
 
 /// The process's [`Prefetch`]: a kernel reads it once a call.
 pub fn prefetch() -> Prefetch {
-    match PREFETCH.load(Ordering::Relaxed) {
-        1 => Prefetch::L2,
-        2 => Prefetch::Off,
-        _ => Prefetch::L1,
-    }
+    Prefetch::ALL.get(PREFETCH.load(Ordering::Relaxed) as usize).copied().unwrap_or(Prefetch::L1)
 }
 
 /// Asks, as `hint` says, for the cache lines of `bytes` bytes from `p` plus

@@ -238,8 +238,8 @@ impl ReadBandwidth {
 
     /// The best of three passes under each [`Prefetch`] hint: the bound is the fastest read this
     /// machine gave, whichever way the GEMVs are set to ask (on a Zen 4 EPYC the one-stream sum
-    /// read up to 25 GB/s with `l1`, where the four-stream GEMV reads 9–10 with it and 18–19 with
-    /// `l2`).
+    /// read up to 25 GB/s a core with `l1` in some runs, where the four-stream GEMV reads 11–16
+    /// with it and 20–24 with `l2`).
     fn pass(buf: &[u64], threads: usize) -> f64 {
         let mut best = 0f64;
         for hint in Prefetch::ALL {
