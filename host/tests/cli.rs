@@ -581,49 +581,57 @@ fn killed_passkey_resumes_from_its_checkpoint() {
 /// uninterrupted grid's lines byte for byte.
 #[test]
 fn killed_oprm_passkey_resumes_inside_a_sample() {
-    let dir = tempfile::tempdir().unwrap();
+    let base = tempfile::tempdir().unwrap();
     // The passkey-trained model, the needle in the prompt's first chunk: that chunk answers (the
     // key is read there with the least entropy), long before the run is stopped, so the resumed
     // run answers from the state the checkpoint kept.
     let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey");
     let m = m.display().to_string();
-    let args = |_: &std::path::Path| {
-        // (--no-reuse: every chunk runs, so the run lasts long enough to be stopped inside.)
-        [
-            "passkey",
-            "--model",
-            &m,
-            "--lengths",
-            "128k",
-            "--depths",
-            "0",
-            "--oprm",
-            "128",
-            "--max-new",
-            "8",
-            "--no-reuse",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    for sigterm in [false, true] {
-        let err = kill_and_resume(dir.path(), args, "passkey.oprm.checkpoint.safetensors", sigterm);
+    // The query rule's best chunk (with its question NLL) is kept and checked the same way.
+    for (sigterm, rule) in [(false, "entropy"), (true, "entropy"), (false, "query")] {
+        let dir = base.path().join(rule);
+        std::fs::create_dir_all(&dir).unwrap();
+        let args = |_: &std::path::Path| {
+            // (--no-reuse: every chunk runs, so the run lasts long enough to be stopped inside.)
+            [
+                "passkey",
+                "--model",
+                &m,
+                "--lengths",
+                "128k",
+                "--depths",
+                "0",
+                "--oprm",
+                "128",
+                "--max-new",
+                "8",
+                "--no-reuse",
+                "--oprm-select",
+                rule,
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let err = kill_and_resume(&dir, args, "passkey.oprm.checkpoint.safetensors", sigterm);
         assert!(err.contains("sample 0 resumes at OPRM chunk"), "{err}");
-        let read = |d: &str| std::fs::read_to_string(dir.path().join(d).join("results.jsonl")).unwrap();
+        let read = |d: &str| std::fs::read_to_string(dir.join(d).join("results.jsonl")).unwrap();
         assert_eq!(read("full"), read("part"), "results.jsonl differs after a resume");
         let rec: serde_json::Value = serde_json::from_str(read("full").lines().next().unwrap()).unwrap();
-        assert!(rec["correct"] == true && rec["oprm"]["chosen"] == 0, "{rec}");
+        if rule == "entropy" {
+            assert!(rec["correct"] == true && rec["oprm"]["chosen"] == 0, "{rec}");
+        } else {
+            assert!(rec["oprm"]["query_nll"].is_f64(), "{rec}");
+        }
         let runs = |d: &str| -> serde_json::Value {
             let v: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(dir.path().join(d).join("summary.json")).unwrap())
-                    .unwrap();
+                serde_json::from_str(&std::fs::read_to_string(dir.join(d).join("summary.json")).unwrap()).unwrap();
             v["runs"].clone()
         };
         let processed =
             |r: &serde_json::Value| r.as_array().unwrap().last().unwrap()["tokens_processed"].as_u64().unwrap();
         let (full, part) = (runs("full"), runs("part"));
         assert!(processed(&part) < processed(&full), "the resume ran every chunk again: {part} vs {full}");
-        std::fs::remove_dir_all(dir.path().join("part")).unwrap();
+        std::fs::remove_dir_all(dir.join("part")).unwrap();
     }
 }
 

@@ -113,6 +113,9 @@ def test_passkey_takes_oprm():
     assert s["options"]["oprm"] == {"chunk": 160}
     (row,) = s["accuracy_per_length"]
     assert row["n"] == 4 and 0.0 <= row["oprm_chose_needle"] <= 1.0
+    q = stuffed.passkey(ROOT / "models" / "mamba2-tiny-passkey", lengths="1k", samples=2, oprm=160,
+                        oprm_select="query", max_new=8)["summary"]
+    assert q["options"]["oprm"] == {"chunk": 160, "select": "query"}
 
 
 def test_ppl_vs_model_against_itself_drifts_by_nothing():

@@ -325,6 +325,68 @@ fn oprm_answers_from_the_chunk_of_least_entropy() {
     assert!(split > 0, "a needle cut by a chunk boundary");
 }
 
+/// `--oprm-select query` answers from the chunk after which the question is the most likely: each
+/// chunk's `[prefix, chunk]` run again here from the zero state and the question scored after it
+/// (`score`, the engine's own NLL) gives the record's query NLLs, the chunk that answered has the
+/// least of them, its entropy is that of `[prefix, chunk, question]`'s last row, and its greedy
+/// answer is the record's.
+#[test]
+fn oprm_query_rule_answers_from_the_chunk_the_question_is_likeliest_after() {
+    use stuffed::backend::{Device, GpuOptions};
+    let (m, out) = (passkey_model(), tempfile::tempdir().unwrap());
+    let len = 120;
+    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "1k,2k", "--samples", "3", "--seed", "5"];
+    let rule = ["--oprm", &len.to_string(), "--oprm-select", "query", "--out", out.path().to_str().unwrap()];
+    cli(&[&args[..], &rule[..]].concat());
+    let recs = records(out.path());
+    assert_eq!(recs.len(), 6);
+    assert_eq!(summary(out.path())["options"]["oprm"], serde_json::json!({"chunk": len, "select": "query"}));
+    let model = stuffed::model::Model::load(&m).unwrap();
+    let tok = model.tokenizer(None).unwrap();
+    let (real, rows) = (model.real_vocab(&tok), model.info.vocab_rows);
+    let mut s = stuffed::backend::open(&model, 512, real, Device::Cpu, GpuOptions::default()).unwrap();
+    let tpl = template(TemplateName::Code);
+    let max_new = summary(out.path())["options"]["max_new"].as_u64().unwrap() as usize;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1.0);
+    for r in &recs {
+        let x = r.oprm.as_ref().expect("an OPRM record");
+        let (text, _) = prompt_text(&tpl, r.num_blocks, r.needle_block, &r.key);
+        let ctx = &text[tpl.prefix.len()..text.len() - tpl.suffix.len()];
+        let (p, c, q) = (tok.encode(tpl.prefix).unwrap(), tok.encode(ctx).unwrap(), tok.encode(tpl.suffix).unwrap());
+        let query_nlls: Vec<f64> = c
+            .chunks(len)
+            .map(|chunk| {
+                s.reset().unwrap();
+                s.feed(&[&p[..], chunk].concat()).unwrap();
+                let mut nll = Vec::new();
+                assert!(s.score(&q, &mut nll).unwrap(), "the chunk's last row predicts the question's first token");
+                assert_eq!(nll.len(), q.len());
+                nll.iter().map(|&v| v as f64).sum()
+            })
+            .collect();
+        let least = query_nlls.iter().copied().fold(f64::INFINITY, f64::min);
+        let (got, needle) = (x.query_nll.expect("the question's NLL"), x.needle_query_nll.expect("the needle's"));
+        assert!(close(query_nlls[x.chosen], got) && close(got, least), "{x:?} vs {query_nlls:?}");
+        assert!(close(query_nlls[x.needle_chunks[0]], needle), "{x:?} vs {query_nlls:?}");
+        s.reset().unwrap();
+        let mut last = Vec::new();
+        s.logits(&[&p[..], c.chunks(len).nth(x.chosen).unwrap(), &q[..]].concat(), &mut |_, l| {
+            last = l[l.len() - rows..][..real].to_vec();
+            Ok(())
+        })
+        .unwrap();
+        assert!(close(stuffed::eval::passkey::entropy(&last), x.entropy), "{x:?}");
+        s.reset().unwrap();
+        s.feed(&[&p[..], c.chunks(len).nth(x.chosen).unwrap(), &q[..]].concat()).unwrap();
+        assert_eq!(tok.decode(&s.greedy(max_new).unwrap()).unwrap(), r.continuation, "{r:?}");
+    }
+    // The entropy rule's records carry no query NLL, and its options read as before the choice.
+    let plain = tempfile::tempdir().unwrap();
+    cli(&[&args[..], &["--oprm", &len.to_string(), "--out", plain.path().to_str().unwrap()]].concat());
+    assert!(records(plain.path()).iter().all(|r| r.oprm.as_ref().unwrap().query_nll.is_none()));
+    assert_eq!(summary(plain.path())["options"]["oprm"], serde_json::json!({"chunk": len}));
+}
+
 /// The shipped passkey model loses keys past its 256-token training windows; OPRM with chunks
 /// inside them finds them again (the paper's claim, on the smallest model that shows it).
 #[test]
@@ -352,12 +414,14 @@ fn oprm_reuse_equals_every_chunk_run() {
     // The passkey model answers from the needle's chunk (never seen before); the random model's
     // least-entropy chunk is often noise seen in an earlier sample, which must run again to
     // give its state.
-    for m in [passkey_model(), model()] {
+    // Both rules: a seen chunk is skipped by the score the run ranks with.
+    for (m, rule) in [passkey_model(), model()].into_iter().flat_map(|m| [(m.clone(), "entropy"), (m, "query")]) {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "2k,8k", "--samples", "5", "--oprm", "160"];
+        let args = [&args[..], &["--oprm-select", rule]].concat();
         cli(&[&args[..], &["--out", a.path().to_str().unwrap()]].concat());
         cli(&[&args[..], &["--no-reuse", "--out", b.path().to_str().unwrap()]].concat());
-        assert_eq!(records(a.path()), records(b.path()), "{}", m.display());
+        assert_eq!(records(a.path()), records(b.path()), "{} {rule}", m.display());
         let facts = |d: &Path| {
             let v: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap();
@@ -366,6 +430,6 @@ fn oprm_reuse_equals_every_chunk_run() {
         };
         let ((ra, wa), (rb, wb)) = (facts(a.path()), facts(b.path()));
         assert_eq!((wa, rb), (wb, wb), "without reuse every chunk runs");
-        assert!(ra * 3 < wa, "{}: reuse ran {ra} of {wa} tokens", m.display());
+        assert!(ra * 3 < wa, "{} {rule}: reuse ran {ra} of {wa} tokens", m.display());
     }
 }

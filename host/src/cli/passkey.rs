@@ -64,12 +64,18 @@ pub struct PasskeyArgs {
     no_reuse: bool,
     /// OPRM (Ben-Kish et al. 2025, arXiv 2505.07793): cut each prompt's context into chunks of
     /// this many tokens, run each from the zero state between the prompt's prefix and its
-    /// question, and answer from the chunk whose first answer token has the least entropy. The
+    /// question, and answer from the chunk whose first answer token has the least entropy (or, with
+    /// --oprm-select query, after which the question is the most likely). The
     /// prefix, context and question are tokenized alone, as the paper's code does; a chunk whose
     /// ids were run before in the grid runs again only to become the best (--no-reuse: every
     /// chunk runs). Records say which chunk answered and which held the needle.
     #[arg(long, value_parser = crate::text::parse_chunk)]
     oprm: Option<usize>,
+    /// OPRM's rule for the chunk that answers: `entropy` (the least entropy of the first answer
+    /// token) or `query` (the paper's other rule: the chunk after which the question is the most
+    /// likely, the least NLL of its tokens after [prefix, chunk]).
+    #[arg(long, value_enum, default_value_t = passkey::OprmSelect::Entropy, requires = "oprm")]
+    oprm_select: passkey::OprmSelect,
     /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here.
     #[arg(long, default_value = "none", value_parser = super::values::forget)]
     forget: crate::forget::ForgetSpec,
@@ -109,7 +115,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         device: a.device.device,
         gpu: a.device.gpu()?,
         state: a.state.precision(a.device.device)?,
-        oprm: a.oprm.map(|chunk| passkey::Oprm { chunk }),
+        oprm: a.oprm.map(|chunk| passkey::Oprm { chunk, select: a.oprm_select }),
     };
     let mut o = o;
     let tok = crate::tokenizer::Tokenizer::for_model(Some(&crate::model::dir_of(&a.model)), o.tokenizer.as_deref())?;

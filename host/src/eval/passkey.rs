@@ -21,7 +21,7 @@ use std::time::Instant;
 mod oprm;
 mod prompt;
 use super::Cadence;
-pub use oprm::{entropy, Oprm, OprmRecord};
+pub use oprm::{entropy, nll_of, Oprm, OprmRecord, Select as OprmSelect};
 use prompt::{depths, prompts, Prompt};
 pub use prompt::{
     is_correct, key, key_tokens, longest_key_ids, needle_block, num_blocks, prompt_text, template, Template,
@@ -126,13 +126,7 @@ fn read_records(path: &Path) -> Result<Vec<(Record, String)>> {
         if !(r.depth.is_finite() && (0.0..=1.0).contains(&r.depth) && r.needle_block < r.num_blocks.max(1))
             || r.key_nll.is_some_and(|k| !k.is_finite() || k < -1e-3)
             || r.needle_pos > r.prompt_tokens
-            || r.oprm.as_ref().is_some_and(|x| {
-                !(x.chosen < x.chunks
-                    && x.needle_chunks[0] <= x.needle_chunks[1]
-                    && x.needle_chunks[1] < x.chunks
-                    && x.entropy.is_finite()
-                    && x.needle_entropy.is_finite())
-            })
+            || r.oprm.as_ref().is_some_and(|x| !x.valid())
         {
             bail!(
                 "{what}: values no passkey run writes (depth {}, block {} of {})",
@@ -267,14 +261,21 @@ struct OprmRestored {
 
 impl OprmRestored {
     /// Whether the progress fits a prompt of `chunks` chunks and a state of `state_len` values.
-    fn check(&self, chunks: usize, state_len: usize) -> Result<()> {
+    /// Under `select`, the best chunk's score must be one the rule ranks by.
+    fn check(&self, chunks: usize, state_len: usize, select: oprm::Select) -> Result<()> {
         let p = &self.progress;
         let best_ok = match (p.best, &self.best) {
-            (Some(b), Some(st)) => b.chunk < p.next && b.entropy.is_finite() && st.state.len() == state_len,
+            (Some(b), Some(st)) => {
+                b.chunk < p.next
+                    && b.scores().valid()
+                    && select.rank(b.scores()).is_finite()
+                    && st.state.len() == state_len
+            }
             (None, None) => p.next == 0,
             _ => false,
         };
-        if p.next > chunks || !best_ok || p.needle_entropy.is_some_and(|h| !h.is_finite()) {
+        let needle = p.needle_entropy.map(|entropy| oprm::Scores { entropy, query_nll: p.needle_query_nll });
+        if p.next > chunks || !best_ok || needle.is_some_and(|n| !n.valid()) {
             bail!("an OPRM checkpoint no run of this prompt writes (chunk {} of {chunks})", p.next);
         }
         Ok(())
@@ -490,10 +491,11 @@ impl Asks<'_> {
             crate::model::check_ids(part, self.vocab_rows, "passkey prompt")?;
         }
         let ids_sha = parts.sha();
-        let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm, real: self.real, seen };
+        let (real, vocab_rows) = (self.real, self.vocab_rows);
+        let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm, real, vocab_rows, seen };
         let (progress, best) = match from.filter(|r| r.progress.ids_sha == ids_sha) {
             Some(r) => {
-                r.check(c.chunks(), c.s.state_len())
+                r.check(c.chunks(), c.s.state_len(), oprm.select)
                     .map_err(|e| anyhow!("{}: {e}", saver.out.join(OPRM_CKPT).display()))?;
                 eprintln!(
                     "passkey {}: sample {} resumes at OPRM chunk {} of {}",
@@ -505,7 +507,14 @@ impl Asks<'_> {
                 (r.progress, r.best)
             }
             None => {
-                let progress = oprm::Progress { sample: p.sample, ids_sha, next: 0, best: None, needle_entropy: None };
+                let progress = oprm::Progress {
+                    sample: p.sample,
+                    ids_sha,
+                    next: 0,
+                    best: None,
+                    needle_entropy: None,
+                    needle_query_nll: None,
+                };
                 (progress, None)
             }
         };
@@ -1006,8 +1015,10 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "scoring": "greedy decoding of max_new tokens; correct iff the key string is a substring of the decoded continuation",
         "oprm": o.oprm.map(|x| format!(
             "OPRM (arXiv 2505.07793): prefix, context and question tokenized alone; the context cut into chunks of {} tokens, \
-             each run from the zero state as [prefix, chunk, question]; the chunk with the least entropy of its first answer \
-             token decodes; needle_pos and prompt_tokens count the parts", x.chunk)),
+             each run from the zero state as [prefix, chunk, question]; {}; needle_pos and prompt_tokens count the parts",
+            x.chunk,
+            x.select.describe()
+        )),
         "max_new_note": o.max_new_note,
         "runs": runs,
     });
@@ -1103,8 +1114,9 @@ mod tests {
             sample: 0,
             ids_sha: String::new(),
             next,
-            best: best.map(|(chunk, _)| oprm::Best { chunk, entropy: 0.5 }),
+            best: best.map(|(chunk, _)| oprm::Best { chunk, entropy: 0.5, query_nll: None }),
             needle_entropy: None,
+            needle_query_nll: None,
         };
         let best = best.map(|(_, len)| ScorerState { state: vec![0.0; len], pending: None, tau: Vec::new() });
         OprmRestored { length: 1024, progress, best }
@@ -1114,12 +1126,20 @@ mod tests {
     /// a best chunk among those run, a state of the model's size.
     #[test]
     fn oprm_checkpoints_are_checked_before_use() {
-        assert!(restored(0, None).check(5, 10).is_ok());
-        assert!(restored(3, Some((2, 10))).check(5, 10).is_ok());
-        assert!(restored(5, Some((4, 10))).check(5, 10).is_ok());
-        assert!(restored(6, Some((4, 10))).check(5, 10).is_err(), "past the last chunk");
-        assert!(restored(3, Some((3, 10))).check(5, 10).is_err(), "a best chunk not yet run");
-        assert!(restored(3, Some((2, 9))).check(5, 10).is_err(), "another state size");
-        assert!(restored(3, None).check(5, 10).is_err(), "chunks run without a best");
+        assert!(restored(0, None).check(5, 10, oprm::Select::Entropy).is_ok());
+        assert!(restored(3, Some((2, 10))).check(5, 10, oprm::Select::Entropy).is_ok());
+        assert!(restored(5, Some((4, 10))).check(5, 10, oprm::Select::Entropy).is_ok());
+        assert!(restored(6, Some((4, 10))).check(5, 10, oprm::Select::Entropy).is_err(), "past the last chunk");
+        assert!(restored(3, Some((3, 10))).check(5, 10, oprm::Select::Entropy).is_err(), "a best chunk not yet run");
+        assert!(restored(3, Some((2, 9))).check(5, 10, oprm::Select::Entropy).is_err(), "another state size");
+        assert!(restored(3, None).check(5, 10, oprm::Select::Entropy).is_err(), "chunks run without a best");
+        let query = |best_nll: Option<f64>| {
+            let mut r = restored(3, Some((2, 10)));
+            r.progress.best.as_mut().unwrap().query_nll = best_nll;
+            r.check(5, 10, oprm::Select::Query)
+        };
+        assert!(query(Some(1.5)).is_ok());
+        assert!(query(None).is_err(), "the query rule's best without the question's NLL");
+        assert!(query(Some(f64::NAN)).is_err(), "a NLL that is not finite");
     }
 }

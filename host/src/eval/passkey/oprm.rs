@@ -1,8 +1,9 @@
 //! OPRM, overflow prevention for recurrent models (Ben-Kish et al. 2025, arXiv 2505.07793): the
 //! prompt's context is cut into chunks of L tokens; each chunk runs from the zero state between the
 //! prompt's prefix and its question, `[P, C_i, S]`, and the chunk whose first answer token is the
-//! most certain (the least entropy of the next-token distribution after `S`) answers: decoding
-//! goes on from its state. No state ever holds more than |P| + L + |S| tokens, so a model whose
+//! most certain (the least entropy of the next-token distribution after `S`; or, `--oprm-select
+//! query`, the chunk after which the question is the most likely, the paper's `Pr(S | P, C_i)`)
+//! answers: decoding goes on from its state. No state ever holds more than |P| + L + |S| tokens, so a model whose
 //! state overflows past its training length reads the needle's chunk as a short prompt. Memory
 //! stays constant: the prefix's state, the best chunk's and the running one.
 use super::prompt::Parts;
@@ -11,10 +12,65 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// `--oprm L`: chunks of `chunk` context tokens.
+/// `--oprm L`: chunks of `chunk` context tokens, the one that answers chosen by `select`.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Oprm {
     pub chunk: usize,
+    /// Absent from files and fingerprints for the entropy rule (as before the rule was a choice).
+    #[serde(default, skip_serializing_if = "Select::is_entropy")]
+    pub select: Select,
+}
+
+/// `--oprm-select`: OPRM's two rules for the chunk that answers.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Select {
+    /// The least entropy of the first answer token after `[P, C_i, S]`.
+    #[default]
+    Entropy,
+    /// The most likely question: the least NLL of the question's tokens after `[P, C_i]`.
+    Query,
+}
+
+impl Select {
+    fn is_entropy(&self) -> bool {
+        *self == Select::Entropy
+    }
+
+    /// What the rule minimises over the chunks (NaN where the scores lack it).
+    pub(super) fn rank(self, s: Scores) -> f64 {
+        match self {
+            Select::Entropy => s.entropy,
+            Select::Query => s.query_nll.unwrap_or(f64::NAN),
+        }
+    }
+
+    /// The rule in words (summary.json).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Select::Entropy => "the chunk with the least entropy of its first answer token decodes",
+            Select::Query => {
+                "the chunk after which the question is the most likely (the least NLL of its tokens after \
+                 [prefix, chunk]) decodes"
+            }
+        }
+    }
+}
+
+/// What one chunk's run measured: the entropy of the first answer token, and under
+/// [`Select::Query`] the question's NLL after `[P, C_i]` (nats, summed over its tokens).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub(super) struct Scores {
+    pub(super) entropy: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) query_nll: Option<f64>,
+}
+
+impl Scores {
+    /// Finite, and a query NLL (where there is one) not below zero.
+    pub(super) fn valid(&self) -> bool {
+        self.entropy.is_finite() && self.query_nll.is_none_or(|q| q.is_finite() && q >= -1e-3)
+    }
 }
 
 /// What OPRM chose for one sample (a results.jsonl line's `oprm`).
@@ -26,10 +82,16 @@ pub struct OprmRecord {
     pub chosen: usize,
     /// The entropy (nats) of its first answer token.
     pub entropy: f64,
+    /// `--oprm-select query`: the question's NLL (nats) after the chunk that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_nll: Option<f64>,
     /// The chunks holding the needle's first and last token (equal unless a cut splits it).
     pub needle_chunks: [usize; 2],
     /// The entropy of the chunk holding the needle's first token.
     pub needle_entropy: f64,
+    /// `--oprm-select query`: the question's NLL after the chunk holding the needle's first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needle_query_nll: Option<f64>,
 }
 
 impl OprmRecord {
@@ -37,13 +99,32 @@ impl OprmRecord {
     pub fn chose_needle(&self) -> bool {
         (self.needle_chunks[0]..=self.needle_chunks[1]).contains(&self.chosen)
     }
+
+    /// The values a run can write: chunks in range, finite scores.
+    pub fn valid(&self) -> bool {
+        let chosen = Scores { entropy: self.entropy, query_nll: self.query_nll };
+        let needle = Scores { entropy: self.needle_entropy, query_nll: self.needle_query_nll };
+        self.chosen < self.chunks
+            && self.needle_chunks[0] <= self.needle_chunks[1]
+            && self.needle_chunks[1] < self.chunks
+            && chosen.valid()
+            && needle.valid()
+    }
 }
 
-/// The chunk with the least entropy so far.
+/// The chunk the rule ranks first so far.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub(super) struct Best {
     pub(super) chunk: usize,
     pub(super) entropy: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) query_nll: Option<f64>,
+}
+
+impl Best {
+    pub(super) fn scores(&self) -> Scores {
+        Scores { entropy: self.entropy, query_nll: self.query_nll }
+    }
 }
 
 /// How far a sample's chunks have run (a checkpoint's record; the best chunk's state is its tensors).
@@ -56,6 +137,8 @@ pub(super) struct Progress {
     pub(super) next: usize,
     pub(super) best: Option<Best>,
     pub(super) needle_entropy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) needle_query_nll: Option<f64>,
 }
 
 impl Parts {
@@ -78,6 +161,13 @@ impl Parts {
     fn chunk(&self, i: usize, len: usize) -> &[u32] {
         &self.context[i * len..self.context.len().min((i + 1) * len)]
     }
+}
+
+/// NLL (nats) of `target` under the softmax of `logits`, in f64.
+pub fn nll_of(logits: &[f32], target: usize) -> f64 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
+    m + z.ln() - logits[target] as f64
 }
 
 /// Entropy (nats) of the softmax of `logits`, in f64.
@@ -104,18 +194,20 @@ pub(super) struct Ran<'a> {
     pub(super) unshared: u64,
 }
 
-/// The entropies of chunks already run, by the SHA-256 of their ids: every sample of a grid shares
+/// The scores of chunks already run, by the SHA-256 of their ids: every sample of a grid shares
 /// the prefix and the question, and its noise chunks repeat across samples (the same blocks at a
 /// few phases), so a chunk seen before need not run again unless it becomes the best.
-pub(super) type Seen = std::collections::HashMap<[u8; 32], f64>;
+pub(super) type Seen = std::collections::HashMap<[u8; 32], Scores>;
 
 /// One sample's chunk selection: the backend, the prompt, `--oprm`, the real vocabulary (the rows
-/// a softmax runs over), and the entropies of chunks seen before (`--no-reuse`: none).
+/// a softmax runs over) and the logits' row stride, and the scores of chunks seen before
+/// (`--no-reuse`: none).
 pub(super) struct Chooser<'a> {
     pub(super) s: &'a mut dyn Backend,
     pub(super) parts: &'a Parts,
     pub(super) oprm: Oprm,
     pub(super) real: usize,
+    pub(super) vocab_rows: usize,
     pub(super) seen: Option<&'a mut Seen>,
 }
 
@@ -135,7 +227,7 @@ impl Chooser<'_> {
         mut best_state: Option<ScorerState>,
         after: &mut dyn FnMut(Ran) -> Result<()>,
     ) -> Result<OprmRecord> {
-        let (parts, len) = (self.parts, self.oprm.chunk);
+        let (parts, len, select) = (self.parts, self.oprm.chunk, self.oprm.select);
         let n = self.chunks();
         let Some((last, question)) = parts.question.split_last() else {
             bail!("OPRM needs a question after the context");
@@ -156,34 +248,45 @@ impl Chooser<'_> {
             let key: [u8; 32] = Sha256::digest(bytemuck::cast_slice::<u32, u8>(parts.chunk(i, len))).into();
             unshared += (parts.chunk(i, len).len() + parts.question.len()) as u64;
             let known = self.seen.as_ref().and_then(|seen| seen.get(&key).copied());
+            let rank = |s: Scores| select.rank(s);
             // A chunk seen before runs again only to become the best (its state is needed then).
-            let h = match known {
-                Some(h) if progress.best.is_some_and(|b| h >= b.entropy) => h,
+            let scores = match known {
+                Some(k) if progress.best.is_some_and(|b| rank(k) >= rank(b.scores())) => k,
                 _ => {
                     self.s.restore(&after_prefix, parts.prefix.len() as u64)?;
-                    ids.clear();
-                    ids.extend_from_slice(parts.chunk(i, len));
-                    ids.extend_from_slice(question);
-                    self.s.feed(&ids)?;
-                    let mut h = f64::NAN;
-                    let real = self.real;
-                    self.s.logits(&[*last], &mut |_, row| {
-                        h = entropy(&row[..real]);
-                        Ok(())
-                    })?;
-                    fed += (ids.len() + 1) as u64;
-                    if let Some(seen) = self.seen.as_mut() {
-                        seen.insert(key, h);
+                    let scores = match select {
+                        Select::Entropy => {
+                            ids.clear();
+                            ids.extend_from_slice(parts.chunk(i, len));
+                            ids.extend_from_slice(question);
+                            self.s.feed(&ids)?;
+                            let mut h = f64::NAN;
+                            let real = self.real;
+                            self.s.logits(&[*last], &mut |_, row| {
+                                h = entropy(&row[..real]);
+                                Ok(())
+                            })?;
+                            Scores { entropy: h, query_nll: None }
+                        }
+                        Select::Query => self.query(parts.chunk(i, len), &mut ids)?,
+                    };
+                    fed += (parts.chunk(i, len).len() + parts.question.len()) as u64;
+                    if !scores.valid() {
+                        bail!("OPRM: chunk {i} of sample {}: a score that is not finite ({scores:?})", progress.sample);
                     }
-                    h
+                    if let Some(seen) = self.seen.as_mut() {
+                        seen.insert(key, scores);
+                    }
+                    scores
                 }
             };
-            if progress.best.is_none_or(|b| h < b.entropy) {
-                progress.best = Some(Best { chunk: i, entropy: h });
+            if progress.best.is_none_or(|b| rank(scores) < rank(b.scores())) {
+                progress.best = Some(Best { chunk: i, entropy: scores.entropy, query_nll: scores.query_nll });
                 best_state = Some(self.s.snapshot()?);
             }
             if i == needle_chunks[0] {
-                progress.needle_entropy = Some(h);
+                progress.needle_entropy = Some(scores.entropy);
+                progress.needle_query_nll = scores.query_nll;
             }
             progress.next += 1;
             after(Ran {
@@ -198,13 +301,58 @@ impl Chooser<'_> {
             bail!("OPRM: sample {} ran no chunk", progress.sample);
         };
         self.s.restore(&state, parts.answered_at(best.chunk, len))?;
-        Ok(OprmRecord { chunks: n, chosen: best.chunk, entropy: best.entropy, needle_chunks, needle_entropy })
+        Ok(OprmRecord {
+            chunks: n,
+            chosen: best.chunk,
+            entropy: best.entropy,
+            query_nll: best.query_nll,
+            needle_chunks,
+            needle_entropy,
+            needle_query_nll: progress.needle_query_nll,
+        })
+    }
+
+    /// [`Select::Query`]'s run of one chunk after the prefix's state: the chunk but its last token
+    /// fed, then that token and the question with every row's logits (`ids` is scratch). Row j
+    /// predicts the question's token j; the last row, after the question, gives the entropy and
+    /// stays pending for the answer.
+    fn query(&mut self, chunk: &[u32], ids: &mut Vec<u32>) -> Result<Scores> {
+        let Some((last, head)) = chunk.split_last() else { bail!("OPRM: an empty chunk") };
+        if !head.is_empty() {
+            self.s.feed(head)?;
+        }
+        ids.clear();
+        ids.push(*last);
+        ids.extend_from_slice(&self.parts.question);
+        let (ids, real, stride) = (&ids[..], self.real, self.vocab_rows);
+        let (mut nll, mut h) = (0f64, f64::NAN);
+        self.s.logits(ids, &mut |off, rows| {
+            for (j, row) in rows.chunks_exact(stride).enumerate() {
+                match ids.get(off + j + 1) {
+                    Some(&next) if (next as usize) < real => nll += nll_of(&row[..real], next as usize),
+                    Some(&next) => bail!("OPRM: question token {next} outside the real vocabulary ({real})"),
+                    None => h = entropy(&row[..real]),
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Scores { entropy: h, query_nll: Some(nll) })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::entropy;
+    use super::{entropy, nll_of};
+
+    #[test]
+    fn nll_is_the_definition() {
+        assert!((nll_of(&[0.0; 8], 3) - 8f64.ln()).abs() < 1e-12);
+        // p = (e, 1, 1) / (e + 2): −ln p₀ = ln(e + 2) − 1, shift-invariant.
+        let want = (1f64.exp() + 2.0).ln() - 1.0;
+        assert!((nll_of(&[1.0, 0.0, 0.0], 0) - want).abs() < 1e-12);
+        assert!((nll_of(&[101.0, 100.0, 100.0], 0) - want).abs() < 1e-12);
+        assert!((nll_of(&[1.0, 0.0, 0.0], 1) - (want + 1.0)).abs() < 1e-12);
+    }
 
     #[test]
     fn entropy_is_the_definition() {
