@@ -829,7 +829,8 @@ fn kernels_read_only_panel_bytes_they_wrote() {
 
 /// `STUFFED_PREFETCH` sets how a token step's GEMVs ask for their weights ahead (`l1`, `l2`,
 /// `off`; an unknown value is said on stderr and the CPU's default kept), and no hint changes a
-/// bit: a token step's product (the GEMVs and the AVX512-BF16 streamed tiles, both modes, every
+/// bit (under `l2` the AVX-512 levels take 16-bit weight rows one at a time, four otherwise): a
+/// token step's product (the GEMVs and the AVX512-BF16 streamed tiles, both modes, every
 /// dtype, on every level here) through the model-sized weights (streamed, so the prefetches run)
 /// prints the same digest under each. Each value in a child process (this test again): the hint is
 /// process-wide, set once when the first pool is made.

@@ -265,6 +265,14 @@ pub unsafe fn gemm_raw_mode<E: Kernel>(simd: Simd, mode: MatmulMode, p: Product<
         Simd::Avx512Bf16 | Simd::Amx if E::DTYPE == crate::weight::DType::Bf16 => {
             return bf16::gemm(p.with_b(p.b as *const half::bf16), mode, panels)
         }
+        // 16-bit weight rows one at a time under the L2 hint (Zen 4: one stream prefetched into L2
+        // reads faster on a core than four; f32 rows were slower so), four at a time otherwise (the
+        // Xeons' L1 hint: four streams in flight). Both sum a row the same way: the same bits.
+        Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512
+            if m == 1 && prefetch() == Prefetch::L2 && core::mem::size_of::<E>() == 2 =>
+        {
+            return avx2::gemv(p)
+        }
         Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m == 1 => return avx2::gemv_rows4(p),
         Simd::Avx2 if m == 1 => return avx2::gemv(p),
         Simd::Amx | Simd::Avx512Bf16 | Simd::Avx512 if m >= outer::MIN_M => return outer::gemm_avx512(p, panels),
