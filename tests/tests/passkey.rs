@@ -261,6 +261,30 @@ fn passkey_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey")
 }
 
+/// A passkey grid on the shipped passkey model (1k and 2k tokens, seed 5) with `extra` flags into
+/// `out`: its records and the `max_new` it chose.
+fn oprm_grid(extra: &[&str], out: &Path) -> (Vec<Record>, usize) {
+    let m = passkey_model();
+    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "1k,2k", "--seed", "5"];
+    cli(&[&args[..], extra, &["--out", out.to_str().unwrap()]].concat());
+    (records(out), summary(out)["options"]["max_new"].as_u64().unwrap() as usize)
+}
+
+/// The prefix, context and question of record `r`'s prompt (the code template), each tokenized
+/// alone as OPRM runs them, and the context's tokens before the needle.
+fn oprm_parts(tok: &Tokenizer, r: &Record) -> ([Vec<u32>; 3], usize) {
+    let tpl = template(TemplateName::Code);
+    let (text, needle_byte) = prompt_text(&tpl, r.num_blocks, r.needle_block, &r.key);
+    let ctx = &text[tpl.prefix.len()..text.len() - tpl.suffix.len()];
+    let needle_tok = tok.encode(&ctx[..needle_byte - tpl.prefix.len()]).unwrap().len();
+    ([tpl.prefix, ctx, tpl.suffix].map(|t| tok.encode(t).unwrap()), needle_tok)
+}
+
+/// Equal within the OPRM tests' tolerance (the chunk rerun in one call against the run's pieces).
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-4 * a.abs().max(1.0)
+}
+
 /// `--oprm L` answers from the chunk whose first answer token is the most certain: each chunk's
 /// `[prefix, chunk, question]` run again here from the zero state in one call (the context
 /// tokenized whole, every position's logits) gives the record's entropies, the chunk that answered
@@ -268,26 +292,18 @@ fn passkey_model() -> PathBuf {
 #[test]
 fn oprm_answers_from_the_chunk_of_least_entropy() {
     use stuffed::backend::{Device, GpuOptions};
-    let (m, out) = (passkey_model(), tempfile::tempdir().unwrap());
     let len = 120; // (four of the eight needles are cut by a chunk boundary)
-    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "1k,2k", "--samples", "4", "--seed", "5"];
-    cli(&[&args[..], &["--oprm", &len.to_string(), "--out", out.path().to_str().unwrap()]].concat());
-    let recs = records(out.path());
+    let (m, out) = (passkey_model(), tempfile::tempdir().unwrap());
+    let (recs, max_new) = oprm_grid(&["--samples", "4", "--oprm", &len.to_string()], out.path());
     assert_eq!(recs.len(), 8);
     let model = stuffed::model::Model::load(&m).unwrap();
     let tok = model.tokenizer(None).unwrap();
     let (real, rows) = (model.real_vocab(&tok), model.info.vocab_rows);
     let mut s = stuffed::backend::open(&model, 512, real, Device::Cpu, GpuOptions::default()).unwrap();
-    let tpl = template(TemplateName::Code);
-    let max_new = summary(out.path())["options"]["max_new"].as_u64().unwrap() as usize;
-    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1.0);
     let (mut chose_needle, mut split) = (0, 0);
     for r in &recs {
         let x = r.oprm.as_ref().expect("an OPRM record");
-        let (text, needle_byte) = prompt_text(&tpl, r.num_blocks, r.needle_block, &r.key);
-        let ctx = &text[tpl.prefix.len()..text.len() - tpl.suffix.len()];
-        let (p, c, q) = (tok.encode(tpl.prefix).unwrap(), tok.encode(ctx).unwrap(), tok.encode(tpl.suffix).unwrap());
-        let needle_tok = tok.encode(&ctx[..needle_byte - tpl.prefix.len()]).unwrap().len();
+        let ([p, c, q], needle_tok) = oprm_parts(&tok, r);
         assert_eq!((r.needle_pos, r.prompt_tokens), (p.len() + needle_tok, p.len() + c.len() + q.len()), "{r:?}");
         assert_eq!((x.chunks, x.needle_chunks[0]), (c.len().div_ceil(len), needle_tok / len), "{r:?}");
         let entropies: Vec<f64> = c
@@ -333,26 +349,19 @@ fn oprm_answers_from_the_chunk_of_least_entropy() {
 #[test]
 fn oprm_query_rule_answers_from_the_chunk_the_question_is_likeliest_after() {
     use stuffed::backend::{Device, GpuOptions};
-    let (m, out) = (passkey_model(), tempfile::tempdir().unwrap());
     let len = 120;
-    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "1k,2k", "--samples", "3", "--seed", "5"];
-    let rule = ["--oprm", &len.to_string(), "--oprm-select", "query", "--out", out.path().to_str().unwrap()];
-    cli(&[&args[..], &rule[..]].concat());
-    let recs = records(out.path());
+    let (m, out) = (passkey_model(), tempfile::tempdir().unwrap());
+    let rule = ["--samples", "3", "--oprm", &len.to_string(), "--oprm-select", "query"];
+    let (recs, max_new) = oprm_grid(&rule, out.path());
     assert_eq!(recs.len(), 6);
     assert_eq!(summary(out.path())["options"]["oprm"], serde_json::json!({"chunk": len, "select": "query"}));
     let model = stuffed::model::Model::load(&m).unwrap();
     let tok = model.tokenizer(None).unwrap();
     let (real, rows) = (model.real_vocab(&tok), model.info.vocab_rows);
     let mut s = stuffed::backend::open(&model, 512, real, Device::Cpu, GpuOptions::default()).unwrap();
-    let tpl = template(TemplateName::Code);
-    let max_new = summary(out.path())["options"]["max_new"].as_u64().unwrap() as usize;
-    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1.0);
     for r in &recs {
         let x = r.oprm.as_ref().expect("an OPRM record");
-        let (text, _) = prompt_text(&tpl, r.num_blocks, r.needle_block, &r.key);
-        let ctx = &text[tpl.prefix.len()..text.len() - tpl.suffix.len()];
-        let (p, c, q) = (tok.encode(tpl.prefix).unwrap(), tok.encode(ctx).unwrap(), tok.encode(tpl.suffix).unwrap());
+        let ([p, c, q], _) = oprm_parts(&tok, r);
         let query_nlls: Vec<f64> = c
             .chunks(len)
             .map(|chunk| {
@@ -382,8 +391,8 @@ fn oprm_query_rule_answers_from_the_chunk_the_question_is_likeliest_after() {
     }
     // The entropy rule's records carry no query NLL, and its options read as before the choice.
     let plain = tempfile::tempdir().unwrap();
-    cli(&[&args[..], &["--oprm", &len.to_string(), "--out", plain.path().to_str().unwrap()]].concat());
-    assert!(records(plain.path()).iter().all(|r| r.oprm.as_ref().unwrap().query_nll.is_none()));
+    let (plain_recs, _) = oprm_grid(&["--samples", "3", "--oprm", &len.to_string()], plain.path());
+    assert!(plain_recs.iter().all(|r| r.oprm.as_ref().unwrap().query_nll.is_none()));
     assert_eq!(summary(plain.path())["options"]["oprm"], serde_json::json!({"chunk": len}));
 }
 
