@@ -3,9 +3,9 @@
 //! prompt's prefix and its question, `[P, C_i, S]`, and the chunk whose first answer token is the
 //! most certain (the least entropy of the next-token distribution after `S`; or, `--oprm-select
 //! query`, the chunk after which the question is the most likely, the paper's `Pr(S | P, C_i)`)
-//! answers: decoding goes on from its state. No state ever holds more than |P| + L + |S| tokens, so a model whose
-//! state overflows past its training length reads the needle's chunk as a short prompt. Memory
-//! stays constant: the prefix's state, the best chunk's and the running one.
+//! answers: decoding goes on from its state. No state ever holds more than |P| + L + |S| tokens,
+//! so a model whose state overflows past its training length reads the needle's chunk as a short
+//! prompt. Memory stays constant: the prefix's state, the best chunk's and the running one.
 use super::prompt::Parts;
 use crate::backend::{Backend, ScorerState};
 use anyhow::{bail, Result};
