@@ -92,6 +92,12 @@ const _: () = assert!(
         && PANEL_ROWS.is_multiple_of(4)
 );
 
+/// The first output row of task `i` of `tasks` over `rows` rows (`i = tasks`: `rows`): whole
+/// panels, the tasks' panel counts differing by one at most (`tasks` ≤ the panels).
+fn task_start(i: usize, tasks: usize, rows: usize) -> usize {
+    (i * rows.div_ceil(PANEL_ROWS) / tasks * PANEL_ROWS).min(rows)
+}
+
 /// `out (t, w.rows) = x (t, w.cols) · wᵀ`, split over the executor by blocks of output rows.
 pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -> Result<(), Error> {
     let (rows, k) = (w.rows, w.cols);
@@ -99,15 +105,19 @@ pub fn matmul(ex: &dyn Exec, x: &[f32], t: usize, w: &Weight, out: &mut [f32]) -
     crate::error::need("matmul output", out.len(), t * rows)?;
     crate::error::need("matmul weight", w.len(), rows * k)?;
     let work = t * rows * k;
-    let tasks = if work < 1 << 16 { 1 } else { (ex.threads() * 4).min(rows.div_ceil(16)).max(1) };
-    let per = rows.div_ceil(tasks).next_multiple_of(PANEL_ROWS);
+    // Whole panels, spread over the tasks so that their sizes differ by one panel at most: a
+    // 2,048-row weight in tasks of ⌈rows/tasks⌉ rounded up to panels (7 of 288 rows and one of 32)
+    // left one of two threads with 1,152 rows against 896.
+    let panels = rows.div_ceil(PANEL_ROWS);
+    let tasks = if work < 1 << 16 { 1 } else { (ex.threads() * 4).min(rows.div_ceil(16)).min(panels).max(1) };
+    let start = |i: usize| task_start(i, tasks, rows);
     let (simd, mode) = (ex.simd(), ex.matmul_mode());
     let halves = split_halves(simd, t, w)?;
     #[cfg(not(target_arch = "x86_64"))]
     let _ = halves;
     let shared = Shared::new(&mut out[..t * rows]);
     let task = |i: usize| {
-        let (o0, o1) = (i * per, ((i + 1) * per).min(rows));
+        let (o0, o1) = (start(i), start(i + 1));
         if o0 < o1 {
             ex.with_panels(&mut |panels| {
                 let c = shared.ptr().wrapping_add(o0);
@@ -438,3 +448,25 @@ pub trait Kernel: Elem {}
 impl<E: Elem> Kernel for E {}
 #[cfg(target_arch = "x86_64")]
 pub use avx2::Kernel;
+
+#[cfg(test)]
+mod tests {
+    use super::{task_start, PANEL_ROWS};
+
+    /// `matmul`'s tasks cover the rows in whole panels (the last may be short), their sizes apart
+    /// by one panel at most: no thread is left a task's worth more than the other.
+    #[test]
+    fn tasks_split_the_rows_in_near_equal_whole_panels() {
+        for rows in (1usize..3000).step_by(7).chain([2048, 3352, 7168, 50288]) {
+            let panels = rows.div_ceil(PANEL_ROWS);
+            for tasks in (1..=16).filter(|&t| t <= panels) {
+                let starts: [usize; 17] = core::array::from_fn(|i| task_start(i.min(tasks), tasks, rows));
+                assert_eq!((starts[0], starts[tasks]), (0, rows));
+                let whole = |i: usize| (starts[i + 1] - starts[i]).div_ceil(PANEL_ROWS);
+                let (lo, hi) = (0..tasks).map(whole).fold((usize::MAX, 0), |(l, h), w| (l.min(w), h.max(w)));
+                assert!(hi - lo <= 1, "{rows} rows in {tasks} tasks: {starts:?}");
+                assert!(starts.iter().all(|s| s % PANEL_ROWS == 0 || *s == rows), "{starts:?}");
+            }
+        }
+    }
+}
