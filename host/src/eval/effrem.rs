@@ -115,8 +115,7 @@ fn fits(u: &Unit, s: usize, t: usize, o: &Options) -> bool {
 /// Log-probabilities of a logits row over the first `real` ids, in f64.
 fn log_softmax(logits: &[f32], real: usize) -> Vec<f64> {
     let row = &logits[..real];
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+    let lse = super::log_sum_exp(row);
     row.iter().map(|&v| v as f64 - lse).collect()
 }
 

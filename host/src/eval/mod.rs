@@ -158,3 +158,9 @@ impl Cadence {
         (self.last, self.since) = (std::time::Instant::now(), 0);
     }
 }
+
+/// `ln Σ exp(row)` in f64, shifted by the row's largest value (a logits row's log-normaliser).
+pub fn log_sum_exp(row: &[f32]) -> f64 {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+}

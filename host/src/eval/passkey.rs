@@ -266,10 +266,7 @@ impl OprmRestored {
         let p = &self.progress;
         let best_ok = match (p.best, &self.best) {
             (Some(b), Some(st)) => {
-                b.chunk < p.next
-                    && b.scores().valid()
-                    && select.rank(b.scores()).is_finite()
-                    && st.state.len() == state_len
+                b.chunk < p.next && b.scores.valid() && select.rank(b.scores).is_finite() && st.state.len() == state_len
             }
             (None, None) => p.next == 0,
             _ => false,
@@ -1114,7 +1111,7 @@ mod tests {
             sample: 0,
             ids_sha: String::new(),
             next,
-            best: best.map(|(chunk, _)| oprm::Best { chunk, entropy: 0.5, query_nll: None }),
+            best: best.map(|(chunk, _)| oprm::Best { chunk, scores: oprm::Scores { entropy: 0.5, query_nll: None } }),
             needle_entropy: None,
             needle_query_nll: None,
         };
@@ -1135,7 +1132,7 @@ mod tests {
         assert!(restored(3, None).check(5, 10, oprm::Select::Entropy).is_err(), "chunks run without a best");
         let query = |best_nll: Option<f64>| {
             let mut r = restored(3, Some((2, 10)));
-            r.progress.best.as_mut().unwrap().query_nll = best_nll;
+            r.progress.best.as_mut().unwrap().scores.query_nll = best_nll;
             r.check(5, 10, oprm::Select::Query)
         };
         assert!(query(Some(1.5)).is_ok());

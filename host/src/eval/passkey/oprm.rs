@@ -116,15 +116,9 @@ impl OprmRecord {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub(super) struct Best {
     pub(super) chunk: usize,
-    pub(super) entropy: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) query_nll: Option<f64>,
-}
-
-impl Best {
-    pub(super) fn scores(&self) -> Scores {
-        Scores { entropy: self.entropy, query_nll: self.query_nll }
-    }
+    /// (Flattened: a checkpoint's `best` reads `{chunk, entropy[, query_nll]}`.)
+    #[serde(flatten)]
+    pub(super) scores: Scores,
 }
 
 /// How far a sample's chunks have run (a checkpoint's record; the best chunk's state is its tensors).
@@ -165,9 +159,7 @@ impl Parts {
 
 /// NLL (nats) of `target` under the softmax of `logits`, in f64.
 pub fn nll_of(logits: &[f32], target: usize) -> f64 {
-    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
-    m + z.ln() - logits[target] as f64
+    crate::eval::log_sum_exp(logits) - logits[target] as f64
 }
 
 /// Entropy (nats) of the softmax of `logits`, in f64.
@@ -251,7 +243,7 @@ impl Chooser<'_> {
             let rank = |s: Scores| select.rank(s);
             // A chunk seen before runs again only to become the best (its state is needed then).
             let scores = match known {
-                Some(k) if progress.best.is_some_and(|b| rank(k) >= rank(b.scores())) => k,
+                Some(k) if progress.best.is_some_and(|b| rank(k) >= rank(b.scores)) => k,
                 _ => {
                     self.s.restore(&after_prefix, parts.prefix.len() as u64)?;
                     let scores = match select {
@@ -280,8 +272,8 @@ impl Chooser<'_> {
                     scores
                 }
             };
-            if progress.best.is_none_or(|b| rank(scores) < rank(b.scores())) {
-                progress.best = Some(Best { chunk: i, entropy: scores.entropy, query_nll: scores.query_nll });
+            if progress.best.is_none_or(|b| rank(scores) < rank(b.scores)) {
+                progress.best = Some(Best { chunk: i, scores });
                 best_state = Some(self.s.snapshot()?);
             }
             if i == needle_chunks[0] {
@@ -304,8 +296,8 @@ impl Chooser<'_> {
         Ok(OprmRecord {
             chunks: n,
             chosen: best.chunk,
-            entropy: best.entropy,
-            query_nll: best.query_nll,
+            entropy: best.scores.entropy,
+            query_nll: best.scores.query_nll,
             needle_chunks,
             needle_entropy,
             needle_query_nll: progress.needle_query_nll,
