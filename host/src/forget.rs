@@ -174,11 +174,39 @@ pub enum ForgetSpec {
         every: u64,
     },
     /// LongMamba (Ye et al., ICLR 2025): Δ ← 0 where Δ ≤ b·θ on the global heads, from the table
-    /// `stuffed longmamba` calibrated (`longmamba:file=longmamba.json,b=1,c=0.05`). Mamba-2 only.
+    /// `stuffed longmamba` calibrated (`longmamba:file=longmamba.json,b=1,c=0.05,min=3000`), on the
+    /// tokens of a prompt of at least `min` tokens and never on those decoded after it (their
+    /// `forward` filters when `int(seqlen/1e3) > 2`, their `step` never). Mamba-2 only.
     #[serde(rename = "longmamba")]
     LongMamba {
         table: LongMambaRef,
+        #[serde(default = "longmamba_min_default")]
+        min: u64,
     },
+}
+
+/// LongMamba's shortest filtered prompt: their `forward` filters when `int(seqlen / 1e3) > 2`.
+pub const LONGMAMBA_MIN: u64 = 3000;
+
+fn longmamba_min_default() -> u64 {
+    LONGMAMBA_MIN
+}
+
+/// Which tokens a call feeds, for a method that acts on part of a sequence only (LongMamba filters
+/// the tokens of a long prompt, not those decoded after it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// A prompt's tokens; `len`: the prompt's whole length, when the command knows it (unknown is
+    /// taken as long: an embedding's calls, a stream of unknown end).
+    Prompt { len: Option<u64> },
+    /// Tokens decoded after the prompt, or an answer scored teacher-forced in their place.
+    Answer,
+}
+
+impl Default for Phase {
+    fn default() -> Phase {
+        Phase::Prompt { len: None }
+    }
 }
 
 impl ForgetSpec {
@@ -206,7 +234,7 @@ impl ForgetSpec {
             "window" | "staggered" => &["r"],
             "state-norm" => &["every", "calib"],
             "reset" => &["every"],
-            "longmamba" => &["file", "b", "c"],
+            "longmamba" => &["file", "b", "c", "min"],
             other => {
                 bail!("--forget: unknown method '{other}' (none, rri, rri-both, dt, decay, window, staggered, state-norm, reset, longmamba)")
             }
@@ -275,6 +303,11 @@ impl ForgetSpec {
                     .collect();
                 ForgetSpec::LongMamba {
                     table: LongMambaRef::new(file.clone(), b as f32, c as f32, t.content, t.heads, theta)?,
+                    // 0: every prompt, whatever its length.
+                    min: match kv.get("min").map(String::as_str) {
+                        Some("0") => 0,
+                        _ => count("min")?.unwrap_or(LONGMAMBA_MIN),
+                    },
                 }
             }
             _ => ForgetSpec::Reset { every: need_count("every")? },
@@ -292,8 +325,18 @@ impl ForgetSpec {
             ForgetSpec::DecayLayers { s } => Forget::DecayLayers(s.0),
             ForgetSpec::Window { r } => Forget::Window { r },
             ForgetSpec::Staggered { r } => Forget::Staggered { r },
-            ForgetSpec::LongMamba { table } => Forget::DtThreshold(table.1),
+            ForgetSpec::LongMamba { table, .. } => Forget::DtThreshold(table.1),
             _ => Forget::None,
+        }
+    }
+
+    /// Whether the in-recurrence part acts on the tokens of `phase`: everywhere, but LongMamba's
+    /// filter only on a prompt of at least `min` tokens (or of unknown length).
+    pub fn acts_in(&self, phase: Phase) -> bool {
+        match (*self, phase) {
+            (ForgetSpec::LongMamba { min, .. }, Phase::Prompt { len }) => len.is_none_or(|l| l >= min),
+            (ForgetSpec::LongMamba { .. }, Phase::Answer) => false,
+            _ => true,
         }
     }
 
@@ -378,9 +421,9 @@ impl std::fmt::Display for ForgetSpec {
                 calib.map_or(Ok(()), |c| write!(f, ",calib={c}"))
             }
             ForgetSpec::Reset { every } => write!(f, "reset:every={every}"),
-            ForgetSpec::LongMamba { table } => {
+            ForgetSpec::LongMamba { table, min } => {
                 let t = table.table();
-                write!(f, "longmamba:file={},b={},c={}", t.file, t.b, t.c)
+                write!(f, "longmamba:file={},b={},c={},min={min}", t.file, t.b, t.c)
             }
         }
     }

@@ -2,7 +2,7 @@
 //! path holds is found once ([`family::detect`]); each family's host file (`model/<family>.rs`,
 //! mirroring its core file) reads its config quirks and tensor names into core views.
 use crate::checkpoint::{Checkpoint, DType, TensorView};
-use crate::forget::ForgetSpec;
+use crate::forget::{ForgetSpec, Phase};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -159,7 +159,23 @@ pub(crate) enum Net<'a> {
     Other(Box<dyn Recurrent + Send + 'a>),
 }
 
+impl Net<'_> {
+    fn recurrent(&self) -> &dyn Recurrent {
+        match self {
+            Net::Mamba2(m) => m.as_ref(),
+            Net::Other(m) => m.as_ref(),
+        }
+    }
+}
+
 type BoxedViews<'a> = Box<dyn Views + 'a>;
+
+/// The core model with the forgetting method, and the same weights without it where the method
+/// acts on part of a sequence only (LongMamba: not on decoded tokens) — made when such a method is set.
+pub(crate) struct Nets<'a> {
+    main: Net<'a>,
+    plain: Option<Net<'a>>,
+}
 
 self_cell::self_cell!(
     /// A checkpoint and the tables that view it.
@@ -171,11 +187,11 @@ self_cell::self_cell!(
 );
 
 self_cell::self_cell!(
-    /// Those and the core model that borrows the tables.
+    /// Those and the core models that borrow the tables.
     struct Built {
         owner: Viewed,
         #[covariant]
-        dependent: Net,
+        dependent: Nets,
     }
 );
 
@@ -234,23 +250,31 @@ impl Model {
         check_ids(ids, self.info.vocab_rows, source)
     }
 
+    /// The core model with the forgetting method ([`Model::set_forget`]).
     pub fn net(&self) -> &dyn Recurrent {
-        match self.built.borrow_dependent() {
-            Net::Mamba2(m) => m.as_ref(),
-            Net::Other(m) => m.as_ref(),
+        self.built.borrow_dependent().main.recurrent()
+    }
+
+    /// The core model for the tokens of `phase`: without the method where it does not act there
+    /// ([`ForgetSpec::acts_in`]: LongMamba's filter on decoded tokens and short prompts).
+    pub fn net_in(&self, phase: Phase) -> &dyn Recurrent {
+        let nets = self.built.borrow_dependent();
+        match (&nets.plain, self.forget.acts_in(phase)) {
+            (Some(plain), false) => plain.recurrent(),
+            _ => nets.main.recurrent(),
         }
     }
 
     /// The Mamba-2 model, when this is one (the CUDA backend runs Mamba-2).
     pub fn mamba2(&self) -> Option<&Mamba2<'_>> {
-        match self.built.borrow_dependent() {
+        match &self.built.borrow_dependent().main {
             Net::Mamba2(m) => Some(m),
             Net::Other(_) => None,
         }
     }
 
     fn with_net_mut<T>(&mut self, f: impl FnOnce(&mut dyn Recurrent) -> T) -> T {
-        self.built.with_dependent_mut(|_, net| match net {
+        self.built.with_dependent_mut(|_, nets| match &mut nets.main {
             Net::Mamba2(m) => f(m.as_mut()),
             Net::Other(m) => f(m.as_mut()),
         })
@@ -274,7 +298,7 @@ impl Model {
     /// Sets the forgetting method (before creating sessions: the state size may change).
     pub fn set_forget(&mut self, f: ForgetSpec) -> Result<()> {
         let path = self.info.path.display().to_string();
-        if let ForgetSpec::LongMamba { table } = f {
+        if let ForgetSpec::LongMamba { table, .. } = f {
             // (Another family refuses the method itself, below.)
             if self.mamba2().is_some() && table.table().content != self.content_id() {
                 bail!(
@@ -296,6 +320,14 @@ impl Model {
                 bytes as f64 / (1u64 << 30) as f64,
                 total as f64 / (1u64 << 30) as f64
             );
+        }
+        // A method that leaves some tokens alone needs the model without it beside (built once).
+        let partial = !f.acts_in(Phase::Answer) || !f.acts_in(Phase::Prompt { len: Some(0) });
+        if partial && self.built.borrow_dependent().plain.is_none() {
+            self.built.with_dependent_mut(|owner, nets| -> Result<()> {
+                nets.plain = Some(owner.borrow_dependent().net()?);
+                Ok(())
+            })?;
         }
         self.forget = f;
         Ok(())
@@ -343,7 +375,7 @@ impl Model {
             anyhow::Ok(loaded.views)
         })?;
         let info = info.context("a loader returned no description")?;
-        let built = Built::try_new(viewed, |v| v.borrow_dependent().net())?;
+        let built = Built::try_new(viewed, |v| anyhow::Ok(Nets { main: v.borrow_dependent().net()?, plain: None }))?;
         Ok(Model {
             built,
             info,

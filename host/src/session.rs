@@ -1,6 +1,6 @@
 //! A model plus its state and buffers, sized once: the loop every command drives.
 use crate::exec::Pool;
-use crate::forget::{Boundary, ForgetSpec};
+use crate::forget::{Boundary, ForgetSpec, Phase};
 use crate::model::Model;
 use crate::state_dtype::{StatePrecision, StateRound};
 use anyhow::{anyhow, bail, Result};
@@ -28,6 +28,8 @@ pub struct Session<'m> {
     pub precision: StatePrecision,
     /// The state ranges `precision` rounds (none for f32).
     round_ranges: Vec<Range<usize>>,
+    /// Which tokens the next calls feed (a prompt's, of unknown length, unless told).
+    pub phase: Phase,
 }
 
 /// Fails for a `--chunk` longer than any stream (on every device: the GPU plans its own chunk, but
@@ -80,11 +82,13 @@ impl<'m> Session<'m> {
                 true => Vec::new(),
                 false => crate::state_dtype::ranges(net, model.state_precision.all),
             },
+            phase: Phase::default(),
         }
     }
 
+    /// The core model for the tokens of the current phase ([`Model::net_in`]).
     pub fn net(&self) -> &'m dyn Recurrent {
-        self.model.net()
+        self.model.net_in(self.phase)
     }
 
     pub fn reset(&mut self) {
@@ -118,7 +122,7 @@ impl<'m> Session<'m> {
         mut probe: Option<&mut [f32]>,
         sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
     ) -> Result<()> {
-        let net = self.model.net();
+        let net = self.net();
         let d = net.d_model();
         let rounded = !self.precision.is_f32();
         // A state stored rounded after every token runs the token-by-token recurrence whatever the
@@ -213,8 +217,10 @@ impl Session<'_> {
         let v = self.model.net().vocab_rows();
         let mut logits = vec![0f32; v];
         let mut row = last.to_vec();
-        // Each token through the recurrence (`Recurrent::step`), as a decode runs.
+        // Each token through the recurrence (`Recurrent::step`), as a decode runs, and as decoded
+        // tokens (LongMamba leaves them unfiltered).
         let chunk = std::mem::replace(&mut self.chunk, 1);
+        let phase = std::mem::replace(&mut self.phase, Phase::Answer);
         let mut decode = || -> Result<()> {
             for i in 0..max_new {
                 self.logits(&row, 1, &mut logits)?;
@@ -233,6 +239,7 @@ impl Session<'_> {
         };
         let done = decode();
         self.chunk = chunk;
+        self.phase = phase;
         done
     }
 }

@@ -255,3 +255,60 @@ fn non_finite_nll_on_the_gpu_is_an_error_naming_where() {
     }
     assert!(!err.contains('\n') && !out.path().join("results.json").exists());
 }
+
+/// LongMamba on the device filters what the CPU filters: a long prompt, not a short one, and none
+/// of the tokens greedy decoding feeds after it (the captured decode step included) — the same
+/// tokens and, to f32 rounding, the same state as the CPU, where the filter run on through those
+/// tokens ends elsewhere.
+#[test]
+#[cfg_attr(feature = "cuda", ignore = "needs a GPU")]
+fn longmamba_on_the_gpu_filters_prompts_not_decoded_tokens() {
+    use stuffed::backend::{open, Backend, Device};
+    use stuffed::forget::{ForgetSpec, Phase};
+    let dir = tempfile::tempdir().unwrap();
+    let model = data("../../models/mamba2-tiny-l4-t64-a3-4m");
+    let text = data("../../host/assets/corpus/austen_persuasion.txt").display().to_string();
+    let m = model.to_str().unwrap();
+    let calib = ["longmamba", "--model", m, "--text", &text, "--train-len", "64", "--target", "2k", "--windows", "8"];
+    cli(&[&calib[..], &["--out", dir.path().to_str().unwrap()]].concat()).unwrap();
+    let mut lm = stuffed::model::Model::load(&model).unwrap();
+    let spec = format!("longmamba:file={},min=300", dir.path().join("longmamba.json").display());
+    lm.set_forget(ForgetSpec::parse(&spec).unwrap()).unwrap();
+    let real = lm.info.vocab_rows;
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 31 + 5) % 250).collect();
+    let rel = |a: &[f32], b: &[f32]| {
+        let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        (d / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
+    };
+    let mut runs = Vec::new();
+    for dev in [Device::Cpu, Device::Cuda] {
+        let mut b = open(&lm, 64, real, dev, Default::default()).unwrap();
+        let nll = |b: &mut dyn Backend, phase| {
+            b.reset().unwrap();
+            b.set_phase(phase);
+            let mut v = Vec::new();
+            b.score(&ids, &mut v).unwrap();
+            v
+        };
+        let short = nll(b.as_mut(), Phase::Prompt { len: Some(200) });
+        let long = nll(b.as_mut(), Phase::Prompt { len: Some(300) });
+        b.reset().unwrap();
+        b.feed(&ids).unwrap();
+        let decoded = b.greedy(24).unwrap();
+        runs.push((short, long, decoded, b.snapshot().unwrap().state));
+    }
+    let (cpu, gpu) = (&runs[0], &runs[1]);
+    let ((cs, cl), (gs, gl)) = ((&cpu.0, &cpu.1), (&gpu.0, &gpu.1));
+    println!("short {:.2e} long {:.2e} filter on/off {:.2e}", rel(gs, cs), rel(gl, cl), rel(cl, cs));
+    assert!(rel(gs, cs) <= 1e-4 && rel(gl, cl) <= 1e-4, "the device's NLLs are not the CPU's");
+    assert!(rel(cl, cs) > 1e-3, "the filter changes nothing here");
+    assert_eq!(cpu.2, gpu.2, "decoded tokens");
+    let e = rel(&gpu.3, &cpu.3);
+    // The filter run on through the decoded tokens, on the CPU.
+    let mut b = open(&lm, 64, real, Device::Cpu, Default::default()).unwrap();
+    b.feed(&ids).unwrap();
+    b.feed(&cpu.2[..23]).unwrap();
+    let filtered = rel(&b.snapshot().unwrap().state, &cpu.3);
+    println!("state after decoding: device vs CPU {e:.2e}; filtered decode vs CPU {filtered:.2e}");
+    assert!(e <= 1e-4 && filtered > 1e-2, "device {e:.2e}, filtered {filtered:.2e}");
+}

@@ -220,3 +220,118 @@ fn longmamba_refuses_what_it_cannot_use() {
     std::fs::write(&file, text).unwrap();
     assert!(spec("").is_err());
 }
+
+/// Which tokens the filter acts on, as LongMamba's code: a prompt of at least `min` tokens (their
+/// `forward` when `int(seqlen/1e3) > 2`; of unknown length: filtered), never the tokens decoded
+/// after it (their `step`). Through the CPU backend: a short prompt scores as the model without the
+/// method, bit for bit; a long one as the method; greedy decoding after a filtered prompt gives the
+/// tokens and state of the model without the method decoding from that prompted state — and not
+/// those of the filter run on through the decoded tokens.
+#[test]
+fn the_filter_acts_on_long_prompts_and_not_on_decoded_tokens() {
+    use stuffed::backend::{open, Backend, Device};
+    use stuffed::forget::Phase;
+    let out = tempfile::tempdir().unwrap();
+    calibrate(out.path(), &t64(), &["--windows", "10"]).unwrap();
+    let spec = format!("longmamba:file={},min=300", out.path().join("longmamba.json").display());
+    let mut m = Model::load(&t64()).unwrap();
+    m.set_forget(ForgetSpec::parse(&spec).unwrap()).unwrap();
+    let plain = Model::load(&t64()).unwrap();
+    let real = m.info.vocab_rows;
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 31 + 5) % 250).collect();
+    let nll = |b: &mut dyn Backend, phase: Phase| {
+        b.reset().unwrap();
+        b.set_phase(phase);
+        let mut v = Vec::new();
+        b.score(&ids, &mut v).unwrap();
+        v
+    };
+    let mut b = open(&m, 64, real, Device::Cpu, Default::default()).unwrap();
+    let mut p = open(&plain, 64, real, Device::Cpu, Default::default()).unwrap();
+    let none = nll(p.as_mut(), Phase::default());
+    assert_eq!(nll(b.as_mut(), Phase::Prompt { len: Some(299) }), none, "a prompt under min is filtered");
+    assert_eq!(nll(b.as_mut(), Phase::Answer), none, "answer tokens are filtered");
+    let long = nll(b.as_mut(), Phase::Prompt { len: Some(300) });
+    assert!(rel(&long, &none) > 1e-3, "a prompt of min tokens is not filtered");
+    assert_eq!(nll(b.as_mut(), Phase::Prompt { len: None }), long, "a prompt of unknown length is not filtered");
+
+    // Decoding after the filtered prompt.
+    b.reset().unwrap();
+    b.set_phase(Phase::Prompt { len: None });
+    b.feed(&ids).unwrap();
+    let prompted = b.snapshot().unwrap();
+    let decoded = b.greedy(24).unwrap();
+    let after = b.snapshot().unwrap();
+    assert_eq!(b.phase(), Phase::Prompt { len: None }, "greedy decoding keeps the caller's phase");
+    p.restore(&prompted, ids.len() as u64).unwrap();
+    assert_eq!(p.greedy(24).unwrap(), decoded, "decoded tokens are filtered");
+    assert_eq!(p.snapshot().unwrap().state, after.state, "decoded tokens are filtered");
+    // The filter would have acted on them: the prompt's phase run on through the same tokens.
+    b.restore(&prompted, ids.len() as u64).unwrap();
+    b.feed(&decoded[..23]).unwrap();
+    assert_ne!(b.snapshot().unwrap().state, after.state, "the filter acts on none of the decoded tokens");
+}
+
+/// A passkey grid under LongMamba filters the lengths of at least `min` tokens only: below it the
+/// records are those of no forgetting (answers and key NLLs), at and above it the method's.
+#[test]
+fn passkey_filters_only_the_lengths_of_min_tokens_and_more() {
+    let out = tempfile::tempdir().unwrap();
+    calibrate(out.path(), &t64(), &["--windows", "10"]).unwrap();
+    let (file, model) = (out.path().join("longmamba.json").display().to_string(), t64());
+    let run = |name: &str, forget: &str| -> Vec<serde_json::Value> {
+        let o = out.path().join(name);
+        let args = ["passkey", "--model", model.to_str().unwrap(), "--lengths", "256,512", "--samples", "2"];
+        cli(&[&args[..], &["--max-new", "6", "--forget", forget, "--out", o.to_str().unwrap()]].concat()).unwrap();
+        let lines = std::fs::read_to_string(o.join("results.jsonl")).unwrap();
+        lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let fields = |recs: &[serde_json::Value], length: u64| -> Vec<(serde_json::Value, serde_json::Value)> {
+        recs.iter()
+            .filter(|r| r["length"] == length)
+            .map(|r| (r["continuation"].clone(), r["key_nll"].clone()))
+            .collect()
+    };
+    let none = run("none", "none");
+    let split = run("split", &format!("longmamba:file={file},min=512"));
+    let all = run("all", &format!("longmamba:file={file},min=0"));
+    assert_eq!(fields(&split, 256), fields(&none, 256), "256 < min: filtered");
+    assert_eq!(fields(&split, 512), fields(&all, 512), "512 ≥ min: not filtered as with min = 0");
+    assert_ne!(fields(&all, 512), fields(&none, 512), "the method changes nothing here");
+    assert_eq!(fields(&none, 256).len(), 2);
+
+    // The key is scored in the decoded tokens' place, unfiltered: each record's key NLL is that of
+    // the model without the method from the filtered prompt's state (and not the filter's).
+    use stuffed::backend::{open, Device};
+    use stuffed::eval::passkey::{key_tokens, prompt_text, template, Record, TemplateName};
+    let mut m = Model::load(&model).unwrap();
+    m.set_forget(ForgetSpec::parse(&format!("longmamba:file={file},min=0")).unwrap()).unwrap();
+    let plain = Model::load(&model).unwrap();
+    let tok = m.tokenizer(None).unwrap();
+    let real = m.real_vocab(&tok);
+    let (mut b, mut p) = (
+        open(&m, 512, real, Device::Cpu, Default::default()).unwrap(),
+        open(&plain, 512, real, Device::Cpu, Default::default()).unwrap(),
+    );
+    let tpl = template(TemplateName::Code);
+    for r in all.iter().map(|r| serde_json::from_value::<Record>(r.clone()).unwrap()) {
+        let (text, needle_byte) = prompt_text(&tpl, r.num_blocks, r.needle_block, &r.key);
+        let (ids, _) = stuffed::text::encode_long(&tok, &text, needle_byte).unwrap();
+        assert_eq!(ids.len(), r.prompt_tokens);
+        let key = key_tokens(&tok, &tpl, &r.key).unwrap();
+        b.reset().unwrap();
+        b.feed(&ids).unwrap();
+        let prompted = b.snapshot().unwrap();
+        let key_nll = |s: &mut dyn stuffed::backend::Backend| {
+            s.restore(&prompted, ids.len() as u64).unwrap();
+            let mut nll = Vec::new();
+            s.score(&key, &mut nll).unwrap();
+            nll.iter().map(|&v| v as f64).sum::<f64>()
+        };
+        let (want, filtered) = (key_nll(p.as_mut()), key_nll(b.as_mut()));
+        let got = r.key_nll.unwrap();
+        println!("length {} sample {}: key NLL {got} unfiltered {want} filtered {filtered}", r.length, r.sample);
+        assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "key NLL {got} vs {want} (filtered {filtered})");
+        assert!((filtered - want).abs() > 1e-3, "the filter would not change the key's NLL: {filtered} vs {want}");
+    }
+}

@@ -3,6 +3,7 @@
 //! exist beyond one sub-chunk.
 use super::{Backend, ScoredRows, ScorerState};
 use crate::exec::Pool;
+use crate::forget::Phase;
 use crate::model::Model;
 use crate::session::Session;
 use anyhow::{bail, Result};
@@ -367,6 +368,14 @@ impl Backend for CpuBackend<'_> {
     fn greedy_each(&mut self, max_new: usize, each: &mut dyn FnMut(u32) -> Result<bool>) -> Result<()> {
         let last = self.pending.take().ok_or_else(|| anyhow::anyhow!("greedy decoding needs a prompt first"))?;
         self.session.greedy_each(&last, max_new, self.head.real, each)
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.session.phase = phase;
+    }
+
+    fn phase(&self) -> Phase {
+        self.session.phase
     }
 
     fn reset(&mut self) -> Result<()> {

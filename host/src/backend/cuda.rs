@@ -3,6 +3,7 @@
 use super::{cpu::cpu_rerun, Backend, GpuOptions, ScorerState};
 use crate::cuda::mamba2::GpuMamba2;
 use crate::cuda::DType;
+use crate::forget::Phase;
 use crate::model::Model;
 use anyhow::{bail, Result};
 use stuffed_core::error::first_non_finite;
@@ -74,6 +75,14 @@ impl Backend for CudaBackend<'_> {
             }
         }
         Ok(())
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.g.phase = phase;
+    }
+
+    fn phase(&self) -> Phase {
+        self.g.phase
     }
 
     fn reset(&mut self) -> Result<()> {

@@ -8,6 +8,7 @@ mod cuda;
 
 pub use cpu::{NllHead, PairHead};
 
+use crate::forget::Phase;
 use crate::model::Model;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,13 @@ pub trait Backend {
     /// goes to `each`, which returns whether to go on. The state advances through the accepted
     /// tokens but the last.
     fn greedy_each(&mut self, max_new: usize, each: &mut dyn FnMut(u32) -> Result<bool>) -> Result<()>;
+
+    /// Which tokens the next calls feed: LongMamba filters a long prompt's and not a short one's,
+    /// nor those decoded or scored as the answer after it (greedy decoding is always the answer's).
+    fn set_phase(&mut self, phase: Phase);
+
+    /// The phase the next calls feed in.
+    fn phase(&self) -> Phase;
 
     /// Back to the zero state at the start of a document.
     fn reset(&mut self) -> Result<()>;

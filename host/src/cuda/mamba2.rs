@@ -3,7 +3,7 @@
 //! core's; matmuls go through cuBLAS with the weights in their stored type (bf16, or f32; f16 is
 //! widened to f32), activations and state in f32.
 use super::{i, Arg, DBuf, DType, Gpu};
-use crate::forget::{Boundary, ForgetSpec};
+use crate::forget::{Boundary, ForgetSpec, Phase};
 use crate::gpumem::{self, Sizes, GPU_Q, NLL_ROWS};
 use crate::model::Model;
 use anyhow::{anyhow, bail, Context, Result};
@@ -76,6 +76,8 @@ pub struct GpuMamba2 {
     lse: DBuf,    // (NLL_ROWS, 3) f32: the NLL's running max, sum and target logit per row
     /// Reset and state normalization act between calls, at document positions (as `Session`).
     spec: ForgetSpec,
+    /// Which tokens the next calls feed: LongMamba's thresholds apply where `spec` acts in it.
+    pub phase: Phase,
     /// Tokens fed since the last reset: the document position.
     pos: u64,
     tau: DBuf, // (n_layer, H) f32: state normalization's per-head norms, once calibrated
@@ -311,6 +313,7 @@ impl GpuMamba2 {
             am: DBuf::new(sub * 4)?,
             lse: DBuf::new(NLL_ROWS * 3 * 4)?,
             spec: model.forget,
+            phase: Phase::default(),
             pos: 0,
             tau: DBuf::new(c.n_layer * nh * f)?,
             tau_set: false,
@@ -624,7 +627,7 @@ impl GpuMamba2 {
         let (di, nh, p, n, g, k) = (c.d_inner(), c.n_heads, c.head_dim, c.d_state, c.n_groups, c.d_conv);
         let (cd, nin, gn) = (c.conv_dim(), c.in_proj_rows(), c.n_groups * c.d_state);
         let (la, b_scale) = self.forget_params();
-        let th = l.dt_threshold.as_ref().map_or(0, |b| b.ptr());
+        let th = self.dt_threshold(l);
         let gpu = &self.gpu;
         let cb = l.conv_b.as_ref().map_or(0, |b| b.ptr());
         if t == 1 {
@@ -705,6 +708,15 @@ impl GpuMamba2 {
         Ok(())
     }
 
+    /// Layer `l`'s LongMamba thresholds on the device, or null where the filter does not act on
+    /// this phase's tokens (decoded ones, a short prompt).
+    fn dt_threshold(&self, l: &Layer) -> u64 {
+        match (&l.dt_threshold, self.spec.acts_in(self.phase)) {
+            (Some(b), true) => b.ptr(),
+            _ => 0,
+        }
+    }
+
     /// (log a per token, B scale) of RRI; neutral otherwise. (Δ's factor and thresholds are the
     /// layer's: [`Layer::dt_scale`], [`Layer::dt_threshold`].)
     fn forget_params(&self) -> (f32, f32) {
@@ -768,7 +780,7 @@ impl GpuMamba2 {
                 Arg::F32(c.dt_max),
                 Arg::F32(l.dt_scale),
                 Arg::F32(la),
-                Arg::Ptr(l.dt_threshold.as_ref().map_or(0, |b| b.ptr())),
+                Arg::Ptr(self.dt_threshold(l)),
             ],
         )?;
         for gi in 0..g {

@@ -6,6 +6,7 @@
 //! branch point is the longest common token prefix of the sample's whole prompt, tokenized at once,
 //! and the haystack's — parts tokenized alone would differ at the seams.
 use crate::backend::ScorerState;
+use crate::forget::Phase;
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::{heatmap, LinePlot, Series};
 use crate::report::{write_atomic, StateSlot};
@@ -344,6 +345,8 @@ pub fn run(
         let Some(todo) = plan(&tok, &asks.tpl, o, length, &mine)? else {
             continue;
         };
+        // The prompts of this length (LongMamba filters them from its `min` tokens up).
+        s.set_phase(Phase::Prompt { len: Some(length) });
         if o.oprm.is_some() {
             let saver = Saver { out, fp: &fp, length, hay: &[], started, run_file: &run_file };
             let mut g = Grid { s: s.as_mut(), pos: 0, piece: PIECE, cadence: &mut cadence };
@@ -896,7 +899,12 @@ fn answer(
     s.restore(&prompted, pos)?;
     let (key_ids, continuation, correct) = judge(&new)?;
     let mut nll = Vec::new();
-    s.score(&key_ids, &mut nll)?;
+    // The key in the decoded tokens' place: the answer's phase.
+    let phase = s.phase();
+    s.set_phase(Phase::Answer);
+    let scored = s.score(&key_ids, &mut nll);
+    s.set_phase(phase);
+    scored?;
     Ok(Answer { continuation, correct, key_nll: nll.iter().map(|&v| v as f64).sum(), decoded: new.len() })
 }
 

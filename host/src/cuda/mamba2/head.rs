@@ -4,6 +4,7 @@
 //! `mamba2.rs`.
 use super::{GpuMamba2, VOCAB_TILE};
 use crate::cuda::{i, Arg, DBuf};
+use crate::forget::Phase;
 use crate::gpumem::NLL_ROWS;
 use anyhow::{bail, Result};
 
@@ -103,15 +104,19 @@ impl GpuMamba2 {
             bail!("greedy decoding needs a prompt first");
         }
         let out = DBuf::new(max_new * 4)?;
-        for k in 0..max_new {
+        // Decoded tokens (LongMamba leaves them unfiltered; the captured step is always this phase's).
+        let phase = std::mem::replace(&mut self.phase, Phase::Answer);
+        let decoded = (0..max_new).try_for_each(|k| {
             if k + 1 < max_new {
                 self.decode_step()?;
                 self.after_piece(1, false)?;
             } else {
                 self.argmax_pending()?;
             }
-            self.gpu.copy(out.at(k * 4), self.am.ptr(), 4)?;
-        }
+            self.gpu.copy(out.at(k * 4), self.am.ptr(), 4)
+        });
+        self.phase = phase;
+        decoded?;
         let mut ids = vec![0u32; max_new];
         self.gpu.sync()?;
         out.download(0, &mut ids)?;

@@ -8,6 +8,7 @@
 //! prompt. Memory stays constant: the prefix's state, the best chunk's and the running one.
 use super::prompt::Parts;
 use crate::backend::{Backend, ScorerState};
+use crate::forget::Phase;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -230,6 +231,10 @@ impl Chooser<'_> {
         let needle_chunks =
             [parts.needle.start / len, parts.needle.end.saturating_sub(1).max(parts.needle.start) / len]
                 .map(|c| c.min(n - 1));
+        // Each chunk runs as a prompt of its own, `[prefix, chunk, question]` (LongMamba filters it
+        // from its `min` tokens up; the prefix is shared, so a short last chunk counts as whole).
+        let prompt = parts.prefix.len() + len + parts.question.len();
+        self.s.set_phase(Phase::Prompt { len: Some(prompt as u64) });
         self.s.reset()?;
         self.s.feed(&parts.prefix)?;
         let after_prefix = self.s.snapshot()?;
