@@ -116,6 +116,9 @@ def test_passkey_takes_oprm():
     q = stuffed.passkey(ROOT / "models" / "mamba2-tiny-passkey", lengths="1k", samples=2, oprm=160,
                         oprm_select="query", max_new=8)["summary"]
     assert q["options"]["oprm"] == {"chunk": 160, "select": "query"}
+    i = stuffed.passkey(ROOT / "models" / "mamba2-tiny-passkey", lengths="1k", samples=2, oprm=160,
+                        oprm_idk="Error", max_new=8)["summary"]
+    assert i["options"]["oprm"] == {"chunk": 160, "idk": "Error"}
 
 
 def test_ppl_vs_model_against_itself_drifts_by_nothing():

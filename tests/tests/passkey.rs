@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use stuffed::cli::values::parse_lengths;
 use stuffed::cli::{run, Cli};
 use stuffed::eval::passkey::{
-    is_correct, key, key_tokens, needle_block, num_blocks, prompt_text, template, Record, TemplateName,
+    idk_suffix, is_correct, key, key_tokens, needle_block, num_blocks, prompt_text, template, Record, Template,
+    TemplateName,
 };
 use stuffed::tokenizer::Tokenizer;
 
@@ -270,11 +271,10 @@ fn oprm_grid(extra: &[&str], out: &Path) -> (Vec<Record>, usize) {
     (records(out), summary(out)["options"]["max_new"].as_u64().unwrap() as usize)
 }
 
-/// The prefix, context and question of record `r`'s prompt (the code template), each tokenized
-/// alone as OPRM runs them, and the context's tokens before the needle.
-fn oprm_parts(tok: &Tokenizer, r: &Record) -> ([Vec<u32>; 3], usize) {
-    let tpl = template(TemplateName::Code);
-    let (text, needle_byte) = prompt_text(&tpl, r.num_blocks, r.needle_block, &r.key);
+/// The prefix, context and question of record `r`'s prompt (under `tpl`), each tokenized alone as
+/// OPRM runs them, and the context's tokens before the needle.
+fn oprm_parts(tok: &Tokenizer, tpl: &Template, r: &Record) -> ([Vec<u32>; 3], usize) {
+    let (text, needle_byte) = prompt_text(tpl, r.num_blocks, r.needle_block, &r.key);
     let ctx = &text[tpl.prefix.len()..text.len() - tpl.suffix.len()];
     let needle_tok = tok.encode(&ctx[..needle_byte - tpl.prefix.len()]).unwrap().len();
     ([tpl.prefix, ctx, tpl.suffix].map(|t| tok.encode(t).unwrap()), needle_tok)
@@ -303,7 +303,7 @@ fn oprm_answers_from_the_chunk_of_least_entropy() {
     let (mut chose_needle, mut split) = (0, 0);
     for r in &recs {
         let x = r.oprm.as_ref().expect("an OPRM record");
-        let ([p, c, q], needle_tok) = oprm_parts(&tok, r);
+        let ([p, c, q], needle_tok) = oprm_parts(&tok, &template(TemplateName::Code), r);
         assert_eq!((r.needle_pos, r.prompt_tokens), (p.len() + needle_tok, p.len() + c.len() + q.len()), "{r:?}");
         assert_eq!((x.chunks, x.needle_chunks[0]), (c.len().div_ceil(len), needle_tok / len), "{r:?}");
         let entropies: Vec<f64> = c
@@ -361,7 +361,7 @@ fn oprm_query_rule_answers_from_the_chunk_the_question_is_likeliest_after() {
     let mut s = stuffed::backend::open(&model, 512, real, Device::Cpu, GpuOptions::default()).unwrap();
     for r in &recs {
         let x = r.oprm.as_ref().expect("an OPRM record");
-        let ([p, c, q], _) = oprm_parts(&tok, r);
+        let ([p, c, q], _) = oprm_parts(&tok, &template(TemplateName::Code), r);
         let query_nlls: Vec<f64> = c
             .chunks(len)
             .map(|chunk| {
@@ -441,4 +441,60 @@ fn oprm_reuse_equals_every_chunk_run() {
         assert_eq!((wa, rb), (wb, wb), "without reuse every chunk runs");
         assert!(ra * 3 < wa, "{} {rule}: reuse ran {ra} of {wa} tokens", m.display());
     }
+}
+
+/// `--oprm-idk WORD` (the paper's IDK filter): the question asks for WORD when the key is not in
+/// the text, and a chunk whose greedy first answer token begins WORD (alone or after a space)
+/// answers only if every chunk's does. Each chunk's `[prefix, chunk, question]` run again here
+/// under that question gives the record's choice — the least entropy among the chunks that do not
+/// say WORD — and its count of those that do; the filter changes the choice in some records. On
+/// the 64-token text model, whose answer after "The passkey is" is often " a".
+#[test]
+fn oprm_idk_filter_answers_from_the_least_uncertain_chunk_that_knows() {
+    use stuffed::backend::{Device, GpuOptions};
+    let (len, word) = (100, "a");
+    let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-l4-t64-a3-4m");
+    let out = tempfile::tempdir().unwrap();
+    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "512,1k", "--samples", "3", "--seed", "5"];
+    let more = ["--max-new", "4", "--oprm", "100", "--oprm-idk", word, "--out", out.path().to_str().unwrap()];
+    cli(&[&args[..], &more[..]].concat());
+    let recs = records(out.path());
+    assert_eq!(recs.len(), 6);
+    let model = stuffed::model::Model::load(&m).unwrap();
+    let tok = model.tokenizer(None).unwrap();
+    let (real, rows) = (model.real_vocab(&tok), model.info.vocab_rows);
+    let mut s = stuffed::backend::open(&model, 512, real, Device::Cpu, GpuOptions::default()).unwrap();
+    let code = template(TemplateName::Code);
+    let tpl = Template { suffix: idk_suffix(code.suffix, word), ..code };
+    let idk = [tok.encode(word).unwrap()[0], tok.encode(&format!(" {word}")).unwrap()[0]];
+    let mut changed = 0;
+    for r in &recs {
+        let x = r.oprm.as_ref().expect("an OPRM record");
+        let ([p, c, q], _) = oprm_parts(&tok, &tpl, r);
+        let runs: Vec<(bool, f64)> = c
+            .chunks(len)
+            .map(|chunk| {
+                s.reset().unwrap();
+                let mut last = Vec::new();
+                s.logits(&[&p[..], chunk, &q[..]].concat(), &mut |_, l| {
+                    last = l[l.len() - rows..][..real].to_vec();
+                    Ok(())
+                })
+                .unwrap();
+                let says = idk.contains(&stuffed::session::argmax(&last, real));
+                (says, stuffed::eval::passkey::entropy(&last))
+            })
+            .collect();
+        // The first chunk of the least key (IDK flag first, then entropy; or entropy alone).
+        let first_least = |filter: bool| {
+            let key = |i: usize| (filter && runs[i].0, runs[i].1);
+            (0..runs.len()).fold(0, |b, i| if key(i) < key(b) { i } else { b })
+        };
+        let (filtered, plain) = (first_least(true), first_least(false));
+        let says = runs.iter().filter(|r| r.0).count();
+        assert_eq!((x.chosen, x.idk_chunks), (filtered, Some(says)), "{x:?} vs {runs:?}");
+        assert!(close(runs[x.chosen].1, x.entropy), "{x:?} vs {runs:?}");
+        changed += (plain != filtered) as usize;
+    }
+    assert!(changed > 0, "the filter changed no choice");
 }

@@ -76,6 +76,12 @@ pub struct PasskeyArgs {
     /// likely, the least NLL of its tokens after [prefix, chunk]).
     #[arg(long, value_enum, default_value_t = passkey::OprmSelect::Entropy, requires = "oprm")]
     oprm_select: passkey::OprmSelect,
+    /// OPRM's IDK filter (the paper's code, for instruction-tuned models): the question asks the
+    /// model to answer WORD (default "Error") when the key is not in the text, and a chunk whose
+    /// greedy first answer token begins WORD answers only if every chunk's does. Records count
+    /// those chunks (`idk_chunks`).
+    #[arg(long, value_name = "WORD", num_args = 0..=1, default_missing_value = "Error", requires = "oprm")]
+    oprm_idk: Option<String>,
     /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here.
     #[arg(long, default_value = "none", value_parser = super::values::forget)]
     forget: crate::forget::ForgetSpec,
@@ -115,7 +121,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         device: a.device.device,
         gpu: a.device.gpu()?,
         state: a.state.precision(a.device.device)?,
-        oprm: a.oprm.map(|chunk| passkey::Oprm { chunk, select: a.oprm_select }),
+        oprm: a.oprm.map(|chunk| passkey::Oprm { chunk, select: a.oprm_select, idk: a.oprm_idk.clone() }),
     };
     let mut o = o;
     let tok = crate::tokenizer::Tokenizer::for_model(Some(&crate::model::dir_of(&a.model)), o.tokenizer.as_deref())?;

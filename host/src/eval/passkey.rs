@@ -25,8 +25,8 @@ use super::Cadence;
 pub use oprm::{entropy, nll_of, Oprm, OprmRecord, Select as OprmSelect};
 use prompt::{depths, prompts, Prompt};
 pub use prompt::{
-    is_correct, key, key_tokens, longest_key_ids, needle_block, num_blocks, prompt_text, template, Template,
-    TemplateName,
+    idk_suffix, is_correct, key, key_tokens, longest_key_ids, needle_block, num_blocks, prompt_text, template,
+    template_for, Template, TemplateName,
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -267,13 +267,17 @@ impl OprmRestored {
         let p = &self.progress;
         let best_ok = match (p.best, &self.best) {
             (Some(b), Some(st)) => {
-                b.chunk < p.next && b.scores.valid() && select.rank(b.scores).is_finite() && st.state.len() == state_len
+                b.chunk < p.next
+                    && b.scores.valid()
+                    && select.rank(b.scores).1.is_finite()
+                    && st.state.len() == state_len
             }
             (None, None) => p.next == 0,
             _ => false,
         };
-        let needle = p.needle_entropy.map(|entropy| oprm::Scores { entropy, query_nll: p.needle_query_nll });
-        if p.next > chunks || !best_ok || needle.is_some_and(|n| !n.valid()) {
+        let needle =
+            p.needle_entropy.map(|entropy| oprm::Scores { entropy, query_nll: p.needle_query_nll, idk: false });
+        if p.next > chunks || p.idk_chunks > p.next || !best_ok || needle.is_some_and(|n| !n.valid()) {
             bail!("an OPRM checkpoint no run of this prompt writes (chunk {} of {chunks})", p.next);
         }
         Ok(())
@@ -324,7 +328,7 @@ pub fn run(
         None
     };
     let real = model.real_vocab(&tok);
-    let asks = Asks { tok: &tok, tpl: template(o.template), o, bos, vocab_rows: model.info.vocab_rows, real };
+    let asks = Asks { tok: &tok, tpl: template_for(o), o, bos, vocab_rows: model.info.vocab_rows, real };
     let mut run_file = RunFile { path: out.join(RUN_FILE), fp: &fp, key: &key, earlier: Vec::new() };
     let (resume, mut log) = Log::open(out, cont, &mut run_file, shard)?;
     let seen: BTreeSet<(u64, usize)> = log.done.iter().map(|r| (r.length, r.sample)).collect();
@@ -484,7 +488,7 @@ impl Asks<'_> {
         log: &mut Log,
         seen: Option<&mut oprm::Seen>,
     ) -> Result<()> {
-        let oprm = self.o.oprm.ok_or_else(|| anyhow!("passkey: an OPRM sample without --oprm"))?;
+        let oprm = self.o.oprm.clone().ok_or_else(|| anyhow!("passkey: an OPRM sample without --oprm"))?;
         let (tok, tpl) = (self.tok, &self.tpl);
         let parts = p.parts(tok, tpl, self.bos)?;
         for part in [&parts.prefix, &parts.context, &parts.question] {
@@ -492,7 +496,8 @@ impl Asks<'_> {
         }
         let ids_sha = parts.sha();
         let (real, vocab_rows) = (self.real, self.vocab_rows);
-        let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm, real, vocab_rows, seen };
+        let idk = oprm::idk_ids(tok, oprm.idk.as_deref())?;
+        let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm: &oprm, real, vocab_rows, seen, idk: &idk };
         let (progress, best) = match from.filter(|r| r.progress.ids_sha == ids_sha) {
             Some(r) => {
                 r.check(c.chunks(), c.s.state_len(), oprm.select)
@@ -514,6 +519,7 @@ impl Asks<'_> {
                     best: None,
                     needle_entropy: None,
                     needle_query_nll: None,
+                    idk_chunks: 0,
                 };
                 (progress, None)
             }
@@ -1018,11 +1024,15 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "laws": crate::eval::laws::laws_of(info),
         "needle_within_last_r": last_r,
         "scoring": "greedy decoding of max_new tokens; correct iff the key string is a substring of the decoded continuation",
-        "oprm": o.oprm.map(|x| format!(
+        "oprm": o.oprm.as_ref().map(|x| format!(
             "OPRM (arXiv 2505.07793): prefix, context and question tokenized alone; the context cut into chunks of {} tokens, \
-             each run from the zero state as [prefix, chunk, question]; {}; needle_pos and prompt_tokens count the parts",
+             each run from the zero state as [prefix, chunk, question]; {}{}; needle_pos and prompt_tokens count the parts",
             x.chunk,
-            x.select.describe()
+            x.select.describe(),
+            x.idk.as_ref().map_or(String::new(), |w| format!(
+                "; IDK filter: the question asks for \"{w}\" when the key is not in the text, and a chunk whose first \
+                 greedy answer token begins \"{w}\" answers only if every chunk's does"
+            ))
         )),
         "max_new_note": o.max_new_note,
         "runs": runs,
@@ -1119,9 +1129,13 @@ mod tests {
             sample: 0,
             ids_sha: String::new(),
             next,
-            best: best.map(|(chunk, _)| oprm::Best { chunk, scores: oprm::Scores { entropy: 0.5, query_nll: None } }),
+            best: best.map(|(chunk, _)| oprm::Best {
+                chunk,
+                scores: oprm::Scores { entropy: 0.5, query_nll: None, idk: false },
+            }),
             needle_entropy: None,
             needle_query_nll: None,
+            idk_chunks: 0,
         };
         let best = best.map(|(_, len)| ScorerState { state: vec![0.0; len], pending: None, tau: Vec::new() });
         OprmRestored { length: 1024, progress, best }
@@ -1138,6 +1152,11 @@ mod tests {
         assert!(restored(3, Some((3, 10))).check(5, 10, oprm::Select::Entropy).is_err(), "a best chunk not yet run");
         assert!(restored(3, Some((2, 9))).check(5, 10, oprm::Select::Entropy).is_err(), "another state size");
         assert!(restored(3, None).check(5, 10, oprm::Select::Entropy).is_err(), "chunks run without a best");
+        let mut idk = restored(3, Some((2, 10)));
+        idk.progress.idk_chunks = 3;
+        assert!(idk.check(5, 10, oprm::Select::Entropy).is_ok());
+        idk.progress.idk_chunks = 4;
+        assert!(idk.check(5, 10, oprm::Select::Entropy).is_err(), "more IDK chunks than chunks run");
         let query = |best_nll: Option<f64>| {
             let mut r = restored(3, Some((2, 10)));
             r.progress.best.as_mut().unwrap().scores.query_nll = best_nll;

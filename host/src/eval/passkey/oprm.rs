@@ -14,12 +14,36 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// `--oprm L`: chunks of `chunk` context tokens, the one that answers chosen by `select`.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Oprm {
     pub chunk: usize,
     /// Absent from files and fingerprints for the entropy rule (as before the rule was a choice).
     #[serde(default, skip_serializing_if = "Select::is_entropy")]
     pub select: Select,
+    /// `--oprm-idk WORD`: the paper's IDK filter. The question asks for WORD when the key is not in
+    /// the text, and a chunk whose greedy first answer token is WORD's first (alone or after a
+    /// space) answers only if every chunk's is. Absent from files without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idk: Option<String>,
+}
+
+/// The ids that begin `word` as an answer: its first token alone and after a space (the paper's
+/// code lists both, `'Error'` and `' Error'`), but not a token of whitespace alone (a tokenizer
+/// that splits the space off would make every answer "I don't know"); none without the filter.
+pub(super) fn idk_ids(tok: &crate::tokenizer::Tokenizer, word: Option<&str>) -> Result<Vec<u32>> {
+    let Some(word) = word else { return Ok(Vec::new()) };
+    let mut ids = Vec::new();
+    for text in [word.to_string(), format!(" {word}")] {
+        if let Some(&id) = tok.encode(&text)?.first() {
+            if !ids.contains(&id) && !tok.decode(&[id])?.trim().is_empty() {
+                ids.push(id);
+            }
+        }
+    }
+    if ids.is_empty() {
+        bail!("--oprm-idk {word:?}: the word begins with no token but whitespace");
+    }
+    Ok(ids)
 }
 
 /// `--oprm-select`: OPRM's two rules for the chunk that answers.
@@ -38,12 +62,14 @@ impl Select {
         *self == Select::Entropy
     }
 
-    /// What the rule minimises over the chunks (NaN where the scores lack it).
-    pub(super) fn rank(self, s: Scores) -> f64 {
-        match self {
+    /// What the rule minimises over the chunks (NaN where the scores lack it), after the IDK
+    /// filter: a chunk that answers "I don't know" ranks after every chunk that does not.
+    pub(super) fn rank(self, s: Scores) -> (bool, f64) {
+        let score = match self {
             Select::Entropy => s.entropy,
             Select::Query => s.query_nll.unwrap_or(f64::NAN),
-        }
+        };
+        (s.idk, score)
     }
 
     /// The rule in words (summary.json).
@@ -65,6 +91,9 @@ pub(super) struct Scores {
     pub(super) entropy: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) query_nll: Option<f64>,
+    /// `--oprm-idk`: the greedy first answer token begins the IDK word.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) idk: bool,
 }
 
 impl Scores {
@@ -93,6 +122,10 @@ pub struct OprmRecord {
     /// `--oprm-select query`: the question's NLL after the chunk holding the needle's first token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub needle_query_nll: Option<f64>,
+    /// `--oprm-idk`: the chunks whose first answer token began the IDK word (all of them when the
+    /// chunk that answered is one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idk_chunks: Option<usize>,
 }
 
 impl OprmRecord {
@@ -103,9 +136,10 @@ impl OprmRecord {
 
     /// The values a run can write: chunks in range, finite scores.
     pub fn valid(&self) -> bool {
-        let chosen = Scores { entropy: self.entropy, query_nll: self.query_nll };
-        let needle = Scores { entropy: self.needle_entropy, query_nll: self.needle_query_nll };
+        let chosen = Scores { entropy: self.entropy, query_nll: self.query_nll, idk: false };
+        let needle = Scores { entropy: self.needle_entropy, query_nll: self.needle_query_nll, idk: false };
         self.chosen < self.chunks
+            && self.idk_chunks.is_none_or(|n| n <= self.chunks)
             && self.needle_chunks[0] <= self.needle_chunks[1]
             && self.needle_chunks[1] < self.chunks
             && chosen.valid()
@@ -134,6 +168,13 @@ pub(super) struct Progress {
     pub(super) needle_entropy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) needle_query_nll: Option<f64>,
+    /// `--oprm-idk`: the chunks run so far whose answer began the IDK word.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) idk_chunks: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Parts {
@@ -161,6 +202,11 @@ impl Parts {
 /// NLL (nats) of `target` under the softmax of `logits`, in f64.
 pub fn nll_of(logits: &[f32], target: usize) -> f64 {
     crate::eval::log_sum_exp(logits) - logits[target] as f64
+}
+
+/// Whether the greedy token of `logits` (as decoding picks it) is one of `idk`.
+fn says_idk(logits: &[f32], idk: &[u32]) -> bool {
+    !idk.is_empty() && idk.contains(&crate::session::argmax(logits, logits.len()))
 }
 
 /// Entropy (nats) of the softmax of `logits`, in f64.
@@ -198,10 +244,12 @@ pub(super) type Seen = std::collections::HashMap<[u8; 32], Scores>;
 pub(super) struct Chooser<'a> {
     pub(super) s: &'a mut dyn Backend,
     pub(super) parts: &'a Parts,
-    pub(super) oprm: Oprm,
+    pub(super) oprm: &'a Oprm,
     pub(super) real: usize,
     pub(super) vocab_rows: usize,
     pub(super) seen: Option<&'a mut Seen>,
+    /// [`idk_ids`] of `--oprm-idk` (empty without it).
+    pub(super) idk: &'a [u32],
 }
 
 impl Chooser<'_> {
@@ -257,13 +305,13 @@ impl Chooser<'_> {
                             ids.extend_from_slice(parts.chunk(i, len));
                             ids.extend_from_slice(question);
                             self.s.feed(&ids)?;
-                            let mut h = f64::NAN;
-                            let real = self.real;
+                            let (mut h, mut idk) = (f64::NAN, false);
+                            let (real, idk_ids) = (self.real, self.idk);
                             self.s.logits(&[*last], &mut |_, row| {
-                                h = entropy(&row[..real]);
+                                (h, idk) = (entropy(&row[..real]), says_idk(&row[..real], idk_ids));
                                 Ok(())
                             })?;
-                            Scores { entropy: h, query_nll: None }
+                            Scores { entropy: h, query_nll: None, idk }
                         }
                         Select::Query => self.query(parts.chunk(i, len), &mut ids)?,
                     };
@@ -281,6 +329,7 @@ impl Chooser<'_> {
                 progress.best = Some(Best { chunk: i, scores });
                 best_state = Some(self.s.snapshot()?);
             }
+            progress.idk_chunks += scores.idk as usize;
             if i == needle_chunks[0] {
                 progress.needle_entropy = Some(scores.entropy);
                 progress.needle_query_nll = scores.query_nll;
@@ -306,6 +355,7 @@ impl Chooser<'_> {
             needle_chunks,
             needle_entropy,
             needle_query_nll: progress.needle_query_nll,
+            idk_chunks: (!self.idk.is_empty()).then_some(progress.idk_chunks),
         })
     }
 
@@ -321,19 +371,19 @@ impl Chooser<'_> {
         ids.clear();
         ids.push(*last);
         ids.extend_from_slice(&self.parts.question);
-        let (ids, real, stride) = (&ids[..], self.real, self.vocab_rows);
-        let (mut nll, mut h) = (0f64, f64::NAN);
+        let (ids, real, stride, idk_ids) = (&ids[..], self.real, self.vocab_rows, self.idk);
+        let (mut nll, mut h, mut idk) = (0f64, f64::NAN, false);
         self.s.logits(ids, &mut |off, rows| {
             for (j, row) in rows.chunks_exact(stride).enumerate() {
                 match ids.get(off + j + 1) {
                     Some(&next) if (next as usize) < real => nll += nll_of(&row[..real], next as usize),
                     Some(&next) => bail!("OPRM: question token {next} outside the real vocabulary ({real})"),
-                    None => h = entropy(&row[..real]),
+                    None => (h, idk) = (entropy(&row[..real]), says_idk(&row[..real], idk_ids)),
                 }
             }
             Ok(())
         })?;
-        Ok(Scores { entropy: h, query_nll: Some(nll) })
+        Ok(Scores { entropy: h, query_nll: Some(nll), idk })
     }
 }
 

@@ -50,6 +50,36 @@ pub fn template(t: TemplateName) -> Template {
     }
 }
 
+/// The template a grid runs: `o.template`, its question preceded under `--oprm-idk WORD` by OPRM's
+/// instruction to answer WORD when the key is not in the text (the paper's code asks for
+/// "Error" the same way), after the question's leading whitespace and followed by it.
+pub fn template_for(o: &Options) -> Template {
+    let mut t = template(o.template);
+    if let Some(word) = o.oprm.as_ref().and_then(|x| x.idk.as_deref()) {
+        t.suffix = idk_suffix(t.suffix, word);
+    }
+    t
+}
+
+/// `suffix` with the IDK instruction for `word` inserted (kept once per program: a template's
+/// strings are `'static`).
+pub fn idk_suffix(suffix: &str, word: &str) -> &'static str {
+    static MADE: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let rest = suffix.trim_start();
+    let lead = &suffix[..suffix.len() - rest.len()];
+    let sep = if lead.is_empty() { " " } else { lead };
+    let text = format!("{lead}If the pass key is not in the text above, answer \"{word}\".{sep}{rest}");
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    match made.iter().find(|m| **m == text) {
+        Some(m) => m,
+        None => {
+            let m: &'static str = Box::leak(text.into_boxed_str());
+            made.push(m);
+            m
+        }
+    }
+}
+
 /// A seeded 5-digit key for (seed, length, sample), independent of sharding and order.
 pub fn key(seed: u64, length: u64, sample: usize) -> String {
     let z = seed ^ length.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (sample as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
@@ -183,7 +213,7 @@ pub fn key_tokens(tok: &Tokenizer, tpl: &Template, key: &str) -> Result<Vec<u32>
 /// The most ids a key of the grid takes after the question under `tok` (` 98349` is 6 in the shipped
 /// passkey model's tokenizer, 2 in GPT-NeoX's): `--max-new`'s default is one more.
 pub fn longest_key_ids(tok: &Tokenizer, o: &Options) -> Result<usize> {
-    let tpl = template(o.template);
+    let tpl = template_for(o);
     let (mut seen, mut most) = (BTreeSet::new(), 0);
     for &length in &o.lengths {
         for i in 0..depths(o).len() {
