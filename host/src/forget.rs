@@ -17,17 +17,38 @@ pub struct LongMamba {
     /// The calibrated model's content id ([`crate::model::Model::content_id`]).
     pub content: String,
     pub heads: usize,
-    /// `(layers, heads)`, row-major.
+    /// The target lengths, ascending (one table each).
+    pub targets: &'static [u64],
+    /// `(targets, layers, heads)`, row-major.
     pub theta: &'static [f32],
 }
 
-/// The handle a [`ForgetSpec`] holds.
+impl LongMamba {
+    /// The thresholds of target `i` (`(layers, heads)`).
+    pub fn thresholds(&'static self, i: usize) -> Result<DtThresholds> {
+        let per = self.theta.len() / self.targets.len();
+        let rows = self.theta.get(i * per..(i + 1) * per).ok_or_else(|| anyhow!("{}: no target {i}", self.file))?;
+        DtThresholds::new(rows, self.heads).map_err(|e| anyhow!("{}: {e}", self.file))
+    }
+}
+
+/// The handle a [`ForgetSpec`] holds: the table, and the thresholds of its longest target (those
+/// of a prompt of unknown length).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LongMambaRef(&'static LongMamba, DtThresholds);
 
 impl LongMambaRef {
-    /// The one copy of the table `theta (layers, heads)` (checked: finite, ≥ 0, whole rows).
-    pub fn new(file: String, b: f32, c: f32, content: String, heads: usize, theta: Vec<f32>) -> Result<Self> {
+    /// The one copy of the tables `theta (targets, layers, heads)` (checked: finite, ≥ 0, whole
+    /// rows, ascending targets).
+    pub fn new(
+        file: String,
+        b: f32,
+        c: f32,
+        content: String,
+        heads: usize,
+        targets: Vec<u64>,
+        theta: Vec<f32>,
+    ) -> Result<Self> {
         static TABLES: std::sync::Mutex<Vec<&'static LongMamba>> = std::sync::Mutex::new(Vec::new());
         let mut tables = TABLES.lock().map_err(|_| anyhow!("longmamba: the table store is poisoned"))?;
         let found = tables
@@ -38,6 +59,7 @@ impl LongMambaRef {
                     && t.c == c
                     && t.content == content
                     && t.heads == heads
+                    && *t.targets == targets[..]
                     && *t.theta == theta[..]
             })
             .copied();
@@ -45,24 +67,39 @@ impl LongMambaRef {
             Some(t) => t,
             None => {
                 if heads == 0
+                    || targets.is_empty()
+                    || !targets.windows(2).all(|w| w[0] < w[1])
                     || theta.is_empty()
-                    || !theta.len().is_multiple_of(heads)
+                    || !theta.len().is_multiple_of(heads * targets.len())
                     || theta.iter().any(|v| !(*v >= 0.0 && v.is_finite()))
                 {
-                    bail!("{file}: Δ thresholds: whole rows of {heads} finite values ≥ 0");
+                    bail!("{file}: Δ thresholds: ascending targets, each whole rows of {heads} finite values ≥ 0");
                 }
+                let targets: &'static [u64] = Box::leak(targets.into_boxed_slice());
                 let theta: &'static [f32] = Box::leak(theta.into_boxed_slice());
-                let t: &'static LongMamba = Box::leak(Box::new(LongMamba { file, b, c, content, heads, theta }));
+                let t: &'static LongMamba =
+                    Box::leak(Box::new(LongMamba { file, b, c, content, heads, targets, theta }));
                 tables.push(t);
                 t
             }
         };
-        let th = DtThresholds::new(t.theta, t.heads).map_err(|e| anyhow!("{}: {e}", t.file))?;
-        Ok(LongMambaRef(t, th))
+        Ok(LongMambaRef(t, t.thresholds(t.targets.len() - 1)?))
     }
 
     pub fn table(&self) -> &'static LongMamba {
         self.0
+    }
+
+    /// The target nearest `len` (their `min(available_values, key=|seqlen − x|)`: on a tie the
+    /// shorter), or the longest for a length not known.
+    pub fn nearest(&self, len: Option<u64>) -> usize {
+        let targets = self.0.targets;
+        match len {
+            None => targets.len() - 1,
+            Some(l) => {
+                (0..targets.len()).fold(0, |b, i| if targets[i].abs_diff(l) < targets[b].abs_diff(l) { i } else { b })
+            }
+        }
     }
 }
 
@@ -81,10 +118,14 @@ impl<'de> Deserialize<'de> for LongMambaRef {
             c: f32,
             content: String,
             heads: usize,
+            /// (Absent before targets were a list: one table, its length not recorded.)
+            #[serde(default)]
+            targets: Vec<u64>,
             theta: Vec<f32>,
         }
         let p = Plain::deserialize(de)?;
-        LongMambaRef::new(p.file, p.b, p.c, p.content, p.heads, p.theta).map_err(serde::de::Error::custom)
+        let targets = if p.targets.is_empty() { vec![0] } else { p.targets };
+        LongMambaRef::new(p.file, p.b, p.c, p.content, p.heads, targets, p.theta).map_err(serde::de::Error::custom)
     }
 }
 
@@ -296,13 +337,13 @@ impl ForgetSpec {
                 }
                 let t = read_table(std::path::Path::new(file))?;
                 let theta = t
-                    .threshold
+                    .thresholds
                     .iter()
-                    .zip(&t.retention)
+                    .flat_map(|table| table.iter().zip(&t.retention))
                     .map(|(th, r)| if *r > c { (b * th) as f32 } else { 0.0 })
                     .collect();
                 ForgetSpec::LongMamba {
-                    table: LongMambaRef::new(file.clone(), b as f32, c as f32, t.content, t.heads, theta)?,
+                    table: LongMambaRef::new(file.clone(), b as f32, c as f32, t.content, t.heads, t.targets, theta)?,
                     // 0: every prompt, whatever its length.
                     min: match kv.get("min").map(String::as_str) {
                         Some("0") => 0,
@@ -327,6 +368,17 @@ impl ForgetSpec {
             ForgetSpec::Staggered { r } => Forget::Staggered { r },
             ForgetSpec::LongMamba { table, .. } => Forget::DtThreshold(table.1),
             _ => Forget::None,
+        }
+    }
+
+    /// LongMamba's target for the tokens of `phase` (the nearest to the prompt's length, the
+    /// longest for an unknown one), where its filter acts there; `None` otherwise.
+    pub fn longmamba_target(&self, phase: Phase) -> Option<usize> {
+        match (*self, phase) {
+            (ForgetSpec::LongMamba { table, .. }, Phase::Prompt { len }) if self.acts_in(phase) => {
+                Some(table.nearest(len))
+            }
+            _ => None,
         }
     }
 

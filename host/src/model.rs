@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use stuffed_core::mamba2::Mamba2;
-use stuffed_core::{Data, Recurrent, Weight};
+use stuffed_core::{Data, Forget, Recurrent, Weight};
 
 mod delta_net;
 mod family;
@@ -175,6 +175,8 @@ type BoxedViews<'a> = Box<dyn Views + 'a>;
 pub(crate) struct Nets<'a> {
     main: Net<'a>,
     plain: Option<Net<'a>>,
+    /// LongMamba's thresholds of each target but the longest (`main`'s), in the table's order.
+    by_target: Vec<Net<'a>>,
 }
 
 self_cell::self_cell!(
@@ -259,6 +261,9 @@ impl Model {
     /// ([`ForgetSpec::acts_in`]: LongMamba's filter on decoded tokens and short prompts).
     pub fn net_in(&self, phase: Phase) -> &dyn Recurrent {
         let nets = self.built.borrow_dependent();
+        if let Some(net) = self.forget.longmamba_target(phase).and_then(|i| nets.by_target.get(i)) {
+            return net.recurrent();
+        }
         match (&nets.plain, self.forget.acts_in(phase)) {
             (Some(plain), false) => plain.recurrent(),
             _ => nets.main.recurrent(),
@@ -321,14 +326,31 @@ impl Model {
                 total as f64 / (1u64 << 30) as f64
             );
         }
-        // A method that leaves some tokens alone needs the model without it beside (built once).
+        // A method that leaves some tokens alone needs the model without it beside (built once), and
+        // LongMamba's other targets a model each.
         let partial = !f.acts_in(Phase::Answer) || !f.acts_in(Phase::Prompt { len: Some(0) });
-        if partial && self.built.borrow_dependent().plain.is_none() {
-            self.built.with_dependent_mut(|owner, nets| -> Result<()> {
+        let others = match f {
+            ForgetSpec::LongMamba { table, .. } => {
+                let t = table.table();
+                (0..t.targets.len() - 1).map(|i| t.thresholds(i)).collect::<Result<Vec<_>>>()?
+            }
+            _ => Vec::new(),
+        };
+        self.built.with_dependent_mut(|owner, nets| -> Result<()> {
+            if partial && nets.plain.is_none() {
                 nets.plain = Some(owner.borrow_dependent().net()?);
-                Ok(())
-            })?;
-        }
+            }
+            nets.by_target.clear();
+            for th in &others {
+                let mut net = owner.borrow_dependent().net()?;
+                match &mut net {
+                    Net::Mamba2(m) => m.set_forget(Forget::DtThreshold(*th))?,
+                    Net::Other(m) => m.set_forget(Forget::DtThreshold(*th))?,
+                }
+                nets.by_target.push(net);
+            }
+            Ok(())
+        })?;
         self.forget = f;
         Ok(())
     }
@@ -375,7 +397,9 @@ impl Model {
             anyhow::Ok(loaded.views)
         })?;
         let info = info.context("a loader returned no description")?;
-        let built = Built::try_new(viewed, |v| anyhow::Ok(Nets { main: v.borrow_dependent().net()?, plain: None }))?;
+        let built = Built::try_new(viewed, |v| {
+            anyhow::Ok(Nets { main: v.borrow_dependent().net()?, plain: None, by_target: Vec::new() })
+        })?;
         Ok(Model {
             built,
             info,

@@ -210,7 +210,8 @@ def test_calibrate_returns_factors_the_model_takes():
 
 def test_longmamba_writes_thresholds_the_model_takes(tmp_path):
     r = stuffed.longmamba(PAIR[0], text=NOVEL, out=tmp_path, train_len=64, target="2k", windows=4)["longmamba"]
-    assert len(r["retention"]) == 4 and all(len(row) == 8 for row in r["threshold"])
+    assert r["targets"] == [2048] and len(r["threshold"]) == 1
+    assert len(r["retention"]) == 4 and all(len(row) == 8 for row in r["threshold"][0])
     m = stuffed.Model(PAIR[0])
     lm = stuffed.Model(PAIR[0], forget=f"longmamba:file={tmp_path / 'longmamba.json'}")
     ids = m.encode(NOVEL.read_text())[:300]

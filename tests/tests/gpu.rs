@@ -256,7 +256,8 @@ fn non_finite_nll_on_the_gpu_is_an_error_naming_where() {
     assert!(!err.contains('\n') && !out.path().join("results.json").exists());
 }
 
-/// LongMamba on the device filters what the CPU filters: a long prompt, not a short one, and none
+/// LongMamba on the device filters what the CPU filters: a long prompt with its nearest target's
+/// thresholds, not a short one, and none
 /// of the tokens greedy decoding feeds after it (the captured decode step included) — the same
 /// tokens and, to f32 rounding, the same state as the CPU, where the filter run on through those
 /// tokens ends elsewhere.
@@ -269,7 +270,8 @@ fn longmamba_on_the_gpu_filters_prompts_not_decoded_tokens() {
     let model = data("../../models/mamba2-tiny-l4-t64-a3-4m");
     let text = data("../../host/assets/corpus/austen_persuasion.txt").display().to_string();
     let m = model.to_str().unwrap();
-    let calib = ["longmamba", "--model", m, "--text", &text, "--train-len", "64", "--target", "2k", "--windows", "8"];
+    let calib =
+        ["longmamba", "--model", m, "--text", &text, "--train-len", "64", "--target", "128,2k", "--windows", "8"];
     cli(&[&calib[..], &["--out", dir.path().to_str().unwrap()]].concat()).unwrap();
     let mut lm = stuffed::model::Model::load(&model).unwrap();
     let spec = format!("longmamba:file={},min=300", dir.path().join("longmamba.json").display());
@@ -291,24 +293,33 @@ fn longmamba_on_the_gpu_filters_prompts_not_decoded_tokens() {
             v
         };
         let short = nll(b.as_mut(), Phase::Prompt { len: Some(200) });
+        // The 128-token target's thresholds, then the 2k one's (the nearest to each length).
         let long = nll(b.as_mut(), Phase::Prompt { len: Some(300) });
+        let longer = nll(b.as_mut(), Phase::Prompt { len: Some(1500) });
         b.reset().unwrap();
         b.feed(&ids).unwrap();
         let decoded = b.greedy(24).unwrap();
-        runs.push((short, long, decoded, b.snapshot().unwrap().state));
+        runs.push((short, long, longer, decoded, b.snapshot().unwrap().state));
     }
     let (cpu, gpu) = (&runs[0], &runs[1]);
-    let ((cs, cl), (gs, gl)) = ((&cpu.0, &cpu.1), (&gpu.0, &gpu.1));
-    println!("short {:.2e} long {:.2e} filter on/off {:.2e}", rel(gs, cs), rel(gl, cl), rel(cl, cs));
-    assert!(rel(gs, cs) <= 1e-4 && rel(gl, cl) <= 1e-4, "the device's NLLs are not the CPU's");
-    assert!(rel(cl, cs) > 1e-3, "the filter changes nothing here");
-    assert_eq!(cpu.2, gpu.2, "decoded tokens");
-    let e = rel(&gpu.3, &cpu.3);
+    let ((cs, cl, cm), (gs, gl, gm)) = ((&cpu.0, &cpu.1, &cpu.2), (&gpu.0, &gpu.1, &gpu.2));
+    println!(
+        "short {:.2e} 128 {:.2e} 2k {:.2e}; filter on/off {:.2e}, 128 against 2k {:.2e}",
+        rel(gs, cs),
+        rel(gl, cl),
+        rel(gm, cm),
+        rel(cl, cs),
+        rel(cm, cl)
+    );
+    assert!(rel(gs, cs) <= 1e-4 && rel(gl, cl) <= 1e-4 && rel(gm, cm) <= 1e-4, "the device's NLLs are not the CPU's");
+    assert!(rel(cl, cs) > 1e-3 && rel(cm, cl) > 1e-4, "the filter or its target changes nothing here");
+    assert_eq!(cpu.3, gpu.3, "decoded tokens");
+    let e = rel(&gpu.4, &cpu.4);
     // The filter run on through the decoded tokens, on the CPU.
     let mut b = open(&lm, 64, real, Device::Cpu, Default::default()).unwrap();
     b.feed(&ids).unwrap();
-    b.feed(&cpu.2[..23]).unwrap();
-    let filtered = rel(&b.snapshot().unwrap().state, &cpu.3);
+    b.feed(&cpu.3[..23]).unwrap();
+    let filtered = rel(&b.snapshot().unwrap().state, &cpu.4);
     println!("state after decoding: device vs CPU {e:.2e}; filtered decode vs CPU {filtered:.2e}");
     assert!(e <= 1e-4 && filtered > 1e-2, "device {e:.2e}, filtered {filtered:.2e}");
 }

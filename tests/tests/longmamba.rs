@@ -12,8 +12,13 @@ fn t64() -> PathBuf {
 
 /// `stuffed longmamba` on the 64-token model into `out`.
 fn calibrate(out: &Path, model: &Path, extra: &[&str]) -> anyhow::Result<()> {
+    calibrate_to(out, model, "2k", extra)
+}
+
+/// [`calibrate`] to the target lengths `target`.
+fn calibrate_to(out: &Path, model: &Path, target: &str, extra: &[&str]) -> anyhow::Result<()> {
     let (m, t, o) = (model.to_str().unwrap(), persuasion(), out.to_str().unwrap().to_string());
-    let base = ["longmamba", "--model", m, "--text", &t, "--train-len", "64", "--target", "2k", "--out", &o];
+    let base = ["longmamba", "--model", m, "--text", &t, "--train-len", "64", "--target", target, "--out", &o];
     cli(&[&base[..], extra].concat())
 }
 
@@ -44,9 +49,10 @@ fn the_delta_tap_is_each_tokens_delta() {
     calibrate(out.path(), &t64(), &["--windows", "4"]).unwrap();
     let ids: Vec<u32> = (0..150u32).map(|i| (i * 7919 + 13) % 250).collect();
     let doc = read(&out.path().join("longmamba.json"));
+    // (One target: the first threshold table.)
     let flat = |k: &str| -> Vec<f32> {
-        doc[k]
-            .as_array()
+        let v = if k == "threshold" { &doc[k][0] } else { &doc[k] };
+        v.as_array()
             .unwrap()
             .iter()
             .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
@@ -104,7 +110,7 @@ fn thresholds_zero_the_steps_at_or_below_them() {
     calibrate(out.path(), &t64(), &["--windows", "20"]).unwrap();
     let file = out.path().join("longmamba.json");
     let doc = read(&file);
-    let (ret, thr) = (&doc["retention"], &doc["threshold"]);
+    let (ret, thr) = (&doc["retention"], &doc["threshold"][0]);
     assert_eq!((ret.as_array().unwrap().len(), thr[0].as_array().unwrap().len()), (4, 8), "(layers, heads)");
     let row0 =
         |v: &serde_json::Value| -> Vec<f64> { v[0].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
@@ -334,4 +340,74 @@ fn passkey_filters_only_the_lengths_of_min_tokens_and_more() {
         assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "key NLL {got} vs {want} (filtered {filtered})");
         assert!((filtered - want).abs() > 1e-3, "the filter would not change the key's NLL: {filtered} vs {want}");
     }
+}
+
+/// `--target 128,2k` writes one threshold table per target, each the table a calibration to that
+/// target alone writes; at use a prompt takes the nearest target's (their grid of lengths: a tie
+/// to the shorter), a stream of unknown length the longest's — the NLLs of the single-target file
+/// of that target, bit for bit.
+#[test]
+fn each_prompt_takes_the_thresholds_of_the_nearest_target() {
+    use stuffed::backend::{open, Device};
+    use stuffed::forget::Phase;
+    let dir = tempfile::tempdir().unwrap();
+    let cal = |name: &str, target: &str| {
+        let out = dir.path().join(name);
+        calibrate_to(&out, &t64(), target, &["--windows", "6"]).unwrap();
+        out.join("longmamba.json")
+    };
+    let (both, one, two) = (cal("both", "128,2k"), cal("one", "128"), cal("two", "2k"));
+    let doc = read(&both);
+    assert_eq!(doc["targets"], serde_json::json!([128, 2048]));
+    assert_eq!(doc["threshold"][0], read(&one)["threshold"][0]);
+    assert_eq!(doc["threshold"][1], read(&two)["threshold"][0]);
+    assert_ne!(doc["threshold"][0], doc["threshold"][1], "the targets' thresholds are the same");
+    let ids: Vec<u32> = (0..400u32).map(|i| (i * 31 + 5) % 250).collect();
+    let nll = |file: &Path, phase: Phase| {
+        let mut m = Model::load(&t64()).unwrap();
+        let spec = format!("longmamba:file={},min=0", file.display());
+        m.set_forget(ForgetSpec::parse(&spec).unwrap()).unwrap();
+        let mut b = open(&m, 64, m.info.vocab_rows, Device::Cpu, Default::default()).unwrap();
+        b.set_phase(phase);
+        let mut v = Vec::new();
+        b.score(&ids, &mut v).unwrap();
+        v
+    };
+    let at = |len: u64| Phase::Prompt { len: Some(len) };
+    let (by_one, by_two) = (nll(&one, Phase::default()), nll(&two, Phase::default()));
+    assert!(rel(&by_one, &by_two) > 1e-4, "the two targets give the same NLLs");
+    for (phase, want, which) in [
+        (at(400), &by_one, "128"),
+        (at(1088), &by_one, "128 (a tie: the shorter)"),
+        (at(1089), &by_two, "2k"),
+        (at(100_000), &by_two, "2k"),
+        (Phase::default(), &by_two, "2k (unknown length: the longest)"),
+    ] {
+        assert_eq!(&nll(&both, phase), want, "{phase:?} should take the {which} thresholds");
+    }
+}
+
+/// A longmamba.json of one target written before targets were a list (`options.target_len`, the
+/// threshold's rows alone) reads as that target's table: the same NLLs as the file of today.
+#[test]
+fn a_file_from_before_the_target_list_reads_as_one_target() {
+    let out = tempfile::tempdir().unwrap();
+    calibrate(out.path(), &t64(), &["--windows", "4"]).unwrap();
+    let new = out.path().join("longmamba.json");
+    let mut doc = read(&new);
+    let rows = doc["threshold"][0].clone();
+    let o = doc.as_object_mut().unwrap();
+    o.remove("targets");
+    o.insert("threshold".into(), rows);
+    o["options"].as_object_mut().unwrap().remove("targets");
+    o["options"].as_object_mut().unwrap().insert("target_len".into(), 2048.into());
+    let old = out.path().join("old.json");
+    stuffed::report::write_sealed(&old, "stuffed-longmamba", &doc).unwrap();
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 31 + 5) % 250).collect();
+    let with = |file: &Path| {
+        let mut m = Model::load(&t64()).unwrap();
+        m.set_forget(ForgetSpec::parse(&format!("longmamba:file={}", file.display())).unwrap()).unwrap();
+        logits(&m, &ids, 64)
+    };
+    assert_eq!(with(&old), with(&new));
 }

@@ -14,10 +14,12 @@ pub struct LongMambaArgs {
     /// Tokens per calibration window: the model's training length (LongMamba: 2,000 for Mamba-2).
     #[arg(long, value_parser = crate::text::parse_count)]
     train_len: u64,
-    /// The length to extend to: each head's threshold keeps, of a stream this long, about as much
-    /// Δ as a training window holds.
-    #[arg(long, value_parser = crate::text::parse_count)]
-    target: u64,
+    /// The lengths to extend to (one, or a list: 2k,4k,8k): each head's threshold keeps, of a
+    /// stream this long, about as much Δ as a training window holds. At use, a prompt takes the
+    /// nearest target's thresholds (as LongMamba's grid of lengths), a stream of unknown length the
+    /// longest's.
+    #[arg(long, value_parser = super::values::lengths)]
+    target: super::values::Lengths,
     /// Calibration windows, spread evenly through the text (LongMamba: 100).
     #[arg(long, default_value_t = 100)]
     windows: usize,
@@ -49,7 +51,7 @@ pub fn run(a: LongMambaArgs) -> Result<()> {
     let len = |v: u64, flag: &str| usize::try_from(v).map_err(|_| anyhow::anyhow!("--{flag} {v}: too long"));
     let o = Options {
         train_len: len(a.train_len, "train-len")?,
-        target_len: len(a.target, "target")?,
+        targets: a.target.0.iter().map(|&t| len(t, "target")).collect::<Result<Vec<_>>>()?,
         windows: a.windows,
         top: a.top,
         aggregate: a.aggregate,

@@ -25,8 +25,8 @@ struct Layer {
     a_log: DBuf,
     /// The factor on Δ: `dt:c`, or this layer's of `dt:c=…/…`; else 1.
     dt_scale: f32,
-    /// LongMamba's thresholds per head (`longmamba:file=…`).
-    dt_threshold: Option<DBuf>,
+    /// LongMamba's thresholds per head (`longmamba:file=…`), one buffer per target length.
+    dt_thresholds: Vec<DBuf>,
     d: DBuf,
     d_per_channel: bool,
     gate_norm: DBuf,
@@ -273,9 +273,12 @@ impl GpuMamba2 {
                 dt_bias: vec_f32(&l.dt_bias)?,
                 a_log: DBuf::from(&a_log)?,
                 dt_scale: forget.dt_scale(li),
-                dt_threshold: match forget {
-                    Forget::DtThreshold(th) => Some(DBuf::from(th.layer(li))?),
-                    _ => None,
+                dt_thresholds: match model.forget {
+                    ForgetSpec::LongMamba { table, .. } => {
+                        let t = table.table();
+                        (0..t.targets.len()).map(|i| DBuf::from(t.thresholds(i)?.layer(li))).collect::<Result<_>>()?
+                    }
+                    _ => Vec::new(),
                 },
                 d: vec_f32(&l.d)?,
                 d_per_channel: l.d.len() == di,
@@ -708,17 +711,15 @@ impl GpuMamba2 {
         Ok(())
     }
 
-    /// Layer `l`'s LongMamba thresholds on the device, or null where the filter does not act on
-    /// this phase's tokens (decoded ones, a short prompt).
+    /// Layer `l`'s LongMamba thresholds on the device for this phase's target (the nearest to the
+    /// prompt's length), or null where the filter does not act on its tokens (decoded ones, a short
+    /// prompt).
     fn dt_threshold(&self, l: &Layer) -> u64 {
-        match (&l.dt_threshold, self.spec.acts_in(self.phase)) {
-            (Some(b), true) => b.ptr(),
-            _ => 0,
-        }
+        self.spec.longmamba_target(self.phase).and_then(|i| l.dt_thresholds.get(i)).map_or(0, DBuf::ptr)
     }
 
     /// (log a per token, B scale) of RRI; neutral otherwise. (Δ's factor and thresholds are the
-    /// layer's: [`Layer::dt_scale`], [`Layer::dt_threshold`].)
+    /// layer's: [`Layer::dt_scale`], [`Layer::dt_thresholds`].)
     fn forget_params(&self) -> (f32, f32) {
         match self.forget {
             Forget::Rri { a, b } => (a.ln(), b),

@@ -11,11 +11,12 @@
 //!   index where the cumulative sum exceeds Σ_t Δ̃_t (the training window's total), θ = the stretched
 //!   value at i + 1 (their `top_k = argmax(...) + 1`, then `gather`); θ = 0 when L ≤ T;
 //!
-//! then aggregates both over the windows (mean or max, both written by their script). At use,
-//! `--forget longmamba:file=longmamba.json,b=1,c=0.05` sets Δ ← 0 on global heads wherever
-//! Δ ≤ b·θ (`get_channelwise_dt_threshold`, `slow_factor 0`). Their code applies it only to prompts
-//! over 2k tokens and recomputes nothing per prompt but the nearest grid length; here the target
-//! length is fixed when calibrating and the method applies from the stream's first token.
+//! then aggregates both over the windows (mean or max, both written by their script), θ for each
+//! of the target lengths (their grid of lengths). At use,
+//! `--forget longmamba:file=longmamba.json,b=1,c=0.05,min=3000` sets Δ ← 0 on global heads wherever
+//! Δ ≤ b·θ (`get_channelwise_dt_threshold`, `slow_factor 0`), with θ of the target nearest the
+//! prompt's length (theirs: `min(available_values, key=|seqlen − x|)`; the longest for a stream of
+//! unknown length), on prompts of at least `min` tokens and never on decoded tokens (as theirs).
 use super::Continue;
 use crate::model::{Family, Model};
 use crate::report::{self, Older};
@@ -42,8 +43,8 @@ pub enum Aggregate {
 pub struct Options {
     /// Tokens per calibration window: the model's training length (LongMamba: 2,000 for Mamba-2).
     pub train_len: usize,
-    /// The length to extend to (L).
-    pub target_len: usize,
+    /// The lengths to extend to (L), ascending: a threshold table for each.
+    pub targets: Vec<usize>,
     pub windows: usize,
     /// The share of each window's largest Δ that the clamp flattens (LongMamba ablates 0.10–0.20).
     pub top: f64,
@@ -55,11 +56,11 @@ pub struct Options {
     pub stop_after: Option<usize>,
 }
 
-/// One window's measurement, per (layer, head) row-major.
+/// One window's measurement, per (layer, head) row-major; thresholds per target.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Window {
     retention: Vec<f64>,
-    threshold: Vec<f64>,
+    thresholds: Vec<Vec<f64>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -146,16 +147,18 @@ fn window_dt(ex: &dyn stuffed_core::Exec, m2: &stuffed_core::mamba2::Mamba2<'_>,
 /// One window's retention and threshold per (layer, head) from its Δ columns; `a` holds A per
 /// (layer, head).
 fn measure(cols: &[Vec<f64>], a: &[f64], o: &Options) -> Window {
-    let (mut retention, mut threshold_) = (Vec::new(), Vec::new());
+    let (mut retention, mut thresholds) = (Vec::new(), vec![Vec::new(); o.targets.len()]);
     for (col, &ai) in cols.iter().zip(a) {
         let clamped = clamp_top(col, o.top);
         retention.push((ai * clamped.iter().sum::<f64>()).exp());
-        threshold_.push(threshold(&clamped, o.target_len));
+        for (t, &target) in thresholds.iter_mut().zip(&o.targets) {
+            t.push(threshold(&clamped, target));
+        }
     }
-    Window { retention, threshold: threshold_ }
+    Window { retention, thresholds }
 }
 
-fn aggregate(ws: &[Window], how: Aggregate, pick: impl Fn(&Window) -> &Vec<f64>) -> Vec<f64> {
+fn aggregate<'w>(ws: &'w [Window], how: Aggregate, pick: impl Fn(&'w Window) -> &'w Vec<f64>) -> Vec<f64> {
     let n = pick(&ws[0]).len();
     (0..n)
         .map(|i| {
@@ -173,10 +176,13 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: C
     if o.train_len < 2 || o.windows == 0 {
         bail!("longmamba: --train-len must be ≥ 2 and --windows ≥ 1");
     }
-    if o.target_len <= o.train_len {
+    if o.targets.is_empty() || !o.targets.windows(2).all(|w| w[0] < w[1]) {
+        bail!("longmamba: --target takes ascending lengths (2k,4k,8k)");
+    }
+    if o.targets[0] <= o.train_len {
         bail!(
             "longmamba: --target {} must exceed --train-len {} (LongMamba leaves prompts within the training length alone)",
-            o.target_len,
+            o.targets[0],
             o.train_len
         );
     }
@@ -213,8 +219,9 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: C
             Some(c) => {
                 let fits = |w: &Window| {
                     w.retention.len() == width
-                        && w.threshold.len() == width
-                        && w.retention.iter().chain(&w.threshold).all(|v| v.is_finite() && *v >= 0.0)
+                        && w.thresholds.len() == o.targets.len()
+                        && w.thresholds.iter().all(|t| t.len() == width)
+                        && w.retention.iter().chain(w.thresholds.iter().flatten()).all(|v| v.is_finite() && *v >= 0.0)
                 };
                 if c.windows.len() > o.windows || !c.windows.iter().all(fits) {
                     bail!("{}: not a checkpoint of this calibration (windows or values out of range)", ckpt.display());
@@ -255,7 +262,8 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: C
         eprintln!("longmamba: window {}/{} ({} tokens)", done.len(), o.windows, o.train_len);
     }
     let retention = aggregate(&done, o.aggregate, |w| &w.retention);
-    let threshold_ = aggregate(&done, o.aggregate, |w| &w.threshold);
+    let thresholds: Vec<Vec<f64>> =
+        (0..o.targets.len()).map(|i| aggregate(&done, o.aggregate, |w| &w.thresholds[i])).collect();
     let nh = m2.cfg.n_heads;
     let rows = |v: &[f64]| v.chunks(nh).map(<[f64]>::to_vec).collect::<Vec<_>>();
     let global = retention.iter().filter(|&&r| r > DEFAULT_C).count();
@@ -267,21 +275,22 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: C
         "options": o,
         "heads": nh,
         "retention": rows(&retention),
-        "threshold": rows(&threshold_),
+        "targets": o.targets,
+        "threshold": thresholds.iter().map(|t| rows(t)).collect::<Vec<_>>(),
         "windows": done,
         "seconds_this_run": started.elapsed().as_secs_f64(),
         "notes": "per layer, one value per head; retention: exp(A·Σ Δ clamped at its top share) over a training-length window, \
-                  a head is global where it exceeds c; threshold: θ(target) from the clamped Δ sorted, stretched to the \
-                  target length and cumulated (LongMamba's load_align_target.py); both aggregated over the windows",
+                  a head is global where it exceeds c; threshold: for each of targets, θ(target) from the clamped Δ sorted, \
+                  stretched to the target length and cumulated (LongMamba's load_align_target.py); both aggregated over the windows",
     });
     report::write_sealed(&out.join(RESULT), KIND, &doc)?;
     std::fs::remove_file(&ckpt).map_err(|e| anyhow!("{}: cannot remove: {e}", ckpt.display()))?;
     println!(
-        "longmamba: {global} of {} heads global at c = {DEFAULT_C} ({} windows of {} tokens, target {}); use --forget longmamba:file={}",
+        "longmamba: {global} of {} heads global at c = {DEFAULT_C} ({} windows of {} tokens, targets {:?}); use --forget longmamba:file={}",
         retention.len(),
         o.windows,
         o.train_len,
-        o.target_len,
+        o.targets,
         out.join(RESULT).display()
     );
     Ok(())
@@ -298,7 +307,9 @@ pub struct Table {
     pub content: String,
     pub heads: usize,
     pub retention: Vec<f64>,
-    pub threshold: Vec<f64>,
+    /// The target lengths, ascending, and θ for each, per (layer, head) row-major.
+    pub targets: Vec<u64>,
+    pub thresholds: Vec<Vec<f64>>,
 }
 
 pub fn read_table(file: &Path) -> Result<Table> {
@@ -306,9 +317,8 @@ pub fn read_table(file: &Path) -> Result<Table> {
     let bad = |what: &str| anyhow!("{}: not a longmamba.json ({what})", file.display());
     let content = doc.get("content").and_then(|v| v.as_str()).ok_or_else(|| bad("no content id"))?.to_string();
     let heads = doc.get("heads").and_then(|v| v.as_u64()).ok_or_else(|| bad("no heads"))? as usize;
-    let rows = |k: &str| -> Result<Vec<f64>> {
-        let v: Vec<Vec<f64>> =
-            serde_json::from_value(doc.get(k).cloned().ok_or_else(|| bad(k))?).map_err(|_| bad(k))?;
+    let rows = |k: &str, v: &serde_json::Value| -> Result<Vec<f64>> {
+        let v: Vec<Vec<f64>> = serde_json::from_value(v.clone()).map_err(|_| bad(k))?;
         if heads == 0 || v.is_empty() || v.iter().any(|r| r.len() != heads) {
             return Err(bad(&format!("{k}: rows of {heads} values")));
         }
@@ -318,11 +328,28 @@ pub fn read_table(file: &Path) -> Result<Table> {
         }
         Ok(flat)
     };
-    let (retention, threshold) = (rows("retention")?, rows("threshold")?);
-    if retention.len() != threshold.len() {
+    let field = |k: &str| doc.get(k).ok_or_else(|| bad(k));
+    let retention = rows("retention", field("retention")?)?;
+    // One table per target; a file of one target before targets were a list holds its rows alone.
+    let (targets, thresholds) = match doc.get("targets") {
+        Some(t) => {
+            let targets: Vec<u64> = serde_json::from_value(t.clone()).map_err(|_| bad("targets"))?;
+            let tables = field("threshold")?.as_array().ok_or_else(|| bad("threshold"))?;
+            let tables = tables.iter().map(|t| rows("threshold", t)).collect::<Result<Vec<_>>>()?;
+            (targets, tables)
+        }
+        None => {
+            let target = doc.pointer("/options/target_len").and_then(|v| v.as_u64()).ok_or_else(|| bad("no target"))?;
+            (vec![target], vec![rows("threshold", field("threshold")?)?])
+        }
+    };
+    if targets.is_empty() || targets.len() != thresholds.len() || !targets.windows(2).all(|w| w[0] < w[1]) {
+        return Err(bad("targets: ascending lengths, one threshold table each"));
+    }
+    if thresholds.iter().any(|t| t.len() != retention.len()) {
         return Err(bad("retention and threshold differ in length"));
     }
-    Ok(Table { content, heads, retention, threshold })
+    Ok(Table { content, heads, retention, targets, thresholds })
 }
 
 #[cfg(test)]
