@@ -280,6 +280,19 @@ fn oprm_parts(tok: &Tokenizer, tpl: &Template, r: &Record) -> ([Vec<u32>; 3], us
     ([tpl.prefix, ctx, tpl.suffix].map(|t| tok.encode(t).unwrap()), needle_tok)
 }
 
+/// The logits over the real vocabulary after `[prefix, chunk, question]` from the zero state, run
+/// in one call (the first answer token's distribution, as OPRM scores a chunk).
+fn answer_row(s: &mut dyn stuffed::backend::Backend, parts: [&[u32]; 3], rows: usize, real: usize) -> Vec<f32> {
+    s.reset().unwrap();
+    let mut last = Vec::new();
+    s.logits(&parts.concat(), &mut |_, l| {
+        last = l[l.len() - rows..][..real].to_vec();
+        Ok(())
+    })
+    .unwrap();
+    last
+}
+
 /// Equal within the OPRM tests' tolerance (the chunk rerun in one call against the run's pieces).
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-4 * a.abs().max(1.0)
@@ -308,16 +321,7 @@ fn oprm_answers_from_the_chunk_of_least_entropy() {
         assert_eq!((x.chunks, x.needle_chunks[0]), (c.len().div_ceil(len), needle_tok / len), "{r:?}");
         let entropies: Vec<f64> = c
             .chunks(len)
-            .map(|chunk| {
-                s.reset().unwrap();
-                let mut last = Vec::new();
-                s.logits(&[&p[..], chunk, &q[..]].concat(), &mut |_, l| {
-                    last = l[l.len() - rows..][..real].to_vec();
-                    Ok(())
-                })
-                .unwrap();
-                stuffed::eval::passkey::entropy(&last)
-            })
+            .map(|chunk| stuffed::eval::passkey::entropy(&answer_row(s.as_mut(), [&p, chunk, &q], rows, real)))
             .collect();
         let least = entropies.iter().copied().fold(f64::INFINITY, f64::min);
         assert!(close(entropies[x.chosen], x.entropy) && close(x.entropy, least), "{x:?} vs {entropies:?}");
@@ -474,15 +478,8 @@ fn oprm_idk_filter_answers_from_the_least_uncertain_chunk_that_knows() {
         let runs: Vec<(bool, f64)> = c
             .chunks(len)
             .map(|chunk| {
-                s.reset().unwrap();
-                let mut last = Vec::new();
-                s.logits(&[&p[..], chunk, &q[..]].concat(), &mut |_, l| {
-                    last = l[l.len() - rows..][..real].to_vec();
-                    Ok(())
-                })
-                .unwrap();
-                let says = idk.contains(&stuffed::session::argmax(&last, real));
-                (says, stuffed::eval::passkey::entropy(&last))
+                let last = answer_row(s.as_mut(), [&p, chunk, &q], rows, real);
+                (idk.contains(&stuffed::session::argmax(&last, real)), stuffed::eval::passkey::entropy(&last))
             })
             .collect();
         // The first chunk of the least key (IDK flag first, then entropy; or entropy alone).
