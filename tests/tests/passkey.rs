@@ -494,4 +494,11 @@ fn oprm_idk_filter_answers_from_the_least_uncertain_chunk_that_knows() {
         changed += (plain != filtered) as usize;
     }
     assert!(changed > 0, "the filter changed no choice");
+    // The summary's share of chunks that said the word, per length, from the records.
+    for row in summary(out.path())["accuracy_per_length"].as_array().unwrap() {
+        let ours: Vec<_> = recs.iter().filter(|r| r.length == row["length"].as_u64().unwrap()).collect();
+        let said: usize = ours.iter().map(|r| r.oprm.as_ref().unwrap().idk_chunks.unwrap()).sum();
+        let chunks: usize = ours.iter().map(|r| r.oprm.as_ref().unwrap().chunks).sum();
+        assert_eq!(row["oprm_idk_chunks"].as_f64(), Some(said as f64 / chunks as f64), "{row}");
+    }
 }

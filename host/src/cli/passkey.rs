@@ -195,5 +195,9 @@ pub fn print_accuracy_table(dir: &std::path::Path) -> Result<()> {
         let chose: String = per_length.iter().map(|r| format!("{:>7}", pct(&r["oprm_chose_needle"]))).collect();
         println!("{:>11}{chose}   (% of samples whose answering OPRM chunk held the needle or part of it)", "needle");
     }
+    if per_length.iter().any(|r| r.get("oprm_idk_chunks").is_some()) {
+        let said: String = per_length.iter().map(|r| format!("{:>7}", pct(&r["oprm_idk_chunks"]))).collect();
+        println!("{:>11}{said}   (% of OPRM chunks whose first answer token said the IDK word)", "idk");
+    }
     Ok(())
 }

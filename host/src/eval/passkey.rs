@@ -976,6 +976,14 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
             };
             row["oprm_chose_needle"] = share(&|x| x.chose_needle()).into();
             row["oprm_needle_split"] = share(&|x| x.needle_chunks[0] != x.needle_chunks[1]).into();
+            if o.oprm.as_ref().is_some_and(|x| x.idk.is_some()) {
+                // The IDK filter: the share of chunks that said "I don't know", and of samples where
+                // every chunk did (the answer then came from one of them).
+                let (said, chunks) =
+                    ours.iter().fold((0, 0), |(s, c), x| (s + x.idk_chunks.unwrap_or(0), c + x.chunks));
+                row["oprm_idk_chunks"] = (chunks > 0).then(|| said as f64 / chunks as f64).into();
+                row["oprm_all_idk"] = share(&|x| x.idk_chunks == Some(x.chunks)).into();
+            }
         }
         per_length.push(row);
         for (bi, &b) in bins.iter().enumerate() {
