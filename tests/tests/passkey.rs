@@ -502,3 +502,27 @@ fn oprm_idk_filter_answers_from_the_least_uncertain_chunk_that_knows() {
         assert_eq!(row["oprm_idk_chunks"].as_f64(), Some(said as f64 / chunks as f64), "{row}");
     }
 }
+
+/// A resumed or merged grid takes only records its options write: under `--oprm-select query` a
+/// record without the question's NLL (sealed again, as only an edit on purpose could make it) is
+/// refused, naming the file and the sample, where the resume once skipped it as done.
+#[test]
+fn oprm_records_of_another_rule_are_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let m = passkey_model();
+    let o = out.path().to_str().unwrap();
+    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "1k", "--samples", "2", "--seed", "5"];
+    let more = ["--max-new", "8", "--oprm", "160", "--oprm-select", "query", "--out", o];
+    cli(&[&args[..], &more[..]].concat());
+    let jsonl = out.path().join("results.jsonl");
+    let text = std::fs::read_to_string(&jsonl).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let mut first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    first["oprm"].as_object_mut().unwrap().remove("query_nll");
+    lines[0] = stuffed::report::reseal("passkey-record", first, false).unwrap();
+    std::fs::write(&jsonl, lines.join("\n") + "\n").unwrap();
+    // (Without its summary the grid is unfinished: a resume reads its records back.)
+    std::fs::remove_file(out.path().join("summary.json")).unwrap();
+    let err = format!("{:#}", cli_result(&[&args[..], &more[..], &["--resume"]].concat()).unwrap_err());
+    assert!(err.contains("results.jsonl") && err.contains("not a record this run's options write"), "{err}");
+}

@@ -141,6 +141,16 @@ fn read_records(path: &Path) -> Result<Vec<(Record, String)>> {
     Ok(out)
 }
 
+/// Whether a run under `o` writes a record of `r`'s shape (OPRM's scores as its rule and filter
+/// record them; none without `--oprm`).
+fn made_by(r: &Record, o: &Options) -> bool {
+    match (&r.oprm, &o.oprm) {
+        (Some(x), Some(oprm)) => x.made_by(oprm),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 /// Run facts that differ between shards and reruns (kept out of the comparable summary).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunFacts {
@@ -330,7 +340,7 @@ pub fn run(
     let real = model.real_vocab(&tok);
     let asks = Asks { tok: &tok, tpl: template_for(o), o, bos, vocab_rows: model.info.vocab_rows, real };
     let mut run_file = RunFile { path: out.join(RUN_FILE), fp: &fp, key: &key, earlier: Vec::new() };
-    let (resume, mut log) = Log::open(out, cont, &mut run_file, shard)?;
+    let (resume, mut log) = Log::open(out, o, cont, &mut run_file, shard)?;
     let seen: BTreeSet<(u64, usize)> = log.done.iter().map(|r| (r.length, r.sample)).collect();
     let mut restored = if resume { load_checkpoint(out, &fp)? } else { None };
     let mut oprm_restored = if resume { load_oprm_checkpoint(out, &fp)? } else { None };
@@ -391,6 +401,7 @@ impl Log {
     /// rerunning it is no loss), its records read back and rewritten (dropping a torn last line).
     fn open(
         out: &Path,
+        o: &Options,
         cont: super::Continue,
         run_file: &mut RunFile,
         shard: Option<(usize, usize)>,
@@ -402,6 +413,14 @@ impl Log {
         }
         let resume = cont.resumes("passkey", out, &unfinished)?;
         let done = if resume { run_file.read_back(&jsonl)? } else { Vec::new() };
+        if let Some(r) = done.iter().find(|r| !made_by(r, o)) {
+            bail!(
+                "{}: sample {} of length {} is not a record this run's options write (its OPRM scores)",
+                jsonl.display(),
+                r.sample,
+                r.length
+            );
+        }
         run_file.write(None)?;
         let mut file = std::fs::File::create(&jsonl).map_err(|e| anyhow!("{}: cannot create: {e}", jsonl.display()))?;
         for r in &done {
@@ -1103,12 +1122,21 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
         }
         runs.extend(shard_runs);
         let run = crate::report::read_sealed(&d.join(RUN_FILE), RUN_KIND, crate::report::Older::Refuse)?.doc;
+        let o = first.as_ref().map(|f| &f.1).expect("the first shard's options");
         for (r, fp) in read_records(&d.join("results.jsonl"))? {
             if run["fingerprint"].as_str() != Some(fp.as_str()) {
                 bail!(
                     "{}: a record from another run than {}",
                     d.join("results.jsonl").display(),
                     d.join(RUN_FILE).display()
+                );
+            }
+            if !made_by(&r, o) {
+                bail!(
+                    "{}: sample {} of length {} is not a record its run's options write (its OPRM scores)",
+                    d.join("results.jsonl").display(),
+                    r.sample,
+                    r.length
                 );
             }
             records.push((r, fp));

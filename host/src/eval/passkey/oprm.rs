@@ -134,6 +134,13 @@ impl OprmRecord {
         (self.needle_chunks[0]..=self.needle_chunks[1]).contains(&self.chosen)
     }
 
+    /// Whether a run under `oprm` writes a record of this shape: the query rule's NLLs exactly
+    /// under the query rule, the IDK count exactly under the filter.
+    pub fn made_by(&self, oprm: &Oprm) -> bool {
+        (self.query_nll.is_some() && self.needle_query_nll.is_some()) == (oprm.select == Select::Query)
+            && self.idk_chunks.is_some() == oprm.idk.is_some()
+    }
+
     /// The values a run can write: chunks in range, finite scores.
     pub fn valid(&self) -> bool {
         let chosen = Scores { entropy: self.entropy, query_nll: self.query_nll, idk: false };
