@@ -305,6 +305,11 @@ fn passkey_filters_only_the_lengths_of_min_tokens_and_more() {
     assert_eq!(fields(&split, 512), fields(&all, 512), "512 ≥ min: not filtered as with min = 0");
     assert_ne!(fields(&all, 512), fields(&none, 512), "the method changes nothing here");
     assert_eq!(fields(&none, 256).len(), 2);
+    // The summary says which target filtered each length (none under min).
+    let summary = read(&out.path().join("split").join("summary.json"));
+    let used: Vec<_> =
+        summary["accuracy_per_length"].as_array().unwrap().iter().map(|r| r["longmamba_target"].clone()).collect();
+    assert_eq!(used, [serde_json::Value::Null, serde_json::json!(2048)]);
 
     // The key is scored in the decoded tokens' place, unfiltered: each record's key NLL is that of
     // the model without the method from the filtered prompt's state (and not the filter's).

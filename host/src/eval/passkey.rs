@@ -985,6 +985,11 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
             t_recall = Some(t_recall.map_or(l, |t: u64| t.max(l)));
         }
         let mut row = serde_json::json!({"length": l, "n": n, "accuracy": a, "mean_key_nll": k});
+        if let (crate::forget::ForgetSpec::LongMamba { table, .. }, None) = (o.forget, &o.oprm) {
+            // The target whose thresholds filtered this length's prompts (null: under `min`, none).
+            let target = o.forget.longmamba_target(Phase::Prompt { len: Some(l) }).map(|i| table.table().targets[i]);
+            row["longmamba_target"] = target.into();
+        }
         if o.oprm.is_some() {
             // How often the chunk that answered held the needle, and how often a chunk boundary
             // cut the needle (no chunk then holds all of it).
