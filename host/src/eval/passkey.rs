@@ -338,7 +338,9 @@ pub fn run(
         None
     };
     let real = model.real_vocab(&tok);
-    let asks = Asks { tok: &tok, tpl: template_for(o), o, bos, vocab_rows: model.info.vocab_rows, real };
+    // (A word the filter cannot use fails here, before any work.)
+    let idk = oprm::idk_ids(&tok, o.oprm.as_ref().and_then(|x| x.idk.as_deref()))?;
+    let asks = Asks { tok: &tok, tpl: template_for(o), o, bos, vocab_rows: model.info.vocab_rows, real, idk };
     let mut run_file = RunFile { path: out.join(RUN_FILE), fp: &fp, key: &key, earlier: Vec::new() };
     let (resume, mut log) = Log::open(out, o, cont, &mut run_file, shard)?;
     let seen: BTreeSet<(u64, usize)> = log.done.iter().map(|r| (r.length, r.sample)).collect();
@@ -450,6 +452,8 @@ struct Asks<'a> {
     vocab_rows: usize,
     /// The ids a softmax runs over (OPRM's entropies).
     real: usize,
+    /// The ids of `--oprm-idk`'s word ([`oprm::idk_ids`]; empty without it).
+    idk: Vec<u32>,
 }
 
 impl Asks<'_> {
@@ -507,7 +511,7 @@ impl Asks<'_> {
         log: &mut Log,
         seen: Option<&mut oprm::Seen>,
     ) -> Result<()> {
-        let oprm = self.o.oprm.clone().ok_or_else(|| anyhow!("passkey: an OPRM sample without --oprm"))?;
+        let oprm = self.o.oprm.as_ref().ok_or_else(|| anyhow!("passkey: an OPRM sample without --oprm"))?;
         let (tok, tpl) = (self.tok, &self.tpl);
         let parts = p.parts(tok, tpl, self.bos)?;
         for part in [&parts.prefix, &parts.context, &parts.question] {
@@ -515,8 +519,8 @@ impl Asks<'_> {
         }
         let ids_sha = parts.sha();
         let (real, vocab_rows) = (self.real, self.vocab_rows);
-        let idk = oprm::idk_ids(tok, oprm.idk.as_deref())?;
-        let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm: &oprm, real, vocab_rows, seen, idk: &idk };
+        let idk = &self.idk;
+        let mut c = oprm::Chooser { s: &mut *g.s, parts: &parts, oprm, real, vocab_rows, seen, idk };
         let (progress, best) = match from.filter(|r| r.progress.ids_sha == ids_sha) {
             Some(r) => {
                 r.check(c.chunks(), c.s.state_len(), oprm.select)
