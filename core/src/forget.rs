@@ -527,3 +527,151 @@ mod tests {
         assert!(Forget::DecayLayers(t).check(2).is_err());
     }
 }
+
+/// The most decimating layers a [`Decimation`] holds (their configs use one or two).
+pub const MAX_DECIMATING: usize = 8;
+
+/// DeciMamba (Ben-Kish et al., ICLR 2025; `get_non_decimated_indices`, `mamba_inner_fn`) for one
+/// prompt: in each decimating layer a token whose ‖Δ_t‖₂ (softplus(Δ) over the layer's channels) is
+/// below the layer's threshold leaves the sequence — that layer's scan, gate and residual and every
+/// later layer skip it; the layer's conv still reads it. Their top-K over the whole prompt is the
+/// host's: it finds each threshold as the K-th largest norm, one measuring pass per layer.
+///
+/// Tokens whose norm equals a threshold are kept while the layer's budget of ties lasts (the
+/// earliest first), so that exactly K go on where norms tie (their `topk` keeps an unspecified K
+/// of tied ones). Calls draw the budget down, so one `Decimation` serves a prompt's calls in order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Decimation {
+    n: usize,
+    layer: [usize; MAX_DECIMATING],
+    tau: [f32; MAX_DECIMATING],
+    ties: [usize; MAX_DECIMATING],
+}
+
+impl Decimation {
+    /// Layers `layer` (strictly ascending) keep the tokens whose norm is ≥ `tau` (finite, ≥ 0;
+    /// 0 keeps every token). `layer` may be empty: nothing is dropped.
+    pub fn new(layer: &[usize], tau: &[f32]) -> Result<Self, crate::Error> {
+        if layer.len() != tau.len() || layer.len() > MAX_DECIMATING {
+            return Err(crate::Error::Config("decimation: one threshold per decimating layer, at most 8 layers"));
+        }
+        if !layer.windows(2).all(|w| w[0] < w[1]) {
+            return Err(crate::Error::Config("decimation: the decimating layers must ascend"));
+        }
+        if tau.iter().any(|v| !(*v >= 0.0 && v.is_finite())) {
+            return Err(crate::Error::Config("decimation: thresholds must be finite and ≥ 0"));
+        }
+        let (n, ties) = (layer.len(), [usize::MAX; MAX_DECIMATING]);
+        let mut d = Decimation { n, layer: [0; MAX_DECIMATING], tau: [0.0; MAX_DECIMATING], ties };
+        d.layer[..n].copy_from_slice(layer);
+        d.tau[..n].copy_from_slice(tau);
+        Ok(d)
+    }
+
+    /// With the `i`-th decimating layer keeping at most `ties` tokens whose norm equals its
+    /// threshold (every one by default).
+    pub fn with_ties(mut self, i: usize, ties: usize) -> Self {
+        if i < self.n {
+            self.ties[i] = ties;
+        }
+        self
+    }
+
+    /// The `i`-th decimating layer's budget of ties left, for a call to draw down.
+    pub fn ties_mut(&mut self, i: usize) -> Option<&mut usize> {
+        self.ties[..self.n].get_mut(i)
+    }
+
+    /// Refuses a layer past the model's `n_layer`.
+    pub fn fits(&self, n_layer: usize) -> Result<(), crate::Error> {
+        match self.layers().last() {
+            Some(&l) if l >= n_layer => Err(crate::Error::Shape {
+                what: "decimating layer (the model's layers)",
+                expected: n_layer,
+                got: l + 1,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn layers(&self) -> &[usize] {
+        &self.layer[..self.n]
+    }
+
+    /// The threshold of the `i`-th decimating layer (0 past them: every token kept).
+    pub fn tau_at(&self, i: usize) -> f32 {
+        if i < self.n {
+            self.tau[i]
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A measuring pass of DeciMamba: the call stops inside `layer`, once its Δ is known, and writes
+/// the norm ‖Δ_t‖₂ of each row that reached it into `norms` (`(t)`, at least the call's tokens).
+pub struct Measure<'a> {
+    pub layer: usize,
+    pub norms: &'a mut [f32],
+}
+
+/// What a decimated call did: the rows that left each decimating layer (in the order of
+/// [`Decimation::layers`]), and the rows that reached the measured layer (measuring passes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Decimated {
+    pub kept: [usize; MAX_DECIMATING],
+    pub measured: usize,
+}
+
+/// What a layer does with its rows once Δ is known (DeciMamba).
+pub(crate) enum Cut<'a> {
+    /// Every row goes on.
+    Keep,
+    /// The rows with ‖Δ_t‖₂ below the threshold leave the sequence, and those equal to it once
+    /// the budget of ties is spent.
+    Drop { tau: f32, ties: &'a mut usize },
+    /// The layer stops, writing each row's ‖Δ_t‖₂.
+    Measure(&'a mut [f32]),
+}
+
+/// DeciMamba inside a layer, once its Δ `dt (t, w)` is known: under `Measure`, each row's ‖Δ_t‖₂
+/// written and `None` (the layer stops there); under `Drop`, the kept rows of `dt` and of each of
+/// `rows` (a buffer and its row width) moved to the front in order, and how many; `Keep`: `t`.
+pub(crate) fn cut_rows(
+    cut: Cut<'_>,
+    t: usize,
+    dt: &mut [f32],
+    w: usize,
+    rows: &mut [(&mut [f32], usize)],
+) -> Option<usize> {
+    let norm = |dt: &[f32], i: usize| {
+        let row = &dt[i * w..(i + 1) * w];
+        libm::sqrtf(crate::ops::dot(row, row))
+    };
+    let (tau, ties) = match cut {
+        Cut::Keep => return Some(t),
+        Cut::Measure(norms) => {
+            norms.iter_mut().take(t).enumerate().for_each(|(i, o)| *o = norm(dt, i));
+            return None;
+        }
+        Cut::Drop { tau, ties } => (tau, ties),
+    };
+    let mut kept = 0;
+    for i in 0..t {
+        let v = norm(dt, i);
+        if v < tau || (v == tau && *ties == 0) {
+            continue;
+        }
+        if v == tau {
+            *ties -= 1;
+        }
+        if kept < i {
+            dt.copy_within(i * w..(i + 1) * w, kept * w);
+            for (buf, bw) in rows.iter_mut() {
+                buf.copy_within(i * *bw..(i + 1) * *bw, kept * *bw);
+            }
+        }
+        kept += 1;
+    }
+    Some(kept)
+}

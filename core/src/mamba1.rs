@@ -24,11 +24,11 @@
 //! two values (position mod r, filled).
 use crate::error::{need, Error};
 use crate::exec::{map_rows, Exec, Shared};
-use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
+use crate::forget::{cut_rows, Cut, Decimated, Decimation, Forget, LayerWindow, Measure, Runs, WindowAt};
 use crate::gemm::matmul;
 #[cfg(target_arch = "x86_64")]
 use crate::lanes::Lanes;
-use crate::model::{run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
+use crate::model::{run_stack, run_stack_decimated, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{
     causal_conv_silu, dot, exp, fast_exp, fast_silu, fast_softplus, hi_lo, map_in_place, rmsnorm, rmsnorm_inplace,
 };
@@ -262,7 +262,10 @@ impl<'a> Mamba1<'a> {
         }
     }
 
-    /// Layer `call.l` over the rows `x` (in place) from its state `st`.
+    /// Layer `call.l` over the rows `x` (in place) from its state `st`; the rows it leaves (fewer
+    /// than `call.t` where `cut` drops some; under `Cut::Measure` the rows measured, the layer
+    /// stopping there).
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         call: Call,
@@ -271,7 +274,8 @@ impl<'a> Mamba1<'a> {
         s: &mut Scratch,
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
-    ) -> Result<(), Error> {
+        cut: Cut<'_>,
+    ) -> Result<usize, Error> {
         let Call { ex, t, scan, l } = call;
         let lw = &self.w.layers[l];
         let c = &self.cfg;
@@ -326,6 +330,20 @@ impl<'a> Mamba1<'a> {
                 row[r..r + n].iter_mut().for_each(|v| *v *= b);
             }
         }
+        // DeciMamba: the rows whose ‖Δ_t‖₂ is below the layer's threshold leave the sequence here
+        // (the conv above read them), kept rows moving to the front in order.
+        let t = match cut_rows(
+            cut,
+            t,
+            dt,
+            di,
+            &mut [(&mut *x, d), (&mut *xz, 2 * di), (&mut *u, di), (&mut *xdb, xr_rows)],
+        ) {
+            Some(kept) => kept,
+            None => return Ok(t),
+        };
+        let (x, xz, u, xdb, dt) =
+            (&mut x[..t * d], &xz[..t * 2 * di], &u[..t * di], &xdb[..t * xr_rows], &dt[..t * di]);
         let a = &mut s.a[..di * n];
         lw.a_log.read(0, a);
         let a_scale = self.forget.a_scale(l);
@@ -360,7 +378,7 @@ impl<'a> Mamba1<'a> {
                 *xv += ov + lw.out_proj_bias.as_ref().map_or(0.0, |b| b.get(i));
             }
         });
-        Ok(())
+        Ok(t)
     }
 
     /// The literal recurrence, token after token, per channel:
@@ -758,7 +776,17 @@ impl Stack for Mamba1<'_> {
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
-        self.layer(call, x, st, s, probe, window)
+        self.layer(call, x, st, s, probe, window, Cut::Keep).map(|_| ())
+    }
+    fn run_layer_cut(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut Scratch,
+        cut: Cut,
+    ) -> Result<usize, Error> {
+        self.layer(call, x, st, s, None, None, cut)
     }
     fn final_norm(&self, x: &mut [f32], _: &mut Scratch) {
         for row in x.chunks_exact_mut(self.cfg.d_model) {
@@ -780,6 +808,22 @@ impl Recurrent for Mamba1<'_> {
         scan: Scan,
     ) -> Result<(), Error> {
         run_stack(self, ex, tokens, state, scratch, hidden, probe, scan)
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn forward_decimated(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        cut: &mut Decimation,
+        measure: Option<Measure<'_>>,
+    ) -> Result<Decimated, Error> {
+        run_stack_decimated(self, ex, tokens, state, scratch, hidden, cut, measure)
+    }
+    fn decimates(&self) -> bool {
+        true
     }
     fn d_model(&self) -> usize {
         self.cfg.d_model

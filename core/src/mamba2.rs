@@ -14,9 +14,11 @@
 //! `ssm (H, P, N)`; layers follow each other. Zero = start of a sequence.
 use crate::error::{first_non_finite, need, Error};
 use crate::exec::{map_rows, Exec, Shared, Simd};
-use crate::forget::{Forget, LayerWindow, Runs, WindowAt};
+use crate::forget::{cut_rows, Cut, Decimated, Decimation, Forget, LayerWindow, Measure, Runs, WindowAt};
 use crate::gemm::{gemm_nt, gemm_raw, matmul, Panels, Product};
-use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
+use crate::model::{
+    non_finite_state, run_stack, run_stack_decimated, Call, Recurrent, Scan, Stack, StackShape, WindowShape,
+};
 use crate::ops::{
     axpy, causal_conv_silu, dot, exp, fast_exp, fast_silu, hi_lo, rmsnorm, rmsnorm_inplace, softplus, transpose,
 };
@@ -249,7 +251,10 @@ impl<'a> Mamba2<'a> {
         }
     }
 
-    /// Layer `call.l` over the rows `x` (in place) from its state `st`.
+    /// Layer `call.l` over the rows `x` (in place) from its state `st`; the rows it leaves (fewer
+    /// than `call.t` where DeciMamba's `cut` drops some; under `Cut::Measure` the rows measured,
+    /// the layer stopping there).
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         call: Call,
@@ -258,7 +263,8 @@ impl<'a> Mamba2<'a> {
         s: &mut Scratch,
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
-    ) -> Result<(), Error> {
+        cut: Cut<'_>,
+    ) -> Result<usize, Error> {
         let Call { ex, t, scan, l } = call;
         let lw = &LayerCall { w: &self.w.layers[l], a_scale: self.forget.a_scale(l) };
         let c = &self.cfg;
@@ -304,6 +310,13 @@ impl<'a> Mamba2<'a> {
                 row[di..di + gn].iter_mut().for_each(|v| *v *= b);
             }
         }
+        // DeciMamba (here over the heads' Δ): the rows whose ‖Δ_t‖₂ is below the layer's
+        // threshold leave the sequence (the conv above read them).
+        let t = match cut_rows(cut, t, dt, nh, &mut [(&mut *x, d), (&mut *zx, nin), (&mut *u, cd)]) {
+            Some(kept) => kept,
+            None => return Ok(t),
+        };
+        let (x, zx, u, dt) = (&mut x[..t * d], &zx[..t * nin], &u[..t * cd], &dt[..t * nh]);
         if let Some(p) = probe {
             self.probe_sums(lw, t, u, dt, p);
         }
@@ -342,7 +355,7 @@ impl<'a> Mamba2<'a> {
                 xr.iter_mut().enumerate().for_each(|(i, v)| *v += b.get(i));
             }
         });
-        Ok(())
+        Ok(t)
     }
 
     /// Views of x (P), B (N) and C (N) of head `hh` at token `tt` in the conv output.
@@ -792,7 +805,17 @@ impl Stack for Mamba2<'_> {
         probe: Option<&mut [f32]>,
         window: Option<LayerWindow<'_>>,
     ) -> Result<(), Error> {
-        self.layer(call, x, st, s, probe, window)
+        self.layer(call, x, st, s, probe, window, Cut::Keep).map(|_| ())
+    }
+    fn run_layer_cut(
+        &self,
+        call: Call,
+        x: &mut [f32],
+        st: &mut [f32],
+        s: &mut Scratch,
+        cut: Cut,
+    ) -> Result<usize, Error> {
+        self.layer(call, x, st, s, None, None, cut)
     }
     fn final_norm(&self, x: &mut [f32], _: &mut Scratch) {
         for row in x.chunks_exact_mut(self.cfg.d_model) {
@@ -834,6 +857,22 @@ impl Recurrent for Mamba2<'_> {
         scan: Scan,
     ) -> Result<(), Error> {
         run_stack(self, ex, tokens, state, scratch, hidden, probe, scan)
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn forward_decimated(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        cut: &mut Decimation,
+        measure: Option<Measure<'_>>,
+    ) -> Result<Decimated, Error> {
+        run_stack_decimated(self, ex, tokens, state, scratch, hidden, cut, measure)
+    }
+    fn decimates(&self) -> bool {
+        true
     }
     fn d_model(&self) -> usize {
         self.cfg.d_model

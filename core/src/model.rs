@@ -1,7 +1,7 @@
 //! What every family offers the host: a state it can snapshot, a chunked forward and a token step.
 use crate::error::{check_finite, first_non_finite, Error, Site};
 use crate::exec::Exec;
-use crate::forget::{Forget, LayerWindow, Runs, WindowTail};
+use crate::forget::{Cut, Decimated, Decimation, Forget, LayerWindow, Measure, Runs, WindowTail};
 use crate::gemm::matmul;
 use crate::weight::Weight;
 
@@ -115,6 +115,34 @@ pub trait Recurrent: Sync {
         self.forward_recurrent(ex, &[token], state, scratch, hidden)
     }
 
+    /// DeciMamba's prefill, chunked: each decimating layer of `cut` drops the rows whose Δ norm is
+    /// below its threshold, and those equal to it past its budget of ties (drawn down here); that
+    /// layer's scan and every later layer skip them. With `measure`, the
+    /// call stops inside that layer (after `cut`'s earlier layers) once its Δ is known and writes
+    /// the norms of the rows that reached it; `state` is then left part-way (the caller restores
+    /// it). Otherwise the kept tokens' final-normed rows are at the front of `hidden`, in order (as
+    /// many as the last count of [`Decimated::kept`], or every row without a cut); the other rows
+    /// mean nothing. Mamba-1 and Mamba-2 (Δ over channels, over heads); elsewhere an error.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_decimated(
+        &self,
+        ex: &dyn Exec,
+        tokens: &[u32],
+        state: &mut [f32],
+        scratch: &mut [f32],
+        hidden: &mut [f32],
+        cut: &mut Decimation,
+        measure: Option<Measure<'_>>,
+    ) -> Result<Decimated, Error> {
+        let _ = (ex, tokens, state, scratch, hidden, cut, measure);
+        Err(Error::Config("decimamba ranks tokens by Mamba's Δ (Mamba-1 and Mamba-2); this family has none"))
+    }
+
+    /// Whether [`Recurrent::forward_decimated`] runs for this family.
+    fn decimates(&self) -> bool {
+        false
+    }
+
     /// `logits (t, vocab_rows) = hidden (t, d_model) · headᵀ`.
     fn logits(&self, ex: &dyn Exec, hidden: &[f32], t: usize, out: &mut [f32]) -> Result<(), Error> {
         matmul(ex, hidden, t, self.head(), out)
@@ -197,6 +225,19 @@ pub(crate) trait Stack: Recurrent {
     ) -> Result<(), Error>;
     /// The final norm of every row of `x`.
     fn final_norm(&self, x: &mut [f32], s: &mut Self::Scratch<'_>);
+    /// [`Stack::run_layer`] under DeciMamba's `cut` (no probe, no window): the rows it leaves, or
+    /// under `Cut::Measure` the rows it measured (stopping there). Families whose Δ DeciMamba
+    /// ranks (Mamba-1, Mamba-2) only.
+    fn run_layer_cut(
+        &self,
+        _call: Call,
+        _x: &mut [f32],
+        _st: &mut [f32],
+        _s: &mut Self::Scratch<'_>,
+        _cut: Cut<'_>,
+    ) -> Result<usize, Error> {
+        Err(Error::Config("decimamba ranks tokens by Mamba's Δ; this family has none"))
+    }
     /// Whether [`Stack::run_layer`] under `scan` fails on a non-finite value of the layer's state
     /// itself (as [`crate::error::check_finite`] with width 1 would, at `Site::State`), found while
     /// writing it, so [`run_stack`] need not read the state once more.
@@ -271,4 +312,75 @@ pub(crate) fn run_stack_tapped<S: Stack + ?Sized, F: for<'x> FnMut(usize, &S::Sc
     }
     net.final_norm(x, &mut s);
     check_finite(x, d, Site::FinalNorm)
+}
+
+/// [`Recurrent::forward_decimated`] of the families DeciMamba applies to: the call checked, the
+/// tokens embedded, each layer run on its state under its cut (the rows going on shrinking where a
+/// layer drops some; a measuring call stopping inside its layer), each layer's state and output
+/// checked finite, the final norm over the rows left.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_stack_decimated<S: Stack + ?Sized>(
+    net: &S,
+    ex: &dyn Exec,
+    tokens: &[u32],
+    state: &mut [f32],
+    scratch: &mut [f32],
+    hidden: &mut [f32],
+    cut: &mut Decimation,
+    mut measure: Option<Measure<'_>>,
+) -> Result<Decimated, Error> {
+    if net.forget() != Forget::None {
+        return Err(Error::Config("decimamba runs without another forgetting method"));
+    }
+    let n_layer = net.n_layer();
+    cut.fits(n_layer)?;
+    if let Some(m) = &measure {
+        if m.layer >= n_layer || cut.layers().last().is_some_and(|&l| l >= m.layer) {
+            return Err(Error::Config("decimamba: the measured layer must follow the decimating layers it is given"));
+        }
+        crate::error::need("decimamba norms", m.norms.len(), tokens.len())?;
+    }
+    check_call(net, tokens, state, hidden, None)?;
+    let (mut t, d) = (tokens.len(), net.d_model());
+    let mut done = Decimated::default();
+    if t == 0 {
+        return Ok(done);
+    }
+    let shape = net.stack_shape(t)?;
+    let mut s = net.split_scratch(t, scratch)?;
+    let x = &mut hidden[..t * d];
+    net.embed(tokens, x, &mut s);
+    check_finite(x, d, Site::Embedding)?;
+    for (l, st) in state[..shape.base_len].chunks_exact_mut(shape.layer_state_len).enumerate() {
+        let measuring = measure.as_ref().is_some_and(|m| m.layer == l);
+        let at = cut.layers().iter().position(|&x| x == l);
+        // Every row dropped: no token reaches the layers left.
+        if t == 0 {
+            match measuring {
+                true => return Ok(done),
+                false => continue,
+            }
+        }
+        let tau = at.map_or(0.0, |i| cut.tau_at(i));
+        let how = match (&mut measure, at.and_then(|i| cut.ties_mut(i))) {
+            (Some(m), _) if measuring => Cut::Measure(&mut m.norms[..t]),
+            (_, Some(ties)) => Cut::Drop { tau, ties },
+            _ => Cut::Keep,
+        };
+        let rows = net.run_layer_cut(Call { ex, t, scan: Scan::Chunked, l }, &mut x[..t * d], st, &mut s, how)?;
+        if measuring {
+            done.measured = rows;
+            return Ok(done);
+        }
+        if let Some(i) = at {
+            done.kept[i] = rows;
+        }
+        t = rows;
+        check_finite(st, 1, Site::State(l))?;
+        check_finite(&x[..t * d], d, Site::Layer(l))?;
+    }
+    let x = &mut x[..t * d];
+    net.final_norm(x, &mut s);
+    check_finite(x, d, Site::FinalNorm)?;
+    Ok(done)
 }

@@ -3,7 +3,7 @@
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use stuffed_core::forget::{DtThresholds, LayerScales};
+use stuffed_core::forget::{Decimation, DtThresholds, LayerScales};
 use stuffed_core::Forget;
 
 /// A LongMamba table as `--forget longmamba:file=F,b=B,c=C` made it from `stuffed longmamba`'s
@@ -224,6 +224,118 @@ pub enum ForgetSpec {
         #[serde(default = "longmamba_min_default")]
         min: u64,
     },
+    /// DeciMamba (Ben-Kish et al., ICLR 2025): in each decimating layer only the prompt's
+    /// K_s = ⌊max(min(L, base·β^s), min)⌋ tokens of largest ‖Δ_t‖₂ go on (s: the layer's index
+    /// among them; L: the tokens reaching it; the prompt's `last` tokens always), that layer's scan and
+    /// the later layers skipping the rest; decoded tokens are never dropped. Their top-K is over
+    /// the whole prompt, so `passkey` runs each prompt alone in two passes or more (one measuring
+    /// pass per decimating layer). Mamba-1 (their code: Δ over its channels) and Mamba-2 (over its
+    /// heads); `passkey` only.
+    #[serde(rename = "decimamba")]
+    DeciMamba(DeciMamba),
+}
+
+/// DeciMamba's settings (`decimamba:layers=12,base=6000,beta=0.5,min=20,last=1`: their evaluation
+/// config's `decimation_max_p_L_base`, `decimation_beta`, `decimation_min_seq_len`, and their
+/// `resp_len`, the prompt's last tokens never dropped: 1 in their `generate`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeciMamba {
+    pub layers: DeciLayers,
+    pub base: f64,
+    pub beta: f64,
+    pub min: u64,
+    #[serde(default = "deci_last_default")]
+    pub last: u64,
+}
+
+fn deci_last_default() -> u64 {
+    1
+}
+
+impl DeciMamba {
+    /// Tokens kept of the `l` that reach the `s`-th decimating layer (the prompt's last token
+    /// not counted): their `int(max(min(L_for_dec, L_base·β^s), min_seq_len))`, at most `l`.
+    pub fn keep(&self, s: usize, l: usize) -> usize {
+        let k = (l as f64).min(self.base * self.beta.powi(s as i32)).max(self.min as f64);
+        (k as usize).min(l)
+    }
+
+    /// The cut that keeps exactly the `k` largest of `norms`: the k-th largest as the threshold,
+    /// and as many of the norms equal to it as `k` leaves after the larger ones (the earliest kept);
+    /// every token when k covers them, none when k is 0.
+    pub fn threshold(norms: &[f32], k: usize) -> Threshold {
+        if k >= norms.len() {
+            return Threshold { tau: 0.0, ties: usize::MAX };
+        }
+        if k == 0 {
+            return Threshold { tau: f32::MAX, ties: 0 };
+        }
+        let mut v = norms.to_vec();
+        let (_, kth, _) = v.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        let tau = *kth;
+        Threshold { tau, ties: k - norms.iter().filter(|&&x| x > tau).count() }
+    }
+}
+
+/// One decimating layer's cut: the threshold and how many norms equal to it go on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Threshold {
+    pub tau: f32,
+    pub ties: usize,
+}
+
+impl Threshold {
+    /// The indices of the rows of `norms` this cut keeps, in order (as the core decides: above
+    /// the threshold, or equal to it while the ties last).
+    pub fn kept<'a>(&self, norms: &'a [f32]) -> impl Iterator<Item = usize> + 'a {
+        let (tau, mut ties) = (self.tau, self.ties);
+        norms.iter().enumerate().filter_map(move |(i, &v)| match v > tau || (v == tau && ties > 0) {
+            true => {
+                if v == tau {
+                    ties -= 1;
+                }
+                Some(i)
+            }
+            false => None,
+        })
+    }
+}
+
+/// The decimating layers, ascending (at most [`stuffed_core::forget::MAX_DECIMATING`]);
+/// serialized as a list.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeciLayers(Decimation);
+
+impl DeciLayers {
+    pub fn new(layers: &[usize]) -> Result<DeciLayers> {
+        if layers.is_empty() {
+            bail!("decimamba: give the decimating layers (layers=12 or layers=6/12)");
+        }
+        Decimation::new(layers, &vec![0.0; layers.len()]).map(DeciLayers).map_err(|e| anyhow!("{e}"))
+    }
+
+    pub fn as_slice(&self) -> &[usize] {
+        self.0.layers()
+    }
+
+    /// The cut of the first layers, one threshold each.
+    pub fn cut(&self, th: &[Threshold]) -> Result<Decimation> {
+        let tau: Vec<f32> = th.iter().map(|t| t.tau).collect();
+        let cut = Decimation::new(&self.as_slice()[..th.len()], &tau).map_err(|e| anyhow!("{e}"))?;
+        Ok(th.iter().enumerate().fold(cut, |c, (i, t)| c.with_ties(i, t.ties)))
+    }
+}
+
+impl Serialize for DeciLayers {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> std::result::Result<S::Ok, S::Error> {
+        self.as_slice().serialize(ser)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeciLayers {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<DeciLayers, D::Error> {
+        DeciLayers::new(&Vec::<usize>::deserialize(de)?).map_err(serde::de::Error::custom)
+    }
 }
 
 /// LongMamba's shortest filtered prompt: their `forward` filters when `int(seqlen / 1e3) > 2`.
@@ -276,8 +388,9 @@ impl ForgetSpec {
             "state-norm" => &["every", "calib"],
             "reset" => &["every"],
             "longmamba" => &["file", "b", "c", "min"],
+            "decimamba" => &["layers", "base", "beta", "min", "last"],
             other => {
-                bail!("--forget: unknown method '{other}' (none, rri, rri-both, dt, decay, window, staggered, state-norm, reset, longmamba)")
+                bail!("--forget: unknown method '{other}' (none, rri, rri-both, dt, decay, window, staggered, state-norm, reset, longmamba, decimamba)")
             }
         };
         if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
@@ -350,6 +463,27 @@ impl ForgetSpec {
                         _ => count("min")?.unwrap_or(LONGMAMBA_MIN),
                     },
                 }
+            }
+            "decimamba" => {
+                let layers = kv
+                    .get("layers")
+                    .ok_or_else(|| anyhow!("--forget {s}: missing layers= (the decimating layers, e.g. layers=12)"))?
+                    .split('/')
+                    .map(|x| {
+                        x.trim().parse::<usize>().map_err(|_| anyhow!("--forget {s}: layers: '{x}' is not a layer"))
+                    })
+                    .collect::<Result<Vec<usize>>>()?;
+                let (base, beta) = (num("base")?.unwrap_or(6000.0), num("beta")?.unwrap_or(0.5));
+                if !(base >= 0.0 && base.is_finite() && beta > 0.0 && beta <= 1.0) {
+                    bail!("--forget {s}: base must be ≥ 0 and 0 < beta ≤ 1");
+                }
+                let layers = DeciLayers::new(&layers).map_err(|e| anyhow!("--forget {s}: {e}"))?;
+                let min = match kv.get("min").map(String::as_str) {
+                    Some("0") => 0,
+                    _ => count("min")?.unwrap_or(20),
+                };
+                let last = count("last")?.unwrap_or(1);
+                ForgetSpec::DeciMamba(DeciMamba { layers, base, beta, min, last })
             }
             _ => ForgetSpec::Reset { every: need_count("every")? },
         })
@@ -476,6 +610,10 @@ impl std::fmt::Display for ForgetSpec {
             ForgetSpec::LongMamba { table, min } => {
                 let t = table.table();
                 write!(f, "longmamba:file={},b={},c={},min={min}", t.file, t.b, t.c)
+            }
+            ForgetSpec::DeciMamba(d) => {
+                let layers = d.layers.as_slice().iter().map(|l| l.to_string()).collect::<Vec<_>>().join("/");
+                write!(f, "decimamba:layers={layers},base={},beta={},min={},last={}", d.base, d.beta, d.min, d.last)
             }
         }
     }

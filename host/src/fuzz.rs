@@ -434,10 +434,17 @@ pub mod readback {
     }
 
     fn forget_seed() -> Result<Vec<Vec<u8>>> {
-        Ok(["dt:c=0.25/1.5/0.0625", "decay:s=0.5", "rri:a=0.99,b=0.7", "state-norm:every=128,calib=8k", "window:r=4k"]
-            .iter()
-            .map(|s| s.as_bytes().to_vec())
-            .collect())
+        Ok([
+            "dt:c=0.25/1.5/0.0625",
+            "decay:s=0.5",
+            "rri:a=0.99,b=0.7",
+            "state-norm:every=128,calib=8k",
+            "window:r=4k",
+            "decimamba:layers=3/12,base=6000,beta=0.5,min=20,last=1",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect())
     }
 
     /// The case as a `--forget` method: refused, or printed in a form that parses back to itself.

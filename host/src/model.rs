@@ -312,6 +312,15 @@ impl Model {
                 );
             }
         }
+        if let ForgetSpec::DeciMamba(d) = f {
+            let net = self.net();
+            if !net.decimates() {
+                bail!("{path}: --forget {f}: DeciMamba ranks tokens by Mamba's Δ (Mamba-1, Mamba-2); not this family");
+            }
+            if let Some(&l) = d.layers.as_slice().iter().find(|&&l| l >= net.n_layer()) {
+                bail!("{path}: --forget {f}: layer {l} is past the model's {} layers (counted from 0)", net.n_layer());
+            }
+        }
         self.with_net_mut(|n| n.set_forget(f.core())).with_context(|| format!("{path}: --forget {f}"))?;
         // A window caches r tokens of inputs per layer: refuse one larger than this machine's memory
         // before anything allocates it.

@@ -1,11 +1,12 @@
 //! A model plus its state and buffers, sized once: the loop every command drives.
 use crate::exec::Pool;
-use crate::forget::{Boundary, ForgetSpec, Phase};
+use crate::forget::{Boundary, DeciMamba, ForgetSpec, Phase};
 use crate::model::Model;
 use crate::state_dtype::{StatePrecision, StateRound};
 use anyhow::{anyhow, bail, Result};
 use std::ops::Range;
 use stuffed_core::error::first_non_finite;
+use stuffed_core::forget::{Decimation, Measure};
 use stuffed_core::model::Scan;
 use stuffed_core::{Recurrent, Site};
 
@@ -116,12 +117,90 @@ impl<'m> Session<'m> {
         self.feed_impl(tokens, Some(probe), sink)
     }
 
+    /// DeciMamba's prompt but its last token (which their `generate` always keeps), from the
+    /// current state: for each decimating layer in turn a measuring pass (from the same start,
+    /// the layers before it cut) takes the norms ‖Δ_t‖₂ of the rows reaching it, whose K largest
+    /// go on past it ([`DeciMamba::keep`], [`DeciMamba::threshold`]); then the decimated pass.
+    /// Returns the positions in `prefix` of the tokens that left each decimating layer. Their top-K
+    /// is over the whole prompt, hence the passes; the norms take 4 bytes a token.
+    pub fn decimate(&mut self, prefix: &[u32], d: &DeciMamba) -> Result<Vec<Vec<u32>>> {
+        if !self.precision.is_f32() {
+            bail!("{}: --forget {}: runs with an f32 state", self.model.info.path.display(), self.forget);
+        }
+        let (start, pos0) = (self.state.clone(), self.pos);
+        let layers = d.layers.as_slice();
+        let (mut th, mut kept) = (Vec::with_capacity(layers.len()), Vec::with_capacity(layers.len()));
+        // The positions of the rows that reach the next decimating layer.
+        let mut reach: Vec<u32> = (0..prefix.len() as u32).collect();
+        for (s, &layer) in layers.iter().enumerate() {
+            let mut norms = Vec::new();
+            self.feed_decimated(prefix, &mut d.layers.cut(&th)?, Some((layer, &mut norms)))?;
+            self.state.copy_from_slice(&start);
+            self.pos = pos0;
+            if norms.len() != reach.len() {
+                bail!(
+                    "decimamba: layer {layer} measured {} rows, {} reach it (an internal error)",
+                    norms.len(),
+                    reach.len()
+                );
+            }
+            let cut = DeciMamba::threshold(&norms, d.keep(s, norms.len()));
+            reach = cut.kept(&norms).map(|i| reach[i]).collect();
+            kept.push(reach.clone());
+            th.push(cut);
+        }
+        let counts = self.feed_decimated(prefix, &mut d.layers.cut(&th)?, None)?;
+        if counts.iter().zip(&kept).any(|(&c, k)| c != k.len()) {
+            bail!(
+                "decimamba: the decimated pass kept {counts:?} rows where its thresholds keep {:?} (an internal error)",
+                kept.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+        }
+        Ok(kept)
+    }
+
+    /// `tokens` through the core's decimated forward chunk by chunk (measuring `layer`'s norms into
+    /// the vector when given); the rows that left each layer of `cut`.
+    fn feed_decimated(
+        &mut self,
+        tokens: &[u32],
+        cut: &mut Decimation,
+        mut measure: Option<(usize, &mut Vec<f32>)>,
+    ) -> Result<Vec<usize>> {
+        let net = self.net();
+        let mut kept = vec![0; cut.layers().len()];
+        let mut norms = vec![0f32; if measure.is_some() { self.chunk } else { 0 }];
+        for part in tokens.chunks(self.chunk) {
+            let n = part.len();
+            let (state, scratch, ex) = (&mut self.state, &mut self.scratch, &self.ex);
+            let hidden = &mut self.hidden[..n * net.d_model()];
+            let m = measure.as_ref().map(|(layer, _)| Measure { layer: *layer, norms: &mut norms[..n] });
+            let done = ex
+                .run(|| net.forward_decimated(ex, part, state, scratch, hidden, cut, m))
+                .map_err(|e| explain(self.model, e, self.pos, n))?;
+            if let Some((_, out)) = measure.as_mut() {
+                out.extend_from_slice(&norms[..done.measured]);
+            }
+            kept.iter_mut().zip(done.kept).for_each(|(k, d)| *k += d);
+            self.pos += n as u64;
+        }
+        Ok(kept)
+    }
+
     fn feed_impl(
         &mut self,
         tokens: &[u32],
         mut probe: Option<&mut [f32]>,
         sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
     ) -> Result<()> {
+        // DeciMamba drops tokens by their rank in the whole prompt: a stream cannot be cut so.
+        if matches!(self.forget, ForgetSpec::DeciMamba(_)) && self.phase == (Phase::Prompt { len: None }) {
+            bail!(
+                "{}: --forget {}: DeciMamba ranks the tokens of a whole prompt (passkey); a stream of unknown length cannot be decimated",
+                self.model.info.path.display(),
+                self.forget
+            );
+        }
         let net = self.net();
         let d = net.d_model();
         let rounded = !self.precision.is_f32();

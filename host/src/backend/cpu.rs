@@ -3,7 +3,7 @@
 //! exist beyond one sub-chunk.
 use super::{Backend, ScoredRows, ScorerState};
 use crate::exec::Pool;
-use crate::forget::Phase;
+use crate::forget::{ForgetSpec, Phase};
 use crate::model::Model;
 use crate::session::Session;
 use anyhow::{bail, Result};
@@ -290,6 +290,21 @@ impl<'m> CpuBackend<'m> {
 impl Backend for CpuBackend<'_> {
     fn chunk(&self) -> usize {
         self.session.chunk
+    }
+
+    fn feed_decimated(&mut self, ids: &[u32]) -> Result<Vec<Vec<u32>>> {
+        let ForgetSpec::DeciMamba(d) = self.session.forget else {
+            bail!("a decimated prompt without --forget decimamba");
+        };
+        if ids.is_empty() {
+            bail!("--forget decimamba: an empty prompt");
+        }
+        // Their `resp_len` last tokens are never dropped (at least the last: its row answers).
+        let (prefix, last) = ids.split_at(ids.len() - (d.last as usize).clamp(1, ids.len()));
+        let mut kept = self.session.decimate(prefix, &d)?;
+        self.feed_with(last, None)?;
+        kept.iter_mut().for_each(|k| k.extend(prefix.len() as u32..ids.len() as u32));
+        Ok(kept)
     }
 
     fn score(&mut self, ids: &[u32], nll: &mut Vec<f32>) -> Result<bool> {

@@ -50,6 +50,14 @@ pub trait Backend {
     /// Feeds `ids` without scoring; the last row stays pending (for [`Backend::greedy_each`]).
     fn feed(&mut self, ids: &[u32]) -> Result<()>;
 
+    /// A prompt under DeciMamba (`--forget decimamba`): all but its `last` tokens through
+    /// [`crate::session::Session::decimate`], those fed as any prompt's (never dropped: their
+    /// `generate` keeps the last), the last row pending; the positions of the prompt's tokens that
+    /// left each decimating layer, the kept last ones among them.
+    fn feed_decimated(&mut self, _ids: &[u32]) -> Result<Vec<Vec<u32>>> {
+        bail!("--forget decimamba runs on the CPU")
+    }
+
     /// [`Backend::feed`] that also adds the probe sums of these tokens into `probe` (the layout of
     /// `Recurrent::forward_probed`).
     fn feed_probed(&mut self, ids: &[u32], probe: &mut [f32]) -> Result<()>;

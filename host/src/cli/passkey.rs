@@ -82,7 +82,10 @@ pub struct PasskeyArgs {
     /// those chunks (`idk_chunks`).
     #[arg(long, value_name = "WORD", num_args = 0..=1, default_missing_value = "Error", requires = "oprm")]
     oprm_idk: Option<String>,
-    /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here.
+    /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here. Also
+    /// decimamba:layers=L[/L2…][,base=6000,beta=0.5,min=20,last=1] (Mamba-1/2, DeciMamba: in each
+    /// decimating layer only the prompt's K tokens of largest Δ norm go on; each prompt runs alone,
+    /// one pass per decimating layer + 1).
     #[arg(long, default_value = "none", value_parser = super::values::forget)]
     forget: crate::forget::ForgetSpec,
     #[command(flatten)]
@@ -194,6 +197,20 @@ pub fn print_accuracy_table(dir: &std::path::Path) -> Result<()> {
     if per_length.iter().any(|r| r.get("oprm_chose_needle").is_some()) {
         let chose: String = per_length.iter().map(|r| format!("{:>7}", pct(&r["oprm_chose_needle"]))).collect();
         println!("{:>11}{chose}   (% of samples whose answering OPRM chunk held the needle or part of it)", "needle");
+    }
+    if per_length.iter().any(|r| r.get("decimamba_needle_share").is_some()) {
+        let row = |k: &str| per_length.iter().map(|r| format!("{:>7}", pct(&r[k]))).collect::<String>();
+        let last = "past the last decimating layer";
+        println!(
+            "{:>11}{}   (% of the needle's tokens that went on {last}, mean)",
+            "needle",
+            row("decimamba_needle_share")
+        );
+        println!(
+            "{:>11}{}   (% of samples whose whole question went on {last})",
+            "question",
+            row("decimamba_question_whole")
+        );
     }
     if per_length.iter().any(|r| r.get("oprm_idk_chunks").is_some()) {
         let said: String = per_length.iter().map(|r| format!("{:>7}", pct(&r["oprm_idk_chunks"]))).collect();

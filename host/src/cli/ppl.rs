@@ -68,7 +68,8 @@ pub struct PplArgs {
     /// dt:c=0.5, decay:s=0.5 (Mamba-1/2: A′ = s·A), window:r=N, staggered:r=N (RWKV-7, DeltaNet, GDN),
     /// state-norm:every=128[,calib=T] (calib defaults to --train-len), reset:every=N,
     /// longmamba:file=longmamba.json[,b=1,c=0.05,min=3000] (Mamba-2; `stuffed longmamba` writes
-    /// the file; a stream is a prompt of unknown length: filtered from its first token).
+    /// the file; a stream is a prompt of unknown length: filtered from its first token);
+    /// decimamba (DeciMamba) is `passkey`'s only: it ranks a whole prompt's tokens.
     /// Repeat to compare methods: every model runs under each, one curve per run.
     #[arg(long, default_value = "none", value_parser = super::values::forget)]
     forget: Vec<crate::forget::ForgetSpec>,

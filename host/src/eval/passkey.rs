@@ -6,7 +6,7 @@
 //! branch point is the longest common token prefix of the sample's whole prompt, tokenized at once,
 //! and the haystack's — parts tokenized alone would differ at the seams.
 use crate::backend::ScorerState;
-use crate::forget::Phase;
+use crate::forget::{ForgetSpec, Phase};
 use crate::model::{Model, ModelInfo};
 use crate::report::svg::{heatmap, LinePlot, Series};
 use crate::report::{write_atomic, StateSlot};
@@ -23,7 +23,7 @@ mod oprm;
 mod prompt;
 use super::Cadence;
 pub use oprm::{entropy, nll_of, Oprm, OprmRecord, Select as OprmSelect};
-use prompt::{depths, prompts, Prompt};
+use prompt::{depths, prompts, Prompt, PromptIds};
 pub use prompt::{
     idk_suffix, is_correct, key, key_tokens, longest_key_ids, needle_block, num_blocks, prompt_text, template,
     template_for, Template, TemplateName,
@@ -83,6 +83,51 @@ pub struct Record {
     /// `--oprm`: the chunk that answered, and the needle's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oprm: Option<OprmRecord>,
+    /// `--forget decimamba`: the prompt's tokens that went on past each decimating layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decimated: Option<DeciRecord>,
+}
+
+/// What DeciMamba kept of a prompt, per decimating layer: its tokens, the needle's and the
+/// question's (their `generate` keeps only the last token for sure: the question may be cut).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeciRecord {
+    pub kept: Vec<usize>,
+    pub needle_tokens: usize,
+    pub needle_kept: Vec<usize>,
+    pub question_tokens: usize,
+    pub question_kept: Vec<usize>,
+}
+
+impl DeciRecord {
+    /// From the positions each layer kept (ascending).
+    fn of(kept: &[Vec<u32>], needle: &std::ops::Range<usize>, question: std::ops::Range<usize>) -> DeciRecord {
+        let within = |r: &std::ops::Range<usize>| -> Vec<usize> {
+            kept.iter().map(|k| k.iter().filter(|&&p| r.contains(&(p as usize))).count()).collect()
+        };
+        DeciRecord {
+            kept: kept.iter().map(Vec::len).collect(),
+            needle_tokens: needle.len(),
+            needle_kept: within(needle),
+            question_tokens: question.len(),
+            question_kept: within(&question),
+        }
+    }
+
+    /// The share of the needle's tokens that went on past the last decimating layer.
+    pub fn needle_share(&self) -> f64 {
+        self.needle_kept.last().map_or(0.0, |&k| k as f64 / self.needle_tokens.max(1) as f64)
+    }
+
+    /// Whether all of the needle's tokens went on past the last decimating layer.
+    pub fn needle_whole(&self) -> bool {
+        self.needle_kept.last().is_some_and(|&k| k == self.needle_tokens)
+    }
+
+    /// Whether all of the question's tokens went on past the last decimating layer.
+    pub fn question_whole(&self) -> bool {
+        self.question_kept.last().is_some_and(|&k| k == self.question_tokens)
+    }
 }
 
 /// The kind each results.jsonl line is sealed as, and the run file that ties them to their run.
@@ -144,11 +189,12 @@ fn read_records(path: &Path) -> Result<Vec<(Record, String)>> {
 /// Whether a run under `o` writes a record of `r`'s shape (OPRM's scores as its rule and filter
 /// record them; none without `--oprm`).
 fn made_by(r: &Record, o: &Options) -> bool {
-    match (&r.oprm, &o.oprm) {
+    let oprm = match (&r.oprm, &o.oprm) {
         (Some(x), Some(oprm)) => x.made_by(oprm),
         (None, None) => true,
         _ => false,
-    }
+    };
+    oprm && r.decimated.is_some() == matches!(o.forget, ForgetSpec::DeciMamba(_))
 }
 
 /// Run facts that differ between shards and reruns (kept out of the comparable summary).
@@ -325,6 +371,14 @@ pub fn run(
     checkpoint_secs: Option<f64>,
 ) -> Result<()> {
     let _armed = crate::interrupt::arm();
+    if let ForgetSpec::DeciMamba(_) = o.forget {
+        if o.oprm.is_some() {
+            bail!("passkey: --forget decimamba ranks a whole prompt's tokens and --oprm runs it in chunks: choose one");
+        }
+        if o.device != crate::backend::Device::Cpu {
+            bail!("passkey: --forget decimamba runs on the CPU");
+        }
+    }
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let mut model = Model::load(model_path)?;
     model.set_forget(o.forget)?;
@@ -473,27 +527,27 @@ impl Asks<'_> {
         // This run's sample, tokenized as one text; another run's gives only its cut (from its
         // record when a resume has one).
         let prompt = if mine {
-            let (ids, needle_pos) = p.ids(tok, tpl, bos)?;
-            crate::model::check_ids(&ids, self.vocab_rows, "passkey prompt")?;
-            Some((ids, needle_pos))
+            let x = p.ids(tok, tpl, bos)?;
+            crate::model::check_ids(&x.ids, self.vocab_rows, "passkey prompt")?;
+            Some(x)
         } else {
             None
         };
         let lcp = match &prompt {
-            Some((ids, _)) => self.shared_prefix(ids, saver.hay),
+            Some(x) => self.shared_prefix(&x.ids, saver.hay),
             None => match log.done.iter().find(|r| (r.length, r.sample) == (saver.length, p.sample)) {
                 Some(r) => r.shared_prefix,
-                None => self.shared_prefix(&p.ids(tok, tpl, bos)?.0, saver.hay),
+                None => self.shared_prefix(&p.ids(tok, tpl, bos)?.ids, saver.hay),
             },
         };
         let branch = g.advance(saver.hay, lcp, saver, &mut log.facts)?;
-        let Some((ids, needle_pos)) = prompt else {
+        let Some(PromptIds { ids, needle, question }) = prompt else {
             return Ok(());
         };
         let resumed = tail.take().filter(|(t, _)| {
             t.sample == p.sample && t.branch == branch && t.pos <= ids.len() && tokens_sha(&ids[..t.pos]) == t.ids_sha
         });
-        let sample = Sample { p, ids: &ids, needle_pos, branch };
+        let sample = Sample { p, ids: &ids, needle, question, branch };
         let rec = g.run_sample(sample, resumed, saver, &mut log.facts, self.o, |new| self.judge(p, new))?;
         log.add(rec, saver.fp)?;
         saver.at(g.s, g.pos, None, g.cadence, &log.facts)
@@ -574,6 +628,7 @@ impl Asks<'_> {
             shared_prefix: 0,
             key_nll: Some(a.key_nll),
             oprm: Some(chosen),
+            decimated: None,
         };
         log.add(rec, saver.fp)
     }
@@ -587,7 +642,8 @@ impl Asks<'_> {
 
     /// The prompt's tokens shared with the haystack, at most all but its last (`--reuse`; else 0).
     fn shared_prefix(&self, ids: &[u32], hay: &[u32]) -> usize {
-        if self.o.reuse {
+        // (DeciMamba's cut depends on the whole prompt: nothing of it is shared.)
+        if self.o.reuse && !matches!(self.o.forget, ForgetSpec::DeciMamba(_)) {
             ids.iter().zip(hay).take_while(|(a, b)| a == b).count().min(ids.len() - 1)
         } else {
             0
@@ -814,7 +870,9 @@ struct Grid<'s, 'c> {
 struct Sample<'a> {
     p: &'a Prompt,
     ids: &'a [u32],
-    needle_pos: usize,
+    /// The needle's tokens and the question's first.
+    needle: std::ops::Range<usize>,
+    question: usize,
     branch: usize,
 }
 
@@ -874,6 +932,16 @@ impl Grid<'_, '_> {
             eprintln!("passkey {}: sample {} resumes at prompt token {fed}", saver.length, p.sample);
         }
         let tail_start = fed;
+        // DeciMamba ranks the whole prompt's tokens: the prompt runs alone, in its passes.
+        let decimated = match o.forget {
+            ForgetSpec::DeciMamba(_) => {
+                let kept = self.s.feed_decimated(&ids[fed..])?;
+                facts.tokens_processed += (ids.len() - fed) as u64 * (kept.len() + 1) as u64;
+                fed = ids.len();
+                Some(DeciRecord::of(&kept, &x.needle, x.question..ids.len()))
+            }
+            _ => None,
+        };
         while fed < ids.len() {
             let end = ids.len().min(fed + self.piece);
             self.s.feed(&ids[fed..end])?;
@@ -894,7 +962,7 @@ impl Grid<'_, '_> {
             depth: p.depth,
             needle_block: p.needle_block,
             num_blocks: p.num_blocks,
-            needle_pos: x.needle_pos,
+            needle_pos: x.needle.start,
             prompt_tokens: ids.len(),
             correct: a.correct,
             key: p.key.clone(),
@@ -902,6 +970,7 @@ impl Grid<'_, '_> {
             shared_prefix: branch,
             key_nll: Some(a.key_nll),
             oprm: None,
+            decimated,
         })
     }
 }
@@ -993,6 +1062,23 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
             // The target whose thresholds filtered this length's prompts (null: under `min`, none).
             let target = o.forget.longmamba_target(Phase::Prompt { len: Some(l) }).map(|i| table.table().targets[i]);
             row["longmamba_target"] = target.into();
+        }
+        if let crate::forget::ForgetSpec::DeciMamba(d) = o.forget {
+            // The prompt's tokens that went on past each decimating layer, on average.
+            // The prompt's tokens that went on past each decimating layer, on average; the share of
+            // the needle's tokens that went on past the last, and how often the whole needle and
+            // the whole question did.
+            let ours: Vec<&DeciRecord> =
+                recs.iter().filter(|r| r.length == l).filter_map(|r| r.decimated.as_ref()).collect();
+            let n = ours.len() as f64;
+            let mean = |i: usize| (n > 0.0).then(|| ours.iter().map(|k| k.kept[i] as f64).sum::<f64>() / n);
+            row["decimamba_kept"] = (0..d.layers.as_slice().len()).map(mean).collect::<Vec<_>>().into();
+            let share =
+                |f: &dyn Fn(&DeciRecord) -> bool| (n > 0.0).then(|| ours.iter().filter(|x| f(x)).count() as f64 / n);
+            let needle = (n > 0.0).then(|| ours.iter().map(|x| x.needle_share()).sum::<f64>() / n);
+            row["decimamba_needle_share"] = needle.into();
+            row["decimamba_needle_whole"] = share(&DeciRecord::needle_whole).into();
+            row["decimamba_question_whole"] = share(&DeciRecord::question_whole).into();
         }
         if o.oprm.is_some() {
             // How often the chunk that answered held the needle, and how often a chunk boundary

@@ -105,16 +105,29 @@ pub(super) struct Prompt {
     pub(super) key: String,
 }
 
+/// A prompt's ids and where its parts fall among them.
+pub(super) struct PromptIds {
+    pub(super) ids: Vec<u32>,
+    /// The tokens that hold the needle (from the first token that starts at or after its first
+    /// byte to the first that starts at or after its end).
+    pub(super) needle: std::ops::Range<usize>,
+    /// The question's first token (the first that starts at or after the suffix).
+    pub(super) question: usize,
+}
+
 impl Prompt {
-    /// The prompt's ids (tokenized as one text, in pieces) and the needle's first token, with
-    /// `<|endoftext|>` first when `bos` is given. Built when needed, one prompt at a time.
-    pub(super) fn ids(&self, tok: &Tokenizer, tpl: &Template, bos: Option<u32>) -> Result<(Vec<u32>, usize)> {
+    /// The prompt's ids (tokenized as one text, in pieces), the needle's and the question's tokens,
+    /// with `<|endoftext|>` first when `bos` is given. Built when needed, one prompt at a time.
+    pub(super) fn ids(&self, tok: &Tokenizer, tpl: &Template, bos: Option<u32>) -> Result<PromptIds> {
         let (text, needle_byte) = prompt_text(tpl, self.num_blocks, self.needle_block, &self.key);
-        let (ids, needle_pos) = crate::text::encode_long(tok, &text, needle_byte)?;
-        Ok(match bos {
-            Some(b) => ([&[b][..], &ids].concat(), needle_pos + 1),
-            None => (ids, needle_pos),
-        })
+        let needle_end = needle_byte + tpl.needle.replace("{key}", &self.key).len();
+        let marks = [needle_byte, needle_end, text.len() - tpl.suffix.len()];
+        let (ids, at) = crate::text::encode_long_marks(tok, &text, &marks)?;
+        let (ids, b) = match bos {
+            Some(b) => ([&[b][..], &ids].concat(), 1),
+            None => (ids, 0),
+        };
+        Ok(PromptIds { ids, needle: at[0] + b..at[1] + b, question: at[2] + b })
     }
 }
 
