@@ -526,3 +526,51 @@ fn oprm_records_of_another_rule_are_refused() {
     let err = format!("{:#}", cli_result(&[&args[..], &more[..], &["--resume"]].concat()).unwrap_err());
     assert!(err.contains("results.jsonl") && err.contains("not a record this run's options write"), "{err}");
 }
+
+/// `--jrt` (JRT-Prompt): the context twice, a newline between, then the question, as the JRT
+/// code's `*_twice` tasks; the prompt's ids hold the needle where each copy's byte offset says;
+/// records give both copies, shared-prefix reuse equals every sample run alone, the needle within
+/// the last r tokens counts the second copy; `--oprm` refuses it.
+#[test]
+fn jrt_reads_the_context_twice() {
+    let tok = Tokenizer::for_model(None, None).unwrap();
+    let mut tpl = template(TemplateName::Code);
+    let (plain, at) = prompt_text(&tpl, 5, 2, "34847");
+    tpl.repeat = true;
+    let (twice, needles) = stuffed::eval::passkey::prompt_needles(&tpl, 5, 2, "34847");
+    let (body, q) = (&plain[tpl.prefix.len()..plain.len() - tpl.suffix.len()], tpl.suffix);
+    assert_eq!(twice, format!("{}{body}\n{body}{q}", tpl.prefix));
+    assert_eq!(needles, [at, at + body.len() + 1]);
+    for &n in &needles {
+        assert!(twice[n..].starts_with("The passkey is 34847."));
+    }
+
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let m = model();
+    let args = ["passkey", "--model", m.to_str().unwrap(), "--lengths", "1k", "--samples", "4", "--jrt"];
+    cli(&[&args[..], &["--out", a.path().to_str().unwrap()]].concat());
+    cli(&[&args[..], &["--out", b.path().to_str().unwrap(), "--no-reuse"]].concat());
+    let (ra, rb) = (records(a.path()), records(b.path()));
+    let plain_len = num_blocks(&tok, &tpl, 1024).unwrap();
+    for (x, y) in ra.iter().zip(&rb) {
+        // (Calls cut the stream elsewhere: the key's NLL to rounding.)
+        assert_eq!(x.continuation, y.continuation, "reuse changes a JRT answer");
+        assert!(close(x.key_nll.unwrap(), y.key_nll.unwrap()), "{x:?} {y:?}");
+        let again = x.needle_pos_again.unwrap();
+        // The second copy sits one context (and the newline) after the first.
+        let context = (x.prompt_tokens - again) + (again - x.needle_pos);
+        assert!(again > x.needle_pos && x.prompt_tokens > 1900 && x.prompt_tokens < 2100, "{x:?}");
+        assert!(context > 900, "{x:?}");
+        assert_eq!(x.num_blocks, plain_len, "the context is the plain prompt's");
+    }
+    let s = summary(a.path());
+    assert_eq!(s["options"]["jrt"], true);
+    for lr in s["needle_within_last_r"].as_array().unwrap() {
+        let r = lr["r"].as_u64().unwrap() as usize;
+        let n = ra.iter().filter(|x| x.prompt_tokens - x.needle_pos_again.unwrap() <= r).count();
+        assert_eq!(lr["per_length"][0]["n"].as_u64(), Some(n as u64), "r {r}");
+    }
+    let err = cli_result(&[&args[..], &["--out", b.path().to_str().unwrap(), "--oprm", "200", "--overwrite"]].concat())
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("choose one"), "{err:#}");
+}

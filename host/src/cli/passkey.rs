@@ -82,6 +82,12 @@ pub struct PasskeyArgs {
     /// those chunks (`idk_chunks`).
     #[arg(long, value_name = "WORD", num_args = 0..=1, default_missing_value = "Error", requires = "oprm")]
     oprm_idk: Option<String>,
+    /// JRT-Prompt (Arora et al., "Just read twice", 2024): the context (the blocks, the needle among
+    /// them) twice, a newline between, then the question, as their `*_twice` tasks build prompts.
+    /// `--lengths` stays the context's length without the repeat, so prompts are about twice as
+    /// long; records give the second copy's position (`needle_pos_again`).
+    #[arg(long)]
+    jrt: bool,
     /// Training-free forgetting (see `stuffed ppl --help`); state-norm needs calib=N here. Also
     /// decimamba:layers=L[/L2…][,base=6000,beta=0.5,min=20,last=1] (Mamba-1/2, DeciMamba: in each
     /// decimating layer only the prompt's K tokens of largest Δ norm go on; each prompt runs alone,
@@ -125,6 +131,7 @@ pub fn run(a: PasskeyArgs) -> Result<()> {
         gpu: a.device.gpu()?,
         state: a.state.precision(a.device.device)?,
         oprm: a.oprm.map(|chunk| passkey::Oprm { chunk, select: a.oprm_select, idk: a.oprm_idk.clone() }),
+        jrt: a.jrt,
     };
     let mut o = o;
     let tok = crate::tokenizer::Tokenizer::for_model(Some(&crate::model::dir_of(&a.model)), o.tokenizer.as_deref())?;

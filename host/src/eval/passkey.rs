@@ -25,8 +25,8 @@ use super::Cadence;
 pub use oprm::{entropy, nll_of, Oprm, OprmRecord, Select as OprmSelect};
 use prompt::{depths, prompts, Prompt, PromptIds};
 pub use prompt::{
-    idk_suffix, is_correct, key, key_tokens, longest_key_ids, needle_block, num_blocks, prompt_text, template,
-    template_for, Template, TemplateName,
+    idk_suffix, is_correct, key, key_tokens, longest_key_ids, needle_block, num_blocks, prompt_needles, prompt_text,
+    template, template_for, Template, TemplateName,
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -59,6 +59,10 @@ pub struct Options {
     /// (absent from files and fingerprints when off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oprm: Option<Oprm>,
+    /// `--jrt`: JRT-Prompt, the context twice before the question (absent from files and
+    /// fingerprints when off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub jrt: bool,
 }
 
 /// One sample's record (one line of results.jsonl).
@@ -86,6 +90,9 @@ pub struct Record {
     /// `--forget decimamba`: the prompt's tokens that went on past each decimating layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decimated: Option<DeciRecord>,
+    /// `--jrt`: the first token of the needle's second copy (`needle_pos` is the first's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needle_pos_again: Option<usize>,
 }
 
 /// What DeciMamba kept of a prompt, per decimating layer: its tokens, the needle's and the
@@ -100,17 +107,18 @@ pub struct DeciRecord {
 }
 
 impl DeciRecord {
-    /// From the positions each layer kept (ascending).
-    fn of(kept: &[Vec<u32>], needle: &std::ops::Range<usize>, question: std::ops::Range<usize>) -> DeciRecord {
-        let within = |r: &std::ops::Range<usize>| -> Vec<usize> {
-            kept.iter().map(|k| k.iter().filter(|&&p| r.contains(&(p as usize))).count()).collect()
+    /// From the positions each layer kept (ascending), the needle's tokens (each copy) and the
+    /// question's.
+    fn of(kept: &[Vec<u32>], needles: &[std::ops::Range<usize>], question: std::ops::Range<usize>) -> DeciRecord {
+        let within = |rs: &[std::ops::Range<usize>]| -> Vec<usize> {
+            kept.iter().map(|k| k.iter().filter(|&&p| rs.iter().any(|r| r.contains(&(p as usize)))).count()).collect()
         };
         DeciRecord {
             kept: kept.iter().map(Vec::len).collect(),
-            needle_tokens: needle.len(),
-            needle_kept: within(needle),
+            needle_tokens: needles.iter().map(|r| r.len()).sum(),
+            needle_kept: within(needles),
             question_tokens: question.len(),
-            question_kept: within(&question),
+            question_kept: within(std::slice::from_ref(&question)),
         }
     }
 
@@ -371,6 +379,9 @@ pub fn run(
     checkpoint_secs: Option<f64>,
 ) -> Result<()> {
     let _armed = crate::interrupt::arm();
+    if o.jrt && o.oprm.is_some() {
+        bail!("passkey: --jrt repeats the whole context and --oprm runs it in chunks: choose one");
+    }
     if let ForgetSpec::DeciMamba(_) = o.forget {
         if o.oprm.is_some() {
             bail!("passkey: --forget decimamba ranks a whole prompt's tokens and --oprm runs it in chunks: choose one");
@@ -541,13 +552,13 @@ impl Asks<'_> {
             },
         };
         let branch = g.advance(saver.hay, lcp, saver, &mut log.facts)?;
-        let Some(PromptIds { ids, needle, question }) = prompt else {
+        let Some(PromptIds { ids, needles, question }) = prompt else {
             return Ok(());
         };
         let resumed = tail.take().filter(|(t, _)| {
             t.sample == p.sample && t.branch == branch && t.pos <= ids.len() && tokens_sha(&ids[..t.pos]) == t.ids_sha
         });
-        let sample = Sample { p, ids: &ids, needle, question, branch };
+        let sample = Sample { p, ids: &ids, needles, question, branch };
         let rec = g.run_sample(sample, resumed, saver, &mut log.facts, self.o, |new| self.judge(p, new))?;
         log.add(rec, saver.fp)?;
         saver.at(g.s, g.pos, None, g.cadence, &log.facts)
@@ -629,6 +640,7 @@ impl Asks<'_> {
             key_nll: Some(a.key_nll),
             oprm: Some(chosen),
             decimated: None,
+            needle_pos_again: None,
         };
         log.add(rec, saver.fp)
     }
@@ -870,8 +882,8 @@ struct Grid<'s, 'c> {
 struct Sample<'a> {
     p: &'a Prompt,
     ids: &'a [u32],
-    /// The needle's tokens and the question's first.
-    needle: std::ops::Range<usize>,
+    /// The needle's tokens (each copy) and the question's first.
+    needles: Vec<std::ops::Range<usize>>,
     question: usize,
     branch: usize,
 }
@@ -938,7 +950,7 @@ impl Grid<'_, '_> {
                 let kept = self.s.feed_decimated(&ids[fed..])?;
                 facts.tokens_processed += (ids.len() - fed) as u64 * (kept.len() + 1) as u64;
                 fed = ids.len();
-                Some(DeciRecord::of(&kept, &x.needle, x.question..ids.len()))
+                Some(DeciRecord::of(&kept, &x.needles, x.question..ids.len()))
             }
             _ => None,
         };
@@ -962,7 +974,7 @@ impl Grid<'_, '_> {
             depth: p.depth,
             needle_block: p.needle_block,
             num_blocks: p.num_blocks,
-            needle_pos: x.needle.start,
+            needle_pos: x.needles[0].start,
             prompt_tokens: ids.len(),
             correct: a.correct,
             key: p.key.clone(),
@@ -971,6 +983,7 @@ impl Grid<'_, '_> {
             key_nll: Some(a.key_nll),
             oprm: None,
             decimated,
+            needle_pos_again: x.needles.get(1).map(|r| r.start),
         })
     }
 }
@@ -1111,7 +1124,8 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
     }
     // Accuracy with the needle within the last r tokens (SPEC.md §2.2): over the whole grid, and
     // per length (one curve per r on last_r.svg).
-    let within = |x: &Record, r: usize| x.prompt_tokens.saturating_sub(x.needle_pos) <= r;
+    // (Under --jrt, the copy nearer the question.)
+    let within = |x: &Record, r: usize| x.prompt_tokens.saturating_sub(x.needle_pos_again.unwrap_or(x.needle_pos)) <= r;
     let mut curves = Vec::new();
     let last_r: Vec<_> = [1024usize, 2048, 4096, 8192]
         .iter()

@@ -25,6 +25,9 @@ pub struct Template {
     pub noise: &'static str,
     pub needle: &'static str,
     pub suffix: &'static str,
+    /// JRT-Prompt (`--jrt`): the context (the blocks, the needle among them) twice, a newline
+    /// between (their `out + "\n" + out + " " + question`).
+    pub repeat: bool,
 }
 
 pub fn template(t: TemplateName) -> Template {
@@ -34,18 +37,21 @@ pub fn template(t: TemplateName) -> Template {
             noise: "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n",
             needle: "The passkey is {key}. Remember it. {key} is the passkey.\n",
             suffix: "\nWhat is the pass key? The passkey is",
+            repeat: false,
         },
         TemplateName::Paper => Template {
             prefix: "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n",
             noise: "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n\n",
             needle: "The passkey is {key}. Remember it. {key} is the passkey.\n\n",
             suffix: "What is the passkey? The passkey is",
+            repeat: false,
         },
         TemplateName::Llamacpp => Template {
             prefix: "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there.",
             noise: " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
             needle: " The pass key is {key}. Remember it. {key} is the pass key.",
             suffix: " What is the pass key? The pass key is",
+            repeat: false,
         },
     }
 }
@@ -55,6 +61,7 @@ pub fn template(t: TemplateName) -> Template {
 /// "Error" the same way), after the question's leading whitespace and followed by it.
 pub fn template_for(o: &Options) -> Template {
     let mut t = template(o.template);
+    t.repeat = o.jrt;
     if let Some(word) = o.oprm.as_ref().and_then(|x| x.idk.as_deref()) {
         t.suffix = idk_suffix(t.suffix, word);
     }
@@ -108,9 +115,9 @@ pub(super) struct Prompt {
 /// A prompt's ids and where its parts fall among them.
 pub(super) struct PromptIds {
     pub(super) ids: Vec<u32>,
-    /// The tokens that hold the needle (from the first token that starts at or after its first
-    /// byte to the first that starts at or after its end).
-    pub(super) needle: std::ops::Range<usize>,
+    /// The tokens that hold each copy of the needle (from the first token that starts at or after
+    /// its first byte to the first that starts at or after its end); two under JRT.
+    pub(super) needles: Vec<std::ops::Range<usize>>,
     /// The question's first token (the first that starts at or after the suffix).
     pub(super) question: usize,
 }
@@ -119,15 +126,17 @@ impl Prompt {
     /// The prompt's ids (tokenized as one text, in pieces), the needle's and the question's tokens,
     /// with `<|endoftext|>` first when `bos` is given. Built when needed, one prompt at a time.
     pub(super) fn ids(&self, tok: &Tokenizer, tpl: &Template, bos: Option<u32>) -> Result<PromptIds> {
-        let (text, needle_byte) = prompt_text(tpl, self.num_blocks, self.needle_block, &self.key);
-        let needle_end = needle_byte + tpl.needle.replace("{key}", &self.key).len();
-        let marks = [needle_byte, needle_end, text.len() - tpl.suffix.len()];
+        let (text, needles) = prompt_needles(tpl, self.num_blocks, self.needle_block, &self.key);
+        let len = tpl.needle.replace("{key}", &self.key).len();
+        let mut marks: Vec<usize> = needles.iter().flat_map(|&n| [n, n + len]).collect();
+        marks.push(text.len() - tpl.suffix.len());
         let (ids, at) = crate::text::encode_long_marks(tok, &text, &marks)?;
         let (ids, b) = match bos {
             Some(b) => ([&[b][..], &ids].concat(), 1),
             None => (ids, 0),
         };
-        Ok(PromptIds { ids, needle: at[0] + b..at[1] + b, question: at[2] + b })
+        let needles = at.chunks_exact(2).map(|r| r[0] + b..r[1] + b).collect();
+        Ok(PromptIds { ids, needles, question: at[at.len() - 1] + b })
     }
 }
 
@@ -168,21 +177,36 @@ pub fn num_blocks(tok: &Tokenizer, tpl: &Template, length: u64) -> Result<usize>
     Ok(nb as usize)
 }
 
-/// The prompt text with the needle replacing block `block` of `nb`, and the needle's byte offset.
+/// The prompt text with the needle replacing block `block` of `nb`, and the needle's byte offset
+/// (its first copy's under JRT).
 pub fn prompt_text(tpl: &Template, nb: usize, block: usize, key: &str) -> (String, usize) {
+    let (text, needles) = prompt_needles(tpl, nb, block, key);
+    (text, needles[0])
+}
+
+/// [`prompt_text`] with the byte offset of each copy of the needle (two under JRT).
+pub fn prompt_needles(tpl: &Template, nb: usize, block: usize, key: &str) -> (String, Vec<usize>) {
     let needle = tpl.needle.replace("{key}", key);
-    let mut text = String::with_capacity(tpl.prefix.len() + tpl.noise.len() * nb + tpl.suffix.len() + 64);
+    let copies = if tpl.repeat { 2 } else { 1 };
+    let mut text =
+        String::with_capacity(tpl.prefix.len() + copies * (tpl.noise.len() * nb + 1) + tpl.suffix.len() + 64);
     text.push_str(tpl.prefix);
-    for _ in 0..block {
-        text.push_str(tpl.noise);
-    }
-    let needle_byte = text.len();
-    text.push_str(&needle);
-    for _ in block + 1..nb {
-        text.push_str(tpl.noise);
+    let mut needles = Vec::with_capacity(copies);
+    for copy in 0..copies {
+        if copy > 0 {
+            text.push('\n');
+        }
+        for _ in 0..block {
+            text.push_str(tpl.noise);
+        }
+        needles.push(text.len());
+        text.push_str(&needle);
+        for _ in block + 1..nb {
+            text.push_str(tpl.noise);
+        }
     }
     text.push_str(tpl.suffix);
-    (text, needle_byte)
+    (text, needles)
 }
 
 /// The needle block of depth `d`: `⌊d·(nb − 1)⌋`.
