@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Golden reference for DeciMamba (Ben-Kish et al., ICLR 2025) on the tiny official Mamba-1.
+"""Golden references for DeciMamba (Ben-Kish et al., ICLR 2025) on the tiny official Mamba-1 and Mamba-2.
 
 DeciMamba's code (github:assafbk/DeciMamba 6290e95) is a fork of mamba_ssm 1.x whose kernels need CUDA;
-its decimation is plain torch, so this script puts it, as written there, into mamba_ssm 2.3.2.post1's
-pure-torch paths (the same stubs as tools/golden_mamba1_official.py):
+its decimation is plain torch. On mamba_ssm 2.3.2.post1's pure-torch paths (the stubs of
+tools/golden_mamba1_official.py and tools/golden_mamba2_official.py, imported for them):
+
+Mamba-1 (their code) -> tests/data/mamba1_official/decimamba_ref.safetensors
   - `get_non_decimated_indices` copied verbatim (selective_scan_interface.py L21-56, type 'max_p');
   - `Mamba.forward` = their slow path (mamba_simple.py L123-236, the one `generate` takes with an
     InferenceParams cache): conv over every token (the conv state from all of them), x_proj and
@@ -11,25 +13,34 @@ pure-torch paths (the same stubs as tools/golden_mamba1_official.py):
     out_proj over the kept tokens only;
   - `MixerModel.forward` subsamples the residual after each layer (mixer_seq_simple.py L195-205);
   - `Mamba.step` (decoding) untouched: no decimation after the prompt.
-Their `generate` prefills with num_last_tokens=1 (resp_len 1: the prompt's last token is always kept)
-and then decodes token by token; so does this script, greedily (one case keeps the last 5 tokens, as
-their perplexity test's num_last_tokens does).
+  Their `generate` prefills with num_last_tokens=1 (resp_len 1: the prompt's last token is always
+  kept) and then decodes token by token; so does this script, greedily (one case keeps the last 5
+  tokens, as their perplexity test's num_last_tokens does).
 
-Writes tests/data/mamba1_official/decimamba_ref.safetensors: per case c (c0, c1, c2)
-  c{c}_logits      (1 + NEW, rows): the prompt's last logits, then each greedy step's
-  c{c}_tokens      (NEW,) the greedy tokens
-  c{c}_kept_l{i}   original positions of the tokens leaving the i-th decimating layer (the last
-                   prompt token included)
-and input_ids (T,); metadata: the cases and the norm margins at each cut (K-th vs (K+1)-th largest).
+Mamba-2 (their rule on its per-head Δ; their code is Mamba-1 only) -> tests/data/mamba2_official/
+decimamba_ref.safetensors. mamba_ssm's multi-token Mamba-2 path is Triton-only, so the model runs
+layer by layer with the pure-torch `Mamba2.step()`:
+  - per layer, every token's normed input (the block's add+RMSNorm), its raw dt from in_proj, and
+    the kept indices from the same `get_non_decimated_indices` over dt of shape (1, nheads, L);
+  - then `step()` over every token in order; a dropped token's step runs (its conv state advances:
+    the conv reads it, as theirs) and its SSM state is put back, its output and residual dropped;
+  - the final norm over the kept rows; the last one's logits; then greedy decoding through the
+    whole model's `step()` (no decimation after the prompt, as their `generate`).
+
+Each file: input_ids (T,); per case c: c{c}_logits (1 + NEW, rows): the prompt's last logits, then each
+greedy step's; c{c}_tokens (NEW,); c{c}_kept_l{i}: original positions of the tokens leaving the i-th
+decimating layer (the kept last tokens included); metadata: the cases and the norm margins at each
+cut (K-th vs (K+1)-th largest, > 1e-4 so that no case is decided by rounding).
 
     /tmp/tv/bin/python tools/golden_decimamba.py   (torch, einops, transformers; mamba_ssm --no-deps)
 """
 import json
 import os
 import sys
-import types
 
-sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import golden_mamba1_official  # noqa: E402,F401  (its stubs: Mamba-1's torch paths)
+import golden_mamba2_official  # noqa: E402,F401  (its stubs: Mamba-2's torch step(), gated norm)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -40,7 +51,6 @@ import mamba_ssm  # noqa: E402
 import mamba_ssm.models.mixer_seq_simple as mixer_seq_simple  # noqa: E402
 import mamba_ssm.modules.block as block_mod  # noqa: E402
 import mamba_ssm.modules.mamba_simple as simple_mod  # noqa: E402
-import mamba_ssm.ops.triton.layer_norm as ln_mod  # noqa: E402
 from mamba_ssm.models.config_mamba import MambaConfig  # noqa: E402
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
 from mamba_ssm.ops.selective_scan_interface import selective_scan_ref  # noqa: E402
@@ -48,35 +58,12 @@ from mamba_ssm.utils.generation import InferenceParams  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASE = os.path.join(ROOT, "tests", "data", "mamba1_official")
-T, NEW, IDS_SEED = 300, 8, 16
+T, NEW = 300, 8
+# Per family: its case dir and the ids' seed (one whose cuts have margins).
+FAMILIES = {"mamba1": ("mamba1_official", 16), "mamba2": ("mamba2_official", 7)}
 # (decimating layers, L_base, beta, min_seq_len, resp_len): one cut; both layers; min_seq_len above
 # L_base·β^s; the last 5 tokens kept (their num_last_tokens = resp_len; `generate` uses 1).
 CASES = [([0], 100, 0.5, 20, 1), ([0, 1], 120, 0.5, 20, 1), ([1], 8, 0.5, 30, 1), ([0], 60, 0.5, 20, 5)]
-
-
-def _rms_forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
-    return _add_rms_norm(x, self.weight, self.bias, residual=residual, eps=self.eps, prenorm=prenorm,
-                         residual_in_fp32=residual_in_fp32, is_rms_norm=True)
-
-
-def _add_rms_norm(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
-                  is_rms_norm=False, **kw):
-    assert is_rms_norm and not kw.get("dropout_p") and kw.get("x1") is None and kw.get("rowscale") is None
-    out = ln_mod.rms_norm_ref(x, weight, bias, residual=residual, eps=eps, prenorm=prenorm, upcast=True)
-    if not prenorm:
-        return out
-    out, res = out
-    return out, (res.float() if residual_in_fp32 else res.to(x.dtype))
-
-
-ln_mod.RMSNorm.forward = _rms_forward
-block_mod.layer_norm_fn = _add_rms_norm
-mixer_seq_simple.layer_norm_fn = _add_rms_norm
-simple_mod.causal_conv1d_fn = None
-simple_mod.causal_conv1d_update = None
-simple_mod.selective_state_update = None
-
 DECIMATION = {}
 
 
@@ -173,7 +160,7 @@ def mixer_forward(self, input_ids, inference_params=None, **mixer_kwargs):
     residual = None
     for layer in self.layers:
         hidden_states, residual = layer(hidden_states, residual, inference_params=inference_params, **mixer_kwargs)
-        nd = layer.mixer.not_decimated
+        nd = getattr(layer.mixer, "not_decimated", None)
         if nd is not None:
             residual = residual[:, nd, :]
     return self.norm_f(hidden_states, residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
@@ -183,19 +170,34 @@ simple_mod.Mamba.forward = mamba_forward
 mixer_seq_simple.MixerModel.forward = mixer_forward
 
 
-def load():
-    with open(os.path.join(CASE, "config.json")) as f:
+def load(case):
+    with open(os.path.join(ROOT, "tests", "data", case, "config.json")) as f:
         cfg = MambaConfig(**json.load(f))
     model = MambaLMHeadModel(cfg).float().eval()
-    sd = torch.load(os.path.join(CASE, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    sd = torch.load(os.path.join(ROOT, "tests", "data", case, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     model.load_state_dict(sd)
     return model
 
 
+def greedy(model, ip, logits):
+    """Greedy decoding from the prompt's last logits through the whole model's step()."""
+    tokens = []
+    for i in range(NEW):
+        tok = int(torch.argmax(logits[-1]))
+        tokens.append(tok)
+        ip.seqlen_offset = T + i
+        logits.append(model(torch.tensor([[tok]]), inference_params=ip).logits[0, -1].float())
+    return torch.stack(logits), torch.tensor(tokens, dtype=torch.int64)
+
+
+def config(layers, base, beta, min_len):
+    return {"activate": True, "type": "max_p", "beta": beta, "min_seq_len": min_len, "L_base": base,
+            "decimating_layers": layers}
+
+
 @torch.no_grad()
-def run_case(model, ids, layers, base, beta, min_len, resp_len):
-    DECIMATION["config"] = {"activate": True, "type": "max_p", "beta": beta, "min_seq_len": min_len,
-                            "L_base": base, "decimating_layers": layers}
+def run_case_mamba1(model, ids, layers, base, beta, min_len, resp_len):
+    DECIMATION["config"] = config(layers, base, beta, min_len)
     ip = InferenceParams(max_seqlen=T + NEW, max_batch_size=1)
     out = model.backbone(ids, inference_params=ip, resp_len=resp_len)
     positions = torch.arange(T)
@@ -204,40 +206,73 @@ def run_case(model, ids, layers, base, beta, min_len, resp_len):
         positions = positions[layer.mixer.not_decimated]
         if l in layers:
             kept.append(positions.clone())
-    logits = [model.lm_head(out[:, -1:])[0, -1].float()]
-    tokens = []
-    for i in range(NEW):
-        tok = int(torch.argmax(logits[-1]))
-        tokens.append(tok)
-        ip.seqlen_offset = T + i
-        logits.append(model(torch.tensor([[tok]]), inference_params=ip).logits[0, -1].float())
-    return torch.stack(logits), torch.tensor(tokens, dtype=torch.int64), kept
+    logits, tokens = greedy(model, ip, [model.lm_head(out[:, -1:])[0, -1].float()])
+    return logits, tokens, kept
+
+
+@torch.no_grad()
+def run_case_mamba2(model, ids, layers, base, beta, min_len, resp_len):
+    cfg = config(layers, base, beta, min_len)
+    ip = InferenceParams(max_seqlen=T + NEW, max_batch_size=1)
+    ip.seqlen_offset = 1  # step() from the zero state
+    h, r = model.backbone.embedding(ids), None
+    positions, kept = torch.arange(T), []
+    for l, block in enumerate(model.backbone.layers):
+        mixer = block.mixer
+        hn, rn = block_mod.layer_norm_fn(h, block.norm.weight, block.norm.bias, residual=r, prenorm=True,
+                                         residual_in_fp32=block.residual_in_fp32, eps=block.norm.eps,
+                                         is_rms_norm=True)
+        dt = mixer.in_proj(hn)[..., -mixer.nheads:]  # (1, L, H), raw
+        keep = get_non_decimated_indices(dt.transpose(1, 2), mixer.dt_bias.float(), resp_len, layer_num=l,
+                                         decimation_config=cfg)
+        keep_set = set(keep.tolist())
+        conv_state, ssm_state = mixer._get_states_from_cache(ip, 1)
+        outs = []
+        for i in range(hn.shape[1]):
+            saved = ssm_state.clone()
+            y, _, _ = mixer.step(hn[:, i:i + 1], conv_state, ssm_state)
+            if i in keep_set:
+                outs.append(y)
+            else:
+                ssm_state.copy_(saved)
+        h, r, positions = torch.cat(outs, 1), rn[:, keep], positions[keep]
+        if l in layers:
+            kept.append(positions.clone())
+    final = model.backbone.norm_f(h, residual=r, prenorm=False, residual_in_fp32=model.backbone.residual_in_fp32)
+    logits, tokens = greedy(model, ip, [model.lm_head(final[:, -1:])[0, -1].float()])
+    return logits, tokens, kept
 
 
 def main():
     torch.set_num_threads(1)
     print(f"torch {torch.__version__} mamba_ssm {mamba_ssm.__version__}")
-    model = load()
-    ids = torch.randint(0, 250, (1, T), generator=torch.manual_seed(IDS_SEED))
-    tensors = {"input_ids": ids[0].contiguous()}
-    DECIMATION["margins"] = []
-    for c, (layers, base, beta, min_len, resp_len) in enumerate(CASES):
-        logits, tokens, kept = run_case(model, ids, layers, base, beta, min_len, resp_len)
-        tensors[f"c{c}_logits"] = logits.contiguous()
-        tensors[f"c{c}_tokens"] = tokens
-        for i, k in enumerate(kept):
-            tensors[f"c{c}_kept_l{i}"] = k.to(torch.int64).contiguous()
-        print(f"case {c}: layers {layers} base {base} beta {beta} min {min_len} resp_len {resp_len}: kept",
-              [len(k) for k in kept], "tokens", tokens.tolist())
-    margins = DECIMATION["margins"]
-    assert min(margins) > 1e-4, margins
-    meta = {"recipe": f"tools/golden_decimamba.py on tests/data/mamba1_official; ids randint(0,250,(1,{T}), "
-                      f"manual_seed({IDS_SEED})); greedy {NEW}; torch {torch.__version__}, mamba_ssm "
-                      f"{mamba_ssm.__version__}; DeciMamba 6290e95 get_non_decimated_indices verbatim",
-            "cases": [{"layers": l, "L_base": b, "beta": be, "min_seq_len": m, "resp_len": r} for l, b, be, m, r in CASES],
-            "new": NEW, "margins": margins}
-    save_file(tensors, os.path.join(CASE, "decimamba_ref.safetensors"), metadata={"reference": json.dumps(meta)})
-    print("margins", margins)
+    for family, (case, seed) in FAMILIES.items():
+        model = load(case)
+        run_case = run_case_mamba1 if family == "mamba1" else run_case_mamba2
+        ids = torch.randint(0, 250, (1, T), generator=torch.manual_seed(seed))
+        tensors = {"input_ids": ids[0].contiguous()}
+        DECIMATION["margins"] = []
+        for c, (layers, base, beta, min_len, resp_len) in enumerate(CASES):
+            logits, tokens, kept = run_case(model, ids, layers, base, beta, min_len, resp_len)
+            tensors[f"c{c}_logits"] = logits.contiguous()
+            tensors[f"c{c}_tokens"] = tokens
+            for i, k in enumerate(kept):
+                tensors[f"c{c}_kept_l{i}"] = k.to(torch.int64).contiguous()
+            print(f"{family} case {c}: layers {layers} base {base} beta {beta} min {min_len} resp_len {resp_len}: "
+                  f"kept {[len(k) for k in kept]} tokens {tokens.tolist()}")
+        margins = DECIMATION["margins"]
+        assert min(margins) > 1e-4, margins
+        how = ("their decimating Mamba.forward" if family == "mamba1"
+               else "their rule on Mamba-2's per-head dt; layer-major Mamba2.step()")
+        meta = {"recipe": f"tools/golden_decimamba.py on tests/data/{case}; ids randint(0,250,(1,{T}), "
+                          f"manual_seed({seed})); greedy {NEW}; torch {torch.__version__}, mamba_ssm "
+                          f"{mamba_ssm.__version__}; DeciMamba 6290e95 get_non_decimated_indices verbatim; {how}",
+                "cases": [{"layers": l, "L_base": b, "beta": be, "min_seq_len": m, "resp_len": r}
+                          for l, b, be, m, r in CASES],
+                "new": NEW, "margins": margins}
+        out = os.path.join(ROOT, "tests", "data", case, "decimamba_ref.safetensors")
+        save_file(tensors, out, metadata={"reference": json.dumps(meta)})
+        print(family, "margins", margins)
 
 
 if __name__ == "__main__":

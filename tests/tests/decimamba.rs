@@ -39,7 +39,7 @@ fn decimated_prompts_answer_as_their_code() {
 }
 
 /// Mamba-2: their rule on its heads' Δ, against mamba_ssm's `Mamba2.step()` run layer by layer with
-/// the dropped tokens' SSM updates undone (`tools/golden_decimamba_mamba2.py`).
+/// the dropped tokens' SSM updates undone (`tools/golden_decimamba.py`).
 #[test]
 fn decimated_mamba2_prompts_answer_as_the_stepwise_reference() {
     check_case("mamba2_official");
