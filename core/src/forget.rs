@@ -577,6 +577,11 @@ impl Decimation {
         self
     }
 
+    /// The `i`-th decimating layer's budget of ties left (0 past them).
+    pub fn ties(&self, i: usize) -> usize {
+        self.ties[..self.n].get(i).copied().unwrap_or(0)
+    }
+
     /// The `i`-th decimating layer's budget of ties left, for a call to draw down.
     pub fn ties_mut(&mut self, i: usize) -> Option<&mut usize> {
         self.ties[..self.n].get_mut(i)

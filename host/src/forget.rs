@@ -277,8 +277,59 @@ impl DeciMamba {
     }
 }
 
+/// Where a DeciMamba prompt stands ([`crate::session::Session::decimate`]): the pass under way
+/// (s below the decimating layers' count: measuring the s-th; at it: the decimated pass), the
+/// prompt's tokens fed in it, the cuts found (one per finished measuring pass) with the ties each
+/// has left at `fed`, the positions each kept, and the rows the decimated pass kept so far.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeciProgress {
+    pub pass: usize,
+    pub fed: usize,
+    pub cuts: Vec<Threshold>,
+    pub ties_left: Vec<usize>,
+    pub kept: Vec<Vec<u32>>,
+    pub counts: Vec<usize>,
+}
+
+/// What a DeciMamba prompt hands over after every call, for a checkpoint when one is due: its
+/// progress, the norms measured so far in the pass, and the state.
+pub type DeciSave<'a> = dyn FnMut(&DeciProgress, &[f32], &[f32]) -> Result<()> + 'a;
+
+/// A DeciMamba checkpoint: the progress, the norms measured so far in its pass, and the state.
+pub struct DeciResume {
+    pub progress: DeciProgress,
+    pub norms: Vec<f32>,
+    pub state: Vec<f32>,
+}
+
+impl DeciResume {
+    /// Refuses a checkpoint that does not fit a prompt of `prefix` tokens under `layers`
+    /// decimating layers and a state of `state_len` values.
+    pub fn check(&self, layers: usize, prefix: usize, state_len: usize) -> Result<()> {
+        let p = &self.progress;
+        let measuring = p.pass < layers;
+        let reach = p.kept.last().map_or(prefix, Vec::len);
+        let ok = p.pass <= layers
+            && p.cuts.len() == p.pass
+            && p.kept.len() == p.pass
+            && p.ties_left.len() == p.pass
+            && p.fed <= prefix
+            && p.kept
+                .iter()
+                .all(|k| k.windows(2).all(|w| w[0] < w[1]) && k.last().is_none_or(|&x| (x as usize) < prefix))
+            && p.cuts.iter().all(|t| t.tau >= 0.0 && t.tau.is_finite())
+            && (if measuring { self.norms.len() <= p.fed.min(reach) } else { self.norms.is_empty() })
+            && self.state.len() == state_len
+            && self.state.iter().all(|v| v.is_finite());
+        if !ok {
+            bail!("a decimamba checkpoint that does not fit this prompt (pass {}, {} tokens fed)", p.pass, p.fed);
+        }
+        Ok(())
+    }
+}
+
 /// One decimating layer's cut: the threshold and how many norms equal to it go on.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Threshold {
     pub tau: f32,
     pub ties: usize,

@@ -1,12 +1,12 @@
 //! A model plus its state and buffers, sized once: the loop every command drives.
 use crate::exec::Pool;
-use crate::forget::{Boundary, DeciMamba, ForgetSpec, Phase};
+use crate::forget::{Boundary, DeciMamba, DeciProgress, DeciResume, ForgetSpec, Phase};
 use crate::model::Model;
 use crate::state_dtype::{StatePrecision, StateRound};
 use anyhow::{anyhow, bail, Result};
 use std::ops::Range;
 use stuffed_core::error::first_non_finite;
-use stuffed_core::forget::{Decimation, Measure};
+use stuffed_core::forget::{Decimated, Decimation, Measure};
 use stuffed_core::model::Scan;
 use stuffed_core::{Recurrent, Site};
 
@@ -117,74 +117,99 @@ impl<'m> Session<'m> {
         self.feed_impl(tokens, Some(probe), sink)
     }
 
-    /// DeciMamba's prompt but its last token (which their `generate` always keeps), from the
-    /// current state: for each decimating layer in turn a measuring pass (from the same start,
-    /// the layers before it cut) takes the norms ‖Δ_t‖₂ of the rows reaching it, whose K largest
-    /// go on past it ([`DeciMamba::keep`], [`DeciMamba::threshold`]); then the decimated pass.
-    /// Returns the positions in `prefix` of the tokens that left each decimating layer. Their top-K
-    /// is over the whole prompt, hence the passes; the norms take 4 bytes a token.
-    pub fn decimate(&mut self, prefix: &[u32], d: &DeciMamba) -> Result<Vec<Vec<u32>>> {
+    /// DeciMamba's prompt but its `last` tokens, from the zero state (the prompt runs alone): for
+    /// each decimating layer in turn a measuring pass (the layers before it cut) takes the norms
+    /// ‖Δ_t‖₂ of the rows reaching it, whose K largest go on past it ([`DeciMamba::keep`],
+    /// [`DeciMamba::threshold`]); then the decimated pass. Returns the positions in `prefix` of the
+    /// tokens that left each decimating layer. Their top-K is over the whole prompt, hence the
+    /// passes; the norms take 4 bytes a token. `from` continues a checkpoint (its progress, norms
+    /// and state); `save` is handed the progress, the norms and the state after every call.
+    pub fn decimate(
+        &mut self,
+        prefix: &[u32],
+        d: &DeciMamba,
+        from: Option<DeciResume>,
+        save: &mut crate::forget::DeciSave<'_>,
+    ) -> Result<Vec<Vec<u32>>> {
+        let path = self.model.info.path.display().to_string();
         if !self.precision.is_f32() {
-            bail!("{}: --forget {}: runs with an f32 state", self.model.info.path.display(), self.forget);
+            bail!("{path}: --forget {}: runs with an f32 state", self.forget);
         }
-        let (start, pos0) = (self.state.clone(), self.pos);
         let layers = d.layers.as_slice();
-        let (mut th, mut kept) = (Vec::with_capacity(layers.len()), Vec::with_capacity(layers.len()));
-        // The positions of the rows that reach the next decimating layer.
-        let mut reach: Vec<u32> = (0..prefix.len() as u32).collect();
-        for (s, &layer) in layers.iter().enumerate() {
-            let mut norms = Vec::new();
-            self.feed_decimated(prefix, &mut d.layers.cut(&th)?, Some((layer, &mut norms)))?;
-            self.state.copy_from_slice(&start);
-            self.pos = pos0;
+        let (mut p, mut norms) = match from {
+            Some(r) => {
+                r.check(layers.len(), prefix.len(), self.state.len()).map_err(|e| anyhow!("{path}: {e}"))?;
+                self.state.copy_from_slice(&r.state);
+                (r.progress, r.norms)
+            }
+            None => {
+                self.state.fill(0.0);
+                (DeciProgress::default(), Vec::new())
+            }
+        };
+        self.pos = p.fed as u64;
+        loop {
+            let mut cut = d.layers.cut(&p.cuts)?;
+            for (i, &t) in p.ties_left.iter().enumerate() {
+                cut = cut.with_ties(i, t);
+            }
+            let measured = layers.get(p.pass).copied();
+            p.counts.resize(cut.layers().len(), 0);
+            for part in prefix[p.fed..].chunks(self.chunk) {
+                let done = self.feed_cut(part, &mut cut, measured.is_some().then_some(&mut norms), measured)?;
+                p.fed += part.len();
+                p.ties_left = (0..p.cuts.len()).map(|i| cut.ties(i)).collect();
+                p.counts.iter_mut().zip(done.kept).for_each(|(k, d)| *k += d);
+                save(&p, &norms, &self.state)?;
+            }
+            // The rows that reached this pass's layer, by position.
+            let reach: Vec<u32> = p.kept.last().cloned().unwrap_or_else(|| (0..prefix.len() as u32).collect());
+            let Some(layer) = measured else {
+                if p.counts.iter().zip(&p.kept).any(|(&c, k)| c != k.len()) {
+                    bail!("{path}: decimamba: the decimated pass kept {:?} rows where its thresholds keep {:?} (an internal error)", p.counts, p.kept.iter().map(Vec::len).collect::<Vec<_>>());
+                }
+                return Ok(p.kept);
+            };
             if norms.len() != reach.len() {
                 bail!(
-                    "decimamba: layer {layer} measured {} rows, {} reach it (an internal error)",
+                    "{path}: decimamba: layer {layer} measured {} rows, {} reach it (an internal error)",
                     norms.len(),
                     reach.len()
                 );
             }
-            let cut = DeciMamba::threshold(&norms, d.keep(s, norms.len()));
-            reach = cut.kept(&norms).map(|i| reach[i]).collect();
-            kept.push(reach.clone());
-            th.push(cut);
+            let th = DeciMamba::threshold(&norms, d.keep(p.pass, norms.len()));
+            p.kept.push(th.kept(&norms).map(|i| reach[i]).collect());
+            p.cuts.push(th);
+            p.ties_left = p.cuts.iter().map(|t| t.ties).collect();
+            (p.pass, p.fed, p.counts) = (p.pass + 1, 0, Vec::new());
+            norms.clear();
+            self.state.fill(0.0);
+            self.pos = 0;
         }
-        let counts = self.feed_decimated(prefix, &mut d.layers.cut(&th)?, None)?;
-        if counts.iter().zip(&kept).any(|(&c, k)| c != k.len()) {
-            bail!(
-                "decimamba: the decimated pass kept {counts:?} rows where its thresholds keep {:?} (an internal error)",
-                kept.iter().map(Vec::len).collect::<Vec<_>>()
-            );
-        }
-        Ok(kept)
     }
 
-    /// `tokens` through the core's decimated forward chunk by chunk (measuring `layer`'s norms into
-    /// the vector when given); the rows that left each layer of `cut`.
-    fn feed_decimated(
+    /// One call of `tokens` through the core's decimated forward (measuring `layer`'s norms onto
+    /// `norms` when given).
+    fn feed_cut(
         &mut self,
         tokens: &[u32],
         cut: &mut Decimation,
-        mut measure: Option<(usize, &mut Vec<f32>)>,
-    ) -> Result<Vec<usize>> {
-        let net = self.net();
-        let mut kept = vec![0; cut.layers().len()];
-        let mut norms = vec![0f32; if measure.is_some() { self.chunk } else { 0 }];
-        for part in tokens.chunks(self.chunk) {
-            let n = part.len();
-            let (state, scratch, ex) = (&mut self.state, &mut self.scratch, &self.ex);
-            let hidden = &mut self.hidden[..n * net.d_model()];
-            let m = measure.as_ref().map(|(layer, _)| Measure { layer: *layer, norms: &mut norms[..n] });
-            let done = ex
-                .run(|| net.forward_decimated(ex, part, state, scratch, hidden, cut, m))
-                .map_err(|e| explain(self.model, e, self.pos, n))?;
-            if let Some((_, out)) = measure.as_mut() {
-                out.extend_from_slice(&norms[..done.measured]);
-            }
-            kept.iter_mut().zip(done.kept).for_each(|(k, d)| *k += d);
-            self.pos += n as u64;
+        norms: Option<&mut Vec<f32>>,
+        layer: Option<usize>,
+    ) -> Result<Decimated> {
+        let (net, n) = (self.net(), tokens.len());
+        let (state, scratch, ex) = (&mut self.state, &mut self.scratch, &self.ex);
+        let hidden = &mut self.hidden[..n * net.d_model()];
+        let mut measured = vec![0f32; if norms.is_some() { n } else { 0 }];
+        let m = layer.filter(|_| norms.is_some()).map(|layer| Measure { layer, norms: &mut measured });
+        let done = ex
+            .run(|| net.forward_decimated(ex, tokens, state, scratch, hidden, cut, m))
+            .map_err(|e| explain(self.model, e, self.pos, n))?;
+        if let Some(out) = norms {
+            out.extend_from_slice(&measured[..done.measured]);
         }
-        Ok(kept)
+        self.pos += n as u64;
+        Ok(done)
     }
 
     fn feed_impl(

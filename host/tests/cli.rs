@@ -635,6 +635,33 @@ fn killed_oprm_passkey_resumes_inside_a_sample() {
     }
 }
 
+/// A passkey grid under `--forget decimamba`, killed after a timed checkpoint inside a sample's
+/// passes or stopped by SIGTERM there, resumes at the pass and token it stood at (state and norms
+/// measured so far) to the uninterrupted grid's lines byte for byte.
+#[test]
+fn killed_decimamba_passkey_resumes_inside_a_sample() {
+    let base = tempfile::tempdir().unwrap();
+    let m = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba2-tiny-passkey");
+    let m = m.display().to_string();
+    for sigterm in [false, true] {
+        let dir = base.path().join(if sigterm { "term" } else { "timed" });
+        std::fs::create_dir_all(&dir).unwrap();
+        let args = |_: &std::path::Path| {
+            ["passkey", "--model", &m, "--lengths", "64k", "--depths", "0", "--max-new", "8"]
+                .into_iter()
+                .chain(["--forget", "decimamba:layers=0/1,base=1024", "--chunk", "512"])
+                .map(String::from)
+                .collect()
+        };
+        let err = kill_and_resume(&dir, args, "passkey.decimamba.checkpoint.safetensors", sigterm);
+        assert!(err.contains("sample 0 resumes at decimamba pass"), "{err}");
+        let read = |d: &str| std::fs::read_to_string(dir.join(d).join("results.jsonl")).unwrap();
+        assert_eq!(read("full"), read("part"), "results.jsonl differs after a resume");
+        let rec: serde_json::Value = serde_json::from_str(read("full").lines().next().unwrap()).unwrap();
+        assert!(rec["decimated"]["kept"].is_array(), "{rec}");
+    }
+}
+
 /// `stuffed ppl` with no --model and no --text runs the embedded pair, from any working directory.
 #[test]
 fn ppl_default_runs_the_shipped_pair() {

@@ -62,7 +62,8 @@ fn check_case(case: &str) {
         for chunk in [512, 64, 7, 1] {
             let mut b = open(&m, chunk, v, Device::Cpu, Default::default()).unwrap();
             b.set_phase(Phase::Prompt { len: Some(ids.len() as u64) });
-            assert_eq!(b.feed_decimated(&ids).unwrap(), kept, "case {c} chunk {chunk}: tokens kept per layer");
+            let got = b.feed_decimated(&ids, None, &mut |_, _, _| Ok(())).unwrap();
+            assert_eq!(got, kept, "case {c} chunk {chunk}: tokens kept per layer");
             let prompted = b.snapshot().unwrap();
             assert_eq!(b.greedy(NEW).unwrap(), tokens, "case {c} chunk {chunk}: greedy tokens");
             // The prompt's last logits and those of each decoded token, as NLLs of the tokens decoded.
@@ -197,4 +198,55 @@ fn the_spec_round_trips_and_refuses_what_it_cannot_use() {
         let err = format!("{:#}", ForgetSpec::parse(bad).unwrap_err());
         assert!(err.contains(says), "{bad}: {err}");
     }
+}
+
+/// A prompt stopped anywhere in its passes (measuring or decimating) and continued from what the
+/// checkpoint keeps (progress, norms, state) ends as the uninterrupted run: the same positions
+/// kept and the same greedy tokens and state after it, bit for bit; a checkpoint that does not fit
+/// the prompt is refused.
+#[test]
+fn a_prompt_resumes_anywhere_in_its_passes() {
+    use stuffed::forget::{DeciProgress, DeciResume};
+    let g = Checkpoint::open(&data("mamba1_official").join("decimamba_ref.safetensors")).unwrap();
+    let ids: Vec<u32> = g.require("input_ids").unwrap().to_i64_vec().unwrap().iter().map(|&v| v as u32).collect();
+    let mut m = Model::load(&data("mamba1_official")).unwrap();
+    // Two decimating layers and ties budgets in play: three passes.
+    m.set_forget(ForgetSpec::parse(&spec(&CASES[1])).unwrap()).unwrap();
+    let v = m.info.vocab_rows;
+    let run = |from: Option<DeciResume>, stop: Option<usize>| {
+        let mut b = open(&m, 32, v, Device::Cpu, Default::default()).unwrap();
+        b.set_phase(Phase::Prompt { len: Some(ids.len() as u64) });
+        let (mut calls, mut saved) = (0, None);
+        let r = b.feed_decimated(&ids, from, &mut |p: &DeciProgress, norms: &[f32], state: &[f32]| {
+            calls += 1;
+            if Some(calls) == stop {
+                saved = Some(DeciResume { progress: p.clone(), norms: norms.to_vec(), state: state.to_vec() });
+                anyhow::bail!("stopped");
+            }
+            Ok(())
+        });
+        match r {
+            Ok(kept) => (Some((kept, b.greedy(NEW).unwrap(), b.snapshot().unwrap().state)), saved, calls),
+            Err(e) => {
+                assert!(stop.is_some(), "{e:#}");
+                (None, saved, calls)
+            }
+        }
+    };
+    let (whole, _, calls) = run(None, None);
+    let whole = whole.unwrap();
+    assert_eq!(calls, 3 * ids.len().div_ceil(32), "a call of 32 tokens in each of three passes");
+    for stop in [1, 5, 10, 12, 19, 27, calls] {
+        let (none, saved, _) = run(None, Some(stop));
+        assert!(none.is_none());
+        let saved = saved.unwrap();
+        let (resumed, _, _) = run(Some(saved), None);
+        assert!(resumed.unwrap() == whole, "stopped after call {stop}: the resumed prompt ends otherwise");
+    }
+    let (_, saved, _) = run(None, Some(12));
+    let mut bad = saved.unwrap();
+    bad.state.pop();
+    let mut b = open(&m, 32, v, Device::Cpu, Default::default()).unwrap();
+    let err = b.feed_decimated(&ids, Some(bad), &mut |_, _, _| Ok(())).unwrap_err();
+    assert!(format!("{err:#}").contains("does not fit this prompt"), "{err:#}");
 }

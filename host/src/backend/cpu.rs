@@ -292,7 +292,12 @@ impl Backend for CpuBackend<'_> {
         self.session.chunk
     }
 
-    fn feed_decimated(&mut self, ids: &[u32]) -> Result<Vec<Vec<u32>>> {
+    fn feed_decimated(
+        &mut self,
+        ids: &[u32],
+        from: Option<crate::forget::DeciResume>,
+        save: &mut crate::forget::DeciSave<'_>,
+    ) -> Result<Vec<Vec<u32>>> {
         let ForgetSpec::DeciMamba(d) = self.session.forget else {
             bail!("a decimated prompt without --forget decimamba");
         };
@@ -301,7 +306,7 @@ impl Backend for CpuBackend<'_> {
         }
         // Their `resp_len` last tokens are never dropped (at least the last: its row answers).
         let (prefix, last) = ids.split_at(ids.len() - (d.last as usize).clamp(1, ids.len()));
-        let mut kept = self.session.decimate(prefix, &d)?;
+        let mut kept = self.session.decimate(prefix, &d, from, save)?;
         self.feed_with(last, None)?;
         kept.iter_mut().for_each(|k| k.extend(prefix.len() as u32..ids.len() as u32));
         Ok(kept)

@@ -54,7 +54,14 @@ pub trait Backend {
     /// [`crate::session::Session::decimate`], those fed as any prompt's (never dropped: their
     /// `generate` keeps the last), the last row pending; the positions of the prompt's tokens that
     /// left each decimating layer, the kept last ones among them.
-    fn feed_decimated(&mut self, _ids: &[u32]) -> Result<Vec<Vec<u32>>> {
+    /// `from` continues a checkpoint of this prompt; `save` is handed the progress, the norms
+    /// and the state after every call (to keep when a checkpoint is due).
+    fn feed_decimated(
+        &mut self,
+        _ids: &[u32],
+        _from: Option<crate::forget::DeciResume>,
+        _save: &mut crate::forget::DeciSave<'_>,
+    ) -> Result<Vec<Vec<u32>>> {
         bail!("--forget decimamba runs on the CPU")
     }
 

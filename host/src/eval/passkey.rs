@@ -223,6 +223,8 @@ pub struct RunFacts {
 const CKPT: &str = "passkey.checkpoint.safetensors";
 /// The checkpoint of a sample part-way through its OPRM chunks (`--oprm`).
 const OPRM_CKPT: &str = "passkey.oprm.checkpoint.safetensors";
+/// The checkpoint of a sample part-way through its DeciMamba passes (`--forget decimamba`).
+const DECI_CKPT: &str = "passkey.decimamba.checkpoint.safetensors";
 
 /// Tokens fed between two looks at the clock and for a signal (rounded up to a multiple of the
 /// scorer's chunk, so calls stay whole): the haystack of a length streams in pieces that end at
@@ -367,6 +369,43 @@ fn load_oprm_checkpoint(out: &Path, fp: &str) -> Result<Option<OprmRestored>> {
     Ok(Some(OprmRestored { length: c.snapshot.length, progress: c.snapshot.progress, best }))
 }
 
+/// A sample part-way through its DeciMamba passes (`--forget decimamba`): its prompt (by SHA-256)
+/// and progress; the tensors are the state and the norms measured so far in the pass.
+#[derive(Serialize, Deserialize)]
+struct DeciSnapshot {
+    fingerprint: String,
+    length: u64,
+    sample: usize,
+    ids_sha: String,
+    progress: crate::forget::DeciProgress,
+}
+
+/// A DeciMamba checkpoint read back.
+struct DeciRestored {
+    length: u64,
+    sample: usize,
+    ids_sha: String,
+    resume: crate::forget::DeciResume,
+}
+
+fn load_deci_checkpoint(out: &Path, fp: &str) -> Result<Option<DeciRestored>> {
+    let path = out.join(DECI_CKPT);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let mut c = crate::report::load_checkpoint::<DeciSnapshot>(
+        &path,
+        "passkey --forget decimamba writes one every --checkpoint-secs",
+    )?;
+    if c.snapshot.fingerprint != fp {
+        eprintln!("{}: made with another model, options or shard; the sample starts over", path.display());
+        return Ok(None);
+    }
+    let (state, norms) = (c.take("state")?, c.take("norms")?);
+    let DeciSnapshot { length, sample, ids_sha, progress, .. } = c.snapshot;
+    Ok(Some(DeciRestored { length, sample, ids_sha, resume: crate::forget::DeciResume { progress, norms, state } }))
+}
+
 /// `stuffed passkey`. With `checkpoint_secs`, the haystack's stream and the sample in its tail are
 /// checkpointed that often (and at SIGINT/SIGTERM, which then end the run), so `resume` loses
 /// neither samples nor stream.
@@ -411,6 +450,7 @@ pub fn run(
     let seen: BTreeSet<(u64, usize)> = log.done.iter().map(|r| (r.length, r.sample)).collect();
     let mut restored = if resume { load_checkpoint(out, &fp)? } else { None };
     let mut oprm_restored = if resume { load_oprm_checkpoint(out, &fp)? } else { None };
+    let mut deci_restored = if resume { load_deci_checkpoint(out, &fp)? } else { None };
     let mut chunks_seen = oprm::Seen::new();
     let mut cadence = super::Cadence::new(checkpoint_secs, None);
     let started = Instant::now();
@@ -444,11 +484,12 @@ pub fn run(
         let saver = Saver { out, fp: &fp, length, hay: &hay, started, run_file: &run_file };
         let mut tail = g.resume(restored.take_if(|r| r.snap.length == length), &saver)?;
         for p in todo {
-            asks.sample(&mut g, &saver, &p, mine(&p), &mut tail, &mut log)?;
+            asks.sample(&mut g, &saver, &p, mine(&p), (&mut tail, &mut deci_restored), &mut log)?;
         }
     }
     let _ = std::fs::remove_file(out.join(CKPT));
     let _ = std::fs::remove_file(out.join(OPRM_CKPT));
+    let _ = std::fs::remove_file(out.join(DECI_CKPT));
     log.facts.seconds = started.elapsed().as_secs_f64();
     log.facts.peak_rss_bytes = crate::report::peak_rss_bytes();
     write_summary(out, &model.info, o, &log.done, &[run_file.earlier, vec![log.facts]].concat())
@@ -531,7 +572,7 @@ impl Asks<'_> {
         saver: &Saver,
         p: &Prompt,
         mine: bool,
-        tail: &mut Option<(TailSnapshot, ScorerState)>,
+        (tail, deci): (&mut Option<(TailSnapshot, ScorerState)>, &mut Option<DeciRestored>),
         log: &mut Log,
     ) -> Result<()> {
         let (tok, tpl, bos) = (self.tok, &self.tpl, self.bos);
@@ -558,7 +599,11 @@ impl Asks<'_> {
         let resumed = tail.take().filter(|(t, _)| {
             t.sample == p.sample && t.branch == branch && t.pos <= ids.len() && tokens_sha(&ids[..t.pos]) == t.ids_sha
         });
+        // (A DeciMamba checkpoint of this prompt continues its passes.)
+        let ids_sha = tokens_sha(&ids);
+        let deci = deci.take_if(|d| (d.length, d.sample, &d.ids_sha) == (saver.length, p.sample, &ids_sha));
         let sample = Sample { p, ids: &ids, needles, question, branch };
+        let resumed = Resumed { tail: resumed, deci: deci.map(|d| d.resume) };
         let rec = g.run_sample(sample, resumed, saver, &mut log.facts, self.o, |new| self.judge(p, new))?;
         log.add(rec, saver.fp)?;
         saver.at(g.s, g.pos, None, g.cadence, &log.facts)
@@ -837,6 +882,33 @@ impl Saver<'_> {
         Ok(())
     }
 
+    /// When the cadence says so, saves a sample's DeciMamba progress (its state and the norms
+    /// measured so far); a signal then ends the run.
+    fn deci_at(&self, at: DeciAt, cadence: &mut Cadence, facts: &RunFacts) -> Result<()> {
+        let Some(due) = cadence.due(false) else { return Ok(()) };
+        let snap = DeciSnapshot {
+            fingerprint: self.fp.to_string(),
+            length: self.length,
+            sample: at.sample,
+            ids_sha: at.ids_sha.to_string(),
+            progress: at.progress.clone(),
+        };
+        let tensors =
+            [("state", crate::report::Values::F32(at.state)), ("norms", crate::report::Values::F32(at.norms))];
+        self.save(DECI_CKPT, &serde_json::to_string(&snap)?, &tensors, cadence, facts)?;
+        if let Some(sig) = due.signal {
+            bail!(
+                "{sig} after decimamba pass {} token {} of sample {} of length {}: checkpoint in {}; continue with --resume",
+                at.progress.pass,
+                at.progress.fed,
+                at.sample,
+                self.length,
+                self.out.display()
+            );
+        }
+        Ok(())
+    }
+
     /// When the cadence says so, saves a sample's OPRM progress and its best chunk's state so far
     /// (of `chunks`); a signal then ends the run.
     fn oprm_at(
@@ -876,6 +948,21 @@ struct Grid<'s, 'c> {
     pos: usize,
     piece: usize,
     cadence: &'c mut Cadence,
+}
+
+/// What a sample continues from a checkpoint: a point in its tail, or in its DeciMamba passes.
+struct Resumed {
+    tail: Option<(TailSnapshot, ScorerState)>,
+    deci: Option<crate::forget::DeciResume>,
+}
+
+/// A DeciMamba prompt's place, handed to [`Saver::deci_at`] after every call.
+struct DeciAt<'a> {
+    sample: usize,
+    ids_sha: &'a str,
+    progress: &'a crate::forget::DeciProgress,
+    norms: &'a [f32],
+    state: &'a [f32],
 }
 
 /// A sample to run from its branch point.
@@ -926,7 +1013,7 @@ impl Grid<'_, '_> {
     fn run_sample(
         &mut self,
         x: Sample,
-        resumed: Option<(TailSnapshot, ScorerState)>,
+        Resumed { tail: resumed, deci: deci_from }: Resumed,
         saver: &Saver,
         facts: &mut RunFacts,
         o: &Options,
@@ -946,9 +1033,21 @@ impl Grid<'_, '_> {
         let tail_start = fed;
         // DeciMamba ranks the whole prompt's tokens: the prompt runs alone, in its passes.
         let decimated = match o.forget {
-            ForgetSpec::DeciMamba(_) => {
-                let kept = self.s.feed_decimated(&ids[fed..])?;
-                facts.tokens_processed += (ids.len() - fed) as u64 * (kept.len() + 1) as u64;
+            ForgetSpec::DeciMamba(d) => {
+                let passes = d.layers.as_slice().len() + 1;
+                let before = deci_from.as_ref().map_or(0, |r| r.progress.pass * ids.len() + r.progress.fed);
+                if let Some(r) = &deci_from {
+                    let (pass, at) = (r.progress.pass, r.progress.fed);
+                    eprintln!(
+                        "passkey {}: sample {} resumes at decimamba pass {pass} token {at}",
+                        saver.length, p.sample
+                    );
+                }
+                let (s, cadence, ids_sha, now) = (&mut *self.s, &mut *self.cadence, tokens_sha(ids), &*facts);
+                let kept = s.feed_decimated(ids, deci_from, &mut |progress, norms, state| {
+                    saver.deci_at(DeciAt { sample: p.sample, ids_sha: &ids_sha, progress, norms, state }, cadence, now)
+                })?;
+                facts.tokens_processed += (passes * ids.len()).saturating_sub(before) as u64;
                 fed = ids.len();
                 Some(DeciRecord::of(&kept, &x.needles, x.question..ids.len()))
             }
