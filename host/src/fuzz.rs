@@ -265,6 +265,12 @@ pub mod readback {
                 seeds: oprm_passkey_seed,
                 parse: oprm_passkey_parse,
             },
+            Target {
+                name: "passkey-decimamba-results",
+                shape: Shape::Lines,
+                seeds: deci_passkey_seed,
+                parse: deci_passkey_parse,
+            },
             Target { name: "calibrate-result", shape: Shape::Json, seeds: calibrate_seed, parse: calibrate_parse },
             Target {
                 name: "calibrate-checkpoint",
@@ -584,15 +590,41 @@ pub mod readback {
         ckpt_case("probe", b)
     }
 
-    /// A passkey run's two shards in `scratch/pk-k` (`scratch/pk-oprm-k` with `--oprm 48`; made once).
-    fn passkey_shards(oprm: bool) -> Result<[PathBuf; 2]> {
-        let name = if oprm { "pk-oprm" } else { "pk" };
+    /// Which passkey grid a target reads back: plain, `--oprm 48`, or `--forget decimamba` (each
+    /// with its records' own fields).
+    #[derive(Clone, Copy)]
+    enum Grid {
+        Plain,
+        Oprm,
+        Deci,
+    }
+
+    impl Grid {
+        fn name(self) -> &'static str {
+            match self {
+                Grid::Plain => "pk",
+                Grid::Oprm => "pk-oprm",
+                Grid::Deci => "pk-deci",
+            }
+        }
+        fn args(self) -> &'static [&'static str] {
+            match self {
+                Grid::Plain => &[],
+                Grid::Oprm => &["--oprm", "48"],
+                Grid::Deci => &["--forget", "decimamba:layers=0/1,base=60,last=8", "--jrt"],
+            }
+        }
+    }
+
+    /// A passkey run's two shards in `scratch/pk-k` (`scratch/pk-oprm-k`, `scratch/pk-deci-k`; made once).
+    fn passkey_shards(grid: Grid) -> Result<[PathBuf; 2]> {
+        let name = grid.name();
         let dirs = [scratch().join(format!("{name}-1")), scratch().join(format!("{name}-2"))];
         if !dirs[1].join("summary.json").exists() {
             for (k, d) in dirs.iter().enumerate() {
                 let (shard, d) = (format!("{}/2", k + 1), d.display().to_string());
                 let args = ["passkey", "--model", &model(), "--lengths", "128,256", "--samples", "2"];
-                let own: &[&str] = if oprm { &["--oprm", "48"] } else { &[] };
+                let own = grid.args();
                 stuffed(&[&args[..], own, &["--shard", &shard, "--out", &d]].concat())
                     .context("fuzz seed: passkey shard run")?;
             }
@@ -601,26 +633,30 @@ pub mod readback {
     }
 
     fn passkey_seed() -> Result<Vec<Vec<u8>>> {
-        Ok(vec![std::fs::read(passkey_shards(false)?[0].join("results.jsonl"))?])
+        Ok(vec![std::fs::read(passkey_shards(Grid::Plain)?[0].join("results.jsonl"))?])
     }
 
     fn summary_seed() -> Result<Vec<Vec<u8>>> {
-        Ok(vec![std::fs::read(passkey_shards(false)?[0].join("summary.json"))?])
+        Ok(vec![std::fs::read(passkey_shards(Grid::Plain)?[0].join("summary.json"))?])
     }
 
     fn oprm_passkey_seed() -> Result<Vec<Vec<u8>>> {
-        Ok(vec![std::fs::read(passkey_shards(true)?[0].join("results.jsonl"))?])
+        Ok(vec![std::fs::read(passkey_shards(Grid::Oprm)?[0].join("results.jsonl"))?])
+    }
+
+    fn deci_passkey_seed() -> Result<Vec<Vec<u8>>> {
+        Ok(vec![std::fs::read(passkey_shards(Grid::Deci)?[0].join("results.jsonl"))?])
     }
 
     /// A shard directory with shard 1's files, `file` replaced by the case, merged with shard 2.
     fn passkey_case(file: &str, b: &[u8]) -> Result<()> {
-        passkey_case_of(false, file, b)
+        passkey_case_of(Grid::Plain, file, b)
     }
 
-    /// [`passkey_case`] of the plain (`oprm` false) or the `--oprm` shards.
-    fn passkey_case_of(oprm: bool, file: &str, b: &[u8]) -> Result<()> {
-        let [one, two] = passkey_shards(oprm)?;
-        let case = scratch().join(if oprm { "pk-oprm-case" } else { "pk-case" });
+    /// [`passkey_case`] of one grid's shards.
+    fn passkey_case_of(grid: Grid, file: &str, b: &[u8]) -> Result<()> {
+        let [one, two] = passkey_shards(grid)?;
+        let case = scratch().join(format!("{}-case", grid.name()));
         std::fs::create_dir_all(&case)?;
         for f in ["results.jsonl", "summary.json", "passkey.run.json"] {
             std::fs::copy(one.join(f), case.join(f))?;
@@ -638,7 +674,11 @@ pub mod readback {
     }
 
     fn oprm_passkey_parse(b: &[u8]) -> Result<()> {
-        passkey_case_of(true, "results.jsonl", b)
+        passkey_case_of(Grid::Oprm, "results.jsonl", b)
+    }
+
+    fn deci_passkey_parse(b: &[u8]) -> Result<()> {
+        passkey_case_of(Grid::Deci, "results.jsonl", b)
     }
 }
 

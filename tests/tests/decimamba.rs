@@ -158,6 +158,16 @@ fn passkey_decimates_each_prompt_alone() {
     grid("deci", deci, &["--resume"]).unwrap();
     assert_eq!(records(&out), recs, "resumed");
 
+    // A record no decimated prompt could leave (more of the needle kept than it has), resealed
+    // as a forger would, is refused on resume.
+    let jsonl = out.join("results.jsonl");
+    let mut first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    first["decimated"]["needle_kept"] = serde_json::json!([first["decimated"]["needle_tokens"].as_u64().unwrap() + 1]);
+    std::fs::write(&jsonl, stuffed::report::reseal("passkey-record", first, false).unwrap() + "\n").unwrap();
+    std::fs::remove_file(out.join("summary.json")).unwrap();
+    let err = grid("deci", deci, &["--resume"]).unwrap_err();
+    assert!(format!("{err:#}").contains("values no passkey run writes"), "{err:#}");
+
     let err = grid("o", deci, &["--oprm", "200"]).unwrap_err();
     assert!(format!("{err:#}").contains("choose one"), "{err:#}");
     let err = grid("l", "decimamba:layers=2", &[]).unwrap_err();

@@ -122,6 +122,22 @@ impl DeciRecord {
         }
     }
 
+    /// Whether a prompt of `tokens` could have left this record: one count per decimating layer,
+    /// never growing from one to the next, and no part keeping more than it has.
+    fn valid(&self, tokens: usize) -> bool {
+        let n = self.kept.len();
+        let within = |v: &[usize], most: usize| v.iter().all(|&k| k <= most);
+        n > 0
+            && self.needle_kept.len() == n
+            && self.question_kept.len() == n
+            && self.kept.windows(2).all(|w| w[1] <= w[0])
+            && within(&self.kept, tokens)
+            && self.needle_tokens + self.question_tokens <= tokens
+            && within(&self.needle_kept, self.needle_tokens)
+            && within(&self.question_kept, self.question_tokens)
+            && self.needle_kept.iter().zip(&self.question_kept).zip(&self.kept).all(|((a, b), k)| a + b <= *k)
+    }
+
     /// The share of the needle's tokens that went on past the last decimating layer.
     pub fn needle_share(&self) -> f64 {
         self.needle_kept.last().map_or(0.0, |&k| k as f64 / self.needle_tokens.max(1) as f64)
@@ -180,7 +196,9 @@ fn read_records(path: &Path) -> Result<Vec<(Record, String)>> {
         if !(r.depth.is_finite() && (0.0..=1.0).contains(&r.depth) && r.needle_block < r.num_blocks.max(1))
             || r.key_nll.is_some_and(|k| !k.is_finite() || k < -1e-3)
             || r.needle_pos > r.prompt_tokens
+            || r.needle_pos_again.is_some_and(|p| p <= r.needle_pos || p > r.prompt_tokens)
             || r.oprm.as_ref().is_some_and(|x| !x.valid())
+            || r.decimated.as_ref().is_some_and(|x| !x.valid(r.prompt_tokens))
         {
             bail!(
                 "{what}: values no passkey run writes (depth {}, block {} of {})",
