@@ -121,6 +121,17 @@ def test_passkey_takes_oprm():
     assert i["options"]["oprm"] == {"chunk": 160, "idk": "Error"}
 
 
+def test_passkey_takes_jrt_and_decimamba():
+    s = stuffed.passkey(ROOT / "models" / "mamba2-tiny-passkey", lengths="512", samples=2, jrt=True,
+                        forget="decimamba:layers=1,base=200", max_new=8)["summary"]
+    assert s["options"]["jrt"] is True
+    f = s["options"]["forget"]
+    assert (f["method"], f["layers"], f["base"], f["last"]) == ("decimamba", [1], 200.0, 1)
+    (row,) = s["accuracy_per_length"]
+    # K = 200 of the prompt's tokens but its last, then the last.
+    assert row["decimamba_kept"] == [201.0] and 0.0 <= row["decimamba_needle_share"] <= 1.0
+
+
 def test_ppl_vs_model_against_itself_drifts_by_nothing():
     r = stuffed.ppl(PAIR[0], text=NOVEL, max_tokens=1024, vs_model=PAIR[0])
     drift = r["results"]["runs"][0]["drift"]
