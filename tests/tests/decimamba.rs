@@ -170,6 +170,8 @@ fn passkey_decimates_each_prompt_alone() {
 
     let err = grid("o", deci, &["--oprm", "200"]).unwrap_err();
     assert!(format!("{err:#}").contains("choose one"), "{err:#}");
+    let err = grid("s", deci, &["--state-dtype", "bf16"]).unwrap_err();
+    assert!(format!("{err:#}").contains("runs with an f32 state"), "{err:#}");
     let err = grid("l", "decimamba:layers=2", &[]).unwrap_err();
     assert!(format!("{err:#}").contains("past the model's 2 layers"), "{err:#}");
     let text = stuffed_tests::persuasion();
