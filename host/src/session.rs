@@ -200,13 +200,30 @@ impl<'m> Session<'m> {
         let (net, n) = (self.net(), tokens.len());
         let (state, scratch, ex) = (&mut self.state, &mut self.scratch, &self.ex);
         let hidden = &mut self.hidden[..n * net.d_model()];
-        let mut measured = vec![0f32; if norms.is_some() { n } else { 0 }];
-        let m = layer.filter(|_| norms.is_some()).map(|layer| Measure { layer, norms: &mut measured });
+        // The norms are written in place after those of the calls before, then cut to the rows measured.
+        let (mut norms, at) = match norms {
+            Some(v) => {
+                let at = v.len();
+                v.resize(at + n, 0.0);
+                (Some(v), at)
+            }
+            None => (None, 0),
+        };
+        let m = layer.zip(norms.as_deref_mut()).map(|(layer, v)| Measure { layer, norms: &mut v[at..] });
         let done = ex
             .run(|| net.forward_decimated(ex, tokens, state, scratch, hidden, cut, m))
             .map_err(|e| explain(self.model, e, self.pos, n))?;
-        if let Some(out) = norms {
-            out.extend_from_slice(&measured[..done.measured]);
+        if let Some(v) = norms {
+            v.truncate(at + done.measured);
+            if let Some(i) = v[at..].iter().position(|x| !x.is_finite()) {
+                bail!(
+                    "{}: --forget {}: a non-finite Δ norm in layer {} (row {i} of the call at position {}): the model overflowed",
+                    self.model.info.path.display(),
+                    self.forget,
+                    layer.unwrap_or(0),
+                    self.pos
+                );
+            }
         }
         self.pos += n as u64;
         Ok(done)

@@ -130,6 +130,10 @@ fn passkey_decimates_each_prompt_alone() {
         assert!(d["needle_kept"][0].as_u64().unwrap() <= n && d["question_kept"][0].as_u64().unwrap() <= q);
     }
     let summary = stuffed_tests::read_json(&out.join("summary.json"));
+    // Tokens processed: each prompt in two passes (one decimating layer), and up to 6 decoded.
+    let prompts: u64 = recs.iter().map(|r| r["prompt_tokens"].as_u64().unwrap()).sum();
+    let processed = summary["runs"][0]["tokens_processed"].as_u64().unwrap();
+    assert!((2 * prompts..=2 * prompts + 12).contains(&processed), "{processed} for prompts of {prompts}");
     let row = &summary["accuracy_per_length"][0];
     assert_eq!(row["decimamba_kept"], serde_json::json!([51.0]));
     for k in ["decimamba_needle_share", "decimamba_needle_whole", "decimamba_question_whole"] {
@@ -261,4 +265,19 @@ fn a_prompt_resumes_anywhere_in_its_passes() {
     let mut b = open(&m, 32, v, Device::Cpu, Default::default()).unwrap();
     let err = b.feed_decimated(&ids, Some(bad), &mut |_, _, _| Ok(())).unwrap_err();
     assert!(format!("{err:#}").contains("does not fit this prompt"), "{err:#}");
+}
+
+/// A Δ that overflows in a measured layer is an error naming the layer, not a threshold of ∞
+/// (which would keep nothing, or fail later without saying why).
+#[test]
+fn a_non_finite_delta_norm_is_an_error_naming_its_layer() {
+    let bad = stuffed_tests::poisoned("mamba1_hf", "backbone.layers.1.mixer.dt_proj.bias", 3, f32::INFINITY);
+    let mut m = Model::load(bad.path()).unwrap();
+    m.set_forget(ForgetSpec::parse("decimamba:layers=1,base=10").unwrap()).unwrap();
+    let v = m.info.vocab_rows;
+    let mut b = open(&m, 16, v, Device::Cpu, Default::default()).unwrap();
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 3) % 100).collect();
+    b.set_phase(Phase::Prompt { len: Some(ids.len() as u64) });
+    let err = b.feed_decimated(&ids, None, &mut |_, _, _| Ok(())).unwrap_err();
+    assert!(format!("{err:#}").contains("a non-finite Δ norm in layer 1"), "{err:#}");
 }

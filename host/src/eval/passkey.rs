@@ -212,8 +212,9 @@ fn read_records(path: &Path) -> Result<Vec<(Record, String)>> {
     Ok(out)
 }
 
-/// Whether a run under `o` writes a record of `r`'s shape (OPRM's scores as its rule and filter
-/// record them; none without `--oprm`).
+/// Whether a run under `o` writes a record of `r`'s shape: OPRM's scores as its rule and filter
+/// record them (none without `--oprm`), DeciMamba's counts exactly under `--forget decimamba`, the
+/// needle's second copy exactly under `--jrt`.
 fn made_by(r: &Record, o: &Options) -> bool {
     let oprm = match (&r.oprm, &o.oprm) {
         (Some(x), Some(oprm)) => x.made_by(oprm),
@@ -221,6 +222,7 @@ fn made_by(r: &Record, o: &Options) -> bool {
         _ => false,
     };
     oprm && r.decimated.is_some() == matches!(o.forget, ForgetSpec::DeciMamba(_))
+        && r.needle_pos_again.is_some() == o.jrt
 }
 
 /// Run facts that differ between shards and reruns (kept out of the comparable summary).
@@ -541,7 +543,7 @@ impl Log {
         let done = if resume { run_file.read_back(&jsonl)? } else { Vec::new() };
         if let Some(r) = done.iter().find(|r| !made_by(r, o)) {
             bail!(
-                "{}: sample {} of length {} is not a record this run's options write (its OPRM scores)",
+                "{}: sample {} of length {} is not a record this run's options write (its OPRM scores, DeciMamba counts or JRT needle)",
                 jsonl.display(),
                 r.sample,
                 r.length
@@ -1048,7 +1050,7 @@ impl Grid<'_, '_> {
             fed = t.pos;
             eprintln!("passkey {}: sample {} resumes at prompt token {fed}", saver.length, p.sample);
         }
-        let tail_start = fed;
+        let mut tail_start = fed;
         // DeciMamba ranks the whole prompt's tokens: the prompt runs alone, in its passes.
         let decimated = match o.forget {
             ForgetSpec::DeciMamba(d) => {
@@ -1065,8 +1067,9 @@ impl Grid<'_, '_> {
                 let kept = s.feed_decimated(ids, deci_from, &mut |progress, norms, state| {
                     saver.deci_at(DeciAt { sample: p.sample, ids_sha: &ids_sha, progress, norms, state }, cadence, now)
                 })?;
+                // (Every pass's tokens, less those a checkpoint had run; none counted again below.)
                 facts.tokens_processed += (passes * ids.len()).saturating_sub(before) as u64;
-                fed = ids.len();
+                (fed, tail_start) = (ids.len(), ids.len());
                 Some(DeciRecord::of(&kept, &x.needles, x.question..ids.len()))
             }
             _ => None,
@@ -1194,7 +1197,6 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
             row["longmamba_target"] = target.into();
         }
         if let crate::forget::ForgetSpec::DeciMamba(d) = o.forget {
-            // The prompt's tokens that went on past each decimating layer, on average.
             // The prompt's tokens that went on past each decimating layer, on average; the share of
             // the needle's tokens that went on past the last, and how often the whole needle and
             // the whole question did.
@@ -1359,7 +1361,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
             }
             if !made_by(&r, o) {
                 bail!(
-                    "{}: sample {} of length {} is not a record its run's options write (its OPRM scores)",
+                    "{}: sample {} of length {} is not a record its run's options write (its OPRM scores, DeciMamba counts or JRT needle)",
                     d.join("results.jsonl").display(),
                     r.sample,
                     r.length
