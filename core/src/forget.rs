@@ -222,9 +222,12 @@ impl LayerScales {
     }
 }
 
+/// The values at the very end of a windowed state: the ring position and the fill flag.
+pub const WINDOW_COUNTERS: usize = 2;
+
 /// The part of the state `window:r=N` adds after the model's own: every layer's cache
 /// (`layer_len` each), then the window's position (tokens seen mod r) and whether r tokens have been
-/// seen, both as f32.
+/// seen, both as f32 ([`WINDOW_COUNTERS`]).
 pub struct WindowTail<'a> {
     layers: &'a mut [f32],
     meta: &'a mut [f32],
@@ -254,7 +257,7 @@ impl<'a> WindowTail<'a> {
     /// The tail of a state whose model part was split off; `None` without a window.
     pub fn split(r: Option<usize>, extra: &'a mut [f32], layer_len: usize) -> Option<Self> {
         let r = r?;
-        let (layers, meta) = extra.split_at_mut(extra.len().saturating_sub(2));
+        let (layers, meta) = extra.split_at_mut(extra.len().saturating_sub(WINDOW_COUNTERS));
         let pos0 = meta.first().map_or(0, |&v| v as usize);
         let filled = meta.get(1).is_some_and(|&v| v > 0.0);
         Some(WindowTail { layers, meta, layer_len, at: WindowAt { r, pos0, filled } })

@@ -79,6 +79,15 @@ pub trait Recurrent: Sync {
     fn n_heads(&self) -> usize;
     /// The state range of head `h` of layer `l`'s recurrent matrix.
     fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize>;
+    /// Values at the end of the state that are bookkeeping, not state (a window's ring position
+    /// and fill flag, [`crate::forget::WINDOW_COUNTERS`]): a host never rounds or rescales them.
+    fn counters(&self) -> core::ops::Range<usize> {
+        let n = self.state_len();
+        match self.forget() {
+            Forget::Window { .. } => n.saturating_sub(crate::forget::WINDOW_COUNTERS)..n,
+            _ => n..n,
+        }
+    }
     /// The conv (Mamba) or token-shift (RWKV) values that belong to head `h` of layer `l`.
     fn conv_state(&self, layer: usize, head: usize) -> Option<Runs>;
     /// Names of the per-(layer, head) sums over tokens that [`Recurrent::forward_probed`] reports,

@@ -115,10 +115,11 @@ pub fn round_slice(dtype: StateDtype, v: &mut [f32]) -> Option<usize> {
 }
 
 /// The state ranges a precision rounds for `net`: the recurrent matrix of every (layer, head),
-/// merged and sorted, or the whole state with `all`.
+/// merged and sorted, or with `all` the whole state but its counters (`Recurrent::counters`: a
+/// window's ring position, an integer that bf16 holds exactly only to 256).
 pub fn ranges(net: &dyn Recurrent, all: bool) -> Vec<Range<usize>> {
     if all {
-        return std::iter::once(0..net.state_len()).collect();
+        return std::iter::once(0..net.counters().start).collect();
     }
     let mut r: Vec<Range<usize>> =
         (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| net.head_state(l, h))).collect();

@@ -283,3 +283,28 @@ fn probe_and_passkey_record_the_state_dtype() {
         serde_json::from_str(&std::fs::read_to_string(ko.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["precision"]["state"], "f16/chunk");
 }
+
+/// `--forget window:r=N --state-dtype bf16 --state-dtype-all`: the window's caches are rounded but
+/// its two counters (tokens seen mod r, filled) are bookkeeping, not state, and stay exact. bf16
+/// holds the integers only to 256, so a ring position of 299 would be stored as 300 and the next
+/// token would land in the wrong slot (it did: 256 after 276 tokens, before `Recurrent::counters`).
+#[test]
+fn window_counters_are_not_rounded() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in ["mamba2", "gla"] {
+        let mut m = Model::load(&synth(family, dir.path())).unwrap();
+        m.set_forget(stuffed::forget::ForgetSpec::parse("window:r=300").unwrap()).unwrap();
+        let ids = ids(700, m.info.vocab_rows);
+        for round in [StateRound::Token, StateRound::Chunk] {
+            m.state_precision = StatePrecision { dtype: StateDtype::Bf16, round, all: true };
+            let mut s = Session::new(&m, 23);
+            for (i, part) in ids.chunks(23).enumerate() {
+                s.feed(part, &mut |_, _| Ok(())).unwrap();
+                let seen = (i * 23 + part.len()) as f32;
+                let n = s.state.len();
+                assert_eq!(s.state[n - 2], seen % 300.0, "{family} {round}: ring position after {seen} tokens");
+                assert_eq!(s.state[n - 1], if seen >= 300.0 { 1.0 } else { 0.0 }, "{family} {round}: filled");
+            }
+        }
+    }
+}
