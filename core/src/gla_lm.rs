@@ -11,13 +11,20 @@
 //! `x += o·W_oᵀ`, then the SwiGLU MLP `x += (silu(h2·W_gateᵀ) ⊙ h2·W_upᵀ)·W_downᵀ` on
 //! `h2 = RMSNorm(x)`.
 //!
+//! RetNet (fla `RetNetForCausalLM`, `MultiScaleRetention`, Sun et al. 2023) is this layer with
+//! [`Decay::Retention`]: no gate projection, the fixed log decay `ln(1 − 2^(−5−h))` of query head
+//! `h` on every key channel (horizons 32 … 4,096 tokens for 8 heads), and rotary embeddings
+//! ([`Config::rope`]) on q and k after the feature map: fla's `RotaryEmbedding(head_k)`, base
+//! 10,000, the two halves of each head rotated (`x_i, x_{i+K/2}` by `pos·10000^(−2i/K)`).
+//!
 //! Shapes: `C` = d_model, `H` heads, `H_kv` kv heads, `K` = key dim per head, `V` = value dim per
 //! head, `R` = gate rank, `I` = MLP width, `w` = conv width. Query rows are `H·K` wide, key and
 //! gate rows `H_kv·K`, value rows `H_kv·V`, output-gate rows `H·V`.
 //!
 //! State, per layer (f32): `S (H, K, V)` (`[head][key][value]`), then with the short conv the last
 //! `w − 1` inputs of each conv, oldest first: `q (w − 1, H·K)`, `k (w − 1, H_kv·K)`,
-//! `v (w − 1, H_kv·V)`.
+//! `v (w − 1, H_kv·V)`; with rotary embeddings then the layer's position, two counters
+//! `(pos mod 2^24, pos / 2^24)` that f32 holds exactly ([`crate::model::Recurrent::counters`]).
 //! Zero = start of a sequence. Under `Forget::Window { r }` the state continues with one
 //! [`gla::window_len`] cache per layer and then two values (position mod r, filled).
 use crate::error::{first_non_finite, need, Error};
@@ -25,12 +32,34 @@ use crate::exec::{add_rows, for_row_blocks, map_rows, Exec, Shared};
 use crate::forget::{Forget, LayerWindow, Runs};
 use crate::gemm::matmul;
 use crate::gla::{self, Mode};
-use crate::model::{non_finite_state, run_stack, Call, Recurrent, Scan, Stack, StackShape, WindowShape};
+use crate::model::{non_finite_state, run_stack, Call, Counters, Recurrent, Scan, Stack, StackShape, WindowShape};
 use crate::ops::{clamp_min, exp, fast_silu, relu, rmsnorm, rmsnorm_inplace, zip_in_place};
 use crate::weight::Weight;
 
 /// The widest short conv the token loop keeps on the stack.
 pub const MAX_CONV: usize = 16;
+
+/// Where a layer's per-key-channel log decay comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Decay {
+    /// GLA: the low-rank gate `logsigmoid((h·W₁ᵀ)·W₂ᵀ + b) / norm`, then `max(·, clamp_min)` when set.
+    Gate { norm: f32, clamp_min: Option<f32> },
+    /// RetNet: `ln(1 − 2^(−5−h))` for query head `h`, whatever the token.
+    Retention,
+}
+
+impl Decay {
+    /// RetNet's fixed log decay of query head `h` (fla `chunk_retention`'s `g_gamma`).
+    pub fn retention(h: usize) -> f32 {
+        libm::log1p(-libm::exp2(-5.0 - h as f64)) as f32
+    }
+}
+
+/// Rotary embeddings' base (fla `RotaryEmbedding`'s default, which RetNet uses).
+pub const ROPE_BASE: f64 = 10_000.0;
+
+/// Positions are counted in two f32 values, `pos mod 2^24` and `pos / 2^24`, each exact.
+const POS_SPLIT: f64 = 16_777_216.0;
 
 /// fla's `feature_map`: applied to q and k after the short conv, before the recurrence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,10 +99,10 @@ pub struct Config {
     pub vocab_rows: usize,
     /// w: the short conv's width, 0 without it.
     pub d_conv: usize,
-    /// The divisor of logsigmoid in the log decay (fla: 16).
-    pub gate_norm: f32,
-    /// The lower clamp of the log decay, if any.
-    pub clamp_min: Option<f32>,
+    /// The log decay: GLA's gate or RetNet's fixed per-head decay.
+    pub decay: Decay,
+    /// Rotary embeddings on q and k (RetNet); the state then carries each layer's position.
+    pub rope: bool,
     /// Whether `o` is multiplied by `silu(h·W_gᵀ)` after its norm.
     pub output_gate: bool,
     pub feature_map: FeatureMap,
@@ -113,15 +142,23 @@ impl Config {
     pub fn matrix_len(&self) -> usize {
         self.n_heads * self.head_k * self.head_v
     }
+    /// Per layer: 2 position counters with rotary embeddings, else none.
+    pub fn pos_len(&self) -> usize {
+        if self.rope {
+            2
+        } else {
+            0
+        }
+    }
     pub fn layer_state_len(&self) -> usize {
-        self.matrix_len() + self.conv_len()
+        self.matrix_len() + self.conv_len() + self.pos_len()
     }
     pub fn state_size(&self) -> usize {
         self.n_layer * self.layer_state_len()
     }
     pub fn validate(&self) -> Result<(), Error> {
         let c = self;
-        if [c.d_model, c.n_layer, c.n_heads, c.n_kv_heads, c.head_k, c.head_v, c.gate_rank, c.d_mlp].contains(&0) {
+        if [c.d_model, c.n_layer, c.n_heads, c.n_kv_heads, c.head_k, c.head_v, c.d_mlp].contains(&0) {
             return Err(Error::Config("gla: a dimension is zero"));
         }
         if !c.n_heads.is_multiple_of(c.n_kv_heads) {
@@ -130,11 +167,19 @@ impl Config {
         if c.d_conv == 1 || c.d_conv > MAX_CONV {
             return Err(Error::Config("gla: conv_size must be 2..=16"));
         }
-        if !(c.gate_norm > 0.0 && c.gate_norm.is_finite()) {
-            return Err(Error::Config("gla: gate_logit_normalizer must be > 0"));
+        if let Decay::Gate { norm, clamp_min } = c.decay {
+            if c.gate_rank == 0 {
+                return Err(Error::Config("gla: the key gate's rank is zero"));
+            }
+            if !(norm > 0.0 && norm.is_finite()) {
+                return Err(Error::Config("gla: gate_logit_normalizer must be > 0"));
+            }
+            if clamp_min.is_some_and(|m| !(m.is_finite() && m < 0.0)) {
+                return Err(Error::Config("gla: clamp_min must be finite and < 0"));
+            }
         }
-        if c.clamp_min.is_some_and(|m| !(m.is_finite() && m < 0.0)) {
-            return Err(Error::Config("gla: clamp_min must be finite and < 0"));
+        if c.rope && !c.head_k.is_multiple_of(2) {
+            return Err(Error::Config("gla: rotary embeddings need an even key dim per head"));
         }
         Ok(())
     }
@@ -152,12 +197,8 @@ pub struct Layer<'a> {
     pub wv: Weight<'a>,
     /// (H·V, C), with `output_gate`
     pub wg: Option<Weight<'a>>,
-    /// (R, C)
-    pub gk1: Weight<'a>,
-    /// (H_kv·K, R)
-    pub gk2: Weight<'a>,
-    /// (1, H_kv·K)
-    pub gk_bias: Weight<'a>,
+    /// GLA's low-rank key gate; none for RetNet ([`Decay::Retention`]).
+    pub gk: Option<KeyGate<'a>>,
     /// Short conv weights (channels, w), with `d_conv > 0`: q (H·K), k (H_kv·K), v (H_kv·V).
     pub conv: Option<[Weight<'a>; 3]>,
     /// (1, V)
@@ -171,6 +212,17 @@ pub struct Layer<'a> {
     pub up: Weight<'a>,
     /// (C, I)
     pub down: Weight<'a>,
+}
+
+/// GLA's key gate `gk = (h·W₁ᵀ)·W₂ᵀ + b` (fla `attn.gk_proj.{0,1}`).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyGate<'a> {
+    /// (R, C)
+    pub w1: Weight<'a>,
+    /// (H_kv·K, R)
+    pub w2: Weight<'a>,
+    /// (1, H_kv·K)
+    pub bias: Weight<'a>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -319,6 +371,26 @@ impl Mlp<'_> {
     }
 }
 
+/// Rotary embeddings of one token at `pos` over its query row (heads of `dk`) and key row, in place
+/// (fla `RotaryEmbedding`, not interleaved): channel `i < dk/2` of each head pairs with `i + dk/2`,
+/// both turned by `pos·θ_i`, `θ_i = 10000^(−2i/dk)`. The angle is taken in f64 (fla's f32 table
+/// is off by ~0.06 rad at position 10⁶); its sine and cosine then in f32.
+fn rope_row(pos: f64, dk: usize, q: &mut [f32], k: &mut [f32]) {
+    let half = dk / 2;
+    for i in 0..half {
+        let theta = libm::pow(ROPE_BASE, -((2 * i) as f64) / dk as f64);
+        let a = libm::fmod(pos * theta, 2.0 * core::f64::consts::PI);
+        let (sin, cos) = (libm::sin(a) as f32, libm::cos(a) as f32);
+        for row in [&mut *q, &mut *k] {
+            for head in row.chunks_exact_mut(dk) {
+                let (x0, x1) = (head[i], head[i + half]);
+                head[i] = x0 * cos - x1 * sin;
+                head[i + half] = x1 * cos + x0 * sin;
+            }
+        }
+    }
+}
+
 /// Repeats each of the `nkv` heads of width `dh` of the rows `buf[..t·nkv·dh]` `g` times in place,
 /// giving rows of `nkv·g·dh` (head `h` = source head `h / g`). Back to front, so no source is
 /// overwritten before it is read.
@@ -356,9 +428,15 @@ impl<'a> Gla<'a> {
                 (None, false) => {}
                 _ => return Err(Error::Config("gla: attn.g_proj present exactly when use_output_gate")),
             }
-            l.gk1.expect_shape("attn.gk_proj.0", cfg.gate_rank, c)?;
-            l.gk2.expect_shape("attn.gk_proj.1", cfg.k_dim(), cfg.gate_rank)?;
-            l.gk_bias.expect_shape("attn.gk_proj.1.bias", 1, cfg.k_dim())?;
+            match (&l.gk, cfg.decay) {
+                (Some(g), Decay::Gate { .. }) => {
+                    g.w1.expect_shape("attn.gk_proj.0", cfg.gate_rank, c)?;
+                    g.w2.expect_shape("attn.gk_proj.1", cfg.k_dim(), cfg.gate_rank)?;
+                    g.bias.expect_shape("attn.gk_proj.1.bias", 1, cfg.k_dim())?;
+                }
+                (None, Decay::Retention) => {}
+                _ => return Err(Error::Config("gla: a key gate exactly when the decay is gated")),
+            }
             match (&l.conv, cfg.d_conv) {
                 (None, 0) => {}
                 (Some([q, k, vv]), w) if w > 0 => {
@@ -409,7 +487,12 @@ impl<'a> Gla<'a> {
         let (wide, rest) = rest.split_at_mut(2 * t * im);
         let hsl = gla::head_scratch(dk, dv);
         let hs = &mut rest[..nh * hsl];
-        let (sm, conv_st) = st.split_at_mut(c.matrix_len());
+        let (sm, rest_st) = st.split_at_mut(c.matrix_len());
+        let (conv_st, pos_st) = rest_st.split_at_mut(c.conv_len());
+        let pos0 = match pos_st {
+            [lo, hi, ..] => *hi as f64 * POS_SPLIT + *lo as f64,
+            _ => 0.0,
+        };
 
         let xs: &[f32] = x;
         map_rows(ex, h, d, t, &|tt, hr| rmsnorm(&xs[tt * d..(tt + 1) * d], &lw.attn_norm, 0, c.eps, hr));
@@ -428,25 +511,41 @@ impl<'a> Gla<'a> {
         }
         c.feature_map.apply(q);
         c.feature_map.apply(&mut k[..kn]);
-        matmul(ex, h, t, &lw.gk1, lr)?;
-        matmul(ex, lr, t, &lw.gk2, &mut lwb[..kn])?;
+        if c.rope {
+            let kd = c.k_dim();
+            let (qs, ks) = (Shared::new(q), Shared::new(&mut k[..kn]));
+            for_row_blocks(ex, t, &|rows| {
+                // SAFETY: the blocks of one call are disjoint rows of q and of k.
+                let (qb, kb) = unsafe { (qs.rows(rows.clone(), qd), ks.rows(rows.clone(), kd)) };
+                for ((tt, qr), kr) in rows.zip(qb.chunks_exact_mut(qd)).zip(kb.chunks_exact_mut(kd)) {
+                    rope_row(pos0 + tt as f64, dk, qr, kr);
+                }
+            });
+            if let [lo, hi, ..] = pos_st {
+                let p = pos0 + t as f64;
+                *hi = libm::floor(p / POS_SPLIT) as f32;
+                *lo = (p - *hi as f64 * POS_SPLIT) as f32;
+            }
+        }
         let (rri, dtc) = match self.forget {
             Forget::Rri { a, b } => ((libm::logf(a), b), 1.0),
             Forget::Dt { .. } | Forget::DtLayers(_) => ((0.0, 1.0), self.forget.dt_scale(l)),
             _ => ((0.0, 1.0), 1.0),
         };
         let kd = c.k_dim();
-        {
+        if let (Some(gk), Decay::Gate { norm, clamp_min: floor }) = (&lw.gk, c.decay) {
+            matmul(ex, h, t, &gk.w1, lr)?;
+            matmul(ex, lr, t, &gk.w2, &mut lwb[..kn])?;
             let (gs, ks) = (Shared::new(&mut lwb[..kn]), Shared::new(&mut k[..kn]));
             for_row_blocks(ex, t, &|rows| {
                 // SAFETY: the blocks of one call are disjoint rows of lwb and of k.
                 let (gb, kb) = unsafe { (gs.rows(rows.clone(), kd), ks.rows(rows, kd)) };
                 for (grow, krow) in gb.chunks_exact_mut(kd).zip(kb.chunks_exact_mut(kd)) {
                     for ch in 0..kd {
-                        let gv = grow[ch] + lw.gk_bias.get(ch);
+                        let gv = grow[ch] + gk.bias.get(ch);
                         let ls = if gv >= 0.0 { -libm::log1pf(exp(-gv)) } else { gv - libm::log1pf(exp(gv)) };
-                        let mut lg = ls / c.gate_norm;
-                        if let Some(m) = c.clamp_min {
+                        let mut lg = ls / norm;
+                        if let Some(m) = floor {
                             lg = clamp_min(lg, m);
                         }
                         grow[ch] = lg * dtc + rri.0;
@@ -456,8 +555,20 @@ impl<'a> Gla<'a> {
             });
         }
         repeat_heads(k, t, nkv, grp, dk);
-        repeat_heads(lwb, t, nkv, grp, dk);
         repeat_heads(v, t, nkv, grp, dv);
+        if c.decay == Decay::Retention {
+            // Every key channel of query head h decays by γ_h, scaled as the gate's would be.
+            map_rows(ex, lwb, qd, t, &|_, row| {
+                for (hh, head) in row.chunks_exact_mut(dk).enumerate() {
+                    head.fill(Decay::retention(hh) * dtc + rri.0);
+                }
+            });
+            if rri.1 != 1.0 {
+                map_rows(ex, k, qd, t, &|_, row| row.iter_mut().for_each(|x| *x *= rri.1));
+            }
+        } else {
+            repeat_heads(lwb, t, nkv, grp, dk);
+        }
         let scale = 1.0 / libm::sqrtf(dk as f32);
         map_rows(ex, q, qd, t, &|_, row| row.iter_mut().for_each(|x| *x *= scale));
         if let Some(p) = probe {
@@ -640,6 +751,17 @@ impl Recurrent for Gla<'_> {
     }
     fn probe_series(&self) -> (&'static [&'static str], usize) {
         (PROBE, self.cfg.head_k)
+    }
+    /// RetNet's rotary position in every layer, and a window's counters.
+    fn counters(&self) -> Counters {
+        let c = &self.cfg;
+        let layers = c.rope.then(|| Runs {
+            start: c.matrix_len() + c.conv_len(),
+            len: c.pos_len(),
+            stride: c.layer_state_len(),
+            rows: c.n_layer,
+        });
+        Counters { layers, tail: self.window_counters() }
     }
 }
 

@@ -14,6 +14,16 @@ pub enum Scan {
     Recurrent,
 }
 
+/// Integers kept in a state as f32 (positions, ring slots), which a stored state type must not
+/// round: bf16 holds the integers exactly only to 256.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counters {
+    /// Per layer (e.g. RetNet's rotary position), if any.
+    pub layers: Option<Runs>,
+    /// At the end of the state (a window's ring position and fill flag); may be empty.
+    pub tail: core::ops::Range<usize>,
+}
+
 /// A recurrent language model with a fixed-size f32 state.
 ///
 /// Both forwards continue from whatever `state` holds (zeros = start of a sequence) and leave it at
@@ -79,9 +89,13 @@ pub trait Recurrent: Sync {
     fn n_heads(&self) -> usize;
     /// The state range of head `h` of layer `l`'s recurrent matrix.
     fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize>;
-    /// Values at the end of the state that are bookkeeping, not state (a window's ring position
-    /// and fill flag, [`crate::forget::WINDOW_COUNTERS`]): a host never rounds or rescales them.
-    fn counters(&self) -> core::ops::Range<usize> {
+    /// State values that are bookkeeping, not state: a host never rounds or rescales them.
+    fn counters(&self) -> Counters {
+        Counters { layers: None, tail: self.window_counters() }
+    }
+    /// A window's ring position and fill flag at the end of the state
+    /// ([`crate::forget::WINDOW_COUNTERS`]), or an empty range.
+    fn window_counters(&self) -> core::ops::Range<usize> {
         let n = self.state_len();
         match self.forget() {
             Forget::Window { .. } => n.saturating_sub(crate::forget::WINDOW_COUNTERS)..n,

@@ -91,7 +91,7 @@ impl ModelInfo {
             Layout::Hgrn2 { .. } => self.family == Family::Hgrn2,
             Layout::Mamba1 { .. } => self.family == Family::Mamba1,
             Layout::Rwkv7 { .. } => self.family == Family::Rwkv7,
-            Layout::Gla { .. } => self.family == Family::Gla,
+            Layout::Gla { .. } => matches!(self.family, Family::Gla | Family::RetNet),
             Layout::DeltaNet { .. } => matches!(self.family, Family::DeltaNet | Family::GatedDeltaNet),
         };
         if !fits {

@@ -116,10 +116,23 @@ pub fn round_slice(dtype: StateDtype, v: &mut [f32]) -> Option<usize> {
 
 /// The state ranges a precision rounds for `net`: the recurrent matrix of every (layer, head),
 /// merged and sorted, or with `all` the whole state but its counters (`Recurrent::counters`: a
-/// window's ring position, an integer that bf16 holds exactly only to 256).
+/// window's ring position, RetNet's positions: integers that bf16 holds exactly only to 256).
 pub fn ranges(net: &dyn Recurrent, all: bool) -> Vec<Range<usize>> {
     if all {
-        return std::iter::once(0..net.counters().start).collect();
+        let c = net.counters();
+        let mut skip: Vec<Range<usize>> = c.layers.map_or(Vec::new(), |r| {
+            (0..r.rows).map(|k| r.start + k * r.stride..r.start + k * r.stride + r.len).collect()
+        });
+        skip.push(c.tail);
+        let mut out = Vec::new();
+        let mut at = 0;
+        for s in skip.into_iter().filter(|s| !s.is_empty()) {
+            out.push(at..s.start);
+            at = s.end;
+        }
+        out.push(at..net.state_len());
+        out.retain(|r| !r.is_empty());
+        return out;
     }
     let mut r: Vec<Range<usize>> =
         (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| net.head_state(l, h))).collect();

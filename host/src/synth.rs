@@ -59,7 +59,8 @@ pub fn write(family: Family, preset: &str, dtype: StoreDtype, seed: u64, out: &P
         Family::Hgrn2 => hgrn2(preset, dtype, seed, out),
         Family::Mamba1 => mamba1(preset, dtype, seed, out),
         Family::Rwkv7 => rwkv7(preset, dtype, seed, out),
-        Family::Gla => gla(preset, dtype, seed, out),
+        Family::Gla => gla(false, preset, dtype, seed, out),
+        Family::RetNet => gla(true, preset, dtype, seed, out),
         Family::DeltaNet => delta_net(false, preset, dtype, seed, out),
         Family::GatedDeltaNet => delta_net(true, preset, dtype, seed, out),
     }
@@ -225,6 +226,11 @@ pub const RWKV7_PRESETS: &[Rwkv7Preset] = &[
 /// tiny one has rows for the 2,259 tokens of tests/data/tokenizer_llama_style.
 pub const GLA_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
     &[("tiny", 64, 2, 4, 256, 2304), ("1.3b", 2048, 24, 4, 5632, 32000), ("2.7b", 2560, 32, 4, 6912, 32000)];
+
+/// The same of RetNet (fla-hub `retnet-1.3B-100B`: 8 heads, expand_k 1, expand_v 2, FAMILIES.md §6,
+/// third-party; I = fla's 256-rounded ⅔·4·C as GLA's): K 256 × V 512 a head.
+pub const RETNET_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
+    &[("tiny", 64, 2, 4, 256, 2304), ("1.3b", 2048, 24, 8, 5632, 32000)];
 
 /// (name, C, L, q/k heads, value heads, K, V, I, vocab rows).
 pub type DeltaNetPreset = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
@@ -519,13 +525,14 @@ fn mamba1(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> 
     write_dir(out, config, &tensors)
 }
 
-/// GLA random weights as fla 0.6.0 writes them (`model.safetensors` + `config.json`).
-fn gla(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
-    let Some(&(_, c, n_layer, nh, im, vocab)) = GLA_PRESETS.iter().find(|x| x.0 == preset) else {
-        let names: Vec<_> = GLA_PRESETS.iter().map(|x| x.0).collect();
-        bail!("unknown GLA preset '{preset}' (known: {})", names.join(", "));
+/// GLA (or, `retnet`, RetNet) random weights as fla 0.6.0 writes them (`model.safetensors` + `config.json`).
+fn gla(retnet: bool, preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
+    let (table, fam) = if retnet { (RETNET_PRESETS, "RetNet") } else { (GLA_PRESETS, "GLA") };
+    let Some(&(_, c, n_layer, nh, im, vocab)) = table.iter().find(|x| x.0 == preset) else {
+        let names: Vec<_> = table.iter().map(|x| x.0).collect();
+        bail!("unknown {fam} preset '{preset}' (known: {})", names.join(", "));
     };
-    let (kd, vd, rank) = (c / 2, c, 16);
+    let (kd, vd, rank) = if retnet { (c, 2 * c, 0) } else { (c / 2, c, 16) };
     let dt = dtype.safetensors();
     let mut rng = Rng::new(seed);
     let mut tensors = Vec::new();
@@ -546,9 +553,11 @@ fn gla(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
         for (pr, rows) in [("q_proj", kd), ("k_proj", kd), ("v_proj", vd), ("g_proj", vd)] {
             add(format!("{p}attn.{pr}.weight"), vec![rows, c], &mut |r| r.uniform(-s_in, s_in));
         }
-        add(format!("{p}attn.gk_proj.0.weight"), vec![rank, c], &mut |r| r.uniform(-s_in, s_in));
-        add(format!("{p}attn.gk_proj.1.weight"), vec![kd, rank], &mut |r| r.uniform(-0.25, 0.25));
-        add(format!("{p}attn.gk_proj.1.bias"), vec![kd], &mut |r| r.uniform(2.0, 6.0));
+        if !retnet {
+            add(format!("{p}attn.gk_proj.0.weight"), vec![rank, c], &mut |r| r.uniform(-s_in, s_in));
+            add(format!("{p}attn.gk_proj.1.weight"), vec![kd, rank], &mut |r| r.uniform(-0.25, 0.25));
+            add(format!("{p}attn.gk_proj.1.bias"), vec![kd], &mut |r| r.uniform(2.0, 6.0));
+        }
         add(format!("{p}attn.o_proj.weight"), vec![c, vd], &mut |r| r.uniform(-s_out, s_out));
         for pr in ["gate_proj", "up_proj"] {
             add(format!("{p}mlp.{pr}.weight"), vec![im, c], &mut |r| r.uniform(-s_in, s_in));
@@ -558,14 +567,25 @@ fn gla(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
     }
     add("model.norm.weight".into(), vec![c], &mut |_| 1.0);
     add("lm_head.weight".into(), vec![vocab, c], &mut |r| r.uniform(-s_in, s_in));
+    let stamp = serde_json::json!({"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"});
+    if retnet {
+        let config = serde_json::json!({
+            "model_type": "retnet", "architectures": ["RetNetForCausalLM"],
+            "hidden_size": c, "num_hidden_layers": n_layer, "num_heads": nh, "num_kv_heads": null,
+            "expand_k": 1, "expand_v": 2, "intermediate_size": im, "hidden_ratio": 2, "use_short_conv": false,
+            "use_output_gate": true, "feature_map": null, "hidden_act": "swish", "norm_eps": 1e-6,
+            "attn_mode": "chunk", "attn": null, "tie_word_embeddings": false, "vocab_size": vocab,
+            "torch_dtype": torch_dtype(dt), "stuffed_synth": stamp,
+        });
+        return write_dir(out, config, &tensors);
+    }
     let config = serde_json::json!({
         "model_type": "gla", "architectures": ["GLAForCausalLM"],
         "hidden_size": c, "num_hidden_layers": n_layer, "num_heads": nh, "num_kv_heads": null,
         "expand_k": 0.5, "expand_v": 1, "intermediate_size": im, "hidden_ratio": 4, "use_short_conv": false,
         "use_output_gate": true, "feature_map": null, "clamp_min": null, "hidden_act": "swish",
         "norm_eps": 1e-6, "attn_mode": "chunk", "attn": null, "tie_word_embeddings": false,
-        "vocab_size": vocab, "torch_dtype": torch_dtype(dt),
-        "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
+        "vocab_size": vocab, "torch_dtype": torch_dtype(dt), "stuffed_synth": stamp,
     });
     write_dir(out, config, &tensors)
 }

@@ -13,7 +13,7 @@ import stuffed
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = os.environ.get("STUFFED_BIN", str(ROOT / "target" / "debug" / "stuffed"))
-GOLDEN = ["mamba2_hf_g1_untied", "rwkv7_tiny", "gla_tiny", "mamba1_hf", "rwkv6_tiny", "hgrn2_tiny"]
+GOLDEN = ["mamba2_hf_g1_untied", "rwkv7_tiny", "gla_tiny", "retnet_tiny", "mamba1_hf", "rwkv6_tiny", "hgrn2_tiny"]
 PAIR = [ROOT / "models" / "mamba2-tiny-l4-t64-a3-4m", ROOT / "models" / "mamba2-tiny-l4-t2048-a3-4m"]
 NOVEL = ROOT / "host" / "assets" / "corpus" / "austen_persuasion.txt"
 IDS = [5, 9, 2, 40, 7, 13, 1, 8, 100, 3, 77, 0]

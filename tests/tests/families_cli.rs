@@ -227,12 +227,23 @@ fn rwkv7_presets_state_size() {
 /// embedding's rows is refused naming the id and the rows.
 #[test]
 fn gla_commands_on_a_tiny_synth_model() {
+    gla_style_commands("gla", 2 * 4 * 8 * 16);
+}
+
+/// RetNet, through the same commands (GLA's block with a fixed decay and rotary embeddings).
+#[test]
+fn retnet_commands_on_a_tiny_synth_model() {
+    gla_style_commands("retnet", 2 * 4 * 16 * 32);
+}
+
+/// `synth` of `family` and every command on it; `n_s` is the paper's state size, L·H·K·V (no
+/// short conv; RetNet's position counters are not state).
+fn gla_style_commands(family: &str, n_s: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let m = synth("gla", dir.path());
+    let m = synth(family, dir.path());
     let model = Model::load(&m).unwrap();
-    assert_eq!(model.info.family.name(), "gla");
-    // N_S = L·H·K·V = 2 · 4 · 8 · 16 (no short conv).
-    assert_eq!(model.info.paper_state_size, 2 * 4 * 8 * 16);
+    assert_eq!(model.info.family.name(), family);
+    assert_eq!(model.info.paper_state_size, n_s);
     let ms = m.to_str().unwrap();
     cli(&["info", "--model", ms]).unwrap();
     let ids = dir.path().join("ids.txt");
@@ -252,7 +263,7 @@ fn gla_commands_on_a_tiny_synth_model() {
         let args = ["ppl", "--model", ms, "--text", text, "--max-tokens", "300", "--chunk", "128", "--forget", forget];
         cli(&[&args[..], &["--out", o]].concat()).unwrap();
         let r = std::fs::read_to_string(out.join("results.json")).unwrap();
-        assert!(r.contains("\"gla\""), "family in the results: {r}");
+        assert!(r.contains(&format!("\"{family}\"")), "family in the results: {r}");
     }
     let out = dir.path().join("pk");
     cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
@@ -260,7 +271,7 @@ fn gla_commands_on_a_tiny_synth_model() {
     let args = ["probe", "--model", ms, "--text", text, "--max-tokens", "200", "--every", "50"];
     cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
     // The golden model has 256 rows: the Llama-style tokenizer's ids pass them.
-    let golden = root().join("tests/data/gla_tiny");
+    let golden = root().join(format!("tests/data/{family}_tiny"));
     let out = dir.path().join("ppl-bad");
     let args = ["ppl", "--model", golden.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--text", text];
     let err = format!(

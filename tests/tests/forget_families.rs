@@ -1,4 +1,4 @@
-//! Forgetting methods on RWKV-6, RWKV-5.2, HGRN-2 and GLA (per-channel analogues of SPEC.md §2.4:
+//! Forgetting methods on RWKV-6, RWKV-5.2, HGRN-2, GLA and RetNet (per-channel analogues of SPEC.md §2.4:
 //! RRI w′ = a·w, k′ = b·k; Δ scaling log w′ = c·log w; the sliding window by state difference).
 //! The window's kernel is checked against direct sums in `stuffed_core::gla`'s unit test; here:
 //! every method changes the logits, chunked = token by token = odd splits, a window wider than
@@ -7,7 +7,7 @@ use stuffed::forget::ForgetSpec;
 use stuffed::model::Model;
 use stuffed_tests::{data, logits, rel};
 
-const CASES: &[&str] = &["rwkv6_tiny", "rwkv5_tiny", "hgrn2_tiny", "rwkv6_tiny_bf16", "gla_tiny"];
+const CASES: &[&str] = &["rwkv6_tiny", "rwkv5_tiny", "hgrn2_tiny", "rwkv6_tiny_bf16", "gla_tiny", "retnet_tiny"];
 /// Mamba-1 (FAMILIES.md §3.8: RRI α′ = a·α, B′ = b·B; Δ′ = c·Δ; the exact window, per channel and
 /// lane; the window and the other methods are also checked against direct sums in
 /// `stuffed_core::mamba1`'s unit test).
@@ -54,8 +54,9 @@ fn probe_log_decay_sum_is_per_key_channel() {
         let net = m.net();
         let (names, width) = net.probe_series();
         assert_eq!(names[0], "log_decay_sum");
-        // (gla_tiny's keys are expand_k = 0.5 of d_model.)
-        let keys = if case.starts_with("gla") { m.info.d_model / 2 } else { m.info.d_model };
+        // (gla_tiny's and retnet_tiny's keys are expand_k = 0.5 of d_model.)
+        let keys =
+            if case.starts_with("gla") || case.starts_with("retnet") { m.info.d_model / 2 } else { m.info.d_model };
         assert_eq!(width * net.n_heads(), keys, "{case}: width = key channels per head");
         let mut probe = vec![0f32; net.probe_len()];
         let mut state = vec![0f32; net.state_len()];

@@ -73,6 +73,8 @@ families! {
     /// follows the embedding's rows (host/src/model/rwkv7.rs).
     Rwkv7 = "rwkv7", model_types ["rwkv7"], "RWKV-7", rwkv7, World;
     Gla = "gla", model_types ["gla"], "GLA", gla, OwnOnly;
+    /// RetNet: GLA's block with a fixed decay per head and rotary embeddings (host/src/model/gla.rs).
+    RetNet = "retnet", model_types ["retnet"], "RetNet", gla, OwnOnly;
     /// DeltaNet and Gated DeltaNet share one host file and one core file (the delta rule).
     DeltaNet = "delta_net", model_types ["delta_net"], "DeltaNet", delta_net, OwnOnly;
     GatedDeltaNet = "gated_deltanet", model_types ["gated_deltanet"], "Gated DeltaNet", delta_net, OwnOnly;

@@ -1,5 +1,6 @@
-//! GLA (fla `GLAForCausalLM`, safetensors + config.json as fla 0.6.0 writes them): config fields
-//! → `stuffed_core::gla_lm` config (values fla 0.6.0's `GLAConfig` / `GatedLinearAttention` would
+//! GLA (fla `GLAForCausalLM`) and RetNet (fla `RetNetForCausalLM`: the same block with a fixed
+//! per-head decay and rotary embeddings, no gate projection), safetensors + config.json as fla
+//! 0.6.0 writes them: config fields → `stuffed_core::gla_lm` config (values fla 0.6.0's `GLAConfig` / `GatedLinearAttention` would
 //! compute differently, or that change the math beyond it, are refused naming the field), tensor
 //! names → core views with their exact shapes.
 use super::{dtype_name, fewer_layers, totals, weight, Family, Found, Layout, Loaded, ModelInfo, Net, Views};
@@ -41,6 +42,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     let (json, cfg_path) = (&cfg_file.json, &cfg_file.path);
     let p = cfg_path.display();
     let present = |k: &str| json.get(k).filter(|v| !v.is_null());
+    let retnet = found.family == Family::RetNet;
     let get_u = |k: &str| -> Result<Option<usize>> {
         present(k)
             .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("{p}: {k} {v} is not a count")))
@@ -75,13 +77,13 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     if !get_b("elementwise_affine", true)? {
         bail!("{p}: elementwise_affine = false (norms without weights) is not supported");
     }
-    if !get_b("use_gk", true)? {
+    if !retnet && !get_b("use_gk", true)? {
         bail!("{p}: use_gk = false is not supported (fla 0.6.0's GLA always gates keys)");
     }
-    if get_b("use_gv", false)? {
+    if !retnet && get_b("use_gv", false)? {
         bail!("{p}: use_gv = true is not supported (fla 0.6.0's GLA has no value gate)");
     }
-    if let Some(n) = get_f("gate_logit_normalizer")?.filter(|&n| n != 16.0) {
+    if let Some(n) = get_f("gate_logit_normalizer")?.filter(|&n| !retnet && n != 16.0) {
         bail!("{p}: gate_logit_normalizer {n} is not supported (fla 0.6.0's GLA divides by 16)");
     }
     let emb = ck.require("model.embeddings.weight")?;
@@ -93,20 +95,23 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         bail!("{p}: hidden_size {hidden} but the embedding has {c} columns");
     }
     let n_layer = get_u("num_hidden_layers")?.ok_or_else(|| anyhow!("{p}: missing num_hidden_layers"))?;
-    let n_heads = get_u("num_heads")?.unwrap_or(4);
+    // fla's defaults: GLAConfig 4 heads, expand_k 0.5, expand_v 1; RetNetConfig 8, 1, 2.
+    let n_heads = get_u("num_heads")?.unwrap_or(if retnet { 8 } else { 4 });
     let n_kv = get_u("num_kv_heads")?.unwrap_or(n_heads);
     if n_heads == 0 || n_kv == 0 || !n_heads.is_multiple_of(n_kv) {
         bail!("{p}: num_heads {n_heads} must be a positive multiple of num_kv_heads {n_kv}");
     }
-    let key_dim = scaled(&p, "expand_k", get_f("expand_k")?.unwrap_or(0.5), c)?;
-    let value_dim = scaled(&p, "expand_v", get_f("expand_v")?.unwrap_or(1.0), c)?;
+    let key_dim = scaled(&p, "expand_k", get_f("expand_k")?.unwrap_or(if retnet { 1.0 } else { 0.5 }), c)?;
+    let value_dim = scaled(&p, "expand_v", get_f("expand_v")?.unwrap_or(if retnet { 2.0 } else { 1.0 }), c)?;
     if !key_dim.is_multiple_of(n_heads) || !value_dim.is_multiple_of(n_heads) {
         bail!(
             "{p}: key dim {key_dim} and value dim {value_dim} (expand_k/expand_v) must divide by num_heads {n_heads}"
         );
     }
     let (head_k, head_v) = (key_dim / n_heads, value_dim / n_heads);
-    let d_conv = if get_b("use_short_conv", false)? {
+    // fla's RetNetBlock never passes use_short_conv on: its layers have no short conv whatever
+    // config.json says (a conv weight in the file is refused below).
+    let d_conv = if !retnet && get_b("use_short_conv", false)? {
         match get_u("conv_size")?.unwrap_or(4) {
             w @ 2..=gla_lm::MAX_CONV => w,
             w => bail!("{p}: conv_size {w} is not supported (2..={})", gla_lm::MAX_CONV),
@@ -114,7 +119,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     } else {
         0
     };
-    let clamp_min = match get_f("clamp_min")? {
+    let clamp_min = match get_f("clamp_min")?.filter(|_| !retnet) {
         Some(m) if m.is_finite() && m < 0.0 => Some(m as f32),
         Some(m) => bail!("{p}: clamp_min {m} is not supported (a finite log decay bound < 0)"),
         None => None,
@@ -122,7 +127,13 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     let output_gate = get_b("use_output_gate", true)?;
     let eps = get_f("norm_eps")?.unwrap_or(1e-6) as f32;
     fewer_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
-    let rank = ck.require("model.layers.0.attn.gk_proj.0.weight")?.shape.first().copied().unwrap_or(0);
+    let rank = match retnet {
+        true => 0,
+        false => ck.require("model.layers.0.attn.gk_proj.0.weight")?.shape.first().copied().unwrap_or(0),
+    };
+    if retnet && ck.get("model.layers.0.attn.gk_proj.0.weight").is_some() {
+        bail!("{p}: model_type retnet but the weights have attn.gk_proj (a GLA key gate)");
+    }
     let im = ck.require("model.layers.0.mlp.gate_proj.weight")?.shape.first().copied().unwrap_or(0);
     if let Some(i) = get_u("intermediate_size")?.filter(|&i| i != im) {
         bail!("{p}: intermediate_size {i} but the weights have {im} (mlp.gate_proj.weight rows)");
@@ -138,8 +149,11 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         d_mlp: im,
         vocab_rows: vrows,
         d_conv,
-        gate_norm: 16.0,
-        clamp_min,
+        decay: match retnet {
+            true => gla_lm::Decay::Retention,
+            false => gla_lm::Decay::Gate { norm: 16.0, clamp_min },
+        },
+        rope: retnet,
         output_gate,
         feature_map,
         eps,
@@ -176,9 +190,14 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             wk: t("attn.k_proj.weight", &[kd, c])?,
             wv: t("attn.v_proj.weight", &[vd, c])?,
             wg,
-            gk1: t("attn.gk_proj.0.weight", &[rank, c])?,
-            gk2: t("attn.gk_proj.1.weight", &[kd, rank])?,
-            gk_bias: t("attn.gk_proj.1.bias", &[kd])?,
+            gk: match retnet {
+                true => None,
+                false => Some(gla_lm::KeyGate {
+                    w1: t("attn.gk_proj.0.weight", &[rank, c])?,
+                    w2: t("attn.gk_proj.1.weight", &[kd, rank])?,
+                    bias: t("attn.gk_proj.1.bias", &[kd])?,
+                }),
+            },
             conv,
             g_norm: t(g_norm, &[head_v])?,
             wo: t("attn.o_proj.weight", &[c, od])?,
@@ -192,7 +211,10 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         bail!("{p}: the weights have more than the {n_layer} layers config.json states");
     }
     if d_conv == 0 && ck.get("model.layers.0.attn.q_conv1d.weight").is_some() {
-        bail!("{p}: use_short_conv is false but the weights have attn.q_conv1d.weight");
+        match retnet {
+            true => bail!("{p}: the weights have attn.q_conv1d.weight, which fla's RetNet layers never use"),
+            false => bail!("{p}: use_short_conv is false but the weights have attn.q_conv1d.weight"),
+        }
     }
     let tied = get_b("tie_word_embeddings", false)?;
     let embed = weight(emb, &[vrows, c])?;
@@ -205,7 +227,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     let (params, bytes) = totals(ck, |_| false);
     let info = ModelInfo {
         path: path.to_path_buf(),
-        family: Family::Gla,
+        family: found.family,
         format: match ck.format() {
             Format::Safetensors => "fla-safetensors",
             Format::TorchZip => "fla-torch-zip",
@@ -218,7 +240,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         weight_dtype: dtype_name(emb.dtype).into(),
         weight_bytes: bytes,
         state_bytes: 4 * cfg.state_size(),
-        paper_state_size: cfg.state_size(),
+        paper_state_size: cfg.state_size() - cfg.n_layer * cfg.pos_len(),
         vocab_rows: vrows,
         config_vocab: get_u("vocab_size")?,
         tied_embeddings: tied,
