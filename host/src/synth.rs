@@ -228,9 +228,10 @@ pub const GLA_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
     &[("tiny", 64, 2, 4, 256, 2304), ("1.3b", 2048, 24, 4, 5632, 32000), ("2.7b", 2560, 32, 4, 6912, 32000)];
 
 /// The same of RetNet (fla-hub `retnet-1.3B-100B`: 8 heads, expand_k 1, expand_v 2, FAMILIES.md §6,
-/// third-party; I = fla's 256-rounded ⅔·4·C as GLA's): K 256 × V 512 a head.
+/// third-party; I = fla's 256-rounded ⅔·hidden_ratio·C with RetNetConfig's hidden_ratio 2, which
+/// makes 1.35B parameters): K 256 × V 512 a head.
 pub const RETNET_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
-    &[("tiny", 64, 2, 4, 256, 2304), ("1.3b", 2048, 24, 8, 5632, 32000)];
+    &[("tiny", 64, 2, 4, 256, 2304), ("1.3b", 2048, 24, 8, 2816, 32000)];
 
 /// (name, C, L, q/k heads, value heads, K, V, I, vocab rows).
 pub type DeltaNetPreset = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);

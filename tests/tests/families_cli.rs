@@ -270,6 +270,10 @@ fn gla_style_commands(family: &str, n_s: usize) {
     let out = dir.path().join("probe");
     let args = ["probe", "--model", ms, "--text", text, "--max-tokens", "200", "--every", "50"];
     cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+    let probe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("probe.json")).unwrap()).unwrap();
+    let bound = probe["retention_bound"].as_str();
+    assert_eq!(bound.is_some_and(|b| b.contains("cannot fail to forget")), family == "retnet", "{bound:?}");
     // The golden model has 256 rows: the Llama-style tokenizer's ids pass them.
     let golden = root().join(format!("tests/data/{family}_tiny"));
     let out = dir.path().join("ppl-bad");

@@ -357,6 +357,10 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
             crate::model::Family::DeltaNet => Some(
                 "DeltaNet: α ≡ 1, no decay: the retention is 0 (log) everywhere (only RRI's a adds one), a trivial upper \
                  bound; all its forgetting is the delta rule's content-addressed erasure I − βk̂k̂ᵀ (beta_sum: Σ β)"),
+            crate::model::Family::RetNet => Some(
+                "RetNet: the decay is the model's, not the data's: head h keeps ln(1 − 2^(−5−h)) per token on every key \
+                 channel (horizons 1/(1 − γ_h) = 32 … 32·2^(H−1) tokens), so the retention is exact and the same for any \
+                 text: a control for the data-dependent families (it cannot fail to forget)"),
             _ => None,
         },
     });
