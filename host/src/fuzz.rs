@@ -191,7 +191,7 @@ pub fn targets() -> Vec<Target> {
 }
 
 /// config.json targets: (target, model directory under tests/data, its weight file).
-const CONFIGS: [(&str, &str, &str); 11] = [
+const CONFIGS: [(&str, &str, &str); 12] = [
     ("config-mamba2", "mamba2_hf_g2_tied", "model.safetensors"),
     ("config-mamba2-official", "mamba2_official", "pytorch_model.bin"),
     ("config-rwkv5", "rwkv5_tiny_hf", "model.safetensors"),
@@ -201,6 +201,7 @@ const CONFIGS: [(&str, &str, &str); 11] = [
     ("config-mamba1-official", "mamba1_official", "pytorch_model.bin"),
     ("config-rwkv7", "rwkv7_tiny_fla", "model.safetensors"),
     ("config-gla", "gla_tiny", "model.safetensors"),
+    ("config-retnet", "retnet_tiny", "model.safetensors"),
     ("config-delta-net", "delta_net_tiny", "model.safetensors"),
     ("config-gated-deltanet", "gdn_tiny", "model.safetensors"),
 ];
