@@ -110,16 +110,11 @@ def state_of(pkv, l):
     return torch.cat(parts)
 
 
-def direct(sd, ids, cf):
-    """The whole model from its weights, float64, from the equations (FAMILIES.md §5)."""
-    p = {k: v.double() for k, v in sd.items()}
-    H, W = cf["num_heads"], cf["conv_size"]
-    K, VV = round(C * cf["expand_k"]) // H, round(C * cf["expand_v"]) // H
-    g = H // cf["num_kv_heads"]
+def gla_mixer(p, a, h, cf):
+    """GLA's q, k, v [T, ·] and the per-key-channel decays of each query head [T, H·K] (its kv
+    head's; FAMILIES.md §5)."""
+    W = cf["conv_size"]
     fm = {None: lambda x: x, "relu": lambda x: x.clamp_min(0)}[cf["feature_map"]]
-
-    def rms(x, w, eps=1e-6):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
     def conv(x, w):  # x [T, D], w [D, 1, W]
         if not cf["use_short_conv"]:
@@ -128,23 +123,39 @@ def direct(sd, ids, cf):
         y = sum(w[:, 0, j] * xx[j:j + x.shape[0]] for j in range(W))
         return y * torch.sigmoid(y)
 
+    q = fm(conv(h @ p[a + "attn.q_proj.weight"].T, p.get(a + "attn.q_conv1d.weight")))
+    k = fm(conv(h @ p[a + "attn.k_proj.weight"].T, p.get(a + "attn.k_conv1d.weight")))
+    v = conv(h @ p[a + "attn.v_proj.weight"].T, p.get(a + "attn.v_conv1d.weight"))
+    gk = (h @ p[a + "attn.gk_proj.0.weight"].T) @ p[a + "attn.gk_proj.1.weight"].T + p[a + "attn.gk_proj.1.bias"]
+    lw = F.logsigmoid(gk) / 16
+    if cf["clamp_min"] is not None:
+        lw = torch.clamp_min(lw, cf["clamp_min"])
+    t, g = lw.shape[0], cf["num_heads"] // cf["num_kv_heads"]
+    return q, k, v, lw.exp().view(t, cf["num_kv_heads"], 1, -1).expand(-1, -1, g, -1).reshape(t, -1)
+
+
+def direct(sd, ids, cf, mixer=gla_mixer):
+    """The whole model from its weights, float64, from the equations; `mixer` gives each layer's q,
+    k, v and decays (tools/golden_retnet.py hands RetNet's)."""
+    p = {k: v.double() for k, v in sd.items()}
+    H = cf["num_heads"]
+    K, VV = round(C * cf["expand_k"]) // H, round(C * cf["expand_v"]) // H
+    g = H // cf["num_kv_heads"]
+
+    def rms(x, w, eps=1e-6):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
     x = p["model.embeddings.weight"][ids[0]]
     for l in range(L):
         a = f"model.layers.{l}."
         h = rms(x, p[a + "attn_norm.weight"])
-        q = fm(conv(h @ p[a + "attn.q_proj.weight"].T, p.get(a + "attn.q_conv1d.weight")))
-        k = fm(conv(h @ p[a + "attn.k_proj.weight"].T, p.get(a + "attn.k_conv1d.weight")))
-        v = conv(h @ p[a + "attn.v_proj.weight"].T, p.get(a + "attn.v_conv1d.weight"))
-        gk = (h @ p[a + "attn.gk_proj.0.weight"].T) @ p[a + "attn.gk_proj.1.weight"].T + p[a + "attn.gk_proj.1.bias"]
-        lw = F.logsigmoid(gk) / 16
-        if cf["clamp_min"] is not None:
-            lw = torch.clamp_min(lw, cf["clamp_min"])
+        q, k, v, w = mixer(p, a, h, cf)
         o = torch.zeros(len(ids[0]), H * VV, dtype=torch.float64)
         for hh in range(H):
             kv = hh // g
             S = torch.zeros(K, VV, dtype=torch.float64)
             for t in range(len(ids[0])):
-                kk, ww = k[t, kv * K:(kv + 1) * K], lw[t, kv * K:(kv + 1) * K].exp()
+                kk, ww = k[t, kv * K:(kv + 1) * K], w[t, hh * K:(hh + 1) * K]
                 S = ww[:, None] * S + kk[:, None] * v[t, kv * VV:(kv + 1) * VV][None, :]
                 o[t, hh * VV:(hh + 1) * VV] = (q[t, hh * K:(hh + 1) * K] * K ** -0.5) @ S
         o = rms(o.view(-1, H, VV), p[a + "attn.g_norm.weight"]).reshape(-1, H * VV)
@@ -157,7 +168,9 @@ def direct(sd, ids, cf):
     return rms(x, p["model.norm.weight"]) @ p["lm_head.weight"].T
 
 
-def references(m, ids, cf):
+def references(m, ids, cf, state_of=state_of, direct=direct):
+    """fla's logits in one call, token by token and split, the final state (`state_of`), checked
+    against `direct` (also used by tools/golden_retnet.py with its own two)."""
     with torch.no_grad():
         o = m(ids, use_cache=True)
         full = o.logits[0].float()
@@ -188,9 +201,13 @@ def references(m, ids, cf):
 
 
 def write(m, name, recipe, ids, cf):
+    save(m.float(), name, recipe, *references(m.float(), ids, cf))
+
+
+def save(m, name, recipe, ref, stats):
+    """The model (save_pretrained) and its references into tests/data/NAME."""
     from safetensors.torch import save_file
     out = os.path.join(ROOT, "tests", "data", name)
-    ref, stats = references(m.float(), ids, cf)
     print(name, json.dumps(stats))
     os.makedirs(out, exist_ok=True)
     m.save_pretrained(out)
@@ -200,12 +217,13 @@ def write(m, name, recipe, ids, cf):
     print(sorted(os.listdir(out)))
 
 
-def build(cf):
+def build(cf, config=GLAConfig, model=GLAForCausalLM):
+    """The recipe's model: seed 1234, every parameter += 0.1 N(0, 1) from a generator seeded 42."""
     torch.manual_seed(1234)
-    cfg = GLAConfig(hidden_size=C, num_hidden_layers=L, **cf,
-                    intermediate_size=I, vocab_size=V, norm_eps=1e-6, fuse_norm=False, fuse_swiglu=False,
-                    fuse_cross_entropy=False, tie_word_embeddings=False)
-    m = GLAForCausalLM(cfg).float().eval()
+    cfg = config(hidden_size=C, num_hidden_layers=L, **cf,
+                 intermediate_size=I, vocab_size=V, norm_eps=1e-6, fuse_norm=False, fuse_swiglu=False,
+                 fuse_cross_entropy=False, tie_word_embeddings=False)
+    m = model(cfg).float().eval()
     g = torch.Generator().manual_seed(42)
     with torch.no_grad():
         for _, p in m.named_parameters():
@@ -224,16 +242,7 @@ def main():
     mb.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in m.state_dict().items()})
     ref, stats = references(mb, ids, TINY)
     mb.to(torch.bfloat16)
-    out = os.path.join(ROOT, "tests", "data", "gla_tiny_bf16")
-    os.makedirs(out, exist_ok=True)
-    mb.save_pretrained(out)
-    os.remove(os.path.join(out, "generation_config.json"))  # not read by stuffed
-    from safetensors.torch import save_file
-    print("gla_tiny_bf16", json.dumps(stats))
-    save_file(ref, os.path.join(out, "ref.safetensors"),
-              metadata={"reference": json.dumps({"recipe": recipe + "; weights bf16", "T": T, "split": SPLIT,
-                                                 "stats": stats})})
-    print(sorted(os.listdir(out)))
+    save(mb, "gla_tiny_bf16", recipe + "; weights bf16", ref, stats)
     # fla's other layer options, on the same recipe: the relu feature map on q and k, no output gate,
     # no short conv, as many kv heads as heads, no clamp.
     _, m = build(RELU)
