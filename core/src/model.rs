@@ -93,12 +93,12 @@ pub trait Recurrent: Sync {
     fn counters(&self) -> Counters {
         Counters { layers: None, tail: self.window_counters() }
     }
-    /// A window's ring position and fill flag at the end of the state
+    /// A window's (or two staggered states') ring position and fill flag at the end of the state
     /// ([`crate::forget::WINDOW_COUNTERS`]), or an empty range.
     fn window_counters(&self) -> core::ops::Range<usize> {
         let n = self.state_len();
         match self.forget() {
-            Forget::Window { .. } => n.saturating_sub(crate::forget::WINDOW_COUNTERS)..n,
+            Forget::Window { .. } | Forget::Staggered { .. } => n.saturating_sub(crate::forget::WINDOW_COUNTERS)..n,
             _ => n..n,
         }
     }

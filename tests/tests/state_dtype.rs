@@ -293,16 +293,24 @@ fn probe_and_passkey_record_the_state_dtype() {
     assert_eq!(s["precision"]["state"], "f16/chunk");
 }
 
-/// `--forget window:r=N --state-dtype bf16 --state-dtype-all`: the window's caches are rounded but
-/// its two counters (tokens seen mod r, filled) are bookkeeping, not state, and stay exact. bf16
+/// `--forget window:r=N` (or `staggered:r=N`) `--state-dtype bf16 --state-dtype-all`: the window's
+/// caches are rounded but its two counters (tokens seen mod r, filled) are bookkeeping, not state,
+/// and stay exact. bf16
 /// holds the integers only to 256, so a ring position of 299 would be stored as 300 and the next
 /// token would land in the wrong slot (it did: 256 after 276 tokens, before `Recurrent::counters`).
 #[test]
 fn window_counters_are_not_rounded() {
     let dir = tempfile::tempdir().unwrap();
-    for family in ["mamba2", "gla", "retnet"] {
+    // (RWKV-7 and DeltaNet keep the same two counters for their two staggered states.)
+    for (family, method) in [
+        ("mamba2", "window"),
+        ("gla", "window"),
+        ("retnet", "window"),
+        ("rwkv7", "staggered"),
+        ("delta_net", "staggered"),
+    ] {
         let mut m = Model::load(&synth(family, dir.path())).unwrap();
-        m.set_forget(stuffed::forget::ForgetSpec::parse("window:r=300").unwrap()).unwrap();
+        m.set_forget(stuffed::forget::ForgetSpec::parse(&format!("{method}:r=300")).unwrap()).unwrap();
         let ids = ids(700, m.info.vocab_rows);
         for round in [StateRound::Token, StateRound::Chunk] {
             m.state_precision = StatePrecision { dtype: StateDtype::Bf16, round, all: true };
