@@ -70,7 +70,9 @@ enum StuffedStatus stuffed_info(const struct StuffedModel *model, struct Stuffed
 // Floats of a state of this model (0 for a null handle); it changes with `stuffed_set_forget`.
 size_t stuffed_state_len(const struct StuffedModel *model);
 
-// Sets `state` (`state_len` floats, as `stuffed_state_len` says) to the zero state a stream starts from.
+// Sets `state` (`state_len` floats, as `stuffed_state_len` says) to the state a stream starts
+// from: zeros, or a state-tuned RWKV-5/6 model's own (its `att.time_state`, as the `rwkv` package
+// starts from it). Start every stream here rather than from a zeroed array.
 enum StuffedStatus stuffed_state_zero(const struct StuffedModel *model,
                                       float *state,
                                       size_t state_len);

@@ -15,6 +15,10 @@ Writes, under tests/data/ (FORMATS.md §3, §8):
                     first (from a per-case start) whose LN0 fold, as the package computes it, rounds
                     some element (|x| ≥ 0.5) of a row the ids use to the other bf16 neighbour than a
                     plain f32 LayerNorm would (a boundary case: FORMATS.md §3.2); ids = randint(0, 32, ...).
+  rwkv6_time_state/, rwkv5_time_state/  small f32 state-tuned models (V 32, C 32, L 2, N 16, F 64; x060
+                    with Dm 4, Dd 8): every layer's `blocks.N.att.time_state` [H, N, N] (RWKV-PEFT's state
+                    tuning merged into the .pth), which the package transposes into the state every
+                    stream starts from (rwkv/model.py `if args.time_state:`); ids = randint(0, 32, ...).
 
 each holding model.pth (or model.safetensors) and ref.safetensors:
   input_ids        i64 [1, T]
@@ -249,11 +253,35 @@ def bf16_odd_cases(want):
         save_case(case, None, ids_t, m, full, step, split, st, recipe, {"emb_ln0": emb})
 
 
+def time_state_cases(want):
+    """Small f32 RWKV-6 and RWKV-5.2 files carrying a tuned initial state in every layer."""
+    for version in (6, 5):
+        case = f"rwkv{version}_time_state"
+        if not want(case):
+            continue
+        dims = (SMALL_V, SMALL_C, 2, 16, SMALL_F, 4, 8)
+        w = build(version, dims, seed=500 + version, noise_seed=600 + version)
+        g = torch.Generator().manual_seed(700 + version)
+        for l in range(dims[2]):
+            w[f"blocks.{l}.att.time_state"] = torch.randn(SMALL_C // 16, 16, 16, generator=g)
+        ids_t = torch.randint(0, SMALL_V, (1, T), generator=torch.manual_seed(7))
+        d = os.path.join(DATA, case)
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, "model.pth")
+        torch.save(w, path)
+        m, full, step, split, st = run(path, ids_t[0].tolist())
+        assert m.version == (6.0 if version == 6 else 5.2) and m.args.time_state, (m.version, m.args.time_state)
+        recipe = (f"RWKV-{m.version} V 32, C 32, L 2, N 16, F 64 (Dm 4, Dd 8); init seed {500 + version}, +0.1 N(0,1) "
+                  f"seed {600 + version}; att.time_state N(0,1) [2, 16, 16] per layer, seed {700 + version}; f32")
+        save_case(case, None, ids_t, m, full, step, split, st, recipe)
+
+
 def main():
     # Case names on the command line: write only those (default: all).
     names = set(sys.argv[1:])
     want = lambda case: not names or case in names
     bf16_odd_cases(want)
+    time_state_cases(want)
     ids_t = torch.randint(0, 256, (1, T), generator=torch.manual_seed(7))
     ids = ids_t[0].tolist()
     assert ids[:16] == [175, 196, 25, 246, 67, 211, 151, 103, 92, 185, 142, 23, 72, 89, 110, 42], ids[:16]

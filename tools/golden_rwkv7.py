@@ -7,6 +7,7 @@ Writes, under tests/data/ (FAMILIES.md §1, FORMATS.md §8):
                     zip), with layer 0's unused att.v0/v1/v2 PRESENT (random values the math ignores)
   rwkv7_tiny_bf16/  the same weights stored bf16, layer 0's v0/v1/v2 ABSENT; reference = the package
                     on that .pth (x070 casts to fp32 first and folds LN0 after, so nothing rounds to bf16)
+  rwkv7_time_state/ a small state-tuned x070 file (`time_state_case`)
   rwkv7_tiny_fla/   rwkv7_tiny_bf16 in the fla / HF layout (`fla-hub/rwkv7-*`, FAMILIES.md §1.3):
                     model.safetensors (bf16) + config.json, LoRAs transposed (Linear layout), LN0 as
                     pre_norm (no ref: the tests use rwkv7_tiny_bf16's)
@@ -113,14 +114,15 @@ def build(seed=1234, noise_seed=42):
     return w
 
 
-def direct(w, ids):
+def direct(w, ids, S0=None):
     """FAMILIES.md §1.4 written out in float64, one token at a time: logits [T, V] and the final
-    state as (att_shift [L, C], S [L, H, N(value), N(key)], ffn_shift [L, C])."""
+    state as (att_shift [L, C], S [L, H, N(value), N(key)], ffn_shift [L, C]); S starts at S0
+    (default zeros)."""
     z = {k: v.double().reshape(-1) if v.dim() == 3 else v.double() for k, v in w.items()}
     ln = lambda x, p: torch.nn.functional.layer_norm(x, (C,), z[p + ".weight"], z[p + ".bias"], 1e-5)
     att = torch.zeros(L, C, dtype=torch.float64)
     ffn = torch.zeros(L, C, dtype=torch.float64)
-    S = torch.zeros(L, H, N, N, dtype=torch.float64)
+    S = torch.zeros(L, H, N, N, dtype=torch.float64) if S0 is None else S0.double().clone()
     out = []
     for tok in ids:
         x = ln(z["emb.weight"][tok], "blocks.0.ln0")
@@ -166,14 +168,25 @@ def direct(w, ids):
     return torch.stack(out), (att, S, ffn)
 
 
-def run(path, ids):
+def run(path, ids, S0=None):
+    """The package's logits in one call, token by token and split, from the zero state or, given
+    S0 [L, H, N, N], from that S (shifts zero: the state a state-tuned file starts from)."""
     m = RWKV(model=path[: -len(".pth")], strategy="cpu fp32")
-    full, st = m.forward(ids, None, full_output=True)
-    steps, s = [], None
+
+    def start():
+        if S0 is None:
+            return None
+        st = []
+        for l in range(L):
+            st += [torch.zeros(C), S0[l].float().clone(), torch.zeros(C)]
+        return st
+
+    full, st = m.forward(ids, start(), full_output=True)
+    steps, s = [], start()
     for t in ids:
         o, s = m.forward([t], s)
         steps.append(o)
-    a, s2 = m.forward(ids[:SPLIT], None, full_output=True)
+    a, s2 = m.forward(ids[:SPLIT], start(), full_output=True)
     b, s2 = m.forward(ids[SPLIT:], s2, full_output=True)
     split = torch.cat([a, b])
     return m, full.float(), torch.stack(steps).float(), split.float(), st
@@ -260,9 +273,43 @@ def to_fla(w):
     return out
 
 
+def time_state_case():
+    """rwkv7_time_state/: a small x070 file (V 32, C 64, L 2, N 32 (H 2), F 64, ranks 8/8/4/8; weights bf16)
+    with every layer's `att.time_state` [H, N, N] (RWKV-PEFT's state tuning merged in). The package
+    loads no x070 time_state, so its references start it explicitly from S = time_state as stored
+    ([head][value][key], the package's own x070 state layout: RWKV-Runner's convention)."""
+    global V, C, L, N, F, DW, DA, DV, DG, H
+    saved = (V, C, L, N, F, DW, DA, DV, DG, H)
+    V, C, L, N, F, DW, DA, DV, DG = 32, 64, 2, 32, 64, 8, 8, 4, 8
+    H = C // N
+    try:
+        w = build(seed=800, noise_seed=801)
+        g = torch.Generator().manual_seed(802)
+        S0 = torch.randn(L, H, N, N, generator=g)
+        w = {k: v.to(torch.bfloat16).float() for k, v in w.items()}  # stored bf16 (the state f32)
+        for l in range(L):
+            w[f"blocks.{l}.att.time_state"] = S0[l].clone()
+        d = os.path.join(DATA, "rwkv7_time_state")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, "model.pth")
+        torch.save({k: v if k.endswith("time_state") else v.to(torch.bfloat16) for k, v in w.items()}, path)
+        ids_t = torch.randint(0, V, (1, T), generator=torch.manual_seed(7))
+        ids = ids_t[0].tolist()
+        m, full, step, split, st = run(path, ids, S0)
+        check = direct({k: v.float() for k, v in w.items() if not k.endswith("time_state")}, ids, S0)
+        recipe = ("RWKV-7 V 32, C 64, L 2, N 32, F 64, ranks w 8 a 8 v 4 g 8; seed 800 init, +0.1 N(0,1) seed 801; "
+                  "att.time_state N(0,1) [2, 32, 32] per layer, seed 802; weights stored bf16, the state f32; references "
+                  "from S = time_state")
+        save_case("rwkv7_time_state", ids_t, m, full, step, split, st, recipe, check)
+    finally:
+        V, C, L, N, F, DW, DA, DV, DG, H = saved
+
+
 def main():
     names = set(sys.argv[1:])
     want = lambda case: not names or case in names
+    if want("rwkv7_time_state"):
+        time_state_case()
     ids_t = torch.randint(0, 256, (1, T), generator=torch.manual_seed(7))
     ids = ids_t[0].tolist()
     assert ids[:16] == [175, 196, 25, 246, 67, 211, 151, 103, 92, 185, 142, 23, 72, 89, 110, 42], ids[:16]

@@ -202,7 +202,9 @@ pub unsafe extern "C" fn stuffed_state_len(model: *const StuffedModel) -> usize 
     catch_unwind(AssertUnwindSafe(|| (*model).handle.state_len())).unwrap_or(0)
 }
 
-/// Sets `state` (`state_len` floats, as `stuffed_state_len` says) to the zero state a stream starts from.
+/// Sets `state` (`state_len` floats, as `stuffed_state_len` says) to the state a stream starts
+/// from: zeros, or a state-tuned RWKV-5/6 model's own (its `att.time_state`, as the `rwkv` package
+/// starts from it). Start every stream here rather than from a zeroed array.
 #[no_mangle]
 pub unsafe extern "C" fn stuffed_state_zero(
     model: *const StuffedModel,
@@ -218,8 +220,7 @@ pub unsafe extern "C" fn stuffed_state_zero(
                 &format!("state: {state_len} floats given, the model's state has {want}"),
             );
         }
-        slice_mut(state, state_len).fill(0.0);
-        StuffedStatus::Ok
+        result((*model).handle.initial_state(slice_mut(state, state_len)))
     })
 }
 

@@ -375,3 +375,31 @@ fn one_handle_serves_several_threads_at_once() {
         });
     }
 }
+
+/// `stuffed_state_zero` writes the state a stream starts from: zeros for most models, a state-tuned
+/// RWKV's own (its `att.time_state`, transposed into S) for one, and the first logits from it
+/// differ from those from a zeroed array.
+#[test]
+fn state_zero_is_a_tuned_models_start() {
+    for (case, tuned) in [("rwkv6_tiny", false), ("rwkv6_time_state", true)] {
+        let m = open(case);
+        let n = unsafe { stuffed_state_len(m.0) };
+        let mut st = vec![7f32; n];
+        assert_eq!(unsafe { stuffed_state_zero(m.0, st.as_mut_ptr(), n) }, StuffedStatus::Ok);
+        assert_eq!(st.iter().any(|&x| x != 0.0), tuned, "{case}");
+        let v = info(&m).vocab_rows;
+        let (ids, mut a, mut b) = ([1u32, 2], vec![0f32; v], vec![0f32; v]);
+        let mut zeros = vec![0f32; n];
+        unsafe {
+            assert_eq!(
+                stuffed_forward(m.0, st.as_mut_ptr(), n, ids.as_ptr(), 2, a.as_mut_ptr(), v, 0),
+                StuffedStatus::Ok
+            );
+            assert_eq!(
+                stuffed_forward(m.0, zeros.as_mut_ptr(), n, ids.as_ptr(), 2, b.as_mut_ptr(), v, 0),
+                StuffedStatus::Ok
+            );
+        }
+        assert_eq!(a != b, tuned, "{case}");
+    }
+}

@@ -89,6 +89,11 @@ pub trait Recurrent: Sync {
     fn n_heads(&self) -> usize;
     /// The state range of head `h` of layer `l`'s recurrent matrix.
     fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize>;
+    /// The state a stream starts from, written into `state` ([`Recurrent::state_len`]): zeros, or a
+    /// state-tuned model's own (RWKV-5/6's `att.time_state`, as the `rwkv` package starts from it).
+    fn initial_state(&self, state: &mut [f32]) {
+        state.fill(0.0);
+    }
     /// State values that are bookkeeping, not state: a host never rounds or rescales them.
     fn counters(&self) -> Counters {
         Counters { layers: None, tail: self.window_counters() }

@@ -137,6 +137,9 @@ pub struct Layer<'a> {
     pub fr: Weight<'a>,
     /// (C, F)
     pub fv: Weight<'a>,
+    /// (H·N, N): a state-tuned model's initial `S` of each head as RWKV-PEFT stores it,
+    /// `[head][value][key]` (the transpose of the state; the `rwkv` package transposes it too).
+    pub time_state: Option<Weight<'a>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -519,6 +522,12 @@ impl<'a> Rwkv<'a> {
             }
             l.fk.expect_shape("ffn.key", f, c)?;
             l.fv.expect_shape("ffn.value", c, f)?;
+            if let Some(ts) = &l.time_state {
+                ts.expect_shape("att.time_state", cfg.n_heads * cfg.head_size, cfg.head_size)?;
+            }
+            if l.time_state.is_some() != w.layers[0].time_state.is_some() {
+                return Err(Error::Config("rwkv: att.time_state in some layers but not all"));
+            }
             match (&l.mix, cfg.version) {
                 (TimeMix::V5 { mix }, Version::V5_2) => {
                     for x in mix {
@@ -885,6 +894,24 @@ impl Recurrent for Rwkv<'_> {
     }
     fn n_heads(&self) -> usize {
         self.cfg.n_heads
+    }
+    /// Zeros, then a state-tuned model's `S` of every head: `time_state` transposed.
+    fn initial_state(&self, state: &mut [f32]) {
+        state.fill(0.0);
+        let n = self.cfg.head_size;
+        for (l, layer) in self.w.layers.iter().enumerate() {
+            let Some(ts) = &layer.time_state else { continue };
+            for h in 0..self.cfg.n_heads {
+                let r = self.head_state(l, h);
+                if let Some(s) = state.get_mut(r) {
+                    for (i, row) in s.chunks_exact_mut(n).enumerate() {
+                        for (j, x) in row.iter_mut().enumerate() {
+                            *x = ts.get((h * n + j) * n + i);
+                        }
+                    }
+                }
+            }
+        }
     }
     fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize> {
         let c = &self.cfg;

@@ -145,6 +145,10 @@ pub struct Layer<'a> {
     pub fk: Weight<'a>,
     /// (C, F)
     pub fv: Weight<'a>,
+    /// (H·N, N): a state-tuned model's initial `S` of each head, `[head][value][key]`: the state's
+    /// own layout, copied as it is (RWKV-Runner's convention for x070; the `rwkv` package loads
+    /// no x070 `time_state`).
+    pub time_state: Option<Weight<'a>>,
 }
 
 /// The model's weights; `L` holds the layers (a borrowed slice, or a host's owned list).
@@ -225,6 +229,12 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Rwkv7<'a, L> {
             }
             l.fk.expect_shape("ffn.key", f, c)?;
             l.fv.expect_shape("ffn.value", c, f)?;
+            if let Some(ts) = &l.time_state {
+                ts.expect_shape("att.time_state", cfg.n_heads * cfg.head_size, cfg.head_size)?;
+            }
+            if l.time_state.is_some() != layers[0].time_state.is_some() {
+                return Err(Error::Config("rwkv7: att.time_state in some layers but not all"));
+            }
             lora(&l.w_lora, "decay LoRA (w1/w2)", cfg.lora_w)?;
             lora(&l.a_lora, "learning-rate LoRA (a1/a2)", cfg.lora_a)?;
             lora(&l.g_lora, "gate LoRA (g1/g2)", cfg.lora_g)?;
@@ -717,6 +727,19 @@ impl<'a, L: AsRef<[Layer<'a>]> + Sync> Recurrent for Rwkv7<'a, L> {
     }
     fn n_heads(&self) -> usize {
         self.cfg.n_heads
+    }
+    /// Zeros, then a state-tuned model's `S` of every head, as stored.
+    fn initial_state(&self, state: &mut [f32]) {
+        state.fill(0.0);
+        let nn = self.cfg.head_size * self.cfg.head_size;
+        for (l, layer) in self.w.layers.as_ref().iter().enumerate() {
+            let Some(ts) = &layer.time_state else { continue };
+            for h in 0..self.cfg.n_heads {
+                if let Some(s) = state.get_mut(self.head_state(l, h)) {
+                    s.iter_mut().enumerate().for_each(|(i, x)| *x = ts.get(h * nn + i));
+                }
+            }
+        }
     }
     fn head_state(&self, layer: usize, head: usize) -> core::ops::Range<usize> {
         let c = &self.cfg;

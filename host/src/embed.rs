@@ -134,6 +134,18 @@ impl Handle {
         self.settings().model.net().state_len()
     }
 
+    /// Writes the state a stream starts from into `state` ([`Handle::state_len`] floats): zeros, or a
+    /// state-tuned RWKV's own (`att.time_state`).
+    pub fn initial_state(&self, state: &mut [f32]) -> Result<()> {
+        let s = self.settings();
+        let want = s.model.net().state_len();
+        if state.len() != want {
+            return err(Kind::Size, format!("state: {} floats given, the model's state has {want}", state.len()));
+        }
+        s.model.net().initial_state(state);
+        Ok(())
+    }
+
     /// Sets the forgetting method by the CLI's `--forget` string (`rri:a=0.9999,b=0.75`, …; a
     /// state-norm without `calib=` takes the model's recorded training length, as `ppl` does).
     pub fn set_forget(&self, spec: &str) -> Result<()> {

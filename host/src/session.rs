@@ -68,11 +68,13 @@ impl<'m> Session<'m> {
             ForgetSpec::Window { r } => chunk.clamp(1, r),
             _ => chunk.max(1),
         };
+        let mut state = vec![0.0; net.state_len()];
+        net.initial_state(&mut state);
         Session {
             model,
             ex: Pool::new(),
             chunk,
-            state: vec![0.0; net.state_len()],
+            state,
             pos: 0,
             scratch: vec![0.0; net.scratch_len(chunk)],
             hidden: vec![0.0; chunk * net.d_model()],
@@ -92,8 +94,9 @@ impl<'m> Session<'m> {
         self.model.net_in(self.phase)
     }
 
+    /// Back to the start of a stream: the model's initial state (zeros, or a state-tuned RWKV's).
     pub fn reset(&mut self) {
-        self.state.fill(0.0);
+        self.model.net().initial_state(&mut self.state);
         self.pos = 0;
         self.tau.clear();
     }
@@ -143,7 +146,7 @@ impl<'m> Session<'m> {
                 (r.progress, r.norms)
             }
             None => {
-                self.state.fill(0.0);
+                self.model.net().initial_state(&mut self.state);
                 (DeciProgress::default(), Vec::new())
             }
         };
@@ -183,7 +186,7 @@ impl<'m> Session<'m> {
             p.ties_left = p.cuts.iter().map(|t| t.ties).collect();
             (p.pass, p.fed, p.counts) = (p.pass + 1, 0, Vec::new());
             norms.clear();
-            self.state.fill(0.0);
+            self.model.net().initial_state(&mut self.state);
             self.pos = 0;
         }
     }
@@ -297,7 +300,7 @@ impl<'m> Session<'m> {
         let net = self.model.net();
         let heads = (0..net.n_layer()).flat_map(|l| (0..net.n_heads()).map(move |h| (l, h)));
         match self.forget.at(self.pos, !self.tau.is_empty()) {
-            Boundary::Reset => self.state.fill(0.0),
+            Boundary::Reset => net.initial_state(&mut self.state),
             Boundary::Calibrate => self.tau = heads.map(|(l, h)| fro(&self.state[net.head_state(l, h)])).collect(),
             Boundary::Normalize => {
                 for ((l, h), &tau) in heads.zip(&self.tau) {

@@ -48,6 +48,12 @@ impl Handle {
         self.inner.state_len()
     }
 
+    /// Writes the state a stream starts from into `state` (zeros, or a state-tuned RWKV's own).
+    fn initial_state(&self, mut state: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+        let st = state.as_slice_mut().map_err(|_| PyValueError::new_err("state: give a contiguous float32 array"))?;
+        self.inner.initial_state(st).map_err(py_err)
+    }
+
     fn set_forget(&self, py: Python<'_>, spec: &str) -> PyResult<()> {
         py.detach(|| self.inner.set_forget(spec)).map_err(py_err)
     }

@@ -58,8 +58,11 @@ class Model:
         return d
 
     def state(self):
-        """A zero state (float32): the start of a stream. Copy it to snapshot, assign to restore."""
-        return np.zeros(self._h.state_len(), dtype=np.float32)
+        """The state a stream starts from (float32: zeros, or a state-tuned RWKV's own). Copy it to
+        snapshot, assign to restore."""
+        s = np.zeros(self._h.state_len(), dtype=np.float32)
+        self._h.initial_state(s)
+        return s
 
     def _state(self, state):
         if state is None:

@@ -248,3 +248,14 @@ def test_effrem_is_the_tv_of_two_forwards():
         tv = 0.5 * np.abs(probs(ids[:at]) - probs(ids[start:at])).sum()
         assert abs(s["tv_mean"] - tv) < 1e-5 and s["kept"] == at - start
     assert rows[(128, 100)]["tv_mean"] > 1e-3
+
+
+def test_state_is_a_tuned_models_start():
+    """`Model.state()` is where a stream starts: zeros, or a state-tuned RWKV's own state."""
+    assert not stuffed.Model(ROOT / "tests" / "data" / "rwkv6_tiny").state().any()
+    tuned = stuffed.Model(ROOT / "tests" / "data" / "rwkv6_time_state")
+    s = tuned.state()
+    assert s.any()
+    a = tuned.forward([1, 2], s.copy())
+    b = tuned.forward([1, 2], np.zeros_like(s))
+    assert not np.array_equal(a, b)

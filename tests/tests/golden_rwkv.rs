@@ -21,7 +21,13 @@ const CASES: &[(&str, &str)] = &[
     ("rwkv6_bf16_m3_d5", "rwkv6_bf16_m3_d5"),
     ("rwkv6_bf16_m5_d7", "rwkv6_bf16_m5_d7"),
     ("rwkv6_bf16_m7_d3", "rwkv6_bf16_m7_d3"),
+    ("rwkv6_time_state", "rwkv6_time_state"),
+    ("rwkv5_time_state", "rwkv5_time_state"),
 ];
+
+/// The state-tuned cases: each layer's `att.time_state` is the state every stream starts from.
+const TIME_STATE: &[(&str, &str)] =
+    &[("rwkv6_time_state", "rwkv6_time_state"), ("rwkv5_time_state", "rwkv5_time_state")];
 
 /// The bf16 cases whose reference holds the package's folded embedding (`emb_ln0`).
 const BF16_CASES: &[&str] = &["rwkv6_tiny_bf16", "rwkv6_bf16_m3_d5", "rwkv6_bf16_m5_d7", "rwkv6_bf16_m7_d3"];
@@ -75,7 +81,7 @@ fn rwkv6_bf16_pth() {
 /// bf16 files with odd LoRA ranks, each with an LN0-fold boundary case in a row its ids use.
 #[test]
 fn rwkv6_bf16_odd_lora_ranks() {
-    for &case in &CASES[5..] {
+    for &case in &CASES[5..8] {
         check_case(case, Pool::new);
     }
 }
@@ -160,5 +166,32 @@ fn detection_and_info() {
 fn long_sequence_chunked_equals_step() {
     for case in ["rwkv6_tiny", "rwkv5_tiny"] {
         chunked_equals_step(case, &[300, 100, 64, 33]);
+    }
+}
+
+/// A state-tuned model (RWKV-PEFT's `att.time_state` merged into the .pth) starts every stream from
+/// its tuned state, as the `rwkv` package does: the logits from the first token on, token by token
+/// and split, and the final state equal the package's (`check_forms`, which starts each run from
+/// `Session::new` and each split from where the last left off); `reset` goes back to it, and the
+/// state the embedding API hands out is it (not zeros).
+#[test]
+fn rwkv_state_tuned_models_start_from_their_state() {
+    for &case in TIME_STATE {
+        check_case(case, Pool::new);
+        let m = Model::load(&data(case.0)).unwrap();
+        let net = m.net();
+        let mut init = vec![0f32; net.state_len()];
+        net.initial_state(&mut init);
+        assert!(init.iter().any(|&x| x != 0.0), "{}: the initial state is zeros", case.0);
+        assert!(m.info.format.contains("state-tuned"), "{}", m.info.format);
+        let mut s = stuffed::session::Session::new(&m, 16);
+        assert_eq!(s.state, init, "{}: a session starts from the tuned state", case.0);
+        s.feed(&[1, 2, 3], &mut |_, _| Ok(())).unwrap();
+        s.reset();
+        assert_eq!(s.state, init, "{}: reset goes back to the tuned state", case.0);
+        let h = stuffed::embed::Handle::open(&data(case.0)).unwrap();
+        let mut st = vec![7f32; h.state_len()];
+        h.initial_state(&mut st).unwrap();
+        assert_eq!(st, init, "{}: the embedding's initial state", case.0);
     }
 }

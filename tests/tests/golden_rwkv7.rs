@@ -10,8 +10,12 @@ use stuffed::model::{Layout, Model};
 use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
 
 /// (model dir, reference dir)
-const CASES: &[(&str, &str)] =
-    &[("rwkv7_tiny", "rwkv7_tiny"), ("rwkv7_tiny_bf16", "rwkv7_tiny_bf16"), ("rwkv7_tiny_fla", "rwkv7_tiny_bf16")];
+const CASES: &[(&str, &str)] = &[
+    ("rwkv7_tiny", "rwkv7_tiny"),
+    ("rwkv7_tiny_bf16", "rwkv7_tiny_bf16"),
+    ("rwkv7_tiny_fla", "rwkv7_tiny_bf16"),
+    ("rwkv7_time_state", "rwkv7_time_state"),
+];
 
 /// Our state (per layer: att_shift (C), S (H, N_value, N_key), ffn_shift (C)) against the
 /// package's (the same layout).
@@ -105,4 +109,21 @@ fn rwkv7_text_commands_need_a_tokenizer() {
     let err = m.tokenizer(None).err().expect("256 rows: an error");
     let e = format!("{err:#}");
     assert!(e.contains("256 rows") && e.contains("--tokenizer"), "{e}");
+}
+
+/// A state-tuned x070 file (`att.time_state` in every layer) starts every stream from S = its
+/// time_state as stored (`[head][value][key]`, the state's own layout; the package, which loads no
+/// x070 time_state, was started from it explicitly): logits in one call, in chunks, token by token
+/// and split, and the final state (`check_forms`); a reset returns to it; `info` says so.
+#[test]
+fn rwkv7_state_tuned_file_starts_from_its_state() {
+    check_case(CASES[3], Pool::new);
+    let m = Model::load(&data("rwkv7_time_state")).unwrap();
+    assert!(m.info.format.contains("state-tuned"), "{}", m.info.format);
+    let mut s = stuffed::session::Session::new(&m, 16);
+    let init = s.state.clone();
+    assert!(init.iter().any(|&x| x != 0.0));
+    s.feed(&[1, 2, 3], &mut |_, _| Ok(())).unwrap();
+    s.reset();
+    assert_eq!(s.state, init);
 }

@@ -74,6 +74,9 @@ fn v5_mix(r: &str) -> String {
     }
 }
 
+/// What a state-tuned file's format says (RWKV-5/6/7 with `att.time_state` in every layer).
+pub(super) const STATE_TUNED: &str = ", state-tuned: every stream starts from its att.time_state";
+
 pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> {
     let (path, cfg_path) = (found.weights.as_path(), found.config_path.as_path());
     let json = found.config.as_ref().map(|c| &c.json);
@@ -156,12 +159,6 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         let d1 = req("blocks.0.att.time_decay_w1")?;
         (w1.shape.get(1).copied().unwrap_or(0) / 5, d1.shape.get(1).copied().unwrap_or(0))
     };
-    if ck.get(&name("blocks.0.att.time_state")).is_some() {
-        eprintln!(
-            "{}: note: att.time_state (a state-tuned model) is ignored; runs start from the zero state",
-            fname.display()
-        );
-    }
     let stated = json.and_then(|j| j.get("num_hidden_layers")).and_then(Value::as_u64);
     if let Some(s) = stated.filter(|&s| s != n_layer as u64) {
         bail!("{}: config.json states {s} layers but the weights have {n_layer}", cfg_path.display());
@@ -243,8 +240,21 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             fk: lin("ffn.key.weight", f, c)?,
             fr: lin("ffn.receptance.weight", c, c)?,
             fv: lin("ffn.value.weight", c, f)?,
+            // A state-tuned model (RWKV-PEFT's state tuning merged into the .pth): each stream
+            // starts from it, as the `rwkv` package does.
+            time_state: match ck.get(&name(&p("att.time_state"))) {
+                Some(t) if t.shape != [h, n, n] => bail!(
+                    "{}: {} has shape {:?}, expected [{h}, {n}, {n}] (heads, head size, head size)",
+                    t.file.display(),
+                    t.name,
+                    t.shape
+                ),
+                Some(t) => Some(view(t, h * n, n)?),
+                None => None,
+            },
         });
     }
+    let tuned = layers.first().is_some_and(|l| l.time_state.is_some());
     let tables = Tables {
         cfg,
         layers: layers.into_boxed_slice(),
@@ -260,12 +270,16 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     let info = ModelInfo {
         path: path.to_path_buf(),
         family: if v5 { Family::Rwkv5 } else { Family::Rwkv6 },
-        format: match (hf, ck.format()) {
-            (true, _) => "hf-safetensors",
-            (false, Format::TorchZip) => "blinkdl-pth",
-            (false, Format::Safetensors) => "blinkdl-safetensors",
-        }
-        .into(),
+        // A state-tuned file says so wherever the model is named (`info`, every output's facts).
+        format: format!(
+            "{}{}",
+            match (hf, ck.format()) {
+                (true, _) => "hf-safetensors",
+                (false, Format::TorchZip) => "blinkdl-pth",
+                (false, Format::Safetensors) => "blinkdl-safetensors",
+            },
+            if tuned { STATE_TUNED } else { "" }
+        ),
         d_model: c,
         n_layer,
         layout: Layout::Rwkv { n_heads: h, head_size: n, d_ffn: f, lora_mix: dm, lora_decay: dd },

@@ -320,6 +320,16 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             ffn_x_k: vc(&p("ffn.x_k"))?,
             fk: lin("ffn.key.weight", d_ffn, c)?,
             fv: lin("ffn.value.weight", c, d_ffn)?,
+            // A state-tuned .pth (RWKV-PEFT's state tuning merged in): every stream starts from it.
+            time_state: match ck.get(&p("att.time_state")).filter(|_| names == Names::Pth) {
+                Some(t) if t.shape != [h, n, n] => bail!(
+                    "{f}: tensor {} has shape {:?}, expected [{h}, {n}, {n}] (heads, head size, head size)",
+                    t.name,
+                    t.shape
+                ),
+                Some(t) => Some(view(t, h * n, n)?),
+                None => None,
+            },
         });
     }
     let tied = json.and_then(|j| j.get("tie_word_embeddings")).and_then(Value::as_bool).unwrap_or(false);
@@ -329,16 +339,20 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         None if tied => embed,
         None => bail!("{f}: missing tensor {}", key(names, "head.weight")),
     };
+    let tuned = layers.first().is_some_and(|l| l.time_state.is_some());
     let (params, bytes) = totals(ck, |_| false);
     let info = ModelInfo {
         path: path.to_path_buf(),
         family: Family::Rwkv7,
-        format: match (names, ck.format()) {
-            (Names::Fla, _) => "fla-safetensors",
-            (Names::Pth, Format::TorchZip) => "blinkdl-pth",
-            (Names::Pth, Format::Safetensors) => "blinkdl-safetensors",
-        }
-        .into(),
+        format: format!(
+            "{}{}",
+            match (names, ck.format()) {
+                (Names::Fla, _) => "fla-safetensors",
+                (Names::Pth, Format::TorchZip) => "blinkdl-pth",
+                (Names::Pth, Format::Safetensors) => "blinkdl-safetensors",
+            },
+            if tuned { super::rwkv::STATE_TUNED } else { "" }
+        ),
         d_model: c,
         n_layer,
         layout: Layout::Rwkv7 {
