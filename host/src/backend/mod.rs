@@ -84,7 +84,7 @@ pub trait Backend {
     /// The phase the next calls feed in.
     fn phase(&self) -> Phase;
 
-    /// Back to the zero state at the start of a document.
+    /// Back to the state a stream starts from (zeros, or a state-tuned RWKV's) at the start of a document.
     fn reset(&mut self) -> Result<()>;
 
     /// Floats of the recurrent state.
