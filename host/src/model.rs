@@ -379,7 +379,7 @@ impl Model {
         let names: Vec<&str> = ck.names().collect();
         let sums: Vec<String> = names
             .par_iter()
-            .filter_map(|n| ck.get(n))
+            .filter_map(|n| ck.peek(n))
             .map(|t| format!("{}:{}:{:?}:{:x}", t.name, t.dtype.name(), t.shape, Sha256::digest(t.bytes)))
             .collect();
         let mut h = Sha256::new();
@@ -402,6 +402,7 @@ impl Model {
         let mut info = None;
         let viewed = Viewed::try_new(ckpt, |ck| {
             let loaded = (found.family.loader())(ck, &found)?;
+            refuse_unused(ck, loaded.info.family)?;
             info = Some(loaded.info);
             anyhow::Ok(loaded.views)
         })?;
@@ -417,6 +418,27 @@ impl Model {
             content: Default::default(),
         })
     }
+}
+
+/// Refuses a checkpoint holding tensors its family's loader did not ask for: a weight the model
+/// would silently run without (an unmerged adapter, a bias or gate of a variant not supported, a
+/// tuned state) gives wrong numbers with exit 0. `STUFFED_ALLOW_UNUSED_TENSORS=1` runs it anyway.
+fn refuse_unused(ck: &Checkpoint, family: Family) -> Result<()> {
+    let unused = ck.unused();
+    if unused.is_empty() || std::env::var("STUFFED_ALLOW_UNUSED_TENSORS").is_ok_and(|v| v == "1") {
+        return Ok(());
+    }
+    let shown: Vec<&str> = unused.iter().take(5).copied().collect();
+    bail!(
+        "{}: {} tensor{} the {} loader does not use ({}{}): a variant it does not run? \
+         STUFFED_ALLOW_UNUSED_TENSORS=1 runs the model without them",
+        ck.origin().display(),
+        unused.len(),
+        if unused.len() == 1 { "" } else { "s" },
+        family.title(),
+        shown.join(", "),
+        if unused.len() > shown.len() { ", …" } else { "" }
+    )
 }
 
 fn dtype_name(d: DType) -> &'static str {
@@ -476,7 +498,7 @@ fn view(t: TensorView<'_>, rows: usize, cols: usize) -> Result<Weight<'_>> {
 fn totals(ck: &Checkpoint, skip: impl Fn(&str) -> bool) -> (usize, usize) {
     ck.names()
         .filter(|n| !skip(n))
-        .filter_map(|n| ck.get(n))
+        .filter_map(|n| ck.peek(n))
         .fold((0, 0), |(p, b), v| (p + v.numel(), b + v.bytes.len()))
 }
 

@@ -984,3 +984,35 @@ fn amx_runs_only_on_request_and_a_refusal_is_said_once() {
         println!("{}", said[0]);
     }
 }
+
+/// A checkpoint holding a tensor its family's loader does not ask for (here a q_proj bias in a
+/// GLA file, which fla's GLA has not) is refused in one line naming the file, the tensor and the
+/// way out: run without it, the model's numbers would silently lack it. With
+/// `STUFFED_ALLOW_UNUSED_TENSORS=1` it loads.
+#[test]
+fn unused_tensors_are_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = data("gla_tiny");
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let bias = vec![0u8; 30 * 4];
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+    let extra = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![30], &bias).unwrap();
+    views.push(("model.layers.0.attn.q_proj.bias".into(), extra));
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, _, err) = stuffed(&["info", "--model", d]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for want in [d, "model.layers.0.attn.q_proj.bias", "GLA", "STUFFED_ALLOW_UNUSED_TENSORS=1"] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_stuffed"))
+        .args(["info", "--model", d])
+        .env("STUFFED_ALLOW_UNUSED_TENSORS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -196,6 +196,8 @@ struct Entry {
     file: usize,
     loc: Loc,
     split: SplitCell,
+    /// Whether a loader asked for it ([`Checkpoint::unused`]).
+    used: std::sync::atomic::AtomicBool,
 }
 
 /// An f32 tensor's bf16 halves `hi + lo` ([`stuffed_core::SplitHalves`]), made on the first
@@ -334,6 +336,11 @@ impl Checkpoint {
         )
     }
 
+    /// The path it was opened from (a file or a directory).
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
     /// The directory holding config.json (for a file: its parent).
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -343,7 +350,17 @@ impl Checkpoint {
         self.format
     }
 
+    /// The tensor `name`, marked as used (see [`Checkpoint::unused`]).
     pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        let v = self.peek(name)?;
+        if let Some(e) = self.tensors.get(name) {
+            e.used.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Some(v)
+    }
+
+    /// The tensor `name` without marking it used: for sizes, hashes and probes, not for weights.
+    pub fn peek(&self, name: &str) -> Option<TensorView<'_>> {
         let (name, e) = self.tensors.get_key_value(name)?;
         let bytes = match e.loc {
             Loc::Map { start, end } => &self.maps[e.file][start..end],
@@ -354,6 +371,13 @@ impl Checkpoint {
 
     pub fn require(&self, name: &str) -> Result<TensorView<'_>> {
         self.get(name).ok_or_else(|| anyhow!("{}: missing tensor {name}", self.origin.display()))
+    }
+
+    /// Names of the tensors no loader asked for ([`Checkpoint::get`]), sorted: weights a model
+    /// would run without, which may change its math.
+    pub fn unused(&self) -> Vec<&str> {
+        let used = |e: &Entry| e.used.load(std::sync::atomic::Ordering::Relaxed);
+        self.tensors.iter().filter(|(_, e)| !used(e)).map(|(n, _)| n.as_str()).collect()
     }
 
     /// Tensor names, sorted.
@@ -423,7 +447,14 @@ impl Checkpoint {
                 self.owned.push(buf);
                 Loc::Owned { buf: self.owned.len() - 1, len: bytes.len() }
             };
-            let entry = Entry { dtype: t.dtype, shape: t.shape, file: file_idx, loc, split: SplitCell::default() };
+            let entry = Entry {
+                dtype: t.dtype,
+                shape: t.shape,
+                file: file_idx,
+                loc,
+                split: SplitCell::default(),
+                used: Default::default(),
+            };
             self.tensors.insert(t.name, entry);
         }
         self.files.push(path.to_path_buf());

@@ -276,6 +276,11 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             }
         })
     };
+    // Layer 0's value-residual LoRA, which some files carry, is unused by the math (layer 0's
+    // v_first is its own v): read as known, so the unused-tensor check passes over it.
+    for k in ["att.v0", "att.v1", "att.v2"] {
+        let _ = ck.get(&key(names, &format!("blocks.0.{k}")));
+    }
     let mut layers = Vec::with_capacity(n_layer);
     for l in 0..n_layer {
         let p = |s: &str| format!("blocks.{l}.{s}");
