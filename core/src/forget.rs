@@ -288,11 +288,14 @@ pub struct Runs {
 }
 
 impl Runs {
+    /// The state range of each run, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = core::ops::Range<usize>> + '_ {
+        (0..self.rows).map(|r| self.start + r * self.stride..self.start + r * self.stride + self.len)
+    }
     /// Visits every value.
     pub fn for_each(&self, state: &[f32], mut f: impl FnMut(f32)) {
-        for r in 0..self.rows {
-            let s = self.start + r * self.stride;
-            state[s..s + self.len].iter().for_each(|&v| f(v));
+        for r in self.ranges() {
+            state[r].iter().for_each(|&v| f(v));
         }
     }
 }

@@ -120,9 +120,7 @@ pub fn round_slice(dtype: StateDtype, v: &mut [f32]) -> Option<usize> {
 pub fn ranges(net: &dyn Recurrent, all: bool) -> Vec<Range<usize>> {
     if all {
         let c = net.counters();
-        let mut skip: Vec<Range<usize>> = c.layers.map_or(Vec::new(), |r| {
-            (0..r.rows).map(|k| r.start + k * r.stride..r.start + k * r.stride + r.len).collect()
-        });
+        let mut skip: Vec<Range<usize>> = c.layers.map_or(Vec::new(), |r| r.ranges().collect());
         skip.push(c.tail);
         let mut out = Vec::new();
         let mut at = 0;
@@ -152,9 +150,7 @@ pub fn layer_of(net: &dyn Recurrent, i: usize) -> Option<usize> {
     (0..net.n_layer()).find(|&l| {
         (0..net.n_heads()).any(|h| {
             net.head_state(l, h).contains(&i)
-                || net.conv_state(l, h).is_some_and(|r| {
-                    (0..r.rows).any(|k| (r.start + k * r.stride..r.start + k * r.stride + r.len).contains(&i))
-                })
+                || net.conv_state(l, h).is_some_and(|r| r.ranges().any(|run| run.contains(&i)))
         })
     })
 }

@@ -96,9 +96,8 @@ fn from_position(m: &Model, lo: f32, hi: f32, ids: &[u32], splits: &[usize]) -> 
     let net = m.net();
     let c = net.counters().layers.expect("RetNet counts its position in every layer");
     let mut s = stuffed::session::Session::new(m, 64);
-    for l in 0..c.rows {
-        s.state[c.start + l * c.stride] = lo;
-        s.state[c.start + l * c.stride + 1] = hi;
+    for run in c.ranges() {
+        s.state[run].copy_from_slice(&[lo, hi]);
     }
     let mut rows = Vec::new();
     let mut at = 0;
@@ -136,8 +135,7 @@ fn retnet_positions_past_two_to_the_24() {
     let net = m.net();
     let c = net.counters().layers.unwrap();
     let ranges = stuffed::state_dtype::ranges(net, true);
-    for l in 0..c.rows {
-        let at = c.start + l * c.stride;
-        assert!(!ranges.iter().any(|r| r.contains(&at) || r.contains(&(at + 1))), "layer {l}'s position is rounded");
+    for (l, run) in c.ranges().enumerate() {
+        assert!(!ranges.iter().any(|r| run.clone().any(|i| r.contains(&i))), "layer {l}'s position is rounded");
     }
 }
