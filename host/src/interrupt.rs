@@ -27,6 +27,11 @@ pub fn arm() -> Armed {
     if !ENABLED.load(SeqCst) {
         return Armed(());
     }
+    // Armed before the handlers go in: a signal landing between their installation and these
+    // stores used to find EXIT_NOW still true and end the process with 128 + signal (seen once in a
+    // clean-clone CI: exit 143 where the checkpoint and exit 1 were due), or had its flag cleared.
+    RAISED.store(0, SeqCst);
+    EXIT_NOW.store(false, SeqCst);
     INSTALL.call_once(|| {
         for sig in [SIGINT, SIGTERM] {
             // Started with SIGINT ignored (a non-interactive shell does that to its background jobs,
@@ -43,8 +48,6 @@ pub fn arm() -> Armed {
             }
         }
     });
-    RAISED.store(0, SeqCst);
-    EXIT_NOW.store(false, SeqCst);
     Armed(())
 }
 
