@@ -61,6 +61,13 @@ const char *stuffed_last_error(void);
 // `*out`. Close it with `stuffed_close`.
 enum StuffedStatus stuffed_open(const char *path, struct StuffedModel **out);
 
+// `stuffed_open` with an RWKV-5/6/7 state-tuning file beside the model (`state_path`, null: none;
+// RWKV-PEFT's `blocks.N.att.time_state`, as `stuffed --state-file` reads it): every stream starts
+// from its states (`stuffed_state_zero` writes them). A file the model would not start from fails.
+enum StuffedStatus stuffed_open_with_state(const char *path,
+                                           const char *state_path,
+                                           struct StuffedModel **out);
+
 // Closes a handle (null: nothing). No call may be running on it.
 void stuffed_close(struct StuffedModel *model);
 

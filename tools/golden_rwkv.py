@@ -19,6 +19,9 @@ Writes, under tests/data/ (FORMATS.md §3, §8):
                     with Dm 4, Dd 8): every layer's `blocks.N.att.time_state` [H, N, N] (RWKV-PEFT's state
                     tuning merged into the .pth), which the package transposes into the state every
                     stream starts from (rwkv/model.py `if args.time_state:`); ids = randint(0, 32, ...).
+                    Beside each, <case>_file/state.pth: only those time_state tensors, as RWKV-PEFT saves a state and
+                    RWKV-Runner loads it beside a model (`stuffed --state-file`; the package on the model
+                    without them, started from time_state.transpose(1, 2), gives the same logits exactly).
 
 each holding model.pth (or model.safetensors) and ref.safetensors:
   input_ids        i64 [1, T]
@@ -46,6 +49,7 @@ generator seeded 42 in key order; ids = randint(0, 256, (1, 61), generator=manua
 """
 import json
 import os
+import tempfile
 import sys
 
 os.environ.setdefault("RWKV_CUDA_ON", "0")
@@ -253,6 +257,28 @@ def bf16_odd_cases(want):
         save_case(case, None, ids_t, m, full, step, split, st, recipe, {"emb_ln0": emb})
 
 
+def state_file(d, w, ids, merged_full):
+    """`<case>_file/state.pth` beside a state-tuned case (its own directory, so the case's stays one
+    .pth): only its `blocks.N.att.time_state`, as RWKV-PEFT's state
+    tuning saves it and RWKV-Runner loads it beside a model (`stuffed --state-file`). Checks RWKV-Runner's
+    way of using it, the package on the model without the state started from `time_state.transpose(1, 2)`,
+    gives the merged file's logits exactly, so the merged case's references serve the separate file."""
+    state = {k: v for k, v in w.items() if k.endswith("att.time_state")}
+    os.makedirs(d + "_file", exist_ok=True)
+    torch.save(state, os.path.join(d + "_file", "state.pth"))
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "base.pth")
+        torch.save({k: v for k, v in w.items() if k not in state}, base)
+        m = RWKV(model=base, strategy="cpu fp32", verbose=False)
+        assert not m.args.time_state
+        s0 = []
+        for l in range(len(state)):
+            c = m.args.n_embd
+            s0 += [torch.zeros(c), state[f"blocks.{l}.att.time_state"].transpose(1, 2).float().contiguous(), torch.zeros(c)]
+        full, _ = m.forward(ids, s0, full_output=True)
+        assert torch.equal(full.float(), merged_full), (full.float() - merged_full).abs().max()
+
+
 def time_state_cases(want):
     """Small f32 RWKV-6 and RWKV-5.2 files carrying a tuned initial state in every layer."""
     for version in (6, 5):
@@ -271,6 +297,7 @@ def time_state_cases(want):
         torch.save(w, path)
         m, full, step, split, st = run(path, ids_t[0].tolist())
         assert m.version == (6.0 if version == 6 else 5.2) and m.args.time_state, (m.version, m.args.time_state)
+        state_file(d, w, ids_t[0].tolist(), full)
         recipe = (f"RWKV-{m.version} V 32, C 32, L 2, N 16, F 64 (Dm 4, Dd 8); init seed {500 + version}, +0.1 N(0,1) "
                   f"seed {600 + version}; att.time_state N(0,1) [2, 16, 16] per layer, seed {700 + version}; f32")
         save_case(case, None, ids_t, m, full, step, split, st, recipe)

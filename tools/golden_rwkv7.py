@@ -7,7 +7,8 @@ Writes, under tests/data/ (FAMILIES.md §1, FORMATS.md §8):
                     zip), with layer 0's unused att.v0/v1/v2 PRESENT (random values the math ignores)
   rwkv7_tiny_bf16/  the same weights stored bf16, layer 0's v0/v1/v2 ABSENT; reference = the package
                     on that .pth (x070 casts to fp32 first and folds LN0 after, so nothing rounds to bf16)
-  rwkv7_time_state/ a small state-tuned x070 file (`time_state_case`)
+  rwkv7_time_state/ a small state-tuned x070 file (`time_state_case`); rwkv7_time_state_file/state.pth: its
+                    time_state alone, as RWKV-Runner loads a state beside a model (`stuffed --state-file`)
   rwkv7_tiny_fla/   rwkv7_tiny_bf16 in the fla / HF layout (`fla-hub/rwkv7-*`, FAMILIES.md §1.3):
                     model.safetensors (bf16) + config.json, LoRAs transposed (Linear layout), LN0 as
                     pre_norm (no ref: the tests use rwkv7_tiny_bf16's)
@@ -293,6 +294,10 @@ def time_state_case():
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, "model.pth")
         torch.save({k: v if k.endswith("time_state") else v.to(torch.bfloat16) for k, v in w.items()}, path)
+        # The state alone, as RWKV-PEFT saves it and RWKV-Runner loads it beside a model (`--state-file`);
+        # the references below already start from it.
+        os.makedirs(d + "_file", exist_ok=True)
+        torch.save({k: v for k, v in w.items() if k.endswith("time_state")}, os.path.join(d + "_file", "state.pth"))
         ids_t = torch.randint(0, V, (1, T), generator=torch.manual_seed(7))
         ids = ids_t[0].tolist()
         m, full, step, split, st = run(path, ids, S0)

@@ -147,13 +147,32 @@ pub extern "C" fn stuffed_last_error() -> *const c_char {
 /// `*out`. Close it with `stuffed_close`.
 #[no_mangle]
 pub unsafe extern "C" fn stuffed_open(path: *const c_char, out: *mut *mut StuffedModel) -> StuffedStatus {
+    stuffed_open_with_state(path, std::ptr::null(), out)
+}
+
+/// `stuffed_open` with an RWKV-5/6/7 state-tuning file beside the model (`state_path`, null: none;
+/// RWKV-PEFT's `blocks.N.att.time_state`, as `stuffed --state-file` reads it): every stream starts
+/// from its states (`stuffed_state_zero` writes them). A file the model would not start from fails.
+#[no_mangle]
+pub unsafe extern "C" fn stuffed_open_with_state(
+    path: *const c_char,
+    state_path: *const c_char,
+    out: *mut *mut StuffedModel,
+) -> StuffedStatus {
     guard(|| {
         non_null!(path, out);
         *out = std::ptr::null_mut();
         let Ok(p) = CStr::from_ptr(path).to_str() else {
             return fail(StuffedStatus::Failed, "path: not UTF-8");
         };
-        match Handle::open(Path::new(p)) {
+        let state = match state_path.is_null() {
+            true => None,
+            false => match CStr::from_ptr(state_path).to_str() {
+                Ok(s) => Some(Path::new(s)),
+                Err(_) => return fail(StuffedStatus::Failed, "state_path: not UTF-8"),
+            },
+        };
+        match Handle::open_with_state(Path::new(p), state) {
             Ok(handle) => {
                 let family = CString::new(handle.family()).unwrap_or_default();
                 *out = Box::into_raw(Box::new(StuffedModel { handle, family }));

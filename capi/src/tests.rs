@@ -403,3 +403,32 @@ fn state_zero_is_a_tuned_models_start() {
         assert_eq!(a != b, tuned, "{case}");
     }
 }
+
+/// `stuffed_open_with_state` starts every stream from the state file's states: the start it writes
+/// is the one the same states merged into a model give (the state holds no other weight), null opens
+/// plain, and a file another model's shape is refused naming it.
+#[test]
+fn a_state_file_beside_the_model_is_its_start() {
+    let start = |m: &Open| {
+        let n = unsafe { stuffed_state_len(m.0) };
+        let mut st = vec![7f32; n];
+        assert_eq!(unsafe { stuffed_state_zero(m.0, st.as_mut_ptr(), n) }, StuffedStatus::Ok);
+        st
+    };
+    let with = |state: *const c_char| {
+        let mut m = null_mut();
+        let st = unsafe { stuffed_open_with_state(golden("rwkv6_bf16_m3_d5").as_ptr(), state, &mut m) };
+        (st, Open(m))
+    };
+    let file = golden("rwkv6_time_state_file/state.pth");
+    let (st, m) = with(file.as_ptr());
+    assert_eq!(st, StuffedStatus::Ok, "{}", last_error());
+    assert_eq!(start(&m), start(&open("rwkv6_time_state")));
+    let (st, plain) = with(null());
+    assert_eq!(st, StuffedStatus::Ok, "{}", last_error());
+    assert!(start(&plain).iter().all(|&x| x == 0.0));
+    let (st, _) = with(golden("rwkv7_time_state_file/state.pth").as_ptr());
+    assert_ne!(st, StuffedStatus::Ok);
+    let e = last_error();
+    assert!(e.contains("rwkv7_time_state_file/state.pth") && e.contains("has shape"), "{e}");
+}

@@ -88,7 +88,13 @@ impl Handle {
     /// Opens what `stuffed --model PATH` opens: a directory, a checkpoint file, or `owner/name[@rev]`
     /// in the local Hugging Face cache.
     pub fn open(path: &Path) -> Result<Handle> {
-        let model = Model::load(path)?;
+        Handle::open_with_state(path, None)
+    }
+
+    /// [`Handle::open`] with an RWKV state-tuning file beside the model (`--state-file`): every
+    /// stream starts from its states ([`Handle::initial_state`]).
+    pub fn open_with_state(path: &Path, state_file: Option<&Path>) -> Result<Handle> {
+        let model = Model::open(path, state_file)?;
         let tok = model.tokenizer(None).map_err(|e| format!("{e:#}"));
         let family = model.info.family.name().to_string();
         Ok(Handle { model: RwLock::new(Settings { model, chunk: DEFAULT_CHUNK }), tok, family })

@@ -44,6 +44,10 @@ pub struct ModelInfo {
     /// The unpadded vocab the config states, when it does (the tokenizer's size otherwise).
     pub config_vocab: Option<usize>,
     pub tied_embeddings: bool,
+    /// The RWKV state-tuning file every stream starts from (`--state-file`), when one was given
+    /// beside the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<PathBuf>,
 }
 
 /// A layer's sizes, per family (written flat into `info --json` and every results file).
@@ -394,19 +398,33 @@ impl Model {
     }
 
     /// Opens a checkpoint directory (or file), or a model name in the local Hugging Face cache
-    /// ([`crate::hub::resolve`]), and builds the model it holds.
+    /// ([`crate::hub::resolve`]), and builds the model it holds; with the command line's
+    /// `--state-file` beside it ([`set_state_file`]), if one was given.
     pub fn load(path: &Path) -> Result<Model> {
+        let state = STATE_FILE.read().unwrap_or_else(|p| p.into_inner()).clone();
+        Model::open(path, state.as_deref())
+    }
+
+    /// [`Model::load`] with `state_file` (or none) beside the model: an RWKV-5/6/7 state-tuning
+    /// file (RWKV-PEFT's `blocks.N.att.time_state` for every layer, as RWKV-Runner loads it beside
+    /// a model) that every stream then starts from, as if merged into the model's `.pth`.
+    pub fn open(path: &Path, state_file: Option<&Path>) -> Result<Model> {
         let path = &crate::hub::resolve(path)?;
         let found = detect(path)?;
-        let ckpt = Checkpoint::open(&found.weights)?;
+        let mut ckpt = Checkpoint::open(&found.weights)?;
+        let beside = state_file.map(|s| ckpt.add_beside(s)).transpose()?;
         let mut info = None;
         let viewed = Viewed::try_new(ckpt, |ck| {
             let loaded = (found.family.loader())(ck, &found)?;
+            if let (Some(file), Some(s)) = (beside, state_file) {
+                refuse_unread_state(ck, file, s, loaded.info.family)?;
+            }
             refuse_unused(ck, loaded.info.family)?;
             info = Some(loaded.info);
             anyhow::Ok(loaded.views)
         })?;
-        let info = info.context("a loader returned no description")?;
+        let mut info = info.context("a loader returned no description")?;
+        info.state_file = state_file.map(Path::to_path_buf);
         let built = Built::try_new(viewed, |v| {
             anyhow::Ok(Nets { main: v.borrow_dependent().net()?, plain: None, by_target: Vec::new() })
         })?;
@@ -418,6 +436,38 @@ impl Model {
             content: Default::default(),
         })
     }
+}
+
+/// `--state-file`: the file every model a command opens starts from (none by default).
+static STATE_FILE: std::sync::RwLock<Option<PathBuf>> = std::sync::RwLock::new(None);
+
+/// Sets the state-tuning file [`Model::load`] opens beside every model (`--state-file`).
+pub fn set_state_file(path: Option<PathBuf>) {
+    *STATE_FILE.write().unwrap_or_else(|p| p.into_inner()) = path;
+}
+
+/// Refuses a state file whose tensors the model does not start from: another family, an fla-named
+/// RWKV-7, or names that are not `blocks.N.att.time_state` (a state trained for another model
+/// is refused by the loader's shape check; one already merged into the model, as a name both hold).
+fn refuse_unread_state(ck: &Checkpoint, file: usize, path: &Path, family: Family) -> Result<()> {
+    let (unused, total) = ck.unused_in(file);
+    if total == 0 {
+        bail!("{}: holds no tensors, so no state to start from", path.display());
+    }
+    if unused.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = unused.iter().take(3).copied().collect();
+    bail!(
+        "{}: {} of its {total} tensors ({}{}) are not a state the {} model starts from: --state-file takes \
+         RWKV-PEFT's blocks.N.att.time_state [heads, head size, head size] for every layer of an \
+         RWKV-5/6/7 .pth model",
+        path.display(),
+        unused.len(),
+        shown.join(", "),
+        if unused.len() > shown.len() { ", …" } else { "" },
+        family.title()
+    )
 }
 
 /// Refuses a checkpoint holding tensors its family's loader did not ask for: a weight the model

@@ -1016,3 +1016,44 @@ fn unused_tensors_are_refused_unless_allowed() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `--state-file` (a global flag) reaches the model a command opens: `logits` with it equals the
+/// embedding API opened with the same file and differs from the run without; `info` names it; a
+/// file the model would not start from ends the run with one line naming it.
+#[test]
+fn state_file_flag_starts_every_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, s) = (data("rwkv6_bf16_m3_d5"), data("rwkv6_time_state_file/state.pth"));
+    let (m, s) = (m.to_str().unwrap(), s.to_str().unwrap());
+    let ids: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 32).collect();
+    let ids_file = dir.path().join("ids.txt");
+    std::fs::write(&ids_file, ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")).unwrap();
+    let logits = |state: Option<&str>| {
+        let out = dir.path().join("l.safetensors");
+        let mut args =
+            vec!["logits", "--model", m, "--ids", ids_file.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend(state.map(|s| ["--state-file", s]).into_iter().flatten());
+        let (code, _, err) = stuffed(&args);
+        assert_eq!(code, 0, "{err}");
+        let bytes = std::fs::read(&out).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let data = st.tensor("logits").unwrap().data().to_vec();
+        data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect::<Vec<f32>>()
+    };
+    let (with, without) = (logits(Some(s)), logits(None));
+    let h = stuffed::embed::Handle::open_with_state(std::path::Path::new(m), Some(std::path::Path::new(s))).unwrap();
+    let mut state = vec![0f32; h.state_len()];
+    h.initial_state(&mut state).unwrap();
+    let mut want = vec![0f32; with.len()];
+    h.forward(&mut state, &ids, &mut want, true).unwrap();
+    assert_eq!(with, want, "logits --state-file against the embedding API");
+    assert_ne!(with, without);
+    let (code, out, err) = stuffed(&["info", "--json", "--model", m, "--state-file", s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"state_file\"") && out.contains("state-tuned"), "{out}");
+    let (code, _, err) =
+        stuffed(&["info", "--model", data("mamba2_hf_g1_untied").to_str().unwrap(), "--state-file", s]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(s) && err.contains("Mamba-2"), "{err}");
+}

@@ -29,8 +29,9 @@ struct Handle {
 #[pymethods]
 impl Handle {
     #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Handle> {
-        py.detach(|| Inner::open(&path)).map(|inner| Handle { inner }).map_err(py_err)
+    #[pyo3(signature = (path, state_file=None))]
+    fn new(py: Python<'_>, path: PathBuf, state_file: Option<PathBuf>) -> PyResult<Handle> {
+        py.detach(|| Inner::open_with_state(&path, state_file.as_deref())).map(|inner| Handle { inner }).map_err(py_err)
     }
 
     /// `stuffed info --json`'s facts, as JSON.

@@ -40,10 +40,11 @@ class Model:
     `owner/name[@revision]` from the local Hugging Face cache (nothing is downloaded).
 
     `forget` is a `--forget` string (`rri:a=0.9999,b=0.75`, `window:r=4096`, …); `chunk` the
-    tokens per forward call (default 256; 1 runs the token-by-token recurrence)."""
+    tokens per forward call (default 256; 1 runs the token-by-token recurrence); `state_file` an
+    RWKV-5/6/7 state-tuning file beside the model (`--state-file`): every stream starts from it."""
 
-    def __init__(self, path, forget=None, chunk=None):
-        self._h = Handle(os.fspath(path))
+    def __init__(self, path, forget=None, chunk=None, state_file=None):
+        self._h = Handle(os.fspath(path), None if state_file is None else os.fspath(state_file))
         if forget is not None:
             self._h.set_forget(forget)
         if chunk is not None:

@@ -259,3 +259,13 @@ def test_state_is_a_tuned_models_start():
     a = tuned.forward([1, 2], s.copy())
     b = tuned.forward([1, 2], np.zeros_like(s))
     assert not np.array_equal(a, b)
+
+
+def test_state_file_beside_the_model():
+    """`Model(path, state_file=...)` starts from the file's states: the start the same states merged
+    into a model give (the state holds no other weight)."""
+    data = ROOT / "tests" / "data"
+    m = stuffed.Model(data / "rwkv6_bf16_m3_d5", state_file=data / "rwkv6_time_state_file" / "state.pth")
+    assert np.array_equal(m.state(), stuffed.Model(data / "rwkv6_time_state").state())
+    assert m.info["state_file"].endswith("state.pth")
+    assert not stuffed.Model(data / "rwkv6_bf16_m3_d5").state().any()

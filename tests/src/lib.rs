@@ -158,6 +158,57 @@ pub fn copy_of(case: &str) -> tempfile::TempDir {
     dir
 }
 
+/// `tests/data/<case>/model.pth` without its `att.time_state` tensors: the model a state file
+/// (`--state-file`) goes beside. Written as safetensors (BlinkDL names; read by its magic bytes)
+/// named `model.pth` in a temporary directory.
+pub fn without_time_state(case: &str) -> (tempfile::TempDir, PathBuf) {
+    use safetensors::Dtype;
+    let ck = stuffed::checkpoint::Checkpoint::open(&data(case).join("model.pth")).unwrap();
+    let kept: Vec<_> = ck.names().filter(|n| !n.ends_with("att.time_state")).map(|n| ck.peek(n).unwrap()).collect();
+    assert!(kept.len() < ck.names().count(), "{case} has no att.time_state");
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
+        .iter()
+        .map(|t| {
+            let dtype = match t.dtype.name() {
+                "F32" => Dtype::F32,
+                "BF16" => Dtype::BF16,
+                other => panic!("{other}"),
+            };
+            (t.name.to_string(), safetensors::tensor::TensorView::new(dtype, t.shape.to_vec(), t.bytes).unwrap())
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.pth");
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    (dir, path)
+}
+
+/// The state-tuned `case` as a user with a separate state file has it: the model without its
+/// states ([`without_time_state`]) opened with `tests/data/<case>_file/state.pth` beside it (written by
+/// the golden tool: the case's `att.time_state` tensors alone, checked here byte for byte). The
+/// model without the file misses the case's references, so a test that passes with it needed it.
+pub fn beside_state_file(case: &str) -> (tempfile::TempDir, Model) {
+    use stuffed::checkpoint::Checkpoint;
+    let (dir, base) = without_time_state(case);
+    let state = data(&format!("{case}_file")).join("state.pth");
+    let (merged, alone) = (Checkpoint::open(&data(case).join("model.pth")).unwrap(), Checkpoint::open(&state).unwrap());
+    let tuned: Vec<&str> = merged.names().filter(|n| n.ends_with("att.time_state")).collect();
+    assert_eq!(alone.names().collect::<Vec<_>>(), tuned, "{case}: the state file's tensors");
+    for n in tuned {
+        assert_eq!(alone.peek(n).unwrap().bytes, merged.peek(n).unwrap().bytes, "{case}: {n}");
+    }
+    let g = Golden::load(case);
+    let plain = Model::open(&base, None).unwrap();
+    assert!(
+        rel(&logits(&plain, &g.ids, 256), &g.f32("logits")) > 0.01,
+        "{case}: the base model alone meets the references"
+    );
+    let m = Model::open(&base, Some(&state)).unwrap();
+    assert_eq!(m.info.state_file.as_deref(), Some(state.as_path()));
+    assert!(m.info.format.contains("state-tuned"), "{}", m.info.format);
+    (dir, m)
+}
+
 /// A safetensors file's header, and where its data start in `bytes`.
 pub fn safetensors_header(bytes: &[u8]) -> (serde_json::Value, usize) {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

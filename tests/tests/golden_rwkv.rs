@@ -9,7 +9,7 @@ use stuffed::checkpoint::Checkpoint;
 use stuffed::exec::Pool;
 use stuffed::model::{Layout, Model};
 use stuffed_core::{Data, Weight};
-use stuffed_tests::{assert_close, check_forms, chunked_equals_step, data, Golden};
+use stuffed_tests::{assert_close, beside_state_file, check_forms, chunked_equals_step, data, Golden};
 
 /// (model dir, reference dir)
 const CASES: &[(&str, &str)] = &[
@@ -194,4 +194,45 @@ fn rwkv_state_tuned_models_start_from_their_state() {
         h.initial_state(&mut st).unwrap();
         assert_eq!(st, init, "{}: the embedding's initial state", case.0);
     }
+}
+
+/// A state file beside the model (`--state-file`: RWKV-PEFT's `time_state` alone, as RWKV-Runner
+/// loads it) runs as the merged file does: the merged case's references (the golden tool checked that
+/// the package on the model without the states, started from the file's states transposed, gives
+/// the merged file's logits exactly), in every form.
+#[test]
+fn rwkv_state_file_beside_the_model() {
+    for &case in TIME_STATE {
+        let (_dir, m) = beside_state_file(case.0);
+        let g = Golden::load(case.1);
+        let r = load_ref(&g);
+        check_forms(case.0, &m, &g, Pool::new, |state| check_state(case.0, &m, state, &r));
+    }
+}
+
+/// A state file the model would not start from is refused naming it: one merged already (a tensor
+/// both hold), another model's shape, another family, fla's RWKV-7 names, an empty file.
+#[test]
+fn state_files_that_do_not_fit_are_refused() {
+    let state = |case: &str| data(&format!("{case}_file")).join("state.pth");
+    let err =
+        |model: &std::path::Path, s: &std::path::Path| format!("{:#}", Model::open(model, Some(s)).err().unwrap());
+    let e = err(&data("rwkv6_time_state"), &state("rwkv6_time_state"));
+    assert!(e.contains("state.pth") && e.contains("also appears in"), "{e}");
+    let (_dir, base) = stuffed_tests::without_time_state("rwkv6_time_state");
+    let e = err(&base, &state("rwkv7_time_state"));
+    assert!(e.contains("time_state has shape [2, 32, 32], expected [2, 16, 16]"), "{e}");
+    for (model, family) in [("mamba2_hf_g1_untied", "Mamba-2"), ("rwkv7_tiny_fla", "RWKV-7")] {
+        let e = err(&data(model), &state("rwkv7_time_state"));
+        assert!(e.contains("state.pth: 2 of its 2 tensors") && e.contains(family), "{model}: {e}");
+    }
+    let empty = tempfile::tempdir().unwrap();
+    let file = empty.path().join("state.safetensors");
+    std::fs::write(
+        &file,
+        safetensors::serialize(Vec::<(String, safetensors::tensor::TensorView<'_>)>::new(), None).unwrap(),
+    )
+    .unwrap();
+    let e = err(&base, &file);
+    assert!(e.contains("holds no tensors"), "{e}");
 }

@@ -115,6 +115,14 @@ fn rwkv7_text_commands_need_a_tokenizer() {
 /// time_state as stored (`[head][value][key]`, the state's own layout; the package, which loads no
 /// x070 time_state, was started from it explicitly): logits in one call, in chunks, token by token
 /// and split, and the final state (`check_forms`); a reset returns to it; `info` says so.
+/// The same state as a separate file beside the model without it (`--state-file`, RWKV-Runner's way).
+#[test]
+fn rwkv7_state_file_beside_the_model() {
+    let (_dir, m) = stuffed_tests::beside_state_file(CASES[3].0);
+    let g = Golden::load(CASES[3].1);
+    check_forms(CASES[3].0, &m, &g, Pool::new, |st| check_state(CASES[3].0, &m, st, &g));
+}
+
 #[test]
 fn rwkv7_state_tuned_file_starts_from_its_state() {
     check_case(CASES[3], Pool::new);

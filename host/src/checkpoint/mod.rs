@@ -380,6 +380,23 @@ impl Checkpoint {
         self.tensors.iter().filter(|(_, e)| !used(e)).map(|(n, _)| n.as_str()).collect()
     }
 
+    /// Adds a file beside the checkpoint (an RWKV state-tuning file, `--state-file`): its tensors
+    /// join the checkpoint's, a name both hold is refused. Returns its index for
+    /// [`Checkpoint::unused_in`].
+    pub fn add_beside(&mut self, path: &Path) -> Result<usize> {
+        self.add_file(path)?;
+        Ok(self.files.len() - 1)
+    }
+
+    /// Names of the tensors of file `file` ([`Checkpoint::add_beside`]) no loader asked for, and
+    /// how many tensors it holds.
+    pub fn unused_in(&self, file: usize) -> (Vec<&str>, usize) {
+        let used = |e: &Entry| e.used.load(std::sync::atomic::Ordering::Relaxed);
+        let of_file: Vec<(&String, &Entry)> = self.tensors.iter().filter(|(_, e)| e.file == file).collect();
+        let unused = of_file.iter().filter(|(_, e)| !used(e)).map(|(n, _)| n.as_str()).collect();
+        (unused, of_file.len())
+    }
+
     /// Tensor names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)

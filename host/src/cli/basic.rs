@@ -23,6 +23,9 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
     }
     println!("model        {}", i.path.display());
     println!("family       {} ({})", i.family, i.format);
+    if let Some(f) = &i.state_file {
+        println!("start state  {} (--state-file)", f.display());
+    }
     println!("dimensions   d_model {}, layers {}, {}", i.d_model, i.n_layer, i.layout);
     println!("parameters   {} ({:.1}M)", i.params, i.params as f64 / 1e6);
     println!("weights      {}, {} bytes", i.weight_dtype, i.weight_bytes);

@@ -36,6 +36,11 @@ pub struct Cli {
     /// Outputs record it (`matmul.mode`).
     #[arg(long, global = true)]
     pub fast_matmul: bool,
+    /// An RWKV-5/6/7 state-tuning file (RWKV-PEFT's `blocks.N.att.time_state`, as RWKV-Runner loads
+    /// it beside a `.pth` model): every stream of every model the command opens starts from it, as
+    /// from a state merged into the model. Outputs name it (`state_file`).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub state_file: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -342,6 +347,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::exec::Pool::init_threads(cli.threads)?;
     crate::exec::Pool::init_matmul(cli.fast_matmul);
     crate::checkpoint::set_verify_weights(cli.verify_weights);
+    crate::model::set_state_file(cli.state_file);
     match cli.cmd {
         Cmd::Info { model, json } => basic::info(&model, json),
         Cmd::Tokenize { model, tokenizer, text, file } => {

@@ -244,6 +244,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         vocab_rows: vrows,
         config_vocab: get_u("vocab_size")?,
         tied_embeddings: tied,
+        state_file: None,
     };
     let tables = Tables { cfg, layers: layers.into_boxed_slice(), embed, norm, head, path: path.to_path_buf() };
     Ok(Loaded { views: Box::new(tables), info })

@@ -262,6 +262,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         vocab_rows: rows,
         config_vocab: st.vocab_size,
         tied_embeddings: st.tied,
+        state_file: None,
     };
     let tables = Tables { cfg: c, layers: layers.into_boxed_slice(), embed, norm_f, head, path: path.to_path_buf() };
     Ok(Loaded { views: Box::new(tables), info })

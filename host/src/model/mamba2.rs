@@ -147,6 +147,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &super::Found) -> Result<Loade
         vocab_rows: rows,
         config_vocab: mc.vocab_size,
         tied_embeddings: mc.tied,
+        state_file: None,
     };
     let tables = Tables { cfg: c, layers: layers.into_boxed_slice(), embed, norm_f, head, path: path.to_path_buf() };
     Ok(Loaded { views: Box::new(tables), info })

@@ -291,6 +291,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         vocab_rows: vrows,
         config_vocab: None,
         tied_embeddings: false,
+        state_file: None,
     };
     Ok(Loaded { views: Box::new(tables), info })
 }

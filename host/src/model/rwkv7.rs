@@ -326,7 +326,9 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             fk: lin("ffn.key.weight", d_ffn, c)?,
             fv: lin("ffn.value.weight", c, d_ffn)?,
             // A state-tuned .pth (RWKV-PEFT's state tuning merged in): every stream starts from it.
-            time_state: match ck.get(&p("att.time_state")).filter(|_| names == Names::Pth) {
+            // Only under .pth names (fla's layout has none): asked for otherwise, an fla file's or a
+            // state file's `blocks.N.att.time_state` would count as used and never be read.
+            time_state: match (names == Names::Pth).then(|| ck.get(&p("att.time_state"))).flatten() {
                 Some(t) if t.shape != [h, n, n] => bail!(
                     "{f}: tensor {} has shape {:?}, expected [{h}, {n}, {n}] (heads, head size, head size)",
                     t.name,
@@ -377,6 +379,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         vocab_rows: vrows,
         config_vocab: json.and_then(|j| j.get("vocab_size")).and_then(Value::as_u64).map(|v| v as usize),
         tied_embeddings: tied && ck.get(&key(names, "head.weight")).is_none(),
+        state_file: None,
     };
     let tables = Tables {
         cfg,
@@ -467,6 +470,7 @@ mod tests {
             vocab_rows: rows,
             config_vocab: None,
             tied_embeddings: false,
+            state_file: None,
         };
         assert!(tokenizer(&info(WORLD_ROWS), None).unwrap().is_world());
         let neox = tokenizer(&info(NEOX_ROWS), None).unwrap();
