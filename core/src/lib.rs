@@ -75,6 +75,7 @@ pub mod ops;
 pub mod rwkv;
 pub mod rwkv7;
 pub mod weight;
+pub mod xlstm;
 
 pub use error::{Error, Site};
 pub use exec::{Exec, Serial};

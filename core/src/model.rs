@@ -107,6 +107,12 @@ pub trait Recurrent: Sync {
             _ => n..n,
         }
     }
+    /// Whether scaling a head's matrix ([`Recurrent::head_state`]) scales what the head holds, as
+    /// `--forget state-norm` assumes. Not for xLSTM, whose matrix is stored divided by `e^m` beside
+    /// its normaliser.
+    fn rescales_heads(&self) -> bool {
+        true
+    }
     /// The conv (Mamba) or token-shift (RWKV) values that belong to head `h` of layer `l`.
     fn conv_state(&self, layer: usize, head: usize) -> Option<Runs>;
     /// Names of the per-(layer, head) sums over tokens that [`Recurrent::forward_probed`] reports,

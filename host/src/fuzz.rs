@@ -191,7 +191,7 @@ pub fn targets() -> Vec<Target> {
 }
 
 /// config.json targets: (target, model directory under tests/data, its weight file).
-const CONFIGS: [(&str, &str, &str); 12] = [
+const CONFIGS: [(&str, &str, &str); 13] = [
     ("config-mamba2", "mamba2_hf_g2_tied", "model.safetensors"),
     ("config-mamba2-official", "mamba2_official", "pytorch_model.bin"),
     ("config-rwkv5", "rwkv5_tiny_hf", "model.safetensors"),
@@ -204,6 +204,7 @@ const CONFIGS: [(&str, &str, &str); 12] = [
     ("config-retnet", "retnet_tiny", "model.safetensors"),
     ("config-delta-net", "delta_net_tiny", "model.safetensors"),
     ("config-gated-deltanet", "gdn_tiny", "model.safetensors"),
+    ("config-xlstm", "xlstm_tiny", "model.safetensors"),
 ];
 
 /// The config target this process runs (a config target's fns cannot capture which it is).

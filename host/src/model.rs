@@ -19,6 +19,7 @@ mod mamba1;
 mod mamba2;
 mod rwkv;
 mod rwkv7;
+mod xlstm;
 
 pub use family::{detect, Config, Family, Found, Vocab};
 
@@ -82,6 +83,9 @@ pub enum Layout {
     /// DeltaNet / Gated DeltaNet: `n_v_heads` value heads of a `head_v` × `head_k` state, each reading
     /// one of `n_heads` query/key heads; a SwiGLU MLP of `delta_mlp`; short convs of width `delta_conv` (0: none).
     DeltaNet { n_heads: usize, n_v_heads: usize, head_k: usize, head_v: usize, delta_mlp: usize, delta_conv: usize },
+    /// xLSTM: `n_heads` mLSTM cells of a `head_qk` × `head_v` matrix (with a `head_qk` normaliser
+    /// and a stabiliser); a gated FFN of `xlstm_ffn`.
+    Xlstm { n_heads: usize, head_qk: usize, head_v: usize, xlstm_ffn: usize },
 }
 
 impl ModelInfo {
@@ -97,6 +101,7 @@ impl ModelInfo {
             Layout::Rwkv7 { .. } => self.family == Family::Rwkv7,
             Layout::Gla { .. } => matches!(self.family, Family::Gla | Family::RetNet),
             Layout::DeltaNet { .. } => matches!(self.family, Family::DeltaNet | Family::GatedDeltaNet),
+            Layout::Xlstm { .. } => self.family == Family::Xlstm,
         };
         if !fits {
             bail!(
@@ -138,6 +143,9 @@ impl fmt::Display for Layout {
                 f,
                 "value heads {n_v_heads} (q/k heads {n_heads}) × (head_v {head_v} × head_k {head_k}), mlp {delta_mlp}, conv {delta_conv}"
             ),
+            Layout::Xlstm { n_heads, head_qk, head_v, xlstm_ffn } => {
+                write!(f, "mLSTM heads {n_heads} × (head_qk {head_qk} × head_v {head_v}), ffn {xlstm_ffn}")
+            }
         }
     }
 }
@@ -323,6 +331,15 @@ impl Model {
             }
             if let Some(&l) = d.layers.as_slice().iter().find(|&&l| l >= net.n_layer()) {
                 bail!("{path}: --forget {f}: layer {l} is past the model's {} layers (counted from 0)", net.n_layer());
+            }
+        }
+        if let ForgetSpec::StateNorm { .. } = f {
+            if !self.net().rescales_heads() {
+                bail!(
+                    "{path}: --forget {f}: {} keeps each head's matrix divided by its stabiliser e^m beside its \
+                     normaliser, so scaling the matrix is no state norm (use reset:every=N or rri)",
+                    self.info.family.title()
+                );
             }
         }
         self.with_net_mut(|n| n.set_forget(f.core())).with_context(|| format!("{path}: --forget {f}"))?;

@@ -63,6 +63,7 @@ pub fn write(family: Family, preset: &str, dtype: StoreDtype, seed: u64, out: &P
         Family::RetNet => gla(true, preset, dtype, seed, out),
         Family::DeltaNet => delta_net(false, preset, dtype, seed, out),
         Family::GatedDeltaNet => delta_net(true, preset, dtype, seed, out),
+        Family::Xlstm => xlstm(preset, dtype, seed, out),
     }
 }
 
@@ -250,6 +251,12 @@ pub const DELTA_NET_PRESETS: &[DeltaNetPreset] = &[
 /// §2.4). The tiny one has 2 key heads over 4 value heads.
 pub const GDN_PRESETS: &[DeltaNetPreset] =
     &[("tiny", 64, 2, 2, 4, 16, 32, 256, 2304), ("1.3b", 2048, 21, 6, 6, 256, 512, 5632, 32000)];
+
+/// (name, C, blocks, heads, FFN width, vocab rows) of xLSTM (NX-AI `xLSTM-7b`: qk_dim_factor 0.5,
+/// v_dim_factor 1, FFN round_up(2.667·C, 64); GPT-NeoX vocab padded to 50,304). The tiny one has rows
+/// for the 2,259 tokens of tests/data/tokenizer_llama_style.
+pub const XLSTM_PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
+    &[("tiny", 64, 2, 4, 192, 2304), ("7b", 4096, 32, 8, 10944, 50304)];
 
 fn torch_dtype(dt: Dtype) -> &'static str {
     match dt {
@@ -666,5 +673,61 @@ fn delta_net(gated: bool, preset: &str, dtype: StoreDtype, seed: u64, out: &Path
             "vocab_size": vocab, "torch_dtype": torch_dtype(dt), "stuffed_synth": note,
         })
     };
+    write_dir(out, config, &tensors)
+}
+
+/// xLSTM random weights as HF `xLSTMForCausalLM` writes them (`weight_mode` single); gate biases as
+/// the xLSTM init sets them (input −10, forget 3..6 over the heads), so the state keeps a long memory.
+fn xlstm(preset: &str, dtype: StoreDtype, seed: u64, out: &Path) -> Result<()> {
+    let Some(&(_, c, n_layer, nh, im, vocab)) = XLSTM_PRESETS.iter().find(|x| x.0 == preset) else {
+        let names: Vec<_> = XLSTM_PRESETS.iter().map(|x| x.0).collect();
+        bail!("unknown xLSTM preset '{preset}' (known: {})", names.join(", "));
+    };
+    let (qk, vd) = (c / 2, c);
+    let dt = dtype.safetensors();
+    let mut rng = Rng::new(seed);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, f: &mut dyn FnMut(&mut Rng, usize) -> f32| {
+        let numel = shape.iter().product();
+        let bytes = encode((0..numel).map(|i| f(&mut rng, i)), dt);
+        tensors.push(Tensor { name, shape, dtype: dt, bytes });
+    };
+    let s_in = 1.0 / (c as f32).sqrt();
+    let s_out = s_in / (2.0 * n_layer as f32).sqrt();
+    add("backbone.embeddings.weight".into(), vec![vocab, c], &mut |r, _| r.uniform(-0.035, 0.035));
+    for l in 0..n_layer {
+        let p = format!("backbone.blocks.{l}.");
+        for nm in ["norm_mlstm", "norm_ffn"] {
+            add(format!("{p}{nm}.weight"), vec![c], &mut |_, _| 1.0);
+        }
+        let m = format!("{p}mlstm_layer.");
+        for (pr, rows) in [("q", qk), ("k", qk), ("v", vd), ("ogate_preact", vd)] {
+            add(format!("{m}{pr}.weight"), vec![rows, c], &mut |r, _| r.uniform(-s_in, s_in));
+        }
+        for g in ["igate_preact", "fgate_preact"] {
+            add(format!("{m}{g}.weight"), vec![nh, c], &mut |r, _| r.uniform(-s_in, s_in));
+        }
+        add(format!("{m}igate_preact.bias"), vec![nh], &mut |_, _| -10.0);
+        let span = (nh.max(2) - 1) as f32;
+        add(format!("{m}fgate_preact.bias"), vec![nh], &mut |_, i| 3.0 + 3.0 * i as f32 / span);
+        add(format!("{m}multihead_norm.weight"), vec![vd], &mut |_, _| 1.0);
+        add(format!("{m}out_proj.weight"), vec![c, vd], &mut |r, _| r.uniform(-s_out, s_out));
+        for pr in ["proj_up_gate", "proj_up"] {
+            add(format!("{p}ffn.{pr}.weight"), vec![im, c], &mut |r, _| r.uniform(-s_in, s_in));
+        }
+        let sd = 1.0 / (im as f32).sqrt() / (2.0 * n_layer as f32).sqrt();
+        add(format!("{p}ffn.proj_down.weight"), vec![c, im], &mut |r, _| r.uniform(-sd, sd));
+    }
+    add("backbone.out_norm.weight".into(), vec![c], &mut |_, _| 1.0);
+    add("lm_head.weight".into(), vec![vocab, c], &mut |r, _| r.uniform(-s_in, s_in));
+    let config = serde_json::json!({
+        "model_type": "xlstm", "architectures": ["xLSTMForCausalLM"],
+        "hidden_size": c, "embedding_dim": c, "num_hidden_layers": n_layer, "num_blocks": n_layer,
+        "num_heads": nh, "qk_dim_factor": 0.5, "v_dim_factor": 1.0, "ffn_proj_factor": 2.667,
+        "ffn_round_up_to_multiple_of": 64, "use_bias": false, "add_out_norm": true, "weight_mode": "single",
+        "gate_soft_cap": 15.0, "output_logit_soft_cap": 30.0, "norm_eps": 1e-6, "eps": 1e-6,
+        "tie_word_embeddings": false, "vocab_size": vocab, "torch_dtype": torch_dtype(dt),
+        "stuffed_synth": {"preset": preset, "seed": seed, "note": "UNTRAINED random weights, for speed and memory benchmarks only"},
+    });
     write_dir(out, config, &tensors)
 }

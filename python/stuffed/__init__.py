@@ -1,5 +1,5 @@
 """stuffed: stream millions of tokens through recurrent language models (Mamba-1/2, RWKV-5/6/7,
-HGRN-2, GLA, RetNet, DeltaNet, Gated DeltaNet) in constant memory, and measure how their fixed-size state fails.
+HGRN-2, GLA, RetNet, DeltaNet, Gated DeltaNet, xLSTM) in constant memory, and measure how their fixed-size state fails.
 
     import stuffed
     m = stuffed.Model("state-spaces/mamba2-130m")     # a directory, a file, or a name in the HF cache

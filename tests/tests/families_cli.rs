@@ -236,6 +236,47 @@ fn retnet_commands_on_a_tiny_synth_model() {
     gla_style_commands("retnet", 2 * 4 * 16 * 32);
 }
 
+/// xLSTM: `synth` writes what the loader reads (N_S = L·H·(dk·dv + dk + 1): matrix, normaliser,
+/// stabiliser); `info`, `logits`, `ppl` under every `--forget` method that applies (rri, dt, reset),
+/// `passkey` and `probe` run with a tokenizer.json beside the weights; without one the text commands
+/// say so; the window and the state norm are refused naming why.
+#[test]
+fn xlstm_commands_on_a_tiny_synth_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth("xlstm", dir.path());
+    let model = Model::load(&m).unwrap();
+    assert_eq!(model.info.paper_state_size, 2 * 4 * (8 * 16 + 8 + 1));
+    let ms = m.to_str().unwrap();
+    cli(&["info", "--model", ms]).unwrap();
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(&ids, "1 2 3 4 5 6 7").unwrap();
+    let out = dir.path().join("o.safetensors");
+    cli(&["logits", "--model", ms, "--ids", ids.to_str().unwrap(), "--out", out.to_str().unwrap()]).unwrap();
+    let err = cli(&["generate", "--model", ms, "--prompt", "hi"]).unwrap_err();
+    assert!(format!("{err:#}").contains("tokenizer.json"), "{err:#}");
+    std::fs::copy(root().join("tests/data/tokenizer_llama_style/tokenizer.json"), m.join("tokenizer.json")).unwrap();
+    let text = root().join("host/assets/corpus/austen_persuasion.txt");
+    let text = text.to_str().unwrap();
+    for forget in ["none", "rri:a=0.999,b=0.75", "dt:c=0.5", "reset:every=100"] {
+        let out = dir.path().join(format!("ppl-{}", forget.len()));
+        let args = ["ppl", "--model", ms, "--text", text, "--max-tokens", "300", "--chunk", "128", "--forget", forget];
+        cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+        let r = std::fs::read_to_string(out.join("results.json")).unwrap();
+        assert!(r.contains("\"xlstm\""), "family in the results: {r}");
+    }
+    for forget in ["window:r=64", "state-norm:every=64,calib=64"] {
+        let out = dir.path().join("ppl-refused");
+        let args = ["ppl", "--model", ms, "--text", text, "--max-tokens", "300", "--forget", forget];
+        let err = cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap_err();
+        assert!(format!("{err:#}").contains("stabiliser"), "{forget}: {err:#}");
+    }
+    let out = dir.path().join("pk");
+    cli(&["passkey", "--model", ms, "--lengths", "1k", "--samples", "2", "--out", out.to_str().unwrap()]).unwrap();
+    let out = dir.path().join("probe");
+    let args = ["probe", "--model", ms, "--text", text, "--max-tokens", "200", "--every", "50"];
+    cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+}
+
 /// `synth` of `family` and every command on it; `n_s` is the paper's state size, L·H·K·V (no
 /// short conv; RetNet's position counters are not state).
 fn gla_style_commands(family: &str, n_s: usize) {

@@ -6,7 +6,7 @@ use stuffed::session::Session;
 use stuffed::state_dtype::{round_one, StateDtype, StatePrecision, StateRound};
 use stuffed_tests::cli;
 
-const FAMILIES: [&str; 8] = ["mamba2", "rwkv5", "rwkv6", "rwkv7", "hgrn2", "mamba1", "gla", "retnet"];
+const FAMILIES: [&str; 9] = ["mamba2", "rwkv5", "rwkv6", "rwkv7", "hgrn2", "mamba1", "gla", "retnet", "xlstm"];
 
 fn synth(family: &str, dir: &Path) -> PathBuf {
     let out = dir.join(family);

@@ -306,8 +306,8 @@ pub enum Cmd {
         family: crate::model::Family,
         /// A published size (mamba2: 130m 370m 780m 1.3b 2.7b; rwkv6: 1.6b 3b 7b; rwkv5: 0.4b 1.5b 3b
         /// 7b; hgrn2: 1.3b; mamba1: 130m 370m 790m 1.4b 2.8b; rwkv7: 0.1b 0.4b 1.5b 2.9b 7.2b pile-168m
-        /// pile-421m pile-1.47b; gla: 1.3b 2.7b; delta_net: 1.3b 2.7b;
-        /// gated_deltanet: 1.3b) or a test shape (tiny; for mamba2 also small and p128).
+        /// pile-421m pile-1.47b; gla: 1.3b 2.7b; retnet: 1.3b; delta_net: 1.3b 2.7b;
+        /// gated_deltanet: 1.3b; xlstm: 7b) or a test shape (tiny; for mamba2 also small and p128).
         #[arg(long)]
         preset: String,
         /// Weight dtype.
@@ -421,7 +421,9 @@ mod tests {
         let names = names.chain(RWKV5_PRESETS.iter().map(|p| p.0)).chain(HGRN2_PRESETS.iter().map(|p| p.0));
         let names = names.chain(MAMBA1_PRESETS.iter().map(|p| p.0));
         let names = names.chain(RWKV7_PRESETS.iter().map(|p| p.0));
-        let names = names.chain(GLA_PRESETS.iter().map(|p| p.0));
+        let names = names.chain(GLA_PRESETS.iter().map(|p| p.0)).chain(RETNET_PRESETS.iter().map(|p| p.0));
+        let names = names.chain(DELTA_NET_PRESETS.iter().map(|p| p.0)).chain(GDN_PRESETS.iter().map(|p| p.0));
+        let names = names.chain(XLSTM_PRESETS.iter().map(|p| p.0));
         for n in names {
             assert!(
                 help.split(|c: char| !(c.is_alphanumeric() || c == '.' || c == '-')).any(|w| w == n),

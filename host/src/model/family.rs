@@ -1,6 +1,6 @@
 //! The families `stuffed` runs, named once: [`Family`] and its table (`families!` below), and what a
 //! path holds ([`detect`]). Adding a family is one line of that table and one host file beside this.
-use super::{delta_net, gla, hgrn2, mamba1, mamba2, rwkv, rwkv7, Loader};
+use super::{delta_net, gla, hgrn2, mamba1, mamba2, rwkv, rwkv7, xlstm, Loader};
 use crate::config;
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
@@ -78,6 +78,8 @@ families! {
     /// DeltaNet and Gated DeltaNet share one host file and one core file (the delta rule).
     DeltaNet = "delta_net", model_types ["delta_net"], "DeltaNet", delta_net, OwnOnly;
     GatedDeltaNet = "gated_deltanet", model_types ["gated_deltanet"], "Gated DeltaNet", delta_net, OwnOnly;
+    /// xLSTM (mLSTM blocks, HF `xLSTMForCausalLM`; NX-AI's xLSTM-7b).
+    Xlstm = "xlstm", model_types ["xlstm"], "xLSTM", xlstm, OwnOnly;
 }
 
 impl Family {
