@@ -5,9 +5,6 @@ use crate::world::World;
 use anyhow::{anyhow, bail, Result};
 use std::path::{Path, PathBuf};
 
-/// The GPT-NeoX-20B tokenizer, shipped inside the binary so a model dir without one still works.
-const NEOX: &[u8] = include_bytes!("../assets/20B_tokenizer.json");
-
 pub struct Tokenizer {
     inner: Inner,
     /// See [`Tokenizer::space_cuts`]; decided once, from the tokenizer.json.
@@ -55,7 +52,8 @@ impl Tokenizer {
                 model_dir.map_or(String::new(), |d| d.display().to_string()),
                 family.map_or("", Family::title)
             ),
-            (None, _) => Self::from_bytes(NEOX, "builtin:gpt-neox-20b"),
+            // The GPT-NeoX-20B tokenizer, shipped inside the binary so a model dir without one works.
+            (None, _) => Self::from_bytes(crate::asset!("20B_tokenizer.json")?, "builtin:gpt-neox-20b"),
         }
     }
 

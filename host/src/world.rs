@@ -7,8 +7,11 @@
 //! literal it is a raw byte. Id 0 (end of text) is not in the file and decodes to nothing.
 use anyhow::{anyhow, bail, Result};
 
-/// The vocab `rwkv_vocab_v20230424.txt` (65,529 tokens), shipped inside the binary.
-pub const VOCAB_V20230424: &[u8] = include_bytes!("../assets/rwkv_vocab_v20230424.txt");
+/// The vocab `rwkv_vocab_v20230424.txt` (65,529 tokens), shipped inside the binary (a lean build
+/// reads it from its source tree: [`crate::asset!`]).
+pub fn vocab_v20230424() -> Result<&'static [u8]> {
+    crate::asset!("rwkv_vocab_v20230424.txt")
+}
 
 /// The longest token the greedy match may need to look ahead over (bytes).
 pub const MAX_TOKEN_BYTES: usize = 128;
@@ -34,7 +37,7 @@ struct Node {
 impl World {
     /// The shipped v20230424 vocab.
     pub fn builtin() -> Result<World> {
-        Self::parse(VOCAB_V20230424, "builtin:rwkv_vocab_v20230424")
+        Self::parse(vocab_v20230424()?, "builtin:rwkv_vocab_v20230424")
     }
 
     /// Parses a vocab file's bytes; `source` names it in errors.

@@ -238,8 +238,9 @@ fn retnet_commands_on_a_tiny_synth_model() {
 
 /// xLSTM: `synth` writes what the loader reads (N_S = L·H·(dk·dv + dk + 1): matrix, normaliser,
 /// stabiliser); `info`, `logits`, `ppl` under every `--forget` method that applies (rri, dt, reset),
-/// `passkey` and `probe` run with a tokenizer.json beside the weights; without one the text commands
-/// say so; the window and the state norm are refused naming why.
+/// `passkey` and `probe` (its note: the state statistics are of the stabilised matrix) run with a
+/// tokenizer.json beside the weights; without one the text commands say so; the window and the state
+/// norm are refused naming why.
 #[test]
 fn xlstm_commands_on_a_tiny_synth_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -275,6 +276,8 @@ fn xlstm_commands_on_a_tiny_synth_model() {
     let out = dir.path().join("probe");
     let args = ["probe", "--model", ms, "--text", text, "--max-tokens", "200", "--every", "50"];
     cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat()).unwrap();
+    let meta = std::fs::read_to_string(out.join("probe.json")).unwrap();
+    assert!(meta.contains("divided by e^m"), "the state statistics say they are of the stabilised matrix: {meta}");
 }
 
 /// `synth` of `family` and every command on it; `n_s` is the paper's state size, L·H·K·V (no

@@ -118,3 +118,33 @@ fn xlstm_forgetting_methods() {
         assert!(e.contains(want), "{spec}: {e}");
     }
 }
+
+/// The per-head norm's weight stored as [H, dv] (as some conversions write it) is the same model as
+/// the flat [H·dv] transformers writes: the same logits, bit for bit; another shape is refused.
+#[test]
+fn xlstm_head_norm_weight_in_either_shape() {
+    let reshaped = |shape: Vec<usize>| {
+        let dir = stuffed_tests::copy_of(CASE);
+        let file = dir.path().join("model.safetensors");
+        let bytes = std::fs::read(&file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| match n.ends_with("multihead_norm.weight") {
+                true => (n, safetensors::tensor::TensorView::new(v.dtype(), shape.clone(), v.data()).unwrap()),
+                false => (n, v),
+            })
+            .collect();
+        let out = safetensors::serialize(views, None).unwrap();
+        std::fs::write(&file, out).unwrap();
+        dir
+    };
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 5 + 1) % 64).collect();
+    let flat = stuffed_tests::logits(&Model::load(&data(CASE)).unwrap(), &ids, 256);
+    let two_d = reshaped(vec![2, 64]);
+    assert_eq!(stuffed_tests::logits(&Model::load(two_d.path()).unwrap(), &ids, 256), flat);
+    let wrong = reshaped(vec![4, 32]);
+    let e = format!("{:#}", Model::load(wrong.path()).err().unwrap());
+    assert!(e.contains("multihead_norm.weight has shape [4, 32], expected [128] or [2, 64]"), "{e}");
+}

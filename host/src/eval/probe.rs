@@ -361,6 +361,10 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
                 "RetNet: the decay is the model's, not the data's: head h keeps ln(1 − 2^(−5−h)) per token on every key \
                  channel (horizons 1/(1 − γ_h) = 32 … 32·2^(H−1) tokens), so the retention is exact and the same for any \
                  text: a control for the data-dependent families (it cannot fail to forget)"),
+            crate::model::Family::Xlstm => Some(
+                "xLSTM: the retention is Σ log σ(f) per head (the soft-capped forget gate), exact for the true cell; \
+                 the state statistics are of the stored matrix C, which is the true one divided by e^m (the \
+                 stabiliser, per head), so their scale follows m as well as the content"),
             _ => None,
         },
     });

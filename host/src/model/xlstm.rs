@@ -116,6 +116,19 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     };
     cfg.validate().with_context(|| p.to_string())?;
     fewer_layers(ck, n_layer, "backbone.blocks.{}.norm_mlstm.weight", &p)?;
+    // The per-head norm's weight: flat [H·dv] as transformers builds it, or [H, dv] (the same
+    // values in the same order) as some conversions store it.
+    let head_norm = |t: crate::checkpoint::TensorView<'a>| match t.shape {
+        [n] if *n == vd => weight(t, &[vd]),
+        [h, d] if (*h, *d) == (n_heads, vd / n_heads) => super::view(t, 1, vd),
+        _ => bail!(
+            "{}: tensor {} has shape {:?}, expected [{vd}] or [{n_heads}, {}]",
+            t.file.display(),
+            t.name,
+            t.shape,
+            vd / n_heads
+        ),
+    };
     let mut layers = Vec::with_capacity(n_layer);
     for l in 0..n_layer {
         let t = |s: &str, shape: &[usize]| weight(ck.require(&format!("backbone.blocks.{l}.{s}"))?, shape);
@@ -130,7 +143,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             bi: m("igate_preact.bias", &[n_heads])?,
             wf: m("fgate_preact.weight", &[n_heads, c])?,
             bf: m("fgate_preact.bias", &[n_heads])?,
-            head_norm: m("multihead_norm.weight", &[vd])?,
+            head_norm: head_norm(ck.require(&format!("backbone.blocks.{l}.mlstm_layer.multihead_norm.weight"))?)?,
             out_proj: m("out_proj.weight", &[c, vd])?,
             norm_ffn: t("norm_ffn.weight", &[c])?,
             gate: t("ffn.proj_up_gate.weight", &[d_ffn, c])?,
