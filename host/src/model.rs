@@ -571,6 +571,31 @@ fn totals(ck: &Checkpoint, skip: impl Fn(&str) -> bool) -> (usize, usize) {
 
 /// Fails when config.json states more layers than the weights hold (`key` names a tensor of layer
 /// `{}`), before anything is sized by that count.
+/// [`fewer_layers`], and refuses a layer past `n_layer` (`key` with `{}` for the layer index).
+pub(crate) fn same_layers(ck: &Checkpoint, n_layer: usize, key: &str, cfg: &dyn std::fmt::Display) -> Result<()> {
+    fewer_layers(ck, n_layer, key, cfg)?;
+    if ck.peek(&key.replace("{}", &n_layer.to_string())).is_some() {
+        bail!("{cfg}: the weights have more than the {n_layer} layers config.json states");
+    }
+    Ok(())
+}
+
+/// The LM head `lm_head.weight` [rows, cols], or `embed` when the config ties them
+/// (`tie_word_embeddings`); neither is an error naming the file.
+pub(crate) fn head_or_tied<'a>(
+    ck: &'a Checkpoint,
+    embed: Weight<'a>,
+    tied: bool,
+    rows: usize,
+    cols: usize,
+) -> Result<Weight<'a>> {
+    match ck.get("lm_head.weight") {
+        Some(hd) => weight(hd, &[rows, cols]),
+        None if tied => Ok(embed),
+        None => bail!("{}: missing tensor lm_head.weight (tie_word_embeddings is false)", ck.origin().display()),
+    }
+}
+
 pub(crate) fn fewer_layers(ck: &Checkpoint, n_layer: usize, key: &str, cfg: &dyn std::fmt::Display) -> Result<()> {
     let last = key.replace("{}", &n_layer.saturating_sub(1).to_string());
     if n_layer > 0 && ck.get(&last).is_none() {

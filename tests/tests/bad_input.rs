@@ -152,6 +152,29 @@ fn layer_count_disagrees_with_the_weights() {
     }
 }
 
+/// Weights with more layers than config.json states are refused naming the count (the fla-style
+/// and xLSTM loaders: a layer silently left out would be a wrong model with exit 0).
+#[test]
+fn more_layers_than_the_config_states() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data");
+    for (model, keys) in [
+        ("hgrn2_tiny", &["num_hidden_layers"][..]),
+        ("gla_tiny", &["num_hidden_layers"]),
+        ("delta_net_tiny", &["num_hidden_layers"]),
+        ("xlstm_tiny", &["num_hidden_layers", "num_blocks"]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(data.join(model).join(f), dir.path().join(f)).unwrap();
+        }
+        let cfg = dir.path().join("config.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        keys.iter().for_each(|k| json[*k] = 1.into());
+        std::fs::write(&cfg, json.to_string()).unwrap();
+        assert_mentions(&load_err(dir.path()), &["config.json", "the weights have more than the 1 layers"]);
+    }
+}
+
 #[test]
 fn missing_tensor() {
     let dir = copy_tiny();

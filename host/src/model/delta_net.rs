@@ -3,7 +3,9 @@
 //! config (values fla 0.6.0's `DeltaNetConfig` / `GatedDeltaNetConfig` and their layers would compute
 //! differently, or that change the math beyond them, are refused naming the field), tensor names →
 //! core views with their exact shapes. One loader for both: the family says which config it reads.
-use super::{dtype_name, fewer_layers, totals, weight, Family, Found, Layout, Loaded, ModelInfo, Net, Views};
+use super::{
+    dtype_name, head_or_tied, same_layers, totals, weight, Family, Found, Layout, Loaded, ModelInfo, Net, Views,
+};
 use crate::checkpoint::{Checkpoint, Format};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
@@ -141,7 +143,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     };
     let neg_eigval = get_b("allow_neg_eigval", false)?;
     let eps = get_f("norm_eps")?.unwrap_or(1e-6) as f32;
-    fewer_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
+    same_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
     let im = ck.require("model.layers.0.mlp.gate_proj.weight")?.shape.first().copied().unwrap_or(0);
     if let Some(i) = get_u("intermediate_size")?.filter(|&i| i != im) {
         bail!("{p}: intermediate_size {i} but the weights have {im} (mlp.gate_proj.weight rows)");
@@ -227,16 +229,9 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             down: t("mlp.down_proj.weight", &[c, im])?,
         });
     }
-    if ck.get(&format!("model.layers.{n_layer}.attn_norm.weight")).is_some() {
-        bail!("{p}: the weights have more than the {n_layer} layers config.json states");
-    }
     let tied = get_b("tie_word_embeddings", false)?;
     let embed = weight(emb, &[vrows, c])?;
-    let head = match ck.get("lm_head.weight") {
-        Some(hd) => weight(hd, &[vrows, c])?,
-        None if tied => embed,
-        None => bail!("{}: missing tensor lm_head.weight (tie_word_embeddings is false)", emb.file.display()),
-    };
+    let head = head_or_tied(ck, embed, tied, vrows, c)?;
     let norm = weight(ck.require("model.norm.weight")?, &[c])?;
     let (params, bytes) = totals(ck, |_| false);
     let info = ModelInfo {

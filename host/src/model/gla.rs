@@ -3,7 +3,9 @@
 //! 0.6.0 writes them: config fields → `stuffed_core::gla_lm` config (values fla 0.6.0's `GLAConfig` / `GatedLinearAttention` would
 //! compute differently, or that change the math beyond it, are refused naming the field), tensor
 //! names → core views with their exact shapes.
-use super::{dtype_name, fewer_layers, totals, weight, Family, Found, Layout, Loaded, ModelInfo, Net, Views};
+use super::{
+    dtype_name, head_or_tied, same_layers, totals, weight, Family, Found, Layout, Loaded, ModelInfo, Net, Views,
+};
 use crate::checkpoint::{Checkpoint, Format};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
@@ -126,7 +128,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     };
     let output_gate = get_b("use_output_gate", true)?;
     let eps = get_f("norm_eps")?.unwrap_or(1e-6) as f32;
-    fewer_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
+    same_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
     let rank = match retnet {
         true => 0,
         false => ck.require("model.layers.0.attn.gk_proj.0.weight")?.shape.first().copied().unwrap_or(0),
@@ -207,9 +209,6 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             down: t("mlp.down_proj.weight", &[c, im])?,
         });
     }
-    if ck.get(&format!("model.layers.{n_layer}.attn_norm.weight")).is_some() {
-        bail!("{p}: the weights have more than the {n_layer} layers config.json states");
-    }
     if d_conv == 0 && ck.get("model.layers.0.attn.q_conv1d.weight").is_some() {
         match retnet {
             true => bail!("{p}: the weights have attn.q_conv1d.weight, which fla's RetNet layers never use"),
@@ -218,11 +217,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     }
     let tied = get_b("tie_word_embeddings", false)?;
     let embed = weight(emb, &[vrows, c])?;
-    let head = match ck.get("lm_head.weight") {
-        Some(hd) => weight(hd, &[vrows, c])?,
-        None if tied => embed,
-        None => bail!("{}: missing tensor lm_head.weight (tie_word_embeddings is false)", emb.file.display()),
-    };
+    let head = head_or_tied(ck, embed, tied, vrows, c)?;
     let norm = weight(ck.require("model.norm.weight")?, &[c])?;
     let (params, bytes) = totals(ck, |_| false);
     let info = ModelInfo {

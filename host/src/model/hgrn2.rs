@@ -1,6 +1,8 @@
 //! HGRN-2 (fla-hub safetensors + config.json): config quirks, tensor names →
 //! `stuffed_core::hgrn2` views, and the layers' lower bounds computed once (FORMATS.md §4).
-use super::{dtype_name, fewer_layers, totals, view, Family, Found, Layout, Loaded, ModelInfo, Net, Views};
+use super::{
+    dtype_name, head_or_tied, same_layers, totals, view, Family, Found, Layout, Loaded, ModelInfo, Net, Views,
+};
 use crate::checkpoint::{Checkpoint, Format};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -79,7 +81,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     let cfg = hgrn2::Config { d_model: c, n_layer, expand, d_mlp: im, vocab_rows: vrows, eps, g_eps: 1e-5 };
     cfg.validate().with_context(|| p.to_string())?;
     let use_lb = get_b("use_lower_bound").unwrap_or(true);
-    fewer_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
+    same_layers(ck, n_layer, "model.layers.{}.attn_norm.weight", &p)?;
     // The bounds themselves, computed once (a derived copy the tables own).
     let bounds: Option<Box<[f32]>> = if use_lb {
         let mut b = vec![0f32; n_layer * c].into_boxed_slice();
@@ -104,16 +106,9 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             down: t("mlp.down_proj.weight", c, im)?,
         });
     }
-    if ck.get(&format!("model.layers.{n_layer}.attn_norm.weight")).is_some() {
-        bail!("{p}: the weights have more than the {n_layer} layers config.json states");
-    }
     let tied = get_b("tie_word_embeddings").unwrap_or(false);
     let embed = view(emb, vrows, c)?;
-    let head = match ck.get("lm_head.weight") {
-        Some(hd) => view(hd, vrows, c)?,
-        None if tied => embed,
-        None => bail!("{}: missing tensor lm_head.weight (tie_word_embeddings is false)", emb.file.display()),
-    };
+    let head = head_or_tied(ck, embed, tied, vrows, c)?;
     let norm = view(ck.require("model.norm.weight")?, 1, c)?;
     let (params, bytes) = totals(ck, |_| false);
     let info = ModelInfo {

@@ -1,7 +1,9 @@
 //! xLSTM (HF `xLSTMForCausalLM`, `model_type: xlstm`, NX-AI's xLSTM-7b): config.json field by field
 //! (values HF's native xLSTM would compute differently, or that change the math beyond what
 //! `stuffed_core::xlstm` runs, are refused naming the field), tensor names → views.
-use super::{dtype_name, fewer_layers, totals, weight, Family, Found, Layout, Loaded, ModelInfo, Net, Views};
+use super::{
+    dtype_name, head_or_tied, same_layers, totals, weight, Family, Found, Layout, Loaded, ModelInfo, Net, Views,
+};
 use crate::checkpoint::{Checkpoint, Format};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
@@ -115,7 +117,7 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         logit_cap,
     };
     cfg.validate().with_context(|| p.to_string())?;
-    fewer_layers(ck, n_layer, "backbone.blocks.{}.norm_mlstm.weight", &p)?;
+    same_layers(ck, n_layer, "backbone.blocks.{}.norm_mlstm.weight", &p)?;
     // The per-head norm's weight: flat [H·dv] as transformers builds it, or [H, dv] (the same
     // values in the same order) as some conversions store it.
     let head_norm = |t: crate::checkpoint::TensorView<'a>| match t.shape {
@@ -151,16 +153,9 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
             down: t("ffn.proj_down.weight", &[c, d_ffn])?,
         });
     }
-    if ck.get(&format!("backbone.blocks.{n_layer}.norm_mlstm.weight")).is_some() {
-        bail!("{p}: the weights have more than the {n_layer} blocks config.json states");
-    }
     let tied = get_b("tie_word_embeddings", false)?;
     let embed = weight(emb, &[vrows, c])?;
-    let head = match ck.get("lm_head.weight") {
-        Some(hd) => weight(hd, &[vrows, c])?,
-        None if tied => embed,
-        None => bail!("{}: missing tensor lm_head.weight (tie_word_embeddings is false)", emb.file.display()),
-    };
+    let head = head_or_tied(ck, embed, tied, vrows, c)?;
     let out_norm = weight(ck.require("backbone.out_norm.weight")?, &[c])?;
     let (params, bytes) = totals(ck, |_| false);
     let info = ModelInfo {
