@@ -134,6 +134,14 @@ pub struct Xlstm<'a> {
 
 const PROBE: &[&str] = &["log_decay_sum"];
 
+/// A forgetting method on the gates: `f̃′ = f_scale·f̃ + f_offset` (Δ scaling: c; RRI: ln a) and
+/// `i′ = i + i_offset` (RRI: ln b).
+struct GateChange {
+    f_scale: f32,
+    f_offset: f32,
+    i_offset: f32,
+}
+
 impl<'a> Xlstm<'a> {
     pub fn new(cfg: Config, w: Weights<'a>) -> Result<Self, Error> {
         cfg.validate()?;
@@ -165,13 +173,13 @@ impl<'a> Xlstm<'a> {
         Ok(Xlstm { cfg, w, forget: Forget::None })
     }
 
-    /// The forget gate's log retention scale and offset and the input gate's offset in layer `l`
-    /// under the forgetting method: `f̃′ = s·f̃ + ln a`, `i′ = i + ln b`.
-    fn gate_change(&self, l: usize) -> (f32, f32, f32) {
+    /// How the forgetting method moves layer `l`'s gates.
+    fn gate_change(&self, l: usize) -> GateChange {
+        let none = GateChange { f_scale: 1.0, f_offset: 0.0, i_offset: 0.0 };
         match self.forget {
-            Forget::Rri { a, b } => (1.0, libm::logf(a), libm::logf(b)),
-            Forget::Dt { .. } | Forget::DtLayers(_) => (self.forget.dt_scale(l), 0.0, 0.0),
-            _ => (1.0, 0.0, 0.0),
+            Forget::Rri { a, b } => GateChange { f_offset: libm::logf(a), i_offset: libm::logf(b), ..none },
+            Forget::Dt { .. } | Forget::DtLayers(_) => GateChange { f_scale: self.forget.dt_scale(l), ..none },
+            _ => none,
         }
     }
 
@@ -209,13 +217,12 @@ impl<'a> Xlstm<'a> {
         matmul(ex, hh, t, &lw.wi, ig)?;
         matmul(ex, hh, t, &lw.wf, fg)?;
         // Gates: soft cap, then the forget gate's log retention f̃ = log σ(f) = −softplus(−f).
-        let (fs, fa, ib) = self.gate_change(call.l);
-        let cap = c.gate_cap;
+        let (change, cap) = (self.gate_change(call.l), c.gate_cap);
         for (row_i, row_f) in ig.chunks_exact_mut(nh).zip(fg.chunks_exact_mut(nh)) {
             for hd in 0..nh {
-                row_i[hd] = cap * libm::tanhf((row_i[hd] + lw.bi.get(hd)) / cap) + ib;
+                row_i[hd] = cap * libm::tanhf((row_i[hd] + lw.bi.get(hd)) / cap) + change.i_offset;
                 let f = cap * libm::tanhf((row_f[hd] + lw.bf.get(hd)) / cap);
-                row_f[hd] = fs * -softplus(-f) + fa;
+                row_f[hd] = change.f_scale * -softplus(-f) + change.f_offset;
             }
         }
         if let Some(p) = probe {

@@ -467,24 +467,33 @@ pub fn set_state_file(path: Option<PathBuf>) {
 /// RWKV-7, or names that are not `blocks.N.att.time_state` (a state trained for another model
 /// is refused by the loader's shape check; one already merged into the model, as a name both hold).
 fn refuse_unread_state(ck: &Checkpoint, file: usize, path: &Path, family: Family) -> Result<()> {
-    let (unused, total) = ck.unused_in(file);
+    let total = ck.names_in(file).count();
+    let unused: Vec<&str> = ck.names_in(file).filter(|n| !ck.is_used(n)).collect();
     if total == 0 {
         bail!("{}: holds no tensors, so no state to start from", path.display());
     }
     if unused.is_empty() {
         return Ok(());
     }
-    let shown: Vec<&str> = unused.iter().take(3).copied().collect();
     bail!(
-        "{}: {} of its {total} tensors ({}{}) are not a state the {} model starts from: --state-file takes \
+        "{}: {} of its {total} tensors ({}) are not a state the {} model starts from: --state-file takes \
          RWKV-PEFT's blocks.N.att.time_state [heads, head size, head size] for every layer of an \
          RWKV-5/6/7 .pth model",
         path.display(),
         unused.len(),
-        shown.join(", "),
-        if unused.len() > shown.len() { ", …" } else { "" },
+        first_names(&unused, 3),
         family.title()
     )
+}
+
+/// The first `most` of `names`, comma-separated, then `…` if there are more.
+fn first_names(names: &[&str], most: usize) -> String {
+    let shown = names[..names.len().min(most)].join(", ");
+    if names.len() > most {
+        shown + ", …"
+    } else {
+        shown
+    }
 }
 
 /// Refuses a checkpoint holding tensors its family's loader did not ask for: a weight the model
@@ -495,16 +504,14 @@ fn refuse_unused(ck: &Checkpoint, family: Family) -> Result<()> {
     if unused.is_empty() || std::env::var("STUFFED_ALLOW_UNUSED_TENSORS").is_ok_and(|v| v == "1") {
         return Ok(());
     }
-    let shown: Vec<&str> = unused.iter().take(5).copied().collect();
     bail!(
-        "{}: {} tensor{} the {} loader does not use ({}{}): a variant it does not run? \
+        "{}: {} tensor{} the {} loader does not use ({}): a variant it does not run? \
          STUFFED_ALLOW_UNUSED_TENSORS=1 runs the model without them",
         ck.origin().display(),
         unused.len(),
         if unused.len() == 1 { "" } else { "s" },
         family.title(),
-        shown.join(", "),
-        if unused.len() > shown.len() { ", …" } else { "" }
+        first_names(&unused, 5)
     )
 }
 

@@ -376,25 +376,25 @@ impl Checkpoint {
     /// Names of the tensors no loader asked for ([`Checkpoint::get`]), sorted: weights a model
     /// would run without, which may change its math.
     pub fn unused(&self) -> Vec<&str> {
-        let used = |e: &Entry| e.used.load(std::sync::atomic::Ordering::Relaxed);
-        self.tensors.iter().filter(|(_, e)| !used(e)).map(|(n, _)| n.as_str()).collect()
+        self.names().filter(|n| !self.is_used(n)).collect()
     }
 
     /// Adds a file beside the checkpoint (an RWKV state-tuning file, `--state-file`): its tensors
     /// join the checkpoint's, a name both hold is refused. Returns its index for
-    /// [`Checkpoint::unused_in`].
+    /// [`Checkpoint::names_in`].
     pub fn add_beside(&mut self, path: &Path) -> Result<usize> {
         self.add_file(path)?;
         Ok(self.files.len() - 1)
     }
 
-    /// Names of the tensors of file `file` ([`Checkpoint::add_beside`]) no loader asked for, and
-    /// how many tensors it holds.
-    pub fn unused_in(&self, file: usize) -> (Vec<&str>, usize) {
-        let used = |e: &Entry| e.used.load(std::sync::atomic::Ordering::Relaxed);
-        let of_file: Vec<(&String, &Entry)> = self.tensors.iter().filter(|(_, e)| e.file == file).collect();
-        let unused = of_file.iter().filter(|(_, e)| !used(e)).map(|(n, _)| n.as_str()).collect();
-        (unused, of_file.len())
+    /// Names of the tensors of file `file` ([`Checkpoint::add_beside`]), sorted.
+    pub fn names_in(&self, file: usize) -> impl Iterator<Item = &str> {
+        self.tensors.iter().filter(move |(_, e)| e.file == file).map(|(n, _)| n.as_str())
+    }
+
+    /// Whether a loader asked for tensor `name` ([`Checkpoint::get`]).
+    pub fn is_used(&self, name: &str) -> bool {
+        self.tensors.get(name).is_some_and(|e| e.used.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Tensor names, sorted.
