@@ -273,8 +273,10 @@ pub enum AmxState {
     Granted,
     /// The CPU advertises them but they may not be used here: why.
     Refused(String),
-    /// The CPU lacks them, and (feature `amx-emu`) the tile instructions run through the trap
-    /// emulator of [`crate::amx_emu`]: the AMX level's code runs, at no useful speed.
+    /// The CPU lacks them but has AVX512-BF16, and (feature `amx-emu`) the tile instructions run
+    /// through the trap emulator of [`crate::amx_emu`]: the AMX level's code runs, at no useful
+    /// speed. (Without AVX512-BF16 the state is [`AmxState::Absent`]: the level needs it besides
+    /// the tiles.)
     Emulated,
 }
 
@@ -298,6 +300,13 @@ pub fn amx_state() -> &'static AmxState {
 fn amx_probe() -> AmxState {
     let l1 = std::arch::x86_64::__cpuid(1);
     if !crate::amx_emu::cpu_has_amx() {
+        // The emulator stands in for the tiles alone: the AMX level packs its activations, and
+        // runs its one-row products, on AVX512-BF16, so without that (an AVX2-only CPU such as a
+        // Zen 3) the level cannot run and nothing is emulated.
+        #[cfg(feature = "amx-emu")]
+        if base_simd() != Simd::Avx512Bf16 {
+            return AmxState::Absent;
+        }
         #[cfg(feature = "amx-emu")]
         return match crate::amx_emu::install() {
             Ok(()) => AmxState::Emulated,
