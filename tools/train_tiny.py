@@ -13,7 +13,7 @@ HELD-OUT text and is never trained on (nor used to train the tokenizer).
 Tokenizer: byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer with add_prefix_space=False and
 use_regex=True, ByteLevel decoder, no normalizer), vocab 8,192, <|endoftext|> = id 0, trained once
 on the training corpus with the `tokenizers` library (single-threaded, so deterministic) and kept
-at tools/tiny_tokenizer.json; every model directory gets a copy as tokenizer.json.
+at models/mamba2-tiny-l4-t64-a3-4m/tokenizer.json (the shipped t64 model's); every model directory gets a copy.
 `--retrain-tokenizer` rebuilds it.
 
 Training: random windows of --train-len tokens drawn inside one novel (never across a boundary),
@@ -102,7 +102,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "host", "assets", "corpus")
 TRAIN_FILE = os.path.join(CORPUS, "austen_train.txt.gz")
 HELDOUT_FILE = os.path.join(CORPUS, "austen_persuasion.txt")
-TOKENIZER_FILE = os.path.join(ROOT, "tools", "tiny_tokenizer.json")
+TOKENIZER_FILE = os.path.join(ROOT, "models", "mamba2-tiny-l4-t64-a3-4m", "tokenizer.json")
 EOT = "<|endoftext|>"
 HELDOUT_TOKENS = 2048
 

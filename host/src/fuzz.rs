@@ -165,7 +165,12 @@ pub fn targets() -> Vec<Target> {
         Target {
             name: "tokenizer-json",
             shape: Shape::Json,
-            seeds: || reads(&["tools/tiny_tokenizer.json", "tests/data/tokenizer_llama_style/tokenizer.json"]),
+            seeds: || {
+                reads(&[
+                    "models/mamba2-tiny-l4-t64-a3-4m/tokenizer.json",
+                    "tests/data/tokenizer_llama_style/tokenizer.json",
+                ])
+            },
             parse: |b| {
                 let t = Tokenizer::from_bytes(b, "tokenizer.json")?;
                 let ids = t.encode("The pass key is 71432.\n  Grüße, 世界 \u{1F600}\t<|endoftext|>")?;

@@ -192,9 +192,9 @@ impl Tokenizer {
 mod tests {
     use super::*;
 
-    /// tools/tiny_tokenizer.json with one more added token of `n` characters.
+    /// The shipped tiny models' tokenizer.json with one more added token of `n` characters.
     fn with_added(n: usize) -> Vec<u8> {
-        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/tiny_tokenizer.json");
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/mamba2-tiny-l4-t64-a3-4m/tokenizer.json");
         let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
         let added = serde_json::json!({"id": 9000, "content": "x".repeat(n), "single_word": false,
             "lstrip": false, "rstrip": false, "normalized": true, "special": false});
