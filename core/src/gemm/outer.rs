@@ -150,6 +150,7 @@ unsafe fn gemm<L: Panel, E: Kernel, const MR: usize, const NV: usize, const NN: 
     }
     let np = L::W * NV;
     let panel = panels.as_mut_ptr() as *mut f32;
+    let rows_ahead = L::W > 8 || super::prefetch() == super::Prefetch::L1;
     let mut j0 = 0;
     while j0 < n {
         let nw = (n - j0).min(np);
@@ -168,7 +169,7 @@ unsafe fn gemm<L: Panel, E: Kernel, const MR: usize, const NV: usize, const NN: 
             } else {
                 pack::<L, E>(b.add(j0 * ldb + k0), ldb, nw, kc, panel, np);
             }
-            let tile = Tile { lda, panel, np, kc, ldc, masks, load_c: acc || k0 > 0 };
+            let tile = Tile { lda, panel, np, kc, ldc, masks, load_c: acc || k0 > 0, rows_ahead };
             let (ap, cp) = (a.add(k0), c.add(j0));
             // A narrower last panel sweeps only the vectors it fills.
             match nw.div_ceil(L::W) {
@@ -190,14 +191,18 @@ unsafe fn sweep<L: Lanes, const MR: usize, const V: usize>(m: usize, tile: &Tile
         let (ap, cp) = (a.add(i * tile.lda), c.add(i * tile.ldc));
         // A last tile of fewer than `MR` rows takes its own arm (those of `MR` rows and more never run).
         match (m - i).min(MR) {
-            r if r == MR => micro::<L, MR, V>(tile, ap, cp),
-            1 => micro::<L, 1, V>(tile, ap, cp),
-            2 => micro::<L, 2, V>(tile, ap, cp),
-            3 => micro::<L, 3, V>(tile, ap, cp),
-            4 => micro::<L, 4, V>(tile, ap, cp),
-            5 => micro::<L, 5, V>(tile, ap, cp),
-            6 => micro::<L, 6, V>(tile, ap, cp),
-            _ => micro::<L, 7, V>(tile, ap, cp),
+            // Chosen per tile, not tested in the loop: a test in every step gave most of the gain
+            // back (Zen 3, Mamba-2 370m: 1.12× the wall time of no prefetch at all). A last,
+            // shorter tile has no next one to ask for.
+            r if r == MR && tile.rows_ahead => micro::<L, MR, V, true>(tile, ap, cp),
+            r if r == MR => micro::<L, MR, V, false>(tile, ap, cp),
+            1 => micro::<L, 1, V, false>(tile, ap, cp),
+            2 => micro::<L, 2, V, false>(tile, ap, cp),
+            3 => micro::<L, 3, V, false>(tile, ap, cp),
+            4 => micro::<L, 4, V, false>(tile, ap, cp),
+            5 => micro::<L, 5, V, false>(tile, ap, cp),
+            6 => micro::<L, 6, V, false>(tile, ap, cp),
+            _ => micro::<L, 7, V, false>(tile, ap, cp),
         }
         i += MR;
     }
@@ -215,12 +220,24 @@ struct Tile<L: Lanes> {
     masks: [L::Mask; MAX_NV],
     /// Add to what `c` holds (an accumulating call, or a later slice).
     load_c: bool,
+    /// Prefetch the next micro-tile's activation rows into L1 as this one goes: always in 16
+    /// lanes; in 8 only under the [`super::Prefetch::L1`] hint (the Xeons'), not under the AMD
+    /// default [`super::Prefetch::L2`] nor `Off`. On an AVX2-only Zen 3 EPYC (2026-12-07; L1D 32
+    /// KiB, 8-way) whole `bench --decode 0` runs took 0.87× the wall time without it (Mamba-2 370m
+    /// bf16, 5 pairs), 0.92× (RWKV-6 1.6B) and 0.95× (130m f32); prefetching into L2 instead was
+    /// 1.24× slower than none.
+    rows_ahead: bool,
 }
 
 /// `R` rows of `c` (at `cp`, `W·V` wide under the masks) from `R` rows of `a` (at `ap`) and the
-/// panel's first `V` vectors: `R · V` accumulators, one broadcast per row and `V` panel loads per step.
+/// panel's first `V` vectors: `R · V` accumulators, one broadcast per row and `V` panel loads per step;
+/// `AHEAD`: asking for the next tile's rows as it goes ([`Tile::rows_ahead`]).
 #[inline(always)]
-unsafe fn micro<L: Lanes, const R: usize, const V: usize>(t: &Tile<L>, ap: *const f32, cp: *mut f32) {
+unsafe fn micro<L: Lanes, const R: usize, const V: usize, const AHEAD: bool>(
+    t: &Tile<L>,
+    ap: *const f32,
+    cp: *mut f32,
+) {
     let mut s = [[L::zero(); V]; R];
     if t.load_c {
         for (i, row) in s.iter_mut().enumerate() {
@@ -238,10 +255,11 @@ unsafe fn micro<L: Lanes, const R: usize, const V: usize>(t: &Tile<L>, ap: *cons
     });
     // The next micro-tile's rows, a line of each every 16 steps: it starts with them in L1 instead
     // of waiting for the hardware prefetcher to find eight new streams (1.00–1.06× the GFLOP/s at
-    // the released shapes, AVX-512 and AVX2; a prefetch never faults, so past `a` is harmless).
+    // the released shapes on a Xeon, AVX-512 and AVX2; a prefetch never faults, so past `a` is
+    // harmless). Not on an AVX2 Zen 3 ([`Tile::rows_ahead`]).
     let ahead = R * t.lda;
     for l in 0..t.kc {
-        if l % 16 == 0 {
+        if AHEAD && l % 16 == 0 {
             for &ar in &rows {
                 _mm_prefetch::<_MM_HINT_T0>(ar.wrapping_add(ahead + l) as *const i8);
             }
