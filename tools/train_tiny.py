@@ -184,6 +184,7 @@ def get_tokenizer(docs, vocab_size, retrain):
     if retrain or not os.path.exists(TOKENIZER_FILE):
         t0 = time.time()
         tok = build_tokenizer(docs, vocab_size)
+        os.makedirs(os.path.dirname(TOKENIZER_FILE), exist_ok=True)  # it lives in a model dir now
         tok.save(TOKENIZER_FILE)
         print(f"trained tokenizer ({tok.get_vocab_size()} ids) in {time.time() - t0:.1f}s -> {TOKENIZER_FILE}", flush=True)
     tok = Tokenizer.from_file(TOKENIZER_FILE)
