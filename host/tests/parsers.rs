@@ -86,13 +86,22 @@ fn verify_weights_checks_crc32() {
 }
 
 /// Fuzz cases that crashed, each run again by its number (host/src/fuzz.rs: the input is a function
-/// of target and number): Mamba-2 configs with `num_heads` or `d_model` near 2^63 overflowed a
-/// product in config.rs (found by the long fuzz).
+/// of target and number), with the error each now ends in: Mamba-2 configs with `num_heads` or
+/// `d_model` near 2^63 overflowed a product in config.rs; xLSTM configs with `ffn_proj_factor` near
+/// 2^64 overflowed the FFN width check (found by the long fuzz).
 #[test]
 fn fuzz_regressions() {
-    for (target, n) in [("config-mamba2", "999"), ("config-mamba2", "3677"), ("config-mamba2-official", "4972")] {
+    let size = "more than the 16777216 a size may be";
+    let ffn = "ffn_proj_factor 18446744073709552000 and ffn_round_up_to_multiple_of";
+    for (target, n, error) in [
+        ("config-mamba2", "999", size),
+        ("config-mamba2", "3677", size),
+        ("config-mamba2-official", "4972", size),
+        ("config-xlstm", "14362", ffn),
+        ("config-xlstm", "18731", ffn),
+    ] {
         let (ok, out) = fuzz(&["case", target, n]);
         assert!(ok && out.contains(&format!("{target} {n}: error: ")), "{out}");
-        assert!(out.contains("more than the 16777216 a size may be"), "{out}");
+        assert!(out.contains(error), "{out}");
     }
 }

@@ -95,8 +95,9 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
     let d_ffn = ck.require("backbone.blocks.0.ffn.proj_up.weight")?.shape[0];
     let factor = get_f("ffn_proj_factor")?.unwrap_or(2.667);
     let multiple = get_u("ffn_round_up_to_multiple_of")?.unwrap_or(64).max(1);
-    let want = ((c as f64 * factor) / multiple as f64).ceil() as usize * multiple;
-    if want != d_ffn {
+    // In f64: a factor near 2^64 made the product of whole multiples overflow (the long fuzz).
+    let want = ((c as f64 * factor) / multiple as f64).ceil() * multiple as f64;
+    if want != d_ffn as f64 {
         bail!(
             "{p}: ffn_proj_factor {factor} and ffn_round_up_to_multiple_of {multiple} give {want}, the weights {d_ffn}"
         );
