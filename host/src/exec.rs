@@ -161,12 +161,33 @@ pub fn matmul_mode() -> MatmulMode {
     }
 }
 
-/// What outputs record about the CPU matrix kernel [`Pool::new`] runs:
-/// `{"simd": "avx512bf16", "mode": "fast"}`.
-pub fn matmul_record() -> serde_json::Value {
-    let mode = matmul_mode();
-    let simd = default_simd(mode);
+/// Whether `--fast-matmul` changes the products of a model whose matrices are stored as
+/// `weight_dtype` ([`crate::model::ModelInfo::weight_dtype`]) on the level [`Pool::new`] runs: only
+/// the bf16 kernels round activations to bf16 (AVX512-BF16 and AMX levels, bf16 weights; AMX also
+/// f32 weights, as bf16 halves). Elsewhere the exact products run, and the numbers are the
+/// default's bit for bit.
+pub fn fast_matmul_applies(weight_dtype: &str) -> bool {
+    matmul_mode() == MatmulMode::Fast
+        && match default_simd(MatmulMode::Fast) {
+            Simd::Amx => weight_dtype == "bf16" || weight_dtype == "f32",
+            Simd::Avx512Bf16 => weight_dtype == "bf16",
+            _ => false,
+        }
+}
+
+/// What outputs record about the CPU matrix kernel [`Pool::new`] runs for models whose matrices are
+/// `weight_dtypes`: `{"simd": "avx512bf16", "mode": "fast"}`. The mode is the one whose numbers
+/// the products have ([`fast_matmul_applies`] to one of them), so `--fast-matmul` on a level without
+/// bf16 products records `"mode": "exact"` and `"fast_matmul": "asked, not applied: …"`.
+pub fn matmul_record<'a>(weight_dtypes: impl IntoIterator<Item = &'a str>) -> serde_json::Value {
+    let dtypes: Vec<&str> = weight_dtypes.into_iter().collect();
+    let mode = effective_mode(&dtypes);
+    let simd = default_simd(matmul_mode());
     let mut record = serde_json::json!({"simd": simd.name(), "mode": mode.name()});
+    if matmul_mode() == MatmulMode::Fast && mode == MatmulMode::Exact {
+        record["fast_matmul"] =
+            format!("asked, not applied: {}, so the exact products ran", no_bf16(simd, &dtypes)).into();
+    }
     if simd == Simd::Amx && *amx_state() == AmxState::Emulated {
         record["tiles"] = "emulated".into();
     }
@@ -174,6 +195,21 @@ pub fn matmul_record() -> serde_json::Value {
         record["f32_weights"] = "bf16 hi + lo halves".into();
     }
     record
+}
+
+/// [`MatmulMode::Fast`] when `--fast-matmul` changes the products of one of `dtypes` (the models'
+/// weight dtypes), else exact.
+fn effective_mode(dtypes: &[&str]) -> MatmulMode {
+    if dtypes.iter().any(|d| fast_matmul_applies(d)) {
+        MatmulMode::Fast
+    } else {
+        MatmulMode::Exact
+    }
+}
+
+/// Why `--fast-matmul` changes nothing: the level `simd` has no bf16 products for `dtypes`.
+fn no_bf16(simd: Simd, dtypes: &[&str]) -> String {
+    format!("the {} kernel has no bf16 products for {} weights", simd.name(), dtypes.join(" / "))
 }
 
 /// The level [`Pool::new`] runs in `mode`: [`detect_simd`]'s, except that exact mode on an
@@ -201,11 +237,18 @@ pub fn default_simd(mode: MatmulMode) -> Simd {
     level
 }
 
-/// Marks a run's fingerprint key as made under `--fast-matmul` (it changes the numbers); a
-/// default-mode key stays as it was, so existing checkpoints and fingerprints still match.
-pub fn mark_matmul_mode(key: &mut serde_json::Value) {
-    if matmul_mode() == MatmulMode::Fast {
+/// Marks a run's fingerprint key as made under `--fast-matmul` when it changes the numbers of its
+/// models' `weight_dtypes` ([`fast_matmul_applies`]); a default-mode key stays as it was, so
+/// existing checkpoints and fingerprints still match, and a run where the flag changes nothing is
+/// the default run (it says so on stderr, once).
+pub fn mark_matmul_mode<'a>(key: &mut serde_json::Value, weight_dtypes: impl IntoIterator<Item = &'a str>) {
+    let dtypes: Vec<&str> = weight_dtypes.into_iter().collect();
+    if effective_mode(&dtypes) == MatmulMode::Fast {
         key["fast_matmul"] = serde_json::Value::Bool(true);
+    } else if matmul_mode() == MatmulMode::Fast {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        let why = no_bf16(default_simd(MatmulMode::Fast), &dtypes);
+        SAID.call_once(|| eprintln!("stuffed: --fast-matmul changes nothing here: {why}; the exact products run"));
     }
 }
 

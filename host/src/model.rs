@@ -36,6 +36,10 @@ pub struct ModelInfo {
     pub layout: Layout,
     pub params: usize,
     pub weight_dtype: String,
+    /// The dtypes of the matrices it multiplies (the checkpoint's 2-D tensors the model uses),
+    /// which decide what `--fast-matmul` changes ([`ModelInfo::matmul_dtypes`]); not written out.
+    #[serde(skip)]
+    pub matrix_dtypes: Vec<&'static str>,
     pub weight_bytes: usize,
     /// Recurrent state, f32, all layers.
     pub state_bytes: usize,
@@ -89,6 +93,15 @@ pub enum Layout {
 }
 
 impl ModelInfo {
+    /// The dtypes of its matrices, for [`crate::exec::matmul_record`]: those the loaded model read,
+    /// or (model facts read back from a file) the embedding's.
+    pub fn matmul_dtypes(&self) -> Vec<&str> {
+        match self.matrix_dtypes.is_empty() {
+            true => vec![self.weight_dtype.as_str()],
+            false => self.matrix_dtypes.clone(),
+        }
+    }
+
     /// Refuses model facts read back from a file (`source`) whose layout is not its family's: the
     /// layout is read by its field names alone, so an older file's RWKV or HGRN-2 facts (written
     /// with Mamba-2's field names) would otherwise read as a Mamba-2 layout.
@@ -437,7 +450,9 @@ impl Model {
                 refuse_unread_state(ck, file, s, loaded.info.family)?;
             }
             refuse_unused(ck, loaded.info.family)?;
-            info = Some(loaded.info);
+            let mut loaded_info = loaded.info;
+            loaded_info.matrix_dtypes = matrix_dtypes(ck);
+            info = Some(loaded_info);
             anyhow::Ok(loaded.views)
         })?;
         let mut info = info.context("a loader returned no description")?;
@@ -513,6 +528,20 @@ fn refuse_unused(ck: &Checkpoint, family: Family) -> Result<()> {
         family.title(),
         first_names(&unused, 5)
     )
+}
+
+/// The distinct dtypes of the 2-D tensors a loaded model uses, sorted.
+fn matrix_dtypes(ck: &Checkpoint) -> Vec<&'static str> {
+    let mut d: Vec<&'static str> = ck
+        .names()
+        .filter(|n| ck.is_used(n))
+        .filter_map(|n| ck.peek(n))
+        .filter(|t| t.shape.len() == 2)
+        .map(|t| dtype_name(t.dtype))
+        .collect();
+    d.sort_unstable();
+    d.dedup();
+    d
 }
 
 fn dtype_name(d: DType) -> &'static str {

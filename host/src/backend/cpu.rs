@@ -431,13 +431,16 @@ impl Backend for CpuBackend<'_> {
     }
 
     fn device_name(&self) -> String {
-        let mode = crate::exec::matmul_mode();
-        let simd = crate::exec::default_simd(mode);
+        let record = crate::exec::matmul_record(self.session.model.info.matmul_dtypes());
+        let asked = match record.get("fast_matmul") {
+            Some(_) => " (--fast-matmul changes nothing here: no bf16 products)",
+            None => "",
+        };
         format!(
-            "CPU, {} threads, {} kernel, {} matmul, {} prefetch",
+            "CPU, {} threads, {} kernel, {} matmul{asked}, {} prefetch",
             rayon::current_num_threads(),
-            simd.name(),
-            mode.name(),
+            record["simd"].as_str().unwrap_or("?"),
+            record["mode"].as_str().unwrap_or("?"),
             stuffed_core::gemm::prefetch().name()
         )
     }

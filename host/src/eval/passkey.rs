@@ -283,7 +283,7 @@ struct TailSnapshot {
 /// Everything that decides a grid's numbers: the model (by content), the options and the shard.
 fn run_key(model: &Model, o: &Options, shard: Option<(usize, usize)>) -> serde_json::Value {
     let mut key = serde_json::json!({"model": super::model_key(model), "options": o, "shard": shard});
-    crate::exec::mark_matmul_mode(&mut key);
+    crate::exec::mark_matmul_mode(&mut key, model.info.matmul_dtypes());
     key
 }
 
@@ -1268,7 +1268,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "model": info,
         "precision": {"weights": info.weight_dtype, "compute": "f32", "state": o.state.to_string()},
         "options": o,
-        "matmul": (o.device == crate::backend::Device::Cpu).then(crate::exec::matmul_record),
+        "matmul": (o.device == crate::backend::Device::Cpu).then(|| crate::exec::matmul_record(info.matmul_dtypes())),
         "forget": o.forget.to_string(),
         "samples": recs.len(),
         "accuracy_per_length": per_length,

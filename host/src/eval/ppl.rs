@@ -562,15 +562,22 @@ fn documents(inputs: &[Input], o: &Options) -> (Vec<(usize, Vec<Input>)>, usize)
     (all.into_iter().enumerate().filter(|(i, _)| mine(*i)).collect(), total)
 }
 
-/// Everything that decides the numbers: models (by content), inputs' content, options.
-fn run_key(models: &[serde_json::Value], inputs: &[Input], hashes: &[String], o: &Options) -> serde_json::Value {
+/// Everything that decides the numbers: models (by content), inputs' content, options, and whether
+/// `--fast-matmul` changes the products of the models' matrix `dtypes`.
+fn run_key(
+    models: &[serde_json::Value],
+    dtypes: &[&str],
+    inputs: &[Input],
+    hashes: &[String],
+    o: &Options,
+) -> serde_json::Value {
     let mut key = serde_json::json!({
         "models": models,
         "inputs": inputs.iter().map(Input::name).collect::<Vec<_>>(),
         "hashes": hashes,
         "options": deciding(o), "nll_out": o.nll_out, "shard": o.shard,
     });
-    crate::exec::mark_matmul_mode(&mut key);
+    crate::exec::mark_matmul_mode(&mut key, dtypes.iter().copied());
     key
 }
 
@@ -635,7 +642,7 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
     let hashes = inputs.iter().map(Input::sha256).collect::<Result<Vec<_>>>()?;
     // Every model, tokenizer and method is checked before the first run, so that a bad last one does
     // not end the command after the others' work (the checkpoint writes no results.json).
-    let mut model_keys = Vec::new();
+    let (mut model_keys, mut dtypes) = (Vec::new(), Vec::new());
     for mpath in models {
         let model = Model::load(mpath)?;
         for forget in &o.forget {
@@ -643,8 +650,9 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         }
         model.tokenizer(o.tokenizer.as_deref())?;
         model_keys.push(super::model_key(&model));
+        dtypes.extend(model.info.matrix_dtypes.iter().copied());
     }
-    let key = run_key(&model_keys, inputs, &hashes, o);
+    let key = run_key(&model_keys, &dtypes, inputs, &hashes, o);
     let fp = report::fingerprint(&key)?;
     let ckpt = out.join(CKPT);
     if cont == Continue::Resume && !ckpt.exists() {
@@ -1250,7 +1258,8 @@ fn write_outputs(
         fingerprint: fp,
         stuffed_version: env!("CARGO_PKG_VERSION"),
         options: o,
-        matmul: (o.device == Device::Cpu).then(crate::exec::matmul_record),
+        matmul: (o.device == Device::Cpu)
+            .then(|| crate::exec::matmul_record(runs.iter().flat_map(|r| r.model.matmul_dtypes()))),
         scoring: "NLL = −log softmax(logits at t−1)[token t] over the real vocab, positions t ≥ 1; \
                     bucket means pool every (document, position) pair in the bucket",
         inputs,
