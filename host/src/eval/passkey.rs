@@ -132,7 +132,9 @@ impl DeciRecord {
             && self.question_kept.len() == n
             && self.kept.windows(2).all(|w| w[1] <= w[0])
             && within(&self.kept, tokens)
-            && self.needle_tokens + self.question_tokens <= tokens
+            // Checked: a record read back may hold any count (the long fuzz: a question of
+            // 2^64 − 1 tokens overflowed the sum).
+            && self.needle_tokens.checked_add(self.question_tokens).is_some_and(|s| s <= tokens)
             && within(&self.needle_kept, self.needle_tokens)
             && within(&self.question_kept, self.question_tokens)
             && self.needle_kept.iter().zip(&self.question_kept).zip(&self.kept).all(|((a, b), k)| a + b <= *k)
@@ -1429,5 +1431,22 @@ mod tests {
         assert!(query(Some(1.5)).is_ok());
         assert!(query(None).is_err(), "the query rule's best without the question's NLL");
         assert!(query(Some(f64::NAN)).is_err(), "a NLL that is not finite");
+    }
+
+    /// A DeciMamba record read back is refused when no prompt of its length could have left it,
+    /// whatever its counts (the long fuzz: `question_tokens` 2^64 − 1 overflowed the check).
+    #[test]
+    fn decimamba_records_are_checked_without_overflow() {
+        let record = |needle_tokens: usize, question_tokens: usize| DeciRecord {
+            kept: vec![68, 38],
+            needle_tokens,
+            needle_kept: vec![10, 4],
+            question_kept: vec![8, 8],
+            question_tokens,
+        };
+        assert!(record(36, 18).valid(170));
+        assert!(!record(36, 18).valid(53), "needle and question longer than the prompt");
+        assert!(!record(36, usize::MAX).valid(170), "a question of 2^64 - 1 tokens");
+        assert!(!record(usize::MAX, 1).valid(170), "a needle of 2^64 - 1 tokens");
     }
 }
