@@ -227,6 +227,23 @@ fn shards_merge_to_the_unsharded_result_and_resume_loses_nothing() {
     for svg in ["heatmap.svg", "last_r.svg"] {
         assert_eq!(std::fs::read(merged.path().join(svg)).unwrap(), std::fs::read(full.path().join(svg)).unwrap());
     }
+    // The merge records its shards' matmul mode (above: the same as the unsharded run's), and
+    // refuses shards whose products ran in different modes (one's summary says fast, sealed again).
+    let fast_shard = tempfile::tempdir().unwrap();
+    for f in ["results.jsonl", "passkey.run.json", "summary.json"] {
+        std::fs::copy(shards[2].path().join(f), fast_shard.path().join(f)).unwrap();
+    }
+    let sp = fast_shard.path().join("summary.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sp).unwrap()).unwrap();
+    v["matmul"] = serde_json::json!({"simd": "avx512bf16", "mode": "fast"});
+    std::fs::write(&sp, stuffed::report::reseal("passkey-summary", v, true).unwrap()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().to_str().unwrap();
+    let e = format!(
+        "{:#}",
+        cli_result(&["merge", &paths[0], &paths[1], fast_shard.path().to_str().unwrap(), "--out", o]).unwrap_err()
+    );
+    assert!(e.contains("summary.json: its products ran in fast mode") && e.contains("share a matmul mode"), "{e}");
     // A run killed mid-way: 4 lines kept and a torn fifth; --resume finishes the rest.
     let part = tempfile::tempdir().unwrap();
     let lines: Vec<String> =

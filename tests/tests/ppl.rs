@@ -429,6 +429,30 @@ fn shards_merge_to_the_unsharded_run() {
         let e = err(&[d.to_str().unwrap()]);
         assert!(e.contains(&format!("{name}/results.json: shard")) || e.contains("is missing"), "{name}: {e}");
     }
+    // The merge records the kernel and mode its shards ran, not its own process's: theirs when they
+    // agree, each shard's when their kernels differ; shards of different modes are refused.
+    assert_eq!(b["matmul"], s2_json["matmul"]);
+    assert_eq!(b["matmul"]["mode"], "exact");
+    let matmul_of = |name: &str, simd: &str, mode: &str| {
+        let mut v = s2_json.clone();
+        v["matmul"] = serde_json::json!({"simd": simd, "mode": mode});
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("results.json"), stuffed::report::reseal("ppl-results", v, true).unwrap()).unwrap();
+        d.display().to_string()
+    };
+    let other_kernel = matmul_of("t-kernel", "avx512", "exact");
+    let m2 = dir.path().join("merged-kernels");
+    cli(&["merge", "--out", m2.to_str().unwrap(), &s1, &other_kernel]).unwrap();
+    let mk = results(&m2)["matmul"].clone();
+    assert_eq!(mk["mode"], "exact", "{mk}");
+    assert_eq!(mk["per_shard"], serde_json::json!([s2_json["matmul"], {"simd": "avx512", "mode": "exact"}]), "{mk}");
+    let fast = matmul_of("t-fast", "avx512bf16", "fast");
+    let e = err(&[&s1, &fast]);
+    assert!(
+        e.contains("t-fast/results.json: its products ran in fast mode") && e.contains("share a matmul mode"),
+        "{e}"
+    );
     // A training length of 0 read back (the fuzzer's: its plot's log axis panicked on log2(0)) is
     // refused, sealed or not.
     let mut v = s2_json.clone();

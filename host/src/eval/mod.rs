@@ -164,3 +164,32 @@ pub fn log_sum_exp(row: &[f32]) -> f64 {
     let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
     m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
 }
+
+/// The `matmul` record of a merge, from its shards' (`(results file, record)`; none for a shard
+/// run on the GPU): theirs when they agree; when their CPU kernels differ, the mode and each
+/// shard's record. Shards whose CPU products ran in different modes (`--fast-matmul` where it
+/// applies, and not) are refused, as a checkpoint is refused across modes: before, a merge recorded
+/// the merging process's own kernel and mode, whatever its shards had run.
+pub fn merged_matmul(shards: &[(&Path, Option<&serde_json::Value>)]) -> Result<Option<serde_json::Value>> {
+    let Some(&(_, first)) = shards.first() else { return Ok(None) };
+    if shards.iter().all(|&(_, r)| r == first) {
+        return Ok(first.cloned());
+    }
+    let mode = |r: &serde_json::Value| r["mode"].as_str().unwrap_or("an unrecorded").to_string();
+    let cpu: Vec<(&Path, &serde_json::Value)> = shards.iter().filter_map(|&(p, r)| r.map(|r| (p, r))).collect();
+    if let Some(&(p0, r0)) = cpu.first() {
+        if let Some(&(p, r)) = cpu.iter().find(|&&(_, r)| mode(r) != mode(r0)) {
+            bail!(
+                "{}: its products ran in {} mode, {}'s in {}: the shards of one run share a matmul mode (--fast-matmul where it applies)",
+                p.display(),
+                mode(r),
+                p0.display(),
+                mode(r0)
+            );
+        }
+    }
+    Ok(Some(serde_json::json!({
+        "mode": cpu.first().map(|&(_, r)| mode(r)),
+        "per_shard": shards.iter().map(|&(_, r)| r.cloned()).collect::<Vec<_>>(),
+    })))
+}

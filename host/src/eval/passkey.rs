@@ -514,7 +514,9 @@ pub fn run(
     let _ = std::fs::remove_file(out.join(DECI_CKPT));
     log.facts.seconds = started.elapsed().as_secs_f64();
     log.facts.peak_rss_bytes = crate::report::peak_rss_bytes();
-    write_summary(out, &model.info, o, &log.done, &[run_file.earlier, vec![log.facts]].concat())
+    let matmul =
+        (o.device == crate::backend::Device::Cpu).then(|| crate::exec::matmul_record(model.info.matmul_dtypes()));
+    write_summary(out, &model.info, o, &log.done, &[run_file.earlier, vec![log.facts]].concat(), matmul)
 }
 
 /// The grid's records: results.jsonl (a resumed grid's kept lines rewritten, then appended), every
@@ -1166,7 +1168,15 @@ fn in_bin(depth: f64, bin: (f64, f64), last: bool) -> bool {
 }
 
 /// summary.json (comparable across shards: run facts apart), summary.csv, heatmap.svg, last_r.svg.
-pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Record], runs: &[RunFacts]) -> Result<()> {
+/// `matmul`: the CPU kernel and mode the records' products ran in (none on the GPU).
+pub fn write_summary(
+    out: &Path,
+    info: &ModelInfo,
+    o: &Options,
+    records: &[Record],
+    runs: &[RunFacts],
+    matmul: Option<serde_json::Value>,
+) -> Result<()> {
     let mut recs = records.to_vec();
     recs.sort_by_key(|r| (r.length, r.sample));
     recs.dedup_by_key(|r| (r.length, r.sample));
@@ -1270,7 +1280,7 @@ pub fn write_summary(out: &Path, info: &ModelInfo, o: &Options, records: &[Recor
         "model": info,
         "precision": {"weights": info.weight_dtype, "compute": "f32", "state": o.state.to_string()},
         "options": o,
-        "matmul": (o.device == crate::backend::Device::Cpu).then(|| crate::exec::matmul_record(info.matmul_dtypes())),
+        "matmul": matmul,
         "forget": o.forget.to_string(),
         "samples": recs.len(),
         "accuracy_per_length": per_length,
@@ -1332,6 +1342,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     let mut records = Vec::new();
     let mut runs = Vec::new();
     let mut first: Option<(ModelInfo, Options)> = None;
+    let mut matmuls = Vec::new();
     for d in dirs {
         let sp = d.join("summary.json");
         let v = crate::report::read_sealed(&sp, SUMMARY_KIND, crate::report::Older::Refuse)?.doc;
@@ -1351,6 +1362,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
             }
         }
         runs.extend(shard_runs);
+        matmuls.push((sp.clone(), v.get("matmul").filter(|m| !m.is_null()).cloned()));
         let run = crate::report::read_sealed(&d.join(RUN_FILE), RUN_KIND, crate::report::Older::Refuse)?.doc;
         let o = first.as_ref().map(|f| &f.1).expect("the first shard's options");
         for (r, fp) in read_records(&d.join("results.jsonl"))? {
@@ -1373,6 +1385,9 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
         }
     }
     let Some((info, opts)) = first else { bail!("merge: nothing to merge") };
+    let shard_records: Vec<(&Path, Option<&serde_json::Value>)> =
+        matmuls.iter().map(|(p, m)| (p.as_path(), m.as_ref())).collect();
+    let matmul = super::merged_matmul(&shard_records)?;
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     records.sort_by_key(|r| (r.0.length, r.0.sample));
     records.dedup_by_key(|r| (r.0.length, r.0.sample));
@@ -1383,7 +1398,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
     }
     write_atomic(&out.join("results.jsonl"), lines.as_bytes())?;
     let records: Vec<Record> = records.into_iter().map(|r| r.0).collect();
-    write_summary(out, &info, &opts, &records, &runs)
+    write_summary(out, &info, &opts, &records, &runs, matmul)
 }
 
 #[cfg(test)]

@@ -732,7 +732,9 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         .zip(&hashes)
         .map(|(i, h)| serde_json::json!({"name": i.name(), "input": input_source(i), "sha256": h}))
         .collect();
-    write_outputs(out, serde_json::Value::Array(inputs_json), o, &finished, Some(&fp), None)?;
+    let matmul = (o.device == Device::Cpu)
+        .then(|| crate::exec::matmul_record(finished.iter().flat_map(|r| r.model.matmul_dtypes())));
+    write_outputs(out, serde_json::Value::Array(inputs_json), o, &finished, Some(&fp), None, matmul)?;
     let _ = std::fs::remove_file(out.join(CKPT));
     Ok(finished)
 }
@@ -1233,6 +1235,7 @@ fn write_outputs(
     runs: &[RunResult],
     fp: Option<&str>,
     shards: Option<&[serde_json::Value]>,
+    matmul: Option<serde_json::Value>,
 ) -> Result<()> {
     // Streamed, not built as a JSON tree: the runs' accumulators grow with the stream's length (the
     // tree and its text took ≈ 15 bytes a token past 1M tokens). Keys in the order a JSON map sorts them.
@@ -1258,8 +1261,7 @@ fn write_outputs(
         fingerprint: fp,
         stuffed_version: env!("CARGO_PKG_VERSION"),
         options: o,
-        matmul: (o.device == Device::Cpu)
-            .then(|| crate::exec::matmul_record(runs.iter().flat_map(|r| r.model.matmul_dtypes()))),
+        matmul,
         scoring: "NLL = −log softmax(logits at t−1)[token t] over the real vocab, positions t ≥ 1; \
                     bucket means pool every (document, position) pair in the bucket",
         inputs,
@@ -1491,7 +1493,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
         if k == 0 || k > n {
             bail!("{}: shard {k}/{n} is not a share (need 1 ≤ k ≤ n)", p.display());
         }
-        let facts = serde_json::json!({"peak_rss_bytes": v["peak_rss_bytes"]});
+        let facts = serde_json::json!({"peak_rss_bytes": v["peak_rss_bytes"], "matmul": v.get("matmul")});
         shards.push((p, k, n, o, v["inputs"].clone(), runs, facts));
     }
     let Some((p0, _, n, o0, inputs, mut runs, _)) = shards.first().cloned() else {
@@ -1521,6 +1523,9 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
         bail!("merge: shard {k}/{n} is missing");
     }
     let runs: Vec<RunResult> = runs.into_iter().map(RunResult::derived).collect();
+    let records: Vec<(&Path, Option<&serde_json::Value>)> =
+        shards.iter().map(|(p, .., v)| (p.as_path(), v.get("matmul").filter(|m| !m.is_null()))).collect();
+    let matmul = super::merged_matmul(&records)?;
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     let facts: Vec<serde_json::Value> = shards
         .iter()
@@ -1532,7 +1537,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
             })
         })
         .collect();
-    write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs, None, Some(&facts))?;
+    write_outputs(out, inputs, &Options { shard: None, nll_out: None, ..o0 }, &runs, None, Some(&facts), matmul)?;
     println!("merged {n} shards into {}/results.json, loss.csv, loss.svg and loss_logx.svg", out.display());
     Ok(())
 }
