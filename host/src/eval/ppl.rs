@@ -652,6 +652,10 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         model_keys.push(super::model_key(&model));
         dtypes.extend(model.info.matrix_dtypes.iter().copied());
     }
+    // A reference model's products count as much (`--fast-matmul` may round its activations alone).
+    if let Some(m) = &o.vs_model {
+        dtypes.extend(Model::load(m)?.info.matrix_dtypes.iter().copied());
+    }
     let key = run_key(&model_keys, &dtypes, inputs, &hashes, o);
     let fp = report::fingerprint(&key)?;
     let ckpt = out.join(CKPT);
