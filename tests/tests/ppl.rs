@@ -416,6 +416,9 @@ fn shards_merge_to_the_unsharded_run() {
         let e = tampered(name, edit, true);
         assert!(e.contains(&format!("{name}/results.json: run 0")) && e.contains(want), "{name}: {e}");
     }
+    // Counts each within range whose sum is past 2^64 (the fuzzer's: the merge overflowed).
+    let e = tampered("t-fed", &|a| a["tokens_fed"] = u64::MAX.into(), true);
+    assert!(e.contains("t-fed/results.json: the shards' fed tokens add up past 2^64 - 1"), "{e}");
     // A share read back that no --shard gives (the fuzzer's: k = 0 underflowed, k > n indexed past
     // the flags, n = 2^40 allocated 1 TB) is refused, sealed or not.
     for (name, share) in [("t-k0", [0u64, 2]), ("t-kn", [99_999_999_999, 2]), ("t-n40", [1, 1 << 40])] {

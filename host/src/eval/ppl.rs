@@ -167,7 +167,7 @@ impl Buckets {
         for i in 0..other.count.len() {
             self.sum[i] += other.sum[i];
             self.sq[i] += other.sq[i];
-            self.count[i] += other.count[i];
+            self.count[i] = added(self.count[i], other.count[i], "bucket counts")?;
         }
         Ok(())
     }
@@ -599,6 +599,12 @@ fn deciding(o: &Options) -> serde_json::Value {
         v["vs_model"] = serde_json::json!(m);
     }
     v
+}
+
+/// `a + b` of two shards' counts, or an error: counts read back may hold anything below 2^64, and
+/// their sum past it is no run's (the long fuzz: two shards' scored tokens overflowed the merge).
+fn added(a: u64, b: u64, what: &str) -> Result<u64> {
+    a.checked_add(b).ok_or_else(|| anyhow!("the shards' {what} add up past 2^64 - 1, which no run can produce"))
 }
 
 const CKPT: &str = "ppl.checkpoint.safetensors";
@@ -1476,8 +1482,10 @@ impl Acc {
             (None, None) => {}
             _ => bail!("one shard has a --train-len verdict and another not"),
         }
-        (self.sum, self.count, self.longest) = (self.sum + o.sum, self.count + o.count, self.longest.max(o.longest));
-        (self.seconds, self.tokens_fed) = (self.seconds + o.seconds, self.tokens_fed + o.tokens_fed);
+        let (count, fed) =
+            (added(self.count, o.count, "scored tokens")?, added(self.tokens_fed, o.tokens_fed, "fed tokens")?);
+        (self.sum, self.count, self.longest) = (self.sum + o.sum, count, self.longest.max(o.longest));
+        (self.seconds, self.tokens_fed) = (self.seconds + o.seconds, fed);
         self.nll_files.extend(o.nll_files.iter().cloned());
         Ok(())
     }
