@@ -162,7 +162,7 @@ pub fn matmul_mode() -> MatmulMode {
 }
 
 /// Whether `--fast-matmul` changes the products of a model whose matrices are stored as
-/// `weight_dtype` ([`crate::model::ModelInfo::weight_dtype`]) on the level [`Pool::new`] runs: only
+/// `weight_dtype` ([`crate::model::Model::matrix_dtypes`]) on the level [`Pool::new`] runs: only
 /// the bf16 kernels round activations to bf16 (AVX512-BF16 and AMX levels, bf16 weights; AMX also
 /// f32 weights, as bf16 halves). Elsewhere the exact products run, and the numbers are the
 /// default's bit for bit.

@@ -36,10 +36,6 @@ pub struct ModelInfo {
     pub layout: Layout,
     pub params: usize,
     pub weight_dtype: String,
-    /// The dtypes of the matrices it multiplies (the checkpoint's 2-D tensors the model uses),
-    /// which decide what `--fast-matmul` changes ([`ModelInfo::matmul_dtypes`]); not written out.
-    #[serde(skip)]
-    pub matrix_dtypes: Vec<&'static str>,
     pub weight_bytes: usize,
     /// Recurrent state, f32, all layers.
     pub state_bytes: usize,
@@ -93,15 +89,6 @@ pub enum Layout {
 }
 
 impl ModelInfo {
-    /// The dtypes of its matrices, for [`crate::exec::matmul_record`]: those the loaded model read,
-    /// or (model facts read back from a file) the embedding's.
-    pub fn matmul_dtypes(&self) -> Vec<&str> {
-        match self.matrix_dtypes.is_empty() {
-            true => vec![self.weight_dtype.as_str()],
-            false => self.matrix_dtypes.clone(),
-        }
-    }
-
     /// Refuses model facts read back from a file (`source`) whose layout is not its family's: the
     /// layout is read by its field names alone, so an older file's RWKV or HGRN-2 facts (written
     /// with Mamba-2's field names) would otherwise read as a Mamba-2 layout.
@@ -321,6 +308,23 @@ impl Model {
         self.checkpoint().split_bytes_at_most()
     }
 
+    /// The distinct dtypes of the matrices it multiplies (the checkpoint's 2-D tensors the model
+    /// uses), sorted: what decides whether `--fast-matmul` changes its products
+    /// ([`crate::exec::fast_matmul_applies`]).
+    pub fn matrix_dtypes(&self) -> Vec<&'static str> {
+        let ck = self.checkpoint();
+        let mut d: Vec<&'static str> = ck
+            .names()
+            .filter(|n| ck.is_used(n))
+            .filter_map(|n| ck.peek(n))
+            .filter(|t| t.shape.len() == 2)
+            .map(|t| dtype_name(t.dtype))
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
     fn checkpoint(&self) -> &Checkpoint {
         self.built.borrow_owner().borrow_owner()
     }
@@ -450,9 +454,7 @@ impl Model {
                 refuse_unread_state(ck, file, s, loaded.info.family)?;
             }
             refuse_unused(ck, loaded.info.family)?;
-            let mut loaded_info = loaded.info;
-            loaded_info.matrix_dtypes = matrix_dtypes(ck);
-            info = Some(loaded_info);
+            info = Some(loaded.info);
             anyhow::Ok(loaded.views)
         })?;
         let mut info = info.context("a loader returned no description")?;
@@ -528,20 +530,6 @@ fn refuse_unused(ck: &Checkpoint, family: Family) -> Result<()> {
         family.title(),
         first_names(&unused, 5)
     )
-}
-
-/// The distinct dtypes of the 2-D tensors a loaded model uses, sorted.
-fn matrix_dtypes(ck: &Checkpoint) -> Vec<&'static str> {
-    let mut d: Vec<&'static str> = ck
-        .names()
-        .filter(|n| ck.is_used(n))
-        .filter_map(|n| ck.peek(n))
-        .filter(|t| t.shape.len() == 2)
-        .map(|t| dtype_name(t.dtype))
-        .collect();
-    d.sort_unstable();
-    d.dedup();
-    d
 }
 
 fn dtype_name(d: DType) -> &'static str {

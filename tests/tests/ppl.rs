@@ -450,6 +450,7 @@ fn shards_merge_to_the_unsharded_run() {
     let mk = results(&m2)["matmul"].clone();
     assert_eq!(mk["mode"], "exact", "{mk}");
     assert_eq!(mk["per_shard"], serde_json::json!([s2_json["matmul"], {"simd": "avx512", "mode": "exact"}]), "{mk}");
+    assert_eq!(results(&m2)["shards"][1]["matmul"], mk["per_shard"][1], "each shard's facts carry its kernel");
     let fast = matmul_of("t-fast", "avx512bf16", "fast");
     let e = err(&[&s1, &fast]);
     assert!(

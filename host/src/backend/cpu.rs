@@ -431,7 +431,7 @@ impl Backend for CpuBackend<'_> {
     }
 
     fn device_name(&self) -> String {
-        let record = crate::exec::matmul_record(self.session.model.info.matmul_dtypes());
+        let record = crate::exec::matmul_record(self.session.model.matrix_dtypes());
         let asked = match record.get("fast_matmul") {
             Some(_) => " (--fast-matmul changes nothing here: no bf16 products)",
             None => "",

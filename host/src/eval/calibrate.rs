@@ -480,7 +480,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         "model": model.info,
         "inputs": inputs_record(inputs, &hashes),
         "options": o,
-        "matmul": crate::exec::matmul_record(model.info.matmul_dtypes()),
+        "matmul": crate::exec::matmul_record(model.matrix_dtypes()),
         "forget": spec.to_string(),
         "factors": shortest(&best32),
         "loss_none": search.loss_none,

@@ -345,7 +345,7 @@ fn write_outputs(
         "inputs": inputs.iter().zip(hashes).map(|(i, h)| serde_json::json!({"name": i.name(), "sha256": h})).collect::<Vec<_>>(),
         "options": o,
         "forget": o.forget.to_string(),
-        "matmul": crate::exec::matmul_record(model.info.matmul_dtypes()),
+        "matmul": crate::exec::matmul_record(model.matrix_dtypes()),
         "summary": summary,
         "units": units,
         "seconds_this_run": secs,

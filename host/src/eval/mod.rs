@@ -78,7 +78,7 @@ pub fn run_key(
         "hashes": hashes,
         "options": options,
     });
-    crate::exec::mark_matmul_mode(&mut key, model.info.matmul_dtypes());
+    crate::exec::mark_matmul_mode(&mut key, model.matrix_dtypes());
     let fp = crate::report::fingerprint(&key)?;
     Ok((key, fp))
 }

@@ -285,7 +285,7 @@ struct TailSnapshot {
 /// Everything that decides a grid's numbers: the model (by content), the options and the shard.
 fn run_key(model: &Model, o: &Options, shard: Option<(usize, usize)>) -> serde_json::Value {
     let mut key = serde_json::json!({"model": super::model_key(model), "options": o, "shard": shard});
-    crate::exec::mark_matmul_mode(&mut key, model.info.matmul_dtypes());
+    crate::exec::mark_matmul_mode(&mut key, model.matrix_dtypes());
     key
 }
 
@@ -514,8 +514,7 @@ pub fn run(
     let _ = std::fs::remove_file(out.join(DECI_CKPT));
     log.facts.seconds = started.elapsed().as_secs_f64();
     log.facts.peak_rss_bytes = crate::report::peak_rss_bytes();
-    let matmul =
-        (o.device == crate::backend::Device::Cpu).then(|| crate::exec::matmul_record(model.info.matmul_dtypes()));
+    let matmul = (o.device == crate::backend::Device::Cpu).then(|| crate::exec::matmul_record(model.matrix_dtypes()));
     write_summary(out, &model.info, o, &log.done, &[run_file.earlier, vec![log.facts]].concat(), matmul)
 }
 

@@ -656,11 +656,11 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         }
         model.tokenizer(o.tokenizer.as_deref())?;
         model_keys.push(super::model_key(&model));
-        dtypes.extend(model.info.matrix_dtypes.iter().copied());
+        dtypes.extend(model.matrix_dtypes());
     }
     // A reference model's products count as much (`--fast-matmul` may round its activations alone).
     if let Some(m) = &o.vs_model {
-        dtypes.extend(Model::load(m)?.info.matrix_dtypes.iter().copied());
+        dtypes.extend(Model::load(m)?.matrix_dtypes());
     }
     let key = run_key(&model_keys, &dtypes, inputs, &hashes, o);
     let fp = report::fingerprint(&key)?;
@@ -742,8 +742,7 @@ pub fn run(models: &[PathBuf], inputs: &[Input], o: &Options, out: &Path, cont: 
         .zip(&hashes)
         .map(|(i, h)| serde_json::json!({"name": i.name(), "input": input_source(i), "sha256": h}))
         .collect();
-    let matmul = (o.device == Device::Cpu)
-        .then(|| crate::exec::matmul_record(finished.iter().flat_map(|r| r.model.matmul_dtypes())));
+    let matmul = (o.device == Device::Cpu).then(|| crate::exec::matmul_record(dtypes.iter().copied()));
     write_outputs(out, serde_json::Value::Array(inputs_json), o, &finished, Some(&fp), None, matmul)?;
     let _ = std::fs::remove_file(out.join(CKPT));
     Ok(finished)
@@ -1544,6 +1543,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<()> {
         .map(|(p, k, n, _, _, rs, v)| {
             serde_json::json!({
                 "shard": format!("{k}/{n}"), "results": p, "peak_rss_bytes": v["peak_rss_bytes"],
+                "matmul": v["matmul"],
                 "seconds": rs.iter().map(|r| r.seconds).sum::<f64>(),
                 "tokens_fed": rs.iter().map(|r| r.tokens_fed).sum::<u64>(),
             })

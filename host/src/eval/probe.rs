@@ -115,7 +115,7 @@ fn run_key(model: &Model, inputs: &[Input], o: &Options) -> Result<serde_json::V
         "hashes": hashes,
         "options": o,
     });
-    crate::exec::mark_matmul_mode(&mut key, model.info.matmul_dtypes());
+    crate::exec::mark_matmul_mode(&mut key, model.matrix_dtypes());
     Ok(key)
 }
 
@@ -338,7 +338,7 @@ pub fn run(model_path: &Path, inputs: &[Input], o: &Options, out: &Path, cont: s
         "tokenizer": tok.source,
         "inputs": inputs.iter().map(|i| serde_json::json!({"name": i.name(), "sha256": i.sha256().ok()})).collect::<Vec<_>>(),
         "options": o,
-        "matmul": (o.device == Device::Cpu).then(|| crate::exec::matmul_record(model.info.matmul_dtypes())),
+        "matmul": (o.device == Device::Cpu).then(|| crate::exec::matmul_record(model.matrix_dtypes())),
         "forget": o.forget.to_string(),
         "tokens": st.pos,
         "snapshots": st.snapshots.iter().map(|(t, _)| t).collect::<Vec<_>>(),

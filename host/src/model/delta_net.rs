@@ -247,7 +247,6 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         layout: Layout::DeltaNet { n_heads, n_v_heads, head_k, head_v, delta_mlp: im, delta_conv: d_conv },
         params,
         weight_dtype: dtype_name(emb.dtype).into(),
-        matrix_dtypes: Vec::new(),
         weight_bytes: bytes,
         state_bytes: 4 * cfg.state_size(),
         paper_state_size: cfg.state_size(),

@@ -233,7 +233,6 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         layout: Layout::Gla { n_heads, n_kv_heads: n_kv, head_k, head_v, gla_mlp: im, gla_conv: d_conv },
         params,
         weight_dtype: dtype_name(emb.dtype).into(),
-        matrix_dtypes: Vec::new(),
         weight_bytes: bytes,
         state_bytes: 4 * cfg.state_size(),
         paper_state_size: cfg.state_size() - cfg.n_layer * cfg.pos_len(),

@@ -124,7 +124,6 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         layout: Layout::Hgrn2 { n_heads: cfg.n_heads(), expand, head_v: cfg.head_v(), d_mlp: im },
         params,
         weight_dtype: dtype_name(emb.dtype).into(),
-        matrix_dtypes: Vec::new(),
         weight_bytes: bytes,
         state_bytes: 4 * cfg.state_size(),
         paper_state_size: cfg.state_size(),

@@ -256,7 +256,6 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         layout: Layout::Mamba1 { d_inner: di, d_state: n, dt_rank: r, d_conv: k, head_channels: c.group() },
         params,
         weight_dtype: dtype_name(emb.dtype).into(),
-        matrix_dtypes: Vec::new(),
         weight_bytes: bytes,
         state_bytes: 4 * c.paper_state_size(),
         paper_state_size: c.paper_state_size(),

@@ -141,7 +141,6 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &super::Found) -> Result<Loade
         },
         params,
         weight_dtype: super::dtype_name(emb.dtype).into(),
-        matrix_dtypes: Vec::new(),
         weight_bytes: bytes,
         state_bytes: 4 * c.paper_state_size(),
         paper_state_size: c.paper_state_size(),

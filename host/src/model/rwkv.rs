@@ -285,7 +285,6 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         layout: Layout::Rwkv { n_heads: h, head_size: n, d_ffn: f, lora_mix: dm, lora_decay: dd },
         params,
         weight_dtype: dtype_name(emb.dtype).into(),
-        matrix_dtypes: Vec::new(),
         weight_bytes: bytes,
         state_bytes: 4 * cfg.state_size(),
         paper_state_size: cfg.state_size(),

@@ -172,7 +172,6 @@ pub(super) fn load<'a>(ck: &'a Checkpoint, found: &Found) -> Result<Loaded<'a>> 
         layout: Layout::Xlstm { n_heads, head_qk: cfg.head_qk, head_v: cfg.head_v, xlstm_ffn: d_ffn },
         params,
         weight_dtype: dtype_name(emb.dtype).into(),
-        matrix_dtypes: Vec::new(),
         weight_bytes: bytes,
         state_bytes: 4 * cfg.state_size(),
         paper_state_size: cfg.state_size(),
